@@ -1,0 +1,127 @@
+//! Transcoder throughput on the real corpus frames, beside the baseline a Rust developer
+//! would write with stock crates (serde_ipld_dagcbor → Ipld → serde_json::Value → bytes),
+//! measured in the same run. `cargo bench --bench transcode`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ipld_core::ipld::Ipld;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn corpus() -> Option<Vec<Vec<u8>>> {
+    let dir = std::env::var_os("CONTRAIL_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let path = dir.join("corpus/frames.bin.zst");
+    if !path.exists() {
+        eprintln!("SKIP transcode bench: {} not found (set CONTRAIL_SHARED_DIR)", path.display());
+        return None;
+    }
+    Some(contrail::framefile::read_frames(&path).expect("corpus"))
+}
+
+fn contrail_all(tx: &mut contrail::transcode::Transcoder, frames: &[Vec<u8>]) -> usize {
+    let (mut events, mut drops) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    for f in frames {
+        events.clear();
+        tx.transcode(f, &mut events, &mut drops);
+        for e in events.iter_mut() {
+            e.stamp(1_783_175_888_085_434);
+            n += e.json().len();
+        }
+    }
+    n
+}
+
+// ---- baseline: stock crates, tree in the middle ----
+
+fn ipld_to_json(v: &Ipld) -> Value {
+    match v {
+        Ipld::Null => Value::Null,
+        Ipld::Bool(b) => Value::Bool(*b),
+        Ipld::Integer(i) => json!(*i as i64),
+        Ipld::Float(f) => json!(*f),
+        Ipld::String(s) => Value::String(s.clone()),
+        Ipld::Bytes(b) => json!({ "$bytes": base64_nopad(b) }),
+        Ipld::List(l) => Value::Array(l.iter().map(ipld_to_json).collect()),
+        Ipld::Map(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), ipld_to_json(v))).collect()),
+        Ipld::Link(c) => json!({ "$link": c.to_string() }),
+    }
+}
+
+fn base64_nopad(b: &[u8]) -> String {
+    let mut out = Vec::new();
+    contrail::transcode::cid::write_base64_nopad(&mut out, b);
+    String::from_utf8(out).unwrap()
+}
+
+fn uvarint(b: &[u8]) -> (usize, usize) {
+    let (mut v, mut i) = (0usize, 0);
+    loop {
+        v |= ((b[i] & 0x7f) as usize) << (7 * i);
+        i += 1;
+        if b[i - 1] & 0x80 == 0 {
+            return (v, i);
+        }
+    }
+}
+
+fn baseline_frame(frame: &[u8]) -> Vec<Vec<u8>> {
+    use serde::Deserialize;
+    let mut de = serde_ipld_dagcbor::de::Deserializer::from_slice(frame);
+    let header = Ipld::deserialize(&mut de).unwrap();
+    let body = Ipld::deserialize(&mut de).unwrap();
+    let (Ipld::Map(h), Ipld::Map(b)) = (header, body) else { return vec![] };
+    if h.get("t") != Some(&Ipld::String("#commit".into())) {
+        return vec![];
+    }
+    let Some(Ipld::Bytes(car)) = b.get("blocks") else { return vec![] };
+    let (hlen, n) = uvarint(car);
+    let mut pos = n + hlen;
+    let mut blocks = HashMap::new();
+    while pos < car.len() {
+        let (len, n) = uvarint(&car[pos..]);
+        let sec = &car[pos + n..pos + n + len];
+        let cid = ipld_core::cid::Cid::read_bytes(sec).unwrap();
+        let cl = cid.encoded_len();
+        blocks.insert(cid, sec[cl..].to_vec());
+        pos += n + len;
+    }
+    let mut out = Vec::new();
+    let Some(Ipld::List(ops)) = b.get("ops") else { return out };
+    for op in ops {
+        let Ipld::Map(op) = op else { continue };
+        let (Some(Ipld::String(path)), Some(Ipld::String(action))) = (op.get("path"), op.get("action")) else { continue };
+        let (coll, rkey) = path.split_once('/').unwrap();
+        let mut commit = json!({"rev": b.get("rev").map(ipld_to_json), "operation": action, "collection": coll, "rkey": rkey});
+        if let Some(Ipld::Link(cid)) = op.get("cid") {
+            let rec: Ipld = serde_ipld_dagcbor::from_slice(&blocks[cid]).unwrap();
+            commit["record"] = ipld_to_json(&rec);
+            commit["cid"] = json!(cid.to_string());
+        }
+        let ev = json!({"did": b.get("repo").map(ipld_to_json), "time_us": 1_783_175_888_085_434u64, "kind": "commit", "commit": commit});
+        out.push(serde_json::to_vec(&ev).unwrap());
+    }
+    out
+}
+
+fn bench(c: &mut Criterion) {
+    let Some(frames) = corpus() else { return };
+    let bytes: usize = frames.iter().map(Vec::len).sum();
+    let mut g = c.benchmark_group("transcode_corpus");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    let mut tx = contrail::transcode::Transcoder::default();
+    g.bench_function("contrail", |b| b.iter(|| contrail_all(&mut tx, &frames)));
+    g.bench_function("baseline_ipld_serde_json", |b| {
+        b.iter(|| frames.iter().map(|f| baseline_frame(f).len()).sum::<usize>())
+    });
+    g.finish();
+    let mut g = c.benchmark_group("transcode_corpus_frames");
+    g.throughput(Throughput::Elements(frames.len() as u64));
+    g.bench_function("contrail", |b| b.iter(|| contrail_all(&mut tx, &frames)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,187 @@
+//! One Jetstream v1 event: its JSON bytes, encoded once, and the small metadata filters read.
+//!
+//! The JSON is built by the transcoder with a 16-digit placeholder where `time_us` goes
+//! (`{"did":"…","time_us":0000000000000000,"kind":…`); the sequencer stamps the real value
+//! in place. Every `time_us` between 2001 and 2286 has 16 digits, so stamping is a 16-byte
+//! copy; other widths (tests, replicas of odd upstreams) fall back to a splice.
+//!
+//! The DID is validated syntax (no characters that JSON escapes), so it is read straight out
+//! of the JSON; so is the collection, a validated NSID.
+
+use std::ops::Range;
+
+/// Which of the three v1 event kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EventKind {
+    Commit = 0,
+    Identity = 1,
+    Account = 2,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Commit => "commit",
+            EventKind::Identity => "identity",
+            EventKind::Account => "account",
+        }
+    }
+
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(EventKind::Commit),
+            1 => Some(EventKind::Identity),
+            2 => Some(EventKind::Account),
+            _ => None,
+        }
+    }
+}
+
+/// `{"did":"` — the DID starts right after it.
+pub const DID_OFFSET: usize = 8;
+/// What sits between the DID and the `time_us` digits.
+const TIME_KEY: &[u8] = b"\",\"time_us\":";
+/// The placeholder the transcoder writes for `time_us`.
+pub const TIME_PLACEHOLDER: &[u8; 16] = b"0000000000000000";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub time_us: u64,
+    pub kind: EventKind,
+    did_len: usize,
+    /// Where the `time_us` digits are.
+    time: Range<usize>,
+    /// Where the collection NSID is (empty for identity and account).
+    collection: Range<usize>,
+    json: Vec<u8>,
+}
+
+impl Event {
+    /// Starts an event's JSON in `out`: `{"did":"<did>","time_us":<placeholder>,"kind":"<kind>"`.
+    /// Finish the JSON, then wrap it with [`Event::from_parts`].
+    pub fn begin(out: &mut Vec<u8>, did: &str, kind: EventKind) {
+        out.clear();
+        out.extend_from_slice(b"{\"did\":\"");
+        out.extend_from_slice(did.as_bytes());
+        out.extend_from_slice(TIME_KEY);
+        out.extend_from_slice(TIME_PLACEHOLDER);
+        out.extend_from_slice(b",\"kind\":\"");
+        out.extend_from_slice(kind.as_str().as_bytes());
+        out.push(b'"');
+    }
+
+    /// Wraps JSON begun with [`Event::begin`] (time_us not stamped yet).
+    pub fn from_parts(json: Vec<u8>, kind: EventKind, did_len: usize, collection: Range<usize>) -> Self {
+        let t = DID_OFFSET + did_len + TIME_KEY.len();
+        Event { time_us: 0, kind, did_len, time: t..t + TIME_PLACEHOLDER.len(), collection, json }
+    }
+
+    /// Rebuilds an event from stored or received JSON and its metadata. The JSON must be in
+    /// v1 shape (`{"did":"…","time_us":N,…`); returns `None` if it is not.
+    pub fn from_json(json: Vec<u8>, kind: EventKind, collection: Option<&str>) -> Option<Self> {
+        let rest = json.strip_prefix(b"{\"did\":\"")?;
+        let did_len = rest.iter().position(|&c| c == b'"')?;
+        let t = DID_OFFSET + did_len + TIME_KEY.len();
+        if json.get(DID_OFFSET + did_len..t)? != TIME_KEY {
+            return None;
+        }
+        let digits = json[t..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 || digits > 19 {
+            return None;
+        }
+        let time_us = std::str::from_utf8(&json[t..t + digits]).ok()?.parse().ok()?;
+        let collection = match collection {
+            Some(c) => {
+                let needle = [b"\"collection\":\"", c.as_bytes(), b"\""].concat();
+                let at = find(&json, &needle)? + 14;
+                at..at + c.len()
+            }
+            None => 0..0,
+        };
+        Some(Event { time_us, kind, did_len, time: t..t + digits, collection, json })
+    }
+
+    /// Sets `time_us`, rewriting its digits in the JSON.
+    pub fn stamp(&mut self, time_us: u64) {
+        let mut buf = [0u8; 20];
+        let digits = format_u64(&mut buf, time_us);
+        if digits.len() == self.time.len() {
+            self.json[self.time.clone()].copy_from_slice(digits);
+        } else {
+            let delta = digits.len() as isize - self.time.len() as isize;
+            self.json.splice(self.time.clone(), digits.iter().copied());
+            self.time = self.time.start..self.time.start + digits.len();
+            if !self.collection.is_empty() {
+                let s = (self.collection.start as isize + delta) as usize;
+                self.collection = s..s + self.collection.len();
+            }
+        }
+        self.time_us = time_us;
+    }
+
+    pub fn did(&self) -> &str {
+        std::str::from_utf8(&self.json[DID_OFFSET..DID_OFFSET + self.did_len]).unwrap_or_default()
+    }
+
+    /// The collection NSID of a commit event.
+    pub fn collection(&self) -> Option<&str> {
+        if self.collection.is_empty() {
+            None
+        } else {
+            std::str::from_utf8(&self.json[self.collection.clone()]).ok()
+        }
+    }
+
+    /// The v1 JSON bytes.
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+
+    pub fn into_json(self) -> Vec<u8> {
+        self.json
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn format_u64(buf: &mut [u8; 20], mut n: u64) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamp_in_place_and_with_other_widths() {
+        let mut out = Vec::new();
+        Event::begin(&mut out, "did:plc:abc", EventKind::Commit);
+        out.extend_from_slice(b",\"commit\":{\"collection\":\"app.bsky.feed.like\"}}");
+        let at = out.len() - 21;
+        let mut e = Event::from_parts(out, EventKind::Commit, 11, at..at + 18);
+        assert_eq!(e.collection(), Some("app.bsky.feed.like"));
+        e.stamp(1_783_175_888_085_434);
+        assert_eq!(
+            std::str::from_utf8(e.json()).unwrap(),
+            r#"{"did":"did:plc:abc","time_us":1783175888085434,"kind":"commit","commit":{"collection":"app.bsky.feed.like"}}"#
+        );
+        e.stamp(7);
+        assert_eq!(e.collection(), Some("app.bsky.feed.like"));
+        assert!(std::str::from_utf8(e.json()).unwrap().contains(r#""time_us":7,"#));
+        let back = Event::from_json(e.json().to_vec(), EventKind::Commit, Some("app.bsky.feed.like")).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(back.did(), "did:plc:abc");
+    }
+}

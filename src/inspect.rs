@@ -1,0 +1,61 @@
+//! `contrail inspect …`: operator tools that read frames or the log and print JSON lines.
+//! Their output formats are interfaces (scripts parse them): change them only additively.
+
+use crate::framefile;
+use crate::sequencer::{now_us, Stamper};
+use crate::transcode::{DropReason, FrameType, Transcoder};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+/// Counts kept while transcoding a frame file.
+#[derive(Default, Debug)]
+pub struct FramesSummary {
+    pub frames: BTreeMap<&'static str, u64>,
+    pub events: BTreeMap<&'static str, u64>,
+    pub drops: BTreeMap<DropReason, u64>,
+}
+
+/// `contrail inspect frames FILE`: one v1 event per line on `out`, `time_us` stamped by the
+/// server's rule; the summary is returned for stderr.
+pub fn frames(path: &std::path::Path, max_frame_bytes: usize, out: &mut impl Write) -> anyhow::Result<FramesSummary> {
+    let frames = framefile::read_frames(path)?;
+    let mut tx = Transcoder::new(max_frame_bytes);
+    let mut stamper = Stamper::default();
+    let mut summary = FramesSummary::default();
+    let (mut events, mut op_drops) = (Vec::new(), Vec::new());
+    for frame in &frames {
+        events.clear();
+        op_drops.clear();
+        let info = tx.transcode(frame, &mut events, &mut op_drops);
+        *summary.frames.entry(info.frame_type.as_str()).or_default() += 1;
+        for reason in info.dropped.iter().chain(op_drops.iter()) {
+            *summary.drops.entry(*reason).or_default() += 1;
+        }
+        for ev in events.iter_mut() {
+            ev.stamp(stamper.next(now_us()));
+            *summary.events.entry(ev.kind.as_str()).or_default() += 1;
+            out.write_all(ev.json())?;
+            out.write_all(b"\n")?;
+        }
+    }
+    debug_assert!(FrameType::ALL.len() == 8);
+    Ok(summary)
+}
+
+impl FramesSummary {
+    /// The stderr summary: `frames N: type=count …`, `events N: kind=count …`, `drops N`, then
+    /// one `drop <reason> <count>` line per reason seen.
+    pub fn render(&self) -> String {
+        let line = |name: &str, m: &BTreeMap<&'static str, u64>| {
+            let total: u64 = m.values().sum();
+            let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!("{name} {total}: {}\n", parts.join(" "))
+        };
+        let mut s = line("frames", &self.frames) + &line("events", &self.events);
+        s += &format!("drops {}\n", self.drops.values().sum::<u64>());
+        for (reason, n) in &self.drops {
+            s += &format!("drop {} {n}\n", reason.as_str());
+        }
+        s
+    }
+}

@@ -1,0 +1,144 @@
+//! AT Protocol identifier syntax: NSID, DID, record key, TID, and the RFC 3339 `time` check.
+//!
+//! The rules are indigo's regular expressions (spec/firehose.md §5.4), written as plain loops
+//! so the hot path needs no regex engine. Each function is pinned by the interop fixtures in
+//! `tests/interop.rs`.
+
+fn is_alpha(b: u8) -> bool {
+    b.is_ascii_alphabetic()
+}
+
+fn is_alnum(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+}
+
+/// An NSID such as `app.bsky.feed.post`: at least three segments, the first starting with a
+/// letter, domain segments of letters, digits and inner hyphens, the last (the name) a letter
+/// followed by letters and digits; at most 317 characters.
+pub fn is_valid_nsid(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() || b.len() > 317 {
+        return false;
+    }
+    let segments: Vec<&[u8]> = b.split(|&c| c == b'.').collect();
+    if segments.len() < 3 {
+        return false;
+    }
+    let last = segments.len() - 1;
+    for (i, seg) in segments.iter().enumerate() {
+        if seg.is_empty() || seg.len() > 63 {
+            return false;
+        }
+        if i == last {
+            if !is_alpha(seg[0]) || !seg.iter().all(|&c| is_alnum(c)) {
+                return false;
+            }
+        } else {
+            if i == 0 && !is_alpha(seg[0]) {
+                return false;
+            }
+            if !is_alnum(seg[0]) || !is_alnum(seg[seg.len() - 1]) {
+                return false;
+            }
+            if !seg.iter().all(|&c| is_alnum(c) || c == b'-') {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// A DID: `did:` + lowercase method + `:` + identifier of `[A-Za-z0-9._:%-]`, not ending in
+/// `:` or `%`; at most 2048 characters.
+pub fn is_valid_did(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() > 2048 {
+        return false;
+    }
+    let Some(rest) = b.strip_prefix(b"did:") else { return false };
+    let Some(colon) = rest.iter().position(|&c| c == b':') else { return false };
+    let (method, ident) = (&rest[..colon], &rest[colon + 1..]);
+    if method.is_empty() || !method.iter().all(|c| c.is_ascii_lowercase()) {
+        return false;
+    }
+    let Some(&last) = ident.last() else { return false };
+    ident.iter().all(|&c| is_alnum(c) || matches!(c, b'.' | b'_' | b':' | b'%' | b'-'))
+        && (is_alnum(last) || matches!(last, b'.' | b'_' | b'-'))
+}
+
+/// A record key: 1 to 512 characters of `[A-Za-z0-9._:~-]`, and not `.` or `..`.
+pub fn is_valid_record_key(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 512
+        && s != "."
+        && s != ".."
+        && b.iter().all(|&c| is_alnum(c) || matches!(c, b'_' | b'~' | b'.' | b':' | b'-'))
+}
+
+/// A TID: 13 characters of base32-sortable, the first in `234567a-j`.
+pub fn is_valid_tid(s: &str) -> bool {
+    let b = s.as_bytes();
+    let sortable = |c: u8| matches!(c, b'2'..=b'7' | b'a'..=b'z');
+    b.len() == 13 && matches!(b[0], b'2'..=b'7' | b'a'..=b'j') && b.iter().all(|&c| sortable(c))
+}
+
+/// An RFC 3339 timestamp as Go's `time.Parse(time.RFC3339, …)` accepts it (Jetstream v1 drops
+/// events whose `time` fails that parse): `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`.
+pub fn is_rfc3339(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r.clone()).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
+    let num = |r: std::ops::Range<usize>| -> u32 { b[r].iter().fold(0, |n, d| n * 10 + (d - b'0') as u32) };
+    if b.len() < 20 || !digits(0..4) || b[4] != b'-' || !digits(5..7) || b[7] != b'-' || !digits(8..10) {
+        return false;
+    }
+    if b[10] != b'T' || !digits(11..13) || b[13] != b':' || !digits(14..16) || b[16] != b':' || !digits(17..19) {
+        return false;
+    }
+    let (month, day) = (num(5..7), num(8..10));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return false;
+    }
+    if num(11..13) > 23 || num(14..16) > 59 || num(17..19) > 59 {
+        return false;
+    }
+    let mut i = 19;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+    }
+    match &b[i..] {
+        [b'Z'] => true,
+        [sign, h1, h2, b':', m1, m2] if matches!(sign, b'+' | b'-') => {
+            let off = [*h1, *h2, *m1, *m2];
+            off.iter().all(u8::is_ascii_digit) && (h1 - b'0') * 10 + (h2 - b'0') <= 23 && (m1 - b'0') * 10 + (m2 - b'0') <= 59
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples() {
+        assert!(is_valid_nsid("app.bsky.feed.post"));
+        assert!(!is_valid_nsid("app.bsky.fo*"));
+        assert!(!is_valid_nsid("app.bsky"));
+        assert!(is_valid_did("did:plc:q6gjnaw2blty4crticxkmujt"));
+        assert!(!is_valid_did("did:plc:abc:"));
+        assert!(is_valid_record_key("self"));
+        assert!(!is_valid_record_key(".."));
+        assert!(is_valid_tid("3mptbypluud2a"));
+        assert!(is_rfc3339("2026-07-04T14:38:08.999Z"));
+        assert!(is_rfc3339("2026-07-04T14:38:08+02:00"));
+        assert!(!is_rfc3339("2026-07-04 14:38:08Z"));
+    }
+}

@@ -1,0 +1,601 @@
+//! Relay frame → Jetstream v1 events. Pure: no I/O, no clock.
+//!
+//! A `subscribeRepos` websocket message is two DAG-CBOR items back to back: a header
+//! `{op, t}` and a body. [`Transcoder::transcode`] decodes both, and for `#commit` indexes the
+//! CAR in `blocks`, finds each op's record by `op.cid`, checks its sha-256, and renders it
+//! to JSON ([`json`]). One event per op, plus one per `#identity` and `#account`.
+//!
+//! Bad upstream data is data (DESIGN.md invariant 6): the smallest unit is dropped with a
+//! [`DropReason`] — the op, not the commit; the frame, not the connection — and the seq is
+//! still reported whenever the body could be read, so the relay cursor moves past it.
+
+pub mod car;
+pub mod cbor;
+pub mod cid;
+pub mod json;
+
+use crate::event::{Event, EventKind};
+use crate::syntax;
+use cbor::{CborError, Reader};
+use json::{RecordError, RecordWriter};
+
+/// The protocol's hard limit on one firehose frame (the Sync spec's 5 MB). Applied here, not
+/// by the websocket layer, so an oversized frame is skipped by seq instead of closing the
+/// connection and replaying the same frame forever.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 5_000_000;
+/// Diagnostic strings from the wire (error and info names, messages) are cut to this before
+/// they reach a log line.
+const MAX_DIAGNOSTIC_BYTES: usize = 256;
+
+/// Why something from upstream produced no event. A small fixed set: these are metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    // Whole frames.
+    FrameTooLarge,
+    BadHeader,
+    BadBody,
+    TrailingBytes,
+    UnknownOp,
+    UnknownType,
+    ErrorFrame,
+    Info,
+    Sync,
+    TooBig,
+    BadCar,
+    BadDid,
+    BadTime,
+    // Single ops.
+    BadPath,
+    UnknownAction,
+    MissingCid,
+    MissingBlock,
+    CidMismatch,
+    UnsupportedHash,
+    RecordTooLarge,
+    RecordMalformed,
+    RecordNotObject,
+    Float,
+    InvalidUtf8,
+    TooDeep,
+    TooManyElements,
+    KeyTooLong,
+    StringTooLong,
+    IntOverflow,
+    DuplicateKey,
+    BadTypeField,
+    BadLink,
+    BadBytes,
+    BadBlob,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 34] = {
+        use DropReason::*;
+        [
+            FrameTooLarge, BadHeader, BadBody, TrailingBytes, UnknownOp, UnknownType, ErrorFrame, Info, Sync, TooBig, BadCar,
+            BadDid, BadTime, BadPath, UnknownAction, MissingCid, MissingBlock, CidMismatch, UnsupportedHash, RecordTooLarge,
+            RecordMalformed, RecordNotObject, Float, InvalidUtf8, TooDeep, TooManyElements, KeyTooLong, StringTooLong,
+            IntOverflow, DuplicateKey, BadTypeField, BadLink, BadBytes, BadBlob,
+        ]
+    };
+
+    pub fn as_str(self) -> &'static str {
+        use DropReason::*;
+        match self {
+            FrameTooLarge => "frame_too_large",
+            BadHeader => "bad_header",
+            BadBody => "bad_body",
+            TrailingBytes => "trailing_bytes",
+            UnknownOp => "unknown_op",
+            UnknownType => "unknown_type",
+            ErrorFrame => "error_frame",
+            Info => "info",
+            Sync => "sync",
+            TooBig => "too_big",
+            BadCar => "bad_car",
+            BadDid => "bad_did",
+            BadTime => "bad_time",
+            BadPath => "bad_path",
+            UnknownAction => "unknown_action",
+            MissingCid => "missing_cid",
+            MissingBlock => "missing_block",
+            CidMismatch => "cid_mismatch",
+            UnsupportedHash => "unsupported_hash",
+            RecordTooLarge => "record_too_large",
+            RecordMalformed => "record_malformed",
+            RecordNotObject => "record_not_object",
+            Float => "float",
+            InvalidUtf8 => "invalid_utf8",
+            TooDeep => "too_deep",
+            TooManyElements => "too_many_elements",
+            KeyTooLong => "key_too_long",
+            StringTooLong => "string_too_long",
+            IntOverflow => "int_overflow",
+            DuplicateKey => "duplicate_key",
+            BadTypeField => "bad_type_field",
+            BadLink => "bad_link",
+            BadBytes => "bad_bytes",
+            BadBlob => "bad_blob",
+        }
+    }
+
+    /// True for the drops that are expected protocol traffic rather than bad data.
+    pub fn is_benign(self) -> bool {
+        matches!(self, DropReason::Info | DropReason::Sync)
+    }
+}
+
+impl From<RecordError> for DropReason {
+    fn from(e: RecordError) -> Self {
+        match e {
+            RecordError::TooLarge => DropReason::RecordTooLarge,
+            RecordError::Cbor(_) | RecordError::TrailingBytes | RecordError::NonStringKey => DropReason::RecordMalformed,
+            RecordError::NotAnObject => DropReason::RecordNotObject,
+            RecordError::Float => DropReason::Float,
+            RecordError::InvalidUtf8 => DropReason::InvalidUtf8,
+            RecordError::TooDeep => DropReason::TooDeep,
+            RecordError::TooManyElements => DropReason::TooManyElements,
+            RecordError::KeyTooLong => DropReason::KeyTooLong,
+            RecordError::StringTooLong => DropReason::StringTooLong,
+            RecordError::IntOverflow => DropReason::IntOverflow,
+            RecordError::DuplicateKey => DropReason::DuplicateKey,
+            RecordError::BadType => DropReason::BadTypeField,
+            RecordError::BadLink => DropReason::BadLink,
+            RecordError::BadBytes => DropReason::BadBytes,
+            RecordError::BadBlob => DropReason::BadBlob,
+        }
+    }
+}
+
+/// The frame's message type, from its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrameType {
+    Commit,
+    Identity,
+    Account,
+    Sync,
+    Info,
+    Error,
+    Unknown,
+    /// The header itself could not be read.
+    Malformed,
+}
+
+impl FrameType {
+    pub const ALL: [FrameType; 8] = [
+        FrameType::Commit,
+        FrameType::Identity,
+        FrameType::Account,
+        FrameType::Sync,
+        FrameType::Info,
+        FrameType::Error,
+        FrameType::Unknown,
+        FrameType::Malformed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrameType::Commit => "commit",
+            FrameType::Identity => "identity",
+            FrameType::Account => "account",
+            FrameType::Sync => "sync",
+            FrameType::Info => "info",
+            FrameType::Error => "error",
+            FrameType::Unknown => "unknown",
+            FrameType::Malformed => "malformed",
+        }
+    }
+}
+
+/// What one frame was, besides the events it produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameInfo {
+    pub frame_type: FrameType,
+    /// The relay seq, when the body could be read far enough to know it.
+    pub seq: Option<i64>,
+    /// Set when the whole frame produced nothing because of this.
+    pub dropped: Option<DropReason>,
+    /// For error frames the error name, for `#info` the info name (cut to a safe length).
+    pub name: Option<String>,
+    /// The message of an error or info frame (cut to a safe length).
+    pub message: Option<String>,
+}
+
+impl FrameInfo {
+    fn new(frame_type: FrameType) -> Self {
+        FrameInfo { frame_type, seq: None, dropped: None, name: None, message: None }
+    }
+
+    fn drop(mut self, reason: DropReason) -> Self {
+        self.dropped = Some(reason);
+        self
+    }
+}
+
+/// Decodes frames; keep one per worker so its buffers are reused.
+pub struct Transcoder {
+    max_frame_bytes: usize,
+    records: RecordWriter,
+    car: car::CarIndex,
+    scratch: Vec<u8>,
+}
+
+impl Default for Transcoder {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_FRAME_BYTES)
+    }
+}
+
+/// The fields of a `#commit` body that matter here, borrowed from the frame.
+#[derive(Default)]
+struct CommitBody<'a> {
+    seq: Option<i64>,
+    repo: Option<&'a str>,
+    rev: Option<&'a str>,
+    time: Option<&'a str>,
+    blocks: Option<&'a [u8]>,
+    /// The raw `ops` array, walked after the body is known to be whole.
+    ops: Option<&'a [u8]>,
+    too_big: bool,
+}
+
+/// The fields of `#identity`, `#account` and `#sync` bodies.
+#[derive(Default)]
+struct RepoEventBody<'a> {
+    seq: Option<i64>,
+    did: Option<&'a str>,
+    time: Option<&'a str>,
+    handle: Option<&'a str>,
+    active: bool,
+    status: Option<&'a str>,
+}
+
+impl Transcoder {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        Transcoder { max_frame_bytes, records: RecordWriter::new(), car: car::CarIndex::default(), scratch: Vec::new() }
+    }
+
+    /// Decodes one websocket binary message, appending its events (time_us not yet stamped)
+    /// to `events` and each dropped op's reason to `op_drops`.
+    pub fn transcode(&mut self, frame: &[u8], events: &mut Vec<Event>, op_drops: &mut Vec<DropReason>) -> FrameInfo {
+        let mut r = Reader::new(frame);
+        let (op, t) = match read_header(&mut r) {
+            Ok(h) => h,
+            Err(_) => return FrameInfo::new(FrameType::Malformed).drop(DropReason::BadHeader),
+        };
+        let frame_type = match (op, t) {
+            (-1, _) => FrameType::Error,
+            (1, Some("#commit")) => FrameType::Commit,
+            (1, Some("#identity")) => FrameType::Identity,
+            (1, Some("#account")) => FrameType::Account,
+            (1, Some("#sync")) => FrameType::Sync,
+            (1, Some("#info")) => FrameType::Info,
+            _ => FrameType::Unknown,
+        };
+        let mut info = FrameInfo::new(frame_type);
+        if frame.len() > self.max_frame_bytes {
+            // Still read the seq, so the cursor can move past the frame.
+            info.seq = peek_seq(r);
+            return info.drop(DropReason::FrameTooLarge);
+        }
+        match frame_type {
+            FrameType::Commit => self.commit(r, info, events, op_drops),
+            FrameType::Identity | FrameType::Account | FrameType::Sync => self.repo_event(r, info, events),
+            FrameType::Error | FrameType::Info => {
+                let keys: [&str; 2] = if frame_type == FrameType::Error { ["error", "message"] } else { ["name", "message"] };
+                match read_named(&mut r, keys) {
+                    Ok((name, message)) if r.is_empty() => {
+                        info.name = name.map(bounded);
+                        info.message = message.map(bounded);
+                        let reason = if frame_type == FrameType::Error { DropReason::ErrorFrame } else { DropReason::Info };
+                        info.drop(reason)
+                    }
+                    Ok(_) => info.drop(DropReason::TrailingBytes),
+                    Err(_) => info.drop(DropReason::BadBody),
+                }
+            }
+            FrameType::Unknown => {
+                info.seq = peek_seq(r);
+                if op == 1 {
+                    info.name = t.map(bounded);
+                    info.drop(DropReason::UnknownType)
+                } else {
+                    info.drop(DropReason::UnknownOp)
+                }
+            }
+            FrameType::Malformed => unreachable!("set only when the header fails"),
+        }
+    }
+
+    fn commit(&mut self, mut r: Reader<'_>, mut info: FrameInfo, events: &mut Vec<Event>, op_drops: &mut Vec<DropReason>) -> FrameInfo {
+        let body = match read_commit(&mut r) {
+            Ok(b) => b,
+            Err(_) => {
+                info.seq = peek_seq(r);
+                return info.drop(DropReason::BadBody);
+            }
+        };
+        info.seq = body.seq;
+        if body.seq.is_none() {
+            return info.drop(DropReason::BadBody);
+        }
+        if !r.is_empty() {
+            return info.drop(DropReason::TrailingBytes);
+        }
+        if body.too_big {
+            return info.drop(DropReason::TooBig);
+        }
+        let repo = match body.repo {
+            Some(d) if syntax::is_valid_did(d) => d,
+            _ => return info.drop(DropReason::BadDid),
+        };
+        if !body.time.is_some_and(syntax::is_rfc3339) {
+            return info.drop(DropReason::BadTime);
+        }
+        let (Some(rev), Some(ops), Some(blocks)) = (body.rev, body.ops, body.blocks) else {
+            return info.drop(DropReason::BadBody);
+        };
+        if self.car.build(blocks).is_err() {
+            return info.drop(DropReason::BadCar);
+        }
+        let mut ops_r = Reader::new(ops);
+        let Ok(n) = ops_r.read_array_len() else { return info.drop(DropReason::BadBody) };
+        for _ in 0..n {
+            // Each op is read from its own span, so a malformed op cannot derail the next.
+            let Ok(span) = ops_r.skip_span() else {
+                op_drops.push(DropReason::BadBody);
+                break;
+            };
+            let op = match read_op(&mut Reader::new(span)) {
+                Ok(op) => op,
+                Err(_) => {
+                    // The body as a whole was well-formed CBOR; a malformed op entry is still
+                    // only that op.
+                    op_drops.push(DropReason::BadBody);
+                    continue;
+                }
+            };
+            match self.op_event(repo, rev, &op, blocks) {
+                Ok(ev) => events.push(ev),
+                Err(reason) => op_drops.push(reason),
+            }
+        }
+        info
+    }
+
+    fn op_event(&mut self, repo: &str, rev: &str, op: &Op<'_>, blocks: &[u8]) -> Result<Event, DropReason> {
+        let (collection, rkey) = split_path(op.path.ok_or(DropReason::BadPath)?).ok_or(DropReason::BadPath)?;
+        let operation = match op.action {
+            Some(a @ ("create" | "update" | "delete")) => a,
+            _ => return Err(DropReason::UnknownAction),
+        };
+        let mut out = std::mem::take(&mut self.scratch);
+        Event::begin(&mut out, repo, EventKind::Commit);
+        out.extend_from_slice(b",\"commit\":{");
+        // Every commit field is omitempty in v1; only rev can be empty here.
+        if !rev.is_empty() {
+            out.extend_from_slice(b"\"rev\":");
+            json::write_json_str(&mut out, rev);
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"operation\":\"");
+        out.extend_from_slice(operation.as_bytes());
+        out.extend_from_slice(b"\",\"collection\":\"");
+        let coll_start = out.len();
+        out.extend_from_slice(collection.as_bytes());
+        let coll = coll_start..out.len();
+        out.extend_from_slice(b"\",\"rkey\":");
+        json::write_json_str(&mut out, rkey);
+        if operation != "delete" {
+            if let Err(reason) = self.record(op, blocks, &mut out) {
+                self.scratch = out;
+                return Err(reason);
+            }
+        }
+        out.extend_from_slice(b"}}");
+        // Hand the buffer to the event and start the next one at the same capacity.
+        self.scratch = Vec::with_capacity(out.capacity());
+        Ok(Event::from_parts(out, EventKind::Commit, repo.len(), coll))
+    }
+
+    /// Appends `,"record":{…},"cid":"…"` for a create or update.
+    fn record(&mut self, op: &Op<'_>, blocks: &[u8], out: &mut Vec<u8>) -> Result<(), DropReason> {
+        let cid_bytes = op.cid.ok_or(DropReason::MissingCid)?;
+        let cid = cid::parse_cid(cid_bytes).ok_or(DropReason::BadLink)?;
+        let block = self.car.get(blocks, cid_bytes).ok_or(DropReason::MissingBlock)?;
+        match cid::verify_block(&cid, block) {
+            cid::Verify::Ok => {}
+            cid::Verify::Mismatch => return Err(DropReason::CidMismatch),
+            cid::Verify::UnsupportedHash => return Err(DropReason::UnsupportedHash),
+        }
+        out.extend_from_slice(b",\"record\":");
+        self.records.write_record(block, out)?;
+        out.extend_from_slice(b",\"cid\":\"");
+        cid::write_cid_string(out, cid_bytes);
+        out.push(b'"');
+        Ok(())
+    }
+
+    fn repo_event(&mut self, mut r: Reader<'_>, mut info: FrameInfo, events: &mut Vec<Event>) -> FrameInfo {
+        let body = match read_repo_event(&mut r) {
+            Ok(b) => b,
+            Err(_) => {
+                info.seq = peek_seq(r);
+                return info.drop(DropReason::BadBody);
+            }
+        };
+        info.seq = body.seq;
+        let Some(seq) = body.seq else { return info.drop(DropReason::BadBody) };
+        if !r.is_empty() {
+            return info.drop(DropReason::TrailingBytes);
+        }
+        if info.frame_type == FrameType::Sync {
+            return info.drop(DropReason::Sync);
+        }
+        let did = match body.did {
+            Some(d) if syntax::is_valid_did(d) => d,
+            _ => return info.drop(DropReason::BadDid),
+        };
+        let time = match body.time {
+            Some(t) if syntax::is_rfc3339(t) => t,
+            _ => return info.drop(DropReason::BadTime),
+        };
+        let kind = if info.frame_type == FrameType::Identity { EventKind::Identity } else { EventKind::Account };
+        let mut out = Vec::with_capacity(160 + 2 * did.len());
+        Event::begin(&mut out, did, kind);
+        // indigo's structs, passed through in their field order.
+        if kind == EventKind::Identity {
+            out.extend_from_slice(b",\"identity\":{\"did\":\"");
+            out.extend_from_slice(did.as_bytes());
+            out.push(b'"');
+            if let Some(h) = body.handle {
+                out.extend_from_slice(b",\"handle\":");
+                json::write_json_str(&mut out, h);
+            }
+        } else {
+            out.extend_from_slice(b",\"account\":{\"active\":");
+            out.extend_from_slice(if body.active { b"true" } else { b"false" });
+            out.extend_from_slice(b",\"did\":\"");
+            out.extend_from_slice(did.as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b",\"seq\":");
+        json::write_i64(&mut out, seq);
+        if kind == EventKind::Account {
+            if let Some(s) = body.status {
+                out.extend_from_slice(b",\"status\":");
+                json::write_json_str(&mut out, s);
+            }
+        }
+        out.extend_from_slice(b",\"time\":");
+        json::write_json_str(&mut out, time);
+        out.extend_from_slice(b"}}");
+        events.push(Event::from_parts(out, kind, did.len(), 0..0));
+        info
+    }
+}
+
+/// `{op, t}`; unknown header keys are ignored (forward compatibility).
+fn read_header<'a>(r: &mut Reader<'a>) -> Result<(i64, Option<&'a str>), CborError> {
+    let mut op = None;
+    let mut t = None;
+    for _ in 0..r.read_map_len()? {
+        match r.read_str()? {
+            "op" => op = Some(r.read_i64()?),
+            "t" => t = Some(r.read_str()?),
+            _ => r.skip()?,
+        }
+    }
+    Ok((op.ok_or(CborError::WrongType)?, t))
+}
+
+/// Best effort: the `seq` of a body that did not decode as its type.
+fn peek_seq(mut r: Reader<'_>) -> Option<i64> {
+    let n = r.read_map_len().ok()?;
+    for _ in 0..n {
+        if r.read_str().ok()? == "seq" {
+            return r.read_i64().ok();
+        }
+        r.skip().ok()?;
+    }
+    None
+}
+
+fn read_named<'a>(r: &mut Reader<'a>, keys: [&str; 2]) -> Result<(Option<&'a str>, Option<&'a str>), CborError> {
+    let (mut a, mut b) = (None, None);
+    for _ in 0..r.read_map_len()? {
+        let k = r.read_str()?;
+        if k == keys[0] {
+            a = Some(r.read_str()?);
+        } else if k == keys[1] && !r.read_null()? {
+            b = Some(r.read_str()?);
+        } else if k != keys[1] {
+            r.skip()?;
+        }
+    }
+    Ok((a, b))
+}
+
+/// A nullable string field.
+fn opt_str<'a>(r: &mut Reader<'a>) -> Result<Option<&'a str>, CborError> {
+    if r.read_null()? {
+        Ok(None)
+    } else {
+        r.read_str().map(Some)
+    }
+}
+
+fn read_commit<'a>(r: &mut Reader<'a>) -> Result<CommitBody<'a>, CborError> {
+    let mut b = CommitBody::default();
+    for _ in 0..r.read_map_len()? {
+        match r.read_str()? {
+            "seq" => b.seq = Some(r.read_i64()?),
+            "repo" => b.repo = Some(r.read_str()?),
+            "rev" => b.rev = Some(r.read_str()?),
+            "time" => b.time = Some(r.read_str()?),
+            "blocks" => b.blocks = Some(r.read_bytes()?),
+            "ops" => b.ops = Some(r.skip_span()?),
+            "tooBig" => b.too_big = r.read_bool()?,
+            // since, commit, prevData, rebase, blobs, prev and anything new: not needed.
+            _ => r.skip()?,
+        }
+    }
+    Ok(b)
+}
+
+fn read_repo_event<'a>(r: &mut Reader<'a>) -> Result<RepoEventBody<'a>, CborError> {
+    let mut b = RepoEventBody::default();
+    for _ in 0..r.read_map_len()? {
+        match r.read_str()? {
+            "seq" => b.seq = Some(r.read_i64()?),
+            "did" => b.did = Some(r.read_str()?),
+            "time" => b.time = Some(r.read_str()?),
+            "handle" => b.handle = opt_str(r)?,
+            "active" => b.active = r.read_bool()?,
+            "status" => b.status = opt_str(r)?,
+            _ => r.skip()?,
+        }
+    }
+    Ok(b)
+}
+
+/// One `#repoOp`.
+struct Op<'a> {
+    action: Option<&'a str>,
+    path: Option<&'a str>,
+    cid: Option<&'a [u8]>,
+}
+
+fn read_op<'a>(r: &mut Reader<'a>) -> Result<Op<'a>, CborError> {
+    let mut op = Op { action: None, path: None, cid: None };
+    for _ in 0..r.read_map_len()? {
+        match r.read_str()? {
+            "action" => op.action = Some(r.read_str()?),
+            "path" => op.path = Some(r.read_str()?),
+            "cid" => op.cid = if r.read_null()? { None } else { Some(r.read_link()?) },
+            _ => r.skip()?,
+        }
+    }
+    Ok(op)
+}
+
+/// `collection/rkey`: exactly one `/`, a valid NSID and a valid record key.
+fn split_path(path: &str) -> Option<(&str, &str)> {
+    let (collection, rkey) = path.split_once('/')?;
+    if rkey.contains('/') || !syntax::is_valid_nsid(collection) || !syntax::is_valid_record_key(rkey) {
+        return None;
+    }
+    Some((collection, rkey))
+}
+
+/// Cuts a wire string for logging, at a char boundary.
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_DIAGNOSTIC_BYTES {
+        return s.to_string();
+    }
+    let mut end = MAX_DIAGNOSTIC_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}

@@ -1,0 +1,262 @@
+//! Builds `com.atproto.sync.subscribeRepos` frames the way a relay does: a DAG-CBOR header
+//! `{t, op}`, then the body, with commit records carried as blocks of a CAR v1 slice.
+
+use ipld_core::cid::Cid;
+use ipld_core::ipld::Ipld;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+pub fn dag_cbor(v: &Ipld) -> Vec<u8> {
+    serde_ipld_dagcbor::to_vec(v).expect("encodable")
+}
+
+/// The CIDv1 (dag-cbor, sha2-256) of a block.
+pub fn cid_of(block: &[u8]) -> Cid {
+    cid_with_codec(block, 0x71)
+}
+
+pub fn cid_with_codec(block: &[u8], codec: u8) -> Cid {
+    let mut b = vec![0x01, codec, 0x12, 0x20];
+    b.extend_from_slice(&Sha256::digest(block));
+    Cid::try_from(b.as_slice()).expect("valid cid")
+}
+
+pub fn map(entries: Vec<(&str, Ipld)>) -> Ipld {
+    Ipld::Map(entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>())
+}
+
+pub fn s(v: &str) -> Ipld {
+    Ipld::String(v.to_string())
+}
+
+fn uvarint(mut n: u64, out: &mut Vec<u8>) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// A CAR v1 with `root` as its only root and the given `(cid, block)` sections.
+pub fn car(root: &Cid, blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
+    let header = dag_cbor(&map(vec![("roots", Ipld::List(vec![Ipld::Link(*root)])), ("version", Ipld::Integer(1))]));
+    let mut out = Vec::new();
+    uvarint(header.len() as u64, &mut out);
+    out.extend_from_slice(&header);
+    for (cid, block) in blocks {
+        let cid_bytes = cid.to_bytes();
+        uvarint((cid_bytes.len() + block.len()) as u64, &mut out);
+        out.extend_from_slice(&cid_bytes);
+        out.extend_from_slice(block);
+    }
+    out
+}
+
+/// JSON in the atproto data model → the Ipld it stands for (`$link`, `$bytes`).
+pub fn json_to_ipld(v: &serde_json::Value) -> Ipld {
+    use serde_json::Value;
+    match v {
+        Value::Null => Ipld::Null,
+        Value::Bool(b) => Ipld::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Ipld::Integer(i as i128),
+            None => Ipld::Float(n.as_f64().expect("number")),
+        },
+        Value::String(s) => Ipld::String(s.clone()),
+        Value::Array(a) => Ipld::List(a.iter().map(json_to_ipld).collect()),
+        Value::Object(o) => {
+            if o.len() == 1 {
+                if let Some(Value::String(l)) = o.get("$link") {
+                    return Ipld::Link(Cid::try_from(l.as_str()).expect("valid $link"));
+                }
+                if let Some(Value::String(b)) = o.get("$bytes") {
+                    return Ipld::Bytes(base64_decode(b));
+                }
+            }
+            Ipld::Map(o.iter().map(|(k, v)| (k.clone(), json_to_ipld(v))).collect())
+        }
+    }
+}
+
+fn base64_decode(s: &str) -> Vec<u8> {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let (mut acc, mut bits, mut out) = (0u32, 0, Vec::new());
+    for c in s.bytes().filter(|&c| c != b'=') {
+        acc = (acc << 6) | A.iter().position(|&a| a == c).expect("base64") as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// One op of a commit: the record is raw DAG-CBOR bytes so tests can send anything.
+#[derive(Clone)]
+pub struct TestOp {
+    pub action: String,
+    pub path: String,
+    /// The record block for create/update; `None` for delete.
+    pub record: Option<Vec<u8>>,
+    /// Override the op's `cid` (e.g. to point at a block that is not in the CAR).
+    pub cid: Option<Option<Cid>>,
+    /// Leave the record block out of the CAR.
+    pub omit_block: bool,
+    /// Store different bytes under the record's CID (a hash mismatch).
+    pub corrupt_block: bool,
+}
+
+impl TestOp {
+    pub fn create(path: &str, record: &Ipld) -> Self {
+        TestOp { action: "create".into(), path: path.into(), record: Some(dag_cbor(record)), cid: None, omit_block: false, corrupt_block: false }
+    }
+    pub fn create_raw(path: &str, record: Vec<u8>) -> Self {
+        TestOp { action: "create".into(), path: path.into(), record: Some(record), cid: None, omit_block: false, corrupt_block: false }
+    }
+    pub fn update(path: &str, record: &Ipld) -> Self {
+        TestOp { action: "update".into(), ..Self::create(path, record) }
+    }
+    pub fn delete(path: &str) -> Self {
+        TestOp { action: "delete".into(), path: path.into(), record: None, cid: None, omit_block: false, corrupt_block: false }
+    }
+}
+
+fn header(t: &str) -> Vec<u8> {
+    dag_cbor(&map(vec![("t", s(t)), ("op", Ipld::Integer(1))]))
+}
+
+/// The time string relays send.
+pub const TIME: &str = "2026-07-04T14:38:08.999Z";
+
+/// A `#commit` frame for `repo` with the given ops.
+pub fn commit_frame(seq: i64, repo: &str, rev: &str, ops: &[TestOp]) -> Vec<u8> {
+    commit_frame_with(seq, repo, rev, ops, |_| {})
+}
+
+/// Like [`commit_frame`], letting the test edit the body map before encoding.
+pub fn commit_frame_with(seq: i64, repo: &str, rev: &str, ops: &[TestOp], edit: impl FnOnce(&mut BTreeMap<String, Ipld>)) -> Vec<u8> {
+    let mut blocks = Vec::new();
+    let mut op_list = Vec::new();
+    for op in ops {
+        let rec_cid = op.record.as_ref().map(|r| cid_of(r));
+        if let (Some(r), Some(c)) = (&op.record, &rec_cid) {
+            if !op.omit_block {
+                let mut stored = r.clone();
+                if op.corrupt_block {
+                    stored.push(0);
+                }
+                blocks.push((*c, stored));
+            }
+        }
+        let cid = match &op.cid {
+            Some(over) => *over,
+            None => rec_cid,
+        };
+        op_list.push(map(vec![
+            ("action", s(&op.action)),
+            ("path", s(&op.path)),
+            ("cid", cid.map(Ipld::Link).unwrap_or(Ipld::Null)),
+        ]));
+    }
+    // A commit block like the real ones (put last, where relays usually put it).
+    let data_cid = cid_of(b"mst-root");
+    let commit_block = dag_cbor(&map(vec![
+        ("did", s(repo)),
+        ("rev", s(rev)),
+        ("sig", Ipld::Bytes(vec![7; 64])),
+        ("data", Ipld::Link(data_cid)),
+        ("prev", Ipld::Null),
+        ("version", Ipld::Integer(3)),
+    ]));
+    let commit_cid = cid_of(&commit_block);
+    blocks.push((commit_cid, commit_block));
+    let Ipld::Map(mut body) = map(vec![
+        ("seq", Ipld::Integer(seq as i128)),
+        ("rebase", Ipld::Bool(false)),
+        ("tooBig", Ipld::Bool(false)),
+        ("repo", s(repo)),
+        ("commit", Ipld::Link(commit_cid)),
+        ("rev", s(rev)),
+        ("since", Ipld::Null),
+        ("blocks", Ipld::Bytes(car(&commit_cid, &blocks))),
+        ("ops", Ipld::List(op_list)),
+        ("blobs", Ipld::List(vec![])),
+        ("time", s(TIME)),
+    ]) else {
+        unreachable!()
+    };
+    edit(&mut body);
+    let mut frame = header("#commit");
+    frame.extend(dag_cbor(&Ipld::Map(body)));
+    frame
+}
+
+pub fn identity_frame(seq: i64, did: &str, handle: Option<&str>) -> Vec<u8> {
+    let mut body = vec![("seq", Ipld::Integer(seq as i128)), ("did", s(did)), ("time", s(TIME))];
+    if let Some(h) = handle {
+        body.push(("handle", s(h)));
+    }
+    let mut frame = header("#identity");
+    frame.extend(dag_cbor(&map(body)));
+    frame
+}
+
+pub fn account_frame(seq: i64, did: &str, active: bool, status: Option<&str>) -> Vec<u8> {
+    let mut body = vec![("seq", Ipld::Integer(seq as i128)), ("did", s(did)), ("time", s(TIME)), ("active", Ipld::Bool(active))];
+    if let Some(st) = status {
+        body.push(("status", s(st)));
+    }
+    let mut frame = header("#account");
+    frame.extend(dag_cbor(&map(body)));
+    frame
+}
+
+pub fn sync_frame(seq: i64, did: &str) -> Vec<u8> {
+    let mut frame = header("#sync");
+    frame.extend(dag_cbor(&map(vec![
+        ("seq", Ipld::Integer(seq as i128)),
+        ("did", s(did)),
+        ("rev", s("3mptbypluud2a")),
+        ("blocks", Ipld::Bytes(vec![])),
+        ("time", s(TIME)),
+    ])));
+    frame
+}
+
+pub fn info_frame(name: &str) -> Vec<u8> {
+    let mut frame = header("#info");
+    frame.extend(dag_cbor(&map(vec![("name", s(name)), ("message", s("cursor is too old"))])));
+    frame
+}
+
+pub fn error_frame(error: &str) -> Vec<u8> {
+    let mut frame = dag_cbor(&map(vec![("op", Ipld::Integer(-1))]));
+    frame.extend(dag_cbor(&map(vec![("error", s(error)), ("message", s("bye"))])));
+    frame
+}
+
+pub fn unknown_frame(seq: i64, t: &str) -> Vec<u8> {
+    let mut frame = header(t);
+    frame.extend(dag_cbor(&map(vec![("seq", Ipld::Integer(seq as i128)), ("did", s("did:plc:abc"))])));
+    frame
+}
+
+/// A small, valid like record.
+pub fn like_record(n: u64) -> Ipld {
+    map(vec![
+        ("$type", s("app.bsky.feed.like")),
+        ("createdAt", s(TIME)),
+        (
+            "subject",
+            map(vec![
+                ("cid", s("bafyreiftot7eltsc3f6g4qktykmbv6jcmdmhcx5osscan6jpdxkpqcmcza")),
+                ("uri", s(&format!("at://did:plc:r2zybk6op3ymzpz6jhqpkoy5/app.bsky.feed.post/3mpsjbtci{n:04}"))),
+            ]),
+        ),
+    ])
+}

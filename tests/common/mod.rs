@@ -1,0 +1,32 @@
+//! Shared test helpers: where the shared corpus lives, and a builder of real-format relay
+//! frames (DAG-CBOR encoded by serde_ipld_dagcbor, an implementation independent of ours).
+#![allow(dead_code)]
+
+pub mod frames;
+
+use std::path::PathBuf;
+
+/// `../shared` beside the repository, or `$CONTRAIL_SHARED_DIR`. `None` (after printing why)
+/// when it is absent, so a plain clone still passes.
+pub fn shared_dir(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("CONTRAIL_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    if dir.join("corpus").is_dir() {
+        Some(dir)
+    } else {
+        eprintln!("SKIP {test}: shared material not found at {} (set CONTRAIL_SHARED_DIR)", dir.display());
+        None
+    }
+}
+
+/// Removes `"time_us":N,` from an event line so lines can be compared across instances.
+pub fn without_time_us(line: &str) -> String {
+    let Some(start) = line.find("\"time_us\":") else { return line.to_string() };
+    let digits = line[start + 10..].bytes().take_while(|b| b.is_ascii_digit() || *b == b'-').count();
+    let mut end = start + 10 + digits;
+    if line.as_bytes().get(end) == Some(&b',') {
+        end += 1;
+    }
+    format!("{}{}", &line[..start], &line[end..])
+}

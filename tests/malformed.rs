@@ -1,0 +1,218 @@
+//! Hostile and broken upstream data: never a panic, always the right drop reason, and the
+//! valid siblings of a dropped op still go out (DESIGN.md invariant 6).
+
+mod common;
+
+use common::frames::*;
+use contrail::event::Event;
+use contrail::transcode::{DropReason, FrameInfo, FrameType, Transcoder};
+use ipld_core::ipld::Ipld;
+use proptest::prelude::*;
+
+const DID: &str = "did:plc:q6gjnaw2blty4crticxkmujt";
+const REV: &str = "3mptbypluud2a";
+
+fn run(frame: &[u8]) -> (FrameInfo, Vec<Event>, Vec<DropReason>) {
+    run_with(Transcoder::default(), frame)
+}
+
+fn run_with(mut tx: Transcoder, frame: &[u8]) -> (FrameInfo, Vec<Event>, Vec<DropReason>) {
+    let (mut events, mut drops) = (Vec::new(), Vec::new());
+    let info = tx.transcode(frame, &mut events, &mut drops);
+    (info, events, drops)
+}
+
+/// Parses an event's JSON once its `time_us` is stamped (the placeholder is not a JSON number).
+fn parse(e: &Event) -> Result<serde_json::Value, serde_json::Error> {
+    let mut e = e.clone();
+    e.stamp(1_783_175_888_085_434);
+    serde_json::from_slice(e.json())
+}
+
+/// `{"$type": "app.bsky.feed.like", "a": <value>}` with `value` given as raw CBOR.
+fn record_with(value: &[u8]) -> Vec<u8> {
+    let mut r = vec![0xa2, 0x61, b'a'];
+    r.extend_from_slice(value);
+    r.extend_from_slice(&[0x65, b'$', b't', b'y', b'p', b'e', 0x72]);
+    r.extend_from_slice(b"app.bsky.feed.like");
+    r
+}
+
+/// One bad op between two good ones: the bad one is dropped for `reason`, both good ones
+/// are emitted.
+fn assert_op_dropped(bad: TestOp, reason: DropReason) {
+    let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)), bad, TestOp::delete("app.bsky.feed.like/3aaaaaaaaaa33")];
+    let (info, events, drops) = run(&commit_frame(7, DID, REV, &ops));
+    assert_eq!(info.dropped, None);
+    assert_eq!(info.seq, Some(7));
+    assert_eq!(drops, vec![reason]);
+    assert_eq!(events.len(), 2);
+    for e in &events {
+        parse(e).expect("valid JSON");
+    }
+}
+
+#[test]
+fn a_valid_commit_becomes_one_event_per_op() {
+    let ops = [
+        TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)),
+        TestOp::update("app.bsky.actor.profile/self", &map(vec![("$type", s("app.bsky.actor.profile")), ("displayName", s("<b>&"))])),
+        TestOp::delete("app.bsky.feed.post/3aaaaaaaaaa44"),
+    ];
+    let (info, events, drops) = run(&commit_frame(42, DID, REV, &ops));
+    assert_eq!((info.frame_type, info.seq, info.dropped), (FrameType::Commit, Some(42), None));
+    assert!(drops.is_empty());
+    let json: Vec<String> = events.iter().map(|e| String::from_utf8(e.json().to_vec()).unwrap()).collect();
+    assert!(json[0].starts_with(r#"{"did":"did:plc:q6gjnaw2blty4crticxkmujt","time_us":0000000000000000,"kind":"commit","commit":{"rev":"3mptbypluud2a","operation":"create","collection":"app.bsky.feed.like","rkey":"3aaaaaaaaaa22","record":{"$type":"app.bsky.feed.like","createdAt":"#), "{}", json[0]);
+    assert!(json[1].contains(r#""operation":"update","collection":"app.bsky.actor.profile","rkey":"self","record":{"$type":"app.bsky.actor.profile","displayName":"\u003cb\u003e\u0026"},"cid":"bafyrei"#), "{}", json[1]);
+    assert_eq!(
+        json[2],
+        r#"{"did":"did:plc:q6gjnaw2blty4crticxkmujt","time_us":0000000000000000,"kind":"commit","commit":{"rev":"3mptbypluud2a","operation":"delete","collection":"app.bsky.feed.post","rkey":"3aaaaaaaaaa44"}}"#
+    );
+    assert_eq!(events[0].collection(), Some("app.bsky.feed.like"));
+    assert_eq!(events[0].did(), DID);
+}
+
+#[test]
+fn identity_and_account_pass_through_in_v1_field_order() {
+    let (_, ev, _) = run(&identity_frame(5, DID, Some("alice.test")));
+    assert_eq!(
+        std::str::from_utf8(ev[0].json()).unwrap(),
+        format!(r#"{{"did":"{DID}","time_us":0000000000000000,"kind":"identity","identity":{{"did":"{DID}","handle":"alice.test","seq":5,"time":"{TIME}"}}}}"#)
+    );
+    let (_, ev, _) = run(&identity_frame(6, DID, None));
+    assert!(!std::str::from_utf8(ev[0].json()).unwrap().contains("handle"));
+    let (_, ev, _) = run(&account_frame(7, DID, false, Some("takendown")));
+    assert_eq!(
+        std::str::from_utf8(ev[0].json()).unwrap(),
+        format!(r#"{{"did":"{DID}","time_us":0000000000000000,"kind":"account","account":{{"active":false,"did":"{DID}","seq":7,"status":"takendown","time":"{TIME}"}}}}"#)
+    );
+    assert_eq!(ev[0].collection(), None);
+}
+
+#[test]
+fn op_level_drops_keep_the_siblings() {
+    let like = like_record(9);
+    assert_op_dropped(TestOp { omit_block: true, ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::MissingBlock);
+    assert_op_dropped(TestOp { corrupt_block: true, ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::CidMismatch);
+    assert_op_dropped(TestOp { cid: Some(Some(cid_of(b"elsewhere"))), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::MissingBlock);
+    assert_op_dropped(TestOp { cid: Some(None), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::MissingCid);
+    assert_op_dropped(TestOp { action: "mutate".into(), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::UnknownAction);
+    for path in ["app.bsky.feed.like", "app.bsky.feed.like/a/b", "notnsid/3bbbbbbbbbb22", "app.bsky.feed.like/..", "/x"] {
+        assert_op_dropped(TestOp::create(path, &like), DropReason::BadPath);
+    }
+    // float 1.5, invalid UTF-8, a tag other than 42, undefined, an int beyond int64
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xfb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0])), DropReason::Float);
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x62, 0xc3, 0x28])), DropReason::InvalidUtf8);
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xc1, 0x01])), DropReason::RecordMalformed);
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xf7])), DropReason::RecordMalformed);
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x1b, 0xff, 0, 0, 0, 0, 0, 0, 0])), DropReason::IntOverflow);
+    // a string claiming 4 GiB, and a real one over the 1 MiB record limit
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x7b, 0, 0, 0, 1, 0, 0, 0, 0, b'x'])), DropReason::RecordMalformed);
+    let huge = map(vec![("$type", s("app.bsky.feed.post")), ("text", s(&"x".repeat(1_100_000)))]);
+    assert_op_dropped(TestOp::create("app.bsky.feed.post/3c", &huge), DropReason::RecordTooLarge);
+    // 10,000 nested arrays
+    let mut deep = vec![0x81u8; 10_000];
+    deep.push(0x01);
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&deep)), DropReason::TooDeep);
+    // not a map, $type not a string, a blob missing its size
+    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", vec![0x83, 1, 2, 3]), DropReason::RecordNotObject);
+    assert_op_dropped(TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", Ipld::Integer(5))])), DropReason::BadTypeField);
+    let blob = map(vec![("$type", s("blob")), ("ref", Ipld::Link(cid_with_codec(b"img", 0x55))), ("mimeType", s("image/png"))]);
+    assert_op_dropped(TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", s("x.y.z")), ("b", blob)])), DropReason::BadBlob);
+}
+
+#[test]
+fn whole_frame_drops_report_the_seq() {
+    let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1))];
+    let good = commit_frame(11, DID, REV, &ops);
+
+    let mut trailing = good.clone();
+    trailing.push(0x00);
+    let (info, ev, _) = run(&trailing);
+    assert_eq!((info.dropped, info.seq, ev.len()), (Some(DropReason::TrailingBytes), Some(11), 0));
+
+    let (info, ev, _) = run_with(Transcoder::new(100), &good);
+    assert_eq!((info.dropped, info.seq, ev.len()), (Some(DropReason::FrameTooLarge), Some(11), 0));
+
+    let too_big = commit_frame_with(12, DID, REV, &ops, |b| {
+        b.insert("tooBig".into(), Ipld::Bool(true));
+    });
+    assert_eq!(run(&too_big).0.dropped, Some(DropReason::TooBig));
+    let bad_time = commit_frame_with(13, DID, REV, &ops, |b| {
+        b.insert("time".into(), s("yesterday"));
+    });
+    assert_eq!(run(&bad_time).0.dropped, Some(DropReason::BadTime));
+    let bad_car = commit_frame_with(14, DID, REV, &ops, |b| {
+        b.insert("blocks".into(), Ipld::Bytes(vec![0x05, 1, 2]));
+    });
+    assert_eq!(run(&bad_car).0.dropped, Some(DropReason::BadCar));
+    let (info, ..) = run(&commit_frame(15, "did:bad", REV, &ops));
+    assert_eq!((info.dropped, info.seq), (Some(DropReason::BadDid), Some(15)));
+
+    let (info, ..) = run(&unknown_frame(16, "#handle"));
+    assert_eq!((info.frame_type, info.dropped, info.seq, info.name.as_deref()), (FrameType::Unknown, Some(DropReason::UnknownType), Some(16), Some("#handle")));
+    let (info, ..) = run(&error_frame("FutureCursor"));
+    assert_eq!((info.frame_type, info.dropped, info.name.as_deref()), (FrameType::Error, Some(DropReason::ErrorFrame), Some("FutureCursor")));
+    let (info, ..) = run(&info_frame("OutdatedCursor"));
+    assert_eq!((info.dropped, info.name.as_deref()), (Some(DropReason::Info), Some("OutdatedCursor")));
+    let (info, ev, _) = run(&sync_frame(17, DID));
+    assert_eq!((info.dropped, info.seq, ev.len()), (Some(DropReason::Sync), Some(17), 0));
+    assert_eq!(run(&[]).0.dropped, Some(DropReason::BadHeader));
+    assert_eq!(run(&[0xff, 0xff]).0.dropped, Some(DropReason::BadHeader));
+}
+
+#[test]
+fn every_truncation_of_a_frame_is_dropped_whole() {
+    let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)), TestOp::delete("app.bsky.feed.like/3aaaaaaaaaa33")];
+    let good = commit_frame(21, DID, REV, &ops);
+    for cut in 0..good.len() {
+        let (info, ev, _) = run(&good[..cut]);
+        assert!(info.dropped.is_some() && ev.is_empty(), "cut at {cut}: {info:?}");
+    }
+}
+
+fn sample_frames() -> Vec<Vec<u8>> {
+    let profile = map(vec![
+        ("$type", s("app.bsky.actor.profile")),
+        ("avatar", map(vec![("$type", s("blob")), ("ref", Ipld::Link(cid_with_codec(b"img", 0x55))), ("mimeType", s("image/png")), ("size", Ipld::Integer(10))])),
+        ("data", Ipld::Bytes(vec![1, 2, 3, 4])),
+        ("tags", Ipld::List(vec![s("a"), Ipld::Null, Ipld::Bool(true), Ipld::Integer(-3)])),
+    ]);
+    vec![
+        commit_frame(1, DID, REV, &[TestOp::create("app.bsky.feed.like/3a", &like_record(2)), TestOp::update("app.bsky.actor.profile/self", &profile)]),
+        identity_frame(2, DID, Some("a.test")),
+        account_frame(3, DID, true, None),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = run(&bytes);
+    }
+
+    /// Mutated real-format frames: no panic, and whatever comes out is valid JSON.
+    #[test]
+    fn mutated_frames_never_panic_and_emit_valid_json(
+        which in 0usize..3,
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+    ) {
+        let mut f = sample_frames().swap_remove(which);
+        for (at, byte, kind) in edits {
+            if f.is_empty() { break; }
+            let i = at.index(f.len());
+            match kind {
+                0 => f[i] = byte,
+                1 => { f.insert(i, byte); }
+                _ => { f.truncate(i); }
+            }
+        }
+        let (_, events, _) = run(&f);
+        for e in events {
+            prop_assert!(parse(&e).is_ok(), "invalid JSON: {}", String::from_utf8_lossy(e.json()));
+        }
+    }
+}
