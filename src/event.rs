@@ -55,6 +55,9 @@ pub struct Event {
     /// Where the collection NSID is (empty for identity and account).
     collection: Range<usize>,
     json: Vec<u8>,
+    /// The zstd frame of `json`, built the first time a compressed subscriber needs it and
+    /// shared by all of them.
+    compressed: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl Event {
@@ -74,7 +77,7 @@ impl Event {
     /// Wraps JSON begun with [`Event::begin`] (time_us not stamped yet).
     pub fn from_parts(json: Vec<u8>, kind: EventKind, did_len: usize, collection: Range<usize>) -> Self {
         let t = DID_OFFSET + did_len + TIME_KEY.len();
-        Event { time_us: 0, kind, did_len, time: t..t + TIME_PLACEHOLDER.len(), collection, json }
+        Event { time_us: 0, kind, did_len, time: t..t + TIME_PLACEHOLDER.len(), collection, json, compressed: Default::default() }
     }
 
     /// Rebuilds an event from stored or received JSON and its metadata. The JSON must be in
@@ -99,7 +102,7 @@ impl Event {
             }
             None => 0..0,
         };
-        Some(Event { time_us, kind, did_len, time: t..t + digits, collection, json })
+        Some(Event { time_us, kind, did_len, time: t..t + digits, collection, json, compressed: Default::default() })
     }
 
     /// Sets `time_us`, rewriting its digits in the JSON.
@@ -118,6 +121,7 @@ impl Event {
             }
         }
         self.time_us = time_us;
+        self.compressed = Default::default();
     }
 
     pub fn did(&self) -> &str {
@@ -138,9 +142,90 @@ impl Event {
         &self.json
     }
 
+    /// The compressed form, computed by `compress` at most once per event.
+    pub fn compressed(&self, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
+        self.compressed.get_or_init(|| compress(&self.json))
+    }
+
     pub fn into_json(self) -> Vec<u8> {
         self.json
     }
+}
+
+/// Version byte of the stored value layout below.
+const VALUE_V1: u8 = 1;
+/// Stored value header: version, kind, DID length (u16), collection offset (u32) and length
+/// (u16), all little-endian, then the JSON.
+const VALUE_HEADER: usize = 10;
+
+/// The metadata filters need, read straight from a stored value without touching the JSON.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    pub kind: EventKind,
+    pub did: &'a str,
+    pub collection: Option<&'a str>,
+    pub json: &'a [u8],
+}
+
+impl Event {
+    /// The value stored in the log for this event (metadata header + JSON).
+    pub fn encode_value(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(VALUE_HEADER + self.json.len());
+        out.push(VALUE_V1);
+        out.push(self.kind as u8);
+        out.extend_from_slice(&(self.did_len as u16).to_le_bytes());
+        out.extend_from_slice(&(self.collection.start as u32).to_le_bytes());
+        out.extend_from_slice(&(self.collection.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.json);
+    }
+
+    /// Rebuilds an event from its stored value; `None` if the value is not one we wrote.
+    pub fn decode_value(time_us: u64, value: &[u8]) -> Option<Event> {
+        let v = view_parts(value)?;
+        let json = value[VALUE_HEADER..].to_vec();
+        let t = DID_OFFSET + v.did_len + TIME_KEY.len();
+        let digits = json.get(t..)?.iter().take_while(|c| c.is_ascii_digit()).count();
+        Some(Event {
+            time_us,
+            kind: v.kind,
+            did_len: v.did_len,
+            time: t..t + digits,
+            collection: v.collection,
+            json,
+            compressed: Default::default(),
+        })
+    }
+}
+
+struct ValueParts {
+    kind: EventKind,
+    did_len: usize,
+    collection: Range<usize>,
+}
+
+fn view_parts(value: &[u8]) -> Option<ValueParts> {
+    if value.len() < VALUE_HEADER || value[0] != VALUE_V1 {
+        return None;
+    }
+    let kind = EventKind::from_u8(value[1])?;
+    let did_len = u16::from_le_bytes([value[2], value[3]]) as usize;
+    let coll_start = u32::from_le_bytes([value[4], value[5], value[6], value[7]]) as usize;
+    let coll_len = u16::from_le_bytes([value[8], value[9]]) as usize;
+    let json_len = value.len() - VALUE_HEADER;
+    if DID_OFFSET + did_len > json_len || coll_start + coll_len > json_len {
+        return None;
+    }
+    Some(ValueParts { kind, did_len, collection: coll_start..coll_start + coll_len })
+}
+
+/// Reads the metadata of a stored value (no allocation, no JSON parsing).
+pub fn view_value(value: &[u8]) -> Option<EventView<'_>> {
+    let p = view_parts(value)?;
+    let json = &value[VALUE_HEADER..];
+    let did = std::str::from_utf8(&json[DID_OFFSET..DID_OFFSET + p.did_len]).ok()?;
+    let collection = if p.collection.is_empty() { None } else { std::str::from_utf8(&json[p.collection]).ok() };
+    Some(EventView { kind: p.kind, did, collection, json })
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -182,6 +267,11 @@ mod tests {
         assert!(std::str::from_utf8(e.json()).unwrap().contains(r#""time_us":7,"#));
         let back = Event::from_json(e.json().to_vec(), EventKind::Commit, Some("app.bsky.feed.like")).unwrap();
         assert_eq!(back, e);
+        let mut value = Vec::new();
+        e.encode_value(&mut value);
+        assert_eq!(Event::decode_value(7, &value).unwrap(), e);
+        let v = view_value(&value).unwrap();
+        assert_eq!((v.kind, v.did, v.collection, v.json), (EventKind::Commit, "did:plc:abc", Some("app.bsky.feed.like"), e.json()));
         assert_eq!(back.did(), "did:plc:abc");
     }
 }

@@ -59,3 +59,37 @@ impl FramesSummary {
         s
     }
 }
+
+/// `contrail inspect log`: stored events from `cursor` (inclusive), oldest first, one JSON
+/// line each. Opens the log as a RocksDB secondary, so `serve` may be running.
+pub fn log(data_dir: &std::path::Path, cursor: u64, limit: u64, out: &mut impl Write) -> anyhow::Result<()> {
+    let store = crate::store::Store::open_secondary(data_dir)?;
+    let mut from = cursor;
+    let mut left = limit;
+    while left > 0 {
+        let mut last = None;
+        let mut err = None;
+        let n = store.scan(from, left.min(4096) as usize, |t, v| match crate::event::view_value(v) {
+            Some(view) => {
+                last = Some(t);
+                err = out.write_all(view.json).and_then(|_| out.write_all(b"\n")).err();
+                err.is_none()
+            }
+            None => {
+                err = Some(std::io::Error::other(format!("corrupt value at time_us {t}")));
+                false
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        match last {
+            Some(t) if n > 0 => {
+                left -= n as u64;
+                from = t + 1;
+            }
+            _ => break,
+        }
+    }
+    Ok(())
+}

@@ -1,55 +1,131 @@
-//! The `contrail` binary: parses the command line and hands over to the library.
+//! The `contrail` binary: parses the command line, sets up logging, hands over to the library.
 
-use clap::{Parser, Subcommand};
-use std::io::Write;
+use contrail::config::{self, Command, Dict, Inspect, LogFormat};
 use std::path::PathBuf;
+use std::io::Write;
+use std::process::ExitCode;
 
-#[derive(Parser)]
-#[command(name = "contrail", version, about = "AT Protocol firehose → Jetstream-compatible JSON, durable and resumable")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
 }
 
-#[derive(Subcommand)]
-enum Command {
-    /// Operator tools: read frames or the log and print JSON lines.
-    Inspect {
-        #[command(subcommand)]
-        what: Inspect,
-    },
-}
-
-#[derive(Subcommand)]
-enum Inspect {
-    /// Transcode a frame file (`[u32 LE length][frame]…`, raw or zstd) to v1 JSON lines on
-    /// stdout; a summary of frames, events and drops by reason goes to stderr.
-    Frames {
-        file: PathBuf,
-        /// Frames larger than this are dropped (the protocol's 5 MB limit by default).
-        #[arg(long, default_value_t = contrail::transcode::DEFAULT_MAX_FRAME_BYTES)]
-        max_frame_bytes: usize,
-    },
-}
-
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Inspect { what: Inspect::Frames { file, max_frame_bytes } } => {
-            let stdout = std::io::stdout();
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            contrail::inspect::frames(&file, max_frame_bytes, &mut out).and_then(|summary| {
-                out.flush()?;
-                eprint!("{}", summary.render());
-                Ok(())
-            })
+fn main() -> ExitCode {
+    let cli = match config::load(std::env::args_os().collect()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("contrail: invalid configuration: {e}");
+            return ExitCode::from(2);
         }
     };
+    let result = match cli.command {
+        Command::Serve(cfg) => {
+            if let Err(e) = cfg.validate() {
+                eprintln!("contrail: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+            if cfg.validate_only {
+                print!("{}", cfg.to_toml());
+                return ExitCode::SUCCESS;
+            }
+            init_logging(cfg.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            runtime.block_on(contrail::app::run(*cfg))
+        }
+        Command::Inspect { what } => inspect(what),
+        Command::Dict { what: Dict::Train { from_log, from_jsonl, out, size, max_samples, id } } => {
+            dict_train(from_log, from_jsonl, out, size as usize, max_samples, id)
+        }
+        Command::Dict { what: Dict::Measure { jsonl, dict } } => dict_measure(jsonl, dict),
+    };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("contrail: {e:#}");
-            std::process::ExitCode::FAILURE
+            ExitCode::FAILURE
         }
     }
+}
+
+fn inspect(what: Inspect) -> anyhow::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match what {
+        Inspect::Frames { file, max_frame_bytes } => {
+            let summary = contrail::inspect::frames(&file, max_frame_bytes, &mut out)?;
+            out.flush()?;
+            eprint!("{}", summary.render());
+        }
+        Inspect::Log { data_dir, cursor, limit } => {
+            contrail::inspect::log(&data_dir, cursor.unwrap_or(0), limit.unwrap_or(u64::MAX), &mut out)?;
+            out.flush()?;
+        }
+        Inspect::Stats { data_dir } => {
+            let store = contrail::store::Store::open_secondary(&data_dir)?;
+            writeln!(out, "{}", serde_json::to_string(&store.stats()?)?)?;
+        }
+    }
+    Ok(())
+}
+
+fn dict_train(
+    from_log: Option<PathBuf>,
+    from_jsonl: Option<PathBuf>,
+    out: PathBuf,
+    size: usize,
+    max_samples: usize,
+    id: Option<u32>,
+) -> anyhow::Result<()> {
+    use contrail::dict;
+    let source = match (&from_log, &from_jsonl) {
+        (Some(d), _) => dict::Source::Log(d),
+        (_, Some(f)) => dict::Source::Jsonl(f),
+        _ => anyhow::bail!("give --from-log DIR or --from-jsonl FILE"),
+    };
+    let samples = dict::samples(source, max_samples)?;
+    let id = id.unwrap_or_else(|| {
+        // YYYYMMDD of today (UTC), as Jetstream v2 names its dictionaries.
+        let days = (contrail::sequencer::now_us() / 86_400_000_000) as i64;
+        let (y, m, d) = contrail::util::civil_from_days(days);
+        (y * 10_000 + m * 100 + d) as u32
+    });
+    let trained = dict::train(&samples, size, id)?;
+    std::fs::write(&out, &trained)?;
+    let raw: usize = samples.iter().map(Vec::len).sum();
+    let plain = dict::compressed_size(&samples, None)?;
+    let with = dict::compressed_size(&samples, Some(&trained))?;
+    eprintln!(
+        "dictionary {} bytes, id {id}, from {} samples ({raw} bytes): per-event zstd without dictionary {plain} bytes ({:.3}), with it {with} bytes ({:.3})",
+        trained.len(),
+        samples.len(),
+        plain as f64 / raw as f64,
+        with as f64 / raw as f64
+    );
+    Ok(())
+}
+
+fn dict_measure(jsonl: PathBuf, dict: Option<PathBuf>) -> anyhow::Result<()> {
+    use contrail::dict;
+    let samples = dict::samples(dict::Source::Jsonl(&jsonl), usize::MAX).or_else(|_| {
+        // Fewer than the training minimum is fine for measuring.
+        let text = std::fs::read_to_string(&jsonl)?;
+        Ok::<_, anyhow::Error>(text.lines().filter(|l| !l.is_empty()).map(|l| l.as_bytes().to_vec()).collect())
+    })?;
+    let d = contrail::hub::compress::Dictionary::load(dict.as_deref())?;
+    let raw: usize = samples.iter().map(Vec::len).sum();
+    let with = dict::compressed_size(&samples, Some(&d.raw))?;
+    let plain = dict::compressed_size(&samples, None)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "events": samples.len(), "json_bytes": raw, "dictionary_id": d.id, "dictionary_bytes": d.raw.len(),
+            "zstd_bytes": with, "ratio": with as f64 / raw as f64,
+            "zstd_no_dictionary_bytes": plain, "ratio_no_dictionary": plain as f64 / raw as f64,
+        })
+    );
+    Ok(())
 }

@@ -1,8 +1,23 @@
-//! The sequencer: the single writer that gives every event its `time_us`.
+//! The sequencer: the single writer between the relay reader and the log.
 //!
-//! `time_us = max(now_us, last + 1)`: unique and strictly increasing even when the wall clock
-//! steps back, and — with `last` recovered from the log at startup — across restarts too
-//! (DESIGN.md invariant 1).
+//! It gives every event its `time_us` — `max(now_us, last + 1)`, with `last` recovered from
+//! the log at startup, so it is unique and strictly increasing even when the wall clock steps
+//! back or the process restarts (DESIGN.md invariant 1) — writes the events with the relay
+//! seq they complete in one batch (invariant 2), and only then publishes each event, encoded
+//! once and shared by `Arc`, to the hub's broadcast ring (invariant 3).
+//!
+//! Batching is group commit: the thread blocks for the first frame, then takes whatever else
+//! is already queued (up to [`MAX_BATCH_EVENTS`]) and writes it all at once. An idle firehose
+//! gets per-frame latency; a busy one gets big batches, without a timer.
+
+use crate::event::Event;
+use crate::metrics::Metrics;
+use crate::store::{RelayCursor, Store, StoreError};
+use std::sync::Arc;
+use tokio::sync::{broadcast, mpsc};
+
+/// Upper bound on one write batch: ~4 MB of JSON, a few milliseconds of RocksDB work.
+pub const MAX_BATCH_EVENTS: usize = 4096;
 
 /// Assigns `time_us` values. Pure: the caller passes the clock reading.
 #[derive(Debug, Clone, Copy, Default)]
@@ -30,6 +45,99 @@ impl Stamper {
 /// The wall clock in unix microseconds.
 pub fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// What the relay reader hands over for one frame: its events (not yet stamped) and the
+/// relay seq that, once they are written, the cursor may advance to.
+#[derive(Debug)]
+pub struct IngestFrame {
+    pub seq: i64,
+    pub relay_time_us: Option<i64>,
+    pub events: Vec<Event>,
+}
+
+/// The shared broadcast ring the hub reads live events from.
+pub type Ring = broadcast::Sender<Arc<Event>>;
+
+pub struct Sequencer {
+    store: Arc<Store>,
+    ring: Ring,
+    metrics: Arc<Metrics>,
+    relay_url: String,
+    stamper: Stamper,
+    clock: Box<dyn FnMut() -> u64 + Send>,
+}
+
+impl Sequencer {
+    /// Resumes after the newest `time_us` in `store`.
+    pub fn new(store: Arc<Store>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, StoreError> {
+        let stamper = Stamper::new(store.last_time_us()?);
+        Ok(Sequencer { store, ring, metrics, relay_url, stamper, clock: Box::new(now_us) })
+    }
+
+    /// Replaces the wall clock (tests step it backwards).
+    pub fn with_clock(mut self, clock: impl FnMut() -> u64 + Send + 'static) -> Self {
+        self.clock = Box::new(clock);
+        self
+    }
+
+    pub fn last_time_us(&self) -> u64 {
+        self.stamper.last()
+    }
+
+    /// Stamps, persists and publishes the events of `frames` (in order), with the cursor of
+    /// the last frame. Store failure is fatal to the caller (DESIGN.md invariant 6).
+    pub fn write(&mut self, frames: &mut Vec<IngestFrame>) -> Result<(), StoreError> {
+        let Some(last) = frames.last() else { return Ok(()) };
+        let cursor = RelayCursor { url: self.relay_url.clone(), seq: last.seq };
+        let relay_time = frames.iter().rev().find_map(|f| f.relay_time_us);
+        let mut events: Vec<Event> = Vec::with_capacity(frames.iter().map(|f| f.events.len()).sum());
+        for f in frames.drain(..) {
+            events.extend(f.events);
+        }
+        for e in events.iter_mut() {
+            let now = (self.clock)();
+            e.stamp(self.stamper.next(now));
+        }
+        let started = std::time::Instant::now();
+        self.store.append(events.iter(), Some(&cursor))?;
+        let m = &self.metrics;
+        m.store_write_seconds.observe(started.elapsed().as_secs_f64());
+        m.store_batch_events.observe(events.len() as f64);
+        m.relay_last_seq.set(cursor.seq);
+        if let Some(t) = relay_time {
+            m.relay_lag_seconds.set((now_us() as i64 - t) as f64 / 1e6);
+        }
+        if let Some(e) = events.last() {
+            m.store_newest_time_us.set(e.time_us as i64);
+        }
+        for e in events {
+            m.events_ingested.with_label_values(&[e.kind.as_str()]).inc();
+            // No receivers is fine: nobody is subscribed live right now.
+            let _ = self.ring.send(Arc::new(e));
+        }
+        Ok(())
+    }
+
+    /// Runs until the reader side of `rx` is closed and drained. Call on a blocking thread.
+    pub fn run(mut self, mut rx: mpsc::Receiver<IngestFrame>) -> Result<(), StoreError> {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut n = first.events.len();
+            batch.push(first);
+            while n < MAX_BATCH_EVENTS {
+                match rx.try_recv() {
+                    Ok(f) => {
+                        n += f.events.len();
+                        batch.push(f);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.write(&mut batch)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -123,6 +123,42 @@ pub fn is_rfc3339(s: &str) -> bool {
     }
 }
 
+/// Unix microseconds of an RFC 3339 timestamp that [`is_rfc3339`] accepts (`None` otherwise).
+/// Used for the relay-lag figure only; the event log never uses relay time.
+pub fn rfc3339_to_unix_us(s: &str) -> Option<i64> {
+    if !is_rfc3339(s) {
+        return None;
+    }
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> i64 { b[r].iter().fold(0, |n, d| n * 10 + (d - b'0') as i64) };
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let mut us = ((days * 24 + num(11..13)) * 60 + num(14..16)) * 60 + num(17..19);
+    us *= 1_000_000;
+    let mut i = 19;
+    if b[i] == b'.' {
+        let mut scale = 100_000;
+        i += 1;
+        while i < b.len() && b[i].is_ascii_digit() {
+            us += (b[i] - b'0') as i64 * scale;
+            scale /= 10;
+            i += 1;
+        }
+    }
+    if b[i] != b'Z' {
+        let off = (num(i + 1..i + 3) * 60 + num(i + 4..i + 6)) * 60_000_000;
+        us += if b[i] == b'+' { -off } else { off };
+    }
+    Some(us)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,5 +176,8 @@ mod tests {
         assert!(is_rfc3339("2026-07-04T14:38:08.999Z"));
         assert!(is_rfc3339("2026-07-04T14:38:08+02:00"));
         assert!(!is_rfc3339("2026-07-04 14:38:08Z"));
+        assert_eq!(rfc3339_to_unix_us("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(rfc3339_to_unix_us("2026-07-04T14:38:08.999Z"), Some(1_783_175_888_999_000));
+        assert_eq!(rfc3339_to_unix_us("2026-07-04T16:38:08.999+02:00"), Some(1_783_175_888_999_000));
     }
 }

@@ -199,11 +199,13 @@ pub struct FrameInfo {
     pub name: Option<String>,
     /// The message of an error or info frame (cut to a safe length).
     pub message: Option<String>,
+    /// The relay's `time` of a commit, identity or account, in unix µs (for lag figures).
+    pub relay_time_us: Option<i64>,
 }
 
 impl FrameInfo {
     fn new(frame_type: FrameType) -> Self {
-        FrameInfo { frame_type, seq: None, dropped: None, name: None, message: None }
+        FrameInfo { frame_type, seq: None, dropped: None, name: None, message: None, relay_time_us: None }
     }
 
     fn drop(mut self, reason: DropReason) -> Self {
@@ -329,7 +331,8 @@ impl Transcoder {
             Some(d) if syntax::is_valid_did(d) => d,
             _ => return info.drop(DropReason::BadDid),
         };
-        if !body.time.is_some_and(syntax::is_rfc3339) {
+        info.relay_time_us = body.time.and_then(syntax::rfc3339_to_unix_us);
+        if info.relay_time_us.is_none() {
             return info.drop(DropReason::BadTime);
         }
         let (Some(rev), Some(ops), Some(blocks)) = (body.rev, body.ops, body.blocks) else {
@@ -436,10 +439,8 @@ impl Transcoder {
             Some(d) if syntax::is_valid_did(d) => d,
             _ => return info.drop(DropReason::BadDid),
         };
-        let time = match body.time {
-            Some(t) if syntax::is_rfc3339(t) => t,
-            _ => return info.drop(DropReason::BadTime),
-        };
+        info.relay_time_us = body.time.and_then(syntax::rfc3339_to_unix_us);
+        let (Some(time), Some(_)) = (body.time, info.relay_time_us) else { return info.drop(DropReason::BadTime) };
         let kind = if info.frame_type == FrameType::Identity { EventKind::Identity } else { EventKind::Account };
         let mut out = Vec::with_capacity(160 + 2 * did.len());
         Event::begin(&mut out, did, kind);

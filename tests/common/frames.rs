@@ -260,3 +260,123 @@ pub fn like_record(n: u64) -> Ipld {
         ),
     ])
 }
+
+/// Tiny deterministic generator (tests must be reproducible).
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Self {
+        Lcg(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A valid did:plc for repo number `i`.
+pub fn did_for(i: u64) -> String {
+    const B32: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut s = String::from("did:plc:");
+    let mut x = i.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    for _ in 0..24 {
+        s.push(B32[(x % 32) as usize] as char);
+        x = x / 32 ^ (x << 7) ^ i;
+    }
+    s
+}
+
+/// A valid TID-shaped record key from a counter (unique per counter value).
+pub fn tid_for(n: u64) -> String {
+    const S32: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+    let mut v = (1u64 << 60) | n;
+    let mut out = [b'2'; 13];
+    for c in out.iter_mut().rev() {
+        *c = S32[(v % 32) as usize];
+        v /= 32;
+    }
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+/// One generated frame and the events it must produce.
+#[derive(Clone)]
+pub struct GenFrame {
+    pub seq: i64,
+    pub frame: Vec<u8>,
+    /// `(did, kind, collection, rkey)` of each expected event, in order.
+    pub expected: Vec<(String, &'static str, String, String)>,
+}
+
+/// Frames like a busy relay's: likes, posts, follows, reposts, profile updates, deletes,
+/// multi-op commits, identity and account events, across `repos` repositories.
+pub fn generate(first_seq: i64, n: usize, repos: u64, seed: u64) -> Vec<GenFrame> {
+    let mut rng = Lcg::new(seed);
+    let mut out = Vec::with_capacity(n);
+    let mut counter = seed.wrapping_mul(1_000_003) % (1 << 40);
+    for i in 0..n {
+        let seq = first_seq + i as i64;
+        let did = did_for(rng.below(repos));
+        let roll = rng.below(100);
+        let rev = tid_for(counter);
+        if roll < 3 {
+            out.push(GenFrame { seq, frame: identity_frame(seq, &did, None), expected: vec![(did, "identity", String::new(), String::new())] });
+            continue;
+        }
+        if roll < 5 {
+            let frame = account_frame(seq, &did, rng.below(2) == 0, Some("deactivated").filter(|_| rng.below(3) == 0));
+            out.push(GenFrame { seq, frame, expected: vec![(did, "account", String::new(), String::new())] });
+            continue;
+        }
+        let nops = if roll < 15 { 2 + rng.below(3) as usize } else { 1 };
+        let mut ops = Vec::new();
+        let mut expected = Vec::new();
+        for _ in 0..nops {
+            counter += 1;
+            let rkey = tid_for(counter);
+            let (coll, op) = match rng.below(10) {
+                0..=3 => ("app.bsky.feed.like", TestOp::create(&format!("app.bsky.feed.like/{rkey}"), &like_record(counter))),
+                4..=5 => {
+                    let text = format!("post number {counter} <with> & \"quotes\" — ünïcödé 🦋");
+                    let rec = map(vec![
+                        ("$type", s("app.bsky.feed.post")),
+                        ("createdAt", s(TIME)),
+                        ("langs", Ipld::List(vec![s("en")])),
+                        ("text", s(&text)),
+                    ]);
+                    ("app.bsky.feed.post", TestOp::create(&format!("app.bsky.feed.post/{rkey}"), &rec))
+                }
+                6 => {
+                    let rec = map(vec![("$type", s("app.bsky.graph.follow")), ("createdAt", s(TIME)), ("subject", s(&did_for(counter % 97)))]);
+                    ("app.bsky.graph.follow", TestOp::create(&format!("app.bsky.graph.follow/{rkey}"), &rec))
+                }
+                7 => ("app.bsky.feed.repost", TestOp::delete(&format!("app.bsky.feed.repost/{rkey}"))),
+                8 => {
+                    let rec = map(vec![
+                        ("$type", s("app.bsky.actor.profile")),
+                        ("displayName", s(&format!("user {counter}"))),
+                        (
+                            "avatar",
+                            map(vec![
+                                ("$type", s("blob")),
+                                ("ref", Ipld::Link(cid_with_codec(&counter.to_le_bytes(), 0x55))),
+                                ("mimeType", s("image/jpeg")),
+                                ("size", Ipld::Integer(1000 + counter as i128 % 9000)),
+                            ]),
+                        ),
+                    ]);
+                    // Profiles are updated in place; the rkey is still unique here so every
+                    // event can be told apart.
+                    ("app.bsky.actor.profile", TestOp::update(&format!("app.bsky.actor.profile/{rkey}"), &rec))
+                }
+                _ => ("com.example.custom.thing", TestOp::create(&format!("com.example.custom.thing/{rkey}"), &map(vec![("$type", s("com.example.custom.thing")), ("n", Ipld::Integer(counter as i128))]))),
+            };
+            expected.push((did.clone(), "commit", coll.to_string(), rkey));
+            ops.push(op);
+        }
+        out.push(GenFrame { seq, frame: commit_frame(seq, &did, &rev, &ops), expected });
+    }
+    out
+}

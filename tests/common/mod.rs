@@ -2,7 +2,10 @@
 //! frames (DAG-CBOR encoded by serde_ipld_dagcbor, an implementation independent of ours).
 #![allow(dead_code)]
 
+pub mod client;
 pub mod frames;
+pub mod process;
+pub mod relay;
 
 use std::path::PathBuf;
 

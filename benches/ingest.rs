@@ -1,0 +1,99 @@
+//! End-to-end ingest: relay frames already in memory → transcode → stamp → RocksDB write
+//! batch (the production write options, fsync included) → publish; beside the raw baseline
+//! measured in the same run: RocksDB WriteBatch puts of the same keys and value bytes.
+//! `cargo bench --bench ingest`.
+
+#[path = "../tests/common/frames.rs"]
+#[allow(dead_code)]
+mod frames;
+
+use contrail::metrics::Metrics;
+use contrail::sequencer::{IngestFrame, Sequencer};
+use contrail::store::{Store, StoreOptions};
+use contrail::transcode::Transcoder;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::sync::Arc;
+
+/// Frames per measured iteration: one relay burst, written as the sequencer would batch it.
+const FRAMES: usize = 2_000;
+
+fn bench(c: &mut Criterion) {
+    let gen = frames::generate(1, FRAMES * 4, 5_000, 77);
+    let events: usize = gen[..FRAMES].iter().map(|g| g.expected.len()).sum();
+    let mut group = c.benchmark_group("ingest");
+    group.throughput(Throughput::Elements(events as u64));
+    group.sample_size(20);
+
+    for sync in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), StoreOptions { sync_writes: sync }).unwrap());
+        let (ring, _) = tokio::sync::broadcast::channel(65_536);
+        let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
+        let mut tx = Transcoder::default();
+        let mut round = 0usize;
+        group.bench_function(format!("contrail_sync_{sync}"), |b| {
+            b.iter_batched(
+                || {
+                    round += 1;
+                    let chunk = &gen[(round % 4) * FRAMES..(round % 4 + 1) * FRAMES];
+                    chunk.iter().map(|g| (g.seq, g.frame.clone())).collect::<Vec<_>>()
+                },
+                |frames| {
+                    // Batches of up to the sequencer's limit, as its group commit forms them.
+                    let mut batch = Vec::new();
+                    let mut n = 0;
+                    for (s, f) in frames {
+                        let mut events = Vec::new();
+                        let info = tx.transcode(&f, &mut events, &mut Vec::new());
+                        n += events.len();
+                        batch.push(IngestFrame { seq: s, relay_time_us: info.relay_time_us, events });
+                        if n >= contrail::sequencer::MAX_BATCH_EVENTS {
+                            seq.write(&mut batch).unwrap();
+                            n = 0;
+                        }
+                    }
+                    seq.write(&mut batch).unwrap();
+                },
+                BatchSize::PerIteration,
+            )
+        });
+
+        // Baseline: the same keys and stored values, put with a plain WriteBatch.
+        let raw_dir = tempfile::tempdir().unwrap();
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(true);
+        let db = rocksdb::DB::open(&opts, raw_dir.path()).unwrap();
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(sync);
+        let mut values = Vec::new();
+        let mut t = 1_700_000_000_000_000u64;
+        for g in &gen[..FRAMES] {
+            let mut evs = Vec::new();
+            Transcoder::default().transcode(&g.frame, &mut evs, &mut Vec::new());
+            for mut e in evs {
+                e.stamp(t);
+                t += 1;
+                let mut v = Vec::new();
+                e.encode_value(&mut v);
+                values.push(v);
+            }
+        }
+        let mut key = 1_800_000_000_000_000u64;
+        group.bench_function(format!("raw_writebatch_sync_{sync}"), |b| {
+            b.iter(|| {
+                for chunk in values.chunks(contrail::sequencer::MAX_BATCH_EVENTS) {
+                    let mut batch = rocksdb::WriteBatch::default();
+                    for v in chunk {
+                        key += 1;
+                        batch.put(key.to_be_bytes(), v);
+                    }
+                    db.write_opt(batch, &wo).unwrap();
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

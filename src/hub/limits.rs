@@ -1,0 +1,204 @@
+//! Admission and fairness: the subscriber cap, per-IP connection cap, per-IP event rate (one
+//! token bucket shared by all of an IP's connections, as Jetstream v1), and the client IP,
+//! taken from `X-Forwarded-For` only when the peer is a trusted proxy.
+
+use dashmap::DashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// An address or CIDR block (`10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().map_err(|_| format!("bad address {s:?}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|&n| n <= max).ok_or_else(|| format!("bad prefix in {s:?}"))?,
+            None => max,
+        };
+        Ok(IpNet { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl serde::Serialize for IpNet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl IpNet {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let (a, b, bits) = match (self.addr, ip) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
+            (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
+            _ => return false,
+        };
+        if self.prefix == 0 {
+            return true;
+        }
+        let shift = bits - self.prefix as u32;
+        (a >> shift) == (b >> shift)
+    }
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
+/// `X-Forwarded-For` entry that is not itself a trusted proxy.
+pub fn client_ip(peer: SocketAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
+    let peer_ip = peer.ip();
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(peer_ip) {
+        return peer_ip;
+    }
+    let Some(xff) = forwarded_for else { return peer_ip };
+    for part in xff.rsplit(',') {
+        match part.trim().parse::<IpAddr>() {
+            Ok(ip) if is_trusted(ip) => continue,
+            Ok(ip) => return ip,
+            Err(_) => break,
+        }
+    }
+    peer_ip
+}
+
+/// A token bucket: `rate` tokens per second, up to `rate` banked.
+pub struct TokenBucket {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(rate: f64) -> Self {
+        TokenBucket { rate, state: Mutex::new((rate, Instant::now())) }
+    }
+
+    /// Takes one token; returns how long to wait first (zero when one was available).
+    pub fn take(&self) -> Duration {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, at) = *s;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate) - 1.0;
+        *s = (tokens, now);
+        if tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-tokens / self.rate)
+        }
+    }
+}
+
+pub struct Admission {
+    max_subscribers: usize,
+    max_per_ip: usize,
+    rate_per_ip: u64,
+    total: AtomicUsize,
+    per_ip: DashMap<IpAddr, (usize, Option<Arc<TokenBucket>>)>,
+}
+
+/// Why a subscriber was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    TooManySubscribers,
+    TooManyFromIp,
+}
+
+/// Held for the life of a connection; releases its slots on drop.
+pub struct Slot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+    pub bucket: Option<Arc<TokenBucket>>,
+}
+
+impl Admission {
+    pub fn new(max_subscribers: usize, max_per_ip: usize, rate_per_ip: u64) -> Arc<Self> {
+        Arc::new(Admission { max_subscribers, max_per_ip, rate_per_ip, total: AtomicUsize::new(0), per_ip: DashMap::new() })
+    }
+
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+        if self.total.fetch_add(1, Ordering::SeqCst) >= self.max_subscribers {
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::TooManySubscribers);
+        }
+        let mut entry = self.per_ip.entry(ip).or_insert_with(|| {
+            let bucket = (self.rate_per_ip > 0).then(|| Arc::new(TokenBucket::new(self.rate_per_ip as f64)));
+            (0, bucket)
+        });
+        if entry.0 >= self.max_per_ip {
+            drop(entry);
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::TooManyFromIp);
+        }
+        entry.0 += 1;
+        let bucket = entry.1.clone();
+        Ok(Slot { admission: self.clone(), ip, bucket })
+    }
+
+    pub fn connected(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.admission.total.fetch_sub(1, Ordering::SeqCst);
+        // Entries go away with their last connection (v1's map grew forever).
+        self.admission.per_ip.remove_if_mut(&self.ip, |_, v| {
+            v.0 -= 1;
+            v.0 == 0
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ip_trusts_only_configured_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        let direct: SocketAddr = "203.0.113.9:5000".parse().unwrap();
+        assert_eq!(client_ip(proxy, Some("198.51.100.7, 10.9.9.9"), &trusted).to_string(), "198.51.100.7");
+        assert_eq!(client_ip(direct, Some("198.51.100.7"), &trusted).to_string(), "203.0.113.9");
+        assert_eq!(client_ip(proxy, None, &trusted).to_string(), "10.1.2.3");
+    }
+
+    #[test]
+    fn per_ip_slots_are_released() {
+        let a = Admission::new(3, 2, 0);
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let s1 = a.admit(ip).unwrap();
+        let _s2 = a.admit(ip).unwrap();
+        assert_eq!(a.admit(ip).err(), Some(Refused::TooManyFromIp));
+        drop(s1);
+        let _s3 = a.admit(ip).unwrap();
+        let _s4 = a.admit("127.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!(a.admit("127.0.0.3".parse().unwrap()).err(), Some(Refused::TooManySubscribers));
+    }
+
+    #[test]
+    fn token_bucket_paces() {
+        let b = TokenBucket::new(10.0);
+        for _ in 0..10 {
+            assert_eq!(b.take(), Duration::ZERO);
+        }
+        assert!(b.take() > Duration::from_millis(50));
+    }
+}

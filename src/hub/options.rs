@@ -1,0 +1,264 @@
+//! Subscriber options: the `/subscribe` query string and `options_update` messages, validated
+//! exactly as Jetstream v1 does (spec/jetstream.md §1.2–§1.4, §2), and the filter they build.
+
+use crate::event::EventKind;
+use crate::syntax;
+use std::collections::HashSet;
+
+/// Most `wantedCollections` entries (v1: prefixes plus unique full NSIDs).
+pub const MAX_WANTED_COLLECTIONS: usize = 100;
+/// Most unique `wantedDids`.
+pub const MAX_WANTED_DIDS: usize = 10_000;
+/// `informCursorSeconds` range.
+pub const INFORM_CURSOR_RANGE: std::ops::RangeInclusive<u64> = 1..=600;
+
+/// A 400 before the upgrade, or a 1008 close after it; the text is the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OptionsError(pub String);
+
+/// Which events a subscriber wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// `None`: every collection.
+    collections: Option<HashSet<String>>,
+    /// `app.bsky.feed.*` is kept as the prefix `app.bsky.feed.`.
+    prefixes: Vec<String>,
+    /// `None`: every DID.
+    dids: Option<HashSet<String>>,
+}
+
+impl Filter {
+    /// Builds a filter from raw values, with v1's validation and messages.
+    pub fn new(collections: &[String], dids: &[String]) -> Result<Filter, OptionsError> {
+        let mut f = Filter::default();
+        if !collections.is_empty() {
+            let mut set = HashSet::new();
+            for c in collections {
+                if let Some(head) = c.strip_suffix('*').filter(|h| h.ends_with('.')) {
+                    // v1 parity: the head of a `.*` prefix is not validated.
+                    if !f.prefixes.iter().any(|p| p == head) {
+                        f.prefixes.push(head.to_string());
+                    }
+                } else if syntax::is_valid_nsid(c) {
+                    set.insert(c.clone());
+                } else {
+                    return Err(OptionsError(format!("invalid subscriber options: invalid collection: {c}")));
+                }
+            }
+            if set.len() + f.prefixes.len() > MAX_WANTED_COLLECTIONS {
+                return Err(OptionsError("invalid subscriber options: too many wanted collections".into()));
+            }
+            f.collections = Some(set);
+        }
+        if !dids.is_empty() {
+            let mut set = HashSet::with_capacity(dids.len().min(MAX_WANTED_DIDS + 1));
+            for d in dids {
+                // A DID that does not parse is refused: it must never widen the filter.
+                if !syntax::is_valid_did(d) {
+                    return Err(OptionsError(format!("invalid subscriber options: invalid DID: {d}")));
+                }
+                set.insert(d.clone());
+                if set.len() > MAX_WANTED_DIDS {
+                    return Err(OptionsError("invalid subscriber options: too many wanted DIDs".into()));
+                }
+            }
+            f.dids = Some(set);
+        }
+        Ok(f)
+    }
+
+    /// Identity and account events (no collection) bypass `wantedCollections` but not
+    /// `wantedDids`, as in v1.
+    pub fn matches(&self, kind: EventKind, did: &str, collection: Option<&str>) -> bool {
+        if let Some(dids) = &self.dids {
+            if !dids.contains(did) {
+                return false;
+            }
+        }
+        let Some(set) = &self.collections else { return true };
+        match (kind, collection) {
+            (EventKind::Commit, Some(c)) => set.contains(c) || self.prefixes.iter().any(|p| c.starts_with(p.as_str())),
+            _ => true,
+        }
+    }
+}
+
+/// Everything a subscriber asked for in its URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    pub filter: Filter,
+    /// Unix µs, inclusive; `None` for live.
+    pub cursor: Option<i64>,
+    pub compress: bool,
+    pub require_hello: bool,
+    /// 0: no limit. Compared with the uncompressed JSON length (v1 compared compressed).
+    pub max_message_size: u64,
+    /// Beyond v1: send `{"kind":"cursor","time_us":T}` every N seconds.
+    pub inform_cursor_seconds: Option<u64>,
+}
+
+/// Percent-decodes a query component (`+` is a space).
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                match hex {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `key=value` pairs of a query string, decoded, in order.
+pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(kv), String::new()),
+        })
+        .collect()
+}
+
+/// v1's `maxMessageSizeBytes`: empty, non-integer and negative become 0; values past u32 are
+/// 0 too (v1 wrapped them modulo 2^32, a bug; v2 maps overflow to 0).
+pub fn parse_max_message_size(raw: &str) -> u64 {
+    match raw.trim().parse::<i64>() {
+        Ok(n) if n > 0 && n <= u32::MAX as i64 => n as u64,
+        _ => 0,
+    }
+}
+
+fn parse_inform(raw: &str) -> Result<u64, OptionsError> {
+    raw.parse::<u64>()
+        .ok()
+        .filter(|n| INFORM_CURSOR_RANGE.contains(n))
+        .ok_or_else(|| OptionsError(format!("invalid informCursorSeconds: {raw} (must be 1 to 600)")))
+}
+
+impl SubscribeOptions {
+    /// Parses the query string; `socket_encoding` is the `Socket-Encoding` header, if any.
+    pub fn from_query(query: &str, socket_encoding: Option<&str>) -> Result<Self, OptionsError> {
+        let (mut collections, mut dids) = (Vec::new(), Vec::new());
+        let mut o = SubscribeOptions {
+            filter: Filter::default(),
+            cursor: None,
+            compress: socket_encoding.is_some_and(|h| h.contains("zstd")),
+            require_hello: false,
+            max_message_size: 0,
+            inform_cursor_seconds: None,
+        };
+        for (k, v) in query_pairs(query) {
+            match k.as_str() {
+                "wantedCollections" => collections.push(v),
+                "wantedDids" => dids.push(v),
+                "cursor" if v.is_empty() => {}
+                "cursor" => o.cursor = Some(v.parse::<i64>().map_err(|_| OptionsError(format!("invalid cursor: {v}")))?),
+                "compress" => o.compress |= v == "true",
+                "requireHello" => o.require_hello = v == "true",
+                "maxMessageSizeBytes" => o.max_message_size = parse_max_message_size(&v),
+                "informCursorSeconds" => o.inform_cursor_seconds = Some(parse_inform(&v)?),
+                _ => {}
+            }
+        }
+        o.filter = Filter::new(&collections, &dids)?;
+        Ok(o)
+    }
+}
+
+/// A client message (Text frame).
+#[derive(Debug, serde::Deserialize)]
+pub struct ClientMessage {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub payload: Option<Box<serde_json::value::RawValue>>,
+}
+
+/// The payload of `options_update`: the filters are replaced, not merged; missing or empty
+/// lists remove that filter.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OptionsUpdate {
+    #[serde(default)]
+    pub wanted_collections: Option<Vec<String>>,
+    #[serde(default)]
+    pub wanted_dids: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_message_size_bytes: Option<i64>,
+    /// Beyond v1; absent leaves the current setting, 0 turns the messages off.
+    #[serde(default)]
+    pub inform_cursor_seconds: Option<u64>,
+}
+
+/// What an accepted `options_update` changes.
+#[derive(Debug)]
+pub struct Update {
+    pub filter: Filter,
+    pub max_message_size: u64,
+    /// `Some(None)`: turn off; `None`: leave as is.
+    pub inform_cursor_seconds: Option<Option<u64>>,
+}
+
+impl OptionsUpdate {
+    pub fn validate(self) -> Result<Update, OptionsError> {
+        let filter = Filter::new(&self.wanted_collections.unwrap_or_default(), &self.wanted_dids.unwrap_or_default())?;
+        let max_message_size = self.max_message_size_bytes.map(|n| parse_max_message_size(&n.to_string())).unwrap_or(0);
+        let inform_cursor_seconds = match self.inform_cursor_seconds {
+            None => None,
+            Some(0) => Some(None),
+            Some(n) => Some(Some(parse_inform(&n.to_string())?)),
+        };
+        Ok(Update { filter, max_message_size, inform_cursor_seconds })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DID: &str = "did:plc:q6gjnaw2blty4crticxkmujt";
+
+    #[test]
+    fn filters_match_like_v1() {
+        let f = Filter::new(&["app.bsky.feed.post".into(), "app.bsky.graph.*".into()], &[]).unwrap();
+        assert!(f.matches(EventKind::Commit, DID, Some("app.bsky.feed.post")));
+        assert!(f.matches(EventKind::Commit, DID, Some("app.bsky.graph.follow")));
+        assert!(!f.matches(EventKind::Commit, DID, Some("app.bsky.feed.like")));
+        assert!(f.matches(EventKind::Identity, DID, None), "identity bypasses wantedCollections");
+        let f = Filter::new(&[], &[DID.into()]).unwrap();
+        assert!(!f.matches(EventKind::Account, "did:plc:other", None), "but not wantedDids");
+        assert!(f.matches(EventKind::Account, DID, None));
+    }
+
+    #[test]
+    fn query_parsing_and_v1_errors() {
+        let o = SubscribeOptions::from_query("wantedCollections=app.bsky.feed.post&cursor=%2B5&compress=true&maxMessageSizeBytes=4294967297", None).unwrap();
+        assert_eq!((o.cursor, o.compress, o.max_message_size), (Some(5), true, 0));
+        assert!(SubscribeOptions::from_query("", Some("gzip, zstd")).unwrap().compress);
+        assert!(!SubscribeOptions::from_query("requireHello=True", None).unwrap().require_hello);
+        let err = |q: &str| SubscribeOptions::from_query(q, None).unwrap_err().0;
+        assert_eq!(err("cursor=abc"), "invalid cursor: abc");
+        assert_eq!(err("wantedCollections=app.bsky.fo*"), "invalid subscriber options: invalid collection: app.bsky.fo*");
+        assert_eq!(err("wantedDids=did:bad"), "invalid subscriber options: invalid DID: did:bad");
+        let many: String = (0..101).map(|i| format!("wantedCollections=app.bsky.c{i}.post&")).collect();
+        assert_eq!(err(&many), "invalid subscriber options: too many wanted collections");
+        assert!(err("informCursorSeconds=0").starts_with("invalid informCursorSeconds"));
+        assert_eq!(query_pairs("a=%41%zz+b&c"), vec![("a".into(), "A%zz b".into()), ("c".into(), String::new())]);
+    }
+}

@@ -1,0 +1,94 @@
+//! HTTP: the public listener (`/subscribe`, status page, health) and the metrics listener.
+//!
+//! hyper serves HTTP/1.1 connections (websockets need HTTP/1.1 upgrades); each connection is a
+//! task tracked by the listener so shutdown can stop accepting and then wait for them.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(hyper::header::CONTENT_TYPE, content_type)
+        .body(Full::new(body.into()).boxed())
+        .expect("static response parts are valid")
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    full(status, "text/plain; charset=utf-8", body)
+}
+
+/// Accepts connections on `listener` until `cancel`, serving each with `handler`. Returns once
+/// accepting has stopped and every connection task has finished.
+pub async fn serve<H, F>(listener: TcpListener, handler: H, cancel: CancellationToken, connections: TaskTracker)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let handler = handler.clone();
+        let cancel = cancel.clone();
+        connections.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let h = handler.clone();
+                async move { Ok::<_, Infallible>(h(req, peer).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                // Plain HTTP requests must arrive promptly; upgraded websockets are not affected.
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// Binds, logging the real address (port 0 picks a free one).
+pub async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<TcpListener> {
+    let l = TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({name}): {e}"))?;
+    tracing::info!(listener = name, addr = %l.local_addr()?, "listening");
+    Ok(l)
+}
+
+/// The metrics listener: `/metrics` only.
+pub fn metrics_handler(metrics: Arc<crate::metrics::Metrics>) -> impl Fn(Request<Incoming>, SocketAddr) -> std::future::Ready<Response<Body>> + Clone {
+    move |req, _| {
+        std::future::ready(match req.uri().path() {
+            "/metrics" => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        })
+    }
+}

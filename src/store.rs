@@ -1,0 +1,316 @@
+//! The event log: RocksDB, embedded, in the data directory.
+//!
+//! Schema (two column families):
+//! - `events`: key = `time_us` as 8 bytes big-endian (byte order is time order, DESIGN.md
+//!   invariant 1), value = a small metadata header (kind, DID and collection positions) and the
+//!   event's v1 JSON ([`Event::encode_value`]), so filters never parse JSON.
+//! - `meta`: the relay cursor (`relay` → seq + URL) and the newest `time_us` ever written
+//!   (`last_time_us`), which the sequencer resumes from even after retention empties the log.
+//!
+//! Events and the relay seq they complete are written in one `WriteBatch` (invariant 2): after
+//! a crash the cursor is never ahead of the data. Retention trims the oldest keys with a range
+//! delete, which is one tombstone and never stalls the writer.
+
+use crate::event::Event;
+use rocksdb::{
+    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, ReadOptions,
+    WriteBatch, WriteOptions, DB,
+};
+use std::path::{Path, PathBuf};
+
+const CF_EVENTS: &str = "events";
+const CF_META: &str = "meta";
+const KEY_RELAY: &[u8] = b"relay";
+const KEY_LAST_TIME: &[u8] = b"last_time_us";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt {0} in the log")]
+    Corrupt(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where the relay reader resumes: the last relay seq whose events are all in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayCursor {
+    pub url: String,
+    pub seq: i64,
+}
+
+/// How writes are made durable.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// fsync the WAL on every batch. Off, a process crash still loses nothing (the WAL is in
+    /// the page cache) but a power loss can lose the last batches — and subscribers may
+    /// already have seen them.
+    pub sync_writes: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { sync_writes: true }
+    }
+}
+
+/// Figures for `inspect stats` and `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreStats {
+    pub events: u64,
+    pub oldest_time_us: Option<u64>,
+    pub newest_time_us: Option<u64>,
+    pub relay_url: Option<String>,
+    pub relay_seq: Option<i64>,
+    pub disk_bytes: u64,
+}
+
+pub struct Store {
+    db: DB,
+    path: PathBuf,
+    write_opts: WriteOptions,
+    /// A secondary instance's own state directory. Declared after `db` so it is removed only
+    /// once the DB is closed (fields drop in order).
+    _secondary_dir: RemoveOnDrop,
+}
+
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn event_cf_options() -> Options {
+    let mut o = Options::default();
+    // Keys arrive in increasing order, so L0 files never overlap and compaction is mostly
+    // trivial moves. LZ4 where data is hot, zstd at the bottom where most of it lives.
+    o.set_compression_type(DBCompressionType::Lz4);
+    o.set_bottommost_compression_type(DBCompressionType::Zstd);
+    // 64 MiB memtables: a few seconds of a busy firehose, few flushes.
+    o.set_write_buffer_size(64 << 20);
+    let mut t = BlockBasedOptions::default();
+    // 32 KiB blocks: replay reads long sequential runs; larger blocks compress better.
+    t.set_block_size(32 << 10);
+    o.set_block_based_table_factory(&t);
+    o
+}
+
+fn db_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    // Background flush/compaction threads: this is a 2-core class of machine.
+    o.increase_parallelism(2);
+    // Bound the WAL so a quiet meta CF cannot pin old log files.
+    o.set_max_total_wal_size(256 << 20);
+    o
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    vec![ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options()), ColumnFamilyDescriptor::new(CF_META, Options::default())]
+}
+
+impl Store {
+    /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
+        std::fs::create_dir_all(dir)?;
+        let db = DB::open_cf_descriptors(&db_options(), dir, descriptors())?;
+        let mut write_opts = WriteOptions::default();
+        write_opts.set_sync(opts.sync_writes);
+        Ok(Store { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) })
+    }
+
+    /// Opens a read-only view of a log that a running `contrail serve` may be writing
+    /// (a RocksDB secondary instance; its own small state lives in a temporary directory).
+    pub fn open_secondary(dir: &Path) -> Result<Store> {
+        let secondary = std::env::temp_dir().join(format!("contrail-secondary-{}-{}", std::process::id(), crate::sequencer::now_us()));
+        let mut o = Options::default();
+        o.set_max_open_files(-1);
+        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, descriptors())?;
+        db.try_catch_up_with_primary()?;
+        Ok(Store { db, path: dir.to_path_buf(), write_opts: WriteOptions::default(), _secondary_dir: RemoveOnDrop(Some(secondary)) })
+    }
+
+    fn events(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_EVENTS).expect("events column family is opened with the DB")
+    }
+
+    fn meta(&self) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(CF_META).expect("meta column family is opened with the DB")
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn relay_cursor(&self) -> Result<Option<RelayCursor>> {
+        let Some(v) = self.db.get_cf(self.meta(), KEY_RELAY)? else { return Ok(None) };
+        if v.len() < 8 {
+            return Err(StoreError::Corrupt("relay cursor"));
+        }
+        let seq = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+        let url = String::from_utf8(v[8..].to_vec()).map_err(|_| StoreError::Corrupt("relay cursor"))?;
+        Ok(Some(RelayCursor { url, seq }))
+    }
+
+    /// The newest `time_us` ever written: the larger of the newest key and the remembered
+    /// value (which survives retention emptying the log).
+    pub fn last_time_us(&self) -> Result<u64> {
+        let remembered = match self.db.get_cf(self.meta(), KEY_LAST_TIME)? {
+            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+            Some(_) => return Err(StoreError::Corrupt("last_time_us")),
+            None => 0,
+        };
+        Ok(remembered.max(self.newest_time_us()?.unwrap_or(0)))
+    }
+
+    /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
+    /// relay cursor they complete.
+    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a Event>, cursor: Option<&RelayCursor>) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        let mut value = Vec::new();
+        let mut last = None;
+        for e in events {
+            e.encode_value(&mut value);
+            batch.put_cf(self.events(), e.time_us.to_be_bytes(), &value);
+            last = Some(e.time_us);
+        }
+        if let Some(t) = last {
+            batch.put_cf(self.meta(), KEY_LAST_TIME, t.to_be_bytes());
+        }
+        if let Some(c) = cursor {
+            let mut v = c.seq.to_be_bytes().to_vec();
+            v.extend_from_slice(c.url.as_bytes());
+            batch.put_cf(self.meta(), KEY_RELAY, v);
+        }
+        self.db.write_opt(batch, &self.write_opts)?;
+        Ok(())
+    }
+
+    /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns
+    /// false or `limit` events were visited. Returns how many were visited.
+    pub fn scan(&self, from: u64, limit: usize, mut f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
+        let mut ro = ReadOptions::default();
+        // Replays read long runs once: don't evict the hot blocks for them.
+        ro.fill_cache(false);
+        let start = from.to_be_bytes();
+        let it = self.db.iterator_cf_opt(self.events(), ro, IteratorMode::From(&start, Direction::Forward));
+        let mut n = 0;
+        for item in it {
+            if n >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("key"))?;
+            n += 1;
+            if !f(u64::from_be_bytes(key), &v) {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Up to `limit` events with `time_us >= from`, oldest first.
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        let mut bad = false;
+        self.scan(from, limit, |t, v| match Event::decode_value(t, v) {
+            Some(e) => {
+                out.push(e);
+                true
+            }
+            None => {
+                bad = true;
+                false
+            }
+        })?;
+        if bad {
+            return Err(StoreError::Corrupt("event value"));
+        }
+        Ok(out)
+    }
+
+    fn edge_key(&self, mode: IteratorMode) -> Result<Option<u64>> {
+        match self.db.iterator_cf(self.events(), mode).next() {
+            Some(item) => {
+                let (k, _) = item?;
+                let key: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("key"))?;
+                Ok(Some(u64::from_be_bytes(key)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn oldest_time_us(&self) -> Result<Option<u64>> {
+        self.edge_key(IteratorMode::Start)
+    }
+
+    pub fn newest_time_us(&self) -> Result<Option<u64>> {
+        self.edge_key(IteratorMode::End)
+    }
+
+    /// Deletes every event with `time_us < cutoff` (one range tombstone), then compacts that
+    /// range so the space comes back.
+    pub fn trim_before(&self, cutoff: u64) -> Result<()> {
+        self.db.delete_range_cf(self.events(), 0u64.to_be_bytes(), cutoff.to_be_bytes())?;
+        self.db.compact_range_cf(self.events(), None::<&[u8]>, Some(cutoff.to_be_bytes()));
+        Ok(())
+    }
+
+    /// Bytes on disk: SST files plus the WAL.
+    pub fn disk_bytes(&self) -> u64 {
+        let sst = self
+            .db
+            .property_int_value_cf(self.events(), rocksdb::properties::TOTAL_SST_FILES_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let wal = std::fs::read_dir(&self.path)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
+        sst + wal
+    }
+
+    /// The estimated number of events (RocksDB's estimate; exact after a compaction).
+    pub fn estimated_events(&self) -> u64 {
+        self.db.property_int_value_cf(self.events(), "rocksdb.estimate-num-keys").ok().flatten().unwrap_or(0)
+    }
+
+    /// Exact figures; counting walks the log, so this is for tools, not for hot paths.
+    pub fn stats(&self) -> Result<StoreStats> {
+        let cursor = self.relay_cursor()?;
+        let mut events = 0u64;
+        for item in self.db.iterator_cf(self.events(), IteratorMode::Start) {
+            item?;
+            events += 1;
+        }
+        Ok(StoreStats {
+            events,
+            oldest_time_us: self.oldest_time_us()?,
+            newest_time_us: self.newest_time_us()?,
+            relay_url: cursor.as_ref().map(|c| c.url.clone()),
+            relay_seq: cursor.map(|c| c.seq),
+            disk_bytes: self.disk_bytes(),
+        })
+    }
+
+    /// Flushes memtables (for a clean shutdown; the WAL already made writes durable).
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush_cf(self.events())?;
+        self.db.flush_cf(self.meta())?;
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! Runs the real `contrail` binary and talks to it over loopback.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_contrail")
+}
+
+/// A running `contrail serve`.
+pub struct Serve {
+    pub child: Child,
+    pub public: SocketAddr,
+    pub metrics: SocketAddr,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    /// Starts `contrail serve` on loopback with free ports; `extra` are more flags.
+    pub fn start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Serve {
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--relay-url", relay_url])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--relay-backoff-min", "50ms", "--relay-backoff-max", "200ms", "--sync-writes", "false"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("contrail starts");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let l2 = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let _ = tx.send((v["listener"].as_str().unwrap_or("").to_string(), v["addr"].as_str().unwrap_or("").to_string()));
+                    }
+                }
+                l2.lock().unwrap().push(line);
+            }
+        });
+        let (mut public, mut metrics) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while public.is_none() || metrics.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((name, addr)) if name == "public" => public = addr.parse().ok(),
+                Ok((name, addr)) if name == "metrics" => metrics = addr.parse().ok(),
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("contrail serve did not start; logs:\n{}", logs.lock().unwrap().join("\n"));
+                }
+            }
+        }
+        Serve { child, public: public.unwrap(), metrics: metrics.unwrap(), logs }
+    }
+
+    /// The value of a metric line (first match of `name` with optional labels).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = http_get(self.metrics, "/metrics").ok()?;
+        metric_value(&body, name)
+    }
+
+    /// Waits until `contrail_relay_last_seq` reaches `seq`.
+    pub fn wait_for_seq(&self, seq: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.metric("contrail_relay_last_seq").is_some_and(|v| v as i64 >= seq) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "relay seq {seq} not reached (at {:?}); logs:\n{}",
+                    self.metric("contrail_relay_last_seq"),
+                    self.logs.lock().unwrap().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc_kill(self.child.id() as i32, 15) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("contrail did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A minimal HTTP/1.1 GET over loopback: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    http_get_with(addr, path, &[])
+}
+
+pub fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// `contrail inspect log` lines.
+pub fn inspect_log(data_dir: &Path) -> Vec<String> {
+    let out = Command::new(bin()).args(["inspect", "log", "--data-dir"]).arg(data_dir).output().unwrap();
+    assert!(out.status.success(), "inspect log failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect()
+}
+
+pub fn inspect_stats(data_dir: &Path) -> serde_json::Value {
+    let out = Command::new(bin()).args(["inspect", "stats", "--data-dir"]).arg(data_dir).output().unwrap();
+    assert!(out.status.success(), "inspect stats failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}

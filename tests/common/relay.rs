@@ -1,0 +1,151 @@
+//! A fake relay speaking the real `com.atproto.sync.subscribeRepos` wire on 127.0.0.1:0:
+//! websocket binary frames, `?cursor=` replay (inclusive, like the public relays), new frames
+//! pushed while connected, and faults on demand.
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload};
+use http_body_util::Empty;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default, Clone)]
+pub struct Faults {
+    /// Close the next connection after sending this many frames.
+    pub drop_after: Option<usize>,
+    /// Send nothing at all on the next connections (a silent upstream).
+    pub silent: bool,
+    /// Pause between frames.
+    pub frame_interval: Option<Duration>,
+}
+
+#[derive(Default)]
+struct State {
+    frames: Mutex<Vec<(i64, Vec<u8>)>>,
+    faults: Mutex<Faults>,
+    connections: AtomicUsize,
+    cursors: Mutex<Vec<Option<i64>>>,
+}
+
+pub struct FakeRelay {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeRelay {
+    pub async fn start() -> FakeRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(State::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        let st = st.clone();
+                        async move {
+                            let cursor = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("cursor=")))
+                                .and_then(|c| c.parse::<i64>().ok());
+                            let path_ok = req.uri().path() == "/xrpc/com.atproto.sync.subscribeRepos";
+                            if !path_ok {
+                                return Ok::<_, std::convert::Infallible>(
+                                    hyper::Response::builder().status(404).body(Empty::<Bytes>::new()).unwrap(),
+                                );
+                            }
+                            let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).unwrap();
+                            tokio::spawn(async move {
+                                if let Ok(ws) = fut.await {
+                                    serve_conn(st, ws, cursor).await;
+                                }
+                            });
+                            Ok(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        FakeRelay { addr, state, _task: task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Appends a frame with its seq (given separately so malformed frames can have one too).
+    pub fn push(&self, seq: i64, frame: Vec<u8>) {
+        self.state.frames.lock().unwrap().push((seq, frame));
+    }
+
+    pub fn set_faults(&self, f: Faults) {
+        *self.state.faults.lock().unwrap() = f;
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The `cursor` of every connection so far.
+    pub fn cursors(&self) -> Vec<Option<i64>> {
+        self.state.cursors.lock().unwrap().clone()
+    }
+}
+
+async fn serve_conn(st: Arc<State>, ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>, cursor: Option<i64>) {
+    st.connections.fetch_add(1, Ordering::SeqCst);
+    st.cursors.lock().unwrap().push(cursor);
+    let faults = {
+        let mut f = st.faults.lock().unwrap();
+        let now = f.clone();
+        f.drop_after = None; // one-shot
+        now
+    };
+    let mut ws = fastwebsockets::FragmentCollector::new(ws);
+    if faults.silent {
+        // Hold the socket open and say nothing until the client gives up.
+        while let Ok(f) = ws.read_frame().await {
+            if f.opcode == OpCode::Close {
+                return;
+            }
+        }
+        return;
+    }
+    // Inclusive replay, like rainbow: the frame at `cursor` is sent again.
+    let mut next = {
+        let frames = st.frames.lock().unwrap();
+        match cursor {
+            Some(c) => frames.iter().position(|(s, _)| *s >= c).unwrap_or(frames.len()),
+            None => 0,
+        }
+    };
+    let mut sent = 0usize;
+    loop {
+        let frame = st.frames.lock().unwrap().get(next).map(|(_, f)| f.clone());
+        match frame {
+            Some(f) => {
+                if faults.drop_after.is_some_and(|n| sent >= n) {
+                    return; // drop the TCP connection without a close frame
+                }
+                if ws.write_frame(Frame::binary(Payload::Owned(f))).await.is_err() {
+                    return;
+                }
+                next += 1;
+                sent += 1;
+                if let Some(d) = faults.frame_interval {
+                    tokio::time::sleep(d).await;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}

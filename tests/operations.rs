@@ -1,0 +1,141 @@
+//! Operating the real binary: configuration checks, health and status, metrics, graceful
+//! shutdown.
+
+mod common;
+
+use common::client::{connect, next, Msg};
+use common::frames::generate;
+use common::process::{bin, http_get, inspect_log, Serve};
+use common::relay::{FakeRelay, Faults};
+use std::process::Command;
+use std::time::Duration;
+
+#[test]
+fn validate_only_prints_the_config_and_names_bad_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "retention = \"36h\"\nmax-disk-bytes = \"10GiB\"\n").unwrap();
+    let out = Command::new(bin()).args(["serve", "--validate-only", "--config"]).arg(&good).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("retention = \"36h\""), "{text}");
+    assert!(text.contains("max_disk_bytes = 10737418240"), "{text}");
+    // The environment beats the file, flags beat the environment.
+    let out = Command::new(bin())
+        .args(["serve", "--validate-only", "--ring-capacity", "99", "--config"])
+        .arg(&good)
+        .env("CONTRAIL_RETENTION", "2h")
+        .env("CONTRAIL_RING_CAPACITY", "77")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("retention = \"2h\"") && text.contains("ring_capacity = 99"), "{text}");
+    for (content, key) in [("retention = \"soon\"\n", "retention"), ("no-such-thing = 1\n", "no-such-thing"), ("ping-interval = \"90s\"\n", "pong-timeout")] {
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, content).unwrap();
+        let out = Command::new(bin()).args(["serve", "--validate-only", "--config"]).arg(&bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{content}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(key), "{content}: {err}");
+    }
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/contrail.example.toml");
+    let out = Command::new(bin()).args(["serve", "--validate-only", "--config", example]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_status_page_and_metrics() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 50, 5, 12);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(50, Duration::from_secs(30));
+    assert_eq!(http_get(serve.public, "/health").unwrap().0, 200);
+    assert_eq!(http_get(serve.public, "/ready").unwrap().0, 200);
+    let (status, body) = http_get(serve.public, "/status").unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["relay"]["seq"], 50);
+    assert_eq!(v["role"], "primary");
+    assert!(v["ingest"]["events_total"].as_u64().unwrap() >= 50);
+    let (status, page) = http_get(serve.public, "/").unwrap();
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>Contrail</title>") && page.contains("/status"));
+    let (_, metrics) = http_get(serve.metrics, "/metrics").unwrap();
+    for name in [
+        "contrail_build_info{",
+        "contrail_relay_frames_total{type=\"commit\"}",
+        "contrail_drops_total{reason=\"missing_block\"}",
+        "contrail_relay_last_seq 50",
+        "contrail_store_write_seconds_bucket",
+        "contrail_events_ingested_total{kind=\"commit\"}",
+        "contrail_hub_subscribers",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    // No unbounded labels: no DID, collection or address ever appears in a label.
+    assert!(!metrics.contains("did:plc:") && !metrics.contains("app.bsky") && !metrics.contains("127.0.0.1"));
+    // v1's open CORS on the public listener.
+    let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: https://example.com\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    assert!(raw.to_ascii_lowercase().contains("access-control-allow-origin: *"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_relay_is_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    // Nothing listens there.
+    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
+    let (status, body) = http_get(serve.public, "/ready").unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("relay"), "{body}");
+    assert_eq!(http_get(serve.public, "/health").unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_subscribers_and_loses_nothing() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 3_000, 30, 13);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_micros(300)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(300, Duration::from_secs(30));
+    let mut subs = Vec::new();
+    for q in ["/subscribe", "/subscribe?cursor=0", "/subscribe?compress=true"] {
+        subs.push(connect(serve.public, q, &[]).await.unwrap());
+    }
+    let status = serve.terminate();
+    assert!(status.success(), "exit status {status:?}; logs:\n{}", serve.logs());
+    for mut ws in subs {
+        let mut closed = None;
+        while let Some(m) = next(&mut ws, Duration::from_secs(5)).await {
+            if let Msg::Close(code, reason) = m {
+                closed = Some((code, reason));
+                break;
+            }
+        }
+        assert_eq!(closed, Some((1001, "server shutting down".to_string())));
+    }
+    let logs = serve.logs();
+    assert!(logs.contains("\"stopped\""), "no clean stop in the logs:\n{logs}");
+    // Restart: it resumes from the cursor and everything arrives exactly once.
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(3_000, Duration::from_secs(60));
+    drop(serve);
+    let lines = inspect_log(dir.path());
+    let want: usize = gen.iter().map(|g| g.expected.len()).sum();
+    assert_eq!(lines.len(), want);
+    let mut times: Vec<u64> = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap()).collect();
+    let n = times.len();
+    times.dedup();
+    assert_eq!(times.len(), n);
+}

@@ -1,0 +1,318 @@
+//! `/subscribe` end to end: the real binary, a fake relay, real websocket clients.
+
+mod common;
+
+use common::client::{collect, connect, next, send_text, Msg};
+use common::frames::{did_for, generate, GenFrame};
+use common::process::{http_get, inspect_log, Serve};
+use common::relay::{FakeRelay, Faults};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(5);
+
+struct Setup {
+    relay: FakeRelay,
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    serve: Serve,
+    gen: Vec<GenFrame>,
+}
+
+/// A server that has ingested `n` generated frames.
+async fn setup(n: usize, extra: &[&str]) -> Setup {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, n, 20, 7);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["--max-events-per-second-per-ip", "0"];
+    args.extend_from_slice(extra);
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    serve.wait_for_seq(gen.last().unwrap().seq, Duration::from_secs(60));
+    Setup { relay, dir: dir.path().to_path_buf(), _dir: dir, serve, gen }
+}
+
+fn log(s: &Setup) -> Vec<serde_json::Value> {
+    inspect_log(&s.dir).iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_errors_are_400s() {
+    let s = setup(5, &[]).await;
+    let ws_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13")];
+    let many_colls: String = (0..101).map(|i| format!("wantedCollections=app.bsky.c{i}.post&")).collect();
+    let many_dids: String = (0..10_001).map(|i| format!("wantedDids={}&", did_for(i))).collect();
+    for (q, body) in [
+        ("cursor=abc", "invalid cursor: abc"),
+        ("wantedCollections=app.bsky.fo*", "invalid subscriber options: invalid collection: app.bsky.fo*"),
+        ("wantedDids=notadid", "invalid subscriber options: invalid DID: notadid"),
+        (&many_colls, "invalid subscriber options: too many wanted collections"),
+        (&many_dids, "invalid subscriber options: too many wanted DIDs"),
+        ("informCursorSeconds=601", "invalid informCursorSeconds: 601 (must be 1 to 600)"),
+    ] {
+        let (status, got) = common::process::http_get_with(s.serve.public, &format!("/subscribe?{q}"), &ws_headers).unwrap();
+        assert_eq!((status, got.trim()), (400, body), "query {}", &q[..q.len().min(60)]);
+    }
+    // Duplicated DIDs count once.
+    let dup_dids: String = (0..10_001).map(|_| format!("wantedDids={}&", did_for(1))).collect();
+    assert!(connect(s.serve.public, &format!("/subscribe?{dup_dids}"), &[]).await.is_ok());
+    let (status, _) = http_get(s.serve.public, "/subscribe").unwrap();
+    assert_eq!(status, 400, "a plain GET is not a websocket");
+    assert!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"bad_request\"}").unwrap() >= 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_returns_the_log_and_filters_select_events() {
+    let s = setup(400, &[]).await;
+    let all = log(&s);
+    // cursor=0: everything, in log order.
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let got = collect(&mut ws, all.len(), T).await;
+    assert_eq!(got, all);
+    // A cursor is inclusive.
+    let mid = all[all.len() / 2]["time_us"].as_u64().unwrap();
+    let mut ws = connect(s.serve.public, &format!("/subscribe?cursor={mid}"), &[]).await.unwrap();
+    let got = collect(&mut ws, all.len() / 2, T).await;
+    assert_eq!(got[0]["time_us"].as_u64().unwrap(), mid);
+    // Collections (exact and prefix) and DIDs; identity/account bypass collections only.
+    let did = s.gen.iter().find(|g| g.expected[0].1 == "identity").map(|g| g.expected[0].0.clone()).unwrap();
+    let q = format!("/subscribe?cursor=0&wantedCollections=app.bsky.feed.post&wantedCollections=app.bsky.graph.*&wantedDids={did}");
+    let want: Vec<_> = all
+        .iter()
+        .filter(|e| e["did"] == did.as_str())
+        .filter(|e| e["kind"] != "commit" || e["commit"]["collection"] == "app.bsky.feed.post" || e["commit"]["collection"].as_str().unwrap().starts_with("app.bsky.graph."))
+        .cloned()
+        .collect();
+    assert!(want.iter().any(|e| e["kind"] == "identity"));
+    let mut ws = connect(s.serve.public, &q, &[]).await.unwrap();
+    assert_eq!(collect(&mut ws, want.len(), T).await, want);
+    assert_eq!(next(&mut ws, Duration::from_millis(300)).await, None, "nothing beyond the filter");
+    // maxMessageSizeBytes skips larger events.
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0&maxMessageSizeBytes=500", &[]).await.unwrap();
+    let small: Vec<_> = all.iter().filter(|e| e.to_string().len() <= 500).cloned().collect();
+    assert!(small.len() < all.len() && !small.is_empty());
+    assert_eq!(collect(&mut ws, small.len(), T).await.len(), small.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_then_options_update_replaces_filters() {
+    let s = setup(10, &[]).await;
+    let mut ws = connect(s.serve.public, "/subscribe?wantedCollections=app.bsky.feed.like", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let more = generate(1000, 300, 20, 8);
+    for g in &more[..150] {
+        s.relay.push(g.seq, g.frame.clone());
+    }
+    let likes_before = more[..150].iter().flat_map(|g| &g.expected).filter(|e| e.2 == "app.bsky.feed.like").count();
+    let got = collect(&mut ws, likes_before, T).await;
+    assert!(got.iter().all(|e| e["commit"]["collection"] == "app.bsky.feed.like" || e["kind"] != "commit"));
+    // Replace: now only posts (and no more likes).
+    send_text(&mut ws, r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.post"]}}"#).await;
+    // Unknown message types are ignored.
+    send_text(&mut ws, r#"{"type":"something_new","payload":{}}"#).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for g in &more[150..] {
+        s.relay.push(g.seq, g.frame.clone());
+    }
+    let posts_after = more[150..].iter().flat_map(|g| &g.expected).filter(|e| e.2 == "app.bsky.feed.post").count();
+    let got = collect(&mut ws, 10_000, Duration::from_secs(2)).await;
+    let posts: Vec<_> = got.iter().filter(|e| e["kind"] == "commit").collect();
+    assert!(posts.iter().all(|e| e["commit"]["collection"] == "app.bsky.feed.post"), "old filter still applied");
+    assert_eq!(posts.len(), posts_after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn require_hello_holds_delivery() {
+    let s = setup(50, &[]).await;
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0&requireHello=true", &[]).await.unwrap();
+    assert_eq!(next(&mut ws, Duration::from_millis(500)).await, None, "delivered before hello");
+    send_text(&mut ws, r#"{"type":"options_update","payload":{}}"#).await;
+    let n = log(&s).len();
+    assert_eq!(collect(&mut ws, n, T).await.len(), n);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_client_messages_close_with_codes() {
+    let s = setup(5, &[]).await;
+    let cases: [(&str, u16); 2] = [
+        ("not json", 1007),
+        (r#"{"type":"options_update","payload":{"wantedDids":["nope"]}}"#, 1008),
+    ];
+    for (msg, code) in cases {
+        let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+        send_text(&mut ws, msg).await;
+        match next(&mut ws, T).await {
+            Some(Msg::Close(c, reason)) => {
+                assert_eq!(c, code, "{msg}: {reason}");
+                assert!(reason.len() <= 123);
+            }
+            other => panic!("{msg}: expected close, got {other:?}"),
+        }
+    }
+    let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    let big = format!(r#"{{"type":"x","payload":"{}"}}"#, "a".repeat(10_000_001));
+    let _ = ws.write_frame(fastwebsockets::Frame::text(fastwebsockets::Payload::Owned(big.into_bytes()))).await;
+    assert!(matches!(next(&mut ws, T).await, Some(Msg::Close(1009, _))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_frames_decode_with_the_dictionary() {
+    let s = setup(200, &[]).await;
+    let (status, dict) = {
+        let mut stream = std::net::TcpStream::connect(s.serve.public).unwrap();
+        use std::io::{Read, Write};
+        stream.write_all(b"GET /dictionary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        (String::from_utf8_lossy(&raw[9..12]).to_string(), raw[at + 4..].to_vec())
+    };
+    assert_eq!(status, "200");
+    assert_eq!(dict, contrail::hub::compress::DEFAULT_DICTIONARY);
+    let all = log(&s);
+    for (q, headers) in [("/subscribe?cursor=0&compress=true", vec![]), ("/subscribe?cursor=0", vec![("Socket-Encoding", "zstd")])] {
+        let mut ws = connect(s.serve.public, q, &headers).await.unwrap();
+        let mut got = Vec::new();
+        let mut dec = zstd::bulk::Decompressor::with_dictionary(&dict).unwrap();
+        while got.len() < all.len() {
+            match next(&mut ws, T).await {
+                Some(Msg::Binary(b)) => got.push(serde_json::from_slice::<serde_json::Value>(&dec.decompress(&b, 1 << 20).unwrap()).unwrap()),
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
+        }
+        assert_eq!(got, all);
+    }
+}
+
+/// Subscribers with cursors all over the log connect while ingest goes on: each gets exactly
+/// the log from its cursor, in order, through the switch from replay to live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_under_ingest_is_exact() {
+    let s = setup(1_000, &["--ring-capacity", "256"]).await;
+    let more = generate(10_000, 4_000, 40, 9);
+    s.relay.set_faults(Faults { frame_interval: Some(Duration::from_micros(200)), ..Faults::default() });
+    for g in &more {
+        s.relay.push(g.seq, g.frame.clone());
+    }
+    let last_seq = more.last().unwrap().seq;
+    let before = log(&s);
+    let mut clients = Vec::new();
+    for i in 0..16 {
+        let cursor = if i % 4 == 3 { None } else { Some(before[(i * before.len()) / 16]["time_us"].as_u64().unwrap()) };
+        let q = match cursor {
+            Some(c) => format!("/subscribe?cursor={c}"),
+            None => "/subscribe".to_string(),
+        };
+        let ws = connect(s.serve.public, &q, &[]).await.unwrap();
+        clients.push((cursor, ws));
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    s.serve.wait_for_seq(last_seq, Duration::from_secs(120));
+    let all = log(&s);
+    let newest = all.last().unwrap()["time_us"].as_u64().unwrap();
+    for (cursor, mut ws) in clients {
+        let mut got = Vec::new();
+        loop {
+            match next(&mut ws, Duration::from_secs(10)).await {
+                Some(Msg::Text(t)) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    let done = v["time_us"].as_u64().unwrap() == newest;
+                    got.push(v);
+                    if done {
+                        break;
+                    }
+                }
+                other => panic!("cursor {cursor:?}: stream ended with {other:?} after {} events", got.len()),
+            }
+        }
+        let start = match cursor {
+            Some(c) => all.iter().position(|e| e["time_us"].as_u64().unwrap() >= c).unwrap(),
+            None => all.iter().position(|e| e["time_us"] == got[0]["time_us"]).expect("live start is in the log"),
+        };
+        assert_eq!(got.len(), all.len() - start, "cursor {cursor:?}: wrong count");
+        assert!(got == all[start..], "cursor {cursor:?}: stream differs from the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursor_messages_report_progress() {
+    let s = setup(100, &[]).await;
+    let newest = log(&s).last().unwrap()["time_us"].as_u64().unwrap();
+    // A filter that matches nothing: the cursor still moves over what was filtered out.
+    let q = "/subscribe?cursor=0&wantedCollections=com.example.nothing.here&informCursorSeconds=1";
+    let mut ws = connect(s.serve.public, q, &[]).await.unwrap();
+    let mut last = 0;
+    for _ in 0..3 {
+        match next(&mut ws, Duration::from_secs(3)).await {
+            Some(Msg::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v["kind"], "cursor", "{t}");
+                last = v["time_us"].as_u64().unwrap();
+            }
+            other => panic!("expected a cursor message, got {other:?}"),
+        }
+    }
+    assert_eq!(last, newest);
+    // Without the option, no cursor messages.
+    let mut ws = connect(s.serve.public, "/subscribe?wantedCollections=com.example.nothing.here", &[]).await.unwrap();
+    assert_eq!(next(&mut ws, Duration::from_millis(1500)).await, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_and_slow_peers_are_closed_without_hurting_others() {
+    let s = setup(10, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;
+    // A peer that upgrades and then never reads nor answers pings.
+    let mut dead = std::net::TcpStream::connect(s.serve.public).unwrap();
+    use std::io::Write;
+    dead.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut good = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let more = generate(5000, 3000, 40, 10);
+    for g in &more {
+        s.relay.push(g.seq, g.frame.clone());
+    }
+    let n: usize = more.iter().map(|g| g.expected.len()).sum();
+    // The healthy client gets everything (it answers pings through its reads).
+    assert_eq!(collect(&mut good, n, T).await.len(), n);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let closed = || {
+        s.serve.metric("contrail_hub_closes_total{reason=\"ping_timeout\"}").unwrap_or(0.0)
+            + s.serve.metric("contrail_hub_closes_total{reason=\"write_timeout\"}").unwrap_or(0.0)
+    };
+    while closed() < 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed() >= 1.0, "the dead peer was not closed");
+    drop(dead);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_are_enforced() {
+    let s = setup(5, &["--max-connections-per-ip", "2"]).await;
+    let _a = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    let _b = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    assert!(connect(s.serve.public, "/subscribe", &[]).await.is_err(), "third connection from one IP accepted");
+    assert_eq!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_from_ip\"}"), Some(1.0));
+    // X-Forwarded-For is ignored from an untrusted peer.
+    assert!(connect(s.serve.public, "/subscribe", &[("X-Forwarded-For", "198.51.100.1")]).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_rate_is_shared_by_connections() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 300, 10, 11);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "100"]);
+    serve.wait_for_seq(300, Duration::from_secs(30));
+    let start = std::time::Instant::now();
+    let mut a = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let mut b = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let (ga, gb) = tokio::join!(collect(&mut a, 150, T), collect(&mut b, 150, T));
+    assert_eq!((ga.len(), gb.len()), (150, 150));
+    // 300 events at 100/s with a 100-event burst: at least ~2 s.
+    assert!(start.elapsed() >= Duration::from_millis(1800), "rate limit not applied: {:?}", start.elapsed());
+}
