@@ -52,6 +52,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     };
     tracing::info!(data_dir = %config.data_dir.display(), relay_seq = start_seq, last_time_us = store.last_time_us()?, "log opened");
     update_store_gauges(&store, &metrics);
+    if let Some(seq) = start_seq {
+        metrics.relay_last_seq.set(seq);
+    }
 
     let (ring, _) = broadcast::channel(config.ring_capacity);
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);

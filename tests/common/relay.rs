@@ -16,8 +16,9 @@ pub struct Faults {
     pub drop_after: Option<usize>,
     /// Send nothing at all on the next connections (a silent upstream).
     pub silent: bool,
-    /// Pause between frames.
+    /// Pause between frames (after every `burst` frames, when `burst` > 1).
     pub frame_interval: Option<Duration>,
+    pub burst: usize,
 }
 
 #[derive(Default)]
@@ -142,7 +143,9 @@ async fn serve_conn(st: Arc<State>, ws: fastwebsockets::WebSocket<hyper_util::rt
                 next += 1;
                 sent += 1;
                 if let Some(d) = faults.frame_interval {
-                    tokio::time::sleep(d).await;
+                    if faults.burst <= 1 || sent % faults.burst == 0 {
+                        tokio::time::sleep(d).await;
+                    }
                 }
             }
             None => tokio::time::sleep(Duration::from_millis(5)).await,
