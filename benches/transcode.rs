@@ -92,9 +92,12 @@ fn baseline_frame(frame: &[u8]) -> Vec<Vec<u8>> {
     let Some(Ipld::List(ops)) = b.get("ops") else { return out };
     for op in ops {
         let Ipld::Map(op) = op else { continue };
-        let (Some(Ipld::String(path)), Some(Ipld::String(action))) = (op.get("path"), op.get("action")) else { continue };
+        let (Some(Ipld::String(path)), Some(Ipld::String(action))) = (op.get("path"), op.get("action")) else {
+            continue;
+        };
         let (coll, rkey) = path.split_once('/').unwrap();
-        let mut commit = json!({"rev": b.get("rev").map(ipld_to_json), "operation": action, "collection": coll, "rkey": rkey});
+        let mut commit =
+            json!({"rev": b.get("rev").map(ipld_to_json), "operation": action, "collection": coll, "rkey": rkey});
         if let Some(Ipld::Link(cid)) = op.get("cid") {
             let rec: Ipld = serde_ipld_dagcbor::from_slice(&blocks[cid]).unwrap();
             commit["record"] = ipld_to_json(&rec);

@@ -204,7 +204,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler installs");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -225,7 +226,12 @@ fn update_store_gauges(store: &Store, metrics: &Metrics) {
 }
 
 /// Retention by age, then by disk budget, on a blocking thread every `trim_interval`.
-async fn retention_loop(store: Arc<Store>, metrics: Arc<Metrics>, cfg: ServeConfig, cancel: CancellationToken) -> anyhow::Result<()> {
+async fn retention_loop(
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    cfg: ServeConfig,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
@@ -253,7 +259,12 @@ pub fn enforce_retention(store: &Store, metrics: &Metrics, cfg: &ServeConfig) ->
         let cut = old + (new - old) / 10 + 1;
         store.trim_before(cut.min(new))?;
         metrics.store_trims.inc();
-        tracing::warn!(cutoff_time_us = cut, disk_bytes = store.disk_bytes(), budget = cfg.max_disk_bytes, "trimmed oldest events for the disk budget");
+        tracing::warn!(
+            cutoff_time_us = cut,
+            disk_bytes = store.disk_bytes(),
+            budget = cfg.max_disk_bytes,
+            "trimmed oldest events for the disk budget"
+        );
     }
     update_store_gauges(store, metrics);
     Ok(())

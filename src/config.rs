@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser, Debug)]
-#[command(name = "contrail", version, about = "AT Protocol firehose → Jetstream-compatible JSON, durable and resumable")]
+#[command(
+    name = "contrail",
+    version,
+    about = "AT Protocol firehose → Jetstream-compatible JSON, durable and resumable"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -281,10 +285,12 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
         e.exit()
     })?;
     let Some(("serve", serve)) = matches.subcommand() else {
-        return Cli::from_arg_matches(&matches).map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() });
+        return Cli::from_arg_matches(&matches)
+            .map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() });
     };
     let Some(path) = serve.get_one::<PathBuf>("config") else {
-        return Cli::from_arg_matches(&matches).map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() });
+        return Cli::from_arg_matches(&matches)
+            .map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() });
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError { key: "config".into(), message: format!("cannot read {}: {e}", path.display()) })?;
@@ -294,7 +300,8 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
     let mut injected: Vec<OsString> = Vec::new();
     for (key, value) in &table {
         let id = key.replace('_', "-");
-        let known = serve_cmd.get_arguments().any(|a| a.get_id().as_str() == id.replace('-', "_") || a.get_long() == Some(&id));
+        let known =
+            serve_cmd.get_arguments().any(|a| a.get_id().as_str() == id.replace('-', "_") || a.get_long() == Some(&id));
         if !known || id == "config" || id == "validate-only" {
             return Err(ConfigError { key: key.clone(), message: "unknown setting".into() });
         }
@@ -311,7 +318,9 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
             toml::Value::Integer(i) => vec![i.to_string()],
             toml::Value::Boolean(b) => vec![b.to_string()],
             toml::Value::Float(f) => vec![f.to_string()],
-            toml::Value::Array(a) => a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect(),
+            toml::Value::Array(a) => {
+                a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect()
+            }
             other => return Err(ConfigError { key: key.clone(), message: format!("unsupported value {other}") }),
         };
         for v in values {
@@ -325,7 +334,8 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
     merged.extend(args[pos + 1..].iter().cloned());
     let m = cmd.try_get_matches_from(&merged).map_err(|e| {
         let msg = e.to_string();
-        let key = msg.split("'--").nth(1).and_then(|s| s.split(['<', '\'', ' ', '=']).next()).unwrap_or("config").to_string();
+        let key =
+            msg.split("'--").nth(1).and_then(|s| s.split(['<', '\'', ' ', '=']).next()).unwrap_or("config").to_string();
         ConfigError { key, message: msg.lines().next().unwrap_or("invalid value").to_string() }
     })?;
     Cli::from_arg_matches(&m).map_err(|e| ConfigError { key: "config".into(), message: e.to_string() })

@@ -51,7 +51,10 @@ pub fn samples(source: Source<'_>, max: usize) -> anyhow::Result<Vec<Vec<u8>>> {
 /// a random one; a stable, meaningful id — e.g. the training date — is easier to operate).
 pub fn train(samples: &[Vec<u8>], size: usize, id: u32) -> anyhow::Result<Vec<u8>> {
     let mut dict = zstd::dict::from_samples(samples, size)?;
-    anyhow::ensure!(dict.len() >= 8 && dict.starts_with(&[0x37, 0xa4, 0x30, 0xec]), "zstd returned a dictionary without a header");
+    anyhow::ensure!(
+        dict.len() >= 8 && dict.starts_with(&[0x37, 0xa4, 0x30, 0xec]),
+        "zstd returned a dictionary without a header"
+    );
     dict[4..8].copy_from_slice(&id.to_le_bytes());
     Ok(dict)
 }

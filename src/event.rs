@@ -77,7 +77,15 @@ impl Event {
     /// Wraps JSON begun with [`Event::begin`] (time_us not stamped yet).
     pub fn from_parts(json: Vec<u8>, kind: EventKind, did_len: usize, collection: Range<usize>) -> Self {
         let t = DID_OFFSET + did_len + TIME_KEY.len();
-        Event { time_us: 0, kind, did_len, time: t..t + TIME_PLACEHOLDER.len(), collection, json, compressed: Default::default() }
+        Event {
+            time_us: 0,
+            kind,
+            did_len,
+            time: t..t + TIME_PLACEHOLDER.len(),
+            collection,
+            json,
+            compressed: Default::default(),
+        }
     }
 
     /// Rebuilds an event from stored or received JSON and its metadata. The JSON must be in
@@ -271,7 +279,10 @@ mod tests {
         e.encode_value(&mut value);
         assert_eq!(Event::decode_value(7, &value).unwrap(), e);
         let v = view_value(&value).unwrap();
-        assert_eq!((v.kind, v.did, v.collection, v.json), (EventKind::Commit, "did:plc:abc", Some("app.bsky.feed.like"), e.json()));
+        assert_eq!(
+            (v.kind, v.did, v.collection, v.json),
+            (EventKind::Commit, "did:plc:abc", Some("app.bsky.feed.like"), e.json())
+        );
         assert_eq!(back.did(), "did:plc:abc");
     }
 }

@@ -1,8 +1,8 @@
 //! The `contrail` binary: parses the command line, sets up logging, hands over to the library.
 
 use contrail::config::{self, Command, Dict, Inspect, LogFormat};
-use std::path::PathBuf;
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn init_logging(format: LogFormat) {
@@ -33,7 +33,8 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             init_logging(cfg.log_format);
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
             runtime.block_on(contrail::app::run(*cfg))
         }
         Command::Inspect { what } => inspect(what),

@@ -73,15 +73,26 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(build.clone())).expect("unique metric name");
-        build.with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("CONTRAIL_GIT_COMMIT").unwrap_or("unknown")]).set(1);
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("CONTRAIL_GIT_COMMIT").unwrap_or("unknown")])
+            .set(1);
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).ok();
 
         let m = Metrics {
             relay_frames: counter_vec(&r, "contrail_relay_frames_total", "Relay frames received, by type.", &["type"]),
             relay_bytes: counter(&r, "contrail_relay_bytes_total", "Relay frame bytes received."),
-            drops: counter_vec(&r, "contrail_drops_total", "Frames or ops that produced no event, by reason.", &["reason"]),
-            relay_reconnects: counter(&r, "contrail_relay_reconnects_total", "Relay connection attempts after the first."),
+            drops: counter_vec(
+                &r,
+                "contrail_drops_total",
+                "Frames or ops that produced no event, by reason.",
+                &["reason"],
+            ),
+            relay_reconnects: counter(
+                &r,
+                "contrail_relay_reconnects_total",
+                "Relay connection attempts after the first.",
+            ),
             relay_connected: gauge(&r, "contrail_relay_connected", "1 while the relay socket is open."),
             relay_last_seq: gauge(&r, "contrail_relay_last_seq", "Last relay seq persisted."),
             relay_lag_seconds: {
@@ -94,9 +105,23 @@ impl Metrics {
                 g
             },
             relay_seq_gaps: counter(&r, "contrail_relay_seq_gaps_total", "Frames whose seq skipped ahead of last + 1."),
-            relay_duplicates: counter(&r, "contrail_relay_duplicate_frames_total", "Frames with seq <= the last persisted seq, skipped."),
-            relay_errors: counter_vec(&r, "contrail_relay_errors_total", "Relay error frames and connection failures, by kind.", &["kind"]),
-            events_ingested: counter_vec(&r, "contrail_events_ingested_total", "Events persisted to the log, by kind.", &["kind"]),
+            relay_duplicates: counter(
+                &r,
+                "contrail_relay_duplicate_frames_total",
+                "Frames with seq <= the last persisted seq, skipped.",
+            ),
+            relay_errors: counter_vec(
+                &r,
+                "contrail_relay_errors_total",
+                "Relay error frames and connection failures, by kind.",
+                &["kind"],
+            ),
+            events_ingested: counter_vec(
+                &r,
+                "contrail_events_ingested_total",
+                "Events persisted to the log, by kind.",
+                &["kind"],
+            ),
             store_write_seconds: histogram(
                 &r,
                 "contrail_store_write_seconds",
@@ -114,17 +139,44 @@ impl Metrics {
             store_newest_time_us: gauge(&r, "contrail_store_newest_time_us", "time_us of the newest event in the log."),
             store_trims: counter(&r, "contrail_store_trims_total", "Retention trims (range deletes) run."),
             subscribers: {
-                let g = IntGaugeVec::new(Opts::new("contrail_hub_subscribers", "Connected subscribers, by compression."), &["compression"])
-                    .expect("valid metric");
+                let g = IntGaugeVec::new(
+                    Opts::new("contrail_hub_subscribers", "Connected subscribers, by compression."),
+                    &["compression"],
+                )
+                .expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric name");
                 g
             },
-            events_sent: counter_vec(&r, "contrail_hub_events_sent_total", "Events sent to subscribers.", &["compression"]),
-            bytes_sent: counter_vec(&r, "contrail_hub_bytes_sent_total", "Bytes sent to subscribers.", &["compression"]),
-            closes: counter_vec(&r, "contrail_hub_closes_total", "Subscriber connections closed, by reason.", &["reason"]),
+            events_sent: counter_vec(
+                &r,
+                "contrail_hub_events_sent_total",
+                "Events sent to subscribers.",
+                &["compression"],
+            ),
+            bytes_sent: counter_vec(
+                &r,
+                "contrail_hub_bytes_sent_total",
+                "Bytes sent to subscribers.",
+                &["compression"],
+            ),
+            closes: counter_vec(
+                &r,
+                "contrail_hub_closes_total",
+                "Subscriber connections closed, by reason.",
+                &["reason"],
+            ),
             replay_reads: counter(&r, "contrail_hub_replay_reads_total", "Batches read from the log for subscribers."),
-            lagging_subscribers: gauge(&r, "contrail_hub_lagging_subscribers", "Subscribers reading from the log instead of the ring."),
-            rejected_requests: counter_vec(&r, "contrail_hub_rejected_requests_total", "Subscribe requests refused, by reason.", &["reason"]),
+            lagging_subscribers: gauge(
+                &r,
+                "contrail_hub_lagging_subscribers",
+                "Subscribers reading from the log instead of the ring.",
+            ),
+            rejected_requests: counter_vec(
+                &r,
+                "contrail_hub_rejected_requests_total",
+                "Subscribe requests refused, by reason.",
+                &["reason"],
+            ),
             registry: r,
         };
         // Pre-create every label value so dashboards see zeros instead of gaps.
@@ -133,6 +185,11 @@ impl Metrics {
         }
         for d in DropReason::ALL {
             m.drops.with_label_values(&[d.as_str()]);
+        }
+        for c in ["none", "zstd"] {
+            m.subscribers.with_label_values(&[c]);
+            m.events_sent.with_label_values(&[c]);
+            m.bytes_sent.with_label_values(&[c]);
         }
         m
     }

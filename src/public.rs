@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 pub fn handler(
     shared: Arc<Shared>,
-) -> impl Fn(Request<Incoming>, SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>> + Clone {
+) -> impl Fn(Request<Incoming>, SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
+       + Clone {
     move |req, peer| {
         let shared = shared.clone();
         Box::pin(async move {
@@ -56,7 +57,8 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
 /// The figures of `/status` (and the status page).
 pub fn status_json(shared: &Shared) -> serde_json::Value {
     let m = &shared.metrics;
-    let events: u64 = ["commit", "identity", "account"].iter().map(|k| m.events_ingested.with_label_values(&[k]).get()).sum();
+    let events: u64 =
+        ["commit", "identity", "account"].iter().map(|k| m.events_ingested.with_label_values(&[k]).get()).sum();
     let subscribers = shared.hub.admission.connected();
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),

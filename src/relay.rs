@@ -76,7 +76,8 @@ impl RelayUrl {
             p if p.ends_with(SUBSCRIBE_PATH) => p.to_string(),
             p => format!("{p}{SUBSCRIBE_PATH}"),
         };
-        let query = query.split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("cursor=")).map(str::to_string).collect();
+        let query =
+            query.split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("cursor=")).map(str::to_string).collect();
         Ok(RelayUrl { tls, host, port, path, query })
     }
 
@@ -146,7 +147,8 @@ async fn connect(url: &RelayUrl, cursor: Option<i64>) -> anyhow::Result<Ws> {
         .body(Empty::<Bytes>::new())?;
     let (mut ws, _) = if url.tls {
         let connector = tokio_rustls::TlsConnector::from(tls_config());
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone()).context("relay host is not a valid TLS name")?;
+        let name =
+            rustls::pki_types::ServerName::try_from(url.host.clone()).context("relay host is not a valid TLS name")?;
         let tls = connector.connect(name, tcp).await.context("TLS handshake")?;
         fastwebsockets::handshake::client(&SpawnExecutor, req, tls).await.context("websocket handshake")?
     } else {
@@ -195,7 +197,12 @@ enum Ended {
 }
 
 impl Reader {
-    pub fn new(opts: RelayOptions, start_seq: Option<i64>, metrics: Arc<Metrics>, tx: mpsc::Sender<IngestFrame>) -> anyhow::Result<Self> {
+    pub fn new(
+        opts: RelayOptions,
+        start_seq: Option<i64>,
+        metrics: Arc<Metrics>,
+        tx: mpsc::Sender<IngestFrame>,
+    ) -> anyhow::Result<Self> {
         let url = RelayUrl::parse(&opts.url)?;
         let transcoder = Transcoder::new(opts.max_frame_bytes);
         Ok(Reader {
@@ -314,7 +321,11 @@ impl Reader {
                 tracing::error!(error = %name, message = info.message.as_deref().unwrap_or(""), last_seq = self.last_seq, "relay sent an error frame");
             }
             FrameType::Info => {
-                tracing::warn!(name = info.name.as_deref().unwrap_or(""), message = info.message.as_deref().unwrap_or(""), "relay info");
+                tracing::warn!(
+                    name = info.name.as_deref().unwrap_or(""),
+                    message = info.message.as_deref().unwrap_or(""),
+                    "relay info"
+                );
             }
             _ => {}
         }

@@ -62,6 +62,8 @@ where
                 .timer(hyper_util::rt::TokioTimer::new())
                 // Plain HTTP requests must arrive promptly; upgraded websockets are not affected.
                 .header_read_timeout(std::time::Duration::from_secs(10))
+                // Room for a /subscribe URL with 10,000 wantedDids (~450 KB), as v1 allowed.
+                .max_buf_size(2 << 20)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -84,7 +86,9 @@ pub async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<TcpLis
 }
 
 /// The metrics listener: `/metrics` only.
-pub fn metrics_handler(metrics: Arc<crate::metrics::Metrics>) -> impl Fn(Request<Incoming>, SocketAddr) -> std::future::Ready<Response<Body>> + Clone {
+pub fn metrics_handler(
+    metrics: Arc<crate::metrics::Metrics>,
+) -> impl Fn(Request<Incoming>, SocketAddr) -> std::future::Ready<Response<Body>> + Clone {
     move |req, _| {
         std::future::ready(match req.uri().path() {
             "/metrics" => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),

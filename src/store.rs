@@ -114,7 +114,10 @@ fn db_options() -> Options {
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    vec![ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options()), ColumnFamilyDescriptor::new(CF_META, Options::default())]
+    vec![
+        ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options()),
+        ColumnFamilyDescriptor::new(CF_META, Options::default()),
+    ]
 }
 
 impl Store {
@@ -130,12 +133,21 @@ impl Store {
     /// Opens a read-only view of a log that a running `contrail serve` may be writing
     /// (a RocksDB secondary instance; its own small state lives in a temporary directory).
     pub fn open_secondary(dir: &Path) -> Result<Store> {
-        let secondary = std::env::temp_dir().join(format!("contrail-secondary-{}-{}", std::process::id(), crate::sequencer::now_us()));
+        let secondary = std::env::temp_dir().join(format!(
+            "contrail-secondary-{}-{}",
+            std::process::id(),
+            crate::sequencer::now_us()
+        ));
         let mut o = Options::default();
         o.set_max_open_files(-1);
         let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, descriptors())?;
         db.try_catch_up_with_primary()?;
-        Ok(Store { db, path: dir.to_path_buf(), write_opts: WriteOptions::default(), _secondary_dir: RemoveOnDrop(Some(secondary)) })
+        Ok(Store {
+            db,
+            path: dir.to_path_buf(),
+            write_opts: WriteOptions::default(),
+            _secondary_dir: RemoveOnDrop(Some(secondary)),
+        })
     }
 
     fn events(&self) -> &rocksdb::ColumnFamily {

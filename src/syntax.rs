@@ -115,9 +115,11 @@ pub fn is_rfc3339(s: &str) -> bool {
     }
     match &b[i..] {
         [b'Z'] => true,
-        [sign, h1, h2, b':', m1, m2] if matches!(sign, b'+' | b'-') => {
+        [b'+' | b'-', h1, h2, b':', m1, m2] => {
             let off = [*h1, *h2, *m1, *m2];
-            off.iter().all(u8::is_ascii_digit) && (h1 - b'0') * 10 + (h2 - b'0') <= 23 && (m1 - b'0') * 10 + (m2 - b'0') <= 59
+            off.iter().all(u8::is_ascii_digit)
+                && (h1 - b'0') * 10 + (h2 - b'0') <= 23
+                && (m1 - b'0') * 10 + (m2 - b'0') <= 59
         }
         _ => false,
     }

@@ -41,12 +41,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Formats a duration the way [`parse_duration`] reads it.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let s = d.as_secs();
     for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if s > 0 && s % n == 0 {
+        if s > 0 && s.is_multiple_of(n) {
             return format!("{}{unit}", s / n);
         }
     }

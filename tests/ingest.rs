@@ -110,7 +110,10 @@ async fn relay_drops_lose_and_duplicate_nothing() {
     }
     serve.wait_for_seq(last_seq, Duration::from_secs(60));
     assert!(relay.connections() >= 2);
-    assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 1.0, "inclusive replays were not skipped");
+    assert!(
+        serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 1.0,
+        "inclusive replays were not skipped"
+    );
     drop(serve);
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
     // A restart resumes from the cursor: nothing new is written.
@@ -134,8 +137,8 @@ async fn bad_frames_are_counted_and_skipped() {
         // Re-seq the generated frame by regenerating it would change nothing we check; push
         // it under its own seq and a bad frame before it.
         let bad: Vec<u8> = match i % 5 {
-            0 => vec![0xff, 0x00, 0x13],                                   // undecodable header
-            1 => frames::unknown_frame(seq - 1, "#handle"),               // unknown type
+            0 => vec![0xff, 0x00, 0x13],                    // undecodable header
+            1 => frames::unknown_frame(seq - 1, "#handle"), // unknown type
             2 => [frames::identity_frame(seq - 1, "did:plc:x", None), vec![0]].concat(), // trailing bytes
             3 => frames::sync_frame(seq - 1, "did:plc:q6gjnaw2blty4crticxkmujt"),
             _ => frames::info_frame("OutdatedCursor"),
@@ -150,7 +153,10 @@ async fn bad_frames_are_counted_and_skipped() {
         seq + 1,
         "did:plc:q6gjnaw2blty4crticxkmujt",
         "3mptbypluud2a",
-        &[frames::TestOp::create("app.bsky.feed.post/3zzzzzzzzzz22", &frames::map(vec![("$type", frames::s("app.bsky.feed.post")), ("text", frames::s(&"x".repeat(300_000)))]))],
+        &[frames::TestOp::create(
+            "app.bsky.feed.post/3zzzzzzzzzz22",
+            &frames::map(vec![("$type", frames::s("app.bsky.feed.post")), ("text", frames::s(&"x".repeat(300_000)))]),
+        )],
     );
     relay.push(seq + 1, big);
     let tail = renumber(&generate(0, 1, 1, 99)[0], seq + 2);

@@ -41,7 +41,11 @@ fn record_with(value: &[u8]) -> Vec<u8> {
 /// One bad op between two good ones: the bad one is dropped for `reason`, both good ones
 /// are emitted.
 fn assert_op_dropped(bad: TestOp, reason: DropReason) {
-    let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)), bad, TestOp::delete("app.bsky.feed.like/3aaaaaaaaaa33")];
+    let ops = [
+        TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)),
+        bad,
+        TestOp::delete("app.bsky.feed.like/3aaaaaaaaaa33"),
+    ];
     let (info, events, drops) = run(&commit_frame(7, DID, REV, &ops));
     assert_eq!(info.dropped, None);
     assert_eq!(info.seq, Some(7));
@@ -56,7 +60,10 @@ fn assert_op_dropped(bad: TestOp, reason: DropReason) {
 fn a_valid_commit_becomes_one_event_per_op() {
     let ops = [
         TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)),
-        TestOp::update("app.bsky.actor.profile/self", &map(vec![("$type", s("app.bsky.actor.profile")), ("displayName", s("<b>&"))])),
+        TestOp::update(
+            "app.bsky.actor.profile/self",
+            &map(vec![("$type", s("app.bsky.actor.profile")), ("displayName", s("<b>&"))]),
+        ),
         TestOp::delete("app.bsky.feed.post/3aaaaaaaaaa44"),
     ];
     let (info, events, drops) = run(&commit_frame(42, DID, REV, &ops));
@@ -78,14 +85,18 @@ fn identity_and_account_pass_through_in_v1_field_order() {
     let (_, ev, _) = run(&identity_frame(5, DID, Some("alice.test")));
     assert_eq!(
         std::str::from_utf8(ev[0].json()).unwrap(),
-        format!(r#"{{"did":"{DID}","time_us":0000000000000000,"kind":"identity","identity":{{"did":"{DID}","handle":"alice.test","seq":5,"time":"{TIME}"}}}}"#)
+        format!(
+            r#"{{"did":"{DID}","time_us":0000000000000000,"kind":"identity","identity":{{"did":"{DID}","handle":"alice.test","seq":5,"time":"{TIME}"}}}}"#
+        )
     );
     let (_, ev, _) = run(&identity_frame(6, DID, None));
     assert!(!std::str::from_utf8(ev[0].json()).unwrap().contains("handle"));
     let (_, ev, _) = run(&account_frame(7, DID, false, Some("takendown")));
     assert_eq!(
         std::str::from_utf8(ev[0].json()).unwrap(),
-        format!(r#"{{"did":"{DID}","time_us":0000000000000000,"kind":"account","account":{{"active":false,"did":"{DID}","seq":7,"status":"takendown","time":"{TIME}"}}}}"#)
+        format!(
+            r#"{{"did":"{DID}","time_us":0000000000000000,"kind":"account","account":{{"active":false,"did":"{DID}","seq":7,"status":"takendown","time":"{TIME}"}}}}"#
+        )
     );
     assert_eq!(ev[0].collection(), None);
 }
@@ -93,22 +104,53 @@ fn identity_and_account_pass_through_in_v1_field_order() {
 #[test]
 fn op_level_drops_keep_the_siblings() {
     let like = like_record(9);
-    assert_op_dropped(TestOp { omit_block: true, ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::MissingBlock);
-    assert_op_dropped(TestOp { corrupt_block: true, ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::CidMismatch);
-    assert_op_dropped(TestOp { cid: Some(Some(cid_of(b"elsewhere"))), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::MissingBlock);
-    assert_op_dropped(TestOp { cid: Some(None), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::MissingCid);
-    assert_op_dropped(TestOp { action: "mutate".into(), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) }, DropReason::UnknownAction);
-    for path in ["app.bsky.feed.like", "app.bsky.feed.like/a/b", "notnsid/3bbbbbbbbbb22", "app.bsky.feed.like/..", "/x"] {
+    assert_op_dropped(
+        TestOp { omit_block: true, ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) },
+        DropReason::MissingBlock,
+    );
+    assert_op_dropped(
+        TestOp { corrupt_block: true, ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) },
+        DropReason::CidMismatch,
+    );
+    assert_op_dropped(
+        TestOp { cid: Some(Some(cid_of(b"elsewhere"))), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) },
+        DropReason::MissingBlock,
+    );
+    assert_op_dropped(
+        TestOp { cid: Some(None), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) },
+        DropReason::MissingCid,
+    );
+    assert_op_dropped(
+        TestOp { action: "mutate".into(), ..TestOp::create("app.bsky.feed.like/3bbbbbbbbbb22", &like) },
+        DropReason::UnknownAction,
+    );
+    for path in ["app.bsky.feed.like", "app.bsky.feed.like/a/b", "notnsid/3bbbbbbbbbb22", "app.bsky.feed.like/..", "/x"]
+    {
         assert_op_dropped(TestOp::create(path, &like), DropReason::BadPath);
     }
     // float 1.5, invalid UTF-8, a tag other than 42, undefined, an int beyond int64
-    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xfb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0])), DropReason::Float);
-    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x62, 0xc3, 0x28])), DropReason::InvalidUtf8);
-    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xc1, 0x01])), DropReason::RecordMalformed);
+    assert_op_dropped(
+        TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xfb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0])),
+        DropReason::Float,
+    );
+    assert_op_dropped(
+        TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x62, 0xc3, 0x28])),
+        DropReason::InvalidUtf8,
+    );
+    assert_op_dropped(
+        TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xc1, 0x01])),
+        DropReason::RecordMalformed,
+    );
     assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0xf7])), DropReason::RecordMalformed);
-    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x1b, 0xff, 0, 0, 0, 0, 0, 0, 0])), DropReason::IntOverflow);
+    assert_op_dropped(
+        TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x1b, 0xff, 0, 0, 0, 0, 0, 0, 0])),
+        DropReason::IntOverflow,
+    );
     // a string claiming 4 GiB, and a real one over the 1 MiB record limit
-    assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x7b, 0, 0, 0, 1, 0, 0, 0, 0, b'x'])), DropReason::RecordMalformed);
+    assert_op_dropped(
+        TestOp::create_raw("app.bsky.feed.like/3c", record_with(&[0x7b, 0, 0, 0, 1, 0, 0, 0, 0, b'x'])),
+        DropReason::RecordMalformed,
+    );
     let huge = map(vec![("$type", s("app.bsky.feed.post")), ("text", s(&"x".repeat(1_100_000)))]);
     assert_op_dropped(TestOp::create("app.bsky.feed.post/3c", &huge), DropReason::RecordTooLarge);
     // 10,000 nested arrays
@@ -117,9 +159,19 @@ fn op_level_drops_keep_the_siblings() {
     assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", record_with(&deep)), DropReason::TooDeep);
     // not a map, $type not a string, a blob missing its size
     assert_op_dropped(TestOp::create_raw("app.bsky.feed.like/3c", vec![0x83, 1, 2, 3]), DropReason::RecordNotObject);
-    assert_op_dropped(TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", Ipld::Integer(5))])), DropReason::BadTypeField);
-    let blob = map(vec![("$type", s("blob")), ("ref", Ipld::Link(cid_with_codec(b"img", 0x55))), ("mimeType", s("image/png"))]);
-    assert_op_dropped(TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", s("x.y.z")), ("b", blob)])), DropReason::BadBlob);
+    assert_op_dropped(
+        TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", Ipld::Integer(5))])),
+        DropReason::BadTypeField,
+    );
+    let blob = map(vec![
+        ("$type", s("blob")),
+        ("ref", Ipld::Link(cid_with_codec(b"img", 0x55))),
+        ("mimeType", s("image/png")),
+    ]);
+    assert_op_dropped(
+        TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", s("x.y.z")), ("b", blob)])),
+        DropReason::BadBlob,
+    );
 }
 
 #[test]
@@ -151,9 +203,15 @@ fn whole_frame_drops_report_the_seq() {
     assert_eq!((info.dropped, info.seq), (Some(DropReason::BadDid), Some(15)));
 
     let (info, ..) = run(&unknown_frame(16, "#handle"));
-    assert_eq!((info.frame_type, info.dropped, info.seq, info.name.as_deref()), (FrameType::Unknown, Some(DropReason::UnknownType), Some(16), Some("#handle")));
+    assert_eq!(
+        (info.frame_type, info.dropped, info.seq, info.name.as_deref()),
+        (FrameType::Unknown, Some(DropReason::UnknownType), Some(16), Some("#handle"))
+    );
     let (info, ..) = run(&error_frame("FutureCursor"));
-    assert_eq!((info.frame_type, info.dropped, info.name.as_deref()), (FrameType::Error, Some(DropReason::ErrorFrame), Some("FutureCursor")));
+    assert_eq!(
+        (info.frame_type, info.dropped, info.name.as_deref()),
+        (FrameType::Error, Some(DropReason::ErrorFrame), Some("FutureCursor"))
+    );
     let (info, ..) = run(&info_frame("OutdatedCursor"));
     assert_eq!((info.dropped, info.name.as_deref()), (Some(DropReason::Info), Some("OutdatedCursor")));
     let (info, ev, _) = run(&sync_frame(17, DID));
@@ -164,7 +222,10 @@ fn whole_frame_drops_report_the_seq() {
 
 #[test]
 fn every_truncation_of_a_frame_is_dropped_whole() {
-    let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)), TestOp::delete("app.bsky.feed.like/3aaaaaaaaaa33")];
+    let ops = [
+        TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1)),
+        TestOp::delete("app.bsky.feed.like/3aaaaaaaaaa33"),
+    ];
     let good = commit_frame(21, DID, REV, &ops);
     for cut in 0..good.len() {
         let (info, ev, _) = run(&good[..cut]);
@@ -175,12 +236,28 @@ fn every_truncation_of_a_frame_is_dropped_whole() {
 fn sample_frames() -> Vec<Vec<u8>> {
     let profile = map(vec![
         ("$type", s("app.bsky.actor.profile")),
-        ("avatar", map(vec![("$type", s("blob")), ("ref", Ipld::Link(cid_with_codec(b"img", 0x55))), ("mimeType", s("image/png")), ("size", Ipld::Integer(10))])),
+        (
+            "avatar",
+            map(vec![
+                ("$type", s("blob")),
+                ("ref", Ipld::Link(cid_with_codec(b"img", 0x55))),
+                ("mimeType", s("image/png")),
+                ("size", Ipld::Integer(10)),
+            ]),
+        ),
         ("data", Ipld::Bytes(vec![1, 2, 3, 4])),
         ("tags", Ipld::List(vec![s("a"), Ipld::Null, Ipld::Bool(true), Ipld::Integer(-3)])),
     ]);
     vec![
-        commit_frame(1, DID, REV, &[TestOp::create("app.bsky.feed.like/3a", &like_record(2)), TestOp::update("app.bsky.actor.profile/self", &profile)]),
+        commit_frame(
+            1,
+            DID,
+            REV,
+            &[
+                TestOp::create("app.bsky.feed.like/3a", &like_record(2)),
+                TestOp::update("app.bsky.actor.profile/self", &profile),
+            ],
+        ),
         identity_frame(2, DID, Some("a.test")),
         account_frame(3, DID, true, None),
     ]

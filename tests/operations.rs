@@ -30,7 +30,11 @@ fn validate_only_prints_the_config_and_names_bad_keys() {
         .unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("retention = \"2h\"") && text.contains("ring_capacity = 99"), "{text}");
-    for (content, key) in [("retention = \"soon\"\n", "retention"), ("no-such-thing = 1\n", "no-such-thing"), ("ping-interval = \"90s\"\n", "pong-timeout")] {
+    for (content, key) in [
+        ("retention = \"soon\"\n", "retention"),
+        ("no-such-thing = 1\n", "no-such-thing"),
+        ("ping-interval = \"90s\"\n", "pong-timeout"),
+    ] {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, content).unwrap();
         let out = Command::new(bin()).args(["serve", "--validate-only", "--config"]).arg(&bad).output().unwrap();
@@ -81,7 +85,8 @@ async fn health_status_page_and_metrics() {
     // v1's open CORS on the public listener.
     let mut s = std::net::TcpStream::connect(serve.public).unwrap();
     use std::io::{Read, Write};
-    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: https://example.com\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: https://example.com\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     assert!(raw.to_ascii_lowercase().contains("access-control-allow-origin: *"));
@@ -134,7 +139,10 @@ async fn sigterm_closes_subscribers_and_loses_nothing() {
     let lines = inspect_log(dir.path());
     let want: usize = gen.iter().map(|g| g.expected.len()).sum();
     assert_eq!(lines.len(), want);
-    let mut times: Vec<u64> = lines.iter().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap()).collect();
+    let mut times: Vec<u64> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
+        .collect();
     let n = times.len();
     times.dedup();
     assert_eq!(times.len(), n);

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 fn events(n: usize, seq: i64) -> Vec<Event> {
-    let ops: Vec<TestOp> = (0..n).map(|i| TestOp::create(&format!("app.bsky.feed.like/3l{seq:05}{i:06}"), &like_record(i as u64))).collect();
+    let ops: Vec<TestOp> = (0..n)
+        .map(|i| TestOp::create(&format!("app.bsky.feed.like/3l{seq:05}{i:06}"), &like_record(i as u64)))
+        .collect();
     let frame = commit_frame(seq, "did:plc:q6gjnaw2blty4crticxkmujt", "3mptbypluud2a", &ops);
     let mut out = Vec::new();
     Transcoder::default().transcode(&frame, &mut out, &mut Vec::new());

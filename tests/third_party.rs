@@ -20,7 +20,11 @@ fn expected(shared: &std::path::Path, collections: Option<&[&str]>) -> BTreeSet<
         .filter(|v| collections.is_none_or(|c| c.contains(&v["commit"]["collection"].as_str().unwrap())))
         .map(|v| {
             let c = &v["commit"];
-            (v["did"].as_str().unwrap().into(), c["collection"].as_str().unwrap().into(), c["rkey"].as_str().unwrap().into())
+            (
+                v["did"].as_str().unwrap().into(),
+                c["collection"].as_str().unwrap().into(),
+                c["rkey"].as_str().unwrap().into(),
+            )
         })
         .collect()
 }
@@ -37,14 +41,24 @@ async fn corpus_server(shared: &std::path::Path) -> (FakeRelay, tempfile::TempDi
     }
     let dir = tempfile::tempdir().unwrap();
     let dict = shared.join("dictionaries/jetstream-v1.zdict");
-    let serve = Serve::start(dir.path(), &relay.url(), &["--zstd-dictionary", dict.to_str().unwrap(), "--max-events-per-second-per-ip", "0"]);
+    let serve = Serve::start(
+        dir.path(),
+        &relay.url(),
+        &["--zstd-dictionary", dict.to_str().unwrap(), "--max-events-per-second-per-ip", "0"],
+    );
     serve.wait_for_seq(last, Duration::from_secs(30));
     (relay, dir, serve)
 }
 
 /// jetstream-oxide types records with atrium's known Bluesky lexicons, so it is asked only
 /// for those collections (its parser rejects other lexicons by design).
-const BSKY: &[&str] = &["app.bsky.feed.like", "app.bsky.feed.post", "app.bsky.feed.repost", "app.bsky.graph.follow", "app.bsky.graph.block"];
+const BSKY: &[&str] = &[
+    "app.bsky.feed.like",
+    "app.bsky.feed.post",
+    "app.bsky.feed.repost",
+    "app.bsky.graph.follow",
+    "app.bsky.graph.block",
+];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_oxide_receives_the_corpus() {
@@ -65,7 +79,8 @@ async fn jetstream_oxide_receives_the_corpus() {
         let mut got = BTreeSet::new();
         let mut last_time = 0;
         while got.len() < want.len() {
-            let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv_async()).await.expect("event in time").unwrap();
+            let ev =
+                tokio::time::timeout(Duration::from_secs(10), rx.recv_async()).await.expect("event in time").unwrap();
             use jetstream_oxide::events::{commit::CommitEvent, JetstreamEvent};
             let JetstreamEvent::Commit(c) = ev else { panic!("unexpected non-commit event") };
             let (info, ci) = match &c {
@@ -104,7 +119,15 @@ async fn rocketman_receives_the_corpus() {
         let conn = rocketman::connection::JetstreamConnection::new(opts);
         let got = Arc::new(Mutex::new(Vec::new()));
         let mut ingestors = rocketman::handler::Ingestors::new();
-        for c in ["app.bsky.feed.like", "app.bsky.feed.post", "app.bsky.feed.repost", "app.bsky.graph.follow", "app.bsky.graph.block", "app.bsky.actor.status", "fm.teal.alpha.actor.status"] {
+        for c in [
+            "app.bsky.feed.like",
+            "app.bsky.feed.post",
+            "app.bsky.feed.repost",
+            "app.bsky.graph.follow",
+            "app.bsky.graph.block",
+            "app.bsky.actor.status",
+            "fm.teal.alpha.actor.status",
+        ] {
             ingestors.commits.insert(c.to_string(), Box::new(Collect(got.clone())));
         }
         let cursor = Arc::new(Mutex::new(Some(1u64)));

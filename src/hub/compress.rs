@@ -61,7 +61,8 @@ impl Dictionary {
         COMPRESSOR.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().map(|(k, _)| *k) != Some(key) {
-                let c = zstd::bulk::Compressor::with_prepared_dictionary(self.prepared).expect("zstd compressor allocates");
+                let c =
+                    zstd::bulk::Compressor::with_prepared_dictionary(self.prepared).expect("zstd compressor allocates");
                 *slot = Some((key, c));
             }
             let (_, c) = slot.as_mut().expect("set above");

@@ -128,7 +128,13 @@ pub struct Slot {
 
 impl Admission {
     pub fn new(max_subscribers: usize, max_per_ip: usize, rate_per_ip: u64) -> Arc<Self> {
-        Arc::new(Admission { max_subscribers, max_per_ip, rate_per_ip, total: AtomicUsize::new(0), per_ip: DashMap::new() })
+        Arc::new(Admission {
+            max_subscribers,
+            max_per_ip,
+            rate_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: DashMap::new(),
+        })
     }
 
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {

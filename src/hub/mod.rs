@@ -133,7 +133,8 @@ pub async fn subscribe(shared: Arc<Shared>, mut req: Request<Incoming>, peer: So
     let m = &shared.metrics;
     let hub = &shared.hub;
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let opts = match SubscribeOptions::from_query(req.uri().query().unwrap_or(""), header("socket-encoding").as_deref()) {
+    let opts = match SubscribeOptions::from_query(req.uri().query().unwrap_or(""), header("socket-encoding").as_deref())
+    {
         Ok(o) => o,
         Err(OptionsError(reason)) => {
             m.rejected_requests.with_label_values(&["bad_request"]).inc();
@@ -142,7 +143,10 @@ pub async fn subscribe(shared: Arc<Shared>, mut req: Request<Incoming>, peer: So
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         m.rejected_requests.with_label_values(&["not_websocket"]).inc();
-        return text(StatusCode::BAD_REQUEST, "websocket upgrade required: connect to /subscribe with a websocket client\n");
+        return text(
+            StatusCode::BAD_REQUEST,
+            "websocket upgrade required: connect to /subscribe with a websocket client\n",
+        );
     }
     if hub.shutdown.is_cancelled() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
@@ -289,7 +293,8 @@ impl Subscriber {
         let (mut rx, tx) = ws.split(tokio::io::split);
         rx.set_auto_pong(false);
         rx.set_auto_close(false);
-        rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES);
+        // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
+        rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
         // Small: the reader waits when the writer is busy, which is the back-pressure we want.
         let (ctl_tx, mut ctl) = mpsc::channel(16);
         let _reader = AbortOnDrop(tokio::spawn(read_loop(FragmentCollectorRead::new(rx), ctl_tx)));
@@ -326,7 +331,12 @@ impl Subscriber {
         tracing::debug!(reason = reason.as_str(), last_seen = s.last_seen, "subscriber closed");
     }
 
-    async fn serve(&mut self, ctl: &mut mpsc::Receiver<Control>, cursor: Option<i64>, require_hello: bool) -> CloseReason {
+    async fn serve(
+        &mut self,
+        ctl: &mut mpsc::Receiver<Control>,
+        cursor: Option<i64>,
+        require_hello: bool,
+    ) -> CloseReason {
         if require_hello {
             if let Err(r) = self.wait_for_hello(ctl).await {
                 return r;

@@ -168,7 +168,9 @@ impl SubscribeOptions {
                 "wantedCollections" => collections.push(v),
                 "wantedDids" => dids.push(v),
                 "cursor" if v.is_empty() => {}
-                "cursor" => o.cursor = Some(v.parse::<i64>().map_err(|_| OptionsError(format!("invalid cursor: {v}")))?),
+                "cursor" => {
+                    o.cursor = Some(v.parse::<i64>().map_err(|_| OptionsError(format!("invalid cursor: {v}")))?)
+                }
                 "compress" => o.compress |= v == "true",
                 "requireHello" => o.require_hello = v == "true",
                 "maxMessageSizeBytes" => o.max_message_size = parse_max_message_size(&v),
@@ -248,13 +250,20 @@ mod tests {
 
     #[test]
     fn query_parsing_and_v1_errors() {
-        let o = SubscribeOptions::from_query("wantedCollections=app.bsky.feed.post&cursor=%2B5&compress=true&maxMessageSizeBytes=4294967297", None).unwrap();
+        let o = SubscribeOptions::from_query(
+            "wantedCollections=app.bsky.feed.post&cursor=%2B5&compress=true&maxMessageSizeBytes=4294967297",
+            None,
+        )
+        .unwrap();
         assert_eq!((o.cursor, o.compress, o.max_message_size), (Some(5), true, 0));
         assert!(SubscribeOptions::from_query("", Some("gzip, zstd")).unwrap().compress);
         assert!(!SubscribeOptions::from_query("requireHello=True", None).unwrap().require_hello);
         let err = |q: &str| SubscribeOptions::from_query(q, None).unwrap_err().0;
         assert_eq!(err("cursor=abc"), "invalid cursor: abc");
-        assert_eq!(err("wantedCollections=app.bsky.fo*"), "invalid subscriber options: invalid collection: app.bsky.fo*");
+        assert_eq!(
+            err("wantedCollections=app.bsky.fo*"),
+            "invalid subscriber options: invalid collection: app.bsky.fo*"
+        );
         assert_eq!(err("wantedDids=did:bad"), "invalid subscriber options: invalid DID: did:bad");
         let many: String = (0..101).map(|i| format!("wantedCollections=app.bsky.c{i}.post&")).collect();
         assert_eq!(err(&many), "invalid subscriber options: too many wanted collections");

@@ -121,7 +121,13 @@ struct Rec<'a> {
 }
 
 impl<'a> Rec<'a> {
-    fn value(&self, r: &mut Reader<'a>, out: &mut Vec<u8>, depth: usize, stack: &mut Vec<Entry>) -> Result<(), RecordError> {
+    fn value(
+        &self,
+        r: &mut Reader<'a>,
+        out: &mut Vec<u8>,
+        depth: usize,
+        stack: &mut Vec<Entry>,
+    ) -> Result<(), RecordError> {
         let (h, info) = r.read_head_full()?;
         match h.major {
             cbor::UINT | cbor::NINT => write_i64(out, cbor::head_to_i64(h).ok_or(RecordError::IntOverflow)?),
@@ -170,7 +176,14 @@ impl<'a> Rec<'a> {
         Ok(())
     }
 
-    fn map(&self, r: &mut Reader<'a>, len: u64, out: &mut Vec<u8>, depth: usize, stack: &mut Vec<Entry>) -> Result<(), RecordError> {
+    fn map(
+        &self,
+        r: &mut Reader<'a>,
+        len: u64,
+        out: &mut Vec<u8>,
+        depth: usize,
+        stack: &mut Vec<Entry>,
+    ) -> Result<(), RecordError> {
         if len > MAX_CONTAINER_LEN {
             return Err(RecordError::TooManyElements);
         }
@@ -210,7 +223,13 @@ impl<'a> Rec<'a> {
         entries.iter().find(|e| self.key(e) == key).copied()
     }
 
-    fn map_entries(&self, base: usize, out: &mut Vec<u8>, depth: usize, stack: &mut Vec<Entry>) -> Result<(), RecordError> {
+    fn map_entries(
+        &self,
+        base: usize,
+        out: &mut Vec<u8>,
+        depth: usize,
+        stack: &mut Vec<Entry>,
+    ) -> Result<(), RecordError> {
         // The special shapes, checked in atdata's order: $link, $bytes, $type (blob), legacy blob.
         let n = stack.len() - base;
         if let Some(e) = self.find(&stack[base..], b"$link") {
@@ -364,7 +383,7 @@ fn read_tag42_cid<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], RecordError> {
 fn integral_float(bits: u64) -> Result<i64, RecordError> {
     let f = f64::from_bits(bits);
     // 2^63 is exactly representable; anything at or beyond it does not fit int64.
-    if f.is_finite() && f.fract() == 0.0 && f >= -9.223_372_036_854_776e18 && f < 9.223_372_036_854_776e18 {
+    if f.is_finite() && f.fract() == 0.0 && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(&f) {
         Ok(f as i64)
     } else {
         Err(RecordError::Float)
@@ -471,7 +490,10 @@ mod tests {
     fn go_escaping() {
         let mut out = Vec::new();
         write_json_str(&mut out, "a&b<c>\"\\\n\r\t\u{1}\u{2028}\u{2029}\u{2030}é😀\u{7f}");
-        assert_eq!(String::from_utf8(out).unwrap(), r#""a\u0026b\u003cc\u003e\"\\\n\r\t\u0001\u2028\u2029‰é😀"#.to_string() + "\u{7f}\"");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#""a\u0026b\u003cc\u003e\"\\\n\r\t\u0001\u2028\u2029‰é😀"#.to_string() + "\u{7f}\""
+        );
     }
 
     #[test]

@@ -72,10 +72,40 @@ impl DropReason {
     pub const ALL: [DropReason; 34] = {
         use DropReason::*;
         [
-            FrameTooLarge, BadHeader, BadBody, TrailingBytes, UnknownOp, UnknownType, ErrorFrame, Info, Sync, TooBig, BadCar,
-            BadDid, BadTime, BadPath, UnknownAction, MissingCid, MissingBlock, CidMismatch, UnsupportedHash, RecordTooLarge,
-            RecordMalformed, RecordNotObject, Float, InvalidUtf8, TooDeep, TooManyElements, KeyTooLong, StringTooLong,
-            IntOverflow, DuplicateKey, BadTypeField, BadLink, BadBytes, BadBlob,
+            FrameTooLarge,
+            BadHeader,
+            BadBody,
+            TrailingBytes,
+            UnknownOp,
+            UnknownType,
+            ErrorFrame,
+            Info,
+            Sync,
+            TooBig,
+            BadCar,
+            BadDid,
+            BadTime,
+            BadPath,
+            UnknownAction,
+            MissingCid,
+            MissingBlock,
+            CidMismatch,
+            UnsupportedHash,
+            RecordTooLarge,
+            RecordMalformed,
+            RecordNotObject,
+            Float,
+            InvalidUtf8,
+            TooDeep,
+            TooManyElements,
+            KeyTooLong,
+            StringTooLong,
+            IntOverflow,
+            DuplicateKey,
+            BadTypeField,
+            BadLink,
+            BadBytes,
+            BadBlob,
         ]
     };
 
@@ -129,7 +159,9 @@ impl From<RecordError> for DropReason {
     fn from(e: RecordError) -> Self {
         match e {
             RecordError::TooLarge => DropReason::RecordTooLarge,
-            RecordError::Cbor(_) | RecordError::TrailingBytes | RecordError::NonStringKey => DropReason::RecordMalformed,
+            RecordError::Cbor(_) | RecordError::TrailingBytes | RecordError::NonStringKey => {
+                DropReason::RecordMalformed
+            }
             RecordError::NotAnObject => DropReason::RecordNotObject,
             RecordError::Float => DropReason::Float,
             RecordError::InvalidUtf8 => DropReason::InvalidUtf8,
@@ -284,12 +316,14 @@ impl Transcoder {
             FrameType::Commit => self.commit(r, info, events, op_drops),
             FrameType::Identity | FrameType::Account | FrameType::Sync => self.repo_event(r, info, events),
             FrameType::Error | FrameType::Info => {
-                let keys: [&str; 2] = if frame_type == FrameType::Error { ["error", "message"] } else { ["name", "message"] };
+                let keys: [&str; 2] =
+                    if frame_type == FrameType::Error { ["error", "message"] } else { ["name", "message"] };
                 match read_named(&mut r, keys) {
                     Ok((name, message)) if r.is_empty() => {
                         info.name = name.map(bounded);
                         info.message = message.map(bounded);
-                        let reason = if frame_type == FrameType::Error { DropReason::ErrorFrame } else { DropReason::Info };
+                        let reason =
+                            if frame_type == FrameType::Error { DropReason::ErrorFrame } else { DropReason::Info };
                         info.drop(reason)
                     }
                     Ok(_) => info.drop(DropReason::TrailingBytes),
@@ -309,7 +343,13 @@ impl Transcoder {
         }
     }
 
-    fn commit(&mut self, mut r: Reader<'_>, mut info: FrameInfo, events: &mut Vec<Event>, op_drops: &mut Vec<DropReason>) -> FrameInfo {
+    fn commit(
+        &mut self,
+        mut r: Reader<'_>,
+        mut info: FrameInfo,
+        events: &mut Vec<Event>,
+        op_drops: &mut Vec<DropReason>,
+    ) -> FrameInfo {
         let body = match read_commit(&mut r) {
             Ok(b) => b,
             Err(_) => {

@@ -113,16 +113,37 @@ pub struct TestOp {
 
 impl TestOp {
     pub fn create(path: &str, record: &Ipld) -> Self {
-        TestOp { action: "create".into(), path: path.into(), record: Some(dag_cbor(record)), cid: None, omit_block: false, corrupt_block: false }
+        TestOp {
+            action: "create".into(),
+            path: path.into(),
+            record: Some(dag_cbor(record)),
+            cid: None,
+            omit_block: false,
+            corrupt_block: false,
+        }
     }
     pub fn create_raw(path: &str, record: Vec<u8>) -> Self {
-        TestOp { action: "create".into(), path: path.into(), record: Some(record), cid: None, omit_block: false, corrupt_block: false }
+        TestOp {
+            action: "create".into(),
+            path: path.into(),
+            record: Some(record),
+            cid: None,
+            omit_block: false,
+            corrupt_block: false,
+        }
     }
     pub fn update(path: &str, record: &Ipld) -> Self {
         TestOp { action: "update".into(), ..Self::create(path, record) }
     }
     pub fn delete(path: &str) -> Self {
-        TestOp { action: "delete".into(), path: path.into(), record: None, cid: None, omit_block: false, corrupt_block: false }
+        TestOp {
+            action: "delete".into(),
+            path: path.into(),
+            record: None,
+            cid: None,
+            omit_block: false,
+            corrupt_block: false,
+        }
     }
 }
 
@@ -139,7 +160,13 @@ pub fn commit_frame(seq: i64, repo: &str, rev: &str, ops: &[TestOp]) -> Vec<u8> 
 }
 
 /// Like [`commit_frame`], letting the test edit the body map before encoding.
-pub fn commit_frame_with(seq: i64, repo: &str, rev: &str, ops: &[TestOp], edit: impl FnOnce(&mut BTreeMap<String, Ipld>)) -> Vec<u8> {
+pub fn commit_frame_with(
+    seq: i64,
+    repo: &str,
+    rev: &str,
+    ops: &[TestOp],
+    edit: impl FnOnce(&mut BTreeMap<String, Ipld>),
+) -> Vec<u8> {
     let mut blocks = Vec::new();
     let mut op_list = Vec::new();
     for op in ops {
@@ -207,7 +234,8 @@ pub fn identity_frame(seq: i64, did: &str, handle: Option<&str>) -> Vec<u8> {
 }
 
 pub fn account_frame(seq: i64, did: &str, active: bool, status: Option<&str>) -> Vec<u8> {
-    let mut body = vec![("seq", Ipld::Integer(seq as i128)), ("did", s(did)), ("time", s(TIME)), ("active", Ipld::Bool(active))];
+    let mut body =
+        vec![("seq", Ipld::Integer(seq as i128)), ("did", s(did)), ("time", s(TIME)), ("active", Ipld::Bool(active))];
     if let Some(st) = status {
         body.push(("status", s(st)));
     }
@@ -284,7 +312,7 @@ pub fn did_for(i: u64) -> String {
     let mut x = i.wrapping_mul(0x9E3779B97F4A7C15) | 1;
     for _ in 0..24 {
         s.push(B32[(x % 32) as usize] as char);
-        x = x / 32 ^ (x << 7) ^ i;
+        x = (x / 32) ^ (x << 7) ^ i;
     }
     s
 }
@@ -322,7 +350,11 @@ pub fn generate(first_seq: i64, n: usize, repos: u64, seed: u64) -> Vec<GenFrame
         let roll = rng.below(100);
         let rev = tid_for(counter);
         if roll < 3 {
-            out.push(GenFrame { seq, frame: identity_frame(seq, &did, None), expected: vec![(did, "identity", String::new(), String::new())] });
+            out.push(GenFrame {
+                seq,
+                frame: identity_frame(seq, &did, None),
+                expected: vec![(did, "identity", String::new(), String::new())],
+            });
             continue;
         }
         if roll < 5 {
@@ -337,7 +369,9 @@ pub fn generate(first_seq: i64, n: usize, repos: u64, seed: u64) -> Vec<GenFrame
             counter += 1;
             let rkey = tid_for(counter);
             let (coll, op) = match rng.below(10) {
-                0..=3 => ("app.bsky.feed.like", TestOp::create(&format!("app.bsky.feed.like/{rkey}"), &like_record(counter))),
+                0..=3 => {
+                    ("app.bsky.feed.like", TestOp::create(&format!("app.bsky.feed.like/{rkey}"), &like_record(counter)))
+                }
                 4..=5 => {
                     let text = format!("post number {counter} <with> & \"quotes\" — ünïcödé 🦋");
                     let rec = map(vec![
@@ -349,7 +383,11 @@ pub fn generate(first_seq: i64, n: usize, repos: u64, seed: u64) -> Vec<GenFrame
                     ("app.bsky.feed.post", TestOp::create(&format!("app.bsky.feed.post/{rkey}"), &rec))
                 }
                 6 => {
-                    let rec = map(vec![("$type", s("app.bsky.graph.follow")), ("createdAt", s(TIME)), ("subject", s(&did_for(counter % 97)))]);
+                    let rec = map(vec![
+                        ("$type", s("app.bsky.graph.follow")),
+                        ("createdAt", s(TIME)),
+                        ("subject", s(&did_for(counter % 97))),
+                    ]);
                     ("app.bsky.graph.follow", TestOp::create(&format!("app.bsky.graph.follow/{rkey}"), &rec))
                 }
                 7 => ("app.bsky.feed.repost", TestOp::delete(&format!("app.bsky.feed.repost/{rkey}"))),
@@ -371,7 +409,13 @@ pub fn generate(first_seq: i64, n: usize, repos: u64, seed: u64) -> Vec<GenFrame
                     // event can be told apart.
                     ("app.bsky.actor.profile", TestOp::update(&format!("app.bsky.actor.profile/{rkey}"), &rec))
                 }
-                _ => ("com.example.custom.thing", TestOp::create(&format!("com.example.custom.thing/{rkey}"), &map(vec![("$type", s("com.example.custom.thing")), ("n", Ipld::Integer(counter as i128))]))),
+                _ => (
+                    "com.example.custom.thing",
+                    TestOp::create(
+                        &format!("com.example.custom.thing/{rkey}"),
+                        &map(vec![("$type", s("com.example.custom.thing")), ("n", Ipld::Integer(counter as i128))]),
+                    ),
+                ),
             };
             expected.push((did.clone(), "commit", coll.to_string(), rkey));
             ops.push(op);

@@ -41,7 +41,10 @@ impl Serve {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     if v["message"] == "listening" {
-                        let _ = tx.send((v["listener"].as_str().unwrap_or("").to_string(), v["addr"].as_str().unwrap_or("").to_string()));
+                        let _ = tx.send((
+                            v["listener"].as_str().unwrap_or("").to_string(),
+                            v["addr"].as_str().unwrap_or("").to_string(),
+                        ));
                     }
                 }
                 l2.lock().unwrap().push(line);

@@ -102,7 +102,11 @@ impl FakeRelay {
     }
 }
 
-async fn serve_conn(st: Arc<State>, ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>, cursor: Option<i64>) {
+async fn serve_conn(
+    st: Arc<State>,
+    ws: fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>,
+    cursor: Option<i64>,
+) {
     st.connections.fetch_add(1, Ordering::SeqCst);
     st.cursors.lock().unwrap().push(cursor);
     let faults = {
@@ -142,8 +146,13 @@ async fn serve_conn(st: Arc<State>, ws: fastwebsockets::WebSocket<hyper_util::rt
                 }
                 next += 1;
                 sent += 1;
-                if let Some(d) = faults.frame_interval {
-                    if faults.burst <= 1 || sent % faults.burst == 0 {
+                // Pacing is read live, so a test can slow down or speed up a connection.
+                let (interval, burst) = {
+                    let f = st.faults.lock().unwrap();
+                    (f.frame_interval, f.burst)
+                };
+                if let Some(d) = interval {
+                    if burst <= 1 || sent.is_multiple_of(burst) {
                         tokio::time::sleep(d).await;
                     }
                 }
