@@ -137,6 +137,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
     }
 
+    crate::util::sd_notify("READY=1");
+
     // Wait for a signal or for any task to end (each is critical while we run).
     let mut failure: Option<anyhow::Error> = None;
     tokio::select! {
@@ -159,6 +161,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         std::process::exit(130);
     });
 
+    crate::util::sd_notify("STOPPING=1");
     // In order: no new connections; subscribers get 1001 and a moment to drain; the reader
     // stops, so the sequencer writes what it has and ends; then the store is flushed.
     stop_accepting.cancel();

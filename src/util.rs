@@ -76,6 +76,36 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Tells systemd (`Type=notify`) about our state through `$NOTIFY_SOCKET`, e.g. `READY=1`.
+/// A no-op when not started by systemd.
+pub fn sd_notify(state: &str) {
+    #[cfg(unix)]
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        use std::os::unix::net::UnixDatagram;
+        let Ok(sock) = UnixDatagram::unbound() else { return };
+        let bytes = path.as_encoded_bytes();
+        let result = if let Some(name) = bytes.strip_prefix(b"@") {
+            // An abstract socket name (Linux).
+            #[cfg(target_os = "linux")]
+            {
+                use std::os::linux::net::SocketAddrExt;
+                std::os::unix::net::SocketAddr::from_abstract_name(name)
+                    .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+            }
+            #[cfg(not(target_os = "linux"))]
+            {
+                let _ = name;
+                return;
+            }
+        } else {
+            sock.send_to(state.as_bytes(), std::path::Path::new(&path))
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "sd_notify failed");
+        }
+    }
+}
+
 /// (year, month, day) of a count of days since 1970-01-01 (Howard Hinnant's algorithm).
 pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
