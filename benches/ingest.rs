@@ -46,7 +46,12 @@ fn bench(c: &mut Criterion) {
                         let mut events = Vec::new();
                         let info = tx.transcode(&f, &mut events, &mut Vec::new());
                         n += events.len();
-                        batch.push(IngestFrame { seq: s, relay_time_us: info.relay_time_us, events });
+                        batch.push(IngestFrame {
+                            seq: Some(s),
+                            relay_time_us: info.relay_time_us,
+                            events,
+                            keep_time: false,
+                        });
                         if n >= contrail::sequencer::MAX_BATCH_EVENTS {
                             seq.write(&mut batch).unwrap();
                             n = 0;

@@ -29,7 +29,15 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub ring: Ring,
     pub relay_reached: Arc<AtomicBool>,
+    /// Replica mode: the upstream in use.
+    pub upstream: Option<Arc<std::sync::Mutex<String>>>,
     pub started: Instant,
+}
+
+/// Where events come from: a relay (primary) or upstream Contrails (replica).
+enum Reader {
+    Relay(relay::Reader),
+    Upstream(crate::upstream::UpstreamReader),
 }
 
 type TaskResult = (&'static str, anyhow::Result<()>);
@@ -59,18 +67,39 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (ring, _) = broadcast::channel(config.ring_capacity);
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
     let sequencer = Sequencer::new(store.clone(), ring.clone(), metrics.clone(), config.relay_url.clone())?;
-    let reader = relay::Reader::new(
-        relay::RelayOptions {
-            url: config.relay_url.clone(),
-            max_frame_bytes: config.max_frame_bytes as usize,
-            idle_timeout: config.relay_idle_timeout,
-            backoff_min: config.relay_backoff_min,
-            backoff_max: config.relay_backoff_max,
-        },
-        start_seq,
-        metrics.clone(),
-        frames_tx,
-    )?;
+    let reader = if config.upstream_url.is_empty() {
+        let r = relay::Reader::new(
+            relay::RelayOptions {
+                url: config.relay_url.clone(),
+                max_frame_bytes: config.max_frame_bytes as usize,
+                idle_timeout: config.relay_idle_timeout,
+                backoff_min: config.relay_backoff_min,
+                backoff_max: config.relay_backoff_max,
+            },
+            start_seq,
+            metrics.clone(),
+            frames_tx,
+        )?;
+        Reader::Relay(r)
+    } else {
+        let r = crate::upstream::UpstreamReader::new(
+            crate::upstream::UpstreamOptions {
+                urls: config.upstream_url.clone(),
+                stale_timeout: config.upstream_stale_timeout,
+                backoff_min: config.relay_backoff_min,
+                backoff_max: config.relay_backoff_max,
+            },
+            store.last_time_us()?,
+            metrics.clone(),
+            frames_tx,
+        )?;
+        tracing::info!(upstreams = ?config.upstream_url, "replica mode");
+        Reader::Upstream(r)
+    };
+    let (relay_reached, upstream) = match &reader {
+        Reader::Relay(r) => (r.reached.clone(), None),
+        Reader::Upstream(u) => (u.reached.clone(), Some(u.current_url.clone())),
+    };
     let dictionary = crate::hub::compress::Dictionary::load(config.zstd_dictionary.as_deref())?;
     tracing::info!(dictionary_id = dictionary.id, bytes = dictionary.raw.len(), "zstd dictionary loaded");
     let hub = crate::hub::Hub {
@@ -98,7 +127,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         store: store.clone(),
         ring,
-        relay_reached: reader.reached.clone(),
+        relay_reached,
+        upstream,
         started: Instant::now(),
     });
 
@@ -112,8 +142,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     {
         let cancel = stop_reader.clone();
         tasks.spawn(async move {
-            reader.run(cancel).await;
-            ("relay reader", Ok(()))
+            match reader {
+                Reader::Relay(r) => r.run(cancel).await,
+                Reader::Upstream(u) => u.run(cancel).await,
+            }
+            ("reader", Ok(()))
         });
     }
     {

@@ -124,6 +124,15 @@ pub struct ServeConfig {
     /// Relay to read: a base URL (wss://bsky.network) or the full subscribeRepos URL.
     #[arg(long, env = "CONTRAIL_RELAY_URL", default_value = "wss://bsky.network")]
     pub relay_url: String,
+    /// Replica mode: follow these upstream Contrails' /subscribe (in order, failing over)
+    /// instead of a relay, keeping their time_us. Repeat the flag, or comma-separate.
+    #[arg(long = "upstream-url", env = "CONTRAIL_UPSTREAM_URL", value_delimiter = ',')]
+    pub upstream_url: Vec<String>,
+    /// Replica mode: switch to the next upstream after this long with no event and no
+    /// cursor message.
+    #[arg(long, env = "CONTRAIL_UPSTREAM_STALE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub upstream_stale_timeout: Duration,
     /// Public listener (/subscribe, status page, health). Port 0 picks a free port.
     #[arg(long, env = "CONTRAIL_LISTEN", default_value = "0.0.0.0:6008")]
     pub listen: SocketAddr,
@@ -264,6 +273,14 @@ impl ServeConfig {
             if !p.is_file() {
                 return err("zstd-dictionary", &format!("{} is not a file", p.display()));
             }
+        }
+        for u in &self.upstream_url {
+            if let Err(e) = crate::relay::RelayUrl::parse_with_path(u, "/subscribe") {
+                return err("upstream-url", &e.to_string());
+            }
+        }
+        if self.upstream_stale_timeout < Duration::from_secs(3) {
+            return err("upstream-stale-timeout", "must be at least 3s (cursor messages come every stale-timeout/3)");
         }
         if let Err(e) = crate::relay::RelayUrl::parse(&self.relay_url) {
             return err("relay-url", &e.to_string());

@@ -21,4 +21,5 @@ pub mod status_page;
 pub mod store;
 pub mod syntax;
 pub mod transcode;
+pub mod upstream;
 pub mod util;

@@ -38,6 +38,16 @@ pub struct Metrics {
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
     pub rejected_requests: IntCounterVec,
+    // replica mode
+    pub replication_lag_seconds: prometheus::Gauge,
+    pub upstream_tip_distance_seconds: prometheus::Gauge,
+    pub upstream_switches: IntCounter,
+}
+
+fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
+    let g = prometheus::Gauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric name");
+    g
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -95,15 +105,11 @@ impl Metrics {
             ),
             relay_connected: gauge(&r, "contrail_relay_connected", "1 while the relay socket is open."),
             relay_last_seq: gauge(&r, "contrail_relay_last_seq", "Last relay seq persisted."),
-            relay_lag_seconds: {
-                let g = prometheus::Gauge::new(
-                    "contrail_relay_lag_seconds",
-                    "Now minus the relay time of the last frame persisted.",
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric name");
-                g
-            },
+            relay_lag_seconds: float_gauge(
+                &r,
+                "contrail_relay_lag_seconds",
+                "Now minus the relay time of the last frame persisted.",
+            ),
             relay_seq_gaps: counter(&r, "contrail_relay_seq_gaps_total", "Frames whose seq skipped ahead of last + 1."),
             relay_duplicates: counter(
                 &r,
@@ -176,6 +182,21 @@ impl Metrics {
                 "contrail_hub_rejected_requests_total",
                 "Subscribe requests refused, by reason.",
                 &["reason"],
+            ),
+            replication_lag_seconds: float_gauge(
+                &r,
+                "contrail_replication_lag_seconds",
+                "Replica: now minus the time_us of the last event received from the upstream.",
+            ),
+            upstream_tip_distance_seconds: float_gauge(
+                &r,
+                "contrail_upstream_tip_distance_seconds",
+                "Replica: how far the upstream's last cursor message is ahead of our newest event.",
+            ),
+            upstream_switches: counter(
+                &r,
+                "contrail_upstream_switches_total",
+                "Replica: switches to the next upstream in the list.",
             ),
             registry: r,
         };

@@ -60,12 +60,15 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
     let events: u64 =
         ["commit", "identity", "account"].iter().map(|k| m.events_ingested.with_label_values(&[k]).get()).sum();
     let subscribers = shared.hub.admission.connected();
+    let upstream = shared.upstream.as_ref().map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).clone());
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "role": "primary",
+        "role": if upstream.is_some() { "replica" } else { "primary" },
+        "upstream": upstream,
+        "replication_lag_seconds": m.replication_lag_seconds.get(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "relay": {
-            "url": shared.config.relay_url,
+            "url": if shared.upstream.is_some() { None } else { Some(&shared.config.relay_url) },
             "connected": m.relay_connected.get() == 1,
             "seq": m.relay_last_seq.get(),
             "lag_seconds": m.relay_lag_seconds.get(),

@@ -47,6 +47,12 @@ pub struct RelayUrl {
 impl RelayUrl {
     /// Accepts a base URL (`wss://bsky.network`) or the full subscribeRepos URL.
     pub fn parse(url: &str) -> anyhow::Result<RelayUrl> {
+        Self::parse_with_path(url, SUBSCRIBE_PATH)
+    }
+
+    /// Like [`RelayUrl::parse`], with another endpoint path appended to base URLs (a replica's
+    /// upstream is a Contrail `/subscribe`).
+    pub fn parse_with_path(url: &str, endpoint: &str) -> anyhow::Result<RelayUrl> {
         let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("ws://") {
@@ -72,9 +78,9 @@ impl RelayUrl {
             bail!("relay URL has no host: {url}");
         }
         let path = match path.trim_end_matches('/') {
-            "" => SUBSCRIBE_PATH.to_string(),
-            p if p.ends_with(SUBSCRIBE_PATH) => p.to_string(),
-            p => format!("{p}{SUBSCRIBE_PATH}"),
+            "" => endpoint.to_string(),
+            p if p.ends_with(endpoint) => p.to_string(),
+            p => format!("{p}{endpoint}"),
         };
         let query =
             query.split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("cursor=")).map(str::to_string).collect();
@@ -83,10 +89,13 @@ impl RelayUrl {
 
     /// The request target, with `cursor` when resuming.
     pub fn target(&self, cursor: Option<i64>) -> String {
+        self.target_with(cursor.map(|c| format!("cursor={c}")).into_iter())
+    }
+
+    /// The request target with extra query parameters.
+    pub fn target_with(&self, extra: impl Iterator<Item = String>) -> String {
         let mut q = self.query.clone();
-        if let Some(c) = cursor {
-            q.push(format!("cursor={c}"));
-        }
+        q.extend(extra);
         if q.is_empty() {
             self.path.clone()
         } else {
@@ -128,16 +137,17 @@ where
     }
 }
 
-type Ws = fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+pub(crate) type Ws = fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
-async fn connect(url: &RelayUrl, cursor: Option<i64>) -> anyhow::Result<Ws> {
+/// Opens a websocket to `url` with the given request target (path and query).
+pub(crate) async fn connect(url: &RelayUrl, target: String) -> anyhow::Result<Ws> {
     let tcp = TcpStream::connect((url.host.trim_matches(|c| c == '[' || c == ']'), url.port))
         .await
         .with_context(|| format!("connecting to {}:{}", url.host, url.port))?;
     tcp.set_nodelay(true)?;
     let req = hyper::Request::builder()
         .method("GET")
-        .uri(url.target(cursor))
+        .uri(target)
         .header(HOST, url.host_header())
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
@@ -257,7 +267,7 @@ impl Reader {
 
     async fn session(&mut self, cursor: Option<i64>) -> Ended {
         tracing::info!(host = %self.url.host, cursor, "connecting to relay");
-        let ws = match connect(&self.url, cursor).await {
+        let ws = match connect(&self.url, self.url.target(cursor)).await {
             Ok(ws) => ws,
             Err(e) => {
                 self.metrics.relay_errors.with_label_values(&["connect"]).inc();
@@ -338,7 +348,7 @@ impl Reader {
             m.relay_seq_gaps.inc();
         }
         self.last_seq = seq;
-        let frame = IngestFrame { seq, relay_time_us: info.relay_time_us, events };
+        let frame = IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, keep_time: false };
         if self.tx.send(frame).await.is_err() {
             bail!("sequencer stopped");
         }

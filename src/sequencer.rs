@@ -47,13 +47,17 @@ pub fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
-/// What the relay reader hands over for one frame: its events (not yet stamped) and the
-/// relay seq that, once they are written, the cursor may advance to.
+/// What a reader hands over for one frame: its events and the relay seq that, once they are
+/// written, the cursor may advance to.
 #[derive(Debug)]
 pub struct IngestFrame {
-    pub seq: i64,
+    /// The relay seq; `None` from an upstream Contrail (a replica resumes from its log).
+    pub seq: Option<i64>,
     pub relay_time_us: Option<i64>,
     pub events: Vec<Event>,
+    /// The events already carry their `time_us` (a replica keeps the primary's) instead of
+    /// being stamped here. The upstream reader guarantees they increase.
+    pub keep_time: bool,
 }
 
 /// The shared broadcast ring the hub reads live events from.
@@ -88,23 +92,41 @@ impl Sequencer {
     /// Stamps, persists and publishes the events of `frames` (in order), with the cursor of
     /// the last frame. Store failure is fatal to the caller (DESIGN.md invariant 6).
     pub fn write(&mut self, frames: &mut Vec<IngestFrame>) -> Result<(), StoreError> {
-        let Some(last) = frames.last() else { return Ok(()) };
-        let cursor = RelayCursor { url: self.relay_url.clone(), seq: last.seq };
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let cursor =
+            frames.iter().rev().find_map(|f| f.seq).map(|seq| RelayCursor { url: self.relay_url.clone(), seq });
         let relay_time = frames.iter().rev().find_map(|f| f.relay_time_us);
         let mut events: Vec<Event> = Vec::with_capacity(frames.iter().map(|f| f.events.len()).sum());
         for f in frames.drain(..) {
-            events.extend(f.events);
-        }
-        for e in events.iter_mut() {
-            let now = (self.clock)();
-            e.stamp(self.stamper.next(now));
+            for mut e in f.events {
+                if f.keep_time {
+                    if e.time_us <= self.stamper.last() {
+                        // The upstream reader checks this; never write a key out of order.
+                        tracing::error!(
+                            time_us = e.time_us,
+                            last = self.stamper.last(),
+                            "upstream event out of order, skipped"
+                        );
+                        continue;
+                    }
+                    self.stamper = Stamper::new(e.time_us);
+                } else {
+                    let now = (self.clock)();
+                    e.stamp(self.stamper.next(now));
+                }
+                events.push(e);
+            }
         }
         let started = std::time::Instant::now();
-        self.store.append(events.iter(), Some(&cursor))?;
+        self.store.append(events.iter(), cursor.as_ref())?;
         let m = &self.metrics;
         m.store_write_seconds.observe(started.elapsed().as_secs_f64());
         m.store_batch_events.observe(events.len() as f64);
-        m.relay_last_seq.set(cursor.seq);
+        if let Some(c) = &cursor {
+            m.relay_last_seq.set(c.seq);
+        }
         if let Some(t) = relay_time {
             m.relay_lag_seconds.set((now_us() as i64 - t) as f64 / 1e6);
         }

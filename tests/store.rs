@@ -37,7 +37,13 @@ fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
         if i == 5 {
             clock.store(1_800_000_000_000_000 - 3_600_000_000, Ordering::SeqCst);
         }
-        seq.write(&mut vec![IngestFrame { seq: i + 1, relay_time_us: None, events: events(3, i + 1) }]).unwrap();
+        seq.write(&mut vec![IngestFrame {
+            seq: Some(i + 1),
+            relay_time_us: None,
+            events: events(3, i + 1),
+            keep_time: false,
+        }])
+        .unwrap();
     }
     let stored = store.read_from(0, 1000).unwrap();
     assert_eq!(stored.len(), 30);
@@ -56,7 +62,8 @@ fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
     let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://relay".into())
         .unwrap()
         .with_clock(|| 1_000);
-    seq.write(&mut vec![IngestFrame { seq: 11, relay_time_us: None, events: events(2, 11) }]).unwrap();
+    seq.write(&mut vec![IngestFrame { seq: Some(11), relay_time_us: None, events: events(2, 11), keep_time: false }])
+        .unwrap();
     let after = store.read_from(last + 1, 10).unwrap();
     assert_eq!(after.iter().map(|e| e.time_us).collect::<Vec<_>>(), vec![last + 1, last + 2]);
 

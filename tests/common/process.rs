@@ -23,7 +23,11 @@ impl Serve {
     /// Starts `contrail serve` on loopback with free ports; `extra` are more flags.
     pub fn start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Serve {
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--relay-url", relay_url])
+        cmd.arg("serve");
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--metrics-listen", "127.0.0.1:0", "--relay-url", relay_url])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--relay-backoff-min", "50ms", "--relay-backoff-max", "200ms", "--sync-writes", "false"])
