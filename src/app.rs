@@ -7,7 +7,7 @@ use crate::metrics::Metrics;
 use crate::relay;
 use crate::sequencer::{now_us, Ring, Sequencer};
 use crate::server;
-use crate::store::{Store, StoreOptions};
+use crate::store::{Log, Store, StoreOptions};
 use anyhow::Context;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ pub struct Shared {
     pub config: ServeConfig,
     pub hub: crate::hub::Hub,
     pub metrics: Arc<Metrics>,
-    pub store: Arc<Store>,
+    pub store: Arc<Log>,
     pub ring: Ring,
     pub relay_reached: Arc<AtomicBool>,
     /// Replica mode: the upstream in use.
@@ -45,10 +45,13 @@ type TaskResult = (&'static str, anyhow::Result<()>);
 /// Runs `contrail serve` until SIGINT/SIGTERM or a critical task fails.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(
-        Store::open(&config.data_dir, StoreOptions { sync_writes: config.sync_writes })
-            .with_context(|| format!("opening the log in {}", config.data_dir.display()))?,
-    );
+    let store = Arc::new(match config.store {
+        crate::config::StoreKind::Rocksdb => Log::Rocks(
+            Store::open(&config.data_dir, StoreOptions { sync_writes: config.sync_writes })
+                .with_context(|| format!("opening the log in {}", config.data_dir.display()))?,
+        ),
+        crate::config::StoreKind::Memory => Log::Memory(crate::memlog::MemoryLog::new(config.memory_bytes)),
+    });
     let start_seq = match store.relay_cursor()? {
         Some(c) if c.url == config.relay_url => Some(c.seq),
         Some(c) => {
@@ -58,7 +61,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    tracing::info!(data_dir = %config.data_dir.display(), relay_seq = start_seq, last_time_us = store.last_time_us()?, "log opened");
+    tracing::info!(store = ?config.store, data_dir = %config.data_dir.display(), relay_seq = start_seq, last_time_us = store.last_time_us()?, "log opened");
     update_store_gauges(&store, &metrics);
     if let Some(seq) = start_seq {
         metrics.relay_last_seq.set(seq);
@@ -251,7 +254,7 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-fn update_store_gauges(store: &Store, metrics: &Metrics) {
+fn update_store_gauges(store: &Log, metrics: &Metrics) {
     metrics.store_disk_bytes.set(store.disk_bytes() as i64);
     if let Ok(Some(t)) = store.oldest_time_us() {
         metrics.store_oldest_time_us.set(t as i64);
@@ -263,7 +266,7 @@ fn update_store_gauges(store: &Store, metrics: &Metrics) {
 
 /// Retention by age, then by disk budget, on a blocking thread every `trim_interval`.
 async fn retention_loop(
-    store: Arc<Store>,
+    store: Arc<Log>,
     metrics: Arc<Metrics>,
     cfg: ServeConfig,
     cancel: CancellationToken,
@@ -279,7 +282,7 @@ async fn retention_loop(
 }
 
 /// One retention pass. Public for tests.
-pub fn enforce_retention(store: &Store, metrics: &Metrics, cfg: &ServeConfig) -> anyhow::Result<()> {
+pub fn enforce_retention(store: &Log, metrics: &Metrics, cfg: &ServeConfig) -> anyhow::Result<()> {
     let cutoff = now_us().saturating_sub(cfg.retention.as_micros() as u64);
     if store.oldest_time_us()?.is_some_and(|t| t < cutoff) {
         store.trim_before(cutoff)?;

@@ -99,6 +99,16 @@ pub enum Inspect {
     },
 }
 
+/// Where the event log lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// RocksDB in --data-dir: durable, replayable for --retention.
+    Rocksdb,
+    /// A bounded in-memory window (live-only fan-out nodes): nothing survives a restart.
+    Memory,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -118,6 +128,12 @@ pub struct ServeConfig {
     #[serde(skip)]
     pub validate_only: bool,
 
+    /// Where the log lives: rocksdb (durable) or memory (a bounded live-only window).
+    #[arg(long, env = "CONTRAIL_STORE", default_value = "rocksdb", value_enum)]
+    pub store: StoreKind,
+    /// With --store memory: most bytes the window holds (the oldest events go first).
+    #[arg(long, env = "CONTRAIL_MEMORY_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub memory_bytes: u64,
     /// Directory of the embedded RocksDB event log.
     #[arg(long, env = "CONTRAIL_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -256,6 +272,9 @@ impl ServeConfig {
         }
         if self.relay_backoff_min.is_zero() || self.relay_backoff_max < self.relay_backoff_min {
             return err("relay-backoff-max", "must be at least relay-backoff-min, which must be more than 0");
+        }
+        if self.store == StoreKind::Memory && self.memory_bytes < 1 << 20 {
+            return err("memory-bytes", "must be at least 1MiB");
         }
         if self.ring_capacity < 16 {
             return err("ring-capacity", "must be at least 16");

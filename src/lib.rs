@@ -12,6 +12,7 @@ pub mod event;
 pub mod framefile;
 pub mod hub;
 pub mod inspect;
+pub mod memlog;
 pub mod metrics;
 pub mod public;
 pub mod relay;

@@ -12,7 +12,7 @@
 
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::store::{RelayCursor, Store, StoreError};
+use crate::store::{Log, RelayCursor, StoreError};
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc};
 
@@ -64,7 +64,7 @@ pub struct IngestFrame {
 pub type Ring = broadcast::Sender<Arc<Event>>;
 
 pub struct Sequencer {
-    store: Arc<Store>,
+    store: Arc<Log>,
     ring: Ring,
     metrics: Arc<Metrics>,
     relay_url: String,
@@ -74,7 +74,7 @@ pub struct Sequencer {
 
 impl Sequencer {
     /// Resumes after the newest `time_us` in `store`.
-    pub fn new(store: Arc<Store>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, StoreError> {
+    pub fn new(store: Arc<Log>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, StoreError> {
         let stamper = Stamper::new(store.last_time_us()?);
         Ok(Sequencer { store, ring, metrics, relay_url, stamper, clock: Box::new(now_us) })
     }
@@ -132,6 +132,12 @@ impl Sequencer {
         }
         if let Some(e) = events.last() {
             m.store_newest_time_us.set(e.time_us as i64);
+        }
+        if let Log::Memory(mem) = &*self.store {
+            // A live-only window moves with every append (cheap in memory; RocksDB's figures
+            // are refreshed by the retention loop instead).
+            m.store_oldest_time_us.set(mem.oldest_time_us().unwrap_or(0) as i64);
+            m.store_disk_bytes.set(mem.bytes() as i64);
         }
         for e in events {
             m.events_ingested.with_label_values(&[e.kind.as_str()]).inc();

@@ -77,6 +77,98 @@ pub struct Store {
     _secondary_dir: RemoveOnDrop,
 }
 
+/// The log, on disk (RocksDB) or — for live-only nodes — a bounded window in memory.
+pub enum Log {
+    Rocks(Store),
+    Memory(crate::memlog::MemoryLog),
+}
+
+impl Log {
+    pub fn relay_cursor(&self) -> Result<Option<RelayCursor>> {
+        match self {
+            Log::Rocks(s) => s.relay_cursor(),
+            Log::Memory(m) => Ok(m.relay_cursor()),
+        }
+    }
+
+    pub fn last_time_us(&self) -> Result<u64> {
+        match self {
+            Log::Rocks(s) => s.last_time_us(),
+            Log::Memory(m) => Ok(m.last_time_us()),
+        }
+    }
+
+    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a Event>, cursor: Option<&RelayCursor>) -> Result<()> {
+        match self {
+            Log::Rocks(s) => s.append(events, cursor),
+            Log::Memory(m) => {
+                m.append(events, cursor);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
+        match self {
+            Log::Rocks(s) => s.scan(from, limit, f),
+            Log::Memory(m) => Ok(m.scan(from, limit, f)),
+        }
+    }
+
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Event>> {
+        match self {
+            Log::Rocks(s) => s.read_from(from, limit),
+            Log::Memory(m) => Ok(m.read_from(from, limit)),
+        }
+    }
+
+    pub fn oldest_time_us(&self) -> Result<Option<u64>> {
+        match self {
+            Log::Rocks(s) => s.oldest_time_us(),
+            Log::Memory(m) => Ok(m.oldest_time_us()),
+        }
+    }
+
+    pub fn newest_time_us(&self) -> Result<Option<u64>> {
+        match self {
+            Log::Rocks(s) => s.newest_time_us(),
+            Log::Memory(m) => Ok(m.newest_time_us()),
+        }
+    }
+
+    pub fn trim_before(&self, cutoff: u64) -> Result<()> {
+        match self {
+            Log::Rocks(s) => s.trim_before(cutoff),
+            Log::Memory(m) => {
+                m.trim_before(cutoff);
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes held: on disk for RocksDB, in memory for a live-only window.
+    pub fn disk_bytes(&self) -> u64 {
+        match self {
+            Log::Rocks(s) => s.disk_bytes(),
+            Log::Memory(m) => m.bytes(),
+        }
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        match self {
+            Log::Rocks(s) => s.flush(),
+            Log::Memory(_) => Ok(()),
+        }
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        match self {
+            Log::Rocks(s) => s.stats(),
+            Log::Memory(m) => Ok(m.stats()),
+        }
+    }
+}
+
 struct RemoveOnDrop(Option<PathBuf>);
 
 impl Drop for RemoveOnDrop {

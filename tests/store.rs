@@ -6,7 +6,7 @@ use common::frames::{commit_frame, like_record, TestOp};
 use contrail::event::Event;
 use contrail::metrics::Metrics;
 use contrail::sequencer::{IngestFrame, Sequencer};
-use contrail::store::{RelayCursor, Store, StoreOptions};
+use contrail::store::{Log, RelayCursor, Store, StoreOptions};
 use contrail::transcode::Transcoder;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +25,7 @@ fn events(n: usize, seq: i64) -> Vec<Event> {
 #[test]
 fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+    let store = Arc::new(Log::Rocks(Store::open(dir.path(), StoreOptions::default()).unwrap()));
     let (ring, mut rx) = tokio::sync::broadcast::channel(1024);
     // A clock that jumps back by an hour halfway through.
     let clock = Arc::new(AtomicU64::new(1_800_000_000_000_000));
@@ -58,7 +58,7 @@ fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
     drop(store);
 
     // Restart with the clock still in the past: stamping continues after the last event.
-    let store = Arc::new(Store::open(dir.path(), StoreOptions::default()).unwrap());
+    let store = Arc::new(Log::Rocks(Store::open(dir.path(), StoreOptions::default()).unwrap()));
     let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://relay".into())
         .unwrap()
         .with_clock(|| 1_000);

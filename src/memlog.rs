@@ -1,0 +1,120 @@
+//! The live-only log (`--store memory`): a bounded in-memory window of recent events for
+//! cheap, stateless fan-out nodes. Bounded by age (`--retention`) and by bytes
+//! (`--memory-bytes`): appending past the byte budget drops the oldest events at once.
+//! Nothing survives a restart; a cursor older than the window starts at its oldest event.
+
+use crate::event::Event;
+use crate::store::{RelayCursor, StoreStats};
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+/// Per-event bookkeeping cost counted against the budget (B-tree node share, key, box).
+const ENTRY_OVERHEAD: u64 = 64;
+
+pub struct MemoryLog {
+    max_bytes: u64,
+    inner: RwLock<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    events: BTreeMap<u64, Box<[u8]>>,
+    bytes: u64,
+    last_time_us: u64,
+    cursor: Option<RelayCursor>,
+}
+
+impl Inner {
+    fn pop_oldest(&mut self) {
+        if let Some((_, v)) = self.events.pop_first() {
+            self.bytes -= v.len() as u64 + ENTRY_OVERHEAD;
+        }
+    }
+}
+
+impl MemoryLog {
+    pub fn new(max_bytes: u64) -> Self {
+        MemoryLog { max_bytes, inner: RwLock::new(Inner::default()) }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn relay_cursor(&self) -> Option<RelayCursor> {
+        self.read().cursor.clone()
+    }
+
+    pub fn last_time_us(&self) -> u64 {
+        self.read().last_time_us
+    }
+
+    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a Event>, cursor: Option<&RelayCursor>) {
+        let mut value = Vec::new();
+        let mut g = self.write();
+        for e in events {
+            e.encode_value(&mut value);
+            g.bytes += value.len() as u64 + ENTRY_OVERHEAD;
+            g.events.insert(e.time_us, value.as_slice().into());
+            g.last_time_us = g.last_time_us.max(e.time_us);
+        }
+        while g.bytes > self.max_bytes && !g.events.is_empty() {
+            g.pop_oldest();
+        }
+        if let Some(c) = cursor {
+            g.cursor = Some(c.clone());
+        }
+    }
+
+    pub fn scan(&self, from: u64, limit: usize, mut f: impl FnMut(u64, &[u8]) -> bool) -> usize {
+        let g = self.read();
+        let mut n = 0;
+        for (t, v) in g.events.range(from..).take(limit) {
+            n += 1;
+            if !f(*t, v) {
+                break;
+            }
+        }
+        n
+    }
+
+    pub fn read_from(&self, from: u64, limit: usize) -> Vec<Event> {
+        let g = self.read();
+        g.events.range(from..).take(limit).filter_map(|(t, v)| Event::decode_value(*t, v)).collect()
+    }
+
+    pub fn oldest_time_us(&self) -> Option<u64> {
+        self.read().events.keys().next().copied()
+    }
+
+    pub fn newest_time_us(&self) -> Option<u64> {
+        self.read().events.keys().next_back().copied()
+    }
+
+    pub fn trim_before(&self, cutoff: u64) {
+        let mut g = self.write();
+        while g.events.first_key_value().is_some_and(|(t, _)| *t < cutoff) {
+            g.pop_oldest();
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.read().bytes
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let g = self.read();
+        StoreStats {
+            events: g.events.len() as u64,
+            oldest_time_us: g.events.keys().next().copied(),
+            newest_time_us: g.events.keys().next_back().copied(),
+            relay_url: g.cursor.as_ref().map(|c| c.url.clone()),
+            relay_seq: g.cursor.as_ref().map(|c| c.seq),
+            disk_bytes: g.bytes,
+        }
+    }
+}
