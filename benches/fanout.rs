@@ -1,0 +1,313 @@
+//! Fan-out over loopback, the server being the real `contrail serve` (release) in its own
+//! process and the clients real websocket clients in this one:
+//! (a) replay throughput to one subscriber, uncompressed and compressed, beside a raw
+//!     loopback TCP write of the same bytes, measured in the same run;
+//! (b) live fan-out to 1, 100 and 1,000 subscribers with mixed filters at ~5,000 events/s:
+//!     server CPU, p50/p99 delivery latency (event `time_us` → client receive);
+//! (c) server RSS per idle subscriber with 10,000 connections open.
+//! `ulimit -n 65536; cargo bench --bench fanout` (prints a report; not a criterion bench:
+//! these are whole-system measurements).
+
+#[path = "../tests/common/client.rs"]
+#[allow(dead_code)]
+mod client;
+#[path = "../tests/common/frames.rs"]
+#[allow(dead_code)]
+mod frames;
+#[path = "../tests/common/relay.rs"]
+#[allow(dead_code)]
+mod relay;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Server {
+    child: Child,
+    public: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &std::path::Path, relay: &str) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--relay-url", relay])
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--max-events-per-second-per-ip",
+            "0",
+            "--max-connections-per-ip",
+            "20000",
+            "--max-subscribers",
+            "20000",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("contrail starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "listening" {
+                    let _ = tx.send((
+                        v["listener"].as_str().unwrap().to_string(),
+                        v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap(),
+                    ));
+                }
+            }
+        }
+    });
+    let (mut public, mut metrics) = (None, None);
+    while public.is_none() || metrics.is_none() {
+        let (n, a) = rx.recv_timeout(Duration::from_secs(20)).expect("server listening");
+        if n == "public" {
+            public = Some(a)
+        } else {
+            metrics = Some(a)
+        }
+    }
+    Server { child, public: public.unwrap(), metrics: metrics.unwrap() }
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+async fn replay(server: &Server, n: usize, compress: bool) -> (f64, f64) {
+    let q = if compress { "/subscribe?cursor=0&compress=true" } else { "/subscribe?cursor=0" };
+    let mut ws = client::connect(server.public, q, &[]).await.unwrap();
+    let start = Instant::now();
+    let (mut got, mut bytes) = (0usize, 0usize);
+    while got < n {
+        let f = ws.read_frame().await.unwrap();
+        bytes += f.payload.len();
+        got += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    (got as f64 / secs, bytes as f64 / secs / 1e6)
+}
+
+/// The same bytes written raw over a loopback TCP socket (with 4 bytes of framing each).
+async fn raw_loopback(sizes: &[usize]) -> (f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let total: usize = sizes.iter().map(|s| s + 4).sum();
+    let sizes = sizes.to_vec();
+    let writer = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let max = sizes.iter().copied().max().unwrap_or(0);
+        let buf = vec![b'x'; max + 4];
+        for n in sizes {
+            s.write_all(&buf[..n + 4]).await.unwrap();
+        }
+    });
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let start = Instant::now();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut read = 0;
+    while read < total {
+        read += c.read(&mut buf).await.unwrap();
+    }
+    writer.await.unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    (read as f64 / secs / 1e6, secs)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        // `cargo test --all-targets` runs bench binaries without --bench: this whole-system
+        // measurement only runs under `cargo bench`.
+        println!("fanout: skipped outside `cargo bench`");
+        return;
+    }
+    println!(
+        "machine: {} cores; {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .unwrap_or("")
+            .trim()
+    );
+    let relay = relay::FakeRelay::start().await;
+    let gen = frames::generate(1, 100_000, 5_000, 5);
+    let total_events: usize = gen.iter().map(|g| g.expected.len()).sum();
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &relay.url());
+    let t = Instant::now();
+    while (metric(server.metrics, "contrail_relay_last_seq") as usize) < gen.len() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("ingested {total_events} events ({} frames) in {:.2} s", gen.len(), t.elapsed().as_secs_f64());
+
+    // (a) replay
+    let sizes: Vec<usize> = {
+        let mut ws = client::connect(server.public, "/subscribe?cursor=0", &[]).await.unwrap();
+        let mut v = Vec::with_capacity(total_events);
+        while v.len() < total_events {
+            v.push(ws.read_frame().await.unwrap().payload.len());
+        }
+        v
+    };
+    for round in 0..2 {
+        let (raw_mbs, raw_secs) = raw_loopback(&sizes).await;
+        let (eps, mbs) = replay(&server, total_events, false).await;
+        let (zeps, zmbs) = replay(&server, total_events, true).await;
+        println!(
+            "(a) round {round}: replay uncompressed {eps:.0} events/s ({mbs:.1} MB/s, {:.0}% of raw loopback {raw_mbs:.1} MB/s = {:.0} events/s); compressed {zeps:.0} events/s ({zmbs:.1} MB/s)",
+            100.0 * mbs / raw_mbs,
+            total_events as f64 / raw_secs
+        );
+    }
+
+    // (b) live fan-out at ~5,000 events/s
+    let rate_frames_per_ms = 4; // × ~1.2 events/frame ≈ 5,000 events/s
+    let pid = server.child.id();
+    for subs in [1usize, 100, 1000] {
+        let mut clients = Vec::new();
+        for i in 0..subs {
+            let q = match i % 4 {
+                0 => "/subscribe".to_string(),
+                1 => "/subscribe?wantedCollections=app.bsky.feed.like".to_string(),
+                2 => "/subscribe?wantedCollections=app.bsky.feed.*&compress=true".to_string(),
+                _ => format!("/subscribe?wantedDids={}", frames::did_for(i as u64 % 5_000)),
+            };
+            clients.push(client::connect(server.public, &q, &[]).await.unwrap());
+        }
+        let more = frames::generate(1_000_000 + subs as i64 * 100_000, 40_000, 5_000, subs as u64);
+        relay.set_faults(relay::Faults {
+            frame_interval: Some(Duration::from_millis(1)),
+            burst: rate_frames_per_ms,
+            ..Default::default()
+        });
+        let lat = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for mut ws in clients {
+            let (lat, stop) = (lat.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                let mut dec =
+                    zstd::bulk::Decompressor::with_dictionary(contrail::hub::compress::DEFAULT_DICTIONARY).unwrap();
+                let mut local = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(Ok(f)) = tokio::time::timeout(Duration::from_millis(200), ws.read_frame()).await else {
+                        continue;
+                    };
+                    let now = now_us();
+                    let json = if f.opcode == fastwebsockets::OpCode::Binary {
+                        dec.decompress(&f.payload, 1 << 20).unwrap()
+                    } else {
+                        f.payload.to_vec()
+                    };
+                    // time_us is the 2nd field: parse it without a JSON parser.
+                    let s = std::str::from_utf8(&json).unwrap();
+                    if let Some(i) = s.find("\"time_us\":") {
+                        let t: u64 = s[i + 10..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+                        local.push(now.saturating_sub(t));
+                    }
+                }
+                lat.lock().unwrap().extend(local);
+            }));
+        }
+        let cpu0 = cpu_seconds(pid);
+        let t0 = Instant::now();
+        for g in &more {
+            relay.push(g.seq, g.frame.clone());
+        }
+        let last = more.last().unwrap().seq;
+        while (metric(server.metrics, "contrail_relay_last_seq") as i64) < last {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(pid) - cpu0;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in readers {
+            r.await.unwrap();
+        }
+        relay.set_faults(relay::Faults::default());
+        let mut l = lat.lock().unwrap().clone();
+        l.sort_unstable();
+        let pct = |p: f64| {
+            l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        let ingested: usize = more.iter().map(|g| g.expected.len()).sum();
+        println!(
+            "(b) {subs} subscribers: {:.0} events/s in for {secs:.1} s, {} deliveries, server CPU {:.2} cores, latency p50 {:.2} ms p99 {:.2} ms",
+            ingested as f64 / secs,
+            l.len(),
+            cpu / secs,
+            pct(0.50),
+            pct(0.99)
+        );
+    }
+
+    // (c) RSS per idle subscriber
+    let rss0 = proc_field(pid, "status", "VmRSS:");
+    let mut idle = Vec::new();
+    let n = 10_000;
+    for _ in 0..n {
+        match client::connect(server.public, "/subscribe?wantedCollections=com.example.nothing.at.all", &[]).await {
+            Ok(ws) => idle.push(ws),
+            Err(e) => {
+                println!("(c) stopped at {} connections: {e}", idle.len());
+                break;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = proc_field(pid, "status", "VmRSS:");
+    println!(
+        "(c) {} idle subscribers: server RSS {rss0} kB → {rss1} kB, {:.1} KiB per subscriber",
+        idle.len(),
+        (rss1.saturating_sub(rss0)) as f64 / idle.len().max(1) as f64
+    );
+}
