@@ -310,4 +310,28 @@ async fn main() {
         idle.len(),
         (rss1.saturating_sub(rss0)) as f64 / idle.len().max(1) as f64
     );
+    drop(idle);
+
+    // Disk per event, for the README's sizing: stop the server (it flushes), then compact.
+    drop(server);
+    let store = contrail::store::Store::open(dir.path(), contrail::store::StoreOptions::default()).unwrap();
+    let stats = store.stats().unwrap();
+    let json: u64 = {
+        let mut n = 0u64;
+        store
+            .scan(0, usize::MAX, |_, v| {
+                n += v.len() as u64;
+                true
+            })
+            .unwrap();
+        n
+    };
+    store.compact().unwrap();
+    println!(
+        "(d) log: {} events, {:.0} B of stored value per event; on disk after compaction {:.0} B per event ({:.2} of raw)",
+        stats.events,
+        json as f64 / stats.events as f64,
+        store.disk_bytes() as f64 / stats.events as f64,
+        store.disk_bytes() as f64 / json as f64
+    );
 }

@@ -411,6 +411,13 @@ impl Store {
         })
     }
 
+    /// Compacts the whole event range to the bottom level (tools and benchmarks).
+    pub fn compact(&self) -> Result<()> {
+        self.db.flush_cf(self.events())?;
+        self.db.compact_range_cf(self.events(), None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
     /// Flushes memtables (for a clean shutdown; the WAL already made writes durable).
     pub fn flush(&self) -> Result<()> {
         self.db.flush_cf(self.events())?;
