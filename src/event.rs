@@ -116,7 +116,7 @@ impl Event {
     /// Sets `time_us`, rewriting its digits in the JSON.
     pub fn stamp(&mut self, time_us: u64) {
         let mut buf = [0u8; 20];
-        let digits = format_u64(&mut buf, time_us);
+        let digits = crate::util::format_u64(&mut buf, time_us);
         if digits.len() == self.time.len() {
             self.json[self.time.clone()].copy_from_slice(digits);
         } else {
@@ -238,19 +238,6 @@ pub fn view_value(value: &[u8]) -> Option<EventView<'_>> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-fn format_u64(buf: &mut [u8; 20], mut n: u64) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 #[cfg(test)]

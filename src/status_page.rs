@@ -38,7 +38,7 @@ async function tick(){
   const s=await (await fetch('/status',{cache:'no-store'})).json(); const now=performance.now();
   $('role').textContent=s.role+(s.upstream?' of '+s.upstream:''); $('ver').textContent='v'+s.version;
   $('up').textContent=s.relay.connected?'connected':'disconnected'; $('up').className='v '+(s.relay.connected?'ok':'bad');
-  $('url').textContent=s.relay.url;
+  $('url').textContent=s.relay.url||s.upstream||'';
   if(prev){const r=(s.ingest.events_total-prev.s.ingest.events_total)/((now-prev.t)/1000);$('rate').textContent=Math.max(0,r).toFixed(0);}
   const lag=s.relay.lag_seconds; $('lag').textContent=lag?lag.toFixed(1):'–'; $('lag').className='v '+(lag>30?'bad':lag>5?'warn':'ok');
   $('seq').textContent=s.relay.seq||'–'; $('rc').textContent=s.relay.reconnects+' reconnects';

@@ -398,21 +398,11 @@ fn write_link(out: &mut Vec<u8>, cid_bytes: &[u8]) {
 
 /// Appends a decimal integer.
 pub fn write_i64(out: &mut Vec<u8>, v: i64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut n = v.unsigned_abs();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
     if v < 0 {
         out.push(b'-');
     }
-    out.extend_from_slice(&buf[i..]);
+    let mut buf = [0u8; 20];
+    out.extend_from_slice(crate::util::format_u64(&mut buf, v.unsigned_abs()));
 }
 
 /// 0: copy as is; 1: needs an escape (controls, `"`, `\`, `<`, `>`, `&`); 2: 0xE2, the lead
