@@ -264,20 +264,36 @@ fn update_store_gauges(store: &Log, metrics: &Metrics) {
     }
 }
 
-/// Retention by age, then by disk budget, on a blocking thread every `trim_interval`.
+/// Retention by age, then by disk budget, on a blocking thread every `trim_interval`; the
+/// log gauges (size, oldest and newest event) are refreshed every few seconds in between.
 async fn retention_loop(
     store: Arc<Log>,
     metrics: Arc<Metrics>,
     cfg: ServeConfig,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
+    const GAUGES_EVERY: Duration = Duration::from_secs(5);
+    let mut next_trim = Instant::now() + cfg.trim_interval;
     loop {
+        let wait = GAUGES_EVERY.min(next_trim.saturating_duration_since(Instant::now()));
         tokio::select! {
             _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(cfg.trim_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let trim = Instant::now() >= next_trim;
+        if trim {
+            next_trim = Instant::now() + cfg.trim_interval;
         }
         let (store, metrics, cfg) = (store.clone(), metrics.clone(), cfg.clone());
-        tokio::task::spawn_blocking(move || enforce_retention(&store, &metrics, &cfg)).await??;
+        tokio::task::spawn_blocking(move || {
+            if trim {
+                enforce_retention(&store, &metrics, &cfg)
+            } else {
+                update_store_gauges(&store, &metrics);
+                Ok(())
+            }
+        })
+        .await??;
     }
 }
 

@@ -20,7 +20,7 @@ pub const PAGE: &str = r##"<!doctype html>
 <main>
  <div class="card"><div class="k">Upstream</div><div class="v" id="up">…</div><div class="sub" id="url"></div></div>
  <div class="card"><div class="k">Ingest rate</div><div class="v" id="rate">…</div><div class="sub">events / s (last 2 s)</div></div>
- <div class="card"><div class="k">Upstream lag</div><div class="v" id="lag">…</div><div class="sub">seconds behind relay time</div></div>
+ <div class="card"><div class="k">Upstream lag</div><div class="v" id="lag">…</div><div class="sub">behind upstream time</div></div>
  <div class="card"><div class="k">Relay seq</div><div class="v" id="seq">…</div><div class="sub" id="rc"></div></div>
  <div class="card"><div class="k">Subscribers</div><div class="v" id="subs">…</div></div>
  <div class="card"><div class="k">Log span</div><div class="v" id="span">…</div><div class="sub" id="spanr"></div></div>
@@ -39,8 +39,8 @@ async function tick(){
   $('role').textContent=s.role+(s.upstream?' of '+s.upstream:''); $('ver').textContent='v'+s.version;
   $('up').textContent=s.relay.connected?'connected':'disconnected'; $('up').className='v '+(s.relay.connected?'ok':'bad');
   $('url').textContent=s.relay.url||s.upstream||'';
-  if(prev){const r=(s.ingest.events_total-prev.s.ingest.events_total)/((now-prev.t)/1000);$('rate').textContent=Math.max(0,r).toFixed(0);}
-  const lag=s.relay.lag_seconds; $('lag').textContent=lag?lag.toFixed(1):'–'; $('lag').className='v '+(lag>30?'bad':lag>5?'warn':'ok');
+  const r=prev?(s.ingest.events_total-prev.s.ingest.events_total)/((now-prev.t)/1000):s.ingest.events_per_second; $('rate').textContent=Math.max(0,r).toFixed(0);
+  const lag=s.role=='replica'?s.replication_lag_seconds:s.relay.lag_seconds; $('lag').textContent=lag?(lag<120?lag.toFixed(1)+' s':dur(lag)):'–'; $('lag').className='v '+(lag>30?'bad':lag>5?'warn':'ok');
   $('seq').textContent=s.relay.seq||'–'; $('rc').textContent=s.relay.reconnects+' reconnects';
   $('subs').textContent=s.subscribers;
   const o=s.log.oldest_time_us,n=s.log.newest_time_us;
