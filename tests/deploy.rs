@@ -38,6 +38,7 @@ fn dashboards_and_alerts_parse_and_use_real_metrics() {
         "deploy/prometheus/alerts.yml",
         "deploy/prometheus/prometheus.yml",
         "deploy/docker-compose.yml",
+        "deploy/docker-compose.replicas.yml",
         "deploy/grafana/provisioning/datasources/prometheus.yml",
         "deploy/grafana/provisioning/dashboards/contrail.yml",
     ] {
