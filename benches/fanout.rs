@@ -36,19 +36,22 @@ impl Drop for Server {
     }
 }
 
-fn start(data: &std::path::Path, relay: &str) -> Server {
+/// Starts `contrail serve` (the release binary) on loopback with free ports plus `args`.
+fn spawn_server(data: &std::path::Path, args: &[String]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_contrail"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--relay-url", relay])
-        .arg("--data-dir")
-        .arg(data)
         .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--max-events-per-second-per-ip",
             "0",
-            "--max-connections-per-ip",
-            "20000",
-            "--max-subscribers",
-            "20000",
         ])
+        .args(["--max-connections-per-ip", "20000", "--max-subscribers", "20000"])
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -59,10 +62,8 @@ fn start(data: &std::path::Path, relay: &str) -> Server {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                 if v["message"] == "listening" {
-                    let _ = tx.send((
-                        v["listener"].as_str().unwrap().to_string(),
-                        v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap(),
-                    ));
+                    let addr = v["addr"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    let _ = tx.send((v["listener"].as_str().unwrap().to_string(), addr));
                 }
             }
         }
@@ -77,6 +78,14 @@ fn start(data: &std::path::Path, relay: &str) -> Server {
         }
     }
     Server { child, public: public.unwrap(), metrics: metrics.unwrap() }
+}
+
+fn start(data: &std::path::Path, relay: &str) -> Server {
+    spawn_server(data, &["--relay-url".into(), relay.into()])
+}
+
+fn start_replica(data: &std::path::Path, upstream: SocketAddr) -> Server {
+    spawn_server(data, &["--upstream-url".into(), format!("ws://{upstream}")])
 }
 
 fn metric(addr: SocketAddr, name: &str) -> f64 {
@@ -289,6 +298,59 @@ async fn main() {
             pct(0.99)
         );
     }
+
+    // (e) replica: catch-up throughput, then live latency primary → replica → client
+    let rdir = tempfile::tempdir().unwrap();
+    let primary_newest = metric(server.metrics, "contrail_store_newest_time_us") as u64;
+    let primary_events: f64 = ["commit", "identity", "account"]
+        .iter()
+        .map(|k| metric(server.metrics, &format!("contrail_events_ingested_total{{kind=\"{k}\"}}")))
+        .sum();
+    let t = Instant::now();
+    let replica = start_replica(rdir.path(), server.public);
+    while (metric(replica.metrics, "contrail_store_newest_time_us") as u64) < primary_newest {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "(e) replica caught up with {primary_events:.0} events in {secs:.2} s: {:.0} events/s",
+        primary_events / secs
+    );
+    let mut ws = client::connect(replica.public, "/subscribe", &[]).await.unwrap();
+    let more = frames::generate(9_000_000, 40_000, 5_000, 99);
+    relay.set_faults(relay::Faults {
+        frame_interval: Some(Duration::from_millis(1)),
+        burst: rate_frames_per_ms,
+        ..Default::default()
+    });
+    for g in &more {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let expected: usize = more.iter().map(|g| g.expected.len()).sum();
+    let mut lat = Vec::with_capacity(expected);
+    while lat.len() < expected {
+        let Ok(Ok(f)) = tokio::time::timeout(Duration::from_secs(10), ws.read_frame()).await else { break };
+        let now = now_us();
+        let s = std::str::from_utf8(&f.payload).unwrap();
+        if let Some(i) = s.find("\"time_us\":") {
+            let t: u64 = s[i + 10..].split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
+            lat.push(now.saturating_sub(t));
+        }
+    }
+    relay.set_faults(relay::Faults::default());
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64
+            / 1000.0
+    };
+    println!(
+        "(e) live through the replica: {} events, latency primary→replica→client p50 {:.2} ms p99 {:.2} ms",
+        lat.len(),
+        pct(0.5),
+        pct(0.99)
+    );
+    drop(ws);
+    drop(replica);
 
     // (c) RSS per idle subscriber
     let rss0 = proc_field(pid, "status", "VmRSS:");
