@@ -24,6 +24,22 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(events as u64));
     group.sample_size(20);
 
+    // The transcoding share of the pipeline (the raw baseline starts from encoded values).
+    {
+        let mut tx = Transcoder::default();
+        let frames: Vec<Vec<u8>> = gen[..FRAMES].iter().map(|g| g.frame.clone()).collect();
+        group.bench_function("transcode_only", |b| {
+            b.iter(|| {
+                let (mut events, mut drops) = (Vec::new(), Vec::new());
+                for f in &frames {
+                    events.clear();
+                    tx.transcode(f, &mut events, &mut drops);
+                }
+                events.len()
+            })
+        });
+    }
+
     for sync in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Log::Rocks(Store::open(dir.path(), StoreOptions { sync_writes: sync }).unwrap()));
