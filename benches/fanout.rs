@@ -317,7 +317,7 @@ async fn main() {
         primary_events / secs
     );
     let mut ws = client::connect(replica.public, "/subscribe", &[]).await.unwrap();
-    let more = frames::generate(9_000_000, 40_000, 5_000, 99);
+    let more = frames::generate(500_000_000, 40_000, 5_000, 99);
     relay.set_faults(relay::Faults {
         frame_interval: Some(Duration::from_millis(1)),
         burst: rate_frames_per_ms,
