@@ -207,6 +207,12 @@ impl Metrics {
         for d in DropReason::ALL {
             m.drops.with_label_values(&[d.as_str()]);
         }
+        for k in ["commit", "identity", "account"] {
+            m.events_ingested.with_label_values(&[k]);
+        }
+        for k in ["connect", "read", "idle_timeout", "future_cursor", "consumer_too_slow", "other"] {
+            m.relay_errors.with_label_values(&[k]);
+        }
         for c in ["none", "zstd"] {
             m.subscribers.with_label_values(&[c]);
             m.events_sent.with_label_values(&[c]);
