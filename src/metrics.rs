@@ -213,6 +213,12 @@ impl Metrics {
         for k in ["connect", "read", "idle_timeout", "future_cursor", "consumer_too_slow", "other"] {
             m.relay_errors.with_label_values(&[k]);
         }
+        for r in crate::hub::CloseReason::ALL {
+            m.closes.with_label_values(&[r.as_str()]);
+        }
+        for r in ["bad_request", "not_websocket", "too_many_subscribers", "too_many_from_ip"] {
+            m.rejected_requests.with_label_values(&[r]);
+        }
         for c in ["none", "zstd"] {
             m.subscribers.with_label_values(&[c]);
             m.events_sent.with_label_values(&[c]);

@@ -101,7 +101,7 @@ pub struct Hub {
 
 /// Close reasons, as metric labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CloseReason {
+pub enum CloseReason {
     ClientClosed,
     Shutdown,
     TooSlow,
@@ -116,7 +116,21 @@ enum CloseReason {
 }
 
 impl CloseReason {
-    fn as_str(self) -> &'static str {
+    pub const ALL: [CloseReason; 11] = [
+        CloseReason::ClientClosed,
+        CloseReason::Shutdown,
+        CloseReason::TooSlow,
+        CloseReason::PingTimeout,
+        CloseReason::WriteTimeout,
+        CloseReason::WriteError,
+        CloseReason::ReadError,
+        CloseReason::InvalidOptions,
+        CloseReason::BadMessage,
+        CloseReason::MessageTooBig,
+        CloseReason::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::ClientClosed => "client_closed",
             CloseReason::Shutdown => "shutdown",
