@@ -297,7 +297,10 @@ struct Subscriber {
     last_ping: Instant,
     passed: u64,
     window: (Instant, u64),
-    label: &'static str,
+    /// Per-event counters, resolved once (a label lookup per event would cost a hash and a
+    /// lock on the fan-out hot path).
+    events_sent: prometheus::IntCounter,
+    bytes_sent: prometheus::IntCounter,
 }
 
 /// What the main loop does next.
@@ -343,7 +346,8 @@ impl Subscriber {
             last_ping: now,
             passed: 0,
             window: (now, 0),
-            label,
+            events_sent: shared.metrics.events_sent.with_label_values(&[label]),
+            bytes_sent: shared.metrics.bytes_sent.with_label_values(&[label]),
         };
         let reason = s.serve(&mut ctl, opts.cursor, opts.require_hello).await;
         if !s.live && s.ring.is_some() {
@@ -589,9 +593,8 @@ impl Subscriber {
         let len = frame.payload.len() as u64;
         self.write(frame).await?;
         self.last_seen = ev.time_us;
-        let m = &self.shared.metrics;
-        m.events_sent.with_label_values(&[self.label]).inc();
-        m.bytes_sent.with_label_values(&[self.label]).inc_by(len);
+        self.events_sent.inc();
+        self.bytes_sent.inc_by(len);
         Ok(())
     }
 
@@ -679,12 +682,14 @@ impl Subscriber {
 
     async fn tick(&mut self) -> Result<(), CloseReason> {
         let now = Instant::now();
-        let opts = self.shared.hub.opts.clone();
-        if now.duration_since(self.last_heard) > opts.pong_timeout {
+        let opts = &self.shared.hub.opts;
+        let (pong_timeout, ping_interval, slow_window, slow_behind, slow_min_rate) =
+            (opts.pong_timeout, opts.ping_interval, opts.slow_window, opts.slow_behind, opts.slow_min_rate);
+        if now.duration_since(self.last_heard) > pong_timeout {
             self.close(1008, "no response to pings").await;
             return Err(CloseReason::PingTimeout);
         }
-        if now.duration_since(self.last_ping) >= opts.ping_interval {
+        if now.duration_since(self.last_ping) >= ping_interval {
             self.last_ping = now;
             self.write(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?;
         }
@@ -702,11 +707,11 @@ impl Subscriber {
                 }
             }
         }
-        if now.duration_since(self.window.0) >= opts.slow_window {
+        if now.duration_since(self.window.0) >= slow_window {
             let rate = (self.passed - self.window.1) as f64 / now.duration_since(self.window.0).as_secs_f64();
             let newest = self.shared.metrics.store_newest_time_us.get().max(0) as u64;
             let behind = Duration::from_micros(newest.saturating_sub(self.last_seen));
-            if !self.live && behind > opts.slow_behind && rate < opts.slow_min_rate {
+            if !self.live && behind > slow_behind && rate < slow_min_rate {
                 self.close(1008, "consumer too slow").await;
                 return Err(CloseReason::TooSlow);
             }
