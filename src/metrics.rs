@@ -210,7 +210,7 @@ impl Metrics {
         for k in ["commit", "identity", "account"] {
             m.events_ingested.with_label_values(&[k]);
         }
-        for k in ["connect", "read", "idle_timeout", "future_cursor", "consumer_too_slow", "other"] {
+        for k in ["connect", "read", "idle_timeout", "future_cursor", "consumer_too_slow", "other", "seq_reset"] {
             m.relay_errors.with_label_values(&[k]);
         }
         for r in crate::hub::CloseReason::ALL {

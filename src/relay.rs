@@ -195,6 +195,8 @@ pub struct Reader {
     tx: mpsc::Sender<IngestFrame>,
     /// Newest seq handed to the sequencer (0: none yet, start live).
     last_seq: i64,
+    /// No frame with a seq has arrived on this connection yet.
+    first_of_session: bool,
     transcoder: Transcoder,
     log: RateLimitedLog,
     /// Set once the relay has been reached (for readiness).
@@ -221,6 +223,7 @@ impl Reader {
             metrics,
             tx,
             last_seq: start_seq.unwrap_or(0),
+            first_of_session: true,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
             reached: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -275,6 +278,7 @@ impl Reader {
             }
         };
         self.reached.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.first_of_session = true;
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %self.url.host, cursor, "relay connected");
         let mut ws = FragmentCollector::new(ws);
@@ -340,6 +344,19 @@ impl Reader {
             _ => {}
         }
         let Some(seq) = info.seq else { return Ok(()) };
+        if std::mem::take(&mut self.first_of_session) && seq < self.last_seq {
+            // We asked for `cursor=last_seq` and the relay starts below it: it cannot serve
+            // our cursor (a new relay instance with a new seq space, restarted lower). Taking
+            // its stream from here is the only way forward; skipping "duplicates" would stall
+            // ingest forever.
+            m.relay_errors.with_label_values(&["seq_reset"]).inc();
+            tracing::error!(
+                cursor = self.last_seq,
+                first_seq = seq,
+                "relay seq went backwards on reconnect: treating it as a relay reset"
+            );
+            self.last_seq = seq - 1;
+        }
         if seq <= self.last_seq {
             m.relay_duplicates.inc();
             return Ok(());

@@ -99,7 +99,7 @@ async fn relay_drops_lose_and_duplicate_nothing() {
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
     // Drop the connection twice more while it runs.
     for _ in 0..2 {
-        while relay.connections() < 2 {
+        while relay.connections() < 3 {
             std::thread::sleep(Duration::from_millis(10));
         }
         relay.set_faults(Faults { drop_after: Some(600), ..Faults::default() });
@@ -271,4 +271,38 @@ async fn retention_removes_old_events_only() {
     let lines = inspect_log(dir.path());
     drop(serve);
     assert_log_exact(&lines, &expected_keys(&gen[100..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_seq_reset_is_followed_not_skipped() {
+    let relay = FakeRelay::start().await;
+    let before = generate(5_000, 50, 10, 41);
+    for g in &before {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    serve.wait_for_seq(5_049, Duration::from_secs(30));
+    // The relay restarts without its history and with a new, lower seq space: once the
+    // reader has reconnected (the relay went quiet), new frames start at seq 1.
+    relay.clear();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while relay.connections() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no reconnect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = generate(1, 30, 10, 42);
+    for g in &after {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 30 {
+        assert!(std::time::Instant::now() < deadline, "ingest stalled after the relay reset; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
+    drop(serve);
+    let mut all = before.clone();
+    all.extend(after);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }

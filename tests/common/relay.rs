@@ -88,6 +88,11 @@ impl FakeRelay {
         self.state.frames.lock().unwrap().push((seq, frame));
     }
 
+    /// Forgets every frame (a relay restarted without its history).
+    pub fn clear(&self) {
+        self.state.frames.lock().unwrap().clear();
+    }
+
     pub fn set_faults(&self, f: Faults) {
         *self.state.faults.lock().unwrap() = f;
     }
