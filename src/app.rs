@@ -36,7 +36,7 @@ pub struct Shared {
 
 /// Where events come from: a relay (primary) or upstream Contrails (replica).
 enum Reader {
-    Relay(relay::Reader),
+    Relay(Box<relay::Reader>),
     Upstream(crate::upstream::UpstreamReader),
 }
 
@@ -83,7 +83,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             metrics.clone(),
             frames_tx,
         )?;
-        Reader::Relay(r)
+        Reader::Relay(Box::new(r))
     } else {
         let r = crate::upstream::UpstreamReader::new(
             crate::upstream::UpstreamOptions {
