@@ -89,6 +89,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             crate::upstream::UpstreamOptions {
                 urls: config.upstream_url.clone(),
                 stale_timeout: config.upstream_stale_timeout,
+                compress: config.upstream_compress,
                 backoff_min: config.relay_backoff_min,
                 backoff_max: config.relay_backoff_max,
             },

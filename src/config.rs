@@ -149,6 +149,9 @@ pub struct ServeConfig {
     #[arg(long, env = "CONTRAIL_UPSTREAM_STALE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub upstream_stale_timeout: Duration,
+    /// Replica mode: subscribe compressed, with the dictionary the upstream serves.
+    #[arg(long, env = "CONTRAIL_UPSTREAM_COMPRESS", default_value = "true", action = clap::ArgAction::Set)]
+    pub upstream_compress: bool,
     /// Public listener (/subscribe, status page, health). Port 0 picks a free port.
     #[arg(long, env = "CONTRAIL_LISTEN", default_value = "0.0.0.0:6008")]
     pub listen: SocketAddr,

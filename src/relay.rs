@@ -170,6 +170,40 @@ pub(crate) async fn connect(url: &RelayUrl, target: String) -> anyhow::Result<Ws
     Ok(ws)
 }
 
+/// A plain HTTP GET of `path` on the same host (e.g. an upstream's `/dictionary`); the body.
+pub(crate) async fn http_get(url: &RelayUrl, path: &str) -> anyhow::Result<Vec<u8>> {
+    use http_body_util::BodyExt;
+    let tcp = TcpStream::connect((url.host.trim_matches(|c| c == '[' || c == ']'), url.port))
+        .await
+        .with_context(|| format!("connecting to {}:{}", url.host, url.port))?;
+    let req = hyper::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header(HOST, url.host_header())
+        .header(USER_AGENT, concat!("contrail/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())?;
+    async fn send<S>(io: S, req: hyper::Request<Empty<Bytes>>) -> anyhow::Result<Vec<u8>>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+        // The connection's driver ends with the request (one request, then dropped).
+        let driver = tokio::spawn(conn);
+        let resp = sender.send_request(req).await?;
+        anyhow::ensure!(resp.status().is_success(), "HTTP {}", resp.status());
+        let body = resp.into_body().collect().await?.to_bytes().to_vec();
+        driver.abort();
+        Ok(body)
+    }
+    if url.tls {
+        let connector = tokio_rustls::TlsConnector::from(tls_config());
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone()).context("host is not a valid TLS name")?;
+        send(connector.connect(name, tcp).await.context("TLS handshake")?, req).await
+    } else {
+        send(tcp, req).await
+    }
+}
+
 fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG

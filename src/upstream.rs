@@ -23,6 +23,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+/// Largest event JSON accepted from an upstream once decompressed.
+const MAX_EVENT_JSON: usize = 16 << 20;
+
 #[derive(Debug, Clone)]
 pub struct UpstreamOptions {
     pub urls: Vec<String>,
@@ -30,6 +33,8 @@ pub struct UpstreamOptions {
     pub stale_timeout: Duration,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Subscribe compressed, with the dictionary the upstream serves at `/dictionary`.
+    pub compress: bool,
 }
 
 /// The fields a replica needs from an event line; simd-json reads them in place.
@@ -123,9 +128,19 @@ impl UpstreamReader {
         let url = &self.urls[self.current];
         let inform = (self.opts.stale_timeout.as_secs() / 3).clamp(1, 600);
         // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
-        let target = url.target_with(
-            [format!("cursor={}", self.last_time_us), format!("informCursorSeconds={inform}")].into_iter(),
-        );
+        let mut params = vec![format!("cursor={}", self.last_time_us), format!("informCursorSeconds={inform}")];
+        // Compressed links save most of the cross-region bandwidth; the dictionary is the one
+        // the upstream itself uses, fetched fresh for each connection.
+        let mut decompressor = None;
+        if self.opts.compress {
+            let base = url.path.strip_suffix("/subscribe").unwrap_or("");
+            let dict = crate::relay::http_get(url, &format!("{base}/dictionary"))
+                .await
+                .context("fetching the upstream's dictionary")?;
+            decompressor = Some(zstd::bulk::Decompressor::with_dictionary(&dict)?);
+            params.push("compress=true".into());
+        }
+        let target = url.target_with(params.into_iter());
         let mut ws = connect(url, target).await?;
         ws.set_auto_pong(true);
         self.reached.store(true, Ordering::Relaxed);
@@ -139,10 +154,16 @@ impl UpstreamReader {
                     anyhow::anyhow!("upstream stale: no event or cursor message for {:?}", self.opts.stale_timeout)
                 })?
                 .context("reading from upstream")?;
-            match frame.opcode {
-                OpCode::Text => self.handle(frame.payload.to_vec()).await?,
-                OpCode::Close => bail!("upstream closed the connection"),
-                OpCode::Binary => bail!("upstream sent a binary frame to an uncompressed subscription"),
+            match (frame.opcode, decompressor.as_mut()) {
+                (OpCode::Text, _) => self.handle(frame.payload.to_vec()).await?,
+                (OpCode::Binary, Some(d)) => {
+                    // Events are at most a few MB (a 1 MiB record rendered as JSON).
+                    let json =
+                        d.decompress(&frame.payload, MAX_EVENT_JSON).context("decompressing an upstream event")?;
+                    self.handle(json).await?
+                }
+                (OpCode::Binary, None) => bail!("upstream sent a binary frame to an uncompressed subscription"),
+                (OpCode::Close, _) => bail!("upstream closed the connection"),
                 _ => {}
             }
         }
