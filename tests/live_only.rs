@@ -29,6 +29,9 @@ async fn a_live_only_replica_keeps_a_bounded_window() {
             "memory",
             "--memory-bytes",
             "1MiB",
+            // The plain (uncompressed) replica link; tests/replica.rs covers the compressed one.
+            "--upstream-compress",
+            "false",
             "--upstream-url",
             &upstream,
             "--upstream-stale-timeout",
