@@ -231,6 +231,8 @@ pub struct Reader {
     last_seq: i64,
     /// No frame with a seq has arrived on this connection yet.
     first_of_session: bool,
+    /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
+    frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
     log: RateLimitedLog,
     /// Set once the relay has been reached (for readiness).
@@ -251,6 +253,8 @@ impl Reader {
     ) -> anyhow::Result<Self> {
         let url = RelayUrl::parse(&opts.url)?;
         let transcoder = Transcoder::new(opts.max_frame_bytes);
+        let frames_by_type =
+            FrameType::ALL.iter().map(|t| metrics.relay_frames.with_label_values(&[t.as_str()])).collect();
         Ok(Reader {
             opts,
             url,
@@ -258,6 +262,7 @@ impl Reader {
             tx,
             last_seq: start_seq.unwrap_or(0),
             first_of_session: true,
+            frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
             reached: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -350,7 +355,11 @@ impl Reader {
         m.relay_bytes.inc_by(payload.len() as u64);
         let (mut events, mut op_drops) = (Vec::new(), Vec::new());
         let info = self.transcoder.transcode(payload, &mut events, &mut op_drops);
-        m.relay_frames.with_label_values(&[info.frame_type.as_str()]).inc();
+        if let Some(c) =
+            FrameType::ALL.iter().position(|t| *t == info.frame_type).and_then(|i| self.frames_by_type.get(i))
+        {
+            c.inc();
+        }
         for d in info.dropped.iter().chain(op_drops.iter()) {
             m.drops.with_label_values(&[d.as_str()]).inc();
             if !d.is_benign() && *d != DropReason::ErrorFrame {
