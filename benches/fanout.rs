@@ -380,7 +380,8 @@ async fn main() {
 
     // Disk per event, for the README's sizing: stop the server (it flushes), then compact.
     drop(server);
-    let store = contrail::store::Store::open(dir.path(), contrail::store::StoreOptions::default()).unwrap();
+    let store =
+        contrail::log::rocks::RocksLog::open(dir.path(), contrail::log::rocks::RocksOptions::default()).unwrap();
     let stats = store.stats().unwrap();
     let json: u64 = {
         let mut n = 0u64;

@@ -7,9 +7,10 @@
 #[allow(dead_code)]
 mod frames;
 
+use contrail::log::rocks::{RocksLog, RocksOptions};
+use contrail::log::Log;
 use contrail::metrics::Metrics;
 use contrail::sequencer::{IngestFrame, Sequencer};
-use contrail::store::{Log, Store, StoreOptions};
 use contrail::transcode::Transcoder;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::sync::Arc;
@@ -42,7 +43,8 @@ fn bench(c: &mut Criterion) {
 
     for sync in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Log::Rocks(Store::open(dir.path(), StoreOptions { sync_writes: sync }).unwrap()));
+        let store =
+            Arc::new(Log::rocks(RocksLog::open(dir.path(), RocksOptions { sync_writes: sync }).unwrap()).unwrap());
         let (ring, _) = tokio::sync::broadcast::channel(65_536);
         let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
         let mut tx = Transcoder::default();

@@ -1,147 +1,134 @@
-//! Wiring: builds every part, runs them as tasks in one `JoinSet`, and shuts them down in
-//! order (DESIGN.md invariant 8): stop accepting, stop the relay reader, let the sequencer
-//! write its last batch and cursor, close subscribers, flush the store.
+//! Wiring: builds every part from its configuration group, runs the long-lived tasks in one
+//! `JoinSet`, and shuts them down in order (DESIGN.md invariant 8).
+//!
+//! One root cancellation token, with a child per shutdown phase: `accept` (listeners), the
+//! hub's (subscribers get 1001), `reader` (the relay or upstream reader; the sequencer then
+//! writes its last batch and ends), `background` (retention). Cancelling the root stops them
+//! all. Phases wait at most `--shutdown-drain-timeout` each; the log is flushed last.
 
 use crate::config::ServeConfig;
+use crate::hub::compress::Dictionary;
+use crate::hub::Hub;
+use crate::log::retention;
 use crate::metrics::Metrics;
-use crate::relay;
-use crate::sequencer::{now_us, Ring, Sequencer};
+use crate::sequencer::{ingest_channel, Sequencer};
 use crate::server;
-use crate::store::{Log, Store, StoreOptions};
+use crate::server::public::Public;
+use crate::source::relay;
+use crate::source::upstream::{UpstreamOptions, UpstreamReader};
 use anyhow::Context;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::{broadcast, mpsc};
+use std::time::Instant;
+use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Frames queued between the relay reader and the sequencer. Bounded so a slow disk pushes
-/// back on the relay socket instead of growing memory (~1,024 frames ≈ a few MB).
+/// Frames queued between the reader and the sequencer. Bounded so a slow disk pushes back on
+/// the relay socket instead of growing memory (~1,024 frames ≈ a few MB)...
 const FRAME_QUEUE: usize = 1024;
-
-/// What request handlers share.
-pub struct Shared {
-    pub config: ServeConfig,
-    pub hub: crate::hub::Hub,
-    pub metrics: Arc<Metrics>,
-    pub store: Arc<Log>,
-    pub ring: Ring,
-    pub relay_reached: Arc<AtomicBool>,
-    /// Replica mode: the upstream in use.
-    pub upstream: Option<Arc<std::sync::Mutex<String>>>,
-    pub started: Instant,
-}
+/// ...and in bytes, so 1,024 frames of hostile-sized events cannot take gigabytes.
+const FRAME_QUEUE_BYTES: usize = 64 << 20;
 
 /// Where events come from: a relay (primary) or upstream Contrails (replica).
 enum Reader {
     Relay(Box<relay::Reader>),
-    Upstream(crate::upstream::UpstreamReader),
+    Upstream(UpstreamReader),
 }
 
 type TaskResult = (&'static str, anyhow::Result<()>);
 
+/// Aborts a task when dropped (the second-signal watcher lives exactly as long as `run`).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs `contrail serve` until SIGINT/SIGTERM or a critical task fails.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(match config.store {
-        crate::config::StoreKind::Rocksdb => Log::Rocks(
-            Store::open(&config.data_dir, StoreOptions { sync_writes: config.sync_writes })
-                .with_context(|| format!("opening the log in {}", config.data_dir.display()))?,
-        ),
-        crate::config::StoreKind::Memory => Log::Memory(crate::memlog::MemoryLog::new(config.memory_bytes)),
-    });
-    let start_seq = match store.relay_cursor()? {
-        Some(c) if c.url == config.relay_url => Some(c.seq),
+    let log =
+        Arc::new(config.log.open().with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?);
+    let relay_url = config.relay.relay_url.to_string();
+    // Stored cursors are compared by the URL's canonical spelling (older logs stored the URL
+    // as written; it is parsed and compared the same way).
+    let relay_key = config.relay.relay_url.canonical();
+    let same_relay =
+        |stored: &str| crate::source::wsclient::WsUrl::parse(stored).is_ok_and(|u| u.canonical() == relay_key);
+    let start_seq = match log.relay_cursor()? {
+        Some(c) if same_relay(&c.url) => Some(c.seq),
         Some(c) => {
             // Each relay has its own seq space: a cursor for another relay means nothing here.
-            tracing::warn!(stored_url = %c.url, stored_seq = c.seq, relay_url = %config.relay_url, "relay URL changed; starting live");
+            tracing::warn!(stored_url = %c.url, stored_seq = c.seq, relay_url = %relay_url, "relay URL changed; starting live");
             None
         }
         None => None,
     };
-    tracing::info!(store = ?config.store, data_dir = %config.data_dir.display(), relay_seq = start_seq, last_time_us = store.last_time_us()?, "log opened");
-    update_store_gauges(&store, &metrics);
+    tracing::info!(store = ?config.log.store, data_dir = %config.log.data_dir.display(), relay_seq = start_seq, last_time_us = log.last_time_us()?, "log opened");
     if let Some(seq) = start_seq {
         metrics.relay_last_seq.set(seq);
     }
 
-    let (ring, _) = broadcast::channel(config.ring_capacity);
-    let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
-    let sequencer = Sequencer::new(store.clone(), ring.clone(), metrics.clone(), config.relay_url.clone())?;
-    let reader = if config.upstream_url.is_empty() {
-        let r = relay::Reader::new(
-            relay::RelayOptions {
-                url: config.relay_url.clone(),
-                max_frame_bytes: config.max_frame_bytes as usize,
-                idle_timeout: config.relay_idle_timeout,
-                backoff_min: config.relay_backoff_min,
-                backoff_max: config.relay_backoff_max,
-            },
-            start_seq,
-            metrics.clone(),
-            frames_tx,
-        )?;
-        Reader::Relay(Box::new(r))
+    let (ring, _) = broadcast::channel(config.hub.ring_capacity);
+    let (frames_tx, frames_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
+    let sequencer = Sequencer::new(log.clone(), ring.clone(), metrics.clone(), relay_key)?
+        .with_ring_budget(config.hub.ring_capacity, config.hub.ring_max_bytes as usize);
+    let replica = !config.replica.upstream_url.is_empty();
+    let reader = if replica {
+        tracing::info!(upstreams = ?config.replica.upstream_url.iter().map(ToString::to_string).collect::<Vec<_>>(), "replica mode");
+        let opts = UpstreamOptions {
+            replica: config.replica.clone(),
+            backoff_min: config.relay.relay_backoff_min,
+            backoff_max: config.relay.relay_backoff_max,
+            connect_timeout: config.relay.connect_timeout,
+            live_when_empty: config.log.store == crate::log::StoreKind::Memory,
+        };
+        Reader::Upstream(UpstreamReader::new(opts, log.last_time_us()?, metrics.clone(), frames_tx))
     } else {
-        let r = crate::upstream::UpstreamReader::new(
-            crate::upstream::UpstreamOptions {
-                urls: config.upstream_url.clone(),
-                stale_timeout: config.upstream_stale_timeout,
-                compress: config.upstream_compress,
-                backoff_min: config.relay_backoff_min,
-                backoff_max: config.relay_backoff_max,
-            },
-            store.last_time_us()?,
-            metrics.clone(),
-            frames_tx,
-        )?;
-        tracing::info!(upstreams = ?config.upstream_url, "replica mode");
-        Reader::Upstream(r)
+        Reader::Relay(Box::new(relay::Reader::new(config.relay.clone(), start_seq, metrics.clone(), frames_tx)))
     };
-    let (relay_reached, upstream) = match &reader {
-        Reader::Relay(r) => (r.reached.clone(), None),
-        Reader::Upstream(u) => (u.reached.clone(), Some(u.current_url.clone())),
+    let (readiness, upstream) = match &reader {
+        Reader::Relay(r) => (r.readiness.clone(), None),
+        Reader::Upstream(u) => (u.readiness.clone(), Some(u.current_url.clone())),
     };
-    let dictionary = crate::hub::compress::Dictionary::load(config.zstd_dictionary.as_deref())?;
+    let dictionary = Dictionary::load(config.hub.zstd_dictionary.as_deref())?;
     tracing::info!(dictionary_id = dictionary.id, bytes = dictionary.raw.len(), "zstd dictionary loaded");
-    let hub = crate::hub::Hub {
-        dictionary,
-        admission: crate::hub::limits::Admission::new(
-            config.max_subscribers,
-            config.max_connections_per_ip,
-            config.max_events_per_second_per_ip,
-        ),
-        shutdown: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        opts: crate::hub::HubOptions {
-            ping_interval: config.ping_interval,
-            pong_timeout: config.pong_timeout,
-            write_timeout: config.write_timeout,
-            slow_window: config.slow_window,
-            slow_min_rate: config.slow_min_rate,
-            slow_behind: config.slow_behind,
-            trusted_proxies: config.trusted_proxies.clone(),
-        },
-    };
-    let shared = Arc::new(Shared {
-        config: config.clone(),
-        hub,
-        metrics: metrics.clone(),
-        store: store.clone(),
+
+    let root = CancellationToken::new();
+    let accept = root.child_token();
+    let stop_reader = root.child_token();
+    let background = root.child_token();
+    let hub = Arc::new(Hub::new(
+        log.clone(),
         ring,
-        relay_reached,
+        metrics.clone(),
+        dictionary,
+        config.hub.clone(),
+        config.limits.clone(),
+        root.child_token(),
+    ));
+    let public = Arc::new(Public {
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        relay_url: (!replica).then(|| relay_url.clone()),
         upstream,
+        readiness,
+        retention: config.retention.retention,
         started: Instant::now(),
     });
+    let render_metrics: Arc<dyn Fn() -> String + Send + Sync> = {
+        let (m, tip) = (metrics.clone(), log.tip());
+        Arc::new(move || {
+            m.set_log_gauges(tip.oldest(), tip.newest(), tip.bytes());
+            m.render()
+        })
+    };
 
-    let stop_accepting = CancellationToken::new();
-    let stop_reader = CancellationToken::new();
-    let stop_background = CancellationToken::new();
     let connections = TaskTracker::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
-
     tasks.spawn_blocking(move || ("sequencer", sequencer.run(frames_rx).map_err(anyhow::Error::from)));
     {
         let cancel = stop_reader.clone();
@@ -154,27 +141,27 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
     }
     {
-        let (store, metrics, cancel, cfg) = (store.clone(), metrics.clone(), stop_background.clone(), config.clone());
-        tasks.spawn(async move { ("retention", retention_loop(store, metrics, cfg, cancel).await) });
+        let (log, metrics, cancel, opts) = (log.clone(), metrics.clone(), background.clone(), config.retention.clone());
+        tasks.spawn(async move { ("retention", retention::run(log, metrics, opts, cancel).await) });
     }
-    let public = server::bind(config.listen, "public").await?;
-    let metrics_l = server::bind(config.metrics_listen, "metrics").await?;
+    let public_listener = server::bind(config.ops.listen, "public").await?;
+    let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     {
-        let (cancel, conns, sh) = (stop_accepting.clone(), connections.clone(), shared.clone());
+        let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
         tasks.spawn(async move {
-            server::serve(public, crate::public::handler(sh), cancel, conns).await;
+            server::serve(public_listener, server::public::handler(public), cancel, conns).await;
             ("public listener", Ok(()))
         });
     }
     {
-        let (cancel, conns, m) = (stop_accepting.clone(), connections.clone(), metrics.clone());
+        let (cancel, conns) = (accept.clone(), connections.clone());
         tasks.spawn(async move {
-            server::serve(metrics_l, server::metrics_handler(m), cancel, conns).await;
+            server::serve(metrics_listener, server::metrics_handler(render_metrics), cancel, conns).await;
             ("metrics listener", Ok(()))
         });
     }
 
-    crate::util::sd_notify("READY=1");
+    notify_systemd(sd_notify::NotifyState::Ready);
 
     // Wait for a signal or for any task to end (each is critical while we run).
     let mut failure: Option<anyhow::Error> = None;
@@ -192,25 +179,26 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         }
     }
     // A second signal exits at once.
-    tokio::spawn(async {
+    let _second_signal = AbortOnDrop(tokio::spawn(async {
         shutdown_signal().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);
-    });
+    }));
 
-    crate::util::sd_notify("STOPPING=1");
+    notify_systemd(sd_notify::NotifyState::Stopping);
     // In order: no new connections; subscribers get 1001 and a moment to drain; the reader
-    // stops, so the sequencer writes what it has and ends; then the store is flushed.
-    stop_accepting.cancel();
-    shared.hub.shutdown.cancel();
-    shared.hub.tasks.close();
+    // stops, so the sequencer writes what it has and ends; then the log is flushed.
+    let drain = config.ops.shutdown_drain_timeout;
+    accept.cancel();
+    hub.shutdown.cancel();
+    hub.tasks.close();
     connections.close();
-    if tokio::time::timeout(config.shutdown_drain_timeout, shared.hub.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(drain, hub.tasks.wait()).await.is_err() {
         tracing::warn!("subscribers did not drain in time");
     }
     stop_reader.cancel();
-    stop_background.cancel();
-    let drain = tokio::time::timeout(Duration::from_secs(30), async {
+    background.cancel();
+    let drained = tokio::time::timeout(drain, async {
         while let Some(done) = tasks.join_next().await {
             let (name, result) = flatten(done);
             if let Err(e) = result {
@@ -221,15 +209,23 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         connections.wait().await;
     })
     .await;
-    if drain.is_err() {
+    if drained.is_err() {
         tracing::warn!("shutdown drain timed out");
     }
-    let flush_store = store.clone();
-    tokio::task::spawn_blocking(move || flush_store.flush()).await??;
-    tracing::info!(last_time_us = store.last_time_us()?, relay_seq = store.relay_cursor()?.map(|c| c.seq), "stopped");
+    root.cancel();
+    let flush_log = log.clone();
+    tokio::task::spawn_blocking(move || flush_log.flush()).await??;
+    tracing::info!(last_time_us = log.last_time_us()?, relay_seq = log.relay_cursor()?.map(|c| c.seq), "stopped");
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Tells systemd (`Type=notify`) about our state; a no-op when not started by systemd.
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        tracing::warn!(error = %e, "sd_notify failed");
     }
 }
 
@@ -253,75 +249,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-fn update_store_gauges(store: &Log, metrics: &Metrics) {
-    metrics.store_disk_bytes.set(store.disk_bytes() as i64);
-    if let Ok(Some(t)) = store.oldest_time_us() {
-        metrics.store_oldest_time_us.set(t as i64);
-    }
-    if let Ok(Some(t)) = store.newest_time_us() {
-        metrics.store_newest_time_us.set(t as i64);
-    }
-}
-
-/// Retention by age, then by disk budget, on a blocking thread every `trim_interval`; the
-/// log gauges (size, oldest and newest event) are refreshed every few seconds in between.
-async fn retention_loop(
-    store: Arc<Log>,
-    metrics: Arc<Metrics>,
-    cfg: ServeConfig,
-    cancel: CancellationToken,
-) -> anyhow::Result<()> {
-    const GAUGES_EVERY: Duration = Duration::from_secs(5);
-    let mut next_trim = Instant::now() + cfg.trim_interval;
-    loop {
-        let wait = GAUGES_EVERY.min(next_trim.saturating_duration_since(Instant::now()));
-        tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(wait) => {}
-        }
-        let trim = Instant::now() >= next_trim;
-        if trim {
-            next_trim = Instant::now() + cfg.trim_interval;
-        }
-        let (store, metrics, cfg) = (store.clone(), metrics.clone(), cfg.clone());
-        tokio::task::spawn_blocking(move || {
-            if trim {
-                enforce_retention(&store, &metrics, &cfg)
-            } else {
-                update_store_gauges(&store, &metrics);
-                Ok(())
-            }
-        })
-        .await??;
-    }
-}
-
-/// One retention pass. Public for tests.
-pub fn enforce_retention(store: &Log, metrics: &Metrics, cfg: &ServeConfig) -> anyhow::Result<()> {
-    let cutoff = now_us().saturating_sub(cfg.retention.as_micros() as u64);
-    if store.oldest_time_us()?.is_some_and(|t| t < cutoff) {
-        store.trim_before(cutoff)?;
-        metrics.store_trims.inc();
-        tracing::info!(cutoff_time_us = cutoff, "trimmed events older than retention");
-    }
-    // Disk budget: drop the oldest tenth of the time span per step until under budget.
-    for _ in 0..10 {
-        if cfg.max_disk_bytes == 0 || store.disk_bytes() <= cfg.max_disk_bytes {
-            break;
-        }
-        let (Some(old), Some(new)) = (store.oldest_time_us()?, store.newest_time_us()?) else { break };
-        let cut = old + (new - old) / 10 + 1;
-        store.trim_before(cut.min(new))?;
-        metrics.store_trims.inc();
-        tracing::warn!(
-            cutoff_time_us = cut,
-            disk_bytes = store.disk_bytes(),
-            budget = cfg.max_disk_bytes,
-            "trimmed oldest events for the disk budget"
-        );
-    }
-    update_store_gauges(store, metrics);
-    Ok(())
 }

@@ -3,8 +3,20 @@
 //!
 //! The TOML keys are the flag names (with `-` or `_`). `config/contrail.example.toml`
 //! documents every key and is parsed by a unit test, so the docs cannot drift from the code.
+//!
+//! `serve`'s settings come in groups, one per concern, each declared (with its `validate()`)
+//! by the module it configures and handed to it whole: `log` (store), `log::retention`,
+//! `source::relay`, `source::upstream` (replica), `hub`, `hub::limits`, and the operations
+//! group below. [`load`] returns errors instead of exiting (except for clap's own help and
+//! usage output).
 
-use crate::util::{format_duration, parse_duration, parse_size};
+use crate::hub::limits::LimitsConfig;
+use crate::hub::HubConfig;
+use crate::log::retention::RetentionConfig;
+use crate::log::LogConfig;
+use crate::source::relay::RelayConfig;
+use crate::source::upstream::ReplicaConfig;
+use crate::units::{parse_duration, parse_size, ser_duration};
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::ffi::OsString;
@@ -99,21 +111,29 @@ pub enum Inspect {
     },
 }
 
-/// Where the event log lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StoreKind {
-    /// RocksDB in --data-dir: durable, replayable for --retention.
-    Rocksdb,
-    /// A bounded in-memory window (live-only fan-out nodes): nothing survives a restart.
-    Memory,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Json,
     Text,
+}
+
+/// Listeners, shutdown and logging.
+#[derive(Args, Debug, Clone, serde::Serialize)]
+pub struct OperationsConfig {
+    /// Public listener (/subscribe, status page, health). Port 0 picks a free port.
+    #[arg(long, env = "CONTRAIL_LISTEN", default_value = "0.0.0.0:6008")]
+    pub listen: SocketAddr,
+    /// Metrics listener (/metrics). Port 0 picks a free port.
+    #[arg(long, env = "CONTRAIL_METRICS_LISTEN", default_value = "0.0.0.0:6009")]
+    pub metrics_listen: SocketAddr,
+    /// At shutdown, how long subscribers get to receive their close frames.
+    #[arg(long, env = "CONTRAIL_SHUTDOWN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub shutdown_drain_timeout: Duration,
+    /// Log format: json (one object per line) or text.
+    #[arg(long, env = "CONTRAIL_LOG_FORMAT", default_value = "json", value_enum)]
+    pub log_format: LogFormat,
 }
 
 /// `contrail serve` settings.
@@ -128,125 +148,27 @@ pub struct ServeConfig {
     #[serde(skip)]
     pub validate_only: bool,
 
-    /// Where the log lives: rocksdb (durable) or memory (a bounded live-only window).
-    #[arg(long, env = "CONTRAIL_STORE", default_value = "rocksdb", value_enum)]
-    pub store: StoreKind,
-    /// With --store memory: most bytes the window holds (the oldest events go first).
-    #[arg(long, env = "CONTRAIL_MEMORY_BYTES", default_value = "1GiB", value_parser = parse_size)]
-    pub memory_bytes: u64,
-    /// Directory of the embedded RocksDB event log.
-    #[arg(long, env = "CONTRAIL_DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-    /// Relay to read: a base URL (wss://bsky.network) or the full subscribeRepos URL.
-    #[arg(long, env = "CONTRAIL_RELAY_URL", default_value = "wss://bsky.network")]
-    pub relay_url: String,
-    /// Replica mode: follow these upstream Contrails' /subscribe (in order, failing over)
-    /// instead of a relay, keeping their time_us. Repeat the flag, or comma-separate.
-    #[arg(long = "upstream-url", env = "CONTRAIL_UPSTREAM_URL", value_delimiter = ',')]
-    pub upstream_url: Vec<String>,
-    /// Replica mode: switch to the next upstream after this long with no event and no
-    /// cursor message.
-    #[arg(long, env = "CONTRAIL_UPSTREAM_STALE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub upstream_stale_timeout: Duration,
-    /// Replica mode: subscribe compressed, with the dictionary the upstream serves.
-    #[arg(long, env = "CONTRAIL_UPSTREAM_COMPRESS", default_value = "true", action = clap::ArgAction::Set)]
-    pub upstream_compress: bool,
-    /// Public listener (/subscribe, status page, health). Port 0 picks a free port.
-    #[arg(long, env = "CONTRAIL_LISTEN", default_value = "0.0.0.0:6008")]
-    pub listen: SocketAddr,
-    /// Metrics listener (/metrics). Port 0 picks a free port.
-    #[arg(long, env = "CONTRAIL_METRICS_LISTEN", default_value = "0.0.0.0:6009")]
-    pub metrics_listen: SocketAddr,
-
-    /// Keep events this long (e.g. 24h, 36h, 7d).
-    #[arg(long, env = "CONTRAIL_RETENTION", default_value = "24h", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub retention: Duration,
-    /// Also trim the oldest events while the log is larger than this (e.g. 50GiB). 0: no limit.
-    #[arg(long, env = "CONTRAIL_MAX_DISK_BYTES", default_value = "0", value_parser = parse_size)]
-    pub max_disk_bytes: u64,
-    /// How often retention runs.
-    #[arg(long, env = "CONTRAIL_TRIM_INTERVAL", default_value = "60s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub trim_interval: Duration,
-    /// fsync every write batch (a power loss then loses nothing a subscriber has seen).
-    #[arg(long, env = "CONTRAIL_SYNC_WRITES", default_value = "true", action = clap::ArgAction::Set)]
-    pub sync_writes: bool,
-
-    /// Relay frames larger than this are counted and skipped (the protocol's limit is 5 MB).
-    #[arg(long, env = "CONTRAIL_MAX_FRAME_BYTES", default_value = "5000000", value_parser = parse_size)]
-    pub max_frame_bytes: u64,
-    /// Reconnect to the relay when it sends nothing for this long.
-    #[arg(long, env = "CONTRAIL_RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub relay_idle_timeout: Duration,
-    /// First reconnect delay; doubles up to --relay-backoff-max.
-    #[arg(long, env = "CONTRAIL_RELAY_BACKOFF_MIN", default_value = "1s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub relay_backoff_min: Duration,
-    /// Longest reconnect delay.
-    #[arg(long, env = "CONTRAIL_RELAY_BACKOFF_MAX", default_value = "60s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub relay_backoff_max: Duration,
-
-    /// Live events kept in memory for subscribers (each ~0.5–1 KiB); a subscriber further
-    /// behind reads the log instead.
-    #[arg(long, env = "CONTRAIL_RING_CAPACITY", default_value = "65536")]
-    pub ring_capacity: usize,
-
-    /// zstd dictionary for compressed subscribers (default: the one shipped with Contrail;
-    /// give Jetstream's to serve its existing clients).
-    #[arg(long, env = "CONTRAIL_ZSTD_DICTIONARY")]
-    pub zstd_dictionary: Option<PathBuf>,
-    /// Most subscribers at once.
-    #[arg(long, env = "CONTRAIL_MAX_SUBSCRIBERS", default_value = "10000")]
-    pub max_subscribers: usize,
-    /// Most subscribers from one client IP.
-    #[arg(long, env = "CONTRAIL_MAX_CONNECTIONS_PER_IP", default_value = "64")]
-    pub max_connections_per_ip: usize,
-    /// Events per second per client IP, shared by its connections (0: unlimited).
-    #[arg(long, env = "CONTRAIL_MAX_EVENTS_PER_SECOND_PER_IP", default_value = "5000")]
-    pub max_events_per_second_per_ip: u64,
-    /// Proxies whose X-Forwarded-For is believed (addresses or CIDR blocks, comma-separated).
-    #[arg(long, env = "CONTRAIL_TRUSTED_PROXIES", value_delimiter = ',')]
-    pub trusted_proxies: Vec<crate::hub::limits::IpNet>,
-    /// Ping subscribers this often.
-    #[arg(long, env = "CONTRAIL_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub ping_interval: Duration,
-    /// Close a subscriber that has sent nothing (not even a pong) for this long.
-    #[arg(long, env = "CONTRAIL_PONG_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub pong_timeout: Duration,
-    /// Close a subscriber when one frame cannot be written for this long.
-    #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub write_timeout: Duration,
-    /// Slow-client rule: a subscriber reading the log, more than --slow-behind behind the
-    /// newest event and passing fewer than --slow-min-rate events/s over this window, is closed.
-    #[arg(long, env = "CONTRAIL_SLOW_WINDOW", default_value = "60s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub slow_window: Duration,
-    /// See --slow-window.
-    #[arg(long, env = "CONTRAIL_SLOW_MIN_RATE", default_value = "5")]
-    pub slow_min_rate: f64,
-    /// See --slow-window.
-    #[arg(long, env = "CONTRAIL_SLOW_BEHIND", default_value = "10m", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub slow_behind: Duration,
-    /// At shutdown, how long subscribers get to receive their close frames.
-    #[arg(long, env = "CONTRAIL_SHUTDOWN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub shutdown_drain_timeout: Duration,
-
-    /// Log format: json (one object per line) or text.
-    #[arg(long, env = "CONTRAIL_LOG_FORMAT", default_value = "json", value_enum)]
-    pub log_format: LogFormat,
-}
-
-fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&format_duration(*d))
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub log: LogConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub retention: RetentionConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub relay: RelayConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub replica: ReplicaConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub hub: HubConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub limits: LimitsConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub ops: OperationsConfig,
 }
 
 /// A configuration problem, naming the key.
@@ -258,54 +180,20 @@ pub struct ConfigError {
 }
 
 impl ServeConfig {
-    /// Cross-field checks clap cannot express.
+    /// Every group's checks; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let err = |key: &str, message: &str| Err(ConfigError { key: key.into(), message: message.into() });
-        if self.retention.is_zero() {
-            return err("retention", "must be more than 0");
-        }
-        if self.trim_interval.is_zero() {
-            return err("trim-interval", "must be more than 0");
-        }
-        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 32 << 20 {
-            return err("max-frame-bytes", "must be between 1 KiB and 32 MiB");
-        }
-        if self.relay_idle_timeout < Duration::from_secs(1) {
-            return err("relay-idle-timeout", "must be at least 1s");
-        }
-        if self.relay_backoff_min.is_zero() || self.relay_backoff_max < self.relay_backoff_min {
-            return err("relay-backoff-max", "must be at least relay-backoff-min, which must be more than 0");
-        }
-        if self.store == StoreKind::Memory && self.memory_bytes < 1 << 20 {
-            return err("memory-bytes", "must be at least 1MiB");
-        }
-        if self.ring_capacity < 16 {
-            return err("ring-capacity", "must be at least 16");
-        }
-        if self.max_subscribers == 0 || self.max_connections_per_ip == 0 {
-            return err("max-subscribers", "max-subscribers and max-connections-per-ip must be more than 0");
-        }
-        if self.ping_interval.is_zero() || self.pong_timeout <= self.ping_interval {
-            return err("pong-timeout", "must be longer than ping-interval, which must be more than 0");
-        }
-        if self.write_timeout.is_zero() || self.slow_window.is_zero() {
-            return err("write-timeout", "write-timeout and slow-window must be more than 0");
-        }
-        if let Some(p) = &self.zstd_dictionary {
-            if !p.is_file() {
-                return err("zstd-dictionary", &format!("{} is not a file", p.display()));
+        let checks = [
+            self.log.validate(),
+            self.retention.validate(),
+            self.relay.validate(),
+            self.replica.validate(),
+            self.hub.validate(),
+            self.limits.validate(),
+        ];
+        for check in checks {
+            if let Err((key, message)) = check {
+                return Err(ConfigError { key: key.into(), message });
             }
-        }
-        for u in &self.upstream_url {
-            if let Err(e) = crate::relay::RelayUrl::parse_with_path(u, "/subscribe") {
-                return err("upstream-url", &e.to_string());
-            }
-        }
-        if self.upstream_stale_timeout < Duration::from_secs(3) {
-            return err("upstream-stale-timeout", "must be at least 3s (cursor messages come every stale-timeout/3)");
-        }
-        if let Err(e) = crate::relay::RelayUrl::parse(&self.relay_url) {
-            return err("relay-url", &e.to_string());
         }
         Ok(())
     }
@@ -316,20 +204,28 @@ impl ServeConfig {
     }
 }
 
+/// Why the command line could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Help, version, or a mistake on the command line: clap prints it and picks the exit
+    /// code (`e.exit()` in `main`).
+    #[error("{0}")]
+    Usage(clap::Error),
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
 /// Parses the command line, merging `serve --config FILE` under environment and flags.
-pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
+pub fn load(args: Vec<OsString>) -> Result<Cli, LoadError> {
     let cmd = Cli::command();
-    let matches = cmd.clone().try_get_matches_from(&args).map_err(|e| {
-        // Let clap print help/version and usage errors itself, with its own exit codes.
-        e.exit()
-    })?;
+    let matches = cmd.clone().try_get_matches_from(&args).map_err(LoadError::Usage)?;
     let Some(("serve", serve)) = matches.subcommand() else {
         return Cli::from_arg_matches(&matches)
-            .map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() });
+            .map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() }.into());
     };
     let Some(path) = serve.get_one::<PathBuf>("config") else {
         return Cli::from_arg_matches(&matches)
-            .map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() });
+            .map_err(|e| ConfigError { key: "command line".into(), message: e.to_string() }.into());
     };
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError { key: "config".into(), message: format!("cannot read {}: {e}", path.display()) })?;
@@ -342,7 +238,7 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
         let known =
             serve_cmd.get_arguments().any(|a| a.get_id().as_str() == id.replace('-', "_") || a.get_long() == Some(&id));
         if !known || id == "config" || id == "validate-only" {
-            return Err(ConfigError { key: key.clone(), message: "unknown setting".into() });
+            return Err(ConfigError { key: key.clone(), message: "unknown setting".into() }.into());
         }
         let arg_id = serve_cmd
             .get_arguments()
@@ -360,7 +256,7 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
             toml::Value::Array(a) => {
                 a.iter().map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).collect()
             }
-            other => return Err(ConfigError { key: key.clone(), message: format!("unsupported value {other}") }),
+            other => return Err(ConfigError { key: key.clone(), message: format!("unsupported value {other}") }.into()),
         };
         for v in values {
             injected.push(format!("--{id}={v}").into());
@@ -377,7 +273,7 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, ConfigError> {
             msg.split("'--").nth(1).and_then(|s| s.split(['<', '\'', ' ', '=']).next()).unwrap_or("config").to_string();
         ConfigError { key, message: msg.lines().next().unwrap_or("invalid value").to_string() }
     })?;
-    Cli::from_arg_matches(&m).map_err(|e| ConfigError { key: "config".into(), message: e.to_string() })
+    Ok(Cli::from_arg_matches(&m).map_err(|e| ConfigError { key: "config".into(), message: e.to_string() })?)
 }
 
 #[cfg(test)]
@@ -387,9 +283,11 @@ mod tests {
     fn serve(args: &[&str]) -> Result<ServeConfig, ConfigError> {
         let mut all: Vec<OsString> = vec!["contrail".into(), "serve".into()];
         all.extend(args.iter().map(OsString::from));
-        match load(all)?.command {
-            Command::Serve(c) => Ok(*c),
-            _ => unreachable!(),
+        match load(all) {
+            Ok(Cli { command: Command::Serve(c) }) => Ok(*c),
+            Ok(_) => unreachable!(),
+            Err(LoadError::Invalid(e)) => Err(e),
+            Err(LoadError::Usage(e)) => Err(ConfigError { key: "usage".into(), message: e.to_string() }),
         }
     }
 
@@ -418,8 +316,8 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "retention = \"36h\"\nring-capacity = 1024\n").unwrap();
         let c = serve(&["--config", path.to_str().unwrap(), "--ring-capacity", "2048"]).unwrap();
-        assert_eq!(c.retention, Duration::from_secs(36 * 3600));
-        assert_eq!(c.ring_capacity, 2048);
+        assert_eq!(c.retention.retention, Duration::from_secs(36 * 3600));
+        assert_eq!(c.hub.ring_capacity, 2048);
         std::fs::write(&path, "bogus = 1\n").unwrap();
         assert_eq!(serve(&["--config", path.to_str().unwrap()]).unwrap_err().key, "bogus");
         std::fs::write(&path, "retention = \"forever\"\n").unwrap();

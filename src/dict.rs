@@ -28,7 +28,7 @@ pub fn samples(source: Source<'_>, max: usize) -> anyhow::Result<Vec<Vec<u8>>> {
             }
         }
         Source::Log(dir) => {
-            let store = crate::store::Store::open_secondary(dir)?;
+            let store = crate::log::rocks::RocksLog::open_secondary(dir)?;
             let (Some(old), Some(new)) = (store.oldest_time_us()?, store.newest_time_us()?) else {
                 anyhow::bail!("the log in {} is empty", dir.display());
             };

@@ -1,8 +1,8 @@
 //! `contrail inspect …`: operator tools that read frames or the log and print JSON lines.
 //! Their output formats are interfaces (scripts parse them): change them only additively.
 
+use crate::clock::{now_us, Stamper};
 use crate::framefile;
-use crate::sequencer::{now_us, Stamper};
 use crate::transcode::{DropReason, FrameType, Transcoder};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -63,7 +63,7 @@ impl FramesSummary {
 /// `contrail inspect log`: stored events from `cursor` (inclusive), oldest first, one JSON
 /// line each. Opens the log as a RocksDB secondary, so `serve` may be running.
 pub fn log(data_dir: &std::path::Path, cursor: u64, limit: u64, out: &mut impl Write) -> anyhow::Result<()> {
-    let store = crate::store::Store::open_secondary(data_dir)?;
+    let store = crate::log::rocks::RocksLog::open_secondary(data_dir)?;
     let mut from = cursor;
     let mut left = limit;
     while left > 0 {

@@ -1,26 +1,27 @@
 //! Contrail: the AT Protocol relay firehose, projected into Jetstream v1 JSON events,
 //! persisted in an ordered log and served to websocket subscribers.
 //!
-//! Data flows through the modules in this order (see `DESIGN.md` in the shared folder):
-//! [`relay`] → [`transcode`] → [`sequencer`] → [`store`] → [`hub`] → [`server`]/[`public`],
-//! wired together by [`app`]; [`config`] and [`metrics`] serve them all.
+//! Modules in data-flow order, each importing only those below it (see `DESIGN.md` in the
+//! shared folder and the README's architecture section):
+//! [`source`] (relay or upstream sockets) → [`transcode`] (pure, in `contrail-core`) →
+//! [`sequencer`] → [`log`] → [`hub`] → [`server`], wired together by [`app`]. Beside them:
+//! [`config`] (composes each module's settings group), [`metrics`], [`clock`], [`units`],
+//! [`rate_limited_log`]; operator tools in [`inspect`], [`dict`] and [`framefile`].
+#![forbid(unsafe_code)]
+
+pub use contrail_core::{event, options, syntax, transcode};
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod dict;
-pub mod event;
 pub mod framefile;
 pub mod hub;
 pub mod inspect;
-pub mod memlog;
+pub mod log;
 pub mod metrics;
-pub mod public;
-pub mod relay;
+pub mod rate_limited_log;
 pub mod sequencer;
 pub mod server;
-pub mod status_page;
-pub mod store;
-pub mod syntax;
-pub mod transcode;
-pub mod upstream;
-pub mod util;
+pub mod source;
+pub mod units;

@@ -1,6 +1,6 @@
 //! The `contrail` binary: parses the command line, sets up logging, hands over to the library.
 
-use contrail::config::{self, Command, Dict, Inspect, LogFormat};
+use contrail::config::{self, Command, Dict, Inspect, LoadError, LogFormat};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,7 +17,8 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = match config::load(std::env::args_os().collect()) {
         Ok(c) => c,
-        Err(e) => {
+        Err(LoadError::Usage(e)) => e.exit(),
+        Err(LoadError::Invalid(e)) => {
             eprintln!("contrail: invalid configuration: {e}");
             return ExitCode::from(2);
         }
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
                 print!("{}", cfg.to_toml());
                 return ExitCode::SUCCESS;
             }
-            init_logging(cfg.log_format);
+            init_logging(cfg.ops.log_format);
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
             runtime.block_on(contrail::app::run(*cfg))
@@ -66,7 +67,7 @@ fn inspect(what: Inspect) -> anyhow::Result<()> {
             out.flush()?;
         }
         Inspect::Stats { data_dir } => {
-            let store = contrail::store::Store::open_secondary(&data_dir)?;
+            let store = contrail::log::rocks::RocksLog::open_secondary(&data_dir)?;
             writeln!(out, "{}", serde_json::to_string(&store.stats()?)?)?;
         }
     }
@@ -88,12 +89,7 @@ fn dict_train(
         _ => anyhow::bail!("give --from-log DIR or --from-jsonl FILE"),
     };
     let samples = dict::samples(source, max_samples)?;
-    let id = id.unwrap_or_else(|| {
-        // YYYYMMDD of today (UTC), as Jetstream v2 names its dictionaries.
-        let days = (contrail::sequencer::now_us() / 86_400_000_000) as i64;
-        let (y, m, d) = contrail::util::civil_from_days(days);
-        (y * 10_000 + m * 100 + d) as u32
-    });
+    let id = id.unwrap_or_else(contrail::clock::today_yyyymmdd);
     let trained = dict::train(&samples, size, id)?;
     std::fs::write(&out, &trained)?;
     let raw: usize = samples.iter().map(Vec::len).sum();

@@ -4,10 +4,70 @@
 //! (`_seconds`, `_bytes`). Labels come only from small fixed enums (frame type, drop reason,
 //! compression, close reason) — never a DID, collection, IP or user agent.
 
+use crate::event::EventKind;
 use crate::transcode::{DropReason, FrameType};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+contrail_core::label_enum! {
+    /// `contrail_relay_errors_total{kind}`: relay error frames and connection failures.
+    pub enum RelayErrorKind {
+        Connect => "connect",
+        Read => "read",
+        IdleTimeout => "idle_timeout",
+        FutureCursor => "future_cursor",
+        ConsumerTooSlow => "consumer_too_slow",
+        Other => "other",
+        SeqReset => "seq_reset",
+    }
+}
+
+contrail_core::label_enum! {
+    /// `contrail_hub_closes_total{reason}`: why a subscriber's connection ended (its close
+    /// code and text are in `hub::close`).
+    pub enum CloseReason {
+        ClientClosed => "client_closed",
+        Shutdown => "shutdown",
+        TooSlow => "too_slow",
+        PingTimeout => "ping_timeout",
+        WriteTimeout => "write_timeout",
+        WriteError => "write_error",
+        ReadError => "read_error",
+        InvalidOptions => "invalid_options",
+        BadMessage => "bad_message",
+        MessageTooBig => "message_too_big",
+        Internal => "internal",
+    }
+}
+
+contrail_core::label_enum! {
+    /// `contrail_hub_rejected_requests_total{reason}`: why a subscribe request was refused.
+    pub enum Refusal {
+        BadRequest => "bad_request",
+        NotWebsocket => "not_websocket",
+        TooManySubscribers => "too_many_subscribers",
+        TooManyFromIp => "too_many_from_ip",
+    }
+}
+
+contrail_core::label_enum! {
+    /// The `compression` label of the per-subscriber metrics.
+    pub enum Compression {
+        None => "none",
+        Zstd => "zstd",
+    }
+}
+
+impl Compression {
+    pub fn of(compress: bool) -> Compression {
+        if compress {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -207,24 +267,45 @@ impl Metrics {
         for d in DropReason::ALL {
             m.drops.with_label_values(&[d.as_str()]);
         }
-        for k in ["commit", "identity", "account"] {
-            m.events_ingested.with_label_values(&[k]);
+        for k in EventKind::ALL {
+            m.events_ingested.with_label_values(&[k.as_str()]);
         }
-        for k in ["connect", "read", "idle_timeout", "future_cursor", "consumer_too_slow", "other", "seq_reset"] {
-            m.relay_errors.with_label_values(&[k]);
+        for k in RelayErrorKind::ALL {
+            m.relay_errors.with_label_values(&[k.as_str()]);
         }
-        for r in crate::hub::CloseReason::ALL {
+        for r in CloseReason::ALL {
             m.closes.with_label_values(&[r.as_str()]);
         }
-        for r in ["bad_request", "not_websocket", "too_many_subscribers", "too_many_from_ip"] {
-            m.rejected_requests.with_label_values(&[r]);
+        for r in Refusal::ALL {
+            m.rejected_requests.with_label_values(&[r.as_str()]);
         }
-        for c in ["none", "zstd"] {
-            m.subscribers.with_label_values(&[c]);
-            m.events_sent.with_label_values(&[c]);
-            m.bytes_sent.with_label_values(&[c]);
+        for c in Compression::ALL {
+            m.subscribers.with_label_values(&[c.as_str()]);
+            m.events_sent.with_label_values(&[c.as_str()]);
+            m.bytes_sent.with_label_values(&[c.as_str()]);
         }
         m
+    }
+
+    pub fn relay_error(&self, kind: RelayErrorKind) {
+        self.relay_errors.with_label_values(&[kind.as_str()]).inc();
+    }
+
+    pub fn drop_reason(&self, reason: DropReason) {
+        self.drops.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Events ingested so far, all kinds.
+    pub fn events_ingested_total(&self) -> u64 {
+        EventKind::ALL.iter().map(|k| self.events_ingested.with_label_values(&[k.as_str()]).get()).sum()
+    }
+
+    /// Copies the log's tip into its gauges (called before each scrape: the gauges are fed
+    /// from the tip, never read back).
+    pub fn set_log_gauges(&self, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
+        self.store_oldest_time_us.set(oldest.unwrap_or(0) as i64);
+        self.store_newest_time_us.set(newest.unwrap_or(0) as i64);
+        self.store_disk_bytes.set(bytes as i64);
     }
 
     /// The text exposition of every metric.

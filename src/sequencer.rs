@@ -9,43 +9,23 @@
 //! Batching is group commit: the thread blocks for the first frame, then takes whatever else
 //! is already queued (up to [`MAX_BATCH_EVENTS`]) and writes it all at once. An idle firehose
 //! gets per-frame latency; a busy one gets big batches, without a timer.
+//!
+//! Both queues around it are bounded in bytes as well as in items: the [`ingest_channel`]
+//! from the readers (a burst of huge frames waits at the socket instead of filling memory),
+//! and the ring, which holds an event itself only while its recent events fit the ring's byte
+//! budget; past it, it carries just the `time_us` ([`Published::InLog`]) and live subscribers
+//! read that event from the log.
 
+use crate::clock::{now_us, Stamper};
 use crate::event::{Event, EventKind};
+use crate::log::{Log, LogError, RelayCursor};
 use crate::metrics::Metrics;
-use crate::store::{Log, RelayCursor, StoreError};
+use std::collections::VecDeque;
 use std::sync::Arc;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Upper bound on one write batch: ~4 MB of JSON, a few milliseconds of RocksDB work.
 pub const MAX_BATCH_EVENTS: usize = 4096;
-
-/// Assigns `time_us` values. Pure: the caller passes the clock reading.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stamper {
-    last: u64,
-}
-
-impl Stamper {
-    /// Starts after `last`, the newest `time_us` already handed out (0 for none).
-    pub fn new(last: u64) -> Self {
-        Stamper { last }
-    }
-
-    /// The next `time_us` for a clock reading of `now_us`.
-    pub fn next(&mut self, now_us: u64) -> u64 {
-        self.last = now_us.max(self.last + 1);
-        self.last
-    }
-
-    pub fn last(&self) -> u64 {
-        self.last
-    }
-}
-
-/// The wall clock in unix microseconds.
-pub fn now_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
-}
 
 /// What a reader hands over for one frame: its events and the relay seq that, once they are
 /// written, the cursor may advance to.
@@ -60,28 +40,132 @@ pub struct IngestFrame {
     pub keep_time: bool,
 }
 
+impl IngestFrame {
+    /// Memory the frame holds (its events' JSON), for the byte bound of the ingest queue.
+    pub fn bytes(&self) -> usize {
+        self.events.iter().map(|e| e.json().len()).sum::<usize>() + 64
+    }
+}
+
+/// The sending half of the queue from a reader to the sequencer.
+#[derive(Clone)]
+pub struct IngestSender {
+    tx: mpsc::Sender<(IngestFrame, OwnedSemaphorePermit)>,
+    budget: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+/// The sequencer stopped: nothing can be handed over any more.
+#[derive(Debug, thiserror::Error)]
+#[error("the sequencer stopped")]
+pub struct SequencerStopped;
+
+impl IngestSender {
+    /// Waits for room (in frames and in bytes), then queues `frame`.
+    pub async fn send(&self, frame: IngestFrame) -> Result<(), SequencerStopped> {
+        // A frame larger than the whole budget takes all of it (and waits for an empty queue).
+        let n = frame.bytes().clamp(1, self.max_bytes) as u32;
+        let permit = self.budget.clone().acquire_many_owned(n).await.map_err(|_| SequencerStopped)?;
+        self.tx.send((frame, permit)).await.map_err(|_| SequencerStopped)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+/// The receiving half; the sequencer holds each frame's share of the byte budget until the
+/// frame is written.
+pub struct IngestReceiver {
+    rx: mpsc::Receiver<(IngestFrame, OwnedSemaphorePermit)>,
+}
+
+/// A queue of at most `frames` frames and about `max_bytes` bytes of events.
+pub fn ingest_channel(frames: usize, max_bytes: usize) -> (IngestSender, IngestReceiver) {
+    let max_bytes = max_bytes.clamp(1, u32::MAX as usize);
+    let (tx, rx) = mpsc::channel(frames);
+    (IngestSender { tx, budget: Arc::new(Semaphore::new(max_bytes)), max_bytes }, IngestReceiver { rx })
+}
+
+/// What the ring carries for each persisted event.
+#[derive(Debug, Clone)]
+pub enum Published {
+    /// The event itself, shared by every live subscriber.
+    Event(Arc<Event>),
+    /// Only its `time_us`: the event did not fit the ring's byte budget. A live subscriber
+    /// that meets it reads the event from the log (where it already is: invariant 3).
+    InLog(u64),
+}
+
+impl Published {
+    pub fn time_us(&self) -> u64 {
+        match self {
+            Published::Event(e) => e.time_us,
+            Published::InLog(t) => *t,
+        }
+    }
+}
+
 /// The shared broadcast ring the hub reads live events from.
-pub type Ring = broadcast::Sender<Arc<Event>>;
+pub type Ring = broadcast::Sender<Published>;
+
+/// The ring's default byte budget: its recent events are held up to this much JSON (a
+/// typical event is 0.5–1 KiB, so 65,536 of them take ~65 MB; this leaves room for bursts of
+/// large records without letting them take the process's memory).
+pub const DEFAULT_RING_MAX_BYTES: usize = 256 << 20;
+
+/// Keeps the ring's share of memory under its byte budget: the sizes of the last
+/// `capacity` events published (the ones the ring still holds).
+struct RingBudget {
+    capacity: usize,
+    max_bytes: usize,
+    sizes: VecDeque<usize>,
+    bytes: usize,
+}
+
+impl RingBudget {
+    /// Whether an event of `size` bytes may go into the ring itself.
+    fn admit(&mut self, size: usize) -> bool {
+        // The new item pushes the oldest out of a full ring.
+        while self.sizes.len() >= self.capacity.max(1) {
+            self.bytes -= self.sizes.pop_front().unwrap_or(0);
+        }
+        let fits = self.bytes + size <= self.max_bytes;
+        let held = if fits { size } else { 0 };
+        self.sizes.push_back(held);
+        self.bytes += held;
+        fits
+    }
+}
 
 pub struct Sequencer {
     /// `contrail_events_ingested_total` per kind, resolved once (a label lookup per event
     /// costs a hash and a lock).
     ingested: [prometheus::IntCounter; 3],
-    store: Arc<Log>,
+    log: Arc<Log>,
     ring: Ring,
     metrics: Arc<Metrics>,
     relay_url: String,
     stamper: Stamper,
     clock: Box<dyn FnMut() -> u64 + Send>,
+    ring_budget: RingBudget,
 }
 
 impl Sequencer {
-    /// Resumes after the newest `time_us` in `store`.
-    pub fn new(store: Arc<Log>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, StoreError> {
-        let stamper = Stamper::new(store.last_time_us()?);
+    /// Resumes after the newest `time_us` ever written to `log`.
+    pub fn new(log: Arc<Log>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, LogError> {
+        let stamper = Stamper::new(log.last_time_us()?);
         let ingested = [EventKind::Commit, EventKind::Identity, EventKind::Account]
             .map(|k| metrics.events_ingested.with_label_values(&[k.as_str()]));
-        Ok(Sequencer { ingested, store, ring, metrics, relay_url, stamper, clock: Box::new(now_us) })
+        let ring_budget =
+            RingBudget { capacity: 65_536, max_bytes: DEFAULT_RING_MAX_BYTES, sizes: VecDeque::new(), bytes: 0 };
+        Ok(Sequencer { ingested, log, ring, metrics, relay_url, stamper, clock: Box::new(now_us), ring_budget })
+    }
+
+    /// The ring holds `capacity` items and at most `max_bytes` of event JSON.
+    pub fn with_ring_budget(mut self, capacity: usize, max_bytes: usize) -> Self {
+        self.ring_budget = RingBudget { capacity, max_bytes, sizes: VecDeque::new(), bytes: 0 };
+        self
     }
 
     /// Replaces the wall clock (tests step it backwards).
@@ -96,7 +180,7 @@ impl Sequencer {
 
     /// Stamps, persists and publishes the events of `frames` (in order), with the cursor of
     /// the last frame. Store failure is fatal to the caller (DESIGN.md invariant 6).
-    pub fn write(&mut self, frames: &mut Vec<IngestFrame>) -> Result<(), StoreError> {
+    pub fn write(&mut self, frames: &mut Vec<IngestFrame>) -> Result<(), LogError> {
         if frames.is_empty() {
             return Ok(());
         }
@@ -125,7 +209,7 @@ impl Sequencer {
             }
         }
         let started = std::time::Instant::now();
-        self.store.append(events.iter(), cursor.as_ref())?;
+        self.log.append(&events, cursor.as_ref())?;
         let m = &self.metrics;
         m.store_write_seconds.observe(started.elapsed().as_secs_f64());
         m.store_batch_events.observe(events.len() as f64);
@@ -135,39 +219,40 @@ impl Sequencer {
         if let Some(t) = relay_time {
             m.relay_lag_seconds.set((now_us() as i64 - t) as f64 / 1e6);
         }
-        if let Some(e) = events.last() {
-            m.store_newest_time_us.set(e.time_us as i64);
-        }
-        if let Log::Memory(mem) = &*self.store {
-            // A live-only window moves with every append (cheap in memory; RocksDB's figures
-            // are refreshed by the retention loop instead).
-            m.store_oldest_time_us.set(mem.oldest_time_us().unwrap_or(0) as i64);
-            m.store_disk_bytes.set(mem.bytes() as i64);
-        }
         for e in events {
             self.ingested[e.kind as usize].inc();
+            let item = if self.ring_budget.admit(e.json().len()) {
+                Published::Event(Arc::new(e))
+            } else {
+                Published::InLog(e.time_us)
+            };
             // No receivers is fine: nobody is subscribed live right now.
-            let _ = self.ring.send(Arc::new(e));
+            let _ = self.ring.send(item);
         }
         Ok(())
     }
 
-    /// Runs until the reader side of `rx` is closed and drained. Call on a blocking thread.
-    pub fn run(mut self, mut rx: mpsc::Receiver<IngestFrame>) -> Result<(), StoreError> {
+    /// Runs until every sender is gone and the queue is drained. Call on a blocking thread.
+    pub fn run(mut self, mut rx: IngestReceiver) -> Result<(), LogError> {
         let mut batch = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        // Each frame's share of the queue's byte budget, given back once it is written.
+        let mut permits = Vec::new();
+        while let Some((first, permit)) = rx.rx.blocking_recv() {
             let mut n = first.events.len();
             batch.push(first);
+            permits.push(permit);
             while n < MAX_BATCH_EVENTS {
-                match rx.try_recv() {
-                    Ok(f) => {
+                match rx.rx.try_recv() {
+                    Ok((f, permit)) => {
                         n += f.events.len();
                         batch.push(f);
+                        permits.push(permit);
                     }
                     Err(_) => break,
                 }
             }
             self.write(&mut batch)?;
+            permits.clear();
         }
         Ok(())
     }
@@ -178,11 +263,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn never_regresses_when_the_clock_steps_back() {
-        let mut s = Stamper::new(1_000);
-        assert_eq!(s.next(500), 1_001);
-        assert_eq!(s.next(2_000), 2_000);
-        assert_eq!(s.next(2_000), 2_001);
-        assert_eq!(s.next(10), 2_002);
+    fn the_ring_holds_events_only_within_its_byte_budget() {
+        let mut b = RingBudget { capacity: 4, max_bytes: 1000, sizes: VecDeque::new(), bytes: 0 };
+        assert!(b.admit(600));
+        assert!(!b.admit(600), "over the budget: published as InLog");
+        assert!(b.admit(400));
+        assert!(!b.admit(1));
+        // The first event leaves the ring (capacity 4): its bytes are free again.
+        assert!(b.admit(500));
+        assert_eq!(b.bytes, 900);
     }
 }

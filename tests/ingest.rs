@@ -5,7 +5,7 @@ mod common;
 
 use common::frames::{self, generate, GenFrame};
 use common::process::{inspect_log, inspect_stats, Serve};
-use common::relay::{FakeRelay, Faults};
+use common::relay::{ConnFault, FakeRelay, Faults};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -94,22 +94,12 @@ async fn relay_drops_lose_and_duplicate_nothing() {
         relay.push(g.seq, g.frame.clone());
     }
     let last_seq = gen.last().unwrap().seq;
-    relay.set_faults(Faults { drop_after: Some(700), ..Faults::default() });
+    // Three connections in a row are dropped part-way; the fourth runs to the end.
+    relay.plan(vec![ConnFault::drop_after(700), ConnFault::drop_after(600), ConnFault::drop_after(600)]);
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
-    // Drop the connection twice more while it runs.
-    for _ in 0..2 {
-        while relay.connections() < 3 {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        relay.set_faults(Faults { drop_after: Some(600), ..Faults::default() });
-        let c = relay.connections();
-        while relay.connections() == c && serve.metric("contrail_relay_last_seq").unwrap_or(0.0) < last_seq as f64 {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
     serve.wait_for_seq(last_seq, Duration::from_secs(60));
-    assert!(relay.connections() >= 2);
+    assert_eq!(relay.connections(), 4, "three drops, three reconnects");
     assert!(
         serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 1.0,
         "inclusive replays were not skipped"
@@ -257,17 +247,19 @@ async fn retention_removes_old_events_only() {
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &["--retention", "3s", "--trim-interval", "200ms"]);
     serve.wait_for_seq(100, Duration::from_secs(30));
-    // The first batch ages out and is trimmed.
+    // Retention counts back from the newest event: a quiet log keeps what it has.
+    std::thread::sleep(Duration::from_millis(3_500));
+    assert_eq!(serve.metric("contrail_store_trims_total"), Some(0.0), "a quiet log was trimmed");
+    // A second batch lands more than 3 s after the first: the first ages out and is trimmed.
+    for g in &gen[100..] {
+        relay.push(g.seq, g.frame.clone());
+    }
+    serve.wait_for_seq(200, Duration::from_secs(30));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while serve.metric("contrail_store_trims_total").unwrap() < 1.0 {
         assert!(std::time::Instant::now() < deadline, "no trim ran");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A second batch lands and is read back well within its own 3 s.
-    for g in &gen[100..] {
-        relay.push(g.seq, g.frame.clone());
-    }
-    serve.wait_for_seq(200, Duration::from_secs(30));
     let lines = inspect_log(dir.path());
     drop(serve);
     assert_log_exact(&lines, &expected_keys(&gen[100..]));
@@ -281,7 +273,9 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
         relay.push(g.seq, g.frame.clone());
     }
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    // Seqs here are small: a reset is anything more than 1,000 below the cursor.
+    let serve =
+        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s", "--relay-reset-threshold", "1000"]);
     serve.wait_for_seq(5_049, Duration::from_secs(30));
     // The relay restarts without its history and with a new, lower seq space: once the
     // reader has reconnected (the relay went quiet), new frames start at seq 1.
@@ -305,4 +299,91 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
     let mut all = before.clone();
     all.extend(after);
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1_000, 400, 10, 43);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let last_seq = gen.last().unwrap().seq;
+    // The first connection drops after 300 frames; the next starts 100 seqs below our cursor,
+    // as a public relay's fan-out daemon that is a little behind does.
+    relay.plan(vec![ConnFault::drop_after(300), ConnFault { start_behind: Some(100), ..ConnFault::default() }]);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(last_seq, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(0.0));
+    assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 100.0);
+    drop(serve);
+    // Nothing was ingested twice (a reset would have stored those 100 frames again).
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_accepts_and_never_answers_is_retried_and_ready_says_why() {
+    // A load balancer that takes the TCP connection and then says nothing at all.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            h2.lock().unwrap().push(conn); // keep it open, never read or write
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &format!("ws://{addr}"), &["--connect-timeout", "300ms"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while held.lock().unwrap().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "the reader hung on a silent listener; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(serve.metric("contrail_relay_errors_total{kind=\"connect\"}").unwrap() >= 2.0);
+    let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
+    assert_eq!(status, 503);
+    assert!(body.contains("websocket handshake did not finish within 300ms"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_url_spelled_differently_resumes_from_the_stored_cursor() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(100, 50, 5, 44);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(149, Duration::from_secs(30));
+    drop(serve);
+    // The same relay with a trailing slash and the full endpoint path: resume, not live.
+    for url in [format!("{}/", relay.url()), format!("{}/xrpc/com.atproto.sync.subscribeRepos", relay.url())] {
+        let serve = Serve::start(dir.path(), &url, &[]);
+        serve.wait_for_seq(149, Duration::from_secs(30));
+        drop(serve);
+        assert_eq!(relay.cursors().last().unwrap(), &Some(149), "{url} started live");
+    }
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_info_and_error_frames_is_logged_at_a_bounded_rate() {
+    let relay = FakeRelay::start().await;
+    for i in 0..2_000 {
+        let frame = if i % 2 == 0 { frames::info_frame("OutdatedCursor") } else { frames::error_frame("Weird") };
+        relay.push(i + 1, frame);
+    }
+    let gen = generate(3_000, 20, 5, 45);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(3_019, Duration::from_secs(30));
+    let logs = serve.logs();
+    let lines = logs.lines().filter(|l| l.contains("relay info") || l.contains("error frame")).count();
+    assert!(lines <= 4, "{lines} log lines for 2,000 info and error frames");
+    assert_eq!(serve.metric("contrail_relay_frames_total{type=\"info\"}"), Some(1000.0));
 }

@@ -293,3 +293,59 @@ proptest! {
         }
     }
 }
+
+/// Ops that all point at one ~900 KB record block: the first carries the block, the rest
+/// only its CID (the amplification a hostile PDS or relay can send).
+fn ops_sharing_one_big_block(n: usize) -> Vec<TestOp> {
+    let big = map(vec![
+        ("$type", s("app.bsky.feed.post")),
+        ("text", s(&"x".repeat(900_000))),
+        ("createdAt", s("2026-07-04T14:38:08.999Z")),
+    ]);
+    let first = TestOp::create("app.bsky.feed.post/3aaaaaaaaaa00", &big);
+    let cid = cid_of(first.record.as_ref().unwrap());
+    let mut ops = vec![first];
+    for i in 1..n {
+        ops.push(TestOp {
+            action: "create".into(),
+            path: format!("app.bsky.feed.post/3l{i:011}"),
+            record: None,
+            cid: Some(Some(cid)),
+            omit_block: true,
+            corrupt_block: false,
+        });
+    }
+    ops
+}
+
+#[test]
+fn amplifying_commits_are_dropped_or_cut_at_the_protocol_limits() {
+    use contrail::transcode::{MAX_COMMIT_OPS, MAX_FRAME_OUTPUT_BYTES};
+    // 40,000 ops on one 900 KB block: a < 5 MB frame that would render ~36 GB.
+    let frame = commit_frame(1, DID, REV, &ops_sharing_one_big_block(40_000));
+    assert!(frame.len() < 5_000_000, "{} bytes", frame.len());
+    let (info, events, drops) = run(&frame);
+    assert_eq!((info.dropped, info.seq), (Some(DropReason::TooManyOps), Some(1)));
+    assert!(events.is_empty() && drops.is_empty(), "rejected before any op was rendered");
+    // Within the op limit, the ops sharing the block stop at the frame's output budget.
+    let frame = commit_frame(2, DID, REV, &ops_sharing_one_big_block(MAX_COMMIT_OPS as usize));
+    let (info, events, drops) = run(&frame);
+    assert_eq!(info.dropped, None);
+    let rendered: usize = events.iter().map(|e| e.json().len()).sum();
+    assert!(rendered <= MAX_FRAME_OUTPUT_BYTES + 1_000_000, "{rendered} bytes rendered");
+    assert_eq!(events.len() + drops.len(), MAX_COMMIT_OPS as usize);
+    assert!(drops.iter().all(|d| *d == DropReason::OutputBudget), "{drops:?}");
+    assert!(drops.len() >= 180);
+    // More CAR bytes than the protocol allows: dropped whole.
+    let huge = TestOp::create_raw(
+        "app.bsky.feed.post/3aaaaaaaaaa01",
+        record_with(&{
+            let mut v = vec![0x5a];
+            v.extend_from_slice(&2_100_000u32.to_be_bytes());
+            v.extend(std::iter::repeat_n(7u8, 2_100_000));
+            v
+        }),
+    );
+    let (info, _, _) = run(&commit_frame(3, DID, REV, &[huge]));
+    assert_eq!(info.dropped, Some(DropReason::BlocksTooLarge));
+}

@@ -159,3 +159,63 @@ async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
     assert!(inspect_log(ad.path()) == p, "replica A differs after the primary restart");
     assert!(inspect_log(cd.path()) == p, "replica C differs after switching upstreams");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 1_500, 40, 25);
+    for g in &gen[..500] {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let (pd, md, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
+    primary.wait_for_seq(500, Duration::from_secs(30));
+    // M follows the primary through a proxy that the test can freeze.
+    let proxy = common::proxy::Proxy::start(primary.public).await;
+    let middle = Serve::start(
+        md.path(),
+        "ws://127.0.0.1:9",
+        &[
+            "--upstream-url",
+            &format!("ws://{}", proxy.addr),
+            "--upstream-stale-timeout",
+            "3s",
+            "--connect-timeout",
+            "1s",
+            "--max-events-per-second-per-ip",
+            "0",
+        ],
+    );
+    // R prefers M, and knows the primary.
+    let list = format!("ws://{},ws://{}", middle.public, primary.public);
+    let follower = Serve::start(
+        rd.path(),
+        "ws://127.0.0.1:9",
+        &[
+            "--upstream-url",
+            &list,
+            "--upstream-stale-timeout",
+            "3s",
+            "--upstream-switch-lag",
+            "1s",
+            "--max-events-per-second-per-ip",
+            "0",
+        ],
+    );
+    wait_caught_up(&primary, &follower, Duration::from_secs(30));
+    assert_eq!(follower.metric("contrail_upstream_switches_total"), Some(0.0));
+    // M stops ingesting but keeps serving (and sending cursor messages).
+    proxy.freeze(true);
+    std::thread::sleep(Duration::from_millis(1_500));
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
+    for g in &gen[500..] {
+        relay.push(g.seq, g.frame.clone());
+    }
+    primary.wait_for_seq(1_500, Duration::from_secs(30));
+    // R notices the primary is ahead of M and switches to it.
+    wait_caught_up(&primary, &follower, Duration::from_secs(30));
+    assert!(follower.metric("contrail_upstream_switches_total").unwrap() >= 1.0);
+    assert!(newest(&middle) < newest(&primary), "the middle replica was not frozen");
+    drop((follower, middle));
+    assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the follower's log differs from the primary's");
+}

@@ -1,12 +1,15 @@
-//! The log and the sequencer, on a real RocksDB in a temp dir.
+//! The log and the sequencer, on both backends: a real RocksDB in a temp dir, and the
+//! bounded in-memory window.
 
 mod common;
 
 use common::frames::{commit_frame, like_record, TestOp};
 use contrail::event::Event;
+use contrail::log::memory::MemoryLog;
+use contrail::log::rocks::{RocksLog, RocksOptions};
+use contrail::log::{Log, RelayCursor};
 use contrail::metrics::Metrics;
 use contrail::sequencer::{IngestFrame, Sequencer};
-use contrail::store::{Log, RelayCursor, Store, StoreOptions};
 use contrail::transcode::Transcoder;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,10 +25,24 @@ fn events(n: usize, seq: i64) -> Vec<Event> {
     out
 }
 
+/// Both backends, each with the directory a RocksDB one lives in.
+fn backends() -> Vec<(&'static str, tempfile::TempDir, Log)> {
+    let rocks_dir = tempfile::tempdir().unwrap();
+    let rocks = Log::rocks(RocksLog::open(rocks_dir.path(), RocksOptions::default()).unwrap()).unwrap();
+    let memory = Log::memory(MemoryLog::new(64 << 20));
+    vec![("rocksdb", rocks_dir, rocks), ("memory", tempfile::tempdir().unwrap(), memory)]
+}
+
 #[test]
 fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Log::Rocks(Store::open(dir.path(), StoreOptions::default()).unwrap()));
+    for (name, dir, log) in backends() {
+        eprintln!("backend {name}");
+        stamps_never_regress(dir, log, name == "rocksdb");
+    }
+}
+
+fn stamps_never_regress(dir: tempfile::TempDir, log: Log, durable: bool) {
+    let store = Arc::new(log);
     let (ring, mut rx) = tokio::sync::broadcast::channel(1024);
     // A clock that jumps back by an hour halfway through.
     let clock = Arc::new(AtomicU64::new(1_800_000_000_000_000));
@@ -50,15 +67,20 @@ fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
     assert!(stored.windows(2).all(|w| w[0].time_us < w[1].time_us));
     // Published after persisting, in the same order.
     for e in &stored {
-        assert_eq!(rx.try_recv().unwrap().time_us, e.time_us);
+        assert_eq!(rx.try_recv().unwrap().time_us(), e.time_us);
     }
     assert_eq!(store.relay_cursor().unwrap(), Some(RelayCursor { url: "ws://relay".into(), seq: 10 }));
     let last = stored.last().unwrap().time_us;
+    let tip = store.tip();
+    assert_eq!((tip.oldest(), tip.newest()), (Some(stored[0].time_us), Some(last)), "the tip moves with appends");
     drop(seq);
-    drop(store);
-
-    // Restart with the clock still in the past: stamping continues after the last event.
-    let store = Arc::new(Log::Rocks(Store::open(dir.path(), StoreOptions::default()).unwrap()));
+    let store = if durable {
+        // Restart with the clock still in the past: stamping continues after the last event.
+        drop(store);
+        Arc::new(Log::rocks(RocksLog::open(dir.path(), RocksOptions::default()).unwrap()).unwrap())
+    } else {
+        store // nothing survives a restart of a memory log: go on with the same one
+    };
     let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://relay".into())
         .unwrap()
         .with_clock(|| 1_000);
@@ -70,18 +92,24 @@ fn time_us_never_regresses_when_the_clock_steps_back_or_the_process_restarts() {
     // Retention emptying the log does not reset the clock either.
     store.trim_before(u64::MAX).unwrap();
     assert_eq!(store.oldest_time_us().unwrap(), None);
+    assert_eq!(store.tip().oldest(), None);
     assert_eq!(store.last_time_us().unwrap(), last + 2);
 }
 
 #[test]
 fn trim_removes_older_events_and_nothing_newer() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    for (name, _dir, store) in backends() {
+        eprintln!("backend {name}");
+        trims_exactly(store);
+    }
+}
+
+fn trims_exactly(store: Log) {
     let mut evs = events(100, 1);
     for (i, e) in evs.iter_mut().enumerate() {
         e.stamp(1_000_000 + i as u64);
     }
-    store.append(evs.iter(), None).unwrap();
+    store.append(&evs, None).unwrap();
     store.trim_before(1_000_050).unwrap();
     let left = store.read_from(0, 1000).unwrap();
     assert_eq!(left.len(), 50);
@@ -89,4 +117,40 @@ fn trim_removes_older_events_and_nothing_newer() {
     assert_eq!(left[0].json(), evs[50].json());
     assert_eq!(store.oldest_time_us().unwrap(), Some(1_000_050));
     assert_eq!(store.newest_time_us().unwrap(), Some(1_000_099));
+    assert_eq!((store.tip().oldest(), store.tip().newest()), (Some(1_000_050), Some(1_000_099)));
+}
+
+#[test]
+fn retention_never_trusts_a_clock_that_stepped_forward() {
+    use contrail::log::retention::{enforce, RetentionConfig};
+    use std::time::Duration;
+    let hour = 3_600_000_000u64;
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}");
+        let t0 = 1_800_000_000_000_000u64;
+        let mut evs = events(100, 1);
+        for (i, e) in evs.iter_mut().enumerate() {
+            e.stamp(t0 + i as u64 * 60_000_000); // one a minute: 99 minutes of events
+        }
+        log.append(&evs, None).unwrap();
+        let cfg = RetentionConfig {
+            retention: Duration::from_secs(3600),
+            max_disk_bytes: 0,
+            trim_interval: Duration::from_secs(60),
+        };
+        let metrics = Metrics::new();
+        // The clock jumps ten years ahead: retention counts back from the newest event.
+        enforce(&log, &metrics, &cfg, t0 + 10 * 365 * 24 * hour).unwrap();
+        assert_eq!(log.read_from(0, 1000).unwrap().len(), 61, "events within an hour of the newest stay");
+        assert_eq!(log.oldest_time_us().unwrap(), Some(t0 + 39 * 60_000_000));
+        // The clock behind the log: retention counts back from the clock (never more).
+        enforce(&log, &metrics, &cfg, t0).unwrap();
+        assert_eq!(log.read_from(0, 1000).unwrap().len(), 61);
+        // A retention shorter than the gap between events still keeps the newest.
+        let tiny = RetentionConfig { retention: Duration::from_millis(1), ..cfg };
+        enforce(&log, &metrics, &tiny, u64::MAX).unwrap();
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].time_us, t0 + 99 * 60_000_000);
+    }
 }

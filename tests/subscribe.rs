@@ -366,3 +366,87 @@ async fn per_ip_rate_is_shared_by_connections() {
     // 300 events at 100/s with a 100-event burst: at least ~2 s.
     assert!(start.elapsed() >= Duration::from_millis(1800), "rate limit not applied: {:?}", start.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlimited_clients_are_not_paced() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 300, 10, 12);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // 20 events/s per IP, but loopback is exempt (as an operator exempts its replicas).
+    let serve = Serve::start(
+        dir.path(),
+        &relay.url(),
+        &[
+            "--max-events-per-second-per-ip",
+            "20",
+            "--unlimited-clients",
+            "127.0.0.0/8",
+            "--max-connections-per-ip",
+            "1",
+        ],
+    );
+    serve.wait_for_seq(300, Duration::from_secs(30));
+    let n = inspect_log(dir.path()).len();
+    let start = std::time::Instant::now();
+    let mut a = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let mut b = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap(); // over the per-IP cap: exempt
+    let (ga, gb) = tokio::join!(collect(&mut a, n, T), collect(&mut b, n, T));
+    assert_eq!((ga.len(), gb.len()), (n, n));
+    // Paced at 20/s this would take over 20 s.
+    assert!(start.elapsed() < Duration::from_secs(10), "exempt client was paced: {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_options_updates_cost_little_and_disturb_nobody() {
+    let s = setup(2_000, &["--max-options-updates-per-second", "1000"]).await;
+    let all = log(&s);
+    let mut bystander = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    // A ~10 MB options_update (280,000 DIDs) is refused after one pass over it.
+    let mut hostile = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    let dids: Vec<String> = (0..280_000).map(|i| format!("did:plc:{i:024}")).collect();
+    let msg = serde_json::json!({"type": "options_update", "payload": {"wantedDids": dids}}).to_string();
+    assert!(msg.len() > 9_000_000 && msg.len() <= 10_000_000, "{} bytes", msg.len());
+    let started = std::time::Instant::now();
+    send_text(&mut hostile, &msg).await;
+    match next(&mut hostile, Duration::from_secs(20)).await {
+        Some(Msg::Close(1008, reason)) => assert!(reason.contains("too many wanted DIDs"), "{reason}"),
+        other => panic!("expected a 1008 close, got {other:?}"),
+    }
+    let took = started.elapsed();
+    // The bystander's stream was not held up: it gets every event.
+    let got = collect(&mut bystander, all.len(), T).await;
+    assert_eq!(got.len(), all.len());
+    // Debug build on a shared 2-core machine: a generous bound (the release figure is in the
+    // README); a quadratic or blocking check takes minutes.
+    assert!(took < Duration::from_secs(3), "refusing a 10 MB options_update took {took:?}");
+
+    // 1,000 options_updates during a replay do not multiply log reads.
+    let reads = || s.serve.metric("contrail_hub_replay_reads_total").unwrap();
+    let before = reads();
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0&informCursorSeconds=1", &[]).await.unwrap();
+    for i in 0..1_000 {
+        let coll = if i % 2 == 0 { "app.bsky.feed.like" } else { "app.bsky.feed.post" };
+        let m = format!(r#"{{"type":"options_update","payload":{{"wantedCollections":["{coll}"]}}}}"#);
+        send_text(&mut ws, &m).await;
+    }
+    // The stream runs to the end of the log (its cursor messages say when it got there).
+    let newest = all.last().unwrap()["time_us"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "replay did not finish");
+        match next(&mut ws, T).await {
+            Some(Msg::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["kind"] == "cursor" && v["time_us"].as_u64().unwrap() >= newest {
+                    break;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let batches = all.len().div_ceil(1024) as f64;
+    assert!(reads() - before <= batches + 3.0, "{} log reads for {batches} batches", reads() - before);
+}

@@ -1,12 +1,52 @@
 //! Admission and fairness: the subscriber cap, per-IP connection cap, per-IP event rate (one
 //! token bucket shared by all of an IP's connections, as Jetstream v1), and the client IP,
 //! taken from `X-Forwarded-For` only when the peer is a trusted proxy.
+//!
+//! "Per IP" means per IPv4 address, and per IPv6 prefix (`--ipv6-prefix`, /64 by default): an
+//! IPv6 client is usually handed a whole /64 and can rotate through it. Operators exempt their
+//! own replicas (and other trusted consumers) from the per-IP limits with `--unlimited-clients`.
 
 use dashmap::DashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Admission and fairness settings (`contrail serve` flags; see `config/contrail.example.toml`).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct LimitsConfig {
+    /// Most subscribers at once.
+    #[arg(long, env = "CONTRAIL_MAX_SUBSCRIBERS", default_value = "10000")]
+    pub max_subscribers: usize,
+    /// Most subscribers from one client IP.
+    #[arg(long, env = "CONTRAIL_MAX_CONNECTIONS_PER_IP", default_value = "64")]
+    pub max_connections_per_ip: usize,
+    /// Events per second per client IP, shared by its connections (0: unlimited).
+    #[arg(long, env = "CONTRAIL_MAX_EVENTS_PER_SECOND_PER_IP", default_value = "5000")]
+    pub max_events_per_second_per_ip: u64,
+    /// Proxies whose X-Forwarded-For is believed (addresses or CIDR blocks, comma-separated).
+    #[arg(long, env = "CONTRAIL_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<IpNet>,
+    /// IPv6 clients are limited per prefix of this length (one /64 is one client).
+    #[arg(long, env = "CONTRAIL_IPV6_PREFIX", default_value = "64")]
+    pub ipv6_prefix: u8,
+    /// Clients exempt from the per-IP connection and event-rate limits (addresses or CIDR
+    /// blocks, comma-separated): your own replicas catching up, trusted internal consumers.
+    #[arg(long, env = "CONTRAIL_UNLIMITED_CLIENTS", value_delimiter = ',')]
+    pub unlimited_clients: Vec<IpNet>,
+}
+
+impl LimitsConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.max_subscribers == 0 || self.max_connections_per_ip == 0 {
+            return Err(("max-subscribers", "max-subscribers and max-connections-per-ip must be more than 0".into()));
+        }
+        if !(32..=128).contains(&self.ipv6_prefix) {
+            return Err(("ipv6-prefix", "must be between 32 and 128".into()));
+        }
+        Ok(())
+    }
+}
 
 /// An address or CIDR block (`10.0.0.0/8`, `::1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,8 +148,27 @@ pub struct Admission {
     max_subscribers: usize,
     max_per_ip: usize,
     rate_per_ip: u64,
+    ipv6_prefix: u8,
+    unlimited: Vec<IpNet>,
     total: AtomicUsize,
+    /// Per client key (an IPv4 address, an IPv6 prefix): connections and the shared bucket.
     per_ip: DashMap<IpAddr, (usize, Option<Arc<TokenBucket>>)>,
+}
+
+/// The key a client is limited under: IPv4 addresses as they are (and IPv4-mapped IPv6 as
+/// IPv4), IPv6 addresses cut to `prefix` bits.
+pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6);
+                let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix.min(128) as u32) };
+                IpAddr::V6((bits & mask).into())
+            }
+        },
+    }
 }
 
 /// Why a subscriber was turned away.
@@ -122,16 +181,19 @@ pub enum Refused {
 /// Held for the life of a connection; releases its slots on drop.
 pub struct Slot {
     admission: Arc<Admission>,
-    ip: IpAddr,
+    /// The per-IP key held, if the client is limited per IP.
+    key: Option<IpAddr>,
     pub bucket: Option<Arc<TokenBucket>>,
 }
 
 impl Admission {
-    pub fn new(max_subscribers: usize, max_per_ip: usize, rate_per_ip: u64) -> Arc<Self> {
+    pub fn new(limits: &LimitsConfig) -> Arc<Self> {
         Arc::new(Admission {
-            max_subscribers,
-            max_per_ip,
-            rate_per_ip,
+            max_subscribers: limits.max_subscribers,
+            max_per_ip: limits.max_connections_per_ip,
+            rate_per_ip: limits.max_events_per_second_per_ip,
+            ipv6_prefix: limits.ipv6_prefix,
+            unlimited: limits.unlimited_clients.clone(),
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
         })
@@ -142,6 +204,10 @@ impl Admission {
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::TooManySubscribers);
         }
+        if self.unlimited.iter().any(|n| n.contains(ip)) {
+            return Ok(Slot { admission: self.clone(), key: None, bucket: None });
+        }
+        let ip = client_key(ip, self.ipv6_prefix);
         let mut entry = self.per_ip.entry(ip).or_insert_with(|| {
             let bucket = (self.rate_per_ip > 0).then(|| Arc::new(TokenBucket::new(self.rate_per_ip as f64)));
             (0, bucket)
@@ -153,7 +219,7 @@ impl Admission {
         }
         entry.0 += 1;
         let bucket = entry.1.clone();
-        Ok(Slot { admission: self.clone(), ip, bucket })
+        Ok(Slot { admission: self.clone(), key: Some(ip), bucket })
     }
 
     pub fn connected(&self) -> usize {
@@ -165,10 +231,12 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::SeqCst);
         // Entries go away with their last connection (v1's map grew forever).
-        self.admission.per_ip.remove_if_mut(&self.ip, |_, v| {
-            v.0 -= 1;
-            v.0 == 0
-        });
+        if let Some(key) = &self.key {
+            self.admission.per_ip.remove_if_mut(key, |_, v| {
+                v.0 -= 1;
+                v.0 == 0
+            });
+        }
     }
 }
 
@@ -186,9 +254,39 @@ mod tests {
         assert_eq!(client_ip(proxy, None, &trusted).to_string(), "10.1.2.3");
     }
 
+    fn limits(max_subscribers: usize, max_per_ip: usize, rate: u64) -> LimitsConfig {
+        LimitsConfig {
+            max_subscribers,
+            max_connections_per_ip: max_per_ip,
+            max_events_per_second_per_ip: rate,
+            trusted_proxies: vec![],
+            ipv6_prefix: 64,
+            unlimited_clients: vec!["10.0.0.0/8".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn ipv6_clients_are_limited_per_64_and_exempt_clients_not_at_all() {
+        let a = Admission::new(&limits(100, 2, 10));
+        let from = |s: &str| a.admit(s.parse().unwrap());
+        let _s1 = from("2001:db8:1:2::1").unwrap();
+        let _s2 = from("2001:db8:1:2:ffff::9").unwrap();
+        assert_eq!(from("2001:db8:1:2:abcd::1").err(), Some(Refused::TooManyFromIp), "same /64");
+        let _other = from("2001:db8:1:3::1").unwrap();
+        let _v4a = from("::ffff:192.0.2.1").unwrap();
+        let _v4b = from("192.0.2.1").unwrap();
+        assert_eq!(from("192.0.2.1").err(), Some(Refused::TooManyFromIp), "mapped v4 is the v4 address");
+        let replicas: Vec<Slot> = (0..5).map(|_| from("10.1.1.1").unwrap()).collect();
+        assert!(replicas.iter().all(|s| s.bucket.is_none()), "no rate limit for exempt clients");
+        assert_eq!(a.connected(), 10);
+        drop(replicas);
+        assert_eq!(a.connected(), 5);
+        assert_eq!(client_key("2001:db8::1".parse().unwrap(), 48).to_string(), "2001:db8::");
+    }
+
     #[test]
     fn per_ip_slots_are_released() {
-        let a = Admission::new(3, 2, 0);
+        let a = Admission::new(&limits(3, 2, 0));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let s1 = a.admit(ip).unwrap();
         let _s2 = a.admit(ip).unwrap();

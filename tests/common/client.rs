@@ -9,17 +9,7 @@ use std::time::Duration;
 
 pub type Ws = FragmentCollector<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
 
-struct SpawnExecutor;
-
-impl<F> hyper::rt::Executor<F> for SpawnExecutor
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(fut);
-    }
-}
+use contrail::source::wsclient::SpawnExecutor;
 
 /// Opens `ws://addr{path_and_query}` with extra headers.
 pub async fn connect(addr: SocketAddr, path_and_query: &str, headers: &[(&str, &str)]) -> anyhow::Result<Ws> {

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod frames;
 pub mod process;
+pub mod proxy;
 pub mod relay;
 
 use std::path::PathBuf;

@@ -10,9 +10,25 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// What one connection does differently: a per-connection fault plan, consumed in order.
+#[derive(Default, Clone, Debug)]
+pub struct ConnFault {
+    /// Close the connection (without a close frame) after sending this many frames.
+    pub drop_after: Option<usize>,
+    /// Start this many seqs below the requested cursor (a fan-out daemon that is behind).
+    pub start_behind: Option<i64>,
+}
+
+impl ConnFault {
+    pub fn drop_after(n: usize) -> ConnFault {
+        ConnFault { drop_after: Some(n), ..ConnFault::default() }
+    }
+}
+
 #[derive(Default, Clone)]
 pub struct Faults {
-    /// Close the next connection after sending this many frames.
+    /// Close the next connection after sending this many frames (one-shot; see also
+    /// [`FakeRelay::plan`]).
     pub drop_after: Option<usize>,
     /// Send nothing at all on the next connections (a silent upstream).
     pub silent: bool,
@@ -25,6 +41,7 @@ pub struct Faults {
 struct State {
     frames: Mutex<Vec<(i64, Vec<u8>)>>,
     faults: Mutex<Faults>,
+    plan: Mutex<std::collections::VecDeque<ConnFault>>,
     connections: AtomicUsize,
     cursors: Mutex<Vec<Option<i64>>>,
 }
@@ -97,6 +114,12 @@ impl FakeRelay {
         *self.state.faults.lock().unwrap() = f;
     }
 
+    /// The next connections' faults, one entry per connection, in order; connections after
+    /// the plan runs out behave normally.
+    pub fn plan(&self, plan: Vec<ConnFault>) {
+        *self.state.plan.lock().unwrap() = plan.into();
+    }
+
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
     }
@@ -114,11 +137,19 @@ async fn serve_conn(
 ) {
     st.connections.fetch_add(1, Ordering::SeqCst);
     st.cursors.lock().unwrap().push(cursor);
-    let faults = {
+    let mut faults = {
         let mut f = st.faults.lock().unwrap();
         let now = f.clone();
         f.drop_after = None; // one-shot
         now
+    };
+    let planned = st.plan.lock().unwrap().pop_front().unwrap_or_default();
+    if planned.drop_after.is_some() {
+        faults.drop_after = planned.drop_after;
+    }
+    let cursor = match (cursor, planned.start_behind) {
+        (Some(c), Some(behind)) => Some(c - behind),
+        (c, _) => c,
     };
     let mut ws = fastwebsockets::FragmentCollector::new(ws);
     if faults.silent {

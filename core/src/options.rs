@@ -29,25 +29,29 @@ pub struct Filter {
 }
 
 impl Filter {
-    /// Builds a filter from raw values, with v1's validation and messages.
+    /// Builds a filter from raw values, with v1's validation and messages. O(n) in the input,
+    /// stopping at the first limit crossed: a 10 MB `options_update` costs one pass over it.
     pub fn new(collections: &[String], dids: &[String]) -> Result<Filter, OptionsError> {
         let mut f = Filter::default();
         if !collections.is_empty() {
             let mut set = HashSet::new();
+            let mut prefixes = HashSet::new();
             for c in collections {
                 if let Some(head) = c.strip_suffix('*').filter(|h| h.ends_with('.')) {
                     // v1 parity: the head of a `.*` prefix is not validated.
-                    if !f.prefixes.iter().any(|p| p == head) {
+                    if prefixes.insert(head) {
                         f.prefixes.push(head.to_string());
                     }
                 } else if syntax::is_valid_nsid(c) {
-                    set.insert(c.clone());
+                    if !set.contains(c.as_str()) {
+                        set.insert(c.clone());
+                    }
                 } else {
                     return Err(OptionsError(format!("invalid subscriber options: invalid collection: {c}")));
                 }
-            }
-            if set.len() + f.prefixes.len() > MAX_WANTED_COLLECTIONS {
-                return Err(OptionsError("invalid subscriber options: too many wanted collections".into()));
+                if set.len() + f.prefixes.len() > MAX_WANTED_COLLECTIONS {
+                    return Err(OptionsError("invalid subscriber options: too many wanted collections".into()));
+                }
             }
             f.collections = Some(set);
         }
@@ -58,7 +62,9 @@ impl Filter {
                 if !syntax::is_valid_did(d) {
                     return Err(OptionsError(format!("invalid subscriber options: invalid DID: {d}")));
                 }
-                set.insert(d.clone());
+                if !set.contains(d.as_str()) {
+                    set.insert(d.clone());
+                }
                 if set.len() > MAX_WANTED_DIDS {
                     return Err(OptionsError("invalid subscriber options: too many wanted DIDs".into()));
                 }
@@ -249,6 +255,17 @@ mod tests {
     }
 
     #[test]
+    fn a_huge_prefix_list_is_refused_in_one_pass() {
+        // 100,000 distinct prefixes: refused at the 101st, without a quadratic dedupe.
+        let prefixes: Vec<String> = (0..100_000).map(|i| format!("x{i}.*")).collect();
+        let started = std::time::Instant::now();
+        let err = Filter::new(&prefixes, &[]).unwrap_err();
+        assert_eq!(err.0, "invalid subscriber options: too many wanted collections");
+        // Generous: a quadratic scan takes minutes here, the early exit microseconds.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    }
+
+    #[test]
     fn query_parsing_and_v1_errors() {
         let o = SubscribeOptions::from_query(
             "wantedCollections=app.bsky.feed.post&cursor=%2B5&compress=true&maxMessageSizeBytes=4294967297",
@@ -267,6 +284,8 @@ mod tests {
         assert_eq!(err("wantedDids=did:bad"), "invalid subscriber options: invalid DID: did:bad");
         let many: String = (0..101).map(|i| format!("wantedCollections=app.bsky.c{i}.post&")).collect();
         assert_eq!(err(&many), "invalid subscriber options: too many wanted collections");
+        let dup: String = (0..5000).map(|_| "wantedCollections=app.bsky.*&").collect();
+        assert!(SubscribeOptions::from_query(&dup, None).is_ok(), "repeats count once");
         assert!(err("informCursorSeconds=0").starts_with("invalid informCursorSeconds"));
         assert_eq!(query_pairs("a=%41%zz+b&c"), vec![("a".into(), "A%zz b".into()), ("c".into(), String::new())]);
     }

@@ -1,4 +1,4 @@
-//! The event log: RocksDB, embedded, in the data directory.
+//! The durable log backend: RocksDB, embedded, in the data directory.
 //!
 //! Schema (two column families):
 //! - `events`: key = `time_us` as 8 bytes big-endian (byte order is time order, DESIGN.md
@@ -23,150 +23,30 @@ const CF_META: &str = "meta";
 const KEY_RELAY: &[u8] = b"relay";
 const KEY_LAST_TIME: &[u8] = b"last_time_us";
 
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
-    #[error("corrupt {0} in the log")]
-    Corrupt(&'static str),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-pub type Result<T> = std::result::Result<T, StoreError>;
-
-/// Where the relay reader resumes: the last relay seq whose events are all in the log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayCursor {
-    pub url: String,
-    pub seq: i64,
-}
+use super::{LogError, LogStats, RelayCursor, Result};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy)]
-pub struct StoreOptions {
+pub struct RocksOptions {
     /// fsync the WAL on every batch. Off, a process crash still loses nothing (the WAL is in
     /// the page cache) but a power loss can lose the last batches — and subscribers may
     /// already have seen them.
     pub sync_writes: bool,
 }
 
-impl Default for StoreOptions {
+impl Default for RocksOptions {
     fn default() -> Self {
-        StoreOptions { sync_writes: true }
+        RocksOptions { sync_writes: true }
     }
 }
 
-/// Figures for `inspect stats` and `/status`.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct StoreStats {
-    pub events: u64,
-    pub oldest_time_us: Option<u64>,
-    pub newest_time_us: Option<u64>,
-    pub relay_url: Option<String>,
-    pub relay_seq: Option<i64>,
-    pub disk_bytes: u64,
-}
-
-pub struct Store {
+pub struct RocksLog {
     db: DB,
     path: PathBuf,
     write_opts: WriteOptions,
     /// A secondary instance's own state directory. Declared after `db` so it is removed only
     /// once the DB is closed (fields drop in order).
     _secondary_dir: RemoveOnDrop,
-}
-
-/// The log, on disk (RocksDB) or — for live-only nodes — a bounded window in memory.
-pub enum Log {
-    Rocks(Store),
-    Memory(crate::memlog::MemoryLog),
-}
-
-impl Log {
-    pub fn relay_cursor(&self) -> Result<Option<RelayCursor>> {
-        match self {
-            Log::Rocks(s) => s.relay_cursor(),
-            Log::Memory(m) => Ok(m.relay_cursor()),
-        }
-    }
-
-    pub fn last_time_us(&self) -> Result<u64> {
-        match self {
-            Log::Rocks(s) => s.last_time_us(),
-            Log::Memory(m) => Ok(m.last_time_us()),
-        }
-    }
-
-    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a Event>, cursor: Option<&RelayCursor>) -> Result<()> {
-        match self {
-            Log::Rocks(s) => s.append(events, cursor),
-            Log::Memory(m) => {
-                m.append(events, cursor);
-                Ok(())
-            }
-        }
-    }
-
-    pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
-        match self {
-            Log::Rocks(s) => s.scan(from, limit, f),
-            Log::Memory(m) => Ok(m.scan(from, limit, f)),
-        }
-    }
-
-    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Event>> {
-        match self {
-            Log::Rocks(s) => s.read_from(from, limit),
-            Log::Memory(m) => Ok(m.read_from(from, limit)),
-        }
-    }
-
-    pub fn oldest_time_us(&self) -> Result<Option<u64>> {
-        match self {
-            Log::Rocks(s) => s.oldest_time_us(),
-            Log::Memory(m) => Ok(m.oldest_time_us()),
-        }
-    }
-
-    pub fn newest_time_us(&self) -> Result<Option<u64>> {
-        match self {
-            Log::Rocks(s) => s.newest_time_us(),
-            Log::Memory(m) => Ok(m.newest_time_us()),
-        }
-    }
-
-    pub fn trim_before(&self, cutoff: u64) -> Result<()> {
-        match self {
-            Log::Rocks(s) => s.trim_before(cutoff),
-            Log::Memory(m) => {
-                m.trim_before(cutoff);
-                Ok(())
-            }
-        }
-    }
-
-    /// Bytes held: on disk for RocksDB, in memory for a live-only window.
-    pub fn disk_bytes(&self) -> u64 {
-        match self {
-            Log::Rocks(s) => s.disk_bytes(),
-            Log::Memory(m) => m.bytes(),
-        }
-    }
-
-    pub fn flush(&self) -> Result<()> {
-        match self {
-            Log::Rocks(s) => s.flush(),
-            Log::Memory(_) => Ok(()),
-        }
-    }
-
-    pub fn stats(&self) -> Result<StoreStats> {
-        match self {
-            Log::Rocks(s) => s.stats(),
-            Log::Memory(m) => Ok(m.stats()),
-        }
-    }
 }
 
 struct RemoveOnDrop(Option<PathBuf>);
@@ -212,29 +92,26 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
     ]
 }
 
-impl Store {
+impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
-    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store> {
+    pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
         std::fs::create_dir_all(dir)?;
         let db = DB::open_cf_descriptors(&db_options(), dir, descriptors())?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.sync_writes);
-        Ok(Store { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) })
+        Ok(RocksLog { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) })
     }
 
     /// Opens a read-only view of a log that a running `contrail serve` may be writing
     /// (a RocksDB secondary instance; its own small state lives in a temporary directory).
-    pub fn open_secondary(dir: &Path) -> Result<Store> {
-        let secondary = std::env::temp_dir().join(format!(
-            "contrail-secondary-{}-{}",
-            std::process::id(),
-            crate::sequencer::now_us()
-        ));
+    pub fn open_secondary(dir: &Path) -> Result<RocksLog> {
+        let secondary =
+            std::env::temp_dir().join(format!("contrail-secondary-{}-{}", std::process::id(), crate::clock::now_us()));
         let mut o = Options::default();
         o.set_max_open_files(-1);
         let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, descriptors())?;
         db.try_catch_up_with_primary()?;
-        Ok(Store {
+        Ok(RocksLog {
             db,
             path: dir.to_path_buf(),
             write_opts: WriteOptions::default(),
@@ -257,10 +134,10 @@ impl Store {
     pub fn relay_cursor(&self) -> Result<Option<RelayCursor>> {
         let Some(v) = self.db.get_cf(self.meta(), KEY_RELAY)? else { return Ok(None) };
         if v.len() < 8 {
-            return Err(StoreError::Corrupt("relay cursor"));
+            return Err(LogError::Corrupt("relay cursor"));
         }
         let seq = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-        let url = String::from_utf8(v[8..].to_vec()).map_err(|_| StoreError::Corrupt("relay cursor"))?;
+        let url = String::from_utf8(v[8..].to_vec()).map_err(|_| LogError::Corrupt("relay cursor"))?;
         Ok(Some(RelayCursor { url, seq }))
     }
 
@@ -269,7 +146,7 @@ impl Store {
     pub fn last_time_us(&self) -> Result<u64> {
         let remembered = match self.db.get_cf(self.meta(), KEY_LAST_TIME)? {
             Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
-            Some(_) => return Err(StoreError::Corrupt("last_time_us")),
+            Some(_) => return Err(LogError::Corrupt("last_time_us")),
             None => 0,
         };
         Ok(remembered.max(self.newest_time_us()?.unwrap_or(0)))
@@ -277,7 +154,7 @@ impl Store {
 
     /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
     /// relay cursor they complete.
-    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a Event>, cursor: Option<&RelayCursor>) -> Result<()> {
+    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>) -> Result<()> {
         let mut batch = WriteBatch::default();
         let mut value = Vec::new();
         let mut last = None;
@@ -312,7 +189,7 @@ impl Store {
                 break;
             }
             let (k, v) = item?;
-            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("key"))?;
+            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
             n += 1;
             if !f(u64::from_be_bytes(key), &v) {
                 break;
@@ -336,7 +213,7 @@ impl Store {
             }
         })?;
         if bad {
-            return Err(StoreError::Corrupt("event value"));
+            return Err(LogError::Corrupt("event value"));
         }
         Ok(out)
     }
@@ -345,7 +222,7 @@ impl Store {
         match self.db.iterator_cf(self.events(), mode).next() {
             Some(item) => {
                 let (k, _) = item?;
-                let key: [u8; 8] = k.as_ref().try_into().map_err(|_| StoreError::Corrupt("key"))?;
+                let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
                 Ok(Some(u64::from_be_bytes(key)))
             }
             None => Ok(None),
@@ -394,14 +271,14 @@ impl Store {
     }
 
     /// Exact figures; counting walks the log, so this is for tools, not for hot paths.
-    pub fn stats(&self) -> Result<StoreStats> {
+    pub fn stats(&self) -> Result<LogStats> {
         let cursor = self.relay_cursor()?;
         let mut events = 0u64;
         for item in self.db.iterator_cf(self.events(), IteratorMode::Start) {
             item?;
             events += 1;
         }
-        Ok(StoreStats {
+        Ok(LogStats {
             events,
             oldest_time_us: self.oldest_time_us()?,
             newest_time_us: self.newest_time_us()?,

@@ -23,132 +23,69 @@ use json::{RecordError, RecordWriter};
 /// by the websocket layer, so an oversized frame is skipped by seq instead of closing the
 /// connection and replaying the same frame forever.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 5_000_000;
+/// The protocol's limit on ops in one commit (`website:specs/sync`; indigo `MaxCommitOps`).
+pub const MAX_COMMIT_OPS: u64 = 200;
+/// The protocol's limit on a commit's CAR bytes (indigo `MaxMessageBlocksBytes`).
+pub const MAX_BLOCKS_BYTES: usize = 2_000_000;
+/// Most event JSON one frame may produce. Within the limits above, ops may still point at
+/// the same 1 MB block; without this, 200 ops × 1 MB would render 200 MB from one 2 MB frame.
+/// A valid frame renders well under it (its ≤ 2 MB of blocks, at most ~3× as JSON).
+pub const MAX_FRAME_OUTPUT_BYTES: usize = 8 << 20;
 /// Diagnostic strings from the wire (error and info names, messages) are cut to this before
 /// they reach a log line.
 const MAX_DIAGNOSTIC_BYTES: usize = 256;
 
-/// Why something from upstream produced no event. A small fixed set: these are metric labels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DropReason {
-    // Whole frames.
-    FrameTooLarge,
-    BadHeader,
-    BadBody,
-    TrailingBytes,
-    UnknownOp,
-    UnknownType,
-    ErrorFrame,
-    Info,
-    Sync,
-    TooBig,
-    BadCar,
-    BadDid,
-    BadTime,
-    // Single ops.
-    BadPath,
-    UnknownAction,
-    MissingCid,
-    MissingBlock,
-    CidMismatch,
-    UnsupportedHash,
-    RecordTooLarge,
-    RecordMalformed,
-    RecordNotObject,
-    Float,
-    InvalidUtf8,
-    TooDeep,
-    TooManyElements,
-    KeyTooLong,
-    StringTooLong,
-    IntOverflow,
-    DuplicateKey,
-    BadTypeField,
-    BadLink,
-    BadBytes,
-    BadBlob,
+label_enum! {
+    /// Why something from upstream produced no event. A small fixed set: these are metric labels.
+    pub enum DropReason {
+        // Whole frames.
+        FrameTooLarge => "frame_too_large",
+        BadHeader => "bad_header",
+        BadBody => "bad_body",
+        TrailingBytes => "trailing_bytes",
+        UnknownOp => "unknown_op",
+        UnknownType => "unknown_type",
+        ErrorFrame => "error_frame",
+        Info => "info",
+        Sync => "sync",
+        TooBig => "too_big",
+        BadCar => "bad_car",
+        BadDid => "bad_did",
+        BadTime => "bad_time",
+        /// More ops than the protocol allows in one commit.
+        TooManyOps => "too_many_ops",
+        /// More CAR bytes than the protocol allows in one commit.
+        BlocksTooLarge => "blocks_too_large",
+        /// A seq that is not positive, or an implausible jump (decided by the relay reader).
+        BadSeq => "bad_seq",
+        // Single ops.
+        BadPath => "bad_path",
+        UnknownAction => "unknown_action",
+        MissingCid => "missing_cid",
+        MissingBlock => "missing_block",
+        CidMismatch => "cid_mismatch",
+        UnsupportedHash => "unsupported_hash",
+        RecordTooLarge => "record_too_large",
+        RecordMalformed => "record_malformed",
+        RecordNotObject => "record_not_object",
+        Float => "float",
+        InvalidUtf8 => "invalid_utf8",
+        TooDeep => "too_deep",
+        TooManyElements => "too_many_elements",
+        KeyTooLong => "key_too_long",
+        StringTooLong => "string_too_long",
+        IntOverflow => "int_overflow",
+        DuplicateKey => "duplicate_key",
+        BadTypeField => "bad_type_field",
+        BadLink => "bad_link",
+        BadBytes => "bad_bytes",
+        BadBlob => "bad_blob",
+        /// The frame's events already hold more JSON than any valid frame renders to.
+        OutputBudget => "output_budget",
+    }
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 34] = {
-        use DropReason::*;
-        [
-            FrameTooLarge,
-            BadHeader,
-            BadBody,
-            TrailingBytes,
-            UnknownOp,
-            UnknownType,
-            ErrorFrame,
-            Info,
-            Sync,
-            TooBig,
-            BadCar,
-            BadDid,
-            BadTime,
-            BadPath,
-            UnknownAction,
-            MissingCid,
-            MissingBlock,
-            CidMismatch,
-            UnsupportedHash,
-            RecordTooLarge,
-            RecordMalformed,
-            RecordNotObject,
-            Float,
-            InvalidUtf8,
-            TooDeep,
-            TooManyElements,
-            KeyTooLong,
-            StringTooLong,
-            IntOverflow,
-            DuplicateKey,
-            BadTypeField,
-            BadLink,
-            BadBytes,
-            BadBlob,
-        ]
-    };
-
-    pub fn as_str(self) -> &'static str {
-        use DropReason::*;
-        match self {
-            FrameTooLarge => "frame_too_large",
-            BadHeader => "bad_header",
-            BadBody => "bad_body",
-            TrailingBytes => "trailing_bytes",
-            UnknownOp => "unknown_op",
-            UnknownType => "unknown_type",
-            ErrorFrame => "error_frame",
-            Info => "info",
-            Sync => "sync",
-            TooBig => "too_big",
-            BadCar => "bad_car",
-            BadDid => "bad_did",
-            BadTime => "bad_time",
-            BadPath => "bad_path",
-            UnknownAction => "unknown_action",
-            MissingCid => "missing_cid",
-            MissingBlock => "missing_block",
-            CidMismatch => "cid_mismatch",
-            UnsupportedHash => "unsupported_hash",
-            RecordTooLarge => "record_too_large",
-            RecordMalformed => "record_malformed",
-            RecordNotObject => "record_not_object",
-            Float => "float",
-            InvalidUtf8 => "invalid_utf8",
-            TooDeep => "too_deep",
-            TooManyElements => "too_many_elements",
-            KeyTooLong => "key_too_long",
-            StringTooLong => "string_too_long",
-            IntOverflow => "int_overflow",
-            DuplicateKey => "duplicate_key",
-            BadTypeField => "bad_type_field",
-            BadLink => "bad_link",
-            BadBytes => "bad_bytes",
-            BadBlob => "bad_blob",
-        }
-    }
-
     /// True for the drops that are expected protocol traffic rather than bad data.
     pub fn is_benign(self) -> bool {
         matches!(self, DropReason::Info | DropReason::Sync)
@@ -179,43 +116,18 @@ impl From<RecordError> for DropReason {
     }
 }
 
-/// The frame's message type, from its header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum FrameType {
-    Commit,
-    Identity,
-    Account,
-    Sync,
-    Info,
-    Error,
-    Unknown,
-    /// The header itself could not be read.
-    Malformed,
-}
-
-impl FrameType {
-    pub const ALL: [FrameType; 8] = [
-        FrameType::Commit,
-        FrameType::Identity,
-        FrameType::Account,
-        FrameType::Sync,
-        FrameType::Info,
-        FrameType::Error,
-        FrameType::Unknown,
-        FrameType::Malformed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FrameType::Commit => "commit",
-            FrameType::Identity => "identity",
-            FrameType::Account => "account",
-            FrameType::Sync => "sync",
-            FrameType::Info => "info",
-            FrameType::Error => "error",
-            FrameType::Unknown => "unknown",
-            FrameType::Malformed => "malformed",
-        }
+label_enum! {
+    /// The frame's message type, from its header.
+    pub enum FrameType {
+        Commit => "commit",
+        Identity => "identity",
+        Account => "account",
+        Sync => "sync",
+        Info => "info",
+        Error => "error",
+        Unknown => "unknown",
+        /// The header itself could not be read.
+        Malformed => "malformed",
     }
 }
 
@@ -378,11 +290,20 @@ impl Transcoder {
         let (Some(rev), Some(ops), Some(blocks)) = (body.rev, body.ops, body.blocks) else {
             return info.drop(DropReason::BadBody);
         };
+        // The protocol's limits, checked before any work that grows with them.
+        if blocks.len() > MAX_BLOCKS_BYTES {
+            return info.drop(DropReason::BlocksTooLarge);
+        }
         if self.car.build(blocks).is_err() {
             return info.drop(DropReason::BadCar);
         }
         let mut ops_r = Reader::new(ops);
         let Ok(n) = ops_r.read_array_len() else { return info.drop(DropReason::BadBody) };
+        if n > MAX_COMMIT_OPS {
+            return info.drop(DropReason::TooManyOps);
+        }
+        let first_event = events.len();
+        let mut produced = 0usize;
         for _ in 0..n {
             // Each op is read from its own span, so a malformed op cannot derail the next.
             let Ok(span) = ops_r.skip_span() else {
@@ -398,11 +319,19 @@ impl Transcoder {
                     continue;
                 }
             };
+            if produced > MAX_FRAME_OUTPUT_BYTES {
+                op_drops.push(DropReason::OutputBudget);
+                continue;
+            }
             match self.op_event(repo, rev, &op, blocks) {
-                Ok(ev) => events.push(ev),
+                Ok(ev) => {
+                    produced += ev.json().len();
+                    events.push(ev);
+                }
                 Err(reason) => op_drops.push(reason),
             }
         }
+        debug_assert!(events[first_event..].iter().map(|e| e.json().len()).sum::<usize>() == produced);
         info
     }
 

@@ -1,7 +1,11 @@
-//! HTTP: the public listener (`/subscribe`, status page, health) and the metrics listener.
+//! HTTP: the public listener (`/subscribe`, status page, health; routes in [`public`]) and
+//! the metrics listener.
 //!
 //! hyper serves HTTP/1.1 connections (websockets need HTTP/1.1 upgrades); each connection is a
 //! task tracked by the listener so shutdown can stop accepting and then wait for them.
+
+pub mod public;
+pub mod status_page;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -85,13 +89,13 @@ pub async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<TcpLis
     Ok(l)
 }
 
-/// The metrics listener: `/metrics` only.
+/// The metrics listener: `/metrics` only; `render` produces the text exposition.
 pub fn metrics_handler(
-    metrics: Arc<crate::metrics::Metrics>,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
 ) -> impl Fn(Request<Incoming>, SocketAddr) -> std::future::Ready<Response<Body>> + Clone {
     move |req, _| {
         std::future::ready(match req.uri().path() {
-            "/metrics" => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
+            "/metrics" => full(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", render()),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         })
     }

@@ -401,8 +401,7 @@ pub fn write_i64(out: &mut Vec<u8>, v: i64) {
     if v < 0 {
         out.push(b'-');
     }
-    let mut buf = [0u8; 20];
-    out.extend_from_slice(crate::util::format_u64(&mut buf, v.unsigned_abs()));
+    out.extend_from_slice(itoa::Buffer::new().format(v.unsigned_abs()).as_bytes());
 }
 
 /// 0: copy as is; 1: needs an escape (controls, `"`, `\`, `<`, `>`, `&`); 2: 0xE2, the lead

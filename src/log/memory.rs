@@ -1,10 +1,10 @@
-//! The live-only log (`--store memory`): a bounded in-memory window of recent events for
+//! The live-only log backend (`--store memory`): a bounded in-memory window of recent events for
 //! cheap, stateless fan-out nodes. Bounded by age (`--retention`) and by bytes
 //! (`--memory-bytes`): appending past the byte budget drops the oldest events at once.
 //! Nothing survives a restart; a cursor older than the window starts at its oldest event.
 
+use super::{LogStats, RelayCursor};
 use crate::event::Event;
-use crate::store::{RelayCursor, StoreStats};
 use std::collections::BTreeMap;
 use std::sync::RwLock;
 
@@ -53,7 +53,7 @@ impl MemoryLog {
         self.read().last_time_us
     }
 
-    pub fn append<'a>(&self, events: impl IntoIterator<Item = &'a Event>, cursor: Option<&RelayCursor>) {
+    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>) {
         let mut value = Vec::new();
         let mut g = self.write();
         for e in events {
@@ -106,9 +106,9 @@ impl MemoryLog {
         self.read().bytes
     }
 
-    pub fn stats(&self) -> StoreStats {
+    pub fn stats(&self) -> LogStats {
         let g = self.read();
-        StoreStats {
+        LogStats {
             events: g.events.len() as u64,
             oldest_time_us: g.events.keys().next().copied(),
             newest_time_us: g.events.keys().next_back().copied(),

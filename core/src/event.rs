@@ -10,24 +10,17 @@
 
 use std::ops::Range;
 
-/// Which of the three v1 event kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum EventKind {
-    Commit = 0,
-    Identity = 1,
-    Account = 2,
+label_enum! {
+    /// Which of the three v1 event kinds (the discriminant is the stored byte: 0, 1, 2).
+    #[repr(u8)]
+    pub enum EventKind {
+        Commit => "commit",
+        Identity => "identity",
+        Account => "account",
+    }
 }
 
 impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Commit => "commit",
-            EventKind::Identity => "identity",
-            EventKind::Account => "account",
-        }
-    }
-
     pub fn from_u8(b: u8) -> Option<Self> {
         match b {
             0 => Some(EventKind::Commit),
@@ -115,8 +108,8 @@ impl Event {
 
     /// Sets `time_us`, rewriting its digits in the JSON.
     pub fn stamp(&mut self, time_us: u64) {
-        let mut buf = [0u8; 20];
-        let digits = crate::util::format_u64(&mut buf, time_us);
+        let mut buf = itoa::Buffer::new();
+        let digits = buf.format(time_us).as_bytes();
         if digits.len() == self.time.len() {
             self.json[self.time.clone()].copy_from_slice(digits);
         } else {

@@ -1,16 +1,32 @@
 //! Routes of the public listener: `/subscribe` (handed to the hub), `/health`, `/ready`,
 //! `/status`, and `GET /` (the status page). Open CORS for GETs, as Jetstream v1.
 
-use crate::app::Shared;
-use crate::server::{full, text, Body};
+use super::{full, text, Body};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::source::Readiness;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// What the public routes read.
+pub struct Public {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// The relay read (primary), for `/status`.
+    pub relay_url: Option<String>,
+    /// The upstream in use (replica).
+    pub upstream: Option<Arc<Mutex<String>>>,
+    /// Whether the relay or an upstream has been reached, and if not, why.
+    pub readiness: Arc<Readiness>,
+    pub retention: std::time::Duration,
+    pub started: Instant,
+}
 
 pub fn handler(
-    shared: Arc<Shared>,
+    shared: Arc<Public>,
 ) -> impl Fn(Request<Incoming>, SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>
        + Clone {
     move |req, peer| {
@@ -25,7 +41,7 @@ pub fn handler(
     }
 }
 
-async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     if req.method() == Method::OPTIONS {
         return text(StatusCode::NO_CONTENT, "");
     }
@@ -33,17 +49,21 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
     match req.uri().path() {
-        "/subscribe" => crate::hub::subscribe(shared, req, peer).await,
+        "/subscribe" => crate::hub::handshake::subscribe(shared.hub.clone(), req, peer).await,
         "/health" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
-            if shared.relay_reached.load(Ordering::Relaxed) {
+            if shared.readiness.is_ready() {
                 text(StatusCode::OK, "ready\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: the relay has not been reached yet\n")
+                let why = match shared.readiness.last_error() {
+                    Some(e) => format!("not ready: the relay has not been reached yet (last attempt: {e})\n"),
+                    None => "not ready: the relay has not been reached yet\n".to_string(),
+                };
+                text(StatusCode::SERVICE_UNAVAILABLE, why)
             }
         }
         "/status" => full(StatusCode::OK, "application/json", status_json(&shared).to_string()),
-        "/" => full(StatusCode::OK, "text/html; charset=utf-8", crate::status_page::PAGE),
+        "/" => full(StatusCode::OK, "text/html; charset=utf-8", super::status_page::PAGE),
         "/dictionary" => {
             let mut r = full(StatusCode::OK, "application/octet-stream", shared.hub.dictionary.raw.clone());
             let id = shared.hub.dictionary.id.to_string();
@@ -55,10 +75,10 @@ async fn route(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) ->
 }
 
 /// The figures of `/status` (and the status page).
-pub fn status_json(shared: &Shared) -> serde_json::Value {
+pub fn status_json(shared: &Public) -> serde_json::Value {
     let m = &shared.metrics;
-    let events: u64 =
-        ["commit", "identity", "account"].iter().map(|k| m.events_ingested.with_label_values(&[k]).get()).sum();
+    let tip = &shared.hub.tip;
+    let events = m.events_ingested_total();
     let subscribers = shared.hub.admission.connected();
     let upstream = shared.upstream.as_ref().map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).clone());
     serde_json::json!({
@@ -68,7 +88,7 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
         "replication_lag_seconds": m.replication_lag_seconds.get(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "relay": {
-            "url": if shared.upstream.is_some() { None } else { Some(&shared.config.relay_url) },
+            "url": shared.relay_url,
             "connected": m.relay_connected.get() == 1,
             "seq": m.relay_last_seq.get(),
             "lag_seconds": m.relay_lag_seconds.get(),
@@ -79,10 +99,10 @@ pub fn status_json(shared: &Shared) -> serde_json::Value {
             "events_per_second": events as f64 / shared.started.elapsed().as_secs_f64().max(1.0),
         },
         "log": {
-            "oldest_time_us": m.store_oldest_time_us.get(),
-            "newest_time_us": m.store_newest_time_us.get(),
-            "disk_bytes": m.store_disk_bytes.get(),
-            "retention_seconds": shared.config.retention.as_secs(),
+            "oldest_time_us": tip.oldest().unwrap_or(0),
+            "newest_time_us": tip.newest().unwrap_or(0),
+            "disk_bytes": tip.bytes(),
+            "retention_seconds": shared.retention.as_secs(),
         },
         "subscribers": subscribers,
     })

@@ -1,0 +1,61 @@
+//! Time: the wall clock in unix microseconds, the [`Stamper`] that turns clock readings into
+//! unique, strictly increasing `time_us` values, and the calendar date for dictionary ids.
+//!
+//! The wall clock only stamps new events (DESIGN.md invariant 9): everything that asks "how
+//! old" or "how far behind" is measured against the log's tip instead.
+
+/// The wall clock in unix microseconds (0 if the clock is before 1970).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Assigns `time_us` values: `max(now, last + 1)`, so they never repeat or go backwards even
+/// when the clock steps back. Pure: the caller passes the clock reading.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stamper {
+    last: u64,
+}
+
+impl Stamper {
+    /// Starts after `last`, the newest `time_us` already handed out (0 for none).
+    pub fn new(last: u64) -> Self {
+        Stamper { last }
+    }
+
+    /// The next `time_us` for a clock reading of `now_us`.
+    pub fn next(&mut self, now_us: u64) -> u64 {
+        self.last = now_us.max(self.last + 1);
+        self.last
+    }
+
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+}
+
+/// Today's UTC date as `YYYYMMDD`, the way Jetstream v2 names its dictionaries.
+pub fn today_yyyymmdd() -> u32 {
+    let d = time::OffsetDateTime::now_utc().date();
+    d.year() as u32 * 10_000 + u8::from(d.month()) as u32 * 100 + d.day() as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_regresses_when_the_clock_steps_back() {
+        let mut s = Stamper::new(1_000);
+        assert_eq!(s.next(500), 1_001);
+        assert_eq!(s.next(2_000), 2_000);
+        assert_eq!(s.next(2_000), 2_001);
+        assert_eq!(s.next(10), 2_002);
+    }
+
+    #[test]
+    fn today_is_a_plausible_date() {
+        let d = today_yyyymmdd();
+        assert!((20_240_101..21_000_101).contains(&d), "{d}");
+        assert!((1..=12).contains(&(d / 100 % 100)) && (1..=31).contains(&(d % 100)));
+    }
+}

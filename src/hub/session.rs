@@ -1,0 +1,414 @@
+//! One subscriber's socket loop: reads client messages, writes events, runs the timers (ping,
+//! pong timeout, cursor messages, the slow rule) and closes with a [`CloseReason`].
+//!
+//! The reader half runs in its own small task and reports what it read over a 16-slot
+//! channel; the writer half is buffered, so events that are ready together leave in one
+//! syscall. Delivery order and position belong to the [`EventStream`].
+
+use super::close::CloseReason;
+use super::slow::{Progress, SlowWatch};
+use super::stream::{EventStream, Start, StreamMetrics};
+use super::Hub;
+use crate::event::Event;
+use crate::options::{ClientMessage, Filter, OptionsError, OptionsUpdate, SubscribeOptions};
+use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError};
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Client messages larger than this close the connection with 1009 (v1 documents 10 MB).
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 10_000_000;
+/// Per-subscriber write buffer (memory per subscriber, allocated on first write).
+const WRITE_BUFFER: usize = 16 * 1024;
+/// Most events written before the buffer is flushed, when more are ready at once.
+const WRITE_BATCH: usize = 256;
+/// How often timers (ping, cursor messages, slow check) are looked at: 1 s keeps 10,000 idle
+/// subscribers at 10,000 wake-ups a second, and every timer here counts in seconds.
+const TICK: Duration = Duration::from_secs(1);
+/// How long a close frame may take to leave before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Client messages larger than this are parsed and validated on a blocking thread: a 10 MB
+/// `options_update` takes tens of milliseconds, which a runtime thread must not spend.
+const PARSE_INLINE_BYTES: usize = 64 * 1024;
+
+pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
+/// Writes go through a buffer: events that are ready together leave in one syscall.
+type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>>;
+type WsRead = FragmentCollectorRead<tokio::io::ReadHalf<Upgraded>>;
+
+/// What the reader half reports.
+enum Control {
+    Text(Vec<u8>),
+    Ping(Vec<u8>),
+    Heard,
+    Close,
+    TooBig,
+    ReadError(String),
+}
+
+/// Aborts the reader task when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>) {
+    loop {
+        // Auto-pong and auto-close are off: control frames come back here and the writer
+        // answers them, so the send function is never called.
+        let frame = rx.read_frame(&mut |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) }).await;
+        let msg = match frame {
+            Ok(f) => match f.opcode {
+                OpCode::Text => Control::Text(f.payload.to_vec()),
+                OpCode::Ping => Control::Ping(f.payload.to_vec()),
+                OpCode::Close => Control::Close,
+                // Binary messages are ignored, as in v1; they still show the peer is alive.
+                _ => Control::Heard,
+            },
+            Err(WebSocketError::FrameTooLarge) => Control::TooBig,
+            Err(e) => Control::ReadError(e.to_string()),
+        };
+        let last = matches!(msg, Control::Close | Control::TooBig | Control::ReadError(_));
+        if tx.send(msg).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Parses and validates a client text message: `Ok(None)` for a type we ignore, the
+/// accepted update, or the close reason and its text. O(message size) (DESIGN.md invariant 10).
+fn parse_client_message(t: &[u8]) -> Result<Option<crate::options::Update>, (CloseReason, String)> {
+    let msg: ClientMessage = serde_json::from_slice(t)
+        .map_err(|e| (CloseReason::BadMessage, format!("failed to parse subscriber message: {e}")))?;
+    if msg.kind != "options_update" {
+        return Ok(None);
+    }
+    let payload = msg.payload.as_ref().map(|p| p.get()).unwrap_or("{}");
+    let update = serde_json::from_str::<OptionsUpdate>(payload)
+        .map_err(|e| (CloseReason::BadMessage, format!("failed to parse options_update payload: {e}")))?;
+    update.validate().map(Some).map_err(|OptionsError(text)| (CloseReason::InvalidOptions, text))
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    tx: WsWrite,
+    filter: Arc<Filter>,
+    max_size: u64,
+    compress: bool,
+    inform: Option<Duration>,
+    next_inform: Instant,
+    /// Set once delivery starts (after the hello, when `requireHello`).
+    stream: Option<EventStream>,
+    slot: super::limits::Slot,
+    last_heard: Instant,
+    last_ping: Instant,
+    slow: SlowWatch,
+    /// A close frame went out already (a refusal with its own text).
+    close_sent: bool,
+    /// Paces `options_update` messages.
+    updates: super::limits::TokenBucket,
+    /// Per-event counters, resolved once (a label lookup per event would cost a hash and a
+    /// lock on the fan-out hot path).
+    events_sent: prometheus::IntCounter,
+    bytes_sent: prometheus::IntCounter,
+}
+
+/// What the main loop does next.
+enum Step {
+    Shutdown,
+    Control(Option<Control>),
+    Tick,
+    Deliver(Option<Arc<Event>>),
+}
+
+/// Runs one subscriber until its connection ends.
+pub async fn run(
+    hub: Arc<Hub>,
+    ws: fastwebsockets::WebSocket<Upgraded>,
+    opts: SubscribeOptions,
+    slot: super::limits::Slot,
+) {
+    let (mut rx, tx) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
+    });
+    rx.set_auto_pong(false);
+    rx.set_auto_close(false);
+    // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
+    rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
+    // Small: the reader waits when the writer is busy, which is the back-pressure we want.
+    let (ctl_tx, mut ctl) = mpsc::channel(16);
+    let _reader = AbortOnDrop(tokio::spawn(read_loop(FragmentCollectorRead::new(rx), ctl_tx)));
+    let label = crate::metrics::Compression::of(opts.compress).as_str();
+    let m = &hub.metrics;
+    m.subscribers.with_label_values(&[label]).inc();
+    let now = Instant::now();
+    let mut s = Session {
+        hub: hub.clone(),
+        tx,
+        filter: Arc::new(opts.filter),
+        max_size: opts.max_message_size,
+        compress: opts.compress,
+        inform: opts.inform_cursor_seconds.map(Duration::from_secs),
+        next_inform: now,
+        stream: None,
+        slot,
+        last_heard: now,
+        last_ping: now,
+        slow: SlowWatch::new(hub.config.slow_rule(), now),
+        close_sent: false,
+        updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
+        events_sent: m.events_sent.with_label_values(&[label]),
+        bytes_sent: m.bytes_sent.with_label_values(&[label]),
+    };
+    let reason = s.serve(&mut ctl, opts.cursor, opts.require_hello).await;
+    let last_seen = s.stream.as_ref().map(EventStream::last_seen);
+    drop(s);
+    m.subscribers.with_label_values(&[label]).dec();
+    m.closes.with_label_values(&[reason.as_str()]).inc();
+    tracing::debug!(reason = reason.as_str(), last_seen, "subscriber closed");
+}
+
+impl Session {
+    async fn serve(
+        &mut self,
+        ctl: &mut mpsc::Receiver<Control>,
+        cursor: Option<i64>,
+        require_hello: bool,
+    ) -> CloseReason {
+        let Err(reason) = self.serve_until_closed(ctl, cursor, require_hello).await;
+        if let (Some((code, text)), false) = (reason.frame(), self.close_sent) {
+            self.close(code, text).await;
+        }
+        reason
+    }
+
+    async fn serve_until_closed(
+        &mut self,
+        ctl: &mut mpsc::Receiver<Control>,
+        cursor: Option<i64>,
+        require_hello: bool,
+    ) -> Result<std::convert::Infallible, CloseReason> {
+        if require_hello {
+            self.wait_for_hello(ctl).await?;
+        }
+        self.start(cursor);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = self.hub.shutdown.clone();
+        loop {
+            let stream = self.stream.as_mut().expect("started above");
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Step::Shutdown,
+                c = ctl.recv() => Step::Control(c),
+                _ = tick.tick() => Step::Tick,
+                e = stream.next_event() => Step::Deliver(e),
+            };
+            match step {
+                Step::Shutdown => return Err(CloseReason::Shutdown),
+                Step::Control(c) => {
+                    self.control(c).await?;
+                }
+                Step::Tick => self.tick().await?,
+                Step::Deliver(Some(ev)) => self.deliver_ready(ev).await?,
+                Step::Deliver(None) => return Err(CloseReason::Internal),
+            }
+            self.flush().await?;
+        }
+    }
+
+    /// Takes the start point: the ring receiver first, then the position, decided against the
+    /// log's tip (see [`Start::for_cursor`]).
+    fn start(&mut self, cursor: Option<i64>) {
+        let hub = &self.hub;
+        let ring = hub.ring.subscribe();
+        let start = Start::for_cursor(cursor, hub.tip.newest(), crate::clock::now_us());
+        let metrics = StreamMetrics {
+            replay_reads: hub.metrics.replay_reads.clone(),
+            lagging: hub.metrics.lagging_subscribers.clone(),
+        };
+        self.stream = Some(EventStream::new(hub.log.clone(), &hub.tip, ring, self.filter.clone(), start, metrics));
+    }
+
+    async fn wait_for_hello(&mut self, ctl: &mut mpsc::Receiver<Control>) -> Result<(), CloseReason> {
+        let shutdown = self.hub.shutdown.clone();
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
+                _ = tick.tick() => self.tick().await?,
+                c = ctl.recv() => {
+                    if self.control(c).await? {
+                        return Ok(()); // the hello: an accepted options_update
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers `ev` and then whatever else is ready without waiting (up to a batch), so a
+    /// burst leaves in few syscalls; the caller flushes.
+    async fn deliver_ready(&mut self, ev: Arc<Event>) -> Result<(), CloseReason> {
+        self.deliver(ev).await?;
+        for _ in 1..WRITE_BATCH {
+            match self.stream.as_mut().and_then(EventStream::next_ready) {
+                Some(ev) => self.deliver(ev).await?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, ev: Arc<Event>) -> Result<(), CloseReason> {
+        let stream = self.stream.as_mut().expect("delivering after start");
+        if self.max_size > 0 && ev.json().len() as u64 > self.max_size {
+            stream.advance(ev.time_us);
+            return Ok(());
+        }
+        if let Some(bucket) = &self.slot.bucket {
+            let wait = bucket.take();
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let frame = if self.compress {
+            let dict = &self.hub.dictionary;
+            Frame::binary(Payload::Borrowed(ev.compressed(|j| dict.compress(j))))
+        } else {
+            Frame::text(Payload::Borrowed(ev.json()))
+        };
+        let len = frame.payload.len() as u64;
+        self.write(frame).await?;
+        if let Some(s) = self.stream.as_mut() {
+            s.advance(ev.time_us);
+        }
+        self.events_sent.inc();
+        self.bytes_sent.inc_by(len);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), CloseReason> {
+        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CloseReason::WriteError),
+            Err(_) => Err(CloseReason::WriteTimeout),
+        }
+    }
+
+    async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
+        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.write_frame(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CloseReason::WriteError),
+            Err(_) => Err(CloseReason::WriteTimeout),
+        }
+    }
+
+    /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.
+    async fn close(&mut self, code: u16, reason: &str) {
+        self.close_sent = true;
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        let frame = Frame::close(code, &reason.as_bytes()[..end]);
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            self.tx.write_frame(frame).await?;
+            self.tx.flush().await
+        })
+        .await;
+    }
+
+    /// Closes with `reason`'s code and a text of our own (the reason a message was refused).
+    async fn refuse(&mut self, reason: CloseReason, text: &str) -> CloseReason {
+        let (code, _) = reason.frame().expect("refusals have a close frame");
+        self.close(code, text).await;
+        reason
+    }
+
+    /// Handles what the reader half reported; `Ok(true)` when an `options_update` was applied.
+    async fn control(&mut self, c: Option<Control>) -> Result<bool, CloseReason> {
+        self.last_heard = Instant::now();
+        match c {
+            None | Some(Control::Close) => Err(CloseReason::ClientClosed),
+            Some(Control::ReadError(e)) => {
+                tracing::debug!(error = %e, "subscriber read failed");
+                Err(CloseReason::ReadError)
+            }
+            Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
+            Some(Control::Heard) => Ok(false),
+            Some(Control::Ping(payload)) => self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false),
+            Some(Control::Text(t)) => {
+                let parsed = if t.len() <= PARSE_INLINE_BYTES {
+                    parse_client_message(&t)
+                } else {
+                    tokio::task::spawn_blocking(move || parse_client_message(&t))
+                        .await
+                        .unwrap_or_else(|_| Err((CloseReason::Internal, "internal error".into())))
+                };
+                match parsed {
+                    Ok(None) => Ok(false), // not an options_update: ignored, as in v1
+                    Ok(Some(u)) => {
+                        let wait = self.updates.take();
+                        if !wait.is_zero() {
+                            // Faster than allowed: this subscriber waits (its reader stops
+                            // reading, so the client's writes back up); nobody else does.
+                            tokio::time::sleep(wait).await;
+                        }
+                        self.filter = Arc::new(u.filter);
+                        self.max_size = u.max_message_size;
+                        if let Some(i) = u.inform_cursor_seconds {
+                            self.inform = i.map(Duration::from_secs);
+                        }
+                        if let Some(s) = self.stream.as_mut() {
+                            s.set_filter(self.filter.clone());
+                        }
+                        Ok(true)
+                    }
+                    Err((reason, text)) => Err(self.refuse(reason, &text).await),
+                }
+            }
+        }
+    }
+
+    async fn tick(&mut self) -> Result<(), CloseReason> {
+        let now = Instant::now();
+        let config = &self.hub.config;
+        if now.duration_since(self.last_heard) > config.pong_timeout {
+            return Err(CloseReason::PingTimeout);
+        }
+        if now.duration_since(self.last_ping) >= config.ping_interval {
+            self.last_ping = now;
+            self.write(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?;
+        }
+        if let (Some(every), Some(stream)) = (self.inform, &self.stream) {
+            if now >= self.next_inform {
+                self.next_inform = now + every;
+                let msg = format!(r#"{{"kind":"cursor","time_us":{}}}"#, stream.last_seen());
+                let frame = if self.compress {
+                    Frame::binary(Payload::Owned(self.hub.dictionary.compress(msg.as_bytes())))
+                } else {
+                    Frame::text(Payload::Owned(msg.into_bytes()))
+                };
+                self.write(frame).await?;
+            }
+        }
+        if let Some(stream) = &self.stream {
+            let newest = self.hub.tip.newest().unwrap_or(0);
+            let progress = Progress {
+                passed: stream.passed(),
+                behind: Duration::from_micros(newest.saturating_sub(stream.last_seen())),
+                live: stream.is_live(),
+            };
+            if self.slow.check(now, progress) {
+                return Err(CloseReason::TooSlow);
+            }
+        }
+        Ok(())
+    }
+}

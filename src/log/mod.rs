@@ -1,0 +1,266 @@
+//! The event log: every event by `time_us`, with the relay cursor it completes.
+//!
+//! Two backends behind one [`Log`]: [`rocks`] (RocksDB in the data directory, durable) and
+//! [`memory`] (a bounded live-only window). The sequencer appends without knowing which one it
+//! has; the hub reads ranges; [`retention`] trims the oldest events.
+//!
+//! The log keeps a [`Tip`] — newest and oldest `time_us` and the bytes held — as atomics that
+//! appends and trims update and everyone else reads: the hub's slow-client rule, `/status`, and
+//! the metrics gauges (which are fed from the tip, never read back). Decisions about the log
+//! are taken against the tip, not the wall clock (DESIGN.md invariant 9).
+
+pub mod memory;
+pub mod retention;
+pub mod rocks;
+
+use crate::event::Event;
+use crate::units::parse_size;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Where the event log lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// RocksDB in --data-dir: durable, replayable for --retention.
+    Rocksdb,
+    /// A bounded in-memory window (live-only fan-out nodes): nothing survives a restart.
+    Memory,
+}
+
+/// The log's settings (`contrail serve` flags; see `config/contrail.example.toml`).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct LogConfig {
+    /// Where the log lives: rocksdb (durable) or memory (a bounded live-only window).
+    #[arg(long, env = "CONTRAIL_STORE", default_value = "rocksdb", value_enum)]
+    pub store: StoreKind,
+    /// With --store memory: most bytes the window holds (the oldest events go first).
+    #[arg(long, env = "CONTRAIL_MEMORY_BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub memory_bytes: u64,
+    /// Directory of the embedded RocksDB event log.
+    #[arg(long, env = "CONTRAIL_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// fsync every write batch (a power loss then loses nothing a subscriber has seen).
+    #[arg(long, env = "CONTRAIL_SYNC_WRITES", default_value = "true", action = clap::ArgAction::Set)]
+    pub sync_writes: bool,
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        if self.store == StoreKind::Memory && self.memory_bytes < 1 << 20 {
+            return Err(("memory-bytes", "must be at least 1MiB".into()));
+        }
+        Ok(())
+    }
+
+    /// Opens the configured log.
+    pub fn open(&self) -> Result<Log> {
+        match self.store {
+            StoreKind::Rocksdb => Log::rocks(rocks::RocksLog::open(
+                &self.data_dir,
+                rocks::RocksOptions { sync_writes: self.sync_writes },
+            )?),
+            StoreKind::Memory => Ok(Log::memory(memory::MemoryLog::new(self.memory_bytes))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt {0} in the log")]
+    Corrupt(&'static str),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, LogError>;
+
+/// Where the relay reader resumes: the last relay seq whose events are all in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayCursor {
+    pub url: String,
+    pub seq: i64,
+}
+
+/// Figures for `inspect stats` and `/status`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LogStats {
+    pub events: u64,
+    pub oldest_time_us: Option<u64>,
+    pub newest_time_us: Option<u64>,
+    pub relay_url: Option<String>,
+    pub relay_seq: Option<i64>,
+    pub disk_bytes: u64,
+}
+
+/// The log's edges and size, readable without a lock or a blocking call. 0 means "none"
+/// (no event has `time_us` 0).
+#[derive(Debug, Default)]
+pub struct Tip {
+    newest: AtomicU64,
+    oldest: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Tip {
+    /// The newest event's `time_us`, if the log has one.
+    pub fn newest(&self) -> Option<u64> {
+        Some(self.newest.load(Ordering::Acquire)).filter(|&t| t > 0)
+    }
+
+    /// The oldest event's `time_us`, if the log has one.
+    pub fn oldest(&self) -> Option<u64> {
+        Some(self.oldest.load(Ordering::Acquire)).filter(|&t| t > 0)
+    }
+
+    /// Bytes held: on disk for RocksDB (refreshed by retention), in memory for a window.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
+        self.oldest.store(oldest.unwrap_or(0), Ordering::Release);
+        self.newest.store(newest.unwrap_or(0), Ordering::Release);
+        self.bytes.store(bytes, Ordering::Relaxed);
+    }
+}
+
+enum Backend {
+    Rocks(rocks::RocksLog),
+    Memory(memory::MemoryLog),
+}
+
+/// The log, on disk (RocksDB) or — for live-only nodes — a bounded window in memory.
+pub struct Log {
+    backend: Backend,
+    tip: Arc<Tip>,
+}
+
+impl Log {
+    pub fn rocks(log: rocks::RocksLog) -> Result<Log> {
+        Self::with(Backend::Rocks(log))
+    }
+
+    pub fn memory(log: memory::MemoryLog) -> Log {
+        Self::with(Backend::Memory(log)).expect("the memory log cannot fail")
+    }
+
+    fn with(backend: Backend) -> Result<Log> {
+        let log = Log { backend, tip: Arc::default() };
+        log.refresh_tip()?;
+        Ok(log)
+    }
+
+    /// The tip, shared: it moves with every append and trim.
+    pub fn tip(&self) -> Arc<Tip> {
+        self.tip.clone()
+    }
+
+    /// Re-reads the tip from the backend (RocksDB's disk size moves with flushes and
+    /// compactions, not with appends).
+    pub fn refresh_tip(&self) -> Result<()> {
+        self.tip.set(self.oldest_time_us()?, self.newest_time_us()?, self.disk_bytes());
+        Ok(())
+    }
+
+    pub fn relay_cursor(&self) -> Result<Option<RelayCursor>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.relay_cursor(),
+            Backend::Memory(m) => Ok(m.relay_cursor()),
+        }
+    }
+
+    /// The newest `time_us` ever written, even if retention has since emptied the log.
+    pub fn last_time_us(&self) -> Result<u64> {
+        match &self.backend {
+            Backend::Rocks(s) => s.last_time_us(),
+            Backend::Memory(m) => Ok(m.last_time_us()),
+        }
+    }
+
+    /// Appends stamped events (in increasing `time_us`) and, atomically with them, the relay
+    /// cursor they complete; then moves the tip.
+    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.append(events, cursor)?,
+            Backend::Memory(m) => m.append(events, cursor),
+        }
+        if let Some(last) = events.last() {
+            if self.tip.oldest().is_none() {
+                self.tip.oldest.store(events[0].time_us, Ordering::Release);
+            }
+            self.tip.newest.store(last.time_us, Ordering::Release);
+        }
+        if let Backend::Memory(m) = &self.backend {
+            // A live-only window moves its oldest edge with every append (cheap in memory).
+            self.tip.set(m.oldest_time_us(), m.newest_time_us(), m.bytes());
+        }
+        Ok(())
+    }
+
+    /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns
+    /// false or `limit` events were visited. Returns how many were visited.
+    pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
+        match &self.backend {
+            Backend::Rocks(s) => s.scan(from, limit, f),
+            Backend::Memory(m) => Ok(m.scan(from, limit, f)),
+        }
+    }
+
+    /// Up to `limit` events with `time_us >= from`, oldest first.
+    pub fn read_from(&self, from: u64, limit: usize) -> Result<Vec<Event>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.read_from(from, limit),
+            Backend::Memory(m) => Ok(m.read_from(from, limit)),
+        }
+    }
+
+    pub fn oldest_time_us(&self) -> Result<Option<u64>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.oldest_time_us(),
+            Backend::Memory(m) => Ok(m.oldest_time_us()),
+        }
+    }
+
+    pub fn newest_time_us(&self) -> Result<Option<u64>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.newest_time_us(),
+            Backend::Memory(m) => Ok(m.newest_time_us()),
+        }
+    }
+
+    /// Deletes every event with `time_us < cutoff`, then refreshes the tip.
+    pub fn trim_before(&self, cutoff: u64) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.trim_before(cutoff)?,
+            Backend::Memory(m) => m.trim_before(cutoff),
+        }
+        self.refresh_tip()
+    }
+
+    /// Bytes held: on disk for RocksDB, in memory for a live-only window.
+    pub fn disk_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Rocks(s) => s.disk_bytes(),
+            Backend::Memory(m) => m.bytes(),
+        }
+    }
+
+    /// Flushes memtables at shutdown (the WAL already made every write durable).
+    pub fn flush(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.flush(),
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
+    pub fn stats(&self) -> Result<LogStats> {
+        match &self.backend {
+            Backend::Rocks(s) => s.stats(),
+            Backend::Memory(m) => Ok(m.stats()),
+        }
+    }
+}

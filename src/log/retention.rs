@@ -1,0 +1,111 @@
+//! Retention: trims the oldest events by age and by the disk budget, on a blocking thread
+//! every `trim_interval`, and refreshes the log's [`Tip`](super::Tip) every few seconds in
+//! between (RocksDB's size moves with flushes and compactions, not with appends).
+//!
+//! Age is measured back from the newest event, or from the wall clock when that is earlier
+//! (DESIGN.md invariant 9): a clock that steps years forward (a VM resumed, a bad RTC) must not
+//! delete the whole log in one pass, and the newest event is never trimmed.
+
+use super::Log;
+use crate::clock::now_us;
+use crate::metrics::Metrics;
+use crate::units::{parse_duration, parse_size, ser_duration};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How often the tip's size figure is refreshed between trims.
+const TIP_REFRESH: Duration = Duration::from_secs(5);
+
+/// What retention keeps (`contrail serve` flags; see `config/contrail.example.toml`).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct RetentionConfig {
+    /// Keep events this long (e.g. 24h, 36h, 7d).
+    #[arg(long, env = "CONTRAIL_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub retention: Duration,
+    /// Also trim the oldest events while the log is larger than this (e.g. 50GiB). 0: no limit.
+    #[arg(long, env = "CONTRAIL_MAX_DISK_BYTES", default_value = "0", value_parser = parse_size)]
+    pub max_disk_bytes: u64,
+    /// How often retention runs.
+    #[arg(long, env = "CONTRAIL_TRIM_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub trim_interval: Duration,
+}
+
+impl RetentionConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.retention.is_zero() {
+            return Err(("retention", "must be more than 0".into()));
+        }
+        if self.trim_interval.is_zero() {
+            return Err(("trim-interval", "must be more than 0".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Runs until `cancel` fires; a failing trim (our own store failing) ends it with the error.
+pub async fn run(
+    log: Arc<Log>,
+    metrics: Arc<Metrics>,
+    opts: RetentionConfig,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut next_trim = Instant::now() + opts.trim_interval;
+    loop {
+        let wait = TIP_REFRESH.min(next_trim.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let trim = Instant::now() >= next_trim;
+        if trim {
+            next_trim = Instant::now() + opts.trim_interval;
+        }
+        let (log, metrics, opts) = (log.clone(), metrics.clone(), opts.clone());
+        tokio::task::spawn_blocking(move || {
+            if trim {
+                enforce(&log, &metrics, &opts, now_us())
+            } else {
+                log.refresh_tip().map_err(anyhow::Error::from)
+            }
+        })
+        .await??;
+    }
+}
+
+/// Events older than this are past retention: `retention` back from the newest event or the
+/// clock, whichever is earlier, and never past the newest event.
+pub fn age_cutoff(newest: u64, now_us: u64, retention: Duration) -> u64 {
+    newest.min(now_us).saturating_sub(retention.as_micros() as u64).min(newest)
+}
+
+/// One retention pass, with the wall clock reading `now_us`.
+pub fn enforce(log: &Log, metrics: &Metrics, opts: &RetentionConfig, now_us: u64) -> anyhow::Result<()> {
+    let Some(newest) = log.newest_time_us()? else { return Ok(()) };
+    let cutoff = age_cutoff(newest, now_us, opts.retention);
+    if log.oldest_time_us()?.is_some_and(|t| t < cutoff) {
+        log.trim_before(cutoff)?;
+        metrics.store_trims.inc();
+        tracing::info!(cutoff_time_us = cutoff, "trimmed events older than retention");
+    }
+    // Disk budget: drop the oldest tenth of the time span per step until under budget.
+    for _ in 0..10 {
+        if opts.max_disk_bytes == 0 || log.disk_bytes() <= opts.max_disk_bytes {
+            break;
+        }
+        let (Some(old), Some(new)) = (log.oldest_time_us()?, log.newest_time_us()?) else { break };
+        let cut = old + (new - old) / 10 + 1;
+        log.trim_before(cut.min(new))?;
+        metrics.store_trims.inc();
+        tracing::warn!(
+            cutoff_time_us = cut,
+            disk_bytes = log.disk_bytes(),
+            budget = opts.max_disk_bytes,
+            "trimmed oldest events for the disk budget"
+        );
+    }
+    log.refresh_tip()?;
+    Ok(())
+}

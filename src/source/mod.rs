@@ -1,0 +1,41 @@
+//! Sources: where events come from. A primary reads a relay ([`relay`]); a replica follows
+//! other Contrails ([`upstream`]). Both use one websocket client ([`wsclient`]), one
+//! [`backoff`], and hand frames to the sequencer; neither converts records itself (that is
+//! the pure `transcode`).
+
+pub mod backoff;
+pub mod relay;
+pub mod seq;
+pub mod upstream;
+pub mod wsclient;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Whether the source has reached its relay or upstream yet, and if not, why: `/ready` says
+/// so, so an operator sees "TCP connect … timed out" rather than a bare 503.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    reached: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Readiness {
+    pub fn set_reached(&self) {
+        self.reached.store(true, Ordering::Relaxed);
+    }
+
+    /// The last connection attempt failed with `error`.
+    pub fn set_error(&self, error: String) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.reached.load(Ordering::Relaxed)
+    }
+
+    /// Why not ready: the last error, if there was one.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}

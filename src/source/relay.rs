@@ -1,0 +1,294 @@
+//! The relay reader: one websocket client to a relay's `com.atproto.sync.subscribeRepos`.
+//!
+//! - Resumes with `?cursor=<last persisted seq>`; relays replay that seq again (rainbow's
+//!   cursor is inclusive), so frames at or below it are skipped ([`SeqTracker`]).
+//! - Reconnects with exponential backoff and jitter ([`Backoff`]) after any failure, and when
+//!   the socket has been silent for the idle timeout: a quiet relay never kills the process.
+//! - The websocket layer allows 32 MiB messages; the protocol's 5 MB limit is applied by the
+//!   transcoder, so an oversized frame is counted and skipped by seq rather than closing the
+//!   connection and replaying the same frame forever.
+//! - Error frames (`FutureCursor`, `ConsumerTooSlow`) and `#info OutdatedCursor` are logged at
+//!   a bounded rate and counted; seq gaps are counted.
+//!
+//! Frames are transcoded here (the reader is one task, far faster than the firehose) and handed
+//! to the sequencer with their seq.
+
+use super::backoff::Backoff;
+use super::seq::{SeqDecision, SeqTracker};
+use super::wsclient::{self, ClientError, WsUrl};
+use super::Readiness;
+use crate::metrics::{Metrics, RelayErrorKind};
+use crate::rate_limited_log::RateLimitedLog;
+use crate::sequencer::{IngestFrame, IngestSender};
+use crate::transcode::{DropReason, FrameType, Transcoder};
+use crate::units::{parse_duration, parse_size, ser_duration};
+use fastwebsockets::{FragmentCollector, OpCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// The relay settings (`contrail serve` flags; see `config/contrail.example.toml`).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct RelayConfig {
+    /// Relay to read: a base URL (wss://bsky.network) or the full subscribeRepos URL.
+    #[arg(long, env = "CONTRAIL_RELAY_URL", default_value = "wss://bsky.network", value_parser = WsUrl::parse)]
+    pub relay_url: WsUrl,
+    /// Relay frames larger than this are counted and skipped (the protocol's limit is 5 MB).
+    #[arg(long, env = "CONTRAIL_MAX_FRAME_BYTES", default_value = "5000000", value_parser = parse_size)]
+    pub max_frame_bytes: u64,
+    /// Reconnect to the relay when it sends nothing for this long.
+    #[arg(long, env = "CONTRAIL_RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub relay_idle_timeout: Duration,
+    /// First reconnect delay; doubles up to --relay-backoff-max.
+    #[arg(long, env = "CONTRAIL_RELAY_BACKOFF_MIN", default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub relay_backoff_min: Duration,
+    /// Longest reconnect delay.
+    #[arg(long, env = "CONTRAIL_RELAY_BACKOFF_MAX", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub relay_backoff_max: Duration,
+    /// Each step of connecting to a relay or upstream (TCP, TLS, websocket upgrade, an HTTP
+    /// GET) must finish within this, or the attempt fails and is retried with backoff.
+    #[arg(long, env = "CONTRAIL_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub connect_timeout: Duration,
+    /// After a reconnect, a first seq more than this far below our cursor means the relay
+    /// reset its seq space (we follow it); closer below is a fan-out daemon a little behind
+    /// (its repeats are skipped as duplicates).
+    #[arg(long, env = "CONTRAIL_RELAY_RESET_THRESHOLD", default_value = "1000000")]
+    pub relay_reset_threshold: u64,
+}
+
+impl RelayConfig {
+    /// Checks clap cannot express; the error names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.max_frame_bytes < 1024 || self.max_frame_bytes > 32 << 20 {
+            return Err(("max-frame-bytes", "must be between 1 KiB and 32 MiB".into()));
+        }
+        if self.relay_idle_timeout < Duration::from_secs(1) {
+            return Err(("relay-idle-timeout", "must be at least 1s".into()));
+        }
+        if self.relay_backoff_min.is_zero() || self.relay_backoff_max < self.relay_backoff_min {
+            return Err(("relay-backoff-max", "must be at least relay-backoff-min, which must be more than 0".into()));
+        }
+        if self.connect_timeout < Duration::from_millis(100) {
+            return Err(("connect-timeout", "must be at least 100ms".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Why a relay session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{0}")]
+    Connect(#[from] ClientError),
+    #[error("reading: {0}")]
+    Read(fastwebsockets::WebSocketError),
+    #[error("no frame for {0:?}")]
+    Idle(Duration),
+    #[error("the relay closed the connection")]
+    Closed,
+    #[error("the sequencer stopped")]
+    SequencerStopped,
+}
+
+impl RelayError {
+    /// The `contrail_relay_errors_total` label, for the failures that count as errors.
+    pub fn label(&self) -> Option<RelayErrorKind> {
+        match self {
+            RelayError::Connect(_) => Some(RelayErrorKind::Connect),
+            RelayError::Read(_) => Some(RelayErrorKind::Read),
+            RelayError::Idle(_) => Some(RelayErrorKind::IdleTimeout),
+            RelayError::Closed | RelayError::SequencerStopped => None,
+        }
+    }
+}
+
+/// Reads the relay and hands transcoded frames to the sequencer.
+pub struct Reader {
+    cfg: RelayConfig,
+    metrics: Arc<Metrics>,
+    tx: IngestSender,
+    seq: SeqTracker,
+    /// A frame whose seq jumped far ahead, until the next frame confirms or refutes it.
+    held: Option<IngestFrame>,
+    /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
+    frames_by_type: Vec<prometheus::IntCounter>,
+    transcoder: Transcoder,
+    log: RateLimitedLog,
+    /// Whether the relay has been reached, and the last error (for `/ready`).
+    pub readiness: Arc<Readiness>,
+}
+
+impl Reader {
+    pub fn new(cfg: RelayConfig, start_seq: Option<i64>, metrics: Arc<Metrics>, tx: IngestSender) -> Self {
+        let transcoder = Transcoder::new(cfg.max_frame_bytes as usize);
+        let reset_threshold = cfg.relay_reset_threshold.min(i64::MAX as u64) as i64;
+        let frames_by_type =
+            FrameType::ALL.iter().map(|t| metrics.relay_frames.with_label_values(&[t.as_str()])).collect();
+        Reader {
+            cfg,
+            metrics,
+            tx,
+            seq: SeqTracker::new(start_seq.unwrap_or(0), reset_threshold),
+            held: None,
+            frames_by_type,
+            transcoder,
+            log: RateLimitedLog::new(Duration::from_secs(10)),
+            readiness: Arc::default(),
+        }
+    }
+
+    /// Runs until `cancel` fires (or the sequencer is gone).
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(self.cfg.relay_backoff_min, self.cfg.relay_backoff_max);
+        let mut first = true;
+        loop {
+            if !first {
+                self.metrics.relay_reconnects.inc();
+            }
+            first = false;
+            let started_at = self.seq.last();
+            let ended = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.session() => r,
+            };
+            self.metrics.relay_connected.set(0);
+            if let Some(kind) = ended.label() {
+                self.metrics.relay_error(kind);
+            }
+            self.readiness.set_error(ended.to_string());
+            if self.tx.is_closed() || matches!(ended, RelayError::SequencerStopped) {
+                return;
+            }
+            if self.seq.last() != started_at {
+                backoff.reset();
+            }
+            let wait = backoff.next_wait();
+            tracing::warn!(error = %ended, retry_in_ms = wait.as_millis() as u64, "relay connection ended");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// One connection, until it fails.
+    async fn session(&mut self) -> RelayError {
+        let cursor = self.seq.cursor();
+        let url = &self.cfg.relay_url;
+        tracing::info!(host = %url.host, cursor, "connecting to relay");
+        let ws = match wsclient::connect(url, url.target(cursor), self.cfg.connect_timeout).await {
+            Ok(ws) => ws,
+            Err(e) => return e.into(),
+        };
+        self.readiness.set_reached();
+        self.seq.new_session();
+        self.held = None;
+        self.metrics.relay_connected.set(1);
+        tracing::info!(host = %url.host, cursor, "relay connected");
+        let mut ws = FragmentCollector::new(ws);
+        loop {
+            let frame = match tokio::time::timeout(self.cfg.relay_idle_timeout, ws.read_frame()).await {
+                Err(_) => return RelayError::Idle(self.cfg.relay_idle_timeout),
+                Ok(Err(e)) => return RelayError::Read(e),
+                Ok(Ok(f)) => f,
+            };
+            match frame.opcode {
+                OpCode::Binary => {
+                    if let Err(e) = self.handle(&frame.payload).await {
+                        return e;
+                    }
+                }
+                OpCode::Close => return RelayError::Closed,
+                OpCode::Text => {
+                    // Not part of the protocol: counted as malformed, skipped.
+                    self.frames_by_type[FrameType::Malformed as usize].inc();
+                    self.metrics.drop_reason(DropReason::BadHeader);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn handle(&mut self, payload: &[u8]) -> Result<(), RelayError> {
+        let m = &self.metrics;
+        m.relay_bytes.inc_by(payload.len() as u64);
+        let (mut events, mut op_drops) = (Vec::new(), Vec::new());
+        let info = self.transcoder.transcode(payload, &mut events, &mut op_drops);
+        self.frames_by_type[info.frame_type as usize].inc();
+        for d in info.dropped.iter().chain(op_drops.iter()) {
+            m.drop_reason(*d);
+            if !d.is_benign() && *d != DropReason::ErrorFrame {
+                self.log.warn(d.as_str(), || format!("dropped {} (seq {:?})", d.as_str(), info.seq));
+            }
+        }
+        match info.frame_type {
+            FrameType::Error => {
+                let name = info.name.clone().unwrap_or_default();
+                let kind = match name.as_str() {
+                    "FutureCursor" => RelayErrorKind::FutureCursor,
+                    "ConsumerTooSlow" => RelayErrorKind::ConsumerTooSlow,
+                    _ => RelayErrorKind::Other,
+                };
+                m.relay_error(kind);
+                let message = info.message.clone().unwrap_or_default();
+                let last = self.seq.last();
+                self.log.error("relay_error_frame", || {
+                    format!("relay sent an error frame: {name} {message} (last seq {last})")
+                });
+            }
+            FrameType::Info => {
+                let (name, message) = (info.name.clone().unwrap_or_default(), info.message.clone().unwrap_or_default());
+                self.log.warn("relay_info", || format!("relay info: {name} {message}"));
+            }
+            _ => {}
+        }
+        let Some(seq) = info.seq else { return Ok(()) };
+        let cursor = self.seq.last();
+        let was_holding = self.seq.holding();
+        let decision = self.seq.observe(seq);
+        let frame = IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, keep_time: false };
+        let held = self.held.take();
+        if was_holding && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
+            // The far jump was not confirmed: that frame's seq was bogus.
+            m.drop_reason(DropReason::BadSeq);
+            self.log.warn("bad_seq", || format!("dropped a frame whose seq jumped far ahead, after seq {cursor}"));
+        }
+        match decision {
+            SeqDecision::Invalid => {
+                m.drop_reason(DropReason::BadSeq);
+                self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
+                return Ok(());
+            }
+            SeqDecision::Duplicate => {
+                m.relay_duplicates.inc();
+                return Ok(());
+            }
+            SeqDecision::Hold => {
+                self.held = Some(frame);
+                return Ok(());
+            }
+            SeqDecision::Reset { from } => {
+                m.relay_error(RelayErrorKind::SeqReset);
+                tracing::error!(
+                    cursor,
+                    first_seq = from,
+                    "relay seq far below our cursor on reconnect: treating it as a relay reset"
+                );
+            }
+            SeqDecision::Accept { gap, release_held } => {
+                if gap {
+                    m.relay_seq_gaps.inc();
+                }
+                if let (true, Some(h)) = (release_held, held) {
+                    m.relay_seq_gaps.inc(); // the jump itself
+                    self.tx.send(h).await.map_err(|_| RelayError::SequencerStopped)?;
+                }
+            }
+        }
+        self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)
+    }
+}

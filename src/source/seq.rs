@@ -1,0 +1,165 @@
+//! The relay stream position: decides, for each frame's seq, whether it is new, a duplicate
+//! of something already persisted, the start of a relay whose seq space was reset, or not a
+//! believable seq at all. Pure, and every step is checked arithmetic: the seq comes from the
+//! wire.
+//!
+//! - Relays replay from `?cursor=` inclusively, and public relays are fan-out daemons that can
+//!   be a little behind, so the first frames after a reconnect may repeat what we have: those
+//!   are duplicates, skipped (no duplicates, DESIGN.md invariant 2).
+//! - Only a first frame *far* below our position (more than the reset threshold) means the
+//!   relay lost its history and restarted lower: then we follow it (spec/firehose.md §1.4).
+//! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
+//!   next frame confirms the new space (one bogus huge seq must not make every later frame look
+//!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
+//!   held one is invalid.
+
+/// A forward jump larger than this must be confirmed by the next frame. Days of firehose
+/// traffic (at a few thousand seqs/s) are well under it; a corrupt seq usually is not.
+pub const MAX_SEQ_JUMP: i64 = 1_000_000_000;
+
+/// What to do with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqDecision {
+    /// New: hand it on. `gap` when it skipped ahead of `last + 1`. `release_held`: a frame
+    /// held before it was confirmed by this one; hand the held one on first.
+    Accept { gap: bool, release_held: bool },
+    /// Already persisted (at or below our position): skip it.
+    Duplicate,
+    /// The relay cannot serve our cursor (a new, lower seq space): follow it from this frame.
+    Reset { from: i64 },
+    /// A far jump ahead: keep the frame aside until the next one says whether it was real.
+    Hold,
+    /// Not a believable seq: count it and skip the frame.
+    Invalid,
+}
+
+#[derive(Debug, Clone)]
+pub struct SeqTracker {
+    /// Newest seq handed on (0: none yet).
+    last: i64,
+    /// No frame with a seq has been seen on this connection yet.
+    first_of_session: bool,
+    /// A first frame more than this below `last` is a relay reset.
+    reset_threshold: i64,
+    /// The seq of a frame held after a far jump.
+    held: Option<i64>,
+}
+
+impl SeqTracker {
+    /// Starts at `last`, the newest persisted seq (0: none, start live).
+    pub fn new(last: i64, reset_threshold: i64) -> Self {
+        SeqTracker { last: last.max(0), first_of_session: true, reset_threshold: reset_threshold.max(0), held: None }
+    }
+
+    /// The newest seq handed on (0: none).
+    pub fn last(&self) -> i64 {
+        self.last
+    }
+
+    /// The cursor to resume from, if any.
+    pub fn cursor(&self) -> Option<i64> {
+        (self.last > 0).then_some(self.last)
+    }
+
+    /// A new connection begins (a frame held on the old one is gone with it).
+    pub fn new_session(&mut self) {
+        self.first_of_session = true;
+        self.held = None;
+    }
+
+    /// Whether a frame is being held.
+    pub fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Decides about a frame with `seq`, and moves the position when it is accepted. When a
+    /// frame was held and this call does not release it, the held frame is to be dropped
+    /// (the caller counts it as invalid).
+    pub fn observe(&mut self, seq: i64) -> SeqDecision {
+        if seq <= 0 {
+            return SeqDecision::Invalid;
+        }
+        let first = std::mem::take(&mut self.first_of_session);
+        if let Some(held) = self.held.take() {
+            // The frame after a far jump decides: continuing from the held seq confirms it.
+            if seq > held && seq - held <= MAX_SEQ_JUMP {
+                self.last = seq;
+                return SeqDecision::Accept { gap: seq > held + 1, release_held: true };
+            }
+            // Otherwise the held seq was bogus; judge this frame against our position.
+        }
+        if first && self.last > 0 && seq < self.last.saturating_sub(self.reset_threshold) {
+            // We asked for `cursor=last` and the relay starts far below it: it cannot serve
+            // our cursor (a new relay instance with a new seq space). Taking its stream from
+            // here is the only way forward; skipping "duplicates" would stall ingest.
+            self.last = seq;
+            return SeqDecision::Reset { from: seq };
+        }
+        if seq <= self.last {
+            return SeqDecision::Duplicate;
+        }
+        if self.last > 0 && seq - self.last > MAX_SEQ_JUMP {
+            self.held = Some(seq);
+            return SeqDecision::Hold;
+        }
+        let gap = self.last > 0 && seq > self.last + 1;
+        self.last = seq;
+        SeqDecision::Accept { gap, release_held: false }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ACCEPT: SeqDecision = SeqDecision::Accept { gap: false, release_held: false };
+
+    #[test]
+    fn duplicates_gaps_and_resets() {
+        let mut t = SeqTracker::new(10, 5);
+        assert_eq!(t.cursor(), Some(10));
+        assert_eq!(t.observe(10), SeqDecision::Duplicate, "the inclusive cursor's repeat");
+        assert_eq!(t.observe(11), ACCEPT);
+        assert_eq!(t.observe(11), SeqDecision::Duplicate);
+        assert_eq!(t.observe(15), SeqDecision::Accept { gap: true, release_held: false });
+        assert_eq!(t.last(), 15);
+        t.new_session();
+        assert_eq!(t.observe(3), SeqDecision::Reset { from: 3 });
+        assert_eq!(t.observe(4), ACCEPT);
+        assert_eq!(SeqTracker::new(0, 5).cursor(), None);
+        assert_eq!(SeqTracker::new(0, 5).observe(7), ACCEPT);
+    }
+
+    #[test]
+    fn a_fan_out_daemon_a_little_behind_is_not_a_reset() {
+        let mut t = SeqTracker::new(31_527_015_322, 1_000_000);
+        t.new_session();
+        for seq in 31_527_014_900..=31_527_015_322 {
+            assert_eq!(t.observe(seq), SeqDecision::Duplicate, "{seq}");
+        }
+        assert_eq!(t.observe(31_527_015_323), ACCEPT);
+        t.new_session();
+        assert_eq!(t.observe(20), SeqDecision::Reset { from: 20 }, "far below: a new seq space");
+    }
+
+    #[test]
+    fn seqs_from_the_wire_cannot_panic_or_wedge() {
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(0), SeqDecision::Invalid);
+        assert_eq!(t.observe(-5), SeqDecision::Invalid);
+        assert_eq!(t.observe(i64::MIN), SeqDecision::Invalid);
+        // One corrupt huge seq is held, then dropped when the stream goes on normally.
+        assert_eq!(t.observe(i64::MAX), SeqDecision::Hold);
+        assert_eq!(t.observe(101), ACCEPT);
+        assert!(!t.holding());
+        assert_eq!(t.last(), 101);
+        // A real move to a far higher seq space is confirmed by the next frame: nothing lost.
+        assert_eq!(t.observe(20_000_000_000), SeqDecision::Hold);
+        assert_eq!(t.observe(20_000_000_001), SeqDecision::Accept { gap: false, release_held: true });
+        assert_eq!(t.last(), 20_000_000_001);
+        // Extremes never overflow.
+        let mut t = SeqTracker::new(i64::MAX, i64::MAX);
+        assert_eq!(t.observe(i64::MAX), SeqDecision::Duplicate);
+        assert_eq!(t.observe(1), SeqDecision::Duplicate);
+    }
+}

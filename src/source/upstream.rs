@@ -1,0 +1,377 @@
+//! Replica mode: follow an upstream Contrail's `/subscribe` instead of a relay, keeping the
+//! upstream's `time_us` and bytes unchanged, so a cursor means the same event on the primary
+//! and on every replica (clients fail over with the same cursor: no rewind, no gap, no
+//! duplicate).
+//!
+//! - Resumes with `cursor` = the newest `time_us` in its own log (0 when empty: the whole
+//!   upstream window); the inclusive cursor's repeat of that event is skipped.
+//! - Every event must have a larger `time_us` than the one before; anything else is an error
+//!   and the connection is reopened from the cursor.
+//! - Asks for cursor messages (`informCursorSeconds`) and uses them as a heartbeat: an
+//!   upstream that sends neither events nor cursor messages for the stale timeout is dropped
+//!   for the next one in the list. Chains work: an upstream may itself be a replica.
+//! - Prefers the freshest upstream: while connected, it asks every upstream's `/status` for
+//!   its newest event; when another is ahead of the one in use by more than
+//!   `--upstream-switch-lag`, it switches to it. A frozen middle replica still sends cursor
+//!   messages, so staleness alone would never move its followers.
+
+use super::backoff::Backoff;
+use super::wsclient::{self, ClientError, WsUrl};
+use super::Readiness;
+use crate::clock::now_us;
+use crate::event::{Event, EventKind};
+use crate::metrics::Metrics;
+use crate::sequencer::{IngestFrame, IngestSender};
+use crate::units::{parse_duration, ser_duration};
+use fastwebsockets::{FragmentCollector, OpCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Largest event JSON accepted from an upstream once decompressed.
+const MAX_EVENT_JSON: usize = 16 << 20;
+
+/// Replica-mode settings (`contrail serve` flags; see `config/contrail.example.toml`).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct ReplicaConfig {
+    /// Replica mode: follow these upstream Contrails' /subscribe (in order, failing over)
+    /// instead of a relay, keeping their time_us. Repeat the flag, or comma-separate.
+    #[arg(long = "upstream-url", env = "CONTRAIL_UPSTREAM_URL", value_delimiter = ',', value_parser = parse_upstream_url)]
+    pub upstream_url: Vec<WsUrl>,
+    /// Replica mode: switch to the next upstream after this long with no event and no
+    /// cursor message.
+    #[arg(long, env = "CONTRAIL_UPSTREAM_STALE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub upstream_stale_timeout: Duration,
+    /// Replica mode: subscribe compressed, with the dictionary the upstream serves.
+    #[arg(long, env = "CONTRAIL_UPSTREAM_COMPRESS", default_value = "true", action = clap::ArgAction::Set)]
+    pub upstream_compress: bool,
+    /// Replica mode: switch to another upstream whose newest event is ahead of the one in use
+    /// by more than this (checked every stale-timeout/3).
+    #[arg(long, env = "CONTRAIL_UPSTREAM_SWITCH_LAG", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub upstream_switch_lag: Duration,
+}
+
+/// An upstream is a Contrail: a base URL gets `/subscribe`.
+pub fn parse_upstream_url(url: &str) -> anyhow::Result<WsUrl> {
+    WsUrl::parse_with_path(url, "/subscribe")
+}
+
+impl ReplicaConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.upstream_stale_timeout < Duration::from_secs(3) {
+            return Err((
+                "upstream-stale-timeout",
+                "must be at least 3s (cursor messages come every stale-timeout/3)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How the reader connects and backs off (the relay group's timing applies to upstreams too).
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    pub replica: ReplicaConfig,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// A live-only node (`--store memory`) with an empty window starts at the upstream's live
+    /// edge instead of replaying its whole history.
+    pub live_when_empty: bool,
+}
+
+/// Why an upstream session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{0}")]
+    Connect(#[from] ClientError),
+    #[error("the upstream's dictionary: {0}")]
+    Dictionary(String),
+    #[error("stale: no event or cursor message for {0:?}")]
+    Stale(Duration),
+    #[error("reading: {0}")]
+    Read(fastwebsockets::WebSocketError),
+    #[error("the upstream closed the connection")]
+    Closed,
+    #[error("the upstream sent {0}")]
+    Protocol(String),
+    #[error("the sequencer stopped")]
+    SequencerStopped,
+    #[error("upstream {better} is ahead of this one by {ahead:?}")]
+    Behind { better: usize, ahead: Duration },
+}
+
+fn protocol(what: impl Into<String>) -> UpstreamError {
+    UpstreamError::Protocol(what.into())
+}
+
+/// The fields a replica needs from an event line; simd-json reads them in place.
+#[derive(serde::Deserialize)]
+struct Meta<'a> {
+    kind: &'a str,
+    time_us: u64,
+    #[serde(borrow)]
+    commit: Option<CommitMeta<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct CommitMeta<'a> {
+    collection: Option<&'a str>,
+}
+
+pub struct UpstreamReader {
+    opts: UpstreamOptions,
+    metrics: Arc<Metrics>,
+    tx: IngestSender,
+    last_time_us: u64,
+    current: usize,
+    /// Whether an upstream has been reached, and the last error (for `/ready`).
+    pub readiness: Arc<Readiness>,
+    /// The upstream in use, for `/status`.
+    pub current_url: Arc<std::sync::Mutex<String>>,
+}
+
+impl UpstreamReader {
+    /// `opts.replica.upstream_url` must not be empty.
+    pub fn new(opts: UpstreamOptions, last_time_us: u64, metrics: Arc<Metrics>, tx: IngestSender) -> Self {
+        assert!(!opts.replica.upstream_url.is_empty(), "replica mode needs an upstream URL");
+        let first = opts.replica.upstream_url[0].to_string();
+        UpstreamReader {
+            opts,
+            metrics,
+            tx,
+            last_time_us,
+            current: 0,
+            readiness: Arc::default(),
+            current_url: Arc::new(std::sync::Mutex::new(first)),
+        }
+    }
+
+    fn urls(&self) -> &[WsUrl] {
+        &self.opts.replica.upstream_url
+    }
+
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
+        let mut failures_in_a_row = 0usize;
+        loop {
+            let before = self.last_time_us;
+            let ended = tokio::select! {
+                _ = cancel.cancelled() => return,
+                e = self.session() => e,
+            };
+            self.metrics.relay_connected.set(0);
+            if self.tx.is_closed() || matches!(ended, UpstreamError::SequencerStopped) {
+                return;
+            }
+            if self.last_time_us != before {
+                failures_in_a_row = 0;
+                backoff.reset();
+            }
+            failures_in_a_row += 1;
+            self.readiness.set_error(format!("{}: {ended}", self.urls()[self.current]));
+            tracing::warn!(upstream = %self.urls()[self.current], error = %ended, "upstream connection ended");
+            if let UpstreamError::Behind { better, .. } = ended {
+                // Not a failure: go straight to the fresher upstream.
+                failures_in_a_row = 0;
+                self.current = better;
+                self.metrics.upstream_switches.inc();
+                let now = self.urls()[self.current].to_string();
+                *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher upstream");
+                continue;
+            }
+            if self.urls().len() > 1 {
+                self.current = (self.current + 1) % self.urls().len();
+                self.metrics.upstream_switches.inc();
+                let now = self.urls()[self.current].to_string();
+                *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                tracing::info!(upstream = %self.urls()[self.current], "switching upstream");
+            }
+            // Try every upstream once before waiting; then back off.
+            if failures_in_a_row >= self.urls().len() {
+                let wait = backoff.next_wait();
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    }
+
+    /// One connection, until it fails.
+    async fn session(&mut self) -> UpstreamError {
+        let url = self.urls()[self.current].clone();
+        let replica = &self.opts.replica;
+        let stale = replica.upstream_stale_timeout;
+        let inform = (stale.as_secs() / 3).clamp(1, 600);
+        let mut params = vec![format!("informCursorSeconds={inform}")];
+        if self.last_time_us > 0 || !self.opts.live_when_empty {
+            // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
+            params.push(format!("cursor={}", self.last_time_us));
+        }
+        // Compressed links save most of the cross-region bandwidth; the dictionary is the one
+        // the upstream itself uses, fetched fresh for each connection.
+        let mut decompressor = None;
+        if replica.upstream_compress {
+            let base = url.path.strip_suffix("/subscribe").unwrap_or("");
+            let dict = match wsclient::http_get(&url, &format!("{base}/dictionary"), self.opts.connect_timeout).await {
+                Ok(d) => d,
+                Err(e) => return UpstreamError::Dictionary(e.to_string()),
+            };
+            match zstd::bulk::Decompressor::with_dictionary(&dict) {
+                Ok(d) => decompressor = Some(d),
+                Err(e) => return UpstreamError::Dictionary(e.to_string()),
+            }
+            params.push("compress=true".into());
+        }
+        let target = url.target_with(params.into_iter());
+        let ws = match wsclient::connect(&url, target, self.opts.connect_timeout).await {
+            Ok(ws) => ws,
+            Err(e) => return e.into(),
+        };
+        self.readiness.set_reached();
+        self.metrics.relay_connected.set(1);
+        tracing::info!(upstream = %url, cursor = self.last_time_us, "upstream connected");
+        let mut ws = FragmentCollector::new(ws);
+        // Watches the other upstreams while this one is in use; says which one to switch to.
+        let (better_tx, mut better_rx) = tokio::sync::oneshot::channel();
+        let _prober = AbortOnDrop(tokio::spawn(probe_upstreams(
+            self.urls().to_vec(),
+            self.current,
+            (stale / 3).max(Duration::from_secs(1)),
+            self.opts.replica.upstream_switch_lag,
+            self.opts.connect_timeout,
+            better_tx,
+        )));
+        // Only with a choice of upstreams; the prober then runs until it has something to say,
+        // so the read below is abandoned only together with the connection.
+        let mut probing = self.urls().len() > 1;
+        loop {
+            let read = tokio::select! {
+                r = tokio::time::timeout(stale, ws.read_frame()) => r,
+                found = &mut better_rx, if probing => match found {
+                    // The read in progress is abandoned with the connection.
+                    Ok((better, ahead)) => return UpstreamError::Behind { better, ahead },
+                    Err(_) => {
+                        probing = false; // the prober is gone
+                        continue;
+                    }
+                },
+            };
+            let frame = match read {
+                Err(_) => return UpstreamError::Stale(stale),
+                Ok(Err(e)) => return UpstreamError::Read(e),
+                Ok(Ok(f)) => f,
+            };
+            let result = match (frame.opcode, decompressor.as_mut()) {
+                (OpCode::Text, _) => self.handle(frame.payload.to_vec()).await,
+                (OpCode::Binary, Some(d)) => {
+                    // Events are at most a few MB (a 1 MiB record rendered as JSON).
+                    match d.decompress(&frame.payload, MAX_EVENT_JSON) {
+                        Ok(json) => self.handle(json).await,
+                        Err(e) => Err(protocol(format!("a frame that does not decompress: {e}"))),
+                    }
+                }
+                (OpCode::Binary, None) => Err(protocol("a binary frame to an uncompressed subscription")),
+                (OpCode::Close, _) => Err(UpstreamError::Closed),
+                _ => Ok(()),
+            };
+            if let Err(e) = result {
+                return e;
+            }
+        }
+    }
+
+    async fn handle(&mut self, json: Vec<u8>) -> Result<(), UpstreamError> {
+        let mut scratch = json.clone();
+        let meta: Meta<'_> = simd_json::serde::from_slice(&mut scratch)
+            .map_err(|e| protocol(format!("an event that is not v1 JSON: {e}")))?;
+        if meta.kind == "cursor" {
+            // The upstream's position for this stream: how far behind it we are.
+            let behind = meta.time_us.saturating_sub(self.last_time_us);
+            self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
+            return Ok(());
+        }
+        if meta.time_us <= self.last_time_us {
+            if meta.time_us == self.last_time_us {
+                return Ok(()); // the inclusive cursor's repeat
+            }
+            return Err(protocol(format!("time_us {} after {}", meta.time_us, self.last_time_us)));
+        }
+        let kind = match meta.kind {
+            "commit" => EventKind::Commit,
+            "identity" => EventKind::Identity,
+            "account" => EventKind::Account,
+            other => return Err(protocol(format!("an unknown event kind {other:?}"))),
+        };
+        let collection = meta.commit.and_then(|c| c.collection).map(str::to_string);
+        let time_us = meta.time_us;
+        let event = Event::from_json(json, kind, collection.as_deref())
+            .ok_or_else(|| protocol("an event that is not in v1 shape"))?;
+        if event.time_us != time_us {
+            return Err(protocol("an event whose time_us does not parse the same twice"));
+        }
+        self.last_time_us = time_us;
+        self.metrics.replication_lag_seconds.set((now_us() as f64 - time_us as f64) / 1e6);
+        self.metrics.upstream_tip_distance_seconds.set(0.0);
+        let frame = IngestFrame { seq: None, relay_time_us: None, events: vec![event], keep_time: true };
+        self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)
+    }
+}
+
+/// Aborts the prober when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The newest `time_us` an upstream reports at `/status`.
+async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
+    let base = url.path.strip_suffix("/subscribe").unwrap_or("");
+    let body = wsclient::http_get(url, &format!("{base}/status"), timeout).await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    v["log"]["newest_time_us"].as_u64()
+}
+
+/// Every `every`, compares the upstreams' newest events; when one is ahead of `current` by
+/// more than `lag`, reports it (once) and ends.
+async fn probe_upstreams(
+    urls: Vec<WsUrl>,
+    current: usize,
+    every: Duration,
+    lag: Duration,
+    timeout: Duration,
+    better: tokio::sync::oneshot::Sender<(usize, Duration)>,
+) {
+    if urls.len() < 2 {
+        return;
+    }
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(ours) = upstream_newest(&urls[current], timeout).await else { continue };
+        let mut best: Option<(usize, u64)> = None;
+        for (i, url) in urls.iter().enumerate() {
+            if i == current {
+                continue;
+            }
+            if let Some(newest) = upstream_newest(url, timeout).await {
+                if best.is_none_or(|(_, b)| newest > b) {
+                    best = Some((i, newest));
+                }
+            }
+        }
+        if let Some((i, newest)) = best {
+            let ahead = Duration::from_micros(newest.saturating_sub(ours));
+            if ahead > lag {
+                let _ = better.send((i, ahead));
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! Human units in the configuration: durations (`500ms`, `90s`, `36h`, `7d`, `1h30m`; a bare
+//! number is seconds) and sizes (`4096`, `512MiB`, `10GiB`, `2GB`), parsed by `humantime` and
+//! `bytesize`, and written back the way an operator would write them.
+
+use std::time::Duration;
+
+/// Parses a duration; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?} ({e}): expected e.g. 36h, 90s, 500ms"))
+}
+
+/// Formats a duration in its largest whole unit (`1d`, `36h`, `90s`, `1500ms`), which
+/// [`parse_duration`] reads back. (humantime's own formatter writes `1day 12h`, which is
+/// correct but not how anyone writes a config file.)
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if s > 0 && s.is_multiple_of(n) {
+            return format!("{}{unit}", s / n);
+        }
+    }
+    format!("{s}s")
+}
+
+/// Parses a size in bytes: a bare number, or a number with a decimal (`KB`, `MB`, `GB`, `TB`)
+/// or binary (`KiB`, `MiB`, `GiB`, `TiB`) unit.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(n);
+    }
+    s.parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| format!("bad size {s:?} ({e}): expected e.g. 10GiB, 512MiB, 4096"))
+}
+
+/// Serialises a duration as [`format_duration`] writes it (for `--validate-only`).
+pub fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(*d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("36h"), Ok(Duration::from_secs(36 * 3600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert!(parse_duration("1y").is_err() || parse_duration("1y").unwrap() > Duration::from_secs(86_400 * 300));
+        assert!(parse_duration("forever").is_err());
+        assert!(parse_duration("").is_err());
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");
+        assert_eq!(format_duration(Duration::from_secs(36 * 3600)), "36h");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+        for d in ["36h", "90s", "1500ms", "7d", "5m"] {
+            assert_eq!(format_duration(parse_duration(d).unwrap()), d);
+        }
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("32KiB"), Ok(32 << 10));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("10 parsecs").is_err());
+    }
+}
