@@ -5,7 +5,7 @@
 use super::limits::{client_ip, Refused};
 use super::{session, Hub};
 use crate::options::{OptionsError, SubscribeOptions};
-use crate::server::{text, Body};
+use crate::response::{text, Body};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};

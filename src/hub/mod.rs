@@ -44,11 +44,11 @@
 
 pub mod close;
 pub mod compress;
-pub mod handshake;
+pub(crate) mod handshake;
 pub mod limits;
-pub mod session;
-pub mod slow;
-pub mod stream;
+pub(crate) mod session;
+pub(crate) mod slow;
+pub(crate) mod stream;
 
 pub use contrail_core::options;
 

@@ -7,8 +7,6 @@
 pub mod public;
 pub mod status_page;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -20,19 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(hyper::header::CONTENT_TYPE, content_type)
-        .body(Full::new(body.into()).boxed())
-        .expect("static response parts are valid")
-}
-
-pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    full(status, "text/plain; charset=utf-8", body)
-}
+pub use crate::response::{full, text, Body};
 
 /// Accepts connections on `listener` until `cancel`, serving each with `handler`. Returns once
 /// accepting has stopped and every connection task has finished.

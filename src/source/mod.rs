@@ -3,9 +3,9 @@
 //! [`backoff`], and hand frames to the sequencer; neither converts records itself (that is
 //! the pure `transcode`).
 
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod relay;
-pub mod seq;
+pub(crate) mod seq;
 pub mod upstream;
 pub mod wsclient;
 
