@@ -3,7 +3,7 @@
 //!
 //! One root cancellation token, with a child per shutdown phase: `accept` (listeners), the
 //! hub's (subscribers get 1001), `reader` (the relay or upstream reader; the sequencer then
-//! writes its last batch and ends), `background` (retention). Cancelling the root stops them
+//! writes its last batch and ends), `background` (retention, the status history). Cancelling the root stops them
 //! all. Phases wait at most `--shutdown-drain-timeout` each; the log is flushed last.
 
 use crate::config::ServeConfig;
@@ -13,6 +13,7 @@ use crate::log::retention;
 use crate::metrics::Metrics;
 use crate::sequencer::{ingest_channel, Sequencer};
 use crate::server;
+use crate::server::history::History;
 use crate::server::public::Public;
 use crate::source::relay;
 use crate::source::upstream::{UpstreamOptions, UpstreamReader};
@@ -74,8 +75,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let (ring, _) = broadcast::channel(config.hub.ring_capacity);
     let (frames_tx, frames_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
+    let mix = Arc::new(crate::mix::EventMix::default());
     let sequencer = Sequencer::new(log.clone(), ring.clone(), metrics.clone(), relay_key)?
-        .with_ring_budget(config.hub.ring_capacity, config.hub.ring_max_bytes as usize);
+        .with_ring_budget(config.hub.ring_capacity, config.hub.ring_max_bytes as usize)
+        .with_mix(mix.clone());
     let replica = !config.replica.upstream_url.is_empty();
     let reader = if replica {
         tracing::info!(upstreams = ?config.replica.upstream_url.iter().map(ToString::to_string).collect::<Vec<_>>(), "replica mode");
@@ -110,7 +113,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.limits.clone(),
         root.child_token(),
     ));
+    let history = Arc::new(History::new(metrics.clone(), log.tip(), mix, replica, config.ops.status_sample_interval));
     let public = Arc::new(Public {
+        history: history.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
         relay_url: (!replica).then(|| relay_url.clone()),
@@ -143,6 +148,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     {
         let (log, metrics, cancel, opts) = (log.clone(), metrics.clone(), background.clone(), config.retention.clone());
         tasks.spawn(async move { ("retention", retention::run(log, metrics, opts, cancel).await) });
+    }
+    {
+        let cancel = background.clone();
+        tasks.spawn(async move { ("status history", history.run(cancel).await) });
     }
     let public_listener = server::bind(config.ops.listen, "public").await?;
     let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;

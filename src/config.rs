@@ -131,9 +131,14 @@ pub struct OperationsConfig {
     #[arg(long, env = "CONTRAIL_SHUTDOWN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_drain_timeout: Duration,
-    /// Log format: json (one object per line) or text.
+    /// Log format: json (one object per line) or text (coloured only on a terminal).
     #[arg(long, env = "CONTRAIL_LOG_FORMAT", default_value = "json", value_enum)]
     pub log_format: LogFormat,
+    /// How often the status page's history takes a sample (it keeps 720 of them: an hour at
+    /// the default).
+    #[arg(long, env = "CONTRAIL_STATUS_SAMPLE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub status_sample_interval: Duration,
 }
 
 /// `contrail serve` settings.
@@ -190,7 +195,12 @@ impl ServeConfig {
             self.hub.validate(),
             self.limits.validate(),
         ];
-        for check in checks {
+        let ops = if self.ops.status_sample_interval < Duration::from_millis(100) {
+            Err(("status-sample-interval", "must be at least 100ms".to_string()))
+        } else {
+            Ok(())
+        };
+        for check in checks.into_iter().chain([ops]) {
             if let Err((key, message)) = check {
                 return Err(ConfigError { key: key.into(), message });
             }

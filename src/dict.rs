@@ -14,6 +14,7 @@ pub enum Source<'a> {
 /// Reads up to `max` samples (the newest ones for a log, the first ones for JSONL).
 pub fn samples(source: Source<'_>, max: usize) -> anyhow::Result<Vec<Vec<u8>>> {
     let mut out = Vec::new();
+    let mut progress = crate::progress::Progress::new("samples", (max < usize::MAX).then_some(max as u64));
     match source {
         Source::Jsonl(p) => {
             let f = std::io::BufReader::new(std::fs::File::open(p)?);
@@ -21,6 +22,7 @@ pub fn samples(source: Source<'_>, max: usize) -> anyhow::Result<Vec<Vec<u8>>> {
                 let line = line?;
                 if !line.trim().is_empty() {
                     out.push(line.into_bytes());
+                    progress.add(1);
                 }
                 if out.len() >= max {
                     break;
@@ -38,11 +40,13 @@ pub fn samples(source: Source<'_>, max: usize) -> anyhow::Result<Vec<Vec<u8>>> {
             store.scan(from, max, |_, v| {
                 if let Some(view) = crate::event::view_value(v) {
                     out.push(view.json.to_vec());
+                    progress.add(1);
                 }
                 true
             })?;
         }
     }
+    progress.finish();
     anyhow::ensure!(out.len() >= 100, "only {} samples: zstd needs at least a few hundred events to train", out.len());
     Ok(out)
 }

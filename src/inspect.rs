@@ -23,7 +23,9 @@ pub fn frames(path: &std::path::Path, max_frame_bytes: usize, out: &mut impl Wri
     let mut stamper = Stamper::default();
     let mut summary = FramesSummary::default();
     let (mut events, mut op_drops) = (Vec::new(), Vec::new());
+    let mut progress = crate::progress::Progress::new("frames", Some(frames.len() as u64));
     for frame in &frames {
+        progress.add(1);
         events.clear();
         op_drops.clear();
         let info = tx.transcode(frame, &mut events, &mut op_drops);
@@ -38,6 +40,7 @@ pub fn frames(path: &std::path::Path, max_frame_bytes: usize, out: &mut impl Wri
             out.write_all(b"\n")?;
         }
     }
+    progress.finish();
     debug_assert!(FrameType::ALL.len() == 8);
     Ok(summary)
 }
@@ -66,6 +69,8 @@ pub fn log(data_dir: &std::path::Path, cursor: u64, limit: u64, out: &mut impl W
     let store = crate::log::rocks::RocksLog::open_secondary(data_dir)?;
     let mut from = cursor;
     let mut left = limit;
+    // RocksDB's estimate of the number of events (exact after a compaction).
+    let mut progress = crate::progress::Progress::new("events", Some(store.estimated_events().min(limit)));
     while left > 0 {
         let mut last = None;
         let mut err = None;
@@ -83,6 +88,7 @@ pub fn log(data_dir: &std::path::Path, cursor: u64, limit: u64, out: &mut impl W
         if let Some(e) = err {
             return Err(e.into());
         }
+        progress.add(n as u64);
         match last {
             Some(t) if n > 0 => {
                 left -= n as u64;
@@ -91,5 +97,6 @@ pub fn log(data_dir: &std::path::Path, cursor: u64, limit: u64, out: &mut impl W
             _ => break,
         }
     }
+    progress.finish();
     Ok(())
 }

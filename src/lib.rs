@@ -6,7 +6,7 @@
 //! [`source`] (relay or upstream sockets) → [`transcode`] (pure, in `contrail-core`) →
 //! [`sequencer`] → [`log`] → [`hub`] → [`server`], wired together by [`app`]. Beside them:
 //! [`config`] (composes each module's settings group), [`metrics`], [`clock`], [`units`],
-//! [`rate_limited_log`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`].
+//! [`rate_limited_log`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`], with [`progress`].
 #![forbid(unsafe_code)]
 
 pub use contrail_core::{event, options, syntax, transcode};
@@ -20,6 +20,8 @@ pub mod hub;
 pub mod inspect;
 pub mod log;
 pub mod metrics;
+pub mod mix;
+pub mod progress;
 pub mod rate_limited_log;
 pub mod response;
 pub mod sequencer;

@@ -149,6 +149,8 @@ pub struct Sequencer {
     stamper: Stamper,
     clock: Box<dyn FnMut() -> u64 + Send>,
     ring_budget: RingBudget,
+    /// What was ingested recently, for the status page.
+    mix: Option<Arc<crate::mix::EventMix>>,
 }
 
 impl Sequencer {
@@ -159,11 +161,29 @@ impl Sequencer {
             .map(|k| metrics.events_ingested.with_label_values(&[k.as_str()]));
         let ring_budget =
             RingBudget { capacity: 65_536, max_bytes: DEFAULT_RING_MAX_BYTES, sizes: VecDeque::new(), bytes: 0 };
-        Ok(Sequencer { ingested, log, ring, metrics, relay_url, stamper, clock: Box::new(now_us), ring_budget })
+        Ok(Sequencer {
+            ingested,
+            log,
+            ring,
+            metrics,
+            relay_url,
+            stamper,
+            clock: Box::new(now_us),
+            ring_budget,
+            mix: None,
+        })
+    }
+
+    /// Counts every persisted batch into `mix` (the status page's event mix).
+    pub fn with_mix(mut self, mix: Arc<crate::mix::EventMix>) -> Self {
+        self.mix = Some(mix);
+        self
     }
 
     /// The ring holds `capacity` items and at most `max_bytes` of event JSON.
     pub fn with_ring_budget(mut self, capacity: usize, max_bytes: usize) -> Self {
+        // tokio's broadcast rounds its capacity up to a power of two: the ring holds that many.
+        let capacity = capacity.next_power_of_two();
         self.ring_budget = RingBudget { capacity, max_bytes, sizes: VecDeque::new(), bytes: 0 };
         self
     }
@@ -215,6 +235,9 @@ impl Sequencer {
         m.store_batch_events.observe(events.len() as f64);
         if let Some(c) = &cursor {
             m.relay_last_seq.set(c.seq);
+        }
+        if let Some(mix) = &self.mix {
+            mix.record(&events);
         }
         if let Some(t) = relay_time {
             m.relay_lag_seconds.set((now_us() as i64 - t) as f64 / 1e6);

@@ -450,3 +450,41 @@ async fn hostile_options_updates_cost_little_and_disturb_nobody() {
     let batches = all.len().div_ceil(1024) as f64;
     assert!(reads() - before <= batches + 3.0, "{} log reads for {batches} batches", reads() - before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragmented_messages_are_reassembled_and_limited_in_total() {
+    use fastwebsockets::{Frame, OpCode, Payload};
+    let s = setup(300, &[]).await;
+    let all = log(&s);
+    // A valid options_update in three fragments applies.
+    let mut ws = connect(s.serve.public, "/subscribe?requireHello=true&cursor=0", &[]).await.unwrap();
+    let did = all[0]["did"].as_str().unwrap().to_string();
+    let parts =
+        [r#"{"type":"options_"#.to_string(), r#"update","payload":{"wantedDids":["#.into(), format!(r#""{did}"]}}}}"#)];
+    for (i, p) in parts.iter().enumerate() {
+        let (fin, op) = (i == parts.len() - 1, if i == 0 { OpCode::Text } else { OpCode::Continuation });
+        ws.write_frame(Frame::new(fin, op, None, Payload::Owned(p.as_bytes().to_vec()))).await.unwrap();
+    }
+    let want = all.iter().filter(|e| e["did"] == did.as_str()).count();
+    let got = collect(&mut ws, want, T).await;
+    assert_eq!(got.len(), want);
+    assert!(got.iter().all(|e| e["did"] == did.as_str()));
+    // Fragments that add up to more than 10 MB close with 1009, each frame being small enough.
+    let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    let chunk = vec![b' '; 4_000_000];
+    ws.write_frame(Frame::new(false, OpCode::Text, None, Payload::Owned(chunk.clone()))).await.unwrap();
+    let mut closed = None;
+    for _ in 0..3 {
+        if ws.write_frame(Frame::new(false, OpCode::Continuation, None, Payload::Owned(chunk.clone()))).await.is_err() {
+            break;
+        }
+    }
+    while let Some(m) = next(&mut ws, T).await {
+        if let Msg::Close(code, _) = m {
+            closed = Some(code);
+            break;
+        }
+    }
+    assert_eq!(closed, Some(1009), "a 16 MB fragmented message was not refused");
+    assert!(s.serve.metric("contrail_hub_closes_total{reason=\"message_too_big\"}").unwrap() >= 1.0);
+}

@@ -37,3 +37,29 @@ async fn serve_demo() {
     eprintln!("status page: http://{}/ (metrics http://{}/metrics)", serve.public, serve.metrics);
     tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
 }
+
+/// Long commands show progress on a terminal and stay silent otherwise.
+#[test]
+fn inspect_frames_shows_progress_only_on_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("frames.bin");
+    let gen = common::frames::generate(1, 2_000, 50, 7);
+    std::fs::write(&file, contrail::framefile::encode_frames(gen.iter().map(|g| g.frame.as_slice()))).unwrap();
+    let bin = common::process::bin();
+    // Not a terminal: stdout is the JSON lines, stderr only the summary.
+    let out = std::process::Command::new(bin).args(["inspect", "frames"]).arg(&file).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.starts_with("frames 2000: "), "{err}");
+    assert!(!err.contains('\r') && !err.contains("/s"), "progress written to a pipe: {err:?}");
+    // A terminal (util-linux `script` gives the command a pty): the progress line appears.
+    if std::process::Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIP the terminal half: no `script` command");
+        return;
+    }
+    let cmd = format!("{bin} inspect frames {} > /dev/null", file.display());
+    let out = std::process::Command::new("script").args(["-qefc", &cmd, "/dev/null"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(tty.contains("frames 2000/2000 (100%)") && tty.contains("/s") && tty.contains("done in"), "{tty:?}");
+}

@@ -11,11 +11,11 @@ use super::stream::{EventStream, Start, StreamMetrics};
 use super::Hub;
 use crate::event::Event;
 use crate::options::{ClientMessage, Filter, OptionsError, OptionsUpdate, SubscribeOptions};
-use fastwebsockets::{FragmentCollectorRead, Frame, OpCode, Payload, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// Client messages larger than this close the connection with 1009 (v1 documents 10 MB).
@@ -36,11 +36,12 @@ const PARSE_INLINE_BYTES: usize = 64 * 1024;
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 /// Writes go through a buffer: events that are ready together leave in one syscall.
 type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>>;
-type WsRead = FragmentCollectorRead<tokio::io::ReadHalf<Upgraded>>;
+type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
 
 /// What the reader half reports.
 enum Control {
-    Text(Vec<u8>),
+    /// A whole text message; a large one carries the connection's one large-message permit.
+    Text(Vec<u8>, Option<OwnedSemaphorePermit>),
     Ping(Vec<u8>),
     Heard,
     Close,
@@ -57,21 +58,59 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>) {
+/// Reads frames, reassembles fragmented messages up to [`MAX_CLIENT_MESSAGE_BYTES`] in total
+/// (fastwebsockets' collector limits frames, not messages), and reports them. Messages over
+/// [`PARSE_INLINE_BYTES`] are handed on one at a time per connection (`large`), so a client
+/// cannot queue sixteen 10 MB messages.
+async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semaphore>) {
+    // A fragmented message in progress: its opcode, and its bytes (text) or length (binary).
+    let mut partial: Option<(OpCode, Vec<u8>, usize)> = None;
     loop {
         // Auto-pong and auto-close are off: control frames come back here and the writer
         // answers them, so the send function is never called.
         let frame = rx.read_frame(&mut |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) }).await;
         let msg = match frame {
-            Ok(f) => match f.opcode {
-                OpCode::Text => Control::Text(f.payload.to_vec()),
-                OpCode::Ping => Control::Ping(f.payload.to_vec()),
-                OpCode::Close => Control::Close,
-                // Binary messages are ignored, as in v1; they still show the peer is alive.
-                _ => Control::Heard,
-            },
             Err(WebSocketError::FrameTooLarge) => Control::TooBig,
             Err(e) => Control::ReadError(e.to_string()),
+            Ok(f) => match f.opcode {
+                OpCode::Text | OpCode::Binary if partial.is_some() => {
+                    Control::ReadError("a new message inside a fragmented one".into())
+                }
+                OpCode::Text | OpCode::Binary if !f.fin => {
+                    let bytes = if f.opcode == OpCode::Text { f.payload.to_vec() } else { Vec::new() };
+                    partial = Some((f.opcode, bytes, f.payload.len()));
+                    continue;
+                }
+                OpCode::Text => Control::Text(f.payload.to_vec(), None),
+                OpCode::Continuation => match partial.as_mut() {
+                    None => Control::ReadError("a continuation frame without a message".into()),
+                    Some((_, _, len)) if *len + f.payload.len() > MAX_CLIENT_MESSAGE_BYTES => Control::TooBig,
+                    Some((op, bytes, len)) => {
+                        *len += f.payload.len();
+                        if *op == OpCode::Text {
+                            bytes.extend_from_slice(&f.payload);
+                        }
+                        if !f.fin {
+                            continue;
+                        }
+                        match partial.take() {
+                            Some((OpCode::Text, bytes, _)) => Control::Text(bytes, None),
+                            _ => Control::Heard,
+                        }
+                    }
+                },
+                OpCode::Ping => Control::Ping(f.payload.to_vec()),
+                OpCode::Close => Control::Close,
+                // Binary messages are ignored, as in v1; they (and pongs) show the peer is alive.
+                _ => Control::Heard,
+            },
+        };
+        let msg = match msg {
+            Control::Text(t, None) if t.len() > PARSE_INLINE_BYTES => {
+                let Ok(permit) = large.clone().acquire_owned().await else { return };
+                Control::Text(t, Some(permit))
+            }
+            other => other,
         };
         let last = matches!(msg, Control::Close | Control::TooBig | Control::ReadError(_));
         if tx.send(msg).await.is_err() || last {
@@ -143,7 +182,7 @@ pub async fn run(
     rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
     // Small: the reader waits when the writer is busy, which is the back-pressure we want.
     let (ctl_tx, mut ctl) = mpsc::channel(16);
-    let _reader = AbortOnDrop(tokio::spawn(read_loop(FragmentCollectorRead::new(rx), ctl_tx)));
+    let _reader = AbortOnDrop(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
     let label = crate::metrics::Compression::of(opts.compress).as_str();
     let m = &hub.metrics;
     m.subscribers.with_label_values(&[label]).inc();
@@ -343,7 +382,7 @@ impl Session {
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
             Some(Control::Heard) => Ok(false),
             Some(Control::Ping(payload)) => self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false),
-            Some(Control::Text(t)) => {
+            Some(Control::Text(t, _large)) => {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
                 } else {

@@ -123,7 +123,9 @@ impl Tip {
 
     fn set(&self, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
         self.oldest.store(oldest.unwrap_or(0), Ordering::Release);
-        self.newest.store(newest.unwrap_or(0), Ordering::Release);
+        // Never backwards: a refresh that read the edges just before an append must not undo
+        // it (trims never remove the newest event, so the newest only grows).
+        self.newest.fetch_max(newest.unwrap_or(0), Ordering::AcqRel);
         self.bytes.store(bytes, Ordering::Relaxed);
     }
 }
@@ -162,7 +164,9 @@ impl Log {
     /// Re-reads the tip from the backend (RocksDB's disk size moves with flushes and
     /// compactions, not with appends).
     pub fn refresh_tip(&self) -> Result<()> {
-        self.tip.set(self.oldest_time_us()?, self.newest_time_us()?, self.disk_bytes());
+        // The slow part (listing the data directory) first, the edges last.
+        let bytes = self.disk_bytes();
+        self.tip.set(self.oldest_time_us()?, self.newest_time_us()?, bytes);
         Ok(())
     }
 
@@ -192,7 +196,7 @@ impl Log {
             if self.tip.oldest().is_none() {
                 self.tip.oldest.store(events[0].time_us, Ordering::Release);
             }
-            self.tip.newest.store(last.time_us, Ordering::Release);
+            self.tip.newest.fetch_max(last.time_us, Ordering::AcqRel);
         }
         if let Backend::Memory(m) = &self.backend {
             // A live-only window moves its oldest edge with every append (cheap in memory).

@@ -4,6 +4,7 @@
 //! hyper serves HTTP/1.1 connections (websockets need HTTP/1.1 upgrades); each connection is a
 //! task tracked by the listener so shutdown can stop accepting and then wait for them.
 
+pub mod history;
 pub mod public;
 pub mod status_page;
 

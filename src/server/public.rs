@@ -13,6 +13,8 @@ use std::time::Instant;
 
 /// What the public routes read.
 pub struct Public {
+    /// The last hour, for the status page.
+    pub history: Arc<super::history::History>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     /// The relay read (primary), for `/status`.
@@ -63,6 +65,7 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
             }
         }
         "/status" => full(StatusCode::OK, "application/json", status_json(&shared).to_string()),
+        "/status/history" => full(StatusCode::OK, "application/json", shared.history.samples_json()),
         "/" => full(StatusCode::OK, "text/html; charset=utf-8", super::status_page::PAGE),
         "/dictionary" => {
             let mut r = full(StatusCode::OK, "application/octet-stream", shared.hub.dictionary.raw.clone());
@@ -105,5 +108,16 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
             "retention_seconds": shared.retention.as_secs(),
         },
         "subscribers": subscribers,
+        "subscribers_by_wire": {
+            "v1": crate::metrics::Compression::ALL.iter()
+                .map(|c| (c.as_str().to_string(), serde_json::Value::from(m.subscribers.with_label_values(&[c.as_str()]).get())))
+                .collect::<serde_json::Map<_, _>>(),
+        },
+        "ready": shared.readiness.is_ready(),
+        "not_ready_reason": (!shared.readiness.is_ready()).then(|| {
+            shared.readiness.last_error().unwrap_or_else(|| "the relay has not been reached yet".into())
+        }),
+        "mix": shared.history.mix_json(),
+        "catchup": shared.history.catchup_json(),
     })
 }

@@ -250,6 +250,12 @@ impl Reader {
         let cursor = self.seq.last();
         let was_holding = self.seq.holding();
         let decision = self.seq.observe(seq);
+        if decision == SeqDecision::Invalid {
+            // Says nothing about a held frame: it stays held for the next frame to judge.
+            m.drop_reason(DropReason::BadSeq);
+            self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
+            return Ok(());
+        }
         let frame = IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, keep_time: false };
         let held = self.held.take();
         if was_holding && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
@@ -258,11 +264,7 @@ impl Reader {
             self.log.warn("bad_seq", || format!("dropped a frame whose seq jumped far ahead, after seq {cursor}"));
         }
         match decision {
-            SeqDecision::Invalid => {
-                m.drop_reason(DropReason::BadSeq);
-                self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
-                return Ok(());
-            }
+            SeqDecision::Invalid => unreachable!("handled above"),
             SeqDecision::Duplicate => {
                 m.relay_duplicates.inc();
                 return Ok(());

@@ -153,6 +153,11 @@ mod tests {
         assert_eq!(t.observe(101), ACCEPT);
         assert!(!t.holding());
         assert_eq!(t.last(), 101);
+        // An invalid seq between a held frame and its confirmation changes nothing.
+        assert_eq!(t.observe(5_000_000_000), SeqDecision::Hold);
+        assert_eq!(t.observe(0), SeqDecision::Invalid);
+        assert!(t.holding());
+        assert_eq!(t.observe(5_000_000_001), SeqDecision::Accept { gap: false, release_held: true });
         // A real move to a far higher seq space is confirmed by the next frame: nothing lost.
         assert_eq!(t.observe(20_000_000_000), SeqDecision::Hold);
         assert_eq!(t.observe(20_000_000_001), SeqDecision::Accept { gap: false, release_held: true });

@@ -248,17 +248,16 @@ impl UpstreamReader {
         )));
         // Only with a choice of upstreams; the prober then runs until it has something to say,
         // so the read below is abandoned only together with the connection.
-        let mut probing = self.urls().len() > 1;
+        let probing = self.urls().len() > 1;
         loop {
             let read = tokio::select! {
                 r = tokio::time::timeout(stale, ws.read_frame()) => r,
                 found = &mut better_rx, if probing => match found {
                     // The read in progress is abandoned with the connection.
                     Ok((better, ahead)) => return UpstreamError::Behind { better, ahead },
-                    Err(_) => {
-                        probing = false; // the prober is gone
-                        continue;
-                    }
+                    // The prober is gone (it never ends otherwise); the read it interrupted
+                    // may have been half done, so this connection is not read again.
+                    Err(_) => return UpstreamError::Protocol("an interrupted read (the upstream prober stopped)".into()),
                 },
             };
             let frame = match read {
