@@ -247,8 +247,7 @@ async fn main() {
         for mut ws in clients {
             let (lat, stop) = (lat.clone(), stop.clone());
             readers.push(tokio::spawn(async move {
-                let mut dec =
-                    zstd::bulk::Decompressor::with_dictionary(contrail::hub::compress::DEFAULT_DICTIONARY).unwrap();
+                let mut dec = zstd::bulk::Decompressor::with_dictionary(contrail::hub::compress::JETSTREAM_V1).unwrap();
                 let mut local = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let Ok(Ok(f)) = tokio::time::timeout(Duration::from_millis(200), ws.read_frame()).await else {

@@ -7,7 +7,7 @@
 //! all. Phases wait at most `--shutdown-drain-timeout` each; the log is flushed last.
 
 use crate::config::ServeConfig;
-use crate::hub::compress::Dictionary;
+use crate::hub::compress::Dictionaries;
 use crate::hub::Hub;
 use crate::log::retention;
 use crate::metrics::Metrics;
@@ -23,6 +23,7 @@ use std::time::Instant;
 use tokio::sync::broadcast;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tokio_util::task::TaskTracker;
 
 /// Frames queued between the reader and the sequencer. Bounded so a slow disk pushes back on
@@ -38,15 +39,6 @@ enum Reader {
 }
 
 type TaskResult = (&'static str, anyhow::Result<()>);
-
-/// Aborts a task when dropped (the second-signal watcher lives exactly as long as `run`).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 /// Runs `contrail serve` until SIGINT/SIGTERM or a critical task fails.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
@@ -97,8 +89,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Reader::Relay(r) => (r.readiness.clone(), None),
         Reader::Upstream(u) => (u.readiness.clone(), Some(u.current_url.clone())),
     };
-    let dictionary = Dictionary::load(config.hub.zstd_dictionary.as_deref())?;
-    tracing::info!(dictionary_id = dictionary.id, bytes = dictionary.raw.len(), "zstd dictionary loaded");
+    let dictionaries = Arc::new(Dictionaries::load(&config.hub.zstd_dictionary, config.hub.zstd_default_dictionary)?);
+    tracing::info!(ids = dictionaries.ids(), default = dictionaries.default().id, "zstd dictionaries loaded");
 
     let root = CancellationToken::new();
     let accept = root.child_token();
@@ -108,7 +100,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         log.clone(),
         ring,
         metrics.clone(),
-        dictionary,
+        dictionaries,
         config.hub.clone(),
         config.limits.clone(),
         root.child_token(),
@@ -188,7 +180,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         }
     }
     // A second signal exits at once.
-    let _second_signal = AbortOnDrop(tokio::spawn(async {
+    let _second_signal = AbortOnDropHandle::new(tokio::spawn(async {
         shutdown_signal().await;
         tracing::warn!("second signal: exiting now");
         std::process::exit(130);

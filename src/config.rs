@@ -77,7 +77,7 @@ pub enum Dict {
     Measure {
         #[arg(long)]
         jsonl: PathBuf,
-        /// The dictionary (default: the one shipped with Contrail).
+        /// The dictionary (default: the one compress=true serves by default, Jetstream v1's).
         #[arg(long)]
         dict: Option<PathBuf>,
     },

@@ -117,7 +117,10 @@ fn dict_measure(jsonl: PathBuf, dict: Option<PathBuf>) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(&jsonl)?;
         Ok::<_, anyhow::Error>(text.lines().filter(|l| !l.is_empty()).map(|l| l.as_bytes().to_vec()).collect())
     })?;
-    let d = contrail::hub::compress::Dictionary::load(dict.as_deref())?;
+    let d = match dict {
+        Some(p) => contrail::hub::compress::Dictionary::load(&p, 0)?,
+        None => contrail::hub::compress::Dictionaries::load(&[], None)?.default().clone(),
+    };
     let raw: usize = samples.iter().map(Vec::len).sum();
     let with = dict::compressed_size(&samples, Some(&d.raw))?;
     let plain = dict::compressed_size(&samples, None)?;

@@ -1,5 +1,6 @@
 //! Real third-party Jetstream clients (jetstream-oxide, rocketman) against our server on
-//! loopback, uncompressed and compressed with Jetstream's v1 dictionary, on the real corpus.
+//! loopback, uncompressed and compressed (on defaults: Jetstream's v1 dictionary, which these
+//! clients embed), on the real corpus.
 
 mod common;
 
@@ -29,7 +30,7 @@ fn expected(shared: &std::path::Path, collections: Option<&[&str]>) -> BTreeSet<
         .collect()
 }
 
-/// A server that has ingested the corpus frames, serving with Jetstream's v1 dictionary.
+/// A server on defaults that has ingested the corpus frames.
 async fn corpus_server(shared: &std::path::Path) -> (FakeRelay, tempfile::TempDir, Serve) {
     let relay = FakeRelay::start().await;
     let frames = contrail::framefile::read_frames(&shared.join("corpus/frames.bin.zst")).unwrap();
@@ -40,12 +41,8 @@ async fn corpus_server(shared: &std::path::Path) -> (FakeRelay, tempfile::TempDi
         relay.push(last, f);
     }
     let dir = tempfile::tempdir().unwrap();
-    let dict = shared.join("dictionaries/jetstream-v1.zdict");
-    let serve = Serve::start(
-        dir.path(),
-        &relay.url(),
-        &["--zstd-dictionary", dict.to_str().unwrap(), "--max-events-per-second-per-ip", "0"],
-    );
+    // Defaults: no dictionary flag. compress=true must speak what these clients embed.
+    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
     serve.wait_for_seq(last, Duration::from_secs(30));
     (relay, dir, serve)
 }

@@ -31,6 +31,10 @@ impl EventKind {
     }
 }
 
+/// How many zstd dictionaries an event can hold a compressed frame for at once (a server
+/// serves at most this many; each slot costs a few bytes per event in the ring).
+pub const COMPRESSED_SLOTS: usize = 4;
+
 /// `{"did":"` — the DID starts right after it.
 pub const DID_OFFSET: usize = 8;
 /// What sits between the DID and the `time_us` digits.
@@ -48,9 +52,10 @@ pub struct Event {
     /// Where the collection NSID is (empty for identity and account).
     collection: Range<usize>,
     json: Vec<u8>,
-    /// The zstd frame of `json`, built the first time a compressed subscriber needs it and
+    /// The zstd frame of `json` per dictionary slot, built the first time a compressed
+    /// subscriber using that dictionary needs it and
     /// shared by all of them.
-    compressed: std::sync::OnceLock<Vec<u8>>,
+    compressed: [std::sync::OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
 }
 
 impl Event {
@@ -143,9 +148,10 @@ impl Event {
         &self.json
     }
 
-    /// The compressed form, computed by `compress` at most once per event.
-    pub fn compressed(&self, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.compressed.get_or_init(|| compress(&self.json))
+    /// The compressed form for dictionary `slot` (< [`COMPRESSED_SLOTS`]), computed by
+    /// `compress` at most once per event and dictionary.
+    pub fn compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
+        self.compressed[slot].get_or_init(|| compress(&self.json))
     }
 
     pub fn into_json(self) -> Vec<u8> {

@@ -102,6 +102,9 @@ pub struct SubscribeOptions {
     pub max_message_size: u64,
     /// Beyond v1: send `{"kind":"cursor","time_us":T}` every N seconds.
     pub inform_cursor_seconds: Option<u64>,
+    /// The zstd dictionary id to compress with (v2's `zstdDictionary`); implies `compress`.
+    /// `None`: the server's default.
+    pub zstd_dictionary: Option<u32>,
 }
 
 /// Percent-decodes a query component (`+` is a space).
@@ -168,6 +171,7 @@ impl SubscribeOptions {
             require_hello: false,
             max_message_size: 0,
             inform_cursor_seconds: None,
+            zstd_dictionary: None,
         };
         for (k, v) in query_pairs(query) {
             match k.as_str() {
@@ -181,6 +185,11 @@ impl SubscribeOptions {
                 "requireHello" => o.require_hello = v == "true",
                 "maxMessageSizeBytes" => o.max_message_size = parse_max_message_size(&v),
                 "informCursorSeconds" => o.inform_cursor_seconds = Some(parse_inform(&v)?),
+                "zstdDictionary" => {
+                    let id = v.parse::<u32>().map_err(|_| OptionsError(format!("invalid zstdDictionary: {v}")))?;
+                    o.zstd_dictionary = Some(id);
+                    o.compress = true;
+                }
                 _ => {}
             }
         }
@@ -287,6 +296,9 @@ mod tests {
         let dup: String = (0..5000).map(|_| "wantedCollections=app.bsky.*&").collect();
         assert!(SubscribeOptions::from_query(&dup, None).is_ok(), "repeats count once");
         assert!(err("informCursorSeconds=0").starts_with("invalid informCursorSeconds"));
+        assert_eq!(err("zstdDictionary=abc"), "invalid zstdDictionary: abc");
+        let o = SubscribeOptions::from_query("zstdDictionary=20261125", None).unwrap();
+        assert_eq!((o.zstd_dictionary, o.compress), (Some(20_261_125), true));
         assert_eq!(query_pairs("a=%41%zz+b&c"), vec![("a".into(), "A%zz b".into()), ("c".into(), String::new())]);
     }
 }

@@ -1,16 +1,26 @@
 //! zstd for compressed subscribers: one independent frame per event with a shared dictionary
-//! (Jetstream v1's scheme), so every compressed subscriber gets identical bytes and each event
-//! is compressed at most once (DESIGN.md invariant 5, see [`crate::event::Event::compressed`]).
+//! (Jetstream v1's scheme), so every compressed subscriber using a dictionary gets identical
+//! bytes and each event is compressed at most once per dictionary (DESIGN.md invariant 5, see
+//! [`crate::event::Event::compressed`]).
+//!
+//! A server serves several dictionaries ([`Dictionaries`]), each known by its zstd id:
+//! Jetstream's v1 dictionary — the default, so every existing Jetstream client decodes
+//! `compress=true` unmodified — Contrail's own (smaller frames, for clients that ask for it
+//! with `zstdDictionary=<id>`), and any the operator adds.
 
+use crate::event::COMPRESSED_SLOTS;
 use std::cell::RefCell;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// zstd's default level, what Jetstream v1's encoder used.
 const LEVEL: i32 = 3;
 
-/// The dictionary shipped with Contrail, trained by `contrail dict train` (see
-/// `dictionaries/README.md`).
-pub const DEFAULT_DICTIONARY: &[u8] = include_bytes!("../../dictionaries/contrail-v1.zdict");
+/// Jetstream v1's dictionary (`dictionaries/jetstream-v1.zdict`; origin and licence in
+/// `dictionaries/README.md`): what every existing compressed Jetstream client embeds.
+pub const JETSTREAM_V1: &[u8] = include_bytes!("../../dictionaries/jetstream-v1.zdict");
+/// Contrail's own, trained on synthetic events (see `dictionaries/README.md`).
+pub const CONTRAIL_V1: &[u8] = include_bytes!("../../dictionaries/contrail-v1.zdict");
 
 pub struct Dictionary {
     /// The dictionary file, served at `GET /dictionary`.
@@ -19,6 +29,8 @@ pub struct Dictionary {
     pub id: u32,
     /// Prepared once; compressors on every thread borrow it.
     prepared: &'static zstd::dict::EncoderDictionary<'static>,
+    /// Which of an event's compressed-frame slots holds frames made with this dictionary.
+    pub slot: usize,
 }
 
 impl std::fmt::Debug for Dictionary {
@@ -28,45 +40,167 @@ impl std::fmt::Debug for Dictionary {
 }
 
 thread_local! {
-    /// One compressor per thread (its methods take `&mut self`), keyed by the dictionary it
-    /// was built for.
-    static COMPRESSOR: RefCell<Option<(usize, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    /// One compressor per thread and dictionary slot (its methods take `&mut self`), keyed by
+    /// the dictionary it was built for.
+    static COMPRESSORS: RefCell<Vec<Option<(usize, zstd::bulk::Compressor<'static>)>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Dictionary {
-    pub fn new(raw: Vec<u8>) -> anyhow::Result<Arc<Dictionary>> {
+    /// A dictionary for `slot` (its place in the server's [`Dictionaries`]).
+    pub fn new(raw: Vec<u8>, slot: usize) -> anyhow::Result<Arc<Dictionary>> {
+        anyhow::ensure!(slot < COMPRESSED_SLOTS, "at most {COMPRESSED_SLOTS} zstd dictionaries");
         anyhow::ensure!(!raw.is_empty(), "empty zstd dictionary");
         let id = if raw.starts_with(&[0x37, 0xa4, 0x30, 0xec]) && raw.len() >= 8 {
             u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]])
         } else {
             0
         };
-        // Leaked on purpose: a process uses one dictionary for its whole life, and compressors
-        // in thread-locals need a 'static borrow.
+        // Leaked on purpose: a process keeps its few dictionaries for its whole life, and
+        // compressors in thread-locals need a 'static borrow.
         let prepared = Box::leak(Box::new(zstd::dict::EncoderDictionary::copy(&raw, LEVEL)));
-        Ok(Arc::new(Dictionary { raw, id, prepared }))
+        Ok(Arc::new(Dictionary { raw, id, prepared, slot }))
     }
 
-    /// Loads `path`, or the shipped default.
-    pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<Arc<Dictionary>> {
-        match path {
-            Some(p) => Dictionary::new(std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?),
-            None => Dictionary::new(DEFAULT_DICTIONARY.to_vec()),
-        }
+    /// Loads a dictionary file for `slot`.
+    pub fn load(path: &Path, slot: usize) -> anyhow::Result<Arc<Dictionary>> {
+        Dictionary::new(std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?, slot)
     }
 
     /// One independent zstd frame holding `json`.
     pub fn compress(&self, json: &[u8]) -> Vec<u8> {
         let key = self.prepared as *const _ as usize;
-        COMPRESSOR.with(|cell| {
-            let mut slot = cell.borrow_mut();
-            if slot.as_ref().map(|(k, _)| *k) != Some(key) {
+        COMPRESSORS.with(|cell| {
+            let mut all = cell.borrow_mut();
+            if all.len() <= self.slot {
+                all.resize_with(self.slot + 1, || None);
+            }
+            let entry = &mut all[self.slot];
+            if entry.as_ref().map(|(k, _)| *k) != Some(key) {
                 let c =
                     zstd::bulk::Compressor::with_prepared_dictionary(self.prepared).expect("zstd compressor allocates");
-                *slot = Some((key, c));
+                *entry = Some((key, c));
             }
-            let (_, c) = slot.as_mut().expect("set above");
+            let (_, c) = entry.as_mut().expect("set above");
             c.compress(json).expect("compressing into a growable buffer cannot fail")
         })
+    }
+
+    /// `json`'s frame for this dictionary, built at most once per event and shared.
+    pub fn frame<'e>(&self, event: &'e crate::event::Event) -> &'e [u8] {
+        event.compressed(self.slot, |j| self.compress(j))
+    }
+}
+
+/// The dictionaries a server serves, and the one `compress=true` uses by default.
+#[derive(Debug)]
+pub struct Dictionaries {
+    list: Vec<Arc<Dictionary>>,
+    default: usize,
+}
+
+impl Dictionaries {
+    /// The shipped dictionaries (Jetstream v1's, then Contrail's), then each of `paths` (a
+    /// file, or a directory whose `*.zdict` files are all loaded, in name order). A later
+    /// dictionary with the id of an earlier one replaces it. The default is the one with
+    /// `default_id`, or Jetstream v1's.
+    pub fn load(paths: &[PathBuf], default_id: Option<u32>) -> anyhow::Result<Dictionaries> {
+        let mut raws: Vec<(Vec<u8>, String)> = vec![
+            (JETSTREAM_V1.to_vec(), "jetstream-v1 (built in)".into()),
+            (CONTRAIL_V1.to_vec(), "contrail-v1 (built in)".into()),
+        ];
+        for p in paths {
+            let files = if p.is_dir() {
+                let mut f: Vec<PathBuf> = std::fs::read_dir(p)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| f.extension().is_some_and(|x| x == "zdict"))
+                    .collect();
+                f.sort();
+                f
+            } else {
+                vec![p.clone()]
+            };
+            for f in files {
+                let raw = std::fs::read(&f).map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?;
+                raws.push((raw, f.display().to_string()));
+            }
+        }
+        let mut list: Vec<Arc<Dictionary>> = Vec::new();
+        for (raw, name) in raws {
+            let id = Dictionary::new(raw.clone(), 0)?.id;
+            anyhow::ensure!(
+                id != 0,
+                "{name}: not a zstd dictionary with an id (raw-content dictionaries cannot be told apart)"
+            );
+            let slot = list.iter().position(|d| d.id == id).unwrap_or(list.len());
+            anyhow::ensure!(
+                slot < COMPRESSED_SLOTS,
+                "{name}: at most {COMPRESSED_SLOTS} zstd dictionaries can be served"
+            );
+            let d = Dictionary::new(raw, slot)?;
+            if slot == list.len() {
+                list.push(d);
+            } else {
+                list[slot] = d;
+            }
+        }
+        let want = default_id.unwrap_or(list[0].id);
+        let default = list
+            .iter()
+            .position(|d| d.id == want)
+            .ok_or_else(|| anyhow::anyhow!("no zstd dictionary has id {want}; loaded: {}", Self::ids_of(&list)))?;
+        Ok(Dictionaries { list, default })
+    }
+
+    fn ids_of(list: &[Arc<Dictionary>]) -> String {
+        list.iter().map(|d| d.id.to_string()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// What `compress=true` uses when the client names no dictionary.
+    pub fn default(&self) -> &Arc<Dictionary> {
+        &self.list[self.default]
+    }
+
+    pub fn by_id(&self, id: u32) -> Option<&Arc<Dictionary>> {
+        self.list.iter().find(|d| d.id == id)
+    }
+
+    /// The ids served, default first (for error messages and logs).
+    pub fn ids(&self) -> String {
+        let mut ids = vec![self.default().id.to_string()];
+        ids.extend(self.list.iter().filter(|d| d.id != self.default().id).map(|d| d.id.to_string()));
+        ids.join(", ")
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Dictionary>> {
+        self.list.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jetstream_v1_is_the_default_and_each_is_known_by_its_id() {
+        let d = Dictionaries::load(&[], None).unwrap();
+        assert_eq!(d.default().id, 1_612_007_021, "Jetstream v1's dictionary id");
+        let ours = d.by_id(20_261_125).expect("Contrail's own");
+        assert_ne!(ours.slot, d.default().slot);
+        assert!(d.by_id(7).is_none());
+        assert_eq!(d.ids(), "1612007021, 20261125");
+        let d = Dictionaries::load(&[], Some(20_261_125)).unwrap();
+        assert_eq!(d.default().id, 20_261_125);
+        assert!(Dictionaries::load(&[], Some(9)).unwrap_err().to_string().contains("no zstd dictionary has id 9"));
+        // Frames decode with the dictionary they name, and are made once per event and dictionary.
+        let mut out = Vec::new();
+        crate::event::Event::begin(&mut out, "did:plc:abc", crate::event::EventKind::Identity);
+        out.extend_from_slice(b"}");
+        let e = crate::event::Event::from_parts(out, crate::event::EventKind::Identity, 11, 0..0);
+        for dict in d.iter() {
+            let frame = dict.frame(&e);
+            let mut dec = zstd::bulk::Decompressor::with_dictionary(&dict.raw).unwrap();
+            assert_eq!(dec.decompress(frame, 1 << 20).unwrap(), e.json());
+            assert!(std::ptr::eq(frame, dict.frame(&e)), "built once, then shared");
+        }
     }
 }

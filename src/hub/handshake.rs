@@ -27,6 +27,18 @@ pub async fn subscribe(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAd
         Ok(o) => o,
         Err(OptionsError(reason)) => return refuse(&hub, Refusal::BadRequest, StatusCode::BAD_REQUEST, reason),
     };
+    // The dictionary: the one named, or the default for compress=true.
+    let dictionary = match (opts.compress, opts.zstd_dictionary) {
+        (_, Some(id)) => match hub.dictionaries.by_id(id) {
+            Some(d) => Some(d.clone()),
+            None => {
+                let body = format!("unknown zstdDictionary {id}: this server has {}\n", hub.dictionaries.ids());
+                return refuse(&hub, Refusal::BadRequest, StatusCode::BAD_REQUEST, body);
+            }
+        },
+        (true, None) => Some(hub.dictionaries.default().clone()),
+        (false, None) => None,
+    };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return refuse(
             &hub,
@@ -65,7 +77,7 @@ pub async fn subscribe(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAd
     let task_hub = hub.clone();
     hub.tasks.spawn(async move {
         match upgrade.await {
-            Ok(ws) => session::run(task_hub, ws, opts, slot).await,
+            Ok(ws) => session::run(task_hub, ws, opts, dictionary, slot).await,
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });

@@ -4,7 +4,7 @@
 //! - [`session`]: one subscriber's socket loop (reads, buffered writes, timers, closes).
 //! - [`stream`]: one subscriber's position, walking log → ring → log (DESIGN.md invariant 4).
 //! - [`slow`]: the slow-subscriber rule; [`close`]: close reasons with their codes.
-//! - [`limits`]: admission and fairness; [`compress`]: zstd with a shared dictionary;
+//! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
 //!   [`options`]: the query and `options_update` (in the pure core crate).
 //!
 //! The hub is built from what it needs — the log and its tip, the ring, metrics, the
@@ -27,8 +27,10 @@
 //! - `requireHello` holds all delivery until the first valid `options_update`; nothing is
 //!   buffered before it — `require_hello_holds_delivery`.
 //! - Text frames carry JSON; with compression, Binary frames each carry one independent zstd
-//!   frame, built once per event and shared — `compressed_frames_decode_with_the_dictionary`,
-//!   `tests/third_party.rs`.
+//!   frame, built once per event and dictionary and shared; `compress=true` uses Jetstream's
+//!   v1 dictionary, so existing clients decode it unmodified; `zstdDictionary=<id>` picks
+//!   another served one (an unknown id is a 400 naming the ids served) —
+//!   `compressed_frames_decode_with_the_dictionary`, `tests/third_party.rs`.
 //! - Replay → live with no gap, duplicate or reordering under ingest —
 //!   `handoff_under_ingest_is_exact`, `hub::stream` unit tests.
 //! - Ping every 30 s; a peer that answers nothing is closed after the pong timeout; a write
@@ -56,7 +58,7 @@ use crate::log::{Log, Tip};
 use crate::metrics::Metrics;
 use crate::sequencer::Ring;
 use crate::units::{parse_duration, ser_duration};
-use compress::Dictionary;
+use compress::Dictionaries;
 use limits::{Admission, LimitsConfig};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -75,10 +77,15 @@ pub struct HubConfig {
     /// log and live subscribers read them from there.
     #[arg(long, env = "CONTRAIL_RING_MAX_BYTES", default_value = "256MiB", value_parser = crate::units::parse_size)]
     pub ring_max_bytes: u64,
-    /// zstd dictionary for compressed subscribers (default: the one shipped with Contrail;
-    /// give Jetstream's to serve its existing clients).
-    #[arg(long, env = "CONTRAIL_ZSTD_DICTIONARY")]
-    pub zstd_dictionary: Option<PathBuf>,
+    /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
+    /// comma-separate), besides the shipped Jetstream v1 and Contrail v1 ones. Clients pick one
+    /// with zstdDictionary=<id>.
+    #[arg(long, env = "CONTRAIL_ZSTD_DICTIONARY", value_delimiter = ',')]
+    pub zstd_dictionary: Vec<PathBuf>,
+    /// The id of the dictionary compress=true uses when the client names none (default:
+    /// Jetstream v1's, 1612007021, which every existing Jetstream client embeds).
+    #[arg(long, env = "CONTRAIL_ZSTD_DEFAULT_DICTIONARY")]
+    pub zstd_default_dictionary: Option<u32>,
     /// Ping subscribers this often.
     #[arg(long, env = "CONTRAIL_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
@@ -123,9 +130,9 @@ impl HubConfig {
         if self.write_timeout.is_zero() || self.slow_window.is_zero() {
             return Err(("write-timeout", "write-timeout and slow-window must be more than 0".into()));
         }
-        if let Some(p) = &self.zstd_dictionary {
-            if !p.is_file() {
-                return Err(("zstd-dictionary", format!("{} is not a file", p.display())));
+        for p in &self.zstd_dictionary {
+            if !p.is_file() && !p.is_dir() {
+                return Err(("zstd-dictionary", format!("{} is not a file or a directory", p.display())));
             }
         }
         Ok(())
@@ -142,7 +149,7 @@ pub struct Hub {
     pub tip: Arc<Tip>,
     pub ring: Ring,
     pub metrics: Arc<Metrics>,
-    pub dictionary: Arc<Dictionary>,
+    pub dictionaries: Arc<Dictionaries>,
     pub admission: Arc<Admission>,
     pub config: HubConfig,
     pub limits: LimitsConfig,
@@ -157,7 +164,7 @@ impl Hub {
         log: Arc<Log>,
         ring: Ring,
         metrics: Arc<Metrics>,
-        dictionary: Arc<Dictionary>,
+        dictionaries: Arc<Dictionaries>,
         config: HubConfig,
         limits: LimitsConfig,
         shutdown: CancellationToken,
@@ -168,7 +175,7 @@ impl Hub {
             log,
             ring,
             metrics,
-            dictionary,
+            dictionaries,
             admission,
             config,
             limits,

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Client messages larger than this close the connection with 1009 (v1 documents 10 MB).
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 10_000_000;
@@ -47,15 +48,6 @@ enum Control {
     Close,
     TooBig,
     ReadError(String),
-}
-
-/// Aborts the reader task when the session ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// Reads frames, reassembles fragmented messages up to [`MAX_CLIENT_MESSAGE_BYTES`] in total
@@ -138,7 +130,8 @@ struct Session {
     tx: WsWrite,
     filter: Arc<Filter>,
     max_size: u64,
-    compress: bool,
+    /// The dictionary frames are compressed with; `None`: plain JSON text frames.
+    dictionary: Option<Arc<super::compress::Dictionary>>,
     inform: Option<Duration>,
     next_inform: Instant,
     /// Set once delivery starts (after the hello, when `requireHello`).
@@ -165,11 +158,12 @@ enum Step {
     Deliver(Option<Arc<Event>>),
 }
 
-/// Runs one subscriber until its connection ends.
+/// Runs one subscriber until its connection ends; `dictionary` compresses its frames, if any.
 pub async fn run(
     hub: Arc<Hub>,
     ws: fastwebsockets::WebSocket<Upgraded>,
     opts: SubscribeOptions,
+    dictionary: Option<Arc<super::compress::Dictionary>>,
     slot: super::limits::Slot,
 ) {
     let (mut rx, tx) = ws.split(|io| {
@@ -182,7 +176,7 @@ pub async fn run(
     rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
     // Small: the reader waits when the writer is busy, which is the back-pressure we want.
     let (ctl_tx, mut ctl) = mpsc::channel(16);
-    let _reader = AbortOnDrop(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
+    let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
     let label = crate::metrics::Compression::of(opts.compress).as_str();
     let m = &hub.metrics;
     m.subscribers.with_label_values(&[label]).inc();
@@ -192,7 +186,7 @@ pub async fn run(
         tx,
         filter: Arc::new(opts.filter),
         max_size: opts.max_message_size,
-        compress: opts.compress,
+        dictionary,
         inform: opts.inform_cursor_seconds.map(Duration::from_secs),
         next_inform: now,
         stream: None,
@@ -316,9 +310,8 @@ impl Session {
                 tokio::time::sleep(wait).await;
             }
         }
-        let frame = if self.compress {
-            let dict = &self.hub.dictionary;
-            Frame::binary(Payload::Borrowed(ev.compressed(|j| dict.compress(j))))
+        let frame = if let Some(dict) = &self.dictionary {
+            Frame::binary(Payload::Borrowed(dict.frame(&ev)))
         } else {
             Frame::text(Payload::Borrowed(ev.json()))
         };
@@ -429,8 +422,8 @@ impl Session {
             if now >= self.next_inform {
                 self.next_inform = now + every;
                 let msg = format!(r#"{{"kind":"cursor","time_us":{}}}"#, stream.last_seen());
-                let frame = if self.compress {
-                    Frame::binary(Payload::Owned(self.hub.dictionary.compress(msg.as_bytes())))
+                let frame = if let Some(dict) = &self.dictionary {
+                    Frame::binary(Payload::Owned(dict.compress(msg.as_bytes())))
                 } else {
                     Frame::text(Payload::Owned(msg.into_bytes()))
                 };

@@ -68,8 +68,26 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
         "/status/history" => full(StatusCode::OK, "application/json", shared.history.samples_json()),
         "/" => full(StatusCode::OK, "text/html; charset=utf-8", super::status_page::PAGE),
         "/dictionary" => {
-            let mut r = full(StatusCode::OK, "application/octet-stream", shared.hub.dictionary.raw.clone());
-            let id = shared.hub.dictionary.id.to_string();
+            // `?id=N` for a given one; without it, the default (what compress=true uses).
+            let ids = &shared.hub.dictionaries;
+            let wanted = crate::options::query_pairs(req.uri().query().unwrap_or(""))
+                .into_iter()
+                .find(|(k, _)| k == "id")
+                .map(|(_, v)| v.parse::<u32>().ok());
+            let dict = match wanted {
+                None => ids.default(),
+                Some(id) => match id.and_then(|id| ids.by_id(id)) {
+                    Some(d) => d,
+                    None => {
+                        return text(
+                            StatusCode::NOT_FOUND,
+                            format!("no such dictionary; this server has {}\n", ids.ids()),
+                        )
+                    }
+                },
+            };
+            let mut r = full(StatusCode::OK, "application/octet-stream", dict.raw.clone());
+            let id = dict.id.to_string();
             r.headers_mut().insert("x-zstd-dictionary-id", hyper::header::HeaderValue::from_str(&id).expect("digits"));
             r
         }

@@ -27,6 +27,7 @@ use fastwebsockets::{FragmentCollector, OpCode};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Largest event JSON accepted from an upstream once decompressed.
 const MAX_EVENT_JSON: usize = 16 << 20;
@@ -238,7 +239,7 @@ impl UpstreamReader {
         let mut ws = FragmentCollector::new(ws);
         // Watches the other upstreams while this one is in use; says which one to switch to.
         let (better_tx, mut better_rx) = tokio::sync::oneshot::channel();
-        let _prober = AbortOnDrop(tokio::spawn(probe_upstreams(
+        let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(
             self.urls().to_vec(),
             self.current,
             (stale / 3).max(Duration::from_secs(1)),
@@ -318,15 +319,6 @@ impl UpstreamReader {
         self.metrics.upstream_tip_distance_seconds.set(0.0);
         let frame = IngestFrame { seq: None, relay_time_us: None, events: vec![event], keep_time: true };
         self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)
-    }
-}
-
-/// Aborts the prober when the session ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
