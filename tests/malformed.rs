@@ -349,3 +349,44 @@ fn amplifying_commits_are_dropped_or_cut_at_the_protocol_limits() {
     let (info, _, _) = run(&commit_frame(3, DID, REV, &[huge]));
     assert_eq!(info.dropped, Some(DropReason::BlocksTooLarge));
 }
+
+/// Go's Jetstream renders CIDv0 links (old records) as base58btc `Qm…`, and reads `$link`
+/// strings in any multibase, writing them back in the canonical form; the expected strings
+/// come from the independent `cid` crate.
+#[test]
+fn cid_v0_links_and_other_multibases_render_as_go_does() {
+    use ipld_core::cid::multibase::Base;
+    use ipld_core::cid::Cid;
+    let mut v0_bytes = vec![0x12, 0x20];
+    v0_bytes.extend_from_slice(&[7u8; 32]);
+    let v0 = Cid::try_from(v0_bytes.as_slice()).unwrap();
+    assert_eq!(v0.version(), ipld_core::cid::Version::V0);
+    let v1 = cid_of(b"a block");
+    let record = map(vec![
+        ("$type", s("com.example.thing")),
+        ("old", Ipld::Link(v0)),
+        ("new", Ipld::Link(v1)),
+        ("viaZ", map(vec![("$link", s(&v1.to_string_of_base(Base::Base58Btc).unwrap()))])),
+        ("viaHex", map(vec![("$link", s(&v1.to_string_of_base(Base::Base16Lower).unwrap()))])),
+        ("viaB64", map(vec![("$link", s(&v1.to_string_of_base(Base::Base64).unwrap()))])),
+        ("bareV0", map(vec![("$link", s(&v0.to_string()))])),
+    ]);
+    let ops = [TestOp::create("com.example.thing/3aaaaaaaaaa22", &record)];
+    let (info, events, drops) = run(&commit_frame(9, DID, REV, &ops));
+    assert_eq!((info.dropped, drops.len(), events.len()), (None, 0, 1), "{drops:?}");
+    let v = parse(&events[0]).unwrap();
+    let rec = &v["commit"]["record"];
+    let v0s = v0.to_string();
+    assert!(v0s.starts_with("Qm"), "{v0s}");
+    assert_eq!(rec["old"]["$link"], v0s.as_str());
+    assert_eq!(rec["bareV0"]["$link"], v0s.as_str());
+    let v1s = v1.to_string();
+    for k in ["new", "viaZ", "viaHex", "viaB64"] {
+        assert_eq!(rec[k]["$link"], v1s.as_str(), "{k}");
+    }
+    // Not a CID in any base: still a dropped op.
+    let bad = map(vec![("$type", s("com.example.thing")), ("x", map(vec![("$link", s("zzzz"))]))]);
+    let (_, events, drops) =
+        run(&commit_frame(10, DID, REV, &[TestOp::create("com.example.thing/3aaaaaaaaaa23", &bad)]));
+    assert_eq!((events.len(), drops), (0, vec![DropReason::BadLink]));
+}

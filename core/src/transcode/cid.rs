@@ -34,8 +34,8 @@ pub fn read_uvarint(buf: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-/// Parses a CIDv1 at the start of `buf`, returning it and its length. CIDv0 is rejected:
-/// atproto never writes it and Jetstream's output format has no base58 links.
+/// Parses a CIDv1 at the start of `buf`, returning it and its length (CIDv0 is handled by
+/// [`is_cid_v0`] where it may appear: record links).
 pub fn parse_cid_prefix(buf: &[u8]) -> Option<(Cid<'_>, usize)> {
     let mut pos = 0;
     let next = |pos: &mut usize| -> Option<u64> {
@@ -55,6 +55,17 @@ pub fn parse_cid_prefix(buf: &[u8]) -> Option<(Cid<'_>, usize)> {
     }
     let cid = Cid { bytes: &buf[..end], codec, hash_code, digest: &buf[pos..end] };
     Some((cid, end))
+}
+
+/// A binary CIDv0: a bare sha2-256 multihash (`0x12 0x20` + 32 bytes). atproto never writes
+/// one, but old records can hold them, and Go's Jetstream renders them (as base58btc `Qm…`).
+pub fn is_cid_v0(buf: &[u8]) -> bool {
+    buf.len() == 34 && buf[0] == 0x12 && buf[1] == 0x20
+}
+
+/// A binary CID a record may link to: a CIDv1, or a CIDv0.
+pub fn is_link(buf: &[u8]) -> bool {
+    parse_cid(buf).is_some() || is_cid_v0(buf)
 }
 
 /// Parses a complete binary CIDv1 (no trailing bytes).
@@ -94,8 +105,13 @@ pub fn dag_cbor_cid_of(block: &[u8]) -> Vec<u8> {
 
 const BASE32_LOWER: &[u8; 32] = b"abcdefghijklmnopqrstuvwxyz234567";
 
-/// Appends the multibase base32 string form (`b` + RFC 4648 base32, lowercase, unpadded).
+/// Appends a CID's canonical string form, as Go's `cid.String()` writes it: a CIDv1 as
+/// multibase base32 (`b` + RFC 4648 base32, lowercase, unpadded), a CIDv0 as bare base58btc.
 pub fn write_cid_string(out: &mut Vec<u8>, cid_bytes: &[u8]) {
+    if is_cid_v0(cid_bytes) {
+        out.extend_from_slice(bs58::encode(cid_bytes).into_string().as_bytes());
+        return;
+    }
     out.push(b'b');
     let mut acc: u64 = 0;
     let mut bits = 0u32;
@@ -119,9 +135,11 @@ pub fn cid_to_string(cid_bytes: &[u8]) -> String {
     String::from_utf8(out).expect("base32 alphabet is ASCII")
 }
 
-/// Parses a `b`-prefixed lowercase base32 CID string back to binary; `None` if malformed.
+/// Parses a CID string back to binary, in any form Go's `cid.Decode` accepts: multibase
+/// base32 (`b`, the usual one), base58btc (`z`, or a bare `Qm…` CIDv0), base32 upper (`B`),
+/// base16 (`f`, `F`), base64 (`m`, `M`, `u`, `U`); `None` if malformed or not a CID.
 pub fn parse_cid_string(s: &str) -> Option<Vec<u8>> {
-    let body = s.strip_prefix('b')?;
+    let Some(body) = s.strip_prefix('b') else { return parse_other_multibase(s) };
     let mut out = Vec::with_capacity(body.len() * 5 / 8);
     let mut acc: u64 = 0;
     let mut bits = 0u32;
@@ -140,6 +158,32 @@ pub fn parse_cid_string(s: &str) -> Option<Vec<u8>> {
     }
     parse_cid(&out)?;
     Some(out)
+}
+
+/// The rare string forms (see [`parse_cid_string`]).
+fn parse_other_multibase(s: &str) -> Option<Vec<u8>> {
+    use data_encoding::{BASE32_NOPAD, BASE64, BASE64URL, BASE64URL_NOPAD, BASE64_NOPAD, HEXLOWER, HEXUPPER};
+    if s.len() > 2 * MAX_CID_BYTES + 2 {
+        return None;
+    }
+    let bytes = if s.len() == 46 && s.starts_with("Qm") {
+        bs58::decode(s).into_vec().ok().filter(|b| is_cid_v0(b))?
+    } else {
+        let (prefix, body) = s.split_at(s.char_indices().nth(1)?.0);
+        let body = body.as_bytes();
+        match prefix {
+            "z" => bs58::decode(body).into_vec().ok()?,
+            "B" => BASE32_NOPAD.decode(body).ok()?,
+            "f" => HEXLOWER.decode(body).ok()?,
+            "F" => HEXUPPER.decode(body).ok()?,
+            "m" => BASE64_NOPAD.decode(body).ok()?,
+            "M" => BASE64.decode(body).ok()?,
+            "u" => BASE64URL_NOPAD.decode(body).ok()?,
+            "U" => BASE64URL.decode(body).ok()?,
+            _ => return None,
+        }
+    };
+    is_link(&bytes).then_some(bytes)
 }
 
 const BASE64_STD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";

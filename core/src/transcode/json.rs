@@ -315,7 +315,9 @@ impl<'a> Rec<'a> {
         match rr.remaining().first().map(|b| b >> 5) {
             Some(cbor::TAG) => {
                 let link = rr.read_link().map_err(|_| RecordError::BadBlob)?;
-                cid::parse_cid(link).ok_or(RecordError::BadLink)?;
+                if !cid::is_link(link) {
+                    return Err(RecordError::BadLink);
+                }
                 write_link(&mut link_out, link);
             }
             Some(cbor::MAP) => {
@@ -366,7 +368,8 @@ fn take_string<'a>(r: &mut Reader<'a>, len: u64) -> Result<&'a [u8], RecordError
     Ok(r.take_len(len)?)
 }
 
-/// Reads the byte string after a tag-42 head and checks it is a CIDv1.
+/// Reads the byte string after a tag-42 head and checks it is a CID (v1, or v0 as in old
+/// records).
 fn read_tag42_cid<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], RecordError> {
     let h = r.read_head()?;
     if h.major != cbor::BYTES {
@@ -374,7 +377,7 @@ fn read_tag42_cid<'a>(r: &mut Reader<'a>) -> Result<&'a [u8], RecordError> {
     }
     let b = r.take_len(h.arg)?;
     match b.split_first() {
-        Some((0, c)) if cid::parse_cid(c).is_some() => Ok(c),
+        Some((0, c)) if cid::is_link(c) => Ok(c),
         _ => Err(RecordError::BadLink),
     }
 }
