@@ -37,6 +37,8 @@ contrail_core::label_enum! {
         InvalidOptions => "invalid_options",
         BadMessage => "bad_message",
         MessageTooBig => "message_too_big",
+        /// A data frame on the v2 wire, which is server-push only.
+        UnexpectedMessage => "unexpected_message",
         Internal => "internal",
     }
 }
@@ -48,6 +50,15 @@ contrail_core::label_enum! {
         NotWebsocket => "not_websocket",
         TooManySubscribers => "too_many_subscribers",
         TooManyFromIp => "too_many_from_ip",
+    }
+}
+
+contrail_core::label_enum! {
+    /// The `wire` label of the per-subscriber metrics: Jetstream v1's `/subscribe`, or v2's
+    /// `subscribeEvents`.
+    pub enum Wire {
+        V1 => "v1",
+        V2 => "v2",
     }
 }
 
@@ -206,8 +217,8 @@ impl Metrics {
             store_trims: counter(&r, "contrail_store_trims_total", "Retention trims (range deletes) run."),
             subscribers: {
                 let g = IntGaugeVec::new(
-                    Opts::new("contrail_hub_subscribers", "Connected subscribers, by compression."),
-                    &["compression"],
+                    Opts::new("contrail_hub_subscribers", "Connected subscribers, by wire and compression."),
+                    &["wire", "compression"],
                 )
                 .expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric name");
@@ -217,13 +228,13 @@ impl Metrics {
                 &r,
                 "contrail_hub_events_sent_total",
                 "Events sent to subscribers.",
-                &["compression"],
+                &["wire", "compression"],
             ),
             bytes_sent: counter_vec(
                 &r,
                 "contrail_hub_bytes_sent_total",
                 "Bytes sent to subscribers.",
-                &["compression"],
+                &["wire", "compression"],
             ),
             closes: counter_vec(
                 &r,
@@ -279,10 +290,12 @@ impl Metrics {
         for r in Refusal::ALL {
             m.rejected_requests.with_label_values(&[r.as_str()]);
         }
-        for c in Compression::ALL {
-            m.subscribers.with_label_values(&[c.as_str()]);
-            m.events_sent.with_label_values(&[c.as_str()]);
-            m.bytes_sent.with_label_values(&[c.as_str()]);
+        for w in Wire::ALL {
+            for c in Compression::ALL {
+                m.subscribers.with_label_values(&[w.as_str(), c.as_str()]);
+                m.events_sent.with_label_values(&[w.as_str(), c.as_str()]);
+                m.bytes_sent.with_label_values(&[w.as_str(), c.as_str()]);
+            }
         }
         m
     }

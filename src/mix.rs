@@ -15,7 +15,7 @@ pub const MAX_COLLECTIONS: usize = 1_000;
 /// Counts for one interval.
 #[derive(Debug, Default, Clone)]
 pub struct MixCounts {
-    pub kinds: [u64; 3],
+    pub kinds: [u64; EventKind::ALL.len()],
     pub collections: HashMap<String, u64>,
     /// Commits whose collection did not fit in the map.
     pub other: u64,
@@ -51,7 +51,7 @@ impl EventMix {
 
 /// Kinds and the busiest collections over several intervals.
 pub fn summarize<'a>(intervals: impl Iterator<Item = &'a MixCounts>, top: usize) -> serde_json::Value {
-    let mut kinds = [0u64; 3];
+    let mut kinds = [0u64; EventKind::ALL.len()];
     let mut by_collection: HashMap<&str, u64> = HashMap::new();
     let mut other = 0;
     for c in intervals {
@@ -98,12 +98,12 @@ mod tests {
         let hostile: Vec<Event> = (0..MAX_COLLECTIONS + 50).map(|i| commit(&format!("x.y.z{i}"))).collect();
         mix.record(&hostile);
         let c = mix.take();
-        assert_eq!(c.kinds, [6 + MAX_COLLECTIONS as u64 + 50, 0, 0]);
+        assert_eq!(c.kinds, [6 + MAX_COLLECTIONS as u64 + 50, 0, 0, 0]);
         assert_eq!(c.collections.len(), MAX_COLLECTIONS);
         assert_eq!(c.other, 52);
         let s = summarize([c].iter(), 2);
         assert_eq!(s["top_collections"][0], serde_json::json!(["app.bsky.feed.like", 5]));
         assert_eq!(s["kinds"]["commit"], 6 + MAX_COLLECTIONS as u64 + 50);
-        assert_eq!(mix.take().kinds, [0, 0, 0], "a new interval starts empty");
+        assert_eq!(mix.take().kinds, [0; 4], "a new interval starts empty");
     }
 }

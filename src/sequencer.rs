@@ -141,7 +141,7 @@ impl RingBudget {
 pub struct Sequencer {
     /// `contrail_events_ingested_total` per kind, resolved once (a label lookup per event
     /// costs a hash and a lock).
-    ingested: [prometheus::IntCounter; 3],
+    ingested: Vec<prometheus::IntCounter>,
     log: Arc<Log>,
     ring: Ring,
     metrics: Arc<Metrics>,
@@ -157,8 +157,8 @@ impl Sequencer {
     /// Resumes after the newest `time_us` ever written to `log`.
     pub fn new(log: Arc<Log>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, LogError> {
         let stamper = Stamper::new(log.last_time_us()?);
-        let ingested = [EventKind::Commit, EventKind::Identity, EventKind::Account]
-            .map(|k| metrics.events_ingested.with_label_values(&[k.as_str()]));
+        let ingested =
+            EventKind::ALL.iter().map(|k| metrics.events_ingested.with_label_values(&[k.as_str()])).collect();
         let ring_budget =
             RingBudget { capacity: 65_536, max_bytes: DEFAULT_RING_MAX_BYTES, sizes: VecDeque::new(), bytes: 0 };
         Ok(Sequencer {

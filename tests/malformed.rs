@@ -214,8 +214,18 @@ fn whole_frame_drops_report_the_seq() {
     );
     let (info, ..) = run(&info_frame("OutdatedCursor"));
     assert_eq!((info.dropped, info.name.as_deref()), (Some(DropReason::Info), Some("OutdatedCursor")));
+    // `#sync` becomes a `sync` event (sent only to clients that ask), shaped like
+    // jetstream-legacy PR #79's, with the blocks as `$bytes`.
     let (info, ev, _) = run(&sync_frame(17, DID));
-    assert_eq!((info.dropped, info.seq, ev.len()), (Some(DropReason::Sync), Some(17), 0));
+    assert_eq!((info.dropped, info.seq, ev.len()), (None, Some(17), 1));
+    let v = parse(&ev[0]).unwrap();
+    assert_eq!(ev[0].kind, contrail::event::EventKind::Sync);
+    assert_eq!(
+        v["sync"],
+        serde_json::json!({"blocks": {"$bytes": ""}, "did": DID, "rev": "3mptbypluud2a", "seq": 17, "time": TIME})
+    );
+    let text = String::from_utf8(ev[0].json().to_vec()).unwrap();
+    assert!(text.contains(r#","kind":"sync","sync":{"blocks":{"$bytes":""},"did":""#), "{text}");
     assert_eq!(run(&[]).0.dropped, Some(DropReason::BadHeader));
     assert_eq!(run(&[0xff, 0xff]).0.dropped, Some(DropReason::BadHeader));
 }

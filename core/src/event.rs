@@ -11,12 +11,14 @@
 use std::ops::Range;
 
 label_enum! {
-    /// Which of the three v1 event kinds (the discriminant is the stored byte: 0, 1, 2).
+    /// Which event kind (the discriminant is the stored byte: 0, 1, 2, 3). `sync` (Sync 1.1's
+    /// `#sync`) is never sent to a v1 client that did not ask for it.
     #[repr(u8)]
     pub enum EventKind {
         Commit => "commit",
         Identity => "identity",
         Account => "account",
+        Sync => "sync",
     }
 }
 
@@ -26,6 +28,7 @@ impl EventKind {
             0 => Some(EventKind::Commit),
             1 => Some(EventKind::Identity),
             2 => Some(EventKind::Account),
+            3 => Some(EventKind::Sync),
             _ => None,
         }
     }
@@ -34,6 +37,18 @@ impl EventKind {
 /// How many zstd dictionaries an event can hold a compressed frame for at once (a server
 /// serves at most this many; each slot costs a few bytes per event in the ring).
 pub const COMPRESSED_SLOTS: usize = 4;
+
+/// An event's encodings besides its v1 JSON, built on first use and shared by every
+/// subscriber that needs the same one (DESIGN.md invariant 5).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Encodings {
+    /// zstd frames of the v1 JSON, per dictionary slot.
+    v1_zstd: [std::sync::OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+    /// The v2 wire message.
+    v2: std::sync::OnceLock<Vec<u8>>,
+    /// zstd frames of the v2 message, per dictionary slot.
+    v2_zstd: [std::sync::OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+}
 
 /// `{"did":"` — the DID starts right after it.
 pub const DID_OFFSET: usize = 8;
@@ -52,10 +67,9 @@ pub struct Event {
     /// Where the collection NSID is (empty for identity and account).
     collection: Range<usize>,
     json: Vec<u8>,
-    /// The zstd frame of `json` per dictionary slot, built the first time a compressed
-    /// subscriber using that dictionary needs it and
+    /// The other encodings of this event, each built the first time a subscriber needs it and
     /// shared by all of them.
-    compressed: [std::sync::OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+    encodings: Encodings,
 }
 
 impl Event {
@@ -82,7 +96,7 @@ impl Event {
             time: t..t + TIME_PLACEHOLDER.len(),
             collection,
             json,
-            compressed: Default::default(),
+            encodings: Default::default(),
         }
     }
 
@@ -108,7 +122,7 @@ impl Event {
             }
             None => 0..0,
         };
-        Some(Event { time_us, kind, did_len, time: t..t + digits, collection, json, compressed: Default::default() })
+        Some(Event { time_us, kind, did_len, time: t..t + digits, collection, json, encodings: Default::default() })
     }
 
     /// Sets `time_us`, rewriting its digits in the JSON.
@@ -127,7 +141,7 @@ impl Event {
             }
         }
         self.time_us = time_us;
-        self.compressed = Default::default();
+        self.encodings = Default::default();
     }
 
     pub fn did(&self) -> &str {
@@ -148,10 +162,20 @@ impl Event {
         &self.json
     }
 
-    /// The compressed form for dictionary `slot` (< [`COMPRESSED_SLOTS`]), computed by
+    /// The compressed v1 JSON for dictionary `slot` (< [`COMPRESSED_SLOTS`]), computed by
     /// `compress` at most once per event and dictionary.
     pub fn compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.compressed[slot].get_or_init(|| compress(&self.json))
+        self.encodings.v1_zstd[slot].get_or_init(|| compress(&self.json))
+    }
+
+    /// The Jetstream v2 wire message for this event (see [`crate::v2`]), built once.
+    pub fn v2_message(&self) -> &[u8] {
+        self.encodings.v2.get_or_init(|| crate::v2::message(self))
+    }
+
+    /// The compressed v2 message for dictionary `slot`, built at most once.
+    pub fn v2_compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
+        self.encodings.v2_zstd[slot].get_or_init(|| compress(self.v2_message()))
     }
 
     pub fn into_json(self) -> Vec<u8> {
@@ -200,7 +224,7 @@ impl Event {
             time: t..t + digits,
             collection: v.collection,
             json,
-            compressed: Default::default(),
+            encodings: Default::default(),
         })
     }
 }

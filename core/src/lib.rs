@@ -6,6 +6,7 @@
 //! - [`event`]: one event's JSON, encoded once, with the metadata filters read.
 //! - [`syntax`]: AT Protocol identifier syntax (NSID, DID, record key, TID, datetime).
 //! - [`options`]: the `/subscribe` query, `options_update` and the [`options::Filter`].
+//! - [`v2`]: Jetstream v2's wire (`subscribeEvents`): messages and parameters.
 //! - [`labels`]: the macro that declares a metric-label enum once.
 #![forbid(unsafe_code)]
 
@@ -15,3 +16,4 @@ pub mod event;
 pub mod options;
 pub mod syntax;
 pub mod transcode;
+pub mod v2;

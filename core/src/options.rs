@@ -17,9 +17,35 @@ pub const INFORM_CURSOR_RANGE: std::ops::RangeInclusive<u64> = 1..=600;
 #[error("{0}")]
 pub struct OptionsError(pub String);
 
+/// A set of event kinds, one bit per [`EventKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    /// What a v1 client gets unless it asks for more: every kind but `sync`.
+    pub const V1_DEFAULT: Kinds =
+        Kinds(1 << EventKind::Commit as u8 | 1 << EventKind::Identity as u8 | 1 << EventKind::Account as u8);
+    pub const ALL: Kinds = Kinds(Self::V1_DEFAULT.0 | 1 << EventKind::Sync as u8);
+    pub const NONE: Kinds = Kinds(0);
+
+    pub fn contains(self, kind: EventKind) -> bool {
+        self.0 & (1 << kind as u8) != 0
+    }
+
+    pub fn with(self, kind: EventKind) -> Kinds {
+        Kinds(self.0 | 1 << kind as u8)
+    }
+
+    pub fn without(self, kind: EventKind) -> Kinds {
+        Kinds(self.0 & !(1 << kind as u8))
+    }
+}
+
 /// Which events a subscriber wants.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Filter {
+    /// Which kinds pass at all.
+    kinds: Kinds,
     /// `None`: every collection.
     collections: Option<HashSet<String>>,
     /// `app.bsky.feed.*` is kept as the prefix `app.bsky.feed.`.
@@ -28,7 +54,24 @@ pub struct Filter {
     dids: Option<HashSet<String>>,
 }
 
+impl Default for Filter {
+    /// Everything a v1 client gets by default.
+    fn default() -> Self {
+        Filter { kinds: Kinds::V1_DEFAULT, collections: None, prefixes: Vec::new(), dids: None }
+    }
+}
+
 impl Filter {
+    /// The same filter passing `kinds`.
+    pub fn with_kinds(mut self, kinds: Kinds) -> Filter {
+        self.kinds = kinds;
+        self
+    }
+
+    pub fn kinds(&self) -> Kinds {
+        self.kinds
+    }
+
     /// Builds a filter from raw values, with v1's validation and messages. O(n) in the input,
     /// stopping at the first limit crossed: a 10 MB `options_update` costs one pass over it.
     pub fn new(collections: &[String], dids: &[String]) -> Result<Filter, OptionsError> {
@@ -77,6 +120,9 @@ impl Filter {
     /// Identity and account events (no collection) bypass `wantedCollections` but not
     /// `wantedDids`, as in v1.
     pub fn matches(&self, kind: EventKind, did: &str, collection: Option<&str>) -> bool {
+        if !self.kinds.contains(kind) {
+            return false;
+        }
         if let Some(dids) = &self.dids {
             if !dids.contains(did) {
                 return false;
@@ -105,6 +151,11 @@ pub struct SubscribeOptions {
     /// The zstd dictionary id to compress with (v2's `zstdDictionary`); implies `compress`.
     /// `None`: the server's default.
     pub zstd_dictionary: Option<u32>,
+}
+
+/// `true`/`false` as v1 reads booleans (anything but `true` is false).
+fn is_true(v: &str) -> bool {
+    v == "true"
 }
 
 /// Percent-decodes a query component (`+` is a space).
@@ -173,6 +224,7 @@ impl SubscribeOptions {
             inform_cursor_seconds: None,
             zstd_dictionary: None,
         };
+        let mut include_sync = false;
         for (k, v) in query_pairs(query) {
             match k.as_str() {
                 "wantedCollections" => collections.push(v),
@@ -185,6 +237,8 @@ impl SubscribeOptions {
                 "requireHello" => o.require_hello = v == "true",
                 "maxMessageSizeBytes" => o.max_message_size = parse_max_message_size(&v),
                 "informCursorSeconds" => o.inform_cursor_seconds = Some(parse_inform(&v)?),
+                // Beyond v1: `#sync` events (Sync 1.1) for clients that ask.
+                "includeSync" => include_sync = is_true(&v),
                 "zstdDictionary" => {
                     let id = v.parse::<u32>().map_err(|_| OptionsError(format!("invalid zstdDictionary: {v}")))?;
                     o.zstd_dictionary = Some(id);
@@ -193,7 +247,8 @@ impl SubscribeOptions {
                 _ => {}
             }
         }
-        o.filter = Filter::new(&collections, &dids)?;
+        let kinds = if include_sync { Kinds::ALL } else { Kinds::V1_DEFAULT };
+        o.filter = Filter::new(&collections, &dids)?.with_kinds(kinds);
         Ok(o)
     }
 }
@@ -221,6 +276,9 @@ pub struct OptionsUpdate {
     /// Beyond v1; absent leaves the current setting, 0 turns the messages off.
     #[serde(default)]
     pub inform_cursor_seconds: Option<u64>,
+    /// Beyond v1: whether `sync` events are sent; absent leaves the current setting.
+    #[serde(default)]
+    pub include_sync: Option<bool>,
 }
 
 /// What an accepted `options_update` changes.
@@ -230,6 +288,8 @@ pub struct Update {
     pub max_message_size: u64,
     /// `Some(None)`: turn off; `None`: leave as is.
     pub inform_cursor_seconds: Option<Option<u64>>,
+    /// `None`: leave as is.
+    pub include_sync: Option<bool>,
 }
 
 impl OptionsUpdate {
@@ -241,7 +301,7 @@ impl OptionsUpdate {
             Some(0) => Some(None),
             Some(n) => Some(Some(parse_inform(&n.to_string())?)),
         };
-        Ok(Update { filter, max_message_size, inform_cursor_seconds })
+        Ok(Update { filter, max_message_size, inform_cursor_seconds, include_sync: self.include_sync })
     }
 }
 
@@ -261,6 +321,11 @@ mod tests {
         let f = Filter::new(&[], &[DID.into()]).unwrap();
         assert!(!f.matches(EventKind::Account, "did:plc:other", None), "but not wantedDids");
         assert!(f.matches(EventKind::Account, DID, None));
+        assert!(!f.matches(EventKind::Sync, DID, None), "v1 clients get no sync unless they ask");
+        let f = f.with_kinds(Kinds::ALL);
+        assert!(f.matches(EventKind::Sync, DID, None));
+        let o = SubscribeOptions::from_query("includeSync=true&wantedCollections=app.bsky.feed.post", None).unwrap();
+        assert!(o.filter.matches(EventKind::Sync, DID, None), "sync bypasses wantedCollections");
     }
 
     #[test]

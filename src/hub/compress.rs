@@ -85,9 +85,14 @@ impl Dictionary {
         })
     }
 
-    /// `json`'s frame for this dictionary, built at most once per event and shared.
+    /// The event's v1 frame for this dictionary, built at most once per event and shared.
     pub fn frame<'e>(&self, event: &'e crate::event::Event) -> &'e [u8] {
         event.compressed(self.slot, |j| self.compress(j))
+    }
+
+    /// The event's v2 message compressed with this dictionary, built at most once.
+    pub fn v2_frame<'e>(&self, event: &'e crate::event::Event) -> &'e [u8] {
+        event.v2_compressed(self.slot, |m| self.compress(m))
     }
 }
 
@@ -162,6 +167,13 @@ impl Dictionaries {
 
     pub fn by_id(&self, id: u32) -> Option<&Arc<Dictionary>> {
         self.list.iter().find(|d| d.id == id)
+    }
+
+    /// The dictionary the v2 wire offers at `getZstdDictionary` (its "current" one):
+    /// Contrail's own (Jetstream v2's is not shipped), else the default.
+    pub fn v2_current(&self) -> &Arc<Dictionary> {
+        self.by_id(u32::from_le_bytes([CONTRAIL_V1[4], CONTRAIL_V1[5], CONTRAIL_V1[6], CONTRAIL_V1[7]]))
+            .unwrap_or_else(|| self.default())
     }
 
     /// The ids served, default first (for error messages and logs).

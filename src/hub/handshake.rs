@@ -3,9 +3,14 @@
 //! the connection upgraded and handed to a session.
 
 use super::limits::{client_ip, Refused};
-use super::{session, Hub};
+use super::session::{self, Subscription};
+use super::stream::Start;
+use super::Hub;
+use crate::metrics::Wire;
 use crate::options::{OptionsError, SubscribeOptions};
+use crate::response::full;
 use crate::response::{text, Body};
+use contrail_core::v2::{self, V2Options, XrpcError};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -20,7 +25,7 @@ fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::By
 }
 
 /// `GET /subscribe`: validate everything, then upgrade.
-pub async fn subscribe(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let opts = match SubscribeOptions::from_query(req.uri().query().unwrap_or(""), header("socket-encoding").as_deref())
     {
@@ -47,39 +52,164 @@ pub async fn subscribe(hub: Arc<Hub>, mut req: Request<Incoming>, peer: SocketAd
             "websocket upgrade required: connect to /subscribe with a websocket client\n",
         );
     }
+    let refusals = Refusals {
+        shutting_down: || text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n"),
+        too_many: || text(StatusCode::SERVICE_UNAVAILABLE, "too many subscribers; try another instance or later\n"),
+        from_ip: || text(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
+    };
+    admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None)
+}
+
+/// How a wire words the refusals that admission makes.
+struct Refusals<A, B, C> {
+    shutting_down: A,
+    too_many: B,
+    from_ip: C,
+}
+
+/// Admission (subscriber and per-IP caps), then the upgrade and the session task. The
+/// response echoes `subprotocol` when given.
+fn admit_and_upgrade<A, B, C>(
+    hub: Arc<Hub>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    sub: Subscription,
+    refusals: Refusals<A, B, C>,
+    subprotocol: Option<&'static str>,
+) -> Response<Body>
+where
+    A: FnOnce() -> Response<Body>,
+    B: FnOnce() -> Response<Body>,
+    C: FnOnce() -> Response<Body>,
+{
     if hub.shutdown.is_cancelled() {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n");
+        return (refusals.shutting_down)();
     }
-    let ip = client_ip(peer, header("x-forwarded-for").as_deref(), &hub.limits.trusted_proxies);
+    let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let ip = client_ip(peer, forwarded, &hub.limits.trusted_proxies);
     let slot = match hub.admission.admit(ip) {
         Ok(s) => s,
         Err(Refused::TooManySubscribers) => {
-            return refuse(
-                &hub,
-                Refusal::TooManySubscribers,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many subscribers; try another instance or later\n",
-            )
+            hub.metrics.rejected_requests.with_label_values(&[Refusal::TooManySubscribers.as_str()]).inc();
+            return (refusals.too_many)();
         }
         Err(Refused::TooManyFromIp) => {
-            return refuse(
-                &hub,
-                Refusal::TooManyFromIp,
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many connections from this address\n",
-            )
+            hub.metrics.rejected_requests.with_label_values(&[Refusal::TooManyFromIp.as_str()]).inc();
+            return (refusals.from_ip)();
         }
     };
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad websocket handshake: {e}\n")),
     };
+    if let Some(p) = subprotocol {
+        response.headers_mut().insert("sec-websocket-protocol", hyper::header::HeaderValue::from_static(p));
+    }
     let task_hub = hub.clone();
     hub.tasks.spawn(async move {
         match upgrade.await {
-            Ok(ws) => session::run(task_hub, ws, opts, dictionary, slot).await,
+            Ok(ws) => session::run(task_hub, ws, sub, slot).await,
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
         }
     });
     response.map(|b| b.boxed())
+}
+
+/// The v2 wire's subprotocol, echoed when the client offers it.
+const XRPC_SUBPROTOCOL: &str = "xrpc.v1.json";
+
+fn xrpc_error(hub: &Hub, why: Refusal, e: &XrpcError) -> Response<Body> {
+    hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    full(status, "application/json", e.body())
+}
+
+/// `GET /xrpc/network.bsky.jetstream.subscribeEvents`: Jetstream v2's wire (see
+/// `contrail_core::v2`), served by the same hub: one cursor walk, the same filters, limits
+/// and metrics (`wire="v2"`).
+pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let opts = match V2Options::from_query(req.uri().query().unwrap_or(""), header("socket-encoding").as_deref()) {
+        Ok(o) => o,
+        Err(e) => return xrpc_error(&hub, Refusal::BadRequest, &e),
+    };
+    let dictionary = match opts.zstd_dictionary {
+        None => None,
+        Some(id) => match hub.dictionaries.by_id(id) {
+            Some(d) => Some(d.clone()),
+            None => {
+                let current = hub.dictionaries.v2_current().id;
+                let e = XrpcError {
+                    status: 400,
+                    name: "UnknownZstdDictionary",
+                    message: format!(
+                        "unknown zstd dictionary id {id}; current dictionary id is {current} (fetch it via getZstdDictionary and reconnect)"
+                    ),
+                };
+                return xrpc_error(&hub, Refusal::BadRequest, &e);
+            }
+        },
+    };
+    // The cursor: Contrail's seq is the event's time_us (≥ 10^15, which v2 clients read as a
+    // timestamp: the same position). A smaller one is another server's seq, below our floor.
+    let tip = &hub.tip;
+    let mut preface = Vec::new();
+    let start = match opts.cursor {
+        None => Start::Live,
+        Some(c) if c < v2::TIMESTAMP_CURSOR_MIN => {
+            let floor = tip.oldest().unwrap_or(v2::TIMESTAMP_CURSOR_MIN as u64);
+            let e = XrpcError {
+                status: 400,
+                name: "CursorTooOld",
+                message: format!(
+                    "subscribe: cursor too old: cursor {c} below lookback floor {floor}; re-backfill from your last seq"
+                ),
+            };
+            return xrpc_error(&hub, Refusal::BadRequest, &e);
+        }
+        Some(c) => match tip.oldest() {
+            Some(oldest) if (c as u64) < oldest => {
+                preface.push(v2::info_message(
+                    "OutdatedCursor",
+                    &format!("requested timestamp cursor below retention floor; starting at seq {oldest}"),
+                ));
+                Start::From(oldest)
+            }
+            _ => Start::for_cursor(Some(c), tip.newest(), crate::clock::now_us()),
+        },
+    };
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return xrpc_error(&hub, Refusal::NotWebsocket, &XrpcError::invalid("websocket upgrade required"));
+    }
+    let offered = header("sec-websocket-protocol")
+        .is_some_and(|p| p.split(',').any(|t| t.trim() == XRPC_SUBPROTOCOL))
+        .then_some(XRPC_SUBPROTOCOL);
+    let sub = Subscription {
+        wire: Wire::V2,
+        filter: opts.filter,
+        max_message_size: opts.max_message_size,
+        dictionary,
+        inform_cursor_seconds: None,
+        require_hello: false,
+        cursor: None,
+        start: Some(start),
+        preface,
+    };
+    let unavailable = |message: &str| {
+        let e = XrpcError { status: 503, name: "ServiceUnavailable", message: message.into() };
+        full(StatusCode::SERVICE_UNAVAILABLE, "application/json", e.body())
+    };
+    let refusals = Refusals {
+        shutting_down: || unavailable("server shutting down"),
+        too_many: || unavailable("too many subscribers; try another instance or later"),
+        from_ip: || {
+            let e = XrpcError {
+                status: 429,
+                name: "RateLimitExceeded",
+                message: "too many connections from this address".into(),
+            };
+            full(StatusCode::TOO_MANY_REQUESTS, "application/json", e.body())
+        },
+    };
+    admit_and_upgrade(hub, req, peer, sub, refusals, offered)
 }

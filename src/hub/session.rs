@@ -9,8 +9,9 @@ use super::close::CloseReason;
 use super::slow::{Progress, SlowWatch};
 use super::stream::{EventStream, Start, StreamMetrics};
 use super::Hub;
-use crate::event::Event;
-use crate::options::{ClientMessage, Filter, OptionsError, OptionsUpdate, SubscribeOptions};
+use crate::event::{Event, EventKind};
+use crate::metrics::Wire;
+use crate::options::{ClientMessage, Filter, Kinds, OptionsError, OptionsUpdate, SubscribeOptions};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ enum Control {
     /// A whole text message; a large one carries the connection's one large-message permit.
     Text(Vec<u8>, Option<OwnedSemaphorePermit>),
     Ping(Vec<u8>),
+    /// A binary message (its bytes are not kept).
+    Binary,
     Heard,
     Close,
     TooBig,
@@ -87,13 +90,14 @@ async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semapho
                         }
                         match partial.take() {
                             Some((OpCode::Text, bytes, _)) => Control::Text(bytes, None),
-                            _ => Control::Heard,
+                            _ => Control::Binary,
                         }
                     }
                 },
                 OpCode::Ping => Control::Ping(f.payload.to_vec()),
                 OpCode::Close => Control::Close,
-                // Binary messages are ignored, as in v1; they (and pongs) show the peer is alive.
+                OpCode::Binary => Control::Binary,
+                // Pongs show the peer is alive.
                 _ => Control::Heard,
             },
         };
@@ -125,8 +129,46 @@ fn parse_client_message(t: &[u8]) -> Result<Option<crate::options::Update>, (Clo
     update.validate().map(Some).map_err(|OptionsError(text)| (CloseReason::InvalidOptions, text))
 }
 
+/// What a handshake accepted: everything a session needs to start.
+pub struct Subscription {
+    pub wire: Wire,
+    pub filter: Filter,
+    /// 0: no limit (v1: the JSON's length; v2: the whole message's).
+    pub max_message_size: u64,
+    /// Compress with this dictionary; `None`: plain text frames.
+    pub dictionary: Option<Arc<super::compress::Dictionary>>,
+    /// v1 only: cursor messages every this many seconds.
+    pub inform_cursor_seconds: Option<u64>,
+    /// v1 only: deliver nothing until an `options_update` arrives.
+    pub require_hello: bool,
+    /// v1: the cursor, judged at the start; v2 decides in its handshake ([`Self::start`]).
+    pub cursor: Option<i64>,
+    /// Where to start, when the handshake already decided it.
+    pub start: Option<Start>,
+    /// Messages sent before the first event (v2's `#info OutdatedCursor`).
+    pub preface: Vec<Vec<u8>>,
+}
+
+impl Subscription {
+    /// A v1 `/subscribe` subscription.
+    pub fn v1(opts: SubscribeOptions, dictionary: Option<Arc<super::compress::Dictionary>>) -> Self {
+        Subscription {
+            wire: Wire::V1,
+            filter: opts.filter,
+            max_message_size: opts.max_message_size,
+            dictionary,
+            inform_cursor_seconds: opts.inform_cursor_seconds,
+            require_hello: opts.require_hello,
+            cursor: opts.cursor,
+            start: None,
+            preface: Vec::new(),
+        }
+    }
+}
+
 struct Session {
     hub: Arc<Hub>,
+    wire: Wire,
     tx: WsWrite,
     filter: Arc<Filter>,
     max_size: u64,
@@ -158,14 +200,8 @@ enum Step {
     Deliver(Option<Arc<Event>>),
 }
 
-/// Runs one subscriber until its connection ends; `dictionary` compresses its frames, if any.
-pub async fn run(
-    hub: Arc<Hub>,
-    ws: fastwebsockets::WebSocket<Upgraded>,
-    opts: SubscribeOptions,
-    dictionary: Option<Arc<super::compress::Dictionary>>,
-    slot: super::limits::Slot,
-) {
+/// Runs one subscriber until its connection ends.
+pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Subscription, slot: super::limits::Slot) {
     let (mut rx, tx) = ws.split(|io| {
         let (r, w) = tokio::io::split(io);
         (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
@@ -177,17 +213,18 @@ pub async fn run(
     // Small: the reader waits when the writer is busy, which is the back-pressure we want.
     let (ctl_tx, mut ctl) = mpsc::channel(16);
     let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
-    let label = crate::metrics::Compression::of(opts.compress).as_str();
+    let labels = [sub.wire.as_str(), crate::metrics::Compression::of(sub.dictionary.is_some()).as_str()];
     let m = &hub.metrics;
-    m.subscribers.with_label_values(&[label]).inc();
+    m.subscribers.with_label_values(&labels).inc();
     let now = Instant::now();
     let mut s = Session {
         hub: hub.clone(),
+        wire: sub.wire,
         tx,
-        filter: Arc::new(opts.filter),
-        max_size: opts.max_message_size,
-        dictionary,
-        inform: opts.inform_cursor_seconds.map(Duration::from_secs),
+        filter: Arc::new(sub.filter),
+        max_size: sub.max_message_size,
+        dictionary: sub.dictionary,
+        inform: sub.inform_cursor_seconds.map(Duration::from_secs),
         next_inform: now,
         stream: None,
         slot,
@@ -196,13 +233,14 @@ pub async fn run(
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
         updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
-        events_sent: m.events_sent.with_label_values(&[label]),
-        bytes_sent: m.bytes_sent.with_label_values(&[label]),
+        events_sent: m.events_sent.with_label_values(&labels),
+        bytes_sent: m.bytes_sent.with_label_values(&labels),
     };
-    let reason = s.serve(&mut ctl, opts.cursor, opts.require_hello).await;
+    let start = (sub.cursor, sub.start);
+    let reason = s.serve(&mut ctl, start, sub.require_hello, sub.preface).await;
     let last_seen = s.stream.as_ref().map(EventStream::last_seen);
     drop(s);
-    m.subscribers.with_label_values(&[label]).dec();
+    m.subscribers.with_label_values(&labels).dec();
     m.closes.with_label_values(&[reason.as_str()]).inc();
     tracing::debug!(reason = reason.as_str(), last_seen, "subscriber closed");
 }
@@ -211,10 +249,25 @@ impl Session {
     async fn serve(
         &mut self,
         ctl: &mut mpsc::Receiver<Control>,
-        cursor: Option<i64>,
+        start: (Option<i64>, Option<Start>),
         require_hello: bool,
+        preface: Vec<Vec<u8>>,
     ) -> CloseReason {
-        let Err(reason) = self.serve_until_closed(ctl, cursor, require_hello).await;
+        let Err(reason) = self.serve_until_closed(ctl, start, require_hello, preface).await;
+        if self.wire == Wire::V2 && !self.close_sent {
+            // v2 says why in an error frame before the socket goes.
+            let error = match reason {
+                CloseReason::TooSlow => {
+                    Some(("ConsumerTooSlow", "reading below the floor rate; reconnect with your cursor"))
+                }
+                CloseReason::Internal => Some(("InternalError", "stream read failed; reconnect")),
+                _ => None,
+            };
+            if let Some((name, text)) = error {
+                let _ = self.send_message(contrail_core::v2::error_message(name, text)).await;
+                let _ = self.flush().await;
+            }
+        }
         if let (Some((code, text)), false) = (reason.frame(), self.close_sent) {
             self.close(code, text).await;
         }
@@ -224,13 +277,17 @@ impl Session {
     async fn serve_until_closed(
         &mut self,
         ctl: &mut mpsc::Receiver<Control>,
-        cursor: Option<i64>,
+        (cursor, start): (Option<i64>, Option<Start>),
         require_hello: bool,
+        preface: Vec<Vec<u8>>,
     ) -> Result<std::convert::Infallible, CloseReason> {
         if require_hello {
             self.wait_for_hello(ctl).await?;
         }
-        self.start(cursor);
+        self.start(cursor, start);
+        for message in preface {
+            self.send_message(message).await?;
+        }
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.hub.shutdown.clone();
@@ -258,10 +315,10 @@ impl Session {
 
     /// Takes the start point: the ring receiver first, then the position, decided against the
     /// log's tip (see [`Start::for_cursor`]).
-    fn start(&mut self, cursor: Option<i64>) {
+    fn start(&mut self, cursor: Option<i64>, decided: Option<Start>) {
         let hub = &self.hub;
         let ring = hub.ring.subscribe();
-        let start = Start::for_cursor(cursor, hub.tip.newest(), crate::clock::now_us());
+        let start = decided.unwrap_or_else(|| Start::for_cursor(cursor, hub.tip.newest(), crate::clock::now_us()));
         let metrics = StreamMetrics {
             replay_reads: hub.metrics.replay_reads.clone(),
             lagging: hub.metrics.lagging_subscribers.clone(),
@@ -300,7 +357,11 @@ impl Session {
 
     async fn deliver(&mut self, ev: Arc<Event>) -> Result<(), CloseReason> {
         let stream = self.stream.as_mut().expect("delivering after start");
-        if self.max_size > 0 && ev.json().len() as u64 > self.max_size {
+        let size = match self.wire {
+            Wire::V1 => ev.json().len(),
+            Wire::V2 => ev.v2_message().len(),
+        };
+        if self.max_size > 0 && size as u64 > self.max_size {
             stream.advance(ev.time_us);
             return Ok(());
         }
@@ -310,10 +371,11 @@ impl Session {
                 tokio::time::sleep(wait).await;
             }
         }
-        let frame = if let Some(dict) = &self.dictionary {
-            Frame::binary(Payload::Borrowed(dict.frame(&ev)))
-        } else {
-            Frame::text(Payload::Borrowed(ev.json()))
+        let frame = match (self.wire, &self.dictionary) {
+            (Wire::V1, Some(dict)) => Frame::binary(Payload::Borrowed(dict.frame(&ev))),
+            (Wire::V1, None) => Frame::text(Payload::Borrowed(ev.json())),
+            (Wire::V2, Some(dict)) => Frame::binary(Payload::Borrowed(dict.v2_frame(&ev))),
+            (Wire::V2, None) => Frame::text(Payload::Borrowed(ev.v2_message())),
         };
         let len = frame.payload.len() as u64;
         self.write(frame).await?;
@@ -323,6 +385,16 @@ impl Session {
         self.events_sent.inc();
         self.bytes_sent.inc_by(len);
         Ok(())
+    }
+
+    /// Sends a message that is not an event (a cursor message, an info or error frame):
+    /// compressed like this subscriber's events.
+    async fn send_message(&mut self, message: Vec<u8>) -> Result<(), CloseReason> {
+        let frame = match &self.dictionary {
+            Some(dict) => Frame::binary(Payload::Owned(dict.compress(&message))),
+            None => Frame::text(Payload::Owned(message)),
+        };
+        self.write(frame).await
     }
 
     async fn flush(&mut self) -> Result<(), CloseReason> {
@@ -374,6 +446,9 @@ impl Session {
             }
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
             Some(Control::Heard) => Ok(false),
+            // v2 is server-push only: any data frame ends the connection (as v2 does).
+            Some(Control::Text(..) | Control::Binary) if self.wire == Wire::V2 => Err(CloseReason::UnexpectedMessage),
+            Some(Control::Binary) => Ok(false), // ignored, as in v1
             Some(Control::Ping(payload)) => self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false),
             Some(Control::Text(t, _large)) => {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
@@ -392,7 +467,9 @@ impl Session {
                             // reading, so the client's writes back up); nobody else does.
                             tokio::time::sleep(wait).await;
                         }
-                        self.filter = Arc::new(u.filter);
+                        let include_sync = u.include_sync.unwrap_or(self.filter.kinds().contains(EventKind::Sync));
+                        let kinds = if include_sync { Kinds::ALL } else { Kinds::V1_DEFAULT };
+                        self.filter = Arc::new(u.filter.with_kinds(kinds));
                         self.max_size = u.max_message_size;
                         if let Some(i) = u.inform_cursor_seconds {
                             self.inform = i.map(Duration::from_secs);
@@ -422,12 +499,7 @@ impl Session {
             if now >= self.next_inform {
                 self.next_inform = now + every;
                 let msg = format!(r#"{{"kind":"cursor","time_us":{}}}"#, stream.last_seen());
-                let frame = if let Some(dict) = &self.dictionary {
-                    Frame::binary(Payload::Owned(dict.compress(msg.as_bytes())))
-                } else {
-                    Frame::text(Payload::Owned(msg.into_bytes()))
-                };
-                self.write(frame).await?;
+                self.send_message(msg.into_bytes()).await?;
             }
         }
         if let Some(stream) = &self.stream {

@@ -4,7 +4,7 @@
 //! them. Nothing here is read back by the service itself.
 
 use crate::log::Tip;
-use crate::metrics::{Compression, Metrics};
+use crate::metrics::{Compression, Metrics, Wire};
 use crate::mix::{EventMix, MixCounts};
 use crate::transcode::DropReason;
 use std::collections::{BTreeMap, VecDeque};
@@ -50,7 +50,11 @@ fn totals(m: &Metrics) -> Totals {
     for (d, n) in DropReason::ALL.iter().zip(drops.iter_mut()) {
         *n = m.drops.with_label_values(&[d.as_str()]).get();
     }
-    let delivered = Compression::ALL.iter().map(|c| m.events_sent.with_label_values(&[c.as_str()]).get()).sum();
+    let delivered = Wire::ALL
+        .iter()
+        .flat_map(|w| Compression::ALL.iter().map(move |c| (w, c)))
+        .map(|(w, c)| m.events_sent.with_label_values(&[w.as_str(), c.as_str()]).get())
+        .sum();
     Totals { at: Instant::now(), ingested: m.events_ingested_total(), delivered, drops }
 }
 
@@ -104,9 +108,15 @@ impl History {
                 drops.insert(d.as_str(), rate(now.drops[i], prev.drops[i]));
             }
         }
-        let by_compression: BTreeMap<&'static str, i64> = Compression::ALL
+        let subscribers = Wire::ALL
             .iter()
-            .map(|c| (c.as_str(), m.subscribers.with_label_values(&[c.as_str()]).get()))
+            .map(|w| {
+                let by_compression = Compression::ALL
+                    .iter()
+                    .map(|c| (c.as_str(), m.subscribers.with_label_values(&[w.as_str(), c.as_str()]).get()))
+                    .collect();
+                (w.as_str(), by_compression)
+            })
             .collect();
         let span = match (self.tip.oldest(), self.tip.newest()) {
             (Some(o), Some(n)) => n.saturating_sub(o) as f64 / 1e6,
@@ -118,7 +128,7 @@ impl History {
             delivered_per_second: rate(now.delivered, prev.delivered),
             lag_seconds: if self.replica { m.replication_lag_seconds.get() } else { m.relay_lag_seconds.get() },
             upstream_ahead_seconds: if self.replica { m.upstream_tip_distance_seconds.get() } else { 0.0 },
-            subscribers: BTreeMap::from([("v1", by_compression)]),
+            subscribers,
             drops_per_second: drops,
             log_span_seconds: span,
             log_bytes: self.tip.bytes(),

@@ -52,6 +52,10 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
     }
     match req.uri().path() {
         "/subscribe" => crate::hub::handshake::subscribe(shared.hub.clone(), req, peer).await,
+        "/xrpc/network.bsky.jetstream.subscribeEvents" => {
+            crate::hub::handshake::subscribe_events(shared.hub.clone(), req, peer).await
+        }
+        "/xrpc/network.bsky.jetstream.getZstdDictionary" => get_zstd_dictionary(&shared, &req),
         "/health" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
             if shared.readiness.is_ready() {
@@ -95,6 +99,43 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
     }
 }
 
+/// v2's `getZstdDictionary[?id=N]`: the current v2 dictionary, or the one named; errors in
+/// the XRPC envelope.
+fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Body> {
+    let dicts = &shared.hub.dictionaries;
+    let xrpc = |status: StatusCode, name: &'static str, message: String| {
+        let e = contrail_core::v2::XrpcError { status: status.as_u16(), name, message };
+        full(status, "application/json", e.body())
+    };
+    let wanted = crate::options::query_pairs(req.uri().query().unwrap_or("")).into_iter().find(|(k, _)| k == "id");
+    let dict = match wanted {
+        None => dicts.v2_current(),
+        Some((_, v)) => {
+            let Ok(id) = v.parse::<i64>() else {
+                return xrpc(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequest",
+                    "id must be an integer zstd dictionary ID".into(),
+                );
+            };
+            match u32::try_from(id).ok().and_then(|id| dicts.by_id(id)) {
+                Some(d) => d,
+                None => {
+                    let current = dicts.v2_current().id;
+                    let message = format!("no dictionary with id {id}; current dictionary id is {current}");
+                    return xrpc(StatusCode::NOT_FOUND, "DictionaryNotFound", message);
+                }
+            }
+        }
+    };
+    let mut r = full(StatusCode::OK, "application/octet-stream", dict.raw.clone());
+    let id = dict.id.to_string();
+    let h = r.headers_mut();
+    h.insert("x-zstd-dictionary-id", hyper::header::HeaderValue::from_str(&id).expect("digits"));
+    h.insert("cache-control", hyper::header::HeaderValue::from_static("public, max-age=31536000, immutable"));
+    r
+}
+
 /// The figures of `/status` (and the status page).
 pub fn status_json(shared: &Public) -> serde_json::Value {
     let m = &shared.metrics;
@@ -126,11 +167,13 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
             "retention_seconds": shared.retention.as_secs(),
         },
         "subscribers": subscribers,
-        "subscribers_by_wire": {
-            "v1": crate::metrics::Compression::ALL.iter()
-                .map(|c| (c.as_str().to_string(), serde_json::Value::from(m.subscribers.with_label_values(&[c.as_str()]).get())))
-                .collect::<serde_json::Map<_, _>>(),
-        },
+        "subscribers_by_wire": crate::metrics::Wire::ALL.iter().map(|w| {
+            let by_compression: serde_json::Map<String, serde_json::Value> = crate::metrics::Compression::ALL
+                .iter()
+                .map(|c| (c.as_str().to_string(), m.subscribers.with_label_values(&[w.as_str(), c.as_str()]).get().into()))
+                .collect();
+            (w.as_str().to_string(), serde_json::Value::Object(by_compression))
+        }).collect::<serde_json::Map<_, _>>(),
         "ready": shared.readiness.is_ready(),
         "not_ready_reason": (!shared.readiness.is_ready()).then(|| {
             shared.readiness.last_error().unwrap_or_else(|| "the relay has not been reached yet".into())

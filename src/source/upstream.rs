@@ -208,7 +208,8 @@ impl UpstreamReader {
         let replica = &self.opts.replica;
         let stale = replica.upstream_stale_timeout;
         let inform = (stale.as_secs() / 3).clamp(1, 600);
-        let mut params = vec![format!("informCursorSeconds={inform}")];
+        // Every kind, sync included: a replica mirrors the whole log.
+        let mut params = vec![format!("informCursorSeconds={inform}"), "includeSync=true".to_string()];
         if self.last_time_us > 0 || !self.opts.live_when_empty {
             // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
             params.push(format!("cursor={}", self.last_time_us));
@@ -305,6 +306,7 @@ impl UpstreamReader {
             "commit" => EventKind::Commit,
             "identity" => EventKind::Identity,
             "account" => EventKind::Account,
+            "sync" => EventKind::Sync,
             other => return Err(protocol(format!("an unknown event kind {other:?}"))),
         };
         let collection = meta.commit.and_then(|c| c.collection).map(str::to_string);

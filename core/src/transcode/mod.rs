@@ -47,6 +47,7 @@ label_enum! {
         UnknownType => "unknown_type",
         ErrorFrame => "error_frame",
         Info => "info",
+        /// No longer produced: `#sync` frames become `sync` events (served only on request).
         Sync => "sync",
         TooBig => "too_big",
         BadCar => "bad_car",
@@ -188,6 +189,8 @@ struct CommitBody<'a> {
 /// The fields of `#identity`, `#account` and `#sync` bodies.
 #[derive(Default)]
 struct RepoEventBody<'a> {
+    rev: Option<&'a str>,
+    blocks: Option<&'a [u8]>,
     seq: Option<i64>,
     did: Option<&'a str>,
     time: Option<&'a str>,
@@ -401,20 +404,32 @@ impl Transcoder {
         if !r.is_empty() {
             return info.drop(DropReason::TrailingBytes);
         }
-        if info.frame_type == FrameType::Sync {
-            return info.drop(DropReason::Sync);
-        }
         let did = match body.did {
             Some(d) if syntax::is_valid_did(d) => d,
             _ => return info.drop(DropReason::BadDid),
         };
         info.relay_time_us = body.time.and_then(syntax::rfc3339_to_unix_us);
         let (Some(time), Some(_)) = (body.time, info.relay_time_us) else { return info.drop(DropReason::BadTime) };
-        let kind = if info.frame_type == FrameType::Identity { EventKind::Identity } else { EventKind::Account };
-        let mut out = Vec::with_capacity(160 + 2 * did.len());
+        let kind = match info.frame_type {
+            FrameType::Identity => EventKind::Identity,
+            FrameType::Account => EventKind::Account,
+            _ => EventKind::Sync,
+        };
+        let mut out = Vec::with_capacity(160 + 2 * did.len() + body.blocks.map_or(0, |b| b.len() * 4 / 3));
         Event::begin(&mut out, did, kind);
         // indigo's structs, passed through in their field order.
-        if kind == EventKind::Identity {
+        if kind == EventKind::Sync {
+            // `#sync` (Sync 1.1): the repo's state was reset; consumers should resync it. As
+            // jetstream-legacy PR #79 shapes it (indigo's SyncSubscribeRepos_Sync), with the
+            // commit block kept as `$bytes` so a consumer can check the new root.
+            let (Some(rev), Some(blocks)) = (body.rev, body.blocks) else { return info.drop(DropReason::BadBody) };
+            out.extend_from_slice(b",\"sync\":{\"blocks\":{\"$bytes\":\"");
+            cid::write_base64_nopad(&mut out, blocks);
+            out.extend_from_slice(b"\"},\"did\":\"");
+            out.extend_from_slice(did.as_bytes());
+            out.extend_from_slice(b"\",\"rev\":");
+            json::write_json_str(&mut out, rev);
+        } else if kind == EventKind::Identity {
             out.extend_from_slice(b",\"identity\":{\"did\":\"");
             out.extend_from_slice(did.as_bytes());
             out.push(b'"');
@@ -523,6 +538,8 @@ fn read_repo_event<'a>(r: &mut Reader<'a>) -> Result<RepoEventBody<'a>, CborErro
             "handle" => b.handle = opt_str(r)?,
             "active" => b.active = r.read_bool()?,
             "status" => b.status = opt_str(r)?,
+            "rev" => b.rev = Some(r.read_str()?),
+            "blocks" => b.blocks = Some(r.read_bytes()?),
             _ => r.skip()?,
         }
     }
