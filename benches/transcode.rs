@@ -124,6 +124,24 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(frames.len() as u64));
     g.bench_function("contrail", |b| b.iter(|| contrail_all(&mut tx, &frames)));
     g.finish();
+
+    // The v2 wire's extra cost per event: its message is built once per event from the v1
+    // JSON (then shared by every v2 subscriber, like the v1 bytes). Baseline in the same run:
+    // the v1 events' transcoding, which every event pays anyway.
+    let mut events = Vec::new();
+    for f in &frames {
+        tx.transcode(f, &mut events, &mut Vec::new());
+    }
+    for (i, e) in events.iter_mut().enumerate() {
+        e.stamp(1_783_175_888_085_434 + i as u64);
+    }
+    let mut g = c.benchmark_group("v2_message_per_event");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("v2_message_from_v1_json", |b| {
+        b.iter(|| events.iter().map(|e| contrail::v2::message(e).len()).sum::<usize>())
+    });
+    g.bench_function("baseline_v1_transcode", |b| b.iter(|| contrail_all(&mut tx, &frames)));
+    g.finish();
 }
 
 criterion_group!(benches, bench);

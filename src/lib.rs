@@ -9,7 +9,7 @@
 //! [`rate_limited_log`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`], with [`progress`].
 #![forbid(unsafe_code)]
 
-pub use contrail_core::{event, options, syntax, transcode};
+pub use contrail_core::{event, options, syntax, transcode, v2};
 
 pub mod app;
 pub mod clock;

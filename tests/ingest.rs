@@ -130,7 +130,8 @@ async fn bad_frames_are_counted_and_skipped() {
             0 => vec![0xff, 0x00, 0x13],                    // undecodable header
             1 => frames::unknown_frame(seq - 1, "#handle"), // unknown type
             2 => [frames::identity_frame(seq - 1, "did:plc:x", None), vec![0]].concat(), // trailing bytes
-            3 => frames::sync_frame(seq - 1, "did:plc:q6gjnaw2blty4crticxkmujt"),
+            // (a valid #sync is an event now: tests/subscribe_v2.rs)
+            3 => frames::sync_frame(seq - 1, "not-a-did"),
             _ => frames::info_frame("OutdatedCursor"),
         };
         relay.push(seq - 1, bad);
@@ -159,7 +160,7 @@ async fn bad_frames_are_counted_and_skipped() {
     assert!(m("contrail_drops_total{reason=\"bad_header\"}") >= 1.0);
     assert!(m("contrail_drops_total{reason=\"unknown_type\"}") >= 1.0);
     assert!(m("contrail_drops_total{reason=\"trailing_bytes\"}") >= 1.0);
-    assert!(m("contrail_drops_total{reason=\"sync\"}") >= 1.0);
+    assert!(m("contrail_drops_total{reason=\"bad_did\"}") >= 1.0);
     assert!(m("contrail_drops_total{reason=\"info\"}") >= 1.0);
     assert_eq!(m("contrail_drops_total{reason=\"frame_too_large\"}"), 1.0);
     assert_eq!(relay.connections(), 1, "a bad frame must not cost the connection");

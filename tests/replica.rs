@@ -60,8 +60,8 @@ async fn replicas_and_chains_mirror_the_primary_exactly() {
     wait_caught_up(&primary, &a, Duration::from_secs(30));
     wait_caught_up(&primary, &b, Duration::from_secs(30));
     // Replica links are compressed by default (A on the primary, B on A).
-    assert_eq!(primary.metric("contrail_hub_subscribers{compression=\"zstd\"}"), Some(1.0));
-    assert_eq!(a.metric("contrail_hub_subscribers{compression=\"zstd\"}"), Some(1.0));
+    assert_eq!(primary.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));
+    assert_eq!(a.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));
     let (_, status) = common::process::http_get(b.public, "/status").unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["role"], "replica");

@@ -42,6 +42,23 @@
 //! `{"kind":"cursor","time_us":T}` every N s, T being the last event this stream has passed
 //! (delivered or filtered out) — `cursor_messages_report_progress`.
 //!
+//! The v2 wire (`GET /xrpc/network.bsky.jetstream.subscribeEvents`, [`handshake::subscribe_events`],
+//! messages in `contrail_core::v2`), served by the same sessions and streams:
+//! - `seq` is `time_us`; a cursor ≥ 10¹⁵ resumes inclusively, an older one than the log gets
+//!   `#info OutdatedCursor` first, one below 10¹⁵ is a 400 `CursorTooOld`; `kinds`, `dids`,
+//!   `collections` (non-commit kinds bypass them), `maxMessageSizeBytes` on the whole message;
+//!   v2's named 400s — `tests/subscribe_v2.rs` (`v2_refuses_bad_requests_with_named_xrpc_errors`,
+//!   `v2_streams_the_log_as_v2_messages_with_filters_and_resume`), `v2` unit tests.
+//! - `zstdDictionary=<id>` compresses every message with that dictionary, served at
+//!   `getZstdDictionary`; the `xrpc.v1.json` subprotocol is echoed —
+//!   `v2_compression_uses_the_dictionary_from_get_zstd_dictionary`.
+//! - Server-push only: a client data frame closes 1008 `unexpected data message`; a slow
+//!   reader gets a `ConsumerTooSlow` error frame before the close.
+//! - A real v2 client (the Python `atproto` SDK) receives the corpus and resumes across a
+//!   server restart — `tests/third_party.rs`.
+//! - `#sync` events: v2 `kinds=sync`; v1 only with `includeSync` —
+//!   `sync_events_reach_v1_clients_only_when_asked`.
+//!
 //! Deliberate differences from v1 are listed in the README's compatibility section.
 
 pub mod close;
