@@ -69,7 +69,8 @@ pub struct Event {
     json: Vec<u8>,
     /// The other encodings of this event, each built the first time a subscriber needs it and
     /// shared by all of them.
-    encodings: Encodings,
+    /// Allocated on first use: an event only ever sent as plain v1 JSON costs 8 bytes here.
+    encodings: std::sync::OnceLock<Box<Encodings>>,
 }
 
 impl Event {
@@ -165,17 +166,21 @@ impl Event {
     /// The compressed v1 JSON for dictionary `slot` (< [`COMPRESSED_SLOTS`]), computed by
     /// `compress` at most once per event and dictionary.
     pub fn compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.encodings.v1_zstd[slot].get_or_init(|| compress(&self.json))
+        self.encodings().v1_zstd[slot].get_or_init(|| compress(&self.json))
     }
 
     /// The Jetstream v2 wire message for this event (see [`crate::v2`]), built once.
     pub fn v2_message(&self) -> &[u8] {
-        self.encodings.v2.get_or_init(|| crate::v2::message(self))
+        self.encodings().v2.get_or_init(|| crate::v2::message(self))
     }
 
     /// The compressed v2 message for dictionary `slot`, built at most once.
     pub fn v2_compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.encodings.v2_zstd[slot].get_or_init(|| compress(self.v2_message()))
+        self.encodings().v2_zstd[slot].get_or_init(|| compress(self.v2_message()))
+    }
+
+    fn encodings(&self) -> &Encodings {
+        self.encodings.get_or_init(Box::default)
     }
 
     pub fn into_json(self) -> Vec<u8> {
