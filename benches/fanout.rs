@@ -101,6 +101,17 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The dictionary `compress=true` uses on this server (`GET /dictionary`).
+fn default_dictionary(addr: SocketAddr) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /dictionary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let at = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    raw.split_off(at + 4)
+}
+
 fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
     text.lines()
@@ -224,6 +235,7 @@ async fn main() {
     // A burst every ~1 ms (tokio timer granularity): 9 frames × ~1.2 events ≈ 5,000 events/s.
     let rate_frames_per_ms = 9;
     let pid = server.child.id();
+    let dictionary = std::sync::Arc::new(default_dictionary(server.public));
     for subs in [1usize, 100, 1000] {
         let mut clients = Vec::new();
         for i in 0..subs {
@@ -245,9 +257,9 @@ async fn main() {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut readers = Vec::new();
         for mut ws in clients {
-            let (lat, stop) = (lat.clone(), stop.clone());
+            let (lat, stop, dictionary) = (lat.clone(), stop.clone(), dictionary.clone());
             readers.push(tokio::spawn(async move {
-                let mut dec = zstd::bulk::Decompressor::with_dictionary(contrail::hub::compress::JETSTREAM_V1).unwrap();
+                let mut dec = zstd::bulk::Decompressor::with_dictionary(&dictionary).unwrap();
                 let mut local = Vec::new();
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let Ok(Ok(f)) = tokio::time::timeout(Duration::from_millis(200), ws.read_frame()).await else {
