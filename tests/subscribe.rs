@@ -452,7 +452,7 @@ async fn hostile_options_updates_cost_little_and_disturb_nobody() {
     assert_eq!(got.len(), all.len());
     // Debug build on a shared 2-core machine: a generous bound (the release figure is in the
     // README); a quadratic or blocking check takes minutes.
-    assert!(took < Duration::from_secs(6), "refusing two 10 MB options_updates took {took:?}");
+    assert!(took < Duration::from_secs(15), "refusing two 10 MB options_updates took {took:?}");
 
     // 1,000 options_updates during a replay do not multiply log reads.
     let reads = || s.serve.metric("contrail_hub_replay_reads_total").unwrap();
@@ -501,14 +501,14 @@ async fn fragmented_messages_are_reassembled_and_limited_in_total() {
     assert_eq!(got.len(), want);
     assert!(got.iter().all(|e| e["did"] == did.as_str()));
     // Fragments that add up to more than 10 MB close with 1009, each frame being small enough.
+    // Exactly 12 MB is sent (the server reads all of it before refusing), so no unread bytes
+    // turn its close into a reset.
     let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
     let chunk = vec![b' '; 4_000_000];
     ws.write_frame(Frame::new(false, OpCode::Text, None, Payload::Owned(chunk.clone()))).await.unwrap();
     let mut closed = None;
-    for _ in 0..3 {
-        if ws.write_frame(Frame::new(false, OpCode::Continuation, None, Payload::Owned(chunk.clone()))).await.is_err() {
-            break;
-        }
+    for _ in 0..2 {
+        ws.write_frame(Frame::new(false, OpCode::Continuation, None, Payload::Owned(chunk.clone()))).await.unwrap();
     }
     while let Some(m) = next(&mut ws, T).await {
         if let Msg::Close(code, _) = m {
@@ -516,6 +516,6 @@ async fn fragmented_messages_are_reassembled_and_limited_in_total() {
             break;
         }
     }
-    assert_eq!(closed, Some(1009), "a 16 MB fragmented message was not refused");
+    assert_eq!(closed, Some(1009), "a 12 MB fragmented message was not refused");
     assert!(s.serve.metric("contrail_hub_closes_total{reason=\"message_too_big\"}").unwrap() >= 1.0);
 }
