@@ -205,5 +205,27 @@ mod tests {
         let all: Vec<serde_json::Value> = serde_json::from_str(&h.samples_json()).unwrap();
         assert_eq!(all.len(), KEEP);
         assert!(h.samples_json().len() < 400_000, "{} bytes", h.samples_json().len());
+        assert_eq!(h.catchup_json(), serde_json::Value::Null, "a primary has no catch-up");
+    }
+
+    #[test]
+    fn a_catching_up_replica_gets_an_estimate_of_the_time_left() {
+        let m = Arc::new(Metrics::new());
+        let h = History::new(m.clone(), Arc::default(), Arc::default(), true, Duration::from_secs(5));
+        // From 600 s behind, 30 s of the gap closed per 5 s sample: 6 s per second.
+        let mut p = totals(&m);
+        for i in 0..13u64 {
+            m.upstream_tip_distance_seconds.set(600.0 - 30.0 * i as f64);
+            p = h.sample(p);
+            h.state().samples.back_mut().unwrap().time_ms = 1_000_000 + i * 5_000;
+        }
+        let c = h.catchup_json();
+        assert_eq!(c["behind_seconds"], 240.0);
+        let eta = c["eta_seconds"].as_f64().expect("an estimate");
+        assert!((eta - 40.0).abs() < 0.01, "{eta}");
+        // Caught up: no estimate.
+        m.upstream_tip_distance_seconds.set(0.0);
+        let _ = h.sample(p);
+        assert!(h.catchup_json()["eta_seconds"].is_null());
     }
 }
