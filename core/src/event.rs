@@ -169,14 +169,15 @@ impl Event {
         self.encodings().v1_zstd[slot].get_or_init(|| compress(&self.json))
     }
 
-    /// The Jetstream v2 wire message for this event (see [`crate::v2`]), built once.
-    pub fn v2_message(&self) -> &[u8] {
-        self.encodings().v2.get_or_init(|| crate::v2::message(self))
+    /// The Jetstream v2 wire message for this event, built once by `build` (see
+    /// `crate::v2::message_of`, which passes the encoder: events know nothing of wires).
+    pub fn v2_message(&self, build: impl FnOnce(&Event) -> Vec<u8>) -> &[u8] {
+        self.encodings().v2.get_or_init(|| build(self))
     }
 
-    /// The compressed v2 message for dictionary `slot`, built at most once.
-    pub fn v2_compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.encodings().v2_zstd[slot].get_or_init(|| compress(self.v2_message()))
+    /// The compressed v2 `message` for dictionary `slot`, built at most once.
+    pub fn v2_compressed(&self, slot: usize, message: &[u8], compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
+        self.encodings().v2_zstd[slot].get_or_init(|| compress(message))
     }
 
     fn encodings(&self) -> &Encodings {

@@ -76,6 +76,12 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// `ev`'s v2 message, built on first use and kept with the event (shared by every v2
+/// subscriber).
+pub fn message_of(ev: &Event) -> &[u8] {
+    ev.v2_message(message)
+}
+
 /// The v2 message for `ev`, built from its v1 JSON (which Contrail wrote, so it parses).
 pub fn message(ev: &Event) -> Vec<u8> {
     let json = ev.json();
@@ -346,7 +352,7 @@ mod tests {
             Some("app.bsky.feed.post"),
         );
         assert_eq!(
-            String::from_utf8(c.v2_message().to_vec()).unwrap(),
+            String::from_utf8(message_of(&c).to_vec()).unwrap(),
             r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#commit","cid":"bafyreigbtj4x7ip5legnfznufuopl4sg4knzc2cof6duas4b3q2fy6swua","collection":"app.bsky.feed.post","did":"did:plc:test","operation":"create","record":{"$type":"app.bsky.feed.post","text":"hi \u003c3"},"rev":"3lXrev","rkey":"abcd1234","seq":1700000000000000,"time":"2023-11-14T22:13:20.000000Z"}}"#
         );
         let d = event(
@@ -355,7 +361,7 @@ mod tests {
             Some("app.bsky.feed.like"),
         );
         assert_eq!(
-            String::from_utf8(d.v2_message().to_vec()).unwrap(),
+            String::from_utf8(message_of(&d).to_vec()).unwrap(),
             r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#commit","collection":"app.bsky.feed.like","did":"did:plc:test","operation":"delete","rev":"3m","rkey":"3ms","seq":1700000000000000,"time":"2023-11-14T22:13:20.000000Z"}}"#
         );
         let i = event(
@@ -364,7 +370,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            String::from_utf8(i.v2_message().to_vec()).unwrap(),
+            String::from_utf8(message_of(&i).to_vec()).unwrap(),
             r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#identity","did":"did:plc:test","identity":{"did":"did:plc:test","seq":99,"time":"2026-05-25T00:00:00Z"},"seq":1700000000000000,"time":"2023-11-14T22:13:20.000000Z"}}"#
         );
         let a = event(
@@ -373,7 +379,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            String::from_utf8(a.v2_message().to_vec()).unwrap(),
+            String::from_utf8(message_of(&a).to_vec()).unwrap(),
             r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#account","account":{"active":true,"did":"did:plc:test","seq":100,"time":"2026-05-25T00:00:01Z"},"did":"did:plc:test","seq":1700000000000000,"time":"2023-11-14T22:13:20.000000Z"}}"#
         );
         let s = event(
@@ -382,7 +388,7 @@ mod tests {
             None,
         );
         assert_eq!(
-            String::from_utf8(s.v2_message().to_vec()).unwrap(),
+            String::from_utf8(message_of(&s).to_vec()).unwrap(),
             r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#sync","did":"did:plc:test","seq":1700000000000000,"sync":{"blocks":{"$bytes":"AQID"},"did":"did:plc:test","rev":"rev-sync","seq":444,"time":"2026-05-25T00:00:00Z"},"time":"2023-11-14T22:13:20.000000Z"}}"#
         );
         assert_eq!(rfc3339_micros(1_783_175_888_085_434), "2026-07-04T14:38:08.085434Z");

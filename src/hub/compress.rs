@@ -92,7 +92,7 @@ impl Dictionary {
 
     /// The event's v2 message compressed with this dictionary, built at most once.
     pub fn v2_frame<'e>(&self, event: &'e crate::event::Event) -> &'e [u8] {
-        event.v2_compressed(self.slot, |m| self.compress(m))
+        event.v2_compressed(self.slot, crate::v2::message_of(event), |m| self.compress(m))
     }
 }
 

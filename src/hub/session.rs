@@ -359,7 +359,7 @@ impl Session {
         let stream = self.stream.as_mut().expect("delivering after start");
         let size = match self.wire {
             Wire::V1 => ev.json().len(),
-            Wire::V2 => ev.v2_message().len(),
+            Wire::V2 => contrail_core::v2::message_of(&ev).len(),
         };
         if self.max_size > 0 && size as u64 > self.max_size {
             stream.advance(ev.time_us);
@@ -375,7 +375,7 @@ impl Session {
             (Wire::V1, Some(dict)) => Frame::binary(Payload::Borrowed(dict.frame(&ev))),
             (Wire::V1, None) => Frame::text(Payload::Borrowed(ev.json())),
             (Wire::V2, Some(dict)) => Frame::binary(Payload::Borrowed(dict.v2_frame(&ev))),
-            (Wire::V2, None) => Frame::text(Payload::Borrowed(ev.v2_message())),
+            (Wire::V2, None) => Frame::text(Payload::Borrowed(contrail_core::v2::message_of(&ev))),
         };
         let len = frame.payload.len() as u64;
         self.write(frame).await?;
