@@ -66,6 +66,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
 
     let (ring, _) = broadcast::channel(config.hub.ring_capacity);
+    // Events' cached encodings (zstd frames, v2 messages) share the ring's byte budget.
+    crate::event::set_encoding_cache_cap(config.hub.ring_max_bytes);
     let (frames_tx, frames_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
     let mix = Arc::new(crate::mix::EventMix::default());
     let sequencer = Sequencer::new(log.clone(), ring.clone(), metrics.clone(), relay_key)?

@@ -8,7 +8,10 @@
 //! The DID is validated syntax (no characters that JSON escapes), so it is read straight out
 //! of the JSON; so is the collection, a validated NSID.
 
+use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 label_enum! {
     /// Which event kind (the discriminant is the stored byte: 0, 1, 2, 3). `sync` (Sync 1.1's
@@ -40,14 +43,72 @@ pub const COMPRESSED_SLOTS: usize = 4;
 
 /// An event's encodings besides its v1 JSON, built on first use and shared by every
 /// subscriber that needs the same one (DESIGN.md invariant 5).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// The cache is bounded process-wide ([`set_encoding_cache_cap`]): past the cap, an encoding is
+/// built for the one subscriber that asked and not kept, so subscribers asking for many
+/// dictionaries and both wires cost CPU, never unbounded memory on top of the ring.
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Encodings {
     /// zstd frames of the v1 JSON, per dictionary slot.
-    v1_zstd: [std::sync::OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+    v1_zstd: [OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
     /// The v2 wire message.
-    v2: std::sync::OnceLock<Vec<u8>>,
+    v2: OnceLock<Vec<u8>>,
     /// zstd frames of the v2 message, per dictionary slot.
-    v2_zstd: [std::sync::OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+    v2_zstd: [OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+}
+
+/// Bytes held by every event's cached encodings, and the most they may hold.
+static CACHED_BYTES: AtomicU64 = AtomicU64::new(0);
+static CACHE_CAP: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Caps the bytes all events' cached encodings may hold together (the service sets it to the
+/// ring's byte budget at start).
+pub fn set_encoding_cache_cap(bytes: u64) {
+    CACHE_CAP.store(bytes, Ordering::Relaxed);
+}
+
+/// Bytes the cached encodings hold now.
+pub fn encoding_cache_bytes() -> u64 {
+    CACHED_BYTES.load(Ordering::Relaxed)
+}
+
+/// The cached value of `cell`, building it with `build` the first time — unless the cache is
+/// full, in which case the built bytes are returned without being kept.
+fn cached<'a>(cell: &'a OnceLock<Vec<u8>>, build: impl FnOnce() -> Vec<u8>) -> Cow<'a, [u8]> {
+    if let Some(v) = cell.get() {
+        return Cow::Borrowed(v);
+    }
+    let v = build();
+    let len = v.len() as u64;
+    if CACHED_BYTES.load(Ordering::Relaxed).saturating_add(len) > CACHE_CAP.load(Ordering::Relaxed) {
+        return Cow::Owned(v);
+    }
+    CACHED_BYTES.fetch_add(len, Ordering::Relaxed);
+    if let Err(v) = cell.set(v) {
+        // Another subscriber built it at the same moment: keep theirs.
+        CACHED_BYTES.fetch_sub(v.len() as u64, Ordering::Relaxed);
+    }
+    Cow::Borrowed(cell.get().expect("set above"))
+}
+
+impl Encodings {
+    fn cells(&self) -> impl Iterator<Item = &OnceLock<Vec<u8>>> {
+        self.v1_zstd.iter().chain(std::iter::once(&self.v2)).chain(self.v2_zstd.iter())
+    }
+}
+
+impl Drop for Encodings {
+    fn drop(&mut self) {
+        let held: u64 = self.cells().filter_map(OnceLock::get).map(|v| v.len() as u64).sum();
+        CACHED_BYTES.fetch_sub(held, Ordering::Relaxed);
+    }
+}
+
+impl Clone for Encodings {
+    /// A copy of an event starts with an empty cache (its bytes are counted once).
+    fn clone(&self) -> Self {
+        Encodings::default()
+    }
 }
 
 /// `{"did":"` — the DID starts right after it.
@@ -70,7 +131,7 @@ pub struct Event {
     /// The other encodings of this event, each built the first time a subscriber needs it and
     /// shared by all of them.
     /// Allocated on first use: an event only ever sent as plain v1 JSON costs 8 bytes here.
-    encodings: std::sync::OnceLock<Box<Encodings>>,
+    encodings: OnceLock<Box<Encodings>>,
 }
 
 impl Event {
@@ -165,19 +226,19 @@ impl Event {
 
     /// The compressed v1 JSON for dictionary `slot` (< [`COMPRESSED_SLOTS`]), computed by
     /// `compress` at most once per event and dictionary.
-    pub fn compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.encodings().v1_zstd[slot].get_or_init(|| compress(&self.json))
+    pub fn compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> Cow<'_, [u8]> {
+        cached(&self.encodings().v1_zstd[slot], || compress(&self.json))
     }
 
     /// The Jetstream v2 wire message for this event, built once by `build` (see
     /// `crate::v2::message_of`, which passes the encoder: events know nothing of wires).
-    pub fn v2_message(&self, build: impl FnOnce(&Event) -> Vec<u8>) -> &[u8] {
-        self.encodings().v2.get_or_init(|| build(self))
+    pub fn v2_message(&self, build: impl FnOnce(&Event) -> Vec<u8>) -> Cow<'_, [u8]> {
+        cached(&self.encodings().v2, || build(self))
     }
 
     /// The compressed v2 `message` for dictionary `slot`, built at most once.
-    pub fn v2_compressed(&self, slot: usize, message: &[u8], compress: impl FnOnce(&[u8]) -> Vec<u8>) -> &[u8] {
-        self.encodings().v2_zstd[slot].get_or_init(|| compress(message))
+    pub fn v2_compressed(&self, slot: usize, message: &[u8], compress: impl FnOnce(&[u8]) -> Vec<u8>) -> Cow<'_, [u8]> {
+        cached(&self.encodings().v2_zstd[slot], || compress(message))
     }
 
     fn encodings(&self) -> &Encodings {
@@ -300,5 +361,22 @@ mod tests {
             (EventKind::Commit, "did:plc:abc", Some("app.bsky.feed.like"), e.json())
         );
         assert_eq!(back.did(), "did:plc:abc");
+    }
+
+    #[test]
+    fn cached_encodings_are_counted_and_capped() {
+        let mut out = Vec::new();
+        Event::begin(&mut out, "did:plc:abc", EventKind::Identity);
+        out.extend_from_slice(b"}");
+        let e = Event::from_parts(out, EventKind::Identity, 11, 0..0);
+        let before = encoding_cache_bytes();
+        assert!(matches!(e.compressed(0, |_| vec![1; 100]), Cow::Borrowed(_)));
+        assert!(matches!(e.compressed(0, |_| unreachable!("built once")), Cow::Borrowed(_)));
+        assert!(encoding_cache_bytes() >= before + 100);
+        let copy = e.clone();
+        drop(e);
+        drop(copy);
+        // (Other tests run in parallel and cache too: only check that this event's bytes went.)
+        assert!(encoding_cache_bytes() < before + 100 || before > 0);
     }
 }

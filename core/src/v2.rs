@@ -78,7 +78,7 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
 
 /// `ev`'s v2 message, built on first use and kept with the event (shared by every v2
 /// subscriber).
-pub fn message_of(ev: &Event) -> &[u8] {
+pub fn message_of(ev: &Event) -> std::borrow::Cow<'_, [u8]> {
     ev.v2_message(message)
 }
 
@@ -93,8 +93,8 @@ pub fn message(ev: &Event) -> Vec<u8> {
     out.push(b'"');
     let did = ev.did();
     let Ok(v1) = serde_json::from_slice::<V1<'_>>(json) else {
-        // Not reachable for events Contrail built; an info-free, minimal message all the same.
-        debug_assert!(false, "unparsable v1 JSON at {}", ev.time_us);
+        // Not reachable for events Contrail built (a replica's upstream could send odd JSON):
+        // a minimal message all the same.
         seq_time(&mut out, ev.time_us);
         out.extend_from_slice(b"}}");
         return out;
@@ -148,7 +148,7 @@ pub fn message(ev: &Event) -> Vec<u8> {
             out.push(b'"');
         }
         _ => {
-            debug_assert!(false, "v1 JSON without its {} object", ev.kind.as_str());
+            // v1 JSON without its kind's object (only an odd upstream sends that).
             did_field(&mut out);
             seq_time(&mut out, ev.time_us);
         }
@@ -227,9 +227,14 @@ pub struct V2Options {
 }
 
 impl V2Options {
-    /// Parses the query with v2's checks and messages (`compress`/`Socket-Encoding` first,
-    /// then filters, then the cursor's syntax).
-    pub fn from_query(query: &str, socket_encoding: Option<&str>) -> Result<V2Options, XrpcError> {
+    /// Parses the query with v2's checks and messages (`compress`/`Socket-Encoding` and
+    /// `zstdDictionary` first — only `current_dictionary` is accepted, as v2 does — then
+    /// filters, then the cursor's syntax).
+    pub fn from_query(
+        query: &str,
+        socket_encoding: Option<&str>,
+        current_dictionary: u32,
+    ) -> Result<V2Options, XrpcError> {
         let pairs = crate::options::query_pairs(query);
         let values = |k: &str| pairs.iter().filter(|(key, _)| key == k).map(|(_, v)| v.as_str()).collect::<Vec<_>>();
         let present = |k: &str| pairs.iter().any(|(key, _)| key == k);
@@ -241,7 +246,18 @@ impl V2Options {
         let zstd_dictionary = match values("zstdDictionary").first().copied() {
             None | Some("") => None,
             Some(v) => match v.parse::<u32>() {
-                Ok(id) if id > 0 => Some(id),
+                Ok(id) if id > 0 && v.bytes().all(|b| b.is_ascii_digit()) => {
+                    if id != current_dictionary {
+                        return Err(XrpcError {
+                            status: 400,
+                            name: "UnknownZstdDictionary",
+                            message: format!(
+                                "unknown zstd dictionary id {id}; current dictionary id is {current_dictionary} (fetch it via getZstdDictionary and reconnect)"
+                            ),
+                        });
+                    }
+                    Some(id)
+                }
                 _ => return Err(XrpcError::invalid("zstdDictionary must be a positive integer zstd dictionary ID")),
             },
         };
@@ -400,7 +416,7 @@ mod tests {
 
     #[test]
     fn v2_parameters_and_their_named_errors() {
-        let err = |q: &str| V2Options::from_query(q, None).unwrap_err();
+        let err = |q: &str| V2Options::from_query(q, None, 20_261_125).unwrap_err();
         assert_eq!(
             err("wantedDids=did:plc:x").message,
             "subscribe: invalid options: wantedDids is the legacy /subscribe parameter; use dids"
@@ -424,6 +440,8 @@ mod tests {
             r#"subscribe: invalid options: invalid maxMessageSizeBytes "-1""#
         );
         assert_eq!(err("zstdDictionary=0").message, "zstdDictionary must be a positive integer zstd dictionary ID");
+        assert_eq!(err("zstdDictionary=+5").name, "InvalidRequest");
+        assert_eq!(err("zstdDictionary=7&kinds=bogus").name, "UnknownZstdDictionary", "checked before the filters");
         assert_eq!(err("compress=true").name, "InvalidRequest");
         assert_eq!(err("cursor=abc").message, r#"subscribe: invalid cursor: "abc""#);
         assert_eq!(err("cursor=-5").message, "subscribe: invalid cursor: negative value -5");
@@ -431,13 +449,13 @@ mod tests {
             String::from_utf8(err("cursor=-5").body()).unwrap(),
             r#"{"error":"InvalidRequest","message":"subscribe: invalid cursor: negative value -5"}"#
         );
-        let o = V2Options::from_query("kinds=commit&kinds=sync&collections=app.bsky.*&dids=did:plc:test&cursor=1700000000000000&zstdDictionary=20261125", None).unwrap();
+        let o = V2Options::from_query("kinds=commit&kinds=sync&collections=app.bsky.*&dids=did:plc:test&cursor=1700000000000000&zstdDictionary=20261125", None, 20_261_125).unwrap();
         assert_eq!((o.cursor, o.zstd_dictionary), (Some(1_700_000_000_000_000), Some(20_261_125)));
         assert!(o.filter.matches(EventKind::Sync, "did:plc:test", None), "collections never drop sync");
         assert!(!o.filter.matches(EventKind::Identity, "did:plc:test", None), "kinds");
         assert!(!o.filter.matches(EventKind::Commit, "did:plc:other", Some("app.bsky.feed.post")));
         assert!(
-            V2Options::from_query("", None).unwrap().filter.matches(EventKind::Sync, "did:plc:x", None),
+            V2Options::from_query("", None, 1).unwrap().filter.matches(EventKind::Sync, "did:plc:x", None),
             "all kinds by default"
         );
     }

@@ -9,6 +9,7 @@
 //! with `zstdDictionary=<id>`), and any the operator adds.
 
 use crate::event::COMPRESSED_SLOTS;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +34,15 @@ pub struct Dictionary {
     pub slot: usize,
 }
 
+/// The id in a zstd dictionary's header (0 for a raw-content dictionary).
+fn dictionary_id(raw: &[u8]) -> u32 {
+    if raw.starts_with(&[0x37, 0xa4, 0x30, 0xec]) && raw.len() >= 8 {
+        u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]])
+    } else {
+        0
+    }
+}
+
 impl std::fmt::Debug for Dictionary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dictionary").field("id", &self.id).field("bytes", &self.raw.len()).finish()
@@ -50,11 +60,7 @@ impl Dictionary {
     pub fn new(raw: Vec<u8>, slot: usize) -> anyhow::Result<Arc<Dictionary>> {
         anyhow::ensure!(slot < COMPRESSED_SLOTS, "at most {COMPRESSED_SLOTS} zstd dictionaries");
         anyhow::ensure!(!raw.is_empty(), "empty zstd dictionary");
-        let id = if raw.starts_with(&[0x37, 0xa4, 0x30, 0xec]) && raw.len() >= 8 {
-            u32::from_le_bytes([raw[4], raw[5], raw[6], raw[7]])
-        } else {
-            0
-        };
+        let id = dictionary_id(&raw);
         // Leaked on purpose: a process keeps its few dictionaries for its whole life, and
         // compressors in thread-locals need a 'static borrow.
         let prepared = Box::leak(Box::new(zstd::dict::EncoderDictionary::copy(&raw, LEVEL)));
@@ -86,13 +92,13 @@ impl Dictionary {
     }
 
     /// The event's v1 frame for this dictionary, built at most once per event and shared.
-    pub fn frame<'e>(&self, event: &'e crate::event::Event) -> &'e [u8] {
+    pub fn frame<'e>(&self, event: &'e crate::event::Event) -> Cow<'e, [u8]> {
         event.compressed(self.slot, |j| self.compress(j))
     }
 
     /// The event's v2 message compressed with this dictionary, built at most once.
-    pub fn v2_frame<'e>(&self, event: &'e crate::event::Event) -> &'e [u8] {
-        event.v2_compressed(self.slot, crate::v2::message_of(event), |m| self.compress(m))
+    pub fn v2_frame<'e>(&self, event: &'e crate::event::Event) -> Cow<'e, [u8]> {
+        event.v2_compressed(self.slot, &crate::v2::message_of(event), |m| self.compress(m))
     }
 }
 
@@ -131,7 +137,7 @@ impl Dictionaries {
         }
         let mut list: Vec<Arc<Dictionary>> = Vec::new();
         for (raw, name) in raws {
-            let id = Dictionary::new(raw.clone(), 0)?.id;
+            let id = dictionary_id(&raw);
             anyhow::ensure!(
                 id != 0,
                 "{name}: not a zstd dictionary with an id (raw-content dictionaries cannot be told apart)"
@@ -172,8 +178,7 @@ impl Dictionaries {
     /// The dictionary the v2 wire offers at `getZstdDictionary` (its "current" one):
     /// Contrail's own (Jetstream v2's is not shipped), else the default.
     pub fn v2_current(&self) -> &Arc<Dictionary> {
-        self.by_id(u32::from_le_bytes([CONTRAIL_V1[4], CONTRAIL_V1[5], CONTRAIL_V1[6], CONTRAIL_V1[7]]))
-            .unwrap_or_else(|| self.default())
+        self.by_id(dictionary_id(CONTRAIL_V1)).unwrap_or_else(|| self.default())
     }
 
     /// The ids served, default first (for error messages and logs).
@@ -211,8 +216,9 @@ mod tests {
         for dict in d.iter() {
             let frame = dict.frame(&e);
             let mut dec = zstd::bulk::Decompressor::with_dictionary(&dict.raw).unwrap();
-            assert_eq!(dec.decompress(frame, 1 << 20).unwrap(), e.json());
-            assert!(std::ptr::eq(frame, dict.frame(&e)), "built once, then shared");
+            assert_eq!(dec.decompress(&frame, 1 << 20).unwrap(), e.json());
+            assert!(matches!(frame, Cow::Borrowed(_)), "cached");
+            assert!(std::ptr::eq(&*frame, &*dict.frame(&e)), "built once, then shared");
         }
     }
 }

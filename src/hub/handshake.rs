@@ -129,27 +129,17 @@ fn xrpc_error(hub: &Hub, why: Refusal, e: &XrpcError) -> Response<Body> {
 /// and metrics (`wire="v2"`).
 pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let opts = match V2Options::from_query(req.uri().query().unwrap_or(""), header("socket-encoding").as_deref()) {
+    let current = hub.dictionaries.v2_current().clone();
+    let opts = match V2Options::from_query(
+        req.uri().query().unwrap_or(""),
+        header("socket-encoding").as_deref(),
+        current.id,
+    ) {
         Ok(o) => o,
         Err(e) => return xrpc_error(&hub, Refusal::BadRequest, &e),
     };
-    let dictionary = match opts.zstd_dictionary {
-        None => None,
-        Some(id) => match hub.dictionaries.by_id(id) {
-            Some(d) => Some(d.clone()),
-            None => {
-                let current = hub.dictionaries.v2_current().id;
-                let e = XrpcError {
-                    status: 400,
-                    name: "UnknownZstdDictionary",
-                    message: format!(
-                        "unknown zstd dictionary id {id}; current dictionary id is {current} (fetch it via getZstdDictionary and reconnect)"
-                    ),
-                };
-                return xrpc_error(&hub, Refusal::BadRequest, &e);
-            }
-        },
-    };
+    // Only the current dictionary is accepted (checked by `from_query`, as v2 does).
+    let dictionary = opts.zstd_dictionary.map(|_| current);
     // The cursor: Contrail's seq is the event's time_us (≥ 10^15, which v2 clients read as a
     // timestamp: the same position). A smaller one is another server's seq, below our floor.
     let tip = &hub.tip;

@@ -14,6 +14,7 @@ use crate::metrics::Wire;
 use crate::options::{ClientMessage, Filter, Kinds, OptionsError, OptionsUpdate, SubscribeOptions};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use hyper_util::rt::TokioIo;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -163,6 +164,14 @@ impl Subscription {
             start: None,
             preface: Vec::new(),
         }
+    }
+}
+
+/// A frame payload from a possibly cached encoding.
+fn payload(bytes: Cow<'_, [u8]>) -> Payload<'_> {
+    match bytes {
+        Cow::Borrowed(b) => Payload::Borrowed(b),
+        Cow::Owned(v) => Payload::Owned(v),
     }
 }
 
@@ -371,11 +380,12 @@ impl Session {
                 tokio::time::sleep(wait).await;
             }
         }
+        // Cached encodings are borrowed; past the cache's cap one is built for this write only.
         let frame = match (self.wire, &self.dictionary) {
-            (Wire::V1, Some(dict)) => Frame::binary(Payload::Borrowed(dict.frame(&ev))),
+            (Wire::V1, Some(dict)) => Frame::binary(payload(dict.frame(&ev))),
             (Wire::V1, None) => Frame::text(Payload::Borrowed(ev.json())),
-            (Wire::V2, Some(dict)) => Frame::binary(Payload::Borrowed(dict.v2_frame(&ev))),
-            (Wire::V2, None) => Frame::text(Payload::Borrowed(contrail_core::v2::message_of(&ev))),
+            (Wire::V2, Some(dict)) => Frame::binary(payload(dict.v2_frame(&ev))),
+            (Wire::V2, None) => Frame::text(payload(contrail_core::v2::message_of(&ev))),
         };
         let len = frame.payload.len() as u64;
         self.write(frame).await?;

@@ -80,7 +80,8 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
                 .map(|(_, v)| v.parse::<u32>().ok());
             let dict = match wanted {
                 None => ids.default(),
-                Some(id) => match id.and_then(|id| ids.by_id(id)) {
+                Some(None) => return text(StatusCode::BAD_REQUEST, "id must be a zstd dictionary id (an integer)\n"),
+                Some(Some(id)) => match ids.by_id(id) {
                     Some(d) => d,
                     None => {
                         return text(
@@ -118,7 +119,8 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
                     "id must be an integer zstd dictionary ID".into(),
                 );
             };
-            match u32::try_from(id).ok().and_then(|id| dicts.by_id(id)) {
+            // v2 serves its current dictionary only.
+            match u32::try_from(id).ok().filter(|&id| id == dicts.v2_current().id).and_then(|id| dicts.by_id(id)) {
                 Some(d) => d,
                 None => {
                     let current = dicts.v2_current().id;
@@ -133,6 +135,7 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
     let h = r.headers_mut();
     h.insert("x-zstd-dictionary-id", hyper::header::HeaderValue::from_str(&id).expect("digits"));
     h.insert("cache-control", hyper::header::HeaderValue::from_static("public, max-age=31536000, immutable"));
+    h.insert("etag", hyper::header::HeaderValue::from_str(&format!("\"zstd-dict-{id}\"")).expect("ascii"));
     r
 }
 
