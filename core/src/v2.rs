@@ -55,25 +55,18 @@ struct Commit<'a> {
 
 /// `2026-07-04T14:38:08.999123Z`: v2's `time`, always six fractional digits.
 pub fn rfc3339_micros(time_us: u64) -> String {
-    let secs = (time_us / 1_000_000) as i64;
-    let micros = time_us % 1_000_000;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm): the
-/// only calendar maths here, on a path that formats every v2 message once.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(time_us as i128 * 1_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
 }
 
 /// `ev`'s v2 message, built on first use and kept with the event (shared by every v2
