@@ -388,3 +388,104 @@ async fn a_flood_of_info_and_error_frames_is_logged_at_a_bounded_rate() {
     assert!(lines <= 4, "{lines} log lines for 2,000 info and error frames");
     assert_eq!(serve.metric("contrail_relay_frames_total{type=\"info\"}"), Some(1000.0));
 }
+
+/// A tmpfs of a given size mounted for the test, unmounted when dropped. `None` (after saying
+/// why) where the test cannot mount (not root, no tmpfs).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIP: cannot mount a tmpfs here (needs root)");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    fn resize(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
+    let Some(disk) = SmallDisk::mount("12m") else { return };
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 40_000, 500, 71);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let last_seq = gen.last().unwrap().seq;
+    // The log fills the small disk: ingest must stop loudly (an error, a non-zero exit)...
+    let mut serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "ingest went on with a full disk; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "a full disk must not end in exit 0");
+    let logs = serve.logs();
+    assert!(logs.contains("No space left") || logs.contains("IO error"), "no log line says why:\n{logs}");
+    drop(serve);
+    // ...and what it acknowledged is intact: a prefix of the stream, exactly once, in order.
+    let before = inspect_log(disk.dir.path());
+    let stats = inspect_stats(disk.dir.path());
+    let stored_seq = stats["relay_seq"].as_i64().unwrap_or(0);
+    assert!(stored_seq > 0 && stored_seq < last_seq, "stored seq {stored_seq}");
+    let upto: Vec<GenFrame> = gen.iter().filter(|g| g.seq <= stored_seq).cloned().collect();
+    assert_log_exact(&before, &expected_keys(&upto));
+    // Space comes back; a restart resumes from the stored cursor and finishes the stream.
+    disk.resize("512m");
+    let serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(last_seq, Duration::from_secs(120));
+    drop(serve);
+    assert_log_exact(&inspect_log(disk.dir.path()), &expected_keys(&gen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_dir_is_refused_at_start_with_the_reason() {
+    let Some(disk) = SmallDisk::mount("64m") else { return };
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 200, 20, 72);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    let serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(200, Duration::from_secs(30));
+    drop(serve);
+    let status = std::process::Command::new("mount").args(["-o", "remount,ro"]).arg(disk.dir.path()).status().unwrap();
+    assert!(status.success());
+    let out = std::process::Command::new(common::process::bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--relay-url", &relay.url()])
+        .arg("--data-dir")
+        .arg(disk.dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started on a read-only data dir");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("opening the log") && err.to_lowercase().contains("read-only"), "{err}");
+    // Nothing was lost: the log still reads back whole.
+    assert_log_exact(&inspect_log(disk.dir.path()), &expected_keys(&gen));
+}
