@@ -108,8 +108,14 @@ async fn relay_drops_lose_and_duplicate_nothing() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
     // A restart resumes from the cursor: nothing new is written.
     let before = inspect_log(dir.path()).len();
+    let connections = relay.connections();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
-    serve.wait_for_seq(last_seq, Duration::from_secs(30));
+    // (The seq gauge starts at the stored cursor: wait for the reader's own connection.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while relay.connections() == connections {
+        assert!(std::time::Instant::now() < deadline, "the restarted reader never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     std::thread::sleep(Duration::from_millis(300));
     drop(serve);
     assert_eq!(inspect_log(dir.path()).len(), before);
@@ -361,8 +367,14 @@ async fn a_relay_url_spelled_differently_resumes_from_the_stored_cursor() {
     drop(serve);
     // The same relay with a trailing slash and the full endpoint path: resume, not live.
     for url in [format!("{}/", relay.url()), format!("{}/xrpc/com.atproto.sync.subscribeRepos", relay.url())] {
+        let connections = relay.connections();
         let serve = Serve::start(dir.path(), &url, &[]);
-        serve.wait_for_seq(149, Duration::from_secs(30));
+        // (The seq gauge starts at the stored cursor: wait for the reader's own connection.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while relay.connections() == connections {
+            assert!(std::time::Instant::now() < deadline, "{url}: never connected");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         drop(serve);
         assert_eq!(relay.cursors().last().unwrap(), &Some(149), "{url} started live");
     }
