@@ -265,15 +265,18 @@ impl Session {
         let Err(reason) = self.serve_until_closed(ctl, start, require_hello, preface).await;
         if self.wire == Wire::V2 && !self.close_sent {
             // v2 says why in an error frame before the socket goes.
+            // Resume just after the last event this stream passed (cursors are inclusive).
+            let resume = self.stream.as_ref().map_or(0, |s| s.last_seen() + 1);
             let error = match reason {
-                CloseReason::TooSlow => {
-                    Some(("ConsumerTooSlow", "reading below the floor rate; reconnect with your cursor"))
-                }
-                CloseReason::Internal => Some(("InternalError", "stream read failed; reconnect")),
+                CloseReason::TooSlow => Some((
+                    "ConsumerTooSlow",
+                    format!("reading below the floor rate far behind the tip; reconnect with cursor={resume}"),
+                )),
+                CloseReason::Internal => Some(("InternalError", "stream read failed; reconnect".to_string())),
                 _ => None,
             };
             if let Some((name, text)) = error {
-                let _ = self.send_message(contrail_core::v2::error_message(name, text)).await;
+                let _ = self.send_message(contrail_core::v2::error_message(name, &text)).await;
                 let _ = self.flush().await;
             }
         }
