@@ -110,12 +110,7 @@ async fn relay_drops_lose_and_duplicate_nothing() {
     let before = inspect_log(dir.path()).len();
     let connections = relay.connections();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
-    // (The seq gauge starts at the stored cursor: wait for the reader's own connection.)
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while relay.connections() == connections {
-        assert!(std::time::Instant::now() < deadline, "the restarted reader never connected");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    relay.wait_for_connections_above(connections, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
     drop(serve);
     assert_eq!(inspect_log(dir.path()).len(), before);
@@ -369,12 +364,7 @@ async fn a_relay_url_spelled_differently_resumes_from_the_stored_cursor() {
     for url in [format!("{}/", relay.url()), format!("{}/xrpc/com.atproto.sync.subscribeRepos", relay.url())] {
         let connections = relay.connections();
         let serve = Serve::start(dir.path(), &url, &[]);
-        // (The seq gauge starts at the stored cursor: wait for the reader's own connection.)
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while relay.connections() == connections {
-            assert!(std::time::Instant::now() < deadline, "{url}: never connected");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        relay.wait_for_connections_above(connections, Duration::from_secs(30));
         drop(serve);
         assert_eq!(relay.cursors().last().unwrap(), &Some(149), "{url} started live");
     }

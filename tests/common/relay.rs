@@ -124,6 +124,16 @@ impl FakeRelay {
         self.state.connections.load(Ordering::SeqCst)
     }
 
+    /// Waits until more than `before` connections were made (a reader's own connection after a
+    /// restart; the seq gauge starts at the stored cursor, so it cannot tell).
+    pub fn wait_for_connections_above(&self, before: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.connections() <= before {
+            assert!(std::time::Instant::now() < deadline, "no new relay connection");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The `cursor` of every connection so far.
     pub fn cursors(&self) -> Vec<Option<i64>> {
         self.state.cursors.lock().unwrap().clone()
