@@ -3,11 +3,13 @@
 //! [`backoff`], and hand frames to the sequencer; neither converts records itself (that is
 //! the pure `transcode`).
 
-pub(crate) mod backoff;
 pub mod relay;
 pub(crate) mod seq;
 pub mod upstream;
 pub mod wsclient;
+
+/// Exponential reconnect backoff with jitter (the client crate's).
+pub(crate) use contrail_client::backoff;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;

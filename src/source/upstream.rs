@@ -56,7 +56,7 @@ pub struct ReplicaConfig {
 
 /// An upstream is a Contrail: a base URL gets `/subscribe`.
 pub fn parse_upstream_url(url: &str) -> anyhow::Result<WsUrl> {
-    WsUrl::parse_with_path(url, "/subscribe")
+    Ok(WsUrl::parse_with_path(url, "/subscribe")?)
 }
 
 impl ReplicaConfig {

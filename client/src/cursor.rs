@@ -1,0 +1,128 @@
+//! Where the processed position is kept between runs. A saved cursor `C` means: every event
+//! with `time_us <= C` has been finished by the handler. A run resumes with `cursor=C` (the
+//! server's cursor is inclusive) and drops the repeat of `C` itself.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Keeps the cursor. `save` is called from the processing task, at most every save interval
+/// and once at shutdown; it should be durable when it returns.
+pub trait CursorStore: Send + 'static {
+    fn load(&self) -> std::io::Result<Option<u64>>;
+    fn save(&mut self, cursor: u64) -> std::io::Result<()>;
+}
+
+/// A cursor in a small text file (the decimal `time_us` and a newline), replaced atomically:
+/// written to a temporary file beside it, synced, renamed over, and the directory synced, so
+/// a crash leaves the old cursor or the new one, never a torn one.
+#[derive(Debug, Clone)]
+pub struct FileCursorStore {
+    path: PathBuf,
+}
+
+impl FileCursorStore {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileCursorStore { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl CursorStore for FileCursorStore {
+    fn load(&self) -> std::io::Result<Option<u64>> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(s) => s.trim().parse::<u64>().map(Some).map_err(|e| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "{}: not a cursor ({e}): {:?}",
+                        self.path.display(),
+                        s.chars().take(40).collect::<String>()
+                    ),
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn save(&mut self, cursor: u64) -> std::io::Result<()> {
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            writeln!(f, "{cursor}")?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        // The rename is durable once the directory is.
+        std::fs::File::open(dir)?.sync_all()
+    }
+}
+
+/// A cursor in memory, shared by its clones (tests, or a process that keeps the cursor with
+/// its own data and reads it from here).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCursorStore {
+    // 0 = none (no event has time_us 0).
+    cursor: Arc<AtomicU64>,
+}
+
+impl MemoryCursorStore {
+    pub fn new(cursor: Option<u64>) -> Self {
+        MemoryCursorStore { cursor: Arc::new(AtomicU64::new(cursor.unwrap_or(0))) }
+    }
+
+    pub fn get(&self) -> Option<u64> {
+        Some(self.cursor.load(Ordering::Acquire)).filter(|&c| c > 0)
+    }
+}
+
+impl CursorStore for MemoryCursorStore {
+    fn load(&self) -> std::io::Result<Option<u64>> {
+        Ok(self.get())
+    }
+
+    fn save(&mut self, cursor: u64) -> std::io::Result<()> {
+        self.cursor.store(cursor, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_store_round_trips_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = FileCursorStore::new(dir.path().join("cursor"));
+        assert_eq!(s.load().unwrap(), None);
+        s.save(1725911162329308).unwrap();
+        assert_eq!(s.load().unwrap(), Some(1725911162329308));
+        s.save(1725911162329309).unwrap();
+        assert_eq!(FileCursorStore::new(s.path()).load().unwrap(), Some(1725911162329309));
+        assert!(!dir.path().join("cursor.tmp").exists());
+        std::fs::write(s.path(), "twelve").unwrap();
+        let e = s.load().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("not a cursor"), "{e}");
+    }
+
+    #[test]
+    fn memory_store_is_shared_by_clones() {
+        let a = MemoryCursorStore::new(None);
+        let mut b = a.clone();
+        b.save(7).unwrap();
+        assert_eq!(a.load().unwrap(), Some(7));
+    }
+}

@@ -1,0 +1,61 @@
+//! What can go wrong, and whether trying again can help ([`Error::is_retryable`]).
+
+use crate::transport::{ClientError, UrlError};
+
+/// An error of a [`crate::Subscription`]. Connection failures are retried inside the
+/// subscription (with backoff, across the host list) and reach the caller only as
+/// [`Error::Unreachable`] when a limit of attempts was set.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A URL that cannot be used. Fix the configuration.
+    #[error("bad URL: {0}")]
+    Url(#[from] UrlError),
+    /// The builder was given no URL.
+    #[error("no server URL given")]
+    NoUrl,
+    /// A filter the server would refuse (too many, bad syntax). Fix the filter.
+    #[error("invalid filter: {0}")]
+    Filter(String),
+    /// The server refused this subscription (HTTP 4xx at the upgrade, or a close frame saying
+    /// the options were invalid): retrying the same request gets the same answer.
+    #[error("{url} refused the subscription: {reason}")]
+    Refused { url: String, reason: String },
+    /// Every host failed for the configured number of attempts in a row; the last failure.
+    /// Retrying later may help.
+    #[error("no server reachable after {attempts} attempts; last: {last}")]
+    Unreachable { attempts: u32, last: String },
+    /// The subscription's background task has ended (it was closed, or the runtime is
+    /// shutting down).
+    #[error("the subscription has ended")]
+    Ended,
+}
+
+impl Error {
+    /// Whether the same call could succeed later without a configuration change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Unreachable { .. })
+    }
+}
+
+/// Why one connection ended (retried inside the subscription unless fatal).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectionError {
+    #[error("{0}")]
+    Client(#[from] ClientError),
+    #[error("the dictionary: {0}")]
+    Dictionary(String),
+    #[error("nothing received for {0:?}")]
+    Stale(std::time::Duration),
+    #[error("reading: {0}")]
+    Read(String),
+    #[error("writing: {0}")]
+    Write(String),
+    #[error("the server closed the connection ({code}{})", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
+    Closed { code: u16, reason: String },
+    /// Not retryable: see [`Error::Refused`].
+    #[error("{0}")]
+    Refused(String),
+    /// The consumer dropped the subscription.
+    #[error("the subscription was dropped")]
+    Dropped,
+}

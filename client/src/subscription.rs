@@ -1,0 +1,649 @@
+//! A subscription: one background task keeps a connection to one of the hosts, reconnects with
+//! backoff and jitter, resumes from the last event it delivered, fails over along the host list
+//! and hands [`Message`]s to the consumer through a bounded channel (so a slow consumer slows
+//! the connection, and the server's slow-client rule takes over, instead of memory growing).
+//!
+//! Resuming:
+//! - **Same host, or [`Failover::ExactCursor`]** (one Contrail primary and its replicas, which
+//!   keep the primary's `time_us`): `cursor` = the last delivered `time_us`; the inclusive
+//!   repeat and anything older is dropped.
+//! - **Another host with [`Failover::Rewind`]** (Jetstream instances, or Contrails that are not
+//!   replicas of one primary: their `time_us` differ by the time each stamped the event):
+//!   `cursor` = last − rewind, and events already delivered are recognised by their identity
+//!   (DID, rev, collection, rkey, operation; `seq` for identity and account events) and dropped.
+
+use crate::backoff::Backoff;
+use crate::error::{ConnectionError, Error};
+use crate::event::Event;
+use crate::transport::{self, ClientError, WsUrl};
+use crate::Filters;
+use fastwebsockets::{Frame, OpCode, Payload};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Largest event accepted once decompressed (a 1 MiB record rendered as JSON is ~3 MB).
+const MAX_EVENT_BYTES: usize = 16 << 20;
+/// Above this query length the filters go in an `options_update` after the upgrade
+/// (`requireHello`) instead of the URL.
+const MAX_QUERY_BYTES: usize = 4096;
+
+/// How to resume on another host of the list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failover {
+    /// The hosts share one timeline (a Contrail primary and its replicas): resume with the
+    /// exact cursor. The default.
+    ExactCursor,
+    /// The hosts stamp `time_us` independently (Jetstream instances): resume this far back
+    /// and drop what was already delivered.
+    Rewind(Duration),
+}
+
+/// What the subscription hands out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Event(Event),
+    /// The server has passed every event up to this `time_us` for this subscription's filters
+    /// (Contrail's `informCursorSeconds`): nothing was missed, and a cursor saved here is
+    /// valid. Arrives on quiet filters too.
+    Cursor(u64),
+}
+
+impl Message {
+    /// The position this message moves the consumer to.
+    pub fn time_us(&self) -> u64 {
+        match self {
+            Message::Event(e) => e.time_us(),
+            Message::Cursor(t) => *t,
+        }
+    }
+}
+
+/// Counters of a subscription (for progress lines, tests and metrics).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Connections opened (the first one included).
+    pub connections: AtomicU64,
+    /// Events dropped because they were already delivered (inclusive cursor repeat, rewind).
+    pub duplicates_dropped: AtomicU64,
+    /// Messages that were not event JSON (skipped, logged).
+    pub malformed: AtomicU64,
+    /// Index of the host in use.
+    pub host: AtomicUsize,
+}
+
+/// Builds a [`Subscription`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    urls: Vec<String>,
+    filters: Filters,
+    cursor: Option<u64>,
+    compress: bool,
+    dictionary: Option<Vec<u8>>,
+    failover: Failover,
+    include_sync: bool,
+    stale_timeout: Duration,
+    connect_timeout: Duration,
+    backoff: (Duration, Duration),
+    max_attempts: Option<u32>,
+    buffer: usize,
+}
+
+impl Builder {
+    /// Base URLs (`wss://host`, `ws://127.0.0.1:6008`) or `/subscribe` URLs, tried in order.
+    pub fn new<I, S>(urls: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Builder {
+            urls: urls.into_iter().map(Into::into).collect(),
+            filters: Filters::default(),
+            cursor: None,
+            compress: false,
+            dictionary: None,
+            failover: Failover::ExactCursor,
+            include_sync: false,
+            stale_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            backoff: (Duration::from_millis(250), Duration::from_secs(30)),
+            max_attempts: None,
+            buffer: 1024,
+        }
+    }
+
+    /// Only these collections (NSIDs, or prefixes ending in `.*`).
+    pub fn collections<I: IntoIterator<Item = S>, S: Into<String>>(mut self, c: I) -> Self {
+        self.filters.collections = c.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Only these repos.
+    pub fn dids<I: IntoIterator<Item = S>, S: Into<String>>(mut self, d: I) -> Self {
+        self.filters.dids = d.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn filters(mut self, f: Filters) -> Self {
+        self.filters = f;
+        self
+    }
+
+    /// Start after this position (a saved cursor: the event at it is not delivered again).
+    /// Without one, the subscription starts live.
+    pub fn cursor(mut self, cursor: Option<u64>) -> Self {
+        self.cursor = cursor;
+        self
+    }
+
+    /// zstd-compressed messages (about a third of the bytes). The dictionary is fetched from
+    /// the server's `/dictionary` unless given with [`Builder::dictionary`] (Jetstream serves
+    /// none: give its `zstd_dictionary`).
+    pub fn compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    pub fn dictionary(mut self, dict: Vec<u8>) -> Self {
+        self.dictionary = Some(dict);
+        self
+    }
+
+    pub fn failover(mut self, f: Failover) -> Self {
+        self.failover = f;
+        self
+    }
+
+    /// Contrail's `#sync` events too (`includeSync=true`).
+    pub fn include_sync(mut self, on: bool) -> Self {
+        self.include_sync = on;
+        self
+    }
+
+    /// Reconnect (to the next host) after this long with nothing received. The client pings
+    /// every third of it, so a quiet filter on a live connection never trips it.
+    pub fn stale_timeout(mut self, t: Duration) -> Self {
+        self.stale_timeout = t.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Deadline of each connection step (TCP, TLS, upgrade, dictionary fetch).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.backoff = (min, max);
+        self
+    }
+
+    /// Give up with [`Error::Unreachable`] after this many failed connections in a row
+    /// (default: never).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n.max(1));
+        self
+    }
+
+    /// Messages buffered between the connection and the consumer.
+    pub fn buffer(mut self, n: usize) -> Self {
+        self.buffer = n.max(1);
+        self
+    }
+
+    /// Starts the background task (on the current tokio runtime).
+    pub fn start(self) -> Result<Subscription, Error> {
+        if self.urls.is_empty() {
+            return Err(Error::NoUrl);
+        }
+        let urls = self
+            .urls
+            .iter()
+            .map(|u| WsUrl::parse_with_path(&ws_scheme(u), "/subscribe"))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.filters.validate()?;
+        let (out_tx, out_rx) = mpsc::channel(self.buffer);
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        let driver = Driver {
+            origin: self.cursor.map(|_| Origin::Stored),
+            last: self.cursor,
+            dedupe: match self.failover {
+                Failover::Rewind(d) => Some(Dedupe::new(d)),
+                Failover::ExactCursor => None,
+            },
+            current: 0,
+            urls,
+            opts: self,
+            out: out_tx,
+            commands: cmd_rx,
+            stats: stats.clone(),
+        };
+        let task = tokio::spawn(driver.run());
+        Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task })
+    }
+}
+
+/// `http(s)://` is accepted for `ws(s)://`.
+fn ws_scheme(url: &str) -> String {
+    if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        url.to_string()
+    }
+}
+
+enum Command {
+    Filters(Filters),
+}
+
+/// A running subscription (see the module doc). Dropping it stops the background task.
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<Message, Error>>,
+    commands: mpsc::UnboundedSender<Command>,
+    stats: Arc<Stats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Subscription {
+    pub fn builder<I, S>(urls: I) -> Builder
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Builder::new(urls)
+    }
+
+    /// The next message. Cancel-safe. After an `Err`, the subscription has ended and returns
+    /// [`Error::Ended`].
+    pub async fn next(&mut self) -> Result<Message, Error> {
+        self.rx.recv().await.unwrap_or(Err(Error::Ended))
+    }
+
+    /// Changes the filters without reconnecting (`options_update`); later reconnects use them
+    /// too. Events already buffered were selected by the old filters.
+    pub fn set_filters(&self, filters: Filters) -> Result<(), Error> {
+        filters.validate()?;
+        self.commands.send(Command::Filters(filters)).map_err(|_| Error::Ended)
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// A subscription fed by the caller (tests of code that consumes subscriptions).
+    #[doc(hidden)]
+    pub fn from_channel(rx: mpsc::Receiver<Result<Message, Error>>) -> Subscription {
+        let (commands, _) = mpsc::unbounded_channel();
+        Subscription { rx, commands, stats: Arc::default(), task: tokio::spawn(async {}) }
+    }
+}
+
+/// Where `Driver::last` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// The cursor the subscription was started with: its host is unknown.
+    Stored,
+    Host(usize),
+}
+
+struct Driver {
+    opts: Builder,
+    urls: Vec<WsUrl>,
+    current: usize,
+    /// The position of the last message delivered (or the starting cursor).
+    last: Option<u64>,
+    origin: Option<Origin>,
+    dedupe: Option<Dedupe>,
+    out: mpsc::Sender<Result<Message, Error>>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    stats: Arc<Stats>,
+}
+
+type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+
+impl Driver {
+    async fn run(mut self) {
+        let (min, max) = self.opts.backoff;
+        let mut backoff = Backoff::new(min, max);
+        let mut failures: u32 = 0;
+        loop {
+            let delivered_before = self.last;
+            let ended = self.connection().await;
+            let url = self.urls[self.current].to_string();
+            match ended {
+                ConnectionError::Dropped => return,
+                ConnectionError::Refused(reason) => {
+                    tracing::error!(%url, %reason, "the server refused the subscription");
+                    let _ = self.out.send(Err(Error::Refused { url, reason })).await;
+                    return;
+                }
+                e => {
+                    if self.last != delivered_before {
+                        failures = 0;
+                        backoff.reset();
+                    }
+                    failures += 1;
+                    tracing::warn!(%url, error = %e, "connection ended; reconnecting");
+                    if self.opts.max_attempts.is_some_and(|m| failures >= m) {
+                        let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };
+                        let _ = self.out.send(Err(err)).await;
+                        return;
+                    }
+                    if self.urls.len() > 1 {
+                        self.current = (self.current + 1) % self.urls.len();
+                        self.stats.host.store(self.current, Ordering::Relaxed);
+                    }
+                    // Every host once before waiting.
+                    if failures as usize >= self.urls.len() {
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff.next_wait()) => {}
+                            _ = self.out.closed() => return,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The cursor to ask the current host for, and whether it is a rewind.
+    fn resume_cursor(&self) -> Option<u64> {
+        let last = self.last?;
+        match (self.opts.failover, self.origin) {
+            (Failover::Rewind(d), Some(o)) if o != Origin::Host(self.current) => {
+                Some(last.saturating_sub(d.as_micros() as u64).max(1))
+            }
+            _ => Some(last),
+        }
+    }
+
+    fn target(&self, url: &WsUrl, hello: bool) -> String {
+        let mut params = Vec::new();
+        if !hello {
+            params.extend(self.opts.filters.query_params());
+        } else {
+            params.push("requireHello=true".to_string());
+        }
+        if let Some(c) = self.resume_cursor() {
+            params.push(format!("cursor={c}"));
+        }
+        if self.opts.compress {
+            params.push("compress=true".into());
+        }
+        if self.opts.include_sync {
+            params.push("includeSync=true".into());
+        }
+        let inform = (self.opts.stale_timeout.as_secs() / 3).clamp(1, 600);
+        params.push(format!("informCursorSeconds={inform}"));
+        url.target_with(params.into_iter())
+    }
+
+    async fn connection(&mut self) -> ConnectionError {
+        let url = self.urls[self.current].clone();
+        let timeout = self.opts.connect_timeout;
+        let mut decompressor = None;
+        if self.opts.compress {
+            let dict = match &self.opts.dictionary {
+                Some(d) => d.clone(),
+                None => {
+                    let base = url.path.strip_suffix("/subscribe").unwrap_or("");
+                    match transport::http_get(&url, &format!("{base}/dictionary"), timeout).await {
+                        Ok(d) => d,
+                        Err(e) => return ConnectionError::Dictionary(e.to_string()),
+                    }
+                }
+            };
+            match zstd::bulk::Decompressor::with_dictionary(&dict) {
+                Ok(d) => decompressor = Some(d),
+                Err(e) => return ConnectionError::Dictionary(e.to_string()),
+            }
+        }
+        let hello = self.opts.filters.query_params().map(|p| p.len() + 1).sum::<usize>() > MAX_QUERY_BYTES;
+        let ws = match transport::connect(&url, self.target(&url, hello), timeout).await {
+            Ok(ws) => ws,
+            Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidStatusCode(code)))
+                if (400..500).contains(&code) && code != 429 && code != 408 =>
+            {
+                return ConnectionError::Refused(format!("HTTP {code} at the upgrade"));
+            }
+            Err(e) => return e.into(),
+        };
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
+        let (read, write) = ws.split(tokio::io::split);
+        let writer = Arc::new(tokio::sync::Mutex::new(write));
+        if hello {
+            if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
+                return e;
+            }
+        }
+        // The reader runs on its own so that this loop can wait on frames, commands and the
+        // ping timer at once without abandoning a half-read frame.
+        let (frames_tx, mut frames) = mpsc::channel::<Result<(OpCode, Vec<u8>), String>>(64);
+        let reader = tokio::spawn(read_frames(read, writer.clone(), frames_tx));
+        let _reader = AbortOnDrop(reader);
+        let stale = self.opts.stale_timeout;
+        let mut ping = tokio::time::interval(stale / 3);
+        ping.tick().await;
+        loop {
+            let frame = tokio::select! {
+                f = tokio::time::timeout(stale, frames.recv()) => f,
+                cmd = self.commands.recv() => {
+                    match cmd {
+                        Some(Command::Filters(f)) => {
+                            self.opts.filters = f;
+                            if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
+                                return e;
+                            }
+                        }
+                        // The subscription is gone.
+                        None => return ConnectionError::Dropped,
+                    }
+                    continue;
+                }
+                _ = ping.tick() => {
+                    let mut w = writer.lock().await;
+                    if let Err(e) = w.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"contrail-client"))).await {
+                        return ConnectionError::Write(e.to_string());
+                    }
+                    continue;
+                }
+            };
+            let (opcode, payload) = match frame {
+                Err(_) => return ConnectionError::Stale(stale),
+                Ok(None) => return ConnectionError::Read("the connection ended".into()),
+                Ok(Some(Err(e))) => return ConnectionError::Read(e),
+                Ok(Some(Ok(f))) => f,
+            };
+            let text = match (opcode, decompressor.as_mut()) {
+                (OpCode::Text, _) => match String::from_utf8(payload) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        self.malformed("a text message that is not UTF-8");
+                        continue;
+                    }
+                },
+                (OpCode::Binary, Some(d)) => match d.decompress(&payload, MAX_EVENT_BYTES) {
+                    Ok(bytes) => match String::from_utf8(bytes) {
+                        Ok(t) => t,
+                        Err(_) => {
+                            self.malformed("a compressed message that is not UTF-8");
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        self.malformed(&format!("a binary message that does not decompress: {e}"));
+                        continue;
+                    }
+                },
+                (OpCode::Binary, None) => {
+                    self.malformed("a binary message on an uncompressed subscription");
+                    continue;
+                }
+                (OpCode::Close, _) => return closed(&payload),
+                // Pongs and pings: the connection is alive.
+                _ => continue,
+            };
+            if let Err(e) = self.deliver(text).await {
+                return e;
+            }
+        }
+    }
+
+    fn malformed(&self, what: &str) {
+        let n = self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+        // The first few, then one in a thousand: a misbehaving server does not flood the log.
+        if n < 5 || n.is_multiple_of(1000) {
+            tracing::warn!(url = %self.urls[self.current], total = n + 1, "skipped {what}");
+        }
+    }
+
+    async fn deliver(&mut self, text: String) -> Result<(), ConnectionError> {
+        let here = Origin::Host(self.current);
+        let same_timeline = self.origin == Some(here) || self.opts.failover == Failover::ExactCursor;
+        let message = if let Some(cursor) = cursor_message(&text) {
+            // A position in this host's timeline: after a rewind onto another host, it is not
+            // comparable until an event from this host has arrived.
+            if !same_timeline || self.last.is_some_and(|l| cursor <= l) {
+                return Ok(());
+            }
+            Message::Cursor(cursor)
+        } else {
+            let event = match Event::from_json(text) {
+                Ok(e) => e,
+                Err(e) => {
+                    self.malformed(&format!("a message that is not an event ({e})"));
+                    return Ok(());
+                }
+            };
+            if let Some(d) = &mut self.dedupe {
+                if d.seen(&event) {
+                    self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+            }
+            if same_timeline && self.last.is_some_and(|l| event.time_us() <= l) {
+                // The inclusive cursor's repeat, or a server going backwards.
+                self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            if let Some(d) = &mut self.dedupe {
+                d.remember(&event);
+            }
+            Message::Event(event)
+        };
+        self.last = Some(message.time_us());
+        self.origin = Some(here);
+        self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)
+    }
+}
+
+/// `{"kind":"cursor","time_us":T}` → T. Control messages are short; events rarely are.
+fn cursor_message(text: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Control<'a> {
+        kind: &'a str,
+        time_us: u64,
+    }
+    if text.len() > 128 {
+        return None;
+    }
+    serde_json::from_str::<Control<'_>>(text).ok().filter(|c| c.kind == "cursor").map(|c| c.time_us)
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads frames (fragments collected, pongs answered) and forwards them with owned payloads.
+async fn read_frames(
+    read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>,
+    writer: Arc<tokio::sync::Mutex<WsWrite>>,
+    out: mpsc::Sender<Result<(OpCode, Vec<u8>), String>>,
+) {
+    let mut read = fastwebsockets::FragmentCollectorRead::new(read);
+    loop {
+        let mut send = |frame: Frame<'_>| {
+            let writer = writer.clone();
+            let frame = Frame::new(frame.fin, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
+            async move { writer.lock().await.write_frame(frame).await }
+        };
+        let item = match read.read_frame(&mut send).await {
+            Ok(f) => {
+                let opcode = f.opcode;
+                Ok((opcode, f.payload.to_vec()))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let last = item.is_err() || matches!(item, Ok((OpCode::Close, _)));
+        if out.send(item).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+async fn send_text(writer: &tokio::sync::Mutex<WsWrite>, text: String) -> Result<(), ConnectionError> {
+    let mut w = writer.lock().await;
+    w.write_frame(Frame::text(Payload::Owned(text.into_bytes())))
+        .await
+        .map_err(|e| ConnectionError::Write(e.to_string()))
+}
+
+/// A close frame: invalid options or a bad message from us are not worth retrying.
+fn closed(payload: &[u8]) -> ConnectionError {
+    let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
+    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
+    let ours = code == 1007 || (code == 1008 && reason.to_ascii_lowercase().contains("invalid"));
+    if ours {
+        return ConnectionError::Refused(format!("closed with {code}: {reason}"));
+    }
+    ConnectionError::Closed { code, reason }
+}
+
+/// Identities of recently delivered events, kept for twice the rewind (servers' clocks differ
+/// by milliseconds, not seconds), so that a rewound replay on another host drops what was
+/// delivered. A 64-bit hash per event: two events colliding is a 2⁻⁶⁴ chance per pair.
+struct Dedupe {
+    keep_us: u64,
+    order: VecDeque<(u64, u64)>,
+    keys: HashSet<u64>,
+}
+
+impl Dedupe {
+    fn new(rewind: Duration) -> Dedupe {
+        Dedupe { keep_us: 2 * rewind.as_micros() as u64 + 1_000_000, order: VecDeque::new(), keys: HashSet::new() }
+    }
+
+    fn seen(&self, e: &Event) -> bool {
+        self.keys.contains(&e.identity_key())
+    }
+
+    fn remember(&mut self, e: &Event) {
+        let key = e.identity_key();
+        if self.keys.insert(key) {
+            self.order.push_back((e.time_us(), key));
+        }
+        let horizon = e.time_us().saturating_sub(self.keep_us);
+        while let Some(&(t, k)) = self.order.front() {
+            if t >= horizon {
+                break;
+            }
+            self.keys.remove(&k);
+            self.order.pop_front();
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The websocket and HTTP client under every connection Contrail makes, and that this crate's
+//! subscriptions make: [`WsUrl`] (parsed once), [`connect`] (TCP, TLS with the webpki roots,
+//! the websocket handshake, each step with its own deadline) and [`http_get`] (one small GET
+//! on the same host, e.g. a server's `/dictionary`). The service's relay reader and replica
+//! link use it too.
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::header::{CONNECTION, HOST, UPGRADE, USER_AGENT};
+use std::sync::Arc;
+use tokio::net::TcpStream;
+
+/// The XRPC path of the firehose.
+pub const SUBSCRIBE_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
+/// Transport limit: generous, so the application decides about big frames (see module doc).
+const MAX_WS_MESSAGE_BYTES: usize = 32 << 20;
+
+/// A URL that cannot be used: what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct UrlError(String);
+
+fn bail<T>(msg: String) -> Result<T, UrlError> {
+    Err(UrlError(msg))
+}
+
+/// A parsed `ws://` or `wss://` URL of a relay or an upstream Contrail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsUrl {
+    /// As the operator wrote it (shown in logs, `/status` and `--validate-only`).
+    pub raw: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path (always the subscribeRepos endpoint) and any query the operator gave, without cursor.
+    pub path: String,
+    pub query: Vec<String>,
+}
+
+impl WsUrl {
+    /// Accepts a base URL (`wss://bsky.network`) or the full subscribeRepos URL.
+    pub fn parse(url: &str) -> Result<WsUrl, UrlError> {
+        Self::parse_with_path(url, SUBSCRIBE_PATH)
+    }
+
+    /// Like [`WsUrl::parse`], with another endpoint path appended to base URLs (a replica's
+    /// upstream is a Contrail `/subscribe`).
+    pub fn parse_with_path(url: &str, endpoint: &str) -> Result<WsUrl, UrlError> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("ws://") {
+            (false, r)
+        } else {
+            return bail(format!("URL must start with ws:// or wss://: {url}"));
+        };
+        let (authority, path_query) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let (path, query) = match path_query.split_once('?') {
+            Some((p, q)) => (p, q),
+            None => (path_query, ""),
+        };
+        let default_port = if tls { 443 } else { 80 };
+        let bad_port = || UrlError(format!("bad port in URL {url}"));
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            // An IPv6 literal, with or without a port: `[::1]`, `[::1]:6008`.
+            let (addr, after) =
+                bracketed.split_once(']').ok_or_else(|| UrlError(format!("unclosed [ in URL {url}")))?;
+            addr.parse::<std::net::Ipv6Addr>().map_err(|_| UrlError(format!("bad IPv6 address in URL {url}")))?;
+            let port = match after {
+                "" => default_port,
+                p => p.strip_prefix(':').ok_or_else(bad_port)?.parse::<u16>().map_err(|_| bad_port())?,
+            };
+            (format!("[{addr}]"), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse::<u16>().map_err(|_| bad_port())?),
+                None => (authority.to_string(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return bail(format!("URL has no host: {url}"));
+        }
+        let path = match path.trim_end_matches('/') {
+            "" => endpoint.to_string(),
+            p if p.ends_with(endpoint) => p.to_string(),
+            p => format!("{p}{endpoint}"),
+        };
+        let query =
+            query.split('&').filter(|kv| !kv.is_empty() && !kv.starts_with("cursor=")).map(str::to_string).collect();
+        Ok(WsUrl { raw: url.to_string(), tls, host, port, path, query })
+    }
+
+    /// One spelling per endpoint (scheme, lower-case host, explicit port, full path, query):
+    /// what the stored relay cursor is compared by, so `wss://host` and `wss://host/` are the
+    /// same relay and a restart resumes instead of starting live.
+    pub fn canonical(&self) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        let query = if self.query.is_empty() { String::new() } else { format!("?{}", self.query.join("&")) };
+        format!("{scheme}://{}:{}{}{query}", self.host.to_ascii_lowercase(), self.port, self.path)
+    }
+
+    /// The request target, with `cursor` when resuming.
+    pub fn target(&self, cursor: Option<i64>) -> String {
+        self.target_with(cursor.map(|c| format!("cursor={c}")).into_iter())
+    }
+
+    /// The request target with extra query parameters.
+    pub fn target_with(&self, extra: impl Iterator<Item = String>) -> String {
+        let mut q = self.query.clone();
+        q.extend(extra);
+        if q.is_empty() {
+            self.path.clone()
+        } else {
+            format!("{}?{}", self.path, q.join("&"))
+        }
+    }
+
+    fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for WsUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.raw)
+    }
+}
+
+impl serde::Serialize for WsUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.raw)
+    }
+}
+
+/// Runs hyper's connection drivers on the tokio runtime.
+pub struct SpawnExecutor;
+
+impl<F> hyper::rt::Executor<F> for SpawnExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        // The upgraded connection's driver: it ends when the connection does.
+        tokio::spawn(fut);
+    }
+}
+
+pub type Ws = fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Largest body [`http_get`] accepts: a zstd dictionary is ~100 KiB; a peer that streams
+/// more is not one we want to hold in memory.
+pub const MAX_HTTP_BODY_BYTES: usize = 4 << 20;
+
+/// Why a connection or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("{0:?} is not a valid TLS server name")]
+    TlsName(String),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("websocket handshake: {0}")]
+    Handshake(fastwebsockets::WebSocketError),
+    #[error("HTTP: {0}")]
+    Http(String),
+    #[error("{step} did not finish within {after:?}")]
+    Timeout { step: &'static str, after: std::time::Duration },
+}
+
+/// Runs one step of a connection with its own deadline: a peer that accepts TCP and then
+/// says nothing must not hang the reader (DESIGN.md invariant 10).
+async fn step<T, E>(
+    step: &'static str,
+    after: std::time::Duration,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+    err: impl FnOnce(E) -> ClientError,
+) -> Result<T, ClientError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r.map_err(err),
+        Err(_) => Err(ClientError::Timeout { step, after }),
+    }
+}
+
+async fn tcp(url: &WsUrl, timeout: std::time::Duration) -> Result<TcpStream, ClientError> {
+    let addr = format!("{}:{}", url.host, url.port);
+    let host = url.host.trim_matches(|c| c == '[' || c == ']');
+    let tcp = step("TCP connect", timeout, TcpStream::connect((host, url.port)), |source| ClientError::Connect {
+        addr: addr.clone(),
+        source,
+    })
+    .await?;
+    tcp.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
+    Ok(tcp)
+}
+
+async fn tls(
+    url: &WsUrl,
+    tcp: TcpStream,
+    timeout: std::time::Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ClientError> {
+    let connector = tokio_rustls::TlsConnector::from(tls_config());
+    let host = url.host.trim_matches(|c| c == '[' || c == ']').to_string();
+    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|_| ClientError::TlsName(host))?;
+    step("TLS handshake", timeout, connector.connect(name, tcp), ClientError::Tls).await
+}
+
+/// Opens a websocket to `url` with the given request target (path and query). Each step
+/// (TCP, TLS, the upgrade) must finish within `timeout`.
+pub async fn connect(url: &WsUrl, target: String, timeout: std::time::Duration) -> Result<Ws, ClientError> {
+    let tcp = tcp(url, timeout).await?;
+    let req = hyper::Request::builder()
+        .method("GET")
+        .uri(target)
+        .header(HOST, url.host_header())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header("Sec-WebSocket-Key", fastwebsockets::handshake::generate_key())
+        .header("Sec-WebSocket-Version", "13")
+        .header(USER_AGENT, concat!("contrail/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    let (mut ws, _) = if url.tls {
+        let tls = tls(url, tcp, timeout).await?;
+        step(
+            "websocket handshake",
+            timeout,
+            fastwebsockets::handshake::client(&SpawnExecutor, req, tls),
+            ClientError::Handshake,
+        )
+        .await?
+    } else {
+        step(
+            "websocket handshake",
+            timeout,
+            fastwebsockets::handshake::client(&SpawnExecutor, req, tcp),
+            ClientError::Handshake,
+        )
+        .await?
+    };
+    ws.set_max_message_size(MAX_WS_MESSAGE_BYTES);
+    ws.set_auto_pong(true);
+    ws.set_auto_close(true);
+    Ok(ws)
+}
+
+/// A plain HTTP GET of `path` on the same host (e.g. an upstream's `/dictionary`); the body,
+/// at most [`MAX_HTTP_BODY_BYTES`]. The whole request must finish within `timeout`.
+pub async fn http_get(url: &WsUrl, path: &str, timeout: std::time::Duration) -> Result<Vec<u8>, ClientError> {
+    let tcp = tcp(url, timeout).await?;
+    let req = hyper::Request::builder()
+        .method("GET")
+        .uri(path)
+        .header(HOST, url.host_header())
+        .header(USER_AGENT, concat!("contrail/", env!("CARGO_PKG_VERSION")))
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| ClientError::Http(e.to_string()))?;
+    async fn send<S>(io: S, req: hyper::Request<Empty<Bytes>>) -> Result<Vec<u8>, ClientError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use http_body_util::BodyExt;
+        let http = |e: hyper::Error| ClientError::Http(e.to_string());
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(http)?;
+        // The connection's driver ends with the request (one request, then dropped).
+        let driver = tokio::spawn(conn);
+        let resp = sender.send_request(req).await.map_err(http)?;
+        if !resp.status().is_success() {
+            driver.abort();
+            return Err(ClientError::Http(format!("status {}", resp.status())));
+        }
+        let limited = http_body_util::Limited::new(resp.into_body(), MAX_HTTP_BODY_BYTES);
+        let body = limited.collect().await.map_err(|e| ClientError::Http(format!("body: {e}")));
+        driver.abort();
+        Ok(body?.to_bytes().to_vec())
+    }
+    let request = async {
+        if url.tls {
+            send(tls(url, tcp, timeout).await?, req).await
+        } else {
+            send(tcp, req).await
+        }
+    };
+    step("HTTP GET", timeout, request, |e| e).await
+}
+
+fn tls_config() -> Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            // The provider is passed explicitly: with more than one compiled in, rustls would
+            // panic choosing (rust-deps.md P9).
+            let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Arc::new(cfg)
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_urls() {
+        let u = WsUrl::parse("wss://bsky.network").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "bsky.network", 443));
+        assert_eq!(u.target(Some(5)), "/xrpc/com.atproto.sync.subscribeRepos?cursor=5");
+        let u = WsUrl::parse("ws://127.0.0.1:7001/xrpc/com.atproto.sync.subscribeRepos?cursor=9&x=1").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 7001));
+        assert_eq!(u.target(None), "/xrpc/com.atproto.sync.subscribeRepos?x=1");
+        assert_eq!(u.host_header(), "127.0.0.1:7001");
+        assert!(WsUrl::parse("http://x").is_err());
+    }
+
+    #[test]
+    fn ipv6_literals_and_one_canonical_spelling() {
+        let u = WsUrl::parse("ws://[::1]").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("[::1]", 80));
+        assert_eq!(u.host_header(), "[::1]");
+        let u = WsUrl::parse("wss://[2001:db8::7]:7443/").unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("[2001:db8::7]", 7443));
+        assert_eq!(u.host_header(), "[2001:db8::7]:7443");
+        assert!(WsUrl::parse("ws://[::1").is_err());
+        assert!(WsUrl::parse("ws://[nope]").is_err());
+        let same = [
+            "wss://bsky.network",
+            "wss://bsky.network/",
+            "wss://BSKY.network:443",
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos?cursor=5",
+        ];
+        let canon: Vec<String> = same.iter().map(|u| WsUrl::parse(u).unwrap().canonical()).collect();
+        assert!(canon.iter().all(|c| c == "wss://bsky.network:443/xrpc/com.atproto.sync.subscribeRepos"), "{canon:?}");
+        assert_ne!(WsUrl::parse("ws://bsky.network").unwrap().canonical(), canon[0]);
+    }
+}

@@ -1,0 +1,179 @@
+//! The runners' promises, checked on random streams: per-repo order, every event handled once
+//! per run, and a saved cursor that never passes unfinished work (asserted inside the store's
+//! `save`, at the moment of saving).
+
+use contrail_client::{
+    process, process_parallel, CursorStore, Event, Message, ProcessError, ProcessOptions, Subscription,
+};
+use proptest::prelude::*;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+fn event(did: u8, time_us: u64) -> Event {
+    Event::from_json(format!(
+        r#"{{"did":"did:plc:repo{did}","time_us":{time_us},"kind":"commit","commit":{{"rev":"r{time_us}","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+    ))
+    .unwrap()
+}
+
+/// What the handler has finished, shared with the store that checks it.
+#[derive(Default)]
+struct Finished {
+    times: BTreeSet<u64>,
+    last_per_repo: HashMap<String, u64>,
+    out_of_order: Vec<String>,
+}
+
+struct CheckingStore {
+    finished: Arc<Mutex<Finished>>,
+    /// Every position that exists in the stream (events and cursor messages).
+    all_events: Arc<Vec<u64>>,
+    saves: Arc<Mutex<Vec<u64>>>,
+    violations: Arc<Mutex<Vec<String>>>,
+}
+
+impl CursorStore for CheckingStore {
+    fn load(&self) -> std::io::Result<Option<u64>> {
+        Ok(None)
+    }
+
+    fn save(&mut self, cursor: u64) -> std::io::Result<()> {
+        let f = self.finished.lock().unwrap();
+        for &t in self.all_events.iter().filter(|&&t| t <= cursor) {
+            if !f.times.contains(&t) {
+                self.violations.lock().unwrap().push(format!("saved {cursor} while {t} was unfinished"));
+            }
+        }
+        let mut saves = self.saves.lock().unwrap();
+        if saves.last().is_some_and(|&s| s >= cursor) {
+            self.violations.lock().unwrap().push(format!("saved {cursor} after {:?}", saves.last()));
+        }
+        saves.push(cursor);
+        Ok(())
+    }
+}
+
+/// A stream: (repo, delay ms) per event, with a cursor message after some.
+fn stream() -> impl Strategy<Value = Vec<(u8, u8, bool)>> {
+    prop::collection::vec((0u8..6, 0u8..3, prop::bool::weighted(0.1)), 1..120)
+}
+
+async fn run_case(
+    items: Vec<(u8, u8, bool)>,
+    workers: Option<usize>,
+    fail_at: Option<usize>,
+) -> Result<(), TestCaseError> {
+    let (tx, rx) = mpsc::channel(8);
+    let mut all = Vec::new();
+    let mut delays = HashMap::new();
+    let mut msgs = Vec::new();
+    for (i, &(repo, delay, cursor_after)) in items.iter().enumerate() {
+        let t = 1_000 + 10 * i as u64;
+        all.push(t);
+        delays.insert(t, delay as u64);
+        msgs.push(Message::Event(event(repo, t)));
+        if cursor_after {
+            msgs.push(Message::Cursor(t + 5));
+        }
+    }
+    let fail_time = fail_at.map(|i| all[i % all.len()]);
+    let all = Arc::new(all);
+    let finished = Arc::new(Mutex::new(Finished::default()));
+    let store = CheckingStore {
+        finished: finished.clone(),
+        all_events: all.clone(),
+        saves: Arc::default(),
+        violations: Arc::default(),
+    };
+    let (saves, violations) = (store.saves.clone(), store.violations.clone());
+    let feeder = tokio::spawn(async move {
+        for m in msgs {
+            if tx.send(Ok(m)).await.is_err() {
+                return;
+            }
+        }
+        // The stream ends: the run ends with the subscription's error.
+        let _ = tx.send(Err(contrail_client::Error::Ended)).await;
+    });
+    let sub = Subscription::from_channel(rx);
+    let opts = ProcessOptions { save_interval: Duration::ZERO, queue_per_worker: 3 };
+    let f2 = finished.clone();
+    let handler = move |e: Event| {
+        let finished = f2.clone();
+        let delay = delays[&e.time_us()];
+        to_str(async move {
+            if Some(e.time_us()) == fail_time {
+                return Err(TestCaseError::fail("boom"));
+            }
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let mut f = finished.lock().unwrap();
+            let t = e.time_us();
+            if let Some(&prev) = f.last_per_repo.get(e.did()) {
+                if prev >= t {
+                    f.out_of_order.push(format!("{} at {t} after {prev}", e.did()));
+                }
+            }
+            f.last_per_repo.insert(e.did().to_string(), t);
+            prop_assert!(f.times.insert(t), "{t} handled twice");
+            Ok(())
+        })
+    };
+    let never = std::future::pending::<()>();
+    let result = match workers {
+        Some(n) => process_parallel(sub, store, opts, n, handler, never).await,
+        None => process(sub, store, opts, handler, never).await,
+    };
+    feeder.abort();
+    let f = finished.lock().unwrap();
+    prop_assert!(violations.lock().unwrap().is_empty(), "{:?}", violations.lock().unwrap());
+    prop_assert!(f.out_of_order.is_empty(), "{:?}", f.out_of_order);
+    match fail_time {
+        None => {
+            prop_assert!(
+                matches!(result, Err(ProcessError::Subscription(contrail_client::Error::Ended))),
+                "{result:?}"
+            );
+            prop_assert_eq!(f.times.len(), all.len(), "not every event was handled");
+            // The last save covers everything.
+            let last = *saves.lock().unwrap().last().unwrap();
+            prop_assert!(last >= *all.last().unwrap());
+        }
+        Some(t) => {
+            prop_assert!(matches!(result, Err(ProcessError::Handler(_))), "{result:?}");
+            prop_assert!(!f.times.contains(&t));
+            prop_assert!(saves.lock().unwrap().iter().all(|&s| s < t), "a save passed the failed event");
+        }
+    }
+    Ok(())
+}
+
+/// The handler's `Result<(), TestCaseError>` as `Result<(), String>` (a failed assertion inside
+/// counts as a handler failure, and fails the case).
+async fn to_str(f: impl std::future::Future<Output = Result<(), TestCaseError>>) -> Result<(), String> {
+    f.await.map_err(|e| e.to_string())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_parallel_runner_keeps_repo_order_and_never_saves_past_unfinished_work(items in stream(), workers in 1usize..6) {
+        runtime().block_on(run_case(items, Some(workers), None))?;
+    }
+
+    #[test]
+    fn a_failing_handler_stops_the_parallel_run_before_its_event(items in stream(), workers in 1usize..6, at in 0usize..200) {
+        runtime().block_on(run_case(items, Some(workers), Some(at)))?;
+    }
+
+    #[test]
+    fn the_sequential_runner_saves_only_finished_work(items in stream(), at in prop::option::of(0usize..200)) {
+        runtime().block_on(run_case(items, None, at))?;
+    }
+}
