@@ -49,6 +49,38 @@ pub enum Command {
         #[command(subcommand)]
         what: Dict,
     },
+    /// Subscribe to a Contrail (or Jetstream) and print each event on its own line, exactly as
+    /// the server sent it; progress and errors go to stderr. Reconnects and resumes by itself.
+    Tail(TailArgs),
+}
+
+/// `contrail tail URL [URL…] [--collections …] [--dids …] [--cursor …]`.
+#[derive(clap::Args, Debug)]
+pub struct TailArgs {
+    /// Base URL(s) of the server (`wss://host`, `ws://127.0.0.1:6008`) or its /subscribe URL;
+    /// more than one: fail over along the list.
+    #[arg(required = true, num_args = 1..)]
+    pub urls: Vec<String>,
+    /// Only these collections (NSIDs or `prefix.*`); repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub collections: Vec<String>,
+    /// Only these repos; repeat or comma-separate.
+    #[arg(long, value_delimiter = ',')]
+    pub dids: Vec<String>,
+    /// Start after this time_us (the event at it is not printed again). Default: live.
+    #[arg(long)]
+    pub cursor: Option<u64>,
+    /// Ask for zstd-compressed messages (the dictionary comes from the server's /dictionary);
+    /// the printed lines are the same.
+    #[arg(long)]
+    pub compress: bool,
+    /// Contrail's #sync events too.
+    #[arg(long)]
+    pub include_sync: bool,
+    /// The servers do not share time_us (Jetstream instances): on failover, resume this far
+    /// back and drop the events already printed. Default: exact cursor (Contrail replicas).
+    #[arg(long, value_parser = parse_duration)]
+    pub rewind: Option<std::time::Duration>,
 }
 
 #[derive(Subcommand, Debug)]

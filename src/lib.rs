@@ -6,7 +6,8 @@
 //! [`source`] (relay or upstream sockets) → [`transcode`] (pure, in `contrail-core`) →
 //! [`sequencer`] → [`log`] → [`hub`] → [`server`], wired together by [`app`]. Beside them:
 //! [`config`] (composes each module's settings group), [`metrics`], [`clock`], [`units`],
-//! [`rate_limited_log`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`], with [`progress`].
+//! [`rate_limited_log`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`], with [`progress`]; [`tail`]
+//! (`contrail tail`, a terminal client on the `contrail-client` crate).
 #![forbid(unsafe_code)]
 
 pub use contrail_core::{event, options, syntax, transcode, v2};
@@ -27,4 +28,5 @@ pub mod response;
 pub mod sequencer;
 pub mod server;
 pub mod source;
+pub mod tail;
 pub mod units;

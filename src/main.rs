@@ -48,6 +48,12 @@ fn main() -> ExitCode {
             dict_train(from_log, from_jsonl, out, size as usize, max_samples, id)
         }
         Command::Dict { what: Dict::Measure { jsonl, dict } } => dict_measure(jsonl, dict),
+        Command::Tail(args) => {
+            init_logging(LogFormat::Text);
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
+            runtime.block_on(contrail::tail::run(args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -129,6 +129,12 @@ impl Drop for Serve {
     }
 }
 
+/// Sends `sig` to a process (2 = SIGINT, 15 = SIGTERM).
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: sending a signal to a child process of this test.
+    unsafe { libc_kill(pid as i32, sig) };
+}
+
 extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;

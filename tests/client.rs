@@ -1,0 +1,316 @@
+//! The client crate against the real server over loopback: exactly-once across client restarts,
+//! across a kill -9 of the server, across failover between replicas (exact cursor) and between
+//! independent servers (rewind and de-duplication); and `contrail tail`.
+
+mod common;
+
+use common::frames::{generate, GenFrame};
+use common::process::{bin, inspect_log, Serve};
+use common::relay::{FakeRelay, Faults};
+use common::without_time_us;
+use contrail_client::{
+    process, process_parallel, CursorStore, Event, Failover, FileCursorStore, ProcessError, ProcessOptions,
+    Subscription,
+};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const FLAGS: &[&str] = &["--max-events-per-second-per-ip", "0"];
+
+fn newest(s: &Serve) -> u64 {
+    s.metric("contrail_store_newest_time_us").unwrap_or(0.0) as u64
+}
+
+fn paced_relay_faults() -> Faults {
+    Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() }
+}
+
+async fn relay_with(gen: &[GenFrame]) -> FakeRelay {
+    let relay = FakeRelay::start().await;
+    for g in gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    relay
+}
+
+fn builder(urls: &[&Serve]) -> contrail_client::Builder {
+    Subscription::builder(urls.iter().map(|s| format!("ws://{}", s.public)))
+        .backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .connect_timeout(Duration::from_secs(2))
+        .stale_timeout(Duration::from_secs(3))
+}
+
+/// Collects handled events' JSON; resolves `done` once `until` (a time_us) was handled.
+#[derive(Clone, Default)]
+struct Collector {
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Collector {
+    fn push(&self, e: &Event) -> usize {
+        let mut l = self.lines.lock().unwrap();
+        l.push(e.json().to_string());
+        l.len()
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.lines.lock().unwrap())
+    }
+}
+
+/// Runs `process` until the handler has seen an event at or after `until()`.
+async fn run_until(
+    sub: Subscription,
+    store: FileCursorStore,
+    collector: &Collector,
+    parallel: bool,
+    stop: impl Fn(&Event, usize) -> bool + Send + Sync + 'static,
+) {
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let (c, n) = (collector.clone(), notify.clone());
+    let handler = move |e: Event| {
+        let count = c.push(&e);
+        if stop(&e, count) {
+            n.notify_one();
+        }
+        async { Ok::<(), std::convert::Infallible>(()) }
+    };
+    let shutdown = async move { notify.notified().await };
+    let opts = ProcessOptions { save_interval: Duration::from_millis(20), ..ProcessOptions::default() };
+    let run = async {
+        if parallel {
+            process_parallel(sub, store, opts, 4, handler, shutdown).await
+        } else {
+            process(sub, store, opts, handler, shutdown).await
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(90), run).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e @ ProcessError::Subscription(_))) => panic!("the subscription ended: {e}"),
+        Ok(Err(e)) => panic!("{e}"),
+        Err(_) => panic!("the run did not finish within 90 s ({} events)", collector.lines.lock().unwrap().len()),
+    }
+}
+
+fn time_of(line: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(line).unwrap()["time_us"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_across_client_restarts() {
+    let gen = generate(1, 3_000, 40, 31);
+    let relay = relay_with(&gen).await;
+    relay.set_faults(paced_relay_faults());
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let cursor_dir = tempfile::tempdir().unwrap();
+    let store = FileCursorStore::new(cursor_dir.path().join("cursor"));
+    let collector = Collector::default();
+    // Three runs of the same consumer, each stopped part-way, the last after the final event.
+    for (round, stop_after) in [(0, 700usize), (1, 700)] {
+        let start = store.load().unwrap().or(Some(0)); // first run: from the oldest event
+        let sub = builder(&[&primary]).cursor(start).start().unwrap();
+        run_until(sub, store.clone(), &collector, false, move |_, n| n >= stop_after * (round + 1)).await;
+    }
+    primary.wait_for_seq(3_000, Duration::from_secs(60));
+    let last = newest(&primary);
+    let sub = builder(&[&primary]).cursor(store.load().unwrap()).start().unwrap();
+    run_until(sub, store.clone(), &collector, false, move |e, _| e.time_us() >= last).await;
+    assert_eq!(store.load().unwrap(), Some(last), "the saved cursor is the last handled event");
+    let got = collector.take();
+    let log = inspect_log(pd.path());
+    assert_eq!(got.len(), log.len(), "a gap or a duplicate across client restarts");
+    assert!(got == log, "the handled events differ from the server's log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_across_a_server_kill_9_with_the_parallel_runner() {
+    let gen = generate(1, 4_000, 40, 32);
+    let relay = relay_with(&gen).await;
+    relay.set_faults(paced_relay_faults());
+    let pd = tempfile::tempdir().unwrap();
+    let mut primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let public = primary.public;
+    let cursor_dir = tempfile::tempdir().unwrap();
+    let store = FileCursorStore::new(cursor_dir.path().join("cursor"));
+    let collector = Collector::default();
+    let sub = builder(&[&primary]).cursor(Some(0)).start().unwrap();
+    let c = collector.clone();
+    // Runs until aborted below, once it has the final event.
+    let client = tokio::spawn(async move { run_until(sub, store, &c, true, |_, _| false).await });
+    // Let the client get going, then kill the server mid-stream and bring it back on the same
+    // address with the same log.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while collector.lines.lock().unwrap().len() < 800 {
+        assert!(Instant::now() < deadline, "the client never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    primary.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let primary = Serve::start(pd.path(), &relay.url(), &[FLAGS, &["--listen", &public.to_string()]].concat());
+    primary.wait_for_seq(4_000, Duration::from_secs(60));
+    let last = newest(&primary);
+    // Wait for the client to have the final event.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = collector.lines.lock().unwrap().iter().any(|l| time_of(l) == last);
+        if have {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the client never got the final event");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.abort();
+    let mut got = collector.take();
+    got.sort_by_key(|l| time_of(l));
+    let log = inspect_log(pd.path());
+    assert_eq!(got.len(), log.len(), "a gap or a duplicate across the server's kill -9");
+    assert!(got == log, "the handled events differ from the server's log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_between_replicas_uses_the_exact_cursor() {
+    let gen = generate(1, 4_000, 40, 33);
+    let relay = relay_with(&gen).await;
+    relay.set_faults(paced_relay_faults());
+    let (pd, ad, bd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let replica = |dir: &std::path::Path| {
+        let up = format!("ws://{}", primary.public);
+        Serve::start(dir, "ws://127.0.0.1:9", &[FLAGS, &["--upstream-url", &up, "--upstream-stale-timeout", "3s"]].concat())
+    };
+    let mut a = replica(ad.path());
+    let b = replica(bd.path());
+    let mut sub = builder(&[&a, &b]).cursor(Some(0)).start().unwrap();
+    let mut got = Vec::new();
+    let mut killed = false;
+    let mut last = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(Instant::now() < deadline, "stuck after {} events", got.len());
+        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message").unwrap();
+        let contrail_client::Message::Event(e) = m else { continue };
+        got.push(e.json().to_string());
+        if got.len() == 1_000 && !killed {
+            a.kill9(); // the replica in use dies mid-stream
+            killed = true;
+        }
+        if killed && last == u64::MAX && primary.metric("contrail_relay_last_seq").unwrap_or(0.0) >= 4_000.0 {
+            last = newest(&primary);
+        }
+        if e.time_us() >= last {
+            break;
+        }
+    }
+    assert_eq!(sub.stats().host.load(std::sync::atomic::Ordering::Relaxed), 1, "the client moved to B");
+    let repeats = sub.stats().duplicates_dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(repeats <= 2, "{repeats} events came twice: a rewind, not the exact cursor");
+    let log = inspect_log(pd.path());
+    assert_eq!(got.len(), log.len(), "a gap or a duplicate across the failover");
+    assert!(got == log, "the client's stream differs from the primary's log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_between_independent_servers_rewinds_and_drops_what_it_had() {
+    // Two primaries reading one relay: the same events, each stamped with its own time_us,
+    // like two Jetstream instances.
+    let gen = generate(1, 4_000, 40, 34);
+    let relay = relay_with(&gen).await;
+    relay.set_faults(paced_relay_faults());
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut p1 = Serve::start(d1.path(), &relay.url(), FLAGS);
+    let p2 = Serve::start(d2.path(), &relay.url(), FLAGS);
+    p1.wait_for_seq(200, Duration::from_secs(30));
+    p2.wait_for_seq(200, Duration::from_secs(30));
+    let mut sub = builder(&[&p1, &p2]).failover(Failover::Rewind(Duration::from_secs(3))).cursor(Some(0)).start().unwrap();
+    let mut got = Vec::new();
+    let mut killed = false;
+    let mut last = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(Instant::now() < deadline, "stuck after {} events", got.len());
+        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message").unwrap();
+        let contrail_client::Message::Event(e) = m else { continue };
+        got.push(without_time_us(e.json()));
+        if got.len() == 1_500 && !killed {
+            p1.kill9();
+            killed = true;
+        }
+        if killed && last == u64::MAX && p2.metric("contrail_relay_last_seq").unwrap_or(0.0) >= 4_000.0 {
+            last = newest(&p2);
+        }
+        if killed && e.time_us() >= last {
+            break;
+        }
+    }
+    let dropped = sub.stats().duplicates_dropped.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(dropped > 1, "the rewind replayed nothing ({dropped} dropped): not a rewind");
+    let expected: Vec<String> = inspect_log(d2.path()).iter().map(|l| without_time_us(l)).collect();
+    assert_eq!(got.len(), expected.len(), "a gap or a duplicate across the rewind ({dropped} dropped)");
+    assert!(got == expected, "the client's stream differs from the relay's events");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
+    let gen = generate(1, 600, 20, 35);
+    let relay = relay_with(&gen).await;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(600, Duration::from_secs(30));
+    let log = inspect_log(pd.path());
+    // As in Jetstream, a collection filter selects commits; identity and account events pass.
+    let likes: Vec<&String> = log
+        .iter()
+        .filter(|l| !l.contains(r#""kind":"commit""#) || l.contains(r#""collection":"app.bsky.feed.like""#))
+        .collect();
+    assert!(likes.len() > 50);
+    for compress in [false, true] {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.args(["tail", &format!("ws://{}", primary.public), "--collections", "app.bsky.feed.like", "--cursor", "0"]);
+        if compress {
+            cmd.arg("--compress");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let want = likes.len();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            std::io::BufReader::new(stdout).lines().map_while(Result::ok).take(want).collect::<Vec<String>>()
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !reader.is_finished() {
+            assert!(Instant::now() < deadline, "contrail tail printed too little");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let lines = reader.join().unwrap();
+        assert_eq!(lines.len(), likes.len());
+        if let Some((a, b)) = lines.iter().zip(&likes).find(|(a, b)| a != *b) {
+            panic!("tail printed\n{a}\nwhere the server has\n{b}");
+        }
+        // Ctrl-C: a clean exit that names the cursor to resume from.
+        common::process::signal(child.id(), 2);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "tail exited with {:?}: {stderr}", out.status);
+        let resume = format!("resume with --cursor {}", time_of(likes.last().unwrap()));
+        assert!(stderr.contains(&resume), "stderr lacks {resume:?}: {stderr}");
+    }
+    // A filter the client can tell is wrong, and one only the server refuses: a clear error
+    // and a failing exit, not a retry loop.
+    for (collection, says) in [("not a collection", "invalid filter"), ("bad..nsid", "refused the subscription")] {
+        let out = std::process::Command::new(bin())
+            .args(["tail", &format!("ws://{}", primary.public), "--collections", collection])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{collection:?}: {stderr}");
+    }
+}
