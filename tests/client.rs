@@ -180,7 +180,11 @@ async fn failover_between_replicas_uses_the_exact_cursor() {
     primary.wait_for_seq(200, Duration::from_secs(30));
     let replica = |dir: &std::path::Path| {
         let up = format!("ws://{}", primary.public);
-        Serve::start(dir, "ws://127.0.0.1:9", &[FLAGS, &["--upstream-url", &up, "--upstream-stale-timeout", "3s"]].concat())
+        Serve::start(
+            dir,
+            "ws://127.0.0.1:9",
+            &[FLAGS, &["--upstream-url", &up, "--upstream-stale-timeout", "3s"]].concat(),
+        )
     };
     let mut a = replica(ad.path());
     let b = replica(bd.path());
@@ -225,7 +229,8 @@ async fn failover_between_independent_servers_rewinds_and_drops_what_it_had() {
     let p2 = Serve::start(d2.path(), &relay.url(), FLAGS);
     p1.wait_for_seq(200, Duration::from_secs(30));
     p2.wait_for_seq(200, Duration::from_secs(30));
-    let mut sub = builder(&[&p1, &p2]).failover(Failover::Rewind(Duration::from_secs(3))).cursor(Some(0)).start().unwrap();
+    let mut sub =
+        builder(&[&p1, &p2]).failover(Failover::Rewind(Duration::from_secs(3))).cursor(Some(0)).start().unwrap();
     let mut got = Vec::new();
     let mut killed = false;
     let mut last = u64::MAX;
@@ -273,11 +278,7 @@ async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
         if compress {
             cmd.arg("--compress");
         }
-        let mut child = cmd
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let want = likes.len();
         let reader = std::thread::spawn(move || {
