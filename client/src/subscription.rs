@@ -29,7 +29,6 @@ const MAX_EVENT_BYTES: usize = 16 << 20;
 /// Above this query length the filters go in an `options_update` after the upgrade
 /// (`requireHello`) instead of the URL.
 const MAX_QUERY_BYTES: usize = 4096;
-const READ_BUFFER_BYTES: usize = 64 << 10;
 
 /// How to resume on another host of the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -422,12 +421,7 @@ impl Driver {
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
-        // Reads through a 64 KiB buffer: one recv per many small messages, not one per message
-        // (measured: the client spent most of its time in the kernel without it).
-        let (read, write) = ws.split(|io| {
-            let (r, w) = tokio::io::split(io);
-            (tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, r), w)
-        });
+        let (read, write) = ws.split(tokio::io::split);
         let writer = Arc::new(tokio::sync::Mutex::new(write));
         if hello {
             if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
@@ -578,7 +572,7 @@ impl Drop for AbortOnDrop {
 
 /// Reads frames (fragments collected, pongs answered) and forwards them with owned payloads.
 async fn read_frames(
-    read: fastwebsockets::WebSocketRead<tokio::io::BufReader<tokio::io::ReadHalf<Upgraded>>>,
+    read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>,
     writer: Arc<tokio::sync::Mutex<WsWrite>>,
     out: mpsc::Sender<Result<(OpCode, Vec<u8>), String>>,
 ) {
