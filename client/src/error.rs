@@ -52,6 +52,9 @@ pub(crate) enum ConnectionError {
     Write(String),
     #[error("the server closed the connection ({code}{})", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     Closed { code: u16, reason: String },
+    /// The server broke the protocol (time going backwards, a time_us in the future).
+    #[error("{0}")]
+    Protocol(String),
     /// Not retryable: see [`Error::Refused`].
     #[error("{0}")]
     Refused(String),

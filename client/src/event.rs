@@ -242,6 +242,16 @@ impl Event {
         (self.kind == Kind::Account).then(|| self.parse::<Outer<'_>>().ok().map(|o| o.account))?
     }
 
+    /// A `#sync` event's fields (Contrail's `includeSync`).
+    pub fn sync(&self) -> Option<Sync<'_>> {
+        #[derive(Deserialize)]
+        struct Outer<'a> {
+            #[serde(borrow)]
+            sync: Sync<'a>,
+        }
+        (self.kind == Kind::Sync).then(|| self.parse::<Outer<'_>>().ok().map(|o| o.sync))?
+    }
+
     /// The identity of this event for de-duplication across servers whose `time_us` differ:
     /// a commit by (DID, rev, collection, rkey, operation), anything else by its kind-specific
     /// sequence (`seq`) or, lacking one, its whole text.
@@ -343,6 +353,22 @@ pub struct Account<'a> {
     pub time: Cow<'a, str>,
 }
 
+/// A `#sync` event's fields: the repo was reset to the commit in `blocks` (a CAR as
+/// `{"$bytes": base64}`); a consumer that keeps repo state should resync it.
+#[derive(Debug, Deserialize)]
+pub struct Sync<'a> {
+    #[serde(borrow)]
+    pub did: Cow<'a, str>,
+    #[serde(borrow)]
+    pub rev: Cow<'a, str>,
+    #[serde(default)]
+    pub seq: Option<i64>,
+    #[serde(borrow, default)]
+    pub time: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub blocks: Option<&'a RawValue>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +405,12 @@ mod tests {
         assert!(e.commit().is_none() && e.account().is_none());
         let a = Event::from_json(r#"{"did":"did:plc:x","time_us":6,"kind":"account","account":{"active":false,"did":"did:plc:x","seq":10,"status":"takendown","time":"t"}}"#.into()).unwrap();
         assert_eq!(a.account().unwrap().status.as_deref(), Some("takendown"));
+        let s = Event::from_json(r#"{"did":"did:plc:x","time_us":8,"kind":"sync","sync":{"blocks":{"$bytes":"AAEC"},"did":"did:plc:x","rev":"3l3qo2vutsw2b","seq":11,"time":"t"}}"#.into()).unwrap();
+        let sync = s.sync().unwrap();
+        assert_eq!(
+            (sync.rev.as_ref(), sync.seq, sync.blocks.unwrap().get()),
+            ("3l3qo2vutsw2b", Some(11), r#"{"$bytes":"AAEC"}"#)
+        );
         let o = Event::from_json(r#"{"did":"did:plc:x","time_us":7,"kind":"future"}"#.into()).unwrap();
         assert_eq!(o.kind(), Kind::Other);
         assert!(Event::from_json(r#"{"did":"did:plc:x","kind":"commit"}"#.into()).is_err());

@@ -38,6 +38,9 @@ pub enum ProcessError<E> {
     /// The subscription ended with an error (see [`crate::Error::is_retryable`]).
     #[error("{0}")]
     Subscription(crate::Error),
+    /// A parallel worker's handler panicked; the saved cursor is before its event.
+    #[error("a handler panicked: {0}")]
+    HandlerPanicked(String),
 }
 
 /// How often the cursor is saved.
@@ -143,6 +146,38 @@ struct InFlight {
     failed: bool,
 }
 
+/// The worker tasks. Dropped before they were joined (the caller gave up on the run, or it
+/// stopped on an error), it stops them: no handler keeps running, out of the run's order,
+/// once `process_parallel` has returned.
+struct Workers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    in_flight: Arc<Mutex<InFlight>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        if !self.tasks.is_empty() {
+            lock(&self.in_flight).failed = true;
+            for t in &self.tasks {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// Marks the run failed if a handler panics (the worker's task unwinds through it), and wakes
+/// the dispatcher, which may be waiting on a quiet subscription.
+struct PanicGuard(Arc<Mutex<InFlight>>, Arc<tokio::sync::Notify>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            lock(&self.0).failed = true;
+            self.1.notify_one();
+        }
+    }
+}
+
 /// Like [`process`], with `workers` tasks handling events concurrently: events of one repo
 /// (DID) always go to the same worker, in order; different repos run in parallel. When every
 /// worker's queue is full, reading waits (back-pressure to the server). On shutdown the
@@ -167,13 +202,16 @@ where
     let handler = Arc::new(handler);
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     let (err_tx, mut err_rx) = mpsc::channel::<E>(1);
+    let panicked = Arc::new(tokio::sync::Notify::new());
     let mut queues = Vec::with_capacity(workers);
-    let mut tasks = Vec::with_capacity(workers);
+    let mut tasks = Workers { tasks: Vec::with_capacity(workers), in_flight: in_flight.clone() };
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<(u64, Event)>(opts.queue_per_worker.max(1));
         queues.push(tx);
-        let (handler, in_flight, err_tx) = (handler.clone(), in_flight.clone(), err_tx.clone());
-        tasks.push(tokio::spawn(async move {
+        let (handler, in_flight, err_tx, panicked) =
+            (handler.clone(), in_flight.clone(), err_tx.clone(), panicked.clone());
+        tasks.tasks.push(tokio::spawn(async move {
+            let _guard = PanicGuard(in_flight.clone(), panicked);
             while let Some((id, event)) = rx.recv().await {
                 if lock(&in_flight).failed {
                     return; // another worker failed: take no more work
@@ -213,6 +251,7 @@ where
                 break;
             }
             _ = &mut shutdown => break,
+            _ = panicked.notified() => break, // the join below reports it
             m = sub.next() => m,
         };
         match message {
@@ -251,8 +290,15 @@ where
     }
     // Finish what is queued (unless a worker failed: then the others stop taking work).
     drop(queues);
-    for t in tasks {
-        let _ = t.await;
+    for t in std::mem::take(&mut tasks.tasks) {
+        if let Err(e) = t.await {
+            if e.is_panic() && !matches!(result, Err(ProcessError::Handler(_))) {
+                let p = e.into_panic();
+                let what =
+                    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+                result = Err(ProcessError::HandlerPanicked(what.unwrap_or_default()));
+            }
+        }
     }
     // A handler's failure is what the caller must hear about, even when the stream ended or
     // shutdown came while it was in hand.

@@ -29,6 +29,10 @@ const MAX_EVENT_BYTES: usize = 16 << 20;
 /// Above this query length the filters go in an `options_update` after the upgrade
 /// (`requireHello`) instead of the URL.
 const MAX_QUERY_BYTES: usize = 4096;
+/// A write (ping, pong, `options_update`) that takes longer means the peer stopped reading.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames read ahead of the driver (each at most [`MAX_EVENT_BYTES`]).
+const READ_AHEAD_FRAMES: usize = 16;
 
 /// How to resume on another host of the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +136,8 @@ impl Builder {
     }
 
     /// Start after this position (a saved cursor: the event at it is not delivered again).
-    /// Without one, the subscription starts live.
+    /// Without one, the subscription starts live (and a reconnect before anything arrived
+    /// resumes from a second before it started, so nothing in between is missed).
     pub fn cursor(mut self, cursor: Option<u64>) -> Self {
         self.cursor = cursor;
         self
@@ -175,8 +180,10 @@ impl Builder {
         self
     }
 
+    /// Reconnect waits: exponential from `min` (at least 10 ms) to `max` (at most an hour).
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.backoff = (min, max);
+        let min = min.max(Duration::from_millis(10));
+        self.backoff = (min, max.clamp(min, Duration::from_secs(3600)));
         self
     }
 
@@ -208,6 +215,7 @@ impl Builder {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let driver = Driver {
+            started_us: None,
             origin: self.cursor.map(|_| Origin::Stored),
             last: self.cursor,
             dedupe: match self.failover {
@@ -221,7 +229,9 @@ impl Builder {
             commands: cmd_rx,
             stats: stats.clone(),
         };
-        let task = tokio::spawn(driver.run());
+        // Every log line of this subscription carries its first host.
+        let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
+        let task = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
         Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task })
     }
 }
@@ -303,6 +313,9 @@ struct Driver {
     current: usize,
     /// The position of the last message delivered (or the starting cursor).
     last: Option<u64>,
+    /// For a subscription started live: a second before it started, once the first
+    /// connection has been tried.
+    started_us: Option<u64>,
     origin: Option<Origin>,
     dedupe: Option<Dedupe>,
     out: mpsc::Sender<Result<Message, Error>>,
@@ -320,7 +333,11 @@ impl Driver {
         let mut failures: u32 = 0;
         loop {
             let delivered_before = self.last;
+            let attempt_us = now_us().saturating_sub(1_000_000);
             let ended = self.connection().await;
+            if self.last.is_none() && self.started_us.is_none() {
+                self.started_us = Some(attempt_us);
+            }
             let url = self.urls[self.current].to_string();
             match ended {
                 ConnectionError::Dropped => return,
@@ -359,7 +376,9 @@ impl Driver {
 
     /// The cursor to ask the current host for, and whether it is a rewind.
     fn resume_cursor(&self) -> Option<u64> {
-        let last = self.last?;
+        // Started live and nothing received yet: a reconnect resumes from when the
+        // subscription started (a second early, for clock skew), not from the new live edge.
+        let Some(last) = self.last else { return self.started_us };
         match (self.opts.failover, self.origin) {
             (Failover::Rewind(d), Some(o)) if o != Origin::Host(self.current) => {
                 Some(last.saturating_sub(d.as_micros() as u64).max(1))
@@ -410,19 +429,20 @@ impl Driver {
             }
         }
         let hello = self.opts.filters.query_params().map(|p| p.len() + 1).sum::<usize>() > MAX_QUERY_BYTES;
-        let ws = match transport::connect(&url, self.target(&url, hello), timeout).await {
+        let mut ws = match transport::connect(&url, self.target(&url, hello), timeout).await {
             Ok(ws) => ws,
-            Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidStatusCode(code)))
-                if (400..500).contains(&code) && code != 429 && code != 408 =>
-            {
-                return ConnectionError::Refused(format!("HTTP {code} at the upgrade"));
+            // 400 is an answer about the request itself (the filters, the cursor): every host
+            // would give it. Other statuses (a proxy's 403 or 404, 429, 5xx) are this host's.
+            Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidStatusCode(400))) => {
+                return ConnectionError::Refused("HTTP 400 at the upgrade".into());
             }
             Err(e) => return e.into(),
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
-        let (read, write) = ws.split(tokio::io::split);
-        let writer = Arc::new(tokio::sync::Mutex::new(write));
+        ws.set_max_message_size(MAX_EVENT_BYTES);
+        let (read, write_half) = ws.split(tokio::io::split);
+        let writer = Arc::new(tokio::sync::Mutex::new(write_half));
         if hello {
             if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
                 return e;
@@ -430,7 +450,7 @@ impl Driver {
         }
         // The reader runs on its own so that this loop can wait on frames, commands and the
         // ping timer at once without abandoning a half-read frame.
-        let (frames_tx, mut frames) = mpsc::channel::<Result<(OpCode, Vec<u8>), String>>(64);
+        let (frames_tx, mut frames) = mpsc::channel::<Result<(OpCode, Vec<u8>), String>>(READ_AHEAD_FRAMES);
         let reader = tokio::spawn(read_frames(read, writer.clone(), frames_tx));
         let _reader = AbortOnDrop(reader);
         let stale = self.opts.stale_timeout;
@@ -453,9 +473,8 @@ impl Driver {
                     continue;
                 }
                 _ = ping.tick() => {
-                    let mut w = writer.lock().await;
-                    if let Err(e) = w.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"contrail-client"))).await {
-                        return ConnectionError::Write(e.to_string());
+                    if let Err(e) = write(&writer, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"contrail-client"))).await {
+                        return e;
                     }
                     continue;
                 }
@@ -512,10 +531,17 @@ impl Driver {
     async fn deliver(&mut self, text: String) -> Result<(), ConnectionError> {
         let here = Origin::Host(self.current);
         let same_timeline = self.origin == Some(here) || self.opts.failover == Failover::ExactCursor;
+        let rewind_us = match self.opts.failover {
+            Failover::Rewind(d) => d.as_micros() as u64,
+            Failover::ExactCursor => 0,
+        };
         let message = if let Some(cursor) = cursor_message(&text) {
-            // A position in this host's timeline: after a rewind onto another host, it is not
-            // comparable until an event from this host has arrived.
-            if !same_timeline || self.last.is_some_and(|l| cursor <= l) {
+            check_not_future(cursor)?;
+            // A position in this host's timeline. After a rewind onto another host it is
+            // comparable only once it is a whole rewind past the last position (the hosts'
+            // clocks differ by less), or once an event from this host has arrived.
+            let comparable = same_timeline || self.last.is_none_or(|l| cursor >= l.saturating_add(rewind_us));
+            if !comparable || self.last.is_some_and(|l| cursor <= l) {
                 return Ok(());
             }
             Message::Cursor(cursor)
@@ -527,16 +553,30 @@ impl Driver {
                     return Ok(());
                 }
             };
+            check_not_future(event.time_us())?;
             if let Some(d) = &mut self.dedupe {
                 if d.seen(&event) {
                     self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
             }
-            if same_timeline && self.last.is_some_and(|l| event.time_us() <= l) {
-                // The inclusive cursor's repeat, or a server going backwards.
-                self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+            if same_timeline {
+                match self.last {
+                    // The inclusive cursor's repeat.
+                    Some(l) if event.time_us() == l => {
+                        self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    // Dropping it would hide a server that went back in time (a restored
+                    // backup, a replica of another primary); reconnect, fail over, and say so.
+                    Some(l) if event.time_us() < l => {
+                        return Err(ConnectionError::Protocol(format!(
+                            "an event at time_us {} after {l}: this host's timeline went backwards",
+                            event.time_us()
+                        )));
+                    }
+                    _ => {}
+                }
             }
             if let Some(d) = &mut self.dedupe {
                 d.remember(&event);
@@ -547,6 +587,19 @@ impl Driver {
         self.origin = Some(here);
         self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)
     }
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+}
+
+/// A `time_us` more than an hour ahead of this machine's clock is a broken server: taken as a
+/// position it would make every later event look old.
+fn check_not_future(time_us: u64) -> Result<(), ConnectionError> {
+    if time_us > now_us() + 3_600_000_000 {
+        return Err(ConnectionError::Protocol(format!("a time_us ({time_us}) more than an hour in the future")));
+    }
+    Ok(())
 }
 
 /// `{"kind":"cursor","time_us":T}` → T. Control messages are short; events rarely are.
@@ -570,25 +623,55 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Reads frames (fragments collected, pongs answered) and forwards them with owned payloads.
+/// Reads frames (pongs answered), puts fragmented messages together with their total capped
+/// at [`MAX_EVENT_BYTES`] (fastwebsockets' own collector caps each frame, not the message: a
+/// server sending endless fragments would exhaust memory), and forwards owned payloads.
 async fn read_frames(
-    read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>,
+    mut read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>,
     writer: Arc<tokio::sync::Mutex<WsWrite>>,
     out: mpsc::Sender<Result<(OpCode, Vec<u8>), String>>,
 ) {
-    let mut read = fastwebsockets::FragmentCollectorRead::new(read);
+    let mut partial: Option<(OpCode, Vec<u8>)> = None;
+    let too_big = || Err(format!("a message larger than {MAX_EVENT_BYTES} bytes"));
     loop {
         let mut send = |frame: Frame<'_>| {
             let writer = writer.clone();
             let frame = Frame::new(frame.fin, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
-            async move { writer.lock().await.write_frame(frame).await }
+            async move {
+                match tokio::time::timeout(WRITE_TIMEOUT, async { writer.lock().await.write_frame(frame).await }).await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(fastwebsockets::WebSocketError::ConnectionClosed),
+                }
+            }
         };
         let item = match read.read_frame(&mut send).await {
-            Ok(f) => {
-                let opcode = f.opcode;
-                Ok((opcode, f.payload.to_vec()))
-            }
             Err(e) => Err(e.to_string()),
+            Ok(f) => match (f.opcode, partial.as_mut()) {
+                (OpCode::Text | OpCode::Binary, Some(_)) => Err("a new message inside a fragmented one".to_string()),
+                (OpCode::Text | OpCode::Binary, None) if f.fin => Ok((f.opcode, f.payload.to_vec())),
+                (OpCode::Text | OpCode::Binary, None) => {
+                    if f.payload.len() > MAX_EVENT_BYTES {
+                        too_big()
+                    } else {
+                        partial = Some((f.opcode, f.payload.to_vec()));
+                        continue;
+                    }
+                }
+                (OpCode::Continuation, None) => Err("a continuation frame outside a message".to_string()),
+                (OpCode::Continuation, Some((_, buf))) => {
+                    if buf.len() + f.payload.len() > MAX_EVENT_BYTES {
+                        too_big()
+                    } else {
+                        buf.extend_from_slice(&f.payload);
+                        if !f.fin {
+                            continue;
+                        }
+                        Ok(partial.take().expect("a message in progress"))
+                    }
+                }
+                (opcode, _) => Ok((opcode, f.payload.to_vec())),
+            },
         };
         let last = item.is_err() || matches!(item, Ok((OpCode::Close, _)));
         if out.send(item).await.is_err() || last {
@@ -598,10 +681,16 @@ async fn read_frames(
 }
 
 async fn send_text(writer: &tokio::sync::Mutex<WsWrite>, text: String) -> Result<(), ConnectionError> {
-    let mut w = writer.lock().await;
-    w.write_frame(Frame::text(Payload::Owned(text.into_bytes())))
-        .await
-        .map_err(|e| ConnectionError::Write(e.to_string()))
+    write(writer, Frame::text(Payload::Owned(text.into_bytes()))).await
+}
+
+/// One write, within [`WRITE_TIMEOUT`]: a peer that stops reading must not hang the driver.
+async fn write(writer: &tokio::sync::Mutex<WsWrite>, frame: Frame<'_>) -> Result<(), ConnectionError> {
+    let write = async { writer.lock().await.write_frame(frame).await };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(r) => r.map_err(|e| ConnectionError::Write(e.to_string())),
+        Err(_) => Err(ConnectionError::Write(format!("not done within {WRITE_TIMEOUT:?}"))),
+    }
 }
 
 /// A close frame: invalid options or a bad message from us are not worth retrying.

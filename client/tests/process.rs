@@ -155,6 +155,28 @@ async fn to_str(f: impl std::future::Future<Output = Result<(), TestCaseError>>)
     f.await.map_err(|e| e.to_string())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_parallel_handler_ends_the_run_with_an_error_and_the_cursor_before_it() {
+    let (tx, rx) = mpsc::channel(8);
+    for t in 1..=5u64 {
+        tx.send(Ok(Message::Event(event(t as u8, t)))).await.unwrap();
+    }
+    // The stream then stays quiet: the panic alone must end the run.
+    let store = contrail_client::MemoryCursorStore::default();
+    let handler = |e: Event| async move {
+        if e.time_us() == 3 {
+            panic!("handler bug at 3");
+        }
+        Ok::<(), String>(())
+    };
+    let opts = ProcessOptions { save_interval: Duration::ZERO, queue_per_worker: 2 };
+    let run = process_parallel(Subscription::from_channel(rx), store.clone(), opts, 2, handler, std::future::pending());
+    let result = tokio::time::timeout(Duration::from_secs(10), run).await.expect("the run ends after the panic");
+    assert!(matches!(&result, Err(ProcessError::HandlerPanicked(m)) if m.contains("handler bug at 3")), "{result:?}");
+    assert!(store.get().is_none_or(|c| c < 3), "the cursor passed the event whose handler panicked: {:?}", store.get());
+    drop(tx);
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap()
 }

@@ -1,0 +1,203 @@
+//! A subscription against servers that misbehave, each a real websocket server on loopback
+//! whose n-th connection follows the n-th script: endless fragments, time going backwards,
+//! a `time_us` in the future, garbage, an HTTP 400. The subscription must stay bounded, say
+//! what happened, and deliver exactly the good events.
+
+use contrail_client::{Error, Message, Subscription};
+use fastwebsockets::{Frame, OpCode, Payload};
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Clone)]
+enum Script {
+    /// Text messages, then the connection stays open.
+    Send(Vec<String>),
+    /// A text message in fragments that never end (1 MiB each), until the client hangs up.
+    EndlessFragments,
+    /// Answer the upgrade with this status.
+    Status(u16),
+}
+
+fn event(time_us: u64) -> String {
+    format!(
+        r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+    )
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
+}
+
+/// Serves connection n with `scripts[min(n, last)]`; counts connections and the bytes of
+/// fragments the client accepted before hanging up.
+struct Server {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    fragment_bytes: Arc<AtomicUsize>,
+}
+
+async fn serve(scripts: Vec<Script>) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let fragment_bytes = Arc::new(AtomicUsize::new(0));
+    let (c, f) = (connections.clone(), fragment_bytes.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            let script = scripts[n.min(scripts.len() - 1)].clone();
+            let f = f.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                    let (script, f) = (script.clone(), f.clone());
+                    async move {
+                        if let Script::Status(code) = script {
+                            let mut r = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                            *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+                            return Ok(r);
+                        }
+                        let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
+                        tokio::spawn(async move {
+                            let Ok(mut ws) = fut.await else { return };
+                            match script {
+                                Script::Send(msgs) => {
+                                    for m in msgs {
+                                        if ws.write_frame(Frame::text(Payload::Owned(m.into_bytes()))).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    // Stay open, answering pings, until the client leaves.
+                                    while let Ok(frame) = ws.read_frame().await {
+                                        if frame.opcode == OpCode::Close {
+                                            return;
+                                        }
+                                    }
+                                }
+                                Script::EndlessFragments => {
+                                    let chunk = vec![b'x'; 1 << 20];
+                                    let first = Frame::new(false, OpCode::Text, None, Payload::Borrowed(b"{\"x\":\""));
+                                    if ws.write_frame(first).await.is_err() {
+                                        return;
+                                    }
+                                    loop {
+                                        let frame =
+                                            Frame::new(false, OpCode::Continuation, None, Payload::Borrowed(&chunk));
+                                        if ws.write_frame(frame).await.is_err() {
+                                            return;
+                                        }
+                                        f.fetch_add(chunk.len(), Ordering::SeqCst);
+                                    }
+                                }
+                                Script::Status(_) => unreachable!(),
+                            }
+                        });
+                        let (parts, _) = resp.into_parts();
+                        Ok::<_, fastwebsockets::WebSocketError>(hyper::Response::from_parts(
+                            parts,
+                            http_body_util::Empty::<bytes::Bytes>::new(),
+                        ))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(tcp);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).with_upgrades().await;
+            });
+        }
+    });
+    Server { addr, connections, fragment_bytes }
+}
+
+fn subscribe(s: &Server, cursor: Option<u64>) -> Subscription {
+    Subscription::builder([format!("ws://{}", s.addr)])
+        .cursor(cursor)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .stale_timeout(Duration::from_secs(3))
+        .start()
+        .unwrap()
+}
+
+async fn next_event(sub: &mut Subscription) -> u64 {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message in time").unwrap() {
+            Message::Event(e) => return e.time_us(),
+            Message::Cursor(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_fragments_are_cut_off_at_the_message_limit() {
+    let t = now_us();
+    let server = serve(vec![Script::EndlessFragments, Script::Send(vec![event(t)])]).await;
+    let mut sub = subscribe(&server, None);
+    // The client hangs up on the first connection and gets the event on the second.
+    assert_eq!(next_event(&mut sub).await, t);
+    // What the server wrote before the client hung up: the 16 MiB limit plus what the two
+    // loopback socket buffers held (a few MiB each). Without the limit it never ends.
+    let accepted = server.fragment_bytes.load(Ordering::SeqCst);
+    assert!(accepted <= 32 << 20, "the client took {accepted} bytes of one message");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_going_backwards_is_not_hidden_and_the_good_events_arrive_once() {
+    let t = now_us();
+    // Connection 1: 10, 20, then 15 (backwards). Connection 2 (resuming at 20): 20 again (the
+    // inclusive repeat), 30.
+    let server = serve(vec![
+        Script::Send(vec![event(t + 10), event(t + 20), event(t + 15), event(t + 40)]),
+        Script::Send(vec![event(t + 20), event(t + 30)]),
+    ])
+    .await;
+    let mut sub = subscribe(&server, Some(t));
+    let got = [next_event(&mut sub).await, next_event(&mut sub).await, next_event(&mut sub).await];
+    assert_eq!(got, [t + 10, t + 20, t + 30]);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2, "the backwards event did not end the connection");
+    assert_eq!(sub.stats().duplicates_dropped.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_us_in_the_future_and_garbage_do_not_become_positions() {
+    let t = now_us();
+    let future = t + 10 * 3_600_000_000;
+    let server = serve(vec![
+        Script::Send(vec!["not json".into(), event(t + 1), event(future)]),
+        Script::Send(vec![event(t + 1), event(t + 2)]),
+    ])
+    .await;
+    let mut sub = subscribe(&server, Some(t));
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    // The future event ends the connection; the next resumes at t+1, not at the future.
+    assert_eq!(next_event(&mut sub).await, t + 2);
+    assert_eq!(sub.stats().malformed.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_ends_the_subscription_with_the_reason_and_a_404_is_retried() {
+    let server = serve(vec![Script::Status(400)]).await;
+    let mut sub = subscribe(&server, None);
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::Refused { reason, .. } if reason.contains("400")), "{err}");
+    assert!(!err.is_retryable());
+    assert!(matches!(sub.next().await, Err(Error::Ended)));
+
+    let t = now_us();
+    let server = serve(vec![Script::Status(404), Script::Status(503), Script::Send(vec![event(t)])]).await;
+    let mut sub = subscribe(&server, None);
+    assert_eq!(next_event(&mut sub).await, t);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 3);
+
+    // With a limit on attempts, a host that never answers ends in a retryable error.
+    let server = serve(vec![Script::Status(503)]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .backoff(Duration::from_millis(10), Duration::from_millis(20))
+        .max_attempts(3)
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Unreachable { attempts: 3, .. }), "{err}");
+    assert!(err.is_retryable());
+}
