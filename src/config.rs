@@ -77,6 +77,10 @@ pub struct TailArgs {
     /// Contrail's #sync events too.
     #[arg(long)]
     pub include_sync: bool,
+    /// The wire: v1 (`/subscribe`) or v2 (`subscribeEvents`; lines are v2 messages, and
+    /// --cursor is a seq: on Contrail the same number as time_us).
+    #[arg(long, default_value = "v1", value_parser = ["v1", "v2"])]
+    pub wire: String,
     /// The servers do not share time_us (Jetstream instances): on failover, resume this far
     /// back and drop the events already printed. Default: exact cursor (Contrail replicas).
     #[arg(long, value_parser = parse_duration)]

@@ -4,7 +4,7 @@
 //! which `--cursor` resumes where it left off.
 
 use crate::config::TailArgs;
-use contrail_client::{Failover, Filters, Message, Subscription};
+use contrail_client::{Failover, Filters, Message, Subscription, Wire};
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         .compress(args.compress)
         .include_sync(args.include_sync)
         .failover(failover)
+        .wire(if args.wire == "v2" { Wire::V2 } else { Wire::V1 })
         .start()?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());

@@ -259,6 +259,64 @@ async fn failover_between_independent_servers_rewinds_and_drops_what_it_had() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_v2_wire_delivers_the_same_events_and_filters_change_by_reconnecting() {
+    let gen = generate(1, 800, 20, 36);
+    let relay = relay_with(&gen).await;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(800, Duration::from_secs(30));
+    let log: Vec<Event> = inspect_log(pd.path()).into_iter().map(|l| Event::from_json(l).unwrap()).collect();
+    let fields = |e: &Event| {
+        (e.time_us(), e.kind(), e.did().to_string(), e.collection().map(str::to_string), e.rkey().map(str::to_string))
+    };
+    for compress in [false, true] {
+        // v2 cursors are seqs; Contrail's are time_us (≥ 10¹⁵): this one is older than the log.
+        let mut sub = builder(&[&primary])
+            .wire(contrail_client::Wire::V2)
+            .compress(compress)
+            .include_sync(true)
+            .cursor(Some(1_000_000_000_000_000))
+            .start()
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < log.len() {
+            match tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event in time").unwrap() {
+                contrail_client::Message::Event(e) => {
+                    assert_eq!(e.wire(), contrail_client::Wire::V2);
+                    assert!(e.json().starts_with(r#"{"$type":"message""#), "{}", e.json());
+                    got.push(e);
+                }
+                contrail_client::Message::Cursor(_) => {}
+            }
+        }
+        let want: Vec<_> = log.iter().map(fields).collect();
+        assert!(got.iter().map(fields).eq(want), "compress={compress}: the v2 events differ from the log");
+        // Records read the same through both wires.
+        let (a, b) = (got.iter().find(|e| e.commit().is_some_and(|c| c.record.is_some())).unwrap(), &log);
+        let same = b.iter().find(|e| e.time_us() == a.time_us()).unwrap();
+        assert_eq!(a.commit().unwrap().record.unwrap().get(), same.commit().unwrap().record.unwrap().get());
+        // New filters: the v2 subscription reconnects from where it was, with them.
+        let before = sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed);
+        sub.set_filters(contrail_client::Filters { collections: vec!["app.bsky.feed.post".into()], dids: vec![] })
+            .unwrap();
+        relay.push(801, common::frames::identity_frame(801, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", None));
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("a message").unwrap();
+            if let contrail_client::Message::Event(e) = m {
+                assert!(e.time_us() > log.last().unwrap().time_us(), "a repeat after the filter change");
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), before + 1);
+        relay.clear();
+        for g in &gen {
+            relay.push(g.seq, g.frame.clone());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
     let gen = generate(1, 600, 20, 35);
     let relay = relay_with(&gen).await;
@@ -272,9 +330,12 @@ async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
         .filter(|l| !l.contains(r#""kind":"commit""#) || l.contains(r#""collection":"app.bsky.feed.like""#))
         .collect();
     assert!(likes.len() > 50);
-    for compress in [false, true] {
+    for (compress, wire) in [(false, "v1"), (true, "v1"), (true, "v2")] {
         let mut cmd = std::process::Command::new(bin());
-        cmd.args(["tail", &format!("ws://{}", primary.public), "--collections", "app.bsky.feed.like", "--cursor", "0"]);
+        // On v2 the cursor is a seq; Contrail's are time_us, so 10¹⁵ is "older than the log".
+        let cursor = if wire == "v2" { "1000000000000000" } else { "0" };
+        cmd.args(["tail", &format!("ws://{}", primary.public), "--collections", "app.bsky.feed.like"]);
+        cmd.args(["--cursor", cursor, "--wire", wire]);
         if compress {
             cmd.arg("--compress");
         }
@@ -292,7 +353,14 @@ async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
         }
         let lines = reader.join().unwrap();
         assert_eq!(lines.len(), likes.len());
-        if let Some((a, b)) = lines.iter().zip(&likes).find(|(a, b)| a != *b) {
+        if wire == "v2" {
+            // v2 messages of the same events, in the same order.
+            for (line, like) in lines.iter().zip(&likes) {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(v["$type"], "message", "{line}");
+                assert_eq!(v["payload"]["seq"].as_u64(), Some(time_of(like)), "{line}");
+            }
+        } else if let Some((a, b)) = lines.iter().zip(&likes).find(|(a, b)| a != *b) {
             panic!("tail printed\n{a}\nwhere the server has\n{b}");
         }
         // Ctrl-C: a clean exit that names the cursor to resume from.

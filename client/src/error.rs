@@ -58,6 +58,9 @@ pub(crate) enum ConnectionError {
     /// Not retryable: see [`Error::Refused`].
     #[error("{0}")]
     Refused(String),
+    /// New filters on the v2 wire: reconnect with them (not a failure).
+    #[error("the filters changed")]
+    FiltersChanged,
     /// The consumer dropped the subscription.
     #[error("the subscription was dropped")]
     Dropped,

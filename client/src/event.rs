@@ -95,10 +95,22 @@ pub enum EventError {
     TooLarge,
 }
 
+/// Which Jetstream wire a message came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    /// `/subscribe`: the event JSON itself (`did`, `time_us`, `kind`, …).
+    #[default]
+    V1,
+    /// `subscribeEvents`: `{"$type":"message","payload":{"$type":"…#commit",…,"seq":…}}`;
+    /// the position is `seq` (on Contrail, the same number as v1's `time_us`).
+    V2,
+}
+
 /// One event (see the module doc). Cloning copies the text.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Event {
     raw: String,
+    wire: Wire,
     time_us: u64,
     kind: Kind,
     did: Text,
@@ -155,7 +167,73 @@ impl Event {
             rkey: Text::of(&raw, c.rkey),
             rev: Text::of(&raw, c.rev),
         });
-        Ok(Event { time_us: env.time_us, kind, did, commit, raw })
+        Ok(Event { time_us: env.time_us, kind, did, commit, raw, wire: Wire::V1 })
+    }
+
+    /// Reads a Jetstream v2 message: an event, or what else the server said.
+    pub fn from_v2_json(raw: String) -> Result<V2Message, EventError> {
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(rename = "$type", borrow)]
+            ty: Cow<'a, str>,
+            #[serde(borrow)]
+            payload: Option<Payload<'a>>,
+            #[serde(borrow)]
+            error: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            message: Option<Cow<'a, str>>,
+        }
+        #[derive(Deserialize)]
+        struct Payload<'a> {
+            #[serde(rename = "$type", borrow)]
+            ty: Cow<'a, str>,
+            #[serde(borrow)]
+            did: Option<Cow<'a, str>>,
+            seq: Option<u64>,
+            #[serde(borrow)]
+            name: Option<Cow<'a, str>>,
+            #[serde(borrow)]
+            message: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            rev: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            operation: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            collection: Option<Cow<'a, str>>,
+            #[serde(borrow, default)]
+            rkey: Option<Cow<'a, str>>,
+            #[serde(default)]
+            #[allow(dead_code)]
+            record: Option<IgnoredAny>,
+        }
+        if raw.len() > u32::MAX as usize {
+            return Err(EventError::TooLarge);
+        }
+        let env: Envelope<'_> = serde_json::from_str(&raw)?;
+        let missing = |what: &str| EventError::Json(serde::de::Error::custom(format!("a v2 message without {what}")));
+        if env.ty == "error" {
+            let error = env.error.unwrap_or_default().into_owned();
+            return Ok(V2Message::Error { error, message: env.message.unwrap_or_default().into_owned() });
+        }
+        let p = env.payload.ok_or_else(|| missing("a payload"))?;
+        let kind = p.ty.rsplit_once('#').map_or("", |(_, k)| k);
+        if kind == "info" {
+            let name = p.name.unwrap_or_default().into_owned();
+            return Ok(V2Message::Info { name, message: p.message.unwrap_or_default().into_owned() });
+        }
+        let time_us = p.seq.ok_or_else(|| missing("seq"))?;
+        let did = Text::of(&raw, p.did.ok_or_else(|| missing("did"))?);
+        let kind = Kind::parse(kind);
+        let commit = match (kind, p.collection) {
+            (Kind::Commit, Some(collection)) => Some(CommitHead {
+                operation: p.operation.as_deref().and_then(Operation::parse),
+                collection: Text::of(&raw, collection),
+                rkey: Text::of(&raw, p.rkey.unwrap_or_default()),
+                rev: Text::of(&raw, p.rev.unwrap_or_default()),
+            }),
+            _ => None,
+        };
+        Ok(V2Message::Event(Event { raw, wire: Wire::V2, time_us, kind, did, commit }))
     }
 
     /// The server's position of this event: the cursor to resume from.
@@ -205,17 +283,43 @@ impl Event {
         serde_json::from_str(&self.raw)
     }
 
+    /// The wire this event came on.
+    pub fn wire(&self) -> Wire {
+        self.wire
+    }
+
+    /// The object holding the event's fields: the message itself on v1, its `payload` on v2.
+    fn body(&self) -> Option<&RawValue> {
+        match self.wire {
+            Wire::V1 => serde_json::from_str(&self.raw).ok(),
+            Wire::V2 => {
+                #[derive(Deserialize)]
+                struct Outer<'a> {
+                    #[serde(borrow)]
+                    payload: &'a RawValue,
+                }
+                serde_json::from_str::<Outer<'_>>(&self.raw).ok().map(|o| o.payload)
+            }
+        }
+    }
+
+    /// One field of the body, as `T`.
+    fn field<'a, T: Deserialize<'a>>(&'a self, name: &str) -> Option<T> {
+        let fields: std::collections::HashMap<Cow<'a, str>, &'a RawValue> =
+            serde_json::from_str(self.body()?.get()).ok()?;
+        serde_json::from_str(fields.get(name)?.get()).ok()
+    }
+
     /// A commit's fields, its record as raw JSON (no copy, no parse of the record).
     pub fn commit(&self) -> Option<Commit<'_>> {
         if self.kind != Kind::Commit {
             return None;
         }
-        #[derive(Deserialize)]
-        struct Outer<'a> {
-            #[serde(borrow)]
-            commit: Commit<'a>,
+        match self.wire {
+            Wire::V1 => self.field("commit"),
+            // v2 carries the commit's fields in the payload itself.
+            Wire::V2 => serde_json::from_str(self.body()?.get()).ok(),
         }
-        self.parse::<Outer<'_>>().ok().map(|o| o.commit)
     }
 
     /// A commit's record as the caller's type (`None` for deletes and non-commits).
@@ -224,32 +328,18 @@ impl Event {
         Some(serde_json::from_str(record.get()))
     }
 
+    /// An `#identity` event's fields (the relay's, as both wires carry them).
     pub fn identity(&self) -> Option<Identity<'_>> {
-        #[derive(Deserialize)]
-        struct Outer<'a> {
-            #[serde(borrow)]
-            identity: Identity<'a>,
-        }
-        (self.kind == Kind::Identity).then(|| self.parse::<Outer<'_>>().ok().map(|o| o.identity))?
+        (self.kind == Kind::Identity).then(|| self.field("identity"))?
     }
 
     pub fn account(&self) -> Option<Account<'_>> {
-        #[derive(Deserialize)]
-        struct Outer<'a> {
-            #[serde(borrow)]
-            account: Account<'a>,
-        }
-        (self.kind == Kind::Account).then(|| self.parse::<Outer<'_>>().ok().map(|o| o.account))?
+        (self.kind == Kind::Account).then(|| self.field("account"))?
     }
 
-    /// A `#sync` event's fields (Contrail's `includeSync`).
+    /// A `#sync` event's fields (Contrail's `includeSync`; v2's `kinds=sync`).
     pub fn sync(&self) -> Option<Sync<'_>> {
-        #[derive(Deserialize)]
-        struct Outer<'a> {
-            #[serde(borrow)]
-            sync: Sync<'a>,
-        }
-        (self.kind == Kind::Sync).then(|| self.parse::<Outer<'_>>().ok().map(|o| o.sync))?
+        (self.kind == Kind::Sync).then(|| self.field("sync"))?
     }
 
     /// The identity of this event for de-duplication across servers whose `time_us` differ:
@@ -265,21 +355,17 @@ impl Event {
                 (self.rev(), self.collection(), self.rkey(), self.operation()).hash(&mut h);
             }
             None => {
+                // The relay's seq, inside the kind's object (on both wires).
                 #[derive(Deserialize)]
                 struct Seq {
                     seq: Option<i64>,
                 }
-                #[derive(Deserialize)]
-                struct Outer {
-                    identity: Option<Seq>,
-                    account: Option<Seq>,
-                    sync: Option<Seq>,
-                }
-                let seq = serde_json::from_str::<Outer>(&self.raw)
-                    .ok()
-                    .and_then(|o| o.identity.or(o.account).or(o.sync))
-                    .and_then(|s| s.seq);
-                match seq {
+                let inner = match self.kind {
+                    Kind::Identity => "identity",
+                    Kind::Account => "account",
+                    _ => "sync",
+                };
+                match self.field::<Seq>(inner).and_then(|s| s.seq) {
                     Some(seq) => seq.hash(&mut h),
                     None => self.raw.hash(&mut h),
                 }
@@ -303,11 +389,28 @@ impl serde::Serialize for Event {
     }
 }
 
+/// Deserialized from v1 JSON.
 impl<'de> serde::Deserialize<'de> for Event {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(d)?;
         Event::from_json(String::from(raw.get())).map_err(serde::de::Error::custom)
     }
+}
+
+/// What a v2 server sends.
+#[derive(Debug)]
+pub enum V2Message {
+    Event(Event),
+    /// `#info` (`OutdatedCursor`, `FutureCursor`): informational.
+    Info {
+        name: String,
+        message: String,
+    },
+    /// An error frame (`ConsumerTooSlow`, `InternalError`); the server closes next.
+    Error {
+        error: String,
+        message: String,
+    },
 }
 
 /// A commit, borrowing from its event.
@@ -415,6 +518,37 @@ mod tests {
         assert_eq!(o.kind(), Kind::Other);
         assert!(Event::from_json(r#"{"did":"did:plc:x","kind":"commit"}"#.into()).is_err());
         assert!(Event::from_json("not json".into()).is_err());
+    }
+
+    #[test]
+    fn v2_messages() {
+        let commit = r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#commit","cid":"bafyreib","collection":"app.bsky.feed.post","did":"did:plc:abc","operation":"create","record":{"text":"hi"},"rev":"3l3qo2vutsw2b","rkey":"3l3qo2vuowo2b","seq":1725911162329308,"time":"2024-09-09T19:46:02.329308Z"}}"#;
+        let V2Message::Event(e) = Event::from_v2_json(commit.into()).unwrap() else { panic!() };
+        assert_eq!(
+            (e.wire(), e.time_us(), e.kind(), e.did()),
+            (Wire::V2, 1725911162329308, Kind::Commit, "did:plc:abc")
+        );
+        assert_eq!(
+            (e.collection(), e.rkey(), e.operation()),
+            (Some("app.bsky.feed.post"), Some("3l3qo2vuowo2b"), Some(Operation::Create))
+        );
+        assert_eq!(e.commit().unwrap().record.unwrap().get(), r#"{"text":"hi"}"#);
+        assert_eq!(e.json(), commit);
+        // The same event on v1 has the same identity.
+        let v1 = Event::from_json(POST.to_string()).unwrap();
+        assert_eq!(e.identity_key(), v1.identity_key());
+        let identity = r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#identity","did":"did:plc:x","identity":{"did":"did:plc:x","handle":"x.test","seq":9,"time":"t"},"seq":1725911162329309,"time":"t"}}"#;
+        let V2Message::Event(i) = Event::from_v2_json(identity.into()).unwrap() else { panic!() };
+        assert_eq!((i.kind(), i.identity().unwrap().seq), (Kind::Identity, 9));
+        let info = r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#info","name":"OutdatedCursor","message":"m"}}"#;
+        assert!(
+            matches!(Event::from_v2_json(info.into()).unwrap(), V2Message::Info { name, .. } if name == "OutdatedCursor")
+        );
+        let error = r#"{"$type":"error","error":"ConsumerTooSlow","message":"resume with cursor=5"}"#;
+        assert!(
+            matches!(Event::from_v2_json(error.into()).unwrap(), V2Message::Error { error, .. } if error == "ConsumerTooSlow")
+        );
+        assert!(Event::from_v2_json(r#"{"$type":"message","payload":{"$type":"x#commit","did":"d"}}"#.into()).is_err());
     }
 
     #[test]

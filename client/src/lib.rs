@@ -38,7 +38,7 @@ pub mod transport;
 
 pub use cursor::{CursorStore, FileCursorStore, MemoryCursorStore};
 pub use error::Error;
-pub use event::{Event, Kind, Operation};
+pub use event::{Event, Kind, Operation, Wire};
 pub use process::{process, process_parallel, ProcessError, ProcessOptions};
 pub use subscription::{Builder, Failover, Message, Subscription};
 

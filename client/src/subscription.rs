@@ -14,7 +14,7 @@
 
 use crate::backoff::Backoff;
 use crate::error::{ConnectionError, Error};
-use crate::event::Event;
+use crate::event::{Event, V2Message, Wire};
 use crate::transport::{self, ClientError, WsUrl};
 use crate::Filters;
 use fastwebsockets::{Frame, OpCode, Payload};
@@ -87,6 +87,7 @@ pub struct Builder {
     compress: bool,
     dictionary: Option<Vec<u8>>,
     failover: Failover,
+    wire: Wire,
     include_sync: bool,
     stale_timeout: Duration,
     connect_timeout: Duration,
@@ -109,6 +110,7 @@ impl Builder {
             compress: false,
             dictionary: None,
             failover: Failover::ExactCursor,
+            wire: Wire::V1,
             include_sync: false,
             stale_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
@@ -161,6 +163,15 @@ impl Builder {
         self
     }
 
+    /// Which Jetstream wire to speak: v1 `/subscribe` (the default: filters change without
+    /// reconnecting, cursor messages) or v2 `subscribeEvents` (server-push only: a filter
+    /// change reconnects from the last position; the ping is the only heartbeat). Events
+    /// keep the text of their wire ([`Event::json`]); the accessors read both.
+    pub fn wire(mut self, wire: Wire) -> Self {
+        self.wire = wire;
+        self
+    }
+
     /// Contrail's `#sync` events too (`includeSync=true`).
     pub fn include_sync(mut self, on: bool) -> Self {
         self.include_sync = on;
@@ -208,7 +219,7 @@ impl Builder {
         let urls = self
             .urls
             .iter()
-            .map(|u| WsUrl::parse_with_path(&ws_scheme(u), "/subscribe"))
+            .map(|u| WsUrl::parse_with_path(&ws_scheme(u), endpoint(self.wire)))
             .collect::<Result<Vec<_>, _>>()?;
         self.filters.validate()?;
         let (out_tx, out_rx) = mpsc::channel(self.buffer);
@@ -234,6 +245,24 @@ impl Builder {
         let task = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
         Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task })
     }
+}
+
+const V1_ENDPOINT: &str = "/subscribe";
+const V2_ENDPOINT: &str = "/xrpc/network.bsky.jetstream.subscribeEvents";
+
+fn endpoint(wire: Wire) -> &'static str {
+    match wire {
+        Wire::V1 => V1_ENDPOINT,
+        Wire::V2 => V2_ENDPOINT,
+    }
+}
+
+/// The dictionary's own id, from its header (zstd magic `0xEC30A437`, then the id, LE).
+fn dictionary_id(dict: &[u8]) -> Option<u32> {
+    if dict.len() < 8 || dict[..4] != [0x37, 0xA4, 0x30, 0xEC] {
+        return None;
+    }
+    Some(u32::from_le_bytes([dict[4], dict[5], dict[6], dict[7]]))
 }
 
 /// `http(s)://` is accepted for `ws(s)://`.
@@ -341,6 +370,7 @@ impl Driver {
             let url = self.urls[self.current].to_string();
             match ended {
                 ConnectionError::Dropped => return,
+                ConnectionError::FiltersChanged => continue,
                 ConnectionError::Refused(reason) => {
                     tracing::error!(%url, %reason, "the server refused the subscription");
                     let _ = self.out.send(Err(Error::Refused { url, reason })).await;
@@ -387,7 +417,10 @@ impl Driver {
         }
     }
 
-    fn target(&self, url: &WsUrl, hello: bool) -> String {
+    fn target(&self, url: &WsUrl, hello: bool, dictionary_id: Option<u32>) -> String {
+        if self.opts.wire == Wire::V2 {
+            return self.target_v2(url, dictionary_id);
+        }
         let mut params = Vec::new();
         if !hello {
             params.extend(self.opts.filters.query_params());
@@ -408,28 +441,59 @@ impl Driver {
         url.target_with(params.into_iter())
     }
 
+    /// v2's parameters: `dids`, `collections`, `kinds` (sync only when asked, as on v1),
+    /// `cursor` (= seq), `zstdDictionary`.
+    fn target_v2(&self, url: &WsUrl, dictionary_id: Option<u32>) -> String {
+        let f = &self.opts.filters;
+        let mut params: Vec<String> = f.dids.iter().map(|d| format!("dids={}", crate::encode(d))).collect();
+        params.extend(f.collections.iter().map(|c| format!("collections={}", crate::encode(c))));
+        if !self.opts.include_sync {
+            params.extend(["kinds=commit", "kinds=identity", "kinds=account"].map(String::from));
+        }
+        if let Some(c) = self.resume_cursor() {
+            params.push(format!("cursor={c}"));
+        }
+        if let Some(id) = dictionary_id {
+            params.push(format!("zstdDictionary={id}"));
+        }
+        url.target_with(params.into_iter())
+    }
+
     async fn connection(&mut self) -> ConnectionError {
         let url = self.urls[self.current].clone();
         let timeout = self.opts.connect_timeout;
         let mut decompressor = None;
+        let mut dict_id = None;
         if self.opts.compress {
             let dict = match &self.opts.dictionary {
                 Some(d) => d.clone(),
                 None => {
-                    let base = url.path.strip_suffix("/subscribe").unwrap_or("");
-                    match transport::http_get(&url, &format!("{base}/dictionary"), timeout).await {
+                    let base = url.path.strip_suffix(endpoint(self.opts.wire)).unwrap_or("");
+                    let path = match self.opts.wire {
+                        Wire::V1 => format!("{base}/dictionary"),
+                        Wire::V2 => format!("{base}/xrpc/network.bsky.jetstream.getZstdDictionary"),
+                    };
+                    match transport::http_get(&url, &path, timeout).await {
                         Ok(d) => d,
                         Err(e) => return ConnectionError::Dictionary(e.to_string()),
                     }
                 }
             };
+            // v2 names the dictionary in the query (`zstdDictionary`); its id is in its header.
+            if self.opts.wire == Wire::V2 {
+                match dictionary_id(&dict) {
+                    Some(id) => dict_id = Some(id),
+                    None => return ConnectionError::Dictionary("a dictionary without an id in its header".into()),
+                }
+            }
             match zstd::bulk::Decompressor::with_dictionary(&dict) {
                 Ok(d) => decompressor = Some(d),
                 Err(e) => return ConnectionError::Dictionary(e.to_string()),
             }
         }
-        let hello = self.opts.filters.query_params().map(|p| p.len() + 1).sum::<usize>() > MAX_QUERY_BYTES;
-        let mut ws = match transport::connect(&url, self.target(&url, hello), timeout).await {
+        let hello = self.opts.wire == Wire::V1
+            && self.opts.filters.query_params().map(|p| p.len() + 1).sum::<usize>() > MAX_QUERY_BYTES;
+        let mut ws = match transport::connect(&url, self.target(&url, hello, dict_id), timeout).await {
             Ok(ws) => ws,
             // 400 is an answer about the request itself (the filters, the cursor): every host
             // would give it. Other statuses (a proxy's 403 or 404, 429, 5xx) are this host's.
@@ -458,11 +522,16 @@ impl Driver {
         ping.tick().await;
         loop {
             let frame = tokio::select! {
-                f = tokio::time::timeout(stale, frames.recv()) => f,
+                // Commands first: a filter change applies before more buffered frames.
+                biased;
                 cmd = self.commands.recv() => {
                     match cmd {
                         Some(Command::Filters(f)) => {
                             self.opts.filters = f;
+                            if self.opts.wire == Wire::V2 {
+                                // No client messages on v2: reconnect from here with them.
+                                return ConnectionError::FiltersChanged;
+                            }
                             if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
                                 return e;
                             }
@@ -478,6 +547,7 @@ impl Driver {
                     }
                     continue;
                 }
+                f = tokio::time::timeout(stale, frames.recv()) => f,
             };
             let (opcode, payload) = match frame {
                 Err(_) => return ConnectionError::Stale(stale),
@@ -535,7 +605,24 @@ impl Driver {
             Failover::Rewind(d) => d.as_micros() as u64,
             Failover::ExactCursor => 0,
         };
-        let message = if let Some(cursor) = cursor_message(&text) {
+        let v1_text = match self.opts.wire {
+            Wire::V1 => text,
+            Wire::V2 => match Event::from_v2_json(text) {
+                Ok(V2Message::Event(e)) => return self.deliver_event(e, same_timeline).await,
+                Ok(V2Message::Info { name, message }) => {
+                    tracing::info!(url = %self.urls[self.current], %name, %message, "the server says");
+                    return Ok(());
+                }
+                Ok(V2Message::Error { error, message }) => {
+                    return Err(ConnectionError::Closed { code: 1011, reason: format!("{error}: {message}") });
+                }
+                Err(e) => {
+                    self.malformed(&format!("a message that is not a v2 event ({e})"));
+                    return Ok(());
+                }
+            },
+        };
+        let message = if let Some(cursor) = cursor_message(&v1_text) {
             check_not_future(cursor)?;
             // A position in this host's timeline. After a rewind onto another host it is
             // comparable only once it is a whole rewind past the last position (the hosts'
@@ -546,45 +633,54 @@ impl Driver {
             }
             Message::Cursor(cursor)
         } else {
-            let event = match Event::from_json(text) {
+            let event = match Event::from_json(v1_text) {
                 Ok(e) => e,
                 Err(e) => {
                     self.malformed(&format!("a message that is not an event ({e})"));
                     return Ok(());
                 }
             };
-            check_not_future(event.time_us())?;
-            if let Some(d) = &mut self.dedupe {
-                if d.seen(&event) {
+            return self.deliver_event(event, same_timeline).await;
+        };
+        self.send(message).await
+    }
+
+    /// Checks an event against the position (future, duplicate, backwards) and hands it over.
+    async fn deliver_event(&mut self, event: Event, same_timeline: bool) -> Result<(), ConnectionError> {
+        check_not_future(event.time_us())?;
+        if let Some(d) = &mut self.dedupe {
+            if d.seen(&event) {
+                self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+        if same_timeline {
+            match self.last {
+                // The inclusive cursor's repeat.
+                Some(l) if event.time_us() == l => {
                     self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-            }
-            if same_timeline {
-                match self.last {
-                    // The inclusive cursor's repeat.
-                    Some(l) if event.time_us() == l => {
-                        self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                        return Ok(());
-                    }
-                    // Dropping it would hide a server that went back in time (a restored
-                    // backup, a replica of another primary); reconnect, fail over, and say so.
-                    Some(l) if event.time_us() < l => {
-                        return Err(ConnectionError::Protocol(format!(
-                            "an event at time_us {} after {l}: this host's timeline went backwards",
-                            event.time_us()
-                        )));
-                    }
-                    _ => {}
+                // Dropping it would hide a server that went back in time (a restored backup, a
+                // replica of another primary); reconnect, fail over, and say so.
+                Some(l) if event.time_us() < l => {
+                    return Err(ConnectionError::Protocol(format!(
+                        "an event at time_us {} after {l}: this host's timeline went backwards",
+                        event.time_us()
+                    )));
                 }
+                _ => {}
             }
-            if let Some(d) = &mut self.dedupe {
-                d.remember(&event);
-            }
-            Message::Event(event)
-        };
+        }
+        if let Some(d) = &mut self.dedupe {
+            d.remember(&event);
+        }
+        self.send(Message::Event(event)).await
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), ConnectionError> {
+        self.origin = Some(Origin::Host(self.current));
         self.last = Some(message.time_us());
-        self.origin = Some(here);
         self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)
     }
 }
