@@ -15,31 +15,79 @@ pub struct FramesSummary {
     pub drops: BTreeMap<DropReason, u64>,
 }
 
+/// Frames per unit of work handed to a transcoding thread.
+const CHUNK_FRAMES: usize = 256;
+
+/// One chunk's transcoding, before stamping (which must happen in order).
+struct Chunk {
+    index: usize,
+    events: Vec<crate::event::Event>,
+    frame_types: Vec<FrameType>,
+    drops: Vec<DropReason>,
+}
+
 /// `contrail inspect frames FILE`: one v1 event per line on `out`, `time_us` stamped by the
-/// server's rule; the summary is returned for stderr.
+/// server's rule; the summary is returned for stderr. Frames are independent, so every core
+/// transcodes chunks of them; this thread puts the chunks back in order, stamps and writes.
 pub fn frames(path: &std::path::Path, max_frame_bytes: usize, out: &mut impl Write) -> anyhow::Result<FramesSummary> {
-    let frames = framefile::read_frames(path)?;
-    let mut tx = Transcoder::new(max_frame_bytes);
+    let file = framefile::FrameFile::read(path)?;
+    let frames = file.frames()?;
+    let chunks: Vec<&[&[u8]]> = frames.chunks(CHUNK_FRAMES).collect();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut stamper = Stamper::default();
     let mut summary = FramesSummary::default();
-    let (mut events, mut op_drops) = (Vec::new(), Vec::new());
     let mut progress = crate::progress::Progress::new("frames", Some(frames.len() as u64));
-    for frame in &frames {
-        progress.add(1);
-        events.clear();
-        op_drops.clear();
-        let info = tx.transcode(frame, &mut events, &mut op_drops);
-        *summary.frames.entry(info.frame_type.as_str()).or_default() += 1;
-        for reason in info.dropped.iter().chain(op_drops.iter()) {
-            *summary.drops.entry(*reason).or_default() += 1;
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(2 * workers);
+        for _ in 0..workers {
+            let (tx, chunks, next) = (tx.clone(), &chunks, &next);
+            scope.spawn(move || {
+                let mut transcoder = Transcoder::new(max_frame_bytes);
+                let mut op_drops = Vec::new();
+                loop {
+                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(index) else { return };
+                    let mut c = Chunk { index, events: Vec::new(), frame_types: Vec::new(), drops: Vec::new() };
+                    for frame in chunk.iter() {
+                        op_drops.clear();
+                        let info = transcoder.transcode(frame, &mut c.events, &mut op_drops);
+                        c.frame_types.push(info.frame_type);
+                        c.drops.extend(info.dropped.iter().chain(op_drops.iter()).copied());
+                    }
+                    // The receiver is gone only when writing failed: stop.
+                    if tx.send(c).is_err() {
+                        return;
+                    }
+                }
+            });
         }
-        for ev in events.iter_mut() {
-            ev.stamp(stamper.next(now_us()));
-            *summary.events.entry(ev.kind.as_str()).or_default() += 1;
-            out.write_all(ev.json())?;
-            out.write_all(b"\n")?;
+        drop(tx);
+        // Chunks finish out of order; they are written in order.
+        let mut pending = BTreeMap::new();
+        let mut want = 0;
+        for chunk in rx {
+            pending.insert(chunk.index, chunk);
+            while let Some(mut c) = pending.remove(&want) {
+                want += 1;
+                progress.add(c.frame_types.len() as u64);
+                for t in &c.frame_types {
+                    *summary.frames.entry(t.as_str()).or_default() += 1;
+                }
+                for reason in &c.drops {
+                    *summary.drops.entry(*reason).or_default() += 1;
+                }
+                for ev in c.events.iter_mut() {
+                    ev.stamp(stamper.next(now_us()));
+                    *summary.events.entry(ev.kind.as_str()).or_default() += 1;
+                    out.write_all(ev.json())?;
+                    out.write_all(b"\n")?;
+                }
+            }
         }
-    }
+        anyhow::ensure!(want == chunks.len(), "a transcoding thread stopped early");
+        Ok(())
+    })?;
     progress.finish();
     debug_assert!(FrameType::ALL.len() == 8);
     Ok(summary)

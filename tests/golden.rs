@@ -116,3 +116,43 @@ fn golden_records_round_trip_through_dag_cbor() {
     }
     assert_eq!(checked, 7, "golden file has 7 create/update records");
 }
+
+/// Many chunks, transcoded on every core: the output is still in relay order, each event once,
+/// with strictly increasing time_us.
+#[test]
+fn inspect_frames_keeps_relay_order_across_threads() {
+    let gen = common::frames::generate(1, 3_000, 200, 91);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frames.bin");
+    std::fs::write(&path, contrail::framefile::encode_frames(gen.iter().map(|g| g.frame.as_slice()))).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(["inspect", "frames"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let expected: Vec<(String, &str, String, String)> = gen.iter().flat_map(|g| g.expected.clone()).collect();
+    let got: Vec<(String, String, String, String)> = stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_string();
+            (s(&v["did"]), s(&v["kind"]), s(&v["commit"]["collection"]), s(&v["commit"]["rkey"]))
+        })
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert!(
+            g.0 == e.0 && g.1 == e.1 && g.2 == e.2 && g.3 == e.3,
+            "event {i}: {g:?} where the relay order has {e:?}"
+        );
+    }
+    let times: Vec<u64> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "time_us not strictly increasing");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("frames 3000:"), "{stderr}");
+}
