@@ -5,6 +5,7 @@
 //! - [`stream`]: one subscriber's position, walking log → ring → log (DESIGN.md invariant 4).
 //! - [`slow`]: the slow-subscriber rule; [`close`]: close reasons with their codes.
 //! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
+//!   [`replay_cache`]: log events shared by replayers close to each other;
 //!   [`options`]: the query and `options_update` (in the pure core crate).
 //!
 //! The hub is built from what it needs — the log and its tip, the ring, metrics, the
@@ -65,6 +66,7 @@ pub mod close;
 pub mod compress;
 pub(crate) mod handshake;
 pub mod limits;
+pub mod replay_cache;
 pub(crate) mod session;
 pub(crate) mod slow;
 pub(crate) mod stream;
@@ -174,6 +176,8 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// Every subscriber task, so shutdown can wait for them.
     pub tasks: TaskTracker,
+    /// Events replayed from the log, shared by replayers close to each other.
+    pub replay_cache: Arc<replay_cache::ReplayCache>,
 }
 
 impl Hub {
@@ -198,6 +202,7 @@ impl Hub {
             limits,
             shutdown,
             tasks: TaskTracker::new(),
+            replay_cache: Arc::new(replay_cache::ReplayCache::new(replay_cache::DEFAULT_REPLAY_CACHE_BYTES)),
         }
     }
 }

@@ -335,7 +335,10 @@ impl Session {
             replay_reads: hub.metrics.replay_reads.clone(),
             lagging: hub.metrics.lagging_subscribers.clone(),
         };
-        self.stream = Some(EventStream::new(hub.log.clone(), &hub.tip, ring, self.filter.clone(), start, metrics));
+        self.stream = Some(
+            EventStream::new(hub.log.clone(), &hub.tip, ring, self.filter.clone(), start, metrics)
+                .with_replay_cache(hub.replay_cache.clone()),
+        );
     }
 
     async fn wait_for_hello(&mut self, ctl: &mut mpsc::Receiver<Control>) -> Result<(), CloseReason> {

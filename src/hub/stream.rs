@@ -95,6 +95,8 @@ pub struct EventStream {
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
     metrics: StreamMetrics,
+    /// Decoded log events shared with the other replayers (see `replay_cache`).
+    shared: Option<Arc<super::replay_cache::ReplayCache>>,
 }
 
 impl EventStream {
@@ -115,7 +117,25 @@ impl EventStream {
         if !live {
             metrics.lagging.inc();
         }
-        EventStream { log, ring, filter, last_seen, live, batch: LogBatch::default(), fetch: None, passed: 0, metrics }
+        EventStream {
+            log,
+            ring,
+            filter,
+            last_seen,
+            live,
+            batch: LogBatch::default(),
+            fetch: None,
+            passed: 0,
+            metrics,
+            shared: None,
+        }
+    }
+
+    /// Takes the events it replays from (and gives them to) `cache`, so replayers close to each
+    /// other decode and compress each event once.
+    pub fn with_replay_cache(mut self, cache: Arc<super::replay_cache::ReplayCache>) -> Self {
+        self.shared = Some(cache);
+        self
     }
 
     /// Every event up to here was delivered or filtered out.
@@ -151,8 +171,11 @@ impl EventStream {
             self.batch.items.pop_front();
             self.passed += 1;
             if self.filter.matches(view.kind, view.did, view.collection) {
-                let ev = Event::decode_value(t, value).ok_or(LogError::Corrupt("event value"))?;
-                return Ok(Some(Arc::new(ev)));
+                let ev = match &self.shared {
+                    Some(cache) => cache.get_or_decode(t, value),
+                    None => Event::decode_value(t, value).map(Arc::new),
+                };
+                return ev.ok_or(LogError::Corrupt("event value")).map(Some);
             }
             self.last_seen = t;
         }
