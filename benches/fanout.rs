@@ -149,6 +149,32 @@ async fn replay(server: &Server, n: usize, compress: bool) -> (f64, f64) {
     (got as f64 / secs, bytes as f64 / secs / 1e6)
 }
 
+/// `clients` compressed replays of the whole log at once: (server CPU seconds, wall seconds).
+async fn compressed_replayers(server: &Server, n: usize, clients: usize) -> (f64, f64) {
+    let pid = server.child.id();
+    // Measured from before the first connection: replay starts as each one opens.
+    let cpu0 = cpu_seconds(pid);
+    let start = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..clients {
+        conns.push(client::connect(server.public, "/subscribe?cursor=0&compress=true", &[]).await.unwrap());
+    }
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                for _ in 0..n {
+                    ws.read_frame().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (cpu_seconds(pid) - cpu0, start.elapsed().as_secs_f64())
+}
+
 /// The same bytes written raw over a loopback TCP socket (with 4 bytes of framing each),
 /// through a 64 KiB buffer: the most a socket carries here.
 async fn raw_loopback(sizes: &[usize]) -> (f64, f64) {
@@ -210,6 +236,28 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("ingested {total_events} events ({} frames) in {:.2} s", gen.len(), t.elapsed().as_secs_f64());
+
+    // (d) compressed replay by 1 and by 20 clients at once, with the shared replay cache and
+    // without it (`--replay-cache-bytes 0`), on the same log, rounds interleaved.
+    // `FANOUT_ONLY=replay cargo bench --bench fanout` runs only this part.
+    if std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay") {
+        drop(server);
+        for round in 0..2 {
+            for cache in ["64MiB", "0"] {
+                let s = spawn_server(
+                    dir.path(),
+                    &["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()],
+                );
+                let (one_cpu, one_secs) = compressed_replayers(&s, total_events, 1).await;
+                let (many_cpu, many_secs) = compressed_replayers(&s, total_events, 20).await;
+                println!(
+                    "(d) round {round}, replay cache {cache}: 1 compressed replayer {one_cpu:.2} s server CPU ({one_secs:.2} s wall); 20 at once {many_cpu:.2} s CPU ({many_secs:.2} s wall) = {:.2}× one",
+                    many_cpu / one_cpu
+                );
+            }
+        }
+        return;
+    }
 
     // (a) replay
     let sizes: Vec<usize> = {

@@ -96,6 +96,10 @@ pub struct HubConfig {
     /// log and live subscribers read them from there.
     #[arg(long, env = "CONTRAIL_RING_MAX_BYTES", default_value = "256MiB", value_parser = crate::units::parse_size)]
     pub ring_max_bytes: u64,
+    /// Events read back from the log, shared by subscribers replaying close to each other (so
+    /// concurrent compressed replayers compress each event once); 0 turns the sharing off.
+    #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
+    pub replay_cache_bytes: u64,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
     /// comma-separate), besides the shipped Jetstream v1 and Contrail v1 ones. Clients pick one
     /// with zstdDictionary=<id>.
@@ -198,11 +202,11 @@ impl Hub {
             metrics,
             dictionaries,
             admission,
-            config,
             limits,
             shutdown,
             tasks: TaskTracker::new(),
-            replay_cache: Arc::new(replay_cache::ReplayCache::new(replay_cache::DEFAULT_REPLAY_CACHE_BYTES)),
+            replay_cache: Arc::new(replay_cache::ReplayCache::new(config.replay_cache_bytes as usize)),
+            config,
         }
     }
 }

@@ -3,7 +3,8 @@
 //! compressed every event again; with the decoded event shared, its compressed frames (cached
 //! on the event, DESIGN.md invariant 5) are built once for all of them.
 //!
-//! Bounded by bytes, oldest inserted first out: replayers that move together (a burst of
+//! Bounded by bytes (`--replay-cache-bytes`, 64 MiB: a few seconds of a fast replay), oldest
+//! inserted first out: replayers that move together (a burst of
 //! clients reconnecting with about the same cursor, or many starting at the oldest event) hit
 //! it; a lone replayer far from the others costs one map lookup per event.
 
@@ -12,9 +13,6 @@ use dashmap::DashMap;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// The default budget: a few seconds of a fast replay's events with their encodings.
-pub const DEFAULT_REPLAY_CACHE_BYTES: usize = 64 << 20;
 
 /// Per-entry overhead counted besides the JSON (the event struct, map and queue entries).
 const ENTRY_OVERHEAD: usize = 128;
@@ -35,6 +33,9 @@ impl ReplayCache {
     /// The event stored at `time_us` as `value`: the shared copy if another replayer decoded it
     /// recently, else decoded now (and shared). `None` when the value is corrupt.
     pub fn get_or_decode(&self, time_us: u64, value: &[u8]) -> Option<Arc<Event>> {
+        if self.max_bytes == 0 {
+            return Event::decode_value(time_us, value).map(Arc::new);
+        }
         if let Some(e) = self.events.get(&time_us) {
             return Some(e.clone());
         }
