@@ -128,6 +128,9 @@ pub enum Inspect {
         /// Frames larger than this are dropped (the protocol's 5 MB limit by default).
         #[arg(long, default_value_t = crate::transcode::DEFAULT_MAX_FRAME_BYTES)]
         max_frame_bytes: usize,
+        /// Transcoding threads (default: one per core). The output is the same for any number.
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// Print stored events as JSON lines, oldest first. Safe while `serve` runs.
     Log {

@@ -29,11 +29,17 @@ struct Chunk {
 /// `contrail inspect frames FILE`: one v1 event per line on `out`, `time_us` stamped by the
 /// server's rule; the summary is returned for stderr. Frames are independent, so every core
 /// transcodes chunks of them; this thread puts the chunks back in order, stamps and writes.
-pub fn frames(path: &std::path::Path, max_frame_bytes: usize, out: &mut impl Write) -> anyhow::Result<FramesSummary> {
+pub fn frames(
+    path: &std::path::Path,
+    max_frame_bytes: usize,
+    threads: Option<usize>,
+    out: &mut impl Write,
+) -> anyhow::Result<FramesSummary> {
     let file = framefile::FrameFile::read(path)?;
     let frames = file.frames()?;
     let chunks: Vec<&[&[u8]]> = frames.chunks(CHUNK_FRAMES).collect();
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = threads.unwrap_or(cores).clamp(1, 64);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let mut stamper = Stamper::default();
     let mut summary = FramesSummary::default();

@@ -68,8 +68,8 @@ fn inspect(what: Inspect) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match what {
-        Inspect::Frames { file, max_frame_bytes } => {
-            let summary = contrail::inspect::frames(&file, max_frame_bytes, &mut out)?;
+        Inspect::Frames { file, max_frame_bytes, threads } => {
+            let summary = contrail::inspect::frames(&file, max_frame_bytes, threads, &mut out)?;
             out.flush()?;
             eprint!("{}", summary.render());
         }

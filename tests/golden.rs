@@ -155,4 +155,12 @@ fn inspect_frames_keeps_relay_order_across_threads() {
     assert!(times.windows(2).all(|w| w[0] < w[1]), "time_us not strictly increasing");
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("frames 3000:"), "{stderr}");
+    // One thread or many: the same lines (time_us aside).
+    let one = std::process::Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(["inspect", "frames", "--threads", "1"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let strip = |text: &str| text.lines().map(without_time_us).collect::<Vec<_>>();
+    assert!(strip(&String::from_utf8(one.stdout).unwrap()) == strip(&stdout), "--threads 1 printed other lines");
 }
