@@ -242,8 +242,9 @@ async fn main() {
     // `FANOUT_ONLY=replay cargo bench --bench fanout` runs only this part.
     if std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay") {
         drop(server);
+        let caches = std::env::var("FANOUT_REPLAY_CACHES").unwrap_or_else(|_| "64MiB,0".into());
         for round in 0..2 {
-            for cache in ["64MiB", "0"] {
+            for cache in caches.split(',') {
                 let s = spawn_server(
                     dir.path(),
                     &["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()],
