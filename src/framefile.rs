@@ -11,9 +11,8 @@ pub fn read_frames(path: &std::path::Path) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(file.frames()?.into_iter().map(<[u8]>::to_vec).collect())
 }
 
-/// A frame file held in one buffer: its frames are slices of it, not copies. (Read, not
-/// mapped: mapping needs `unsafe`, which this crate forbids, and one sequential read runs at
-/// several GB/s, far faster than transcoding.)
+/// A frame file held in one buffer: its frames are slices of it, not copies. (For files of
+/// any size, [`Blocks`] reads a block at a time.)
 pub struct FrameFile {
     data: Vec<u8>,
 }
@@ -32,6 +31,105 @@ impl FrameFile {
     pub fn frames(&self) -> anyhow::Result<Vec<&[u8]>> {
         frame_slices(&self.data)
     }
+}
+
+/// Frames read a block at a time, each block holding whole frames only, so a frame file of
+/// any size is transcoded in bounded memory and the first frames are at work while the rest
+/// is still being read (or decompressed).
+pub struct Blocks {
+    source: Box<dyn Read + Send>,
+    /// Bytes read and not yet handed out (the start of a frame that continues).
+    carry: Vec<u8>,
+    block_bytes: usize,
+    frames_so_far: u64,
+    done: bool,
+}
+
+/// Whole frames in one buffer.
+pub struct Block {
+    pub data: Vec<u8>,
+    /// Each frame's range in `data`, in file order.
+    pub frames: Vec<std::ops::Range<usize>>,
+}
+
+impl Blocks {
+    /// Opens a frame file, raw or zstd; blocks of about `block_bytes` (more when one frame is
+    /// larger).
+    pub fn open(path: &std::path::Path, block_bytes: usize) -> anyhow::Result<Blocks> {
+        let mut file = std::fs::File::open(path)?;
+        let mut magic = [0u8; 4];
+        let n = read_up_to(&mut file, &mut magic)?;
+        let head = std::io::Cursor::new(magic[..n].to_vec());
+        let source: Box<dyn Read + Send> = if n == 4 && magic == ZSTD_MAGIC {
+            Box::new(zstd::stream::read::Decoder::new(head.chain(file))?)
+        } else {
+            Box::new(head.chain(file))
+        };
+        Ok(Blocks { source, carry: Vec::new(), block_bytes: block_bytes.max(1024), frames_so_far: 0, done: false })
+    }
+
+    /// The next block, `None` at the end of the file.
+    pub fn next_block(&mut self) -> anyhow::Result<Option<Block>> {
+        loop {
+            // Whole frames in what we have: hand them out once there is a block's worth (or
+            // the file has ended).
+            let (frames, used) = whole_frames(&self.carry);
+            if !frames.is_empty() && (used >= self.block_bytes || self.done) {
+                let rest = self.carry.split_off(used);
+                let data = std::mem::replace(&mut self.carry, rest);
+                self.frames_so_far += frames.len() as u64;
+                return Ok(Some(Block { data, frames }));
+            }
+            if self.done {
+                anyhow::ensure!(
+                    self.carry.is_empty(),
+                    "the file ends inside a frame after {} frames ({} bytes left)",
+                    self.frames_so_far,
+                    self.carry.len()
+                );
+                return Ok(None);
+            }
+            // Read another block's worth (a frame larger than a block takes several reads: a
+            // length prefix that lies costs only the bytes that really follow it).
+            let want = self.block_bytes;
+            let start = self.carry.len();
+            self.carry.resize(start + want, 0);
+            let n = read_up_to(&mut self.source, &mut self.carry[start..])?;
+            self.carry.truncate(start + n);
+            if n == 0 {
+                self.done = true;
+            }
+        }
+    }
+}
+
+/// Reads until `buf` is full or the source ends; the bytes read.
+fn read_up_to(source: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match source.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The complete frames at the start of `data` and the bytes they take.
+fn whole_frames(data: &[u8]) -> (Vec<std::ops::Range<usize>>, usize) {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while let Some(p) = data.get(at..at + 4) {
+        let len = u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize;
+        if data.len() - at - 4 < len {
+            break;
+        }
+        frames.push(at + 4..at + 4 + len);
+        at += 4 + len;
+    }
+    (frames, at)
 }
 
 /// Splits length-prefixed records into slices of `data`.

@@ -15,10 +15,10 @@ pub struct FramesSummary {
     pub drops: BTreeMap<DropReason, u64>,
 }
 
-/// Frames per unit of work handed to a transcoding thread.
-const CHUNK_FRAMES: usize = 256;
+/// Bytes of frames per unit of work handed to a transcoding thread.
+const BLOCK_BYTES: usize = 1 << 20;
 
-/// One chunk's transcoding, before stamping (which must happen in order).
+/// One block's transcoding, before stamping (which must happen in order).
 struct Chunk {
     index: usize,
     events: Vec<crate::event::Event>,
@@ -27,52 +27,71 @@ struct Chunk {
 }
 
 /// `contrail inspect frames FILE`: one v1 event per line on `out`, `time_us` stamped by the
-/// server's rule; the summary is returned for stderr. Frames are independent, so every core
-/// transcodes chunks of them; this thread puts the chunks back in order, stamps and writes.
+/// server's rule; the summary is returned for stderr. A reader thread reads (and
+/// decompresses) the file a block of whole frames at a time; `threads` workers transcode the
+/// blocks (frames are independent); this thread puts them back in order, stamps and writes.
+/// Memory stays bounded whatever the file's size.
 pub fn frames(
     path: &std::path::Path,
     max_frame_bytes: usize,
     threads: Option<usize>,
     out: &mut impl Write,
 ) -> anyhow::Result<FramesSummary> {
-    let file = framefile::FrameFile::read(path)?;
-    let frames = file.frames()?;
-    let chunks: Vec<&[&[u8]]> = frames.chunks(CHUNK_FRAMES).collect();
+    let mut blocks = framefile::Blocks::open(path, BLOCK_BYTES)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = threads.unwrap_or(cores).clamp(1, 64);
-    let next = std::sync::atomic::AtomicUsize::new(0);
     let mut stamper = Stamper::default();
     let mut summary = FramesSummary::default();
-    let mut progress = crate::progress::Progress::new("frames", Some(frames.len() as u64));
+    let mut progress = crate::progress::Progress::new("frames", None);
+    // Blocks waiting for a worker: the reader stays at most this far ahead.
+    let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(usize, framefile::Block)>(workers);
+    let work_rx = std::sync::Mutex::new(work_rx);
+    // Set when writing has failed (a closed pipe): the reader stops, the workers drain.
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(2 * workers);
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel::<Chunk>(2 * workers);
+        let stop = &stop;
+        let reader = scope.spawn(move || -> anyhow::Result<()> {
+            let mut index = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Some(block) = blocks.next_block()? else { break };
+                if work_tx.send((index, block)).is_err() {
+                    return Ok(()); // writing failed; the error is reported there
+                }
+                index += 1;
+            }
+            Ok(())
+        });
         for _ in 0..workers {
-            let (tx, chunks, next) = (tx.clone(), &chunks, &next);
+            let (done_tx, work_rx) = (done_tx.clone(), &work_rx);
             scope.spawn(move || {
                 let mut transcoder = Transcoder::new(max_frame_bytes);
                 let mut op_drops = Vec::new();
                 loop {
-                    let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(chunk) = chunks.get(index) else { return };
+                    let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    let Ok((index, block)) = next else { return };
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        continue; // drain, so the reader is never stuck sending
+                    }
                     let mut c = Chunk { index, events: Vec::new(), frame_types: Vec::new(), drops: Vec::new() };
-                    for frame in chunk.iter() {
+                    for range in &block.frames {
                         op_drops.clear();
-                        let info = transcoder.transcode(frame, &mut c.events, &mut op_drops);
+                        let info = transcoder.transcode(&block.data[range.clone()], &mut c.events, &mut op_drops);
                         c.frame_types.push(info.frame_type);
                         c.drops.extend(info.dropped.iter().chain(op_drops.iter()).copied());
                     }
-                    // The receiver is gone only when writing failed: stop.
-                    if tx.send(c).is_err() {
-                        return;
+                    // The receiver is gone only when writing failed.
+                    if done_tx.send(c).is_err() {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             });
         }
-        drop(tx);
-        // Chunks finish out of order; they are written in order.
+        drop(done_tx);
+        // Blocks finish out of order; they are written in order.
         let mut pending = BTreeMap::new();
         let mut want = 0;
-        for chunk in rx {
+        for chunk in done_rx {
             pending.insert(chunk.index, chunk);
             while let Some(mut c) = pending.remove(&want) {
                 want += 1;
@@ -86,12 +105,16 @@ pub fn frames(
                 for ev in c.events.iter_mut() {
                     ev.stamp(stamper.next(now_us()));
                     *summary.events.entry(ev.kind.as_str()).or_default() += 1;
-                    out.write_all(ev.json())?;
-                    out.write_all(b"\n")?;
+                    let written = out.write_all(ev.json()).and_then(|()| out.write_all(b"\n"));
+                    if let Err(e) = written {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        return Err(e.into());
+                    }
                 }
             }
         }
-        anyhow::ensure!(want == chunks.len(), "a transcoding thread stopped early");
+        reader.join().map_err(|_| anyhow::anyhow!("the reading thread panicked"))??;
+        anyhow::ensure!(pending.is_empty(), "a transcoding thread stopped early");
         Ok(())
     })?;
     progress.finish();

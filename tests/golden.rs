@@ -163,4 +163,25 @@ fn inspect_frames_keeps_relay_order_across_threads() {
         .unwrap();
     let strip = |text: &str| text.lines().map(without_time_us).collect::<Vec<_>>();
     assert!(strip(&String::from_utf8(one.stdout).unwrap()) == strip(&stdout), "--threads 1 printed other lines");
+    // The same frames zstd-compressed: the same lines.
+    let zpath = dir.path().join("frames.bin.zst");
+    std::fs::write(&zpath, zstd::encode_all(&std::fs::read(&path).unwrap()[..], 3).unwrap()).unwrap();
+    let z = std::process::Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(["inspect", "frames"])
+        .arg(&zpath)
+        .output()
+        .unwrap();
+    assert!(strip(&String::from_utf8(z.stdout).unwrap()) == strip(&stdout), "the zstd file printed other lines");
+    // A file that ends inside a frame: everything before it, then a failing exit that says so.
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let cut = std::process::Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(["inspect", "frames"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!cut.status.success());
+    let err = String::from_utf8_lossy(&cut.stderr);
+    assert!(err.contains("ends inside a frame after 2999 frames"), "{err}");
+    assert_eq!(String::from_utf8(cut.stdout).unwrap().lines().count(), got.len() - gen.last().unwrap().expected.len());
 }
