@@ -39,6 +39,8 @@ contrail_core::label_enum! {
         MessageTooBig => "message_too_big",
         /// A data frame on the v2 wire, which is server-push only.
         UnexpectedMessage => "unexpected_message",
+        /// More pings in a second than a keep-alive needs.
+        PingFlood => "ping_flood",
         Internal => "internal",
     }
 }

@@ -196,6 +196,25 @@ async fn bad_client_messages_close_with_codes() {
     }
     assert_eq!(frame[0], 0x88, "expected a close frame");
     assert_eq!(u16::from_be_bytes([frame[2], frame[3]]), 1009);
+    // A ping flood: answered up to a keep-alive's needs, then closed with 1008.
+    let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    for _ in 0..200 {
+        let ping = fastwebsockets::Frame::new(
+            true,
+            fastwebsockets::OpCode::Ping,
+            None,
+            fastwebsockets::Payload::Borrowed(b"p"),
+        );
+        if ws.write_frame(ping).await.is_err() {
+            break; // closed already
+        }
+    }
+    match next(&mut ws, T).await {
+        Some(Msg::Close(1008, reason)) => assert_eq!(reason, "too many pings"),
+        other => panic!("a ping flood: expected close 1008, got {other:?}"),
+    }
+    let closed = s.serve.metric("contrail_hub_closes_total{reason=\"ping_flood\"}").unwrap_or(0.0);
+    assert!(closed >= 1.0, "no ping_flood close counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

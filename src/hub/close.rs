@@ -20,6 +20,7 @@ impl CloseReason {
             CloseReason::BadMessage => Some((1007, "bad message")),
             CloseReason::MessageTooBig => Some((1009, "message too big")),
             CloseReason::UnexpectedMessage => Some((1008, "unexpected data message")),
+            CloseReason::PingFlood => Some((1008, "too many pings")),
             CloseReason::Internal => Some((1011, "internal error")),
             // The socket is broken or stuck: nothing more can be written.
             CloseReason::WriteTimeout | CloseReason::WriteError | CloseReason::ReadError => None,
@@ -38,6 +39,6 @@ mod tests {
         assert_eq!(CloseReason::BadMessage.frame().unwrap().0, 1007);
         assert_eq!(CloseReason::MessageTooBig.frame().unwrap().0, 1009);
         assert_eq!(CloseReason::WriteError.frame(), None);
-        assert_eq!(CloseReason::ALL.len(), 12);
+        assert_eq!(CloseReason::ALL.len(), 13);
     }
 }

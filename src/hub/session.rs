@@ -30,6 +30,10 @@ const WRITE_BATCH: usize = 256;
 /// How often timers (ping, cursor messages, slow check) are looked at: 1 s keeps 10,000 idle
 /// subscribers at 10,000 wake-ups a second, and every timer here counts in seconds.
 const TICK: Duration = Duration::from_secs(1);
+/// Pings a client may send per tick (1 s) before it is closed with 1008: each costs a pong
+/// write, and a flood of them made the server spend a core answering (measured,
+/// `benches/hostile.rs`). Keep-alive clients send one every few seconds.
+const MAX_PINGS_PER_TICK: u32 = 50;
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Client messages larger than this are parsed and validated on a blocking thread: a 10 MB
@@ -189,6 +193,8 @@ struct Session {
     stream: Option<EventStream>,
     slot: super::limits::Slot,
     last_heard: Instant,
+    /// Pings answered since the last tick (see [`MAX_PINGS_PER_TICK`]).
+    pings_this_tick: u32,
     last_ping: Instant,
     slow: SlowWatch,
     /// A close frame went out already (a refusal with its own text).
@@ -238,6 +244,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         stream: None,
         slot,
         last_heard: now,
+        pings_this_tick: 0,
         last_ping: now,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
@@ -465,7 +472,13 @@ impl Session {
             // v2 is server-push only: any data frame ends the connection (as v2 does).
             Some(Control::Text(..) | Control::Binary) if self.wire == Wire::V2 => Err(CloseReason::UnexpectedMessage),
             Some(Control::Binary) => Ok(false), // ignored, as in v1
-            Some(Control::Ping(payload)) => self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false),
+            Some(Control::Ping(payload)) => {
+                self.pings_this_tick += 1;
+                if self.pings_this_tick > MAX_PINGS_PER_TICK {
+                    return Err(CloseReason::PingFlood);
+                }
+                self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false)
+            }
             Some(Control::Text(t, _large)) => {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
@@ -503,6 +516,7 @@ impl Session {
 
     async fn tick(&mut self) -> Result<(), CloseReason> {
         let now = Instant::now();
+        self.pings_this_tick = 0;
         let config = &self.hub.config;
         if now.duration_since(self.last_heard) > config.pong_timeout {
             return Err(CloseReason::PingTimeout);
