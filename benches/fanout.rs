@@ -48,7 +48,14 @@ fn spawn_server(data: &std::path::Path, args: &[String]) -> Server {
             "--max-events-per-second-per-ip",
             "0",
         ])
-        .args(["--max-connections-per-ip", "20000", "--max-subscribers", "20000"])
+        .args([
+            "--max-connections-per-ip",
+            "20000",
+            "--max-subscribers",
+            "20000",
+            "--max-connects-per-second-per-ip",
+            "0",
+        ])
         .args(args)
         .arg("--data-dir")
         .arg(data)

@@ -151,15 +151,17 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
+        let refused = metrics.rejected_requests.with_label_values(&[crate::metrics::Refusal::ConnectRate.as_str()]);
+        let gate = crate::hub::limits::ConnectGate::new(&config.limits, refused);
         tasks.spawn(async move {
-            server::serve(public_listener, server::public::handler(public), cancel, conns).await;
+            server::serve(public_listener, server::public::handler(public), cancel, conns, gate).await;
             ("public listener", Ok(()))
         });
     }
     {
         let (cancel, conns) = (accept.clone(), connections.clone());
         tasks.spawn(async move {
-            server::serve(metrics_listener, server::metrics_handler(render_metrics), cancel, conns).await;
+            server::serve(metrics_listener, server::metrics_handler(render_metrics), cancel, conns, None).await;
             ("metrics listener", Ok(()))
         });
     }

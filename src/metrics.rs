@@ -52,6 +52,8 @@ contrail_core::label_enum! {
         NotWebsocket => "not_websocket",
         TooManySubscribers => "too_many_subscribers",
         TooManyFromIp => "too_many_from_ip",
+        /// Over `--max-connects-per-second-per-ip`, refused at accept.
+        ConnectRate => "connect_rate",
     }
 }
 

@@ -538,3 +538,41 @@ async fn fragmented_messages_are_reassembled_and_limited_in_total() {
     assert_eq!(closed, Some(1009), "a 12 MB fragmented message was not refused");
     assert!(s.serve.metric("contrail_hub_closes_total{reason=\"message_too_big\"}").unwrap() >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_opening_connections_too_fast_is_turned_away_at_accept() {
+    let s = setup(5, &["--max-connects-per-second-per-ip", "20"]).await;
+    // 200 plain connections at once from 127.0.0.1: about a second's worth get served.
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let addr = s.serve.public;
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(T, tcp.read_to_end(&mut buf)).await;
+            String::from_utf8_lossy(&buf).lines().next().unwrap_or("").to_string()
+        }));
+    }
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_default() += 1;
+    }
+    let ok = statuses.get("HTTP/1.1 200 OK").copied().unwrap_or(0);
+    assert!((20..=60).contains(&ok), "served {ok} of 200 at once: {statuses:?}");
+    let refused = s.serve.metric("contrail_hub_rejected_requests_total{reason=\"connect_rate\"}").unwrap();
+    assert!(refused >= 100.0, "{refused} refused: {statuses:?}");
+    // Another client is not affected, and the limited one is served again a moment later.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut tcp = other.connect(s.serve.public).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    tcp.read_to_end(&mut buf).await.unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    assert!(matches!(next(&mut ws, T).await, Some(Msg::Text(_))));
+}

@@ -34,6 +34,10 @@ pub struct LimitsConfig {
     /// blocks, comma-separated): your own replicas catching up, trusted internal consumers.
     #[arg(long, env = "CONTRAIL_UNLIMITED_CLIENTS", value_delimiter = ',')]
     pub unlimited_clients: Vec<IpNet>,
+    /// New TCP connections per second per client IP on the public listener, counted at accept
+    /// before any parsing (0: unlimited). Trusted proxies and unlimited clients are exempt.
+    #[arg(long, env = "CONTRAIL_MAX_CONNECTS_PER_SECOND_PER_IP", default_value = "100")]
+    pub max_connects_per_second_per_ip: u64,
 }
 
 impl LimitsConfig {
@@ -140,6 +144,64 @@ impl TokenBucket {
             Duration::ZERO
         } else {
             Duration::from_secs_f64(-tokens / self.rate)
+        }
+    }
+}
+
+/// The accept-time gate: a token bucket of new connections per client key (an IPv4 address,
+/// an IPv6 prefix), `rate` a second with `rate` banked. A client opening and closing
+/// connections in a loop, or sending oversized upgrades, made the server spend 1–1.6 cores
+/// parsing and refusing (measured, RELIABILITY.md); past its rate it now costs one accept.
+pub struct ConnectGate {
+    rate: f64,
+    ipv6_prefix: u8,
+    exempt: Vec<IpNet>,
+    buckets: DashMap<IpAddr, (f64, Instant)>,
+    refused: prometheus::IntCounter,
+}
+
+/// Buckets kept before idle ones are dropped (a full bucket is the same as no bucket).
+const CONNECT_GATE_KEYS: usize = 65_536;
+
+impl ConnectGate {
+    /// `None` when the limit is off.
+    pub fn new(limits: &LimitsConfig, refused: prometheus::IntCounter) -> Option<Arc<ConnectGate>> {
+        (limits.max_connects_per_second_per_ip > 0).then(|| {
+            let mut exempt = limits.unlimited_clients.clone();
+            // Behind a proxy every client has the proxy's address at accept.
+            exempt.extend(limits.trusted_proxies.iter().copied());
+            Arc::new(ConnectGate {
+                rate: limits.max_connects_per_second_per_ip as f64,
+                ipv6_prefix: limits.ipv6_prefix,
+                exempt,
+                buckets: DashMap::new(),
+                refused,
+            })
+        })
+    }
+
+    /// Whether a new connection from `peer` may be served.
+    pub fn admit(&self, peer: IpAddr) -> bool {
+        if self.exempt.iter().any(|n| n.contains(peer)) {
+            return true;
+        }
+        let now = Instant::now();
+        if self.buckets.len() > CONNECT_GATE_KEYS {
+            let full = Duration::from_secs(1);
+            self.buckets.retain(|_, (_, at)| now.duration_since(*at) < full);
+        }
+        let key = client_key(peer, self.ipv6_prefix);
+        let mut b = self.buckets.entry(key).or_insert((self.rate, now));
+        let (tokens, at) = *b;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate);
+        if tokens >= 1.0 {
+            *b = (tokens - 1.0, now);
+            true
+        } else {
+            *b = (tokens, now);
+            drop(b);
+            self.refused.inc();
+            false
         }
     }
 }
@@ -262,6 +324,7 @@ mod tests {
             trusted_proxies: vec![],
             ipv6_prefix: 64,
             unlimited_clients: vec!["10.0.0.0/8".parse().unwrap()],
+            max_connects_per_second_per_ip: 0,
         }
     }
 
@@ -295,6 +358,30 @@ mod tests {
         let _s3 = a.admit(ip).unwrap();
         let _s4 = a.admit("127.0.0.2".parse().unwrap()).unwrap();
         assert_eq!(a.admit("127.0.0.3".parse().unwrap()).err(), Some(Refused::TooManySubscribers));
+    }
+
+    #[test]
+    fn the_connect_gate_paces_new_connections_per_client_and_spares_exempt_ones() {
+        let mut l = limits(10, 10, 0);
+        l.max_connects_per_second_per_ip = 5;
+        l.unlimited_clients = vec!["10.0.0.9".parse().unwrap()];
+        l.trusted_proxies = vec!["10.0.0.1".parse().unwrap()];
+        let refused = prometheus::IntCounter::new("t", "t").unwrap();
+        let gate = ConnectGate::new(&l, refused.clone()).unwrap();
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let admitted = (0..20).filter(|_| gate.admit(a)).count();
+        assert_eq!(admitted, 5, "the bucket holds one second's worth");
+        assert_eq!(refused.get(), 15);
+        // Another client, a whole IPv6 /64 as one client, and the exempt ones.
+        assert!(gate.admit("192.0.2.8".parse().unwrap()));
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!((0..10).filter(|i| gate.admit(v6(&format!("2001:db8::{i}")))).count(), 5);
+        assert!((0..100).all(|_| gate.admit("10.0.0.9".parse().unwrap()) && gate.admit("10.0.0.1".parse().unwrap())));
+        // Tokens come back with time.
+        std::thread::sleep(Duration::from_millis(450));
+        assert!(gate.admit(a));
+        l.max_connects_per_second_per_ip = 0;
+        assert!(ConnectGate::new(&l, refused).is_none());
     }
 
     #[test]

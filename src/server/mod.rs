@@ -21,10 +21,19 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::response::{full, text, Body};
 
-/// Accepts connections on `listener` until `cancel`, serving each with `handler`. Returns once
-/// accepting has stopped and every connection task has finished.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, cancel: CancellationToken, connections: TaskTracker)
-where
+/// The answer to a connection refused at accept (written without reading the request).
+const TOO_MANY_CONNECTS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many new connections from this client\n";
+
+/// Accepts connections on `listener` until `cancel`, serving each with `handler`; a `gate`
+/// turns away clients opening connections faster than their rate, before any parsing.
+/// Returns once accepting has stopped and every connection task has finished.
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    cancel: CancellationToken,
+    connections: TaskTracker,
+    gate: Option<Arc<crate::hub::limits::ConnectGate>>,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -41,6 +50,13 @@ where
                 }
             },
         };
+        if let Some(g) = &gate {
+            if !g.admit(peer.ip()) {
+                // Best effort, never waiting: the socket is closed right after.
+                let _ = tcp.try_write(TOO_MANY_CONNECTS);
+                continue;
+            }
+        }
         let _ = tcp.set_nodelay(true);
         let handler = handler.clone();
         let cancel = cancel.clone();
