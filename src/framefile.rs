@@ -103,6 +103,28 @@ impl Blocks {
     }
 }
 
+/// How many frames a raw (uncompressed) frame file holds, found by walking its length
+/// prefixes; `None` for a zstd file (known only by decompressing it) or a file that is not
+/// whole. For a progress line's total.
+pub fn count_frames(path: &std::path::Path) -> Option<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).ok()?;
+    let size = file.metadata().ok()?.len();
+    let mut at = 0u64;
+    let mut frames = 0u64;
+    let mut prefix = [0u8; 4];
+    while at < size {
+        file.seek(SeekFrom::Start(at)).ok()?;
+        file.read_exact(&mut prefix).ok()?;
+        if at == 0 && prefix == ZSTD_MAGIC {
+            return None;
+        }
+        at += 4 + u32::from_le_bytes(prefix) as u64;
+        frames += 1;
+    }
+    (at == size).then_some(frames)
+}
+
 /// Reads until `buf` is full or the source ends; the bytes read.
 fn read_up_to(source: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;

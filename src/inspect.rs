@@ -42,10 +42,17 @@ pub fn frames(
     let workers = threads.unwrap_or(cores).clamp(1, 64);
     let mut stamper = Stamper::default();
     let mut summary = FramesSummary::default();
-    let mut progress = crate::progress::Progress::new("frames", None);
+    // The total, for a person watching: counting costs a seek per frame, so only then.
+    let total = {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal().then(|| framefile::count_frames(path)).flatten()
+    };
+    let mut progress = crate::progress::Progress::new("frames", total);
     // Blocks waiting for a worker: the reader stays at most this far ahead.
     let (work_tx, work_rx) = std::sync::mpsc::sync_channel::<(usize, framefile::Block)>(workers);
-    let work_rx = std::sync::Mutex::new(work_rx);
+    // Shared by the workers: when the last one is gone (even by a panic), the reader's sends
+    // fail instead of blocking forever.
+    let work_rx = std::sync::Arc::new(std::sync::Mutex::new(work_rx));
     // Set when writing has failed (a closed pipe): the reader stops, the workers drain.
     let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| -> anyhow::Result<()> {
@@ -63,7 +70,7 @@ pub fn frames(
             Ok(())
         });
         for _ in 0..workers {
-            let (done_tx, work_rx) = (done_tx.clone(), &work_rx);
+            let (done_tx, work_rx) = (done_tx.clone(), work_rx.clone());
             scope.spawn(move || {
                 let mut transcoder = Transcoder::new(max_frame_bytes);
                 let mut op_drops = Vec::new();
@@ -88,6 +95,7 @@ pub fn frames(
             });
         }
         drop(done_tx);
+        drop(work_rx);
         // Blocks finish out of order; they are written in order.
         let mut pending = BTreeMap::new();
         let mut want = 0;

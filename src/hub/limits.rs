@@ -158,6 +158,8 @@ pub struct ConnectGate {
     exempt: Vec<IpNet>,
     buckets: DashMap<IpAddr, (f64, Instant)>,
     refused: prometheus::IntCounter,
+    /// When idle buckets were last dropped (at most once a second: a full pass is not cheap).
+    pruned: Mutex<Instant>,
 }
 
 /// Buckets kept before idle ones are dropped (a full bucket is the same as no bucket).
@@ -176,19 +178,32 @@ impl ConnectGate {
                 exempt,
                 buckets: DashMap::new(),
                 refused,
+                pruned: Mutex::new(Instant::now()),
             })
         })
     }
 
     /// Whether a new connection from `peer` may be served.
     pub fn admit(&self, peer: IpAddr) -> bool {
+        // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`.
+        let peer = peer.to_canonical();
         if self.exempt.iter().any(|n| n.contains(peer)) {
             return true;
         }
         let now = Instant::now();
         if self.buckets.len() > CONNECT_GATE_KEYS {
-            let full = Duration::from_secs(1);
-            self.buckets.retain(|_, (_, at)| now.duration_since(*at) < full);
+            let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+            if now.duration_since(*pruned) >= Duration::from_secs(1) {
+                *pruned = now;
+                // A bucket idle for a second is full again: the same as no bucket.
+                self.buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(1));
+            } else if !self.buckets.contains_key(&client_key(peer, self.ipv6_prefix)) {
+                // More keys than that within a second (an address-rotating attacker): new ones
+                // wait for the next prune.
+                drop(pruned);
+                self.refused.inc();
+                return false;
+            }
         }
         let key = client_key(peer, self.ipv6_prefix);
         let mut b = self.buckets.entry(key).or_insert((self.rate, now));
@@ -377,6 +392,8 @@ mod tests {
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!((0..10).filter(|i| gate.admit(v6(&format!("2001:db8::{i}")))).count(), 5);
         assert!((0..100).all(|_| gate.admit("10.0.0.9".parse().unwrap()) && gate.admit("10.0.0.1".parse().unwrap())));
+        // The same exempt proxy seen through a dual-stack listener.
+        assert!((0..100).all(|_| gate.admit("::ffff:10.0.0.1".parse().unwrap())));
         // Tokens come back with time.
         std::thread::sleep(Duration::from_millis(450));
         assert!(gate.admit(a));
