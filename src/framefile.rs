@@ -41,6 +41,11 @@ pub struct Blocks {
     /// Bytes read and not yet handed out (the start of a frame that continues).
     carry: Vec<u8>,
     block_bytes: usize,
+    /// Frames longer than this are kept only up to one byte past it (enough for the
+    /// transcoder to read their header and drop them as too large); the rest is skipped.
+    max_frame_bytes: usize,
+    /// Bytes of a cut frame still to skip in the source.
+    skip: u64,
     frames_so_far: u64,
     done: bool,
 }
@@ -54,8 +59,8 @@ pub struct Block {
 
 impl Blocks {
     /// Opens a frame file, raw or zstd; blocks of about `block_bytes` (more when one frame is
-    /// larger).
-    pub fn open(path: &std::path::Path, block_bytes: usize) -> anyhow::Result<Blocks> {
+    /// larger, up to `max_frame_bytes` + 1 of it).
+    pub fn open(path: &std::path::Path, block_bytes: usize, max_frame_bytes: usize) -> anyhow::Result<Blocks> {
         let mut file = std::fs::File::open(path)?;
         let mut magic = [0u8; 4];
         let n = read_up_to(&mut file, &mut magic)?;
@@ -65,7 +70,15 @@ impl Blocks {
         } else {
             Box::new(head.chain(file))
         };
-        Ok(Blocks { source, carry: Vec::new(), block_bytes: block_bytes.max(1024), frames_so_far: 0, done: false })
+        Ok(Blocks {
+            source,
+            carry: Vec::new(),
+            block_bytes: block_bytes.max(1024),
+            max_frame_bytes,
+            skip: 0,
+            frames_so_far: 0,
+            done: false,
+        })
     }
 
     /// The next block, `None` at the end of the file.
@@ -74,6 +87,9 @@ impl Blocks {
             // Whole frames in what we have: hand them out once there is a block's worth (or
             // the file has ended).
             let (frames, used) = whole_frames(&self.carry);
+            if self.cut_oversized(used) {
+                continue;
+            }
             if !frames.is_empty() && (used >= self.block_bytes || self.done) {
                 let rest = self.carry.split_off(used);
                 let data = std::mem::replace(&mut self.carry, rest);
@@ -88,6 +104,15 @@ impl Blocks {
                     self.carry.len()
                 );
                 return Ok(None);
+            }
+            if self.skip > 0 {
+                let skipped = std::io::copy(&mut (&mut self.source).take(self.skip), &mut std::io::sink())?;
+                anyhow::ensure!(
+                    skipped == self.skip,
+                    "the file ends inside a frame after {} frames",
+                    self.frames_so_far
+                );
+                self.skip = 0;
             }
             // Read another block's worth (a frame larger than a block takes several reads: a
             // length prefix that lies costs only the bytes that really follow it).
@@ -123,6 +148,26 @@ pub fn count_frames(path: &std::path::Path) -> Option<u64> {
         frames += 1;
     }
     (at == size).then_some(frames)
+}
+
+impl Blocks {
+    /// If the incomplete frame at `at` in the carry is over the limit and enough of it is
+    /// here, cuts it to `max_frame_bytes + 1` bytes (its prefix rewritten) and arranges for
+    /// the rest to be skipped. Whether it cut.
+    fn cut_oversized(&mut self, at: usize) -> bool {
+        let Some(p) = self.carry.get(at..at + 4) else { return false };
+        let len = u32::from_le_bytes(p.try_into().expect("4 bytes")) as usize;
+        let keep = self.max_frame_bytes.saturating_add(1);
+        let have = self.carry.len() - at - 4;
+        if len <= self.max_frame_bytes || len <= have || have < keep {
+            return false; // within the limit, already whole, or not enough of it yet
+        }
+        self.carry.truncate(at + 4 + keep);
+        self.carry[at..at + 4].copy_from_slice(&(keep as u32).to_le_bytes());
+        self.skip = (len - have) as u64;
+        // What was read past `keep` belonged to the same frame: skip only the unread rest.
+        true
+    }
 }
 
 /// Reads until `buf` is full or the source ends; the bytes read.

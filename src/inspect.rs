@@ -37,7 +37,7 @@ pub fn frames(
     threads: Option<usize>,
     out: &mut impl Write,
 ) -> anyhow::Result<FramesSummary> {
-    let mut blocks = framefile::Blocks::open(path, BLOCK_BYTES)?;
+    let mut blocks = framefile::Blocks::open(path, BLOCK_BYTES, max_frame_bytes)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = threads.unwrap_or(cores).clamp(1, 64);
     let mut stamper = Stamper::default();

@@ -185,3 +185,56 @@ fn inspect_frames_keeps_relay_order_across_threads() {
     assert!(err.contains("ends inside a frame after 2999 frames"), "{err}");
     assert_eq!(String::from_utf8(cut.stdout).unwrap().lines().count(), got.len() - gen.last().unwrap().expected.len());
 }
+
+/// A frame far over `--max-frame-bytes`: counted as dropped, not held whole in memory, and the
+/// frames after it are intact.
+#[test]
+fn inspect_frames_drops_an_oversized_frame_and_goes_on() {
+    let gen = common::frames::generate(1, 300, 20, 92);
+    let mut frames: Vec<Vec<u8>> = gen.iter().map(|g| g.frame.clone()).collect();
+    // Frame 100: a real commit frame padded to 3 MB (its header still reads).
+    frames[100].resize(3 << 20, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("frames.bin");
+    std::fs::write(&path, contrail::framefile::encode_frames(frames.iter().map(Vec::as_slice))).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_contrail"))
+        .args(["inspect", "frames", "--max-frame-bytes", "100000"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("drop frame_too_large 1"), "{stderr}");
+    assert!(stderr.contains("frames 300:"), "{stderr}");
+    let expected: usize = gen.iter().enumerate().filter(|(i, _)| *i != 100).map(|(_, g)| g.expected.len()).sum();
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), expected);
+}
+
+/// A small zstd file whose one frame claims and really holds 1.5 GiB: `inspect frames` stays
+/// within a 1 GiB address-space limit (it keeps only `--max-frame-bytes` of the frame).
+#[test]
+fn inspect_frames_does_not_hold_a_giant_frame() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("giant.bin.zst");
+    let gen = common::frames::generate(1, 3, 2, 93);
+    let mut enc = zstd::stream::Encoder::new(std::fs::File::create(&path).unwrap(), 1).unwrap();
+    let giant: u32 = 3 << 29; // 1.5 GiB
+    enc.write_all(&giant.to_le_bytes()).unwrap();
+    enc.write_all(&gen[0].frame).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    let mut left = giant as usize - gen[0].frame.len();
+    while left > 0 {
+        let n = left.min(zeros.len());
+        enc.write_all(&zeros[..n]).unwrap();
+        left -= n;
+    }
+    enc.write_all(&contrail::framefile::encode_frames([gen[1].frame.as_slice()])).unwrap();
+    enc.finish().unwrap();
+    let cmd = format!("ulimit -v 1048576; exec {} inspect frames {}", env!("CARGO_BIN_EXE_contrail"), path.display());
+    let out = std::process::Command::new("bash").args(["-c", &cmd]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("frames 2:") && stderr.contains("drop frame_too_large 1"), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), gen[1].expected.len());
+}
