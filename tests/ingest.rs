@@ -491,3 +491,62 @@ async fn a_read_only_data_dir_is_refused_at_start_with_the_reason() {
     // Nothing was lost: the log still reads back whole.
     assert_log_exact(&inspect_log(disk.dir.path()), &expected_keys(&gen));
 }
+
+/// kill -9 while retention trims under ingest: after every restart the log is a contiguous
+/// suffix of the stream — old events gone from the front only, nothing missing inside what is
+/// kept, nothing twice — and the relay cursor resumes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_retention_trims_keeps_a_contiguous_suffix() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 12_000, 200, 73);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    // About 2,000 frames/s for ~6 s, with a 1 s retention trimmed every 50 ms.
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });
+    let flags = ["--retention", "1s", "--trim-interval", "50ms"];
+    let last_seq = gen.last().unwrap().seq;
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = frames::Lcg::new(74);
+    let mut trimmed_kills = 0;
+    for _ in 0..12 {
+        let mut serve = Serve::start(dir.path(), &relay.url(), &flags);
+        std::thread::sleep(Duration::from_millis(300 + rng.below(400)));
+        let trims = serve.metric("contrail_store_trims_total").unwrap_or(0.0);
+        let seq = serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64;
+        serve.kill9();
+        if trims > 0.0 && seq < last_seq {
+            trimmed_kills += 1;
+        }
+        // After each kill: a contiguous suffix of what was ingested so far.
+        assert_suffix(&inspect_log(dir.path()), &expected_keys(&gen));
+    }
+    assert!(trimmed_kills >= 3, "only {trimmed_kills} kills landed while retention was trimming");
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last_seq, Duration::from_secs(60));
+    drop(serve);
+    let lines = inspect_log(dir.path());
+    assert_suffix(&lines, &expected_keys(&gen));
+    assert!(lines.len() < expected_keys(&gen).len(), "retention removed nothing");
+}
+
+/// The log is `expected[k..m]` for some k ≤ m (a prefix of the stream with its front trimmed),
+/// `time_us` strictly increasing.
+fn assert_suffix(lines: &[String], expected: &[String]) {
+    let keys: Vec<String> = lines.iter().map(|l| event_key(&serde_json::from_str(l).unwrap())).collect();
+    let times: Vec<u64> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "time_us not strictly increasing");
+    let Some(first) = keys.first() else { return };
+    let k = expected.iter().position(|e| e == first).unwrap_or_else(|| panic!("{first} is not an expected event"));
+    assert!(expected.len() - k >= keys.len(), "more events than the stream has after {first}");
+    if let Some(i) = keys.iter().zip(&expected[k..]).position(|(a, b)| a != b) {
+        panic!(
+            "the log is not contiguous: {} where {} was expected (position {i} after {first})",
+            keys[i],
+            expected[k + i]
+        );
+    }
+}
