@@ -170,6 +170,38 @@ async fn exactly_once_across_a_server_kill_9_with_the_parallel_runner() {
     assert!(got == log, "the handled events differ from the server's log");
 }
 
+/// Reads events from `sub`, calling `kill` once after `kill_after` of them, until the event
+/// that is newest on `survivor` once it has ingested relay seq `last_seq`.
+async fn read_through_a_kill(
+    sub: &mut Subscription,
+    kill_after: usize,
+    mut kill: impl FnMut(),
+    survivor: &Serve,
+    last_seq: i64,
+) -> Vec<Event> {
+    let mut got = Vec::new();
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert!(Instant::now() < deadline, "stuck after {} events", got.len());
+        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message").unwrap();
+        let contrail_client::Message::Event(e) = m else { continue };
+        got.push(e);
+        if got.len() == kill_after {
+            kill();
+        }
+        if got.len() >= kill_after
+            && last.is_none()
+            && survivor.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 >= last_seq
+        {
+            last = Some(newest(survivor));
+        }
+        if last.is_some_and(|l| got.last().unwrap().time_us() >= l) {
+            return got;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_between_replicas_uses_the_exact_cursor() {
     let gen = generate(1, 4_000, 40, 33);
@@ -189,26 +221,12 @@ async fn failover_between_replicas_uses_the_exact_cursor() {
     let mut a = replica(ad.path());
     let b = replica(bd.path());
     let mut sub = builder(&[&a, &b]).cursor(Some(0)).start().unwrap();
-    let mut got = Vec::new();
-    let mut killed = false;
-    let mut last = u64::MAX;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        assert!(Instant::now() < deadline, "stuck after {} events", got.len());
-        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message").unwrap();
-        let contrail_client::Message::Event(e) = m else { continue };
-        got.push(e.json().to_string());
-        if got.len() == 1_000 && !killed {
-            a.kill9(); // the replica in use dies mid-stream
-            killed = true;
-        }
-        if killed && last == u64::MAX && primary.metric("contrail_relay_last_seq").unwrap_or(0.0) >= 4_000.0 {
-            last = newest(&primary);
-        }
-        if e.time_us() >= last {
-            break;
-        }
-    }
+    // The replica in use dies mid-stream.
+    let got: Vec<String> = read_through_a_kill(&mut sub, 1_000, || a.kill9(), &primary, 4_000)
+        .await
+        .iter()
+        .map(|e| e.json().to_string())
+        .collect();
     assert_eq!(sub.stats().host.load(std::sync::atomic::Ordering::Relaxed), 1, "the client moved to B");
     let repeats = sub.stats().duplicates_dropped.load(std::sync::atomic::Ordering::Relaxed);
     assert!(repeats <= 2, "{repeats} events came twice: a rewind, not the exact cursor");
@@ -231,26 +249,11 @@ async fn failover_between_independent_servers_rewinds_and_drops_what_it_had() {
     p2.wait_for_seq(200, Duration::from_secs(30));
     let mut sub =
         builder(&[&p1, &p2]).failover(Failover::Rewind(Duration::from_secs(3))).cursor(Some(0)).start().unwrap();
-    let mut got = Vec::new();
-    let mut killed = false;
-    let mut last = u64::MAX;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        assert!(Instant::now() < deadline, "stuck after {} events", got.len());
-        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message").unwrap();
-        let contrail_client::Message::Event(e) = m else { continue };
-        got.push(without_time_us(e.json()));
-        if got.len() == 1_500 && !killed {
-            p1.kill9();
-            killed = true;
-        }
-        if killed && last == u64::MAX && p2.metric("contrail_relay_last_seq").unwrap_or(0.0) >= 4_000.0 {
-            last = newest(&p2);
-        }
-        if killed && e.time_us() >= last {
-            break;
-        }
-    }
+    let got: Vec<String> = read_through_a_kill(&mut sub, 1_500, || p1.kill9(), &p2, 4_000)
+        .await
+        .iter()
+        .map(|e| without_time_us(e.json()))
+        .collect();
     let dropped = sub.stats().duplicates_dropped.load(std::sync::atomic::Ordering::Relaxed);
     assert!(dropped > 1, "the rewind replayed nothing ({dropped} dropped): not a rewind");
     let expected: Vec<String> = inspect_log(d2.path()).iter().map(|l| without_time_us(l)).collect();
