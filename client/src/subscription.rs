@@ -689,11 +689,14 @@ fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_micros() as u64
 }
 
-/// A `time_us` more than an hour ahead of this machine's clock is a broken server: taken as a
-/// position it would make every later event look old.
+/// How far ahead of this machine's clock a `time_us` may be. Generous on purpose: a client
+/// whose clock is hours behind must still work; what this catches is a broken server's absurd
+/// value, which taken as a position would make every later event look old.
+const FUTURE_SLACK_US: u64 = 7 * 24 * 3_600_000_000;
+
 fn check_not_future(time_us: u64) -> Result<(), ConnectionError> {
-    if time_us > now_us() + 3_600_000_000 {
-        return Err(ConnectionError::Protocol(format!("a time_us ({time_us}) more than an hour in the future")));
+    if time_us > now_us().saturating_add(FUTURE_SLACK_US) {
+        return Err(ConnectionError::Protocol(format!("a time_us ({time_us}) more than a week in the future")));
     }
     Ok(())
 }

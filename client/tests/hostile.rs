@@ -162,7 +162,7 @@ async fn time_going_backwards_is_not_hidden_and_the_good_events_arrive_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_time_us_in_the_future_and_garbage_do_not_become_positions() {
     let t = now_us();
-    let future = t + 10 * 3_600_000_000;
+    let future = t + 30 * 24 * 3_600_000_000; // a month ahead
     let server = serve(vec![
         Script::Send(vec!["not json".into(), event(t + 1), event(future)]),
         Script::Send(vec![event(t + 1), event(t + 2)]),
@@ -200,4 +200,15 @@ async fn a_400_ends_the_subscription_with_the_reason_and_a_404_is_retried() {
     let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Unreachable { attempts: 3, .. }), "{err}");
     assert!(err.is_retryable());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_clock_is_hours_behind_still_gets_events() {
+    // The server's time_us are two hours ahead of this machine's clock.
+    let t = now_us() + 2 * 3_600_000_000;
+    let server = serve(vec![Script::Send(vec![event(t + 1), event(t + 2)])]).await;
+    let mut sub = subscribe(&server, Some(t));
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    assert_eq!(next_event(&mut sub).await, t + 2);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
 }
