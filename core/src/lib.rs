@@ -7,6 +7,7 @@
 //! - [`syntax`]: AT Protocol identifier syntax (NSID, DID, record key, TID, datetime).
 //! - [`options`]: the `/subscribe` query, `options_update` and the [`options::Filter`].
 //! - [`v2`]: Jetstream v2's wire (`subscribeEvents`): messages and parameters.
+//! - [`verify`]: Sync 1.1 verification: keys, signed commits, the MST inversion proof.
 //! - [`labels`]: the macro that declares a metric-label enum once.
 #![forbid(unsafe_code)]
 
@@ -17,3 +18,4 @@ pub mod options;
 pub mod syntax;
 pub mod transcode;
 pub mod v2;
+pub mod verify;

@@ -1,0 +1,337 @@
+//! What verification reads from a frame: a `#commit` or `#sync` body (with the fields the
+//! transcoder does not need: `commit`, `since`, `prevData`, each op's `prev`), its CAR as a
+//! block map, and the signed commit block with the bytes its signature covers.
+
+use super::Failure;
+use crate::transcode::cbor::{Reader, MAP};
+use crate::transcode::cid::{parse_cid, read_uvarint, verify_block, Verify};
+use std::collections::HashMap;
+
+/// A record operation as the proof needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProofOp<'a> {
+    pub action: Action,
+    pub path: &'a str,
+    /// The record's CID after the commit (create, update).
+    pub cid: Option<&'a [u8]>,
+    /// The record's CID before the commit (update, delete), Sync 1.1.
+    pub prev: Option<&'a [u8]>,
+}
+
+/// A CAR's blocks by CID (binary, no multibase prefix), and its roots.
+#[derive(Debug, Default)]
+pub struct Blocks<'a> {
+    pub roots: Vec<&'a [u8]>,
+    map: HashMap<&'a [u8], &'a [u8]>,
+}
+
+impl<'a> Blocks<'a> {
+    pub fn parse(car: &'a [u8]) -> Result<Blocks<'a>, Failure> {
+        let (hlen, n) = read_uvarint(car).ok_or(Failure::Malformed("car header"))?;
+        let hend = usize::try_from(hlen).ok().and_then(|l| n.checked_add(l)).ok_or(Failure::Malformed("car header"))?;
+        if hend > car.len() {
+            return Err(Failure::Malformed("car header"));
+        }
+        let mut blocks = Blocks::default();
+        let mut r = Reader::new(&car[n..hend]);
+        let entries = r.read_map_len().map_err(|_| Failure::Malformed("car header"))?;
+        for _ in 0..entries {
+            let key = r.read_str().map_err(|_| Failure::Malformed("car header"))?;
+            if key == "roots" {
+                let len = r.read_array_len().map_err(|_| Failure::Malformed("car roots"))?;
+                for _ in 0..len {
+                    blocks.roots.push(r.read_link().map_err(|_| Failure::Malformed("car roots"))?);
+                }
+            } else {
+                r.skip().map_err(|_| Failure::Malformed("car header"))?;
+            }
+        }
+        let mut pos = hend;
+        while pos < car.len() {
+            let (len, n) = read_uvarint(&car[pos..]).ok_or(Failure::Malformed("car section"))?;
+            let start = pos + n;
+            let end = usize::try_from(len)
+                .ok()
+                .and_then(|l| start.checked_add(l))
+                .filter(|&e| e <= car.len() && len > 0)
+                .ok_or(Failure::Malformed("car section"))?;
+            let section = &car[start..end];
+            let cid_len = cid_prefix_len(section).ok_or(Failure::Malformed("car section cid"))?;
+            // The first copy wins, as in the transcoder.
+            blocks.map.entry(&section[..cid_len]).or_insert(&section[cid_len..]);
+            pos = end;
+        }
+        Ok(blocks)
+    }
+
+    /// The block stored under `cid`, checked against it: a block whose bytes do not hash to
+    /// its CID is a tampered proof, not a missing one.
+    pub fn get_verified(&self, cid: &[u8]) -> Result<Option<&'a [u8]>, Failure> {
+        let Some(block) = self.map.get(cid).copied() else { return Ok(None) };
+        let parsed = parse_cid(cid).ok_or(Failure::Malformed("cid"))?;
+        match verify_block(&parsed, block) {
+            Verify::Ok => Ok(Some(block)),
+            Verify::Mismatch => Err(Failure::Proof("a block does not match its CID")),
+            Verify::UnsupportedHash => Err(Failure::Malformed("unsupported hash")),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+fn cid_prefix_len(section: &[u8]) -> Option<usize> {
+    crate::transcode::cid::parse_cid_prefix(section).map(|(_, n)| n)
+}
+
+/// The fields of a `#commit` body verification needs.
+#[derive(Debug)]
+pub struct CommitFrame<'a> {
+    pub seq: i64,
+    pub repo: &'a str,
+    pub rev: &'a str,
+    pub since: Option<&'a str>,
+    /// The signed commit block's CID.
+    pub commit: &'a [u8],
+    /// The MST root before this commit (Sync 1.1); absent on older producers' commits.
+    pub prev_data: Option<&'a [u8]>,
+    pub ops: Vec<ProofOp<'a>>,
+    pub blocks: Blocks<'a>,
+}
+
+/// The fields of a `#sync` body: the repo's current commit, alone in its CAR.
+#[derive(Debug)]
+pub struct SyncFrame<'a> {
+    pub seq: i64,
+    pub did: &'a str,
+    pub rev: &'a str,
+    pub blocks: Blocks<'a>,
+}
+
+/// A frame verification can read.
+#[derive(Debug)]
+pub enum RepoFrame<'a> {
+    Commit(CommitFrame<'a>),
+    Sync(SyncFrame<'a>),
+}
+
+/// Reads a relay frame (header and body) for verification; `None` for frames that carry no
+/// commit (identity, account, info, errors, unknown types).
+pub fn read_frame(frame: &[u8]) -> Result<Option<RepoFrame<'_>>, Failure> {
+    let mut r = Reader::new(frame);
+    let n = r.read_map_len().map_err(|_| Failure::Malformed("header"))?;
+    let (mut op, mut t) = (None, None);
+    for _ in 0..n {
+        match r.read_str().map_err(|_| Failure::Malformed("header"))? {
+            "op" => op = Some(r.read_i64().map_err(|_| Failure::Malformed("header"))?),
+            "t" => t = Some(r.read_str().map_err(|_| Failure::Malformed("header"))?),
+            _ => r.skip().map_err(|_| Failure::Malformed("header"))?,
+        }
+    }
+    match (op, t) {
+        (Some(1), Some("#commit")) => read_commit(r).map(|c| Some(RepoFrame::Commit(c))),
+        (Some(1), Some("#sync")) => read_sync(r).map(|s| Some(RepoFrame::Sync(s))),
+        _ => Ok(None),
+    }
+}
+
+fn bad(what: &'static str) -> impl Fn(crate::transcode::cbor::CborError) -> Failure {
+    move |_| Failure::Malformed(what)
+}
+
+fn opt_str<'a>(r: &mut Reader<'a>) -> Result<Option<&'a str>, Failure> {
+    if r.read_null().map_err(bad("null"))? {
+        Ok(None)
+    } else {
+        r.read_str().map(Some).map_err(bad("string"))
+    }
+}
+
+fn opt_link<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, Failure> {
+    if r.read_null().map_err(bad("null"))? {
+        Ok(None)
+    } else {
+        r.read_link().map(Some).map_err(bad("link"))
+    }
+}
+
+fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
+    let n = r.read_map_len().map_err(bad("body"))?;
+    let (mut seq, mut repo, mut rev, mut since, mut commit, mut prev_data, mut ops, mut car) =
+        (None, None, None, None, None, None, None, None);
+    for _ in 0..n {
+        match r.read_str().map_err(bad("body key"))? {
+            "seq" => seq = Some(r.read_i64().map_err(bad("seq"))?),
+            "repo" => repo = Some(r.read_str().map_err(bad("repo"))?),
+            "rev" => rev = Some(r.read_str().map_err(bad("rev"))?),
+            "since" => since = opt_str(&mut r)?,
+            "commit" => commit = Some(r.read_link().map_err(bad("commit"))?),
+            "prevData" => prev_data = opt_link(&mut r)?,
+            "blocks" => car = Some(r.read_bytes().map_err(bad("blocks"))?),
+            "ops" => {
+                let len = r.read_array_len().map_err(bad("ops"))?;
+                let mut list = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    list.push(read_op(&mut r)?);
+                }
+                ops = Some(list);
+            }
+            _ => r.skip().map_err(bad("body"))?,
+        }
+    }
+    let blocks = Blocks::parse(car.ok_or(Failure::Malformed("no blocks"))?)?;
+    Ok(CommitFrame {
+        seq: seq.ok_or(Failure::Malformed("no seq"))?,
+        repo: repo.ok_or(Failure::Malformed("no repo"))?,
+        rev: rev.ok_or(Failure::Malformed("no rev"))?,
+        since,
+        commit: commit.ok_or(Failure::Malformed("no commit"))?,
+        prev_data,
+        ops: ops.ok_or(Failure::Malformed("no ops"))?,
+        blocks,
+    })
+}
+
+fn read_op<'a>(r: &mut Reader<'a>) -> Result<ProofOp<'a>, Failure> {
+    let n = r.read_map_len().map_err(bad("op"))?;
+    let (mut action, mut path, mut cid, mut prev) = (None, None, None, None);
+    for _ in 0..n {
+        match r.read_str().map_err(bad("op key"))? {
+            "action" => {
+                action = Some(match r.read_str().map_err(bad("action"))? {
+                    "create" => Action::Create,
+                    "update" => Action::Update,
+                    "delete" => Action::Delete,
+                    _ => return Err(Failure::Malformed("unknown action")),
+                })
+            }
+            "path" => path = Some(r.read_str().map_err(bad("path"))?),
+            "cid" => cid = opt_link(r)?,
+            "prev" => prev = opt_link(r)?,
+            _ => r.skip().map_err(bad("op"))?,
+        }
+    }
+    Ok(ProofOp {
+        action: action.ok_or(Failure::Malformed("op without action"))?,
+        path: path.ok_or(Failure::Malformed("op without path"))?,
+        cid,
+        prev,
+    })
+}
+
+fn read_sync(mut r: Reader<'_>) -> Result<SyncFrame<'_>, Failure> {
+    let n = r.read_map_len().map_err(bad("body"))?;
+    let (mut seq, mut did, mut rev, mut car) = (None, None, None, None);
+    for _ in 0..n {
+        match r.read_str().map_err(bad("body key"))? {
+            "seq" => seq = Some(r.read_i64().map_err(bad("seq"))?),
+            "did" => did = Some(r.read_str().map_err(bad("did"))?),
+            "rev" => rev = Some(r.read_str().map_err(bad("rev"))?),
+            "blocks" => car = Some(r.read_bytes().map_err(bad("blocks"))?),
+            _ => r.skip().map_err(bad("body"))?,
+        }
+    }
+    Ok(SyncFrame {
+        seq: seq.ok_or(Failure::Malformed("no seq"))?,
+        did: did.ok_or(Failure::Malformed("no did"))?,
+        rev: rev.ok_or(Failure::Malformed("no rev"))?,
+        blocks: Blocks::parse(car.ok_or(Failure::Malformed("no blocks"))?)?,
+    })
+}
+
+/// A signed commit block (repo format v3).
+#[derive(Debug, Clone)]
+pub struct SignedCommit<'a> {
+    pub did: &'a str,
+    pub rev: &'a str,
+    pub version: i64,
+    /// The MST root after the commit.
+    pub data: &'a [u8],
+    pub sig: &'a [u8],
+    /// The DAG-CBOR of the same map without `sig`: what the signature covers.
+    pub unsigned: Vec<u8>,
+}
+
+impl<'a> SignedCommit<'a> {
+    /// Reads the block stored under `cid` (checked against it).
+    pub fn read(blocks: &Blocks<'a>, cid: &[u8]) -> Result<SignedCommit<'a>, Failure> {
+        let block = blocks.get_verified(cid)?.ok_or(Failure::Malformed("commit block missing"))?;
+        Self::parse(block)
+    }
+
+    pub fn parse(block: &'a [u8]) -> Result<SignedCommit<'a>, Failure> {
+        let mut r = Reader::new(block);
+        let n = r.read_map_len().map_err(bad("commit"))?;
+        let (mut did, mut rev, mut version, mut data, mut sig) = (None, None, None, None, None);
+        // The unsigned form: the same entries minus `sig`, under a map head one smaller. The
+        // block is canonical DAG-CBOR (its signer wrote it so), so the spliced bytes are too.
+        let mut entries = Vec::with_capacity(block.len());
+        for _ in 0..n {
+            let start = r.position();
+            let key = r.read_str().map_err(bad("commit key"))?;
+            match key {
+                "did" => did = Some(r.read_str().map_err(bad("commit did"))?),
+                "rev" => rev = Some(r.read_str().map_err(bad("commit rev"))?),
+                "version" => version = Some(r.read_i64().map_err(bad("commit version"))?),
+                "data" => data = Some(r.read_link().map_err(bad("commit data"))?),
+                "sig" => sig = Some(r.read_bytes().map_err(bad("commit sig"))?),
+                _ => r.skip().map_err(bad("commit"))?,
+            }
+            if key != "sig" {
+                entries.extend_from_slice(&block[start..r.position()]);
+            }
+        }
+        if !r.is_empty() {
+            return Err(Failure::Malformed("commit trailing bytes"));
+        }
+        let sig = sig.ok_or(Failure::Malformed("commit without sig"))?;
+        let mut unsigned = Vec::with_capacity(entries.len() + 9);
+        write_head(&mut unsigned, MAP, n - 1);
+        unsigned.extend_from_slice(&entries);
+        let version = version.ok_or(Failure::Malformed("commit without version"))?;
+        if version != 3 && version != 2 {
+            return Err(Failure::Malformed("commit version"));
+        }
+        Ok(SignedCommit {
+            did: did.ok_or(Failure::Malformed("commit without did"))?,
+            rev: rev.ok_or(Failure::Malformed("commit without rev"))?,
+            version,
+            data: data.ok_or(Failure::Malformed("commit without data"))?,
+            sig,
+            unsigned,
+        })
+    }
+}
+
+/// Writes a CBOR head in its shortest form (canonical DAG-CBOR).
+pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, arg: u64) {
+    let m = major << 5;
+    match arg {
+        0..=23 => out.push(m | arg as u8),
+        24..=0xff => out.extend_from_slice(&[m | 24, arg as u8]),
+        0x100..=0xffff => {
+            out.push(m | 25);
+            out.extend_from_slice(&(arg as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(m | 26);
+            out.extend_from_slice(&(arg as u32).to_be_bytes());
+        }
+        _ => {
+            out.push(m | 27);
+            out.extend_from_slice(&arg.to_be_bytes());
+        }
+    }
+}

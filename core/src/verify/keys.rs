@@ -1,0 +1,152 @@
+//! Signing keys: `did:key` and the DID document's `publicKeyMultibase`, and ECDSA
+//! verification with atproto's rules (64-byte compact `r‖s` signatures over the SHA-256 of the
+//! message, low-S only; DER is invalid). Two curves: secp256k1 ("K-256", `ES256K`) and NIST
+//! P-256 (`ES256`).
+
+use k256::ecdsa::signature::hazmat::PrehashVerifier;
+
+/// Multicodec varint prefixes of compressed public keys.
+const K256_PUB: [u8; 2] = [0xe7, 0x01];
+const P256_PUB: [u8; 2] = [0x80, 0x24];
+
+/// A repo's signing key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublicKey {
+    K256(k256::ecdsa::VerifyingKey),
+    P256(p256::ecdsa::VerifyingKey),
+}
+
+/// Why a key could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("not base58btc multibase")]
+    Multibase,
+    #[error("unknown key type")]
+    UnknownType,
+    #[error("not a point on the curve")]
+    BadPoint,
+}
+
+impl PublicKey {
+    /// `did:key:z…` (a multicodec-prefixed compressed key).
+    pub fn from_did_key(did_key: &str) -> Result<PublicKey, KeyError> {
+        Self::from_multikey(did_key.strip_prefix("did:key:").ok_or(KeyError::Multibase)?)
+    }
+
+    /// A `Multikey` verification method's `publicKeyMultibase` (`z` + base58btc of the
+    /// multicodec prefix and the compressed point).
+    pub fn from_multikey(multibase: &str) -> Result<PublicKey, KeyError> {
+        let bytes = decode_z(multibase)?;
+        if let Some(point) = bytes.strip_prefix(&K256_PUB) {
+            Self::k256(point)
+        } else if let Some(point) = bytes.strip_prefix(&P256_PUB) {
+            Self::p256(point)
+        } else {
+            Err(KeyError::UnknownType)
+        }
+    }
+
+    /// The legacy verification-method types, whose `publicKeyMultibase` is the bare point
+    /// (no multicodec prefix).
+    pub fn from_legacy(method_type: &str, multibase: &str) -> Result<PublicKey, KeyError> {
+        let bytes = decode_z(multibase)?;
+        match method_type {
+            "EcdsaSecp256k1VerificationKey2019" => Self::k256(&bytes),
+            "EcdsaSecp256r1VerificationKey2019" => Self::p256(&bytes),
+            _ => Err(KeyError::UnknownType),
+        }
+    }
+
+    fn k256(point: &[u8]) -> Result<PublicKey, KeyError> {
+        k256::ecdsa::VerifyingKey::from_sec1_bytes(point).map(PublicKey::K256).map_err(|_| KeyError::BadPoint)
+    }
+
+    fn p256(point: &[u8]) -> Result<PublicKey, KeyError> {
+        p256::ecdsa::VerifyingKey::from_sec1_bytes(point).map(PublicKey::P256).map_err(|_| KeyError::BadPoint)
+    }
+
+    /// The key as `did:key` (its canonical, compressed form), for storing and comparing.
+    pub fn to_did_key(&self) -> String {
+        let mut bytes = Vec::with_capacity(35);
+        match self {
+            PublicKey::K256(k) => {
+                bytes.extend_from_slice(&K256_PUB);
+                bytes.extend_from_slice(k.to_encoded_point(true).as_bytes());
+            }
+            PublicKey::P256(k) => {
+                bytes.extend_from_slice(&P256_PUB);
+                bytes.extend_from_slice(k.to_encoded_point(true).as_bytes());
+            }
+        }
+        format!("did:key:z{}", bs58::encode(bytes).into_string())
+    }
+
+    /// Checks a 64-byte `r‖s` signature over `message` (hashed here with SHA-256). High-S
+    /// signatures are refused, as atproto requires (they would make signatures malleable).
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
+        use sha2::{Digest, Sha256};
+        self.verify_prehash(&Sha256::digest(message), signature)
+    }
+
+    /// Like [`verify`](Self::verify), for a message already hashed with SHA-256.
+    pub fn verify_prehash(&self, digest: &[u8], signature: &[u8]) -> bool {
+        if signature.len() != 64 {
+            return false;
+        }
+        match self {
+            PublicKey::K256(key) => {
+                let Ok(sig) = k256::ecdsa::Signature::from_slice(signature) else { return false };
+                sig.normalize_s().is_none() && key.verify_prehash(digest, &sig).is_ok()
+            }
+            PublicKey::P256(key) => {
+                let Ok(sig) = p256::ecdsa::Signature::from_slice(signature) else { return false };
+                sig.normalize_s().is_none() && key.verify_prehash(digest, &sig).is_ok()
+            }
+        }
+    }
+}
+
+fn decode_z(multibase: &str) -> Result<Vec<u8>, KeyError> {
+    let b58 = multibase.strip_prefix('z').ok_or(KeyError::Multibase)?;
+    // A compressed key with its prefix is 35 bytes (48 base58 characters); refuse long input
+    // before decoding it.
+    if b58.len() > 128 {
+        return Err(KeyError::Multibase);
+    }
+    bs58::decode(b58).into_vec().map_err(|_| KeyError::Multibase)
+}
+
+/// The `#atproto` signing key of a DID document (`did` must be the document's `id`).
+pub fn atproto_key(did: &str, doc: &serde_json::Value) -> Result<PublicKey, DocError> {
+    if doc.get("id").and_then(|v| v.as_str()) != Some(did) {
+        return Err(DocError::WrongId);
+    }
+    let methods = doc.get("verificationMethod").and_then(|v| v.as_array()).ok_or(DocError::NoKey)?;
+    for m in methods {
+        let id = m.get("id").and_then(|v| v.as_str()).unwrap_or("");
+        let is_atproto = id == "#atproto" || id.strip_prefix(did).is_some_and(|rest| rest == "#atproto");
+        if !is_atproto {
+            continue;
+        }
+        let multibase = m.get("publicKeyMultibase").and_then(|v| v.as_str()).ok_or(DocError::NoKey)?;
+        let kind = m.get("type").and_then(|v| v.as_str()).unwrap_or("");
+        let key = if kind == "Multikey" {
+            PublicKey::from_multikey(multibase)
+        } else {
+            PublicKey::from_legacy(kind, multibase)
+        };
+        return key.map_err(DocError::Key);
+    }
+    Err(DocError::NoKey)
+}
+
+/// Why a DID document gave no key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DocError {
+    #[error("the document is for another DID")]
+    WrongId,
+    #[error("no #atproto verification method")]
+    NoKey,
+    #[error("the #atproto key: {0}")]
+    Key(KeyError),
+}

@@ -1,0 +1,448 @@
+//! The Merkle Search Tree, as much of it as a commit's CAR carries, and the Sync 1.1 proof:
+//! undo the commit's operations on that partial tree and check the root comes out as the
+//! previous commit's `data` (`prevData`).
+//!
+//! The tree is held flat: its records in key order, with the subtrees the CAR does not carry
+//! kept as opaque stubs (their CID and layer) between them. Any MST is determined by its keys,
+//! so rebuilding the nodes from that list gives the same CIDs the signer computed — as long as
+//! no rebuilt node needs the inside of a stub, which a complete proof guarantees and an
+//! incomplete one is refused for.
+//!
+//! Node format (atproto repository spec): `{l: link|null, e: [{p, k, v, t}]}`; a key's layer is
+//! the number of leading zero bits of its SHA-256, halved (fanout 4).
+
+use super::commit::{write_head, Action, Blocks, ProofOp};
+use super::Failure;
+use crate::transcode::cbor::{Reader, ARRAY, BYTES, MAP, TAG, TEXT, UINT};
+use crate::transcode::cid::dag_cbor_cid_of;
+use sha2::{Digest, Sha256};
+
+/// A key's layer in the tree.
+pub fn key_height(key: &[u8]) -> u32 {
+    let digest = Sha256::digest(key);
+    let mut zeros = 0;
+    for b in digest {
+        if b == 0 {
+            zeros += 8;
+            continue;
+        }
+        zeros += b.leading_zeros();
+        break;
+    }
+    zeros / 2
+}
+
+/// One record, or a subtree the proof did not include.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    Leaf { key: Vec<u8>, value: Vec<u8>, height: u32 },
+    Stub { cid: Vec<u8>, layer: u32 },
+}
+
+/// A partial tree, flat.
+#[derive(Debug, Clone, Default)]
+pub struct PartialTree {
+    pub items: Vec<Item>,
+}
+
+/// MST nodes are small; a CAR of 2 MB cannot hold more nodes than this many levels deep.
+const MAX_LAYER: u32 = 128;
+
+impl PartialTree {
+    /// A whole tree from its records (any order; later duplicates replace earlier ones).
+    pub fn from_records<'k>(records: impl IntoIterator<Item = (&'k [u8], &'k [u8])>) -> PartialTree {
+        let mut map = std::collections::BTreeMap::new();
+        for (k, v) in records {
+            map.insert(k.to_vec(), v.to_vec());
+        }
+        let items = map
+            .into_iter()
+            .map(|(key, value)| {
+                let height = key_height(&key);
+                Item::Leaf { key, value, height }
+            })
+            .collect();
+        PartialTree { items }
+    }
+
+    /// Loads the tree under `root` from `blocks`; subtrees not in the CAR become stubs.
+    pub fn load(blocks: &Blocks<'_>, root: &[u8]) -> Result<PartialTree, Failure> {
+        let mut tree = PartialTree::default();
+        let block = blocks.get_verified(root)?.ok_or(Failure::Proof("the MST root is not in the CAR"))?;
+        let node = Node::parse(block)?;
+        let Some(layer) = node.layer() else {
+            if node.left.is_some() {
+                return Err(Failure::Proof("the MST root has no entries but a subtree"));
+            }
+            return Ok(tree); // the empty repository
+        };
+        tree.load_node(blocks, node, layer, 0)?;
+        // Keys strictly increasing across nodes too (each node checks its own).
+        let mut last: Option<&[u8]> = None;
+        for item in &tree.items {
+            if let Item::Leaf { key, .. } = item {
+                if last.is_some_and(|l| l >= key.as_slice()) {
+                    return Err(Failure::Proof("MST keys out of order"));
+                }
+                last = Some(key);
+            }
+        }
+        Ok(tree)
+    }
+
+    fn load_node(&mut self, blocks: &Blocks<'_>, node: Node<'_>, layer: u32, depth: u32) -> Result<(), Failure> {
+        if depth > MAX_LAYER {
+            return Err(Failure::Proof("MST too deep"));
+        }
+        if let Some(l) = node.left {
+            self.load_subtree(blocks, l, layer, depth)?;
+        }
+        let mut prev_key: Vec<u8> = Vec::new();
+        for (i, e) in node.entries.iter().enumerate() {
+            let p = e.prefix as usize;
+            if p > prev_key.len() || (i == 0 && p != 0) {
+                return Err(Failure::Proof("MST entry prefix longer than the previous key"));
+            }
+            let mut key = prev_key[..p].to_vec();
+            key.extend_from_slice(e.suffix);
+            if i > 0 && key <= prev_key {
+                return Err(Failure::Proof("MST keys out of order"));
+            }
+            let height = key_height(&key);
+            if height != layer {
+                return Err(Failure::Proof("MST key on the wrong layer"));
+            }
+            self.items.push(Item::Leaf { key: key.clone(), value: e.value.to_vec(), height });
+            if let Some(t) = e.right {
+                self.load_subtree(blocks, t, layer, depth)?;
+            }
+            prev_key = key;
+        }
+        Ok(())
+    }
+
+    /// A child of a node at `parent_layer`.
+    fn load_subtree(&mut self, blocks: &Blocks<'_>, cid: &[u8], parent_layer: u32, depth: u32) -> Result<(), Failure> {
+        let layer = parent_layer.checked_sub(1).ok_or(Failure::Proof("MST subtree below layer 0"))?;
+        match blocks.get_verified(cid)? {
+            None => {
+                self.items.push(Item::Stub { cid: cid.to_vec(), layer });
+                Ok(())
+            }
+            Some(block) => {
+                let node = Node::parse(block)?;
+                if node.entries.is_empty() && node.left.is_none() {
+                    return Err(Failure::Proof("empty MST node inside the tree"));
+                }
+                self.load_node(blocks, node, layer, depth + 1)
+            }
+        }
+    }
+
+    /// Where `key` is or would go, and whether a stub could be hiding it: `(index of the
+    /// first item at or after it, the leaf there if it is `key`, a stub between its neighbours)`.
+    fn locate(&self, key: &[u8]) -> (usize, bool, bool) {
+        let mut stub_since_last_leaf = false;
+        for (i, item) in self.items.iter().enumerate() {
+            match item {
+                Item::Stub { .. } => stub_since_last_leaf = true,
+                Item::Leaf { key: k, .. } => {
+                    if k.as_slice() >= key {
+                        return (i, k.as_slice() == key, stub_since_last_leaf);
+                    }
+                    stub_since_last_leaf = false;
+                }
+            }
+        }
+        (self.items.len(), false, stub_since_last_leaf)
+    }
+
+    /// The record CID under `key`, if the proof shows it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, Failure> {
+        let (i, found, hidden) = self.locate(key);
+        if found {
+            let Item::Leaf { value, .. } = &self.items[i] else { unreachable!() };
+            return Ok(Some(value));
+        }
+        if hidden {
+            return Err(Failure::Proof("the proof does not cover an op's key"));
+        }
+        Ok(None)
+    }
+
+    pub fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<(), Failure> {
+        let (i, found, hidden) = self.locate(key);
+        if found {
+            return Err(Failure::Proof("key already in the tree"));
+        }
+        if hidden {
+            return Err(Failure::Proof("the proof does not cover an op's key"));
+        }
+        self.items.insert(i, Item::Leaf { key: key.to_vec(), value: value.to_vec(), height: key_height(key) });
+        Ok(())
+    }
+
+    pub fn remove(&mut self, key: &[u8]) -> Result<(), Failure> {
+        let (i, found, _) = self.locate(key);
+        if !found {
+            return Err(Failure::Proof("key not in the tree"));
+        }
+        self.items.remove(i);
+        Ok(())
+    }
+
+    pub fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Failure> {
+        let (i, found, _) = self.locate(key);
+        if !found {
+            return Err(Failure::Proof("key not in the tree"));
+        }
+        if let Item::Leaf { value: v, .. } = &mut self.items[i] {
+            *v = value.to_vec();
+        }
+        Ok(())
+    }
+
+    /// The root CID of the tree these items make.
+    pub fn root_cid(&self) -> Result<Vec<u8>, Failure> {
+        self.encode(&mut None)
+    }
+
+    /// The root CID and every node block the items make (stubs stay CIDs): how a writer (or a
+    /// test relay) produces the blocks of a tree.
+    pub fn blocks(&self) -> Result<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>), Failure> {
+        let mut out = Vec::new();
+        let root = self.encode(&mut Some(&mut out))?;
+        Ok((root, out))
+    }
+
+    fn encode(&self, sink: &mut Option<&mut Vec<(Vec<u8>, Vec<u8>)>>) -> Result<Vec<u8>, Failure> {
+        if self.items.is_empty() {
+            let block = encode_node(None, &[]);
+            let cid = dag_cbor_cid_of(&block);
+            if let Some(s) = sink {
+                s.push((cid.clone(), block));
+            }
+            return Ok(cid);
+        }
+        let top = self
+            .items
+            .iter()
+            .map(|i| match i {
+                Item::Leaf { height, .. } => *height,
+                Item::Stub { layer, .. } => layer + 1,
+            })
+            .max()
+            .unwrap_or(0);
+        let has_top_leaf = self.items.iter().any(|i| matches!(i, Item::Leaf { height, .. } if *height == top));
+        // A root never consists of a lone subtree pointer (the tree is trimmed at the top).
+        let layer = if has_top_leaf { top } else { top - 1 };
+        build(layer, &self.items, sink)?.ok_or(Failure::Proof("empty MST"))
+    }
+}
+
+/// Builds the node at `layer` holding `items`; `None` for nothing.
+fn build(
+    layer: u32,
+    items: &[Item],
+    sink: &mut Option<&mut Vec<(Vec<u8>, Vec<u8>)>>,
+) -> Result<Option<Vec<u8>>, Failure> {
+    match items {
+        [] => return Ok(None),
+        [Item::Stub { cid, layer: l }] if *l == layer => return Ok(Some(cid.clone())),
+        _ => {}
+    }
+    // The entries of this node, and the runs of items between them (its subtrees).
+    let mut entries: Vec<(&[u8], &[u8], Option<Vec<u8>>)> = Vec::new();
+    let mut left = None;
+    let mut run_start = 0;
+    let child_layer = layer.checked_sub(1);
+    let subtree = |run: &[Item], sink: &mut Option<&mut Vec<(Vec<u8>, Vec<u8>)>>| {
+        if run.is_empty() {
+            return Ok(None);
+        }
+        match child_layer {
+            Some(c) => build(c, run, sink),
+            None => Err(Failure::Proof("MST items below layer 0")),
+        }
+    };
+    for (i, item) in items.iter().enumerate() {
+        match item {
+            Item::Leaf { key, value, height } if *height == layer => {
+                let t = subtree(&items[run_start..i], sink)?;
+                match entries.last_mut() {
+                    Some(last) => last.2 = t,
+                    None => left = t,
+                }
+                entries.push((key, value, None));
+                run_start = i + 1;
+            }
+            Item::Leaf { height, .. } if *height > layer => return Err(Failure::Proof("MST key above its node")),
+            Item::Stub { layer: l, .. } if *l >= layer => {
+                // The node would have to be merged with a subtree the proof did not include.
+                return Err(Failure::Proof("the proof lacks a node the operations change"));
+            }
+            _ => {}
+        }
+    }
+    let t = subtree(&items[run_start..], sink)?;
+    match entries.last_mut() {
+        Some(last) => last.2 = t,
+        None => left = t,
+    }
+    let block = encode_node(left.as_deref(), &entries);
+    let cid = dag_cbor_cid_of(&block);
+    if let Some(s) = sink {
+        s.push((cid.clone(), block));
+    }
+    Ok(Some(cid))
+}
+
+fn write_link(out: &mut Vec<u8>, cid: Option<&[u8]>) {
+    match cid {
+        None => out.push(0xf6),
+        Some(c) => {
+            write_head(out, TAG, 42);
+            write_head(out, BYTES, c.len() as u64 + 1);
+            out.push(0);
+            out.extend_from_slice(c);
+        }
+    }
+}
+
+fn write_key(out: &mut Vec<u8>, k: &str) {
+    write_head(out, TEXT, k.len() as u64);
+    out.extend_from_slice(k.as_bytes());
+}
+
+/// A node's canonical DAG-CBOR: map keys in length-then-byte order (`e`, `l`; `k`, `p`, `t`,
+/// `v`), keys prefix-compressed against the previous entry.
+fn encode_node(left: Option<&[u8]>, entries: &[(&[u8], &[u8], Option<Vec<u8>>)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + entries.len() * 80);
+    write_head(&mut out, MAP, 2);
+    write_key(&mut out, "e");
+    write_head(&mut out, ARRAY, entries.len() as u64);
+    let mut prev: &[u8] = &[];
+    for (key, value, right) in entries {
+        let p = prev.iter().zip(key.iter()).take_while(|(a, b)| a == b).count();
+        write_head(&mut out, MAP, 4);
+        write_key(&mut out, "k");
+        write_head(&mut out, BYTES, (key.len() - p) as u64);
+        out.extend_from_slice(&key[p..]);
+        write_key(&mut out, "p");
+        write_head(&mut out, UINT, p as u64);
+        write_key(&mut out, "t");
+        write_link(&mut out, right.as_deref());
+        write_key(&mut out, "v");
+        write_link(&mut out, Some(value));
+        prev = key;
+    }
+    write_key(&mut out, "l");
+    write_link(&mut out, left);
+    out
+}
+
+struct Entry<'a> {
+    prefix: u64,
+    suffix: &'a [u8],
+    value: &'a [u8],
+    right: Option<&'a [u8]>,
+}
+
+struct Node<'a> {
+    left: Option<&'a [u8]>,
+    entries: Vec<Entry<'a>>,
+}
+
+impl<'a> Node<'a> {
+    fn parse(block: &'a [u8]) -> Result<Node<'a>, Failure> {
+        let bad = |_| Failure::Proof("malformed MST node");
+        let mut r = Reader::new(block);
+        let n = r.read_map_len().map_err(bad)?;
+        let mut node = Node { left: None, entries: Vec::new() };
+        for _ in 0..n {
+            match r.read_str().map_err(bad)? {
+                "l" => node.left = link_or_null(&mut r)?,
+                "e" => {
+                    let len = r.read_array_len().map_err(bad)?;
+                    for _ in 0..len {
+                        let m = r.read_map_len().map_err(bad)?;
+                        let (mut prefix, mut suffix, mut value, mut right) = (None, None, None, None);
+                        for _ in 0..m {
+                            match r.read_str().map_err(bad)? {
+                                "p" => prefix = Some(r.read_i64().map_err(bad)?),
+                                "k" => suffix = Some(r.read_bytes().map_err(bad)?),
+                                "v" => value = Some(r.read_link().map_err(bad)?),
+                                "t" => right = link_or_null(&mut r)?,
+                                _ => r.skip().map_err(bad)?,
+                            }
+                        }
+                        let (Some(p), Some(k), Some(v)) = (prefix, suffix, value) else {
+                            return Err(Failure::Proof("MST entry missing a field"));
+                        };
+                        let prefix = u64::try_from(p).map_err(|_| Failure::Proof("negative MST prefix"))?;
+                        node.entries.push(Entry { prefix, suffix: k, value: v, right });
+                    }
+                }
+                _ => r.skip().map_err(bad)?,
+            }
+        }
+        Ok(node)
+    }
+
+    /// The node's layer, from its first key (a node's keys share one); `None` when it has none.
+    fn layer(&self) -> Option<u32> {
+        self.entries.first().map(|e| key_height(e.suffix))
+    }
+}
+
+fn link_or_null<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, Failure> {
+    if r.read_null().map_err(|_| Failure::Proof("malformed MST node"))? {
+        Ok(None)
+    } else {
+        r.read_link().map(Some).map_err(|_| Failure::Proof("malformed MST node"))
+    }
+}
+
+/// Sync 1.1's inductive proof: the ops, undone on the tree after the commit (rooted at
+/// `data`), give the tree before it (`prev_data`).
+pub fn check_inversion(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>], prev_data: &[u8]) -> Result<(), Failure> {
+    let mut tree = PartialTree::load(blocks, data)?;
+    // Two ops on one path cannot both be undone against the same tree.
+    let mut paths: Vec<&str> = ops.iter().map(|o| o.path).collect();
+    paths.sort_unstable();
+    if paths.windows(2).any(|w| w[0] == w[1]) {
+        return Err(Failure::Proof("two ops on one path"));
+    }
+    for op in ops {
+        let key = op.path.as_bytes();
+        let now = tree.get(key)?;
+        match op.action {
+            Action::Create => {
+                let cid = op.cid.ok_or(Failure::Malformed("create without cid"))?;
+                if now != Some(cid) {
+                    return Err(Failure::Proof("a created record is not in the tree"));
+                }
+                tree.remove(key)?;
+            }
+            Action::Update => {
+                let (cid, prev) = (op.cid.ok_or(Failure::Malformed("update without cid"))?, op.prev);
+                let prev = prev.ok_or(Failure::NoProof("update without prev"))?;
+                if now != Some(cid) {
+                    return Err(Failure::Proof("an updated record is not in the tree"));
+                }
+                tree.set(key, prev)?;
+            }
+            Action::Delete => {
+                let prev = op.prev.ok_or(Failure::NoProof("delete without prev"))?;
+                if now.is_some() {
+                    return Err(Failure::Proof("a deleted record is still in the tree"));
+                }
+                tree.insert(key, prev)?;
+            }
+        }
+    }
+    if tree.root_cid()? != prev_data {
+        return Err(Failure::Proof("undoing the ops does not give prevData"));
+    }
+    Ok(())
+}
