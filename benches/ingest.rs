@@ -68,7 +68,7 @@ fn bench(c: &mut Criterion) {
                             seq: Some(s),
                             relay_time_us: info.relay_time_us,
                             events,
-                            keep_time: false,
+                            ..Default::default()
                         });
                         if n >= contrail::sequencer::MAX_BATCH_EVENTS {
                             seq.write(&mut batch).unwrap();

@@ -576,14 +576,17 @@ fn percentile(v: &mut [u32], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize] as f64 / 1000.0
 }
 
-/// Four stacked line charts (RSS, open files, RocksDB size, checker p99) against minutes.
+/// Reads one figure of a sample.
+type Measure = fn(&Sample) -> f64;
+
+/// Five stacked line charts (RSS, open files, RocksDB size, checker p99, CPU) against minutes.
 fn svg(samples: &[Sample], title: &str) -> String {
-    let panels: [(&str, Box<dyn Fn(&Sample) -> f64>); 5] = [
-        ("server RSS (MiB)", Box::new(|s: &Sample| s.rss_mib)),
-        ("server open files", Box::new(|s: &Sample| s.open_files as f64)),
-        ("RocksDB directory (MiB)", Box::new(|s: &Sample| s.rocksdb_mib)),
-        ("checker p99 latency (ms)", Box::new(|s: &Sample| s.p99_ms)),
-        ("server CPU (cores)", Box::new(|s: &Sample| s.cpu_cores)),
+    let panels: [(&str, Measure); 5] = [
+        ("server RSS (MiB)", |s| s.rss_mib),
+        ("server open files", |s| s.open_files as f64),
+        ("RocksDB directory (MiB)", |s| s.rocksdb_mib),
+        ("checker p99 latency (ms)", |s| s.p99_ms),
+        ("server CPU (cores)", |s| s.cpu_cores),
     ];
     let (w, ph, left, top) = (760.0, 150.0, 70.0, 40.0);
     let height = top + panels.len() as f64 * (ph + 40.0);

@@ -75,6 +75,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .with_ring_budget(config.hub.ring_capacity, config.hub.ring_max_bytes as usize)
         .with_mix(mix.clone());
     let replica = !config.replica.upstream_url.is_empty();
+    let mut verify_stage = None;
     let reader = if replica {
         tracing::info!(upstreams = ?config.replica.upstream_url.iter().map(ToString::to_string).collect::<Vec<_>>(), "replica mode");
         let opts = UpstreamOptions {
@@ -85,6 +86,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             live_when_empty: config.log.store == crate::log::StoreKind::Memory,
         };
         Reader::Upstream(UpstreamReader::new(opts, log.last_time_us()?, metrics.clone(), frames_tx))
+    } else if config.verify.verify != crate::verify::VerifyMode::Off {
+        // relay reader → verification stage → sequencer; the reader's queue bounds the frames
+        // (and their bytes) the stage holds.
+        let (verify_tx, verify_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
+        let stage = crate::verify::Stage::new(config.verify.clone(), log.clone(), metrics.clone())?;
+        verify_stage = Some((stage, verify_rx, frames_tx));
+        tracing::info!(mode = ?config.verify.verify, plc = %config.verify.plc_url, "verifying commits");
+        Reader::Relay(Box::new(
+            relay::Reader::new(config.relay.clone(), start_seq, metrics.clone(), verify_tx).with_raw_frames(true),
+        ))
     } else {
         Reader::Relay(Box::new(relay::Reader::new(config.relay.clone(), start_seq, metrics.clone(), frames_tx)))
     };
@@ -117,6 +128,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         upstream,
         readiness,
         retention: config.retention.retention,
+        verify: (config.verify.verify, config.verify.on_verify_failure, config.verify.on_resolve_failure),
         started: Instant::now(),
     });
     let render_metrics: Arc<dyn Fn() -> String + Send + Sync> = {
@@ -130,6 +142,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let connections = TaskTracker::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
     tasks.spawn_blocking(move || ("sequencer", sequencer.run(frames_rx).map_err(anyhow::Error::from)));
+    if let Some((stage, rx, tx)) = verify_stage {
+        // Stops with the reader: the reader's end closes its queue and the stage ends after
+        // passing on what it can (frames still waiting for a key are read again after a
+        // restart: their seq was not stored).
+        let cancel = stop_reader.clone();
+        tasks.spawn(async move {
+            stage.run(rx, tx, cancel).await;
+            ("verification", Ok(()))
+        });
+    }
     {
         let cancel = stop_reader.clone();
         tasks.spawn(async move {

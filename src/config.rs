@@ -206,6 +206,9 @@ pub struct ServeConfig {
     pub replica: ReplicaConfig,
     #[command(flatten)]
     #[serde(flatten)]
+    pub verify: crate::verify::VerifyConfig,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub hub: HubConfig,
     #[command(flatten)]
     #[serde(flatten)]
@@ -231,6 +234,8 @@ impl ServeConfig {
             self.retention.validate(),
             self.relay.validate(),
             self.replica.validate(),
+            self.verify.validate(),
+            self.verify_needs_a_relay(),
             self.hub.validate(),
             self.limits.validate(),
         ];
@@ -243,6 +248,17 @@ impl ServeConfig {
             if let Err((key, message)) = check {
                 return Err(ConfigError { key: key.into(), message });
             }
+        }
+        Ok(())
+    }
+
+    /// A replica copies its primary's log: verification belongs on the primary.
+    fn verify_needs_a_relay(&self) -> Result<(), (&'static str, String)> {
+        if self.verify.verify != crate::verify::VerifyMode::Off && !self.replica.upstream_url.is_empty() {
+            return Err((
+                "verify",
+                "verification runs on a primary (it reads the relay); a replica copies its log".into(),
+            ));
         }
         Ok(())
     }

@@ -30,3 +30,4 @@ pub mod server;
 pub mod source;
 pub mod tail;
 pub mod units;
+pub mod verify;

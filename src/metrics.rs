@@ -113,6 +113,15 @@ pub struct Metrics {
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
     pub rejected_requests: IntCounterVec,
+    // verification
+    pub verify_commits: IntCounterVec,
+    pub verify_failures: IntCounterVec,
+    pub verify_dropped_events: IntCounter,
+    pub verify_desynchronized: IntCounter,
+    pub verify_seconds: Histogram,
+    pub did_resolutions: IntCounterVec,
+    pub did_resolve_seconds: Histogram,
+    pub did_cache_entries: IntGauge,
     // replica mode
     pub replication_lag_seconds: prometheus::Gauge,
     pub upstream_tip_distance_seconds: prometheus::Gauge,
@@ -258,6 +267,47 @@ impl Metrics {
                 "Subscribe requests refused, by reason.",
                 &["reason"],
             ),
+            verify_commits: counter_vec(
+                &r,
+                "contrail_verify_commits_total",
+                "Commits and syncs verified (--verify), by result.",
+                &["result"],
+            ),
+            verify_failures: counter_vec(
+                &r,
+                "contrail_verify_failures_total",
+                "Verification failures, by reason.",
+                &["reason"],
+            ),
+            verify_dropped_events: counter(
+                &r,
+                "contrail_verify_dropped_events_total",
+                "Events dropped because their commit failed verification (--on-verify-failure drop).",
+            ),
+            verify_desynchronized: counter(
+                &r,
+                "contrail_verify_desynchronized_total",
+                "Chain breaks: a repo's commit did not continue its last verified one.",
+            ),
+            verify_seconds: histogram(
+                &r,
+                "contrail_verify_seconds",
+                "CPU time to verify one commit (signature, proof).",
+                prometheus::exponential_buckets(0.00001, 2.0, 16).expect("valid buckets"),
+            ),
+            did_resolutions: counter_vec(
+                &r,
+                "contrail_did_resolutions_total",
+                "DID documents fetched for verification, by result.",
+                &["result"],
+            ),
+            did_resolve_seconds: histogram(
+                &r,
+                "contrail_did_resolve_seconds",
+                "Time to fetch one DID document.",
+                prometheus::exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+            ),
+            did_cache_entries: gauge(&r, "contrail_did_cache_entries", "Signing keys cached in memory."),
             replication_lag_seconds: float_gauge(
                 &r,
                 "contrail_replication_lag_seconds",
@@ -293,6 +343,15 @@ impl Metrics {
         }
         for r in Refusal::ALL {
             m.rejected_requests.with_label_values(&[r.as_str()]);
+        }
+        for o in crate::verify::Outcome::ALL {
+            m.verify_commits.with_label_values(&[o.as_str()]);
+        }
+        for r in contrail_core::verify::Reason::ALL {
+            m.verify_failures.with_label_values(&[r.as_str()]);
+        }
+        for r in crate::verify::resolve::ResolveResult::ALL {
+            m.did_resolutions.with_label_values(&[r.as_str()]);
         }
         for w in Wire::ALL {
             for c in Compression::ALL {

@@ -18,7 +18,7 @@
 
 use crate::clock::{now_us, Stamper};
 use crate::event::{Event, EventKind};
-use crate::log::{Log, LogError, RelayCursor};
+use crate::log::{Log, LogError, RelayCursor, RepoStateWrite};
 use crate::metrics::Metrics;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ pub const MAX_BATCH_EVENTS: usize = 4096;
 
 /// What a reader hands over for one frame: its events and the relay seq that, once they are
 /// written, the cursor may advance to.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct IngestFrame {
     /// The relay seq; `None` from an upstream Contrail (a replica resumes from its log).
     pub seq: Option<i64>,
@@ -38,12 +38,17 @@ pub struct IngestFrame {
     /// The events already carry their `time_us` (a replica keeps the primary's) instead of
     /// being stamped here. The upstream reader guarantees they increase.
     pub keep_time: bool,
+    /// The relay frame itself, kept only for the verification stage (which drops it).
+    pub raw: Option<bytes::Bytes>,
+    /// Repo chain states the verification stage moved for this frame, written with its events.
+    pub repo_states: Vec<RepoStateWrite>,
 }
 
 impl IngestFrame {
-    /// Memory the frame holds (its events' JSON), for the byte bound of the ingest queue.
+    /// Memory the frame holds (its events' JSON and raw frame), for the byte bound of the
+    /// ingest queue.
     pub fn bytes(&self) -> usize {
-        self.events.iter().map(|e| e.json().len()).sum::<usize>() + 64
+        self.events.iter().map(|e| e.json().len()).sum::<usize>() + self.raw.as_ref().map_or(0, |r| r.len()) + 64
     }
 }
 
@@ -78,6 +83,14 @@ impl IngestSender {
 /// frame is written.
 pub struct IngestReceiver {
     rx: mpsc::Receiver<(IngestFrame, OwnedSemaphorePermit)>,
+}
+
+impl IngestReceiver {
+    /// The next frame with its share of the budget (a stage between the reader and the
+    /// sequencer holds it until it passes the frame on); `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<(IngestFrame, OwnedSemaphorePermit)> {
+        self.rx.recv().await
+    }
 }
 
 /// A queue of at most `frames` frames and about `max_bytes` bytes of events.
@@ -208,7 +221,9 @@ impl Sequencer {
             frames.iter().rev().find_map(|f| f.seq).map(|seq| RelayCursor { url: self.relay_url.clone(), seq });
         let relay_time = frames.iter().rev().find_map(|f| f.relay_time_us);
         let mut events: Vec<Event> = Vec::with_capacity(frames.iter().map(|f| f.events.len()).sum());
-        for f in frames.drain(..) {
+        let mut repo_states = Vec::new();
+        for mut f in frames.drain(..) {
+            repo_states.append(&mut f.repo_states);
             for mut e in f.events {
                 if f.keep_time {
                     if e.time_us <= self.stamper.last() {
@@ -229,7 +244,7 @@ impl Sequencer {
             }
         }
         let started = std::time::Instant::now();
-        self.log.append(&events, cursor.as_ref())?;
+        self.log.append_with_states(&events, cursor.as_ref(), &repo_states)?;
         let m = &self.metrics;
         m.store_write_seconds.observe(started.elapsed().as_secs_f64());
         m.store_batch_events.observe(events.len() as f64);

@@ -58,7 +58,7 @@ fn stamps_never_regress(dir: tempfile::TempDir, log: Log, durable: bool) {
             seq: Some(i + 1),
             relay_time_us: None,
             events: events(3, i + 1),
-            keep_time: false,
+            ..Default::default()
         }])
         .unwrap();
     }
@@ -84,8 +84,7 @@ fn stamps_never_regress(dir: tempfile::TempDir, log: Log, durable: bool) {
     let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://relay".into())
         .unwrap()
         .with_clock(|| 1_000);
-    seq.write(&mut vec![IngestFrame { seq: Some(11), relay_time_us: None, events: events(2, 11), keep_time: false }])
-        .unwrap();
+    seq.write(&mut vec![IngestFrame { seq: Some(11), events: events(2, 11), ..Default::default() }]).unwrap();
     let after = store.read_from(last + 1, 10).unwrap();
     assert_eq!(after.iter().map(|e| e.time_us).collect::<Vec<_>>(), vec![last + 1, last + 2]);
 

@@ -19,8 +19,10 @@ fn every_corpus_commit_verifies_in_full() {
             Some(RepoFrame::Commit(c)) => {
                 let doc = docs.get(c.repo).unwrap_or_else(|| panic!("no DID document for {}", c.repo));
                 let key = keys::atproto_key(c.repo, doc).unwrap();
-                let state = verify::check_commit(&c, &key, Level::Full)
+                let checked = verify::check_commit(&c, &key, Level::Full)
                     .unwrap_or_else(|e| panic!("seq {}: {} failed: {e}", c.seq, c.repo));
+                assert!(checked.proven, "seq {}: no proof", c.seq);
+                let state = checked.state;
                 if let Some(last) = chain.get(c.repo) {
                     verify::check_chain(Some(last), &c).unwrap();
                     chained += 1;
@@ -38,4 +40,204 @@ fn every_corpus_commit_verifies_in_full() {
     }
     println!("{commits} commits verified in full ({chained} continuing an earlier one), {syncs} syncs");
     assert!(commits >= 90, "only {commits} commits in the corpus");
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: the real binary, a fake relay of signed repos, a PLC-style directory.
+
+use common::process::{inspect_log, Serve};
+use common::relay::FakeRelay;
+use common::signed::{did_doc, record, with_seq, Answer, Op, Plc, SignedRepo, Signer, Tamper};
+use std::time::{Duration, Instant};
+
+const ALICE: &str = "did:plc:aliceaaaaaaaaaaaaaaaaaaa";
+const BOB: &str = "did:plc:bobbbbbbbbbbbbbbbbbbbbbb";
+const CAROL: &str = "did:plc:carolcccccccccccccccccccc";
+const DAVE: &str = "did:plc:davedddddddddddddddddddd";
+const ERIN: &str = "did:plc:erineeeeeeeeeeeeeeeeeeee";
+
+fn post(n: &str) -> String {
+    format!("app.bsky.feed.post/{n}")
+}
+
+/// `(did, operation, rkey)` of every commit event in the log, in order.
+fn stored_commits(dir: &std::path::Path) -> Vec<(String, String, String)> {
+    inspect_log(dir)
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "commit")
+        .map(|v| {
+            (
+                v["did"].as_str().unwrap().to_string(),
+                v["commit"]["operation"].as_str().unwrap().to_string(),
+                v["commit"]["rkey"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn failures(serve: &Serve, reason: &str) -> f64 {
+    serve.metric(&format!("contrail_verify_failures_total{{reason=\"{reason}\"}}")).unwrap()
+}
+
+fn ev(did: &str, op: &str, rkey: &str) -> (String, String, String) {
+    (did.to_string(), op.to_string(), rkey.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_verification_drops_each_forgery_and_nothing_else() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    let mut bob = SignedRepo::new(BOB, Signer::p256(2));
+    let mut carol = SignedRepo::new(CAROL, Signer::k256(3));
+    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
+    let mut erin = SignedRepo::new(ERIN, Signer::k256(6));
+    for r in [&alice, &bob, &dave, &erin] {
+        plc.set(&r.did, Answer::Doc(r.did_doc()));
+    }
+    // Carol's DID is unknown to the directory (404).
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut seq = 0;
+    let mut push = |frame: Vec<u8>| {
+        seq += 1;
+        relay.push(seq, with_seq(&frame, seq));
+        seq
+    };
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    push(bob.commit(0, &create("b1"), Tamper::None));
+    let a2 = alice.commit(0, &create("a2"), Tamper::None);
+    push(a2.clone());
+    push(alice.commit(0, &create("ax1"), Tamper::FlipSig));
+    push(bob.commit(0, &create("b2"), Tamper::None));
+    push(alice.commit(0, &create("ax2"), Tamper::SwapRecord));
+    push(alice.commit(0, &create("ax3"), Tamper::WrongPrevData));
+    push(alice.commit(0, &create("ax4"), Tamper::ExtraOp));
+    push(alice.commit(0, &[Op::Update(post("a1"), record("a1 edited"))], Tamper::None));
+    push(alice.commit(0, &[Op::Delete(post("a2"))], Tamper::None));
+    push(carol.commit(0, &create("c1"), Tamper::None));
+    push(erin.commit(0, &create("e1"), Tamper::OtherKey));
+    let d1 = push(dave.commit(0, &create("d1"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
+    let mut serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(d1, Duration::from_secs(30));
+    // Dave rotates his key (the directory serves the new one from now on); his next commit
+    // fails against the cached key, which is re-resolved once.
+    dave.signer = Signer::k256(5);
+    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    push(dave.commit(0, &create("d2"), Tamper::None));
+    // Bob's b3 never reaches us: b4 breaks his chain; b5 continues from b4 and re-anchors.
+    let _lost = bob.commit(0, &create("b3"), Tamper::None);
+    push(bob.commit(0, &create("b4"), Tamper::None));
+    push(bob.commit(0, &create("b5"), Tamper::None));
+    // A replay of alice's a2 under a new seq.
+    push(a2);
+    let last = push(alice.commit(0, &create("a3"), Tamper::None));
+
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    let expected = vec![
+        ev(ALICE, "create", "a1"),
+        ev(BOB, "create", "b1"),
+        ev(ALICE, "create", "a2"),
+        ev(BOB, "create", "b2"),
+        ev(ALICE, "update", "a1"),
+        ev(ALICE, "delete", "a2"),
+        ev(CAROL, "create", "c1"),
+        ev(DAVE, "create", "d1"),
+        ev(DAVE, "create", "d2"),
+        ev(BOB, "create", "b5"),
+        ev(ALICE, "create", "a3"),
+    ];
+    assert_eq!(failures(&serve, "signature"), 2.0, "the flipped byte and erin's other key");
+    assert_eq!(failures(&serve, "proof"), 3.0, "swapped record, wrong prevData, op missing from the tree");
+    assert_eq!(failures(&serve, "chain"), 2.0, "bob's gap and the replay");
+    assert_eq!(failures(&serve, "resolve"), 1.0, "carol");
+    assert_eq!(failures(&serve, "malformed"), 0.0);
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(11.0 - 1.0));
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"unresolved\"}"), Some(1.0));
+    assert_eq!(serve.metric("contrail_verify_dropped_events_total"), Some(8.0));
+    let (code, status) = common::process::http_get(serve.public, "/status").unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["verification"]["mode"], "full");
+    assert_eq!(status["verification"]["failures"]["proof"], 3);
+    assert_eq!(status["verification"]["desynchronized"], 1);
+    serve.kill9();
+    assert_eq!(stored_commits(dir.path()), expected);
+
+    // The chain state survived the kill with the events: a4 continues it, a6 (a5 lost) breaks
+    // it. Keys come from the store's cache: no new directory request for alice.
+    // Alice's key: resolved once, and once more after the flipped signature (it might have
+    // rotated); the same key, so that commit still failed.
+    assert_eq!(plc.requests(ALICE), 2);
+    assert_eq!(plc.requests(DAVE), 2, "dave's key was re-resolved once, after the rotation");
+    push(alice.commit(0, &create("a4"), Tamper::None));
+    let _lost = alice.commit(0, &create("a5"), Tamper::None);
+    let last = push(alice.commit(0, &create("a6"), Tamper::None));
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "chain"), 1.0, "a6 does not continue a4: {}", serve.logs());
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(1.0));
+    drop(serve);
+    assert_eq!(plc.requests(ALICE), 2, "alice's key came from the store after the restart");
+    let stored = stored_commits(dir.path());
+    assert_eq!(stored.last(), Some(&ev(ALICE, "create", "a4")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pass_keeps_failed_events_and_counts_them() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a1"), record("1"))], Tamper::None), 1));
+    relay.push(2, with_seq(&alice.commit(0, &[Op::Create(post("ax"), record("x"))], Tamper::FlipSig), 2));
+    relay.push(3, with_seq(&alice.commit(0, &[Op::Create(post("a2"), record("2"))], Tamper::None), 3));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "signature", "--on-verify-failure", "pass", "--plc-url", &plc.url()];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(3, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "signature"), 1.0);
+    assert_eq!(serve.metric("contrail_verify_dropped_events_total"), Some(0.0));
+    drop(serve);
+    let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
+    assert_eq!(rkeys, ["a1", "ax", "a2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_directory_holds_one_repo_not_the_stream() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    let mut bob = SignedRepo::new(BOB, Signer::k256(2));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    // Bob's document takes a minute; the resolve timeout is 1 s.
+    plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
+    let mut seq = 0;
+    relay.push(1, with_seq(&bob.commit(0, &[Op::Create(post("b1"), record("b"))], Tamper::None), 1));
+    for i in 0..200 {
+        seq = 2 + i;
+        relay.push(
+            seq,
+            with_seq(&alice.commit(0, &[Op::Create(post(&format!("a{i}")), record("a"))], Tamper::None), seq),
+        );
+    }
+    relay.push(seq + 1, with_seq(&bob.commit(0, &[Op::Create(post("b2"), record("b"))], Tamper::None), seq + 1));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "1s"];
+    let started = Instant::now();
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(seq + 1, Duration::from_secs(30));
+    let took = started.elapsed();
+    // One timeout for bob's first commit (his second is answered from the failure cache), while
+    // alice's resolve and verify behind it.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert_eq!(failures(&serve, "resolve"), 2.0);
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(200.0));
+    assert_eq!(plc.requests(BOB), 1, "a failed DID is not asked again at once");
+    drop(serve);
+    let stored = stored_commits(dir.path());
+    assert_eq!(stored.len(), 202, "bob's passed unverified (--on-resolve-failure pass)");
+    assert_eq!(stored[0], ev(BOB, "create", "b1"));
 }

@@ -3,7 +3,7 @@
 //! (`--memory-bytes`): appending past the byte budget drops the oldest events at once.
 //! Nothing survives a restart; a cursor older than the window starts at its oldest event.
 
-use super::{LogStats, RelayCursor};
+use super::{LogStats, RelayCursor, RepoStateWrite};
 use crate::event::Event;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
@@ -22,6 +22,22 @@ struct Inner {
     bytes: u64,
     last_time_us: u64,
     cursor: Option<RelayCursor>,
+    /// Verification state (see the RocksDB backend), bounded: a live-only node forgets the
+    /// chain of a repo it has not seen for a long time (its next commit anchors anew).
+    repos: std::collections::HashMap<String, Vec<u8>>,
+    dids: std::collections::HashMap<String, Vec<u8>>,
+}
+
+/// Entries each verification map keeps at most on a live-only node.
+const MAX_STATE_ENTRIES: usize = 1_000_000;
+
+fn put_bounded(map: &mut std::collections::HashMap<String, Vec<u8>>, key: &str, value: &[u8]) {
+    if map.len() >= MAX_STATE_ENTRIES && !map.contains_key(key) {
+        if let Some(k) = map.keys().next().cloned() {
+            map.remove(&k);
+        }
+    }
+    map.insert(key.to_string(), value.to_vec());
 }
 
 impl Inner {
@@ -53,9 +69,12 @@ impl MemoryLog {
         self.read().last_time_us
     }
 
-    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>) {
+    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>, repo_states: &[RepoStateWrite]) {
         let mut value = Vec::new();
         let mut g = self.write();
+        for (did, state) in repo_states {
+            put_bounded(&mut g.repos, did, state);
+        }
         for e in events {
             e.encode_value(&mut value);
             g.bytes += value.len() as u64 + ENTRY_OVERHEAD;
@@ -67,6 +86,24 @@ impl MemoryLog {
         }
         if let Some(c) = cursor {
             g.cursor = Some(c.clone());
+        }
+    }
+
+    pub fn repo_state(&self, did: &str) -> Option<Vec<u8>> {
+        self.read().repos.get(did).cloned()
+    }
+
+    pub fn did_entry(&self, did: &str) -> Option<Vec<u8>> {
+        self.read().dids.get(did).cloned()
+    }
+
+    pub fn put_did_entry(&self, did: &str, value: Option<&[u8]>) {
+        let mut g = self.write();
+        match value {
+            Some(v) => put_bounded(&mut g.dids, did, v),
+            None => {
+                g.dids.remove(did);
+            }
         }
     }
 

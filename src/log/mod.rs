@@ -79,6 +79,9 @@ pub enum LogError {
 pub type Result<T> = std::result::Result<T, LogError>;
 
 /// Where the relay reader resumes: the last relay seq whose events are all in the log.
+/// A repo's chain state to store with a batch: DID and its encoded state.
+pub type RepoStateWrite = (String, Vec<u8>);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayCursor {
     pub url: String,
@@ -188,9 +191,20 @@ impl Log {
     /// Appends stamped events (in increasing `time_us`) and, atomically with them, the relay
     /// cursor they complete; then moves the tip.
     pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>) -> Result<()> {
+        self.append_with_states(events, cursor, &[])
+    }
+
+    /// [`append`](Self::append), with the repo chain states the events move (verification),
+    /// in the same atomic write.
+    pub fn append_with_states(
+        &self,
+        events: &[Event],
+        cursor: Option<&RelayCursor>,
+        repo_states: &[RepoStateWrite],
+    ) -> Result<()> {
         match &self.backend {
-            Backend::Rocks(s) => s.append(events, cursor)?,
-            Backend::Memory(m) => m.append(events, cursor),
+            Backend::Rocks(s) => s.append(events, cursor, repo_states)?,
+            Backend::Memory(m) => m.append(events, cursor, repo_states),
         }
         if let Some(last) = events.last() {
             if self.tip.oldest().is_none() {
@@ -203,6 +217,33 @@ impl Log {
             self.tip.set(m.oldest_time_us(), m.newest_time_us(), m.bytes());
         }
         Ok(())
+    }
+
+    /// A repo's stored chain state (verification).
+    pub fn repo_state(&self, did: &str) -> Result<Option<Vec<u8>>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.repo_state(did),
+            Backend::Memory(m) => Ok(m.repo_state(did)),
+        }
+    }
+
+    /// A cached DID → signing key entry (verification).
+    pub fn did_entry(&self, did: &str) -> Result<Option<Vec<u8>>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.did_entry(did),
+            Backend::Memory(m) => Ok(m.did_entry(did)),
+        }
+    }
+
+    /// Stores or (`None`) forgets a cached DID → signing key entry.
+    pub fn put_did_entry(&self, did: &str, value: Option<&[u8]>) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.put_did_entry(did, value),
+            Backend::Memory(m) => {
+                m.put_did_entry(did, value);
+                Ok(())
+            }
+        }
     }
 
     /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns

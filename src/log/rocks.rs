@@ -6,6 +6,9 @@
 //!   event's v1 JSON ([`Event::encode_value`]), so filters never parse JSON.
 //! - `meta`: the relay cursor (`relay` → seq + URL) and the newest `time_us` ever written
 //!   (`last_time_us`), which the sequencer resumes from even after retention empties the log.
+//! - `repos`: verification's per-repo chain state (DID → last verified rev and MST root), written
+//!   in the same batch as the events it admits.
+//! - `dids`: verification's DID → signing key cache (a cache: written on its own).
 //!
 //! Events and the relay seq they complete are written in one `WriteBatch` (invariant 2): after
 //! a crash the cursor is never ahead of the data. Retention trims the oldest keys with a range
@@ -20,10 +23,12 @@ use std::path::{Path, PathBuf};
 
 const CF_EVENTS: &str = "events";
 const CF_META: &str = "meta";
+const CF_REPOS: &str = "repos";
+const CF_DIDS: &str = "dids";
 const KEY_RELAY: &[u8] = b"relay";
 const KEY_LAST_TIME: &[u8] = b"last_time_us";
 
-use super::{LogError, LogStats, RelayCursor, Result};
+use super::{LogError, LogStats, RelayCursor, RepoStateWrite, Result};
 
 /// How writes are made durable.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +94,8 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
     vec![
         ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options()),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
+        ColumnFamilyDescriptor::new(CF_REPOS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_DIDS, Options::default()),
     ]
 }
 
@@ -109,7 +116,11 @@ impl RocksLog {
             std::env::temp_dir().join(format!("contrail-secondary-{}-{}", std::process::id(), crate::clock::now_us()));
         let mut o = Options::default();
         o.set_max_open_files(-1);
-        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, descriptors())?;
+        // A log written by an older version may lack the newer column families: open those
+        // it has.
+        let existing = DB::list_cf(&o, dir).unwrap_or_default();
+        let cfs: Vec<_> = descriptors().into_iter().filter(|d| existing.iter().any(|n| n == d.name())).collect();
+        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, cfs)?;
         db.try_catch_up_with_primary()?;
         Ok(RocksLog {
             db,
@@ -153,9 +164,16 @@ impl RocksLog {
     }
 
     /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
-    /// relay cursor they complete.
-    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>) -> Result<()> {
+    /// relay cursor they complete and the repo chain states they move (in order: the last
+    /// state of a repo wins).
+    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>, repo_states: &[RepoStateWrite]) -> Result<()> {
         let mut batch = WriteBatch::default();
+        if !repo_states.is_empty() {
+            let repos = self.cf(CF_REPOS)?;
+            for (did, state) in repo_states {
+                batch.put_cf(repos, did.as_bytes(), state);
+            }
+        }
         let mut value = Vec::new();
         let mut last = None;
         for e in events {
@@ -172,6 +190,30 @@ impl RocksLog {
             batch.put_cf(self.meta(), KEY_RELAY, v);
         }
         self.db.write_opt(batch, &self.write_opts)?;
+        Ok(())
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily> {
+        self.db.cf_handle(name).ok_or(LogError::Corrupt("a column family is missing"))
+    }
+
+    /// A repo's stored chain state.
+    pub fn repo_state(&self, did: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_REPOS)?, did.as_bytes())?)
+    }
+
+    /// A cached DID → key entry.
+    pub fn did_entry(&self, did: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get_cf(self.cf(CF_DIDS)?, did.as_bytes())?)
+    }
+
+    /// Stores (`Some`) or forgets (`None`) a DID → key entry. Not synced: it is a cache.
+    pub fn put_did_entry(&self, did: &str, value: Option<&[u8]>) -> Result<()> {
+        let cf = self.cf(CF_DIDS)?;
+        match value {
+            Some(v) => self.db.put_cf(cf, did.as_bytes(), v)?,
+            None => self.db.delete_cf(cf, did.as_bytes())?,
+        }
         Ok(())
     }
 

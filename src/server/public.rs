@@ -24,6 +24,8 @@ pub struct Public {
     /// Whether the relay or an upstream has been reached, and if not, why.
     pub readiness: Arc<Readiness>,
     pub retention: std::time::Duration,
+    /// `--verify`, `--on-verify-failure`, `--on-resolve-failure`.
+    pub verify: (crate::verify::VerifyMode, crate::verify::OnFailure, crate::verify::OnFailure),
     pub started: Instant,
 }
 
@@ -139,6 +141,27 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
     r
 }
 
+/// What `--verify` checks and what it found (from the metrics).
+fn verification_json(shared: &Public) -> serde_json::Value {
+    let m = &shared.metrics;
+    let (mode, on_failure, on_resolve_failure) = shared.verify;
+    let by = |v: &prometheus::IntCounterVec, labels: &[&str]| -> serde_json::Map<String, serde_json::Value> {
+        labels.iter().map(|l| (l.to_string(), v.with_label_values(&[l]).get().into())).collect()
+    };
+    let outcomes: Vec<&str> = crate::verify::Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    let reasons: Vec<&str> = contrail_core::verify::Reason::ALL.iter().map(|r| r.as_str()).collect();
+    serde_json::json!({
+        "mode": mode,
+        "on_verify_failure": on_failure,
+        "on_resolve_failure": on_resolve_failure,
+        "commits": by(&m.verify_commits, &outcomes),
+        "failures": by(&m.verify_failures, &reasons),
+        "dropped_events": m.verify_dropped_events.get(),
+        "desynchronized": m.verify_desynchronized.get(),
+        "did_cache_entries": m.did_cache_entries.get(),
+    })
+}
+
 /// The figures of `/status` (and the status page).
 pub fn status_json(shared: &Public) -> serde_json::Value {
     let m = &shared.metrics;
@@ -181,6 +204,7 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
         "not_ready_reason": (!shared.readiness.is_ready()).then(|| {
             shared.readiness.last_error().unwrap_or_else(|| "the relay has not been reached yet".into())
         }),
+        "verification": verification_json(shared),
         "mix": shared.history.mix_json(),
         "catchup": shared.history.catchup_json(),
     })

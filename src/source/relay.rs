@@ -118,6 +118,8 @@ pub struct Reader {
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
     log: RateLimitedLog,
+    /// Hand each frame's bytes on with its events (for the verification stage).
+    keep_raw: bool,
     /// Whether the relay has been reached, and the last error (for `/ready`).
     pub readiness: Arc<Readiness>,
 }
@@ -137,8 +139,15 @@ impl Reader {
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
+            keep_raw: false,
             readiness: Arc::default(),
         }
+    }
+
+    /// Passes each frame's bytes on with its events, for the verification stage.
+    pub fn with_raw_frames(mut self, keep: bool) -> Self {
+        self.keep_raw = keep;
+        self
     }
 
     /// Runs until `cancel` fires (or the sequencer is gone).
@@ -256,7 +265,9 @@ impl Reader {
             self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
             return Ok(());
         }
-        let frame = IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, keep_time: false };
+        let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
+        let frame =
+            IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
         let held = self.held.take();
         if was_holding && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
             // The far jump was not confirmed: that frame's seq was bogus.

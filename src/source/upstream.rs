@@ -319,7 +319,7 @@ impl UpstreamReader {
         self.last_time_us = time_us;
         self.metrics.replication_lag_seconds.set((now_us() as f64 - time_us as f64) / 1e6);
         self.metrics.upstream_tip_distance_seconds.set(0.0);
-        let frame = IngestFrame { seq: None, relay_time_us: None, events: vec![event], keep_time: true };
+        let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
         self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)
     }
 }

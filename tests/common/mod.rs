@@ -7,6 +7,7 @@ pub mod frames;
 pub mod process;
 pub mod proxy;
 pub mod relay;
+pub mod signed;
 
 use std::path::PathBuf;
 

@@ -96,15 +96,36 @@ impl RepoState {
     }
 }
 
-/// Checks a `#commit` at `level` (`Signature` or `Full`) against the repo's key. On success,
-/// the state the repo is in after it.
-pub fn check_commit(frame: &CommitFrame<'_>, key: &PublicKey, level: Level) -> Result<RepoState, Failure> {
+/// What a commit was shown to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    /// The repo's state after the commit.
+    pub state: RepoState,
+    /// `Full` only: the inversion proof held. `false` when the commit carries no proof (no
+    /// `prevData`, or an update or delete without `prev`: producers older than Sync 1.1): then
+    /// only the forward check ran (each op's record is what the signed tree holds).
+    pub proven: bool,
+}
+
+/// Checks a `#commit` at `level` (`Signature` or `Full`) against the repo's key.
+pub fn check_commit(frame: &CommitFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {
     let commit = signed(&frame.blocks, frame.commit, frame.repo, frame.rev, key)?;
-    if level == Level::Full {
-        let prev_data = frame.prev_data.ok_or(Failure::NoProof("no prevData"))?;
-        mst::check_inversion(&frame.blocks, commit.data, &frame.ops, prev_data)?;
+    let state = RepoState { rev: commit.rev.to_string(), data: commit.data.to_vec() };
+    if level != Level::Full {
+        return Ok(Checked { state, proven: false });
     }
-    Ok(RepoState { rev: commit.rev.to_string(), data: commit.data.to_vec() })
+    let inverted = match frame.prev_data {
+        Some(prev_data) => mst::check_inversion(&frame.blocks, commit.data, &frame.ops, prev_data),
+        None => Err(Failure::NoProof("no prevData")),
+    };
+    match inverted {
+        Ok(()) => Ok(Checked { state, proven: true }),
+        Err(Failure::NoProof(_)) => {
+            mst::check_ops_in_tree(&frame.blocks, commit.data, &frame.ops)?;
+            Ok(Checked { state, proven: false })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Checks a `#sync` (the repo's current commit, signed): the state it re-anchors the repo to.

@@ -32,6 +32,12 @@ pub fn key_height(key: &[u8]) -> u32 {
     zeros / 2
 }
 
+/// A node block: its CID and its bytes.
+pub type NodeBlock = (Vec<u8>, Vec<u8>);
+
+/// An entry of a node being built: key, record CID, right subtree.
+type NewEntry<'a> = (&'a [u8], &'a [u8], Option<Vec<u8>>);
+
 /// One record, or a subtree the proof did not include.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
@@ -209,13 +215,13 @@ impl PartialTree {
 
     /// The root CID and every node block the items make (stubs stay CIDs): how a writer (or a
     /// test relay) produces the blocks of a tree.
-    pub fn blocks(&self) -> Result<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>), Failure> {
+    pub fn blocks(&self) -> Result<(Vec<u8>, Vec<NodeBlock>), Failure> {
         let mut out = Vec::new();
         let root = self.encode(&mut Some(&mut out))?;
         Ok((root, out))
     }
 
-    fn encode(&self, sink: &mut Option<&mut Vec<(Vec<u8>, Vec<u8>)>>) -> Result<Vec<u8>, Failure> {
+    fn encode(&self, sink: &mut Option<&mut Vec<NodeBlock>>) -> Result<Vec<u8>, Failure> {
         if self.items.is_empty() {
             let block = encode_node(None, &[]);
             let cid = dag_cbor_cid_of(&block);
@@ -241,22 +247,18 @@ impl PartialTree {
 }
 
 /// Builds the node at `layer` holding `items`; `None` for nothing.
-fn build(
-    layer: u32,
-    items: &[Item],
-    sink: &mut Option<&mut Vec<(Vec<u8>, Vec<u8>)>>,
-) -> Result<Option<Vec<u8>>, Failure> {
+fn build(layer: u32, items: &[Item], sink: &mut Option<&mut Vec<NodeBlock>>) -> Result<Option<Vec<u8>>, Failure> {
     match items {
         [] => return Ok(None),
         [Item::Stub { cid, layer: l }] if *l == layer => return Ok(Some(cid.clone())),
         _ => {}
     }
     // The entries of this node, and the runs of items between them (its subtrees).
-    let mut entries: Vec<(&[u8], &[u8], Option<Vec<u8>>)> = Vec::new();
+    let mut entries: Vec<NewEntry<'_>> = Vec::new();
     let mut left = None;
     let mut run_start = 0;
     let child_layer = layer.checked_sub(1);
-    let subtree = |run: &[Item], sink: &mut Option<&mut Vec<(Vec<u8>, Vec<u8>)>>| {
+    let subtree = |run: &[Item], sink: &mut Option<&mut Vec<NodeBlock>>| {
         if run.is_empty() {
             return Ok(None);
         }
@@ -316,7 +318,7 @@ fn write_key(out: &mut Vec<u8>, k: &str) {
 
 /// A node's canonical DAG-CBOR: map keys in length-then-byte order (`e`, `l`; `k`, `p`, `t`,
 /// `v`), keys prefix-compressed against the previous entry.
-fn encode_node(left: Option<&[u8]>, entries: &[(&[u8], &[u8], Option<Vec<u8>>)]) -> Vec<u8> {
+fn encode_node(left: Option<&[u8]>, entries: &[NewEntry<'_>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + entries.len() * 80);
     write_head(&mut out, MAP, 2);
     write_key(&mut out, "e");
@@ -401,6 +403,24 @@ fn link_or_null<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, Failure> {
     } else {
         r.read_link().map(Some).map_err(|_| Failure::Proof("malformed MST node"))
     }
+}
+
+/// The forward check, for commits without a proof: each op's record CID is what the signed
+/// tree (rooted at `data`) holds under its path — created and updated records present with
+/// their CID, deleted ones absent.
+pub fn check_ops_in_tree(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>]) -> Result<(), Failure> {
+    let tree = PartialTree::load(blocks, data)?;
+    for op in ops {
+        let now = tree.get(op.path.as_bytes())?;
+        let ok = match op.action {
+            Action::Create | Action::Update => now.is_some() && now == op.cid,
+            Action::Delete => now.is_none(),
+        };
+        if !ok {
+            return Err(Failure::Proof("an op does not match the signed tree"));
+        }
+    }
+    Ok(())
 }
 
 /// Sync 1.1's inductive proof: the ops, undone on the tree after the commit (rooted at

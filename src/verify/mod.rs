@@ -1,0 +1,453 @@
+//! Sync 1.1 verification in the service (`--verify off|signature|full`): a stage between the
+//! relay reader and the sequencer. The checks themselves are the pure core's
+//! (`contrail_core::verify`); this module resolves keys, keeps each repo's chain state and
+//! applies the failure policy.
+//!
+//! - Frames pass through in order. Each commit's key is looked up when the frame arrives: a
+//!   cached key checks at once; an uncached one is resolved in the background while later
+//!   frames queue behind it (up to `--verify-queue` frames and the ingest queue's bytes), so
+//!   one slow DID holds the stream at most `--did-resolve-timeout`, and many new DIDs resolve
+//!   concurrently.
+//! - `signature`: the commit's signature against the repo's `#atproto` key. `full`: also the
+//!   inversion proof, and the chain — `since` and `prevData` continue the repo's last verified
+//!   commit, whose state is stored with the events it admits (one write batch).
+//! - Failures are counted by reason (`contrail_verify_failures_total{reason}`) and logged at a
+//!   bounded rate; `--on-verify-failure drop` (default) drops the frame's events, `pass` keeps
+//!   them. A repo whose DID cannot be resolved in time is a `resolve` failure, decided by
+//!   `--on-resolve-failure` (default `pass`: the directory being slow is not evidence of a
+//!   forgery; its events go on unverified and are counted).
+//! - A chain break (a commit that does not continue the last one) marks the repo
+//!   desynchronized; its next verified commit, or a `#sync`, anchors it again. A commit whose
+//!   rev is not newer than the last (a replay) is a chain failure too.
+//! - A signature failure re-resolves the DID once (at most every ten minutes per DID), in case
+//!   the key rotated; an `#identity` event forgets the cached key.
+
+pub mod resolve;
+
+use crate::log::Log;
+use crate::metrics::Metrics;
+use crate::rate_limited_log::RateLimitedLog;
+use crate::sequencer::{IngestFrame, IngestReceiver, IngestSender};
+use crate::units::{parse_duration, ser_duration};
+use contrail_core::event::EventKind;
+use contrail_core::verify::{self, Failure, Level, PublicKey, Reason, RepoFrame, RepoState};
+use resolve::{ResolveError, Resolver, ResolverOptions};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// `--verify`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    Off,
+    Signature,
+    Full,
+}
+
+impl VerifyMode {
+    pub fn level(self) -> Level {
+        match self {
+            VerifyMode::Off => Level::Off,
+            VerifyMode::Signature => Level::Signature,
+            VerifyMode::Full => Level::Full,
+        }
+    }
+}
+
+/// `--on-verify-failure`, `--on-resolve-failure`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    Drop,
+    Pass,
+}
+
+/// The verification settings (`contrail serve` flags).
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct VerifyConfig {
+    /// Verify commits: off; signature (each commit's signature against its repo's DID key); or
+    /// full (also the Sync 1.1 MST proof and each repo's chain of commits)
+    #[arg(long, env = "CONTRAIL_VERIFY", value_enum, default_value = "off")]
+    pub verify: VerifyMode,
+    /// An event that fails verification (signature, proof, chain, malformed): drop it or pass
+    /// it on; counted either way
+    #[arg(long, env = "CONTRAIL_ON_VERIFY_FAILURE", value_enum, default_value = "drop")]
+    pub on_verify_failure: OnFailure,
+    /// An event whose repo's DID cannot be resolved within --did-resolve-timeout: pass it on
+    /// unverified, or drop it; counted either way
+    #[arg(long, env = "CONTRAIL_ON_RESOLVE_FAILURE", value_enum, default_value = "pass")]
+    pub on_resolve_failure: OnFailure,
+    /// The PLC directory did:plc documents are read from
+    #[arg(long, env = "CONTRAIL_PLC_URL", default_value = "https://plc.directory")]
+    pub plc_url: String,
+    /// Longest wait for one DID document (connect, TLS, response)
+    #[arg(long, env = "CONTRAIL_DID_RESOLVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub did_resolve_timeout: Duration,
+    /// DID documents fetched at once, at most
+    #[arg(long, env = "CONTRAIL_DID_RESOLVE_CONCURRENCY", default_value = "32")]
+    pub did_resolve_concurrency: usize,
+    /// Signing keys kept in memory (the store keeps every one it resolved)
+    #[arg(long, env = "CONTRAIL_DID_CACHE_ENTRIES", default_value = "1000000")]
+    pub did_cache_entries: usize,
+    /// A resolved key is used this long before it is resolved again (an #identity event, or a
+    /// signature failure, refreshes it sooner)
+    #[arg(long, env = "CONTRAIL_DID_CACHE_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub did_cache_ttl: Duration,
+    /// Frames that may wait behind one whose DID is being resolved
+    #[arg(long, env = "CONTRAIL_VERIFY_QUEUE", default_value = "4096")]
+    pub verify_queue: usize,
+    /// Tests only: fetch did:web documents over plain HTTP.
+    #[arg(long, env = "CONTRAIL_DID_WEB_HTTP", hide = true)]
+    #[serde(skip)]
+    pub did_web_http: bool,
+}
+
+impl VerifyConfig {
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.verify == VerifyMode::Off {
+            return Ok(());
+        }
+        if !(self.plc_url.starts_with("https://") || self.plc_url.starts_with("http://")) {
+            return Err(("plc-url", format!("must be an http(s) URL: {}", self.plc_url)));
+        }
+        if self.did_resolve_timeout.is_zero() {
+            return Err(("did-resolve-timeout", "must be more than 0".into()));
+        }
+        if self.did_resolve_concurrency == 0 {
+            return Err(("did-resolve-concurrency", "must be at least 1".into()));
+        }
+        if self.verify_queue == 0 {
+            return Err(("verify-queue", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    pub fn resolver_options(&self) -> ResolverOptions {
+        ResolverOptions {
+            plc_url: self.plc_url.clone(),
+            timeout: self.did_resolve_timeout,
+            concurrency: self.did_resolve_concurrency,
+            cache_entries: self.did_cache_entries,
+            ttl: self.did_cache_ttl,
+            did_web_http: self.did_web_http,
+        }
+    }
+}
+
+contrail_core::label_enum! {
+    /// `contrail_verify_commits_total{result}`: what verification made of each commit or sync.
+    pub enum Outcome {
+        /// Everything the mode checks held (in `full`, with the proof).
+        Verified => "verified",
+        /// `full`: signed and its ops in the signed tree, but no proof to check (a producer
+        /// older than Sync 1.1).
+        NoProof => "no_proof",
+        Failed => "failed",
+        /// The repo's DID could not be resolved in time.
+        Unresolved => "unresolved",
+    }
+}
+
+/// A repo's stored chain state: its last verified commit and whether the chain broke since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Chain {
+    state: RepoState,
+    desynchronized: bool,
+}
+
+impl Chain {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![self.desynchronized as u8];
+        v.extend_from_slice(&self.state.encode());
+        v
+    }
+
+    fn decode(v: &[u8]) -> Option<Chain> {
+        let (&flag, rest) = v.split_first()?;
+        Some(Chain { state: RepoState::decode(rest)?, desynchronized: flag == 1 })
+    }
+}
+
+/// Chain states this stage moved, newest first, in front of the store: a repo's state is
+/// read here before its last write has reached the store. Insertion-ordered and bounded far
+/// above the frames that can be between this stage and the log.
+struct Chains {
+    map: HashMap<String, Chain>,
+    order: VecDeque<String>,
+}
+
+const CHAINS_IN_MEMORY: usize = 200_000;
+
+impl Chains {
+    fn get(&self, did: &str, log: &Log) -> Option<Chain> {
+        if let Some(c) = self.map.get(did) {
+            return Some(c.clone());
+        }
+        log.repo_state(did).ok().flatten().and_then(|v| Chain::decode(&v))
+    }
+
+    fn put(&mut self, did: &str, chain: Chain, frame: &mut IngestFrame) {
+        frame.repo_states.push((did.to_string(), chain.encode()));
+        if self.map.insert(did.to_string(), chain).is_none() {
+            self.order.push_back(did.to_string());
+        }
+        while self.map.len() > CHAINS_IN_MEMORY {
+            let Some(old) = self.order.pop_front() else { break };
+            self.map.remove(&old);
+        }
+    }
+}
+
+/// The key a waiting frame needs.
+enum KeySlot {
+    NotNeeded,
+    Waiting(JoinHandle<Result<PublicKey, ResolveError>>),
+    Ready(Result<PublicKey, ResolveError>),
+}
+
+struct Pending {
+    frame: IngestFrame,
+    /// The frame's share of the ingest queue's byte budget, held until it is passed on.
+    _permit: OwnedSemaphorePermit,
+    key: KeySlot,
+}
+
+/// The verification stage.
+pub struct Stage {
+    cfg: VerifyConfig,
+    level: Level,
+    resolver: Arc<Resolver>,
+    log: Arc<Log>,
+    metrics: Arc<Metrics>,
+    chains: Chains,
+    warn: RateLimitedLog,
+}
+
+impl Stage {
+    pub fn new(cfg: VerifyConfig, log: Arc<Log>, metrics: Arc<Metrics>) -> anyhow::Result<Stage> {
+        let resolver = Arc::new(Resolver::new(cfg.resolver_options(), log.clone(), &metrics)?);
+        Ok(Stage {
+            level: cfg.verify.level(),
+            cfg,
+            resolver,
+            log,
+            metrics,
+            chains: Chains { map: HashMap::new(), order: VecDeque::new() },
+            warn: RateLimitedLog::new(Duration::from_secs(10)),
+        })
+    }
+
+    /// Passes frames from `rx` to `tx`, verified, in order, until `rx` ends or `cancel`
+    /// fires. Frames still waiting then are not passed on: their relay seq was not stored, so
+    /// the relay sends them again after a restart.
+    pub async fn run(mut self, mut rx: IngestReceiver, tx: IngestSender, cancel: CancellationToken) {
+        let mut pending: VecDeque<Pending> = VecDeque::new();
+        let mut closed = false;
+        loop {
+            while pending.front().is_some_and(|p| !matches!(p.key, KeySlot::Waiting(_))) {
+                let p = pending.pop_front().expect("front exists");
+                let frame = self.process(p.frame, p.key).await;
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+            if closed && pending.is_empty() {
+                return;
+            }
+            let room = !closed && pending.len() < self.cfg.verify_queue;
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                key = wait_front(&mut pending) => {
+                    if let Some(p) = pending.front_mut() {
+                        p.key = KeySlot::Ready(key);
+                    }
+                }
+                next = rx.recv(), if room => match next {
+                    Some((frame, permit)) => {
+                        let key = self.admit(&frame);
+                        pending.push_back(Pending { frame, _permit: permit, key });
+                    }
+                    None => closed = true,
+                },
+            }
+        }
+    }
+
+    /// Starts looking up the key a frame will need.
+    fn admit(&self, frame: &IngestFrame) -> KeySlot {
+        let Some(raw) = frame.raw.as_deref() else { return KeySlot::NotNeeded };
+        let did = match verify::read_frame(raw) {
+            Ok(Some(RepoFrame::Commit(c))) => c.repo.to_string(),
+            Ok(Some(RepoFrame::Sync(s))) => s.did.to_string(),
+            _ => return KeySlot::NotNeeded,
+        };
+        if let Some(key) = self.resolver.cached(&did) {
+            return KeySlot::Ready(Ok(key));
+        }
+        let resolver = self.resolver.clone();
+        KeySlot::Waiting(tokio::spawn(async move { resolver.key(&did).await }))
+    }
+
+    async fn process(&mut self, mut frame: IngestFrame, key: KeySlot) -> IngestFrame {
+        let Some(raw) = frame.raw.take() else { return frame };
+        let parsed = match verify::read_frame(&raw) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                // An #identity event may announce a new key.
+                for e in frame.events.iter().filter(|e| e.kind == EventKind::Identity) {
+                    self.resolver.forget(e.did());
+                }
+                return frame;
+            }
+            Err(f) => {
+                self.fail(&mut frame, "?", f);
+                return frame;
+            }
+        };
+        let did = match &parsed {
+            RepoFrame::Commit(c) => c.repo,
+            RepoFrame::Sync(s) => s.did,
+        }
+        .to_string();
+        let key = match key {
+            KeySlot::Ready(Ok(k)) => k,
+            KeySlot::Ready(Err(e)) => {
+                self.unresolved(&mut frame, &did, &e);
+                return frame;
+            }
+            // Admitted before verification was needed for it (cannot happen: `admit` reads
+            // the same bytes); resolve now rather than pass it unchecked.
+            KeySlot::NotNeeded | KeySlot::Waiting(_) => match self.resolver.key(&did).await {
+                Ok(k) => k,
+                Err(e) => {
+                    self.unresolved(&mut frame, &did, &e);
+                    return frame;
+                }
+            },
+        };
+        let started = Instant::now();
+        match parsed {
+            RepoFrame::Commit(c) => {
+                let mut checked = verify::check_commit(&c, &key, self.level);
+                if checked == Err(Failure::Signature) {
+                    if let Some(new_key) = self.resolver.refresh_after_failure(&did, &key).await {
+                        checked = verify::check_commit(&c, &new_key, self.level);
+                    }
+                }
+                self.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
+                let checked = match checked {
+                    Ok(c) => c,
+                    Err(f) => {
+                        self.fail(&mut frame, &did, f);
+                        return frame;
+                    }
+                };
+                if self.level == Level::Full {
+                    let last = self.chains.get(&did, &self.log);
+                    if let Some(l) = &last {
+                        if c.rev <= l.state.rev.as_str() {
+                            // A replay of an older commit: refused, and the chain stays where it
+                            // is (it must not move a repo backwards, desynchronized or not).
+                            self.fail(&mut frame, &did, Failure::Chain("rev not after the repo's last"));
+                            return frame;
+                        }
+                        if !l.desynchronized {
+                            if let Err(f) = verify::check_chain(Some(&l.state), &c) {
+                                self.metrics.verify_desynchronized.inc();
+                                let state = l.state.clone();
+                                self.chains.put(&did, Chain { state, desynchronized: true }, &mut frame);
+                                self.fail(&mut frame, &did, f);
+                                return frame;
+                            }
+                        }
+                    }
+                    // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
+                    self.chains.put(&did, Chain { state: checked.state, desynchronized: false }, &mut frame);
+                }
+                self.outcome(if self.level == Level::Full && !checked.proven {
+                    Outcome::NoProof
+                } else {
+                    Outcome::Verified
+                });
+            }
+            RepoFrame::Sync(s) => {
+                let checked = verify::check_sync(&s, &key);
+                self.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
+                match checked {
+                    Ok(state) => {
+                        let newer = |l: &Chain| state.rev.as_str() > l.state.rev.as_str();
+                        if self.level == Level::Full && self.chains.get(&did, &self.log).as_ref().is_none_or(newer) {
+                            // "This is the repo now": the chain continues from here. A sync no
+                            // newer than what we know changes nothing.
+                            self.chains.put(&did, Chain { state, desynchronized: false }, &mut frame);
+                        }
+                        self.outcome(Outcome::Verified);
+                    }
+                    Err(f) => self.fail(&mut frame, &did, f),
+                }
+            }
+        }
+        frame
+    }
+
+    fn outcome(&self, o: Outcome) {
+        self.metrics.verify_commits.with_label_values(&[o.as_str()]).inc();
+    }
+
+    fn failure(&self, reason: Reason) {
+        self.metrics.verify_failures.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    fn drop_events(&self, frame: &mut IngestFrame) {
+        let n = frame.events.len() as u64;
+        self.metrics.verify_dropped_events.inc_by(n);
+        frame.events.clear();
+    }
+
+    fn fail(&mut self, frame: &mut IngestFrame, did: &str, f: Failure) {
+        self.outcome(Outcome::Failed);
+        self.failure(f.reason());
+        let drop = self.cfg.on_verify_failure == OnFailure::Drop;
+        let seq = frame.seq;
+        self.warn.warn(f.reason().as_str(), || {
+            format!("verification failed for {did} (seq {seq:?}): {f}; {}", if drop { "dropped" } else { "passed" })
+        });
+        if drop {
+            self.drop_events(frame);
+        }
+    }
+
+    fn unresolved(&mut self, frame: &mut IngestFrame, did: &str, e: &ResolveError) {
+        self.outcome(Outcome::Unresolved);
+        self.failure(Reason::Resolve);
+        let drop = self.cfg.on_resolve_failure == OnFailure::Drop;
+        let seq = frame.seq;
+        self.warn.warn("resolve", || {
+            format!(
+                "could not resolve {did} (seq {seq:?}): {e}; {}",
+                if drop { "dropped" } else { "passed unverified" }
+            )
+        });
+        if drop {
+            self.drop_events(frame);
+        }
+    }
+}
+
+/// The key the front frame is waiting for; never resolves when it waits for none.
+async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<PublicKey, ResolveError> {
+    match pending.front_mut() {
+        Some(Pending { key: KeySlot::Waiting(handle), .. }) => match handle.await {
+            Ok(r) => r,
+            Err(e) => Err(ResolveError::Fetch(format!("resolver task: {e}"))),
+        },
+        _ => std::future::pending().await,
+    }
+}

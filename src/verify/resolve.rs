@@ -1,0 +1,315 @@
+//! DID → signing key, for verification: `did:plc` from a PLC directory (`--plc-url`),
+//! `did:web` from `https://<host>/.well-known/did.json`.
+//!
+//! - A bounded in-memory cache in front of the store's (`dids` column family), so a restart
+//!   does not resolve the whole network again. Entries are kept for `--did-cache-ttl`, and
+//!   dropped on the repo's `#identity` event (a prompt to re-resolve) and — at most once per
+//!   [`REFRESH_AFTER_FAILURE`] per DID — when a signature fails (the key may have rotated).
+//! - One request per DID at a time (concurrent asks share it), at most
+//!   `--did-resolve-concurrency` requests in flight, each bounded by `--did-resolve-timeout`
+//!   end to end (connect, TLS, response, a 64 KiB body).
+//! - `contrail_did_resolutions_total{result}`, `contrail_did_resolve_seconds`,
+//!   `contrail_did_cache_entries`.
+
+use crate::log::Log;
+use crate::source::wsclient::{self, ClientError, WsUrl};
+use contrail_core::verify::keys::{atproto_key, PublicKey};
+use dashmap::DashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{OnceCell, Semaphore};
+
+/// A DID is re-resolved after a signature failure at most this often (a flood of forged
+/// commits must not become a flood of directory requests).
+pub const REFRESH_AFTER_FAILURE: Duration = Duration::from_secs(600);
+
+contrail_core::label_enum! {
+    /// `contrail_did_resolutions_total{result}`.
+    pub enum ResolveResult {
+        Ok => "ok",
+        NotFound => "not_found",
+        BadDocument => "bad_document",
+        Error => "error",
+        Timeout => "timeout",
+        Unsupported => "unsupported",
+    }
+}
+
+/// Why a DID gave no key.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error("DID not found")]
+    NotFound,
+    #[error("DID document: {0}")]
+    BadDocument(String),
+    #[error("resolving: {0}")]
+    Fetch(String),
+    #[error("resolving timed out")]
+    Timeout,
+    #[error("unsupported DID method")]
+    Unsupported,
+}
+
+impl ResolveError {
+    fn result(&self) -> ResolveResult {
+        match self {
+            ResolveError::NotFound => ResolveResult::NotFound,
+            ResolveError::BadDocument(_) => ResolveResult::BadDocument,
+            ResolveError::Fetch(_) => ResolveResult::Error,
+            ResolveError::Timeout => ResolveResult::Timeout,
+            ResolveError::Unsupported => ResolveResult::Unsupported,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Cached {
+    key: PublicKey,
+    /// When it was fetched (unix µs: it is also stored).
+    fetched_us: u64,
+}
+
+/// The resolver's settings.
+#[derive(Debug, Clone)]
+pub struct ResolverOptions {
+    /// Base URL of the PLC directory (`https://plc.directory`).
+    pub plc_url: String,
+    pub timeout: Duration,
+    pub concurrency: usize,
+    pub cache_entries: usize,
+    pub ttl: Duration,
+    /// Tests only: fetch `did:web` documents over plain HTTP.
+    pub did_web_http: bool,
+}
+
+pub struct Resolver {
+    opts: ResolverOptions,
+    plc: WsUrl,
+    log: Arc<Log>,
+    cache: Mutex<Lru>,
+    inflight: DashMap<String, Arc<OnceCell<Result<PublicKey, ResolveError>>>>,
+    permits: Semaphore,
+    /// When a DID was last re-resolved after a signature failure.
+    refreshed: Mutex<HashMap<String, Instant>>,
+    /// Recent failures, answered from here for [`NEGATIVE_TTL`]: a repo whose DID does not
+    /// resolve must not cost a request per commit.
+    failed: Mutex<HashMap<String, (Instant, ResolveError)>>,
+    results: Vec<prometheus::IntCounter>,
+    seconds: prometheus::Histogram,
+    entries: prometheus::IntGauge,
+}
+
+/// Insertion-ordered bounded map (the oldest entry goes first).
+#[derive(Default)]
+struct Lru {
+    map: HashMap<String, Cached>,
+    order: VecDeque<String>,
+}
+
+impl Lru {
+    fn insert(&mut self, did: &str, c: Cached, cap: usize) {
+        if self.map.insert(did.to_string(), c).is_none() {
+            self.order.push_back(did.to_string());
+        }
+        while self.map.len() > cap.max(1) {
+            let Some(old) = self.order.pop_front() else { break };
+            self.map.remove(&old);
+        }
+        // Forgotten entries leave their names in `order`; compact when they dominate.
+        if self.order.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            self.order.retain(|d| map.contains_key(d));
+        }
+    }
+}
+
+/// What the store holds per DID: fetched-at (unix µs, big-endian) and the key as `did:key`.
+fn encode_entry(c: &Cached) -> Vec<u8> {
+    let mut v = c.fetched_us.to_be_bytes().to_vec();
+    v.extend_from_slice(c.key.to_did_key().as_bytes());
+    v
+}
+
+fn decode_entry(v: &[u8]) -> Option<Cached> {
+    let fetched_us = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let key = PublicKey::from_did_key(std::str::from_utf8(&v[8..]).ok()?).ok()?;
+    Some(Cached { key, fetched_us })
+}
+
+/// How long a failed resolution is remembered.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// Largest DID document accepted (real ones are ~1 KiB).
+const MAX_DOC_BYTES: usize = 64 << 10;
+
+impl Resolver {
+    pub fn new(opts: ResolverOptions, log: Arc<Log>, metrics: &crate::metrics::Metrics) -> anyhow::Result<Resolver> {
+        let ws = opts
+            .plc_url
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1)
+            .trim_end_matches('/')
+            .to_string();
+        let plc = WsUrl::parse_with_path(&ws, "").map_err(|e| anyhow::anyhow!("plc-url: {e}"))?;
+        Ok(Resolver {
+            permits: Semaphore::new(opts.concurrency.max(1)),
+            results: ResolveResult::ALL
+                .iter()
+                .map(|r| metrics.did_resolutions.with_label_values(&[r.as_str()]))
+                .collect(),
+            seconds: metrics.did_resolve_seconds.clone(),
+            entries: metrics.did_cache_entries.clone(),
+            opts,
+            plc,
+            log,
+            cache: Mutex::default(),
+            inflight: DashMap::new(),
+            refreshed: Mutex::default(),
+            failed: Mutex::default(),
+        })
+    }
+
+    fn fresh(&self, c: &Cached) -> bool {
+        crate::clock::now_us().saturating_sub(c.fetched_us) < self.opts.ttl.as_micros() as u64
+    }
+
+    /// The key, if cached and fresh (memory, then the store). Never waits on the network.
+    pub fn cached(&self, did: &str) -> Option<PublicKey> {
+        if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).map.get(did) {
+            if self.fresh(c) {
+                return Some(c.key.clone());
+            }
+        }
+        let stored = self.log.did_entry(did).ok().flatten().and_then(|v| decode_entry(&v))?;
+        if !self.fresh(&stored) {
+            return None;
+        }
+        let key = stored.key.clone();
+        self.remember(did, stored);
+        Some(key)
+    }
+
+    fn remember(&self, did: &str, c: Cached) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.insert(did, c, self.opts.cache_entries);
+        self.entries.set(cache.map.len() as i64);
+    }
+
+    /// Forgets a DID's key (its `#identity` event: the document may have changed).
+    pub fn forget(&self, did: &str) {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.map.remove(did).is_some() {
+            self.entries.set(cache.map.len() as i64);
+        }
+        drop(cache);
+        let _ = self.log.put_did_entry(did, None);
+    }
+
+    /// The key: cached, or resolved (one request per DID however many ask).
+    pub async fn key(self: &Arc<Self>, did: &str) -> Result<PublicKey, ResolveError> {
+        if let Some(k) = self.cached(did) {
+            return Ok(k);
+        }
+        if let Some((at, e)) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).get(did) {
+            if at.elapsed() < NEGATIVE_TTL {
+                return Err(e.clone());
+            }
+        }
+        self.fetch_shared(did).await
+    }
+
+    /// After a signature failure: a newly resolved key if the DID was not re-resolved within
+    /// [`REFRESH_AFTER_FAILURE`] and the key changed; `None` otherwise.
+    pub async fn refresh_after_failure(self: &Arc<Self>, did: &str, failed: &PublicKey) -> Option<PublicKey> {
+        {
+            let mut r = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if r.get(did).is_some_and(|t| now.duration_since(*t) < REFRESH_AFTER_FAILURE) {
+                return None;
+            }
+            if r.len() > 100_000 {
+                r.retain(|_, t| now.duration_since(*t) < REFRESH_AFTER_FAILURE);
+            }
+            r.insert(did.to_string(), now);
+        }
+        let key = self.fetch_shared(did).await.ok()?;
+        (key != *failed).then_some(key)
+    }
+
+    async fn fetch_shared(self: &Arc<Self>, did: &str) -> Result<PublicKey, ResolveError> {
+        let cell = self.inflight.entry(did.to_string()).or_default().clone();
+        let result = cell
+            .get_or_init(|| async {
+                let r = self.fetch(did).await;
+                self.inflight.remove(did);
+                r
+            })
+            .await
+            .clone();
+        result
+    }
+
+    async fn fetch(&self, did: &str) -> Result<PublicKey, ResolveError> {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.opts.timeout, async {
+            let _permit = self.permits.acquire().await.map_err(|_| ResolveError::Fetch("shutting down".into()))?;
+            self.fetch_document(did).await
+        })
+        .await
+        {
+            Ok(Ok(doc)) => atproto_key(did, &doc).map_err(|e| ResolveError::BadDocument(e.to_string())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ResolveError::Timeout),
+        };
+        self.seconds.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(key) => {
+                self.results[ResolveResult::Ok as usize].inc();
+                self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
+                let c = Cached { key: key.clone(), fetched_us: crate::clock::now_us() };
+                let _ = self.log.put_did_entry(did, Some(&encode_entry(&c)));
+                self.remember(did, c);
+            }
+            Err(e) => {
+                self.results[e.result() as usize].inc();
+                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                if failed.len() > 100_000 {
+                    failed.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+                }
+                failed.insert(did.to_string(), (Instant::now(), e.clone()));
+            }
+        }
+        result
+    }
+
+    async fn fetch_document(&self, did: &str) -> Result<serde_json::Value, ResolveError> {
+        let (url, path) = if did.starts_with("did:plc:") {
+            (self.plc.clone(), format!("{}/{did}", self.plc.path.trim_end_matches('/')))
+        } else if let Some(host) = did.strip_prefix("did:web:") {
+            // atproto uses hostname-level did:web only (no path segments); a port is `%3A`.
+            let host = host.replace("%3A", ":").replace("%3a", ":");
+            if host.is_empty() || host.contains(['/', '?', '#', '@']) || host.matches(':').count() > 1 {
+                return Err(ResolveError::Unsupported);
+            }
+            let scheme = if self.opts.did_web_http { "ws" } else { "wss" };
+            let url =
+                WsUrl::parse_with_path(&format!("{scheme}://{host}"), "").map_err(|_| ResolveError::Unsupported)?;
+            (url, "/.well-known/did.json".to_string())
+        } else {
+            return Err(ResolveError::Unsupported);
+        };
+        let body = wsclient::http_get(&url, &path, self.opts.timeout).await.map_err(|e| match e {
+            ClientError::Http(m) if m.starts_with("status 404") || m.starts_with("status 410") => {
+                ResolveError::NotFound
+            }
+            ClientError::Timeout { .. } => ResolveError::Timeout,
+            other => ResolveError::Fetch(other.to_string()),
+        })?;
+        if body.len() > MAX_DOC_BYTES {
+            return Err(ResolveError::BadDocument("larger than 64 KiB".into()));
+        }
+        serde_json::from_slice(&body).map_err(|e| ResolveError::BadDocument(e.to_string()))
+    }
+}
