@@ -366,7 +366,8 @@ mod tests {
         let serve_cmd = Cli::command().find_subcommand("serve").unwrap().clone();
         for arg in serve_cmd.get_arguments() {
             let Some(long) = arg.get_long() else { continue };
-            if ["config", "validate-only", "help"].contains(&long) {
+            // Hidden flags are test hooks, not settings.
+            if ["config", "validate-only", "help"].contains(&long) || arg.is_hide_set() {
                 continue;
             }
             // Settings without a default appear commented out.

@@ -163,6 +163,23 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     assert_eq!(status["verification"]["mode"], "full");
     assert_eq!(status["verification"]["failures"]["proof"], 3);
     assert_eq!(status["verification"]["desynchronized"], 1);
+    {
+        use common::client::{connect, next, Msg};
+        let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
+        let mut marks = Vec::new();
+        while marks.len() < expected.len() {
+            let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            marks.push((
+                v["commit"]["rkey"].as_str().unwrap().to_string(),
+                v["verification"].as_str().unwrap().to_string(),
+            ));
+        }
+        for (rkey, mark) in &marks {
+            let want = if rkey == "c1" { "unresolved" } else { "full" };
+            assert_eq!(mark, want, "{rkey}");
+        }
+    }
     serve.kill9();
     assert_eq!(stored_commits(dir.path()), expected);
 
@@ -200,6 +217,27 @@ async fn pass_keeps_failed_events_and_counts_them() {
     serve.wait_for_seq(3, Duration::from_secs(30));
     assert_eq!(failures(&serve, "signature"), 1.0);
     assert_eq!(serve.metric("contrail_verify_dropped_events_total"), Some(0.0));
+
+    // Subscribers that ask see what was verified; the others see Jetstream v1's JSON as ever.
+    use common::client::{connect, next, Msg};
+    let t = Duration::from_secs(5);
+    let mut plain = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let mut asked = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
+    let mut zstd =
+        connect(serve.public, "/subscribe?cursor=0&includeVerification=true&compress=true", &[]).await.unwrap();
+    let mut dec = zstd::bulk::Decompressor::with_dictionary(contrail::hub::compress::JETSTREAM_V1).unwrap();
+    for (rkey, want) in [("a1", "signature"), ("ax", "failed"), ("a2", "signature")] {
+        let Some(Msg::Text(p)) = next(&mut plain, t).await else { panic!("no event") };
+        let Some(Msg::Text(a)) = next(&mut asked, t).await else { panic!("no event") };
+        let Some(Msg::Binary(z)) = next(&mut zstd, t).await else { panic!("no event") };
+        let z = String::from_utf8(dec.decompress(&z, 1 << 20).unwrap()).unwrap();
+        assert!(!p.contains("verification"), "{p}");
+        assert_eq!(a, z);
+        let v: serde_json::Value = serde_json::from_str(&a).unwrap();
+        assert_eq!(v["commit"]["rkey"], rkey);
+        assert_eq!(v["verification"], want, "{a}");
+        assert_eq!(a, format!("{},\"verification\":\"{want}\"}}", &p[..p.len() - 1]), "the field is added last");
+    }
     drop(serve);
     let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
     assert_eq!(rkeys, ["a1", "ax", "a2"]);

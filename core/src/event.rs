@@ -128,6 +128,9 @@ pub struct Event {
     /// Where the collection NSID is (empty for identity and account).
     collection: Range<usize>,
     json: Vec<u8>,
+    /// What verification showed about the commit this event came from (`--verify`); stored
+    /// with the event, sent only to subscribers that ask (`includeVerification`).
+    pub verification: Verification,
     /// The other encodings of this event, each built the first time a subscriber needs it and
     /// shared by all of them.
     /// Allocated on first use: an event only ever sent as plain v1 JSON costs 8 bytes here.
@@ -158,6 +161,7 @@ impl Event {
             time: t..t + TIME_PLACEHOLDER.len(),
             collection,
             json,
+            verification: Verification::None,
             encodings: Default::default(),
         }
     }
@@ -184,7 +188,16 @@ impl Event {
             }
             None => 0..0,
         };
-        Some(Event { time_us, kind, did_len, time: t..t + digits, collection, json, encodings: Default::default() })
+        Some(Event {
+            time_us,
+            kind,
+            did_len,
+            time: t..t + digits,
+            collection,
+            json,
+            verification: Verification::None,
+            encodings: Default::default(),
+        })
     }
 
     /// Sets `time_us`, rewriting its digits in the JSON.
@@ -248,6 +261,42 @@ impl Event {
     pub fn into_json(self) -> Vec<u8> {
         self.json
     }
+
+    /// The v1 JSON with `"verification":"…"` added as its last field, for subscribers that
+    /// asked for it (built per write: few subscribers ask, and the plain JSON stays shared).
+    pub fn json_with_verification(&self) -> Vec<u8> {
+        let label = self.verification.as_str();
+        let mut out = Vec::with_capacity(self.json.len() + 20 + label.len());
+        out.extend_from_slice(&self.json[..self.json.len().saturating_sub(1)]);
+        out.extend_from_slice(b",\"verification\":\"");
+        out.extend_from_slice(label.as_bytes());
+        out.extend_from_slice(b"\"}");
+        out
+    }
+}
+
+label_enum! {
+    /// What verification showed about an event's commit.
+    pub enum Verification {
+        /// Not verified: verification was off when it was ingested, or the event carries no
+        /// signature (identity, account).
+        None => "none",
+        /// The repo's signature, the Sync 1.1 MST proof and the repo's chain.
+        Full => "full",
+        /// The repo's signature (`--verify signature`; or `full` for a commit without a proof,
+        /// whose ops were checked against the signed tree).
+        Signature => "signature",
+        /// The repo's DID could not be resolved; passed on unchecked.
+        Unresolved => "unresolved",
+        /// Failed, and passed on anyway (`--on-verify-failure pass`).
+        Failed => "failed",
+    }
+}
+
+impl Verification {
+    fn from_u8(v: u8) -> Verification {
+        Verification::ALL.get(v as usize).copied().unwrap_or(Verification::None)
+    }
 }
 
 /// Version byte of the stored value layout below.
@@ -270,7 +319,8 @@ impl Event {
     pub fn encode_value(&self, out: &mut Vec<u8>) {
         out.clear();
         out.reserve(VALUE_HEADER + self.json.len());
-        out.push(VALUE_V1);
+        // The version byte's high nibble carries the verification (0 = none: older values).
+        out.push(VALUE_V1 | ((self.verification as u8) << 4));
         out.push(self.kind as u8);
         out.extend_from_slice(&(self.did_len as u16).to_le_bytes());
         out.extend_from_slice(&(self.collection.start as u32).to_le_bytes());
@@ -291,21 +341,24 @@ impl Event {
             time: t..t + digits,
             collection: v.collection,
             json,
+            verification: v.verification,
             encodings: Default::default(),
         })
     }
 }
 
 struct ValueParts {
+    verification: Verification,
     kind: EventKind,
     did_len: usize,
     collection: Range<usize>,
 }
 
 fn view_parts(value: &[u8]) -> Option<ValueParts> {
-    if value.len() < VALUE_HEADER || value[0] != VALUE_V1 {
+    if value.len() < VALUE_HEADER || value[0] & 0x0f != VALUE_V1 {
         return None;
     }
+    let verification = Verification::from_u8(value[0] >> 4);
     let kind = EventKind::from_u8(value[1])?;
     let did_len = u16::from_le_bytes([value[2], value[3]]) as usize;
     let coll_start = u32::from_le_bytes([value[4], value[5], value[6], value[7]]) as usize;
@@ -314,7 +367,7 @@ fn view_parts(value: &[u8]) -> Option<ValueParts> {
     if DID_OFFSET + did_len > json_len || coll_start + coll_len > json_len {
         return None;
     }
-    Some(ValueParts { kind, did_len, collection: coll_start..coll_start + coll_len })
+    Some(ValueParts { verification, kind, did_len, collection: coll_start..coll_start + coll_len })
 }
 
 /// Reads the metadata of a stored value (no allocation, no JSON parsing).
@@ -361,6 +414,31 @@ mod tests {
             (EventKind::Commit, "did:plc:abc", Some("app.bsky.feed.like"), e.json())
         );
         assert_eq!(back.did(), "did:plc:abc");
+    }
+
+    #[test]
+    fn the_verification_is_stored_in_the_version_byte_and_older_values_read_as_none() {
+        let mut out = Vec::new();
+        Event::begin(&mut out, "did:plc:x", EventKind::Identity);
+        out.push(b'}');
+        let mut e = Event::from_parts(out, EventKind::Identity, 9, 0..0);
+        e.stamp(42);
+        let mut value = Vec::new();
+        e.encode_value(&mut value);
+        assert_eq!(value[0], VALUE_V1, "unverified events keep the old layout byte for byte");
+        for v in Verification::ALL {
+            e.verification = *v;
+            e.encode_value(&mut value);
+            let back = Event::decode_value(42, &value).unwrap();
+            assert_eq!(back.verification, *v);
+            assert_eq!(back.json(), e.json());
+            assert_eq!(view_value(&value).unwrap().did, "did:plc:x");
+        }
+        e.verification = Verification::Full;
+        assert_eq!(
+            String::from_utf8(e.json_with_verification()).unwrap(),
+            r#"{"did":"did:plc:x","time_us":42,"kind":"identity","verification":"full"}"#
+        );
     }
 
     #[test]

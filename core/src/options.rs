@@ -151,6 +151,8 @@ pub struct SubscribeOptions {
     /// The zstd dictionary id to compress with (v2's `zstdDictionary`); implies `compress`.
     /// `None`: the server's default.
     pub zstd_dictionary: Option<u32>,
+    /// Beyond v1: add `"verification":"…"` to each event (what `--verify` showed about it).
+    pub include_verification: bool,
 }
 
 /// `true`/`false` as v1 reads booleans (anything but `true` is false).
@@ -223,6 +225,7 @@ impl SubscribeOptions {
             max_message_size: 0,
             inform_cursor_seconds: None,
             zstd_dictionary: None,
+            include_verification: false,
         };
         let mut include_sync = false;
         for (k, v) in query_pairs(query) {
@@ -239,6 +242,7 @@ impl SubscribeOptions {
                 "informCursorSeconds" => o.inform_cursor_seconds = Some(parse_inform(&v)?),
                 // Beyond v1: `#sync` events (Sync 1.1) for clients that ask.
                 "includeSync" => include_sync = is_true(&v),
+                "includeVerification" => o.include_verification = is_true(&v),
                 "zstdDictionary" => {
                     let id = v.parse::<u32>().map_err(|_| OptionsError(format!("invalid zstdDictionary: {v}")))?;
                     o.zstd_dictionary = Some(id);

@@ -184,6 +184,7 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
         cursor: None,
         start: Some(start),
         preface,
+        include_verification: false,
     };
     let unavailable = |message: &str| {
         let e = XrpcError { status: 503, name: "ServiceUnavailable", message: message.into() };

@@ -152,6 +152,8 @@ pub struct Subscription {
     pub start: Option<Start>,
     /// Messages sent before the first event (v2's `#info OutdatedCursor`).
     pub preface: Vec<Vec<u8>>,
+    /// v1 only: each event carries `"verification":"…"`.
+    pub include_verification: bool,
 }
 
 impl Subscription {
@@ -167,6 +169,7 @@ impl Subscription {
             cursor: opts.cursor,
             start: None,
             preface: Vec::new(),
+            include_verification: opts.include_verification,
         }
     }
 }
@@ -185,6 +188,7 @@ struct Session {
     tx: WsWrite,
     filter: Arc<Filter>,
     max_size: u64,
+    include_verification: bool,
     /// The dictionary frames are compressed with; `None`: plain JSON text frames.
     dictionary: Option<Arc<super::compress::Dictionary>>,
     inform: Option<Duration>,
@@ -238,6 +242,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         tx,
         filter: Arc::new(sub.filter),
         max_size: sub.max_message_size,
+        include_verification: sub.include_verification,
         dictionary: sub.dictionary,
         inform: sub.inform_cursor_seconds.map(Duration::from_secs),
         next_inform: now,
@@ -395,6 +400,11 @@ impl Session {
         }
         // Cached encodings are borrowed; past the cache's cap one is built for this write only.
         let frame = match (self.wire, &self.dictionary) {
+            // Asked-for verification fields make this subscriber's bytes its own.
+            (Wire::V1, Some(dict)) if self.include_verification => {
+                Frame::binary(Payload::Owned(dict.compress(&ev.json_with_verification())))
+            }
+            (Wire::V1, None) if self.include_verification => Frame::text(Payload::Owned(ev.json_with_verification())),
             (Wire::V1, Some(dict)) => Frame::binary(payload(dict.frame(&ev))),
             (Wire::V1, None) => Frame::text(Payload::Borrowed(ev.json())),
             (Wire::V2, Some(dict)) => Frame::binary(payload(dict.v2_frame(&ev))),

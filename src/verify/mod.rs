@@ -29,7 +29,7 @@ use crate::metrics::Metrics;
 use crate::rate_limited_log::RateLimitedLog;
 use crate::sequencer::{IngestFrame, IngestReceiver, IngestSender};
 use crate::units::{parse_duration, ser_duration};
-use contrail_core::event::EventKind;
+use contrail_core::event::{EventKind, Verification};
 use contrail_core::verify::{self, Failure, Level, PublicKey, Reason, RepoFrame, RepoState};
 use resolve::{ResolveError, Resolver, ResolverOptions};
 use std::collections::{HashMap, VecDeque};
@@ -371,11 +371,13 @@ impl Stage {
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
                     self.chains.put(&did, Chain { state: checked.state, desynchronized: false }, &mut frame);
                 }
-                self.outcome(if self.level == Level::Full && !checked.proven {
-                    Outcome::NoProof
-                } else {
-                    Outcome::Verified
-                });
+                let (outcome, mark) = match (self.level, checked.proven) {
+                    (Level::Full, true) => (Outcome::Verified, Verification::Full),
+                    (Level::Full, false) => (Outcome::NoProof, Verification::Signature),
+                    _ => (Outcome::Verified, Verification::Signature),
+                };
+                self.outcome(outcome);
+                mark_events(&mut frame, mark);
             }
             RepoFrame::Sync(s) => {
                 let checked = verify::check_sync(&s, &key);
@@ -389,6 +391,8 @@ impl Stage {
                             self.chains.put(&did, Chain { state, desynchronized: false }, &mut frame);
                         }
                         self.outcome(Outcome::Verified);
+                        // A sync is a signed commit alone: its signature is all there is.
+                        mark_events(&mut frame, Verification::Signature);
                     }
                     Err(f) => self.fail(&mut frame, &did, f),
                 }
@@ -421,6 +425,8 @@ impl Stage {
         });
         if drop {
             self.drop_events(frame);
+        } else {
+            mark_events(frame, Verification::Failed);
         }
     }
 
@@ -437,7 +443,15 @@ impl Stage {
         });
         if drop {
             self.drop_events(frame);
+        } else {
+            mark_events(frame, Verification::Unresolved);
         }
+    }
+}
+
+fn mark_events(frame: &mut IngestFrame, v: Verification) {
+    for e in &mut frame.events {
+        e.verification = v;
     }
 }
 
