@@ -1,0 +1,79 @@
+//! What verification costs per commit, on the real corpus (100 production commits from
+//! bsky.network with their authors' DID documents), beside transcoding the same frames in the
+//! same run. `cargo bench --bench verify`.
+//!
+//! - `transcode`: frame → Jetstream events (what ingest does anyway).
+//! - `signature`: read the commit, check its block against its CID and its signature.
+//! - `full`: also the MST inversion proof and the chain check.
+//!
+//! Keys are resolved beforehand (the directory's cost is per new DID, not per commit).
+
+use contrail_core::verify::{self, keys, Level, RepoFrame};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+struct Corpus {
+    frames: Vec<Vec<u8>>,
+    keys: HashMap<String, verify::PublicKey>,
+}
+
+fn corpus() -> Option<Corpus> {
+    let dir = std::env::var_os("CONTRAIL_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let path = dir.join("corpus/frames.bin.zst");
+    if !path.exists() {
+        eprintln!("SKIP verify bench: {} not found (set CONTRAIL_SHARED_DIR)", path.display());
+        return None;
+    }
+    let frames = contrail::framefile::read_frames(&path).expect("corpus");
+    let docs = zstd::decode_all(std::fs::File::open(dir.join("corpus/did_docs.json.zst")).unwrap()).unwrap();
+    let docs: HashMap<String, serde_json::Value> = serde_json::from_slice(&docs).unwrap();
+    let keys = docs.iter().filter_map(|(did, doc)| Some((did.clone(), keys::atproto_key(did, doc).ok()?))).collect();
+    // Only the commits: the per-commit figure is what scales with the firehose.
+    let frames = frames
+        .into_iter()
+        .filter(|f| matches!(verify::read_frame(f), Ok(Some(RepoFrame::Commit(_)))))
+        .collect::<Vec<_>>();
+    Some(Corpus { frames, keys })
+}
+
+fn check_all(c: &Corpus, level: Level) -> usize {
+    let mut ok = 0;
+    for f in &c.frames {
+        let Ok(Some(RepoFrame::Commit(commit))) = verify::read_frame(f) else { continue };
+        let key = &c.keys[commit.repo];
+        if let Ok(checked) = verify::check_commit(&commit, key, level) {
+            if level == Level::Full {
+                let _ = verify::check_chain(Some(&checked.state), &commit);
+            }
+            ok += 1;
+        }
+    }
+    ok
+}
+
+fn bench(c: &mut Criterion) {
+    let Some(corpus) = corpus() else { return };
+    assert_eq!(check_all(&corpus, Level::Full), corpus.frames.len(), "every corpus commit verifies");
+    let mut g = c.benchmark_group("verify");
+    g.throughput(Throughput::Elements(corpus.frames.len() as u64));
+    g.bench_function("transcode (baseline)", |b| {
+        let mut tx = contrail::transcode::Transcoder::default();
+        let (mut events, mut drops) = (Vec::new(), Vec::new());
+        b.iter(|| {
+            for f in &corpus.frames {
+                events.clear();
+                tx.transcode(f, &mut events, &mut drops);
+            }
+            events.len()
+        })
+    });
+    g.bench_function("signature", |b| b.iter(|| check_all(&corpus, Level::Signature)));
+    g.bench_function("full", |b| b.iter(|| check_all(&corpus, Level::Full)));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
