@@ -30,7 +30,7 @@ use crate::rate_limited_log::RateLimitedLog;
 use crate::sequencer::{IngestFrame, IngestReceiver, IngestSender};
 use crate::units::{parse_duration, ser_duration};
 use contrail_core::event::{EventKind, Verification};
-use contrail_core::verify::{self, Failure, Level, PublicKey, Reason, RepoFrame, RepoState};
+use contrail_core::verify::{self, ChainLink, Checked, Failure, Level, PublicKey, Reason, RepoFrame, RepoState};
 use resolve::{ResolveError, Resolver, ResolverOptions};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -204,18 +204,59 @@ impl Chains {
     }
 }
 
-/// The key a waiting frame needs.
-enum KeySlot {
-    NotNeeded,
-    Waiting(JoinHandle<Result<PublicKey, ResolveError>>),
-    Ready(Result<PublicKey, ResolveError>),
+/// What a worker found out about a frame, off the in-order path: the repo, its key, and the
+/// stateless checks (signature, proof). The chain is checked in order, in [`Stage::process`].
+struct Prepared {
+    did: String,
+    /// `None` for a `#sync`.
+    link: Option<ChainLink>,
+    key: Result<PublicKey, ResolveError>,
+    /// `None` when there is no key.
+    checked: Option<Result<Checked, Failure>>,
+}
+
+/// A frame's verification work, started when it arrives.
+enum Work {
+    /// Nothing to verify (no raw frame, or a frame that carries no commit).
+    None,
+    Running(JoinHandle<Result<Option<Prepared>, Failure>>),
+    Done(Result<Option<Prepared>, Failure>),
 }
 
 struct Pending {
     frame: IngestFrame,
     /// The frame's share of the ingest queue's byte budget, held until it is passed on.
     _permit: OwnedSemaphorePermit,
-    key: KeySlot,
+    work: Work,
+}
+
+/// The checks that need no state: run for each frame on the runtime's workers, so both cores
+/// verify while the frames still leave in order.
+async fn prepare(
+    raw: bytes::Bytes,
+    resolver: Arc<Resolver>,
+    level: Level,
+    seconds: prometheus::Histogram,
+) -> Result<Option<Prepared>, Failure> {
+    let Some(parsed) = verify::read_frame(&raw)? else { return Ok(None) };
+    let (did, link) = match &parsed {
+        RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
+        RepoFrame::Sync(s) => (s.did.to_string(), None),
+    };
+    let key = resolver.key(&did).await;
+    let started = Instant::now();
+    let checked = key.as_ref().ok().map(|k| check(&parsed, k, level));
+    if checked.is_some() {
+        seconds.observe(started.elapsed().as_secs_f64());
+    }
+    Ok(Some(Prepared { did, link, key, checked }))
+}
+
+fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {
+    match parsed {
+        RepoFrame::Commit(c) => verify::check_commit(c, key, level),
+        RepoFrame::Sync(s) => verify::check_sync(s, key).map(|state| Checked { state, proven: false }),
+    }
 }
 
 /// The verification stage.
@@ -250,9 +291,9 @@ impl Stage {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut closed = false;
         loop {
-            while pending.front().is_some_and(|p| !matches!(p.key, KeySlot::Waiting(_))) {
+            while pending.front().is_some_and(|p| !matches!(p.work, Work::Running(_))) {
                 let p = pending.pop_front().expect("front exists");
-                let frame = self.process(p.frame, p.key).await;
+                let frame = self.process(p.frame, p.work).await;
                 if tx.send(frame).await.is_err() {
                     return;
                 }
@@ -264,15 +305,23 @@ impl Stage {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                key = wait_front(&mut pending) => {
+                done = wait_front(&mut pending) => {
                     if let Some(p) = pending.front_mut() {
-                        p.key = KeySlot::Ready(key);
+                        p.work = Work::Done(done);
                     }
                 }
                 next = rx.recv(), if room => match next {
                     Some((frame, permit)) => {
-                        let key = self.admit(&frame);
-                        pending.push_back(Pending { frame, _permit: permit, key });
+                        let work = match &frame.raw {
+                            Some(raw) => Work::Running(tokio::spawn(prepare(
+                                raw.clone(),
+                                self.resolver.clone(),
+                                self.level,
+                                self.metrics.verify_seconds.clone(),
+                            ))),
+                            None => Work::None,
+                        };
+                        pending.push_back(Pending { frame, _permit: permit, work });
                     }
                     None => closed = true,
                 },
@@ -280,86 +329,62 @@ impl Stage {
         }
     }
 
-    /// Starts looking up the key a frame will need.
-    fn admit(&self, frame: &IngestFrame) -> KeySlot {
-        let Some(raw) = frame.raw.as_deref() else { return KeySlot::NotNeeded };
-        let did = match verify::read_frame(raw) {
-            Ok(Some(RepoFrame::Commit(c))) => c.repo.to_string(),
-            Ok(Some(RepoFrame::Sync(s))) => s.did.to_string(),
-            _ => return KeySlot::NotNeeded,
-        };
-        if let Some(key) = self.resolver.cached(&did) {
-            return KeySlot::Ready(Ok(key));
-        }
-        let resolver = self.resolver.clone();
-        KeySlot::Waiting(tokio::spawn(async move { resolver.key(&did).await }))
-    }
-
-    async fn process(&mut self, mut frame: IngestFrame, key: KeySlot) -> IngestFrame {
+    async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
         let Some(raw) = frame.raw.take() else { return frame };
-        let parsed = match verify::read_frame(&raw) {
-            Ok(Some(p)) => p,
-            Ok(None) => {
+        let prepared = match work {
+            Work::Done(Ok(Some(p))) => p,
+            Work::Done(Ok(None)) | Work::None => {
                 // An #identity event may announce a new key.
                 for e in frame.events.iter().filter(|e| e.kind == EventKind::Identity) {
                     self.resolver.forget(e.did());
                 }
                 return frame;
             }
-            Err(f) => {
+            Work::Done(Err(f)) => {
                 self.fail(&mut frame, "?", f);
                 return frame;
             }
+            Work::Running(_) => unreachable!("only finished work is processed"),
         };
-        let did = match &parsed {
-            RepoFrame::Commit(c) => c.repo,
-            RepoFrame::Sync(s) => s.did,
-        }
-        .to_string();
-        let key = match key {
-            KeySlot::Ready(Ok(k)) => k,
-            KeySlot::Ready(Err(e)) => {
+        let Prepared { did, link, key, checked } = prepared;
+        let (key, mut checked) = match (key, checked) {
+            (Ok(k), Some(c)) => (k, c),
+            (Err(e), _) => {
                 self.unresolved(&mut frame, &did, &e);
                 return frame;
             }
-            // Admitted before verification was needed for it (cannot happen: `admit` reads
-            // the same bytes); resolve now rather than pass it unchecked.
-            KeySlot::NotNeeded | KeySlot::Waiting(_) => match self.resolver.key(&did).await {
-                Ok(k) => k,
-                Err(e) => {
-                    self.unresolved(&mut frame, &did, &e);
-                    return frame;
-                }
-            },
+            (Ok(_), None) => unreachable!("a key is always checked"),
         };
-        let started = Instant::now();
-        match parsed {
-            RepoFrame::Commit(c) => {
-                let mut checked = verify::check_commit(&c, &key, self.level);
-                if checked == Err(Failure::Signature) {
-                    if let Some(new_key) = self.resolver.refresh_after_failure(&did, &key).await {
-                        checked = verify::check_commit(&c, &new_key, self.level);
-                    }
-                }
-                self.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
-                let checked = match checked {
-                    Ok(c) => c,
-                    Err(f) => {
-                        self.fail(&mut frame, &did, f);
-                        return frame;
-                    }
+        if checked == Err(Failure::Signature) {
+            // The key may have rotated: resolve it again (at most every ten minutes per DID).
+            if let Some(new_key) = self.resolver.refresh_after_failure(&did, &key).await {
+                checked = match verify::read_frame(&raw) {
+                    Ok(Some(parsed)) => check(&parsed, &new_key, self.level),
+                    Ok(None) => Err(Failure::Malformed("not a commit")),
+                    Err(f) => Err(f),
                 };
+            }
+        }
+        let checked = match checked {
+            Ok(c) => c,
+            Err(f) => {
+                self.fail(&mut frame, &did, f);
+                return frame;
+            }
+        };
+        match link {
+            Some(link) => {
                 if self.level == Level::Full {
                     let last = self.chains.get(&did, &self.log);
                     if let Some(l) = &last {
-                        if c.rev <= l.state.rev.as_str() {
+                        if link.rev <= l.state.rev {
                             // A replay of an older commit: refused, and the chain stays where it
                             // is (it must not move a repo backwards, desynchronized or not).
                             self.fail(&mut frame, &did, Failure::Chain("rev not after the repo's last"));
                             return frame;
                         }
                         if !l.desynchronized {
-                            if let Err(f) = verify::check_chain(Some(&l.state), &c) {
+                            if let Err(f) = verify::check_chain(Some(&l.state), &link) {
                                 self.metrics.verify_desynchronized.inc();
                                 let state = l.state.clone();
                                 self.chains.put(&did, Chain { state, desynchronized: true }, &mut frame);
@@ -379,23 +404,17 @@ impl Stage {
                 self.outcome(outcome);
                 mark_events(&mut frame, mark);
             }
-            RepoFrame::Sync(s) => {
-                let checked = verify::check_sync(&s, &key);
-                self.metrics.verify_seconds.observe(started.elapsed().as_secs_f64());
-                match checked {
-                    Ok(state) => {
-                        let newer = |l: &Chain| state.rev.as_str() > l.state.rev.as_str();
-                        if self.level == Level::Full && self.chains.get(&did, &self.log).as_ref().is_none_or(newer) {
-                            // "This is the repo now": the chain continues from here. A sync no
-                            // newer than what we know changes nothing.
-                            self.chains.put(&did, Chain { state, desynchronized: false }, &mut frame);
-                        }
-                        self.outcome(Outcome::Verified);
-                        // A sync is a signed commit alone: its signature is all there is.
-                        mark_events(&mut frame, Verification::Signature);
-                    }
-                    Err(f) => self.fail(&mut frame, &did, f),
+            None => {
+                let state = checked.state;
+                let newer = |l: &Chain| state.rev > l.state.rev;
+                if self.level == Level::Full && self.chains.get(&did, &self.log).as_ref().is_none_or(newer) {
+                    // "This is the repo now": the chain continues from here. A sync no newer
+                    // than what we know changes nothing.
+                    self.chains.put(&did, Chain { state, desynchronized: false }, &mut frame);
                 }
+                self.outcome(Outcome::Verified);
+                // A sync is a signed commit alone: its signature is all there is.
+                mark_events(&mut frame, Verification::Signature);
             }
         }
         frame
@@ -410,8 +429,7 @@ impl Stage {
     }
 
     fn drop_events(&self, frame: &mut IngestFrame) {
-        let n = frame.events.len() as u64;
-        self.metrics.verify_dropped_events.inc_by(n);
+        self.metrics.verify_dropped_events.inc_by(frame.events.len() as u64);
         frame.events.clear();
     }
 
@@ -449,19 +467,21 @@ impl Stage {
     }
 }
 
-fn mark_events(frame: &mut IngestFrame, v: Verification) {
-    for e in &mut frame.events {
-        e.verification = v;
+/// The front frame's work, once finished; never resolves when it has none running.
+async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<Option<Prepared>, Failure> {
+    match pending.front_mut() {
+        Some(Pending { work: Work::Running(handle), .. }) => match handle.await {
+            Ok(r) => r,
+            // A panic in a check is a bug; the frame is counted as malformed, never passed as
+            // verified.
+            Err(_) => Err(Failure::Malformed("the verification task failed")),
+        },
+        _ => std::future::pending().await,
     }
 }
 
-/// The key the front frame is waiting for; never resolves when it waits for none.
-async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<PublicKey, ResolveError> {
-    match pending.front_mut() {
-        Some(Pending { key: KeySlot::Waiting(handle), .. }) => match handle.await {
-            Ok(r) => r,
-            Err(e) => Err(ResolveError::Fetch(format!("resolver task: {e}"))),
-        },
-        _ => std::future::pending().await,
+fn mark_events(frame: &mut IngestFrame, v: Verification) {
+    for e in &mut frame.events {
+        e.verification = v;
     }
 }

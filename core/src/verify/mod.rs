@@ -155,19 +155,37 @@ fn signed<'a>(
     Ok(commit)
 }
 
+/// What the next commit must agree with, from a commit: its rev, `since` and `prevData`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLink {
+    pub rev: String,
+    pub since: Option<String>,
+    pub prev_data: Option<Vec<u8>>,
+}
+
+impl CommitFrame<'_> {
+    pub fn link(&self) -> ChainLink {
+        ChainLink {
+            rev: self.rev.to_string(),
+            since: self.since.map(str::to_string),
+            prev_data: self.prev_data.map(<[u8]>::to_vec),
+        }
+    }
+}
+
 /// Does a verified commit continue the repo's last known state? Its rev must be newer, its
 /// `since` the last rev, and its `prevData` the last tree. An unknown repo (first commit seen)
 /// anchors here.
-pub fn check_chain(last: Option<&RepoState>, frame: &CommitFrame<'_>) -> Result<(), Failure> {
+pub fn check_chain(last: Option<&RepoState>, commit: &ChainLink) -> Result<(), Failure> {
     let Some(last) = last else { return Ok(()) };
-    if frame.rev <= last.rev.as_str() {
+    if commit.rev <= last.rev {
         return Err(Failure::Chain("rev not after the repo's last"));
     }
-    if frame.since != Some(last.rev.as_str()) {
+    if commit.since.as_deref() != Some(last.rev.as_str()) {
         return Err(Failure::Chain("since is not the repo's last rev"));
     }
-    if let Some(prev) = frame.prev_data {
-        if prev != last.data.as_slice() {
+    if let Some(prev) = &commit.prev_data {
+        if *prev != last.data {
             return Err(Failure::Chain("prevData is not the repo's last tree"));
         }
     }
