@@ -19,9 +19,7 @@ struct Corpus {
 }
 
 fn corpus() -> Option<Corpus> {
-    let dir = std::env::var_os("CONTRAIL_SHARED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = corpus_dir();
     let path = dir.join("corpus/frames.bin.zst");
     if !path.exists() {
         eprintln!("SKIP verify bench: {} not found (set CONTRAIL_SHARED_DIR)", path.display());
@@ -73,6 +71,30 @@ fn bench(c: &mut Criterion) {
     g.bench_function("signature", |b| b.iter(|| check_all(&corpus, Level::Signature)));
     g.bench_function("full", |b| b.iter(|| check_all(&corpus, Level::Full)));
     g.finish();
+
+    // One signature per curve (the interop fixtures' valid ones): what the two key types cost.
+    let fixtures: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(corpus_dir().join("interop/crypto/signature-fixtures.json")).expect("fixtures"),
+    )
+    .unwrap();
+    let mut g = c.benchmark_group("one signature");
+    for f in fixtures.as_array().unwrap().iter().filter(|f| f["validSignature"] == true) {
+        let b64 = |k: &str| {
+            contrail::transcode::cid::decode_base64_nopad(f[k].as_str().unwrap().trim_end_matches('=').as_bytes())
+                .unwrap()
+        };
+        let (msg, sig) = (b64("messageBase64"), b64("signatureBase64"));
+        let key = verify::PublicKey::from_did_key(f["publicKeyDid"].as_str().unwrap()).unwrap();
+        let name = f["algorithm"].as_str().unwrap().to_string();
+        g.bench_function(name, |b| b.iter(|| assert!(key.verify(&msg, &sig))));
+    }
+    g.finish();
+}
+
+fn corpus_dir() -> PathBuf {
+    std::env::var_os("CONTRAIL_SHARED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
 criterion_group!(benches, bench);

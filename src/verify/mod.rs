@@ -219,8 +219,8 @@ struct Prepared {
 enum Work {
     /// Nothing to verify (no raw frame, or a frame that carries no commit).
     None,
-    Running(JoinHandle<Result<Option<Prepared>, Failure>>),
-    Done(Result<Option<Prepared>, Failure>),
+    Running(JoinHandle<Result<Option<Box<Prepared>>, Failure>>),
+    Done(Result<Option<Box<Prepared>>, Failure>),
 }
 
 struct Pending {
@@ -237,7 +237,7 @@ async fn prepare(
     resolver: Arc<Resolver>,
     level: Level,
     seconds: prometheus::Histogram,
-) -> Result<Option<Prepared>, Failure> {
+) -> Result<Option<Box<Prepared>>, Failure> {
     let Some(parsed) = verify::read_frame(&raw)? else { return Ok(None) };
     let (did, link) = match &parsed {
         RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
@@ -249,7 +249,7 @@ async fn prepare(
     if checked.is_some() {
         seconds.observe(started.elapsed().as_secs_f64());
     }
-    Ok(Some(Prepared { did, link, key, checked }))
+    Ok(Some(Box::new(Prepared { did, link, key, checked })))
 }
 
 fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {
@@ -346,7 +346,7 @@ impl Stage {
             }
             Work::Running(_) => unreachable!("only finished work is processed"),
         };
-        let Prepared { did, link, key, checked } = prepared;
+        let Prepared { did, link, key, checked } = *prepared;
         let (key, mut checked) = match (key, checked) {
             (Ok(k), Some(c)) => (k, c),
             (Err(e), _) => {
@@ -468,7 +468,7 @@ impl Stage {
 }
 
 /// The front frame's work, once finished; never resolves when it has none running.
-async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<Option<Prepared>, Failure> {
+async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<Option<Box<Prepared>>, Failure> {
     match pending.front_mut() {
         Some(Pending { work: Work::Running(handle), .. }) => match handle.await {
             Ok(r) => r,
