@@ -81,26 +81,30 @@ impl PublicKey {
         format!("did:key:z{}", bs58::encode(bytes).into_string())
     }
 
-    /// Checks a 64-byte `r‖s` signature over `message` (hashed here with SHA-256). High-S
-    /// signatures are refused, as atproto requires (they would make signatures malleable).
+    /// Checks a 64-byte `r‖s` signature over `message` (hashed with SHA-256). High-S
+    /// signatures are refused, as atproto requires (they would make signatures malleable);
+    /// so is anything not 64 bytes (DER).
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> bool {
-        use sha2::{Digest, Sha256};
-        self.verify_prehash(&Sha256::digest(message), signature)
-    }
-
-    /// Like [`verify`](Self::verify), for a message already hashed with SHA-256.
-    pub fn verify_prehash(&self, digest: &[u8], signature: &[u8]) -> bool {
         if signature.len() != 64 {
             return false;
         }
         match self {
             PublicKey::K256(key) => {
+                use sha2::{Digest, Sha256};
                 let Ok(sig) = k256::ecdsa::Signature::from_slice(signature) else { return false };
-                sig.normalize_s().is_none() && key.verify_prehash(digest, &sig).is_ok()
+                sig.normalize_s().is_none() && key.verify_prehash(&Sha256::digest(message), &sig).is_ok()
             }
             PublicKey::P256(key) => {
+                // ring's assembly P-256 (~5× faster than p256's portable code, measured in
+                // benches/verify.rs); the low-S rule is ours to apply.
                 let Ok(sig) = p256::ecdsa::Signature::from_slice(signature) else { return false };
-                sig.normalize_s().is_none() && key.verify_prehash(digest, &sig).is_ok()
+                if sig.normalize_s().is_some() {
+                    return false;
+                }
+                let point = key.to_encoded_point(false);
+                ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, point.as_bytes())
+                    .verify(message, signature)
+                    .is_ok()
             }
         }
     }
