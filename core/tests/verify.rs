@@ -61,7 +61,7 @@ fn did_key_fixtures_match_their_private_keys() {
                 _ => panic!("no private key"),
             };
             let derived = match curve {
-                "k256" => PublicKey::K256(*k256::ecdsa::SigningKey::from_slice(&private).unwrap().verifying_key()),
+                "k256" => PublicKey::from_k256(*k256::ecdsa::SigningKey::from_slice(&private).unwrap().verifying_key()),
                 _ => PublicKey::P256(*p256::ecdsa::SigningKey::from_slice(&private).unwrap().verifying_key()),
             };
             assert_eq!(derived, key, "{did}");

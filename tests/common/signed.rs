@@ -39,7 +39,7 @@ impl Signer {
 
     pub fn public(&self) -> PublicKey {
         match self {
-            Signer::K256(k) => PublicKey::K256(*k.verifying_key()),
+            Signer::K256(k) => PublicKey::from_k256(*k.verifying_key()),
             Signer::P256(k) => PublicKey::P256(*k.verifying_key()),
         }
     }
