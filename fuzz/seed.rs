@@ -20,6 +20,7 @@ fn main() {
         let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
         let frame = &data[4..4 + len];
         write(&corpus.join("frame"), &format!("corpus-{n}"), frame);
+        write(&corpus.join("verify"), &format!("corpus-{n}"), frame);
         // The same bytes seed the record differential: the CBOR items in a frame are records'
         // neighbours (maps, links, bytes, strings).
         write(&corpus.join("dagcbor_json"), &format!("corpus-{n}"), frame);
