@@ -177,3 +177,89 @@ fn commit_proof_fixtures() {
     }
     assert_eq!(n, 6);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Property tests: random repos and random commits, their proofs built from the new tree.
+
+use proptest::prelude::*;
+
+fn value_cid(n: u32) -> Vec<u8> {
+    contrail_core::transcode::cid::dag_cbor_cid_of(&n.to_be_bytes())
+}
+
+fn path(n: u16) -> String {
+    // Two collections, record keys spread so that layers 1 and 2 appear.
+    format!("app.bsky.feed.{}/{:05}", if n % 3 == 0 { "like" } else { "post" }, n)
+}
+
+proptest! {
+    // 256 cases unless PROPTEST_CASES says otherwise.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        ..ProptestConfig::default()
+    })]
+
+    /// Any commit's ops, undone on the whole new tree, give the old root; a smaller proof
+    /// either still proves it or is refused as a proof failure; a wrong prevData never passes.
+    #[test]
+    fn inversion_undoes_any_commit(
+        initial in proptest::collection::btree_set(0u16..400, 0..80),
+        creates in proptest::collection::btree_set(400u16..800, 0..6),
+        deletes in proptest::collection::vec(any::<proptest::sample::Index>(), 0..4),
+        updates in proptest::collection::vec(any::<proptest::sample::Index>(), 0..4),
+        drop_block in any::<proptest::sample::Index>(),
+    ) {
+        let initial: Vec<u16> = initial.into_iter().collect();
+        let mut records: std::collections::BTreeMap<String, Vec<u8>> =
+            initial.iter().map(|&n| (path(n), value_cid(n as u32))).collect();
+        let before = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+        let before_root = before.root_cid().unwrap();
+        let mut ops_owned: Vec<(Action, String, Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
+        let mut touched = std::collections::BTreeSet::new();
+        if !initial.is_empty() {
+            for d in &deletes {
+                let p = path(initial[d.index(initial.len())]);
+                if touched.insert(p.clone()) {
+                    let prev = records.remove(&p);
+                    ops_owned.push((Action::Delete, p, None, prev));
+                }
+            }
+            for u in &updates {
+                let p = path(initial[u.index(initial.len())]);
+                if touched.insert(p.clone()) {
+                    let new = value_cid(100_000 + u.index(1000) as u32);
+                    let prev = records.insert(p.clone(), new.clone());
+                    ops_owned.push((Action::Update, p, Some(new), prev));
+                }
+            }
+        }
+        for &c in &creates {
+            let p = path(c);
+            let v = value_cid(c as u32);
+            records.insert(p.clone(), v.clone());
+            ops_owned.push((Action::Create, p, Some(v), None));
+        }
+        let after = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+        let (root, blocks) = after.blocks().unwrap();
+        let ops: Vec<ProofOp> = ops_owned
+            .iter()
+            .map(|(a, p, c, prev)| ProofOp { action: *a, path: p, cid: c.as_deref(), prev: prev.as_deref() })
+            .collect();
+        let whole = car(&root, &blocks);
+        let parsed = Blocks::parse(&whole).unwrap();
+        prop_assert_eq!(check_inversion(&parsed, &root, &ops, &before_root), Ok(()));
+        // A wrong prevData.
+        let wrong = value_cid(7_777_777);
+        prop_assert!(check_inversion(&parsed, &root, &ops, &wrong).is_err());
+        // A proof short of one block.
+        if blocks.len() > 1 {
+            let skip = drop_block.index(blocks.len());
+            let fewer: Vec<_> = blocks.iter().enumerate().filter(|(i, _)| *i != skip).map(|(_, b)| b.clone()).collect();
+            let bytes = car(&root, &fewer);
+            match check_inversion(&Blocks::parse(&bytes).unwrap(), &root, &ops, &before_root) {
+                Ok(()) | Err(Failure::Proof(_)) => {}
+                Err(e) => prop_assert!(false, "unexpected failure {e}"),
+            }
+        }
+    }
+}

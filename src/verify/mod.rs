@@ -91,8 +91,8 @@ pub struct VerifyConfig {
     /// DID documents fetched at once, at most
     #[arg(long, env = "CONTRAIL_DID_RESOLVE_CONCURRENCY", default_value = "32")]
     pub did_resolve_concurrency: usize,
-    /// Signing keys kept in memory (the store keeps every one it resolved)
-    #[arg(long, env = "CONTRAIL_DID_CACHE_ENTRIES", default_value = "1000000")]
+    /// Signing keys kept in memory, ~300 bytes each (the store keeps every one it resolved)
+    #[arg(long, env = "CONTRAIL_DID_CACHE_ENTRIES", default_value = "200000")]
     pub did_cache_entries: usize,
     /// A resolved key is used this long before it is resolved again (an #identity event, or a
     /// signature failure, refreshes it sooner)
