@@ -279,3 +279,24 @@ async fn a_slow_directory_holds_one_repo_not_the_stream() {
     assert_eq!(stored.len(), 202, "bob's passed unverified (--on-resolve-failure pass)");
     assert_eq!(stored[0], ev(BOB, "create", "b1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn did_web_keys_come_from_the_host() {
+    // The directory stands in for the did:web host too: `GET /.well-known/did.json`.
+    let host = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let did = format!("did:web:127.0.0.1%3A{}", host.addr.port());
+    let mut web = SignedRepo::new(&did, Signer::p256(9));
+    host.set(".well-known/did.json", Answer::Doc(web.did_doc()));
+    relay.push(1, with_seq(&web.commit(0, &[Op::Create(post("w1"), record("w"))], Tamper::None), 1));
+    relay.push(2, with_seq(&web.commit(0, &[Op::Create(post("wx"), record("x"))], Tamper::FlipSig), 2));
+    let dir = tempfile::tempdir().unwrap();
+    // --did-web-http: tests only (did:web is HTTPS on the network).
+    let flags = ["--verify", "full", "--plc-url", "http://127.0.0.1:9", "--did-web-http"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(2, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(1.0), "{}", serve.logs());
+    assert_eq!(failures(&serve, "signature"), 1.0);
+    drop(serve);
+    assert_eq!(stored_commits(dir.path()), vec![ev(&did, "create", "w1")]);
+}
