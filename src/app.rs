@@ -143,9 +143,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
     tasks.spawn_blocking(move || ("sequencer", sequencer.run(frames_rx).map_err(anyhow::Error::from)));
     if let Some((stage, rx, tx)) = verify_stage {
-        // Stops with the reader: the reader's end closes its queue and the stage ends after
-        // passing on what it can (frames still waiting for a key are read again after a
-        // restart: their seq was not stored).
+        // Stops with the reader, at once: frames it still holds were not passed on, so their
+        // relay seq was not stored and the relay sends them again after a restart.
         let cancel = stop_reader.clone();
         tasks.spawn(async move {
             stage.run(rx, tx, cancel).await;

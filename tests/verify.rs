@@ -113,6 +113,7 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     push(alice.commit(0, &create("ax2"), Tamper::SwapRecord));
     push(alice.commit(0, &create("ax3"), Tamper::WrongPrevData));
     push(alice.commit(0, &create("ax4"), Tamper::ExtraOp));
+    push(alice.commit(0, &[Op::Update(post("a1"), record("a1 stripped"))], Tamper::StripProof));
     push(alice.commit(0, &[Op::Update(post("a1"), record("a1 edited"))], Tamper::None));
     push(alice.commit(0, &[Op::Delete(post("a2"))], Tamper::None));
     push(carol.commit(0, &create("c1"), Tamper::None));
@@ -150,18 +151,22 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
         ev(ALICE, "create", "a3"),
     ];
     assert_eq!(failures(&serve, "signature"), 2.0, "the flipped byte and erin's other key");
-    assert_eq!(failures(&serve, "proof"), 3.0, "swapped record, wrong prevData, op missing from the tree");
+    assert_eq!(
+        failures(&serve, "proof"),
+        4.0,
+        "swapped record, wrong prevData, op missing from the tree, proof stripped"
+    );
     assert_eq!(failures(&serve, "chain"), 2.0, "bob's gap and the replay");
     assert_eq!(failures(&serve, "resolve"), 1.0, "carol");
     assert_eq!(failures(&serve, "malformed"), 0.0);
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(11.0 - 1.0));
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"unresolved\"}"), Some(1.0));
-    assert_eq!(serve.metric("contrail_verify_dropped_events_total"), Some(8.0));
+    assert_eq!(serve.metric("contrail_verify_dropped_events_total"), Some(9.0));
     let (code, status) = common::process::http_get(serve.public, "/status").unwrap();
     assert_eq!(code, 200);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["verification"]["mode"], "full");
-    assert_eq!(status["verification"]["failures"]["proof"], 3);
+    assert_eq!(status["verification"]["failures"]["proof"], 4);
     assert_eq!(status["verification"]["desynchronized"], 1);
     {
         use common::client::{connect, next, Msg};

@@ -263,3 +263,54 @@ proptest! {
         }
     }
 }
+
+/// A node pointing at one child twice (a DAG, not a tree) is refused, not unfolded: layered,
+/// such a CAR of a few KB would otherwise expand into exponentially many records.
+#[test]
+fn an_mst_node_referenced_twice_is_refused() {
+    fn link(cid: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&[0xd8, 0x2a, 0x58, cid.len() as u8 + 1, 0]);
+        out.extend_from_slice(cid);
+    }
+    fn text(s: &str, out: &mut Vec<u8>) {
+        out.push(0x60 | s.len() as u8);
+        out.extend_from_slice(s.as_bytes());
+    }
+    /// `{e: [{k, p: 0, t, v}], l}` with one entry.
+    fn node(left: Option<&[u8]>, key: &[u8], value: &[u8], right: Option<&[u8]>) -> Vec<u8> {
+        let mut out = vec![0xa2];
+        text("e", &mut out);
+        out.push(0x81);
+        out.push(0xa4);
+        text("k", &mut out);
+        out.extend_from_slice(&[0x58, key.len() as u8]);
+        out.extend_from_slice(key);
+        text("p", &mut out);
+        out.push(0x00);
+        text("t", &mut out);
+        match right {
+            Some(c) => link(c, &mut out),
+            None => out.push(0xf6),
+        }
+        text("v", &mut out);
+        link(value, &mut out);
+        text("l", &mut out);
+        match left {
+            Some(c) => link(c, &mut out),
+            None => out.push(0xf6),
+        }
+        out
+    }
+    let key_at =
+        |h: u32| (0..).map(|n| format!("app.bsky.feed.post/{n:06}")).find(|k| key_height(k.as_bytes()) == h).unwrap();
+    let (low, high) = (key_at(0), key_at(1));
+    let value = value_cid(1);
+    let child = node(None, low.as_bytes(), &value, None);
+    let child_cid = contrail_core::transcode::cid::dag_cbor_cid_of(&child);
+    let root = node(Some(&child_cid), high.as_bytes(), &value, Some(&child_cid));
+    let root_cid = contrail_core::transcode::cid::dag_cbor_cid_of(&root);
+    let bytes = car(&root_cid, &[(root_cid.clone(), root), (child_cid, child)]);
+    let blocks = Blocks::parse(&bytes).unwrap();
+    let got = PartialTree::load(&blocks, &root_cid);
+    assert!(matches!(got, Err(Failure::Proof(_))), "{got:?}");
+}

@@ -143,11 +143,8 @@ impl VerifyConfig {
 contrail_core::label_enum! {
     /// `contrail_verify_commits_total{result}`: what verification made of each commit or sync.
     pub enum Outcome {
-        /// Everything the mode checks held (in `full`, with the proof).
+        /// Everything the mode checks held.
         Verified => "verified",
-        /// `full`: signed and its ops in the signed tree, but no proof to check (a producer
-        /// older than Sync 1.1).
-        NoProof => "no_proof",
         Failed => "failed",
         /// The repo's DID could not be resolved in time.
         Unresolved => "unresolved",
@@ -174,45 +171,66 @@ impl Chain {
     }
 }
 
-/// Chain states this stage moved, newest first, in front of the store: a repo's state is
-/// read here before its last write has reached the store. Insertion-ordered and bounded far
-/// above the frames that can be between this stage and the log.
+/// Chain states this stage moved, in front of the store: a repo's state is read here before
+/// its last write has reached the store. Bounded, least recently moved first out — a repo
+/// leaves only after [`CHAINS_IN_MEMORY`] other moves, long after its write was stored (at
+/// most a few thousand frames are between this stage and the log).
 struct Chains {
-    map: HashMap<String, Chain>,
-    order: VecDeque<String>,
+    /// DID → (state, the generation of its last move).
+    map: HashMap<String, (Chain, u64)>,
+    /// Moves in order, `(DID, generation)`; stale entries (moved again since) are skipped.
+    order: VecDeque<(String, u64)>,
+    generation: u64,
 }
 
 const CHAINS_IN_MEMORY: usize = 200_000;
 
 impl Chains {
-    fn get(&self, did: &str, log: &Log) -> Option<Chain> {
-        if let Some(c) = self.map.get(did) {
-            return Some(c.clone());
+    fn new() -> Chains {
+        Chains { map: HashMap::new(), order: VecDeque::new(), generation: 0 }
+    }
+
+    /// The repo's last state; an unreadable store is a failure, never "a new repo".
+    fn get(&self, did: &str, log: &Log) -> Result<Option<Chain>, Failure> {
+        if let Some((c, _)) = self.map.get(did) {
+            return Ok(Some(c.clone()));
         }
-        log.repo_state(did).ok().flatten().and_then(|v| Chain::decode(&v))
+        match log.repo_state(did) {
+            Ok(v) => Ok(v.and_then(|v| Chain::decode(&v))),
+            Err(_) => Err(Failure::Chain("the repo's state could not be read")),
+        }
     }
 
     fn put(&mut self, did: &str, chain: Chain, frame: &mut IngestFrame) {
         frame.repo_states.push((did.to_string(), chain.encode()));
-        if self.map.insert(did.to_string(), chain).is_none() {
-            self.order.push_back(did.to_string());
-        }
+        self.generation += 1;
+        self.map.insert(did.to_string(), (chain, self.generation));
+        self.order.push_back((did.to_string(), self.generation));
         while self.map.len() > CHAINS_IN_MEMORY {
-            let Some(old) = self.order.pop_front() else { break };
-            self.map.remove(&old);
+            let Some((old, generation)) = self.order.pop_front() else { break };
+            if self.map.get(&old).is_some_and(|(_, g)| *g == generation) {
+                self.map.remove(&old);
+            }
+        }
+        if self.order.len() > 2 * CHAINS_IN_MEMORY {
+            let map = &self.map;
+            self.order.retain(|(d, g)| map.get(d).is_some_and(|(_, current)| current == g));
         }
     }
 }
 
-/// What a worker found out about a frame, off the in-order path: the repo, its key, and the
-/// stateless checks (signature, proof). The chain is checked in order, in [`Stage::process`].
+/// What a worker found out about a frame, off the in-order path: the repo and the stateless
+/// checks (signature, proof). The chain is checked in order, in [`Stage::process`].
 struct Prepared {
     did: String,
     /// `None` for a `#sync`.
     link: Option<ChainLink>,
-    key: Result<PublicKey, ResolveError>,
-    /// `None` when there is no key.
-    checked: Option<Result<Checked, Failure>>,
+    result: Result<Checked, Problem>,
+}
+
+enum Problem {
+    Failed(Failure),
+    Unresolved(ResolveError),
 }
 
 /// A frame's verification work, started when it arrives.
@@ -231,7 +249,9 @@ struct Pending {
 }
 
 /// The checks that need no state: run for each frame on the runtime's workers, so both cores
-/// verify while the frames still leave in order.
+/// verify while the frames still leave in order. What can be checked without the key comes
+/// first (a malformed frame costs no directory request); after a signature failure the key is
+/// resolved again once, in case it rotated (at most every ten minutes per DID).
 async fn prepare(
     raw: bytes::Bytes,
     resolver: Arc<Resolver>,
@@ -243,13 +263,23 @@ async fn prepare(
         RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
         RepoFrame::Sync(s) => (s.did.to_string(), None),
     };
-    let key = resolver.key(&did).await;
-    let started = Instant::now();
-    let checked = key.as_ref().ok().map(|k| check(&parsed, k, level));
-    if checked.is_some() {
-        seconds.observe(started.elapsed().as_secs_f64());
+    let prepared = |result| Ok(Some(Box::new(Prepared { did: did.clone(), link: link.clone(), result })));
+    if let Err(f) = verify::precheck(&parsed) {
+        return prepared(Err(Problem::Failed(f)));
     }
-    Ok(Some(Box::new(Prepared { did, link, key, checked })))
+    let key = match resolver.key(&did).await {
+        Ok(k) => k,
+        Err(e) => return prepared(Err(Problem::Unresolved(e))),
+    };
+    let started = Instant::now();
+    let mut checked = check(&parsed, &key, level);
+    seconds.observe(started.elapsed().as_secs_f64());
+    if checked == Err(Failure::Signature) {
+        if let Some(new_key) = resolver.refresh_after_failure(&did, &key).await {
+            checked = check(&parsed, &new_key, level);
+        }
+    }
+    prepared(checked.map_err(Problem::Failed))
 }
 
 fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {
@@ -279,7 +309,7 @@ impl Stage {
             resolver,
             log,
             metrics,
-            chains: Chains { map: HashMap::new(), order: VecDeque::new() },
+            chains: Chains::new(),
             warn: RateLimitedLog::new(Duration::from_secs(10)),
         })
     }
@@ -304,7 +334,14 @@ impl Stage {
             let room = !closed && pending.len() < self.cfg.verify_queue;
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    for p in &pending {
+                        if let Work::Running(h) = &p.work {
+                            h.abort();
+                        }
+                    }
+                    return;
+                }
                 done = wait_front(&mut pending) => {
                     if let Some(p) = pending.front_mut() {
                         p.work = Work::Done(done);
@@ -330,7 +367,9 @@ impl Stage {
     }
 
     async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
-        let Some(raw) = frame.raw.take() else { return frame };
+        if frame.raw.take().is_none() {
+            return frame;
+        }
         let prepared = match work {
             Work::Done(Ok(Some(p))) => p,
             Work::Done(Ok(None)) | Work::None => {
@@ -346,28 +385,14 @@ impl Stage {
             }
             Work::Running(_) => unreachable!("only finished work is processed"),
         };
-        let Prepared { did, link, key, checked } = *prepared;
-        let (key, mut checked) = match (key, checked) {
-            (Ok(k), Some(c)) => (k, c),
-            (Err(e), _) => {
+        let Prepared { did, link, result } = *prepared;
+        let checked = match result {
+            Ok(c) => c,
+            Err(Problem::Unresolved(e)) => {
                 self.unresolved(&mut frame, &did, &e);
                 return frame;
             }
-            (Ok(_), None) => unreachable!("a key is always checked"),
-        };
-        if checked == Err(Failure::Signature) {
-            // The key may have rotated: resolve it again (at most every ten minutes per DID).
-            if let Some(new_key) = self.resolver.refresh_after_failure(&did, &key).await {
-                checked = match verify::read_frame(&raw) {
-                    Ok(Some(parsed)) => check(&parsed, &new_key, self.level),
-                    Ok(None) => Err(Failure::Malformed("not a commit")),
-                    Err(f) => Err(f),
-                };
-            }
-        }
-        let checked = match checked {
-            Ok(c) => c,
-            Err(f) => {
+            Err(Problem::Failed(f)) => {
                 self.fail(&mut frame, &did, f);
                 return frame;
             }
@@ -375,7 +400,13 @@ impl Stage {
         match link {
             Some(link) => {
                 if self.level == Level::Full {
-                    let last = self.chains.get(&did, &self.log);
+                    let last = match self.chains.get(&did, &self.log) {
+                        Ok(l) => l,
+                        Err(f) => {
+                            self.fail(&mut frame, &did, f);
+                            return frame;
+                        }
+                    };
                     if let Some(l) = &last {
                         if link.rev <= l.state.rev {
                             // A replay of an older commit: refused, and the chain stays where it
@@ -396,18 +427,14 @@ impl Stage {
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
                     self.chains.put(&did, Chain { state: checked.state, desynchronized: false }, &mut frame);
                 }
-                let (outcome, mark) = match (self.level, checked.proven) {
-                    (Level::Full, true) => (Outcome::Verified, Verification::Full),
-                    (Level::Full, false) => (Outcome::NoProof, Verification::Signature),
-                    _ => (Outcome::Verified, Verification::Signature),
-                };
-                self.outcome(outcome);
-                mark_events(&mut frame, mark);
+                self.outcome(Outcome::Verified);
+                mark_events(&mut frame, if checked.proven { Verification::Full } else { Verification::Signature });
             }
             None => {
                 let state = checked.state;
                 let newer = |l: &Chain| state.rev > l.state.rev;
-                if self.level == Level::Full && self.chains.get(&did, &self.log).as_ref().is_none_or(newer) {
+                let last = self.chains.get(&did, &self.log).ok().flatten();
+                if self.level == Level::Full && last.as_ref().is_none_or(newer) {
                     // "This is the repo now": the chain continues from here. A sync no newer
                     // than what we know changes nothing.
                     self.chains.put(&did, Chain { state, desynchronized: false }, &mut frame);

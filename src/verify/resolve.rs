@@ -32,6 +32,8 @@ contrail_core::label_enum! {
         BadDocument => "bad_document",
         Error => "error",
         Timeout => "timeout",
+        /// Every request slot stayed taken until the deadline (not remembered as a failure).
+        Busy => "busy",
         Unsupported => "unsupported",
     }
 }
@@ -47,6 +49,8 @@ pub enum ResolveError {
     Fetch(String),
     #[error("resolving timed out")]
     Timeout,
+    #[error("no request slot free before the deadline")]
+    Busy,
     #[error("unsupported DID method")]
     Unsupported,
 }
@@ -58,6 +62,7 @@ impl ResolveError {
             ResolveError::BadDocument(_) => ResolveResult::BadDocument,
             ResolveError::Fetch(_) => ResolveResult::Error,
             ResolveError::Timeout => ResolveResult::Timeout,
+            ResolveError::Busy => ResolveResult::Busy,
             ResolveError::Unsupported => ResolveResult::Unsupported,
         }
     }
@@ -139,6 +144,9 @@ fn decode_entry(v: &[u8]) -> Option<Cached> {
 
 /// How long a failed resolution is remembered.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// Failures remembered at most (a stream of made-up DIDs must not grow the map).
+const MAX_REMEMBERED_FAILURES: usize = 100_000;
 
 /// Largest DID document accepted (real ones are ~1 KiB).
 const MAX_DOC_BYTES: usize = 64 << 10;
@@ -240,29 +248,31 @@ impl Resolver {
 
     async fn fetch_shared(self: &Arc<Self>, did: &str) -> Result<PublicKey, ResolveError> {
         let cell = self.inflight.entry(did.to_string()).or_default().clone();
-        let result = cell
-            .get_or_init(|| async {
-                let r = self.fetch(did).await;
-                self.inflight.remove(did);
-                r
-            })
-            .await
-            .clone();
+        let result = cell.get_or_init(|| self.fetch(did)).await.clone();
+        // Gone once answered (the answer is cached, or remembered as a failure).
+        self.inflight.remove_if(did, |_, c| Arc::ptr_eq(c, &cell));
         result
     }
 
+    /// One request, within one deadline for waiting for a slot and for the answer.
     async fn fetch(&self, did: &str) -> Result<PublicKey, ResolveError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.opts.timeout, async {
-            let _permit = self.permits.acquire().await.map_err(|_| ResolveError::Fetch("shutting down".into()))?;
-            self.fetch_document(did).await
-        })
-        .await
-        {
+        let deadline = tokio::time::Instant::now() + self.opts.timeout;
+        let permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(_)) => return Err(ResolveError::Fetch("shutting down".into())),
+            Err(_) => {
+                // Other DIDs held every slot: says nothing about this one, so not remembered.
+                self.results[ResolveResult::Busy as usize].inc();
+                return Err(ResolveError::Busy);
+            }
+        };
+        let result = match tokio::time::timeout_at(deadline, self.fetch_document(did)).await {
             Ok(Ok(doc)) => atproto_key(did, &doc).map_err(|e| ResolveError::BadDocument(e.to_string())),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ResolveError::Timeout),
         };
+        drop(permit);
         self.seconds.observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(key) => {
@@ -275,8 +285,11 @@ impl Resolver {
             Err(e) => {
                 self.results[e.result() as usize].inc();
                 let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-                if failed.len() > 100_000 {
+                if failed.len() >= MAX_REMEMBERED_FAILURES {
                     failed.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+                    if failed.len() >= MAX_REMEMBERED_FAILURES {
+                        failed.clear();
+                    }
                 }
                 failed.insert(did.to_string(), (Instant::now(), e.clone()));
             }
@@ -288,9 +301,15 @@ impl Resolver {
         let (url, path) = if did.starts_with("did:plc:") {
             (self.plc.clone(), format!("{}/{did}", self.plc.path.trim_end_matches('/')))
         } else if let Some(host) = did.strip_prefix("did:web:") {
-            // atproto uses hostname-level did:web only (no path segments); a port is `%3A`.
+            // atproto uses hostname-level did:web only: no path, no port (`%3A`), and no IP
+            // literal — a repo must not make this server connect to an address of its choice.
+            // (Tests allow a loopback port: --did-web-http.)
             let host = host.replace("%3A", ":").replace("%3a", ":");
-            if host.is_empty() || host.contains(['/', '?', '#', '@']) || host.matches(':').count() > 1 {
+            if host.is_empty() || host.contains(['/', '?', '#', '@', '[', ']']) || host.matches(':').count() > 1 {
+                return Err(ResolveError::Unsupported);
+            }
+            let name = host.split(':').next().unwrap_or("");
+            if !self.opts.did_web_http && (host.contains(':') || name.parse::<std::net::IpAddr>().is_ok()) {
                 return Err(ResolveError::Unsupported);
             }
             let scheme = if self.opts.did_web_http { "ws" } else { "wss" };

@@ -83,6 +83,8 @@ pub enum Tamper {
     ExtraOp,
     /// Signed by another key.
     OtherKey,
+    /// `prevData` and each op's `prev` left out (they are not signed: a relay can strip them).
+    StripProof,
 }
 
 /// A repository that writes signed commits.
@@ -145,7 +147,7 @@ impl SignedRepo {
             };
             let mut entry =
                 vec![("action", s(action)), ("path", s(path)), ("cid", cid.map(Ipld::Link).unwrap_or(Ipld::Null))];
-            if let (Some(p), true) = (prev, action != "create") {
+            if let (Some(p), true) = (prev, action != "create" && tamper != Tamper::StripProof) {
                 entry.push(("prev", Ipld::Link(p)));
             }
             op_list.push(entry);
@@ -195,7 +197,7 @@ impl SignedRepo {
         blocks.extend(nodes.into_iter().map(|(c, b)| (Cid::try_from(c.as_slice()).unwrap(), b)));
         blocks.extend(record_blocks);
         let prev_data = if tamper == Tamper::WrongPrevData { cid_of(b"another tree").to_bytes() } else { prev_data };
-        let body = map(vec![
+        let mut body = map(vec![
             ("seq", Ipld::Integer(seq as i128)),
             ("rebase", Ipld::Bool(false)),
             ("tooBig", Ipld::Bool(false)),
@@ -209,6 +211,9 @@ impl SignedRepo {
             ("prevData", Ipld::Link(Cid::try_from(prev_data.as_slice()).unwrap())),
             ("time", s(TIME)),
         ]);
+        if let (Tamper::StripProof, Ipld::Map(m)) = (tamper, &mut body) {
+            m.remove("prevData");
+        }
         self.last_rev = Some(rev);
         let mut frame = dag_cbor(&map(vec![("t", s("#commit")), ("op", Ipld::Integer(1))]));
         frame.extend(dag_cbor(&body));

@@ -182,6 +182,9 @@ fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
             "blocks" => car = Some(r.read_bytes().map_err(bad("blocks"))?),
             "ops" => {
                 let len = r.read_array_len().map_err(bad("ops"))?;
+                if len > crate::transcode::MAX_COMMIT_OPS {
+                    return Err(Failure::Malformed("more ops than the protocol allows"));
+                }
                 let mut list = Vec::with_capacity(len as usize);
                 for _ in 0..len {
                     list.push(read_op(&mut r)?);
@@ -191,7 +194,11 @@ fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
             _ => r.skip().map_err(bad("body"))?,
         }
     }
-    let blocks = Blocks::parse(car.ok_or(Failure::Malformed("no blocks"))?)?;
+    let car = car.ok_or(Failure::Malformed("no blocks"))?;
+    if car.len() > crate::transcode::MAX_BLOCKS_BYTES {
+        return Err(Failure::Malformed("blocks larger than the protocol allows"));
+    }
+    let blocks = Blocks::parse(car)?;
     Ok(CommitFrame {
         seq: seq.ok_or(Failure::Malformed("no seq"))?,
         repo: repo.ok_or(Failure::Malformed("no repo"))?,
@@ -243,13 +250,20 @@ fn read_sync(mut r: Reader<'_>) -> Result<SyncFrame<'_>, Failure> {
             _ => r.skip().map_err(bad("body"))?,
         }
     }
+    let car = car.ok_or(Failure::Malformed("no blocks"))?;
+    if car.len() > MAX_SYNC_BLOCKS_BYTES {
+        return Err(Failure::Malformed("sync blocks larger than the protocol allows"));
+    }
     Ok(SyncFrame {
         seq: seq.ok_or(Failure::Malformed("no seq"))?,
         did: did.ok_or(Failure::Malformed("no did"))?,
         rev: rev.ok_or(Failure::Malformed("no rev"))?,
-        blocks: Blocks::parse(car.ok_or(Failure::Malformed("no blocks"))?)?,
+        blocks: Blocks::parse(car)?,
     })
 }
+
+/// `#sync`'s `blocks` limit (the lexicon's `maxLength`: the commit block alone).
+pub const MAX_SYNC_BLOCKS_BYTES: usize = 10_000;
 
 /// A signed commit block (repo format v3).
 #[derive(Debug, Clone)]
@@ -278,9 +292,12 @@ impl<'a> SignedCommit<'a> {
         // The unsigned form: the same entries minus `sig`, under a map head one smaller. The
         // block is canonical DAG-CBOR (its signer wrote it so), so the spliced bytes are too.
         let mut entries = Vec::with_capacity(block.len());
+        // Canonical key order (no key twice, `sig` in its place): one signature, one block.
+        let mut order = super::mst::KeyOrder::default();
         for _ in 0..n {
             let start = r.position();
             let key = r.read_str().map_err(bad("commit key"))?;
+            order.next(key)?;
             match key {
                 "did" => did = Some(r.read_str().map_err(bad("commit did"))?),
                 "rev" => rev = Some(r.read_str().map_err(bad("commit rev"))?),
@@ -297,6 +314,9 @@ impl<'a> SignedCommit<'a> {
             return Err(Failure::Malformed("commit trailing bytes"));
         }
         let sig = sig.ok_or(Failure::Malformed("commit without sig"))?;
+        if sig.len() != 64 {
+            return Err(Failure::Signature);
+        }
         let mut unsigned = Vec::with_capacity(entries.len() + 9);
         write_head(&mut unsigned, MAP, n - 1);
         unsigned.extend_from_slice(&entries);

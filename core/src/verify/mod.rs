@@ -53,8 +53,9 @@ pub enum Failure {
     Signature,
     #[error("proof: {0}")]
     Proof(&'static str),
-    /// The commit carries no proof to check (a producer older than Sync 1.1: no `prevData`,
-    /// or an op without `prev`). Not a forgery; reported as such, never as proven.
+    /// The commit carries no proof to check (no `prevData`, or an update or delete without
+    /// `prev`: a producer older than Sync 1.1, or a relay that stripped them). A `proof`
+    /// failure under `full`.
     #[error("no proof: {0}")]
     NoProof(&'static str),
     #[error("chain: {0}")]
@@ -101,31 +102,49 @@ impl RepoState {
 pub struct Checked {
     /// The repo's state after the commit.
     pub state: RepoState,
-    /// `Full` only: the inversion proof held. `false` when the commit carries no proof (no
-    /// `prevData`, or an update or delete without `prev`: producers older than Sync 1.1): then
-    /// only the forward check ran (each op's record is what the signed tree holds).
+    /// The inversion proof was checked (`Full`).
     pub proven: bool,
 }
 
-/// Checks a `#commit` at `level` (`Signature` or `Full`) against the repo's key.
+/// What can be checked before the repo's key is known — so a frame that is malformed or names
+/// a repo it does not carry costs no directory request: a valid DID and TID rev, and a commit
+/// block that hashes to its CID and names the same repo and rev.
+pub fn precheck(frame: &RepoFrame<'_>) -> Result<(), Failure> {
+    let (did, rev, blocks, cid) = match frame {
+        RepoFrame::Commit(c) => (c.repo, c.rev, &c.blocks, c.commit),
+        RepoFrame::Sync(s) => {
+            (s.did, s.rev, &s.blocks, *s.blocks.roots.first().ok_or(Failure::Malformed("sync CAR without a root"))?)
+        }
+    };
+    if !crate::syntax::is_valid_did(did) {
+        return Err(Failure::Malformed("invalid DID"));
+    }
+    if !crate::syntax::is_valid_tid(rev) {
+        return Err(Failure::Malformed("rev is not a TID"));
+    }
+    let commit = SignedCommit::read(blocks, cid)?;
+    if commit.did != did {
+        return Err(Failure::Malformed("the commit names another repo"));
+    }
+    if commit.rev != rev {
+        return Err(Failure::Malformed("the commit's rev differs from the frame's"));
+    }
+    Ok(())
+}
+
+/// Checks a `#commit` at `level` (`Signature` or `Full`) against the repo's key. `Full`
+/// requires the proof: a commit without `prevData`, or an update or delete without `prev`,
+/// fails (`NoProof`) — those fields are not signed, and a relay that strips them must not
+/// turn `full` into `signature`.
 pub fn check_commit(frame: &CommitFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {
     let commit = signed(&frame.blocks, frame.commit, frame.repo, frame.rev, key)?;
     let state = RepoState { rev: commit.rev.to_string(), data: commit.data.to_vec() };
     if level != Level::Full {
         return Ok(Checked { state, proven: false });
     }
-    let inverted = match frame.prev_data {
-        Some(prev_data) => mst::check_inversion(&frame.blocks, commit.data, &frame.ops, prev_data),
-        None => Err(Failure::NoProof("no prevData")),
-    };
-    match inverted {
-        Ok(()) => Ok(Checked { state, proven: true }),
-        Err(Failure::NoProof(_)) => {
-            mst::check_ops_in_tree(&frame.blocks, commit.data, &frame.ops)?;
-            Ok(Checked { state, proven: false })
-        }
-        Err(e) => Err(e),
-    }
+    let prev_data = frame.prev_data.ok_or(Failure::NoProof("no prevData"))?;
+    mst::check_inversion(&frame.blocks, commit.data, &frame.ops, prev_data)?;
+    Ok(Checked { state, proven: true })
 }
 
 /// Checks a `#sync` (the repo's current commit, signed): the state it re-anchors the repo to.

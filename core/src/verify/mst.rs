@@ -51,6 +51,15 @@ pub struct PartialTree {
     pub items: Vec<Item>,
 }
 
+/// What loading tracks: every node is read once (a CAR whose nodes point at one child many
+/// times, layer after layer, would otherwise unfold into exponentially many records), and
+/// keys increase across nodes as they are read.
+#[derive(Default)]
+struct Loading {
+    seen: std::collections::HashSet<Vec<u8>>,
+    last_key: Option<Vec<u8>>,
+}
+
 /// MST nodes are small; a CAR of 2 MB cannot hold more nodes than this many levels deep.
 const MAX_LAYER: u32 = 128;
 
@@ -74,6 +83,8 @@ impl PartialTree {
     /// Loads the tree under `root` from `blocks`; subtrees not in the CAR become stubs.
     pub fn load(blocks: &Blocks<'_>, root: &[u8]) -> Result<PartialTree, Failure> {
         let mut tree = PartialTree::default();
+        let mut loading = Loading::default();
+        loading.seen.insert(root.to_vec());
         let block = blocks.get_verified(root)?.ok_or(Failure::Proof("the MST root is not in the CAR"))?;
         let node = Node::parse(block)?;
         let Some(layer) = node.layer() else {
@@ -82,26 +93,23 @@ impl PartialTree {
             }
             return Ok(tree); // the empty repository
         };
-        tree.load_node(blocks, node, layer, 0)?;
-        // Keys strictly increasing across nodes too (each node checks its own).
-        let mut last: Option<&[u8]> = None;
-        for item in &tree.items {
-            if let Item::Leaf { key, .. } = item {
-                if last.is_some_and(|l| l >= key.as_slice()) {
-                    return Err(Failure::Proof("MST keys out of order"));
-                }
-                last = Some(key);
-            }
-        }
+        tree.load_node(blocks, node, layer, 0, &mut loading)?;
         Ok(tree)
     }
 
-    fn load_node(&mut self, blocks: &Blocks<'_>, node: Node<'_>, layer: u32, depth: u32) -> Result<(), Failure> {
+    fn load_node(
+        &mut self,
+        blocks: &Blocks<'_>,
+        node: Node<'_>,
+        layer: u32,
+        depth: u32,
+        loading: &mut Loading,
+    ) -> Result<(), Failure> {
         if depth > MAX_LAYER {
             return Err(Failure::Proof("MST too deep"));
         }
         if let Some(l) = node.left {
-            self.load_subtree(blocks, l, layer, depth)?;
+            self.load_subtree(blocks, l, layer, depth, loading)?;
         }
         let mut prev_key: Vec<u8> = Vec::new();
         for (i, e) in node.entries.iter().enumerate() {
@@ -111,16 +119,18 @@ impl PartialTree {
             }
             let mut key = prev_key[..p].to_vec();
             key.extend_from_slice(e.suffix);
-            if i > 0 && key <= prev_key {
-                return Err(Failure::Proof("MST keys out of order"));
-            }
             let height = key_height(&key);
             if height != layer {
                 return Err(Failure::Proof("MST key on the wrong layer"));
             }
+            // Across the whole tree, as read: a key not after the last one read is out of order.
+            if loading.last_key.as_ref().is_some_and(|last| *last >= key) {
+                return Err(Failure::Proof("MST keys out of order"));
+            }
+            loading.last_key = Some(key.clone());
             self.items.push(Item::Leaf { key: key.clone(), value: e.value.to_vec(), height });
             if let Some(t) = e.right {
-                self.load_subtree(blocks, t, layer, depth)?;
+                self.load_subtree(blocks, t, layer, depth, loading)?;
             }
             prev_key = key;
         }
@@ -128,8 +138,19 @@ impl PartialTree {
     }
 
     /// A child of a node at `parent_layer`.
-    fn load_subtree(&mut self, blocks: &Blocks<'_>, cid: &[u8], parent_layer: u32, depth: u32) -> Result<(), Failure> {
+    fn load_subtree(
+        &mut self,
+        blocks: &Blocks<'_>,
+        cid: &[u8],
+        parent_layer: u32,
+        depth: u32,
+        loading: &mut Loading,
+    ) -> Result<(), Failure> {
         let layer = parent_layer.checked_sub(1).ok_or(Failure::Proof("MST subtree below layer 0"))?;
+        // In a real tree every node has one parent (distinct key ranges give distinct CIDs).
+        if !loading.seen.insert(cid.to_vec()) {
+            return Err(Failure::Proof("an MST node is referenced twice"));
+        }
         match blocks.get_verified(cid)? {
             None => {
                 self.items.push(Item::Stub { cid: cid.to_vec(), layer });
@@ -140,7 +161,7 @@ impl PartialTree {
                 if node.entries.is_empty() && node.left.is_none() {
                     return Err(Failure::Proof("empty MST node inside the tree"));
                 }
-                self.load_node(blocks, node, layer, depth + 1)
+                self.load_node(blocks, node, layer, depth + 1, loading)
             }
         }
     }
@@ -361,16 +382,22 @@ impl<'a> Node<'a> {
         let mut r = Reader::new(block);
         let n = r.read_map_len().map_err(bad)?;
         let mut node = Node { left: None, entries: Vec::new() };
+        let mut keys = KeyOrder::default();
         for _ in 0..n {
-            match r.read_str().map_err(bad)? {
+            let key = r.read_str().map_err(bad)?;
+            keys.next(key)?;
+            match key {
                 "l" => node.left = link_or_null(&mut r)?,
                 "e" => {
                     let len = r.read_array_len().map_err(bad)?;
                     for _ in 0..len {
                         let m = r.read_map_len().map_err(bad)?;
                         let (mut prefix, mut suffix, mut value, mut right) = (None, None, None, None);
+                        let mut entry_keys = KeyOrder::default();
                         for _ in 0..m {
-                            match r.read_str().map_err(bad)? {
+                            let k = r.read_str().map_err(bad)?;
+                            entry_keys.next(k)?;
+                            match k {
                                 "p" => prefix = Some(r.read_i64().map_err(bad)?),
                                 "k" => suffix = Some(r.read_bytes().map_err(bad)?),
                                 "v" => value = Some(r.read_link().map_err(bad)?),
@@ -388,12 +415,34 @@ impl<'a> Node<'a> {
                 _ => r.skip().map_err(bad)?,
             }
         }
+        if !r.is_empty() {
+            return Err(Failure::Proof("bytes after an MST node"));
+        }
         Ok(node)
     }
 
     /// The node's layer, from its first key (a node's keys share one); `None` when it has none.
     fn layer(&self) -> Option<u32> {
         self.entries.first().map(|e| key_height(e.suffix))
+    }
+}
+
+/// Map keys must come in DAG-CBOR's canonical order (shorter first, then bytewise), which
+/// also rules out a key given twice.
+#[derive(Default)]
+pub(crate) struct KeyOrder<'k> {
+    last: Option<&'k str>,
+}
+
+impl<'k> KeyOrder<'k> {
+    pub(crate) fn next(&mut self, key: &'k str) -> Result<(), Failure> {
+        if let Some(last) = self.last {
+            if (last.len(), last.as_bytes()) >= (key.len(), key.as_bytes()) {
+                return Err(Failure::Malformed("map keys not in canonical order"));
+            }
+        }
+        self.last = Some(key);
+        Ok(())
     }
 }
 
