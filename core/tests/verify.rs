@@ -189,7 +189,7 @@ fn value_cid(n: u32) -> Vec<u8> {
 
 fn path(n: u16) -> String {
     // Two collections, record keys spread so that layers 1 and 2 appear.
-    format!("app.bsky.feed.{}/{:05}", if n % 3 == 0 { "like" } else { "post" }, n)
+    format!("app.bsky.feed.{}/{:05}", if n.is_multiple_of(3) { "like" } else { "post" }, n)
 }
 
 proptest! {
