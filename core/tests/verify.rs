@@ -183,6 +183,9 @@ fn commit_proof_fixtures() {
 
 use proptest::prelude::*;
 
+/// An op with its own strings: action, path, cid, prev.
+type OwnedOp = (Action, String, Option<Vec<u8>>, Option<Vec<u8>>);
+
 fn value_cid(n: u32) -> Vec<u8> {
     contrail_core::transcode::cid::dag_cbor_cid_of(&n.to_be_bytes())
 }
@@ -214,7 +217,7 @@ proptest! {
             initial.iter().map(|&n| (path(n), value_cid(n as u32))).collect();
         let before = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
         let before_root = before.root_cid().unwrap();
-        let mut ops_owned: Vec<(Action, String, Option<Vec<u8>>, Option<Vec<u8>>)> = Vec::new();
+        let mut ops_owned: Vec<OwnedOp> = Vec::new();
         let mut touched = std::collections::BTreeSet::new();
         if !initial.is_empty() {
             for d in &deletes {
