@@ -212,6 +212,123 @@ async fn raw_loopback(sizes: &[usize]) -> (f64, f64) {
     (read as f64 / secs / 1e6, secs)
 }
 
+/// One subscriber of a live scenario: reads until `stop`, recording delivery latencies.
+async fn live_client(
+    server: SocketAddr,
+    query: String,
+    lat: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let Ok(mut ws) = client::connect(server, &query, &[]).await else { return };
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Ok(f)) = tokio::time::timeout(Duration::from_millis(200), ws.read_frame()).await else { continue };
+        if f.opcode != fastwebsockets::OpCode::Text {
+            continue;
+        }
+        let now = now_us();
+        let text = std::str::from_utf8(&f.payload).unwrap_or("");
+        if let Some(i) = text.find("\"time_us\":") {
+            let t: u64 = text[i + 10..].split(|c: char| !c.is_ascii_digit()).next().unwrap_or("0").parse().unwrap_or(0);
+            lat.lock().unwrap().push(now.saturating_sub(t));
+        }
+    }
+}
+
+/// Issue 15's scenarios: (1) 10,000 subscribers with narrow filters (1–5 `wantedDids`, or a
+/// collection nobody writes) at 2,000 frames/s in; (2) 1,000 mixed subscribers (40% one
+/// collection, 20% `app.bsky.graph.*`, 20% 1–5 DIDs, 20% unfiltered) at 500 frames/s in. Server
+/// CPU over 10 s of steady state, events delivered, p50/p99 delivery latency. The clients run in
+/// this process and share the two cores with the server.
+async fn live_scenarios() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    for (name, subscribers, rate) in [("narrow", 10_000usize, 2_000u64), ("mixed", 1_000, 500)] {
+        let relay = Arc::new(relay::FakeRelay::start().await);
+        let dir = tempfile::tempdir().unwrap();
+        let server = start(dir.path(), &relay.url());
+        let stop = Arc::new(AtomicBool::new(false));
+        let lat = Arc::new(Mutex::new(Vec::new()));
+        let mut rng = frames::Lcg::new(99);
+        let mut clients = Vec::new();
+        for i in 0..subscribers {
+            let dids = |rng: &mut frames::Lcg| {
+                (0..1 + rng.below(5))
+                    .map(|_| format!("wantedDids={}", frames::did_for(rng.below(5_000))))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            };
+            let q = if name == "narrow" {
+                match i % 10 {
+                    0..=4 => format!("/subscribe?{}", dids(&mut rng)),
+                    _ => "/subscribe?wantedCollections=org.example.nobody.writes".to_string(),
+                }
+            } else {
+                match i % 10 {
+                    0..=3 => "/subscribe?wantedCollections=app.bsky.feed.like".to_string(),
+                    4..=5 => "/subscribe?wantedCollections=app.bsky.graph.*".to_string(),
+                    6..=7 => format!("/subscribe?{}", dids(&mut rng)),
+                    _ => "/subscribe".to_string(),
+                }
+            };
+            clients.push(tokio::spawn(live_client(server.public, q, lat.clone(), stop.clone())));
+            if i % 500 == 499 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // The feed: `rate` frames a second, pushed in 10 ms steps.
+        let feeder_stop = Arc::new(AtomicBool::new(false));
+        let feeder = {
+            let (relay, stop) = (relay.clone(), feeder_stop.clone());
+            tokio::spawn(async move {
+                let per_step = (rate / 100).max(1) as usize;
+                let mut seq = 1i64;
+                let mut tick = tokio::time::interval(Duration::from_millis(10));
+                let mut chunk = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    for g in frames::generate(seq, per_step, 5_000, chunk) {
+                        relay.push(g.seq, g.frame);
+                    }
+                    seq += per_step as i64;
+                    chunk += 1;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(5)).await; // warm up
+        lat.lock().unwrap().clear();
+        let pid = server.child.id();
+        let sent = |m: SocketAddr| {
+            ["none", "zstd"]
+                .iter()
+                .map(|c| metric(m, &format!("contrail_hub_events_sent_total{{wire=\"v1\",compression=\"{c}\"}}")))
+                .sum::<f64>()
+        };
+        let (cpu0, sent0, t0) = (cpu_seconds(pid), sent(server.metrics), Instant::now());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(pid) - cpu0;
+        let delivered = sent(server.metrics) - sent0;
+        let mut l = std::mem::take(&mut *lat.lock().unwrap());
+        l.sort_unstable();
+        let pct = |p: f64| if l.is_empty() { 0.0 } else { l[((l.len() - 1) as f64 * p) as usize] as f64 / 1000.0 };
+        println!(
+            "(e) {name}: {subscribers} subscribers, {rate} frames/s in: server {:.2} cores; {:.0} events/s delivered ({:.1} µs server CPU per delivered event); p50 {:.1} ms, p99 {:.1} ms",
+            cpu / secs,
+            delivered / secs,
+            if delivered > 0.0 { cpu * 1e6 / delivered } else { 0.0 },
+            pct(0.5),
+            pct(0.99)
+        );
+        stop.store(true, Ordering::Relaxed);
+        feeder_stop.store(true, Ordering::Relaxed);
+        let _ = feeder.await;
+        for c in clients {
+            let _ = c.await;
+        }
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if !std::env::args().any(|a| a == "--bench") {
@@ -230,6 +347,12 @@ async fn main() {
             .unwrap_or("")
             .trim()
     );
+    // (e) issue 15's live scenarios, each on a fresh server fed at a paced rate:
+    // `FANOUT_ONLY=index cargo bench --bench fanout` runs only this part.
+    if std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "index") {
+        live_scenarios().await;
+        return;
+    }
     let relay = relay::FakeRelay::start().await;
     let gen = frames::generate(1, 100_000, 5_000, 5);
     let total_events: usize = gen.iter().map(|g| g.expected.len()).sum();
