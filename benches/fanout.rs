@@ -301,7 +301,7 @@ async fn live_scenarios() {
         let sent = |m: SocketAddr| {
             ["none", "zstd"]
                 .iter()
-                .map(|c| metric(m, &format!("contrail_hub_events_sent_total{{wire=\"v1\",compression=\"{c}\"}}")))
+                .map(|c| metric(m, &format!("contrail_hub_events_sent_total{{compression=\"{c}\",wire=\"v1\"}}")))
                 .sum::<f64>()
         };
         let (cpu0, sent0, t0) = (cpu_seconds(pid), sent(server.metrics), Instant::now());
