@@ -260,10 +260,25 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     let start = (sub.cursor, sub.start);
     let reason = s.serve(&mut ctl, start, sub.require_hello, sub.preface).await;
     let last_seen = s.stream.as_ref().map(EventStream::last_seen);
+    let close_sent = s.close_sent;
     drop(s);
     m.subscribers.with_label_values(&labels).dec();
     m.closes.with_label_values(&[reason.as_str()]).inc();
     tracing::debug!(reason = reason.as_str(), last_seen, "subscriber closed");
+    if close_sent {
+        // Linger: read what the client still sends (its close reply, the rest of a flood) for
+        // a moment before the socket goes (the reader's half keeps it open until `_reader`
+        // drops). Closing with unread bytes makes the kernel reset the connection, and the
+        // client would lose the close frame just sent.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+            while let Some(c) = ctl.recv().await {
+                if matches!(c, Control::Close | Control::ReadError(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
 }
 
 impl Session {
