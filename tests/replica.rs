@@ -219,3 +219,61 @@ async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     drop((follower, middle));
     assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the follower's log differs from the primary's");
 }
+
+/// A replica keeps the primary's verification marks: what a subscriber asking for them sees is
+/// the same on both, and the stored JSON is still the primary's byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_keep_the_primarys_verification_marks() {
+    use common::signed::{record, with_seq, Answer, Op, Plc, SignedRepo, Signer, Tamper};
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new("did:plc:aliceaaaaaaaaaaaaaaaaaaa", Signer::k256(1));
+    let mut carol = SignedRepo::new("did:plc:carolcccccccccccccccccccc", Signer::k256(3));
+    plc.set(&alice.did, Answer::Doc(alice.did_doc()));
+    let post = |n: &str| vec![Op::Create(format!("app.bsky.feed.post/{n}"), record(n))];
+    let frames = [
+        alice.commit(0, &post("a1"), Tamper::None),
+        alice.commit(0, &post("ax"), Tamper::FlipSig),
+        carol.commit(0, &post("c1"), Tamper::None),
+        alice.commit(0, &post("a2"), Tamper::None),
+    ];
+    for (i, f) in frames.iter().enumerate() {
+        relay.push(i as i64 + 1, with_seq(f, i as i64 + 1));
+    }
+    let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let flags = [
+        "--verify",
+        "full",
+        "--on-verify-failure",
+        "pass",
+        "--plc-url",
+        &plc.url(),
+        "--max-events-per-second-per-ip",
+        "0",
+    ];
+    let primary = Serve::start(pd.path(), &relay.url(), &flags);
+    primary.wait_for_seq(4, Duration::from_secs(30));
+    let r = replica(rd.path(), &[&primary]);
+    wait_caught_up(&primary, &r, Duration::from_secs(30));
+    let marks = |s: &Serve| {
+        let addr = s.public;
+        async move {
+            let mut ws = connect(addr, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
+            let mut out = Vec::new();
+            while out.len() < 4 {
+                let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
+                out.push(t);
+            }
+            out
+        }
+    };
+    let on_primary = marks(&primary).await;
+    assert_eq!(marks(&r).await, on_primary);
+    let got: Vec<String> = on_primary
+        .iter()
+        .map(|t| serde_json::from_str::<serde_json::Value>(t).unwrap()["verification"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, ["full", "failed", "unresolved", "full"]);
+    drop(r);
+    assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the replica's stored JSON differs");
+}

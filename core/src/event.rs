@@ -297,6 +297,32 @@ impl Verification {
     fn from_u8(v: u8) -> Verification {
         Verification::ALL.get(v as usize).copied().unwrap_or(Verification::None)
     }
+
+    fn from_label(label: &[u8]) -> Option<Verification> {
+        Verification::ALL.iter().copied().find(|v| v.as_str().as_bytes() == label)
+    }
+}
+
+/// Splits `"verification":"…"`, as [`Event::json_with_verification`] adds it (the last field),
+/// off an event's JSON: the JSON as stored, and the mark. An event without the field comes back
+/// whole, with `None`; an unknown label is an error. (A v1 event's JSON never ends in a string
+/// field: its last field is an object.)
+pub fn split_verification(mut json: Vec<u8>) -> Result<(Vec<u8>, Verification), Vec<u8>> {
+    const KEY: &[u8] = b",\"verification\":\"";
+    if !json.ends_with(b"\"}") {
+        return Ok((json, Verification::None));
+    }
+    let body = &json[..json.len() - 2];
+    let Some(start) = body.iter().rposition(|&c| c == b'"').and_then(|q| q.checked_sub(KEY.len() - 1)) else {
+        return Ok((json, Verification::None));
+    };
+    if !body[start..].starts_with(KEY) {
+        return Ok((json, Verification::None));
+    }
+    let Some(mark) = Verification::from_label(&body[start + KEY.len()..]) else { return Err(json) };
+    json.truncate(start);
+    json.push(b'}');
+    Ok((json, mark))
 }
 
 /// Version byte of the stored value layout below.
@@ -439,6 +465,23 @@ mod tests {
             String::from_utf8(e.json_with_verification()).unwrap(),
             r#"{"did":"did:plc:x","time_us":42,"kind":"identity","verification":"full"}"#
         );
+    }
+
+    #[test]
+    fn the_verification_field_comes_off_as_it_went_on() {
+        let mut out = Vec::new();
+        Event::begin(&mut out, "did:plc:x", EventKind::Commit);
+        out.extend_from_slice(br#","commit":{"rev":"3l","record":{"text":"\",\"verification\":\"full"}}}"#);
+        let mut e = Event::from_parts(out, EventKind::Commit, 9, 0..0);
+        e.stamp(7);
+        let plain = e.json().to_vec();
+        assert_eq!(split_verification(plain.clone()), Ok((plain.clone(), Verification::None)));
+        for v in Verification::ALL {
+            e.verification = *v;
+            assert_eq!(split_verification(e.json_with_verification()), Ok((plain.clone(), *v)));
+        }
+        let odd = br#"{"did":"x","verification":"maybe"}"#.to_vec();
+        assert!(split_verification(odd).is_err());
     }
 
     #[test]

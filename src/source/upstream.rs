@@ -209,7 +209,13 @@ impl UpstreamReader {
         let stale = replica.upstream_stale_timeout;
         let inform = (stale.as_secs() / 3).clamp(1, 600);
         // Every kind, sync included: a replica mirrors the whole log.
-        let mut params = vec![format!("informCursorSeconds={inform}"), "includeSync=true".to_string()];
+        // The primary's verification marks come along (each event's last field, taken off
+        // again below: the stored JSON stays the primary's byte for byte).
+        let mut params = vec![
+            format!("informCursorSeconds={inform}"),
+            "includeSync=true".to_string(),
+            "includeVerification=true".to_string(),
+        ];
         if self.last_time_us > 0 || !self.opts.live_when_empty {
             // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
             params.push(format!("cursor={}", self.last_time_us));
@@ -311,8 +317,11 @@ impl UpstreamReader {
         };
         let collection = meta.commit.and_then(|c| c.collection).map(str::to_string);
         let time_us = meta.time_us;
-        let event = Event::from_json(json, kind, collection.as_deref())
+        let (json, verification) = contrail_core::event::split_verification(json)
+            .map_err(|_| protocol("an event with an unknown verification mark"))?;
+        let mut event = Event::from_json(json, kind, collection.as_deref())
             .ok_or_else(|| protocol("an event that is not in v1 shape"))?;
+        event.verification = verification;
         if event.time_us != time_us {
             return Err(protocol("an event whose time_us does not parse the same twice"));
         }
