@@ -576,3 +576,43 @@ async fn a_client_opening_connections_too_fast_is_turned_away_at_accept() {
     let mut ws = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
     assert!(matches!(next(&mut ws, T).await, Some(Msg::Text(_))));
 }
+
+/// A subscriber that reads steadily but slower than the stream (raw TCP, 64 KiB every 50 ms,
+/// megabytes behind, never answering pings itself until it reaches them): it is kept. Its
+/// pongs are late — behind the data it has not read — but it keeps taking data, and that is
+/// what judges it (found by the soak, where such readers were closed by the pong and write
+/// timeouts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_steady_reader_is_kept() {
+    use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "3s"]).await;
+    let mut slow = tokio::net::TcpStream::connect(s.serve.public).await.unwrap();
+    slow.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Ten events of ~700 KB: seconds of backlog at this pace.
+    let big = "x".repeat(700_000);
+    let mut total = 0;
+    for i in 0..10 {
+        let seq = 100 + i;
+        let rec = map(vec![("$type", text("app.bsky.feed.post")), ("text", text(&big))]);
+        let path = format!("app.bsky.feed.post/{}", tid_for(i as u64));
+        let frame = commit_frame(seq, &did_for(1), &tid_for(9_000 + i as u64), &[TestOp::create(&path, &rec)]);
+        s.relay.push(seq, frame);
+        total += big.len();
+    }
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got < total && std::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got += n,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let closes = |r: &str| s.serve.metric(&format!("contrail_hub_closes_total{{reason=\"{r}\"}}")).unwrap_or(0.0);
+    assert_eq!(closes("ping_timeout"), 0.0, "a reader taking data was closed for a late pong");
+    assert_eq!(closes("write_timeout"), 0.0, "a progressing reader was closed for a write timeout");
+    assert!(got >= total, "read {got} of {total} bytes");
+}
