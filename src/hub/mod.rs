@@ -70,7 +70,6 @@ pub mod replay_cache;
 pub(crate) mod session;
 pub(crate) mod slow;
 pub(crate) mod stream;
-pub(crate) mod watched;
 
 pub use contrail_core::options;
 

@@ -8,7 +8,6 @@
 use super::close::CloseReason;
 use super::slow::{Progress, SlowWatch};
 use super::stream::{EventStream, Start, StreamMetrics};
-use super::watched::{unless_stalled, LastWrite, Watched};
 use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
@@ -35,9 +34,6 @@ const TICK: Duration = Duration::from_secs(1);
 /// write, and a flood of them made the server spend a core answering (measured,
 /// `benches/hostile.rs`). Keep-alive clients send one every few seconds.
 const MAX_PINGS_PER_TICK: u32 = 50;
-/// Bytes written since the client was last heard from that show it is taking data (more than
-/// a few pings' worth) — see [`Session::tick`].
-const TAKING_DATA_BYTES: u64 = 64 * 1024;
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Client messages larger than this are parsed and validated on a blocking thread: a 10 MB
@@ -46,8 +42,7 @@ const PARSE_INLINE_BYTES: usize = 64 * 1024;
 
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 /// Writes go through a buffer: events that are ready together leave in one syscall.
-/// The socket is watched for progress (`watched`): a slow but steady reader is alive.
-type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::BufWriter<Watched<tokio::io::WriteHalf<Upgraded>>>>;
+type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>>;
 type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
 
 /// What the reader half reports.
@@ -202,10 +197,6 @@ struct Session {
     stream: Option<EventStream>,
     slot: super::limits::Slot,
     last_heard: Instant,
-    /// When the socket last accepted bytes, and how many.
-    last_write: Arc<LastWrite>,
-    /// `last_write.bytes()` when the client was last heard from.
-    written_when_heard: u64,
     /// Pings answered since the last tick (see [`MAX_PINGS_PER_TICK`]).
     pings_this_tick: u32,
     last_ping: Instant,
@@ -230,10 +221,9 @@ enum Step {
 
 /// Runs one subscriber until its connection ends.
 pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Subscription, slot: super::limits::Slot) {
-    let last_write = LastWrite::new();
     let (mut rx, tx) = ws.split(|io| {
         let (r, w) = tokio::io::split(io);
-        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, Watched::new(w, last_write.clone())))
+        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
     });
     rx.set_auto_pong(false);
     rx.set_auto_close(false);
@@ -259,8 +249,6 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         stream: None,
         slot,
         last_heard: now,
-        last_write,
-        written_when_heard: 0,
         pings_this_tick: 0,
         last_ping: now,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
@@ -459,9 +447,8 @@ impl Session {
         self.write(frame).await
     }
 
-    /// `WriteTimeout` only when the socket took nothing for `--write-timeout`.
     async fn flush(&mut self) -> Result<(), CloseReason> {
-        match unless_stalled(&self.last_write, self.hub.config.write_timeout, self.tx.flush()).await {
+        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::WriteError),
             Err(_) => Err(CloseReason::WriteTimeout),
@@ -469,7 +456,7 @@ impl Session {
     }
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
-        match unless_stalled(&self.last_write, self.hub.config.write_timeout, self.tx.write_frame(frame)).await {
+        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.write_frame(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::WriteError),
             Err(_) => Err(CloseReason::WriteTimeout),
@@ -501,7 +488,6 @@ impl Session {
     /// Handles what the reader half reported; `Ok(true)` when an `options_update` was applied.
     async fn control(&mut self, c: Option<Control>) -> Result<bool, CloseReason> {
         self.last_heard = Instant::now();
-        self.written_when_heard = self.last_write.bytes();
         match c {
             None | Some(Control::Close) => Err(CloseReason::ClientClosed),
             Some(Control::ReadError(e)) => {
@@ -559,12 +545,7 @@ impl Session {
         let now = Instant::now();
         self.pings_this_tick = 0;
         let config = &self.hub.config;
-        // A client still taking our data answers pings late — they are behind the data it has
-        // not read yet — and is judged by the write timeout (progress) instead. Only real data
-        // counts: a dead peer on a quiet stream takes our small pings into its kernel buffer.
-        let taking_data = self.last_write.bytes().saturating_sub(self.written_when_heard) >= TAKING_DATA_BYTES
-            && now.duration_since(self.last_write.at()) < config.pong_timeout;
-        if now.duration_since(self.last_heard) > config.pong_timeout && !taking_data {
+        if now.duration_since(self.last_heard) > config.pong_timeout {
             return Err(CloseReason::PingTimeout);
         }
         if now.duration_since(self.last_ping) >= config.ping_interval {

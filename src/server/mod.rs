@@ -24,9 +24,6 @@ pub use crate::response::{full, text, Body};
 /// The answer to a connection refused at accept (written without reading the request).
 const TOO_MANY_CONNECTS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many new connections from this client\n";
 
-/// `TCP_NOTSENT_LOWAT` on accepted sockets.
-const NOTSENT_LOWAT: u32 = 128 * 1024;
-
 /// Accepts connections on `listener` until `cancel`, serving each with `handler`; a `gate`
 /// turns away clients opening connections faster than their rate, before any parsing.
 /// Returns once accepting has stopped and every connection task has finished.
@@ -61,11 +58,6 @@ pub async fn serve<H, F>(
             }
         }
         let _ = tcp.set_nodelay(true);
-        // Keep at most this much not yet sent in the kernel: a slow subscriber's backlog stays
-        // in the log (where the hub reads it from), writes wake as it drains, and liveness can
-        // be judged by write progress (hub::watched).
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let _ = socket2::SockRef::from(&tcp).set_tcp_notsent_lowat(NOTSENT_LOWAT);
         let handler = handler.clone();
         let cancel = cancel.clone();
         connections.spawn(async move {
