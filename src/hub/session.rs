@@ -401,7 +401,7 @@ impl Session {
         let stream = self.stream.as_mut().expect("delivering after start");
         let size = match self.wire {
             // The size of what this subscriber is sent, the verification field included.
-            Wire::V1 if self.include_verification => ev.json().len() + 19 + ev.verification.as_str().len(),
+            Wire::V1 if self.include_verification => ev.json().len() + 18 + ev.verification.as_str().len(),
             Wire::V1 => ev.json().len(),
             Wire::V2 => contrail_core::v2::message_of(&ev).len(),
         };
