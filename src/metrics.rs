@@ -74,6 +74,32 @@ contrail_core::label_enum! {
     }
 }
 
+contrail_core::label_enum! {
+    /// `contrail_verify_commits_total{result}`: what verification (`crate::verify`) made of
+    /// each commit or sync.
+    pub enum Outcome {
+        /// Everything the mode checks held.
+        Verified => "verified",
+        Failed => "failed",
+        /// The repo's DID could not be resolved in time.
+        Unresolved => "unresolved",
+    }
+}
+
+contrail_core::label_enum! {
+    /// `contrail_did_resolutions_total{result}`.
+    pub enum ResolveResult {
+        Ok => "ok",
+        NotFound => "not_found",
+        BadDocument => "bad_document",
+        Error => "error",
+        Timeout => "timeout",
+        /// Every request slot stayed taken until the deadline (not remembered as a failure).
+        Busy => "busy",
+        Unsupported => "unsupported",
+    }
+}
+
 impl Compression {
     pub fn of(compress: bool) -> Compression {
         if compress {
@@ -344,13 +370,13 @@ impl Metrics {
         for r in Refusal::ALL {
             m.rejected_requests.with_label_values(&[r.as_str()]);
         }
-        for o in crate::verify::Outcome::ALL {
+        for o in Outcome::ALL {
             m.verify_commits.with_label_values(&[o.as_str()]);
         }
         for r in contrail_core::verify::Reason::ALL {
             m.verify_failures.with_label_values(&[r.as_str()]);
         }
-        for r in crate::verify::resolve::ResolveResult::ALL {
+        for r in ResolveResult::ALL {
             m.did_resolutions.with_label_values(&[r.as_str()]);
         }
         for w in Wire::ALL {

@@ -148,7 +148,7 @@ fn verification_json(shared: &Public) -> serde_json::Value {
     let by = |v: &prometheus::IntCounterVec, labels: &[&str]| -> serde_json::Map<String, serde_json::Value> {
         labels.iter().map(|l| (l.to_string(), v.with_label_values(&[l]).get().into())).collect()
     };
-    let outcomes: Vec<&str> = crate::verify::Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    let outcomes: Vec<&str> = crate::metrics::Outcome::ALL.iter().map(|o| o.as_str()).collect();
     let reasons: Vec<&str> = contrail_core::verify::Reason::ALL.iter().map(|r| r.as_str()).collect();
     serde_json::json!({
         "mode": mode,

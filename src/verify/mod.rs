@@ -25,7 +25,7 @@
 pub mod resolve;
 
 use crate::log::Log;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Outcome};
 use crate::rate_limited_log::RateLimitedLog;
 use crate::sequencer::{IngestFrame, IngestReceiver, IngestSender};
 use crate::units::{parse_duration, ser_duration};
@@ -137,17 +137,6 @@ impl VerifyConfig {
             ttl: self.did_cache_ttl,
             did_web_http: self.did_web_http,
         }
-    }
-}
-
-contrail_core::label_enum! {
-    /// `contrail_verify_commits_total{result}`: what verification made of each commit or sync.
-    pub enum Outcome {
-        /// Everything the mode checks held.
-        Verified => "verified",
-        Failed => "failed",
-        /// The repo's DID could not be resolved in time.
-        Unresolved => "unresolved",
     }
 }
 

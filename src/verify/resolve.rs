@@ -12,6 +12,7 @@
 //!   `contrail_did_cache_entries`.
 
 use crate::log::Log;
+use crate::metrics::ResolveResult;
 use crate::source::wsclient::{self, ClientError, WsUrl};
 use contrail_core::verify::keys::{atproto_key, PublicKey};
 use dashmap::DashMap;
@@ -23,20 +24,6 @@ use tokio::sync::{OnceCell, Semaphore};
 /// A DID is re-resolved after a signature failure at most this often (a flood of forged
 /// commits must not become a flood of directory requests).
 pub const REFRESH_AFTER_FAILURE: Duration = Duration::from_secs(600);
-
-contrail_core::label_enum! {
-    /// `contrail_did_resolutions_total{result}`.
-    pub enum ResolveResult {
-        Ok => "ok",
-        NotFound => "not_found",
-        BadDocument => "bad_document",
-        Error => "error",
-        Timeout => "timeout",
-        /// Every request slot stayed taken until the deadline (not remembered as a failure).
-        Busy => "busy",
-        Unsupported => "unsupported",
-    }
-}
 
 /// Why a DID gave no key.
 #[derive(Debug, Clone, thiserror::Error)]

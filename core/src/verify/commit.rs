@@ -293,7 +293,7 @@ impl<'a> SignedCommit<'a> {
         // block is canonical DAG-CBOR (its signer wrote it so), so the spliced bytes are too.
         let mut entries = Vec::with_capacity(block.len());
         // Canonical key order (no key twice, `sig` in its place): one signature, one block.
-        let mut order = super::mst::KeyOrder::default();
+        let mut order = KeyOrder::default();
         for _ in 0..n {
             let start = r.position();
             let key = r.read_str().map_err(bad("commit key"))?;
@@ -332,6 +332,25 @@ impl<'a> SignedCommit<'a> {
             sig,
             unsigned,
         })
+    }
+}
+
+/// Map keys must come in DAG-CBOR's canonical order (shorter first, then bytewise), which
+/// also rules out a key given twice.
+#[derive(Default)]
+pub(crate) struct KeyOrder<'k> {
+    last: Option<&'k str>,
+}
+
+impl<'k> KeyOrder<'k> {
+    pub(crate) fn next(&mut self, key: &'k str) -> Result<(), Failure> {
+        if let Some(last) = self.last {
+            if (last.len(), last.as_bytes()) >= (key.len(), key.as_bytes()) {
+                return Err(Failure::Malformed("map keys not in canonical order"));
+            }
+        }
+        self.last = Some(key);
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@
 //! Node format (atproto repository spec): `{l: link|null, e: [{p, k, v, t}]}`; a key's layer is
 //! the number of leading zero bits of its SHA-256, halved (fanout 4).
 
-use super::commit::{write_head, Action, Blocks, ProofOp};
+use super::commit::{write_head, Action, Blocks, KeyOrder, ProofOp};
 use super::Failure;
 use crate::transcode::cbor::{Reader, ARRAY, BYTES, MAP, TAG, TEXT, UINT};
 use crate::transcode::cid::dag_cbor_cid_of;
@@ -424,25 +424,6 @@ impl<'a> Node<'a> {
     /// The node's layer, from its first key (a node's keys share one); `None` when it has none.
     fn layer(&self) -> Option<u32> {
         self.entries.first().map(|e| key_height(e.suffix))
-    }
-}
-
-/// Map keys must come in DAG-CBOR's canonical order (shorter first, then bytewise), which
-/// also rules out a key given twice.
-#[derive(Default)]
-pub(crate) struct KeyOrder<'k> {
-    last: Option<&'k str>,
-}
-
-impl<'k> KeyOrder<'k> {
-    pub(crate) fn next(&mut self, key: &'k str) -> Result<(), Failure> {
-        if let Some(last) = self.last {
-            if (last.len(), last.as_bytes()) >= (key.len(), key.as_bytes()) {
-                return Err(Failure::Malformed("map keys not in canonical order"));
-            }
-        }
-        self.last = Some(key);
-        Ok(())
     }
 }
 
