@@ -17,9 +17,14 @@ mod frames;
 #[allow(dead_code)]
 mod relay;
 
+#[path = "common/proc.rs"]
+#[allow(dead_code)]
+mod proc;
+
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
 use http_body_util::Empty;
+use proc::{cpu_seconds, now_us, rss_mib};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -64,29 +69,6 @@ fn spawn_server(data: &std::path::Path, relay: &str) -> Server {
     });
     let public = rx.recv_timeout(Duration::from_secs(20)).expect("server listening");
     Server { child, public }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        / 100.0
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
 
 /// The reference subscriber: from 127.0.0.2, live, all events; records (time_us, latency).

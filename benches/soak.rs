@@ -26,9 +26,14 @@
 #[allow(dead_code)]
 mod frames;
 
+#[path = "common/proc.rs"]
+#[allow(dead_code)]
+mod proc;
+
 use bytes::Bytes;
 use fastwebsockets::{FragmentCollector, Frame, OpCode, Payload};
 use http_body_util::Empty;
+use proc::{cpu_seconds, now_us, open_files, rss_mib};
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
@@ -53,10 +58,6 @@ const COLLECTIONS: [&str; 6] = [
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn now_us() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,29 +226,6 @@ fn spawn_server(data: &std::path::Path, relay: &str, retention: &str) -> Server 
         }
     }
     Server { child, public: public.unwrap(), metrics: metrics.unwrap(), warnings }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        / 100.0
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    kb / 1024.0
-}
-
-fn open_files(pid: u32) -> u64 {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0)
 }
 
 fn dir_mib(dir: &std::path::Path) -> f64 {

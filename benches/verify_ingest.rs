@@ -19,6 +19,11 @@ mod relay;
 #[allow(dead_code)]
 mod signed;
 
+#[path = "common/proc.rs"]
+#[allow(dead_code)]
+mod proc;
+
+use proc::cpu_seconds;
 use signed::{record, with_seq, Answer, Op, Plc, SignedRepo, Signer, Tamper};
 use std::time::{Duration, Instant};
 
@@ -79,12 +84,4 @@ async fn main() {
             );
         }
     }
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    (f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0))
-        / 100.0
 }
