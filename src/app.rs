@@ -118,7 +118,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.hub.clone(),
         config.limits.clone(),
         root.child_token(),
-    ));
+    )?);
     let history = Arc::new(History::new(metrics.clone(), log.tip(), mix, replica, config.ops.status_sample_interval));
     let public = Arc::new(Public {
         history: history.clone(),

@@ -138,6 +138,7 @@ pub struct Metrics {
     pub closes: IntCounterVec,
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
+    pub live_queue_overflows: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
     pub verify_commits: IntCounterVec,
@@ -285,7 +286,12 @@ impl Metrics {
             lagging_subscribers: gauge(
                 &r,
                 "contrail_hub_lagging_subscribers",
-                "Subscribers reading from the log instead of the ring.",
+                "Subscribers reading from the log instead of their live queue.",
+            ),
+            live_queue_overflows: counter(
+                &r,
+                "contrail_hub_live_queue_overflows_total",
+                "Live subscribers sent back to the log because their queue filled (or the dispatcher fell behind the ring).",
             ),
             rejected_requests: counter_vec(
                 &r,

@@ -13,8 +13,8 @@
 //! Both queues around it are bounded in bytes as well as in items: the [`ingest_channel`]
 //! from the readers (a burst of huge frames waits at the socket instead of filling memory),
 //! and the ring, which holds an event itself only while its recent events fit the ring's byte
-//! budget; past it, it carries just the `time_us` ([`Published::InLog`]) and live subscribers
-//! read that event from the log.
+//! budget; past it, it carries just what filters look at ([`Published::InLog`]) and live
+//! subscribers that want that event read it from the log.
 
 use crate::clock::{now_us, Stamper};
 use crate::event::{Event, EventKind};
@@ -105,17 +105,37 @@ pub fn ingest_channel(frames: usize, max_bytes: usize) -> (IngestSender, IngestR
 pub enum Published {
     /// The event itself, shared by every live subscriber.
     Event(Arc<Event>),
-    /// Only its `time_us`: the event did not fit the ring's byte budget. A live subscriber
-    /// that meets it reads the event from the log (where it already is: invariant 3).
-    InLog(u64),
+    /// Only what filters look at: the event did not fit the ring's byte budget. A live
+    /// subscriber whose filter matches it reads the event from the log (where it already is:
+    /// invariant 3).
+    InLog(Arc<EventKey>),
+}
+
+/// What subscribers' filters look at in an event, without its JSON.
+#[derive(Debug)]
+pub struct EventKey {
+    pub time_us: u64,
+    pub kind: EventKind,
+    pub did: Box<str>,
+    pub collection: Option<Box<str>>,
 }
 
 impl Published {
     pub fn time_us(&self) -> u64 {
         match self {
             Published::Event(e) => e.time_us,
-            Published::InLog(t) => *t,
+            Published::InLog(k) => k.time_us,
         }
+    }
+
+    /// The ring's entry for an event it does not hold.
+    pub fn in_log(e: &Event) -> Published {
+        Published::InLog(Arc::new(EventKey {
+            time_us: e.time_us,
+            kind: e.kind,
+            did: e.did().into(),
+            collection: e.collection().map(Into::into),
+        }))
     }
 }
 
@@ -262,7 +282,7 @@ impl Sequencer {
             let item = if self.ring_budget.admit(e.json().len()) {
                 Published::Event(Arc::new(e))
             } else {
-                Published::InLog(e.time_us)
+                Published::in_log(&e)
             };
             // No receivers is fine: nobody is subscribed live right now.
             let _ = self.ring.send(item);

@@ -72,6 +72,21 @@ impl Filter {
         self.kinds
     }
 
+    /// The wanted DIDs; `None`: every DID.
+    pub fn dids(&self) -> Option<&HashSet<String>> {
+        self.dids.as_ref()
+    }
+
+    /// The wanted full collection NSIDs; `None`: every collection (then there are no prefixes).
+    pub fn collections(&self) -> Option<&HashSet<String>> {
+        self.collections.as_ref()
+    }
+
+    /// The wanted collection prefixes, each ending in `.` (`app.bsky.feed.*` → `app.bsky.feed.`).
+    pub fn prefixes(&self) -> &[String] {
+        &self.prefixes
+    }
+
     /// Builds a filter from raw values, with v1's validation and messages. O(n) in the input,
     /// stopping at the first limit crossed: a 10 MB `options_update` costs one pass over it.
     pub fn new(collections: &[String], dids: &[String]) -> Result<Filter, OptionsError> {

@@ -2,7 +2,8 @@
 //!
 //! - [`handshake`]: query → options → admission → upgrade (400 / 429 / 503 before the upgrade).
 //! - [`session`]: one subscriber's socket loop (reads, buffered writes, timers, closes).
-//! - [`stream`]: one subscriber's position, walking log → ring → log (DESIGN.md invariant 4).
+//! - [`stream`]: one subscriber's position, walking log → live queue → log (DESIGN.md
+//!   invariant 4); [`dispatch`]: the index that fills live queues with only what each wants.
 //! - [`slow`]: the slow-subscriber rule; [`close`]: close reasons with their codes.
 //! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
 //!   [`replay_cache`]: log events shared by replayers close to each other;
@@ -64,6 +65,7 @@
 
 pub mod close;
 pub mod compress;
+pub mod dispatch;
 pub(crate) mod handshake;
 pub mod limits;
 pub mod replay_cache;
@@ -170,7 +172,8 @@ impl HubConfig {
 pub struct Hub {
     pub log: Arc<Log>,
     pub tip: Arc<Tip>,
-    pub ring: Ring,
+    /// Hands live events to the subscribers that want them.
+    pub dispatcher: Arc<dispatch::Dispatcher>,
     pub metrics: Arc<Metrics>,
     pub dictionaries: Arc<Dictionaries>,
     pub admission: Arc<Admission>,
@@ -193,12 +196,13 @@ impl Hub {
         config: HubConfig,
         limits: LimitsConfig,
         shutdown: CancellationToken,
-    ) -> Hub {
+    ) -> std::io::Result<Hub> {
         let admission = Admission::new(&limits);
-        Hub {
+        let dispatcher = dispatch::Dispatcher::start(&ring, log.tip(), metrics.live_queue_overflows.clone())?;
+        Ok(Hub {
             tip: log.tip(),
             log,
-            ring,
+            dispatcher,
             metrics,
             dictionaries,
             admission,
@@ -207,6 +211,6 @@ impl Hub {
             tasks: TaskTracker::new(),
             replay_cache: Arc::new(replay_cache::ReplayCache::new(config.replay_cache_bytes as usize)),
             config,
-        }
+        })
     }
 }

@@ -259,7 +259,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     };
     let start = (sub.cursor, sub.start);
     let reason = s.serve(&mut ctl, start, sub.require_hello, sub.preface).await;
-    let last_seen = s.stream.as_ref().map(EventStream::last_seen);
+    let last_seen = s.stream.as_mut().map(EventStream::last_seen);
     let close_sent = s.close_sent;
     drop(s);
     m.subscribers.with_label_values(&labels).dec();
@@ -293,7 +293,7 @@ impl Session {
         if self.wire == Wire::V2 && !self.close_sent {
             // v2 says why in an error frame before the socket goes.
             // Resume just after the last event this stream passed (cursors are inclusive).
-            let resume = self.stream.as_ref().map_or(0, |s| s.last_seen() + 1);
+            let resume = self.stream.as_mut().map_or(0, |s| s.last_seen() + 1);
             let error = match reason {
                 CloseReason::TooSlow => Some((
                     "ConsumerTooSlow",
@@ -352,18 +352,16 @@ impl Session {
         }
     }
 
-    /// Takes the start point: the ring receiver first, then the position, decided against the
-    /// log's tip (see [`Start::for_cursor`]).
+    /// Takes the start point, decided against the log's tip (see [`Start::for_cursor`]).
     fn start(&mut self, cursor: Option<i64>, decided: Option<Start>) {
         let hub = &self.hub;
-        let ring = hub.ring.subscribe();
         let start = decided.unwrap_or_else(|| Start::for_cursor(cursor, hub.tip.newest(), crate::clock::now_us()));
         let metrics = StreamMetrics {
             replay_reads: hub.metrics.replay_reads.clone(),
             lagging: hub.metrics.lagging_subscribers.clone(),
         };
         self.stream = Some(
-            EventStream::new(hub.log.clone(), &hub.tip, ring, self.filter.clone(), start, metrics)
+            EventStream::new(hub.log.clone(), &hub.tip, hub.dispatcher.clone(), self.filter.clone(), start, metrics)
                 .with_replay_cache(hub.replay_cache.clone()),
         );
     }
@@ -552,14 +550,14 @@ impl Session {
             self.last_ping = now;
             self.write(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?;
         }
-        if let (Some(every), Some(stream)) = (self.inform, &self.stream) {
+        if let (Some(every), Some(stream)) = (self.inform, self.stream.as_mut()) {
             if now >= self.next_inform {
                 self.next_inform = now + every;
                 let msg = format!(r#"{{"kind":"cursor","time_us":{}}}"#, stream.last_seen());
                 self.send_message(msg.into_bytes()).await?;
             }
         }
-        if let Some(stream) = &self.stream {
+        if let Some(stream) = self.stream.as_mut() {
             let newest = self.hub.tip.newest().unwrap_or(0);
             let progress = Progress {
                 passed: stream.passed(),

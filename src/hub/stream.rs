@@ -1,20 +1,21 @@
 //! One subscriber's position in the event sequence: an [`EventStream`] walks the log from its
-//! cursor, then the broadcast ring, and back to the log whenever the ring has moved past it
-//! (DESIGN.md invariant 4). It is the only owner of the position (`last_seen`), of whether the
-//! subscriber is live, and of its share of the lagging-subscribers gauge.
+//! cursor, then its live queue (filled by the [`Dispatcher`]), and back to the log whenever the
+//! queue ended (DESIGN.md invariant 4). It is the only owner of the position (`last_seen`), of
+//! whether the subscriber is live, and of its share of the lagging-subscribers gauge.
 //!
-//! Why this is exact: the ring receiver is created before the start position is read, and
-//! events reach the ring only after they are persisted (invariant 3), so log ∪ ring covers
-//! every event. The only rule is "the next event has `time_us` > `last_seen`": no gap, no
-//! duplicate, no reordering. No subscriber has a queue of its own: a slow one reads the log.
+//! Why this is exact: registering with the dispatcher returns the point D up to which events
+//! were handed out before this stream was in the index; the stream reads the log up to D (the
+//! log holds every event the dispatcher has seen: invariant 3), and its queue has every later
+//! event its filter matches. The only rule is "the next event has `time_us` > `last_seen`": no
+//! gap, no duplicate, no reordering. A queue is bounded: a subscriber that does not keep up
+//! reads the log.
 
+use super::dispatch::{Dispatcher, Ended, Registration, Take};
 use crate::event::{view_value, Event};
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
-use crate::sequencer::Published;
 use std::collections::VecDeque;
 use std::sync::Arc;
-use tokio::sync::broadcast;
 
 /// Events read from the log per batch: large enough to amortise the read, small enough
 /// (~1 MB) to keep a replaying subscriber's memory flat.
@@ -83,14 +84,22 @@ impl Start {
 
 pub struct EventStream {
     log: Arc<Log>,
-    ring: broadcast::Receiver<Published>,
+    dispatcher: Arc<Dispatcher>,
     filter: Arc<Filter>,
     /// The stream position: every event up to here was delivered or filtered out.
     last_seen: u64,
-    /// Reading the ring (true) or the log (false).
+    /// In the dispatcher's index: its queue holds what this filter matches after `join_at`.
+    registration: Option<Registration>,
+    /// Up to here the log has to be read before the queue (the dispatcher's point at
+    /// registration).
+    join_at: u64,
+    /// The last log read came back short: the log's end is near, time to register.
+    log_end_near: bool,
+    /// Taking the queue (true) or reading the log (false).
     live: bool,
     /// What the last log read returned and has not been passed yet.
     batch: LogBatch,
+    /// A log read in progress, kept across cancellations of [`Self::next_event`].
     fetch: Option<tokio::task::JoinHandle<Result<LogBatch, LogError>>>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
@@ -100,35 +109,42 @@ pub struct EventStream {
 }
 
 impl EventStream {
-    /// Starts a stream. `ring` must have been subscribed before this call reads the tip,
-    /// which is what makes the handoff exact.
+    /// Starts a stream at `start`, decided against `tip`.
     pub fn new(
         log: Arc<Log>,
         tip: &Tip,
-        ring: broadcast::Receiver<Published>,
+        dispatcher: Arc<Dispatcher>,
         filter: Arc<Filter>,
         start: Start,
         metrics: StreamMetrics,
     ) -> Self {
-        let (last_seen, live) = match start {
+        let (last_seen, at_the_end) = match start {
             Start::From(cursor) => (cursor.max(1) - 1, false),
             Start::Live => (tip.newest().unwrap_or(0), true),
         };
-        if !live {
-            metrics.lagging.inc();
-        }
-        EventStream {
+        metrics.lagging.inc(); // until it is live
+        let mut s = EventStream {
             log,
-            ring,
+            dispatcher,
             filter,
             last_seen,
-            live,
+            registration: None,
+            join_at: 0,
+            log_end_near: at_the_end,
+            live: false,
             batch: LogBatch::default(),
             fetch: None,
             passed: 0,
             metrics,
             shared: None,
+        };
+        if at_the_end {
+            s.register();
+            if s.last_seen >= s.join_at {
+                s.set_live(true);
+            }
         }
+        s
     }
 
     /// Takes the events it replays from (and gives them to) `cache`, so replayers close to each
@@ -138,8 +154,16 @@ impl EventStream {
         self
     }
 
-    /// Every event up to here was delivered or filtered out.
-    pub fn last_seen(&self) -> u64 {
+    /// Every event up to here was delivered or filtered out. A live stream with nothing
+    /// waiting has passed everything the dispatcher handed out.
+    pub fn last_seen(&mut self) -> u64 {
+        if let (true, Some(r)) = (self.live, &self.registration) {
+            // This order: every event up to `up_to` is in the queue already, if it matched.
+            let up_to = self.dispatcher.dispatched_up_to();
+            if r.is_idle() {
+                self.last_seen = self.last_seen.max(up_to);
+            }
+        }
         self.last_seen
     }
 
@@ -156,10 +180,37 @@ impl EventStream {
         self.last_seen = self.last_seen.max(time_us);
     }
 
-    /// New filters, for every event after the position (the batch in hand is filtered as it
-    /// is taken, so nothing is read again).
+    /// New filters, for every event after the position. The batch in hand is filtered as it
+    /// is taken, so nothing is read again; a live stream registers again with the new filter
+    /// and reads the log for what was handed out in between (its old queue had the old
+    /// filter's events). `options_update` is paced, which bounds those reads.
     pub fn set_filter(&mut self, filter: Arc<Filter>) {
         self.filter = filter;
+        self.last_seen(); // an idle live stream reads nothing again
+        if self.registration.take().is_some() {
+            self.register();
+            if self.last_seen < self.join_at {
+                self.set_live(false);
+            }
+        }
+    }
+
+    fn register(&mut self) {
+        let (registration, up_to) = self.dispatcher.register(self.filter.clone());
+        self.registration = Some(registration);
+        self.join_at = up_to;
+    }
+
+    /// Moves the lagging gauge with the state.
+    fn set_live(&mut self, live: bool) {
+        if live != self.live {
+            self.live = live;
+            if live {
+                self.metrics.lagging.dec();
+            } else {
+                self.metrics.lagging.inc();
+            }
+        }
     }
 
     /// The next event of the batch in hand that the filter wants; the others are passed.
@@ -184,9 +235,9 @@ impl EventStream {
         Ok(None)
     }
 
-    /// The next event this subscriber should get, from its log batch or the ring. Cancel-safe:
-    /// a pending log read is kept and picked up again. `None` when the log cannot be read or
-    /// the ring is closed.
+    /// The next event this subscriber should get, from its log batch or its queue.
+    /// Cancel-safe: a pending log read is kept and picked up again. `None` when the log cannot
+    /// be read or the server is stopping.
     pub async fn next_event(&mut self) -> Option<Arc<Event>> {
         loop {
             match self.next_from_batch() {
@@ -198,6 +249,13 @@ impl EventStream {
                 }
             }
             if !self.live {
+                if self.registration.is_none() && self.log_end_near {
+                    self.register();
+                }
+                if self.registration.is_some() && self.last_seen >= self.join_at {
+                    self.set_live(true);
+                    continue;
+                }
                 let handle = self.fetch.get_or_insert_with(|| {
                     let (log, from) = (self.log.clone(), self.last_seen + 1);
                     tokio::task::spawn_blocking(move || read_log(&log, from))
@@ -213,27 +271,34 @@ impl EventStream {
                     Err(_) => return None,
                 };
                 self.metrics.replay_reads.inc();
-                if batch.items.is_empty() {
-                    // Caught up with the log: the ring has everything newer.
-                    self.live = true;
-                    self.metrics.lagging.dec();
+                self.log_end_near = batch.items.len() < REPLAY_BATCH;
+                if batch.items.is_empty() && self.registration.is_some() {
+                    // Nothing after the position in the log, which has everything up to
+                    // `join_at`: the queue has the rest.
+                    self.set_live(true);
                 }
                 self.batch = batch;
                 continue;
             }
-            match self.ring.recv().await {
-                Ok(item) => {
-                    if let Some(ev) = self.accept(item) {
+            let Some(registration) = &self.registration else { return None };
+            match registration.queue().take() {
+                Take::Event(ev) => {
+                    if let Some(ev) = self.accept(ev) {
                         return Some(ev);
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => self.fall_back_to_log(),
-                Err(broadcast::error::RecvError::Closed) => return None,
+                Take::Empty => registration.queue().ready().await,
+                Take::Ended(Ended::Overflowed) => self.fall_back_to_log(),
+                Take::Ended(Ended::InLog(t)) => {
+                    self.last_seen = self.last_seen.max(t.saturating_sub(1));
+                    self.fall_back_to_log();
+                }
+                Take::Ended(Ended::Closed) => return None,
             }
         }
     }
 
-    /// The next event if one is available right now (from the log batch or the ring).
+    /// The next event if one is available right now (from the log batch or the queue).
     pub fn next_ready(&mut self) -> Option<Arc<Event>> {
         loop {
             // A corrupt value surfaces in next_event, which closes the subscriber.
@@ -243,47 +308,40 @@ impl EventStream {
             if !self.live || !self.batch.items.is_empty() {
                 return None; // the next log read happens in next_event
             }
-            match self.ring.try_recv() {
-                Ok(item) => {
-                    if let Some(ev) = self.accept(item) {
+            match self.registration.as_ref()?.queue().take() {
+                Take::Event(ev) => {
+                    if let Some(ev) = self.accept(ev) {
                         return Some(ev);
                     }
                 }
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                Take::Empty | Take::Ended(Ended::Closed) => return None,
+                Take::Ended(Ended::Overflowed) => {
                     self.fall_back_to_log();
                     return None;
                 }
-                Err(_) => return None,
+                Take::Ended(Ended::InLog(t)) => {
+                    self.last_seen = self.last_seen.max(t.saturating_sub(1));
+                    self.fall_back_to_log();
+                    return None;
+                }
             }
         }
     }
 
-    /// A ring item: `Some` if this subscriber should get it; otherwise it is passed (or, for
-    /// an event the ring did not hold, the stream goes to the log for it).
-    fn accept(&mut self, item: Published) -> Option<Arc<Event>> {
-        if item.time_us() <= self.last_seen {
-            return None; // already read from the log
+    /// A queued event (its filter matched), unless the log gave it already.
+    fn accept(&mut self, ev: Arc<Event>) -> Option<Arc<Event>> {
+        if ev.time_us <= self.last_seen {
+            return None;
         }
-        let ev = match item {
-            Published::Event(ev) => ev,
-            Published::InLog(_) => {
-                self.fall_back_to_log();
-                return None;
-            }
-        };
         self.passed += 1;
-        if self.filter.matches(ev.kind, ev.did(), ev.collection()) {
-            Some(ev)
-        } else {
-            self.last_seen = ev.time_us;
-            None
-        }
+        Some(ev)
     }
 
-    /// The ring moved past us: back to the log, from where we are.
+    /// The queue ended: back to the log, from where we are.
     fn fall_back_to_log(&mut self) {
-        self.live = false;
-        self.metrics.lagging.inc();
+        self.registration = None;
+        self.log_end_near = false;
+        self.set_live(false);
     }
 }
 
@@ -303,7 +361,9 @@ mod tests {
     use super::*;
     use crate::event::EventKind;
     use crate::log::memory::MemoryLog;
+    use crate::sequencer::Published;
     use std::time::Duration;
+    use tokio::sync::broadcast;
 
     const DIDS: [&str; 2] = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb"];
 
@@ -325,16 +385,23 @@ mod tests {
     struct Fixture {
         log: Arc<Log>,
         ring: broadcast::Sender<Published>,
+        dispatcher: Arc<Dispatcher>,
         metrics: StreamMetrics,
+        overflows: prometheus::IntCounter,
     }
 
     impl Fixture {
         fn new(ring_capacity: usize) -> Self {
             let m = crate::metrics::Metrics::new();
+            let log = Arc::new(Log::memory(MemoryLog::new(64 << 20)));
+            let ring = broadcast::channel(ring_capacity).0;
+            let dispatcher = Dispatcher::start(&ring, log.tip(), m.live_queue_overflows.clone()).unwrap();
             Fixture {
-                log: Arc::new(Log::memory(MemoryLog::new(64 << 20))),
-                ring: broadcast::channel(ring_capacity).0,
+                log,
+                ring,
+                dispatcher,
                 metrics: StreamMetrics { replay_reads: m.replay_reads.clone(), lagging: m.lagging_subscribers.clone() },
+                overflows: m.live_queue_overflows.clone(),
             }
         }
 
@@ -348,8 +415,14 @@ mod tests {
         }
 
         fn stream(&self, filter: Filter, start: Start) -> EventStream {
-            let rx = self.ring.subscribe();
-            EventStream::new(self.log.clone(), &self.log.tip(), rx, Arc::new(filter), start, self.metrics.clone())
+            EventStream::new(
+                self.log.clone(),
+                &self.log.tip(),
+                self.dispatcher.clone(),
+                Arc::new(filter),
+                start,
+                self.metrics.clone(),
+            )
         }
     }
 
@@ -458,7 +531,7 @@ mod tests {
         f.log.append(&events, None).unwrap();
         for e in events {
             // As the sequencer publishes past the ring's byte budget.
-            let item = if e.time_us % 3 == 0 { Published::InLog(e.time_us) } else { Published::Event(Arc::new(e)) };
+            let item = if e.time_us % 3 == 0 { Published::in_log(&e) } else { Published::Event(Arc::new(e)) };
             let _ = f.ring.send(item);
         }
         assert_eq!(take(&mut s, 10).await, (1000..1010).collect::<Vec<_>>());
@@ -474,5 +547,111 @@ mod tests {
         s.set_filter(Arc::new(did_b));
         // Events 2,3 (did b) were already delivered; next did-b events are 6,7,10,11,…
         assert_eq!(take(&mut s, 4).await, vec![1006, 1007, 1010, 1011]);
+    }
+
+    #[tokio::test]
+    async fn a_live_stream_changing_filters_gets_what_the_new_one_matches_after_its_position() {
+        let f = Fixture::new(1024);
+        f.ingest(0..4);
+        let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
+        let mut s = f.stream(did_a, Start::Live);
+        f.ingest(4..12); // did a: 4,5,8,9; did b: 6,7,10,11
+        assert_eq!(take(&mut s, 2).await, vec![1004, 1005]);
+        // Did-b events 6,7 were handed out before the change, under the old filter: the stream
+        // reads them from the log.
+        s.set_filter(Arc::new(Filter::new(&[], &[DIDS[1].into()]).unwrap()));
+        assert_eq!(take(&mut s, 4).await, vec![1006, 1007, 1010, 1011]);
+        f.ingest(12..16);
+        assert_eq!(take(&mut s, 2).await, vec![1014, 1015]);
+        assert!(s.is_live());
+    }
+
+    /// A small deterministic generator for the randomized test below.
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    /// Streams with random starts, random filter changes and random pauses (long enough to
+    /// overflow their queues) over a ring small enough for the dispatcher itself to fall
+    /// behind: in each filter's span, from the position when it was set to the position when
+    /// the next one was, a stream gets exactly the events that filter matches, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn random_filters_starts_pauses_and_overflows_never_lose_duplicate_or_reorder() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        const TOTAL: u64 = 30_000;
+        let f = Arc::new(Fixture::new(256));
+        let filters: Vec<Filter> = vec![
+            Filter::default(),
+            Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap(),
+            Filter::new(&["app.bsky.feed.like".into()], &[]).unwrap(),
+            Filter::new(&[], &[DIDS[0].into()]).unwrap(),
+            Filter::new(&["app.bsky.feed.like".into()], &[DIDS[1].into()]).unwrap(),
+            Filter::new(&["app.bsky.*".into()], &[]).unwrap(),
+            Filter::new(&["org.example.nobody".into()], &[]).unwrap(),
+        ];
+        f.ingest(0..2000);
+        let done = Arc::new(AtomicBool::new(false));
+        let mut streams = Vec::new();
+        for seed in 0..12u64 {
+            let (f, filters, done) = (f.clone(), filters.clone(), done.clone());
+            streams.push(tokio::spawn(async move {
+                let mut rng = Lcg(seed * 7919 + 1);
+                let start = if seed % 3 == 0 { Start::Live } else { Start::From(1000 + rng.below(2000)) };
+                let mut which = rng.below(filters.len() as u64) as usize;
+                let mut s = f.stream(filters[which].clone(), start);
+                // (filter, position when it was set, events delivered under it)
+                let mut spans = vec![(which, s.last_seen(), Vec::new())];
+                loop {
+                    if rng.below(400) == 0 {
+                        tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+                    }
+                    if rng.below(300) == 0 {
+                        which = rng.below(filters.len() as u64) as usize;
+                        s.set_filter(Arc::new(filters[which].clone()));
+                        spans.push((which, s.last_seen(), Vec::new()));
+                    }
+                    let finished = done.load(Ordering::Acquire);
+                    let wait = Duration::from_millis(if finished { 1000 } else { 50 });
+                    match tokio::time::timeout(wait, s.next_event()).await {
+                        Ok(Some(ev)) => {
+                            s.advance(ev.time_us);
+                            spans.last_mut().unwrap().2.push(ev.time_us);
+                        }
+                        Ok(None) => panic!("the stream ended"),
+                        Err(_) if finished => break,
+                        Err(_) => {}
+                    }
+                }
+                (spans, s.last_seen())
+            }));
+        }
+        for chunk in (2000..TOTAL).step_by(250) {
+            f.ingest(chunk..chunk + 250);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        done.store(true, Ordering::Release);
+        let mut changes = 0;
+        for (i, h) in streams.into_iter().enumerate() {
+            let (spans, end) = h.await.unwrap();
+            assert_eq!(end, 1000 + TOTAL - 1, "stream {i} passed every event");
+            for (k, (which, from, got)) in spans.iter().enumerate() {
+                let to = spans.get(k + 1).map_or(end, |next| next.1);
+                let want: Vec<u64> = (from + 1..=to)
+                    .filter(|t| {
+                        let e = event(t - 1000);
+                        filters[*which].matches(e.kind, e.did(), e.collection())
+                    })
+                    .collect();
+                assert_eq!(got, &want, "stream {i}, filter span {k} ({which}) from {from} to {to}");
+            }
+            changes += spans.len() - 1;
+        }
+        assert!(changes > 0, "some filters changed");
+        assert!(f.overflows.get() > 0, "some queues overflowed");
+        assert!(f.metrics.lagging.get() == 0, "every stream gave its gauge back");
     }
 }

@@ -1,0 +1,553 @@
+//! Live dispatch by index: one thread reads the ring and hands each event only to the live
+//! subscribers whose filters can match it, found through an index (by DID, by collection and
+//! collection prefix, plus a list looked at for every event), each into its own bounded
+//! [`Queue`]. A subscriber whose filter matches nothing is never woken: live cost follows what
+//! is delivered, not the number of subscribers.
+//!
+//! Why this is exact (DESIGN.md invariant 4). Events reach the ring only after they are
+//! persisted (invariant 3) and the dispatcher hands them out in `time_us` order. A stream joins
+//! with [`Dispatcher::register`], which returns, under the index lock, `dispatched_up_to` D:
+//! every event ≤ D was handed out before the stream was in the index, and every later event its
+//! filter matches will be in its queue. So the stream reads the log up to D, then takes its
+//! queue, skipping what it already has (`time_us` ≤ its position).
+//!
+//! Bounded memory. A queue holds at most [`QUEUE_EVENTS`] events and [`QUEUE_BYTES`] bytes of
+//! JSON (the events are the ring's, shared by `Arc`). A queue that would pass either, or a
+//! dispatcher that fell behind the ring, *ends* the queue: it is emptied, the subscriber leaves
+//! the index and reads the log from its position (counted in
+//! `contrail_hub_live_queue_overflows_total`), and joins again when it has caught up. An event
+//! the ring did not hold ([`Published::InLog`]) ends the queues that want it after what they
+//! hold: those subscribers read it (and what follows) from the log. A session takes its events as fast as its socket accepts them,
+//! so a queue fills only while a write is blocked, which the write timeout bounds.
+
+use crate::event::{Event, EventKind};
+use crate::log::Tip;
+use crate::options::Filter;
+use crate::sequencer::{Published, Ring};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{broadcast, Notify};
+
+/// Most events one subscriber's queue holds before it ends (~1 s of the whole firehose, 2–5 s
+/// of a busy collection).
+pub const QUEUE_EVENTS: usize = 1024;
+/// Most event JSON one subscriber's queue holds before it ends.
+pub const QUEUE_BYTES: usize = 4 << 20;
+/// Filters with more DIDs than this are not indexed by DID but looked at for every event: a
+/// 10,000-DID `options_update` must not hold the index lock (and every subscriber's delivery)
+/// for the milliseconds its insertion would take.
+pub const MAX_INDEXED_DIDS: usize = 1000;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a queue stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Read the log from your position, then register again.
+    Overflowed,
+    /// The queue's events are followed by this event, which the ring did not hold: read the
+    /// log from it (nothing the filter matched before it is missing from the queue).
+    InLog(u64),
+    /// The ring is gone (the server is stopping).
+    Closed,
+}
+
+/// What [`Queue::take`] found.
+pub enum Take {
+    Event(Arc<Event>),
+    Empty,
+    Ended(Ended),
+}
+
+#[derive(Default)]
+struct QueueState {
+    events: VecDeque<Arc<Event>>,
+    bytes: usize,
+    ended: Option<Ended>,
+}
+
+/// One live subscriber's events, filled by the dispatcher and taken by its stream.
+#[derive(Default)]
+pub struct Queue {
+    state: Mutex<QueueState>,
+    ready: Notify,
+}
+
+impl Queue {
+    pub fn take(&self) -> Take {
+        let mut s = lock(&self.state);
+        if let Some(ev) = s.events.pop_front() {
+            s.bytes -= ev.json().len();
+            return Take::Event(ev);
+        }
+        s.ended.map_or(Take::Empty, Take::Ended)
+    }
+
+    /// Resolves after the queue went from empty to not (or ended) since the last call.
+    /// Cancel-safe: a notification not consumed stays for the next call.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Nothing waiting and not ended.
+    fn is_idle(&self) -> bool {
+        let s = lock(&self.state);
+        s.events.is_empty() && s.ended.is_none()
+    }
+
+    /// Adds `ev`; `false` when the queue is (now) ended.
+    fn push(&self, ev: &Arc<Event>) -> bool {
+        let mut s = lock(&self.state);
+        if s.ended.is_some() {
+            return false;
+        }
+        let size = ev.json().len();
+        if s.events.len() >= QUEUE_EVENTS || (s.bytes + size > QUEUE_BYTES && !s.events.is_empty()) {
+            drop(s);
+            self.end(Ended::Overflowed);
+            return false;
+        }
+        let was_empty = s.events.is_empty();
+        s.events.push_back(ev.clone());
+        s.bytes += size;
+        drop(s);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    fn end(&self, how: Ended) {
+        let mut s = lock(&self.state);
+        if !matches!(how, Ended::InLog(_)) {
+            // The stream reads these from the log: free them now.
+            s.events = VecDeque::new();
+            s.bytes = 0;
+        }
+        s.ended.get_or_insert(how);
+        drop(s);
+        self.ready.notify_one();
+    }
+}
+
+struct Entry {
+    filter: Arc<Filter>,
+    queue: Arc<Queue>,
+    /// The last event this entry was looked at for: a subscriber found under two keys (a
+    /// collection and a prefix of it) gets the event once.
+    visited: u64,
+}
+
+/// Where a filter is found in the index.
+enum Key<'a> {
+    Did(&'a str),
+    Collection(&'a str),
+    Prefix(&'a str),
+    /// Collection-filtered: looked at for events without a collection (identity, account,
+    /// sync), which bypass `wantedCollections` as in v1.
+    NoCollection,
+    /// Looked at for every event: no filter, or too many DIDs to index.
+    Every,
+}
+
+fn keys(filter: &Filter, mut f: impl FnMut(Key<'_>)) {
+    match (filter.dids(), filter.collections()) {
+        (Some(dids), _) if dids.len() <= MAX_INDEXED_DIDS => dids.iter().for_each(|d| f(Key::Did(d))),
+        (None, Some(collections)) => {
+            collections.iter().for_each(|c| f(Key::Collection(c)));
+            filter.prefixes().iter().for_each(|p| f(Key::Prefix(p)));
+            f(Key::NoCollection);
+        }
+        _ => f(Key::Every),
+    }
+}
+
+type Buckets = HashMap<Box<str>, Vec<u32>>;
+
+fn bucket_add(b: &mut Buckets, key: &str, id: u32) {
+    match b.get_mut(key) {
+        Some(ids) => ids.push(id),
+        None => {
+            b.insert(key.into(), vec![id]);
+        }
+    }
+}
+
+fn bucket_remove(b: &mut Buckets, key: &str, id: u32) {
+    if let Some(ids) = b.get_mut(key) {
+        if let Some(at) = ids.iter().position(|&i| i == id) {
+            ids.swap_remove(at);
+        }
+        if ids.is_empty() {
+            b.remove(key);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Index {
+    /// Slots; a free slot is `None` and listed in `free`.
+    entries: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    by_did: Buckets,
+    by_collection: Buckets,
+    by_prefix: Buckets,
+    no_collection: HashSet<u32>,
+    every: HashSet<u32>,
+    /// The ring closed: nobody registers any more.
+    closed: bool,
+}
+
+impl Index {
+    fn insert(&mut self, filter: Arc<Filter>, queue: Arc<Queue>) -> u32 {
+        let id = self.free.pop().unwrap_or_else(|| {
+            self.entries.push(None);
+            (self.entries.len() - 1) as u32
+        });
+        keys(&filter, |k| match k {
+            Key::Did(d) => bucket_add(&mut self.by_did, d, id),
+            Key::Collection(c) => bucket_add(&mut self.by_collection, c, id),
+            Key::Prefix(p) => bucket_add(&mut self.by_prefix, p, id),
+            Key::NoCollection => {
+                self.no_collection.insert(id);
+            }
+            Key::Every => {
+                self.every.insert(id);
+            }
+        });
+        self.entries[id as usize] = Some(Entry { filter, queue, visited: 0 });
+        id
+    }
+
+    /// Whether slot `id` still holds `queue` (it may have been freed and reused).
+    fn holds(&self, id: u32, queue: &Arc<Queue>) -> bool {
+        matches!(self.entries.get(id as usize), Some(Some(e)) if Arc::ptr_eq(&e.queue, queue))
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Entry> {
+        let e = self.entries.get_mut(id as usize)?.take()?;
+        keys(&e.filter, |k| match k {
+            Key::Did(d) => bucket_remove(&mut self.by_did, d, id),
+            Key::Collection(c) => bucket_remove(&mut self.by_collection, c, id),
+            Key::Prefix(p) => bucket_remove(&mut self.by_prefix, p, id),
+            Key::NoCollection => {
+                self.no_collection.remove(&id);
+            }
+            Key::Every => {
+                self.every.remove(&id);
+            }
+        });
+        self.free.push(id);
+        Some(e)
+    }
+
+    /// Every entry, emptying the index.
+    fn drain(&mut self) -> Vec<Entry> {
+        let all = self.entries.drain(..).flatten().collect();
+        *self = Index { closed: self.closed, ..Index::default() };
+        all
+    }
+
+    /// Calls `f` once for each entry whose filter might match an event with these fields (a
+    /// superset: `f` checks the filter).
+    fn candidates(
+        &mut self,
+        t: u64,
+        kind: EventKind,
+        did: &str,
+        collection: Option<&str>,
+        mut f: impl FnMut(u32, &Entry),
+    ) {
+        let Index { entries, by_did, by_collection, by_prefix, no_collection, every, .. } = self;
+        let mut visit = |id: u32| {
+            if let Some(Some(e)) = entries.get_mut(id as usize) {
+                if e.visited != t {
+                    e.visited = t;
+                    f(id, e);
+                }
+            }
+        };
+        if let Some(ids) = by_did.get(did) {
+            ids.iter().for_each(|&id| visit(id));
+        }
+        match (kind, collection) {
+            (EventKind::Commit, Some(c)) => {
+                if let Some(ids) = by_collection.get(c) {
+                    ids.iter().for_each(|&id| visit(id));
+                }
+                if !by_prefix.is_empty() {
+                    // A prefix ends with `.`, so it is `c` up to one of its dots.
+                    for (i, _) in c.match_indices('.') {
+                        if let Some(ids) = by_prefix.get(&c[..=i]) {
+                            ids.iter().for_each(|&id| visit(id));
+                        }
+                    }
+                }
+            }
+            _ => no_collection.iter().for_each(|&id| visit(id)),
+        }
+        every.iter().for_each(|&id| visit(id));
+    }
+}
+
+/// The index of live subscribers and the thread that fills their queues.
+pub struct Dispatcher {
+    index: Mutex<Index>,
+    /// Every event up to here has been handed out (see the module comment).
+    dispatched_up_to: AtomicU64,
+    overflows: prometheus::IntCounter,
+}
+
+/// A stream's place in the index; dropping it leaves the index.
+pub struct Registration {
+    dispatcher: Arc<Dispatcher>,
+    id: u32,
+    queue: Arc<Queue>,
+}
+
+impl Registration {
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// Nothing waiting in the queue and no event a dispatch is still placing: the position may
+    /// move to `dispatched_up_to` (read first, then this).
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_idle()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut index = lock(&self.dispatcher.index);
+        if index.holds(self.id, &self.queue) {
+            index.remove(self.id);
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher on `ring`'s events, on a thread of its own that ends when the ring
+    /// closes (every queue then ends with [`Ended::Closed`]).
+    pub fn start(ring: &Ring, tip: Arc<Tip>, overflows: prometheus::IntCounter) -> std::io::Result<Arc<Dispatcher>> {
+        // Subscribed before the tip is read: events after it come through the ring.
+        let rx = ring.subscribe();
+        let dispatcher = Arc::new(Dispatcher {
+            index: Mutex::new(Index::default()),
+            dispatched_up_to: AtomicU64::new(tip.newest().unwrap_or(0)),
+            overflows,
+        });
+        let d = dispatcher.clone();
+        std::thread::Builder::new().name("contrail-dispatch".into()).spawn(move || d.run(rx, &tip))?;
+        Ok(dispatcher)
+    }
+
+    /// Adds a stream with `filter`; returns its registration and `dispatched_up_to` at that
+    /// moment (the stream reads the log up to there, its queue has what comes after).
+    pub fn register(self: &Arc<Self>, filter: Arc<Filter>) -> (Registration, u64) {
+        let queue = Arc::new(Queue::default());
+        let mut index = lock(&self.index);
+        let id = if index.closed {
+            queue.end(Ended::Closed);
+            u32::MAX
+        } else {
+            index.insert(filter, queue.clone())
+        };
+        let up_to = self.dispatched_up_to.load(Ordering::Acquire);
+        drop(index);
+        (Registration { dispatcher: self.clone(), id, queue }, up_to)
+    }
+
+    pub fn dispatched_up_to(&self) -> u64 {
+        self.dispatched_up_to.load(Ordering::Acquire)
+    }
+
+    fn run(&self, mut rx: broadcast::Receiver<Published>, tip: &Tip) {
+        // However this thread ends, no stream waits on it for ever.
+        struct CloseOnExit<'a>(&'a Dispatcher);
+        impl Drop for CloseOnExit<'_> {
+            fn drop(&mut self) {
+                self.0.end_all(Ended::Closed, None);
+            }
+        }
+        let _guard = CloseOnExit(self);
+        loop {
+            match rx.blocking_recv() {
+                Ok(item) => self.dispatch(&item),
+                // Events were missed: every live stream reads them from the log.
+                Err(broadcast::error::RecvError::Lagged(_)) => self.end_all(Ended::Overflowed, tip.newest()),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn dispatch(&self, item: &Published) {
+        let t = item.time_us();
+        let mut index = lock(&self.index);
+        let mut ended = Vec::new();
+        match item {
+            Published::Event(ev) => {
+                let (kind, did, collection) = (ev.kind, ev.did(), ev.collection());
+                index.candidates(t, kind, did, collection, |id, e| {
+                    if e.filter.matches(kind, did, collection) && !e.queue.push(ev) {
+                        ended.push(id);
+                    }
+                });
+            }
+            Published::InLog(k) => {
+                let (kind, did, collection) = (k.kind, &*k.did, k.collection.as_deref());
+                index.candidates(t, kind, did, collection, |id, e| {
+                    if e.filter.matches(kind, did, collection) {
+                        e.queue.end(Ended::InLog(t));
+                        ended.push(id);
+                    }
+                });
+            }
+        }
+        for id in ended {
+            index.remove(id);
+            self.overflows.inc();
+        }
+        self.dispatched_up_to.fetch_max(t, Ordering::Release);
+    }
+
+    /// Ends every queue; with `up_to`, moves `dispatched_up_to` there (after a lag: everything
+    /// up to the log's newest event is in the log, what is newer comes through the ring).
+    fn end_all(&self, how: Ended, up_to: Option<u64>) {
+        let mut index = lock(&self.index);
+        if how == Ended::Closed {
+            index.closed = true;
+        }
+        for e in index.drain() {
+            e.queue.end(how);
+            if how != Ended::Closed {
+                self.overflows.inc();
+            }
+        }
+        if let Some(t) = up_to {
+            self.dispatched_up_to.fetch_max(t, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(t: u64, kind: EventKind, did: &str, collection: &str) -> Arc<Event> {
+        let mut out = Vec::new();
+        Event::begin(&mut out, did, kind);
+        out.extend_from_slice(b",\"commit\":{\"collection\":\"");
+        let at = out.len();
+        out.extend_from_slice(collection.as_bytes());
+        out.extend_from_slice(b"\"}}");
+        let mut e = Event::from_parts(out, kind, did.len(), at..at + collection.len());
+        e.stamp(t);
+        Arc::new(e)
+    }
+
+    fn taken(q: &Queue) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Take::Event(e) = q.take() {
+            out.push(e.time_us);
+        }
+        out
+    }
+
+    fn dispatcher() -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
+            index: Mutex::new(Index::default()),
+            dispatched_up_to: AtomicU64::new(0),
+            overflows: prometheus::IntCounter::new("o", "o").unwrap(),
+        })
+    }
+
+    const A: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn each_event_reaches_exactly_the_filters_that_match_it_once() {
+        let d = dispatcher();
+        let f = |c: &[&str], dids: &[&str]| {
+            let c: Vec<String> = c.iter().map(|s| s.to_string()).collect();
+            let dids: Vec<String> = dids.iter().map(|s| s.to_string()).collect();
+            Arc::new(Filter::new(&c, &dids).unwrap())
+        };
+        let everything = d.register(f(&[], &[])).0;
+        let posts = d.register(f(&["app.bsky.feed.post"], &[])).0;
+        // Found under the collection and under two prefixes of it: still once per event.
+        let feed = d.register(f(&["app.bsky.feed.post", "app.bsky.feed.*", "app.*"], &[])).0;
+        let did_b = d.register(f(&[], &[B])).0;
+        let did_b_likes = d.register(f(&["app.bsky.feed.like"], &[B])).0;
+        let nobody = d.register(f(&["org.example.nobody"], &[])).0;
+        let commits_only = d
+            .register(Arc::new(
+                Filter::new(&["app.bsky.feed.like".into()], &[])
+                    .unwrap()
+                    .with_kinds(crate::options::Kinds::NONE.with(EventKind::Commit)),
+            ))
+            .0;
+        let events = [
+            event(1, EventKind::Commit, A, "app.bsky.feed.post"),
+            event(2, EventKind::Commit, B, "app.bsky.feed.like"),
+            event(3, EventKind::Identity, B, ""),
+            event(4, EventKind::Commit, A, "app.bsky.graph.follow"),
+            event(5, EventKind::Sync, A, ""),
+        ];
+        for e in &events {
+            d.dispatch(&Published::Event(e.clone()));
+        }
+        assert_eq!(taken(everything.queue()), vec![1, 2, 3, 4], "sync only when asked");
+        assert_eq!(taken(posts.queue()), vec![1, 3], "identity bypasses wantedCollections");
+        assert_eq!(taken(feed.queue()), vec![1, 2, 3, 4]);
+        assert_eq!(taken(did_b.queue()), vec![2, 3]);
+        assert_eq!(taken(did_b_likes.queue()), vec![2, 3]);
+        assert_eq!(taken(nobody.queue()), vec![3]);
+        assert_eq!(taken(commits_only.queue()), vec![2]);
+        assert_eq!(d.dispatched_up_to(), 5);
+        // Leaving empties the index.
+        drop((everything, posts, feed, did_b, did_b_likes, nobody, commits_only));
+        let index = lock(&d.index);
+        assert!(index.by_did.is_empty() && index.by_collection.is_empty() && index.by_prefix.is_empty());
+        assert!(index.every.is_empty() && index.no_collection.is_empty());
+        assert_eq!(index.free.len(), index.entries.len());
+    }
+
+    #[test]
+    fn a_full_queue_ends_and_leaves_the_index_and_others_go_on() {
+        let d = dispatcher();
+        let (slow, _) = d.register(Arc::new(Filter::default()));
+        let (fast, _) = d.register(Arc::new(Filter::default()));
+        for t in 1..=QUEUE_EVENTS as u64 + 1 {
+            d.dispatch(&Published::Event(event(t, EventKind::Commit, A, "app.bsky.feed.post")));
+            assert!(matches!(fast.queue().take(), Take::Event(e) if e.time_us == t));
+        }
+        assert!(matches!(slow.queue().take(), Take::Ended(Ended::Overflowed)), "emptied and ended");
+        assert_eq!(d.overflows.get(), 1);
+        assert_eq!(lock(&d.index).every.len(), 1, "the overflowed one left the index");
+        // Its registration dropping later does not disturb whoever took the slot.
+        let (again, _) = d.register(Arc::new(Filter::default()));
+        drop(slow);
+        d.dispatch(&Published::Event(event(5000, EventKind::Commit, A, "x.y.z")));
+        assert_eq!(taken(again.queue()), vec![5000]);
+        assert_eq!(taken(fast.queue()), vec![5000]);
+    }
+
+    #[test]
+    fn an_event_the_ring_did_not_hold_ends_only_the_queues_that_want_it_after_what_they_hold() {
+        let d = dispatcher();
+        let (posts, _) = d.register(Arc::new(Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap()));
+        let (likes, _) = d.register(Arc::new(Filter::new(&["app.bsky.feed.like".into()], &[]).unwrap()));
+        d.dispatch(&Published::Event(event(6, EventKind::Commit, A, "app.bsky.feed.post")));
+        let big = event(7, EventKind::Commit, A, "app.bsky.feed.post");
+        d.dispatch(&Published::in_log(&big));
+        assert!(matches!(posts.queue().take(), Take::Event(e) if e.time_us == 6), "what came before stays");
+        assert!(matches!(posts.queue().take(), Take::Ended(Ended::InLog(7))));
+        assert!(matches!(likes.queue().take(), Take::Empty));
+        let (_, up_to) = d.register(Arc::new(Filter::default()));
+        assert_eq!(up_to, 7);
+    }
+}
