@@ -277,7 +277,18 @@ async fn compressed_frames_decode_with_the_dictionary() {
 /// the log from its cursor, in order, through the switch from replay to live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handoff_under_ingest_is_exact() {
-    let s = setup(1_000, &["--ring-capacity", "256"]).await;
+    handoff_under_ingest(&["--ring-capacity", "256"]).await;
+}
+
+/// The same with `--write-linger`: live events wait up to it and leave together, none lost,
+/// repeated or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_under_ingest_is_exact_with_a_write_linger() {
+    handoff_under_ingest(&["--ring-capacity", "256", "--write-linger", "15ms"]).await;
+}
+
+async fn handoff_under_ingest(args: &[&str]) {
+    let s = setup(1_000, args).await;
     let more = generate(10_000, 4_000, 40, 9);
     // About 2,000 frames/s: ingest goes on for ~2 s while subscribers connect.
     s.relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });

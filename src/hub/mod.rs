@@ -123,6 +123,12 @@ pub struct HubConfig {
     #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,
+    /// Live subscribers get at most one write per this long: events that arrive within it of
+    /// the last write wait for the rest of it and leave together. Trades up to this much
+    /// latency for fewer syscalls per delivered event (BENCHMARKS.md); 0 writes at once.
+    #[arg(long, env = "CONTRAIL_WRITE_LINGER", default_value = "0ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub write_linger: Duration,
     /// Slow-client rule: a subscriber reading the log, more than --slow-behind behind the
     /// newest event and passing fewer than --slow-min-rate events/s over this window, is closed.
     #[arg(long, env = "CONTRAIL_SLOW_WINDOW", default_value = "60s", value_parser = parse_duration)]
@@ -151,6 +157,9 @@ impl HubConfig {
         }
         if self.max_options_updates_per_second == 0 {
             return Err(("max-options-updates-per-second", "must be more than 0".into()));
+        }
+        if self.write_linger > Duration::from_secs(1) {
+            return Err(("write-linger", "must be at most 1s".into()));
         }
         if self.write_timeout.is_zero() || self.slow_window.is_zero() {
             return Err(("write-timeout", "write-timeout and slow-window must be more than 0".into()));

@@ -27,13 +27,14 @@ pub const MAX_CLIENT_MESSAGE_BYTES: usize = 10_000_000;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Most events written before the buffer is flushed, when more are ready at once.
 const WRITE_BATCH: usize = 256;
-/// How often timers (ping, cursor messages, slow check) are looked at: 1 s keeps 10,000 idle
-/// subscribers at 10,000 wake-ups a second, and every timer here counts in seconds.
+/// How often the slow rule looks at a subscriber reading the log. A live subscriber wakes only
+/// for its events and its own deadlines (ping, pong timeout, cursor message), so 10,000 idle
+/// subscribers cost no wake-ups between pings.
 const TICK: Duration = Duration::from_secs(1);
-/// Pings a client may send per tick (1 s) before it is closed with 1008: each costs a pong
+/// Pings a client may send per second before it is closed with 1008: each costs a pong
 /// write, and a flood of them made the server spend a core answering (measured,
 /// `benches/hostile.rs`). Keep-alive clients send one every few seconds.
-const MAX_PINGS_PER_TICK: u32 = 50;
+const MAX_PINGS_PER_SECOND: u32 = 50;
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Client messages larger than this are parsed and validated on a blocking thread: a 10 MB
@@ -197,9 +198,14 @@ struct Session {
     stream: Option<EventStream>,
     slot: super::limits::Slot,
     last_heard: Instant,
-    /// Pings answered since the last tick (see [`MAX_PINGS_PER_TICK`]).
-    pings_this_tick: u32,
+    /// Pings answered in the second that started at `pings_since` (see [`MAX_PINGS_PER_SECOND`]).
+    pings: u32,
+    pings_since: Instant,
     last_ping: Instant,
+    /// When the write buffer last went to the socket (for `--write-linger`).
+    last_flush: Instant,
+    /// Frames written to the buffer since the last flush.
+    unflushed: bool,
     slow: SlowWatch,
     /// A close frame went out already (a refusal with its own text).
     close_sent: bool,
@@ -249,8 +255,11 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         stream: None,
         slot,
         last_heard: now,
-        pings_this_tick: 0,
+        pings: 0,
+        pings_since: now,
         last_ping: now,
+        last_flush: now,
+        unflushed: false,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
         updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
@@ -327,16 +336,17 @@ impl Session {
         for message in preface {
             self.send_message(message).await?;
         }
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.hub.shutdown.clone();
+        let mut next_tick = Instant::now() + TICK;
         loop {
+            let was_live = self.stream.as_ref().is_some_and(EventStream::is_live);
+            let timer = self.next_deadline(next_tick);
             let stream = self.stream.as_mut().expect("started above");
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Step::Shutdown,
                 c = ctl.recv() => Step::Control(c),
-                _ = tick.tick() => Step::Tick,
+                _ = tokio::time::sleep_until(timer) => Step::Tick,
                 e = stream.next_event() => Step::Deliver(e),
             };
             match step {
@@ -344,12 +354,59 @@ impl Session {
                 Step::Control(c) => {
                     self.control(c).await?;
                 }
-                Step::Tick => self.tick().await?,
-                Step::Deliver(Some(ev)) => self.deliver_ready(ev).await?,
+                Step::Tick => {
+                    next_tick = Instant::now() + TICK;
+                    self.tick().await?;
+                }
+                Step::Deliver(Some(ev)) => {
+                    self.deliver_ready(ev).await?;
+                    self.linger().await?;
+                }
                 Step::Deliver(None) => return Err(CloseReason::Internal),
             }
             self.flush().await?;
+            if let Some(stream) = self.stream.as_ref().filter(|s| was_live && !s.is_live()) {
+                // Back to the log: the slow rule's window starts now, not at the last tick
+                // (which may be a ping interval ago).
+                self.slow.restart(Instant::now(), stream.passed());
+            }
         }
+    }
+
+    /// When the timers next need a look: the ping, pong and cursor-message deadlines, and every
+    /// [`TICK`] while the stream reads the log (the slow rule).
+    fn next_deadline(&self, next_tick: Instant) -> Instant {
+        let config = &self.hub.config;
+        let mut at = (self.last_ping + config.ping_interval).min(self.last_heard + config.pong_timeout + TICK);
+        if self.inform.is_some() {
+            at = at.min(self.next_inform);
+        }
+        if !self.stream.as_ref().is_some_and(EventStream::is_live) {
+            at = at.min(next_tick);
+        }
+        at
+    }
+
+    /// With `--write-linger`, a live subscriber that was written to less than the linger ago
+    /// waits out the rest of it and takes what arrived meanwhile, so busy subscribers get
+    /// several events per write; the first event after a quiet spell leaves at once.
+    async fn linger(&mut self) -> Result<(), CloseReason> {
+        let linger = self.hub.config.write_linger;
+        if linger.is_zero() || !self.stream.as_ref().is_some_and(EventStream::is_live) {
+            return Ok(());
+        }
+        let until = self.last_flush + linger;
+        if Instant::now() >= until {
+            return Ok(());
+        }
+        tokio::time::sleep_until(until).await;
+        for _ in 0..WRITE_BATCH {
+            match self.stream.as_mut().and_then(EventStream::next_ready) {
+                Some(ev) => self.deliver(ev).await?,
+                None => break,
+            }
+        }
+        Ok(())
     }
 
     /// Takes the start point, decided against the log's tip (see [`Start::for_cursor`]).
@@ -446,6 +503,10 @@ impl Session {
     }
 
     async fn flush(&mut self) -> Result<(), CloseReason> {
+        if !std::mem::take(&mut self.unflushed) {
+            return Ok(());
+        }
+        self.last_flush = Instant::now();
         match tokio::time::timeout(self.hub.config.write_timeout, self.tx.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::WriteError),
@@ -454,6 +515,7 @@ impl Session {
     }
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
+        self.unflushed = true;
         match tokio::time::timeout(self.hub.config.write_timeout, self.tx.write_frame(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::WriteError),
@@ -498,8 +560,12 @@ impl Session {
             Some(Control::Text(..) | Control::Binary) if self.wire == Wire::V2 => Err(CloseReason::UnexpectedMessage),
             Some(Control::Binary) => Ok(false), // ignored, as in v1
             Some(Control::Ping(payload)) => {
-                self.pings_this_tick += 1;
-                if self.pings_this_tick > MAX_PINGS_PER_TICK {
+                let now = Instant::now();
+                if now.duration_since(self.pings_since) >= Duration::from_secs(1) {
+                    (self.pings, self.pings_since) = (0, now);
+                }
+                self.pings += 1;
+                if self.pings > MAX_PINGS_PER_SECOND {
                     return Err(CloseReason::PingFlood);
                 }
                 self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false)
@@ -541,7 +607,6 @@ impl Session {
 
     async fn tick(&mut self) -> Result<(), CloseReason> {
         let now = Instant::now();
-        self.pings_this_tick = 0;
         let config = &self.hub.config;
         if now.duration_since(self.last_heard) > config.pong_timeout {
             return Err(CloseReason::PingTimeout);

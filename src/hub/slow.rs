@@ -41,6 +41,12 @@ impl SlowWatch {
         SlowWatch { rule, window_start: now, passed_at_start: 0 }
     }
 
+    /// Starts a new window at `now` (the subscriber just went back to reading the log).
+    pub fn restart(&mut self, now: Instant, passed: u64) {
+        self.window_start = now;
+        self.passed_at_start = passed;
+    }
+
     /// True when the subscriber should be closed as too slow. Looked at once per tick; a
     /// window is judged when it is complete, then the next one starts.
     pub fn check(&mut self, now: Instant, p: Progress) -> bool {
