@@ -1,13 +1,15 @@
 //! End-to-end ingest: relay frames already in memory → transcode → stamp → RocksDB write
-//! batch (the production write options, fsync included) → publish; beside the raw baseline
-//! measured in the same run: RocksDB WriteBatch puts of the same keys and value bytes.
+//! batch (the production write options, fsync included) → publish, on one thread
+//! (`contrail_*`) and as `serve` pipelines it (`pipeline_*`: transcoding on one thread, the
+//! sequencer on another); beside the raw baseline measured in the same run: RocksDB WriteBatch
+//! puts of the same keys and value bytes.
 //! `cargo bench --bench ingest`.
 
 #[path = "../tests/common/frames.rs"]
 #[allow(dead_code)]
 mod frames;
 
-use contrail::log::rocks::{RocksLog, RocksOptions};
+use contrail::log::rocks::{baseline_options, RocksLog, RocksOptions};
 use contrail::log::Log;
 use contrail::metrics::Metrics;
 use contrail::sequencer::{IngestFrame, Sequencer};
@@ -81,11 +83,48 @@ fn bench(c: &mut Criterion) {
             )
         });
 
-        // Baseline: the same keys and stored values, put with a plain WriteBatch.
-        let raw_dir = tempfile::tempdir().unwrap();
-        let mut opts = rocksdb::Options::default();
-        opts.create_if_missing(true);
-        let db = rocksdb::DB::open(&opts, raw_dir.path()).unwrap();
+        // As `contrail serve` runs it: the reader transcodes on one thread and hands frames
+        // over the real ingest queue to the sequencer on another (its group commit forming the
+        // batches), so transcoding and writing overlap on the two cores.
+        let mut round = 0usize;
+        group.bench_function(format!("pipeline_sync_{sync}"), |b| {
+            b.iter_batched(
+                || {
+                    round += 1;
+                    let chunk = &gen[(round % 4) * FRAMES..(round % 4 + 1) * FRAMES];
+                    chunk.iter().map(|g| (g.seq, g.frame.clone())).collect::<Vec<_>>()
+                },
+                |frames| {
+                    let (tx, rx) = contrail::sequencer::ingest_channel(1024, 64 << 20);
+                    let (ring, _) = tokio::sync::broadcast::channel(65_536);
+                    let seq =
+                        Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
+                    let writer = std::thread::spawn(move || seq.run(rx));
+                    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                    rt.block_on(async {
+                        let mut transcoder = Transcoder::default();
+                        for (s, f) in frames {
+                            let mut events = Vec::new();
+                            let info = transcoder.transcode(&f, &mut events, &mut Vec::new());
+                            let frame = IngestFrame {
+                                seq: Some(s),
+                                relay_time_us: info.relay_time_us,
+                                events,
+                                ..Default::default()
+                            };
+                            tx.send(frame).await.unwrap();
+                        }
+                    });
+                    drop(tx);
+                    writer.join().unwrap().unwrap();
+                },
+                BatchSize::PerIteration,
+            )
+        });
+
+        // Baselines: the same keys and stored values, put with a plain WriteBatch into RocksDB
+        // with its default options and with the options Contrail opens its log with (LZ4,
+        // zstd at the bottom, 64 MiB memtables: the background compression both then pay).
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
         let mut values = Vec::new();
@@ -101,19 +140,28 @@ fn bench(c: &mut Criterion) {
                 values.push(v);
             }
         }
-        let mut key = 1_800_000_000_000_000u64;
-        group.bench_function(format!("raw_writebatch_sync_{sync}"), |b| {
-            b.iter(|| {
-                for chunk in values.chunks(contrail::sequencer::MAX_BATCH_EVENTS) {
-                    let mut batch = rocksdb::WriteBatch::default();
-                    for v in chunk {
-                        key += 1;
-                        batch.put(key.to_be_bytes(), v);
+        for (name, opts) in [("raw_writebatch", None), ("raw_writebatch_log_options", Some(baseline_options()))] {
+            let raw_dir = tempfile::tempdir().unwrap();
+            let opts = opts.unwrap_or_else(|| {
+                let mut o = rocksdb::Options::default();
+                o.create_if_missing(true);
+                o
+            });
+            let db = rocksdb::DB::open(&opts, raw_dir.path()).unwrap();
+            let mut key = 1_800_000_000_000_000u64;
+            group.bench_function(format!("{name}_sync_{sync}"), |b| {
+                b.iter(|| {
+                    for chunk in values.chunks(contrail::sequencer::MAX_BATCH_EVENTS) {
+                        let mut batch = rocksdb::WriteBatch::default();
+                        for v in chunk {
+                            key += 1;
+                            batch.put(key.to_be_bytes(), v);
+                        }
+                        db.write_opt(batch, &wo).unwrap();
                     }
-                    db.write_opt(batch, &wo).unwrap();
-                }
-            })
-        });
+                })
+            });
+        }
     }
     group.finish();
 }
