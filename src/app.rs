@@ -67,8 +67,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let (ring, _) = broadcast::channel(config.hub.ring_capacity);
     // Events' cached encodings (zstd frames, v2 messages) are bounded by the budgets of what
-    // holds the events: the ring and the replay cache.
-    crate::event::set_encoding_cache_cap(config.hub.ring_max_bytes + config.hub.replay_cache_bytes);
+    // holds the events: the ring, the live queues (as much as the ring) and the replay cache.
+    crate::event::set_encoding_cache_cap(2 * config.hub.ring_max_bytes + config.hub.replay_cache_bytes);
     let (frames_tx, frames_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
     let mix = Arc::new(crate::mix::EventMix::default());
     let sequencer = Sequencer::new(log.clone(), ring.clone(), metrics.clone(), relay_key)?

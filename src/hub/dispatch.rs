@@ -12,8 +12,10 @@
 //! queue, skipping what it already has (`time_us` ≤ its position).
 //!
 //! Bounded memory. A queue holds at most [`QUEUE_EVENTS`] events and [`QUEUE_BYTES`] bytes of
-//! JSON (the events are the ring's, shared by `Arc`). A queue that would pass either, or a
-//! dispatcher that fell behind the ring, *ends* the queue: it is emptied, the subscriber leaves
+//! JSON, and all queues together at most the budget given to [`Dispatcher::start`] (the
+//! events are the ring's, shared by `Arc`, but a queue can keep one alive after the ring let
+//! it go). A queue that would pass any of these, or a dispatcher that fell behind the ring,
+//! *ends* the queue: it is emptied, the subscriber leaves
 //! the index and reads the log from its position (counted in
 //! `contrail_hub_live_queue_overflows_total`), and joins again when it has caught up. An event
 //! the ring did not hold ([`Published::InLog`]) ends the queues that want it after what they
@@ -24,8 +26,9 @@ use crate::event::{Event, EventKind};
 use crate::log::Tip;
 use crate::options::Filter;
 use crate::sequencer::{Published, Ring};
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use indexmap::IndexSet;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{broadcast, Notify};
 
@@ -34,10 +37,10 @@ use tokio::sync::{broadcast, Notify};
 pub const QUEUE_EVENTS: usize = 1024;
 /// Most event JSON one subscriber's queue holds before it ends.
 pub const QUEUE_BYTES: usize = 4 << 20;
-/// Filters with more DIDs than this are not indexed by DID but looked at for every event: a
-/// 10,000-DID `options_update` must not hold the index lock (and every subscriber's delivery)
-/// for the milliseconds its insertion would take.
-pub const MAX_INDEXED_DIDS: usize = 1000;
+/// Filters with more DIDs than this are not indexed by DID but looked at for every event (one
+/// hash lookup each): a 10,000-DID `options_update`, repeated, must not hold the index lock
+/// (and so every subscriber's delivery) for the milliseconds its insertion would take.
+pub const MAX_INDEXED_DIDS: usize = 100;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -70,17 +73,24 @@ struct QueueState {
 }
 
 /// One live subscriber's events, filled by the dispatcher and taken by its stream.
-#[derive(Default)]
 pub struct Queue {
     state: Mutex<QueueState>,
     ready: Notify,
+    /// Events up to here are not queued: the stream has them (it registered past the
+    /// dispatcher's point, e.g. live from the log's newest event while the dispatcher trails).
+    skip_until: u64,
+    /// The bytes queued in every queue (see [`Dispatcher::start`]).
+    all_queued: Arc<AtomicUsize>,
+    budget: usize,
 }
 
 impl Queue {
     pub fn take(&self) -> Take {
         let mut s = lock(&self.state);
         if let Some(ev) = s.events.pop_front() {
-            s.bytes -= ev.json().len();
+            let size = ev.json().len();
+            s.bytes -= size;
+            self.all_queued.fetch_sub(size, Ordering::Relaxed);
             return Take::Event(ev);
         }
         s.ended.map_or(Take::Empty, Take::Ended)
@@ -100,12 +110,16 @@ impl Queue {
 
     /// Adds `ev`; `false` when the queue is (now) ended.
     fn push(&self, ev: &Arc<Event>) -> bool {
+        if ev.time_us <= self.skip_until {
+            return true;
+        }
         let mut s = lock(&self.state);
         if s.ended.is_some() {
             return false;
         }
         let size = ev.json().len();
-        if s.events.len() >= QUEUE_EVENTS || (s.bytes + size > QUEUE_BYTES && !s.events.is_empty()) {
+        let over_budget = self.all_queued.load(Ordering::Relaxed) + size > self.budget;
+        if s.events.len() >= QUEUE_EVENTS || (!s.events.is_empty() && (s.bytes + size > QUEUE_BYTES || over_budget)) {
             drop(s);
             self.end(Ended::Overflowed);
             return false;
@@ -113,6 +127,7 @@ impl Queue {
         let was_empty = s.events.is_empty();
         s.events.push_back(ev.clone());
         s.bytes += size;
+        self.all_queued.fetch_add(size, Ordering::Relaxed);
         drop(s);
         if was_empty {
             self.ready.notify_one();
@@ -122,14 +137,24 @@ impl Queue {
 
     fn end(&self, how: Ended) {
         let mut s = lock(&self.state);
+        if s.ended.is_some() {
+            return;
+        }
+        s.ended = Some(how);
         if !matches!(how, Ended::InLog(_)) {
             // The stream reads these from the log: free them now.
             s.events = VecDeque::new();
-            s.bytes = 0;
+            self.all_queued.fetch_sub(std::mem::take(&mut s.bytes), Ordering::Relaxed);
         }
-        s.ended.get_or_insert(how);
         drop(s);
         self.ready.notify_one();
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        let s = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.all_queued.fetch_sub(s.bytes, Ordering::Relaxed);
     }
 }
 
@@ -165,22 +190,24 @@ fn keys(filter: &Filter, mut f: impl FnMut(Key<'_>)) {
     }
 }
 
-type Buckets = HashMap<Box<str>, Vec<u32>>;
+/// Subscribers by key; a bucket is an ordered set, so leaving is O(1) whatever its size.
+type Bucket = IndexSet<u32>;
+type Buckets = HashMap<Box<str>, Bucket>;
 
 fn bucket_add(b: &mut Buckets, key: &str, id: u32) {
     match b.get_mut(key) {
-        Some(ids) => ids.push(id),
+        Some(ids) => {
+            ids.insert(id);
+        }
         None => {
-            b.insert(key.into(), vec![id]);
+            b.insert(key.into(), Bucket::from([id]));
         }
     }
 }
 
 fn bucket_remove(b: &mut Buckets, key: &str, id: u32) {
     if let Some(ids) = b.get_mut(key) {
-        if let Some(at) = ids.iter().position(|&i| i == id) {
-            ids.swap_remove(at);
-        }
+        ids.swap_remove(&id);
         if ids.is_empty() {
             b.remove(key);
         }
@@ -195,8 +222,8 @@ struct Index {
     by_did: Buckets,
     by_collection: Buckets,
     by_prefix: Buckets,
-    no_collection: HashSet<u32>,
-    every: HashSet<u32>,
+    no_collection: Bucket,
+    every: Bucket,
     /// The ring closed: nobody registers any more.
     closed: bool,
 }
@@ -234,10 +261,10 @@ impl Index {
             Key::Collection(c) => bucket_remove(&mut self.by_collection, c, id),
             Key::Prefix(p) => bucket_remove(&mut self.by_prefix, p, id),
             Key::NoCollection => {
-                self.no_collection.remove(&id);
+                self.no_collection.swap_remove(&id);
             }
             Key::Every => {
-                self.every.remove(&id);
+                self.every.swap_remove(&id);
             }
         });
         self.free.push(id);
@@ -299,6 +326,9 @@ pub struct Dispatcher {
     /// Every event up to here has been handed out (see the module comment).
     dispatched_up_to: AtomicU64,
     overflows: prometheus::IntCounter,
+    /// Bytes of event JSON in all queues, and their cap.
+    queued: Arc<AtomicUsize>,
+    budget: usize,
 }
 
 /// A stream's place in the index; dropping it leaves the index.
@@ -331,24 +361,43 @@ impl Drop for Registration {
 
 impl Dispatcher {
     /// Starts the dispatcher on `ring`'s events, on a thread of its own that ends when the ring
-    /// closes (every queue then ends with [`Ended::Closed`]).
-    pub fn start(ring: &Ring, tip: Arc<Tip>, overflows: prometheus::IntCounter) -> std::io::Result<Arc<Dispatcher>> {
+    /// closes (every queue then ends with [`Ended::Closed`]). All queues together hold at most
+    /// `budget` bytes of event JSON.
+    pub fn start(
+        ring: &Ring,
+        tip: Arc<Tip>,
+        budget: usize,
+        overflows: prometheus::IntCounter,
+    ) -> std::io::Result<Arc<Dispatcher>> {
         // Subscribed before the tip is read: events after it come through the ring.
         let rx = ring.subscribe();
-        let dispatcher = Arc::new(Dispatcher {
-            index: Mutex::new(Index::default()),
-            dispatched_up_to: AtomicU64::new(tip.newest().unwrap_or(0)),
-            overflows,
-        });
+        let dispatcher = Arc::new(Dispatcher::new(tip.newest().unwrap_or(0), budget, overflows));
         let d = dispatcher.clone();
         std::thread::Builder::new().name("contrail-dispatch".into()).spawn(move || d.run(rx, &tip))?;
         Ok(dispatcher)
     }
 
-    /// Adds a stream with `filter`; returns its registration and `dispatched_up_to` at that
-    /// moment (the stream reads the log up to there, its queue has what comes after).
-    pub fn register(self: &Arc<Self>, filter: Arc<Filter>) -> (Registration, u64) {
-        let queue = Arc::new(Queue::default());
+    fn new(dispatched_up_to: u64, budget: usize, overflows: prometheus::IntCounter) -> Dispatcher {
+        Dispatcher {
+            index: Mutex::new(Index::default()),
+            dispatched_up_to: AtomicU64::new(dispatched_up_to),
+            overflows,
+            queued: Arc::new(AtomicUsize::new(0)),
+            budget,
+        }
+    }
+
+    /// Adds a stream with `filter` whose position is `has_up_to`; returns its registration
+    /// and `dispatched_up_to` at that moment (the stream reads the log up to there, its queue
+    /// has what comes after).
+    pub fn register(self: &Arc<Self>, filter: Arc<Filter>, has_up_to: u64) -> (Registration, u64) {
+        let queue = Arc::new(Queue {
+            state: Mutex::default(),
+            ready: Notify::new(),
+            skip_until: has_up_to,
+            all_queued: self.queued.clone(),
+            budget: self.budget,
+        });
         let mut index = lock(&self.index);
         let id = if index.closed {
             queue.end(Ended::Closed);
@@ -366,10 +415,16 @@ impl Dispatcher {
     }
 
     fn run(&self, mut rx: broadcast::Receiver<Published>, tip: &Tip) {
-        // However this thread ends, no stream waits on it for ever.
+        // However this thread ends, no stream waits on it for ever; and a panic here (a bug)
+        // takes the process down rather than leave it serving no live events: the log is
+        // crash-safe, and the supervisor restarts it.
         struct CloseOnExit<'a>(&'a Dispatcher);
         impl Drop for CloseOnExit<'_> {
             fn drop(&mut self) {
+                if std::thread::panicking() {
+                    tracing::error!("the live dispatcher panicked: aborting");
+                    std::process::abort();
+                }
                 self.0.end_all(Ended::Closed, None);
             }
         }
@@ -409,7 +464,9 @@ impl Dispatcher {
         }
         for id in ended {
             index.remove(id);
-            self.overflows.inc();
+            if matches!(item, Published::Event(_)) {
+                self.overflows.inc();
+            }
         }
         self.dispatched_up_to.fetch_max(t, Ordering::Release);
     }
@@ -458,11 +515,7 @@ mod tests {
     }
 
     fn dispatcher() -> Arc<Dispatcher> {
-        Arc::new(Dispatcher {
-            index: Mutex::new(Index::default()),
-            dispatched_up_to: AtomicU64::new(0),
-            overflows: prometheus::IntCounter::new("o", "o").unwrap(),
-        })
+        Arc::new(Dispatcher::new(0, 64 << 20, prometheus::IntCounter::new("o", "o").unwrap()))
     }
 
     const A: &str = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
@@ -476,19 +529,25 @@ mod tests {
             let dids: Vec<String> = dids.iter().map(|s| s.to_string()).collect();
             Arc::new(Filter::new(&c, &dids).unwrap())
         };
-        let everything = d.register(f(&[], &[])).0;
-        let posts = d.register(f(&["app.bsky.feed.post"], &[])).0;
+        let everything = d.register(f(&[], &[]), 0).0;
+        let posts = d.register(f(&["app.bsky.feed.post"], &[]), 0).0;
         // Found under the collection and under two prefixes of it: still once per event.
-        let feed = d.register(f(&["app.bsky.feed.post", "app.bsky.feed.*", "app.*"], &[])).0;
-        let did_b = d.register(f(&[], &[B])).0;
-        let did_b_likes = d.register(f(&["app.bsky.feed.like"], &[B])).0;
-        let nobody = d.register(f(&["org.example.nobody"], &[])).0;
+        let feed = d.register(f(&["app.bsky.feed.post", "app.bsky.feed.*", "app.*"], &[]), 0).0;
+        let did_b = d.register(f(&[], &[B]), 0).0;
+        let did_b_likes = d.register(f(&["app.bsky.feed.like"], &[B]), 0).0;
+        let nobody = d.register(f(&["org.example.nobody"], &[]), 0).0;
+        // More DIDs than the index takes: looked at for every event instead, same result.
+        let many: Vec<String> = (0..=MAX_INDEXED_DIDS).map(|i| format!("did:plc:{i:0>24}")).chain([B.into()]).collect();
+        let many_dids = d.register(Arc::new(Filter::new(&[], &many).unwrap()), 0).0;
         let commits_only = d
-            .register(Arc::new(
-                Filter::new(&["app.bsky.feed.like".into()], &[])
-                    .unwrap()
-                    .with_kinds(crate::options::Kinds::NONE.with(EventKind::Commit)),
-            ))
+            .register(
+                Arc::new(
+                    Filter::new(&["app.bsky.feed.like".into()], &[])
+                        .unwrap()
+                        .with_kinds(crate::options::Kinds::NONE.with(EventKind::Commit)),
+                ),
+                0,
+            )
             .0;
         let events = [
             event(1, EventKind::Commit, A, "app.bsky.feed.post"),
@@ -506,10 +565,12 @@ mod tests {
         assert_eq!(taken(did_b.queue()), vec![2, 3]);
         assert_eq!(taken(did_b_likes.queue()), vec![2, 3]);
         assert_eq!(taken(nobody.queue()), vec![3]);
+        assert_eq!(taken(many_dids.queue()), vec![2, 3]);
+        assert_eq!(lock(&d.index).every.len(), 2, "the unfiltered and the many-DID filter");
         assert_eq!(taken(commits_only.queue()), vec![2]);
         assert_eq!(d.dispatched_up_to(), 5);
         // Leaving empties the index.
-        drop((everything, posts, feed, did_b, did_b_likes, nobody, commits_only));
+        drop((everything, posts, feed, did_b, did_b_likes, nobody, commits_only, many_dids));
         let index = lock(&d.index);
         assert!(index.by_did.is_empty() && index.by_collection.is_empty() && index.by_prefix.is_empty());
         assert!(index.every.is_empty() && index.no_collection.is_empty());
@@ -519,8 +580,8 @@ mod tests {
     #[test]
     fn a_full_queue_ends_and_leaves_the_index_and_others_go_on() {
         let d = dispatcher();
-        let (slow, _) = d.register(Arc::new(Filter::default()));
-        let (fast, _) = d.register(Arc::new(Filter::default()));
+        let (slow, _) = d.register(Arc::new(Filter::default()), 0);
+        let (fast, _) = d.register(Arc::new(Filter::default()), 0);
         for t in 1..=QUEUE_EVENTS as u64 + 1 {
             d.dispatch(&Published::Event(event(t, EventKind::Commit, A, "app.bsky.feed.post")));
             assert!(matches!(fast.queue().take(), Take::Event(e) if e.time_us == t));
@@ -529,7 +590,7 @@ mod tests {
         assert_eq!(d.overflows.get(), 1);
         assert_eq!(lock(&d.index).every.len(), 1, "the overflowed one left the index");
         // Its registration dropping later does not disturb whoever took the slot.
-        let (again, _) = d.register(Arc::new(Filter::default()));
+        let (again, _) = d.register(Arc::new(Filter::default()), 0);
         drop(slow);
         d.dispatch(&Published::Event(event(5000, EventKind::Commit, A, "x.y.z")));
         assert_eq!(taken(again.queue()), vec![5000]);
@@ -537,17 +598,43 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_skips_what_its_stream_has_and_all_queues_share_one_byte_budget() {
+        let d = Arc::new(Dispatcher::new(0, 1000, prometheus::IntCounter::new("o", "o").unwrap()));
+        let (ahead, _) = d.register(Arc::new(Filter::default()), 3);
+        let (a, _) = d.register(Arc::new(Filter::default()), 0);
+        let (b, _) = d.register(Arc::new(Filter::default()), 0);
+        let ev = |t| event(t, EventKind::Commit, A, "app.bsky.feed.post");
+        let size = ev(1).json().len();
+        for t in 1..=5 {
+            d.dispatch(&Published::Event(ev(t)));
+        }
+        assert_eq!(taken(ahead.queue()), vec![4, 5], "the stream had up to 3 already");
+        assert_eq!(taken(a.queue()), vec![1, 2, 3, 4, 5]);
+        // `b` holds 5 events; fill toward the budget until one queue must give way.
+        let mut t = 6;
+        while d.queued.load(Ordering::Relaxed) + size <= 1000 {
+            d.dispatch(&Published::Event(ev(t)));
+            t += 1;
+        }
+        d.dispatch(&Published::Event(ev(t)));
+        assert!(d.queued.load(Ordering::Relaxed) <= 1000, "the budget holds");
+        assert!(d.overflows.get() >= 1, "a queue over the budget ended");
+        drop((ahead, a, b));
+        assert_eq!(d.queued.load(Ordering::Relaxed), 0, "every byte given back");
+    }
+
+    #[test]
     fn an_event_the_ring_did_not_hold_ends_only_the_queues_that_want_it_after_what_they_hold() {
         let d = dispatcher();
-        let (posts, _) = d.register(Arc::new(Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap()));
-        let (likes, _) = d.register(Arc::new(Filter::new(&["app.bsky.feed.like".into()], &[]).unwrap()));
+        let (posts, _) = d.register(Arc::new(Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap()), 0);
+        let (likes, _) = d.register(Arc::new(Filter::new(&["app.bsky.feed.like".into()], &[]).unwrap()), 0);
         d.dispatch(&Published::Event(event(6, EventKind::Commit, A, "app.bsky.feed.post")));
         let big = event(7, EventKind::Commit, A, "app.bsky.feed.post");
         d.dispatch(&Published::in_log(&big));
         assert!(matches!(posts.queue().take(), Take::Event(e) if e.time_us == 6), "what came before stays");
         assert!(matches!(posts.queue().take(), Take::Ended(Ended::InLog(7))));
         assert!(matches!(likes.queue().take(), Take::Empty));
-        let (_, up_to) = d.register(Arc::new(Filter::default()));
+        let (_, up_to) = d.register(Arc::new(Filter::default()), 0);
         assert_eq!(up_to, 7);
     }
 }

@@ -95,7 +95,8 @@ pub struct HubConfig {
     #[arg(long, env = "CONTRAIL_RING_CAPACITY", default_value = "65536")]
     pub ring_capacity: usize,
     /// Most event JSON the ring holds in memory; past it, recent large events stay only in the
-    /// log and live subscribers read them from there.
+    /// log and live subscribers read them from there. Live subscribers' queues together hold
+    /// at most as much again.
     #[arg(long, env = "CONTRAIL_RING_MAX_BYTES", default_value = "256MiB", value_parser = crate::units::parse_size)]
     pub ring_max_bytes: u64,
     /// Events read back from the log, shared by subscribers replaying close to each other (so
@@ -158,8 +159,9 @@ impl HubConfig {
         if self.max_options_updates_per_second == 0 {
             return Err(("max-options-updates-per-second", "must be more than 0".into()));
         }
-        if self.write_linger > Duration::from_secs(1) {
-            return Err(("write-linger", "must be at most 1s".into()));
+        if self.write_linger > Duration::from_millis(100) {
+            // Longer would hold more than a live queue takes of a busy stream.
+            return Err(("write-linger", "must be at most 100ms".into()));
         }
         if self.write_timeout.is_zero() || self.slow_window.is_zero() {
             return Err(("write-timeout", "write-timeout and slow-window must be more than 0".into()));
@@ -207,7 +209,13 @@ impl Hub {
         shutdown: CancellationToken,
     ) -> std::io::Result<Hub> {
         let admission = Admission::new(&limits);
-        let dispatcher = dispatch::Dispatcher::start(&ring, log.tip(), metrics.live_queue_overflows.clone())?;
+        // Live queues together hold at most what the ring may: --ring-max-bytes.
+        let dispatcher = dispatch::Dispatcher::start(
+            &ring,
+            log.tip(),
+            config.ring_max_bytes as usize,
+            metrics.live_queue_overflows.clone(),
+        )?;
         Ok(Hub {
             tip: log.tip(),
             log,

@@ -400,11 +400,9 @@ impl Session {
             return Ok(());
         }
         tokio::time::sleep_until(until).await;
-        for _ in 0..WRITE_BATCH {
-            match self.stream.as_mut().and_then(EventStream::next_ready) {
-                Some(ev) => self.deliver(ev).await?,
-                None => break,
-            }
+        // Everything that is ready (a live queue holds at most 1,024 events).
+        while let Some(ev) = self.stream.as_mut().and_then(EventStream::next_ready) {
+            self.deliver(ev).await?;
         }
         Ok(())
     }

@@ -23,8 +23,7 @@ pub const REPLAY_BATCH: usize = 1024;
 
 /// A batch read from the log for one subscriber: every stored value scanned, copied into one
 /// buffer, in order. Filtering happens as events are taken from it, with the filter of that
-/// moment, so a filter change never needs a new read (a client sending `options_update` in a
-/// loop cannot multiply log reads).
+/// moment, so a filter change while reading the log never reads it again.
 #[derive(Default)]
 struct LogBatch {
     values: Vec<u8>,
@@ -182,9 +181,13 @@ impl EventStream {
 
     /// New filters, for every event after the position. The batch in hand is filtered as it
     /// is taken, so nothing is read again; a live stream registers again with the new filter
-    /// and reads the log for what was handed out in between (its old queue had the old
-    /// filter's events). `options_update` is paced, which bounds those reads.
+    /// and reads the log for what was handed out since it last had nothing waiting (its old
+    /// queue had the old filter's events). `options_update` is paced, which bounds those reads;
+    /// the same filter again changes nothing.
     pub fn set_filter(&mut self, filter: Arc<Filter>) {
+        if filter == self.filter {
+            return; // nothing changes: keep the queue
+        }
         self.filter = filter;
         self.last_seen(); // an idle live stream reads nothing again
         if self.registration.take().is_some() {
@@ -196,7 +199,7 @@ impl EventStream {
     }
 
     fn register(&mut self) {
-        let (registration, up_to) = self.dispatcher.register(self.filter.clone());
+        let (registration, up_to) = self.dispatcher.register(self.filter.clone(), self.last_seen);
         self.registration = Some(registration);
         self.join_at = up_to;
     }
@@ -395,7 +398,7 @@ mod tests {
             let m = crate::metrics::Metrics::new();
             let log = Arc::new(Log::memory(MemoryLog::new(64 << 20)));
             let ring = broadcast::channel(ring_capacity).0;
-            let dispatcher = Dispatcher::start(&ring, log.tip(), m.live_queue_overflows.clone()).unwrap();
+            let dispatcher = Dispatcher::start(&ring, log.tip(), 64 << 20, m.live_queue_overflows.clone()).unwrap();
             Fixture {
                 log,
                 ring,
@@ -407,10 +410,16 @@ mod tests {
 
         /// Persists events `range`, then publishes them (the sequencer's order).
         fn ingest(&self, range: std::ops::Range<u64>) {
+            self.ingest_some_in_log(range, u64::MAX);
+        }
+
+        /// As `ingest`, every `nth` event published as one the ring does not hold.
+        fn ingest_some_in_log(&self, range: std::ops::Range<u64>, nth: u64) {
             let events: Vec<Event> = range.map(event).collect();
             self.log.append(&events, None).unwrap();
             for e in events {
-                let _ = self.ring.send(Published::Event(Arc::new(e)));
+                let item = if e.time_us % nth == 0 { Published::in_log(&e) } else { Published::Event(Arc::new(e)) };
+                let _ = self.ring.send(item);
             }
         }
 
@@ -458,11 +467,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stream_the_ring_left_behind_goes_back_to_the_log_without_a_gap() {
+    async fn a_stream_whose_queue_overflowed_goes_back_to_the_log_without_a_gap() {
+        let f = Fixture::new(65_536);
+        let mut s = f.stream(Filter::default(), Start::Live);
+        assert!(s.is_live());
+        // More than a queue holds, while the stream takes nothing.
+        f.ingest(0..3000);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while f.overflows.get() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(f.overflows.get(), 1, "the queue overflowed");
+        let got = take(&mut s, 3000).await;
+        assert_eq!(got, (1000..4000).collect::<Vec<_>>());
+        assert!(f.metrics.replay_reads.get() >= 3, "it read the log");
+        f.ingest(3000..3010);
+        assert_eq!(take(&mut s, 10).await, (4000..4010).collect::<Vec<_>>());
+        assert!(s.is_live(), "and came back to its queue");
+        drop(s);
+        assert_eq!(f.metrics.lagging.get(), 0, "the gauge is given back");
+    }
+
+    #[tokio::test]
+    async fn a_dispatcher_the_ring_left_behind_sends_streams_to_the_log_without_a_gap() {
         let f = Fixture::new(16);
         let mut s = f.stream(Filter::default(), Start::Live);
         assert!(s.is_live());
-        f.ingest(0..500); // 500 events through a 16-slot ring: this receiver lags
+        f.ingest(0..500); // 500 events through a 16-slot ring: the dispatcher may lag
         let got = take(&mut s, 500).await;
         assert_eq!(got, (1000..1500).collect::<Vec<_>>());
         f.ingest(500..510);
@@ -576,8 +607,8 @@ mod tests {
     }
 
     /// Streams with random starts, random filter changes and random pauses (long enough to
-    /// overflow their queues) over a ring small enough for the dispatcher itself to fall
-    /// behind: in each filter's span, from the position when it was set to the position when
+    /// overflow their queues), events the ring does not hold, over a ring small enough for the
+    /// dispatcher itself to fall behind: in each filter's span, from the position when it was set to the position when
     /// the next one was, a stream gets exactly the events that filter matches, in order.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn random_filters_starts_pauses_and_overflows_never_lose_duplicate_or_reorder() {
@@ -592,6 +623,11 @@ mod tests {
             Filter::new(&["app.bsky.feed.like".into()], &[DIDS[1].into()]).unwrap(),
             Filter::new(&["app.bsky.*".into()], &[]).unwrap(),
             Filter::new(&["org.example.nobody".into()], &[]).unwrap(),
+            // More DIDs than the dispatcher indexes.
+            {
+                let many = (0..=super::super::dispatch::MAX_INDEXED_DIDS).map(|i| format!("did:plc:{i:0>24}"));
+                Filter::new(&[], &many.chain([DIDS[1].to_string()]).collect::<Vec<_>>()).unwrap()
+            },
         ];
         f.ingest(0..2000);
         let done = Arc::new(AtomicBool::new(false));
@@ -630,7 +666,8 @@ mod tests {
             }));
         }
         for chunk in (2000..TOTAL).step_by(250) {
-            f.ingest(chunk..chunk + 250);
+            // Now and then an event the ring does not hold (past its byte budget).
+            f.ingest_some_in_log(chunk..chunk + 250, 4999);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         done.store(true, Ordering::Release);
