@@ -45,8 +45,10 @@ fn bench(c: &mut Criterion) {
 
     for sync in [true, false] {
         let dir = tempfile::tempdir().unwrap();
-        let store =
-            Arc::new(Log::rocks(RocksLog::open(dir.path(), RocksOptions { sync_writes: sync }).unwrap()).unwrap());
+        let store = Arc::new(
+            Log::rocks(RocksLog::open(dir.path(), RocksOptions { sync_writes: sync, ..Default::default() }).unwrap())
+                .unwrap(),
+        );
         let (ring, _) = tokio::sync::broadcast::channel(65_536);
         let mut seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
         let mut tx = Transcoder::default();

@@ -132,9 +132,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         started: Instant::now(),
     });
     let render_metrics: Arc<dyn Fn() -> String + Send + Sync> = {
-        let (m, tip) = (metrics.clone(), log.tip());
+        let (m, tip, log) = (metrics.clone(), log.tip(), log.clone());
         Arc::new(move || {
-            m.set_log_gauges(tip.oldest(), tip.newest(), tip.bytes());
+            m.set_log_gauges(tip.oldest(), tip.newest(), tip.bytes(), log.background_jobs());
             m.render()
         })
     };

@@ -128,6 +128,8 @@ pub struct Metrics {
     pub store_write_seconds: Histogram,
     pub store_batch_events: Histogram,
     pub store_disk_bytes: IntGauge,
+    pub store_flushes_running: IntGauge,
+    pub store_compactions_running: IntGauge,
     pub store_oldest_time_us: IntGauge,
     pub store_newest_time_us: IntGauge,
     pub store_trims: IntCounter,
@@ -252,6 +254,12 @@ impl Metrics {
                 prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid buckets"),
             ),
             store_disk_bytes: gauge(&r, "contrail_store_disk_bytes", "Size of the log's SST and WAL files."),
+            store_flushes_running: gauge(&r, "contrail_store_flushes_running", "RocksDB memtable flushes running now."),
+            store_compactions_running: gauge(
+                &r,
+                "contrail_store_compactions_running",
+                "RocksDB compactions running now.",
+            ),
             store_oldest_time_us: gauge(&r, "contrail_store_oldest_time_us", "time_us of the oldest event in the log."),
             store_newest_time_us: gauge(&r, "contrail_store_newest_time_us", "time_us of the newest event in the log."),
             store_trims: counter(&r, "contrail_store_trims_total", "Retention trims (range deletes) run."),
@@ -410,10 +418,18 @@ impl Metrics {
 
     /// Copies the log's tip into its gauges (called before each scrape: the gauges are fed
     /// from the tip, never read back).
-    pub fn set_log_gauges(&self, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
+    pub fn set_log_gauges(
+        &self,
+        oldest: Option<u64>,
+        newest: Option<u64>,
+        bytes: u64,
+        (flushes, compactions): (u64, u64),
+    ) {
         self.store_oldest_time_us.set(oldest.unwrap_or(0) as i64);
         self.store_newest_time_us.set(newest.unwrap_or(0) as i64);
         self.store_disk_bytes.set(bytes as i64);
+        self.store_flushes_running.set(flushes as i64);
+        self.store_compactions_running.set(compactions as i64);
     }
 
     /// The text exposition of every metric.

@@ -530,6 +530,60 @@ async fn kill_9_during_retention_trims_keeps_a_contiguous_suffix() {
     assert!(lines.len() < expected_keys(&gen).len(), "retention removed nothing");
 }
 
+/// kill -9 aimed at RocksDB's background work: tiny memtables make the log flush and compact
+/// every few hundred events, and the server is killed while `/metrics` says a flush or a
+/// compaction is running. After every kill the log is an exact prefix of the stream; in the end
+/// it is the whole stream, nothing lost or twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_rocksdb_flushes_and_compactions_loses_and_duplicates_nothing() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 12_000, 200, 75);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });
+    let flags = ["--memtable-bytes", "64KiB"];
+    let last_seq = gen.last().unwrap().seq;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut during_flush, mut during_compaction) = (0, 0);
+    for _ in 0..10 {
+        let mut serve = Serve::start(dir.path(), &relay.url(), &flags);
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let mut seq = 0;
+        while std::time::Instant::now() < deadline {
+            let body = common::process::http_get(serve.metrics, "/metrics").map(|r| r.1).unwrap_or_default();
+            let metric = |name| common::process::metric_value(&body, name).unwrap_or(0.0);
+            seq = metric("contrail_relay_last_seq") as i64;
+            let (flushes, compactions) =
+                (metric("contrail_store_flushes_running"), metric("contrail_store_compactions_running"));
+            if flushes + compactions > 0.0 {
+                serve.kill9();
+                if compactions > 0.0 {
+                    during_compaction += 1;
+                } else {
+                    during_flush += 1;
+                }
+                break;
+            }
+        }
+        serve.kill9();
+        assert_suffix(&inspect_log(dir.path()), &expected_keys(&gen));
+        if seq >= last_seq {
+            break;
+        }
+    }
+    eprintln!("kills during a flush: {during_flush}, during a compaction: {during_compaction}");
+    assert!(
+        during_flush + during_compaction >= 3,
+        "only {} kills landed on background work",
+        during_flush + during_compaction
+    );
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last_seq, Duration::from_secs(60));
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+}
+
 /// The log is `expected[k..m]` for some k ≤ m (a prefix of the stream with its front trimmed),
 /// `time_us` strictly increasing.
 fn assert_suffix(lines: &[String], expected: &[String]) {

@@ -44,12 +44,19 @@ pub struct LogConfig {
     /// fsync every write batch (a power loss then loses nothing a subscriber has seen).
     #[arg(long, env = "CONTRAIL_SYNC_WRITES", default_value = "true", action = clap::ArgAction::Set)]
     pub sync_writes: bool,
+    /// RocksDB memtable size for events: written this much, it is flushed to a file (and every
+    /// few flushes compacted). Larger: fewer flushes, more memory.
+    #[arg(long, env = "CONTRAIL_MEMTABLE_BYTES", default_value = "64MiB", value_parser = parse_size)]
+    pub memtable_bytes: u64,
 }
 
 impl LogConfig {
     pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
         if self.store == StoreKind::Memory && self.memory_bytes < 1 << 20 {
             return Err(("memory-bytes", "must be at least 1MiB".into()));
+        }
+        if !(64 << 10..=4 << 30).contains(&self.memtable_bytes) {
+            return Err(("memtable-bytes", "must be between 64KiB and 4GiB".into()));
         }
         Ok(())
     }
@@ -59,7 +66,7 @@ impl LogConfig {
         match self.store {
             StoreKind::Rocksdb => Log::rocks(rocks::RocksLog::open(
                 &self.data_dir,
-                rocks::RocksOptions { sync_writes: self.sync_writes },
+                rocks::RocksOptions { sync_writes: self.sync_writes, memtable_bytes: self.memtable_bytes as usize },
             )?),
             StoreKind::Memory => Ok(Log::memory(memory::MemoryLog::new(self.memory_bytes))),
         }
@@ -291,6 +298,14 @@ impl Log {
         match &self.backend {
             Backend::Rocks(s) => s.disk_bytes(),
             Backend::Memory(m) => m.bytes(),
+        }
+    }
+
+    /// RocksDB flushes and compactions running now; `(0, 0)` for a live-only window.
+    pub fn background_jobs(&self) -> (u64, u64) {
+        match &self.backend {
+            Backend::Rocks(s) => s.background_jobs(),
+            Backend::Memory(_) => (0, 0),
         }
     }
 

@@ -37,11 +37,17 @@ pub struct RocksOptions {
     /// the page cache) but a power loss can lose the last batches — and subscribers may
     /// already have seen them.
     pub sync_writes: bool,
+    /// Size of the events' memtables: how much is written before a flush to an SST file (and,
+    /// every few flushes, a compaction).
+    pub memtable_bytes: usize,
 }
+
+/// The default memtable: a few seconds of a busy firehose, few flushes.
+pub const DEFAULT_MEMTABLE_BYTES: usize = 64 << 20;
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        RocksOptions { sync_writes: true }
+        RocksOptions { sync_writes: true, memtable_bytes: DEFAULT_MEMTABLE_BYTES }
     }
 }
 
@@ -64,9 +70,10 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn event_cf_options() -> Options {
+fn event_cf_options(memtable_bytes: usize) -> Options {
     let mut o = Options::default();
     tune_for_events(&mut o);
+    o.set_write_buffer_size(memtable_bytes);
     o
 }
 
@@ -83,8 +90,7 @@ fn tune_for_events(o: &mut Options) {
     // trivial moves. LZ4 where data is hot, zstd at the bottom where most of it lives.
     o.set_compression_type(DBCompressionType::Lz4);
     o.set_bottommost_compression_type(DBCompressionType::Zstd);
-    // 64 MiB memtables: a few seconds of a busy firehose, few flushes.
-    o.set_write_buffer_size(64 << 20);
+    o.set_write_buffer_size(DEFAULT_MEMTABLE_BYTES);
     let mut t = BlockBasedOptions::default();
     // 32 KiB blocks: replay reads long sequential runs; larger blocks compress better.
     t.set_block_size(32 << 10);
@@ -102,9 +108,9 @@ fn db_options() -> Options {
     o
 }
 
-fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+fn descriptors(memtable_bytes: usize) -> Vec<ColumnFamilyDescriptor> {
     vec![
-        ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options()),
+        ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options(memtable_bytes)),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_REPOS, Options::default()),
         ColumnFamilyDescriptor::new(CF_DIDS, Options::default()),
@@ -115,7 +121,7 @@ impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
     pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
         std::fs::create_dir_all(dir)?;
-        let db = DB::open_cf_descriptors(&db_options(), dir, descriptors())?;
+        let db = DB::open_cf_descriptors(&db_options(), dir, descriptors(opts.memtable_bytes))?;
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.sync_writes);
         Ok(RocksLog { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) })
@@ -131,7 +137,10 @@ impl RocksLog {
         // A log written by an older version may lack the newer column families: open those
         // it has.
         let existing = DB::list_cf(&o, dir).unwrap_or_default();
-        let cfs: Vec<_> = descriptors().into_iter().filter(|d| existing.iter().any(|n| n == d.name())).collect();
+        let cfs: Vec<_> = descriptors(DEFAULT_MEMTABLE_BYTES)
+            .into_iter()
+            .filter(|d| existing.iter().any(|n| n == d.name()))
+            .collect();
         let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, cfs)?;
         db.try_catch_up_with_primary()?;
         Ok(RocksLog {
@@ -317,6 +326,12 @@ impl RocksLog {
             })
             .unwrap_or(0);
         sst + wal
+    }
+
+    /// Flushes and compactions running now (RocksDB's background work).
+    pub fn background_jobs(&self) -> (u64, u64) {
+        let int = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        (int("rocksdb.num-running-flushes"), int("rocksdb.num-running-compactions"))
     }
 
     /// The estimated number of events (RocksDB's estimate; exact after a compaction).
