@@ -20,6 +20,12 @@ use std::sync::Arc;
 /// Frames per measured iteration: one relay burst, written as the sequencer would batch it.
 const FRAMES: usize = 2_000;
 
+/// The frames one iteration ingests: a quarter of `gen`, in turn (each copied, as a socket
+/// read would hand them over).
+fn frames_of_round(gen: &[frames::GenFrame], round: usize) -> Vec<(i64, Vec<u8>)> {
+    gen[(round % 4) * FRAMES..(round % 4 + 1) * FRAMES].iter().map(|g| (g.seq, g.frame.clone())).collect()
+}
+
 fn bench(c: &mut Criterion) {
     let gen = frames::generate(1, FRAMES * 4, 5_000, 77);
     let events: usize = gen[..FRAMES].iter().map(|g| g.expected.len()).sum();
@@ -57,8 +63,7 @@ fn bench(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     round += 1;
-                    let chunk = &gen[(round % 4) * FRAMES..(round % 4 + 1) * FRAMES];
-                    chunk.iter().map(|g| (g.seq, g.frame.clone())).collect::<Vec<_>>()
+                    frames_of_round(&gen, round)
                 },
                 |frames| {
                     // Batches of up to the sequencer's limit, as its group commit forms them.
@@ -93,8 +98,7 @@ fn bench(c: &mut Criterion) {
             b.iter_batched(
                 || {
                     round += 1;
-                    let chunk = &gen[(round % 4) * FRAMES..(round % 4 + 1) * FRAMES];
-                    chunk.iter().map(|g| (g.seq, g.frame.clone())).collect::<Vec<_>>()
+                    frames_of_round(&gen, round)
                 },
                 |frames| {
                     let (tx, rx) = contrail::sequencer::ingest_channel(1024, 64 << 20);
