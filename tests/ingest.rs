@@ -530,30 +530,34 @@ async fn kill_9_during_retention_trims_keeps_a_contiguous_suffix() {
     assert!(lines.len() < expected_keys(&gen).len(), "retention removed nothing");
 }
 
-/// kill -9 aimed at RocksDB's background work: tiny memtables make the log flush and compact
-/// every few hundred events, and the server is killed while `/metrics` says a flush or a
-/// compaction is running. After every kill the log is an exact prefix of the stream; in the end
-/// it is the whole stream, nothing lost or twice.
+/// kill -9 aimed at RocksDB's background work: tiny memtables make the log flush every hundred
+/// events or so, and the server is killed right after `/metrics` shows a flush or a compaction
+/// running. After every kill the log is an exact prefix of the stream holding at least every
+/// event stored before the kill (none rolled back); in the end it is the whole stream, nothing
+/// lost or twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_rocksdb_flushes_and_compactions_loses_and_duplicates_nothing() {
     let relay = FakeRelay::start().await;
-    let gen = generate(1, 12_000, 200, 75);
+    let gen = generate(1, 8_000, 200, 75);
     for g in &gen {
         relay.push(g.seq, g.frame.clone());
     }
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });
+    // About 1,000 frames/s: ~8 s of ingest, a flush every ~0.1 s.
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 1, ..Faults::default() });
     let flags = ["--memtable-bytes", "64KiB"];
     let last_seq = gen.last().unwrap().seq;
+    let expected = expected_keys(&gen);
     let dir = tempfile::tempdir().unwrap();
     let (mut during_flush, mut during_compaction) = (0, 0);
-    for _ in 0..10 {
+    for _ in 0..12 {
         let mut serve = Serve::start(dir.path(), &relay.url(), &flags);
         let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        let mut seq = 0;
+        let (mut seq, mut stored) = (0, 0);
         while std::time::Instant::now() < deadline {
             let body = common::process::http_get(serve.metrics, "/metrics").map(|r| r.1).unwrap_or_default();
             let metric = |name| common::process::metric_value(&body, name).unwrap_or(0.0);
             seq = metric("contrail_relay_last_seq") as i64;
+            stored = metric("contrail_store_newest_time_us") as u64;
             let (flushes, compactions) =
                 (metric("contrail_store_flushes_running"), metric("contrail_store_compactions_running"));
             if flushes + compactions > 0.0 {
@@ -567,21 +571,29 @@ async fn kill_9_during_rocksdb_flushes_and_compactions_loses_and_duplicates_noth
             }
         }
         serve.kill9();
-        assert_suffix(&inspect_log(dir.path()), &expected_keys(&gen));
-        if seq >= last_seq {
+        let lines = inspect_log(dir.path());
+        assert_suffix(&lines, &expected);
+        if let Some(first) = lines.first() {
+            assert_eq!(&event_key(&serde_json::from_str(first).unwrap()), &expected[0], "the log lost its front");
+        }
+        let newest = lines
+            .last()
+            .map_or(0, |l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap());
+        assert!(newest >= stored, "events stored before the kill are gone: newest {newest}, had {stored}");
+        if seq >= last_seq || during_flush + during_compaction >= 6 {
             break;
         }
     }
-    eprintln!("kills during a flush: {during_flush}, during a compaction: {during_compaction}");
+    eprintln!("killed right after a flush was seen running: {during_flush}; a compaction: {during_compaction}");
     assert!(
         during_flush + during_compaction >= 3,
-        "only {} kills landed on background work",
+        "only {} kills aimed at background work",
         during_flush + during_compaction
     );
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
     serve.wait_for_seq(last_seq, Duration::from_secs(60));
     drop(serve);
-    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+    assert_log_exact(&inspect_log(dir.path()), &expected);
 }
 
 /// The log is `expected[k..m]` for some k ≤ m (a prefix of the stream with its front trimmed),

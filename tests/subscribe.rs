@@ -156,6 +156,19 @@ async fn require_hello_holds_delivery() {
     assert_eq!(collect(&mut ws, n, T).await.len(), n);
 }
 
+/// A client waiting longer than the pong timeout before its hello is pinged meanwhile (and,
+/// answering, kept): what the server writes while waiting reaches the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_waiting_to_say_hello_is_pinged_and_kept() {
+    let s = setup(50, &["--ping-interval", "1s", "--pong-timeout", "2s"]).await;
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0&requireHello=true", &[]).await.unwrap();
+    // Reading answers the server's pings (the client's auto-pong); nothing else may arrive.
+    assert_eq!(next(&mut ws, Duration::from_secs(5)).await, None, "closed or delivered before hello");
+    send_text(&mut ws, r#"{"type":"options_update","payload":{}}"#).await;
+    let n = log(&s).len();
+    assert_eq!(collect(&mut ws, n, T).await.len(), n);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_messages_close_with_codes() {
     let s = setup(5, &[]).await;
@@ -361,6 +374,15 @@ async fn cursor_messages_report_progress() {
     // Without the option, no cursor messages.
     let mut ws = connect(s.serve.public, "/subscribe?wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", &[]).await.unwrap();
     assert_eq!(next(&mut ws, Duration::from_millis(1500)).await, None);
+    // A shorter interval set by options_update counts from then, not from the old one's next.
+    let q = "/subscribe?wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa&informCursorSeconds=600";
+    let mut ws = connect(s.serve.public, q, &[]).await.unwrap();
+    assert!(matches!(next(&mut ws, T).await, Some(Msg::Text(t)) if t.contains("\"cursor\"")), "the first at once");
+    send_text(&mut ws, r#"{"type":"options_update","payload":{"wantedDids":["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa"],"informCursorSeconds":1}}"#).await;
+    assert!(
+        matches!(next(&mut ws, Duration::from_secs(3)).await, Some(Msg::Text(t)) if t.contains("\"cursor\"")),
+        "the next one a second later"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -455,7 +455,7 @@ impl Dispatcher {
             Published::InLog(k) => {
                 let (kind, did, collection) = (k.kind, &*k.did, k.collection.as_deref());
                 index.candidates(t, kind, did, collection, |id, e| {
-                    if e.filter.matches(kind, did, collection) {
+                    if t > e.queue.skip_until && e.filter.matches(kind, did, collection) {
                         e.queue.end(Ended::InLog(t));
                         ended.push(id);
                     }

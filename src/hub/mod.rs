@@ -96,7 +96,7 @@ pub struct HubConfig {
     pub ring_capacity: usize,
     /// Most event JSON the ring holds in memory; past it, recent large events stay only in the
     /// log and live subscribers read them from there. Live subscribers' queues together hold
-    /// at most as much again.
+    /// at most 4× this (counting an event once per queue holding it).
     #[arg(long, env = "CONTRAIL_RING_MAX_BYTES", default_value = "256MiB", value_parser = crate::units::parse_size)]
     pub ring_max_bytes: u64,
     /// Events read back from the log, shared by subscribers replaying close to each other (so
@@ -209,11 +209,13 @@ impl Hub {
         shutdown: CancellationToken,
     ) -> std::io::Result<Hub> {
         let admission = Admission::new(&limits);
-        // Live queues together hold at most what the ring may: --ring-max-bytes.
+        // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
+        // holding it (most are shared with the ring and each other, so this bounds the worst
+        // case — queues keeping events the ring let go — without ending queues in normal use).
         let dispatcher = dispatch::Dispatcher::start(
             &ring,
             log.tip(),
-            config.ring_max_bytes as usize,
+            4 * config.ring_max_bytes as usize,
             metrics.live_queue_overflows.clone(),
         )?;
         Ok(Hub {

@@ -400,9 +400,13 @@ impl Session {
             return Ok(());
         }
         tokio::time::sleep_until(until).await;
-        // Everything that is ready (a live queue holds at most 1,024 events).
-        while let Some(ev) = self.stream.as_mut().and_then(EventStream::next_ready) {
-            self.deliver(ev).await?;
+        // What is ready, up to what a live queue holds: a queue refilling as fast as this
+        // drains must not keep control messages and timers waiting.
+        for _ in 0..super::dispatch::QUEUE_EVENTS {
+            match self.stream.as_mut().and_then(EventStream::next_ready) {
+                Some(ev) => self.deliver(ev).await?,
+                None => break,
+            }
         }
         Ok(())
     }
@@ -425,14 +429,15 @@ impl Session {
         let shutdown = self.hub.shutdown.clone();
         let mut tick = tokio::time::interval(TICK);
         loop {
-            tokio::select! {
+            let hello = tokio::select! {
                 _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
-                _ = tick.tick() => self.tick().await?,
-                c = ctl.recv() => {
-                    if self.control(c).await? {
-                        return Ok(()); // the hello: an accepted options_update
-                    }
-                }
+                _ = tick.tick() => self.tick().await.map(|()| false)?,
+                c = ctl.recv() => self.control(c).await?,
+            };
+            // Pings and pongs written while waiting must reach the client.
+            self.flush().await?;
+            if hello {
+                return Ok(()); // the hello: an accepted options_update
             }
         }
     }
@@ -591,6 +596,8 @@ impl Session {
                         self.max_size = u.max_message_size;
                         if let Some(i) = u.inform_cursor_seconds {
                             self.inform = i.map(Duration::from_secs);
+                            // The new interval counts from now, not from the old one's next.
+                            self.next_inform = Instant::now() + self.inform.unwrap_or_default();
                         }
                         if let Some(s) = self.stream.as_mut() {
                             s.set_filter(self.filter.clone());

@@ -55,8 +55,9 @@ impl LogConfig {
         if self.store == StoreKind::Memory && self.memory_bytes < 1 << 20 {
             return Err(("memory-bytes", "must be at least 1MiB".into()));
         }
-        if !(64 << 10..=4 << 30).contains(&self.memtable_bytes) {
-            return Err(("memtable-bytes", "must be between 64KiB and 4GiB".into()));
+        // Above the WAL cap (256 MiB) a memtable is flushed early anyway.
+        if !(64 << 10..=256 << 20).contains(&self.memtable_bytes) {
+            return Err(("memtable-bytes", "must be between 64KiB and 256MiB".into()));
         }
         Ok(())
     }
