@@ -110,6 +110,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let accept = root.child_token();
     let stop_reader = root.child_token();
     let background = root.child_token();
+    // Held for the whole run: if the sequencer stops (the log cannot be written), the hub's
+    // dispatcher stays up and subscribers keep what is stored.
+    let _ring = ring.clone();
     let hub = Arc::new(Hub::new(
         log.clone(),
         ring,
@@ -126,7 +129,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         relay_url: (!replica).then(|| relay_url.clone()),
         upstream,
-        readiness,
+        readiness: readiness.clone(),
         retention: config.retention.retention,
         verify: (config.verify.verify, config.verify.on_verify_failure, config.verify.on_resolve_failure),
         started: Instant::now(),
@@ -198,6 +201,24 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             let (name, result) = flatten(done);
             match result {
                 Ok(()) => tracing::error!(task = name, "task stopped unexpectedly; shutting down"),
+                Err(e) if name == "sequencer" && config.log.store == crate::log::StoreKind::Rocksdb => {
+                    // The log cannot be written (a full disk, most often). RocksDB will not
+                    // take writes again in this process, so ingest stops; but what is stored
+                    // is still served, and /ready says why, until there is room to resume.
+                    let error = format!("{e:#}");
+                    tracing::error!(error = %error, "the log cannot be written: ingest stopped; serving what is stored; exiting once the data dir has free space again, so a restart resumes ingest");
+                    readiness.set_store_failure(error);
+                    metrics.store_write_failed.set(1);
+                    stop_reader.cancel();
+                    let room = FREE_SPACE_TO_RESUME + 2 * config.log.memtable_bytes;
+                    tokio::select! {
+                        _ = shutdown_signal() => tracing::info!("shutdown requested"),
+                        _ = wait_for_free_space(&config.log.data_dir, room) => {
+                            tracing::warn!("the data dir has free space again: exiting so a restart resumes ingest");
+                        }
+                    }
+                    failure = Some(e.context(name));
+                }
                 Err(e) => {
                     tracing::error!(task = name, error = %format!("{e:#}"), "task failed; shutting down");
                     failure = Some(e.context(name));
@@ -246,6 +267,25 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Free space (beyond two memtables) that lets a process stopped by a failed log write exit
+/// for its restart: room for the flush and the writes that follow.
+const FREE_SPACE_TO_RESUME: u64 = 64 << 20;
+
+/// Returns once the filesystem holding `dir` has `bytes` available (or cannot be asked).
+async fn wait_for_free_space(dir: &std::path::Path, bytes: u64) {
+    loop {
+        match rustix::fs::statvfs(dir) {
+            Ok(s) if s.f_bavail.saturating_mul(s.f_frsize) < bytes => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %dir.display(), "cannot read the data dir's free space");
+                return;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
 

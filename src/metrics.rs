@@ -129,6 +129,7 @@ pub struct Metrics {
     pub store_batch_events: Histogram,
     pub store_disk_bytes: IntGauge,
     pub store_flushes_running: IntGauge,
+    pub store_write_failed: IntGauge,
     pub store_compactions_running: IntGauge,
     pub store_oldest_time_us: IntGauge,
     pub store_newest_time_us: IntGauge,
@@ -255,6 +256,11 @@ impl Metrics {
             ),
             store_disk_bytes: gauge(&r, "contrail_store_disk_bytes", "Size of the log's SST and WAL files."),
             store_flushes_running: gauge(&r, "contrail_store_flushes_running", "RocksDB memtable flushes running now."),
+            store_write_failed: gauge(
+                &r,
+                "contrail_store_write_failed",
+                "1 when the log could not be written: ingest stopped, stored events still served.",
+            ),
             store_compactions_running: gauge(
                 &r,
                 "contrail_store_compactions_running",

@@ -428,6 +428,10 @@ impl Drop for SmallDisk {
     }
 }
 
+/// The log fills its disk: ingest stops loudly — a log line, `contrail_store_write_failed` 1,
+/// `/ready` 503 with the reason — while what is stored is still served; once the disk has room
+/// again the process exits by itself (non-zero, for its supervisor), and the restart resumes
+/// exactly: nothing acknowledged lost, nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
     let Some(disk) = SmallDisk::mount("12m") else { return };
@@ -437,33 +441,48 @@ async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
         relay.push(g.seq, g.frame.clone());
     }
     let last_seq = gen.last().unwrap().seq;
-    // The log fills the small disk: ingest must stop loudly (an error, a non-zero exit)...
     let mut serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while serve.metric("contrail_store_write_failed") != Some(1.0) {
+        assert!(serve.child.try_wait().unwrap().is_none(), "exited with a full disk; logs:\n{}", serve.logs());
+        assert!(std::time::Instant::now() < deadline, "ingest went on with a full disk; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs = serve.logs();
+    assert!(logs.contains("No space left") || logs.contains("IO error"), "no log line says why:\n{logs}");
+    let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the log cannot be written") && body.contains("No space left"), "{body}");
+    // What is stored is still served: a replay from the start.
+    let expected = expected_keys(&gen);
+    let mut ws = common::client::connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let got = common::client::collect(&mut ws, 500, Duration::from_secs(10)).await;
+    let keys: Vec<String> = got.iter().map(event_key).collect();
+    assert_eq!(keys, expected[..500], "the replay of what is stored");
+    // Room again: the process exits by itself, non-zero, for its supervisor to restart it.
+    disk.resize("512m");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = serve.child.try_wait().unwrap() {
             break s;
         }
-        assert!(std::time::Instant::now() < deadline, "ingest went on with a full disk; logs:\n{}", serve.logs());
+        assert!(std::time::Instant::now() < deadline, "still running with room again; logs:\n{}", serve.logs());
         std::thread::sleep(Duration::from_millis(50));
     };
-    assert!(!status.success(), "a full disk must not end in exit 0");
-    let logs = serve.logs();
-    assert!(logs.contains("No space left") || logs.contains("IO error"), "no log line says why:\n{logs}");
+    assert!(!status.success(), "a failed log write must not end in exit 0");
     drop(serve);
-    // ...and what it acknowledged is intact: a prefix of the stream, exactly once, in order.
+    // What it acknowledged is intact: a prefix of the stream, exactly once, in order.
     let before = inspect_log(disk.dir.path());
     let stats = inspect_stats(disk.dir.path());
     let stored_seq = stats["relay_seq"].as_i64().unwrap_or(0);
     assert!(stored_seq > 0 && stored_seq < last_seq, "stored seq {stored_seq}");
     let upto: Vec<GenFrame> = gen.iter().filter(|g| g.seq <= stored_seq).cloned().collect();
     assert_log_exact(&before, &expected_keys(&upto));
-    // Space comes back; a restart resumes from the stored cursor and finishes the stream.
-    disk.resize("512m");
+    // The restart resumes from the stored cursor and finishes the stream.
     let serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
     serve.wait_for_seq(last_seq, Duration::from_secs(120));
     drop(serve);
-    assert_log_exact(&inspect_log(disk.dir.path()), &expected_keys(&gen));
+    assert_log_exact(&inspect_log(disk.dir.path()), &expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,17 +59,10 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
         }
         "/xrpc/network.bsky.jetstream.getZstdDictionary" => get_zstd_dictionary(&shared, &req),
         "/health" => text(StatusCode::OK, "ok\n"),
-        "/ready" => {
-            if shared.readiness.is_ready() {
-                text(StatusCode::OK, "ready\n")
-            } else {
-                let why = match shared.readiness.last_error() {
-                    Some(e) => format!("not ready: the relay has not been reached yet (last attempt: {e})\n"),
-                    None => "not ready: the relay has not been reached yet\n".to_string(),
-                };
-                text(StatusCode::SERVICE_UNAVAILABLE, why)
-            }
-        }
+        "/ready" => match shared.readiness.not_ready_reason() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
         "/status" => full(StatusCode::OK, "application/json", status_json(&shared).to_string()),
         "/status/history" => full(StatusCode::OK, "application/json", shared.history.samples_json()),
         "/" => full(StatusCode::OK, "text/html; charset=utf-8", super::status_page::PAGE),
@@ -201,9 +194,7 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
             (w.as_str().to_string(), serde_json::Value::Object(by_compression))
         }).collect::<serde_json::Map<_, _>>(),
         "ready": shared.readiness.is_ready(),
-        "not_ready_reason": (!shared.readiness.is_ready()).then(|| {
-            shared.readiness.last_error().unwrap_or_else(|| "the relay has not been reached yet".into())
-        }),
+        "not_ready_reason": shared.readiness.not_ready_reason(),
         "verification": verification_json(shared),
         "mix": shared.history.mix_json(),
         "catchup": shared.history.catchup_json(),

@@ -20,6 +20,8 @@ use std::sync::Mutex;
 pub struct Readiness {
     reached: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// The log could not be written: ingest stopped (set by the application, for `/ready`).
+    store_failure: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -32,8 +34,27 @@ impl Readiness {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
     }
 
+    /// Ingest stopped because the log cannot be written.
+    pub fn set_store_failure(&self, error: String) {
+        *self.store_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error);
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.reached.load(Ordering::Relaxed)
+        self.reached.load(Ordering::Relaxed) && self.store_failure.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+    }
+
+    /// Why `/ready` says 503, when it does.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if let Some(e) = self.store_failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Some(format!("the log cannot be written, ingest stopped ({e}); serving what is stored"));
+        }
+        if self.is_ready() {
+            return None;
+        }
+        Some(match self.last_error() {
+            Some(e) => format!("the relay has not been reached yet (last attempt: {e})"),
+            None => "the relay has not been reached yet".to_string(),
+        })
     }
 
     /// Why not ready: the last error, if there was one.
