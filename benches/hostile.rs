@@ -48,7 +48,9 @@ impl Drop for Server {
 }
 
 fn spawn_server(data: &std::path::Path, relay: &str) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_contrail"))
+    // CONTRAIL_BIN runs another build (a baseline) under the same harness.
+    let bin = std::env::var("CONTRAIL_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_contrail").to_string());
+    let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--relay-url", relay])
         .arg("--data-dir")
         .arg(data)
