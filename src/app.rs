@@ -150,7 +150,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         // relay seq was not stored and the relay sends them again after a restart.
         let cancel = stop_reader.clone();
         tasks.spawn(async move {
-            stage.run(rx, tx, cancel).await;
+            stage.run(rx, tx, cancel.clone()).await;
+            // It also ends when the sequencer stops: the sequencer's own result says why.
+            cancel.cancelled().await;
             ("verification", Ok(()))
         });
     }
@@ -158,9 +160,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let cancel = stop_reader.clone();
         tasks.spawn(async move {
             match reader {
-                Reader::Relay(r) => r.run(cancel).await,
-                Reader::Upstream(u) => u.run(cancel).await,
+                Reader::Relay(r) => r.run(cancel.clone()).await,
+                Reader::Upstream(u) => u.run(cancel.clone()).await,
             }
+            // It also ends when the sequencer stops: the sequencer's own result says why.
+            cancel.cancelled().await;
             ("reader", Ok(()))
         });
     }
