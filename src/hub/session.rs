@@ -279,10 +279,15 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         // a moment before the socket goes (the reader's half keeps it open until `_reader`
         // drops). Closing with unread bytes makes the kernel reset the connection, and the
         // client would lose the close frame just sent.
+        // A client still sending messages (not pings) after our close is not listening: a
+        // second of its flood would cost a second of reading (measured with 10 MB messages,
+        // `benches/hostile.rs`), so lingering stops at the first message over 64 KiB.
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Some(c) = ctl.recv().await {
-                if matches!(c, Control::Close | Control::ReadError(_)) {
-                    break;
+                match c {
+                    Control::Close | Control::ReadError(_) | Control::TooBig | Control::Binary => break,
+                    Control::Text(t, _) if t.len() > PARSE_INLINE_BYTES => break,
+                    _ => {}
                 }
             }
         })
