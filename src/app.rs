@@ -67,7 +67,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let (ring, _) = broadcast::channel(config.hub.ring_capacity);
     // Events' cached encodings (zstd frames, v2 messages) are bounded by the budgets of what
-    // holds the events: the ring, the live queues (as much as the ring) and the replay cache.
+    // holds the events: the ring, the live queues (mostly the ring's own events, shared; up to
+    // as much again when queues keep events the ring let go) and the replay cache.
     crate::event::set_encoding_cache_cap(2 * config.hub.ring_max_bytes + config.hub.replay_cache_bytes);
     let (frames_tx, frames_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
     let mix = Arc::new(crate::mix::EventMix::default());

@@ -343,15 +343,21 @@ impl Session {
         }
         let shutdown = self.hub.shutdown.clone();
         let mut next_tick = Instant::now() + TICK;
+        // One timer, moved only when the deadline does (not registered anew per delivery).
+        let timer = tokio::time::sleep_until(self.next_deadline(next_tick));
+        tokio::pin!(timer);
         loop {
             let was_live = self.stream.as_ref().is_some_and(EventStream::is_live);
-            let timer = self.next_deadline(next_tick);
+            let deadline = self.next_deadline(next_tick);
+            if timer.deadline() != deadline || timer.is_elapsed() {
+                timer.as_mut().reset(deadline);
+            }
             let stream = self.stream.as_mut().expect("started above");
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Step::Shutdown,
                 c = ctl.recv() => Step::Control(c),
-                _ = tokio::time::sleep_until(timer) => Step::Tick,
+                _ = &mut timer => Step::Tick,
                 e = stream.next_event() => Step::Deliver(e),
             };
             match step {
