@@ -15,8 +15,11 @@ pub struct FramesSummary {
     pub drops: BTreeMap<DropReason, u64>,
 }
 
-/// Bytes of frames per unit of work handed to a transcoding thread.
-const BLOCK_BYTES: usize = 1 << 20;
+/// Bytes of frames per unit of work handed to a transcoding thread. Small enough that the
+/// workers start soon after the first read and finish together at the end (on a 16 MB file,
+/// 1 MiB blocks left one core idle for a sixteenth of the run at each end: 128 KiB is 1.2×
+/// faster there, and no slower on a 160 MB file; BENCHMARKS.md).
+const BLOCK_BYTES: usize = 128 << 10;
 
 /// One block's transcoding, before stamping (which must happen in order).
 struct Chunk {
