@@ -397,11 +397,13 @@ async fn main() {
         let caches = std::env::var("FANOUT_REPLAY_CACHES").unwrap_or_else(|_| "64MiB,0".into());
         for round in 0..2 {
             for cache in caches.split(',') {
-                let s = spawn_server(
-                    dir.path(),
-                    &["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()],
-                );
+                // A fresh server for each figure: the 20 must not find the lone replayer's
+                // work in a cache.
+                let args = ["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()];
+                let s = spawn_server(dir.path(), &args);
                 let (one_cpu, one_secs) = compressed_replayers(&s, total_events, 1).await;
+                drop(s);
+                let s = spawn_server(dir.path(), &args);
                 let (many_cpu, many_secs) = compressed_replayers(&s, total_events, 20).await;
                 println!(
                     "(d) round {round}, replay cache {cache}: 1 compressed replayer {one_cpu:.2} s server CPU ({one_secs:.2} s wall); 20 at once {many_cpu:.2} s CPU ({many_secs:.2} s wall) = {:.2}× one",
