@@ -391,15 +391,17 @@ async fn main() {
 
     // (d) compressed replay by 1 and by 20 clients at once, with the shared replay cache and
     // without it (`--replay-cache-bytes 0`), on the same log, rounds interleaved.
-    // `FANOUT_ONLY=replay cargo bench --bench fanout` runs only this part.
-    if std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay") {
+    // `FANOUT_ONLY=replay cargo bench --bench fanout` runs only this part and (a).
+    let replay_only = std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay");
+    let server = if replay_only {
         drop(server);
         let caches = std::env::var("FANOUT_REPLAY_CACHES").unwrap_or_else(|_| "64MiB,0".into());
         for round in 0..2 {
             for cache in caches.split(',') {
                 // A fresh server for each figure: the 20 must not find the lone replayer's
                 // work in a cache.
-                let args = ["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()];
+                let args =
+                    ["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()];
                 let s = spawn_server(dir.path(), &args);
                 let (one_cpu, one_secs) = compressed_replayers(&s, total_events, 1).await;
                 drop(s);
@@ -411,8 +413,10 @@ async fn main() {
                 );
             }
         }
-        return;
-    }
+        spawn_server(dir.path(), &["--relay-url".into(), "ws://127.0.0.1:9".into()])
+    } else {
+        server
+    };
 
     // (a) replay
     let sizes: Vec<usize> = {
@@ -432,6 +436,9 @@ async fn main() {
             100.0 * mbs / raw_mbs,
             total_events as f64 / raw_secs
         );
+    }
+    if replay_only {
+        return;
     }
 
     // (b) live fan-out at ~5,000 events/s

@@ -142,6 +142,8 @@ pub struct Metrics {
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
     pub live_queue_overflows: IntCounter,
+    pub replay_pages_built: IntCounter,
+    pub replay_pages_shared: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
     pub verify_commits: IntCounterVec,
@@ -296,7 +298,7 @@ impl Metrics {
                 "Subscriber connections closed, by reason.",
                 &["reason"],
             ),
-            replay_reads: counter(&r, "contrail_hub_replay_reads_total", "Batches read from the log for subscribers."),
+            replay_reads: counter(&r, "contrail_hub_replay_reads_total", "Replay pages taken by subscribers (batches of the log, built or shared)."),
             lagging_subscribers: gauge(
                 &r,
                 "contrail_hub_lagging_subscribers",
@@ -306,6 +308,16 @@ impl Metrics {
                 &r,
                 "contrail_hub_live_queue_overflows_total",
                 "Live subscribers sent back to the log because their queue filled (or the dispatcher fell behind the ring).",
+            ),
+            replay_pages_built: counter(
+                &r,
+                "contrail_hub_replay_pages_built_total",
+                "Replay pages (up to 1,024 stored events rendered as one filter and encoding's frames) built from the log.",
+            ),
+            replay_pages_shared: counter(
+                &r,
+                "contrail_hub_replay_pages_shared_total",
+                "Replay pages a subscriber took from another one's build instead of building its own.",
             ),
             rejected_requests: counter_vec(
                 &r,

@@ -288,6 +288,89 @@ async fn compressed_frames_decode_with_the_dictionary() {
     assert_eq!((status, body.trim()), (400, "unknown zstdDictionary 7: this server has 1612007021, 20261125"));
 }
 
+/// Replayers that start together with the same filter and encoding share replay pages (the
+/// log read, filtered, compressed and framed once); each still gets exactly its own stream:
+/// cursors inside a page, other filters, compression, a size cap, a filter change mid-replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_replayers_share_pages_and_each_gets_exactly_its_stream() {
+    let s = setup(3000, &[]).await;
+    let all = log(&s);
+    assert!(all.len() > 3 * 1024, "several pages: {} events", all.len());
+    let time = |e: &serde_json::Value| e["time_us"].as_u64().unwrap();
+    let posts = |e: &&serde_json::Value| e["kind"] != "commit" || e["commit"]["collection"] == "app.bsky.feed.post";
+    let from = |i: usize| all[i..].to_vec();
+    // (query, expected, compressed)
+    let mid = time(&all[1500]);
+    let cases: Vec<(String, Vec<serde_json::Value>, bool)> = vec![
+        ("/subscribe?cursor=0".into(), all.clone(), false),
+        ("/subscribe?cursor=0".into(), all.clone(), false),
+        ("/subscribe?cursor=0".into(), all.clone(), false),
+        (format!("/subscribe?cursor={mid}"), from(1500), false),
+        (format!("/subscribe?cursor={}", mid + 1), from(1501), false),
+        ("/subscribe?cursor=0&compress=true".into(), all.clone(), true),
+        ("/subscribe?cursor=0&compress=true".into(), all.clone(), true),
+        (
+            "/subscribe?cursor=0&wantedCollections=app.bsky.feed.post".into(),
+            all.iter().filter(posts).cloned().collect(),
+            false,
+        ),
+        (
+            "/subscribe?cursor=0&wantedCollections=app.bsky.feed.post&compress=true".into(),
+            all.iter().filter(posts).cloned().collect(),
+            true,
+        ),
+        (
+            "/subscribe?cursor=0&maxMessageSizeBytes=500".into(),
+            all.iter().filter(|e| e.to_string().len() <= 500).cloned().collect(),
+            false,
+        ),
+    ];
+    let dict = contrail::hub::compress::JETSTREAM_V1;
+    let mut conns = Vec::new();
+    for (q, _, _) in &cases {
+        conns.push(connect(s.serve.public, q, &[]).await.unwrap());
+    }
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .zip(cases)
+        .map(|(mut ws, (q, want, compressed))| {
+            tokio::spawn(async move {
+                let mut dec = zstd::bulk::Decompressor::with_dictionary(dict).unwrap();
+                let mut got = Vec::new();
+                while got.len() < want.len() {
+                    let json = match next(&mut ws, T).await {
+                        Some(Msg::Binary(b)) if compressed => dec.decompress(&b, 1 << 20).unwrap(),
+                        Some(Msg::Text(t)) if !compressed => t.into_bytes(),
+                        other => panic!("{q}: after {} events, {other:?}", got.len()),
+                    };
+                    got.push(serde_json::from_slice::<serde_json::Value>(&json).unwrap());
+                }
+                assert!(got == want, "{q}: a different stream");
+                assert_eq!(next(&mut ws, Duration::from_millis(300)).await, None, "{q}: nothing more");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let shared = s.serve.metric("contrail_hub_replay_pages_shared_total").unwrap();
+    let built = s.serve.metric("contrail_hub_replay_pages_built_total").unwrap();
+    assert!(shared >= 8.0, "replayers shared pages: {shared} shared, {built} built");
+
+    // A filter change in the middle of a page: the old filter's events up to the position,
+    // the new one's after it.
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let head = collect(&mut ws, 1500, T).await;
+    assert_eq!(head, all[..1500].to_vec());
+    send_text(&mut ws, r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.post"]}}"#).await;
+    // Events already on their way when the update arrived are the old filter's (all of
+    // them, from 1500); after those, the new filter's, from where the old ones stopped.
+    let got = collect(&mut ws, 200, T).await;
+    let old = got.iter().zip(&all[1500..]).take_while(|(a, b)| a == b).count();
+    let new: Vec<_> = all[1500 + old..].iter().filter(posts).take(200 - old).cloned().collect();
+    assert_eq!(got[old..], new[..], "after {old} events of the old filter, the new one's, in order");
+}
+
 /// Subscribers with cursors all over the log connect while ingest goes on: each gets exactly
 /// the log from its cursor, in order, through the switch from replay to live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

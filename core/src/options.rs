@@ -61,6 +61,27 @@ impl Default for Filter {
     }
 }
 
+/// Consistent with `==`, which compares the sets whatever their order: each set is hashed as
+/// the sum of its members' hashes. (Replays share work between subscribers with equal
+/// filters by this hash.)
+impl std::hash::Hash for Filter {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        fn set_hash(set: &Option<HashSet<String>>) -> Option<u64> {
+            set.as_ref().map(|s| {
+                s.iter().fold(0u64, |sum, m| {
+                    use std::hash::{BuildHasher, BuildHasherDefault};
+                    let one = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(m);
+                    sum.wrapping_add(one)
+                })
+            })
+        }
+        self.kinds.0.hash(h);
+        set_hash(&self.collections).hash(h);
+        self.prefixes.hash(h);
+        set_hash(&self.dids).hash(h);
+    }
+}
+
 impl Filter {
     /// The same filter passing `kinds`.
     pub fn with_kinds(mut self, kinds: Kinds) -> Filter {
@@ -329,6 +350,22 @@ mod tests {
     use super::*;
 
     const DID: &str = "did:plc:q6gjnaw2blty4crticxkmujt";
+
+    #[test]
+    fn equal_filters_hash_alike_whatever_their_order() {
+        use std::hash::BuildHasher;
+        let state = std::collections::hash_map::RandomState::new();
+        let hash = |f: &Filter| state.hash_one(f);
+        let dids = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa".to_string(), "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb".to_string()];
+        let colls = ["app.bsky.feed.post".to_string(), "app.bsky.feed.like".to_string()];
+        let a = Filter::new(&colls, &dids).unwrap();
+        let b = Filter::new(&[colls[1].clone(), colls[0].clone()], &[dids[1].clone(), dids[0].clone()]).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(hash(&a), hash(&b));
+        let c = Filter::new(&colls[..1], &dids).unwrap();
+        assert_ne!(hash(&a), hash(&c));
+        assert_ne!(hash(&Filter::default()), hash(&Filter::default().with_kinds(Kinds::ALL)));
+    }
 
     #[test]
     fn filters_match_like_v1() {

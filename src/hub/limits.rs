@@ -133,12 +133,23 @@ impl TokenBucket {
         TokenBucket { rate, state: Mutex::new((rate, Instant::now())) }
     }
 
+    /// Tokens per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Takes one token; returns how long to wait first (zero when one was available).
     pub fn take(&self) -> Duration {
+        self.take_n(1.0)
+    }
+
+    /// Takes `n` tokens at once (a replay page's frames); returns how long to wait first. The
+    /// balance may go below zero: later takers wait it out too.
+    pub fn take_n(&self, n: f64) -> Duration {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let (tokens, at) = *s;
-        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate) - 1.0;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate) - n;
         *s = (tokens, now);
         if tokens >= 0.0 {
             Duration::ZERO

@@ -6,7 +6,8 @@
 //!   invariant 4); [`dispatch`]: the index that fills live queues with only what each wants.
 //! - [`slow`]: the slow-subscriber rule; [`close`]: close reasons with their codes.
 //! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
-//!   [`replay_cache`]: log events shared by replayers close to each other;
+//!   [`encode`]: what a subscriber is sent for an event; [`replay_pages`]: runs of the log
+//!   rendered once as ready frames and shared by replayers close to each other;
 //!   [`options`]: the query and `options_update` (in the pure core crate).
 //!
 //! The hub is built from what it needs — the log and its tip, the ring, metrics, the
@@ -66,9 +67,10 @@
 pub mod close;
 pub mod compress;
 pub mod dispatch;
+pub mod encode;
 pub(crate) mod handshake;
 pub mod limits;
-pub mod replay_cache;
+pub mod replay_pages;
 pub(crate) mod session;
 pub(crate) mod slow;
 pub(crate) mod stream;
@@ -99,8 +101,9 @@ pub struct HubConfig {
     /// at most 4× this (counting an event once per queue holding it).
     #[arg(long, env = "CONTRAIL_RING_MAX_BYTES", default_value = "256MiB", value_parser = crate::units::parse_size)]
     pub ring_max_bytes: u64,
-    /// Events read back from the log, shared by subscribers replaying close to each other (so
-    /// concurrent compressed replayers compress each event once); 0 turns the sharing off.
+    /// Replay pages kept: runs of the log rendered as ready frames, shared by subscribers
+    /// replaying close to each other with the same filter and encoding (so concurrent
+    /// replayers read, filter, compress and frame each event once); 0 turns the sharing off.
     #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
     pub replay_cache_bytes: u64,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
@@ -194,8 +197,8 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// Every subscriber task, so shutdown can wait for them.
     pub tasks: TaskTracker,
-    /// Events replayed from the log, shared by replayers close to each other.
-    pub replay_cache: Arc<replay_cache::ReplayCache>,
+    /// Replay pages, shared by replayers close to each other with the same filter and encoding.
+    pub replay_pages: Arc<replay_pages::ReplayPages>,
 }
 
 impl Hub {
@@ -222,13 +225,17 @@ impl Hub {
             tip: log.tip(),
             log,
             dispatcher,
-            metrics,
             dictionaries,
             admission,
             limits,
             shutdown,
             tasks: TaskTracker::new(),
-            replay_cache: Arc::new(replay_cache::ReplayCache::new(config.replay_cache_bytes as usize)),
+            replay_pages: Arc::new(replay_pages::ReplayPages::new(
+                config.replay_cache_bytes as usize,
+                metrics.replay_pages_built.clone(),
+                metrics.replay_pages_shared.clone(),
+            )),
+            metrics,
             config,
         })
     }

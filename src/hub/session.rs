@@ -3,18 +3,19 @@
 //!
 //! The reader half runs in its own small task and reports what it read over a 16-slot
 //! channel; the writer half is buffered, so events that are ready together leave in one
-//! syscall. Delivery order and position belong to the [`EventStream`].
+//! syscall, and a replay page's ready frames go out as they are. Delivery order and position
+//! belong to the [`EventStream`]; what bytes an event becomes, to the [`Encoding`].
 
 use super::close::CloseReason;
+use super::encode::{Encoding, MAX_HEAD};
 use super::slow::{Progress, SlowWatch};
-use super::stream::{EventStream, Start, StreamMetrics};
+use super::stream::{EventStream, Frames, Next, Start, StreamMetrics};
 use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
 use crate::options::{ClientMessage, Filter, Kinds, OptionsError, OptionsUpdate, SubscribeOptions};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use hyper_util::rt::TokioIo;
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -42,9 +43,34 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const PARSE_INLINE_BYTES: usize = 64 * 1024;
 
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
-/// Writes go through a buffer: events that are ready together leave in one syscall.
-type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>>;
 type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
+
+/// The writer half: frames formatted by fastwebsockets (`Frame::fmt_head`), written through
+/// one buffer, so events ready together leave in one syscall — and bytes already framed (a
+/// replay page's) are written as they are, which fastwebsockets' own writer cannot do.
+struct FrameWriter {
+    io: tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>,
+}
+
+impl FrameWriter {
+    async fn frame(&mut self, mut frame: Frame<'_>) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut head = [0u8; MAX_HEAD];
+        let n = frame.fmt_head(&mut head);
+        self.io.write_all(&head[..n]).await?;
+        self.io.write_all(&frame.payload).await
+    }
+
+    async fn framed(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.io.write_all(bytes).await
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.io.flush().await
+    }
+}
 
 /// What the reader half reports.
 enum Control {
@@ -175,23 +201,12 @@ impl Subscription {
     }
 }
 
-/// A frame payload from a possibly cached encoding.
-fn payload(bytes: Cow<'_, [u8]>) -> Payload<'_> {
-    match bytes {
-        Cow::Borrowed(b) => Payload::Borrowed(b),
-        Cow::Owned(v) => Payload::Owned(v),
-    }
-}
-
 struct Session {
     hub: Arc<Hub>,
-    wire: Wire,
-    tx: WsWrite,
+    tx: FrameWriter,
     filter: Arc<Filter>,
-    max_size: u64,
-    include_verification: bool,
-    /// The dictionary frames are compressed with; `None`: plain JSON text frames.
-    dictionary: Option<Arc<super::compress::Dictionary>>,
+    /// The wire, the dictionary, the verification field and the size cap.
+    encoding: Encoding,
     inform: Option<Duration>,
     next_inform: Instant,
     /// Set once delivery starts (after the hello, when `requireHello`).
@@ -222,15 +237,15 @@ enum Step {
     Shutdown,
     Control(Option<Control>),
     Tick,
-    Deliver(Option<Arc<Event>>),
+    Deliver(Option<Next>),
 }
 
 /// Runs one subscriber until its connection ends.
 pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Subscription, slot: super::limits::Slot) {
-    let (mut rx, tx) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
-    });
+    // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
+    let (r, w) = tokio::io::split(ws.into_inner());
+    let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
+    let tx = FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w) };
     rx.set_auto_pong(false);
     rx.set_auto_close(false);
     // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
@@ -244,12 +259,14 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     let now = Instant::now();
     let mut s = Session {
         hub: hub.clone(),
-        wire: sub.wire,
         tx,
         filter: Arc::new(sub.filter),
-        max_size: sub.max_message_size,
-        include_verification: sub.include_verification,
-        dictionary: sub.dictionary,
+        encoding: Encoding {
+            wire: sub.wire,
+            dictionary: sub.dictionary,
+            include_verification: sub.include_verification,
+            max_size: sub.max_message_size,
+        },
         inform: sub.inform_cursor_seconds.map(Duration::from_secs),
         next_inform: now,
         stream: None,
@@ -304,7 +321,7 @@ impl Session {
         preface: Vec<Vec<u8>>,
     ) -> CloseReason {
         let Err(reason) = self.serve_until_closed(ctl, start, require_hello, preface).await;
-        if self.wire == Wire::V2 && !self.close_sent {
+        if self.encoding.wire == Wire::V2 && !self.close_sent {
             // v2 says why in an error frame before the socket goes.
             // Resume just after the last event this stream passed (cursors are inclusive).
             let resume = self.stream.as_mut().map_or(0, |s| s.last_seen() + 1);
@@ -346,6 +363,10 @@ impl Session {
         // One timer, moved only when the deadline does (not registered anew per delivery).
         let timer = tokio::time::sleep_until(self.next_deadline(next_tick));
         tokio::pin!(timer);
+        // Replay frames per write: a batch, or a twentieth of a second of a paced client's rate
+        // (so a page does not arrive as one burst after a long wait).
+        let chunk =
+            self.slot.bucket.as_ref().map_or(WRITE_BATCH, |b| ((b.rate() / 20.0) as usize).clamp(1, WRITE_BATCH));
         loop {
             let was_live = self.stream.as_ref().is_some_and(EventStream::is_live);
             let deadline = self.next_deadline(next_tick);
@@ -358,7 +379,7 @@ impl Session {
                 _ = shutdown.cancelled() => Step::Shutdown,
                 c = ctl.recv() => Step::Control(c),
                 _ = &mut timer => Step::Tick,
-                e = stream.next_event() => Step::Deliver(e),
+                e = stream.next(chunk) => Step::Deliver(e),
             };
             match step {
                 Step::Shutdown => return Err(CloseReason::Shutdown),
@@ -369,10 +390,11 @@ impl Session {
                     next_tick = Instant::now() + TICK;
                     self.tick().await?;
                 }
-                Step::Deliver(Some(ev)) => {
+                Step::Deliver(Some(Next::Event(ev))) => {
                     self.deliver_ready(ev).await?;
                     self.linger().await?;
                 }
+                Step::Deliver(Some(Next::Frames(frames))) => self.deliver_frames(frames).await?,
                 Step::Deliver(None) => return Err(CloseReason::Internal),
             }
             self.flush().await?;
@@ -430,10 +452,16 @@ impl Session {
             replay_reads: hub.metrics.replay_reads.clone(),
             lagging: hub.metrics.lagging_subscribers.clone(),
         };
-        self.stream = Some(
-            EventStream::new(hub.log.clone(), &hub.tip, hub.dispatcher.clone(), self.filter.clone(), start, metrics)
-                .with_replay_cache(hub.replay_cache.clone()),
-        );
+        self.stream = Some(EventStream::new(
+            hub.log.clone(),
+            &hub.tip,
+            hub.dispatcher.clone(),
+            hub.replay_pages.clone(),
+            self.filter.clone(),
+            self.encoding.clone(),
+            start,
+            metrics,
+        ));
     }
 
     async fn wait_for_hello(&mut self, ctl: &mut mpsc::Receiver<Control>) -> Result<(), CloseReason> {
@@ -467,37 +495,14 @@ impl Session {
     }
 
     async fn deliver(&mut self, ev: Arc<Event>) -> Result<(), CloseReason> {
-        let stream = self.stream.as_mut().expect("delivering after start");
-        let size = match self.wire {
-            // The size of what this subscriber is sent, the verification field included.
-            Wire::V1 if self.include_verification => ev.json().len() + 18 + ev.verification.as_str().len(),
-            Wire::V1 => ev.json().len(),
-            Wire::V2 => contrail_core::v2::message_of(&ev).len(),
-        };
-        if self.max_size > 0 && size as u64 > self.max_size {
-            stream.advance(ev.time_us);
+        let Some((opcode, payload)) = self.encoding.message(&ev) else {
+            // Over the size cap: skipped.
+            self.stream.as_mut().expect("delivering after start").advance(ev.time_us);
             return Ok(());
-        }
-        if let Some(bucket) = &self.slot.bucket {
-            let wait = bucket.take();
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
-        // Cached encodings are borrowed; past the cache's cap one is built for this write only.
-        let frame = match (self.wire, &self.dictionary) {
-            // Asked-for verification fields make this subscriber's bytes its own.
-            (Wire::V1, Some(dict)) if self.include_verification => {
-                Frame::binary(Payload::Owned(dict.compress(&ev.json_with_verification())))
-            }
-            (Wire::V1, None) if self.include_verification => Frame::text(Payload::Owned(ev.json_with_verification())),
-            (Wire::V1, Some(dict)) => Frame::binary(payload(dict.frame(&ev))),
-            (Wire::V1, None) => Frame::text(Payload::Borrowed(ev.json())),
-            (Wire::V2, Some(dict)) => Frame::binary(payload(dict.v2_frame(&ev))),
-            (Wire::V2, None) => Frame::text(payload(contrail_core::v2::message_of(&ev))),
         };
-        let len = frame.payload.len() as u64;
-        self.write(frame).await?;
+        self.take_tokens(1).await;
+        let len = payload.len() as u64;
+        self.write(super::encode::frame(opcode, payload)).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(ev.time_us);
         }
@@ -506,10 +511,36 @@ impl Session {
         Ok(())
     }
 
+    /// Writes a replay page's frames as they are (rendered once for every replayer with this
+    /// filter and encoding).
+    async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
+        self.take_tokens(frames.count()).await;
+        self.unflushed = true;
+        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.framed(frames.bytes())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(CloseReason::WriteError),
+            Err(_) => return Err(CloseReason::WriteTimeout),
+        }
+        if let Some(s) = self.stream.as_mut() {
+            s.advance(frames.through);
+        }
+        self.events_sent.inc_by(frames.count() as u64);
+        self.bytes_sent.inc_by(frames.payload_bytes() as u64);
+        Ok(())
+    }
+
+    /// Waits for `n` events' worth of the client IP's event rate, if it has one.
+    async fn take_tokens(&mut self, n: usize) {
+        let wait = self.slot.bucket.as_ref().map_or(Duration::ZERO, |b| b.take_n(n as f64));
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// Sends a message that is not an event (a cursor message, an info or error frame):
     /// compressed like this subscriber's events.
     async fn send_message(&mut self, message: Vec<u8>) -> Result<(), CloseReason> {
-        let frame = match &self.dictionary {
+        let frame = match &self.encoding.dictionary {
             Some(dict) => Frame::binary(Payload::Owned(dict.compress(&message))),
             None => Frame::text(Payload::Owned(message)),
         };
@@ -530,7 +561,7 @@ impl Session {
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.write_frame(frame)).await {
+        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.frame(frame)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::WriteError),
             Err(_) => Err(CloseReason::WriteTimeout),
@@ -546,7 +577,7 @@ impl Session {
         }
         let frame = Frame::close(code, &reason.as_bytes()[..end]);
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-            self.tx.write_frame(frame).await?;
+            self.tx.frame(frame).await?;
             self.tx.flush().await
         })
         .await;
@@ -571,7 +602,9 @@ impl Session {
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
             Some(Control::Heard) => Ok(false),
             // v2 is server-push only: any data frame ends the connection (as v2 does).
-            Some(Control::Text(..) | Control::Binary) if self.wire == Wire::V2 => Err(CloseReason::UnexpectedMessage),
+            Some(Control::Text(..) | Control::Binary) if self.encoding.wire == Wire::V2 => {
+                Err(CloseReason::UnexpectedMessage)
+            }
             Some(Control::Binary) => Ok(false), // ignored, as in v1
             Some(Control::Ping(payload)) => {
                 let now = Instant::now();
@@ -604,14 +637,14 @@ impl Session {
                         let include_sync = u.include_sync.unwrap_or(self.filter.kinds().contains(EventKind::Sync));
                         let kinds = if include_sync { Kinds::ALL } else { Kinds::V1_DEFAULT };
                         self.filter = Arc::new(u.filter.with_kinds(kinds));
-                        self.max_size = u.max_message_size;
+                        self.encoding.max_size = u.max_message_size;
                         if let Some(i) = u.inform_cursor_seconds {
                             self.inform = i.map(Duration::from_secs);
                             // The new interval counts from now, not from the old one's next.
                             self.next_inform = Instant::now() + self.inform.unwrap_or_default();
                         }
                         if let Some(s) = self.stream.as_mut() {
-                            s.set_filter(self.filter.clone());
+                            s.set_filter(self.filter.clone(), self.encoding.clone());
                         }
                         Ok(true)
                     }

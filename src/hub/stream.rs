@@ -11,36 +11,52 @@
 //! reads the log.
 
 use super::dispatch::{Dispatcher, Ended, Registration, Take};
-use crate::event::{view_value, Event};
+use super::encode::Encoding;
+use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages};
+use crate::event::Event;
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
-use std::collections::VecDeque;
 use std::sync::Arc;
 
-/// Events read from the log per batch: large enough to amortise the read, small enough
-/// (~1 MB) to keep a replaying subscriber's memory flat.
-pub const REPLAY_BATCH: usize = 1024;
-
-/// A batch read from the log for one subscriber: every stored value scanned, copied into one
-/// buffer, in order. Filtering happens as events are taken from it, with the filter of that
-/// moment, so a filter change while reading the log never reads it again.
-#[derive(Default)]
-struct LogBatch {
-    values: Vec<u8>,
-    /// `(time_us, range in values)`, oldest first.
-    items: VecDeque<(u64, std::ops::Range<usize>)>,
+/// What a stream hands its session next.
+pub enum Next {
+    /// A live event, for the session to encode.
+    Event(Arc<Event>),
+    /// Ready frames from a replay page: write them, then [`EventStream::advance`] to
+    /// `through`.
+    Frames(Frames),
 }
 
-/// Reads up to [`REPLAY_BATCH`] events with `time_us >= from`.
-fn read_log(log: &Log, from: u64) -> Result<LogBatch, LogError> {
-    let mut batch = LogBatch::default();
-    log.scan(from, REPLAY_BATCH, |t, v| {
-        let start = batch.values.len();
-        batch.values.extend_from_slice(v);
-        batch.items.push_back((t, start..batch.values.len()));
-        true
-    })?;
-    Ok(batch)
+/// Consecutive frames of a replay page.
+pub struct Frames {
+    page: Arc<Page>,
+    range: std::ops::Range<usize>,
+    /// The position once they are written: the last frame's event, or the page's end (past
+    /// the events it filtered out) when they finish the page.
+    pub through: u64,
+}
+
+impl Frames {
+    /// The frames as they go on the wire.
+    pub fn bytes(&self) -> &[u8] {
+        self.page.bytes(self.range.clone())
+    }
+
+    /// How many frames (events).
+    pub fn count(&self) -> usize {
+        self.range.len()
+    }
+
+    /// The payload bytes (what `bytes_sent` counts).
+    pub fn payload_bytes(&self) -> usize {
+        self.page.payload_bytes(self.range.clone())
+    }
+
+    /// The `time_us` of each frame's event.
+    #[cfg(test)]
+    pub fn times(&self) -> impl Iterator<Item = u64> + '_ {
+        self.range.clone().map(|i| self.page.time_of(i))
+    }
 }
 
 /// The counters a stream moves, resolved once.
@@ -84,7 +100,6 @@ impl Start {
 pub struct EventStream {
     log: Arc<Log>,
     dispatcher: Arc<Dispatcher>,
-    filter: Arc<Filter>,
     /// The stream position: every event up to here was delivered or filtered out.
     last_seen: u64,
     /// In the dispatcher's index: its queue holds what this filter matches after `join_at`.
@@ -96,24 +111,30 @@ pub struct EventStream {
     log_end_near: bool,
     /// Taking the queue (true) or reading the log (false).
     live: bool,
-    /// What the last log read returned and has not been passed yet.
-    batch: LogBatch,
-    /// A log read in progress, kept across cancellations of [`Self::next_event`].
-    fetch: Option<tokio::task::JoinHandle<Result<LogBatch, LogError>>>,
+    /// The filter and how the subscriber's events are sent: replay pages are rendered so.
+    rendering: Rendering,
+    /// Where replay pages come from (and are shared with other replayers).
+    pages: Arc<ReplayPages>,
+    /// The replay page in hand and its next frame.
+    page: Option<(Arc<Page>, usize)>,
+    /// A page being fetched, kept across cancellations of [`Self::next`].
+    fetch: Option<PageFetch>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
     metrics: StreamMetrics,
-    /// Decoded log events shared with the other replayers (see `replay_cache`).
-    shared: Option<Arc<super::replay_cache::ReplayCache>>,
 }
 
 impl EventStream {
-    /// Starts a stream at `start`, decided against `tip`.
+    /// Starts a stream at `start`, decided against `tip`; it replays through `pages`, in
+    /// `encoding`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         log: Arc<Log>,
         tip: &Tip,
         dispatcher: Arc<Dispatcher>,
+        pages: Arc<ReplayPages>,
         filter: Arc<Filter>,
+        encoding: Encoding,
         start: Start,
         metrics: StreamMetrics,
     ) -> Self {
@@ -125,17 +146,17 @@ impl EventStream {
         let mut s = EventStream {
             log,
             dispatcher,
-            filter,
             last_seen,
             registration: None,
             join_at: 0,
             log_end_near: at_the_end,
             live: false,
-            batch: LogBatch::default(),
+            rendering: Rendering::new(filter, encoding),
+            pages,
+            page: None,
             fetch: None,
             passed: 0,
             metrics,
-            shared: None,
         };
         if at_the_end {
             s.register();
@@ -144,13 +165,6 @@ impl EventStream {
             }
         }
         s
-    }
-
-    /// Takes the events it replays from (and gives them to) `cache`, so replayers close to each
-    /// other decode and compress each event once.
-    pub fn with_replay_cache(mut self, cache: Arc<super::replay_cache::ReplayCache>) -> Self {
-        self.shared = Some(cache);
-        self
     }
 
     /// Every event up to here was delivered or filtered out. A live stream with nothing
@@ -174,21 +188,27 @@ impl EventStream {
         self.passed
     }
 
-    /// The event at `time_us` was delivered, or deliberately skipped (over the size cap).
+    /// Everything up to `time_us` was delivered, or deliberately skipped (over the size cap).
     pub fn advance(&mut self, time_us: u64) {
         self.last_seen = self.last_seen.max(time_us);
     }
 
-    /// New filters, for every event after the position. The batch in hand is filtered as it
-    /// is taken, so nothing is read again; a live stream registers again with the new filter
-    /// and reads the log for what was handed out since it last had nothing waiting (its old
-    /// queue had the old filter's events). `options_update` is paced, which bounds those reads;
-    /// the same filter again changes nothing.
-    pub fn set_filter(&mut self, filter: Arc<Filter>) {
-        if filter == self.filter {
-            return; // nothing changes: keep the queue
+    /// New filters and encoding, for every event after the position. The replay page in hand
+    /// was rendered for the old ones: the rest of it is dropped and the log read again from
+    /// the position. A live stream registers again with the new filter and reads the log for
+    /// what was handed out since it last had nothing waiting (its old queue had the old
+    /// filter's events). `options_update` is paced, which bounds those reads; the same
+    /// filter and encoding again change nothing.
+    pub fn set_filter(&mut self, filter: Arc<Filter>, encoding: Encoding) {
+        let same_filter = &filter == self.rendering.filter();
+        if same_filter && &encoding == self.rendering.encoding() {
+            return; // nothing changes: keep the page and the queue
         }
-        self.filter = filter;
+        (self.page, self.fetch) = (None, None);
+        self.rendering = Rendering::new(filter, encoding);
+        if same_filter {
+            return; // the queue holds the same events; the session encodes them anew
+        }
         self.last_seen(); // an idle live stream reads nothing again
         if self.registration.take().is_some() {
             self.register();
@@ -199,7 +219,7 @@ impl EventStream {
     }
 
     fn register(&mut self) {
-        let (registration, up_to) = self.dispatcher.register(self.filter.clone(), self.last_seen);
+        let (registration, up_to) = self.dispatcher.register(self.rendering.filter().clone(), self.last_seen);
         self.registration = Some(registration);
         self.join_at = up_to;
     }
@@ -216,35 +236,37 @@ impl EventStream {
         }
     }
 
-    /// The next event of the batch in hand that the filter wants; the others are passed.
-    fn next_from_batch(&mut self) -> Result<Option<Arc<Event>>, LogError> {
-        while let Some((t, range)) = self.batch.items.front().cloned() {
-            let value = &self.batch.values[range];
-            // A corrupt value stays at the front, so whoever asks next sees the error too.
-            let view = view_value(value).ok_or(LogError::Corrupt("event value"))?;
-            self.batch.items.pop_front();
-            self.passed += 1;
-            if self.filter.matches(view.kind, view.did, view.collection) {
-                let ev = match &self.shared {
-                    // Sharing pays only when another stream reads the log too (measured: it
-                    // costs a lone replayer ~1 µs per event).
-                    Some(cache) if self.metrics.lagging.get() > 1 => cache.get_or_decode(t, value),
-                    _ => Event::decode_value(t, value).map(Arc::new),
-                };
-                return ev.ok_or(LogError::Corrupt("event value")).map(Some);
-            }
-            self.last_seen = t;
+    /// The next frames of the page in hand, at most `max`. A finished page moves the position
+    /// to its end (past what it filtered out); a page that stopped at a corrupt value is an
+    /// error once its frames are out.
+    fn next_from_page(&mut self, max: usize) -> Result<Option<Frames>, LogError> {
+        let Some((page, next)) = &mut self.page else { return Ok(None) };
+        // A page found by a position inside it: skip what was delivered.
+        *next = (*next).max(page.first_after(self.last_seen));
+        let count = page.frame_count();
+        if *next < count {
+            let end = (*next + max.max(1)).min(count);
+            let finishes = end == count && !page.corrupt;
+            let through = if finishes { page.end } else { page.time_of(end - 1) };
+            let frames = Frames { page: page.clone(), range: *next..end, through };
+            *next = end;
+            return Ok(Some(frames));
         }
+        if page.corrupt {
+            return Err(LogError::Corrupt("event value")); // the page stays: asked again, again
+        }
+        self.last_seen = self.last_seen.max(page.end);
+        self.page = None;
         Ok(None)
     }
 
-    /// The next event this subscriber should get, from its log batch or its queue.
-    /// Cancel-safe: a pending log read is kept and picked up again. `None` when the log cannot
-    /// be read or the server is stopping.
-    pub async fn next_event(&mut self) -> Option<Arc<Event>> {
+    /// What this subscriber gets next: up to `max` frames of a replay page, or a live event.
+    /// Cancel-safe: a page being fetched is kept and waited for again. `None` when the log
+    /// cannot be read or the server is stopping.
+    pub async fn next(&mut self, max: usize) -> Option<Next> {
         loop {
-            match self.next_from_batch() {
-                Ok(Some(ev)) => return Some(ev),
+            match self.next_from_page(max) {
+                Ok(Some(frames)) => return Some(Next::Frames(frames)),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "reading the log for a subscriber failed");
@@ -259,35 +281,38 @@ impl EventStream {
                     self.set_live(true);
                     continue;
                 }
-                let handle = self.fetch.get_or_insert_with(|| {
-                    let (log, from) = (self.log.clone(), self.last_seen + 1);
-                    tokio::task::spawn_blocking(move || read_log(&log, from))
-                });
-                let result = handle.await;
+                let fetch =
+                    self.fetch.get_or_insert_with(|| self.pages.fetch(&self.log, self.last_seen, &self.rendering));
+                let built = fetch.wait().await;
                 self.fetch = None;
-                let batch = match result {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => {
+                let page = match built {
+                    Ok(page) => page,
+                    Err(e) => {
                         tracing::error!(error = %e, "reading the log for a subscriber failed");
                         return None;
                     }
-                    Err(_) => return None,
                 };
                 self.metrics.replay_reads.inc();
-                self.log_end_near = batch.items.len() < REPLAY_BATCH;
-                if batch.items.is_empty() && self.registration.is_some() {
+                self.passed += page.scanned as u64;
+                self.log_end_near = page.at_log_end;
+                if self.log_end_near && self.registration.is_none() {
+                    // Now, not once the page is out: the queue then holds what arrives while
+                    // it is written, and the stream is live as soon as it is.
+                    self.register();
+                }
+                if page.scanned == 0 && self.registration.is_some() {
                     // Nothing after the position in the log, which has everything up to
                     // `join_at`: the queue has the rest.
                     self.set_live(true);
                 }
-                self.batch = batch;
+                self.page = Some((page, 0));
                 continue;
             }
             let Some(registration) = &self.registration else { return None };
             match registration.queue().take() {
                 Take::Event(ev) => {
                     if let Some(ev) = self.accept(ev) {
-                        return Some(ev);
+                        return Some(Next::Event(ev));
                     }
                 }
                 Take::Empty => registration.queue().ready().await,
@@ -301,15 +326,12 @@ impl EventStream {
         }
     }
 
-    /// The next event if one is available right now (from the log batch or the queue).
+    /// The next live event if one is available right now (replay pages are taken by
+    /// [`Self::next`]).
     pub fn next_ready(&mut self) -> Option<Arc<Event>> {
         loop {
-            // A corrupt value surfaces in next_event, which closes the subscriber.
-            if let Ok(Some(ev)) = self.next_from_batch() {
-                return Some(ev);
-            }
-            if !self.live || !self.batch.items.is_empty() {
-                return None; // the next log read happens in next_event
+            if !self.live || self.page.is_some() {
+                return None;
             }
             match self.registration.as_ref()?.queue().take() {
                 Take::Event(ev) => {
@@ -353,9 +375,6 @@ impl Drop for EventStream {
         if !self.live {
             self.metrics.lagging.dec();
         }
-        if let Some(f) = self.fetch.take() {
-            f.abort();
-        }
     }
 }
 
@@ -391,6 +410,7 @@ mod tests {
         dispatcher: Arc<Dispatcher>,
         metrics: StreamMetrics,
         overflows: prometheus::IntCounter,
+        pages: Arc<ReplayPages>,
     }
 
     impl Fixture {
@@ -405,6 +425,7 @@ mod tests {
                 dispatcher,
                 metrics: StreamMetrics { replay_reads: m.replay_reads.clone(), lagging: m.lagging_subscribers.clone() },
                 overflows: m.live_queue_overflows.clone(),
+                pages: Arc::new(ReplayPages::new(8 << 20, m.replay_pages_built.clone(), m.replay_pages_shared.clone())),
             }
         }
 
@@ -428,19 +449,36 @@ mod tests {
                 self.log.clone(),
                 &self.log.tip(),
                 self.dispatcher.clone(),
+                self.pages.clone(),
                 Arc::new(filter),
+                Encoding::plain_v1(),
                 start,
                 self.metrics.clone(),
             )
         }
     }
 
+    /// The next event's `time_us`, live or from a replay page (one frame at a time), the
+    /// position moved as a session does once it is written.
+    async fn next_time(s: &mut EventStream) -> Option<u64> {
+        match s.next(1).await? {
+            Next::Event(ev) => {
+                s.advance(ev.time_us);
+                Some(ev.time_us)
+            }
+            Next::Frames(f) => {
+                let t = f.times().next().expect("one frame");
+                s.advance(f.through);
+                Some(t)
+            }
+        }
+    }
+
     async fn take(s: &mut EventStream, n: usize) -> Vec<u64> {
         let mut out = Vec::new();
         while out.len() < n {
-            let ev = tokio::time::timeout(Duration::from_secs(5), s.next_event()).await.expect("an event").unwrap();
-            s.advance(ev.time_us);
-            out.push(ev.time_us);
+            let t = tokio::time::timeout(Duration::from_secs(5), next_time(s)).await.expect("an event").unwrap();
+            out.push(t);
         }
         out
     }
@@ -458,7 +496,7 @@ mod tests {
         let got = take(&mut s, 100).await;
         assert_eq!(got, (4000..4100).collect::<Vec<_>>());
         // Nothing more in the log: the stream goes live and waits on the ring.
-        assert!(tokio::time::timeout(Duration::from_millis(200), s.next_event()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(200), s.next(1)).await.is_err());
         assert!(s.is_live(), "caught up: reading the ring");
         assert_eq!(f.metrics.lagging.get(), 0);
         f.ingest(3100..3110);
@@ -516,7 +554,7 @@ mod tests {
         // A filtered-out tail still moves the position (what cursor messages report).
         f.ingest(110..112); // a post, then a like
         assert_eq!(take(&mut live, 1).await, vec![1110]);
-        assert!(tokio::time::timeout(Duration::from_millis(200), live.next_event()).await.is_err());
+        assert!(tokio::time::timeout(Duration::from_millis(200), live.next(1)).await.is_err());
         assert_eq!(live.last_seen(), 1111);
     }
 
@@ -575,7 +613,7 @@ mod tests {
         let mut s = f.stream(Filter::default(), Start::From(1000));
         assert_eq!(take(&mut s, 4).await, vec![1000, 1001, 1002, 1003]);
         let did_b = Filter::new(&[], &[DIDS[1].into()]).unwrap();
-        s.set_filter(Arc::new(did_b));
+        s.set_filter(Arc::new(did_b), Encoding::plain_v1());
         // Events 2,3 (did b) were already delivered; next did-b events are 6,7,10,11,…
         assert_eq!(take(&mut s, 4).await, vec![1006, 1007, 1010, 1011]);
     }
@@ -590,7 +628,7 @@ mod tests {
         assert_eq!(take(&mut s, 2).await, vec![1004, 1005]);
         // Did-b events 6,7 were handed out before the change, under the old filter: the stream
         // reads them from the log.
-        s.set_filter(Arc::new(Filter::new(&[], &[DIDS[1].into()]).unwrap()));
+        s.set_filter(Arc::new(Filter::new(&[], &[DIDS[1].into()]).unwrap()), Encoding::plain_v1());
         assert_eq!(take(&mut s, 4).await, vec![1006, 1007, 1010, 1011]);
         f.ingest(12..16);
         assert_eq!(take(&mut s, 2).await, vec![1014, 1015]);
@@ -647,16 +685,13 @@ mod tests {
                     }
                     if rng.below(300) == 0 {
                         which = rng.below(filters.len() as u64) as usize;
-                        s.set_filter(Arc::new(filters[which].clone()));
+                        s.set_filter(Arc::new(filters[which].clone()), Encoding::plain_v1());
                         spans.push((which, s.last_seen(), Vec::new()));
                     }
                     let finished = done.load(Ordering::Acquire);
                     let wait = Duration::from_millis(if finished { 1000 } else { 50 });
-                    match tokio::time::timeout(wait, s.next_event()).await {
-                        Ok(Some(ev)) => {
-                            s.advance(ev.time_us);
-                            spans.last_mut().unwrap().2.push(ev.time_us);
-                        }
+                    match tokio::time::timeout(wait, next_time(&mut s)).await {
+                        Ok(Some(t)) => spans.last_mut().unwrap().2.push(t),
                         Ok(None) => panic!("the stream ended"),
                         Err(_) if finished => break,
                         Err(_) => {}

@@ -89,6 +89,14 @@ impl MemoryLog {
         }
     }
 
+    /// Stores `value` as it is at `time_us` (a corrupt value, for tests of how readers fail).
+    #[cfg(test)]
+    pub fn put_raw_for_test(&self, time_us: u64, value: &[u8]) {
+        let mut g = self.write();
+        g.events.insert(time_us, value.into());
+        g.last_time_us = g.last_time_us.max(time_us);
+    }
+
     pub fn repo_state(&self, did: &str) -> Option<Vec<u8>> {
         self.read().repos.get(did).cloned()
     }

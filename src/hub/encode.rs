@@ -1,0 +1,93 @@
+//! What one subscriber is sent for an event: the settings that make two subscribers' bytes for
+//! the same event differ (the wire, the dictionary, the verification field, the size cap), and
+//! the one function that turns an event into its websocket message under them. Live delivery
+//! ([`super::session`]) and replay pages ([`super::replay_pages`]) both go through it.
+
+use super::compress::Dictionary;
+use crate::event::Event;
+use crate::metrics::Wire;
+use fastwebsockets::{Frame, OpCode, Payload};
+use std::borrow::Cow;
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct Encoding {
+    pub wire: Wire,
+    /// The dictionary frames are compressed with; `None`: plain JSON text frames.
+    pub dictionary: Option<Arc<Dictionary>>,
+    /// v1 only: each event carries `"verification":"…"`.
+    pub include_verification: bool,
+    /// Events whose message is larger are skipped (0: no cap).
+    pub max_size: u64,
+}
+
+impl PartialEq for Encoding {
+    fn eq(&self, other: &Self) -> bool {
+        self.wire == other.wire
+            && self.dictionary.as_ref().map(|d| d.slot) == other.dictionary.as_ref().map(|d| d.slot)
+            && self.include_verification == other.include_verification
+            && self.max_size == other.max_size
+    }
+}
+
+impl Eq for Encoding {}
+
+impl std::hash::Hash for Encoding {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (self.wire, self.dictionary.as_ref().map(|d| d.slot), self.include_verification, self.max_size).hash(h);
+    }
+}
+
+impl Encoding {
+    /// Plain v1 JSON, every event: what a `/subscribe` without options gets.
+    pub fn plain_v1() -> Encoding {
+        Encoding { wire: Wire::V1, dictionary: None, include_verification: false, max_size: 0 }
+    }
+
+    /// The event's message and its opcode, or `None` when it is over the size cap (the
+    /// subscriber skips it). Cached encodings are borrowed; past the cache's cap one is built
+    /// for this message only.
+    pub fn message<'e>(&self, ev: &'e Event) -> Option<(OpCode, Cow<'e, [u8]>)> {
+        // The size of what this subscriber is sent, the verification field included.
+        let size = match self.wire {
+            Wire::V1 if self.include_verification => ev.json().len() + 18 + ev.verification.as_str().len(),
+            Wire::V1 => ev.json().len(),
+            Wire::V2 => contrail_core::v2::message_of(ev).len(),
+        };
+        if self.max_size > 0 && size as u64 > self.max_size {
+            return None;
+        }
+        Some(match (self.wire, &self.dictionary) {
+            // Asked-for verification fields make this subscriber's bytes its own.
+            (Wire::V1, Some(dict)) if self.include_verification => {
+                (OpCode::Binary, Cow::Owned(dict.compress(&ev.json_with_verification())))
+            }
+            (Wire::V1, None) if self.include_verification => (OpCode::Text, Cow::Owned(ev.json_with_verification())),
+            (Wire::V1, Some(dict)) => (OpCode::Binary, dict.frame(ev)),
+            (Wire::V1, None) => (OpCode::Text, Cow::Borrowed(ev.json())),
+            (Wire::V2, Some(dict)) => (OpCode::Binary, dict.v2_frame(ev)),
+            (Wire::V2, None) => (OpCode::Text, contrail_core::v2::message_of(ev)),
+        })
+    }
+}
+
+/// A whole, unfragmented server frame (servers do not mask).
+pub fn frame(opcode: OpCode, payload: Cow<'_, [u8]>) -> Frame<'_> {
+    let payload = match payload {
+        Cow::Borrowed(b) => Payload::Borrowed(b),
+        Cow::Owned(v) => Payload::Owned(v),
+    };
+    Frame::new(true, opcode, None, payload)
+}
+
+/// Appends `frame`, header and payload, to `out` as it goes on the wire (the header formatted
+/// by fastwebsockets).
+pub fn append_frame(out: &mut Vec<u8>, mut frame: Frame<'_>) {
+    let mut head = [0u8; MAX_HEAD];
+    let n = frame.fmt_head(&mut head);
+    out.extend_from_slice(&head[..n]);
+    out.extend_from_slice(&frame.payload);
+}
+
+/// The longest frame header: 2 bytes, 8 of length, 4 of mask.
+pub const MAX_HEAD: usize = 14;

@@ -1,0 +1,480 @@
+//! Replay pages: a run of up to [`REPLAY_BATCH`] stored events rendered once as one
+//! subscriber encoding's websocket frames, ready to write, and shared by every subscriber
+//! replaying the same run with the same filter and [`Encoding`].
+//!
+//! Why pages: twenty clients replaying the log at once used to cost twenty times one, each
+//! reading, decoding, filtering, compressing and framing every event for itself; sharing the
+//! decoded events (compressed once) still left 7× (BENCHMARKS.md). A page is read, filtered,
+//! encoded and framed once; each replayer then writes its bytes with one `write` per chunk.
+//!
+//! Pages are found by position: a page built from `from` covers every stored event with
+//! `from <= time_us <= end` (the log is append-only in `time_us` order), so a replayer whose
+//! position falls inside a page takes it and skips what it had. A page being built is shared
+//! too: the second replayer asking for it waits for the first one's build instead of building
+//! its own. Bounded by bytes (`--replay-cache-bytes`), oldest built first out; short pages
+//! (the log's end, still growing) are built for their asker and not kept.
+
+use super::encode::{append_frame, frame, Encoding};
+use crate::event::{view_value, Event};
+use crate::log::{Log, LogError};
+use crate::options::Filter;
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault};
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+
+/// Events read from the log per page: large enough to amortise the read and a write per
+/// chunk, small enough (~1 MB) to keep a replaying subscriber's memory flat.
+pub const REPLAY_BATCH: usize = 1024;
+
+/// A page stops early once its frames pass this (a run of very large events).
+const PAGE_MAX_BYTES: usize = 4 << 20;
+
+/// Per-page overhead counted besides its bytes and frame list.
+const PAGE_OVERHEAD: usize = 256;
+
+/// One frame of a page.
+#[derive(Debug, Clone, Copy)]
+struct PageFrame {
+    time_us: u64,
+    /// Where the frame (header and payload) ends in the page's bytes.
+    end: usize,
+    /// The payload's length (what `bytes_sent` counts).
+    payload: usize,
+}
+
+/// A run of the log as one encoding's frames.
+#[derive(Debug)]
+pub struct Page {
+    /// Every stored event with `from <= time_us <= end` was scanned for this page.
+    pub from: u64,
+    pub end: u64,
+    /// Events scanned (delivered or filtered out).
+    pub scanned: usize,
+    /// A corrupt value was found after `end`: the page stops before it.
+    pub corrupt: bool,
+    /// The scan found fewer events than a page holds: `end` was the log's newest event.
+    pub at_log_end: bool,
+    /// The frames, back to back, as they go on the wire.
+    bytes: Vec<u8>,
+    frames: Vec<PageFrame>,
+}
+
+impl Page {
+    /// Reads up to [`REPLAY_BATCH`] events from `from` and renders those `filter` wants as
+    /// `encoding`'s frames (events over its size cap are skipped, as live).
+    pub fn build(log: &Log, from: u64, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
+        let mut page =
+            Page { from, end: 0, scanned: 0, corrupt: false, at_log_end: false, bytes: Vec::new(), frames: Vec::new() };
+        let mut full = false;
+        log.scan(from, REPLAY_BATCH, |t, value| {
+            let Some(view) = view_value(value) else {
+                page.corrupt = true;
+                return false;
+            };
+            if filter.matches(view.kind, view.did, view.collection) {
+                let Some(ev) = Event::decode_value(t, value) else {
+                    page.corrupt = true;
+                    return false;
+                };
+                if let Some((opcode, payload)) = encoding.message(&ev) {
+                    let len = payload.len();
+                    append_frame(&mut page.bytes, frame(opcode, payload));
+                    page.frames.push(PageFrame { time_us: t, end: page.bytes.len(), payload: len });
+                }
+            }
+            page.scanned += 1;
+            page.end = t;
+            full = page.bytes.len() >= PAGE_MAX_BYTES;
+            !full
+        })?;
+        page.at_log_end = page.scanned < REPLAY_BATCH && !full && !page.corrupt;
+        if page.scanned == 0 && page.corrupt {
+            return Err(LogError::Corrupt("event value"));
+        }
+        // Kept for a while, maybe: not with up to twice its size in spare capacity.
+        page.bytes.shrink_to_fit();
+        page.frames.shrink_to_fit();
+        Ok(page)
+    }
+
+    pub fn frame_count(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// The index of the first frame of an event after `position`.
+    pub fn first_after(&self, position: u64) -> usize {
+        self.frames.partition_point(|f| f.time_us <= position)
+    }
+
+    /// The bytes of frames `range`.
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        if range.is_empty() {
+            return &[];
+        }
+        let start = if range.start == 0 { 0 } else { self.frames[range.start - 1].end };
+        &self.bytes[start..self.frames[range.end - 1].end]
+    }
+
+    /// The payload bytes of frames `range` (headers not counted).
+    pub fn payload_bytes(&self, range: std::ops::Range<usize>) -> usize {
+        self.frames[range].iter().map(|f| f.payload).sum()
+    }
+
+    /// The `time_us` of frame `i`'s event.
+    pub fn time_of(&self, i: usize) -> u64 {
+        self.frames[i].time_us
+    }
+
+    fn counted_bytes(&self) -> usize {
+        self.bytes.capacity() + self.frames.capacity() * std::mem::size_of::<PageFrame>() + PAGE_OVERHEAD
+    }
+}
+
+/// What a page build ends with, as its waiters see it.
+pub type Built = Result<Arc<Page>, Arc<LogError>>;
+
+/// A page being built or built: waiting on it is cancel-safe (keep it and wait again).
+pub enum PageFetch {
+    Ready(Built),
+    Building(watch::Receiver<Option<Built>>),
+}
+
+impl PageFetch {
+    pub async fn wait(&mut self) -> Built {
+        match self {
+            PageFetch::Ready(b) => b.clone(),
+            PageFetch::Building(rx) => match rx.wait_for(Option::is_some).await {
+                Ok(b) => b.clone().expect("waited for Some"),
+                // The build's thread panicked before it finished.
+                Err(_) => Err(Arc::new(LogError::Io(std::io::Error::other("building a replay page failed")))),
+            },
+        }
+    }
+}
+
+/// What makes two replayers' pages the same: the filter and the encoding (hashed once, not
+/// per page: a filter may hold 10,000 DIDs).
+#[derive(Clone)]
+pub struct Rendering {
+    filter: Arc<Filter>,
+    encoding: Encoding,
+    hash: u64,
+}
+
+impl Rendering {
+    pub fn new(filter: Arc<Filter>, encoding: Encoding) -> Rendering {
+        let hash =
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one((&filter, &encoding));
+        Rendering { filter, encoding, hash }
+    }
+
+    pub fn filter(&self) -> &Arc<Filter> {
+        &self.filter
+    }
+
+    pub fn encoding(&self) -> &Encoding {
+        &self.encoding
+    }
+}
+
+impl PartialEq for Rendering {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.filter == other.filter && self.encoding == other.encoding
+    }
+}
+
+/// A page in the map, built or being built.
+struct Slot {
+    rendering: Rendering,
+    page: watch::Receiver<Option<Built>>,
+}
+
+#[derive(Default)]
+struct Pages {
+    /// By (rendering's hash, `from`): the page that may hold a position is the last one
+    /// starting at or before it.
+    map: BTreeMap<(u64, u64), Slot>,
+    /// Built pages kept, oldest first, with their counted bytes.
+    order: VecDeque<((u64, u64), usize)>,
+    bytes: usize,
+}
+
+/// The pages recently built, shared by replayers.
+pub struct ReplayPages {
+    max_bytes: usize,
+    pages: Mutex<Pages>,
+    /// Pages built, and pages taken from another replayer's build.
+    built: prometheus::IntCounter,
+    shared: prometheus::IntCounter,
+}
+
+impl ReplayPages {
+    /// `max_bytes` 0: nothing is kept or shared (each replayer builds its own pages).
+    pub fn new(max_bytes: usize, built: prometheus::IntCounter, shared: prometheus::IntCounter) -> ReplayPages {
+        ReplayPages { max_bytes, pages: Mutex::default(), built, shared }
+    }
+
+    /// The page holding the events after `position` in `rendering`: a kept page that covers
+    /// `position + 1`, one being built from there, or a new build (on a blocking thread: it
+    /// reads the log and compresses).
+    pub fn fetch(self: &Arc<Self>, log: &Arc<Log>, position: u64, rendering: &Rendering) -> PageFetch {
+        let from = position + 1;
+        let rendering = rendering.clone();
+        if self.max_bytes == 0 {
+            return self.build(log, from, rendering, None);
+        }
+        let hash = rendering.hash;
+        let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((&(_, start), slot)) = pages.map.range((hash, 0)..=(hash, from)).next_back() {
+            if slot.rendering == rendering {
+                let current = slot.page.borrow().clone();
+                match current {
+                    Some(Ok(page)) if page.end >= from => {
+                        self.shared.inc();
+                        return PageFetch::Ready(Ok(page));
+                    }
+                    None if start == from && slot.page.has_changed().is_ok() => {
+                        self.shared.inc();
+                        return PageFetch::Building(slot.page.clone());
+                    }
+                    _ => {}
+                }
+            }
+            if start == from && slot.rendering != rendering {
+                // Two renderings with one hash: this one goes without sharing.
+                drop(pages);
+                return self.build(log, from, rendering, None);
+            }
+        }
+        // A new build, in the map while it runs so that others wait for it (replacing a
+        // finished short page or a failed build at the same place).
+        let (tx, rx) = watch::channel(None);
+        pages.map.insert((hash, from), Slot { rendering: rendering.clone(), page: rx });
+        drop(pages);
+        self.build(log, from, rendering, Some(tx))
+    }
+
+    /// Builds the page from `from` on a blocking thread. `shared`: it was put in the map as
+    /// being built, with this sender; it is kept there if it is worth keeping.
+    fn build(
+        self: &Arc<Self>,
+        log: &Arc<Log>,
+        from: u64,
+        rendering: Rendering,
+        shared: Option<watch::Sender<Option<Built>>>,
+    ) -> PageFetch {
+        self.built.inc();
+        let (log, me) = (log.clone(), self.clone());
+        let key = shared.is_some().then_some((rendering.hash, from));
+        let tx = shared.unwrap_or_else(|| watch::channel(None).0);
+        let rx = tx.subscribe();
+        tokio::task::spawn_blocking(move || {
+            let built = Page::build(&log, from, &rendering.filter, &rendering.encoding).map(Arc::new).map_err(Arc::new);
+            if let Some(key) = key {
+                me.settle(key, &built);
+            }
+            tx.send_replace(Some(built)); // stored even when no one waits now
+        });
+        PageFetch::Building(rx)
+    }
+
+    /// A shared build finished: a full page is kept (evicting the oldest past the budget),
+    /// anything else leaves the map (its waiters have it through their channel).
+    fn settle(&self, key: (u64, u64), built: &Built) {
+        let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let size = match built {
+            Ok(page) if !page.at_log_end && !page.corrupt => page.counted_bytes(),
+            _ => usize::MAX,
+        };
+        if size > self.max_bytes / 4 {
+            pages.map.remove(&key);
+            return;
+        }
+        pages.order.push_back((key, size));
+        pages.bytes += size;
+        while pages.bytes > self.max_bytes {
+            let Some((old, s)) = pages.order.pop_front() else { break };
+            pages.map.remove(&old);
+            pages.bytes -= s;
+        }
+    }
+
+    /// Bytes of pages kept now.
+    pub fn bytes(&self) -> usize {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+
+    /// Pages kept now.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.pages.lock().unwrap_or_else(|p| p.into_inner()).order.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+    use crate::log::memory::MemoryLog;
+
+    const DIDS: [&str; 2] = ["did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", "did:plc:bbbbbbbbbbbbbbbbbbbbbbbb"];
+
+    /// Event `i` at `time_us` 1000 + i, its DID alternating, `pad` bytes of padding.
+    fn event(i: u64, pad: usize) -> Event {
+        let did = DIDS[(i % 2) as usize];
+        let mut out = Vec::new();
+        Event::begin(&mut out, did, EventKind::Identity);
+        out.extend_from_slice(format!(",\"identity\":{{\"n\":{i},\"pad\":\"{}\"}}}}", "x".repeat(pad)).as_bytes());
+        let mut e = Event::from_parts(out, EventKind::Identity, did.len(), 0..0);
+        e.stamp(1000 + i);
+        e
+    }
+
+    fn log_of(n: u64, pad: usize) -> Arc<Log> {
+        let log = Arc::new(Log::memory(MemoryLog::new(1 << 30)));
+        let events: Vec<Event> = (0..n).map(|i| event(i, pad)).collect();
+        log.append(&events, None).unwrap();
+        log
+    }
+
+    fn pages(max_bytes: usize) -> (Arc<ReplayPages>, prometheus::IntCounter, prometheus::IntCounter) {
+        let built = prometheus::IntCounter::new("built", "h").unwrap();
+        let shared = prometheus::IntCounter::new("shared", "h").unwrap();
+        (Arc::new(ReplayPages::new(max_bytes, built.clone(), shared.clone())), built, shared)
+    }
+
+    /// The payloads of a page's frames `range`, parsed back from its wire bytes.
+    fn payloads(page: &Page, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
+        let mut bytes = page.bytes(range);
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            assert_eq!(bytes[0], 0x81, "a final text frame");
+            let (len, head) = match bytes[1] {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                127 => (u64::from_be_bytes(bytes[2..10].try_into().unwrap()) as usize, 10),
+                n => (n as usize, 2),
+            };
+            out.push(bytes[head..head + len].to_vec());
+            bytes = &bytes[head + len..];
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_page_is_the_run_of_the_log_as_frames_filtered_and_capped() {
+        let log = log_of(3000, 0);
+        let did_a = Arc::new(Filter::new(&[], &[DIDS[0].into()]).unwrap());
+        let page = Page::build(&log, 1100, &did_a, &Encoding::plain_v1()).unwrap();
+        assert_eq!(
+            (page.from, page.end, page.scanned, page.corrupt, page.at_log_end),
+            (1100, 1100 + 1023, 1024, false, false)
+        );
+        assert_eq!(page.frame_count(), 512, "did a's half");
+        let all = payloads(&page, 0..page.frame_count());
+        let want: Vec<Vec<u8>> = (100..1124).step_by(2).map(|i| event(i, 0).json().to_vec()).collect();
+        assert_eq!(all, want, "each frame's payload is the event's JSON, in order");
+        assert_eq!(page.payload_bytes(0..512), want.iter().map(Vec::len).sum::<usize>());
+        assert_eq!(payloads(&page, 10..12), want[10..12].to_vec());
+        assert_eq!(page.first_after(1104), 3, "events 1100, 1102, 1104 are at or before it");
+        // Over the size cap: skipped, still scanned.
+        let big = log_of(10, 0);
+        big.append(&[event(10, 500)], None).unwrap();
+        let capped = Encoding { max_size: 200, ..Encoding::plain_v1() };
+        let page = Page::build(&big, 0, &Arc::new(Filter::default()), &capped).unwrap();
+        assert_eq!((page.scanned, page.frame_count(), page.end, page.at_log_end), (11, 10, 1010, true));
+        // A run of very large events: the page stops at its byte bound, not at the log's end.
+        let huge = log_of(100, 100_000);
+        let page = Page::build(&huge, 0, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        let about = PAGE_MAX_BYTES / 100_000;
+        assert!((about - 2..=about + 1).contains(&page.scanned), "{} scanned", page.scanned);
+        assert!(!page.at_log_end && page.end == 1000 + page.scanned as u64 - 1);
+    }
+
+    #[tokio::test]
+    async fn replayers_share_pages_found_by_any_position_inside_them() {
+        let log = log_of(5000, 0);
+        let (cache, built, shared) = pages(64 << 20);
+        let every = Arc::new(Filter::default());
+        let plain = Encoding::plain_v1();
+        let first = cache.fetch(&log, 999, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert_eq!((first.from, first.end), (1000, 2023));
+        // A second replayer at the same place, and one inside the page: the same page.
+        let again = cache.fetch(&log, 999, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        let inside = cache.fetch(&log, 1500, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again) && Arc::ptr_eq(&first, &inside));
+        assert_eq!((built.get(), shared.get()), (1, 2));
+        // Another filter or encoding is another page.
+        let did_b = Arc::new(Filter::new(&[], &[DIDS[1].into()]).unwrap());
+        let other = cache.fetch(&log, 999, &Rendering::new(did_b.clone(), plain.clone())).wait().await.unwrap();
+        assert_eq!(other.frame_count(), 512);
+        let capped = Encoding { max_size: 10, ..Encoding::plain_v1() };
+        let none = cache.fetch(&log, 999, &Rendering::new(every.clone(), capped.clone())).wait().await.unwrap();
+        assert_eq!(none.frame_count(), 0);
+        assert_eq!(built.get(), 3);
+        // Asked at once, before either is built: one build.
+        let (mut a, mut b) = (
+            cache.fetch(&log, 2023, &Rendering::new(every.clone(), plain.clone())),
+            cache.fetch(&log, 2023, &Rendering::new(every.clone(), plain.clone())),
+        );
+        let (a, b) = (a.wait().await.unwrap(), b.wait().await.unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(built.get(), 4);
+        // The log's end: built for its asker, not kept (the log grows).
+        let tail = cache.fetch(&log, 5500, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert_eq!((tail.scanned, tail.end), (499, 5999));
+        let tail2 = cache.fetch(&log, 5500, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert!(!Arc::ptr_eq(&tail, &tail2));
+        assert_eq!(built.get(), 6);
+        // Past the end: an empty page.
+        assert_eq!(
+            cache.fetch(&log, 5999, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap().scanned,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn the_budget_holds_and_zero_keeps_nothing() {
+        let log = log_of(20_000, 100);
+        let page_bytes = Page::build(&log, 0, &Filter::default(), &Encoding::plain_v1()).unwrap().counted_bytes();
+        let budget = 5 * page_bytes + page_bytes / 2;
+        let (cache, built, _) = pages(budget);
+        let every = Arc::new(Filter::default());
+        let mut position = 999;
+        for _ in 0..10 {
+            position = cache
+                .fetch(&log, position, &Rendering::new(every.clone(), Encoding::plain_v1()))
+                .wait()
+                .await
+                .unwrap()
+                .end;
+            assert!(cache.bytes() <= budget, "{} bytes kept", cache.bytes());
+        }
+        assert_eq!(cache.kept(), 5, "the newest five");
+        // The oldest went first: the first page is built again, the last is shared.
+        cache.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        assert_eq!(built.get(), 11);
+        cache.fetch(&log, position - 1, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        assert_eq!(built.get(), 11);
+
+        let (off, built, shared) = pages(0);
+        let a = off.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        let b = off.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert_eq!((built.get(), shared.get(), off.bytes()), (2, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_value_ends_the_page_before_it() {
+        let memory = MemoryLog::new(1 << 30);
+        memory.append(&(0..10).map(|i| event(i, 0)).collect::<Vec<_>>(), None, &[]);
+        memory.put_raw_for_test(1010, b"garbage");
+        memory.append(&[event(11, 0)], None, &[]);
+        let log = Arc::new(Log::memory(memory));
+        let (cache, _, _) = pages(64 << 20);
+        let every = Arc::new(Filter::default());
+        let page = cache.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        assert_eq!((page.scanned, page.end, page.corrupt, page.frame_count()), (10, 1009, true, 10));
+        assert!(cache.fetch(&log, 1009, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.is_err());
+    }
+}
