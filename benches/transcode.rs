@@ -142,6 +142,30 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("baseline_v1_transcode", |b| b.iter(|| contrail_all(&mut tx, &frames)));
     g.finish();
+
+    // Compressing one event with Jetstream's v1 dictionary (what `compress=true` costs per
+    // event and dictionary, and what bounds a lone compressed replayer), by zstd level; the
+    // compressed total is printed beside. Baseline in the same run: copying the JSON.
+    let dict = contrail::hub::compress::JETSTREAM_V1;
+    let mut g = c.benchmark_group("compress_per_event");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("baseline_copy_json", |b| {
+        b.iter(|| events.iter().map(|e| e.json().to_vec().len()).sum::<usize>())
+    });
+    for level in [1, 2, 3] {
+        let prepared = zstd::dict::EncoderDictionary::copy(dict, level);
+        let mut z = zstd::bulk::Compressor::with_prepared_dictionary(&prepared).unwrap();
+        let total: usize = events.iter().map(|e| z.compress(e.json()).unwrap().len()).sum();
+        let json: usize = events.iter().map(|e| e.json().len()).sum();
+        println!(
+            "zstd level {level}: {total} bytes compressed from {json} ({:.1}%)",
+            100.0 * total as f64 / json as f64
+        );
+        g.bench_function(format!("zstd_level_{level}"), |b| {
+            b.iter(|| events.iter().map(|e| z.compress(e.json()).unwrap().len()).sum::<usize>())
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

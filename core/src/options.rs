@@ -62,18 +62,15 @@ impl Default for Filter {
 }
 
 /// Consistent with `==`, which compares the sets whatever their order: each set is hashed as
-/// the sum of its members' hashes. (Replays share work between subscribers with equal
-/// filters by this hash.)
+/// the sum of its members' hashes, keyed per process (so collisions cannot be prepared
+/// offline). Replays share work between subscribers with equal filters by this hash.
 impl std::hash::Hash for Filter {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
         fn set_hash(set: &Option<HashSet<String>>) -> Option<u64> {
-            set.as_ref().map(|s| {
-                s.iter().fold(0u64, |sum, m| {
-                    use std::hash::{BuildHasher, BuildHasherDefault};
-                    let one = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(m);
-                    sum.wrapping_add(one)
-                })
-            })
+            use std::hash::BuildHasher;
+            let keys = KEYS.get_or_init(Default::default);
+            set.as_ref().map(|s| s.iter().fold(0u64, |sum, m| sum.wrapping_add(keys.hash_one(m))))
         }
         self.kinds.0.hash(h);
         set_hash(&self.collections).hash(h);

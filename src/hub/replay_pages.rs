@@ -19,7 +19,7 @@ use crate::event::{view_value, Event};
 use crate::log::{Log, LogError};
 use crate::options::Filter;
 use std::collections::{BTreeMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
@@ -27,8 +27,24 @@ use tokio::sync::watch;
 /// chunk, small enough (~1 MB) to keep a replaying subscriber's memory flat.
 pub const REPLAY_BATCH: usize = 1024;
 
-/// A page stops early once its frames pass this (a run of very large events).
+/// A page's scan stops early once its values pass this (a run of very large events).
 const PAGE_MAX_BYTES: usize = 4 << 20;
+
+/// Events a compressed page must have before half of them are compressed on another thread.
+const PARALLEL_EVENTS: usize = 128;
+
+/// `events` as `encoding`'s frames, back to back (events over its size cap are skipped).
+fn encode(events: &[Event], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>) {
+    let (mut bytes, mut frames) = (Vec::new(), Vec::with_capacity(events.len()));
+    for ev in events {
+        if let Some((opcode, payload)) = encoding.message(ev) {
+            let len = payload.len();
+            append_frame(&mut bytes, frame(opcode, payload));
+            frames.push(PageFrame { time_us: ev.time_us, end: bytes.len(), payload: len });
+        }
+    }
+    (bytes, frames)
+}
 
 /// Per-page overhead counted besides its bytes and frame list.
 const PAGE_OVERHEAD: usize = 256;
@@ -43,6 +59,50 @@ struct PageFrame {
     payload: usize,
 }
 
+/// What one scan of the log returned: every value, in order. A page keeps it, so a stream
+/// that changes filters in the middle of a page renders the rest of it again without reading
+/// the log again (a client sending `options_update` over and over must not multiply reads).
+#[derive(Debug, Default)]
+pub struct RawRun {
+    values: Vec<u8>,
+    /// `(time_us, range in values)`, oldest first.
+    items: Vec<(u64, std::ops::Range<usize>)>,
+    /// Every stored event after the scan's start up to here was scanned: the last one, or at
+    /// the log's end the log's newest event when the scan began (which may be later, when
+    /// that is before the start).
+    covered_to: u64,
+    /// The scan found fewer events than it asked for: it reached the log's end.
+    at_log_end: bool,
+}
+
+impl RawRun {
+    /// Reads up to `limit` events from `from` (fewer past [`PAGE_MAX_BYTES`] of values).
+    fn scan(log: &Log, from: u64, limit: usize) -> Result<RawRun, LogError> {
+        // Before the scan: the scan then sees every event up to it (the tip moves after an
+        // append is readable).
+        let newest_before = log.tip().newest().unwrap_or(0);
+        let mut run = RawRun::default();
+        let mut full = false;
+        log.scan(from, limit, |t, v| {
+            let start = run.values.len();
+            run.values.extend_from_slice(v);
+            run.items.push((t, start..run.values.len()));
+            full = run.values.len() >= PAGE_MAX_BYTES;
+            !full
+        })?;
+        run.values.shrink_to_fit(); // kept with its page, maybe for a while
+        run.items.shrink_to_fit();
+        run.at_log_end = run.items.len() < limit && !full;
+        let last = run.items.last().map_or(0, |(t, _)| *t);
+        run.covered_to = if run.at_log_end { last.max(newest_before) } else { last };
+        Ok(run)
+    }
+
+    fn bytes(&self) -> usize {
+        self.values.capacity() + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
+    }
+}
+
 /// A run of the log as one encoding's frames.
 #[derive(Debug)]
 pub struct Page {
@@ -53,49 +113,100 @@ pub struct Page {
     pub scanned: usize,
     /// A corrupt value was found after `end`: the page stops before it.
     pub corrupt: bool,
-    /// The scan found fewer events than a page holds: `end` was the log's newest event.
+    /// The page reached the log's end.
     pub at_log_end: bool,
+    /// Every stored event after `from - 1` up to here was scanned (see [`RawRun`]): a stream
+    /// that finishes the page has passed everything up to here.
+    pub covered_to: u64,
     /// The frames, back to back, as they go on the wire.
     bytes: Vec<u8>,
     frames: Vec<PageFrame>,
+    /// The scan the page was rendered from.
+    raw: Arc<RawRun>,
 }
 
 impl Page {
-    /// Reads up to [`REPLAY_BATCH`] events from `from` and renders those `filter` wants as
+    /// Reads up to `limit` events from `from` and renders those `filter` wants as
     /// `encoding`'s frames (events over its size cap are skipped, as live).
-    pub fn build(log: &Log, from: u64, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
-        let mut page =
-            Page { from, end: 0, scanned: 0, corrupt: false, at_log_end: false, bytes: Vec::new(), frames: Vec::new() };
-        let mut full = false;
-        log.scan(from, REPLAY_BATCH, |t, value| {
-            let Some(view) = view_value(value) else {
-                page.corrupt = true;
-                return false;
-            };
-            if filter.matches(view.kind, view.did, view.collection) {
-                let Some(ev) = Event::decode_value(t, value) else {
-                    page.corrupt = true;
-                    return false;
-                };
-                if let Some((opcode, payload)) = encoding.message(&ev) {
-                    let len = payload.len();
-                    append_frame(&mut page.bytes, frame(opcode, payload));
-                    page.frames.push(PageFrame { time_us: t, end: page.bytes.len(), payload: len });
-                }
-            }
-            page.scanned += 1;
-            page.end = t;
-            full = page.bytes.len() >= PAGE_MAX_BYTES;
-            !full
-        })?;
-        page.at_log_end = page.scanned < REPLAY_BATCH && !full && !page.corrupt;
+    pub fn build(log: &Log, from: u64, limit: usize, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
+        let raw = Arc::new(RawRun::scan(log, from, limit)?);
+        let page = Page::render(raw, from, usize::MAX, filter, encoding);
         if page.scanned == 0 && page.corrupt {
             return Err(LogError::Corrupt("event value"));
+        }
+        Ok(page)
+    }
+
+    /// The rest of this page's scan after `position`, rendered for another filter or
+    /// encoding: at most `max_frames` frames (a small first piece after a filter change), no
+    /// log read.
+    pub fn rest(&self, position: u64, max_frames: usize, filter: &Filter, encoding: &Encoding) -> Page {
+        Page::render(self.raw.clone(), position + 1, max_frames, filter, encoding)
+    }
+
+    /// Whether this page's scan has events after `position`, or covers further.
+    pub fn has_rest(&self, position: u64) -> bool {
+        self.raw.covered_to > position
+    }
+
+    /// Renders the events of `raw` from `from`, up to `max_frames` wanted ones.
+    fn render(raw: Arc<RawRun>, from: u64, max_frames: usize, filter: &Filter, encoding: &Encoding) -> Page {
+        let mut page = Page {
+            from,
+            end: 0,
+            scanned: 0,
+            corrupt: false,
+            at_log_end: false,
+            covered_to: 0,
+            bytes: Vec::new(),
+            frames: Vec::new(),
+            raw: raw.clone(),
+        };
+        let start = raw.items.partition_point(|(t, _)| *t < from);
+        let mut wanted = Vec::new();
+        for (t, range) in &raw.items[start..] {
+            if wanted.len() == max_frames {
+                break;
+            }
+            let value = &raw.values[range.clone()];
+            let Some(view) = view_value(value) else {
+                page.corrupt = true;
+                break;
+            };
+            if filter.matches(view.kind, view.did, view.collection) {
+                let Some(ev) = Event::decode_value(*t, value) else {
+                    page.corrupt = true;
+                    break;
+                };
+                wanted.push(ev);
+            }
+            page.scanned += 1;
+            page.end = *t;
+        }
+        let all = start + page.scanned == raw.items.len() && !page.corrupt;
+        page.at_log_end = all && raw.at_log_end;
+        page.covered_to = if all { raw.covered_to.max(page.end) } else { page.end };
+        // Compressing is most of a page's cost, and a lone replayer waits for it: with a
+        // dictionary, the second half is compressed on a thread of its own (BENCHMARKS.md).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if encoding.dictionary.is_some() && cores > 1 && wanted.len() >= PARALLEL_EVENTS {
+            let (first, second) = wanted.split_at(wanted.len() / 2);
+            let (a, b) = std::thread::scope(|scope| {
+                let b = scope.spawn(|| encode(second, encoding));
+                (encode(first, encoding), b.join())
+            });
+            let b = b.unwrap_or_else(|p| std::panic::resume_unwind(p));
+            (page.bytes, page.frames) = a;
+            let offset = page.bytes.len();
+            page.bytes.extend_from_slice(&b.0);
+            page.frames.extend(b.1.into_iter().map(|f| PageFrame { end: f.end + offset, ..f }));
+        } else {
+            (page.bytes, page.frames) = encode(&wanted, encoding);
         }
         // Kept for a while, maybe: not with up to twice its size in spare capacity.
         page.bytes.shrink_to_fit();
         page.frames.shrink_to_fit();
-        Ok(page)
+        page
     }
 
     pub fn frame_count(&self) -> usize {
@@ -116,6 +227,15 @@ impl Page {
         &self.bytes[start..self.frames[range.end - 1].end]
     }
 
+    /// Where a write of frames from `start` ends: at most `max` frames and, past the first,
+    /// about `max_bytes` (a write timeout must be able to cover a whole write).
+    pub fn chunk_end(&self, start: usize, max: usize, max_bytes: usize) -> usize {
+        let limit = (start + max.max(1)).min(self.frames.len());
+        let base = if start == 0 { 0 } else { self.frames[start - 1].end };
+        let within = self.frames[start..limit].partition_point(|f| f.end - base <= max_bytes);
+        start + within.max(1)
+    }
+
     /// The payload bytes of frames `range` (headers not counted).
     pub fn payload_bytes(&self, range: std::ops::Range<usize>) -> usize {
         self.frames[range].iter().map(|f| f.payload).sum()
@@ -126,8 +246,12 @@ impl Page {
         self.frames[i].time_us
     }
 
+    /// What a kept page holds: its frames and the scan it keeps beside them.
     fn counted_bytes(&self) -> usize {
-        self.bytes.capacity() + self.frames.capacity() * std::mem::size_of::<PageFrame>() + PAGE_OVERHEAD
+        self.bytes.capacity()
+            + self.frames.capacity() * std::mem::size_of::<PageFrame>()
+            + self.raw.bytes()
+            + PAGE_OVERHEAD
     }
 }
 
@@ -164,8 +288,9 @@ pub struct Rendering {
 
 impl Rendering {
     pub fn new(filter: Arc<Filter>, encoding: Encoding) -> Rendering {
-        let hash =
-            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one((&filter, &encoding));
+        // Keyed per process: collisions (which cost sharing) cannot be prepared offline.
+        static KEYS: std::sync::OnceLock<std::collections::hash_map::RandomState> = std::sync::OnceLock::new();
+        let hash = KEYS.get_or_init(Default::default).hash_one((&filter, &encoding));
         Rendering { filter, encoding, hash }
     }
 
@@ -204,6 +329,9 @@ struct Pages {
 pub struct ReplayPages {
     max_bytes: usize,
     pages: Mutex<Pages>,
+    /// Builds running at once: they read and compress, so about one per core (a burst of
+    /// replayers with distinct filters queues here instead of filling the blocking pool).
+    building: Arc<tokio::sync::Semaphore>,
     /// Pages built, and pages taken from another replayer's build.
     built: prometheus::IntCounter,
     shared: prometheus::IntCounter,
@@ -212,22 +340,33 @@ pub struct ReplayPages {
 impl ReplayPages {
     /// `max_bytes` 0: nothing is kept or shared (each replayer builds its own pages).
     pub fn new(max_bytes: usize, built: prometheus::IntCounter, shared: prometheus::IntCounter) -> ReplayPages {
-        ReplayPages { max_bytes, pages: Mutex::default(), built, shared }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let building = Arc::new(tokio::sync::Semaphore::new(2 * cores));
+        ReplayPages { max_bytes, pages: Mutex::default(), building, built, shared }
     }
 
     /// The page holding the events after `position` in `rendering`: a kept page that covers
-    /// `position + 1`, one being built from there, or a new build (on a blocking thread: it
-    /// reads the log and compresses).
-    pub fn fetch(self: &Arc<Self>, log: &Arc<Log>, position: u64, rendering: &Rendering) -> PageFetch {
+    /// `position + 1`, one being built from there, or a new build of up to `limit` events (on
+    /// a blocking thread: it reads the log and compresses). A stream whose filter matched a
+    /// kept one's takes that one's `Arc`, so later comparisons are a pointer's.
+    pub fn fetch(
+        self: &Arc<Self>,
+        log: &Arc<Log>,
+        position: u64,
+        limit: usize,
+        rendering: &mut Rendering,
+    ) -> PageFetch {
         let from = position + 1;
-        let rendering = rendering.clone();
         if self.max_bytes == 0 {
-            return self.build(log, from, rendering, None);
+            return self.build(log, from, limit, rendering.clone(), None);
         }
         let hash = rendering.hash;
         let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((&(_, start), slot)) = pages.map.range((hash, 0)..=(hash, from)).next_back() {
-            if slot.rendering == rendering {
+            if slot.rendering == *rendering {
+                rendering.filter = slot.rendering.filter.clone();
+                // A build's result is sent under this lock (see `finish`): `None` is a build
+                // still running, or one whose thread died (its sender is gone).
                 let current = slot.page.borrow().clone();
                 match current {
                     Some(Ok(page)) if page.end >= from => {
@@ -240,11 +379,10 @@ impl ReplayPages {
                     }
                     _ => {}
                 }
-            }
-            if start == from && slot.rendering != rendering {
+            } else if start == from {
                 // Two renderings with one hash: this one goes without sharing.
                 drop(pages);
-                return self.build(log, from, rendering, None);
+                return self.build(log, from, limit, rendering.clone(), None);
             }
         }
         // A new build, in the map while it runs so that others wait for it (replacing a
@@ -252,41 +390,55 @@ impl ReplayPages {
         let (tx, rx) = watch::channel(None);
         pages.map.insert((hash, from), Slot { rendering: rendering.clone(), page: rx });
         drop(pages);
-        self.build(log, from, rendering, Some(tx))
+        self.build(log, from, limit, rendering.clone(), Some(tx))
     }
 
-    /// Builds the page from `from` on a blocking thread. `shared`: it was put in the map as
-    /// being built, with this sender; it is kept there if it is worth keeping.
+    /// Builds the page from `from` on a blocking thread, when a build slot is free. `shared`:
+    /// it was put in the map as being built, with this sender.
     fn build(
         self: &Arc<Self>,
         log: &Arc<Log>,
         from: u64,
+        limit: usize,
         rendering: Rendering,
         shared: Option<watch::Sender<Option<Built>>>,
     ) -> PageFetch {
-        self.built.inc();
         let (log, me) = (log.clone(), self.clone());
         let key = shared.is_some().then_some((rendering.hash, from));
         let tx = shared.unwrap_or_else(|| watch::channel(None).0);
         let rx = tx.subscribe();
-        tokio::task::spawn_blocking(move || {
-            let built = Page::build(&log, from, &rendering.filter, &rendering.encoding).map(Arc::new).map_err(Arc::new);
-            if let Some(key) = key {
-                me.settle(key, &built);
+        tokio::spawn(async move {
+            let Ok(_permit) = me.building.clone().acquire_owned().await else { return };
+            if key.is_none() && tx.is_closed() {
+                return; // its only asker is gone (a page in the map may find others)
             }
-            tx.send_replace(Some(built)); // stored even when no one waits now
+            me.built.inc();
+            let (page_log, r) = (log.clone(), rendering.clone());
+            let built =
+                tokio::task::spawn_blocking(move || Page::build(&page_log, from, limit, &r.filter, &r.encoding))
+                    .await
+                    .unwrap_or_else(|_| Err(LogError::Io(std::io::Error::other("building a replay page panicked"))))
+                    .map(Arc::new)
+                    .map_err(Arc::new);
+            me.finish(key, &tx, built);
         });
         PageFetch::Building(rx)
     }
 
-    /// A shared build finished: a full page is kept (evicting the oldest past the budget),
-    /// anything else leaves the map (its waiters have it through their channel).
-    fn settle(&self, key: (u64, u64), built: &Built) {
+    /// A build finished: its waiters get it. A shared full page is kept (evicting the oldest
+    /// past the budget); anything else leaves the map. Under the map's lock, so a fetch sees
+    /// either the slot being built or the result.
+    fn finish(&self, key: Option<(u64, u64)>, tx: &watch::Sender<Option<Built>>, built: Built) {
+        let Some(key) = key else {
+            tx.send_replace(Some(built)); // stored even when no one waits now
+            return;
+        };
         let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
-        let size = match built {
+        let size = match &built {
             Ok(page) if !page.at_log_end && !page.corrupt => page.counted_bytes(),
             _ => usize::MAX,
         };
+        tx.send_replace(Some(built));
         if size > self.max_bytes / 4 {
             pages.map.remove(&key);
             return;
@@ -365,7 +517,7 @@ mod tests {
     async fn a_page_is_the_run_of_the_log_as_frames_filtered_and_capped() {
         let log = log_of(3000, 0);
         let did_a = Arc::new(Filter::new(&[], &[DIDS[0].into()]).unwrap());
-        let page = Page::build(&log, 1100, &did_a, &Encoding::plain_v1()).unwrap();
+        let page = Page::build(&log, 1100, REPLAY_BATCH, &did_a, &Encoding::plain_v1()).unwrap();
         assert_eq!(
             (page.from, page.end, page.scanned, page.corrupt, page.at_log_end),
             (1100, 1100 + 1023, 1024, false, false)
@@ -381,11 +533,11 @@ mod tests {
         let big = log_of(10, 0);
         big.append(&[event(10, 500)], None).unwrap();
         let capped = Encoding { max_size: 200, ..Encoding::plain_v1() };
-        let page = Page::build(&big, 0, &Arc::new(Filter::default()), &capped).unwrap();
+        let page = Page::build(&big, 0, REPLAY_BATCH, &Arc::new(Filter::default()), &capped).unwrap();
         assert_eq!((page.scanned, page.frame_count(), page.end, page.at_log_end), (11, 10, 1010, true));
         // A run of very large events: the page stops at its byte bound, not at the log's end.
         let huge = log_of(100, 100_000);
-        let page = Page::build(&huge, 0, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        let page = Page::build(&huge, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
         let about = PAGE_MAX_BYTES / 100_000;
         assert!((about - 2..=about + 1).contains(&page.scanned), "{} scanned", page.scanned);
         assert!(!page.at_log_end && page.end == 1000 + page.scanned as u64 - 1);
@@ -397,53 +549,122 @@ mod tests {
         let (cache, built, shared) = pages(64 << 20);
         let every = Arc::new(Filter::default());
         let plain = Encoding::plain_v1();
-        let first = cache.fetch(&log, 999, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        let first = cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!((first.from, first.end), (1000, 2023));
         // A second replayer at the same place, and one inside the page: the same page.
-        let again = cache.fetch(&log, 999, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
-        let inside = cache.fetch(&log, 1500, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        let again = cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
+            .wait()
+            .await
+            .unwrap();
+        let inside = cache
+            .fetch(&log, 1500, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
+            .wait()
+            .await
+            .unwrap();
         assert!(Arc::ptr_eq(&first, &again) && Arc::ptr_eq(&first, &inside));
         assert_eq!((built.get(), shared.get()), (1, 2));
         // Another filter or encoding is another page.
         let did_b = Arc::new(Filter::new(&[], &[DIDS[1].into()]).unwrap());
-        let other = cache.fetch(&log, 999, &Rendering::new(did_b.clone(), plain.clone())).wait().await.unwrap();
+        let other = cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(did_b.clone(), plain.clone()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!(other.frame_count(), 512);
         let capped = Encoding { max_size: 10, ..Encoding::plain_v1() };
-        let none = cache.fetch(&log, 999, &Rendering::new(every.clone(), capped.clone())).wait().await.unwrap();
+        let none = cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), capped.clone()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!(none.frame_count(), 0);
         assert_eq!(built.get(), 3);
         // Asked at once, before either is built: one build.
         let (mut a, mut b) = (
-            cache.fetch(&log, 2023, &Rendering::new(every.clone(), plain.clone())),
-            cache.fetch(&log, 2023, &Rendering::new(every.clone(), plain.clone())),
+            cache.fetch(&log, 2023, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone())),
+            cache.fetch(&log, 2023, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone())),
         );
         let (a, b) = (a.wait().await.unwrap(), b.wait().await.unwrap());
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(built.get(), 4);
         // The log's end: built for its asker, not kept (the log grows).
-        let tail = cache.fetch(&log, 5500, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        let tail = cache
+            .fetch(&log, 5500, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!((tail.scanned, tail.end), (499, 5999));
-        let tail2 = cache.fetch(&log, 5500, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        let tail2 = cache
+            .fetch(&log, 5500, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
+            .wait()
+            .await
+            .unwrap();
         assert!(!Arc::ptr_eq(&tail, &tail2));
         assert_eq!(built.get(), 6);
-        // Past the end: an empty page.
-        assert_eq!(
-            cache.fetch(&log, 5999, &Rendering::new(every.clone(), plain.clone())).wait().await.unwrap().scanned,
-            0
-        );
+        assert_eq!(tail.covered_to, 5999);
+        // Past the end (a cursor ahead of this node's log): an empty page, covering the log as
+        // it was when its scan began — not up to the cursor.
+        let empty =
+            cache.fetch(&log, 7000, 64, &mut Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert_eq!((empty.scanned, empty.at_log_end, empty.covered_to), (0, true, 5999));
+        // A page of `limit` events that found that many is not at the log's end.
+        let small = cache.fetch(&log, 999, 64, &mut Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert_eq!((small.scanned, small.at_log_end, small.covered_to), (1024, false, 2023), "the kept page");
+        let small =
+            cache.fetch(&log, 4500, 64, &mut Rendering::new(every.clone(), plain.clone())).wait().await.unwrap();
+        assert_eq!((small.scanned, small.at_log_end, small.covered_to), (64, false, 4564));
+    }
+
+    #[test]
+    fn the_rest_of_a_scan_renders_for_another_filter_in_pieces_without_the_log() {
+        let log = log_of(3000, 0);
+        let page = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        assert_eq!((page.end, page.covered_to), (2023, 2023));
+        let did_b = Filter::new(&[], &[DIDS[1].into()]).unwrap();
+        // After event 1100: did b's events from 1101, 64 at a time.
+        let first = page.rest(1100, 64, &did_b, &Encoding::plain_v1());
+        let want: Vec<Vec<u8>> = (101..229).step_by(2).map(|i| event(i, 0).json().to_vec()).collect();
+        assert_eq!(payloads(&first, 0..first.frame_count()), want);
+        assert_eq!((first.from, first.end, first.covered_to, first.at_log_end), (1101, 1227, 1227, false));
+        assert!(page.has_rest(first.covered_to));
+        // The last piece covers what the scan covered.
+        let last = page.rest(2000, 64, &did_b, &Encoding::plain_v1());
+        assert_eq!((last.frame_count(), last.covered_to), (12, 2023));
+        assert!(!page.has_rest(last.covered_to));
+        // A scan that reached the log's end: its last piece does too.
+        let tail = Page::build(&log, 3900, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        let piece = tail.rest(3950, 64, &did_b, &Encoding::plain_v1());
+        assert_eq!((piece.frame_count(), piece.covered_to, piece.at_log_end), (25, 3999, true));
+    }
+
+    #[test]
+    fn a_write_is_a_chunk_of_frames_bounded_by_count_and_bytes() {
+        let log = log_of(100, 1000);
+        let page = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        assert_eq!(page.chunk_end(0, 10, usize::MAX), 10);
+        assert_eq!(page.chunk_end(95, 10, usize::MAX), 100);
+        let one = page.bytes(0..1).len();
+        assert_eq!(page.chunk_end(0, 100, 3 * one), 3, "three frames' bytes");
+        assert_eq!(page.chunk_end(5, 100, 10), 6, "at least one frame");
     }
 
     #[tokio::test]
     async fn the_budget_holds_and_zero_keeps_nothing() {
         let log = log_of(20_000, 100);
-        let page_bytes = Page::build(&log, 0, &Filter::default(), &Encoding::plain_v1()).unwrap().counted_bytes();
+        let page_bytes =
+            Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap().counted_bytes();
         let budget = 5 * page_bytes + page_bytes / 2;
         let (cache, built, _) = pages(budget);
         let every = Arc::new(Filter::default());
         let mut position = 999;
         for _ in 0..10 {
             position = cache
-                .fetch(&log, position, &Rendering::new(every.clone(), Encoding::plain_v1()))
+                .fetch(&log, position, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
                 .wait()
                 .await
                 .unwrap()
@@ -452,14 +673,30 @@ mod tests {
         }
         assert_eq!(cache.kept(), 5, "the newest five");
         // The oldest went first: the first page is built again, the last is shared.
-        cache.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!(built.get(), 11);
-        cache.fetch(&log, position - 1, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        cache
+            .fetch(&log, position - 1, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!(built.get(), 11);
 
         let (off, built, shared) = pages(0);
-        let a = off.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
-        let b = off.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        let a = off
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
+            .wait()
+            .await
+            .unwrap();
+        let b = off
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
+            .wait()
+            .await
+            .unwrap();
         assert!(!Arc::ptr_eq(&a, &b));
         assert_eq!((built.get(), shared.get(), off.bytes()), (2, 0, 0));
     }
@@ -473,8 +710,16 @@ mod tests {
         let log = Arc::new(Log::memory(memory));
         let (cache, _, _) = pages(64 << 20);
         let every = Arc::new(Filter::default());
-        let page = cache.fetch(&log, 999, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.unwrap();
+        let page = cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
+            .wait()
+            .await
+            .unwrap();
         assert_eq!((page.scanned, page.end, page.corrupt, page.frame_count()), (10, 1009, true, 10));
-        assert!(cache.fetch(&log, 1009, &Rendering::new(every.clone(), Encoding::plain_v1())).wait().await.is_err());
+        assert!(cache
+            .fetch(&log, 1009, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()))
+            .wait()
+            .await
+            .is_err());
     }
 }

@@ -12,11 +12,19 @@
 
 use super::dispatch::{Dispatcher, Ended, Registration, Take};
 use super::encode::Encoding;
-use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages};
+use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages, REPLAY_BATCH};
 use crate::event::Event;
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
 use std::sync::Arc;
+
+/// After a filter change in the middle of a page, the rest of its scan is rendered for the new
+/// filter this many frames at a time, on the stream's own thread: a client changing filters
+/// over and over costs little each time, and no log read.
+const REST_FRAMES: usize = 64;
+
+/// Bytes of frames per write, past the first frame: `--write-timeout` covers one write.
+const CHUNK_BYTES: usize = 256 << 10;
 
 /// What a stream hands its session next.
 pub enum Next {
@@ -31,8 +39,8 @@ pub enum Next {
 pub struct Frames {
     page: Arc<Page>,
     range: std::ops::Range<usize>,
-    /// The position once they are written: the last frame's event, or the page's end (past
-    /// the events it filtered out) when they finish the page.
+    /// The position once they are written: the last frame's event, or the point the page
+    /// covers (past the events it filtered out) when they finish the page.
     pub through: u64,
 }
 
@@ -117,8 +125,13 @@ pub struct EventStream {
     pages: Arc<ReplayPages>,
     /// The replay page in hand and its next frame.
     page: Option<(Arc<Page>, usize)>,
-    /// A page being fetched, kept across cancellations of [`Self::next`].
-    fetch: Option<PageFetch>,
+    /// A page dropped by a filter change, whose scan goes on after the position: rendered
+    /// again for the new filter before the log is read further.
+    rest: Option<Arc<Page>>,
+    /// The page after a position, being fetched: asked for as soon as the page before it
+    /// arrives, so the next one is built while this one is written. Kept across
+    /// cancellations of [`Self::next`].
+    fetch: Option<(u64, PageFetch)>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
     metrics: StreamMetrics,
@@ -154,6 +167,7 @@ impl EventStream {
             rendering: Rendering::new(filter, encoding),
             pages,
             page: None,
+            rest: None,
             fetch: None,
             passed: 0,
             metrics,
@@ -204,7 +218,10 @@ impl EventStream {
         if same_filter && &encoding == self.rendering.encoding() {
             return; // nothing changes: keep the page and the queue
         }
-        (self.page, self.fetch) = (None, None);
+        if let Some((page, _)) = self.page.take() {
+            self.rest = Some(page);
+        }
+        self.fetch = None;
         self.rendering = Rendering::new(filter, encoding);
         if same_filter {
             return; // the queue holds the same events; the session encodes them anew
@@ -229,6 +246,7 @@ impl EventStream {
         if live != self.live {
             self.live = live;
             if live {
+                (self.fetch, self.rest) = (None, None); // pages ahead are not needed
                 self.metrics.lagging.dec();
             } else {
                 self.metrics.lagging.inc();
@@ -237,17 +255,17 @@ impl EventStream {
     }
 
     /// The next frames of the page in hand, at most `max`. A finished page moves the position
-    /// to its end (past what it filtered out); a page that stopped at a corrupt value is an
-    /// error once its frames are out.
+    /// to what it covers (past what it filtered out) and counts for the slow rule; a page that
+    /// stopped at a corrupt value is an error once its frames are out.
     fn next_from_page(&mut self, max: usize) -> Result<Option<Frames>, LogError> {
         let Some((page, next)) = &mut self.page else { return Ok(None) };
         // A page found by a position inside it: skip what was delivered.
         *next = (*next).max(page.first_after(self.last_seen));
         let count = page.frame_count();
         if *next < count {
-            let end = (*next + max.max(1)).min(count);
+            let end = page.chunk_end(*next, max, CHUNK_BYTES);
             let finishes = end == count && !page.corrupt;
-            let through = if finishes { page.end } else { page.time_of(end - 1) };
+            let through = if finishes { page.covered_to } else { page.time_of(end - 1) };
             let frames = Frames { page: page.clone(), range: *next..end, through };
             *next = end;
             return Ok(Some(frames));
@@ -255,7 +273,9 @@ impl EventStream {
         if page.corrupt {
             return Err(LogError::Corrupt("event value")); // the page stays: asked again, again
         }
-        self.last_seen = self.last_seen.max(page.end);
+        self.last_seen = self.last_seen.max(page.covered_to);
+        // Counted once passed, not when fetched: a page dropped by a filter change is not.
+        self.passed += page.scanned as u64;
         self.page = None;
         Ok(None)
     }
@@ -281,31 +301,35 @@ impl EventStream {
                     self.set_live(true);
                     continue;
                 }
-                let fetch =
-                    self.fetch.get_or_insert_with(|| self.pages.fetch(&self.log, self.last_seen, &self.rendering));
+                if let Some(origin) = self.rest.take().filter(|o| o.has_rest(self.last_seen)) {
+                    let (filter, encoding) = (self.rendering.filter(), self.rendering.encoding());
+                    let page = origin.rest(self.last_seen, REST_FRAMES, filter, encoding);
+                    if origin.has_rest(page.covered_to) {
+                        self.rest = Some(origin); // more of its scan after this piece
+                    }
+                    self.take_page(Arc::new(page));
+                    continue;
+                }
+                if self.fetch.as_ref().is_some_and(|(after, _)| *after != self.last_seen) {
+                    self.fetch = None; // fetched ahead for another position
+                }
+                if self.fetch.is_none() {
+                    let fetch = self.pages.fetch(&self.log, self.last_seen, REPLAY_BATCH, &mut self.rendering);
+                    self.fetch = Some((self.last_seen, fetch));
+                }
+                let (_, fetch) = self.fetch.as_mut().expect("set above");
                 let built = fetch.wait().await;
                 self.fetch = None;
-                let page = match built {
-                    Ok(page) => page,
+                match built {
+                    Ok(page) => {
+                        self.metrics.replay_reads.inc();
+                        self.take_page(page);
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "reading the log for a subscriber failed");
                         return None;
                     }
-                };
-                self.metrics.replay_reads.inc();
-                self.passed += page.scanned as u64;
-                self.log_end_near = page.at_log_end;
-                if self.log_end_near && self.registration.is_none() {
-                    // Now, not once the page is out: the queue then holds what arrives while
-                    // it is written, and the stream is live as soon as it is.
-                    self.register();
                 }
-                if page.scanned == 0 && self.registration.is_some() {
-                    // Nothing after the position in the log, which has everything up to
-                    // `join_at`: the queue has the rest.
-                    self.set_live(true);
-                }
-                self.page = Some((page, 0));
                 continue;
             }
             let Some(registration) = &self.registration else { return None };
@@ -351,6 +375,23 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    /// Takes `page` in hand. At the log's end the stream registers now, not once the page is
+    /// out: the queue then holds what arrives while it is written. It goes live once its
+    /// position reaches the registration's point (the page covers the log as it was when its
+    /// scan began, which may be before this registration: then the log is read again up to
+    /// it). Otherwise the next page is fetched now, to be built while this one is written.
+    fn take_page(&mut self, page: Arc<Page>) {
+        self.log_end_near = page.at_log_end;
+        if self.log_end_near && self.registration.is_none() {
+            self.register();
+        }
+        if !page.at_log_end && !page.corrupt && self.rest.is_none() {
+            let fetch = self.pages.fetch(&self.log, page.covered_to, REPLAY_BATCH, &mut self.rendering);
+            self.fetch = Some((page.covered_to, fetch));
+        }
+        self.page = Some((page, 0));
     }
 
     /// A queued event (its filter matched), unless the log gave it already.
@@ -556,6 +597,31 @@ mod tests {
         assert_eq!(take(&mut live, 1).await, vec![1110]);
         assert!(tokio::time::timeout(Duration::from_millis(200), live.next(1)).await.is_err());
         assert_eq!(live.last_seen(), 1111);
+    }
+
+    /// A cursor past the log's newest event (a client failing over to a node a little behind)
+    /// while events keep arriving: the stream's empty page, its registration and the events
+    /// race; every event after the cursor must come, from the log or the queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cursor_past_the_log_while_events_arrive_gets_every_later_event() {
+        let f = Arc::new(Fixture::new(65_536));
+        f.ingest(0..10);
+        for round in 0..100u64 {
+            let base = 10 + round * 20;
+            let mut s = f.stream(Filter::default(), Start::From(1000 + base));
+            let feeder = {
+                let f = f.clone();
+                tokio::spawn(async move {
+                    for i in base..base + 20 {
+                        f.ingest(i..i + 1);
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            let got = take(&mut s, 20).await;
+            feeder.await.unwrap();
+            assert_eq!(got, (1000 + base..1000 + base + 20).collect::<Vec<_>>(), "round {round}");
+        }
     }
 
     #[test]
