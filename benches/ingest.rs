@@ -17,18 +17,24 @@ use contrail::transcode::Transcoder;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::sync::Arc;
 
-/// Frames per measured iteration: one relay burst, written as the sequencer would batch it.
-const FRAMES: usize = 2_000;
+/// Frames per measured iteration, written as the sequencer would batch them: 2,000 by default
+/// (one relay burst); `INGEST_FRAMES=20000` measures a longer run, where the pipeline's start
+/// (a first batch of one frame) and end weigh less.
+fn frames_per_round() -> usize {
+    std::env::var("INGEST_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+}
 
 /// The frames one iteration ingests: a quarter of `gen`, in turn (each copied, as a socket
 /// read would hand them over).
 fn frames_of_round(gen: &[frames::GenFrame], round: usize) -> Vec<(i64, Vec<u8>)> {
-    gen[(round % 4) * FRAMES..(round % 4 + 1) * FRAMES].iter().map(|g| (g.seq, g.frame.clone())).collect()
+    let n = gen.len() / 4;
+    gen[(round % 4) * n..(round % 4 + 1) * n].iter().map(|g| (g.seq, g.frame.clone())).collect()
 }
 
 fn bench(c: &mut Criterion) {
-    let gen = frames::generate(1, FRAMES * 4, 5_000, 77);
-    let events: usize = gen[..FRAMES].iter().map(|g| g.expected.len()).sum();
+    let per_round = frames_per_round();
+    let gen = frames::generate(1, per_round * 4, 5_000, 77);
+    let events: usize = gen[..per_round].iter().map(|g| g.expected.len()).sum();
     let mut group = c.benchmark_group("ingest");
     group.throughput(Throughput::Elements(events as u64));
     group.sample_size(20);
@@ -36,7 +42,7 @@ fn bench(c: &mut Criterion) {
     // The transcoding share of the pipeline (the raw baseline starts from encoded values).
     {
         let mut tx = Transcoder::default();
-        let frames: Vec<Vec<u8>> = gen[..FRAMES].iter().map(|g| g.frame.clone()).collect();
+        let frames: Vec<Vec<u8>> = gen[..per_round].iter().map(|g| g.frame.clone()).collect();
         group.bench_function("transcode_only", |b| {
             b.iter(|| {
                 let (mut events, mut drops) = (Vec::new(), Vec::new());
@@ -135,7 +141,7 @@ fn bench(c: &mut Criterion) {
         wo.set_sync(sync);
         let mut values = Vec::new();
         let mut t = 1_700_000_000_000_000u64;
-        for g in &gen[..FRAMES] {
+        for g in &gen[..per_round] {
             let mut evs = Vec::new();
             Transcoder::default().transcode(&g.frame, &mut evs, &mut Vec::new());
             for mut e in evs {
