@@ -130,7 +130,7 @@ impl Page {
     /// `encoding`'s frames (events over its size cap are skipped, as live).
     pub fn build(log: &Log, from: u64, limit: usize, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
         let raw = Arc::new(RawRun::scan(log, from, limit)?);
-        let page = Page::render(raw, from, usize::MAX, filter, encoding);
+        let page = Page::render(raw, from, (usize::MAX, usize::MAX), filter, encoding);
         if page.scanned == 0 && page.corrupt {
             return Err(LogError::Corrupt("event value"));
         }
@@ -138,10 +138,16 @@ impl Page {
     }
 
     /// The rest of this page's scan after `position`, rendered for another filter or
-    /// encoding: at most `max_frames` frames (a small first piece after a filter change), no
-    /// log read.
-    pub fn rest(&self, position: u64, max_frames: usize, filter: &Filter, encoding: &Encoding) -> Page {
-        Page::render(self.raw.clone(), position + 1, max_frames, filter, encoding)
+    /// encoding, no log read: a piece of at most `max_frames` frames and, past the first, about
+    /// `max_bytes` of JSON (it is rendered on the subscriber's own task).
+    pub fn rest(
+        &self,
+        position: u64,
+        (max_frames, max_bytes): (usize, usize),
+        filter: &Filter,
+        encoding: &Encoding,
+    ) -> Page {
+        Page::render(self.raw.clone(), position + 1, (max_frames, max_bytes), filter, encoding)
     }
 
     /// Whether this page's scan has events after `position`, or covers further.
@@ -149,8 +155,15 @@ impl Page {
         self.raw.covered_to > position
     }
 
-    /// Renders the events of `raw` from `from`, up to `max_frames` wanted ones.
-    fn render(raw: Arc<RawRun>, from: u64, max_frames: usize, filter: &Filter, encoding: &Encoding) -> Page {
+    /// Renders the events of `raw` from `from`, up to `max_frames` wanted ones and, past the
+    /// first, about `max_bytes` of their JSON.
+    fn render(
+        raw: Arc<RawRun>,
+        from: u64,
+        (max_frames, max_bytes): (usize, usize),
+        filter: &Filter,
+        encoding: &Encoding,
+    ) -> Page {
         let mut page = Page {
             from,
             end: 0,
@@ -163,9 +176,9 @@ impl Page {
             raw: raw.clone(),
         };
         let start = raw.items.partition_point(|(t, _)| *t < from);
-        let mut wanted = Vec::new();
+        let (mut wanted, mut json_bytes) = (Vec::new(), 0);
         for (t, range) in &raw.items[start..] {
-            if wanted.len() == max_frames {
+            if wanted.len() == max_frames || json_bytes >= max_bytes {
                 break;
             }
             let value = &raw.values[range.clone()];
@@ -178,6 +191,7 @@ impl Page {
                     page.corrupt = true;
                     break;
                 };
+                json_bytes += ev.json().len();
                 wanted.push(ev);
             }
             page.scanned += 1;
@@ -627,19 +641,25 @@ mod tests {
         assert_eq!((page.end, page.covered_to), (2023, 2023));
         let did_b = Filter::new(&[], &[DIDS[1].into()]).unwrap();
         // After event 1100: did b's events from 1101, 64 at a time.
-        let first = page.rest(1100, 64, &did_b, &Encoding::plain_v1());
+        let first = page.rest(1100, (64, usize::MAX), &did_b, &Encoding::plain_v1());
         let want: Vec<Vec<u8>> = (101..229).step_by(2).map(|i| event(i, 0).json().to_vec()).collect();
         assert_eq!(payloads(&first, 0..first.frame_count()), want);
         assert_eq!((first.from, first.end, first.covered_to, first.at_log_end), (1101, 1227, 1227, false));
         assert!(page.has_rest(first.covered_to));
         // The last piece covers what the scan covered.
-        let last = page.rest(2000, 64, &did_b, &Encoding::plain_v1());
+        let last = page.rest(2000, (64, usize::MAX), &did_b, &Encoding::plain_v1());
         assert_eq!((last.frame_count(), last.covered_to), (12, 2023));
         assert!(!page.has_rest(last.covered_to));
         // A scan that reached the log's end: its last piece does too.
         let tail = Page::build(&log, 3900, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
-        let piece = tail.rest(3950, 64, &did_b, &Encoding::plain_v1());
+        let piece = tail.rest(3950, (64, usize::MAX), &did_b, &Encoding::plain_v1());
         assert_eq!((piece.frame_count(), piece.covered_to, piece.at_log_end), (25, 3999, true));
+        // Large events: a piece stops at about its byte bound, with at least one frame.
+        let big = log_of(100, 10_000);
+        let page = Page::build(&big, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        let piece = page.rest(1009, (64, 20_000), &Filter::default(), &Encoding::plain_v1());
+        assert_eq!((piece.frame_count(), piece.from, piece.end), (2, 1010, 1011));
+        assert_eq!(page.rest(1009, (64, 1), &Filter::default(), &Encoding::plain_v1()).frame_count(), 1);
     }
 
     #[test]

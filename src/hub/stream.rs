@@ -19,9 +19,9 @@ use crate::options::Filter;
 use std::sync::Arc;
 
 /// After a filter change in the middle of a page, the rest of its scan is rendered for the new
-/// filter this many frames at a time, on the stream's own thread: a client changing filters
-/// over and over costs little each time, and no log read.
-const REST_FRAMES: usize = 64;
+/// filter this many frames (and about this much JSON) at a time, on the stream's own task: a
+/// client changing filters over and over costs little each time, and no log read.
+const REST_PIECE: (usize, usize) = (64, 64 << 10);
 
 /// Bytes of frames per write, past the first frame: `--write-timeout` covers one write.
 const CHUNK_BYTES: usize = 256 << 10;
@@ -303,7 +303,7 @@ impl EventStream {
                 }
                 if let Some(origin) = self.rest.take().filter(|o| o.has_rest(self.last_seen)) {
                     let (filter, encoding) = (self.rendering.filter(), self.rendering.encoding());
-                    let page = origin.rest(self.last_seen, REST_FRAMES, filter, encoding);
+                    let page = origin.rest(self.last_seen, REST_PIECE, filter, encoding);
                     if origin.has_rest(page.covered_to) {
                         self.rest = Some(origin); // more of its scan after this piece
                     }
