@@ -389,7 +389,7 @@ async fn main() {
     }
     println!("ingested {total_events} events ({} frames) in {:.2} s", gen.len(), t.elapsed().as_secs_f64());
 
-    // (d) compressed replay by 1 and by 20 clients at once, with the shared replay cache and
+    // (d) compressed replay by 1 and by 20 clients at once, with shared replay pages and
     // without it (`--replay-cache-bytes 0`), on the same log, rounds interleaved.
     // `FANOUT_ONLY=replay cargo bench --bench fanout` runs only this part and (a).
     let replay_only = std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay");

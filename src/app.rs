@@ -68,7 +68,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (ring, _) = broadcast::channel(config.hub.ring_capacity);
     // Events' cached encodings (zstd frames, v2 messages) are bounded by the budgets of what
     // holds the events: the ring, the live queues (mostly the ring's own events, shared; up to
-    // as much again when queues keep events the ring let go) and the replay cache.
+    // as much again when queues keep events the ring let go), and the events decoded while
+    // replay pages are built (held only during a build; the pages' own frames are bounded by
+    // --replay-cache-bytes, which serves as their margin here too).
     crate::event::set_encoding_cache_cap(2 * config.hub.ring_max_bytes + config.hub.replay_cache_bytes);
     let (frames_tx, frames_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
     let mix = Arc::new(crate::mix::EventMix::default());
