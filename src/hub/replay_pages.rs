@@ -33,6 +33,12 @@ const PAGE_MAX_BYTES: usize = 4 << 20;
 /// Events a compressed page must have before half of them are compressed on another thread.
 const PARALLEL_EVENTS: usize = 128;
 
+/// The machine's cores, read once (on Linux each read goes to the cgroup files).
+fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// `events` as `encoding`'s frames, back to back (events over its size cap are skipped).
 fn encode(events: &[Event], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>) {
     let (mut bytes, mut frames) = (Vec::new(), Vec::with_capacity(events.len()));
@@ -101,6 +107,24 @@ impl RawRun {
     fn bytes(&self) -> usize {
         self.values.capacity() + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
     }
+
+    /// The rest of this scan after `position`, rendered for another filter or encoding, no
+    /// log read: a piece of at most `max_frames` frames and, past the first, at most
+    /// `max_bytes` of stored values (it is rendered on the subscriber's own task).
+    pub fn rest(
+        self: &Arc<Self>,
+        position: u64,
+        (max_frames, max_bytes): (usize, usize),
+        filter: &Filter,
+        encoding: &Encoding,
+    ) -> Page {
+        Page::render(self.clone(), position + 1, (max_frames, max_bytes), filter, encoding)
+    }
+
+    /// Whether this scan has events after `position`, or covers further.
+    pub fn has_rest(&self, position: u64) -> bool {
+        self.covered_to > position
+    }
 }
 
 /// A run of the log as one encoding's frames.
@@ -137,26 +161,13 @@ impl Page {
         Ok(page)
     }
 
-    /// The rest of this page's scan after `position`, rendered for another filter or
-    /// encoding, no log read: a piece of at most `max_frames` frames and, past the first, about
-    /// `max_bytes` of JSON (it is rendered on the subscriber's own task).
-    pub fn rest(
-        &self,
-        position: u64,
-        (max_frames, max_bytes): (usize, usize),
-        filter: &Filter,
-        encoding: &Encoding,
-    ) -> Page {
-        Page::render(self.raw.clone(), position + 1, (max_frames, max_bytes), filter, encoding)
-    }
-
-    /// Whether this page's scan has events after `position`, or covers further.
-    pub fn has_rest(&self, position: u64) -> bool {
-        self.raw.covered_to > position
+    /// The scan this page was rendered from.
+    pub fn raw(&self) -> &Arc<RawRun> {
+        &self.raw
     }
 
     /// Renders the events of `raw` from `from`, up to `max_frames` wanted ones and, past the
-    /// first, about `max_bytes` of their JSON.
+    /// first, `max_bytes` of their stored values.
     fn render(
         raw: Arc<RawRun>,
         from: u64,
@@ -176,9 +187,9 @@ impl Page {
             raw: raw.clone(),
         };
         let start = raw.items.partition_point(|(t, _)| *t < from);
-        let (mut wanted, mut json_bytes) = (Vec::new(), 0);
+        let (mut wanted, mut wanted_bytes) = (Vec::new(), 0);
         for (t, range) in &raw.items[start..] {
-            if wanted.len() == max_frames || json_bytes >= max_bytes {
+            if wanted.len() == max_frames {
                 break;
             }
             let value = &raw.values[range.clone()];
@@ -187,11 +198,15 @@ impl Page {
                 break;
             };
             if filter.matches(view.kind, view.did, view.collection) {
+                // Checked before decoding: one large event must not overshoot the bound.
+                if !wanted.is_empty() && wanted_bytes + value.len() > max_bytes {
+                    break;
+                }
                 let Some(ev) = Event::decode_value(*t, value) else {
                     page.corrupt = true;
                     break;
                 };
-                json_bytes += ev.json().len();
+                wanted_bytes += value.len();
                 wanted.push(ev);
             }
             page.scanned += 1;
@@ -202,8 +217,7 @@ impl Page {
         page.covered_to = if all { raw.covered_to.max(page.end) } else { page.end };
         // Compressing is most of a page's cost, and a lone replayer waits for it: with a
         // dictionary, the second half is compressed on a thread of its own (BENCHMARKS.md).
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if encoding.dictionary.is_some() && cores > 1 && wanted.len() >= PARALLEL_EVENTS {
+        if encoding.dictionary.is_some() && wanted.len() >= PARALLEL_EVENTS && cores() > 1 {
             let (first, second) = wanted.split_at(wanted.len() / 2);
             let (a, b) = std::thread::scope(|scope| {
                 let b = scope.spawn(|| encode(second, encoding));
@@ -284,7 +298,7 @@ impl PageFetch {
             PageFetch::Ready(b) => b.clone(),
             PageFetch::Building(rx) => match rx.wait_for(Option::is_some).await {
                 Ok(b) => b.clone().expect("waited for Some"),
-                // The build's thread panicked before it finished.
+                // The build's task was dropped before it finished (the runtime is stopping).
                 Err(_) => Err(Arc::new(LogError::Io(std::io::Error::other("building a replay page failed")))),
             },
         }
@@ -343,8 +357,9 @@ struct Pages {
 pub struct ReplayPages {
     max_bytes: usize,
     pages: Mutex<Pages>,
-    /// Builds running at once: they read and compress, so about one per core (a burst of
-    /// replayers with distinct filters queues here instead of filling the blocking pool).
+    /// Builds running at once: two per core (they read the log, then compress, a compressed
+    /// page on two threads); a burst of replayers with distinct filters queues here instead of
+    /// filling the blocking pool.
     building: Arc<tokio::sync::Semaphore>,
     /// Pages built, and pages taken from another replayer's build.
     built: prometheus::IntCounter,
@@ -354,8 +369,7 @@ pub struct ReplayPages {
 impl ReplayPages {
     /// `max_bytes` 0: nothing is kept or shared (each replayer builds its own pages).
     pub fn new(max_bytes: usize, built: prometheus::IntCounter, shared: prometheus::IntCounter) -> ReplayPages {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let building = Arc::new(tokio::sync::Semaphore::new(2 * cores));
+        let building = Arc::new(tokio::sync::Semaphore::new(2 * cores()));
         ReplayPages { max_bytes, pages: Mutex::default(), building, built, shared }
     }
 
@@ -423,8 +437,8 @@ impl ReplayPages {
         let rx = tx.subscribe();
         tokio::spawn(async move {
             let Ok(_permit) = me.building.clone().acquire_owned().await else { return };
-            if key.is_none() && tx.is_closed() {
-                return; // its only asker is gone (a page in the map may find others)
+            if !me.still_wanted(key, &tx) {
+                return;
             }
             me.built.inc();
             let (page_log, r) = (log.clone(), rendering.clone());
@@ -437,6 +451,20 @@ impl ReplayPages {
             me.finish(key, &tx, built);
         });
         PageFetch::Building(rx)
+    }
+
+    /// Whether anyone still waits for a build about to start: its asker may have gone (a
+    /// disconnect, a filter change, a page fetched ahead and not needed). A shared build no
+    /// one waits for leaves the map, under its lock (where others would join it).
+    fn still_wanted(&self, key: Option<(u64, u64)>, tx: &watch::Sender<Option<Built>>) -> bool {
+        let Some(key) = key else { return !tx.is_closed() };
+        let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's own receiver is one.
+        if tx.receiver_count() > 1 {
+            return true;
+        }
+        pages.map.remove(&key);
+        false
     }
 
     /// A build finished: its waiters get it. A shared full page is kept (evicting the oldest
@@ -641,25 +669,25 @@ mod tests {
         assert_eq!((page.end, page.covered_to), (2023, 2023));
         let did_b = Filter::new(&[], &[DIDS[1].into()]).unwrap();
         // After event 1100: did b's events from 1101, 64 at a time.
-        let first = page.rest(1100, (64, usize::MAX), &did_b, &Encoding::plain_v1());
+        let first = page.raw().rest(1100, (64, usize::MAX), &did_b, &Encoding::plain_v1());
         let want: Vec<Vec<u8>> = (101..229).step_by(2).map(|i| event(i, 0).json().to_vec()).collect();
         assert_eq!(payloads(&first, 0..first.frame_count()), want);
         assert_eq!((first.from, first.end, first.covered_to, first.at_log_end), (1101, 1227, 1227, false));
-        assert!(page.has_rest(first.covered_to));
+        assert!(page.raw().has_rest(first.covered_to));
         // The last piece covers what the scan covered.
-        let last = page.rest(2000, (64, usize::MAX), &did_b, &Encoding::plain_v1());
+        let last = page.raw().rest(2000, (64, usize::MAX), &did_b, &Encoding::plain_v1());
         assert_eq!((last.frame_count(), last.covered_to), (12, 2023));
-        assert!(!page.has_rest(last.covered_to));
+        assert!(!page.raw().has_rest(last.covered_to));
         // A scan that reached the log's end: its last piece does too.
         let tail = Page::build(&log, 3900, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
-        let piece = tail.rest(3950, (64, usize::MAX), &did_b, &Encoding::plain_v1());
+        let piece = tail.raw().rest(3950, (64, usize::MAX), &did_b, &Encoding::plain_v1());
         assert_eq!((piece.frame_count(), piece.covered_to, piece.at_log_end), (25, 3999, true));
-        // Large events: a piece stops at about its byte bound, with at least one frame.
+        // Large events (~10 KB stored): a piece stops before its byte bound, with at least one.
         let big = log_of(100, 10_000);
         let page = Page::build(&big, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
-        let piece = page.rest(1009, (64, 20_000), &Filter::default(), &Encoding::plain_v1());
+        let piece = page.raw().rest(1009, (64, 25_000), &Filter::default(), &Encoding::plain_v1());
         assert_eq!((piece.frame_count(), piece.from, piece.end), (2, 1010, 1011));
-        assert_eq!(page.rest(1009, (64, 1), &Filter::default(), &Encoding::plain_v1()).frame_count(), 1);
+        assert_eq!(page.raw().rest(1009, (64, 1), &Filter::default(), &Encoding::plain_v1()).frame_count(), 1);
     }
 
     #[test]
@@ -671,6 +699,31 @@ mod tests {
         let one = page.bytes(0..1).len();
         assert_eq!(page.chunk_end(0, 100, 3 * one), 3, "three frames' bytes");
         assert_eq!(page.chunk_end(5, 100, 10), 6, "at least one frame");
+    }
+
+    #[tokio::test]
+    async fn a_build_no_one_waits_for_any_more_is_not_done() {
+        let log = log_of(3000, 0);
+        let (cache, built, _) = pages(64 << 20);
+        let every = Arc::new(Filter::default());
+        // Every build slot taken: fetches queue.
+        let all = cache.building.clone().acquire_many_owned(2 * cores() as u32).await.unwrap();
+        let shared = cache.fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()));
+        let (off, off_built, _) = pages(0);
+        let off_all = off.building.clone().acquire_many_owned(2 * cores() as u32).await.unwrap();
+        let private = off.fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()));
+        // Their askers go (a disconnect, a filter change, a page fetched ahead).
+        drop((shared, private));
+        drop((all, off_all));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!((built.get(), off_built.get()), (0, 0), "nothing built for no one");
+        // The abandoned slot left the map: the next asker builds.
+        let page = cache
+            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every, Encoding::plain_v1()))
+            .wait()
+            .await
+            .unwrap();
+        assert_eq!((page.scanned, built.get()), (1024, 1));
     }
 
     #[tokio::test]

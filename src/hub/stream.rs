@@ -12,7 +12,7 @@
 
 use super::dispatch::{Dispatcher, Ended, Registration, Take};
 use super::encode::Encoding;
-use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages, REPLAY_BATCH};
+use super::replay_pages::{Page, PageFetch, RawRun, Rendering, ReplayPages, REPLAY_BATCH};
 use crate::event::Event;
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
@@ -127,7 +127,7 @@ pub struct EventStream {
     page: Option<(Arc<Page>, usize)>,
     /// A page dropped by a filter change, whose scan goes on after the position: rendered
     /// again for the new filter before the log is read further.
-    rest: Option<Arc<Page>>,
+    rest: Option<Arc<RawRun>>,
     /// The page after a position, being fetched: asked for as soon as the page before it
     /// arrives, so the next one is built while this one is written. Kept across
     /// cancellations of [`Self::next`].
@@ -208,8 +208,8 @@ impl EventStream {
     }
 
     /// New filters and encoding, for every event after the position. The replay page in hand
-    /// was rendered for the old ones: the rest of it is dropped and the log read again from
-    /// the position. A live stream registers again with the new filter and reads the log for
+    /// was rendered for the old ones: its frames are dropped, and the rest of its scan is
+    /// rendered again for the new ones (see [`REST_PIECE`]) before the log is read further. A live stream registers again with the new filter and reads the log for
     /// what was handed out since it last had nothing waiting (its old queue had the old
     /// filter's events). `options_update` is paced, which bounds those reads; the same
     /// filter and encoding again change nothing.
@@ -219,7 +219,7 @@ impl EventStream {
             return; // nothing changes: keep the page and the queue
         }
         if let Some((page, _)) = self.page.take() {
-            self.rest = Some(page);
+            self.rest = Some(page.raw().clone()); // not its frames: the old filter's
         }
         self.fetch = None;
         self.rendering = Rendering::new(filter, encoding);
@@ -267,6 +267,7 @@ impl EventStream {
             let finishes = end == count && !page.corrupt;
             let through = if finishes { page.covered_to } else { page.time_of(end - 1) };
             let frames = Frames { page: page.clone(), range: *next..end, through };
+            self.passed += (end - *next) as u64;
             *next = end;
             return Ok(Some(frames));
         }
@@ -274,8 +275,9 @@ impl EventStream {
             return Err(LogError::Corrupt("event value")); // the page stays: asked again, again
         }
         self.last_seen = self.last_seen.max(page.covered_to);
-        // Counted once passed, not when fetched: a page dropped by a filter change is not.
-        self.passed += page.scanned as u64;
+        // Frames count as they are handed out; the events the page filtered out, once it is
+        // passed (a page dropped by a filter change is not).
+        self.passed += page.scanned.saturating_sub(page.frame_count()) as u64;
         self.page = None;
         Ok(None)
     }
@@ -301,11 +303,11 @@ impl EventStream {
                     self.set_live(true);
                     continue;
                 }
-                if let Some(origin) = self.rest.take().filter(|o| o.has_rest(self.last_seen)) {
+                if let Some(raw) = self.rest.take().filter(|r| r.has_rest(self.last_seen)) {
                     let (filter, encoding) = (self.rendering.filter(), self.rendering.encoding());
-                    let page = origin.rest(self.last_seen, REST_PIECE, filter, encoding);
-                    if origin.has_rest(page.covered_to) {
-                        self.rest = Some(origin); // more of its scan after this piece
+                    let page = raw.rest(self.last_seen, REST_PIECE, filter, encoding);
+                    if raw.has_rest(page.covered_to) {
+                        self.rest = Some(raw); // more of its scan after this piece
                     }
                     self.take_page(Arc::new(page));
                     continue;
@@ -622,6 +624,22 @@ mod tests {
             feeder.await.unwrap();
             assert_eq!(got, (1000 + base..1000 + base + 20).collect::<Vec<_>>(), "round {round}");
         }
+    }
+
+    /// The slow rule's progress: frames count as they are handed out, and the events a page
+    /// filtered out once the page is passed.
+    #[tokio::test]
+    async fn a_replaying_stream_counts_its_progress_as_it_goes() {
+        let f = Fixture::new(1024);
+        f.ingest(0..3000);
+        let only_posts = Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap();
+        let mut s = f.stream(only_posts, Start::From(1000));
+        take(&mut s, 10).await;
+        assert_eq!(s.passed(), 10, "ten frames out of the first page's 512");
+        take(&mut s, 502).await;
+        assert_eq!(s.passed(), 512);
+        take(&mut s, 1).await;
+        assert_eq!(s.passed(), 1024 + 1, "the first page's 512 likes, then a frame of the next");
     }
 
     #[test]
