@@ -128,10 +128,10 @@ pub struct EventStream {
     /// A page dropped by a filter change, whose scan goes on after the position: rendered
     /// again for the new filter before the log is read further.
     rest: Option<Arc<RawRun>>,
-    /// The page after a position, being fetched: asked for as soon as the page before it
-    /// arrives, so the next one is built while this one is written. Kept across
-    /// cancellations of [`Self::next`].
-    fetch: Option<(u64, PageFetch)>,
+    /// The page after the position, being fetched; kept across cancellations of
+    /// [`Self::next`]. (Fetching the next page while one is written was measured: no faster,
+    /// and twice the memory per replayer; BENCHMARKS.md.)
+    fetch: Option<PageFetch>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
     metrics: StreamMetrics,
@@ -246,7 +246,7 @@ impl EventStream {
         if live != self.live {
             self.live = live;
             if live {
-                (self.fetch, self.rest) = (None, None); // pages ahead are not needed
+                (self.fetch, self.rest) = (None, None); // no more pages needed
                 self.metrics.lagging.dec();
             } else {
                 self.metrics.lagging.inc();
@@ -312,15 +312,10 @@ impl EventStream {
                     self.take_page(Arc::new(page));
                     continue;
                 }
-                if self.fetch.as_ref().is_some_and(|(after, _)| *after != self.last_seen) {
-                    self.fetch = None; // fetched ahead for another position
-                }
                 if self.fetch.is_none() {
-                    let fetch = self.pages.fetch(&self.log, self.last_seen, REPLAY_BATCH, &mut self.rendering);
-                    self.fetch = Some((self.last_seen, fetch));
+                    self.fetch = Some(self.pages.fetch(&self.log, self.last_seen, REPLAY_BATCH, &mut self.rendering));
                 }
-                let (_, fetch) = self.fetch.as_mut().expect("set above");
-                let built = fetch.wait().await;
+                let built = self.fetch.as_mut().expect("set above").wait().await;
                 self.fetch = None;
                 match built {
                     Ok(page) => {
@@ -383,15 +378,11 @@ impl EventStream {
     /// out: the queue then holds what arrives while it is written. It goes live once its
     /// position reaches the registration's point (the page covers the log as it was when its
     /// scan began, which may be before this registration: then the log is read again up to
-    /// it). Otherwise the next page is fetched now, to be built while this one is written.
+    /// it).
     fn take_page(&mut self, page: Arc<Page>) {
         self.log_end_near = page.at_log_end;
         if self.log_end_near && self.registration.is_none() {
             self.register();
-        }
-        if !page.at_log_end && !page.corrupt && self.rest.is_none() {
-            let fetch = self.pages.fetch(&self.log, page.covered_to, REPLAY_BATCH, &mut self.rendering);
-            self.fetch = Some((page.covered_to, fetch));
         }
         self.page = Some((page, 0));
     }
