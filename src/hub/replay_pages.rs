@@ -453,9 +453,9 @@ impl ReplayPages {
         PageFetch::Building(rx)
     }
 
-    /// Whether anyone still waits for a build about to start: its asker may have gone (a
-    /// disconnect, a filter change, a page fetched ahead and not needed). A shared build no
-    /// one waits for leaves the map, under its lock (where others would join it).
+    /// Whether anyone still waits for a build about to start: its asker may have gone while
+    /// it queued (a disconnect, a filter change, going live). A shared build no one waits for
+    /// leaves the map, under its lock (where others would join it).
     fn still_wanted(&self, key: Option<(u64, u64)>, tx: &watch::Sender<Option<Built>>) -> bool {
         let Some(key) = key else { return !tx.is_closed() };
         let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
