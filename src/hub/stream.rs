@@ -209,10 +209,11 @@ impl EventStream {
 
     /// New filters and encoding, for every event after the position. The replay page in hand
     /// was rendered for the old ones: its frames are dropped, and the rest of its scan is
-    /// rendered again for the new ones (see [`REST_PIECE`]) before the log is read further. A live stream registers again with the new filter and reads the log for
-    /// what was handed out since it last had nothing waiting (its old queue had the old
-    /// filter's events). `options_update` is paced, which bounds those reads; the same
-    /// filter and encoding again change nothing.
+    /// rendered again for the new ones (see [`REST_PIECE`]) before the log is read further.
+    /// A live stream registers again with the new filter and reads the log for what was
+    /// handed out since it last had nothing waiting (its old queue had the old filter's
+    /// events). `options_update` is paced, which bounds those reads; the same filter and
+    /// encoding again change nothing.
     pub fn set_filter(&mut self, filter: Arc<Filter>, encoding: Encoding) {
         let same_filter = &filter == self.rendering.filter();
         if same_filter && &encoding == self.rendering.encoding() {
