@@ -618,6 +618,43 @@ mod tests {
         }
     }
 
+    /// A filter change in the middle of a page that reached the log's end (the stream is
+    /// registered already), while events keep arriving: the old filter's events up to the
+    /// position, then exactly the new filter's after it, from the rest of the page, the log
+    /// and the queue.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_filter_change_at_the_log_end_while_events_arrive_is_exact() {
+        let f = Arc::new(Fixture::new(65_536));
+        f.ingest(0..400);
+        let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
+        for round in 0..40u64 {
+            let end = 400 + (round + 1) * 40; // events up to here exist by the end of the round
+            // The last 300 stored ones (the rest of the page holds several pieces for the new
+            // filter), then 40 arriving.
+            let start = 1000 + end - 340;
+            let mut s = f.stream(Filter::default(), Start::From(start));
+            assert_eq!(take(&mut s, 10).await, (start..start + 10).collect::<Vec<_>>(), "round {round}");
+            let feeder = {
+                let f = f.clone();
+                tokio::spawn(async move {
+                    for i in end - 40..end {
+                        f.ingest(i..i + 1);
+                        tokio::task::yield_now().await;
+                    }
+                })
+            };
+            s.set_filter(Arc::new(did_a.clone()), Encoding::plain_v1());
+            let want: Vec<u64> = (start + 10..1000 + end)
+                .filter(|t| {
+                    let e = event(t - 1000);
+                    did_a.matches(e.kind, e.did(), e.collection())
+                })
+                .collect();
+            assert_eq!(take(&mut s, want.len()).await, want, "round {round}");
+            feeder.await.unwrap();
+        }
+    }
+
     /// The slow rule's progress: frames count as they are handed out, and the events a page
     /// filtered out once the page is passed.
     #[tokio::test]
