@@ -628,9 +628,10 @@ mod tests {
         f.ingest(0..400);
         let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
         for round in 0..40u64 {
-            let end = 400 + (round + 1) * 40; // events up to here exist by the end of the round
-            // The last 300 stored ones (the rest of the page holds several pieces for the new
-            // filter), then 40 arriving.
+            // Events up to `end` exist by the end of the round. From `start`: the last 300
+            // stored ones (the rest of the page holds several pieces for the new filter), then
+            // 40 arriving.
+            let end = 400 + (round + 1) * 40;
             let start = 1000 + end - 340;
             let mut s = f.stream(Filter::default(), Start::From(start));
             assert_eq!(take(&mut s, 10).await, (start..start + 10).collect::<Vec<_>>(), "round {round}");
