@@ -72,6 +72,18 @@ impl FrameWriter {
     }
 }
 
+/// A write or flush that must finish within `limit` (`--write-timeout`).
+async fn within(
+    limit: Duration,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), CloseReason> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(CloseReason::WriteError),
+        Err(_) => Err(CloseReason::WriteTimeout),
+    }
+}
+
 /// What the reader half reports.
 enum Control {
     /// A whole text message; a large one carries the connection's one large-message permit.
@@ -516,11 +528,7 @@ impl Session {
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
-        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.framed(frames.bytes())).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(CloseReason::WriteError),
-            Err(_) => return Err(CloseReason::WriteTimeout),
-        }
+        within(self.hub.config.write_timeout, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
         }
@@ -552,20 +560,12 @@ impl Session {
             return Ok(());
         }
         self.last_flush = Instant::now();
-        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(CloseReason::WriteError),
-            Err(_) => Err(CloseReason::WriteTimeout),
-        }
+        within(self.hub.config.write_timeout, self.tx.flush()).await
     }
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        match tokio::time::timeout(self.hub.config.write_timeout, self.tx.frame(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(CloseReason::WriteError),
-            Err(_) => Err(CloseReason::WriteTimeout),
-        }
+        within(self.hub.config.write_timeout, self.tx.frame(frame)).await
     }
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.
