@@ -179,6 +179,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let cancel = background.clone();
         tasks.spawn(async move { ("status history", history.run(cancel).await) });
     }
+    if config.hub.precompress {
+        let (log, metrics, cancel) = (log.clone(), metrics.clone(), background.clone());
+        let dictionary = hub.dictionaries.default().clone();
+        tasks.spawn(async move {
+            crate::hub::precompress::run(log, dictionary, metrics, cancel.clone()).await;
+            // A thread that could not start is no reason to stop the app.
+            cancel.cancelled().await;
+            ("precompress", Ok(()))
+        });
+    }
     let public_listener = server::bind(config.ops.listen, "public").await?;
     let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     {

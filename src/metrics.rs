@@ -134,6 +134,9 @@ pub struct Metrics {
     pub store_oldest_time_us: IntGauge,
     pub store_newest_time_us: IntGauge,
     pub store_trims: IntCounter,
+    pub precompressed_events: IntCounter,
+    pub precompress_errors: IntCounter,
+    pub precompress_behind_seconds: prometheus::Gauge,
     // hub
     pub subscribers: IntGaugeVec,
     pub events_sent: IntCounterVec,
@@ -144,6 +147,7 @@ pub struct Metrics {
     pub live_queue_overflows: IntCounter,
     pub replay_pages_built: IntCounter,
     pub replay_pages_shared: IntCounter,
+    pub replay_stored_frames: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
     pub verify_commits: IntCounterVec,
@@ -271,6 +275,21 @@ impl Metrics {
             store_oldest_time_us: gauge(&r, "contrail_store_oldest_time_us", "time_us of the oldest event in the log."),
             store_newest_time_us: gauge(&r, "contrail_store_newest_time_us", "time_us of the newest event in the log."),
             store_trims: counter(&r, "contrail_store_trims_total", "Retention trims (range deletes) run."),
+            precompressed_events: counter(
+                &r,
+                "contrail_store_precompressed_events_total",
+                "Stored events compressed ahead of replay (with the default dictionary) and stored beside them.",
+            ),
+            precompress_errors: counter(
+                &r,
+                "contrail_store_precompress_errors_total",
+                "Failed reads or writes of the thread storing compressed frames (it tries again later).",
+            ),
+            precompress_behind_seconds: float_gauge(
+                &r,
+                "contrail_store_precompress_behind_seconds",
+                "How far the stored compressed frames are behind the log's newest event, in its time_us.",
+            ),
             subscribers: {
                 let g = IntGaugeVec::new(
                     Opts::new("contrail_hub_subscribers", "Connected subscribers, by wire and compression."),
@@ -318,6 +337,11 @@ impl Metrics {
                 &r,
                 "contrail_hub_replay_pages_shared_total",
                 "Replay pages a subscriber took from another one's build instead of building its own.",
+            ),
+            replay_stored_frames: counter(
+                &r,
+                "contrail_hub_replay_stored_frames_total",
+                "Compressed frames replay pages took as stored ahead of replay instead of compressing them.",
             ),
             rejected_requests: counter_vec(
                 &r,

@@ -44,6 +44,27 @@ impl Encoding {
         Encoding { wire: Wire::V1, dictionary: None, include_verification: false, max_size: 0 }
     }
 
+    /// The dictionary id of the compressed frames this encoding sends as they are stored
+    /// ([`super::precompress`]): compressed v1 without the verification field.
+    pub fn stored_frame_dictionary(&self) -> Option<u32> {
+        match (self.wire, &self.dictionary) {
+            (Wire::V1, Some(d)) if !self.include_verification => Some(d.id),
+            _ => None,
+        }
+    }
+
+    /// [`message`](Self::message), given the event's stored compressed frame for
+    /// [`stored_frame_dictionary`](Self::stored_frame_dictionary) when there is one.
+    pub fn message_stored<'e>(&self, ev: &'e Event, stored: Option<&'e [u8]>) -> Option<(OpCode, Cow<'e, [u8]>)> {
+        match stored {
+            Some(frame) if self.stored_frame_dictionary().is_some() => {
+                (self.max_size == 0 || ev.json().len() as u64 <= self.max_size)
+                    .then_some((OpCode::Binary, Cow::Borrowed(frame)))
+            }
+            _ => self.message(ev),
+        }
+    }
+
     /// The event's message and its opcode, or `None` when it is over the size cap (the
     /// subscriber skips it). Cached encodings are borrowed; past the cache's cap one is built
     /// for this message only.

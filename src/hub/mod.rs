@@ -8,6 +8,7 @@
 //! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
 //!   [`encode`]: what a subscriber is sent for an event; [`replay_pages`]: runs of the log
 //!   rendered once as ready frames and shared by replayers close to each other;
+//!   [`precompress`]: compressed frames stored beside the log ahead of replay;
 //!   [`options`]: the query and `options_update` (in the pure core crate).
 //!
 //! The hub is built from what it needs — the log and its tip, the ring, metrics, the
@@ -70,6 +71,7 @@ pub mod dispatch;
 pub mod encode;
 pub(crate) mod handshake;
 pub mod limits;
+pub mod precompress;
 pub mod replay_pages;
 pub(crate) mod session;
 pub(crate) mod slow;
@@ -106,6 +108,12 @@ pub struct HubConfig {
     /// replayers read, filter, compress and frame each event once); 0 turns the sharing off.
     #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
     pub replay_cache_bytes: u64,
+    /// Compress every stored event with the default dictionary in the background, at the
+    /// lowest CPU priority, and store the frames beside the log (~45% of the JSON's size on
+    /// disk, counted by --max-disk-bytes), so compressed replays read frames instead of
+    /// compressing them (about twice as fast). Off: they compress as they go.
+    #[arg(long, env = "CONTRAIL_PRECOMPRESS", default_value = "true", action = clap::ArgAction::Set)]
+    pub precompress: bool,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
     /// comma-separate), besides the shipped Jetstream v1 and Contrail v1 ones. Clients pick one
     /// with zstdDictionary=<id>.
@@ -232,8 +240,7 @@ impl Hub {
             tasks: TaskTracker::new(),
             replay_pages: Arc::new(replay_pages::ReplayPages::new(
                 config.replay_cache_bytes as usize,
-                metrics.replay_pages_built.clone(),
-                metrics.replay_pages_shared.clone(),
+                replay_pages::PageCounters::of(&metrics),
             )),
             metrics,
             config,

@@ -39,11 +39,12 @@ fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// `events` as `encoding`'s frames, back to back (events over its size cap are skipped).
-fn encode(events: &[Event], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>) {
+/// `events` as `encoding`'s frames, back to back (events over its size cap are skipped), each
+/// with its stored compressed frame when it has one.
+fn encode(events: &[(Event, Option<&[u8]>)], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>) {
     let (mut bytes, mut frames) = (Vec::new(), Vec::with_capacity(events.len()));
-    for ev in events {
-        if let Some((opcode, payload)) = encoding.message(ev) {
+    for (ev, stored) in events {
+        if let Some((opcode, payload)) = encoding.message_stored(ev, *stored) {
             let len = payload.len();
             append_frame(&mut bytes, frame(opcode, payload));
             frames.push(PageFrame { time_us: ev.time_us, end: bytes.len(), payload: len });
@@ -79,11 +80,17 @@ pub struct RawRun {
     covered_to: u64,
     /// The scan found fewer events than it asked for: it reached the log's end.
     at_log_end: bool,
+    /// Compressed frames stored for these events ([`super::precompress`]), all made with
+    /// dictionary `stored_dictionary` from the JSON of the item at the index beside them.
+    stored: Vec<u8>,
+    stored_items: Vec<(usize, std::ops::Range<usize>)>,
+    stored_dictionary: Option<u32>,
 }
 
 impl RawRun {
-    /// Reads up to `limit` events from `from` (fewer past [`PAGE_MAX_BYTES`] of values).
-    fn scan(log: &Log, from: u64, limit: usize) -> Result<RawRun, LogError> {
+    /// Reads up to `limit` events from `from` (fewer past [`PAGE_MAX_BYTES`] of values), and
+    /// their stored compressed frames for dictionary `stored_dictionary`.
+    fn scan(log: &Log, from: u64, limit: usize, stored_dictionary: Option<u32>) -> Result<RawRun, LogError> {
         // Before the scan: the scan then sees every event up to it (the tip moves after an
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
@@ -101,11 +108,58 @@ impl RawRun {
         run.at_log_end = run.items.len() < limit && !full;
         let last = run.items.last().map_or(0, |(t, _)| *t);
         run.covered_to = if run.at_log_end { last.max(newest_before) } else { last };
+        if let (Some(id), Some((first, _))) = (stored_dictionary, run.items.first()) {
+            run.read_stored(log, *first, last, id)?;
+        }
         Ok(run)
     }
 
+    /// Reads the stored compressed frames of this run's events made with dictionary `id`. The
+    /// frames stop at the first one made with another dictionary (another default since they
+    /// were stored: none of the rest is usable either) or past the newest stored one.
+    fn read_stored(&mut self, log: &Log, first: u64, last: u64, id: u32) -> Result<(), LogError> {
+        let mut i = 0;
+        let (items, values) = (&self.items, &self.values);
+        let (stored, stored_items) = (&mut self.stored, &mut self.stored_items);
+        log.scan_compressed_frames(first, last, |t, value| {
+            i += items[i..].partition_point(|(it, _)| *it < t);
+            let Some((it, range)) = items.get(i) else { return false };
+            if *it != t {
+                return true; // a frame of an event this run does not have (trimmed since)
+            }
+            let json_len = view_value(&values[range.clone()]).map_or(usize::MAX, |v| v.json.len());
+            match super::precompress::stored_frame(value, id, json_len) {
+                Some(frame) => {
+                    let start = stored.len();
+                    stored.extend_from_slice(frame);
+                    stored_items.push((i, start..stored.len()));
+                    true
+                }
+                // Not for this event's JSON (never expected): compressed afresh instead.
+                None if value.get(..4) == Some(&id.to_le_bytes()[..]) => true,
+                None => false,
+            }
+        })?;
+        self.stored.shrink_to_fit();
+        self.stored_items.shrink_to_fit();
+        self.stored_dictionary = Some(id);
+        Ok(())
+    }
+
+    /// The stored compressed frame of item `i`, if `dictionary` is the one stored.
+    fn stored_frame(&self, i: usize, dictionary: Option<u32>) -> Option<&[u8]> {
+        if dictionary.is_none() || dictionary != self.stored_dictionary {
+            return None;
+        }
+        let at = self.stored_items.binary_search_by_key(&i, |(j, _)| *j).ok()?;
+        Some(&self.stored[self.stored_items[at].1.clone()])
+    }
+
     fn bytes(&self) -> usize {
-        self.values.capacity() + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
+        self.values.capacity()
+            + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
+            + self.stored.capacity()
+            + self.stored_items.capacity() * std::mem::size_of::<(usize, std::ops::Range<usize>)>()
     }
 
     /// The rest of this scan after `position`, rendered for another filter or encoding, no
@@ -142,6 +196,8 @@ pub struct Page {
     /// Every stored event after `from - 1` up to here was scanned (see [`RawRun`]): a stream
     /// that finishes the page has passed everything up to here.
     pub covered_to: u64,
+    /// Frames taken as they were stored, not compressed for this page.
+    pub stored_frames: usize,
     /// The frames, back to back, as they go on the wire.
     bytes: Vec<u8>,
     frames: Vec<PageFrame>,
@@ -153,7 +209,7 @@ impl Page {
     /// Reads up to `limit` events from `from` and renders those `filter` wants as
     /// `encoding`'s frames (events over its size cap are skipped, as live).
     pub fn build(log: &Log, from: u64, limit: usize, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
-        let raw = Arc::new(RawRun::scan(log, from, limit)?);
+        let raw = Arc::new(RawRun::scan(log, from, limit, encoding.stored_frame_dictionary())?);
         let page = Page::render(raw, from, (usize::MAX, usize::MAX), filter, encoding);
         if page.scanned == 0 && page.corrupt {
             return Err(LogError::Corrupt("event value"));
@@ -182,13 +238,15 @@ impl Page {
             corrupt: false,
             at_log_end: false,
             covered_to: 0,
+            stored_frames: 0,
             bytes: Vec::new(),
             frames: Vec::new(),
             raw: raw.clone(),
         };
         let start = raw.items.partition_point(|(t, _)| *t < from);
+        let stored_dictionary = encoding.stored_frame_dictionary();
         let (mut wanted, mut wanted_bytes) = (Vec::new(), 0);
-        for (t, range) in &raw.items[start..] {
+        for (i, (t, range)) in raw.items.iter().enumerate().skip(start) {
             if wanted.len() == max_frames {
                 break;
             }
@@ -207,7 +265,9 @@ impl Page {
                     break;
                 };
                 wanted_bytes += value.len();
-                wanted.push(ev);
+                let stored = raw.stored_frame(i, stored_dictionary);
+                page.stored_frames += stored.is_some() as usize;
+                wanted.push((ev, stored));
             }
             page.scanned += 1;
             page.end = *t;
@@ -216,8 +276,10 @@ impl Page {
         page.at_log_end = all && raw.at_log_end;
         page.covered_to = if all { raw.covered_to.max(page.end) } else { page.end };
         // Compressing is most of a page's cost, and a lone replayer waits for it: with a
-        // dictionary, the second half is compressed on a thread of its own (BENCHMARKS.md).
-        if encoding.dictionary.is_some() && wanted.len() >= PARALLEL_EVENTS && cores() > 1 {
+        // dictionary and frames not stored yet, the second half is compressed on a thread of
+        // its own (BENCHMARKS.md).
+        let to_compress = if encoding.dictionary.is_some() { wanted.iter().filter(|(_, s)| s.is_none()).count() } else { 0 };
+        if to_compress >= PARALLEL_EVENTS && cores() > 1 {
             let (first, second) = wanted.split_at(wanted.len() / 2);
             let (a, b) = std::thread::scope(|scope| {
                 let b = scope.spawn(|| encode(second, encoding));
@@ -361,16 +423,34 @@ pub struct ReplayPages {
     /// page on two threads); a burst of replayers with distinct filters queues here instead of
     /// filling the blocking pool.
     building: Arc<tokio::sync::Semaphore>,
+    counters: PageCounters,
+}
+
+/// What replay pages count (metrics).
+#[derive(Clone)]
+pub struct PageCounters {
     /// Pages built, and pages taken from another replayer's build.
-    built: prometheus::IntCounter,
-    shared: prometheus::IntCounter,
+    pub built: prometheus::IntCounter,
+    pub shared: prometheus::IntCounter,
+    /// Frames built pages took as they were stored ([`super::precompress`]).
+    pub stored_frames: prometheus::IntCounter,
+}
+
+impl PageCounters {
+    pub fn of(m: &crate::metrics::Metrics) -> PageCounters {
+        PageCounters {
+            built: m.replay_pages_built.clone(),
+            shared: m.replay_pages_shared.clone(),
+            stored_frames: m.replay_stored_frames.clone(),
+        }
+    }
 }
 
 impl ReplayPages {
     /// `max_bytes` 0: nothing is kept or shared (each replayer builds its own pages).
-    pub fn new(max_bytes: usize, built: prometheus::IntCounter, shared: prometheus::IntCounter) -> ReplayPages {
+    pub fn new(max_bytes: usize, counters: PageCounters) -> ReplayPages {
         let building = Arc::new(tokio::sync::Semaphore::new(2 * cores()));
-        ReplayPages { max_bytes, pages: Mutex::default(), building, built, shared }
+        ReplayPages { max_bytes, pages: Mutex::default(), building, counters }
     }
 
     /// The page holding the events after `position` in `rendering`: a kept page that covers
@@ -398,11 +478,11 @@ impl ReplayPages {
                 let current = slot.page.borrow().clone();
                 match current {
                     Some(Ok(page)) if page.end >= from => {
-                        self.shared.inc();
+                        self.counters.shared.inc();
                         return PageFetch::Ready(Ok(page));
                     }
                     None if start == from && slot.page.has_changed().is_ok() => {
-                        self.shared.inc();
+                        self.counters.shared.inc();
                         return PageFetch::Building(slot.page.clone());
                     }
                     _ => {}
@@ -440,7 +520,7 @@ impl ReplayPages {
             if !me.still_wanted(key, &tx) {
                 return;
             }
-            me.built.inc();
+            me.counters.built.inc();
             let (page_log, r) = (log.clone(), rendering.clone());
             let built =
                 tokio::task::spawn_blocking(move || Page::build(&page_log, from, limit, &r.filter, &r.encoding))
@@ -448,6 +528,9 @@ impl ReplayPages {
                     .unwrap_or_else(|_| Err(LogError::Io(std::io::Error::other("building a replay page panicked"))))
                     .map(Arc::new)
                     .map_err(Arc::new);
+            if let Ok(page) = &built {
+                me.counters.stored_frames.inc_by(page.stored_frames as u64);
+            }
             me.finish(key, &tx, built);
         });
         PageFetch::Building(rx)
@@ -535,7 +618,9 @@ mod tests {
     fn pages(max_bytes: usize) -> (Arc<ReplayPages>, prometheus::IntCounter, prometheus::IntCounter) {
         let built = prometheus::IntCounter::new("built", "h").unwrap();
         let shared = prometheus::IntCounter::new("shared", "h").unwrap();
-        (Arc::new(ReplayPages::new(max_bytes, built.clone(), shared.clone())), built, shared)
+        let stored_frames = prometheus::IntCounter::new("stored", "h").unwrap();
+        let counters = PageCounters { built: built.clone(), shared: shared.clone(), stored_frames };
+        (Arc::new(ReplayPages::new(max_bytes, counters)), built, shared)
     }
 
     /// The payloads of a page's frames `range`, parsed back from its wire bytes.

@@ -416,6 +416,7 @@ impl Drop for EventStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::replay_pages::PageCounters;
     use crate::event::EventKind;
     use crate::log::memory::MemoryLog;
     use crate::sequencer::Published;
@@ -460,7 +461,7 @@ mod tests {
                 dispatcher,
                 metrics: StreamMetrics { replay_reads: m.replay_reads.clone(), lagging: m.lagging_subscribers.clone() },
                 overflows: m.live_queue_overflows.clone(),
-                pages: Arc::new(ReplayPages::new(8 << 20, m.replay_pages_built.clone(), m.replay_pages_shared.clone())),
+                pages: Arc::new(ReplayPages::new(8 << 20, PageCounters::of(&m))),
             }
         }
 

@@ -271,6 +271,44 @@ impl Log {
         }
     }
 
+    /// Whether the log can hold compressed frames (RocksDB can; a memory window does not).
+    pub fn stores_compressed_frames(&self) -> bool {
+        matches!(self.backend, Backend::Rocks(_))
+    }
+
+    /// Stores compressed frames, `(time_us, value)` (see [`rocks`]'s schema); nothing in memory.
+    pub fn put_compressed_frames(&self, frames: &[(u64, Vec<u8>)]) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.put_zframes(frames),
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
+    /// Calls `f` with each stored compressed frame with `from <= time_us <= to`, oldest first,
+    /// until it returns false.
+    pub fn scan_compressed_frames(&self, from: u64, to: u64, f: impl FnMut(u64, &[u8]) -> bool) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.scan_zframes(from, to, f),
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
+    /// The newest stored compressed frame's `time_us`.
+    pub fn newest_compressed_frame(&self) -> Result<Option<u64>> {
+        match &self.backend {
+            Backend::Rocks(s) => s.newest_zframe(),
+            Backend::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Deletes stored compressed frames after `time_us`.
+    pub fn trim_compressed_frames_after(&self, time_us: u64) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.trim_zframes_after(time_us),
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
     pub fn oldest_time_us(&self) -> Result<Option<u64>> {
         match &self.backend {
             Backend::Rocks(s) => s.oldest_time_us(),

@@ -1,6 +1,6 @@
 //! The durable log backend: RocksDB, embedded, in the data directory.
 //!
-//! Schema (two column families):
+//! Schema (column families):
 //! - `events`: key = `time_us` as 8 bytes big-endian (byte order is time order, DESIGN.md
 //!   invariant 1), value = a small metadata header (kind, DID and collection positions) and the
 //!   event's v1 JSON ([`Event::encode_value`]), so filters never parse JSON.
@@ -9,6 +9,10 @@
 //! - `repos`: verification's per-repo chain state (DID → last verified rev and MST root), written
 //!   in the same batch as the events it admits.
 //! - `dids`: verification's DID → signing key cache (a cache: written on its own).
+//! - `zframes`: stored compressed frames, ahead of compressed replay (`hub::precompress`): key
+//!   = `time_us` as in `events`, value = the dictionary id (4 bytes LE), the JSON's length
+//!   (4 bytes LE) and the event's zstd frame. A cache of `events`, written without the WAL
+//!   (a crash loses only its newest, which are compressed again) and trimmed with it.
 //!
 //! Events and the relay seq they complete are written in one `WriteBatch` (invariant 2): after
 //! a crash the cursor is never ahead of the data. Retention trims the oldest keys with a range
@@ -25,6 +29,7 @@ const CF_EVENTS: &str = "events";
 const CF_META: &str = "meta";
 const CF_REPOS: &str = "repos";
 const CF_DIDS: &str = "dids";
+const CF_ZFRAMES: &str = "zframes";
 const KEY_RELAY: &[u8] = b"relay";
 const KEY_LAST_TIME: &[u8] = b"last_time_us";
 
@@ -97,6 +102,17 @@ fn tune_for_events(o: &mut Options) {
     o.set_block_based_table_factory(&t);
 }
 
+/// Stored zstd frames do not compress again: no block compression, the events' block size.
+fn zframe_cf_options() -> Options {
+    let mut o = Options::default();
+    o.set_compression_type(DBCompressionType::None);
+    o.set_write_buffer_size(32 << 20);
+    let mut t = BlockBasedOptions::default();
+    t.set_block_size(32 << 10);
+    o.set_block_based_table_factory(&t);
+    o
+}
+
 fn db_options() -> Options {
     let mut o = Options::default();
     o.create_if_missing(true);
@@ -114,6 +130,7 @@ fn descriptors(memtable_bytes: usize) -> Vec<ColumnFamilyDescriptor> {
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
         ColumnFamilyDescriptor::new(CF_REPOS, Options::default()),
         ColumnFamilyDescriptor::new(CF_DIDS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_ZFRAMES, zframe_cf_options()),
     ]
 }
 
@@ -281,6 +298,60 @@ impl RocksLog {
         Ok(out)
     }
 
+    /// Stores compressed frames (`(time_us, value)`, see the schema) without the WAL: after a
+    /// crash the newest may be missing (never a wrong one), and are compressed again.
+    pub fn put_zframes(&self, frames: &[(u64, Vec<u8>)]) -> Result<()> {
+        let cf = self.cf(CF_ZFRAMES)?;
+        let mut batch = WriteBatch::default();
+        for (t, v) in frames {
+            batch.put_cf(cf, t.to_be_bytes(), v);
+        }
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Calls `f` with each stored compressed frame with `from <= time_us <= to`, oldest first,
+    /// until it returns false. A log without the column family (a secondary view of an older
+    /// log) has none.
+    pub fn scan_zframes(&self, from: u64, to: u64, mut f: impl FnMut(u64, &[u8]) -> bool) -> Result<()> {
+        let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        ro.set_iterate_upper_bound(to.saturating_add(1).to_be_bytes());
+        let start = from.to_be_bytes();
+        for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
+            let (k, v) = item?;
+            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
+            if !f(u64::from_be_bytes(key), &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes stored compressed frames after `time_us` (at start: frames of events a power
+    /// loss took back must not stand for the events stamped with those keys next).
+    pub fn trim_zframes_after(&self, time_us: u64) -> Result<()> {
+        let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
+        self.db.delete_range_cf(cf, time_us.saturating_add(1).to_be_bytes(), u64::MAX.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// The newest stored compressed frame's `time_us`.
+    pub fn newest_zframe(&self) -> Result<Option<u64>> {
+        let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(None) };
+        match self.db.iterator_cf(cf, IteratorMode::End).next() {
+            Some(item) => {
+                let (k, _) = item?;
+                let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
+                Ok(Some(u64::from_be_bytes(key)))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn edge_key(&self, mode: IteratorMode) -> Result<Option<u64>> {
         match self.db.iterator_cf(self.events(), mode).next() {
             Some(item) => {
@@ -305,17 +376,19 @@ impl RocksLog {
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
         self.db.delete_range_cf(self.events(), 0u64.to_be_bytes(), cutoff.to_be_bytes())?;
         self.db.compact_range_cf(self.events(), None::<&[u8]>, Some(cutoff.to_be_bytes()));
+        if let Some(cf) = self.db.cf_handle(CF_ZFRAMES) {
+            self.db.delete_range_cf(cf, 0u64.to_be_bytes(), cutoff.to_be_bytes())?;
+            self.db.compact_range_cf(cf, None::<&[u8]>, Some(cutoff.to_be_bytes()));
+        }
         Ok(())
     }
 
-    /// Bytes on disk: SST files plus the WAL.
+    /// Bytes on disk: SST files (events and stored compressed frames) plus the WAL.
     pub fn disk_bytes(&self) -> u64 {
-        let sst = self
-            .db
-            .property_int_value_cf(self.events(), rocksdb::properties::TOTAL_SST_FILES_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(0);
+        let sst_of = |cf| {
+            self.db.property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten().unwrap_or(0)
+        };
+        let sst = sst_of(self.events()) + self.db.cf_handle(CF_ZFRAMES).map_or(0, sst_of);
         let wal = std::fs::read_dir(&self.path)
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -368,6 +441,9 @@ impl RocksLog {
     pub fn flush(&self) -> Result<()> {
         self.db.flush_cf(self.events())?;
         self.db.flush_cf(self.meta())?;
+        if let Some(cf) = self.db.cf_handle(CF_ZFRAMES) {
+            self.db.flush_cf(cf)?;
+        }
         Ok(())
     }
 }

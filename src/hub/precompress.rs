@@ -1,0 +1,141 @@
+//! Compressed frames stored ahead of replay: a background thread compresses every stored
+//! event with the default dictionary (what `compress=true` gets) and stores the frame beside
+//! it in the log, so a compressed replay reads frames instead of compressing them.
+//!
+//! Why: compressing is the bound of a compressed replay (3.35 µs per event at zstd level 3,
+//! one core ≈ 300k events/s, BENCHMARKS.md), while a plain one reads and writes over a million
+//! events/s. At a live firehose's rate (a few thousand events/s) the thread costs well under
+//! 1% of a core; during a backfill it runs at the lowest CPU priority, so ingest keeps the
+//! cores and the frames catch up afterwards. Replay compresses whatever is not stored yet
+//! (the log's newest events, or a frame that does not check out), so nothing depends on it.
+//!
+//! The frames are a cache of the events (DESIGN.md invariant 5: compressed at most once per
+//! dictionary, now also across processes): written without the WAL, trimmed with the events,
+//! and each one names the dictionary and the JSON length it was made for, which replay checks.
+
+use super::compress::Dictionary;
+use crate::event::view_value;
+use crate::log::Log;
+use crate::metrics::Metrics;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Events compressed per log read and write.
+const BATCH: usize = 1024;
+/// How long a caught-up thread sleeps before looking at the log again.
+const IDLE: Duration = Duration::from_millis(200);
+/// How long it waits after the log failed it (a full disk) before trying again.
+const AFTER_ERROR: Duration = Duration::from_secs(5);
+/// The thread's nice value: the lowest priority, so it takes only cores nothing else wants.
+const NICE: i32 = 19;
+
+/// A stored frame's value: the dictionary id, the length of the JSON it compresses, the frame.
+pub fn stored_value(dictionary_id: u32, json_len: usize, frame: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + frame.len());
+    v.extend_from_slice(&dictionary_id.to_le_bytes());
+    v.extend_from_slice(&(json_len.min(u32::MAX as usize) as u32).to_le_bytes());
+    v.extend_from_slice(frame);
+    v
+}
+
+/// The frame in a stored value, if it was made with dictionary `dictionary_id` from a JSON of
+/// `json_len` bytes (a frame for another dictionary or another event is not used).
+pub fn stored_frame(value: &[u8], dictionary_id: u32, json_len: usize) -> Option<&[u8]> {
+    let id = u32::from_le_bytes(value.get(..4)?.try_into().ok()?);
+    let len = u32::from_le_bytes(value.get(4..8)?.try_into().ok()?);
+    (id == dictionary_id && len as usize == json_len && value.len() > 8).then(|| &value[8..])
+}
+
+/// Runs the compressing thread until `cancel` fires. Never fails the app: the frames are a
+/// cache, and a log that cannot be written stops the sequencer, which says so.
+pub async fn run(log: Arc<Log>, dictionary: Arc<Dictionary>, metrics: Arc<Metrics>, cancel: CancellationToken) {
+    if !log.stores_compressed_frames() {
+        return;
+    }
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let thread_cancel = cancel.clone();
+    let spawned = std::thread::Builder::new().name("contrail-precompress".into()).spawn(move || {
+        lower_priority();
+        compress_loop(&log, &dictionary, &metrics, &thread_cancel);
+        let _ = done_tx.send(());
+    });
+    match spawned {
+        Ok(_) => {
+            let _ = done_rx.await;
+        }
+        Err(e) => tracing::warn!(error = %e, "could not start the compressing thread; compressed replay compresses"),
+    }
+}
+
+/// This thread only (on Linux a thread id is a process id to `setpriority`).
+fn lower_priority() {
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), NICE) {
+        tracing::debug!(error = %e, "could not lower the compressing thread's priority");
+    }
+}
+
+fn compress_loop(log: &Log, dictionary: &Dictionary, metrics: &Metrics, cancel: &CancellationToken) {
+    let mut next = None;
+    while !cancel.is_cancelled() {
+        let pause = match step(log, dictionary, metrics, &mut next) {
+            Ok(true) => continue,
+            Ok(false) => IDLE,
+            Err(e) => {
+                metrics.precompress_errors.inc();
+                tracing::warn!(error = %e, "storing compressed frames failed; trying again later");
+                AFTER_ERROR
+            }
+        };
+        sleep_unless_cancelled(pause, cancel);
+    }
+}
+
+fn sleep_unless_cancelled(pause: Duration, cancel: &CancellationToken) {
+    let until = std::time::Instant::now() + pause;
+    while !cancel.is_cancelled() {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// Compresses and stores up to [`BATCH`] events after `next`; whether there may be more.
+/// `next` starts unknown: the first step finds where the stored frames end (dropping any
+/// past the log's newest event: a power loss can take events back whose keys are stamped
+/// again).
+pub fn step(log: &Log, dictionary: &Dictionary, metrics: &Metrics, next: &mut Option<u64>) -> crate::log::Result<bool> {
+    let from = match *next {
+        Some(t) => t,
+        None => {
+            let newest = log.newest_time_us()?.unwrap_or(0);
+            log.trim_compressed_frames_after(newest)?;
+            let from = log.newest_compressed_frame()?.map_or(0, |t| t + 1);
+            *next = Some(from);
+            from
+        }
+    };
+    let mut frames = Vec::new();
+    let mut last = None;
+    let scanned = log.scan(from, BATCH, |t, value| {
+        // A corrupt value is replay's to report; here it simply gets no frame.
+        if let Some(view) = view_value(value) {
+            frames.push((t, stored_value(dictionary.id, view.json.len(), &dictionary.compress(view.json))));
+        }
+        last = Some(t);
+        true
+    })?;
+    if !frames.is_empty() {
+        log.put_compressed_frames(&frames)?;
+        metrics.precompressed_events.inc_by(frames.len() as u64);
+    }
+    if let Some(t) = last {
+        *next = Some(t + 1);
+    }
+    let behind = log.tip().newest().unwrap_or(0).saturating_sub(next.unwrap_or(0).saturating_sub(1));
+    metrics.precompress_behind_seconds.set(behind as f64 / 1e6);
+    Ok(scanned == BATCH)
+}
