@@ -371,6 +371,61 @@ async fn concurrent_replayers_share_pages_and_each_gets_exactly_its_stream() {
     assert_eq!(got[old..], new[..], "after {old} events of the old filter, the new one's, in order");
 }
 
+/// Compressed frames stored ahead of replay (`--precompress`, on by default): once the
+/// background thread has caught up, compressed replays read them instead of compressing, and
+/// each subscriber still gets exactly the log from its cursor, with its filter and size cap,
+/// decoding with the dictionary; events newer than the stored frames are compressed as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_replay_reads_stored_frames_and_gets_exactly_the_log() {
+    let s = setup(2000, &[]).await;
+    let all = log(&s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.serve.metric("contrail_store_precompressed_events_total").unwrap_or(0.0) < all.len() as f64 {
+        assert!(std::time::Instant::now() < deadline, "the stored frames never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.serve.metric("contrail_store_precompress_behind_seconds"), Some(0.0));
+    // More events after that: the log's newest have no stored frame yet (maybe).
+    let more = generate(1, 2300, 20, 7);
+    for g in &more[2000..] {
+        s.relay.push(g.seq, g.frame.clone());
+    }
+    s.serve.wait_for_seq(more.last().unwrap().seq, Duration::from_secs(60));
+    let all = log(&s);
+    let time = |e: &serde_json::Value| e["time_us"].as_u64().unwrap();
+    let posts = |e: &&serde_json::Value| e["kind"] != "commit" || e["commit"]["collection"] == "app.bsky.feed.post";
+    let cases: Vec<(String, Vec<serde_json::Value>)> = vec![
+        ("/subscribe?cursor=0&compress=true".into(), all.clone()),
+        (format!("/subscribe?cursor={}&compress=true", time(&all[777])), all[777..].to_vec()),
+        (
+            "/subscribe?cursor=0&compress=true&wantedCollections=app.bsky.feed.post".into(),
+            all.iter().filter(posts).cloned().collect(),
+        ),
+        (
+            "/subscribe?cursor=0&compress=true&maxMessageSizeBytes=400".into(),
+            all.iter().filter(|e| e.to_string().len() <= 400).cloned().collect(),
+        ),
+    ];
+    let dict = contrail::hub::compress::JETSTREAM_V1;
+    for (q, want) in cases {
+        assert!(!want.is_empty());
+        let mut ws = connect(s.serve.public, &q, &[]).await.unwrap();
+        let mut dec = zstd::bulk::Decompressor::with_dictionary(dict).unwrap();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            match next(&mut ws, T).await {
+                Some(Msg::Binary(b)) => got
+                    .push(serde_json::from_slice::<serde_json::Value>(&dec.decompress(&b, 1 << 20).unwrap()).unwrap()),
+                other => panic!("{q}: after {} events, {other:?}", got.len()),
+            }
+        }
+        assert!(got == want, "{q}: a different stream");
+        assert_eq!(next(&mut ws, Duration::from_millis(300)).await, None, "{q}: nothing more");
+    }
+    let stored = s.serve.metric("contrail_hub_replay_stored_frames_total").unwrap();
+    assert!(stored >= 2000.0, "replay took the stored frames: {stored}");
+}
+
 /// Subscribers with cursors all over the log connect while ingest goes on: each gets exactly
 /// the log from its cursor, in order, through the switch from replay to live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,10 +57,9 @@ impl Encoding {
     /// [`stored_frame_dictionary`](Self::stored_frame_dictionary) when there is one.
     pub fn message_stored<'e>(&self, ev: &'e Event, stored: Option<&'e [u8]>) -> Option<(OpCode, Cow<'e, [u8]>)> {
         match stored {
-            Some(frame) if self.stored_frame_dictionary().is_some() => {
-                (self.max_size == 0 || ev.json().len() as u64 <= self.max_size)
-                    .then_some((OpCode::Binary, Cow::Borrowed(frame)))
-            }
+            Some(frame) if self.stored_frame_dictionary().is_some() => (self.max_size == 0
+                || ev.json().len() as u64 <= self.max_size)
+                .then_some((OpCode::Binary, Cow::Borrowed(frame))),
             _ => self.message(ev),
         }
     }

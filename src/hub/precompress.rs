@@ -139,3 +139,107 @@ pub fn step(log: &Log, dictionary: &Dictionary, metrics: &Metrics, next: &mut Op
     metrics.precompress_behind_seconds.set(behind as f64 / 1e6);
     Ok(scanned == BATCH)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventKind};
+    use crate::log::rocks::{RocksLog, RocksOptions};
+
+    /// Event `i` at `time_us` 1000 + i.
+    fn event(i: u64) -> Event {
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut out = Vec::new();
+        Event::begin(&mut out, did, EventKind::Identity);
+        out.extend_from_slice(format!(",\"identity\":{{\"n\":{i},\"handle\":\"user{i}.example.com\"}}}}").as_bytes());
+        let mut e = Event::from_parts(out, EventKind::Identity, did.len(), 0..0);
+        e.stamp(1000 + i);
+        e
+    }
+
+    fn rocks(dir: &std::path::Path) -> Log {
+        Log::rocks(RocksLog::open(dir, RocksOptions { sync_writes: false, ..Default::default() }).unwrap()).unwrap()
+    }
+
+    fn stored(log: &Log) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        log.scan_compressed_frames(0, u64::MAX, |t, v| {
+            out.push((t, v.to_vec()));
+            true
+        })
+        .unwrap();
+        out
+    }
+
+    fn run_to_end(log: &Log, dict: &Dictionary, metrics: &Metrics, next: &mut Option<u64>) {
+        while step(log, dict, metrics, next).unwrap() {}
+    }
+
+    #[test]
+    fn every_stored_event_gets_its_frame_and_a_restart_resumes_after_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rocks(dir.path());
+        let dict = Dictionary::new(super::super::compress::JETSTREAM_V1.to_vec(), 0).unwrap();
+        let metrics = Metrics::new();
+        let events: Vec<Event> = (0..2500).map(event).collect();
+        log.append(&events, None).unwrap();
+        let mut next = None;
+        run_to_end(&log, &dict, &metrics, &mut next);
+        let frames = stored(&log);
+        assert_eq!(frames.len(), 2500);
+        let mut dec = zstd::bulk::Decompressor::with_dictionary(&dict.raw).unwrap();
+        for ((t, v), e) in frames.iter().zip(&events) {
+            assert_eq!(*t, e.time_us);
+            let frame = stored_frame(v, dict.id, e.json().len()).expect("made with this dictionary from this JSON");
+            assert_eq!(dec.decompress(frame, 1 << 20).unwrap(), e.json());
+            assert_eq!(stored_frame(v, dict.id + 1, e.json().len()), None, "another dictionary's");
+            assert_eq!(stored_frame(v, dict.id, e.json().len() + 1), None, "another event's");
+        }
+        assert_eq!(metrics.precompressed_events.get(), 2500);
+        assert_eq!(metrics.precompress_behind_seconds.get(), 0.0);
+
+        // New events: the next step takes only them.
+        log.append(&(2500..2510).map(event).collect::<Vec<_>>(), None).unwrap();
+        log.refresh_tip().unwrap();
+        assert!(!step(&log, &dict, &metrics, &mut next).unwrap(), "fewer than a batch: caught up");
+        assert_eq!((stored(&log).len(), metrics.precompressed_events.get()), (2510, 2510));
+
+        // A restart (no position) resumes after the newest stored frame: nothing compressed
+        // again. A frame past the log's newest event (its event lost to a power cut) goes.
+        log.put_compressed_frames(&[(1000 + 2600, stored_value(dict.id, 3, b"bad"))]).unwrap();
+        let mut next = None;
+        run_to_end(&log, &dict, &metrics, &mut next);
+        assert_eq!(metrics.precompressed_events.get(), 2510);
+        assert_eq!(log.newest_compressed_frame().unwrap(), Some(1000 + 2509));
+
+        // Retention trims the frames with the events.
+        log.trim_before(1000 + 2000).unwrap();
+        let left = stored(&log);
+        assert_eq!((left.len(), left[0].0), (510, 1000 + 2000));
+    }
+
+    #[test]
+    fn the_frames_survive_a_clean_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let dict = Dictionary::new(super::super::compress::JETSTREAM_V1.to_vec(), 0).unwrap();
+        {
+            let log = rocks(dir.path());
+            log.append(&(0..100).map(event).collect::<Vec<_>>(), None).unwrap();
+            run_to_end(&log, &dict, &Metrics::new(), &mut None);
+            log.flush().unwrap();
+        }
+        let log = rocks(dir.path());
+        assert_eq!(stored(&log).len(), 100, "written without the WAL, flushed at shutdown");
+        let metrics = Metrics::new();
+        run_to_end(&log, &dict, &metrics, &mut None);
+        assert_eq!(metrics.precompressed_events.get(), 0, "nothing compressed twice");
+    }
+
+    #[test]
+    fn a_memory_log_stores_nothing() {
+        let log = Log::memory(crate::log::memory::MemoryLog::new(1 << 20));
+        assert!(!log.stores_compressed_frames());
+        log.put_compressed_frames(&[(1, vec![1, 2, 3])]).unwrap();
+        assert_eq!(log.newest_compressed_frame().unwrap(), None);
+    }
+}

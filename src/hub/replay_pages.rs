@@ -278,7 +278,8 @@ impl Page {
         // Compressing is most of a page's cost, and a lone replayer waits for it: with a
         // dictionary and frames not stored yet, the second half is compressed on a thread of
         // its own (BENCHMARKS.md).
-        let to_compress = if encoding.dictionary.is_some() { wanted.iter().filter(|(_, s)| s.is_none()).count() } else { 0 };
+        let to_compress =
+            if encoding.dictionary.is_some() { wanted.iter().filter(|(_, s)| s.is_none()).count() } else { 0 };
         if to_compress >= PARALLEL_EVENTS && cores() > 1 {
             let (first, second) = wanted.split_at(wanted.len() / 2);
             let (a, b) = std::thread::scope(|scope| {
@@ -879,5 +880,85 @@ mod tests {
             .wait()
             .await
             .is_err());
+    }
+
+    /// The payloads of a page's binary frames (compressed ones).
+    fn binary_payloads(page: &Page) -> Vec<Vec<u8>> {
+        let mut bytes = page.bytes(0..page.frame_count());
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            assert_eq!(bytes[0], 0x82, "a final binary frame");
+            let (len, head) = match bytes[1] {
+                126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+                n => (n as usize, 2),
+            };
+            out.push(bytes[head..head + len].to_vec());
+            bytes = &bytes[head + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn a_compressed_page_takes_the_frames_stored_for_its_dictionary() {
+        use super::super::compress::{Dictionary, JETSTREAM_V1};
+        use super::super::precompress::stored_value;
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::rocks(
+            crate::log::rocks::RocksLog::open(
+                dir.path(),
+                crate::log::rocks::RocksOptions { sync_writes: false, ..Default::default() },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let events: Vec<Event> = (0..300).map(|i| event(i, 0)).collect();
+        log.append(&events, None).unwrap();
+        let dict = Dictionary::new(JETSTREAM_V1.to_vec(), 0).unwrap();
+        // Stored frames that differ from what the page would compress (no dictionary), for
+        // events 0..200 but 50 (none) and 60 (made from another JSON: not used).
+        let marked = |e: &Event| zstd::bulk::compress(e.json(), 1).unwrap();
+        let frames: Vec<(u64, Vec<u8>)> = events[..200]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 50)
+            .map(|(i, e)| {
+                let len = e.json().len() + (i == 60) as usize;
+                (e.time_us, stored_value(dict.id, len, &marked(e)))
+            })
+            .collect();
+        log.put_compressed_frames(&frames).unwrap();
+        let compressed = Encoding { dictionary: Some(dict.clone()), ..Encoding::plain_v1() };
+        let page = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &compressed).unwrap();
+        let got = binary_payloads(&page);
+        assert_eq!(got.len(), 300);
+        for (i, (frame, e)) in got.iter().zip(&events).enumerate() {
+            let want = if i < 200 && i != 50 && i != 60 { marked(e) } else { dict.compress(e.json()) };
+            assert_eq!(*frame, want, "event {i}");
+        }
+        assert_eq!(page.stored_frames, 198);
+        // From inside the page (a rest for another filter), the same frames.
+        let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
+        let rest = page.raw().rest(1099, (usize::MAX, usize::MAX), &did_a, &compressed);
+        assert_eq!(binary_payloads(&rest)[0], marked(&events[100]));
+        // Other encodings never take them: plain, the verification field, another dictionary.
+        let plain = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
+        assert_eq!((plain.stored_frames, plain.frame_count()), (0, 300));
+        let verified = Encoding { include_verification: true, ..compressed.clone() };
+        let page = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &verified).unwrap();
+        assert_eq!(page.stored_frames, 0);
+        let other = Dictionary::new(super::super::compress::CONTRAIL_V1.to_vec(), 1).unwrap();
+        let page = Page::build(
+            &log,
+            0,
+            REPLAY_BATCH,
+            &Filter::default(),
+            &Encoding { dictionary: Some(other), ..Encoding::plain_v1() },
+        )
+        .unwrap();
+        assert_eq!(page.stored_frames, 0);
+        // The size cap counts the JSON, as live.
+        let capped = Encoding { max_size: events[0].json().len() as u64 - 1, ..compressed };
+        let page = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &capped).unwrap();
+        assert_eq!(page.frame_count(), events.iter().filter(|e| e.json().len() < events[0].json().len()).count());
     }
 }

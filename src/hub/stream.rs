@@ -416,8 +416,8 @@ impl Drop for EventStream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::replay_pages::PageCounters;
     use crate::event::EventKind;
+    use crate::hub::replay_pages::PageCounters;
     use crate::log::memory::MemoryLog;
     use crate::sequencer::Published;
     use std::time::Duration;
