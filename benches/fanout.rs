@@ -94,6 +94,20 @@ fn spawn_server(data: &std::path::Path, args: &[String]) -> Server {
     Server { child, public: public.unwrap(), metrics: metrics.unwrap() }
 }
 
+/// Bytes of the files in `dir` (not recursive: RocksDB keeps its files at the top).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
+/// Stops a server as an operator would (SIGTERM, then its graceful shutdown, which flushes
+/// the log: stored compressed frames are written without the WAL).
+fn stop_gracefully(mut server: Server) {
+    let _ = Command::new("kill").arg("-TERM").arg(server.child.id().to_string()).status();
+    let _ = server.child.wait();
+}
+
 fn start(data: &std::path::Path, relay: &str) -> Server {
     spawn_server(data, &["--relay-url".into(), relay.into()])
 }
@@ -173,6 +187,30 @@ async fn compressed_replayers(server: &Server, n: usize, clients: usize) -> (f64
         t.await.unwrap();
     }
     (cpu_seconds(pid) - cpu0, start.elapsed().as_secs_f64())
+}
+
+/// (a) one replayer from the oldest event, plain then compressed, beside a raw loopback write
+/// of the same bytes; two rounds.
+async fn replay_throughput(server: &Server, total_events: usize) {
+    let sizes: Vec<usize> = {
+        let mut ws = client::connect(server.public, "/subscribe?cursor=0", &[]).await.unwrap();
+        let mut v = Vec::with_capacity(total_events);
+        while v.len() < total_events {
+            v.push(ws.read_frame().await.unwrap().payload.len());
+        }
+        v
+    };
+    for round in 0..2 {
+        let (raw_mbs, raw_secs) = raw_loopback(&sizes).await;
+        let (eps, mbs) = replay(server, total_events, false).await;
+        let (zeps, zmbs) = replay(server, total_events, true).await;
+        println!(
+            "(a) round {round}: replay uncompressed {eps:.0} events/s ({mbs:.1} MB/s, {:.0}% of raw loopback {raw_mbs:.1} MB/s = {:.0} events/s); compressed {zeps:.0} events/s ({zmbs:.1} MB/s) = {:.2} of uncompressed",
+            100.0 * mbs / raw_mbs,
+            total_events as f64 / raw_secs,
+            zeps / eps
+        );
+    }
 }
 
 /// The same bytes written raw over a loopback TCP socket (with 4 bytes of framing each),
@@ -381,63 +419,79 @@ async fn main() {
     for g in &gen {
         relay.push(g.seq, g.frame.clone());
     }
+    let replay_only = std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay");
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &relay.url());
+    // The replay part ingests without stored compressed frames first (compressed replays
+    // compress as they go), then lets the frames be stored and measures again, on one log.
+    let server = if replay_only {
+        spawn_server(dir.path(), &["--relay-url".into(), relay.url(), "--precompress-window".into(), "0s".into()])
+    } else {
+        start(dir.path(), &relay.url())
+    };
     let t = Instant::now();
     while (metric(server.metrics, "contrail_relay_last_seq") as usize) < gen.len() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("ingested {total_events} events ({} frames) in {:.2} s", gen.len(), t.elapsed().as_secs_f64());
-
-    // (d) compressed replay by 1 and by 20 clients at once, with shared replay pages and
-    // without it (`--replay-cache-bytes 0`), on the same log, rounds interleaved.
-    // `FANOUT_ONLY=replay cargo bench --bench fanout` runs only this part and (a).
-    let replay_only = std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay");
-    let server = if replay_only {
-        drop(server);
-        let caches = std::env::var("FANOUT_REPLAY_CACHES").unwrap_or_else(|_| "64MiB,0".into());
-        for round in 0..2 {
-            for cache in caches.split(',') {
-                // A fresh server for each figure: the 20 must not find the lone replayer's
-                // work in a cache.
-                let args =
-                    ["--relay-url".into(), "ws://127.0.0.1:9".into(), "--replay-cache-bytes".into(), cache.into()];
-                let s = spawn_server(dir.path(), &args);
-                let (one_cpu, one_secs) = compressed_replayers(&s, total_events, 1).await;
-                drop(s);
-                let s = spawn_server(dir.path(), &args);
-                let (many_cpu, many_secs) = compressed_replayers(&s, total_events, 20).await;
-                println!(
-                    "(d) round {round}, replay cache {cache}: 1 compressed replayer {one_cpu:.2} s server CPU ({one_secs:.2} s wall); 20 at once {many_cpu:.2} s CPU ({many_secs:.2} s wall) = {:.2}× one",
-                    many_cpu / one_cpu
-                );
-            }
-        }
-        spawn_server(dir.path(), &["--relay-url".into(), "ws://127.0.0.1:9".into()])
+    if !replay_only {
+        replay_throughput(&server, total_events).await;
     } else {
-        server
-    };
-
-    // (a) replay
-    let sizes: Vec<usize> = {
-        let mut ws = client::connect(server.public, "/subscribe?cursor=0", &[]).await.unwrap();
-        let mut v = Vec::with_capacity(total_events);
-        while v.len() < total_events {
-            v.push(ws.read_frame().await.unwrap().payload.len());
+        // (d) compressed replay by 1 and by 20 clients at once, with shared replay pages and
+        // without them (`--replay-cache-bytes 0`), then (a), rounds interleaved; without stored
+        // compressed frames, then with them. `FANOUT_ONLY=replay cargo bench --bench fanout`.
+        stop_gracefully(server);
+        let caches = std::env::var("FANOUT_REPLAY_CACHES").unwrap_or_else(|_| "64MiB,0".into());
+        // The window: "0s" stores none, "1h" (the default) every event here.
+        for window in ["0s", "1h"] {
+            if window != "0s" {
+                let s = spawn_server(
+                    dir.path(),
+                    &["--relay-url".into(), "ws://127.0.0.1:9".into(), "--precompress-window".into(), window.into()],
+                );
+                let (t, cpu0) = (Instant::now(), cpu_seconds(s.child.id()));
+                while metric(s.metrics, "contrail_store_precompressed_events_total") < total_events as f64
+                    || metric(s.metrics, "contrail_store_precompress_behind_seconds") > 0.0
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                println!(
+                    "stored compressed frames for {total_events} events in {:.2} s ({:.2} s server CPU)",
+                    t.elapsed().as_secs_f64(),
+                    cpu_seconds(s.child.id()) - cpu0
+                );
+                stop_gracefully(s);
+            }
+            println!("log directory: {:.1} MB", dir_bytes(dir.path()) as f64 / 1e6);
+            for round in 0..2 {
+                for cache in caches.split(',') {
+                    // A fresh server for each figure: the 20 must not find the lone replayer's
+                    // work in a cache.
+                    let args = [
+                        "--relay-url".into(),
+                        "ws://127.0.0.1:9".into(),
+                        "--replay-cache-bytes".into(),
+                        cache.into(),
+                        "--precompress-window".into(),
+                        window.into(),
+                    ];
+                    let s = spawn_server(dir.path(), &args);
+                    let (one_cpu, one_secs) = compressed_replayers(&s, total_events, 1).await;
+                    drop(s);
+                    let s = spawn_server(dir.path(), &args);
+                    let (many_cpu, many_secs) = compressed_replayers(&s, total_events, 20).await;
+                    println!(
+                        "(d) round {round}, precompress window {window}, replay cache {cache}: 1 compressed replayer {one_cpu:.2} s server CPU ({one_secs:.2} s wall); 20 at once {many_cpu:.2} s CPU ({many_secs:.2} s wall) = {:.2}× one",
+                        many_cpu / one_cpu
+                    );
+                }
+            }
+            let s = spawn_server(
+                dir.path(),
+                &["--relay-url".into(), "ws://127.0.0.1:9".into(), "--precompress-window".into(), window.into()],
+            );
+            println!("(a) precompress window {window}");
+            replay_throughput(&s, total_events).await;
         }
-        v
-    };
-    for round in 0..2 {
-        let (raw_mbs, raw_secs) = raw_loopback(&sizes).await;
-        let (eps, mbs) = replay(&server, total_events, false).await;
-        let (zeps, zmbs) = replay(&server, total_events, true).await;
-        println!(
-            "(a) round {round}: replay uncompressed {eps:.0} events/s ({mbs:.1} MB/s, {:.0}% of raw loopback {raw_mbs:.1} MB/s = {:.0} events/s); compressed {zeps:.0} events/s ({zmbs:.1} MB/s)",
-            100.0 * mbs / raw_mbs,
-            total_events as f64 / raw_secs
-        );
-    }
-    if replay_only {
         return;
     }
 

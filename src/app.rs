@@ -8,6 +8,7 @@
 
 use crate::config::ServeConfig;
 use crate::hub::compress::Dictionaries;
+use crate::hub::precompress::Precompressor;
 use crate::hub::Hub;
 use crate::log::retention;
 use crate::metrics::Metrics;
@@ -179,12 +180,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let cancel = background.clone();
         tasks.spawn(async move { ("status history", history.run(cancel).await) });
     }
-    if config.hub.precompress {
+    {
         let (log, metrics, cancel) = (log.clone(), metrics.clone(), background.clone());
         let dictionary = hub.dictionaries.default().clone();
+        let precompressor = Precompressor::new(log, dictionary, metrics, config.hub.precompress_window);
         tasks.spawn(async move {
-            crate::hub::precompress::run(log, dictionary, metrics, cancel.clone()).await;
-            // A thread that could not start is no reason to stop the app.
+            precompressor.run(cancel.clone()).await;
+            // Off, or a thread that could not start: no reason to stop the app.
             cancel.cancelled().await;
             ("precompress", Ok(()))
         });

@@ -1,24 +1,29 @@
-//! Compressed frames stored ahead of replay: a background thread compresses every stored
-//! event with the default dictionary (what `compress=true` gets) and stores the frame beside
-//! it in the log, so a compressed replay reads frames instead of compressing them.
+//! Compressed frames stored ahead of replay: a background thread compresses the stored events
+//! of the last `--precompress-window` (1h by default) with the default dictionary (what
+//! `compress=true` gets) and stores each frame beside its event in the log, so a compressed
+//! replay of that stretch reads frames instead of compressing them.
 //!
-//! Why: compressing is the bound of a compressed replay (3.35 µs per event at zstd level 3,
-//! one core ≈ 300k events/s, BENCHMARKS.md), while a plain one reads and writes over a million
-//! events/s. At a live firehose's rate (a few thousand events/s) the thread costs well under
-//! 1% of a core; during a backfill it runs at the lowest CPU priority, so ingest keeps the
-//! cores and the frames catch up afterwards. Replay compresses whatever is not stored yet
-//! (the log's newest events, or a frame that does not check out), so nothing depends on it.
+//! Why: compressing bounds a compressed replay (3.35 µs per event at zstd level 3, one core
+//! ≈ 300k events/s), while a plain one reads and writes over a million events/s; with stored
+//! frames a lone compressed replayer runs at 0.8 of plain (BENCHMARKS.md). At a live
+//! firehose's rate (a few thousand events/s) the thread costs well under 1% of a core; during
+//! a backfill it runs at the lowest CPU priority, so ingest keeps the cores and the frames
+//! catch up afterwards. A window, not the whole log: a stored frame takes ~220 B on disk
+//! against ~135 B for its compacted event, and replays are mostly reconnects from a recent
+//! cursor. Replay compresses whatever has no stored frame (older than the window, the log's
+//! newest events, a frame that does not check out), so nothing depends on the thread.
 //!
 //! The frames are a cache of the events (DESIGN.md invariant 5: compressed at most once per
-//! dictionary, now also across processes): written without the WAL, trimmed with the events,
-//! and each one names the dictionary and the JSON length it was made for, which replay checks.
+//! dictionary, now also across restarts): written without the WAL, trimmed with the events and
+//! past the window, and each one names the dictionary and the JSON length it was made for,
+//! which replay checks.
 
 use super::compress::Dictionary;
 use crate::event::view_value;
 use crate::log::Log;
 use crate::metrics::Metrics;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Events compressed per log read and write.
@@ -27,6 +32,8 @@ const BATCH: usize = 1024;
 const IDLE: Duration = Duration::from_millis(200);
 /// How long it waits after the log failed it (a full disk) before trying again.
 const AFTER_ERROR: Duration = Duration::from_secs(5);
+/// How often the frames older than the window are deleted.
+const TRIM_EVERY: Duration = Duration::from_secs(60);
 /// The thread's nice value: the lowest priority, so it takes only cores nothing else wants.
 const NICE: i32 = 19;
 
@@ -47,24 +54,97 @@ pub fn stored_frame(value: &[u8], dictionary_id: u32, json_len: usize) -> Option
     (id == dictionary_id && len as usize == json_len && value.len() > 8).then(|| &value[8..])
 }
 
-/// Runs the compressing thread until `cancel` fires. Never fails the app: the frames are a
-/// cache, and a log that cannot be written stops the sequencer, which says so.
-pub async fn run(log: Arc<Log>, dictionary: Arc<Dictionary>, metrics: Arc<Metrics>, cancel: CancellationToken) {
-    if !log.stores_compressed_frames() {
-        return;
+/// What the compressing thread keeps: the frames of the events within `window` of the log's
+/// newest (in the log's `time_us`, DESIGN.md invariant 9), and where it is.
+pub struct Precompressor {
+    log: Arc<Log>,
+    dictionary: Arc<Dictionary>,
+    metrics: Arc<Metrics>,
+    window_us: u64,
+    /// The next `time_us` to compress; unknown until the first step.
+    next: Option<u64>,
+    last_trim: Option<Instant>,
+}
+
+impl Precompressor {
+    pub fn new(log: Arc<Log>, dictionary: Arc<Dictionary>, metrics: Arc<Metrics>, window: Duration) -> Precompressor {
+        let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
+        Precompressor { log, dictionary, metrics, window_us, next: None, last_trim: None }
     }
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let thread_cancel = cancel.clone();
-    let spawned = std::thread::Builder::new().name("contrail-precompress".into()).spawn(move || {
-        lower_priority();
-        compress_loop(&log, &dictionary, &metrics, &thread_cancel);
-        let _ = done_tx.send(());
-    });
-    match spawned {
-        Ok(_) => {
-            let _ = done_rx.await;
+
+    /// Runs the compressing thread until `cancel` fires. Never fails the app: the frames are
+    /// a cache, and a log that cannot be written stops the sequencer, which says so.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        if !self.log.stores_compressed_frames() || self.window_us == 0 {
+            return;
         }
-        Err(e) => tracing::warn!(error = %e, "could not start the compressing thread; compressed replay compresses"),
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        let thread_cancel = cancel.clone();
+        let spawned = std::thread::Builder::new().name("contrail-precompress".into()).spawn(move || {
+            lower_priority();
+            self.run_until(&thread_cancel);
+            let _ = done_tx.send(());
+        });
+        match spawned {
+            Ok(_) => {
+                let _ = done_rx.await;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not start the compressing thread; compressed replays compress"),
+        }
+    }
+
+    fn run_until(&mut self, cancel: &CancellationToken) {
+        while !cancel.is_cancelled() {
+            let pause = match self.step() {
+                Ok(true) => continue,
+                Ok(false) => IDLE,
+                Err(e) => {
+                    self.metrics.precompress_errors.inc();
+                    tracing::warn!(error = %e, "storing compressed frames failed; trying again later");
+                    AFTER_ERROR
+                }
+            };
+            sleep_unless_cancelled(pause, cancel);
+        }
+    }
+
+    /// Compresses and stores up to [`BATCH`] events; whether there may be more. The first step
+    /// finds where the stored frames end (dropping any past the log's newest event: a power
+    /// loss can take events back whose keys are stamped again); every [`TRIM_EVERY`] the
+    /// frames older than the window go.
+    pub fn step(&mut self) -> crate::log::Result<bool> {
+        let log = &self.log;
+        let newest = log.newest_time_us()?.unwrap_or(0);
+        let window_start = newest.saturating_sub(self.window_us);
+        let next = match self.next {
+            Some(t) => t,
+            None => {
+                log.trim_compressed_frames_after(newest)?;
+                log.newest_compressed_frame()?.map_or(0, |t| t + 1)
+            }
+        };
+        if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
+            log.trim_compressed_frames_before(window_start)?;
+            self.last_trim = Some(Instant::now());
+        }
+        let from = next.max(window_start);
+        let (dictionary, mut frames, mut last) = (&self.dictionary, Vec::new(), None);
+        let scanned = log.scan(from, BATCH, |t, value| {
+            // A corrupt value is replay's to report; here it simply gets no frame.
+            if let Some(view) = view_value(value) {
+                frames.push((t, stored_value(dictionary.id, view.json.len(), &dictionary.compress(view.json))));
+            }
+            last = Some(t);
+            true
+        })?;
+        if !frames.is_empty() {
+            log.put_compressed_frames(&frames)?;
+            self.metrics.precompressed_events.inc_by(frames.len() as u64);
+        }
+        let next = last.map_or(from, |t| t + 1);
+        self.next = Some(next);
+        self.metrics.precompress_behind_seconds.set(newest.saturating_sub(next.saturating_sub(1)) as f64 / 1e6);
+        Ok(scanned == BATCH)
     }
 }
 
@@ -76,68 +156,15 @@ fn lower_priority() {
     }
 }
 
-fn compress_loop(log: &Log, dictionary: &Dictionary, metrics: &Metrics, cancel: &CancellationToken) {
-    let mut next = None;
-    while !cancel.is_cancelled() {
-        let pause = match step(log, dictionary, metrics, &mut next) {
-            Ok(true) => continue,
-            Ok(false) => IDLE,
-            Err(e) => {
-                metrics.precompress_errors.inc();
-                tracing::warn!(error = %e, "storing compressed frames failed; trying again later");
-                AFTER_ERROR
-            }
-        };
-        sleep_unless_cancelled(pause, cancel);
-    }
-}
-
 fn sleep_unless_cancelled(pause: Duration, cancel: &CancellationToken) {
-    let until = std::time::Instant::now() + pause;
+    let until = Instant::now() + pause;
     while !cancel.is_cancelled() {
-        let left = until.saturating_duration_since(std::time::Instant::now());
+        let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return;
         }
         std::thread::sleep(left.min(Duration::from_millis(50)));
     }
-}
-
-/// Compresses and stores up to [`BATCH`] events after `next`; whether there may be more.
-/// `next` starts unknown: the first step finds where the stored frames end (dropping any
-/// past the log's newest event: a power loss can take events back whose keys are stamped
-/// again).
-pub fn step(log: &Log, dictionary: &Dictionary, metrics: &Metrics, next: &mut Option<u64>) -> crate::log::Result<bool> {
-    let from = match *next {
-        Some(t) => t,
-        None => {
-            let newest = log.newest_time_us()?.unwrap_or(0);
-            log.trim_compressed_frames_after(newest)?;
-            let from = log.newest_compressed_frame()?.map_or(0, |t| t + 1);
-            *next = Some(from);
-            from
-        }
-    };
-    let mut frames = Vec::new();
-    let mut last = None;
-    let scanned = log.scan(from, BATCH, |t, value| {
-        // A corrupt value is replay's to report; here it simply gets no frame.
-        if let Some(view) = view_value(value) {
-            frames.push((t, stored_value(dictionary.id, view.json.len(), &dictionary.compress(view.json))));
-        }
-        last = Some(t);
-        true
-    })?;
-    if !frames.is_empty() {
-        log.put_compressed_frames(&frames)?;
-        metrics.precompressed_events.inc_by(frames.len() as u64);
-    }
-    if let Some(t) = last {
-        *next = Some(t + 1);
-    }
-    let behind = log.tip().newest().unwrap_or(0).saturating_sub(next.unwrap_or(0).saturating_sub(1));
-    metrics.precompress_behind_seconds.set(behind as f64 / 1e6);
-    Ok(scanned == BATCH)
 }
 
 #[cfg(test)]
@@ -157,8 +184,21 @@ mod tests {
         e
     }
 
-    fn rocks(dir: &std::path::Path) -> Log {
-        Log::rocks(RocksLog::open(dir, RocksOptions { sync_writes: false, ..Default::default() }).unwrap()).unwrap()
+    fn rocks(dir: &std::path::Path) -> Arc<Log> {
+        Arc::new(
+            Log::rocks(RocksLog::open(dir, RocksOptions { sync_writes: false, ..Default::default() }).unwrap())
+                .unwrap(),
+        )
+    }
+
+    fn dictionary() -> Arc<Dictionary> {
+        Dictionary::new(super::super::compress::JETSTREAM_V1.to_vec(), 0).unwrap()
+    }
+
+    /// A precompressor keeping the whole log, and the metrics it counts in.
+    fn whole(log: &Arc<Log>) -> (Precompressor, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new());
+        (Precompressor::new(log.clone(), dictionary(), metrics.clone(), Duration::MAX), metrics)
     }
 
     fn stored(log: &Log) -> Vec<(u64, Vec<u8>)> {
@@ -171,20 +211,19 @@ mod tests {
         out
     }
 
-    fn run_to_end(log: &Log, dict: &Dictionary, metrics: &Metrics, next: &mut Option<u64>) {
-        while step(log, dict, metrics, next).unwrap() {}
+    fn run_to_end(p: &mut Precompressor) {
+        while p.step().unwrap() {}
     }
 
     #[test]
     fn every_stored_event_gets_its_frame_and_a_restart_resumes_after_the_newest() {
         let dir = tempfile::tempdir().unwrap();
         let log = rocks(dir.path());
-        let dict = Dictionary::new(super::super::compress::JETSTREAM_V1.to_vec(), 0).unwrap();
-        let metrics = Metrics::new();
+        let dict = dictionary();
+        let (mut p, metrics) = whole(&log);
         let events: Vec<Event> = (0..2500).map(event).collect();
         log.append(&events, None).unwrap();
-        let mut next = None;
-        run_to_end(&log, &dict, &metrics, &mut next);
+        run_to_end(&mut p);
         let frames = stored(&log);
         assert_eq!(frames.len(), 2500);
         let mut dec = zstd::bulk::Decompressor::with_dictionary(&dict.raw).unwrap();
@@ -200,16 +239,15 @@ mod tests {
 
         // New events: the next step takes only them.
         log.append(&(2500..2510).map(event).collect::<Vec<_>>(), None).unwrap();
-        log.refresh_tip().unwrap();
-        assert!(!step(&log, &dict, &metrics, &mut next).unwrap(), "fewer than a batch: caught up");
+        assert!(!p.step().unwrap(), "fewer than a batch: caught up");
         assert_eq!((stored(&log).len(), metrics.precompressed_events.get()), (2510, 2510));
 
         // A restart (no position) resumes after the newest stored frame: nothing compressed
         // again. A frame past the log's newest event (its event lost to a power cut) goes.
         log.put_compressed_frames(&[(1000 + 2600, stored_value(dict.id, 3, b"bad"))]).unwrap();
-        let mut next = None;
-        run_to_end(&log, &dict, &metrics, &mut next);
-        assert_eq!(metrics.precompressed_events.get(), 2510);
+        let (mut p, metrics) = whole(&log);
+        run_to_end(&mut p);
+        assert_eq!(metrics.precompressed_events.get(), 0);
         assert_eq!(log.newest_compressed_frame().unwrap(), Some(1000 + 2509));
 
         // Retention trims the frames with the events.
@@ -221,18 +259,41 @@ mod tests {
     #[test]
     fn the_frames_survive_a_clean_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let dict = Dictionary::new(super::super::compress::JETSTREAM_V1.to_vec(), 0).unwrap();
         {
             let log = rocks(dir.path());
             log.append(&(0..100).map(event).collect::<Vec<_>>(), None).unwrap();
-            run_to_end(&log, &dict, &Metrics::new(), &mut None);
+            run_to_end(&mut whole(&log).0);
             log.flush().unwrap();
         }
         let log = rocks(dir.path());
         assert_eq!(stored(&log).len(), 100, "written without the WAL, flushed at shutdown");
-        let metrics = Metrics::new();
-        run_to_end(&log, &dict, &metrics, &mut None);
+        let (mut p, metrics) = whole(&log);
+        run_to_end(&mut p);
         assert_eq!(metrics.precompressed_events.get(), 0, "nothing compressed twice");
+    }
+
+    #[test]
+    fn only_the_window_before_the_newest_event_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rocks(dir.path());
+        // Events at 1000..3500 µs; a window of 1 ms: the frames of 2499..3499 only.
+        log.append(&(0..2500).map(event).collect::<Vec<_>>(), None).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut p = Precompressor::new(log.clone(), dictionary(), metrics.clone(), Duration::from_millis(1));
+        run_to_end(&mut p);
+        let frames = stored(&log);
+        assert_eq!((frames.len(), frames[0].0), (1001, 3499 - 1000));
+        // The log moves on by 500 µs: the next trim drops what left the window.
+        log.append(&(2500..3000).map(event).collect::<Vec<_>>(), None).unwrap();
+        p.last_trim = None;
+        run_to_end(&mut p);
+        let frames = stored(&log);
+        assert_eq!((frames.len(), frames[0].0, frames.last().unwrap().0), (1001, 3999 - 1000, 3999));
+        assert_eq!(metrics.precompressed_events.get(), 1501);
+        // Off: no thread at all.
+        let off = Precompressor::new(log.clone(), dictionary(), metrics.clone(), Duration::ZERO);
+        let cancel = CancellationToken::new();
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(off.run(cancel));
     }
 
     #[test]

@@ -301,6 +301,14 @@ impl Log {
         }
     }
 
+    /// Deletes stored compressed frames before `time_us`.
+    pub fn trim_compressed_frames_before(&self, time_us: u64) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.trim_zframes_before(time_us),
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+
     /// Deletes stored compressed frames after `time_us`.
     pub fn trim_compressed_frames_after(&self, time_us: u64) -> Result<()> {
         match &self.backend {

@@ -339,6 +339,15 @@ impl RocksLog {
         Ok(())
     }
 
+    /// Deletes stored compressed frames before `time_us`, and compacts that range so the
+    /// space comes back.
+    pub fn trim_zframes_before(&self, time_us: u64) -> Result<()> {
+        let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
+        self.db.delete_range_cf(cf, 0u64.to_be_bytes(), time_us.to_be_bytes())?;
+        self.db.compact_range_cf(cf, None::<&[u8]>, Some(time_us.to_be_bytes()));
+        Ok(())
+    }
+
     /// The newest stored compressed frame's `time_us`.
     pub fn newest_zframe(&self) -> Result<Option<u64>> {
         let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(None) };
