@@ -189,6 +189,41 @@ async fn compressed_replayers(server: &Server, n: usize, clients: usize) -> (f64
     (cpu_seconds(pid) - cpu0, start.elapsed().as_secs_f64())
 }
 
+/// Ingest of the whole feed by a fresh server with no stored compressed frames and with the
+/// default window (the background thread compressing at the lowest priority while ingest runs),
+/// two rounds: time to store the last frame, server CPU, and when the frames caught up.
+async fn ingest_with_and_without_stored_frames(relay: &relay::FakeRelay, frames: usize, events: usize) {
+    for round in 0..2 {
+        for window in ["0s", "1h"] {
+            let dir = tempfile::tempdir().unwrap();
+            let args = ["--relay-url".into(), relay.url(), "--precompress-window".into(), window.into()];
+            let s = spawn_server(dir.path(), &args);
+            let (t, cpu0) = (Instant::now(), cpu_seconds(s.child.id()));
+            while (metric(s.metrics, "contrail_relay_last_seq") as usize) < frames {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (ingest_secs, ingest_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds(s.child.id()) - cpu0);
+            let mut caught_up = String::new();
+            if window != "0s" {
+                while metric(s.metrics, "contrail_store_precompressed_events_total") < events as f64
+                    || metric(s.metrics, "contrail_store_precompress_behind_seconds") > 0.0
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                caught_up = format!(
+                    "; frames stored for all {:.2} s after the start ({:.2} s server CPU in all)",
+                    t.elapsed().as_secs_f64(),
+                    cpu_seconds(s.child.id()) - cpu0
+                );
+            }
+            println!(
+                "ingest round {round}, precompress window {window}: {events} events in {ingest_secs:.2} s = {:.0} events/s, {ingest_cpu:.2} s server CPU{caught_up}",
+                events as f64 / ingest_secs
+            );
+        }
+    }
+}
+
 /// (a) one replayer from the oldest event, plain then compressed, beside a raw loopback write
 /// of the same bytes; two rounds.
 async fn replay_throughput(server: &Server, total_events: usize) {
@@ -420,6 +455,9 @@ async fn main() {
         relay.push(g.seq, g.frame.clone());
     }
     let replay_only = std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay");
+    if replay_only {
+        ingest_with_and_without_stored_frames(&relay, gen.len(), total_events).await;
+    }
     let dir = tempfile::tempdir().unwrap();
     // The replay part ingests without stored compressed frames first (compressed replays
     // compress as they go), then lets the frames be stored and measures again, on one log.
