@@ -183,7 +183,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     {
         let (log, metrics, cancel) = (log.clone(), metrics.clone(), background.clone());
         let dictionary = hub.dictionaries.default().clone();
-        let precompressor = Precompressor::new(log, dictionary, metrics, config.hub.precompress_window);
+        let precompressor = Precompressor::new(log, dictionary, metrics, config.log.precompress_window);
         tasks.spawn(async move {
             precompressor.run(cancel.clone()).await;
             // Off, or a thread that could not start: no reason to stop the app.

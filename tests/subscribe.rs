@@ -371,7 +371,7 @@ async fn concurrent_replayers_share_pages_and_each_gets_exactly_its_stream() {
     assert_eq!(got[old..], new[..], "after {old} events of the old filter, the new one's, in order");
 }
 
-/// Compressed frames stored ahead of replay (`--precompress`, on by default): once the
+/// Compressed frames stored ahead of replay (`--precompress-window`, 1h by default): once the
 /// background thread has caught up, compressed replays read them instead of compressing, and
 /// each subscriber still gets exactly the log from its cursor, with its filter and size cap,
 /// decoding with the dictionary; events newer than the stored frames are compressed as before.

@@ -28,6 +28,9 @@ pub struct Dictionary {
     pub raw: Vec<u8>,
     /// The dictionary id from its header (0 for a raw-content dictionary).
     pub id: u32,
+    /// A checksum of its content: what a stored compressed frame names its dictionary by (an
+    /// operator's file may reuse an id with other content).
+    pub fingerprint: u32,
     /// Prepared once; compressors on every thread borrow it.
     prepared: &'static zstd::dict::EncoderDictionary<'static>,
     /// Which of an event's compressed-frame slots holds frames made with this dictionary.
@@ -64,7 +67,8 @@ impl Dictionary {
         // Leaked on purpose: a process keeps its few dictionaries for its whole life, and
         // compressors in thread-locals need a 'static borrow.
         let prepared = Box::leak(Box::new(zstd::dict::EncoderDictionary::copy(&raw, LEVEL)));
-        Ok(Arc::new(Dictionary { raw, id, prepared, slot }))
+        let fingerprint = crc32fast::hash(&raw);
+        Ok(Arc::new(Dictionary { raw, id, fingerprint, prepared, slot }))
     }
 
     /// Loads a dictionary file for `slot`.

@@ -44,11 +44,11 @@ impl Encoding {
         Encoding { wire: Wire::V1, dictionary: None, include_verification: false, max_size: 0 }
     }
 
-    /// The dictionary id of the compressed frames this encoding sends as they are stored
-    /// ([`super::precompress`]): compressed v1 without the verification field.
+    /// The fingerprint of the dictionary whose stored compressed frames this encoding sends
+    /// as they are ([`super::precompress`]): compressed v1 without the verification field.
     pub fn stored_frame_dictionary(&self) -> Option<u32> {
         match (self.wire, &self.dictionary) {
-            (Wire::V1, Some(d)) if !self.include_verification => Some(d.id),
+            (Wire::V1, Some(d)) if !self.include_verification => Some(d.fingerprint),
             _ => None,
         }
     }
@@ -57,24 +57,29 @@ impl Encoding {
     /// [`stored_frame_dictionary`](Self::stored_frame_dictionary) when there is one.
     pub fn message_stored<'e>(&self, ev: &'e Event, stored: Option<&'e [u8]>) -> Option<(OpCode, Cow<'e, [u8]>)> {
         match stored {
-            Some(frame) if self.stored_frame_dictionary().is_some() => (self.max_size == 0
-                || ev.json().len() as u64 <= self.max_size)
-                .then_some((OpCode::Binary, Cow::Borrowed(frame))),
+            Some(frame) if self.stored_frame_dictionary().is_some() => {
+                self.within_cap(ev).then_some((OpCode::Binary, Cow::Borrowed(frame)))
+            }
             _ => self.message(ev),
         }
+    }
+
+    /// Whether the event is within the size cap, measured on what this subscriber is sent
+    /// before compression (the verification field included).
+    fn within_cap(&self, ev: &Event) -> bool {
+        let size = match self.wire {
+            Wire::V1 if self.include_verification => ev.json().len() + 18 + ev.verification.as_str().len(),
+            Wire::V1 => ev.json().len(),
+            Wire::V2 => contrail_core::v2::message_of(ev).len(),
+        };
+        self.max_size == 0 || size as u64 <= self.max_size
     }
 
     /// The event's message and its opcode, or `None` when it is over the size cap (the
     /// subscriber skips it). Cached encodings are borrowed; past the cache's cap one is built
     /// for this message only.
     pub fn message<'e>(&self, ev: &'e Event) -> Option<(OpCode, Cow<'e, [u8]>)> {
-        // The size of what this subscriber is sent, the verification field included.
-        let size = match self.wire {
-            Wire::V1 if self.include_verification => ev.json().len() + 18 + ev.verification.as_str().len(),
-            Wire::V1 => ev.json().len(),
-            Wire::V2 => contrail_core::v2::message_of(ev).len(),
-        };
-        if self.max_size > 0 && size as u64 > self.max_size {
+        if !self.within_cap(ev) {
             return None;
         }
         Some(match (self.wire, &self.dictionary) {

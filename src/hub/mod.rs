@@ -108,13 +108,6 @@ pub struct HubConfig {
     /// replayers read, filter, compress and frame each event once); 0 turns the sharing off.
     #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
     pub replay_cache_bytes: u64,
-    /// Compress the stored events of this last stretch of the log with the default
-    /// dictionary in the background (lowest CPU priority) and store the frames beside them,
-    /// so compressed replays of it read frames instead of compressing (over twice as fast).
-    /// Costs ~220 B of disk per event in the window (counted by --max-disk-bytes). 0: off.
-    #[arg(long, env = "CONTRAIL_PRECOMPRESS_WINDOW", default_value = "1h", value_parser = parse_duration)]
-    #[serde(serialize_with = "ser_duration")]
-    pub precompress_window: Duration,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
     /// comma-separate), besides the shipped Jetstream v1 and Contrail v1 ones. Clients pick one
     /// with zstdDictionary=<id>.

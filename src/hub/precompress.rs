@@ -19,16 +19,20 @@
 //! which replay checks.
 
 use super::compress::Dictionary;
-use crate::event::view_value;
+use crate::event::{view_value, EventKind};
 use crate::log::Log;
 use crate::metrics::Metrics;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Events compressed per log read and write.
-const BATCH: usize = 1024;
-/// How long a caught-up thread sleeps before looking at the log again.
+/// Events compressed per log read and write: small writes (~55 KB), since this thread's write
+/// can hold up the sequencer's in RocksDB's write queue while it is not scheduled.
+const BATCH: usize = 256;
+/// Ingest faster than this (events/s) is a backfill, not the live firehose: the thread waits
+/// for it to end (ingest keeps both cores; the frames catch up afterwards).
+const BUSY_INGEST: u64 = 20_000;
+/// How long a caught-up (or waiting) thread sleeps before looking at the log again.
 const IDLE: Duration = Duration::from_millis(200);
 /// How long it waits after the log failed it (a full disk) before trying again.
 const AFTER_ERROR: Duration = Duration::from_secs(5);
@@ -37,21 +41,27 @@ const TRIM_EVERY: Duration = Duration::from_secs(60);
 /// The thread's nice value: the lowest priority, so it takes only cores nothing else wants.
 const NICE: i32 = 19;
 
-/// A stored frame's value: the dictionary id, the length of the JSON it compresses, the frame.
-pub fn stored_value(dictionary_id: u32, json_len: usize, frame: &[u8]) -> Vec<u8> {
+/// A stored frame's value: the dictionary's fingerprint, a CRC-32 of the event's JSON (both
+/// 4 bytes LE), then the frame.
+pub fn stored_value(dictionary: &Dictionary, json: &[u8], frame: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(8 + frame.len());
-    v.extend_from_slice(&dictionary_id.to_le_bytes());
-    v.extend_from_slice(&(json_len.min(u32::MAX as usize) as u32).to_le_bytes());
+    v.extend_from_slice(&dictionary.fingerprint.to_le_bytes());
+    v.extend_from_slice(&crc32fast::hash(json).to_le_bytes());
     v.extend_from_slice(frame);
     v
 }
 
-/// The frame in a stored value, if it was made with dictionary `dictionary_id` from a JSON of
-/// `json_len` bytes (a frame for another dictionary or another event is not used).
-pub fn stored_frame(value: &[u8], dictionary_id: u32, json_len: usize) -> Option<&[u8]> {
-    let id = u32::from_le_bytes(value.get(..4)?.try_into().ok()?);
-    let len = u32::from_le_bytes(value.get(4..8)?.try_into().ok()?);
-    (id == dictionary_id && len as usize == json_len && value.len() > 8).then(|| &value[8..])
+/// Whether a stored value was made with the dictionary of fingerprint `dictionary`.
+pub fn made_with(value: &[u8], dictionary: u32) -> bool {
+    value.get(..4) == Some(&dictionary.to_le_bytes()[..])
+}
+
+/// The frame in a stored value, if it was made with the dictionary of fingerprint
+/// `dictionary` from exactly `json` (a frame for another dictionary or another event is never
+/// sent).
+pub fn stored_frame<'v>(value: &'v [u8], dictionary: u32, json: &[u8]) -> Option<&'v [u8]> {
+    let crc = u32::from_le_bytes(value.get(4..8)?.try_into().ok()?);
+    (made_with(value, dictionary) && crc == crc32fast::hash(json) && value.len() > 8).then(|| &value[8..])
 }
 
 /// What the compressing thread keeps: the frames of the events within `window` of the log's
@@ -64,16 +74,30 @@ pub struct Precompressor {
     /// The next `time_us` to compress; unknown until the first step.
     next: Option<u64>,
     last_trim: Option<Instant>,
+    /// Events ingested, per kind; the total when last measured, when, and the verdict.
+    ingested: Vec<prometheus::IntCounter>,
+    last_ingested: Option<(u64, Instant, bool)>,
 }
 
 impl Precompressor {
     pub fn new(log: Arc<Log>, dictionary: Arc<Dictionary>, metrics: Arc<Metrics>, window: Duration) -> Precompressor {
         let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
-        Precompressor { log, dictionary, metrics, window_us, next: None, last_trim: None }
+        let ingested =
+            EventKind::ALL.iter().map(|k| metrics.events_ingested.with_label_values(&[k.as_str()])).collect();
+        Precompressor {
+            log,
+            dictionary,
+            metrics,
+            window_us,
+            next: None,
+            last_trim: None,
+            ingested,
+            last_ingested: None,
+        }
     }
 
-    /// Runs the compressing thread until `cancel` fires. Never fails the app: the frames are
-    /// a cache, and a log that cannot be written stops the sequencer, which says so.
+    /// Runs the compressing thread until `cancel` fires. Its own errors never stop the app
+    /// (the frames are a cache); a full disk stops ingest through RocksDB as any write would.
     pub async fn run(mut self, cancel: CancellationToken) {
         if !self.log.stores_compressed_frames() || self.window_us == 0 {
             return;
@@ -87,7 +111,9 @@ impl Precompressor {
         });
         match spawned {
             Ok(_) => {
-                let _ = done_rx.await;
+                if done_rx.await.is_err() {
+                    tracing::error!("the compressing thread panicked; compressed replays compress");
+                }
             }
             Err(e) => tracing::warn!(error = %e, "could not start the compressing thread; compressed replays compress"),
         }
@@ -95,6 +121,10 @@ impl Precompressor {
 
     fn run_until(&mut self, cancel: &CancellationToken) {
         while !cancel.is_cancelled() {
+            if self.ingest_is_busy() {
+                sleep_unless_cancelled(IDLE, cancel);
+                continue;
+            }
             let pause = match self.step() {
                 Ok(true) => continue,
                 Ok(false) => IDLE,
@@ -108,20 +138,38 @@ impl Precompressor {
         }
     }
 
+    /// Whether ingest runs faster than [`BUSY_INGEST`]: measured over at least [`IDLE`]
+    /// (the verdict holds in between), not busy until first measured.
+    fn ingest_is_busy(&mut self) -> bool {
+        let total: u64 = self.ingested.iter().map(|c| c.get()).sum();
+        let now = Instant::now();
+        match self.last_ingested {
+            Some((before, at, busy)) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                if secs < IDLE.as_secs_f64() {
+                    return busy;
+                }
+                let busy = total.saturating_sub(before) as f64 / secs > BUSY_INGEST as f64;
+                self.last_ingested = Some((total, now, busy));
+                busy
+            }
+            None => {
+                self.last_ingested = Some((total, now, false));
+                false
+            }
+        }
+    }
+
     /// Compresses and stores up to [`BATCH`] events; whether there may be more. The first step
-    /// finds where the stored frames end (dropping any past the log's newest event: a power
-    /// loss can take events back whose keys are stamped again); every [`TRIM_EVERY`] the
-    /// frames older than the window go.
+    /// finds where the stored frames end (the log dropped any past its newest event when it
+    /// was opened); every [`TRIM_EVERY`] the frames older than the window go.
     pub fn step(&mut self) -> crate::log::Result<bool> {
         let log = &self.log;
         let newest = log.newest_time_us()?.unwrap_or(0);
         let window_start = newest.saturating_sub(self.window_us);
         let next = match self.next {
             Some(t) => t,
-            None => {
-                log.trim_compressed_frames_after(newest)?;
-                log.newest_compressed_frame()?.map_or(0, |t| t + 1)
-            }
+            None => log.newest_compressed_frame()?.map_or(0, |t| t + 1),
         };
         if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
             log.trim_compressed_frames_before(window_start)?;
@@ -132,18 +180,19 @@ impl Precompressor {
         let scanned = log.scan(from, BATCH, |t, value| {
             // A corrupt value is replay's to report; here it simply gets no frame.
             if let Some(view) = view_value(value) {
-                frames.push((t, stored_value(dictionary.id, view.json.len(), &dictionary.compress(view.json))));
+                frames.push((t, stored_value(dictionary, view.json, &dictionary.compress(view.json))));
             }
             last = Some(t);
             true
         })?;
         if !frames.is_empty() {
             log.put_compressed_frames(&frames)?;
-            self.metrics.precompressed_events.inc_by(frames.len() as u64);
         }
         let next = last.map_or(from, |t| t + 1);
         self.next = Some(next);
+        // The gauge before the counter: who sees the count of a catch-up sees it caught up.
         self.metrics.precompress_behind_seconds.set(newest.saturating_sub(next.saturating_sub(1)) as f64 / 1e6);
+        self.metrics.precompressed_events.inc_by(frames.len() as u64);
         Ok(scanned == BATCH)
     }
 }
@@ -220,6 +269,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = rocks(dir.path());
         let dict = dictionary();
+        // An operator's file may carry a known id with other content.
+        let mut other = super::super::compress::JETSTREAM_V1.to_vec();
+        *other.last_mut().unwrap() ^= 1;
+        let same_id_other_content = Dictionary::new(other, 1).unwrap();
+        assert_eq!(same_id_other_content.id, dict.id);
         let (mut p, metrics) = whole(&log);
         let events: Vec<Event> = (0..2500).map(event).collect();
         log.append(&events, None).unwrap();
@@ -229,10 +283,10 @@ mod tests {
         let mut dec = zstd::bulk::Decompressor::with_dictionary(&dict.raw).unwrap();
         for ((t, v), e) in frames.iter().zip(&events) {
             assert_eq!(*t, e.time_us);
-            let frame = stored_frame(v, dict.id, e.json().len()).expect("made with this dictionary from this JSON");
+            let frame = stored_frame(v, dict.fingerprint, e.json()).expect("made with this dictionary from this JSON");
             assert_eq!(dec.decompress(frame, 1 << 20).unwrap(), e.json());
-            assert_eq!(stored_frame(v, dict.id + 1, e.json().len()), None, "another dictionary's");
-            assert_eq!(stored_frame(v, dict.id, e.json().len() + 1), None, "another event's");
+            assert_eq!(stored_frame(v, same_id_other_content.fingerprint, e.json()), None, "another dictionary's");
+            assert_eq!(stored_frame(v, dict.fingerprint, b"{}"), None, "another event's");
         }
         assert_eq!(metrics.precompressed_events.get(), 2500);
         assert_eq!(metrics.precompress_behind_seconds.get(), 0.0);
@@ -242,18 +296,54 @@ mod tests {
         assert!(!p.step().unwrap(), "fewer than a batch: caught up");
         assert_eq!((stored(&log).len(), metrics.precompressed_events.get()), (2510, 2510));
 
-        // A restart (no position) resumes after the newest stored frame: nothing compressed
-        // again. A frame past the log's newest event (its event lost to a power cut) goes.
-        log.put_compressed_frames(&[(1000 + 2600, stored_value(dict.id, 3, b"bad"))]).unwrap();
-        let (mut p, metrics) = whole(&log);
-        run_to_end(&mut p);
-        assert_eq!(metrics.precompressed_events.get(), 0);
-        assert_eq!(log.newest_compressed_frame().unwrap(), Some(1000 + 2509));
-
         // Retention trims the frames with the events.
         log.trim_before(1000 + 2000).unwrap();
         let left = stored(&log);
         assert_eq!((left.len(), left[0].0), (510, 1000 + 2000));
+
+        // A frame past the log's newest event (its event lost to a power cut) goes when the
+        // log is opened; the next run resumes after the newest stored frame.
+        log.put_compressed_frames(&[(1000 + 2600, stored_value(&dict, b"{}", b"bad"))]).unwrap();
+        drop((p, log));
+        let log = rocks(dir.path());
+        assert_eq!(log.newest_compressed_frame().unwrap(), Some(1000 + 2509));
+        let (mut p, metrics) = whole(&log);
+        run_to_end(&mut p);
+        assert_eq!(metrics.precompressed_events.get(), 0, "nothing compressed again");
+    }
+
+    #[test]
+    fn the_disk_budget_trims_events_for_events_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rocks(dir.path());
+        log.append(&(0..5000).map(event).collect::<Vec<_>>(), None).unwrap();
+        run_to_end(&mut whole(&log).0);
+        log.flush().unwrap();
+        let (events, all) = (log.event_bytes(), log.disk_bytes());
+        assert!(all > events + 100_000, "the frames take disk: {all} in all, {events} for events");
+        let opts = crate::log::retention::RetentionConfig {
+            retention: Duration::from_secs(3600),
+            max_disk_bytes: events + 1,
+            trim_interval: Duration::from_secs(60),
+        };
+        crate::log::retention::enforce(&log, &Metrics::new(), &opts, 10_000).unwrap();
+        assert_eq!(log.oldest_time_us().unwrap(), Some(1000), "no event trimmed for the cache's sake");
+    }
+
+    #[test]
+    fn a_log_opened_with_stored_frames_off_drops_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rocks(dir.path());
+        log.append(&(0..100).map(event).collect::<Vec<_>>(), None).unwrap();
+        run_to_end(&mut whole(&log).0);
+        drop(log);
+        let off = RocksOptions { sync_writes: false, compressed_frames: false, ..Default::default() };
+        let log = Arc::new(Log::rocks(RocksLog::open(dir.path(), off).unwrap()).unwrap());
+        assert_eq!(log.newest_compressed_frame().unwrap(), None);
+        assert_eq!(log.read_from(0, 1000).unwrap().len(), 100, "the events stay");
+        drop(log);
+        let log = rocks(dir.path());
+        assert_eq!(stored(&log).len(), 0, "on again: none until compressed again");
     }
 
     #[test]

@@ -40,17 +40,18 @@ fn cores() -> usize {
 }
 
 /// `events` as `encoding`'s frames, back to back (events over its size cap are skipped), each
-/// with its stored compressed frame when it has one.
-fn encode(events: &[(Event, Option<&[u8]>)], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>) {
-    let (mut bytes, mut frames) = (Vec::new(), Vec::with_capacity(events.len()));
+/// with its stored compressed frame when it has one; and how many stored frames went in.
+fn encode(events: &[(Event, Option<&[u8]>)], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>, usize) {
+    let (mut bytes, mut frames, mut stored_used) = (Vec::new(), Vec::with_capacity(events.len()), 0);
     for (ev, stored) in events {
         if let Some((opcode, payload)) = encoding.message_stored(ev, *stored) {
             let len = payload.len();
+            stored_used += stored.is_some() as usize;
             append_frame(&mut bytes, frame(opcode, payload));
             frames.push(PageFrame { time_us: ev.time_us, end: bytes.len(), payload: len });
         }
     }
-    (bytes, frames)
+    (bytes, frames, stored_used)
 }
 
 /// Per-page overhead counted besides its bytes and frame list.
@@ -80,8 +81,9 @@ pub struct RawRun {
     covered_to: u64,
     /// The scan found fewer events than it asked for: it reached the log's end.
     at_log_end: bool,
-    /// Compressed frames stored for these events ([`super::precompress`]), all made with
-    /// dictionary `stored_dictionary` from the JSON of the item at the index beside them.
+    /// Compressed frames stored for these events ([`super::precompress`]), all made with the
+    /// dictionary of fingerprint `stored_dictionary` from the JSON of the item at the index
+    /// beside them (only for the events the scan's filter wanted).
     stored: Vec<u8>,
     stored_items: Vec<(usize, std::ops::Range<usize>)>,
     stored_dictionary: Option<u32>,
@@ -89,8 +91,15 @@ pub struct RawRun {
 
 impl RawRun {
     /// Reads up to `limit` events from `from` (fewer past [`PAGE_MAX_BYTES`] of values), and
-    /// their stored compressed frames for dictionary `stored_dictionary`.
-    fn scan(log: &Log, from: u64, limit: usize, stored_dictionary: Option<u32>) -> Result<RawRun, LogError> {
+    /// the stored compressed frames of those `filter` wants, for the dictionary of fingerprint
+    /// `stored_dictionary`.
+    fn scan(
+        log: &Log,
+        from: u64,
+        limit: usize,
+        stored_dictionary: Option<u32>,
+        filter: &Filter,
+    ) -> Result<RawRun, LogError> {
         // Before the scan: the scan then sees every event up to it (the tip moves after an
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
@@ -109,36 +118,38 @@ impl RawRun {
         let last = run.items.last().map_or(0, |(t, _)| *t);
         run.covered_to = if run.at_log_end { last.max(newest_before) } else { last };
         if let (Some(id), Some((first, _))) = (stored_dictionary, run.items.first()) {
-            run.read_stored(log, *first, last, id)?;
+            run.read_stored(log, *first, last, id, filter)?;
         }
         Ok(run)
     }
 
-    /// Reads the stored compressed frames of this run's events made with dictionary `id`. The
-    /// frames stop at the first one made with another dictionary (another default since they
-    /// were stored: none of the rest is usable either) or past the newest stored one.
-    fn read_stored(&mut self, log: &Log, first: u64, last: u64, id: u32) -> Result<(), LogError> {
+    /// Reads the stored compressed frames of this run's events that `filter` wants, made with
+    /// the dictionary of fingerprint `id` from their JSON. It stops at the first frame made
+    /// with another dictionary (older frames, from before the default changed: the rest are
+    /// then compressed as they go, rather than read through).
+    fn read_stored(&mut self, log: &Log, first: u64, last: u64, id: u32, filter: &Filter) -> Result<(), LogError> {
         let mut i = 0;
         let (items, values) = (&self.items, &self.values);
         let (stored, stored_items) = (&mut self.stored, &mut self.stored_items);
         log.scan_compressed_frames(first, last, |t, value| {
+            if !super::precompress::made_with(value, id) {
+                return false;
+            }
             i += items[i..].partition_point(|(it, _)| *it < t);
             let Some((it, range)) = items.get(i) else { return false };
             if *it != t {
                 return true; // a frame of an event this run does not have (trimmed since)
             }
-            let json_len = view_value(&values[range.clone()]).map_or(usize::MAX, |v| v.json.len());
-            match super::precompress::stored_frame(value, id, json_len) {
-                Some(frame) => {
+            let Some(view) = view_value(&values[range.clone()]) else { return true };
+            if filter.matches(view.kind, view.did, view.collection) {
+                // Not this event's JSON (never expected): it is compressed afresh instead.
+                if let Some(frame) = super::precompress::stored_frame(value, id, view.json) {
                     let start = stored.len();
                     stored.extend_from_slice(frame);
                     stored_items.push((i, start..stored.len()));
-                    true
                 }
-                // Not for this event's JSON (never expected): compressed afresh instead.
-                None if value.get(..4) == Some(&id.to_le_bytes()[..]) => true,
-                None => false,
             }
+            true
         })?;
         self.stored.shrink_to_fit();
         self.stored_items.shrink_to_fit();
@@ -209,7 +220,7 @@ impl Page {
     /// Reads up to `limit` events from `from` and renders those `filter` wants as
     /// `encoding`'s frames (events over its size cap are skipped, as live).
     pub fn build(log: &Log, from: u64, limit: usize, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
-        let raw = Arc::new(RawRun::scan(log, from, limit, encoding.stored_frame_dictionary())?);
+        let raw = Arc::new(RawRun::scan(log, from, limit, encoding.stored_frame_dictionary(), filter)?);
         let page = Page::render(raw, from, (usize::MAX, usize::MAX), filter, encoding);
         if page.scanned == 0 && page.corrupt {
             return Err(LogError::Corrupt("event value"));
@@ -265,9 +276,7 @@ impl Page {
                     break;
                 };
                 wanted_bytes += value.len();
-                let stored = raw.stored_frame(i, stored_dictionary);
-                page.stored_frames += stored.is_some() as usize;
-                wanted.push((ev, stored));
+                wanted.push((ev, raw.stored_frame(i, stored_dictionary)));
             }
             page.scanned += 1;
             page.end = *t;
@@ -276,23 +285,33 @@ impl Page {
         page.at_log_end = all && raw.at_log_end;
         page.covered_to = if all { raw.covered_to.max(page.end) } else { page.end };
         // Compressing is most of a page's cost, and a lone replayer waits for it: with a
-        // dictionary and frames not stored yet, the second half is compressed on a thread of
+        // dictionary and many frames not stored, half of those are compressed on a thread of
         // its own (BENCHMARKS.md).
         let to_compress =
             if encoding.dictionary.is_some() { wanted.iter().filter(|(_, s)| s.is_none()).count() } else { 0 };
         if to_compress >= PARALLEL_EVENTS && cores() > 1 {
-            let (first, second) = wanted.split_at(wanted.len() / 2);
+            // Split where half of what is to compress is on each side (stored frames cluster).
+            let mut left = to_compress / 2;
+            let at = wanted
+                .iter()
+                .position(|(_, s)| {
+                    left -= s.is_none() as usize;
+                    left == 0
+                })
+                .map_or(wanted.len() / 2, |p| p + 1);
+            let (first, second) = wanted.split_at(at);
             let (a, b) = std::thread::scope(|scope| {
                 let b = scope.spawn(|| encode(second, encoding));
                 (encode(first, encoding), b.join())
             });
             let b = b.unwrap_or_else(|p| std::panic::resume_unwind(p));
-            (page.bytes, page.frames) = a;
+            (page.bytes, page.frames, page.stored_frames) = a;
             let offset = page.bytes.len();
             page.bytes.extend_from_slice(&b.0);
             page.frames.extend(b.1.into_iter().map(|f| PageFrame { end: f.end + offset, ..f }));
+            page.stored_frames += b.2;
         } else {
-            (page.bytes, page.frames) = encode(&wanted, encoding);
+            (page.bytes, page.frames, page.stored_frames) = encode(&wanted, encoding);
         }
         // Kept for a while, maybe: not with up to twice its size in spare capacity.
         page.bytes.shrink_to_fit();
@@ -922,8 +941,8 @@ mod tests {
             .enumerate()
             .filter(|(i, _)| *i != 50)
             .map(|(i, e)| {
-                let len = e.json().len() + (i == 60) as usize;
-                (e.time_us, stored_value(dict.id, len, &marked(e)))
+                let json: &[u8] = if i == 60 { b"{}" } else { e.json() };
+                (e.time_us, stored_value(&dict, json, &marked(e)))
             })
             .collect();
         log.put_compressed_frames(&frames).unwrap();

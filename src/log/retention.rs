@@ -24,7 +24,8 @@ pub struct RetentionConfig {
     #[arg(long, env = "CONTRAIL_RETENTION", default_value = "24h", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub retention: Duration,
-    /// Also trim the oldest events while the log is larger than this (e.g. 50GiB). 0: no limit.
+    /// Also trim the oldest events while they take more disk than this (e.g. 50GiB; the stored
+    /// compressed frames of --precompress-window come on top). 0: no limit.
     #[arg(long, env = "CONTRAIL_MAX_DISK_BYTES", default_value = "0", value_parser = parse_size)]
     pub max_disk_bytes: u64,
     /// How often retention runs.
@@ -92,7 +93,7 @@ pub fn enforce(log: &Log, metrics: &Metrics, opts: &RetentionConfig, now_us: u64
     }
     // Disk budget: drop the oldest tenth of the time span per step until under budget.
     for _ in 0..10 {
-        if opts.max_disk_bytes == 0 || log.disk_bytes() <= opts.max_disk_bytes {
+        if opts.max_disk_bytes == 0 || log.event_bytes() <= opts.max_disk_bytes {
             break;
         }
         let (Some(old), Some(new)) = (log.oldest_time_us()?, log.newest_time_us()?) else { break };
@@ -101,7 +102,7 @@ pub fn enforce(log: &Log, metrics: &Metrics, opts: &RetentionConfig, now_us: u64
         metrics.store_trims.inc();
         tracing::warn!(
             cutoff_time_us = cut,
-            disk_bytes = log.disk_bytes(),
+            event_bytes = log.event_bytes(),
             budget = opts.max_disk_bytes,
             "trimmed oldest events for the disk budget"
         );

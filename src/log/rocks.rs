@@ -10,9 +10,10 @@
 //!   in the same batch as the events it admits.
 //! - `dids`: verification's DID → signing key cache (a cache: written on its own).
 //! - `zframes`: stored compressed frames, ahead of compressed replay (`hub::precompress`): key
-//!   = `time_us` as in `events`, value = the dictionary id (4 bytes LE), the JSON's length
-//!   (4 bytes LE) and the event's zstd frame. A cache of `events`, written without the WAL
-//!   (a crash loses only its newest, which are compressed again) and trimmed with it.
+//!   = `time_us` as in `events`, value = checksums of the dictionary and of the event's JSON
+//!   and the event's zstd frame. A cache of `events`, written without the WAL (a crash loses
+//!   only its newest, which are compressed again), trimmed with them, dropped when the log is
+//!   opened with stored frames off (so a version without this column family opens it again).
 //!
 //! Events and the relay seq they complete are written in one `WriteBatch` (invariant 2): after
 //! a crash the cursor is never ahead of the data. Retention trims the oldest keys with a range
@@ -45,6 +46,8 @@ pub struct RocksOptions {
     /// Size of the events' memtables: how much is written before a flush to an SST file (and,
     /// every few flushes, a compaction).
     pub memtable_bytes: usize,
+    /// Keep the stored compressed frames (`zframes`); off, they are dropped at open.
+    pub compressed_frames: bool,
 }
 
 /// The default memtable: a few seconds of a busy firehose, few flushes.
@@ -52,7 +55,7 @@ pub const DEFAULT_MEMTABLE_BYTES: usize = 64 << 20;
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        RocksOptions { sync_writes: true, memtable_bytes: DEFAULT_MEMTABLE_BYTES }
+        RocksOptions { sync_writes: true, memtable_bytes: DEFAULT_MEMTABLE_BYTES, compressed_frames: true }
     }
 }
 
@@ -138,10 +141,17 @@ impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
     pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
         std::fs::create_dir_all(dir)?;
-        let db = DB::open_cf_descriptors(&db_options(), dir, descriptors(opts.memtable_bytes))?;
+        let mut db = DB::open_cf_descriptors(&db_options(), dir, descriptors(opts.memtable_bytes))?;
+        if !opts.compressed_frames {
+            db.drop_cf(CF_ZFRAMES)?;
+        }
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.sync_writes);
-        Ok(RocksLog { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) })
+        let log = RocksLog { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) };
+        // Before anything is written: frames past the newest event (their events lost to a
+        // power cut) must not stand for the events stamped with those keys next.
+        log.trim_zframes_after(log.newest_time_us()?.unwrap_or(0))?;
+        Ok(log)
     }
 
     /// Opens a read-only view of a log that a running `contrail serve` may be writing
@@ -339,12 +349,19 @@ impl RocksLog {
         Ok(())
     }
 
-    /// Deletes stored compressed frames before `time_us`, and compacts that range so the
-    /// space comes back.
+    /// Deletes stored compressed frames before `time_us` and compacts that range so the space
+    /// comes back; nothing when none is that old (no tombstone, no compaction).
     pub fn trim_zframes_before(&self, time_us: u64) -> Result<()> {
         let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
-        self.db.delete_range_cf(cf, 0u64.to_be_bytes(), time_us.to_be_bytes())?;
-        self.db.compact_range_cf(cf, None::<&[u8]>, Some(time_us.to_be_bytes()));
+        let oldest = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
+            Some(item) => u64::from_be_bytes(item?.0.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?),
+            None => return Ok(()),
+        };
+        if oldest >= time_us {
+            return Ok(());
+        }
+        self.db.delete_range_cf(cf, oldest.to_be_bytes(), time_us.to_be_bytes())?;
+        self.db.compact_range_cf(cf, Some(oldest.to_be_bytes()), Some(time_us.to_be_bytes()));
         Ok(())
     }
 
@@ -385,20 +402,26 @@ impl RocksLog {
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
         self.db.delete_range_cf(self.events(), 0u64.to_be_bytes(), cutoff.to_be_bytes())?;
         self.db.compact_range_cf(self.events(), None::<&[u8]>, Some(cutoff.to_be_bytes()));
-        if let Some(cf) = self.db.cf_handle(CF_ZFRAMES) {
-            self.db.delete_range_cf(cf, 0u64.to_be_bytes(), cutoff.to_be_bytes())?;
-            self.db.compact_range_cf(cf, None::<&[u8]>, Some(cutoff.to_be_bytes()));
-        }
-        Ok(())
+        self.trim_zframes_before(cutoff)
+    }
+
+    /// Bytes on disk: the events' SST files plus the WAL ([`disk_bytes`](Self::disk_bytes)
+    /// without the stored compressed frames: what the disk budget trims events for).
+    pub fn event_bytes(&self) -> u64 {
+        self.sst_bytes(self.events()) + self.wal_bytes()
     }
 
     /// Bytes on disk: SST files (events and stored compressed frames) plus the WAL.
     pub fn disk_bytes(&self) -> u64 {
-        let sst_of = |cf| {
-            self.db.property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten().unwrap_or(0)
-        };
-        let sst = sst_of(self.events()) + self.db.cf_handle(CF_ZFRAMES).map_or(0, sst_of);
-        let wal = std::fs::read_dir(&self.path)
+        self.event_bytes() + self.db.cf_handle(CF_ZFRAMES).map_or(0, |cf| self.sst_bytes(cf))
+    }
+
+    fn sst_bytes(&self, cf: &rocksdb::ColumnFamily) -> u64 {
+        self.db.property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten().unwrap_or(0)
+    }
+
+    fn wal_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.path)
             .map(|d| {
                 d.filter_map(|e| e.ok())
                     .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
@@ -406,8 +429,7 @@ impl RocksLog {
                     .map(|m| m.len())
                     .sum::<u64>()
             })
-            .unwrap_or(0);
-        sst + wal
+            .unwrap_or(0)
     }
 
     /// Flushes and compactions running now (RocksDB's background work).
