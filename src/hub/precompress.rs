@@ -15,8 +15,8 @@
 //!
 //! The frames are a cache of the events (DESIGN.md invariant 5: compressed at most once per
 //! dictionary, now also across restarts): written without the WAL, trimmed with the events and
-//! past the window, and each one names the dictionary and the JSON length it was made for,
-//! which replay checks.
+//! past the window, and each one carries a checksum of the dictionary's content and a CRC-32
+//! of the JSON it was made from, which replay checks.
 
 use super::compress::Dictionary;
 use crate::event::{view_value, EventKind};
@@ -122,6 +122,7 @@ impl Precompressor {
     fn run_until(&mut self, cancel: &CancellationToken) {
         while !cancel.is_cancelled() {
             if self.ingest_is_busy() {
+                self.report_behind();
                 sleep_unless_cancelled(IDLE, cancel);
                 continue;
             }
@@ -136,6 +137,20 @@ impl Precompressor {
             };
             sleep_unless_cancelled(pause, cancel);
         }
+    }
+
+    /// How far the frames are behind the log's newest event (while waiting for ingest too).
+    fn report_behind(&self) {
+        if self.next.is_some() {
+            if let Ok(Some(newest)) = self.log.newest_time_us() {
+                self.set_behind(newest);
+            }
+        }
+    }
+
+    fn set_behind(&self, newest: u64) {
+        let done = self.next.unwrap_or(0).saturating_sub(1);
+        self.metrics.precompress_behind_seconds.set(newest.saturating_sub(done) as f64 / 1e6);
     }
 
     /// Whether ingest runs faster than [`BUSY_INGEST`]: measured over at least [`IDLE`]
@@ -190,8 +205,8 @@ impl Precompressor {
         }
         let next = last.map_or(from, |t| t + 1);
         self.next = Some(next);
-        // The gauge before the counter: who sees the count of a catch-up sees it caught up.
-        self.metrics.precompress_behind_seconds.set(newest.saturating_sub(next.saturating_sub(1)) as f64 / 1e6);
+        // The gauge first, so a later scrape than one that saw the count sees it too.
+        self.set_behind(newest);
         self.metrics.precompressed_events.inc_by(frames.len() as u64);
         Ok(scanned == BATCH)
     }
@@ -384,6 +399,27 @@ mod tests {
         let off = Precompressor::new(log.clone(), dictionary(), metrics.clone(), Duration::ZERO);
         let cancel = CancellationToken::new();
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(off.run(cancel));
+    }
+
+    #[test]
+    fn the_thread_waits_while_ingest_is_busy_and_still_says_how_far_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = rocks(dir.path());
+        log.append(&(0..100).map(event).collect::<Vec<_>>(), None).unwrap();
+        let (mut p, metrics) = whole(&log);
+        run_to_end(&mut p);
+        assert!(!p.ingest_is_busy(), "not busy until measured");
+        // 100,000 events ingested in the last second: a backfill.
+        p.last_ingested = Some((0, Instant::now() - Duration::from_secs(1), false));
+        metrics.events_ingested.with_label_values(&["commit"]).inc_by(100_000);
+        assert!(p.ingest_is_busy());
+        assert!(p.ingest_is_busy(), "the verdict holds until the next measurement");
+        log.append(&(100..150).map(event).collect::<Vec<_>>(), None).unwrap();
+        p.report_behind();
+        assert_eq!(metrics.precompress_behind_seconds.get(), 50e-6, "50 µs of log time not stored yet");
+        // A quiet second later: not busy.
+        p.last_ingested = Some((100_000, Instant::now() - Duration::from_secs(1), true));
+        assert!(!p.ingest_is_busy());
     }
 
     #[test]

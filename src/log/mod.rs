@@ -283,9 +283,13 @@ impl Log {
         }
     }
 
-    /// Whether the log can hold compressed frames (RocksDB can; a memory window does not).
+    /// Whether the log holds compressed frames (RocksDB opened with them on; a memory window
+    /// does not).
     pub fn stores_compressed_frames(&self) -> bool {
-        matches!(self.backend, Backend::Rocks(_))
+        match &self.backend {
+            Backend::Rocks(s) => s.has_zframes(),
+            Backend::Memory(_) => false,
+        }
     }
 
     /// Stores compressed frames, `(time_us, value)` (see [`rocks`]'s schema); nothing in memory.

@@ -345,8 +345,16 @@ impl RocksLog {
     /// loss took back must not stand for the events stamped with those keys next).
     pub fn trim_zframes_after(&self, time_us: u64) -> Result<()> {
         let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
-        self.db.delete_range_cf(cf, time_us.saturating_add(1).to_be_bytes(), u64::MAX.to_be_bytes())?;
+        // Only when there are such frames: no tombstone on every open.
+        if self.newest_zframe()?.is_some_and(|t| t > time_us) {
+            self.db.delete_range_cf(cf, time_us.saturating_add(1).to_be_bytes(), u64::MAX.to_be_bytes())?;
+        }
         Ok(())
+    }
+
+    /// Whether this log keeps stored compressed frames (opened with them on).
+    pub fn has_zframes(&self) -> bool {
+        self.db.cf_handle(CF_ZFRAMES).is_some()
     }
 
     /// Deletes stored compressed frames before `time_us` and compacts that range so the space
