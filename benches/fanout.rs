@@ -451,9 +451,7 @@ async fn main() {
     let relay = relay::FakeRelay::start().await;
     let gen = frames::generate(1, 100_000, 5_000, 5);
     let total_events: usize = gen.iter().map(|g| g.expected.len()).sum();
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let replay_only = std::env::var("FANOUT_ONLY").is_ok_and(|v| v == "replay");
     if replay_only {
         ingest_with_and_without_stored_frames(&relay, gen.len(), total_events).await;
@@ -585,9 +583,7 @@ async fn main() {
         }
         let cpu0 = cpu_seconds(pid);
         let t0 = Instant::now();
-        for g in &more {
-            relay.push(g.seq, g.frame.clone());
-        }
+        relay.push_all(&more);
         let last = more.last().unwrap().seq;
         while (metric(server.metrics, "contrail_relay_last_seq") as i64) < last {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -640,9 +636,7 @@ async fn main() {
         burst: rate_frames_per_ms,
         ..Default::default()
     });
-    for g in &more {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&more);
     let expected: usize = more.iter().map(|g| g.expected.len()).sum();
     let mut lat = Vec::with_capacity(expected);
     while lat.len() < expected {

@@ -333,9 +333,7 @@ async fn main() {
     let relay = relay::FakeRelay::start().await;
     // A log to replay (the replay attacks), then a paced live stream for the whole run.
     let history = frames::generate(1, 50_000, 5_000, 41);
-    for g in &history {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&history);
     let dir = tempfile::tempdir().unwrap();
     let server = spawn_server(dir.path(), &relay.url());
     let pid = server.child.id();

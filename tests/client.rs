@@ -27,9 +27,7 @@ fn paced_relay_faults() -> Faults {
 
 async fn relay_with(gen: &[GenFrame]) -> FakeRelay {
     let relay = FakeRelay::start().await;
-    for g in gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(gen);
     relay
 }
 
@@ -313,9 +311,7 @@ async fn the_v2_wire_delivers_the_same_events_and_filters_change_by_reconnecting
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), before + 1);
         relay.clear();
-        for g in &gen {
-            relay.push(g.seq, g.frame.clone());
-        }
+        relay.push_all(&gen);
     }
 }
 

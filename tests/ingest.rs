@@ -50,9 +50,7 @@ fn assert_log_exact(lines: &[String], expected: &[String]) {
 async fn survives_kill_9_during_fast_ingest() {
     let relay = FakeRelay::start().await;
     let gen = generate(1_000, 30_000, 200, 1);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     // About 10,000 frames/s: fast ingest, yet slow enough that kills land mid-stream.
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 10, ..Faults::default() });
     let last_seq = gen.last().unwrap().seq;
@@ -90,9 +88,7 @@ async fn survives_kill_9_during_fast_ingest() {
 async fn relay_drops_lose_and_duplicate_nothing() {
     let relay = FakeRelay::start().await;
     let gen = generate(500, 3_000, 50, 2);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let last_seq = gen.last().unwrap().seq;
     // Three connections in a row are dropped part-way; the fourth runs to the end.
     relay.plan(vec![ConnFault::drop_after(700), ConnFault::drop_after(600), ConnFault::drop_after(600)]);
@@ -208,9 +204,7 @@ async fn gaps_are_counted_and_silence_reconnects() {
 async fn inspect_log_reads_while_serve_runs() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 4_000, 30, 5);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     relay.set_faults(Faults { frame_interval: Some(Duration::from_micros(500)), ..Faults::default() });
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
@@ -243,9 +237,7 @@ async fn inspect_log_reads_while_serve_runs() {
 async fn retention_removes_old_events_only() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 200, 10, 6);
-    for g in &gen[..100] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[..100]);
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &["--retention", "3s", "--trim-interval", "200ms"]);
     serve.wait_for_seq(100, Duration::from_secs(30));
@@ -253,9 +245,7 @@ async fn retention_removes_old_events_only() {
     std::thread::sleep(Duration::from_millis(3_500));
     assert_eq!(serve.metric("contrail_store_trims_total"), Some(0.0), "a quiet log was trimmed");
     // A second batch lands more than 3 s after the first: the first ages out and is trimmed.
-    for g in &gen[100..] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[100..]);
     serve.wait_for_seq(200, Duration::from_secs(30));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while serve.metric("contrail_store_trims_total").unwrap() < 1.0 {
@@ -271,9 +261,7 @@ async fn retention_removes_old_events_only() {
 async fn a_relay_seq_reset_is_followed_not_skipped() {
     let relay = FakeRelay::start().await;
     let before = generate(5_000, 50, 10, 41);
-    for g in &before {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&before);
     let dir = tempfile::tempdir().unwrap();
     // Seqs here are small: a reset is anything more than 1,000 below the cursor.
     let serve =
@@ -288,9 +276,7 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let after = generate(1, 30, 10, 42);
-    for g in &after {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&after);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 30 {
         assert!(std::time::Instant::now() < deadline, "ingest stalled after the relay reset; logs:\n{}", serve.logs());
@@ -307,9 +293,7 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
 async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     let relay = FakeRelay::start().await;
     let gen = generate(1_000, 400, 10, 43);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let last_seq = gen.last().unwrap().seq;
     // The first connection drops after 300 frames; the next starts 100 seqs below our cursor,
     // as a public relay's fan-out daemon that is a little behind does.
@@ -353,9 +337,7 @@ async fn a_relay_that_accepts_and_never_answers_is_retried_and_ready_says_why() 
 async fn a_relay_url_spelled_differently_resumes_from_the_stored_cursor() {
     let relay = FakeRelay::start().await;
     let gen = generate(100, 50, 5, 44);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
     serve.wait_for_seq(149, Duration::from_secs(30));
@@ -379,9 +361,7 @@ async fn a_flood_of_info_and_error_frames_is_logged_at_a_bounded_rate() {
         relay.push(i + 1, frame);
     }
     let gen = generate(3_000, 20, 5, 45);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
     serve.wait_for_seq(3_019, Duration::from_secs(30));
@@ -437,9 +417,7 @@ async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
     let Some(disk) = SmallDisk::mount("12m") else { return };
     let relay = FakeRelay::start().await;
     let gen = generate(1, 40_000, 500, 71);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let last_seq = gen.last().unwrap().seq;
     let mut serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
@@ -490,9 +468,7 @@ async fn a_read_only_data_dir_is_refused_at_start_with_the_reason() {
     let Some(disk) = SmallDisk::mount("64m") else { return };
     let relay = FakeRelay::start().await;
     let gen = generate(1, 200, 20, 72);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
     serve.wait_for_seq(200, Duration::from_secs(30));
     drop(serve);
@@ -518,9 +494,7 @@ async fn a_read_only_data_dir_is_refused_at_start_with_the_reason() {
 async fn kill_9_during_retention_trims_keeps_a_contiguous_suffix() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 12_000, 200, 73);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     // About 2,000 frames/s for ~6 s, with a 1 s retention trimmed every 50 ms.
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });
     let flags = ["--retention", "1s", "--trim-interval", "50ms"];
@@ -558,9 +532,7 @@ async fn kill_9_during_retention_trims_keeps_a_contiguous_suffix() {
 async fn kill_9_during_rocksdb_flushes_and_compactions_loses_and_duplicates_nothing() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 8_000, 200, 75);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     // About 1,000 frames/s: ~8 s of ingest, a flush every ~0.1 s.
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 1, ..Faults::default() });
     let flags = ["--memtable-bytes", "64KiB"];
@@ -643,9 +615,7 @@ fn assert_suffix(lines: &[String], expected: &[String]) {
 async fn a_relay_cut_mid_frame_loses_and_duplicates_nothing() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 3_000, 40, 11);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let proxy = common::proxy::Proxy::start(relay.addr).await;
     // Each connection forwards a different, odd number of bytes: cuts land inside frames.
     let budgets = [70_001u64, 123_457, 99_991, 211_111, 50_021, 177_777];

@@ -13,9 +13,7 @@ use std::time::{Duration, Instant};
 async fn a_live_only_replica_keeps_a_bounded_window() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 6_000, 40, 31);
-    for g in &gen[..1_000] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[..1_000]);
     let pd = tempfile::tempdir().unwrap();
     let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
     primary.wait_for_seq(1_000, Duration::from_secs(60));
@@ -47,9 +45,7 @@ async fn a_live_only_replica_keeps_a_bounded_window() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Only now does the primary get the rest of the traffic.
-    for g in &gen[1_000..] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[1_000..]);
     primary.wait_for_seq(6_000, Duration::from_secs(60));
     let log: Vec<serde_json::Value> = inspect_log(pd.path()).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     let newest = log.last().unwrap()["time_us"].as_u64().unwrap();

@@ -51,9 +51,7 @@ fn validate_only_prints_the_config_and_names_bad_keys() {
 async fn health_status_page_and_metrics() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 50, 5, 12);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
     serve.wait_for_seq(50, Duration::from_secs(30));
@@ -107,9 +105,7 @@ async fn not_ready_until_the_relay_is_reached() {
 async fn sigterm_closes_subscribers_and_loses_nothing() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 3_000, 30, 13);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     relay.set_faults(Faults { frame_interval: Some(Duration::from_micros(300)), ..Faults::default() });
     let dir = tempfile::tempdir().unwrap();
     let mut serve = Serve::start(dir.path(), &relay.url(), &[]);

@@ -20,9 +20,7 @@ fn time_of(line: &str) -> u64 {
 async fn kill_9_during_replay_to_50_subscribers_loses_and_repeats_nothing() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 20_000, 200, 61);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--max-events-per-second-per-ip", "0", "--max-connects-per-second-per-ip", "0"];
     let mut serve = Serve::start(dir.path(), &relay.url(), &flags);

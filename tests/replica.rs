@@ -44,18 +44,14 @@ fn replica(dir: &std::path::Path, upstreams: &[&Serve]) -> Serve {
 async fn replicas_and_chains_mirror_the_primary_exactly() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 1_500, 40, 21);
-    for g in &gen[..700] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[..700]);
     let (pd, ad, bd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
     primary.wait_for_seq(700, Duration::from_secs(30));
     let a = replica(ad.path(), &[&primary]);
     let b = replica(bd.path(), &[&a]); // a replica of a replica
                                        // More events while the replicas follow live.
-    for g in &gen[700..] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[700..]);
     primary.wait_for_seq(1_500, Duration::from_secs(30));
     wait_caught_up(&primary, &a, Duration::from_secs(30));
     wait_caught_up(&primary, &b, Duration::from_secs(30));
@@ -76,9 +72,7 @@ async fn replicas_and_chains_mirror_the_primary_exactly() {
 async fn a_client_fails_over_to_another_replica_with_its_cursor() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 4_000, 40, 22);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });
     let (pd, ad, bd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
@@ -124,9 +118,7 @@ async fn a_client_fails_over_to_another_replica_with_its_cursor() {
 async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 3_000, 40, 23);
-    for g in &gen[..1_000] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[..1_000]);
     let (pd, ad, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
     primary.wait_for_seq(1_000, Duration::from_secs(30));
@@ -143,9 +135,7 @@ async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // The primary comes back on the same address with the same log, and ingests the rest.
-    for g in &gen[1_000..] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[1_000..]);
     let primary = Serve::start(
         pd.path(),
         &relay.url(),
@@ -164,9 +154,7 @@ async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
 async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 1_500, 40, 25);
-    for g in &gen[..500] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[..500]);
     let (pd, md, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
     primary.wait_for_seq(500, Duration::from_secs(30));
@@ -208,9 +196,7 @@ async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     proxy.freeze(true);
     std::thread::sleep(Duration::from_millis(1_500));
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
-    for g in &gen[500..] {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen[500..]);
     primary.wait_for_seq(1_500, Duration::from_secs(30));
     // R notices the primary is ahead of M and switches to it.
     wait_caught_up(&primary, &follower, Duration::from_secs(30));

@@ -22,9 +22,7 @@ struct Setup {
 async fn setup(n: usize, extra: &[&str]) -> Setup {
     let relay = FakeRelay::start().await;
     let gen = generate(1, n, 20, 7);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     let mut args = vec!["--max-events-per-second-per-ip", "0"];
     args.extend_from_slice(extra);
@@ -122,9 +120,7 @@ async fn live_then_options_update_replaces_filters() {
     let mut ws = connect(s.serve.public, "/subscribe?wantedCollections=app.bsky.feed.like", &[]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let more = generate(1000, 300, 20, 8);
-    for g in &more[..150] {
-        s.relay.push(g.seq, g.frame.clone());
-    }
+    s.relay.push_all(&more[..150]);
     // Likes, and identity/account events, which bypass wantedCollections.
     let before =
         more[..150].iter().flat_map(|g| &g.expected).filter(|e| e.2 == "app.bsky.feed.like" || e.1 != "commit").count();
@@ -136,9 +132,7 @@ async fn live_then_options_update_replaces_filters() {
     // Unknown message types are ignored.
     send_text(&mut ws, r#"{"type":"something_new","payload":{}}"#).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for g in &more[150..] {
-        s.relay.push(g.seq, g.frame.clone());
-    }
+    s.relay.push_all(&more[150..]);
     let posts_after = more[150..].iter().flat_map(|g| &g.expected).filter(|e| e.2 == "app.bsky.feed.post").count();
     let got = collect(&mut ws, 10_000, Duration::from_secs(2)).await;
     let posts: Vec<_> = got.iter().filter(|e| e["kind"] == "commit").collect();
@@ -387,9 +381,7 @@ async fn compressed_replay_reads_stored_frames_and_gets_exactly_the_log() {
     assert_eq!(s.serve.metric("contrail_store_precompress_behind_seconds"), Some(0.0));
     // More events after that: the log's newest have no stored frame yet (maybe).
     let more = generate(1, 2300, 20, 7);
-    for g in &more[2000..] {
-        s.relay.push(g.seq, g.frame.clone());
-    }
+    s.relay.push_all(&more[2000..]);
     s.serve.wait_for_seq(more.last().unwrap().seq, Duration::from_secs(60));
     let all = log(&s);
     let time = |e: &serde_json::Value| e["time_us"].as_u64().unwrap();
@@ -445,9 +437,7 @@ async fn handoff_under_ingest(args: &[&str]) {
     let more = generate(10_000, 4_000, 40, 9);
     // About 2,000 frames/s: ingest goes on for ~2 s while subscribers connect.
     s.relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), burst: 2, ..Faults::default() });
-    for g in &more {
-        s.relay.push(g.seq, g.frame.clone());
-    }
+    s.relay.push_all(&more);
     let last_seq = more.last().unwrap().seq;
     let before = log(&s);
     let mut clients = Vec::new();
@@ -535,9 +525,7 @@ async fn dead_and_slow_peers_are_closed_without_hurting_others() {
     let mut good = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let more = generate(5000, 3000, 40, 10);
-    for g in &more {
-        s.relay.push(g.seq, g.frame.clone());
-    }
+    s.relay.push_all(&more);
     let n: usize = more.iter().map(|g| g.expected.len()).sum();
     // The healthy client gets everything (it answers pings through its reads).
     assert_eq!(collect(&mut good, n, T).await.len(), n);
@@ -568,9 +556,7 @@ async fn connection_limits_are_enforced() {
 async fn per_ip_rate_is_shared_by_connections() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 300, 10, 11);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "100"]);
     serve.wait_for_seq(300, Duration::from_secs(30));
@@ -587,9 +573,7 @@ async fn per_ip_rate_is_shared_by_connections() {
 async fn unlimited_clients_are_not_paced() {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 300, 10, 12);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let dir = tempfile::tempdir().unwrap();
     // 20 events/s per IP, but loopback is exempt (as an operator exempts its replicas).
     let serve = Serve::start(

@@ -31,9 +31,7 @@ struct Setup {
 async fn setup(n: usize) -> Setup {
     let relay = FakeRelay::start().await;
     let gen = generate(1, n, 20, 61);
-    for g in &gen {
-        relay.push(g.seq, g.frame.clone());
-    }
+    relay.push_all(&gen);
     let sync_did = gen[0].expected[0].0.clone();
     relay.push(n as i64 + 1, sync_frame(n as i64 + 1, &sync_did));
     let dir = tempfile::tempdir().unwrap();

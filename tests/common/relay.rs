@@ -105,6 +105,11 @@ impl FakeRelay {
         self.state.frames.lock().unwrap().push((seq, frame));
     }
 
+    /// Queues every frame of `gen`, in order.
+    pub fn push_all(&self, gen: &[super::frames::GenFrame]) {
+        self.state.frames.lock().unwrap().extend(gen.iter().map(|g| (g.seq, g.frame.clone())));
+    }
+
     /// Forgets every frame (a relay restarted without its history).
     pub fn clear(&self) {
         self.state.frames.lock().unwrap().clear();
