@@ -224,6 +224,27 @@ async fn ingest_with_and_without_stored_frames(relay: &relay::FakeRelay, frames:
     }
 }
 
+/// A compressed replay of the whole log by a subscriber wanting one DID's events (a few dozen
+/// of them): the cost of reading the log for few events, two rounds.
+async fn narrow_compressed_replay(server: &Server, gen: &[frames::GenFrame]) {
+    let did = &gen[0].expected[0].0;
+    let n = gen.iter().flat_map(|g| &g.expected).filter(|e| &e.0 == did).count();
+    for round in 0..2 {
+        let cpu0 = cpu_seconds(server.child.id());
+        let start = Instant::now();
+        let q = format!("/subscribe?cursor=0&compress=true&wantedDids={did}");
+        let mut ws = client::connect(server.public, &q, &[]).await.unwrap();
+        for _ in 0..n {
+            ws.read_frame().await.unwrap();
+        }
+        println!(
+            "(f) round {round}: compressed replay of the whole log for one DID ({n} events): {:.3} s, {:.3} s server CPU",
+            start.elapsed().as_secs_f64(),
+            cpu_seconds(server.child.id()) - cpu0
+        );
+    }
+}
+
 /// (a) one replayer from the oldest event, plain then compressed, beside a raw loopback write
 /// of the same bytes; two rounds.
 async fn replay_throughput(server: &Server, total_events: usize) {
@@ -527,6 +548,7 @@ async fn main() {
             );
             println!("(a) precompress window {window}");
             replay_throughput(&s, total_events).await;
+            narrow_compressed_replay(&s, &gen).await;
         }
         return;
     }

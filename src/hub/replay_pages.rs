@@ -980,4 +980,44 @@ mod tests {
         let page = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &capped).unwrap();
         assert_eq!(page.frame_count(), events.iter().filter(|e| e.json().len() < events[0].json().len()).count());
     }
+
+    #[test]
+    fn a_narrow_compressed_page_takes_its_few_stored_frames() {
+        use super::super::compress::{Dictionary, JETSTREAM_V1};
+        use super::super::precompress::stored_value;
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::rocks(
+            crate::log::rocks::RocksLog::open(
+                dir.path(),
+                crate::log::rocks::RocksOptions { sync_writes: false, ..Default::default() },
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        // 400 events; every 50th (8 of them) by a third DID.
+        let rare = "did:plc:cccccccccccccccccccccccc";
+        let events: Vec<Event> = (0..400)
+            .map(|i| {
+                let did = if i % 50 == 0 { rare } else { DIDS[(i % 2) as usize] };
+                let mut out = Vec::new();
+                Event::begin(&mut out, did, EventKind::Identity);
+                out.extend_from_slice(format!(",\"identity\":{{\"n\":{i}}}}}").as_bytes());
+                let mut e = Event::from_parts(out, EventKind::Identity, did.len(), 0..0);
+                e.stamp(1000 + i);
+                e
+            })
+            .collect();
+        log.append(&events, None).unwrap();
+        let dict = Dictionary::new(JETSTREAM_V1.to_vec(), 0).unwrap();
+        let marked = |e: &Event| zstd::bulk::compress(e.json(), 1).unwrap();
+        let frames: Vec<(u64, Vec<u8>)> =
+            events.iter().map(|e| (e.time_us, stored_value(&dict, e.json(), &marked(e)))).collect();
+        log.put_compressed_frames(&frames).unwrap();
+        let compressed = Encoding { dictionary: Some(dict), ..Encoding::plain_v1() };
+        let only_rare = Filter::new(&[], &[rare.into()]).unwrap();
+        let page = Page::build(&log, 0, REPLAY_BATCH, &only_rare, &compressed).unwrap();
+        let want: Vec<Vec<u8>> = events.iter().step_by(50).map(marked).collect();
+        assert_eq!(binary_payloads(&page), want);
+        assert_eq!((page.stored_frames, page.scanned), (8, 400));
+    }
 }
