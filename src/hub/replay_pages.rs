@@ -81,25 +81,21 @@ pub struct RawRun {
     covered_to: u64,
     /// The scan found fewer events than it asked for: it reached the log's end.
     at_log_end: bool,
-    /// Compressed frames stored for these events ([`super::precompress`]), all made with the
-    /// dictionary of fingerprint `stored_dictionary` from the JSON of the item at the index
-    /// beside them (only for the events the scan's filter wanted).
-    stored: Vec<u8>,
-    stored_items: Vec<(usize, std::ops::Range<usize>)>,
-    stored_dictionary: Option<u32>,
+}
+
+/// The compressed frames stored for some events of a [`RawRun`] ([`super::precompress`]), all
+/// made with one dictionary from the JSON of the item at the index beside them. Read for a
+/// page's build and dropped with it: the page's bytes hold them from then on (the rest of a
+/// run rendered after a filter change compresses its few frames).
+#[derive(Debug, Default)]
+struct StoredFrames {
+    bytes: Vec<u8>,
+    items: Vec<(usize, std::ops::Range<usize>)>,
 }
 
 impl RawRun {
-    /// Reads up to `limit` events from `from` (fewer past [`PAGE_MAX_BYTES`] of values), and
-    /// the stored compressed frames of those `filter` wants, for the dictionary of fingerprint
-    /// `stored_dictionary`.
-    fn scan(
-        log: &Log,
-        from: u64,
-        limit: usize,
-        stored_dictionary: Option<u32>,
-        filter: &Filter,
-    ) -> Result<RawRun, LogError> {
+    /// Reads up to `limit` events from `from` (fewer past [`PAGE_MAX_BYTES`] of values).
+    fn scan(log: &Log, from: u64, limit: usize) -> Result<RawRun, LogError> {
         // Before the scan: the scan then sees every event up to it (the tip moves after an
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
@@ -117,60 +113,11 @@ impl RawRun {
         run.at_log_end = run.items.len() < limit && !full;
         let last = run.items.last().map_or(0, |(t, _)| *t);
         run.covered_to = if run.at_log_end { last.max(newest_before) } else { last };
-        if let (Some(id), Some((first, _))) = (stored_dictionary, run.items.first()) {
-            run.read_stored(log, *first, last, id, filter)?;
-        }
         Ok(run)
     }
 
-    /// Reads the stored compressed frames of this run's events that `filter` wants, made with
-    /// the dictionary of fingerprint `id` from their JSON. It stops at the first frame made
-    /// with another dictionary (older frames, from before the default changed: the rest are
-    /// then compressed as they go, rather than read through).
-    fn read_stored(&mut self, log: &Log, first: u64, last: u64, id: u32, filter: &Filter) -> Result<(), LogError> {
-        let mut i = 0;
-        let (items, values) = (&self.items, &self.values);
-        let (stored, stored_items) = (&mut self.stored, &mut self.stored_items);
-        log.scan_compressed_frames(first, last, |t, value| {
-            if !super::precompress::made_with(value, id) {
-                return false;
-            }
-            i += items[i..].partition_point(|(it, _)| *it < t);
-            let Some((it, range)) = items.get(i) else { return false };
-            if *it != t {
-                return true; // a frame of an event this run does not have (trimmed since)
-            }
-            let Some(view) = view_value(&values[range.clone()]) else { return true };
-            if filter.matches(view.kind, view.did, view.collection) {
-                // Not this event's JSON (never expected): it is compressed afresh instead.
-                if let Some(frame) = super::precompress::stored_frame(value, id, view.json) {
-                    let start = stored.len();
-                    stored.extend_from_slice(frame);
-                    stored_items.push((i, start..stored.len()));
-                }
-            }
-            true
-        })?;
-        self.stored.shrink_to_fit();
-        self.stored_items.shrink_to_fit();
-        self.stored_dictionary = Some(id);
-        Ok(())
-    }
-
-    /// The stored compressed frame of item `i`, if `dictionary` is the one stored.
-    fn stored_frame(&self, i: usize, dictionary: Option<u32>) -> Option<&[u8]> {
-        if dictionary.is_none() || dictionary != self.stored_dictionary {
-            return None;
-        }
-        let at = self.stored_items.binary_search_by_key(&i, |(j, _)| *j).ok()?;
-        Some(&self.stored[self.stored_items[at].1.clone()])
-    }
-
     fn bytes(&self) -> usize {
-        self.values.capacity()
-            + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
-            + self.stored.capacity()
-            + self.stored_items.capacity() * std::mem::size_of::<(usize, std::ops::Range<usize>)>()
+        self.values.capacity() + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
     }
 
     /// The rest of this scan after `position`, rendered for another filter or encoding, no
@@ -183,12 +130,51 @@ impl RawRun {
         filter: &Filter,
         encoding: &Encoding,
     ) -> Page {
-        Page::render(self.clone(), position + 1, (max_frames, max_bytes), filter, encoding)
+        Page::render(self.clone(), None, position + 1, (max_frames, max_bytes), filter, encoding)
     }
 
     /// Whether this scan has events after `position`, or covers further.
     pub fn has_rest(&self, position: u64) -> bool {
         self.covered_to > position
+    }
+}
+
+impl StoredFrames {
+    /// The stored compressed frames of `run`'s events that `filter` wants, made with the
+    /// dictionary of fingerprint `id` from their JSON. The read stops at the first frame made
+    /// with another dictionary (older frames, from before the default changed: the rest are
+    /// then compressed as they go, rather than read through).
+    fn read(log: &Log, run: &RawRun, id: u32, filter: &Filter) -> Result<StoredFrames, LogError> {
+        let mut out = StoredFrames::default();
+        let (Some((first, _)), Some((last, _))) = (run.items.first(), run.items.last()) else { return Ok(out) };
+        let mut i = 0;
+        log.scan_compressed_frames(*first, *last, |t, value| {
+            if !super::precompress::made_with(value, id) {
+                return false;
+            }
+            i += run.items[i..].partition_point(|(it, _)| *it < t);
+            let Some((it, range)) = run.items.get(i) else { return false };
+            if *it != t {
+                return true; // a frame of an event this run does not have (trimmed since)
+            }
+            let Some(view) = view_value(&run.values[range.clone()]) else { return true };
+            if filter.matches(view.kind, view.did, view.collection) {
+                // Not this event's JSON (never expected): it is compressed afresh instead.
+                if let Some(frame) = super::precompress::stored_frame(value, id, view.json) {
+                    let start = out.bytes.len();
+                    out.bytes.extend_from_slice(frame);
+                    out.items.push((i, start..out.bytes.len()));
+                }
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// The stored frame of item `i`.
+    fn get(&self, i: usize) -> Option<&[u8]> {
+        let at = self.items.binary_search_by_key(&i, |(j, _)| *j).ok()?;
+        Some(&self.bytes[self.items[at].1.clone()])
     }
 }
 
@@ -220,8 +206,12 @@ impl Page {
     /// Reads up to `limit` events from `from` and renders those `filter` wants as
     /// `encoding`'s frames (events over its size cap are skipped, as live).
     pub fn build(log: &Log, from: u64, limit: usize, filter: &Filter, encoding: &Encoding) -> Result<Page, LogError> {
-        let raw = Arc::new(RawRun::scan(log, from, limit, encoding.stored_frame_dictionary(), filter)?);
-        let page = Page::render(raw, from, (usize::MAX, usize::MAX), filter, encoding);
+        let raw = RawRun::scan(log, from, limit)?;
+        let stored = match encoding.stored_frame_dictionary() {
+            Some(id) => Some(StoredFrames::read(log, &raw, id, filter)?),
+            None => None,
+        };
+        let page = Page::render(Arc::new(raw), stored.as_ref(), from, (usize::MAX, usize::MAX), filter, encoding);
         if page.scanned == 0 && page.corrupt {
             return Err(LogError::Corrupt("event value"));
         }
@@ -234,9 +224,11 @@ impl Page {
     }
 
     /// Renders the events of `raw` from `from`, up to `max_frames` wanted ones and, past the
-    /// first, `max_bytes` of their stored values.
+    /// first, `max_bytes` of their stored values, taking their `stored` compressed frames
+    /// (made for `encoding`'s dictionary) where there are some.
     fn render(
         raw: Arc<RawRun>,
+        stored: Option<&StoredFrames>,
         from: u64,
         (max_frames, max_bytes): (usize, usize),
         filter: &Filter,
@@ -255,7 +247,6 @@ impl Page {
             raw: raw.clone(),
         };
         let start = raw.items.partition_point(|(t, _)| *t < from);
-        let stored_dictionary = encoding.stored_frame_dictionary();
         let (mut wanted, mut wanted_bytes) = (Vec::new(), 0);
         for (i, (t, range)) in raw.items.iter().enumerate().skip(start) {
             if wanted.len() == max_frames {
@@ -276,7 +267,7 @@ impl Page {
                     break;
                 };
                 wanted_bytes += value.len();
-                wanted.push((ev, raw.stored_frame(i, stored_dictionary)));
+                wanted.push((ev, stored.and_then(|s| s.get(i))));
             }
             page.scanned += 1;
             page.end = *t;
@@ -955,10 +946,12 @@ mod tests {
             assert_eq!(*frame, want, "event {i}");
         }
         assert_eq!(page.stored_frames, 198);
-        // From inside the page (a rest for another filter), the same frames.
+        // The stored frames went with the build (the page's bytes hold them): the rest of the
+        // run rendered for another filter compresses its frames.
         let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
         let rest = page.raw().rest(1099, (usize::MAX, usize::MAX), &did_a, &compressed);
-        assert_eq!(binary_payloads(&rest)[0], marked(&events[100]));
+        assert_eq!(binary_payloads(&rest)[0], dict.compress(events[100].json()));
+        assert_eq!(rest.stored_frames, 0);
         // Other encodings never take them: plain, the verification field, another dictionary.
         let plain = Page::build(&log, 0, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
         assert_eq!((plain.stored_frames, plain.frame_count()), (0, 300));
