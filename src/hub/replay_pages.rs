@@ -30,6 +30,10 @@ pub const REPLAY_BATCH: usize = 1024;
 /// A page's scan stops early once its values pass this (a run of very large events).
 const PAGE_MAX_BYTES: usize = 4 << 20;
 
+/// A page whose filter wants fewer than one event in this many compresses them rather than
+/// reading its run's stored frames.
+const SPARSE: usize = 8;
+
 /// Events a compressed page must have before half of them are compressed on another thread.
 const PARALLEL_EVENTS: usize = 128;
 
@@ -141,12 +145,19 @@ impl RawRun {
 
 impl StoredFrames {
     /// The stored compressed frames of `run`'s events that `filter` wants, made with the
-    /// dictionary of fingerprint `id` from their JSON. The read stops at the first frame made
+    /// dictionary of fingerprint `id` from their JSON; none when it wants fewer than one in
+    /// [`SPARSE`] (measured: reading a run's frames for a few costs more). The read stops at the first frame made
     /// with another dictionary (older frames, from before the default changed: the rest are
     /// then compressed as they go, rather than read through).
     fn read(log: &Log, run: &RawRun, id: u32, filter: &Filter) -> Result<StoredFrames, LogError> {
         let mut out = StoredFrames::default();
         let (Some((first, _)), Some((last, _))) = (run.items.first(), run.items.last()) else { return Ok(out) };
+        let wants = |(_, range): &&(u64, std::ops::Range<usize>)| {
+            view_value(&run.values[range.clone()]).is_some_and(|v| filter.matches(v.kind, v.did, v.collection))
+        };
+        if run.items.iter().filter(wants).count() * SPARSE < run.items.len() {
+            return Ok(out); // a few events: compressing them costs less than reading the run's frames
+        }
         let mut i = 0;
         log.scan_compressed_frames(*first, *last, |t, value| {
             if !super::precompress::made_with(value, id) {
@@ -975,7 +986,7 @@ mod tests {
     }
 
     #[test]
-    fn a_narrow_compressed_page_takes_its_few_stored_frames() {
+    fn a_narrow_compressed_page_compresses_its_few_events_instead_of_reading_frames() {
         use super::super::compress::{Dictionary, JETSTREAM_V1};
         use super::super::precompress::stored_value;
         let dir = tempfile::tempdir().unwrap();
@@ -1006,11 +1017,18 @@ mod tests {
         let frames: Vec<(u64, Vec<u8>)> =
             events.iter().map(|e| (e.time_us, stored_value(&dict, e.json(), &marked(e)))).collect();
         log.put_compressed_frames(&frames).unwrap();
-        let compressed = Encoding { dictionary: Some(dict), ..Encoding::plain_v1() };
+        let compressed = Encoding { dictionary: Some(dict.clone()), ..Encoding::plain_v1() };
+        // 8 of 400 wanted (fewer than one in SPARSE): compressed, the run's frames not read.
         let only_rare = Filter::new(&[], &[rare.into()]).unwrap();
         let page = Page::build(&log, 0, REPLAY_BATCH, &only_rare, &compressed).unwrap();
-        let want: Vec<Vec<u8>> = events.iter().step_by(50).map(marked).collect();
+        let want: Vec<Vec<u8>> = events.iter().step_by(50).map(|e| dict.compress(e.json())).collect();
         assert_eq!(binary_payloads(&page), want);
-        assert_eq!((page.stored_frames, page.scanned), (8, 400));
+        assert_eq!((page.stored_frames, page.scanned), (0, 400));
+        // About half wanted: the stored frames of those.
+        let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
+        let page = Page::build(&log, 0, REPLAY_BATCH, &did_a, &compressed).unwrap();
+        let want: Vec<Vec<u8>> = events.iter().filter(|e| e.did() == DIDS[0]).map(marked).collect();
+        assert_eq!(binary_payloads(&page), want);
+        assert_eq!(page.stored_frames, want.len());
     }
 }
