@@ -11,7 +11,8 @@
 //! catch up afterwards. A window, not the whole log: a stored frame takes ~220 B on disk
 //! against ~135 B for its compacted event, and replays are mostly reconnects from a recent
 //! cursor. Replay compresses whatever has no stored frame (older than the window, the log's
-//! newest events, a frame that does not check out), so nothing depends on the thread.
+//! newest events, a frame that does not check out) and the few events of a narrow filter's
+//! page (cheaper than reading the page's frames), so nothing depends on the thread.
 //!
 //! The frames are a cache of the events (DESIGN.md invariant 5: compressed at most once per
 //! dictionary, now also across restarts): written without the WAL, trimmed with the events and
