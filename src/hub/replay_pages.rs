@@ -919,19 +919,18 @@ mod tests {
         out
     }
 
+    /// A RocksDB log in `dir` (stored compressed frames need one).
+    fn rocks_log(dir: &std::path::Path) -> Log {
+        let opts = crate::log::rocks::RocksOptions { sync_writes: false, ..Default::default() };
+        Log::rocks(crate::log::rocks::RocksLog::open(dir, opts).unwrap()).unwrap()
+    }
+
     #[test]
     fn a_compressed_page_takes_the_frames_stored_for_its_dictionary() {
         use super::super::compress::{Dictionary, JETSTREAM_V1};
         use super::super::precompress::stored_value;
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::rocks(
-            crate::log::rocks::RocksLog::open(
-                dir.path(),
-                crate::log::rocks::RocksOptions { sync_writes: false, ..Default::default() },
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let log = rocks_log(dir.path());
         let events: Vec<Event> = (0..300).map(|i| event(i, 0)).collect();
         log.append(&events, None).unwrap();
         let dict = Dictionary::new(JETSTREAM_V1.to_vec(), 0).unwrap();
@@ -990,14 +989,7 @@ mod tests {
         use super::super::compress::{Dictionary, JETSTREAM_V1};
         use super::super::precompress::stored_value;
         let dir = tempfile::tempdir().unwrap();
-        let log = Log::rocks(
-            crate::log::rocks::RocksLog::open(
-                dir.path(),
-                crate::log::rocks::RocksOptions { sync_writes: false, ..Default::default() },
-            )
-            .unwrap(),
-        )
-        .unwrap();
+        let log = rocks_log(dir.path());
         // 400 events; every 50th (8 of them) by a third DID.
         let rare = "did:plc:cccccccccccccccccccccccc";
         let events: Vec<Event> = (0..400)
