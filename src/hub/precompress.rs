@@ -143,7 +143,7 @@ impl Precompressor {
     /// How far the frames are behind the log's newest event (while waiting for ingest too).
     fn report_behind(&self) {
         if self.next.is_some() {
-            if let Ok(Some(newest)) = self.log.newest_time_us() {
+            if let Some(newest) = self.log.tip().newest() {
                 self.set_behind(newest);
             }
         }
@@ -181,7 +181,8 @@ impl Precompressor {
     /// was opened); every [`TRIM_EVERY`] the frames older than the window go.
     pub fn step(&mut self) -> crate::log::Result<bool> {
         let log = &self.log;
-        let newest = log.newest_time_us()?.unwrap_or(0);
+        // The tip, not a read: it moves with every append (DESIGN.md invariant 9).
+        let newest = log.tip().newest().unwrap_or(0);
         let window_start = newest.saturating_sub(self.window_us);
         let next = match self.next {
             Some(t) => t,

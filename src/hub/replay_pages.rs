@@ -152,10 +152,14 @@ impl StoredFrames {
     fn read(log: &Log, run: &RawRun, id: u32, filter: &Filter) -> Result<StoredFrames, LogError> {
         let mut out = StoredFrames::default();
         let (Some((first, _)), Some((last, _))) = (run.items.first(), run.items.last()) else { return Ok(out) };
-        let wants = |(_, range): &&(u64, std::ops::Range<usize>)| {
-            view_value(&run.values[range.clone()]).is_some_and(|v| filter.matches(v.kind, v.did, v.collection))
-        };
-        if run.items.iter().filter(wants).count() * SPARSE < run.items.len() {
+        let wanted: Vec<bool> = run
+            .items
+            .iter()
+            .map(|(_, range)| {
+                view_value(&run.values[range.clone()]).is_some_and(|v| filter.matches(v.kind, v.did, v.collection))
+            })
+            .collect();
+        if wanted.iter().filter(|w| **w).count() * SPARSE < run.items.len() {
             return Ok(out); // a few events: compressing them costs less than reading the run's frames
         }
         let mut i = 0;
@@ -168,14 +172,15 @@ impl StoredFrames {
             if *it != t {
                 return true; // a frame of an event this run does not have (trimmed since)
             }
-            let Some(view) = view_value(&run.values[range.clone()]) else { return true };
-            if filter.matches(view.kind, view.did, view.collection) {
-                // Not this event's JSON (never expected): it is compressed afresh instead.
-                if let Some(frame) = super::precompress::stored_frame(value, id, view.json) {
-                    let start = out.bytes.len();
-                    out.bytes.extend_from_slice(frame);
-                    out.items.push((i, start..out.bytes.len()));
-                }
+            if !wanted[i] {
+                return true;
+            }
+            let json = view_value(&run.values[range.clone()]).map(|v| v.json);
+            // Not this event's JSON (never expected): it is compressed afresh instead.
+            if let Some(frame) = json.and_then(|json| super::precompress::stored_frame(value, id, json)) {
+                let start = out.bytes.len();
+                out.bytes.extend_from_slice(frame);
+                out.items.push((i, start..out.bytes.len()));
             }
             true
         })?;
