@@ -650,6 +650,21 @@ mod tests {
         (Arc::new(ReplayPages::new(max_bytes, counters)), built, shared)
     }
 
+    /// The page holding the events after `position`, as a replayer fetches it.
+    async fn page_at(
+        cache: &Arc<ReplayPages>,
+        log: &Arc<Log>,
+        position: u64,
+        filter: &Arc<Filter>,
+        encoding: &Encoding,
+    ) -> Arc<Page> {
+        cache
+            .fetch(log, position, REPLAY_BATCH, &mut Rendering::new(filter.clone(), encoding.clone()))
+            .wait()
+            .await
+            .unwrap()
+    }
+
     /// The payloads of a page's frames `range`, parsed back from its wire bytes.
     fn payloads(page: &Page, range: std::ops::Range<usize>) -> Vec<Vec<u8>> {
         let mut bytes = page.bytes(range);
@@ -703,39 +718,19 @@ mod tests {
         let (cache, built, shared) = pages(64 << 20);
         let every = Arc::new(Filter::default());
         let plain = Encoding::plain_v1();
-        let first = cache
-            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
-            .wait()
-            .await
-            .unwrap();
+        let first = page_at(&cache, &log, 999, &every, &plain).await;
         assert_eq!((first.from, first.end), (1000, 2023));
         // A second replayer at the same place, and one inside the page: the same page.
-        let again = cache
-            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
-            .wait()
-            .await
-            .unwrap();
-        let inside = cache
-            .fetch(&log, 1500, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
-            .wait()
-            .await
-            .unwrap();
+        let again = page_at(&cache, &log, 999, &every, &plain).await;
+        let inside = page_at(&cache, &log, 1500, &every, &plain).await;
         assert!(Arc::ptr_eq(&first, &again) && Arc::ptr_eq(&first, &inside));
         assert_eq!((built.get(), shared.get()), (1, 2));
         // Another filter or encoding is another page.
         let did_b = Arc::new(Filter::new(&[], &[DIDS[1].into()]).unwrap());
-        let other = cache
-            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(did_b.clone(), plain.clone()))
-            .wait()
-            .await
-            .unwrap();
+        let other = page_at(&cache, &log, 999, &did_b, &plain).await;
         assert_eq!(other.frame_count(), 512);
         let capped = Encoding { max_size: 10, ..Encoding::plain_v1() };
-        let none = cache
-            .fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), capped.clone()))
-            .wait()
-            .await
-            .unwrap();
+        let none = page_at(&cache, &log, 999, &every, &capped).await;
         assert_eq!(none.frame_count(), 0);
         assert_eq!(built.get(), 3);
         // Asked at once, before either is built: one build.
@@ -747,17 +742,9 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(built.get(), 4);
         // The log's end: built for its asker, not kept (the log grows).
-        let tail = cache
-            .fetch(&log, 5500, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
-            .wait()
-            .await
-            .unwrap();
+        let tail = page_at(&cache, &log, 5500, &every, &plain).await;
         assert_eq!((tail.scanned, tail.end), (499, 5999));
-        let tail2 = cache
-            .fetch(&log, 5500, REPLAY_BATCH, &mut Rendering::new(every.clone(), plain.clone()))
-            .wait()
-            .await
-            .unwrap();
+        let tail2 = page_at(&cache, &log, 5500, &every, &plain).await;
         assert!(!Arc::ptr_eq(&tail, &tail2));
         assert_eq!(built.get(), 6);
         assert_eq!(tail.covered_to, 5999);
