@@ -197,15 +197,17 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
         let refused = metrics.rejected_requests.with_label_values(&[crate::metrics::Refusal::ConnectRate.as_str()]);
         let gate = crate::hub::limits::ConnectGate::new(&config.limits, refused);
+        let sockets = crate::hub::session::socket_options(&config.hub);
         tasks.spawn(async move {
-            server::serve(public_listener, server::public::handler(public), cancel, conns, gate).await;
+            server::serve(public_listener, server::public::handler(public), cancel, conns, gate, sockets).await;
             ("public listener", Ok(()))
         });
     }
     {
         let (cancel, conns) = (accept.clone(), connections.clone());
         tasks.spawn(async move {
-            server::serve(metrics_listener, server::metrics_handler(render_metrics), cancel, conns, None).await;
+            let (handler, options) = (server::metrics_handler(render_metrics), server::SocketOptions::default());
+            server::serve(metrics_listener, handler, cancel, conns, None, options).await;
             ("metrics listener", Ok(()))
         });
     }

@@ -594,6 +594,101 @@ async fn dead_and_slow_peers_are_closed_without_hurting_others() {
     drop(dead);
 }
 
+/// Opens a websocket to `/subscribe` on a raw socket (it answers nothing, pings included).
+async fn raw_subscriber(public: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(public).await.unwrap();
+    tcp.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(tcp.read(&mut b).await.unwrap(), 1, "the upgrade was not answered");
+        head.push(b[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    tcp
+}
+
+fn closes(s: &Setup, reason: &str) -> f64 {
+    s.serve.metric(&format!("contrail_hub_closes_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
+}
+
+/// A subscriber reading steadily but far slower than its stream (16 KiB every 50 ms, megabytes
+/// behind, on a raw socket that answers no pings) is kept: its pings wait behind the data it
+/// has not read, and one write waits seconds for it, yet it keeps taking data, which the kernel
+/// sees (TCP_USER_TIMEOUT judges by acknowledgements). Found by the soak, where such readers
+/// were closed by the pong and write timeouts although the hub promises to keep slow readers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_steady_reader_is_kept() {
+    use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
+    use tokio::io::AsyncReadExt;
+    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;
+    let mut slow = raw_subscriber(s.serve.public).await;
+    // Ten events of 300 KB: about ten seconds of backlog at this pace.
+    let big = "x".repeat(300_000);
+    let mut total = 0;
+    for i in 0..10u64 {
+        let seq = 100 + i as i64;
+        let rec = map(vec![("$type", text("app.bsky.feed.post")), ("text", text(&big))]);
+        let path = format!("app.bsky.feed.post/{}", tid_for(i));
+        s.relay.push(seq, commit_frame(seq, &did_for(1), &tid_for(9_000 + i), &[TestOp::create(&path, &rec)]));
+        total += big.len();
+    }
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 16 * 1024];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while got < total && std::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got += n,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(closes(&s, "ping_timeout"), 0.0, "a reader taking data was closed for its late pongs");
+    assert_eq!(closes(&s, "write_timeout"), 0.0, "a reader taking data was closed for a slow write");
+    assert!(got >= total, "read {got} of {total} bytes");
+}
+
+/// The pong timeout still closes a client that reads everything but never answers a ping: its
+/// connection is never backed up, so nothing excuses the silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_answers_pings_is_closed() {
+    use tokio::io::AsyncReadExt;
+    let s = setup(5, &["--ping-interval", "300ms", "--pong-timeout", "1s"]).await;
+    let mut mute = raw_subscriber(s.serve.public).await;
+    s.relay.push_all(&generate(100, 200, 20, 8));
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 64 * 1024];
+    // Read until the server ends the connection (EOF or a reset).
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(10), mute.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(closes(&s, "ping_timeout"), 1.0, "closed after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(5), "closed only after {:?}", started.elapsed());
+}
+
+/// A client that stops reading amid a busy stream is closed by the kernel's progress timeout
+/// (its window stays shut), reported as `write_timeout`; the others are not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_by_the_write_timeout() {
+    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;
+    let _stuck = raw_subscriber(s.serve.public).await;
+    let mut good = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let more = generate(5000, 4000, 40, 10);
+    s.relay.push_all(&more);
+    let n: usize = more.iter().map(|g| g.expected.len()).sum();
+    assert_eq!(collect(&mut good, n, T).await.len(), n);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while closes(&s, "write_timeout") < 1.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(closes(&s, "write_timeout"), 1.0, "the stuck reader was not closed by the write timeout");
+    assert_eq!(closes(&s, "ping_timeout"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_limits_are_enforced() {
     let s = setup(5, &["--max-connections-per-ip", "2"]).await;

@@ -20,7 +20,7 @@
 //! `contrail_hub_live_queue_overflows_total`), and joins again when it has caught up. An event
 //! the ring did not hold ([`Published::InLog`]) ends the queues that want it after what they
 //! hold: those subscribers read it (and what follows) from the log. A session takes its events as fast as its socket accepts them,
-//! so a queue fills only while a write is blocked, which the write timeout bounds.
+//! so a queue fills only while a write is blocked (a slow reader's, which then reads the log).
 
 use crate::event::{Event, EventKind};
 use crate::log::Tip;

@@ -37,10 +37,13 @@
 //!   `compressed_frames_decode_with_the_dictionary`, `tests/third_party.rs`.
 //! - Replay → live with no gap, duplicate or reordering under ingest —
 //!   `handoff_under_ingest_is_exact`, `hub::stream` unit tests.
-//! - Ping every 30 s; a peer that answers nothing is closed after the pong timeout; a write
-//!   that cannot finish in the write timeout closes the subscriber; a log reader far behind
-//!   and not progressing is closed with 1008 — `dead_and_slow_peers_are_closed_without_hurting_others`,
-//!   `hub::slow` unit tests.
+//! - Ping every 30 s; a peer that answers nothing is closed after the pong timeout
+//!   (`a_reader_that_never_answers_pings_is_closed`); a connection making no progress for the
+//!   write timeout (the kernel's judgement) is closed
+//!   (`a_client_that_stops_reading_is_closed_by_the_write_timeout`); a reader slow but steady
+//!   is kept (`a_slow_steady_reader_is_kept`); a log reader far behind and not progressing is
+//!   closed with 1008 — `dead_and_slow_peers_are_closed_without_hurting_others`, `hub::slow`
+//!   unit tests.
 //!
 //! Beyond v1 (opt-in, so strict v1 clients never see them): `informCursorSeconds=N` sends
 //! `{"kind":"cursor","time_us":T}` every N s, T being the last event this stream has passed
@@ -121,11 +124,16 @@ pub struct HubConfig {
     #[arg(long, env = "CONTRAIL_PING_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub ping_interval: Duration,
-    /// Close a subscriber that has sent nothing (not even a pong) for this long.
+    /// Close a subscriber that has sent nothing (not even a pong) for this long, counted from
+    /// when its connection was last backed up if that is later (its pings wait behind data it
+    /// has not read; while it is behind, --write-timeout judges it).
     #[arg(long, env = "CONTRAIL_PONG_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub pong_timeout: Duration,
-    /// Close a subscriber when one frame cannot be written for this long.
+    /// Close a subscriber whose connection makes no progress for this long: what was sent stays
+    /// unacknowledged, or its receive window stays shut (the kernel's TCP_USER_TIMEOUT). A
+    /// client reading slowly but steadily is kept however long a write takes, up to
+    /// --slow-window per write.
     #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,

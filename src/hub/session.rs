@@ -45,11 +45,22 @@ const PARSE_INLINE_BYTES: usize = 64 * 1024;
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
 
+/// `TCP_NOTSENT_LOWAT` on subscriber sockets: the kernel holds at most this much not yet sent,
+/// so a slow reader's backlog stays in the log (where its stream reads it from) and a write
+/// that waits wakes as the reader drains, rather than after a third of a multi-megabyte send
+/// buffer has gone.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// The kernel options every connection to the public listener gets (see [`within`]).
+pub fn socket_options(config: &super::HubConfig) -> crate::server::SocketOptions {
+    crate::server::SocketOptions { progress_timeout: Some(config.write_timeout), notsent_lowat: Some(NOTSENT_LOWAT) }
+}
+
 /// The writer half: frames formatted by fastwebsockets (`Frame::fmt_head`), written through
 /// one buffer, so events ready together leave in one syscall — and bytes already framed (a
 /// replay page's) are written as they are, which fastwebsockets' own writer cannot do.
 struct FrameWriter {
-    io: tokio::io::BufWriter<tokio::io::WriteHalf<Upgraded>>,
+    io: tokio::io::BufWriter<Watched<tokio::io::WriteHalf<Upgraded>>>,
 }
 
 impl FrameWriter {
@@ -70,17 +81,91 @@ impl FrameWriter {
         use tokio::io::AsyncWriteExt;
         self.io.flush().await
     }
+
+    /// When a write last found the socket full (the client is behind what we sent it).
+    fn backed_up_at(&self) -> Option<Instant> {
+        self.io.get_ref().waited_at
+    }
 }
 
-/// A write or flush that must finish within `limit` (`--write-timeout`).
+/// The socket's write half, noting when a write had to wait for the kernel: the connection was
+/// backed up then, and a ping sent before is behind data the client has not read yet.
+struct Watched<W> {
+    inner: W,
+    waited_at: Option<Instant>,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> Watched<W> {
+    fn noted<T>(&mut self, r: std::task::Poll<T>) -> std::task::Poll<T> {
+        if r.is_pending() {
+            self.waited_at = Some(Instant::now());
+        }
+        r
+    }
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.noted(r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.noted(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.noted(r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A write or flush to a subscriber, which may wait for the client to read.
+///
+/// Liveness is the kernel's to judge: with `TCP_USER_TIMEOUT` = `--write-timeout` on the
+/// socket ([`socket_options`]), a connection whose data goes unacknowledged, or whose client
+/// keeps its receive window shut, for that long fails with `TimedOut`. A client reading slowly
+/// but steadily opens its window as it reads, so it is kept, however long one write takes (its
+/// backlog stays in the log: [`NOTSENT_LOWAT`]). `limit` only ends a write that a client drains
+/// by less than a write per `--slow-window`, below any rate the slow rule keeps. Shutdown does
+/// not wait for it.
 async fn within(
     limit: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
     write: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> Result<(), CloseReason> {
-    match tokio::time::timeout(limit, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(CloseReason::WriteError),
-        Err(_) => Err(CloseReason::WriteTimeout),
+    tokio::select! {
+        biased;
+        r = tokio::time::timeout(limit, write) => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(CloseReason::WriteTimeout),
+            Ok(Err(_)) => Err(CloseReason::WriteError),
+            Err(_) => Err(CloseReason::WriteTimeout),
+        },
+        _ = shutdown.cancelled() => Err(CloseReason::Shutdown),
     }
 }
 
@@ -94,6 +179,8 @@ enum Control {
     Heard,
     Close,
     TooBig,
+    /// The kernel closed the connection for lack of progress (`TCP_USER_TIMEOUT`).
+    Stalled,
     ReadError(String),
 }
 
@@ -110,6 +197,9 @@ async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semapho
         let frame = rx.read_frame(&mut |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) }).await;
         let msg = match frame {
             Err(WebSocketError::FrameTooLarge) => Control::TooBig,
+            // The kernel gave up on the connection: what we sent went unacknowledged, or the
+            // client's window stayed shut, for `--write-timeout` (see `within`).
+            Err(WebSocketError::IoError(e)) if e.kind() == std::io::ErrorKind::TimedOut => Control::Stalled,
             Err(e) => Control::ReadError(e.to_string()),
             Ok(f) => match f.opcode {
                 OpCode::Text | OpCode::Binary if partial.is_some() => {
@@ -152,7 +242,7 @@ async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semapho
             }
             other => other,
         };
-        let last = matches!(msg, Control::Close | Control::TooBig | Control::ReadError(_));
+        let last = matches!(msg, Control::Close | Control::TooBig | Control::Stalled | Control::ReadError(_));
         if tx.send(msg).await.is_err() || last {
             return;
         }
@@ -257,7 +347,8 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
     let (r, w) = tokio::io::split(ws.into_inner());
     let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
-    let tx = FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w) };
+    let tx =
+        FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, Watched { inner: w, waited_at: None }) };
     rx.set_auto_pong(false);
     rx.set_auto_close(false);
     // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
@@ -314,7 +405,9 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Some(c) = ctl.recv().await {
                 match c {
-                    Control::Close | Control::ReadError(_) | Control::TooBig | Control::Binary => break,
+                    Control::Close | Control::ReadError(_) | Control::Stalled | Control::TooBig | Control::Binary => {
+                        break
+                    }
                     Control::Text(t, _) if t.len() > PARSE_INLINE_BYTES => break,
                     _ => {}
                 }
@@ -422,7 +515,7 @@ impl Session {
     /// [`TICK`] while the stream reads the log (the slow rule).
     fn next_deadline(&self, next_tick: Instant) -> Instant {
         let config = &self.hub.config;
-        let mut at = (self.last_ping + config.ping_interval).min(self.last_heard + config.pong_timeout + TICK);
+        let mut at = (self.last_ping + config.ping_interval).min(self.pong_deadline() + TICK);
         if self.inform.is_some() {
             at = at.min(self.next_inform);
         }
@@ -528,7 +621,7 @@ impl Session {
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
-        within(self.hub.config.write_timeout, self.tx.framed(frames.bytes())).await?;
+        within(self.write_limit(), &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
         }
@@ -560,12 +653,26 @@ impl Session {
             return Ok(());
         }
         self.last_flush = Instant::now();
-        within(self.hub.config.write_timeout, self.tx.flush()).await
+        within(self.write_limit(), &self.hub.shutdown, self.tx.flush()).await
+    }
+
+    /// See [`within`].
+    fn write_limit(&self) -> Duration {
+        self.hub.config.write_timeout.max(self.hub.config.slow_window)
+    }
+
+    /// When a client that has sent nothing is closed: `--pong-timeout` after it was last heard
+    /// from, or after its connection was last backed up, whichever is later. A client behind on
+    /// its reading answers pings late — they wait behind the data it has not read — and while it
+    /// is behind, the kernel judges whether it is alive ([`within`]).
+    fn pong_deadline(&self) -> Instant {
+        let heard = self.last_heard.max(self.tx.backed_up_at().unwrap_or(self.last_heard));
+        heard + self.hub.config.pong_timeout
     }
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        within(self.hub.config.write_timeout, self.tx.frame(frame)).await
+        within(self.write_limit(), &self.hub.shutdown, self.tx.frame(frame)).await
     }
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.
@@ -600,6 +707,7 @@ impl Session {
                 Err(CloseReason::ReadError)
             }
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
+            Some(Control::Stalled) => Err(CloseReason::WriteTimeout),
             Some(Control::Heard) => Ok(false),
             // v2 is server-push only: any data frame ends the connection (as v2 does).
             Some(Control::Text(..) | Control::Binary) if self.encoding.wire == Wire::V2 => {
@@ -657,7 +765,7 @@ impl Session {
     async fn tick(&mut self) -> Result<(), CloseReason> {
         let now = Instant::now();
         let config = &self.hub.config;
-        if now.duration_since(self.last_heard) > config.pong_timeout {
+        if now > self.pong_deadline() {
             return Err(CloseReason::PingTimeout);
         }
         if now.duration_since(self.last_ping) >= config.ping_interval {

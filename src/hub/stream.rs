@@ -23,7 +23,7 @@ use std::sync::Arc;
 /// client changing filters over and over costs little each time, and no log read.
 const REST_PIECE: (usize, usize) = (64, 64 << 10);
 
-/// Bytes of frames per write, past the first frame: `--write-timeout` covers one write.
+/// Bytes of frames per write, past the first frame: a write's time limit covers one write.
 const CHUNK_BYTES: usize = 256 << 10;
 
 /// What a stream hands its session next.

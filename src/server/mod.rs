@@ -24,6 +24,32 @@ pub use crate::response::{full, text, Body};
 /// The answer to a connection refused at accept (written without reading the request).
 const TOO_MANY_CONNECTS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many new connections from this client\n";
 
+/// Kernel options for the sockets of a listener whose connections may become subscribers.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketOptions {
+    /// `TCP_USER_TIMEOUT`: the kernel closes a connection whose sent data stays unacknowledged,
+    /// or whose peer's receive window stays shut, this long. It judges progress by the peer's
+    /// acknowledgements, which is what tells a slow reader from a stuck one (`hub::session`).
+    pub progress_timeout: Option<std::time::Duration>,
+    /// `TCP_NOTSENT_LOWAT`: the most the kernel holds not yet sent before a write waits, so a
+    /// slow reader's backlog stays in the log, not in kernel buffers, and writes wake as the
+    /// reader drains.
+    pub notsent_lowat: Option<u32>,
+}
+
+impl SocketOptions {
+    fn apply(&self, tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
+        let sock = socket2::SockRef::from(tcp);
+        if let Some(t) = self.progress_timeout {
+            sock.set_tcp_user_timeout(Some(t))?;
+        }
+        if let Some(n) = self.notsent_lowat {
+            sock.set_tcp_notsent_lowat(n)?;
+        }
+        Ok(())
+    }
+}
+
 /// Accepts connections on `listener` until `cancel`, serving each with `handler`; a `gate`
 /// turns away clients opening connections faster than their rate, before any parsing.
 /// Returns once accepting has stopped and every connection task has finished.
@@ -33,10 +59,12 @@ pub async fn serve<H, F>(
     cancel: CancellationToken,
     connections: TaskTracker,
     gate: Option<Arc<crate::hub::limits::ConnectGate>>,
+    options: SocketOptions,
 ) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let warnings = crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(60));
     loop {
         let (tcp, peer) = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -58,6 +86,11 @@ pub async fn serve<H, F>(
             }
         }
         let _ = tcp.set_nodelay(true);
+        if let Err(e) = options.apply(&tcp) {
+            // Never seen on Linux; the connection is served without them (a slow subscriber
+            // may then be closed by the write timeout's fallback, see hub::session).
+            warnings.warn("socket_options", || format!("cannot set socket options: {e}"));
+        }
         let handler = handler.clone();
         let cancel = cancel.clone();
         connections.spawn(async move {
