@@ -622,31 +622,48 @@ fn closes(s: &Setup, reason: &str) -> f64 {
 async fn a_slow_steady_reader_is_kept() {
     use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
     use tokio::io::AsyncReadExt;
-    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;
+    let s = setup(5, &["--ping-interval", "1s", "--pong-timeout", "4s", "--write-timeout", "2s"]).await;
     let mut slow = raw_subscriber(s.serve.public).await;
-    // Ten events of 300 KB: about ten seconds of backlog at this pace.
+    // Twelve events of 300 KB: over ten seconds of backlog at this pace.
     let big = "x".repeat(300_000);
-    let mut total = 0;
-    for i in 0..10u64 {
+    for i in 0..12u64 {
         let seq = 100 + i as i64;
         let rec = map(vec![("$type", text("app.bsky.feed.post")), ("text", text(&big))]);
         let path = format!("app.bsky.feed.post/{}", tid_for(i));
         s.relay.push(seq, commit_frame(seq, &did_for(1), &tid_for(9_000 + i), &[TestOp::create(&path, &rec)]));
-        total += big.len();
     }
-    let mut got = 0usize;
+    // Read 16 KiB every 50 ms, counting the big events' frames as they complete.
+    let (mut pending, mut events, mut read) = (Vec::new(), 0, 0);
     let mut buf = vec![0u8; 16 * 1024];
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while got < total && std::time::Instant::now() < deadline {
+    while events < 12 && std::time::Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => got += n,
+            Ok(Ok(n)) => {
+                read += n;
+                pending.extend_from_slice(&buf[..n]);
+            }
+        }
+        while let Some((opcode, len, used)) = server_frame(&pending) {
+            events += usize::from(opcode == 1 && len > 300_000);
+            pending.drain(..used);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(closes(&s, "ping_timeout"), 0.0, "a reader taking data was closed for its late pongs");
     assert_eq!(closes(&s, "write_timeout"), 0.0, "a reader taking data was closed for a slow write");
-    assert!(got >= total, "read {got} of {total} bytes");
+    assert_eq!(events, 12, "got {events} of the 12 events ({read} bytes)");
+}
+
+/// The first whole frame in `b` from the server (unmasked): (opcode, payload length, bytes used).
+fn server_frame(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let (opcode, len7) = (b.first()? & 0x0f, b.get(1)? & 0x7f);
+    let (len, head) = match len7 {
+        126 => (u16::from_be_bytes(b.get(2..4)?.try_into().ok()?) as usize, 4),
+        127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize, 10),
+        n => (n as usize, 2),
+    };
+    (b.len() >= head + len).then_some((opcode, len, head + len))
 }
 
 /// The pong timeout still closes a client that reads everything but never answers a ping: its
@@ -673,7 +690,7 @@ async fn a_reader_that_never_answers_pings_is_closed() {
 /// (its window stays shut), reported as `write_timeout`; the others are not disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_by_the_write_timeout() {
-    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;
+    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "2s"]).await;
     let _stuck = raw_subscriber(s.serve.public).await;
     let mut good = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -681,6 +698,7 @@ async fn a_client_that_stops_reading_is_closed_by_the_write_timeout() {
     s.relay.push_all(&more);
     let n: usize = more.iter().map(|g| g.expected.len()).sum();
     assert_eq!(collect(&mut good, n, T).await.len(), n);
+    drop(good); // it would not answer pings while nobody reads it
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while closes(&s, "write_timeout") < 1.0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -131,9 +131,10 @@ pub struct HubConfig {
     #[serde(serialize_with = "ser_duration")]
     pub pong_timeout: Duration,
     /// Close a subscriber whose connection makes no progress for this long: what was sent stays
-    /// unacknowledged, or its receive window stays shut (the kernel's TCP_USER_TIMEOUT). A
-    /// client reading slowly but steadily is kept however long a write takes, up to
-    /// --slow-window per write.
+    /// unacknowledged, or its receive window stays shut (the kernel's TCP_USER_TIMEOUT, Linux
+    /// 5.11 or later for the window). A client reading slowly but steadily is kept, though one
+    /// write may then wait long; a single write waits at most the longer of this and
+    /// --slow-window.
     #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,
@@ -176,8 +177,9 @@ impl HubConfig {
             // Longer would hold more than a live queue takes of a busy stream.
             return Err(("write-linger", "must be at most 100ms".into()));
         }
-        if self.write_timeout.is_zero() || self.slow_window.is_zero() {
-            return Err(("write-timeout", "write-timeout and slow-window must be more than 0".into()));
+        if self.write_timeout < Duration::from_millis(1) || self.slow_window.is_zero() {
+            // The kernel takes the write timeout in milliseconds; 0 would turn it off.
+            return Err(("write-timeout", "write-timeout must be at least 1ms and slow-window more than 0".into()));
         }
         for p in &self.zstd_dictionary {
             if !p.is_file() && !p.is_dir() {

@@ -45,10 +45,10 @@ const PARSE_INLINE_BYTES: usize = 64 * 1024;
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
 
-/// `TCP_NOTSENT_LOWAT` on subscriber sockets: the kernel holds at most this much not yet sent,
-/// so a slow reader's backlog stays in the log (where its stream reads it from) and a write
-/// that waits wakes as the reader drains, rather than after a third of a multi-megabyte send
-/// buffer has gone.
+/// `TCP_NOTSENT_LOWAT` on subscriber sockets: the kernel holds at most this much not yet sent
+/// (besides what is in flight, which the client's window bounds), so a slow reader's backlog
+/// stays in the log (where its stream reads it from) and a write that waits wakes as the reader
+/// drains, rather than after a third of a multi-megabyte send buffer has gone.
 pub const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 /// The kernel options every connection to the public listener gets (see [`within`]).
@@ -61,6 +61,9 @@ pub fn socket_options(config: &super::HubConfig) -> crate::server::SocketOptions
 /// replay page's) are written as they are, which fastwebsockets' own writer cannot do.
 struct FrameWriter {
     io: tokio::io::BufWriter<Watched<tokio::io::WriteHalf<Upgraded>>>,
+    /// A frame's write was abandoned part way (shutdown, a failure): nothing more may follow
+    /// it, a close frame included, or the client would read it as the rest of that frame.
+    torn: bool,
 }
 
 impl FrameWriter {
@@ -68,13 +71,19 @@ impl FrameWriter {
         use tokio::io::AsyncWriteExt;
         let mut head = [0u8; MAX_HEAD];
         let n = frame.fmt_head(&mut head);
+        self.torn = true;
         self.io.write_all(&head[..n]).await?;
-        self.io.write_all(&frame.payload).await
+        self.io.write_all(&frame.payload).await?;
+        self.torn = false;
+        Ok(())
     }
 
     async fn framed(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
-        self.io.write_all(bytes).await
+        self.torn = true;
+        self.io.write_all(bytes).await?;
+        self.torn = false;
+        Ok(())
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -150,8 +159,8 @@ impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<W> {
 /// keeps its receive window shut, for that long fails with `TimedOut`. A client reading slowly
 /// but steadily opens its window as it reads, so it is kept, however long one write takes (its
 /// backlog stays in the log: [`NOTSENT_LOWAT`]). `limit` only ends a write that a client drains
-/// by less than a write per `--slow-window`, below any rate the slow rule keeps. Shutdown does
-/// not wait for it.
+/// by less than one write (16 KiB; up to 256 KiB of replay frames) per `--slow-window` — a client that slow
+/// cannot keep a connection busy for long. Shutdown does not wait for it.
 async fn within(
     limit: Duration,
     shutdown: &tokio_util::sync::CancellationToken,
@@ -167,6 +176,23 @@ async fn within(
         },
         _ = shutdown.cancelled() => Err(CloseReason::Shutdown),
     }
+}
+
+/// Whether the reader half reports that the kernel gave up on the connection. The kernel tells
+/// one reader of the socket why (`TimedOut`); when the reader took it, a write waiting at the
+/// time failed with a plain error and the connection's end is still counted as a write timeout.
+async fn reader_saw_a_stall(ctl: &mut mpsc::Receiver<Control>) -> bool {
+    let verdict = async {
+        while let Some(c) = ctl.recv().await {
+            match c {
+                Control::Stalled => return true,
+                Control::Close | Control::ReadError(_) | Control::TooBig => return false,
+                _ => {}
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_millis(100), verdict).await.unwrap_or(false)
 }
 
 /// What the reader half reports.
@@ -347,8 +373,10 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
     let (r, w) = tokio::io::split(ws.into_inner());
     let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
-    let tx =
-        FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, Watched { inner: w, waited_at: None }) };
+    let tx = FrameWriter {
+        io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, Watched { inner: w, waited_at: None }),
+        torn: false,
+    };
     rx.set_auto_pong(false);
     rx.set_auto_close(false);
     // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
@@ -425,8 +453,11 @@ impl Session {
         require_hello: bool,
         preface: Vec<Vec<u8>>,
     ) -> CloseReason {
-        let Err(reason) = self.serve_until_closed(ctl, start, require_hello, preface).await;
-        if self.encoding.wire == Wire::V2 && !self.close_sent {
+        let Err(mut reason) = self.serve_until_closed(ctl, start, require_hello, preface).await;
+        if reason == CloseReason::WriteError && reader_saw_a_stall(ctl).await {
+            reason = CloseReason::WriteTimeout;
+        }
+        if self.encoding.wire == Wire::V2 && !self.close_sent && !self.tx.torn {
             // v2 says why in an error frame before the socket goes.
             // Resume just after the last event this stream passed (cursors are inclusive).
             let resume = self.stream.as_mut().map_or(0, |s| s.last_seen() + 1);
@@ -677,6 +708,9 @@ impl Session {
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.
     async fn close(&mut self, code: u16, reason: &str) {
+        if self.tx.torn {
+            return;
+        }
         self.close_sent = true;
         let mut end = reason.len().min(123);
         while !reason.is_char_boundary(end) {

@@ -87,8 +87,8 @@ pub async fn serve<H, F>(
         }
         let _ = tcp.set_nodelay(true);
         if let Err(e) = options.apply(&tcp) {
-            // Never seen on Linux; the connection is served without them (a slow subscriber
-            // may then be closed by the write timeout's fallback, see hub::session).
+            // Never seen on Linux; the connection is served without them (a stuck subscriber
+            // is then closed only by the session's own bound on one write, see hub::session).
             warnings.warn("socket_options", || format!("cannot set socket options: {e}"));
         }
         let handler = handler.clone();
