@@ -197,7 +197,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
         let refused = metrics.rejected_requests.with_label_values(&[crate::metrics::Refusal::ConnectRate.as_str()]);
         let gate = crate::hub::limits::ConnectGate::new(&config.limits, refused);
-        let sockets = crate::hub::session::socket_options(&config.hub);
+        let sockets = crate::hub::liveness::socket_options(&config.hub);
         tasks.spawn(async move {
             server::serve(public_listener, server::public::handler(public), cancel, conns, gate, sockets).await;
             ("public listener", Ok(()))

@@ -4,7 +4,8 @@
 //! - [`session`]: one subscriber's socket loop (reads, buffered writes, timers, closes).
 //! - [`stream`]: one subscriber's position, walking log → live queue → log (DESIGN.md
 //!   invariant 4); [`dispatch`]: the index that fills live queues with only what each wants.
-//! - [`slow`]: the slow-subscriber rule; [`close`]: close reasons with their codes.
+//! - [`slow`]: the slow-subscriber rule; [`liveness`]: what a subscriber's socket shows of its
+//!   progress, and how long a write may wait; [`close`]: close reasons with their codes.
 //! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
 //!   [`encode`]: what a subscriber is sent for an event; [`replay_pages`]: runs of the log
 //!   rendered once as ready frames and shared by replayers close to each other;
@@ -74,6 +75,7 @@ pub mod dispatch;
 pub mod encode;
 pub(crate) mod handshake;
 pub mod limits;
+pub(crate) mod liveness;
 pub mod precompress;
 pub mod replay_pages;
 pub(crate) mod session;
@@ -132,10 +134,10 @@ pub struct HubConfig {
     pub pong_timeout: Duration,
     /// Close a subscriber whose connection makes no progress for this long: what was sent stays
     /// unacknowledged, or its receive window stays shut (the kernel's TCP_USER_TIMEOUT, Linux
-    /// 5.11 or later for the window). A client reading slowly but steadily is kept, though one
-    /// write may then wait long; a single write waits at most the longer of this and
-    /// --slow-window.
-    #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    /// 5.11 or later for the window). A reader of a few KB/s reopens its window only every
+    /// several seconds, so keep this well above that. A write whose socket takes nothing for the
+    /// longer of this and --slow-window also ends the subscriber.
+    #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,
     /// Live subscribers get at most one write per this long: events that arrive within it of

@@ -8,6 +8,7 @@
 
 use super::close::CloseReason;
 use super::encode::{Encoding, MAX_HEAD};
+use super::liveness::{self, within, Watched};
 use super::slow::{Progress, SlowWatch};
 use super::stream::{EventStream, Frames, Next, Start, StreamMetrics};
 use super::Hub;
@@ -44,17 +45,6 @@ const PARSE_INLINE_BYTES: usize = 64 * 1024;
 
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
 type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
-
-/// `TCP_NOTSENT_LOWAT` on subscriber sockets: the kernel holds at most this much not yet sent
-/// (besides what is in flight, which the client's window bounds), so a slow reader's backlog
-/// stays in the log (where its stream reads it from) and a write that waits wakes as the reader
-/// drains, rather than after a third of a multi-megabyte send buffer has gone.
-pub const NOTSENT_LOWAT: u32 = 128 * 1024;
-
-/// The kernel options every connection to the public listener gets (see [`within`]).
-pub fn socket_options(config: &super::HubConfig) -> crate::server::SocketOptions {
-    crate::server::SocketOptions { progress_timeout: Some(config.write_timeout), notsent_lowat: Some(NOTSENT_LOWAT) }
-}
 
 /// The writer half: frames formatted by fastwebsockets (`Frame::fmt_head`), written through
 /// one buffer, so events ready together leave in one syscall — and bytes already framed (a
@@ -93,88 +83,7 @@ impl FrameWriter {
 
     /// When a write last found the socket full (the client is behind what we sent it).
     fn backed_up_at(&self) -> Option<Instant> {
-        self.io.get_ref().waited_at
-    }
-}
-
-/// The socket's write half, noting when a write had to wait for the kernel: the connection was
-/// backed up then, and a ping sent before is behind data the client has not read yet.
-struct Watched<W> {
-    inner: W,
-    waited_at: Option<Instant>,
-}
-
-impl<W: tokio::io::AsyncWrite + Unpin> Watched<W> {
-    fn noted<T>(&mut self, r: std::task::Poll<T>) -> std::task::Poll<T> {
-        if r.is_pending() {
-            self.waited_at = Some(Instant::now());
-        }
-        r
-    }
-}
-
-impl<W: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<W> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.noted(r)
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.noted(r)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
-        self.noted(r)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// A write or flush to a subscriber, which may wait for the client to read.
-///
-/// Liveness is the kernel's to judge: with `TCP_USER_TIMEOUT` = `--write-timeout` on the
-/// socket ([`socket_options`]), a connection whose data goes unacknowledged, or whose client
-/// keeps its receive window shut, for that long fails with `TimedOut`. A client reading slowly
-/// but steadily opens its window as it reads, so it is kept, however long one write takes (its
-/// backlog stays in the log: [`NOTSENT_LOWAT`]). `limit` only ends a write that a client drains
-/// by less than one write (16 KiB; up to 256 KiB of replay frames) per `--slow-window` — a client that slow
-/// cannot keep a connection busy for long. Shutdown does not wait for it.
-async fn within(
-    limit: Duration,
-    shutdown: &tokio_util::sync::CancellationToken,
-    write: impl std::future::Future<Output = std::io::Result<()>>,
-) -> Result<(), CloseReason> {
-    tokio::select! {
-        biased;
-        r = tokio::time::timeout(limit, write) => match r {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => Err(CloseReason::WriteTimeout),
-            Ok(Err(_)) => Err(CloseReason::WriteError),
-            Err(_) => Err(CloseReason::WriteTimeout),
-        },
-        _ = shutdown.cancelled() => Err(CloseReason::Shutdown),
+        self.io.get_ref().backed_up_at()
     }
 }
 
@@ -332,6 +241,8 @@ impl Subscription {
 struct Session {
     hub: Arc<Hub>,
     tx: FrameWriter,
+    /// What the socket has shown (see `liveness`).
+    progress: Arc<liveness::Progress>,
     filter: Arc<Filter>,
     /// The wire, the dictionary, the verification field and the size cap.
     encoding: Encoding,
@@ -373,10 +284,9 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
     let (r, w) = tokio::io::split(ws.into_inner());
     let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
-    let tx = FrameWriter {
-        io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, Watched { inner: w, waited_at: None }),
-        torn: false,
-    };
+    let w = Watched::new(w);
+    let progress = w.progress();
+    let tx = FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w), torn: false };
     rx.set_auto_pong(false);
     rx.set_auto_close(false);
     // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
@@ -391,6 +301,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     let mut s = Session {
         hub: hub.clone(),
         tx,
+        progress,
         filter: Arc::new(sub.filter),
         encoding: Encoding {
             wire: sub.wire,
@@ -652,7 +563,7 @@ impl Session {
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
-        within(self.write_limit(), &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
+        within(self.write_limit(), &self.progress, &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
         }
@@ -684,7 +595,7 @@ impl Session {
             return Ok(());
         }
         self.last_flush = Instant::now();
-        within(self.write_limit(), &self.hub.shutdown, self.tx.flush()).await
+        within(self.write_limit(), &self.progress, &self.hub.shutdown, self.tx.flush()).await
     }
 
     /// See [`within`].
@@ -703,7 +614,7 @@ impl Session {
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        within(self.write_limit(), &self.hub.shutdown, self.tx.frame(frame)).await
+        within(self.write_limit(), &self.progress, &self.hub.shutdown, self.tx.frame(frame)).await
     }
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.

@@ -1,0 +1,194 @@
+//! Whether a subscriber is alive: what its socket shows, and how long a write may wait.
+//!
+//! A subscriber reading slowly but steadily must be kept (it falls back to the log; the slow
+//! rule decides when it is too slow), while a dead or stuck peer must go. Found by the soak:
+//! judging by how long one write takes, or by when a ping is answered, closes the slow reader
+//! too — its writes wait for it by nature, and its pings wait behind the data it has not read.
+//!
+//! What tells them apart is progress, and the sender sees it only as the client's window
+//! reopens: by one MSS (64 KiB on loopback) or a sixteenth of its receive buffer at a time, so
+//! a reader of a few KB/s shows progress every several seconds. Hence:
+//! - the kernel judges a connection's progress: `TCP_USER_TIMEOUT` = `--write-timeout` on the
+//!   socket ([`socket_options`]) ends a connection whose data goes unacknowledged, or whose
+//!   window stays shut, for that long (Linux ≥ 5.11 for the window), failing it with `TimedOut`;
+//! - `TCP_NOTSENT_LOWAT` ([`NOTSENT_LOWAT`]) keeps a backlog in the log rather than unsent in
+//!   kernel buffers, so a waiting write wakes as the reader drains;
+//! - one write ([`within`]) ends when the socket takes nothing for the longer of
+//!   `--write-timeout` and `--slow-window` (a reader slower than that is below the slow rule's
+//!   floor), or at shutdown;
+//! - a silent client is judged from the later of when it was last heard and when its
+//!   connection was last backed up ([`Watched::backed_up_at`]): while behind, its pings wait.
+
+use super::close::CloseReason;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::AsyncWrite;
+use tokio::time::Instant;
+
+/// `TCP_NOTSENT_LOWAT` on subscriber sockets: the kernel holds at most this much not yet sent
+/// (besides what is in flight, which the client's window bounds), so a slow reader's backlog
+/// stays in the log (where its stream reads it from) and a write that waits wakes as the reader
+/// drains, rather than after a third of a multi-megabyte send buffer has gone.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// The kernel options every connection to the public listener gets.
+pub fn socket_options(config: &super::HubConfig) -> crate::server::SocketOptions {
+    crate::server::SocketOptions { progress_timeout: Some(config.write_timeout), notsent_lowat: Some(NOTSENT_LOWAT) }
+}
+
+/// What a socket's write half has shown: when the socket last took bytes, and when a write last
+/// found it full. Milliseconds after `base`, `u64::MAX` for never; shared by the writer and the
+/// write in progress.
+#[derive(Debug)]
+pub struct Progress {
+    base: Instant,
+    took: AtomicU64,
+    waited: AtomicU64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress { base: Instant::now(), took: AtomicU64::new(u64::MAX), waited: AtomicU64::new(u64::MAX) }
+    }
+
+    fn note(&self, at: &AtomicU64) {
+        at.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn at(&self, at: &AtomicU64) -> Option<Instant> {
+        let ms = at.load(Ordering::Relaxed);
+        (ms != u64::MAX).then(|| self.base + Duration::from_millis(ms))
+    }
+}
+
+/// A socket's write half, noting its [`Progress`].
+pub struct Watched<W> {
+    inner: W,
+    progress: Arc<Progress>,
+}
+
+impl<W> Watched<W> {
+    pub fn new(inner: W) -> Self {
+        Watched { inner, progress: Arc::new(Progress::new()) }
+    }
+
+    /// What [`within`] watches.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
+    /// When a write last found the socket full: the client was behind what it was sent, and a
+    /// ping sent before waited behind that.
+    pub fn backed_up_at(&self) -> Option<Instant> {
+        self.progress.at(&self.progress.waited)
+    }
+
+    fn noted<T>(&self, r: Poll<std::io::Result<T>>, took: impl Fn(&T) -> bool) -> Poll<std::io::Result<T>> {
+        match &r {
+            Poll::Pending => self.progress.note(&self.progress.waited),
+            Poll::Ready(Ok(v)) if took(v) => self.progress.note(&self.progress.took),
+            _ => {}
+        }
+        r
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.noted(r, |n| *n > 0)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.noted(r, |n| *n > 0)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        self.noted(r, |_| false)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Runs a write or flush to a subscriber to its end, unless its socket takes nothing for
+/// `limit` (counted from the later of the write's start and the last bytes taken), the kernel
+/// gives up on the connection, or shutdown comes.
+pub async fn within(
+    limit: Duration,
+    progress: &Progress,
+    shutdown: &tokio_util::sync::CancellationToken,
+    write: impl std::future::Future<Output = std::io::Result<()>>,
+) -> Result<(), CloseReason> {
+    let started = Instant::now();
+    let deadline = || progress.at(&progress.took).map_or(started, |t| t.max(started)) + limit;
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut write => return match r {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(CloseReason::WriteTimeout),
+                Err(_) => Err(CloseReason::WriteError),
+            },
+            _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
+            _ = tokio::time::sleep_until(deadline()) => {
+                if deadline() <= Instant::now() {
+                    return Err(CloseReason::WriteTimeout);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A reader taking 4 KiB every 100 ms: a 256 KiB write takes seconds yet never outlasts a
+    /// 500 ms limit, and the writer notes it waited; once the reader stops, the next write ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_progresses_and_a_stopped_one_does_not() {
+        let (a, mut b) = tokio::io::duplex(8 * 1024);
+        let mut w = Watched::new(a);
+        let progress = w.progress();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut got = 0;
+            while got < 256 * 1024 {
+                got += b.read(&mut buf).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            b // kept open, unread
+        });
+        let data = vec![7u8; 256 * 1024];
+        let t = Instant::now();
+        assert!(w.backed_up_at().is_none());
+        within(Duration::from_millis(500), &progress, &shutdown, w.write_all(&data)).await.unwrap();
+        assert!(t.elapsed() > Duration::from_secs(2), "the write should have been slow");
+        assert!(w.backed_up_at().is_some_and(|at| at > t));
+        let _b = reader.await.unwrap();
+        let got = within(Duration::from_millis(500), &progress, &shutdown, w.write_all(&data)).await;
+        assert_eq!(got, Err(CloseReason::WriteTimeout));
+        // Shutdown does not wait for a write.
+        shutdown.cancel();
+        let got = within(Duration::from_secs(3600), &progress, &shutdown, w.write_all(&data)).await;
+        assert_eq!(got, Err(CloseReason::Shutdown));
+    }
+}
