@@ -622,7 +622,7 @@ fn closes(s: &Setup, reason: &str) -> f64 {
 async fn a_slow_steady_reader_is_kept() {
     use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
     use tokio::io::AsyncReadExt;
-    let s = setup(5, &["--ping-interval", "1s", "--pong-timeout", "4s", "--write-timeout", "2s"]).await;
+    let s = setup(5, &["--ping-interval", "1s", "--pong-timeout", "4s", "--write-timeout", "10s"]).await;
     let mut slow = raw_subscriber(s.serve.public).await;
     // Twelve events of 300 KB: over ten seconds of backlog at this pace.
     let big = "x".repeat(300_000);
@@ -690,7 +690,8 @@ async fn a_reader_that_never_answers_pings_is_closed() {
 /// (its window stays shut), reported as `write_timeout`; the others are not disturbed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_closed_by_the_write_timeout() {
-    let s = setup(5, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "2s"]).await;
+    // Pings far apart: only the kernel's progress timeout is under test.
+    let s = setup(5, &["--ping-interval", "10s", "--pong-timeout", "30s", "--write-timeout", "2s"]).await;
     let _stuck = raw_subscriber(s.serve.public).await;
     let mut good = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -14,8 +14,11 @@
 //! - `TCP_NOTSENT_LOWAT` ([`NOTSENT_LOWAT`]) keeps a backlog in the log rather than unsent in
 //!   kernel buffers, so a waiting write wakes as the reader drains;
 //! - one write ([`within`]) ends when the socket takes nothing for the longer of
-//!   `--write-timeout` and `--slow-window` (a reader slower than that is below the slow rule's
-//!   floor), or at shutdown;
+//!   `--write-timeout` and `--slow-window` — a waiting write wakes each time about 64 KiB (half
+//!   the low-water mark) has drained, so this is a reader draining less than that per minute —
+//!   or when it outlasts that plus its length at [`FLOOR_BYTES_PER_SECOND`] (timers and the
+//!   slow rule do not run while a write waits, so a write must not pin a session for long),
+//!   or at shutdown;
 //! - a silent client is judged from the later of when it was last heard and when its
 //!   connection was last backed up ([`Watched::backed_up_at`]): while behind, its pings wait.
 
@@ -33,6 +36,10 @@ use tokio::time::Instant;
 /// stays in the log (where its stream reads it from) and a write that waits wakes as the reader
 /// drains, rather than after a third of a multi-megabyte send buffer has gone.
 pub const NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// The slowest a write may drain on the whole: 1 KB/s is five of the smallest events a second,
+/// the slow rule's default floor, so no subscriber the slow rule keeps is slower.
+pub const FLOOR_BYTES_PER_SECOND: u64 = 1_000;
 
 /// The kernel options every connection to the public listener gets.
 pub fn socket_options(config: &super::HubConfig) -> crate::server::SocketOptions {
@@ -68,11 +75,13 @@ impl Progress {
 pub struct Watched<W> {
     inner: W,
     progress: Arc<Progress>,
+    /// The last poll was `Pending`.
+    waiting: bool,
 }
 
 impl<W> Watched<W> {
     pub fn new(inner: W) -> Self {
-        Watched { inner, progress: Arc::new(Progress::new()) }
+        Watched { inner, progress: Arc::new(Progress::new()), waiting: false }
     }
 
     /// What [`within`] watches.
@@ -80,17 +89,22 @@ impl<W> Watched<W> {
         self.progress.clone()
     }
 
-    /// When a write last found the socket full: the client was behind what it was sent, and a
-    /// ping sent before waited behind that.
+    /// When the socket was last full (a write waited, or went on after waiting): the client was
+    /// behind what it was sent, and a ping sent before waited behind that.
     pub fn backed_up_at(&self) -> Option<Instant> {
         self.progress.at(&self.progress.waited)
     }
 
-    fn noted<T>(&self, r: Poll<std::io::Result<T>>, took: impl Fn(&T) -> bool) -> Poll<std::io::Result<T>> {
-        match &r {
-            Poll::Pending => self.progress.note(&self.progress.waited),
-            Poll::Ready(Ok(v)) if took(v) => self.progress.note(&self.progress.took),
-            _ => {}
+    fn noted<T>(&mut self, r: Poll<std::io::Result<T>>, took: impl Fn(&T) -> bool) -> Poll<std::io::Result<T>> {
+        // A write going on after a wait counts as the socket being full too: about half the
+        // low-water mark is still unsent ahead of what follows.
+        if std::mem::replace(&mut self.waiting, r.is_pending()) || r.is_pending() {
+            self.progress.note(&self.progress.waited);
+        }
+        if let Poll::Ready(Ok(v)) = &r {
+            if took(v) {
+                self.progress.note(&self.progress.took);
+            }
         }
         r
     }
@@ -99,7 +113,7 @@ impl<W> Watched<W> {
 impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.noted(r, |n| *n > 0)
+        self.get_mut().noted(r, |n| *n > 0)
     }
 
     fn poll_write_vectored(
@@ -108,7 +122,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.noted(r, |n| *n > 0)
+        self.get_mut().noted(r, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -117,7 +131,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.noted(r, |_| false)
+        self.get_mut().noted(r, |_| false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -125,17 +139,23 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
     }
 }
 
-/// Runs a write or flush to a subscriber to its end, unless its socket takes nothing for
-/// `limit` (counted from the later of the write's start and the last bytes taken), the kernel
-/// gives up on the connection, or shutdown comes.
+/// Runs a write or flush of `len` bytes to a subscriber to its end, unless its socket takes
+/// nothing for `limit` (counted from the later of the write's start and the last bytes taken)
+/// or the write outlasts `limit` plus `len` at [`FLOOR_BYTES_PER_SECOND`], the kernel gives up
+/// on the connection, or shutdown comes.
 pub async fn within(
     limit: Duration,
+    len: usize,
     progress: &Progress,
     shutdown: &tokio_util::sync::CancellationToken,
     write: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> Result<(), CloseReason> {
     let started = Instant::now();
-    let deadline = || progress.at(&progress.took).map_or(started, |t| t.max(started)) + limit;
+    // Far enough for any sane setting; an absurd one must not overflow the clock.
+    let after = |t: Instant, d: Duration| t.checked_add(d).unwrap_or(t + Duration::from_secs(365 * 86_400));
+    let floor = Duration::from_millis(len as u64 * 1_000 / FLOOR_BYTES_PER_SECOND);
+    let end = after(after(started, limit), floor);
+    let deadline = || after(progress.at(&progress.took).map_or(started, |t| t.max(started)), limit).min(end);
     tokio::pin!(write);
     loop {
         tokio::select! {
@@ -164,6 +184,11 @@ mod tests {
     /// 500 ms limit, and the writer notes it waited; once the reader stops, the next write ends.
     #[tokio::test(start_paused = true)]
     async fn a_slow_reader_progresses_and_a_stopped_one_does_not() {
+        // Paused time: a write that spins instead of waiting would hang; this fails it instead.
+        tokio::time::timeout(Duration::from_secs(600), slow_and_stopped()).await.expect("a write spun");
+    }
+
+    async fn slow_and_stopped() {
         let (a, mut b) = tokio::io::duplex(8 * 1024);
         let mut w = Watched::new(a);
         let progress = w.progress();
@@ -180,15 +205,41 @@ mod tests {
         let data = vec![7u8; 256 * 1024];
         let t = Instant::now();
         assert!(w.backed_up_at().is_none());
-        within(Duration::from_millis(500), &progress, &shutdown, w.write_all(&data)).await.unwrap();
+        within(Duration::from_millis(500), data.len(), &progress, &shutdown, w.write_all(&data)).await.unwrap();
         assert!(t.elapsed() > Duration::from_secs(2), "the write should have been slow");
         assert!(w.backed_up_at().is_some_and(|at| at > t));
-        let _b = reader.await.unwrap();
-        let got = within(Duration::from_millis(500), &progress, &shutdown, w.write_all(&data)).await;
+        let mut b = reader.await.unwrap();
+        // Nobody reads now, and the last progress is long past: the next write still gets its
+        // whole limit from its own start, then ends.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let t = Instant::now();
+        let got = within(Duration::from_millis(500), data.len(), &progress, &shutdown, w.write_all(&data)).await;
         assert_eq!(got, Err(CloseReason::WriteTimeout));
+        assert!(t.elapsed() >= Duration::from_millis(500), "ended after {:?}", t.elapsed());
+        // A reader draining below the floor rate: progress, but the write ends at its limit plus
+        // its length at the floor (0.5 s + 8 s here), not when it would be done.
+        let trickle = tokio::spawn(async move {
+            let mut buf = [0u8; 100];
+            loop {
+                if b.read(&mut buf).await.unwrap_or(0) == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let t = Instant::now();
+        let eight_kb = vec![7u8; 8_000];
+        let got = within(Duration::from_millis(500), 8_000, &progress, &shutdown, w.write_all(&eight_kb)).await;
+        assert_eq!(got, Err(CloseReason::WriteTimeout));
+        assert!(
+            (Duration::from_millis(8_400)..Duration::from_millis(8_700)).contains(&t.elapsed()),
+            "{:?}",
+            t.elapsed()
+        );
+        trickle.abort();
         // Shutdown does not wait for a write.
         shutdown.cancel();
-        let got = within(Duration::from_secs(3600), &progress, &shutdown, w.write_all(&data)).await;
+        let got = within(Duration::from_secs(3600), data.len(), &progress, &shutdown, w.write_all(&data)).await;
         assert_eq!(got, Err(CloseReason::Shutdown));
     }
 }

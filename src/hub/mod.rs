@@ -135,8 +135,9 @@ pub struct HubConfig {
     /// Close a subscriber whose connection makes no progress for this long: what was sent stays
     /// unacknowledged, or its receive window stays shut (the kernel's TCP_USER_TIMEOUT, Linux
     /// 5.11 or later for the window). A reader of a few KB/s reopens its window only every
-    /// several seconds, so keep this well above that. A write whose socket takes nothing for the
-    /// longer of this and --slow-window also ends the subscriber.
+    /// several seconds, so keep this well above that. A write that drains less than ~64 KiB in
+    /// the longer of this and --slow-window, or outlasts that plus its length at 1 KB/s, also
+    /// ends the subscriber.
     #[arg(long, env = "CONTRAIL_WRITE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub write_timeout: Duration,

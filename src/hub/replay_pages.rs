@@ -345,7 +345,7 @@ impl Page {
     }
 
     /// Where a write of frames from `start` ends: at most `max` frames and, past the first,
-    /// about `max_bytes` (a write timeout must be able to cover a whole write).
+    /// about `max_bytes` (a write's time limit grows with its length, from a floor).
     pub fn chunk_end(&self, start: usize, max: usize, max_bytes: usize) -> usize {
         let limit = (start + max.max(1)).min(self.frames.len());
         let base = if start == 0 { 0 } else { self.frames[start - 1].end };

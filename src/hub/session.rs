@@ -563,7 +563,8 @@ impl Session {
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
-        within(self.write_limit(), &self.progress, &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
+        let (limit, len) = (self.write_limit(), frames.bytes().len());
+        within(limit, len, &self.progress, &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
         }
@@ -595,7 +596,8 @@ impl Session {
             return Ok(());
         }
         self.last_flush = Instant::now();
-        within(self.write_limit(), &self.progress, &self.hub.shutdown, self.tx.flush()).await
+        let (limit, len) = (self.write_limit(), self.tx.io.buffer().len());
+        within(limit, len, &self.progress, &self.hub.shutdown, self.tx.flush()).await
     }
 
     /// See [`within`].
@@ -614,7 +616,8 @@ impl Session {
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        within(self.write_limit(), &self.progress, &self.hub.shutdown, self.tx.frame(frame)).await
+        let (limit, len) = (self.write_limit(), MAX_HEAD + frame.payload.len());
+        within(limit, len, &self.progress, &self.hub.shutdown, self.tx.frame(frame)).await
     }
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.

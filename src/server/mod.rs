@@ -38,15 +38,12 @@ pub struct SocketOptions {
 }
 
 impl SocketOptions {
+    /// Sets each option (one failing does not skip the other); the first error, if any.
     fn apply(&self, tcp: &tokio::net::TcpStream) -> std::io::Result<()> {
         let sock = socket2::SockRef::from(tcp);
-        if let Some(t) = self.progress_timeout {
-            sock.set_tcp_user_timeout(Some(t))?;
-        }
-        if let Some(n) = self.notsent_lowat {
-            sock.set_tcp_notsent_lowat(n)?;
-        }
-        Ok(())
+        let timeout = self.progress_timeout.map_or(Ok(()), |t| sock.set_tcp_user_timeout(Some(t)));
+        let lowat = self.notsent_lowat.map_or(Ok(()), |n| sock.set_tcp_notsent_lowat(n));
+        timeout.and(lowat)
     }
 }
 
