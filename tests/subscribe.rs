@@ -572,9 +572,7 @@ async fn cursor_messages_report_progress() {
 async fn dead_and_slow_peers_are_closed_without_hurting_others() {
     let s = setup(10, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;
     // A peer that upgrades and then never reads nor answers pings.
-    let mut dead = std::net::TcpStream::connect(s.serve.public).unwrap();
-    use std::io::Write;
-    dead.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let dead = raw_subscriber(s.serve.public).await;
     let mut good = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let more = generate(5000, 3000, 40, 10);
