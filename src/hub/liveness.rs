@@ -95,10 +95,19 @@ impl<W> Watched<W> {
         self.progress.at(&self.progress.waited)
     }
 
-    fn noted<T>(&mut self, r: Poll<std::io::Result<T>>, took: impl Fn(&T) -> bool) -> Poll<std::io::Result<T>> {
+    /// `had_budget`: the task had runtime budget left before the poll. Without it, tokio answers
+    /// `Pending` whatever the socket's state (cooperative scheduling), which is no wait for the
+    /// client: a busy fast client must not look backed up, or its silence would be excused.
+    fn noted<T>(
+        &mut self,
+        had_budget: bool,
+        r: Poll<std::io::Result<T>>,
+        took: impl Fn(&T) -> bool,
+    ) -> Poll<std::io::Result<T>> {
+        let waits = r.is_pending() && had_budget;
         // A write going on after a wait counts as the socket being full too: about half the
         // low-water mark is still unsent ahead of what follows.
-        if std::mem::replace(&mut self.waiting, r.is_pending()) || r.is_pending() {
+        if std::mem::replace(&mut self.waiting, waits) || waits {
             self.progress.note(&self.progress.waited);
         }
         if let Poll::Ready(Ok(v)) = &r {
@@ -112,8 +121,9 @@ impl<W> Watched<W> {
 
 impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let had_budget = tokio::task::coop::has_budget_remaining();
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.get_mut().noted(r, |n| *n > 0)
+        self.get_mut().noted(had_budget, r, |n| *n > 0)
     }
 
     fn poll_write_vectored(
@@ -121,8 +131,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        let had_budget = tokio::task::coop::has_budget_remaining();
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.get_mut().noted(r, |n| *n > 0)
+        self.get_mut().noted(had_budget, r, |n| *n > 0)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -130,8 +141,9 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let had_budget = tokio::task::coop::has_budget_remaining();
         let r = Pin::new(&mut self.inner).poll_flush(cx);
-        self.get_mut().noted(r, |_| false)
+        self.get_mut().noted(had_budget, r, |_| false)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -153,7 +165,7 @@ pub async fn within(
     let started = Instant::now();
     // Far enough for any sane setting; an absurd one must not overflow the clock.
     let after = |t: Instant, d: Duration| t.checked_add(d).unwrap_or(t + Duration::from_secs(365 * 86_400));
-    let floor = Duration::from_millis(len as u64 * 1_000 / FLOOR_BYTES_PER_SECOND);
+    let floor = Duration::from_millis((len as u64).saturating_mul(1_000) / FLOOR_BYTES_PER_SECOND);
     let end = after(after(started, limit), floor);
     let deadline = || after(progress.at(&progress.took).map_or(started, |t| t.max(started)), limit).min(end);
     tokio::pin!(write);
@@ -186,6 +198,28 @@ mod tests {
     async fn a_slow_reader_progresses_and_a_stopped_one_does_not() {
         // Paused time: a write that spins instead of waiting would hang; this fails it instead.
         tokio::time::timeout(Duration::from_secs(600), slow_and_stopped()).await.expect("a write spun");
+    }
+
+    /// The runtime's cooperative budget makes a write answer `Pending` after many ready
+    /// operations in one poll, whatever the socket's state: that is no wait for the client, so
+    /// a busy fast subscriber does not look backed up (which would excuse its silence).
+    #[tokio::test]
+    async fn a_pending_for_the_runtime_budget_is_not_a_backed_up_socket() {
+        let (a, _b) = tokio::io::duplex(1 << 20);
+        let mut w = Watched::new(a);
+        let pendings = std::future::poll_fn(|cx| {
+            let mut pendings = 0;
+            for _ in 0..300 {
+                if Pin::new(&mut w).poll_write(cx, b"x").is_pending() {
+                    pendings += 1;
+                }
+            }
+            Poll::Ready(pendings)
+        })
+        .await;
+        assert!(pendings > 0, "the budget never ran out: the test shows nothing");
+        assert!(w.backed_up_at().is_none(), "a budget Pending counted as the client being behind");
+        assert!(w.progress.at(&w.progress.took).is_some());
     }
 
     async fn slow_and_stopped() {

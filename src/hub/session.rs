@@ -563,7 +563,8 @@ impl Session {
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
-        let (limit, len) = (self.write_limit(), frames.bytes().len());
+        // What the buffer holds goes first.
+        let (limit, len) = (self.write_limit(), self.tx.io.buffer().len() + frames.bytes().len());
         within(limit, len, &self.progress, &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
@@ -616,7 +617,7 @@ impl Session {
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        let (limit, len) = (self.write_limit(), MAX_HEAD + frame.payload.len());
+        let (limit, len) = (self.write_limit(), self.tx.io.buffer().len() + MAX_HEAD + frame.payload.len());
         within(limit, len, &self.progress, &self.hub.shutdown, self.tx.frame(frame)).await
     }
 
