@@ -37,8 +37,9 @@ use tokio::time::Instant;
 /// drains, rather than after a third of a multi-megabyte send buffer has gone.
 pub const NOTSENT_LOWAT: u32 = 128 * 1024;
 
-/// The slowest a write may drain on the whole: 1 KB/s is five of the smallest events a second,
-/// the slow rule's default floor, so no subscriber the slow rule keeps is slower.
+/// The slowest a write may drain on the whole: 1 KB/s is five typical events a second (~200
+/// bytes each), the slow rule's default floor. A stream of only compressed identity and account
+/// events (~70 bytes) is slower at that rate, and may be ended before the slow rule would.
 pub const FLOOR_BYTES_PER_SECOND: u64 = 1_000;
 
 /// The kernel options every connection to the public listener gets.
