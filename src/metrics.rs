@@ -141,6 +141,7 @@ pub struct Metrics {
     pub subscribers: IntGaugeVec,
     pub events_sent: IntCounterVec,
     pub bytes_sent: IntCounterVec,
+    pub socket_writes: IntCounter,
     pub closes: IntCounterVec,
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
@@ -310,6 +311,11 @@ impl Metrics {
                 "contrail_hub_bytes_sent_total",
                 "Bytes sent to subscribers.",
                 &["wire", "compression"],
+            ),
+            socket_writes: counter(
+                &r,
+                "contrail_hub_socket_writes_total",
+                "Writes subscriber sockets took (send system calls that sent something); events sent per write is how much each carried.",
             ),
             closes: counter_vec(
                 &r,

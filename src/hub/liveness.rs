@@ -78,11 +78,19 @@ pub struct Watched<W> {
     progress: Arc<Progress>,
     /// The last poll was `Pending`.
     waiting: bool,
+    /// Counts the writes the socket took (`contrail_hub_socket_writes_total`).
+    writes: Option<prometheus::IntCounter>,
 }
 
 impl<W> Watched<W> {
     pub fn new(inner: W) -> Self {
-        Watched { inner, progress: Arc::new(Progress::new()), waiting: false }
+        Watched { inner, progress: Arc::new(Progress::new()), waiting: false, writes: None }
+    }
+
+    /// Counts every write the socket takes into `writes`.
+    pub fn counting_writes(mut self, writes: prometheus::IntCounter) -> Self {
+        self.writes = Some(writes);
+        self
     }
 
     /// What [`within`] watches.
@@ -114,6 +122,9 @@ impl<W> Watched<W> {
         if let Poll::Ready(Ok(v)) = &r {
             if took(v) {
                 self.progress.note(&self.progress.took);
+                if let Some(w) = &self.writes {
+                    w.inc();
+                }
             }
         }
         r
@@ -221,6 +232,21 @@ mod tests {
         assert!(pendings > 0, "the budget never ran out: the test shows nothing");
         assert!(w.backed_up_at().is_none(), "a budget Pending counted as the client being behind");
         assert!(w.progress.at(&w.progress.took).is_some());
+    }
+
+    /// Every write the socket takes is counted once; a write that finds it full is not.
+    #[tokio::test]
+    async fn writes_the_socket_took_are_counted() {
+        let writes = prometheus::IntCounter::new("w", "w").unwrap();
+        let (a, _b) = tokio::io::duplex(8);
+        let mut w = Watched::new(a).counting_writes(writes.clone());
+        w.write_all(b"abc").await.unwrap();
+        w.write_all(b"de").await.unwrap();
+        assert_eq!(writes.get(), 2);
+        // The pipe holds 8 bytes and 5 are in it: this write takes 3, then waits for a reader.
+        let blocked = tokio::time::timeout(Duration::from_millis(50), w.write_all(b"fghij")).await;
+        assert!(blocked.is_err(), "the pipe had room for more than it should");
+        assert_eq!(writes.get(), 3, "a write that found the socket full was counted");
     }
 
     async fn slow_and_stopped() {

@@ -284,7 +284,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
     let (r, w) = tokio::io::split(ws.into_inner());
     let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
-    let w = Watched::new(w);
+    let w = Watched::new(w).counting_writes(hub.metrics.socket_writes.clone());
     let progress = w.progress();
     let tx = FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w), torn: false };
     rx.set_auto_pong(false);
