@@ -322,6 +322,112 @@ async fn live_client(
     }
 }
 
+/// The send floor, a baseline for a live scenario measured in the same run: the CPU a process
+/// spends doing nothing but the sends the server did — `writes_per_sec` websocket frames of
+/// `bytes` each, to `subscribers` loopback sockets picked at random, from one thread with
+/// blocking `send`s (no runtime, no filters, no ingest, no log). On loopback the kernel also
+/// charges the sender for the receiving socket's TCP processing, as it does the server. A
+/// server that sends as many writes cannot cost less than this. Returns cores.
+async fn send_floor(subscribers: usize, writes_per_sec: f64, bytes: usize) -> f64 {
+    use tokio::io::AsyncReadExt;
+    let secs = 16.0;
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .arg("--bench")
+        .env("FANOUT_FLOOR_SERVE", format!("{subscribers},{writes_per_sec},{bytes},{secs}"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let addr: SocketAddr = line.trim().parse().expect("the floor server's address");
+    let mut readers = Vec::new();
+    for i in 0..subscribers {
+        readers.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("a connection to the floor's sender");
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n @ 1..) = s.read(&mut buf).await {
+                std::hint::black_box(n);
+            }
+        }));
+        if i % 500 == 499 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    line.clear();
+    let out = tokio::task::spawn_blocking(move || {
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "sending", "the floor's sender gave up waiting for its subscribers");
+        out
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // warm up, as the scenario's 5 s
+    let pid = child.id();
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let cores = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64();
+    drop(out);
+    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    for r in readers {
+        let _ = r.await;
+    }
+    cores
+}
+
+/// The floor's sender (this binary run with `FANOUT_FLOOR_SERVE=subscribers,writes/s,bytes,secs`):
+/// prints its address, accepts the subscribers, prints `sending`, sends for `secs`, exits.
+fn serve_send_floor(spec: &str) {
+    use std::io::Write;
+    let v: Vec<f64> = spec.split(',').map(|x| x.parse().unwrap()).collect();
+    let (n, rate, bytes, secs) = (v[0] as usize, v[1], v[2] as usize, v[3]);
+    // A deep accept queue: the subscribers connect 500 at a time (std's backlog is 128).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(4096).unwrap().into_std().unwrap();
+    println!("{}", listener.local_addr().unwrap());
+    let mut socks = Vec::with_capacity(n);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while socks.len() < n {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                s.set_nodelay(true).unwrap();
+                socks.push(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(e) => panic!("{} of {n} subscribers connected: {e}", socks.len()),
+        }
+    }
+    println!("sending");
+    // An unmasked websocket text frame, as a server sends it.
+    let mut frame = vec![0x81u8];
+    match bytes {
+        0..=125 => frame.push(bytes as u8),
+        126..=65535 => {
+            frame.push(126);
+            frame.extend_from_slice(&(bytes as u16).to_be_bytes());
+        }
+        _ => {
+            frame.push(127);
+            frame.extend_from_slice(&(bytes as u64).to_be_bytes());
+        }
+    }
+    frame.resize(frame.len() + bytes, b'x');
+    let mut rng = frames::Lcg::new(5);
+    let (start, mut sent) = (Instant::now(), 0u64);
+    while start.elapsed().as_secs_f64() < secs {
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        while sent < due {
+            socks[rng.below(n as u64) as usize].write_all(&frame).unwrap();
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Issue 15's scenarios: (1) 10,000 subscribers with narrow filters (1–5 `wantedDids`, or a
 /// collection nobody writes) at 2,000 frames/s in, and the same with 1–5 `wantedDids` only
 /// (v1 sends identity and account events to collection-filtered subscribers, so "a collection
@@ -417,13 +523,22 @@ async fn live_scenarios() {
                 .map(|c| metric(m, &format!("contrail_hub_events_sent_total{{compression=\"{c}\",wire=\"v1\"}}")))
                 .sum::<f64>()
         };
+        let bytes = |m: SocketAddr| {
+            ["none", "zstd"]
+                .iter()
+                .map(|c| metric(m, &format!("contrail_hub_bytes_sent_total{{compression=\"{c}\",wire=\"v1\"}}")))
+                .sum::<f64>()
+        };
+        let writes = |m: SocketAddr| metric(m, "contrail_hub_socket_writes_total");
         let me = std::process::id();
         let (cpu0, own0, sent0, t0) = (cpu_seconds(pid), cpu_seconds(me), sent(server.metrics), Instant::now());
+        let (bytes0, writes0) = (bytes(server.metrics), writes(server.metrics));
         tokio::time::sleep(Duration::from_secs(10)).await;
         let secs = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds(pid) - cpu0;
         let own = cpu_seconds(me) - own0;
         let delivered = sent(server.metrics) - sent0;
+        let (payload, wrote) = (bytes(server.metrics) - bytes0, writes(server.metrics) - writes0);
         let mut l = std::mem::take(&mut *lat.lock().unwrap());
         l.sort_unstable();
         let pct = |p: f64| if l.is_empty() { 0.0 } else { l[((l.len() - 1) as f64 * p) as usize] as f64 / 1000.0 };
@@ -442,11 +557,27 @@ async fn live_scenarios() {
         for c in clients {
             let _ = c.await;
         }
+        drop(server);
+        if subscribers > 0 && wrote > 0.0 {
+            // The same writes a second, of the same mean size (a frame header each), to as many
+            // sockets: what sending alone costs on this machine.
+            let per_write = ((payload + 4.0 * delivered) / wrote) as usize;
+            let floor = send_floor(subscribers, wrote / secs, per_write).await;
+            println!(
+                "(e) {name} send floor: {:.0} writes/s of {per_write} B to {subscribers} sockets ({:.2} events per write): {floor:.2} cores from one thread doing only that; the server {:.2}× it",
+                wrote / secs,
+                delivered / wrote,
+                cpu / secs / floor
+            );
+        }
     }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if let Ok(spec) = std::env::var("FANOUT_FLOOR_SERVE") {
+        return serve_send_floor(&spec);
+    }
     if !std::env::args().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench binaries without --bench: this whole-system
         // measurement only runs under `cargo bench`.
