@@ -174,21 +174,26 @@ pub async fn within(
     shutdown: &tokio_util::sync::CancellationToken,
     write: impl std::future::Future<Output = std::io::Result<()>>,
 ) -> Result<(), CloseReason> {
+    let ended = |r: std::io::Result<()>| match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(CloseReason::WriteTimeout),
+        Err(_) => Err(CloseReason::WriteError),
+    };
+    tokio::pin!(write);
+    // Most writes are taken at once: those need no timer (two per delivered event otherwise).
+    if let Poll::Ready(r) = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return ended(r);
+    }
     let started = Instant::now();
     // Far enough for any sane setting; an absurd one must not overflow the clock.
     let after = |t: Instant, d: Duration| t.checked_add(d).unwrap_or(t + Duration::from_secs(365 * 86_400));
     let floor = Duration::from_millis((len as u64).saturating_mul(1_000) / FLOOR_BYTES_PER_SECOND);
     let end = after(after(started, limit), floor);
     let deadline = || after(progress.at(&progress.took).map_or(started, |t| t.max(started)), limit).min(end);
-    tokio::pin!(write);
     loop {
         tokio::select! {
             biased;
-            r = &mut write => return match r {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(CloseReason::WriteTimeout),
-                Err(_) => Err(CloseReason::WriteError),
-            },
+            r = &mut write => return ended(r),
             _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
             _ = tokio::time::sleep_until(deadline()) => {
                 if deadline() <= Instant::now() {

@@ -406,6 +406,9 @@ impl Session {
             self.send_message(message).await?;
         }
         let shutdown = self.hub.shutdown.clone();
+        // Registered once, not anew on every turn of the loop (a lock on a list all sessions share).
+        let shut = shutdown.cancelled();
+        tokio::pin!(shut);
         let mut next_tick = Instant::now() + TICK;
         // One timer, moved only when the deadline does (not registered anew per delivery).
         let timer = tokio::time::sleep_until(self.next_deadline(next_tick));
@@ -423,7 +426,7 @@ impl Session {
             let stream = self.stream.as_mut().expect("started above");
             let step = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => Step::Shutdown,
+                _ = &mut shut => Step::Shutdown,
                 c = ctl.recv() => Step::Control(c),
                 _ = &mut timer => Step::Tick,
                 e = stream.next(chunk) => Step::Deliver(e),
