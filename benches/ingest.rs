@@ -98,7 +98,15 @@ fn bench(c: &mut Criterion) {
 
         // As `contrail serve` runs it: the reader transcodes on one thread and hands frames
         // over the real ingest queue to the sequencer on another (its group commit forming the
-        // batches), so transcoding and writing overlap on the two cores.
+        // batches), so transcoding and writing overlap on the two cores. The sequencer thread
+        // and its ring live across iterations, as in `serve`; an iteration ends when the ring
+        // has published the round's last event (written, fsynced, then published).
+        let (ingest, queue) = contrail::sequencer::ingest_channel(1024, 64 << 20);
+        let (ring, mut published) = tokio::sync::broadcast::channel(65_536);
+        let seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
+        let writer = std::thread::spawn(move || seq.run(queue));
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let mut transcoder = Transcoder::default();
         let mut round = 0usize;
         group.bench_function(format!("pipeline_sync_{sync}"), |b| {
             b.iter_batched(
@@ -107,32 +115,30 @@ fn bench(c: &mut Criterion) {
                     frames_of_round(&gen, round)
                 },
                 |frames| {
-                    let (tx, rx) = contrail::sequencer::ingest_channel(1024, 64 << 20);
-                    let (ring, _) = tokio::sync::broadcast::channel(65_536);
-                    let seq =
-                        Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
-                    let writer = std::thread::spawn(move || seq.run(rx));
-                    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
                     rt.block_on(async {
-                        let mut transcoder = Transcoder::default();
+                        let mut n = 0;
                         for (s, f) in frames {
                             let mut events = Vec::new();
                             let info = transcoder.transcode(&f, &mut events, &mut Vec::new());
+                            n += events.len();
                             let frame = IngestFrame {
                                 seq: Some(s),
                                 relay_time_us: info.relay_time_us,
                                 events,
                                 ..Default::default()
                             };
-                            tx.send(frame).await.unwrap();
+                            ingest.send(frame).await.unwrap();
                         }
-                    });
-                    drop(tx);
-                    writer.join().unwrap().unwrap();
+                        for _ in 0..n {
+                            published.recv().await.expect("the ring holds a round");
+                        }
+                    })
                 },
                 BatchSize::PerIteration,
             )
         });
+        drop(ingest);
+        writer.join().unwrap().unwrap();
 
         // Baselines: the same keys and stored values, put with a plain WriteBatch into RocksDB
         // with its default options and with the options Contrail opens its log with (LZ4,
