@@ -315,7 +315,7 @@ impl Metrics {
             socket_writes: counter(
                 &r,
                 "contrail_hub_socket_writes_total",
-                "Writes subscriber sockets took (send system calls that sent something); events sent per write is how much each carried.",
+                "Writes subscriber sockets took (send calls that sent something: events, pings, cursor messages); events sent per write is roughly how many each carried.",
             ),
             closes: counter_vec(
                 &r,

@@ -240,6 +240,9 @@ impl Subscription {
 
 struct Session {
     hub: Arc<Hub>,
+    /// The hub's shutdown, as a token of the session's own: every check of a token locks it, and
+    /// the hub's one would be a lock all sessions share on every turn of their loops.
+    shutdown: tokio_util::sync::CancellationToken,
     tx: FrameWriter,
     /// What the socket has shown (see `liveness`).
     progress: Arc<liveness::Progress>,
@@ -300,6 +303,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     let now = Instant::now();
     let mut s = Session {
         hub: hub.clone(),
+        shutdown: hub.shutdown.child_token(),
         tx,
         progress,
         filter: Arc::new(sub.filter),
@@ -405,8 +409,8 @@ impl Session {
         for message in preface {
             self.send_message(message).await?;
         }
-        let shutdown = self.hub.shutdown.clone();
-        // Registered once, not anew on every turn of the loop (a lock on a list all sessions share).
+        let shutdown = self.shutdown.clone();
+        // Registered once, not anew on every turn of the loop.
         let shut = shutdown.cancelled();
         tokio::pin!(shut);
         let mut next_tick = Instant::now() + TICK;
@@ -515,7 +519,7 @@ impl Session {
     }
 
     async fn wait_for_hello(&mut self, ctl: &mut mpsc::Receiver<Control>) -> Result<(), CloseReason> {
-        let shutdown = self.hub.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         let mut tick = tokio::time::interval(TICK);
         loop {
             let hello = tokio::select! {
@@ -568,7 +572,7 @@ impl Session {
         self.unflushed = true;
         // What the buffer holds goes first.
         let (limit, len) = (self.write_limit(), self.tx.io.buffer().len() + frames.bytes().len());
-        within(limit, len, &self.progress, &self.hub.shutdown, self.tx.framed(frames.bytes())).await?;
+        within(limit, len, &self.progress, &self.shutdown, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
         }
@@ -601,7 +605,7 @@ impl Session {
         }
         self.last_flush = Instant::now();
         let (limit, len) = (self.write_limit(), self.tx.io.buffer().len());
-        within(limit, len, &self.progress, &self.hub.shutdown, self.tx.flush()).await
+        within(limit, len, &self.progress, &self.shutdown, self.tx.flush()).await
     }
 
     /// See [`within`].
@@ -621,7 +625,7 @@ impl Session {
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
         let (limit, len) = (self.write_limit(), self.tx.io.buffer().len() + MAX_HEAD + frame.payload.len());
-        within(limit, len, &self.progress, &self.hub.shutdown, self.tx.frame(frame)).await
+        within(limit, len, &self.progress, &self.shutdown, self.tx.frame(frame)).await
     }
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.
