@@ -129,6 +129,31 @@ fn metric(addr: SocketAddr, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A histogram's cumulative buckets, `(le, count)`, from `/metrics` (`+Inf` as infinity).
+fn buckets(addr: SocketAddr, name: &str) -> Vec<(f64, f64)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    let prefix = format!("{name}_bucket{{le=\"");
+    body.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|l| {
+            let (le, rest) = l.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The bucket bound under which fraction `q` of the observations between two readings of a
+/// histogram fell.
+fn quantile_between(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let total = after.last().map_or(0.0, |a| a.1) - before.last().map_or(0.0, |b| b.1);
+    after.iter().zip(before).find(|(a, b)| total > 0.0 && a.1 - b.1 >= q * total).map_or(f64::NAN, |(a, _)| a.0)
+}
+
 /// The dictionary `compress=true` uses on this server (`GET /dictionary`).
 fn default_dictionary(addr: SocketAddr) -> Vec<u8> {
     use std::io::{Read, Write};
@@ -543,12 +568,14 @@ async fn live_scenarios() {
         let me = std::process::id();
         let (cpu0, own0, sent0, t0) = (cpu_seconds(pid), cpu_seconds(me), sent(server.metrics), Instant::now());
         let (bytes0, writes0) = (bytes(server.metrics), writes(server.metrics));
+        let delay0 = buckets(server.metrics, "contrail_hub_live_delay_seconds");
         tokio::time::sleep(Duration::from_secs(10)).await;
         let secs = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds(pid) - cpu0;
         let own = cpu_seconds(me) - own0;
         let delivered = sent(server.metrics) - sent0;
         let (payload, wrote) = (bytes(server.metrics) - bytes0, writes(server.metrics) - writes0);
+        let delay = buckets(server.metrics, "contrail_hub_live_delay_seconds");
         let mut l = std::mem::take(&mut *lat.lock().unwrap());
         l.sort_unstable();
         let pct = |p: f64| if l.is_empty() { 0.0 } else { l[((l.len() - 1) as f64 * p) as usize] as f64 / 1000.0 };
@@ -561,6 +588,14 @@ async fn live_scenarios() {
             pct(0.5),
             pct(0.99)
         );
+        if subscribers > 0 {
+            // The server's share: stored → written, per write (its oldest event), to a bucket bound.
+            println!(
+                "(e) {name}: server side (contrail_hub_live_delay_seconds): p50 ≤ {} ms, p99 ≤ {} ms",
+                quantile_between(&delay0, &delay, 0.5) * 1e3,
+                quantile_between(&delay0, &delay, 0.99) * 1e3
+            );
+        }
         stop.store(true, Ordering::Relaxed);
         feeder_stop.store(true, Ordering::Relaxed);
         let _ = feeder.await;

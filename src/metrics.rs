@@ -142,6 +142,7 @@ pub struct Metrics {
     pub events_sent: IntCounterVec,
     pub bytes_sent: IntCounterVec,
     pub socket_writes: IntCounter,
+    pub live_delay: Histogram,
     pub closes: IntCounterVec,
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
@@ -316,6 +317,12 @@ impl Metrics {
                 &r,
                 "contrail_hub_socket_writes_total",
                 "Writes subscriber sockets took (send calls that sent something: events, pings, cursor messages); events sent per write is roughly how many each carried.",
+            ),
+            live_delay: histogram(
+                &r,
+                "contrail_hub_live_delay_seconds",
+                "Per write of live events to a subscriber: wall-clock time from the oldest event's time_us (when it was stored) to the socket taking the write. The server's share of delivery latency.",
+                vec![0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             ),
             closes: counter_vec(
                 &r,

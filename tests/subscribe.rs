@@ -127,6 +127,16 @@ async fn live_then_options_update_replaces_filters() {
     let got = collect(&mut ws, before, T).await;
     assert_eq!(got.len(), before);
     assert!(got.iter().all(|e| e["commit"]["collection"] == "app.bsky.feed.like" || e["kind"] != "commit"));
+    // Live writes are counted, and timed from storing to the socket (observed just after the
+    // write the client has already read: give it a moment).
+    let deadline = std::time::Instant::now() + T;
+    while s.serve.metric("contrail_hub_live_delay_seconds_count").unwrap_or(0.0) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no live delay observed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delay = s.serve.metric("contrail_hub_live_delay_seconds_sum").unwrap();
+    assert!((0.0..60.0).contains(&delay), "live delay {delay} s");
+    assert!(s.serve.metric("contrail_hub_socket_writes_total").unwrap() >= 1.0);
     // Replace: now only posts (and no more likes).
     send_text(&mut ws, r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.post"]}}"#).await;
     // Unknown message types are ignored.

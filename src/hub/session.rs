@@ -263,6 +263,9 @@ struct Session {
     last_flush: Instant,
     /// Frames written to the buffer since the last flush.
     unflushed: bool,
+    /// The `time_us` of the oldest live event written since the last flush
+    /// (`contrail_hub_live_delay_seconds`).
+    oldest_unflushed_live: Option<u64>,
     slow: SlowWatch,
     /// A close frame went out already (a refusal with its own text).
     close_sent: bool,
@@ -323,6 +326,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         last_ping: now,
         last_flush: now,
         unflushed: false,
+        oldest_unflushed_live: None,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
         updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
@@ -559,6 +563,9 @@ impl Session {
         self.write(super::encode::frame(opcode, payload)).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(ev.time_us);
+            if s.is_live() {
+                self.oldest_unflushed_live.get_or_insert(ev.time_us);
+            }
         }
         self.events_sent.inc();
         self.bytes_sent.inc_by(len);
@@ -605,7 +612,12 @@ impl Session {
         }
         self.last_flush = Instant::now();
         let (limit, len) = (self.write_limit(), self.tx.io.buffer().len());
-        within(limit, len, &self.progress, &self.shutdown, self.tx.flush()).await
+        within(limit, len, &self.progress, &self.shutdown, self.tx.flush()).await?;
+        if let Some(t) = self.oldest_unflushed_live.take() {
+            // Wall clock against wall clock; a clock stepped back reads as no delay.
+            self.hub.metrics.live_delay.observe(crate::clock::now_us().saturating_sub(t) as f64 / 1e6);
+        }
+        Ok(())
     }
 
     /// See [`within`].
