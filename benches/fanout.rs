@@ -593,7 +593,7 @@ async fn live_scenarios() {
         if subscribers > 0 {
             // The server's share: stored → written, per write (its oldest event), to a bucket bound.
             println!(
-                "(e) {name}: server side (contrail_hub_live_delay_seconds): p50 ≤ {} ms, p99 ≤ {} ms; of which the log's fsynced write (contrail_store_write_seconds): p50 ≤ {} ms, p99 ≤ {} ms",
+                "(e) {name}: server side (contrail_hub_live_delay_seconds, per flush): p50 ≤ {} ms, p99 ≤ {} ms; the log's fsynced write per batch (contrail_store_write_seconds, part of that delay): p50 ≤ {} ms, p99 ≤ {} ms",
                 quantile_between(&delay0, &delay, 0.5) * 1e3,
                 quantile_between(&delay0, &delay, 0.99) * 1e3,
                 quantile_between(&store0, &store, 0.5) * 1e3,

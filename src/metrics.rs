@@ -321,7 +321,7 @@ impl Metrics {
             live_delay: histogram(
                 &r,
                 "contrail_hub_live_delay_seconds",
-                "Per write of live events to a subscriber: wall-clock time from the oldest event's time_us (when it was stored) to the socket taking the write. The server's share of delivery latency.",
+                "Per flush of live events to a subscriber: wall-clock time from the oldest event's time_us (when it was stored) to the socket taking the flush. Includes waiting for the client's socket, rate pacing and --write-linger; events read from the log are not timed.",
                 vec![0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
             ),
             closes: counter_vec(

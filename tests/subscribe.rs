@@ -134,8 +134,11 @@ async fn live_then_options_update_replaces_filters() {
         assert!(std::time::Instant::now() < deadline, "no live delay observed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let delay = s.serve.metric("contrail_hub_live_delay_seconds_sum").unwrap();
-    assert!((0.0..60.0).contains(&delay), "live delay {delay} s");
+    let (sum, count) = (
+        s.serve.metric("contrail_hub_live_delay_seconds_sum").unwrap(),
+        s.serve.metric("contrail_hub_live_delay_seconds_count").unwrap(),
+    );
+    assert!(sum / count < 5.0, "mean live delay {} s over {count} flushes", sum / count);
     assert!(s.serve.metric("contrail_hub_socket_writes_total").unwrap() >= 1.0);
     // Replace: now only posts (and no more likes).
     send_text(&mut ws, r#"{"type":"options_update","payload":{"wantedCollections":["app.bsky.feed.post"]}}"#).await;

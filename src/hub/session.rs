@@ -614,8 +614,11 @@ impl Session {
         let (limit, len) = (self.write_limit(), self.tx.io.buffer().len());
         within(limit, len, &self.progress, &self.shutdown, self.tx.flush()).await?;
         if let Some(t) = self.oldest_unflushed_live.take() {
-            // Wall clock against wall clock; a clock stepped back reads as no delay.
-            self.hub.metrics.live_delay.observe(crate::clock::now_us().saturating_sub(t) as f64 / 1e6);
+            // Wall clock against wall clock. A `time_us` ahead of the clock (a burst stamped
+            // faster than 1 µs apart, a clock stepped back) says nothing: not recorded as 0.
+            if let Some(d) = crate::clock::now_us().checked_sub(t) {
+                self.hub.metrics.live_delay.observe(d as f64 / 1e6);
+            }
         }
         Ok(())
     }
