@@ -116,28 +116,35 @@ fn start_replica(data: &std::path::Path, upstream: SocketAddr) -> Server {
     spawn_server(data, &["--upstream-url".into(), format!("ws://{upstream}")])
 }
 
-fn metric(addr: SocketAddr, name: &str) -> f64 {
+/// The server's `/metrics` text.
+fn metrics_text(addr: SocketAddr) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    body.lines()
+    body
+}
+
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    metrics_text(addr)
+        .lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
 
+/// A v1 counter summed over its compression labels.
+fn v1_total(addr: SocketAddr, name: &str) -> f64 {
+    ["none", "zstd"].iter().map(|c| metric(addr, &format!("{name}{{compression=\"{c}\",wire=\"v1\"}}"))).sum()
+}
+
 /// A histogram's cumulative buckets, `(le, count)`, from `/metrics` (`+Inf` as infinity).
 fn buckets(addr: SocketAddr, name: &str) -> Vec<(f64, f64)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
     let prefix = format!("{name}_bucket{{le=\"");
-    body.lines()
+    metrics_text(addr)
+        .lines()
         .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|l| {
             let (le, rest) = l.split_once("\"}")?;
@@ -435,20 +442,13 @@ fn serve_send_floor(spec: &str) {
         }
     }
     println!("sending");
-    // An unmasked websocket text frame, as a server sends it.
-    let mut frame = vec![0x81u8];
-    match bytes {
-        0..=125 => frame.push(bytes as u8),
-        126..=65535 => {
-            frame.push(126);
-            frame.extend_from_slice(&(bytes as u16).to_be_bytes());
-        }
-        _ => {
-            frame.push(127);
-            frame.extend_from_slice(&(bytes as u64).to_be_bytes());
-        }
-    }
-    frame.resize(frame.len() + bytes, b'x');
+    // An unmasked websocket text frame, as a server sends it (headed by fastwebsockets, as the
+    // server's are).
+    let payload = vec![b'x'; bytes];
+    let mut frame = vec![0u8; 14];
+    let head = fastwebsockets::Frame::text(fastwebsockets::Payload::Borrowed(&payload)).fmt_head(&mut frame);
+    frame.truncate(head);
+    frame.extend_from_slice(&payload);
     let mut rng = frames::Lcg::new(5);
     let (start, mut sent) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < secs {
@@ -552,18 +552,8 @@ async fn live_scenarios() {
         tokio::time::sleep(Duration::from_secs(5)).await; // warm up
         lat.lock().unwrap().clear();
         let pid = server.child.id();
-        let sent = |m: SocketAddr| {
-            ["none", "zstd"]
-                .iter()
-                .map(|c| metric(m, &format!("contrail_hub_events_sent_total{{compression=\"{c}\",wire=\"v1\"}}")))
-                .sum::<f64>()
-        };
-        let bytes = |m: SocketAddr| {
-            ["none", "zstd"]
-                .iter()
-                .map(|c| metric(m, &format!("contrail_hub_bytes_sent_total{{compression=\"{c}\",wire=\"v1\"}}")))
-                .sum::<f64>()
-        };
+        let sent = |m: SocketAddr| v1_total(m, "contrail_hub_events_sent_total");
+        let bytes = |m: SocketAddr| v1_total(m, "contrail_hub_bytes_sent_total");
         let writes = |m: SocketAddr| metric(m, "contrail_hub_socket_writes_total");
         let me = std::process::id();
         let (cpu0, own0, sent0, t0) = (cpu_seconds(pid), cpu_seconds(me), sent(server.metrics), Instant::now());
@@ -591,9 +581,9 @@ async fn live_scenarios() {
             pct(0.99)
         );
         if subscribers > 0 {
-            // The server's share: stored → written, per write (its oldest event), to a bucket bound.
+            // The server's share: stored → written, per flush (its oldest event), to a bucket bound.
             println!(
-                "(e) {name}: server side (contrail_hub_live_delay_seconds, per flush): p50 ≤ {} ms, p99 ≤ {} ms; the log's fsynced write per batch (contrail_store_write_seconds, part of that delay): p50 ≤ {} ms, p99 ≤ {} ms",
+                "(e) {name}: server side (contrail_hub_live_delay_seconds, per flush): p50 ≤ {} ms, p99 ≤ {} ms; the log's fsynced write (contrail_store_write_seconds, per batch, a separate distribution): p50 ≤ {} ms, p99 ≤ {} ms",
                 quantile_between(&delay0, &delay, 0.5) * 1e3,
                 quantile_between(&delay0, &delay, 0.99) * 1e3,
                 quantile_between(&store0, &store, 0.5) * 1e3,

@@ -577,8 +577,7 @@ impl Session {
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
-        // What the buffer holds goes first.
-        let (limit, len) = (self.write_limit(), self.tx.io.buffer().len() + frames.bytes().len());
+        let (limit, len) = self.write_bound(frames.bytes().len());
         within(limit, len, &self.progress, &self.shutdown, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
@@ -611,7 +610,7 @@ impl Session {
             return Ok(());
         }
         self.last_flush = Instant::now();
-        let (limit, len) = (self.write_limit(), self.tx.io.buffer().len());
+        let (limit, len) = self.write_bound(0);
         within(limit, len, &self.progress, &self.shutdown, self.tx.flush()).await?;
         if let Some(t) = self.oldest_unflushed_live.take() {
             // Wall clock against wall clock. A `time_us` ahead of the clock (a burst stamped
@@ -623,9 +622,10 @@ impl Session {
         Ok(())
     }
 
-    /// See [`within`].
-    fn write_limit(&self) -> Duration {
-        self.hub.config.write_timeout.max(self.hub.config.slow_window)
+    /// [`within`]'s limit, and the length of a write of `more` bytes after what the buffer
+    /// already holds (which goes first).
+    fn write_bound(&self, more: usize) -> (Duration, usize) {
+        (self.hub.config.write_timeout.max(self.hub.config.slow_window), self.tx.io.buffer().len() + more)
     }
 
     /// When a client that has sent nothing is closed: `--pong-timeout` after it was last heard
@@ -639,7 +639,7 @@ impl Session {
 
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
-        let (limit, len) = (self.write_limit(), self.tx.io.buffer().len() + MAX_HEAD + frame.payload.len());
+        let (limit, len) = self.write_bound(MAX_HEAD + frame.payload.len());
         within(limit, len, &self.progress, &self.shutdown, self.tx.frame(frame)).await
     }
 
