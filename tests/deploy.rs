@@ -94,3 +94,54 @@ fn dockerfile_has_what_operators_expect() {
         assert!(d.contains(needle), "Dockerfile lacks {needle}");
     }
 }
+
+/// The image's build stage copies a whole workspace: cargo loads every member, path dependency
+/// and declared target, and the lock file resolves, from what the Dockerfile COPYs and nothing
+/// else. (It once copied neither `core/` nor `client/`, and `docker build` could not start.)
+#[test]
+fn dockerfile_copies_a_workspace_cargo_can_load() {
+    let d = read("deploy/Dockerfile");
+    let build_stage =
+        d.split("\nFROM ").find(|stage| stage.lines().next().unwrap_or("").ends_with("AS build")).unwrap();
+    let context = tempfile::tempdir().unwrap();
+    let mut copied = 0;
+    for line in build_stage.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        let (dest, sources) = words.split_last().expect("COPY has a destination");
+        for src in sources {
+            let from = root().join(src);
+            let to = if dest.ends_with('/') { context.path().join(dest).join(src) } else { context.path().join(dest) };
+            copy_tree(&from, &to);
+            copied += 1;
+        }
+    }
+    assert!(copied >= 3, "no COPY lines found in the build stage");
+    // The context is the repository: without this, `docker build` sends the build output too.
+    assert!(read(".dockerignore").lines().any(|l| l.trim() == "target/"), ".dockerignore must leave out target/");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args(["metadata", "--locked", "--offline", "--format-version", "1", "--manifest-path"])
+        .arg(context.path().join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cargo cannot load the workspace the Dockerfile copies:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Copies a file, or a directory and everything under it.
+fn copy_tree(from: &Path, to: &Path) {
+    let meta = std::fs::metadata(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    if meta.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
+}
