@@ -310,8 +310,10 @@ pub fn load(args: Vec<OsString>) -> Result<Cli, LoadError> {
             .find(|a| a.get_long() == Some(&id))
             .map(|a| a.get_id().as_str().to_string())
             .unwrap_or_else(|| id.replace('-', "_"));
-        if serve.value_source(&arg_id) != Some(ValueSource::DefaultValue) {
-            continue; // the environment or a flag wins over the file
+        // The environment or a flag wins over the file. A setting with no default that neither
+        // gave has no source at all: the file's value counts then too.
+        if matches!(serve.value_source(&arg_id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            continue;
         }
         let values: Vec<String> = match value {
             toml::Value::String(s) => vec![s.clone()],
@@ -388,5 +390,31 @@ mod tests {
         assert_eq!(serve(&["--config", path.to_str().unwrap()]).unwrap_err().key, "bogus");
         std::fs::write(&path, "retention = \"forever\"\n").unwrap();
         assert_eq!(serve(&["--config", path.to_str().unwrap()]).unwrap_err().key, "retention");
+    }
+
+    /// Settings without a default (lists, optional values) are read from the file too: a
+    /// replica configured by file must not fall back to the relay.
+    #[test]
+    fn file_values_without_a_default_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "upstream-url = \"ws://primary.example:6008\"\n\
+             trusted-proxies = [\"10.0.0.0/8\", \"192.168.1.1/32\"]\n\
+             unlimited-clients = [\"10.1.2.3/32\"]\n\
+             zstd-default-dictionary = 20261125\n",
+        )
+        .unwrap();
+        let c = serve(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.replica.upstream_url.len(), 1);
+        assert_eq!(c.replica.upstream_url[0].host, "primary.example");
+        let ips = |v: &[crate::hub::limits::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(ips(&c.limits.trusted_proxies), ["10.0.0.0/8", "192.168.1.1/32"]);
+        assert_eq!(ips(&c.limits.unlimited_clients), ["10.1.2.3/32"]);
+        assert_eq!(c.hub.zstd_default_dictionary, Some(20261125));
+        // A flag still wins over the file for them.
+        let c = serve(&["--config", path.to_str().unwrap(), "--upstream-url", "ws://other.example:6008"]).unwrap();
+        assert_eq!(c.replica.upstream_url[0].host, "other.example");
     }
 }
