@@ -145,3 +145,26 @@ fn copy_tree(from: &Path, to: &Path) {
         std::fs::copy(from, to).unwrap();
     }
 }
+
+/// The replicas' compose file exempts exactly the replicas from their upstreams' per-IP limits:
+/// every exempt entry is one service's fixed address, never a network (clients reaching a
+/// published port can arrive from the network's gateway).
+#[test]
+fn replica_compose_exempts_only_the_replicas() {
+    let c: serde_yaml::Value = serde_yaml::from_str(&read("deploy/docker-compose.replicas.yml")).unwrap();
+    let services = c["services"].as_mapping().unwrap();
+    let addresses: Vec<&str> =
+        services.values().filter_map(|s| s["networks"]["contrail"]["ipv4_address"].as_str()).collect();
+    assert_eq!(addresses.len(), services.len(), "every service has a fixed address");
+    let mut exempt = 0;
+    for (name, s) in services {
+        let Some(list) = s["environment"]["CONTRAIL_UNLIMITED_CLIENTS"].as_str() else { continue };
+        for entry in list.split(',') {
+            let (ip, prefix) = entry.split_once('/').unwrap_or((entry, "32"));
+            assert_eq!(prefix, "32", "{name:?} exempts a whole network: {entry}");
+            assert!(addresses.contains(&ip), "{name:?} exempts {ip}, which is no service's address");
+            exempt += 1;
+        }
+    }
+    assert!(exempt >= 2, "the primary and the first replica exempt their replicas");
+}
