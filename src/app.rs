@@ -10,7 +10,7 @@ use crate::config::ServeConfig;
 use crate::hub::compress::Dictionaries;
 use crate::hub::precompress::Precompressor;
 use crate::hub::Hub;
-use crate::log::retention;
+use crate::log::{retention, StoreKind};
 use crate::metrics::Metrics;
 use crate::sequencer::{ingest_channel, Sequencer};
 use crate::server;
@@ -140,8 +140,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     });
     let render_metrics: Arc<dyn Fn() -> String + Send + Sync> = {
         let (m, tip, log) = (metrics.clone(), log.tip(), log.clone());
+        let data_dir = (config.log.store == StoreKind::Rocksdb).then(|| config.log.data_dir.clone());
         Arc::new(move || {
             m.set_log_gauges(tip.oldest(), tip.newest(), tip.bytes(), log.background_jobs());
+            if let Some(free) = data_dir.as_deref().and_then(free_bytes) {
+                m.store_disk_free_bytes.set(free.min(i64::MAX as u64) as i64);
+            }
             m.render()
         })
     };
@@ -298,15 +302,25 @@ const FREE_SPACE_TO_RESUME: u64 = 64 << 20;
 /// Returns once the filesystem holding `dir` has `bytes` available (or cannot be asked).
 async fn wait_for_free_space(dir: &std::path::Path, bytes: u64) {
     loop {
-        match rustix::fs::statvfs(dir) {
-            Ok(s) if s.f_bavail.saturating_mul(s.f_frsize) < bytes => {}
-            Ok(_) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, dir = %dir.display(), "cannot read the data dir's free space");
-                return;
-            }
+        match free_bytes(dir) {
+            Some(free) if free < bytes => {}
+            _ => return,
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
+/// The space an unprivileged process may still use on the filesystem holding `dir`; `None`
+/// (with a rate-limited warning) if it cannot be asked.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    static WARN: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
+    match rustix::fs::statvfs(dir) {
+        Ok(s) => Some(s.f_bavail.saturating_mul(s.f_frsize)),
+        Err(e) => {
+            WARN.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(60)))
+                .warn("statvfs", || format!("cannot read the free space of {}: {e}", dir.display()));
+            None
+        }
     }
 }
 

@@ -128,6 +128,7 @@ pub struct Metrics {
     pub store_write_seconds: Histogram,
     pub store_batch_events: Histogram,
     pub store_disk_bytes: IntGauge,
+    pub store_disk_free_bytes: IntGauge,
     pub store_flushes_running: IntGauge,
     pub store_write_failed: IntGauge,
     pub store_compactions_running: IntGauge,
@@ -263,6 +264,11 @@ impl Metrics {
                 prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid buckets"),
             ),
             store_disk_bytes: gauge(&r, "contrail_store_disk_bytes", "Size of the log's SST and WAL files."),
+            store_disk_free_bytes: gauge(
+                &r,
+                "contrail_store_disk_free_bytes",
+                "Space left for Contrail on the filesystem holding the data dir (0 with --store memory).",
+            ),
             store_flushes_running: gauge(&r, "contrail_store_flushes_running", "RocksDB memtable flushes running now."),
             store_write_failed: gauge(
                 &r,
