@@ -263,9 +263,10 @@ impl ServeConfig {
         Ok(())
     }
 
-    /// The effective configuration as TOML (for `--validate-only`).
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# could not render: {e}\n"))
+    /// The effective configuration as TOML (for `--validate-only`); an error names what could
+    /// not be written (e.g. a number beyond TOML's 64-bit signed integers).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError { key: "config".into(), message: format!("cannot render: {e}") })
     }
 }
 
@@ -390,6 +391,48 @@ mod tests {
         assert_eq!(serve(&["--config", path.to_str().unwrap()]).unwrap_err().key, "bogus");
         std::fs::write(&path, "retention = \"forever\"\n").unwrap();
         assert_eq!(serve(&["--config", path.to_str().unwrap()]).unwrap_err().key, "retention");
+    }
+
+    /// Values that parse but would misbehave are refused, naming the key: the ring taking no
+    /// event (every one through the log) or allocating gigabytes of slots, a relay a little
+    /// behind taken for a reset (its events stored twice), every commit resolving its DID, a
+    /// replica switching upstreams at every probe, a kernel timeout silently not set, a rate
+    /// that is not a number.
+    #[test]
+    fn values_that_would_misbehave_are_refused() {
+        for (args, key) in [
+            (&["--ring-max-bytes", "0"][..], "ring-max-bytes"),
+            (&["--ring-max-bytes", "9223372036854775807"], "ring-max-bytes"),
+            (&["--replay-cache-bytes", "2TiB"], "replay-cache-bytes"),
+            (&["--ring-capacity", "1000000000"], "ring-capacity"),
+            (&["--ring-capacity", "8"], "ring-capacity"),
+            (&["--relay-reset-threshold", "0"], "relay-reset-threshold"),
+            (&["--verify", "signature", "--did-cache-ttl", "0s"], "did-cache-ttl"),
+            (&["--upstream-url", "ws://a:6008,ws://b:6008", "--upstream-switch-lag", "0s"], "upstream-switch-lag"),
+            (&["--write-timeout", "25d"], "write-timeout"),
+            (&["--slow-min-rate", "NaN"], "slow-min-rate"),
+            (&["--slow-min-rate", "inf"], "slow-min-rate"),
+            (&["--slow-min-rate=-1"], "slow-min-rate"),
+        ] {
+            let err = serve(args).and_then(|c| c.validate()).expect_err(&format!("{args:?} was accepted"));
+            assert_eq!(err.key, key, "{args:?}: {err}");
+        }
+        // The edges themselves are fine.
+        for args in [
+            &["--ring-max-bytes", "1MiB", "--ring-capacity", "16777216", "--relay-reset-threshold", "10000"][..],
+            &["--write-timeout", "24d", "--slow-min-rate", "0", "--upstream-switch-lag", "1s"],
+            &["--verify", "signature", "--did-cache-ttl", "1m"],
+        ] {
+            serve(args).and_then(|c| c.validate()).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    /// A value TOML cannot hold is an error for `--validate-only`, not a comment in its output.
+    #[test]
+    fn a_configuration_toml_cannot_hold_is_refused_when_rendered() {
+        let c = serve(&["--max-disk-bytes", "18446744073709551615"]).unwrap();
+        assert!(c.to_toml().is_err());
+        assert!(serve(&["--write-linger", "500us"]).unwrap().to_toml().unwrap().contains("write_linger = \"500us\""));
     }
 
     /// Settings without a default (lists, optional values) are read from the file too: a

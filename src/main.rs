@@ -35,8 +35,16 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             if cfg.validate_only {
-                print!("{}", cfg.to_toml());
-                return ExitCode::SUCCESS;
+                return match cfg.to_toml() {
+                    Ok(text) => {
+                        print!("{text}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("contrail: invalid configuration: {e}");
+                        ExitCode::from(2)
+                    }
+                };
             }
             init_logging(cfg.ops.log_format);
             let runtime =

@@ -62,7 +62,7 @@ fn validate_only(path: &std::path::Path) -> Result<String, String> {
         Ok(cli) => {
             let Command::Serve(cfg) = cli.command else { panic!("serve parsed as another command") };
             match cfg.validate() {
-                Ok(()) => Ok(cfg.to_toml()),
+                Ok(()) => cfg.to_toml().map_err(|e| e.to_string()),
                 Err(e) => {
                     assert!(!e.key.is_empty() && !e.message.is_empty(), "a refusal without a key or reason: {e:?}");
                     Err(e.to_string())

@@ -260,13 +260,14 @@ async fn retention_removes_old_events_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_seq_reset_is_followed_not_skipped() {
     let relay = FakeRelay::start().await;
-    let before = generate(5_000, 50, 10, 41);
+    let before = generate(50_000, 50, 10, 41);
     relay.push_all(&before);
     let dir = tempfile::tempdir().unwrap();
-    // Seqs here are small: a reset is anything more than 1,000 below the cursor.
+    // Seqs here are small: a reset is anything more than 10,000 (the least the setting takes)
+    // below the cursor.
     let serve =
-        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s", "--relay-reset-threshold", "1000"]);
-    serve.wait_for_seq(5_049, Duration::from_secs(30));
+        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s", "--relay-reset-threshold", "10000"]);
+    serve.wait_for_seq(50_049, Duration::from_secs(30));
     // The relay restarts without its history and with a new, lower seq space: once the
     // reader has reconnected (the relay went quiet), new frames start at seq 1.
     relay.clear();

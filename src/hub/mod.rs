@@ -165,10 +165,22 @@ pub struct HubConfig {
     pub max_options_updates_per_second: u32,
 }
 
+/// The most ring slots `--ring-capacity` may ask for (~640 MiB of slots).
+pub const MAX_RING_CAPACITY: usize = 1 << 24;
+
 impl HubConfig {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        if self.ring_capacity < 16 {
-            return Err(("ring-capacity", "must be at least 16".into()));
+        if !(16..=MAX_RING_CAPACITY).contains(&self.ring_capacity) {
+            // The ring's slots are allocated at start, ~40 B each, whatever they hold.
+            return Err(("ring-capacity", format!("must be between 16 and {MAX_RING_CAPACITY}")));
+        }
+        if !(1 << 20..=1 << 40).contains(&self.ring_max_bytes) {
+            // Below an event's size every event would go to subscribers through the log; the
+            // live queues' budget is 4× this.
+            return Err(("ring-max-bytes", "must be between 1MiB and 1TiB".into()));
+        }
+        if self.replay_cache_bytes > 1 << 40 {
+            return Err(("replay-cache-bytes", "must be at most 1TiB".into()));
         }
         if self.ping_interval.is_zero() || self.pong_timeout <= self.ping_interval {
             return Err(("pong-timeout", "must be longer than ping-interval, which must be more than 0".into()));
@@ -183,6 +195,16 @@ impl HubConfig {
         if self.write_timeout < Duration::from_millis(1) || self.slow_window.is_zero() {
             // The kernel takes the write timeout in milliseconds; 0 would turn it off.
             return Err(("write-timeout", "write-timeout must be at least 1ms and slow-window more than 0".into()));
+        }
+        if self.write_timeout.as_millis() > i32::MAX as u128 {
+            // TCP_USER_TIMEOUT is a C int of milliseconds: the kernel refuses more.
+            return Err(("write-timeout", "must be at most 24d".into()));
+        }
+        if !(self.slow_min_rate.is_finite() && self.slow_min_rate >= 0.0) {
+            return Err((
+                "slow-min-rate",
+                "must be a number of 0 or more (events a second; 0 turns the rule off)".into(),
+            ));
         }
         for p in &self.zstd_dictionary {
             if !p.is_file() && !p.is_dir() {

@@ -60,6 +60,9 @@ pub struct RelayConfig {
     pub relay_reset_threshold: u64,
 }
 
+/// The smallest seq distance `--relay-reset-threshold` may take as a relay reset.
+pub const MIN_RELAY_RESET_THRESHOLD: u64 = 10_000;
+
 impl RelayConfig {
     /// Checks clap cannot express; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
@@ -74,6 +77,11 @@ impl RelayConfig {
         }
         if self.connect_timeout < Duration::from_millis(100) {
             return Err(("connect-timeout", "must be at least 100ms".into()));
+        }
+        if self.relay_reset_threshold < MIN_RELAY_RESET_THRESHOLD {
+            // Lower, a relay that comes back a little behind our cursor would be taken for a
+            // reset, and the events it sends again stored twice.
+            return Err(("relay-reset-threshold", format!("must be at least {MIN_RELAY_RESET_THRESHOLD}")));
         }
         Ok(())
     }

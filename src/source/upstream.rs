@@ -61,6 +61,11 @@ pub fn parse_upstream_url(url: &str) -> anyhow::Result<WsUrl> {
 
 impl ReplicaConfig {
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.upstream_switch_lag < Duration::from_secs(1) {
+            // Another upstream is nearly always a little ahead of the one just read: below a
+            // second the replica would switch at every probe.
+            return Err(("upstream-switch-lag", "must be at least 1s".into()));
+        }
         if self.upstream_stale_timeout < Duration::from_secs(3) {
             return Err((
                 "upstream-stale-timeout",

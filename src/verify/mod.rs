@@ -116,6 +116,10 @@ impl VerifyConfig {
         if !(self.plc_url.starts_with("https://") || self.plc_url.starts_with("http://")) {
             return Err(("plc-url", format!("must be an http(s) URL: {}", self.plc_url)));
         }
+        if self.did_cache_ttl < Duration::from_secs(60) {
+            // Shorter, nearly every commit would wait for a DID document from the network.
+            return Err(("did-cache-ttl", "must be at least 1m".into()));
+        }
         if self.did_resolve_timeout.is_zero() {
             return Err(("did-resolve-timeout", "must be more than 0".into()));
         }
