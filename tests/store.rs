@@ -153,3 +153,56 @@ fn retention_never_trusts_a_clock_that_stepped_forward() {
         assert_eq!(left[0].time_us, t0 + 99 * 60_000_000);
     }
 }
+
+/// The disk budget counts the events' files, which trimming can shrink, not the write-ahead
+/// log, which it cannot (every batch also writes the meta column family, so WAL files stay
+/// until RocksDB's WAL limit forces a flush): a budget above the events' files trims nothing,
+/// however large the WAL; one below them trims the oldest events until under it.
+#[test]
+fn the_disk_budget_counts_the_events_files_not_the_wal() {
+    use contrail::log::retention::{enforce, RetentionConfig};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    // Small memtables: the events reach files while the WAL keeps growing.
+    let opts = RocksOptions { memtable_bytes: 1 << 20, ..RocksOptions::default() };
+    let log = Log::rocks(RocksLog::open(dir.path(), opts).unwrap()).unwrap();
+    let t0 = 1_800_000_000_000_000u64;
+    let mut t = t0;
+    for batch in 0..500 {
+        let mut evs = events(100, batch + 1);
+        for e in &mut evs {
+            e.stamp(t);
+            t += 1_000;
+        }
+        log.append(&evs, None).unwrap();
+    }
+    let newest = t - 1_000;
+    std::thread::sleep(std::time::Duration::from_millis(500)); // flushes finish
+                                                               // Read from the directory, not from what the log reports: the events' SST files (nothing
+                                                               // else is in files yet) and the WAL.
+    let bytes_of = |ext: &str| -> u64 {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == ext))
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    };
+    let (files, wal) = (bytes_of("sst"), bytes_of("log"));
+    eprintln!("events' files {files} B, WAL {wal} B");
+    assert!(files > 0 && wal > 4 * files, "the scenario: a WAL much larger than the events' files");
+    let metrics = Metrics::new();
+    let budget = |max_disk_bytes| RetentionConfig {
+        retention: Duration::from_secs(86_400),
+        max_disk_bytes,
+        trim_interval: Duration::from_secs(60),
+    };
+    enforce(&log, &metrics, &budget(files + wal / 2), newest).unwrap();
+    assert_eq!(log.oldest_time_us().unwrap(), Some(t0), "a budget the events' files fit trimmed them");
+    enforce(&log, &metrics, &budget(files / 2), newest).unwrap();
+    let oldest = log.oldest_time_us().unwrap().unwrap();
+    assert!(oldest > t0, "a budget below the events' files trimmed nothing");
+    assert!(log.event_bytes() <= files / 2, "still over the budget: {} B", log.event_bytes());
+    assert_eq!(log.newest_time_us().unwrap(), Some(newest));
+    assert_eq!(log.read_from(oldest, usize::MAX).unwrap().len() as u64, (newest - oldest) / 1_000 + 1);
+}

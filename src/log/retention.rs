@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// The smallest `--max-disk-bytes` other than 0 (no limit).
+pub const MIN_DISK_BUDGET: u64 = 256 << 20;
+
 /// How often the tip's size figure is refreshed between trims.
 const TIP_REFRESH: Duration = Duration::from_secs(5);
 
@@ -24,8 +27,9 @@ pub struct RetentionConfig {
     #[arg(long, env = "CONTRAIL_RETENTION", default_value = "24h", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub retention: Duration,
-    /// Also trim the oldest events while they take more disk than this (e.g. 50GiB; the stored
-    /// compressed frames of --precompress-window come on top). 0: no limit.
+    /// Also trim the oldest events while their files take more disk than this (e.g. 50GiB; at
+    /// least 256MiB). On top: the stored compressed frames of --precompress-window and the
+    /// write-ahead log (at most 256 MiB). 0: no limit.
     #[arg(long, env = "CONTRAIL_MAX_DISK_BYTES", default_value = "0", value_parser = parse_size)]
     pub max_disk_bytes: u64,
     /// How often retention runs.
@@ -41,6 +45,11 @@ impl RetentionConfig {
         }
         if self.trim_interval.is_zero() {
             return Err(("trim-interval", "must be more than 0".into()));
+        }
+        if self.max_disk_bytes != 0 && self.max_disk_bytes < MIN_DISK_BUDGET {
+            // Below a few memtables' worth, the budget would keep little beyond what is still
+            // being written.
+            return Err(("max-disk-bytes", "must be 0 (no limit) or at least 256MiB".into()));
         }
         Ok(())
     }
@@ -91,21 +100,27 @@ pub fn enforce(log: &Log, metrics: &Metrics, opts: &RetentionConfig, now_us: u64
         metrics.store_trims.inc();
         tracing::info!(cutoff_time_us = cutoff, "trimmed events older than retention");
     }
-    // Disk budget: drop the oldest tenth of the time span per step until under budget.
+    // Disk budget: drop the oldest tenth of the time span per step until under budget, or
+    // until a step frees nothing (what is left is not yet in files trimming can delete).
     for _ in 0..10 {
-        if opts.max_disk_bytes == 0 || log.event_bytes() <= opts.max_disk_bytes {
+        let before = log.event_bytes();
+        if opts.max_disk_bytes == 0 || before <= opts.max_disk_bytes {
             break;
         }
         let (Some(old), Some(new)) = (log.oldest_time_us()?, log.newest_time_us()?) else { break };
         let cut = old + (new - old) / 10 + 1;
         log.trim_before(cut.min(new))?;
         metrics.store_trims.inc();
+        let after = log.event_bytes();
         tracing::warn!(
             cutoff_time_us = cut,
-            event_bytes = log.event_bytes(),
+            event_bytes = after,
             budget = opts.max_disk_bytes,
             "trimmed oldest events for the disk budget"
         );
+        if after >= before {
+            break;
+        }
     }
     log.refresh_tip()?;
     Ok(())

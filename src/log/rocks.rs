@@ -418,15 +418,17 @@ impl RocksLog {
         self.trim_zframes_before(cutoff)
     }
 
-    /// Bytes on disk: the events' SST files plus the WAL ([`disk_bytes`](Self::disk_bytes)
-    /// without the stored compressed frames: what the disk budget trims events for).
+    /// Bytes on disk of the events' SST files: what the disk budget trims events for. Not the
+    /// WAL: trimming cannot shrink it (every batch also writes the meta column family, which
+    /// keeps WAL files until `max_total_wal_size` forces a flush), and counting it would trim
+    /// history for nothing.
     pub fn event_bytes(&self) -> u64 {
-        self.sst_bytes(self.events()) + self.wal_bytes()
+        self.sst_bytes(self.events())
     }
 
     /// Bytes on disk: SST files (events and stored compressed frames) plus the WAL.
     pub fn disk_bytes(&self) -> u64 {
-        self.event_bytes() + self.db.cf_handle(CF_ZFRAMES).map_or(0, |cf| self.sst_bytes(cf))
+        self.event_bytes() + self.wal_bytes() + self.db.cf_handle(CF_ZFRAMES).map_or(0, |cf| self.sst_bytes(cf))
     }
 
     fn sst_bytes(&self, cf: &rocksdb::ColumnFamily) -> u64 {
