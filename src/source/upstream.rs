@@ -283,7 +283,13 @@ impl UpstreamReader {
                 (OpCode::Binary, Some(d)) => {
                     // Events are at most a few MB (a 1 MiB record rendered as JSON).
                     match d.decompress(&frame.payload, MAX_EVENT_JSON) {
-                        Ok(json) => self.handle(json).await,
+                        Ok(mut json) => {
+                            // A frame without its content size (another encoder than ours)
+                            // decompresses into a buffer of the whole limit, which the event
+                            // would keep: the ring's budget counts length, not capacity.
+                            json.shrink_to_fit();
+                            self.handle(json).await
+                        }
                         Err(e) => Err(protocol(format!("a frame that does not decompress: {e}"))),
                     }
                 }
