@@ -165,6 +165,7 @@ pub struct Metrics {
     pub replication_lag_seconds: prometheus::Gauge,
     pub upstream_tip_distance_seconds: prometheus::Gauge,
     pub upstream_switches: IntCounter,
+    pub upstream_gaps: IntCounter,
 }
 
 fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
@@ -418,6 +419,11 @@ impl Metrics {
                 &r,
                 "contrail_upstream_tip_distance_seconds",
                 "Replica: how far the upstream's last cursor message is ahead of our newest event.",
+            ),
+            upstream_gaps: counter(
+                &r,
+                "contrail_upstream_gaps_total",
+                "Replica: resumptions where no upstream still had our newest event (their logs were trimmed past it), so events after it may be missing here.",
             ),
             upstream_switches: counter(
                 &r,

@@ -263,3 +263,60 @@ async fn replicas_keep_the_primarys_verification_marks() {
     drop(r);
     assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the replica's stored JSON differs");
 }
+
+/// A replica resuming from an upstream whose retention trimmed past its newest event would get
+/// a hole in its log. It leaves that upstream for one that still has the event; when none does,
+/// it goes on and counts the possible gap (`contrail_upstream_gaps_total`) instead of hiding it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstream_and_counts_a_gap() {
+    let time_us = |line: &String| serde_json::from_str::<serde_json::Value>(line).unwrap()["time_us"].as_u64().unwrap();
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 600, 40, 25);
+    relay.push_all(&gen[..300]);
+    let (pd, fd, td, ud) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    // The primary keeps two seconds of events; `full` (a replica of it) keeps everything.
+    let primary = Serve::start(
+        pd.path(),
+        &relay.url(),
+        &["--max-events-per-second-per-ip", "0", "--retention", "2s", "--trim-interval", "1s"],
+    );
+    primary.wait_for_seq(300, Duration::from_secs(30));
+    let full = replica(fd.path(), &[&primary]);
+    let (t, u) = (replica(td.path(), &[&primary]), replica(ud.path(), &[&primary]));
+    for r in [&full, &t, &u] {
+        wait_caught_up(&primary, r, Duration::from_secs(30));
+    }
+    drop((t, u));
+    let last = time_us(inspect_log(td.path()).last().unwrap());
+    // Later events, and the primary's retention passes the stopped replicas' newest event.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    relay.push_all(&gen[300..]);
+    primary.wait_for_seq(600, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= last {
+        assert!(Instant::now() < deadline, "the primary never trimmed past {last}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_caught_up(&primary, &full, Duration::from_secs(30));
+    // With the complete replica listed second, the trimmed primary is left for it: no gap.
+    let t = replica(td.path(), &[&primary, &full]);
+    wait_caught_up(&full, &t, Duration::from_secs(30));
+    assert_eq!(t.metric("contrail_upstream_gaps_total"), Some(0.0));
+    assert!(t.metric("contrail_upstream_switches_total").unwrap() >= 1.0);
+    drop(t);
+    assert!(inspect_log(td.path()) == inspect_log(fd.path()), "the replica's log has a hole");
+    // With only the trimmed primary, it goes on from the primary's oldest event and says so.
+    let u = replica(ud.path(), &[&primary]);
+    wait_caught_up(&primary, &u, Duration::from_secs(30));
+    assert_eq!(u.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", u.logs());
+    drop(u);
+    let u_log = inspect_log(ud.path());
+    let after: Vec<&String> = u_log.iter().filter(|l| time_us(l) > last).collect();
+    let oldest = primary.metric("contrail_store_oldest_time_us").unwrap() as u64;
+    assert!(after.iter().all(|l| time_us(l) >= oldest), "events the primary no longer had");
+}

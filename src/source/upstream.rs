@@ -107,6 +107,8 @@ pub enum UpstreamError {
     SequencerStopped,
     #[error("upstream {better} is ahead of this one by {ahead:?}")]
     Behind { better: usize, ahead: Duration },
+    #[error("an upstream whose log no longer has our newest event ({cursor}): it starts at {first}")]
+    Trimmed { cursor: u64, first: u64 },
 }
 
 fn protocol(what: impl Into<String>) -> UpstreamError {
@@ -133,6 +135,12 @@ pub struct UpstreamReader {
     tx: IngestSender,
     last_time_us: u64,
     current: usize,
+    /// This connection resumed from `last_time_us`, whose event the upstream sends first if
+    /// its log still has it.
+    expect_repeat: bool,
+    /// Upstreams in a row found trimmed past `last_time_us` (each is left for the next one,
+    /// which may still have the events after it).
+    trimmed_in_a_row: usize,
     /// Whether an upstream has been reached, and the last error (for `/ready`).
     pub readiness: Arc<Readiness>,
     /// The upstream in use, for `/status`.
@@ -150,6 +158,8 @@ impl UpstreamReader {
             tx,
             last_time_us,
             current: 0,
+            expect_repeat: false,
+            trimmed_in_a_row: 0,
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
         }
@@ -225,6 +235,7 @@ impl UpstreamReader {
             // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
             params.push(format!("cursor={}", self.last_time_us));
         }
+        self.expect_repeat = self.last_time_us > 0;
         // Compressed links save most of the cross-region bandwidth; the dictionary is the one
         // the upstream itself uses, fetched fresh for each connection.
         let mut decompressor = None;
@@ -315,9 +326,29 @@ impl UpstreamReader {
         }
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
+                self.expect_repeat = false;
+                self.trimmed_in_a_row = 0;
                 return Ok(()); // the inclusive cursor's repeat
             }
             return Err(protocol(format!("time_us {} after {}", meta.time_us, self.last_time_us)));
+        }
+        if std::mem::take(&mut self.expect_repeat) {
+            // The upstream no longer has the event we resumed from (retention trimmed it, or a
+            // live-only window never reached back that far): what it held after it may be gone
+            // too. Another upstream may still have it; when none does, go on, and say so.
+            let (cursor, first) = (self.last_time_us, meta.time_us);
+            if self.trimmed_in_a_row + 1 < self.urls().len() {
+                self.trimmed_in_a_row += 1;
+                return Err(UpstreamError::Trimmed { cursor, first });
+            }
+            self.trimmed_in_a_row = 0;
+            self.metrics.upstream_gaps.inc();
+            tracing::error!(
+                upstream = %self.urls()[self.current],
+                cursor,
+                first,
+                "no upstream still has our newest event: events between it and the upstream's oldest may be missing"
+            );
         }
         let kind = match meta.kind {
             "commit" => EventKind::Commit,
