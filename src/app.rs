@@ -36,7 +36,7 @@ const FRAME_QUEUE_BYTES: usize = 64 << 20;
 /// Where events come from: a relay (primary) or upstream Contrails (replica).
 enum Reader {
     Relay(Box<relay::Reader>),
-    Upstream(UpstreamReader),
+    Upstream(Box<UpstreamReader>),
 }
 
 type TaskResult = (&'static str, anyhow::Result<()>);
@@ -89,7 +89,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             connect_timeout: config.relay.connect_timeout,
             live_when_empty: config.log.store == crate::log::StoreKind::Memory,
         };
-        Reader::Upstream(UpstreamReader::new(opts, log.last_time_us()?, metrics.clone(), frames_tx))
+        Reader::Upstream(Box::new(UpstreamReader::new(opts, log.last_time_us()?, metrics.clone(), frames_tx)))
     } else if config.verify.verify != crate::verify::VerifyMode::Off {
         // relay reader → verification stage → sequencer; the reader's queue bounds the frames
         // (and their bytes) the stage holds.
@@ -141,6 +141,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let render_metrics: Arc<dyn Fn() -> String + Send + Sync> = {
         let (m, tip, log) = (metrics.clone(), log.tip(), log.clone());
         let data_dir = (config.log.store == StoreKind::Rocksdb).then(|| config.log.data_dir.clone());
+        if data_dir.is_none() {
+            // No disk to fill: no free-space figure (a 0 would read as a full disk).
+            let _ = metrics.registry.unregister(Box::new(metrics.store_disk_free_bytes.clone()));
+        }
         Arc::new(move || {
             m.set_log_gauges(tip.oldest(), tip.newest(), tip.bytes(), log.background_jobs());
             if let Some(free) = data_dir.as_deref().and_then(free_bytes) {

@@ -265,8 +265,9 @@ async fn replicas_keep_the_primarys_verification_marks() {
 }
 
 /// A replica resuming from an upstream whose retention trimmed past its newest event would get
-/// a hole in its log. It leaves that upstream for one that still has the event; when none does,
-/// it goes on and counts the possible gap (`contrail_upstream_gaps_total`) instead of hiding it.
+/// a hole in its log. It leaves that upstream for one that still has the event; when none does
+/// (the others trimmed too, or unreachable for a few rounds), it goes on and counts the possible
+/// gap (`contrail_upstream_gaps_total`) instead of hiding it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstream_and_counts_a_gap() {
     let time_us = |line: &String| serde_json::from_str::<serde_json::Value>(line).unwrap()["time_us"].as_u64().unwrap();
@@ -303,20 +304,44 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_caught_up(&primary, &full, Duration::from_secs(30));
-    // With the complete replica listed second, the trimmed primary is left for it: no gap.
-    let t = replica(td.path(), &[&primary, &full]);
+    // With the complete replica listed second, the trimmed primary is left for it: no gap, even
+    // though it is down (restarting) when the replica resumes.
+    let full_addr = full.public.to_string();
+    drop(full);
+    let both = format!("ws://{},ws://{full_addr}", primary.public);
+    let t = Serve::start(td.path(), "ws://127.0.0.1:9", &["--upstream-url", &both, "--upstream-stale-timeout", "3s"]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(t.metric("contrail_upstream_switches_total").unwrap() >= 2.0, "it tried both");
+    let full = Serve::start(
+        fd.path(),
+        "ws://127.0.0.1:9",
+        &[
+            "--listen",
+            &full_addr,
+            "--upstream-url",
+            &format!("ws://{}", primary.public),
+            "--upstream-stale-timeout",
+            "3s",
+            "--max-events-per-second-per-ip",
+            "0",
+        ],
+    );
     wait_caught_up(&full, &t, Duration::from_secs(30));
     assert_eq!(t.metric("contrail_upstream_gaps_total"), Some(0.0));
-    assert!(t.metric("contrail_upstream_switches_total").unwrap() >= 1.0);
     drop(t);
     assert!(inspect_log(td.path()) == inspect_log(fd.path()), "the replica's log has a hole");
-    // With only the trimmed primary, it goes on from the primary's oldest event and says so.
-    let u = replica(ud.path(), &[&primary]);
+    // With the trimmed primary and an upstream that never answers, it waits for the second
+    // (four stale timeouts: 12 s here), then goes on from the primary's oldest event and says so.
+    let upstreams = format!("ws://{},ws://127.0.0.1:9", primary.public);
+    let u =
+        Serve::start(ud.path(), "ws://127.0.0.1:9", &["--upstream-url", &upstreams, "--upstream-stale-timeout", "3s"]);
     wait_caught_up(&primary, &u, Duration::from_secs(30));
     assert_eq!(u.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", u.logs());
     drop(u);
+    // Its log: what it had, then the primary's whole log (which starts after the hole).
     let u_log = inspect_log(ud.path());
     let after: Vec<&String> = u_log.iter().filter(|l| time_us(l) > last).collect();
-    let oldest = primary.metric("contrail_store_oldest_time_us").unwrap() as u64;
-    assert!(after.iter().all(|l| time_us(l) >= oldest), "events the primary no longer had");
+    let p_log = inspect_log(pd.path());
+    assert!(time_us(&p_log[0]) > last);
+    assert!(after.len() == p_log.len() && after.iter().zip(&p_log).all(|(a, b)| *a == b), "not the primary's log");
 }

@@ -129,6 +129,23 @@ struct CommitMeta<'a> {
     collection: Option<&'a str>,
 }
 
+/// What an upstream has shown about resuming from the replica's newest event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Resume {
+    /// Not asked yet.
+    Unknown,
+    /// It sent that event again: it has what follows.
+    HasIt,
+    /// Its log no longer has that event (trimmed, or a live-only window): a hole, if used.
+    Trimmed,
+    /// It could not be reached, or sent nothing after that event, every time since then.
+    Unreachable(std::time::Instant),
+}
+
+/// How long an upstream that cannot be reached (it may be restarting) holds up accepting a
+/// hole, in upstream stale timeouts: a hole is forever, a replica that waits only lags.
+const UNREACHABLE_STALE_TIMEOUTS: u32 = 4;
+
 pub struct UpstreamReader {
     opts: UpstreamOptions,
     metrics: Arc<Metrics>,
@@ -138,9 +155,11 @@ pub struct UpstreamReader {
     /// This connection resumed from `last_time_us`, whose event the upstream sends first if
     /// its log still has it.
     expect_repeat: bool,
-    /// Upstreams in a row found trimmed past `last_time_us` (each is left for the next one,
-    /// which may still have the events after it).
-    trimmed_in_a_row: usize,
+    /// What each upstream has shown about resuming from `last_time_us` (forgotten once an
+    /// event moves it): a hole is accepted only when none can fill it.
+    resume: Vec<Resume>,
+    /// A hole accepted on this connection, counted once its first event is passed on.
+    gap: Option<(u64, u64)>,
     /// Whether an upstream has been reached, and the last error (for `/ready`).
     pub readiness: Arc<Readiness>,
     /// The upstream in use, for `/status`.
@@ -159,7 +178,8 @@ impl UpstreamReader {
             last_time_us,
             current: 0,
             expect_repeat: false,
-            trimmed_in_a_row: 0,
+            resume: Vec::new(),
+            gap: None,
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
         }
@@ -185,6 +205,13 @@ impl UpstreamReader {
             if self.last_time_us != before {
                 failures_in_a_row = 0;
                 backoff.reset();
+            } else if !matches!(ended, UpstreamError::Trimmed { .. } | UpstreamError::Behind { .. }) {
+                // Nothing after our newest event from it: unreachable, or (having it) stale. Either
+                // way it holds up accepting a hole only for a few rounds.
+                let state = self.resume_state();
+                if let Resume::Unknown | Resume::HasIt = *state {
+                    *state = Resume::Unreachable(std::time::Instant::now());
+                }
             }
             failures_in_a_row += 1;
             self.readiness.set_error(format!("{}: {ended}", self.urls()[self.current]));
@@ -236,6 +263,7 @@ impl UpstreamReader {
             params.push(format!("cursor={}", self.last_time_us));
         }
         self.expect_repeat = self.last_time_us > 0;
+        self.gap = None;
         // Compressed links save most of the cross-region bandwidth; the dictionary is the one
         // the upstream itself uses, fetched fresh for each connection.
         let mut decompressor = None;
@@ -327,7 +355,7 @@ impl UpstreamReader {
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
                 self.expect_repeat = false;
-                self.trimmed_in_a_row = 0;
+                *self.resume_state() = Resume::HasIt;
                 return Ok(()); // the inclusive cursor's repeat
             }
             return Err(protocol(format!("time_us {} after {}", meta.time_us, self.last_time_us)));
@@ -335,20 +363,20 @@ impl UpstreamReader {
         if std::mem::take(&mut self.expect_repeat) {
             // The upstream no longer has the event we resumed from (retention trimmed it, or a
             // live-only window never reached back that far): what it held after it may be gone
-            // too. Another upstream may still have it; when none does, go on, and say so.
+            // too. Another upstream may still have it (or may again, once reachable); when
+            // none can, go on, and say so.
             let (cursor, first) = (self.last_time_us, meta.time_us);
-            if self.trimmed_in_a_row + 1 < self.urls().len() {
-                self.trimmed_in_a_row += 1;
+            *self.resume_state() = Resume::Trimmed;
+            let patience = self.opts.replica.upstream_stale_timeout * UNREACHABLE_STALE_TIMEOUTS;
+            let none_can = self.resume.iter().all(|r| match r {
+                Resume::Trimmed => true,
+                Resume::Unreachable(since) => since.elapsed() >= patience,
+                Resume::Unknown | Resume::HasIt => false,
+            });
+            if !none_can {
                 return Err(UpstreamError::Trimmed { cursor, first });
             }
-            self.trimmed_in_a_row = 0;
-            self.metrics.upstream_gaps.inc();
-            tracing::error!(
-                upstream = %self.urls()[self.current],
-                cursor,
-                first,
-                "no upstream still has our newest event: events between it and the upstream's oldest may be missing"
-            );
+            self.gap = Some((cursor, first));
         }
         let kind = match meta.kind {
             "commit" => EventKind::Commit,
@@ -371,7 +399,26 @@ impl UpstreamReader {
         self.metrics.replication_lag_seconds.set((now_us() as f64 - time_us as f64) / 1e6);
         self.metrics.upstream_tip_distance_seconds.set(0.0);
         let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
-        self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)
+        self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)?;
+        self.resume.clear(); // a new position: what the upstreams showed was about the old one
+        if let Some((cursor, first)) = self.gap.take() {
+            self.metrics.upstream_gaps.inc();
+            tracing::error!(
+                upstream = %self.urls()[self.current],
+                cursor,
+                first,
+                "no upstream still has our newest event: events between it and this upstream's oldest may be missing"
+            );
+        }
+        Ok(())
+    }
+
+    /// What the upstream in use has shown about resuming from `last_time_us`.
+    fn resume_state(&mut self) -> &mut Resume {
+        if self.resume.len() != self.urls().len() {
+            self.resume = vec![Resume::Unknown; self.urls().len()];
+        }
+        &mut self.resume[self.current]
     }
 }
 
