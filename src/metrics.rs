@@ -268,7 +268,7 @@ impl Metrics {
             store_disk_free_bytes: gauge(
                 &r,
                 "contrail_store_disk_free_bytes",
-                "Space left for Contrail on the filesystem holding the data dir (0 with --store memory).",
+                "Space left for Contrail on the filesystem holding the data dir (not exported with --store memory).",
             ),
             store_flushes_running: gauge(&r, "contrail_store_flushes_running", "RocksDB memtable flushes running now."),
             store_write_failed: gauge(

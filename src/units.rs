@@ -17,9 +17,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// [`parse_duration`] reads back. (humantime's own formatter writes `1day 12h`, which is
 /// correct but not how anyone writes a config file.)
 pub fn format_duration(d: Duration) -> String {
+    if !d.subsec_nanos().is_multiple_of(1_000) {
+        return format!("{}ns", d.as_nanos());
+    }
     if !d.subsec_nanos().is_multiple_of(1_000_000) {
-        // Below a millisecond (`--write-linger 500us`): whole microseconds, which is as fine as
-        // anything reads them.
+        // Below a millisecond (`--write-linger 500us`).
         return format!("{}us", d.as_micros());
     }
     let ms = d.as_millis();
@@ -70,8 +72,9 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(36 * 3600)), "36h");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_micros(500)), "500us");
+        assert_eq!(format_duration(Duration::from_nanos(1)), "1ns");
         assert_eq!(format_duration(Duration::from_micros(1500)), "1500us");
-        for d in ["36h", "90s", "1500ms", "7d", "5m", "500us", "1500us"] {
+        for d in ["36h", "90s", "1500ms", "7d", "5m", "500us", "1500us", "1ns", "2500ns"] {
             assert_eq!(format_duration(parse_duration(d).unwrap()), d);
         }
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));

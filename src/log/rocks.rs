@@ -423,12 +423,19 @@ impl RocksLog {
     /// keeps WAL files until `max_total_wal_size` forces a flush), and counting it would trim
     /// history for nothing.
     pub fn event_bytes(&self) -> u64 {
-        self.sst_bytes(self.events())
+        // Live files only: ones a reader still holds are deleted when it lets go.
+        self.db
+            .property_int_value_cf(self.events(), rocksdb::properties::LIVE_SST_FILES_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
     }
 
     /// Bytes on disk: SST files (events and stored compressed frames) plus the WAL.
     pub fn disk_bytes(&self) -> u64 {
-        self.event_bytes() + self.wal_bytes() + self.db.cf_handle(CF_ZFRAMES).map_or(0, |cf| self.sst_bytes(cf))
+        self.sst_bytes(self.events())
+            + self.wal_bytes()
+            + self.db.cf_handle(CF_ZFRAMES).map_or(0, |cf| self.sst_bytes(cf))
     }
 
     fn sst_bytes(&self, cf: &rocksdb::ColumnFamily) -> u64 {
