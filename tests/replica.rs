@@ -280,6 +280,7 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
+    let (vd, wd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The primary keeps two seconds of events; `full` (a replica of it) keeps everything.
     let primary = Serve::start(
         pd.path(),
@@ -289,10 +290,11 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     primary.wait_for_seq(300, Duration::from_secs(30));
     let full = replica(fd.path(), &[&primary]);
     let (t, u) = (replica(td.path(), &[&primary]), replica(ud.path(), &[&primary]));
-    for r in [&full, &t, &u] {
+    let (v, w) = (replica(vd.path(), &[&primary]), replica(wd.path(), &[&primary]));
+    for r in [&full, &t, &u, &v, &w] {
         wait_caught_up(&primary, r, Duration::from_secs(30));
     }
-    drop((t, u));
+    drop((t, u, v, w));
     let last = time_us(inspect_log(td.path()).last().unwrap());
     // Later events, and the primary's retention passes the stopped replicas' newest event.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
@@ -343,5 +345,20 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     let after: Vec<&String> = u_log.iter().filter(|l| time_us(l) > last).collect();
     let p_log = inspect_log(pd.path());
     assert!(time_us(&p_log[0]) > last);
+    assert!(after.len() == p_log.len() && after.iter().zip(&p_log).all(|(a, b)| *a == b), "not the primary's log");
+    // An upstream that has the event but is frozen there (it follows nothing) holds up the
+    // hole only as long as an unreachable one would: the replica does not wait on it forever.
+    let frozen = Serve::start(wd.path(), "ws://127.0.0.1:9", &["--upstream-url", "ws://127.0.0.1:9"]);
+    let both = format!("ws://{},ws://{}", primary.public, frozen.public);
+    let v = Serve::start(
+        vd.path(),
+        "ws://127.0.0.1:9",
+        &["--upstream-url", &both, "--upstream-stale-timeout", "3s", "--upstream-switch-lag", "1s"],
+    );
+    wait_caught_up(&primary, &v, Duration::from_secs(40));
+    assert_eq!(v.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", v.logs());
+    drop(v);
+    let v_log = inspect_log(vd.path());
+    let after: Vec<&String> = v_log.iter().filter(|l| time_us(l) > last).collect();
     assert!(after.len() == p_log.len() && after.iter().zip(&p_log).all(|(a, b)| *a == b), "not the primary's log");
 }

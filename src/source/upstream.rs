@@ -134,7 +134,7 @@ struct CommitMeta<'a> {
 enum Resume {
     /// Not asked yet.
     Unknown,
-    /// It sent that event again: it has what follows.
+    /// It sent that event again: it may have what follows.
     HasIt,
     /// Its log no longer has that event (trimmed, or a live-only window): a hole, if used.
     Trimmed,
@@ -205,9 +205,9 @@ impl UpstreamReader {
             if self.last_time_us != before {
                 failures_in_a_row = 0;
                 backoff.reset();
-            } else if !matches!(ended, UpstreamError::Trimmed { .. } | UpstreamError::Behind { .. }) {
-                // Nothing after our newest event from it: unreachable, or (having it) stale. Either
-                // way it holds up accepting a hole only for a few rounds.
+            } else if !matches!(ended, UpstreamError::Trimmed { .. }) {
+                // Nothing after our newest event from it: unreachable, or (having it) stale or
+                // behind another. Either way it holds up accepting a hole only for a while.
                 let state = self.resume_state();
                 if let Resume::Unknown | Resume::HasIt = *state {
                     *state = Resume::Unreachable(std::time::Instant::now());
@@ -355,7 +355,11 @@ impl UpstreamReader {
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
                 self.expect_repeat = false;
-                *self.resume_state() = Resume::HasIt;
+                let state = self.resume_state();
+                if *state == Resume::Unknown {
+                    // (One that had it before and gave nothing after keeps its clock running.)
+                    *state = Resume::HasIt;
+                }
                 return Ok(()); // the inclusive cursor's repeat
             }
             return Err(protocol(format!("time_us {} after {}", meta.time_us, self.last_time_us)));
