@@ -139,18 +139,63 @@ fn retention_never_trusts_a_clock_that_stepped_forward() {
         };
         let metrics = Metrics::new();
         // The clock jumps ten years ahead: retention counts back from the newest event.
-        enforce(&log, &metrics, &cfg, t0 + 10 * 365 * 24 * hour).unwrap();
+        enforce(&log, &metrics, &cfg, t0 + 10 * 365 * 24 * hour, u64::MAX).unwrap();
         assert_eq!(log.read_from(0, 1000).unwrap().len(), 61, "events within an hour of the newest stay");
         assert_eq!(log.oldest_time_us().unwrap(), Some(t0 + 39 * 60_000_000));
         // The clock behind the log: retention counts back from the clock (never more).
-        enforce(&log, &metrics, &cfg, t0).unwrap();
+        enforce(&log, &metrics, &cfg, t0, u64::MAX).unwrap();
         assert_eq!(log.read_from(0, 1000).unwrap().len(), 61);
         // A retention shorter than the gap between events still keeps the newest.
         let tiny = RetentionConfig { retention: Duration::from_millis(1), ..cfg };
-        enforce(&log, &metrics, &tiny, u64::MAX).unwrap();
+        enforce(&log, &metrics, &tiny, u64::MAX, u64::MAX).unwrap();
         let left = log.read_from(0, 1000).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].time_us, t0 + 99 * 60_000_000);
+    }
+}
+
+/// A clock that steps years forward while ingest goes on stamps new events years ahead, and
+/// counting back from them would reach every event before the step. Age trims only what
+/// arrived more than a retention ago by the monotonic clock ([`Arrivals`]), so the log keeps
+/// what it received within the retention on both sides of the step.
+#[test]
+fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_ingest() {
+    use contrail::log::retention::{enforce, Arrivals, RetentionConfig};
+    use std::time::{Duration, Instant};
+    let minute = 60_000_000u64;
+    let cfg = RetentionConfig {
+        retention: Duration::from_secs(3600),
+        max_disk_bytes: 0,
+        trim_interval: Duration::from_secs(60),
+    };
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}");
+        // The process starts with an empty log; an event arrives every (monotonic) minute for
+        // 100 minutes, noted as retention notes them.
+        let start = Instant::now();
+        let mut arrivals = Arrivals::new(start, 0);
+        let t0 = 1_800_000_000_000_000u64;
+        let mut evs = events(110, 1);
+        for (i, e) in evs.iter_mut().enumerate().take(100) {
+            e.stamp(t0 + i as u64 * minute);
+            log.append(std::slice::from_ref(e), None).unwrap();
+            arrivals.record(start + Duration::from_secs(60 * i as u64), t0 + i as u64 * minute, cfg.retention);
+        }
+        // Then the wall clock jumps ten years ahead, and the last ten events are stamped there.
+        let jumped = t0 + 10 * 365 * 24 * 60 * minute;
+        for (i, e) in evs.iter_mut().enumerate().skip(100) {
+            e.stamp(jumped + i as u64);
+            log.append(std::slice::from_ref(e), None).unwrap();
+        }
+        let now = start + Duration::from_secs(60 * 100);
+        arrivals.record(now, jumped + 109, cfg.retention);
+        let kept_from = arrivals.kept_from(now, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, jumped + 200, kept_from).unwrap();
+        // What arrived within the last hour (minutes 41–99, and the ten after the step) is
+        // kept; minutes 0–40 arrived an hour ago or more.
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 69, "kept {} events", left.len());
+        assert_eq!(left[0].time_us, t0 + 41 * minute);
     }
 }
 
@@ -206,9 +251,9 @@ fn the_disk_budget_counts_the_events_files_not_the_wal() {
         max_disk_bytes,
         trim_interval: Duration::from_secs(60),
     };
-    enforce(&log, &metrics, &budget(files + wal / 2), newest).unwrap();
+    enforce(&log, &metrics, &budget(files + wal / 2), newest, u64::MAX).unwrap();
     assert_eq!(log.oldest_time_us().unwrap(), Some(t0), "a budget the events' files fit trimmed them");
-    enforce(&log, &metrics, &budget(files / 2), newest).unwrap();
+    enforce(&log, &metrics, &budget(files / 2), newest, u64::MAX).unwrap();
     let oldest = log.oldest_time_us().unwrap().unwrap();
     assert!(oldest > t0, "a budget below the events' files trimmed nothing");
     assert!(log.event_bytes() <= files / 2, "still over the budget: {} B", log.event_bytes());
