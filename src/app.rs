@@ -46,6 +46,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let log =
         Arc::new(config.log.open().with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?);
+    // Before anything is ingested: what arrives from here on is this process's to age by arrival.
+    let arrivals = retention::Arrivals::new(Instant::now(), crate::clock::now_us(), log.newest_time_us()?.unwrap_or(0));
     let relay_url = config.relay.relay_url.to_string();
     // Stored cursors are compared by the URL's canonical spelling (older logs stored the URL
     // as written; it is parsed and compared the same way).
@@ -182,7 +184,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     {
         let (log, metrics, cancel, opts) = (log.clone(), metrics.clone(), background.clone(), config.retention.clone());
-        tasks.spawn(async move { ("retention", retention::run(log, metrics, opts, cancel).await) });
+        tasks.spawn(async move { ("retention", retention::run(log, metrics, opts, arrivals, cancel).await) });
     }
     {
         let cancel = background.clone();

@@ -173,13 +173,14 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
         // The process starts with an empty log; an event arrives every (monotonic) minute for
         // 100 minutes, noted as retention notes them.
         let start = Instant::now();
-        let mut arrivals = Arrivals::new(start, 0);
         let t0 = 1_800_000_000_000_000u64;
+        let mut arrivals = Arrivals::new(start, t0, 0);
         let mut evs = events(110, 1);
         for (i, e) in evs.iter_mut().enumerate().take(100) {
             e.stamp(t0 + i as u64 * minute);
             log.append(std::slice::from_ref(e), None).unwrap();
-            arrivals.record(start + Duration::from_secs(60 * i as u64), t0 + i as u64 * minute, cfg.retention);
+            let at = Duration::from_secs(60 * i as u64);
+            arrivals.record(start + at, t0 + i as u64 * minute, t0 + i as u64 * minute, cfg.retention);
         }
         // Then the wall clock jumps ten years ahead, and the last ten events are stamped there.
         let jumped = t0 + 10 * 365 * 24 * 60 * minute;
@@ -188,14 +189,33 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
             log.append(std::slice::from_ref(e), None).unwrap();
         }
         let now = start + Duration::from_secs(60 * 100);
-        arrivals.record(now, jumped + 109, cfg.retention);
-        let kept_from = arrivals.kept_from(now, cfg.retention);
+        arrivals.record(now, jumped + 150, jumped + 109, cfg.retention);
+        let kept_from = arrivals.kept_from(now, jumped + 200, cfg.retention);
         enforce(&log, &Metrics::new(), &cfg, jumped + 200, kept_from).unwrap();
         // What arrived within the last hour (minutes 41–99, and the ten after the step) is
         // kept; minutes 0–40 arrived an hour ago or more.
         let left = log.read_from(0, 1000).unwrap();
         assert_eq!(left.len(), 69, "kept {} events", left.len());
         assert_eq!(left[0].time_us, t0 + 41 * minute);
+    }
+    // Without a step, events are aged by time_us however fast they came: a new replica
+    // replaying a hundred hours of its upstream's log keeps the last hour of it.
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}, replaying");
+        let start = Instant::now();
+        let wall = 1_800_000_000_000_000u64;
+        let mut arrivals = Arrivals::new(start, wall, 0);
+        let hour = 60 * minute;
+        let mut evs = events(100, 2);
+        for (i, e) in evs.iter_mut().enumerate() {
+            e.stamp(wall - (99 - i as u64) * hour);
+        }
+        log.append(&evs, None).unwrap();
+        arrivals.record(start + Duration::from_secs(60), wall + minute, wall, cfg.retention);
+        let kept_from = arrivals.kept_from(start + Duration::from_secs(60), wall + minute, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, wall + minute, kept_from).unwrap();
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 2, "kept {} events", left.len());
     }
 }
 

@@ -4,10 +4,12 @@
 //!
 //! Age is measured back from the newest event, or from the wall clock when that is earlier
 //! (DESIGN.md invariant 9): a clock that steps years forward (a VM resumed, a bad RTC) must not
-//! delete the whole log in one pass, and the newest event is never trimmed. And what arrived
-//! within the retention, by the monotonic clock ([`Arrivals`]), is never trimmed by age: once
-//! a clock stepped forward has stamped new events years ahead, counting back from the newest
-//! would reach every event before the step.
+//! delete the whole log in one pass, and the newest event is never trimmed. And once the wall
+//! clock has been seen to step forward (it ran ahead of the monotonic clock), what arrived
+//! within the retention by the monotonic clock ([`Arrivals`]) is not trimmed by age: events
+//! stamped after such a step sit years ahead, and counting back from them would reach every
+//! event before it. Without a step (a replica replaying old events arrives at them fast) age
+//! is by `time_us` as before.
 
 use super::Log;
 use crate::clock::now_us;
@@ -47,8 +49,11 @@ impl RetentionConfig {
         if self.retention.is_zero() {
             return Err(("retention", "must be more than 0".into()));
         }
-        if self.trim_interval.is_zero() {
-            return Err(("trim-interval", "must be more than 0".into()));
+        if self.trim_interval.is_zero() || self.trim_interval > Duration::from_secs(86_400) {
+            return Err(("trim-interval", "must be more than 0 and at most 1d".into()));
+        }
+        if self.retention > Duration::from_secs(100 * 365 * 86_400) {
+            return Err(("retention", "must be at most 100 years".into()));
         }
         if self.max_disk_bytes != 0 && self.max_disk_bytes < MIN_DISK_BUDGET {
             // Below a few memtables' worth, the budget would keep little beyond what is still
@@ -60,39 +65,60 @@ impl RetentionConfig {
 }
 
 /// When events arrived, by the monotonic clock (which no wall-clock step moves): marks of the
-/// newest `time_us` at moments of this process's life, about a 256th of the retention apart.
-/// Before the process started nothing is known: those events are aged by `time_us` alone.
+/// newest `time_us`, with the wall clock's reading, at moments of this process's life, about a
+/// 256th of the retention apart. Before the process started nothing is known: those events are
+/// aged by `time_us` alone.
 pub struct Arrivals {
     /// Oldest first; the first is the latest mark at least a retention ago, or the start.
-    marks: VecDeque<(Instant, u64)>,
+    marks: VecDeque<Mark>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    at: Instant,
+    wall_us: u64,
+    newest: u64,
+}
+
+/// How far the wall clock may run ahead of the monotonic one before it counts as a step
+/// forward (NTP slews far less; a suspended VM resumes with at most its pause).
+const STEP_FORWARD_US: u64 = 60_000_000;
+
 impl Arrivals {
-    /// Starts at `now` with `newest` the log's newest `time_us` (0 when empty).
-    pub fn new(now: Instant, newest: u64) -> Self {
-        Arrivals { marks: VecDeque::from([(now, newest)]) }
+    /// Starts at `now` (the wall clock reading `wall_us`) with `newest` the log's newest
+    /// `time_us` (0 when empty). Make it before ingest starts.
+    pub fn new(now: Instant, wall_us: u64, newest: u64) -> Self {
+        Arrivals { marks: VecDeque::from([Mark { at: now, wall_us, newest }]) }
     }
 
-    /// Notes that by `now` the log's newest event was `newest`.
-    pub fn record(&mut self, now: Instant, newest: u64, retention: Duration) {
+    /// Notes that by `now` (the wall clock reading `wall_us`) the log's newest event was
+    /// `newest` (read before `now` was taken).
+    pub fn record(&mut self, now: Instant, wall_us: u64, newest: u64, retention: Duration) {
         let spacing = retention / 256;
-        if self.marks.back().is_none_or(|(at, _)| now.saturating_duration_since(*at) >= spacing) {
-            self.marks.push_back((now, newest));
+        if self.marks.back().is_none_or(|m| now.saturating_duration_since(m.at) >= spacing) {
+            self.marks.push_back(Mark { at: now, wall_us, newest });
         }
         self.forget_before(now, retention);
     }
 
-    /// The first `time_us` that may have arrived within `retention` of `now`: age trims
-    /// nothing from there on.
-    pub fn kept_from(&mut self, now: Instant, retention: Duration) -> u64 {
+    /// When the wall clock has stepped forward since the oldest mark (it moved further than
+    /// the monotonic clock), the first `time_us` that may have arrived within `retention` of
+    /// `now`: age trims nothing from there on. Otherwise `u64::MAX`: age by `time_us`.
+    pub fn kept_from(&mut self, now: Instant, wall_us: u64, retention: Duration) -> u64 {
         self.forget_before(now, retention);
-        self.marks[0].1.saturating_add(1)
+        let first = self.marks[0];
+        let monotonic = now.saturating_duration_since(first.at).as_micros() as u64;
+        if wall_us.saturating_sub(first.wall_us) > monotonic.saturating_add(STEP_FORWARD_US) {
+            first.newest.saturating_add(1)
+        } else {
+            u64::MAX
+        }
     }
 
     /// Keeps one mark at least a retention old (or the start), and those after it.
     fn forget_before(&mut self, now: Instant, retention: Duration) {
         if let Some(ago) = now.checked_sub(retention) {
-            while self.marks.len() > 1 && self.marks[1].0 <= ago {
+            while self.marks.len() > 1 && self.marks[1].at <= ago {
                 self.marks.pop_front();
             }
         }
@@ -104,11 +130,11 @@ pub async fn run(
     log: Arc<Log>,
     metrics: Arc<Metrics>,
     opts: RetentionConfig,
+    arrivals: Arrivals,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut next_trim = Instant::now() + opts.trim_interval;
-    let started = log.newest_time_us()?.unwrap_or(0);
-    let arrivals = Arc::new(std::sync::Mutex::new(Arrivals::new(Instant::now(), started)));
+    let arrivals = Arc::new(std::sync::Mutex::new(arrivals));
     loop {
         let wait = TIP_REFRESH.min(next_trim.saturating_duration_since(Instant::now()));
         tokio::select! {
@@ -122,9 +148,10 @@ pub async fn run(
         let (log, metrics, opts, arrivals) = (log.clone(), metrics.clone(), opts.clone(), arrivals.clone());
         tokio::task::spawn_blocking(move || {
             let mut arrivals = arrivals.lock().unwrap_or_else(|p| p.into_inner());
-            arrivals.record(Instant::now(), log.newest_time_us()?.unwrap_or(0), opts.retention);
+            let newest = log.newest_time_us()?.unwrap_or(0);
+            arrivals.record(Instant::now(), now_us(), newest, opts.retention);
             if trim {
-                let kept_from = arrivals.kept_from(Instant::now(), opts.retention);
+                let kept_from = arrivals.kept_from(Instant::now(), now_us(), opts.retention);
                 enforce(&log, &metrics, &opts, now_us(), kept_from)
             } else {
                 log.refresh_tip().map_err(anyhow::Error::from)
@@ -188,19 +215,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn arrivals_keep_what_came_since_the_start_until_a_retention_has_passed() {
+    fn arrivals_bound_age_only_after_the_wall_clock_stepped_forward() {
         let (start, hour, minute) = (Instant::now(), Duration::from_secs(3600), Duration::from_secs(60));
-        let mut a = Arrivals::new(start, 500);
-        a.record(start + 10 * minute, 900, hour);
-        a.record(start + 20 * minute, 1_300, hour);
-        // Younger than the retention: everything that came after the start is kept.
-        assert_eq!(a.kept_from(start + 30 * minute, hour), 501);
-        // An hour after the 10-minute mark, what had come by then may go.
-        assert_eq!(a.kept_from(start + 75 * minute, hour), 901);
-        assert_eq!(a.kept_from(start + 90 * minute, hour), 1_301);
+        let (wall, min_us) = (1_800_000_000_000_000u64, 60_000_000u64);
+        let mut a = Arrivals::new(start, wall, 500);
+        a.record(start + 10 * minute, wall + 10 * min_us, 900, hour);
+        a.record(start + 20 * minute, wall + 20 * min_us, 1_300, hour);
+        // The wall clock kept pace with the monotonic one: age is by time_us alone (a replica
+        // replaying old events gets them aged as they are).
+        assert_eq!(a.kept_from(start + 30 * minute, wall + 30 * min_us, hour), u64::MAX);
+        // It jumped a year ahead: what came after the start is kept while the process is
+        // younger than the retention...
+        let year = 365 * 24 * 60 * min_us;
+        assert_eq!(a.kept_from(start + 30 * minute, wall + year, hour), 501);
+        // ...and later, what came by the mark a retention ago may go.
+        assert_eq!(a.kept_from(start + 75 * minute, wall + year + 45 * min_us, hour), 901);
+        // A minute of drift is not a step.
+        assert_eq!(a.kept_from(start + 76 * minute, wall + 76 * min_us + 50_000_000, hour), u64::MAX);
         // Marks closer than a 256th of the retention are one; old ones are forgotten.
         for i in 0..10_000 {
-            a.record(start + 90 * minute + Duration::from_millis(i), 2_000 + i, hour);
+            a.record(start + 90 * minute + Duration::from_millis(i), wall + 90 * min_us, 2_000 + i, hour);
         }
         assert!(a.marks.len() <= 3, "{} marks", a.marks.len());
     }
