@@ -48,6 +48,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Arc::new(config.log.open().with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?);
     // Before anything is ingested: what arrives from here on is this process's to age by arrival.
     let arrivals = retention::Arrivals::new(Instant::now(), crate::clock::now_us(), log.newest_time_us()?.unwrap_or(0));
+    let arrivals = if config.replica.upstream_url.is_empty() { arrivals } else { arrivals.for_replica() };
     let relay_url = config.relay.relay_url.to_string();
     // Stored cursors are compared by the URL's canonical spelling (older logs stored the URL
     // as written; it is parsed and compared the same way).

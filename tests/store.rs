@@ -121,7 +121,7 @@ fn trims_exactly(store: Log) {
 
 #[test]
 fn retention_never_trusts_a_clock_that_stepped_forward() {
-    use contrail::log::retention::{enforce, RetentionConfig};
+    use contrail::log::retention::{enforce, ByArrival, RetentionConfig};
     use std::time::Duration;
     let hour = 3_600_000_000u64;
     for (name, _dir, log) in backends() {
@@ -139,15 +139,15 @@ fn retention_never_trusts_a_clock_that_stepped_forward() {
         };
         let metrics = Metrics::new();
         // The clock jumps ten years ahead: retention counts back from the newest event.
-        enforce(&log, &metrics, &cfg, t0 + 10 * 365 * 24 * hour, u64::MAX).unwrap();
+        enforce(&log, &metrics, &cfg, t0 + 10 * 365 * 24 * hour, ByArrival::UNKNOWN).unwrap();
         assert_eq!(log.read_from(0, 1000).unwrap().len(), 61, "events within an hour of the newest stay");
         assert_eq!(log.oldest_time_us().unwrap(), Some(t0 + 39 * 60_000_000));
         // The clock behind the log: retention counts back from the clock (never more).
-        enforce(&log, &metrics, &cfg, t0, u64::MAX).unwrap();
+        enforce(&log, &metrics, &cfg, t0, ByArrival::UNKNOWN).unwrap();
         assert_eq!(log.read_from(0, 1000).unwrap().len(), 61);
         // A retention shorter than the gap between events still keeps the newest.
         let tiny = RetentionConfig { retention: Duration::from_millis(1), ..cfg };
-        enforce(&log, &metrics, &tiny, u64::MAX, u64::MAX).unwrap();
+        enforce(&log, &metrics, &tiny, u64::MAX, ByArrival::UNKNOWN).unwrap();
         let left = log.read_from(0, 1000).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].time_us, t0 + 99 * 60_000_000);
@@ -190,8 +190,8 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
         }
         let now = start + Duration::from_secs(60 * 100);
         arrivals.record(now, jumped + 150, jumped + 109, cfg.retention);
-        let kept_from = arrivals.kept_from(now, jumped + 200, cfg.retention);
-        enforce(&log, &Metrics::new(), &cfg, jumped + 200, kept_from).unwrap();
+        let by_arrival = arrivals.by_arrival(now, jumped + 200, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, jumped + 200, by_arrival).unwrap();
         // What arrived within the last hour (minutes 41–99, and the ten after the step) is
         // kept; minutes 0–40 arrived an hour ago or more.
         let left = log.read_from(0, 1000).unwrap();
@@ -212,10 +212,32 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
         }
         log.append(&evs, None).unwrap();
         arrivals.record(start + Duration::from_secs(60), wall + minute, wall, cfg.retention);
-        let kept_from = arrivals.kept_from(start + Duration::from_secs(60), wall + minute, cfg.retention);
-        enforce(&log, &Metrics::new(), &cfg, wall + minute, kept_from).unwrap();
+        let by_arrival = arrivals.by_arrival(start + Duration::from_secs(60), wall + minute, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, wall + minute, by_arrival).unwrap();
         let left = log.read_from(0, 1000).unwrap();
         assert_eq!(left.len(), 2, "kept {} events", left.len());
+    }
+    // A log stamped a year ahead (the clock jumped, stamped, and came back: each new event is
+    // stamped just after the last) still ages: what arrived an hour ago or more goes.
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}, stamped ahead");
+        let start = Instant::now();
+        let wall = 1_800_000_000_000_000u64;
+        let ahead = wall + 365 * 24 * 60 * minute;
+        let mut arrivals = Arrivals::new(start, wall, 0);
+        let mut evs = events(100, 3);
+        for (i, e) in evs.iter_mut().enumerate() {
+            e.stamp(ahead + i as u64);
+            log.append(std::slice::from_ref(e), None).unwrap();
+            let at = Duration::from_secs(60 * i as u64);
+            arrivals.record(start + at, wall + i as u64 * minute, ahead + i as u64, cfg.retention);
+        }
+        let now = start + Duration::from_secs(60 * 100);
+        let by_arrival = arrivals.by_arrival(now, wall + 100 * minute, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, wall + 100 * minute, by_arrival).unwrap();
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 59, "kept {} events", left.len());
+        assert_eq!(left[0].time_us, ahead + 41);
     }
 }
 
@@ -225,7 +247,7 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
 /// however large the WAL; one below them trims the oldest events until under it.
 #[test]
 fn the_disk_budget_counts_the_events_files_not_the_wal() {
-    use contrail::log::retention::{enforce, RetentionConfig};
+    use contrail::log::retention::{enforce, ByArrival, RetentionConfig};
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     // Small memtables: the events reach files while the WAL keeps growing.
@@ -271,9 +293,9 @@ fn the_disk_budget_counts_the_events_files_not_the_wal() {
         max_disk_bytes,
         trim_interval: Duration::from_secs(60),
     };
-    enforce(&log, &metrics, &budget(files + wal / 2), newest, u64::MAX).unwrap();
+    enforce(&log, &metrics, &budget(files + wal / 2), newest, ByArrival::UNKNOWN).unwrap();
     assert_eq!(log.oldest_time_us().unwrap(), Some(t0), "a budget the events' files fit trimmed them");
-    enforce(&log, &metrics, &budget(files / 2), newest, u64::MAX).unwrap();
+    enforce(&log, &metrics, &budget(files / 2), newest, ByArrival::UNKNOWN).unwrap();
     let oldest = log.oldest_time_us().unwrap().unwrap();
     assert!(oldest > t0, "a budget below the events' files trimmed nothing");
     assert!(log.event_bytes() <= files / 2, "still over the budget: {} B", log.event_bytes());

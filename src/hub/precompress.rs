@@ -343,7 +343,8 @@ mod tests {
             max_disk_bytes: events + 1,
             trim_interval: Duration::from_secs(60),
         };
-        crate::log::retention::enforce(&log, &Metrics::new(), &opts, 10_000, u64::MAX).unwrap();
+        crate::log::retention::enforce(&log, &Metrics::new(), &opts, 10_000, crate::log::retention::ByArrival::UNKNOWN)
+            .unwrap();
         assert_eq!(log.oldest_time_us().unwrap(), Some(1000), "no event trimmed for the cache's sake");
     }
 

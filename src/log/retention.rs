@@ -9,7 +9,8 @@
 //! within the retention by the monotonic clock ([`Arrivals`]) is not trimmed by age: events
 //! stamped after such a step sit years ahead, and counting back from them would reach every
 //! event before it. Without a step (a replica replaying old events arrives at them fast) age
-//! is by `time_us` as before.
+//! is by `time_us` as before. Whatever its `time_us`, what arrived a retention ago or more may
+//! go: a log stamped years ahead (a clock that jumped forward, then back) still ages.
 
 use super::Log;
 use crate::clock::now_us;
@@ -71,6 +72,25 @@ impl RetentionConfig {
 pub struct Arrivals {
     /// Oldest first; the first is the latest mark at least a retention ago, or the start.
     marks: VecDeque<Mark>,
+    /// This process stamps the events (a replica keeps its upstream's `time_us`: its own
+    /// clock's steps move nothing).
+    stamps: bool,
+}
+
+/// What the monotonic clock says about age, for [`enforce`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ByArrival {
+    /// Age trims nothing from here on: what arrived within the retention, once the wall clock
+    /// stepped forward ([`Arrivals::kept_from`]).
+    pub kept_from: u64,
+    /// Age trims everything before this, whatever its `time_us`: it arrived a retention ago
+    /// or more ([`Arrivals::old_before`]).
+    pub old_before: u64,
+}
+
+impl ByArrival {
+    /// Nothing known: age by `time_us` alone.
+    pub const UNKNOWN: ByArrival = ByArrival { kept_from: u64::MAX, old_before: 0 };
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +108,14 @@ impl Arrivals {
     /// Starts at `now` (the wall clock reading `wall_us`) with `newest` the log's newest
     /// `time_us` (0 when empty). Make it before ingest starts.
     pub fn new(now: Instant, wall_us: u64, newest: u64) -> Self {
-        Arrivals { marks: VecDeque::from([Mark { at: now, wall_us, newest }]) }
+        Arrivals { marks: VecDeque::from([Mark { at: now, wall_us, newest }]), stamps: true }
+    }
+
+    /// For a replica, which keeps its upstream's `time_us`: no step of its own clock holds
+    /// events back.
+    pub fn for_replica(mut self) -> Self {
+        self.stamps = false;
+        self
     }
 
     /// Notes that by `now` (the wall clock reading `wall_us`) the log's newest event was
@@ -108,11 +135,28 @@ impl Arrivals {
         self.forget_before(now, retention);
         let first = self.marks[0];
         let monotonic = now.saturating_duration_since(first.at).as_micros() as u64;
-        if wall_us.saturating_sub(first.wall_us) > monotonic.saturating_add(STEP_FORWARD_US) {
+        if self.stamps && wall_us.saturating_sub(first.wall_us) > monotonic.saturating_add(STEP_FORWARD_US) {
             first.newest.saturating_add(1)
         } else {
             u64::MAX
         }
+    }
+
+    /// Every `time_us` below this arrived a retention ago or more, by the monotonic clock (0
+    /// while the process is younger than the retention).
+    pub fn old_before(&mut self, now: Instant, retention: Duration) -> u64 {
+        self.forget_before(now, retention);
+        let first = self.marks[0];
+        if now.saturating_duration_since(first.at) >= retention {
+            first.newest.saturating_add(1)
+        } else {
+            0
+        }
+    }
+
+    /// Both, as [`enforce`] takes them.
+    pub fn by_arrival(&mut self, now: Instant, wall_us: u64, retention: Duration) -> ByArrival {
+        ByArrival { kept_from: self.kept_from(now, wall_us, retention), old_before: self.old_before(now, retention) }
     }
 
     /// Keeps one mark at least a retention old (or the start), and those after it.
@@ -151,8 +195,8 @@ pub async fn run(
             let newest = log.newest_time_us()?.unwrap_or(0);
             arrivals.record(Instant::now(), now_us(), newest, opts.retention);
             if trim {
-                let kept_from = arrivals.kept_from(Instant::now(), now_us(), opts.retention);
-                enforce(&log, &metrics, &opts, now_us(), kept_from)
+                let by_arrival = arrivals.by_arrival(Instant::now(), now_us(), opts.retention);
+                enforce(&log, &metrics, &opts, now_us(), by_arrival)
             } else {
                 log.refresh_tip().map_err(anyhow::Error::from)
             }
@@ -167,18 +211,18 @@ pub fn age_cutoff(newest: u64, now_us: u64, retention: Duration) -> u64 {
     newest.min(now_us).saturating_sub(retention.as_micros() as u64).min(newest)
 }
 
-/// One retention pass, with the wall clock reading `now_us`; age trims nothing from
-/// `kept_from` on (what arrived within the retention: [`Arrivals::kept_from`]; `u64::MAX` when
-/// not known).
+/// One retention pass, with the wall clock reading `now_us`, bounded by what the monotonic
+/// clock says ([`ByArrival`]; [`ByArrival::UNKNOWN`] when nothing is known).
 pub fn enforce(
     log: &Log,
     metrics: &Metrics,
     opts: &RetentionConfig,
     now_us: u64,
-    kept_from: u64,
+    by_arrival: ByArrival,
 ) -> anyhow::Result<()> {
     let Some(newest) = log.newest_time_us()? else { return Ok(()) };
-    let cutoff = age_cutoff(newest, now_us, opts.retention).min(kept_from);
+    let cutoff =
+        age_cutoff(newest, now_us, opts.retention).min(by_arrival.kept_from).max(by_arrival.old_before).min(newest);
     if log.oldest_time_us()?.is_some_and(|t| t < cutoff) {
         log.trim_before(cutoff)?;
         metrics.store_trims.inc();
@@ -232,6 +276,12 @@ mod tests {
         assert_eq!(a.kept_from(start + 75 * minute, wall + year + 45 * min_us, hour), 901);
         // A minute of drift is not a step.
         assert_eq!(a.kept_from(start + 76 * minute, wall + 76 * min_us + 50_000_000, hour), u64::MAX);
+        // What came by the mark a retention ago is old, whatever its time_us.
+        assert_eq!(a.old_before(start + 76 * minute, hour), 901);
+        // A replica's own clock stamps nothing: its steps hold nothing back.
+        let mut r = Arrivals::new(start, wall, 500).for_replica();
+        assert_eq!(r.kept_from(start + 30 * minute, wall + year, hour), u64::MAX);
+        assert_eq!(r.old_before(start + 30 * minute, hour), 0, "younger than the retention");
         // Marks closer than a 256th of the retention are one; old ones are forgotten.
         for i in 0..10_000 {
             a.record(start + 90 * minute + Duration::from_millis(i), wall + 90 * min_us, 2_000 + i, hour);
