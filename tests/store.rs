@@ -235,9 +235,14 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
         let now = start + Duration::from_secs(60 * 100);
         let by_arrival = arrivals.by_arrival(now, wall + 100 * minute, cfg.retention);
         enforce(&log, &Metrics::new(), &cfg, wall + 100 * minute, by_arrival).unwrap();
+        // The newest arrived at minute 99: what arrived by minute 39 is over an hour older.
         let left = log.read_from(0, 1000).unwrap();
-        assert_eq!(left.len(), 59, "kept {} events", left.len());
-        assert_eq!(left[0].time_us, ahead + 41);
+        assert_eq!(left.len(), 60, "kept {} events", left.len());
+        assert_eq!(left[0].time_us, ahead + 40);
+        // Quiet for days after that: nothing more goes (age counts back from the newest).
+        let by_arrival = arrivals.by_arrival(now + Duration::from_secs(3 * 86_400), wall + 100 * minute, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, wall + 3 * 24 * 60 * minute, by_arrival).unwrap();
+        assert_eq!(log.read_from(0, 1000).unwrap().len(), 60, "a quiet log was trimmed");
     }
 }
 

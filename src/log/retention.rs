@@ -9,8 +9,9 @@
 //! within the retention by the monotonic clock ([`Arrivals`]) is not trimmed by age: events
 //! stamped after such a step sit years ahead, and counting back from them would reach every
 //! event before it. Without a step (a replica replaying old events arrives at them fast) age
-//! is by `time_us` as before. Whatever its `time_us`, what arrived a retention ago or more may
-//! go: a log stamped years ahead (a clock that jumped forward, then back) still ages.
+//! is by `time_us` as before. Whatever its `time_us`, what arrived a retention or more before
+//! the newest event may go: a log stamped years ahead (a clock that jumped forward, then back)
+//! still ages, and a quiet log still keeps what it has.
 
 use super::Log;
 use crate::clock::now_us;
@@ -66,12 +67,18 @@ impl RetentionConfig {
 }
 
 /// When events arrived, by the monotonic clock (which no wall-clock step moves): marks of the
-/// newest `time_us`, with the wall clock's reading, at moments of this process's life, about a
-/// 256th of the retention apart. Before the process started nothing is known: those events are
-/// aged by `time_us` alone.
+/// newest `time_us`, with the wall clock's reading, at moments of this process's life when the
+/// log grew, about a 256th of the retention apart. Age by arrival counts back from when the
+/// newest event arrived, as age by `time_us` counts back from the newest event: a quiet log
+/// keeps what it has. Before the process started nothing is known: those events are aged by
+/// `time_us` alone.
 pub struct Arrivals {
-    /// Oldest first; the first is the latest mark at least a retention ago, or the start.
+    /// Oldest first; the first is the latest mark at least a retention before `grew_at`, or
+    /// the start.
     marks: VecDeque<Mark>,
+    /// When the newest event last changed, and to what.
+    grew_at: Instant,
+    newest: u64,
     /// This process stamps the events (a replica keeps its upstream's `time_us`: its own
     /// clock's steps move nothing).
     stamps: bool,
@@ -83,8 +90,8 @@ pub struct ByArrival {
     /// Age trims nothing from here on: what arrived within the retention, once the wall clock
     /// stepped forward ([`Arrivals::kept_from`]).
     pub kept_from: u64,
-    /// Age trims everything before this, whatever its `time_us`: it arrived a retention ago
-    /// or more ([`Arrivals::old_before`]).
+    /// Age trims everything before this, whatever its `time_us`: it arrived a retention or
+    /// more before the newest event ([`Arrivals::old_before`]).
     pub old_before: u64,
 }
 
@@ -108,7 +115,7 @@ impl Arrivals {
     /// Starts at `now` (the wall clock reading `wall_us`) with `newest` the log's newest
     /// `time_us` (0 when empty). Make it before ingest starts.
     pub fn new(now: Instant, wall_us: u64, newest: u64) -> Self {
-        Arrivals { marks: VecDeque::from([Mark { at: now, wall_us, newest }]), stamps: true }
+        Arrivals { marks: VecDeque::from([Mark { at: now, wall_us, newest }]), grew_at: now, newest, stamps: true }
     }
 
     /// For a replica, which keeps its upstream's `time_us`: no step of its own clock holds
@@ -119,20 +126,24 @@ impl Arrivals {
     }
 
     /// Notes that by `now` (the wall clock reading `wall_us`) the log's newest event was
-    /// `newest` (read before `now` was taken).
+    /// `newest` (read before `now` was taken). A mark is kept only when the log grew.
     pub fn record(&mut self, now: Instant, wall_us: u64, newest: u64, retention: Duration) {
-        let spacing = retention / 256;
-        if self.marks.back().is_none_or(|m| now.saturating_duration_since(m.at) >= spacing) {
-            self.marks.push_back(Mark { at: now, wall_us, newest });
+        if newest > self.newest {
+            (self.grew_at, self.newest) = (now, newest);
+            let spacing = retention / 256;
+            if self.marks.back().is_none_or(|m| now.saturating_duration_since(m.at) >= spacing) {
+                self.marks.push_back(Mark { at: now, wall_us, newest });
+            }
         }
-        self.forget_before(now, retention);
+        self.forget_old(retention);
     }
 
     /// When the wall clock has stepped forward since the oldest mark (it moved further than
-    /// the monotonic clock), the first `time_us` that may have arrived within `retention` of
-    /// `now`: age trims nothing from there on. Otherwise `u64::MAX`: age by `time_us`.
+    /// the monotonic clock), the first `time_us` that may have arrived within `retention`
+    /// before the newest event: age trims nothing from there on. Otherwise `u64::MAX`: age by
+    /// `time_us`.
     pub fn kept_from(&mut self, now: Instant, wall_us: u64, retention: Duration) -> u64 {
-        self.forget_before(now, retention);
+        self.forget_old(retention);
         let first = self.marks[0];
         let monotonic = now.saturating_duration_since(first.at).as_micros() as u64;
         if self.stamps && wall_us.saturating_sub(first.wall_us) > monotonic.saturating_add(STEP_FORWARD_US) {
@@ -142,26 +153,26 @@ impl Arrivals {
         }
     }
 
-    /// Every `time_us` below this arrived a retention ago or more, by the monotonic clock (0
-    /// while the process is younger than the retention).
-    pub fn old_before(&mut self, now: Instant, retention: Duration) -> u64 {
-        self.forget_before(now, retention);
+    /// Every `time_us` below this arrived a retention or more before the newest event, by the
+    /// monotonic clock (0 while nothing is known to have).
+    pub fn old_before(&mut self, retention: Duration) -> u64 {
+        self.forget_old(retention);
         let first = self.marks[0];
-        if now.saturating_duration_since(first.at) >= retention {
-            first.newest.saturating_add(1)
-        } else {
-            0
+        match self.grew_at.checked_sub(retention) {
+            Some(ago) if first.at <= ago => first.newest.saturating_add(1),
+            _ => 0,
         }
     }
 
     /// Both, as [`enforce`] takes them.
     pub fn by_arrival(&mut self, now: Instant, wall_us: u64, retention: Duration) -> ByArrival {
-        ByArrival { kept_from: self.kept_from(now, wall_us, retention), old_before: self.old_before(now, retention) }
+        ByArrival { kept_from: self.kept_from(now, wall_us, retention), old_before: self.old_before(retention) }
     }
 
-    /// Keeps one mark at least a retention old (or the start), and those after it.
-    fn forget_before(&mut self, now: Instant, retention: Duration) {
-        if let Some(ago) = now.checked_sub(retention) {
+    /// Keeps one mark at least a retention before the newest event's arrival (or the start),
+    /// and those after it.
+    fn forget_old(&mut self, retention: Duration) {
+        if let Some(ago) = self.grew_at.checked_sub(retention) {
             while self.marks.len() > 1 && self.marks[1].at <= ago {
                 self.marks.pop_front();
             }
@@ -268,24 +279,28 @@ mod tests {
         // The wall clock kept pace with the monotonic one: age is by time_us alone (a replica
         // replaying old events gets them aged as they are).
         assert_eq!(a.kept_from(start + 30 * minute, wall + 30 * min_us, hour), u64::MAX);
-        // It jumped a year ahead: what came after the start is kept while the process is
-        // younger than the retention...
+        // It jumped a year ahead: what came within an hour before the newest event is kept.
         let year = 365 * 24 * 60 * min_us;
         assert_eq!(a.kept_from(start + 30 * minute, wall + year, hour), 501);
-        // ...and later, what came by the mark a retention ago may go.
+        // Nothing came since: a quiet log keeps what it has, however long it stays quiet.
+        assert_eq!(a.kept_from(start + 300 * minute, wall + year, hour), 501);
+        assert_eq!(a.old_before(hour), 0);
+        // More comes at 75 minutes: what came by the 10-minute mark is over an hour older.
+        a.record(start + 75 * minute, wall + year + 45 * min_us, 1_700, hour);
         assert_eq!(a.kept_from(start + 75 * minute, wall + year + 45 * min_us, hour), 901);
+        assert_eq!(a.old_before(hour), 901);
         // A minute of drift is not a step.
         assert_eq!(a.kept_from(start + 76 * minute, wall + 76 * min_us + 50_000_000, hour), u64::MAX);
-        // What came by the mark a retention ago is old, whatever its time_us.
-        assert_eq!(a.old_before(start + 76 * minute, hour), 901);
         // A replica's own clock stamps nothing: its steps hold nothing back.
         let mut r = Arrivals::new(start, wall, 500).for_replica();
         assert_eq!(r.kept_from(start + 30 * minute, wall + year, hour), u64::MAX);
-        assert_eq!(r.old_before(start + 30 * minute, hour), 0, "younger than the retention");
-        // Marks closer than a 256th of the retention are one; old ones are forgotten.
+        assert_eq!(r.old_before(hour), 0, "nothing came an hour before the newest");
+        // Marks closer than a 256th of the retention are one, old ones are forgotten, and a
+        // log that does not grow adds none.
         for i in 0..10_000 {
             a.record(start + 90 * minute + Duration::from_millis(i), wall + 90 * min_us, 2_000 + i, hour);
+            a.record(start + 200 * minute + Duration::from_secs(i), wall + 200 * min_us, 2_000, hour);
         }
-        assert!(a.marks.len() <= 3, "{} marks", a.marks.len());
+        assert!(a.marks.len() <= 4, "{} marks", a.marks.len());
     }
 }
