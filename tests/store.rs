@@ -244,6 +244,29 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
         enforce(&log, &Metrics::new(), &cfg, wall + 3 * 24 * 60 * minute, by_arrival).unwrap();
         assert_eq!(log.read_from(0, 1000).unwrap().len(), 60, "a quiet log was trimmed");
     }
+    // A replica falling behind its primary (its events' time_us, the primary's, lag more and
+    // more behind their arrival) keeps what time_us says is within the retention: age by
+    // arrival does not trim more while the log is not stamped ahead of the clock.
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}, a replica falling behind");
+        let start = Instant::now();
+        let wall = 1_800_000_000_000_000u64;
+        let mut arrivals = Arrivals::new(start, wall, 0).for_replica();
+        let mut evs = events(100, 4);
+        let stamp = |i: u64| wall + i * 42_000_000; // arrives at minute i, 18 s more behind each minute
+        for (i, e) in evs.iter_mut().enumerate() {
+            let i = i as u64;
+            e.stamp(stamp(i));
+            log.append(std::slice::from_ref(e), None).unwrap();
+            arrivals.record(start + Duration::from_secs(60 * i), wall + i * minute, stamp(i), cfg.retention);
+        }
+        let now = start + Duration::from_secs(60 * 100);
+        let by_arrival = arrivals.by_arrival(now, wall + 100 * minute, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, wall + 100 * minute, by_arrival).unwrap();
+        // By time_us the newest is minute 99's (wall + 4,158 s): an hour back keeps minutes 14–99.
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 86, "kept {} events", left.len());
+    }
 }
 
 /// The disk budget counts the events' files, which trimming can shrink, not the write-ahead

@@ -232,8 +232,12 @@ pub fn enforce(
     by_arrival: ByArrival,
 ) -> anyhow::Result<()> {
     let Some(newest) = log.newest_time_us()? else { return Ok(()) };
-    let cutoff =
-        age_cutoff(newest, now_us, opts.retention).min(by_arrival.kept_from).max(by_arrival.old_before).min(newest);
+    // Age by arrival trims more only where age by time_us cannot: a log stamped ahead of the
+    // wall clock (counting back from the clock would keep it until the clock caught up).
+    // Otherwise it could trim what a replica behind its primary, or a burst noticed late, still
+    // holds within the retention by time_us.
+    let old_before = if newest > now_us.saturating_add(STEP_FORWARD_US) { by_arrival.old_before } else { 0 };
+    let cutoff = age_cutoff(newest, now_us, opts.retention).min(by_arrival.kept_from).max(old_before).min(newest);
     if log.oldest_time_us()?.is_some_and(|t| t < cutoff) {
         log.trim_before(cutoff)?;
         metrics.store_trims.inc();
