@@ -33,11 +33,15 @@ fn wait_caught_up(primary: &Serve, replica: &Serve, timeout: Duration) {
 
 fn replica(dir: &std::path::Path, upstreams: &[&Serve]) -> Serve {
     let list: Vec<String> = upstreams.iter().map(|u| format!("ws://{}", u.public)).collect();
-    Serve::start(
-        dir,
-        "ws://127.0.0.1:9",
-        &["--upstream-url", &list.join(","), "--upstream-stale-timeout", "3s", "--max-events-per-second-per-ip", "0"],
-    )
+    replica_of(dir, &list.join(","), &[])
+}
+
+/// A replica of `urls` (comma-separated), with `extra` flags.
+fn replica_of(dir: &std::path::Path, urls: &str, extra: &[&str]) -> Serve {
+    let mut args =
+        vec!["--upstream-url", urls, "--upstream-stale-timeout", "3s", "--max-events-per-second-per-ip", "0"];
+    args.extend_from_slice(extra);
+    Serve::start(dir, "ws://127.0.0.1:9", &args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,36 +164,10 @@ async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     primary.wait_for_seq(500, Duration::from_secs(30));
     // M follows the primary through a proxy that the test can freeze.
     let proxy = common::proxy::Proxy::start(primary.public).await;
-    let middle = Serve::start(
-        md.path(),
-        "ws://127.0.0.1:9",
-        &[
-            "--upstream-url",
-            &format!("ws://{}", proxy.addr),
-            "--upstream-stale-timeout",
-            "3s",
-            "--connect-timeout",
-            "1s",
-            "--max-events-per-second-per-ip",
-            "0",
-        ],
-    );
+    let middle = replica_of(md.path(), &format!("ws://{}", proxy.addr), &["--connect-timeout", "1s"]);
     // R prefers M, and knows the primary.
     let list = format!("ws://{},ws://{}", middle.public, primary.public);
-    let follower = Serve::start(
-        rd.path(),
-        "ws://127.0.0.1:9",
-        &[
-            "--upstream-url",
-            &list,
-            "--upstream-stale-timeout",
-            "3s",
-            "--upstream-switch-lag",
-            "1s",
-            "--max-events-per-second-per-ip",
-            "0",
-        ],
-    );
+    let follower = replica_of(rd.path(), &list, &["--upstream-switch-lag", "1s"]);
     wait_caught_up(&primary, &follower, Duration::from_secs(30));
     assert_eq!(follower.metric("contrail_upstream_switches_total"), Some(0.0));
     // M stops ingesting but keeps serving (and sending cursor messages).
@@ -311,23 +289,10 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     let full_addr = full.public.to_string();
     drop(full);
     let both = format!("ws://{},ws://{full_addr}", primary.public);
-    let t = Serve::start(td.path(), "ws://127.0.0.1:9", &["--upstream-url", &both, "--upstream-stale-timeout", "3s"]);
+    let t = replica_of(td.path(), &both, &[]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(t.metric("contrail_upstream_switches_total").unwrap() >= 2.0, "it tried both");
-    let full = Serve::start(
-        fd.path(),
-        "ws://127.0.0.1:9",
-        &[
-            "--listen",
-            &full_addr,
-            "--upstream-url",
-            &format!("ws://{}", primary.public),
-            "--upstream-stale-timeout",
-            "3s",
-            "--max-events-per-second-per-ip",
-            "0",
-        ],
-    );
+    let full = replica_of(fd.path(), &format!("ws://{}", primary.public), &["--listen", &full_addr]);
     wait_caught_up(&full, &t, Duration::from_secs(30));
     assert_eq!(t.metric("contrail_upstream_gaps_total"), Some(0.0));
     drop(t);
@@ -335,30 +300,26 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     // With the trimmed primary and an upstream that never answers, it waits for the second
     // (four stale timeouts: 12 s here), then goes on from the primary's oldest event and says so.
     let upstreams = format!("ws://{},ws://127.0.0.1:9", primary.public);
-    let u =
-        Serve::start(ud.path(), "ws://127.0.0.1:9", &["--upstream-url", &upstreams, "--upstream-stale-timeout", "3s"]);
+    let u = replica_of(ud.path(), &upstreams, &[]);
     wait_caught_up(&primary, &u, Duration::from_secs(30));
     assert_eq!(u.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", u.logs());
     drop(u);
     // Its log: what it had, then the primary's whole log (which starts after the hole).
-    let u_log = inspect_log(ud.path());
-    let after: Vec<&String> = u_log.iter().filter(|l| time_us(l) > last).collect();
     let p_log = inspect_log(pd.path());
     assert!(time_us(&p_log[0]) > last);
-    assert!(after.len() == p_log.len() && after.iter().zip(&p_log).all(|(a, b)| *a == b), "not the primary's log");
+    let then_the_primarys = |dir: &std::path::Path| {
+        let log = inspect_log(dir);
+        let after: Vec<&String> = log.iter().filter(|l| time_us(l) > last).collect();
+        after.len() == p_log.len() && after.iter().zip(&p_log).all(|(a, b)| *a == b)
+    };
+    assert!(then_the_primarys(ud.path()), "not the primary's log");
     // An upstream that has the event but is frozen there (it follows nothing) holds up the
     // hole only as long as an unreachable one would: the replica does not wait on it forever.
-    let frozen = Serve::start(wd.path(), "ws://127.0.0.1:9", &["--upstream-url", "ws://127.0.0.1:9"]);
+    let frozen = replica_of(wd.path(), "ws://127.0.0.1:9", &[]);
     let both = format!("ws://{},ws://{}", primary.public, frozen.public);
-    let v = Serve::start(
-        vd.path(),
-        "ws://127.0.0.1:9",
-        &["--upstream-url", &both, "--upstream-stale-timeout", "3s", "--upstream-switch-lag", "1s"],
-    );
+    let v = replica_of(vd.path(), &both, &["--upstream-switch-lag", "1s"]);
     wait_caught_up(&primary, &v, Duration::from_secs(40));
     assert_eq!(v.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", v.logs());
     drop(v);
-    let v_log = inspect_log(vd.path());
-    let after: Vec<&String> = v_log.iter().filter(|l| time_us(l) > last).collect();
-    assert!(after.len() == p_log.len() && after.iter().zip(&p_log).all(|(a, b)| *a == b), "not the primary's log");
+    assert!(then_the_primarys(vd.path()), "not the primary's log");
 }

@@ -424,11 +424,7 @@ impl RocksLog {
     /// history for nothing.
     pub fn event_bytes(&self) -> u64 {
         // Live files only: ones a reader still holds are deleted when it lets go.
-        self.db
-            .property_int_value_cf(self.events(), rocksdb::properties::LIVE_SST_FILES_SIZE)
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+        self.int_property(self.events(), rocksdb::properties::LIVE_SST_FILES_SIZE)
     }
 
     /// Bytes on disk: SST files (events and stored compressed frames) plus the WAL.
@@ -439,7 +435,11 @@ impl RocksLog {
     }
 
     fn sst_bytes(&self, cf: &rocksdb::ColumnFamily) -> u64 {
-        self.db.property_int_value_cf(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE).ok().flatten().unwrap_or(0)
+        self.int_property(cf, rocksdb::properties::TOTAL_SST_FILES_SIZE)
+    }
+
+    fn int_property(&self, cf: &rocksdb::ColumnFamily, name: &rocksdb::properties::PropName) -> u64 {
+        self.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0)
     }
 
     fn wal_bytes(&self) -> u64 {

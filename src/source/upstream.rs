@@ -155,8 +155,9 @@ pub struct UpstreamReader {
     /// This connection resumed from `last_time_us`, whose event the upstream sends first if
     /// its log still has it.
     expect_repeat: bool,
-    /// What each upstream has shown about resuming from `last_time_us` (forgotten once an
-    /// event moves it): a hole is accepted only when none can fill it.
+    /// What each upstream (by its place in the list) has shown about resuming from
+    /// `last_time_us` (forgotten once an event moves it): a hole is accepted only when none
+    /// can fill it.
     resume: Vec<Resume>,
     /// A hole accepted on this connection, counted once its first event is passed on.
     gap: Option<(u64, u64)>,
@@ -171,6 +172,7 @@ impl UpstreamReader {
     pub fn new(opts: UpstreamOptions, last_time_us: u64, metrics: Arc<Metrics>, tx: IngestSender) -> Self {
         assert!(!opts.replica.upstream_url.is_empty(), "replica mode needs an upstream URL");
         let first = opts.replica.upstream_url[0].to_string();
+        let resume = vec![Resume::Unknown; opts.replica.upstream_url.len()];
         UpstreamReader {
             opts,
             metrics,
@@ -178,7 +180,7 @@ impl UpstreamReader {
             last_time_us,
             current: 0,
             expect_repeat: false,
-            resume: Vec::new(),
+            resume,
             gap: None,
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
@@ -404,7 +406,8 @@ impl UpstreamReader {
         self.metrics.upstream_tip_distance_seconds.set(0.0);
         let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
         self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)?;
-        self.resume.clear(); // a new position: what the upstreams showed was about the old one
+        // A new position: what the upstreams showed was about the old one.
+        self.resume.fill(Resume::Unknown);
         if let Some((cursor, first)) = self.gap.take() {
             self.metrics.upstream_gaps.inc();
             tracing::error!(
@@ -419,9 +422,6 @@ impl UpstreamReader {
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
     fn resume_state(&mut self) -> &mut Resume {
-        if self.resume.len() != self.urls().len() {
-            self.resume = vec![Resume::Unknown; self.urls().len()];
-        }
         &mut self.resume[self.current]
     }
 }
