@@ -740,6 +740,15 @@ mod tests {
         let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
         let mut s = f.stream(did_a, Start::Live);
         f.ingest(4..12); // did a: 4,5,8,9; did b: 6,7,10,11
+                         // The dispatcher (its own thread) hands all of them out first: otherwise it may be
+                         // caught between 1007 and 1008 with the queue empty, when the filter change rightly
+                         // takes 6 and 7 as passed (filtered out under the old filter), and this test's
+                         // expectation below would not hold (seen once in CI).
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while f.dispatcher.dispatched_up_to() < 1011 {
+            assert!(std::time::Instant::now() < deadline, "the dispatcher never reached 1011");
+            tokio::task::yield_now().await;
+        }
         assert_eq!(take(&mut s, 2).await, vec![1004, 1005]);
         // Did-b events 6,7 were handed out before the change, under the old filter: the stream
         // reads them from the log.
