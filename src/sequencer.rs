@@ -242,6 +242,10 @@ impl Sequencer {
         let relay_time = frames.iter().rev().find_map(|f| f.relay_time_us);
         let mut events: Vec<Event> = Vec::with_capacity(frames.iter().map(|f| f.events.len()).sum());
         let mut repo_states = Vec::new();
+        // One clock reading for the batch: its events are stored, and become visible, together
+        // (the stamper still makes each `time_us` unique), and a reading per event was 6% of
+        // this thread's time in the ingest bench.
+        let mut now = None;
         for mut f in frames.drain(..) {
             repo_states.append(&mut f.repo_states);
             for mut e in f.events {
@@ -257,7 +261,7 @@ impl Sequencer {
                     }
                     self.stamper = Stamper::new(e.time_us);
                 } else {
-                    let now = (self.clock)();
+                    let now = *now.get_or_insert_with(|| (self.clock)());
                     e.stamp(self.stamper.next(now));
                 }
                 events.push(e);
@@ -277,8 +281,9 @@ impl Sequencer {
         if let Some(t) = relay_time {
             m.relay_lag_seconds.set((now_us() as i64 - t) as f64 / 1e6);
         }
+        let mut ingested = [0u64; EventKind::ALL.len()];
         for e in events {
-            self.ingested[e.kind as usize].inc();
+            ingested[e.kind as usize] += 1;
             let item = if self.ring_budget.admit(e.json().len()) {
                 Published::Event(Arc::new(e))
             } else {
@@ -286,6 +291,9 @@ impl Sequencer {
             };
             // No receivers is fine: nobody is subscribed live right now.
             let _ = self.ring.send(item);
+        }
+        for (counter, n) in self.ingested.iter().zip(ingested) {
+            counter.inc_by(n);
         }
         Ok(())
     }
