@@ -3,6 +3,12 @@
 //! (`contrail_*`) and as `serve` pipelines it (`pipeline_*`: transcoding on one thread, the
 //! sequencer on another); beside the raw baseline measured in the same run: RocksDB WriteBatch
 //! puts of the same keys and value bytes.
+//!
+//! `pipeline_sync_*` times one round (a burst) from its first frame to its last event published,
+//! so each round pays the pipeline's fill and drain: its first batch is one frame, and its last
+//! write and fsync start after the last frame. `pipeline_stream_sync_*` times ingest as a relay's
+//! catch-up drives it: many rounds back to back, the queue never empty, drained once at the end
+//! (the time per round is the throughput).
 //! `cargo bench --bench ingest`.
 
 #[path = "../tests/common/frames.rs"]
@@ -140,6 +146,41 @@ fn bench(c: &mut Criterion) {
                 },
                 BatchSize::PerIteration,
             )
+        });
+        group.bench_function(format!("pipeline_stream_sync_{sync}"), |b| {
+            b.iter_custom(|rounds| {
+                // The frames are copied before the clock starts, as `pipeline_*` copies them
+                // outside its timing.
+                let all: Vec<_> = (0..rounds)
+                    .map(|_| {
+                        round += 1;
+                        frames_of_round(&gen, round)
+                    })
+                    .collect();
+                let started = std::time::Instant::now();
+                rt.block_on(async {
+                    let mut n = 0;
+                    for (s, f) in all.into_iter().flatten() {
+                        let mut events = Vec::new();
+                        let info = transcoder.transcode(&f, &mut events, &mut Vec::new());
+                        n += events.len();
+                        let frame = IngestFrame {
+                            seq: Some(s),
+                            relay_time_us: info.relay_time_us,
+                            events,
+                            ..Default::default()
+                        };
+                        ingest.send(frame).await.unwrap();
+                        while published.try_recv().is_ok() {
+                            n -= 1;
+                        }
+                    }
+                    for _ in 0..n {
+                        published.recv().await.expect("the ring keeps up with one reader");
+                    }
+                });
+                started.elapsed()
+            })
         });
         drop(ingest);
         writer.join().unwrap().unwrap();
