@@ -609,6 +609,27 @@ fn assert_suffix(lines: &[String], expected: &[String]) {
     }
 }
 
+/// A relay that sends one message in fragments without end: the reader cuts it off at the
+/// transport's limit (32 MiB; fastwebsockets' collector only limits each fragment), reconnects,
+/// and ingests what the relay sends next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_message_in_endless_fragments_is_cut_off_at_the_limit() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 50, 5, 45);
+    relay.push_all(&gen);
+    relay.plan(vec![ConnFault { endless_fragments: true, ..ConnFault::default() }]);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(gen.last().unwrap().seq, Duration::from_secs(60));
+    // The limit, plus what the two loopback socket buffers held when the reader hung up.
+    let taken = relay.fragment_bytes();
+    assert!((32 << 20..=48 << 20).contains(&taken), "the reader took {taken} bytes of one message");
+    assert!(serve.metric("contrail_relay_errors_total{kind=\"read\"}").unwrap() >= 1.0);
+    assert!(serve.logs().contains("a fragmented message larger than"), "{}", serve.logs());
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+}
+
 /// A relay connection that dies in the middle of a frame (TCP cut after an arbitrary number of
 /// bytes), again and again: the reader reconnects from its cursor each time, and the log ends
 /// exactly whole — nothing lost, nothing twice.

@@ -6,7 +6,7 @@ mod common;
 use common::client::{connect, next, Msg};
 use common::frames::generate;
 use common::process::{inspect_log, Serve};
-use common::relay::{FakeRelay, Faults};
+use common::relay::{ConnFault, FakeRelay, Faults};
 use std::time::{Duration, Instant};
 
 fn newest(s: &Serve) -> u64 {
@@ -322,4 +322,25 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     assert_eq!(v.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", v.logs());
     drop(v);
     assert!(then_the_primarys(vd.path()), "not the primary's log");
+}
+
+/// An upstream that sends one message in fragments without end: the replica cuts it off at the
+/// transport's limit (32 MiB) and connects again, rather than growing the message until memory
+/// runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
+    let upstream = FakeRelay::start().await;
+    upstream.plan(vec![ConnFault { endless_fragments: true, ..ConnFault::default() }]);
+    let dir = tempfile::tempdir().unwrap();
+    // Uncompressed: the fake upstream serves no dictionary.
+    let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while upstream.connections() < 2 {
+        assert!(Instant::now() < deadline, "no second connection; logs:\n{}", replica.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The limit, plus what the two loopback socket buffers held when the reader hung up.
+    let taken = upstream.fragment_bytes();
+    assert!((32 << 20..=48 << 20).contains(&taken), "the replica took {taken} bytes of one message");
+    assert!(replica.logs().contains("a fragmented message larger than"), "{}", replica.logs());
 }

@@ -15,7 +15,7 @@
 use crate::backoff::Backoff;
 use crate::error::{ConnectionError, Error};
 use crate::event::{Event, V2Message, Wire};
-use crate::transport::{self, ClientError, WsUrl};
+use crate::transport::{self, Assembled, ClientError, Reassembler, WsUrl};
 use crate::Filters;
 use fastwebsockets::{Frame, OpCode, Payload};
 use std::collections::{HashSet, VecDeque};
@@ -723,15 +723,13 @@ impl Drop for AbortOnDrop {
 }
 
 /// Reads frames (pongs answered), puts fragmented messages together with their total capped
-/// at [`MAX_EVENT_BYTES`] (fastwebsockets' own collector caps each frame, not the message: a
-/// server sending endless fragments would exhaust memory), and forwards owned payloads.
+/// at [`MAX_EVENT_BYTES`] ([`Reassembler`]), and forwards owned payloads.
 async fn read_frames(
     mut read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>,
     writer: Arc<tokio::sync::Mutex<WsWrite>>,
     out: mpsc::Sender<Result<(OpCode, Vec<u8>), String>>,
 ) {
-    let mut partial: Option<(OpCode, Vec<u8>)> = None;
-    let too_big = || Err(format!("a message larger than {MAX_EVENT_BYTES} bytes"));
+    let mut pieces = Reassembler::new(MAX_EVENT_BYTES);
     loop {
         let mut send = |frame: Frame<'_>| {
             let writer = writer.clone();
@@ -746,30 +744,10 @@ async fn read_frames(
         };
         let item = match read.read_frame(&mut send).await {
             Err(e) => Err(e.to_string()),
-            Ok(f) => match (f.opcode, partial.as_mut()) {
-                (OpCode::Text | OpCode::Binary, Some(_)) => Err("a new message inside a fragmented one".to_string()),
-                (OpCode::Text | OpCode::Binary, None) if f.fin => Ok((f.opcode, f.payload.to_vec())),
-                (OpCode::Text | OpCode::Binary, None) => {
-                    if f.payload.len() > MAX_EVENT_BYTES {
-                        too_big()
-                    } else {
-                        partial = Some((f.opcode, f.payload.to_vec()));
-                        continue;
-                    }
-                }
-                (OpCode::Continuation, None) => Err("a continuation frame outside a message".to_string()),
-                (OpCode::Continuation, Some((_, buf))) => {
-                    if buf.len() + f.payload.len() > MAX_EVENT_BYTES {
-                        too_big()
-                    } else {
-                        buf.extend_from_slice(&f.payload);
-                        if !f.fin {
-                            continue;
-                        }
-                        Ok(partial.take().expect("a message in progress"))
-                    }
-                }
-                (opcode, _) => Ok((opcode, f.payload.to_vec())),
+            Ok(f) => match pieces.push(f.opcode, f.fin, &f.payload) {
+                Ok(Assembled::Partial) => continue,
+                Ok(Assembled::Message(opcode, payload)) => Ok((opcode, payload.to_vec())),
+                Err(e) => Err(e.to_string()),
             },
         };
         let last = item.is_err() || matches!(item, Ok((OpCode::Close, _)));

@@ -13,7 +13,8 @@ use tokio::net::TcpStream;
 /// The XRPC path of the firehose.
 pub const SUBSCRIBE_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
 /// Transport limit: generous, so the application decides about big frames (see module doc).
-const MAX_WS_MESSAGE_BYTES: usize = 32 << 20;
+/// It bounds one frame, and [`Reassembler`] bounds a fragmented message to the same.
+pub const MAX_WS_MESSAGE_BYTES: usize = 32 << 20;
 
 /// A URL that cannot be used: what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -290,6 +291,88 @@ pub async fn http_get(url: &WsUrl, path: &str, timeout: std::time::Duration) -> 
     step("HTTP GET", timeout, request, |e| e).await
 }
 
+/// Puts fragmented websocket messages back together, their total capped. fastwebsockets'
+/// `FragmentCollector` caps each frame but not the message, so a peer sending fragment after
+/// fragment without end would grow one message until memory ran out.
+#[derive(Debug)]
+pub struct Reassembler {
+    max: usize,
+    /// The opcode of the message being put together, if one is.
+    partial: Option<fastwebsockets::OpCode>,
+    buf: Vec<u8>,
+}
+
+/// What one frame completed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Assembled<'a> {
+    /// A whole message or a control frame: the frame's own payload when it was not fragmented.
+    Message(fastwebsockets::OpCode, &'a [u8]),
+    /// A fragment, kept until the message's last one.
+    Partial,
+}
+
+/// A message the peer got wrong: the connection should end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReassemblyError {
+    #[error("a fragmented message larger than {0} bytes")]
+    TooBig(usize),
+    #[error("a new message inside a fragmented one")]
+    Interleaved,
+    #[error("a continuation frame outside a message")]
+    StrayContinuation,
+}
+
+impl Reassembler {
+    /// Above this, the buffer of a finished message is not kept for the next one.
+    const KEEP_CAPACITY: usize = 1 << 20;
+
+    pub fn new(max: usize) -> Reassembler {
+        Reassembler { max, partial: None, buf: Vec::new() }
+    }
+
+    /// Takes the next frame read. Control frames (which may come between fragments) pass
+    /// through as they are.
+    pub fn push<'a>(
+        &'a mut self,
+        opcode: fastwebsockets::OpCode,
+        fin: bool,
+        payload: &'a [u8],
+    ) -> Result<Assembled<'a>, ReassemblyError> {
+        use fastwebsockets::OpCode;
+        match (opcode, self.partial) {
+            (OpCode::Text | OpCode::Binary, Some(_)) => Err(ReassemblyError::Interleaved),
+            (OpCode::Text | OpCode::Binary, None) if fin => Ok(Assembled::Message(opcode, payload)),
+            (OpCode::Text | OpCode::Binary, None) => {
+                if payload.len() > self.max {
+                    return Err(ReassemblyError::TooBig(self.max));
+                }
+                if self.buf.capacity() > Self::KEEP_CAPACITY {
+                    self.buf = Vec::new();
+                }
+                self.buf.clear();
+                self.buf.extend_from_slice(payload);
+                self.partial = Some(opcode);
+                Ok(Assembled::Partial)
+            }
+            (OpCode::Continuation, None) => Err(ReassemblyError::StrayContinuation),
+            (OpCode::Continuation, Some(first)) => {
+                if self.buf.len() + payload.len() > self.max {
+                    self.partial = None;
+                    self.buf = Vec::new();
+                    return Err(ReassemblyError::TooBig(self.max));
+                }
+                self.buf.extend_from_slice(payload);
+                if !fin {
+                    return Ok(Assembled::Partial);
+                }
+                self.partial = None;
+                Ok(Assembled::Message(first, &self.buf))
+            }
+            (control, _) => Ok(Assembled::Message(control, payload)),
+        }
+    }
+}
+
 fn tls_config() -> Arc<rustls::ClientConfig> {
     static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
     CONFIG
@@ -310,6 +393,29 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fragments_are_put_together_within_the_cap_and_the_peers_mistakes_are_errors() {
+        use fastwebsockets::OpCode::{Binary, Close, Continuation, Ping, Text};
+        let mut r = Reassembler::new(10);
+        // Unfragmented: the frame's own payload, even at the cap (the transport bounds frames).
+        assert_eq!(r.push(Binary, true, b"whole"), Ok(Assembled::Message(Binary, &b"whole"[..])));
+        // Fragments, with a ping between them.
+        assert_eq!(r.push(Text, false, b"abc"), Ok(Assembled::Partial));
+        assert_eq!(r.push(Ping, true, b"p"), Ok(Assembled::Message(Ping, &b"p"[..])));
+        assert_eq!(r.push(Continuation, false, b"def"), Ok(Assembled::Partial));
+        assert_eq!(r.push(Continuation, true, b"ghij"), Ok(Assembled::Message(Text, &b"abcdefghij"[..])));
+        // One byte over the cap, however it is split.
+        assert_eq!(r.push(Binary, false, b"0123456789a"), Err(ReassemblyError::TooBig(10)));
+        assert_eq!(r.push(Binary, false, b"01234"), Ok(Assembled::Partial));
+        assert_eq!(r.push(Continuation, false, b"56789"), Ok(Assembled::Partial));
+        assert_eq!(r.push(Continuation, false, b"a"), Err(ReassemblyError::TooBig(10)));
+        // After an error nothing is in progress.
+        assert_eq!(r.push(Continuation, true, b"x"), Err(ReassemblyError::StrayContinuation));
+        assert_eq!(r.push(Binary, false, b"1"), Ok(Assembled::Partial));
+        assert_eq!(r.push(Text, true, b"2"), Err(ReassemblyError::Interleaved));
+        assert_eq!(r.push(Close, true, b""), Ok(Assembled::Message(Close, &b""[..])));
+    }
 
     #[test]
     fn relay_urls() {

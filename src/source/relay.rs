@@ -22,7 +22,7 @@ use crate::rate_limited_log::RateLimitedLog;
 use crate::sequencer::{IngestFrame, IngestSender};
 use crate::transcode::{DropReason, FrameType, Transcoder};
 use crate::units::{parse_duration, parse_size, ser_duration};
-use fastwebsockets::{FragmentCollector, OpCode};
+use fastwebsockets::OpCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,8 @@ pub enum RelayError {
     Connect(#[from] ClientError),
     #[error("reading: {0}")]
     Read(fastwebsockets::WebSocketError),
+    #[error("the relay sent {0}")]
+    Message(wsclient::ReassemblyError),
     #[error("no frame for {0:?}")]
     Idle(Duration),
     #[error("the relay closed the connection")]
@@ -107,7 +109,7 @@ impl RelayError {
     pub fn label(&self) -> Option<RelayErrorKind> {
         match self {
             RelayError::Connect(_) => Some(RelayErrorKind::Connect),
-            RelayError::Read(_) => Some(RelayErrorKind::Read),
+            RelayError::Read(_) | RelayError::Message(_) => Some(RelayErrorKind::Read),
             RelayError::Idle(_) => Some(RelayErrorKind::IdleTimeout),
             RelayError::Closed | RelayError::SequencerStopped => None,
         }
@@ -197,7 +199,7 @@ impl Reader {
         let cursor = self.seq.cursor();
         let url = &self.cfg.relay_url;
         tracing::info!(host = %url.host, cursor, "connecting to relay");
-        let ws = match wsclient::connect(url, url.target(cursor), self.cfg.connect_timeout).await {
+        let mut ws = match wsclient::connect(url, url.target(cursor), self.cfg.connect_timeout).await {
             Ok(ws) => ws,
             Err(e) => return e.into(),
         };
@@ -206,16 +208,21 @@ impl Reader {
         self.held = None;
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
-        let mut ws = FragmentCollector::new(ws);
+        let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
         loop {
             let frame = match tokio::time::timeout(self.cfg.relay_idle_timeout, ws.read_frame()).await {
                 Err(_) => return RelayError::Idle(self.cfg.relay_idle_timeout),
                 Ok(Err(e)) => return RelayError::Read(e),
                 Ok(Ok(f)) => f,
             };
-            match frame.opcode {
+            let (opcode, payload) = match pieces.push(frame.opcode, frame.fin, &frame.payload) {
+                Ok(wsclient::Assembled::Partial) => continue,
+                Ok(wsclient::Assembled::Message(opcode, payload)) => (opcode, payload),
+                Err(e) => return RelayError::Message(e),
+            };
+            match opcode {
                 OpCode::Binary => {
-                    if let Err(e) = self.handle(&frame.payload).await {
+                    if let Err(e) = self.handle(payload).await {
                         return e;
                     }
                 }

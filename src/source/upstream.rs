@@ -23,7 +23,7 @@ use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::sequencer::{IngestFrame, IngestSender};
 use crate::units::{parse_duration, ser_duration};
-use fastwebsockets::{FragmentCollector, OpCode};
+use fastwebsockets::OpCode;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -282,14 +282,14 @@ impl UpstreamReader {
             params.push("compress=true".into());
         }
         let target = url.target_with(params.into_iter());
-        let ws = match wsclient::connect(&url, target, self.opts.connect_timeout).await {
+        let mut ws = match wsclient::connect(&url, target, self.opts.connect_timeout).await {
             Ok(ws) => ws,
             Err(e) => return e.into(),
         };
         self.readiness.set_reached();
         self.metrics.relay_connected.set(1);
         tracing::info!(upstream = %url, cursor = self.last_time_us, "upstream connected");
-        let mut ws = FragmentCollector::new(ws);
+        let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
         // Watches the other upstreams while this one is in use; says which one to switch to.
         let (better_tx, mut better_rx) = tokio::sync::oneshot::channel();
         let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(
@@ -319,11 +319,16 @@ impl UpstreamReader {
                 Ok(Err(e)) => return UpstreamError::Read(e),
                 Ok(Ok(f)) => f,
             };
-            let result = match (frame.opcode, decompressor.as_mut()) {
-                (OpCode::Text, _) => self.handle(frame.payload.to_vec()).await,
+            let (opcode, payload) = match pieces.push(frame.opcode, frame.fin, &frame.payload) {
+                Ok(wsclient::Assembled::Partial) => continue,
+                Ok(wsclient::Assembled::Message(opcode, payload)) => (opcode, payload),
+                Err(e) => return protocol(e.to_string()),
+            };
+            let result = match (opcode, decompressor.as_mut()) {
+                (OpCode::Text, _) => self.handle(payload.to_vec()).await,
                 (OpCode::Binary, Some(d)) => {
                     // Events are at most a few MB (a 1 MiB record rendered as JSON).
-                    match d.decompress(&frame.payload, MAX_EVENT_JSON) {
+                    match d.decompress(payload, MAX_EVENT_JSON) {
                         Ok(mut json) => {
                             // A frame without its content size (another encoder than ours)
                             // decompresses into a buffer of the whole limit, which the event

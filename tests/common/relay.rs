@@ -17,6 +17,9 @@ pub struct ConnFault {
     pub drop_after: Option<usize>,
     /// Start this many seqs below the requested cursor (a fan-out daemon that is behind).
     pub start_behind: Option<i64>,
+    /// Send one binary message in 1 MiB fragments that never end (up to 256 MiB, so a reader
+    /// without a limit fails the test rather than the machine), then drop the connection.
+    pub endless_fragments: bool,
 }
 
 impl ConnFault {
@@ -44,6 +47,8 @@ struct State {
     plan: Mutex<std::collections::VecDeque<ConnFault>>,
     connections: AtomicUsize,
     cursors: Mutex<Vec<Option<i64>>>,
+    /// Bytes of endless fragments the readers took.
+    fragment_bytes: AtomicUsize,
 }
 
 pub struct FakeRelay {
@@ -71,7 +76,9 @@ impl FakeRelay {
                                 .query()
                                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("cursor=")))
                                 .and_then(|c| c.parse::<i64>().ok());
-                            let path_ok = req.uri().path() == "/xrpc/com.atproto.sync.subscribeRepos";
+                            // Also at a Contrail's path, for tests of a replica's upstream reader.
+                            let path_ok =
+                                ["/xrpc/com.atproto.sync.subscribeRepos", "/subscribe"].contains(&req.uri().path());
                             if !path_ok {
                                 return Ok::<_, std::convert::Infallible>(
                                     hyper::Response::builder().status(404).body(Empty::<Bytes>::new()).unwrap(),
@@ -143,6 +150,11 @@ impl FakeRelay {
     pub fn cursors(&self) -> Vec<Option<i64>> {
         self.state.cursors.lock().unwrap().clone()
     }
+
+    /// How much of [`ConnFault::endless_fragments`] the readers took.
+    pub fn fragment_bytes(&self) -> usize {
+        self.state.fragment_bytes.load(Ordering::SeqCst)
+    }
 }
 
 async fn serve_conn(
@@ -167,6 +179,18 @@ async fn serve_conn(
         (c, _) => c,
     };
     let mut ws = fastwebsockets::FragmentCollector::new(ws);
+    if planned.endless_fragments {
+        let chunk = vec![0xa5u8; 1 << 20];
+        let mut opcode = OpCode::Binary;
+        while st.fragment_bytes.load(Ordering::SeqCst) < 256 << 20 {
+            if ws.write_frame(Frame::new(false, opcode, None, Payload::Borrowed(&chunk))).await.is_err() {
+                return;
+            }
+            st.fragment_bytes.fetch_add(chunk.len(), Ordering::SeqCst);
+            opcode = OpCode::Continuation;
+        }
+        return;
+    }
     if faults.silent {
         // Hold the socket open and say nothing until the client gives up.
         while let Ok(f) = ws.read_frame().await {
