@@ -105,6 +105,21 @@ impl Filter {
         &self.prefixes
     }
 
+    /// About how much heap the filter holds: its strings and its sets' tables (for budgets
+    /// that keep filters alive, such as kept replay pages).
+    pub fn heap_bytes(&self) -> usize {
+        fn set_bytes(set: &Option<HashSet<String>>) -> usize {
+            set.as_ref().map_or(0, |s| {
+                // A table slot per capacity (the String and a control byte), and each string.
+                s.capacity() * (std::mem::size_of::<String>() + 1) + s.iter().map(String::capacity).sum::<usize>()
+            })
+        }
+        set_bytes(&self.collections)
+            + set_bytes(&self.dids)
+            + self.prefixes.capacity() * std::mem::size_of::<String>()
+            + self.prefixes.iter().map(String::capacity).sum::<usize>()
+    }
+
     /// Builds a filter from raw values, with v1's validation and messages. O(n) in the input,
     /// stopping at the first limit crossed: a 10 MB `options_update` costs one pass over it.
     pub fn new(collections: &[String], dids: &[String]) -> Result<Filter, OptionsError> {

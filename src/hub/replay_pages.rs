@@ -18,7 +18,7 @@ use super::encode::{append_frame, frame, Encoding};
 use crate::event::{view_value, Event};
 use crate::log::{Log, LogError};
 use crate::options::Filter;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -437,8 +437,12 @@ struct Pages {
     /// By (rendering's hash, `from`): the page that may hold a position is the last one
     /// starting at or before it.
     map: BTreeMap<(u64, u64), Slot>,
-    /// Built pages kept, oldest first, with their counted bytes.
-    order: VecDeque<((u64, u64), usize)>,
+    /// Built pages kept, oldest first, with their counted bytes and their filter's address.
+    order: VecDeque<((u64, u64), usize, usize)>,
+    /// The filters kept pages hold (a client's may be 10 MB), by address: how many kept pages
+    /// hold it and its bytes, counted once while any does. The `Arc` keeps the address from
+    /// being reused while it is counted.
+    filters: HashMap<usize, (usize, usize, Arc<Filter>)>,
     bytes: usize,
 }
 
@@ -558,7 +562,9 @@ impl ReplayPages {
             if let Ok(page) = &built {
                 me.counters.stored_frames.inc_by(page.stored_frames as u64);
             }
-            me.finish(key, &tx, built);
+            // Counted outside the pages' lock: a filter may hold 10,000 DIDs.
+            let filter_bytes = if key.is_some() { rendering.filter.heap_bytes() } else { 0 };
+            me.finish(key, &tx, built, (&rendering.filter, filter_bytes));
         });
         PageFetch::Building(rx)
     }
@@ -580,7 +586,15 @@ impl ReplayPages {
     /// A build finished: its waiters get it. A shared full page is kept (evicting the oldest
     /// past the budget); anything else leaves the map. Under the map's lock, so a fetch sees
     /// either the slot being built or the result.
-    fn finish(&self, key: Option<(u64, u64)>, tx: &watch::Sender<Option<Built>>, built: Built) {
+    /// The page's filter counts too, once for all the kept pages that hold it (`filter`: it
+    /// and its [`Filter::heap_bytes`]).
+    fn finish(
+        &self,
+        key: Option<(u64, u64)>,
+        tx: &watch::Sender<Option<Built>>,
+        built: Built,
+        filter: (&Arc<Filter>, usize),
+    ) {
         let Some(key) = key else {
             tx.send_replace(Some(built)); // stored even when no one waits now
             return;
@@ -591,16 +605,26 @@ impl ReplayPages {
             _ => usize::MAX,
         };
         tx.send_replace(Some(built));
-        if size > self.max_bytes / 4 {
+        let (filter, filter_bytes) = filter;
+        let address = Arc::as_ptr(filter) as usize;
+        let filter_new = if pages.filters.contains_key(&address) { 0 } else { filter_bytes };
+        if size.saturating_add(filter_new) > self.max_bytes / 4 {
             pages.map.remove(&key);
             return;
         }
-        pages.order.push_back((key, size));
-        pages.bytes += size;
+        pages.order.push_back((key, size, address));
+        pages.filters.entry(address).or_insert_with(|| (0, filter_bytes, filter.clone())).0 += 1;
+        pages.bytes += size + filter_new;
         while pages.bytes > self.max_bytes {
-            let Some((old, s)) = pages.order.pop_front() else { break };
+            let Some((old, s, address)) = pages.order.pop_front() else { break };
             pages.map.remove(&old);
             pages.bytes -= s;
+            if let std::collections::hash_map::Entry::Occupied(mut held) = pages.filters.entry(address) {
+                held.get_mut().0 -= 1;
+                if held.get().0 == 0 {
+                    pages.bytes -= held.remove().1;
+                }
+            }
         }
     }
 
@@ -823,6 +847,45 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((page.scanned, built.get()), (1024, 1));
+    }
+
+    #[tokio::test]
+    async fn kept_pages_count_their_filter_once_and_a_filter_over_a_quarter_is_not_kept() {
+        let log = log_of(20_000, 2_000);
+        // 2,000 DIDs of about 1,000 characters, none in the log: a filter of about 2 MB that
+        // a client could send in one `options_update`. Its pages hold no frames, only the
+        // scan kept beside them.
+        let dids: Vec<String> = (0..2_000).map(|i| format!("did:web:{i:0>990}.example")).collect();
+        let big = Arc::new(Filter::new(&[], &dids).unwrap());
+        let filter_bytes = big.heap_bytes();
+        assert!(filter_bytes > 2_000 * 990, "{filter_bytes}");
+        let plain = Encoding::plain_v1();
+        let page_bytes = Page::build(&log, 0, REPLAY_BATCH, &big, &plain).unwrap().counted_bytes();
+        // Room for the filter and a few of its pages.
+        let budget = 4 * (filter_bytes + page_bytes);
+        let (cache, _, _) = pages(budget);
+        let a = page_at(&cache, &log, 999, &big, &plain).await;
+        // The same filter in another `Arc` is the kept one's (counted once, not twice).
+        let same = Arc::new(Filter::new(&[], &dids).unwrap());
+        let b = page_at(&cache, &log, a.end, &same, &plain).await;
+        assert_eq!(cache.kept(), 2);
+        assert_eq!(cache.bytes(), a.counted_bytes() + b.counted_bytes() + filter_bytes);
+        // Many more pages: the oldest go, the filter stays counted while any page holds it.
+        let mut kept = vec![a, b];
+        for _ in 0..15 {
+            let position = kept.last().unwrap().end;
+            kept.push(page_at(&cache, &log, position, &big, &plain).await);
+            assert!(cache.bytes() <= budget, "{} bytes kept, budget {budget}", cache.bytes());
+        }
+        let n = cache.kept();
+        assert!((1..17).contains(&n), "{n} kept");
+        let newest: usize = kept[kept.len() - n..].iter().map(|p| p.counted_bytes()).sum();
+        assert_eq!(cache.bytes(), newest + filter_bytes);
+        // A filter over a quarter of the budget: its pages are built, not kept.
+        let (small, built, _) = pages(4 * filter_bytes - 1);
+        page_at(&small, &log, 999, &big, &plain).await;
+        page_at(&small, &log, 999, &big, &plain).await;
+        assert_eq!((small.kept(), small.bytes(), built.get()), (0, 0, 2));
     }
 
     #[tokio::test]
