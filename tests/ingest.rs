@@ -290,6 +290,39 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }
 
+/// A relay that restarted with a lower seq space and refuses our cursor as in its future (an
+/// error frame, then a close, as the TypeScript PDS does): the reader asks next without a
+/// cursor and follows the new space, instead of asking for the refused cursor forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
+    let relay = FakeRelay::start().await;
+    let before = generate(50_000, 50, 10, 46);
+    relay.push_all(&before);
+    let dir = tempfile::tempdir().unwrap();
+    let serve =
+        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s", "--relay-reset-threshold", "10000"]);
+    serve.wait_for_seq(50_049, Duration::from_secs(30));
+    relay.set_faults(Faults { refuse_future_cursor: true, ..Faults::default() });
+    relay.clear();
+    let after = generate(1, 30, 10, 47);
+    relay.push_all(&after);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 30 {
+        assert!(std::time::Instant::now() < deadline, "ingest stalled on the refused cursor; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(serve.metric("contrail_relay_errors_total{kind=\"future_cursor\"}").unwrap() >= 1.0);
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
+    // After the refusal, one connection without a cursor; then cursors again.
+    let cursors = relay.cursors();
+    let refused = cursors.iter().position(|c| *c == Some(50_049)).unwrap();
+    assert!(cursors[refused + 1..].contains(&None), "{cursors:?}");
+    drop(serve);
+    let mut all = before.clone();
+    all.extend(after);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     let relay = FakeRelay::start().await;

@@ -258,6 +258,12 @@ impl Reader {
                     _ => RelayErrorKind::Other,
                 };
                 m.relay_error(kind);
+                if kind == RelayErrorKind::FutureCursor {
+                    // The relay's seq space is below our cursor: asking again would be refused
+                    // again. The next connection is live, and its first frame decides (the
+                    // reset rule) whether the relay restarted lower or is only behind.
+                    self.seq.cursor_refused();
+                }
                 let message = info.message.clone().unwrap_or_default();
                 let last = self.seq.last();
                 self.log.error("relay_error_frame", || {

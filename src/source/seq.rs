@@ -8,6 +8,10 @@
 //!   are duplicates, skipped (no duplicates, DESIGN.md invariant 2).
 //! - Only a first frame *far* below our position (more than the reset threshold) means the
 //!   relay lost its history and restarted lower: then we follow it (spec/firehose.md §1.4).
+//! - A relay that refused our cursor as in its future (a `FutureCursor` error frame: its seq
+//!   space restarted below us) is asked next without one, live; its first frame is then judged
+//!   by the rule above, so a relay that is merely behind (a lagging instance behind a load
+//!   balancer) still gives duplicates, not a reset.
 //! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
 //!   next frame confirms the new space (one bogus huge seq must not make every later frame look
 //!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
@@ -43,12 +47,20 @@ pub struct SeqTracker {
     reset_threshold: i64,
     /// The seq of a frame held after a far jump.
     held: Option<i64>,
+    /// The relay refused our cursor as in its future: connect without one until a frame comes.
+    cursor_refused: bool,
 }
 
 impl SeqTracker {
     /// Starts at `last`, the newest persisted seq (0: none, start live).
     pub fn new(last: i64, reset_threshold: i64) -> Self {
-        SeqTracker { last: last.max(0), first_of_session: true, reset_threshold: reset_threshold.max(0), held: None }
+        SeqTracker {
+            last: last.max(0),
+            first_of_session: true,
+            reset_threshold: reset_threshold.max(0),
+            held: None,
+            cursor_refused: false,
+        }
     }
 
     /// The newest seq handed on (0: none).
@@ -58,7 +70,13 @@ impl SeqTracker {
 
     /// The cursor to resume from, if any.
     pub fn cursor(&self) -> Option<i64> {
-        (self.last > 0).then_some(self.last)
+        (self.last > 0 && !self.cursor_refused).then_some(self.last)
+    }
+
+    /// The relay said our cursor is in its future: the next connections ask for none, until a
+    /// frame with a seq arrives. (Asking again would be refused again, forever.)
+    pub fn cursor_refused(&mut self) {
+        self.cursor_refused = true;
     }
 
     /// A new connection begins (a frame held on the old one is gone with it).
@@ -80,6 +98,7 @@ impl SeqTracker {
             return SeqDecision::Invalid;
         }
         let first = std::mem::take(&mut self.first_of_session);
+        self.cursor_refused = false;
         if let Some(held) = self.held.take() {
             // The frame after a far jump decides: continuing from the held seq confirms it.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
@@ -128,6 +147,28 @@ mod tests {
         assert_eq!(t.observe(4), ACCEPT);
         assert_eq!(SeqTracker::new(0, 5).cursor(), None);
         assert_eq!(SeqTracker::new(0, 5).observe(7), ACCEPT);
+    }
+
+    #[test]
+    fn a_refused_cursor_is_not_asked_for_again_until_a_frame_comes() {
+        let mut t = SeqTracker::new(50_000, 10_000);
+        t.cursor_refused();
+        assert_eq!(t.cursor(), None, "live, not the refused cursor");
+        t.new_session();
+        assert_eq!(t.cursor(), None, "still, after a connection that gave no frame");
+        t.new_session();
+        assert_eq!(t.observe(0), SeqDecision::Invalid);
+        assert_eq!(t.cursor(), None, "a frame without a believable seq says nothing");
+        // A relay far behind us: the reset rule follows it.
+        assert_eq!(t.observe(7), SeqDecision::Reset { from: 7 });
+        assert_eq!(t.cursor(), Some(7));
+        // One a little behind (a lagging instance): duplicates until it passes us.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        t.cursor_refused();
+        t.new_session();
+        assert_eq!(t.observe(49_990), SeqDecision::Duplicate);
+        assert_eq!(t.cursor(), Some(50_000));
+        assert_eq!(t.observe(50_001), ACCEPT);
     }
 
     #[test]

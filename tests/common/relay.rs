@@ -38,6 +38,9 @@ pub struct Faults {
     /// Pause between frames (after every `burst` frames, when `burst` > 1).
     pub frame_interval: Option<Duration>,
     pub burst: usize,
+    /// Answer a cursor above the newest frame held with a `FutureCursor` error frame and a
+    /// close, as the TypeScript PDS does.
+    pub refuse_future_cursor: bool,
 }
 
 #[derive(Default)]
@@ -199,6 +202,14 @@ async fn serve_conn(
             }
         }
         return;
+    }
+    if faults.refuse_future_cursor {
+        let newest = st.frames.lock().unwrap().last().map_or(0, |(s, _)| *s);
+        if cursor.is_some_and(|c| c > newest) {
+            let _ = ws.write_frame(Frame::binary(Payload::Owned(super::frames::error_frame("FutureCursor")))).await;
+            let _ = ws.write_frame(Frame::close(1000, b"")).await;
+            return;
+        }
     }
     // Inclusive replay, like rainbow: the frame at `cursor` is sent again.
     let mut next = {
