@@ -323,6 +323,43 @@ async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }
 
+/// A relay whose seq space restarts lower in the middle of a connection (a fan-out daemon whose
+/// upstream restarted, keeping our connection open): a run of frames far below our cursor ends
+/// the connection, and the next ones follow the new space. Before, every frame was skipped as a
+/// duplicate for as long as the relay kept sending, so the idle timeout never came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_seq_space_restarting_mid_connection_is_followed() {
+    let relay = FakeRelay::start().await;
+    let before = generate(50_000, 50, 10, 48);
+    relay.push_all(&before);
+    let dir = tempfile::tempdir().unwrap();
+    let serve =
+        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "10s", "--relay-reset-threshold", "10000"]);
+    serve.wait_for_seq(50_049, Duration::from_secs(30));
+    // The open connection goes on with seqs 51.. of the new space, a frame a millisecond.
+    relay.set_faults(Faults {
+        refuse_future_cursor: true,
+        frame_interval: Some(Duration::from_millis(1)),
+        ..Faults::default()
+    });
+    relay.clear();
+    let after = generate(1, 3_000, 10, 49);
+    relay.push_all(&after);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 3_000 {
+        assert!(std::time::Instant::now() < deadline, "ingest stalled; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A hundred frames skipped, not the relay's whole stream until it went quiet.
+    let duplicates = serve.metric("contrail_relay_duplicate_frames_total").unwrap();
+    assert!(duplicates < 300.0, "{duplicates} frames skipped as duplicates");
+    assert!(serve.logs().contains("frames in a row far below our cursor"), "{}", serve.logs());
+    drop(serve);
+    let mut all = before.clone();
+    all.extend(after);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     let relay = FakeRelay::start().await;

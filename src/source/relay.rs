@@ -100,6 +100,11 @@ pub enum RelayError {
     Idle(Duration),
     #[error("the relay closed the connection")]
     Closed,
+    #[error(
+        "the relay sent {} frames in a row far below our cursor {cursor} (the last: seq {seq}): reconnecting, to judge its seq space afresh",
+        super::seq::FAR_BELOW_RUN
+    )]
+    FarBelow { cursor: i64, seq: i64 },
     #[error("the sequencer stopped")]
     SequencerStopped,
 }
@@ -111,7 +116,7 @@ impl RelayError {
             RelayError::Connect(_) => Some(RelayErrorKind::Connect),
             RelayError::Read(_) | RelayError::Message(_) => Some(RelayErrorKind::Read),
             RelayError::Idle(_) => Some(RelayErrorKind::IdleTimeout),
-            RelayError::Closed | RelayError::SequencerStopped => None,
+            RelayError::Closed | RelayError::FarBelow { .. } | RelayError::SequencerStopped => None,
         }
     }
 }
@@ -300,6 +305,10 @@ impl Reader {
             SeqDecision::Duplicate => {
                 m.relay_duplicates.inc();
                 return Ok(());
+            }
+            SeqDecision::Reconnect => {
+                m.relay_duplicates.inc();
+                return Err(RelayError::FarBelow { cursor, seq });
             }
             SeqDecision::Hold => {
                 self.held = Some(frame);

@@ -12,6 +12,11 @@
 //!   space restarted below us) is asked next without one, live; its first frame is then judged
 //!   by the rule above, so a relay that is merely behind (a lagging instance behind a load
 //!   balancer) still gives duplicates, not a reset.
+//! - Frames far below our position in the middle of a connection (a fan-out daemon whose
+//!   upstream restarted lower, without closing our connection) are duplicates one by one; a
+//!   run of [`FAR_BELOW_RUN`] of them in a row ends the connection, so that the next one's
+//!   first frame can be judged by the reset rule. Otherwise a relay that keeps sending would
+//!   never let the idle timeout reconnect, and every new event would be skipped.
 //! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
 //!   next frame confirms the new space (one bogus huge seq must not make every later frame look
 //!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
@@ -21,6 +26,9 @@
 /// traffic (at a few thousand seqs/s) are well under it; a corrupt seq usually is not.
 pub const MAX_SEQ_JUMP: i64 = 1_000_000_000;
 
+/// Frames in a row far below our position, in one connection, that end it.
+pub const FAR_BELOW_RUN: u32 = 100;
+
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqDecision {
@@ -29,6 +37,9 @@ pub enum SeqDecision {
     Accept { gap: bool, release_held: bool },
     /// Already persisted (at or below our position): skip it.
     Duplicate,
+    /// The last of [`FAR_BELOW_RUN`] frames in a row far below our position: skip it and
+    /// reconnect, so the next connection's first frame is judged by the reset rule.
+    Reconnect,
     /// The relay cannot serve our cursor (a new, lower seq space): follow it from this frame.
     Reset { from: i64 },
     /// A far jump ahead: keep the frame aside until the next one says whether it was real.
@@ -49,6 +60,8 @@ pub struct SeqTracker {
     held: Option<i64>,
     /// The relay refused our cursor as in its future: connect without one until a frame comes.
     cursor_refused: bool,
+    /// Frames in a row, in this connection, far below `last`.
+    far_below: u32,
 }
 
 impl SeqTracker {
@@ -60,6 +73,7 @@ impl SeqTracker {
             reset_threshold: reset_threshold.max(0),
             held: None,
             cursor_refused: false,
+            far_below: 0,
         }
     }
 
@@ -83,6 +97,7 @@ impl SeqTracker {
     pub fn new_session(&mut self) {
         self.first_of_session = true;
         self.held = None;
+        self.far_below = 0;
     }
 
     /// Whether a frame is being held.
@@ -107,13 +122,23 @@ impl SeqTracker {
             }
             // Otherwise the held seq was bogus; judge this frame against our position.
         }
-        if first && self.last > 0 && seq < self.last.saturating_sub(self.reset_threshold) {
+        let far_below = self.last > 0 && seq < self.last.saturating_sub(self.reset_threshold);
+        if first && far_below {
             // We asked for `cursor=last` and the relay starts far below it: it cannot serve
             // our cursor (a new relay instance with a new seq space). Taking its stream from
             // here is the only way forward; skipping "duplicates" would stall ingest.
             self.last = seq;
             return SeqDecision::Reset { from: seq };
         }
+        if far_below {
+            self.far_below += 1;
+            if self.far_below >= FAR_BELOW_RUN {
+                self.far_below = 0;
+                return SeqDecision::Reconnect;
+            }
+            return SeqDecision::Duplicate;
+        }
+        self.far_below = 0;
         if seq <= self.last {
             return SeqDecision::Duplicate;
         }
@@ -169,6 +194,30 @@ mod tests {
         assert_eq!(t.observe(49_990), SeqDecision::Duplicate);
         assert_eq!(t.cursor(), Some(50_000));
         assert_eq!(t.observe(50_001), ACCEPT);
+    }
+
+    #[test]
+    fn a_run_of_frames_far_below_in_one_connection_asks_for_a_reconnect() {
+        let mut t = SeqTracker::new(50_000, 10_000);
+        assert_eq!(t.observe(50_001), ACCEPT);
+        // A few stray frames far below, then the stream goes on: duplicates, nothing more.
+        for seq in 1..=(FAR_BELOW_RUN as i64 - 1) {
+            assert_eq!(t.observe(seq), SeqDecision::Duplicate);
+        }
+        assert_eq!(t.observe(50_002), ACCEPT);
+        for seq in 1..=(FAR_BELOW_RUN as i64 - 1) {
+            assert_eq!(t.observe(seq), SeqDecision::Duplicate, "the run starts again");
+        }
+        // A whole run: reconnect; the next connection's first frame follows the new space.
+        assert_eq!(t.observe(FAR_BELOW_RUN as i64), SeqDecision::Reconnect);
+        assert_eq!(t.last(), 50_002);
+        t.new_session();
+        assert_eq!(t.observe(101), SeqDecision::Reset { from: 101 });
+        // Frames a little below (a daemon catching up) never count towards a run.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        for _ in 0..1_000 {
+            assert_eq!(t.observe(49_000), SeqDecision::Duplicate);
+        }
     }
 
     #[test]
