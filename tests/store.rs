@@ -330,3 +330,52 @@ fn the_disk_budget_counts_the_events_files_not_the_wal() {
     assert_eq!(log.newest_time_us().unwrap(), Some(newest));
     assert_eq!(log.read_from(oldest, usize::MAX).unwrap().len() as u64, (newest - oldest) / 1_000 + 1);
 }
+
+/// After the clock stepped a year forward, the log's span of time is mostly the step: a tenth of
+/// it would be all history from before the step. The disk budget trims by bytes where the
+/// files tell, so a budget exceeded by a little costs a little.
+#[test]
+fn the_disk_budget_trims_a_share_of_the_bytes_not_of_a_span_a_clock_step_stretched() {
+    use contrail::log::retention::{enforce, ByArrival, RetentionConfig};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let opts = RocksOptions { memtable_bytes: 1 << 20, ..RocksOptions::default() };
+    let log = Log::rocks(RocksLog::open(dir.path(), opts).unwrap()).unwrap();
+    let t0 = 1_800_000_000_000_000u64;
+    let year = 365 * 86_400 * 1_000_000u64;
+    let mut t = t0;
+    for batch in 0..400 {
+        if batch == 200 {
+            t += year; // the clock steps forward; stamping goes on from there
+        }
+        let mut evs = events(100, batch + 1);
+        for e in &mut evs {
+            e.stamp(t);
+            t += 1_000;
+        }
+        log.append(&evs, None).unwrap();
+    }
+    let newest = t - 1_000;
+    log.flush().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut idle = 0;
+    while idle < 5 {
+        assert!(std::time::Instant::now() < deadline, "RocksDB's background work never finished");
+        idle = if log.background_jobs() == (0, 0) { idle + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let files = log.event_bytes();
+    let metrics = Metrics::new();
+    let config = RetentionConfig {
+        retention: Duration::from_secs(100 * 365 * 86_400),
+        max_disk_bytes: files - files / 20, // 5% over
+        trim_interval: Duration::from_secs(60),
+    };
+    enforce(&log, &metrics, &config, newest, ByArrival::UNKNOWN).unwrap();
+    let kept = log.read_from(0, usize::MAX).unwrap();
+    assert!(log.event_bytes() <= config.max_disk_bytes, "still over the budget: {} B", log.event_bytes());
+    // About a tenth went (a file's worth more or less), not the half from before the step.
+    assert!(kept.len() >= 30_000, "{} of 40,000 events kept", kept.len());
+    assert!(kept[0].time_us < t0 + year, "history from before the step is still there");
+    assert_eq!(kept.last().unwrap().time_us, newest);
+}

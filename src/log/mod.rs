@@ -358,6 +358,15 @@ impl Log {
         }
     }
 
+    /// The `time_us` below which about `fraction` of [`event_bytes`](Self::event_bytes) lie,
+    /// when the backend can tell (RocksDB, by its files).
+    pub fn time_at_bytes_fraction(&self, fraction: f64) -> Option<u64> {
+        match &self.backend {
+            Backend::Rocks(s) => s.time_at_bytes_fraction(fraction),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// Bytes held: on disk for RocksDB (stored compressed frames included), in memory for a
     /// live-only window.
     pub fn disk_bytes(&self) -> u64 {

@@ -243,15 +243,21 @@ pub fn enforce(
         metrics.store_trims.inc();
         tracing::info!(cutoff_time_us = cutoff, "trimmed events older than retention");
     }
-    // Disk budget: drop the oldest tenth of the time span per step until under budget, or
-    // until a step frees nothing (what is left is not yet in files trimming can delete).
+    // Disk budget: drop about the oldest tenth per step until under budget, or until a step
+    // frees nothing (what is left is not yet in files trimming can delete). A tenth of the
+    // bytes where the files tell, and never more than a tenth of the time span: after a clock
+    // step the span is mostly the step, and a tenth of it could be all history before it.
     for _ in 0..10 {
         let before = log.event_bytes();
         if opts.max_disk_bytes == 0 || before <= opts.max_disk_bytes {
             break;
         }
         let (Some(old), Some(new)) = (log.oldest_time_us()?, log.newest_time_us()?) else { break };
-        let cut = old + (new - old) / 10 + 1;
+        let span_cut = old + (new - old) / 10 + 1;
+        let cut = match log.time_at_bytes_fraction(0.1) {
+            Some(c) if c > old => c.min(span_cut),
+            _ => span_cut,
+        };
         log.trim_before(cut.min(new))?;
         metrics.store_trims.inc();
         let after = log.event_bytes();

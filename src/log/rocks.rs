@@ -427,6 +427,29 @@ impl RocksLog {
         self.int_property(self.events(), rocksdb::properties::LIVE_SST_FILES_SIZE)
     }
 
+    /// The `time_us` below which about `fraction` of the events' file bytes lie, by the live
+    /// files' key ranges (the disk budget's step: a share of the bytes, whatever the span of
+    /// time they cover). `None` when no file says.
+    pub fn time_at_bytes_fraction(&self, fraction: f64) -> Option<u64> {
+        let key = |k: Option<Vec<u8>>| Some(u64::from_be_bytes(k?.try_into().ok()?));
+        let mut files: Vec<(u64, u64, usize)> = self
+            .db
+            .live_files()
+            .ok()?
+            .into_iter()
+            .filter(|f| f.column_family_name == CF_EVENTS)
+            .filter_map(|f| Some((key(f.start_key)?, key(f.end_key)?, f.size)))
+            .collect();
+        files.sort_unstable();
+        let total: usize = files.iter().map(|f| f.2).sum();
+        let want = (total as f64 * fraction) as usize;
+        let mut seen = 0;
+        files.into_iter().find_map(|(_, end, size)| {
+            seen += size;
+            (seen >= want).then(|| end.saturating_add(1))
+        })
+    }
+
     /// Bytes on disk: SST files (events and stored compressed frames) plus the WAL.
     pub fn disk_bytes(&self) -> u64 {
         self.sst_bytes(self.events())
