@@ -9,6 +9,12 @@ pub fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// Above any `time_us` a clock can give (2^53 µs is the year 2255) and the largest integer a
+/// JavaScript client reads exactly: an upstream's event beyond it is refused, not stored, so a
+/// corrupt one cannot become the log's newest (which every real event after it would then
+/// fail to follow).
+pub const MAX_TIME_US: u64 = 1 << 53;
+
 /// Assigns `time_us` values: `max(now, last + 1)`, so they never repeat or go backwards even
 /// when the clock steps back. Pure: the caller passes the clock reading.
 #[derive(Debug, Clone, Copy, Default)]

@@ -344,3 +344,38 @@ async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
     assert!((32 << 20..=48 << 20).contains(&taken), "the replica took {taken} bytes of one message");
     assert!(replica.logs().contains("a fragmented message larger than"), "{}", replica.logs());
 }
+
+/// An upstream that sends an event with a `time_us` beyond any clock (corrupt, or hostile): the
+/// replica refuses it rather than store it as its newest, which would make it refuse every real
+/// event after (each must be newer) and resume from that cursor forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_event_beyond_any_clock_is_refused_not_stored() {
+    let upstream = FakeRelay::start().await;
+    upstream.set_faults(Faults { text: true, ..Faults::default() });
+    let t = 1_800_000_000_000_000i64;
+    let line = |time_us: i64| {
+        format!(
+            r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+        )
+        .into_bytes()
+    };
+    let bogus = 1i64 << 60;
+    for time_us in [t, t + 1, bogus] {
+        upstream.push(time_us, line(time_us));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
+    // It reconnects from its newest event each time the bogus one is refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !upstream.cursors().contains(&Some(t + 1)) {
+        assert!(Instant::now() < deadline, "no resumption from t+1; logs:\n{}", replica.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(replica.logs().contains("beyond any clock"), "{}", replica.logs());
+    drop(replica);
+    let stored: Vec<u64> = inspect_log(dir.path())
+        .iter()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
+        .collect();
+    assert_eq!(stored, vec![t as u64, t as u64 + 1]);
+}

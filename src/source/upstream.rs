@@ -359,6 +359,9 @@ impl UpstreamReader {
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
             return Ok(());
         }
+        if meta.time_us >= crate::clock::MAX_TIME_US {
+            return Err(protocol(format!("an event with time_us {} (beyond any clock)", meta.time_us)));
+        }
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
                 self.expect_repeat = false;

@@ -41,6 +41,9 @@ pub struct Faults {
     /// Answer a cursor above the newest frame held with a `FutureCursor` error frame and a
     /// close, as the TypeScript PDS does.
     pub refuse_future_cursor: bool,
+    /// Send the frames as text (JSON event lines, standing in for a Contrail upstream; their
+    /// "seq" is their `time_us`).
+    pub text: bool,
 }
 
 #[derive(Default)]
@@ -227,7 +230,8 @@ async fn serve_conn(
                 if faults.drop_after.is_some_and(|n| sent >= n) {
                     return; // drop the TCP connection without a close frame
                 }
-                if ws.write_frame(Frame::binary(Payload::Owned(f))).await.is_err() {
+                let frame = if faults.text { Frame::text(Payload::Owned(f)) } else { Frame::binary(Payload::Owned(f)) };
+                if ws.write_frame(frame).await.is_err() {
                     return;
                 }
                 next += 1;
