@@ -37,6 +37,31 @@ fn frames_of_round(gen: &[frames::GenFrame], round: usize) -> Vec<(i64, Vec<u8>)
     gen[(round % 4) * n..(round % 4 + 1) * n].iter().map(|g| (g.seq, g.frame.clone())).collect()
 }
 
+/// Transcodes `frames` and hands them to the sequencer over the ingest queue, as the relay
+/// reader does; returns once the ring has published every event of them (read as they come,
+/// as the dispatcher does).
+async fn feed(
+    frames: impl IntoIterator<Item = (i64, Vec<u8>)>,
+    transcoder: &mut Transcoder,
+    ingest: &contrail::sequencer::IngestSender,
+    published: &mut tokio::sync::broadcast::Receiver<contrail::sequencer::Published>,
+) {
+    let mut n = 0;
+    for (s, f) in frames {
+        let mut events = Vec::new();
+        let info = transcoder.transcode(&f, &mut events, &mut Vec::new());
+        n += events.len();
+        let frame = IngestFrame { seq: Some(s), relay_time_us: info.relay_time_us, events, ..Default::default() };
+        ingest.send(frame).await.unwrap();
+        while published.try_recv().is_ok() {
+            n -= 1;
+        }
+    }
+    for _ in 0..n {
+        published.recv().await.expect("the ring keeps up with one reader");
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let per_round = frames_per_round();
     let gen = frames::generate(1, per_round * 4, 5_000, 77);
@@ -120,30 +145,7 @@ fn bench(c: &mut Criterion) {
                     round += 1;
                     frames_of_round(&gen, round)
                 },
-                |frames| {
-                    rt.block_on(async {
-                        let mut n = 0;
-                        for (s, f) in frames {
-                            let mut events = Vec::new();
-                            let info = transcoder.transcode(&f, &mut events, &mut Vec::new());
-                            n += events.len();
-                            let frame = IngestFrame {
-                                seq: Some(s),
-                                relay_time_us: info.relay_time_us,
-                                events,
-                                ..Default::default()
-                            };
-                            ingest.send(frame).await.unwrap();
-                            // Read what is published as it comes, as the dispatcher does.
-                            while published.try_recv().is_ok() {
-                                n -= 1;
-                            }
-                        }
-                        for _ in 0..n {
-                            published.recv().await.expect("the ring keeps up with one reader");
-                        }
-                    })
-                },
+                |frames| rt.block_on(feed(frames, &mut transcoder, &ingest, &mut published)),
                 BatchSize::PerIteration,
             )
         });
@@ -158,27 +160,7 @@ fn bench(c: &mut Criterion) {
                     })
                     .collect();
                 let started = std::time::Instant::now();
-                rt.block_on(async {
-                    let mut n = 0;
-                    for (s, f) in all.into_iter().flatten() {
-                        let mut events = Vec::new();
-                        let info = transcoder.transcode(&f, &mut events, &mut Vec::new());
-                        n += events.len();
-                        let frame = IngestFrame {
-                            seq: Some(s),
-                            relay_time_us: info.relay_time_us,
-                            events,
-                            ..Default::default()
-                        };
-                        ingest.send(frame).await.unwrap();
-                        while published.try_recv().is_ok() {
-                            n -= 1;
-                        }
-                    }
-                    for _ in 0..n {
-                        published.recv().await.expect("the ring keeps up with one reader");
-                    }
-                });
+                rt.block_on(feed(all.into_iter().flatten(), &mut transcoder, &ingest, &mut published));
                 started.elapsed()
             })
         });
@@ -186,8 +168,8 @@ fn bench(c: &mut Criterion) {
         writer.join().unwrap().unwrap();
 
         // Baselines: the same keys and stored values, put with a plain WriteBatch into RocksDB
-        // with its default options and with the options Contrail opens its log with (LZ4,
-        // zstd at the bottom, 64 MiB memtables: the background compression both then pay).
+        // with its default options and with the options Contrail opens its log with (zstd
+        // level 1 on every level, 64 MiB memtables: the background compression both then pay).
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(sync);
         let mut values = Vec::new();

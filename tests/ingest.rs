@@ -278,11 +278,7 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
     }
     let after = generate(1, 30, 10, 42);
     relay.push_all(&after);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 30 {
-        assert!(std::time::Instant::now() < deadline, "ingest stalled after the relay reset; logs:\n{}", serve.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    serve.wait_for_seq_exactly(30, Duration::from_secs(30));
     assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
     drop(serve);
     let mut all = before.clone();
@@ -306,11 +302,7 @@ async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
     relay.clear();
     let after = generate(1, 30, 10, 47);
     relay.push_all(&after);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 30 {
-        assert!(std::time::Instant::now() < deadline, "ingest stalled on the refused cursor; logs:\n{}", serve.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    serve.wait_for_seq_exactly(30, Duration::from_secs(30));
     assert!(serve.metric("contrail_relay_errors_total{kind=\"future_cursor\"}").unwrap() >= 1.0);
     assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
     // After the refusal, one connection without a cursor; then cursors again.
@@ -345,11 +337,7 @@ async fn a_relay_seq_space_restarting_mid_connection_is_followed() {
     relay.clear();
     let after = generate(1, 3_000, 10, 49);
     relay.push_all(&after);
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    while serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64 != 3_000 {
-        assert!(std::time::Instant::now() < deadline, "ingest stalled; logs:\n{}", serve.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    serve.wait_for_seq_exactly(3_000, Duration::from_secs(40));
     // A hundred frames skipped, not the relay's whole stream until it went quiet.
     let duplicates = serve.metric("contrail_relay_duplicate_frames_total").unwrap();
     assert!(duplicates < 300.0, "{duplicates} frames skipped as duplicates");

@@ -273,6 +273,18 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
 /// log, which it cannot (every batch also writes the meta column family, so WAL files stay
 /// until RocksDB's WAL limit forces a flush): a budget above the events' files trims nothing,
 /// however large the WAL; one below them trims the oldest events until under it.
+/// Waits until RocksDB's flushes and compactions have finished: idle for five checks in a row,
+/// since a flush may be scheduled but not yet running.
+fn settle(log: &Log) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut idle = 0;
+    while idle < 5 {
+        assert!(std::time::Instant::now() < deadline, "RocksDB's background work never finished");
+        idle = if log.background_jobs() == (0, 0) { idle + 1 } else { 0 };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn the_disk_budget_counts_the_events_files_not_the_wal() {
     use contrail::log::retention::{enforce, ByArrival, RetentionConfig};
@@ -292,15 +304,7 @@ fn the_disk_budget_counts_the_events_files_not_the_wal() {
         log.append(&evs, None).unwrap();
     }
     let newest = t - 1_000;
-    // Flushes and compactions finish (RocksDB's own background threads): idle for five checks
-    // in a row, since a flush may be scheduled but not yet running.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let mut idle = 0;
-    while idle < 5 {
-        assert!(std::time::Instant::now() < deadline, "RocksDB's background work never finished");
-        idle = if log.background_jobs() == (0, 0) { idle + 1 } else { 0 };
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    settle(&log);
     // Read from the directory, not from what the log reports: the events' SST files (nothing
     // else is in files yet) and the WAL.
     let bytes_of = |ext: &str| -> u64 {
@@ -357,13 +361,7 @@ fn the_disk_budget_trims_a_share_of_the_bytes_not_of_a_span_a_clock_step_stretch
     }
     let newest = t - 1_000;
     log.flush().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut idle = 0;
-    while idle < 5 {
-        assert!(std::time::Instant::now() < deadline, "RocksDB's background work never finished");
-        idle = if log.background_jobs() == (0, 0) { idle + 1 } else { 0 };
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    settle(&log);
     let files = log.event_bytes();
     let metrics = Metrics::new();
     let config = RetentionConfig {

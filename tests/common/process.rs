@@ -78,6 +78,21 @@ impl Serve {
     }
 
     /// Waits until `contrail_relay_last_seq` reaches `seq`.
+    /// Waits until the relay seq is exactly `seq`: after a relay reset, when "at least" was
+    /// already true of the old, higher seq space.
+    pub fn wait_for_seq_exactly(&self, seq: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.metric("contrail_relay_last_seq").map(|v| v as i64) != Some(seq) {
+            assert!(
+                Instant::now() < deadline,
+                "relay seq {seq} not reached (at {:?}); logs:\n{}",
+                self.metric("contrail_relay_last_seq"),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn wait_for_seq(&self, seq: i64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
