@@ -10,7 +10,7 @@ pub fn now_us() -> u64 {
 }
 
 /// Above any `time_us` a clock can give (2^53 µs is the year 2255) and the largest integer a
-/// JavaScript client reads exactly: an upstream's event beyond it is refused, not stored, so a
+/// JavaScript client reads exactly: an upstream's event beyond it is dropped, not stored, so a
 /// corrupt one cannot become the log's newest (which every real event after it would then
 /// fail to follow).
 pub const MAX_TIME_US: u64 = 1 << 53;

@@ -339,15 +339,17 @@ impl Reassembler {
         payload: &'a [u8],
     ) -> Result<Assembled<'a>, ReassemblyError> {
         use fastwebsockets::OpCode;
+        if self.partial.is_none() && self.buf.capacity() > Self::KEEP_CAPACITY {
+            // The last message was a large one, handed out by the call before: let it go now
+            // rather than hold it for the rest of the connection.
+            self.buf = Vec::new();
+        }
         match (opcode, self.partial) {
             (OpCode::Text | OpCode::Binary, Some(_)) => Err(ReassemblyError::Interleaved),
             (OpCode::Text | OpCode::Binary, None) if fin => Ok(Assembled::Message(opcode, payload)),
             (OpCode::Text | OpCode::Binary, None) => {
                 if payload.len() > self.max {
                     return Err(ReassemblyError::TooBig(self.max));
-                }
-                if self.buf.capacity() > Self::KEEP_CAPACITY {
-                    self.buf = Vec::new();
                 }
                 self.buf.clear();
                 self.buf.extend_from_slice(payload);
@@ -415,6 +417,16 @@ mod tests {
         assert_eq!(r.push(Binary, false, b"1"), Ok(Assembled::Partial));
         assert_eq!(r.push(Text, true, b"2"), Err(ReassemblyError::Interleaved));
         assert_eq!(r.push(Close, true, b""), Ok(Assembled::Message(Close, &b""[..])));
+        // A large message's buffer goes with the next frame, whatever it is.
+        let mut r = Reassembler::new(4 << 20);
+        let big = vec![7u8; 3 << 20];
+        assert_eq!(r.push(Binary, false, &big), Ok(Assembled::Partial));
+        assert!(
+            matches!(r.push(Continuation, true, b"!"), Ok(Assembled::Message(Binary, m)) if m.len() == big.len() + 1)
+        );
+        assert!(r.buf.capacity() > Reassembler::KEEP_CAPACITY);
+        assert_eq!(r.push(Binary, true, b"small"), Ok(Assembled::Message(Binary, &b"small"[..])));
+        assert_eq!(r.buf.capacity(), 0);
     }
 
     #[test]

@@ -161,6 +161,8 @@ pub struct UpstreamReader {
     resume: Vec<Resume>,
     /// A hole accepted on this connection, counted once its first event is passed on.
     gap: Option<(u64, u64)>,
+    /// Bad events from an upstream, logged at a bounded rate.
+    log: crate::rate_limited_log::RateLimitedLog,
     /// Whether an upstream has been reached, and the last error (for `/ready`).
     pub readiness: Arc<Readiness>,
     /// The upstream in use, for `/status`.
@@ -182,6 +184,7 @@ impl UpstreamReader {
             expect_repeat: false,
             resume,
             gap: None,
+            log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
         }
@@ -360,7 +363,14 @@ impl UpstreamReader {
             return Ok(());
         }
         if meta.time_us >= crate::clock::MAX_TIME_US {
-            return Err(protocol(format!("an event with time_us {} (beyond any clock)", meta.time_us)));
+            // Bad upstream data is data (DESIGN.md invariant 6): dropped and counted, and the
+            // position stays where it was, so the next real event is taken. An error would
+            // resume from the same place and meet the same event again, forever.
+            self.metrics.drop_reason(crate::transcode::DropReason::BadTime);
+            let t = meta.time_us;
+            self.log
+                .warn("upstream_bad_time", || format!("dropped an upstream event with time_us {t} (beyond any clock)"));
+            return Ok(());
         }
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
