@@ -14,7 +14,7 @@
 //! to the sequencer with their seq.
 
 use super::backoff::Backoff;
-use super::seq::{SeqDecision, SeqTracker};
+use super::seq::{SeqDecision, SeqTracker, FAR_BELOW_RUN};
 use super::wsclient::{self, ClientError, WsUrl};
 use super::Readiness;
 use crate::metrics::{Metrics, RelayErrorKind};
@@ -100,11 +100,6 @@ pub enum RelayError {
     Idle(Duration),
     #[error("the relay closed the connection")]
     Closed,
-    #[error(
-        "the relay sent {} frames in a row far below our cursor {cursor} (the last: seq {seq}): reconnecting, to judge its seq space afresh",
-        super::seq::FAR_BELOW_RUN
-    )]
-    FarBelow { cursor: i64, seq: i64 },
     #[error("the sequencer stopped")]
     SequencerStopped,
 }
@@ -116,10 +111,14 @@ impl RelayError {
             RelayError::Connect(_) => Some(RelayErrorKind::Connect),
             RelayError::Read(_) | RelayError::Message(_) => Some(RelayErrorKind::Read),
             RelayError::Idle(_) => Some(RelayErrorKind::IdleTimeout),
-            RelayError::Closed | RelayError::FarBelow { .. } | RelayError::SequencerStopped => None,
+            RelayError::Closed | RelayError::SequencerStopped => None,
         }
     }
 }
+
+/// Frames kept aside far below our cursor hold at most about this many bytes before the run
+/// is taken for a new seq space (with fewer than [`FAR_BELOW_RUN`] frames, if they are large).
+const FAR_BELOW_MAX_BYTES: usize = 16 << 20;
 
 /// Reads the relay and hands transcoded frames to the sequencer.
 pub struct Reader {
@@ -129,6 +128,9 @@ pub struct Reader {
     seq: SeqTracker,
     /// A frame whose seq jumped far ahead, until the next frame confirms or refutes it.
     held: Option<IngestFrame>,
+    /// Frames far below our cursor in this connection, in a row, with their bytes: a new seq
+    /// space once there are enough of them ([`super::seq::SeqDecision::FarBelow`]).
+    far_below: (Vec<IngestFrame>, usize),
     /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
@@ -151,6 +153,7 @@ impl Reader {
             tx,
             seq: SeqTracker::new(start_seq.unwrap_or(0), reset_threshold),
             held: None,
+            far_below: (Vec::new(), 0),
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -211,6 +214,7 @@ impl Reader {
         self.readiness.set_reached();
         self.seq.new_session();
         self.held = None;
+        skip_far_below(&mut self.far_below, &self.metrics);
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
@@ -300,15 +304,38 @@ impl Reader {
             m.drop_reason(DropReason::BadSeq);
             self.log.warn("bad_seq", || format!("dropped a frame whose seq jumped far ahead, after seq {cursor}"));
         }
+        if !matches!(decision, SeqDecision::FarBelow { .. }) {
+            // A run far below that did not go on: stray frames, skipped.
+            skip_far_below(&mut self.far_below, &self.metrics);
+        }
         match decision {
             SeqDecision::Invalid => unreachable!("handled above"),
             SeqDecision::Duplicate => {
                 m.relay_duplicates.inc();
                 return Ok(());
             }
-            SeqDecision::Reconnect => {
-                m.relay_duplicates.inc();
-                return Err(RelayError::FarBelow { cursor, seq });
+            SeqDecision::FarBelow { run } => {
+                self.far_below.1 += frame.bytes();
+                self.far_below.0.push(frame);
+                if run < FAR_BELOW_RUN && self.far_below.1 < FAR_BELOW_MAX_BYTES {
+                    return Ok(());
+                }
+                // A new seq space in the middle of the connection (a fan-out daemon whose
+                // upstream restarted lower): follow it from the run's first frame.
+                let (run, _) = std::mem::take(&mut self.far_below);
+                let from = run[0].seq.unwrap_or(seq);
+                self.seq.follow(seq);
+                m.relay_error(RelayErrorKind::SeqReset);
+                tracing::error!(
+                    cursor,
+                    first_seq = from,
+                    frames = run.len(),
+                    "relay seq far below our cursor for a run of frames: treating it as a relay reset"
+                );
+                for f in run {
+                    self.tx.send(f).await.map_err(|_| RelayError::SequencerStopped)?;
+                }
+                return Ok(());
             }
             SeqDecision::Hold => {
                 self.held = Some(frame);
@@ -334,4 +361,10 @@ impl Reader {
         }
         self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)
     }
+}
+
+/// Skips the frames kept aside far below our cursor (counted as duplicates).
+fn skip_far_below(far_below: &mut (Vec<IngestFrame>, usize), metrics: &Metrics) {
+    let (run, _) = std::mem::take(far_below);
+    metrics.relay_duplicates.inc_by(run.len() as u64);
 }

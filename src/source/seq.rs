@@ -8,15 +8,18 @@
 //!   are duplicates, skipped (no duplicates, DESIGN.md invariant 2).
 //! - Only a first frame *far* below our position (more than the reset threshold) means the
 //!   relay lost its history and restarted lower: then we follow it (spec/firehose.md §1.4).
-//! - A relay that refused our cursor as in its future (a `FutureCursor` error frame: its seq
-//!   space restarted below us) is asked next without one, live; its first frame is then judged
-//!   by the rule above, so a relay that is merely behind (a lagging instance behind a load
-//!   balancer) still gives duplicates, not a reset.
+//! - A relay that refused our cursor as in its future (a `FutureCursor` error frame) is asked
+//!   again with it, in case that was one lagging instance behind a load balancer; after
+//!   [`MAX_CURSOR_REFUSALS`] refusals in a row (its seq space restarted below us) it is asked
+//!   without one, live, and its first frame is judged by the rule above. What the relay sent
+//!   in its new space before that connection is not asked for: whether it repeats events we
+//!   hold under other seqs cannot be told.
 //! - Frames far below our position in the middle of a connection (a fan-out daemon whose
-//!   upstream restarted lower, without closing our connection) are duplicates one by one; a
-//!   run of [`FAR_BELOW_RUN`] of them in a row ends the connection, so that the next one's
-//!   first frame can be judged by the reset rule. Otherwise a relay that keeps sending would
-//!   never let the idle timeout reconnect, and every new event would be skipped.
+//!   upstream restarted lower, without closing our connection) are kept aside
+//!   ([`SeqDecision::FarBelow`]); once a run of them is long enough to be a new seq space
+//!   rather than stray frames, the caller follows it from the run's first frame
+//!   ([`SeqTracker::follow`]), and nothing of it is lost. Before, every one was skipped as a
+//!   duplicate for as long as the relay kept sending, so the idle timeout never came.
 //! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
 //!   next frame confirms the new space (one bogus huge seq must not make every later frame look
 //!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
@@ -26,8 +29,11 @@
 /// traffic (at a few thousand seqs/s) are well under it; a corrupt seq usually is not.
 pub const MAX_SEQ_JUMP: i64 = 1_000_000_000;
 
-/// Frames in a row far below our position, in one connection, that end it.
+/// Frames in a row far below our position, in one connection, that are a new seq space.
 pub const FAR_BELOW_RUN: u32 = 100;
+
+/// `FutureCursor` refusals in a row after which the relay is asked without a cursor.
+pub const MAX_CURSOR_REFUSALS: u32 = 3;
 
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,9 +43,10 @@ pub enum SeqDecision {
     Accept { gap: bool, release_held: bool },
     /// Already persisted (at or below our position): skip it.
     Duplicate,
-    /// The last of [`FAR_BELOW_RUN`] frames in a row far below our position: skip it and
-    /// reconnect, so the next connection's first frame is judged by the reset rule.
-    Reconnect,
+    /// Far below our position in the middle of a connection: keep it aside. `run`: how many
+    /// in a row now (this one included); the caller follows the run ([`SeqTracker::follow`])
+    /// once it is long enough, or drops it as duplicates when another decision comes.
+    FarBelow { run: u32 },
     /// The relay cannot serve our cursor (a new, lower seq space): follow it from this frame.
     Reset { from: i64 },
     /// A far jump ahead: keep the frame aside until the next one says whether it was real.
@@ -58,8 +65,9 @@ pub struct SeqTracker {
     reset_threshold: i64,
     /// The seq of a frame held after a far jump.
     held: Option<i64>,
-    /// The relay refused our cursor as in its future: connect without one until a frame comes.
-    cursor_refused: bool,
+    /// `FutureCursor` refusals since the last frame; from [`MAX_CURSOR_REFUSALS`], connect
+    /// without a cursor.
+    cursor_refusals: u32,
     /// Frames in a row, in this connection, far below `last`.
     far_below: u32,
 }
@@ -72,7 +80,7 @@ impl SeqTracker {
             first_of_session: true,
             reset_threshold: reset_threshold.max(0),
             held: None,
-            cursor_refused: false,
+            cursor_refusals: 0,
             far_below: 0,
         }
     }
@@ -84,13 +92,21 @@ impl SeqTracker {
 
     /// The cursor to resume from, if any.
     pub fn cursor(&self) -> Option<i64> {
-        (self.last > 0 && !self.cursor_refused).then_some(self.last)
+        (self.last > 0 && self.cursor_refusals < MAX_CURSOR_REFUSALS).then_some(self.last)
     }
 
-    /// The relay said our cursor is in its future: the next connections ask for none, until a
-    /// frame with a seq arrives. (Asking again would be refused again, forever.)
+    /// The relay said our cursor is in its future. After [`MAX_CURSOR_REFUSALS`] in a row the
+    /// next connections ask for none, until a frame with a seq arrives (asking again would be
+    /// refused again, forever).
     pub fn cursor_refused(&mut self) {
-        self.cursor_refused = true;
+        self.cursor_refusals = self.cursor_refusals.saturating_add(1);
+    }
+
+    /// Follows a new seq space from `seq`, the last of a run of [`SeqDecision::FarBelow`]
+    /// frames the caller now hands on.
+    pub fn follow(&mut self, seq: i64) {
+        self.last = seq;
+        self.far_below = 0;
     }
 
     /// A new connection begins (a frame held on the old one is gone with it).
@@ -113,7 +129,7 @@ impl SeqTracker {
             return SeqDecision::Invalid;
         }
         let first = std::mem::take(&mut self.first_of_session);
-        self.cursor_refused = false;
+        self.cursor_refusals = 0;
         if let Some(held) = self.held.take() {
             // The frame after a far jump decides: continuing from the held seq confirms it.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
@@ -131,12 +147,8 @@ impl SeqTracker {
             return SeqDecision::Reset { from: seq };
         }
         if far_below {
-            self.far_below += 1;
-            if self.far_below >= FAR_BELOW_RUN {
-                self.far_below = 0;
-                return SeqDecision::Reconnect;
-            }
-            return SeqDecision::Duplicate;
+            self.far_below = self.far_below.saturating_add(1);
+            return SeqDecision::FarBelow { run: self.far_below };
         }
         self.far_below = 0;
         if seq <= self.last {
@@ -175,13 +187,16 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_cursor_is_not_asked_for_again_until_a_frame_comes() {
+    fn a_cursor_refused_again_and_again_is_not_asked_for_until_a_frame_comes() {
         let mut t = SeqTracker::new(50_000, 10_000);
+        for _ in 1..MAX_CURSOR_REFUSALS {
+            t.cursor_refused();
+            assert_eq!(t.cursor(), Some(50_000), "asked again: it may have been one lagging instance");
+        }
         t.cursor_refused();
-        assert_eq!(t.cursor(), None, "live, not the refused cursor");
+        assert_eq!(t.cursor(), None, "live, not the cursor refused {MAX_CURSOR_REFUSALS} times");
         t.new_session();
         assert_eq!(t.cursor(), None, "still, after a connection that gave no frame");
-        t.new_session();
         assert_eq!(t.observe(0), SeqDecision::Invalid);
         assert_eq!(t.cursor(), None, "a frame without a believable seq says nothing");
         // A relay far behind us: the reset rule follows it.
@@ -189,31 +204,38 @@ mod tests {
         assert_eq!(t.cursor(), Some(7));
         // One a little behind (a lagging instance): duplicates until it passes us.
         let mut t = SeqTracker::new(50_000, 10_000);
-        t.cursor_refused();
+        for _ in 0..MAX_CURSOR_REFUSALS {
+            t.cursor_refused();
+        }
         t.new_session();
         assert_eq!(t.observe(49_990), SeqDecision::Duplicate);
         assert_eq!(t.cursor(), Some(50_000));
         assert_eq!(t.observe(50_001), ACCEPT);
+        // A frame between refusals starts the count again.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        t.cursor_refused();
+        t.cursor_refused();
+        assert_eq!(t.observe(50_001), ACCEPT);
+        t.cursor_refused();
+        assert_eq!(t.cursor(), Some(50_001));
     }
 
     #[test]
-    fn a_run_of_frames_far_below_in_one_connection_asks_for_a_reconnect() {
+    fn frames_far_below_in_one_connection_are_kept_aside_until_the_caller_follows_them() {
         let mut t = SeqTracker::new(50_000, 10_000);
         assert_eq!(t.observe(50_001), ACCEPT);
-        // A few stray frames far below, then the stream goes on: duplicates, nothing more.
-        for seq in 1..=(FAR_BELOW_RUN as i64 - 1) {
-            assert_eq!(t.observe(seq), SeqDecision::Duplicate);
-        }
+        // Stray frames far below, then the stream goes on: the run ends, the position stays.
+        assert_eq!(t.observe(1), SeqDecision::FarBelow { run: 1 });
+        assert_eq!(t.observe(2), SeqDecision::FarBelow { run: 2 });
         assert_eq!(t.observe(50_002), ACCEPT);
-        for seq in 1..=(FAR_BELOW_RUN as i64 - 1) {
-            assert_eq!(t.observe(seq), SeqDecision::Duplicate, "the run starts again");
+        assert_eq!(t.observe(3), SeqDecision::FarBelow { run: 1 }, "a new run");
+        // A run the caller takes for a new space: it follows, and the space goes on.
+        for seq in 4..=(FAR_BELOW_RUN as i64 + 2) {
+            assert_eq!(t.observe(seq), SeqDecision::FarBelow { run: (seq - 2) as u32 });
         }
-        // A whole run: reconnect; the next connection's first frame follows the new space.
-        assert_eq!(t.observe(FAR_BELOW_RUN as i64), SeqDecision::Reconnect);
-        assert_eq!(t.last(), 50_002);
-        t.new_session();
-        assert_eq!(t.observe(101), SeqDecision::Reset { from: 101 });
-        // Frames a little below (a daemon catching up) never count towards a run.
+        t.follow(FAR_BELOW_RUN as i64 + 2);
+        assert_eq!((t.last(), t.observe(FAR_BELOW_RUN as i64 + 3)), (FAR_BELOW_RUN as i64 + 2, ACCEPT));
+        // Frames a little below (a daemon catching up) are duplicates, never a run.
         let mut t = SeqTracker::new(50_000, 10_000);
         for _ in 0..1_000 {
             assert_eq!(t.observe(49_000), SeqDecision::Duplicate);

@@ -55,6 +55,8 @@ struct State {
     cursors: Mutex<Vec<Option<i64>>>,
     /// Bytes of endless fragments the readers took.
     fragment_bytes: AtomicUsize,
+    /// Moves on each [`FakeRelay::restart_seq_space`]: open connections go on from the first frame.
+    space: AtomicUsize,
 }
 
 pub struct FakeRelay {
@@ -121,6 +123,15 @@ impl FakeRelay {
     /// Queues every frame of `gen`, in order.
     pub fn push_all(&self, gen: &[super::frames::GenFrame]) {
         self.state.frames.lock().unwrap().extend(gen.iter().map(|g| (g.seq, g.frame.clone())));
+    }
+
+    /// Replaces every frame with `gen`'s, and open connections go on with them from the first
+    /// (a fan-out daemon whose upstream restarted with a new, lower seq space, keeping its
+    /// subscribers' connections open).
+    pub fn restart_seq_space(&self, gen: &[super::frames::GenFrame]) {
+        let mut frames = self.state.frames.lock().unwrap();
+        *frames = gen.iter().map(|g| (g.seq, g.frame.clone())).collect();
+        self.state.space.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Forgets every frame (a relay restarted without its history).
@@ -223,8 +234,16 @@ async fn serve_conn(
         }
     };
     let mut sent = 0usize;
+    let mut space = st.space.load(Ordering::SeqCst);
     loop {
-        let frame = st.frames.lock().unwrap().get(next).map(|(_, f)| f.clone());
+        let frame = {
+            let frames = st.frames.lock().unwrap();
+            let now = st.space.load(Ordering::SeqCst);
+            if now != space {
+                (space, next) = (now, 0);
+            }
+            frames.get(next).map(|(_, f)| f.clone())
+        };
         match frame {
             Some(f) => {
                 if faults.drop_after.is_some_and(|n| sent >= n) {
