@@ -615,17 +615,23 @@ impl ReplayPages {
         pages.order.push_back((key, size, address));
         pages.filters.entry(address).or_insert_with(|| (0, filter_bytes, filter.clone())).0 += 1;
         pages.bytes += size + filter_new;
+        // What eviction lets go is freed after the lock: a page's bytes, or a 10 MB filter.
+        let mut evicted = Vec::new();
         while pages.bytes > self.max_bytes {
             let Some((old, s, address)) = pages.order.pop_front() else { break };
-            pages.map.remove(&old);
+            evicted.push((pages.map.remove(&old), None));
             pages.bytes -= s;
             if let std::collections::hash_map::Entry::Occupied(mut held) = pages.filters.entry(address) {
                 held.get_mut().0 -= 1;
                 if held.get().0 == 0 {
-                    pages.bytes -= held.remove().1;
+                    let (_, bytes, filter) = held.remove();
+                    pages.bytes -= bytes;
+                    evicted.push((None, Some(filter)));
                 }
             }
         }
+        drop(pages);
+        drop(evicted);
     }
 
     /// Bytes of pages kept now.
