@@ -55,7 +55,8 @@ pub struct RelayConfig {
     pub connect_timeout: Duration,
     /// After a reconnect, a first seq more than this far below our cursor means the relay
     /// reset its seq space (we follow it); closer below is a fan-out daemon a little behind
-    /// (its repeats are skipped as duplicates).
+    /// (its repeats are skipped as duplicates). In the middle of a connection, 100 frames in a
+    /// row this far below are a reset too.
     #[arg(long, env = "CONTRAIL_RELAY_RESET_THRESHOLD", default_value = "1000000")]
     pub relay_reset_threshold: u64,
 }
@@ -116,8 +117,9 @@ impl RelayError {
     }
 }
 
-/// Frames kept aside far below our cursor hold at most about this many bytes before the run
-/// is taken for a new seq space (with fewer than [`FAR_BELOW_RUN`] frames, if they are large).
+/// Frames kept aside far below our cursor hold at most about this many bytes (beyond, they are
+/// skipped; a run is followed only at [`FAR_BELOW_RUN`] frames). Memory: this, once, for the one
+/// relay connection.
 const FAR_BELOW_MAX_BYTES: usize = 16 << 20;
 
 /// Reads the relay and hands transcoded frames to the sequencer.
@@ -214,7 +216,7 @@ impl Reader {
         self.readiness.set_reached();
         self.seq.new_session();
         self.held = None;
-        skip_far_below(&mut self.far_below, &self.metrics);
+        skip_far_below(&mut self.far_below, &self.metrics, &self.log);
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
@@ -268,9 +270,9 @@ impl Reader {
                 };
                 m.relay_error(kind);
                 if kind == RelayErrorKind::FutureCursor {
-                    // The relay's seq space is below our cursor: asking again would be refused
-                    // again. The next connection is live, and its first frame decides (the
-                    // reset rule) whether the relay restarted lower or is only behind.
+                    // Our cursor is above this relay's seq space: one lagging instance, or a
+                    // relay that restarted lower. After a few refusals in a row the next
+                    // connection is live, and its first frame decides (the reset rule).
                     self.seq.cursor_refused();
                 }
                 let message = info.message.clone().unwrap_or_default();
@@ -304,34 +306,38 @@ impl Reader {
             m.drop_reason(DropReason::BadSeq);
             self.log.warn("bad_seq", || format!("dropped a frame whose seq jumped far ahead, after seq {cursor}"));
         }
-        if !matches!(decision, SeqDecision::FarBelow { .. }) {
+        if !matches!(decision, SeqDecision::FarBelow { .. } | SeqDecision::RunRepeat) {
             // A run far below that did not go on: stray frames, skipped.
-            skip_far_below(&mut self.far_below, &self.metrics);
+            skip_far_below(&mut self.far_below, &self.metrics, &self.log);
         }
         match decision {
             SeqDecision::Invalid => unreachable!("handled above"),
-            SeqDecision::Duplicate => {
+            SeqDecision::Duplicate | SeqDecision::RunRepeat => {
                 m.relay_duplicates.inc();
                 return Ok(());
             }
             SeqDecision::FarBelow { run } => {
                 self.far_below.1 += frame.bytes();
                 self.far_below.0.push(frame);
-                if run < FAR_BELOW_RUN && self.far_below.1 < FAR_BELOW_MAX_BYTES {
+                if self.far_below.1 > FAR_BELOW_MAX_BYTES {
+                    // The memory bound: what is kept aside goes (a few huge stray frames are
+                    // not a new seq space); the run goes on counting.
+                    skip_far_below(&mut self.far_below, &self.metrics, &self.log);
+                }
+                if run < FAR_BELOW_RUN {
                     return Ok(());
                 }
                 // A new seq space in the middle of the connection (a fan-out daemon whose
-                // upstream restarted lower): follow it from the run's first frame.
+                // upstream restarted lower): follow it from the run's first frame kept.
                 let (run, _) = std::mem::take(&mut self.far_below);
-                let from = run[0].seq.unwrap_or(seq);
                 self.seq.follow(seq);
                 m.relay_error(RelayErrorKind::SeqReset);
-                tracing::error!(
-                    cursor,
-                    first_seq = from,
-                    frames = run.len(),
-                    "relay seq far below our cursor for a run of frames: treating it as a relay reset"
-                );
+                let (first, n) = (run.first().and_then(|f| f.seq).unwrap_or(seq), run.len());
+                self.log.error("seq_reset_run", || {
+                    format!(
+                        "relay seq far below our cursor {cursor} for a run of frames: treating it as a relay reset, from seq {first} ({n} frames kept aside)"
+                    )
+                });
                 for f in run {
                     self.tx.send(f).await.map_err(|_| RelayError::SequencerStopped)?;
                 }
@@ -363,8 +369,15 @@ impl Reader {
     }
 }
 
-/// Skips the frames kept aside far below our cursor (counted as duplicates).
-fn skip_far_below(far_below: &mut (Vec<IngestFrame>, usize), metrics: &Metrics) {
+/// Skips the frames kept aside far below our cursor: counted as duplicates, and said (a run cut
+/// short by a connection's end may have been the start of a new seq space).
+fn skip_far_below(far_below: &mut (Vec<IngestFrame>, usize), metrics: &Metrics, log: &RateLimitedLog) {
     let (run, _) = std::mem::take(far_below);
-    metrics.relay_duplicates.inc_by(run.len() as u64);
+    if !run.is_empty() {
+        metrics.relay_duplicates.inc_by(run.len() as u64);
+        let n = run.len();
+        log.warn("far_below_skipped", || {
+            format!("skipped {n} frames far below our cursor (not a run long enough to follow)")
+        });
+    }
 }

@@ -47,6 +47,9 @@ pub enum SeqDecision {
     /// in a row now (this one included); the caller follows the run ([`SeqTracker::follow`])
     /// once it is long enough, or drops it as duplicates when another decision comes.
     FarBelow { run: u32 },
+    /// Far below our position, but not above the run's last frame: a repeat inside the run,
+    /// skipped (the run goes on).
+    RunRepeat,
     /// The relay cannot serve our cursor (a new, lower seq space): follow it from this frame.
     Reset { from: i64 },
     /// A far jump ahead: keep the frame aside until the next one says whether it was real.
@@ -68,8 +71,9 @@ pub struct SeqTracker {
     /// `FutureCursor` refusals since the last frame; from [`MAX_CURSOR_REFUSALS`], connect
     /// without a cursor.
     cursor_refusals: u32,
-    /// Frames in a row, in this connection, far below `last`.
+    /// Frames in a row, in this connection, far below `last`, and the newest of them.
     far_below: u32,
+    run_last: i64,
 }
 
 impl SeqTracker {
@@ -82,6 +86,7 @@ impl SeqTracker {
             held: None,
             cursor_refusals: 0,
             far_below: 0,
+            run_last: 0,
         }
     }
 
@@ -147,7 +152,11 @@ impl SeqTracker {
             return SeqDecision::Reset { from: seq };
         }
         if far_below {
+            if self.far_below > 0 && seq <= self.run_last {
+                return SeqDecision::RunRepeat;
+            }
             self.far_below = self.far_below.saturating_add(1);
+            self.run_last = seq;
             return SeqDecision::FarBelow { run: self.far_below };
         }
         self.far_below = 0;
@@ -229,6 +238,9 @@ mod tests {
         assert_eq!(t.observe(2), SeqDecision::FarBelow { run: 2 });
         assert_eq!(t.observe(50_002), ACCEPT);
         assert_eq!(t.observe(3), SeqDecision::FarBelow { run: 1 }, "a new run");
+        // A repeat inside the run (an inclusive resume upstream) is skipped; the run goes on.
+        assert_eq!(t.observe(3), SeqDecision::RunRepeat);
+        assert_eq!(t.observe(2), SeqDecision::RunRepeat);
         // A run the caller takes for a new space: it follows, and the space goes on.
         for seq in 4..=(FAR_BELOW_RUN as i64 + 2) {
             assert_eq!(t.observe(seq), SeqDecision::FarBelow { run: (seq - 2) as u32 });

@@ -226,15 +226,17 @@ async fn serve_conn(
         }
     }
     // Inclusive replay, like rainbow: the frame at `cursor` is sent again.
-    let mut next = {
+    // The position and the seq space it is in, read together (under the frames' lock, which
+    // `restart_seq_space` holds while it moves the space).
+    let (mut next, mut space) = {
         let frames = st.frames.lock().unwrap();
-        match cursor {
+        let next = match cursor {
             Some(c) => frames.iter().position(|(s, _)| *s >= c).unwrap_or(frames.len()),
             None => 0,
-        }
+        };
+        (next, st.space.load(Ordering::SeqCst))
     };
     let mut sent = 0usize;
-    let mut space = st.space.load(Ordering::SeqCst);
     loop {
         let frame = {
             let frames = st.frames.lock().unwrap();
