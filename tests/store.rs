@@ -273,6 +273,24 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
 /// log, which it cannot (every batch also writes the meta column family, so WAL files stay
 /// until RocksDB's WAL limit forces a flush): a budget above the events' files trims nothing,
 /// however large the WAL; one below them trims the oldest events until under it.
+/// A RocksDB log with 1 MiB memtables, so appended events soon reach files.
+fn small_memtable_log(dir: &std::path::Path) -> Log {
+    let opts = RocksOptions { memtable_bytes: 1 << 20, ..RocksOptions::default() };
+    Log::rocks(RocksLog::open(dir, opts).unwrap()).unwrap()
+}
+
+/// Appends one batch of 100 events for each of `batches`, stamped 1 ms apart from `*t` on.
+fn append_stamped(log: &Log, batches: std::ops::Range<i64>, t: &mut u64) {
+    for batch in batches {
+        let mut evs = events(100, batch + 1);
+        for e in &mut evs {
+            e.stamp(*t);
+            *t += 1_000;
+        }
+        log.append(&evs, None).unwrap();
+    }
+}
+
 /// Waits until RocksDB's flushes and compactions have finished: idle for five checks in a row,
 /// since a flush may be scheduled but not yet running.
 fn settle(log: &Log) {
@@ -291,18 +309,10 @@ fn the_disk_budget_counts_the_events_files_not_the_wal() {
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     // Small memtables: the events reach files while the WAL keeps growing.
-    let opts = RocksOptions { memtable_bytes: 1 << 20, ..RocksOptions::default() };
-    let log = Log::rocks(RocksLog::open(dir.path(), opts).unwrap()).unwrap();
+    let log = small_memtable_log(dir.path());
     let t0 = 1_800_000_000_000_000u64;
     let mut t = t0;
-    for batch in 0..500 {
-        let mut evs = events(100, batch + 1);
-        for e in &mut evs {
-            e.stamp(t);
-            t += 1_000;
-        }
-        log.append(&evs, None).unwrap();
-    }
+    append_stamped(&log, 0..500, &mut t);
     let newest = t - 1_000;
     settle(&log);
     // Read from the directory, not from what the log reports: the events' SST files (nothing
@@ -343,22 +353,13 @@ fn the_disk_budget_trims_a_share_of_the_bytes_not_of_a_span_a_clock_step_stretch
     use contrail::log::retention::{enforce, ByArrival, RetentionConfig};
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
-    let opts = RocksOptions { memtable_bytes: 1 << 20, ..RocksOptions::default() };
-    let log = Log::rocks(RocksLog::open(dir.path(), opts).unwrap()).unwrap();
+    let log = small_memtable_log(dir.path());
     let t0 = 1_800_000_000_000_000u64;
     let year = 365 * 86_400 * 1_000_000u64;
     let mut t = t0;
-    for batch in 0..400 {
-        if batch == 200 {
-            t += year; // the clock steps forward; stamping goes on from there
-        }
-        let mut evs = events(100, batch + 1);
-        for e in &mut evs {
-            e.stamp(t);
-            t += 1_000;
-        }
-        log.append(&evs, None).unwrap();
-    }
+    append_stamped(&log, 0..200, &mut t);
+    t += year; // the clock steps forward; stamping goes on from there
+    append_stamped(&log, 200..400, &mut t);
     let newest = t - 1_000;
     log.flush().unwrap();
     settle(&log);
