@@ -41,6 +41,9 @@ contrail_core::label_enum! {
         UnexpectedMessage => "unexpected_message",
         /// More pings in a second than a keep-alive needs.
         PingFlood => "ping_flood",
+        /// An `options_update` whose filter would take the filters' memory past
+        /// `--max-filter-bytes` (or its IP's share).
+        FilterBudget => "filter_budget",
         Internal => "internal",
     }
 }
@@ -54,6 +57,9 @@ contrail_core::label_enum! {
         TooManyFromIp => "too_many_from_ip",
         /// Over `--max-connects-per-second-per-ip`, refused at accept.
         ConnectRate => "connect_rate",
+        /// Its filter would take the filters' memory past `--max-filter-bytes` (or its IP's
+        /// share).
+        FilterBudget => "filter_budget",
     }
 }
 
@@ -147,6 +153,7 @@ pub struct Metrics {
     pub closes: IntCounterVec,
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
+    pub filter_bytes: IntGauge,
     pub live_queue_overflows: IntCounter,
     pub replay_pages_built: IntCounter,
     pub replay_pages_shared: IntCounter,
@@ -342,6 +349,11 @@ impl Metrics {
                 &r,
                 "contrail_hub_lagging_subscribers",
                 "Subscribers reading from the log instead of their live queue.",
+            ),
+            filter_bytes: gauge(
+                &r,
+                "contrail_hub_filter_bytes",
+                "Memory subscribers' filters hold (wantedDids, wantedCollections), counted against --max-filter-bytes.",
             ),
             live_queue_overflows: counter(
                 &r,

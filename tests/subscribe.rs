@@ -906,3 +906,59 @@ async fn a_client_opening_connections_too_fast_is_turned_away_at_accept() {
     let mut ws = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
     assert!(matches!(next(&mut ws, T).await, Some(Msg::Text(_))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() {
+    let dids = |n: usize, tag: usize| -> Vec<String> { (0..n).map(|i| format!("did:plc:{tag:04}{i:020}")).collect() };
+    let query =
+        |param: &str, tag: usize| dids(500, tag).iter().map(|d| format!("{param}={d}")).collect::<Vec<_>>().join("&");
+    let update = |n: usize, tag: usize| {
+        serde_json::json!({"type": "options_update", "payload": {"wantedDids": dids(n, tag)}}).to_string()
+    };
+    // What one 500-DID filter holds, as the server counts it; the budget is 4.5 of them, so
+    // one address may hold 1.125.
+    let f = contrail::options::Filter::new(&[], &dids(500, 0)).unwrap().heap_bytes();
+    let budget = (f * 9 / 2).to_string();
+    let s = setup(5, &["--max-filter-bytes", &budget, "--trusted-proxies", "127.0.0.1"]).await;
+    let public = s.serve.public;
+    let held = || s.serve.metric("contrail_hub_filter_bytes").unwrap() as usize;
+    let wait_held = |want: usize| {
+        let deadline = std::time::Instant::now() + T;
+        while held() != want {
+            assert!(std::time::Instant::now() < deadline, "filters hold {} bytes, not {want}", held());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let refused = || s.serve.metric("contrail_hub_rejected_requests_total{reason=\"filter_budget\"}").unwrap_or(0.0);
+    let from = |i: u8| format!("198.51.100.{i}");
+    let v1 = |tag: usize| format!("/subscribe?{}", query("wantedDids", tag));
+
+    // One address: its first filter fits its quarter, a second one as large does not.
+    let _a = connect(public, &v1(1), &[("X-Forwarded-For", &from(1))]).await.unwrap();
+    assert_eq!(held(), f);
+    assert!(connect(public, &v1(2), &[("X-Forwarded-For", &from(1))]).await.is_err());
+    assert_eq!(refused(), 1.0);
+    // A filter sent in an options_update counts the same.
+    let mut b = connect(public, "/subscribe", &[("X-Forwarded-For", &from(2))]).await.unwrap();
+    send_text(&mut b, &update(500, 3)).await;
+    wait_held(2 * f);
+    // Two more clients fill the budget; the next is refused, on either wire.
+    let _c = connect(public, &v1(4), &[("X-Forwarded-For", &from(3))]).await.unwrap();
+    let _d = connect(public, &v1(5), &[("X-Forwarded-For", &from(4))]).await.unwrap();
+    assert_eq!(held(), 4 * f);
+    assert!(connect(public, &v1(6), &[("X-Forwarded-For", &from(5))]).await.is_err());
+    let v2 = format!("/xrpc/network.bsky.jetstream.subscribeEvents?{}", query("dids", 6));
+    assert!(connect(public, &v2, &[("X-Forwarded-For", &from(5))]).await.is_err());
+    assert_eq!(refused(), 3.0);
+    // An options_update past the budget closes with 1013 and a reason.
+    send_text(&mut b, &update(1000, 7)).await;
+    match next(&mut b, T).await {
+        Some(Msg::Close(1013, reason)) => assert_eq!(reason, "filter memory budget full; try again later"),
+        other => panic!("expected a 1013 close, got {other:?}"),
+    }
+    assert_eq!(s.serve.metric("contrail_hub_closes_total{reason=\"filter_budget\"}"), Some(1.0));
+    // Its filter's bytes come back with the close: the refused client gets in now.
+    wait_held(3 * f);
+    let _e = connect(public, &v1(6), &[("X-Forwarded-For", &from(5))]).await.unwrap();
+    assert_eq!(held(), 4 * f);
+}

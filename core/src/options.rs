@@ -160,6 +160,9 @@ impl Filter {
                     return Err(OptionsError("invalid subscriber options: too many wanted DIDs".into()));
                 }
             }
+            // Sized for the list: 10,000 copies of one DID must not keep 10,000 slots (a
+            // filter's bytes count against --max-filter-bytes).
+            set.shrink_to_fit();
             f.dids = Some(set);
         }
         Ok(f)

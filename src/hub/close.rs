@@ -11,7 +11,7 @@ impl CloseReason {
     pub fn frame(self) -> Option<(u16, &'static str)> {
         match self {
             // RFC 6455 §7.4.1: 1000 normal, 1001 going away, 1007 bad data, 1008 policy,
-            // 1009 too big, 1011 server error.
+            // 1009 too big, 1011 server error, 1013 try again later.
             CloseReason::ClientClosed => Some((1000, "")),
             CloseReason::Shutdown => Some((1001, "server shutting down")),
             CloseReason::TooSlow => Some((1008, "consumer too slow")),
@@ -21,6 +21,8 @@ impl CloseReason {
             CloseReason::MessageTooBig => Some((1009, "message too big")),
             CloseReason::UnexpectedMessage => Some((1008, "unexpected data message")),
             CloseReason::PingFlood => Some((1008, "too many pings")),
+            // 1013 Try Again Later (IANA's registry): the server, not the request, is short.
+            CloseReason::FilterBudget => Some((1013, "filter memory budget full; try again later")),
             CloseReason::Internal => Some((1011, "internal error")),
             // The socket is broken or stuck: nothing more can be written.
             CloseReason::WriteTimeout | CloseReason::WriteError | CloseReason::ReadError => None,
@@ -39,6 +41,7 @@ mod tests {
         assert_eq!(CloseReason::BadMessage.frame().unwrap().0, 1007);
         assert_eq!(CloseReason::MessageTooBig.frame().unwrap().0, 1009);
         assert_eq!(CloseReason::WriteError.frame(), None);
-        assert_eq!(CloseReason::ALL.len(), 13);
+        assert_eq!(CloseReason::FilterBudget.frame().unwrap().0, 1013);
+        assert_eq!(CloseReason::ALL.len(), 14);
     }
 }

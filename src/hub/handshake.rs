@@ -1,6 +1,7 @@
 //! `GET /subscribe` before the upgrade: the query becomes options (or a 400 with v1's text),
-//! the request must be a websocket upgrade, admission decides (503 / 429), and only then is
-//! the connection upgraded and handed to a session.
+//! the request must be a websocket upgrade, admission decides (503 / 429, and 503 when the
+//! filter does not fit the filters' memory budget), and only then is the connection upgraded
+//! and handed to a session.
 
 use super::limits::{client_ip, Refused};
 use super::session::{self, Subscription};
@@ -56,46 +57,52 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
         shutting_down: || text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n"),
         too_many: || text(StatusCode::SERVICE_UNAVAILABLE, "too many subscribers; try another instance or later\n"),
         from_ip: || text(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
+        filter_budget: || text(StatusCode::SERVICE_UNAVAILABLE, FILTER_BUDGET_TEXT),
     };
     admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None)
 }
 
+/// What a 503 for a filter over the filters' memory budget says.
+const FILTER_BUDGET_TEXT: &str =
+    "filter memory budget full: too many wantedDids/wantedCollections held; try another instance or later\n";
+
 /// How a wire words the refusals that admission makes.
-struct Refusals<A, B, C> {
-    shutting_down: A,
-    too_many: B,
-    from_ip: C,
+struct Refusals {
+    shutting_down: fn() -> Response<Body>,
+    too_many: fn() -> Response<Body>,
+    from_ip: fn() -> Response<Body>,
+    filter_budget: fn() -> Response<Body>,
 }
 
-/// Admission (subscriber and per-IP caps), then the upgrade and the session task. The
-/// response echoes `subprotocol` when given.
-fn admit_and_upgrade<A, B, C>(
+/// Admission (subscriber and per-IP caps, the filters' memory budget), then the upgrade and
+/// the session task. The response echoes `subprotocol` when given.
+fn admit_and_upgrade(
     hub: Arc<Hub>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     sub: Subscription,
-    refusals: Refusals<A, B, C>,
+    refusals: Refusals,
     subprotocol: Option<&'static str>,
-) -> Response<Body>
-where
-    A: FnOnce() -> Response<Body>,
-    B: FnOnce() -> Response<Body>,
-    C: FnOnce() -> Response<Body>,
-{
+) -> Response<Body> {
     if hub.shutdown.is_cancelled() {
         return (refusals.shutting_down)();
     }
     let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
     let ip = client_ip(peer, forwarded, &hub.limits.trusted_proxies);
-    let slot = match hub.admission.admit(ip) {
+    let admitted = hub.admission.admit(ip).and_then(|mut slot| {
+        slot.hold_filter(sub.filter.heap_bytes())?;
+        Ok(slot)
+    });
+    let slot = match admitted {
         Ok(s) => s,
-        Err(Refused::TooManySubscribers) => {
-            hub.metrics.rejected_requests.with_label_values(&[Refusal::TooManySubscribers.as_str()]).inc();
-            return (refusals.too_many)();
-        }
-        Err(Refused::TooManyFromIp) => {
-            hub.metrics.rejected_requests.with_label_values(&[Refusal::TooManyFromIp.as_str()]).inc();
-            return (refusals.from_ip)();
+        Err(refused) => {
+            let (why, response) = match refused {
+                Refused::TooManySubscribers => (Refusal::TooManySubscribers, refusals.too_many),
+                Refused::TooManyFromIp => (Refusal::TooManyFromIp, refusals.from_ip),
+                Refused::FilterBudget => (Refusal::FilterBudget, refusals.filter_budget),
+            };
+            hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
+            return response();
         }
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
@@ -186,13 +193,14 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
         preface,
         include_verification: false,
     };
-    let unavailable = |message: &str| {
+    fn unavailable(message: &str) -> Response<Body> {
         let e = XrpcError { status: 503, name: "ServiceUnavailable", message: message.into() };
         full(StatusCode::SERVICE_UNAVAILABLE, "application/json", e.body())
-    };
+    }
     let refusals = Refusals {
         shutting_down: || unavailable("server shutting down"),
         too_many: || unavailable("too many subscribers; try another instance or later"),
+        filter_budget: || unavailable(FILTER_BUDGET_TEXT.trim_end()),
         from_ip: || {
             let e = XrpcError {
                 status: 429,

@@ -1,6 +1,7 @@
 //! Admission and fairness: the subscriber cap, per-IP connection cap, per-IP event rate (one
-//! token bucket shared by all of an IP's connections, as Jetstream v1), and the client IP,
-//! taken from `X-Forwarded-For` only when the peer is a trusted proxy.
+//! token bucket shared by all of an IP's connections, as Jetstream v1), the memory filters may
+//! hold (all of them, and one IP's), and the client IP, taken from `X-Forwarded-For` only when
+//! the peer is a trusted proxy.
 //!
 //! "Per IP" means per IPv4 address, and per IPv6 prefix (`--ipv6-prefix`, /64 by default): an
 //! IPv6 client is usually handed a whole /64 and can rotate through it. Operators exempt their
@@ -38,6 +39,12 @@ pub struct LimitsConfig {
     /// before any parsing (0: unlimited). Trusted proxies and unlimited clients are exempt.
     #[arg(long, env = "CONTRAIL_MAX_CONNECTS_PER_SECOND_PER_IP", default_value = "100")]
     pub max_connects_per_second_per_ip: u64,
+    /// Memory all subscribers' filters may hold together: their wantedDids and
+    /// wantedCollections (v1 allows 10,000 DIDs of up to 2,048 characters, ~20 MB a filter).
+    /// One client IP may hold a quarter of it. A subscribe request past it is refused with a
+    /// 503, an options_update with a 1013 close (0: unlimited).
+    #[arg(long, env = "CONTRAIL_MAX_FILTER_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
+    pub max_filter_bytes: u64,
 }
 
 impl LimitsConfig {
@@ -47,6 +54,9 @@ impl LimitsConfig {
         }
         if !(32..=128).contains(&self.ipv6_prefix) {
             return Err(("ipv6-prefix", "must be between 32 and 128".into()));
+        }
+        if self.max_filter_bytes > 1 << 40 {
+            return Err(("max-filter-bytes", "must be at most 1TiB".into()));
         }
         Ok(())
     }
@@ -239,8 +249,20 @@ pub struct Admission {
     ipv6_prefix: u8,
     unlimited: Vec<IpNet>,
     total: AtomicUsize,
-    /// Per client key (an IPv4 address, an IPv6 prefix): connections and the shared bucket.
-    per_ip: DashMap<IpAddr, (usize, Option<Arc<TokenBucket>>)>,
+    /// Per client key (an IPv4 address, an IPv6 prefix).
+    per_ip: DashMap<IpAddr, PerIp>,
+    /// `--max-filter-bytes` (0: unlimited), and what connections' filters hold now.
+    max_filter_bytes: usize,
+    filter_bytes: AtomicUsize,
+    /// `contrail_hub_filter_bytes`: `filter_bytes`, moved by the same amounts.
+    filter_gauge: prometheus::IntGauge,
+}
+
+/// One client key's connections, their filters' bytes, and its shared event bucket.
+struct PerIp {
+    connections: usize,
+    filter_bytes: usize,
+    bucket: Option<Arc<TokenBucket>>,
 }
 
 /// The key a client is limited under: IPv4 addresses as they are (and IPv4-mapped IPv6 as
@@ -259,23 +281,27 @@ pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
-/// Why a subscriber was turned away.
+/// Why a subscriber, or its filter, was turned away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     TooManySubscribers,
     TooManyFromIp,
+    /// Its filter would take the filters' memory past `--max-filter-bytes`, or its IP's share.
+    FilterBudget,
 }
 
-/// Held for the life of a connection; releases its slots on drop.
+/// Held for the life of a connection; releases its slots and its filter's bytes on drop.
 pub struct Slot {
     admission: Arc<Admission>,
     /// The per-IP key held, if the client is limited per IP.
     key: Option<IpAddr>,
     pub bucket: Option<Arc<TokenBucket>>,
+    /// The bytes of the filter this connection holds, counted in the budgets.
+    filter_bytes: usize,
 }
 
 impl Admission {
-    pub fn new(limits: &LimitsConfig) -> Arc<Self> {
+    pub fn new(limits: &LimitsConfig, filter_gauge: prometheus::IntGauge) -> Arc<Self> {
         Arc::new(Admission {
             max_subscribers: limits.max_subscribers,
             max_per_ip: limits.max_connections_per_ip,
@@ -284,6 +310,9 @@ impl Admission {
             unlimited: limits.unlimited_clients.clone(),
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
+            max_filter_bytes: limits.max_filter_bytes as usize,
+            filter_bytes: AtomicUsize::new(0),
+            filter_gauge,
         })
     }
 
@@ -293,36 +322,85 @@ impl Admission {
             return Err(Refused::TooManySubscribers);
         }
         if self.unlimited.iter().any(|n| n.contains(ip)) {
-            return Ok(Slot { admission: self.clone(), key: None, bucket: None });
+            return Ok(Slot { admission: self.clone(), key: None, bucket: None, filter_bytes: 0 });
         }
         let ip = client_key(ip, self.ipv6_prefix);
-        let mut entry = self.per_ip.entry(ip).or_insert_with(|| {
-            let bucket = (self.rate_per_ip > 0).then(|| Arc::new(TokenBucket::new(self.rate_per_ip as f64)));
-            (0, bucket)
+        let mut entry = self.per_ip.entry(ip).or_insert_with(|| PerIp {
+            connections: 0,
+            filter_bytes: 0,
+            bucket: (self.rate_per_ip > 0).then(|| Arc::new(TokenBucket::new(self.rate_per_ip as f64))),
         });
-        if entry.0 >= self.max_per_ip {
+        if entry.connections >= self.max_per_ip {
             drop(entry);
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::TooManyFromIp);
         }
-        entry.0 += 1;
-        let bucket = entry.1.clone();
-        Ok(Slot { admission: self.clone(), key: Some(ip), bucket })
+        entry.connections += 1;
+        let bucket = entry.bucket.clone();
+        Ok(Slot { admission: self.clone(), key: Some(ip), bucket, filter_bytes: 0 })
     }
 
     pub fn connected(&self) -> usize {
         self.total.load(Ordering::SeqCst)
     }
+
+    /// What connections' filters hold now.
+    pub fn filter_bytes(&self) -> usize {
+        self.filter_bytes.load(Ordering::SeqCst)
+    }
+
+    fn release_filter_bytes(&self, key: Option<&IpAddr>, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        self.filter_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        self.filter_gauge.sub(bytes as i64);
+        if let Some(mut entry) = key.and_then(|k| self.per_ip.get_mut(k)) {
+            entry.filter_bytes -= bytes;
+        }
+    }
+}
+
+impl Slot {
+    /// Counts `bytes` (the new filter's [`crate::options::Filter::heap_bytes`]) for this
+    /// connection's filter in place of what its last one held; refused, holding what it held,
+    /// when that would take all filters past `--max-filter-bytes` or this client's past a
+    /// quarter of it. A smaller filter is always taken.
+    pub fn hold_filter(&mut self, bytes: usize) -> Result<(), Refused> {
+        let a = &self.admission;
+        let Some(more) = bytes.checked_sub(self.filter_bytes).filter(|m| *m > 0) else {
+            a.release_filter_bytes(self.key.as_ref(), self.filter_bytes - bytes);
+            self.filter_bytes = bytes;
+            return Ok(());
+        };
+        let max = if a.max_filter_bytes == 0 { usize::MAX } else { a.max_filter_bytes };
+        if a.filter_bytes.fetch_add(more, Ordering::SeqCst).saturating_add(more) > max {
+            a.filter_bytes.fetch_sub(more, Ordering::SeqCst);
+            return Err(Refused::FilterBudget);
+        }
+        if let Some(mut entry) = self.key.as_ref().and_then(|k| a.per_ip.get_mut(k)) {
+            if entry.filter_bytes.saturating_add(more) > max / 4 {
+                drop(entry);
+                a.filter_bytes.fetch_sub(more, Ordering::SeqCst);
+                return Err(Refused::FilterBudget);
+            }
+            entry.filter_bytes += more;
+        }
+        a.filter_gauge.add(more as i64);
+        self.filter_bytes = bytes;
+        Ok(())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        self.admission.release_filter_bytes(self.key.as_ref(), self.filter_bytes);
         self.admission.total.fetch_sub(1, Ordering::SeqCst);
         // Entries go away with their last connection (v1's map grew forever).
         if let Some(key) = &self.key {
             self.admission.per_ip.remove_if_mut(key, |_, v| {
-                v.0 -= 1;
-                v.0 == 0
+                v.connections -= 1;
+                v.connections == 0
             });
         }
     }
@@ -351,12 +429,62 @@ mod tests {
             ipv6_prefix: 64,
             unlimited_clients: vec!["10.0.0.0/8".parse().unwrap()],
             max_connects_per_second_per_ip: 0,
+            max_filter_bytes: 0,
         }
+    }
+
+    fn admission(limits: &LimitsConfig) -> (Arc<Admission>, prometheus::IntGauge) {
+        let gauge = prometheus::IntGauge::new("filter_bytes", "h").unwrap();
+        (Admission::new(limits, gauge.clone()), gauge)
+    }
+
+    #[test]
+    fn filters_share_a_memory_budget_and_one_ip_a_quarter_of_it() {
+        let mut l = limits(100, 100, 0);
+        l.max_filter_bytes = 4000;
+        let (a, gauge) = admission(&l);
+        let from = |s: &str| a.admit(s.parse().unwrap()).unwrap();
+        let mut first = from("192.0.2.1");
+        first.hold_filter(900).unwrap();
+        let mut second = from("192.0.2.1");
+        assert_eq!(second.hold_filter(200), Err(Refused::FilterBudget), "past the IP's quarter");
+        second.hold_filter(100).unwrap();
+        // A larger filter for the same connection counts only what it adds.
+        first.hold_filter(900).unwrap();
+        assert_eq!(a.filter_bytes(), 1000);
+        // Three more clients take the rest; an exempt one counts in the total too.
+        let mut others: Vec<Slot> = (2..5).map(|i| from(&format!("192.0.2.{i}"))).collect();
+        for s in &mut others {
+            s.hold_filter(900).unwrap();
+        }
+        let mut exempt = from("10.0.0.1");
+        assert_eq!(exempt.hold_filter(400), Err(Refused::FilterBudget), "past the total");
+        exempt.hold_filter(300).unwrap();
+        assert_eq!((a.filter_bytes(), gauge.get()), (4000, 4000));
+        // A refused filter leaves what the connection held; a smaller one is always taken.
+        assert_eq!(first.hold_filter(950), Err(Refused::FilterBudget));
+        first.hold_filter(10).unwrap();
+        assert_eq!(a.filter_bytes(), 3110);
+        second.hold_filter(990).unwrap();
+        // Closing gives a connection's bytes back, to the total and to its IP.
+        drop((first, second, exempt));
+        assert_eq!((a.filter_bytes(), gauge.get()), (2700, 2700));
+        let mut again = from("192.0.2.1");
+        again.hold_filter(1000).unwrap();
+        drop(others);
+        drop(again);
+        assert_eq!((a.filter_bytes(), gauge.get()), (0, 0));
+        assert!(a.per_ip.is_empty());
+        // 0: unlimited, still counted.
+        let (u, gauge) = admission(&limits(10, 10, 0));
+        let mut s = u.admit("192.0.2.1".parse().unwrap()).unwrap();
+        s.hold_filter(1 << 40).unwrap();
+        assert_eq!(gauge.get(), 1 << 40);
     }
 
     #[test]
     fn ipv6_clients_are_limited_per_64_and_exempt_clients_not_at_all() {
-        let a = Admission::new(&limits(100, 2, 10));
+        let (a, _) = admission(&limits(100, 2, 10));
         let from = |s: &str| a.admit(s.parse().unwrap());
         let _s1 = from("2001:db8:1:2::1").unwrap();
         let _s2 = from("2001:db8:1:2:ffff::9").unwrap();
@@ -375,7 +503,7 @@ mod tests {
 
     #[test]
     fn per_ip_slots_are_released() {
-        let a = Admission::new(&limits(3, 2, 0));
+        let (a, _) = admission(&limits(3, 2, 0));
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let s1 = a.admit(ip).unwrap();
         let _s2 = a.admit(ip).unwrap();

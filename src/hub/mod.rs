@@ -248,7 +248,7 @@ impl Hub {
         limits: LimitsConfig,
         shutdown: CancellationToken,
     ) -> std::io::Result<Hub> {
-        let admission = Admission::new(&limits);
+        let admission = Admission::new(&limits, metrics.filter_bytes.clone());
         // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
         // holding it (most are shared with the ring and each other, so this bounds the worst
         // case — queues keeping events the ring let go — without ending queues in normal use).

@@ -713,6 +713,10 @@ impl Session {
                             // reading, so the client's writes back up); nobody else does.
                             tokio::time::sleep(wait).await;
                         }
+                        if self.slot.hold_filter(u.filter.heap_bytes()).is_err() {
+                            // Closed with 1013: its old filter stays counted until then.
+                            return Err(CloseReason::FilterBudget);
+                        }
                         let include_sync = u.include_sync.unwrap_or(self.filter.kinds().contains(EventKind::Sync));
                         let kinds = if include_sync { Kinds::ALL } else { Kinds::V1_DEFAULT };
                         self.filter = Arc::new(u.filter.with_kinds(kinds));
