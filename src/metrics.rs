@@ -158,6 +158,8 @@ pub struct Metrics {
     pub replay_pages_built: IntCounter,
     pub replay_pages_shared: IntCounter,
     pub replay_stored_frames: IntCounter,
+    pub replay_held_bytes: IntGauge,
+    pub replay_held_waits: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
     pub verify_commits: IntCounterVec,
@@ -374,6 +376,16 @@ impl Metrics {
                 &r,
                 "contrail_hub_replay_stored_frames_total",
                 "Compressed frames replay pages took as stored ahead of replay instead of compressing them.",
+            ),
+            replay_held_bytes: gauge(
+                &r,
+                "contrail_hub_replay_held_bytes",
+                "Bytes of replay pages in subscribers' hands, each page counted once however many share it (bounded by --replay-held-bytes).",
+            ),
+            replay_held_waits: counter(
+                &r,
+                "contrail_hub_replay_held_waits_total",
+                "Times a replaying subscriber waited for room under --replay-held-bytes before taking its next page.",
             ),
             rejected_requests: counter_vec(
                 &r,

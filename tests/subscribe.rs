@@ -602,9 +602,15 @@ async fn dead_and_slow_peers_are_closed_without_hurting_others() {
 
 /// Opens a websocket to `/subscribe` on a raw socket (it answers nothing, pings included).
 async fn raw_subscriber(public: std::net::SocketAddr) -> tokio::net::TcpStream {
+    raw_subscriber_at(public, "/subscribe").await
+}
+
+/// [`raw_subscriber`] with a query.
+async fn raw_subscriber_at(public: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(public).await.unwrap();
-    tcp.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
@@ -961,4 +967,54 @@ async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() 
     wait_held(3 * f);
     let _e = connect(public, &v1(6), &[("X-Forwarded-For", &from(5))]).await.unwrap();
     assert_eq!(held(), 4 * f);
+}
+
+/// Replay pages in subscribers' hands share `--replay-held-bytes`: clients that stop reading
+/// mid-replay, at distinct places, hold at most the budget (before, each held its own page of
+/// up to ~8 MB until the write timeout); a replayer arriving then waits for room, and gets
+/// exactly the log once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
+    use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
+    let s = setup(5, &["--replay-held-bytes", "1MiB"]).await;
+    // 2,000 events of ~2 KB: a page of 1,024 of them is ~4 MB, more than the whole budget.
+    let body = "x".repeat(2_000);
+    for i in 0..2_000u64 {
+        let seq = 100 + i as i64;
+        let rec = map(vec![("$type", text("app.bsky.feed.post")), ("text", text(&body))]);
+        let path = format!("app.bsky.feed.post/{}", tid_for(i));
+        s.relay.push(seq, commit_frame(seq, &did_for(1 + i % 3), &tid_for(9_000 + i), &[TestOp::create(&path, &rec)]));
+    }
+    s.serve.wait_for_seq(2_099, Duration::from_secs(60));
+    let all = log(&s);
+    assert_eq!(all.len(), 2_005);
+    let held = || s.serve.metric("contrail_hub_replay_held_bytes").unwrap();
+    let waits = || s.serve.metric("contrail_hub_replay_held_waits_total").unwrap();
+    // A client that stops reading takes the first page in hand, the whole budget; another, in
+    // the middle of the log with its own filter, waits.
+    let stuck = raw_subscriber_at(s.serve.public, "/subscribe?cursor=0").await;
+    let deadline = std::time::Instant::now() + T;
+    while held() == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the first page was not taken in hand");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let middle = all[1_500]["time_us"].as_u64().unwrap();
+    let waiting =
+        raw_subscriber_at(s.serve.public, &format!("/subscribe?cursor={middle}&wantedDids={}", did_for(2))).await;
+    // A reader from the start shares the stuck client's page, then waits for the next.
+    let mut reader = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let first = collect(&mut reader, all.len(), Duration::from_secs(2)).await;
+    assert!(!first.is_empty() && first.len() < all.len(), "got {} of {} with the budget held", first.len(), all.len());
+    assert_eq!(held(), (1 << 20) as f64, "the budget, no more");
+    assert!(waits() >= 2.0, "{} waits", waits());
+    // The clients holding the budget go: the reader gets the rest, exactly.
+    drop((stuck, waiting));
+    let rest = collect(&mut reader, all.len() - first.len(), Duration::from_secs(20)).await;
+    let got: Vec<serde_json::Value> = first.into_iter().chain(rest).collect();
+    assert_eq!(got, all, "the replay is the log, once, in order");
+    let deadline = std::time::Instant::now() + T;
+    while held() != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "{} bytes still held", held());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -113,6 +113,11 @@ pub struct HubConfig {
     /// replayers read, filter, compress and frame each event once); 0 turns the sharing off.
     #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
     pub replay_cache_bytes: u64,
+    /// Most memory the replay pages in subscribers' hands hold together (a page of up to
+    /// 1,024 events is ~1–8 MB, counted once however many subscribers write it); past it a
+    /// replayer waits for room before taking its next page. Live subscribers never wait.
+    #[arg(long, env = "CONTRAIL_REPLAY_HELD_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
+    pub replay_held_bytes: u64,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
     /// comma-separate), besides the shipped Jetstream v1 and Contrail v1 ones. Clients pick one
     /// with zstdDictionary=<id>.
@@ -181,6 +186,9 @@ impl HubConfig {
         }
         if self.replay_cache_bytes > 1 << 40 {
             return Err(("replay-cache-bytes", "must be at most 1TiB".into()));
+        }
+        if !(1 << 20..=1 << 40).contains(&self.replay_held_bytes) {
+            return Err(("replay-held-bytes", "must be between 1MiB and 1TiB".into()));
         }
         if self.ping_interval.is_zero() || self.pong_timeout <= self.ping_interval {
             return Err(("pong-timeout", "must be longer than ping-interval, which must be more than 0".into()));
@@ -269,6 +277,7 @@ impl Hub {
             tasks: TaskTracker::new(),
             replay_pages: Arc::new(replay_pages::ReplayPages::new(
                 config.replay_cache_bytes as usize,
+                config.replay_held_bytes as usize,
                 replay_pages::PageCounters::of(&metrics),
             )),
             metrics,

@@ -12,7 +12,7 @@
 
 use super::dispatch::{Dispatcher, Ended, Registration, Take};
 use super::encode::Encoding;
-use super::replay_pages::{Page, PageFetch, RawRun, Rendering, ReplayPages, REPLAY_BATCH};
+use super::replay_pages::{Page, PageFetch, PageHold, RawRun, Rendering, ReplayPages, REPLAY_BATCH};
 use crate::event::Event;
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
@@ -124,7 +124,10 @@ pub struct EventStream {
     /// Where replay pages come from (and are shared with other replayers).
     pages: Arc<ReplayPages>,
     /// The replay page in hand and its next frame.
-    page: Option<(Arc<Page>, usize)>,
+    page: Option<(PageHold, usize)>,
+    /// The next page, waiting for room in the budget of pages held (kept across
+    /// cancellations of [`Self::next`]).
+    waiting: Option<Arc<Page>>,
     /// A page dropped by a filter change, whose scan goes on after the position: rendered
     /// again for the new filter before the log is read further.
     rest: Option<Arc<RawRun>>,
@@ -167,6 +170,7 @@ impl EventStream {
             rendering: Rendering::new(filter, encoding),
             pages,
             page: None,
+            waiting: None,
             rest: None,
             fetch: None,
             passed: 0,
@@ -219,7 +223,7 @@ impl EventStream {
         if same_filter && &encoding == self.rendering.encoding() {
             return; // nothing changes: keep the page and the queue
         }
-        if let Some((page, _)) = self.page.take() {
+        if let Some(page) = self.page.take().map(|(hold, _)| hold.page().clone()).or(self.waiting.take()) {
             self.rest = Some(page.raw().clone()); // not its frames: the old filter's
         }
         self.fetch = None;
@@ -247,7 +251,7 @@ impl EventStream {
         if live != self.live {
             self.live = live;
             if live {
-                (self.fetch, self.rest) = (None, None); // no more pages needed
+                (self.fetch, self.rest, self.waiting) = (None, None, None); // no more pages needed
                 self.metrics.lagging.dec();
             } else {
                 self.metrics.lagging.inc();
@@ -267,7 +271,7 @@ impl EventStream {
             let end = page.chunk_end(*next, max, CHUNK_BYTES);
             let finishes = end == count && !page.corrupt;
             let through = if finishes { page.covered_to } else { page.time_of(end - 1) };
-            let frames = Frames { page: page.clone(), range: *next..end, through };
+            let frames = Frames { page: page.page().clone(), range: *next..end, through };
             self.passed += (end - *next) as u64;
             *next = end;
             return Ok(Some(frames));
@@ -304,13 +308,20 @@ impl EventStream {
                     self.set_live(true);
                     continue;
                 }
+                if let Some(page) = &self.waiting {
+                    // Cancel-safe: the page stays waiting until it is held.
+                    let hold = self.pages.hold(page).await;
+                    self.waiting = None;
+                    self.take_page(hold);
+                    continue;
+                }
                 if let Some(raw) = self.rest.take().filter(|r| r.has_rest(self.last_seen)) {
                     let (filter, encoding) = (self.rendering.filter(), self.rendering.encoding());
                     let page = raw.rest(self.last_seen, REST_PIECE, filter, encoding);
                     if raw.has_rest(page.covered_to) {
                         self.rest = Some(raw); // more of its scan after this piece
                     }
-                    self.take_page(Arc::new(page));
+                    self.waiting = Some(Arc::new(page));
                     continue;
                 }
                 if self.fetch.is_none() {
@@ -321,7 +332,7 @@ impl EventStream {
                 match built {
                     Ok(page) => {
                         self.metrics.replay_reads.inc();
-                        self.take_page(page);
+                        self.waiting = Some(page);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "reading the log for a subscriber failed");
@@ -380,7 +391,7 @@ impl EventStream {
     /// position reaches the registration's point (the page covers the log as it was when its
     /// scan began, which may be before this registration: then the log is read again up to
     /// it).
-    fn take_page(&mut self, page: Arc<Page>) {
+    fn take_page(&mut self, page: PageHold) {
         self.log_end_near = page.at_log_end;
         if self.log_end_near && self.registration.is_none() {
             self.register();
@@ -461,7 +472,7 @@ mod tests {
                 dispatcher,
                 metrics: StreamMetrics { replay_reads: m.replay_reads.clone(), lagging: m.lagging_subscribers.clone() },
                 overflows: m.live_queue_overflows.clone(),
-                pages: Arc::new(ReplayPages::new(8 << 20, PageCounters::of(&m))),
+                pages: Arc::new(ReplayPages::new(8 << 20, 1 << 30, PageCounters::of(&m))),
             }
         }
 
