@@ -602,15 +602,27 @@ async fn dead_and_slow_peers_are_closed_without_hurting_others() {
 
 /// Opens a websocket to `/subscribe` on a raw socket (it answers nothing, pings included).
 async fn raw_subscriber(public: std::net::SocketAddr) -> tokio::net::TcpStream {
-    raw_subscriber_at(public, "/subscribe").await
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = tokio::net::TcpStream::connect(public).await.unwrap();
+    tcp.write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    upgraded(tcp).await
 }
 
-/// [`raw_subscriber`] with a query.
-async fn raw_subscriber_at(public: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(public).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+/// [`raw_subscriber`] with a query, as client `from` (`X-Forwarded-For`), with a small receive
+/// buffer: a client that does not read stops the server's writes after a few KB.
+async fn raw_subscriber_at(public: std::net::SocketAddr, path: &str, from: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(public).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: {from}\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
+    upgraded(tcp).await
+}
+
+/// Reads the server's answer to an upgrade request: it must be a 101.
+async fn upgraded(mut tcp: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    use tokio::io::AsyncReadExt;
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut b = [0u8; 1];
@@ -969,15 +981,17 @@ async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() 
     assert_eq!(held(), 4 * f);
 }
 
-/// Replay pages in subscribers' hands share `--replay-held-bytes`: clients that stop reading
-/// mid-replay, at distinct places, hold at most the budget (before, each held its own page of
-/// up to ~8 MB until the write timeout); a replayer arriving then waits for room, and gets
-/// exactly the log once they are gone.
+/// Replay pages in subscribers' hands share `--replay-held-bytes`, a quarter of it per client:
+/// clients that stop reading mid-replay at distinct places hold at most the budget (before,
+/// each held its own page of up to ~8 MB until the write timeout). Another client replays
+/// past one client's stuck streams; once the whole budget is held a replayer waits for room,
+/// holding nothing, and gets exactly the log once the stuck clients are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
     use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
-    let s = setup(5, &["--replay-held-bytes", "1MiB"]).await;
-    // 2,000 events of ~2 KB: a page of 1,024 of them is ~4 MB, more than the whole budget.
+    let budget = 16 << 20;
+    let s = setup(5, &["--replay-held-bytes", "16MiB", "--trusted-proxies", "127.0.0.1"]).await;
+    // 2,000 events of ~2 KB: a page of 1,024 of them is ~4.4 MB, past a client's quarter.
     let body = "x".repeat(2_000);
     for i in 0..2_000u64 {
         let seq = 100 + i as i64;
@@ -988,33 +1002,55 @@ async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
     s.serve.wait_for_seq(2_099, Duration::from_secs(60));
     let all = log(&s);
     assert_eq!(all.len(), 2_005);
+    let public = s.serve.public;
     let held = || s.serve.metric("contrail_hub_replay_held_bytes").unwrap();
     let waits = || s.serve.metric("contrail_hub_replay_held_waits_total").unwrap();
-    // A client that stops reading takes the first page in hand, the whole budget; another, in
-    // the middle of the log with its own filter, waits.
-    let stuck = raw_subscriber_at(s.serve.public, "/subscribe?cursor=0").await;
-    let deadline = std::time::Instant::now() + T;
-    while held() == 0.0 {
-        assert!(std::time::Instant::now() < deadline, "the first page was not taken in hand");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + T;
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}: held {} bytes, {} waits", held(), waits());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let at = |i: usize| all[i]["time_us"].as_u64().unwrap();
+    let reader = |from: &'static str| async move {
+        connect(public, "/subscribe?cursor=0", &[("X-Forwarded-For", from)]).await.unwrap()
+    };
+
+    // Client A stops reading with the first page in hand: its quarter is taken, so its next
+    // stream, in the middle of the log with a filter of its own, waits.
+    let a1 = raw_subscriber_at(public, "/subscribe?cursor=0", "198.51.100.1").await;
+    wait_until("A's first page in hand", &|| held() > 0.0);
+    let a2 = raw_subscriber_at(
+        public,
+        &format!("/subscribe?cursor={}&wantedDids={}", at(1_500), did_for(2)),
+        "198.51.100.1",
+    )
+    .await;
+    wait_until("A's second stream waiting", &|| waits() >= 1.0);
+    // Client B replays everything past A's stuck streams: it shares A's first page.
+    let mut b = reader("198.51.100.2").await;
+    assert_eq!(collect(&mut b, all.len(), T).await, all, "client B's replay is the log");
+
+    // Three more stuck clients hold about the rest of the budget: each at a place of its own
+    // past the first page (within a page someone holds, a stream joins it).
+    let mut stuck = vec![a1, a2];
+    for (i, from) in [(1_100, "198.51.100.3"), (1_300, "198.51.100.4"), (1_400, "198.51.100.5")] {
+        stuck.push(raw_subscriber_at(public, &format!("/subscribe?cursor={}", at(i)), from).await);
     }
-    let middle = all[1_500]["time_us"].as_u64().unwrap();
-    let waiting =
-        raw_subscriber_at(s.serve.public, &format!("/subscribe?cursor={middle}&wantedDids={}", did_for(2))).await;
-    // A reader from the start shares the stuck client's page, then waits for the next.
-    let mut reader = connect(s.serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
-    let first = collect(&mut reader, all.len(), Duration::from_secs(2)).await;
-    assert!(!first.is_empty() && first.len() < all.len(), "got {} of {} with the budget held", first.len(), all.len());
-    assert_eq!(held(), (1 << 20) as f64, "the budget, no more");
-    assert!(waits() >= 2.0, "{} waits", waits());
-    // The clients holding the budget go: the reader gets the rest, exactly.
-    drop((stuck, waiting));
-    let rest = collect(&mut reader, all.len() - first.len(), Duration::from_secs(20)).await;
+    wait_until("the budget held", &|| held() > (budget - (8 << 20)) as f64);
+    // A replayer from yet another client gets the first page (held by A) and waits for room
+    // for the next; the pages held stay within the budget.
+    let waits_before = waits();
+    let mut g = reader("198.51.100.6").await;
+    let first = collect(&mut g, all.len(), Duration::from_secs(3)).await;
+    assert_eq!(first.len(), 1_024, "one page, then a wait for room");
+    assert!(waits() > waits_before);
+    assert!(held() <= budget as f64, "{} bytes held, over the budget", held());
+    // The stuck clients go: the replayer gets the rest, exactly.
+    drop(stuck);
+    let rest = collect(&mut g, all.len() - first.len(), Duration::from_secs(20)).await;
     let got: Vec<serde_json::Value> = first.into_iter().chain(rest).collect();
     assert_eq!(got, all, "the replay is the log, once, in order");
-    let deadline = std::time::Instant::now() + T;
-    while held() != 0.0 {
-        assert!(std::time::Instant::now() < deadline, "{} bytes still held", held());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until("every page let go", &|| held() == 0.0);
 }

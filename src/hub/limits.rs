@@ -362,6 +362,11 @@ impl Admission {
 }
 
 impl Slot {
+    /// The key this connection is limited under (`None`: an unlimited client).
+    pub fn client_key(&self) -> Option<IpAddr> {
+        self.key
+    }
+
     /// Counts `bytes` (the new filter's [`crate::options::Filter::heap_bytes`]) for this
     /// connection's filter in place of what its last one held; refused, holding what it held,
     /// when that would take all filters past `--max-filter-bytes` or this client's past a
@@ -374,18 +379,20 @@ impl Slot {
             return Ok(());
         };
         let max = if a.max_filter_bytes == 0 { usize::MAX } else { a.max_filter_bytes };
-        if a.filter_bytes.fetch_add(more, Ordering::SeqCst).saturating_add(more) > max {
-            a.filter_bytes.fetch_sub(more, Ordering::SeqCst);
+        // The client's share, under its entry's lock, then the total, which is never raised
+        // past the budget (a refusal must not refuse others meanwhile).
+        let mut entry = self.key.as_ref().and_then(|k| a.per_ip.get_mut(k));
+        if entry.as_ref().is_some_and(|e| e.filter_bytes.saturating_add(more) > max / 4) {
             return Err(Refused::FilterBudget);
         }
-        if let Some(mut entry) = self.key.as_ref().and_then(|k| a.per_ip.get_mut(k)) {
-            if entry.filter_bytes.saturating_add(more) > max / 4 {
-                drop(entry);
-                a.filter_bytes.fetch_sub(more, Ordering::SeqCst);
-                return Err(Refused::FilterBudget);
-            }
-            entry.filter_bytes += more;
+        let fits = |total: usize| total.checked_add(more).filter(|t| *t <= max);
+        if a.filter_bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits).is_err() {
+            return Err(Refused::FilterBudget);
         }
+        if let Some(e) = entry.as_mut() {
+            e.filter_bytes += more;
+        }
+        drop(entry);
         a.filter_gauge.add(more as i64);
         self.filter_bytes = bytes;
         Ok(())

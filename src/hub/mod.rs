@@ -77,6 +77,7 @@ pub(crate) mod handshake;
 pub mod limits;
 pub(crate) mod liveness;
 pub mod precompress;
+pub mod replay_budget;
 pub mod replay_pages;
 pub(crate) mod session;
 pub(crate) mod slow;
@@ -114,8 +115,9 @@ pub struct HubConfig {
     #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
     pub replay_cache_bytes: u64,
     /// Most memory the replay pages in subscribers' hands hold together (a page of up to
-    /// 1,024 events is ~1–8 MB, counted once however many subscribers write it); past it a
-    /// replayer waits for room before taking its next page. Live subscribers never wait.
+    /// 1,024 events is ~1 MB, at most ~8.5 MB, counted once however many subscribers write
+    /// it), a quarter of it per client IP. A replayer reserves room for the largest page
+    /// before it fetches one, and waits for room, holding nothing. Live subscribers never wait.
     #[arg(long, env = "CONTRAIL_REPLAY_HELD_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
     pub replay_held_bytes: u64,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
@@ -244,6 +246,8 @@ pub struct Hub {
     pub tasks: TaskTracker,
     /// Replay pages, shared by replayers close to each other with the same filter and encoding.
     pub replay_pages: Arc<replay_pages::ReplayPages>,
+    /// What the pages in replayers' hands may hold (`--replay-held-bytes`).
+    pub replay_budget: Arc<replay_budget::ReplayBudget>,
 }
 
 impl Hub {
@@ -275,9 +279,13 @@ impl Hub {
             limits,
             shutdown,
             tasks: TaskTracker::new(),
+            replay_budget: replay_budget::ReplayBudget::new(
+                config.replay_held_bytes as usize,
+                metrics.replay_held_bytes.clone(),
+                metrics.replay_held_waits.clone(),
+            ),
             replay_pages: Arc::new(replay_pages::ReplayPages::new(
                 config.replay_cache_bytes as usize,
-                config.replay_held_bytes as usize,
                 replay_pages::PageCounters::of(&metrics),
             )),
             metrics,

@@ -14,10 +14,7 @@
 //! its own. Bounded by bytes (`--replay-cache-bytes`), oldest built first out; short pages
 //! (the log's end, still growing) are built for their asker and not kept.
 //!
-//! The pages in subscribers' hands are bounded too (`--replay-held-bytes`): a replayer takes a
-//! page in hand only when the pages held, each counted once however many share it, leave room
-//! for it, and waits otherwise. Thousands of replayers at distinct places, each writing a page
-//! of up to ~8 MB to a slow socket, cannot take the memory the way they could before.
+//! The pages in subscribers' hands are bounded apart from these: see [`super::replay_budget`].
 
 use super::encode::{append_frame, frame, Encoding};
 use crate::event::{view_value, Event};
@@ -32,8 +29,9 @@ use tokio::sync::watch;
 /// chunk, small enough (~1 MB) to keep a replaying subscriber's memory flat.
 pub const REPLAY_BATCH: usize = 1024;
 
-/// A page's scan stops early once its values pass this (a run of very large events).
-const PAGE_MAX_BYTES: usize = 4 << 20;
+/// A page's scan stops early before its values pass this (a run of very large events); a
+/// first value larger than this is a page of its own.
+pub const PAGE_MAX_BYTES: usize = 4 << 20;
 
 /// A page whose filter wants fewer than one event in this many compresses them rather than
 /// reading its run's stored frames.
@@ -111,6 +109,12 @@ impl RawRun {
         let mut run = RawRun::default();
         let mut full = false;
         log.scan(from, limit, |t, v| {
+            // A page's size is bounded (what `replay_budget` reserves for it): a value that
+            // would take the page past the bound starts the next page, unless it is the first.
+            if !run.items.is_empty() && run.values.len() + v.len() > PAGE_MAX_BYTES {
+                full = true;
+                return false;
+            }
             let start = run.values.len();
             run.values.extend_from_slice(v);
             run.items.push((t, start..run.values.len()));
@@ -221,8 +225,6 @@ pub struct Page {
     frames: Vec<PageFrame>,
     /// The scan the page was rendered from.
     raw: Arc<RawRun>,
-    /// The streams holding the page in hand, and the budget's share they hold for it.
-    holders: Mutex<(usize, Option<tokio::sync::OwnedSemaphorePermit>)>,
 }
 
 impl Page {
@@ -268,7 +270,6 @@ impl Page {
             bytes: Vec::new(),
             frames: Vec::new(),
             raw: raw.clone(),
-            holders: Mutex::default(),
         };
         let start = raw.items.partition_point(|(t, _)| *t < from);
         let (mut wanted, mut wanted_bytes) = (Vec::new(), 0);
@@ -372,96 +373,11 @@ impl Page {
     }
 
     /// What a kept page holds: its frames and the scan it keeps beside them.
-    fn counted_bytes(&self) -> usize {
+    pub(super) fn counted_bytes(&self) -> usize {
         self.bytes.capacity()
             + self.frames.capacity() * std::mem::size_of::<PageFrame>()
             + self.raw.bytes()
             + PAGE_OVERHEAD
-    }
-}
-
-/// A page in a stream's hand, counted in the budget of held pages (`--replay-held-bytes`)
-/// once for all the streams holding it; its share is given back when the last one lets go.
-pub struct PageHold {
-    page: Arc<Page>,
-    budget: Arc<HeldBudget>,
-}
-
-impl PageHold {
-    pub fn page(&self) -> &Arc<Page> {
-        &self.page
-    }
-}
-
-impl std::ops::Deref for PageHold {
-    type Target = Page;
-    fn deref(&self) -> &Page {
-        &self.page
-    }
-}
-
-impl Drop for PageHold {
-    fn drop(&mut self) {
-        let mut holders = self.page.holders.lock().unwrap_or_else(|p| p.into_inner());
-        holders.0 -= 1;
-        let share = if holders.0 == 0 { holders.1.take() } else { None };
-        drop(holders);
-        if let Some(share) = share {
-            self.budget.gauge.sub(share.num_permits() as i64 * HELD_UNIT as i64);
-        }
-    }
-}
-
-/// The budget's unit: permits are counted in KiB (a semaphore takes at most `u32` at once).
-const HELD_UNIT: usize = 1024;
-
-/// The memory the pages in streams' hands may hold together.
-pub struct HeldBudget {
-    permits: Arc<tokio::sync::Semaphore>,
-    /// Its size, in units: a page larger than the whole budget takes all of it.
-    units: u32,
-    /// `contrail_hub_replay_held_bytes`, and `contrail_hub_replay_held_waits_total`.
-    gauge: prometheus::IntGauge,
-    waits: prometheus::IntCounter,
-}
-
-impl HeldBudget {
-    pub fn new(max_bytes: usize, gauge: prometheus::IntGauge, waits: prometheus::IntCounter) -> Arc<HeldBudget> {
-        let units = (max_bytes / HELD_UNIT).clamp(1, u32::MAX as usize) as u32;
-        let permits = Arc::new(tokio::sync::Semaphore::new(units as usize));
-        Arc::new(HeldBudget { permits, units, gauge, waits })
-    }
-
-    /// Takes `page` in hand: at once when another stream holds it or the budget has room for
-    /// it, else once pages let go leave room (first come, first served). Cancel-safe: a
-    /// cancelled wait holds nothing.
-    pub async fn hold(self: &Arc<Self>, page: &Arc<Page>) -> PageHold {
-        let hold = || PageHold { page: page.clone(), budget: self.clone() };
-        let join = |page: &Page| {
-            let mut holders = page.holders.lock().unwrap_or_else(|p| p.into_inner());
-            let held = holders.0 > 0;
-            holders.0 += held as usize;
-            held
-        };
-        if join(page) {
-            return hold();
-        }
-        let units = page.counted_bytes().div_ceil(HELD_UNIT).clamp(1, self.units as usize) as u32;
-        let share = match self.permits.clone().try_acquire_many_owned(units) {
-            Ok(share) => share,
-            Err(_) => {
-                self.waits.inc();
-                self.permits.clone().acquire_many_owned(units).await.expect("the budget is never closed")
-            }
-        };
-        let mut holders = page.holders.lock().unwrap_or_else(|p| p.into_inner());
-        holders.0 += 1;
-        if holders.1.is_none() {
-            self.gauge.add(units as i64 * HELD_UNIT as i64);
-            holders.1 = Some(share);
-        } // else another stream took it in hand while this one waited: the share goes back
-        drop(holders);
-        hold()
     }
 }
 
@@ -548,8 +464,6 @@ pub struct ReplayPages {
     /// filling the blocking pool.
     building: Arc<tokio::sync::Semaphore>,
     counters: PageCounters,
-    /// The budget of pages in streams' hands.
-    held: Arc<HeldBudget>,
 }
 
 /// What replay pages count (metrics).
@@ -560,9 +474,6 @@ pub struct PageCounters {
     pub shared: prometheus::IntCounter,
     /// Frames built pages took as they were stored ([`super::precompress`]).
     pub stored_frames: prometheus::IntCounter,
-    /// Bytes of pages in streams' hands, and how often a stream waited for room.
-    pub held_bytes: prometheus::IntGauge,
-    pub held_waits: prometheus::IntCounter,
 }
 
 impl PageCounters {
@@ -571,24 +482,15 @@ impl PageCounters {
             built: m.replay_pages_built.clone(),
             shared: m.replay_pages_shared.clone(),
             stored_frames: m.replay_stored_frames.clone(),
-            held_bytes: m.replay_held_bytes.clone(),
-            held_waits: m.replay_held_waits.clone(),
         }
     }
 }
 
 impl ReplayPages {
     /// `max_bytes` 0: nothing is kept or shared (each replayer builds its own pages).
-    /// `held_bytes`: the budget of pages in streams' hands.
-    pub fn new(max_bytes: usize, held_bytes: usize, counters: PageCounters) -> ReplayPages {
+    pub fn new(max_bytes: usize, counters: PageCounters) -> ReplayPages {
         let building = Arc::new(tokio::sync::Semaphore::new(2 * cores()));
-        let held = HeldBudget::new(held_bytes, counters.held_bytes.clone(), counters.held_waits.clone());
-        ReplayPages { max_bytes, pages: Mutex::default(), building, counters, held }
-    }
-
-    /// Takes `page` in a stream's hand, within the budget of held pages (see [`HeldBudget::hold`]).
-    pub async fn hold(&self, page: &Arc<Page>) -> PageHold {
-        self.held.hold(page).await
+        ReplayPages { max_bytes, pages: Mutex::default(), building, counters }
     }
 
     /// The page holding the events after `position` in `rendering`: a kept page that covers
@@ -637,6 +539,32 @@ impl ReplayPages {
         pages.map.insert((hash, from), Slot { rendering: rendering.clone(), page: rx });
         drop(pages);
         self.build(log, from, limit, rendering.clone(), Some(tx))
+    }
+
+    /// A built page holding the events after `position` in `rendering`, if there is one; no
+    /// build is started. `take` decides whether it is taken (counted as shared).
+    pub fn peek<T>(
+        &self,
+        position: u64,
+        rendering: &mut Rendering,
+        take: impl FnOnce(&Arc<Page>) -> Option<T>,
+    ) -> Option<T> {
+        if self.max_bytes == 0 {
+            return None;
+        }
+        let from = position + 1;
+        let pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
+        let (_, slot) = pages.map.range((rendering.hash, 0)..=(rendering.hash, from)).next_back()?;
+        if slot.rendering != *rendering {
+            return None;
+        }
+        let page = slot.page.borrow().clone().and_then(Result::ok).filter(|p| p.end >= from)?;
+        let filter = slot.rendering.filter.clone();
+        drop(pages);
+        let taken = take(&page)?;
+        rendering.filter = filter;
+        self.counters.shared.inc();
+        Some(taken)
     }
 
     /// Builds the page from `from` on a blocking thread, when a build slot is free. `shared`:
@@ -783,11 +711,8 @@ mod tests {
         let built = prometheus::IntCounter::new("built", "h").unwrap();
         let shared = prometheus::IntCounter::new("shared", "h").unwrap();
         let stored_frames = prometheus::IntCounter::new("stored", "h").unwrap();
-        let held_bytes = prometheus::IntGauge::new("held", "h").unwrap();
-        let held_waits = prometheus::IntCounter::new("waits", "h").unwrap();
-        let counters =
-            PageCounters { built: built.clone(), shared: shared.clone(), stored_frames, held_bytes, held_waits };
-        (Arc::new(ReplayPages::new(max_bytes, 1 << 30, counters)), built, shared)
+        let counters = PageCounters { built: built.clone(), shared: shared.clone(), stored_frames };
+        (Arc::new(ReplayPages::new(max_bytes, counters)), built, shared)
     }
 
     /// The page holding the events after `position`, as a replayer fetches it.
@@ -1193,45 +1118,5 @@ mod tests {
         let want: Vec<Vec<u8>> = events.iter().filter(|e| e.did() == DIDS[0]).map(marked).collect();
         assert_eq!(binary_payloads(&page), want);
         assert_eq!(page.stored_frames, want.len());
-    }
-
-    #[tokio::test]
-    async fn pages_in_hand_share_one_budget_and_a_replayer_waits_for_room() {
-        use std::time::Duration;
-        let log = log_of(3 * REPLAY_BATCH as u64, 900);
-        let build = |from: u64| {
-            Arc::new(Page::build(&log, from, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap())
-        };
-        let (first, second) = (build(0), build(1000 + REPLAY_BATCH as u64));
-        let third = build(1000 + 2 * REPLAY_BATCH as u64);
-        let size = first.counted_bytes();
-        let counted = |p: &Page| (p.counted_bytes().div_ceil(HELD_UNIT) * HELD_UNIT) as i64;
-        assert!(second.counted_bytes() * 2 > size * 3 / 2, "two pages must not fit");
-        let gauge = prometheus::IntGauge::new("held", "h").unwrap();
-        let waits = prometheus::IntCounter::new("waits", "h").unwrap();
-        let budget = HeldBudget::new(size * 3 / 2, gauge.clone(), waits.clone());
-        // Two streams writing one page count it once.
-        let (a, b) = (budget.hold(&first).await, budget.hold(&first).await);
-        assert_eq!(gauge.get(), counted(&first));
-        // Another page waits for room, until the last of them lets go.
-        let mut next = Box::pin(budget.hold(&second));
-        assert!(tokio::time::timeout(Duration::from_millis(50), &mut next).await.is_err());
-        assert_eq!(waits.get(), 1);
-        drop(a);
-        assert!(tokio::time::timeout(Duration::from_millis(50), &mut next).await.is_err(), "one stream still holds it");
-        drop(b);
-        let c = tokio::time::timeout(Duration::from_secs(5), next).await.expect("room was made");
-        assert_eq!(gauge.get(), counted(&second));
-        // A wait given up holds nothing.
-        assert!(tokio::time::timeout(Duration::from_millis(20), budget.hold(&third)).await.is_err());
-        drop(c);
-        assert_eq!(gauge.get(), 0);
-        assert_eq!(budget.permits.available_permits(), budget.units as usize);
-        // A page larger than the whole budget takes all of it, and still goes.
-        let small = HeldBudget::new(size / 4, gauge.clone(), waits);
-        let whole = small.hold(&first).await;
-        assert_eq!((small.permits.available_permits(), gauge.get()), (0, (small.units as usize * HELD_UNIT) as i64));
-        drop(whole);
-        assert_eq!(gauge.get(), 0);
     }
 }

@@ -10,7 +10,7 @@ use super::close::CloseReason;
 use super::encode::{Encoding, MAX_HEAD};
 use super::liveness::{self, within, Watched};
 use super::slow::{Progress, SlowWatch};
-use super::stream::{EventStream, Frames, Next, Start, StreamMetrics};
+use super::stream::{EventStream, Frames, Next, Replay, Start, StreamMetrics};
 use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
@@ -514,7 +514,11 @@ impl Session {
             hub.log.clone(),
             &hub.tip,
             hub.dispatcher.clone(),
-            hub.replay_pages.clone(),
+            Replay {
+                pages: hub.replay_pages.clone(),
+                budget: hub.replay_budget.clone(),
+                client: hub.replay_budget.client(self.slot.client_key()),
+            },
             self.filter.clone(),
             self.encoding.clone(),
             start,
@@ -755,6 +759,11 @@ impl Session {
             }
         }
         if let Some(stream) = self.stream.as_mut() {
+            if stream.waiting_for_room() {
+                // Held back by the server (the replay budget), not by its own reading.
+                self.slow.restart(now, stream.passed());
+                return Ok(());
+            }
             let newest = self.hub.tip.newest().unwrap_or(0);
             let progress = Progress {
                 passed: stream.passed(),

@@ -12,7 +12,8 @@
 
 use super::dispatch::{Dispatcher, Ended, Registration, Take};
 use super::encode::Encoding;
-use super::replay_pages::{Page, PageFetch, PageHold, RawRun, Rendering, ReplayPages, REPLAY_BATCH};
+use super::replay_budget::{Client, PageHold, ReplayBudget, Share};
+use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages, REPLAY_BATCH};
 use crate::event::Event;
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
@@ -74,6 +75,14 @@ pub struct StreamMetrics {
     pub lagging: prometheus::IntGauge,
 }
 
+/// Where a stream's replay pages come from: the pages shared by replayers, and the memory the
+/// pages in their hands may hold, with this stream's client's share of it.
+pub struct Replay {
+    pub pages: Arc<ReplayPages>,
+    pub budget: Arc<ReplayBudget>,
+    pub client: Client,
+}
+
 /// Where a new stream starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -121,34 +130,35 @@ pub struct EventStream {
     live: bool,
     /// The filter and how the subscriber's events are sent: replay pages are rendered so.
     rendering: Rendering,
-    /// Where replay pages come from (and are shared with other replayers).
-    pages: Arc<ReplayPages>,
+    /// Where replay pages come from, and the memory the pages in hand may hold.
+    replay: Replay,
     /// The replay page in hand and its next frame.
     page: Option<(PageHold, usize)>,
-    /// The next page, waiting for room in the budget of pages held (kept across
-    /// cancellations of [`Self::next`]).
-    waiting: Option<Arc<Page>>,
+    /// Room for the next page being reserved (kept across cancellations of [`Self::next`]:
+    /// a dropped wait would lose its place).
+    reserving: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Share> + Send>>>,
     /// A page dropped by a filter change, whose scan goes on after the position: rendered
-    /// again for the new filter before the log is read further.
-    rest: Option<Arc<RawRun>>,
+    /// again for the new filter before the log is read further (held: its share counts the
+    /// scan).
+    rest: Option<PageHold>,
     /// The page after the position, being fetched; kept across cancellations of
     /// [`Self::next`]. (Fetching the next page while one is written was measured: no faster,
-    /// and twice the memory per replayer; BENCHMARKS.md.)
-    fetch: Option<PageFetch>,
+    /// and twice the memory per replayer; BENCHMARKS.md.) With the room reserved for it.
+    fetch: Option<(PageFetch, Share)>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
     metrics: StreamMetrics,
 }
 
 impl EventStream {
-    /// Starts a stream at `start`, decided against `tip`; it replays through `pages`, in
+    /// Starts a stream at `start`, decided against `tip`; it replays through `replay`, in
     /// `encoding`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         log: Arc<Log>,
         tip: &Tip,
         dispatcher: Arc<Dispatcher>,
-        pages: Arc<ReplayPages>,
+        replay: Replay,
         filter: Arc<Filter>,
         encoding: Encoding,
         start: Start,
@@ -168,9 +178,9 @@ impl EventStream {
             log_end_near: at_the_end,
             live: false,
             rendering: Rendering::new(filter, encoding),
-            pages,
+            replay,
             page: None,
-            waiting: None,
+            reserving: None,
             rest: None,
             fetch: None,
             passed: 0,
@@ -206,6 +216,12 @@ impl EventStream {
         self.passed
     }
 
+    /// Waiting for room in the budget of pages in hand: the server holds it back, not its
+    /// client (the slow rule does not count this time against it).
+    pub fn waiting_for_room(&self) -> bool {
+        self.reserving.is_some()
+    }
+
     /// Everything up to `time_us` was delivered, or deliberately skipped (over the size cap).
     pub fn advance(&mut self, time_us: u64) {
         self.last_seen = self.last_seen.max(time_us);
@@ -223,8 +239,8 @@ impl EventStream {
         if same_filter && &encoding == self.rendering.encoding() {
             return; // nothing changes: keep the page and the queue
         }
-        if let Some(page) = self.page.take().map(|(hold, _)| hold.page().clone()).or(self.waiting.take()) {
-            self.rest = Some(page.raw().clone()); // not its frames: the old filter's
+        if let Some((page, _)) = self.page.take() {
+            self.rest = Some(page); // for its scan, not its frames: the old filter's
         }
         self.fetch = None;
         self.rendering = Rendering::new(filter, encoding);
@@ -251,7 +267,8 @@ impl EventStream {
         if live != self.live {
             self.live = live;
             if live {
-                (self.fetch, self.rest, self.waiting) = (None, None, None); // no more pages needed
+                // No more pages needed.
+                (self.fetch, self.rest, self.reserving) = (None, None, None);
                 self.metrics.lagging.dec();
             } else {
                 self.metrics.lagging.inc();
@@ -308,31 +325,40 @@ impl EventStream {
                     self.set_live(true);
                     continue;
                 }
-                if let Some(page) = &self.waiting {
-                    // Cancel-safe: the page stays waiting until it is held.
-                    let hold = self.pages.hold(page).await;
-                    self.waiting = None;
-                    self.take_page(hold);
-                    continue;
-                }
-                if let Some(raw) = self.rest.take().filter(|r| r.has_rest(self.last_seen)) {
+                if let Some(held) = self.rest.take().filter(|h| h.raw().has_rest(self.last_seen)) {
                     let (filter, encoding) = (self.rendering.filter(), self.rendering.encoding());
-                    let page = raw.rest(self.last_seen, REST_PIECE, filter, encoding);
-                    if raw.has_rest(page.covered_to) {
-                        self.rest = Some(raw); // more of its scan after this piece
+                    let piece = held.piece(held.raw().rest(self.last_seen, REST_PIECE, filter, encoding));
+                    if held.raw().has_rest(piece.covered_to) {
+                        self.rest = Some(held); // more of its scan after this piece
                     }
-                    self.waiting = Some(Arc::new(page));
+                    self.take_page(piece);
                     continue;
                 }
                 if self.fetch.is_none() {
-                    self.fetch = Some(self.pages.fetch(&self.log, self.last_seen, REPLAY_BATCH, &mut self.rendering));
+                    // A page another stream holds is joined: it is counted already.
+                    let budget = &self.replay.budget;
+                    if let Some(held) = self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p))
+                    {
+                        self.reserving = None;
+                        self.metrics.replay_reads.inc();
+                        self.take_page(held);
+                        continue;
+                    }
+                    // Room for the page first: waiting for it holds nothing, no page included.
+                    let (budget, client) = (&self.replay.budget, &self.replay.client);
+                    let reserve = self.reserving.get_or_insert_with(|| Box::pin(budget.reserve(client)));
+                    let room = reserve.await;
+                    self.reserving = None;
+                    let page = self.replay.pages.fetch(&self.log, self.last_seen, REPLAY_BATCH, &mut self.rendering);
+                    self.fetch = Some((page, room));
                 }
-                let built = self.fetch.as_mut().expect("set above").wait().await;
-                self.fetch = None;
+                let built = self.fetch.as_mut().expect("set above").0.wait().await;
+                let (_, room) = self.fetch.take().expect("set above");
                 match built {
                     Ok(page) => {
                         self.metrics.replay_reads.inc();
-                        self.waiting = Some(page);
+                        let held = self.replay.budget.hold(page, room);
+                        self.take_page(held);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "reading the log for a subscriber failed");
@@ -458,6 +484,7 @@ mod tests {
         metrics: StreamMetrics,
         overflows: prometheus::IntCounter,
         pages: Arc<ReplayPages>,
+        budget: Arc<ReplayBudget>,
     }
 
     impl Fixture {
@@ -472,7 +499,8 @@ mod tests {
                 dispatcher,
                 metrics: StreamMetrics { replay_reads: m.replay_reads.clone(), lagging: m.lagging_subscribers.clone() },
                 overflows: m.live_queue_overflows.clone(),
-                pages: Arc::new(ReplayPages::new(8 << 20, 1 << 30, PageCounters::of(&m))),
+                pages: Arc::new(ReplayPages::new(8 << 20, PageCounters::of(&m))),
+                budget: ReplayBudget::new(1 << 30, m.replay_held_bytes.clone(), m.replay_held_waits.clone()),
             }
         }
 
@@ -496,7 +524,7 @@ mod tests {
                 self.log.clone(),
                 &self.log.tip(),
                 self.dispatcher.clone(),
-                self.pages.clone(),
+                Replay { pages: self.pages.clone(), budget: self.budget.clone(), client: self.budget.client(None) },
                 Arc::new(filter),
                 Encoding::plain_v1(),
                 start,
