@@ -115,9 +115,10 @@ pub struct HubConfig {
     #[arg(long, env = "CONTRAIL_REPLAY_CACHE_BYTES", default_value = "64MiB", value_parser = crate::units::parse_size)]
     pub replay_cache_bytes: u64,
     /// Most memory the replay pages in subscribers' hands hold together (a page of up to
-    /// 1,024 events is ~1 MB, at most ~8.5 MB, counted once however many subscribers write
-    /// it), a quarter of it per client IP. A replayer reserves room for the largest page
-    /// before it fetches one, and waits for room, holding nothing. Live subscribers never wait.
+    /// 1,024 events is ~1 MB, ~8.5 MB at most unless one event is over 4 MiB; counted once
+    /// however many subscribers write it), a quarter of it per client IP. A replayer reserves
+    /// room for the largest page before it fetches one, and waits for room holding no page.
+    /// Live subscribers never wait.
     #[arg(long, env = "CONTRAIL_REPLAY_HELD_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
     pub replay_held_bytes: u64,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or

@@ -4,12 +4,14 @@
 //! could otherwise take gigabytes.
 //!
 //! How: before a stream fetches a page (which may build one) it reserves room for the largest
-//! page, from the whole budget and from its client's share (a quarter: one address cannot take
-//! it all). Waiting for room holds nothing, no page included. When the page comes, the stream
-//! keeps the page's size of its reservation and gives back the rest; if another stream holds
-//! the page already, it gives back all of it: a page is counted once, to the client that took
-//! it in hand first, for as long as any stream holds it. Pieces rendered again from a page's
-//! scan after a filter change are held within that page's share.
+//! page, from its client's share (a quarter: one address cannot take it all), then from the
+//! whole budget. Waiting for room holds no page (a queued reservation keeps its place in line,
+//! and its client's share once it has it). When the page comes, the stream keeps the page's
+//! size of its reservation and gives back the rest; if another stream holds the page already,
+//! it gives back all of it: a page is counted once, to the client that took it in hand first,
+//! for as long as any stream holds it. Pieces rendered again from a page's scan after a filter
+//! change are held within that page's share (their own frames, at most 64 frames and ~64 KiB
+//! of JSON, are not counted).
 
 use super::replay_pages::{Page, PAGE_MAX_BYTES};
 use std::collections::HashMap;
@@ -46,11 +48,13 @@ pub struct ReplayBudget {
     waits: prometheus::IntCounter,
 }
 
-/// A page in hand: the holds counting in it, its share, and the page (so that its address is
-/// not reused while it is counted).
+/// A page in hand: the holds counting in it, its share, the bytes it counts in the gauge (its
+/// size, even past its share), and the page (so that its address is not reused while it is
+/// counted).
 struct Held {
     holds: usize,
     share: Share,
+    bytes: i64,
     _page: Arc<Page>,
 }
 
@@ -71,8 +75,22 @@ impl Share {
         Share { whole: cut(&mut self.whole), client: self.client.as_mut().map(cut) }
     }
 
-    fn bytes(&self) -> i64 {
-        (self.whole.num_permits() * UNIT) as i64
+    /// More room, if there is some now (never waits): `n` units from the whole budget and the
+    /// client's share, or none.
+    fn try_grow(&mut self, whole: &Arc<Semaphore>, n: usize) -> bool {
+        let Ok(more) = whole.clone().try_acquire_many_owned(n as u32) else { return false };
+        let client = match &self.client {
+            Some(c) => match c.semaphore().clone().try_acquire_many_owned(n as u32) {
+                Ok(p) => Some(p),
+                Err(_) => return false,
+            },
+            None => None,
+        };
+        self.whole.merge(more);
+        if let (Some(mine), Some(more)) = (self.client.as_mut(), client) {
+            mine.merge(more);
+        }
+        true
     }
 }
 
@@ -148,16 +166,25 @@ impl ReplayBudget {
     }
 
     /// Takes `page` in a stream's hand with the room reserved for it: it keeps the page's
-    /// size of it, or none when another stream holds the page already.
+    /// size of it, or none when another stream holds the page already. A page larger than the
+    /// reservation (one event over [`PAGE_MAX_BYTES`]: not from a relay, whose blocks are at
+    /// most 2 MB) takes more room if there is some now; else it goes past the budget (shown in
+    /// the gauge) rather than wait with the page in memory.
     pub fn hold(self: &Arc<Self>, page: Arc<Page>, mut reserved: Share) -> PageHold {
         let address = Arc::as_ptr(&page) as usize;
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match held.entry(address) {
             std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().holds += 1,
             std::collections::hash_map::Entry::Vacant(e) => {
-                let share = reserved.split(units(page.counted_bytes()).max(1));
-                self.gauge.add(share.bytes());
-                e.insert(Held { holds: 1, share, _page: page.clone() });
+                let need = units(page.counted_bytes()).max(1);
+                let mut share = reserved.split(need);
+                let short = need.saturating_sub(share.whole.num_permits());
+                if short > 0 {
+                    share.try_grow(&self.whole, short);
+                }
+                let bytes = (need * UNIT) as i64;
+                self.gauge.add(bytes);
+                e.insert(Held { holds: 1, share, bytes, _page: page.clone() });
             }
         }
         drop(held);
@@ -180,7 +207,7 @@ impl ReplayBudget {
         let gone = if h.holds == 0 { held.remove(&address) } else { None };
         drop(held);
         if let Some(gone) = gone {
-            self.gauge.sub(gone.share.bytes());
+            self.gauge.sub(gone.bytes);
         }
     }
 }
@@ -318,11 +345,43 @@ mod tests {
         assert_eq!(gauge.get(), 0);
         let same = budget.client(ip("192.0.2.1"));
         assert!(Arc::ptr_eq(one.0.as_ref().unwrap(), same.0.as_ref().unwrap()), "one share per client");
-        // A budget smaller than a page reserves all of it, and the page counts as that.
+        // A budget smaller than a page reserves all of it; the gauge shows the page's size.
         let (small, gauge, _) = new_budget(p[0].counted_bytes() / 4);
         let held = small.hold(p[0].clone(), small.reserve(&small.client(None)).await);
-        assert_eq!((small.whole.available_permits(), gauge.get()), (0, (small.whole_units * UNIT) as i64));
+        assert_eq!((small.whole.available_permits(), gauge.get()), (0, counted(&p[0])));
         drop(held);
-        assert_eq!(gauge.get(), 0);
+        assert_eq!((small.whole.available_permits(), gauge.get()), (small.whole_units, 0));
+    }
+
+    #[tokio::test]
+    async fn a_page_of_one_event_larger_than_the_reservation_takes_more_room_if_there_is_some() {
+        // One 9 MB event: a page of its own, over twice the reservation with its frame.
+        let log = Log::memory(MemoryLog::new(1 << 30));
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut out = Vec::new();
+        crate::event::Event::begin(&mut out, did, crate::event::EventKind::Identity);
+        out.extend_from_slice(format!(",\"identity\":{{\"pad\":\"{}\"}}}}", "x".repeat(9 << 20)).as_bytes());
+        let mut e = crate::event::Event::from_parts(out, crate::event::EventKind::Identity, did.len(), 0..0);
+        e.stamp(1);
+        log.append(&[e], None).unwrap();
+        let page = Arc::new(Page::build(&log, 1, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap());
+        let need = units(page.counted_bytes());
+        assert!(need > units(PAGE_RESERVE));
+        // With room: the share grows to the page's size, in the whole budget and the client's.
+        let (roomy, gauge, _) = new_budget(8 * need * UNIT);
+        let client = roomy.client(Some("192.0.2.1".parse().unwrap()));
+        let held = roomy.hold(page.clone(), roomy.reserve(&client).await);
+        assert_eq!(roomy.whole.available_permits(), roomy.whole_units - need);
+        assert_eq!(client.0.as_ref().unwrap().available_permits(), roomy.client_units - need);
+        assert_eq!(gauge.get(), counted(&page));
+        drop(held);
+        assert_eq!((roomy.whole.available_permits(), gauge.get()), (roomy.whole_units, 0));
+        // Without: it keeps its reservation and goes past the budget, which the gauge shows.
+        let (tight, gauge, _) = new_budget(need * UNIT * 3 / 4);
+        let held = tight.hold(page.clone(), tight.reserve(&tight.client(None)).await);
+        assert_eq!(tight.whole.available_permits(), tight.whole_units - units(PAGE_RESERVE));
+        assert_eq!(gauge.get(), counted(&page));
+        drop(held);
+        assert_eq!((tight.whole.available_permits(), gauge.get()), (tight.whole_units, 0));
     }
 }
