@@ -53,7 +53,8 @@ pub struct ReplayBudget {
 /// counted).
 struct Held {
     holds: usize,
-    share: Share,
+    /// Given back when the entry goes.
+    _share: Share,
     bytes: i64,
     _page: Arc<Page>,
 }
@@ -184,7 +185,7 @@ impl ReplayBudget {
                 }
                 let bytes = (need * UNIT) as i64;
                 self.gauge.add(bytes);
-                e.insert(Held { holds: 1, share, bytes, _page: page.clone() });
+                e.insert(Held { holds: 1, _share: share, bytes, _page: page.clone() });
             }
         }
         drop(held);
