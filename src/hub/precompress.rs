@@ -3,8 +3,8 @@
 //! `compress=true` gets) and stores each frame beside its event in the log, so a compressed
 //! replay of that stretch reads frames instead of compressing them.
 //!
-//! Why: compressing bounds a compressed replay (3.35 µs per event at zstd level 3, one core
-//! ≈ 300k events/s), while a plain one reads and writes over a million events/s; with stored
+//! Why: compressing bounds a compressed replay (2.2 µs per event at zstd level 1, one core
+//! ≈ 450k events/s), while a plain one reads and writes over a million events/s; with stored
 //! frames a lone compressed replayer runs at 0.8 of plain (BENCHMARKS.md). At a live
 //! firehose's rate (a few thousand events/s) the thread costs well under 1% of a core; during
 //! a backfill it runs at the lowest CPU priority, so ingest keeps the cores and the frames
