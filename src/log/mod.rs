@@ -144,8 +144,11 @@ impl Tip {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    fn set(&self, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
-        self.oldest.store(oldest.unwrap_or(0), Ordering::Release);
+    /// The edges and size as read from the backend, the oldest edge having been `seen`
+    /// before they were read: if it moved since (an append to an empty log, racing this
+    /// refresh), the newer value stays.
+    fn set(&self, seen: u64, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
+        let _ = self.oldest.compare_exchange(seen, oldest.unwrap_or(0), Ordering::AcqRel, Ordering::Acquire);
         // Never backwards: a refresh that read the edges just before an append must not undo
         // it (trims never remove the newest event, so the newest only grows).
         self.newest.fetch_max(newest.unwrap_or(0), Ordering::AcqRel);
@@ -189,7 +192,8 @@ impl Log {
     pub fn refresh_tip(&self) -> Result<()> {
         // The slow part (listing the data directory) first, the edges last.
         let bytes = self.disk_bytes();
-        self.tip.set(self.oldest_time_us()?, self.newest_time_us()?, bytes);
+        let seen = self.tip.oldest.load(Ordering::Acquire);
+        self.tip.set(seen, self.oldest_time_us()?, self.newest_time_us()?, bytes);
         Ok(())
     }
 
@@ -234,7 +238,8 @@ impl Log {
         }
         if let Backend::Memory(m) = &self.backend {
             // A live-only window moves its oldest edge with every append (cheap in memory).
-            self.tip.set(m.oldest_time_us(), m.newest_time_us(), m.bytes());
+            let seen = self.tip.oldest.load(Ordering::Acquire);
+            self.tip.set(seen, m.oldest_time_us(), m.newest_time_us(), m.bytes());
         }
         Ok(())
     }
@@ -397,5 +402,26 @@ impl Log {
             Backend::Rocks(s) => s.stats(),
             Backend::Memory(m) => Ok(m.stats()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refresh_that_read_an_empty_log_does_not_undo_the_first_append() {
+        let tip = Tip { newest: AtomicU64::new(0), oldest: AtomicU64::new(0), bytes: AtomicU64::new(0) };
+        // A refresh sees the log empty; the first append lands before its store.
+        let seen = tip.oldest.load(Ordering::Acquire);
+        tip.oldest.store(1_000, Ordering::Release);
+        tip.newest.fetch_max(1_005, Ordering::AcqRel);
+        tip.set(seen, None, None, 4096);
+        assert_eq!((tip.oldest(), tip.newest(), tip.bytes()), (Some(1_000), Some(1_005), 4096));
+        // Trims move the oldest edge forward as before, and a window emptied by one says so.
+        tip.set(1_000, Some(1_003), Some(1_005), 2048);
+        assert_eq!((tip.oldest(), tip.newest()), (Some(1_003), Some(1_005)));
+        tip.set(1_003, None, None, 0);
+        assert_eq!(tip.oldest(), None);
     }
 }
