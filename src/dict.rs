@@ -63,11 +63,13 @@ pub fn train(samples: &[Vec<u8>], size: usize, id: u32) -> anyhow::Result<Vec<u8
     Ok(dict)
 }
 
-/// Total size of `samples` compressed one frame each, with `dict` (or none).
+/// Total size of `samples` compressed one frame each, with `dict` (or none), at the level the
+/// hub compresses at.
 pub fn compressed_size(samples: &[Vec<u8>], dict: Option<&[u8]>) -> anyhow::Result<usize> {
+    let level = crate::hub::compress::LEVEL;
     let mut c = match dict {
-        Some(d) => zstd::bulk::Compressor::with_dictionary(3, d)?,
-        None => zstd::bulk::Compressor::new(3)?,
+        Some(d) => zstd::bulk::Compressor::with_dictionary(level, d)?,
+        None => zstd::bulk::Compressor::new(level)?,
     };
     let mut total = 0;
     for s in samples {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 /// dictionary it compresses an event in 2.2 µs against 3.4 µs, for frames 1.9% larger
 /// (BENCHMARKS.md, eighth session). Any level decodes the same way; frames stored at another
 /// level stay valid.
-const LEVEL: i32 = 1;
+pub const LEVEL: i32 = 1;
 
 /// Jetstream v1's dictionary (`dictionaries/jetstream-v1.zdict`; origin and licence in
 /// `dictionaries/README.md`): what every existing compressed Jetstream client embeds.
