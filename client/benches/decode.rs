@@ -61,7 +61,8 @@ fn events(shared: &std::path::Path) -> Encoded {
         .filter(|v: &serde_json::Value| BSKY.contains(&v["commit"]["collection"].as_str().unwrap_or("")))
         .collect();
     let dict = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../dictionaries/jetstream-v1.zdict")).unwrap();
-    let mut compressor = zstd::bulk::Compressor::with_dictionary(3, &dict).unwrap();
+    // The server's level (zstd 1, as Jetstream v2).
+    let mut compressor = zstd::bulk::Compressor::with_dictionary(1, &dict).unwrap();
     let base = 1_725_000_000_000_000u64;
     let mut out = Encoded { text: Vec::new(), zstd: Vec::new(), json_bytes: 0, zstd_bytes: 0 };
     for i in 0..EVENTS {

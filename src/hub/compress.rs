@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// zstd's fastest level, what Jetstream v2's encoder uses (v1's used the default, 3): with the
-/// dictionary it compresses an event in 2.2 µs against 3.4 µs, for frames 1.9% larger
+/// dictionary it compresses an event in 2.2 µs against 3.4 µs, for frames 1.8% larger
 /// (BENCHMARKS.md, eighth session). Any level decodes the same way; frames stored at another
 /// level stay valid.
 pub const LEVEL: i32 = 1;

@@ -6,9 +6,10 @@
 //!   invariant 4); [`dispatch`]: the index that fills live queues with only what each wants.
 //! - [`slow`]: the slow-subscriber rule; [`liveness`]: what a subscriber's socket shows of its
 //!   progress, and how long a write may wait; [`close`]: close reasons with their codes.
-//! - [`limits`]: admission and fairness; [`compress`]: zstd with shared dictionaries;
-//!   [`encode`]: what a subscriber is sent for an event; [`replay_pages`]: runs of the log
-//!   rendered once as ready frames and shared by replayers close to each other;
+//! - [`limits`]: admission and fairness (the filters' memory budget too); [`compress`]: zstd
+//!   with shared dictionaries; [`encode`]: what a subscriber is sent for an event;
+//!   [`replay_pages`]: runs of the log rendered once as ready frames and shared by replayers
+//!   close to each other; [`replay_budget`]: the memory the pages in replayers' hands may hold;
 //!   [`precompress`]: compressed frames stored beside the log ahead of replay;
 //!   [`options`]: the query and `options_update` (in the pure core crate).
 //!

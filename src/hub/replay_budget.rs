@@ -268,20 +268,22 @@ mod tests {
         (ReplayBudget::new(max_bytes, gauge.clone(), waits.clone()), gauge, waits)
     }
 
+    /// An identity event at `time_us` with `pad` bytes of padding.
+    fn padded(time_us: u64, pad: usize) -> crate::event::Event {
+        use crate::event::{Event, EventKind};
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut out = Vec::new();
+        Event::begin(&mut out, did, EventKind::Identity);
+        out.extend_from_slice(format!(",\"identity\":{{\"pad\":\"{}\"}}}}", "x".repeat(pad)).as_bytes());
+        let mut e = Event::from_parts(out, EventKind::Identity, did.len(), 0..0);
+        e.stamp(time_us);
+        e
+    }
+
     /// Pages of `REPLAY_BATCH` events of ~1 KB each, the log starting at `time_us` 1.
     fn pages(n: usize) -> Vec<Arc<Page>> {
         let log = Log::memory(MemoryLog::new(1 << 30));
-        let events: Vec<crate::event::Event> = (0..n * REPLAY_BATCH)
-            .map(|i| {
-                let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
-                let mut out = Vec::new();
-                crate::event::Event::begin(&mut out, did, crate::event::EventKind::Identity);
-                out.extend_from_slice(format!(",\"identity\":{{\"pad\":\"{}\"}}}}", "x".repeat(1000)).as_bytes());
-                let mut e = crate::event::Event::from_parts(out, crate::event::EventKind::Identity, did.len(), 0..0);
-                e.stamp(1 + i as u64);
-                e
-            })
-            .collect();
+        let events: Vec<crate::event::Event> = (0..n * REPLAY_BATCH).map(|i| padded(1 + i as u64, 1000)).collect();
         log.append(&events, None).unwrap();
         let at = |i: usize| 1 + (i * REPLAY_BATCH) as u64;
         let build = |i| Page::build(&log, at(i), REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap();
@@ -358,13 +360,7 @@ mod tests {
     async fn a_page_of_one_event_larger_than_the_reservation_takes_more_room_if_there_is_some() {
         // One 9 MB event: a page of its own, over twice the reservation with its frame.
         let log = Log::memory(MemoryLog::new(1 << 30));
-        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
-        let mut out = Vec::new();
-        crate::event::Event::begin(&mut out, did, crate::event::EventKind::Identity);
-        out.extend_from_slice(format!(",\"identity\":{{\"pad\":\"{}\"}}}}", "x".repeat(9 << 20)).as_bytes());
-        let mut e = crate::event::Event::from_parts(out, crate::event::EventKind::Identity, did.len(), 0..0);
-        e.stamp(1);
-        log.append(&[e], None).unwrap();
+        log.append(&[padded(1, 9 << 20)], None).unwrap();
         let page = Arc::new(Page::build(&log, 1, REPLAY_BATCH, &Filter::default(), &Encoding::plain_v1()).unwrap());
         let need = units(page.counted_bytes());
         assert!(need > units(PAGE_RESERVE));

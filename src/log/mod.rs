@@ -51,7 +51,7 @@ pub struct LogConfig {
     /// Compress the stored events of this last stretch of the log with the default zstd
     /// dictionary in the background (lowest CPU priority, paused while ingest is busy) and
     /// store the frames beside them, so compressed replays of it read frames instead of
-    /// compressing (over twice as fast). Costs ~220 B of disk per event in the window, on top
+    /// compressing (about twice as fast). Costs ~220 B of disk per event in the window, on top
     /// of --max-disk-bytes. 0: off, and frames stored earlier are deleted.
     #[arg(long, env = "CONTRAIL_PRECOMPRESS_WINDOW", default_value = "1h", value_parser = crate::units::parse_duration)]
     #[serde(serialize_with = "crate::units::ser_duration")]
@@ -145,10 +145,19 @@ impl Tip {
     }
 
     /// The edges and size as read from the backend, the oldest edge having been `seen`
-    /// before they were read: if it moved since (an append to an empty log, racing this
-    /// refresh), the newer value stays.
+    /// before they were read. The oldest edge only moves forward while the log has events, so
+    /// a reading that raced an append or a trim never moves it back; "empty" (a memory window
+    /// emptied) is stored only if nothing moved it since `seen` (an append to an empty log,
+    /// racing this refresh, stays).
     fn set(&self, seen: u64, oldest: Option<u64>, newest: Option<u64>, bytes: u64) {
-        let _ = self.oldest.compare_exchange(seen, oldest.unwrap_or(0), Ordering::AcqRel, Ordering::Acquire);
+        match oldest {
+            Some(t) => {
+                self.oldest.fetch_max(t, Ordering::AcqRel);
+            }
+            None => {
+                let _ = self.oldest.compare_exchange(seen, 0, Ordering::AcqRel, Ordering::Acquire);
+            }
+        }
         // Never backwards: a refresh that read the edges just before an append must not undo
         // it (trims never remove the newest event, so the newest only grows).
         self.newest.fetch_max(newest.unwrap_or(0), Ordering::AcqRel);
@@ -418,8 +427,10 @@ mod tests {
         tip.newest.fetch_max(1_005, Ordering::AcqRel);
         tip.set(seen, None, None, 4096);
         assert_eq!((tip.oldest(), tip.newest(), tip.bytes()), (Some(1_000), Some(1_005), 4096));
-        // Trims move the oldest edge forward as before, and a window emptied by one says so.
+        // Trims move the oldest edge forward; a reading from before a trim does not move it
+        // back; a window emptied says so.
         tip.set(1_000, Some(1_003), Some(1_005), 2048);
+        tip.set(1_000, Some(1_001), Some(1_005), 2048);
         assert_eq!((tip.oldest(), tip.newest()), (Some(1_003), Some(1_005)));
         tip.set(1_003, None, None, 0);
         assert_eq!(tip.oldest(), None);
