@@ -159,6 +159,7 @@ pub struct Metrics {
     pub replay_pages_shared: IntCounter,
     pub replay_stored_frames: IntCounter,
     pub replay_held_bytes: IntGauge,
+    pub replay_overtaken: IntCounter,
     pub replay_held_waits: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
@@ -381,6 +382,11 @@ impl Metrics {
                 &r,
                 "contrail_hub_replay_held_bytes",
                 "Bytes of replay pages in subscribers' hands, each page counted once however many share it (bounded by --replay-held-bytes).",
+            ),
+            replay_overtaken: counter(
+                &r,
+                "contrail_hub_replay_overtaken_total",
+                "Times retention or the disk budget trimmed events a replaying subscriber had not read yet (it goes on from the oldest event left; Jetstream does the same, silently).",
             ),
             replay_held_waits: counter(
                 &r,

@@ -509,6 +509,7 @@ impl Session {
         let metrics = StreamMetrics {
             replay_reads: hub.metrics.replay_reads.clone(),
             lagging: hub.metrics.lagging_subscribers.clone(),
+            overtaken: hub.metrics.replay_overtaken.clone(),
         };
         self.stream = Some(EventStream::new(
             hub.log.clone(),

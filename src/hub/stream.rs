@@ -73,6 +73,8 @@ impl Frames {
 pub struct StreamMetrics {
     pub replay_reads: prometheus::IntCounter,
     pub lagging: prometheus::IntGauge,
+    /// Trims that overtook the stream (see [`EventStream::overtaken`]).
+    pub overtaken: prometheus::IntCounter,
 }
 
 /// Where a stream's replay pages come from: the pages shared by replayers, and the memory the
@@ -147,6 +149,11 @@ pub struct EventStream {
     fetch: Option<(PageFetch, Share)>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
+    /// A replay page was read from here on: a trim past the position now is events lost to
+    /// this subscriber, not an old cursor clamped to the oldest event.
+    replaying: bool,
+    /// The trim point last counted as overtaking this stream.
+    overtaken_at: u64,
     metrics: StreamMetrics,
 }
 
@@ -184,6 +191,8 @@ impl EventStream {
             rest: None,
             fetch: None,
             passed: 0,
+            replaying: false,
+            overtaken_at: 0,
             metrics,
         };
         if at_the_end {
@@ -335,6 +344,7 @@ impl EventStream {
                     continue;
                 }
                 if self.fetch.is_none() {
+                    self.overtaken();
                     // A page another stream holds is joined: it is counted already.
                     let budget = &self.replay.budget;
                     if let Some(held) = self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p))
@@ -412,12 +422,32 @@ impl EventStream {
         }
     }
 
+    /// Counts a trim that passed the position while the stream was replaying: the events it
+    /// had not read before the trim point are gone, and it goes on from the oldest one left
+    /// (as Jetstream does). Counted once per trim that passes it; the position is left as it
+    /// is (the next page starts at the oldest event left).
+    fn overtaken(&mut self) {
+        let trimmed_before = self.log.tip().trimmed_before();
+        if self.replaying && trimmed_before > self.last_seen.saturating_add(1) && trimmed_before > self.overtaken_at {
+            self.overtaken_at = trimmed_before;
+            self.metrics.overtaken.inc();
+            static LOG: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
+            let log =
+                LOG.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(10)));
+            let position = self.last_seen;
+            log.warn("replay_overtaken", || {
+                format!("retention trimmed events a replaying subscriber had not read (it was at time_us {position}, the log now starts at or after {trimmed_before})")
+            });
+        }
+    }
+
     /// Takes `page` in hand. At the log's end the stream registers now, not once the page is
     /// out: the queue then holds what arrives while it is written. It goes live once its
     /// position reaches the registration's point (the page covers the log as it was when its
     /// scan began, which may be before this registration: then the log is read again up to
     /// it).
     fn take_page(&mut self, page: PageHold) {
+        self.replaying = true;
         self.log_end_near = page.at_log_end;
         if self.log_end_near && self.registration.is_none() {
             self.register();
@@ -497,7 +527,11 @@ mod tests {
                 log,
                 ring,
                 dispatcher,
-                metrics: StreamMetrics { replay_reads: m.replay_reads.clone(), lagging: m.lagging_subscribers.clone() },
+                metrics: StreamMetrics {
+                    replay_reads: m.replay_reads.clone(),
+                    lagging: m.lagging_subscribers.clone(),
+                    overtaken: m.replay_overtaken.clone(),
+                },
                 overflows: m.live_queue_overflows.clone(),
                 pages: Arc::new(ReplayPages::new(8 << 20, PageCounters::of(&m))),
                 budget: ReplayBudget::new(1 << 30, m.replay_held_bytes.clone(), m.replay_held_waits.clone()),
@@ -710,6 +744,25 @@ mod tests {
         assert_eq!(s.passed(), 512);
         take(&mut s, 1).await;
         assert_eq!(s.passed(), 1024 + 1, "the first page's 512 likes, then a frame of the next");
+    }
+
+    #[tokio::test]
+    async fn a_trim_past_a_replayers_position_is_counted_once_and_it_goes_on_from_the_oldest_left() {
+        let f = Fixture::new(1024);
+        f.ingest(0..4000);
+        // A cursor older than the log is clamped to the oldest event: not counted.
+        f.log.trim_before(1100).unwrap();
+        let mut s = f.stream(Filter::default(), Start::From(1));
+        assert_eq!(take(&mut s, 1024).await, (1100..2124).collect::<Vec<_>>(), "the first page");
+        assert_eq!(f.metrics.overtaken.get(), 0);
+        // Retention passes the replayer's position: the events in between are gone, counted.
+        f.log.trim_before(4000).unwrap();
+        assert_eq!(take(&mut s, 10).await, (4000..4010).collect::<Vec<_>>(), "from the oldest left");
+        assert_eq!(f.metrics.overtaken.get(), 1);
+        // Once per trim: the next pages are not counted again, nor is a trim behind it.
+        f.log.trim_before(4005).unwrap();
+        assert_eq!(take(&mut s, 990).await, (4010..5000).collect::<Vec<_>>());
+        assert_eq!(f.metrics.overtaken.get(), 1);
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub struct Tip {
     newest: AtomicU64,
     oldest: AtomicU64,
     bytes: AtomicU64,
+    /// Every event before this was trimmed (0: nothing trimmed since the process started).
+    trimmed_before: AtomicU64,
 }
 
 impl Tip {
@@ -142,6 +144,13 @@ impl Tip {
     /// Bytes held: on disk for RocksDB (refreshed by retention), in memory for a window.
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Every event with a `time_us` before this was trimmed, by retention or the disk budget,
+    /// since the process started (0: none). A replayer whose position is further back lost
+    /// the events in between that it had not read.
+    pub fn trimmed_before(&self) -> u64 {
+        self.trimmed_before.load(Ordering::Acquire)
     }
 
     /// The edges and size as read from the backend, the oldest edge having been `seen`
@@ -359,6 +368,7 @@ impl Log {
             Backend::Rocks(s) => s.trim_before(cutoff)?,
             Backend::Memory(m) => m.trim_before(cutoff),
         }
+        self.tip.trimmed_before.fetch_max(cutoff, Ordering::AcqRel);
         self.refresh_tip()
     }
 
@@ -420,7 +430,12 @@ mod tests {
 
     #[test]
     fn a_refresh_that_read_an_empty_log_does_not_undo_the_first_append() {
-        let tip = Tip { newest: AtomicU64::new(0), oldest: AtomicU64::new(0), bytes: AtomicU64::new(0) };
+        let tip = Tip {
+            newest: AtomicU64::new(0),
+            oldest: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            trimmed_before: AtomicU64::new(0),
+        };
         // A refresh sees the log empty; the first append lands before its store.
         let seen = tip.oldest.load(Ordering::Acquire);
         tip.oldest.store(1_000, Ordering::Release);
