@@ -117,6 +117,11 @@ fn trims_exactly(store: Log) {
     assert_eq!(store.oldest_time_us().unwrap(), Some(1_000_050));
     assert_eq!(store.newest_time_us().unwrap(), Some(1_000_099));
     assert_eq!((store.tip().oldest(), store.tip().newest()), (Some(1_000_050), Some(1_000_099)));
+    // The tip names the newest event deleted (what replayers behind it lost), not the cutoff;
+    // a trim that deletes nothing leaves it.
+    assert_eq!(store.tip().trimmed_through(), 1_000_049);
+    store.trim_before(1_000_050).unwrap();
+    assert_eq!(store.tip().trimmed_through(), 1_000_049);
 }
 
 #[test]

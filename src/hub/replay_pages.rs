@@ -88,6 +88,9 @@ pub struct RawRun {
     covered_to: u64,
     /// The scan found fewer events than it asked for: it reached the log's end.
     at_log_end: bool,
+    /// The newest event deleted from the log before the scan began ([`crate::log::Tip::trimmed_through`]):
+    /// a scan from further back lacks the events up to it.
+    pub trimmed_through: u64,
 }
 
 /// The compressed frames stored for some events of a [`RawRun`] ([`super::precompress`]), all
@@ -106,7 +109,7 @@ impl RawRun {
         // Before the scan: the scan then sees every event up to it (the tip moves after an
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
-        let mut run = RawRun::default();
+        let mut run = RawRun { trimmed_through: log.tip().trimmed_through(), ..RawRun::default() };
         let mut full = false;
         log.scan(from, limit, |t, v| {
             // A page's size is bounded (what `replay_budget` reserves for it): a value that

@@ -149,11 +149,9 @@ pub struct EventStream {
     fetch: Option<(PageFetch, Share)>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
-    /// A replay page was read from here on: a trim past the position now is events lost to
-    /// this subscriber, not an old cursor clamped to the oldest event.
-    replaying: bool,
-    /// The trim point last counted as overtaking this stream.
-    overtaken_at: u64,
+    /// What the log had deleted when the stream started: a cursor from before it is an old
+    /// cursor clamped to the oldest event, not a replayer overtaken.
+    trimmed_at_start: u64,
     metrics: StreamMetrics,
 }
 
@@ -171,6 +169,7 @@ impl EventStream {
         start: Start,
         metrics: StreamMetrics,
     ) -> Self {
+        let log_tip_trimmed = tip.trimmed_through();
         let (last_seen, at_the_end) = match start {
             Start::From(cursor) => (cursor.max(1) - 1, false),
             Start::Live => (tip.newest().unwrap_or(0), true),
@@ -191,8 +190,7 @@ impl EventStream {
             rest: None,
             fetch: None,
             passed: 0,
-            replaying: false,
-            overtaken_at: 0,
+            trimmed_at_start: log_tip_trimmed,
             metrics,
         };
         if at_the_end {
@@ -344,13 +342,13 @@ impl EventStream {
                     continue;
                 }
                 if self.fetch.is_none() {
-                    self.overtaken();
                     // A page another stream holds is joined: it is counted already.
                     let budget = &self.replay.budget;
                     if let Some(held) = self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p))
                     {
                         self.reserving = None;
                         self.metrics.replay_reads.inc();
+                        self.overtaken(&held);
                         self.take_page(held);
                         continue;
                     }
@@ -368,6 +366,7 @@ impl EventStream {
                     Ok(page) => {
                         self.metrics.replay_reads.inc();
                         let held = self.replay.budget.hold(page, room);
+                        self.overtaken(&held);
                         self.take_page(held);
                     }
                     Err(e) => {
@@ -422,21 +421,21 @@ impl EventStream {
         }
     }
 
-    /// Counts a trim that passed the position while the stream was replaying: the events it
-    /// had not read before the trim point are gone, and it goes on from the oldest one left
-    /// (as Jetstream does). Counted once per trim that passes it; the position is left as it
-    /// is (the next page starts at the oldest event left).
-    fn overtaken(&mut self) {
-        let trimmed_before = self.log.tip().trimmed_before();
-        if self.replaying && trimmed_before > self.last_seen.saturating_add(1) && trimmed_before > self.overtaken_at {
-            self.overtaken_at = trimmed_before;
+    /// Counts `page` as overtaken if its scan began after the log had deleted events newer
+    /// than the position (retention, the disk budget, a memory window's bound): those the
+    /// stream had not read are gone, and it goes on from the oldest one left (as Jetstream
+    /// does). Not for a cursor older than what was deleted when the stream started (clamped to
+    /// the oldest event, as in v1), nor for a page scanned before the trim (it has the events).
+    fn overtaken(&self, page: &Page) {
+        let trimmed = page.raw().trimmed_through;
+        if trimmed > self.last_seen && trimmed > self.trimmed_at_start {
             self.metrics.overtaken.inc();
             static LOG: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
             let log =
                 LOG.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(10)));
             let position = self.last_seen;
             log.warn("replay_overtaken", || {
-                format!("retention trimmed events a replaying subscriber had not read (it was at time_us {position}, the log now starts at or after {trimmed_before})")
+                format!("events a replaying subscriber had not read were trimmed (it was at time_us {position}; deleted up to {trimmed})")
             });
         }
     }
@@ -447,7 +446,6 @@ impl EventStream {
     /// scan began, which may be before this registration: then the log is read again up to
     /// it).
     fn take_page(&mut self, page: PageHold) {
-        self.replaying = true;
         self.log_end_near = page.at_log_end;
         if self.log_end_near && self.registration.is_none() {
             self.register();
@@ -749,20 +747,30 @@ mod tests {
     #[tokio::test]
     async fn a_trim_past_a_replayers_position_is_counted_once_and_it_goes_on_from_the_oldest_left() {
         let f = Fixture::new(1024);
-        f.ingest(0..4000);
+        f.ingest(0..6000);
         // A cursor older than the log is clamped to the oldest event: not counted.
         f.log.trim_before(1100).unwrap();
         let mut s = f.stream(Filter::default(), Start::From(1));
         assert_eq!(take(&mut s, 1024).await, (1100..2124).collect::<Vec<_>>(), "the first page");
+        // A second replayer, at the same place, has its page in hand (kept and shared).
+        let mut other = f.stream(Filter::default(), Start::From(2124));
+        assert_eq!(take(&mut other, 1).await, vec![2124]);
         assert_eq!(f.metrics.overtaken.get(), 0);
-        // Retention passes the replayer's position: the events in between are gone, counted.
+        // Retention passes both positions: the first replayer's next page is scanned after it
+        // and lacks the events in between (counted); the second goes on with the page it holds,
+        // scanned before (it has them: not counted).
         f.log.trim_before(4000).unwrap();
+        assert_eq!(take(&mut s, 10).await, (2124..2134).collect::<Vec<_>>(), "the shared page");
+        assert_eq!(f.metrics.overtaken.get(), 0);
+        take(&mut s, 1014).await;
         assert_eq!(take(&mut s, 10).await, (4000..4010).collect::<Vec<_>>(), "from the oldest left");
         assert_eq!(f.metrics.overtaken.get(), 1);
-        // Once per trim: the next pages are not counted again, nor is a trim behind it.
+        // A trim behind a position counts nothing.
         f.log.trim_before(4005).unwrap();
-        assert_eq!(take(&mut s, 990).await, (4010..5000).collect::<Vec<_>>());
+        take(&mut s, 1014).await;
+        assert_eq!(take(&mut s, 10).await, (5024..5034).collect::<Vec<_>>());
         assert_eq!(f.metrics.overtaken.get(), 1);
+        drop(other);
     }
 
     #[test]

@@ -21,6 +21,8 @@ struct Inner {
     events: BTreeMap<u64, Box<[u8]>>,
     bytes: u64,
     last_time_us: u64,
+    /// The newest event evicted or trimmed so far (0: none).
+    evicted_through: u64,
     cursor: Option<RelayCursor>,
     /// Verification state (see the RocksDB backend), bounded: a live-only node forgets the
     /// chain of a repo it has not seen for a long time (its next commit anchors anew).
@@ -42,8 +44,9 @@ fn put_bounded(map: &mut std::collections::HashMap<String, Vec<u8>>, key: &str, 
 
 impl Inner {
     fn pop_oldest(&mut self) {
-        if let Some((_, v)) = self.events.pop_first() {
+        if let Some((t, v)) = self.events.pop_first() {
             self.bytes -= v.len() as u64 + ENTRY_OVERHEAD;
+            self.evicted_through = self.evicted_through.max(t);
         }
     }
 }
@@ -149,6 +152,11 @@ impl MemoryLog {
 
     pub fn bytes(&self) -> u64 {
         self.read().bytes
+    }
+
+    /// The newest event evicted (past `--memory-bytes`) or trimmed so far (0: none).
+    pub fn evicted_through(&self) -> u64 {
+        self.read().evicted_through
     }
 
     pub fn stats(&self) -> LogStats {

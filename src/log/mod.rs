@@ -126,8 +126,8 @@ pub struct Tip {
     newest: AtomicU64,
     oldest: AtomicU64,
     bytes: AtomicU64,
-    /// Every event before this was trimmed (0: nothing trimmed since the process started).
-    trimmed_before: AtomicU64,
+    /// The newest event trimmed or evicted since the process started (0: none).
+    trimmed_through: AtomicU64,
 }
 
 impl Tip {
@@ -146,11 +146,11 @@ impl Tip {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Every event with a `time_us` before this was trimmed, by retention or the disk budget,
-    /// since the process started (0: none). A replayer whose position is further back lost
-    /// the events in between that it had not read.
-    pub fn trimmed_before(&self) -> u64 {
-        self.trimmed_before.load(Ordering::Acquire)
+    /// The newest event deleted by retention, the disk budget or a memory window's bound since
+    /// the process started (0: none). A page scanned after it was deleted lacks the events up
+    /// to it: a replayer whose position was further back lost those it had not read.
+    pub fn trimmed_through(&self) -> u64 {
+        self.trimmed_through.load(Ordering::Acquire)
     }
 
     /// The edges and size as read from the backend, the oldest edge having been `seen`
@@ -255,6 +255,8 @@ impl Log {
             self.tip.newest.fetch_max(last.time_us, Ordering::AcqRel);
         }
         if let Backend::Memory(m) = &self.backend {
+            // What the window's bound evicted counts as trimmed (replayers it overtook).
+            self.tip.trimmed_through.fetch_max(m.evicted_through(), Ordering::AcqRel);
             // A live-only window moves its oldest edge with every append (cheap in memory).
             let seen = self.tip.oldest.load(Ordering::Acquire);
             self.tip.set(seen, m.oldest_time_us(), m.newest_time_us(), m.bytes());
@@ -365,10 +367,18 @@ impl Log {
     /// Deletes every event with `time_us < cutoff`, then refreshes the tip.
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
         match &self.backend {
-            Backend::Rocks(s) => s.trim_before(cutoff)?,
-            Backend::Memory(m) => m.trim_before(cutoff),
+            Backend::Rocks(s) => {
+                // Published before the delete: a scan that misses the events sees it.
+                if let Some(last) = s.newest_before(cutoff)? {
+                    self.tip.trimmed_through.fetch_max(last, Ordering::AcqRel);
+                }
+                s.trim_before(cutoff)?
+            }
+            Backend::Memory(m) => {
+                m.trim_before(cutoff);
+                self.tip.trimmed_through.fetch_max(m.evicted_through(), Ordering::AcqRel);
+            }
         }
-        self.tip.trimmed_before.fetch_max(cutoff, Ordering::AcqRel);
         self.refresh_tip()
     }
 
@@ -434,7 +444,7 @@ mod tests {
             newest: AtomicU64::new(0),
             oldest: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            trimmed_before: AtomicU64::new(0),
+            trimmed_through: AtomicU64::new(0),
         };
         // A refresh sees the log empty; the first append lands before its store.
         let seen = tip.oldest.load(Ordering::Acquire);

@@ -410,6 +410,14 @@ impl RocksLog {
         self.edge_key(IteratorMode::End)
     }
 
+    /// The newest event with `time_us < cutoff`: what a trim at `cutoff` deletes last.
+    pub fn newest_before(&self, cutoff: u64) -> Result<Option<u64>> {
+        if cutoff == 0 {
+            return Ok(None);
+        }
+        self.edge_key(IteratorMode::From(&(cutoff - 1).to_be_bytes(), Direction::Reverse))
+    }
+
     /// Deletes every event with `time_us < cutoff` (one range tombstone), then compacts that
     /// range so the space comes back.
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
