@@ -190,14 +190,14 @@ impl ReplayBudget {
         }
         drop(held);
         drop(reserved); // what the page does not use goes back
-        PageHold { page, counted: Some((address, self.clone())) }
+        PageHold { page, address, budget: self.clone() }
     }
 
     /// Takes `page` in a stream's hand with no room reserved, if another stream holds it.
     pub fn join(self: &Arc<Self>, page: &Arc<Page>) -> Option<PageHold> {
         let address = Arc::as_ptr(page) as usize;
         self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&address)?.holds += 1;
-        Some(PageHold { page: page.clone(), counted: Some((address, self.clone())) })
+        Some(PageHold { page: page.clone(), address, budget: self.clone() })
     }
 
     /// One hold on the page at `address` went.
@@ -213,12 +213,13 @@ impl ReplayBudget {
     }
 }
 
-/// A page in a stream's hand. A counted hold keeps its page's share of the budget (or, for a
-/// piece rendered from a page's scan, that page's) until the last hold on it goes.
+/// A page in a stream's hand. A hold keeps its page's share of the budget (or, for a piece
+/// rendered from a page's scan, that page's) until the last hold on it goes.
 pub struct PageHold {
     page: Arc<Page>,
     /// The address of the page whose share this hold counts in, and the budget.
-    counted: Option<(usize, Arc<ReplayBudget>)>,
+    address: usize,
+    budget: Arc<ReplayBudget>,
 }
 
 impl PageHold {
@@ -229,12 +230,11 @@ impl PageHold {
     /// A piece rendered again from this page's scan, held within this page's share (the
     /// scan it keeps alive is what the share counts).
     pub fn piece(&self, piece: Page) -> PageHold {
-        if let Some((address, budget)) = &self.counted {
-            if let Some(h) = budget.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(address) {
-                h.holds += 1;
-            }
+        // This hold keeps the entry while it lives.
+        if let Some(h) = self.budget.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.address) {
+            h.holds += 1;
         }
-        PageHold { page: Arc::new(piece), counted: self.counted.clone() }
+        PageHold { page: Arc::new(piece), address: self.address, budget: self.budget.clone() }
     }
 }
 
@@ -247,9 +247,7 @@ impl std::ops::Deref for PageHold {
 
 impl Drop for PageHold {
     fn drop(&mut self) {
-        if let Some((address, budget)) = &self.counted {
-            budget.release(*address);
-        }
+        self.budget.release(self.address);
     }
 }
 

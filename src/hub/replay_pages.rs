@@ -444,6 +444,13 @@ struct Slot {
     page: watch::Receiver<Option<Built>>,
 }
 
+impl Slot {
+    /// Its page, if built and holding events from `from` on.
+    fn built_from(&self, from: u64) -> Option<Arc<Page>> {
+        self.page.borrow().clone().and_then(Result::ok).filter(|p| p.end >= from)
+    }
+}
+
 #[derive(Default)]
 struct Pages {
     /// By (rendering's hash, `from`): the page that may hold a position is the last one
@@ -456,6 +463,14 @@ struct Pages {
     /// being reused while it is counted.
     filters: HashMap<usize, (usize, usize, Arc<Filter>)>,
     bytes: usize,
+}
+
+impl Pages {
+    /// The slot that may hold position `from` in the rendering of `hash`: the last one
+    /// starting at or before it, and where it starts.
+    fn slot_at(&self, hash: u64, from: u64) -> Option<(u64, &Slot)> {
+        self.map.range((hash, 0)..=(hash, from)).next_back().map(|(&(_, start), slot)| (start, slot))
+    }
 }
 
 /// The pages recently built, shared by replayers.
@@ -513,22 +528,18 @@ impl ReplayPages {
         }
         let hash = rendering.hash;
         let mut pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((&(_, start), slot)) = pages.map.range((hash, 0)..=(hash, from)).next_back() {
+        if let Some((start, slot)) = pages.slot_at(hash, from) {
             if slot.rendering == *rendering {
                 rendering.filter = slot.rendering.filter.clone();
+                if let Some(page) = slot.built_from(from) {
+                    self.counters.shared.inc();
+                    return PageFetch::Ready(Ok(page));
+                }
                 // A build's result is sent under this lock (see `finish`): `None` is a build
                 // still running, or one whose thread died (its sender is gone).
-                let current = slot.page.borrow().clone();
-                match current {
-                    Some(Ok(page)) if page.end >= from => {
-                        self.counters.shared.inc();
-                        return PageFetch::Ready(Ok(page));
-                    }
-                    None if start == from && slot.page.has_changed().is_ok() => {
-                        self.counters.shared.inc();
-                        return PageFetch::Building(slot.page.clone());
-                    }
-                    _ => {}
+                if start == from && slot.page.borrow().is_none() && slot.page.has_changed().is_ok() {
+                    self.counters.shared.inc();
+                    return PageFetch::Building(slot.page.clone());
                 }
             } else if start == from {
                 // Two renderings with one hash: this one goes without sharing.
@@ -557,11 +568,11 @@ impl ReplayPages {
         }
         let from = position + 1;
         let pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
-        let (_, slot) = pages.map.range((rendering.hash, 0)..=(rendering.hash, from)).next_back()?;
+        let (_, slot) = pages.slot_at(rendering.hash, from)?;
         if slot.rendering != *rendering {
             return None;
         }
-        let page = slot.page.borrow().clone().and_then(Result::ok).filter(|p| p.end >= from)?;
+        let page = slot.built_from(from)?;
         let filter = slot.rendering.filter.clone();
         drop(pages);
         let taken = take(&page)?;

@@ -159,6 +159,14 @@ impl MemoryLog {
         self.read().evicted_through
     }
 
+    /// What the tip follows, read under one lock (after every append): the oldest and newest
+    /// events, the bytes held, and [`Self::evicted_through`].
+    pub fn edges(&self) -> (Option<u64>, Option<u64>, u64, u64) {
+        let g = self.read();
+        let (oldest, newest) = (g.events.keys().next().copied(), g.events.keys().next_back().copied());
+        (oldest, newest, g.bytes, g.evicted_through)
+    }
+
     pub fn stats(&self) -> LogStats {
         let g = self.read();
         LogStats {

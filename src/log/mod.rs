@@ -255,11 +255,12 @@ impl Log {
             self.tip.newest.fetch_max(last.time_us, Ordering::AcqRel);
         }
         if let Backend::Memory(m) = &self.backend {
-            // What the window's bound evicted counts as trimmed (replayers it overtook).
-            self.tip.trimmed_through.fetch_max(m.evicted_through(), Ordering::AcqRel);
             // A live-only window moves its oldest edge with every append (cheap in memory).
             let seen = self.tip.oldest.load(Ordering::Acquire);
-            self.tip.set(seen, m.oldest_time_us(), m.newest_time_us(), m.bytes());
+            let (oldest, newest, bytes, evicted_through) = m.edges();
+            // What the window's bound evicted counts as trimmed (replayers it overtook).
+            self.tip.trimmed_through.fetch_max(evicted_through, Ordering::AcqRel);
+            self.tip.set(seen, oldest, newest, bytes);
         }
         Ok(())
     }
