@@ -359,7 +359,7 @@ impl Event {
         let v = view_parts(value)?;
         let json = value[VALUE_HEADER..].to_vec();
         let t = DID_OFFSET + v.did_len + TIME_KEY.len();
-        let digits = json.get(t..)?.iter().take_while(|c| c.is_ascii_digit()).count();
+        let digits = json[t..].iter().take_while(|c| c.is_ascii_digit()).count();
         Some(Event {
             time_us,
             kind: v.kind,
@@ -390,7 +390,9 @@ fn view_parts(value: &[u8]) -> Option<ValueParts> {
     let coll_start = u32::from_le_bytes([value[4], value[5], value[6], value[7]]) as usize;
     let coll_len = u16::from_le_bytes([value[8], value[9]]) as usize;
     let json_len = value.len() - VALUE_HEADER;
-    if DID_OFFSET + did_len > json_len || coll_start + coll_len > json_len {
+    // Up to the end of the time key: what `decode_value` reads, so a value that can be viewed
+    // can be decoded (replay pages send a viewed value's JSON without decoding it).
+    if DID_OFFSET + did_len + TIME_KEY.len() > json_len || coll_start + coll_len > json_len {
         return None;
     }
     Some(ValueParts { verification, kind, did_len, collection: coll_start..coll_start + coll_len })

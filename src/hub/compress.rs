@@ -81,6 +81,19 @@ impl Dictionary {
 
     /// One independent zstd frame holding `json`.
     pub fn compress(&self, json: &[u8]) -> Vec<u8> {
+        self.with_compressor(|c| c.compress(json).expect("compressing into a growable buffer cannot fail"))
+    }
+
+    /// [`compress`](Self::compress) into `out`, replacing what it held: a caller compressing
+    /// many events reuses one buffer.
+    pub fn compress_into(&self, json: &[u8], out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(json.len()));
+        self.with_compressor(|c| c.compress_to_buffer(json, out).expect("the buffer holds zstd's bound"));
+    }
+
+    /// Runs `f` with this thread's compressor for this dictionary.
+    fn with_compressor<R>(&self, f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> R) -> R {
         let key = self.prepared as *const _ as usize;
         COMPRESSORS.with(|cell| {
             let mut all = cell.borrow_mut();
@@ -94,7 +107,7 @@ impl Dictionary {
                 *entry = Some((key, c));
             }
             let (_, c) = entry.as_mut().expect("set above");
-            c.compress(json).expect("compressing into a growable buffer cannot fail")
+            f(c)
         })
     }
 

@@ -64,6 +64,37 @@ impl Encoding {
         }
     }
 
+    /// Whether an event's message depends on its v1 JSON alone (v1 without the verification
+    /// field): replay pages then send a stored value's JSON, or compress it, without rebuilding
+    /// the event ([`Self::message_of_json`]).
+    pub fn json_alone(&self) -> bool {
+        self.wire == Wire::V1 && !self.include_verification
+    }
+
+    /// For an encoding where [`json_alone`](Self::json_alone) holds: the message of the event
+    /// whose v1 JSON is `json`, given its stored compressed frame for this dictionary if it has
+    /// one; the bytes [`message_stored`](Self::message_stored) gives for the event. A frame
+    /// compressed here is left in `scratch`. `None` over the size cap.
+    pub fn message_of_json<'a>(
+        &self,
+        json: &'a [u8],
+        stored: Option<&'a [u8]>,
+        scratch: &'a mut Vec<u8>,
+    ) -> Option<(OpCode, &'a [u8])> {
+        debug_assert!(self.json_alone());
+        if self.max_size != 0 && json.len() as u64 > self.max_size {
+            return None;
+        }
+        Some(match (&self.dictionary, stored) {
+            (None, _) => (OpCode::Text, json),
+            (Some(_), Some(frame)) => (OpCode::Binary, frame),
+            (Some(dict), None) => {
+                dict.compress_into(json, scratch);
+                (OpCode::Binary, &scratch[..])
+            }
+        })
+    }
+
     /// Whether the event is within the size cap, measured on what this subscriber is sent
     /// before compression (the verification field included).
     fn within_cap(&self, ev: &Event) -> bool {

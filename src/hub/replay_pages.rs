@@ -46,16 +46,35 @@ fn cores() -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
+/// An event a page sends: its `time_us`, its stored value (one [`view_value`] reads), and
+/// its stored compressed frame when it has one.
+type Wanted<'r> = (u64, &'r [u8], Option<&'r [u8]>);
+
 /// `events` as `encoding`'s frames, back to back (events over its size cap are skipped), each
 /// with its stored compressed frame when it has one; and how many stored frames went in.
-fn encode(events: &[(Event, Option<&[u8]>)], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>, usize) {
+fn encode(events: &[Wanted<'_>], encoding: &Encoding) -> (Vec<u8>, Vec<PageFrame>, usize) {
     let (mut bytes, mut frames, mut stored_used) = (Vec::new(), Vec::with_capacity(events.len()), 0);
-    for (ev, stored) in events {
-        if let Some((opcode, payload)) = encoding.message_stored(ev, *stored) {
+    let json_alone = encoding.json_alone();
+    let mut scratch = Vec::new();
+    for &(time_us, value, stored) in events {
+        let mut push = |opcode, payload: std::borrow::Cow<'_, [u8]>| {
             let len = payload.len();
             stored_used += stored.is_some() as usize;
             append_frame(&mut bytes, frame(opcode, payload));
-            frames.push(PageFrame { time_us: ev.time_us, end: bytes.len(), payload: len });
+            frames.push(PageFrame { time_us, end: bytes.len(), payload: len });
+        };
+        if json_alone {
+            // Most replays: the stored JSON is the message, or what is compressed; rebuilding
+            // the event would copy it for nothing.
+            let json = view_value(value).expect("only viewed values are wanted").json;
+            if let Some((opcode, payload)) = encoding.message_of_json(json, stored, &mut scratch) {
+                push(opcode, std::borrow::Cow::Borrowed(payload));
+            }
+        } else {
+            let ev = Event::decode_value(time_us, value).expect("a value that views decodes");
+            if let Some((opcode, payload)) = encoding.message_stored(&ev, stored) {
+                push(opcode, payload);
+            }
         }
     }
     (bytes, frames, stored_used)
@@ -286,16 +305,12 @@ impl Page {
                 break;
             };
             if filter.matches(view.kind, view.did, view.collection) {
-                // Checked before decoding: one large event must not overshoot the bound.
+                // One large event must not overshoot the bound.
                 if !wanted.is_empty() && wanted_bytes + value.len() > max_bytes {
                     break;
                 }
-                let Some(ev) = Event::decode_value(*t, value) else {
-                    page.corrupt = true;
-                    break;
-                };
                 wanted_bytes += value.len();
-                wanted.push((ev, stored.and_then(|s| s.get(i))));
+                wanted.push((*t, value, stored.and_then(|s| s.get(i))));
             }
             page.scanned += 1;
             page.end = *t;
@@ -307,13 +322,13 @@ impl Page {
         // dictionary and many frames not stored, half of those are compressed on a thread of
         // its own (BENCHMARKS.md).
         let to_compress =
-            if encoding.dictionary.is_some() { wanted.iter().filter(|(_, s)| s.is_none()).count() } else { 0 };
+            if encoding.dictionary.is_some() { wanted.iter().filter(|(_, _, s)| s.is_none()).count() } else { 0 };
         if to_compress >= PARALLEL_EVENTS && cores() > 1 {
             // Split where half of what is to compress is on each side (stored frames cluster).
             let mut left = to_compress / 2;
             let at = wanted
                 .iter()
-                .position(|(_, s)| {
+                .position(|(_, _, s)| {
                     left -= s.is_none() as usize;
                     left == 0
                 })
@@ -759,6 +774,54 @@ mod tests {
             bytes = &bytes[head + len..];
         }
         out
+    }
+
+    #[test]
+    fn a_page_holds_what_each_event_is_sent_live_under_every_encoding() {
+        // Pages send a stored value's JSON without rebuilding the event where the encoding
+        // allows: the bytes must be those of the live path's message, whatever the encoding.
+        use super::super::compress::{Dictionary, JETSTREAM_V1};
+        let log = log_of(300, 0);
+        let mut events: Vec<Event> = (0..300).map(|i| event(i, (i as usize * 7) % 50 * 4)).collect();
+        events.iter_mut().for_each(|e| e.verification = crate::event::Verification::Full);
+        let log_with_padding = Arc::new(Log::memory(MemoryLog::new(1 << 30)));
+        log_with_padding.append(&events, None).unwrap();
+        let dict = Dictionary::new(JETSTREAM_V1.to_vec(), 0).unwrap();
+        // Some padded events are over the cap under every wire, more with the verification field.
+        let v2 =
+            Encoding { wire: crate::metrics::Wire::V2, dictionary: None, include_verification: false, max_size: 0 };
+        let cap = v2.message(&event(0, 100)).unwrap().1.len() as u64;
+        let mut encodings = Vec::new();
+        for wire in [crate::metrics::Wire::V1, crate::metrics::Wire::V2] {
+            for dictionary in [None, Some(dict.clone())] {
+                for include_verification in [false, true] {
+                    for max_size in [0, cap] {
+                        encodings.push(Encoding {
+                            wire,
+                            dictionary: dictionary.clone(),
+                            include_verification,
+                            max_size,
+                        });
+                    }
+                }
+            }
+        }
+        let did_a = Filter::new(&[], &[DIDS[0].into()]).unwrap();
+        for (log, events) in [(&log, (0..300).map(|i| event(i, 0)).collect::<Vec<_>>()), (&log_with_padding, events)] {
+            for encoding in &encodings {
+                for filter in [Filter::default(), did_a.clone()] {
+                    let page = Page::build(log, 0, REPLAY_BATCH, &filter, encoding).unwrap();
+                    let mut want = Vec::new();
+                    for ev in events.iter().filter(|e| filter.matches(e.kind, e.did(), e.collection())) {
+                        if let Some((opcode, payload)) = encoding.message(ev) {
+                            append_frame(&mut want, frame(opcode, payload));
+                        }
+                    }
+                    assert!(!want.is_empty(), "{encoding:?} {filter:?}");
+                    assert_eq!(page.bytes(0..page.frame_count()), &want[..], "{encoding:?}");
+                }
+            }
+        }
     }
 
     #[tokio::test]
