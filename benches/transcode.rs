@@ -165,6 +165,24 @@ fn bench(c: &mut Criterion) {
             b.iter(|| events.iter().map(|e| z.compress(e.json()).unwrap().len()).sum::<usize>())
         });
     }
+    // Level 1 with a smaller hash table and longer shortest match, set on a compressor that
+    // builds its own tables from the dictionary (a prepared dictionary cannot take them):
+    // measured, not adopted (BENCHMARKS.md, ninth session).
+    {
+        use zstd::stream::raw::CParameter;
+        let mut z = zstd::bulk::Compressor::with_dictionary(1, dict).unwrap();
+        z.set_parameter(CParameter::HashLog(12)).unwrap();
+        z.set_parameter(CParameter::MinMatch(7)).unwrap();
+        let total: usize = events.iter().map(|e| z.compress(e.json()).unwrap().len()).sum();
+        let json: usize = events.iter().map(|e| e.json().len()).sum();
+        println!(
+            "zstd level 1, hash log 12, min match 7: {total} bytes from {json} ({:.1}%)",
+            100.0 * total as f64 / json as f64
+        );
+        g.bench_function("zstd_level_1_hashlog_12_minmatch_7", |b| {
+            b.iter(|| events.iter().map(|e| z.compress(e.json()).unwrap().len()).sum::<usize>())
+        });
+    }
     g.finish();
 }
 
