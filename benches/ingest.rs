@@ -209,6 +209,63 @@ fn bench(c: &mut Criterion) {
         }
     }
     group.finish();
+    scan(c, &gen);
+}
+
+/// Reading the log back, as replay pages do (`Log::scan`, values copied into the page's
+/// buffer): every event of a flushed log, so each block is read and decompressed; beside it,
+/// in the same run, RocksDB's boxed-pair iterator over the same column family (what the scan
+/// used before it borrowed values from the iterator). `cargo bench --bench ingest -- log_scan`.
+fn scan(c: &mut Criterion, gen: &[frames::GenFrame]) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::rocks(RocksLog::open(dir.path(), RocksOptions::default()).unwrap()).unwrap();
+    let mut tx = Transcoder::default();
+    let mut t = 1_800_000_000_000_000u64;
+    for chunk in gen.chunks(1_000) {
+        let mut events = Vec::new();
+        for g in chunk {
+            tx.transcode(&g.frame, &mut events, &mut Vec::new());
+        }
+        for e in &mut events {
+            t += 1;
+            e.stamp(t);
+        }
+        log.append(&events, None).unwrap();
+    }
+    log.flush().unwrap();
+    let n = (t - 1_800_000_000_000_000) as usize;
+    let mut group = c.benchmark_group("log_scan");
+    group.throughput(Throughput::Elements(n as u64));
+    group.sample_size(20);
+    let mut buf = Vec::with_capacity(64 << 20);
+    group.bench_function("contrail_scan", |b| {
+        b.iter(|| {
+            buf.clear();
+            log.scan(0, usize::MAX, |_, v| {
+                buf.extend_from_slice(v);
+                true
+            })
+            .unwrap()
+        })
+    });
+    let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.path()).unwrap();
+    let db = rocksdb::DB::open_cf_for_read_only(&rocksdb::Options::default(), dir.path(), &cfs, false).unwrap();
+    let events = db.cf_handle("events").unwrap();
+    group.bench_function("baseline_boxed_iterator", |b| {
+        b.iter(|| {
+            buf.clear();
+            let mut ro = rocksdb::ReadOptions::default();
+            ro.fill_cache(false);
+            let mut n = 0;
+            for item in db.iterator_cf_opt(events, ro, rocksdb::IteratorMode::Start) {
+                let (_, v) = item.unwrap();
+                buf.extend_from_slice(&v);
+                n += 1;
+            }
+            n
+        })
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench);

@@ -142,6 +142,30 @@ fn descriptors(memtable_bytes: usize) -> Vec<ColumnFamilyDescriptor> {
     ]
 }
 
+/// Calls `f` with each key (a `time_us`) and value of `cf` from `from` on, in order, until it
+/// returns false. Borrows each value from RocksDB's block (the iterator that yields boxed pairs
+/// allocated and copied twice per event: a replay reads every event of its run).
+fn scan_cf(
+    db: &DB,
+    cf: &rocksdb::ColumnFamily,
+    ro: ReadOptions,
+    from: u64,
+    mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
+) -> Result<()> {
+    let mut it = db.raw_iterator_cf_opt(cf, ro);
+    it.seek(from.to_be_bytes());
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        let key: [u8; 8] = k.try_into().map_err(|_| LogError::Corrupt("key"))?;
+        if !f(u64::from_be_bytes(key), v)? {
+            return Ok(());
+        }
+        it.next();
+    }
+    // The iterator stops at the end or at an error (a read failure, a corrupt block).
+    it.status()?;
+    Ok(())
+}
+
 impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
     pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
@@ -276,20 +300,14 @@ impl RocksLog {
         let mut ro = ReadOptions::default();
         // Replays read long runs once: don't evict the hot blocks for them.
         ro.fill_cache(false);
-        let start = from.to_be_bytes();
-        let it = self.db.iterator_cf_opt(self.events(), ro, IteratorMode::From(&start, Direction::Forward));
         let mut n = 0;
-        for item in it {
+        scan_cf(&self.db, self.events(), ro, from, |t, v| {
             if n >= limit {
-                break;
+                return Ok(false);
             }
-            let (k, v) = item?;
-            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
             n += 1;
-            if !f(u64::from_be_bytes(key), &v) {
-                break;
-            }
-        }
+            Ok(f(t, v))
+        })?;
         Ok(n)
     }
 
@@ -335,15 +353,7 @@ impl RocksLog {
         let mut ro = ReadOptions::default();
         ro.fill_cache(false);
         ro.set_iterate_upper_bound(to.saturating_add(1).to_be_bytes());
-        let start = from.to_be_bytes();
-        for item in self.db.iterator_cf_opt(cf, ro, IteratorMode::From(&start, Direction::Forward)) {
-            let (k, v) = item?;
-            let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
-            if !f(u64::from_be_bytes(key), &v) {
-                break;
-            }
-        }
-        Ok(())
+        scan_cf(&self.db, cf, ro, from, |t, v| Ok(f(t, v)))
     }
 
     /// Deletes stored compressed frames after `time_us` (at start: frames of events a power
