@@ -95,6 +95,71 @@ fn stamps_never_regress(dir: tempfile::TempDir, log: Log, durable: bool) {
     assert_eq!(store.last_time_us().unwrap(), last + 2);
 }
 
+/// What replay pages and every reader of the log rely on: a scan hands over each stored value
+/// from its position on, in order, and stops at its limit (the event after it is not read) or
+/// when the callback says so, returning how many it handed over; stored frames are scanned up to
+/// an inclusive bound.
+#[test]
+fn a_scan_stops_at_its_limit_or_its_callback_and_hands_over_values_in_order() {
+    for (name, _dir, store) in backends() {
+        eprintln!("backend {name}");
+        let mut evs = events(20, 1);
+        for (i, e) in evs.iter_mut().enumerate() {
+            e.stamp(2_000_000 + i as u64);
+        }
+        store.append(&evs, None).unwrap();
+        // RocksDB: half from a table file, half from the memtable.
+        store.flush().unwrap();
+        let mut more = events(20, 2);
+        for (i, e) in more.iter_mut().enumerate() {
+            e.stamp(2_000_020 + i as u64);
+        }
+        store.append(&more, None).unwrap();
+        evs.extend(more);
+        let collect = |from: u64, limit: usize, stop_after: usize| {
+            let mut seen = Vec::new();
+            let n = store
+                .scan(from, limit, |t, v| {
+                    seen.push((t, Event::decode_value(t, v).unwrap().json().to_vec()));
+                    seen.len() < stop_after
+                })
+                .unwrap();
+            assert_eq!(n, seen.len());
+            seen
+        };
+        let want = |range: std::ops::Range<usize>| -> Vec<(u64, Vec<u8>)> {
+            evs[range].iter().map(|e| (e.time_us, e.json().to_vec())).collect()
+        };
+        assert_eq!(collect(0, usize::MAX, usize::MAX), want(0..40));
+        assert_eq!(collect(2_000_015, 10, usize::MAX), want(15..25), "across the flush, to the limit");
+        assert_eq!(collect(2_000_015, 10, 4), want(15..19), "the callback stops it");
+        assert_eq!(collect(2_000_035, 10, usize::MAX), want(35..40), "the end before the limit");
+        assert!(collect(2_000_000, 0, usize::MAX).is_empty());
+        assert!(collect(2_000_040, 10, usize::MAX).is_empty());
+    }
+    // Stored frames (RocksDB only): from..=to, in order, until the callback stops.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Log::rocks(RocksLog::open(dir.path(), RocksOptions::default()).unwrap()).unwrap();
+    let frames: Vec<(u64, Vec<u8>)> = (0..10u64).map(|i| (3_000_000 + i, vec![i as u8; 3])).collect();
+    store.put_compressed_frames(&frames).unwrap();
+    let mut seen = Vec::new();
+    store
+        .scan_compressed_frames(3_000_002, 3_000_006, |t, v| {
+            seen.push((t, v.to_vec()));
+            true
+        })
+        .unwrap();
+    assert_eq!(seen, frames[2..7].to_vec());
+    seen.clear();
+    store
+        .scan_compressed_frames(3_000_002, 3_000_006, |t, v| {
+            seen.push((t, v.to_vec()));
+            seen.len() < 2
+        })
+        .unwrap();
+    assert_eq!(seen, frames[2..4].to_vec());
+}
+
 #[test]
 fn trim_removes_older_events_and_nothing_newer() {
     for (name, _dir, store) in backends() {

@@ -1,7 +1,9 @@
 //! What one subscriber is sent for an event: the settings that make two subscribers' bytes for
 //! the same event differ (the wire, the dictionary, the verification field, the size cap), and
-//! the one function that turns an event into its websocket message under them. Live delivery
-//! ([`super::session`]) and replay pages ([`super::replay_pages`]) both go through it.
+//! the functions that turn an event into its websocket message under them: [`Encoding::message`]
+//! for live delivery ([`super::session`]); for replay pages ([`super::replay_pages`]) the same
+//! message given a stored compressed frame, or, where the v1 JSON alone decides it, from the
+//! stored JSON without rebuilding the event ([`Encoding::message_of_json`]).
 
 use super::compress::Dictionary;
 use crate::event::Event;
@@ -82,7 +84,7 @@ impl Encoding {
         scratch: &'a mut Vec<u8>,
     ) -> Option<(OpCode, &'a [u8])> {
         debug_assert!(self.json_alone());
-        if self.max_size != 0 && json.len() as u64 > self.max_size {
+        if !self.fits(json.len()) {
             return None;
         }
         Some(match (&self.dictionary, stored) {
@@ -103,6 +105,11 @@ impl Encoding {
             Wire::V1 => ev.json().len(),
             Wire::V2 => contrail_core::v2::message_of(ev).len(),
         };
+        self.fits(size)
+    }
+
+    /// Whether a message of `size` bytes before compression is within the size cap.
+    fn fits(&self, size: usize) -> bool {
         self.max_size == 0 || size as u64 <= self.max_size
     }
 

@@ -300,13 +300,14 @@ impl RocksLog {
         let mut ro = ReadOptions::default();
         // Replays read long runs once: don't evict the hot blocks for them.
         ro.fill_cache(false);
+        if limit == 0 {
+            return Ok(0);
+        }
         let mut n = 0;
+        // Stops on the limit-th event: the one after it is not read.
         scan_cf(&self.db, self.events(), ro, from, |t, v| {
-            if n >= limit {
-                return Ok(false);
-            }
             n += 1;
-            Ok(f(t, v))
+            Ok(f(t, v) && n < limit)
         })?;
         Ok(n)
     }
