@@ -318,6 +318,36 @@ async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }
 
+/// A relay behind a load balancer whose lagging instance refuses our cursor three times, then
+/// a live connection reaches an instance ahead of us: the reader asks again with its cursor and
+/// gets the frames in between, instead of taking them as a gap (they would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_refused_our_cursor_then_runs_ahead_is_asked_for_it_again() {
+    let relay = FakeRelay::start().await;
+    let frames = generate(50_000, 100, 10, 49);
+    relay.push_all(&frames);
+    let refuse = ConnFault { refuse_cursor: true, ..ConnFault::default() };
+    relay.plan(vec![
+        ConnFault::drop_after(50),
+        refuse.clone(),
+        refuse.clone(),
+        refuse,
+        ConnFault { live_from: Some(50_080), ..ConnFault::default() },
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-reset-threshold", "10000"]);
+    serve.wait_for_seq_exactly(50_099, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_relay_seq_gaps_total"), Some(0.0));
+    let cursors = relay.cursors();
+    assert_eq!(
+        cursors[..6],
+        [None, Some(50_049), Some(50_049), Some(50_049), None, Some(50_049)],
+        "{cursors:?}"
+    );
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&frames));
+}
+
 /// A relay whose seq space restarts lower in the middle of a connection (a fan-out daemon whose
 /// upstream restarted, keeping our connection open): a run of frames far below our cursor is
 /// kept aside and then followed from its first frame, on the same connection. Before, every

@@ -103,6 +103,8 @@ pub enum RelayError {
     Closed,
     #[error("the sequencer stopped")]
     SequencerStopped,
+    #[error("the relay refused our cursor, then went on above it at seq {0}: asking for it again")]
+    AskAgain(i64),
 }
 
 impl RelayError {
@@ -112,7 +114,7 @@ impl RelayError {
             RelayError::Connect(_) => Some(RelayErrorKind::Connect),
             RelayError::Read(_) | RelayError::Message(_) => Some(RelayErrorKind::Read),
             RelayError::Idle(_) => Some(RelayErrorKind::IdleTimeout),
-            RelayError::Closed | RelayError::SequencerStopped => None,
+            RelayError::Closed | RelayError::SequencerStopped | RelayError::AskAgain(_) => None,
         }
     }
 }
@@ -312,6 +314,9 @@ impl Reader {
         }
         match decision {
             SeqDecision::Invalid => unreachable!("handled above"),
+            // The events between our cursor and this frame are the relay's to send: the next
+            // connection asks for them (the run loop reconnects).
+            SeqDecision::AskAgain => return Err(RelayError::AskAgain(seq)),
             SeqDecision::Duplicate | SeqDecision::RunRepeat => {
                 m.relay_duplicates.inc();
                 return Ok(());

@@ -13,7 +13,10 @@
 //!   [`MAX_CURSOR_REFUSALS`] refusals in a row (its seq space restarted below us) it is asked
 //!   without one, live, and its first frame is judged by the rule above. What the relay sent
 //!   in its new space before that connection is not asked for: whether it repeats events we
-//!   hold under other seqs cannot be told.
+//!   hold under other seqs cannot be told. A first frame *above* our position on that live
+//!   connection says the relay can serve our cursor after all (the refusals came from a lagging
+//!   instance): it is asked again with it ([`SeqDecision::AskAgain`], at most
+//!   [`MAX_ASK_AGAIN`] times in a row) rather than taking the frames in between as a gap.
 //! - Frames far below our position in the middle of a connection (a fan-out daemon whose
 //!   upstream restarted lower, without closing our connection) are kept aside
 //!   ([`SeqDecision::FarBelow`]); once a run of them is long enough to be a new seq space
@@ -34,6 +37,11 @@ pub const FAR_BELOW_RUN: u32 = 100;
 
 /// `FutureCursor` refusals in a row after which the relay is asked without a cursor.
 pub const MAX_CURSOR_REFUSALS: u32 = 3;
+
+/// Times in a row a live connection after refusals is dropped to ask for our cursor again
+/// ([`SeqDecision::AskAgain`]); past them the frames in between are taken as a gap, so a relay
+/// whose every cursor request reaches a lagging instance cannot stop ingest.
+pub const MAX_ASK_AGAIN: u32 = 3;
 
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +64,10 @@ pub enum SeqDecision {
     Hold,
     /// Not a believable seq: count it and skip the frame.
     Invalid,
+    /// The first frame of a live connection made after our cursor was refused is above our
+    /// position: the relay holds what follows our cursor. Drop the frame and the connection,
+    /// and connect again asking for the cursor ([`SeqTracker::cursor`] gives it again).
+    AskAgain,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +86,10 @@ pub struct SeqTracker {
     /// Frames in a row, in this connection, far below `last`, and the newest of them.
     far_below: u32,
     run_last: i64,
+    /// This connection was made without a cursor because ours was refused.
+    live_after_refusals: bool,
+    /// [`SeqDecision::AskAgain`]s since a connection asking for our cursor was served.
+    asked_again: u32,
 }
 
 impl SeqTracker {
@@ -87,6 +103,8 @@ impl SeqTracker {
             cursor_refusals: 0,
             far_below: 0,
             run_last: 0,
+            live_after_refusals: false,
+            asked_again: 0,
         }
     }
 
@@ -119,6 +137,7 @@ impl SeqTracker {
         self.first_of_session = true;
         self.held = None;
         self.far_below = 0;
+        self.live_after_refusals = self.last > 0 && self.cursor_refusals >= MAX_CURSOR_REFUSALS;
     }
 
     /// Whether a frame is being held.
@@ -134,7 +153,16 @@ impl SeqTracker {
             return SeqDecision::Invalid;
         }
         let first = std::mem::take(&mut self.first_of_session);
+        let live_after_refusals = std::mem::take(&mut self.live_after_refusals);
         self.cursor_refusals = 0;
+        if first && !live_after_refusals {
+            // A connection that asked for our cursor was served.
+            self.asked_again = 0;
+        }
+        if first && live_after_refusals && seq > self.last.saturating_add(1) && self.asked_again < MAX_ASK_AGAIN {
+            self.asked_again += 1;
+            return SeqDecision::AskAgain;
+        }
         if let Some(held) = self.held.take() {
             // The frame after a far jump decides: continuing from the held seq confirms it.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
@@ -193,6 +221,56 @@ mod tests {
         assert_eq!(t.observe(4), ACCEPT);
         assert_eq!(SeqTracker::new(0, 5).cursor(), None);
         assert_eq!(SeqTracker::new(0, 5).observe(7), ACCEPT);
+    }
+
+    #[test]
+    fn a_relay_above_our_refused_cursor_is_asked_for_it_again_a_few_times() {
+        let refused_then_live = |t: &mut SeqTracker| {
+            for _ in 0..MAX_CURSOR_REFUSALS {
+                t.cursor_refused();
+            }
+            assert_eq!(t.cursor(), None);
+            t.new_session();
+        };
+        let mut t = SeqTracker::new(50_000, 10_000);
+        // The refusals came from a lagging instance; the live connection reached one that holds
+        // what follows our cursor: ask for it, do not take seqs 50,001..50,079 as a gap.
+        refused_then_live(&mut t);
+        assert_eq!(t.observe(50_080), SeqDecision::AskAgain);
+        assert_eq!((t.last(), t.cursor()), (50_000, Some(50_000)));
+        t.new_session();
+        assert_eq!(t.observe(50_000), SeqDecision::Duplicate, "served from the cursor");
+        assert_eq!(t.observe(50_001), ACCEPT);
+        // The next frame after our position is no gap: taken.
+        refused_then_live(&mut t);
+        assert_eq!(t.observe(50_002), ACCEPT);
+        // Only the first frame of such a connection decides.
+        refused_then_live(&mut t);
+        assert_eq!(t.observe(50_002), SeqDecision::Duplicate);
+        assert_eq!(t.observe(50_100), SeqDecision::Accept { gap: true, release_held: false });
+        // A relay whose every cursor request meets a lagging instance: after MAX_ASK_AGAIN in
+        // a row, the gap is taken rather than stopping ingest.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        for i in 0..MAX_ASK_AGAIN {
+            refused_then_live(&mut t);
+            assert_eq!(t.observe(50_080 + i as i64), SeqDecision::AskAgain);
+        }
+        refused_then_live(&mut t);
+        assert_eq!(t.observe(50_090), SeqDecision::Accept { gap: true, release_held: false });
+        // A connection that asked for our cursor and was served starts the count again.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        refused_then_live(&mut t);
+        assert_eq!(t.observe(50_080), SeqDecision::AskAgain);
+        t.new_session();
+        assert_eq!(t.observe(50_001), ACCEPT);
+        for i in 0..MAX_ASK_AGAIN {
+            refused_then_live(&mut t);
+            assert_eq!(t.observe(50_080 + i as i64), SeqDecision::AskAgain);
+        }
+        // Without refusals a live connection (a fresh start) takes what comes.
+        let mut t = SeqTracker::new(0, 10_000);
+        t.new_session();
+        assert_eq!(t.observe(123_456), ACCEPT);
     }
 
     #[test]

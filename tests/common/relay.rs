@@ -20,6 +20,12 @@ pub struct ConnFault {
     /// Send one binary message in 1 MiB fragments that never end (up to 256 MiB, so a reader
     /// without a limit fails the test rather than the machine), then drop the connection.
     pub endless_fragments: bool,
+    /// Refuse a cursor with a `FutureCursor` error frame and a close (a lagging instance behind
+    /// a load balancer), whatever the frames held.
+    pub refuse_cursor: bool,
+    /// Without a cursor, start at the first frame with this seq or above (a relay's live edge)
+    /// instead of the oldest.
+    pub live_from: Option<i64>,
 }
 
 impl ConnFault {
@@ -217,9 +223,9 @@ async fn serve_conn(
         }
         return;
     }
-    if faults.refuse_future_cursor {
+    if faults.refuse_future_cursor || planned.refuse_cursor {
         let newest = st.frames.lock().unwrap().last().map_or(0, |(s, _)| *s);
-        if cursor.is_some_and(|c| c > newest) {
+        if cursor.is_some_and(|c| c > newest || planned.refuse_cursor) {
             let _ = ws.write_frame(Frame::binary(Payload::Owned(super::frames::error_frame("FutureCursor")))).await;
             let _ = ws.write_frame(Frame::close(1000, b"")).await;
             return;
@@ -230,9 +236,9 @@ async fn serve_conn(
     // `restart_seq_space` holds while it moves the space).
     let (mut next, mut space) = {
         let frames = st.frames.lock().unwrap();
-        let next = match cursor {
-            Some(c) => frames.iter().position(|(s, _)| *s >= c).unwrap_or(frames.len()),
-            None => 0,
+        let next = match (cursor, planned.live_from) {
+            (Some(c), _) | (None, Some(c)) => frames.iter().position(|(s, _)| *s >= c).unwrap_or(frames.len()),
+            (None, None) => 0,
         };
         (next, st.space.load(Ordering::SeqCst))
     };
