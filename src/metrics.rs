@@ -41,6 +41,9 @@ contrail_core::label_enum! {
         UnexpectedMessage => "unexpected_message",
         /// More pings in a second than a keep-alive needs.
         PingFlood => "ping_flood",
+        /// More messages the server ignores (pongs, binary messages, text that is not an
+        /// `options_update`) in a second than any client needs.
+        MessageFlood => "message_flood",
         /// An `options_update` whose filter would take the filters' memory past
         /// `--max-filter-bytes` (or its IP's share).
         FilterBudget => "filter_budget",

@@ -339,11 +339,7 @@ async fn a_relay_that_refused_our_cursor_then_runs_ahead_is_asked_for_it_again()
     serve.wait_for_seq_exactly(50_099, Duration::from_secs(30));
     assert_eq!(serve.metric("contrail_relay_seq_gaps_total"), Some(0.0));
     let cursors = relay.cursors();
-    assert_eq!(
-        cursors[..6],
-        [None, Some(50_049), Some(50_049), Some(50_049), None, Some(50_049)],
-        "{cursors:?}"
-    );
+    assert_eq!(cursors[..6], [None, Some(50_049), Some(50_049), Some(50_049), None, Some(50_049)], "{cursors:?}");
     drop(serve);
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&frames));
 }

@@ -232,6 +232,36 @@ async fn bad_client_messages_close_with_codes() {
     }
     let closed = s.serve.metric("contrail_hub_closes_total{reason=\"ping_flood\"}").unwrap_or(0.0);
     assert!(closed >= 1.0, "no ping_flood close counted");
+    // Floods of what the server ignores (unsolicited pongs, text that is not an
+    // options_update, v1 binary messages): closed with 1008 too. A few are fine.
+    let floods: [(fastwebsockets::OpCode, &[u8]); 3] = [
+        (fastwebsockets::OpCode::Pong, b"p"),
+        (fastwebsockets::OpCode::Text, br#"{"type":"hello","payload":{}}"#),
+        (fastwebsockets::OpCode::Binary, b"\x01\x02"),
+    ];
+    for (opcode, payload) in floods {
+        let frame = || fastwebsockets::Frame::new(true, opcode, None, fastwebsockets::Payload::Borrowed(payload));
+        let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+        for _ in 0..5 {
+            ws.write_frame(frame()).await.unwrap();
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), ws.read_frame()).await.is_err(),
+            "{opcode:?}: five messages are not a flood"
+        );
+        // One over the limit, back to back (nothing after it: a client still sending binary
+        // messages after the close is not waited for, and its socket would be reset).
+        let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+        for _ in 0..51 {
+            ws.write_frame(frame()).await.unwrap();
+        }
+        match next(&mut ws, T).await {
+            Some(Msg::Close(1008, reason)) => assert_eq!(reason, "too many messages", "{opcode:?}"),
+            other => panic!("a flood of {opcode:?}: expected close 1008, got {other:?}"),
+        }
+    }
+    let closed = s.serve.metric("contrail_hub_closes_total{reason=\"message_flood\"}").unwrap_or(0.0);
+    assert_eq!(closed, 3.0, "message_flood closes counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => Some((1009, "message too big")),
             CloseReason::UnexpectedMessage => Some((1008, "unexpected data message")),
             CloseReason::PingFlood => Some((1008, "too many pings")),
+            CloseReason::MessageFlood => Some((1008, "too many messages")),
             // 1013 Try Again Later (IANA's registry): the server, not the request, is short.
             CloseReason::FilterBudget => Some((1013, "filter memory budget full; try again later")),
             CloseReason::Internal => Some((1011, "internal error")),

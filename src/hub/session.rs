@@ -37,6 +37,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// write, and a flood of them made the server spend a core answering (measured,
 /// `benches/hostile.rs`). Keep-alive clients send one every few seconds.
 const MAX_PINGS_PER_SECOND: u32 = 50;
+/// Messages the server ignores (pongs, v1 binary messages, text that is not an
+/// `options_update`) a client may send per second before it is closed with 1008: each costs a
+/// wake-up and a parse, and while they keep coming the session loop handles them first.
+const MAX_IGNORED_PER_SECOND: u32 = 50;
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Client messages larger than this are parsed and validated on a blocking thread: a 10 MB
@@ -184,6 +188,17 @@ async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semapho
     }
 }
 
+/// Counts one more in the second that started at `since` (a new second starts the count
+/// again); whether the count is still within `max`.
+fn per_second(count: &mut u32, since: &mut Instant, max: u32) -> bool {
+    let now = Instant::now();
+    if now.duration_since(*since) >= Duration::from_secs(1) {
+        (*count, *since) = (0, now);
+    }
+    *count += 1;
+    *count <= max
+}
+
 /// Parses and validates a client text message: `Ok(None)` for a type we ignore, the
 /// accepted update, or the close reason and its text. O(message size) (DESIGN.md invariant 10).
 fn parse_client_message(t: &[u8]) -> Result<Option<crate::options::Update>, (CloseReason, String)> {
@@ -258,6 +273,9 @@ struct Session {
     /// Pings answered in the second that started at `pings_since` (see [`MAX_PINGS_PER_SECOND`]).
     pings: u32,
     pings_since: Instant,
+    /// Messages ignored in the second that started at `ignored_since` ([`MAX_IGNORED_PER_SECOND`]).
+    ignored: u32,
+    ignored_since: Instant,
     last_ping: Instant,
     /// When the write buffer last went to the socket (for `--write-linger`).
     last_flush: Instant,
@@ -323,6 +341,8 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         last_heard: now,
         pings: 0,
         pings_since: now,
+        ignored: 0,
+        ignored_since: now,
         last_ping: now,
         last_flush: now,
         unflushed: false,
@@ -433,10 +453,12 @@ impl Session {
             }
             let stream = self.stream.as_mut().expect("started above");
             let step = tokio::select! {
+                // The timer before the client's messages: messages that keep coming must not
+                // hold back pings, the pong deadline or the slow rule.
                 biased;
                 _ = &mut shut => Step::Shutdown,
-                c = ctl.recv() => Step::Control(c),
                 _ = &mut timer => Step::Tick,
+                c = ctl.recv() => Step::Control(c),
                 e = stream.next(chunk) => Step::Deliver(e),
             };
             match step {
@@ -684,19 +706,14 @@ impl Session {
             }
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
             Some(Control::Stalled) => Err(CloseReason::WriteTimeout),
-            Some(Control::Heard) => Ok(false),
+            Some(Control::Heard) => self.ignore(),
             // v2 is server-push only: any data frame ends the connection (as v2 does).
             Some(Control::Text(..) | Control::Binary) if self.encoding.wire == Wire::V2 => {
                 Err(CloseReason::UnexpectedMessage)
             }
-            Some(Control::Binary) => Ok(false), // ignored, as in v1
+            Some(Control::Binary) => self.ignore(), // as in v1
             Some(Control::Ping(payload)) => {
-                let now = Instant::now();
-                if now.duration_since(self.pings_since) >= Duration::from_secs(1) {
-                    (self.pings, self.pings_since) = (0, now);
-                }
-                self.pings += 1;
-                if self.pings > MAX_PINGS_PER_SECOND {
+                if !per_second(&mut self.pings, &mut self.pings_since, MAX_PINGS_PER_SECOND) {
                     return Err(CloseReason::PingFlood);
                 }
                 self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false)
@@ -710,7 +727,7 @@ impl Session {
                         .unwrap_or_else(|_| Err((CloseReason::Internal, "internal error".into())))
                 };
                 match parsed {
-                    Ok(None) => Ok(false), // not an options_update: ignored, as in v1
+                    Ok(None) => self.ignore(), // not an options_update: ignored, as in v1
                     Ok(Some(u)) => {
                         let wait = self.updates.take();
                         if !wait.is_zero() {
@@ -739,6 +756,15 @@ impl Session {
                     Err((reason, text)) => Err(self.refuse(reason, &text).await),
                 }
             }
+        }
+    }
+
+    /// A message the server ignores, counted against [`MAX_IGNORED_PER_SECOND`].
+    fn ignore(&mut self) -> Result<bool, CloseReason> {
+        if per_second(&mut self.ignored, &mut self.ignored_since, MAX_IGNORED_PER_SECOND) {
+            Ok(false)
+        } else {
+            Err(CloseReason::MessageFlood)
         }
     }
 
