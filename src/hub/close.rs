@@ -43,6 +43,7 @@ mod tests {
         assert_eq!(CloseReason::MessageTooBig.frame().unwrap().0, 1009);
         assert_eq!(CloseReason::WriteError.frame(), None);
         assert_eq!(CloseReason::FilterBudget.frame().unwrap().0, 1013);
-        assert_eq!(CloseReason::ALL.len(), 14);
+        assert_eq!(CloseReason::MessageFlood.frame(), Some((1008, "too many messages")));
+        assert_eq!(CloseReason::ALL.len(), 15);
     }
 }
