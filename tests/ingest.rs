@@ -393,6 +393,27 @@ async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
 }
 
+/// A peer that keeps sending frames without a seq (here binary frames that are not CBOR, as a
+/// broken proxy or a buggy relay might) is as dead as a silent one: the idle timeout counts only
+/// frames with a seq, so the reader reconnects instead of staying on it while the junk lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_sending_only_frames_without_a_seq_is_left_at_the_idle_timeout() {
+    let relay = FakeRelay::start().await;
+    // ~3 s or more of junk, one frame a millisecond, on every connection.
+    for i in 0..3_000 {
+        relay.push(i + 1, vec![0xff; 64]);
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    relay.wait_for_connections_above(0, Duration::from_secs(20));
+    // The first connection would last as long as its junk (3 s or more); the timeout ends it
+    // after 1 s.
+    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    assert!(serve.metric("contrail_relay_errors_total{kind=\"idle_timeout\"}").unwrap() >= 1.0);
+    assert_eq!(serve.metric("contrail_relay_last_seq"), Some(0.0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_accepts_and_never_answers_is_retried_and_ready_says_why() {
     // A load balancer that takes the TCP connection and then says nothing at all.

@@ -36,7 +36,8 @@ pub struct RelayConfig {
     /// Relay frames larger than this are counted and skipped (the protocol's limit is 5 MB).
     #[arg(long, env = "CONTRAIL_MAX_FRAME_BYTES", default_value = "5000000", value_parser = parse_size)]
     pub max_frame_bytes: u64,
-    /// Reconnect to the relay when it sends nothing for this long.
+    /// Reconnect to the relay when it sends no frame with a seq for this long (text,
+    /// malformed or seq-less frames do not count).
     #[arg(long, env = "CONTRAIL_RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub relay_idle_timeout: Duration,
@@ -97,7 +98,7 @@ pub enum RelayError {
     Read(fastwebsockets::WebSocketError),
     #[error("the relay sent {0}")]
     Message(wsclient::ReassemblyError),
-    #[error("no frame for {0:?}")]
+    #[error("no frame with a seq for {0:?}")]
     Idle(Duration),
     #[error("the relay closed the connection")]
     Closed,
@@ -222,8 +223,11 @@ impl Reader {
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
+        // Only frames with a seq keep the connection: a peer sending text, malformed or
+        // seq-less frames without end (a broken proxy) is as dead as a silent one.
+        let mut idle_at = tokio::time::Instant::now() + self.cfg.relay_idle_timeout;
         loop {
-            let frame = match tokio::time::timeout(self.cfg.relay_idle_timeout, ws.read_frame()).await {
+            let frame = match tokio::time::timeout_at(idle_at, ws.read_frame()).await {
                 Err(_) => return RelayError::Idle(self.cfg.relay_idle_timeout),
                 Ok(Err(e)) => return RelayError::Read(e),
                 Ok(Ok(f)) => f,
@@ -234,11 +238,11 @@ impl Reader {
                 Err(e) => return RelayError::Message(e),
             };
             match opcode {
-                OpCode::Binary => {
-                    if let Err(e) = self.handle(payload).await {
-                        return e;
-                    }
-                }
+                OpCode::Binary => match self.handle(payload).await {
+                    Ok(true) => idle_at = tokio::time::Instant::now() + self.cfg.relay_idle_timeout,
+                    Ok(false) => {}
+                    Err(e) => return e,
+                },
                 OpCode::Close => return RelayError::Closed,
                 OpCode::Text => {
                     // Not part of the protocol: counted as malformed, skipped.
@@ -250,7 +254,8 @@ impl Reader {
         }
     }
 
-    async fn handle(&mut self, payload: &[u8]) -> Result<(), RelayError> {
+    /// Handles one binary message; whether it carried a believable seq.
+    async fn handle(&mut self, payload: &[u8]) -> Result<bool, RelayError> {
         let m = &self.metrics;
         m.relay_bytes.inc_by(payload.len() as u64);
         let (mut events, mut op_drops) = (Vec::new(), Vec::new());
@@ -289,7 +294,7 @@ impl Reader {
             }
             _ => {}
         }
-        let Some(seq) = info.seq else { return Ok(()) };
+        let Some(seq) = info.seq else { return Ok(false) };
         let cursor = self.seq.last();
         let was_holding = self.seq.holding();
         let decision = self.seq.observe(seq);
@@ -297,7 +302,7 @@ impl Reader {
             // Says nothing about a held frame: it stays held for the next frame to judge.
             m.drop_reason(DropReason::BadSeq);
             self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
-            return Ok(());
+            return Ok(false);
         }
         let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
         let frame =
@@ -319,7 +324,7 @@ impl Reader {
             SeqDecision::AskAgain => return Err(RelayError::AskAgain(seq)),
             SeqDecision::Duplicate | SeqDecision::RunRepeat => {
                 m.relay_duplicates.inc();
-                return Ok(());
+                return Ok(true);
             }
             SeqDecision::FarBelow { run } => {
                 self.far_below.1 += frame.bytes();
@@ -330,7 +335,7 @@ impl Reader {
                     skip_far_below(&mut self.far_below, &self.metrics, &self.log);
                 }
                 if run < FAR_BELOW_RUN {
-                    return Ok(());
+                    return Ok(true);
                 }
                 // A new seq space in the middle of the connection (a fan-out daemon whose
                 // upstream restarted lower): follow it from the run's first frame kept.
@@ -346,11 +351,11 @@ impl Reader {
                 for f in run {
                     self.tx.send(f).await.map_err(|_| RelayError::SequencerStopped)?;
                 }
-                return Ok(());
+                return Ok(true);
             }
             SeqDecision::Hold => {
                 self.held = Some(frame);
-                return Ok(());
+                return Ok(true);
             }
             SeqDecision::Reset { from } => {
                 m.relay_error(RelayErrorKind::SeqReset);
@@ -370,7 +375,8 @@ impl Reader {
                 }
             }
         }
-        self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)
+        self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)?;
+        Ok(true)
     }
 }
 
