@@ -374,6 +374,54 @@ async fn a_relay_seq_space_restarting_mid_connection_is_followed() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }
 
+/// The same, when the new space starts with frames too large to keep aside (over 16 MiB before
+/// the run is long enough to follow): they are dropped to bound memory, and once the run is a new
+/// space the relay is asked for it again from its first seq, so none of it is lost. Before, the
+/// reader followed from the frames left and the dropped ones were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_seq_space_too_large_to_keep_aside_is_asked_for_again() {
+    use common::frames::{commit_frame, did_for, map, s, tid_for, TestOp};
+    let relay = FakeRelay::start().await;
+    let before = generate(50_000, 50, 10, 48);
+    relay.push_all(&before);
+    let dir = tempfile::tempdir().unwrap();
+    let serve =
+        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "10s", "--relay-reset-threshold", "10000"]);
+    serve.wait_for_seq(50_049, Duration::from_secs(30));
+    // The new space: seqs 5.. , its first twenty frames each two 0.9 MB posts (36 MB in all).
+    let mut after = generate(5, 150, 10, 51);
+    for (i, g) in after.iter_mut().take(20).enumerate() {
+        let did = did_for(i as u64);
+        let (ops, expected): (Vec<TestOp>, Vec<_>) = (0..2u64)
+            .map(|k| {
+                let rkey = tid_for(9_000 + 2 * i as u64 + k);
+                let post = map(vec![
+                    ("$type", s("app.bsky.feed.post")),
+                    ("text", s(&"x".repeat(900_000))),
+                    ("createdAt", s("2024-11-29T12:00:00.000Z")),
+                ]);
+                let op = TestOp::create(&format!("app.bsky.feed.post/{rkey}"), &post);
+                (op, (did.clone(), "commit", "app.bsky.feed.post".to_string(), rkey))
+            })
+            .unzip();
+        g.frame = commit_frame(g.seq, &did, &tid_for(9_500 + i as u64), &ops);
+        g.expected = expected;
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let connections = relay.connections();
+    relay.restart_seq_space(&after);
+    serve.wait_for_seq_exactly(after.last().unwrap().seq, Duration::from_secs(60));
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
+    assert_eq!(serve.metric("contrail_relay_seq_gaps_total"), Some(0.0));
+    // Asked again from the first seq of the new space, less one (the cursor is what we have).
+    let cursors = relay.cursors();
+    assert_eq!(cursors[connections..], [Some(4)], "{cursors:?} {}", serve.logs());
+    drop(serve);
+    let mut all = before.clone();
+    all.extend(after);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     let relay = FakeRelay::start().await;

@@ -106,6 +106,8 @@ pub enum RelayError {
     SequencerStopped,
     #[error("the relay refused our cursor, then went on above it at seq {0}: asking for it again")]
     AskAgain(i64),
+    #[error("the relay's new seq space is asked for again from seq {0} (its start was over the memory kept aside)")]
+    Refetch(i64),
 }
 
 impl RelayError {
@@ -115,7 +117,9 @@ impl RelayError {
             RelayError::Connect(_) => Some(RelayErrorKind::Connect),
             RelayError::Read(_) | RelayError::Message(_) => Some(RelayErrorKind::Read),
             RelayError::Idle(_) => Some(RelayErrorKind::IdleTimeout),
-            RelayError::Closed | RelayError::SequencerStopped | RelayError::AskAgain(_) => None,
+            RelayError::Closed | RelayError::SequencerStopped | RelayError::AskAgain(_) | RelayError::Refetch(_) => {
+                None
+            }
         }
     }
 }
@@ -133,9 +137,9 @@ pub struct Reader {
     seq: SeqTracker,
     /// A frame whose seq jumped far ahead, until the next frame confirms or refutes it.
     held: Option<IngestFrame>,
-    /// Frames far below our cursor in this connection, in a row, with their bytes: a new seq
-    /// space once there are enough of them ([`super::seq::SeqDecision::FarBelow`]).
-    far_below: (Vec<IngestFrame>, usize),
+    /// Frames far below our cursor in this connection, in a row: a new seq space once there
+    /// are enough of them ([`super::seq::SeqDecision::FarBelow`]).
+    far_below: KeptAside,
     /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
@@ -158,7 +162,7 @@ impl Reader {
             tx,
             seq: SeqTracker::new(start_seq.unwrap_or(0), reset_threshold),
             held: None,
-            far_below: (Vec::new(), 0),
+            far_below: KeptAside::default(),
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -219,7 +223,7 @@ impl Reader {
         self.readiness.set_reached();
         self.seq.new_session();
         self.held = None;
-        skip_far_below(&mut self.far_below, &self.metrics, &self.log);
+        self.far_below.skip(&self.metrics, &self.log);
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
@@ -315,7 +319,7 @@ impl Reader {
         }
         if !matches!(decision, SeqDecision::FarBelow { .. } | SeqDecision::RunRepeat) {
             // A run far below that did not go on: stray frames, skipped.
-            skip_far_below(&mut self.far_below, &self.metrics, &self.log);
+            self.far_below.skip(&self.metrics, &self.log);
         }
         match decision {
             SeqDecision::Invalid => unreachable!("handled above"),
@@ -327,28 +331,41 @@ impl Reader {
                 return Ok(true);
             }
             SeqDecision::FarBelow { run } => {
-                self.far_below.1 += frame.bytes();
-                self.far_below.0.push(frame);
-                if self.far_below.1 > FAR_BELOW_MAX_BYTES {
-                    // The memory bound: what is kept aside goes (a few huge stray frames are
-                    // not a new seq space); the run goes on counting.
-                    skip_far_below(&mut self.far_below, &self.metrics, &self.log);
-                }
+                self.far_below.push(frame);
                 if run < FAR_BELOW_RUN {
                     return Ok(true);
                 }
                 // A new seq space in the middle of the connection (a fan-out daemon whose
-                // upstream restarted lower): follow it from the run's first frame kept.
-                let (run, _) = std::mem::take(&mut self.far_below);
-                self.seq.follow(seq);
+                // upstream restarted lower): follow it from the run's first frame.
+                let KeptAside { frames, dropped, .. } = std::mem::take(&mut self.far_below);
                 m.relay_error(RelayErrorKind::SeqReset);
-                let (first, n) = (run.first().and_then(|f| f.seq).unwrap_or(seq), run.len());
+                let first = self.seq.run_first();
+                if dropped > 0 && first > 1 {
+                    // Some of the run went at the memory bound: the relay is asked for the run
+                    // again, from its first seq (it holds its new space's recent frames).
+                    self.seq.follow(first - 1);
+                    self.log.error("seq_reset_run", || {
+                        format!(
+                            "relay seq far below our cursor {cursor} for a run of frames: treating it as a relay reset from seq {first}; {dropped} of them were over the memory kept aside, so asking again from there"
+                        )
+                    });
+                    return Err(RelayError::Refetch(first));
+                }
+                self.seq.follow(seq);
+                let n = frames.len();
                 self.log.error("seq_reset_run", || {
                     format!(
                         "relay seq far below our cursor {cursor} for a run of frames: treating it as a relay reset, from seq {first} ({n} frames kept aside)"
                     )
                 });
-                for f in run {
+                if dropped > 0 {
+                    // A new space from seq 1: no cursor asks for it from its start.
+                    m.relay_seq_gaps.inc_by(dropped as u64);
+                    self.log.error("seq_reset_run_lost", || {
+                        format!("{dropped} frames at the start of the relay's new seq space were over the memory kept aside and are lost")
+                    });
+                }
+                for f in frames {
                     self.tx.send(f).await.map_err(|_| RelayError::SequencerStopped)?;
                 }
                 return Ok(true);
@@ -380,15 +397,37 @@ impl Reader {
     }
 }
 
-/// Skips the frames kept aside far below our cursor: counted as duplicates, and said (a run cut
-/// short by a connection's end may have been the start of a new seq space).
-fn skip_far_below(far_below: &mut (Vec<IngestFrame>, usize), metrics: &Metrics, log: &RateLimitedLog) {
-    let (run, _) = std::mem::take(far_below);
-    if !run.is_empty() {
-        metrics.relay_duplicates.inc_by(run.len() as u64);
-        let n = run.len();
-        log.warn("far_below_skipped", || {
-            format!("skipped {n} frames far below our cursor (not a run long enough to follow)")
-        });
+/// Frames far below our cursor kept aside in one connection, at most [`FAR_BELOW_MAX_BYTES`]:
+/// past it they go (a few huge stray frames are not a new seq space) and are only counted; if
+/// the run turns out to be a new seq space, the relay is asked for it again.
+#[derive(Default)]
+struct KeptAside {
+    frames: Vec<IngestFrame>,
+    bytes: usize,
+    /// Frames of this run dropped at the memory bound.
+    dropped: usize,
+}
+
+impl KeptAside {
+    fn push(&mut self, frame: IngestFrame) {
+        self.bytes += frame.bytes();
+        self.frames.push(frame);
+        if self.bytes > FAR_BELOW_MAX_BYTES {
+            self.dropped += self.frames.len();
+            (self.frames, self.bytes) = (Vec::new(), 0);
+        }
+    }
+
+    /// Skips the run: counted as duplicates, and said (a run cut short by a connection's end
+    /// may have been the start of a new seq space).
+    fn skip(&mut self, metrics: &Metrics, log: &RateLimitedLog) {
+        let run = std::mem::take(self);
+        let n = run.frames.len() + run.dropped;
+        if n > 0 {
+            metrics.relay_duplicates.inc_by(n as u64);
+            log.warn("far_below_skipped", || {
+                format!("skipped {n} frames far below our cursor (not a run long enough to follow)")
+            });
+        }
     }
 }

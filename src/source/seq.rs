@@ -85,6 +85,7 @@ pub struct SeqTracker {
     cursor_refusals: u32,
     /// Frames in a row, in this connection, far below `last`, and the newest of them.
     far_below: u32,
+    run_first: i64,
     run_last: i64,
     /// This connection was made without a cursor because ours was refused.
     live_after_refusals: bool,
@@ -102,6 +103,7 @@ impl SeqTracker {
             held: None,
             cursor_refusals: 0,
             far_below: 0,
+            run_first: 0,
             run_last: 0,
             live_after_refusals: false,
             asked_again: 0,
@@ -123,6 +125,11 @@ impl SeqTracker {
     /// refused again, forever).
     pub fn cursor_refused(&mut self) {
         self.cursor_refusals = self.cursor_refusals.saturating_add(1);
+    }
+
+    /// The first seq of the current (or last) run of [`SeqDecision::FarBelow`] frames.
+    pub fn run_first(&self) -> i64 {
+        self.run_first
     }
 
     /// Follows a new seq space from `seq`, the last of a run of [`SeqDecision::FarBelow`]
@@ -182,6 +189,9 @@ impl SeqTracker {
         if far_below {
             if self.far_below > 0 && seq <= self.run_last {
                 return SeqDecision::RunRepeat;
+            }
+            if self.far_below == 0 {
+                self.run_first = seq;
             }
             self.far_below = self.far_below.saturating_add(1);
             self.run_last = seq;
