@@ -384,3 +384,42 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
         .collect();
     assert_eq!(stored, vec![t as u64, t as u64 + 1, t as u64 + 3]);
 }
+
+/// Events this version cannot store as they are — a kind it does not know, a line that is not an
+/// event, a verification label from a newer primary — must not wedge a replica: every upstream
+/// (all replicas of one primary) would send them again at the same place. The first two are
+/// dropped and counted, the third is kept without the label it cannot vouch for, and the events
+/// after them are taken on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
+    let upstream = FakeRelay::start().await;
+    upstream.set_faults(Faults { text: true, ..Faults::default() });
+    let t = 1_800_000_000_000_000i64;
+    let event = |time_us: i64, kind: &str, tail: &str| {
+        format!(
+            r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"{kind}","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}{tail}}}"#
+        )
+        .into_bytes()
+    };
+    upstream.push(t, event(t, "commit", ""));
+    upstream.push(t + 1, event(t + 1, "hologram", ""));
+    upstream.push(t + 2, b"<html>502 Bad Gateway</html>".to_vec());
+    upstream.push(t + 3, event(t + 3, "commit", r#","verification":"quantum""#));
+    upstream.push(t + 4, event(t + 4, "commit", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while replica.metric("contrail_events_ingested_total{kind=\"commit\"}").unwrap_or(0.0) < 3.0 {
+        assert!(Instant::now() < deadline, "the replica stopped at a bad event; logs:\n{}", replica.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(replica.metric("contrail_drops_total{reason=\"unknown_type\"}"), Some(1.0));
+    assert_eq!(replica.metric("contrail_drops_total{reason=\"bad_body\"}"), Some(1.0));
+    assert_eq!(upstream.connections(), 1, "no reconnect: no bad event ended the connection");
+    drop(replica);
+    let stored: Vec<serde_json::Value> =
+        inspect_log(dir.path()).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let times: Vec<u64> = stored.iter().map(|v| v["time_us"].as_u64().unwrap()).collect();
+    assert_eq!(times, vec![t as u64, t as u64 + 3, t as u64 + 4]);
+    assert!(stored[1].get("verification").is_none(), "the unknown label is not stored: {}", stored[1]);
+}

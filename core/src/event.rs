@@ -305,24 +305,25 @@ impl Verification {
 
 /// Splits `"verification":"…"`, as [`Event::json_with_verification`] adds it (the last field),
 /// off an event's JSON: the JSON as stored, and the mark. An event without the field comes back
-/// whole, with `None`; an unknown label is an error. (A v1 event's JSON never ends in a string
-/// field: its last field is an object.)
-pub fn split_verification(mut json: Vec<u8>) -> Result<(Vec<u8>, Verification), Vec<u8>> {
+/// whole, with `None`. A label this version does not know (a newer upstream's) comes off too and
+/// reads as `None`: nothing it can vouch for. (A v1 event's JSON never ends in a string field:
+/// its last field is an object.)
+pub fn split_verification(mut json: Vec<u8>) -> (Vec<u8>, Verification) {
     const KEY: &[u8] = b",\"verification\":\"";
     if !json.ends_with(b"\"}") {
-        return Ok((json, Verification::None));
+        return (json, Verification::None);
     }
     let body = &json[..json.len() - 2];
     let Some(start) = body.iter().rposition(|&c| c == b'"').and_then(|q| q.checked_sub(KEY.len() - 1)) else {
-        return Ok((json, Verification::None));
+        return (json, Verification::None);
     };
     if !body[start..].starts_with(KEY) {
-        return Ok((json, Verification::None));
+        return (json, Verification::None);
     }
-    let Some(mark) = Verification::from_label(&body[start + KEY.len()..]) else { return Err(json) };
+    let mark = Verification::from_label(&body[start + KEY.len()..]).unwrap_or(Verification::None);
     json.truncate(start);
     json.push(b'}');
-    Ok((json, mark))
+    (json, mark)
 }
 
 /// Version byte of the stored value layout below.
@@ -477,13 +478,16 @@ mod tests {
         let mut e = Event::from_parts(out, EventKind::Commit, 9, 0..0);
         e.stamp(7);
         let plain = e.json().to_vec();
-        assert_eq!(split_verification(plain.clone()), Ok((plain.clone(), Verification::None)));
+        assert_eq!(split_verification(plain.clone()), (plain.clone(), Verification::None));
         for v in Verification::ALL {
             e.verification = *v;
-            assert_eq!(split_verification(e.json_with_verification()), Ok((plain.clone(), *v)));
+            assert_eq!(split_verification(e.json_with_verification()), (plain.clone(), *v));
         }
-        let odd = br#"{"did":"x","verification":"maybe"}"#.to_vec();
-        assert!(split_verification(odd).is_err());
+        // A label from a newer version: off, and nothing vouched for.
+        let mut newer = plain.clone();
+        newer.truncate(newer.len() - 1);
+        newer.extend_from_slice(br#","verification":"quantum"}"#);
+        assert_eq!(split_verification(newer), (plain.clone(), Verification::None));
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::clock::now_us;
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::sequencer::{IngestFrame, IngestSender};
+use crate::transcode::DropReason;
 use crate::units::{parse_duration, ser_duration};
 use fastwebsockets::OpCode;
 use std::sync::Arc;
@@ -354,8 +355,10 @@ impl UpstreamReader {
 
     async fn handle(&mut self, json: Vec<u8>) -> Result<(), UpstreamError> {
         let mut scratch = json.clone();
-        let meta: Meta<'_> = simd_json::serde::from_slice(&mut scratch)
-            .map_err(|e| protocol(format!("an event that is not v1 JSON: {e}")))?;
+        let meta: Meta<'_> = match simd_json::serde::from_slice(&mut scratch) {
+            Ok(meta) => meta,
+            Err(e) => return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}")),
+        };
         if meta.kind == "cursor" {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
@@ -366,7 +369,7 @@ impl UpstreamReader {
             // Bad upstream data is data (DESIGN.md invariant 6): dropped and counted, and the
             // position stays where it was, so the next real event is taken. An error would
             // resume from the same place and meet the same event again, forever.
-            self.metrics.drop_reason(crate::transcode::DropReason::BadTime);
+            self.metrics.drop_reason(DropReason::BadTime);
             let t = meta.time_us;
             self.log
                 .warn("upstream_bad_time", || format!("dropped an upstream event with time_us {t} (beyond any clock)"));
@@ -402,22 +405,24 @@ impl UpstreamReader {
             }
             self.gap = Some((cursor, first));
         }
+        // From here a bad event is dropped and counted, not an error: every upstream (all
+        // replicas of one primary) would send it again at the same place, for ever.
         let kind = match meta.kind {
             "commit" => EventKind::Commit,
             "identity" => EventKind::Identity,
             "account" => EventKind::Account,
             "sync" => EventKind::Sync,
-            other => return Err(protocol(format!("an unknown event kind {other:?}"))),
+            other => return self.drop_event(DropReason::UnknownType, format!("an event of an unknown kind {other:?}")),
         };
         let collection = meta.commit.and_then(|c| c.collection).map(str::to_string);
         let time_us = meta.time_us;
-        let (json, verification) = contrail_core::event::split_verification(json)
-            .map_err(|_| protocol("an event with an unknown verification mark"))?;
-        let mut event = Event::from_json(json, kind, collection.as_deref())
-            .ok_or_else(|| protocol("an event that is not in v1 shape"))?;
+        let (json, verification) = contrail_core::event::split_verification(json);
+        let Some(mut event) = Event::from_json(json, kind, collection.as_deref()) else {
+            return self.drop_event(DropReason::BadBody, "an event that is not in v1 shape".into());
+        };
         event.verification = verification;
         if event.time_us != time_us {
-            return Err(protocol("an event whose time_us does not parse the same twice"));
+            return self.drop_event(DropReason::BadTime, "an event whose time_us does not parse the same twice".into());
         }
         self.last_time_us = time_us;
         self.metrics.replication_lag_seconds.set((now_us() as f64 - time_us as f64) / 1e6);
@@ -435,6 +440,15 @@ impl UpstreamReader {
                 "no upstream still has our newest event: events between it and this upstream's oldest may be missing"
             );
         }
+        Ok(())
+    }
+
+    /// Drops an event line that cannot be stored: counted, and said (rate-limited). The
+    /// position stays, so the next good event is taken.
+    fn drop_event(&self, reason: DropReason, what: String) -> Result<(), UpstreamError> {
+        self.metrics.drop_reason(reason);
+        let upstream = &self.urls()[self.current];
+        self.log.warn(reason.as_str(), || format!("dropped {what} from upstream {upstream}"));
         Ok(())
     }
 
