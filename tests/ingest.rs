@@ -442,8 +442,9 @@ async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
 }
 
 /// A peer that keeps sending frames without a seq (here binary frames that are not CBOR, as a
-/// broken proxy or a buggy relay might) is as dead as a silent one: the idle timeout counts only
-/// frames with a seq, so the reader reconnects instead of staying on it while the junk lasts.
+/// broken proxy or a buggy relay might), or the same frame again and again, is as dead as a
+/// silent one: the idle timeout counts only frames whose seq moves the stream on, so the reader
+/// reconnects instead of staying on it while the junk lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_sending_only_frames_without_a_seq_is_left_at_the_idle_timeout() {
     let relay = FakeRelay::start().await;
@@ -460,6 +461,21 @@ async fn a_relay_sending_only_frames_without_a_seq_is_left_at_the_idle_timeout()
     relay.wait_for_connections_above(1, Duration::from_millis(2_500));
     assert!(serve.metric("contrail_relay_errors_total{kind=\"idle_timeout\"}").unwrap() >= 1.0);
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(0.0));
+    drop(serve);
+    // The same for a relay stuck sending one frame again and again: repeats do not move the
+    // stream on.
+    let relay = FakeRelay::start().await;
+    let one = generate(7, 1, 10, 52).remove(0);
+    for _ in 0..3_000 {
+        relay.push(one.seq, one.frame.clone());
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    relay.wait_for_connections_above(0, Duration::from_secs(20));
+    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    assert_eq!(serve.metric("contrail_relay_last_seq"), Some(7.0));
+    assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 100.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -423,3 +423,23 @@ async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     assert_eq!(times, vec![t as u64, t as u64 + 3, t as u64 + 4]);
     assert!(stored[1].get("verification").is_none(), "the unknown label is not stored: {}", stored[1]);
 }
+
+/// An upstream whose every line is dropped (the wrong protocol, a proxy's error pages) is as
+/// stale as a silent one: only stored events, the cursor's repeat and cursor messages keep it,
+/// so the replica leaves it at the stale timeout instead of staying while the lines last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_sending_only_lines_it_drops_is_left_as_stale() {
+    let upstream = FakeRelay::start().await;
+    // 8 s or more of junk lines, one a millisecond, on every connection.
+    for i in 0..8_000 {
+        upstream.push(i + 1, b"<html>502 Bad Gateway</html>".to_vec());
+    }
+    upstream.set_faults(Faults { text: true, frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
+    upstream.wait_for_connections_above(0, Duration::from_secs(20));
+    // Left after the 3 s stale timeout, while the first connection's junk still flows.
+    upstream.wait_for_connections_above(1, Duration::from_secs(6));
+    assert!(replica.metric("contrail_drops_total{reason=\"bad_body\"}").unwrap() >= 100.0);
+    assert!(replica.logs().contains("stale: no event or cursor message"), "{}", replica.logs());
+}

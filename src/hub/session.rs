@@ -41,6 +41,8 @@ const MAX_PINGS_PER_SECOND: u32 = 50;
 /// `options_update`) a client may send per second before it is closed with 1008: each costs a
 /// wake-up and a parse, and while they keep coming the session loop handles them first.
 const MAX_IGNORED_PER_SECOND: u32 = 50;
+/// What the reader half has read and the session not yet handled, in messages.
+const CONTROL_QUEUE: usize = 16;
 /// How long a close frame may take to leave before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Client messages larger than this are parsed and validated on a blocking thread: a 10 MB
@@ -316,7 +318,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
     rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
     // Small: the reader waits when the writer is busy, which is the back-pressure we want.
-    let (ctl_tx, mut ctl) = mpsc::channel(16);
+    let (ctl_tx, mut ctl) = mpsc::channel(CONTROL_QUEUE);
     let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
     let labels = [sub.wire.as_str(), crate::metrics::Compression::of(sub.dictionary.is_some()).as_str()];
     let m = &hub.metrics;
@@ -467,6 +469,12 @@ impl Session {
                     self.control(c).await?;
                 }
                 Step::Tick => {
+                    // What already waits is heard before the deadlines are judged (a pong in the
+                    // channel is an answer); at most a channel's worth, so this stays bounded.
+                    for _ in 0..CONTROL_QUEUE {
+                        let Ok(c) = ctl.try_recv() else { break };
+                        self.control(Some(c)).await?;
+                    }
                     next_tick = Instant::now() + TICK;
                     self.tick().await?;
                 }

@@ -3,7 +3,8 @@
 //! - Resumes with `?cursor=<last persisted seq>`; relays replay that seq again (rainbow's
 //!   cursor is inclusive), so frames at or below it are skipped ([`SeqTracker`]).
 //! - Reconnects with exponential backoff and jitter ([`Backoff`]) after any failure, and when
-//!   the socket has been silent for the idle timeout: a quiet relay never kills the process.
+//!   no frame has moved the stream on for the idle timeout (silence, or only junk, seq-less
+//!   frames or repeats): a quiet relay never kills the process.
 //! - The websocket layer allows 32 MiB messages; the protocol's 5 MB limit is applied by the
 //!   transcoder, so an oversized frame is counted and skipped by seq rather than closing the
 //!   connection and replaying the same frame forever.
@@ -140,6 +141,9 @@ pub struct Reader {
     /// Frames far below our cursor in this connection, in a row: a new seq space once there
     /// are enough of them ([`super::seq::SeqDecision::FarBelow`]).
     far_below: KeptAside,
+    /// The highest seq seen on this connection: a frame above it moves the stream on (the idle
+    /// timeout's measure; a relay repeating itself does not).
+    connection_max_seq: i64,
     /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
@@ -163,6 +167,7 @@ impl Reader {
             seq: SeqTracker::new(start_seq.unwrap_or(0), reset_threshold),
             held: None,
             far_below: KeptAside::default(),
+            connection_max_seq: 0,
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -199,7 +204,9 @@ impl Reader {
             if self.tx.is_closed() || matches!(ended, RelayError::SequencerStopped) {
                 return;
             }
-            if self.seq.last() != started_at {
+            // Progress, or a relay that just showed it is reachable and ahead of our cursor
+            // (it is asked for the cursor again at once, not after a growing wait).
+            if self.seq.last() != started_at || matches!(ended, RelayError::AskAgain(_)) {
                 backoff.reset();
             }
             let wait = backoff.next_wait();
@@ -224,6 +231,7 @@ impl Reader {
         self.seq.new_session();
         self.held = None;
         self.far_below.skip(&self.metrics, &self.log);
+        self.connection_max_seq = 0;
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
@@ -258,7 +266,8 @@ impl Reader {
         }
     }
 
-    /// Handles one binary message; whether it carried a believable seq.
+    /// Handles one binary message; whether it moved the stream on (a believable seq above any
+    /// this connection gave before).
     async fn handle(&mut self, payload: &[u8]) -> Result<bool, RelayError> {
         let m = &self.metrics;
         m.relay_bytes.inc_by(payload.len() as u64);
@@ -308,6 +317,8 @@ impl Reader {
             self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
             return Ok(false);
         }
+        let moved_on = seq > self.connection_max_seq;
+        self.connection_max_seq = self.connection_max_seq.max(seq);
         let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
         let frame =
             IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
@@ -328,12 +339,12 @@ impl Reader {
             SeqDecision::AskAgain => return Err(RelayError::AskAgain(seq)),
             SeqDecision::Duplicate | SeqDecision::RunRepeat => {
                 m.relay_duplicates.inc();
-                return Ok(true);
+                return Ok(moved_on);
             }
             SeqDecision::FarBelow { run } => {
                 self.far_below.push(frame);
                 if run < FAR_BELOW_RUN {
-                    return Ok(true);
+                    return Ok(moved_on);
                 }
                 // A new seq space in the middle of the connection (a fan-out daemon whose
                 // upstream restarted lower): follow it from the run's first frame.
@@ -344,9 +355,10 @@ impl Reader {
                     // Some of the run went at the memory bound: the relay is asked for the run
                     // again, from its first seq (it holds its new space's recent frames).
                     self.seq.follow(first - 1);
+                    let kept = frames.len();
                     self.log.error("seq_reset_run", || {
                         format!(
-                            "relay seq far below our cursor {cursor} for a run of frames: treating it as a relay reset from seq {first}; {dropped} of them were over the memory kept aside, so asking again from there"
+                            "relay seq far below our cursor {cursor} for a run of frames: treating it as a relay reset from seq {first}; {dropped} of them went at the memory bound, so the {kept} kept are discarded too and the relay is asked again from there"
                         )
                     });
                     return Err(RelayError::Refetch(first));
@@ -360,7 +372,7 @@ impl Reader {
                 });
                 if dropped > 0 {
                     // A new space from seq 1: no cursor asks for it from its start.
-                    m.relay_seq_gaps.inc_by(dropped as u64);
+                    m.relay_seq_gaps.inc();
                     self.log.error("seq_reset_run_lost", || {
                         format!("{dropped} frames at the start of the relay's new seq space were over the memory kept aside and are lost")
                     });
@@ -368,11 +380,11 @@ impl Reader {
                 for f in frames {
                     self.tx.send(f).await.map_err(|_| RelayError::SequencerStopped)?;
                 }
-                return Ok(true);
+                return Ok(moved_on);
             }
             SeqDecision::Hold => {
                 self.held = Some(frame);
-                return Ok(true);
+                return Ok(moved_on);
             }
             SeqDecision::Reset { from } => {
                 m.relay_error(RelayErrorKind::SeqReset);
@@ -393,7 +405,7 @@ impl Reader {
             }
         }
         self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)?;
-        Ok(true)
+        Ok(moved_on)
     }
 }
 

@@ -21,8 +21,9 @@
 //!   upstream restarted lower, without closing our connection) are kept aside
 //!   ([`SeqDecision::FarBelow`]); once a run of them is long enough to be a new seq space
 //!   rather than stray frames, the caller follows it from the run's first frame
-//!   ([`SeqTracker::follow`]), and nothing of it is lost. Before, every one was skipped as a
-//!   duplicate for as long as the relay kept sending, so the idle timeout never came.
+//!   ([`SeqTracker::follow`]): it hands on the frames it kept, or, when some went at its memory
+//!   bound, asks the relay for the run again from its first seq. Before, every one was skipped
+//!   as a duplicate for as long as the relay kept sending, so the idle timeout never came.
 //! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
 //!   next frame confirms the new space (one bogus huge seq must not make every later frame look
 //!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
@@ -85,6 +86,7 @@ pub struct SeqTracker {
     cursor_refusals: u32,
     /// Frames in a row, in this connection, far below `last`, and the newest of them.
     far_below: u32,
+    /// The first seq of the current (or last) run far below.
     run_first: i64,
     run_last: i64,
     /// This connection was made without a cursor because ours was refused.
@@ -132,8 +134,9 @@ impl SeqTracker {
         self.run_first
     }
 
-    /// Follows a new seq space from `seq`, the last of a run of [`SeqDecision::FarBelow`]
-    /// frames the caller now hands on.
+    /// Follows a new seq space from `seq`: the last of a run of [`SeqDecision::FarBelow`]
+    /// frames the caller now hands on, or the seq before the run's first when it asks the
+    /// relay for the run again.
     pub fn follow(&mut self, seq: i64) {
         self.last = seq;
         self.far_below = 0;

@@ -307,9 +307,13 @@ impl UpstreamReader {
         // Only with a choice of upstreams; the prober then runs until it has something to say,
         // so the read below is abandoned only together with the connection.
         let probing = self.urls().len() > 1;
+        // Only an event, the inclusive cursor's repeat or a cursor message keeps the upstream:
+        // one sending lines that are all dropped (the wrong protocol, a proxy's pages) is as
+        // stale as a silent one.
+        let mut stale_at = tokio::time::Instant::now() + stale;
         loop {
             let read = tokio::select! {
-                r = tokio::time::timeout(stale, ws.read_frame()) => r,
+                r = tokio::time::timeout_at(stale_at, ws.read_frame()) => r,
                 found = &mut better_rx, if probing => match found {
                     // The read in progress is abandoned with the connection.
                     Ok((better, ahead)) => return UpstreamError::Behind { better, ahead },
@@ -345,15 +349,19 @@ impl UpstreamReader {
                 }
                 (OpCode::Binary, None) => Err(protocol("a binary frame to an uncompressed subscription")),
                 (OpCode::Close, _) => Err(UpstreamError::Closed),
-                _ => Ok(()),
+                _ => Ok(false),
             };
-            if let Err(e) = result {
-                return e;
+            match result {
+                Ok(true) => stale_at = tokio::time::Instant::now() + stale,
+                Ok(false) => {}
+                Err(e) => return e,
             }
         }
     }
 
-    async fn handle(&mut self, json: Vec<u8>) -> Result<(), UpstreamError> {
+    /// Handles one event line; whether it kept the stream alive (an event stored, the cursor's
+    /// repeat, a cursor message) rather than being dropped.
+    async fn handle(&mut self, json: Vec<u8>) -> Result<bool, UpstreamError> {
         let mut scratch = json.clone();
         let meta: Meta<'_> = match simd_json::serde::from_slice(&mut scratch) {
             Ok(meta) => meta,
@@ -363,7 +371,7 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
-            return Ok(());
+            return Ok(true);
         }
         if meta.time_us >= crate::clock::MAX_TIME_US {
             // Bad upstream data is data (DESIGN.md invariant 6): dropped and counted, and the
@@ -373,7 +381,7 @@ impl UpstreamReader {
             let t = meta.time_us;
             self.log
                 .warn("upstream_bad_time", || format!("dropped an upstream event with time_us {t} (beyond any clock)"));
-            return Ok(());
+            return Ok(false);
         }
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
@@ -383,7 +391,7 @@ impl UpstreamReader {
                     // (One that had it before and gave nothing after keeps its clock running.)
                     *state = Resume::HasIt;
                 }
-                return Ok(()); // the inclusive cursor's repeat
+                return Ok(true); // the inclusive cursor's repeat
             }
             return Err(protocol(format!("time_us {} after {}", meta.time_us, self.last_time_us)));
         }
@@ -440,16 +448,16 @@ impl UpstreamReader {
                 "no upstream still has our newest event: events between it and this upstream's oldest may be missing"
             );
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Drops an event line that cannot be stored: counted, and said (rate-limited). The
     /// position stays, so the next good event is taken.
-    fn drop_event(&self, reason: DropReason, what: String) -> Result<(), UpstreamError> {
+    fn drop_event(&self, reason: DropReason, what: String) -> Result<bool, UpstreamError> {
         self.metrics.drop_reason(reason);
         let upstream = &self.urls()[self.current];
         self.log.warn(reason.as_str(), || format!("dropped {what} from upstream {upstream}"));
-        Ok(())
+        Ok(false)
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
