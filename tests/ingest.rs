@@ -257,17 +257,23 @@ async fn retention_removes_old_events_only() {
     assert_log_exact(&lines, &expected_keys(&gen[100..]));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_seq_reset_is_followed_not_skipped() {
+/// A relay holding seqs 50,000..=50,049 (generated with `seed`) and a server that has ingested
+/// them, with `--relay-idle-timeout idle`. Seqs here are small: a reset is anything more than
+/// 10,000 (the least `--relay-reset-threshold` takes) below the cursor.
+async fn serving_up_to_50_049(seed: u64, idle: &str) -> (FakeRelay, tempfile::TempDir, Serve, Vec<GenFrame>) {
     let relay = FakeRelay::start().await;
-    let before = generate(50_000, 50, 10, 41);
+    let before = generate(50_000, 50, 10, seed);
     relay.push_all(&before);
     let dir = tempfile::tempdir().unwrap();
-    // Seqs here are small: a reset is anything more than 10,000 (the least the setting takes)
-    // below the cursor.
     let serve =
-        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s", "--relay-reset-threshold", "10000"]);
+        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", idle, "--relay-reset-threshold", "10000"]);
     serve.wait_for_seq(50_049, Duration::from_secs(30));
+    (relay, dir, serve, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_seq_reset_is_followed_not_skipped() {
+    let (relay, dir, serve, before) = serving_up_to_50_049(41, "1s").await;
     // The relay restarts without its history and with a new, lower seq space: once the
     // reader has reconnected (the relay went quiet), new frames start at seq 1.
     relay.clear();
@@ -291,13 +297,7 @@ async fn a_relay_seq_reset_is_followed_not_skipped() {
 /// cursor and follows the new space, instead of asking for the refused cursor forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
-    let relay = FakeRelay::start().await;
-    let before = generate(50_000, 50, 10, 46);
-    relay.push_all(&before);
-    let dir = tempfile::tempdir().unwrap();
-    let serve =
-        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s", "--relay-reset-threshold", "10000"]);
-    serve.wait_for_seq(50_049, Duration::from_secs(30));
+    let (relay, dir, serve, before) = serving_up_to_50_049(46, "1s").await;
     relay.set_faults(Faults { refuse_future_cursor: true, ..Faults::default() });
     relay.clear();
     let after = generate(1, 30, 10, 47);
@@ -351,13 +351,7 @@ async fn a_relay_that_refused_our_cursor_then_runs_ahead_is_asked_for_it_again()
 /// never came.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_seq_space_restarting_mid_connection_is_followed() {
-    let relay = FakeRelay::start().await;
-    let before = generate(50_000, 50, 10, 48);
-    relay.push_all(&before);
-    let dir = tempfile::tempdir().unwrap();
-    let serve =
-        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "10s", "--relay-reset-threshold", "10000"]);
-    serve.wait_for_seq(50_049, Duration::from_secs(30));
+    let (relay, dir, serve, before) = serving_up_to_50_049(48, "10s").await;
     let connections = relay.connections();
     // The open connection goes on with the new space from its seq 1, a frame a millisecond.
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
@@ -381,13 +375,7 @@ async fn a_relay_seq_space_restarting_mid_connection_is_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_seq_space_too_large_to_keep_aside_is_asked_for_again() {
     use common::frames::{commit_frame, did_for, map, s, tid_for, TestOp};
-    let relay = FakeRelay::start().await;
-    let before = generate(50_000, 50, 10, 48);
-    relay.push_all(&before);
-    let dir = tempfile::tempdir().unwrap();
-    let serve =
-        Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "10s", "--relay-reset-threshold", "10000"]);
-    serve.wait_for_seq(50_049, Duration::from_secs(30));
+    let (relay, dir, serve, before) = serving_up_to_50_049(48, "10s").await;
     // The new space: seqs 5.. , its first twenty frames each two 0.9 MB posts (36 MB in all).
     let mut after = generate(5, 150, 10, 51);
     for (i, g) in after.iter_mut().take(20).enumerate() {
