@@ -37,8 +37,8 @@ pub struct RelayConfig {
     /// Relay frames larger than this are counted and skipped (the protocol's limit is 5 MB).
     #[arg(long, env = "CONTRAIL_MAX_FRAME_BYTES", default_value = "5000000", value_parser = parse_size)]
     pub max_frame_bytes: u64,
-    /// Reconnect to the relay when it sends no frame with a seq for this long (text,
-    /// malformed or seq-less frames do not count).
+    /// Reconnect to the relay when no frame moves the stream on for this long (text,
+    /// malformed or seq-less frames, and a frame sent again, do not count).
     #[arg(long, env = "CONTRAIL_RELAY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub relay_idle_timeout: Duration,
@@ -99,7 +99,7 @@ pub enum RelayError {
     Read(fastwebsockets::WebSocketError),
     #[error("the relay sent {0}")]
     Message(wsclient::ReassemblyError),
-    #[error("no frame with a seq for {0:?}")]
+    #[error("no frame moving the stream on for {0:?}")]
     Idle(Duration),
     #[error("the relay closed the connection")]
     Closed,
@@ -141,9 +141,10 @@ pub struct Reader {
     /// Frames far below our cursor in this connection, in a row: a new seq space once there
     /// are enough of them ([`super::seq::SeqDecision::FarBelow`]).
     far_below: KeptAside,
-    /// The highest seq seen on this connection: a frame above it moves the stream on (the idle
-    /// timeout's measure; a relay repeating itself does not).
-    connection_max_seq: i64,
+    /// The seq of the connection's previous frame: a frame above it moves the stream on (the
+    /// idle timeout's measure; a relay sending one frame again and again does not, a run in a
+    /// new, lower seq space does).
+    previous_seq: i64,
     /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
@@ -167,7 +168,7 @@ impl Reader {
             seq: SeqTracker::new(start_seq.unwrap_or(0), reset_threshold),
             held: None,
             far_below: KeptAside::default(),
-            connection_max_seq: 0,
+            previous_seq: 0,
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -231,12 +232,13 @@ impl Reader {
         self.seq.new_session();
         self.held = None;
         self.far_below.skip(&self.metrics, &self.log);
-        self.connection_max_seq = 0;
+        self.previous_seq = 0;
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
-        // Only frames with a seq keep the connection: a peer sending text, malformed or
-        // seq-less frames without end (a broken proxy) is as dead as a silent one.
+        // Only frames whose seq moves on keep the connection: a peer sending text, malformed or
+        // seq-less frames without end (a broken proxy), or one frame again and again, is as
+        // dead as a silent one.
         let mut idle_at = tokio::time::Instant::now() + self.cfg.relay_idle_timeout;
         loop {
             let frame = match tokio::time::timeout_at(idle_at, ws.read_frame()).await {
@@ -266,8 +268,8 @@ impl Reader {
         }
     }
 
-    /// Handles one binary message; whether it moved the stream on (a believable seq above any
-    /// this connection gave before).
+    /// Handles one binary message; whether it moved the stream on (a believable seq above the
+    /// previous frame's).
     async fn handle(&mut self, payload: &[u8]) -> Result<bool, RelayError> {
         let m = &self.metrics;
         m.relay_bytes.inc_by(payload.len() as u64);
@@ -317,8 +319,7 @@ impl Reader {
             self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
             return Ok(false);
         }
-        let moved_on = seq > self.connection_max_seq;
-        self.connection_max_seq = self.connection_max_seq.max(seq);
+        let moved_on = seq > std::mem::replace(&mut self.previous_seq, seq);
         let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
         let frame =
             IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
