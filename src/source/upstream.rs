@@ -377,11 +377,8 @@ impl UpstreamReader {
             // Bad upstream data is data (DESIGN.md invariant 6): dropped and counted, and the
             // position stays where it was, so the next real event is taken. An error would
             // resume from the same place and meet the same event again, forever.
-            self.metrics.drop_reason(DropReason::BadTime);
             let t = meta.time_us;
-            self.log
-                .warn("upstream_bad_time", || format!("dropped an upstream event with time_us {t} (beyond any clock)"));
-            return Ok(false);
+            return self.drop_event(DropReason::BadTime, format!("an event with time_us {t} (beyond any clock)"));
         }
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us {
