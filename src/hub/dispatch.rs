@@ -14,8 +14,11 @@
 //! Bounded memory. A queue holds at most [`QUEUE_EVENTS`] events and [`QUEUE_BYTES`] bytes of
 //! JSON, and all queues together at most the budget given to [`Dispatcher::start`] (the
 //! events are the ring's, shared by `Arc`, but a queue can keep one alive after the ring let
-//! it go). A queue that would pass any of these, or a dispatcher that fell behind the ring,
-//! *ends* the queue: it is emptied, the subscriber leaves
+//! it go). Half the budget is a pool any queue may fill; the other half is every queue's
+//! guaranteed share of it (half the budget ÷ the queues in the index), so a few stuck clients
+//! holding megabytes each cannot push busy, healthy subscribers to the log: once the pool is
+//! full, only a queue past its share ends. A queue that would pass any of these, or a
+//! dispatcher that fell behind the ring, *ends* the queue: it is emptied, the subscriber leaves
 //! the index and reads the log from its position (counted in
 //! `contrail_hub_live_queue_overflows_total`), and joins again when it has caught up. An event
 //! the ring did not hold ([`Published::InLog`]) ends the queues that want it after what they
@@ -108,8 +111,9 @@ impl Queue {
         s.events.is_empty() && s.ended.is_none()
     }
 
-    /// Adds `ev`; `false` when the queue is (now) ended.
-    fn push(&self, ev: &Arc<Event>) -> bool {
+    /// Adds `ev`; `false` when the queue is (now) ended. `share` is this queue's guaranteed
+    /// part of the byte budget, which it may fill once the shared pool is full.
+    fn push(&self, ev: &Arc<Event>, share: usize) -> bool {
         if ev.time_us <= self.skip_until {
             return true;
         }
@@ -118,8 +122,10 @@ impl Queue {
             return false;
         }
         let size = ev.json().len();
-        let over_budget = self.all_queued.load(Ordering::Relaxed) + size > self.budget;
-        if s.events.len() >= QUEUE_EVENTS || (!s.events.is_empty() && (s.bytes + size > QUEUE_BYTES || over_budget)) {
+        // The pool is the budget's first half; the shares (half ÷ queues) are the second.
+        let pool_full = self.all_queued.load(Ordering::Relaxed) + size > self.budget / 2;
+        let past_share = pool_full && s.bytes + size > share;
+        if s.events.len() >= QUEUE_EVENTS || (!s.events.is_empty() && (s.bytes + size > QUEUE_BYTES || past_share)) {
             drop(s);
             self.end(Ended::Overflowed);
             return false;
@@ -247,6 +253,11 @@ impl Index {
         });
         self.entries[id as usize] = Some(Entry { filter, queue, visited: 0 });
         id
+    }
+
+    /// Entries in the index.
+    fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
     }
 
     /// Whether slot `id` still holds `queue` (it may have been freed and reused).
@@ -453,8 +464,9 @@ impl Dispatcher {
         match item {
             Published::Event(ev) => {
                 let (kind, did, collection) = (ev.kind, ev.did(), ev.collection());
+                let share = self.budget / 2 / index.len().max(1);
                 index.candidates(t, kind, did, collection, |id, e| {
-                    if e.filter.matches(kind, did, collection) && !e.queue.push(ev) {
+                    if e.filter.matches(kind, did, collection) && !e.queue.push(ev, share) {
                         ended.push(id);
                     }
                 });
@@ -605,29 +617,68 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_skips_what_its_stream_has_and_all_queues_share_one_byte_budget() {
-        let d = Arc::new(Dispatcher::new(0, 1000, prometheus::IntCounter::new("o", "o").unwrap()));
+    fn a_queue_skips_what_its_stream_has_and_every_byte_is_given_back() {
+        let d = dispatcher();
         let (ahead, _) = d.register(Arc::new(Filter::default()), 3);
         let (a, _) = d.register(Arc::new(Filter::default()), 0);
         let (b, _) = d.register(Arc::new(Filter::default()), 0);
-        let ev = |t| event(t, EventKind::Commit, A, "app.bsky.feed.post");
-        let size = ev(1).json().len();
         for t in 1..=5 {
-            d.dispatch(&Published::Event(ev(t)));
+            d.dispatch(&Published::Event(event(t, EventKind::Commit, A, "app.bsky.feed.post")));
         }
         assert_eq!(taken(ahead.queue()), vec![4, 5], "the stream had up to 3 already");
         assert_eq!(taken(a.queue()), vec![1, 2, 3, 4, 5]);
-        // `b` holds 5 events; fill toward the budget until one queue must give way.
-        let mut t = 6;
-        while d.queued.load(Ordering::Relaxed) + size <= 1000 {
-            d.dispatch(&Published::Event(ev(t)));
-            t += 1;
-        }
-        d.dispatch(&Published::Event(ev(t)));
-        assert!(d.queued.load(Ordering::Relaxed) <= 1000, "the budget holds");
-        assert!(d.overflows.get() >= 1, "a queue over the budget ended");
+        assert!(d.queued.load(Ordering::Relaxed) > 0, "`b` holds its five");
         drop((ahead, a, b));
         assert_eq!(d.queued.load(Ordering::Relaxed), 0, "every byte given back");
+    }
+
+    #[test]
+    fn stuck_queues_fill_only_the_pool_and_busy_ones_keep_their_share() {
+        // A budget of 2,000 bytes: a pool of 1,000, and 1,000 ÷ 3 queues = 333 each.
+        let budget = 2000;
+        let d = Arc::new(Dispatcher::new(0, budget, prometheus::IntCounter::new("o", "o").unwrap()));
+        let filter = |c: &str| Arc::new(Filter::new(&[c.to_string()], &[]).unwrap());
+        let (stuck, _) = d.register(filter("app.bsky.feed.post"), 0);
+        let (busy, _) = d.register(filter("app.bsky.feed.like"), 0);
+        let (_bystander, _) = d.register(filter("org.example.nobody"), 0);
+        // Times of one width: every event's JSON has the same size.
+        let mut t = 1_000_000;
+        let mut ev = |c: &str| {
+            t += 1;
+            Published::Event(event(t, EventKind::Commit, A, c))
+        };
+        let size = match ev("x") {
+            Published::Event(e) => e.json().len() - 1 + "app.bsky.feed.post".len(),
+            _ => unreachable!(),
+        };
+        let share = budget / 2 / 3;
+        assert!(share >= 2 * size, "the test needs room for two events in a share");
+        // The stuck client's queue takes the pool while it is not full...
+        while d.queued.load(Ordering::Relaxed) + size <= budget / 2 {
+            d.dispatch(&ev("app.bsky.feed.post"));
+        }
+        assert!(matches!(stuck.queue().take(), Take::Event(_)), "it holds what it was given");
+        d.dispatch(&ev("app.bsky.feed.post"));
+        assert_eq!(d.overflows.get(), 0, "one event made room for one more");
+        // ...but with the pool full, a busy queue still fills its share (before, its second
+        // event over the budget ended it: one stuck client sent every busy one to the log).
+        let in_share = share / size;
+        for _ in 0..in_share {
+            d.dispatch(&ev("app.bsky.feed.like"));
+            assert!(d.queued.load(Ordering::Relaxed) <= budget, "the budget holds");
+        }
+        assert_eq!(d.overflows.get(), 0, "the busy queue kept its share");
+        assert_eq!(taken(busy.queue()).len(), in_share);
+        for _ in 0..=in_share {
+            d.dispatch(&ev("app.bsky.feed.like"));
+        }
+        assert!(matches!(busy.queue().take(), Take::Ended(Ended::Overflowed)), "past its share with the pool full");
+        assert_eq!(d.overflows.get(), 1);
+        // The stuck queue, past its share, ends at its next event and frees the pool.
+        d.dispatch(&ev("app.bsky.feed.post"));
+        assert!(matches!(stuck.queue().take(), Take::Ended(Ended::Overflowed)));
+        assert_eq!(d.overflows.get(), 2);
+        assert_eq!(d.queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -265,7 +265,8 @@ impl Hub {
         let admission = Admission::new(&limits, metrics.filter_bytes.clone());
         // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
         // holding it (most are shared with the ring and each other, so this bounds the worst
-        // case — queues keeping events the ring let go — without ending queues in normal use).
+        // case — queues keeping events the ring let go — without ending queues in normal use;
+        // half of it is shared out per queue, so stuck clients cannot take it all).
         let dispatcher = dispatch::Dispatcher::start(
             &ring,
             log.tip(),
