@@ -165,7 +165,7 @@ impl RawRun {
         filter: &Filter,
         encoding: &Encoding,
     ) -> Page {
-        Page::render(self.clone(), None, position + 1, (max_frames, max_bytes), filter, encoding)
+        Page::render(self.clone(), None, position.saturating_add(1), (max_frames, max_bytes), filter, encoding)
     }
 
     /// Whether this scan has events after `position`, or covers further.
@@ -537,7 +537,7 @@ impl ReplayPages {
         limit: usize,
         rendering: &mut Rendering,
     ) -> PageFetch {
-        let from = position + 1;
+        let from = position.saturating_add(1);
         if self.max_bytes == 0 {
             return self.build(log, from, limit, rendering.clone(), None);
         }
@@ -581,7 +581,7 @@ impl ReplayPages {
         if self.max_bytes == 0 {
             return None;
         }
-        let from = position + 1;
+        let from = position.saturating_add(1);
         let pages = self.pages.lock().unwrap_or_else(|p| p.into_inner());
         let (_, slot) = pages.slot_at(rendering.hash, from)?;
         if slot.rendering != *rendering {
