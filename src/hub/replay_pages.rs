@@ -40,6 +40,9 @@ const SPARSE: usize = 8;
 /// Events a compressed page must have before half of them are compressed on another thread.
 const PARALLEL_EVENTS: usize = 128;
 
+/// How often a build queued for a slot checks that someone still wants it.
+const ABANDONED_BUILD_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The machine's cores, read once (on Linux each read goes to the cgroup files).
 fn cores() -> usize {
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -611,7 +614,24 @@ impl ReplayPages {
         let tx = shared.unwrap_or_else(|| watch::channel(None).0);
         let rx = tx.subscribe();
         tokio::spawn(async move {
-            let Ok(_permit) = me.building.clone().acquire_owned().await else { return };
+            // Queued for a build slot, the build holds its filter (up to megabytes) and its
+            // place in the map: one whose askers left lets them go within a check, not when
+            // its turn comes.
+            let acquire = me.building.clone().acquire_owned();
+            tokio::pin!(acquire);
+            let _permit = loop {
+                tokio::select! {
+                    permit = &mut acquire => match permit {
+                        Ok(permit) => break permit,
+                        Err(_) => return,
+                    },
+                    () = tokio::time::sleep(ABANDONED_BUILD_CHECK) => {
+                        if !me.still_wanted(key, &tx) {
+                            return;
+                        }
+                    }
+                }
+            };
             if !me.still_wanted(key, &tx) {
                 return;
             }
@@ -955,6 +975,10 @@ mod tests {
         let private = off.fetch(&log, 999, REPLAY_BATCH, &mut Rendering::new(every.clone(), Encoding::plain_v1()));
         // Their askers go (a disconnect, a filter change, a page fetched ahead).
         drop((shared, private));
+        // While they still queue, the builds let their filter (and the map its slot) go.
+        tokio::time::sleep(ABANDONED_BUILD_CHECK * 3).await;
+        assert_eq!(Arc::strong_count(&every), 1, "the queued builds let the filter go");
+        assert_eq!(cache.pages.lock().unwrap().map.len(), 0, "the abandoned slot left the map");
         drop((all, off_all));
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!((built.get(), off_built.get()), (0, 0), "nothing built for no one");
