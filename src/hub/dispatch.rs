@@ -196,6 +196,30 @@ fn keys(filter: &Filter, mut f: impl FnMut(Key<'_>)) {
     }
 }
 
+/// About what one key costs the index beside its string: its map entry (the boxed key, the
+/// bucket's tables) and the subscriber's place in the bucket.
+const KEY_OVERHEAD: usize = 128;
+
+/// About what `filter` adds to the index when its stream is live: a copy of each DID,
+/// collection and prefix it is found under. Counted with the filter itself against the filter
+/// budget ([`filter_bytes`]); a key other streams share is counted for each (an upper bound).
+/// A filter looked at for every event, or for every event without a collection, adds one
+/// id to a list: not counted.
+pub fn index_bytes(filter: &Filter) -> usize {
+    let mut n = 0;
+    keys(filter, |k| match k {
+        Key::Did(key) | Key::Collection(key) | Key::Prefix(key) => n += key.len() + KEY_OVERHEAD,
+        Key::NoCollection | Key::Every => {}
+    });
+    n
+}
+
+/// What a subscriber's filter holds, as the filter budget counts it: the filter and its copy
+/// in the live index.
+pub fn filter_bytes(filter: &Filter) -> usize {
+    filter.heap_bytes() + index_bytes(filter)
+}
+
 /// Subscribers by key; a bucket is an ordered set, so leaving is O(1) whatever its size.
 type Bucket = IndexSet<u32>;
 type Buckets = HashMap<Box<str>, Bucket>;
@@ -594,6 +618,20 @@ mod tests {
         assert!(index.by_did.is_empty() && index.by_collection.is_empty() && index.by_prefix.is_empty());
         assert!(index.every.is_empty() && index.no_collection.is_empty());
         assert_eq!(index.free.len(), index.entries.len());
+    }
+
+    #[test]
+    fn the_filter_budget_counts_the_index_copy_of_what_the_index_holds() {
+        let dids = |n: usize| (0..n).map(|i| format!("did:web:{i:0>200}.example")).collect::<Vec<_>>();
+        let by_did = Filter::new(&[], &dids(MAX_INDEXED_DIDS)).unwrap();
+        let strings: usize = dids(MAX_INDEXED_DIDS).iter().map(String::len).sum();
+        assert_eq!(index_bytes(&by_did), strings + MAX_INDEXED_DIDS * KEY_OVERHEAD);
+        assert_eq!(filter_bytes(&by_did), by_did.heap_bytes() + index_bytes(&by_did));
+        // Past the indexed count, the filter is looked at for every event: no copies.
+        assert_eq!(index_bytes(&Filter::new(&[], &dids(MAX_INDEXED_DIDS + 1)).unwrap()), 0);
+        let feed = Filter::new(&["app.bsky.feed.post".into(), "app.bsky.graph.*".into()], &[]).unwrap();
+        assert_eq!(index_bytes(&feed), "app.bsky.feed.post".len() + "app.bsky.graph.".len() + 2 * KEY_OVERHEAD);
+        assert_eq!(index_bytes(&Filter::default()), 0);
     }
 
     #[test]

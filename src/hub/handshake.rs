@@ -90,7 +90,7 @@ fn admit_and_upgrade(
     let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
     let ip = client_ip(peer, forwarded, &hub.limits.trusted_proxies);
     let admitted = hub.admission.admit(ip).and_then(|mut slot| {
-        slot.hold_filter(sub.filter.heap_bytes())?;
+        slot.hold_filter(super::dispatch::filter_bytes(&sub.filter))?;
         Ok(slot)
     });
     let slot = match admitted {

@@ -40,7 +40,8 @@ pub struct LimitsConfig {
     #[arg(long, env = "CONTRAIL_MAX_CONNECTS_PER_SECOND_PER_IP", default_value = "100")]
     pub max_connects_per_second_per_ip: u64,
     /// Memory all subscribers' filters may hold together: their wantedDids and
-    /// wantedCollections (v1 allows 10,000 DIDs of up to 2,048 characters, ~20 MB a filter).
+    /// wantedCollections (v1 allows 10,000 DIDs of up to 2,048 characters, ~20 MB a filter),
+    /// with the copies the live index keeps of up to 100 DIDs or of the collections.
     /// One client IP may hold a quarter of it. A subscribe request past it is refused with a
     /// 503, an options_update with a 1013 close (0: unlimited).
     #[arg(long, env = "CONTRAIL_MAX_FILTER_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
@@ -367,7 +368,7 @@ impl Slot {
         self.key
     }
 
-    /// Counts `bytes` (the new filter's [`crate::options::Filter::heap_bytes`]) for this
+    /// Counts `bytes` (the new filter's [`super::dispatch::filter_bytes`]) for this
     /// connection's filter in place of what its last one held; refused, holding what it held,
     /// when that would take all filters past `--max-filter-bytes` or this client's past a
     /// quarter of it. A smaller filter is always taken.

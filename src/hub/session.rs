@@ -743,7 +743,7 @@ impl Session {
                             // reading, so the client's writes back up); nobody else does.
                             tokio::time::sleep(wait).await;
                         }
-                        if self.slot.hold_filter(u.filter.heap_bytes()).is_err() {
+                        if self.slot.hold_filter(super::dispatch::filter_bytes(&u.filter)).is_err() {
                             // Closed with 1013: its old filter stays counted until then.
                             return Err(CloseReason::FilterBudget);
                         }
