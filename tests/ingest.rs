@@ -323,6 +323,20 @@ async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
 /// gets the frames in between, instead of taking them as a gap (they would be lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_refused_our_cursor_then_runs_ahead_is_asked_for_it_again() {
+    let (relay, frames) = refusing_then_running_ahead().await;
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-reset-threshold", "10000"]);
+    serve.wait_for_seq_exactly(50_099, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_relay_seq_gaps_total"), Some(0.0));
+    let cursors = relay.cursors();
+    assert_eq!(cursors[..6], [None, Some(50_049), Some(50_049), Some(50_049), None, Some(50_049)], "{cursors:?}");
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&frames));
+}
+
+/// A relay of seqs 50,000–50,099 whose first connection drops after 50 frames, whose next three
+/// refuse our cursor (a lagging instance), and whose fifth, live, starts ahead of us at 50,080.
+async fn refusing_then_running_ahead() -> (FakeRelay, Vec<GenFrame>) {
     let relay = FakeRelay::start().await;
     let frames = generate(50_000, 100, 10, 49);
     relay.push_all(&frames);
@@ -334,14 +348,36 @@ async fn a_relay_that_refused_our_cursor_then_runs_ahead_is_asked_for_it_again()
         refuse,
         ConnFault { live_from: Some(50_080), ..ConnFault::default() },
     ]);
+    (relay, frames)
+}
+
+/// A relay that was just asked again for our cursor (it showed, by running ahead of it, that it
+/// is reachable and serving) is asked at once: the wait starts again from
+/// `--relay-backoff-min` instead of growing on from the refusals before it. Otherwise a load
+/// balancer that sends every cursor request to a lagging instance holds ingest for as long as
+/// the backoff has grown (minutes) before each new try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_asked_again_for_our_cursor_is_asked_without_the_grown_backoff() {
+    let (relay, _) = refusing_then_running_ahead().await;
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-reset-threshold", "10000"]);
+    let args = ["--relay-reset-threshold", "10000", "--relay-backoff-min", "300ms", "--relay-backoff-max", "60s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
     serve.wait_for_seq_exactly(50_099, Duration::from_secs(30));
+    // Each ended connection's error and the wait before the next one, in order.
+    let ended: Vec<(String, u64)> = serve
+        .logs()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "relay connection ended")
+        .map(|v| (v["error"].as_str().unwrap_or("").to_string(), v["retry_in_ms"].as_u64().unwrap()))
+        .collect();
+    let asked = ended.iter().position(|(e, _)| e.contains("asking for it again")).expect("asked again");
+    assert!(asked >= 1, "{ended:?}");
+    // Three refusals in a row grew the wait to 1.2–2.4 s (300 ms, doubled each time, jittered
+    // down by up to half); asking again waits at most the minimum.
+    assert!(ended[asked - 1].1 >= 1_200, "the refusals grew the wait: {ended:?}");
+    assert!(ended[asked].1 <= 300, "asked again without the grown wait: {ended:?}");
     assert_eq!(serve.metric("contrail_relay_seq_gaps_total"), Some(0.0));
-    let cursors = relay.cursors();
-    assert_eq!(cursors[..6], [None, Some(50_049), Some(50_049), Some(50_049), None, Some(50_049)], "{cursors:?}");
-    drop(serve);
-    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&frames));
 }
 
 /// A relay whose seq space restarts lower in the middle of a connection (a fan-out daemon whose

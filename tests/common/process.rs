@@ -30,12 +30,12 @@ impl Serve {
         cmd.args(["--metrics-listen", "127.0.0.1:0", "--relay-url", relay_url])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--relay-backoff-min", "50ms", "--relay-backoff-max", "200ms", "--sync-writes", "false"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .args(["--sync-writes", "false"]);
+        // Short waits between relay connections, unless the test sets its own.
+        if !extra.contains(&"--relay-backoff-min") {
+            cmd.args(["--relay-backoff-min", "50ms", "--relay-backoff-max", "200ms"]);
+        }
+        cmd.args(extra).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("contrail starts");
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
