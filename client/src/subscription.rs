@@ -520,6 +520,10 @@ impl Driver {
         let stale = self.opts.stale_timeout;
         let mut ping = tokio::time::interval(stale / 3);
         ping.tick().await;
+        // Stale: nothing heard for `stale` while waiting on the server (pings sent and commands
+        // taken meanwhile do not move it; time spent handing a message to a slow consumer
+        // does not count against the server).
+        let mut stale_at = tokio::time::Instant::now() + stale;
         loop {
             let frame = tokio::select! {
                 // Commands first: a filter change applies before more buffered frames.
@@ -547,7 +551,7 @@ impl Driver {
                     }
                     continue;
                 }
-                f = tokio::time::timeout(stale, frames.recv()) => f,
+                f = tokio::time::timeout_at(stale_at, frames.recv()) => f,
             };
             let (opcode, payload) = match frame {
                 Err(_) => return ConnectionError::Stale(stale),
@@ -555,6 +559,7 @@ impl Driver {
                 Ok(Some(Err(e))) => return ConnectionError::Read(e),
                 Ok(Some(Ok(f))) => f,
             };
+            stale_at = tokio::time::Instant::now() + stale;
             let text = match (opcode, decompressor.as_mut()) {
                 (OpCode::Text, _) => match String::from_utf8(payload) {
                     Ok(t) => t,
@@ -587,6 +592,7 @@ impl Driver {
             if let Err(e) = self.deliver(text).await {
                 return e;
             }
+            stale_at = tokio::time::Instant::now() + stale;
         }
     }
 

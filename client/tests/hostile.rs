@@ -19,6 +19,9 @@ enum Script {
     EndlessFragments,
     /// Answer the upgrade with this status.
     Status(u16),
+    /// Complete the upgrade, then neither read nor write (a server process that hangs while
+    /// its kernel keeps the connection: pings are accepted and never answered).
+    Silent,
 }
 
 fn event(time_us: u64) -> String {
@@ -92,6 +95,10 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                         f.fetch_add(chunk.len(), Ordering::SeqCst);
                                     }
                                 }
+                                Script::Silent => {
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                    drop(ws);
+                                }
                                 Script::Status(_) => unreachable!(),
                             }
                         });
@@ -139,6 +146,19 @@ async fn endless_fragments_are_cut_off_at_the_message_limit() {
     // loopback socket buffers held (a few MiB each). Without the limit it never ends.
     let accepted = server.fragment_bytes.load(Ordering::SeqCst);
     assert!(accepted <= 32 << 20, "the client took {accepted} bytes of one message");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_hangs_with_its_connection_open_is_left_at_the_stale_timeout() {
+    let t = now_us();
+    let server = serve(vec![Script::Silent, Script::Send(vec![event(t)])]).await;
+    let mut sub = subscribe(&server, None);
+    // The stale timeout is 3 s: the client pings every second, hears nothing, and moves on.
+    // Before, each ping started the timeout again, so it never came.
+    let started = std::time::Instant::now();
+    assert_eq!(next_event(&mut sub).await, t);
+    assert!(started.elapsed() >= Duration::from_secs(3), "not before the stale timeout");
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
 }
 
