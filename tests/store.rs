@@ -268,6 +268,37 @@ fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_in
         assert_eq!(left.len(), 69, "kept {} events", left.len());
         assert_eq!(left[0].time_us, t0 + 41 * minute);
     }
+    // A process younger than the retention, whose log holds what came before it started (a
+    // deploy): after a step forward, those events are aged by the wall clock as it would read
+    // without the step, not all trimmed because they came before the first mark.
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}, a young process");
+        let start = Instant::now();
+        let w0 = 1_800_000_000_000_000u64;
+        let mut evs = events(62, 5);
+        for (i, e) in evs.iter_mut().enumerate().take(60) {
+            e.stamp(w0 - (59 - i as u64) * minute);
+        }
+        log.append(&evs[..60], None).unwrap();
+        let mut arrivals = Arrivals::new(start, w0, w0);
+        // Ten minutes in, one more event; then the clock jumps a year ahead and one is stamped
+        // there.
+        evs[60].stamp(w0 + 10 * minute);
+        log.append(&evs[60..61], None).unwrap();
+        arrivals.record(start + Duration::from_secs(600), w0 + 10 * minute, w0 + 10 * minute, cfg.retention);
+        let jumped = w0 + 10 * minute + 365 * 24 * 60 * minute;
+        evs[61].stamp(jumped);
+        log.append(&evs[61..], None).unwrap();
+        let now = start + Duration::from_secs(660);
+        arrivals.record(now, jumped, jumped, cfg.retention);
+        let by_arrival = arrivals.by_arrival(now, jumped + 1, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, jumped + 1, by_arrival).unwrap();
+        // Without the step the clock would read W0 + 11 min: after W0 − 49 min is within the
+        // hour. Before, every event from before the start went.
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 49 + 2, "kept {} events", left.len());
+        assert_eq!(left[0].time_us, w0 - 48 * minute);
+    }
     // Without a step, events are aged by time_us however fast they came: a new replica
     // replaying a hundred hours of its upstream's log keeps the last hour of it.
     for (name, _dir, log) in backends() {

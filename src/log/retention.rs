@@ -70,8 +70,9 @@ impl RetentionConfig {
 /// newest `time_us`, with the wall clock's reading, at moments of this process's life when the
 /// log grew, about a 256th of the retention apart. Age by arrival counts back from when the
 /// newest event arrived, as age by `time_us` counts back from the newest event: a quiet log
-/// keeps what it has. Before the process started nothing is known: those events are aged by
-/// `time_us` alone.
+/// keeps what it has. Of what came before the process started only `time_us` is known: after
+/// a step, those events are aged by it from the wall clock as it would read without the step
+/// ([`Arrivals::kept_from`]).
 pub struct Arrivals {
     /// Oldest first; the first is the latest mark at least a retention before `grew_at`, or
     /// the start.
@@ -142,12 +143,20 @@ impl Arrivals {
     /// the monotonic clock), the first `time_us` that may have arrived within `retention`
     /// before the newest event: age trims nothing from there on. Otherwise `u64::MAX`: age by
     /// `time_us`.
+    ///
+    /// What came before the oldest mark (in a process younger than the retention: before it
+    /// started) has only its `time_us` to tell its age, counted back from the wall clock as it
+    /// would read without the step (the mark's reading plus the monotonic time since): after
+    /// a deploy and a step, the history from before the deploy stays for its retention.
     pub fn kept_from(&mut self, now: Instant, wall_us: u64, retention: Duration) -> u64 {
         self.forget_old(retention);
         let first = self.marks[0];
         let monotonic = now.saturating_duration_since(first.at).as_micros() as u64;
         if self.stamps && wall_us.saturating_sub(first.wall_us) > monotonic.saturating_add(STEP_FORWARD_US) {
-            first.newest.saturating_add(1)
+            let unstepped_now = first.wall_us.saturating_add(monotonic);
+            // Kept: younger than the retention (as for arrivals, one exactly that old goes).
+            let within_retention = unstepped_now.saturating_sub(retention.as_micros() as u64).saturating_add(1);
+            first.newest.saturating_add(1).min(within_retention)
         } else {
             u64::MAX
         }
