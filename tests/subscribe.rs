@@ -163,6 +163,24 @@ async fn require_hello_holds_delivery() {
     assert_eq!(collect(&mut ws, n, T).await.len(), n);
 }
 
+/// Client messages are read as v1's Go decoder reads them: member names ignoring case (a
+/// misspelt `wantedDIDs` is the DID filter, not an unknown member that would have sent this
+/// client every DID), and `{}` is a message of no type: ignored, not a hello, not a close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_messages_are_read_as_v1_reads_them() {
+    let s = setup(50, &[]).await;
+    let all = log(&s);
+    let did = all.iter().find(|e| e["kind"] == "commit").unwrap()["did"].as_str().unwrap().to_string();
+    let want: Vec<_> = all.iter().filter(|e| e["did"] == did.as_str()).cloned().collect();
+    assert!(want.len() < all.len());
+    let mut ws = connect(s.serve.public, "/subscribe?cursor=0&requireHello=true", &[]).await.unwrap();
+    send_text(&mut ws, "{}").await;
+    assert_eq!(next(&mut ws, Duration::from_millis(500)).await, None, "`{{}}` is ignored");
+    send_text(&mut ws, &format!(r#"{{"Type":"options_update","Payload":{{"wantedDIDs":["{did}"]}}}}"#)).await;
+    assert_eq!(collect(&mut ws, want.len(), T).await, want);
+    assert_eq!(next(&mut ws, Duration::from_millis(300)).await, None, "only that DID's events");
+}
+
 /// A client waiting longer than the pong timeout before its hello is pinged meanwhile (and,
 /// answering, kept): what the server writes while waiting reaches the socket.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

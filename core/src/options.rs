@@ -122,50 +122,12 @@ impl Filter {
 
     /// Builds a filter from raw values, with v1's validation and messages. O(n) in the input,
     /// stopping at the first limit crossed: a 10 MB `options_update` costs one pass over it.
+    /// The collections are judged first, then the DIDs.
     pub fn new(collections: &[String], dids: &[String]) -> Result<Filter, OptionsError> {
-        let mut f = Filter::default();
-        if !collections.is_empty() {
-            let mut set = HashSet::new();
-            let mut prefixes = HashSet::new();
-            for c in collections {
-                if let Some(head) = c.strip_suffix('*').filter(|h| h.ends_with('.')) {
-                    // v1 parity: the head of a `.*` prefix is not validated.
-                    if prefixes.insert(head) {
-                        f.prefixes.push(head.to_string());
-                    }
-                } else if syntax::is_valid_nsid(c) {
-                    if !set.contains(c.as_str()) {
-                        set.insert(c.clone());
-                    }
-                } else {
-                    return Err(OptionsError(format!("invalid subscriber options: invalid collection: {c}")));
-                }
-                if set.len() + f.prefixes.len() > MAX_WANTED_COLLECTIONS {
-                    return Err(OptionsError("invalid subscriber options: too many wanted collections".into()));
-                }
-            }
-            f.collections = Some(set);
-        }
-        if !dids.is_empty() {
-            let mut set = HashSet::with_capacity(dids.len().min(MAX_WANTED_DIDS + 1));
-            for d in dids {
-                // A DID that does not parse is refused: it must never widen the filter.
-                if !syntax::is_valid_did(d) {
-                    return Err(OptionsError(format!("invalid subscriber options: invalid DID: {d}")));
-                }
-                if !set.contains(d.as_str()) {
-                    set.insert(d.clone());
-                }
-                if set.len() > MAX_WANTED_DIDS {
-                    return Err(OptionsError("invalid subscriber options: too many wanted DIDs".into()));
-                }
-            }
-            // Sized for the list: 10,000 copies of one DID must not keep 10,000 slots (a
-            // filter's bytes count against --max-filter-bytes).
-            set.shrink_to_fit();
-            f.dids = Some(set);
-        }
-        Ok(f)
+        let mut b = FilterBuilder::default();
+        collections.iter().try_for_each(|c| b.collection(c))?;
+        dids.iter().try_for_each(|d| b.did(d))?;
+        Ok(b.build())
     }
 
     /// Identity and account events (no collection) bypass `wantedCollections` but not
@@ -184,6 +146,70 @@ impl Filter {
             (EventKind::Commit, Some(c)) => set.contains(c) || self.prefixes.iter().any(|p| c.starts_with(p.as_str())),
             _ => true,
         }
+    }
+}
+
+/// Builds a [`Filter`] one value at a time, with v1's validation and messages: what
+/// [`Filter::new`] and an `options_update` read as it is parsed share. A repeat adds nothing,
+/// so the builder holds at most the caps' worth of distinct values whatever the input's length.
+#[derive(Default)]
+pub struct FilterBuilder {
+    /// Full NSIDs, and the heads of `.*` prefixes in their first order; `None` until the first.
+    collections: Option<(HashSet<String>, HashSet<String>, Vec<String>)>,
+    dids: Option<HashSet<String>>,
+}
+
+impl FilterBuilder {
+    /// Adds one `wantedCollections` value.
+    pub fn collection(&mut self, c: &str) -> Result<(), OptionsError> {
+        let (set, heads, prefixes) = self.collections.get_or_insert_with(Default::default);
+        if let Some(head) = c.strip_suffix('*').filter(|h| h.ends_with('.')) {
+            // v1 parity: the head of a `.*` prefix is not validated.
+            if !heads.contains(head) {
+                heads.insert(head.to_string());
+                prefixes.push(head.to_string());
+            }
+        } else if syntax::is_valid_nsid(c) {
+            if !set.contains(c) {
+                set.insert(c.to_string());
+            }
+        } else {
+            return Err(OptionsError(format!("invalid subscriber options: invalid collection: {c}")));
+        }
+        if set.len() + prefixes.len() > MAX_WANTED_COLLECTIONS {
+            return Err(OptionsError("invalid subscriber options: too many wanted collections".into()));
+        }
+        Ok(())
+    }
+
+    /// Adds one `wantedDids` value.
+    pub fn did(&mut self, d: &str) -> Result<(), OptionsError> {
+        // A DID that does not parse is refused: it must never widen the filter.
+        if !syntax::is_valid_did(d) {
+            return Err(OptionsError(format!("invalid subscriber options: invalid DID: {d}")));
+        }
+        let set = self.dids.get_or_insert_with(HashSet::new);
+        if !set.contains(d) {
+            set.insert(d.to_string());
+        }
+        if set.len() > MAX_WANTED_DIDS {
+            return Err(OptionsError("invalid subscriber options: too many wanted DIDs".into()));
+        }
+        Ok(())
+    }
+
+    pub fn build(self) -> Filter {
+        let mut f = Filter::default();
+        if let Some((set, _, prefixes)) = self.collections {
+            (f.collections, f.prefixes) = (Some(set), prefixes);
+        }
+        if let Some(mut set) = self.dids {
+            // Sized for what it holds: 10,000 copies of one DID must not keep 10,000 slots (a
+            // filter's bytes count against --max-filter-bytes).
+            set.shrink_to_fit();
+            f.dids = Some(set);
+        }
+        f
     }
 }
 
@@ -308,34 +334,6 @@ impl SubscribeOptions {
     }
 }
 
-/// A client message (Text frame).
-#[derive(Debug, serde::Deserialize)]
-pub struct ClientMessage {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub payload: Option<Box<serde_json::value::RawValue>>,
-}
-
-/// The payload of `options_update`: the filters are replaced, not merged; missing or empty
-/// lists remove that filter.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct OptionsUpdate {
-    #[serde(default)]
-    pub wanted_collections: Option<Vec<String>>,
-    #[serde(default)]
-    pub wanted_dids: Option<Vec<String>>,
-    #[serde(default)]
-    pub max_message_size_bytes: Option<i64>,
-    /// Beyond v1; absent leaves the current setting, 0 turns the messages off.
-    #[serde(default)]
-    pub inform_cursor_seconds: Option<u64>,
-    /// Beyond v1: whether `sync` events are sent; absent leaves the current setting.
-    #[serde(default)]
-    pub include_sync: Option<bool>,
-}
-
 /// What an accepted `options_update` changes.
 #[derive(Debug)]
 pub struct Update {
@@ -347,16 +345,180 @@ pub struct Update {
     pub include_sync: Option<bool>,
 }
 
-impl OptionsUpdate {
-    pub fn validate(self) -> Result<Update, OptionsError> {
-        let filter = Filter::new(&self.wanted_collections.unwrap_or_default(), &self.wanted_dids.unwrap_or_default())?;
-        let max_message_size = self.max_message_size_bytes.map(|n| parse_max_message_size(&n.to_string())).unwrap_or(0);
-        let inform_cursor_seconds = match self.inform_cursor_seconds {
-            None => None,
-            Some(0) => Some(None),
-            Some(n) => Some(Some(parse_inform(&n.to_string())?)),
-        };
-        Ok(Update { filter, max_message_size, inform_cursor_seconds, include_sync: self.include_sync })
+/// Why a client message is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    /// Not the JSON v1 reads (a 1007 close); the text is the reason.
+    Json(String),
+    /// Options v1 refuses (a 1008 close).
+    Options(OptionsError),
+}
+
+/// Reads a client's text message as Jetstream v1 does (spec/jetstream.md §2): `Ok(None)` for
+/// a message it ignores (any `type` but `options_update`, or none), else the update.
+///
+/// Read as Go's `encoding/json` reads it into v1's structs, so what a v1 client sends means
+/// the same here: member names match ignoring ASCII case (`wantedDIDs` is `wantedDids`, not an
+/// unknown member that would drop the DID filter), a repeated member replaces the earlier one,
+/// and `null` leaves a field unset (so `{}` or `null` is an ignored message, a `null` payload
+/// resets the filters). A missing payload is `{}` too (v1 refused it as empty JSON).
+///
+/// One pass, holding no more than the message and the filter it builds: the wanted lists are
+/// read value by value into a [`FilterBuilder`] (no list of 2.5 million one-letter strings
+/// from a 10 MB message); past the first refused value, the rest is only checked to be JSON.
+pub fn parse_client_message(text: &str) -> Result<Option<Update>, MessageError> {
+    let envelope = |e: serde_json::Error| MessageError::Json(format!("failed to parse subscriber message: {e}"));
+    let Some([kind, payload]) = members(text, ["type", "payload"]).map_err(envelope)? else { return Ok(None) };
+    let kind: Option<String> = json_value(kind).map_err(envelope)?;
+    if kind.as_deref() != Some("options_update") {
+        return Ok(None);
+    }
+    let bad_payload = |e: serde_json::Error| MessageError::Json(format!("failed to parse options_update payload: {e}"));
+    let names = ["wantedCollections", "wantedDids", "maxMessageSizeBytes", "informCursorSeconds", "includeSync"];
+    let fields = match payload {
+        Some(p) => members(p.get(), names).map_err(bad_payload)?.unwrap_or_default(),
+        None => Default::default(),
+    };
+    let [collections, dids, max_size, inform, include_sync] = fields;
+    // Every member is JSON of the right type, or the message is refused as JSON (1007), as
+    // v1 would fail to unmarshal it; only then are the filter's values judged (1008).
+    let max_size: Option<i64> = json_value(max_size).map_err(bad_payload)?;
+    let inform: Option<u64> = json_value(inform).map_err(bad_payload)?;
+    let include_sync: Option<bool> = json_value(include_sync).map_err(bad_payload)?;
+    let mut builder = FilterBuilder::default();
+    let mut refused = None;
+    // The collections are judged before the DIDs, as in `Filter::new`.
+    for (raw, add) in [
+        (collections, FilterBuilder::collection as fn(&mut FilterBuilder, &str) -> Result<(), OptionsError>),
+        (dids, FilterBuilder::did),
+    ] {
+        if let Some(raw) = raw {
+            let into = IntoBuilder { builder: &mut builder, add, refused: &mut refused };
+            serde::de::DeserializeSeed::deserialize(into, &mut serde_json::Deserializer::from_str(raw.get()))
+                .map_err(bad_payload)?;
+        }
+    }
+    if let Some(e) = refused {
+        return Err(MessageError::Options(e));
+    }
+    let max_message_size = max_size.map(|n| parse_max_message_size(&n.to_string())).unwrap_or(0);
+    let inform_cursor_seconds = match inform {
+        None => None,
+        Some(0) => Some(None),
+        Some(n) => Some(Some(parse_inform(&n.to_string()).map_err(MessageError::Options)?)),
+    };
+    Ok(Some(Update { filter: builder.build(), max_message_size, inform_cursor_seconds, include_sync }))
+}
+
+use serde_json::value::RawValue;
+
+/// A member's value; `None` when absent or `null` (Go leaves the field as it was).
+fn json_value<'a, T: serde::Deserialize<'a>>(raw: Option<&'a RawValue>) -> serde_json::Result<Option<T>> {
+    raw.map(|r| serde_json::from_str::<Option<T>>(r.get())).transpose().map(Option::flatten)
+}
+
+/// The members of a JSON object named `names` (ignoring ASCII case; a later one replaces an
+/// earlier one), borrowed; other members are read and dropped. `None` for JSON `null`.
+fn members<'a, const N: usize>(
+    json: &'a str,
+    names: [&'static str; N],
+) -> serde_json::Result<Option<[Option<&'a RawValue>; N]>> {
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+    struct Object<const N: usize>([&'static str; N]);
+    /// A member's name, as its index in the names (no copy of the name is kept).
+    struct Name<'n>(&'n [&'static str]);
+    impl<'de> DeserializeSeed<'de> for Name<'_> {
+        type Value = Option<usize>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl Visitor<'_> for Name<'_> {
+        type Value = Option<usize>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a member name")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+            Ok(self.0.iter().position(|n| n.eq_ignore_ascii_case(v)))
+        }
+    }
+    impl<'de, const N: usize> Visitor<'de> for Object<N> {
+        type Value = Option<[Option<&'de RawValue>; N]>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = [None; N];
+            while let Some(at) = map.next_key_seed(Name(&self.0))? {
+                match at {
+                    Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(Some(found))
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    let found = de.deserialize_any(Object(names))?;
+    de.end()?;
+    Ok(found)
+}
+
+/// Reads a JSON list of strings (or `null`) into a [`FilterBuilder`], one value at a time;
+/// after the first value it refuses (kept in `refused`), the rest is only read.
+struct IntoBuilder<'b> {
+    builder: &'b mut FilterBuilder,
+    add: fn(&mut FilterBuilder, &str) -> Result<(), OptionsError>,
+    refused: &'b mut Option<OptionsError>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for IntoBuilder<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for IntoBuilder<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of strings")
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        /// One string, handed to `add` as read (borrowed where it has no escapes).
+        struct Value<'v, 'b>(&'v mut IntoBuilder<'b>);
+        impl<'de> serde::de::DeserializeSeed<'de> for Value<'_, '_> {
+            type Value = ();
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+                d.deserialize_str(self)
+            }
+        }
+        impl serde::de::Visitor<'_> for Value<'_, '_> {
+            type Value = ();
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+                let into = &mut *self.0;
+                if into.refused.is_none() {
+                    if let Err(e) = (into.add)(into.builder, v) {
+                        *into.refused = Some(e);
+                    }
+                }
+                Ok(())
+            }
+        }
+        let mut this = self;
+        while seq.next_element_seed(Value(&mut this))?.is_some() {}
+        Ok(())
     }
 }
 
@@ -397,6 +559,78 @@ mod tests {
         assert!(f.matches(EventKind::Sync, DID, None));
         let o = SubscribeOptions::from_query("includeSync=true&wantedCollections=app.bsky.feed.post", None).unwrap();
         assert!(o.filter.matches(EventKind::Sync, DID, None), "sync bypasses wantedCollections");
+    }
+
+    #[test]
+    fn client_messages_are_read_as_go_reads_them_into_v1s_structs() {
+        let read = |m: &str| parse_client_message(m);
+        let dids = |u: Update| u.filter.dids().map(|d| d.iter().cloned().collect::<Vec<_>>());
+        // Ignored: no type, another type, `null`.
+        for m in ["{}", "null", r#"{"type":null}"#, r#"{"type":"hello","payload":5}"#, r#"{"kind":"options_update"}"#] {
+            assert_eq!(read(m).map(|u| u.is_some()), Ok(false), "{m}");
+        }
+        // Names match ignoring ASCII case; a later member replaces an earlier one.
+        let u = read(&format!(r#"{{"TYPE":"options_update","Payload":{{"wantedDIDs":["{DID}"]}}}}"#)).unwrap();
+        assert_eq!(dids(u.unwrap()), Some(vec![DID.to_string()]));
+        let m =
+            format!(r#"{{"type":"options_update","payload":{{"wantedDids":["did:plc:x"],"wanteddids":["{DID}"]}}}}"#);
+        assert_eq!(dids(read(&m).unwrap().unwrap()), Some(vec![DID.to_string()]));
+        // No payload, a `null` one, `null` lists: every filter off.
+        for m in [
+            r#"{"type":"options_update"}"#,
+            r#"{"type":"options_update","payload":null}"#,
+            r#"{"type":"options_update","payload":{"wantedDids":null,"wantedCollections":[]}}"#,
+        ] {
+            let u = read(m).unwrap().unwrap();
+            assert_eq!(u.filter, Filter::default(), "{m}");
+        }
+        // Not the JSON v1 reads: a 1007.
+        for m in [
+            "[1]",
+            "not json",
+            r#"{"type":5}"#,
+            r#"{"type":"options_update"} x"#,
+            r#"{"type":"options_update","payload":[]}"#,
+            r#"{"type":"options_update","payload":{"wantedDids":"did:plc:x"}}"#,
+            r#"{"type":"options_update","payload":{"wantedDids":[1]}}"#,
+            r#"{"type":"options_update","payload":{"maxMessageSizeBytes":1.5}}"#,
+        ] {
+            assert!(matches!(read(m), Err(MessageError::Json(_))), "{m}: {:?}", read(m));
+        }
+        // Values v1 refuses: a 1008 with v1's reason; the collections are judged first, as in
+        // `Filter::new`, and a refused value ends the judging (the rest must still be strings).
+        let m = r#"{"type":"options_update","payload":{"wantedDids":["nope"],"wantedCollections":["bad!"]}}"#;
+        let refused =
+            MessageError::Options(OptionsError("invalid subscriber options: invalid collection: bad!".into()));
+        assert_eq!(read(m).unwrap_err(), refused);
+        let m = r#"{"type":"options_update","payload":{"wantedDids":["nope",5]}}"#;
+        assert!(matches!(read(m), Err(MessageError::Json(_))));
+        let m = r#"{"type":"options_update","payload":{"informCursorSeconds":601}}"#;
+        assert!(matches!(read(m), Err(MessageError::Options(_))));
+        // The same filter as from the query string, values repeated or not.
+        let c = ["app.bsky.feed.post", "app.bsky.graph.*", "app.bsky.feed.post"];
+        let m = format!(
+            r#"{{"type":"options_update","payload":{{"wantedCollections":{},"wantedDids":["{DID}","{DID}"],"maxMessageSizeBytes":-3}}}}"#,
+            serde_json::to_string(&c).unwrap()
+        );
+        let u = read(&m).unwrap().unwrap();
+        let c: Vec<String> = c.iter().map(|s| s.to_string()).collect();
+        assert_eq!(u.filter, Filter::new(&c, &[DID.into(), DID.into()]).unwrap());
+        assert_eq!(u.max_message_size, 0);
+        // A list of repeats holds one value while it is read, however long.
+        let many = vec![DID; 200_000];
+        let m = format!(
+            r#"{{"type":"options_update","payload":{{"wantedDids":{}}}}}"#,
+            serde_json::to_string(&many).unwrap()
+        );
+        assert_eq!(dids(read(&m).unwrap().unwrap()).map(|d| d.len()), Some(1));
+        // Past the cap of distinct values: refused, as from the query string.
+        let distinct: Vec<String> = (0..=MAX_WANTED_DIDS).map(|i| format!("did:plc:{i:0>24}")).collect();
+        let m = format!(
+            r#"{{"type":"options_update","payload":{{"wantedDids":{}}}}}"#,
+            serde_json::to_string(&distinct).unwrap()
+        );
+        assert_eq!(read(&m).unwrap_err(), MessageError::Options(Filter::new(&[], &distinct).unwrap_err()));
     }
 
     #[test]

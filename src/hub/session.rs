@@ -14,7 +14,7 @@ use super::stream::{EventStream, Frames, Next, Replay, Start, StreamMetrics};
 use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
-use crate::options::{ClientMessage, Filter, Kinds, OptionsError, OptionsUpdate, SubscribeOptions};
+use crate::options::{Filter, Kinds, MessageError, OptionsError, SubscribeOptions};
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -125,10 +125,19 @@ enum Control {
     ReadError(String),
 }
 
+/// Large client messages parsed at once in the whole process, one per core: a parse of 10 MB
+/// is tens of milliseconds of CPU and holds what it builds, so many connections releasing
+/// their large messages together wait their turn instead of taking every blocking thread.
+fn large_parses() -> &'static Arc<Semaphore> {
+    static PERMITS: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))))
+}
+
 /// Reads frames, reassembles fragmented messages up to [`MAX_CLIENT_MESSAGE_BYTES`] in total
 /// (fastwebsockets' collector limits frames, not messages), and reports them. Messages over
 /// [`PARSE_INLINE_BYTES`] are handed on one at a time per connection (`large`), so a client
-/// cannot queue sixteen 10 MB messages.
+/// cannot queue sixteen 10 MB messages (and are parsed a few at a time in the process:
+/// [`large_parses`]).
 async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semaphore>) {
     // A fragmented message in progress: its opcode, and its bytes (text) or length (binary).
     let mut partial: Option<(OpCode, Vec<u8>, usize)> = None;
@@ -204,15 +213,12 @@ fn per_second(count: &mut u32, since: &mut Instant, max: u32) -> bool {
 /// Parses and validates a client text message: `Ok(None)` for a type we ignore, the
 /// accepted update, or the close reason and its text. O(message size) (DESIGN.md invariant 10).
 fn parse_client_message(t: &[u8]) -> Result<Option<crate::options::Update>, (CloseReason, String)> {
-    let msg: ClientMessage = serde_json::from_slice(t)
+    let text = std::str::from_utf8(t)
         .map_err(|e| (CloseReason::BadMessage, format!("failed to parse subscriber message: {e}")))?;
-    if msg.kind != "options_update" {
-        return Ok(None);
-    }
-    let payload = msg.payload.as_ref().map(|p| p.get()).unwrap_or("{}");
-    let update = serde_json::from_str::<OptionsUpdate>(payload)
-        .map_err(|e| (CloseReason::BadMessage, format!("failed to parse options_update payload: {e}")))?;
-    update.validate().map(Some).map_err(|OptionsError(text)| (CloseReason::InvalidOptions, text))
+    crate::options::parse_client_message(text).map_err(|e| match e {
+        MessageError::Json(text) => (CloseReason::BadMessage, text),
+        MessageError::Options(OptionsError(text)) => (CloseReason::InvalidOptions, text),
+    })
 }
 
 /// What a handshake accepted: everything a session needs to start.
@@ -730,6 +736,9 @@ impl Session {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
                 } else {
+                    // The process's turn is taken here, not by the reader: only this session
+                    // waits for it (a session stuck writing must not hold one).
+                    let _turn = large_parses().acquire().await;
                     tokio::task::spawn_blocking(move || parse_client_message(&t))
                         .await
                         .unwrap_or_else(|_| Err((CloseReason::Internal, "internal error".into())))
