@@ -100,8 +100,10 @@ impl serde::Serialize for IpNet {
 }
 
 impl IpNet {
+    /// Whether `ip` is in the block; an IPv4-mapped IPv6 address (what a dual-stack listener
+    /// sees of an IPv4 peer) counts as its IPv4 address.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let (a, b, bits) = match (self.addr, ip) {
+        let (a, b, bits) = match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
             (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
             _ => return false,
@@ -117,7 +119,7 @@ impl IpNet {
 /// The client's address: the peer, or — when the peer is a trusted proxy — the right-most
 /// `X-Forwarded-For` entry that is not itself a trusted proxy.
 pub fn client_ip(peer: SocketAddr, forwarded_for: Option<&str>, trusted: &[IpNet]) -> IpAddr {
-    let peer_ip = peer.ip();
+    let peer_ip = peer.ip().to_canonical();
     let is_trusted = |ip: IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(peer_ip) {
         return peer_ip;
@@ -126,7 +128,7 @@ pub fn client_ip(peer: SocketAddr, forwarded_for: Option<&str>, trusted: &[IpNet
     for part in xff.rsplit(',') {
         match part.trim().parse::<IpAddr>() {
             Ok(ip) if is_trusted(ip) => continue,
-            Ok(ip) => return ip,
+            Ok(ip) => return ip.to_canonical(),
             Err(_) => break,
         }
     }
@@ -426,6 +428,20 @@ mod tests {
         assert_eq!(client_ip(proxy, Some("198.51.100.7, 10.9.9.9"), &trusted).to_string(), "198.51.100.7");
         assert_eq!(client_ip(direct, Some("198.51.100.7"), &trusted).to_string(), "203.0.113.9");
         assert_eq!(client_ip(proxy, None, &trusted).to_string(), "10.1.2.3");
+        // A dual-stack listener sees an IPv4 proxy as `::ffff:a.b.c.d`: still the proxy.
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
+        assert_eq!(client_ip(mapped, Some("198.51.100.7"), &trusted).to_string(), "198.51.100.7");
+        assert_eq!(client_ip(mapped, None, &trusted).to_string(), "10.1.2.3");
+        assert_eq!(client_ip(proxy, Some("::ffff:198.51.100.7"), &trusted).to_string(), "198.51.100.7");
+    }
+
+    #[test]
+    fn unlimited_clients_are_known_on_a_dual_stack_listener() {
+        let (a, _) = admission(&limits(10, 1, 0));
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        // Unlimited (10.0.0.0/8): more connections than the per-IP limit of one.
+        let slots: Vec<Slot> = (0..3).map(|_| a.admit(mapped).unwrap()).collect();
+        assert!(slots.iter().all(|s| s.client_key().is_none()));
     }
 
     fn limits(max_subscribers: usize, max_per_ip: usize, rate: u64) -> LimitsConfig {
