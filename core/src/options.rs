@@ -246,7 +246,10 @@ fn decode(s: &str) -> String {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
+                // Two hex digits (`from_str_radix` alone would take `+4`).
+                let hex = Some(&b[i + 1..i + 3])
+                    .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                    .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
                 match hex {
                     Some(v) => {
                         out.push(v);
@@ -277,7 +280,7 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
 /// v1's `maxMessageSizeBytes`: empty, non-integer and negative become 0; values past u32 are
 /// 0 too (v1 wrapped them modulo 2^32, a bug; v2 maps overflow to 0).
 pub fn parse_max_message_size(raw: &str) -> u64 {
-    match raw.trim().parse::<i64>() {
+    match raw.parse::<i64>() {
         Ok(n) if n > 0 && n <= u32::MAX as i64 => n as u64,
         _ => 0,
     }
@@ -305,7 +308,13 @@ impl SubscribeOptions {
             include_verification: false,
         };
         let mut include_sync = false;
+        // v1 reads the first value of a parameter (Go's `Query().Get`); only the wanted lists
+        // take every value.
+        let mut seen = HashSet::new();
         for (k, v) in query_pairs(query) {
+            if k != "wantedCollections" && k != "wantedDids" && !seen.insert(k.clone()) {
+                continue;
+            }
             match k.as_str() {
                 "wantedCollections" => collections.push(v),
                 "wantedDids" => dids.push(v),
@@ -670,5 +679,16 @@ mod tests {
         let o = SubscribeOptions::from_query("zstdDictionary=20261125", None).unwrap();
         assert_eq!((o.zstd_dictionary, o.compress), (Some(20_261_125), true));
         assert_eq!(query_pairs("a=%41%zz+b&c"), vec![("a".into(), "A%zz b".into()), ("c".into(), String::new())]);
+        assert_eq!(query_pairs("a=%+4%4"), vec![("a".into(), "% 4%4".into())], "not escapes");
+        // One value per parameter, the first, as v1 reads it; the wanted lists take them all.
+        let o = SubscribeOptions::from_query(
+            "cursor=5&cursor=abc&requireHello=true&requireHello=false&compress=false&compress=true\
+             &maxMessageSizeBytes=7&maxMessageSizeBytes=9&wantedDids=did:plc:a&wantedDids=did:plc:b",
+            None,
+        )
+        .unwrap();
+        assert_eq!((o.cursor, o.require_hello, o.compress, o.max_message_size), (Some(5), true, false, 7));
+        assert_eq!(o.filter.dids().map(|d| d.len()), Some(2));
+        assert_eq!(parse_max_message_size(" 5"), 0, "Go's Atoi takes no spaces (`+5` decodes to one)");
     }
 }
