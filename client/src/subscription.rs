@@ -33,6 +33,8 @@ const MAX_QUERY_BYTES: usize = 4096;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames read ahead of the driver (each at most [`MAX_EVENT_BYTES`]).
 const READ_AHEAD_FRAMES: usize = 16;
+/// Bytes of event JSON buffered for the consumer, unless the builder says otherwise.
+const DEFAULT_BUFFER_BYTES: usize = 64 << 20;
 
 /// How to resume on another host of the list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +96,7 @@ pub struct Builder {
     backoff: (Duration, Duration),
     max_attempts: Option<u32>,
     buffer: usize,
+    buffer_bytes: usize,
 }
 
 impl Builder {
@@ -117,6 +120,7 @@ impl Builder {
             backoff: (Duration::from_millis(250), Duration::from_secs(30)),
             max_attempts: None,
             buffer: 1024,
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
         }
     }
 
@@ -211,6 +215,15 @@ impl Builder {
         self
     }
 
+    /// Bytes of event JSON buffered between the connection and the consumer (default 64 MiB):
+    /// a count alone would let a server whose small compressed frames each decompress to
+    /// 16 MiB fill gigabytes before a slow consumer takes them. An event larger than this
+    /// waits for an empty buffer.
+    pub fn buffer_bytes(mut self, n: usize) -> Self {
+        self.buffer_bytes = n.max(1);
+        self
+    }
+
     /// Starts the background task (on the current tokio runtime).
     pub fn start(self) -> Result<Subscription, Error> {
         if self.urls.is_empty() {
@@ -223,6 +236,8 @@ impl Builder {
             .collect::<Result<Vec<_>, _>>()?;
         self.filters.validate()?;
         let (out_tx, out_rx) = mpsc::channel(self.buffer);
+        let budget =
+            Arc::new(Buffered { bytes: tokio::sync::Semaphore::new(self.buffer_bytes), max: self.buffer_bytes });
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let driver = Driver {
@@ -237,13 +252,14 @@ impl Builder {
             urls,
             opts: self,
             out: out_tx,
+            budget: budget.clone(),
             commands: cmd_rx,
             stats: stats.clone(),
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
         let task = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
-        Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task })
+        Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task, budget: Some(budget) })
     }
 }
 
@@ -286,6 +302,25 @@ pub struct Subscription {
     commands: mpsc::UnboundedSender<Command>,
     stats: Arc<Stats>,
     task: tokio::task::JoinHandle<()>,
+    /// The bytes of the events in `rx` (`None`: fed by the caller, not counted).
+    budget: Option<Arc<Buffered>>,
+}
+
+/// The bytes of event JSON between the driver and the consumer, and their cap: the driver
+/// takes an event's share before handing it over, the consumer gives it back on taking it.
+struct Buffered {
+    bytes: tokio::sync::Semaphore,
+    max: usize,
+}
+
+impl Buffered {
+    /// An event's share: its JSON, at least 1 and at most the whole cap.
+    fn share(&self, message: &Message) -> u32 {
+        match message {
+            Message::Event(e) => e.json().len().clamp(1, self.max).min(u32::MAX as usize) as u32,
+            Message::Cursor(_) => 0,
+        }
+    }
 }
 
 impl Drop for Subscription {
@@ -306,7 +341,11 @@ impl Subscription {
     /// The next message. Cancel-safe. After an `Err`, the subscription has ended and returns
     /// [`Error::Ended`].
     pub async fn next(&mut self) -> Result<Message, Error> {
-        self.rx.recv().await.unwrap_or(Err(Error::Ended))
+        let message = self.rx.recv().await.unwrap_or(Err(Error::Ended));
+        if let (Ok(m), Some(budget)) = (&message, &self.budget) {
+            budget.bytes.add_permits(budget.share(m) as usize);
+        }
+        message
     }
 
     /// Changes the filters without reconnecting (`options_update`); later reconnects use them
@@ -324,7 +363,7 @@ impl Subscription {
     #[doc(hidden)]
     pub fn from_channel(rx: mpsc::Receiver<Result<Message, Error>>) -> Subscription {
         let (commands, _) = mpsc::unbounded_channel();
-        Subscription { rx, commands, stats: Arc::default(), task: tokio::spawn(async {}) }
+        Subscription { rx, commands, stats: Arc::default(), task: tokio::spawn(async {}), budget: None }
     }
 }
 
@@ -348,6 +387,8 @@ struct Driver {
     origin: Option<Origin>,
     dedupe: Option<Dedupe>,
     out: mpsc::Sender<Result<Message, Error>>,
+    /// The bytes `out` may hold ([`Buffered`]).
+    budget: Arc<Buffered>,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Stats>,
 }
@@ -687,6 +728,13 @@ impl Driver {
     async fn send(&mut self, message: Message) -> Result<(), ConnectionError> {
         self.origin = Some(Origin::Host(self.current));
         self.last = Some(message.time_us());
+        // Room in the consumer's buffer first, in bytes (given back when the consumer takes
+        // the message); then a place in the channel.
+        let share = self.budget.share(&message);
+        if share > 0 {
+            let room = self.budget.bytes.acquire_many(share).await.map_err(|_| ConnectionError::Dropped)?;
+            room.forget();
+        }
         self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)
     }
 }

@@ -19,6 +19,8 @@ enum Script {
     EndlessFragments,
     /// Answer the upgrade with this status.
     Status(u16),
+    /// Events of about this many bytes each, this many, starting at this `time_us`.
+    Large { size: usize, count: usize, from: u64 },
     /// Complete the upgrade, then neither read nor write (a server process that hangs while
     /// its kernel keeps the connection: pings are accepted and never answered).
     Silent,
@@ -35,19 +37,19 @@ fn now_us() -> u64 {
 }
 
 /// Serves connection n with `scripts[min(n, last)]`; counts connections and the bytes of
-/// fragments the client accepted before hanging up.
+/// fragments (or large events) the client accepted.
 struct Server {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
-    fragment_bytes: Arc<AtomicUsize>,
+    accepted_bytes: Arc<AtomicUsize>,
 }
 
 async fn serve(scripts: Vec<Script>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
-    let fragment_bytes = Arc::new(AtomicUsize::new(0));
-    let (c, f) = (connections.clone(), fragment_bytes.clone());
+    let accepted_bytes = Arc::new(AtomicUsize::new(0));
+    let (c, f) = (connections.clone(), accepted_bytes.clone());
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
@@ -95,6 +97,21 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                         f.fetch_add(chunk.len(), Ordering::SeqCst);
                                     }
                                 }
+                                Script::Large { size, count, from } => {
+                                    let text = "x".repeat(size);
+                                    for i in 0..count as u64 {
+                                        let e = format!(
+                                            r#"{{"did":"did:plc:a","time_us":{},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.post","rkey":"k{i}","record":{{"text":"{text}"}}}}}}"#,
+                                            from + i
+                                        );
+                                        let n = e.len();
+                                        if ws.write_frame(Frame::text(Payload::Owned(e.into_bytes()))).await.is_err() {
+                                            return;
+                                        }
+                                        f.fetch_add(n, Ordering::SeqCst);
+                                    }
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                }
                                 Script::Silent => {
                                     tokio::time::sleep(Duration::from_secs(3600)).await;
                                     drop(ws);
@@ -114,7 +131,7 @@ async fn serve(scripts: Vec<Script>) -> Server {
             });
         }
     });
-    Server { addr, connections, fragment_bytes }
+    Server { addr, connections, accepted_bytes }
 }
 
 fn subscribe(s: &Server, cursor: Option<u64>) -> Subscription {
@@ -144,7 +161,7 @@ async fn endless_fragments_are_cut_off_at_the_message_limit() {
     assert_eq!(next_event(&mut sub).await, t);
     // What the server wrote before the client hung up: the 16 MiB limit plus what the two
     // loopback socket buffers held (a few MiB each). Without the limit it never ends.
-    let accepted = server.fragment_bytes.load(Ordering::SeqCst);
+    let accepted = server.accepted_bytes.load(Ordering::SeqCst);
     assert!(accepted <= 32 << 20, "the client took {accepted} bytes of one message");
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
 }
@@ -160,6 +177,30 @@ async fn a_server_that_hangs_with_its_connection_open_is_left_at_the_stale_timeo
     assert_eq!(next_event(&mut sub).await, t);
     assert!(started.elapsed() >= Duration::from_secs(3), "not before the stale timeout");
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_does_not_keep_up_holds_its_buffer_in_bytes_not_just_messages() {
+    // 300 events of 1 MiB (far under the 1,024 messages the buffer holds) to a consumer that
+    // takes none: the client reads up to its byte budget (8 MiB here) and its read-ahead, then
+    // stops reading; the sockets' buffers fill and the server's writes wait. Without the
+    // budget it takes all 300 MiB.
+    let t = now_us();
+    let server = serve(vec![Script::Large { size: 1 << 20, count: 300, from: t }]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .buffer_bytes(8 << 20)
+        .stale_timeout(Duration::from_secs(60))
+        .start()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let accepted = server.accepted_bytes.load(Ordering::SeqCst);
+    // 8 MiB buffered, 16 frames read ahead, one in hand, and the sockets' buffers (Linux
+    // grows a loopback receive buffer up to `tcp_rmem`'s maximum, 32 MiB here): ~55 MiB.
+    assert!(accepted <= 120 << 20, "the client took {} MiB", accepted >> 20);
+    // Taking them frees room: every event arrives, in order.
+    for i in 0..300 {
+        assert_eq!(next_event(&mut sub).await, t + i);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
