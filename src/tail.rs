@@ -27,6 +27,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, stdout.lock());
     let (mut events, mut position) = (0u64, args.cursor);
+    // Everything up to here is on stdout: the position at the last flush that went out. The
+    // resume cursor is never past it, so a full disk or a failing pipe loses nothing on resume.
+    let mut written_to = args.cursor;
+    let mut write_failed = false;
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut last_progress = Instant::now();
     let ctrl_c = tokio::signal::ctrl_c();
@@ -36,8 +40,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             _ = &mut ctrl_c => break Ok(()),
             _ = flush.tick() => {
                 if let Err(e) = out.flush() {
+                    write_failed = true;
                     break closed_stdout(e);
                 }
+                written_to = position;
                 continue;
             }
             m = sub.next() => m,
@@ -48,6 +54,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                 events += 1;
                 let written = out.write_all(e.json().as_bytes()).and_then(|()| out.write_all(b"\n"));
                 if let Err(e) = written {
+                    write_failed = true;
                     break closed_stdout(e);
                 }
             }
@@ -64,9 +71,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
             );
         }
     };
-    let _ = out.flush();
-    if let Some(p) = position {
-        eprintln!("contrail tail: {events} events; resume with --cursor {p}");
+    let all_out = !write_failed && out.flush().is_ok();
+    match if all_out { position } else { written_to } {
+        Some(p) => eprintln!("contrail tail: {events} events; resume with --cursor {p}"),
+        None if !all_out => eprintln!("contrail tail: {events} events, none written out; start again as you did"),
+        None => {}
     }
     outcome
 }

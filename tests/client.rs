@@ -378,6 +378,20 @@ async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
         let (printed, newest) = (time_of(likes.last().unwrap()), time_of(log.last().unwrap()));
         assert!((printed..=newest).contains(&resume), "resume cursor {resume} outside {printed}..={newest}");
     }
+    // Output that cannot be written (a full disk): the tail stops with the error and names no
+    // cursor past what reached stdout (here nothing did: the cursor it started from). Before, it named the last event
+    // received, and a resume skipped everything that never got out.
+    let out = std::process::Command::new(bin())
+        .args(["tail", &format!("ws://{}", primary.public), "--cursor", "0"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    let resume = stderr.split("resume with --cursor ").nth(1).and_then(|r| r.split_whitespace().next());
+    assert_eq!(resume, Some("0"), "resume where it started, not past events never written: {stderr}");
     // A filter the client can tell is wrong, and one only the server refuses: a clear error
     // and a failing exit, not a retry loop.
     for (collection, says) in [("not a collection", "invalid filter"), ("bad..nsid", "refused the subscription")] {
