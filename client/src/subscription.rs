@@ -33,6 +33,9 @@ const MAX_QUERY_BYTES: usize = 4096;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames read ahead of the driver (each at most [`MAX_EVENT_BYTES`]).
 const READ_AHEAD_FRAMES: usize = 16;
+/// A connection that ends sooner than this after it was made is followed by a wait, even when
+/// it moved the position on.
+const BRIEF_CONNECTION: Duration = Duration::from_secs(1);
 /// Bytes of event JSON buffered for the consumer, unless the builder says otherwise.
 const DEFAULT_BUFFER_BYTES: usize = 64 << 20;
 
@@ -404,6 +407,7 @@ impl Driver {
         loop {
             let delivered_before = self.last;
             let attempt_us = now_us().saturating_sub(1_000_000);
+            let began = tokio::time::Instant::now();
             let ended = self.connection().await;
             if self.last.is_none() && self.started_us.is_none() {
                 self.started_us = Some(attempt_us);
@@ -418,7 +422,13 @@ impl Driver {
                     return;
                 }
                 e => {
-                    if self.last != delivered_before {
+                    // A connection that moved the position on starts the counting again, and
+                    // the next host is tried at once, unless it ended within a second: hosts
+                    // that each hand over an event and drop us must not be reconnected to in
+                    // a loop without a pause.
+                    let progressed = self.last != delivered_before;
+                    let brief = began.elapsed() < BRIEF_CONNECTION;
+                    if progressed {
                         failures = 0;
                         backoff.reset();
                     }
@@ -434,7 +444,7 @@ impl Driver {
                         self.stats.host.store(self.current, Ordering::Relaxed);
                     }
                     // Every host once before waiting.
-                    if failures as usize >= self.urls.len() {
+                    if failures as usize >= self.urls.len() || (progressed && brief) {
                         tokio::select! {
                             _ = tokio::time::sleep(backoff.next_wait()) => {}
                             _ = self.out.closed() => return,
@@ -671,6 +681,11 @@ impl Driver {
         };
         let message = if let Some(cursor) = cursor_message(&v1_text) {
             check_not_future(cursor)?;
+            if cursor == 0 {
+                // A server with an empty log: no position (a store saving 0 would read it
+                // back as "no cursor", and start live).
+                return Ok(());
+            }
             // A position in this host's timeline. After a rewind onto another host it is
             // comparable only once it is a whole rewind past the last position (the hosts'
             // clocks differ by less), or once an event from this host has arrived.
