@@ -10,7 +10,7 @@ use crate::config::ServeConfig;
 use crate::hub::compress::Dictionaries;
 use crate::hub::precompress::Precompressor;
 use crate::hub::Hub;
-use crate::log::{retention, StoreKind};
+use crate::log::{retention, RelayCursor, StoreKind};
 use crate::metrics::Metrics;
 use crate::sequencer::{ingest_channel, Sequencer};
 use crate::server;
@@ -55,13 +55,27 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let relay_key = config.relay.relay_url.canonical();
     let same_relay =
         |stored: &str| crate::source::wsclient::WsUrl::parse(stored).is_ok_and(|u| u.canonical() == relay_key);
+    let newest_written = log.last_time_us()?;
     let start_seq = match log.relay_cursor()? {
-        Some(c) if same_relay(&c.url) => Some(c.seq),
-        Some(c) => {
+        Some(c) if !same_relay(&c.url) => {
             // Each relay has its own seq space: a cursor for another relay means nothing here.
             tracing::warn!(stored_url = %c.url, stored_seq = c.seq, relay_url = %relay_url, "relay URL changed; starting live");
             None
         }
+        Some(RelayCursor { seq, at_time_us: Some(at), .. }) if newest_written > at => {
+            // The log took events after the cursor without moving it: this node ran as a
+            // replica since. Resuming the relay from the old seq would store again, under new
+            // time_us, every event since; starting live loses only what the relay sent between
+            // the replica's newest event and now.
+            tracing::warn!(
+                stored_seq = seq,
+                cursor_at_time_us = at,
+                last_time_us = newest_written,
+                "the log has events newer than its relay cursor (it ran as a replica since): starting live"
+            );
+            None
+        }
+        Some(c) => Some(c.seq),
         None => None,
     };
     tracing::info!(store = ?config.log.store, data_dir = %config.log.data_dir.display(), relay_seq = start_seq, last_time_us = log.last_time_us()?, "log opened");

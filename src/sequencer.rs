@@ -237,9 +237,8 @@ impl Sequencer {
         if frames.is_empty() {
             return Ok(());
         }
-        let cursor =
-            frames.iter().rev().find_map(|f| f.seq).map(|seq| RelayCursor { url: self.relay_url.clone(), seq });
         let relay_time = frames.iter().rev().find_map(|f| f.relay_time_us);
+        let frames_seq = frames.iter().rev().find_map(|f| f.seq);
         let mut events: Vec<Event> = Vec::with_capacity(frames.iter().map(|f| f.events.len()).sum());
         let mut repo_states = Vec::new();
         // One clock reading for the batch: its events are stored, and become visible, together
@@ -267,6 +266,13 @@ impl Sequencer {
                 events.push(e);
             }
         }
+        // Written with the log's newest time_us as of this batch: a node that later takes
+        // events without a relay seq (as a replica) leaves the cursor behind, and knows it.
+        let cursor = frames_seq.map(|seq| RelayCursor {
+            url: self.relay_url.clone(),
+            seq,
+            at_time_us: Some(self.stamper.last()),
+        });
         let started = std::time::Instant::now();
         self.log.append_with_states(&events, cursor.as_ref(), &repo_states)?;
         let m = &self.metrics;

@@ -443,3 +443,38 @@ async fn an_upstream_sending_only_lines_it_drops_is_left_as_stale() {
     assert!(replica.metric("contrail_drops_total{reason=\"bad_body\"}").unwrap() >= 100.0);
     assert!(replica.logs().contains("stale: no event or cursor message"), "{}", replica.logs());
 }
+
+/// A node that ran as a replica and is made a primary again does not resume the relay from the
+/// cursor it wrote as a primary before: its log has taken its upstream's events since, and the
+/// relay replaying from that old seq would store them all again under new `time_us`. It starts
+/// live, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_made_primary_again_does_not_resume_from_its_stale_relay_cursor() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 200, 40, 23);
+    relay.push_all(&gen[..100]);
+    let (nd, pd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The node as a primary: seqs 1–100, then stopped.
+    let node = Serve::start(nd.path(), &relay.url(), &[]);
+    node.wait_for_seq(100, Duration::from_secs(30));
+    drop(node);
+    // Another primary takes the relay on to seq 200, and the node follows it as a replica.
+    relay.push_all(&gen[100..]);
+    let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let node = replica(nd.path(), &[&primary]);
+    wait_caught_up(&primary, &node, Duration::from_secs(30));
+    drop(node);
+    let before = inspect_log(nd.path()).len();
+    // Made a primary again. The relay's live edge is past seq 200 (the fake relay replays its
+    // whole buffer to a connection without a cursor otherwise).
+    relay.plan(vec![ConnFault { live_from: Some(201), ..ConnFault::default() }]);
+    let connections = relay.connections();
+    let node = Serve::start(nd.path(), &relay.url(), &[]);
+    relay.wait_for_connections_above(connections, Duration::from_secs(30));
+    assert_eq!(relay.cursors().last(), Some(&None), "started live, not from seq 100");
+    assert!(node.logs().contains("newer than its relay cursor"), "{}", node.logs());
+    std::thread::sleep(Duration::from_millis(500));
+    drop(node);
+    assert_eq!(inspect_log(nd.path()).len(), before, "nothing stored again");
+}

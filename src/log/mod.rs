@@ -106,6 +106,10 @@ pub type RepoStateWrite = (String, Vec<u8>);
 pub struct RelayCursor {
     pub url: String,
     pub seq: i64,
+    /// The log's newest `time_us` when the cursor was written (`None`: written by a version
+    /// that did not keep it). A log with newer events has taken events the cursor does not
+    /// describe (it ran as a replica since), and the cursor is stale.
+    pub at_time_us: Option<u64>,
 }
 
 /// Figures for `inspect stats` and `/status`.

@@ -32,6 +32,8 @@ const CF_REPOS: &str = "repos";
 const CF_DIDS: &str = "dids";
 const CF_ZFRAMES: &str = "zframes";
 const KEY_RELAY: &[u8] = b"relay";
+/// The log's newest `time_us` when the relay cursor was written ([`RelayCursor::at_time_us`]).
+const KEY_RELAY_AT: &[u8] = b"relay_at_time_us";
 const KEY_LAST_TIME: &[u8] = b"last_time_us";
 
 use super::{LogError, LogStats, RelayCursor, RepoStateWrite, Result};
@@ -226,7 +228,11 @@ impl RocksLog {
         }
         let seq = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
         let url = String::from_utf8(v[8..].to_vec()).map_err(|_| LogError::Corrupt("relay cursor"))?;
-        Ok(Some(RelayCursor { url, seq }))
+        let at_time_us = match self.db.get_cf(self.meta(), KEY_RELAY_AT)? {
+            Some(t) => Some(u64::from_be_bytes(t[..].try_into().map_err(|_| LogError::Corrupt("relay cursor time"))?)),
+            None => None,
+        };
+        Ok(Some(RelayCursor { url, seq, at_time_us }))
     }
 
     /// The newest `time_us` ever written: the larger of the newest key and the remembered
@@ -265,6 +271,9 @@ impl RocksLog {
             let mut v = c.seq.to_be_bytes().to_vec();
             v.extend_from_slice(c.url.as_bytes());
             batch.put_cf(self.meta(), KEY_RELAY, v);
+            if let Some(t) = c.at_time_us {
+                batch.put_cf(self.meta(), KEY_RELAY_AT, t.to_be_bytes());
+            }
         }
         self.db.write_opt(batch, &self.write_opts)?;
         Ok(())
