@@ -99,7 +99,8 @@ pub async fn serve<H, F>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 // Plain HTTP requests must arrive promptly; upgraded websockets are not affected.
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                // Room for a /subscribe URL with 10,000 wantedDids (~450 KB), as v1 allowed.
+                // Room for large request heads. The URL itself stops at hyper's 64 KiB limit
+                // (a bare 414 before any handler: ~1,500 wantedDids; README "URL limit").
                 .max_buf_size(2 << 20)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();
