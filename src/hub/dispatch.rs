@@ -14,10 +14,11 @@
 //! Bounded memory. A queue holds at most [`QUEUE_EVENTS`] events and [`QUEUE_BYTES`] bytes of
 //! JSON, and all queues together at most the budget given to [`Dispatcher::start`] (the
 //! events are the ring's, shared by `Arc`, but a queue can keep one alive after the ring let
-//! it go). Half the budget is a pool any queue may fill; the other half is every queue's
-//! guaranteed share of it (half the budget ÷ the queues in the index), so a few stuck clients
-//! holding megabytes each cannot push busy, healthy subscribers to the log: once the pool is
-//! full, only a queue past its share ends. A queue that would pass any of these, or a
+//! it go). Half the budget is a pool any queue may fill; the other half is shared out (half the
+//! budget ÷ the queues in the index), so a few stuck clients holding megabytes each cannot push
+//! busy, healthy subscribers to the log: once the pool is full, only a queue past its share
+//! ends — until the whole budget is reached, where any queue that holds something ends (shares
+//! were larger when fewer queues were in the index: the budget is the bound). A queue that would pass any of these, or a
 //! dispatcher that fell behind the ring, *ends* the queue: it is emptied, the subscriber leaves
 //! the index and reads the log from its position (counted in
 //! `contrail_hub_live_queue_overflows_total`), and joins again when it has caught up. An event
@@ -122,9 +123,10 @@ impl Queue {
             return false;
         }
         let size = ev.json().len();
-        // The pool is the budget's first half; the shares (half ÷ queues) are the second.
-        let pool_full = self.all_queued.load(Ordering::Relaxed) + size > self.budget / 2;
-        let past_share = pool_full && s.bytes + size > share;
+        // The pool is the budget's first half; the shares (half ÷ queues) are the second; the
+        // budget itself holds whatever the shares were when the queues grew.
+        let queued = self.all_queued.load(Ordering::Relaxed) + size;
+        let past_share = (queued > self.budget / 2 && s.bytes + size > share) || queued > self.budget;
         if s.events.len() >= QUEUE_EVENTS || (!s.events.is_empty() && (s.bytes + size > QUEUE_BYTES || past_share)) {
             drop(s);
             self.end(Ended::Overflowed);
@@ -717,6 +719,32 @@ mod tests {
         assert!(matches!(stuck.queue().take(), Take::Ended(Ended::Overflowed)));
         assert_eq!(d.overflows.get(), 2);
         assert_eq!(d.queued.load(Ordering::Relaxed), 0);
+        // Stuck clients joining one after another each fill the share of their moment (larger
+        // while fewer were in the index): the budget still bounds them all (one event over it
+        // at most: a queue's first event always goes in). A budget of 20,000 bytes here; the
+        // shares alone would add up to 28,000.
+        let budget = 20_000;
+        let d = Arc::new(Dispatcher::new(0, budget, prometheus::IntCounter::new("o", "o").unwrap()));
+        let (_bystander, _) = d.register(filter("org.example.nobody"), 0);
+        let mut stuck = Vec::new();
+        for k in 0..40 {
+            let collection = format!("app.bsky.stuck{k:0>2}");
+            stuck.push(d.register(filter(&collection), 0).0);
+            // Events for it up to what its share allows now (the bystander and the stuck
+            // ones before it are in the index too), then none: its DID goes quiet.
+            let share_now = budget / 2 / (k + 2);
+            let mut held = 0;
+            loop {
+                let pool_full = d.queued.load(Ordering::Relaxed) + size > budget / 2;
+                if held >= 100 * size || (pool_full && held + size > share_now) {
+                    break;
+                }
+                d.dispatch(&ev(&collection));
+                held += size;
+                let queued = d.queued.load(Ordering::Relaxed);
+                assert!(queued <= budget + size, "{queued} bytes queued, budget {budget}");
+            }
+        }
     }
 
     #[test]
