@@ -100,10 +100,20 @@ impl serde::Serialize for IpNet {
 }
 
 impl IpNet {
-    /// Whether `ip` is in the block; an IPv4-mapped IPv6 address (what a dual-stack listener
-    /// sees of an IPv4 peer) counts as its IPv4 address.
+    /// Whether `ip` is in the block. An IPv4 address and its IPv4-mapped IPv6 form (what a
+    /// dual-stack listener sees of an IPv4 peer) are one address: either form matches a block
+    /// written in either (`10.0.0.0/8`, `::ffff:10.0.0.0/104`, `::/0`).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        let (a, b, bits) = match (self.addr, ip.to_canonical()) {
+        let v4 = ip.to_canonical();
+        let v6 = match v4 {
+            IpAddr::V4(a) => IpAddr::V6(a.to_ipv6_mapped()),
+            other => other,
+        };
+        self.contains_exactly(v4) || self.contains_exactly(v6)
+    }
+
+    fn contains_exactly(&self, ip: IpAddr) -> bool {
+        let (a, b, bits) = match (self.addr, ip) {
             (IpAddr::V4(a), IpAddr::V4(b)) => (u32::from(a) as u128, u32::from(b) as u128, 32),
             (IpAddr::V6(a), IpAddr::V6(b)) => (u128::from(a), u128::from(b), 128),
             _ => return false,
@@ -433,6 +443,19 @@ mod tests {
         assert_eq!(client_ip(mapped, Some("198.51.100.7"), &trusted).to_string(), "198.51.100.7");
         assert_eq!(client_ip(mapped, None, &trusted).to_string(), "10.1.2.3");
         assert_eq!(client_ip(proxy, Some("::ffff:198.51.100.7"), &trusted).to_string(), "198.51.100.7");
+        // A block written in the mapped form still takes the IPv4 peer.
+        for block in ["::ffff:10.0.0.0/104", "::ffff:10.1.2.3"] {
+            let trusted: Vec<IpNet> = vec![block.parse().unwrap()];
+            for peer in [proxy, mapped] {
+                assert_eq!(client_ip(peer, Some("198.51.100.7"), &trusted).to_string(), "198.51.100.7", "{block}");
+            }
+        }
+        // All of IPv4 (or of IPv6, which holds its mapped form) trusted: the proxies' own
+        // addresses are all that is left, and the peer is the client.
+        for block in ["::ffff:0:0/96", "::/0"] {
+            let trusted: Vec<IpNet> = vec![block.parse().unwrap()];
+            assert_eq!(client_ip(mapped, Some("198.51.100.7"), &trusted).to_string(), "10.1.2.3", "{block}");
+        }
     }
 
     #[test]
