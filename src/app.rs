@@ -83,6 +83,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.relay_last_seq.set(seq);
     }
 
+    if !config.replica.upstream_url.is_empty() {
+        // A relay cursor written before cursors kept their time: marked now, before this
+        // replica takes newer events, so that a later start as a primary sees it is stale.
+        if let Some(c) = log.relay_cursor()?.filter(|c| c.at_time_us.is_none()) {
+            log.append(&[], Some(&RelayCursor { at_time_us: Some(newest_written), ..c }))?;
+        }
+    }
+
     let (ring, _) = broadcast::channel(config.hub.ring_capacity);
     // Events' cached encodings (zstd frames, v2 messages) are bounded by the budgets of what
     // holds the events: the ring, the live queues (mostly the ring's own events, shared; up to

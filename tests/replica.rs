@@ -450,6 +450,13 @@ async fn an_upstream_sending_only_lines_it_drops_is_left_as_stale() {
 /// live, and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_made_primary_again_does_not_resume_from_its_stale_relay_cursor() {
+    promoted_replica_starts_live(false).await;
+    // The same with a cursor written before cursors kept their time (an older version): the
+    // replica marks it when it starts, before it takes newer events.
+    promoted_replica_starts_live(true).await;
+}
+
+async fn promoted_replica_starts_live(cursor_without_time: bool) {
     let relay = FakeRelay::start().await;
     let gen = generate(1, 200, 40, 23);
     relay.push_all(&gen[..100]);
@@ -458,6 +465,11 @@ async fn a_replica_made_primary_again_does_not_resume_from_its_stale_relay_curso
     let node = Serve::start(nd.path(), &relay.url(), &[]);
     node.wait_for_seq(100, Duration::from_secs(30));
     drop(node);
+    if cursor_without_time {
+        let cfs = rocksdb::DB::list_cf(&rocksdb::Options::default(), nd.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), nd.path(), &cfs).unwrap();
+        db.delete_cf(db.cf_handle("meta").unwrap(), b"relay_at_time_us").unwrap();
+    }
     // Another primary takes the relay on to seq 200, and the node follows it as a replica.
     relay.push_all(&gen[100..]);
     let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);

@@ -71,7 +71,15 @@ fn stamps_never_regress(dir: tempfile::TempDir, log: Log, durable: bool) {
     }
     let last = stored.last().unwrap().time_us;
     let cursor = RelayCursor { url: "ws://relay".into(), seq: 10, at_time_us: Some(last) };
-    assert_eq!(store.relay_cursor().unwrap(), Some(cursor));
+    assert_eq!(store.relay_cursor().unwrap(), Some(cursor.clone()));
+    if durable {
+        // A version that keeps no time moves the cursor on (a downgrade): the time kept for
+        // the old seq is not taken for the new one.
+        let moved = RelayCursor { seq: 11, at_time_us: None, ..cursor.clone() };
+        store.append(&[], Some(&moved)).unwrap();
+        assert_eq!(store.relay_cursor().unwrap(), Some(moved));
+        store.append(&[], Some(&cursor)).unwrap();
+    }
     let tip = store.tip();
     assert_eq!((tip.oldest(), tip.newest()), (Some(stored[0].time_us), Some(last)), "the tip moves with appends");
     drop(seq);

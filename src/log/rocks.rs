@@ -32,7 +32,9 @@ const CF_REPOS: &str = "repos";
 const CF_DIDS: &str = "dids";
 const CF_ZFRAMES: &str = "zframes";
 const KEY_RELAY: &[u8] = b"relay";
-/// The log's newest `time_us` when the relay cursor was written ([`RelayCursor::at_time_us`]).
+/// The log's newest `time_us` when the relay cursor was written ([`RelayCursor::at_time_us`]),
+/// then the cursor's seq: a version that does not know this key moves the cursor without it,
+/// and a seq that no longer matches makes the time unknown rather than wrong.
 const KEY_RELAY_AT: &[u8] = b"relay_at_time_us";
 const KEY_LAST_TIME: &[u8] = b"last_time_us";
 
@@ -229,7 +231,11 @@ impl RocksLog {
         let seq = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
         let url = String::from_utf8(v[8..].to_vec()).map_err(|_| LogError::Corrupt("relay cursor"))?;
         let at_time_us = match self.db.get_cf(self.meta(), KEY_RELAY_AT)? {
-            Some(t) => Some(u64::from_be_bytes(t[..].try_into().map_err(|_| LogError::Corrupt("relay cursor time"))?)),
+            Some(v) if v.len() == 16 => {
+                let (time, of_seq) = v.split_at(8);
+                (of_seq == seq.to_be_bytes()).then(|| u64::from_be_bytes(time.try_into().expect("8 bytes")))
+            }
+            Some(_) => return Err(LogError::Corrupt("relay cursor time")),
             None => None,
         };
         Ok(Some(RelayCursor { url, seq, at_time_us }))
@@ -272,7 +278,9 @@ impl RocksLog {
             v.extend_from_slice(c.url.as_bytes());
             batch.put_cf(self.meta(), KEY_RELAY, v);
             if let Some(t) = c.at_time_us {
-                batch.put_cf(self.meta(), KEY_RELAY_AT, t.to_be_bytes());
+                let mut at = t.to_be_bytes().to_vec();
+                at.extend_from_slice(&c.seq.to_be_bytes());
+                batch.put_cf(self.meta(), KEY_RELAY_AT, at);
             }
         }
         self.db.write_opt(batch, &self.write_opts)?;
