@@ -223,7 +223,7 @@ impl Builder {
     /// 16 MiB fill gigabytes before a slow consumer takes them. An event larger than this
     /// waits for an empty buffer.
     pub fn buffer_bytes(mut self, n: usize) -> Self {
-        self.buffer_bytes = n.max(1);
+        self.buffer_bytes = n.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         self
     }
 
