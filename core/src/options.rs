@@ -377,13 +377,21 @@ pub enum MessageError {
 /// from a 10 MB message); past the first refused value, the rest is only checked to be JSON.
 pub fn parse_client_message(text: &str) -> Result<Option<Update>, MessageError> {
     let envelope = |e: serde_json::Error| MessageError::Json(format!("failed to parse subscriber message: {e}"));
-    let Some([kind, payload]) = members(text, ["type", "payload"]).map_err(envelope)? else { return Ok(None) };
+    let envelope_members = [("type", OnNull::Skipped), ("payload", OnNull::Kept)];
+    let Some([kind, payload]) = members(text, envelope_members).map_err(envelope)? else { return Ok(None) };
     let kind: Option<String> = json_value(kind).map_err(envelope)?;
     if kind.as_deref() != Some("options_update") {
         return Ok(None);
     }
     let bad_payload = |e: serde_json::Error| MessageError::Json(format!("failed to parse options_update payload: {e}"));
-    let names = ["wantedCollections", "wantedDids", "maxMessageSizeBytes", "informCursorSeconds", "includeSync"];
+    // Go sets a list to nil on `null` and leaves a number or a bool as it was.
+    let names = [
+        ("wantedCollections", OnNull::Kept),
+        ("wantedDids", OnNull::Kept),
+        ("maxMessageSizeBytes", OnNull::Skipped),
+        ("informCursorSeconds", OnNull::Skipped),
+        ("includeSync", OnNull::Skipped),
+    ];
     let fields = match payload {
         Some(p) => members(p.get(), names).map_err(bad_payload)?.unwrap_or_default(),
         None => Default::default(),
@@ -426,16 +434,27 @@ fn json_value<'a, T: serde::Deserialize<'a>>(raw: Option<&'a RawValue>) -> serde
     raw.map(|r| serde_json::from_str::<Option<T>>(r.get())).transpose().map(Option::flatten)
 }
 
+/// What a member whose value is `null` does to what an earlier member of that name gave, as
+/// Go's decoder does to the field.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnNull {
+    /// Replaces it (Go: a slice becomes nil, a raw message holds `null`).
+    Kept,
+    /// Leaves it (Go: a string, a number or a bool is left as it was).
+    Skipped,
+}
+
 /// The members of a JSON object named `names` (ignoring ASCII case; a later one replaces an
-/// earlier one), borrowed; other members are read and dropped. `None` for JSON `null`.
+/// earlier one, a `null` as [`OnNull`] says), borrowed; other members are read and dropped.
+/// `None` for JSON `null`.
 fn members<'a, const N: usize>(
     json: &'a str,
-    names: [&'static str; N],
+    names: [(&'static str, OnNull); N],
 ) -> serde_json::Result<Option<[Option<&'a RawValue>; N]>> {
     use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
-    struct Object<const N: usize>([&'static str; N]);
+    struct Object<const N: usize>([(&'static str, OnNull); N]);
     /// A member's name, as its index in the names (no copy of the name is kept).
-    struct Name<'n>(&'n [&'static str]);
+    struct Name<'n>(&'n [(&'static str, OnNull)]);
     impl<'de> DeserializeSeed<'de> for Name<'_> {
         type Value = Option<usize>;
         fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
@@ -448,7 +467,7 @@ fn members<'a, const N: usize>(
             f.write_str("a member name")
         }
         fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
-            Ok(self.0.iter().position(|n| n.eq_ignore_ascii_case(v)))
+            Ok(self.0.iter().position(|(n, _)| n.eq_ignore_ascii_case(v)))
         }
     }
     impl<'de, const N: usize> Visitor<'de> for Object<N> {
@@ -463,7 +482,12 @@ fn members<'a, const N: usize>(
             let mut found = [None; N];
             while let Some(at) = map.next_key_seed(Name(&self.0))? {
                 match at {
-                    Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
+                    Some(i) => {
+                        let value = map.next_value::<&'de RawValue>()?;
+                        if value.get() != "null" || self.0[i].1 == OnNull::Kept {
+                            found[i] = Some(value);
+                        }
+                    }
                     None => {
                         map.next_value::<IgnoredAny>()?;
                     }
@@ -502,18 +526,22 @@ impl<'de> serde::de::Visitor<'de> for IntoBuilder<'_> {
         Ok(())
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        /// One string, handed to `add` as read (borrowed where it has no escapes).
+        /// One string, handed to `add` as read (borrowed where it has no escapes); `null` is
+        /// the empty string, as Go leaves a string it cannot set (and v1 refuses it as a value).
         struct Value<'v, 'b>(&'v mut IntoBuilder<'b>);
         impl<'de> serde::de::DeserializeSeed<'de> for Value<'_, '_> {
             type Value = ();
             fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-                d.deserialize_str(self)
+                d.deserialize_any(self)
             }
         }
         impl serde::de::Visitor<'_> for Value<'_, '_> {
             type Value = ();
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a string")
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+                self.visit_str("")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
                 let into = &mut *self.0;
@@ -614,6 +642,16 @@ mod tests {
         assert_eq!(read(m).unwrap_err(), refused);
         let m = r#"{"type":"options_update","payload":{"wantedDids":["nope",5]}}"#;
         assert!(matches!(read(m), Err(MessageError::Json(_))));
+        // `null` as Go reads it: in a list, the empty string (an invalid DID); for a number or
+        // the type, nothing (an earlier value stays); for a list, no list.
+        let m = r#"{"type":"options_update","payload":{"wantedDids":[null]}}"#;
+        let invalid = MessageError::Options(OptionsError("invalid subscriber options: invalid DID: ".into()));
+        assert_eq!(read(m).unwrap_err(), invalid);
+        let m =
+            r#"{"type":"options_update","type":null,"payload":{"maxMessageSizeBytes":5,"maxMessageSizeBytes":null}}"#;
+        assert_eq!(read(m).unwrap().unwrap().max_message_size, 5);
+        let m = format!(r#"{{"type":"options_update","payload":{{"wantedDids":["{DID}"],"wantedDids":null}}}}"#);
+        assert_eq!(read(&m).unwrap().unwrap().filter, Filter::default());
         let m = r#"{"type":"options_update","payload":{"informCursorSeconds":601}}"#;
         assert!(matches!(read(m), Err(MessageError::Options(_))));
         // The same filter as from the query string, values repeated or not.
