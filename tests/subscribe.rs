@@ -1033,6 +1033,20 @@ async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() 
     wait_held(3 * f);
     let _e = connect(public, &v1(6), &[("X-Forwarded-For", &from(5))]).await.unwrap();
     assert_eq!(held(), 4 * f);
+    // A filter the live index keeps copies of (collections, or up to 100 DIDs) counts them too.
+    let few: Vec<String> = dids(50, 8);
+    let q = few.iter().map(|d| format!("wantedDids={d}")).collect::<Vec<_>>().join("&");
+    let _g = connect(
+        public,
+        &format!("/subscribe?wantedCollections=app.bsky.feed.post&{q}"),
+        &[("X-Forwarded-For", &from(6))],
+    )
+    .await
+    .unwrap();
+    let small = contrail::options::Filter::new(&["app.bsky.feed.post".into()], &few).unwrap();
+    let counted = contrail::hub::dispatch::filter_bytes(&small);
+    assert!(counted > small.heap_bytes(), "the index copy is counted");
+    assert_eq!(held(), 4 * f + counted);
 }
 
 /// Replay pages in subscribers' hands share `--replay-held-bytes`, a quarter of it per client:
