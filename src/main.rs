@@ -136,7 +136,7 @@ fn dict_measure(jsonl: PathBuf, dict: Option<PathBuf>) -> anyhow::Result<()> {
         None => contrail::hub::compress::Dictionaries::load(&[], None)?.default().clone(),
     };
     let raw: usize = samples.iter().map(Vec::len).sum();
-    let with = dict::compressed_size(&samples, Some(&d.raw))?;
+    let with = dict::compressed_size(&samples, Some(&d.raw[..]))?;
     let plain = dict::compressed_size(&samples, None)?;
     println!(
         "{}",

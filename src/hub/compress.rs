@@ -27,8 +27,8 @@ pub const JETSTREAM_V1: &[u8] = include_bytes!("../../dictionaries/jetstream-v1.
 pub const CONTRAIL_V1: &[u8] = include_bytes!("../../dictionaries/contrail-v1.zdict");
 
 pub struct Dictionary {
-    /// The dictionary file, served at `GET /dictionary`.
-    pub raw: Vec<u8>,
+    /// The dictionary file, served at `GET /dictionary` (shared: a request copies a handle).
+    pub raw: bytes::Bytes,
     /// The dictionary id from its header (0 for a raw-content dictionary).
     pub id: u32,
     /// A checksum of its content: what a stored compressed frame names its dictionary by (an
@@ -71,7 +71,7 @@ impl Dictionary {
         // compressors in thread-locals need a 'static borrow.
         let prepared = Box::leak(Box::new(zstd::dict::EncoderDictionary::copy(&raw, LEVEL)));
         let fingerprint = crc32fast::hash(&raw);
-        Ok(Arc::new(Dictionary { raw, id, fingerprint, prepared, slot }))
+        Ok(Arc::new(Dictionary { raw: raw.into(), id, fingerprint, prepared, slot }))
     }
 
     /// Loads a dictionary file for `slot`.

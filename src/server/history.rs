@@ -62,6 +62,11 @@ fn totals(m: &Metrics) -> Totals {
 struct State {
     samples: VecDeque<Sample>,
     mix: VecDeque<MixCounts>,
+    /// What the routes serve, made once per sample (a request costs a copy of a handle, not
+    /// a serialisation of 720 samples or a merge of a minute of collections: a client
+    /// pipelining thousands of `HEAD /status/history` must not keep the cores busy).
+    samples_json: Option<bytes::Bytes>,
+    mix_json: Option<serde_json::Value>,
 }
 
 /// The history, shared by the sampler and the routes.
@@ -143,21 +148,29 @@ impl History {
         while st.mix.len() > MIX_INTERVALS {
             st.mix.pop_front();
         }
+        (st.samples_json, st.mix_json) = (None, None);
         now
     }
 
     /// Every sample, oldest first (`GET /status/history`).
-    pub fn samples_json(&self) -> String {
-        let st = self.state();
-        serde_json::to_string(&st.samples).unwrap_or_else(|_| "[]".into())
+    pub fn samples_json(&self) -> bytes::Bytes {
+        let mut st = self.state();
+        if st.samples_json.is_none() {
+            let json = serde_json::to_vec(&st.samples).unwrap_or_else(|_| b"[]".to_vec());
+            st.samples_json = Some(json.into());
+        }
+        st.samples_json.clone().expect("set above")
     }
 
     /// The event mix of the last minute: kinds and the ten busiest collections.
     pub fn mix_json(&self) -> serde_json::Value {
-        let st = self.state();
-        let mut v = crate::mix::summarize(st.mix.iter(), 10);
-        v["window_seconds"] = (st.mix.len() as f64 * self.every.as_secs_f64()).into();
-        v
+        let mut st = self.state();
+        if st.mix_json.is_none() {
+            let mut v = crate::mix::summarize(st.mix.iter(), 10);
+            v["window_seconds"] = (st.mix.len() as f64 * self.every.as_secs_f64()).into();
+            st.mix_json = Some(v);
+        }
+        st.mix_json.clone().expect("set above")
     }
 
     /// Replica catch-up: how far behind the upstream this node is and, from how fast that
@@ -194,7 +207,7 @@ mod tests {
         m.events_ingested.with_label_values(&["commit"]).inc_by(50);
         m.drop_reason(DropReason::BadCar);
         let prev = h.sample(prev);
-        let first: Vec<serde_json::Value> = serde_json::from_str(&h.samples_json()).unwrap();
+        let first: Vec<serde_json::Value> = serde_json::from_slice(&h.samples_json()).unwrap();
         assert!((first[0]["ingest_per_second"].as_f64().unwrap() - 10.0).abs() < 0.5, "{}", first[0]);
         assert!(first[0]["drops_per_second"]["bad_car"].as_f64().unwrap() > 0.0);
         assert_eq!(first[0]["subscribers"]["v1"]["zstd"], 0);
@@ -202,8 +215,13 @@ mod tests {
         for _ in 0..KEEP + 10 {
             p = h.sample(p);
         }
-        let all: Vec<serde_json::Value> = serde_json::from_str(&h.samples_json()).unwrap();
+        let all: Vec<serde_json::Value> = serde_json::from_slice(&h.samples_json()).unwrap();
         assert_eq!(all.len(), KEEP);
+        // Made once per sample: requests between two samples share the bytes.
+        assert_eq!(h.samples_json().as_ptr(), h.samples_json().as_ptr());
+        let before = h.samples_json();
+        let _ = h.sample(p);
+        assert_ne!(h.samples_json().as_ptr(), before.as_ptr(), "a new sample, made again");
         assert!(h.samples_json().len() < 400_000, "{} bytes", h.samples_json().len());
         assert_eq!(h.catchup_json(), serde_json::Value::Null, "a primary has no catch-up");
     }

@@ -99,14 +99,19 @@ pub async fn serve<H, F>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 // Plain HTTP requests must arrive promptly; upgraded websockets are not affected.
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                // Room for large request heads. The URL itself stops at hyper's 64 KiB limit
-                // (a bare 414 before any handler: ~1,500 wantedDids; README "URL limit").
-                .max_buf_size(2 << 20)
+                // Room for a request head with the longest URL hyper takes (64 KiB, a bare 414
+                // past it: ~1,500 wantedDids; README "URL limit"), not more: each connection
+                // still sending its head may hold this much.
+                .max_buf_size(256 << 10)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
+                // Ends at the upgrade too: the websocket then lives on in its own task.
                 _ = conn.as_mut() => {}
+                // Plain HTTP (keep-alive, pipelining) for longer than this is closed: a client
+                // reading its responses a few bytes a minute must not hold them for ever.
+                () = tokio::time::sleep(MAX_PLAIN_HTTP) => {}
                 _ = cancel.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
@@ -115,6 +120,10 @@ pub async fn serve<H, F>(
         });
     }
 }
+
+/// How long a connection may speak plain HTTP before it is closed (a websocket is not: its
+/// connection leaves hyper at the upgrade). A status page or a Prometheus scrape reconnects.
+pub const MAX_PLAIN_HTTP: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Binds, logging the real address (port 0 picks a free one).
 pub async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<TcpListener> {

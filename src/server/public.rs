@@ -155,6 +155,16 @@ fn verification_json(shared: &Public) -> serde_json::Value {
     })
 }
 
+/// A URL as `/status` shows it: without its user info, query or fragment, where an operator's
+/// token for a private relay or upstream would be.
+fn shown_url(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let (authority, path) = rest.find('/').map_or((rest, ""), |i| rest.split_at(i));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
+}
+
 /// The figures of `/status` (and the status page).
 pub fn status_json(shared: &Public) -> serde_json::Value {
     let m = &shared.metrics;
@@ -165,11 +175,11 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
         "role": if upstream.is_some() { "replica" } else { "primary" },
-        "upstream": upstream,
+        "upstream": upstream.as_deref().map(shown_url),
         "replication_lag_seconds": m.replication_lag_seconds.get(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "relay": {
-            "url": shared.relay_url,
+            "url": shared.relay_url.as_deref().map(shown_url),
             "connected": m.relay_connected.get() == 1,
             "seq": m.relay_last_seq.get(),
             "lag_seconds": m.relay_lag_seconds.get(),
@@ -199,4 +209,17 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
         "mix": shared.history.mix_json(),
         "catchup": shared.history.catchup_json(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shown_url;
+
+    #[test]
+    fn status_shows_urls_without_their_secrets() {
+        assert_eq!(shown_url("wss://bsky.network"), "wss://bsky.network");
+        assert_eq!(shown_url("wss://relay.example/xrpc/x?token=secret#f"), "wss://relay.example/xrpc/x");
+        assert_eq!(shown_url("ws://user:pw@10.0.0.1:6008/"), "ws://10.0.0.1:6008/");
+        assert_eq!(shown_url("ws://[::1]:6008?k=v"), "ws://[::1]:6008");
+    }
 }
