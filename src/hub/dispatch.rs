@@ -18,9 +18,9 @@
 //! budget ÷ the queues in the index), so a few stuck clients holding megabytes each cannot push
 //! busy, healthy subscribers to the log: once the pool is full, only a queue past its share
 //! ends — until the whole budget is reached, where any queue that holds something ends (shares
-//! were larger when fewer queues were in the index: the budget is the bound). A queue that would pass any of these, or a
-//! dispatcher that fell behind the ring, *ends* the queue: it is emptied, the subscriber leaves
-//! the index and reads the log from its position (counted in
+//! were larger when fewer queues were in the index: the budget is the bound). A queue that
+//! would pass any of these, or a dispatcher that fell behind the ring, *ends* the queue: it is
+//! emptied, the subscriber leaves the index and reads the log from its position (counted in
 //! `contrail_hub_live_queue_overflows_total`), and joins again when it has caught up. An event
 //! the ring did not hold ([`Published::InLog`]) ends the queues that want it after what they
 //! hold: those subscribers read it (and what follows) from the log. A session takes its events as fast as its socket accepts them,
