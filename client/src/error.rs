@@ -24,6 +24,11 @@ pub enum Error {
     /// Retrying later may help.
     #[error("no server reachable after {attempts} attempts; last: {last}")]
     Unreachable { attempts: u32, last: String },
+    /// The server sent, again and again at the same position, a message this client cannot
+    /// read (over 16 MiB, or text that is not UTF-8): a broken server. Start again after the
+    /// position (a later cursor) to go past it.
+    #[error("{url} sends a message this client cannot read ({what}) after time_us {after:?}")]
+    Unreadable { url: String, after: Option<u64>, what: String },
     /// The subscription's background task has ended (it was closed, or the runtime is
     /// shutting down).
     #[error("the subscription has ended")]
@@ -48,6 +53,10 @@ pub(crate) enum ConnectionError {
     Stale(std::time::Duration),
     #[error("reading: {0}")]
     Read(String),
+    /// A message this client cannot read: after a few in a row at one position, the
+    /// subscription ends with [`Error::Unreadable`].
+    #[error("reading: {0}")]
+    Unreadable(String),
     #[error("writing: {0}")]
     Write(String),
     #[error("the server closed the connection ({code}{})", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]

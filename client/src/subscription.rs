@@ -33,6 +33,9 @@ const MAX_QUERY_BYTES: usize = 4096;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames read ahead of the driver (each at most [`MAX_EVENT_BYTES`]).
 const READ_AHEAD_FRAMES: usize = 16;
+/// Connections in a row that end on an unreadable message at one position before the
+/// subscription ends with [`Error::Unreadable`].
+const UNREADABLE_TRIES: u32 = 3;
 /// A connection that ends sooner than this after it was made is followed by a wait, even when
 /// it moved the position on.
 const BRIEF_CONNECTION: Duration = Duration::from_secs(1);
@@ -404,6 +407,8 @@ impl Driver {
         let (min, max) = self.opts.backoff;
         let mut backoff = Backoff::new(min, max);
         let mut failures: u32 = 0;
+        // Connections that ended at one position on a message this client cannot read.
+        let mut unreadable: (Option<u64>, u32) = (None, 0);
         loop {
             let delivered_before = self.last;
             let attempt_us = now_us().saturating_sub(1_000_000);
@@ -420,6 +425,29 @@ impl Driver {
                     tracing::error!(%url, %reason, "the server refused the subscription");
                     let _ = self.out.send(Err(Error::Refused { url, reason })).await;
                     return;
+                }
+                // The same unreadable message at the same position, again and again: every
+                // reconnect would meet it. The caller is told instead of a silent loop.
+                ConnectionError::Unreadable(what) if self.last == delivered_before => {
+                    unreadable = match unreadable {
+                        (at, n) if at == self.last && n > 0 => (at, n + 1),
+                        _ => (self.last, 1),
+                    };
+                    tracing::warn!(%url, %what, after = ?self.last, "a message this client cannot read");
+                    if unreadable.1 >= UNREADABLE_TRIES {
+                        let err = Error::Unreadable { url, after: self.last, what };
+                        let _ = self.out.send(Err(err)).await;
+                        return;
+                    }
+                    if self.urls.len() > 1 {
+                        // Another host may not send it.
+                        self.current = (self.current + 1) % self.urls.len();
+                        self.stats.host.store(self.current, Ordering::Relaxed);
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
+                        _ = self.out.closed() => return,
+                    }
                 }
                 e => {
                     // A connection that moved the position on starts the counting again, and
@@ -565,7 +593,7 @@ impl Driver {
         }
         // The reader runs on its own so that this loop can wait on frames, commands and the
         // ping timer at once without abandoning a half-read frame.
-        let (frames_tx, mut frames) = mpsc::channel::<Result<(OpCode, Vec<u8>), String>>(READ_AHEAD_FRAMES);
+        let (frames_tx, mut frames) = mpsc::channel::<Result<(OpCode, Vec<u8>), ReadFailure>>(READ_AHEAD_FRAMES);
         let reader = tokio::spawn(read_frames(read, writer.clone(), frames_tx));
         let _reader = AbortOnDrop(reader);
         let stale = self.opts.stale_timeout;
@@ -607,7 +635,8 @@ impl Driver {
             let (opcode, payload) = match frame {
                 Err(_) => return ConnectionError::Stale(stale),
                 Ok(None) => return ConnectionError::Read("the connection ended".into()),
-                Ok(Some(Err(e))) => return ConnectionError::Read(e),
+                Ok(Some(Err(ReadFailure::Unreadable(what)))) => return ConnectionError::Unreadable(what),
+                Ok(Some(Err(ReadFailure::Other(e)))) => return ConnectionError::Read(e),
                 Ok(Some(Ok(f))) => f,
             };
             stale_at = tokio::time::Instant::now() + stale;
@@ -793,10 +822,17 @@ impl Drop for AbortOnDrop {
 
 /// Reads frames (pongs answered), puts fragmented messages together with their total capped
 /// at [`MAX_EVENT_BYTES`] ([`Reassembler`]), and forwards owned payloads.
+/// Why the reader stopped.
+enum ReadFailure {
+    /// A message this client cannot read, which ends the connection.
+    Unreadable(String),
+    Other(String),
+}
+
 async fn read_frames(
     mut read: fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>,
     writer: Arc<tokio::sync::Mutex<WsWrite>>,
-    out: mpsc::Sender<Result<(OpCode, Vec<u8>), String>>,
+    out: mpsc::Sender<Result<(OpCode, Vec<u8>), ReadFailure>>,
 ) {
     let mut pieces = Reassembler::new(MAX_EVENT_BYTES);
     loop {
@@ -812,11 +848,20 @@ async fn read_frames(
             }
         };
         let item = match read.read_frame(&mut send).await {
-            Err(e) => Err(e.to_string()),
+            // A message the connection cannot carry on past: the server sends it again after
+            // a reconnect at the same position.
+            Err(fastwebsockets::WebSocketError::FrameTooLarge) => {
+                Err(ReadFailure::Unreadable(format!("a message over {} MiB", MAX_EVENT_BYTES >> 20)))
+            }
+            Err(fastwebsockets::WebSocketError::InvalidUTF8) => {
+                Err(ReadFailure::Unreadable("a text message that is not UTF-8".into()))
+            }
+            Err(e) => Err(ReadFailure::Other(e.to_string())),
             Ok(f) => match pieces.push(f.opcode, f.fin, &f.payload) {
                 Ok(Assembled::Partial) => continue,
                 Ok(Assembled::Message(opcode, payload)) => Ok((opcode, payload.to_vec())),
-                Err(e) => Err(e.to_string()),
+                Err(e @ crate::transport::ReassemblyError::TooBig(_)) => Err(ReadFailure::Unreadable(e.to_string())),
+                Err(e) => Err(ReadFailure::Other(e.to_string())),
             },
         };
         let last = item.is_err() || matches!(item, Ok((OpCode::Close, _)));

@@ -245,6 +245,28 @@ async fn hosts_that_each_hand_over_an_event_and_drop_us_are_not_reconnected_to_i
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_client_cannot_read_at_one_position_ends_the_subscription_with_the_reason() {
+    let t = now_us();
+    // Every connection: the event at t+1, then one text message of 17 MiB (over the 16 MiB a
+    // message may be, in one frame: the connection cannot go on past it).
+    let big = format!("{{\"x\":\"{}\"}}", "x".repeat(17 << 20));
+    let server = serve(vec![Script::Send(vec![event(t + 1), big])]).await;
+    let mut sub = subscribe(&server, Some(t));
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    // Before, it reconnected at t+1 for ever, the caller never told.
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+    match &err {
+        Error::Unreadable { after, what, .. } => {
+            assert_eq!(*after, Some(t + 1));
+            assert!(what.contains("16 MiB"), "{what}");
+        }
+        other => panic!("expected Unreadable, got {other}"),
+    }
+    assert!(!err.is_retryable());
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1 + 3, "the first, then three tries at t+1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn time_going_backwards_is_not_hidden_and_the_good_events_arrive_once() {
     let t = now_us();
     // Connection 1: 10, 20, then 15 (backwards). Connection 2 (resuming at 20): 20 again (the
