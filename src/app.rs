@@ -238,8 +238,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     {
         let (cancel, conns) = (accept.clone(), connections.clone());
+        // As the public listener's: a scraper that stops reading is closed by the kernel.
+        let options = crate::hub::liveness::socket_options(&config.hub);
         tasks.spawn(async move {
-            let (handler, options) = (server::metrics_handler(render_metrics), server::SocketOptions::default());
+            let handler = server::metrics_handler(render_metrics);
             server::serve(metrics_listener, handler, cancel, conns, None, options).await;
             ("metrics listener", Ok(()))
         });

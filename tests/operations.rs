@@ -88,6 +88,24 @@ async fn health_status_page_and_metrics() {
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     assert!(raw.to_ascii_lowercase().contains("access-control-allow-origin: *"));
+    // Other methods: a 405 that says which are allowed.
+    let raw_request = |req: &[u8]| {
+        let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+        s.write_all(req).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        String::from_utf8_lossy(&raw).to_ascii_lowercase()
+    };
+    let raw = raw_request(b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    assert!(raw.starts_with("http/1.1 405") && raw.contains("allow: get, head, options"), "{raw}");
+    // v2's dictionary is cached as immutable: its tag names its content, not only its id (an
+    // operator's file may replace a built-in one of the same id).
+    let raw = raw_request(
+        b"GET /xrpc/network.bsky.jetstream.getZstdDictionary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let etag = raw.lines().find_map(|l| l.strip_prefix("etag: ")).expect("an etag").trim().to_string();
+    let fingerprint = format!("{:08x}", crc32fast::hash(contrail::hub::compress::CONTRAIL_V1));
+    assert_eq!(etag, format!("\"zstd-dict-20261125-{fingerprint}\""));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,9 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
         return text(StatusCode::NO_CONTENT, "");
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        let mut r = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        r.headers_mut().insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD, OPTIONS"));
+        return r;
     }
     match req.uri().path() {
         "/subscribe" => crate::hub::handshake::subscribe(shared.hub.clone(), req, peer).await,
@@ -130,7 +132,10 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
     let h = r.headers_mut();
     h.insert("x-zstd-dictionary-id", hyper::header::HeaderValue::from_str(&id).expect("digits"));
     h.insert("cache-control", hyper::header::HeaderValue::from_static("public, max-age=31536000, immutable"));
-    h.insert("etag", hyper::header::HeaderValue::from_str(&format!("\"zstd-dict-{id}\"")).expect("ascii"));
+    // The content's checksum too: an operator's file may replace a built-in one of the same id,
+    // and caches told "immutable" must not keep the old bytes under the old tag.
+    let etag = format!("\"zstd-dict-{id}-{:08x}\"", dict.fingerprint);
+    h.insert("etag", hyper::header::HeaderValue::from_str(&etag).expect("ascii"));
     r
 }
 
