@@ -228,8 +228,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
-        let refused = metrics.rejected_requests.with_label_values(&[crate::metrics::Refusal::ConnectRate.as_str()]);
-        let gate = crate::hub::limits::ConnectGate::new(&config.limits, refused);
+        let refusals = |r: crate::metrics::Refusal| metrics.rejected_requests.with_label_values(&[r.as_str()]);
+        let (refused, refused_open) =
+            (refusals(crate::metrics::Refusal::ConnectRate), refusals(crate::metrics::Refusal::TooManyFromIp));
+        let gate = Some(crate::hub::limits::ConnectGate::new(&config.limits, refused, refused_open));
         let sockets = crate::hub::liveness::socket_options(&config.hub);
         tasks.spawn(async move {
             server::serve(public_listener, server::public::handler(public), cancel, conns, gate, sockets).await;

@@ -161,3 +161,38 @@ async fn sigterm_closes_subscribers_and_loses_nothing() {
     times.dedup();
     assert_eq!(times.len(), n);
 }
+
+/// A client holds at most `--max-connections-per-ip` connections still speaking plain HTTP
+/// (here: request heads it never finishes); the next gets a 429 at accept, and a connection
+/// that ends gives its place back. Before, only the rate of new connections was bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holds_at_most_its_connection_limit_in_plain_http() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &["--max-connections-per-ip", "3"]);
+    let unfinished = || {
+        let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").unwrap();
+        s
+    };
+    let mut held: Vec<_> = (0..3).map(|_| unfinished()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let response = |mut s: std::net::TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).to_string()
+    };
+    let mut fourth = std::net::TcpStream::connect(serve.public).unwrap();
+    let _ = fourth.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let refused = response(fourth);
+    assert!(refused.starts_with("HTTP/1.1 429") && refused.contains("too many connections"), "{refused}");
+    // One of the three goes: a new one is served.
+    drop(held.pop());
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let served = response(s);
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert_eq!(serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_from_ip\"}"), Some(1.0));
+}

@@ -19,7 +19,8 @@ pub struct LimitsConfig {
     /// Most subscribers at once.
     #[arg(long, env = "CONTRAIL_MAX_SUBSCRIBERS", default_value = "10000")]
     pub max_subscribers: usize,
-    /// Most subscribers from one client IP.
+    /// Most subscribers from one client IP; also the most connections it may hold still in
+    /// plain HTTP (not yet upgraded to a websocket) on the public listener.
     #[arg(long, env = "CONTRAIL_MAX_CONNECTIONS_PER_IP", default_value = "64")]
     pub max_connections_per_ip: usize,
     /// Events per second per client IP, shared by its connections (0: unlimited).
@@ -186,12 +187,21 @@ impl TokenBucket {
 /// an IPv6 prefix), `rate` a second with `rate` banked. A client opening and closing
 /// connections in a loop, or sending oversized upgrades, made the server spend 1–1.6 cores
 /// parsing and refusing (measured, RELIABILITY.md); past its rate it now costs one accept.
+/// It also counts each client's connections still speaking plain HTTP (not yet upgraded to a
+/// websocket, which [`Admission`] then counts): at most `--max-connections-per-ip` at once, so
+/// slow readers of large responses, or clients that never finish a request head, cannot pile
+/// up connections (the rate bounds how fast they come, `MAX_PLAIN_HTTP` how long each lives).
 pub struct ConnectGate {
+    /// New connections a second per client; 0: not paced.
     rate: f64,
+    max_open: usize,
     ipv6_prefix: u8,
     exempt: Vec<IpNet>,
     buckets: DashMap<IpAddr, (f64, Instant)>,
+    /// Connections per client key still in plain HTTP.
+    open: DashMap<IpAddr, usize>,
     refused: prometheus::IntCounter,
+    refused_open: prometheus::IntCounter,
     /// When idle buckets were last dropped (at most once a second: a full pass is not cheap).
     pruned: Mutex<Instant>,
 }
@@ -199,31 +209,71 @@ pub struct ConnectGate {
 /// Buckets kept before idle ones are dropped (a full bucket is the same as no bucket).
 const CONNECT_GATE_KEYS: usize = 65_536;
 
+/// A connection the gate let in, counted until it is dropped (at its upgrade or its end).
+pub struct OpenConnection {
+    gate: Arc<ConnectGate>,
+    /// `None`: an exempt client, not counted.
+    key: Option<IpAddr>,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        let Some(key) = self.key else { return };
+        if let Some(mut n) = self.gate.open.get_mut(&key) {
+            *n = n.saturating_sub(1);
+        }
+        self.gate.open.remove_if(&key, |_, n| *n == 0);
+    }
+}
+
 impl ConnectGate {
-    /// `None` when the limit is off.
-    pub fn new(limits: &LimitsConfig, refused: prometheus::IntCounter) -> Option<Arc<ConnectGate>> {
-        (limits.max_connects_per_second_per_ip > 0).then(|| {
-            let mut exempt = limits.unlimited_clients.clone();
-            // Behind a proxy every client has the proxy's address at accept.
-            exempt.extend(limits.trusted_proxies.iter().copied());
-            Arc::new(ConnectGate {
-                rate: limits.max_connects_per_second_per_ip as f64,
-                ipv6_prefix: limits.ipv6_prefix,
-                exempt,
-                buckets: DashMap::new(),
-                refused,
-                pruned: Mutex::new(Instant::now()),
-            })
+    /// `refused`: counts connections refused for their rate; `refused_open`: for the number
+    /// a client holds open.
+    pub fn new(
+        limits: &LimitsConfig,
+        refused: prometheus::IntCounter,
+        refused_open: prometheus::IntCounter,
+    ) -> Arc<ConnectGate> {
+        let mut exempt = limits.unlimited_clients.clone();
+        // Behind a proxy every client has the proxy's address at accept.
+        exempt.extend(limits.trusted_proxies.iter().copied());
+        Arc::new(ConnectGate {
+            rate: limits.max_connects_per_second_per_ip as f64,
+            max_open: limits.max_connections_per_ip,
+            ipv6_prefix: limits.ipv6_prefix,
+            exempt,
+            buckets: DashMap::new(),
+            open: DashMap::new(),
+            refused,
+            refused_open,
+            pruned: Mutex::new(Instant::now()),
         })
     }
 
-    /// Whether a new connection from `peer` may be served.
-    pub fn admit(&self, peer: IpAddr) -> bool {
+    /// The new connection from `peer`, counted while it speaks plain HTTP; `None` when it is
+    /// refused (its client is past its rate, or holds its most such connections).
+    pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<OpenConnection> {
         // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`.
         let peer = peer.to_canonical();
         if self.exempt.iter().any(|n| n.contains(peer)) {
-            return true;
+            return Some(OpenConnection { gate: self.clone(), key: None });
         }
+        if self.rate > 0.0 && !self.paced(peer) {
+            return None;
+        }
+        let key = client_key(peer, self.ipv6_prefix);
+        let mut open = self.open.entry(key).or_insert(0);
+        if *open >= self.max_open {
+            drop(open);
+            self.refused_open.inc();
+            return None;
+        }
+        *open += 1;
+        Some(OpenConnection { gate: self.clone(), key: Some(key) })
+    }
+
+    /// Whether `peer` is within its rate of new connections (taking one).
+    fn paced(&self, peer: IpAddr) -> bool {
         let now = Instant::now();
         if self.buckets.len() > CONNECT_GATE_KEYS {
             let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
@@ -568,23 +618,48 @@ mod tests {
         l.unlimited_clients = vec!["10.0.0.9".parse().unwrap()];
         l.trusted_proxies = vec!["10.0.0.1".parse().unwrap()];
         let refused = prometheus::IntCounter::new("t", "t").unwrap();
-        let gate = ConnectGate::new(&l, refused.clone()).unwrap();
+        let gate = ConnectGate::new(&l, refused.clone(), prometheus::IntCounter::new("o", "o").unwrap());
         let a: IpAddr = "192.0.2.7".parse().unwrap();
-        let admitted = (0..20).filter(|_| gate.admit(a)).count();
+        let admitted = (0..20).filter(|_| gate.admit(a).is_some()).count();
         assert_eq!(admitted, 5, "the bucket holds one second's worth");
         assert_eq!(refused.get(), 15);
         // Another client, a whole IPv6 /64 as one client, and the exempt ones.
-        assert!(gate.admit("192.0.2.8".parse().unwrap()));
+        assert!(gate.admit("192.0.2.8".parse().unwrap()).is_some());
         let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!((0..10).filter(|i| gate.admit(v6(&format!("2001:db8::{i}")))).count(), 5);
-        assert!((0..100).all(|_| gate.admit("10.0.0.9".parse().unwrap()) && gate.admit("10.0.0.1".parse().unwrap())));
+        assert_eq!((0..10).filter(|i| gate.admit(v6(&format!("2001:db8::{i}"))).is_some()).count(), 5);
+        let exempt = |s: &str| (0..100).all(|_| gate.admit(s.parse().unwrap()).is_some());
+        assert!(exempt("10.0.0.9") && exempt("10.0.0.1"));
         // The same exempt proxy seen through a dual-stack listener.
-        assert!((0..100).all(|_| gate.admit("::ffff:10.0.0.1".parse().unwrap())));
+        assert!(exempt("::ffff:10.0.0.1"));
         // Tokens come back with time.
         std::thread::sleep(Duration::from_millis(450));
-        assert!(gate.admit(a));
+        assert!(gate.admit(a).is_some());
+        // Not paced: any number of new connections.
         l.max_connects_per_second_per_ip = 0;
-        assert!(ConnectGate::new(&l, refused).is_none());
+        let gate = ConnectGate::new(&l, refused, prometheus::IntCounter::new("o", "o").unwrap());
+        assert!((0..100).all(|_| gate.admit(a).is_some()));
+    }
+
+    #[test]
+    fn a_client_holds_at_most_its_connection_limit_in_plain_http() {
+        let mut l = limits(10, 3, 0);
+        l.max_connects_per_second_per_ip = 0;
+        l.unlimited_clients = vec!["10.0.0.9".parse().unwrap()];
+        let refused_open = prometheus::IntCounter::new("o", "o").unwrap();
+        let gate = ConnectGate::new(&l, prometheus::IntCounter::new("r", "r").unwrap(), refused_open.clone());
+        let a: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut held: Vec<OpenConnection> = (0..3).map(|_| gate.admit(a).unwrap()).collect();
+        assert!(gate.admit(a).is_none(), "a fourth at once");
+        assert_eq!(refused_open.get(), 1);
+        assert!(gate.admit("192.0.2.8".parse().unwrap()).is_some(), "another client");
+        let exempt: Vec<_> = (0..10).map(|_| gate.admit("10.0.0.9".parse().unwrap()).unwrap()).collect();
+        // One ends (or is upgraded): room for one more, and only one.
+        held.pop();
+        held.push(gate.admit(a).unwrap());
+        assert!(gate.admit(a).is_none());
+        // All gone: nothing kept for the client.
+        drop((held, exempt));
+        assert!(gate.open.is_empty(), "counts released");
     }
 
     #[test]

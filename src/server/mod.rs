@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::response::{full, text, Body};
 
 /// The answer to a connection refused at accept (written without reading the request).
-const TOO_MANY_CONNECTS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 42\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many new connections from this client\n";
+const TOO_MANY_CONNECTS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 38\r\nretry-after: 1\r\nconnection: close\r\n\r\ntoo many connections from this client\n";
 
 /// Kernel options for the sockets of a listener whose connections may become subscribers.
 #[derive(Clone, Copy, Debug, Default)]
@@ -48,7 +48,8 @@ impl SocketOptions {
 }
 
 /// Accepts connections on `listener` until `cancel`, serving each with `handler`; a `gate`
-/// turns away clients opening connections faster than their rate, before any parsing.
+/// turns away clients opening connections faster than their rate, or holding too many still
+/// in plain HTTP, before any parsing.
 /// Returns once accepting has stopped and every connection task has finished.
 pub async fn serve<H, F>(
     listener: TcpListener,
@@ -75,13 +76,19 @@ pub async fn serve<H, F>(
                 }
             },
         };
-        if let Some(g) = &gate {
-            if !g.admit(peer.ip()) {
-                // Best effort, never waiting: the socket is closed right after.
-                let _ = tcp.try_write(TOO_MANY_CONNECTS);
-                continue;
-            }
-        }
+        // Counted while the connection speaks plain HTTP: released at its end or its upgrade
+        // (the task below ends then).
+        let counted = match &gate {
+            Some(g) => match g.admit(peer.ip()) {
+                Some(open) => Some(open),
+                None => {
+                    // Best effort, never waiting: the socket is closed right after.
+                    let _ = tcp.try_write(TOO_MANY_CONNECTS);
+                    continue;
+                }
+            },
+            None => None,
+        };
         let _ = tcp.set_nodelay(true);
         if let Err(e) = options.apply(&tcp) {
             // Never seen on Linux; the connection is served without them (a stuck subscriber
@@ -91,6 +98,7 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let cancel = cancel.clone();
         connections.spawn(async move {
+            let _counted = counted;
             let svc = hyper::service::service_fn(move |req| {
                 let h = handler.clone();
                 async move { Ok::<_, Infallible>(h(req, peer).await) }
