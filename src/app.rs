@@ -230,7 +230,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
         let refusals = |r: crate::metrics::Refusal| metrics.rejected_requests.with_label_values(&[r.as_str()]);
         let (refused, refused_open) =
-            (refusals(crate::metrics::Refusal::ConnectRate), refusals(crate::metrics::Refusal::TooManyFromIp));
+            (refusals(crate::metrics::Refusal::ConnectRate), refusals(crate::metrics::Refusal::TooManyOpen));
         let gate = Some(crate::hub::limits::ConnectGate::new(&config.limits, refused, refused_open));
         let sockets = crate::hub::liveness::socket_options(&config.hub);
         tasks.spawn(async move {

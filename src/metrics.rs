@@ -60,6 +60,9 @@ contrail_core::label_enum! {
         TooManyFromIp => "too_many_from_ip",
         /// Over `--max-connects-per-second-per-ip`, refused at accept.
         ConnectRate => "connect_rate",
+        /// Its client already holds `--max-connections-per-ip` connections still in plain
+        /// HTTP, refused at accept.
+        TooManyOpen => "too_many_open",
         /// Its filter would take the filters' memory past `--max-filter-bytes` (or its IP's
         /// share).
         FilterBudget => "filter_budget",

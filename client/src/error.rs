@@ -4,7 +4,8 @@ use crate::transport::{ClientError, UrlError};
 
 /// An error of a [`crate::Subscription`]. Connection failures are retried inside the
 /// subscription (with backoff, across the host list) and reach the caller only as
-/// [`Error::Unreachable`] when a limit of attempts was set.
+/// [`Error::Unreachable`] when a limit of attempts was set, or as [`Error::Unreadable`] when
+/// the server sends, again and again at one position, a message this client cannot read.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A URL that cannot be used. Fix the configuration.

@@ -460,6 +460,8 @@ impl Driver {
                         failures = 0;
                         backoff.reset();
                     }
+                    // Unreadable messages count only in a row.
+                    unreadable = (None, 0);
                     failures += 1;
                     tracing::warn!(%url, error = %e, "connection ended; reconnecting");
                     if self.opts.max_attempts.is_some_and(|m| failures >= m) {
@@ -854,7 +856,9 @@ async fn read_frames(
                 Err(ReadFailure::Unreadable(format!("a message over {} MiB", MAX_EVENT_BYTES >> 20)))
             }
             Err(fastwebsockets::WebSocketError::InvalidUTF8) => {
-                Err(ReadFailure::Unreadable("a text message that is not UTF-8".into()))
+                // A text frame, or a close frame's reason (fastwebsockets tells them apart no
+                // further).
+                Err(ReadFailure::Unreadable("a text message or close reason that is not UTF-8".into()))
             }
             Err(e) => Err(ReadFailure::Other(e.to_string())),
             Ok(f) => match pieces.push(f.opcode, f.fin, &f.payload) {

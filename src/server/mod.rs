@@ -118,8 +118,12 @@ pub async fn serve<H, F>(
                 // Ends at the upgrade too: the websocket then lives on in its own task.
                 _ = conn.as_mut() => {}
                 // Plain HTTP (keep-alive, pipelining) for longer than this is closed: a client
-                // reading its responses a few bytes a minute must not hold them for ever.
-                () = tokio::time::sleep(MAX_PLAIN_HTTP) => {}
+                // reading its responses a few bytes a minute must not hold them for ever. The
+                // response being written may finish first, for a while.
+                () = tokio::time::sleep(MAX_PLAIN_HTTP) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(PLAIN_HTTP_GRACE, conn.as_mut()).await;
+                }
                 _ = cancel.cancelled() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
@@ -132,6 +136,8 @@ pub async fn serve<H, F>(
 /// How long a connection may speak plain HTTP before it is closed (a websocket is not: its
 /// connection leaves hyper at the upgrade). A status page or a Prometheus scrape reconnects.
 pub const MAX_PLAIN_HTTP: std::time::Duration = std::time::Duration::from_secs(120);
+/// How long a response in progress at [`MAX_PLAIN_HTTP`] may take to finish.
+const PLAIN_HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Binds, logging the real address (port 0 picks a free one).
 pub async fn bind(addr: SocketAddr, name: &'static str) -> anyhow::Result<TcpListener> {

@@ -106,6 +106,7 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
         full(status, "application/json", e.body())
     };
     let wanted = crate::options::query_pairs(req.uri().query().unwrap_or("")).into_iter().find(|(k, _)| k == "id");
+    let named = wanted.is_some();
     let dict = match wanted {
         None => dicts.v2_current(),
         Some((_, v)) => {
@@ -131,9 +132,11 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
     let id = dict.id.to_string();
     let h = r.headers_mut();
     h.insert("x-zstd-dictionary-id", hyper::header::HeaderValue::from_str(&id).expect("digits"));
-    h.insert("cache-control", hyper::header::HeaderValue::from_static("public, max-age=31536000, immutable"));
-    // The content's checksum too: an operator's file may replace a built-in one of the same id,
-    // and caches told "immutable" must not keep the old bytes under the old tag.
+    // A dictionary asked for by id is immutable; "the current one" may change with the
+    // server's configuration.
+    let cache = if named { "public, max-age=31536000, immutable" } else { "public, max-age=300" };
+    h.insert("cache-control", hyper::header::HeaderValue::from_static(cache));
+    // The content's checksum too: an operator's file may replace a built-in one of the same id.
     let etag = format!("\"zstd-dict-{id}-{:08x}\"", dict.fingerprint);
     h.insert("etag", hyper::header::HeaderValue::from_str(&etag).expect("ascii"));
     r
