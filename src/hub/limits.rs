@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// Admission and fairness settings (`contrail serve` flags; see `config/contrail.example.toml`).
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct LimitsConfig {
-    /// Most subscribers at once.
+    /// Most subscribers at once; also the most connections all clients together may hold
+    /// still in plain HTTP (not yet upgraded) on the public listener.
     #[arg(long, env = "CONTRAIL_MAX_SUBSCRIBERS", default_value = "10000")]
     pub max_subscribers: usize,
     /// Most subscribers from one client IP; also the most connections it may hold still in
@@ -191,6 +192,9 @@ impl TokenBucket {
 /// websocket, which [`Admission`] then counts): at most `--max-connections-per-ip` at once, so
 /// slow readers of large responses, or clients that never finish a request head, cannot pile
 /// up connections (the rate bounds how fast they come, `MAX_PLAIN_HTTP` how long each lives).
+/// All clients together, exempt ones included, hold at most `--max-subscribers` such
+/// connections: many keys (IPv6 prefixes, a botnet, everything behind a trusted proxy) are
+/// bounded too.
 pub struct ConnectGate {
     /// New connections a second per client; 0: not paced.
     rate: f64,
@@ -200,6 +204,9 @@ pub struct ConnectGate {
     buckets: DashMap<IpAddr, (f64, Instant)>,
     /// Connections per client key still in plain HTTP.
     open: DashMap<IpAddr, usize>,
+    /// All connections still in plain HTTP, and their cap.
+    open_total: std::sync::atomic::AtomicUsize,
+    max_open_total: usize,
     refused: prometheus::IntCounter,
     refused_open: prometheus::IntCounter,
     /// When idle buckets were last dropped (at most once a second: a full pass is not cheap).
@@ -218,6 +225,7 @@ pub struct OpenConnection {
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
+        self.gate.open_total.fetch_sub(1, Ordering::SeqCst);
         let Some(key) = self.key else { return };
         if let Some(mut n) = self.gate.open.get_mut(&key) {
             *n = n.saturating_sub(1);
@@ -244,6 +252,8 @@ impl ConnectGate {
             exempt,
             buckets: DashMap::new(),
             open: DashMap::new(),
+            open_total: std::sync::atomic::AtomicUsize::new(0),
+            max_open_total: limits.max_subscribers,
             refused,
             refused_open,
             pruned: Mutex::new(Instant::now()),
@@ -255,11 +265,20 @@ impl ConnectGate {
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<OpenConnection> {
         // A dual-stack listener sees IPv4 clients as `::ffff:a.b.c.d`.
         let peer = peer.to_canonical();
-        if self.exempt.iter().any(|n| n.contains(peer)) {
-            return Some(OpenConnection { gate: self.clone(), key: None });
-        }
-        if self.rate > 0.0 && !self.paced(peer) {
+        let exempt = self.exempt.iter().any(|n| n.contains(peer));
+        if !exempt && self.rate > 0.0 && !self.paced(peer) {
             return None;
+        }
+        // The total first, never raised past its cap (a refusal must not refuse others).
+        let room = |n: usize| (n < self.max_open_total).then_some(n + 1);
+        if self.open_total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, room).is_err() {
+            self.refused_open.inc();
+            return None;
+        }
+        // From here the ticket gives the total back, whatever happens.
+        let mut ticket = OpenConnection { gate: self.clone(), key: None };
+        if exempt {
+            return Some(ticket);
         }
         let key = client_key(peer, self.ipv6_prefix);
         let mut open = self.open.entry(key).or_insert(0);
@@ -269,7 +288,8 @@ impl ConnectGate {
             return None;
         }
         *open += 1;
-        Some(OpenConnection { gate: self.clone(), key: Some(key) })
+        ticket.key = Some(key);
+        Some(ticket)
     }
 
     /// Whether `peer` is within its rate of new connections (taking one).
@@ -642,7 +662,7 @@ mod tests {
 
     #[test]
     fn a_client_holds_at_most_its_connection_limit_in_plain_http() {
-        let mut l = limits(10, 3, 0);
+        let mut l = limits(20, 3, 0);
         l.max_connects_per_second_per_ip = 0;
         l.unlimited_clients = vec!["10.0.0.9".parse().unwrap()];
         let refused_open = prometheus::IntCounter::new("o", "o").unwrap();
@@ -660,6 +680,14 @@ mod tests {
         // All gone: nothing kept for the client.
         drop((held, exempt));
         assert!(gate.open.is_empty(), "counts released");
+        assert_eq!(gate.open_total.load(Ordering::SeqCst), 0);
+        // All clients together, exempt ones too, at most --max-subscribers (20 here).
+        let many: Vec<_> = (0..20u8).map(|i| gate.admit(IpAddr::from([192, 0, 2, 100 + i])).unwrap()).collect();
+        assert!(gate.admit("198.51.100.1".parse().unwrap()).is_none(), "a 21st client");
+        assert!(gate.admit("10.0.0.9".parse().unwrap()).is_none(), "an exempt one too");
+        drop(many);
+        assert!(gate.admit("198.51.100.1".parse().unwrap()).is_some());
+        assert_eq!(gate.open_total.load(Ordering::SeqCst), 0);
     }
 
     #[test]
