@@ -31,6 +31,15 @@ fn wait_caught_up(primary: &Serve, replica: &Serve, timeout: Duration) {
     }
 }
 
+/// Waits up to 30 s until `metric` on `serve` reaches `at_least`; else fails with `what`.
+fn wait_metric(serve: &Serve, metric: &str, at_least: f64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serve.metric(metric).unwrap_or(0.0) < at_least {
+        assert!(Instant::now() < deadline, "{what}; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn replica(dir: &std::path::Path, upstreams: &[&Serve]) -> Serve {
     let list: Vec<String> = upstreams.iter().map(|u| format!("ws://{}", u.public)).collect();
     replica_of(dir, &list.join(","), &[])
@@ -365,16 +374,8 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     }
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while replica.metric("contrail_drops_total{reason=\"bad_time\"}").unwrap_or(0.0) < 1.0 {
-        assert!(Instant::now() < deadline, "the bogus event was not dropped; logs:\n{}", replica.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while replica.metric("contrail_events_ingested_total{kind=\"commit\"}").unwrap_or(0.0) < 3.0 {
-        assert!(Instant::now() < deadline, "the event after it never came; logs:\n{}", replica.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 1.0, "the bogus event was not dropped");
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 3.0, "the event after it never came");
     assert!(replica.logs().contains("beyond any clock"), "{}", replica.logs());
     assert_eq!(upstream.connections(), 1, "no reconnect: the bad event did not end the connection");
     drop(replica);
@@ -408,11 +409,7 @@ async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     upstream.push(t + 4, event(t + 4, "commit", ""));
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while replica.metric("contrail_events_ingested_total{kind=\"commit\"}").unwrap_or(0.0) < 3.0 {
-        assert!(Instant::now() < deadline, "the replica stopped at a bad event; logs:\n{}", replica.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 3.0, "the replica stopped at a bad event");
     assert_eq!(replica.metric("contrail_drops_total{reason=\"unknown_type\"}"), Some(1.0));
     assert_eq!(replica.metric("contrail_drops_total{reason=\"bad_body\"}"), Some(1.0));
     assert_eq!(upstream.connections(), 1, "no reconnect: no bad event ended the connection");
