@@ -58,7 +58,8 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                     break closed_stdout(e);
                 }
             }
-            Ok(Message::Cursor(t)) => position = Some(t),
+            // A cursor message, or a message kind of a later client version: a position.
+            Ok(m) => position = Some(m.time_us()),
             Err(e) => break Err(e.into()),
         }
         if last_progress.elapsed() >= PROGRESS_EVERY {

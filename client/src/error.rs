@@ -7,6 +7,7 @@ use crate::transport::{ClientError, UrlError};
 /// [`Error::Unreachable`] when a limit of attempts was set, or as [`Error::Unreadable`] when
 /// the server sends, again and again at one position, a message this client cannot read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A URL that cannot be used. Fix the configuration.
     #[error("bad URL: {0}")]

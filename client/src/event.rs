@@ -11,6 +11,7 @@ use std::borrow::Cow;
 
 /// What an event is about (Jetstream v1's `kind`; `sync` is Contrail's `includeSync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Kind {
     Commit,
     Identity,
@@ -88,6 +89,7 @@ impl Text {
 
 /// Why a text message is not an event.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EventError {
     #[error("not event JSON: {0}")]
     Json(#[from] serde_json::Error),
@@ -399,6 +401,7 @@ impl<'de> serde::Deserialize<'de> for Event {
 
 /// What a v2 server sends.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum V2Message {
     Event(Event),
     /// `#info` (`OutdatedCursor`, `FutureCursor`): informational.

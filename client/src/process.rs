@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 
 /// Why a run ended early.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProcessError<E> {
     /// The handler failed; the saved cursor is before the event it failed on.
     #[error("the handler failed: {0}")]

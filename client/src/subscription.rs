@@ -55,6 +55,7 @@ pub enum Failover {
 
 /// What the subscription hands out.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Message {
     Event(Event),
     /// The server has passed every event up to this `time_us` for this subscription's filters

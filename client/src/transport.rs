@@ -159,6 +159,7 @@ pub const MAX_HTTP_BODY_BYTES: usize = 4 << 20;
 
 /// Why a connection or a request failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     #[error("connecting to {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
@@ -313,6 +314,7 @@ pub enum Assembled<'a> {
 
 /// A message the peer got wrong: the connection should end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReassemblyError {
     #[error("a fragmented message larger than {0} bytes")]
     TooBig(usize),

@@ -153,9 +153,9 @@ fn subscribe(s: &Server, cursor: Option<u64>) -> Subscription {
 
 async fn next_event(sub: &mut Subscription) -> u64 {
     loop {
-        match tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message in time").unwrap() {
-            Message::Event(e) => return e.time_us(),
-            Message::Cursor(_) => {}
+        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message in time").unwrap();
+        if let Message::Event(e) = m {
+            return e.time_us();
         }
     }
 }
