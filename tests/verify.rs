@@ -167,7 +167,8 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["verification"]["mode"], "full");
     assert_eq!(status["verification"]["failures"]["proof"], 4);
-    assert_eq!(status["verification"]["desynchronized"], 1);
+    // Bob's gap, and alice's forgeries (a failed commit might have been her real next one).
+    assert_eq!(status["verification"]["desynchronized"], 2);
     {
         use common::client::{connect, next, Msg};
         let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
@@ -175,15 +176,24 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
         while marks.len() < expected.len() {
             let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            marks.push((
-                v["commit"]["rkey"].as_str().unwrap().to_string(),
-                v["verification"].as_str().unwrap().to_string(),
-            ));
+            marks.push(v["verification"].as_str().unwrap().to_string());
         }
-        for (rkey, mark) in &marks {
-            let want = if rkey == "c1" { "unresolved" } else { "full" };
-            assert_eq!(mark, want, "{rkey}");
-        }
+        // `full` only where the commit continues a verified one: a repo's first commit, and the
+        // first after a break (bob's b5, alice's edit after her forgeries), are `signature`.
+        let want = [
+            "signature",  // a1
+            "signature",  // b1
+            "full",       // a2
+            "full",       // b2
+            "signature",  // a1 edited, after alice's failed commits
+            "full",       // a2 deleted
+            "unresolved", // c1
+            "signature",  // d1
+            "full",       // d2
+            "signature",  // b5
+            "full",       // a3
+        ];
+        assert_eq!(marks, want);
     }
     serve.kill9();
     assert_eq!(stored_commits(dir.path()), expected);
@@ -246,6 +256,59 @@ async fn pass_keeps_failed_events_and_counts_them() {
     drop(serve);
     let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
     assert_eq!(rkeys, ["a1", "ax", "a2"]);
+}
+
+/// A commit passed unverified (its key could not be had) may be the repo's real next commit:
+/// the one after it names it in `since`. That one must re-anchor the chain, not be dropped as a
+/// chain break; and a repo's first verified commit is marked `signature`, not `full` (its
+/// `prevData` continues nothing, so its op list is not proven complete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
+    use common::frames::identity_frame;
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let commit = |alice: &mut SignedRepo, n: &str| alice.commit(0, &[Op::Create(post(n), record(n))], Tamper::None);
+    relay.push(1, with_seq(&commit(&mut alice, "a1"), 1));
+    relay.push(2, with_seq(&commit(&mut alice, "a2"), 2));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(2, Duration::from_secs(30));
+    // An #identity event drops alice's key while the directory fails: a3 passes unresolved.
+    plc.set(ALICE, Answer::Status(500));
+    relay.push(3, identity_frame(3, ALICE, Some("alice.test")));
+    serve.wait_for_seq(3, Duration::from_secs(30));
+    relay.push(4, with_seq(&commit(&mut alice, "a3"), 4));
+    serve.wait_for_seq(4, Duration::from_secs(30));
+    // The directory is back (another #identity clears the remembered failure); a4 follows a3.
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    relay.push(5, identity_frame(5, ALICE, Some("alice.test")));
+    relay.push(6, with_seq(&commit(&mut alice, "a4"), 6));
+    relay.push(7, with_seq(&commit(&mut alice, "a5"), 7));
+    serve.wait_for_seq(7, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "resolve"), 1.0, "{}", serve.logs());
+    assert_eq!(failures(&serve, "chain"), 0.0, "a4 re-anchors the chain a3 left unverified");
+    assert_eq!(serve.metric("contrail_verify_desynchronized_total"), Some(1.0));
+    let marks: Vec<(String, String)> = {
+        use common::client::{connect, next, Msg};
+        let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
+        let mut marks = Vec::new();
+        while marks.len() < 5 {
+            let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if v["kind"] == "commit" {
+                marks.push((v["commit"]["rkey"].as_str().unwrap().into(), v["verification"].as_str().unwrap().into()));
+            }
+        }
+        marks
+    };
+    let want = [("a1", "signature"), ("a2", "full"), ("a3", "unresolved"), ("a4", "signature"), ("a5", "full")];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())));
+    drop(serve);
+    let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
+    assert_eq!(rkeys, ["a1", "a2", "a3", "a4", "a5"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

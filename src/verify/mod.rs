@@ -17,8 +17,11 @@
 //!   `--on-resolve-failure` (default `pass`: the directory being slow is not evidence of a
 //!   forgery; its events go on unverified and are counted).
 //! - A chain break (a commit that does not continue the last one) marks the repo
-//!   desynchronized; its next verified commit, or a `#sync`, anchors it again. A commit whose
-//!   rev is not newer than the last (a replay) is a chain failure too.
+//!   desynchronized; its next verified commit, or a `#sync`, anchors it again. So does a commit
+//!   that was not verified (unresolved, or failed for another reason): it may be the repo's
+//!   real next commit. A commit whose rev is not newer than the last (a replay) is a chain
+//!   failure too. Only a commit that continues a verified one is marked `full`: an anchoring
+//!   commit's `prevData` is unsigned and continues nothing, so its op list is not proven.
 //! - A signature failure re-resolves the DID once (at most every ten minutes per DID), in case
 //!   the key rotated; an `#identity` event forgets the cached key.
 
@@ -383,10 +386,16 @@ impl Stage {
             Ok(c) => c,
             Err(Problem::Unresolved(e)) => {
                 self.unresolved(&mut frame, &did, &e);
+                if link.is_some() {
+                    self.lose_track(&did, &mut frame);
+                }
                 return frame;
             }
             Err(Problem::Failed(f)) => {
                 self.fail(&mut frame, &did, f);
+                if link.is_some() {
+                    self.lose_track(&did, &mut frame);
+                }
                 return frame;
             }
         };
@@ -400,6 +409,10 @@ impl Stage {
                             return frame;
                         }
                     };
+                    // Only a commit that continues a verified one has its op list proven
+                    // complete: `prevData` is not signed, so on a repo's first commit (or the
+                    // first after a break) a relay could drop an op and recompute it.
+                    let continues = last.as_ref().is_some_and(|l| !l.desynchronized);
                     if let Some(l) = &last {
                         if link.rev <= l.state.rev {
                             // A replay of an older commit: refused, and the chain stays where it
@@ -419,6 +432,11 @@ impl Stage {
                     }
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
                     self.chains.put(&did, Chain { state: checked.state, desynchronized: false }, &mut frame);
+                    if !continues {
+                        self.outcome(Outcome::Verified);
+                        mark_events(&mut frame, Verification::Signature);
+                        return frame;
+                    }
                 }
                 self.outcome(Outcome::Verified);
                 mark_events(&mut frame, if checked.proven { Verification::Full } else { Verification::Signature });
@@ -438,6 +456,22 @@ impl Stage {
             }
         }
         frame
+    }
+
+    /// A commit of `did` that was not verified (its key unresolved, or a failure other than the
+    /// chain's) may still be the repo's real next commit: the next one would then name it in
+    /// `since` and fail as a chain break. So the chain is marked broken, and the next verified
+    /// commit anchors it again, as after any break.
+    fn lose_track(&mut self, did: &str, frame: &mut IngestFrame) {
+        if self.level != Level::Full {
+            return;
+        }
+        if let Ok(Some(l)) = self.chains.get(did, &self.log) {
+            if !l.desynchronized {
+                self.metrics.verify_desynchronized.inc();
+                self.chains.put(did, Chain { state: l.state, desynchronized: true }, frame);
+            }
+        }
     }
 
     fn outcome(&self, o: Outcome) {
