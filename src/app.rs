@@ -59,7 +59,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let start_seq = match log.relay_cursor()? {
         Some(c) if !same_relay(&c.url) => {
             // Each relay has its own seq space: a cursor for another relay means nothing here.
-            tracing::warn!(stored_url = %c.url, stored_seq = c.seq, relay_url = %relay_url, "relay URL changed; starting live");
+            tracing::warn!(stored_url = %c.url, stored_seq = c.seq, relay_url = %relay_key, "relay URL changed; starting live");
             None
         }
         Some(RelayCursor { seq, at_time_us: Some(at), .. }) if newest_written > at => {

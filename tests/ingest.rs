@@ -536,8 +536,13 @@ async fn a_relay_url_spelled_differently_resumes_from_the_stored_cursor() {
     let serve = Serve::start(dir.path(), &relay.url(), &[]);
     serve.wait_for_seq(149, Duration::from_secs(30));
     drop(serve);
-    // The same relay with a trailing slash and the full endpoint path: resume, not live.
-    for url in [format!("{}/", relay.url()), format!("{}/xrpc/com.atproto.sync.subscribeRepos", relay.url())] {
+    // The same relay with a trailing slash, the full endpoint path, or another query (a rotated
+    // access token): resume, not live.
+    for url in [
+        format!("{}/", relay.url()),
+        format!("{}/xrpc/com.atproto.sync.subscribeRepos", relay.url()),
+        format!("{}/?token=rotated", relay.url()),
+    ] {
         let connections = relay.connections();
         let serve = Serve::start(dir.path(), &url, &[]);
         relay.wait_for_connections_above(connections, Duration::from_secs(30));
@@ -625,6 +630,12 @@ async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
     let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("the log cannot be written") && body.contains("No space left"), "{body}");
+    // Ingest stopped: the relay connection is not shown as open.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while serve.metric("contrail_relay_connected") != Some(0.0) {
+        assert!(std::time::Instant::now() < deadline, "contrail_relay_connected stays 1 with ingest stopped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // What is stored is still served: a replay from the start.
     let expected = expected_keys(&gen);
     let mut ws = common::client::connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();

@@ -90,13 +90,14 @@ impl WsUrl {
         Ok(WsUrl { raw: url.to_string(), tls, host, port, path, query })
     }
 
-    /// One spelling per endpoint (scheme, lower-case host, explicit port, full path, query):
-    /// what the stored relay cursor is compared by, so `wss://host` and `wss://host/` are the
-    /// same relay and a restart resumes instead of starting live.
+    /// One spelling per endpoint (scheme, lower-case host, explicit port, full path): what the
+    /// stored relay cursor is compared by, so `wss://host` and `wss://host/` are the same relay
+    /// and a restart resumes instead of starting live. The query is left out: a parameter (an
+    /// access token rotated between restarts) does not make another seq space, and a token
+    /// must not be stored or logged with the cursor.
     pub fn canonical(&self) -> String {
         let scheme = if self.tls { "wss" } else { "ws" };
-        let query = if self.query.is_empty() { String::new() } else { format!("?{}", self.query.join("&")) };
-        format!("{scheme}://{}:{}{}{query}", self.host.to_ascii_lowercase(), self.port, self.path)
+        format!("{scheme}://{}:{}{}", self.host.to_ascii_lowercase(), self.port, self.path)
     }
 
     /// The request target, with `cursor` when resuming.
@@ -458,6 +459,7 @@ mod tests {
             "wss://bsky.network/",
             "wss://BSKY.network:443",
             "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos?cursor=5",
+            "wss://bsky.network/?token=secret",
         ];
         let canon: Vec<String> = same.iter().map(|u| WsUrl::parse(u).unwrap().canonical()).collect();
         assert!(canon.iter().all(|c| c == "wss://bsky.network:443/xrpc/com.atproto.sync.subscribeRepos"), "{canon:?}");

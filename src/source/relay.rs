@@ -194,7 +194,11 @@ impl Reader {
             first = false;
             let started_at = self.seq.last();
             let ended = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    // Stopped (shutdown, or the store failed): not connected, whatever happens next.
+                    self.metrics.relay_connected.set(0);
+                    return;
+                }
                 r = self.session() => r,
             };
             self.metrics.relay_connected.set(0);

@@ -201,7 +201,11 @@ impl UpstreamReader {
         loop {
             let before = self.last_time_us;
             let ended = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    // Stopped (shutdown, or the store failed): not connected, whatever happens next.
+                    self.metrics.relay_connected.set(0);
+                    return;
+                }
                 e = self.session() => e,
             };
             self.metrics.relay_connected.set(0);
