@@ -500,6 +500,22 @@ async fn a_relay_sending_only_frames_without_a_seq_is_left_at_the_idle_timeout()
     relay.wait_for_connections_above(1, Duration::from_millis(2_500));
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(7.0));
     assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 100.0);
+    drop(serve);
+    // And for one sending a loop of frames we have (7, 8, 7, 8, …): each 8 is above the frame
+    // before it, but nothing is new.
+    let relay = FakeRelay::start().await;
+    let two = generate(7, 2, 10, 53);
+    for _ in 0..1_500 {
+        for g in &two {
+            relay.push(g.seq, g.frame.clone());
+        }
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    relay.wait_for_connections_above(0, Duration::from_secs(20));
+    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    assert_eq!(serve.metric("contrail_relay_last_seq"), Some(8.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,10 +141,11 @@ pub struct Reader {
     /// Frames far below our cursor in this connection, in a row: a new seq space once there
     /// are enough of them ([`super::seq::SeqDecision::FarBelow`]).
     far_below: KeptAside,
-    /// The seq of the connection's previous frame: a frame above it moves the stream on (the
-    /// idle timeout's measure; a relay sending one frame again and again does not, a run in a
-    /// new, lower seq space does).
-    previous_seq: i64,
+    /// The highest seq this connection has sent: a frame above it moves the stream on (the
+    /// idle timeout's measure). A relay sending one frame, or a loop of frames, again and again
+    /// does not; a relay behind us catching up does, and so does a run in a new, lower seq
+    /// space as it grows (from there on, the followed space's frames are measured).
+    highest_seq: i64,
     /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
@@ -168,7 +169,7 @@ impl Reader {
             seq: SeqTracker::new(start_seq.unwrap_or(0), reset_threshold),
             held: None,
             far_below: KeptAside::default(),
-            previous_seq: 0,
+            highest_seq: 0,
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -236,7 +237,7 @@ impl Reader {
         self.seq.new_session();
         self.held = None;
         self.far_below.skip(&self.metrics, &self.log);
-        self.previous_seq = 0;
+        self.highest_seq = 0;
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
@@ -323,7 +324,15 @@ impl Reader {
             self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
             return Ok(false);
         }
-        let moved_on = seq > std::mem::replace(&mut self.previous_seq, seq);
+        let moved_on = match decision {
+            // The run grew (a repeat inside it is a RunRepeat).
+            SeqDecision::FarBelow { .. } => true,
+            SeqDecision::RunRepeat => false,
+            _ => seq > self.highest_seq,
+        };
+        if moved_on && !matches!(decision, SeqDecision::FarBelow { .. }) {
+            self.highest_seq = seq;
+        }
         let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
         let frame =
             IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
@@ -369,6 +378,7 @@ impl Reader {
                     return Err(RelayError::Refetch(first));
                 }
                 self.seq.follow(seq);
+                self.highest_seq = seq;
                 let n = frames.len();
                 self.log.error("seq_reset_run", || {
                     format!(
