@@ -131,7 +131,7 @@ impl RawRun {
         // Before the scan: the scan then sees every event up to it (the tip moves after an
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
-        let mut run = RawRun { trimmed_through: log.tip().trimmed_through(), ..RawRun::default() };
+        let mut run = RawRun::default();
         let mut full = false;
         log.scan(from, limit, |t, v| {
             // A page's size is bounded (what `replay_budget` reserves for it): a value that
@@ -146,12 +146,23 @@ impl RawRun {
             full = run.values.len() >= PAGE_MAX_BYTES;
             !full
         })?;
+        // After the scan: a trim publishes its mark before it deletes, so a scan that missed
+        // deleted events reads a mark that says so ([`RawRun::lacks_through`] tells it from a
+        // trim after the scan, whose events the scan has).
+        run.trimmed_through = log.tip().trimmed_through();
         run.values.shrink_to_fit(); // kept with its page, maybe for a while
         run.items.shrink_to_fit();
         run.at_log_end = run.items.len() < limit && !full;
         let last = run.items.last().map_or(0, |(t, _)| *t);
         run.covered_to = if run.at_log_end { last.max(newest_before) } else { last };
         Ok(run)
+    }
+
+    /// Whether the events up to `trimmed` are missing from this scan (it began after they
+    /// were deleted): it starts after them, or found nothing. A scan from before the trim
+    /// starts with them.
+    pub fn lacks_through(&self, trimmed: u64) -> bool {
+        self.items.first().is_none_or(|(t, _)| *t > trimmed)
     }
 
     fn bytes(&self) -> usize {

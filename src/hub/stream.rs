@@ -171,7 +171,10 @@ impl EventStream {
     ) -> Self {
         let log_tip_trimmed = tip.trimmed_through();
         let (last_seen, at_the_end) = match start {
-            Start::From(cursor) => (cursor.max(1) - 1, false),
+            // A cursor older than the log is clamped to the oldest event left (as in v1), here
+            // and not by the first scan: a replay page kept from before the trim would otherwise
+            // hand out its run, then jump the deleted events after it unseen and uncounted.
+            Start::From(cursor) => ((cursor.max(1) - 1).max(log_tip_trimmed), false),
             Start::Live => (tip.newest().unwrap_or(0), true),
         };
         metrics.lagging.inc(); // until it is live
@@ -428,7 +431,7 @@ impl EventStream {
     /// the oldest event, as in v1), nor for a page scanned before the trim (it has the events).
     fn overtaken(&self, page: &Page) {
         let trimmed = page.raw().trimmed_through;
-        if trimmed > self.last_seen && trimmed > self.trimmed_at_start {
+        if trimmed > self.last_seen && trimmed > self.trimmed_at_start && page.raw().lacks_through(trimmed) {
             self.metrics.overtaken.inc();
             static LOG: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
             let log =
@@ -771,6 +774,23 @@ mod tests {
         assert_eq!(take(&mut s, 10).await, (5024..5034).collect::<Vec<_>>());
         assert_eq!(f.metrics.overtaken.get(), 1);
         drop(other);
+    }
+
+    #[tokio::test]
+    async fn a_cursor_older_than_the_log_starts_at_the_oldest_event_even_with_older_pages_kept() {
+        let f = Fixture::new(1024);
+        f.ingest(0..6000);
+        // A replayer leaves the page 2000..=3023 in the cache.
+        let mut a = f.stream(Filter::default(), Start::From(2000));
+        assert_eq!(take(&mut a, 1).await, vec![2000]);
+        drop(a);
+        f.log.trim_before(4000).unwrap();
+        // A cursor inside that page, now older than the log: clamped to the oldest event left,
+        // so the client sees the clamp (its first time_us is not its cursor), not 1,024 events
+        // and then a silent jump.
+        let mut b = f.stream(Filter::default(), Start::From(2000));
+        assert_eq!(take(&mut b, 1030).await, (4000..5030).collect::<Vec<_>>());
+        assert_eq!(f.metrics.overtaken.get(), 0, "a clamp, not a replayer overtaken");
     }
 
     #[test]
