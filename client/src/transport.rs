@@ -255,6 +255,17 @@ pub async fn connect(url: &WsUrl, target: String, timeout: std::time::Duration) 
 /// A plain HTTP GET of `path` on the same host (e.g. an upstream's `/dictionary`); the body,
 /// at most [`MAX_HTTP_BODY_BYTES`]. The whole request must finish within `timeout`.
 pub async fn http_get(url: &WsUrl, path: &str, timeout: std::time::Duration) -> Result<Vec<u8>, ClientError> {
+    http_get_at_most(url, path, timeout, MAX_HTTP_BODY_BYTES).await
+}
+
+/// [`http_get`] of a body of at most `max_bytes`: a longer one is an error once that much has
+/// arrived, not after all of it was read.
+pub async fn http_get_at_most(
+    url: &WsUrl,
+    path: &str,
+    timeout: std::time::Duration,
+    max_bytes: usize,
+) -> Result<Vec<u8>, ClientError> {
     let tcp = tcp(url, timeout).await?;
     let req = hyper::Request::builder()
         .method("GET")
@@ -263,7 +274,7 @@ pub async fn http_get(url: &WsUrl, path: &str, timeout: std::time::Duration) -> 
         .header(USER_AGENT, concat!("contrail/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
         .map_err(|e| ClientError::Http(e.to_string()))?;
-    async fn send<S>(io: S, req: hyper::Request<Empty<Bytes>>) -> Result<Vec<u8>, ClientError>
+    async fn send<S>(io: S, req: hyper::Request<Empty<Bytes>>, max_bytes: usize) -> Result<Vec<u8>, ClientError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -278,16 +289,16 @@ pub async fn http_get(url: &WsUrl, path: &str, timeout: std::time::Duration) -> 
             driver.abort();
             return Err(ClientError::Http(format!("status {}", resp.status())));
         }
-        let limited = http_body_util::Limited::new(resp.into_body(), MAX_HTTP_BODY_BYTES);
+        let limited = http_body_util::Limited::new(resp.into_body(), max_bytes);
         let body = limited.collect().await.map_err(|e| ClientError::Http(format!("body: {e}")));
         driver.abort();
         Ok(body?.to_bytes().to_vec())
     }
     let request = async {
         if url.tls {
-            send(tls(url, tcp, timeout).await?, req).await
+            send(tls(url, tcp, timeout).await?, req, max_bytes).await
         } else {
-            send(tcp, req).await
+            send(tcp, req, max_bytes).await
         }
     };
     step("HTTP GET", timeout, request, |e| e).await
@@ -464,5 +475,33 @@ mod tests {
         let canon: Vec<String> = same.iter().map(|u| WsUrl::parse(u).unwrap().canonical()).collect();
         assert!(canon.iter().all(|c| c == "wss://bsky.network:443/xrpc/com.atproto.sync.subscribeRepos"), "{canon:?}");
         assert_ne!(WsUrl::parse("ws://bsky.network").unwrap().canonical(), canon[0]);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_an_error_before_it_is_all_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (mut c, _) = listener.accept().await.unwrap();
+            let mut head = [0u8; 1024];
+            let _ = c.read(&mut head).await.unwrap();
+            let body = vec![b'x'; 32 << 20];
+            c.write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len()).as_bytes()).await.unwrap();
+            // How much the client took before it stopped reading.
+            let mut sent = 0;
+            for chunk in body.chunks(16 << 10) {
+                if c.write_all(chunk).await.is_err() {
+                    break;
+                }
+                sent += chunk.len();
+            }
+            sent
+        });
+        let url = WsUrl::parse(&format!("ws://{addr}")).unwrap();
+        let got = http_get_at_most(&url, "/", std::time::Duration::from_secs(5), 64 << 10).await;
+        assert!(matches!(&got, Err(ClientError::Http(m)) if m.contains("length limit")), "{got:?}");
+        let sent = served.await.unwrap();
+        assert!(sent < 16 << 20, "the client read {sent} bytes of a 32 MiB body (socket buffers aside)");
     }
 }

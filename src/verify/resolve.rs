@@ -306,13 +306,18 @@ impl Resolver {
         } else {
             return Err(ResolveError::Unsupported);
         };
-        let body = wsclient::http_get(&url, &path, self.opts.timeout).await.map_err(|e| match e {
-            ClientError::Http(m) if m.starts_with("status 404") || m.starts_with("status 410") => {
-                ResolveError::NotFound
-            }
-            ClientError::Timeout { .. } => ResolveError::Timeout,
-            other => ResolveError::Fetch(other.to_string()),
-        })?;
+        // Read no further than the largest document accepted.
+        let body =
+            wsclient::http_get_at_most(&url, &path, self.opts.timeout, MAX_DOC_BYTES).await.map_err(|e| match e {
+                ClientError::Http(m) if m.starts_with("status 404") || m.starts_with("status 410") => {
+                    ResolveError::NotFound
+                }
+                ClientError::Http(m) if m.contains("length limit") => {
+                    ResolveError::BadDocument("larger than 64 KiB".into())
+                }
+                ClientError::Timeout { .. } => ResolveError::Timeout,
+                other => ResolveError::Fetch(other.to_string()),
+            })?;
         if body.len() > MAX_DOC_BYTES {
             return Err(ResolveError::BadDocument("larger than 64 KiB".into()));
         }
