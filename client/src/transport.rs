@@ -174,6 +174,51 @@ pub enum ClientError {
     Http(String),
     #[error("{step} did not finish within {after:?}")]
     Timeout { step: &'static str, after: std::time::Duration },
+    /// [`http_get_public`]: the name has no public address (loopback, private, link-local…).
+    #[error("{0} has no public address")]
+    NotPublic(String),
+}
+
+/// Whether a request made on a stranger's behalf (a `did:web` name in a relay's frame) may go
+/// to `ip`: not loopback, private, shared (CGNAT), link-local, unspecified, multicast,
+/// broadcast, documentation, benchmarking or reserved. IPv4-mapped and NAT64 (`64:ff9b::/96`)
+/// IPv6 addresses are judged by the IPv4 address inside.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr};
+    fn v4(ip: Ipv4Addr) -> bool {
+        let [a, b, c, _] = ip.octets();
+        !(ip.is_private()
+            || ip.is_loopback()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            || ip.is_documentation()
+            || ip.is_multicast()
+            || a == 0
+            || (a == 100 && (64..128).contains(&b))
+            || (a == 192 && b == 0 && c == 0)
+            || (a == 198 && (b == 18 || b == 19))
+            || a >= 240)
+    }
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => {
+            if let Some(mapped) = ip.to_ipv4_mapped() {
+                return v4(mapped);
+            }
+            let s = ip.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+            }
+            !(ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
+                || s[..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible, deprecated
+        }
+    }
 }
 
 /// Runs one step of a connection with its own deadline: a peer that accepts TCP and then
@@ -191,13 +236,32 @@ async fn step<T, E>(
 }
 
 async fn tcp(url: &WsUrl, timeout: std::time::Duration) -> Result<TcpStream, ClientError> {
+    tcp_to(url, timeout, false).await
+}
+
+/// Connects to `url`'s host; with `public_only`, only to one of its public addresses
+/// ([`is_public`]), resolved here so the address checked is the address connected to.
+async fn tcp_to(url: &WsUrl, timeout: std::time::Duration, public_only: bool) -> Result<TcpStream, ClientError> {
     let addr = format!("{}:{}", url.host, url.port);
     let host = url.host.trim_matches(|c| c == '[' || c == ']');
-    let tcp = step("TCP connect", timeout, TcpStream::connect((host, url.port)), |source| ClientError::Connect {
-        addr: addr.clone(),
-        source,
-    })
-    .await?;
+    let connect = async {
+        if !public_only {
+            return TcpStream::connect((host, url.port)).await;
+        }
+        let public = tokio::net::lookup_host((host, url.port)).await?.find(|a| is_public(a.ip()));
+        match public {
+            Some(a) => TcpStream::connect(a).await,
+            None => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no public address")),
+        }
+    };
+    let tcp = match tokio::time::timeout(timeout, connect).await {
+        Err(_) => return Err(ClientError::Timeout { step: "TCP connect", after: timeout }),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(ClientError::NotPublic(host.to_string()))
+        }
+        Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
+        Ok(Ok(tcp)) => tcp,
+    };
     tcp.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
     Ok(tcp)
 }
@@ -266,7 +330,29 @@ pub async fn http_get_at_most(
     timeout: std::time::Duration,
     max_bytes: usize,
 ) -> Result<Vec<u8>, ClientError> {
-    let tcp = tcp(url, timeout).await?;
+    get(url, path, timeout, max_bytes, false).await
+}
+
+/// [`http_get_at_most`] from a host named by a stranger (a `did:web` document): only to a
+/// public address of it ([`is_public`]), so a name that resolves to this machine, its network
+/// or a cloud metadata address is refused before any connection ([`ClientError::NotPublic`]).
+pub async fn http_get_public(
+    url: &WsUrl,
+    path: &str,
+    timeout: std::time::Duration,
+    max_bytes: usize,
+) -> Result<Vec<u8>, ClientError> {
+    get(url, path, timeout, max_bytes, true).await
+}
+
+async fn get(
+    url: &WsUrl,
+    path: &str,
+    timeout: std::time::Duration,
+    max_bytes: usize,
+    public_only: bool,
+) -> Result<Vec<u8>, ClientError> {
+    let tcp = tcp_to(url, timeout, public_only).await?;
     let req = hyper::Request::builder()
         .method("GET")
         .uri(path)
@@ -503,5 +589,58 @@ mod tests {
         assert!(matches!(&got, Err(ClientError::Http(m)) if m.contains("length limit")), "{got:?}");
         let sent = served.await.unwrap();
         assert!(sent < 16 << 20, "the client read {sent} bytes of a 32 MiB body (socket buffers aside)");
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        let public = ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1", "64:ff9b::101:101"];
+        for a in public {
+            assert!(is_public(a.parse().unwrap()), "{a}");
+        }
+        let not = [
+            "127.0.0.1",
+            "127.1.2.3",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "::127.0.0.1",
+        ];
+        for a in not {
+            assert!(!is_public(a.parse().unwrap()), "{a}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_without_a_public_address_is_refused_before_connecting() {
+        // A listener on loopback: a connection to it would be accepted.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for host in ["localhost", "127.0.0.1"] {
+            let url = WsUrl::parse(&format!("ws://{host}:{port}")).unwrap();
+            let got = http_get_public(&url, "/", std::time::Duration::from_secs(5), 1 << 16).await;
+            assert!(matches!(&got, Err(ClientError::NotPublic(_))), "{host}: {got:?}");
+        }
+        let accepted = tokio::time::timeout(std::time::Duration::from_millis(200), listener.accept()).await;
+        assert!(accepted.is_err(), "a connection was made");
     }
 }

@@ -306,18 +306,24 @@ impl Resolver {
         } else {
             return Err(ResolveError::Unsupported);
         };
-        // Read no further than the largest document accepted.
-        let body =
-            wsclient::http_get_at_most(&url, &path, self.opts.timeout, MAX_DOC_BYTES).await.map_err(|e| match e {
-                ClientError::Http(m) if m.starts_with("status 404") || m.starts_with("status 410") => {
-                    ResolveError::NotFound
-                }
-                ClientError::Http(m) if m.contains("length limit") => {
-                    ResolveError::BadDocument("larger than 64 KiB".into())
-                }
-                ClientError::Timeout { .. } => ResolveError::Timeout,
-                other => ResolveError::Fetch(other.to_string()),
-            })?;
+        // Read no further than the largest document accepted; a did:web host only at a public
+        // address (the name is the repo's to choose: it must not reach this machine's network).
+        let public_only = did.starts_with("did:web:") && !self.opts.did_web_http;
+        let body = if public_only {
+            wsclient::http_get_public(&url, &path, self.opts.timeout, MAX_DOC_BYTES).await
+        } else {
+            wsclient::http_get_at_most(&url, &path, self.opts.timeout, MAX_DOC_BYTES).await
+        };
+        let body = body.map_err(|e| match e {
+            ClientError::Http(m) if m.starts_with("status 404") || m.starts_with("status 410") => {
+                ResolveError::NotFound
+            }
+            ClientError::Http(m) if m.contains("length limit") => {
+                ResolveError::BadDocument("larger than 64 KiB".into())
+            }
+            ClientError::Timeout { .. } => ResolveError::Timeout,
+            other => ResolveError::Fetch(other.to_string()),
+        })?;
         if body.len() > MAX_DOC_BYTES {
             return Err(ResolveError::BadDocument("larger than 64 KiB".into()));
         }
