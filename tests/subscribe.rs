@@ -983,7 +983,7 @@ async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() 
     };
     // What one 500-DID filter holds, as the server counts it; the budget is 4.5 of them, so
     // one address may hold 1.125.
-    let f = contrail::options::Filter::new(&[], &dids(500, 0)).unwrap().heap_bytes();
+    let f = contrail::hub::dispatch::filter_bytes(&contrail::options::Filter::new(&[], &dids(500, 0)).unwrap());
     let budget = (f * 9 / 2).to_string();
     let s = setup(5, &["--max-filter-bytes", &budget, "--trusted-proxies", "127.0.0.1"]).await;
     let public = s.serve.public;

@@ -43,7 +43,7 @@ pub struct LimitsConfig {
     pub max_connects_per_second_per_ip: u64,
     /// Memory all subscribers' filters may hold together: their wantedDids and
     /// wantedCollections (v1 allows 10,000 DIDs of up to 2,048 characters, ~20 MB a filter),
-    /// with the copies the live index keeps of up to 100 DIDs or of the collections.
+    /// with the copies the live index keeps of the DIDs or of the collections.
     /// One client IP may hold a quarter of it. A subscribe request past it is refused with a
     /// 503, an options_update with a 1013 close (0: unlimited).
     #[arg(long, env = "CONTRAIL_MAX_FILTER_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]

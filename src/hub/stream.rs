@@ -905,9 +905,9 @@ mod tests {
             Filter::new(&["app.bsky.feed.like".into()], &[DIDS[1].into()]).unwrap(),
             Filter::new(&["app.bsky.*".into()], &[]).unwrap(),
             Filter::new(&["org.example.nobody".into()], &[]).unwrap(),
-            // More DIDs than the dispatcher indexes.
+            // More DIDs than the dispatcher indexes in one hold of its lock.
             {
-                let many = (0..=super::super::dispatch::MAX_INDEXED_DIDS).map(|i| format!("did:plc:{i:0>24}"));
+                let many = (0..=3 * super::super::dispatch::DIDS_PER_LOCK).map(|i| format!("did:plc:{i:0>24}"));
                 Filter::new(&[], &many.chain([DIDS[1].to_string()]).collect::<Vec<_>>()).unwrap()
             },
         ];
