@@ -850,6 +850,32 @@ async fn a_relay_message_in_endless_fragments_is_cut_off_at_the_limit() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
 }
 
+/// A relay whose next frame is larger than the websocket layer reads (33 MiB): the connection
+/// ends before its seq is known, and asking for the same cursor again gets the same frame. After
+/// a few tries the reader asks past it: ingest goes on, the skip counted as a gap and a drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_frame_too_large_to_read_is_skipped_after_a_few_tries() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 20, 5, 46);
+    for g in &gen {
+        if g.seq == 11 {
+            relay.push(11, vec![0xa5; 33 << 20]);
+        } else {
+            relay.push(g.seq, g.frame.clone());
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--relay-backoff-min", "100ms", "--relay-backoff-max", "200ms"];
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    serve.wait_for_seq(20, Duration::from_secs(60));
+    assert!(serve.metric("contrail_relay_seq_gaps_total").unwrap() >= 1.0);
+    assert!(serve.metric("contrail_drops_total{reason=\"frame_too_large\"}").unwrap() >= 1.0);
+    assert!(serve.logs().contains("skipping past it"), "{}", serve.logs());
+    drop(serve);
+    let readable: Vec<GenFrame> = gen.iter().filter(|g| g.seq != 11).cloned().collect();
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&readable));
+}
+
 /// A relay connection that dies in the middle of a frame (TCP cut after an arbitrary number of
 /// bytes), again and again: the reader reconnects from its cursor each time, and the log ends
 /// exactly whole — nothing lost, nothing twice.

@@ -7,7 +7,9 @@
 //!   frames or repeats): a quiet relay never kills the process.
 //! - The websocket layer allows 32 MiB messages; the protocol's 5 MB limit is applied by the
 //!   transcoder, so an oversized frame is counted and skipped by seq rather than closing the
-//!   connection and replaying the same frame forever.
+//!   connection and replaying the same frame forever. A message past 32 MiB ends the
+//!   connection before its seq is known: after a few in a row at one position, the cursor
+//!   skips past it ([`SeqTracker::unreadable`]).
 //! - Error frames (`FutureCursor`, `ConsumerTooSlow`) and `#info OutdatedCursor` are logged at
 //!   a bounded rate and counted; seq gaps are counted.
 //!
@@ -112,6 +114,16 @@ pub enum RelayError {
 }
 
 impl RelayError {
+    /// A message larger than the websocket layer reads: the connection ended before its seq
+    /// was known.
+    fn unreadable(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Read(fastwebsockets::WebSocketError::FrameTooLarge)
+                | RelayError::Message(wsclient::ReassemblyError::TooBig(_))
+        )
+    }
+
     /// The `contrail_relay_errors_total` label, for the failures that count as errors.
     pub fn label(&self) -> Option<RelayErrorKind> {
         match self {
@@ -214,6 +226,18 @@ impl Reader {
             // (it is asked for the cursor again at once, not after a growing wait).
             if self.seq.last() != started_at || matches!(ended, RelayError::AskAgain(_)) {
                 backoff.reset();
+            } else if ended.unreadable() {
+                let skip = self.seq.unreadable();
+                if skip > 0 {
+                    self.metrics.drop_reason(DropReason::FrameTooLarge);
+                    self.metrics.relay_error(RelayErrorKind::Read);
+                    tracing::error!(
+                        last_seq = started_at,
+                        next_cursor = started_at.saturating_add(skip),
+                        "the relay's next frame cannot be read (over the websocket limit), again: skipping past it"
+                    );
+                    backoff.reset();
+                }
             }
             let wait = backoff.next_wait();
             tracing::warn!(error = %ended, retry_in_ms = wait.as_millis() as u64, "relay connection ended");

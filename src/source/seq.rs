@@ -24,6 +24,12 @@
 //!   ([`SeqTracker::follow`]): it hands on the frames it kept, or, when some went at its memory
 //!   bound, asks the relay for the run again from its first seq. Before, every one was skipped
 //!   as a duplicate for as long as the relay kept sending, so the idle timeout never came.
+//! - A relay whose next frame after our cursor cannot be read at all (a message over the
+//!   websocket layer's 32 MiB: the connection ends before its seq is known) would be asked for
+//!   the same cursor, and send the same frame, for ever. After [`MAX_UNREADABLE`] such
+//!   connections in a row, the cursor asked for moves past our position one seq more each time
+//!   (then doubling) until a frame after it arrives ([`SeqTracker::unreadable`]); what was
+//!   skipped with the unreadable frame is counted as a gap.
 //! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
 //!   next frame confirms the new space (one bogus huge seq must not make every later frame look
 //!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
@@ -43,6 +49,10 @@ pub const MAX_CURSOR_REFUSALS: u32 = 3;
 /// ([`SeqDecision::AskAgain`]); past them the frames in between are taken as a gap, so a relay
 /// whose every cursor request reaches a lagging instance cannot stop ingest.
 pub const MAX_ASK_AGAIN: u32 = 3;
+
+/// Connections in a row ending on a message too large to read, at one position, before the
+/// cursor skips ahead ([`SeqTracker::unreadable`]).
+pub const MAX_UNREADABLE: u32 = 3;
 
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +103,10 @@ pub struct SeqTracker {
     live_after_refusals: bool,
     /// [`SeqDecision::AskAgain`]s since a connection asking for our cursor was served.
     asked_again: u32,
+    /// Connections in a row that ended on an unreadable message at this position.
+    unreadable: u32,
+    /// How far past our position the cursor asked for is (0: at it).
+    skip: i64,
 }
 
 impl SeqTracker {
@@ -109,6 +123,8 @@ impl SeqTracker {
             run_last: 0,
             live_after_refusals: false,
             asked_again: 0,
+            unreadable: 0,
+            skip: 0,
         }
     }
 
@@ -119,7 +135,23 @@ impl SeqTracker {
 
     /// The cursor to resume from, if any.
     pub fn cursor(&self) -> Option<i64> {
-        (self.last > 0 && self.cursor_refusals < MAX_CURSOR_REFUSALS).then_some(self.last)
+        (self.last > 0 && self.cursor_refusals < MAX_CURSOR_REFUSALS).then_some(self.last.saturating_add(self.skip))
+    }
+
+    /// A connection ended on a message too large to read before any frame moved our position.
+    /// From the [`MAX_UNREADABLE`]th in a row, the next cursor skips past our position: one seq
+    /// more each time up to four, then twice as far (relays' seqs are dense, so the unreadable
+    /// frame is usually the next seq; a relay that replays inclusively needs one more). Returns
+    /// how far the next cursor is past our position.
+    pub fn unreadable(&mut self) -> i64 {
+        if self.last == 0 {
+            return 0; // live: the next connection starts elsewhere anyway
+        }
+        self.unreadable = self.unreadable.saturating_add(1);
+        if self.unreadable >= MAX_UNREADABLE {
+            self.skip = if self.skip < 4 { self.skip + 1 } else { self.skip.saturating_mul(2).min(MAX_SEQ_JUMP) };
+        }
+        self.skip
     }
 
     /// The relay said our cursor is in its future. After [`MAX_CURSOR_REFUSALS`] in a row the
@@ -177,6 +209,7 @@ impl SeqTracker {
             // The frame after a far jump decides: continuing from the held seq confirms it.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
                 self.last = seq;
+                (self.unreadable, self.skip) = (0, 0);
                 return SeqDecision::Accept { gap: seq > held + 1, release_held: true };
             }
             // Otherwise the held seq was bogus; judge this frame against our position.
@@ -187,6 +220,7 @@ impl SeqTracker {
             // our cursor (a new relay instance with a new seq space). Taking its stream from
             // here is the only way forward; skipping "duplicates" would stall ingest.
             self.last = seq;
+            (self.unreadable, self.skip) = (0, 0);
             return SeqDecision::Reset { from: seq };
         }
         if far_below {
@@ -210,6 +244,7 @@ impl SeqTracker {
         }
         let gap = self.last > 0 && seq > self.last + 1;
         self.last = seq;
+        (self.unreadable, self.skip) = (0, 0);
         SeqDecision::Accept { gap, release_held: false }
     }
 }
@@ -355,6 +390,25 @@ mod tests {
         assert_eq!(t.observe(31_527_015_323), ACCEPT);
         t.new_session();
         assert_eq!(t.observe(20), SeqDecision::Reset { from: 20 }, "far below: a new seq space");
+    }
+
+    #[test]
+    fn a_frame_that_cannot_be_read_is_skipped_after_a_few_tries() {
+        let mut t = SeqTracker::new(100, 1_000_000);
+        for _ in 1..MAX_UNREADABLE {
+            assert_eq!(t.unreadable(), 0);
+            assert_eq!(t.cursor(), Some(100), "asked again: it may have been the network");
+        }
+        // Relays replaying inclusively send seq 101 again for cursor=101: one more.
+        let skips: Vec<i64> = (0..8).map(|_| t.unreadable()).collect();
+        assert_eq!(skips, [1, 2, 3, 4, 8, 16, 32, 64]);
+        assert_eq!(t.cursor(), Some(164));
+        // The first frame after it is taken (the seqs skipped are a gap), and all is reset.
+        assert_eq!(t.observe(165), SeqDecision::Accept { gap: true, release_held: false });
+        assert_eq!(t.cursor(), Some(165));
+        assert_eq!(t.unreadable(), 0, "counted again from one");
+        // Live (no position): nothing to skip from.
+        assert_eq!(SeqTracker::new(0, 10_000).unreadable(), 0);
     }
 
     #[test]
