@@ -311,6 +311,29 @@ async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
     assert_eq!(rkeys, ["a1", "a2", "a3", "a4", "a5"]);
 }
 
+/// An op the verifier cannot read (an unknown action) drops that op, not the commit: the
+/// transcoder skips it, `signature` checks no ops; `full` cannot undo it, so the commit fails
+/// its proof (not "malformed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_op_drops_the_op_not_the_commit() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a1"), record("1"))], Tamper::None), 1));
+    relay.push(2, with_seq(&alice.commit(0, &[Op::Create(post("a2"), record("2"))], Tamper::UnknownOp), 2));
+    for (mode, stored, proof) in [("signature", vec!["a1", "a2"], 0.0), ("full", vec!["a1"], 1.0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let serve = Serve::start(dir.path(), &relay.url(), &["--verify", mode, "--plc-url", &plc.url()]);
+        serve.wait_for_seq(2, Duration::from_secs(30));
+        assert_eq!(failures(&serve, "malformed"), 0.0, "{mode}");
+        assert_eq!(failures(&serve, "proof"), proof, "{mode}");
+        drop(serve);
+        let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
+        assert_eq!(rkeys, stored, "{mode}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_directory_holds_one_repo_not_the_stream() {
     let plc = Plc::start().await;

@@ -85,6 +85,9 @@ pub enum Tamper {
     OtherKey,
     /// `prevData` and each op's `prev` left out (they are not signed: a relay can strip them).
     StripProof,
+    /// An extra op with an action no one knows (`upsert`): not signed, dropped by the
+    /// transcoder; it cannot be undone, so the commit cannot be proven.
+    UnknownOp,
 }
 
 /// A repository that writes signed commits.
@@ -189,6 +192,13 @@ impl SignedRepo {
                     ("action", s("create")),
                     ("path", s("app.bsky.feed.post/3zzzzzzzzzzzz")),
                     ("cid", Ipld::Link(extra_cid)),
+                ]);
+            }
+            Tamper::UnknownOp => {
+                op_list.push(vec![
+                    ("action", s("upsert")),
+                    ("path", s("app.bsky.feed.post/3yyyyyyyyyyyy")),
+                    ("cid", Ipld::Null),
                 ]);
             }
             _ => {}

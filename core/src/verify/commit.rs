@@ -108,6 +108,9 @@ pub struct CommitFrame<'a> {
     /// The MST root before this commit (Sync 1.1); absent on older producers' commits.
     pub prev_data: Option<&'a [u8]>,
     pub ops: Vec<ProofOp<'a>>,
+    /// Ops that could not be read as a proof op (an unknown action, no path): the transcoder
+    /// drops them, `signature` needs no ops, and `full` cannot prove the commit with them.
+    pub unreadable_ops: usize,
     pub blocks: Blocks<'a>,
 }
 
@@ -169,6 +172,7 @@ fn opt_link<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, Failure> {
 
 fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
     let n = r.read_map_len().map_err(bad("body"))?;
+    let mut unreadable_ops = 0;
     let (mut seq, mut repo, mut rev, mut since, mut commit, mut prev_data, mut ops, mut car) =
         (None, None, None, None, None, None, None, None);
     for _ in 0..n {
@@ -187,7 +191,10 @@ fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
                 }
                 let mut list = Vec::with_capacity(len as usize);
                 for _ in 0..len {
-                    list.push(read_op(&mut r)?);
+                    match read_op(&mut r)? {
+                        Some(op) => list.push(op),
+                        None => unreadable_ops += 1,
+                    }
                 }
                 ops = Some(list);
             }
@@ -207,22 +214,29 @@ fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
         commit: commit.ok_or(Failure::Malformed("no commit"))?,
         prev_data,
         ops: ops.ok_or(Failure::Malformed("no ops"))?,
+        unreadable_ops,
         blocks,
     })
 }
 
-fn read_op<'a>(r: &mut Reader<'a>) -> Result<ProofOp<'a>, Failure> {
+/// One op; `None` for one that is whole CBOR but not an op a proof can use (an unknown
+/// action, a missing action or path): like the transcoder, that drops the op, not the frame.
+fn read_op<'a>(r: &mut Reader<'a>) -> Result<Option<ProofOp<'a>>, Failure> {
     let n = r.read_map_len().map_err(bad("op"))?;
     let (mut action, mut path, mut cid, mut prev) = (None, None, None, None);
+    let mut known_action = true;
     for _ in 0..n {
         match r.read_str().map_err(bad("op key"))? {
             "action" => {
-                action = Some(match r.read_str().map_err(bad("action"))? {
-                    "create" => Action::Create,
-                    "update" => Action::Update,
-                    "delete" => Action::Delete,
-                    _ => return Err(Failure::Malformed("unknown action")),
-                })
+                action = match r.read_str().map_err(bad("action"))? {
+                    "create" => Some(Action::Create),
+                    "update" => Some(Action::Update),
+                    "delete" => Some(Action::Delete),
+                    _ => {
+                        known_action = false;
+                        None
+                    }
+                }
             }
             "path" => path = Some(r.read_str().map_err(bad("path"))?),
             "cid" => cid = opt_link(r)?,
@@ -230,11 +244,9 @@ fn read_op<'a>(r: &mut Reader<'a>) -> Result<ProofOp<'a>, Failure> {
             _ => r.skip().map_err(bad("op"))?,
         }
     }
-    Ok(ProofOp {
-        action: action.ok_or(Failure::Malformed("op without action"))?,
-        path: path.ok_or(Failure::Malformed("op without path"))?,
-        cid,
-        prev,
+    Ok(match (action, path) {
+        (Some(action), Some(path)) if known_action => Some(ProofOp { action, path, cid, prev }),
+        _ => None,
     })
 }
 

@@ -143,6 +143,10 @@ pub fn check_commit(frame: &CommitFrame<'_>, key: &PublicKey, level: Level) -> R
         return Ok(Checked { state, proven: false });
     }
     let prev_data = frame.prev_data.ok_or(Failure::NoProof("no prevData"))?;
+    if frame.unreadable_ops > 0 {
+        // Undoing every op is the proof: one that cannot be read cannot be undone.
+        return Err(Failure::Proof("an op the proof cannot read (unknown action, or no path)"));
+    }
     mst::check_inversion(&frame.blocks, commit.data, &frame.ops, prev_data)?;
     Ok(Checked { state, proven: true })
 }
