@@ -285,6 +285,9 @@ async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
     // The directory is back (another #identity clears the remembered failure); a4 follows a3.
     plc.set(ALICE, Answer::Doc(alice.did_doc()));
     relay.push(5, identity_frame(5, ALICE, Some("alice.test")));
+    // (A frame's key is looked up when it arrives, an #identity applied when it is passed on:
+    // a4 must arrive after.)
+    serve.wait_for_seq(5, Duration::from_secs(30));
     relay.push(6, with_seq(&commit(&mut alice, "a4"), 6));
     relay.push(7, with_seq(&commit(&mut alice, "a5"), 7));
     serve.wait_for_seq(7, Duration::from_secs(30));
@@ -332,6 +335,59 @@ async fn an_unknown_op_drops_the_op_not_the_commit() {
         let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
         assert_eq!(rkeys, stored, "{mode}");
     }
+}
+
+/// A run without chain checks (`--verify off` or `signature`) lets repos move on unseen: the
+/// next `full` run must not take their stored chain states as the last commit (each active
+/// repo's first commit would fail as a chain break and be dropped). It anchors them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_run_after_one_without_chain_checks_anchors_repos_again() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let push = |alice: &mut SignedRepo, seq: i64, n: &str| {
+        relay.push(seq, with_seq(&alice.commit(0, &[Op::Create(post(n), record(n))], Tamper::None), seq));
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let full = ["--verify", "full", "--plc-url", &plc.url()];
+    push(&mut alice, 1, "a1");
+    push(&mut alice, 2, "a2");
+    let serve = Serve::start(dir.path(), &relay.url(), &full);
+    serve.wait_for_seq(2, Duration::from_secs(30));
+    drop(serve);
+    for mode in ["off", "signature"] {
+        let n = if mode == "off" { 3 } else { 5 };
+        push(&mut alice, n, &format!("a{n}"));
+        let serve = Serve::start(dir.path(), &relay.url(), &["--verify", mode, "--plc-url", &plc.url()]);
+        serve.wait_for_seq(n, Duration::from_secs(30));
+        drop(serve);
+        push(&mut alice, n + 1, &format!("a{}", n + 1));
+        let serve = Serve::start(dir.path(), &relay.url(), &full);
+        serve.wait_for_seq(n + 1, Duration::from_secs(30));
+        assert_eq!(failures(&serve, "chain"), 0.0, "after a run with --verify {mode}: {}", serve.logs());
+        drop(serve);
+    }
+    // Restarting in full after full changes nothing: a7 continues a6.
+    push(&mut alice, 7, "a7");
+    let serve = Serve::start(dir.path(), &relay.url(), &full);
+    serve.wait_for_seq(7, Duration::from_secs(30));
+    let marks: Vec<String> = {
+        use common::client::{connect, next, Msg};
+        let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
+        let mut marks = Vec::new();
+        while marks.len() < 7 {
+            let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            marks.push(v["verification"].as_str().unwrap().to_string());
+        }
+        marks
+    };
+    let want = ["signature", "full", "none", "signature", "signature", "signature", "full"];
+    assert_eq!(marks, want, "a4 and a6 anchor again; a7 continues");
+    drop(serve);
+    let rkeys: Vec<String> = stored_commits(dir.path()).into_iter().map(|(_, _, r)| r).collect();
+    assert_eq!(rkeys, ["a1", "a2", "a3", "a4", "a5", "a6", "a7"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -147,24 +147,60 @@ impl VerifyConfig {
     }
 }
 
-/// A repo's stored chain state: its last verified commit and whether the chain broke since.
+/// A repo's stored chain state: its last verified commit, whether the chain broke since, and
+/// the epoch it was written in ([`start_epoch`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Chain {
     state: RepoState,
     desynchronized: bool,
+    epoch: u64,
 }
+
+/// In a stored chain's first byte: an epoch follows (states written before epochs are epoch 0).
+const WITH_EPOCH: u8 = 2;
 
 impl Chain {
     fn encode(&self) -> Vec<u8> {
-        let mut v = vec![self.desynchronized as u8];
+        let mut v = vec![self.desynchronized as u8 | WITH_EPOCH];
+        v.extend_from_slice(&self.epoch.to_be_bytes());
         v.extend_from_slice(&self.state.encode());
         v
     }
 
     fn decode(v: &[u8]) -> Option<Chain> {
-        let (&flag, rest) = v.split_first()?;
-        Some(Chain { state: RepoState::decode(rest)?, desynchronized: flag == 1 })
+        let (&flag, mut rest) = v.split_first()?;
+        let mut epoch = 0;
+        if flag & WITH_EPOCH != 0 {
+            epoch = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+            rest = &rest[8..];
+        }
+        Some(Chain { state: RepoState::decode(rest)?, desynchronized: flag & 1 == 1, epoch })
     }
+}
+
+/// The repos column's entry (not a DID) saying the current chain epoch and whether the last
+/// run checked chains: `[epoch, u64 big-endian][1: full]`.
+const EPOCH_KEY: &str = "#chains";
+
+/// Records this run's `--verify` mode at start (whatever it is) and returns the chain epoch.
+/// A run that does not check chains (`off`, `signature`) lets repos move on unseen, so the
+/// first `full` run after one starts a new epoch: chain states from an earlier epoch anchor a
+/// repo's next commit instead of breaking its chain (which dropped one commit of every active
+/// repo). A log from before epochs counts as last run in `full`.
+pub fn start_epoch(log: &Log, mode: VerifyMode) -> Result<u64, crate::log::LogError> {
+    let stored = log.repo_state(EPOCH_KEY)?;
+    let (old_epoch, was_full) = match &stored {
+        Some(v) if v.len() == 9 => (u64::from_be_bytes(v[..8].try_into().expect("8 bytes")), v[8] == 1),
+        _ => (0, true),
+    };
+    let full = mode == VerifyMode::Full;
+    let epoch = if full && !was_full { old_epoch + 1 } else { old_epoch };
+    if stored.is_none() || epoch != old_epoch || full != was_full {
+        let mut v = epoch.to_be_bytes().to_vec();
+        v.push(full as u8);
+        log.append_with_states(&[], None, &[(EPOCH_KEY.to_string(), v)])?;
+    }
+    Ok(epoch)
 }
 
 /// Chain states this stage moved, in front of the store: a repo's state is read here before
@@ -186,15 +222,20 @@ impl Chains {
         Chains { map: HashMap::new(), order: VecDeque::new(), generation: 0 }
     }
 
-    /// The repo's last state; an unreadable store is a failure, never "a new repo".
-    fn get(&self, did: &str, log: &Log) -> Result<Option<Chain>, Failure> {
-        if let Some((c, _)) = self.map.get(did) {
-            return Ok(Some(c.clone()));
-        }
-        match log.repo_state(did) {
-            Ok(v) => Ok(v.and_then(|v| Chain::decode(&v))),
-            Err(_) => Err(Failure::Chain("the repo's state could not be read")),
-        }
+    /// The repo's last state; an unreadable store is a failure, never "a new repo". A state of
+    /// an earlier epoch than `epoch` is desynchronized: the repo may have moved on unseen.
+    fn get(&self, did: &str, log: &Log, epoch: u64) -> Result<Option<Chain>, Failure> {
+        let chain = match self.map.get(did) {
+            Some((c, _)) => Some(c.clone()),
+            None => match log.repo_state(did) {
+                Ok(v) => v.and_then(|v| Chain::decode(&v)),
+                Err(_) => return Err(Failure::Chain("the repo's state could not be read")),
+            },
+        };
+        Ok(chain.map(|mut c| {
+            c.desynchronized |= c.epoch < epoch;
+            c
+        }))
     }
 
     fn put(&mut self, did: &str, chain: Chain, frame: &mut IngestFrame) {
@@ -289,6 +330,8 @@ fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checke
 pub struct Stage {
     cfg: VerifyConfig,
     level: Level,
+    /// Chain states of earlier epochs anchor; they never break a chain ([`start_epoch`]).
+    epoch: u64,
     resolver: Arc<Resolver>,
     log: Arc<Log>,
     metrics: Arc<Metrics>,
@@ -297,9 +340,10 @@ pub struct Stage {
 }
 
 impl Stage {
-    pub fn new(cfg: VerifyConfig, log: Arc<Log>, metrics: Arc<Metrics>) -> anyhow::Result<Stage> {
+    pub fn new(cfg: VerifyConfig, log: Arc<Log>, metrics: Arc<Metrics>, epoch: u64) -> anyhow::Result<Stage> {
         let resolver = Arc::new(Resolver::new(cfg.resolver_options(), log.clone(), &metrics)?);
         Ok(Stage {
+            epoch,
             level: cfg.verify.level(),
             cfg,
             resolver,
@@ -402,7 +446,7 @@ impl Stage {
         match link {
             Some(link) => {
                 if self.level == Level::Full {
-                    let last = match self.chains.get(&did, &self.log) {
+                    let last = match self.chains.get(&did, &self.log, self.epoch) {
                         Ok(l) => l,
                         Err(f) => {
                             self.fail(&mut frame, &did, f);
@@ -424,14 +468,22 @@ impl Stage {
                             if let Err(f) = verify::check_chain(Some(&l.state), &link) {
                                 self.metrics.verify_desynchronized.inc();
                                 let state = l.state.clone();
-                                self.chains.put(&did, Chain { state, desynchronized: true }, &mut frame);
+                                self.chains.put(
+                                    &did,
+                                    Chain { state, desynchronized: true, epoch: self.epoch },
+                                    &mut frame,
+                                );
                                 self.fail(&mut frame, &did, f);
                                 return frame;
                             }
                         }
                     }
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
-                    self.chains.put(&did, Chain { state: checked.state, desynchronized: false }, &mut frame);
+                    self.chains.put(
+                        &did,
+                        Chain { state: checked.state, desynchronized: false, epoch: self.epoch },
+                        &mut frame,
+                    );
                     if !continues {
                         self.outcome(Outcome::Verified);
                         mark_events(&mut frame, Verification::Signature);
@@ -444,11 +496,11 @@ impl Stage {
             None => {
                 let state = checked.state;
                 let newer = |l: &Chain| state.rev > l.state.rev;
-                let last = self.chains.get(&did, &self.log).ok().flatten();
+                let last = self.chains.get(&did, &self.log, self.epoch).ok().flatten();
                 if self.level == Level::Full && last.as_ref().is_none_or(newer) {
                     // "This is the repo now": the chain continues from here. A sync no newer
                     // than what we know changes nothing.
-                    self.chains.put(&did, Chain { state, desynchronized: false }, &mut frame);
+                    self.chains.put(&did, Chain { state, desynchronized: false, epoch: self.epoch }, &mut frame);
                 }
                 self.outcome(Outcome::Verified);
                 // A sync is a signed commit alone: its signature is all there is.
@@ -466,10 +518,10 @@ impl Stage {
         if self.level != Level::Full {
             return;
         }
-        if let Ok(Some(l)) = self.chains.get(did, &self.log) {
+        if let Ok(Some(l)) = self.chains.get(did, &self.log, self.epoch) {
             if !l.desynchronized {
                 self.metrics.verify_desynchronized.inc();
-                self.chains.put(did, Chain { state: l.state, desynchronized: true }, frame);
+                self.chains.put(did, Chain { state: l.state, desynchronized: true, epoch: self.epoch }, frame);
             }
         }
     }
