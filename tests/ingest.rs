@@ -516,6 +516,45 @@ async fn a_relay_sending_only_frames_without_a_seq_is_left_at_the_idle_timeout()
     relay.wait_for_connections_above(0, Duration::from_secs(20));
     relay.wait_for_connections_above(1, Duration::from_millis(2_500));
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(8.0));
+    drop(serve);
+    // Nor one looping over our position and a frame far below it (each far-below frame a new
+    // run of one: only a run growing above the connection's highest counts).
+    let relay = FakeRelay::start().await;
+    let base = generate(1, 2, 10, 54);
+    let (ours, low) = (renumber(&base[0], 20_000), renumber(&base[1], 1));
+    for _ in 0..1_500 {
+        relay.push(ours.seq, ours.frame.clone());
+        relay.push(low.seq, low.frame.clone());
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--relay-idle-timeout", "1s", "--relay-reset-threshold", "10000"];
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    relay.wait_for_connections_above(0, Duration::from_secs(20));
+    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    assert_eq!(serve.metric("contrail_relay_last_seq"), Some(20_000.0));
+}
+
+/// A frame whose seq jumps far ahead is held until the next one says whether it was real; a
+/// bogus one is not the connection's highest seq, so the real frames after it still keep the
+/// connection (they used to look like no progress, and the idle timeout dropped it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bogus_far_jumps_do_not_make_a_healthy_relay_look_idle() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(11, 16, 10, 55);
+    for (i, g) in gen.iter().enumerate() {
+        relay.push(g.seq, g.frame.clone());
+        if i == 0 {
+            let bogus = renumber(&gen[0], 2_000_000_000 + g.seq);
+            relay.push(bogus.seq, bogus.frame);
+        }
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(150)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    serve.wait_for_seq(gen.last().unwrap().seq, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"idle_timeout\"}"), Some(0.0), "{}", serve.logs());
+    assert_eq!(relay.connections(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -181,8 +181,9 @@ pub enum ClientError {
 
 /// Whether a request made on a stranger's behalf (a `did:web` name in a relay's frame) may go
 /// to `ip`: not loopback, private, shared (CGNAT), link-local, unspecified, multicast,
-/// broadcast, documentation, benchmarking or reserved. IPv4-mapped and NAT64 (`64:ff9b::/96`)
-/// IPv6 addresses are judged by the IPv4 address inside.
+/// broadcast, documentation, benchmarking or reserved (IPv6: also site-local, and the local-use
+/// NAT64 prefix). IPv4-mapped, NAT64 (`64:ff9b::/96`) and 6to4 (`2002::/16`) IPv6 addresses are
+/// judged by the IPv4 address inside.
 pub fn is_public(ip: std::net::IpAddr) -> bool {
     use std::net::{IpAddr, Ipv4Addr};
     fn v4(ip: Ipv4Addr) -> bool {
@@ -207,14 +208,20 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
                 return v4(mapped);
             }
             let s = ip.segments();
+            let embedded = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
             if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-                return v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+                return v4(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return v4(embedded(s[1], s[2]));
             }
             !(ip.is_loopback()
                 || ip.is_unspecified()
                 || ip.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local, deprecated
+                || (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) // local-use NAT64
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
                 || s[..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible, deprecated
         }
@@ -244,23 +251,21 @@ async fn tcp(url: &WsUrl, timeout: std::time::Duration) -> Result<TcpStream, Cli
 async fn tcp_to(url: &WsUrl, timeout: std::time::Duration, public_only: bool) -> Result<TcpStream, ClientError> {
     let addr = format!("{}:{}", url.host, url.port);
     let host = url.host.trim_matches(|c| c == '[' || c == ']');
+    // `Ok(None)`: the name has no public address.
     let connect = async {
         if !public_only {
-            return TcpStream::connect((host, url.port)).await;
+            return TcpStream::connect((host, url.port)).await.map(Some);
         }
-        let public = tokio::net::lookup_host((host, url.port)).await?.find(|a| is_public(a.ip()));
-        match public {
-            Some(a) => TcpStream::connect(a).await,
-            None => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "no public address")),
+        match tokio::net::lookup_host((host, url.port)).await?.find(|a| is_public(a.ip())) {
+            Some(a) => TcpStream::connect(a).await.map(Some),
+            None => Ok(None),
         }
     };
     let tcp = match tokio::time::timeout(timeout, connect).await {
         Err(_) => return Err(ClientError::Timeout { step: "TCP connect", after: timeout }),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Err(ClientError::NotPublic(host.to_string()))
-        }
         Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
-        Ok(Ok(tcp)) => tcp,
+        Ok(Ok(None)) => return Err(ClientError::NotPublic(host.to_string())),
+        Ok(Ok(Some(tcp))) => tcp,
     };
     tcp.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
     Ok(tcp)
@@ -593,7 +598,7 @@ mod tests {
 
     #[test]
     fn only_public_addresses_are_public() {
-        let public = ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1", "64:ff9b::101:101"];
+        let public = ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1", "64:ff9b::101:101", "2002:101:101::1"];
         for a in public {
             assert!(is_public(a.parse().unwrap()), "{a}");
         }
@@ -624,6 +629,10 @@ mod tests {
             "::ffff:10.0.0.1",
             "64:ff9b::a00:1",
             "::127.0.0.1",
+            "fec0::1",
+            "64:ff9b:1::1",
+            "2002:a00:1::1",
+            "2002:7f00:1::1",
         ];
         for a in not {
             assert!(!is_public(a.parse().unwrap()), "{a}");

@@ -462,16 +462,23 @@ impl Drop for Registration {
             }
             (filter, indexed)
         };
+        // Between holds the dispatcher may have emptied the whole index (a lag) and another
+        // stream taken this slot number: each hold first checks the slot is still ours.
+        let ours = |index: &Index| matches!(index.entries.get(self.id as usize), Some(Some(e)) if Arc::ptr_eq(&e.queue, &self.queue));
         let dids: Vec<&String> = filter.dids().into_iter().flatten().take(indexed).collect();
         for chunk in dids.chunks(DIDS_PER_LOCK) {
             let mut index = lock(index);
+            if !ours(&index) {
+                return;
+            }
             chunk.iter().for_each(|d| bucket_remove(&mut index.by_did, d, self.id));
         }
         let removed = {
             let mut index = lock(index);
-            if let Some(Some(e)) = index.entries.get_mut(self.id as usize) {
-                e.dids_indexed = 0;
+            if !ours(&index) {
+                return;
             }
+            index.entries[self.id as usize].as_mut().expect("ours").dids_indexed = 0;
             index.remove(self.id)
         };
         drop(removed);
@@ -724,6 +731,22 @@ mod tests {
         assert!(index.every.is_empty() && index.no_collection.is_empty());
         assert_eq!(index.free.len(), index.entries.len());
         assert_eq!(index.detached, 0);
+    }
+
+    #[test]
+    fn a_registration_leaving_after_the_index_was_emptied_leaves_its_slots_new_owner_alone() {
+        let d = dispatcher();
+        let mine = "did:plc:000000000000000000000042";
+        let many: Vec<String> = (0..4 * DIDS_PER_LOCK).map(|i| format!("did:plc:{i:0>24}")).collect();
+        let (r, _) = d.register(Arc::new(Filter::new(&[], &many).unwrap()), 0);
+        // A lag empties the index; a newcomer with one of its DIDs takes its slot number.
+        d.end_all(Ended::Overflowed, None);
+        let (other, _) = d.register(Arc::new(Filter::new(&[], &many).unwrap()), 0);
+        assert_eq!(other.id, r.id);
+        drop(r);
+        d.dispatch(&Published::Event(event(1, EventKind::Commit, mine, "app.bsky.feed.post")));
+        assert_eq!(taken(other.queue()), vec![1], "the newcomer still gets its events");
+        assert_eq!(lock(&d.index).by_did.len(), 4 * DIDS_PER_LOCK);
     }
 
     #[test]

@@ -158,6 +158,9 @@ pub struct Reader {
     /// does not; a relay behind us catching up does, and so does a run in a new, lower seq
     /// space as it grows (from there on, the followed space's frames are measured).
     highest_seq: i64,
+    /// The highest seq of this connection's frames far below our position (a run in a new
+    /// space grows above it; a relay looping over one low frame does not).
+    highest_far_below: i64,
     /// `contrail_relay_frames_total` per frame type, resolved once (not a label lookup per frame).
     frames_by_type: Vec<prometheus::IntCounter>,
     transcoder: Transcoder,
@@ -182,6 +185,7 @@ impl Reader {
             held: None,
             far_below: KeptAside::default(),
             highest_seq: 0,
+            highest_far_below: 0,
             frames_by_type,
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
@@ -262,6 +266,7 @@ impl Reader {
         self.held = None;
         self.far_below.skip(&self.metrics, &self.log);
         self.highest_seq = 0;
+        self.highest_far_below = 0;
         self.metrics.relay_connected.set(1);
         tracing::info!(host = %url.host, cursor, "relay connected");
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
@@ -349,9 +354,15 @@ impl Reader {
             return Ok(false);
         }
         let moved_on = match decision {
-            // The run grew (a repeat inside it is a RunRepeat).
-            SeqDecision::FarBelow { .. } => true,
-            SeqDecision::RunRepeat => false,
+            // A run in a new, lower space grew.
+            SeqDecision::FarBelow { .. } => {
+                let grew = seq > self.highest_far_below;
+                self.highest_far_below = self.highest_far_below.max(seq);
+                grew
+            }
+            // A repeat inside the run; a far jump not confirmed yet (it may be bogus: the
+            // frames after it must still count).
+            SeqDecision::RunRepeat | SeqDecision::Hold => false,
             _ => seq > self.highest_seq,
         };
         if moved_on && !matches!(decision, SeqDecision::FarBelow { .. }) {
