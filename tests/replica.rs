@@ -209,6 +209,7 @@ async fn replicas_keep_the_primarys_verification_marks() {
         alice.commit(0, &post("ax"), Tamper::FlipSig),
         carol.commit(0, &post("c1"), Tamper::None),
         alice.commit(0, &post("a2"), Tamper::None),
+        alice.commit(0, &post("a3"), Tamper::None),
     ];
     for (i, f) in frames.iter().enumerate() {
         relay.push(i as i64 + 1, with_seq(f, i as i64 + 1));
@@ -225,7 +226,7 @@ async fn replicas_keep_the_primarys_verification_marks() {
         "0",
     ];
     let primary = Serve::start(pd.path(), &relay.url(), &flags);
-    primary.wait_for_seq(4, Duration::from_secs(30));
+    primary.wait_for_seq(5, Duration::from_secs(30));
     let r = replica(rd.path(), &[&primary]);
     wait_caught_up(&primary, &r, Duration::from_secs(30));
     let marks = |s: &Serve| {
@@ -233,7 +234,7 @@ async fn replicas_keep_the_primarys_verification_marks() {
         async move {
             let mut ws = connect(addr, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
             let mut out = Vec::new();
-            while out.len() < 4 {
+            while out.len() < 5 {
                 let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
                 out.push(t);
             }
@@ -246,7 +247,9 @@ async fn replicas_keep_the_primarys_verification_marks() {
         .iter()
         .map(|t| serde_json::from_str::<serde_json::Value>(t).unwrap()["verification"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(got, ["full", "failed", "unresolved", "full"]);
+    // Alice's first commit, and the one after her failed one, anchor her chain (`signature`);
+    // a3 continues it (`full`).
+    assert_eq!(got, ["signature", "failed", "unresolved", "signature", "full"]);
     drop(r);
     assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the replica's stored JSON differs");
 }

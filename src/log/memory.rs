@@ -84,7 +84,10 @@ impl MemoryLog {
             g.events.insert(e.time_us, value.as_slice().into());
             g.last_time_us = g.last_time_us.max(e.time_us);
         }
-        while g.bytes > self.max_bytes && !g.events.is_empty() {
+        // Never the batch just written: its events may be published as "read it from the log"
+        // (a window smaller than a batch, or than one large event, holds the batch until the next).
+        let batch_start = events.first().map_or(u64::MAX, |e| e.time_us);
+        while g.bytes > self.max_bytes && g.events.first_key_value().is_some_and(|(t, _)| *t < batch_start) {
             g.pop_oldest();
         }
         if let Some(c) = cursor {
@@ -177,5 +180,32 @@ impl MemoryLog {
             relay_seq: g.cursor.as_ref().map(|c| c.seq),
             disk_bytes: g.bytes,
         }
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use crate::event::EventKind;
+
+    fn event(t: u64, pad: usize) -> Event {
+        let mut out = Vec::new();
+        Event::begin(&mut out, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", EventKind::Identity);
+        out.extend_from_slice(format!(",\"pad\":\"{}\"}}", "x".repeat(pad)).as_bytes());
+        let mut e = Event::from_parts(out, EventKind::Identity, 32, 0..0);
+        e.stamp(t);
+        e
+    }
+
+    #[test]
+    fn a_window_smaller_than_a_batch_keeps_the_batch_until_the_next() {
+        let log = MemoryLog::new(1 << 20);
+        log.append(&[event(1, 1000)], None, &[]);
+        // One event larger than the window: kept (it may be published as one to read from the
+        // log); what came before it goes.
+        log.append(&[event(2, 2 << 20)], None, &[]);
+        assert_eq!((log.oldest_time_us(), log.newest_time_us()), (Some(2), Some(2)));
+        log.append(&[event(3, 1000), event(4, 1000)], None, &[]);
+        assert_eq!((log.oldest_time_us(), log.newest_time_us()), (Some(3), Some(4)));
     }
 }

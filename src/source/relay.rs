@@ -67,6 +67,8 @@ pub struct RelayConfig {
 
 /// The smallest seq distance `--relay-reset-threshold` may take as a relay reset.
 pub const MIN_RELAY_RESET_THRESHOLD: u64 = 10_000;
+/// The largest (bsky.network's seqs are ~2·10¹⁰; a new space starts near 0).
+pub const MAX_RELAY_RESET_THRESHOLD: u64 = 1_000_000_000;
 
 impl RelayConfig {
     /// Checks clap cannot express; the error names the key.
@@ -87,6 +89,11 @@ impl RelayConfig {
             // Lower, a relay that comes back a little behind our cursor would be taken for a
             // reset, and the events it sends again stored twice.
             return Err(("relay-reset-threshold", format!("must be at least {MIN_RELAY_RESET_THRESHOLD}")));
+        }
+        if self.relay_reset_threshold > MAX_RELAY_RESET_THRESHOLD {
+            // Higher, a relay that restarted its seq space would never be taken for one: every
+            // frame a duplicate, ingest stopped without an error.
+            return Err(("relay-reset-threshold", format!("must be at most {MAX_RELAY_RESET_THRESHOLD}")));
         }
         Ok(())
     }

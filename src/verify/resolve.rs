@@ -93,25 +93,36 @@ pub struct Resolver {
 }
 
 /// Insertion-ordered bounded map (the oldest entry goes first).
+///
+/// Each insertion has a generation, in the map and in `order`: a name in `order` whose
+/// generation is not the map's is stale (forgotten, or inserted again since) and evicts nothing
+/// (it used to evict the fresh entry of a DID forgotten and resolved again).
 #[derive(Default)]
 struct Lru {
-    map: HashMap<String, Cached>,
-    order: VecDeque<String>,
+    map: HashMap<String, (Cached, u64)>,
+    order: VecDeque<(String, u64)>,
+    generation: u64,
 }
 
 impl Lru {
+    fn get(&self, did: &str) -> Option<&Cached> {
+        self.map.get(did).map(|(c, _)| c)
+    }
+
     fn insert(&mut self, did: &str, c: Cached, cap: usize) {
-        if self.map.insert(did.to_string(), c).is_none() {
-            self.order.push_back(did.to_string());
-        }
+        self.generation += 1;
+        self.map.insert(did.to_string(), (c, self.generation));
+        self.order.push_back((did.to_string(), self.generation));
         while self.map.len() > cap.max(1) {
-            let Some(old) = self.order.pop_front() else { break };
-            self.map.remove(&old);
+            let Some((old, generation)) = self.order.pop_front() else { break };
+            if self.map.get(&old).is_some_and(|(_, g)| *g == generation) {
+                self.map.remove(&old);
+            }
         }
-        // Forgotten entries leave their names in `order`; compact when they dominate.
+        // Stale names pile up in `order`; compact when they dominate.
         if self.order.len() > 2 * self.map.len() + 1024 {
             let map = &self.map;
-            self.order.retain(|d| map.contains_key(d));
+            self.order.retain(|(d, g)| map.get(d).is_some_and(|(_, current)| current == g));
         }
     }
 }
@@ -171,7 +182,7 @@ impl Resolver {
 
     /// The key, if cached and fresh (memory, then the store). Never waits on the network.
     pub fn cached(&self, did: &str) -> Option<PublicKey> {
-        if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).map.get(did) {
+        if let Some(c) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(did) {
             if self.fresh(c) {
                 return Some(c.key.clone());
             }
@@ -328,5 +339,25 @@ impl Resolver {
             return Err(ResolveError::BadDocument("larger than 64 KiB".into()));
         }
         serde_json::from_slice(&body).map_err(|e| ResolveError::BadDocument(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_forgotten_and_cached_again_is_not_evicted_by_its_old_place() {
+        let key = || Cached {
+            key: PublicKey::from_k256(*k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap().verifying_key()),
+            fetched_us: 1,
+        };
+        let mut lru = Lru::default();
+        lru.insert("a", key(), 2);
+        lru.insert("b", key(), 2);
+        lru.map.remove("a"); // forgotten (an #identity event)
+        lru.insert("a", key(), 2); // resolved again: now the newest
+        lru.insert("c", key(), 2); // evicts the oldest: b, not the fresh a
+        assert!(lru.get("a").is_some() && lru.get("c").is_some() && lru.get("b").is_none());
     }
 }
