@@ -178,6 +178,17 @@ impl Chain {
     }
 }
 
+/// Runs `f`, a store call that may wait (a read from disk; a write queued behind the
+/// sequencer's fsync or a write stall), telling the runtime first so this worker's other tasks
+/// move to another thread meanwhile (DESIGN.md invariant 10). Outside a multi-threaded
+/// runtime it just runs `f`.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// The repos column's entry (not a DID) saying the current chain epoch and whether the last
 /// run checked chains: `[epoch, u64 big-endian][1: full]`.
 const EPOCH_KEY: &str = "#chains";
@@ -227,7 +238,7 @@ impl Chains {
     fn get(&self, did: &str, log: &Log, epoch: u64) -> Result<Option<Chain>, Failure> {
         let chain = match self.map.get(did) {
             Some((c, _)) => Some(c.clone()),
-            None => match log.repo_state(did) {
+            None => match blocking(|| log.repo_state(did)) {
                 Ok(v) => v.and_then(|v| Chain::decode(&v)),
                 Err(_) => return Err(Failure::Chain("the repo's state could not be read")),
             },

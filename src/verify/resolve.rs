@@ -187,7 +187,7 @@ impl Resolver {
                 return Some(c.key.clone());
             }
         }
-        let stored = self.log.did_entry(did).ok().flatten().and_then(|v| decode_entry(&v))?;
+        let stored = super::blocking(|| self.log.did_entry(did)).ok().flatten().and_then(|v| decode_entry(&v))?;
         if !self.fresh(&stored) {
             return None;
         }
@@ -210,7 +210,7 @@ impl Resolver {
             self.entries.set(cache.map.len() as i64);
         }
         drop(cache);
-        let _ = self.log.put_did_entry(did, None);
+        let _ = super::blocking(|| self.log.put_did_entry(did, None));
     }
 
     /// The key: cached, or resolved (one request per DID however many ask).
@@ -277,7 +277,7 @@ impl Resolver {
                 self.results[ResolveResult::Ok as usize].inc();
                 self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
                 let c = Cached { key: key.clone(), fetched_us: crate::clock::now_us() };
-                let _ = self.log.put_did_entry(did, Some(&encode_entry(&c)));
+                let _ = super::blocking(|| self.log.put_did_entry(did, Some(&encode_entry(&c))));
                 self.remember(did, c);
             }
             Err(e) => {
