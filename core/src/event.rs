@@ -55,6 +55,23 @@ struct Encodings {
     v2: OnceLock<Vec<u8>>,
     /// zstd frames of the v2 message, per dictionary slot.
     v2_zstd: [OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+    /// The v1 JSON with the `verification` field (`includeVerification`), and its zstd frames:
+    /// boxed, as few subscribers ask for it.
+    verified: OnceLock<Box<Verified>>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Verified {
+    json: OnceLock<Vec<u8>>,
+    zstd: [OnceLock<Vec<u8>>; COMPRESSED_SLOTS],
+}
+
+impl Drop for Verified {
+    fn drop(&mut self) {
+        let cells = std::iter::once(&self.json).chain(self.zstd.iter());
+        let held: u64 = cells.filter_map(OnceLock::get).map(|v| v.len() as u64).sum();
+        CACHED_BYTES.fetch_sub(held, Ordering::Relaxed);
+    }
 }
 
 /// Bytes held by every event's cached encodings, and the most they may hold.
@@ -252,6 +269,22 @@ impl Event {
     /// The compressed v2 `message` for dictionary `slot`, built at most once.
     pub fn v2_compressed(&self, slot: usize, message: &[u8], compress: impl FnOnce(&[u8]) -> Vec<u8>) -> Cow<'_, [u8]> {
         cached(&self.encodings().v2_zstd[slot], || compress(message))
+    }
+
+    /// [`Self::json_with_verification`], built at most once per event.
+    pub fn json_with_verification_shared(&self) -> Cow<'_, [u8]> {
+        cached(&self.verified().json, || self.json_with_verification())
+    }
+
+    /// [`Self::json_with_verification`] compressed for dictionary `slot`, built at most once
+    /// per event and dictionary (every such subscriber sends the same bytes: the mark is the
+    /// event's).
+    pub fn compressed_with_verification(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> Cow<'_, [u8]> {
+        cached(&self.verified().zstd[slot], || compress(&self.json_with_verification_shared()))
+    }
+
+    fn verified(&self) -> &Verified {
+        self.encodings().verified.get_or_init(Box::default)
     }
 
     fn encodings(&self) -> &Encodings {

@@ -116,6 +116,12 @@ impl Dictionary {
         event.compressed(self.slot, |j| self.compress(j))
     }
 
+    /// The event's v1 JSON with its `verification` field compressed with this dictionary,
+    /// built at most once.
+    pub fn verified_frame<'e>(&self, event: &'e crate::event::Event) -> Cow<'e, [u8]> {
+        event.compressed_with_verification(self.slot, |j| self.compress(j))
+    }
+
     /// The event's v2 message compressed with this dictionary, built at most once.
     pub fn v2_frame<'e>(&self, event: &'e crate::event::Event) -> Cow<'e, [u8]> {
         event.v2_compressed(self.slot, &crate::v2::message_of(event), |m| self.compress(m))

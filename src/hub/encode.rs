@@ -121,11 +121,9 @@ impl Encoding {
             return None;
         }
         Some(match (self.wire, &self.dictionary) {
-            // Asked-for verification fields make this subscriber's bytes its own.
-            (Wire::V1, Some(dict)) if self.include_verification => {
-                (OpCode::Binary, Cow::Owned(dict.compress(&ev.json_with_verification())))
-            }
-            (Wire::V1, None) if self.include_verification => (OpCode::Text, Cow::Owned(ev.json_with_verification())),
+            // The verification field is the event's: shared by every subscriber that asks.
+            (Wire::V1, Some(dict)) if self.include_verification => (OpCode::Binary, dict.verified_frame(ev)),
+            (Wire::V1, None) if self.include_verification => (OpCode::Text, ev.json_with_verification_shared()),
             (Wire::V1, Some(dict)) => (OpCode::Binary, dict.frame(ev)),
             (Wire::V1, None) => (OpCode::Text, Cow::Borrowed(ev.json())),
             (Wire::V2, Some(dict)) => (OpCode::Binary, dict.v2_frame(ev)),
@@ -154,3 +152,28 @@ pub fn append_frame(out: &mut Vec<u8>, mut frame: Frame<'_>) {
 
 /// The longest frame header: 2 bytes, 8 of length, 4 of mask.
 pub const MAX_HEAD: usize = 14;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{EventKind, Verification};
+
+    #[test]
+    fn the_verification_field_is_built_and_compressed_once_per_event() {
+        let mut out = Vec::new();
+        Event::begin(&mut out, "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", EventKind::Identity);
+        out.extend_from_slice(b"}");
+        let mut ev = Event::from_parts(out, EventKind::Identity, 32, 0..0);
+        ev.stamp(1);
+        ev.verification = Verification::Full;
+        let dict = super::super::compress::Dictionaries::load(&[], None).unwrap().default().clone();
+        for dictionary in [Some(dict), None] {
+            let e = Encoding { wire: Wire::V1, dictionary, include_verification: true, max_size: 0 };
+            let (_, first) = e.message(&ev).unwrap();
+            let (_, second) = e.message(&ev).unwrap();
+            // Every subscriber asking sends the same bytes: shared, not built per subscriber.
+            assert!(matches!((&first, &second), (Cow::Borrowed(a), Cow::Borrowed(b)) if std::ptr::eq(*a, *b)));
+        }
+        assert!(ev.json_with_verification_shared().ends_with(b",\"verification\":\"full\"}"));
+    }
+}
