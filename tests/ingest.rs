@@ -465,73 +465,54 @@ async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
 }
 
+/// Serves `frames` (one a millisecond, on every connection) to a reader with a 1 s idle
+/// timeout and `args`; returns once it has left its first connection for a second, which the
+/// frames alone (3 s or more of them) would not end within the 2.5 s allowed.
+async fn left_at_the_idle_timeout(frames: Vec<(i64, Vec<u8>)>, args: &[&str]) -> (Serve, FakeRelay, tempfile::TempDir) {
+    let relay = FakeRelay::start().await;
+    for (seq, frame) in frames {
+        relay.push(seq, frame);
+    }
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let args: Vec<&str> = ["--relay-idle-timeout", "1s"].iter().chain(args).copied().collect();
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    relay.wait_for_connections_above(0, Duration::from_secs(20));
+    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    (serve, relay, dir)
+}
+
 /// A peer that keeps sending frames without a seq (here binary frames that are not CBOR, as a
 /// broken proxy or a buggy relay might), or the same frame again and again, is as dead as a
 /// silent one: the idle timeout counts only frames whose seq moves the stream on, so the reader
 /// reconnects instead of staying on it while the junk lasts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_sending_only_frames_without_a_seq_is_left_at_the_idle_timeout() {
-    let relay = FakeRelay::start().await;
-    // ~3 s or more of junk, one frame a millisecond, on every connection.
-    for i in 0..3_000 {
-        relay.push(i + 1, vec![0xff; 64]);
-    }
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
-    relay.wait_for_connections_above(0, Duration::from_secs(20));
-    // The first connection would last as long as its junk (3 s or more); the timeout ends it
-    // after 1 s.
-    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    // Binary frames that are not CBOR.
+    let (serve, _relay, _dir) =
+        left_at_the_idle_timeout((0..3_000).map(|i| (i + 1, vec![0xff; 64])).collect(), &[]).await;
     assert!(serve.metric("contrail_relay_errors_total{kind=\"idle_timeout\"}").unwrap() >= 1.0);
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(0.0));
     drop(serve);
-    // The same for a relay stuck sending one frame again and again: repeats do not move the
-    // stream on.
-    let relay = FakeRelay::start().await;
+    // One frame again and again: repeats do not move the stream on.
     let one = generate(7, 1, 10, 52).remove(0);
-    for _ in 0..3_000 {
-        relay.push(one.seq, one.frame.clone());
-    }
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
-    relay.wait_for_connections_above(0, Duration::from_secs(20));
-    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    let (serve, _relay, _dir) = left_at_the_idle_timeout(vec![(one.seq, one.frame); 3_000], &[]).await;
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(7.0));
     assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 100.0);
     drop(serve);
-    // And for one sending a loop of frames we have (7, 8, 7, 8, …): each 8 is above the frame
-    // before it, but nothing is new.
-    let relay = FakeRelay::start().await;
+    // A loop of frames we have (7, 8, 7, 8, …): each 8 is above the frame before it, but
+    // nothing is new.
     let two = generate(7, 2, 10, 53);
-    for _ in 0..1_500 {
-        for g in &two {
-            relay.push(g.seq, g.frame.clone());
-        }
-    }
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
-    relay.wait_for_connections_above(0, Duration::from_secs(20));
-    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    let looped = (0..1_500).flat_map(|_| two.iter().map(|g| (g.seq, g.frame.clone()))).collect();
+    let (serve, _relay, _dir) = left_at_the_idle_timeout(looped, &[]).await;
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(8.0));
     drop(serve);
-    // Nor one looping over our position and a frame far below it (each far-below frame a new
-    // run of one: only a run growing above the connection's highest counts).
-    let relay = FakeRelay::start().await;
+    // Our position and a frame far below it, in turn (each far-below frame a new run of one:
+    // only a run growing above the connection's highest counts).
     let base = generate(1, 2, 10, 54);
     let (ours, low) = (renumber(&base[0], 20_000), renumber(&base[1], 1));
-    for _ in 0..1_500 {
-        relay.push(ours.seq, ours.frame.clone());
-        relay.push(low.seq, low.frame.clone());
-    }
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(1)), ..Faults::default() });
-    let dir = tempfile::tempdir().unwrap();
-    let args = ["--relay-idle-timeout", "1s", "--relay-reset-threshold", "10000"];
-    let serve = Serve::start(dir.path(), &relay.url(), &args);
-    relay.wait_for_connections_above(0, Duration::from_secs(20));
-    relay.wait_for_connections_above(1, Duration::from_millis(2_500));
+    let looped = (0..1_500).flat_map(|_| [(ours.seq, ours.frame.clone()), (low.seq, low.frame.clone())]).collect();
+    let (serve, _relay, _dir) = left_at_the_idle_timeout(looped, &["--relay-reset-threshold", "10000"]).await;
     assert_eq!(serve.metric("contrail_relay_last_seq"), Some(20_000.0));
 }
 

@@ -80,6 +80,21 @@ fn failures(serve: &Serve, reason: &str) -> f64 {
     serve.metric(&format!("contrail_verify_failures_total{{reason=\"{reason}\"}}")).unwrap()
 }
 
+/// `(rkey, verification mark)` of the first `n` commit events of a replay from the start.
+async fn commit_marks(serve: &Serve, n: usize) -> Vec<(String, String)> {
+    use common::client::{connect, next, Msg};
+    let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
+    let mut marks = Vec::new();
+    while marks.len() < n {
+        let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        if v["kind"] == "commit" {
+            marks.push((v["commit"]["rkey"].as_str().unwrap().into(), v["verification"].as_str().unwrap().into()));
+        }
+    }
+    marks
+}
+
 fn ev(did: &str, op: &str, rkey: &str) -> (String, String, String) {
     (did.to_string(), op.to_string(), rkey.to_string())
 }
@@ -170,14 +185,7 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     // Bob's gap, and alice's forgeries (a failed commit might have been her real next one).
     assert_eq!(status["verification"]["desynchronized"], 2);
     {
-        use common::client::{connect, next, Msg};
-        let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
-        let mut marks = Vec::new();
-        while marks.len() < expected.len() {
-            let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            marks.push(v["verification"].as_str().unwrap().to_string());
-        }
+        let marks: Vec<String> = commit_marks(&serve, expected.len()).await.into_iter().map(|(_, m)| m).collect();
         // `full` only where the commit continues a verified one: a repo's first commit, and the
         // first after a break (bob's b5, alice's edit after her forgeries), are `signature`.
         let want = [
@@ -294,19 +302,7 @@ async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
     assert_eq!(failures(&serve, "resolve"), 1.0, "{}", serve.logs());
     assert_eq!(failures(&serve, "chain"), 0.0, "a4 re-anchors the chain a3 left unverified");
     assert_eq!(serve.metric("contrail_verify_desynchronized_total"), Some(1.0));
-    let marks: Vec<(String, String)> = {
-        use common::client::{connect, next, Msg};
-        let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
-        let mut marks = Vec::new();
-        while marks.len() < 5 {
-            let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            if v["kind"] == "commit" {
-                marks.push((v["commit"]["rkey"].as_str().unwrap().into(), v["verification"].as_str().unwrap().into()));
-            }
-        }
-        marks
-    };
+    let marks = commit_marks(&serve, 5).await;
     let want = [("a1", "signature"), ("a2", "full"), ("a3", "unresolved"), ("a4", "signature"), ("a5", "full")];
     assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())));
     drop(serve);
@@ -372,17 +368,7 @@ async fn a_full_run_after_one_without_chain_checks_anchors_repos_again() {
     push(&mut alice, 7, "a7");
     let serve = Serve::start(dir.path(), &relay.url(), &full);
     serve.wait_for_seq(7, Duration::from_secs(30));
-    let marks: Vec<String> = {
-        use common::client::{connect, next, Msg};
-        let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();
-        let mut marks = Vec::new();
-        while marks.len() < 7 {
-            let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(5)).await else { panic!("no event") };
-            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-            marks.push(v["verification"].as_str().unwrap().to_string());
-        }
-        marks
-    };
+    let marks: Vec<String> = commit_marks(&serve, 7).await.into_iter().map(|(_, m)| m).collect();
     let want = ["signature", "full", "none", "signature", "signature", "signature", "full"];
     assert_eq!(marks, want, "a4 and a6 anchor again; a7 continues");
     drop(serve);
