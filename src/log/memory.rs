@@ -86,7 +86,8 @@ impl MemoryLog {
         }
         // Never the batch just written: its events may be published as "read it from the log"
         // (a window smaller than a batch, or than one large event, holds the batch until the next).
-        let batch_start = events.first().map_or(u64::MAX, |e| e.time_us);
+        // (A write without events, a cursor alone, evicts nothing.)
+        let batch_start = events.first().map_or(0, |e| e.time_us);
         while g.bytes > self.max_bytes && g.events.first_key_value().is_some_and(|(t, _)| *t < batch_start) {
             g.pop_oldest();
         }
@@ -205,6 +206,8 @@ mod window_tests {
         // log); what came before it goes.
         log.append(&[event(2, 2 << 20)], None, &[]);
         assert_eq!((log.oldest_time_us(), log.newest_time_us()), (Some(2), Some(2)));
+        log.append(&[], None, &[]);
+        assert_eq!(log.oldest_time_us(), Some(2), "a write without events evicts nothing");
         log.append(&[event(3, 1000), event(4, 1000)], None, &[]);
         assert_eq!((log.oldest_time_us(), log.newest_time_us()), (Some(3), Some(4)));
     }

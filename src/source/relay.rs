@@ -239,14 +239,20 @@ impl Reader {
                 backoff.reset();
             } else if ended.unreadable() {
                 let skip = self.seq.unreadable();
-                if skip > 0 {
+                if skip == 1 {
+                    // Counted once per frame passed over (its read errors are counted already).
                     self.metrics.drop_reason(DropReason::FrameTooLarge);
-                    self.metrics.relay_error(RelayErrorKind::Read);
+                }
+                if skip > 0 {
                     tracing::error!(
                         last_seq = started_at,
                         next_cursor = started_at.saturating_add(skip),
                         "the relay's next frame cannot be read (over the websocket limit), again: skipping past it"
                     );
+                }
+                if (1..=super::seq::LINEAR_SKIPS).contains(&skip) {
+                    // One seq at a time at once; past that (a relay whose every message is
+                    // too large), the usual growing wait.
                     backoff.reset();
                 }
             }

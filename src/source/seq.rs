@@ -54,6 +54,9 @@ pub const MAX_ASK_AGAIN: u32 = 3;
 /// cursor skips ahead ([`SeqTracker::unreadable`]).
 pub const MAX_UNREADABLE: u32 = 3;
 
+/// How far [`SeqTracker::unreadable`] moves the cursor one seq at a time before doubling.
+pub const LINEAR_SKIPS: i64 = 64;
+
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqDecision {
@@ -140,16 +143,19 @@ impl SeqTracker {
 
     /// A connection ended on a message too large to read before any frame moved our position.
     /// From the [`MAX_UNREADABLE`]th in a row, the next cursor skips past our position: one seq
-    /// more each time up to four, then twice as far (relays' seqs are dense, so the unreadable
-    /// frame is usually the next seq; a relay that replays inclusively needs one more). Returns
-    /// how far the next cursor is past our position.
+    /// more each time up to [`LINEAR_SKIPS`], then twice as far. Relays' seqs are dense, so the
+    /// unreadable frame is usually the next seq (a relay that replays inclusively needs one
+    /// more); one seq at a time also gets past a fan-out daemon that starts a little behind any
+    /// cursor without passing readable frames. Returns how far the next cursor is past our
+    /// position.
     pub fn unreadable(&mut self) -> i64 {
         if self.last == 0 {
             return 0; // live: the next connection starts elsewhere anyway
         }
         self.unreadable = self.unreadable.saturating_add(1);
         if self.unreadable >= MAX_UNREADABLE {
-            self.skip = if self.skip < 4 { self.skip + 1 } else { self.skip.saturating_mul(2).min(MAX_SEQ_JUMP) };
+            self.skip =
+                if self.skip < LINEAR_SKIPS { self.skip + 1 } else { self.skip.saturating_mul(2).min(MAX_SEQ_JUMP) };
         }
         self.skip
     }
@@ -172,6 +178,7 @@ impl SeqTracker {
     pub fn follow(&mut self, seq: i64) {
         self.last = seq;
         self.far_below = 0;
+        (self.unreadable, self.skip) = (0, 0);
     }
 
     /// A new connection begins (a frame held on the old one is gone with it).
@@ -401,14 +408,26 @@ mod tests {
         }
         // Relays replaying inclusively send seq 101 again for cursor=101: one more.
         let skips: Vec<i64> = (0..8).map(|_| t.unreadable()).collect();
-        assert_eq!(skips, [1, 2, 3, 4, 8, 16, 32, 64]);
-        assert_eq!(t.cursor(), Some(164));
+        assert_eq!(skips, [1, 2, 3, 4, 5, 6, 7, 8]);
+        for _ in 8..LINEAR_SKIPS {
+            t.unreadable();
+        }
+        assert_eq!((t.unreadable(), t.unreadable()), (2 * LINEAR_SKIPS, 4 * LINEAR_SKIPS), "then doubling");
+        assert_eq!(t.cursor(), Some(100 + 4 * LINEAR_SKIPS));
         // The first frame after it is taken (the seqs skipped are a gap), and all is reset.
-        assert_eq!(t.observe(165), SeqDecision::Accept { gap: true, release_held: false });
-        assert_eq!(t.cursor(), Some(165));
+        let next = 101 + 4 * LINEAR_SKIPS;
+        assert_eq!(t.observe(next), SeqDecision::Accept { gap: true, release_held: false });
+        assert_eq!(t.cursor(), Some(next));
         assert_eq!(t.unreadable(), 0, "counted again from one");
         // Live (no position): nothing to skip from.
         assert_eq!(SeqTracker::new(0, 10_000).unreadable(), 0);
+        // Following a new seq space asks for it from where it is followed, not past it.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        for _ in 0..7 {
+            t.unreadable();
+        }
+        t.follow(999);
+        assert_eq!(t.cursor(), Some(999));
     }
 
     #[test]

@@ -161,8 +161,11 @@ const WITH_EPOCH: u8 = 2;
 
 impl Chain {
     fn encode(&self) -> Vec<u8> {
-        let mut v = vec![self.desynchronized as u8 | WITH_EPOCH];
-        v.extend_from_slice(&self.epoch.to_be_bytes());
+        // Epoch 0 in the older form, which a binary from before epochs still reads.
+        let mut v = vec![self.desynchronized as u8 | if self.epoch > 0 { WITH_EPOCH } else { 0 }];
+        if self.epoch > 0 {
+            v.extend_from_slice(&self.epoch.to_be_bytes());
+        }
         v.extend_from_slice(&self.state.encode());
         v
     }
@@ -197,12 +200,14 @@ const EPOCH_KEY: &str = "#chains";
 /// A run that does not check chains (`off`, `signature`) lets repos move on unseen, so the
 /// first `full` run after one starts a new epoch: chain states from an earlier epoch anchor a
 /// repo's next commit instead of breaking its chain (which dropped one commit of every active
-/// repo). A log from before epochs counts as last run in `full`.
+/// repo). A log from before epochs counts as last run without chain checks.
 pub fn start_epoch(log: &Log, mode: VerifyMode) -> Result<u64, crate::log::LogError> {
     let stored = log.repo_state(EPOCH_KEY)?;
     let (old_epoch, was_full) = match &stored {
         Some(v) if v.len() == 9 => (u64::from_be_bytes(v[..8].try_into().expect("8 bytes")), v[8] == 1),
-        _ => (0, true),
+        // Not recorded: a new log, or one from before epochs, whose runs may have been `off`.
+        // Taken as not full: at worst each repo's next commit anchors (`signature`, not `full`).
+        _ => (0, false),
     };
     let full = mode == VerifyMode::Full;
     let epoch = if full && !was_full { old_epoch + 1 } else { old_epoch };
