@@ -310,11 +310,23 @@ impl Index {
         self.entries.len() - self.free.len() - self.detached
     }
 
-    /// The entry in slot `id`, if it still holds `queue` and has not ended.
-    fn joined(&mut self, id: u32, queue: &Arc<Queue>) -> Option<&mut Entry> {
+    /// The entry in slot `id`, if it still holds `queue`: the slot may have been freed and
+    /// reused, or the whole index emptied (a lag), since its registration last looked.
+    fn entry_of(&mut self, id: u32, queue: &Arc<Queue>) -> Option<&mut Entry> {
         match self.entries.get_mut(id as usize) {
-            Some(Some(e)) if Arc::ptr_eq(&e.queue, queue) && !e.detached => Some(e),
+            Some(Some(e)) if Arc::ptr_eq(&e.queue, queue) => Some(e),
             _ => None,
+        }
+    }
+
+    /// Detaches slot `id` (see [`Entry::detached`]), once.
+    fn detach(&mut self, id: u32) {
+        if let Some(Some(e)) = self.entries.get_mut(id as usize) {
+            if !e.detached {
+                e.detached = true;
+                self.detached += 1;
+                self.every.swap_remove(&id);
+            }
         }
     }
 
@@ -329,9 +341,7 @@ impl Index {
         if e.dids_indexed == 0 {
             return self.remove(id);
         }
-        e.detached = true;
-        self.detached += 1;
-        self.every.swap_remove(&id);
+        self.detach(id);
         None
     }
 
@@ -440,10 +450,7 @@ impl Drop for Registration {
         let index = &self.dispatcher.index;
         let (filter, indexed) = {
             let mut index = lock(index);
-            let Some(Some(e)) = index.entries.get(self.id as usize) else { return };
-            if !Arc::ptr_eq(&e.queue, &self.queue) {
-                return;
-            }
+            let Some(e) = index.entry_of(self.id, &self.queue) else { return };
             let (filter, indexed) = (e.filter.clone(), e.dids_indexed);
             if indexed == 0 {
                 let removed = index.remove(self.id);
@@ -455,30 +462,22 @@ impl Drop for Registration {
             }
             // Many DIDs in the index: detached first (it gets nothing), then taken out a
             // chunk per hold, its slot kept until the last (so no one else takes it meanwhile).
-            if !index.entries[self.id as usize].as_ref().is_some_and(|e| e.detached) {
-                index.entries[self.id as usize].as_mut().expect("checked").detached = true;
-                index.detached += 1;
-                index.every.swap_remove(&self.id);
-            }
+            index.detach(self.id);
             (filter, indexed)
         };
-        // Between holds the dispatcher may have emptied the whole index (a lag) and another
-        // stream taken this slot number: each hold first checks the slot is still ours.
-        let ours = |index: &Index| matches!(index.entries.get(self.id as usize), Some(Some(e)) if Arc::ptr_eq(&e.queue, &self.queue));
+        // Each later hold checks the slot is still ours first ([`Index::entry_of`]).
         let dids: Vec<&String> = filter.dids().into_iter().flatten().take(indexed).collect();
         for chunk in dids.chunks(DIDS_PER_LOCK) {
             let mut index = lock(index);
-            if !ours(&index) {
+            if index.entry_of(self.id, &self.queue).is_none() {
                 return;
             }
             chunk.iter().for_each(|d| bucket_remove(&mut index.by_did, d, self.id));
         }
         let removed = {
             let mut index = lock(index);
-            if !ours(&index) {
-                return;
-            }
-            index.entries[self.id as usize].as_mut().expect("ours").dids_indexed = 0;
+            let Some(e) = index.entry_of(self.id, &self.queue) else { return };
+            e.dids_indexed = 0;
             index.remove(self.id)
         };
         drop(removed);
@@ -546,16 +545,14 @@ impl Dispatcher {
         let dids: Vec<&String> = filter.dids().into_iter().flatten().collect();
         for chunk in dids.chunks(DIDS_PER_LOCK) {
             let mut index = lock(&self.index);
-            let Index { entries, by_did, .. } = &mut *index;
-            let Some(Some(e)) = entries.get_mut(r.id as usize) else { return };
-            if !Arc::ptr_eq(&e.queue, &r.queue) || e.detached {
-                return;
+            match index.entry_of(r.id, &r.queue) {
+                Some(e) if !e.detached => e.dids_indexed += chunk.len(),
+                _ => return,
             }
-            chunk.iter().for_each(|d| bucket_add(by_did, d, r.id));
-            e.dids_indexed += chunk.len();
+            chunk.iter().for_each(|d| bucket_add(&mut index.by_did, d, r.id));
         }
         let mut index = lock(&self.index);
-        if index.joined(r.id, &r.queue).is_some() {
+        if index.entry_of(r.id, &r.queue).is_some_and(|e| !e.detached) {
             index.every.swap_remove(&r.id);
         }
     }
