@@ -47,6 +47,9 @@ contrail_core::label_enum! {
         /// An `options_update` whose filter would take the filters' memory past
         /// `--max-filter-bytes` (or its IP's share).
         FilterBudget => "filter_budget",
+        /// A message that would take incoming messages' memory past
+        /// `--max-client-message-bytes` (or its IP's share) while it arrived.
+        MessageBudget => "message_budget",
         Internal => "internal",
     }
 }
@@ -160,6 +163,7 @@ pub struct Metrics {
     pub replay_reads: IntCounter,
     pub lagging_subscribers: IntGauge,
     pub filter_bytes: IntGauge,
+    pub client_message_bytes: IntGauge,
     pub live_queue_overflows: IntCounter,
     pub replay_pages_built: IntCounter,
     pub replay_pages_shared: IntCounter,
@@ -363,6 +367,11 @@ impl Metrics {
                 &r,
                 "contrail_hub_filter_bytes",
                 "Memory subscribers' filters hold (wantedDids, wantedCollections), counted against --max-filter-bytes.",
+            ),
+            client_message_bytes: gauge(
+                &r,
+                "contrail_hub_client_message_bytes",
+                "Memory subscribers' incoming messages hold beyond each connection's first 64 KiB, counted against --max-client-message-bytes.",
             ),
             live_queue_overflows: counter(
                 &r,

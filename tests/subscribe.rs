@@ -1049,6 +1049,77 @@ async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() 
     assert_eq!(held(), 4 * f + counted);
 }
 
+/// Incoming messages share `--max-client-message-bytes` (here 4 MiB: 1 MiB per client), beyond
+/// 64 KiB per connection: a client holding part of a large message counts what it sent, a
+/// message past its client's share closes with 1013 (its bytes come back), small messages and
+/// other clients are not affected, and a client's bytes come back when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_messages_past_their_memory_budget_close_with_1013_and_their_bytes_come_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = setup(5, &["--max-client-message-bytes", "4MiB", "--trusted-proxies", "127.0.0.1"]).await;
+    let public = s.serve.public;
+    let all = log(&s);
+    let did = all[0]["did"].as_str().unwrap().to_string();
+    let want = all.iter().filter(|e| e["did"] == did.as_str()).count();
+    let held = || s.serve.metric("contrail_hub_client_message_bytes").unwrap() as usize;
+    let wait_held = |want: usize| {
+        let deadline = std::time::Instant::now() + T;
+        while held() != want {
+            assert!(std::time::Instant::now() < deadline, "client messages hold {} bytes, not {want}", held());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The start of a text frame of `len` bytes (masked with zeros), and `sent` bytes in all.
+    let partial_frame = |len: u64, sent: usize| {
+        let mut bytes = vec![0x81, 0xff];
+        bytes.extend_from_slice(&len.to_be_bytes());
+        bytes.extend_from_slice(&[0; 4]);
+        bytes.resize(sent, b' ');
+        bytes
+    };
+    // An options_update of about 220 KB for `did` (and 6,000 DIDs nobody writes) applies, and
+    // its events arrive.
+    let large_update = serde_json::json!({"type": "options_update", "payload": {"wantedDids":
+        std::iter::once(did.clone()).chain((0..6000).map(|i| format!("did:plc:{i:024}"))).collect::<Vec<_>>()}})
+    .to_string();
+    assert!(large_update.len() > 200_000);
+    let small_update = serde_json::json!({"type": "options_update", "payload": {"wantedDids": [did]}}).to_string();
+    let applies = |from: &'static str, update: String| async move {
+        let mut ws =
+            connect(public, "/subscribe?requireHello=true&cursor=0", &[("X-Forwarded-For", from)]).await.unwrap();
+        send_text(&mut ws, &update).await;
+        let got = collect(&mut ws, want, T).await;
+        assert_eq!(got.len(), want, "{from}: a {} byte options_update", update.len());
+        ws
+    };
+
+    // A client sends 1,000,000 bytes of a 5 MB message and stops: beyond its free 64 KiB, 15
+    // steps of 64 KiB are held.
+    let mut a = raw_subscriber_at(public, "/subscribe", "198.51.100.1").await;
+    a.write_all(&partial_frame(5_000_000, 1_000_000)).await.unwrap();
+    wait_held(15 << 16);
+    // Its second connection gets one more step (the client's 1 MiB), then is closed with 1013.
+    // It sends exactly what the server reads, so no unread bytes turn the close into a reset.
+    let mut b = raw_subscriber_at(public, "/subscribe", "198.51.100.1").await;
+    b.write_all(&partial_frame(200_000, 2 << 16)).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(T, b.read_to_end(&mut answer)).await.expect("no close").unwrap();
+    assert!(answer.len() >= 4 && answer[0] == 0x88, "expected a close frame: {answer:?}");
+    assert_eq!(u16::from_be_bytes([answer[2], answer[3]]), 1013);
+    assert_eq!(&answer[4..], b"client message memory budget full; try again later");
+    assert_eq!(closes(&s, "message_budget"), 1.0);
+    wait_held(15 << 16);
+    // Another client's large message, and the same client's small one, apply meanwhile.
+    let _c = applies("198.51.100.2", large_update.clone()).await;
+    let _d = applies("198.51.100.1", small_update).await;
+    wait_held(15 << 16);
+    // The first connection leaves: its bytes come back, and its client's large message applies.
+    drop(a);
+    wait_held(0);
+    let _e = applies("198.51.100.1", large_update).await;
+    wait_held(0);
+}
+
 /// Replay pages in subscribers' hands share `--replay-held-bytes`, a quarter of it per client:
 /// clients that stop reading mid-replay at distinct places hold at most the budget (before,
 /// each held its own page of up to ~8 MB until the write timeout). Another client replays

@@ -24,6 +24,7 @@ impl CloseReason {
             CloseReason::MessageFlood => Some((1008, "too many messages")),
             // 1013 Try Again Later (IANA's registry): the server, not the request, is short.
             CloseReason::FilterBudget => Some((1013, "filter memory budget full; try again later")),
+            CloseReason::MessageBudget => Some((1013, "client message memory budget full; try again later")),
             CloseReason::Internal => Some((1011, "internal error")),
             // The socket is broken or stuck: nothing more can be written.
             CloseReason::WriteTimeout | CloseReason::WriteError | CloseReason::ReadError => None,
@@ -44,6 +45,7 @@ mod tests {
         assert_eq!(CloseReason::WriteError.frame(), None);
         assert_eq!(CloseReason::FilterBudget.frame().unwrap().0, 1013);
         assert_eq!(CloseReason::MessageFlood.frame(), Some((1008, "too many messages")));
-        assert_eq!(CloseReason::ALL.len(), 15);
+        assert_eq!(CloseReason::MessageBudget.frame().unwrap().0, 1013);
+        assert_eq!(CloseReason::ALL.len(), 16);
     }
 }

@@ -48,6 +48,12 @@ pub struct LimitsConfig {
     /// 503, an options_update with a 1013 close (0: unlimited).
     #[arg(long, env = "CONTRAIL_MAX_FILTER_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
     pub max_filter_bytes: u64,
+    /// Memory all subscribers' incoming messages may hold together while they arrive and wait
+    /// to be handled (an `options_update` may be 10 MB), beyond the first 64 KiB of each
+    /// connection, which is always allowed. One client IP may hold a quarter of it. A
+    /// connection whose message would take it past that is closed with 1013 (0: unlimited).
+    #[arg(long, env = "CONTRAIL_MAX_CLIENT_MESSAGE_BYTES", default_value = "256MiB", value_parser = crate::units::parse_size)]
+    pub max_client_message_bytes: u64,
 }
 
 impl LimitsConfig {
@@ -60,6 +66,9 @@ impl LimitsConfig {
         }
         if self.max_filter_bytes > 1 << 40 {
             return Err(("max-filter-bytes", "must be at most 1TiB".into()));
+        }
+        if self.max_client_message_bytes > 1 << 40 {
+            return Err(("max-client-message-bytes", "must be at most 1TiB".into()));
         }
         Ok(())
     }
@@ -334,17 +343,28 @@ pub struct Admission {
     total: AtomicUsize,
     /// Per client key (an IPv4 address, an IPv6 prefix).
     per_ip: DashMap<IpAddr, PerIp>,
-    /// `--max-filter-bytes` (0: unlimited), and what connections' filters hold now.
-    max_filter_bytes: usize,
-    filter_bytes: AtomicUsize,
-    /// `contrail_hub_filter_bytes`: `filter_bytes`, moved by the same amounts.
-    filter_gauge: prometheus::IntGauge,
+    /// `--max-filter-bytes`, and what connections' filters hold now.
+    filters: Budget,
+    /// `--max-client-message-bytes`, and what client messages hold now.
+    messages: Budget,
 }
 
-/// One client key's connections, their filters' bytes, and its shared event bucket.
+/// One memory budget shared by all connections, a quarter of it per client key.
+struct Budget {
+    /// 0: unlimited (still counted).
+    max: usize,
+    held: AtomicUsize,
+    /// Its gauge, moved by the same amounts as `held`.
+    gauge: prometheus::IntGauge,
+    /// Which of [`PerIp`]'s counts is this budget's.
+    per_ip: fn(&mut PerIp) -> &mut usize,
+}
+
+/// One client key's connections, what they hold of each budget, and its shared event bucket.
 struct PerIp {
     connections: usize,
     filter_bytes: usize,
+    message_bytes: usize,
     bucket: Option<Arc<TokenBucket>>,
 }
 
@@ -384,7 +404,9 @@ pub struct Slot {
 }
 
 impl Admission {
-    pub fn new(limits: &LimitsConfig, filter_gauge: prometheus::IntGauge) -> Arc<Self> {
+    /// `gauges`: what filters hold, what client messages hold.
+    pub fn new(limits: &LimitsConfig, gauges: [prometheus::IntGauge; 2]) -> Arc<Self> {
+        let [filter_gauge, message_gauge] = gauges;
         Arc::new(Admission {
             max_subscribers: limits.max_subscribers,
             max_per_ip: limits.max_connections_per_ip,
@@ -393,9 +415,18 @@ impl Admission {
             unlimited: limits.unlimited_clients.clone(),
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
-            max_filter_bytes: limits.max_filter_bytes as usize,
-            filter_bytes: AtomicUsize::new(0),
-            filter_gauge,
+            filters: Budget {
+                max: limits.max_filter_bytes as usize,
+                held: AtomicUsize::new(0),
+                gauge: filter_gauge,
+                per_ip: |p| &mut p.filter_bytes,
+            },
+            messages: Budget {
+                max: limits.max_client_message_bytes as usize,
+                held: AtomicUsize::new(0),
+                gauge: message_gauge,
+                per_ip: |p| &mut p.message_bytes,
+            },
         })
     }
 
@@ -411,6 +442,7 @@ impl Admission {
         let mut entry = self.per_ip.entry(ip).or_insert_with(|| PerIp {
             connections: 0,
             filter_bytes: 0,
+            message_bytes: 0,
             bucket: (self.rate_per_ip > 0).then(|| Arc::new(TokenBucket::new(self.rate_per_ip as f64))),
         });
         if entry.connections >= self.max_per_ip {
@@ -429,17 +461,47 @@ impl Admission {
 
     /// What connections' filters hold now.
     pub fn filter_bytes(&self) -> usize {
-        self.filter_bytes.load(Ordering::SeqCst)
+        self.filters.held.load(Ordering::SeqCst)
     }
 
-    fn release_filter_bytes(&self, key: Option<&IpAddr>, bytes: usize) {
+    /// What client messages hold now.
+    pub fn message_bytes(&self) -> usize {
+        self.messages.held.load(Ordering::SeqCst)
+    }
+
+    /// Takes `more` bytes of `budget` for a connection of client `key`; false, taking nothing,
+    /// when that would pass the budget or the client's quarter of it.
+    fn take(&self, budget: &Budget, key: Option<&IpAddr>, more: usize) -> bool {
+        let max = if budget.max == 0 { usize::MAX } else { budget.max };
+        // The client's share, under its entry's lock, then the total, which is never raised
+        // past the budget (a refusal must not refuse others meanwhile).
+        let mut entry = key.and_then(|k| self.per_ip.get_mut(k));
+        if entry.as_mut().is_some_and(|e| (budget.per_ip)(e).saturating_add(more) > max / 4) {
+            return false;
+        }
+        let fits = |total: usize| total.checked_add(more).filter(|t| *t <= max);
+        if budget.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits).is_err() {
+            return false;
+        }
+        if let Some(e) = entry.as_mut() {
+            *(budget.per_ip)(e) += more;
+        }
+        drop(entry);
+        budget.gauge.add(more as i64);
+        true
+    }
+
+    fn release(&self, budget: &Budget, key: Option<&IpAddr>, bytes: usize) {
         if bytes == 0 {
             return;
         }
-        self.filter_bytes.fetch_sub(bytes, Ordering::SeqCst);
-        self.filter_gauge.sub(bytes as i64);
+        budget.held.fetch_sub(bytes, Ordering::SeqCst);
+        budget.gauge.sub(bytes as i64);
         if let Some(mut entry) = key.and_then(|k| self.per_ip.get_mut(k)) {
-            entry.filter_bytes -= bytes;
+            // Saturating: a message's bytes may outlive its connection's slot (the reader
+            // lingers after the close), and the client's entry may be a new one by then.
+            let held = (budget.per_ip)(&mut entry);
+            *held = held.saturating_sub(bytes);
         }
     }
 }
@@ -457,34 +519,73 @@ impl Slot {
     pub fn hold_filter(&mut self, bytes: usize) -> Result<(), Refused> {
         let a = &self.admission;
         let Some(more) = bytes.checked_sub(self.filter_bytes).filter(|m| *m > 0) else {
-            a.release_filter_bytes(self.key.as_ref(), self.filter_bytes - bytes);
+            a.release(&a.filters, self.key.as_ref(), self.filter_bytes - bytes);
             self.filter_bytes = bytes;
             return Ok(());
         };
-        let max = if a.max_filter_bytes == 0 { usize::MAX } else { a.max_filter_bytes };
-        // The client's share, under its entry's lock, then the total, which is never raised
-        // past the budget (a refusal must not refuse others meanwhile).
-        let mut entry = self.key.as_ref().and_then(|k| a.per_ip.get_mut(k));
-        if entry.as_ref().is_some_and(|e| e.filter_bytes.saturating_add(more) > max / 4) {
+        if !a.take(&a.filters, self.key.as_ref(), more) {
             return Err(Refused::FilterBudget);
         }
-        let fits = |total: usize| total.checked_add(more).filter(|t| *t <= max);
-        if a.filter_bytes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits).is_err() {
-            return Err(Refused::FilterBudget);
-        }
-        if let Some(e) = entry.as_mut() {
-            e.filter_bytes += more;
-        }
-        drop(entry);
-        a.filter_gauge.add(more as i64);
         self.filter_bytes = bytes;
         Ok(())
+    }
+
+    /// A hold on client messages' memory for this connection, holding nothing yet.
+    pub fn message_bytes(&self) -> MessageBytes {
+        MessageBytes { admission: self.admission.clone(), key: self.key, bytes: 0 }
+    }
+}
+
+/// Bytes of client messages held against `--max-client-message-bytes` (and the client's share
+/// of it); given back when dropped.
+pub struct MessageBytes {
+    admission: Arc<Admission>,
+    key: Option<IpAddr>,
+    bytes: usize,
+}
+
+impl MessageBytes {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Holds `more` bytes beyond what it holds; false, holding what it held, past the budget
+    /// or the client's share of it.
+    #[must_use]
+    pub fn grow(&mut self, more: usize) -> bool {
+        let a = &self.admission;
+        let taken = a.take(&a.messages, self.key.as_ref(), more);
+        if taken {
+            self.bytes += more;
+        }
+        taken
+    }
+
+    /// Gives back what it holds beyond `bytes`.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        if let Some(extra) = self.bytes.checked_sub(bytes).filter(|e| *e > 0) {
+            self.admission.release(&self.admission.messages, self.key.as_ref(), extra);
+            self.bytes = bytes;
+        }
+    }
+
+    /// Moves what it holds beyond `bytes` into a hold of its own (for a message handed on).
+    pub fn split_above(&mut self, bytes: usize) -> MessageBytes {
+        let moved = self.bytes.saturating_sub(bytes);
+        self.bytes -= moved;
+        MessageBytes { admission: self.admission.clone(), key: self.key, bytes: moved }
+    }
+}
+
+impl Drop for MessageBytes {
+    fn drop(&mut self) {
+        self.shrink_to(0);
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.admission.release_filter_bytes(self.key.as_ref(), self.filter_bytes);
+        self.admission.release(&self.admission.filters, self.key.as_ref(), self.filter_bytes);
         self.admission.total.fetch_sub(1, Ordering::SeqCst);
         // Entries go away with their last connection (v1's map grew forever).
         if let Some(key) = &self.key {
@@ -547,12 +648,64 @@ mod tests {
             unlimited_clients: vec!["10.0.0.0/8".parse().unwrap()],
             max_connects_per_second_per_ip: 0,
             max_filter_bytes: 0,
+            max_client_message_bytes: 0,
         }
     }
 
     fn admission(limits: &LimitsConfig) -> (Arc<Admission>, prometheus::IntGauge) {
-        let gauge = prometheus::IntGauge::new("filter_bytes", "h").unwrap();
-        (Admission::new(limits, gauge.clone()), gauge)
+        let (a, [filters, _]) = admission_and_gauges(limits);
+        (a, filters)
+    }
+
+    /// The admission, and its gauges of what filters and client messages hold.
+    fn admission_and_gauges(limits: &LimitsConfig) -> (Arc<Admission>, [prometheus::IntGauge; 2]) {
+        let gauges = ["filter_bytes", "message_bytes"].map(|n| prometheus::IntGauge::new(n, "h").unwrap());
+        (Admission::new(limits, gauges.clone()), gauges)
+    }
+
+    #[test]
+    fn client_messages_share_a_memory_budget_and_one_ip_a_quarter_of_it() {
+        let mut l = limits(100, 100, 0);
+        l.max_client_message_bytes = 4000;
+        l.max_filter_bytes = 4000;
+        let (a, [filters, messages]) = admission_and_gauges(&l);
+        let from = |s: &str| a.admit(s.parse().unwrap()).unwrap();
+        let (one, two) = (from("192.0.2.1"), from("192.0.2.1"));
+        let mut first = one.message_bytes();
+        assert!(first.grow(600));
+        let mut second = two.message_bytes();
+        assert!(!second.grow(401), "past the IP's quarter");
+        assert!(second.grow(400));
+        // The budgets are separate: the IP's filter share is untouched.
+        let mut filter_of_one = from("192.0.2.1");
+        filter_of_one.hold_filter(1000).unwrap();
+        assert_eq!((a.message_bytes(), messages.get(), filters.get()), (1000, 1000, 1000));
+        // A message handed on takes its bytes along; the rest is the reader's.
+        let message = first.split_above(100);
+        assert_eq!((first.bytes(), message.bytes()), (100, 500));
+        assert!(!second.grow(1), "still the IP's");
+        drop(message);
+        assert!(second.grow(500));
+        first.shrink_to(0);
+        assert_eq!(a.message_bytes(), 900);
+        // Others and an exempt client fill the total; past it nobody gets more.
+        let others: Vec<Slot> = (2..5).map(|i| from(&format!("192.0.2.{i}"))).collect();
+        let mut held: Vec<MessageBytes> = others.iter().map(|s| s.message_bytes()).collect();
+        for h in &mut held {
+            assert!(h.grow(1000));
+        }
+        let exempt = from("10.0.0.1");
+        let mut big = exempt.message_bytes();
+        assert!(!big.grow(101), "past the total");
+        assert!(big.grow(100));
+        assert_eq!((a.message_bytes(), messages.get()), (4000, 4000));
+        // A hold outliving its connection's slot gives its bytes back all the same.
+        drop((one, two, filter_of_one));
+        drop(second);
+        assert!(a.per_ip.get(&"192.0.2.1".parse::<IpAddr>().unwrap()).is_none());
+        drop((held, big, others, exempt));
+        assert_eq!((a.message_bytes(), messages.get(), filters.get()), (0, 0, 0));
+        assert!(a.per_ip.is_empty());
     }
 
     #[test]

@@ -75,6 +75,7 @@ pub mod compress;
 pub mod dispatch;
 pub mod encode;
 pub(crate) mod handshake;
+pub(crate) mod inbound;
 pub mod limits;
 pub(crate) mod liveness;
 pub mod precompress;
@@ -262,7 +263,7 @@ impl Hub {
         limits: LimitsConfig,
         shutdown: CancellationToken,
     ) -> std::io::Result<Hub> {
-        let admission = Admission::new(&limits, metrics.filter_bytes.clone());
+        let admission = Admission::new(&limits, [metrics.filter_bytes.clone(), metrics.client_message_bytes.clone()]);
         // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
         // holding it (most are shared with the ring and each other, so this bounds the worst
         // case — queues keeping events the ring let go — without ending queues in normal use;

@@ -8,6 +8,8 @@
 
 use super::close::CloseReason;
 use super::encode::{Encoding, MAX_HEAD};
+use super::inbound::{self, BudgetedRead, OverBudget};
+use super::limits::MessageBytes;
 use super::liveness::{self, within, Watched};
 use super::slow::{Progress, SlowWatch};
 use super::stream::{EventStream, Frames, Next, Replay, Start, StreamMetrics};
@@ -50,7 +52,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const PARSE_INLINE_BYTES: usize = 64 * 1024;
 
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
-type WsRead = fastwebsockets::WebSocketRead<tokio::io::ReadHalf<Upgraded>>;
+type WsRead = fastwebsockets::WebSocketRead<BudgetedRead<tokio::io::ReadHalf<Upgraded>>>;
 
 /// The writer half: frames formatted by fastwebsockets (`Frame::fmt_head`), written through
 /// one buffer, so events ready together leave in one syscall — and bytes already framed (a
@@ -101,7 +103,7 @@ async fn reader_saw_a_stall(ctl: &mut mpsc::Receiver<Control>) -> bool {
         while let Some(c) = ctl.recv().await {
             match c {
                 Control::Stalled => return true,
-                Control::Close | Control::ReadError(_) | Control::TooBig => return false,
+                Control::Close | Control::ReadError(_) | Control::TooBig | Control::OverBudget => return false,
                 _ => {}
             }
         }
@@ -113,13 +115,16 @@ async fn reader_saw_a_stall(ctl: &mut mpsc::Receiver<Control>) -> bool {
 /// What the reader half reports.
 enum Control {
     /// A whole text message; a large one carries the connection's one large-message permit.
-    Text(Vec<u8>, Option<OwnedSemaphorePermit>),
+    /// With it goes what it holds of `--max-client-message-bytes`, given back when it is dropped.
+    Text(Vec<u8>, Option<OwnedSemaphorePermit>, MessageBytes),
     Ping(Vec<u8>),
     /// A binary message (its bytes are not kept).
     Binary,
     Heard,
     Close,
     TooBig,
+    /// The message arriving would take client messages' memory past its budget.
+    OverBudget,
     /// The kernel closed the connection for lack of progress (`TCP_USER_TIMEOUT`).
     Stalled,
     ReadError(String),
@@ -137,62 +142,73 @@ fn large_parses() -> &'static Arc<Semaphore> {
 /// (fastwebsockets' collector limits frames, not messages), and reports them. Messages over
 /// [`PARSE_INLINE_BYTES`] are handed on one at a time per connection (`large`), so a client
 /// cannot queue sixteen 10 MB messages (and are parsed a few at a time in the process:
-/// [`large_parses`]).
-async fn read_loop(mut rx: WsRead, tx: mpsc::Sender<Control>, large: Arc<Semaphore>) {
+/// [`large_parses`]). What it holds meanwhile is counted (`held`, see `inbound`).
+async fn read_loop(mut rx: WsRead, held: inbound::Counter, tx: mpsc::Sender<Control>, large: Arc<Semaphore>) {
     // A fragmented message in progress: its opcode, and its bytes (text) or length (binary).
     let mut partial: Option<(OpCode, Vec<u8>, usize)> = None;
+    // Bytes of the frames read so far.
+    let mut consumed = 0usize;
     loop {
+        // Held: what was read past the frames returned, and a text message's parts.
+        held.let_go(consumed - partial.as_ref().map_or(0, |(_, bytes, _)| bytes.len()));
         // Auto-pong and auto-close are off: control frames come back here and the writer
         // answers them, so the send function is never called.
         let frame = rx.read_frame(&mut |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) }).await;
         let msg = match frame {
             Err(WebSocketError::FrameTooLarge) => Control::TooBig,
+            Err(WebSocketError::IoError(e)) if OverBudget::is(&e) => Control::OverBudget,
             // The kernel gave up on the connection: what we sent went unacknowledged, or the
             // client's window stayed shut, for `--write-timeout` (see `within`).
             Err(WebSocketError::IoError(e)) if e.kind() == std::io::ErrorKind::TimedOut => Control::Stalled,
             Err(e) => Control::ReadError(e.to_string()),
-            Ok(f) => match f.opcode {
-                OpCode::Text | OpCode::Binary if partial.is_some() => {
-                    Control::ReadError("a new message inside a fragmented one".into())
-                }
-                OpCode::Text | OpCode::Binary if !f.fin => {
-                    let bytes = if f.opcode == OpCode::Text { f.payload.to_vec() } else { Vec::new() };
-                    partial = Some((f.opcode, bytes, f.payload.len()));
-                    continue;
-                }
-                OpCode::Text => Control::Text(f.payload.to_vec(), None),
-                OpCode::Continuation => match partial.as_mut() {
-                    None => Control::ReadError("a continuation frame without a message".into()),
-                    Some((_, _, len)) if *len + f.payload.len() > MAX_CLIENT_MESSAGE_BYTES => Control::TooBig,
-                    Some((op, bytes, len)) => {
-                        *len += f.payload.len();
-                        if *op == OpCode::Text {
-                            bytes.extend_from_slice(&f.payload);
-                        }
-                        if !f.fin {
-                            continue;
-                        }
-                        match partial.take() {
-                            Some((OpCode::Text, bytes, _)) => Control::Text(bytes, None),
-                            _ => Control::Binary,
-                        }
+            Ok(mut f) => {
+                consumed += inbound::frame_bytes(&mut f);
+                match f.opcode {
+                    OpCode::Text | OpCode::Binary if partial.is_some() => {
+                        Control::ReadError("a new message inside a fragmented one".into())
                     }
-                },
-                OpCode::Ping => Control::Ping(f.payload.to_vec()),
-                OpCode::Close => Control::Close,
-                OpCode::Binary => Control::Binary,
-                // Pongs show the peer is alive.
-                _ => Control::Heard,
-            },
+                    OpCode::Text | OpCode::Binary if !f.fin => {
+                        let bytes = if f.opcode == OpCode::Text { f.payload.to_vec() } else { Vec::new() };
+                        partial = Some((f.opcode, bytes, f.payload.len()));
+                        continue;
+                    }
+                    OpCode::Text => Control::Text(f.payload.to_vec(), None, held.hand_on(consumed)),
+                    OpCode::Continuation => match partial.as_mut() {
+                        None => Control::ReadError("a continuation frame without a message".into()),
+                        Some((_, _, len)) if *len + f.payload.len() > MAX_CLIENT_MESSAGE_BYTES => Control::TooBig,
+                        Some((op, bytes, len)) => {
+                            *len += f.payload.len();
+                            if *op == OpCode::Text {
+                                bytes.extend_from_slice(&f.payload);
+                            }
+                            if !f.fin {
+                                continue;
+                            }
+                            match partial.take() {
+                                Some((OpCode::Text, bytes, _)) => Control::Text(bytes, None, held.hand_on(consumed)),
+                                _ => Control::Binary,
+                            }
+                        }
+                    },
+                    OpCode::Ping => Control::Ping(f.payload.to_vec()),
+                    OpCode::Close => Control::Close,
+                    OpCode::Binary => Control::Binary,
+                    // Pongs show the peer is alive.
+                    _ => Control::Heard,
+                }
+            }
         };
         let msg = match msg {
-            Control::Text(t, None) if t.len() > PARSE_INLINE_BYTES => {
+            Control::Text(t, None, hold) if t.len() > PARSE_INLINE_BYTES => {
                 let Ok(permit) = large.clone().acquire_owned().await else { return };
-                Control::Text(t, Some(permit))
+                Control::Text(t, Some(permit), hold)
             }
             other => other,
         };
-        let last = matches!(msg, Control::Close | Control::TooBig | Control::Stalled | Control::ReadError(_));
+        let last = matches!(
+            msg,
+            Control::Close | Control::TooBig | Control::OverBudget | Control::Stalled | Control::ReadError(_)
+        );
         if tx.send(msg).await.is_err() || last {
             return;
         }
@@ -315,6 +331,8 @@ enum Step {
 pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Subscription, slot: super::limits::Slot) {
     // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
     let (r, w) = tokio::io::split(ws.into_inner());
+    let held = inbound::Counter::new(slot.message_bytes());
+    let r = BudgetedRead::new(r, held.clone());
     let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
     let w = Watched::new(w).counting_writes(hub.metrics.socket_writes.clone());
     let progress = w.progress();
@@ -325,7 +343,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
     // Small: the reader waits when the writer is busy, which is the back-pressure we want.
     let (ctl_tx, mut ctl) = mpsc::channel(CONTROL_QUEUE);
-    let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
+    let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, held, ctl_tx, Arc::new(Semaphore::new(1)))));
     let labels = [sub.wire.as_str(), crate::metrics::Compression::of(sub.dictionary.is_some()).as_str()];
     let m = &hub.metrics;
     m.subscribers.with_label_values(&labels).inc();
@@ -380,10 +398,13 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
             while let Some(c) = ctl.recv().await {
                 match c {
-                    Control::Close | Control::ReadError(_) | Control::Stalled | Control::TooBig | Control::Binary => {
-                        break
-                    }
-                    Control::Text(t, _) if t.len() > PARSE_INLINE_BYTES => break,
+                    Control::Close
+                    | Control::ReadError(_)
+                    | Control::Stalled
+                    | Control::TooBig
+                    | Control::OverBudget
+                    | Control::Binary => break,
+                    Control::Text(t, ..) if t.len() > PARSE_INLINE_BYTES => break,
                     _ => {}
                 }
             }
@@ -719,6 +740,7 @@ impl Session {
                 Err(CloseReason::ReadError)
             }
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
+            Some(Control::OverBudget) => Err(CloseReason::MessageBudget),
             Some(Control::Stalled) => Err(CloseReason::WriteTimeout),
             Some(Control::Heard) => self.ignore(),
             // v2 is server-push only: any data frame ends the connection (as v2 does).
@@ -732,7 +754,8 @@ impl Session {
                 }
                 self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false)
             }
-            Some(Control::Text(t, _large)) => {
+            // The permit and the hold go when the message has been handled.
+            Some(Control::Text(t, _large, _held)) => {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
                 } else {
