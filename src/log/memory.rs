@@ -6,7 +6,8 @@
 use super::{LogStats, RelayCursor, RepoStateWrite};
 use crate::event::Event;
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// Per-event bookkeeping cost counted against the budget (B-tree node share, key, box).
 const ENTRY_OVERHEAD: u64 = 64;
@@ -14,6 +15,12 @@ const ENTRY_OVERHEAD: u64 = 64;
 pub struct MemoryLog {
     max_bytes: u64,
     inner: RwLock<Inner>,
+    /// The newest event evicted or trimmed so far (0: none), shared with the log's tip
+    /// ([`super::Tip::trimmed_through`]). Raised under the window's lock before an event goes,
+    /// so a reader that finds an event gone sees the mark past it once it has let go of the
+    /// lock (raised after the eviction, a replayer the window overtook could read the old mark
+    /// and go uncounted).
+    trimmed: Arc<AtomicU64>,
 }
 
 #[derive(Default)]
@@ -21,8 +28,6 @@ struct Inner {
     events: BTreeMap<u64, Box<[u8]>>,
     bytes: u64,
     last_time_us: u64,
-    /// The newest event evicted or trimmed so far (0: none).
-    evicted_through: u64,
     cursor: Option<RelayCursor>,
     /// Verification state (see the RocksDB backend), bounded: a live-only node forgets the
     /// chain of a repo it has not seen for a long time (its next commit anchors anew).
@@ -43,17 +48,25 @@ fn put_bounded(map: &mut std::collections::HashMap<String, Vec<u8>>, key: &str, 
 }
 
 impl Inner {
-    fn pop_oldest(&mut self) {
-        if let Some((t, v)) = self.events.pop_first() {
+    /// Lets the oldest event go, `trimmed` raised past it first.
+    fn pop_oldest(&mut self, trimmed: &AtomicU64) {
+        if let Some((&t, _)) = self.events.first_key_value() {
+            trimmed.fetch_max(t, Ordering::AcqRel);
+        }
+        if let Some((_, v)) = self.events.pop_first() {
             self.bytes -= v.len() as u64 + ENTRY_OVERHEAD;
-            self.evicted_through = self.evicted_through.max(t);
         }
     }
 }
 
 impl MemoryLog {
     pub fn new(max_bytes: u64) -> Self {
-        MemoryLog { max_bytes, inner: RwLock::new(Inner::default()) }
+        MemoryLog { max_bytes, inner: RwLock::new(Inner::default()), trimmed: Arc::default() }
+    }
+
+    /// The mark of what was evicted or trimmed, for the log's tip to share.
+    pub(super) fn trimmed_mark(&self) -> Arc<AtomicU64> {
+        self.trimmed.clone()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
@@ -89,7 +102,7 @@ impl MemoryLog {
         // (A write without events, a cursor alone, evicts nothing.)
         let batch_start = events.first().map_or(0, |e| e.time_us);
         while g.bytes > self.max_bytes && g.events.first_key_value().is_some_and(|(t, _)| *t < batch_start) {
-            g.pop_oldest();
+            g.pop_oldest(&self.trimmed);
         }
         if let Some(c) = cursor {
             g.cursor = Some(c.clone());
@@ -150,7 +163,7 @@ impl MemoryLog {
     pub fn trim_before(&self, cutoff: u64) {
         let mut g = self.write();
         while g.events.first_key_value().is_some_and(|(t, _)| *t < cutoff) {
-            g.pop_oldest();
+            g.pop_oldest(&self.trimmed);
         }
     }
 
@@ -160,15 +173,15 @@ impl MemoryLog {
 
     /// The newest event evicted (past `--memory-bytes`) or trimmed so far (0: none).
     pub fn evicted_through(&self) -> u64 {
-        self.read().evicted_through
+        self.trimmed.load(Ordering::Acquire)
     }
 
     /// What the tip follows, read under one lock (after every append): the oldest and newest
-    /// events, the bytes held, and [`Self::evicted_through`].
-    pub fn edges(&self) -> (Option<u64>, Option<u64>, u64, u64) {
+    /// events, and the bytes held.
+    pub fn edges(&self) -> (Option<u64>, Option<u64>, u64) {
         let g = self.read();
         let (oldest, newest) = (g.events.keys().next().copied(), g.events.keys().next_back().copied());
-        (oldest, newest, g.bytes, g.evicted_through)
+        (oldest, newest, g.bytes)
     }
 
     pub fn stats(&self) -> LogStats {
@@ -210,5 +223,19 @@ mod window_tests {
         assert_eq!(log.oldest_time_us(), Some(2), "a write without events evicts nothing");
         log.append(&[event(3, 1000), event(4, 1000)], None, &[]);
         assert_eq!((log.oldest_time_us(), log.newest_time_us()), (Some(3), Some(4)));
+    }
+
+    #[test]
+    fn the_shared_trim_mark_passes_an_event_as_it_goes() {
+        let log = MemoryLog::new(1 << 20);
+        let mark = log.trimmed_mark();
+        log.append(&[event(1, 1000), event(2, 1000)], None, &[]);
+        assert_eq!(mark.load(Ordering::Acquire), 0);
+        // Evicted by the bound in the append itself: the mark the tip shares moved with it.
+        log.append(&[event(3, 2 << 20)], None, &[]);
+        assert_eq!((log.oldest_time_us(), mark.load(Ordering::Acquire)), (Some(3), 2));
+        log.append(&[event(4, 10), event(5, 10)], None, &[]);
+        log.trim_before(5);
+        assert_eq!((log.oldest_time_us(), mark.load(Ordering::Acquire)), (Some(5), 4));
     }
 }

@@ -130,8 +130,9 @@ pub struct Tip {
     newest: AtomicU64,
     oldest: AtomicU64,
     bytes: AtomicU64,
-    /// The newest event trimmed or evicted since the process started (0: none).
-    trimmed_through: AtomicU64,
+    /// The newest event trimmed or evicted since the process started (0: none); a memory
+    /// window's own mark, shared (it raises it under its lock).
+    trimmed_through: Arc<AtomicU64>,
 }
 
 impl Tip {
@@ -199,7 +200,11 @@ impl Log {
     }
 
     fn with(backend: Backend) -> Result<Log> {
-        let log = Log { backend, tip: Arc::default() };
+        let mut tip = Tip::default();
+        if let Backend::Memory(m) = &backend {
+            tip.trimmed_through = m.trimmed_mark();
+        }
+        let log = Log { backend, tip: Arc::new(tip) };
         log.refresh_tip()?;
         Ok(log)
     }
@@ -261,9 +266,8 @@ impl Log {
         if let Backend::Memory(m) = &self.backend {
             // A live-only window moves its oldest edge with every append (cheap in memory).
             let seen = self.tip.oldest.load(Ordering::Acquire);
-            let (oldest, newest, bytes, evicted_through) = m.edges();
-            // What the window's bound evicted counts as trimmed (replayers it overtook).
-            self.tip.trimmed_through.fetch_max(evicted_through, Ordering::AcqRel);
+            // (What the window's bound evicted is in the tip's trim mark already.)
+            let (oldest, newest, bytes) = m.edges();
             self.tip.set(seen, oldest, newest, bytes);
         }
         Ok(())
@@ -379,10 +383,8 @@ impl Log {
                 }
                 s.trim_before(cutoff)?
             }
-            Backend::Memory(m) => {
-                m.trim_before(cutoff);
-                self.tip.trimmed_through.fetch_max(m.evicted_through(), Ordering::AcqRel);
-            }
+            // Its mark is the tip's, raised before each event goes.
+            Backend::Memory(m) => m.trim_before(cutoff),
         }
         self.refresh_tip()
     }
@@ -449,7 +451,7 @@ mod tests {
             newest: AtomicU64::new(0),
             oldest: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
-            trimmed_through: AtomicU64::new(0),
+            trimmed_through: Arc::default(),
         };
         // A refresh sees the log empty; the first append lands before its store.
         let seen = tip.oldest.load(Ordering::Acquire);
