@@ -134,6 +134,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Reader::Relay(r) => (r.readiness.clone(), None),
         Reader::Upstream(u) => (u.readiness.clone(), Some(u.current_url.clone())),
     };
+    readiness.set_stale_after(config.ops.ready_stale_after);
     let dictionaries = Arc::new(Dictionaries::load(&config.hub.zstd_dictionary, config.hub.zstd_default_dictionary)?);
     tracing::info!(ids = dictionaries.ids(), default = dictionaries.default().id, "zstd dictionaries loaded");
 

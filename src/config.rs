@@ -178,6 +178,13 @@ pub struct OperationsConfig {
     #[arg(long, env = "CONTRAIL_STATUS_SAMPLE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub status_sample_interval: Duration,
+    /// `/ready` says 503 once the relay (or a replica's upstream) has moved nothing on for this
+    /// long, so that a load balancer sends new clients to a region that still has live events
+    /// (0s: never; then only "not reached yet" and a failed log make it 503). Every region
+    /// would say 503 together if the relay itself stopped.
+    #[arg(long, env = "CONTRAIL_READY_STALE_AFTER", default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub ready_stale_after: Duration,
 }
 
 /// `contrail serve` settings.
@@ -241,6 +248,8 @@ impl ServeConfig {
         ];
         let ops = if self.ops.status_sample_interval < Duration::from_millis(100) {
             Err(("status-sample-interval", "must be at least 100ms".to_string()))
+        } else if !self.ops.ready_stale_after.is_zero() && self.ops.ready_stale_after < Duration::from_secs(1) {
+            Err(("ready-stale-after", "must be 0s (off) or at least 1s".to_string()))
         } else {
             Ok(())
         };
@@ -413,6 +422,8 @@ mod tests {
             (&["--slow-min-rate", "NaN"], "slow-min-rate"),
             (&["--slow-min-rate", "inf"], "slow-min-rate"),
             (&["--slow-min-rate=-1"], "slow-min-rate"),
+            (&["--ready-stale-after", "500ms"], "ready-stale-after"),
+            (&["--max-client-message-bytes", "2TiB"], "max-client-message-bytes"),
         ] {
             let err = serve(args).and_then(|c| c.validate()).expect_err(&format!("{args:?} was accepted"));
             assert_eq!(err.key, key, "{args:?}: {err}");
@@ -422,6 +433,7 @@ mod tests {
             &["--ring-max-bytes", "1MiB", "--ring-capacity", "16777216", "--relay-reset-threshold", "10000"][..],
             &["--write-timeout", "24d", "--slow-min-rate", "0", "--upstream-switch-lag", "1s"],
             &["--verify", "signature", "--did-cache-ttl", "1m"],
+            &["--ready-stale-after", "1s", "--max-client-message-bytes", "0"],
         ] {
             serve(args).and_then(|c| c.validate()).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }

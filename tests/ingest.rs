@@ -563,6 +563,37 @@ async fn a_relay_that_accepts_and_never_answers_is_retried_and_ready_says_why() 
     assert!(body.contains("websocket handshake did not finish within 300ms"), "{body}");
 }
 
+/// `--ready-stale-after`: `/ready` says 503 once the relay, still connected, has moved nothing
+/// on for that long (so a load balancer sends new clients to a region with live events), and
+/// 200 again once frames flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_says_503_while_the_relay_moves_nothing_on_past_ready_stale_after() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 20, 5, 46));
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--ready-stale-after", "3s"]);
+    serve.wait_for_seq(20, Duration::from_secs(30));
+    let ready_until = |want: u16| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
+            if status == want {
+                return body;
+            }
+            assert!(std::time::Instant::now() < deadline, "/ready stayed {status} ({body}); logs:\n{}", serve.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let body = ready_until(503);
+    assert!(body.contains("nothing new from the relay for") && body.contains("(--ready-stale-after 3s)"), "{body}");
+    assert_eq!(relay.connections(), 1, "the relay was not left (its idle timeout is 60s)");
+    let (_, status) = common::process::http_get(serve.public, "/status").unwrap();
+    assert!(status.contains("\"ready\":false") && status.contains("nothing new from the relay"), "{status}");
+    relay.push_all(&generate(21, 5, 5, 47));
+    serve.wait_for_seq(25, Duration::from_secs(30));
+    assert_eq!(ready_until(200), "ready\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_url_spelled_differently_resumes_from_the_stored_cursor() {
     let relay = FakeRelay::start().await;

@@ -11,22 +11,48 @@ pub mod wsclient;
 /// Exponential reconnect backoff with jitter (the client crate's).
 pub(crate) use contrail_client::backoff;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Whether the source has reached its relay or upstream yet, and if not, why: `/ready` says
-/// so, so an operator sees "TCP connect … timed out" rather than a bare 503.
+/// so, so an operator sees "TCP connect … timed out" rather than a bare 503. With
+/// `--ready-stale-after`, also whether the source still moves on.
 #[derive(Debug, Default)]
 pub struct Readiness {
     reached: AtomicBool,
     last_error: Mutex<Option<String>>,
     /// The log could not be written: ingest stopped (set by the application, for `/ready`).
     store_failure: Mutex<Option<String>>,
+    /// `--ready-stale-after` in milliseconds (0: off).
+    stale_after_ms: AtomicU64,
+    /// When the source last moved the stream on (or first reached its peer).
+    moved_at: Mutex<Option<Instant>>,
 }
 
 impl Readiness {
+    /// `/ready` says 503 once the source has moved nothing on for `after` (zero: never).
+    pub fn set_stale_after(&self, after: Duration) {
+        self.stale_after_ms.store(after.as_millis() as u64, Ordering::Relaxed);
+    }
+
     pub fn set_reached(&self) {
+        // The silence is counted from the first connection, not from the process's start.
+        self.moved_at.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(Instant::now);
         self.reached.store(true, Ordering::Relaxed);
+    }
+
+    /// The source moved the stream on at `at` (an instant its reader took anyway).
+    pub fn moved_on(&self, at: Instant) {
+        *self.moved_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+    }
+
+    /// How long the source has moved nothing on, when that is past `--ready-stale-after`.
+    fn stale_for(&self) -> Option<Duration> {
+        let after = Duration::from_millis(self.stale_after_ms.load(Ordering::Relaxed));
+        let moved = (*self.moved_at.lock().unwrap_or_else(|p| p.into_inner()))?;
+        let silent = moved.elapsed();
+        (!after.is_zero() && silent > after).then_some(silent)
     }
 
     /// The last connection attempt failed with `error`.
@@ -40,7 +66,9 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.reached.load(Ordering::Relaxed) && self.store_failure.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+        self.reached.load(Ordering::Relaxed)
+            && self.store_failure.lock().unwrap_or_else(|p| p.into_inner()).is_none()
+            && self.stale_for().is_none()
     }
 
     /// Why `/ready` says 503, when it does.
@@ -48,17 +76,53 @@ impl Readiness {
         if let Some(e) = self.store_failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Some(format!("the log cannot be written, ingest stopped ({e}); serving what is stored"));
         }
-        if self.is_ready() {
-            return None;
+        if !self.reached.load(Ordering::Relaxed) {
+            return Some(match self.last_error() {
+                Some(e) => format!("the relay has not been reached yet (last attempt: {e})"),
+                None => "the relay has not been reached yet".to_string(),
+            });
         }
-        Some(match self.last_error() {
-            Some(e) => format!("the relay has not been reached yet (last attempt: {e})"),
-            None => "the relay has not been reached yet".to_string(),
-        })
+        let silent = self.stale_for()?;
+        let after = Duration::from_millis(self.stale_after_ms.load(Ordering::Relaxed));
+        let why = self.last_error().map(|e| format!("; last connection error: {e}")).unwrap_or_default();
+        Some(format!(
+            "nothing new from the relay for {}s (--ready-stale-after {}s){why}; serving what is stored",
+            silent.as_secs(),
+            after.as_secs()
+        ))
     }
 
     /// Why not ready: the last error, if there was one.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_that_moves_nothing_on_for_too_long_is_not_ready() {
+        let r = Readiness::default();
+        r.set_stale_after(Duration::from_secs(60));
+        assert!(!r.is_ready(), "not reached yet");
+        r.set_reached();
+        assert!(r.is_ready());
+        // The last move two minutes ago: stale, with the last connection error.
+        r.set_error("connection reset".into());
+        r.moved_on(Instant::now() - Duration::from_secs(120));
+        assert!(!r.is_ready());
+        let why = r.not_ready_reason().unwrap();
+        assert!(why.starts_with("nothing new from the relay for 120s (--ready-stale-after 60s); last connection error: connection reset"), "{why}");
+        // Moving on again makes it ready; reaching the peer again does not count as a move.
+        r.set_reached();
+        assert!(!r.is_ready());
+        r.moved_on(Instant::now());
+        assert!(r.is_ready() && r.not_ready_reason().is_none());
+        // Off: never stale.
+        r.set_stale_after(Duration::ZERO);
+        r.moved_on(Instant::now() - Duration::from_secs(3600));
+        assert!(r.is_ready());
     }
 }

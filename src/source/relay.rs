@@ -300,7 +300,11 @@ impl Reader {
             };
             match opcode {
                 OpCode::Binary => match self.handle(payload).await {
-                    Ok(true) => idle_at = tokio::time::Instant::now() + self.cfg.relay_idle_timeout,
+                    Ok(true) => {
+                        let now = tokio::time::Instant::now();
+                        idle_at = now + self.cfg.relay_idle_timeout;
+                        self.readiness.moved_on(now.into_std());
+                    }
                     Ok(false) => {}
                     Err(e) => return e,
                 },

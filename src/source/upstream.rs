@@ -356,7 +356,11 @@ impl UpstreamReader {
                 _ => Ok(false),
             };
             match result {
-                Ok(true) => stale_at = tokio::time::Instant::now() + stale,
+                Ok(true) => {
+                    let now = tokio::time::Instant::now();
+                    stale_at = now + stale;
+                    self.readiness.moved_on(now.into_std());
+                }
                 Ok(false) => {}
                 Err(e) => return e,
             }
