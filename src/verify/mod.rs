@@ -332,6 +332,17 @@ async fn prepare(
             checked = check(&parsed, &new_key, level);
         }
     }
+    if let (Err(Failure::Signature), RepoFrame::Commit(c)) = (&checked, &parsed) {
+        // Signed by the key the repo had when the relay took it? (A catch-up across a key
+        // rotation meets commits older than the repo's current key.)
+        let time_us = c.time.and_then(contrail_core::syntax::rfc3339_to_unix_us);
+        if let Some(then) = match time_us {
+            Some(t) => resolver.key_at(&did, t).await.filter(|k| *k != key),
+            None => None,
+        } {
+            checked = check(&parsed, &then, level);
+        }
+    }
     prepared(checked.map_err(Problem::Failed))
 }
 

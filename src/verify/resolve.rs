@@ -14,7 +14,7 @@
 use crate::log::Log;
 use crate::metrics::ResolveResult;
 use crate::source::wsclient::{self, ClientError, WsUrl};
-use contrail_core::verify::keys::{atproto_key, PublicKey};
+use contrail_core::verify::keys::{atproto_key, KeyHistory, PublicKey};
 use dashmap::DashMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -87,6 +87,10 @@ pub struct Resolver {
     /// Recent failures, answered from here for [`NEGATIVE_TTL`]: a repo whose DID does not
     /// resolve must not cost a request per commit.
     failed: Mutex<HashMap<String, (Instant, ResolveError)>>,
+    /// `did:plc` key histories (their audit logs), each fetched at most once per
+    /// [`REFRESH_AFTER_FAILURE`] (concurrent asks share the request), kept that long; `None`:
+    /// the log could not be had.
+    histories: DashMap<String, (Instant, Arc<HistoryCell>)>,
     results: Vec<prometheus::IntCounter>,
     seconds: prometheus::Histogram,
     entries: prometheus::IntGauge,
@@ -149,6 +153,16 @@ const MAX_REMEMBERED_FAILURES: usize = 100_000;
 /// Largest DID document accepted (real ones are ~1 KiB).
 const MAX_DOC_BYTES: usize = 64 << 10;
 
+/// A DID's key history once fetched (`None`: the audit log could not be had).
+type HistoryCell = OnceCell<Option<Arc<KeyHistory>>>;
+
+/// Largest PLC audit log accepted (~1 KiB per operation; an account with many handle changes
+/// has tens of them).
+const MAX_AUDIT_LOG_BYTES: usize = 1 << 20;
+
+/// Key histories kept at most (past it, the expired ones go, or all of them).
+const MAX_HISTORIES: usize = 10_000;
+
 impl Resolver {
     pub fn new(opts: ResolverOptions, log: Arc<Log>, metrics: &crate::metrics::Metrics) -> anyhow::Result<Resolver> {
         let ws = opts
@@ -173,6 +187,7 @@ impl Resolver {
             inflight: DashMap::new(),
             refreshed: Mutex::default(),
             failed: Mutex::default(),
+            histories: DashMap::new(),
         })
     }
 
@@ -242,6 +257,56 @@ impl Resolver {
         }
         let key = self.fetch_shared(did).await.ok()?;
         (key != *failed).then_some(key)
+    }
+
+    /// After a signature failure against the current key: the key a `did:plc` repo had at
+    /// `time_us` (a commit from before a key rotation, met while catching up), from its PLC
+    /// audit log. `None` for other methods, or when the log cannot be had.
+    pub async fn key_at(self: &Arc<Self>, did: &str, time_us: i64) -> Option<PublicKey> {
+        if !did.starts_with("did:plc:") {
+            return None;
+        }
+        let cell = {
+            if self.histories.len() >= MAX_HISTORIES {
+                self.histories.retain(|_, (at, _)| at.elapsed() < REFRESH_AFTER_FAILURE);
+                if self.histories.len() >= MAX_HISTORIES {
+                    self.histories.clear();
+                }
+            }
+            let mut entry = self.histories.entry(did.to_string()).or_insert_with(|| (Instant::now(), Arc::default()));
+            if entry.0.elapsed() >= REFRESH_AFTER_FAILURE {
+                *entry = (Instant::now(), Arc::default());
+            }
+            entry.1.clone()
+        };
+        let history = cell.get_or_init(|| self.fetch_history(did)).await.clone()?;
+        history.at(time_us).cloned()
+    }
+
+    /// One request for a `did:plc`'s audit log, within the resolver's slots and deadline.
+    async fn fetch_history(&self, did: &str) -> Option<Arc<KeyHistory>> {
+        let deadline = tokio::time::Instant::now() + self.opts.timeout;
+        let _permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await.ok()?.ok()?;
+        let path = format!("{}/{did}/log/audit", self.plc.path.trim_end_matches('/'));
+        let fetched = tokio::time::timeout_at(
+            deadline,
+            wsclient::http_get_at_most(&self.plc, &path, self.opts.timeout, MAX_AUDIT_LOG_BYTES),
+        )
+        .await;
+        let history = match fetched {
+            Ok(Ok(body)) => serde_json::from_slice(&body)
+                .map_err(|e| e.to_string())
+                .and_then(|log| KeyHistory::from_audit_log(did, &log).map_err(|e| e.to_string())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        };
+        match history {
+            Ok(h) => Some(Arc::new(h)),
+            Err(e) => {
+                tracing::debug!(did, error = %e, "no PLC audit log");
+                None
+            }
+        }
     }
 
     async fn fetch_shared(self: &Arc<Self>, did: &str) -> Result<PublicKey, ResolveError> {

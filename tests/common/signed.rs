@@ -242,6 +242,17 @@ pub fn with_seq(frame: &[u8], seq: i64) -> Vec<u8> {
     out
 }
 
+/// The same frame with another `time` (when the relay says it took the commit; not signed).
+pub fn with_time(frame: &[u8], time: &str) -> Vec<u8> {
+    let mut de = serde_ipld_dagcbor::de::Deserializer::from_slice(frame);
+    let header: Ipld = serde::Deserialize::deserialize(&mut de).unwrap();
+    let Ipld::Map(mut body): Ipld = serde::Deserialize::deserialize(&mut de).unwrap() else { panic!("body") };
+    body.insert("time".into(), Ipld::String(time.into()));
+    let mut out = dag_cbor(&header);
+    out.extend(dag_cbor(&Ipld::Map(body)));
+    out
+}
+
 /// A DID document with `key` as its `#atproto` Multikey.
 pub fn did_doc(did: &str, key: &PublicKey) -> serde_json::Value {
     let multikey = key.to_did_key().strip_prefix("did:key:").unwrap().to_string();

@@ -178,6 +178,52 @@ pub fn atproto_key(did: &str, doc: &serde_json::Value) -> Result<PublicKey, DocE
     Err(DocError::NoKey)
 }
 
+/// A `did:plc`'s `#atproto` keys over time, read from its PLC audit log
+/// (`GET <plc>/<did>/log/audit`): each operation's key (none for a tombstone, or an operation
+/// without one) from the time the directory accepted it, oldest first; nullified operations
+/// left out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyHistory(Vec<(i64, Option<PublicKey>)>);
+
+impl KeyHistory {
+    /// Reads an audit log: a JSON list of `{did, operation, nullified, createdAt}`. Every entry
+    /// must be for `did` and carry a readable `createdAt`; an unreadable key counts as none.
+    pub fn from_audit_log(did: &str, log: &serde_json::Value) -> Result<KeyHistory, DocError> {
+        let entries = log.as_array().ok_or(DocError::NoKey)?;
+        let mut keys = Vec::with_capacity(entries.len());
+        for e in entries {
+            if e.get("did").and_then(|v| v.as_str()) != Some(did) {
+                return Err(DocError::WrongId);
+            }
+            if e.get("nullified").and_then(|v| v.as_bool()) == Some(true) {
+                continue;
+            }
+            let at = e
+                .get("createdAt")
+                .and_then(|v| v.as_str())
+                .and_then(crate::syntax::rfc3339_to_unix_us)
+                .ok_or(DocError::NoKey)?;
+            let op = e.get("operation");
+            // `plc_operation` names it among its verification methods; the legacy `create`,
+            // as its signing key; a tombstone has none.
+            let did_key = op
+                .and_then(|o| o.get("verificationMethods"))
+                .and_then(|m| m.get("atproto"))
+                .or_else(|| op.and_then(|o| o.get("signingKey")))
+                .and_then(|v| v.as_str());
+            keys.push((at, did_key.and_then(|k| PublicKey::from_did_key(k).ok())));
+        }
+        keys.sort_by_key(|(at, _)| *at);
+        Ok(KeyHistory(keys))
+    }
+
+    /// The key in force at `time_us`: the last operation's at or before it.
+    pub fn at(&self, time_us: i64) -> Option<&PublicKey> {
+        let after = self.0.partition_point(|(at, _)| *at <= time_us);
+        self.0[..after].last().and_then(|(_, k)| k.as_ref())
+    }
+}
+
 /// Why a DID document gave no key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum DocError {
@@ -187,4 +233,58 @@ pub enum DocError {
     NoKey,
     #[error("the #atproto key: {0}")]
     Key(KeyError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        let signing = k256::ecdsa::SigningKey::from_bytes(&[seed; 32].into()).unwrap();
+        PublicKey::from_k256(*signing.verifying_key())
+    }
+
+    #[test]
+    fn a_plc_audit_log_gives_the_key_in_force_at_a_time() {
+        let did = "did:plc:aliceaaaaaaaaaaaaaaaaaaa";
+        let entry = |op: serde_json::Value, at: &str, nullified: bool| serde_json::json!({"did": did, "operation": op, "cid": "bafy", "nullified": nullified, "createdAt": at});
+        let (a, b, c) = (key(1), key(2), key(3));
+        let log = serde_json::json!([
+            entry(
+                serde_json::json!({"type": "create", "signingKey": a.to_did_key()}),
+                "2024-01-01T00:00:00.000Z",
+                false
+            ),
+            // Out of order in the list; a nullified operation counts for nothing.
+            entry(
+                serde_json::json!({"type": "plc_operation", "verificationMethods": {"atproto": c.to_did_key()}}),
+                "2024-09-01T00:00:00.000Z",
+                false
+            ),
+            entry(
+                serde_json::json!({"type": "plc_operation", "verificationMethods": {"atproto": b.to_did_key()}}),
+                "2024-06-01T00:00:00.000Z",
+                false
+            ),
+            entry(
+                serde_json::json!({"type": "plc_operation", "verificationMethods": {"atproto": key(9).to_did_key()}}),
+                "2024-07-01T00:00:00.000Z",
+                true
+            ),
+            entry(serde_json::json!({"type": "plc_tombstone"}), "2025-01-01T00:00:00.000Z", false),
+        ]);
+        let h = KeyHistory::from_audit_log(did, &log).unwrap();
+        let at = |t: &str| h.at(crate::syntax::rfc3339_to_unix_us(t).unwrap()).cloned();
+        assert_eq!(at("2023-12-31T23:59:59Z"), None, "before the DID existed");
+        assert_eq!(at("2024-01-01T00:00:00Z"), Some(a.clone()));
+        assert_eq!(at("2024-05-31T23:59:59.999Z"), Some(a));
+        assert_eq!(at("2024-07-15T00:00:00Z"), Some(b), "the nullified operation is not in force");
+        assert_eq!(at("2024-12-31T00:00:00Z"), Some(c));
+        assert_eq!(at("2025-02-01T00:00:00Z"), None, "tombstoned");
+        // Another DID's entries, or one without a time, make the log unusable.
+        let other = serde_json::json!([{"did": "did:plc:other", "operation": {}, "createdAt": "2024-01-01T00:00:00Z"}]);
+        assert_eq!(KeyHistory::from_audit_log(did, &other), Err(DocError::WrongId));
+        let untimed = serde_json::json!([{"did": did, "operation": {}}]);
+        assert_eq!(KeyHistory::from_audit_log(did, &untimed), Err(DocError::NoKey));
+    }
 }
