@@ -44,8 +44,12 @@ type TaskResult = (&'static str, anyhow::Result<()>);
 /// Runs `contrail serve` until SIGINT/SIGTERM or a critical task fails.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
-    let log =
-        Arc::new(config.log.open().with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?);
+    let log = Arc::new(
+        config
+            .log
+            .open(config.verify.state_expiry())
+            .with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?,
+    );
     // Before anything is ingested: what arrives from here on is this process's to age by arrival.
     let arrivals = retention::Arrivals::new(Instant::now(), crate::clock::now_us(), log.newest_time_us()?.unwrap_or(0));
     let arrivals = if config.replica.upstream_url.is_empty() { arrivals } else { arrivals.for_replica() };

@@ -83,6 +83,18 @@ pub fn is_valid_tid(s: &str) -> bool {
     b.len() == 13 && matches!(b[0], b'2'..=b'7' | b'a'..=b'j') && b.iter().all(|&c| sortable(c))
 }
 
+/// The time a TID was made at (its 53 bits of unix microseconds), if [`is_valid_tid`].
+pub fn tid_to_unix_us(s: &str) -> Option<u64> {
+    if !is_valid_tid(s) {
+        return None;
+    }
+    let value = s.bytes().fold(0u64, |v, c| {
+        let digit = if c <= b'7' { c - b'2' } else { c - b'a' + 6 };
+        (v << 5) | digit as u64
+    });
+    Some(value >> 10)
+}
+
 /// An RFC 3339 timestamp as Go's `time.Parse(time.RFC3339, …)` accepts it (Jetstream v1 drops
 /// events whose `time` fails that parse): `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`.
 pub fn is_rfc3339(s: &str) -> bool {
@@ -175,6 +187,9 @@ mod tests {
         assert!(is_valid_record_key("self"));
         assert!(!is_valid_record_key(".."));
         assert!(is_valid_tid("3mptbypluud2a"));
+        // The atproto spec's example TID: made on 2023-06-30 at 15:03:01.887007 UTC.
+        assert_eq!(tid_to_unix_us("3jzfcijpj2z2a"), Some(1_688_137_381_887_007));
+        assert_eq!(tid_to_unix_us("3jzfcijpj2z2"), None);
         assert!(is_rfc3339("2026-07-04T14:38:08.999Z"));
         assert!(is_rfc3339("2026-07-04T14:38:08+02:00"));
         assert!(!is_rfc3339("2026-07-04 14:38:08Z"));

@@ -70,8 +70,8 @@ impl LogConfig {
         Ok(())
     }
 
-    /// Opens the configured log.
-    pub fn open(&self) -> Result<Log> {
+    /// Opens the configured log; `expiry`: how the verification state ages out.
+    pub fn open(&self, expiry: rocks::StateExpiry) -> Result<Log> {
         match self.store {
             StoreKind::Rocksdb => Log::rocks(rocks::RocksLog::open(
                 &self.data_dir,
@@ -79,6 +79,7 @@ impl LogConfig {
                     sync_writes: self.sync_writes,
                     memtable_bytes: self.memtable_bytes as usize,
                     compressed_frames: !self.precompress_window.is_zero(),
+                    state_expiry: expiry,
                 },
             )?),
             StoreKind::Memory => Ok(Log::memory(memory::MemoryLog::new(self.memory_bytes))),

@@ -52,6 +52,48 @@ pub struct RocksOptions {
     pub memtable_bytes: usize,
     /// Keep the stored compressed frames (`zframes`); off, they are dropped at open.
     pub compressed_frames: bool,
+    /// How the verification state's entries age out (compaction drops those it meets).
+    pub state_expiry: StateExpiry,
+}
+
+/// How entries of the verification state (`repos`: chain states; `dids`: resolved keys) age
+/// out; `None`: kept for ever. Compaction drops the aged-out entries it meets, and looks at
+/// these column families at least daily (RocksDB's periodic compaction). Keys starting with
+/// `#` (the chain epoch) are always kept.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StateExpiry {
+    pub repos: Option<Expiry>,
+    pub dids: Option<Expiry>,
+}
+
+/// An entry's time, read from its value (unix µs; `None`: kept), and how long it is kept after.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry {
+    pub time_of: fn(&[u8]) -> Option<u64>,
+    pub keep_us: u64,
+}
+
+impl Expiry {
+    fn expired(&self, key: &[u8], value: &[u8], now_us: u64) -> bool {
+        !key.starts_with(b"#") && (self.time_of)(value).is_some_and(|t| t.saturating_add(self.keep_us) < now_us)
+    }
+}
+
+/// Options for a verification-state column family: `expiry`'s compaction filter, if any.
+fn state_cf_options(name: &'static str, expiry: Option<Expiry>) -> Options {
+    let mut o = Options::default();
+    if let Some(e) = expiry {
+        o.set_compaction_filter(name, move |_level: u32, key: &[u8], value: &[u8]| {
+            if e.expired(key, value, crate::clock::now_us()) {
+                rocksdb::compaction_filter::Decision::Remove
+            } else {
+                rocksdb::compaction_filter::Decision::Keep
+            }
+        });
+        // Files nothing is written over are compacted (and filtered) at least this often.
+        o.set_periodic_compaction_seconds(24 * 3600);
+    }
+    o
 }
 
 /// The default memtable: a few seconds of a busy firehose, few flushes.
@@ -59,7 +101,12 @@ pub const DEFAULT_MEMTABLE_BYTES: usize = 64 << 20;
 
 impl Default for RocksOptions {
     fn default() -> Self {
-        RocksOptions { sync_writes: true, memtable_bytes: DEFAULT_MEMTABLE_BYTES, compressed_frames: true }
+        RocksOptions {
+            sync_writes: true,
+            memtable_bytes: DEFAULT_MEMTABLE_BYTES,
+            compressed_frames: true,
+            state_expiry: StateExpiry::default(),
+        }
     }
 }
 
@@ -136,12 +183,12 @@ fn db_options() -> Options {
     o
 }
 
-fn descriptors(memtable_bytes: usize) -> Vec<ColumnFamilyDescriptor> {
+fn descriptors(memtable_bytes: usize, expiry: StateExpiry) -> Vec<ColumnFamilyDescriptor> {
     vec![
         ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options(memtable_bytes)),
         ColumnFamilyDescriptor::new(CF_META, Options::default()),
-        ColumnFamilyDescriptor::new(CF_REPOS, Options::default()),
-        ColumnFamilyDescriptor::new(CF_DIDS, Options::default()),
+        ColumnFamilyDescriptor::new(CF_REPOS, state_cf_options("contrail-repos-expiry", expiry.repos)),
+        ColumnFamilyDescriptor::new(CF_DIDS, state_cf_options("contrail-dids-expiry", expiry.dids)),
         ColumnFamilyDescriptor::new(CF_ZFRAMES, zframe_cf_options()),
     ]
 }
@@ -174,7 +221,7 @@ impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
     pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
         std::fs::create_dir_all(dir)?;
-        let mut db = DB::open_cf_descriptors(&db_options(), dir, descriptors(opts.memtable_bytes))?;
+        let mut db = DB::open_cf_descriptors(&db_options(), dir, descriptors(opts.memtable_bytes, opts.state_expiry))?;
         if !opts.compressed_frames {
             db.drop_cf(CF_ZFRAMES)?;
         }
@@ -197,7 +244,7 @@ impl RocksLog {
         // A log written by an older version may lack the newer column families: open those
         // it has.
         let existing = DB::list_cf(&o, dir).unwrap_or_default();
-        let cfs: Vec<_> = descriptors(DEFAULT_MEMTABLE_BYTES)
+        let cfs: Vec<_> = descriptors(DEFAULT_MEMTABLE_BYTES, StateExpiry::default())
             .into_iter()
             .filter(|d| existing.iter().any(|n| n == d.name()))
             .collect();
@@ -540,6 +587,17 @@ impl RocksLog {
             relay_seq: cursor.map(|c| c.seq),
             disk_bytes: self.disk_bytes(),
         })
+    }
+
+    /// Compacts the verification state's column families now, dropping what has aged out
+    /// (compaction does it by itself as it meets them; tests).
+    pub fn compact_state(&self) -> Result<()> {
+        for name in [CF_REPOS, CF_DIDS] {
+            let cf = self.cf(name)?;
+            self.db.flush_cf(cf)?;
+            self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+        Ok(())
     }
 
     /// Compacts the whole event range to the bottom level (tools and benchmarks).

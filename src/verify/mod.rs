@@ -105,6 +105,12 @@ pub struct VerifyConfig {
     /// Frames that may wait behind one whose DID is being resolved
     #[arg(long, env = "CONTRAIL_VERIFY_QUEUE", default_value = "4096")]
     pub verify_queue: usize,
+    /// A repo's chain state is deleted (by compaction) once its last verified commit's rev is
+    /// this old: its next commit anchors anew (marked `signature`). 0s: kept for ever. Stored
+    /// keys are deleted once older than --did-cache-ttl (they are never used past it).
+    #[arg(long, env = "CONTRAIL_VERIFY_STATE_TTL", default_value = "30d", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub verify_state_ttl: Duration,
     /// Tests only: fetch did:web documents over plain HTTP.
     #[arg(long, env = "CONTRAIL_DID_WEB_HTTP", hide = true)]
     #[serde(skip)]
@@ -179,6 +185,24 @@ impl Chain {
         }
         Some(Chain { state: RepoState::decode(rest)?, desynchronized: flag & 1 == 1, epoch })
     }
+}
+
+impl VerifyConfig {
+    /// How the store lets the verification state age out (whatever the mode: state left by an
+    /// earlier run ages too).
+    pub fn state_expiry(&self) -> crate::log::rocks::StateExpiry {
+        use crate::log::rocks::Expiry;
+        crate::log::rocks::StateExpiry {
+            repos: (!self.verify_state_ttl.is_zero())
+                .then(|| Expiry { time_of: chain_time_us, keep_us: self.verify_state_ttl.as_micros() as u64 }),
+            dids: Some(Expiry { time_of: resolve::entry_time_us, keep_us: self.did_cache_ttl.as_micros() as u64 }),
+        }
+    }
+}
+
+/// When a stored chain state's last verified commit was made (its rev's time): what it ages by.
+fn chain_time_us(value: &[u8]) -> Option<u64> {
+    contrail_core::syntax::tid_to_unix_us(&Chain::decode(value)?.state.rev)
 }
 
 /// Runs `f`, a store call that may wait (a read from disk; a write queued behind the
@@ -616,5 +640,72 @@ async fn wait_front(pending: &mut VecDeque<Pending>) -> Result<Option<Box<Prepar
 fn mark_events(frame: &mut IngestFrame, v: Verification) {
     for e in &mut frame.events {
         e.verification = v;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::rocks::{RocksLog, RocksOptions};
+
+    /// A rev made at `unix_us`.
+    fn rev_at(unix_us: u64) -> String {
+        const S32: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
+        let mut v = unix_us << 10;
+        let mut out = [b'2'; 13];
+        for c in out.iter_mut().rev() {
+            *c = S32[(v % 32) as usize];
+            v /= 32;
+        }
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn aged_out_verification_state_is_dropped_by_compaction() {
+        let day = 24 * 3600 * 1_000_000u64;
+        let now = crate::clock::now_us();
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            verify: VerifyConfig,
+        }
+        use clap::Parser;
+        let mut config =
+            Flags::try_parse_from(["verify", "--verify-state-ttl", "30d", "--did-cache-ttl", "24h"]).unwrap().verify;
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, state_expiry: config.state_expiry(), ..Default::default() };
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        let chain = |rev_us: u64| {
+            Chain { state: RepoState { rev: rev_at(rev_us), data: vec![1, 2, 3] }, desynchronized: false, epoch: 2 }
+                .encode()
+        };
+        let states: Vec<(String, Vec<u8>)> = vec![
+            ("did:plc:quiet".into(), chain(now - 31 * day)),
+            ("did:plc:active".into(), chain(now - 29 * day)),
+            // Not a chain state: always kept.
+            (EPOCH_KEY.into(), vec![0; 9]),
+        ];
+        log.append(&[], None, &states).unwrap();
+        let entry = |fetched_us: u64| {
+            let mut v = fetched_us.to_be_bytes().to_vec();
+            v.extend_from_slice(b"did:key:zQ3sh");
+            v
+        };
+        log.put_did_entry("did:plc:stale", Some(&entry(now - 2 * day))).unwrap();
+        log.put_did_entry("did:plc:fresh", Some(&entry(now - day / 2))).unwrap();
+        log.compact_state().unwrap();
+        assert!(log.repo_state("did:plc:quiet").unwrap().is_none(), "a repo silent for 31 days");
+        assert!(log.repo_state("did:plc:active").unwrap().is_some());
+        assert!(log.repo_state(EPOCH_KEY).unwrap().is_some());
+        assert!(log.did_entry("did:plc:stale").unwrap().is_none(), "a key older than --did-cache-ttl");
+        assert!(log.did_entry("did:plc:fresh").unwrap().is_some());
+        drop(log);
+        // 0s: chain states are kept for ever.
+        config.verify_state_ttl = Duration::ZERO;
+        let opts = RocksOptions { sync_writes: false, state_expiry: config.state_expiry(), ..Default::default() };
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        log.append(&[], None, &[("did:plc:ancient".into(), chain(now - 3650 * day))]).unwrap();
+        log.compact_state().unwrap();
+        assert!(log.repo_state("did:plc:ancient").unwrap().is_some());
     }
 }

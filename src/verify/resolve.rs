@@ -138,6 +138,11 @@ fn encode_entry(c: &Cached) -> Vec<u8> {
     v
 }
 
+/// When a stored entry was fetched (unix µs): what it ages by.
+pub fn entry_time_us(v: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?))
+}
+
 fn decode_entry(v: &[u8]) -> Option<Cached> {
     let fetched_us = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
     let key = PublicKey::from_did_key(std::str::from_utf8(&v[8..]).ok()?).ok()?;
