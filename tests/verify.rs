@@ -47,7 +47,7 @@ fn every_corpus_commit_verifies_in_full() {
 
 use common::process::{inspect_log, Serve};
 use common::relay::FakeRelay;
-use common::signed::{did_doc, record, with_seq, with_time, Answer, Op, Plc, SignedRepo, Signer, Tamper};
+use common::signed::{did_doc, record, with_seq, Answer, Op, Plc, SignedRepo, Signer, Tamper};
 use std::time::{Duration, Instant};
 
 const ALICE: &str = "did:plc:aliceaaaaaaaaaaaaaaaaaaa";
@@ -225,26 +225,35 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     assert_eq!(stored.last(), Some(&ev(ALICE, "create", "a4")));
 }
 
-/// A catch-up across a key rotation: commits a repo signed before it rotated its key are checked
-/// against the key it had when the relay took them (from its PLC audit log), not dropped as
-/// forgeries; after the rotation only the new key signs.
+/// A catch-up across a key rotation: commits a repo made (by their signed rev) before it rotated
+/// its key are checked against the key it had then (from its PLC audit log), not dropped as
+/// forgeries; after the rotation only the new key signs; a key rotated away from days ago signs
+/// nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_from_before_a_key_rotation_verify_against_the_key_of_their_time() {
     let plc = Plc::start().await;
     let relay = FakeRelay::start().await;
-    let (old, new) = (Signer::k256(1), Signer::k256(7));
-    let mut alice = SignedRepo::new(ALICE, old.clone());
-    // The directory serves the new key by now; the audit log has both, the rotation at noon.
-    plc.set(ALICE, Answer::Doc(did_doc(ALICE, &new.public())));
-    let op = |key: &Signer, at: &str| {
-        serde_json::json!({"did": ALICE, "cid": "bafy", "nullified": false, "createdAt": at, "operation":
+    let now = contrail::clock::now_us();
+    let (hour, day) = (3_600_000_000u64, 86_400_000_000u64);
+    let at = |us: u64| contrail_core::v2::rfc3339_micros(us);
+    // The directory serves the new keys by now; the audit logs have both.
+    let op = |did: &str, key: &Signer, at: String| {
+        serde_json::json!({"did": did, "cid": "bafy", "nullified": false, "createdAt": at, "operation":
             {"type": "plc_operation", "verificationMethods": {"atproto": key.public().to_did_key()}}})
     };
-    let audit = format!("{ALICE}/log/audit");
-    plc.set(
-        &audit,
-        Answer::Doc(serde_json::json!([op(&old, "2026-01-01T00:00:00.000Z"), op(&new, "2026-07-04T12:00:00.000Z")])),
-    );
+    let rotated = |did: &str, old: &Signer, new: &Signer, when: u64| {
+        plc.set(did, Answer::Doc(did_doc(did, &new.public())));
+        plc.set(
+            &format!("{did}/log/audit"),
+            Answer::Doc(serde_json::json!([op(did, old, at(now - 30 * day)), op(did, new, at(when))])),
+        );
+    };
+    // Alice rotated an hour ago; Bob four days ago.
+    let (old, new) = (Signer::k256(1), Signer::k256(7));
+    rotated(ALICE, &old, &new, now - hour);
+    rotated(BOB, &Signer::k256(2), &Signer::k256(8), now - 4 * day);
+    let mut alice = SignedRepo::new(ALICE, old.clone());
+    let mut bob = SignedRepo::new(BOB, Signer::k256(2));
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
     let mut seq = 0;
     let mut push = |frame: Vec<u8>| {
@@ -252,29 +261,34 @@ async fn commits_from_before_a_key_rotation_verify_against_the_key_of_their_time
         relay.push(seq, with_seq(&frame, seq));
         seq
     };
-    // Taken by the relay in the morning, signed with the old key.
-    push(with_time(&alice.commit(0, &create("a1"), Tamper::None), "2026-07-04T10:00:00.000Z"));
-    push(with_time(&alice.commit(0, &create("a2"), Tamper::None), "2026-07-04T10:00:01Z"));
-    // After the rotation (the frames' usual time is 14:38): the new key; the old one is a forgery.
+    // Made two hours ago with the old key.
+    alice.made_at(now - 2 * hour);
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    push(alice.commit(0, &create("a2"), Tamper::None));
+    // Made after the rotation: the new key; the old one is a forgery.
     alice.signer = new;
+    alice.made_at(now - hour / 2);
     push(alice.commit(0, &create("a3"), Tamper::None));
     let mut stale = alice.clone();
     stale.signer = old;
     push(stale.commit(0, &create("ax"), Tamper::None));
-    let last = push(alice.commit(0, &create("a4"), Tamper::None));
+    push(alice.commit(0, &create("a4"), Tamper::None));
+    // Made five days ago with a key replaced four days ago: too long ago.
+    bob.made_at(now - 5 * day);
+    let last = push(bob.commit(0, &create("b1"), Tamper::None));
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
     serve.wait_for_seq(last, Duration::from_secs(30));
     let want: Vec<_> = ["a1", "a2", "a3", "a4"].iter().map(|n| ev(ALICE, "create", n)).collect();
     assert_eq!(stored_commits(dir.path()), want, "logs:\n{}", serve.logs());
-    assert_eq!(failures(&serve, "signature"), 1.0);
+    assert_eq!(failures(&serve, "signature"), 2.0);
     let marks = commit_marks(&serve, 4).await;
-    let full = |n: &str| (n.to_string(), "full".to_string());
     // a4 anchors again: the forgery before it might have been the repo's real next commit.
-    let signature = |n: &str| (n.to_string(), "signature".to_string());
-    assert_eq!(marks, vec![signature("a1"), full("a2"), full("a3"), signature("a4")]);
-    assert_eq!(plc.requests(&audit), 1, "the audit log is asked for once");
+    let mark = |n: &str, m: &str| (n.to_string(), m.to_string());
+    let want = vec![mark("a1", "signature"), mark("a2", "full"), mark("a3", "full"), mark("a4", "signature")];
+    assert_eq!(marks, want);
+    assert_eq!(plc.requests(&format!("{ALICE}/log/audit")), 1, "the audit log is asked for once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

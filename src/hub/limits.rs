@@ -70,6 +70,10 @@ impl LimitsConfig {
         if self.max_client_message_bytes > 1 << 40 {
             return Err(("max-client-message-bytes", "must be at most 1TiB".into()));
         }
+        // Taken 64 KiB at a time, a quarter per client: less, and no message over 64 KiB fits.
+        if (1..1 << 20).contains(&self.max_client_message_bytes) {
+            return Err(("max-client-message-bytes", "must be 0 (unlimited) or at least 1MiB".into()));
+        }
         Ok(())
     }
 }

@@ -104,25 +104,31 @@ mod tests {
 
     #[test]
     fn a_source_that_moves_nothing_on_for_too_long_is_not_ready() {
+        // (Instants only from now on: `now - 2 minutes` panics on a machine booted just now.)
+        let quiet = || std::thread::sleep(Duration::from_millis(250));
         let r = Readiness::default();
-        r.set_stale_after(Duration::from_secs(60));
+        r.set_stale_after(Duration::from_millis(200));
         assert!(!r.is_ready(), "not reached yet");
         r.set_reached();
         assert!(r.is_ready());
-        // The last move two minutes ago: stale, with the last connection error.
+        // Silent past the threshold: stale, with the last connection error.
         r.set_error("connection reset".into());
-        r.moved_on(Instant::now() - Duration::from_secs(120));
+        quiet();
         assert!(!r.is_ready());
         let why = r.not_ready_reason().unwrap();
-        assert!(why.starts_with("nothing new from the relay for 120s (--ready-stale-after 60s); last connection error: connection reset"), "{why}");
-        // Moving on again makes it ready; reaching the peer again does not count as a move.
+        assert!(
+            why.starts_with("nothing new from the relay for ")
+                && why.contains("; last connection error: connection reset"),
+            "{why}"
+        );
+        // Reaching the peer again does not count as a move; moving on makes it ready.
         r.set_reached();
         assert!(!r.is_ready());
         r.moved_on(Instant::now());
         assert!(r.is_ready() && r.not_ready_reason().is_none());
         // Off: never stale.
         r.set_stale_after(Duration::ZERO);
-        r.moved_on(Instant::now() - Duration::from_secs(3600));
+        quiet();
         assert!(r.is_ready());
     }
 }

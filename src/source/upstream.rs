@@ -156,6 +156,11 @@ pub struct UpstreamReader {
     /// This connection resumed from `last_time_us`, whose event the upstream sends first if
     /// its log still has it.
     expect_repeat: bool,
+    /// The last line moved the stream on for `/ready` (an event stored, or a cursor message
+    /// past the last one: an upstream whose own source stopped still sends cursor messages).
+    moved_on: bool,
+    /// The newest position a cursor message showed.
+    last_cursor_us: u64,
     /// What each upstream (by its place in the list) has shown about resuming from
     /// `last_time_us` (forgotten once an event moves it): a hole is accepted only when none
     /// can fill it.
@@ -183,6 +188,8 @@ impl UpstreamReader {
             last_time_us,
             current: 0,
             expect_repeat: false,
+            moved_on: false,
+            last_cursor_us: 0,
             resume,
             gap: None,
             log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
@@ -359,7 +366,9 @@ impl UpstreamReader {
                 Ok(true) => {
                     let now = tokio::time::Instant::now();
                     stale_at = now + stale;
-                    self.readiness.moved_on(now.into_std());
+                    if std::mem::take(&mut self.moved_on) {
+                        self.readiness.moved_on(now.into_std());
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => return e,
@@ -379,6 +388,9 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
+            if meta.time_us > self.last_cursor_us {
+                (self.last_cursor_us, self.moved_on) = (meta.time_us, true);
+            }
             return Ok(true);
         }
         if meta.time_us >= crate::clock::MAX_TIME_US {
@@ -442,6 +454,7 @@ impl UpstreamReader {
         self.metrics.upstream_tip_distance_seconds.set(0.0);
         let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
         self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)?;
+        self.moved_on = true;
         // A new position: what the upstreams showed was about the old one.
         self.resume.fill(Resume::Unknown);
         if let Some((cursor, first)) = self.gap.take() {

@@ -194,7 +194,7 @@ impl VerifyConfig {
         use crate::log::rocks::Expiry;
         crate::log::rocks::StateExpiry {
             repos: (!self.verify_state_ttl.is_zero())
-                .then(|| Expiry { time_of: chain_time_us, keep_us: self.verify_state_ttl.as_micros() as u64 }),
+                .then_some(Expiry { time_of: chain_time_us, keep_us: self.verify_state_ttl.as_micros() as u64 }),
             dids: Some(Expiry { time_of: resolve::entry_time_us, keep_us: self.did_cache_ttl.as_micros() as u64 }),
         }
     }
@@ -357,17 +357,34 @@ async fn prepare(
         }
     }
     if let (Err(Failure::Signature), RepoFrame::Commit(c)) = (&checked, &parsed) {
-        // Signed by the key the repo had when the relay took it? (A catch-up across a key
-        // rotation meets commits older than the repo's current key.)
-        let time_us = c.time.and_then(contrail_core::syntax::rfc3339_to_unix_us);
-        if let Some(then) = match time_us {
-            Some(t) => resolver.key_at(&did, t).await.filter(|k| *k != key),
-            None => None,
-        } {
-            checked = check(&parsed, &then, level);
+        // Signed with a key the repo rotated away from lately? (A catch-up across a rotation
+        // meets commits older than the repo's current key.) Chosen by the commit's signed rev.
+        if let (Some(made), Some(history)) = (rev_time_us(c.rev), resolver.key_history(&did).await) {
+            let lately = crate::clock::now_us() as i64 - FORMER_KEY_WINDOW.as_micros() as i64;
+            for former in history.former_keys_at(made, REV_CLOCK_SKEW.as_micros() as i64, lately) {
+                checked = check(&parsed, former, level);
+                if checked.is_ok() {
+                    break;
+                }
+            }
         }
     }
     prepared(checked.map_err(Problem::Failed))
+}
+
+/// A key a repo rotated away from signs its commits for this long after (a relay's backfill
+/// is a few days at most): long enough to catch up across the rotation, not for ever (a key is
+/// often rotated because it leaked). Under `full`, the repo's first commit with its new key
+/// closes the window too (the rev must move forward).
+const FORMER_KEY_WINDOW: Duration = Duration::from_secs(72 * 3600);
+
+/// How far ahead of the directory's clock a PDS's may run: a commit made just before a
+/// rotation may carry a rev a little after it.
+const REV_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// When a commit was made, by its rev (a TID; signed).
+fn rev_time_us(rev: &str) -> Option<i64> {
+    contrail_core::syntax::tid_to_unix_us(rev).map(|t| t as i64)
 }
 
 fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {

@@ -264,10 +264,9 @@ impl Resolver {
         (key != *failed).then_some(key)
     }
 
-    /// After a signature failure against the current key: the key a `did:plc` repo had at
-    /// `time_us` (a commit from before a key rotation, met while catching up), from its PLC
-    /// audit log. `None` for other methods, or when the log cannot be had.
-    pub async fn key_at(self: &Arc<Self>, did: &str, time_us: i64) -> Option<PublicKey> {
+    /// After a signature failure against the current key: a `did:plc` repo's keys over time,
+    /// from its PLC audit log. `None` for other methods, or when the log cannot be had.
+    pub async fn key_history(self: &Arc<Self>, did: &str) -> Option<Arc<KeyHistory>> {
         if !did.starts_with("did:plc:") {
             return None;
         }
@@ -284,8 +283,7 @@ impl Resolver {
             }
             entry.1.clone()
         };
-        let history = cell.get_or_init(|| self.fetch_history(did)).await.clone()?;
-        history.at(time_us).cloned()
+        cell.get_or_init(|| self.fetch_history(did)).await.clone()
     }
 
     /// One request for a `did:plc`'s audit log, within the resolver's slots and deadline.

@@ -97,6 +97,8 @@ pub struct SignedRepo {
     pub signer: Signer,
     records: BTreeMap<String, Vec<u8>>,
     revs: u64,
+    /// Revs are TIDs of this value plus the count of commits (see [`SignedRepo::made_at`]).
+    rev_base: u64,
     last_rev: Option<String>,
 }
 
@@ -106,7 +108,19 @@ pub fn record(text: &str) -> Ipld {
 
 impl SignedRepo {
     pub fn new(did: &str, signer: Signer) -> SignedRepo {
-        SignedRepo { did: did.to_string(), signer, records: BTreeMap::new(), revs: 0, last_rev: None }
+        SignedRepo {
+            did: did.to_string(),
+            signer,
+            records: BTreeMap::new(),
+            revs: 0,
+            rev_base: 1_000_000_000,
+            last_rev: None,
+        }
+    }
+
+    /// The next commits' revs say they were made at `unix_us` (and count on from there).
+    pub fn made_at(&mut self, unix_us: u64) {
+        self.rev_base = unix_us << 10;
     }
 
     fn root(&self) -> Vec<u8> {
@@ -158,7 +172,7 @@ impl SignedRepo {
         let tree = PartialTree::from_records(self.records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
         let (root, nodes) = tree.blocks().unwrap();
         self.revs += 1;
-        let rev = tid_for(1_000_000_000 + self.revs);
+        let rev = tid_for(self.rev_base + self.revs);
         let unsigned = map(vec![
             ("did", s(&self.did)),
             ("rev", s(&rev)),
@@ -237,17 +251,6 @@ pub fn with_seq(frame: &[u8], seq: i64) -> Vec<u8> {
     let header: Ipld = serde::Deserialize::deserialize(&mut de).unwrap();
     let Ipld::Map(mut body): Ipld = serde::Deserialize::deserialize(&mut de).unwrap() else { panic!("body") };
     body.insert("seq".into(), Ipld::Integer(seq as i128));
-    let mut out = dag_cbor(&header);
-    out.extend(dag_cbor(&Ipld::Map(body)));
-    out
-}
-
-/// The same frame with another `time` (when the relay says it took the commit; not signed).
-pub fn with_time(frame: &[u8], time: &str) -> Vec<u8> {
-    let mut de = serde_ipld_dagcbor::de::Deserializer::from_slice(frame);
-    let header: Ipld = serde::Deserialize::deserialize(&mut de).unwrap();
-    let Ipld::Map(mut body): Ipld = serde::Deserialize::deserialize(&mut de).unwrap() else { panic!("body") };
-    body.insert("time".into(), Ipld::String(time.into()));
     let mut out = dag_cbor(&header);
     out.extend(dag_cbor(&Ipld::Map(body)));
     out

@@ -112,9 +112,6 @@ pub struct CommitFrame<'a> {
     /// drops them, `signature` needs no ops, and `full` cannot prove the commit with them.
     pub unreadable_ops: usize,
     pub blocks: Blocks<'a>,
-    /// When the relay says it received the commit (`time`, RFC 3339), if a string: which key
-    /// the repo had then, when the commit is older than its current key.
-    pub time: Option<&'a str>,
 }
 
 /// The fields of a `#sync` body: the repo's current commit, alone in its CAR.
@@ -175,7 +172,7 @@ fn opt_link<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, Failure> {
 
 fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
     let n = r.read_map_len().map_err(bad("body"))?;
-    let (mut unreadable_ops, mut time) = (0, None);
+    let mut unreadable_ops = 0;
     let (mut seq, mut repo, mut rev, mut since, mut commit, mut prev_data, mut ops, mut car) =
         (None, None, None, None, None, None, None, None);
     for _ in 0..n {
@@ -187,14 +184,6 @@ fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
             "commit" => commit = Some(r.read_link().map_err(bad("commit"))?),
             "prevData" => prev_data = opt_link(&mut r)?,
             "blocks" => car = Some(r.read_bytes().map_err(bad("blocks"))?),
-            // Not signed, and the transcoder's to judge: anything but a string is skipped.
-            "time" => {
-                let mut peek = r;
-                match peek.read_str() {
-                    Ok(t) => (time, r) = (Some(t), peek),
-                    Err(_) => r.skip().map_err(bad("body"))?,
-                }
-            }
             "ops" => {
                 let len = r.read_array_len().map_err(bad("ops"))?;
                 if len > crate::transcode::MAX_COMMIT_OPS {
@@ -227,7 +216,6 @@ fn read_commit(mut r: Reader<'_>) -> Result<CommitFrame<'_>, Failure> {
         ops: ops.ok_or(Failure::Malformed("no ops"))?,
         unreadable_ops,
         blocks,
-        time,
     })
 }
 

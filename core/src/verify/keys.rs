@@ -217,10 +217,28 @@ impl KeyHistory {
         Ok(KeyHistory(keys))
     }
 
-    /// The key in force at `time_us`: the last operation's at or before it.
-    pub fn at(&self, time_us: i64) -> Option<&PublicKey> {
+    /// The key in force at `time_us` (the last operation's at or before it), and when the next
+    /// operation replaced it (`None`: it is the current one).
+    pub fn at(&self, time_us: i64) -> Option<(&PublicKey, Option<i64>)> {
         let after = self.0.partition_point(|(at, _)| *at <= time_us);
-        self.0[..after].last().and_then(|(_, k)| k.as_ref())
+        let (_, key) = self.0[..after].last()?;
+        Some((key.as_ref()?, self.0.get(after).map(|(at, _)| *at)))
+    }
+
+    /// Former keys a commit made at `made_us` (its rev's time) may be signed with: the key in
+    /// force then, or `skew_us` before (a PDS clock running ahead), if it was replaced after
+    /// `replaced_after_us`. Bounded so: a key rotated away from long ago (perhaps because it
+    /// leaked) signs nothing.
+    pub fn former_keys_at(&self, made_us: i64, skew_us: i64, replaced_after_us: i64) -> Vec<&PublicKey> {
+        let mut keys: Vec<&PublicKey> = Vec::new();
+        for t in [made_us, made_us.saturating_sub(skew_us)] {
+            if let Some((key, Some(replaced))) = self.at(t) {
+                if replaced > replaced_after_us && !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        keys
     }
 }
 
@@ -274,13 +292,22 @@ mod tests {
             entry(serde_json::json!({"type": "plc_tombstone"}), "2025-01-01T00:00:00.000Z", false),
         ]);
         let h = KeyHistory::from_audit_log(did, &log).unwrap();
-        let at = |t: &str| h.at(crate::syntax::rfc3339_to_unix_us(t).unwrap()).cloned();
+        let us = |t: &str| crate::syntax::rfc3339_to_unix_us(t).unwrap();
+        let at = |t: &str| h.at(us(t)).map(|(k, replaced)| (k.clone(), replaced));
         assert_eq!(at("2023-12-31T23:59:59Z"), None, "before the DID existed");
-        assert_eq!(at("2024-01-01T00:00:00Z"), Some(a.clone()));
-        assert_eq!(at("2024-05-31T23:59:59.999Z"), Some(a));
-        assert_eq!(at("2024-07-15T00:00:00Z"), Some(b), "the nullified operation is not in force");
-        assert_eq!(at("2024-12-31T00:00:00Z"), Some(c));
+        let (june, september) = (Some(us("2024-06-01T00:00:00Z")), Some(us("2024-09-01T00:00:00Z")));
+        assert_eq!(at("2024-01-01T00:00:00Z"), Some((a.clone(), june)));
+        assert_eq!(at("2024-05-31T23:59:59.999Z"), Some((a.clone(), june)));
+        assert_eq!(at("2024-07-15T00:00:00Z"), Some((b.clone(), september)), "the nullified one is not in force");
+        assert_eq!(at("2024-12-31T00:00:00Z"), Some((c, Some(us("2025-01-01T00:00:00Z")))));
         assert_eq!(at("2025-02-01T00:00:00Z"), None, "tombstoned");
+        // Former keys: the one in force when the commit was made, or a minute before; only if
+        // it was replaced after the given time.
+        let minute = 60_000_000;
+        let former = |made: &str, after: &str| h.former_keys_at(us(made), minute, us(after));
+        assert_eq!(former("2024-05-31T00:00:00Z", "2024-05-01T00:00:00Z"), vec![&a]);
+        assert_eq!(former("2024-06-01T00:00:30Z", "2024-05-01T00:00:00Z"), vec![&b, &a], "a PDS clock ahead");
+        assert!(former("2024-05-31T00:00:00Z", "2024-06-02T00:00:00Z").is_empty(), "replaced too long ago");
         // Another DID's entries, or one without a time, make the log unusable.
         let other = serde_json::json!([{"did": "did:plc:other", "operation": {}, "createdAt": "2024-01-01T00:00:00Z"}]);
         assert_eq!(KeyHistory::from_audit_log(did, &other), Err(DocError::WrongId));
