@@ -1093,15 +1093,16 @@ async fn client_messages_past_their_memory_budget_close_with_1013_and_their_byte
         ws
     };
 
-    // A client sends 1,000,000 bytes of a 5 MB message and stops: beyond its free 64 KiB, 15
-    // steps of 64 KiB are held.
+    // A client sends 1,000,000 bytes of a 5 MB message and stops: read 64 KiB at a time, each
+    // counted as its read starts, so 16 × 64 KiB are counted, 15 of them beyond the free 64 KiB.
     let mut a = raw_subscriber_at(public, "/subscribe", "198.51.100.1").await;
     a.write_all(&partial_frame(5_000_000, 1_000_000)).await.unwrap();
     wait_held(15 << 16);
-    // Its second connection gets one more step (the client's 1 MiB), then is closed with 1013.
-    // It sends exactly what the server reads, so no unread bytes turn the close into a reset.
+    // Its second connection gets one more step (the client's 1 MiB), then is closed with 1013
+    // before a third 64 KiB is read. It sends exactly the two it can read, so no unread bytes
+    // turn the close into a reset.
     let mut b = raw_subscriber_at(public, "/subscribe", "198.51.100.1").await;
-    b.write_all(&partial_frame(200_000, 2 << 16)).await.unwrap();
+    b.write_all(&partial_frame(200_000, 14 + (2 << 16))).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(T, b.read_to_end(&mut answer)).await.expect("no close").unwrap();
     assert!(answer.len() >= 4 && answer[0] == 0x88, "expected a close frame: {answer:?}");

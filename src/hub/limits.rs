@@ -372,6 +372,13 @@ struct PerIp {
     bucket: Option<Arc<TokenBucket>>,
 }
 
+impl PerIp {
+    /// Nothing of the client's is left: its entry may go.
+    fn unused(&self) -> bool {
+        self.connections == 0 && self.filter_bytes == 0 && self.message_bytes == 0
+    }
+}
+
 /// The key a client is limited under: IPv4 addresses as they are (and IPv4-mapped IPv6 as
 /// IPv4), IPv6 addresses cut to `prefix` bits.
 pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
@@ -501,12 +508,14 @@ impl Admission {
         }
         budget.held.fetch_sub(bytes, Ordering::SeqCst);
         budget.gauge.sub(bytes as i64);
-        if let Some(mut entry) = key.and_then(|k| self.per_ip.get_mut(k)) {
-            // Saturating: a message's bytes may outlive its connection's slot (the reader
-            // lingers after the close), and the client's entry may be a new one by then.
+        let Some(key) = key else { return };
+        if let Some(mut entry) = self.per_ip.get_mut(key) {
             let held = (budget.per_ip)(&mut entry);
             *held = held.saturating_sub(bytes);
         }
+        // A message's bytes may outlive its connection's slot (the reader lingers after the
+        // close): the entry stays until they are given back too.
+        self.per_ip.remove_if(key, |_, v| v.unused());
     }
 }
 
@@ -595,7 +604,7 @@ impl Drop for Slot {
         if let Some(key) = &self.key {
             self.admission.per_ip.remove_if_mut(key, |_, v| {
                 v.connections -= 1;
-                v.connections == 0
+                v.unused()
             });
         }
     }
@@ -703,10 +712,15 @@ mod tests {
         assert!(!big.grow(101), "past the total");
         assert!(big.grow(100));
         assert_eq!((a.message_bytes(), messages.get()), (4000, 4000));
-        // A hold outliving its connection's slot gives its bytes back all the same.
+        // A hold outliving its connection's slot keeps counting in its client's share, and
+        // gives its bytes back all the same.
         drop((one, two, filter_of_one));
-        drop(second);
-        assert!(a.per_ip.get(&"192.0.2.1".parse::<IpAddr>().unwrap()).is_none());
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(a.per_ip.get(&client).map(|e| (e.connections, e.message_bytes)), Some((0, 900)));
+        let again = from("192.0.2.1");
+        assert!(!again.message_bytes().grow(101), "the share still counts the lingering hold");
+        drop((second, again));
+        assert!(a.per_ip.get(&client).is_none());
         drop((held, big, others, exempt));
         assert_eq!((a.message_bytes(), messages.get(), filters.get()), (0, 0, 0));
         assert!(a.per_ip.is_empty());

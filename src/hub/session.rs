@@ -8,8 +8,7 @@
 
 use super::close::CloseReason;
 use super::encode::{Encoding, MAX_HEAD};
-use super::inbound::{self, BudgetedRead, OverBudget};
-use super::limits::MessageBytes;
+use super::inbound::{self, Counted, FrameReader};
 use super::liveness::{self, within, Watched};
 use super::slow::{Progress, SlowWatch};
 use super::stream::{EventStream, Frames, Next, Replay, Start, StreamMetrics};
@@ -17,7 +16,7 @@ use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
 use crate::options::{Filter, Kinds, MessageError, OptionsError, SubscribeOptions};
-use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload};
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
@@ -52,7 +51,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 const PARSE_INLINE_BYTES: usize = 64 * 1024;
 
 pub type Upgraded = TokioIo<hyper::upgrade::Upgraded>;
-type WsRead = fastwebsockets::WebSocketRead<BudgetedRead<tokio::io::ReadHalf<Upgraded>>>;
+type ReadHalf = tokio::io::ReadHalf<Upgraded>;
 
 /// The writer half: frames formatted by fastwebsockets (`Frame::fmt_head`), written through
 /// one buffer, so events ready together leave in one syscall — and bytes already framed (a
@@ -115,8 +114,8 @@ async fn reader_saw_a_stall(ctl: &mut mpsc::Receiver<Control>) -> bool {
 /// What the reader half reports.
 enum Control {
     /// A whole text message; a large one carries the connection's one large-message permit.
-    /// With it goes what it holds of `--max-client-message-bytes`, given back when it is dropped.
-    Text(Vec<u8>, Option<OwnedSemaphorePermit>, MessageBytes),
+    /// Its bytes count against the connection's budget until it is dropped.
+    Text(Vec<u8>, Option<OwnedSemaphorePermit>, Counted),
     Ping(Vec<u8>),
     /// A binary message (its bytes are not kept).
     Binary,
@@ -138,70 +137,68 @@ fn large_parses() -> &'static Arc<Semaphore> {
     PERMITS.get_or_init(|| Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))))
 }
 
-/// Reads frames, reassembles fragmented messages up to [`MAX_CLIENT_MESSAGE_BYTES`] in total
-/// (fastwebsockets' collector limits frames, not messages), and reports them. Messages over
-/// [`PARSE_INLINE_BYTES`] are handed on one at a time per connection (`large`), so a client
-/// cannot queue sixteen 10 MB messages (and are parsed a few at a time in the process:
-/// [`large_parses`]). What it holds meanwhile is counted (`held`, see `inbound`).
-async fn read_loop(mut rx: WsRead, held: inbound::Counter, tx: mpsc::Sender<Control>, large: Arc<Semaphore>) {
-    // A fragmented message in progress: its opcode, and its bytes (text) or length (binary).
-    let mut partial: Option<(OpCode, Vec<u8>, usize)> = None;
-    // Bytes of the frames read so far.
-    let mut consumed = 0usize;
+/// Reads frames, reassembles fragmented messages up to [`MAX_CLIENT_MESSAGE_BYTES`] in total,
+/// and reports them. Messages over [`PARSE_INLINE_BYTES`] are handed on one at a time per
+/// connection (`large`), so a client cannot queue sixteen 10 MB messages (and are parsed a
+/// few at a time in the process: [`large_parses`]). Every message's bytes count against the
+/// connection's budget until the session has handled it (see `inbound`).
+async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, large: Arc<Semaphore>) {
+    // A fragmented message in progress: its opcode, its bytes (text) or nothing (binary), its
+    // length, and the bytes counted for it.
+    let mut partial: Option<(OpCode, Vec<u8>, usize, Counted)> = None;
     loop {
-        // Held: what was read past the frames returned, and a text message's parts.
-        held.let_go(consumed - partial.as_ref().map_or(0, |(_, bytes, _)| bytes.len()));
-        // Auto-pong and auto-close are off: control frames come back here and the writer
-        // answers them, so the send function is never called.
-        let frame = rx.read_frame(&mut |_: Frame<'_>| async { Ok::<(), std::io::Error>(()) }).await;
-        let msg = match frame {
-            Err(WebSocketError::FrameTooLarge) => Control::TooBig,
-            Err(WebSocketError::IoError(e)) if OverBudget::is(&e) => Control::OverBudget,
+        let msg = match rx.read(MAX_CLIENT_MESSAGE_BYTES).await {
+            Err(inbound::ReadError::TooBig) => Control::TooBig,
+            Err(inbound::ReadError::OverBudget) => Control::OverBudget,
             // The kernel gave up on the connection: what we sent went unacknowledged, or the
             // client's window stayed shut, for `--write-timeout` (see `within`).
-            Err(WebSocketError::IoError(e)) if e.kind() == std::io::ErrorKind::TimedOut => Control::Stalled,
+            Err(inbound::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => Control::Stalled,
             Err(e) => Control::ReadError(e.to_string()),
-            Ok(mut f) => {
-                consumed += inbound::frame_bytes(&mut f);
-                match f.opcode {
-                    OpCode::Text | OpCode::Binary if partial.is_some() => {
-                        Control::ReadError("a new message inside a fragmented one".into())
-                    }
-                    OpCode::Text | OpCode::Binary if !f.fin => {
-                        let bytes = if f.opcode == OpCode::Text { f.payload.to_vec() } else { Vec::new() };
-                        partial = Some((f.opcode, bytes, f.payload.len()));
-                        continue;
-                    }
-                    OpCode::Text => Control::Text(f.payload.to_vec(), None, held.hand_on(consumed)),
-                    OpCode::Continuation => match partial.as_mut() {
-                        None => Control::ReadError("a continuation frame without a message".into()),
-                        Some((_, _, len)) if *len + f.payload.len() > MAX_CLIENT_MESSAGE_BYTES => Control::TooBig,
-                        Some((op, bytes, len)) => {
-                            *len += f.payload.len();
-                            if *op == OpCode::Text {
-                                bytes.extend_from_slice(&f.payload);
-                            }
-                            if !f.fin {
-                                continue;
-                            }
-                            match partial.take() {
-                                Some((OpCode::Text, bytes, _)) => Control::Text(bytes, None, held.hand_on(consumed)),
-                                _ => Control::Binary,
-                            }
-                        }
-                    },
-                    OpCode::Ping => Control::Ping(f.payload.to_vec()),
-                    OpCode::Close => Control::Close,
-                    OpCode::Binary => Control::Binary,
-                    // Pongs show the peer is alive.
-                    _ => Control::Heard,
+            Ok((f, counted)) => match f.opcode {
+                OpCode::Text | OpCode::Binary if partial.is_some() => {
+                    Control::ReadError("a new message inside a fragmented one".into())
                 }
-            }
+                OpCode::Text | OpCode::Binary if !f.fin => {
+                    let len = f.payload.len();
+                    partial = Some(if f.opcode == OpCode::Text {
+                        (f.opcode, f.payload, len, counted)
+                    } else {
+                        // A binary message's bytes are not kept (nor counted once read).
+                        (f.opcode, Vec::new(), len, Counted::none(counted))
+                    });
+                    continue;
+                }
+                OpCode::Text => Control::Text(f.payload, None, counted),
+                OpCode::Continuation => match partial.as_mut() {
+                    None => Control::ReadError("a continuation frame without a message".into()),
+                    Some((_, _, len, _)) if *len + f.payload.len() > MAX_CLIENT_MESSAGE_BYTES => Control::TooBig,
+                    Some((op, bytes, len, message)) => {
+                        *len += f.payload.len();
+                        if *op == OpCode::Text {
+                            // (Its capacity may run to twice what is counted while it grows.)
+                            bytes.extend_from_slice(&f.payload);
+                            message.absorb(counted);
+                        }
+                        if !f.fin {
+                            continue;
+                        }
+                        match partial.take() {
+                            Some((OpCode::Text, bytes, _, counted)) => Control::Text(bytes, None, counted),
+                            _ => Control::Binary,
+                        }
+                    }
+                },
+                OpCode::Ping => Control::Ping(f.payload),
+                OpCode::Close => Control::Close,
+                OpCode::Binary => Control::Binary,
+                // Pongs show the peer is alive.
+                _ => Control::Heard,
+            },
         };
         let msg = match msg {
-            Control::Text(t, None, hold) if t.len() > PARSE_INLINE_BYTES => {
+            Control::Text(t, None, counted) if t.len() > PARSE_INLINE_BYTES => {
                 let Ok(permit) = large.clone().acquire_owned().await else { return };
-                Control::Text(t, Some(permit), hold)
+                Control::Text(t, Some(permit), counted)
             }
             other => other,
         };
@@ -331,19 +328,13 @@ enum Step {
 pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Subscription, slot: super::limits::Slot) {
     // Nothing was read through `ws` yet (it is fresh from the upgrade): its stream is whole.
     let (r, w) = tokio::io::split(ws.into_inner());
-    let held = inbound::Counter::new(slot.message_bytes());
-    let r = BudgetedRead::new(r, held.clone());
-    let (mut rx, _) = fastwebsockets::after_handshake_split(r, tokio::io::sink(), fastwebsockets::Role::Server);
+    let rx = FrameReader::new(r, inbound::Counter::new(slot.message_bytes()));
     let w = Watched::new(w).counting_writes(hub.metrics.socket_writes.clone());
     let progress = w.progress();
     let tx = FrameWriter { io: tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w), torn: false };
-    rx.set_auto_pong(false);
-    rx.set_auto_close(false);
-    // fastwebsockets refuses a frame of exactly its limit; 10 MB itself is allowed.
-    rx.set_max_message_size(MAX_CLIENT_MESSAGE_BYTES + 1);
     // Small: the reader waits when the writer is busy, which is the back-pressure we want.
     let (ctl_tx, mut ctl) = mpsc::channel(CONTROL_QUEUE);
-    let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, held, ctl_tx, Arc::new(Semaphore::new(1)))));
+    let _reader = AbortOnDropHandle::new(tokio::spawn(read_loop(rx, ctl_tx, Arc::new(Semaphore::new(1)))));
     let labels = [sub.wire.as_str(), crate::metrics::Compression::of(sub.dictionary.is_some()).as_str()];
     let m = &hub.metrics;
     m.subscribers.with_label_values(&labels).inc();
