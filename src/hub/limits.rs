@@ -365,6 +365,7 @@ struct Budget {
 }
 
 /// One client key's connections, what they hold of each budget, and its shared event bucket.
+#[derive(Default)]
 struct PerIp {
     connections: usize,
     filter_bytes: usize,
@@ -450,12 +451,10 @@ impl Admission {
             return Ok(Slot { admission: self.clone(), key: None, bucket: None, filter_bytes: 0 });
         }
         let ip = client_key(ip, self.ipv6_prefix);
-        let mut entry = self.per_ip.entry(ip).or_insert_with(|| PerIp {
-            connections: 0,
-            filter_bytes: 0,
-            message_bytes: 0,
-            bucket: (self.rate_per_ip > 0).then(|| Arc::new(TokenBucket::new(self.rate_per_ip as f64))),
-        });
+        let mut entry = self.per_ip.entry(ip).or_default();
+        if entry.bucket.is_none() && self.rate_per_ip > 0 {
+            entry.bucket = Some(Arc::new(TokenBucket::new(self.rate_per_ip as f64)));
+        }
         if entry.connections >= self.max_per_ip {
             drop(entry);
             self.total.fetch_sub(1, Ordering::SeqCst);
@@ -485,21 +484,24 @@ impl Admission {
     fn take(&self, budget: &Budget, key: Option<&IpAddr>, more: usize) -> bool {
         let max = if budget.max == 0 { usize::MAX } else { budget.max };
         // The client's share, under its entry's lock, then the total, which is never raised
-        // past the budget (a refusal must not refuse others meanwhile).
-        let mut entry = key.and_then(|k| self.per_ip.get_mut(k));
-        if entry.as_mut().is_some_and(|e| (budget.per_ip)(e).saturating_add(more) > max / 4) {
-            return false;
-        }
+        // past the budget (a refusal must not refuse others meanwhile). A client whose last
+        // connection ended may still have a message arriving (the reader lingers after a
+        // close): its entry comes back for it, and goes once nothing of the client's is left.
+        let mut entry = key.map(|k| self.per_ip.entry(*k).or_default());
         let fits = |total: usize| total.checked_add(more).filter(|t| *t <= max);
-        if budget.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits).is_err() {
-            return false;
-        }
-        if let Some(e) = entry.as_mut() {
+        let taken = entry.as_mut().is_none_or(|e| (budget.per_ip)(e).saturating_add(more) <= max / 4)
+            && budget.held.fetch_update(Ordering::SeqCst, Ordering::SeqCst, fits).is_ok();
+        if let (true, Some(e)) = (taken, entry.as_mut()) {
             *(budget.per_ip)(e) += more;
         }
         drop(entry);
-        budget.gauge.add(more as i64);
-        true
+        if taken {
+            budget.gauge.add(more as i64);
+        } else if let Some(k) = key {
+            // (An entry made for a refused take holds nothing.)
+            self.per_ip.remove_if(k, |_, v| v.unused());
+        }
+        taken
     }
 
     fn release(&self, budget: &Budget, key: Option<&IpAddr>, bytes: usize) {
@@ -721,6 +723,17 @@ mod tests {
         assert!(!again.message_bytes().grow(101), "the share still counts the lingering hold");
         drop((second, again));
         assert!(a.per_ip.get(&client).is_none());
+        // A hold whose client has no connection left (a message still arriving after the
+        // close) counts in a share of its own again; a refused take leaves no entry behind.
+        let mut orphan = from("192.0.2.9").message_bytes();
+        let late: IpAddr = "192.0.2.9".parse().unwrap();
+        assert!(a.per_ip.get(&late).is_none());
+        assert!(!orphan.grow(1001), "past the quarter");
+        assert!(a.per_ip.get(&late).is_none());
+        assert!(orphan.grow(600));
+        assert!(!orphan.grow(401), "the share counts it");
+        drop(orphan);
+        assert!(a.per_ip.get(&late).is_none());
         drop((held, big, others, exempt));
         assert_eq!((a.message_bytes(), messages.get(), filters.get()), (0, 0, 0));
         assert!(a.per_ip.is_empty());

@@ -183,7 +183,13 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
                             continue;
                         }
                         match partial.take() {
-                            Some((OpCode::Text, bytes, _, counted)) => Control::Text(bytes, None, counted),
+                            Some((OpCode::Text, mut bytes, _, counted)) => {
+                                if bytes.capacity() > bytes.len() + inbound::FREE_BYTES {
+                                    // Grown by doubling: what is handed on is what is counted.
+                                    bytes.shrink_to_fit();
+                                }
+                                Control::Text(bytes, None, counted)
+                            }
                             _ => Control::Binary,
                         }
                     }
