@@ -95,6 +95,16 @@ async fn commit_marks(serve: &Serve, n: usize) -> Vec<(String, String)> {
     marks
 }
 
+/// Pushes each frame to the relay under the next seq (1, 2, …); returns it.
+fn pusher(relay: &FakeRelay) -> impl FnMut(Vec<u8>) -> i64 + '_ {
+    let mut seq = 0;
+    move |frame| {
+        seq += 1;
+        relay.push(seq, with_seq(&frame, seq));
+        seq
+    }
+}
+
 fn ev(did: &str, op: &str, rkey: &str) -> (String, String, String) {
     (did.to_string(), op.to_string(), rkey.to_string())
 }
@@ -113,12 +123,7 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     }
     // Carol's DID is unknown to the directory (404).
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
-    let mut seq = 0;
-    let mut push = |frame: Vec<u8>| {
-        seq += 1;
-        relay.push(seq, with_seq(&frame, seq));
-        seq
-    };
+    let mut push = pusher(&relay);
     push(alice.commit(0, &create("a1"), Tamper::None));
     push(bob.commit(0, &create("b1"), Tamper::None));
     let a2 = alice.commit(0, &create("a2"), Tamper::None);
@@ -255,12 +260,7 @@ async fn commits_from_before_a_key_rotation_verify_against_the_key_of_their_time
     let mut alice = SignedRepo::new(ALICE, old.clone());
     let mut bob = SignedRepo::new(BOB, Signer::k256(2));
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
-    let mut seq = 0;
-    let mut push = |frame: Vec<u8>| {
-        seq += 1;
-        relay.push(seq, with_seq(&frame, seq));
-        seq
-    };
+    let mut push = pusher(&relay);
     // Made two hours ago with the old key.
     alice.made_at(now - 2 * hour);
     push(alice.commit(0, &create("a1"), Tamper::None));
