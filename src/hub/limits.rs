@@ -583,13 +583,6 @@ impl MessageBytes {
             self.bytes = bytes;
         }
     }
-
-    /// Moves what it holds beyond `bytes` into a hold of its own (for a message handed on).
-    pub fn split_above(&mut self, bytes: usize) -> MessageBytes {
-        let moved = self.bytes.saturating_sub(bytes);
-        self.bytes -= moved;
-        MessageBytes { admission: self.admission.clone(), key: self.key, bytes: moved }
-    }
 }
 
 impl Drop for MessageBytes {
@@ -695,11 +688,10 @@ mod tests {
         let mut filter_of_one = from("192.0.2.1");
         filter_of_one.hold_filter(1000).unwrap();
         assert_eq!((a.message_bytes(), messages.get(), filters.get()), (1000, 1000, 1000));
-        // A message handed on takes its bytes along; the rest is the reader's.
-        let message = first.split_above(100);
-        assert_eq!((first.bytes(), message.bytes()), (100, 500));
-        assert!(!second.grow(1), "still the IP's");
-        drop(message);
+        // Bytes given back are the client's to take again.
+        assert!(!second.grow(1), "the IP's quarter is full");
+        first.shrink_to(100);
+        assert_eq!(first.bytes(), 100);
         assert!(second.grow(500));
         first.shrink_to(0);
         assert_eq!(a.message_bytes(), 900);
