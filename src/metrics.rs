@@ -42,7 +42,7 @@ contrail_core::label_enum! {
         /// More pings in a second than a keep-alive needs.
         PingFlood => "ping_flood",
         /// More messages the server ignores (pongs, binary messages, text that is not an
-        /// `options_update`) in a second than any client needs.
+        /// `options_update`), or more frames, in a second than any client needs.
         MessageFlood => "message_flood",
         /// An `options_update` whose filter would take the filters' memory past
         /// `--max-filter-bytes` (or its IP's share).

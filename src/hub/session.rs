@@ -42,6 +42,10 @@ const MAX_PINGS_PER_SECOND: u32 = 50;
 /// `options_update`) a client may send per second before it is closed with 1008: each costs a
 /// wake-up and a parse, and while they keep coming the session loop handles them first.
 const MAX_IGNORED_PER_SECOND: u32 = 50;
+/// Frames a client may send per second before it is closed with 1008: a 10 MB message in
+/// 4 KiB fragments (as Go's gorilla writes one) is 2,560. Each frame costs a read and a count,
+/// and a fragmented message of empty frames that never ends is no message the other limits see.
+const MAX_FRAMES_PER_SECOND: u32 = 5_000;
 /// What the reader half has read and the session not yet handled, in messages.
 const CONTROL_QUEUE: usize = 16;
 /// How long a close frame may take to leave before the socket is simply dropped.
@@ -102,7 +106,11 @@ async fn reader_saw_a_stall(ctl: &mut mpsc::Receiver<Control>) -> bool {
         while let Some(c) = ctl.recv().await {
             match c {
                 Control::Stalled => return true,
-                Control::Close | Control::ReadError(_) | Control::TooBig | Control::OverBudget => return false,
+                Control::Close
+                | Control::ReadError(_)
+                | Control::TooBig
+                | Control::OverBudget
+                | Control::FrameFlood => return false,
                 _ => {}
             }
         }
@@ -124,6 +132,8 @@ enum Control {
     TooBig,
     /// The message arriving would take client messages' memory past its budget.
     OverBudget,
+    /// More frames in a second than [`MAX_FRAMES_PER_SECOND`].
+    FrameFlood,
     /// The kernel closed the connection for lack of progress (`TCP_USER_TIMEOUT`).
     Stalled,
     ReadError(String),
@@ -146,8 +156,14 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
     // A fragmented message in progress: its opcode, its bytes (text) or nothing (binary), its
     // length, and the bytes counted for it.
     let mut partial: Option<(OpCode, Vec<u8>, usize, Counted)> = None;
+    let (mut frames, mut frames_since) = (0, Instant::now());
     loop {
-        let msg = match rx.read(MAX_CLIENT_MESSAGE_BYTES).await {
+        let read = rx.read(MAX_CLIENT_MESSAGE_BYTES).await;
+        if read.is_ok() && !per_second(&mut frames, &mut frames_since, MAX_FRAMES_PER_SECOND) {
+            let _ = tx.send(Control::FrameFlood).await;
+            return;
+        }
+        let msg = match read {
             Err(inbound::ReadError::TooBig) => Control::TooBig,
             Err(inbound::ReadError::OverBudget) => Control::OverBudget,
             // The kernel gave up on the connection: what we sent went unacknowledged, or the
@@ -400,6 +416,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
                     | Control::Stalled
                     | Control::TooBig
                     | Control::OverBudget
+                    | Control::FrameFlood
                     | Control::Binary => break,
                     Control::Text(t, ..) if t.len() > PARSE_INLINE_BYTES => break,
                     _ => {}
@@ -738,6 +755,7 @@ impl Session {
             }
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
             Some(Control::OverBudget) => Err(CloseReason::MessageBudget),
+            Some(Control::FrameFlood) => Err(CloseReason::MessageFlood),
             Some(Control::Stalled) => Err(CloseReason::WriteTimeout),
             Some(Control::Heard) => self.ignore(),
             // v2 is server-push only: any data frame ends the connection (as v2 does).
