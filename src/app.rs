@@ -239,7 +239,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let (refused, refused_open) =
             (refusals(crate::metrics::Refusal::ConnectRate), refusals(crate::metrics::Refusal::TooManyOpen));
         let gate = Some(crate::hub::limits::ConnectGate::new(&config.limits, refused, refused_open));
-        let sockets = crate::hub::liveness::socket_options(&config.hub);
+        let sockets = listener_sockets(&config.hub);
         tasks.spawn(async move {
             server::serve(public_listener, server::public::handler(public), cancel, conns, gate, sockets).await;
             ("public listener", Ok(()))
@@ -248,7 +248,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     {
         let (cancel, conns) = (accept.clone(), connections.clone());
         // As the public listener's: a scraper that stops reading is closed by the kernel.
-        let options = crate::hub::liveness::socket_options(&config.hub);
+        let options = listener_sockets(&config.hub);
         tasks.spawn(async move {
             let handler = server::metrics_handler(render_metrics);
             server::serve(metrics_listener, handler, cancel, conns, None, options).await;
@@ -391,4 +391,14 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// The kernel options every connection to the listeners gets: the kernel judges a
+/// subscriber's progress (`TCP_USER_TIMEOUT` = `--write-timeout`) and keeps its backlog in the
+/// log (`TCP_NOTSENT_LOWAT`); see `hub::liveness`.
+fn listener_sockets(hub: &crate::hub::HubConfig) -> server::SocketOptions {
+    server::SocketOptions {
+        progress_timeout: Some(hub.write_timeout),
+        notsent_lowat: Some(crate::hub::liveness::NOTSENT_LOWAT),
+    }
 }

@@ -9,7 +9,7 @@
 //! reopens: by one MSS (64 KiB on loopback) or a sixteenth of its receive buffer at a time, so
 //! a reader of a few KB/s shows progress every several seconds. Hence:
 //! - the kernel judges a connection's progress: `TCP_USER_TIMEOUT` = `--write-timeout` on the
-//!   socket ([`socket_options`]) ends a connection whose data goes unacknowledged, or whose
+//!   socket (set by the listener, `server::SocketOptions`) ends a connection whose data goes unacknowledged, or whose
 //!   window stays shut, for that long (Linux ≥ 5.11 for the window), failing it with `TimedOut`;
 //! - `TCP_NOTSENT_LOWAT` ([`NOTSENT_LOWAT`]) keeps a backlog in the log rather than unsent in
 //!   kernel buffers, so a waiting write wakes as the reader drains;
@@ -41,11 +41,6 @@ pub const NOTSENT_LOWAT: u32 = 128 * 1024;
 /// bytes each), the slow rule's default floor. A stream of only compressed identity and account
 /// events (~70 bytes) is slower at that rate, and may be ended before the slow rule would.
 pub const FLOOR_BYTES_PER_SECOND: u64 = 1_000;
-
-/// The kernel options every connection to the public listener gets.
-pub fn socket_options(config: &super::HubConfig) -> crate::server::SocketOptions {
-    crate::server::SocketOptions { progress_timeout: Some(config.write_timeout), notsent_lowat: Some(NOTSENT_LOWAT) }
-}
 
 /// What a socket's write half has shown: when the socket last took bytes, and when a write last
 /// found it full. Milliseconds after `base`, `u64::MAX` for never; shared by the writer and the
