@@ -9,8 +9,9 @@
 //! reopens: by one MSS (64 KiB on loopback) or a sixteenth of its receive buffer at a time, so
 //! a reader of a few KB/s shows progress every several seconds. Hence:
 //! - the kernel judges a connection's progress: `TCP_USER_TIMEOUT` = `--write-timeout` on the
-//!   socket (set by the listener, `server::SocketOptions`) ends a connection whose data goes unacknowledged, or whose
-//!   window stays shut, for that long (Linux ≥ 5.11 for the window), failing it with `TimedOut`;
+//!   socket (the listener sets it: `server::SocketOptions`) ends a connection whose data goes
+//!   unacknowledged, or whose window stays shut, for that long (Linux ≥ 5.11 for the window),
+//!   failing it with `TimedOut`;
 //! - `TCP_NOTSENT_LOWAT` ([`NOTSENT_LOWAT`]) keeps a backlog in the log rather than unsent in
 //!   kernel buffers, so a waiting write wakes as the reader drains;
 //! - one write ([`within`]) ends when the socket takes nothing for the longer of
