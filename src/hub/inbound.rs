@@ -149,7 +149,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame, and its payload's bytes counted until the [`Counted`] is dropped. A
-    /// data frame whose payload is over `max_payload` is refused from its header.
+    /// data frame whose payload is over `max_payload` is refused from its header (control
+    /// frames have their own limit, 125 bytes).
     pub async fn read(&mut self, max_payload: usize) -> Result<(Frame, Counted), ReadError> {
         let [b0, b1] = {
             let mut head = [0u8; 2];
@@ -182,7 +183,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if control && len > MAX_CONTROL_PAYLOAD {
             return Err(ReadError::Protocol("control frame over 125 bytes"));
         }
-        if len > max_payload as u64 {
+        if !control && len > max_payload as u64 {
             return Err(ReadError::TooBig);
         }
         let len = len as usize;

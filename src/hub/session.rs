@@ -158,7 +158,9 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
     let mut partial: Option<(OpCode, Vec<u8>, usize, Counted)> = None;
     let (mut frames, mut frames_since) = (0, Instant::now());
     loop {
-        let read = rx.read(MAX_CLIENT_MESSAGE_BYTES).await;
+        // A frame taking its message past the limit is refused from its header.
+        let room = MAX_CLIENT_MESSAGE_BYTES - partial.as_ref().map_or(0, |(_, _, len, _)| *len);
+        let read = rx.read(room).await;
         if read.is_ok() && !per_second(&mut frames, &mut frames_since, MAX_FRAMES_PER_SECOND) {
             let _ = tx.send(Control::FrameFlood).await;
             return;
@@ -187,7 +189,6 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
                 OpCode::Text => Control::Text(f.payload, None, counted),
                 OpCode::Continuation => match partial.as_mut() {
                     None => Control::ReadError("a continuation frame without a message".into()),
-                    Some((_, _, len, _)) if *len + f.payload.len() > MAX_CLIENT_MESSAGE_BYTES => Control::TooBig,
                     Some((op, bytes, len, message)) => {
                         *len += f.payload.len();
                         if *op == OpCode::Text {
