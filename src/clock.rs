@@ -28,8 +28,11 @@ impl Stamper {
         Stamper { last }
     }
 
-    /// The next `time_us` for a clock reading of `now_us`.
+    /// The next `time_us` for a clock reading of `now_us`. A reading at or past
+    /// [`MAX_TIME_US`] (a clock gone wild) is not taken: followed once, every later stamp would
+    /// stay past it, beyond what a JavaScript client reads exactly.
     pub fn next(&mut self, now_us: u64) -> u64 {
+        let now_us = if now_us < MAX_TIME_US { now_us } else { 0 };
         self.last = now_us.max(self.last + 1);
         self.last
     }
@@ -56,6 +59,10 @@ mod tests {
         assert_eq!(s.next(2_000), 2_000);
         assert_eq!(s.next(2_000), 2_001);
         assert_eq!(s.next(10), 2_002);
+        // A reading beyond any real clock is not followed.
+        assert_eq!(s.next(MAX_TIME_US), 2_003);
+        assert_eq!(s.next(u64::MAX), 2_004);
+        assert_eq!(s.next(MAX_TIME_US - 1), MAX_TIME_US - 1);
     }
 
     #[test]

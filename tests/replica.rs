@@ -371,14 +371,16 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
         )
         .into_bytes()
     };
-    // The fake orders frames by the "seq" given here: the bogus one sits between two real ones.
-    for (seq, time_us) in [(t, t), (t + 1, t + 1), (t + 2, 1i64 << 60), (t + 3, t + 3)] {
+    // The fake orders frames by the "seq" given here: the bogus one sits between two real ones,
+    // and a second event stamped like the one before it (not the resumed-from event) follows.
+    for (seq, time_us) in [(t, t), (t + 1, t + 1), (t + 2, 1i64 << 60), (t + 3, t + 3), (t + 4, t + 3), (t + 5, t + 5)]
+    {
         upstream.push(seq, line(time_us));
     }
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
-    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 1.0, "the bogus event was not dropped");
-    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 3.0, "the event after it never came");
+    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 2.0, "the bogus events were not dropped");
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 4.0, "the event after them never came");
     assert!(replica.logs().contains("beyond any clock"), "{}", replica.logs());
     assert_eq!(upstream.connections(), 1, "no reconnect: the bad event did not end the connection");
     drop(replica);
@@ -386,7 +388,7 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
         .iter()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
         .collect();
-    assert_eq!(stored, vec![t as u64, t as u64 + 1, t as u64 + 3]);
+    assert_eq!(stored, vec![t as u64, t as u64 + 1, t as u64 + 3, t as u64 + 5]);
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an

@@ -401,6 +401,12 @@ impl UpstreamReader {
             return self.drop_event(DropReason::BadTime, format!("an event with time_us {t} (beyond any clock)"));
         }
         if meta.time_us <= self.last_time_us {
+            if meta.time_us == self.last_time_us && !self.expect_repeat {
+                // Not the resumed-from event (that comes first, if at all): a second event
+                // stamped alike, which the log cannot hold beside the first. Dropped, counted.
+                let t = meta.time_us;
+                return self.drop_event(DropReason::BadTime, format!("a second event with time_us {t}"));
+            }
             if meta.time_us == self.last_time_us {
                 self.expect_repeat = false;
                 let state = self.resume_state();
