@@ -42,10 +42,14 @@ const MAX_PINGS_PER_SECOND: u32 = 50;
 /// `options_update`) a client may send per second before it is closed with 1008: each costs a
 /// wake-up and a parse, and while they keep coming the session loop handles them first.
 const MAX_IGNORED_PER_SECOND: u32 = 50;
-/// Frames a client may send per second before it is closed with 1008: a 10 MB message in
-/// 4 KiB fragments (as Go's gorilla writes one) is 2,560. Each frame costs a read and a count,
-/// and a fragmented message of empty frames that never ends is no message the other limits see.
-const MAX_FRAMES_PER_SECOND: u32 = 5_000;
+/// Small frames (payload under [`SMALL_FRAME`]) a client may send per second before it is
+/// closed with 1008. Each costs a read and a count, and a fragmented message of empty frames
+/// never ends (it never nears 10 MB) nor is a message the other limits see; larger frames are
+/// bounded by their bytes. A client needs far fewer: at most 50 pings and 50 ignored messages a
+/// second are allowed anyway, and libraries fragment in kilobytes (Go's gorilla: 4 KiB).
+const MAX_SMALL_FRAMES_PER_SECOND: u32 = 500;
+/// What counts as a small frame.
+const SMALL_FRAME: usize = 256;
 /// What the reader half has read and the session not yet handled, in messages.
 const CONTROL_QUEUE: usize = 16;
 /// How long a close frame may take to leave before the socket is simply dropped.
@@ -132,7 +136,7 @@ enum Control {
     TooBig,
     /// The message arriving would take client messages' memory past its budget.
     OverBudget,
-    /// More frames in a second than [`MAX_FRAMES_PER_SECOND`].
+    /// More small frames in a second than [`MAX_SMALL_FRAMES_PER_SECOND`].
     FrameFlood,
     /// The kernel closed the connection for lack of progress (`TCP_USER_TIMEOUT`).
     Stalled,
@@ -156,12 +160,14 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
     // A fragmented message in progress: its opcode, its bytes (text) or nothing (binary), its
     // length, and the bytes counted for it.
     let mut partial: Option<(OpCode, Vec<u8>, usize, Counted)> = None;
+    // Small frames read in the second that started at `frames_since`.
     let (mut frames, mut frames_since) = (0, Instant::now());
     loop {
         // A frame taking its message past the limit is refused from its header.
         let room = MAX_CLIENT_MESSAGE_BYTES - partial.as_ref().map_or(0, |(_, _, len, _)| *len);
         let read = rx.read(room).await;
-        if read.is_ok() && !per_second(&mut frames, &mut frames_since, MAX_FRAMES_PER_SECOND) {
+        let small = matches!(&read, Ok((f, _)) if f.payload.len() < SMALL_FRAME);
+        if small && !per_second(&mut frames, &mut frames_since, MAX_SMALL_FRAMES_PER_SECOND) {
             let _ = tx.send(Control::FrameFlood).await;
             return;
         }
