@@ -278,7 +278,7 @@ async fn bad_client_messages_close_with_codes() {
         }
     }
     // A fragmented message of empty frames that never ends (never over 10 MB, never a message
-    // to count): closed past 500 small frames a second. The client sends exactly one too many,
+    // to count): closed past 500 small fragments a second. The client sends exactly one too many,
     // in one write.
     {
         let mut burst = vec![0x01, 0x81, 0, 0, 0, 0, b'{'];

@@ -42,13 +42,13 @@ const MAX_PINGS_PER_SECOND: u32 = 50;
 /// `options_update`) a client may send per second before it is closed with 1008: each costs a
 /// wake-up and a parse, and while they keep coming the session loop handles them first.
 const MAX_IGNORED_PER_SECOND: u32 = 50;
-/// Small frames (payload under [`SMALL_FRAME`]) a client may send per second before it is
-/// closed with 1008. Each costs a read and a count, and a fragmented message of empty frames
-/// never ends (it never nears 10 MB) nor is a message the other limits see; larger frames are
-/// bounded by their bytes. A client needs far fewer: at most 50 pings and 50 ignored messages a
-/// second are allowed anyway, and libraries fragment in kilobytes (Go's gorilla: 4 KiB).
-const MAX_SMALL_FRAMES_PER_SECOND: u32 = 500;
-/// What counts as a small frame.
+/// Small fragments (frames of a fragmented message, payload under [`SMALL_FRAME`]) a client
+/// may send per second before it is closed with 1008. Each costs a read and a count, and a
+/// fragmented message of empty frames never ends (it never nears 10 MB) nor is a message the
+/// other limits see; whole messages and pings have limits of their own, larger fragments are
+/// bounded by their bytes. Libraries fragment in kilobytes (Go's gorilla: 4 KiB), if at all.
+const MAX_SMALL_FRAGMENTS_PER_SECOND: u32 = 500;
+/// What counts as a small fragment.
 const SMALL_FRAME: usize = 256;
 /// What the reader half has read and the session not yet handled, in messages.
 const CONTROL_QUEUE: usize = 16;
@@ -136,7 +136,7 @@ enum Control {
     TooBig,
     /// The message arriving would take client messages' memory past its budget.
     OverBudget,
-    /// More small frames in a second than [`MAX_SMALL_FRAMES_PER_SECOND`].
+    /// More small fragments in a second than [`MAX_SMALL_FRAGMENTS_PER_SECOND`].
     FrameFlood,
     /// The kernel closed the connection for lack of progress (`TCP_USER_TIMEOUT`).
     Stalled,
@@ -160,14 +160,15 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
     // A fragmented message in progress: its opcode, its bytes (text) or nothing (binary), its
     // length, and the bytes counted for it.
     let mut partial: Option<(OpCode, Vec<u8>, usize, Counted)> = None;
-    // Small frames read in the second that started at `frames_since`.
-    let (mut frames, mut frames_since) = (0, Instant::now());
+    // Small fragments read in the second that started at `fragments_since`.
+    let (mut fragments, mut fragments_since) = (0, Instant::now());
     loop {
         // A frame taking its message past the limit is refused from its header.
         let room = MAX_CLIENT_MESSAGE_BYTES - partial.as_ref().map_or(0, |(_, _, len, _)| *len);
         let read = rx.read(room).await;
-        let small = matches!(&read, Ok((f, _)) if f.payload.len() < SMALL_FRAME);
-        if small && !per_second(&mut frames, &mut frames_since, MAX_SMALL_FRAMES_PER_SECOND) {
+        let small_fragment = matches!(&read, Ok((f, _))
+            if f.payload.len() < SMALL_FRAME && (!f.fin || f.opcode == OpCode::Continuation));
+        if small_fragment && !per_second(&mut fragments, &mut fragments_since, MAX_SMALL_FRAGMENTS_PER_SECOND) {
             let _ = tx.send(Control::FrameFlood).await;
             return;
         }
