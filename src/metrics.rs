@@ -179,6 +179,7 @@ pub struct Metrics {
     pub verify_desynchronized: IntCounter,
     pub verify_seconds: Histogram,
     pub did_resolutions: IntCounterVec,
+    pub did_key_histories: IntCounterVec,
     pub did_resolve_seconds: Histogram,
     pub did_cache_entries: IntGauge,
     // replica mode
@@ -448,6 +449,12 @@ impl Metrics {
                 "DID documents fetched for verification, by result.",
                 &["result"],
             ),
+            did_key_histories: counter_vec(
+                &r,
+                "contrail_did_key_histories_total",
+                "PLC audit logs fetched after a signature failed against a repo's current key (a commit signed before a key rotation), by result (ok, error).",
+                &["result"],
+            ),
             did_resolve_seconds: histogram(
                 &r,
                 "contrail_did_resolve_seconds",
@@ -504,6 +511,9 @@ impl Metrics {
         }
         for r in ResolveResult::ALL {
             m.did_resolutions.with_label_values(&[r.as_str()]);
+        }
+        for r in ["ok", "error"] {
+            m.did_key_histories.with_label_values(&[r]);
         }
         for w in Wire::ALL {
             for c in Compression::ALL {

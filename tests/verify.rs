@@ -289,6 +289,7 @@ async fn commits_from_before_a_key_rotation_verify_against_the_key_of_their_time
     let want = vec![mark("a1", "signature"), mark("a2", "full"), mark("a3", "full"), mark("a4", "signature")];
     assert_eq!(marks, want);
     assert_eq!(plc.requests(&format!("{ALICE}/log/audit")), 1, "the audit log is asked for once");
+    assert_eq!(serve.metric("contrail_did_key_histories_total{result=\"ok\"}"), Some(2.0), "Alice's and Bob's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

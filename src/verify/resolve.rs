@@ -92,6 +92,8 @@ pub struct Resolver {
     /// the log could not be had.
     histories: DashMap<String, (Instant, Arc<HistoryCell>)>,
     results: Vec<prometheus::IntCounter>,
+    /// Audit logs fetched: had, not had.
+    histories_fetched: [prometheus::IntCounter; 2],
     seconds: prometheus::Histogram,
     entries: prometheus::IntGauge,
 }
@@ -183,6 +185,7 @@ impl Resolver {
                 .iter()
                 .map(|r| metrics.did_resolutions.with_label_values(&[r.as_str()]))
                 .collect(),
+            histories_fetched: ["ok", "error"].map(|r| metrics.did_key_histories.with_label_values(&[r])),
             seconds: metrics.did_resolve_seconds.clone(),
             entries: metrics.did_cache_entries.clone(),
             opts,
@@ -289,7 +292,10 @@ impl Resolver {
     /// One request for a `did:plc`'s audit log, within the resolver's slots and deadline.
     async fn fetch_history(&self, did: &str) -> Option<Arc<KeyHistory>> {
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
-        let _permit = tokio::time::timeout_at(deadline, self.permits.acquire()).await.ok()?.ok()?;
+        let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, self.permits.acquire()).await else {
+            self.histories_fetched[1].inc();
+            return None;
+        };
         let path = format!("{}/{did}/log/audit", self.plc.path.trim_end_matches('/'));
         let fetched = tokio::time::timeout_at(
             deadline,
@@ -304,8 +310,12 @@ impl Resolver {
             Err(_) => Err("timed out".to_string()),
         };
         match history {
-            Ok(h) => Some(Arc::new(h)),
+            Ok(h) => {
+                self.histories_fetched[0].inc();
+                Some(Arc::new(h))
+            }
             Err(e) => {
+                self.histories_fetched[1].inc();
                 tracing::debug!(did, error = %e, "no PLC audit log");
                 None
             }
