@@ -703,14 +703,19 @@ fn closes(s: &Setup, reason: &str) -> f64 {
     s.serve.metric(&format!("contrail_hub_closes_total{{reason=\"{reason}\"}}")).unwrap_or(0.0)
 }
 
+/// Waits until the server's metric `name` (0 when absent) reads `want`, for at most `T`.
+fn wait_metric(s: &Setup, name: &str, want: f64) {
+    let deadline = std::time::Instant::now() + T;
+    while s.serve.metric(name).unwrap_or(0.0) != want {
+        assert!(std::time::Instant::now() < deadline, "{name} is {:?}, not {want}", s.serve.metric(name));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Waits until `want` closes for `reason` are counted (a close is counted just after its frame
 /// has gone, so a client can read it first).
 fn wait_closes(s: &Setup, reason: &str, want: f64) {
-    let deadline = std::time::Instant::now() + T;
-    while closes(s, reason) != want {
-        assert!(std::time::Instant::now() < deadline, "{} {reason} closes counted, not {want}", closes(s, reason));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_metric(s, &format!("contrail_hub_closes_total{{reason=\"{reason}\"}}"), want);
 }
 
 /// A subscriber reading steadily but far slower than its stream (16 KiB every 50 ms, megabytes
@@ -1023,13 +1028,7 @@ async fn filters_past_the_memory_budget_are_refused_and_their_bytes_come_back() 
     let s = setup(5, &["--max-filter-bytes", &budget, "--trusted-proxies", "127.0.0.1"]).await;
     let public = s.serve.public;
     let held = || s.serve.metric("contrail_hub_filter_bytes").unwrap() as usize;
-    let wait_held = |want: usize| {
-        let deadline = std::time::Instant::now() + T;
-        while held() != want {
-            assert!(std::time::Instant::now() < deadline, "filters hold {} bytes, not {want}", held());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let wait_held = |want: usize| wait_metric(&s, "contrail_hub_filter_bytes", want as f64);
     let refused = || s.serve.metric("contrail_hub_rejected_requests_total{reason=\"filter_budget\"}").unwrap_or(0.0);
     let from = |i: u8| format!("198.51.100.{i}");
     let v1 = |tag: usize| format!("/subscribe?{}", query("wantedDids", tag));
@@ -1096,14 +1095,7 @@ async fn client_messages_past_their_memory_budget_close_with_1013_and_their_byte
     let all = log(&s);
     let did = all[0]["did"].as_str().unwrap().to_string();
     let want = all.iter().filter(|e| e["did"] == did.as_str()).count();
-    let held = || s.serve.metric("contrail_hub_client_message_bytes").unwrap() as usize;
-    let wait_held = |want: usize| {
-        let deadline = std::time::Instant::now() + T;
-        while held() != want {
-            assert!(std::time::Instant::now() < deadline, "client messages hold {} bytes, not {want}", held());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
+    let wait_held = |want: usize| wait_metric(&s, "contrail_hub_client_message_bytes", want as f64);
     // The start of a text frame of `len` bytes (masked with zeros), and `sent` bytes in all.
     let partial_frame = |len: u64, sent: usize| {
         let mut bytes = vec![0x81, 0xff];

@@ -44,7 +44,10 @@ impl Readiness {
 
     /// The source moved the stream on at `at` (an instant its reader took anyway).
     pub fn moved_on(&self, at: Instant) {
-        *self.moved_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        // Called for every frame that moves on: nothing to keep while the check is off.
+        if self.stale_after_ms.load(Ordering::Relaxed) > 0 {
+            *self.moved_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        }
     }
 
     /// How long the source has moved nothing on, when that is past `--ready-stale-after`.
