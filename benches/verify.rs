@@ -7,7 +7,18 @@
 //! - `full`: also the MST inversion proof and the chain check.
 //!
 //! Keys are resolved beforehand (the directory's cost is per new DID, not per commit).
+//!
+//! `mst proof`: the inversion proof alone for a commit of 200 creates (the most a commit
+//! carries) in a repo of 20,000 records, its whole new tree in the CAR — once with keys spread
+//! over the layers as real ones are, once with every key on layer 0: one node of ~20,000
+//! entries (~1 MB), which a PDS can make by choosing its record keys.
 
+#[allow(dead_code)]
+#[path = "../tests/common/frames.rs"]
+mod frames;
+
+use contrail_core::verify::commit::{Action, Blocks, ProofOp};
+use contrail_core::verify::mst::{check_inversion, key_height, PartialTree};
 use contrail_core::verify::{self, keys, Level, RepoFrame};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::collections::HashMap;
@@ -89,6 +100,48 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| b.iter(|| assert!(key.verify(&msg, &sig))));
     }
     g.finish();
+
+    let mut g = c.benchmark_group("mst proof");
+    g.sample_size(20);
+    for (name, wide) in [("20,000 records, 200 creates", false), ("20,000 records on one layer, 200 creates", true)] {
+        let (car, root, ops, before_root) = commit_of_creates(20_000, 200, wide);
+        let blocks = Blocks::parse(&car).unwrap();
+        let ops: Vec<ProofOp> = ops
+            .iter()
+            .map(|(path, cid)| ProofOp { action: Action::Create, path, cid: Some(cid), prev: None })
+            .collect();
+        assert_eq!(check_inversion(&blocks, &root, &ops, &before_root), Ok(()));
+        g.bench_function(name, |b| b.iter(|| check_inversion(&blocks, &root, &ops, &before_root)));
+    }
+    g.finish();
+}
+
+/// A commit creating `creates` records in a repo of `records`: the CAR of its whole new tree,
+/// its root, the ops (path, record CID) and the root before it. `one_layer`: only keys of
+/// layer 0, so the tree is one node.
+fn commit_of_creates(
+    records: usize,
+    creates: usize,
+    one_layer: bool,
+) -> (Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>, Vec<u8>) {
+    let value = frames::cid_of(b"record").to_bytes();
+    let keys: Vec<String> = (0u32..)
+        .map(|n| format!("app.bsky.feed.post/{n:013}"))
+        .filter(|k| !one_layer || key_height(k.as_bytes()) == 0)
+        .take(records + creates)
+        .collect();
+    // Every (records / creates)th key is created by the commit.
+    let step = (records + creates) / creates;
+    let (created, kept): (Vec<(usize, &String)>, Vec<(usize, &String)>) =
+        keys.iter().enumerate().partition(|(i, _)| i % step == 0 && i / step < creates);
+    let before = PartialTree::from_records(kept.iter().map(|(_, k)| (k.as_bytes(), value.as_slice())));
+    let after = PartialTree::from_records(keys.iter().map(|k| (k.as_bytes(), value.as_slice())));
+    let (root, nodes) = after.blocks().unwrap();
+    let cid = |b: &[u8]| ipld_core::cid::Cid::try_from(b).unwrap();
+    let nodes: Vec<_> = nodes.iter().map(|(c, b)| (cid(c), b.clone())).collect();
+    let car = frames::car(&cid(&root), &nodes);
+    let ops = created.iter().map(|(_, k)| (k.to_string(), value.clone())).collect();
+    (car, root, ops, before.root_cid().unwrap())
 }
 
 fn corpus_dir() -> PathBuf {

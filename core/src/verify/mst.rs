@@ -38,6 +38,24 @@ pub type NodeBlock = (Vec<u8>, Vec<u8>);
 /// An entry of a node being built: key, record CID, right subtree.
 type NewEntry<'a> = (&'a [u8], &'a [u8], Option<Vec<u8>>);
 
+/// Where a key is or would go among a tree's items: the index of the first leaf at or after
+/// it, whether that leaf is the key, and whether a stub lies between it and the leaf before
+/// (then the key may be inside the stub: the proof does not say whether it is in the tree).
+#[derive(Debug, Clone, Copy)]
+struct Located {
+    index: usize,
+    found: bool,
+    hidden: bool,
+}
+
+/// One change to a located key.
+#[derive(Clone, Copy)]
+enum Change<'a> {
+    Insert(&'a [u8]),
+    Remove,
+    Set(&'a [u8]),
+}
+
 /// One record, or a subtree the proof did not include.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Item {
@@ -166,66 +184,113 @@ impl PartialTree {
         }
     }
 
-    /// Where `key` is or would go, and whether a stub could be hiding it: `(index of the
-    /// first item at or after it, the leaf there if it is `key`, a stub between its neighbours)`.
-    fn locate(&self, key: &[u8]) -> (usize, bool, bool) {
-        let mut stub_since_last_leaf = false;
-        for (i, item) in self.items.iter().enumerate() {
-            match item {
-                Item::Stub { .. } => stub_since_last_leaf = true,
-                Item::Leaf { key: k, .. } => {
-                    if k.as_slice() >= key {
-                        return (i, k.as_slice() == key, stub_since_last_leaf);
-                    }
-                    stub_since_last_leaf = false;
-                }
-            }
-        }
-        (self.items.len(), false, stub_since_last_leaf)
+    /// Where `key` is or would go, and whether a stub could be hiding it.
+    fn locate(&self, key: &[u8]) -> Located {
+        self.locate_sorted(std::iter::once(key))[0]
     }
 
-    /// The record CID under `key`, if the proof shows it.
-    pub fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, Failure> {
-        let (i, found, hidden) = self.locate(key);
-        if found {
-            let Item::Leaf { value, .. } = &self.items[i] else { unreachable!() };
+    /// [`PartialTree::locate`] for every key of `keys`, which come in ascending order, in one
+    /// pass over the items: a commit's 200 ops in a node of 20,000 entries are 20,000 steps,
+    /// not 200 times as many.
+    fn locate_sorted<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Vec<Located> {
+        let mut out = Vec::new();
+        let (mut i, mut stub_since_last_leaf) = (0, false);
+        for key in keys {
+            loop {
+                match self.items.get(i) {
+                    None => {
+                        out.push(Located { index: i, found: false, hidden: stub_since_last_leaf });
+                        break;
+                    }
+                    Some(Item::Stub { .. }) => stub_since_last_leaf = true,
+                    Some(Item::Leaf { key: k, .. }) => {
+                        if k.as_slice() >= key {
+                            let found = k.as_slice() == key;
+                            out.push(Located { index: i, found, hidden: stub_since_last_leaf });
+                            break;
+                        }
+                        stub_since_last_leaf = false;
+                    }
+                }
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// The record CID a [`Located`] key has, if the proof shows it.
+    fn value_at(&self, at: Located) -> Result<Option<&[u8]>, Failure> {
+        if at.found {
+            let Item::Leaf { value, .. } = &self.items[at.index] else { unreachable!() };
             return Ok(Some(value));
         }
-        if hidden {
+        if at.hidden {
             return Err(Failure::Proof("the proof does not cover an op's key"));
         }
         Ok(None)
     }
 
+    /// Makes `changes`, in ascending order of distinct keys, each at where
+    /// [`PartialTree::locate_sorted`] found its key (a removed or set key there, an inserted
+    /// one not there and not hidden by a stub), in one pass.
+    fn apply_sorted(&mut self, changes: &[(&[u8], Located, Change<'_>)]) {
+        let old = std::mem::take(&mut self.items);
+        let inserts = changes.iter().filter(|c| matches!(c.2, Change::Insert(_))).count();
+        self.items.reserve(old.len() + inserts);
+        let mut old = old.into_iter().enumerate().peekable();
+        for (key, at, change) in changes {
+            while let Some((_, item)) = old.next_if(|(i, _)| *i < at.index) {
+                self.items.push(item);
+            }
+            match change {
+                Change::Insert(value) => {
+                    self.items.push(Item::Leaf { key: key.to_vec(), value: value.to_vec(), height: key_height(key) })
+                }
+                Change::Remove => {
+                    old.next();
+                }
+                Change::Set(value) => {
+                    if let Some((_, Item::Leaf { key, height, .. })) = old.next() {
+                        self.items.push(Item::Leaf { key, value: value.to_vec(), height });
+                    }
+                }
+            }
+        }
+        self.items.extend(old.map(|(_, item)| item));
+    }
+
+    /// The record CID under `key`, if the proof shows it.
+    pub fn get(&self, key: &[u8]) -> Result<Option<&[u8]>, Failure> {
+        self.value_at(self.locate(key))
+    }
+
     pub fn insert(&mut self, key: &[u8], value: &[u8]) -> Result<(), Failure> {
-        let (i, found, hidden) = self.locate(key);
-        if found {
+        let at = self.locate(key);
+        if at.found {
             return Err(Failure::Proof("key already in the tree"));
         }
-        if hidden {
+        if at.hidden {
             return Err(Failure::Proof("the proof does not cover an op's key"));
         }
-        self.items.insert(i, Item::Leaf { key: key.to_vec(), value: value.to_vec(), height: key_height(key) });
+        self.apply_sorted(&[(key, at, Change::Insert(value))]);
         Ok(())
     }
 
     pub fn remove(&mut self, key: &[u8]) -> Result<(), Failure> {
-        let (i, found, _) = self.locate(key);
-        if !found {
+        let at = self.locate(key);
+        if !at.found {
             return Err(Failure::Proof("key not in the tree"));
         }
-        self.items.remove(i);
+        self.apply_sorted(&[(key, at, Change::Remove)]);
         Ok(())
     }
 
     pub fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), Failure> {
-        let (i, found, _) = self.locate(key);
-        if !found {
+        let at = self.locate(key);
+        if !at.found {
             return Err(Failure::Proof("key not in the tree"));
         }
-        if let Item::Leaf { value: v, .. } = &mut self.items[i] {
-            *v = value.to_vec();
-        }
+        self.apply_sorted(&[(key, at, Change::Set(value))]);
         Ok(())
     }
 
@@ -435,13 +500,27 @@ fn link_or_null<'a>(r: &mut Reader<'a>) -> Result<Option<&'a [u8]>, Failure> {
     }
 }
 
+/// Each op's place in `tree`, indexed like `ops`, from one pass over the tree, and the ops'
+/// indices in ascending order of path.
+fn locate_ops(tree: &PartialTree, ops: &[ProofOp<'_>]) -> (Vec<Located>, Vec<usize>) {
+    let mut order: Vec<usize> = (0..ops.len()).collect();
+    order.sort_unstable_by_key(|&i| ops[i].path);
+    let found = tree.locate_sorted(order.iter().map(|&i| ops[i].path.as_bytes()));
+    let mut at = vec![Located { index: 0, found: false, hidden: false }; ops.len()];
+    for (&i, f) in order.iter().zip(found) {
+        at[i] = f;
+    }
+    (at, order)
+}
+
 /// The forward check, for commits without a proof: each op's record CID is what the signed
 /// tree (rooted at `data`) holds under its path — created and updated records present with
 /// their CID, deleted ones absent.
 pub fn check_ops_in_tree(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>]) -> Result<(), Failure> {
     let tree = PartialTree::load(blocks, data)?;
-    for op in ops {
-        let now = tree.get(op.path.as_bytes())?;
+    let (at, _) = locate_ops(&tree, ops);
+    for (op, at) in ops.iter().zip(at) {
+        let now = tree.value_at(at)?;
         let ok = match op.action {
             Action::Create | Action::Update => now.is_some() && now == op.cid,
             Action::Delete => now.is_none(),
@@ -455,24 +534,28 @@ pub fn check_ops_in_tree(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>]) 
 
 /// Sync 1.1's inductive proof: the ops, undone on the tree after the commit (rooted at
 /// `data`), give the tree before it (`prev_data`).
+///
+/// The ops are on distinct paths, so each is checked against the tree after the commit (in
+/// the ops' order: the first failure is the one reported) and all are undone in one pass. A
+/// key is placed between its neighbours in that tree, which the proof shows; undoing another op
+/// first (removing a neighbour) cannot move it.
 pub fn check_inversion(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>], prev_data: &[u8]) -> Result<(), Failure> {
     let mut tree = PartialTree::load(blocks, data)?;
+    let (at, order) = locate_ops(&tree, ops);
     // Two ops on one path cannot both be undone against the same tree.
-    let mut paths: Vec<&str> = ops.iter().map(|o| o.path).collect();
-    paths.sort_unstable();
-    if paths.windows(2).any(|w| w[0] == w[1]) {
+    if order.windows(2).any(|w| ops[w[0]].path == ops[w[1]].path) {
         return Err(Failure::Proof("two ops on one path"));
     }
-    for op in ops {
-        let key = op.path.as_bytes();
-        let now = tree.get(key)?;
-        match op.action {
+    let mut undo = Vec::with_capacity(ops.len());
+    for (op, &at) in ops.iter().zip(&at) {
+        let now = tree.value_at(at)?;
+        undo.push(match op.action {
             Action::Create => {
                 let cid = op.cid.ok_or(Failure::Malformed("create without cid"))?;
                 if now != Some(cid) {
                     return Err(Failure::Proof("a created record is not in the tree"));
                 }
-                tree.remove(key)?;
+                Change::Remove
             }
             Action::Update => {
                 let (cid, prev) = (op.cid.ok_or(Failure::Malformed("update without cid"))?, op.prev);
@@ -480,17 +563,19 @@ pub fn check_inversion(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>], pr
                 if now != Some(cid) {
                     return Err(Failure::Proof("an updated record is not in the tree"));
                 }
-                tree.set(key, prev)?;
+                Change::Set(prev)
             }
             Action::Delete => {
                 let prev = op.prev.ok_or(Failure::NoProof("delete without prev"))?;
                 if now.is_some() {
                     return Err(Failure::Proof("a deleted record is still in the tree"));
                 }
-                tree.insert(key, prev)?;
+                Change::Insert(prev)
             }
-        }
+        });
     }
+    let changes: Vec<_> = order.iter().map(|&i| (ops[i].path.as_bytes(), at[i], undo[i])).collect();
+    tree.apply_sorted(&changes);
     if tree.root_cid()? != prev_data {
         return Err(Failure::Proof("undoing the ops does not give prevData"));
     }
