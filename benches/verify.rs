@@ -104,7 +104,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("mst proof");
     g.sample_size(20);
     for (name, wide) in [("20,000 records, 200 creates", false), ("20,000 records on one layer, 200 creates", true)] {
-        let (car, root, ops, before_root) = commit_of_creates(20_000, 200, wide);
+        let Creates { car, root, ops, before_root } = commit_of_creates(20_000, 200, wide);
         let blocks = Blocks::parse(&car).unwrap();
         let ops: Vec<ProofOp> = ops
             .iter()
@@ -116,14 +116,18 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// A commit creating `creates` records in a repo of `records`: the CAR of its whole new tree,
-/// its root, the ops (path, record CID) and the root before it. `one_layer`: only keys of
+/// A commit of creates, as a relay carries it with its whole new tree.
+struct Creates {
+    car: Vec<u8>,
+    root: Vec<u8>,
+    /// Each create's path and record CID.
+    ops: Vec<(String, Vec<u8>)>,
+    before_root: Vec<u8>,
+}
+
+/// A commit creating `creates` records in a repo of `records`. `one_layer`: only keys of
 /// layer 0, so the tree is one node.
-fn commit_of_creates(
-    records: usize,
-    creates: usize,
-    one_layer: bool,
-) -> (Vec<u8>, Vec<u8>, Vec<(String, Vec<u8>)>, Vec<u8>) {
+fn commit_of_creates(records: usize, creates: usize, one_layer: bool) -> Creates {
     let value = frames::cid_of(b"record").to_bytes();
     let keys: Vec<String> = (0u32..)
         .map(|n| format!("app.bsky.feed.post/{n:013}"))
@@ -132,16 +136,16 @@ fn commit_of_creates(
         .collect();
     // Every (records / creates)th key is created by the commit.
     let step = (records + creates) / creates;
-    let (created, kept): (Vec<(usize, &String)>, Vec<(usize, &String)>) =
-        keys.iter().enumerate().partition(|(i, _)| i % step == 0 && i / step < creates);
-    let before = PartialTree::from_records(kept.iter().map(|(_, k)| (k.as_bytes(), value.as_slice())));
+    let created = |i: usize| i.is_multiple_of(step) && i / step < creates;
+    let kept = keys.iter().enumerate().filter(|(i, _)| !created(*i)).map(|(_, k)| k);
+    let before = PartialTree::from_records(kept.map(|k| (k.as_bytes(), value.as_slice())));
     let after = PartialTree::from_records(keys.iter().map(|k| (k.as_bytes(), value.as_slice())));
     let (root, nodes) = after.blocks().unwrap();
     let cid = |b: &[u8]| ipld_core::cid::Cid::try_from(b).unwrap();
     let nodes: Vec<_> = nodes.iter().map(|(c, b)| (cid(c), b.clone())).collect();
     let car = frames::car(&cid(&root), &nodes);
-    let ops = created.iter().map(|(_, k)| (k.to_string(), value.clone())).collect();
-    (car, root, ops, before.root_cid().unwrap())
+    let ops = keys.iter().enumerate().filter(|(i, _)| created(*i)).map(|(_, k)| (k.clone(), value.clone())).collect();
+    Creates { car, root, ops, before_root: before.root_cid().unwrap() }
 }
 
 fn corpus_dir() -> PathBuf {
