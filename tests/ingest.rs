@@ -449,7 +449,12 @@ async fn a_new_seq_space_too_large_to_keep_aside_is_asked_for_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     let relay = FakeRelay::start().await;
-    let gen = generate(1_000, 400, 10, 43);
+    let mut gen = generate(1_000, 400, 10, 43);
+    // Every 20th frame of a type unknown to us (no event; a drop, "unknown_type"): the ones
+    // sent again must not be counted again.
+    for g in gen.iter_mut().step_by(20) {
+        (g.frame, g.expected) = (frames::unknown_frame(g.seq, "#future"), Vec::new());
+    }
     relay.push_all(&gen);
     let last_seq = gen.last().unwrap().seq;
     // The first connection drops after 300 frames; the next starts 100 seqs below our cursor,
@@ -460,6 +465,11 @@ async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     serve.wait_for_seq(last_seq, Duration::from_secs(30));
     assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(0.0));
     assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 100.0);
+    assert_eq!(
+        serve.metric("contrail_drops_total{reason=\"unknown_type\"}"),
+        Some(20.0),
+        "each frame's drops counted once"
+    );
     drop(serve);
     // Nothing was ingested twice (a reset would have stored those 100 frames again).
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));

@@ -156,7 +156,7 @@ pub struct Reader {
     tx: IngestSender,
     seq: SeqTracker,
     /// A frame whose seq jumped far ahead, until the next frame confirms or refutes it.
-    held: Option<IngestFrame>,
+    held: Option<(IngestFrame, Drops)>,
     /// Frames far below our cursor in this connection, in a row: a new seq space once there
     /// are enough of them ([`super::seq::SeqDecision::FarBelow`]).
     far_below: KeptAside,
@@ -324,15 +324,10 @@ impl Reader {
     async fn handle(&mut self, payload: &[u8]) -> Result<bool, RelayError> {
         let m = &self.metrics;
         m.relay_bytes.inc_by(payload.len() as u64);
-        let (mut events, mut op_drops) = (Vec::new(), Vec::new());
-        let info = self.transcoder.transcode(payload, &mut events, &mut op_drops);
+        let (mut events, mut drops) = (Vec::new(), Vec::new());
+        let info = self.transcoder.transcode(payload, &mut events, &mut drops);
         self.frames_by_type[info.frame_type as usize].inc();
-        for d in info.dropped.iter().chain(op_drops.iter()) {
-            m.drop_reason(*d);
-            if !d.is_benign() && *d != DropReason::ErrorFrame {
-                self.log.warn(d.as_str(), || format!("dropped {} (seq {:?})", d.as_str(), info.seq));
-            }
-        }
+        drops.extend(info.dropped);
         match info.frame_type {
             FrameType::Error => {
                 let name = info.name.clone().unwrap_or_default();
@@ -360,7 +355,10 @@ impl Reader {
             }
             _ => {}
         }
-        let Some(seq) = info.seq else { return Ok(false) };
+        let Some(seq) = info.seq else {
+            self.count_drops(&drops, None);
+            return Ok(false);
+        };
         let cursor = self.seq.last();
         let was_holding = self.seq.holding();
         let decision = self.seq.observe(seq);
@@ -408,7 +406,7 @@ impl Reader {
                 return Ok(moved_on);
             }
             SeqDecision::FarBelow { run } => {
-                self.far_below.push(frame);
+                self.far_below.push(frame, drops);
                 if run < FAR_BELOW_RUN {
                     return Ok(moved_on);
                 }
@@ -444,13 +442,13 @@ impl Reader {
                         format!("{dropped} frames at the start of the relay's new seq space were over the memory kept aside and are lost")
                     });
                 }
-                for f in frames {
-                    self.tx.send(f).await.map_err(|_| RelayError::SequencerStopped)?;
+                for (f, drops) in frames {
+                    self.hand_on(f, &drops).await?;
                 }
                 return Ok(moved_on);
             }
             SeqDecision::Hold => {
-                self.held = Some(frame);
+                self.held = Some((frame, drops));
                 return Ok(moved_on);
             }
             SeqDecision::Reset { from } => {
@@ -465,32 +463,54 @@ impl Reader {
                 if gap {
                     m.relay_seq_gaps.inc();
                 }
-                if let (true, Some(h)) = (release_held, held) {
+                if let (true, Some((h, h_drops))) = (release_held, held) {
                     m.relay_seq_gaps.inc(); // the jump itself
-                    self.tx.send(h).await.map_err(|_| RelayError::SequencerStopped)?;
+                    self.hand_on(h, &h_drops).await?;
                 }
             }
         }
-        self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)?;
+        self.hand_on(frame, &drops).await?;
         Ok(moved_on)
     }
+
+    /// Counts a frame's drops and hands it to the sequencer.
+    async fn hand_on(&self, frame: IngestFrame, drops: &[DropReason]) -> Result<(), RelayError> {
+        self.count_drops(drops, frame.seq);
+        self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)
+    }
+
+    /// Counts what a frame's transcoding dropped, once the frame is known to be new (handed on,
+    /// or without a seq): a frame the relay sends again after a reconnect, skipped as a
+    /// duplicate, is not counted again.
+    fn count_drops(&self, drops: &[DropReason], seq: Option<i64>) {
+        for d in drops {
+            self.metrics.drop_reason(*d);
+            if !d.is_benign() && *d != DropReason::ErrorFrame {
+                self.log.warn(d.as_str(), || format!("dropped {} (seq {seq:?})", d.as_str()));
+            }
+        }
+    }
 }
+
+/// What a frame's transcoding dropped (the whole frame's reason, or its ops'): counted when
+/// the frame is handed on, not when it is skipped as a repeat or a bad seq.
+type Drops = Vec<DropReason>;
 
 /// Frames far below our cursor kept aside in one connection, at most [`FAR_BELOW_MAX_BYTES`]:
 /// past it they go (a few huge stray frames are not a new seq space) and are only counted; if
 /// the run turns out to be a new seq space, the relay is asked for it again.
 #[derive(Default)]
 struct KeptAside {
-    frames: Vec<IngestFrame>,
+    frames: Vec<(IngestFrame, Drops)>,
     bytes: usize,
     /// Frames of this run dropped at the memory bound.
     dropped: usize,
 }
 
 impl KeptAside {
-    fn push(&mut self, frame: IngestFrame) {
+    fn push(&mut self, frame: IngestFrame, drops: Drops) {
         self.bytes += frame.bytes();
-        self.frames.push(frame);
+        self.frames.push((frame, drops));
         if self.bytes > FAR_BELOW_MAX_BYTES {
             self.dropped += self.frames.len();
             (self.frames, self.bytes) = (Vec::new(), 0);
