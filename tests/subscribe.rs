@@ -298,6 +298,27 @@ async fn bad_client_messages_close_with_codes() {
         }
     }
     wait_closes(&s, "message_flood", 4.0);
+    // Frames no client may send: closed with 1002 and what was wrong (RFC 6455 fails the
+    // connection; it used to be dropped without a word).
+    let bad: [(&[u8], &str); 3] = [
+        (b"\x80\x80\0\0\0\0", "a continuation frame without a message"),
+        (b"\xc1\x80\0\0\0\0", "reserved bits set (no extension was agreed)"),
+        (b"\x81\x02{}", "unmasked client frame"),
+    ];
+    for (frame, why) in bad {
+        let ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+        let mut raw = ws.into_inner();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, frame).await.unwrap();
+        let mut ws = fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
+            raw,
+            fastwebsockets::Role::Client,
+        ));
+        match next(&mut ws, T).await {
+            Some(Msg::Close(1002, reason)) => assert_eq!(reason, why),
+            other => panic!("{why}: expected close 1002, got {other:?}"),
+        }
+    }
+    wait_closes(&s, "protocol_error", 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

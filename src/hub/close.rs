@@ -10,8 +10,8 @@ impl CloseReason {
     /// session's `close`.
     pub fn frame(self) -> Option<(u16, &'static str)> {
         match self {
-            // RFC 6455 §7.4.1: 1000 normal, 1001 going away, 1007 bad data, 1008 policy,
-            // 1009 too big, 1011 server error, 1013 try again later.
+            // RFC 6455 §7.4.1: 1000 normal, 1001 going away, 1002 protocol error, 1007 bad
+            // data, 1008 policy, 1009 too big, 1011 server error, 1013 try again later.
             CloseReason::ClientClosed => Some((1000, "")),
             CloseReason::Shutdown => Some((1001, "server shutting down")),
             CloseReason::TooSlow => Some((1008, "consumer too slow")),
@@ -25,6 +25,7 @@ impl CloseReason {
             // 1013 Try Again Later (IANA's registry): the server, not the request, is short.
             CloseReason::FilterBudget => Some((1013, "filter memory budget full; try again later")),
             CloseReason::MessageBudget => Some((1013, "client message memory budget full; try again later")),
+            CloseReason::ProtocolError => Some((1002, "protocol error")),
             CloseReason::Internal => Some((1011, "internal error")),
             // The socket is broken or stuck: nothing more can be written.
             CloseReason::WriteTimeout | CloseReason::WriteError | CloseReason::ReadError => None,
@@ -46,6 +47,7 @@ mod tests {
         assert_eq!(CloseReason::FilterBudget.frame().unwrap().0, 1013);
         assert_eq!(CloseReason::MessageFlood.frame(), Some((1008, "too many messages")));
         assert_eq!(CloseReason::MessageBudget.frame().unwrap().0, 1013);
-        assert_eq!(CloseReason::ALL.len(), 16);
+        assert_eq!(CloseReason::ProtocolError.frame().unwrap().0, 1002);
+        assert_eq!(CloseReason::ALL.len(), 17);
     }
 }

@@ -170,12 +170,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             0xa => OpCode::Pong,
             _ => return Err(ReadError::Protocol("unknown opcode")),
         };
+        // RFC 6455 §5.1: a server closes the connection on a frame that is not masked.
+        if b1 & 0x80 == 0 {
+            return Err(ReadError::Protocol("unmasked client frame"));
+        }
         let len = match b1 & 0x7f {
             126 => self.io.read_u16().await? as u64,
             127 => self.io.read_u64().await?,
             n => n as u64,
         };
-        let mask = if b1 & 0x80 != 0 { Some(self.io.read_u32().await?.to_be_bytes()) } else { None };
+        let mask = self.io.read_u32().await?.to_be_bytes();
         let control = matches!(opcode, OpCode::Close | OpCode::Ping | OpCode::Pong);
         if control && !fin {
             return Err(ReadError::Protocol("fragmented control frame"));
@@ -210,9 +214,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
         }
-        if let Some(mask) = mask {
-            fastwebsockets::unmask(&mut payload, mask);
-        }
+        fastwebsockets::unmask(&mut payload, mask);
         Ok((Frame { fin, opcode, payload }, counted))
     }
 }

@@ -112,6 +112,7 @@ async fn reader_saw_a_stall(ctl: &mut mpsc::Receiver<Control>) -> bool {
                 Control::Stalled => return true,
                 Control::Close
                 | Control::ReadError(_)
+                | Control::Protocol(_)
                 | Control::TooBig
                 | Control::OverBudget
                 | Control::FrameFlood => return false,
@@ -140,6 +141,8 @@ enum Control {
     FrameFlood,
     /// The kernel closed the connection for lack of progress (`TCP_USER_TIMEOUT`).
     Stalled,
+    /// A frame no client may send, or out of place; what was wrong.
+    Protocol(&'static str),
     ReadError(String),
 }
 
@@ -178,10 +181,11 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
             // The kernel gave up on the connection: what we sent went unacknowledged, or the
             // client's window stayed shut, for `--write-timeout` (see `within`).
             Err(inbound::ReadError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => Control::Stalled,
+            Err(inbound::ReadError::Protocol(what)) => Control::Protocol(what),
             Err(e) => Control::ReadError(e.to_string()),
             Ok((f, counted)) => match f.opcode {
                 OpCode::Text | OpCode::Binary if partial.is_some() => {
-                    Control::ReadError("a new message inside a fragmented one".into())
+                    Control::Protocol("a new message inside a fragmented one")
                 }
                 OpCode::Text | OpCode::Binary if !f.fin => {
                     let len = f.payload.len();
@@ -195,7 +199,7 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
                 }
                 OpCode::Text => Control::Text(f.payload, None, counted),
                 OpCode::Continuation => match partial.as_mut() {
-                    None => Control::ReadError("a continuation frame without a message".into()),
+                    None => Control::Protocol("a continuation frame without a message"),
                     Some((op, bytes, len, message)) => {
                         *len += f.payload.len();
                         if *op == OpCode::Text {
@@ -234,7 +238,12 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
         };
         let last = matches!(
             msg,
-            Control::Close | Control::TooBig | Control::OverBudget | Control::Stalled | Control::ReadError(_)
+            Control::Close
+                | Control::TooBig
+                | Control::OverBudget
+                | Control::Stalled
+                | Control::ReadError(_)
+                | Control::Protocol(_)
         );
         if tx.send(msg).await.is_err() || last {
             return;
@@ -421,6 +430,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
                 match c {
                     Control::Close
                     | Control::ReadError(_)
+                    | Control::Protocol(_)
                     | Control::Stalled
                     | Control::TooBig
                     | Control::OverBudget
@@ -761,6 +771,7 @@ impl Session {
                 tracing::debug!(error = %e, "subscriber read failed");
                 Err(CloseReason::ReadError)
             }
+            Some(Control::Protocol(what)) => Err(self.refuse(CloseReason::ProtocolError, what).await),
             Some(Control::TooBig) => Err(CloseReason::MessageTooBig),
             Some(Control::OverBudget) => Err(CloseReason::MessageBudget),
             Some(Control::FrameFlood) => Err(CloseReason::MessageFlood),
