@@ -475,43 +475,6 @@ async fn a_relay_a_little_behind_on_reconnect_is_not_a_reset() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
 }
 
-/// A relay (or PDS) restored from a backup, or whose new seq space has not yet passed our
-/// cursor, sends frames at seqs we took, with other content. A repeat of a frame carries the
-/// same relay `time` ("when this message was originally broadcast"), a new frame another one:
-/// from the first seq whose time differs, its frames are taken, not skipped as duplicates
-/// (before, everything up to our old position was lost: it is within the reset threshold).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_history_rewritten_below_our_cursor_is_taken_not_skipped() {
-    use common::frames::{commit_frame_with, did_for, like_record, s, tid_for, TestOp};
-    let frame = |seq: i64, day: u32, n: u64| -> GenFrame {
-        let (rkey, did) = (tid_for(n), did_for(n % 10));
-        let time = format!("2026-07-{day:02}T14:00:{:02}.{:03}Z", seq / 1000, seq % 1000);
-        let op = TestOp::create(&format!("app.bsky.feed.like/{rkey}"), &like_record(n));
-        let frame = commit_frame_with(seq, &did, &rkey, &[op], |body| {
-            body.insert("time".into(), s(&time));
-        });
-        GenFrame { seq, frame, expected: vec![(did, "commit", "app.bsky.feed.like".into(), rkey)] }
-    };
-    let relay = FakeRelay::start().await;
-    let old: Vec<GenFrame> = (1..=300).map(|seq| frame(seq, 4, seq as u64)).collect();
-    relay.push_all(&old);
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &[]);
-    serve.wait_for_seq_exactly(300, Duration::from_secs(30));
-    // Restored from a backup taken at seq 200; its seqs 201..=400 are new events. The open
-    // connection goes on from the first frame (as a fan-out daemon replaying its upstream's
-    // history would): 1..=200 are repeats, 201 on are new.
-    let new: Vec<GenFrame> = (201..=400).map(|seq| frame(seq, 5, 1_000 + seq as u64)).collect();
-    let restored: Vec<GenFrame> = old.iter().take(200).cloned().chain(new.iter().cloned()).collect();
-    relay.restart_seq_space(&restored);
-    serve.wait_for_seq_exactly(400, Duration::from_secs(30));
-    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
-    assert!(serve.metric("contrail_relay_duplicate_frames_total").unwrap() >= 200.0);
-    drop(serve);
-    let all: Vec<GenFrame> = old.into_iter().chain(new).collect();
-    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
-}
-
 /// Serves `frames` (one a millisecond, on every connection) to a reader with a 1 s idle
 /// timeout and `args`; returns once it has left its first connection for a second, which the
 /// frames alone (3 s or more of them) would not end within the 2.5 s allowed.

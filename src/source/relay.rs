@@ -361,7 +361,7 @@ impl Reader {
         };
         let cursor = self.seq.last();
         let was_holding = self.seq.holding();
-        let decision = self.seq.observe_at(seq, info.relay_time_us);
+        let decision = self.seq.observe(seq);
         if decision == SeqDecision::Invalid {
             // Says nothing about a held frame: it stays held for the next frame to judge.
             m.drop_reason(DropReason::BadSeq);
@@ -457,14 +457,6 @@ impl Reader {
                     cursor,
                     first_seq = from,
                     "relay seq far below our cursor on reconnect: treating it as a relay reset"
-                );
-            }
-            SeqDecision::Rewritten { from } => {
-                m.relay_error(RelayErrorKind::SeqReset);
-                tracing::error!(
-                    cursor,
-                    first_seq = from,
-                    "the relay's frame at this seq has another time than the one we took there: its history changed (a restore from a backup, or a new seq space below our cursor); following it from here"
                 );
             }
             SeqDecision::Accept { gap, release_held } => {

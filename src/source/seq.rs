@@ -30,14 +30,6 @@
 //!   connections in a row, the cursor asked for moves past our position one seq more each time
 //!   (then doubling) until a frame after it arrives ([`SeqTracker::unreadable`]); what was
 //!   skipped with the unreadable frame is counted as a gap.
-//! - A frame at or below our position whose relay `time` is not the one we took at that seq
-//!   (the protocol's "when this message was originally broadcast", the same on every replay)
-//!   says the relay's history changed there: a relay or PDS restored from a backup, or
-//!   restarted with a new seq space that has not yet passed our position. Its frames from that
-//!   seq on are new, not duplicates: followed from there ([`SeqDecision::Rewritten`]). The
-//!   times of the last [`REMEMBERED_TIMES`] frames taken are kept for this (in memory: after a
-//!   restart only the distance rule above applies). Before, a new space less than the reset
-//!   threshold below our position was skipped as duplicates until it passed it.
 //! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
 //!   next frame confirms the new space (one bogus huge seq must not make every later frame look
 //!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
@@ -65,10 +57,6 @@ pub const MAX_UNREADABLE: u32 = 3;
 /// How far [`SeqTracker::unreadable`] moves the cursor one seq at a time before doubling.
 pub const LINEAR_SKIPS: i64 = 64;
 
-/// Frames whose relay `time` is remembered, to tell a repeat from a rewritten history: 16
-/// bytes each, 4 MiB in all; minutes of the main network's firehose, a PDS's recent history.
-pub const REMEMBERED_TIMES: usize = 1 << 18;
-
 /// What to do with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SeqDecision {
@@ -86,9 +74,6 @@ pub enum SeqDecision {
     RunRepeat,
     /// The relay cannot serve our cursor (a new, lower seq space): follow it from this frame.
     Reset { from: i64 },
-    /// At or below our position, but with another relay `time` than the frame we took at this
-    /// seq: the relay's history changed here. Follow it from this frame.
-    Rewritten { from: i64 },
     /// A far jump ahead: keep the frame aside until the next one says whether it was real.
     Hold,
     /// Not a believable seq: count it and skip the frame.
@@ -125,29 +110,6 @@ pub struct SeqTracker {
     unreadable: u32,
     /// How far past our position the cursor asked for is (0: at it).
     skip: i64,
-    /// The relay times of the frames taken last.
-    times: SeenTimes,
-}
-
-/// The `(seq, relay time)` of the last [`REMEMBERED_TIMES`] frames taken, in ascending seq.
-#[derive(Debug, Clone, Default)]
-struct SeenTimes(std::collections::VecDeque<(i64, i64)>);
-
-impl SeenTimes {
-    fn record(&mut self, seq: i64, time: Option<i64>) {
-        if self.0.back().is_some_and(|&(last, _)| seq <= last) {
-            self.0.clear(); // a new seq space
-        }
-        let Some(time) = time else { return };
-        if self.0.len() == REMEMBERED_TIMES {
-            self.0.pop_front();
-        }
-        self.0.push_back((seq, time));
-    }
-
-    fn time_at(&self, seq: i64) -> Option<i64> {
-        self.0.binary_search_by_key(&seq, |&(s, _)| s).ok().map(|i| self.0[i].1)
-    }
 }
 
 impl SeqTracker {
@@ -166,7 +128,6 @@ impl SeqTracker {
             asked_again: 0,
             unreadable: 0,
             skip: 0,
-            times: SeenTimes::default(),
         }
     }
 
@@ -216,7 +177,6 @@ impl SeqTracker {
     /// relay for the run again.
     pub fn follow(&mut self, seq: i64) {
         self.last = seq;
-        self.times.0.clear();
         self.far_below = 0;
         (self.unreadable, self.skip) = (0, 0);
     }
@@ -234,27 +194,10 @@ impl SeqTracker {
         self.held.is_some()
     }
 
-    /// [`SeqTracker::observe_at`] for a frame without a relay time.
-    #[cfg(test)]
+    /// Decides about a frame with `seq`, and moves the position when it is accepted. When a
+    /// frame was held and this call does not release it, the held frame is to be dropped
+    /// (the caller counts it as invalid).
     pub fn observe(&mut self, seq: i64) -> SeqDecision {
-        self.observe_at(seq, None)
-    }
-
-    /// Decides about a frame with `seq` and relay `time` (unix µs), and moves the position when
-    /// it is accepted. When a frame was held and this call does not release it, the held frame
-    /// is to be dropped (the caller counts it as invalid).
-    pub fn observe_at(&mut self, seq: i64, time: Option<i64>) -> SeqDecision {
-        let decision = self.decide(seq, time);
-        match decision {
-            SeqDecision::Accept { .. } | SeqDecision::Reset { .. } | SeqDecision::Rewritten { .. } => {
-                self.times.record(seq, time)
-            }
-            _ => {}
-        }
-        decision
-    }
-
-    fn decide(&mut self, seq: i64, time: Option<i64>) -> SeqDecision {
         if seq <= 0 {
             return SeqDecision::Invalid;
         }
@@ -300,11 +243,6 @@ impl SeqTracker {
         }
         self.far_below = 0;
         if seq <= self.last {
-            if time.zip(self.times.time_at(seq)).is_some_and(|(now, before)| now != before) {
-                self.last = seq;
-                (self.unreadable, self.skip) = (0, 0);
-                return SeqDecision::Rewritten { from: seq };
-            }
             return SeqDecision::Duplicate;
         }
         if self.last > 0 && seq - self.last > MAX_SEQ_JUMP {
@@ -338,42 +276,6 @@ mod tests {
         assert_eq!(t.observe(4), ACCEPT);
         assert_eq!(SeqTracker::new(0, 5).cursor(), None);
         assert_eq!(SeqTracker::new(0, 5).observe(7), ACCEPT);
-    }
-
-    #[test]
-    fn a_frame_below_our_position_with_another_time_is_a_rewritten_history() {
-        let mut t = SeqTracker::new(0, 10_000);
-        for seq in 1..=300 {
-            assert!(matches!(t.observe_at(seq, Some(seq * 1_000)), SeqDecision::Accept { gap: false, .. }));
-        }
-        // A repeat with its time, or without one, is a duplicate.
-        t.new_session();
-        assert_eq!(t.observe_at(150, Some(150_000)), SeqDecision::Duplicate);
-        assert_eq!(t.observe_at(151, None), SeqDecision::Duplicate);
-        // Another time at 201: the relay's history changed there; followed from it.
-        assert_eq!(t.observe_at(201, Some(7)), SeqDecision::Rewritten { from: 201 });
-        assert_eq!(t.last(), 201);
-        assert_eq!(t.observe_at(202, Some(8)), ACCEPT);
-        // The times from before the change say nothing of the new history: a frame below it
-        // is judged by distance alone (a duplicate), never taken again.
-        assert_eq!(t.observe_at(150, Some(1)), SeqDecision::Duplicate);
-        // The new history's times are remembered.
-        assert_eq!(t.observe_at(202, Some(8)), SeqDecision::Duplicate);
-        assert_eq!(t.observe_at(202, Some(9)), SeqDecision::Rewritten { from: 202 });
-        // Only the last REMEMBERED_TIMES frames' times are kept.
-        let mut t = SeqTracker::new(0, 1_000_000);
-        let n = REMEMBERED_TIMES as i64 + 10;
-        for seq in 1..=n {
-            t.observe_at(seq, Some(seq));
-        }
-        assert_eq!(t.observe_at(10, Some(0)), SeqDecision::Duplicate, "forgotten");
-        assert_eq!(t.observe_at(11, Some(0)), SeqDecision::Rewritten { from: 11 });
-        // A followed run (a new space) forgets the old times.
-        let mut t = SeqTracker::new(0, 10_000);
-        t.observe_at(5, Some(5));
-        t.observe_at(6, Some(6));
-        t.follow(6);
-        assert_eq!(t.observe_at(5, Some(0)), SeqDecision::Duplicate);
     }
 
     #[test]
