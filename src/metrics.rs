@@ -64,6 +64,8 @@ contrail_core::label_enum! {
         NotWebsocket => "not_websocket",
         TooManySubscribers => "too_many_subscribers",
         TooManyFromIp => "too_many_from_ip",
+        /// Its IPv6 /48 holds a quarter of `--max-subscribers` already.
+        TooManyFromSite => "too_many_from_site",
         /// Over `--max-connects-per-second-per-ip`, refused at accept.
         ConnectRate => "connect_rate",
         /// Its client already holds `--max-connections-per-ip` connections still in plain

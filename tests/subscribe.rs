@@ -845,6 +845,37 @@ async fn connection_limits_are_enforced() {
     assert!(connect(s.serve.public, "/subscribe", &[("X-Forwarded-For", "198.51.100.1")]).await.is_err());
 }
 
+/// IPv6 clients are limited per /64, and one network (a /48, a free tunnel broker's grant)
+/// holds 65,536 of them: together its clients hold at most a quarter of `--max-subscribers`,
+/// so that it cannot take every slot from everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_ipv6_network_cannot_take_every_subscriber_slot() {
+    let args = ["--max-subscribers", "8", "--max-connections-per-ip", "1", "--trusted-proxies", "127.0.0.1"];
+    let s = setup(5, &args).await;
+    let from = |client: &str| [("X-Forwarded-For", client.to_string())];
+    let connect_as = |client: &str| {
+        let headers = from(client);
+        async move { connect(s.serve.public, "/subscribe", &[(headers[0].0, headers[0].1.as_str())]).await }
+    };
+    let _a = connect_as("2001:db8:0:1::1").await.unwrap();
+    let _b = connect_as("2001:db8:0:2::1").await.unwrap();
+    assert!(connect_as("2001:db8:0:3::1").await.is_err(), "a third /64 of one /48 past its quarter (2 of 8)");
+    assert_eq!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_from_site\"}"), Some(1.0));
+    // Another network, and IPv4 clients, still get in.
+    let _c = connect_as("2001:db8:1::1").await.unwrap();
+    let _d = connect_as("198.51.100.1").await.unwrap();
+    drop(_a);
+    // A place given back is taken again (once the server has seen the close).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if connect_as("2001:db8:0:3::1").await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the /48's place never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_rate_is_shared_by_connections() {
     let relay = FakeRelay::start().await;

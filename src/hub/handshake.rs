@@ -57,6 +57,7 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
         shutting_down: || text(StatusCode::SERVICE_UNAVAILABLE, "server shutting down\n"),
         too_many: || text(StatusCode::SERVICE_UNAVAILABLE, "too many subscribers; try another instance or later\n"),
         from_ip: || text(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
+        from_site: || text(StatusCode::TOO_MANY_REQUESTS, SITE_TEXT),
         filter_budget: || text(StatusCode::SERVICE_UNAVAILABLE, FILTER_BUDGET_TEXT),
     };
     admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None)
@@ -66,11 +67,15 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
 const FILTER_BUDGET_TEXT: &str =
     "filter memory budget full: too many wantedDids/wantedCollections held; try another instance or later\n";
 
+/// What a 429 for an IPv6 site past its share says.
+const SITE_TEXT: &str = "too many connections from this network (IPv6 /48)\n";
+
 /// How a wire words the refusals that admission makes.
 struct Refusals {
     shutting_down: fn() -> Response<Body>,
     too_many: fn() -> Response<Body>,
     from_ip: fn() -> Response<Body>,
+    from_site: fn() -> Response<Body>,
     filter_budget: fn() -> Response<Body>,
 }
 
@@ -99,6 +104,7 @@ fn admit_and_upgrade(
             let (why, response) = match refused {
                 Refused::TooManySubscribers => (Refusal::TooManySubscribers, refusals.too_many),
                 Refused::TooManyFromIp => (Refusal::TooManyFromIp, refusals.from_ip),
+                Refused::TooManyFromSite => (Refusal::TooManyFromSite, refusals.from_site),
                 Refused::FilterBudget => (Refusal::FilterBudget, refusals.filter_budget),
             };
             hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
@@ -193,6 +199,10 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
         preface,
         include_verification: false,
     };
+    fn rate_limited(message: &str) -> Response<Body> {
+        let e = XrpcError { status: 429, name: "RateLimitExceeded", message: message.into() };
+        full(StatusCode::TOO_MANY_REQUESTS, "application/json", e.body())
+    }
     fn unavailable(message: &str) -> Response<Body> {
         let e = XrpcError { status: 503, name: "ServiceUnavailable", message: message.into() };
         full(StatusCode::SERVICE_UNAVAILABLE, "application/json", e.body())
@@ -201,14 +211,8 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
         shutting_down: || unavailable("server shutting down"),
         too_many: || unavailable("too many subscribers; try another instance or later"),
         filter_budget: || unavailable(FILTER_BUDGET_TEXT.trim_end()),
-        from_ip: || {
-            let e = XrpcError {
-                status: 429,
-                name: "RateLimitExceeded",
-                message: "too many connections from this address".into(),
-            };
-            full(StatusCode::TOO_MANY_REQUESTS, "application/json", e.body())
-        },
+        from_ip: || rate_limited("too many connections from this address"),
+        from_site: || rate_limited(SITE_TEXT.trim_end()),
     };
     admit_and_upgrade(hub, req, peer, sub, refusals, offered)
 }

@@ -217,6 +217,8 @@ pub struct ConnectGate {
     buckets: DashMap<IpAddr, (f64, Instant)>,
     /// Connections per client key still in plain HTTP.
     open: DashMap<IpAddr, usize>,
+    /// The same per IPv6 site.
+    open_per_site: SiteCounts,
     /// All connections still in plain HTTP, and their cap.
     open_total: std::sync::atomic::AtomicUsize,
     max_open_total: usize,
@@ -234,11 +236,16 @@ pub struct OpenConnection {
     gate: Arc<ConnectGate>,
     /// `None`: an exempt client, not counted.
     key: Option<IpAddr>,
+    /// Its IPv6 site, counted.
+    site: Option<IpAddr>,
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.gate.open_total.fetch_sub(1, Ordering::SeqCst);
+        if let Some(site) = self.site {
+            self.gate.open_per_site.release(site);
+        }
         let Some(key) = self.key else { return };
         if let Some(mut n) = self.gate.open.get_mut(&key) {
             *n = n.saturating_sub(1);
@@ -265,6 +272,7 @@ impl ConnectGate {
             exempt,
             buckets: DashMap::new(),
             open: DashMap::new(),
+            open_per_site: SiteCounts::new(site_cap(limits.max_subscribers, limits.max_connections_per_ip)),
             open_total: std::sync::atomic::AtomicUsize::new(0),
             max_open_total: limits.max_subscribers,
             refused,
@@ -289,11 +297,18 @@ impl ConnectGate {
             return None;
         }
         // From here the ticket gives the total back, whatever happens.
-        let mut ticket = OpenConnection { gate: self.clone(), key: None };
+        let mut ticket = OpenConnection { gate: self.clone(), key: None, site: None };
         if exempt {
             return Some(ticket);
         }
         let key = client_key(peer, self.ipv6_prefix);
+        if let Some(site) = site_key(key, self.ipv6_prefix) {
+            if !self.open_per_site.take(site) {
+                self.refused_open.inc();
+                return None;
+            }
+            ticket.site = Some(site);
+        }
         let mut open = self.open.entry(key).or_insert(0);
         if *open >= self.max_open {
             drop(open);
@@ -347,6 +362,8 @@ pub struct Admission {
     total: AtomicUsize,
     /// Per client key (an IPv4 address, an IPv6 prefix).
     per_ip: DashMap<IpAddr, PerIp>,
+    /// Subscribers per IPv6 site.
+    per_site: SiteCounts,
     /// `--max-filter-bytes`, and what connections' filters hold now.
     filters: Budget,
     /// `--max-client-message-bytes`, and what client messages hold now.
@@ -380,6 +397,58 @@ impl PerIp {
     }
 }
 
+/// An IPv6 site: the usual end-site allocation (RFC 6177; many ISPs give a /56, tunnel brokers a
+/// free /48). All of a site's client keys together may hold at most [`site_cap`] subscribers,
+/// and as many connections still in plain HTTP: one site's 65,536 /64s would otherwise fill
+/// `--max-subscribers` by themselves, each within its per-IP limit.
+pub const IPV6_SITE_PREFIX: u8 = 48;
+
+/// What one IPv6 site may hold: a quarter of `max_subscribers` (as a client may hold a quarter
+/// of each memory budget), never less than one client may.
+pub fn site_cap(max_subscribers: usize, max_per_ip: usize) -> usize {
+    (max_subscribers / 4).max(max_per_ip)
+}
+
+/// The IPv6 site of a client key cut to `prefix` bits, when the site is wider than the key
+/// (`None` for IPv4, and for keys already as wide as a site).
+pub fn site_key(key: IpAddr, prefix: u8) -> Option<IpAddr> {
+    match key {
+        IpAddr::V6(_) if prefix > IPV6_SITE_PREFIX => Some(client_key(key, IPV6_SITE_PREFIX)),
+        _ => None,
+    }
+}
+
+/// Counts per IPv6 site ([`IPV6_SITE_PREFIX`]) up to a cap; entries go with their last count.
+struct SiteCounts {
+    cap: usize,
+    counts: DashMap<IpAddr, usize>,
+}
+
+impl SiteCounts {
+    fn new(cap: usize) -> Self {
+        SiteCounts { cap, counts: DashMap::new() }
+    }
+
+    /// Counts one more for `site`; false (nothing counted) at its cap.
+    fn take(&self, site: IpAddr) -> bool {
+        let mut n = self.counts.entry(site).or_insert(0);
+        if *n >= self.cap {
+            drop(n);
+            self.counts.remove_if(&site, |_, n| *n == 0);
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&self, site: IpAddr) {
+        self.counts.remove_if_mut(&site, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
 /// The key a client is limited under: IPv4 addresses as they are (and IPv4-mapped IPv6 as
 /// IPv4), IPv6 addresses cut to `prefix` bits.
 pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
@@ -401,6 +470,8 @@ pub fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
 pub enum Refused {
     TooManySubscribers,
     TooManyFromIp,
+    /// The client's IPv6 site ([`IPV6_SITE_PREFIX`]) holds its [`site_cap`] already.
+    TooManyFromSite,
     /// Its filter would take the filters' memory past `--max-filter-bytes`, or its IP's share.
     FilterBudget,
 }
@@ -410,6 +481,8 @@ pub struct Slot {
     admission: Arc<Admission>,
     /// The per-IP key held, if the client is limited per IP.
     key: Option<IpAddr>,
+    /// Its IPv6 site, counted.
+    site: Option<IpAddr>,
     pub bucket: Option<Arc<TokenBucket>>,
     /// The bytes of the filter this connection holds, counted in the budgets.
     filter_bytes: usize,
@@ -427,6 +500,7 @@ impl Admission {
             unlimited: limits.unlimited_clients.clone(),
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
+            per_site: SiteCounts::new(site_cap(limits.max_subscribers, limits.max_connections_per_ip)),
             filters: Budget {
                 max: limits.max_filter_bytes as usize,
                 held: AtomicUsize::new(0),
@@ -448,21 +522,29 @@ impl Admission {
             return Err(Refused::TooManySubscribers);
         }
         if self.unlimited.iter().any(|n| n.contains(ip)) {
-            return Ok(Slot { admission: self.clone(), key: None, bucket: None, filter_bytes: 0 });
+            return Ok(Slot { admission: self.clone(), key: None, site: None, bucket: None, filter_bytes: 0 });
         }
         let ip = client_key(ip, self.ipv6_prefix);
+        let site = site_key(ip, self.ipv6_prefix);
+        if site.is_some_and(|site| !self.per_site.take(site)) {
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refused::TooManyFromSite);
+        }
         let mut entry = self.per_ip.entry(ip).or_default();
         if entry.bucket.is_none() && self.rate_per_ip > 0 {
             entry.bucket = Some(Arc::new(TokenBucket::new(self.rate_per_ip as f64)));
         }
         if entry.connections >= self.max_per_ip {
             drop(entry);
+            if let Some(site) = site {
+                self.per_site.release(site);
+            }
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::TooManyFromIp);
         }
         entry.connections += 1;
         let bucket = entry.bucket.clone();
-        Ok(Slot { admission: self.clone(), key: Some(ip), bucket, filter_bytes: 0 })
+        Ok(Slot { admission: self.clone(), key: Some(ip), site, bucket, filter_bytes: 0 })
     }
 
     pub fn connected(&self) -> usize {
@@ -595,6 +677,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.admission.release(&self.admission.filters, self.key.as_ref(), self.filter_bytes);
         self.admission.total.fetch_sub(1, Ordering::SeqCst);
+        if let Some(site) = self.site {
+            self.admission.per_site.release(site);
+        }
         // Entries go away with their last connection (v1's map grew forever).
         if let Some(key) = &self.key {
             self.admission.per_ip.remove_if_mut(key, |_, v| {
@@ -644,6 +729,56 @@ mod tests {
         // Unlimited (10.0.0.0/8): more connections than the per-IP limit of one.
         let slots: Vec<Slot> = (0..3).map(|_| a.admit(mapped).unwrap()).collect();
         assert!(slots.iter().all(|s| s.client_key().is_none()));
+    }
+
+    #[test]
+    fn one_ipv6_site_holds_at_most_a_quarter_of_the_subscribers() {
+        // 16 subscribers, 2 per client: a site (/48) may hold 4, whatever its /64s.
+        let (a, _) = admission(&limits(16, 2, 0));
+        let at = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let mut slots = Vec::new();
+        for net in 1..=4 {
+            slots.push(a.admit(at(&format!("2001:db8:0:{net}::1"))).unwrap());
+        }
+        assert_eq!(a.admit(at("2001:db8:0:5::1")).err(), Some(Refused::TooManyFromSite));
+        assert_eq!(a.admit(at("2001:db8:0:1::2")).err(), Some(Refused::TooManyFromSite));
+        // Another site, and IPv4 clients, are not held back by it.
+        slots.push(a.admit(at("2001:db8:1::1")).unwrap());
+        for _ in 0..2 {
+            slots.push(a.admit(at("192.0.2.1")).unwrap());
+        }
+        // A refusal took nothing; a connection's end gives its site's place back.
+        assert_eq!(a.connected(), 7);
+        slots.remove(0);
+        let again = a.admit(at("2001:db8:0:9::1")).unwrap();
+        // A client over its own limit gives back the site place it took first.
+        let (b, _) = admission(&limits(16, 1, 0));
+        let first = b.admit(at("2001:db8:0:1::1")).unwrap();
+        for _ in 0..5 {
+            assert_eq!(b.admit(at("2001:db8:0:1::2")).err(), Some(Refused::TooManyFromIp));
+        }
+        let others: Vec<Slot> = (2..=4).map(|n| b.admit(at(&format!("2001:db8:0:{n}::1"))).unwrap()).collect();
+        assert_eq!(b.admit(at("2001:db8:0:5::1")).err(), Some(Refused::TooManyFromSite));
+        drop((first, others, again, slots));
+        assert_eq!((a.connected(), a.per_site.counts.len(), b.per_site.counts.len()), (0, 0, 0));
+        // Clients limited per /48 or wider already are not counted again.
+        let mut wide = limits(16, 8, 0);
+        wide.ipv6_prefix = 48;
+        let (c, _) = admission(&wide);
+        let held: Vec<Slot> = (0..8).map(|n| c.admit(at(&format!("2001:db8:0:{n}::1"))).unwrap()).collect();
+        assert_eq!((held.len(), c.per_site.counts.len()), (8, 0));
+        // The plain-HTTP connections of a site are held to the same share.
+        let refused_open = prometheus::IntCounter::new("o", "o").unwrap();
+        let gate =
+            ConnectGate::new(&limits(16, 2, 0), prometheus::IntCounter::new("r", "r").unwrap(), refused_open.clone());
+        let open: Vec<OpenConnection> =
+            (1..=4).map(|n| gate.admit(at(&format!("2001:db8:0:{n}::1"))).unwrap()).collect();
+        assert!(gate.admit(at("2001:db8:0:5::1")).is_none());
+        assert!(gate.admit(at("2001:db8:1::1")).is_some());
+        assert_eq!(refused_open.get(), 1);
+        drop(open);
+        assert_eq!(gate.open_per_site.counts.len(), 0);
+        assert!(gate.admit(at("2001:db8:0:5::1")).is_some());
     }
 
     fn limits(max_subscribers: usize, max_per_ip: usize, rate: u64) -> LimitsConfig {
