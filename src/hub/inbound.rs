@@ -217,6 +217,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         fastwebsockets::unmask(&mut payload, mask);
         Ok((Frame { fin, opcode, payload }, counted))
     }
+
+    /// Reads and drops up to `max` bytes, until the client stops sending (after a frame that
+    /// cannot be read on from).
+    pub async fn discard(&mut self, max: usize) {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut (&mut self.io).take(max as u64), &mut sink).await;
+    }
 }
 
 #[cfg(test)]

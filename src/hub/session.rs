@@ -245,11 +245,21 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
                 | Control::ReadError(_)
                 | Control::Protocol(_)
         );
+        let protocol_error = matches!(msg, Control::Protocol(_));
         if tx.send(msg).await.is_err() || last {
+            if protocol_error {
+                // The rest of the bad frame, and what came after it, is not read as frames;
+                // read and dropped while the close goes out (unread bytes at the socket's close
+                // make the kernel reset the connection, and the client lose the close frame).
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, rx.discard(DISCARD_AFTER_PROTOCOL_ERROR)).await;
+            }
             return;
         }
     }
 }
+
+/// What the reader drops after a protocol error, at most, while the close frame goes out.
+const DISCARD_AFTER_PROTOCOL_ERROR: usize = 64 * 1024;
 
 /// Counts one more in the second that started at `since` (a new second starts the count
 /// again); whether the count is still within `max`.
