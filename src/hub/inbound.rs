@@ -241,6 +241,7 @@ mod tests {
             unlimited_clients: vec![],
             max_connects_per_second_per_ip: 0,
             max_filter_bytes: 0,
+            max_connections_per_ipv6_48: None,
             max_client_message_bytes: max,
         };
         Admission::new(&limits, ["f", "m"].map(|n| prometheus::IntGauge::new(n, "h").unwrap()))

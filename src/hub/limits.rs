@@ -33,6 +33,11 @@ pub struct LimitsConfig {
     /// IPv6 clients are limited per prefix of this length (one /64 is one client).
     #[arg(long, env = "CONTRAIL_IPV6_PREFIX", default_value = "64")]
     pub ipv6_prefix: u8,
+    /// Most subscribers all the clients of one IPv6 /48 may hold together, and most
+    /// connections still in plain HTTP (a /48 holds 65,536 /64 clients). Default: a quarter of
+    /// --max-subscribers, never less than --max-connections-per-ip; 0: no such limit.
+    #[arg(long = "max-connections-per-ipv6-48", env = "CONTRAIL_MAX_CONNECTIONS_PER_IPV6_48")]
+    pub max_connections_per_ipv6_48: Option<usize>,
     /// Clients exempt from the per-IP connection and event-rate limits (addresses or CIDR
     /// blocks, comma-separated): your own replicas catching up, trusted internal consumers.
     #[arg(long, env = "CONTRAIL_UNLIMITED_CLIENTS", value_delimiter = ',')]
@@ -272,7 +277,7 @@ impl ConnectGate {
             exempt,
             buckets: DashMap::new(),
             open: DashMap::new(),
-            open_per_site: SiteCounts::new(site_cap(limits.max_subscribers, limits.max_connections_per_ip)),
+            open_per_site: SiteCounts::new(site_cap(limits)),
             open_total: std::sync::atomic::AtomicUsize::new(0),
             max_open_total: limits.max_subscribers,
             refused,
@@ -302,12 +307,12 @@ impl ConnectGate {
             return Some(ticket);
         }
         let key = client_key(peer, self.ipv6_prefix);
-        if let Some(site) = site_key(key, self.ipv6_prefix) {
-            if !self.open_per_site.take(site) {
+        match self.open_per_site.take_for(key, self.ipv6_prefix) {
+            Ok(site) => ticket.site = site,
+            Err(()) => {
                 self.refused_open.inc();
                 return None;
             }
-            ticket.site = Some(site);
         }
         let mut open = self.open.entry(key).or_insert(0);
         if *open >= self.max_open {
@@ -403,10 +408,15 @@ impl PerIp {
 /// `--max-subscribers` by themselves, each within its per-IP limit.
 pub const IPV6_SITE_PREFIX: u8 = 48;
 
-/// What one IPv6 site may hold: a quarter of `max_subscribers` (as a client may hold a quarter
-/// of each memory budget), never less than one client may.
-pub fn site_cap(max_subscribers: usize, max_per_ip: usize) -> usize {
-    (max_subscribers / 4).max(max_per_ip)
+/// What one IPv6 site may hold: `--max-connections-per-ipv6-48`, by default a quarter of
+/// `--max-subscribers` (as a client may hold a quarter of each memory budget), never less
+/// than one client may; `None`: no limit.
+pub fn site_cap(limits: &LimitsConfig) -> Option<usize> {
+    match limits.max_connections_per_ipv6_48 {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None => Some((limits.max_subscribers / 4).max(limits.max_connections_per_ip)),
+    }
 }
 
 /// The IPv6 site of a client key cut to `prefix` bits, when the site is wider than the key
@@ -420,19 +430,32 @@ pub fn site_key(key: IpAddr, prefix: u8) -> Option<IpAddr> {
 
 /// Counts per IPv6 site ([`IPV6_SITE_PREFIX`]) up to a cap; entries go with their last count.
 struct SiteCounts {
-    cap: usize,
+    /// `None`: sites are not limited (nor counted).
+    cap: Option<usize>,
     counts: DashMap<IpAddr, usize>,
 }
 
 impl SiteCounts {
-    fn new(cap: usize) -> Self {
+    fn new(cap: Option<usize>) -> Self {
         SiteCounts { cap, counts: DashMap::new() }
+    }
+
+    /// The site of client key `key` counted one more: `Ok(None)` when sites are not counted,
+    /// or the key is no narrower than a site; `Err` (nothing counted) at the site's cap.
+    fn take_for(&self, key: IpAddr, ipv6_prefix: u8) -> Result<Option<IpAddr>, ()> {
+        let (Some(_), Some(site)) = (self.cap, site_key(key, ipv6_prefix)) else { return Ok(None) };
+        if self.take(site) {
+            Ok(Some(site))
+        } else {
+            Err(())
+        }
     }
 
     /// Counts one more for `site`; false (nothing counted) at its cap.
     fn take(&self, site: IpAddr) -> bool {
+        let cap = self.cap.unwrap_or(usize::MAX);
         let mut n = self.counts.entry(site).or_insert(0);
-        if *n >= self.cap {
+        if *n >= cap {
             drop(n);
             self.counts.remove_if(&site, |_, n| *n == 0);
             return false;
@@ -500,7 +523,7 @@ impl Admission {
             unlimited: limits.unlimited_clients.clone(),
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
-            per_site: SiteCounts::new(site_cap(limits.max_subscribers, limits.max_connections_per_ip)),
+            per_site: SiteCounts::new(site_cap(limits)),
             filters: Budget {
                 max: limits.max_filter_bytes as usize,
                 held: AtomicUsize::new(0),
@@ -517,19 +540,19 @@ impl Admission {
     }
 
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
-        if self.total.fetch_add(1, Ordering::SeqCst) >= self.max_subscribers {
-            self.total.fetch_sub(1, Ordering::SeqCst);
+        // Never raised past the cap, not even for a moment: a refusal must not refuse others.
+        let room = |n: usize| (n < self.max_subscribers).then_some(n + 1);
+        if self.total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, room).is_err() {
             return Err(Refused::TooManySubscribers);
         }
         if self.unlimited.iter().any(|n| n.contains(ip)) {
             return Ok(Slot { admission: self.clone(), key: None, site: None, bucket: None, filter_bytes: 0 });
         }
         let ip = client_key(ip, self.ipv6_prefix);
-        let site = site_key(ip, self.ipv6_prefix);
-        if site.is_some_and(|site| !self.per_site.take(site)) {
+        let Ok(site) = self.per_site.take_for(ip, self.ipv6_prefix) else {
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::TooManyFromSite);
-        }
+        };
         let mut entry = self.per_ip.entry(ip).or_default();
         if entry.bucket.is_none() && self.rate_per_ip > 0 {
             entry.bucket = Some(Arc::new(TokenBucket::new(self.rate_per_ip as f64)));
@@ -767,6 +790,16 @@ mod tests {
         let (c, _) = admission(&wide);
         let held: Vec<Slot> = (0..8).map(|n| c.admit(at(&format!("2001:db8:0:{n}::1"))).unwrap()).collect();
         assert_eq!((held.len(), c.per_site.counts.len()), (8, 0));
+        // Set by hand, or off.
+        let mut set = limits(16, 2, 0);
+        set.max_connections_per_ipv6_48 = Some(1);
+        let (d, _) = admission(&set);
+        let _one = d.admit(at("2001:db8:0:1::1")).unwrap();
+        assert_eq!(d.admit(at("2001:db8:0:2::1")).err(), Some(Refused::TooManyFromSite));
+        set.max_connections_per_ipv6_48 = Some(0);
+        let (e, _) = admission(&set);
+        let many: Vec<Slot> = (1..=8).map(|n| e.admit(at(&format!("2001:db8:0:{n}::1"))).unwrap()).collect();
+        assert_eq!((many.len(), e.per_site.counts.len()), (8, 0));
         // The plain-HTTP connections of a site are held to the same share.
         let refused_open = prometheus::IntCounter::new("o", "o").unwrap();
         let gate =
@@ -788,6 +821,7 @@ mod tests {
             max_events_per_second_per_ip: rate,
             trusted_proxies: vec![],
             ipv6_prefix: 64,
+            max_connections_per_ipv6_48: None,
             unlimited_clients: vec!["10.0.0.0/8".parse().unwrap()],
             max_connects_per_second_per_ip: 0,
             max_filter_bytes: 0,
