@@ -251,7 +251,10 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
                 // The rest of the bad frame, and what came after it, is not read as frames;
                 // read and dropped while the close goes out (unread bytes at the socket's close
                 // make the kernel reset the connection, and the client lose the close frame).
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, rx.discard(DISCARD_AFTER_PROTOCOL_ERROR)).await;
+                // A message in progress goes first (its memory and its budget). The session
+                // may take up to CLOSE_TIMEOUT to write the close, then lingers as long.
+                drop(partial.take());
+                let _ = tokio::time::timeout(2 * CLOSE_TIMEOUT, rx.discard(DISCARD_AFTER_PROTOCOL_ERROR)).await;
             }
             return;
         }
