@@ -297,7 +297,26 @@ async fn bad_client_messages_close_with_codes() {
             other => panic!("a flood of empty fragments: expected close 1008, got {other:?}"),
         }
     }
-    wait_closes(&s, "message_flood", 4.0);
+    // The same message of empty frames, below that rate (200 a second): closed at its 65th
+    // small fragment rather than read for ever.
+    {
+        let ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+        let mut raw = ws.into_inner();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, &[0x01, 0x81, 0, 0, 0, 0, b'{']).await.unwrap();
+        for _ in 0..64 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::io::AsyncWriteExt::write_all(&mut raw, &[0x00, 0x80, 0, 0, 0, 0]).await.unwrap();
+        }
+        let mut ws = fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
+            raw,
+            fastwebsockets::Role::Client,
+        ));
+        match next(&mut ws, T).await {
+            Some(Msg::Close(1008, reason)) => assert_eq!(reason, "too many messages"),
+            other => panic!("a slow message of empty fragments: expected close 1008, got {other:?}"),
+        }
+    }
+    wait_closes(&s, "message_flood", 5.0);
     // Frames no client may send: closed with 1002 and what was wrong (RFC 6455 fails the
     // connection; it used to be dropped without a word).
     // (The last with 10 KB of payload the server does not read as a frame: dropped while the

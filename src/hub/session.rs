@@ -48,6 +48,10 @@ const MAX_IGNORED_PER_SECOND: u32 = 50;
 /// other limits see; whole messages and pings have limits of their own, larger fragments are
 /// bounded by their bytes. Libraries fragment in kilobytes (Go's gorilla: 4 KiB), if at all.
 const MAX_SMALL_FRAGMENTS_PER_SECOND: u32 = 500;
+/// Small fragments one message may have before the client is closed with 1008: below the rate
+/// above, a message of empty frames would still never end (each costing a read and a count).
+/// A library's fragments are all large but the last.
+const MAX_SMALL_FRAGMENTS_PER_MESSAGE: u32 = 64;
 /// What counts as a small fragment.
 const SMALL_FRAME: usize = 256;
 /// What the reader half has read and the session not yet handled, in messages.
@@ -165,15 +169,25 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
     let mut partial: Option<(OpCode, Vec<u8>, usize, Counted)> = None;
     // Small fragments read in the second that started at `fragments_since`.
     let (mut fragments, mut fragments_since) = (0, Instant::now());
+    // Small fragments of the message in progress.
+    let mut small_in_message = 0;
     loop {
+        if partial.is_none() {
+            small_in_message = 0;
+        }
         // A frame taking its message past the limit is refused from its header.
         let room = MAX_CLIENT_MESSAGE_BYTES - partial.as_ref().map_or(0, |(_, _, len, _)| *len);
         let read = rx.read(room).await;
         let small_fragment = matches!(&read, Ok((f, _))
             if f.payload.len() < SMALL_FRAME && (!f.fin || f.opcode == OpCode::Continuation));
-        if small_fragment && !per_second(&mut fragments, &mut fragments_since, MAX_SMALL_FRAGMENTS_PER_SECOND) {
-            let _ = tx.send(Control::FrameFlood).await;
-            return;
+        if small_fragment {
+            small_in_message += 1;
+            if small_in_message > MAX_SMALL_FRAGMENTS_PER_MESSAGE
+                || !per_second(&mut fragments, &mut fragments_since, MAX_SMALL_FRAGMENTS_PER_SECOND)
+            {
+                let _ = tx.send(Control::FrameFlood).await;
+                return;
+            }
         }
         let msg = match read {
             Err(inbound::ReadError::TooBig) => Control::TooBig,
