@@ -443,6 +443,38 @@ async fn a_full_run_after_one_without_chain_checks_anchors_repos_again() {
     assert_eq!(rkeys, ["a1", "a2", "a3", "a4", "a5", "a6", "a7"]);
 }
 
+/// A burst of commits right after a key rotation (an account that moved to a new PDS posts at
+/// once): each is checked on its own against the cached old key and fails together; the first
+/// re-resolves, and the others take its answer rather than failing (they used to, each counted
+/// a forgery and dropped, while the directory was still answering the first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
+    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    let d1 = push(dave.commit(0, &create("d1"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "5s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(d1, Duration::from_secs(30));
+    // The new key, which the directory takes half a second to give.
+    dave.signer = Signer::k256(5);
+    plc.set(DAVE, Answer::Slow(Duration::from_millis(500), did_doc(DAVE, &dave.signer.public())));
+    let mut last = 0;
+    for i in 2..=20 {
+        last = push(dave.commit(0, &create(&format!("d{i}")), Tamper::None));
+    }
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "signature"), 0.0, "{}", serve.logs());
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(20.0));
+    assert_eq!(plc.requests(DAVE), 2, "resolved once, and once again after the rotation");
+    drop(serve);
+    assert_eq!(stored_commits(dir.path()).len(), 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_directory_holds_one_repo_not_the_stream() {
     let plc = Plc::start().await;

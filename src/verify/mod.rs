@@ -23,7 +23,8 @@
 //!   failure too. Only a commit that continues a verified one is marked `full`: an anchoring
 //!   commit's `prevData` is unsigned and continues nothing, so its op list is not proven.
 //! - A signature failure re-resolves the DID once (at most every ten minutes per DID), in case
-//!   the key rotated; an `#identity` event forgets the cached key.
+//!   the key rotated; other failures meanwhile take its answer. An `#identity` event forgets
+//!   the cached key.
 
 pub mod resolve;
 

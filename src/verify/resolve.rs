@@ -80,7 +80,7 @@ pub struct Resolver {
     plc: WsUrl,
     log: Arc<Log>,
     cache: Mutex<Lru>,
-    inflight: DashMap<String, Arc<OnceCell<Result<PublicKey, ResolveError>>>>,
+    inflight: DashMap<String, Arc<InflightCell>>,
     permits: Semaphore,
     /// When a DID was last re-resolved after a signature failure.
     refreshed: Mutex<HashMap<String, Instant>>,
@@ -159,6 +159,9 @@ const MAX_REMEMBERED_FAILURES: usize = 100_000;
 
 /// Largest DID document accepted (real ones are ~1 KiB).
 const MAX_DOC_BYTES: usize = 64 << 10;
+
+/// A request for a DID's key, shared by everyone asking while it is made.
+type InflightCell = OnceCell<Result<PublicKey, ResolveError>>;
 
 /// A DID's key history once fetched (`None`: the audit log could not be had).
 type HistoryCell = OnceCell<Option<Arc<KeyHistory>>>;
@@ -250,20 +253,29 @@ impl Resolver {
     }
 
     /// After a signature failure: a newly resolved key if the DID was not re-resolved within
-    /// [`REFRESH_AFTER_FAILURE`] and the key changed; `None` otherwise.
+    /// [`REFRESH_AFTER_FAILURE`] and the key changed; `None` otherwise. When it was (the
+    /// commits of a burst after a key rotation fail against the old key together), the answer
+    /// of that re-resolve — awaited if it is still on its way — if it is another key: no request.
     pub async fn refresh_after_failure(self: &Arc<Self>, did: &str, failed: &PublicKey) -> Option<PublicKey> {
-        {
+        // Under the lock, so that a check failing meanwhile finds this re-resolve in flight.
+        let cell = {
             let mut r = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if r.get(did).is_some_and(|t| now.duration_since(*t) < REFRESH_AFTER_FAILURE) {
-                return None;
+                self.inflight.get(did).map(|cell| cell.clone())
+            } else {
+                if r.len() > 100_000 {
+                    r.retain(|_, t| now.duration_since(*t) < REFRESH_AFTER_FAILURE);
+                }
+                r.insert(did.to_string(), now);
+                Some(self.inflight.entry(did.to_string()).or_default().clone())
             }
-            if r.len() > 100_000 {
-                r.retain(|_, t| now.duration_since(*t) < REFRESH_AFTER_FAILURE);
-            }
-            r.insert(did.to_string(), now);
-        }
-        let key = self.fetch_shared(did).await.ok()?;
+        };
+        let key = match cell {
+            Some(cell) => self.answer(did, cell).await.ok(),
+            // Re-resolved lately and answered: what it found is cached.
+            None => self.cached(did),
+        }?;
         (key != *failed).then_some(key)
     }
 
@@ -324,6 +336,11 @@ impl Resolver {
 
     async fn fetch_shared(self: &Arc<Self>, did: &str) -> Result<PublicKey, ResolveError> {
         let cell = self.inflight.entry(did.to_string()).or_default().clone();
+        self.answer(did, cell).await
+    }
+
+    /// The answer of the request in flight in `cell` (made here if nobody is making it).
+    async fn answer(&self, did: &str, cell: Arc<InflightCell>) -> Result<PublicKey, ResolveError> {
         let result = cell.get_or_init(|| self.fetch(did)).await.clone();
         // Gone once answered (the answer is cached, or remembered as a failure).
         self.inflight.remove_if(did, |_, c| Arc::ptr_eq(c, &cell));
