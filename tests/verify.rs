@@ -471,8 +471,20 @@ async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
     assert_eq!(failures(&serve, "signature"), 0.0, "{}", serve.logs());
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(20.0));
     assert_eq!(plc.requests(DAVE), 2, "resolved once, and once again after the rotation");
+    // A forgery re-resolves the key (the same one), then the repo announces a new key with an
+    // #identity event and a burst follows: the re-resolve minutes ago does not stop another.
+    push(dave.commit(0, &create("forged"), Tamper::FlipSig));
+    dave.signer = Signer::k256(6);
+    plc.set(DAVE, Answer::Slow(Duration::from_millis(500), did_doc(DAVE, &dave.signer.public())));
+    push(common::frames::identity_frame(0, DAVE, None));
+    for i in 21..=40 {
+        last = push(dave.commit(0, &create(&format!("d{i}")), Tamper::None));
+    }
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "signature"), 1.0, "the forgery alone: {}", serve.logs());
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(40.0));
     drop(serve);
-    assert_eq!(stored_commits(dir.path()).len(), 20);
+    assert_eq!(stored_commits(dir.path()).len(), 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,8 @@
 //!   commit's `prevData` is unsigned and continues nothing, so its op list is not proven.
 //! - A signature failure re-resolves the DID once (at most every ten minutes per DID), in case
 //!   the key rotated; other failures meanwhile take its answer. An `#identity` event forgets
-//!   the cached key.
+//!   the cached key; a signature failure checked before an `#identity` in front of it was
+//!   applied is checked once more.
 
 pub mod resolve;
 
@@ -324,6 +325,20 @@ struct Pending {
     /// The frame's share of the ingest queue's byte budget, held until it is passed on.
     _permit: OwnedSemaphorePermit,
     work: Work,
+    /// [`Resolver::forgets`] when its work started, and whether it was started again.
+    forgets: u64,
+    checked_again: bool,
+}
+
+impl Pending {
+    /// Whether its signature failed against a key looked up before an `#identity` event in
+    /// front of it was applied (the frames' checks run ahead of the in-order apply): the key may
+    /// be the one that event replaced, so it is checked again, once, now.
+    fn failed_before_a_forget(&self, forgets: u64) -> bool {
+        let failed = matches!(&self.work, Work::Done(Ok(Some(p)))
+            if matches!(p.result, Err(Problem::Failed(Failure::Signature))));
+        failed && !self.checked_again && forgets != self.forgets
+    }
 }
 
 /// The checks that need no state: run for each frame on the runtime's workers, so both cores
@@ -431,6 +446,13 @@ impl Stage {
         let mut closed = false;
         loop {
             while pending.front().is_some_and(|p| !matches!(p.work, Work::Running(_))) {
+                let p = pending.front_mut().expect("front exists");
+                let forgets = self.resolver.forgets();
+                if let (true, Some(raw)) = (p.failed_before_a_forget(forgets), &p.frame.raw) {
+                    p.work = self.start(raw.clone());
+                    (p.forgets, p.checked_again) = (forgets, true);
+                    break;
+                }
                 let p = pending.pop_front().expect("front exists");
                 let frame = self.process(p.frame, p.work).await;
                 if tx.send(frame).await.is_err() {
@@ -458,21 +480,27 @@ impl Stage {
                 }
                 next = rx.recv(), if room => match next {
                     Some((frame, permit)) => {
+                        let forgets = self.resolver.forgets();
                         let work = match &frame.raw {
-                            Some(raw) => Work::Running(tokio::spawn(prepare(
-                                raw.clone(),
-                                self.resolver.clone(),
-                                self.level,
-                                self.metrics.verify_seconds.clone(),
-                            ))),
+                            Some(raw) => self.start(raw.clone()),
                             None => Work::None,
                         };
-                        pending.push_back(Pending { frame, _permit: permit, work });
+                        pending.push_back(Pending { frame, _permit: permit, work, forgets, checked_again: false });
                     }
                     None => closed = true,
                 },
             }
         }
+    }
+
+    /// Starts a frame's stateless checks.
+    fn start(&self, raw: bytes::Bytes) -> Work {
+        Work::Running(tokio::spawn(prepare(
+            raw,
+            self.resolver.clone(),
+            self.level,
+            self.metrics.verify_seconds.clone(),
+        )))
     }
 
     async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {

@@ -84,6 +84,9 @@ pub struct Resolver {
     permits: Semaphore,
     /// When a DID was last re-resolved after a signature failure.
     refreshed: Mutex<HashMap<String, Instant>>,
+    /// Keys forgotten (`#identity` events) since the start: a check that failed against a key
+    /// looked up before one may have used a key its repo had just replaced.
+    forgets: std::sync::atomic::AtomicU64,
     /// Recent failures, answered from here for [`NEGATIVE_TTL`]: a repo whose DID does not
     /// resolve must not cost a request per commit.
     failed: Mutex<HashMap<String, (Instant, ResolveError)>>,
@@ -197,6 +200,7 @@ impl Resolver {
             cache: Mutex::default(),
             inflight: DashMap::new(),
             refreshed: Mutex::default(),
+            forgets: Default::default(),
             failed: Mutex::default(),
             histories: DashMap::new(),
         })
@@ -229,8 +233,16 @@ impl Resolver {
     }
 
     /// Forgets a DID's key (its `#identity` event: the document may have changed).
+    /// How many keys were forgotten since the start.
+    pub fn forgets(&self) -> u64 {
+        self.forgets.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn forget(&self, did: &str) {
+        self.forgets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
+        // A failure against the key just forgotten may re-resolve at once.
+        self.refreshed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.map.remove(did).is_some() {
             self.entries.set(cache.map.len() as i64);
