@@ -48,10 +48,11 @@ const MAX_IGNORED_PER_SECOND: u32 = 50;
 /// other limits see; whole messages and pings have limits of their own, larger fragments are
 /// bounded by their bytes. Libraries fragment in kilobytes (Go's gorilla: 4 KiB), if at all.
 const MAX_SMALL_FRAGMENTS_PER_SECOND: u32 = 500;
-/// Small fragments one message may have before the client is closed with 1008: below the rate
-/// above, a message of empty frames would still never end (each costing a read and a count).
-/// A library's fragments are all large but the last.
-const MAX_SMALL_FRAGMENTS_PER_MESSAGE: u32 = 64;
+/// Small fragments one message may have before the client is closed with 1008, beyond one per
+/// [`SMALL_FRAME`] bytes it has so far: below the rate above, a message of empty frames would
+/// still never end (each costing a read and a count). A library's fragments are all large but
+/// the last; a client writing a message in small pieces of data stays within it.
+const MAX_SMALL_FRAGMENTS_PER_MESSAGE: usize = 64;
 /// What counts as a small fragment.
 const SMALL_FRAME: usize = 256;
 /// What the reader half has read and the session not yet handled, in messages.
@@ -182,7 +183,8 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
             if f.payload.len() < SMALL_FRAME && (!f.fin || f.opcode == OpCode::Continuation));
         if small_fragment {
             small_in_message += 1;
-            if small_in_message > MAX_SMALL_FRAGMENTS_PER_MESSAGE
+            let so_far = partial.as_ref().map_or(0, |(_, _, len, _)| *len);
+            if small_in_message > MAX_SMALL_FRAGMENTS_PER_MESSAGE + so_far / SMALL_FRAME
                 || !per_second(&mut fragments, &mut fragments_since, MAX_SMALL_FRAGMENTS_PER_SECOND)
             {
                 let _ = tx.send(Control::FrameFlood).await;
