@@ -331,13 +331,14 @@ struct Pending {
 }
 
 impl Pending {
-    /// Whether its signature failed against a key looked up before an `#identity` event in
-    /// front of it was applied (the frames' checks run ahead of the in-order apply): the key may
-    /// be the one that event replaced, so it is checked again, once, now.
-    fn failed_before_a_forget(&self, forgets: u64) -> bool {
-        let failed = matches!(&self.work, Work::Done(Ok(Some(p)))
-            if matches!(p.result, Err(Problem::Failed(Failure::Signature))));
-        failed && !self.checked_again && forgets != self.forgets
+    /// Whether its signature failed against a key looked up before an `#identity` event of its
+    /// repo in front of it was applied (checks run ahead of the in-order apply): the key may be
+    /// the one that event replaced, so it is checked again, once.
+    fn failed_before_a_forget(&self, forgotten: &HashMap<String, u64>) -> bool {
+        let Work::Done(Ok(Some(p))) = &self.work else { return false };
+        matches!(p.result, Err(Problem::Failed(Failure::Signature)))
+            && !self.checked_again
+            && forgotten.get(&p.did).is_some_and(|at| *at > self.forgets)
     }
 }
 
@@ -421,6 +422,9 @@ pub struct Stage {
     metrics: Arc<Metrics>,
     chains: Chains,
     warn: RateLimitedLog,
+    /// DIDs whose key an `#identity` event made forget, with [`Resolver::forgets`] just after:
+    /// a pending frame of theirs whose check started before and failed is checked again.
+    forgotten: HashMap<String, u64>,
 }
 
 impl Stage {
@@ -435,6 +439,7 @@ impl Stage {
             metrics,
             chains: Chains::new(),
             warn: RateLimitedLog::new(Duration::from_secs(10)),
+            forgotten: HashMap::new(),
         })
     }
 
@@ -446,18 +451,26 @@ impl Stage {
         let mut closed = false;
         loop {
             while pending.front().is_some_and(|p| !matches!(p.work, Work::Running(_))) {
-                let p = pending.front_mut().expect("front exists");
-                let forgets = self.resolver.forgets();
-                if let (true, Some(raw)) = (p.failed_before_a_forget(forgets), &p.frame.raw) {
-                    p.work = self.start(raw.clone());
-                    (p.forgets, p.checked_again) = (forgets, true);
+                if self.check_again(pending.front_mut().expect("front exists")) {
                     break;
                 }
                 let p = pending.pop_front().expect("front exists");
+                let forgets = self.resolver.forgets();
                 let frame = self.process(p.frame, p.work).await;
+                if self.resolver.forgets() != forgets {
+                    // An #identity: its repo's failed checks behind it start again together.
+                    for p in pending.iter_mut() {
+                        self.check_again(p);
+                    }
+                }
                 if tx.send(frame).await.is_err() {
                     return;
                 }
+            }
+            // Nothing pending started before these forgets any more.
+            let oldest = pending.iter().map(|p| p.forgets).min().unwrap_or(u64::MAX);
+            if !self.forgotten.is_empty() {
+                self.forgotten.retain(|_, at| *at > oldest);
             }
             if closed && pending.is_empty() {
                 return;
@@ -493,6 +506,18 @@ impl Stage {
         }
     }
 
+    /// Starts `p`'s checks again if it failed before an `#identity` of its repo was applied;
+    /// whether it did.
+    fn check_again(&self, p: &mut Pending) -> bool {
+        if !p.failed_before_a_forget(&self.forgotten) {
+            return false;
+        }
+        let Some(raw) = &p.frame.raw else { return false };
+        p.work = self.start(raw.clone());
+        (p.forgets, p.checked_again) = (self.resolver.forgets(), true);
+        true
+    }
+
     /// Starts a frame's stateless checks.
     fn start(&self, raw: bytes::Bytes) -> Work {
         Work::Running(tokio::spawn(prepare(
@@ -513,6 +538,7 @@ impl Stage {
                 // An #identity event may announce a new key.
                 for e in frame.events.iter().filter(|e| e.kind == EventKind::Identity) {
                     self.resolver.forget(e.did());
+                    self.forgotten.insert(e.did().to_string(), self.resolver.forgets());
                 }
                 return frame;
             }

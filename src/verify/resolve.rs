@@ -232,17 +232,17 @@ impl Resolver {
         self.entries.set(cache.map.len() as i64);
     }
 
-    /// Forgets a DID's key (its `#identity` event: the document may have changed).
     /// How many keys were forgotten since the start.
     pub fn forgets(&self) -> u64 {
         self.forgets.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// Forgets a DID's key (its `#identity` event: the document may have changed). A request
+    /// for it on its way now is answered but not cached (it may bring the replaced key).
     pub fn forget(&self, did: &str) {
         self.forgets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
-        // A failure against the key just forgotten may re-resolve at once.
-        self.refreshed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
+        self.inflight.remove(did);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.map.remove(did).is_some() {
             self.entries.set(cache.map.len() as i64);
@@ -353,14 +353,15 @@ impl Resolver {
 
     /// The answer of the request in flight in `cell` (made here if nobody is making it).
     async fn answer(&self, did: &str, cell: Arc<InflightCell>) -> Result<PublicKey, ResolveError> {
-        let result = cell.get_or_init(|| self.fetch(did)).await.clone();
+        let result = cell.get_or_init(|| self.fetch(did, &cell)).await.clone();
         // Gone once answered (the answer is cached, or remembered as a failure).
         self.inflight.remove_if(did, |_, c| Arc::ptr_eq(c, &cell));
         result
     }
 
-    /// One request, within one deadline for waiting for a slot and for the answer.
-    async fn fetch(&self, did: &str) -> Result<PublicKey, ResolveError> {
+    /// One request, within one deadline for waiting for a slot and for the answer; its answer
+    /// cached unless the DID was forgotten meanwhile (`cell` no longer the one in flight).
+    async fn fetch(&self, did: &str, cell: &Arc<InflightCell>) -> Result<PublicKey, ResolveError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
         let permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
@@ -379,7 +380,9 @@ impl Resolver {
         };
         drop(permit);
         self.seconds.observe(started.elapsed().as_secs_f64());
+        let current = self.inflight.get(did).is_some_and(|c| Arc::ptr_eq(&c, cell));
         match &result {
+            Ok(_) if !current => self.results[ResolveResult::Ok as usize].inc(),
             Ok(key) => {
                 self.results[ResolveResult::Ok as usize].inc();
                 self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
@@ -387,6 +390,7 @@ impl Resolver {
                 let _ = super::blocking(|| self.log.put_did_entry(did, Some(&encode_entry(&c))));
                 self.remember(did, c);
             }
+            Err(e) if !current => self.results[e.result() as usize].inc(),
             Err(e) => {
                 self.results[e.result() as usize].inc();
                 let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
