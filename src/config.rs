@@ -431,7 +431,7 @@ mod tests {
         }
         // The edges themselves are fine.
         for args in [
-            &["--ring-max-bytes", "1MiB", "--ring-capacity", "16777216", "--relay-reset-threshold", "10000"][..],
+            &["--ring-max-bytes", "1MiB", "--ring-capacity", "16777216", "--relay-reset-threshold", "1"][..],
             &["--write-timeout", "24d", "--slow-min-rate", "0", "--upstream-switch-lag", "1s"],
             &["--verify", "signature", "--did-cache-ttl", "1m"],
             &["--ready-stale-after", "1s", "--max-client-message-bytes", "0"],

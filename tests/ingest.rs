@@ -318,6 +318,33 @@ async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }
 
+/// A PDS read directly, wiped (or restored from a backup): its seqs restart far less than the
+/// default threshold below our cursor, so its new events would be skipped as duplicates until
+/// they passed it. With `--relay-reset-threshold 1` (a PDS replays exactly from the cursor, no
+/// fan-out daemon a little behind) its new seq space is followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pds_wiped_to_lower_seqs_is_followed_with_a_reset_threshold_of_one() {
+    let relay = FakeRelay::start().await;
+    let before = generate(1, 300, 10, 61);
+    relay.push_all(&before);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--relay-idle-timeout", "1s", "--relay-reset-threshold", "1"];
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    serve.wait_for_seq_exactly(300, Duration::from_secs(30));
+    // Wiped: it refuses our cursor as in its future (as the TypeScript PDS does), and its new
+    // events start at seq 1 again.
+    relay.set_faults(Faults { refuse_future_cursor: true, ..Faults::default() });
+    relay.clear();
+    let after = generate(1, 30, 10, 62);
+    relay.push_all(&after);
+    serve.wait_for_seq_exactly(30, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"seq_reset\"}"), Some(1.0));
+    drop(serve);
+    let mut all = before.clone();
+    all.extend(after);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
+}
+
 /// A relay behind a load balancer whose lagging instance refuses our cursor three times, then
 /// a live connection reaches an instance ahead of us: the reader asks again with its cursor and
 /// gets the frames in between, instead of taking them as a gap (they would be lost).

@@ -60,13 +60,16 @@ pub struct RelayConfig {
     /// After a reconnect, a first seq more than this far below our cursor means the relay
     /// reset its seq space (we follow it); closer below is a fan-out daemon a little behind
     /// (its repeats are skipped as duplicates). In the middle of a connection, 100 frames in a
-    /// row this far below are a reset too.
+    /// row this far below are a reset too. Reading a PDS (or one relay that replays exactly
+    /// from the cursor), set 1: a PDS wiped or restored from a backup restarts far less than
+    /// the default below our cursor, and its new events would be skipped as duplicates.
     #[arg(long, env = "CONTRAIL_RELAY_RESET_THRESHOLD", default_value = "1000000")]
     pub relay_reset_threshold: u64,
 }
 
-/// The smallest seq distance `--relay-reset-threshold` may take as a relay reset.
-pub const MIN_RELAY_RESET_THRESHOLD: u64 = 10_000;
+/// The smallest seq distance `--relay-reset-threshold` may take as a relay reset: 1, for a
+/// PDS or a single relay that replays exactly from the cursor (no fan-out daemon behind it).
+pub const MIN_RELAY_RESET_THRESHOLD: u64 = 1;
 /// The largest (bsky.network's seqs are ~2·10¹⁰; a new space starts near 0).
 pub const MAX_RELAY_RESET_THRESHOLD: u64 = 1_000_000_000;
 
@@ -86,8 +89,7 @@ impl RelayConfig {
             return Err(("connect-timeout", "must be at least 100ms".into()));
         }
         if self.relay_reset_threshold < MIN_RELAY_RESET_THRESHOLD {
-            // Lower, a relay that comes back a little behind our cursor would be taken for a
-            // reset, and the events it sends again stored twice.
+            // 0: every repeat of our cursor would be a reset, and stored twice.
             return Err(("relay-reset-threshold", format!("must be at least {MIN_RELAY_RESET_THRESHOLD}")));
         }
         if self.relay_reset_threshold > MAX_RELAY_RESET_THRESHOLD {
