@@ -328,6 +328,9 @@ struct Pending {
     /// [`Resolver::forgets`] when its work started, and whether it was started again.
     forgets: u64,
     checked_again: bool,
+    /// [`Resolver::forgets`] when it was queued: never more than `forgets`, and never less
+    /// along the queue, so the front's is the least of all.
+    queued_at: u64,
 }
 
 impl Pending {
@@ -468,8 +471,8 @@ impl Stage {
                 }
             }
             // Nothing pending started before these forgets any more.
-            let oldest = pending.iter().map(|p| p.forgets).min().unwrap_or(u64::MAX);
             if !self.forgotten.is_empty() {
+                let oldest = pending.front().map_or(u64::MAX, |p| p.queued_at);
                 self.forgotten.retain(|_, at| *at > oldest);
             }
             if closed && pending.is_empty() {
@@ -498,7 +501,14 @@ impl Stage {
                             Some(raw) => self.start(raw.clone()),
                             None => Work::None,
                         };
-                        pending.push_back(Pending { frame, _permit: permit, work, forgets, checked_again: false });
+                        pending.push_back(Pending {
+                            frame,
+                            _permit: permit,
+                            work,
+                            forgets,
+                            checked_again: false,
+                            queued_at: forgets,
+                        });
                     }
                     None => closed = true,
                 },
