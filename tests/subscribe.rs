@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::client::{collect, connect, next, send_text, Msg};
+use common::client::{collect, connect, next, send_text, Msg, Ws};
 use common::frames::{did_for, generate, GenFrame};
 use common::process::{http_get, inspect_log, Serve};
 use common::relay::{FakeRelay, Faults};
@@ -196,6 +196,22 @@ async fn a_client_waiting_to_say_hello_is_pinged_and_kept() {
     assert_eq!(collect(&mut ws, n, T).await.len(), n);
 }
 
+/// Writes `chunks` of raw bytes to a subscriber's socket (frames a websocket library would not
+/// send), `pause` between them, then reads it as a client again.
+async fn send_raw(ws: Ws, chunks: &[&[u8]], pause: Duration) -> Ws {
+    let mut raw = ws.into_inner();
+    for (i, chunk) in chunks.iter().enumerate() {
+        if i > 0 && !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut raw, chunk).await.unwrap();
+    }
+    fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
+        raw,
+        fastwebsockets::Role::Client,
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_client_messages_close_with_codes() {
     let s = setup(5, &[]).await;
@@ -286,12 +302,7 @@ async fn bad_client_messages_close_with_codes() {
             burst.extend_from_slice(&[0x00, 0x80, 0, 0, 0, 0]);
         }
         let ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
-        let mut raw = ws.into_inner();
-        tokio::io::AsyncWriteExt::write_all(&mut raw, &burst).await.unwrap();
-        let mut ws = fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
-            raw,
-            fastwebsockets::Role::Client,
-        ));
+        let mut ws = send_raw(ws, &[&burst], Duration::ZERO).await;
         match next(&mut ws, T).await {
             Some(Msg::Close(1008, reason)) => assert_eq!(reason, "too many messages"),
             other => panic!("a flood of empty fragments: expected close 1008, got {other:?}"),
@@ -301,16 +312,9 @@ async fn bad_client_messages_close_with_codes() {
     // small fragment rather than read for ever.
     {
         let ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
-        let mut raw = ws.into_inner();
-        tokio::io::AsyncWriteExt::write_all(&mut raw, &[0x01, 0x81, 0, 0, 0, 0, b'{']).await.unwrap();
-        for _ in 0..64 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            tokio::io::AsyncWriteExt::write_all(&mut raw, &[0x00, 0x80, 0, 0, 0, 0]).await.unwrap();
-        }
-        let mut ws = fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
-            raw,
-            fastwebsockets::Role::Client,
-        ));
+        let mut chunks: Vec<&[u8]> = vec![&[0x01, 0x81, 0, 0, 0, 0, b'{']];
+        chunks.extend([&[0x00, 0x80, 0, 0, 0, 0][..]; 64]);
+        let mut ws = send_raw(ws, &chunks, Duration::from_millis(5)).await;
         match next(&mut ws, T).await {
             Some(Msg::Close(1008, reason)) => assert_eq!(reason, "too many messages"),
             other => panic!("a slow message of empty fragments: expected close 1008, got {other:?}"),
@@ -331,12 +335,7 @@ async fn bad_client_messages_close_with_codes() {
     ];
     for (frame, why) in bad {
         let ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
-        let mut raw = ws.into_inner();
-        tokio::io::AsyncWriteExt::write_all(&mut raw, frame).await.unwrap();
-        let mut ws = fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
-            raw,
-            fastwebsockets::Role::Client,
-        ));
+        let mut ws = send_raw(ws, &[frame], Duration::ZERO).await;
         match next(&mut ws, T).await {
             Some(Msg::Close(1002, reason)) => assert_eq!(reason, why),
             other => panic!("{why}: expected close 1002, got {other:?}"),
@@ -1031,15 +1030,10 @@ async fn fragmented_messages_are_reassembled_and_limited_in_total() {
     let chunk = vec![b' '; 4_000_000];
     ws.write_frame(Frame::new(false, OpCode::Text, None, Payload::Owned(chunk.clone()))).await.unwrap();
     ws.write_frame(Frame::new(false, OpCode::Continuation, None, Payload::Owned(chunk.clone()))).await.unwrap();
-    let mut raw = ws.into_inner();
     let mut header = vec![0x00, 0xff];
     header.extend_from_slice(&4_000_000u64.to_be_bytes());
     header.extend_from_slice(&[1, 2, 3, 4]);
-    tokio::io::AsyncWriteExt::write_all(&mut raw, &header).await.unwrap();
-    let mut ws = fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
-        raw,
-        fastwebsockets::Role::Client,
-    ));
+    let mut ws = send_raw(ws, &[&header], Duration::ZERO).await;
     let mut closed = None;
     while let Some(m) = next(&mut ws, T).await {
         if let Msg::Close(code, _) = m {
