@@ -73,6 +73,13 @@ impl<S: CursorStore> Saver<S> {
         Ok(Saver { store, saved, last_save: Instant::now(), every })
     }
 
+    /// When `position` is to be saved, if it is ahead of what is saved: the interval after the
+    /// last save. A quiet stream still gets its finished work saved then.
+    fn due(&self, position: Option<u64>) -> Option<tokio::time::Instant> {
+        let ahead = position.is_some_and(|p| self.saved.is_none_or(|s| p > s));
+        ahead.then(|| tokio::time::Instant::from_std(self.last_save + self.every))
+    }
+
     fn maybe(&mut self, position: Option<u64>) -> std::io::Result<()> {
         if self.last_save.elapsed() >= self.every {
             self.now(position)?;
@@ -114,10 +121,16 @@ where
     let mut position = saver.saved;
     tokio::pin!(shutdown);
     let result = loop {
+        let due = saver.due(position);
         let message = tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
             m = sub.next() => m,
+            // Nothing new for the interval: what was finished is saved now.
+            _ = sleep_until(due), if due.is_some() => {
+                saver.now(position).map_err(ProcessError::Store)?;
+                continue;
+            }
         };
         match message {
             Ok(Message::Event(e)) => {
@@ -136,6 +149,14 @@ where
     };
     saver.now(position).map_err(ProcessError::Store)?;
     result
+}
+
+/// Sleeps until `at` (`None`: never; the select arm is off then anyway).
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Work handed to the parallel workers and not finished yet, by dispatch order; each entry
@@ -204,13 +225,15 @@ where
     let in_flight = Arc::new(Mutex::new(InFlight::default()));
     let (err_tx, mut err_rx) = mpsc::channel::<E>(1);
     let panicked = Arc::new(tokio::sync::Notify::new());
+    // Signalled as workers finish events: the position that may be saved moves.
+    let finished = Arc::new(tokio::sync::Notify::new());
     let mut queues = Vec::with_capacity(workers);
     let mut tasks = Workers { tasks: Vec::with_capacity(workers), in_flight: in_flight.clone() };
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<(u64, Event)>(opts.queue_per_worker.max(1));
         queues.push(tx);
-        let (handler, in_flight, err_tx, panicked) =
-            (handler.clone(), in_flight.clone(), err_tx.clone(), panicked.clone());
+        let (handler, in_flight, err_tx, panicked, finished) =
+            (handler.clone(), in_flight.clone(), err_tx.clone(), panicked.clone(), finished.clone());
         tasks.tasks.push(tokio::spawn(async move {
             let _guard = PanicGuard(in_flight.clone(), panicked);
             while let Some((id, event)) = rx.recv().await {
@@ -220,6 +243,7 @@ where
                 match handler(event).await {
                     Ok(()) => {
                         lock(&in_flight).entries.remove(&id);
+                        finished.notify_one();
                     }
                     Err(e) => {
                         lock(&in_flight).failed = true;
@@ -243,6 +267,10 @@ where
     tokio::pin!(shutdown);
     let mut result = Ok(());
     loop {
+        let safe = safe_position(position);
+        let due = saver.due(safe);
+        // Work dispatched and not finished holds the position back: wait for it too.
+        let held_back = due.is_none() && saver.due(position).is_some();
         let message = tokio::select! {
             biased;
             e = err_rx.recv() => {
@@ -254,6 +282,15 @@ where
             _ = &mut shutdown => break,
             _ = panicked.notified() => break, // the join below reports it
             m = sub.next() => m,
+            // Nothing new for the interval: what was finished is saved now.
+            _ = sleep_until(due), if due.is_some() => {
+                if let Err(e) = saver.now(safe) {
+                    lock(&in_flight).failed = true;
+                    return Err(ProcessError::Store(e));
+                }
+                continue;
+            }
+            _ = finished.notified(), if held_back => continue,
         };
         match message {
             Ok(Message::Event(e)) => {

@@ -177,6 +177,40 @@ async fn a_panicking_parallel_handler_ends_the_run_with_an_error_and_the_cursor_
     drop(tx);
 }
 
+/// A stream that goes quiet after a burst (a sparse filter, or a server without cursor
+/// messages): the finished burst is saved within the interval, not only at the next message,
+/// so a crash then hands over at most one interval's worth again. Both runners; for the
+/// parallel one, what workers finish after the last message is saved too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_still_gets_its_finished_work_saved() {
+    for workers in [None, Some(3)] {
+        let (tx, rx) = mpsc::channel(8);
+        for t in 1..=5u64 {
+            tx.send(Ok(Message::Event(event(t as u8, t)))).await.unwrap();
+        }
+        let store = contrail_client::MemoryCursorStore::default();
+        let handler = |_: Event| async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok::<(), String>(())
+        };
+        let opts = ProcessOptions { save_interval: Duration::from_millis(200), queue_per_worker: 2 };
+        let sub = Subscription::from_channel(rx);
+        let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match workers {
+            None => Box::pin(process(sub, store.clone(), opts, handler, std::future::pending())),
+            Some(n) => Box::pin(process_parallel(sub, store.clone(), opts, n, handler, std::future::pending())),
+        };
+        let run = tokio::spawn(run);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.get() != Some(5) {
+            assert!(std::time::Instant::now() < deadline, "{workers:?}: saved {:?} on a quiet stream", store.get());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!run.is_finished(), "the stream is still open");
+        run.abort();
+        drop(tx);
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap()
 }
