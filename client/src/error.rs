@@ -27,8 +27,10 @@ pub enum Error {
     #[error("no server reachable after {attempts} attempts; last: {last}")]
     Unreachable { attempts: u32, last: String },
     /// The server sent, again and again at the same position, a message this client cannot
-    /// read (over 16 MiB, or text that is not UTF-8): a broken server. Start again after the
-    /// position (a later cursor) to go past it.
+    /// read (over 16 MiB, or text that is not UTF-8) or take (a `time_us` more than a week past
+    /// this machine's clock: check the clock; an event before the position on the same host:
+    /// its log went back, restored from an old backup). Start again after the position (a
+    /// later cursor) to go past it, or from a cursor the server still holds.
     #[error("{url} sends a message this client cannot read ({what}) after time_us {after:?}")]
     Unreadable { url: String, after: Option<u64>, what: String },
     /// The subscription's background task has ended (it was closed, or the runtime is

@@ -428,8 +428,13 @@ impl Driver {
                     return;
                 }
                 // The same unreadable message at the same position, again and again: every
-                // reconnect would meet it. The caller is told instead of a silent loop.
-                ConnectionError::Unreadable(what) if self.last == delivered_before => {
+                // reconnect would meet it. The caller is told instead of a silent loop. So with
+                // one it cannot take there (a time_us a week past this machine's clock, a
+                // timeline that went back below it): a clock far behind, or a server's log
+                // restored from an old backup, would otherwise loop for ever.
+                ConnectionError::Unreadable(what) | ConnectionError::Protocol(what)
+                    if self.last == delivered_before =>
+                {
                     unreadable = match unreadable {
                         (at, n) if at == self.last && n > 0 => (at, n + 1),
                         _ => (self.last, 1),
