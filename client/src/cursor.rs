@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Keeps the cursor. `save` is called from the processing task, at most every save interval
-/// and once at shutdown; it should be durable when it returns.
+/// and once at shutdown; it should be durable when it returns. It runs on that task (a
+/// blocking call on the async runtime's thread): [`FileCursorStore`]'s two syncs take a few
+/// milliseconds, once a second by default, but after every event with a zero save interval;
+/// a store that writes to a database may do it in the handler's own transaction instead.
 pub trait CursorStore: Send + 'static {
     fn load(&self) -> std::io::Result<Option<u64>>;
     fn save(&mut self, cursor: u64) -> std::io::Result<()>;
