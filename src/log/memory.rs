@@ -30,22 +30,41 @@ struct Inner {
     last_time_us: u64,
     cursor: Option<RelayCursor>,
     /// Verification state (see the RocksDB backend), bounded: a live-only node forgets the
-    /// chain of a repo it has not seen for a long time (its next commit anchors anew).
-    repos: std::collections::HashMap<String, Vec<u8>>,
-    dids: std::collections::HashMap<String, Vec<u8>>,
+    /// chain of the repo written least recently (its next commit anchors anew).
+    repos: StateMap,
+    dids: StateMap,
+}
+
+/// One verification map: by key, least recently written first out.
+struct StateMap(lru::LruCache<String, Vec<u8>>);
+
+impl Default for StateMap {
+    fn default() -> Self {
+        // Unbounded in the cache's own terms (nothing allocated up front); held to
+        // MAX_STATE_ENTRIES by `put`.
+        StateMap(lru::LruCache::unbounded())
+    }
+}
+
+impl StateMap {
+    fn put(&mut self, key: &str, value: &[u8]) {
+        self.0.put(key.to_string(), value.to_vec());
+        while self.0.len() > MAX_STATE_ENTRIES {
+            self.0.pop_lru();
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.peek(key).cloned()
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.0.pop(key);
+    }
 }
 
 /// Entries each verification map keeps at most on a live-only node.
 const MAX_STATE_ENTRIES: usize = 1_000_000;
-
-fn put_bounded(map: &mut std::collections::HashMap<String, Vec<u8>>, key: &str, value: &[u8]) {
-    if map.len() >= MAX_STATE_ENTRIES && !map.contains_key(key) {
-        if let Some(k) = map.keys().next().cloned() {
-            map.remove(&k);
-        }
-    }
-    map.insert(key.to_string(), value.to_vec());
-}
 
 impl Inner {
     /// Lets the oldest event go, `trimmed` raised past it first.
@@ -89,7 +108,7 @@ impl MemoryLog {
         let mut value = Vec::new();
         let mut g = self.write();
         for (did, state) in repo_states {
-            put_bounded(&mut g.repos, did, state);
+            g.repos.put(did, state);
         }
         for e in events {
             e.encode_value(&mut value);
@@ -118,20 +137,18 @@ impl MemoryLog {
     }
 
     pub fn repo_state(&self, did: &str) -> Option<Vec<u8>> {
-        self.read().repos.get(did).cloned()
+        self.read().repos.get(did)
     }
 
     pub fn did_entry(&self, did: &str) -> Option<Vec<u8>> {
-        self.read().dids.get(did).cloned()
+        self.read().dids.get(did)
     }
 
     pub fn put_did_entry(&self, did: &str, value: Option<&[u8]>) {
         let mut g = self.write();
         match value {
-            Some(v) => put_bounded(&mut g.dids, did, v),
-            None => {
-                g.dids.remove(did);
-            }
+            Some(v) => g.dids.put(did, v),
+            None => g.dids.remove(did),
         }
     }
 
@@ -223,6 +240,25 @@ mod window_tests {
         assert_eq!(log.oldest_time_us(), Some(2), "a write without events evicts nothing");
         log.append(&[event(3, 1000), event(4, 1000)], None, &[]);
         assert_eq!((log.oldest_time_us(), log.newest_time_us()), (Some(3), Some(4)));
+    }
+
+    /// The verification state keeps its last MAX_STATE_ENTRIES repos, the least recently
+    /// written going first; a repo written again stays.
+    #[test]
+    fn the_verification_state_lets_the_least_recently_written_repo_go() {
+        let log = MemoryLog::new(1 << 20);
+        let did = |n: usize| format!("did:plc:{n}");
+        let writes: Vec<(String, Vec<u8>)> = (0..MAX_STATE_ENTRIES).map(|n| (did(n), vec![1])).collect();
+        log.append(&[], None, &writes);
+        log.append(&[], None, &[(did(0), vec![2])]);
+        log.append(&[], None, &[(did(MAX_STATE_ENTRIES), vec![3])]);
+        assert_eq!(log.repo_state(&did(0)), Some(vec![2]), "written again: kept");
+        assert_eq!(log.repo_state(&did(1)), None, "the least recently written went");
+        assert_eq!(log.repo_state(&did(MAX_STATE_ENTRIES)), Some(vec![3]));
+        assert_eq!(log.read().repos.0.len(), MAX_STATE_ENTRIES);
+        log.put_did_entry("did:plc:x", Some(b"k"));
+        log.put_did_entry("did:plc:x", None);
+        assert_eq!(log.did_entry("did:plc:x"), None);
     }
 
     #[test]
