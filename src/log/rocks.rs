@@ -449,7 +449,7 @@ impl RocksLog {
             return Ok(());
         }
         self.db.delete_range_cf(cf, oldest.to_be_bytes(), time_us.to_be_bytes())?;
-        self.db.compact_range_cf(cf, Some(oldest.to_be_bytes()), Some(time_us.to_be_bytes()));
+        self.compact_range(cf, Some(oldest.to_be_bytes()), Some(time_us.to_be_bytes()));
         Ok(())
     }
 
@@ -497,7 +497,7 @@ impl RocksLog {
     /// range so the space comes back.
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
         self.db.delete_range_cf(self.events(), 0u64.to_be_bytes(), cutoff.to_be_bytes())?;
-        self.db.compact_range_cf(self.events(), None::<&[u8]>, Some(cutoff.to_be_bytes()));
+        self.compact_range(self.events(), None::<[u8; 8]>, Some(cutoff.to_be_bytes()));
         self.trim_zframes_before(cutoff)
     }
 
@@ -595,7 +595,7 @@ impl RocksLog {
         for name in [CF_REPOS, CF_DIDS] {
             let cf = self.cf(name)?;
             self.db.flush_cf(cf)?;
-            self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+            self.compact_range(cf, None::<&[u8]>, None::<&[u8]>);
         }
         Ok(())
     }
@@ -603,8 +603,22 @@ impl RocksLog {
     /// Compacts the whole event range to the bottom level (tools and benchmarks).
     pub fn compact(&self) -> Result<()> {
         self.db.flush_cf(self.events())?;
-        self.db.compact_range_cf(self.events(), None::<&[u8]>, None::<&[u8]>);
+        self.compact_range(self.events(), None::<&[u8]>, None::<&[u8]>);
         Ok(())
+    }
+
+    /// Compacts `[start, end)` of `cf` without pausing automatic compactions meanwhile (the
+    /// default would: a retention pass compacting a day of events could leave level-0 files
+    /// piling up behind it until RocksDB slowed, then stopped, ingest's writes).
+    fn compact_range<S: AsRef<[u8]>, E: AsRef<[u8]>>(
+        &self,
+        cf: &impl rocksdb::AsColumnFamilyRef,
+        start: Option<S>,
+        end: Option<E>,
+    ) {
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_exclusive_manual_compaction(false);
+        self.db.compact_range_cf_opt(cf, start, end, &opts);
     }
 
     /// Flushes memtables (for a clean shutdown; the WAL already made writes durable).
