@@ -192,6 +192,11 @@ pub struct Metrics {
     pub upstream_tip_distance_seconds: prometheus::Gauge,
     pub upstream_switches: IntCounter,
     pub upstream_gaps: IntCounter,
+    /// The times the two lag gauges are measured from (unix µs; 0: none yet): the lag is
+    /// worked out again whenever it is read, so it grows while nothing arrives instead of
+    /// staying at its last value.
+    relay_time_us: std::sync::atomic::AtomicI64,
+    replicated_time_us: std::sync::atomic::AtomicI64,
 }
 
 fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
@@ -488,6 +493,8 @@ impl Metrics {
                 "Replica: switches to the next upstream in the list.",
             ),
             registry: r,
+            relay_time_us: Default::default(),
+            replicated_time_us: Default::default(),
         };
         // Pre-create every label value so dashboards see zeros instead of gaps.
         for t in FrameType::ALL {
@@ -543,8 +550,39 @@ impl Metrics {
         EventKind::ALL.iter().map(|k| self.events_ingested.with_label_values(&[k.as_str()]).get()).sum()
     }
 
-    /// Copies the log's tip into its gauges (called before each scrape: the gauges are fed
-    /// from the tip, never read back).
+    /// The relay time of the last frame persisted (unix µs).
+    pub fn relay_time(&self, t: i64) {
+        self.relay_time_us.store(t, std::sync::atomic::Ordering::Relaxed);
+        self.relay_lag();
+    }
+
+    /// Replica: the `time_us` of the last event received from the upstream.
+    pub fn replicated_time(&self, t: i64) {
+        self.replicated_time_us.store(t, std::sync::atomic::Ordering::Relaxed);
+        self.replication_lag();
+    }
+
+    /// `contrail_relay_lag_seconds` now: how long ago, by the relay's time, its last persisted
+    /// frame was sent (0 before any).
+    pub fn relay_lag(&self) -> f64 {
+        Self::lag(&self.relay_time_us, &self.relay_lag_seconds)
+    }
+
+    /// `contrail_replication_lag_seconds` now.
+    pub fn replication_lag(&self) -> f64 {
+        Self::lag(&self.replicated_time_us, &self.replication_lag_seconds)
+    }
+
+    fn lag(since: &std::sync::atomic::AtomicI64, gauge: &prometheus::Gauge) -> f64 {
+        let t = since.load(std::sync::atomic::Ordering::Relaxed);
+        if t > 0 {
+            gauge.set((crate::clock::now_us() as i64 - t) as f64 / 1e6);
+        }
+        gauge.get()
+    }
+
+    /// Copies the log's tip into its gauges, and works the lags out again (called before each
+    /// scrape: the gauges are fed from the tip, never read back).
     pub fn set_log_gauges(
         &self,
         oldest: Option<u64>,
@@ -557,6 +595,8 @@ impl Metrics {
         self.store_disk_bytes.set(bytes as i64);
         self.store_flushes_running.set(flushes as i64);
         self.store_compactions_running.set(compactions as i64);
+        self.relay_lag();
+        self.replication_lag();
     }
 
     /// The text exposition of every metric.

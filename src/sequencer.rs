@@ -285,7 +285,7 @@ impl Sequencer {
             mix.record(&events);
         }
         if let Some(t) = relay_time {
-            m.relay_lag_seconds.set((now_us() as i64 - t) as f64 / 1e6);
+            m.relay_time(t);
         }
         let mut ingested = [0u64; EventKind::ALL.len()];
         for e in events {

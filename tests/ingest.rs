@@ -323,6 +323,26 @@ async fn a_relay_refusing_our_cursor_as_future_is_followed_live() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&all));
 }
 
+/// The relay lag grows while nothing arrives (it used to stay at its value from the last frame,
+/// so a stopped relay looked current on the status page and dashboards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_lag_grows_while_the_relay_is_silent() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 10, 5, 71);
+    relay.push_all(&gen);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq_exactly(10, Duration::from_secs(30));
+    let lag = || serve.metric("contrail_relay_lag_seconds").unwrap();
+    let first = lag();
+    std::thread::sleep(Duration::from_millis(1_200));
+    let later = lag();
+    assert!(later >= first + 1.0, "the lag stayed at {first} (now {later}) with nothing arriving");
+    let (_, status) = common::process::http_get(serve.public, "/status").unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert!(status["relay"]["lag_seconds"].as_f64().unwrap() >= later);
+}
+
 /// A PDS read directly, wiped (or restored from a backup): its seqs restart far less than the
 /// default threshold below our cursor, so its new events would be skipped as duplicates until
 /// they passed it. With `--relay-reset-threshold 1` (a PDS replays exactly from the cursor, no

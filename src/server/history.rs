@@ -131,7 +131,7 @@ impl History {
             time_ms: crate::clock::now_us() / 1000,
             ingest_per_second: rate(now.ingested, prev.ingested),
             delivered_per_second: rate(now.delivered, prev.delivered),
-            lag_seconds: if self.replica { m.replication_lag_seconds.get() } else { m.relay_lag_seconds.get() },
+            lag_seconds: if self.replica { m.replication_lag() } else { m.relay_lag() },
             upstream_ahead_seconds: if self.replica { m.upstream_tip_distance_seconds.get() } else { 0.0 },
             subscribers,
             drops_per_second: drops,

@@ -184,13 +184,13 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "role": if upstream.is_some() { "replica" } else { "primary" },
         "upstream": upstream.as_deref().map(shown_url),
-        "replication_lag_seconds": m.replication_lag_seconds.get(),
+        "replication_lag_seconds": m.replication_lag(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "relay": {
             "url": shared.relay_url.as_deref().map(shown_url),
             "connected": m.relay_connected.get() == 1,
             "seq": m.relay_last_seq.get(),
-            "lag_seconds": m.relay_lag_seconds.get(),
+            "lag_seconds": m.relay_lag(),
             "reconnects": m.relay_reconnects.get(),
         },
         "ingest": {

@@ -18,7 +18,6 @@
 use super::backoff::Backoff;
 use super::wsclient::{self, ClientError, WsUrl};
 use super::Readiness;
-use crate::clock::now_us;
 use crate::event::{Event, EventKind};
 use crate::metrics::Metrics;
 use crate::sequencer::{IngestFrame, IngestSender};
@@ -456,7 +455,7 @@ impl UpstreamReader {
             return self.drop_event(DropReason::BadTime, "an event whose time_us does not parse the same twice".into());
         }
         self.last_time_us = time_us;
-        self.metrics.replication_lag_seconds.set((now_us() as f64 - time_us as f64) / 1e6);
+        self.metrics.replicated_time(time_us as i64);
         self.metrics.upstream_tip_distance_seconds.set(0.0);
         let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
         self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)?;
