@@ -105,6 +105,17 @@ impl WsUrl {
         self.target_with(cursor.map(|c| format!("cursor={c}")).into_iter())
     }
 
+    /// Another request target on the same server (`/dictionary`, `/status`), with the URL's
+    /// own query: a proxy in front of the server that wants a `?token=` on every request gets
+    /// it on these too.
+    pub fn at(&self, path: &str) -> String {
+        if self.query.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", self.query.join("&"))
+        }
+    }
+
     /// The request target with extra query parameters.
     pub fn target_with(&self, extra: impl Iterator<Item = String>) -> String {
         let mut q = self.query.clone();
@@ -499,6 +510,14 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn other_requests_to_the_server_carry_the_urls_query() {
+        let u = super::WsUrl::parse_with_path("wss://h.example/subscribe?token=t1&x=2", "/subscribe").unwrap();
+        assert_eq!(u.at("/dictionary"), "/dictionary?token=t1&x=2");
+        let plain = super::WsUrl::parse_with_path("wss://h.example", "/subscribe").unwrap();
+        assert_eq!(plain.at("/status"), "/status");
+    }
+
     use super::*;
 
     #[test]

@@ -285,7 +285,9 @@ impl UpstreamReader {
         let mut decompressor = None;
         if replica.upstream_compress {
             let base = url.path.strip_suffix("/subscribe").unwrap_or("");
-            let dict = match wsclient::http_get(&url, &format!("{base}/dictionary"), self.opts.connect_timeout).await {
+            let dict = match wsclient::http_get(&url, &url.at(&format!("{base}/dictionary")), self.opts.connect_timeout)
+                .await
+            {
                 Ok(d) => d,
                 Err(e) => return UpstreamError::Dictionary(e.to_string()),
             };
@@ -492,7 +494,7 @@ impl UpstreamReader {
 /// The newest `time_us` an upstream reports at `/status`.
 async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
     let base = url.path.strip_suffix("/subscribe").unwrap_or("");
-    let body = wsclient::http_get(url, &format!("{base}/status"), timeout).await.ok()?;
+    let body = wsclient::http_get(url, &url.at(&format!("{base}/status")), timeout).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
     v["log"]["newest_time_us"].as_u64()
 }
