@@ -377,9 +377,11 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     {
         upstream.push(seq, line(time_us));
     }
+    // A cursor message beyond any clock too: taken, no later one would count as moving on.
+    upstream.push(t + 6, format!(r#"{{"kind":"cursor","time_us":{}}}"#, 1i64 << 60).into_bytes());
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
-    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 2.0, "the bogus events were not dropped");
+    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 3.0, "the bogus events were not dropped");
     wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 4.0, "the event after them never came");
     assert!(replica.logs().contains("beyond any clock"), "{}", replica.logs());
     assert_eq!(upstream.connections(), 1, "no reconnect: the bad event did not end the connection");

@@ -386,6 +386,12 @@ impl UpstreamReader {
             Err(e) => return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}")),
         };
         if meta.kind == "cursor" {
+            if meta.time_us >= crate::clock::MAX_TIME_US {
+                // Taken, it would be a position nothing later could pass: no cursor message
+                // would count as the upstream moving on again.
+                let t = meta.time_us;
+                return self.drop_event(DropReason::BadTime, format!("a cursor message at {t} (beyond any clock)"));
+            }
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
