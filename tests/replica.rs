@@ -47,8 +47,8 @@ fn replica(dir: &std::path::Path, upstreams: &[&Serve]) -> Serve {
 
 /// A replica of `urls` (comma-separated), with `extra` flags.
 fn replica_of(dir: &std::path::Path, urls: &str, extra: &[&str]) -> Serve {
-    let mut args =
-        vec!["--upstream-url", urls, "--upstream-stale-timeout", "3s", "--max-events-per-second-per-ip", "0"];
+    let mut args = vec!["--upstream-url", urls, "--upstream-stale-timeout", "3s", "--upstream-hole-patience", "12s"];
+    args.extend_from_slice(&["--max-events-per-second-per-ip", "0"]);
     args.extend_from_slice(extra);
     Serve::start(dir, "ws://127.0.0.1:9", &args)
 }

@@ -44,6 +44,12 @@ pub struct ReplicaConfig {
     #[arg(long, env = "CONTRAIL_UPSTREAM_STALE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub upstream_stale_timeout: Duration,
+    /// Replica mode: how long an upstream that has our newest event but cannot be reached (it
+    /// may be restarting), or sends nothing after it, holds up going on from one that no longer
+    /// has it (a hole in our log, for ever). At least the stale timeout.
+    #[arg(long, env = "CONTRAIL_UPSTREAM_HOLE_PATIENCE", default_value = "10m", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub upstream_hole_patience: Duration,
     /// Replica mode: subscribe compressed, with the dictionary the upstream serves.
     #[arg(long, env = "CONTRAIL_UPSTREAM_COMPRESS", default_value = "true", action = clap::ArgAction::Set)]
     pub upstream_compress: bool,
@@ -65,6 +71,10 @@ impl ReplicaConfig {
             // Another upstream is nearly always a little ahead of the one just read: below a
             // second the replica would switch at every probe.
             return Err(("upstream-switch-lag", "must be at least 1s".into()));
+        }
+        if self.upstream_hole_patience < self.upstream_stale_timeout {
+            // Shorter, an upstream would be given up on before it was ever found stale.
+            return Err(("upstream-hole-patience", "must be at least upstream-stale-timeout".into()));
         }
         if self.upstream_stale_timeout < Duration::from_secs(3) {
             return Err((
@@ -141,10 +151,6 @@ enum Resume {
     /// It could not be reached, or sent nothing after that event, every time since then.
     Unreachable(std::time::Instant),
 }
-
-/// How long an upstream that cannot be reached (it may be restarting) holds up accepting a
-/// hole, in upstream stale timeouts: a hole is forever, a replica that waits only lags.
-const UNREACHABLE_STALE_TIMEOUTS: u32 = 4;
 
 pub struct UpstreamReader {
     opts: UpstreamOptions,
@@ -432,7 +438,8 @@ impl UpstreamReader {
             // none can, go on, and say so.
             let (cursor, first) = (self.last_time_us, meta.time_us);
             *self.resume_state() = Resume::Trimmed;
-            let patience = self.opts.replica.upstream_stale_timeout * UNREACHABLE_STALE_TIMEOUTS;
+            // A hole is for ever; a replica that waits only lags.
+            let patience = self.opts.replica.upstream_hole_patience;
             let none_can = self.resume.iter().all(|r| match r {
                 Resume::Trimmed => true,
                 Resume::Unreachable(since) => since.elapsed() >= patience,
