@@ -28,9 +28,8 @@ pub enum Error {
     Unreachable { attempts: u32, last: String },
     /// The server sent, again and again at the same position, a message this client cannot
     /// read (over 16 MiB, or text that is not UTF-8) or take (a `time_us` more than a week past
-    /// this machine's clock: check the clock; an event before the position on the same host:
-    /// its log went back, restored from an old backup). Start again after the position (a
-    /// later cursor) to go past it, or from a cursor the server still holds.
+    /// this machine's clock: check the clock). Start again after the position (a later cursor)
+    /// to go past it.
     #[error("{url} sends a message this client cannot read ({what}) after time_us {after:?}")]
     Unreadable { url: String, after: Option<u64>, what: String },
     /// The subscription's background task has ended (it was closed, or the runtime is
@@ -65,9 +64,14 @@ pub(crate) enum ConnectionError {
     Write(String),
     #[error("the server closed the connection ({code}{})", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     Closed { code: u16, reason: String },
-    /// The server broke the protocol (time going backwards, a time_us in the future).
+    /// The server broke the protocol (time going backwards: a clock stepped back on a server
+    /// that starts such a cursor live; retried, as it passes).
     #[error("{0}")]
     Protocol(String),
+    /// A `time_us` more than a week past this machine's clock: after a few in a row at one
+    /// position, the subscription ends with [`Error::Unreadable`] (check the clock).
+    #[error("{0}")]
+    Future(String),
     /// Not retryable: see [`Error::Refused`].
     #[error("{0}")]
     Refused(String),

@@ -77,7 +77,9 @@ impl<S: CursorStore> Saver<S> {
     /// last save. A quiet stream still gets its finished work saved then.
     fn due(&self, position: Option<u64>) -> Option<tokio::time::Instant> {
         let ahead = position.is_some_and(|p| self.saved.is_none_or(|s| p > s));
-        ahead.then(|| tokio::time::Instant::from_std(self.last_save + self.every))
+        // (An interval too long to add means "at the end only".)
+        let at = self.last_save.checked_add(self.every)?;
+        ahead.then(|| tokio::time::Instant::from_std(at))
     }
 
     fn maybe(&mut self, position: Option<u64>) -> std::io::Result<()> {

@@ -429,12 +429,10 @@ impl Driver {
                 }
                 // The same unreadable message at the same position, again and again: every
                 // reconnect would meet it. The caller is told instead of a silent loop. So with
-                // one it cannot take there (a time_us a week past this machine's clock, a
-                // timeline that went back below it): a clock far behind, or a server's log
-                // restored from an old backup, would otherwise loop for ever.
-                ConnectionError::Unreadable(what) | ConnectionError::Protocol(what)
-                    if self.last == delivered_before =>
-                {
+                // a time_us a week past this machine's clock (a clock far behind would loop for
+                // ever). Time going backwards is retried: a server's clock that stepped back
+                // passes.
+                ConnectionError::Unreadable(what) | ConnectionError::Future(what) if self.last == delivered_before => {
                     unreadable = match unreadable {
                         (at, n) if at == self.last && n > 0 => (at, n + 1),
                         _ => (self.last, 1),
@@ -802,7 +800,7 @@ const FUTURE_SLACK_US: u64 = 7 * 24 * 3_600_000_000;
 
 fn check_not_future(time_us: u64) -> Result<(), ConnectionError> {
     if time_us > now_us().saturating_add(FUTURE_SLACK_US) {
-        return Err(ConnectionError::Protocol(format!("a time_us ({time_us}) more than a week in the future")));
+        return Err(ConnectionError::Future(format!("a time_us ({time_us}) more than a week in the future")));
     }
     Ok(())
 }
