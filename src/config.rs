@@ -425,7 +425,6 @@ mod tests {
             (&["--ready-stale-after", "500ms"], "ready-stale-after"),
             (&["--max-client-message-bytes", "2TiB"], "max-client-message-bytes"),
             (&["--max-client-message-bytes", "256KiB"], "max-client-message-bytes"),
-            (&["--upstream-hole-patience", "10s"], "upstream-hole-patience"),
         ] {
             let err = serve(args).and_then(|c| c.validate()).expect_err(&format!("{args:?} was accepted"));
             assert_eq!(err.key, key, "{args:?}: {err}");

@@ -475,7 +475,7 @@ impl Metrics {
             replication_lag_seconds: float_gauge(
                 &r,
                 "contrail_replication_lag_seconds",
-                "Replica: now minus the time_us of the last event received from the upstream.",
+                "Replica: now minus the time_us of the last event received from the upstream, or of the last cursor message saying there is nothing newer.",
             ),
             upstream_tip_distance_seconds: float_gauge(
                 &r,

@@ -68,6 +68,11 @@ async fn replicas_and_chains_mirror_the_primary_exactly() {
     primary.wait_for_seq(1_500, Duration::from_secs(30));
     wait_caught_up(&primary, &a, Duration::from_secs(30));
     wait_caught_up(&primary, &b, Duration::from_secs(30));
+    // The primary gets nothing more: a caught-up replica's lag stays near 0 (its upstream's
+    // cursor messages say there is nothing newer), though its last event grows old.
+    std::thread::sleep(Duration::from_millis(3_000));
+    let lag = a.metric("contrail_replication_lag_seconds").unwrap();
+    assert!(lag < 2.0, "a caught-up replica of a quiet primary shows a lag of {lag} s");
     // Replica links are compressed by default (A on the primary, B on A).
     assert_eq!(primary.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));
     assert_eq!(a.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));

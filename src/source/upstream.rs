@@ -46,7 +46,7 @@ pub struct ReplicaConfig {
     pub upstream_stale_timeout: Duration,
     /// Replica mode: how long an upstream that has our newest event but cannot be reached (it
     /// may be restarting), or sends nothing after it, holds up going on from one that no longer
-    /// has it (a hole in our log, for ever). At least the stale timeout.
+    /// has it (a hole in our log, for ever). Never less than the stale timeout.
     #[arg(long, env = "CONTRAIL_UPSTREAM_HOLE_PATIENCE", default_value = "10m", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub upstream_hole_patience: Duration,
@@ -71,10 +71,6 @@ impl ReplicaConfig {
             // Another upstream is nearly always a little ahead of the one just read: below a
             // second the replica would switch at every probe.
             return Err(("upstream-switch-lag", "must be at least 1s".into()));
-        }
-        if self.upstream_hole_patience < self.upstream_stale_timeout {
-            // Shorter, an upstream would be given up on before it was ever found stale.
-            return Err(("upstream-hole-patience", "must be at least upstream-stale-timeout".into()));
         }
         if self.upstream_stale_timeout < Duration::from_secs(3) {
             return Err((
@@ -401,6 +397,11 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
+            if behind == 0 && self.last_time_us > 0 {
+                // Nothing newer upstream: caught up, however long ago its last event was (a
+                // quiet primary), so the lag is none; it grows again if these stop.
+                self.metrics.replicated_time(crate::clock::now_us() as i64);
+            }
             if meta.time_us > self.last_cursor_us {
                 (self.last_cursor_us, self.moved_on) = (meta.time_us, true);
             }
@@ -439,7 +440,7 @@ impl UpstreamReader {
             let (cursor, first) = (self.last_time_us, meta.time_us);
             *self.resume_state() = Resume::Trimmed;
             // A hole is for ever; a replica that waits only lags.
-            let patience = self.opts.replica.upstream_hole_patience;
+            let patience = self.opts.replica.upstream_hole_patience.max(self.opts.replica.upstream_stale_timeout);
             let none_can = self.resume.iter().all(|r| match r {
                 Resume::Trimmed => true,
                 Resume::Unreachable(since) => since.elapsed() >= patience,
