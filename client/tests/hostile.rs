@@ -250,15 +250,22 @@ async fn a_message_the_client_cannot_read_at_one_position_ends_the_subscription_
     // Every connection: the event at t+1, then one text message of 17 MiB (over the 16 MiB a
     // message may be, in one frame: the connection cannot go on past it).
     let big = format!("{{\"x\":\"{}\"}}", "x".repeat(17 << 20));
-    let server = serve(vec![Script::Send(vec![event(t + 1), big])]).await;
+    // Before, it reconnected at t+1 for ever, the caller never told.
+    ends_unreadable_after(t, big, "16 MiB").await;
+}
+
+/// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
+/// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
+/// three tries at `t + 1`.
+async fn ends_unreadable_after(t: u64, bad: String, says: &str) {
+    let server = serve(vec![Script::Send(vec![event(t + 1), bad])]).await;
     let mut sub = subscribe(&server, Some(t));
     assert_eq!(next_event(&mut sub).await, t + 1);
-    // Before, it reconnected at t+1 for ever, the caller never told.
     let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
     match &err {
         Error::Unreadable { after, what, .. } => {
             assert_eq!(*after, Some(t + 1));
-            assert!(what.contains("16 MiB"), "{what}");
+            assert!(what.contains(says), "{what}");
         }
         other => panic!("expected Unreadable, got {other}"),
     }
@@ -306,19 +313,7 @@ async fn a_time_us_in_the_future_and_garbage_do_not_become_positions() {
 async fn an_event_the_client_cannot_take_again_and_again_ends_the_subscription() {
     let t = now_us();
     let future = t + 30 * 24 * 3_600_000_000;
-    let server = serve(vec![Script::Send(vec![event(t + 1), event(future)])]).await;
-    let mut sub = subscribe(&server, Some(t));
-    assert_eq!(next_event(&mut sub).await, t + 1);
-    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
-    match &err {
-        Error::Unreadable { after, what, .. } => {
-            assert_eq!(*after, Some(t + 1));
-            assert!(what.contains("future"), "{what}");
-        }
-        other => panic!("expected Unreadable, got {other}"),
-    }
-    assert!(!err.is_retryable());
-    assert_eq!(server.connections.load(Ordering::SeqCst), 1 + 3, "the first, then three tries at t+1");
+    ends_unreadable_after(t, event(future), "future").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
