@@ -162,6 +162,9 @@ pub struct UpstreamReader {
     moved_on: bool,
     /// The newest position a cursor message showed.
     last_cursor_us: u64,
+    /// The newest `time_us` of an event dropped and counted: an upstream sends the same bad
+    /// events again after a reconnect (they never moved our position), counted once.
+    dropped_through: u64,
     /// What each upstream (by its place in the list) has shown about resuming from
     /// `last_time_us` (forgotten once an event moves it): a hole is accepted only when none
     /// can fill it.
@@ -191,6 +194,7 @@ impl UpstreamReader {
             expect_repeat: false,
             moved_on: false,
             last_cursor_us: 0,
+            dropped_through: 0,
             resume,
             gap: None,
             log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
@@ -419,7 +423,7 @@ impl UpstreamReader {
                 // Not the resumed-from event (that comes first, if at all): a second event
                 // stamped alike, which the log cannot hold beside the first. Dropped, counted.
                 let t = meta.time_us;
-                return self.drop_event(DropReason::BadTime, format!("a second event with time_us {t}"));
+                return self.drop_event_at(t, DropReason::BadTime, format!("a second event with time_us {t}"));
             }
             if meta.time_us == self.last_time_us {
                 self.expect_repeat = false;
@@ -458,17 +462,21 @@ impl UpstreamReader {
             "identity" => EventKind::Identity,
             "account" => EventKind::Account,
             "sync" => EventKind::Sync,
-            other => return self.drop_event(DropReason::UnknownType, format!("an event of an unknown kind {other:?}")),
+            other => {
+                let what = format!("an event of an unknown kind {other:?}");
+                return self.drop_event_at(meta.time_us, DropReason::UnknownType, what);
+            }
         };
         let collection = meta.commit.and_then(|c| c.collection).map(str::to_string);
         let time_us = meta.time_us;
         let (json, verification) = contrail_core::event::split_verification(json);
         let Some(mut event) = Event::from_json(json, kind, collection.as_deref()) else {
-            return self.drop_event(DropReason::BadBody, "an event that is not in v1 shape".into());
+            return self.drop_event_at(time_us, DropReason::BadBody, "an event that is not in v1 shape".into());
         };
         event.verification = verification;
         if event.time_us != time_us {
-            return self.drop_event(DropReason::BadTime, "an event whose time_us does not parse the same twice".into());
+            let what = "an event whose time_us does not parse the same twice".into();
+            return self.drop_event_at(time_us, DropReason::BadTime, what);
         }
         self.last_time_us = time_us;
         self.metrics.replicated_time(time_us as i64);
@@ -497,6 +505,16 @@ impl UpstreamReader {
         let upstream = &self.urls()[self.current];
         self.log.warn(reason.as_str(), || format!("dropped {what} from upstream {upstream}"));
         Ok(false)
+    }
+
+    /// [`UpstreamReader::drop_event`] for an event at `time_us` (a believable one), unless it
+    /// was dropped and counted already.
+    fn drop_event_at(&mut self, time_us: u64, reason: DropReason, what: String) -> Result<bool, UpstreamError> {
+        if time_us <= self.dropped_through {
+            return Ok(false);
+        }
+        self.dropped_through = time_us;
+        self.drop_event(reason, what)
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
