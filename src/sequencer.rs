@@ -45,10 +45,14 @@ pub struct IngestFrame {
 }
 
 impl IngestFrame {
-    /// Memory the frame holds (its events' JSON and raw frame), for the byte bound of the
-    /// ingest queue.
+    /// Memory the frame holds (its events' JSON, raw frame and repo chain states), for the byte
+    /// bound of the ingest queue.
     pub fn bytes(&self) -> usize {
-        self.events.iter().map(|e| e.json().len()).sum::<usize>() + self.raw.as_ref().map_or(0, |r| r.len()) + 64
+        let states: usize = self.repo_states.iter().map(|(did, state)| did.len() + state.len()).sum();
+        self.events.iter().map(|e| e.json().len()).sum::<usize>()
+            + self.raw.as_ref().map_or(0, |r| r.len())
+            + states
+            + 64
     }
 }
 
