@@ -162,6 +162,9 @@ pub struct UpstreamReader {
     moved_on: bool,
     /// The newest position a cursor message showed.
     last_cursor_us: u64,
+    /// When the last event was stored (the lag is reset by cursor messages only once events have
+    /// stopped coming: during a catch-up the cursor messages follow the events sent).
+    last_event_at: std::time::Instant,
     /// The newest `time_us` of an event dropped and counted: an upstream sends the same bad
     /// events again after a reconnect (they never moved our position), counted once.
     dropped_through: u64,
@@ -195,6 +198,7 @@ impl UpstreamReader {
             moved_on: false,
             last_cursor_us: 0,
             dropped_through: 0,
+            last_event_at: std::time::Instant::now(),
             resume,
             gap: None,
             log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
@@ -401,9 +405,12 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
-            if behind == 0 && self.last_time_us > 0 {
-                // Nothing newer upstream: caught up, however long ago its last event was (a
-                // quiet primary), so the lag is none; it grows again if these stop.
+            let quiet = self.last_event_at.elapsed() >= self.opts.replica.upstream_stale_timeout / 3;
+            if behind == 0 && self.last_time_us > 0 && quiet {
+                // Nothing newer upstream, and no event for a cursor interval: caught up with a
+                // quiet upstream, however long ago its last event was, so the lag is none; it
+                // grows again if these stop. (While events flow, a catch-up's cursor messages
+                // trail the events sent: the lag stays the events'.)
                 self.metrics.replicated_time(crate::clock::now_us() as i64);
             }
             if meta.time_us > self.last_cursor_us {
@@ -479,6 +486,7 @@ impl UpstreamReader {
             return self.drop_event_at(time_us, DropReason::BadTime, what);
         }
         self.last_time_us = time_us;
+        self.last_event_at = std::time::Instant::now();
         self.metrics.replicated_time(time_us as i64);
         self.metrics.upstream_tip_distance_seconds.set(0.0);
         let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
