@@ -177,13 +177,13 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
             small_in_message = 0;
         }
         // A frame taking its message past the limit is refused from its header.
-        let room = MAX_CLIENT_MESSAGE_BYTES - partial.as_ref().map_or(0, |(_, _, len, _)| *len);
+        let so_far = partial.as_ref().map_or(0, |(_, _, len, _)| *len);
+        let room = MAX_CLIENT_MESSAGE_BYTES - so_far;
         let read = rx.read(room).await;
         let small_fragment = matches!(&read, Ok((f, _))
             if f.payload.len() < SMALL_FRAME && (!f.fin || f.opcode == OpCode::Continuation));
         if small_fragment {
             small_in_message += 1;
-            let so_far = partial.as_ref().map_or(0, |(_, _, len, _)| *len);
             if small_in_message > MAX_SMALL_FRAGMENTS_PER_MESSAGE + so_far / SMALL_FRAME
                 || !per_second(&mut fragments, &mut fragments_since, MAX_SMALL_FRAGMENTS_PER_SECOND)
             {

@@ -275,7 +275,7 @@ impl UpstreamReader {
         let url = self.urls()[self.current].clone();
         let replica = &self.opts.replica;
         let stale = replica.upstream_stale_timeout;
-        let inform = (stale.as_secs() / 3).clamp(1, 600);
+        let inform = self.cursor_interval().as_secs();
         // Every kind, sync included: a replica mirrors the whole log.
         // The primary's verification marks come along (each event's last field, taken off
         // again below: the stored JSON stays the primary's byte for byte).
@@ -405,7 +405,7 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
-            let quiet = self.last_event_at.elapsed() >= self.opts.replica.upstream_stale_timeout / 3;
+            let quiet = self.last_event_at.elapsed() >= self.cursor_interval();
             if behind == 0 && self.last_time_us > 0 && quiet {
                 // Nothing newer upstream, and no event for a cursor interval: caught up with a
                 // quiet upstream, however long ago its last event was, so the lag is none; it
@@ -523,6 +523,12 @@ impl UpstreamReader {
         }
         self.dropped_through = time_us;
         self.drop_event(reason, what)
+    }
+
+    /// How often the upstream is asked to send cursor messages (`informCursorSeconds`): a third
+    /// of the stale timeout, whole seconds, 1 to 600.
+    fn cursor_interval(&self) -> Duration {
+        Duration::from_secs((self.opts.replica.upstream_stale_timeout.as_secs() / 3).clamp(1, 600))
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
