@@ -21,7 +21,29 @@ pub struct Serve {
 
 impl Serve {
     /// Starts `contrail serve` on loopback with free ports; `extra` are more flags.
+    ///
+    /// A restart on a fixed `--listen` address is tried again for a few seconds while the port
+    /// is taken: once the old process is gone, any socket of a test running beside this one may
+    /// be given that free port for a while.
     pub fn start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Serve {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Serve::try_start(data_dir, relay_url, extra) {
+                Ok(serve) => return serve,
+                Err(logs)
+                    if extra.contains(&"--listen")
+                        && logs.contains("Address already in use")
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(logs) => panic!("contrail serve did not start; logs:\n{logs}"),
+            }
+        }
+    }
+
+    /// [`Serve::start`] once; the logs when it did not start.
+    fn try_start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Result<Serve, String> {
         let mut cmd = Command::new(bin());
         cmd.arg("serve");
         if !extra.contains(&"--listen") {
@@ -64,11 +86,13 @@ impl Serve {
                 Ok(_) => {}
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("contrail serve did not start; logs:\n{}", logs.lock().unwrap().join("\n"));
+                    let _ = child.wait();
+                    let logs = logs.lock().unwrap().join("\n");
+                    return Err(logs);
                 }
             }
         }
-        Serve { child, public: public.unwrap(), metrics: metrics.unwrap(), logs }
+        Ok(Serve { child, public: public.unwrap(), metrics: metrics.unwrap(), logs })
     }
 
     /// The value of a metric line (first match of `name` with optional labels).
