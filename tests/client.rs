@@ -402,3 +402,45 @@ async fn contrail_tail_prints_the_events_as_sent_and_says_where_to_resume() {
         assert!(stderr.contains(says), "{collection:?}: {stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_subscription_through_a_proxy_that_wants_a_token_fetches_its_dictionary_with_it() {
+    let gen = generate(1, 300, 20, 41);
+    let relay = relay_with(&gen).await;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(300, Duration::from_secs(30));
+    let want = inspect_log(pd.path()).len();
+    // Every request without the token gets a 403: the upgrade, and the dictionary fetch.
+    let gate = common::proxy::Proxy::start_gated(primary.public, "token=s3cret").await;
+    for wire in [contrail_client::Wire::V1, contrail_client::Wire::V2] {
+        let url = format!(
+            "ws://{}{}?token=s3cret",
+            gate.addr,
+            if wire == contrail_client::Wire::V1 {
+                "/subscribe"
+            } else {
+                "/xrpc/network.bsky.jetstream.subscribeEvents"
+            }
+        );
+        let mut sub = Subscription::builder([url])
+            .backoff(Duration::from_millis(50), Duration::from_millis(300))
+            .connect_timeout(Duration::from_secs(2))
+            .wire(wire)
+            .compress(true)
+            .cursor(Some(1_000_000_000_000_000))
+            .start()
+            .unwrap();
+        let mut got = 0;
+        while got < want {
+            let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .unwrap_or_else(|_| panic!("{wire:?}: no event in time after {got}"))
+                .unwrap();
+            if let contrail_client::Message::Event(_) = m {
+                got += 1;
+            }
+        }
+        assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "{wire:?}");
+    }
+}

@@ -503,3 +503,18 @@ async fn promoted_replica_starts_live(cursor_without_time: bool) {
     drop(node);
     assert_eq!(inspect_log(nd.path()).len(), before, "nothing stored again");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_of_an_upstream_behind_a_proxy_that_wants_a_token_asks_everything_with_it() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 300, 20, 43));
+    let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
+    primary.wait_for_seq(300, Duration::from_secs(30));
+    // Every request without the token gets a 403: the upgrade, the dictionary, the status.
+    let gate = common::proxy::Proxy::start_gated(primary.public, "token=s3cret").await;
+    let r = replica_of(rd.path(), &format!("ws://{}/subscribe?token=s3cret", gate.addr), &[]);
+    wait_caught_up(&primary, &r, Duration::from_secs(30));
+    assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the replica's log differs");
+    assert_eq!(r.metric("contrail_upstream_switches_total"), Some(0.0), "logs:\n{}", r.logs());
+}

@@ -558,7 +558,9 @@ impl Driver {
                         Wire::V1 => format!("{base}/dictionary"),
                         Wire::V2 => format!("{base}/xrpc/network.bsky.jetstream.getZstdDictionary"),
                     };
-                    match transport::http_get(&url, &path, timeout).await {
+                    // With the URL's own query, as the upgrade has it: a proxy in front of the
+                    // server that wants a `?token=` on every request lets this one through too.
+                    match transport::http_get(&url, &url.at(&path), timeout).await {
                         Ok(d) => d,
                         Err(e) => return ConnectionError::Dictionary(e.to_string()),
                     }

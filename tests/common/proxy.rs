@@ -1,7 +1,8 @@
 //! A TCP proxy on 127.0.0.1:0 that can be frozen: while frozen it still accepts and holds
 //! connections but moves no bytes (a peer that is up but stuck). It can also cut each
 //! connection after a number of bytes from the target ([`Proxy::cut_after`]): a peer that dies
-//! in the middle of a frame.
+//! in the middle of a frame. A gated proxy ([`Proxy::start_gated`]) answers 403 to every
+//! request whose request line lacks a given string (a proxy that wants `?token=` everywhere).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,8 +50,33 @@ async fn pump(
     }
 }
 
+/// An HTTP request's head (through the blank line; at most 16 KiB), or None.
+async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    // Byte by byte, so that nothing after the head is read here.
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 16 * 1024 || s.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(head)
+}
+
+fn first_line(head: &[u8]) -> String {
+    String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or(&[])).into_owned()
+}
+
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
+        Proxy::start_gated(target, "").await
+    }
+
+    /// A proxy that forwards only requests whose request line contains `required`, and answers
+    /// the others `403 Forbidden`.
+    pub async fn start_gated(target: SocketAddr, required: &str) -> Proxy {
+        let required = Arc::new(required.to_string());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
@@ -61,8 +87,24 @@ impl Proxy {
                 let Ok((client, _)) = listener.accept().await else { return };
                 let f = f.clone();
                 let limit = c.load(Ordering::SeqCst);
+                let required = required.clone();
                 tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+                    let mut client = client;
+                    let head = if required.is_empty() {
+                        Vec::new()
+                    } else {
+                        match read_head(&mut client).await {
+                            Some(head) if first_line(&head).contains(required.as_str()) => head,
+                            _ => {
+                                let _ = client.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
+                                return;
+                            }
+                        }
+                    };
+                    let Ok(mut server) = tokio::net::TcpStream::connect(target).await else { return };
+                    if server.write_all(&head).await.is_err() {
+                        return;
+                    }
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
                     // The cut applies to what the target sends; when it falls, the other way
