@@ -41,6 +41,12 @@ pub const MAP: u8 = 5;
 pub const TAG: u8 = 6;
 pub const SIMPLE: u8 = 7;
 
+#[cfg(test)]
+thread_local! {
+    /// Item heads read on this thread: what tests count a walk's steps by.
+    pub static HEADS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// One decoded item head: its major type and argument (length, value or simple code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -97,6 +103,8 @@ impl<'a> Reader<'a> {
     /// Like [`read_head`](Self::read_head), also returning the additional-information code
     /// (needed to tell a float from a simple value under major 7).
     pub fn read_head_full(&mut self) -> Result<(Head, u8), CborError> {
+        #[cfg(test)]
+        HEADS_READ.with(|n| n.set(n.get() + 1));
         let b = *self.buf.get(self.pos).ok_or(CborError::Truncated)?;
         self.pos += 1;
         let major = b >> 5;
@@ -248,6 +256,59 @@ impl<'a> Reader<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Records the span `(start, end)` of every array and map in the one item read from here,
+    /// in the order they start (so `out` is sorted by start), as [`Reader::skip`] would find
+    /// their ends: a container still open where the input stops being well-formed keeps the
+    /// end 0 (unknown). One pass, whatever the nesting: what lets a renderer that must find a map's values
+    /// before writing them (to sort its keys) jump over a nested container instead of walking
+    /// it once per enclosing map.
+    pub fn index_containers(&mut self, out: &mut Vec<(u32, u32)>) {
+        const NOT_RECORDED: usize = usize::MAX;
+        // Open containers (and tags): their index in `out`, and the items still to come.
+        let mut open: Vec<(usize, u64)> = Vec::new();
+        loop {
+            let start = self.pos;
+            let Ok(h) = self.read_head() else { return };
+            if let Some(parent) = open.last_mut() {
+                parent.1 -= 1;
+            }
+            let items = match h.major {
+                UINT | NINT | SIMPLE => None,
+                BYTES | TEXT => match self.take_len(h.arg) {
+                    Ok(_) => None,
+                    Err(_) => return,
+                },
+                ARRAY | MAP => {
+                    let per_item = if h.major == MAP { 2 } else { 1 };
+                    if self.check_count(h.arg, per_item).is_err() {
+                        return;
+                    }
+                    out.push((start as u32, 0));
+                    Some((out.len() - 1, h.arg * per_item))
+                }
+                TAG if h.arg == 42 => Some((NOT_RECORDED, 1)),
+                _ => return,
+            };
+            if let Some(container) = items {
+                open.push(container);
+            }
+            while let Some(&(i, 0)) = open.last() {
+                if i != NOT_RECORDED {
+                    out[i].1 = self.pos as u32;
+                }
+                open.pop();
+            }
+            if open.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Moves to `pos` of the same buffer (an end found by [`Reader::index_containers`]).
+    pub fn jump_to(&mut self, pos: usize) {
+        self.pos = pos.min(self.buf.len());
     }
 
     /// Skips one item and returns the bytes it spanned.
