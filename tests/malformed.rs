@@ -360,6 +360,75 @@ fn amplifying_commits_are_dropped_or_cut_at_the_protocol_limits() {
     assert_eq!(info.dropped, Some(DropReason::BlocksTooLarge));
 }
 
+/// A record that is 120 maps deep around ~900 KB of items, ending in a float (so it fails at
+/// the very end), shared by the 200 ops of one commit. A map's values are skipped over before
+/// they are written (to sort its keys): without the index of container spans each byte was
+/// walked once per enclosing map, and each op rendered the block again, about 2·10¹⁰ steps
+/// for this one frame (minutes of a runtime thread). Now one pass, once (the index's own
+/// test: `a_deeply_nested_record_is_walked_a_few_times_not_once_per_level` in the core).
+#[test]
+fn a_deeply_nested_record_shared_by_every_op_costs_one_pass() {
+    use contrail::transcode::MAX_COMMIT_OPS;
+    // The innermost map: seven arrays of 131,072 zeros, then "z": 1.5.
+    let mut inner = vec![0xa8];
+    for key in b'a'..=b'g' {
+        inner.extend_from_slice(&[0x61, key, 0x9a]);
+        inner.extend_from_slice(&(128u32 * 1024).to_be_bytes());
+        inner.extend(std::iter::repeat_n(0u8, 128 * 1024));
+    }
+    inner.extend_from_slice(&[0x61, b'z', 0xfb, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0]);
+    let mut record = inner.clone();
+    for _ in 0..119 {
+        let mut outer = vec![0xa1, 0x61, b'a'];
+        outer.extend_from_slice(&record);
+        record = outer;
+    }
+    assert!(record.len() < 1024 * 1024);
+    let first = TestOp::create_raw("com.example.deep/3aaaaaaaaaa00", record.clone());
+    let cid = cid_of(&record);
+    let mut ops = vec![first];
+    for i in 1..MAX_COMMIT_OPS as usize {
+        ops.push(TestOp {
+            action: "create".into(),
+            path: format!("com.example.deep/3l{i:011}"),
+            record: None,
+            cid: Some(Some(cid)),
+            omit_block: true,
+            corrupt_block: false,
+        });
+    }
+    // One op on the block, then all 200: the ops after the first fail at once (the block's
+    // failure is remembered), so the frame costs about what one op does, not 200 times it.
+    let timed = |ops: &[TestOp]| {
+        let started = std::time::Instant::now();
+        let (info, events, drops) = run(&commit_frame(1, DID, REV, ops));
+        (started.elapsed(), info, events, drops)
+    };
+    let (one, ..) = timed(&ops[..1]);
+    let (all, info, events, drops) = timed(&ops);
+    assert!(all < one * 20, "200 ops took {all:?}, one {one:?}");
+    assert_eq!(info.dropped, None);
+    assert!(events.is_empty());
+    assert_eq!(drops, vec![DropReason::Float; MAX_COMMIT_OPS as usize]);
+    // Without the float the same block renders, each op in one pass, until the output budget.
+    let mut good = inner[..inner.len() - 11].to_vec();
+    good[0] = 0xa7;
+    for _ in 0..119 {
+        let mut outer = vec![0xa1, 0x61, b'a'];
+        outer.extend_from_slice(&good);
+        good = outer;
+    }
+    let (info, events, drops) =
+        run(&commit_frame(2, DID, REV, &[TestOp::create_raw("com.example.deep/3aaaaaaaaaa01", good)]));
+    assert_eq!((info.dropped, drops.len(), events.len()), (None, 0, 1), "{drops:?}");
+    let v = parse(&events[0]).unwrap();
+    let mut at = &v["commit"]["record"];
+    for _ in 0..119 {
+        at = &at["a"];
+    }
+    assert_eq!(at["g"].as_array().map(Vec::len), Some(128 * 1024));
+}
+
 /// Go's Jetstream renders CIDv0 links (old records) as base58btc `Qm…`, and reads `$link`
 /// strings in any multibase, writing them back in the canonical form; the expected strings
 /// come from the independent `cid` crate.

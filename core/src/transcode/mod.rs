@@ -307,6 +307,10 @@ impl Transcoder {
         }
         let first_event = events.len();
         let mut produced = 0usize;
+        // Records that failed, by CID: ops sharing a bad block fail again at once, instead of
+        // hashing and rendering it again (200 ops on one crafted 1 MiB block would otherwise
+        // cost 200 full passes, none of them counted by the output budget).
+        let mut bad_records: Vec<(&[u8], DropReason)> = Vec::new();
         for _ in 0..n {
             // Each op is read from its own span, so a malformed op cannot derail the next.
             let Ok(span) = ops_r.skip_span() else {
@@ -326,7 +330,7 @@ impl Transcoder {
                 op_drops.push(DropReason::OutputBudget);
                 continue;
             }
-            match self.op_event(repo, rev, &op, blocks) {
+            match self.op_event(repo, rev, &op, blocks, &mut bad_records) {
                 Ok(ev) => {
                     produced += ev.json().len();
                     events.push(ev);
@@ -338,7 +342,14 @@ impl Transcoder {
         info
     }
 
-    fn op_event(&mut self, repo: &str, rev: &str, op: &Op<'_>, blocks: &[u8]) -> Result<Event, DropReason> {
+    fn op_event<'f>(
+        &mut self,
+        repo: &str,
+        rev: &str,
+        op: &Op<'f>,
+        blocks: &[u8],
+        bad_records: &mut Vec<(&'f [u8], DropReason)>,
+    ) -> Result<Event, DropReason> {
         let (collection, rkey) = split_path(op.path.ok_or(DropReason::BadPath)?).ok_or(DropReason::BadPath)?;
         let operation = match op.action {
             Some(a @ ("create" | "update" | "delete")) => a,
@@ -362,7 +373,7 @@ impl Transcoder {
         out.extend_from_slice(b"\",\"rkey\":");
         json::write_json_str(&mut out, rkey);
         if operation != "delete" {
-            if let Err(reason) = self.record(op, blocks, &mut out) {
+            if let Err(reason) = self.record(op, blocks, &mut out, bad_records) {
                 self.scratch = out;
                 return Err(reason);
             }
@@ -373,9 +384,27 @@ impl Transcoder {
         Ok(Event::from_parts(out, EventKind::Commit, repo.len(), coll))
     }
 
-    /// Appends `,"record":{…},"cid":"…"` for a create or update.
-    fn record(&mut self, op: &Op<'_>, blocks: &[u8], out: &mut Vec<u8>) -> Result<(), DropReason> {
+    /// Appends `,"record":{…},"cid":"…"` for a create or update; a failure is remembered in
+    /// `bad_records` under the op's CID.
+    fn record<'f>(
+        &mut self,
+        op: &Op<'f>,
+        blocks: &[u8],
+        out: &mut Vec<u8>,
+        bad_records: &mut Vec<(&'f [u8], DropReason)>,
+    ) -> Result<(), DropReason> {
         let cid_bytes = op.cid.ok_or(DropReason::MissingCid)?;
+        if let Some(&(_, reason)) = bad_records.iter().find(|(c, _)| *c == cid_bytes) {
+            return Err(reason);
+        }
+        let written = self.record_of(cid_bytes, blocks, out);
+        if let Err(reason) = written {
+            bad_records.push((cid_bytes, reason));
+        }
+        written
+    }
+
+    fn record_of(&mut self, cid_bytes: &[u8], blocks: &[u8], out: &mut Vec<u8>) -> Result<(), DropReason> {
         let cid = cid::parse_cid(cid_bytes).ok_or(DropReason::BadLink)?;
         let block = self.car.get(blocks, cid_bytes).ok_or(DropReason::MissingBlock)?;
         match cid::verify_block(&cid, block) {
