@@ -360,6 +360,33 @@ fn amplifying_commits_are_dropped_or_cut_at_the_protocol_limits() {
     assert_eq!(info.dropped, Some(DropReason::BlocksTooLarge));
 }
 
+/// `rev`, `handle` and `status` are passed through; one longer than any valid one drops its
+/// frame. Unbounded, a 5 MB `rev` of control characters escaped to a ~29 MB event: past the
+/// 16 MiB replicas and clients read, so a replica met it again at every reconnect, for good.
+#[test]
+fn fields_longer_than_any_valid_one_drop_the_frame() {
+    use contrail::transcode::{MAX_HANDLE_BYTES, MAX_REV_BYTES, MAX_STATUS_BYTES};
+    let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1))];
+    let longest = "3".repeat(MAX_REV_BYTES);
+    let (info, events, _) = run(&commit_frame(1, DID, &longest, &ops));
+    assert_eq!((info.dropped, events.len()), (None, 1));
+    let huge = "\u{1}".repeat(1_000_000);
+    for rev in [format!("{longest}3"), huge] {
+        let (info, events, _) = run(&commit_frame(2, DID, &rev, &ops));
+        assert_eq!((info.dropped, info.seq, events.len()), (Some(DropReason::FieldTooLong), Some(2), 0));
+    }
+    let handle = |n: usize| format!("{}.test", "a".repeat(n - 5));
+    let (info, events, _) = run(&identity_frame(3, DID, Some(&handle(MAX_HANDLE_BYTES))));
+    assert_eq!((info.dropped, events.len()), (None, 1));
+    let (info, events, _) = run(&identity_frame(4, DID, Some(&handle(MAX_HANDLE_BYTES + 1))));
+    assert_eq!((info.dropped, info.seq, events.len()), (Some(DropReason::FieldTooLong), Some(4), 0));
+    let status = "x".repeat(MAX_STATUS_BYTES);
+    let (info, events, _) = run(&account_frame(5, DID, false, Some(&status)));
+    assert_eq!((info.dropped, events.len()), (None, 1));
+    let (info, events, _) = run(&account_frame(6, DID, false, Some(&format!("{status}x"))));
+    assert_eq!((info.dropped, info.seq, events.len()), (Some(DropReason::FieldTooLong), Some(6), 0));
+}
+
 /// A record that is 120 maps deep around ~900 KB of items, ending in a float (so it fails at
 /// the very end), shared by the 200 ops of one commit. A map's values are skipped over before
 /// they are written (to sort its keys): without the index of container spans each byte was

@@ -31,6 +31,15 @@ pub const MAX_BLOCKS_BYTES: usize = 2_000_000;
 /// the same 1 MB block; without this, 200 ops × 1 MB would render 200 MB from one 2 MB frame.
 /// A valid frame renders well under it (its ≤ 2 MB of blocks, at most ~3× as JSON).
 pub const MAX_FRAME_OUTPUT_BYTES: usize = 8 << 20;
+/// Longest `rev` passed through (a TID is 13 characters; room for a future format). With
+/// `handle` and `status` below, what bounds an event's size outside its record: passed
+/// through unbounded, one 5 MB `rev` of control characters escapes to a 29 MB event, past
+/// what replicas and clients read (16 MiB), and a replica would stop at it for good.
+pub const MAX_REV_BYTES: usize = 64;
+/// Longest `handle` in `#identity` (a handle is at most 253 characters).
+pub const MAX_HANDLE_BYTES: usize = 253;
+/// Longest `status` in `#account` (known values are a dozen characters).
+pub const MAX_STATUS_BYTES: usize = 128;
 /// Diagnostic strings from the wire (error and info names, messages) are cut to this before
 /// they reach a log line.
 const MAX_DIAGNOSTIC_BYTES: usize = 256;
@@ -55,8 +64,10 @@ label_enum! {
         BadTime => "bad_time",
         /// More ops than the protocol allows in one commit.
         TooManyOps => "too_many_ops",
-        /// More CAR bytes than the protocol allows in one commit.
+        /// More CAR bytes than the protocol allows in one commit (or `#sync`).
         BlocksTooLarge => "blocks_too_large",
+        /// A `rev`, `handle` or `status` longer than any valid one.
+        FieldTooLong => "field_too_long",
         /// A seq that is not positive, or an implausible jump (decided by the relay reader).
         BadSeq => "bad_seq",
         // Single ops.
@@ -293,6 +304,9 @@ impl Transcoder {
         let (Some(rev), Some(ops), Some(blocks)) = (body.rev, body.ops, body.blocks) else {
             return info.drop(DropReason::BadBody);
         };
+        if rev.len() > MAX_REV_BYTES {
+            return info.drop(DropReason::FieldTooLong);
+        }
         // The protocol's limits, checked before any work that grows with them.
         if blocks.len() > MAX_BLOCKS_BYTES {
             return info.drop(DropReason::BlocksTooLarge);
@@ -439,6 +453,15 @@ impl Transcoder {
         };
         info.relay_time_us = body.time.and_then(syntax::rfc3339_to_unix_us);
         let (Some(time), Some(_)) = (body.time, info.relay_time_us) else { return info.drop(DropReason::BadTime) };
+        if body.rev.is_some_and(|r| r.len() > MAX_REV_BYTES)
+            || body.handle.is_some_and(|h| h.len() > MAX_HANDLE_BYTES)
+            || body.status.is_some_and(|s| s.len() > MAX_STATUS_BYTES)
+        {
+            return info.drop(DropReason::FieldTooLong);
+        }
+        if body.blocks.is_some_and(|b| b.len() > MAX_BLOCKS_BYTES) {
+            return info.drop(DropReason::BlocksTooLarge);
+        }
         let kind = match info.frame_type {
             FrameType::Identity => EventKind::Identity,
             FrameType::Account => EventKind::Account,
