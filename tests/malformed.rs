@@ -13,10 +13,10 @@ const DID: &str = "did:plc:q6gjnaw2blty4crticxkmujt";
 const REV: &str = "3mptbypluud2a";
 
 fn run(frame: &[u8]) -> (FrameInfo, Vec<Event>, Vec<DropReason>) {
-    run_with(Transcoder::default(), frame)
+    run_with(&mut Transcoder::default(), frame)
 }
 
-fn run_with(mut tx: Transcoder, frame: &[u8]) -> (FrameInfo, Vec<Event>, Vec<DropReason>) {
+fn run_with(tx: &mut Transcoder, frame: &[u8]) -> (FrameInfo, Vec<Event>, Vec<DropReason>) {
     let (mut events, mut drops) = (Vec::new(), Vec::new());
     let info = tx.transcode(frame, &mut events, &mut drops);
     (info, events, drops)
@@ -184,7 +184,7 @@ fn whole_frame_drops_report_the_seq() {
     let (info, ev, _) = run(&trailing);
     assert_eq!((info.dropped, info.seq, ev.len()), (Some(DropReason::TrailingBytes), Some(11), 0));
 
-    let (info, ev, _) = run_with(Transcoder::new(100), &good);
+    let (info, ev, _) = run_with(&mut Transcoder::new(100), &good);
     assert_eq!((info.dropped, info.seq, ev.len()), (Some(DropReason::FrameTooLarge), Some(11), 0));
 
     let too_big = commit_frame_with(12, DID, REV, &ops, |b| {
@@ -385,6 +385,23 @@ fn fields_longer_than_any_valid_one_drop_the_frame() {
     assert_eq!((info.dropped, events.len()), (None, 1));
     let (info, events, _) = run(&account_frame(6, DID, false, Some(&format!("{status}x"))));
     assert_eq!((info.dropped, info.seq, events.len()), (Some(DropReason::FieldTooLong), Some(6), 0));
+}
+
+/// An event holds a buffer of about its own size: after one 6 MB event, the small ones after
+/// it do not each carry that capacity (the memory budgets count lengths).
+#[test]
+fn a_large_event_leaves_no_large_buffers_behind() {
+    let large = map(vec![("$type", s("app.bsky.feed.post")), ("text", s(&"\u{1}".repeat(1_000_000)))]);
+    let mut tx = Transcoder::default();
+    let ops = [TestOp::create("app.bsky.feed.post/3aaaaaaaaaa22", &large)];
+    let (info, events, _) = run_with(&mut tx, &commit_frame(1, DID, REV, &ops));
+    assert_eq!((info.dropped, events.len()), (None, 1));
+    assert!(events[0].json().len() > 6_000_000);
+    for seq in 2..5 {
+        let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(seq as u64))];
+        let (_, events, _) = run_with(&mut tx, &commit_frame(seq, DID, REV, &ops));
+        assert!(events[0].json_capacity() < 4096, "{} bytes held", events[0].json_capacity());
+    }
 }
 
 /// A record that is 120 maps deep around ~900 KB of items, ending in a float (so it fails at

@@ -254,6 +254,11 @@ impl Event {
         &self.json
     }
 
+    /// The memory its JSON buffer holds (its capacity, which may be more than `json().len()`).
+    pub fn json_capacity(&self) -> usize {
+        self.json.capacity()
+    }
+
     /// The compressed v1 JSON for dictionary `slot` (< [`COMPRESSED_SLOTS`]), computed by
     /// `compress` at most once per event and dictionary.
     pub fn compressed(&self, slot: usize, compress: impl FnOnce(&[u8]) -> Vec<u8>) -> Cow<'_, [u8]> {

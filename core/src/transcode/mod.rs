@@ -393,9 +393,12 @@ impl Transcoder {
             }
         }
         out.extend_from_slice(b"}}");
-        // Hand the buffer to the event and start the next one at the same capacity.
-        self.scratch = Vec::with_capacity(out.capacity());
-        Ok(Event::from_parts(out, EventKind::Commit, repo.len(), coll))
+        // The event gets a copy of its own size; the scratch buffer stays for the next one.
+        // (Handing the buffer itself over carried the largest event's capacity on to every
+        // event after it, unseen by the memory budgets, which count lengths.)
+        let json = out.as_slice().to_vec();
+        self.scratch = out;
+        Ok(Event::from_parts(json, EventKind::Commit, repo.len(), coll))
     }
 
     /// Appends `,"record":{…},"cid":"…"` for a create or update; a failure is remembered in
