@@ -595,6 +595,36 @@ async fn bogus_far_jumps_do_not_make_a_healthy_relay_look_idle() {
     assert_eq!(relay.connections(), 1);
 }
 
+/// One frame whose seq is bogus but not far ahead (under the reset threshold): taken at once,
+/// it made the real frames up to it duplicates of our position, skipped for good. Held until
+/// the next frame says whether it was real, it is dropped, and nothing is lost, across a
+/// restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_seq_a_little_ahead_loses_nothing() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 300, 10, 56);
+    for g in &gen {
+        relay.push(g.seq, g.frame.clone());
+        if g.seq == 100 {
+            let bogus = renumber(&gen[0], 500_000);
+            relay.push(bogus.seq, bogus.frame);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq_exactly(300, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_drops_total{reason=\"bad_seq\"}"), Some(1.0));
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+    // Restarted, it resumes from 300: the relay's next frames are taken.
+    let more = generate(301, 20, 10, 57);
+    relay.push_all(&more);
+    let serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq_exactly(320, Duration::from_secs(30));
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, more].concat()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_accepts_and_never_answers_is_retried_and_ready_says_why() {
     // A load balancer that takes the TCP connection and then says nothing at all.

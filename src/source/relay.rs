@@ -157,7 +157,7 @@ pub struct Reader {
     metrics: Arc<Metrics>,
     tx: IngestSender,
     seq: SeqTracker,
-    /// A frame whose seq jumped far ahead, until the next frame confirms or refutes it.
+    /// A frame whose seq jumped ahead, until the next frame confirms or refutes it.
     held: Option<(IngestFrame, Drops)>,
     /// Frames far below our cursor in this connection, in a row: a new seq space once there
     /// are enough of them ([`super::seq::SeqDecision::FarBelow`]).
@@ -377,7 +377,7 @@ impl Reader {
                 self.highest_far_below = self.highest_far_below.max(seq);
                 grew
             }
-            // A repeat inside the run; a far jump not confirmed yet (it may be bogus: the
+            // A repeat inside the run; a jump ahead not confirmed yet (it may be bogus: the
             // frames after it must still count).
             SeqDecision::RunRepeat | SeqDecision::Hold => false,
             _ => seq > self.highest_seq,
@@ -390,9 +390,11 @@ impl Reader {
             IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
         let held = self.held.take();
         if was_holding && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
-            // The far jump was not confirmed: that frame's seq was bogus.
+            // The jump ahead was not confirmed: that frame's seq was bogus.
             m.drop_reason(DropReason::BadSeq);
-            self.log.warn("bad_seq", || format!("dropped a frame whose seq jumped far ahead, after seq {cursor}"));
+            self.log.warn("bad_seq", || {
+                format!("dropped a frame whose seq jumped ahead and was not confirmed, after seq {cursor}")
+            });
         }
         if !matches!(decision, SeqDecision::FarBelow { .. } | SeqDecision::RunRepeat) {
             // A run far below that did not go on: stray frames, skipped.

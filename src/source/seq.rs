@@ -30,13 +30,19 @@
 //!   connections in a row, the cursor asked for moves past our position one seq more each time
 //!   (then doubling) until a frame after it arrives ([`SeqTracker::unreadable`]); what was
 //!   skipped with the unreadable frame is counted as a gap.
-//! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_SEQ_JUMP`] ahead is held until the
-//!   next frame confirms the new space (one bogus huge seq must not make every later frame look
-//!   like a duplicate and wedge ingest); if the next frame continues the old space instead, the
-//!   held one is invalid.
+//! - A seq ≤ 0 is invalid. A seq that jumps more than [`MAX_UNCONFIRMED_JUMP`] ahead is held
+//!   until the next frame confirms it (one bogus seq ahead must not make the real frames up to
+//!   it look like duplicates: they would be skipped, and lost, and a huge one would wedge
+//!   ingest); if the next frame continues the old space instead, the held one is invalid.
 
-/// A forward jump larger than this must be confirmed by the next frame. Days of firehose
-/// traffic (at a few thousand seqs/s) are well under it; a corrupt seq usually is not.
+/// A forward jump larger than this must be confirmed by the next frame. Relays' seqs are
+/// dense, so a real jump this large is rare (and then waits one frame); a bogus one accepted
+/// at once would make every real frame up to it a "duplicate", skipped for good.
+pub const MAX_UNCONFIRMED_JUMP: i64 = 1_000;
+
+/// A forward jump no confirmation makes believable within one frame: the next frame must not
+/// be further than this past a held one. Days of firehose traffic are well under it; a corrupt
+/// seq usually is not.
 pub const MAX_SEQ_JUMP: i64 = 1_000_000_000;
 
 /// Frames in a row far below our position, in one connection, that are a new seq space.
@@ -74,7 +80,8 @@ pub enum SeqDecision {
     RunRepeat,
     /// The relay cannot serve our cursor (a new, lower seq space): follow it from this frame.
     Reset { from: i64 },
-    /// A far jump ahead: keep the frame aside until the next one says whether it was real.
+    /// A jump ahead of more than [`MAX_UNCONFIRMED_JUMP`]: keep the frame aside until the next
+    /// one says whether it was real.
     Hold,
     /// Not a believable seq: count it and skip the frame.
     Invalid,
@@ -92,7 +99,7 @@ pub struct SeqTracker {
     first_of_session: bool,
     /// A first frame more than this below `last` is a relay reset.
     reset_threshold: i64,
-    /// The seq of a frame held after a far jump.
+    /// The seq of a frame held after a jump ahead.
     held: Option<i64>,
     /// `FutureCursor` refusals since the last frame; from [`MAX_CURSOR_REFUSALS`], connect
     /// without a cursor.
@@ -213,7 +220,7 @@ impl SeqTracker {
             return SeqDecision::AskAgain;
         }
         if let Some(held) = self.held.take() {
-            // The frame after a far jump decides: continuing from the held seq confirms it.
+            // The frame after a jump ahead decides: continuing from the held seq confirms it.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
                 self.last = seq;
                 (self.unreadable, self.skip) = (0, 0);
@@ -245,7 +252,7 @@ impl SeqTracker {
         if seq <= self.last {
             return SeqDecision::Duplicate;
         }
-        if self.last > 0 && seq - self.last > MAX_SEQ_JUMP {
+        if self.last > 0 && seq - self.last > MAX_UNCONFIRMED_JUMP {
             self.held = Some(seq);
             return SeqDecision::Hold;
         }
@@ -261,6 +268,7 @@ mod tests {
     use super::*;
 
     const ACCEPT: SeqDecision = SeqDecision::Accept { gap: false, release_held: false };
+    const ACCEPT_GAP: SeqDecision = SeqDecision::Accept { gap: true, release_held: false };
 
     #[test]
     fn duplicates_gaps_and_resets() {
@@ -450,6 +458,14 @@ mod tests {
         assert_eq!(t.observe(20_000_000_000), SeqDecision::Hold);
         assert_eq!(t.observe(20_000_000_001), SeqDecision::Accept { gap: false, release_held: true });
         assert_eq!(t.last(), 20_000_000_001);
+        // A bogus seq a little ahead (under the reset threshold) is held too: accepted, it
+        // made the real frames up to it duplicates, skipped for good.
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(100 + MAX_UNCONFIRMED_JUMP), ACCEPT_GAP);
+        assert_eq!(t.observe(1_000 + 2 * MAX_UNCONFIRMED_JUMP), SeqDecision::Hold);
+        assert_eq!(t.observe(101 + MAX_UNCONFIRMED_JUMP), ACCEPT);
+        assert_eq!(t.observe(500_000), SeqDecision::Hold);
+        assert_eq!(t.observe(102 + MAX_UNCONFIRMED_JUMP), ACCEPT);
         // Extremes never overflow.
         let mut t = SeqTracker::new(i64::MAX, i64::MAX);
         assert_eq!(t.observe(i64::MAX), SeqDecision::Duplicate);
