@@ -916,6 +916,36 @@ async fn per_ip_rate_is_shared_by_connections() {
     assert!(start.elapsed() >= Duration::from_millis(1800), "rate limit not applied: {:?}", start.elapsed());
 }
 
+/// A replay whose filter matches nothing pays for what it passes over (one event of the
+/// client's rate per 64 read from the log): it used to read the whole log at disk speed for
+/// free, on as many connections as the client opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_matches_nothing_is_paced_too() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 3_500, 10, 13);
+    relay.push_all(&gen);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "10"]);
+    serve.wait_for_seq(3_500, Duration::from_secs(60));
+    let log = inspect_log(dir.path());
+    let newest = serde_json::from_str::<serde_json::Value>(log.last().unwrap()).unwrap()["time_us"].as_u64().unwrap();
+    let start = std::time::Instant::now();
+    let q = "/subscribe?cursor=0&wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa&informCursorSeconds=1";
+    let mut ws = connect(serve.public, q, &[]).await.unwrap();
+    loop {
+        let Some(Msg::Text(t)) = next(&mut ws, Duration::from_secs(30)).await else { panic!("no cursor message") };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        if v["time_us"].as_u64() == Some(newest) {
+            break;
+        }
+    }
+    // Each page (at most 1,024 events) is paid for before the next is read, at 10 events of
+    // the rate a second with 10 banked: all but the last page's, less the bank, is waited for.
+    let least = Duration::from_secs_f64(((log.len() - 1_024) as f64 / 64.0 - 10.0) / 10.0 * 0.9);
+    assert!(least > Duration::from_secs(2), "{} events", log.len());
+    assert!(start.elapsed() >= least, "not paced: the log passed over in {:?}", start.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unlimited_clients_are_not_paced() {
     let relay = FakeRelay::start().await;

@@ -637,6 +637,7 @@ impl Session {
                 pages: hub.replay_pages.clone(),
                 budget: hub.replay_budget.clone(),
                 client: hub.replay_budget.client(self.slot.client_key()),
+                rate: self.slot.bucket.clone(),
             },
             self.filter.clone(),
             self.encoding.clone(),

@@ -12,6 +12,7 @@
 
 use super::dispatch::{Dispatcher, Ended, Registration, Take};
 use super::encode::Encoding;
+use super::limits::TokenBucket;
 use super::replay_budget::{Client, PageHold, ReplayBudget, Share};
 use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages, REPLAY_BATCH};
 use crate::event::Event;
@@ -83,7 +84,17 @@ pub struct Replay {
     pub pages: Arc<ReplayPages>,
     pub budget: Arc<ReplayBudget>,
     pub client: Client,
+    /// The client's event rate (`--max-events-per-second-per-ip`), if it has one: events its
+    /// filter passes over are paid for in it too ([`SCANNED_PER_TOKEN`]).
+    pub rate: Option<Arc<TokenBucket>>,
 }
+
+/// Events a replay passes over (read from the log, filtered out) for one event of the client's
+/// rate. Events sent are paid for as they are written; without this a filter that matches
+/// nothing read the whole log as fast as the disk allows, on as many connections as the client
+/// opens, at no cost to it (DESIGN.md invariant 10). At the default 5,000 events/s an address
+/// passes over up to 320,000 events/s: a day of firehose in about five minutes.
+pub const SCANNED_PER_TOKEN: u64 = 64;
 
 /// Where a new stream starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,6 +160,10 @@ pub struct EventStream {
     fetch: Option<(PageFetch, Share)>,
     /// Events passed (delivered or filtered out), for the slow rule.
     passed: u64,
+    /// Events passed over and not yet paid for in the client's rate, and the wait for the
+    /// payment (kept across cancellations of [`Self::next`]).
+    unpaid: u64,
+    paying: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// What the log had deleted when the stream started: a cursor from before it is an old
     /// cursor clamped to the oldest event, not a replayer overtaken.
     trimmed_at_start: u64,
@@ -193,6 +208,8 @@ impl EventStream {
             rest: None,
             fetch: None,
             passed: 0,
+            unpaid: 0,
+            paying: None,
             trimmed_at_start: log_tip_trimmed,
             metrics,
         };
@@ -309,7 +326,9 @@ impl EventStream {
         self.last_seen = self.last_seen.max(page.covered_to);
         // Frames count as they are handed out; the events the page filtered out, once it is
         // passed (a page dropped by a filter change is not).
-        self.passed += page.scanned.saturating_sub(page.frame_count()) as u64;
+        let passed_over = page.scanned.saturating_sub(page.frame_count()) as u64;
+        self.passed += passed_over;
+        self.unpaid += passed_over;
         self.page = None;
         Ok(None)
     }
@@ -345,6 +364,7 @@ impl EventStream {
                     continue;
                 }
                 if self.fetch.is_none() {
+                    self.pay_for_passed_over().await;
                     // A page another stream holds is joined: it is counted already.
                     let budget = &self.replay.budget;
                     if let Some(held) = self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p))
@@ -394,6 +414,22 @@ impl EventStream {
                 }
                 Take::Ended(Ended::Closed) => return None,
             }
+        }
+    }
+
+    /// Pays for the events passed over since the last payment, in the client's rate: waits
+    /// when it has run out. Cancel-safe: the wait is kept.
+    async fn pay_for_passed_over(&mut self) {
+        if self.paying.is_none() && self.unpaid >= SCANNED_PER_TOKEN {
+            let tokens = self.unpaid / SCANNED_PER_TOKEN;
+            self.unpaid %= SCANNED_PER_TOKEN;
+            if let Some(wait) = self.replay.rate.as_ref().map(|b| b.take_n(tokens as f64)).filter(|w| !w.is_zero()) {
+                self.paying = Some(Box::pin(tokio::time::sleep(wait)));
+            }
+        }
+        if let Some(wait) = self.paying.as_mut() {
+            wait.await;
+            self.paying = None;
         }
     }
 
@@ -559,7 +595,12 @@ mod tests {
                 self.log.clone(),
                 &self.log.tip(),
                 self.dispatcher.clone(),
-                Replay { pages: self.pages.clone(), budget: self.budget.clone(), client: self.budget.client(None) },
+                Replay {
+                    pages: self.pages.clone(),
+                    budget: self.budget.clone(),
+                    client: self.budget.client(None),
+                    rate: None,
+                },
                 Arc::new(filter),
                 Encoding::plain_v1(),
                 start,
