@@ -50,6 +50,9 @@ contrail_core::label_enum! {
         /// A message that would take incoming messages' memory past
         /// `--max-client-message-bytes` (or its IP's share) while it arrived.
         MessageBudget => "message_budget",
+        /// A replayer waited longer than `--replay-room-timeout` for room under
+        /// `--replay-held-bytes`.
+        ReplayBudget => "replay_budget",
         /// A frame no client may send (unmasked, reserved bits, an unknown opcode, a bad
         /// fragment or control frame): RFC 6455 says fail the connection.
         ProtocolError => "protocol_error",

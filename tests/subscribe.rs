@@ -1253,12 +1253,10 @@ async fn client_messages_past_their_memory_budget_close_with_1013_and_their_byte
 /// each held its own page of up to ~8 MB until the write timeout). Another client replays
 /// past one client's stuck streams; once the whole budget is held a replayer waits for room,
 /// holding nothing, and gets exactly the log once the stuck clients are gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
+/// Adds 2,000 events of ~2 KB to a server of [`setup`]`(5, …)`: a page of 1,024 of them is
+/// ~4.4 MB. Returns the whole log.
+fn with_large_posts(s: &Setup) -> Vec<serde_json::Value> {
     use common::frames::{commit_frame, map, s as text, tid_for, TestOp};
-    let budget = 16 << 20;
-    let s = setup(5, &["--replay-held-bytes", "16MiB", "--trusted-proxies", "127.0.0.1"]).await;
-    // 2,000 events of ~2 KB: a page of 1,024 of them is ~4.4 MB, past a client's quarter.
     let body = "x".repeat(2_000);
     for i in 0..2_000u64 {
         let seq = 100 + i as i64;
@@ -1267,8 +1265,40 @@ async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
         s.relay.push(seq, commit_frame(seq, &did_for(1 + i % 3), &tid_for(9_000 + i), &[TestOp::create(&path, &rec)]));
     }
     s.serve.wait_for_seq(2_099, Duration::from_secs(60));
-    let all = log(&s);
+    let all = log(s);
     assert_eq!(all.len(), 2_005);
+    all
+}
+
+/// A replayer that waits longer than `--replay-room-timeout` for room is told to come back
+/// later (1013): clients reading their pages very slowly keep the room for many minutes,
+/// and it used to wait for as long, silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayer_kept_waiting_for_room_is_told_to_try_again_later() {
+    let args = ["--replay-held-bytes", "1MiB", "--replay-room-timeout", "2s", "--trusted-proxies", "127.0.0.1"];
+    let s = setup(5, &args).await;
+    let all = with_large_posts(&s);
+    // A client stops reading with its first page (~4.4 MB) in hand: all the room there is.
+    let _stuck = raw_subscriber_at(s.serve.public, "/subscribe?cursor=0", "198.51.100.1").await;
+    let deadline = std::time::Instant::now() + T;
+    while s.serve.metric("contrail_hub_replay_held_bytes").unwrap_or(0.0) < (1 << 20) as f64 {
+        assert!(std::time::Instant::now() < deadline, "the stuck client's page never counted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let start = std::time::Instant::now();
+    let cursor = format!("/subscribe?cursor={}", all[1_500]["time_us"]);
+    let mut ws = connect(s.serve.public, &cursor, &[("X-Forwarded-For", "198.51.100.2")]).await.unwrap();
+    let closed = next(&mut ws, Duration::from_secs(20)).await;
+    assert_eq!(closed, Some(Msg::Close(1013, "replay memory budget full; try again later".into())));
+    assert!(start.elapsed() >= Duration::from_secs(2), "closed after {:?}", start.elapsed());
+    wait_closes(&s, "replay_budget", 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
+    let budget = 16 << 20;
+    let s = setup(5, &["--replay-held-bytes", "16MiB", "--trusted-proxies", "127.0.0.1"]).await;
+    let all = with_large_posts(&s);
     let public = s.serve.public;
     let held = || s.serve.metric("contrail_hub_replay_held_bytes").unwrap();
     let waits = || s.serve.metric("contrail_hub_replay_held_waits_total").unwrap();

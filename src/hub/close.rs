@@ -25,6 +25,7 @@ impl CloseReason {
             // 1013 Try Again Later (IANA's registry): the server, not the request, is short.
             CloseReason::FilterBudget => Some((1013, "filter memory budget full; try again later")),
             CloseReason::MessageBudget => Some((1013, "client message memory budget full; try again later")),
+            CloseReason::ReplayBudget => Some((1013, "replay memory budget full; try again later")),
             CloseReason::ProtocolError => Some((1002, "protocol error")),
             CloseReason::Internal => Some((1011, "internal error")),
             // The socket is broken or stuck: nothing more can be written.
@@ -48,6 +49,7 @@ mod tests {
         assert_eq!(CloseReason::MessageFlood.frame(), Some((1008, "too many messages")));
         assert_eq!(CloseReason::MessageBudget.frame().unwrap().0, 1013);
         assert_eq!(CloseReason::ProtocolError.frame().unwrap().0, 1002);
-        assert_eq!(CloseReason::ALL.len(), 17);
+        assert_eq!(CloseReason::ReplayBudget.frame().unwrap().0, 1013);
+        assert_eq!(CloseReason::ALL.len(), 18);
     }
 }

@@ -120,9 +120,16 @@ pub struct HubConfig {
     /// 1,024 events is ~1 MB, ~8.5 MB at most unless one event is over 4 MiB; counted once
     /// however many subscribers write it), a quarter of it per client IP. A replayer reserves
     /// room for the largest page before it fetches one, and waits for room holding no page.
-    /// Live subscribers never wait.
+    /// Live subscribers wait only once they fall back to the log.
     #[arg(long, env = "CONTRAIL_REPLAY_HELD_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
     pub replay_held_bytes: u64,
+    /// Close a replayer that has waited this long for room under --replay-held-bytes, with
+    /// 1013 "try again later" (its client reconnects from its cursor): the room is in other
+    /// subscribers' hands, and clients that read their pages very slowly can keep it for many
+    /// minutes. Without this the replayer waited for as long as they did, silent.
+    #[arg(long, env = "CONTRAIL_REPLAY_ROOM_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub replay_room_timeout: Duration,
     /// More zstd dictionaries to serve (files, or directories of *.zdict; repeat the flag or
     /// comma-separate), besides the shipped Jetstream v1 and Contrail v1 ones. Clients pick one
     /// with zstdDictionary=<id>.
@@ -194,6 +201,9 @@ impl HubConfig {
         }
         if !(1 << 20..=1 << 40).contains(&self.replay_held_bytes) {
             return Err(("replay-held-bytes", "must be between 1MiB and 1TiB".into()));
+        }
+        if self.replay_room_timeout.is_zero() {
+            return Err(("replay-room-timeout", "must be more than 0".into()));
         }
         if self.ping_interval.is_zero() || self.pong_timeout <= self.ping_interval {
             return Err(("pong-timeout", "must be longer than ping-interval, which must be more than 0".into()));

@@ -890,8 +890,12 @@ impl Session {
             }
         }
         if let Some(stream) = self.stream.as_mut() {
-            if stream.waiting_for_room() {
-                // Held back by the server (the replay budget), not by its own reading.
+            if let Some(since) = stream.waiting_for_room() {
+                // Held back by the server (the replay budget), not by its own reading; past the
+                // timeout it is told to come back later rather than wait on, silent.
+                if now.duration_since(since) >= self.hub.config.replay_room_timeout {
+                    return Err(CloseReason::ReplayBudget);
+                }
                 self.slow.restart(now, stream.passed());
                 return Ok(());
             }

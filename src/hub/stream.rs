@@ -150,6 +150,9 @@ pub struct EventStream {
     /// Room for the next page being reserved (kept across cancellations of [`Self::next`]:
     /// a dropped wait would lose its place).
     reserving: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Share> + Send>>>,
+    /// Since when it has waited for room (without a break: a reservation dropped by a filter
+    /// change and made again is one wait).
+    waiting_since: Option<tokio::time::Instant>,
     /// A page dropped by a filter change, whose scan goes on after the position: rendered
     /// again for the new filter before the log is read further (held: its share counts the
     /// scan).
@@ -205,6 +208,7 @@ impl EventStream {
             replay,
             page: None,
             reserving: None,
+            waiting_since: None,
             rest: None,
             fetch: None,
             passed: 0,
@@ -245,8 +249,9 @@ impl EventStream {
 
     /// Waiting for room in the budget of pages in hand: the server holds it back, not its
     /// client (the slow rule does not count this time against it).
-    pub fn waiting_for_room(&self) -> bool {
-        self.reserving.is_some()
+    /// Since when it has been waiting for room for its next page, if it is.
+    pub fn waiting_for_room(&self) -> Option<tokio::time::Instant> {
+        self.reserving.is_some().then_some(self.waiting_since).flatten()
     }
 
     /// Everything up to `time_us` was delivered, or deliberately skipped (over the size cap).
@@ -295,7 +300,7 @@ impl EventStream {
             self.live = live;
             if live {
                 // No more pages needed.
-                (self.fetch, self.rest, self.reserving) = (None, None, None);
+                (self.fetch, self.rest, self.reserving, self.waiting_since) = (None, None, None, None);
                 self.metrics.lagging.dec();
             } else {
                 self.metrics.lagging.inc();
@@ -369,7 +374,7 @@ impl EventStream {
                     let budget = &self.replay.budget;
                     if let Some(held) = self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p))
                     {
-                        self.reserving = None;
+                        (self.reserving, self.waiting_since) = (None, None);
                         self.metrics.replay_reads.inc();
                         self.overtaken(&held);
                         self.take_page(held);
@@ -378,8 +383,9 @@ impl EventStream {
                     // Room for the page first: waiting for it holds nothing, no page included.
                     let (budget, client) = (&self.replay.budget, &self.replay.client);
                     let reserve = self.reserving.get_or_insert_with(|| Box::pin(budget.reserve(client)));
+                    self.waiting_since.get_or_insert_with(tokio::time::Instant::now);
                     let room = reserve.await;
-                    self.reserving = None;
+                    (self.reserving, self.waiting_since) = (None, None);
                     let page = self.replay.pages.fetch(&self.log, self.last_seen, REPLAY_BATCH, &mut self.rendering);
                     self.fetch = Some((page, room));
                 }
