@@ -385,6 +385,14 @@ fn fields_longer_than_any_valid_one_drop_the_frame() {
     assert_eq!((info.dropped, events.len()), (None, 1));
     let (info, events, _) = run(&account_frame(6, DID, false, Some(&format!("{status}x"))));
     assert_eq!((info.dropped, info.seq, events.len()), (Some(DropReason::FieldTooLong), Some(6), 0));
+    // A #sync's rev, and its blocks (held to a commit's 2,000,000 bytes; the lexicon says
+    // 10,000 for a #sync).
+    let (info, events, _) = run(&sync_frame_with(7, DID, &longest, vec![7; 2_000_000]));
+    assert_eq!((info.dropped, events.len()), (None, 1));
+    let (info, _, _) = run(&sync_frame_with(8, DID, &format!("{longest}3"), vec![]));
+    assert_eq!((info.dropped, info.seq), (Some(DropReason::FieldTooLong), Some(8)));
+    let (info, _, _) = run(&sync_frame_with(9, DID, REV, vec![7; 2_000_001]));
+    assert_eq!((info.dropped, info.seq), (Some(DropReason::BlocksTooLarge), Some(9)));
 }
 
 /// An event holds a buffer of about its own size: after one 6 MB event, the small ones after

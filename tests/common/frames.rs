@@ -245,12 +245,17 @@ pub fn account_frame(seq: i64, did: &str, active: bool, status: Option<&str>) ->
 }
 
 pub fn sync_frame(seq: i64, did: &str) -> Vec<u8> {
+    sync_frame_with(seq, did, "3mptbypluud2a", vec![])
+}
+
+/// A `#sync` frame with the given `rev` and `blocks`.
+pub fn sync_frame_with(seq: i64, did: &str, rev: &str, blocks: Vec<u8>) -> Vec<u8> {
     let mut frame = header("#sync");
     frame.extend(dag_cbor(&map(vec![
         ("seq", Ipld::Integer(seq as i128)),
         ("did", s(did)),
-        ("rev", s("3mptbypluud2a")),
-        ("blocks", Ipld::Bytes(vec![])),
+        ("rev", s(rev)),
+        ("blocks", Ipld::Bytes(blocks)),
         ("time", s(TIME)),
     ])));
     frame
