@@ -625,6 +625,25 @@ async fn a_bogus_seq_a_little_ahead_loses_nothing() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, more].concat()));
 }
 
+/// A real jump ahead on a quiet source (a PDS read directly): nothing follows the held frame,
+/// so the idle timeout ends the connection, and the next one, asking for our cursor, gets it
+/// first above our position: nothing lies between, so it is taken. It used to be held again on
+/// every connection until the source sent something else, maybe hours later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_jump_on_a_quiet_source_is_taken_after_a_reconnect() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 100, 10, 58);
+    relay.push_all(&gen);
+    let jumped = renumber(&generate(101, 1, 10, 59)[0], 5_000);
+    relay.push(jumped.seq, jumped.frame.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "1s"]);
+    serve.wait_for_seq_exactly(5_000, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_drops_total{reason=\"bad_seq\"}").unwrap_or(0.0), 0.0);
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, vec![jumped]].concat()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_that_accepts_and_never_answers_is_retried_and_ready_says_why() {
     // A load balancer that takes the TCP connection and then says nothing at all.

@@ -362,7 +362,7 @@ impl Reader {
             return Ok(false);
         };
         let cursor = self.seq.last();
-        let was_holding = self.seq.holding();
+        let held_seq = self.seq.held();
         let decision = self.seq.observe(seq);
         if decision == SeqDecision::Invalid {
             // Says nothing about a held frame: it stays held for the next frame to judge.
@@ -388,8 +388,10 @@ impl Reader {
         let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
         let frame =
             IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
-        let held = self.held.take();
-        if was_holding && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
+        // The frame held before this one: still held (this one said nothing about it), released
+        // with this one, or refuted.
+        let held = if held_seq.is_some() && self.seq.held() == held_seq { None } else { self.held.take() };
+        if held.is_some() && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
             // The jump ahead was not confirmed: that frame's seq was bogus.
             m.drop_reason(DropReason::BadSeq);
             self.log.warn("bad_seq", || {

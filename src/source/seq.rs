@@ -101,6 +101,9 @@ pub struct SeqTracker {
     reset_threshold: i64,
     /// The seq of a frame held after a jump ahead.
     held: Option<i64>,
+    /// A seq held when the last connection ended: if the next connection that asks for our
+    /// cursor sends it first above our position, the relay itself says nothing lies between.
+    held_before: Option<i64>,
     /// `FutureCursor` refusals since the last frame; from [`MAX_CURSOR_REFUSALS`], connect
     /// without a cursor.
     cursor_refusals: u32,
@@ -127,6 +130,7 @@ impl SeqTracker {
             first_of_session: true,
             reset_threshold: reset_threshold.max(0),
             held: None,
+            held_before: None,
             cursor_refusals: 0,
             far_below: 0,
             run_first: 0,
@@ -188,22 +192,23 @@ impl SeqTracker {
         (self.unreadable, self.skip) = (0, 0);
     }
 
-    /// A new connection begins (a frame held on the old one is gone with it).
+    /// A new connection begins (a frame held on the old one is gone with it; its seq is kept,
+    /// for the next connection to confirm).
     pub fn new_session(&mut self) {
         self.first_of_session = true;
-        self.held = None;
+        self.held_before = self.held.take().or(self.held_before);
         self.far_below = 0;
         self.live_after_refusals = self.last > 0 && self.cursor_refusals >= MAX_CURSOR_REFUSALS;
     }
 
-    /// Whether a frame is being held.
-    pub fn holding(&self) -> bool {
-        self.held.is_some()
+    /// The seq of the frame being held, if one is.
+    pub fn held(&self) -> Option<i64> {
+        self.held
     }
 
-    /// Decides about a frame with `seq`, and moves the position when it is accepted. When a
-    /// frame was held and this call does not release it, the held frame is to be dropped
-    /// (the caller counts it as invalid).
+    /// Decides about a frame with `seq`, and moves the position when it is accepted. A frame
+    /// held before this call and no longer held after it (see [`Self::held`]) without being
+    /// released is to be dropped (the caller counts it as invalid).
     pub fn observe(&mut self, seq: i64) -> SeqDecision {
         if seq <= 0 {
             return SeqDecision::Invalid;
@@ -219,14 +224,34 @@ impl SeqTracker {
             self.asked_again += 1;
             return SeqDecision::AskAgain;
         }
-        if let Some(held) = self.held.take() {
-            // The frame after a jump ahead decides: continuing from the held seq confirms it.
+        if let Some(held) = self.held {
+            // A frame above our position decides: continuing from the held seq confirms it;
+            // one between our position and it (the old space goes on) says it was bogus. A
+            // repeat, or a frame at or below our position, says nothing: it stays held.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
+                self.held = None;
                 self.last = seq;
                 (self.unreadable, self.skip) = (0, 0);
                 return SeqDecision::Accept { gap: seq > held + 1, release_held: true };
             }
-            // Otherwise the held seq was bogus; judge this frame against our position.
+            if seq == held {
+                return SeqDecision::Duplicate;
+            }
+            if seq > self.last {
+                self.held = None;
+            }
+        }
+        if seq > self.last && !live_after_refusals {
+            // The first frame above our position on a connection that asked for our cursor:
+            // if it is the seq held when the last connection ended, nothing lies between.
+            if let Some(before) = self.held_before.take() {
+                if before == seq {
+                    let gap = self.last > 0 && seq > self.last + 1;
+                    self.last = seq;
+                    (self.unreadable, self.skip) = (0, 0);
+                    return SeqDecision::Accept { gap, release_held: false };
+                }
+            }
         }
         let far_below = self.last > 0 && seq < self.last.saturating_sub(self.reset_threshold);
         if first && far_below {
@@ -438,6 +463,31 @@ mod tests {
         assert_eq!(t.cursor(), Some(999));
     }
 
+    /// A real jump on a quiet source: nothing follows the held frame, the connection ends (idle),
+    /// and the next one, asking for our cursor, sends it first above our position: the relay
+    /// says nothing lies between, so it is taken (it used to be held again on every connection
+    /// until the source sent something else, maybe hours later).
+    #[test]
+    fn a_held_seq_sent_first_again_after_our_cursor_is_taken() {
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        t.new_session();
+        assert_eq!(t.held(), None);
+        assert_eq!(t.observe(100), SeqDecision::Duplicate, "the inclusive cursor's repeat");
+        assert_eq!(t.observe(5_000), ACCEPT_GAP);
+        assert_eq!((t.last(), t.cursor()), (5_000, Some(5_000)));
+        // Not when something else comes first above our position: that is judged as ever.
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        t.new_session();
+        assert_eq!(t.observe(101), ACCEPT);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        // A connection that ends before sending anything keeps the held seq for the next.
+        t.new_session();
+        t.new_session();
+        assert_eq!(t.observe(5_000), ACCEPT_GAP);
+    }
+
     #[test]
     fn seqs_from_the_wire_cannot_panic_or_wedge() {
         let mut t = SeqTracker::new(100, 1_000_000);
@@ -447,12 +497,12 @@ mod tests {
         // One corrupt huge seq is held, then dropped when the stream goes on normally.
         assert_eq!(t.observe(i64::MAX), SeqDecision::Hold);
         assert_eq!(t.observe(101), ACCEPT);
-        assert!(!t.holding());
+        assert_eq!(t.held(), None);
         assert_eq!(t.last(), 101);
         // An invalid seq between a held frame and its confirmation changes nothing.
         assert_eq!(t.observe(5_000_000_000), SeqDecision::Hold);
         assert_eq!(t.observe(0), SeqDecision::Invalid);
-        assert!(t.holding());
+        assert_eq!(t.held(), Some(5_000_000_000));
         assert_eq!(t.observe(5_000_000_001), SeqDecision::Accept { gap: false, release_held: true });
         // A real move to a far higher seq space is confirmed by the next frame: nothing lost.
         assert_eq!(t.observe(20_000_000_000), SeqDecision::Hold);
@@ -466,6 +516,14 @@ mod tests {
         assert_eq!(t.observe(101 + MAX_UNCONFIRMED_JUMP), ACCEPT);
         assert_eq!(t.observe(500_000), SeqDecision::Hold);
         assert_eq!(t.observe(102 + MAX_UNCONFIRMED_JUMP), ACCEPT);
+        // A repeat of the held frame, or a frame at or below our position, says nothing about
+        // it: it stays held until a frame above our position decides.
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        assert_eq!(t.observe(5_000), SeqDecision::Duplicate);
+        assert_eq!(t.observe(50), SeqDecision::Duplicate);
+        assert_eq!(t.held(), Some(5_000));
+        assert_eq!(t.observe(5_001), SeqDecision::Accept { gap: false, release_held: true });
         // Extremes never overflow.
         let mut t = SeqTracker::new(i64::MAX, i64::MAX);
         assert_eq!(t.observe(i64::MAX), SeqDecision::Duplicate);
