@@ -43,6 +43,10 @@ type TaskResult = (&'static str, anyhow::Result<()>);
 
 /// Runs `contrail serve` until SIGINT/SIGTERM or a critical task fails.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    // The listeners first: a port already taken ends the process before it opens the log or
+    // connects to the relay (connections that arrive meanwhile wait in the backlog).
+    let public_listener = server::bind(config.ops.listen, "public").await?;
+    let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     let metrics = Arc::new(Metrics::new());
     let log = Arc::new(
         config
@@ -231,8 +235,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             ("precompress", Ok(()))
         });
     }
-    let public_listener = server::bind(config.ops.listen, "public").await?;
-    let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
         let refusals = |r: crate::metrics::Refusal| metrics.rejected_requests.with_label_values(&[r.as_str()]);

@@ -121,6 +121,30 @@ async fn not_ready_until_the_relay_is_reached() {
     assert_eq!(http_get(serve.public, "/health").unwrap().0, 200);
 }
 
+/// A port already taken ends the process before it touches anything: no log is opened (a
+/// second instance on the same data directory is not what is wrong) and the relay is not
+/// asked for a single frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_already_taken_stops_start_up_before_the_log_and_the_relay() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 10, 5, 60));
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["serve", "--listen", &taken.local_addr().unwrap().to_string(), "--metrics-listen", "127.0.0.1:0"])
+        .args(["--relay-url", &relay.url()])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Address already in use"), "{stderr}");
+    assert!(!stderr.contains("log opened"), "{stderr}");
+    assert_eq!(relay.connections(), 0);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the data directory was touched");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_subscribers_and_loses_nothing() {
     let relay = FakeRelay::start().await;
