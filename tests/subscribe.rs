@@ -916,6 +916,26 @@ async fn per_ip_rate_is_shared_by_connections() {
     assert!(start.elapsed() >= Duration::from_millis(1800), "rate limit not applied: {:?}", start.elapsed());
 }
 
+/// A client's event rate outlives its connections until it has refilled: closing the last one
+/// and opening another used to bring a full bucket (5,000 events at the default) every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_refill_a_client_s_rate() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 300, 10, 14));
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "20"]);
+    serve.wait_for_seq(300, Duration::from_secs(30));
+    // The burst (20 events), then a new connection at once: it waits for the rate.
+    let mut ws = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    assert_eq!(collect(&mut ws, 20, T).await.len(), 20);
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(100)).await; // the server sees the close
+    let start = std::time::Instant::now();
+    let mut ws = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    assert_eq!(collect(&mut ws, 20, T).await.len(), 20);
+    assert!(start.elapsed() >= Duration::from_millis(700), "a full bucket again: {:?}", start.elapsed());
+}
+
 /// A replay whose filter matches nothing pays for what it passes over (one event of the
 /// client's rate per 64 read from the log): it used to read the whole log at disk speed for
 /// free, on as many connections as the client opened.

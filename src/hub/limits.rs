@@ -181,6 +181,12 @@ impl TokenBucket {
         self.rate
     }
 
+    /// Whether it has refilled to its burst: the same as a new bucket.
+    pub fn is_full(&self) -> bool {
+        let (tokens, at) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+        tokens + at.elapsed().as_secs_f64() * self.rate >= self.rate
+    }
+
     /// Takes one token; returns how long to wait first (zero when one was available).
     pub fn take(&self) -> Duration {
         self.take_n(1.0)
@@ -367,6 +373,8 @@ pub struct Admission {
     total: AtomicUsize,
     /// Per client key (an IPv4 address, an IPv6 prefix).
     per_ip: DashMap<IpAddr, PerIp>,
+    /// When entries kept only for a bucket refilling were last dropped (see [`PerIp::unused`]).
+    pruned: Mutex<Instant>,
     /// Subscribers per IPv6 site.
     per_site: SiteCounts,
     /// `--max-filter-bytes`, and what connections' filters hold now.
@@ -396,9 +404,14 @@ struct PerIp {
 }
 
 impl PerIp {
-    /// Nothing of the client's is left: its entry may go.
+    /// Nothing of the client's is left: its entry may go. Its event rate must be full again
+    /// first: a client that closes its last connection and opens another would otherwise get
+    /// a full bucket each time (v1 kept every address's limiter for ever).
     fn unused(&self) -> bool {
-        self.connections == 0 && self.filter_bytes == 0 && self.message_bytes == 0
+        self.connections == 0
+            && self.filter_bytes == 0
+            && self.message_bytes == 0
+            && self.bucket.as_ref().is_none_or(|b| b.is_full())
     }
 }
 
@@ -523,6 +536,7 @@ impl Admission {
             unlimited: limits.unlimited_clients.clone(),
             total: AtomicUsize::new(0),
             per_ip: DashMap::new(),
+            pruned: Mutex::new(Instant::now()),
             per_site: SiteCounts::new(site_cap(limits)),
             filters: Budget {
                 max: limits.max_filter_bytes as usize,
@@ -549,6 +563,7 @@ impl Admission {
             return Ok(Slot { admission: self.clone(), key: None, site: None, bucket: None, filter_bytes: 0 });
         }
         let ip = client_key(ip, self.ipv6_prefix);
+        self.prune();
         let Ok(site) = self.per_site.take_for(ip, self.ipv6_prefix) else {
             self.total.fetch_sub(1, Ordering::SeqCst);
             return Err(Refused::TooManyFromSite);
@@ -582,6 +597,20 @@ impl Admission {
     /// What client messages hold now.
     pub fn message_bytes(&self) -> usize {
         self.messages.held.load(Ordering::SeqCst)
+    }
+
+    /// Drops the entries of clients gone whose buckets have refilled, at most once a second,
+    /// once there are as many entries as there can be subscribers (entries of clients gone
+    /// stay only while their buckets refill: at most a second, plus any debt at their rate).
+    fn prune(&self) {
+        if self.per_ip.len() < self.max_subscribers {
+            return;
+        }
+        let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+        if pruned.elapsed() >= Duration::from_secs(1) {
+            *pruned = Instant::now();
+            self.per_ip.retain(|_, v| !v.unused());
+        }
     }
 
     /// Takes `more` bytes of `budget` for a connection of client `key`; false, taking nothing,
@@ -898,6 +927,31 @@ mod tests {
         drop((held, big, others, exempt));
         assert_eq!((a.message_bytes(), messages.get(), filters.get()), (0, 0, 0));
         assert!(a.per_ip.is_empty());
+    }
+
+    /// A client's event rate outlives its last connection until it has refilled: closing every
+    /// connection and opening another does not bring a full bucket.
+    #[test]
+    fn a_client_s_rate_outlives_its_connections_until_it_refills() {
+        let a = admission(&limits(2, 10, 1_000)).0;
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        let slot = a.admit(client).unwrap();
+        let bucket = slot.bucket.clone().unwrap();
+        assert!(bucket.is_full());
+        assert!(!bucket.take_n(5_000.0).is_zero(), "4 seconds in debt");
+        drop(slot);
+        let again = a.admit(client).unwrap();
+        assert!(Arc::ptr_eq(again.bucket.as_ref().unwrap(), &bucket), "the same bucket, still in debt");
+        drop(again);
+        // Entries kept only for a bucket refilling go once it has (pruned past max_subscribers).
+        let full: Vec<Slot> = ["192.0.2.2", "192.0.2.3"].iter().map(|c| a.admit(c.parse().unwrap()).unwrap()).collect();
+        drop(full);
+        assert_eq!(a.per_ip.len(), 1, "the others' full buckets went with their connections");
+        *a.per_ip.get_mut(&client).unwrap().bucket.as_ref().unwrap().state.lock().unwrap() = (1_000.0, Instant::now());
+        *a.pruned.lock().unwrap() = Instant::now() - Duration::from_secs(2);
+        let _other = a.admit("192.0.2.4".parse().unwrap()).unwrap();
+        let _another = a.admit("192.0.2.5".parse().unwrap()).unwrap();
+        assert!(a.per_ip.get(&client).is_none(), "refilled: pruned");
     }
 
     #[test]

@@ -520,6 +520,14 @@ impl Drop for EventStream {
         if !self.live {
             self.metrics.lagging.dec();
         }
+        // What was passed over and not paid for yet, the page in hand's included, is owed by
+        // the client (its rate outlives the connection until it is full again): reconnecting
+        // does not make a scan free.
+        let in_hand = self.page.as_ref().map_or(0, |(p, _)| p.scanned.saturating_sub(p.frame_count()) as u64);
+        let owed = (self.unpaid + in_hand) / SCANNED_PER_TOKEN;
+        if let (Some(rate), true) = (self.replay.rate.as_ref(), owed > 0) {
+            rate.take_n(owed as f64);
+        }
     }
 }
 
