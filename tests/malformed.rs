@@ -365,7 +365,7 @@ fn amplifying_commits_are_dropped_or_cut_at_the_protocol_limits() {
 /// 16 MiB replicas and clients read, so a replica met it again at every reconnect, for good.
 #[test]
 fn fields_longer_than_any_valid_one_drop_the_frame() {
-    use contrail::transcode::{MAX_HANDLE_BYTES, MAX_REV_BYTES, MAX_STATUS_BYTES};
+    use contrail::transcode::{MAX_HANDLE_BYTES, MAX_REV_BYTES, MAX_STATUS_BYTES, MAX_TIME_BYTES};
     let ops = [TestOp::create("app.bsky.feed.like/3aaaaaaaaaa22", &like_record(1))];
     let longest = "3".repeat(MAX_REV_BYTES);
     let (info, events, _) = run(&commit_frame(1, DID, &longest, &ops));
@@ -393,6 +393,12 @@ fn fields_longer_than_any_valid_one_drop_the_frame() {
     assert_eq!((info.dropped, info.seq), (Some(DropReason::FieldTooLong), Some(8)));
     let (info, _, _) = run(&sync_frame_with(9, DID, REV, vec![7; 2_000_001]));
     assert_eq!((info.dropped, info.seq), (Some(DropReason::BlocksTooLarge), Some(9)));
+    // `time` is passed through too, and RFC 3339 allows a fraction of any length.
+    let time = |digits: usize| format!("2026-07-04T14:38:08.{}Z", "9".repeat(digits));
+    let (info, events, _) = run(&identity_frame_at(10, DID, None, &time(MAX_TIME_BYTES - 21)));
+    assert_eq!((info.dropped, events.len()), (None, 1));
+    let (info, events, _) = run(&identity_frame_at(11, DID, None, &time(MAX_TIME_BYTES - 20)));
+    assert_eq!((info.dropped, events.len()), (Some(DropReason::FieldTooLong), 0));
 }
 
 /// An event holds a buffer of about its own size: after one 6 MB event, the small ones after

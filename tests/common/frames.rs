@@ -224,7 +224,12 @@ pub fn commit_frame_with(
 }
 
 pub fn identity_frame(seq: i64, did: &str, handle: Option<&str>) -> Vec<u8> {
-    let mut body = vec![("seq", Ipld::Integer(seq as i128)), ("did", s(did)), ("time", s(TIME))];
+    identity_frame_at(seq, did, handle, TIME)
+}
+
+/// An `#identity` frame with the given `time` string.
+pub fn identity_frame_at(seq: i64, did: &str, handle: Option<&str>, time: &str) -> Vec<u8> {
+    let mut body = vec![("seq", Ipld::Integer(seq as i128)), ("did", s(did)), ("time", s(time))];
     if let Some(h) = handle {
         body.push(("handle", s(h)));
     }

@@ -40,6 +40,9 @@ pub const MAX_REV_BYTES: usize = 64;
 pub const MAX_HANDLE_BYTES: usize = 253;
 /// Longest `status` in `#account` (known values are a dozen characters).
 pub const MAX_STATUS_BYTES: usize = 128;
+/// Longest `time` (RFC 3339 with microseconds is 27 characters; its fraction may have any
+/// number of digits), passed through in `#identity`, `#account` and `#sync` events.
+pub const MAX_TIME_BYTES: usize = 64;
 /// Diagnostic strings from the wire (error and info names, messages) are cut to this before
 /// they reach a log line.
 const MAX_DIAGNOSTIC_BYTES: usize = 256;
@@ -66,7 +69,7 @@ label_enum! {
         TooManyOps => "too_many_ops",
         /// More CAR bytes than the protocol allows in one commit (or `#sync`).
         BlocksTooLarge => "blocks_too_large",
-        /// A `rev`, `handle` or `status` longer than any valid one.
+        /// A `rev`, `handle`, `status` or `time` longer than any valid one.
         FieldTooLong => "field_too_long",
         /// A seq that is not positive, or an implausible jump (decided by the relay reader).
         BadSeq => "bad_seq",
@@ -456,7 +459,8 @@ impl Transcoder {
         };
         info.relay_time_us = body.time.and_then(syntax::rfc3339_to_unix_us);
         let (Some(time), Some(_)) = (body.time, info.relay_time_us) else { return info.drop(DropReason::BadTime) };
-        if body.rev.is_some_and(|r| r.len() > MAX_REV_BYTES)
+        if time.len() > MAX_TIME_BYTES
+            || body.rev.is_some_and(|r| r.len() > MAX_REV_BYTES)
             || body.handle.is_some_and(|h| h.len() > MAX_HANDLE_BYTES)
             || body.status.is_some_and(|s| s.len() > MAX_STATUS_BYTES)
         {
