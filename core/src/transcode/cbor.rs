@@ -258,20 +258,25 @@ impl<'a> Reader<'a> {
         Ok(())
     }
 
-    /// Records the span `(start, end)` of every array and map in the one item read from here,
-    /// in the order they start (so `out` is sorted by start), as [`Reader::skip`] would find
-    /// their ends: a container still open where the input stops being well-formed keeps the
-    /// end 0 (unknown). One pass, whatever the nesting: what lets a renderer that must find a map's values
-    /// before writing them (to sort its keys) jump over a nested container instead of walking
-    /// it once per enclosing map.
-    pub fn index_containers(&mut self, out: &mut Vec<(u32, u32)>) {
+    /// Records the span `(start, end)` of every array and map that is a map's value, down to
+    /// `max_depth` levels, in the one item read from here, in the order they start (so `out`
+    /// is sorted by start), as [`Reader::skip`] would find their ends: a container still open
+    /// where the input stops being well-formed keeps the end 0 (unknown). One pass, whatever
+    /// the nesting: what lets a renderer that must find a map's values before writing them (to
+    /// sort its keys) jump over a nested container instead of walking it once per enclosing
+    /// map. (Only a map's values are looked up; deeper than `max_depth` a container is skipped
+    /// whole, so what this holds is bounded by the depth, not by the input.)
+    pub fn index_containers(&mut self, out: &mut Vec<(u32, u32)>, max_depth: usize) {
         const NOT_RECORDED: usize = usize::MAX;
-        // Open containers (and tags): their index in `out`, and the items still to come.
-        let mut open: Vec<(usize, u64)> = Vec::new();
+        // Open containers (and tags): their index in `out`, the items still to come, and
+        // whether it is a map (whose every second item is a value).
+        let mut open: Vec<(usize, u64, bool)> = Vec::new();
         loop {
             let start = self.pos;
             let Ok(h) = self.read_head() else { return };
+            let mut map_value = false;
             if let Some(parent) = open.last_mut() {
+                map_value = parent.2 && parent.1 % 2 == 1;
                 parent.1 -= 1;
             }
             let items = match h.major {
@@ -280,21 +285,33 @@ impl<'a> Reader<'a> {
                     Ok(_) => None,
                     Err(_) => return,
                 },
+                ARRAY | MAP if open.len() > max_depth => {
+                    self.pos = start;
+                    if self.skip().is_err() {
+                        return;
+                    }
+                    None
+                }
                 ARRAY | MAP => {
                     let per_item = if h.major == MAP { 2 } else { 1 };
                     if self.check_count(h.arg, per_item).is_err() {
                         return;
                     }
-                    out.push((start as u32, 0));
-                    Some((out.len() - 1, h.arg * per_item))
+                    let index = if map_value {
+                        out.push((start as u32, 0));
+                        out.len() - 1
+                    } else {
+                        NOT_RECORDED
+                    };
+                    Some((index, h.arg * per_item, h.major == MAP))
                 }
-                TAG if h.arg == 42 => Some((NOT_RECORDED, 1)),
+                TAG if h.arg == 42 => Some((NOT_RECORDED, 1, false)),
                 _ => return,
             };
             if let Some(container) = items {
                 open.push(container);
             }
-            while let Some(&(i, 0)) = open.last() {
+            while let Some(&(i, 0, _)) = open.last() {
                 if i != NOT_RECORDED {
                     out[i].1 = self.pos as u32;
                 }

@@ -92,6 +92,10 @@ struct Entry {
 /// size that costs at most 125 × 1 KiB, less than the index.
 const INDEX_FROM_BYTES: usize = 1024;
 
+/// Items of the span index and of the map-entry stack kept between records: a real record
+/// needs a few dozen; a hostile one may have needed hundreds of thousands.
+const KEEP_LIST_ITEMS: usize = 4096;
+
 /// Renders records; keep one per worker so its scratch stack and index are reused.
 pub struct RecordWriter {
     entries: Vec<Entry>,
@@ -130,14 +134,19 @@ impl RecordWriter {
             return Err(RecordError::NotAnObject);
         }
         if record.len() >= self.index_from {
-            Reader::new(record).index_containers(&mut self.spans);
+            // (A lookup is for a value of a map at most MAX_RECORD_DEPTH deep.)
+            Reader::new(record).index_containers(&mut self.spans, MAX_RECORD_DEPTH + 1);
         }
         let rec = Rec { buf: record, spans: &self.spans };
-        rec.value(&mut r, out, 0, &mut self.entries)?;
-        if !r.is_empty() {
-            return Err(RecordError::TrailingBytes);
+        let rendered = rec.value(&mut r, out, 0, &mut self.entries).and_then(|()| match r.is_empty() {
+            true => Ok(()),
+            false => Err(RecordError::TrailingBytes),
+        });
+        // A hostile record's lists are not kept for the records after it.
+        if self.spans.capacity() > KEEP_LIST_ITEMS || self.entries.capacity() > KEEP_LIST_ITEMS {
+            (self.spans, self.entries) = (Vec::new(), Vec::new());
         }
-        Ok(())
+        rendered
     }
 }
 
@@ -667,17 +676,52 @@ mod tests {
         assert!(unindexed > 100 * items, "{unindexed} heads read for {items} items");
     }
 
+    /// A record nested far deeper than any can be rendered: the index holds no more than the
+    /// renderable depth, keeps no large lists after it, and the answer is the same.
+    #[test]
+    fn a_record_nested_past_the_limit_is_indexed_only_to_it() {
+        // {"a": [[[[…]]]]} with 500,000 arrays, and {"a": {"a": {…}}} with 300,000 maps.
+        let mut arrays = vec![0xa1, 0x61, b'a'];
+        arrays.extend(std::iter::repeat_n(0x81, 500_000));
+        arrays.push(0x00);
+        let mut maps = Vec::new();
+        for _ in 0..300_000 {
+            maps.extend_from_slice(&[0xa1, 0x61, b'a']);
+        }
+        maps.push(0x00);
+        for record in [arrays, maps] {
+            let mut spans = Vec::new();
+            Reader::new(&record).index_containers(&mut spans, MAX_RECORD_DEPTH + 1);
+            assert!(spans.len() <= MAX_RECORD_DEPTH + 1, "{} spans", spans.len());
+            let mut writer = RecordWriter::new();
+            let mut out = Vec::new();
+            assert_eq!(writer.write_record(&record, &mut out), Err(RecordError::TooDeep));
+            let mut out = Vec::new();
+            assert_eq!(
+                RecordWriter::indexing_from(usize::MAX).write_record(&record, &mut out),
+                Err(RecordError::TooDeep)
+            );
+            assert!(writer.spans.capacity() <= KEEP_LIST_ITEMS && writer.entries.capacity() <= KEEP_LIST_ITEMS);
+        }
+    }
+
     #[test]
     fn the_span_index_holds_every_complete_container() {
-        // {"a": [1, {"b": []}], "c": {}} truncated inside the array: only complete ones count.
+        // {"a": [1, {"b": []}], "c": {}}: the containers that are a map's values (the array,
+        // [] and {}; not the root, nor the map inside the array).
         let rec = [0xa2, 0x61, b'a', 0x82, 0x01, 0xa1, 0x61, b'b', 0x80, 0x61, b'c', 0xa0];
         let mut spans = Vec::new();
-        Reader::new(&rec).index_containers(&mut spans);
-        assert_eq!(spans, vec![(0, 12), (3, 9), (5, 9), (8, 9), (11, 12)]);
+        Reader::new(&rec).index_containers(&mut spans, 10);
+        assert_eq!(spans, vec![(3, 9), (8, 9), (11, 12)]);
+        // Truncated inside the array: its end is unknown. (The inner map's count is more than
+        // the bytes left: not a container.)
         spans.clear();
-        Reader::new(&rec[..7]).index_containers(&mut spans);
-        // (The inner map's count is more than the bytes left: not a container.)
-        assert_eq!(spans, vec![(0, 0), (3, 0)]);
+        Reader::new(&rec[..7]).index_containers(&mut spans, 10);
+        assert_eq!(spans, vec![(3, 0)]);
+        // Past the depth asked for, containers are skipped whole, not recorded.
+        spans.clear();
+        Reader::new(&rec).index_containers(&mut spans, 1);
+        assert_eq!(spans, vec![(3, 9), (11, 12)]);
     }
 
     #[test]
