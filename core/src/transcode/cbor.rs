@@ -285,7 +285,8 @@ impl<'a> Reader<'a> {
                     Ok(_) => None,
                     Err(_) => return,
                 },
-                ARRAY | MAP if open.len() > max_depth => {
+                // (Tags too: a chain of them nests like containers.)
+                ARRAY | MAP | TAG if open.len() > max_depth => {
                     self.pos = start;
                     if self.skip().is_err() {
                         return;

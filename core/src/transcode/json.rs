@@ -689,6 +689,19 @@ mod tests {
             maps.extend_from_slice(&[0xa1, 0x61, b'a']);
         }
         maps.push(0x00);
+        // {"a": 42(42(42(…)))} with 400,000 tags: nothing to index, and a link must be a byte
+        // string (BadLink). (That the indexer's stack stays at the depth limit here, as for
+        // containers, is not visible from a test.)
+        let mut tags = vec![0xa1, 0x61, b'a'];
+        for _ in 0..400_000 {
+            tags.extend_from_slice(&[0xd8, 42]);
+        }
+        tags.push(0x40);
+        let mut spans = Vec::new();
+        Reader::new(&tags).index_containers(&mut spans, MAX_RECORD_DEPTH + 1);
+        assert!(spans.is_empty());
+        let mut out = Vec::new();
+        assert_eq!(RecordWriter::new().write_record(&tags, &mut out), Err(RecordError::BadLink));
         for record in [arrays, maps] {
             let mut spans = Vec::new();
             Reader::new(&record).index_containers(&mut spans, MAX_RECORD_DEPTH + 1);
