@@ -364,6 +364,12 @@ impl Reader {
         let cursor = self.seq.last();
         let held_seq = self.seq.held();
         let decision = self.seq.observe(seq);
+        if let Some(bogus) = self.seq.take_refuted_before() {
+            // Held when the last connection ended; this connection sent another frame first.
+            m.drop_reason(DropReason::BadSeq);
+            self.log
+                .warn("bad_seq", || format!("dropped a frame with seq {bogus}: it jumped ahead and was not confirmed"));
+        }
         if decision == SeqDecision::Invalid {
             // Says nothing about a held frame: it stays held for the next frame to judge.
             m.drop_reason(DropReason::BadSeq);
@@ -380,6 +386,8 @@ impl Reader {
             // A repeat inside the run; a jump ahead not confirmed yet (it may be bogus: the
             // frames after it must still count).
             SeqDecision::RunRepeat | SeqDecision::Hold => false,
+            // A repeat of the held frame: no more than the held frame itself.
+            SeqDecision::Duplicate if held_seq == Some(seq) => false,
             _ => seq > self.highest_seq,
         };
         if moved_on && !matches!(decision, SeqDecision::FarBelow { .. }) {

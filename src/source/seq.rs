@@ -104,6 +104,8 @@ pub struct SeqTracker {
     /// A seq held when the last connection ended: if the next connection that asks for our
     /// cursor sends it first above our position, the relay itself says nothing lies between.
     held_before: Option<i64>,
+    /// A `held_before` seq that another frame came before: it was bogus (the caller counts it).
+    refuted_before: Option<i64>,
     /// `FutureCursor` refusals since the last frame; from [`MAX_CURSOR_REFUSALS`], connect
     /// without a cursor.
     cursor_refusals: u32,
@@ -131,6 +133,7 @@ impl SeqTracker {
             reset_threshold: reset_threshold.max(0),
             held: None,
             held_before: None,
+            refuted_before: None,
             cursor_refusals: 0,
             far_below: 0,
             run_first: 0,
@@ -201,6 +204,12 @@ impl SeqTracker {
         self.live_after_refusals = self.last > 0 && self.cursor_refusals >= MAX_CURSOR_REFUSALS;
     }
 
+    /// A seq held when a connection ended that the next connection refuted (another frame came
+    /// first above our position), once.
+    pub fn take_refuted_before(&mut self) -> Option<i64> {
+        self.refuted_before.take()
+    }
+
     /// The seq of the frame being held, if one is.
     pub fn held(&self) -> Option<i64> {
         self.held
@@ -244,13 +253,17 @@ impl SeqTracker {
         if seq > self.last && !live_after_refusals {
             // The first frame above our position on a connection that asked for our cursor:
             // if it is the seq held when the last connection ended, nothing lies between.
+            // (A relay whose history holds a bogus seq would send it first too: the frames
+            // below it that come later are then duplicates. Within MAX_SEQ_JUMP, as a confirmed
+            // jump must be.)
             if let Some(before) = self.held_before.take() {
-                if before == seq {
+                if before == seq && seq - self.last <= MAX_SEQ_JUMP {
                     let gap = self.last > 0 && seq > self.last + 1;
                     self.last = seq;
                     (self.unreadable, self.skip) = (0, 0);
                     return SeqDecision::Accept { gap, release_held: false };
                 }
+                self.refuted_before = Some(before);
             }
         }
         let far_below = self.last > 0 && seq < self.last.saturating_sub(self.reset_threshold);
@@ -476,11 +489,13 @@ mod tests {
         assert_eq!(t.observe(100), SeqDecision::Duplicate, "the inclusive cursor's repeat");
         assert_eq!(t.observe(5_000), ACCEPT_GAP);
         assert_eq!((t.last(), t.cursor()), (5_000, Some(5_000)));
-        // Not when something else comes first above our position: that is judged as ever.
+        // Not when something else comes first above our position: that is judged as ever, and
+        // the held seq is known for bogus (the caller counts it).
         let mut t = SeqTracker::new(100, 1_000_000);
         assert_eq!(t.observe(5_000), SeqDecision::Hold);
         t.new_session();
         assert_eq!(t.observe(101), ACCEPT);
+        assert_eq!((t.take_refuted_before(), t.take_refuted_before()), (Some(5_000), None));
         assert_eq!(t.observe(5_000), SeqDecision::Hold);
         // A connection that ends before sending anything keeps the held seq for the next.
         t.new_session();
