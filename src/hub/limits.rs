@@ -606,7 +606,8 @@ impl Admission {
         if self.per_ip.len() < self.max_subscribers {
             return;
         }
-        let mut pruned = self.pruned.lock().unwrap_or_else(|p| p.into_inner());
+        // Another admit pruning now: no need to wait for it.
+        let Ok(mut pruned) = self.pruned.try_lock() else { return };
         if pruned.elapsed() >= Duration::from_secs(1) {
             *pruned = Instant::now();
             self.per_ip.retain(|_, v| !v.unused());

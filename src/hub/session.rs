@@ -356,6 +356,8 @@ struct Session {
     inform: Option<Duration>,
     next_inform: Instant,
     /// Set once delivery starts (after the hello, when `requireHello`).
+    /// Declared before `slot`, so dropped first: what the stream owes the client's rate is paid
+    /// while the slot still keeps the client's entry (and so its bucket).
     stream: Option<EventStream>,
     slot: super::limits::Slot,
     last_heard: Instant,
