@@ -312,13 +312,19 @@ fn ops_sharing_one_big_block(n: usize) -> Vec<TestOp> {
         ("text", s(&"x".repeat(900_000))),
         ("createdAt", s("2026-07-04T14:38:08.999Z")),
     ]);
-    let first = TestOp::create("app.bsky.feed.post/3aaaaaaaaaa00", &big);
+    ops_sharing_the_block_of(TestOp::create("app.bsky.feed.post/3aaaaaaaaaa00", &big), n)
+}
+
+/// `first`, then `n - 1` more creates in its collection pointing at its record's block (the
+/// block once in the CAR).
+fn ops_sharing_the_block_of(first: TestOp, n: usize) -> Vec<TestOp> {
     let cid = cid_of(first.record.as_ref().unwrap());
+    let collection = first.path.split('/').next().unwrap().to_string();
     let mut ops = vec![first];
     for i in 1..n {
         ops.push(TestOp {
             action: "create".into(),
-            path: format!("app.bsky.feed.post/3l{i:011}"),
+            path: format!("{collection}/3l{i:011}"),
             record: None,
             cid: Some(Some(cid)),
             omit_block: true,
@@ -442,19 +448,8 @@ fn a_deeply_nested_record_shared_by_every_op_costs_one_pass() {
         record = outer;
     }
     assert!(record.len() < 1024 * 1024);
-    let first = TestOp::create_raw("com.example.deep/3aaaaaaaaaa00", record.clone());
-    let cid = cid_of(&record);
-    let mut ops = vec![first];
-    for i in 1..MAX_COMMIT_OPS as usize {
-        ops.push(TestOp {
-            action: "create".into(),
-            path: format!("com.example.deep/3l{i:011}"),
-            record: None,
-            cid: Some(Some(cid)),
-            omit_block: true,
-            corrupt_block: false,
-        });
-    }
+    let ops =
+        ops_sharing_the_block_of(TestOp::create_raw("com.example.deep/3aaaaaaaaaa00", record), MAX_COMMIT_OPS as usize);
     // One op on the block, then all 200: the ops after the first fail at once (the block's
     // failure is remembered), so the frame costs about what one op does, not 200 times it.
     let timed = |ops: &[TestOp]| {
