@@ -899,14 +899,20 @@ async fn one_ipv6_network_cannot_take_every_subscriber_slot() {
     }
 }
 
+/// A server that has ingested `frames` generated frames (`seed`), each client address paced at
+/// `rate` events a second.
+async fn paced(frames: usize, seed: u64, rate: &str) -> (FakeRelay, tempfile::TempDir, Serve) {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, frames, 10, seed));
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", rate]);
+    serve.wait_for_seq(frames as i64, Duration::from_secs(60));
+    (relay, dir, serve)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_rate_is_shared_by_connections() {
-    let relay = FakeRelay::start().await;
-    let gen = generate(1, 300, 10, 11);
-    relay.push_all(&gen);
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "100"]);
-    serve.wait_for_seq(300, Duration::from_secs(30));
+    let (_relay, _dir, serve) = paced(300, 11, "100").await;
     let start = std::time::Instant::now();
     let mut a = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
     let mut b = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
@@ -920,11 +926,7 @@ async fn per_ip_rate_is_shared_by_connections() {
 /// and opening another used to bring a full bucket (5,000 events at the default) every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_does_not_refill_a_client_s_rate() {
-    let relay = FakeRelay::start().await;
-    relay.push_all(&generate(1, 300, 10, 14));
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "20"]);
-    serve.wait_for_seq(300, Duration::from_secs(30));
+    let (_relay, _dir, serve) = paced(300, 14, "20").await;
     // The burst (20 events), then a new connection at once: it waits for the rate.
     let mut ws = connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
     assert_eq!(collect(&mut ws, 20, T).await.len(), 20);
@@ -941,12 +943,7 @@ async fn reconnecting_does_not_refill_a_client_s_rate() {
 /// free, on as many connections as the client opened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_that_matches_nothing_is_paced_too() {
-    let relay = FakeRelay::start().await;
-    let gen = generate(1, 3_500, 10, 13);
-    relay.push_all(&gen);
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "10"]);
-    serve.wait_for_seq(3_500, Duration::from_secs(60));
+    let (_relay, dir, serve) = paced(3_500, 13, "10").await;
     let log = inspect_log(dir.path());
     let newest = serde_json::from_str::<serde_json::Value>(log.last().unwrap()).unwrap()["time_us"].as_u64().unwrap();
     let start = std::time::Instant::now();
