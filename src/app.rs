@@ -143,6 +143,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Reader::Upstream(u) => (u.readiness.clone(), Some(u.current_url.clone())),
     };
     readiness.set_stale_after(config.ops.ready_stale_after);
+    {
+        let (m, replica) = (metrics.clone(), upstream.is_some());
+        readiness
+            .set_max_lag(config.ops.ready_max_lag, move || if replica { m.replication_lag() } else { m.relay_lag() });
+    }
     let dictionaries = Arc::new(Dictionaries::load(&config.hub.zstd_dictionary, config.hub.zstd_default_dictionary)?);
     tracing::info!(ids = dictionaries.ids(), default = dictionaries.default().id, "zstd dictionaries loaded");
 

@@ -185,6 +185,13 @@ pub struct OperationsConfig {
     #[arg(long, env = "CONTRAIL_READY_STALE_AFTER", default_value = "0s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub ready_stale_after: Duration,
+    /// `/ready` says 503 while the relay lag (a replica: the replication lag) is more than this,
+    /// so that a load balancer sends new clients to a region that is not far behind, such as a
+    /// replica catching up after a restart (0s: never). The relay lag also grows while a quiet
+    /// source (a PDS read directly) sends nothing: set it for a relay's firehose.
+    #[arg(long, env = "CONTRAIL_READY_MAX_LAG", default_value = "0s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub ready_max_lag: Duration,
 }
 
 /// `contrail serve` settings.
@@ -250,6 +257,8 @@ impl ServeConfig {
             Err(("status-sample-interval", "must be at least 100ms".to_string()))
         } else if !self.ops.ready_stale_after.is_zero() && self.ops.ready_stale_after < Duration::from_secs(1) {
             Err(("ready-stale-after", "must be 0s (off) or at least 1s".to_string()))
+        } else if !self.ops.ready_max_lag.is_zero() && self.ops.ready_max_lag < Duration::from_secs(1) {
+            Err(("ready-max-lag", "must be 0s (off) or at least 1s".to_string()))
         } else {
             Ok(())
         };

@@ -5,7 +5,7 @@ mod common;
 
 use common::client::{connect, next, Msg};
 use common::frames::generate;
-use common::process::{inspect_log, Serve};
+use common::process::{http_get, inspect_log, Serve};
 use common::relay::{ConnFault, FakeRelay, Faults};
 use std::time::{Duration, Instant};
 
@@ -76,7 +76,7 @@ async fn replicas_and_chains_mirror_the_primary_exactly() {
     // Replica links are compressed by default (A on the primary, B on A).
     assert_eq!(primary.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));
     assert_eq!(a.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));
-    let (_, status) = common::process::http_get(b.public, "/status").unwrap();
+    let (_, status) = http_get(b.public, "/status").unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["role"], "replica");
     drop((a, b));
@@ -517,4 +517,37 @@ async fn a_replica_of_an_upstream_behind_a_proxy_that_wants_a_token_asks_everyth
     wait_caught_up(&primary, &r, Duration::from_secs(30));
     assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the replica's log differs");
     assert_eq!(r.metric("contrail_upstream_switches_total"), Some(0.0), "logs:\n{}", r.logs());
+}
+
+/// `--ready-max-lag`: `/ready` says 503 while the source is further behind than that. The
+/// primary's fake relay stamps its frames months ago (its relay lag is that old); a replica
+/// started after the primary's events aged is behind by their age until its upstream's cursor
+/// messages say it has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_says_503_while_behind_more_than_ready_max_lag() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 100, 10, 61));
+    let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary =
+        Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0", "--ready-max-lag", "1h"]);
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let (status, body) = http_get(primary.public, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("behind (--ready-max-lag 3600s)"), "{body}");
+    // The replica: its events are a few seconds old when it gets them, then it is caught up.
+    std::thread::sleep(Duration::from_secs(3));
+    let r = replica_of(rd.path(), &format!("ws://{}", primary.public), &["--ready-max-lag", "2s"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen_behind = false;
+    loop {
+        let (status, body) = http_get(r.public, "/ready").unwrap();
+        seen_behind |= status == 503 && body.contains("behind (--ready-max-lag 2s)");
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_caught_up(&primary, &r, Duration::from_secs(10));
+    assert!(seen_behind, "never said it was behind");
 }

@@ -28,12 +28,41 @@ pub struct Readiness {
     stale_after_ms: AtomicU64,
     /// When the source last moved the stream on (or first reached its peer).
     moved_at: Mutex<Option<Instant>>,
+    /// `--ready-max-lag` in milliseconds (0: off), and how far behind the source is, in seconds.
+    max_lag_ms: AtomicU64,
+    lag: std::sync::OnceLock<LagSource>,
+}
+
+/// How far behind the source is now, in seconds (the relay or replication lag).
+pub struct LagSource(Box<dyn Fn() -> f64 + Send + Sync>);
+
+impl std::fmt::Debug for LagSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LagSource")
+    }
 }
 
 impl Readiness {
     /// `/ready` says 503 once the source has moved nothing on for `after` (zero: never).
     pub fn set_stale_after(&self, after: Duration) {
         self.stale_after_ms.store(after.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// `/ready` says 503 while `lag()` (seconds) is more than `max` (zero: never), so a load
+    /// balancer sends new clients to a region that is not hours behind (a replica catching up).
+    pub fn set_max_lag(&self, max: Duration, lag: impl Fn() -> f64 + Send + Sync + 'static) {
+        self.max_lag_ms.store(max.as_millis() as u64, Ordering::Relaxed);
+        let _ = self.lag.set(LagSource(Box::new(lag)));
+    }
+
+    /// How far behind the source is, when that is past `--ready-max-lag`.
+    fn behind(&self) -> Option<f64> {
+        let max = self.max_lag_ms.load(Ordering::Relaxed);
+        if max == 0 {
+            return None;
+        }
+        let lag = (self.lag.get()?.0)();
+        (lag * 1000.0 > max as f64).then_some(lag)
     }
 
     pub fn set_reached(&self) {
@@ -72,6 +101,7 @@ impl Readiness {
         self.reached.load(Ordering::Relaxed)
             && self.store_failure.lock().unwrap_or_else(|p| p.into_inner()).is_none()
             && self.stale_for().is_none()
+            && self.behind().is_none()
     }
 
     /// Why `/ready` says 503, when it does.
@@ -85,14 +115,18 @@ impl Readiness {
                 None => "the relay has not been reached yet".to_string(),
             });
         }
-        let silent = self.stale_for()?;
-        let after = Duration::from_millis(self.stale_after_ms.load(Ordering::Relaxed));
-        let why = self.last_error().map(|e| format!("; last connection error: {e}")).unwrap_or_default();
-        Some(format!(
-            "nothing new from the relay for {}s (--ready-stale-after {}s){why}; serving what is stored",
-            silent.as_secs(),
-            after.as_secs()
-        ))
+        if let Some(silent) = self.stale_for() {
+            let after = Duration::from_millis(self.stale_after_ms.load(Ordering::Relaxed));
+            let why = self.last_error().map(|e| format!("; last connection error: {e}")).unwrap_or_default();
+            return Some(format!(
+                "nothing new from the relay for {}s (--ready-stale-after {}s){why}; serving what is stored",
+                silent.as_secs(),
+                after.as_secs()
+            ));
+        }
+        let lag = self.behind()?;
+        let max = Duration::from_millis(self.max_lag_ms.load(Ordering::Relaxed));
+        Some(format!("{lag:.0}s behind (--ready-max-lag {}s); catching up, serving what is stored", max.as_secs_f64()))
     }
 
     /// Why not ready: the last error, if there was one.
