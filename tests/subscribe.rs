@@ -868,6 +868,24 @@ async fn connection_limits_are_enforced() {
     assert!(connect(s.serve.public, "/subscribe", &[("X-Forwarded-For", "198.51.100.1")]).await.is_err());
 }
 
+/// Behind a trusted proxy that adds its own `X-Forwarded-For` line after the client's (HAProxy),
+/// the client is the last line's, whatever the client wrote in its own: reading only the first
+/// line let a client name a new address on every connection, past every per-IP limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_s_own_forwarded_for_line_does_not_name_it() {
+    let s = setup(5, &["--max-connections-per-ip", "1", "--trusted-proxies", "127.0.0.1"]).await;
+    let via_proxy = |made_up: &'static str| [("X-Forwarded-For", made_up), ("X-Forwarded-For", "192.0.2.7")];
+    let _a = connect(s.serve.public, "/subscribe", &via_proxy("198.51.100.9")).await.unwrap();
+    assert!(
+        connect(s.serve.public, "/subscribe", &via_proxy("198.51.100.10")).await.is_err(),
+        "a second from 192.0.2.7"
+    );
+    assert_eq!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_from_ip\"}"), Some(1.0));
+    // One line with both, as other proxies write it: the same.
+    let one_line = [("X-Forwarded-For", "198.51.100.11, 192.0.2.7")];
+    assert!(connect(s.serve.public, "/subscribe", &one_line).await.is_err());
+}
+
 /// IPv6 clients are limited per /64, and one network (a /48, a free tunnel broker's grant)
 /// holds 65,536 of them: together its clients hold at most a quarter of `--max-subscribers`,
 /// so that it cannot take every slot from everyone else.

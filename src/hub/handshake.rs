@@ -92,8 +92,13 @@ fn admit_and_upgrade(
     if hub.shutdown.is_cancelled() {
         return (refusals.shutting_down)();
     }
-    let forwarded = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    let ip = client_ip(peer, forwarded, &hub.limits.trusted_proxies);
+    // Every line, as one list (RFC 9110 §5.3): a proxy that adds a line of its own after the
+    // client's (HAProxy's `option forwardfor`) is read from the end of the last one. A line
+    // that is not text stops the walk there, as an entry that is not an address does.
+    let forwarded: Vec<&str> =
+        req.headers().get_all("x-forwarded-for").iter().map(|v| v.to_str().unwrap_or("?")).collect();
+    let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
+    let ip = client_ip(peer, forwarded.as_deref(), &hub.limits.trusted_proxies);
     let admitted = hub.admission.admit(ip).and_then(|mut slot| {
         slot.hold_filter(super::dispatch::filter_bytes(&sub.filter))?;
         Ok(slot)
@@ -184,8 +189,13 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return xrpc_error(&hub, Refusal::NotWebsocket, &XrpcError::invalid("websocket upgrade required"));
     }
-    let offered = header("sec-websocket-protocol")
-        .is_some_and(|p| p.split(',').any(|t| t.trim() == XRPC_SUBPROTOCOL))
+    // (On any of its lines, as v2 reads it.)
+    let offered = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|p| p.split(',').any(|t| t.trim() == XRPC_SUBPROTOCOL))
         .then_some(XRPC_SUBPROTOCOL);
     let sub = Subscription {
         wire: Wire::V2,
