@@ -4,13 +4,22 @@
 
 use std::time::Duration;
 
-/// Parses a duration; a bare number is seconds.
+/// The longest duration any setting takes: beyond it a timer's deadline (now + it) could
+/// overflow the clock's range and panic the task that sets it.
+pub const MAX_DURATION: Duration = Duration::from_secs(3_155_760_000); // 100 × 365.25 days
+
+/// Parses a duration; a bare number is seconds. At most [`MAX_DURATION`] (100 years).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if let Ok(n) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(n));
+    let d = match s.parse::<u64>() {
+        Ok(n) => Duration::from_secs(n),
+        Err(_) => humantime::parse_duration(s)
+            .map_err(|e| format!("bad duration {s:?} ({e}): expected e.g. 36h, 90s, 500ms"))?,
+    };
+    if d > MAX_DURATION {
+        return Err(format!("duration {s:?} is more than 100 years"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("bad duration {s:?} ({e}): expected e.g. 36h, 90s, 500ms"))
+    Ok(d)
 }
 
 /// Formats a duration in its largest whole unit (`1d`, `36h`, `90s`, `1500ms`), which
@@ -57,6 +66,18 @@ pub fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A duration no timer can add to the clock is refused where it is read (a pong timeout of
+    /// 2^63 seconds passed --validate-only and panicked every subscriber's session).
+    #[test]
+    fn durations_past_a_century_are_refused() {
+        assert_eq!(parse_duration("100y").map(|_| ()), Ok(()));
+        for huge in ["9223372036854775807", "101y"] {
+            let e = parse_duration(huge).unwrap_err();
+            assert!(e.contains("more than 100 years"), "{e}");
+        }
+        assert!(parse_duration("600000000000y").is_err(), "humantime's own overflow");
+    }
 
     #[test]
     fn durations_and_sizes() {
