@@ -69,7 +69,9 @@ impl Dictionary {
         let id = dictionary_id(&raw);
         // Leaked on purpose: a process keeps its few dictionaries for its whole life, and
         // compressors in thread-locals need a 'static borrow.
-        let prepared = Box::leak(Box::new(zstd::dict::EncoderDictionary::copy(&raw, LEVEL)));
+        let prepared = zstd::dict::EncoderDictionary::try_copy(&raw, LEVEL)
+            .map_err(|e| anyhow::anyhow!("not a usable zstd dictionary ({e})"))?;
+        let prepared = Box::leak(Box::new(prepared));
         let fingerprint = crc32fast::hash(&raw);
         Ok(Arc::new(Dictionary { raw: raw.into(), id, fingerprint, prepared, slot }))
     }
@@ -173,7 +175,15 @@ impl Dictionaries {
                 slot < COMPRESSED_SLOTS,
                 "{name}: at most {COMPRESSED_SLOTS} zstd dictionaries can be served"
             );
-            let d = Dictionary::new(raw, slot)?;
+            if let Some(same_id) = list.get(slot) {
+                // Clients that know the one already loaded under this id (every Jetstream client
+                // embeds v1's) could not read frames made with another.
+                anyhow::ensure!(
+                    crc32fast::hash(&raw) == same_id.fingerprint,
+                    "{name}: has the id {id} of another dictionary, with other content"
+                );
+            }
+            let d = Dictionary::new(raw, slot).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
             if slot == list.len() {
                 list.push(d);
             } else {
@@ -246,5 +256,30 @@ mod tests {
             assert!(matches!(frame, Cow::Borrowed(_)), "cached");
             assert!(std::ptr::eq(&*frame, &*dict.frame(&e)), "built once, then shared");
         }
+    }
+
+    /// An operator's dictionary that zstd cannot load, or that takes a loaded one's id with
+    /// other content, is a named error at start-up (it was a panic, and a silent replacement
+    /// of Jetstream v1's dictionary, which every v1 client embeds).
+    #[test]
+    fn a_broken_or_impostor_dictionary_is_a_named_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: &[u8]| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        // The dictionary magic and an id, then junk.
+        let mut junk = vec![0x37, 0xa4, 0x30, 0xec, 7, 0, 0, 0];
+        junk.extend_from_slice(&[0xff; 40]);
+        let e = Dictionaries::load(&[write("junk.zdict", &junk)], None).unwrap_err().to_string();
+        assert!(e.contains("junk.zdict") && e.contains("not a usable zstd dictionary"), "{e}");
+        let mut impostor = JETSTREAM_V1.to_vec();
+        let last = impostor.len() - 1;
+        impostor[last] ^= 1;
+        let e = Dictionaries::load(&[write("impostor.zdict", &impostor)], None).unwrap_err().to_string();
+        assert!(e.contains("has the id 1612007021 of another dictionary"), "{e}");
+        // The same content under its own id is no conflict.
+        assert!(Dictionaries::load(&[write("same.zdict", JETSTREAM_V1)], None).is_ok());
     }
 }
