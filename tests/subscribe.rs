@@ -884,6 +884,15 @@ async fn a_client_s_own_forwarded_for_line_does_not_name_it() {
     // One line with both, as other proxies write it: the same.
     let one_line = [("X-Forwarded-For", "198.51.100.11, 192.0.2.7")];
     assert!(connect(s.serve.public, "/subscribe", &one_line).await.is_err());
+    // The client's own entry not even text, on the line the proxy appended to: still the last
+    // entry's client (it was the proxy's own address, a second quota).
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(s.serve.public).await.unwrap();
+    let request = b"GET /subscribe HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: \xff, 192.0.2.7\r\n\r\n";
+    tcp.write_all(request).await.unwrap();
+    let mut answer = [0u8; 12];
+    tcp.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 429", "{}", String::from_utf8_lossy(&answer));
 }
 
 /// IPv6 clients are limited per /64, and one network (a /48, a free tunnel broker's grant)

@@ -93,10 +93,16 @@ fn admit_and_upgrade(
         return (refusals.shutting_down)();
     }
     // Every line, as one list (RFC 9110 §5.3): a proxy that adds a line of its own after the
-    // client's (HAProxy's `option forwardfor`) is read from the end of the last one. A line
-    // that is not text stops the walk there, as an entry that is not an address does.
-    let forwarded: Vec<&str> =
-        req.headers().get_all("x-forwarded-for").iter().map(|v| v.to_str().unwrap_or("?")).collect();
+    // client's (HAProxy's `option forwardfor`) is read from the end of the last one. Entries are
+    // decoded one by one: one that is not text (the client's own, on a line a proxy appended to)
+    // stops the walk only where it stands, as an entry that is not an address does.
+    let forwarded: Vec<&str> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|entry| std::str::from_utf8(entry).unwrap_or("?"))
+        .collect();
     let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
     let ip = client_ip(peer, forwarded.as_deref(), &hub.limits.trusted_proxies);
     let admitted = hub.admission.admit(ip).and_then(|mut slot| {
