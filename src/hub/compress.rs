@@ -137,13 +137,28 @@ pub struct Dictionaries {
     default: usize,
 }
 
+/// A dictionary's bytes and where it came from (a file, or a built-in's name).
+pub type Named = (Vec<u8>, String);
+
 impl Dictionaries {
     /// The shipped dictionaries (Jetstream v1's, then Contrail's), then each of `paths` (a
-    /// file, or a directory whose `*.zdict` files are all loaded, in name order). A later
-    /// dictionary with the id of an earlier one replaces it. The default is the one with
-    /// `default_id`, or Jetstream v1's.
+    /// file, or a directory whose `*.zdict` files are all loaded, in name order). A dictionary
+    /// with the id of an earlier one must be the same bytes (then it is the same dictionary);
+    /// with other content it is refused. The default is the one with `default_id`, or
+    /// Jetstream v1's.
     pub fn load(paths: &[PathBuf], default_id: Option<u32>) -> anyhow::Result<Dictionaries> {
-        let mut raws: Vec<(Vec<u8>, String)> = vec![
+        let (raws, default) = Self::checked(paths, default_id)?;
+        let mut list = Vec::with_capacity(raws.len());
+        for (slot, (raw, name)) in raws.into_iter().enumerate() {
+            list.push(Dictionary::new(raw, slot).map_err(|e| anyhow::anyhow!("{name}: {e}"))?);
+        }
+        Ok(Dictionaries { list, default })
+    }
+
+    /// Everything [`Self::load`] checks, without preparing what it serves (`--validate-only`):
+    /// the dictionaries to serve, one per id in slot order, and the default's slot.
+    pub fn checked(paths: &[PathBuf], default_id: Option<u32>) -> anyhow::Result<(Vec<Named>, usize)> {
+        let mut raws: Vec<Named> = vec![
             (JETSTREAM_V1.to_vec(), "jetstream-v1 (built in)".into()),
             (CONTRAIL_V1.to_vec(), "contrail-v1 (built in)".into()),
         ];
@@ -163,43 +178,36 @@ impl Dictionaries {
                 raws.push((raw, f.display().to_string()));
             }
         }
-        let mut list: Vec<Arc<Dictionary>> = Vec::new();
+        let mut kept: Vec<Named> = Vec::new();
         for (raw, name) in raws {
             let id = dictionary_id(&raw);
             anyhow::ensure!(
                 id != 0,
                 "{name}: not a zstd dictionary with an id (raw-content dictionaries cannot be told apart)"
             );
-            let slot = list.iter().position(|d| d.id == id).unwrap_or(list.len());
-            anyhow::ensure!(
-                slot < COMPRESSED_SLOTS,
-                "{name}: at most {COMPRESSED_SLOTS} zstd dictionaries can be served"
-            );
-            if let Some(same_id) = list.get(slot) {
+            if let Some((same_id, first)) = kept.iter().find(|(k, _)| dictionary_id(k) == id) {
                 // Clients that know the one already loaded under this id (every Jetstream client
                 // embeds v1's) could not read frames made with another.
                 anyhow::ensure!(
-                    crc32fast::hash(&raw) == same_id.fingerprint,
-                    "{name}: has the id {id} of another dictionary, with other content"
+                    *same_id == raw,
+                    "{name}: has the id {id} of {first}, with other content (give it another id: `contrail dict train --id`)"
                 );
+                continue; // the same dictionary again
             }
-            let d = Dictionary::new(raw, slot).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-            if slot == list.len() {
-                list.push(d);
-            } else {
-                list[slot] = d;
-            }
+            anyhow::ensure!(
+                kept.len() < COMPRESSED_SLOTS,
+                "{name}: at most {COMPRESSED_SLOTS} zstd dictionaries can be served"
+            );
+            zstd::dict::EncoderDictionary::try_copy(&raw, LEVEL)
+                .map_err(|e| anyhow::anyhow!("{name}: not a usable zstd dictionary ({e})"))?;
+            kept.push((raw, name));
         }
-        let want = default_id.unwrap_or(list[0].id);
-        let default = list
-            .iter()
-            .position(|d| d.id == want)
-            .ok_or_else(|| anyhow::anyhow!("no zstd dictionary has id {want}; loaded: {}", Self::ids_of(&list)))?;
-        Ok(Dictionaries { list, default })
-    }
-
-    fn ids_of(list: &[Arc<Dictionary>]) -> String {
-        list.iter().map(|d| d.id.to_string()).collect::<Vec<_>>().join(", ")
+        let want = default_id.unwrap_or_else(|| dictionary_id(&kept[0].0));
+        let default = kept.iter().position(|(k, _)| dictionary_id(k) == want).ok_or_else(|| {
+            let ids: Vec<String> = kept.iter().map(|(k, _)| dictionary_id(k).to_string()).collect();
+            anyhow::anyhow!("no zstd dictionary has id {want}; loaded: {}", ids.join(", "))
+        })?;
+        Ok((kept, default))
     }
 
     /// What `compress=true` uses when the client names no dictionary.
@@ -278,7 +286,7 @@ mod tests {
         let last = impostor.len() - 1;
         impostor[last] ^= 1;
         let e = Dictionaries::load(&[write("impostor.zdict", &impostor)], None).unwrap_err().to_string();
-        assert!(e.contains("has the id 1612007021 of another dictionary"), "{e}");
+        assert!(e.contains("has the id 1612007021 of jetstream-v1 (built in), with other content"), "{e}");
         // The same content under its own id is no conflict.
         assert!(Dictionaries::load(&[write("same.zdict", JETSTREAM_V1)], None).is_ok());
     }

@@ -233,15 +233,11 @@ impl HubConfig {
             if !p.is_file() && !p.is_dir() {
                 return Err(("zstd-dictionary", format!("{} is not a file or a directory", p.display())));
             }
-            // A file zstd cannot load is named here, not met at start-up.
-            if p.is_file() {
-                let loads = std::fs::read(p).map_err(|e| e.to_string()).and_then(|raw| {
-                    zstd::dict::EncoderDictionary::try_copy(&raw, 1).map(drop).map_err(|e| e.to_string())
-                });
-                if let Err(e) = loads {
-                    return Err(("zstd-dictionary", format!("{}: not a usable zstd dictionary ({e})", p.display())));
-                }
-            }
+        }
+        // What start-up would refuse (a file zstd cannot load, an id taken with other content,
+        // too many, a default not loaded) is named here.
+        if let Err(e) = compress::Dictionaries::checked(&self.zstd_dictionary, self.zstd_default_dictionary) {
+            return Err(("zstd-dictionary", format!("{e:#}")));
         }
         Ok(())
     }
