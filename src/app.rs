@@ -145,8 +145,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     readiness.set_stale_after(config.ops.ready_stale_after);
     {
         let (m, replica) = (metrics.clone(), upstream.is_some());
-        readiness
-            .set_max_lag(config.ops.ready_max_lag, move || if replica { m.replication_lag() } else { m.relay_lag() });
+        readiness.set_max_lag(config.ops.ready_max_lag, move || m.source_lag(replica));
     }
     let dictionaries = Arc::new(Dictionaries::load(&config.hub.zstd_dictionary, config.hub.zstd_default_dictionary)?);
     tracing::info!(ids = dictionaries.ids(), default = dictionaries.default().id, "zstd dictionaries loaded");

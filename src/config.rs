@@ -186,9 +186,11 @@ pub struct OperationsConfig {
     #[serde(serialize_with = "ser_duration")]
     pub ready_stale_after: Duration,
     /// `/ready` says 503 while the relay lag (a replica: the replication lag) is more than this,
-    /// so that a load balancer sends new clients to a region that is not far behind, such as a
-    /// replica catching up after a restart (0s: never). The relay lag also grows while a quiet
-    /// source (a PDS read directly) sends nothing: set it for a relay's firehose.
+    /// or not known yet (nothing stored since the start), so that a load balancer sends new
+    /// clients to a region that is not far behind, such as a replica catching up after a
+    /// restart (0s: never). The relay lag also grows while a quiet source (a PDS read directly)
+    /// sends nothing: set it for a relay's firehose. A replica's must be more than two cursor
+    /// intervals (--upstream-stale-timeout / 3 each).
     #[arg(long, env = "CONTRAIL_READY_MAX_LAG", default_value = "0s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub ready_max_lag: Duration,
@@ -259,6 +261,19 @@ impl ServeConfig {
             Err(("ready-stale-after", "must be 0s (off) or at least 1s".to_string()))
         } else if !self.ops.ready_max_lag.is_zero() && self.ops.ready_max_lag < Duration::from_secs(1) {
             Err(("ready-max-lag", "must be 0s (off) or at least 1s".to_string()))
+        } else if !self.ops.ready_max_lag.is_zero()
+            && !self.replica.upstream_url.is_empty()
+            && self.ops.ready_max_lag <= 2 * self.replica.cursor_interval()
+        {
+            // A caught-up replica of a quiet upstream shows a lag of up to two cursor intervals
+            // (it is reset by a cursor message once no event came for one): /ready would flap.
+            Err((
+                "ready-max-lag",
+                format!(
+                    "a replica's must be more than two cursor intervals ({}s: upstream-stale-timeout / 3 each)",
+                    2 * self.replica.cursor_interval().as_secs()
+                ),
+            ))
         } else {
             Ok(())
         };

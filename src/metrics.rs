@@ -576,6 +576,15 @@ impl Metrics {
         Self::lag(&self.replicated_time_us, &self.replication_lag_seconds)
     }
 
+    /// The relay lag (a replica: the replication lag) now, or `None` before the first sample
+    /// since the process started (the gauge's 0 then means "not known", not "caught up").
+    pub fn source_lag(&self, replica: bool) -> Option<f64> {
+        let since = if replica { &self.replicated_time_us } else { &self.relay_time_us };
+        let known = since.load(std::sync::atomic::Ordering::Relaxed) > 0;
+        let lag = if replica { self.replication_lag() } else { self.relay_lag() };
+        known.then_some(lag)
+    }
+
     fn lag(since: &std::sync::atomic::AtomicI64, gauge: &prometheus::Gauge) -> f64 {
         let t = since.load(std::sync::atomic::Ordering::Relaxed);
         if t > 0 {

@@ -534,14 +534,15 @@ async fn ready_says_503_while_behind_more_than_ready_max_lag() {
     let (status, body) = http_get(primary.public, "/ready").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("behind (--ready-max-lag 3600s)"), "{body}");
-    // The replica: its events are a few seconds old when it gets them, then it is caught up.
-    std::thread::sleep(Duration::from_secs(3));
-    let r = replica_of(rd.path(), &format!("ws://{}", primary.public), &["--ready-max-lag", "2s"]);
+    // The replica (cursor messages every second): its events are a few seconds old when it
+    // gets them, then it is caught up. (Its lag must be allowed two cursor intervals.)
+    std::thread::sleep(Duration::from_secs(4));
+    let r = replica_of(rd.path(), &format!("ws://{}", primary.public), &["--ready-max-lag", "3s"]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen_behind = false;
     loop {
         let (status, body) = http_get(r.public, "/ready").unwrap();
-        seen_behind |= status == 503 && body.contains("behind (--ready-max-lag 2s)");
+        seen_behind |= status == 503 && body.contains("s behind (--ready-max-lag 3s)");
         if status == 200 {
             break;
         }

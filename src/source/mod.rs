@@ -33,8 +33,9 @@ pub struct Readiness {
     lag: std::sync::OnceLock<LagSource>,
 }
 
-/// How far behind the source is now, in seconds (the relay or replication lag).
-pub struct LagSource(Box<dyn Fn() -> f64 + Send + Sync>);
+/// How far behind the source is now, in seconds (the relay or replication lag); `None`: not
+/// known yet.
+pub struct LagSource(Box<dyn Fn() -> Option<f64> + Send + Sync>);
 
 impl std::fmt::Debug for LagSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,20 +49,21 @@ impl Readiness {
         self.stale_after_ms.store(after.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// `/ready` says 503 while `lag()` (seconds) is more than `max` (zero: never), so a load
-    /// balancer sends new clients to a region that is not hours behind (a replica catching up).
-    pub fn set_max_lag(&self, max: Duration, lag: impl Fn() -> f64 + Send + Sync + 'static) {
+    /// `/ready` says 503 while `lag()` (seconds) is more than `max`, or not known yet (zero:
+    /// never), so a load balancer sends new clients to a region that is not hours behind (a
+    /// replica catching up, a node just restarted before its first event).
+    pub fn set_max_lag(&self, max: Duration, lag: impl Fn() -> Option<f64> + Send + Sync + 'static) {
         self.max_lag_ms.store(max.as_millis() as u64, Ordering::Relaxed);
         let _ = self.lag.set(LagSource(Box::new(lag)));
     }
 
-    /// How far behind the source is, when that is past `--ready-max-lag`.
+    /// How far behind the source is, when that is past `--ready-max-lag` (infinite: not known).
     fn behind(&self) -> Option<f64> {
         let max = self.max_lag_ms.load(Ordering::Relaxed);
         if max == 0 {
             return None;
         }
-        let lag = (self.lag.get()?.0)();
+        let lag = (self.lag.get()?.0)().unwrap_or(f64::INFINITY);
         (lag * 1000.0 > max as f64).then_some(lag)
     }
 
@@ -125,8 +127,12 @@ impl Readiness {
             ));
         }
         let lag = self.behind()?;
-        let max = Duration::from_millis(self.max_lag_ms.load(Ordering::Relaxed));
-        Some(format!("{lag:.0}s behind (--ready-max-lag {}s); catching up, serving what is stored", max.as_secs_f64()))
+        let max = Duration::from_millis(self.max_lag_ms.load(Ordering::Relaxed)).as_secs_f64();
+        Some(if lag.is_infinite() {
+            format!("how far behind is not known yet: nothing stored since the start (--ready-max-lag {max}s)")
+        } else {
+            format!("{lag:.0}s behind (--ready-max-lag {max}s); serving what is stored")
+        })
     }
 
     /// Why not ready: the last error, if there was one.
@@ -138,6 +144,20 @@ impl Readiness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_source_further_behind_than_the_max_lag_or_not_known_is_not_ready() {
+        let lag = std::sync::Arc::new(Mutex::new(None));
+        let r = Readiness::default();
+        r.set_reached();
+        let l = lag.clone();
+        r.set_max_lag(Duration::from_secs(60), move || *l.lock().unwrap());
+        assert!(r.not_ready_reason().unwrap().contains("not known yet"), "before the first event");
+        *lag.lock().unwrap() = Some(3_600.0);
+        assert_eq!(r.not_ready_reason().unwrap(), "3600s behind (--ready-max-lag 60s); serving what is stored");
+        *lag.lock().unwrap() = Some(59.0);
+        assert!(r.is_ready() && r.not_ready_reason().is_none());
+    }
 
     #[test]
     fn a_source_that_moves_nothing_on_for_too_long_is_not_ready() {

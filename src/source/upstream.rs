@@ -66,6 +66,12 @@ pub fn parse_upstream_url(url: &str) -> anyhow::Result<WsUrl> {
 }
 
 impl ReplicaConfig {
+    /// How often the upstream is asked to send cursor messages (`informCursorSeconds`): a third
+    /// of the stale timeout, whole seconds, 1 to 600.
+    pub fn cursor_interval(&self) -> Duration {
+        Duration::from_secs((self.upstream_stale_timeout.as_secs() / 3).clamp(1, 600))
+    }
+
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         if self.upstream_switch_lag < Duration::from_secs(1) {
             // Another upstream is nearly always a little ahead of the one just read: below a
@@ -525,10 +531,9 @@ impl UpstreamReader {
         self.drop_event(reason, what)
     }
 
-    /// How often the upstream is asked to send cursor messages (`informCursorSeconds`): a third
-    /// of the stale timeout, whole seconds, 1 to 600.
+    /// [`ReplicaConfig::cursor_interval`].
     fn cursor_interval(&self) -> Duration {
-        Duration::from_secs((self.opts.replica.upstream_stale_timeout.as_secs() / 3).clamp(1, 600))
+        self.opts.replica.cursor_interval()
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
