@@ -660,18 +660,19 @@ async fn cursor_messages_report_progress() {
     // A filter that matches nothing: the cursor still moves over what was filtered out.
     let q = "/subscribe?cursor=0&wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa&informCursorSeconds=1";
     let mut ws = connect(s.serve.public, q, &[]).await.unwrap();
-    let mut last = 0;
+    let (mut last, mut live) = (0, false);
     for _ in 0..3 {
         match next(&mut ws, Duration::from_secs(3)).await {
             Some(Msg::Text(t)) => {
                 let v: serde_json::Value = serde_json::from_str(&t).unwrap();
                 assert_eq!(v["kind"], "cursor", "{t}");
-                last = v["time_us"].as_u64().unwrap();
+                (last, live) = (v["time_us"].as_u64().unwrap(), v["live"].as_bool().unwrap());
             }
             other => panic!("expected a cursor message, got {other:?}"),
         }
     }
     assert_eq!(last, newest);
+    assert!(live, "past the log's end, the stream is live and says so");
     // Without the option, no cursor messages.
     let mut ws = connect(s.serve.public, "/subscribe?wantedDids=did:plc:aaaaaaaaaaaaaaaaaaaaaaaa", &[]).await.unwrap();
     assert_eq!(next(&mut ws, Duration::from_millis(1500)).await, None);
@@ -982,6 +983,8 @@ async fn a_replay_that_matches_nothing_is_paced_too() {
         if v["time_us"].as_u64() == Some(newest) {
             break;
         }
+        // Still reading the log, and saying so (a replica must not take it for caught up).
+        assert_eq!(v["live"], false, "{t}");
     }
     // Each page (at most 1,024 events) is paid for before the next is read, at 10 events of
     // the rate a second with 10 banked: all but the last page's, less the bank, is waited for.

@@ -807,7 +807,7 @@ fn check_not_future(time_us: u64) -> Result<(), ConnectionError> {
     Ok(())
 }
 
-/// `{"kind":"cursor","time_us":T}` → T. Control messages are short; events rarely are.
+/// `{"kind":"cursor","time_us":T,…}` → T. Control messages are short; events rarely are.
 fn cursor_message(text: &str) -> Option<u64> {
     #[derive(serde::Deserialize)]
     struct Control<'a> {

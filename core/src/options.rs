@@ -223,7 +223,7 @@ pub struct SubscribeOptions {
     pub require_hello: bool,
     /// 0: no limit. Compared with the uncompressed JSON length (v1 compared compressed).
     pub max_message_size: u64,
-    /// Beyond v1: send `{"kind":"cursor","time_us":T}` every N seconds.
+    /// Beyond v1: send `{"kind":"cursor","time_us":T,"live":L}` every N seconds.
     pub inform_cursor_seconds: Option<u64>,
     /// The zstd dictionary id to compress with (v2's `zstdDictionary`); implies `compress`.
     /// `None`: the server's default.

@@ -48,8 +48,9 @@
 //!   unit tests.
 //!
 //! Beyond v1 (opt-in, so strict v1 clients never see them): `informCursorSeconds=N` sends
-//! `{"kind":"cursor","time_us":T}` every N s, T being the last event this stream has passed
-//! (delivered or filtered out) — `cursor_messages_report_progress`.
+//! `{"kind":"cursor","time_us":T,"live":L}` every N s, T being the last event this stream has
+//! passed (delivered or filtered out), L whether it is live (caught up with the log) or still
+//! reading it — `cursor_messages_report_progress`.
 //!
 //! The v2 wire (`GET /xrpc/network.bsky.jetstream.subscribeEvents`, [`handshake::subscribe_events`],
 //! messages in `contrail_core::v2`), served by the same sessions and streams:

@@ -132,6 +132,10 @@ fn protocol(what: impl Into<String>) -> UpstreamError {
 struct Meta<'a> {
     kind: &'a str,
     time_us: u64,
+    /// A cursor message's: whether the upstream's stream for us is live (caught up with its
+    /// log) or still reading it. Absent from Contrails before it.
+    #[serde(default)]
+    live: Option<bool>,
     #[serde(borrow)]
     commit: Option<CommitMeta<'a>>,
 }
@@ -411,12 +415,19 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
-            let quiet = self.last_event_at.elapsed() >= self.cursor_interval();
-            if behind == 0 && self.last_time_us > 0 && quiet {
-                // Nothing newer upstream, and no event for a cursor interval: caught up with a
-                // quiet upstream, however long ago its last event was, so the lag is none; it
-                // grows again if these stop. (While events flow, a catch-up's cursor messages
-                // trail the events sent: the lag stays the events'.)
+            let caught_up = match meta.live {
+                // The upstream says its stream for us is live: everything it holds up to here
+                // was sent, and we have it all.
+                Some(live) => live && behind == 0,
+                // An upstream that does not say: nothing newer, and no event for a cursor
+                // interval. (While events flow, a catch-up's cursor messages trail the events
+                // sent.) A replay the upstream holds back that long looks the same: that is
+                // why it now says.
+                None => behind == 0 && self.last_time_us > 0 && self.last_event_at.elapsed() >= self.cursor_interval(),
+            };
+            if caught_up {
+                // Caught up with a quiet upstream, however long ago its last event was: the lag
+                // is none; it grows again if these stop.
                 self.metrics.replicated_time(crate::clock::now_us() as i64);
             }
             if meta.time_us > self.last_cursor_us {
