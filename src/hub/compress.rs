@@ -164,7 +164,8 @@ impl Dictionaries {
         ];
         for p in paths {
             let files = if p.is_dir() {
-                let mut f: Vec<PathBuf> = std::fs::read_dir(p)?
+                let mut f: Vec<PathBuf> = std::fs::read_dir(p)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
                     .filter(|f| f.extension().is_some_and(|x| x == "zdict"))
                     .collect();
