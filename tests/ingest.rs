@@ -58,8 +58,15 @@ async fn survives_kill_9_during_fast_ingest() {
     let mut rng = frames::Lcg::new(42);
     let mut kills = 0;
     for round in 0..40 {
+        let connections = relay.connections();
         let mut serve = Serve::start(dir.path(), &relay.url(), &[]);
-        // Kill at a random moment while frames are still flowing.
+        // Once it reads the relay (the listeners are up before the log is open), kill it at a
+        // random moment while frames are still flowing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while relay.connections() == connections {
+            assert!(std::time::Instant::now() < deadline, "round {round}: the relay was never reached");
+            std::thread::sleep(Duration::from_millis(5));
+        }
         std::thread::sleep(Duration::from_millis(30 + rng.below(150)));
         let seq = serve.metric("contrail_relay_last_seq").unwrap_or(0.0) as i64;
         serve.kill9();
