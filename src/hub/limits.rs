@@ -156,13 +156,28 @@ pub fn client_ip(peer: SocketAddr, forwarded_for: Option<&str>, trusted: &[IpNet
     }
     let Some(xff) = forwarded_for else { return peer_ip };
     for part in xff.rsplit(',') {
-        match part.trim().parse::<IpAddr>() {
-            Ok(ip) if is_trusted(ip) => continue,
-            Ok(ip) => return ip.to_canonical(),
-            Err(_) => break,
+        match forwarded_address(part) {
+            Some(ip) if is_trusted(ip) => continue,
+            Some(ip) => return ip.to_canonical(),
+            None => break,
         }
     }
     peer_ip
+}
+
+/// One `X-Forwarded-For` entry's address. Besides the bare form, some proxies write a port,
+/// and IPv6 in brackets (`192.0.2.7:5678`, `[2001:db8::1]`, `[2001:db8::1]:443`); unread,
+/// every client behind such a proxy took the proxy's own address and shared its quota.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return Some(addr.ip());
+    }
+    let inner = entry.strip_prefix('[')?.strip_suffix(']')?;
+    inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
 /// A token bucket: `rate` tokens per second, up to `rate` banked.
@@ -772,6 +787,26 @@ mod tests {
         for block in ["::ffff:0:0/96", "::/0"] {
             let trusted: Vec<IpNet> = vec![block.parse().unwrap()];
             assert_eq!(client_ip(mapped, Some("198.51.100.7"), &trusted).to_string(), "10.1.2.3", "{block}");
+        }
+    }
+
+    #[test]
+    fn forwarded_for_entries_may_carry_a_port_or_brackets() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let proxy: SocketAddr = "10.1.2.3:5000".parse().unwrap();
+        for (xff, client) in [
+            ("198.51.100.7:5678", "198.51.100.7"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            (" 198.51.100.7:5678 , 10.9.9.9:80", "198.51.100.7"),
+            ("198.51.100.7, [::ffff:10.9.9.9]:80", "198.51.100.7"),
+            ("[::ffff:198.51.100.7]:1", "198.51.100.7"),
+        ] {
+            assert_eq!(client_ip(proxy, Some(xff), &trusted).to_string(), client, "{xff}");
+        }
+        // Not an address: the walk stops there, and the proxy is the client.
+        for xff in ["[198.51.100.7]", "198.51.100.7:port", "[2001:db8::1", "unknown", "_hidden"] {
+            assert_eq!(client_ip(proxy, Some(xff), &trusted).to_string(), "10.1.2.3", "{xff}");
         }
     }
 
