@@ -255,9 +255,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let (cancel, conns) = (accept.clone(), connections.clone());
         // As the public listener's: a scraper that stops reading is closed by the kernel.
         let options = listener_sockets(&config.hub);
+        let refused =
+            metrics.rejected_requests.with_label_values(&[crate::metrics::Refusal::MetricsTooManyOpen.as_str()]);
+        let gate = Some(crate::hub::limits::ConnectGate::for_metrics(&config.limits, refused));
         tasks.spawn(async move {
             let handler = server::metrics_handler(render_metrics);
-            server::serve(metrics_listener, handler, cancel, conns, None, options).await;
+            server::serve(metrics_listener, handler, cancel, conns, gate, options).await;
             ("metrics listener", Ok(()))
         });
     }

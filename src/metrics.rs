@@ -74,6 +74,9 @@ contrail_core::label_enum! {
         /// Its client already holds `--max-connections-per-ip` connections still in plain
         /// HTTP, refused at accept.
         TooManyOpen => "too_many_open",
+        /// The metrics listener's: its client already holds 8 connections, or all clients
+        /// 64, refused at accept.
+        MetricsTooManyOpen => "metrics_too_many_open",
         /// Its filter would take the filters' memory past `--max-filter-bytes` (or its IP's
         /// share).
         FilterBudget => "filter_budget",

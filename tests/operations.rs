@@ -222,3 +222,42 @@ async fn a_client_holds_at_most_its_connection_limit_in_plain_http() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     assert_eq!(serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_open\"}"), Some(1.0));
 }
+
+/// The metrics listener is not paced (scrapes, and these tests, may come as often as they
+/// like), but one client holds at most 8 of its connections at once; another client is still
+/// served. Before, it had no gate: connections that never finished a request head piled up.
+#[test]
+fn the_metrics_listener_bounds_the_connections_a_client_holds() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
+    let get = |s: &mut std::net::TcpStream| {
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).lines().next().unwrap_or_default().to_string()
+    };
+    // Not paced: many scrapes in a row are all served.
+    for i in 0..50 {
+        let status = get(&mut std::net::TcpStream::connect(serve.metrics).unwrap());
+        assert_eq!(status, "HTTP/1.1 200 OK", "scrape {i}");
+    }
+    let held: Vec<_> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(serve.metrics).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(get(&mut std::net::TcpStream::connect(serve.metrics).unwrap()), "HTTP/1.1 429 Too Many Requests");
+    let other = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    other.bind(&"127.0.0.2:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    other.connect(&serve.metrics.into()).unwrap();
+    assert_eq!(get(&mut other.into()), "HTTP/1.1 200 OK");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = "contrail_hub_rejected_requests_total{reason=\"metrics_too_many_open\"}";
+    assert_eq!(serve.metric(refused), Some(1.0));
+}

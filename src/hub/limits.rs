@@ -254,6 +254,11 @@ pub struct ConnectGate {
     pruned: Mutex<Instant>,
 }
 
+/// The metrics listener's connections at once, and from one client (see
+/// [`ConnectGate::for_metrics`]).
+pub const METRICS_MAX_OPEN: usize = 64;
+pub const METRICS_MAX_OPEN_PER_IP: usize = 8;
+
 /// Buckets kept before idle ones are dropped (a full bucket is the same as no bucket).
 const CONNECT_GATE_KEYS: usize = 65_536;
 
@@ -305,6 +310,20 @@ impl ConnectGate {
             refused_open,
             pruned: Mutex::new(Instant::now()),
         })
+    }
+
+    /// The metrics listener's gate: not paced (a scraper, or a test, may poll as often as it
+    /// likes), but at most [`METRICS_MAX_OPEN`] connections at once, [`METRICS_MAX_OPEN_PER_IP`]
+    /// from one client (`--unlimited-clients` and `--trusted-proxies` are not held to that).
+    /// Without it, connections that never finish a request head held a task and a buffer each
+    /// for up to the head timeout, as many as a client could open.
+    pub fn for_metrics(limits: &LimitsConfig, refused: prometheus::IntCounter) -> Arc<ConnectGate> {
+        let mut limits = limits.clone();
+        limits.max_connects_per_second_per_ip = 0;
+        limits.max_subscribers = METRICS_MAX_OPEN;
+        limits.max_connections_per_ip = METRICS_MAX_OPEN_PER_IP;
+        limits.max_connections_per_ipv6_48 = Some(METRICS_MAX_OPEN_PER_IP);
+        ConnectGate::new(&limits, refused.clone(), refused)
     }
 
     /// The new connection from `peer`, counted while it speaks plain HTTP; `None` when it is
