@@ -31,7 +31,7 @@ impl Serve {
             match Serve::try_start(data_dir, relay_url, extra) {
                 Ok(serve) => return serve,
                 Err(logs)
-                    if extra.contains(&"--listen")
+                    if gives(extra, "--listen")
                         && logs.contains("Address already in use")
                         && Instant::now() < deadline =>
                 {
@@ -46,7 +46,7 @@ impl Serve {
     fn try_start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Result<Serve, String> {
         let mut cmd = Command::new(bin());
         cmd.arg("serve");
-        if !extra.contains(&"--listen") {
+        if !gives(extra, "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
         cmd.args(["--metrics-listen", "127.0.0.1:0", "--relay-url", relay_url])
@@ -54,7 +54,7 @@ impl Serve {
             .arg(data_dir)
             .args(["--sync-writes", "false"]);
         // Short waits between relay connections, unless the test sets its own.
-        if !extra.contains(&"--relay-backoff-min") {
+        if !gives(extra, "--relay-backoff-min") {
             cmd.args(["--relay-backoff-min", "50ms", "--relay-backoff-max", "200ms"]);
         }
         cmd.args(extra).env("RUST_LOG", "info").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
@@ -220,4 +220,9 @@ pub fn inspect_stats(data_dir: &Path) -> serde_json::Value {
     let out = Command::new(bin()).args(["inspect", "stats", "--data-dir"]).arg(data_dir).output().unwrap();
     assert!(out.status.success(), "inspect stats failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Whether `extra` sets `flag`, as `--flag value` or `--flag=value`.
+fn gives(extra: &[&str], flag: &str) -> bool {
+    extra.iter().any(|a| a.strip_prefix(flag).is_some_and(|rest| rest.is_empty() || rest.starts_with('=')))
 }
