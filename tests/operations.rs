@@ -42,6 +42,18 @@ fn validate_only_prints_the_config_and_names_bad_keys() {
         let err = String::from_utf8(out.stderr).unwrap();
         assert!(err.contains(key), "{content}: {err}");
     }
+    // What start-up would refuse about a dictionary, --validate-only refuses too, by name.
+    let broken = dir.path().join("broken.zdict");
+    std::fs::write(&broken, b"\x37\xa4\x30\xec not really a dictionary").unwrap();
+    for (args, says) in [
+        (vec!["--zstd-dictionary".into(), broken.display().to_string()], "broken.zdict"),
+        (vec!["--zstd-default-dictionary".into(), "77".into()], "77"),
+    ] {
+        let out = Command::new(bin()).args(["serve", "--validate-only"]).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("zstd-dictionary") && err.contains(says), "{args:?}: {err}");
+    }
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/config/contrail.example.toml");
     let out = Command::new(bin()).args(["serve", "--validate-only", "--config", example]).output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
