@@ -365,14 +365,17 @@ async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
     assert!(replica.logs().contains("a fragmented message larger than"), "{}", replica.logs());
 }
 
-/// An upstream that sends an event with a `time_us` beyond any clock (corrupt, or hostile): the
-/// replica drops and counts it rather than store it as its newest, which would make it refuse
-/// every real event after (each must be newer), and goes on with the next.
+/// An upstream that sends an event with a `time_us` beyond any clock (corrupt, or hostile;
+/// past 2^53, or more than a day past ours): the replica drops and counts it rather than store
+/// it as its newest, which would make it refuse every real event after (each must be newer),
+/// and goes on with the next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     let upstream = FakeRelay::start().await;
     upstream.set_faults(Faults { text: true, ..Faults::default() });
-    let t = 1_800_000_000_000_000i64;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let t = now - 3_600_000_000;
+    let a_year_ahead = now + 365 * 24 * 3_600_000_000;
     let line = |time_us: i64| {
         format!(
             r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
@@ -381,15 +384,23 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     };
     // The fake orders frames by the "seq" given here: the bogus one sits between two real ones,
     // and a second event stamped like the one before it (not the resumed-from event) follows.
-    for (seq, time_us) in [(t, t), (t + 1, t + 1), (t + 2, 1i64 << 60), (t + 3, t + 3), (t + 4, t + 3), (t + 5, t + 5)]
-    {
+    for (seq, time_us) in [
+        (t, t),
+        (t + 1, t + 1),
+        (t + 2, 1i64 << 60),
+        (t + 3, t + 3),
+        (t + 4, t + 3),
+        (t + 5, a_year_ahead),
+        (t + 6, t + 6),
+    ] {
         upstream.push(seq, line(time_us));
     }
-    // A cursor message beyond any clock too: taken, no later one would count as moving on.
-    upstream.push(t + 6, format!(r#"{{"kind":"cursor","time_us":{}}}"#, 1i64 << 60).into_bytes());
+    // Cursor messages beyond any clock too: taken, no later one would count as moving on.
+    upstream.push(t + 7, format!(r#"{{"kind":"cursor","time_us":{}}}"#, 1i64 << 60).into_bytes());
+    upstream.push(t + 8, format!(r#"{{"kind":"cursor","time_us":{a_year_ahead}}}"#).into_bytes());
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
-    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 3.0, "the bogus events were not dropped");
+    wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 5.0, "the bogus events were not dropped");
     wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 4.0, "the event after them never came");
     assert!(replica.logs().contains("beyond any clock"), "{}", replica.logs());
     assert_eq!(upstream.connections(), 1, "no reconnect: the bad event did not end the connection");
@@ -398,7 +409,7 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
         .iter()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
         .collect();
-    assert_eq!(stored, vec![t as u64, t as u64 + 1, t as u64 + 3, t as u64 + 5]);
+    assert_eq!(stored, vec![t as u64, t as u64 + 1, t as u64 + 3, t as u64 + 6]);
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an
@@ -410,7 +421,8 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
 async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     let upstream = FakeRelay::start().await;
     upstream.set_faults(Faults { text: true, ..Faults::default() });
-    let t = 1_800_000_000_000_000i64;
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64 - 3_600_000_000;
     let event = |time_us: i64, kind: &str, tail: &str| {
         format!(
             r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"{kind}","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}{tail}}}"#
@@ -422,21 +434,30 @@ async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     upstream.push(t + 2, b"<html>502 Bad Gateway</html>".to_vec());
     upstream.push(t + 3, event(t + 3, "commit", r#","verification":"quantum""#));
     upstream.push(t + 4, event(t + 4, "commit", ""));
+    // A DID longer than any (the stored value's header holds 16 bits of its length: 65,537
+    // bytes were stored as 1, half a character), and a collection that is not an NSID.
+    let long_did = format!("did:plc:{}a", "é".repeat(32_764));
+    let with = |time_us: i64, from: &str, to: &str| {
+        String::from_utf8(event(time_us, "commit", "")).unwrap().replace(from, to).into_bytes()
+    };
+    upstream.push(t + 5, with(t + 5, "did:plc:a", &long_did));
+    upstream.push(t + 6, with(t + 6, "app.bsky.feed.like", "app..like"));
+    upstream.push(t + 7, event(t + 7, "commit", ""));
     // The first connection ends after the two bad lines: the next one (from cursor t) sends
     // them again. The event is counted once; the line without a time_us cannot be told from
     // a new one, and is counted again.
     upstream.plan(vec![ConnFault::drop_after(3)]);
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
-    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 3.0, "the replica stopped at a bad event");
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 4.0, "the replica stopped at a bad event");
     assert_eq!(replica.metric("contrail_drops_total{reason=\"unknown_type\"}"), Some(1.0));
-    assert_eq!(replica.metric("contrail_drops_total{reason=\"bad_body\"}"), Some(2.0));
+    assert_eq!(replica.metric("contrail_drops_total{reason=\"bad_body\"}"), Some(4.0));
     assert_eq!(upstream.connections(), 2, "one reconnect, the planned one: no bad event ended a connection");
     drop(replica);
     let stored: Vec<serde_json::Value> =
         inspect_log(dir.path()).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     let times: Vec<u64> = stored.iter().map(|v| v["time_us"].as_u64().unwrap()).collect();
-    assert_eq!(times, vec![t as u64, t as u64 + 3, t as u64 + 4]);
+    assert_eq!(times, vec![t as u64, t as u64 + 3, t as u64 + 4, t as u64 + 7]);
     assert!(stored[1].get("verification").is_none(), "the unknown label is not stored: {}", stored[1]);
 }
 
@@ -558,4 +579,38 @@ async fn ready_says_503_while_behind_more_than_ready_max_lag() {
     }
     wait_caught_up(&primary, &r, Duration::from_secs(10));
     assert!(seen_behind, "never said it was behind");
+}
+
+/// An upstream behind us (a lagging replica we rotated to, which has not got our newest event)
+/// is live at its own position, below ours: that is not caught up, and `/ready` still says how
+/// far behind the events are. Before, a live cursor message anywhere at or below our position
+/// reset the lag to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_behind_us_does_not_make_the_replica_ready() {
+    let upstream = FakeRelay::start().await;
+    upstream.set_faults(Faults { text: true, ..Faults::default() });
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let t = now - 3_600_000_000;
+    for i in 0..3 {
+        upstream.push(t + i, format!(
+            r#"{{"did":"did:plc:a","time_us":{},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{i}","record":{{}}}}}}"#,
+            t + i
+        ).into_bytes());
+    }
+    let cursor = |time_us: i64| format!(r#"{{"kind":"cursor","time_us":{time_us},"live":true}}"#).into_bytes();
+    upstream.push(t + 3, cursor(t + 1));
+    let dir = tempfile::tempdir().unwrap();
+    let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false", "--ready-max-lag", "5s"]);
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 3.0, "the events never came");
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body) = http_get(replica.public, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("behind (--ready-max-lag 5s)"), "{body}");
+    // At our position: caught up.
+    upstream.push(t + 4, cursor(t + 2));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(replica.public, "/ready").unwrap().0 != 200 {
+        assert!(Instant::now() < deadline, "never ready; logs:\n{}", replica.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

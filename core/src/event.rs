@@ -188,6 +188,15 @@ impl Event {
     pub fn from_json(json: Vec<u8>, kind: EventKind, collection: Option<&str>) -> Option<Self> {
         let rest = json.strip_prefix(b"{\"did\":\"")?;
         let did_len = rest.iter().position(|&c| c == b'"')?;
+        // The stored value's header holds the DID's length in 16 bits, the collection's
+        // offset in 32 and its length in 16 ([`Self::encode_value`]): cut short, a value would
+        // be unreadable, or name another DID.
+        if did_len > u16::MAX as usize
+            || json.len() > u32::MAX as usize
+            || collection.is_some_and(|c| c.len() > u16::MAX as usize)
+        {
+            return None;
+        }
         let t = DID_OFFSET + did_len + TIME_KEY.len();
         if json.get(DID_OFFSET + did_len..t)? != TIME_KEY {
             return None;
@@ -453,6 +462,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn from_json_refuses_what_a_stored_value_could_not_hold() {
+        let json = |did: &str| format!(r#"{{"did":"{did}","time_us":1,"kind":"identity"}}"#).into_bytes();
+        let longest = format!("did:plc:{}", "a".repeat(u16::MAX as usize - 8));
+        assert!(Event::from_json(json(&longest), EventKind::Identity, None).is_some());
+        let longer = format!("{longest}a");
+        assert!(Event::from_json(json(&longer), EventKind::Identity, None).is_none());
+    }
 
     #[test]
     fn stamp_in_place_and_with_other_widths() {

@@ -299,6 +299,9 @@ impl UpstreamReader {
             params.push(format!("cursor={}", self.last_time_us));
         }
         self.expect_repeat = self.last_time_us > 0;
+        // A cursor message moves the stream on past our own position, on this upstream: one
+        // an earlier upstream showed (perhaps a bogus one) does not hold back this one's.
+        self.last_cursor_us = self.last_time_us;
         self.gap = None;
         // Compressed links save most of the cross-region bandwidth; the dictionary is the one
         // the upstream itself uses, fetched fresh for each connection.
@@ -406,7 +409,7 @@ impl UpstreamReader {
             Err(e) => return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}")),
         };
         if meta.kind == "cursor" {
-            if meta.time_us >= crate::clock::MAX_TIME_US {
+            if beyond_any_clock(meta.time_us) {
                 // Taken, it would be a position nothing later could pass: no cursor message
                 // would count as the upstream moving on again.
                 let t = meta.time_us;
@@ -415,15 +418,18 @@ impl UpstreamReader {
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
+            // At our position exactly: one below it is an upstream behind us (a lagging
+            // replica we rotated to, which has not got our newest event yet), not caught up.
+            let here = meta.time_us == self.last_time_us;
             let caught_up = match meta.live {
                 // The upstream says its stream for us is live: everything it holds up to here
                 // was sent, and we have it all.
-                Some(live) => live && behind == 0,
+                Some(live) => live && here,
                 // An upstream that does not say: nothing newer, and no event for a cursor
                 // interval. (While events flow, a catch-up's cursor messages trail the events
                 // sent.) A replay the upstream holds back that long looks the same: that is
                 // why it now says.
-                None => behind == 0 && self.last_time_us > 0 && self.last_event_at.elapsed() >= self.cursor_interval(),
+                None => here && self.last_time_us > 0 && self.last_event_at.elapsed() >= self.cursor_interval(),
             };
             if caught_up {
                 // Caught up with a quiet upstream, however long ago its last event was: the lag
@@ -435,7 +441,7 @@ impl UpstreamReader {
             }
             return Ok(true);
         }
-        if meta.time_us >= crate::clock::MAX_TIME_US {
+        if beyond_any_clock(meta.time_us) {
             // Bad upstream data is data (DESIGN.md invariant 6): dropped and counted, and the
             // position stays where it was, so the next real event is taken. An error would
             // resume from the same place and meet the same event again, forever.
@@ -497,6 +503,17 @@ impl UpstreamReader {
         let Some(mut event) = Event::from_json(json, kind, collection.as_deref()) else {
             return self.drop_event_at(time_us, DropReason::BadBody, "an event that is not in v1 shape".into());
         };
+        // What the primary's transcoder checks of every event: a DID (at most 2,048 bytes; the
+        // stored value's header holds its length) and a collection that are valid.
+        if !contrail_core::syntax::is_valid_did(event.did())
+            || collection.as_deref().is_some_and(|c| !contrail_core::syntax::is_valid_nsid(c))
+        {
+            return self.drop_event_at(
+                time_us,
+                DropReason::BadBody,
+                "an event with an invalid DID or collection".into(),
+            );
+        }
         event.verification = verification;
         if event.time_us != time_us {
             let what = "an event whose time_us does not parse the same twice".into();
@@ -553,12 +570,25 @@ impl UpstreamReader {
     }
 }
 
-/// The newest `time_us` an upstream reports at `/status`.
+/// How far past this machine's clock an upstream's `time_us` may be. A primary stamps from its
+/// own clock, so a day past ours is not a skew but a bogus value: stored as our newest, every
+/// real event after it would be refused as older (and every honest upstream, asked for that
+/// cursor, would start us live past them), for ever.
+const MAX_AHEAD_OF_CLOCK_US: u64 = 24 * 3_600 * 1_000_000;
+
+/// Whether an upstream's `time_us` is past [`crate::clock::MAX_TIME_US`] or more than
+/// [`MAX_AHEAD_OF_CLOCK_US`] past this machine's clock.
+fn beyond_any_clock(time_us: u64) -> bool {
+    time_us >= crate::clock::MAX_TIME_US || time_us > crate::clock::now_us().saturating_add(MAX_AHEAD_OF_CLOCK_US)
+}
+
+/// The newest `time_us` an upstream reports at `/status` (none if beyond any clock: such an
+/// upstream would look far ahead, and be switched to).
 async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
     let base = url.path.strip_suffix("/subscribe").unwrap_or("");
     let body = wsclient::http_get(url, &url.at(&format!("{base}/status")), timeout).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    v["log"]["newest_time_us"].as_u64()
+    v["log"]["newest_time_us"].as_u64().filter(|&t| !beyond_any_clock(t))
 }
 
 /// Every `every`, compares the upstreams' newest events; when one is ahead of `current` by
