@@ -210,7 +210,8 @@ impl Builder {
     }
 
     /// Give up with [`Error::Unreachable`] after this many failed connections in a row
-    /// (default: never).
+    /// (default: never). A connection that delivered something, or stayed up for the stale
+    /// timeout, is not a failure.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n.max(1));
         self
@@ -457,10 +458,13 @@ impl Driver {
                     // A connection that moved the position on starts the counting again, and
                     // the next host is tried at once, unless it ended within a second: hosts
                     // that each hand over an event and drop us must not be reconnected to in
-                    // a loop without a pause.
+                    // a loop without a pause. So does one that stayed up for a stale timeout
+                    // (alive: it answered our pings) with nothing to deliver: a quiet filter's
+                    // routine server restarts, a week apart, must not add up to
+                    // `max_attempts`, nor wait the longest backoff.
                     let progressed = self.last != delivered_before;
                     let brief = began.elapsed() < BRIEF_CONNECTION;
-                    if progressed {
+                    if progressed || began.elapsed() >= self.opts.stale_timeout {
                         failures = 0;
                         backoff.reset();
                     }

@@ -27,6 +27,9 @@ enum Script {
     /// Complete the upgrade, then neither read nor write (a server process that hangs while
     /// its kernel keeps the connection: pings are accepted and never answered).
     Silent,
+    /// Nothing to send, pings answered, for this long; then a close (a quiet subscription
+    /// through a server restart).
+    QuietThenClose(Duration),
 }
 
 fn event(time_us: u64) -> String {
@@ -123,6 +126,17 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                 Script::Silent => {
                                     tokio::time::sleep(Duration::from_secs(3600)).await;
                                     drop(ws);
+                                }
+                                Script::QuietThenClose(d) => {
+                                    let _ = tokio::time::timeout(d, async {
+                                        while let Ok(frame) = ws.read_frame().await {
+                                            if frame.opcode == OpCode::Close {
+                                                return;
+                                            }
+                                        }
+                                    })
+                                    .await;
+                                    let _ = ws.write_frame(Frame::close(1001, b"restarting")).await;
                                 }
                                 Script::Status(_) => unreachable!(),
                             }
@@ -341,6 +355,25 @@ async fn a_400_ends_the_subscription_with_the_reason_and_a_404_is_retried() {
     let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Unreachable { attempts: 3, .. }), "{err}");
     assert!(err.is_retryable());
+}
+
+/// Connections that stay up with nothing to deliver (a quiet filter; pings answered) and then
+/// end (a server restart) are not failures: `max_attempts` counts failed connections in a row,
+/// and three healthy ones must not end the subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_quiet_connections_do_not_count_as_failed_attempts() {
+    let t = now_us();
+    let quiet = Script::QuietThenClose(Duration::from_millis(1_300));
+    let server = serve(vec![quiet.clone(), quiet.clone(), quiet, Script::Send(vec![event(t + 1)])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .cursor(Some(t))
+        .stale_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(10), Duration::from_millis(20))
+        .max_attempts(2)
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
