@@ -36,6 +36,12 @@ const READ_AHEAD_FRAMES: usize = 16;
 /// Connections in a row that end on an unreadable message at one position before the
 /// subscription ends with [`Error::Unreadable`].
 const UNREADABLE_TRIES: u32 = 3;
+
+/// Binary messages in a row that do not decompress, after which the connection ends as
+/// unreadable: the dictionary is the wrong one (a stale file given to the builder, a proxy's
+/// stale `/dictionary`), not a message damaged here and there. Skipped one by one, every message
+/// was lost and the subscription delivered nothing, without an error, for ever.
+const UNDECOMPRESSABLE_IN_A_ROW: u32 = 16;
 /// A connection that ends sooner than this after it was made is followed by a wait, even when
 /// it moved the position on.
 const BRIEF_CONNECTION: Duration = Duration::from_secs(1);
@@ -615,6 +621,7 @@ impl Driver {
         // taken meanwhile do not move it; time spent handing a message to a slow consumer
         // does not count against the server).
         let mut stale_at = tokio::time::Instant::now() + stale;
+        let mut undecompressable: u32 = 0;
         loop {
             let frame = tokio::select! {
                 // Commands first: a filter change applies before more buffered frames.
@@ -661,15 +668,24 @@ impl Driver {
                     }
                 },
                 (OpCode::Binary, Some(d)) => match d.decompress(&payload, MAX_EVENT_BYTES) {
-                    Ok(bytes) => match String::from_utf8(bytes) {
-                        Ok(t) => t,
-                        Err(_) => {
-                            self.malformed("a compressed message that is not UTF-8");
-                            continue;
+                    Ok(bytes) => {
+                        undecompressable = 0;
+                        match String::from_utf8(bytes) {
+                            Ok(t) => t,
+                            Err(_) => {
+                                self.malformed("a compressed message that is not UTF-8");
+                                continue;
+                            }
                         }
-                    },
+                    }
                     Err(e) => {
                         self.malformed(&format!("a binary message that does not decompress: {e}"));
+                        undecompressable += 1;
+                        if undecompressable >= UNDECOMPRESSABLE_IN_A_ROW {
+                            return ConnectionError::Unreadable(format!(
+                                "{undecompressable} binary messages in a row that do not decompress with the dictionary (the wrong one?): {e}"
+                            ));
+                        }
                         continue;
                     }
                 },

@@ -30,6 +30,8 @@ enum Script {
     /// Nothing to send, pings answered, for this long; then a close (a quiet subscription
     /// through a server restart).
     QuietThenClose(Duration),
+    /// Binary messages, then the connection stays open.
+    Binary(Vec<Vec<u8>>),
 }
 
 fn event(time_us: u64) -> String {
@@ -126,6 +128,15 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                 Script::Silent => {
                                     tokio::time::sleep(Duration::from_secs(3600)).await;
                                     drop(ws);
+                                }
+                                Script::Binary(msgs) => {
+                                    for m in msgs {
+                                        let frame = Frame::new(true, OpCode::Binary, None, Payload::Owned(m));
+                                        if ws.write_frame(frame).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
                                 }
                                 Script::QuietThenClose(d) => {
                                     let _ = tokio::time::timeout(d, async {
@@ -355,6 +366,38 @@ async fn a_400_ends_the_subscription_with_the_reason_and_a_404_is_retried() {
     let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Unreachable { attempts: 3, .. }), "{err}");
     assert!(err.is_retryable());
+}
+
+/// A compressed subscription given the wrong dictionary (or a server that changed its own):
+/// nothing decompresses. Skipped one by one, the subscription delivered nothing, for ever, and
+/// said nothing; now the connection ends after 16 in a row, and three such connections at one
+/// position end the subscription with `Error::Unreadable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dictionary_nothing_decompresses_with_ends_the_subscription() {
+    let t = now_us();
+    // What another dictionary's frames look like to this one: a zstd frame naming a dictionary
+    // id it does not have.
+    let other = zstd::dict::from_samples(&(0..200).map(|i| event(t + i)).collect::<Vec<_>>(), 4096).unwrap();
+    let wrong = zstd::bulk::Compressor::with_dictionary(3, &other).unwrap().compress(event(t + 1).as_bytes()).unwrap();
+    let server = serve(vec![Script::Binary(vec![wrong; 40])]).await;
+    let dictionary = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../dictionaries/jetstream-v1.zdict")).unwrap();
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .cursor(Some(t))
+        .compress(true)
+        .dictionary(dictionary)
+        .backoff(Duration::from_millis(10), Duration::from_millis(20))
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+    match &err {
+        Error::Unreadable { after, what, .. } => {
+            assert_eq!(*after, Some(t));
+            assert!(what.contains("do not decompress with the dictionary"), "{what}");
+        }
+        other => panic!("expected Unreadable, got {other}"),
+    }
+    assert_eq!(server.connections.load(Ordering::SeqCst), 3);
+    assert_eq!(sub.stats().malformed.load(Ordering::Relaxed), 3 * 16);
 }
 
 /// Connections that stay up with nothing to deliver (a quiet filter; pings answered) and then
