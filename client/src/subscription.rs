@@ -668,8 +668,14 @@ impl Driver {
                     }
                 },
                 (OpCode::Binary, Some(d)) => match d.decompress(&payload, MAX_EVENT_BYTES) {
-                    Ok(bytes) => {
+                    Ok(mut bytes) => {
                         undecompressable = 0;
+                        // A frame that does not record its size (a streaming compressor's) is
+                        // decompressed into the largest buffer a message may need, 16 MiB:
+                        // kept as the event's, each buffered event would hold that much.
+                        if bytes.capacity() > bytes.len() * 2 + 4096 {
+                            bytes.shrink_to_fit();
+                        }
                         match String::from_utf8(bytes) {
                             Ok(t) => t,
                             Err(_) => {

@@ -400,6 +400,30 @@ async fn a_dictionary_nothing_decompresses_with_ends_the_subscription() {
     assert_eq!(sub.stats().malformed.load(Ordering::Relaxed), 3 * 16);
 }
 
+/// A compressed message whose frame does not record its size (a streaming compressor's) is
+/// decompressed into a buffer for the largest message (16 MiB); the event keeps only its own
+/// size, or a thousand buffered events would reserve 16 GiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_from_a_frame_without_its_size_keeps_only_its_own_bytes() {
+    let t = now_us();
+    let dictionary = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../dictionaries/jetstream-v1.zdict")).unwrap();
+    let mut compressor = zstd::bulk::Compressor::with_dictionary(3, &dictionary).unwrap();
+    compressor.include_contentsize(false).unwrap();
+    let frame = compressor.compress(event(t + 1).as_bytes()).unwrap();
+    let server = serve(vec![Script::Binary(vec![frame])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .cursor(Some(t))
+        .compress(true)
+        .dictionary(dictionary)
+        .start()
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message in time").unwrap();
+    let Message::Event(e) = m else { panic!("not an event") };
+    assert_eq!(e.time_us(), t + 1);
+    let json = e.into_json();
+    assert!(json.capacity() < 64 << 10, "{} bytes held for an event of {}", json.capacity(), json.len());
+}
+
 /// Connections that stay up with nothing to deliver (a quiet filter; pings answered) and then
 /// end (a server restart) are not failures: `max_attempts` counts failed connections in a row,
 /// and three healthy ones must not end the subscription.
