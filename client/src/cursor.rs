@@ -63,13 +63,25 @@ impl CursorStore for FileCursorStore {
             f.sync_all()?;
         }
         std::fs::rename(&tmp, &self.path)?;
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        // The rename is durable once the directory is.
-        std::fs::File::open(dir)?.sync_all()
+        sync_dir_of(&self.path)
     }
+}
+
+/// Makes a rename into `path`'s directory durable: on Unix by syncing the directory. Windows
+/// cannot open a directory as a file (the save failed there after its rename); NTFS journals
+/// the rename itself.
+#[cfg(unix)]
+fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_dir_of(_: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// A cursor in memory, shared by its clones (tests, or a process that keeps the cursor with

@@ -616,6 +616,9 @@ impl Driver {
         let _reader = AbortOnDrop(reader);
         let stale = self.opts.stale_timeout;
         let mut ping = tokio::time::interval(stale / 3);
+        // Pings missed while a slow consumer held this loop are not sent all at once (a burst
+        // past the server's ping rate closes the connection).
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         // Stale: nothing heard for `stale` while waiting on the server (pings sent and commands
         // taken meanwhile do not move it; time spent handing a message to a slow consumer
