@@ -275,7 +275,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             let (name, result) = flatten(done);
             match result {
                 Ok(()) => tracing::error!(task = name, "task stopped unexpectedly; shutting down"),
-                Err(e) if name == "sequencer" && config.log.store == crate::log::StoreKind::Rocksdb => {
+                // Retention writes the log too (its trims): on a full disk while ingest is
+                // quiet (a relay in backoff, a quiet upstream) its write fails first.
+                Err(e) if matches!(name, "sequencer" | "retention") && config.log.store == crate::log::StoreKind::Rocksdb => {
                     // The log cannot be written (a full disk, most often). RocksDB will not
                     // take writes again in this process, so ingest stops; but what is stored
                     // is still served, and /ready says why, until there is room to resume.
