@@ -776,6 +776,12 @@ impl Driver {
     /// Checks an event against the position (future, duplicate, backwards) and hands it over.
     async fn deliver_event(&mut self, event: Event, same_timeline: bool) -> Result<(), ConnectionError> {
         check_not_future(event.time_us())?;
+        if event.time_us() == 0 {
+            // Not a position: a cursor store would save 0 and a later run ask for `cursor=0`,
+            // a replay of everything (a store reads 0 back as "none" only sometimes).
+            self.malformed("an event with time_us 0");
+            return Ok(());
+        }
         if let Some(d) = &mut self.dedupe {
             if d.seen(&event) {
                 self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);

@@ -320,7 +320,7 @@ async fn a_time_us_in_the_future_and_garbage_do_not_become_positions() {
     let t = now_us();
     let future = t + 30 * 24 * 3_600_000_000; // a month ahead
     let server = serve(vec![
-        Script::Send(vec!["not json".into(), event(t + 1), event(future)]),
+        Script::Send(vec!["not json".into(), event(0), event(t + 1), event(future)]),
         Script::Send(vec![event(t + 1), event(t + 2)]),
     ])
     .await;
@@ -328,6 +328,12 @@ async fn a_time_us_in_the_future_and_garbage_do_not_become_positions() {
     assert_eq!(next_event(&mut sub).await, t + 1);
     // The future event ends the connection; the next resumes at t+1, not at the future.
     assert_eq!(next_event(&mut sub).await, t + 2);
+    assert_eq!(sub.stats().malformed.load(Ordering::Relaxed), 2, "the junk and the event at 0");
+    // Started live, an event at 0 is not the first position either (saved, it would read back
+    // as cursor=0: a replay of everything).
+    let server = serve(vec![Script::Send(vec![event(0), event(t + 1)])]).await;
+    let mut sub = subscribe(&server, None);
+    assert_eq!(next_event(&mut sub).await, t + 1);
     assert_eq!(sub.stats().malformed.load(Ordering::Relaxed), 1);
 }
 
