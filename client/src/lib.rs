@@ -112,6 +112,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_url_may_not_set_what_the_builder_sets() {
+        for param in
+            ["compress=true", "requireHello=true", "wantedCollections=app.bsky.feed.post", "informCursorSeconds=5"]
+        {
+            let url = format!("wss://jetstream.example/subscribe?token=x&{param}");
+            let err = Subscription::builder([url]).start().err().expect("refused");
+            let key = param.split('=').next().unwrap();
+            assert!(matches!(&err, Error::Url(_)) && err.to_string().contains(key), "{param}: {err}");
+        }
+    }
+
+    #[test]
     fn filters_become_query_parameters_or_a_hello() {
         let f = Filters { collections: vec!["app.bsky.graph.*".into()], dids: vec!["did:web:a%3A8080.test".into()] };
         let q: Vec<String> = f.query_params().collect();

@@ -37,6 +37,20 @@ const READ_AHEAD_FRAMES: usize = 16;
 /// subscription ends with [`Error::Unreadable`].
 const UNREADABLE_TRIES: u32 = 3;
 
+/// Query parameters the subscription sets itself. Given in a URL as well, the server saw both: a
+/// `compress=true` the builder did not ask for made every message "malformed", a
+/// `requireHello=true` it never answers left it waiting for ever, a filter in the URL was added
+/// to the builder's. (`cursor` is taken out of a URL: the position is the subscription's.)
+const MANAGED_PARAMS: &[&str] = &[
+    "compress",
+    "requireHello",
+    "wantedCollections",
+    "wantedDids",
+    "informCursorSeconds",
+    "includeSync",
+    "zstdDictionary",
+];
+
 /// Binary messages in a row that do not decompress, after which the connection ends as
 /// unreadable: the dictionary is the wrong one (a stale file given to the builder, a proxy's
 /// stale `/dictionary`), not a message damaged here and there. Skipped one by one, every message
@@ -248,6 +262,20 @@ impl Builder {
             .iter()
             .map(|u| WsUrl::parse_with_path(&ws_scheme(u), endpoint(self.wire)))
             .collect::<Result<Vec<_>, _>>()?;
+        for url in &urls {
+            let managed = url
+                .query
+                .iter()
+                .map(|kv| kv.split('=').next().unwrap_or_default())
+                .find(|k| MANAGED_PARAMS.contains(k));
+            if let Some(key) = managed {
+                let msg = format!(
+                    "{} sets {key}, which the builder sets itself (its own method: the server would get both)",
+                    url.raw
+                );
+                return Err(crate::transport::UrlError::new(msg).into());
+            }
+        }
         self.filters.validate()?;
         let (out_tx, out_rx) = mpsc::channel(self.buffer);
         let budget =

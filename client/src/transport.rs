@@ -25,6 +25,12 @@ fn bail<T>(msg: String) -> Result<T, UrlError> {
     Err(UrlError(msg))
 }
 
+impl UrlError {
+    pub(crate) fn new(msg: String) -> UrlError {
+        UrlError(msg)
+    }
+}
+
 /// A parsed `ws://` or `wss://` URL of a relay or an upstream Contrail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WsUrl {
