@@ -9,6 +9,11 @@ use common::process::{http_get, inspect_log, Serve};
 use common::relay::{ConnFault, FakeRelay, Faults};
 use std::time::{Duration, Instant};
 
+/// This machine's clock, in `time_us` (fake upstreams' events must not be a day past it).
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
 fn newest(s: &Serve) -> u64 {
     s.metric("contrail_store_newest_time_us").unwrap_or(0.0) as u64
 }
@@ -373,7 +378,7 @@ async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
 async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     let upstream = FakeRelay::start().await;
     upstream.set_faults(Faults { text: true, ..Faults::default() });
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let now = now_us();
     let t = now - 3_600_000_000;
     let a_year_ahead = now + 365 * 24 * 3_600_000_000;
     let line = |time_us: i64| {
@@ -421,8 +426,7 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
 async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     let upstream = FakeRelay::start().await;
     upstream.set_faults(Faults { text: true, ..Faults::default() });
-    let t =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64 - 3_600_000_000;
+    let t = now_us() - 3_600_000_000;
     let event = |time_us: i64, kind: &str, tail: &str| {
         format!(
             r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"{kind}","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}{tail}}}"#
@@ -589,7 +593,7 @@ async fn ready_says_503_while_behind_more_than_ready_max_lag() {
 async fn an_upstream_behind_us_does_not_make_the_replica_ready() {
     let upstream = FakeRelay::start().await;
     upstream.set_faults(Faults { text: true, ..Faults::default() });
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    let now = now_us();
     let t = now - 3_600_000_000;
     for i in 0..3 {
         upstream.push(t + i, format!(
