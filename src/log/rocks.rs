@@ -16,9 +16,9 @@
 //!   opened with stored frames off (so a version without this column family opens it again).
 //!
 //! Events and the relay seq they complete are written in one `WriteBatch` (invariant 2): after
-//! a crash the cursor is never ahead of the data. Retention trims the oldest keys by dropping
+//! a crash the cursor is never ahead of the data. Retention trims the oldest events by dropping
 //! the files wholly older than its cutoff and ingesting one range tombstone for the rest: it
-//! never stalls the writer, and it reads and writes only what it deletes.
+//! reads and writes only what it deletes, and holds the writer up for one MANIFEST write.
 
 use crate::event::Event;
 use rocksdb::{
@@ -232,7 +232,7 @@ impl RocksLog {
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.sync_writes);
         let log = RocksLog { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) };
-        // Tombstone files a crash left before their ingestion ([`Self::trim_cf_before`]).
+        // Tombstone files a crash left before their ingestion ([`Self::trim_events_before`]).
         for entry in std::fs::read_dir(dir)?.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -453,44 +453,77 @@ impl RocksLog {
     /// comes back; nothing when none is that old (no tombstone, no compaction).
     pub fn trim_zframes_before(&self, time_us: u64) -> Result<()> {
         let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
-        self.trim_cf_before(cf, time_us)
+        // Through the memtable (a plain write): an ingested tombstone takes the whole write
+        // queue for a moment, and the precompress thread that trims this window runs at the
+        // lowest priority. These frames span a few minutes; their rewrite is small.
+        let Some(oldest) = self.first_key(cf)? else { return Ok(()) };
+        if oldest >= time_us {
+            return Ok(());
+        }
+        self.db.delete_range_cf(cf, oldest.to_be_bytes(), time_us.to_be_bytes())?;
+        self.compact_range(cf, Some(oldest.to_be_bytes()), Some(time_us.to_be_bytes()));
+        Ok(())
     }
 
-    /// Deletes every key of `cf` below `cutoff` and compacts that range so the space comes
-    /// back, at a cost in proportion to what is deleted; nothing when no key is that old.
+    /// The first key of `cf`.
+    fn first_key(&self, cf: &rocksdb::ColumnFamily) -> Result<Option<u64>> {
+        match self.db.iterator_cf(cf, IteratorMode::Start).next() {
+            Some(item) => {
+                Ok(Some(u64::from_be_bytes(item?.0.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes every event below `cutoff` and compacts that range so the space comes back, at
+    /// a cost in proportion to what is deleted; nothing when no event is that old.
     ///
     /// Files wholly below the cutoff are dropped without being read. The rest is covered by a
     /// range tombstone in a file of its own, ingested beside the old keys, not written to the
-    /// memtable: flushed with the newest keys there, the tombstone made one file spanning the
-    /// whole key range, and compacting it down rewrote every file of the level below, the
-    /// whole log at every trim (measured: ingest at 19k events/s instead of 324k, 3.6 times
-    /// the bytes written; BENCHMARKS.md).
-    fn trim_cf_before(&self, cf: &rocksdb::ColumnFamily, cutoff: u64) -> Result<()> {
-        let oldest = match self.db.iterator_cf(cf, IteratorMode::Start).next() {
-            Some(item) => u64::from_be_bytes(item?.0.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?),
-            None => return Ok(()),
-        };
-        if oldest >= cutoff {
+    /// memtable: flushed with the newest events there, the tombstone made one file spanning
+    /// every key, and compacting it down rewrote every file of the level below, most of the
+    /// log at every trim (`cargo bench --bench retention`: ingest at 18k events/s instead of
+    /// 217k–251k, 4.3 times the bytes written; BENCHMARKS.md). The ingestion holds RocksDB's
+    /// write queue for one MANIFEST write; when it would have to flush the memtable first (a
+    /// retention shorter than a memtable's worth of events), the tombstone goes through the
+    /// memtable after all.
+    fn trim_events_before(&self, cutoff: u64) -> Result<()> {
+        let cf = self.events();
+        if self.first_key(cf)?.is_none_or(|oldest| oldest >= cutoff) {
             return Ok(());
         }
+        // (Its end is inclusive.) Level-0 files, and files being compacted, stay.
+        self.db.delete_file_in_range_cf(cf, 0u64.to_be_bytes(), (cutoff - 1).to_be_bytes())?;
+        // What is left below the cutoff, if anything. (A tombstone over nothing would be placed
+        // at the bottom, where no compaction ever takes it away.)
+        let Some(oldest) = self.first_key(cf)?.filter(|&oldest| oldest < cutoff) else { return Ok(()) };
         let (from, to) = (oldest.to_be_bytes(), cutoff.to_be_bytes());
-        // (Its end is inclusive.)
-        self.db.delete_file_in_range_cf(cf, from, (cutoff - 1).to_be_bytes())?;
-        // Its own name: retention and the compressed frames' window trim at once.
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = self.path.join(format!("{TRIM_FILE_PREFIX}{n}{TRIM_FILE_SUFFIX}"));
+        let ingested = self.ingest_tombstone(cf, &path, from, to);
+        let _ = std::fs::remove_file(&path);
+        if ingested.is_err() {
+            self.db.delete_range_cf(cf, from, to)?;
+        }
+        // From the start: a tombstone an earlier trim left uncompacted (a crash, a shutdown)
+        // hides keys below the first one seen, which the space must come back from too.
+        self.compact_range(cf, None::<[u8; 8]>, Some(to));
+        Ok(())
+    }
+
+    /// Writes a file holding only the range tombstone `[from, to)` at `path` and ingests it
+    /// into `cf`; an error when ingesting would need a memtable flush.
+    fn ingest_tombstone(&self, cf: &rocksdb::ColumnFamily, path: &Path, from: [u8; 8], to: [u8; 8]) -> Result<()> {
         let options = Options::default();
         let mut file = rocksdb::SstFileWriter::create(&options);
-        file.open(&path)?;
+        file.open(path)?;
         file.delete_range(from, to)?;
         file.finish()?;
         let mut ingest = rocksdb::IngestExternalFileOptions::default();
         ingest.set_move_files(true);
-        let ingested = self.db.ingest_external_file_cf_opts(cf, &ingest, vec![&path]);
-        let _ = std::fs::remove_file(&path);
-        ingested?;
-        self.compact_range(cf, Some(from), Some(to));
+        ingest.set_allow_blocking_flush(false);
+        self.db.ingest_external_file_cf_opts(cf, &ingest, vec![path])?;
         Ok(())
     }
 
@@ -537,7 +570,7 @@ impl RocksLog {
     /// Deletes every event with `time_us < cutoff` (one range tombstone), then compacts that
     /// range so the space comes back.
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
-        self.trim_cf_before(self.events(), cutoff)?;
+        self.trim_events_before(cutoff)?;
         self.trim_zframes_before(cutoff)
     }
 
@@ -732,6 +765,13 @@ mod tests {
             assert!(after.contains(newer), "{newer:?} was rewritten: {after:?}");
         }
         assert!(!after.contains(&before[0]), "the oldest file is still there: {after:?}");
+        // Nothing is left wholly below the cutoff: no old events, no tombstone file.
+        assert!(after.iter().all(|f| f.2 >= 1_500), "{after:?}");
+        // Again, at a file's edge.
+        log.trim_before(3_001).unwrap();
+        let again = files(&log);
+        assert!(again.iter().all(|f| f.2 >= 3_001), "{again:?}");
+        assert!(again.contains(&before[3]) && again.contains(&before[4]), "{again:?}");
         let kept: Vec<u64> = {
             let mut v = Vec::new();
             log.scan(0, usize::MAX, |t, _| {
@@ -741,6 +781,6 @@ mod tests {
             .unwrap();
             v
         };
-        assert_eq!(kept, (1_500..6_001).collect::<Vec<_>>());
+        assert_eq!(kept, (3_001..6_001).collect::<Vec<_>>());
     }
 }
