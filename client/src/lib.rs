@@ -113,14 +113,30 @@ mod tests {
 
     #[test]
     fn a_url_may_not_set_what_the_builder_sets() {
-        for param in
-            ["compress=true", "requireHello=true", "wantedCollections=app.bsky.feed.post", "informCursorSeconds=5"]
-        {
-            let url = format!("wss://jetstream.example/subscribe?token=x&{param}");
-            let err = Subscription::builder([url]).start().err().expect("refused");
+        let url = |param: &str| format!("wss://jetstream.example/subscribe?token=x&{param}");
+        let refused = |b: Builder, param: &str| {
+            let err = b.start().err().unwrap_or_else(|| panic!("{param} taken"));
             let key = param.split('=').next().unwrap();
             assert!(matches!(&err, Error::Url(_)) && err.to_string().contains(key), "{param}: {err}");
+        };
+        for param in ["compress=true", "requireHello=true", "informCursorSeconds=5", "zstdDictionary=1"] {
+            refused(Subscription::builder([url(param)]), param);
         }
+        let post = "wantedCollections=app.bsky.feed.post";
+        refused(Subscription::builder([url(post)]).collections(["app.bsky.feed.like"]), post);
+        let v2 = |param: &str| Subscription::builder([url(param)]).wire(Wire::V2);
+        refused(v2("collections=app.bsky.feed.post").collections(["app.bsky.feed.like"]), "collections");
+        refused(v2("kinds=commit"), "kinds");
+        refused(v2("zstdDictionary=1"), "zstdDictionary");
+    }
+
+    /// A filter the builder does not set may stay in the URL (a Jetstream URL copied with its
+    /// query, as `contrail tail` takes it).
+    #[tokio::test]
+    async fn a_url_may_carry_a_filter_the_builder_does_not_set() {
+        let url = "ws://127.0.0.1:9/subscribe?wantedCollections=app.bsky.feed.post&wantedDids=did:plc:a";
+        assert!(Subscription::builder([url]).start().is_ok());
+        assert!(Subscription::builder(["ws://127.0.0.1:9/subscribe?includeSync=true"]).start().is_ok());
     }
 
     #[test]

@@ -37,20 +37,6 @@ const READ_AHEAD_FRAMES: usize = 16;
 /// subscription ends with [`Error::Unreadable`].
 const UNREADABLE_TRIES: u32 = 3;
 
-/// Query parameters the subscription sets itself. Given in a URL as well, the server saw both: a
-/// `compress=true` the builder did not ask for made every message "malformed", a
-/// `requireHello=true` it never answers left it waiting for ever, a filter in the URL was added
-/// to the builder's. (`cursor` is taken out of a URL: the position is the subscription's.)
-const MANAGED_PARAMS: &[&str] = &[
-    "compress",
-    "requireHello",
-    "wantedCollections",
-    "wantedDids",
-    "informCursorSeconds",
-    "includeSync",
-    "zstdDictionary",
-];
-
 /// Binary messages in a row that do not decompress, after which the connection ends as
 /// unreadable: the dictionary is the wrong one (a stale file given to the builder, a proxy's
 /// stale `/dictionary`), not a message damaged here and there. Skipped one by one, every message
@@ -253,6 +239,33 @@ impl Builder {
     }
 
     /// Starts the background task (on the current tokio runtime).
+    /// Whether the subscription sets query parameter `key` itself, on its wire. Given in a URL
+    /// as well, the server saw both: a `compress=true` the builder did not ask for made every
+    /// message "malformed", a `requireHello=true` it never answers left it waiting for ever, a
+    /// filter in the URL was added to the builder's. A filter the builder does not set may stay
+    /// in the URL (a Jetstream URL copied with its `wantedCollections`). (`cursor` is taken out
+    /// of a URL: the position is the subscription's.)
+    fn sets(&self, key: &str) -> bool {
+        let f = &self.filters;
+        match self.wire {
+            Wire::V1 => match key {
+                // Always sent, or managed with the dictionary and the hello the client sends.
+                "compress" | "requireHello" | "informCursorSeconds" | "zstdDictionary" => true,
+                "wantedCollections" => !f.collections.is_empty(),
+                "wantedDids" => !f.dids.is_empty(),
+                "includeSync" => self.include_sync,
+                _ => false,
+            },
+            Wire::V2 => match key {
+                "zstdDictionary" => true,
+                "collections" => !f.collections.is_empty(),
+                "dids" => !f.dids.is_empty(),
+                "kinds" => !self.include_sync,
+                _ => false,
+            },
+        }
+    }
+
     pub fn start(self) -> Result<Subscription, Error> {
         if self.urls.is_empty() {
             return Err(Error::NoUrl);
@@ -263,14 +276,10 @@ impl Builder {
             .map(|u| WsUrl::parse_with_path(&ws_scheme(u), endpoint(self.wire)))
             .collect::<Result<Vec<_>, _>>()?;
         for url in &urls {
-            let managed = url
-                .query
-                .iter()
-                .map(|kv| kv.split('=').next().unwrap_or_default())
-                .find(|k| MANAGED_PARAMS.contains(k));
-            if let Some(key) = managed {
+            let conflict = url.query.iter().map(|kv| kv.split('=').next().unwrap_or_default()).find(|k| self.sets(k));
+            if let Some(key) = conflict {
                 let msg = format!(
-                    "{} sets {key}, which the builder sets itself (its own method: the server would get both)",
+                    "{} sets {key}, which this subscription sets itself: give it to the builder (or the command's flag) instead",
                     url.raw
                 );
                 return Err(crate::transport::UrlError::new(msg).into());
@@ -297,6 +306,8 @@ impl Builder {
             budget: budget.clone(),
             commands: cmd_rx,
             stats: stats.clone(),
+            connected_at: None,
+            heard: false,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -433,6 +444,10 @@ struct Driver {
     budget: Arc<Buffered>,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Stats>,
+    /// The last connection's upgrade, and whether the server was heard on it since (a pong,
+    /// a message): whether it was healthy, for [`Driver::run`].
+    connected_at: Option<tokio::time::Instant>,
+    heard: bool,
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -493,12 +508,15 @@ impl Driver {
                     // the next host is tried at once, unless it ended within a second: hosts
                     // that each hand over an event and drop us must not be reconnected to in
                     // a loop without a pause. So does one that stayed up for a stale timeout
-                    // (alive: it answered our pings) with nothing to deliver: a quiet filter's
-                    // routine server restarts, a week apart, must not add up to
-                    // `max_attempts`, nor wait the longest backoff.
+                    // and was heard on (alive: it answered our pings) with nothing to deliver:
+                    // a quiet filter's routine server restarts, a week apart, must not add up
+                    // to `max_attempts`, nor wait the longest backoff. (A server that hangs
+                    // after the upgrade, never heard, still counts.)
                     let progressed = self.last != delivered_before;
                     let brief = began.elapsed() < BRIEF_CONNECTION;
-                    if progressed || began.elapsed() >= self.opts.stale_timeout {
+                    let alive_long =
+                        self.heard && self.connected_at.is_some_and(|c| c.elapsed() >= self.opts.stale_timeout);
+                    if progressed || alive_long {
                         failures = 0;
                         backoff.reset();
                     }
@@ -583,6 +601,7 @@ impl Driver {
     }
 
     async fn connection(&mut self) -> ConnectionError {
+        (self.connected_at, self.heard) = (None, false);
         let url = self.urls[self.current].clone();
         let timeout = self.opts.connect_timeout;
         let mut decompressor = None;
@@ -628,6 +647,7 @@ impl Driver {
             Err(e) => return e.into(),
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        self.connected_at = Some(tokio::time::Instant::now());
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
         let (read, write_half) = ws.split(tokio::io::split);
@@ -690,6 +710,7 @@ impl Driver {
                 Ok(Some(Ok(f))) => f,
             };
             stale_at = tokio::time::Instant::now() + stale;
+            self.heard = true;
             let text = match (opcode, decompressor.as_mut()) {
                 (OpCode::Text, _) => match String::from_utf8(payload) {
                     Ok(t) => t,

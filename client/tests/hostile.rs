@@ -447,6 +447,17 @@ async fn healthy_quiet_connections_do_not_count_as_failed_attempts() {
         .unwrap();
     assert_eq!(next_event(&mut sub).await, t + 1);
     assert_eq!(server.connections.load(Ordering::SeqCst), 4);
+    // A server that hangs after the upgrade (never heard, however long each connection lasts)
+    // still counts.
+    let server = serve(vec![Script::Silent]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .stale_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(10), Duration::from_millis(20))
+        .max_attempts(2)
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+    assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
