@@ -371,9 +371,10 @@ async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
 }
 
 /// An upstream that sends an event with a `time_us` beyond any clock (corrupt, or hostile;
-/// past 2^53, or more than a day past ours): the replica drops and counts it rather than store
-/// it as its newest, which would make it refuse every real event after (each must be newer),
-/// and goes on with the next.
+/// past 2^53, or more than a day past ours and not followed by a newer one): the replica drops
+/// and counts it rather than store it as its newest, which would make it refuse every real
+/// event after (each must be newer), and goes on with the next. Events more than a day ahead
+/// that go on from there (a primary whose clock is ahead, or ours behind) are taken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     let upstream = FakeRelay::start().await;
@@ -381,6 +382,7 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     let now = now_us();
     let t = now - 3_600_000_000;
     let a_year_ahead = now + 365 * 24 * 3_600_000_000;
+    let two_days_ahead = now + 2 * 24 * 3_600_000_000;
     let line = |time_us: i64| {
         format!(
             r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
@@ -403,18 +405,24 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     // Cursor messages beyond any clock too: taken, no later one would count as moving on.
     upstream.push(t + 7, format!(r#"{{"kind":"cursor","time_us":{}}}"#, 1i64 << 60).into_bytes());
     upstream.push(t + 8, format!(r#"{{"kind":"cursor","time_us":{a_year_ahead}}}"#).into_bytes());
+    // Ahead, and the stream goes on from there: both taken.
+    upstream.push(t + 9, line(two_days_ahead));
+    upstream.push(t + 10, line(two_days_ahead + 1));
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
     wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 5.0, "the bogus events were not dropped");
-    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 4.0, "the event after them never came");
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 6.0, "the events after them never came");
     assert!(replica.logs().contains("beyond any clock"), "{}", replica.logs());
     assert_eq!(upstream.connections(), 1, "no reconnect: the bad event did not end the connection");
+    let replica_bad_time = replica.metric("contrail_drops_total{reason=\"bad_time\"}").unwrap();
     drop(replica);
     let stored: Vec<u64> = inspect_log(dir.path())
         .iter()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
         .collect();
-    assert_eq!(stored, vec![t as u64, t as u64 + 1, t as u64 + 3, t as u64 + 6]);
+    let (t, ahead) = (t as u64, two_days_ahead as u64);
+    assert_eq!(stored, vec![t, t + 1, t + 3, t + 6, ahead, ahead + 1]);
+    assert_eq!(replica_bad_time, 5.0, "2^60, the second t+3, the year ahead, two cursor messages");
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an
@@ -588,7 +596,7 @@ async fn ready_says_503_while_behind_more_than_ready_max_lag() {
 /// An upstream behind us (a lagging replica we rotated to, which has not got our newest event)
 /// is live at its own position, below ours: that is not caught up, and `/ready` still says how
 /// far behind the events are. Before, a live cursor message anywhere at or below our position
-/// reset the lag to 0.
+/// reset the lag to 0. At our position it is, counting an event we dropped as ours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_behind_us_does_not_make_the_replica_ready() {
     let upstream = FakeRelay::start().await;
@@ -610,8 +618,11 @@ async fn an_upstream_behind_us_does_not_make_the_replica_ready() {
     let (status, body) = http_get(replica.public, "/ready").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("behind (--ready-max-lag 5s)"), "{body}");
-    // At our position: caught up.
-    upstream.push(t + 4, cursor(t + 2));
+    // At our position: caught up. (The upstream's newest is an event we drop, of a kind we do
+    // not know: its position counts as ours.)
+    let hologram = format!(r#"{{"did":"did:plc:a","time_us":{},"kind":"hologram"}}"#, t + 4);
+    upstream.push(t + 4, hologram.into_bytes());
+    upstream.push(t + 5, cursor(t + 4));
     let deadline = Instant::now() + Duration::from_secs(10);
     while http_get(replica.public, "/ready").unwrap().0 != 200 {
         assert!(Instant::now() < deadline, "never ready; logs:\n{}", replica.logs());

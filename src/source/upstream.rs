@@ -178,6 +178,10 @@ pub struct UpstreamReader {
     /// The newest `time_us` of an event dropped and counted: an upstream sends the same bad
     /// events again after a reconnect (they never moved our position), counted once.
     dropped_through: u64,
+    /// An event more than a day ahead of both our clock and our newest event, held until the
+    /// next one says whether the stream really is there (see [`MAX_AHEAD_US`]): its `time_us`
+    /// and line.
+    held_ahead: Option<(u64, Vec<u8>)>,
     /// What each upstream (by its place in the list) has shown about resuming from
     /// `last_time_us` (forgotten once an event moves it): a hole is accepted only when none
     /// can fill it.
@@ -208,6 +212,7 @@ impl UpstreamReader {
             moved_on: false,
             last_cursor_us: 0,
             dropped_through: 0,
+            held_ahead: None,
             last_event_at: std::time::Instant::now(),
             resume,
             gap: None,
@@ -302,6 +307,8 @@ impl UpstreamReader {
         // A cursor message moves the stream on past our own position, on this upstream: one
         // an earlier upstream showed (perhaps a bogus one) does not hold back this one's.
         self.last_cursor_us = self.last_time_us;
+        // The upstream sends it again if it is there; what follows it on this connection says.
+        self.held_ahead = None;
         self.gap = None;
         // Compressed links save most of the cross-region bandwidth; the dictionary is the one
         // the upstream itself uses, fetched fresh for each connection.
@@ -409,18 +416,26 @@ impl UpstreamReader {
             Err(e) => return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}")),
         };
         if meta.kind == "cursor" {
-            if beyond_any_clock(meta.time_us) {
+            if self.held_ahead.as_ref().is_some_and(|(held_at, _)| meta.time_us == *held_at) {
+                // At the event held: the upstream is there, quiet. Alive; the position waits
+                // for the next event.
+                return Ok(true);
+            }
+            if meta.time_us >= crate::clock::MAX_TIME_US || self.far_ahead(meta.time_us) {
                 // Taken, it would be a position nothing later could pass: no cursor message
-                // would count as the upstream moving on again.
+                // would count as the upstream moving on again. (One far ahead may be real, a
+                // primary's clock ahead of ours: the events it shows are held until confirmed,
+                // and the next cursor messages are not far ahead of them.)
                 let t = meta.time_us;
                 return self.drop_event(DropReason::BadTime, format!("a cursor message at {t} (beyond any clock)"));
             }
             // The upstream's position for this stream: how far behind it we are.
             let behind = meta.time_us.saturating_sub(self.last_time_us);
             self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
-            // At our position exactly: one below it is an upstream behind us (a lagging
-            // replica we rotated to, which has not got our newest event yet), not caught up.
-            let here = meta.time_us == self.last_time_us;
+            // At our position exactly (events dropped count: the upstream's newest may be one
+            // we cannot store). One below it is an upstream behind us (a lagging replica we
+            // rotated to, which has not got our newest event yet), not caught up.
+            let here = meta.time_us == self.last_time_us.max(self.dropped_through);
             let caught_up = match meta.live {
                 // The upstream says its stream for us is live: everything it holds up to here
                 // was sent, and we have it all.
@@ -441,13 +456,45 @@ impl UpstreamReader {
             }
             return Ok(true);
         }
-        if beyond_any_clock(meta.time_us) {
+        if meta.time_us >= crate::clock::MAX_TIME_US {
             // Bad upstream data is data (DESIGN.md invariant 6): dropped and counted, and the
             // position stays where it was, so the next real event is taken. An error would
             // resume from the same place and meet the same event again, forever.
             let t = meta.time_us;
             return self.drop_event(DropReason::BadTime, format!("an event with time_us {t} (beyond any clock)"));
         }
+        if let Some((held_at, held)) = self.held_ahead.take() {
+            if meta.time_us > held_at {
+                // The stream goes on past it: real (a primary's clock ahead of ours, or ours
+                // behind). Taken first.
+                let mut scratch = held.clone();
+                let held_meta: Meta<'_> =
+                    simd_json::serde::from_slice(&mut scratch).map_err(|e| protocol(e.to_string()))?;
+                self.event(held_meta, held).await?;
+            } else {
+                let what = format!(
+                    "an event with time_us {held_at} (beyond any clock: the next, at {}, was not)",
+                    meta.time_us
+                );
+                self.drop_event(DropReason::BadTime, what)?;
+            }
+        }
+        if self.far_ahead(meta.time_us) {
+            self.held_ahead = Some((meta.time_us, json));
+            return Ok(false);
+        }
+        self.event(meta, json).await
+    }
+
+    /// Whether `time_us` is more than [`MAX_AHEAD_US`] past both this machine's clock and our
+    /// newest event.
+    fn far_ahead(&self, time_us: u64) -> bool {
+        time_us > crate::clock::now_us().max(self.last_time_us).saturating_add(MAX_AHEAD_US)
+    }
+
+    /// Stores one event line (`meta` read from it), unless it is the cursor's repeat or cannot
+    /// be stored; whether it kept the stream alive.
+    async fn event(&mut self, meta: Meta<'_>, json: Vec<u8>) -> Result<bool, UpstreamError> {
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us && !self.expect_repeat {
                 // Not the resumed-from event (that comes first, if at all): a second event
@@ -570,25 +617,21 @@ impl UpstreamReader {
     }
 }
 
-/// How far past this machine's clock an upstream's `time_us` may be. A primary stamps from its
-/// own clock, so a day past ours is not a skew but a bogus value: stored as our newest, every
+/// How far past both this machine's clock and our newest event an upstream's `time_us` may be
+/// and still be taken at once. Further is most likely a bogus value: stored as our newest, every
 /// real event after it would be refused as older (and every honest upstream, asked for that
-/// cursor, would start us live past them), for ever.
-const MAX_AHEAD_OF_CLOCK_US: u64 = 24 * 3_600 * 1_000_000;
+/// cursor, would start us live past them), for ever. But it may be real: a primary whose clock
+/// was ahead keeps stamping ahead (`max(now, last + 1)`), and our own clock may be behind (a
+/// boot before NTP). So such an event is held, and taken once the next one is newer still;
+/// dropped (counted as `bad_time`) when the next is older.
+const MAX_AHEAD_US: u64 = 24 * 3_600 * 1_000_000;
 
-/// Whether an upstream's `time_us` is past [`crate::clock::MAX_TIME_US`] or more than
-/// [`MAX_AHEAD_OF_CLOCK_US`] past this machine's clock.
-fn beyond_any_clock(time_us: u64) -> bool {
-    time_us >= crate::clock::MAX_TIME_US || time_us > crate::clock::now_us().saturating_add(MAX_AHEAD_OF_CLOCK_US)
-}
-
-/// The newest `time_us` an upstream reports at `/status` (none if beyond any clock: such an
-/// upstream would look far ahead, and be switched to).
+/// The newest `time_us` an upstream reports at `/status`.
 async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
     let base = url.path.strip_suffix("/subscribe").unwrap_or("");
     let body = wsclient::http_get(url, &url.at(&format!("{base}/status")), timeout).await.ok()?;
     let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    v["log"]["newest_time_us"].as_u64().filter(|&t| !beyond_any_clock(t))
+    v["log"]["newest_time_us"].as_u64()
 }
 
 /// Every `every`, compares the upstreams' newest events; when one is ahead of `current` by
@@ -607,12 +650,15 @@ async fn probe_upstreams(
     loop {
         tokio::time::sleep(every).await;
         let Some(ours) = upstream_newest(&urls[current], timeout).await else { continue };
+        // A reading more than a day past this clock and the one in use is not believed: a
+        // bogus one would look far ahead, and be switched to.
+        let believable = |t: u64| t <= crate::clock::now_us().max(ours).saturating_add(MAX_AHEAD_US);
         let mut best: Option<(usize, u64)> = None;
         for (i, url) in urls.iter().enumerate() {
             if i == current {
                 continue;
             }
-            if let Some(newest) = upstream_newest(url, timeout).await {
+            if let Some(newest) = upstream_newest(url, timeout).await.filter(|&t| believable(t)) {
                 if best.is_none_or(|(_, b)| newest > b) {
                     best = Some((i, newest));
                 }
