@@ -248,6 +248,9 @@ pub struct ConnectGate {
     /// All connections still in plain HTTP, and their cap.
     open_total: std::sync::atomic::AtomicUsize,
     max_open_total: usize,
+    /// Whether exempt clients count toward `max_open_total` (the metrics listener's do not: a
+    /// stranger filling it must not lock out the scraper).
+    exempt_in_total: bool,
     refused: prometheus::IntCounter,
     refused_open: prometheus::IntCounter,
     /// When idle buckets were last dropped (at most once a second: a full pass is not cheap).
@@ -269,11 +272,15 @@ pub struct OpenConnection {
     key: Option<IpAddr>,
     /// Its IPv6 site, counted.
     site: Option<IpAddr>,
+    /// Counted in the gate's total.
+    in_total: bool,
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.gate.open_total.fetch_sub(1, Ordering::SeqCst);
+        if self.in_total {
+            self.gate.open_total.fetch_sub(1, Ordering::SeqCst);
+        }
         if let Some(site) = self.site {
             self.gate.open_per_site.release(site);
         }
@@ -306,6 +313,7 @@ impl ConnectGate {
             open_per_site: SiteCounts::new(site_cap(limits)),
             open_total: std::sync::atomic::AtomicUsize::new(0),
             max_open_total: limits.max_subscribers,
+            exempt_in_total: true,
             refused,
             refused_open,
             pruned: Mutex::new(Instant::now()),
@@ -314,7 +322,8 @@ impl ConnectGate {
 
     /// The metrics listener's gate: not paced (a scraper, or a test, may poll as often as it
     /// likes), but at most [`METRICS_MAX_OPEN`] connections at once, [`METRICS_MAX_OPEN_PER_IP`]
-    /// from one client (`--unlimited-clients` and `--trusted-proxies` are not held to that).
+    /// from one client; `--unlimited-clients` (the scraper) are held to neither, and not
+    /// counted, so strangers filling it do not lock the scraper out.
     /// Without it, connections that never finish a request head held a task and a buffer each
     /// for up to the head timeout, as many as a client could open.
     pub fn for_metrics(limits: &LimitsConfig, refused: prometheus::IntCounter) -> Arc<ConnectGate> {
@@ -323,7 +332,13 @@ impl ConnectGate {
         limits.max_subscribers = METRICS_MAX_OPEN;
         limits.max_connections_per_ip = METRICS_MAX_OPEN_PER_IP;
         limits.max_connections_per_ipv6_48 = Some(METRICS_MAX_OPEN_PER_IP);
-        ConnectGate::new(&limits, refused.clone(), refused)
+        // Nothing here reads X-Forwarded-For: a proxy is one client.
+        limits.trusted_proxies.clear();
+        let gate = ConnectGate::new(&limits, refused.clone(), refused);
+        let mut gate = Arc::into_inner(gate).expect("just made");
+        // `--unlimited-clients` (list the scraper there) are not counted at all.
+        gate.exempt_in_total = false;
+        Arc::new(gate)
     }
 
     /// The new connection from `peer`, counted while it speaks plain HTTP; `None` when it is
@@ -335,6 +350,9 @@ impl ConnectGate {
         if !exempt && self.rate > 0.0 && !self.paced(peer) {
             return None;
         }
+        if exempt && !self.exempt_in_total {
+            return Some(OpenConnection { gate: self.clone(), key: None, site: None, in_total: false });
+        }
         // The total first, never raised past its cap (a refusal must not refuse others).
         let room = |n: usize| (n < self.max_open_total).then_some(n + 1);
         if self.open_total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, room).is_err() {
@@ -342,7 +360,7 @@ impl ConnectGate {
             return None;
         }
         // From here the ticket gives the total back, whatever happens.
-        let mut ticket = OpenConnection { gate: self.clone(), key: None, site: None };
+        let mut ticket = OpenConnection { gate: self.clone(), key: None, site: None, in_total: true };
         if exempt {
             return Some(ticket);
         }
@@ -827,6 +845,29 @@ mod tests {
         for xff in ["[198.51.100.7]", "198.51.100.7:port", "[2001:db8::1", "unknown", "_hidden"] {
             assert_eq!(client_ip(proxy, Some(xff), &trusted).to_string(), "10.1.2.3", "{xff}");
         }
+    }
+
+    #[test]
+    fn the_metrics_gate_does_not_count_the_scraper() {
+        let mut l = limits(10, 1, 0);
+        l.trusted_proxies = vec!["192.0.2.0/24".parse().unwrap()];
+        let counter = || prometheus::IntCounter::new("x", "x").unwrap();
+        let gate = ConnectGate::for_metrics(&l, counter());
+        // Strangers fill it: 8 addresses, 8 connections each.
+        let held: Vec<_> = (0..METRICS_MAX_OPEN)
+            .map(|i| gate.admit(format!("198.51.100.{}", i / METRICS_MAX_OPEN_PER_IP).parse().unwrap()).unwrap())
+            .collect();
+        assert!(gate.admit("198.51.100.200".parse().unwrap()).is_none());
+        // The scraper (unlimited: 10.0.0.0/8) still gets in, as often as it likes.
+        let scrapes: Vec<_> = (0..100).map(|_| gate.admit("10.0.0.9".parse().unwrap()).unwrap()).collect();
+        drop(scrapes);
+        // A trusted proxy is one client here (nothing reads X-Forwarded-For).
+        drop(held);
+        let proxy: Vec<_> =
+            (0..METRICS_MAX_OPEN_PER_IP).map(|_| gate.admit("192.0.2.1".parse().unwrap()).unwrap()).collect();
+        assert!(gate.admit("192.0.2.1".parse().unwrap()).is_none());
+        drop(proxy);
+        assert_eq!(gate.open_total.load(Ordering::SeqCst), 0);
     }
 
     #[test]
