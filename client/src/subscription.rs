@@ -238,7 +238,6 @@ impl Builder {
         self
     }
 
-    /// Starts the background task (on the current tokio runtime).
     /// Whether the subscription sets query parameter `key` itself, on its wire. Given in a URL
     /// as well, the server saw both: a `compress=true` the builder did not ask for made every
     /// message "malformed", a `requireHello=true` it never answers left it waiting for ever, a
@@ -266,6 +265,7 @@ impl Builder {
         }
     }
 
+    /// Starts the background task (on the current tokio runtime).
     pub fn start(self) -> Result<Subscription, Error> {
         if self.urls.is_empty() {
             return Err(Error::NoUrl);
@@ -285,6 +285,17 @@ impl Builder {
                 return Err(crate::transport::UrlError::new(msg).into());
             }
         }
+        // A filter left in a URL comes back at every reconnect, under whatever `set_filters`
+        // set meanwhile: that is refused then.
+        let filter_keys: &[&str] = match self.wire {
+            Wire::V1 => &["wantedCollections", "wantedDids"],
+            Wire::V2 => &["collections", "dids"],
+        };
+        let url_filter = urls.iter().find_map(|u| {
+            let key =
+                u.query.iter().map(|kv| kv.split('=').next().unwrap_or_default()).find(|k| filter_keys.contains(k));
+            key.map(|k| format!("{} carries {k}: give the filters to the builder to change them later", u.raw))
+        });
         self.filters.validate()?;
         let (out_tx, out_rx) = mpsc::channel(self.buffer);
         let budget =
@@ -307,12 +318,12 @@ impl Builder {
             commands: cmd_rx,
             stats: stats.clone(),
             connected_at: None,
-            heard: false,
+            last_heard: None,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
         let task = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
-        Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task, budget: Some(budget) })
+        Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task, budget: Some(budget), url_filter })
     }
 }
 
@@ -357,6 +368,8 @@ pub struct Subscription {
     task: tokio::task::JoinHandle<()>,
     /// The bytes of the events in `rx` (`None`: fed by the caller, not counted).
     budget: Option<Arc<Buffered>>,
+    /// Why [`Subscription::set_filters`] is refused: a URL carries a filter of its own.
+    url_filter: Option<String>,
 }
 
 /// The bytes of event JSON between the driver and the consumer, and their cap: the driver
@@ -402,8 +415,12 @@ impl Subscription {
     }
 
     /// Changes the filters without reconnecting (`options_update`); later reconnects use them
-    /// too. Events already buffered were selected by the old filters.
+    /// too. Events already buffered were selected by the old filters. Refused when a URL
+    /// carries a filter of its own (it would come back at the next reconnect).
     pub fn set_filters(&self, filters: Filters) -> Result<(), Error> {
+        if let Some(why) = &self.url_filter {
+            return Err(Error::Filter(why.clone()));
+        }
         filters.validate()?;
         self.commands.send(Command::Filters(filters)).map_err(|_| Error::Ended)
     }
@@ -416,7 +433,14 @@ impl Subscription {
     #[doc(hidden)]
     pub fn from_channel(rx: mpsc::Receiver<Result<Message, Error>>) -> Subscription {
         let (commands, _) = mpsc::unbounded_channel();
-        Subscription { rx, commands, stats: Arc::default(), task: tokio::spawn(async {}), budget: None }
+        Subscription {
+            rx,
+            commands,
+            stats: Arc::default(),
+            task: tokio::spawn(async {}),
+            budget: None,
+            url_filter: None,
+        }
     }
 }
 
@@ -444,10 +468,10 @@ struct Driver {
     budget: Arc<Buffered>,
     commands: mpsc::UnboundedReceiver<Command>,
     stats: Arc<Stats>,
-    /// The last connection's upgrade, and whether the server was heard on it since (a pong,
-    /// a message): whether it was healthy, for [`Driver::run`].
+    /// The last connection's upgrade, and when the server was last heard on it (a pong, a
+    /// message): whether it was healthy, for [`Driver::run`].
     connected_at: Option<tokio::time::Instant>,
-    heard: bool,
+    last_heard: Option<tokio::time::Instant>,
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -514,8 +538,11 @@ impl Driver {
                     // after the upgrade, never heard, still counts.)
                     let progressed = self.last != delivered_before;
                     let brief = began.elapsed() < BRIEF_CONNECTION;
-                    let alive_long =
-                        self.heard && self.connected_at.is_some_and(|c| c.elapsed() >= self.opts.stale_timeout);
+                    // Heard from for a stale timeout at least, not once and then silent.
+                    let alive_long = match (self.connected_at, self.last_heard) {
+                        (Some(c), Some(h)) => h.duration_since(c) >= self.opts.stale_timeout,
+                        _ => false,
+                    };
                     if progressed || alive_long {
                         failures = 0;
                         backoff.reset();
@@ -601,7 +628,7 @@ impl Driver {
     }
 
     async fn connection(&mut self) -> ConnectionError {
-        (self.connected_at, self.heard) = (None, false);
+        (self.connected_at, self.last_heard) = (None, None);
         let url = self.urls[self.current].clone();
         let timeout = self.opts.connect_timeout;
         let mut decompressor = None;
@@ -710,7 +737,7 @@ impl Driver {
                 Ok(Some(Ok(f))) => f,
             };
             stale_at = tokio::time::Instant::now() + stale;
-            self.heard = true;
+            self.last_heard = Some(tokio::time::Instant::now());
             let text = match (opcode, decompressor.as_mut()) {
                 (OpCode::Text, _) => match String::from_utf8(payload) {
                     Ok(t) => t,

@@ -32,6 +32,8 @@ enum Script {
     QuietThenClose(Duration),
     /// Binary messages, then the connection stays open.
     Binary(Vec<Vec<u8>>),
+    /// Text messages, then it hangs as [`Script::Silent`] does.
+    SendThenSilent(Vec<String>),
 }
 
 fn event(time_us: u64) -> String {
@@ -128,6 +130,14 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                 Script::Silent => {
                                     tokio::time::sleep(Duration::from_secs(3600)).await;
                                     drop(ws);
+                                }
+                                Script::SendThenSilent(msgs) => {
+                                    for m in msgs {
+                                        if ws.write_frame(Frame::text(Payload::Owned(m.into_bytes()))).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
                                 }
                                 Script::Binary(msgs) => {
                                     for m in msgs {
@@ -447,17 +457,20 @@ async fn healthy_quiet_connections_do_not_count_as_failed_attempts() {
         .unwrap();
     assert_eq!(next_event(&mut sub).await, t + 1);
     assert_eq!(server.connections.load(Ordering::SeqCst), 4);
-    // A server that hangs after the upgrade (never heard, however long each connection lasts)
-    // still counts.
-    let server = serve(vec![Script::Silent]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
-        .stale_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(10), Duration::from_millis(20))
-        .max_attempts(2)
-        .start()
-        .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
-    assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err}");
+    // A server that hangs after the upgrade (never heard, however long each connection lasts),
+    // or after one message, still counts.
+    for script in [Script::Silent, Script::SendThenSilent(vec![format!(r#"{{"kind":"cursor","time_us":{t}}}"#)])] {
+        let server = serve(vec![script]).await;
+        let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+            .cursor(Some(t))
+            .stale_timeout(Duration::from_secs(1))
+            .backoff(Duration::from_millis(10), Duration::from_millis(20))
+            .max_attempts(2)
+            .start()
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+        assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
