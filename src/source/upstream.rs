@@ -182,6 +182,8 @@ pub struct UpstreamReader {
     /// next one says whether the stream really is there (see [`MAX_AHEAD_US`]): its `time_us`
     /// and line.
     held_ahead: Option<(u64, Vec<u8>)>,
+    /// The `time_us` of the last held event dropped, counted once.
+    dropped_ahead: u64,
     /// What each upstream (by its place in the list) has shown about resuming from
     /// `last_time_us` (forgotten once an event moves it): a hole is accepted only when none
     /// can fill it.
@@ -213,6 +215,7 @@ impl UpstreamReader {
             last_cursor_us: 0,
             dropped_through: 0,
             held_ahead: None,
+            dropped_ahead: 0,
             last_event_at: std::time::Instant::now(),
             resume,
             gap: None,
@@ -463,6 +466,7 @@ impl UpstreamReader {
             let t = meta.time_us;
             return self.drop_event(DropReason::BadTime, format!("an event with time_us {t} (beyond any clock)"));
         }
+        let mut stored_held = false;
         if let Some((held_at, held)) = self.held_ahead.take() {
             if meta.time_us > held_at {
                 // The stream goes on past it: real (a primary's clock ahead of ours, or ours
@@ -470,8 +474,10 @@ impl UpstreamReader {
                 let mut scratch = held.clone();
                 let held_meta: Meta<'_> =
                     simd_json::serde::from_slice(&mut scratch).map_err(|e| protocol(e.to_string()))?;
-                self.event(held_meta, held).await?;
-            } else {
+                stored_held = self.event(held_meta, held).await?;
+            } else if held_at != self.dropped_ahead {
+                // (Counted once: the upstream sends it again after a reconnect.)
+                self.dropped_ahead = held_at;
                 let what = format!(
                     "an event with time_us {held_at} (beyond any clock: the next, at {}, was not)",
                     meta.time_us
@@ -480,10 +486,39 @@ impl UpstreamReader {
             }
         }
         if self.far_ahead(meta.time_us) {
+            // The first event after resuming, not the resumed-from one: whatever it is, this
+            // upstream no longer has our newest event. Decided now, not once it is confirmed
+            // (a quiet upstream would leave the hole undecided for ever).
+            if self.expect_repeat {
+                self.resumed_without_our_newest(meta.time_us)?;
+            }
             self.held_ahead = Some((meta.time_us, json));
-            return Ok(false);
+            return Ok(stored_held);
         }
-        self.event(meta, json).await
+        Ok(self.event(meta, json).await? || stored_held)
+    }
+
+    /// The first event after resuming from `last_time_us`, at `first`, is not the resumed-from
+    /// one: the upstream no longer has it (retention trimmed it, or a live-only window never
+    /// reached back that far), and what it held after it may be gone too. Another upstream may
+    /// still have it (or may again, once reachable): an error, to try it. When none can, go on,
+    /// and say so (the hole is counted when the next event is stored).
+    fn resumed_without_our_newest(&mut self, first: u64) -> Result<(), UpstreamError> {
+        self.expect_repeat = false;
+        let cursor = self.last_time_us;
+        *self.resume_state() = Resume::Trimmed;
+        // A hole is for ever; a replica that waits only lags.
+        let patience = self.opts.replica.upstream_hole_patience.max(self.opts.replica.upstream_stale_timeout);
+        let none_can = self.resume.iter().all(|r| match r {
+            Resume::Trimmed => true,
+            Resume::Unreachable(since) => since.elapsed() >= patience,
+            Resume::Unknown | Resume::HasIt => false,
+        });
+        if !none_can {
+            return Err(UpstreamError::Trimmed { cursor, first });
+        }
+        self.gap = Some((cursor, first));
+        Ok(())
     }
 
     /// Whether `time_us` is more than [`MAX_AHEAD_US`] past both this machine's clock and our
@@ -513,24 +548,8 @@ impl UpstreamReader {
             }
             return Err(protocol(format!("time_us {} after {}", meta.time_us, self.last_time_us)));
         }
-        if std::mem::take(&mut self.expect_repeat) {
-            // The upstream no longer has the event we resumed from (retention trimmed it, or a
-            // live-only window never reached back that far): what it held after it may be gone
-            // too. Another upstream may still have it (or may again, once reachable); when
-            // none can, go on, and say so.
-            let (cursor, first) = (self.last_time_us, meta.time_us);
-            *self.resume_state() = Resume::Trimmed;
-            // A hole is for ever; a replica that waits only lags.
-            let patience = self.opts.replica.upstream_hole_patience.max(self.opts.replica.upstream_stale_timeout);
-            let none_can = self.resume.iter().all(|r| match r {
-                Resume::Trimmed => true,
-                Resume::Unreachable(since) => since.elapsed() >= patience,
-                Resume::Unknown | Resume::HasIt => false,
-            });
-            if !none_can {
-                return Err(UpstreamError::Trimmed { cursor, first });
-            }
-            self.gap = Some((cursor, first));
+        if self.expect_repeat {
+            self.resumed_without_our_newest(meta.time_us)?;
         }
         // From here a bad event is dropped and counted, not an error: every upstream (all
         // replicas of one primary) would send it again at the same place, for ever.
