@@ -10,6 +10,9 @@
 //! ingest rate, the bytes the process wrote to storage (`/proc/self/io`), its CPU time and the
 //! log's size. Not a criterion bench: each run is one long pass. The runs take one core for the
 //! appends and RocksDB's background threads the other.
+//!
+//! `RETENTION_ZFRAMES=1`: the stored compressed frames' trim instead (`--precompress-window`):
+//! a 220-byte frame is stored beside each event, and the frames, not the events, are trimmed.
 
 #[path = "../tests/common/frames.rs"]
 #[allow(dead_code)]
@@ -38,9 +41,15 @@ fn cpu_seconds() -> f64 {
 
 fn run(pool: &[contrail::event::Event], total: u64, window: u64, trim_every: u64, trim: bool) {
     let dir = tempfile::tempdir_in(std::env::var("RETENTION_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
-    let log =
-        Log::rocks(RocksLog::open(dir.path(), RocksOptions { sync_writes: false, ..Default::default() }).unwrap())
-            .unwrap();
+    let zframes = std::env::var_os("RETENTION_ZFRAMES").is_some();
+    let log = Log::rocks(
+        RocksLog::open(
+            dir.path(),
+            RocksOptions { sync_writes: false, compressed_frames: zframes, ..Default::default() },
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let base = contrail::clock::now_us() - 86_400_000_000;
     let (written, cpu, start) = (written_bytes(), cpu_seconds(), Instant::now());
     let mut batch = Vec::with_capacity(400);
@@ -51,10 +60,19 @@ fn run(pool: &[contrail::event::Event], total: u64, window: u64, trim_every: u64
         batch.push(event);
         if batch.len() == 400 {
             log.append(&batch, None).unwrap();
+            if zframes {
+                let frames: Vec<(u64, Vec<u8>)> =
+                    batch.iter().map(|e| (e.time_us, e.json()[..e.json().len().min(220)].to_vec())).collect();
+                log.put_compressed_frames(&frames).unwrap();
+            }
             batch.clear();
         }
         if trim && i % trim_every == 0 && i > window {
-            log.trim_before(base + i - window).unwrap();
+            if zframes {
+                log.trim_compressed_frames_before(base + i - window).unwrap();
+            } else {
+                log.trim_before(base + i - window).unwrap();
+            }
             trims += 1;
         }
     }

@@ -65,6 +65,12 @@ pub fn stored_frame<'v>(value: &'v [u8], dictionary: u32, json: &[u8]) -> Option
     (made_with(value, dictionary) && crc == crc32fast::hash(json) && value.len() > 8).then(|| &value[8..])
 }
 
+/// Deletes the stored frames of events older than `window_us` before the log's newest.
+pub fn trim_window(log: &Log, window_us: u64) -> crate::log::Result<()> {
+    let newest = log.tip().newest().unwrap_or(0);
+    log.trim_compressed_frames_before(newest.saturating_sub(window_us))
+}
+
 /// What the compressing thread keeps: the frames of the events within `window` of the log's
 /// newest (in the log's `time_us`, DESIGN.md invariant 9), and where it is.
 pub struct Precompressor {
@@ -74,7 +80,6 @@ pub struct Precompressor {
     window_us: u64,
     /// The next `time_us` to compress; unknown until the first step.
     next: Option<u64>,
-    last_trim: Option<Instant>,
     /// Events ingested, per kind; the total when last measured, when, and the verdict.
     ingested: Vec<prometheus::IntCounter>,
     last_ingested: Option<(u64, Instant, bool)>,
@@ -85,16 +90,7 @@ impl Precompressor {
         let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
         let ingested =
             EventKind::ALL.iter().map(|k| metrics.events_ingested.with_label_values(&[k.as_str()])).collect();
-        Precompressor {
-            log,
-            dictionary,
-            metrics,
-            window_us,
-            next: None,
-            last_trim: None,
-            ingested,
-            last_ingested: None,
-        }
+        Precompressor { log, dictionary, metrics, window_us, next: None, ingested, last_ingested: None }
     }
 
     /// Runs the compressing thread until `cancel` fires. Its own errors never stop the app
@@ -103,6 +99,30 @@ impl Precompressor {
         if !self.log.stores_compressed_frames() || self.window_us == 0 {
             return;
         }
+        // The trim at normal priority, on a thread of the blocking pool: it ingests a tombstone,
+        // which holds RocksDB's write queue for a moment, and this thread at the lowest
+        // priority could hold it (and the sequencer behind it) for long while not scheduled.
+        let (log, window_us, trim_cancel) = (self.log.clone(), self.window_us, cancel.clone());
+        let metrics = self.metrics.clone();
+        let _trims = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut every = tokio::time::interval(TRIM_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = trim_cancel.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let log = log.clone();
+                match tokio::task::spawn_blocking(move || trim_window(&log, window_us)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        metrics.precompress_errors.inc();
+                        tracing::warn!(error = %e, "trimming compressed frames failed; trying again later");
+                    }
+                    Err(_) => return, // shutting down
+                }
+            }
+        }));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread_cancel = cancel.clone();
         let spawned = std::thread::Builder::new().name("contrail-precompress".into()).spawn(move || {
@@ -178,7 +198,8 @@ impl Precompressor {
 
     /// Compresses and stores up to [`BATCH`] events; whether there may be more. The first step
     /// finds where the stored frames end (the log dropped any past its newest event when it
-    /// was opened); every [`TRIM_EVERY`] the frames older than the window go.
+    /// was opened). (The frames older than the window go in [`trim_window`], every
+    /// [`TRIM_EVERY`], not on this thread.)
     pub fn step(&mut self) -> crate::log::Result<bool> {
         let log = &self.log;
         // The tip, not a read: it moves with every append (DESIGN.md invariant 9).
@@ -188,10 +209,6 @@ impl Precompressor {
             Some(t) => t,
             None => log.newest_compressed_frame()?.map_or(0, |t| t + 1),
         };
-        if self.last_trim.is_none_or(|t| t.elapsed() >= TRIM_EVERY) {
-            log.trim_compressed_frames_before(window_start)?;
-            self.last_trim = Some(Instant::now());
-        }
         let from = next.max(window_start);
         let (dictionary, mut frames, mut last) = (&self.dictionary, Vec::new(), None);
         let scanned = log.scan(from, BATCH, |t, value| {
@@ -393,7 +410,7 @@ mod tests {
         assert_eq!((frames.len(), frames[0].0), (1001, 3499 - 1000));
         // The log moves on by 500 µs: the next trim drops what left the window.
         log.append(&(2500..3000).map(event).collect::<Vec<_>>(), None).unwrap();
-        p.last_trim = None;
+        trim_window(&log, 1_000).unwrap();
         run_to_end(&mut p);
         let frames = stored(&log);
         assert_eq!((frames.len(), frames[0].0, frames.last().unwrap().0), (1001, 3999 - 1000, 3999));

@@ -453,16 +453,7 @@ impl RocksLog {
     /// comes back; nothing when none is that old (no tombstone, no compaction).
     pub fn trim_zframes_before(&self, time_us: u64) -> Result<()> {
         let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(()) };
-        // Through the memtable (a plain write): an ingested tombstone takes the whole write
-        // queue for a moment, and the precompress thread that trims this window runs at the
-        // lowest priority. These frames span a few minutes; their rewrite is small.
-        let Some(oldest) = self.first_key(cf)? else { return Ok(()) };
-        if oldest >= time_us {
-            return Ok(());
-        }
-        self.db.delete_range_cf(cf, oldest.to_be_bytes(), time_us.to_be_bytes())?;
-        self.compact_range(cf, Some(oldest.to_be_bytes()), Some(time_us.to_be_bytes()));
-        Ok(())
+        self.trim_cf_before(cf, time_us)
     }
 
     /// The first key of `cf`.
@@ -475,20 +466,24 @@ impl RocksLog {
         }
     }
 
-    /// Deletes every event below `cutoff` and compacts that range so the space comes back, at
-    /// a cost in proportion to what is deleted; nothing when no event is that old.
+    fn trim_events_before(&self, cutoff: u64) -> Result<()> {
+        self.trim_cf_before(self.events(), cutoff)
+    }
+
+    /// Deletes every key of `cf` (the events, or the stored frames) below `cutoff` and compacts
+    /// that range so the space comes back, at a cost in proportion to what is deleted; nothing
+    /// when no key is that old.
     ///
     /// Files wholly below the cutoff are dropped without being read. The rest is covered by a
     /// range tombstone in a file of its own, ingested beside the old keys, not written to the
-    /// memtable: flushed with the newest events there, the tombstone made one file spanning
+    /// memtable: flushed with the newest keys there, the tombstone made one file spanning
     /// every key, and compacting it down rewrote every file of the level below, most of the
-    /// log at every trim (`cargo bench --bench retention`: ingest at 18k events/s instead of
-    /// 217k–251k, 4.3 times the bytes written; BENCHMARKS.md). The ingestion holds RocksDB's
-    /// write queue for one MANIFEST write; when it would have to flush the memtable first (a
-    /// retention shorter than a memtable's worth of events), the tombstone goes through the
-    /// memtable after all.
-    fn trim_events_before(&self, cutoff: u64) -> Result<()> {
-        let cf = self.events();
+    /// column family at every trim (`cargo bench --bench retention`: ingest at 18k events/s
+    /// instead of 337k–391k; BENCHMARKS.md). The ingestion holds RocksDB's write queue for one
+    /// MANIFEST write (so it is never called from the lowest-priority thread); when it would
+    /// have to flush the memtable first (a retention shorter than a memtable's worth of keys),
+    /// the tombstone goes through the memtable after all.
+    fn trim_cf_before(&self, cf: &rocksdb::ColumnFamily, cutoff: u64) -> Result<()> {
         if self.first_key(cf)?.is_none_or(|oldest| oldest >= cutoff) {
             return Ok(());
         }
