@@ -104,7 +104,9 @@ impl Precompressor {
         // priority could hold it (and the sequencer behind it) for long while not scheduled.
         let (log, window_us, trim_cancel) = (self.log.clone(), self.window_us, cancel.clone());
         let metrics = self.metrics.clone();
-        let _trims = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        // It ends at `cancel`, after the trim in flight (awaited below: a trim is not left
+        // running past the store's last flush).
+        let trims = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let mut every = tokio::time::interval(TRIM_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -119,7 +121,13 @@ impl Precompressor {
                         metrics.precompress_errors.inc();
                         tracing::warn!(error = %e, "trimming compressed frames failed; trying again later");
                     }
-                    Err(_) => return, // shutting down
+                    // A panic: said, and tried again (left, the frames would pile up to the
+                    // whole retention).
+                    Err(e) if e.is_panic() => {
+                        metrics.precompress_errors.inc();
+                        tracing::error!("trimming compressed frames panicked; trying again later");
+                    }
+                    Err(_) => return, // the runtime is shutting down
                 }
             }
         }));
@@ -138,6 +146,8 @@ impl Precompressor {
             }
             Err(e) => tracing::warn!(error = %e, "could not start the compressing thread; compressed replays compress"),
         }
+        // Frames stored before still leave the window until the app stops.
+        let _ = trims.await;
     }
 
     fn run_until(&mut self, cancel: &CancellationToken) {

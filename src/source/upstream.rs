@@ -475,14 +475,20 @@ impl UpstreamReader {
                 let held_meta: Meta<'_> =
                     simd_json::serde::from_slice(&mut scratch).map_err(|e| protocol(e.to_string()))?;
                 stored_held = self.event(held_meta, held).await?;
-            } else if held_at != self.dropped_ahead {
+            } else {
+                if let Some((_, first)) = self.gap.as_mut().filter(|(_, first)| *first == held_at) {
+                    // The hole's far edge is the first event this upstream really has.
+                    *first = meta.time_us;
+                }
                 // (Counted once: the upstream sends it again after a reconnect.)
-                self.dropped_ahead = held_at;
-                let what = format!(
-                    "an event with time_us {held_at} (beyond any clock: the next, at {}, was not)",
-                    meta.time_us
-                );
-                self.drop_event(DropReason::BadTime, what)?;
+                if held_at != self.dropped_ahead {
+                    self.dropped_ahead = held_at;
+                    let what = format!(
+                        "an event with time_us {held_at} (beyond any clock: the next, at {}, was not)",
+                        meta.time_us
+                    );
+                    self.drop_event(DropReason::BadTime, what)?;
+                }
             }
         }
         if self.far_ahead(meta.time_us) {
