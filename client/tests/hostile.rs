@@ -446,28 +446,26 @@ async fn an_event_from_a_frame_without_its_size_keeps_only_its_own_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_quiet_connections_do_not_count_as_failed_attempts() {
     let t = now_us();
+    // At most two failed connections in a row; quick reconnects, a stale timeout of 1 s.
+    let subscribe = |server: &Server| {
+        Subscription::builder([format!("ws://{}", server.addr)])
+            .cursor(Some(t))
+            .stale_timeout(Duration::from_secs(1))
+            .backoff(Duration::from_millis(10), Duration::from_millis(20))
+            .max_attempts(2)
+            .start()
+            .unwrap()
+    };
     let quiet = Script::QuietThenClose(Duration::from_millis(1_300));
     let server = serve(vec![quiet.clone(), quiet.clone(), quiet, Script::Send(vec![event(t + 1)])]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
-        .cursor(Some(t))
-        .stale_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(10), Duration::from_millis(20))
-        .max_attempts(2)
-        .start()
-        .unwrap();
+    let mut sub = subscribe(&server);
     assert_eq!(next_event(&mut sub).await, t + 1);
     assert_eq!(server.connections.load(Ordering::SeqCst), 4);
     // A server that hangs after the upgrade (never heard, however long each connection lasts),
     // or after one message, still counts.
     for script in [Script::Silent, Script::SendThenSilent(vec![format!(r#"{{"kind":"cursor","time_us":{t}}}"#)])] {
         let server = serve(vec![script]).await;
-        let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
-            .cursor(Some(t))
-            .stale_timeout(Duration::from_secs(1))
-            .backoff(Duration::from_millis(10), Duration::from_millis(20))
-            .max_attempts(2)
-            .start()
-            .unwrap();
+        let mut sub = subscribe(&server);
         let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
         assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err}");
     }
