@@ -629,3 +629,38 @@ async fn an_upstream_behind_us_does_not_make_the_replica_ready() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// After a resume, an upstream whose first event is far ahead (held until the next says what it
+/// is) no longer has our newest event, whatever that event turns out to be: decided at once, so
+/// the replica tries the upstream that has it, rather than waiting on a quiet one for its
+/// stale timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_resuming_with_a_far_ahead_event_is_left_at_once() {
+    let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
+    for upstream in [&a, &b] {
+        upstream.set_faults(Faults { text: true, ..Faults::default() });
+    }
+    let t = now_us() - 3_600_000_000;
+    let line = |time_us: i64| {
+        format!(
+            r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+        )
+        .into_bytes()
+    };
+    for i in 0..3 {
+        a.push(t + i, line(t + i));
+    }
+    // A's first connection ends after two events; the replica moves on to B, which has only an
+    // event two days ahead, and then nothing.
+    a.plan(vec![ConnFault::drop_after(2)]);
+    let ahead = now_us() + 2 * 24 * 3_600_000_000;
+    b.push(ahead, line(ahead));
+    let dir = tempfile::tempdir().unwrap();
+    let urls = format!("{},{}", a.url(), b.url());
+    let replica = replica_of(dir.path(), &urls, &["--upstream-compress", "false", "--upstream-stale-timeout", "20s"]);
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 3.0, "A's third event never came");
+    let logs = replica.logs();
+    assert!(logs.contains("no longer has our newest event"), "{logs}");
+    assert!(!logs.contains("stale"), "waited for B's stale timeout: {logs}");
+    assert_eq!(replica.metric("contrail_upstream_gaps_total"), Some(0.0), "A had it: no hole");
+}
