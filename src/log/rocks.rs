@@ -456,16 +456,6 @@ impl RocksLog {
         self.trim_cf_before(cf, time_us)
     }
 
-    /// The first key of `cf`.
-    fn first_key(&self, cf: &rocksdb::ColumnFamily) -> Result<Option<u64>> {
-        match self.db.iterator_cf(cf, IteratorMode::Start).next() {
-            Some(item) => {
-                Ok(Some(u64::from_be_bytes(item?.0.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?)))
-            }
-            None => Ok(None),
-        }
-    }
-
     fn trim_events_before(&self, cutoff: u64) -> Result<()> {
         self.trim_cf_before(self.events(), cutoff)
     }
@@ -484,14 +474,16 @@ impl RocksLog {
     /// have to flush the memtable first (a retention shorter than a memtable's worth of keys),
     /// the tombstone goes through the memtable after all.
     fn trim_cf_before(&self, cf: &rocksdb::ColumnFamily, cutoff: u64) -> Result<()> {
-        if self.first_key(cf)?.is_none_or(|oldest| oldest >= cutoff) {
+        if self.edge_key(cf, IteratorMode::Start)?.is_none_or(|oldest| oldest >= cutoff) {
             return Ok(());
         }
         // (Its end is inclusive.) Level-0 files, and files being compacted, stay.
         self.db.delete_file_in_range_cf(cf, 0u64.to_be_bytes(), (cutoff - 1).to_be_bytes())?;
         // What is left below the cutoff, if anything. (A tombstone over nothing would be placed
         // at the bottom, where no compaction ever takes it away.)
-        let Some(oldest) = self.first_key(cf)?.filter(|&oldest| oldest < cutoff) else { return Ok(()) };
+        let Some(oldest) = self.edge_key(cf, IteratorMode::Start)?.filter(|&oldest| oldest < cutoff) else {
+            return Ok(());
+        };
         let (from, to) = (oldest.to_be_bytes(), cutoff.to_be_bytes());
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -525,18 +517,12 @@ impl RocksLog {
     /// The newest stored compressed frame's `time_us`.
     pub fn newest_zframe(&self) -> Result<Option<u64>> {
         let Some(cf) = self.db.cf_handle(CF_ZFRAMES) else { return Ok(None) };
-        match self.db.iterator_cf(cf, IteratorMode::End).next() {
-            Some(item) => {
-                let (k, _) = item?;
-                let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
-                Ok(Some(u64::from_be_bytes(key)))
-            }
-            None => Ok(None),
-        }
+        self.edge_key(cf, IteratorMode::End)
     }
 
-    fn edge_key(&self, mode: IteratorMode) -> Result<Option<u64>> {
-        match self.db.iterator_cf(self.events(), mode).next() {
+    /// The first key of `cf` the iterator `mode` meets.
+    fn edge_key(&self, cf: &rocksdb::ColumnFamily, mode: IteratorMode) -> Result<Option<u64>> {
+        match self.db.iterator_cf(cf, mode).next() {
             Some(item) => {
                 let (k, _) = item?;
                 let key: [u8; 8] = k.as_ref().try_into().map_err(|_| LogError::Corrupt("key"))?;
@@ -547,11 +533,11 @@ impl RocksLog {
     }
 
     pub fn oldest_time_us(&self) -> Result<Option<u64>> {
-        self.edge_key(IteratorMode::Start)
+        self.edge_key(self.events(), IteratorMode::Start)
     }
 
     pub fn newest_time_us(&self) -> Result<Option<u64>> {
-        self.edge_key(IteratorMode::End)
+        self.edge_key(self.events(), IteratorMode::End)
     }
 
     /// The newest event with `time_us < cutoff`: what a trim at `cutoff` deletes last.
@@ -559,7 +545,7 @@ impl RocksLog {
         if cutoff == 0 {
             return Ok(None);
         }
-        self.edge_key(IteratorMode::From(&(cutoff - 1).to_be_bytes(), Direction::Reverse))
+        self.edge_key(self.events(), IteratorMode::From(&(cutoff - 1).to_be_bytes(), Direction::Reverse))
     }
 
     /// Deletes every event with `time_us < cutoff` (one range tombstone), then compacts that
