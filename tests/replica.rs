@@ -14,6 +14,14 @@ fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
 }
 
+/// A v1 like event at `time_us`, as a fake upstream's text line.
+fn like_line(time_us: i64) -> Vec<u8> {
+    format!(
+        r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+    )
+    .into_bytes()
+}
+
 fn newest(s: &Serve) -> u64 {
     s.metric("contrail_store_newest_time_us").unwrap_or(0.0) as u64
 }
@@ -383,12 +391,6 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     let t = now - 3_600_000_000;
     let a_year_ahead = now + 365 * 24 * 3_600_000_000;
     let two_days_ahead = now + 2 * 24 * 3_600_000_000;
-    let line = |time_us: i64| {
-        format!(
-            r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
-        )
-        .into_bytes()
-    };
     // The fake orders frames by the "seq" given here: the bogus one sits between two real ones,
     // and a second event stamped like the one before it (not the resumed-from event) follows.
     for (seq, time_us) in [
@@ -400,14 +402,14 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
         (t + 5, a_year_ahead),
         (t + 6, t + 6),
     ] {
-        upstream.push(seq, line(time_us));
+        upstream.push(seq, like_line(time_us));
     }
     // Cursor messages beyond any clock too: taken, no later one would count as moving on.
     upstream.push(t + 7, format!(r#"{{"kind":"cursor","time_us":{}}}"#, 1i64 << 60).into_bytes());
     upstream.push(t + 8, format!(r#"{{"kind":"cursor","time_us":{a_year_ahead}}}"#).into_bytes());
     // Ahead, and the stream goes on from there: both taken.
-    upstream.push(t + 9, line(two_days_ahead));
-    upstream.push(t + 10, line(two_days_ahead + 1));
+    upstream.push(t + 9, like_line(two_days_ahead));
+    upstream.push(t + 10, like_line(two_days_ahead + 1));
     let dir = tempfile::tempdir().unwrap();
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
     wait_metric(&replica, "contrail_drops_total{reason=\"bad_time\"}", 5.0, "the bogus events were not dropped");
@@ -604,10 +606,7 @@ async fn an_upstream_behind_us_does_not_make_the_replica_ready() {
     let now = now_us();
     let t = now - 3_600_000_000;
     for i in 0..3 {
-        upstream.push(t + i, format!(
-            r#"{{"did":"did:plc:a","time_us":{},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{i}","record":{{}}}}}}"#,
-            t + i
-        ).into_bytes());
+        upstream.push(t + i, like_line(t + i));
     }
     let cursor = |time_us: i64| format!(r#"{{"kind":"cursor","time_us":{time_us},"live":true}}"#).into_bytes();
     upstream.push(t + 3, cursor(t + 1));
@@ -641,20 +640,14 @@ async fn an_upstream_resuming_with_a_far_ahead_event_is_left_at_once() {
         upstream.set_faults(Faults { text: true, ..Faults::default() });
     }
     let t = now_us() - 3_600_000_000;
-    let line = |time_us: i64| {
-        format!(
-            r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
-        )
-        .into_bytes()
-    };
     for i in 0..3 {
-        a.push(t + i, line(t + i));
+        a.push(t + i, like_line(t + i));
     }
     // A's first connection ends after two events; the replica moves on to B, which has only an
     // event two days ahead, and then nothing.
     a.plan(vec![ConnFault::drop_after(2)]);
     let ahead = now_us() + 2 * 24 * 3_600_000_000;
-    b.push(ahead, line(ahead));
+    b.push(ahead, like_line(ahead));
     let dir = tempfile::tempdir().unwrap();
     let urls = format!("{},{}", a.url(), b.url());
     let replica = replica_of(dir.path(), &urls, &["--upstream-compress", "false", "--upstream-stale-timeout", "20s"]);
