@@ -64,8 +64,9 @@ pub(crate) enum ConnectionError {
     Write(String),
     #[error("the server closed the connection ({code}{})", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     Closed { code: u16, reason: String },
-    /// The server broke the protocol (time going backwards: a clock stepped back on a server
-    /// that starts such a cursor live; retried, as it passes).
+    /// The server broke the protocol (time going backwards after the connection moved past its
+    /// cursor: a clock stepped back on a server that starts such a cursor live; retried, as it
+    /// passes).
     #[error("{0}")]
     Protocol(String),
     /// A `time_us` more than a week past this machine's clock: after a few in a row at one

@@ -85,7 +85,8 @@ impl Message {
 pub struct Stats {
     /// Connections opened (the first one included).
     pub connections: AtomicU64,
-    /// Events dropped because they were already delivered (inclusive cursor repeat, rewind).
+    /// Events dropped because they were already delivered (the inclusive cursor's repeat, a
+    /// rewind, a server replaying from before the cursor).
     pub duplicates_dropped: AtomicU64,
     /// Messages that were not event JSON (skipped, logged).
     pub malformed: AtomicU64,
@@ -319,6 +320,8 @@ impl Builder {
             stats: stats.clone(),
             connected_at: None,
             last_heard: None,
+            resumed_at: None,
+            replayed_before_cursor: 0,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -472,6 +475,11 @@ struct Driver {
     /// message): whether it was healthy, for [`Driver::run`].
     connected_at: Option<tokio::time::Instant>,
     last_heard: Option<tokio::time::Instant>,
+    /// The position this connection resumed from, until it delivers a message past it:
+    /// events before it are then the server replaying from before the cursor, and skipped.
+    resumed_at: Option<u64>,
+    /// Events this connection skipped as replayed from before its cursor.
+    replayed_before_cursor: u64,
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -675,6 +683,7 @@ impl Driver {
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.connected_at = Some(tokio::time::Instant::now());
+        (self.resumed_at, self.replayed_before_cursor) = (self.last, 0);
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
         let (read, write_half) = ws.split(tokio::io::split);
@@ -871,8 +880,26 @@ impl Driver {
                     self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                // Dropping it would hide a server that went back in time (a restored backup, a
-                // replica of another primary); reconnect, fail over, and say so.
+                // Before this connection delivered anything past its cursor: the server
+                // replays from before the cursor (Jetstream v2 with a timestamp cursor replays
+                // up to an hour more, bluesky-social/jetstream#343). Delivered already; a
+                // reconnect would meet the same replay, for ever.
+                Some(l) if event.time_us() < l && self.resumed_at == Some(l) => {
+                    self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                    self.replayed_before_cursor += 1;
+                    if self.replayed_before_cursor == 1 {
+                        tracing::warn!(
+                            url = %self.urls[self.current],
+                            cursor = l,
+                            first = event.time_us(),
+                            "the server replays from before the cursor; skipping what was delivered already"
+                        );
+                    }
+                    return Ok(());
+                }
+                // After this connection moved past its cursor, dropping it would hide a server
+                // that went back in time (a restored backup, a replica of another primary);
+                // reconnect, fail over, and say so.
                 Some(l) if event.time_us() < l => {
                     return Err(ConnectionError::Protocol(format!(
                         "an event at time_us {} after {l}: this host's timeline went backwards",
@@ -891,6 +918,7 @@ impl Driver {
     async fn send(&mut self, message: Message) -> Result<(), ConnectionError> {
         self.origin = Some(Origin::Host(self.current));
         self.last = Some(message.time_us());
+        self.resumed_at = None;
         // Room in the consumer's buffer first, in bytes (given back when the consumer takes
         // the message); then a place in the channel.
         let share = self.budget.share(&message);

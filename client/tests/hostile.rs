@@ -326,6 +326,30 @@ async fn time_going_backwards_is_not_hidden_and_the_good_events_arrive_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_replaying_from_before_the_cursor_is_read_past_not_reconnected_to() {
+    let t = now_us();
+    // Jetstream v2 with a timestamp cursor starts at its active segment, up to an hour before
+    // the cursor (bluesky-social/jetstream#343): every connection would meet the same replay.
+    let server =
+        serve(vec![Script::Send(vec![event(t + 5), event(t + 10), event(t + 20), event(t + 30), event(t + 40)])]).await;
+    let mut sub = subscribe(&server, Some(t + 20));
+    assert_eq!(next_event(&mut sub).await, t + 30);
+    assert_eq!(next_event(&mut sub).await, t + 40);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1, "the replay before the cursor ended the connection");
+    assert_eq!(sub.stats().duplicates_dropped.load(Ordering::Relaxed), 3, "5 and 10 before the cursor, 20 at it");
+    // Once the connection has moved past its cursor, an older event is time going backwards.
+    let server = serve(vec![
+        Script::Send(vec![event(t + 5), event(t + 30), event(t + 10), event(t + 50)]),
+        Script::Send(vec![event(t + 40)]),
+    ])
+    .await;
+    let mut sub = subscribe(&server, Some(t + 20));
+    assert_eq!(next_event(&mut sub).await, t + 30);
+    assert_eq!(next_event(&mut sub).await, t + 40);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2, "the backwards event did not end the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_time_us_in_the_future_and_garbage_do_not_become_positions() {
     let t = now_us();
     let future = t + 30 * 24 * 3_600_000_000; // a month ahead
