@@ -217,3 +217,82 @@ async fn sync_events_reach_v1_clients_only_when_asked() {
     let got = common::client::collect(&mut ws, n, T).await;
     assert_eq!(kinds(&got), 1);
 }
+
+/// Opens a websocket writing its own request line (the `http` crate's URI, which the other
+/// helpers build on, stops at 64 KiB); the status, and the socket once upgraded.
+async fn connect_long_url(
+    addr: std::net::SocketAddr,
+    path_and_query: &str,
+) -> (u16, Option<fastwebsockets::FragmentCollector<tokio::net::TcpStream>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!("GET {path_and_query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+    // A refusal may come (and the connection close) before the whole line is written.
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let mut got = Vec::new();
+    while !got.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(T, tcp.read(&mut b)).await.expect("an answer in time") {
+            Ok(1) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    let status = String::from_utf8_lossy(&got).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let ws = (status == 101).then(|| {
+        fastwebsockets::FragmentCollector::new(fastwebsockets::WebSocket::after_handshake(
+            tcp,
+            fastwebsockets::Role::Client,
+        ))
+    });
+    (status, ws)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn urls_longer_than_hyper_takes_are_served_on_both_wires() {
+    let s = setup(200).await;
+    let did = s.sync_did.clone();
+    let cursor = s.log[0]["time_us"].as_u64().unwrap();
+    let want: Vec<u64> = s
+        .log
+        .iter()
+        .filter(|e| e["did"] == did.as_str() && e["kind"] != "sync")
+        .map(|e| e["time_us"].as_u64().unwrap())
+        .collect();
+    assert!(!want.is_empty());
+    // 5,000 DIDs, `:` escaped as Go's client does: ~230 KB, past hyper's 64 KiB.
+    let others: Vec<String> = (0..4_999).map(|i| format!("did:plc:{i:024}")).collect();
+    let list = |key: &str, escape: bool| {
+        let enc = |d: &str| if escape { d.replace(':', "%3A") } else { d.to_string() };
+        others.iter().chain([&did]).map(|d| format!("{key}={}", enc(d))).collect::<Vec<_>>().join("&")
+    };
+    // v2 (`dids`), which takes no client messages: the URL is the only way.
+    let (status, ws) =
+        connect_long_url(s.serve.public, &format!("{PATH}?cursor={cursor}&{}", list("dids", true))).await;
+    assert_eq!(status, 101);
+    let mut ws = ws.unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < want.len() {
+        let f = tokio::time::timeout(T, ws.read_frame()).await.expect("events in time").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(v["payload"]["did"], did.as_str(), "{v}");
+        seqs.push(v["payload"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, want);
+    // v1 (`wantedDids`).
+    let (status, ws) =
+        connect_long_url(s.serve.public, &format!("/subscribe?cursor={cursor}&{}", list("wantedDids", false))).await;
+    assert_eq!(status, 101);
+    let mut ws = ws.unwrap();
+    let mut times = Vec::new();
+    while times.len() < want.len() {
+        let f = tokio::time::timeout(T, ws.read_frame()).await.expect("events in time").unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(v["did"], did.as_str(), "{v}");
+        times.push(v["time_us"].as_u64().unwrap());
+    }
+    assert_eq!(times, want);
+    // Past the 1 MiB a request line may take: an HTTP error, not an upgrade or a hang.
+    let many: String = (0..30_000).map(|i| format!("&wantedDids=did:plc:{i:024}")).collect();
+    let (status, ws) = connect_long_url(s.serve.public, &format!("/subscribe?cursor={cursor}{many}")).await;
+    assert!(ws.is_none() && (400..500).contains(&status), "{status}");
+}

@@ -28,8 +28,10 @@ fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::By
 /// `GET /subscribe`: validate everything, then upgrade.
 pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let opts = match SubscribeOptions::from_query(req.uri().query().unwrap_or(""), header("socket-encoding").as_deref())
-    {
+    let opts = match SubscribeOptions::from_query(
+        crate::server::long_target::query(&req),
+        header("socket-encoding").as_deref(),
+    ) {
         Ok(o) => o,
         Err(OptionsError(reason)) => return refuse(&hub, Refusal::BadRequest, StatusCode::BAD_REQUEST, reason),
     };
@@ -155,7 +157,7 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let current = hub.dictionaries.v2_current().clone();
     let opts = match V2Options::from_query(
-        req.uri().query().unwrap_or(""),
+        crate::server::long_target::query(&req),
         header("socket-encoding").as_deref(),
         current.id,
     ) {

@@ -5,6 +5,7 @@
 //! task tracked by the listener so shutdown can stop accepting and then wait for them.
 
 pub mod history;
+pub mod long_target;
 pub mod public;
 pub mod status_page;
 
@@ -99,7 +100,14 @@ pub async fn serve<H, F>(
         let cancel = cancel.clone();
         connections.spawn(async move {
             let _counted = counted;
-            let svc = hyper::service::service_fn(move |req| {
+            // A first request line longer than hyper takes has its query set aside here.
+            let (tcp, long_query) = long_target::FirstLine::new(tcp);
+            let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                if req.uri().query() == Some(long_target::MARKER) {
+                    if let Some(q) = long_query.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        req.extensions_mut().insert(q);
+                    }
+                }
                 let h = handler.clone();
                 async move { Ok::<_, Infallible>(h(req, peer).await) }
             });
@@ -107,9 +115,9 @@ pub async fn serve<H, F>(
                 .timer(hyper_util::rt::TokioTimer::new())
                 // Plain HTTP requests must arrive promptly; upgraded websockets are not affected.
                 .header_read_timeout(std::time::Duration::from_secs(10))
-                // Room for a request head with the longest URL hyper takes (64 KiB, a bare 414
-                // past it: ~1,500 wantedDids; README "URL limit"), not more: each connection
-                // still sending its head may hold this much.
+                // Room for a request head with the longest URL hyper takes (64 KiB; a longer
+                // first request line's query is set aside by `long_target`), not more: each
+                // connection still sending its head may hold this much.
                 .max_buf_size(256 << 10)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .with_upgrades();

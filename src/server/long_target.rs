@@ -1,0 +1,251 @@
+//! A connection's first request line, read before hyper parses it, so that a request target
+//! longer than hyper takes (65,534 bytes, the `http` crate's URI limit) is served rather than
+//! answered with a bare 414.
+//!
+//! Jetstream (Go's `net/http`) takes a 1 MB request head: v2 clients put up to 10,000 `dids` in
+//! the URL (~450 KB), and v2 has no client message to send them in otherwise; Jetstream's own Go
+//! client takes a 414 for a passing failure and reconnects for ever. So the query of such a
+//! line is set aside ([`LongQuery`], put in the request's extensions by [`FirstLine::take`]'s
+//! caller) and the line hyper reads carries [`MARKER`] as its query instead; handlers read the
+//! query with [`query`].
+//!
+//! Bounds: only a connection's first request is looked at (a websocket upgrade is one); a line
+//! is read no further than [`MAX_LINE`]; the part of lines past hyper's limit held at once, in
+//! the whole process, is at most [`LONG_LINES_BUDGET`]. A line over either is handed to hyper
+//! as it is (its 414, or 431 past its buffer). Reading a line is bounded in time by hyper's
+//! header timeout, which runs while hyper waits on this reader.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The query hyper sees in place of one set aside.
+pub const MARKER: &str = "contrail-long-query";
+/// The longest request line read (Go's `http.DefaultMaxHeaderBytes` is for the whole head).
+pub const MAX_LINE: usize = 1 << 20;
+/// What lines longer than hyper's limit may hold at once, process-wide (64 such lines).
+pub const LONG_LINES_BUDGET: usize = 64 << 20;
+/// Targets up to this long go to hyper as they are.
+const HYPER_MAX_TARGET: usize = u16::MAX as usize - 1;
+/// Reads of the first line take this much at a time.
+const CHUNK: usize = 16 << 10;
+
+static LONG_LINES_HELD: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of [`LONG_LINES_BUDGET`], given back on drop.
+#[derive(Debug, Default)]
+struct Held(usize);
+
+impl Held {
+    /// Takes `more`; false, taking nothing, past the budget.
+    fn take(&mut self, more: usize) -> bool {
+        let fits = |held: usize| held.checked_add(more).filter(|h| *h <= LONG_LINES_BUDGET);
+        let taken = LONG_LINES_HELD.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits).is_ok();
+        if taken {
+            self.0 += more;
+        }
+        taken
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        LONG_LINES_HELD.fetch_sub(self.0, Ordering::AcqRel);
+    }
+}
+
+/// The query of a request line too long for hyper; its bytes count in the budget until it is
+/// dropped (with the request).
+#[derive(Debug)]
+pub struct LongQuery {
+    query: String,
+    _held: Held,
+}
+
+/// A request's query: one set aside by [`FirstLine`], or the URI's.
+pub fn query<B>(req: &hyper::Request<B>) -> &str {
+    match req.extensions().get::<Arc<LongQuery>>() {
+        Some(q) if req.uri().query() == Some(MARKER) => &q.query,
+        _ => req.uri().query().unwrap_or(""),
+    }
+}
+
+/// Where [`FirstLine`] leaves a query it set aside, for the connection's service.
+pub type QuerySlot = Arc<Mutex<Option<Arc<LongQuery>>>>;
+
+enum State {
+    /// The first line, not yet ended, as read so far; `held` counts what is past hyper's limit.
+    Reading {
+        buf: Vec<u8>,
+        held: Held,
+    },
+    /// Bytes for hyper before the socket's next: the first line (rewritten or not) and what
+    /// arrived with it.
+    Replaying {
+        buf: Vec<u8>,
+        at: usize,
+    },
+    Through,
+}
+
+/// A connection whose first request line is read here first (see the module).
+pub struct FirstLine<T> {
+    io: T,
+    state: State,
+    slot: QuerySlot,
+}
+
+impl<T> FirstLine<T> {
+    pub fn new(io: T) -> (Self, QuerySlot) {
+        let slot = QuerySlot::default();
+        let state = State::Reading { buf: Vec::new(), held: Held::default() };
+        (FirstLine { io, state, slot: slot.clone() }, slot)
+    }
+
+    /// The first line is complete in `buf` (ending at `line_end`, its `\n`): what hyper reads.
+    fn decide(&self, mut buf: Vec<u8>, line_end: usize, held: Held) -> Vec<u8> {
+        let Some((target_at, target)) = long_target(&buf[..line_end]) else { return buf };
+        let Some(q) = target.iter().position(|&b| b == b'?') else { return buf };
+        let Ok(query) = std::str::from_utf8(&target[q + 1..]) else { return buf };
+        if q + 1 + MARKER.len() > HYPER_MAX_TARGET {
+            return buf; // the path alone is too long
+        }
+        let query = query.to_string();
+        let query_at = target_at + q + 1;
+        let query_end = target_at + target.len();
+        buf.splice(query_at..query_end, MARKER.bytes());
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(LongQuery { query, _held: held }));
+        buf
+    }
+}
+
+/// The request target of `line` (`METHOD SP target SP version`) and where it starts, if it is
+/// longer than hyper takes.
+fn long_target(line: &[u8]) -> Option<(usize, &[u8])> {
+    let start = line.iter().position(|&b| b == b' ')? + 1;
+    let end = line.iter().rposition(|&b| b == b' ')?;
+    (end > start && end - start > HYPER_MAX_TARGET).then(|| (start, &line[start..end]))
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstLine<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            match &mut this.state {
+                State::Through => return Pin::new(&mut this.io).poll_read(cx, out),
+                State::Replaying { buf, at } => {
+                    let n = (buf.len() - *at).min(out.remaining());
+                    out.put_slice(&buf[*at..*at + n]);
+                    *at += n;
+                    if *at == buf.len() {
+                        this.state = State::Through;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                State::Reading { buf, held } => {
+                    let scanned = buf.len();
+                    let mut chunk = [0u8; CHUNK];
+                    let mut read = ReadBuf::new(&mut chunk);
+                    ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
+                    let got = read.filled();
+                    let line_end = got.iter().position(|&b| b == b'\n').map(|i| scanned + i);
+                    let past_hyper = (scanned + got.len()).saturating_sub(HYPER_MAX_TARGET + 64);
+                    let fits =
+                        past_hyper <= held.0 || (scanned + got.len() <= MAX_LINE && held.take(past_hyper - held.0));
+                    let eof = got.is_empty();
+                    buf.extend_from_slice(got);
+                    let (buf, held) = (std::mem::take(buf), std::mem::take(held));
+                    this.state = match line_end {
+                        Some(end) => State::Replaying { buf: this.decide(buf, end, held), at: 0 },
+                        // The end of the stream, or a line past the bounds: hyper answers it.
+                        None if eof || !fits => State::Replaying { buf, at: 0 },
+                        None => State::Reading { buf, held },
+                    };
+                    if let State::Replaying { buf, .. } = &this.state {
+                        if buf.is_empty() {
+                            this.state = State::Through;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstLine<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What hyper would read of `input`, the query set aside and the budget it held.
+    async fn through(input: Vec<u8>) -> (Vec<u8>, Option<String>, usize) {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let writer = tokio::spawn(async move {
+            client.write_all(&input).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        let (mut line, slot) = FirstLine::new(server);
+        let mut out = Vec::new();
+        line.read_to_end(&mut out).await.unwrap();
+        drop(writer.await.unwrap());
+        let q = slot.lock().unwrap().take();
+        (out, q.as_ref().map(|q| q.query.clone()), q.map_or(0, |q| q._held.0))
+    }
+
+    #[tokio::test]
+    async fn short_lines_and_what_follows_pass_unchanged() {
+        let req = b"GET /subscribe?wantedDids=did:plc:a HTTP/1.1\r\nHost: x\r\n\r\nmore".to_vec();
+        assert_eq!(through(req.clone()).await, (req, None, 0));
+        // No line end at all (a client that hangs up early).
+        assert_eq!(through(b"GET /x".to_vec()).await, (b"GET /x".to_vec(), None, 0));
+    }
+
+    #[tokio::test]
+    async fn a_long_query_is_set_aside_and_its_bytes_given_back() {
+        let q = format!("dids={}", "did%3Aplc%3Aaaaaaaaaaaaaaaaaaaaaaaaa&dids=".repeat(5_000));
+        let req = format!("GET /xrpc/x?{q} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (out, got, held) = through(req.into_bytes()).await;
+        assert_eq!(String::from_utf8(out).unwrap(), format!("GET /xrpc/x?{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert_eq!(got.as_deref(), Some(q.as_str()));
+        assert!(held + HYPER_MAX_TARGET + 100 >= q.len() && held <= q.len(), "{held} of the budget for {}", q.len());
+    }
+
+    #[tokio::test]
+    async fn a_line_past_the_bound_goes_to_hyper_as_it_is() {
+        let req = format!("GET /x?{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE + CHUNK));
+        assert_eq!(through(req.clone().into_bytes()).await, (req.into_bytes(), None, 0));
+        // A long path has no query to set aside.
+        let req = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(HYPER_MAX_TARGET + 10));
+        assert_eq!(through(req.clone().into_bytes()).await, (req.into_bytes(), None, 0));
+    }
+}
