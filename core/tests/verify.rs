@@ -338,3 +338,47 @@ fn an_mst_node_referenced_twice_is_refused() {
     let got = PartialTree::load(&blocks, &root_cid);
     assert!(matches!(got, Err(Failure::Proof(_))), "{got:?}");
 }
+
+/// An update whose prev is its cid undoes to the same tree, so it would prove for any record
+/// left unchanged: refused (indigo's `IsUpdate` requires the two to differ).
+#[test]
+fn an_update_that_changes_nothing_is_refused() {
+    let records: std::collections::BTreeMap<String, Vec<u8>> =
+        (0..40u16).map(|n| (path(n), value_cid(n as u32))).collect();
+    let tree = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+    let (root, blocks) = tree.blocks().unwrap();
+    let whole = car(&root, &blocks);
+    let parsed = Blocks::parse(&whole).unwrap();
+    let (p, v) = (path(7), value_cid(7));
+    let ops = [ProofOp { action: Action::Update, path: &p, cid: Some(&v), prev: Some(&v) }];
+    let got = check_inversion(&parsed, &root, &ops, &root);
+    assert!(matches!(got, Err(Failure::Proof(_))), "{got:?}");
+}
+
+/// Prefix compression lets each 16-byte entry rebuild the key before it plus a byte: one node
+/// of N entries rebuilt N²/2 bytes of keys (gigabytes from a 2 MB block). A key longer than any
+/// repo path is refused instead.
+#[test]
+fn mst_keys_longer_than_any_repo_path_are_refused() {
+    let n = 3_000usize;
+    let value = value_cid(1);
+    let mut node = vec![0xa2, 0x61, b'e', 0x99];
+    node.extend_from_slice(&(n as u16).to_be_bytes());
+    let mut key: Vec<u8> = Vec::new();
+    for i in 0..n {
+        // A byte that keeps the longer key on layer 0.
+        let b = (b'a'..=b'z').find(|&b| key_height(&[key.as_slice(), &[b]].concat()) == 0).unwrap();
+        node.extend_from_slice(&[0xa4, 0x61, b'k', 0x41, b]);
+        node.extend_from_slice(&[0x61, b'p', 0x19]);
+        node.extend_from_slice(&(i as u16).to_be_bytes());
+        node.extend_from_slice(&[0x61, b't', 0xf6, 0x61, b'v', 0xd8, 0x2a, 0x58, value.len() as u8 + 1, 0]);
+        node.extend_from_slice(&value);
+        key.push(b);
+    }
+    node.extend_from_slice(&[0x61, b'l', 0xf6]);
+    let root = contrail_core::transcode::cid::dag_cbor_cid_of(&node);
+    let bytes = car(&root, &[(root.clone(), node)]);
+    let blocks = Blocks::parse(&bytes).unwrap();
+    let got = PartialTree::load(&blocks, &root);
+    assert!(matches!(got, Err(Failure::Proof(_))), "{:?}", got.map(|_| "loaded"));
+}

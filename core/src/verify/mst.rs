@@ -76,7 +76,18 @@ pub struct PartialTree {
 struct Loading {
     seen: std::collections::HashSet<Vec<u8>>,
     last_key: Option<Vec<u8>>,
+    /// The bytes of the keys rebuilt so far ([`MAX_KEY_BYTES_LOADED`]).
+    key_bytes: usize,
 }
+
+/// A repo path is a collection (an NSID, at most 317 bytes), `/` and a record key (at most
+/// 512): a longer MST key is no record's. Prefix compression lets a 16-byte entry rebuild a key
+/// as long as the one before plus a byte, so without this bound one node of N entries rebuilt
+/// N²/2 bytes of keys (gigabytes from a 2 MB block).
+const MAX_KEY_BYTES: usize = 1024;
+/// The keys one tree's load may rebuild in all: a commit's proof holds at most a few thousand
+/// entries (200 ops, a root-to-leaf path each), of real keys (tens of bytes).
+const MAX_KEY_BYTES_LOADED: usize = 32 << 20;
 
 /// MST nodes are small; a CAR of 2 MB cannot hold more nodes than this many levels deep.
 const MAX_LAYER: u32 = 128;
@@ -134,6 +145,13 @@ impl PartialTree {
             let p = e.prefix as usize;
             if p > prev_key.len() || (i == 0 && p != 0) {
                 return Err(Failure::Proof("MST entry prefix longer than the previous key"));
+            }
+            if p + e.suffix.len() > MAX_KEY_BYTES {
+                return Err(Failure::Proof("an MST key longer than any repo path"));
+            }
+            loading.key_bytes += p + e.suffix.len();
+            if loading.key_bytes > MAX_KEY_BYTES_LOADED {
+                return Err(Failure::Proof("MST keys past 32 MiB in one proof"));
             }
             let mut key = prev_key[..p].to_vec();
             key.extend_from_slice(e.suffix);
@@ -560,6 +578,10 @@ pub fn check_inversion(blocks: &Blocks<'_>, data: &[u8], ops: &[ProofOp<'_>], pr
             Action::Update => {
                 let (cid, prev) = (op.cid.ok_or(Failure::Malformed("update without cid"))?, op.prev);
                 let prev = prev.ok_or(Failure::NoProof("update without prev"))?;
+                // Undoing it would change nothing: any unchanged record could be claimed updated.
+                if prev == cid {
+                    return Err(Failure::Proof("an update whose prev is its cid"));
+                }
                 if now != Some(cid) {
                     return Err(Failure::Proof("an updated record is not in the tree"));
                 }
