@@ -377,6 +377,36 @@ async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
     assert_eq!(rkeys, ["a1", "a2", "a3", "a4", "a5"]);
 }
 
+/// A rev far ahead of the clock (a PDS clock bug, a stolen key) must not move a repo's chain:
+/// a rev only moves forward, so every later commit would be refused as "not after" it, for
+/// good. It is refused, and the repo's next real commit continues the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rev_far_ahead_of_the_clock_does_not_take_the_chain_with_it() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+    alice.made_at(now);
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    // Signed by alice, made "two days from now", prevData continuing a1.
+    let mut ahead = alice.clone();
+    ahead.made_at(now + 2 * 86_400_000_000);
+    push(ahead.commit(0, &create("ax"), Tamper::None));
+    push(alice.commit(0, &create("a2"), Tamper::None));
+    let last = push(alice.commit(0, &create("a3"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "chain"), 1.0, "the rev ahead, and only it: {}", serve.logs());
+    let marks = commit_marks(&serve, 3).await;
+    let want = [("a1", "signature"), ("a2", "full"), ("a3", "full")];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())));
+}
+
 /// An op the verifier cannot read (an unknown action) drops that op, not the commit: the
 /// transcoder skips it, `signature` checks no ops; `full` cannot undo it, so the commit fails
 /// its proof (not "malformed").

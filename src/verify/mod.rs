@@ -407,6 +407,17 @@ fn rev_time_us(rev: &str) -> Option<i64> {
     contrail_core::syntax::tid_to_unix_us(rev).map(|t| t as i64)
 }
 
+/// How far past this clock a rev may be to move a repo's chain. A rev only moves forward, so
+/// one from far ahead (a PDS clock bug, a stolen key; `jzzzzzzzzzzzz` is the year 2255) would
+/// have every later commit refused as "not after" it, for good: the state ages by the rev's
+/// time too. The indigo relay refuses revs 5 minutes ahead; an hour leaves room for this clock
+/// being behind.
+const FUTURE_REV_TOLERANCE: Duration = Duration::from_secs(3600);
+
+fn rev_far_ahead(rev: &str) -> bool {
+    rev_time_us(rev).is_some_and(|t| t > crate::clock::now_us() as i64 + FUTURE_REV_TOLERANCE.as_micros() as i64)
+}
+
 fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checked, Failure> {
     match parsed {
         RepoFrame::Commit(c) => verify::check_commit(c, key, level),
@@ -590,6 +601,10 @@ impl Stage {
                     // complete: `prevData` is not signed, so on a repo's first commit (or the
                     // first after a break) a relay could drop an op and recompute it.
                     let continues = last.as_ref().is_some_and(|l| !l.desynchronized);
+                    if rev_far_ahead(&link.rev) {
+                        self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
+                        return frame;
+                    }
                     if let Some(l) = &last {
                         if link.rev <= l.state.rev {
                             // A replay of an older commit: refused, and the chain stays where it
@@ -628,6 +643,10 @@ impl Stage {
             }
             None => {
                 let state = checked.state;
+                if self.level == Level::Full && rev_far_ahead(&state.rev) {
+                    self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
+                    return frame;
+                }
                 let newer = |l: &Chain| state.rev > l.state.rev;
                 let last = self.chains.get(&did, &self.log, self.epoch).ok().flatten();
                 if self.level == Level::Full && last.as_ref().is_none_or(newer) {
