@@ -40,6 +40,9 @@ pub struct IngestFrame {
     pub keep_time: bool,
     /// The relay frame itself, kept only for the verification stage (which drops it).
     pub raw: Option<bytes::Bytes>,
+    /// The transcoder dropped part of the frame (an op) or all of it: its events are not all it
+    /// says, so the verification stage claims no more than its signature for them.
+    pub incomplete: bool,
     /// Repo chain states the verification stage moved for this frame, written with its events.
     pub repo_states: Vec<RepoStateWrite>,
 }

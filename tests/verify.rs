@@ -407,6 +407,49 @@ async fn a_rev_far_ahead_of_the_clock_does_not_take_the_chain_with_it() {
     assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())));
 }
 
+/// `full` says subscribers saw all of the repo since the last anchor. A commit the transcoder
+/// dropped an op of (its record block stripped by the relay) or all of (a `time` that does not
+/// parse) moves the repo on, but subscribers did not see all of it: its events, and the
+/// repo's next commit, are `signature`; the one after is `full` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    push(alice.commit(0, &create("a2"), Tamper::None));
+    // The relay strips a3b's record block: a3 arrives, a3b does not.
+    let two = [create("a3"), create("a3b")].concat();
+    push(alice.clone().commit(0, &two, Tamper::StripRecordBlock));
+    alice.commit(0, &two, Tamper::None);
+    push(alice.commit(0, &create("a4"), Tamper::None));
+    push(alice.commit(0, &create("a5"), Tamper::None));
+    // A commit whose whole frame the transcoder drops.
+    push(alice.clone().commit(0, &create("a6"), Tamper::BadTime));
+    alice.commit(0, &create("a6"), Tamper::None);
+    push(alice.commit(0, &create("a7"), Tamper::None));
+    let last = push(alice.commit(0, &create("a8"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    let marks = commit_marks(&serve, 7).await;
+    let want = [
+        ("a1", "signature"),
+        ("a2", "full"),
+        ("a3", "signature"),
+        ("a4", "signature"),
+        ("a5", "full"),
+        ("a7", "signature"),
+        ("a8", "full"),
+    ];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
+    assert_eq!(failures(&serve, "chain"), 0.0, "each commit continues the one before");
+}
+
 /// An op the verifier cannot read (an unknown action) drops that op, not the commit: the
 /// transcoder skips it, `signature` checks no ops; `full` cannot undo it, so the commit fails
 /// its proof (not "malformed").

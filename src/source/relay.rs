@@ -394,8 +394,15 @@ impl Reader {
             self.highest_seq = seq;
         }
         let raw = self.keep_raw.then(|| bytes::Bytes::copy_from_slice(payload));
-        let frame =
-            IngestFrame { seq: Some(seq), relay_time_us: info.relay_time_us, events, raw, ..Default::default() };
+        let incomplete = !drops.is_empty();
+        let frame = IngestFrame {
+            seq: Some(seq),
+            relay_time_us: info.relay_time_us,
+            events,
+            raw,
+            incomplete,
+            ..Default::default()
+        };
         // The frame held before this one: still held (this one said nothing about it), released
         // with this one, or refuted.
         let held = if held_seq.is_some() && self.seq.held() == held_seq { None } else { self.held.take() };

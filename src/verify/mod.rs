@@ -627,12 +627,17 @@ impl Stage {
                         }
                     }
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
+                    // A commit the transcoder dropped part or all of moves the repo on, but what
+                    // subscribers saw of it is not all of it: the next commit anchors again.
+                    if frame.incomplete && last.as_ref().is_some_and(|l| !l.desynchronized) {
+                        self.metrics.verify_desynchronized.inc();
+                    }
                     self.chains.put(
                         &did,
-                        Chain { state: checked.state, desynchronized: false, epoch: self.epoch },
+                        Chain { state: checked.state, desynchronized: frame.incomplete, epoch: self.epoch },
                         &mut frame,
                     );
-                    if !continues {
+                    if !continues || frame.incomplete {
                         self.outcome(Outcome::Verified);
                         mark_events(&mut frame, Verification::Signature);
                         return frame;
@@ -651,8 +656,10 @@ impl Stage {
                 let last = self.chains.get(&did, &self.log, self.epoch).ok().flatten();
                 if self.level == Level::Full && last.as_ref().is_none_or(newer) {
                     // "This is the repo now": the chain continues from here. A sync no newer
-                    // than what we know changes nothing.
-                    self.chains.put(&did, Chain { state, desynchronized: false, epoch: self.epoch }, &mut frame);
+                    // than what we know changes nothing; one the transcoder dropped was not
+                    // seen by subscribers, so the next commit anchors again.
+                    let desynchronized = frame.incomplete;
+                    self.chains.put(&did, Chain { state, desynchronized, epoch: self.epoch }, &mut frame);
                 }
                 self.outcome(Outcome::Verified);
                 // A sync is a signed commit alone: its signature is all there is.

@@ -88,6 +88,11 @@ pub enum Tamper {
     /// An extra op with an action no one knows (`upsert`): not signed, dropped by the
     /// transcoder; it cannot be undone, so the commit cannot be proven.
     UnknownOp,
+    /// The last op's record block left out of the CAR (blocks are not signed): the commit is
+    /// still the repo's real one, proven, but the transcoder drops that op.
+    StripRecordBlock,
+    /// A `time` that is not one (not signed): the transcoder drops the whole frame.
+    BadTime,
 }
 
 /// A repository that writes signed commits.
@@ -215,6 +220,9 @@ impl SignedRepo {
                     ("cid", Ipld::Null),
                 ]);
             }
+            Tamper::StripRecordBlock => {
+                record_blocks.pop();
+            }
             _ => {}
         }
         let mut blocks = vec![(commit_cid, commit_block)];
@@ -233,7 +241,7 @@ impl SignedRepo {
             ("ops", Ipld::List(op_list.into_iter().map(map).collect())),
             ("blobs", Ipld::List(vec![])),
             ("prevData", Ipld::Link(Cid::try_from(prev_data.as_slice()).unwrap())),
-            ("time", s(TIME)),
+            ("time", s(if tamper == Tamper::BadTime { "not a time" } else { TIME })),
         ]);
         if let (Tamper::StripProof, Ipld::Map(m)) = (tamper, &mut body) {
             m.remove("prevData");
