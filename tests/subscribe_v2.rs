@@ -98,6 +98,13 @@ async fn v2_refuses_bad_requests_with_named_xrpc_errors() {
             assert!(v["message"].as_str().unwrap().starts_with("subscribe: cursor too old: cursor 5 below lookback floor "));
         }
     }
+    // An upgrade fastwebsockets refuses (another websocket version) is answered as XRPC too.
+    let old_version = [WS[0], WS[1], WS[2], ("Sec-WebSocket-Version", "8")];
+    let (status, body) = http_get_with(s.serve.public, PATH, &old_version).unwrap();
+    assert_eq!(status, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(v["error"], "InvalidRequest");
+    assert!(v["message"].as_str().unwrap().starts_with("bad websocket handshake"), "{v}");
     // getZstdDictionary: the current one, by id, and the XRPC errors.
     let (status, body) =
         http_get_with(s.serve.public, "/xrpc/network.bsky.jetstream.getZstdDictionary?id=9", &[]).unwrap();

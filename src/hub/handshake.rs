@@ -61,6 +61,7 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
         from_ip: || text(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n"),
         from_site: || text(StatusCode::TOO_MANY_REQUESTS, SITE_TEXT),
         filter_budget: || text(StatusCode::SERVICE_UNAVAILABLE, FILTER_BUDGET_TEXT),
+        bad_handshake: |e| text(StatusCode::BAD_REQUEST, format!("bad websocket handshake: {e}\n")),
     };
     admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None)
 }
@@ -79,6 +80,8 @@ struct Refusals {
     from_ip: fn() -> Response<Body>,
     from_site: fn() -> Response<Body>,
     filter_budget: fn() -> Response<Body>,
+    /// A 400 for an upgrade request fastwebsockets refuses (no key, another version).
+    bad_handshake: fn(String) -> Response<Body>,
 }
 
 /// Admission (subscriber and per-IP caps, the filters' memory budget), then the upgrade and
@@ -126,7 +129,7 @@ fn admit_and_upgrade(
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad websocket handshake: {e}\n")),
+        Err(e) => return (refusals.bad_handshake)(e.to_string()),
     };
     if let Some(p) = subprotocol {
         response.headers_mut().insert("sec-websocket-protocol", hyper::header::HeaderValue::from_static(p));
@@ -231,6 +234,11 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
         filter_budget: || unavailable(FILTER_BUDGET_TEXT.trim_end()),
         from_ip: || rate_limited("too many connections from this address"),
         from_site: || rate_limited(SITE_TEXT.trim_end()),
+        // As every v2 answer before the upgrade: the XRPC envelope.
+        bad_handshake: |e| {
+            let e = XrpcError::invalid(format!("bad websocket handshake: {e}"));
+            full(StatusCode::BAD_REQUEST, "application/json", e.body())
+        },
     };
     admit_and_upgrade(hub, req, peer, sub, refusals, offered)
 }
