@@ -106,7 +106,7 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
         full(status, "application/json", e.body())
     };
     let wanted =
-        crate::options::query_pairs(crate::server::long_target::query(&req)).into_iter().find(|(k, _)| k == "id");
+        crate::options::query_pairs(crate::server::long_target::query(req)).into_iter().find(|(k, _)| k == "id");
     let named = wanted.is_some();
     let dict = match wanted {
         None => dicts.v2_current(),
