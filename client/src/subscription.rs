@@ -42,6 +42,9 @@ const UNREADABLE_TRIES: u32 = 3;
 /// stale `/dictionary`), not a message damaged here and there. Skipped one by one, every message
 /// was lost and the subscription delivered nothing, without an error, for ever.
 const UNDECOMPRESSABLE_IN_A_ROW: u32 = 16;
+/// How far before its cursor a connection's first events may be and be skipped as a replay
+/// from earlier than asked (Jetstream v2 replays up to its active segment, an hour).
+const REPLAY_BEFORE_CURSOR: Duration = Duration::from_secs(2 * 3600);
 /// A connection that ends sooner than this after it was made is followed by a wait, even when
 /// it moved the position on.
 const BRIEF_CONNECTION: Duration = Duration::from_secs(1);
@@ -475,8 +478,8 @@ struct Driver {
     /// message): whether it was healthy, for [`Driver::run`].
     connected_at: Option<tokio::time::Instant>,
     last_heard: Option<tokio::time::Instant>,
-    /// The position this connection resumed from, until it delivers a message past it:
-    /// events before it are then the server replaying from before the cursor, and skipped.
+    /// The cursor this connection asked for, until it delivers a message: events a little
+    /// before it are then the server replaying from earlier than asked, and skipped.
     resumed_at: Option<u64>,
     /// Events this connection skipped as replayed from before its cursor.
     replayed_before_cursor: u64,
@@ -683,7 +686,7 @@ impl Driver {
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.connected_at = Some(tokio::time::Instant::now());
-        (self.resumed_at, self.replayed_before_cursor) = (self.last, 0);
+        (self.resumed_at, self.replayed_before_cursor) = (self.resume_cursor(), 0);
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
         let (read, write_half) = ws.split(tokio::io::split);
@@ -867,6 +870,27 @@ impl Driver {
             self.malformed("an event with time_us 0");
             return Ok(());
         }
+        // Before this connection delivered anything: an event from before the cursor it asked
+        // for is the server replaying from earlier than asked (Jetstream v2 with a timestamp
+        // cursor starts up to an hour early, bluesky-social/jetstream#343): a reconnect would
+        // meet the same replay, for ever. Skipped, up to two hours back; older is time going
+        // backwards (below).
+        if let Some(c) = self.resumed_at {
+            let t = event.time_us();
+            if t < c && t.saturating_add(REPLAY_BEFORE_CURSOR.as_micros() as u64) >= c {
+                self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
+                self.replayed_before_cursor += 1;
+                if self.replayed_before_cursor == 1 {
+                    tracing::warn!(
+                        url = %self.urls[self.current],
+                        cursor = c,
+                        first = t,
+                        "the server sends events from before the cursor (a replay from earlier than asked, or its clock stepped back); skipping them"
+                    );
+                }
+                return Ok(());
+            }
+        }
         if let Some(d) = &mut self.dedupe {
             if d.seen(&event) {
                 self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
@@ -880,26 +904,8 @@ impl Driver {
                     self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                // Before this connection delivered anything past its cursor: the server
-                // replays from before the cursor (Jetstream v2 with a timestamp cursor replays
-                // up to an hour more, bluesky-social/jetstream#343). Delivered already; a
-                // reconnect would meet the same replay, for ever.
-                Some(l) if event.time_us() < l && self.resumed_at == Some(l) => {
-                    self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                    self.replayed_before_cursor += 1;
-                    if self.replayed_before_cursor == 1 {
-                        tracing::warn!(
-                            url = %self.urls[self.current],
-                            cursor = l,
-                            first = event.time_us(),
-                            "the server replays from before the cursor; skipping what was delivered already"
-                        );
-                    }
-                    return Ok(());
-                }
-                // After this connection moved past its cursor, dropping it would hide a server
-                // that went back in time (a restored backup, a replica of another primary);
-                // reconnect, fail over, and say so.
+                // Dropping it would hide a server that went back in time (a restored backup, a
+                // replica of another primary); reconnect, fail over, and say so.
                 Some(l) if event.time_us() < l => {
                     return Err(ConnectionError::Protocol(format!(
                         "an event at time_us {} after {l}: this host's timeline went backwards",

@@ -347,6 +347,26 @@ async fn a_server_replaying_from_before_the_cursor_is_read_past_not_reconnected_
     assert_eq!(next_event(&mut sub).await, t + 30);
     assert_eq!(next_event(&mut sub).await, t + 40);
     assert_eq!(server.connections.load(Ordering::SeqCst), 2, "the backwards event did not end the connection");
+    // Rewinding from a stored cursor (another host's timeline): what the server sends from
+    // before the rewound cursor it was asked for is skipped too; from the rewind on, handed over.
+    let sec = 1_000_000;
+    let server =
+        serve(vec![Script::Send(vec![event(t + 20 - 60 * sec), event(t + 20 - 5 * sec), event(t + 30)])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .cursor(Some(t + 20))
+        .failover(contrail_client::Failover::Rewind(Duration::from_secs(10)))
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 20 - 5 * sec);
+    assert_eq!(next_event(&mut sub).await, t + 30);
+    assert_eq!(sub.stats().duplicates_dropped.load(Ordering::Relaxed), 1);
+    // More than two hours before the cursor is no replay: time went backwards.
+    let hours = 3 * 3_600_000_000;
+    let server =
+        serve(vec![Script::Send(vec![event(t + 20 - hours), event(t + 30)]), Script::Send(vec![event(t + 30)])]).await;
+    let mut sub = subscribe(&server, Some(t + 20));
+    assert_eq!(next_event(&mut sub).await, t + 30);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2, "an event hours before the cursor was skipped");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
