@@ -253,8 +253,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     {
         let (cancel, conns) = (accept.clone(), connections.clone());
-        // As the public listener's: a scraper that stops reading is closed by the kernel.
-        let options = listener_sockets(&config.hub);
+        // As the public listener's: a scraper that stops reading is closed by the kernel. Its
+        // requests are short: no share of the long lines' budget for strangers reaching it.
+        let options = server::SocketOptions { long_request_lines: false, ..listener_sockets(&config.hub) };
         let refused =
             metrics.rejected_requests.with_label_values(&[crate::metrics::Refusal::MetricsTooManyOpen.as_str()]);
         let gate = Some(crate::hub::limits::ConnectGate::for_metrics(&config.limits, refused));
@@ -411,5 +412,6 @@ fn listener_sockets(hub: &crate::hub::HubConfig) -> server::SocketOptions {
     server::SocketOptions {
         progress_timeout: Some(hub.write_timeout),
         notsent_lowat: Some(crate::hub::liveness::NOTSENT_LOWAT),
+        long_request_lines: true,
     }
 }

@@ -10,8 +10,9 @@
 //! query with [`query`].
 //!
 //! Bounds: only a connection's first request is looked at (a websocket upgrade is one); a line
-//! is read no further than [`MAX_LINE`]; the part of lines past hyper's limit held at once, in
-//! the whole process, is at most [`LONG_LINES_BUDGET`]. A line over either is handed to hyper
+//! is read no further than [`MAX_LINE`]; the buffers of lines past hyper's limit (by capacity,
+//! a query keeping the buffer it came in) hold at most [`LONG_LINES_BUDGET`] at once in the
+//! whole process. A line over either, or whose query has bytes no URI has, is handed to hyper
 //! as it is (its 414, or 431 past its buffer). Reading a line is bounded in time by hyper's
 //! header timeout, which runs while hyper waits on this reader.
 
@@ -77,7 +78,8 @@ pub fn query<B>(req: &hyper::Request<B>) -> &str {
 pub type QuerySlot = Arc<Mutex<Option<Arc<LongQuery>>>>;
 
 enum State {
-    /// The first line, not yet ended, as read so far; `held` counts what is past hyper's limit.
+    /// The first line, not yet ended, as read so far; `held`: its buffer's capacity past
+    /// [`FREE_BYTES`], taken from the budget.
     Reading {
         buf: Vec<u8>,
         held: Held,
@@ -90,6 +92,10 @@ enum State {
     },
     Through,
 }
+
+/// A first line's buffer holds this much without counting in the budget: what hyper holds for
+/// a line it takes anyway.
+const FREE_BYTES: usize = HYPER_MAX_TARGET + 1024;
 
 /// A connection whose first request line is read here first (see the module).
 pub struct FirstLine<T> {
@@ -105,29 +111,60 @@ impl<T> FirstLine<T> {
         (FirstLine { io, state, slot: slot.clone() }, slot)
     }
 
+    /// A connection passed to hyper as it comes (a listener that needs no long lines).
+    pub fn through(io: T) -> (Self, QuerySlot) {
+        let slot = QuerySlot::default();
+        (FirstLine { io, state: State::Through, slot: slot.clone() }, slot)
+    }
+
     /// The first line is complete in `buf` (ending at `line_end`, its `\n`): what hyper reads.
     fn decide(&self, mut buf: Vec<u8>, line_end: usize, held: Held) -> Vec<u8> {
-        let Some((target_at, target)) = long_target(&buf[..line_end]) else { return buf };
-        let Some(q) = target.iter().position(|&b| b == b'?') else { return buf };
-        let Ok(query) = std::str::from_utf8(&target[q + 1..]) else { return buf };
-        if q + 1 + MARKER.len() > HYPER_MAX_TARGET {
-            return buf; // the path alone is too long
+        let Some((target_at, target_end)) = long_target(&buf[..line_end]) else { return buf };
+        let Some(q) = buf[target_at..target_end].iter().position(|&b| b == b'?') else { return buf };
+        let (query_at, query_end) = (target_at + q + 1, target_end);
+        // The path alone too long, or bytes hyper would refuse in a URI: hyper answers it.
+        if q + 1 + MARKER.len() > HYPER_MAX_TARGET || !buf[query_at..query_end].iter().all(|b| (0x21..0x7f).contains(b))
+        {
+            return buf;
         }
-        let query = query.to_string();
-        let query_at = target_at + q + 1;
-        let query_end = target_at + target.len();
-        buf.splice(query_at..query_end, MARKER.bytes());
+        let mut line = Vec::with_capacity(query_at + MARKER.len() + buf.len() - query_end);
+        line.extend_from_slice(&buf[..query_at]);
+        line.extend_from_slice(MARKER.as_bytes());
+        line.extend_from_slice(&buf[query_end..]);
+        // The query keeps the buffer it arrived in (counted in `held`).
+        buf.truncate(query_end);
+        buf.drain(..query_at);
+        let query = String::from_utf8(buf).expect("visible ASCII is UTF-8");
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(LongQuery { query, _held: held }));
-        buf
+        line
     }
 }
 
-/// The request target of `line` (`METHOD SP target SP version`) and where it starts, if it is
-/// longer than hyper takes.
-fn long_target(line: &[u8]) -> Option<(usize, &[u8])> {
+/// Where the request target of `line` (`METHOD SP target SP version`) starts and ends, if it
+/// is longer than hyper takes.
+fn long_target(line: &[u8]) -> Option<(usize, usize)> {
     let start = line.iter().position(|&b| b == b' ')? + 1;
     let end = line.iter().rposition(|&b| b == b' ')?;
-    (end > start && end - start > HYPER_MAX_TARGET).then(|| (start, &line[start..end]))
+    (end > start && end - start > HYPER_MAX_TARGET).then_some((start, end))
+}
+
+/// Makes room in `buf` for `more` bytes within [`MAX_LINE`], its capacity past [`FREE_BYTES`]
+/// counted in `held`; false, growing nothing, when either bound says no.
+fn make_room(buf: &mut Vec<u8>, held: &mut Held, more: usize) -> bool {
+    let need = buf.len() + more;
+    if need > MAX_LINE {
+        return false;
+    }
+    if need <= buf.capacity() {
+        return true;
+    }
+    let capacity = need.max(2 * buf.capacity()).clamp(CHUNK, MAX_LINE);
+    let counted = capacity.saturating_sub(FREE_BYTES);
+    if counted > held.0 && !held.take(counted - held.0) {
+        return false;
+    }
+    buf.reserve_exact(capacity - buf.len());
+    true
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for FirstLine<T> {
@@ -146,22 +183,22 @@ impl<T: AsyncRead + Unpin> AsyncRead for FirstLine<T> {
                     return Poll::Ready(Ok(()));
                 }
                 State::Reading { buf, held } => {
-                    let scanned = buf.len();
                     let mut chunk = [0u8; CHUNK];
                     let mut read = ReadBuf::new(&mut chunk);
                     ready!(Pin::new(&mut this.io).poll_read(cx, &mut read))?;
                     let got = read.filled();
-                    let line_end = got.iter().position(|&b| b == b'\n').map(|i| scanned + i);
-                    let past_hyper = (scanned + got.len()).saturating_sub(HYPER_MAX_TARGET + 64);
-                    let fits =
-                        past_hyper <= held.0 || (scanned + got.len() <= MAX_LINE && held.take(past_hyper - held.0));
-                    let eof = got.is_empty();
+                    let line_end = got.iter().position(|&b| b == b'\n').map(|i| buf.len() + i);
+                    let room = make_room(buf, held, got.len());
+                    if !room {
+                        // Taken still (not one byte is lost), for hyper to refuse.
+                        buf.reserve_exact(got.len());
+                    }
                     buf.extend_from_slice(got);
                     let (buf, held) = (std::mem::take(buf), std::mem::take(held));
                     this.state = match line_end {
-                        Some(end) => State::Replaying { buf: this.decide(buf, end, held), at: 0 },
-                        // The end of the stream, or a line past the bounds: hyper answers it.
-                        None if eof || !fits => State::Replaying { buf, at: 0 },
+                        Some(end) if room => State::Replaying { buf: this.decide(buf, end, held), at: 0 },
+                        Some(_) => State::Replaying { buf, at: 0 },
+                        None if got.is_empty() || !room => State::Replaying { buf, at: 0 },
                         None => State::Reading { buf, held },
                     };
                     if let State::Replaying { buf, .. } = &this.state {
@@ -237,7 +274,20 @@ mod tests {
         let (out, got, held) = through(req.into_bytes()).await;
         assert_eq!(String::from_utf8(out).unwrap(), format!("GET /xrpc/x?{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n"));
         assert_eq!(got.as_deref(), Some(q.as_str()));
-        assert!(held + HYPER_MAX_TARGET + 100 >= q.len() && held <= q.len(), "{held} of the budget for {}", q.len());
+        assert!(held + FREE_BYTES >= q.len() && held <= MAX_LINE, "{held} of the budget for {}", q.len());
+    }
+
+    #[tokio::test]
+    async fn a_long_first_line_leaves_what_follows_it_as_it_came() {
+        // A second request pipelined behind the first, and bytes that are no URI's in a query.
+        let q = format!("wantedDids={}", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa&wantedDids=".repeat(3_000));
+        let second = "GET /status HTTP/1.1\r\nHost: x\r\n\r\n";
+        let req = format!("GET /subscribe?{q} HTTP/1.1\r\nHost: x\r\n\r\n{second}");
+        let (out, got, _) = through(req.into_bytes()).await;
+        let want = format!("GET /subscribe?{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n{second}");
+        assert_eq!((String::from_utf8(out).unwrap(), got), (want, Some(q.clone())));
+        let req = format!("GET /subscribe?{q}\u{7f} HTTP/1.1\r\n\r\n").into_bytes();
+        assert_eq!(through(req.clone()).await, (req, None, 0));
     }
 
     #[tokio::test]

@@ -36,6 +36,9 @@ pub struct SocketOptions {
     /// slow reader's backlog stays in the log, not in kernel buffers, and writes wake as the
     /// reader drains.
     pub notsent_lowat: Option<u32>,
+    /// Read a connection's first request line before hyper, so that one longer than hyper
+    /// takes is served (`long_target`): the public listener's subscribers need it.
+    pub long_request_lines: bool,
 }
 
 impl SocketOptions {
@@ -101,7 +104,10 @@ pub async fn serve<H, F>(
         connections.spawn(async move {
             let _counted = counted;
             // A first request line longer than hyper takes has its query set aside here.
-            let (tcp, long_query) = long_target::FirstLine::new(tcp);
+            let (tcp, long_query) = match options.long_request_lines {
+                true => long_target::FirstLine::new(tcp),
+                false => long_target::FirstLine::through(tcp),
+            };
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 if req.uri().query() == Some(long_target::MARKER) {
                     if let Some(q) = long_query.lock().unwrap_or_else(|p| p.into_inner()).take() {
