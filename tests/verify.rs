@@ -396,14 +396,22 @@ async fn a_rev_far_ahead_of_the_clock_does_not_take_the_chain_with_it() {
     ahead.made_at(now + 2 * 86_400_000_000);
     push(ahead.commit(0, &create("ax"), Tamper::None));
     push(alice.commit(0, &create("a2"), Tamper::None));
-    let last = push(alice.commit(0, &create("a3"), Tamper::None));
+    push(alice.commit(0, &create("a3"), Tamper::None));
+    // The repo's real next commit is the one ahead (its PDS's clock jumped, then came back):
+    // refused, and the commit after it, which continues it, anchors the chain again.
+    alice.made_at(now + 2 * 86_400_000_000);
+    push(alice.commit(0, &create("a4x"), Tamper::None));
+    alice.made_at(now);
+    push(alice.commit(0, &create("a5"), Tamper::None));
+    let last = push(alice.commit(0, &create("a6"), Tamper::None));
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
     serve.wait_for_seq(last, Duration::from_secs(30));
-    assert_eq!(failures(&serve, "chain"), 1.0, "the rev ahead, and only it: {}", serve.logs());
-    let marks = commit_marks(&serve, 3).await;
-    let want = [("a1", "signature"), ("a2", "full"), ("a3", "full")];
+    assert_eq!(failures(&serve, "chain"), 2.0, "the two revs ahead, and only they: {}", serve.logs());
+    let marks = commit_marks(&serve, 5).await;
+    // a2 anchors again too: the refused commit before it might have been the repo's real next.
+    let want = [("a1", "signature"), ("a2", "signature"), ("a3", "full"), ("a5", "signature"), ("a6", "full")];
     assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())));
 }
 

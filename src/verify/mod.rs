@@ -602,7 +602,10 @@ impl Stage {
                     // first after a break) a relay could drop an op and recompute it.
                     let continues = last.as_ref().is_some_and(|l| !l.desynchronized);
                     if rev_far_ahead(&link.rev) {
+                        // It may be the repo's real next commit (a PDS clock ahead): the one
+                        // after it anchors again rather than breaking a chain.
                         self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
+                        self.lose_track(&did, &mut frame);
                         return frame;
                     }
                     if let Some(l) = &last {
@@ -650,6 +653,7 @@ impl Stage {
                 let state = checked.state;
                 if self.level == Level::Full && rev_far_ahead(&state.rev) {
                     self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
+                    self.lose_track(&did, &mut frame);
                     return frame;
                 }
                 let newer = |l: &Chain| state.rev > l.state.rev;
@@ -659,6 +663,9 @@ impl Stage {
                     // than what we know changes nothing; one the transcoder dropped was not
                     // seen by subscribers, so the next commit anchors again.
                     let desynchronized = frame.incomplete;
+                    if desynchronized && last.as_ref().is_some_and(|l| !l.desynchronized) {
+                        self.metrics.verify_desynchronized.inc();
+                    }
                     self.chains.put(&did, Chain { state, desynchronized, epoch: self.epoch }, &mut frame);
                 }
                 self.outcome(Outcome::Verified);
