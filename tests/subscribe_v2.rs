@@ -272,32 +272,30 @@ async fn urls_longer_than_hyper_takes_are_served_on_both_wires() {
         let enc = |d: &str| if escape { d.replace(':', "%3A") } else { d.to_string() };
         others.iter().chain([&did]).map(|d| format!("{key}={}", enc(d))).collect::<Vec<_>>().join("&")
     };
+    // Each wire's events from a long URL: (did, time_us) of the first `want.len()` of them.
+    let events = |path: String, did_at: &'static str, time_at: &'static str| {
+        let (addr, n) = (s.serve.public, want.len());
+        async move {
+            let (status, ws) = connect_long_url(addr, &path).await;
+            assert_eq!(status, 101, "{}", &path[..80]);
+            let mut ws = ws.unwrap();
+            let mut got = Vec::new();
+            while got.len() < n {
+                let f = tokio::time::timeout(T, ws.read_frame()).await.expect("events in time").unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+                let (d, t) = (v.pointer(did_at).cloned(), v.pointer(time_at).and_then(|t| t.as_u64()));
+                got.push((d.unwrap().as_str().unwrap().to_string(), t.unwrap()));
+            }
+            got
+        }
+    };
+    let want: Vec<(String, u64)> = want.iter().map(|&t| (did.clone(), t)).collect();
     // v2 (`dids`), which takes no client messages: the URL is the only way.
-    let (status, ws) =
-        connect_long_url(s.serve.public, &format!("{PATH}?cursor={cursor}&{}", list("dids", true))).await;
-    assert_eq!(status, 101);
-    let mut ws = ws.unwrap();
-    let mut seqs = Vec::new();
-    while seqs.len() < want.len() {
-        let f = tokio::time::timeout(T, ws.read_frame()).await.expect("events in time").unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
-        assert_eq!(v["payload"]["did"], did.as_str(), "{v}");
-        seqs.push(v["payload"]["seq"].as_u64().unwrap());
-    }
-    assert_eq!(seqs, want);
+    let v2 = events(format!("{PATH}?cursor={cursor}&{}", list("dids", true)), "/payload/did", "/payload/seq");
+    assert_eq!(v2.await, want);
     // v1 (`wantedDids`).
-    let (status, ws) =
-        connect_long_url(s.serve.public, &format!("/subscribe?cursor={cursor}&{}", list("wantedDids", false))).await;
-    assert_eq!(status, 101);
-    let mut ws = ws.unwrap();
-    let mut times = Vec::new();
-    while times.len() < want.len() {
-        let f = tokio::time::timeout(T, ws.read_frame()).await.expect("events in time").unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
-        assert_eq!(v["did"], did.as_str(), "{v}");
-        times.push(v["time_us"].as_u64().unwrap());
-    }
-    assert_eq!(times, want);
+    let v1 = events(format!("/subscribe?cursor={cursor}&{}", list("wantedDids", false)), "/did", "/time_us");
+    assert_eq!(v1.await, want);
     // Past the 1 MiB a request line may take: an HTTP error, not an upgrade or a hang.
     let many: String = (0..30_000).map(|i| format!("&wantedDids=did:plc:{i:024}")).collect();
     let (status, ws) = connect_long_url(s.serve.public, &format!("/subscribe?cursor={cursor}{many}")).await;
