@@ -6,7 +6,7 @@
 //! [`source`] (relay or upstream sockets) → [`transcode`] (pure, in `contrail-core`) →
 //! [`sequencer`] → [`log`] → [`hub`] → [`server`], wired together by [`app`]. Beside them:
 //! [`config`] (composes each module's settings group), [`metrics`], [`clock`], [`units`],
-//! [`rate_limited_log`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`], with [`progress`]; [`tail`]
+//! [`rate_limited_log`], [`request`], [`response`]; operator tools in [`inspect`], [`dict`] and [`framefile`], with [`progress`]; [`tail`]
 //! (`contrail tail`, a terminal client on the `contrail-client` crate).
 #![forbid(unsafe_code)]
 
@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod mix;
 pub mod progress;
 pub mod rate_limited_log;
+pub mod request;
 pub mod response;
 pub mod sequencer;
 pub mod server;

@@ -28,10 +28,7 @@ fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::By
 /// `GET /subscribe`: validate everything, then upgrade.
 pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-    let opts = match SubscribeOptions::from_query(
-        crate::server::long_target::query(&req),
-        header("socket-encoding").as_deref(),
-    ) {
+    let opts = match SubscribeOptions::from_query(crate::request::query(&req), header("socket-encoding").as_deref()) {
         Ok(o) => o,
         Err(OptionsError(reason)) => return refuse(&hub, Refusal::BadRequest, StatusCode::BAD_REQUEST, reason),
     };
@@ -159,14 +156,11 @@ fn xrpc_error(hub: &Hub, why: Refusal, e: &XrpcError) -> Response<Body> {
 pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let current = hub.dictionaries.v2_current().clone();
-    let opts = match V2Options::from_query(
-        crate::server::long_target::query(&req),
-        header("socket-encoding").as_deref(),
-        current.id,
-    ) {
-        Ok(o) => o,
-        Err(e) => return xrpc_error(&hub, Refusal::BadRequest, &e),
-    };
+    let opts =
+        match V2Options::from_query(crate::request::query(&req), header("socket-encoding").as_deref(), current.id) {
+            Ok(o) => o,
+            Err(e) => return xrpc_error(&hub, Refusal::BadRequest, &e),
+        };
     // Only the current dictionary is accepted (checked by `from_query`, as v2 does).
     let dictionary = opts.zstd_dictionary.map(|_| current);
     // The cursor: Contrail's seq is the event's time_us (≥ 10^15, which v2 clients read as a

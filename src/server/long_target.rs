@@ -5,9 +5,9 @@
 //! Jetstream (Go's `net/http`) takes a 1 MB request head: v2 clients put up to 10,000 `dids` in
 //! the URL (~450 KB), and v2 has no client message to send them in otherwise; Jetstream's own Go
 //! client takes a 414 for a passing failure and reconnects for ever. So the query of such a
-//! line is set aside ([`LongQuery`], put in the request's extensions by [`FirstLine::take`]'s
-//! caller) and the line hyper reads carries [`MARKER`] as its query instead; handlers read the
-//! query with [`query`].
+//! line is set aside ([`LongQuery`], put in the request's extensions by the connection's
+//! service) and the line hyper reads carries [`MARKER`] as its query instead; handlers read the
+//! query with [`crate::request::query`].
 //!
 //! Bounds: only a connection's first request is looked at (a websocket upgrade is one); a line
 //! is read no further than [`MAX_LINE`]; the buffers of lines past hyper's limit (by capacity,
@@ -16,6 +16,7 @@
 //! as it is (its 414, or 431 past its buffer). Reading a line is bounded in time by hyper's
 //! header timeout, which runs while hyper waits on this reader.
 
+use crate::request::LongQuery;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,7 +25,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The query hyper sees in place of one set aside.
-pub const MARKER: &str = "contrail-long-query";
+pub use crate::request::LONG_QUERY_MARKER as MARKER;
 /// The longest request line read (Go's `http.DefaultMaxHeaderBytes` is for the whole head).
 pub const MAX_LINE: usize = 1 << 20;
 /// What lines longer than hyper's limit may hold at once, process-wide (64 such lines).
@@ -55,22 +56,6 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         LONG_LINES_HELD.fetch_sub(self.0, Ordering::AcqRel);
-    }
-}
-
-/// The query of a request line too long for hyper; its bytes count in the budget until it is
-/// dropped (with the request).
-#[derive(Debug)]
-pub struct LongQuery {
-    query: String,
-    _held: Held,
-}
-
-/// A request's query: one set aside by [`FirstLine`], or the URI's.
-pub fn query<B>(req: &hyper::Request<B>) -> &str {
-    match req.extensions().get::<Arc<LongQuery>>() {
-        Some(q) if req.uri().query() == Some(MARKER) => &q.query,
-        _ => req.uri().query().unwrap_or(""),
     }
 }
 
@@ -135,7 +120,7 @@ impl<T> FirstLine<T> {
         buf.truncate(query_end);
         buf.drain(..query_at);
         let query = String::from_utf8(buf).expect("visible ASCII is UTF-8");
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(LongQuery { query, _held: held }));
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(LongQuery::new(query, held)));
         line
     }
 }
@@ -243,8 +228,8 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// What hyper would read of `input`, the query set aside and the budget it held.
-    async fn through(input: Vec<u8>) -> (Vec<u8>, Option<String>, usize) {
+    /// What hyper would read of `input`, and the query set aside.
+    async fn through(input: Vec<u8>) -> (Vec<u8>, Option<String>) {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let writer = tokio::spawn(async move {
             client.write_all(&input).await.unwrap();
@@ -256,25 +241,29 @@ mod tests {
         line.read_to_end(&mut out).await.unwrap();
         drop(writer.await.unwrap());
         let q = slot.lock().unwrap().take();
-        (out, q.as_ref().map(|q| q.query.clone()), q.map_or(0, |q| q._held.0))
+        (out, q.map(|q| q.as_str().to_string()))
     }
 
     #[tokio::test]
     async fn short_lines_and_what_follows_pass_unchanged() {
         let req = b"GET /subscribe?wantedDids=did:plc:a HTTP/1.1\r\nHost: x\r\n\r\nmore".to_vec();
-        assert_eq!(through(req.clone()).await, (req, None, 0));
+        assert_eq!(through(req.clone()).await, (req, None));
         // No line end at all (a client that hangs up early).
-        assert_eq!(through(b"GET /x".to_vec()).await, (b"GET /x".to_vec(), None, 0));
+        assert_eq!(through(b"GET /x".to_vec()).await, (b"GET /x".to_vec(), None));
     }
 
     #[tokio::test]
     async fn a_long_query_is_set_aside_and_its_bytes_given_back() {
         let q = format!("dids={}", "did%3Aplc%3Aaaaaaaaaaaaaaaaaaaaaaaaa&dids=".repeat(5_000));
         let req = format!("GET /xrpc/x?{q} HTTP/1.1\r\nHost: x\r\n\r\n");
-        let (out, got, held) = through(req.into_bytes()).await;
+        let (out, got) = through(req.into_bytes()).await;
         assert_eq!(String::from_utf8(out).unwrap(), format!("GET /xrpc/x?{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n"));
         assert_eq!(got.as_deref(), Some(q.as_str()));
-        assert!(held + FREE_BYTES >= q.len() && held <= MAX_LINE, "{held} of the budget for {}", q.len());
+        // The budget: a line's buffer past what hyper holds anyway, by capacity.
+        let (mut buf, mut held) = (Vec::new(), Held::default());
+        assert!(make_room(&mut buf, &mut held, FREE_BYTES + 10));
+        assert_eq!(held.0, buf.capacity() - FREE_BYTES);
+        assert!(!make_room(&mut buf, &mut held, MAX_LINE + 1), "past the longest line");
     }
 
     #[tokio::test]
@@ -283,19 +272,19 @@ mod tests {
         let q = format!("wantedDids={}", "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa&wantedDids=".repeat(3_000));
         let second = "GET /status HTTP/1.1\r\nHost: x\r\n\r\n";
         let req = format!("GET /subscribe?{q} HTTP/1.1\r\nHost: x\r\n\r\n{second}");
-        let (out, got, _) = through(req.into_bytes()).await;
+        let (out, got) = through(req.into_bytes()).await;
         let want = format!("GET /subscribe?{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n{second}");
         assert_eq!((String::from_utf8(out).unwrap(), got), (want, Some(q.clone())));
         let req = format!("GET /subscribe?{q}\u{7f} HTTP/1.1\r\n\r\n").into_bytes();
-        assert_eq!(through(req.clone()).await, (req, None, 0));
+        assert_eq!(through(req.clone()).await, (req, None));
     }
 
     #[tokio::test]
     async fn a_line_past_the_bound_goes_to_hyper_as_it_is() {
         let req = format!("GET /x?{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE + CHUNK));
-        assert_eq!(through(req.clone().into_bytes()).await, (req.into_bytes(), None, 0));
+        assert_eq!(through(req.clone().into_bytes()).await, (req.into_bytes(), None));
         // A long path has no query to set aside.
         let req = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(HYPER_MAX_TARGET + 10));
-        assert_eq!(through(req.clone().into_bytes()).await, (req.into_bytes(), None, 0));
+        assert_eq!(through(req.clone().into_bytes()).await, (req.into_bytes(), None));
     }
 }

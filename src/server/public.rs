@@ -71,7 +71,7 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
         "/dictionary" => {
             // `?id=N` for a given one; without it, the default (what compress=true uses).
             let ids = &shared.hub.dictionaries;
-            let wanted = crate::options::query_pairs(crate::server::long_target::query(&req))
+            let wanted = crate::options::query_pairs(crate::request::query(&req))
                 .into_iter()
                 .find(|(k, _)| k == "id")
                 .map(|(_, v)| v.parse::<u32>().ok());
@@ -105,8 +105,7 @@ fn get_zstd_dictionary(shared: &Public, req: &Request<Incoming>) -> Response<Bod
         let e = contrail_core::v2::XrpcError { status: status.as_u16(), name, message };
         full(status, "application/json", e.body())
     };
-    let wanted =
-        crate::options::query_pairs(crate::server::long_target::query(req)).into_iter().find(|(k, _)| k == "id");
+    let wanted = crate::options::query_pairs(crate::request::query(req)).into_iter().find(|(k, _)| k == "id");
     let named = wanted.is_some();
     let dict = match wanted {
         None => dicts.v2_current(),
