@@ -12,8 +12,9 @@
 //! Bounds: only a connection's first request is looked at (a websocket upgrade is one); a line
 //! is read no further than [`MAX_LINE`]; the buffers of lines past hyper's limit (by capacity,
 //! a query keeping the buffer it came in) hold at most [`LONG_LINES_BUDGET`] at once in the
-//! whole process. A line over either, or whose query has bytes no URI has, is handed to hyper
-//! as it is (its 414, or 431 past its buffer). Reading a line is bounded in time by hyper's
+//! whole process. A line over either, or whose query has a byte hyper refuses in one (a
+//! fragment's `#` too), is handed to hyper as it is (its 414, or 431 past its buffer); so is a
+//! request after blank lines (hyper skips them; this reader stops at the first). Reading a line is bounded in time by hyper's
 //! header timeout, which runs while hyper waits on this reader.
 
 use crate::request::LongQuery;
@@ -108,8 +109,7 @@ impl<T> FirstLine<T> {
         let Some(q) = buf[target_at..target_end].iter().position(|&b| b == b'?') else { return buf };
         let (query_at, query_end) = (target_at + q + 1, target_end);
         // The path alone too long, or bytes hyper would refuse in a URI: hyper answers it.
-        if q + 1 + MARKER.len() > HYPER_MAX_TARGET || !buf[query_at..query_end].iter().all(|b| (0x21..0x7f).contains(b))
-        {
+        if q + 1 + MARKER.len() > HYPER_MAX_TARGET || !buf[query_at..query_end].iter().all(|&b| query_byte(b)) {
             return buf;
         }
         let mut line = Vec::with_capacity(query_at + MARKER.len() + buf.len() - query_end);
@@ -123,6 +123,12 @@ impl<T> FirstLine<T> {
         *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(LongQuery::new(query, held)));
         line
     }
+}
+
+/// A byte the `http` crate takes in a URI's query (visible ASCII but `"`, `#`, `<` and `>`):
+/// a long query is held to what a short one would be.
+fn query_byte(b: u8) -> bool {
+    matches!(b, 0x21 | 0x24..=0x3b | 0x3d | 0x3f..=0x7e)
 }
 
 /// Where the request target of `line` (`METHOD SP target SP version`) starts and ends, if it
@@ -275,8 +281,10 @@ mod tests {
         let (out, got) = through(req.into_bytes()).await;
         let want = format!("GET /subscribe?{MARKER} HTTP/1.1\r\nHost: x\r\n\r\n{second}");
         assert_eq!((String::from_utf8(out).unwrap(), got), (want, Some(q.clone())));
-        let req = format!("GET /subscribe?{q}\u{7f} HTTP/1.1\r\n\r\n").into_bytes();
-        assert_eq!(through(req.clone()).await, (req, None));
+        for odd in ["\u{7f}", "\"", "#fragment"] {
+            let req = format!("GET /subscribe?{q}{odd} HTTP/1.1\r\n\r\n").into_bytes();
+            assert_eq!(through(req.clone()).await, (req, None), "{odd}");
+        }
     }
 
     #[tokio::test]
