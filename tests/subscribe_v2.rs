@@ -105,6 +105,10 @@ async fn v2_refuses_bad_requests_with_named_xrpc_errors() {
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(v["error"], "InvalidRequest");
     assert!(v["message"].as_str().unwrap().starts_with("bad websocket handshake"), "{v}");
+    // A v2 method this server does not have (the archive's backfill).
+    let (status, body) = http_get_with(s.serve.public, "/xrpc/network.bsky.jetstream.planSnapshot", &[]).unwrap();
+    assert_eq!(status, 501, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["error"], "MethodNotImplemented");
     // getZstdDictionary: the current one, by id, and the XRPC errors.
     let (status, body) =
         http_get_with(s.serve.public, "/xrpc/network.bsky.jetstream.getZstdDictionary?id=9", &[]).unwrap();

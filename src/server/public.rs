@@ -93,6 +93,16 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
             r.headers_mut().insert("x-zstd-dictionary-id", hyper::header::HeaderValue::from_str(&id).expect("digits"));
             r
         }
+        // v2's other methods (`planSnapshot` and the archive's): the XRPC answer for a method
+        // this server does not have, so a v2 client's backfill stops with a named error.
+        p if p.starts_with("/xrpc/") => {
+            let e = crate::v2::XrpcError {
+                status: 501,
+                name: "MethodNotImplemented",
+                message: format!("{} is not implemented by this server", &p["/xrpc/".len()..]),
+            };
+            full(StatusCode::NOT_IMPLEMENTED, "application/json", e.body())
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
