@@ -605,6 +605,40 @@ async fn a_slow_directory_holds_one_repo_not_the_stream() {
     assert_eq!(stored[0], ev(BOB, "create", "b1"));
 }
 
+/// A full verification queue behind a repo whose key is on its way from a slow host waits a
+/// second for it, not the resolve timeout: repos whose hosts stall (did:web hosts are anyone's)
+/// would otherwise hold ingest to the queue's length per timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_waits_a_second_for_a_slow_key_not_the_timeout() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    let mut bob = SignedRepo::new(BOB, Signer::k256(2));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
+    relay.push(1, with_seq(&bob.commit(0, &[Op::Create(post("b1"), record("b"))], Tamper::None), 1));
+    let mut seq = 1;
+    for i in 0..200 {
+        seq = 2 + i;
+        relay.push(
+            seq,
+            with_seq(&alice.commit(0, &[Op::Create(post(&format!("a{i}")), record("a"))], Tamper::None), seq),
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
+    let started = Instant::now();
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(seq, Duration::from_secs(60));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}: the queue waited for the timeout");
+    assert_eq!(failures(&serve, "resolve"), 1.0, "bob's commit, given up");
+    assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(200.0));
+    drop(serve);
+    let stored = stored_commits(dir.path());
+    assert_eq!((stored.len(), &stored[0]), (201, &ev(BOB, "create", "b1")), "bob's passed unverified");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn did_web_keys_come_from_the_host() {
     // The directory stands in for the did:web host too: `GET /.well-known/did.json`.

@@ -331,6 +331,8 @@ struct Pending {
     /// [`Resolver::forgets`] when it was queued: never more than `forgets`, and never less
     /// along the queue, so the front's is the least of all.
     queued_at: u64,
+    /// When its work (last) started.
+    started: tokio::time::Instant,
 }
 
 impl Pending {
@@ -490,6 +492,13 @@ impl Stage {
                 return;
             }
             let room = !closed && pending.len() < self.cfg.verify_queue;
+            // A full queue behind a front still at work (its key on its way from a slow host,
+            // most likely: a check takes well under a millisecond) waits for it no longer than
+            // this from its start; then it goes on as unresolved.
+            let patience = pending
+                .front()
+                .filter(|p| !room && !closed && matches!(p.work, Work::Running(_)))
+                .map(|p| p.started + FULL_QUEUE_PATIENCE);
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -503,6 +512,13 @@ impl Stage {
                 done = wait_front(&mut pending) => {
                     if let Some(p) = pending.front_mut() {
                         p.work = Work::Done(done);
+                    }
+                }
+                _ = tokio::time::sleep_until(patience.unwrap_or_else(tokio::time::Instant::now)), if patience.is_some() => {
+                    if let Some(p) = pending.front_mut() {
+                        // Its task goes on (detached): its answer is cached, or its failure
+                        // remembered, for the repo's next frames.
+                        p.work = given_up(&p.frame);
                     }
                 }
                 next = rx.recv(), if room => match next {
@@ -519,6 +535,7 @@ impl Stage {
                             forgets,
                             checked_again: false,
                             queued_at: forgets,
+                            started: tokio::time::Instant::now(),
                         });
                     }
                     None => closed = true,
@@ -535,6 +552,7 @@ impl Stage {
         }
         let Some(raw) = &p.frame.raw else { return false };
         p.work = self.start(raw.clone());
+        p.started = tokio::time::Instant::now();
         (p.forgets, p.checked_again) = (self.resolver.forgets(), true);
         true
     }
@@ -737,6 +755,25 @@ impl Stage {
             mark_events(frame, Verification::Unresolved);
         }
     }
+}
+
+/// How long a front frame at work holds a full queue (see [`Stage::run`]).
+const FULL_QUEUE_PATIENCE: Duration = Duration::from_secs(1);
+
+/// The work of a frame that was not waited for: its key unresolved (or what reading it says).
+fn given_up(frame: &IngestFrame) -> Work {
+    let Some(raw) = &frame.raw else { return Work::None };
+    let parsed = match verify::read_frame(raw) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Work::Done(Ok(None)),
+        Err(f) => return Work::Done(Err(f)),
+    };
+    let (did, link) = match &parsed {
+        RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
+        RepoFrame::Sync(s) => (s.did.to_string(), None),
+    };
+    let result = Err(Problem::Unresolved(ResolveError::Timeout));
+    Work::Done(Ok(Some(Box::new(Prepared { did, link, result }))))
 }
 
 /// The front frame's work, once finished; never resolves when it has none running.
