@@ -90,6 +90,7 @@ impl IngestSender {
 /// frame is written.
 pub struct IngestReceiver {
     rx: mpsc::Receiver<(IngestFrame, OwnedSemaphorePermit)>,
+    max_bytes: usize,
 }
 
 impl IngestReceiver {
@@ -98,13 +99,18 @@ impl IngestReceiver {
     pub async fn recv(&mut self) -> Option<(IngestFrame, OwnedSemaphorePermit)> {
         self.rx.recv().await
     }
+
+    /// The queue's byte budget (what the permits of all its frames may add up to).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
+    }
 }
 
 /// A queue of at most `frames` frames and about `max_bytes` bytes of events.
 pub fn ingest_channel(frames: usize, max_bytes: usize) -> (IngestSender, IngestReceiver) {
     let max_bytes = max_bytes.clamp(1, u32::MAX as usize);
     let (tx, rx) = mpsc::channel(frames);
-    (IngestSender { tx, budget: Arc::new(Semaphore::new(max_bytes)), max_bytes }, IngestReceiver { rx })
+    (IngestSender { tx, budget: Arc::new(Semaphore::new(max_bytes)), max_bytes }, IngestReceiver { rx, max_bytes })
 }
 
 /// What the ring carries for each persisted event.

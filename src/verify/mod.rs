@@ -331,8 +331,27 @@ struct Pending {
     /// [`Resolver::forgets`] when it was queued: never more than `forgets`, and never less
     /// along the queue, so the front's is the least of all.
     queued_at: u64,
-    /// When its work (last) started.
-    started: tokio::time::Instant,
+    /// Shared with its work: whether it waits for its repo's key.
+    wait: Arc<KeyWait>,
+}
+
+/// Where a frame's work stands, shared between it and the stage: since when it has waited for
+/// its repo's key (the first lookup only: not a re-resolve after a signature failure, whose
+/// answer decides a forgery), and whether the stage stopped waiting for it.
+#[derive(Default)]
+struct KeyWait {
+    since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    given_up: std::sync::atomic::AtomicBool,
+}
+
+impl KeyWait {
+    fn since(&self) -> Option<tokio::time::Instant> {
+        *self.since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, since: Option<tokio::time::Instant>) {
+        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    }
 }
 
 impl Pending {
@@ -356,6 +375,7 @@ async fn prepare(
     resolver: Arc<Resolver>,
     level: Level,
     seconds: prometheus::Histogram,
+    wait: Arc<KeyWait>,
 ) -> Result<Option<Box<Prepared>>, Failure> {
     let Some(parsed) = verify::read_frame(&raw)? else { return Ok(None) };
     let (did, link) = match &parsed {
@@ -366,7 +386,15 @@ async fn prepare(
     if let Err(f) = verify::precheck(&parsed) {
         return prepared(Err(Problem::Failed(f)));
     }
-    let key = match resolver.key(&did).await {
+    wait.set(Some(tokio::time::Instant::now()));
+    let key = resolver.key(&did).await;
+    wait.set(None);
+    if wait.given_up.load(std::sync::atomic::Ordering::Acquire) {
+        // The frame went on as unresolved: the answer is cached (or the failure remembered)
+        // for the repo's next frames; checking this one would be work for nobody.
+        return Ok(None);
+    }
+    let key = match key {
         Ok(k) => k,
         Err(e) => return prepared(Err(Problem::Unresolved(e))),
     };
@@ -464,6 +492,8 @@ impl Stage {
     /// the relay sends them again after a restart.
     pub async fn run(mut self, mut rx: IngestReceiver, tx: IngestSender, cancel: CancellationToken) {
         let mut pending: VecDeque<Pending> = VecDeque::new();
+        // The ingest queue's bytes the pending frames hold.
+        let mut held_bytes = 0usize;
         let mut closed = false;
         loop {
             while pending.front().is_some_and(|p| !matches!(p.work, Work::Running(_))) {
@@ -471,6 +501,7 @@ impl Stage {
                     break;
                 }
                 let p = pending.pop_front().expect("front exists");
+                held_bytes -= p._permit.num_permits();
                 let forgets = self.resolver.forgets();
                 let frame = self.process(p.frame, p.work).await;
                 if self.resolver.forgets() != forgets {
@@ -492,13 +523,17 @@ impl Stage {
                 return;
             }
             let room = !closed && pending.len() < self.cfg.verify_queue;
-            // A full queue behind a front still at work (its key on its way from a slow host,
-            // most likely: a check takes well under a millisecond) waits for it no longer than
-            // this from its start; then it goes on as unresolved.
-            let patience = pending
-                .front()
-                .filter(|p| !room && !closed && matches!(p.work, Work::Running(_)))
-                .map(|p| p.started + FULL_QUEUE_PATIENCE);
+            // A full queue (its frames, or half the ingest queue's bytes) behind a front that
+            // waits for its repo's key waits no longer than FULL_QUEUE_PATIENCE from the
+            // lookup's start; then the front goes on as unresolved. Looked at again every
+            // tenth of a second while the front is at other work (its checks, on a busy CPU).
+            let full = !room || held_bytes >= rx.max_bytes() / 2;
+            let patience = pending.front().filter(|p| full && !closed && matches!(p.work, Work::Running(_))).map(|p| {
+                p.wait.since().map_or_else(
+                    || tokio::time::Instant::now() + Duration::from_millis(100),
+                    |since| since + FULL_QUEUE_PATIENCE,
+                )
+            });
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -516,18 +551,23 @@ impl Stage {
                 }
                 _ = tokio::time::sleep_until(patience.unwrap_or_else(tokio::time::Instant::now)), if patience.is_some() => {
                     if let Some(p) = pending.front_mut() {
-                        // Its task goes on (detached): its answer is cached, or its failure
-                        // remembered, for the repo's next frames.
-                        p.work = given_up(&p.frame);
+                        let waited = p.wait.since().is_some_and(|t| t.elapsed() >= FULL_QUEUE_PATIENCE);
+                        if waited && matches!(p.work, Work::Running(_)) {
+                            // Its lookup goes on (the task, detached): its answer is cached, or
+                            // its failure remembered, for the repo's next frames.
+                            p.wait.given_up.store(true, std::sync::atomic::Ordering::Release);
+                            p.work = given_up(&p.frame);
+                        }
                     }
                 }
                 next = rx.recv(), if room => match next {
                     Some((frame, permit)) => {
                         let forgets = self.resolver.forgets();
-                        let work = match &frame.raw {
+                        let (work, wait) = match &frame.raw {
                             Some(raw) => self.start(raw.clone()),
-                            None => Work::None,
+                            None => (Work::None, Arc::default()),
                         };
+                        held_bytes += permit.num_permits();
                         pending.push_back(Pending {
                             frame,
                             _permit: permit,
@@ -535,7 +575,7 @@ impl Stage {
                             forgets,
                             checked_again: false,
                             queued_at: forgets,
-                            started: tokio::time::Instant::now(),
+                            wait,
                         });
                     }
                     None => closed = true,
@@ -551,20 +591,22 @@ impl Stage {
             return false;
         }
         let Some(raw) = &p.frame.raw else { return false };
-        p.work = self.start(raw.clone());
-        p.started = tokio::time::Instant::now();
+        (p.work, p.wait) = self.start(raw.clone());
         (p.forgets, p.checked_again) = (self.resolver.forgets(), true);
         true
     }
 
     /// Starts a frame's stateless checks.
-    fn start(&self, raw: bytes::Bytes) -> Work {
-        Work::Running(tokio::spawn(prepare(
+    fn start(&self, raw: bytes::Bytes) -> (Work, Arc<KeyWait>) {
+        let wait = Arc::new(KeyWait::default());
+        let work = Work::Running(tokio::spawn(prepare(
             raw,
             self.resolver.clone(),
             self.level,
             self.metrics.verify_seconds.clone(),
-        )))
+            wait.clone(),
+        )));
+        (work, wait)
     }
 
     async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
@@ -591,10 +633,10 @@ impl Stage {
         let checked = match result {
             Ok(c) => c,
             Err(Problem::Unresolved(e)) => {
+                // A commit or #sync not checked may be the repo's real next one (a #sync: its
+                // new state): the repo's next commit anchors again.
                 self.unresolved(&mut frame, &did, &e);
-                if link.is_some() {
-                    self.lose_track(&did, &mut frame);
-                }
+                self.lose_track(&did, &mut frame);
                 return frame;
             }
             Err(Problem::Failed(f)) => {
@@ -760,7 +802,8 @@ impl Stage {
 /// How long a front frame at work holds a full queue (see [`Stage::run`]).
 const FULL_QUEUE_PATIENCE: Duration = Duration::from_secs(1);
 
-/// The work of a frame that was not waited for: its key unresolved (or what reading it says).
+/// The work of a frame whose key was not waited for: unresolved (its task passed the frame's
+/// own checks, which come first, before it began to wait).
 fn given_up(frame: &IngestFrame) -> Work {
     let Some(raw) = &frame.raw else { return Work::None };
     let parsed = match verify::read_frame(raw) {
@@ -772,7 +815,7 @@ fn given_up(frame: &IngestFrame) -> Work {
         RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
         RepoFrame::Sync(s) => (s.did.to_string(), None),
     };
-    let result = Err(Problem::Unresolved(ResolveError::Timeout));
+    let result = Err(Problem::Unresolved(ResolveError::GivenUp));
     Work::Done(Ok(Some(Box::new(Prepared { did, link, result }))))
 }
 

@@ -40,6 +40,10 @@ pub enum ResolveError {
     Busy,
     #[error("unsupported DID method")]
     Unsupported,
+    /// Not waited for any longer: the verification queue was full behind it (the request goes
+    /// on). Never returned by the resolver.
+    #[error("its key took over a second with the verification queue full behind it")]
+    GivenUp,
 }
 
 impl ResolveError {
@@ -51,6 +55,7 @@ impl ResolveError {
             ResolveError::Timeout => ResolveResult::Timeout,
             ResolveError::Busy => ResolveResult::Busy,
             ResolveError::Unsupported => ResolveResult::Unsupported,
+            ResolveError::GivenUp => ResolveResult::Timeout,
         }
     }
 }
