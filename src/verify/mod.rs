@@ -335,22 +335,55 @@ struct Pending {
     wait: Arc<KeyWait>,
 }
 
-/// Where a frame's work stands, shared between it and the stage: since when it has waited for
-/// its repo's key (the first lookup only: not a re-resolve after a signature failure, whose
-/// answer decides a forgery), and whether the stage stopped waiting for it.
+/// Where a frame's work stands, shared between it and the stage (one lock, so that the stage
+/// gives up only a wait still going on, and the task sees it): what it waits for over the
+/// network, since when, and whether the stage stopped waiting for it.
 #[derive(Default)]
-struct KeyWait {
-    since: std::sync::Mutex<Option<tokio::time::Instant>>,
-    given_up: std::sync::atomic::AtomicBool,
+struct KeyWait(std::sync::Mutex<WaitState>);
+
+#[derive(Default)]
+struct WaitState {
+    waiting: Option<(Waiting, tokio::time::Instant)>,
+    given_up: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    /// The repo's key: given up, the frame is unresolved.
+    Key,
+    /// A newer key or the repo's former keys, after its signature failed against the one it
+    /// had: given up, the signature failed.
+    AfterSignatureFailure,
 }
 
 impl KeyWait {
-    fn since(&self) -> Option<tokio::time::Instant> {
-        *self.since.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set(&self, since: Option<tokio::time::Instant>) {
-        *self.since.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    fn since(&self) -> Option<tokio::time::Instant> {
+        self.lock().waiting.map(|(_, t)| t)
+    }
+
+    fn begin(&self, what: Waiting) {
+        self.lock().waiting = Some((what, tokio::time::Instant::now()));
+    }
+
+    /// The wait is over; false if the stage gave it up (nobody waits for the frame's result).
+    fn end(&self) -> bool {
+        let mut s = self.lock();
+        s.waiting = None;
+        !s.given_up
+    }
+
+    /// Gives up a wait that has gone on for `patience`: what it waited for.
+    fn give_up(&self, patience: Duration) -> Option<Waiting> {
+        let mut s = self.lock();
+        let (what, since) = s.waiting?;
+        (since.elapsed() >= patience).then(|| {
+            s.given_up = true;
+            what
+        })
     }
 }
 
@@ -386,12 +419,12 @@ async fn prepare(
     if let Err(f) = verify::precheck(&parsed) {
         return prepared(Err(Problem::Failed(f)));
     }
-    wait.set(Some(tokio::time::Instant::now()));
+    // Given up, the frame has gone on without this task's answer: the lookup's answer is
+    // cached (or its failure remembered) for the repo's next frames; checking this one would
+    // be work for nobody.
+    wait.begin(Waiting::Key);
     let key = resolver.key(&did).await;
-    wait.set(None);
-    if wait.given_up.load(std::sync::atomic::Ordering::Acquire) {
-        // The frame went on as unresolved: the answer is cached (or the failure remembered)
-        // for the repo's next frames; checking this one would be work for nobody.
+    if !wait.end() {
         return Ok(None);
     }
     let key = match key {
@@ -402,14 +435,24 @@ async fn prepare(
     let mut checked = check(&parsed, &key, level);
     seconds.observe(started.elapsed().as_secs_f64());
     if checked == Err(Failure::Signature) {
-        if let Some(new_key) = resolver.refresh_after_failure(&did, &key).await {
+        wait.begin(Waiting::AfterSignatureFailure);
+        let new_key = resolver.refresh_after_failure(&did, &key).await;
+        if !wait.end() {
+            return Ok(None);
+        }
+        if let Some(new_key) = new_key {
             checked = check(&parsed, &new_key, level);
         }
     }
     if let (Err(Failure::Signature), RepoFrame::Commit(c)) = (&checked, &parsed) {
         // Signed with a key the repo rotated away from lately? (A catch-up across a rotation
         // meets commits older than the repo's current key.) Chosen by the commit's signed rev.
-        if let (Some(made), Some(history)) = (rev_time_us(c.rev), resolver.key_history(&did).await) {
+        wait.begin(Waiting::AfterSignatureFailure);
+        let history = resolver.key_history(&did).await;
+        if !wait.end() {
+            return Ok(None);
+        }
+        if let (Some(made), Some(history)) = (rev_time_us(c.rev), history) {
             let lately = crate::clock::now_us() as i64 - FORMER_KEY_WINDOW.as_micros() as i64;
             for former in history.former_keys_at(made, REV_CLOCK_SKEW.as_micros() as i64, lately) {
                 checked = check(&parsed, former, level);
@@ -551,12 +594,20 @@ impl Stage {
                 }
                 _ = tokio::time::sleep_until(patience.unwrap_or_else(tokio::time::Instant::now)), if patience.is_some() => {
                     if let Some(p) = pending.front_mut() {
-                        let waited = p.wait.since().is_some_and(|t| t.elapsed() >= FULL_QUEUE_PATIENCE);
-                        if waited && matches!(p.work, Work::Running(_)) {
+                        if matches!(p.work, Work::Running(_)) {
                             // Its lookup goes on (the task, detached): its answer is cached, or
-                            // its failure remembered, for the repo's next frames.
-                            p.wait.given_up.store(true, std::sync::atomic::Ordering::Release);
-                            p.work = given_up(&p.frame);
+                            // its failure remembered, for the repo's next frames. A frame whose
+                            // signature failed already (a check started again after an
+                            // #identity too) goes on as failed, not unresolved.
+                            if let Some(what) = p.wait.give_up(FULL_QUEUE_PATIENCE) {
+                                let problem = match what {
+                                    Waiting::Key if !p.checked_again => {
+                                        Problem::Unresolved(ResolveError::GivenUp)
+                                    }
+                                    _ => Problem::Failed(Failure::Signature),
+                                };
+                                p.work = given_up(&p.frame, problem);
+                            }
                         }
                     }
                 }
@@ -802,9 +853,9 @@ impl Stage {
 /// How long a front frame at work holds a full queue (see [`Stage::run`]).
 const FULL_QUEUE_PATIENCE: Duration = Duration::from_secs(1);
 
-/// The work of a frame whose key was not waited for: unresolved (its task passed the frame's
-/// own checks, which come first, before it began to wait).
-fn given_up(frame: &IngestFrame) -> Work {
+/// The work of a frame whose wait over the network was given up: `problem` (its task passed
+/// the frame's own checks, which come first, before it began to wait).
+fn given_up(frame: &IngestFrame, problem: Problem) -> Work {
     let Some(raw) = &frame.raw else { return Work::None };
     let parsed = match verify::read_frame(raw) {
         Ok(Some(p)) => p,
@@ -815,7 +866,7 @@ fn given_up(frame: &IngestFrame) -> Work {
         RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
         RepoFrame::Sync(s) => (s.did.to_string(), None),
     };
-    let result = Err(Problem::Unresolved(ResolveError::GivenUp));
+    let result = Err(problem);
     Work::Done(Ok(Some(Box::new(Prepared { did, link, result }))))
 }
 
