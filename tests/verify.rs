@@ -639,6 +639,38 @@ async fn a_full_queue_waits_a_second_for_a_slow_key_not_the_timeout() {
     assert_eq!((stored.len(), &stored[0]), (201, &ev(BOB, "create", "b1")), "bob's passed unverified");
 }
 
+/// The same for the look for a newer key after a signature failed (the directory slow by then):
+/// given up, the commit is a signature failure, not passed as unresolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_gives_up_a_slow_re_resolve_as_a_signature_failure() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a0"), record("a"))], Tamper::None), 1));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(1, Duration::from_secs(30));
+    // Alice's key is cached; the directory turns slow; a forged commit, then 200 good ones.
+    plc.set(ALICE, Answer::Slow(Duration::from_secs(60), alice.did_doc()));
+    relay.push(2, with_seq(&alice.commit(0, &[Op::Create(post("ax"), record("x"))], Tamper::FlipSig), 2));
+    let mut seq = 2;
+    for i in 0..200 {
+        seq = 3 + i;
+        let commit = alice.commit(0, &[Op::Create(post(&format!("a{i}")), record("a"))], Tamper::None);
+        relay.push(seq, with_seq(&commit, seq));
+    }
+    let started = Instant::now();
+    serve.wait_for_seq(seq, Duration::from_secs(60));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(10), "took {took:?}: the queue waited for the re-resolve");
+    assert_eq!(failures(&serve, "signature"), 1.0, "{}", serve.logs());
+    assert_eq!(failures(&serve, "resolve"), 0.0);
+    drop(serve);
+    assert!(!stored_commits(dir.path()).contains(&ev(ALICE, "create", "ax")), "the forgery was dropped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn did_web_keys_come_from_the_host() {
     // The directory stands in for the did:web host too: `GET /.well-known/did.json`.
