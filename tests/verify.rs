@@ -95,6 +95,14 @@ async fn commit_marks(serve: &Serve, n: usize) -> Vec<(String, String)> {
     marks
 }
 
+/// A directory that serves alice's key, a relay, and alice.
+async fn alice_and_her_directory() -> (Plc, FakeRelay, SignedRepo) {
+    let plc = Plc::start().await;
+    let alice = SignedRepo::new(ALICE, Signer::k256(1));
+    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    (plc, FakeRelay::start().await, alice)
+}
+
 /// Pushes each frame to the relay under the next seq (1, 2, …); returns it.
 fn pusher(relay: &FakeRelay) -> impl FnMut(Vec<u8>) -> i64 + '_ {
     let mut seq = 0;
@@ -294,10 +302,7 @@ async fn commits_from_before_a_key_rotation_verify_against_the_key_of_their_time
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pass_keeps_failed_events_and_counts_them() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a1"), record("1"))], Tamper::None), 1));
     relay.push(2, with_seq(&alice.commit(0, &[Op::Create(post("ax"), record("x"))], Tamper::FlipSig), 2));
     relay.push(3, with_seq(&alice.commit(0, &[Op::Create(post("a2"), record("2"))], Tamper::None), 3));
@@ -340,10 +345,7 @@ async fn pass_keeps_failed_events_and_counts_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
     use common::frames::identity_frame;
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     let commit = |alice: &mut SignedRepo, n: &str| alice.commit(0, &[Op::Create(post(n), record(n))], Tamper::None);
     relay.push(1, with_seq(&commit(&mut alice, "a1"), 1));
     relay.push(2, with_seq(&commit(&mut alice, "a2"), 2));
@@ -382,10 +384,7 @@ async fn a_commit_passed_unresolved_does_not_break_the_next_ones_chain() {
 /// good. It is refused, and the repo's next real commit continues the chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rev_far_ahead_of_the_clock_does_not_take_the_chain_with_it() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
     alice.made_at(now);
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
@@ -421,10 +420,7 @@ async fn a_rev_far_ahead_of_the_clock_does_not_take_the_chain_with_it() {
 /// repo's next commit, are `signature`; the one after is `full` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
     let mut push = pusher(&relay);
     push(alice.commit(0, &create("a1"), Tamper::None));
@@ -463,10 +459,7 @@ async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
 /// its proof (not "malformed").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_op_drops_the_op_not_the_commit() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a1"), record("1"))], Tamper::None), 1));
     relay.push(2, with_seq(&alice.commit(0, &[Op::Create(post("a2"), record("2"))], Tamper::UnknownOp), 2));
     for (mode, stored, proof) in [("signature", vec!["a1", "a2"], 0.0), ("full", vec!["a1"], 1.0)] {
@@ -486,10 +479,7 @@ async fn an_unknown_op_drops_the_op_not_the_commit() {
 /// repo's first commit would fail as a chain break and be dropped). It anchors them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_run_after_one_without_chain_checks_anchors_repos_again() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     let push = |alice: &mut SignedRepo, seq: i64, n: &str| {
         relay.push(seq, with_seq(&alice.commit(0, &[Op::Create(post(n), record(n))], Tamper::None), seq));
     };
@@ -568,24 +558,24 @@ async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
     assert_eq!(stored_commits(dir.path()).len(), 40);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_directory_holds_one_repo_not_the_stream() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
+/// Bob's document takes a minute; alice's comes at once. On the relay: bob's b1, then 200 of
+/// alice's commits; bob, and the last seq.
+async fn a_slow_repo_then_200_commits() -> (Plc, FakeRelay, SignedRepo, i64) {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     let mut bob = SignedRepo::new(BOB, Signer::k256(2));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
-    // Bob's document takes a minute; the resolve timeout is 1 s.
     plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
-    let mut seq = 0;
     relay.push(1, with_seq(&bob.commit(0, &[Op::Create(post("b1"), record("b"))], Tamper::None), 1));
     for i in 0..200 {
-        seq = 2 + i;
-        relay.push(
-            seq,
-            with_seq(&alice.commit(0, &[Op::Create(post(&format!("a{i}")), record("a"))], Tamper::None), seq),
-        );
+        let commit = alice.commit(0, &[Op::Create(post(&format!("a{i}")), record("a"))], Tamper::None);
+        relay.push(2 + i, with_seq(&commit, 2 + i));
     }
+    (plc, relay, bob, 201)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_directory_holds_one_repo_not_the_stream() {
+    // The resolve timeout is 1 s.
+    let (plc, relay, mut bob, seq) = a_slow_repo_then_200_commits().await;
     relay.push(seq + 1, with_seq(&bob.commit(0, &[Op::Create(post("b2"), record("b"))], Tamper::None), seq + 1));
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "1s"];
@@ -610,21 +600,7 @@ async fn a_slow_directory_holds_one_repo_not_the_stream() {
 /// would otherwise hold ingest to the queue's length per timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_waits_a_second_for_a_slow_key_not_the_timeout() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    let mut bob = SignedRepo::new(BOB, Signer::k256(2));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
-    plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
-    relay.push(1, with_seq(&bob.commit(0, &[Op::Create(post("b1"), record("b"))], Tamper::None), 1));
-    let mut seq = 1;
-    for i in 0..200 {
-        seq = 2 + i;
-        relay.push(
-            seq,
-            with_seq(&alice.commit(0, &[Op::Create(post(&format!("a{i}")), record("a"))], Tamper::None), seq),
-        );
-    }
+    let (plc, relay, _bob, seq) = a_slow_repo_then_200_commits().await;
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
     let started = Instant::now();
@@ -643,10 +619,7 @@ async fn a_full_queue_waits_a_second_for_a_slow_key_not_the_timeout() {
 /// given up, the commit is a signature failure, not passed as unresolved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_gives_up_a_slow_re_resolve_as_a_signature_failure() {
-    let plc = Plc::start().await;
-    let relay = FakeRelay::start().await;
-    let mut alice = SignedRepo::new(ALICE, Signer::k256(1));
-    plc.set(ALICE, Answer::Doc(alice.did_doc()));
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
     relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a0"), record("a"))], Tamper::None), 1));
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
