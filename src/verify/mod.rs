@@ -567,8 +567,9 @@ impl Stage {
             }
             let room = !closed && pending.len() < self.cfg.verify_queue;
             // A full queue (its frames, or half the ingest queue's bytes) behind a front that
-            // waits for its repo's key waits no longer than FULL_QUEUE_PATIENCE from the
-            // lookup's start; then the front goes on as unresolved. Looked at again every
+            // waits over the network (for its repo's key, or a newer one after its signature
+            // failed) waits no longer than FULL_QUEUE_PATIENCE from the wait's start; then the
+            // front goes on as unresolved, or as a signature failure. Looked at again every
             // tenth of a second while the front is at other work (its checks, on a busy CPU).
             let full = !room || held_bytes >= rx.max_bytes() / 2;
             let patience = pending.front().filter(|p| full && !closed && matches!(p.work, Work::Running(_))).map(|p| {
