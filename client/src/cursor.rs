@@ -18,8 +18,9 @@ pub trait CursorStore: Send + 'static {
 }
 
 /// A cursor in a small text file (the decimal `time_us` and a newline), replaced atomically:
-/// written to a temporary file beside it, synced, renamed over, and the directory synced, so
-/// a crash leaves the old cursor or the new one, never a torn one.
+/// written to a temporary file beside it (`<file>.tmp.<pid>.<n>`, left behind only by a crash
+/// between the two), synced, renamed over, and the directory synced, so a crash leaves the old
+/// cursor or the new one, never a torn one.
 #[derive(Debug, Clone)]
 pub struct FileCursorStore {
     path: PathBuf,
@@ -54,15 +55,23 @@ impl CursorStore for FileCursorStore {
     }
 
     fn save(&mut self, cursor: u64) -> std::io::Result<()> {
+        // A name of its own (this process, this save): two writers of one path (overlapping
+        // deploys, two runners given the same file) never write into each other's file, so
+        // what is renamed over the cursor is always a whole one.
+        static SAVES: AtomicU64 = AtomicU64::new(0);
         let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
+        tmp.push(format!(".tmp.{}.{}", std::process::id(), SAVES.fetch_add(1, Ordering::Relaxed)));
         let tmp = PathBuf::from(tmp);
-        {
-            let mut f = std::fs::File::create(&tmp)?;
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             writeln!(f, "{cursor}")?;
             f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
         }
-        std::fs::rename(&tmp, &self.path)?;
+        written?;
         sync_dir_of(&self.path)
     }
 }
@@ -126,11 +135,34 @@ mod tests {
         assert_eq!(s.load().unwrap(), Some(1725911162329308));
         s.save(1725911162329309).unwrap();
         assert_eq!(FileCursorStore::new(s.path()).load().unwrap(), Some(1725911162329309));
-        assert!(!dir.path().join("cursor.tmp").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
         std::fs::write(s.path(), "twelve").unwrap();
         let e = s.load().unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
         assert!(e.to_string().contains("not a cursor"), "{e}");
+    }
+
+    /// Two writers of one path (overlapping deploys): every save and every load succeeds, and
+    /// what is read is always a whole cursor.
+    #[test]
+    fn two_writers_of_one_file_never_leave_a_torn_or_empty_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cursor");
+        FileCursorStore::new(&path).save(1).unwrap();
+        let writers: Vec<_> = (0..2u64)
+            .map(|w| {
+                let mut s = FileCursorStore::new(&path);
+                std::thread::spawn(move || (0..300u64).try_for_each(|i| s.save(1_000 + 2 * i + w)))
+            })
+            .collect();
+        let reader = FileCursorStore::new(&path);
+        while !writers.iter().all(|w| w.is_finished()) {
+            assert!(reader.load().unwrap().is_some());
+        }
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
     }
 
     #[test]

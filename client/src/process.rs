@@ -90,13 +90,15 @@ impl<S: CursorStore> Saver<S> {
     }
 
     fn now(&mut self, position: Option<u64>) -> std::io::Result<()> {
-        self.last_save = Instant::now();
         match position {
             // Only forward: after a rewind onto another host, positions may dip below the
-            // saved one for a moment; the saved one stays until they pass it.
+            // saved one for a moment; the saved one stays until they pass it. The interval
+            // counts from a save: one held back by unfinished work is made as soon as the work
+            // is done, not an interval later.
             Some(p) if self.saved.is_none_or(|s| p > s) => {
                 self.store.save(p)?;
                 self.saved = Some(p);
+                self.last_save = Instant::now();
             }
             _ => {}
         }
@@ -286,7 +288,8 @@ where
             m = sub.next() => m,
             // Nothing new for the interval: what was finished is saved now.
             _ = sleep_until(due), if due.is_some() => {
-                if let Err(e) = saver.now(safe) {
+                // What is finished by now: workers may have finished more while this waited.
+                if let Err(e) = saver.now(safe_position(position)) {
                     lock(&in_flight).failed = true;
                     return Err(ProcessError::Store(e));
                 }
@@ -328,10 +331,14 @@ where
             return Err(ProcessError::Store(e));
         }
     }
-    // Finish what is queued (unless a worker failed: then the others stop taking work).
+    // Finish what is queued (unless a worker failed: then the others stop taking work). Each
+    // task leaves the list once it has ended: if the caller gives up on the run meanwhile, the
+    // ones still running are stopped (`Workers::drop`), not left running unwatched.
     drop(queues);
-    for t in std::mem::take(&mut tasks.tasks) {
-        if let Err(e) = t.await {
+    while let Some(t) = tasks.tasks.first_mut() {
+        let joined = t.await;
+        tasks.tasks.remove(0);
+        if let Err(e) = joined {
             if e.is_panic() && !matches!(result, Err(ProcessError::Handler(_))) {
                 let p = e.into_panic();
                 let what =

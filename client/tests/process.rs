@@ -211,6 +211,68 @@ async fn a_quiet_stream_still_gets_its_finished_work_saved() {
     }
 }
 
+/// The quiet stream's timed save takes what is finished when it fires, not when it was armed:
+/// a slow event and a quick one of another repo, both done long before the interval ends, are
+/// both saved then (not an interval later, as "after 1" was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_save_takes_what_finished_while_it_waited() {
+    let (tx, rx) = mpsc::channel(8);
+    for (repo, t) in [(1u8, 1u64), (1, 2), (2, 3)] {
+        tx.send(Ok(Message::Event(event(repo, t)))).await.unwrap();
+    }
+    let store = contrail_client::MemoryCursorStore::default();
+    let handler = |e: Event| async move {
+        if e.time_us() == 2 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Ok::<(), String>(())
+    };
+    let opts = ProcessOptions { save_interval: Duration::from_secs(1), queue_per_worker: 2 };
+    let run = tokio::spawn(process_parallel(
+        Subscription::from_channel(rx),
+        store.clone(),
+        opts,
+        2,
+        handler,
+        std::future::pending(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(store.get(), Some(3), "everything finished by 0.3 s is saved at the 1 s save");
+    run.abort();
+    drop(tx);
+}
+
+/// A caller that gives up on a parallel run while it finishes its queue (a timeout around a
+/// shutdown) stops its handlers: none keeps running unwatched after the run is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parallel_run_given_up_while_finishing_stops_its_handlers() {
+    let (tx, rx) = mpsc::channel(16);
+    for t in 1..=10u64 {
+        tx.send(Ok(Message::Event(event(1, t)))).await.unwrap();
+    }
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        move |_: Event| {
+            let calls = calls.clone();
+            async move {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok::<(), String>(())
+            }
+        }
+    };
+    let opts = ProcessOptions { save_interval: Duration::from_secs(1), queue_per_worker: 16 };
+    let store = contrail_client::MemoryCursorStore::default();
+    let shutdown = tokio::time::sleep(Duration::from_millis(50));
+    let run = process_parallel(Subscription::from_channel(rx), store, opts, 2, handler, shutdown);
+    assert!(tokio::time::timeout(Duration::from_millis(250), run).await.is_err(), "the queue takes a second");
+    let after = calls.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), after, "handlers ran on after the run was dropped");
+    drop(tx);
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap()
 }
