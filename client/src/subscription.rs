@@ -324,7 +324,7 @@ impl Builder {
             connected_at: None,
             last_heard: None,
             resumed_at: None,
-            replayed_before_cursor: 0,
+            warned_replay: false,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -481,8 +481,8 @@ struct Driver {
     /// The cursor this connection asked for, until it delivers a message: events a little
     /// before it are then the server replaying from earlier than asked, and skipped.
     resumed_at: Option<u64>,
-    /// Events this connection skipped as replayed from before its cursor.
-    replayed_before_cursor: u64,
+    /// Whether this connection has logged skipping a replay from before its cursor.
+    warned_replay: bool,
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -686,7 +686,7 @@ impl Driver {
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.connected_at = Some(tokio::time::Instant::now());
-        (self.resumed_at, self.replayed_before_cursor) = (self.resume_cursor(), 0);
+        (self.resumed_at, self.warned_replay) = (self.resume_cursor(), false);
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
         let (read, write_half) = ws.split(tokio::io::split);
@@ -879,8 +879,7 @@ impl Driver {
             let t = event.time_us();
             if t < c && t.saturating_add(REPLAY_BEFORE_CURSOR.as_micros() as u64) >= c {
                 self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
-                self.replayed_before_cursor += 1;
-                if self.replayed_before_cursor == 1 {
+                if !std::mem::replace(&mut self.warned_replay, true) {
                     tracing::warn!(
                         url = %self.urls[self.current],
                         cursor = c,
