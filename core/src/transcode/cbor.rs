@@ -47,6 +47,15 @@ thread_local! {
     pub static HEADS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
+/// Checks text read without its check (see [`Reader::read_key`]).
+pub fn check_utf8(text: &[u8]) -> Result<(), CborError> {
+    if text.is_ascii() || std::str::from_utf8(text).is_ok() {
+        Ok(())
+    } else {
+        Err(CborError::InvalidUtf8)
+    }
+}
+
 /// One decoded item head: its major type and argument (length, value or simple code).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head {
@@ -137,6 +146,16 @@ impl<'a> Reader<'a> {
         }
         let bytes = self.take_len(h.arg)?;
         std::str::from_utf8(bytes).map_err(|_| CborError::InvalidUtf8)
+    }
+
+    /// Reads a map key to compare with ASCII names, its UTF-8 check left to the caller: a key
+    /// equal to a name is UTF-8, so only one that matches none needs [`check_utf8`].
+    pub fn read_key(&mut self) -> Result<&'a [u8], CborError> {
+        let h = self.read_head()?;
+        if h.major != TEXT {
+            return Err(CborError::WrongType);
+        }
+        self.take_len(h.arg)
     }
 
     /// Reads a text string's raw bytes without the UTF-8 check (for keys compared to ASCII).

@@ -112,10 +112,18 @@ pub fn write_cid_string(out: &mut Vec<u8>, cid_bytes: &[u8]) {
         out.extend_from_slice(bs58::encode(cid_bytes).into_string().as_bytes());
         return;
     }
+    out.reserve(1 + (cid_bytes.len() * 8).div_ceil(5));
     out.push(b'b');
+    // Five bytes are eight characters: whole groups at once, the rest bit by bit.
+    let groups = cid_bytes.chunks_exact(5);
+    let rest = groups.remainder();
+    for g in groups {
+        let v = u64::from_be_bytes([0, 0, 0, g[0], g[1], g[2], g[3], g[4]]);
+        out.extend_from_slice(&std::array::from_fn::<u8, 8, _>(|i| BASE32_LOWER[(v >> (35 - 5 * i)) as usize & 31]));
+    }
     let mut acc: u64 = 0;
     let mut bits = 0u32;
-    for &b in cid_bytes {
+    for &b in rest {
         acc = (acc << 8) | b as u64;
         bits += 8;
         while bits >= 5 {
@@ -250,6 +258,22 @@ mod tests {
         assert_eq!(cid_to_string(&bin), s);
         assert!(parse_cid_string("bafyreidfayvfuwqa7qlnopdjiqrxzs6blmoeu4rujcjtnci5beludirz2").is_none());
         assert!(parse_cid_string("Qmabc").is_none());
+    }
+
+    #[test]
+    fn base32_of_every_length_matches_rfc_4648_bit_by_bit() {
+        for len in 0..=41usize {
+            // Not a CIDv0 (those start 0x12 0x20 and are 34 bytes long).
+            let bytes: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(151).wrapping_add(1)).collect();
+            let bits: Vec<u8> = bytes.iter().flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1)).collect();
+            let want: String = std::iter::once('b')
+                .chain(bits.chunks(5).map(|c| {
+                    let v = c.iter().chain(std::iter::repeat(&0)).take(5).fold(0, |v, &bit| v << 1 | bit);
+                    BASE32_LOWER[v as usize] as char
+                }))
+                .collect();
+            assert_eq!(cid_to_string(&bytes), want, "{len} bytes");
+        }
     }
 
     #[test]

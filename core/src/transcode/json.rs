@@ -173,9 +173,7 @@ impl<'a> Rec<'a> {
                 out.extend_from_slice(b"\"}");
             }
             cbor::TEXT => {
-                let s = take_string(r, h.arg)?;
-                let s = std::str::from_utf8(s).map_err(|_| RecordError::InvalidUtf8)?;
-                write_json_str(out, s);
+                write_json_text(out, take_string(r, h.arg)?)?;
             }
             cbor::ARRAY => {
                 if h.arg > MAX_CONTAINER_LEN {
@@ -236,7 +234,9 @@ impl<'a> Rec<'a> {
             if key.len() > MAX_KEY_BYTES {
                 return Err(RecordError::KeyTooLong);
             }
-            std::str::from_utf8(key).map_err(|_| RecordError::InvalidUtf8)?;
+            if !key.is_ascii() {
+                std::str::from_utf8(key).map_err(|_| RecordError::InvalidUtf8)?;
+            }
             let vstart = r.position();
             self.skip(r)?;
             stack.push(Entry { key: (start, start + key.len()), val: (vstart, r.position()) });
@@ -328,7 +328,7 @@ impl<'a> Rec<'a> {
                 out.push(b',');
             }
             // Keys were UTF-8 checked while collecting.
-            write_json_str(out, std::str::from_utf8(self.key(&e)).unwrap_or_default());
+            write_json_checked(out, self.key(&e));
             out.push(b':');
             let mut vr = self.val(&e);
             self.value(&mut vr, out, depth, stack)?;
@@ -477,43 +477,108 @@ const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends `s` as a JSON string with Go's HTML-safe escaping.
 pub fn write_json_str(out: &mut Vec<u8>, s: &str) {
-    let b = s.as_bytes();
+    write_json_checked(out, s.as_bytes());
+}
+
+/// [`write_json_str`] for bytes already checked to be UTF-8.
+fn write_json_checked(out: &mut Vec<u8>, b: &[u8]) {
+    write_json_bytes(out, b, true).expect("no check runs on checked bytes");
+}
+
+/// Appends `text` as [`write_json_str`] does, checking in the same pass that it is UTF-8: a
+/// record's strings arrive as bytes, and most are ASCII, which a separate check would read
+/// twice.
+pub fn write_json_text(out: &mut Vec<u8>, text: &[u8]) -> Result<(), RecordError> {
+    write_json_bytes(out, text, false).map_err(|_| RecordError::InvalidUtf8)
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// Whether any of the eight bytes in `w` is not plain ASCII to copy as is: a byte of a
+/// multi-byte character (0xE2 among them), a control, or one of `"` `\` `<` `>` `&`. Exact
+/// for the word as a whole (the usual "has a zero byte" arithmetic), so a clean word is
+/// copied without looking at its bytes one by one.
+#[inline]
+fn needs_a_look(w: u64) -> bool {
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    // A byte equal to `c`, or to `c` with the bits of `ignored` changed.
+    let equal = |c: u8, ignored: u8| zero_byte((w ^ (ONES * c as u64)) & !(ONES * ignored as u64));
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGHS;
+    // `"` is 0x22 and `&` 0x26; `<` is 0x3C and `>` 0x3E.
+    (w & HIGHS) | control | equal(b'"', 0x04) | equal(b'<', 0x02) | equal(b'\\', 0) != 0
+}
+
+/// The (up to eight) bytes of `b` from `at` as a word, padded with a letter.
+#[inline]
+fn word_at(b: &[u8], at: usize) -> u64 {
+    match b.get(at..at + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().expect("eight bytes")),
+        None => {
+            let mut w = [b'a'; 8];
+            w[..b.len() - at].copy_from_slice(&b[at..]);
+            u64::from_le_bytes(w)
+        }
+    }
+}
+
+/// The escaper. `checked`: `b` is known to be UTF-8; otherwise the rest of it is checked from
+/// its first non-ASCII byte on (an ASCII prefix is UTF-8 whatever follows it).
+fn write_json_bytes(out: &mut Vec<u8>, b: &[u8], mut checked: bool) -> Result<(), std::str::Utf8Error> {
     out.reserve(b.len() + 2);
     out.push(b'"');
     let mut start = 0;
     let mut i = 0;
     while i < b.len() {
-        let class = ESCAPE[b[i] as usize];
-        if class == 0 {
-            i += 1;
+        // Eight bytes at a time while there is nothing to see; then the next eight one by one
+        // (an escape may run past them, which only moves `i` on further).
+        if !needs_a_look(word_at(b, i)) {
+            i += 8;
             continue;
         }
-        if class == 2 {
-            // U+2028 is E2 80 A8, U+2029 is E2 80 A9; other E2 sequences pass through.
-            if b.get(i + 1) == Some(&0x80) && matches!(b.get(i + 2), Some(0xA8 | 0xA9)) {
-                out.extend_from_slice(&b[start..i]);
-                out.extend_from_slice(if b[i + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" });
-                i += 3;
-                start = i;
-            } else {
-                i += 1;
+        let end = (i + 8).min(b.len());
+        while i < end {
+            let c = b[i];
+            if c >= 0x80 && !checked {
+                std::str::from_utf8(&b[i..])?;
+                checked = true;
             }
-            continue;
+            match ESCAPE[c as usize] {
+                0 => i += 1,
+                // U+2028 is E2 80 A8, U+2029 is E2 80 A9; other E2 sequences pass through.
+                2 if b.get(i + 1) == Some(&0x80) && matches!(b.get(i + 2), Some(0xA8 | 0xA9)) => {
+                    out.extend_from_slice(&b[start..i]);
+                    out.extend_from_slice(if b[i + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" });
+                    i += 3;
+                    start = i;
+                }
+                2 => i += 1,
+                _ => {
+                    out.extend_from_slice(&b[start..i]);
+                    match c {
+                        b'"' => out.extend_from_slice(b"\\\""),
+                        b'\\' => out.extend_from_slice(b"\\\\"),
+                        b'\n' => out.extend_from_slice(b"\\n"),
+                        b'\r' => out.extend_from_slice(b"\\r"),
+                        b'\t' => out.extend_from_slice(b"\\t"),
+                        c => out.extend_from_slice(&[
+                            b'\\',
+                            b'u',
+                            b'0',
+                            b'0',
+                            HEX[(c >> 4) as usize],
+                            HEX[(c & 15) as usize],
+                        ]),
+                    }
+                    i += 1;
+                    start = i;
+                }
+            }
         }
-        out.extend_from_slice(&b[start..i]);
-        match b[i] {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            c => out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]),
-        }
-        i += 1;
-        start = i;
     }
     out.extend_from_slice(&b[start..]);
     out.push(b'"');
+    Ok(())
 }
 
 #[cfg(test)]
@@ -745,6 +810,59 @@ mod tests {
             String::from_utf8(out).unwrap(),
             r#""a\u0026b\u003cc\u003e\"\\\n\r\t\u0001\u2028\u2029‰é😀"#.to_string() + "\u{7f}\""
         );
+    }
+
+    /// Go's HTML-safe escaping written the plain way, one character at a time: what the
+    /// word-at-a-time escaper must match.
+    fn escaped_one_by_one(s: &str) -> String {
+        let mut out = String::from("\"");
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{2028}' => out.push_str("\\u2028"),
+                '\u{2029}' => out.push_str("\\u2029"),
+                c if (c as u32) < 0x20 || matches!(c, '<' | '>' | '&') => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_escaper_writes_what_one_character_at_a_time_writes(
+            // Runs of plain letters, long enough to fill the escaper's 8-byte words, between
+            // the characters it must see.
+            s in "([a-z ]{0,12}[<>&\"\\\\\n\t\u{1}\u{1f}\u{7f}é\u{2028}\u{2029}\u{2030}😀]){0,5}[a-z]{0,12}"
+        ) {
+            let mut out = Vec::new();
+            write_json_str(&mut out, &s);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), escaped_one_by_one(&s));
+        }
+
+        #[test]
+        fn text_is_written_when_it_is_utf8_and_refused_when_not(
+            s in "([a-z ]{0,12}[<>&\"\\\\\n\u{1}é\u{2028}😀]){0,5}[a-z]{0,12}",
+            change in proptest::option::of((0usize..64, proptest::prelude::any::<u8>())),
+        ) {
+            // The text, with one byte changed now and then (often no longer UTF-8).
+            let mut b = s.into_bytes();
+            if let Some((at, byte)) = change.filter(|_| !b.is_empty()) {
+                let at = at % b.len();
+                b[at] = byte;
+            }
+            let mut out = Vec::new();
+            let written = write_json_text(&mut out, &b);
+            match std::str::from_utf8(&b) {
+                Ok(s) => proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), escaped_one_by_one(s)),
+                Err(_) => proptest::prop_assert_eq!(written, Err(RecordError::InvalidUtf8)),
+            }
+        }
     }
 
     #[test]

@@ -524,13 +524,20 @@ fn read_header<'a>(r: &mut Reader<'a>) -> Result<(i64, Option<&'a str>), CborErr
     let mut op = None;
     let mut t = None;
     for _ in 0..r.read_map_len()? {
-        match r.read_str()? {
-            "op" => op = Some(r.read_i64()?),
-            "t" => t = Some(r.read_str()?),
-            _ => r.skip()?,
+        match r.read_key()? {
+            b"op" => op = Some(r.read_i64()?),
+            b"t" => t = Some(r.read_str()?),
+            other => skip_unknown(r, other)?,
         }
     }
     Ok((op.ok_or(CborError::WrongType)?, t))
+}
+
+/// Passes over the value of a key no reader asked for, once the key is known to be UTF-8 (a
+/// key that is not fails the frame, as any other text that is not).
+fn skip_unknown(r: &mut Reader<'_>, key: &[u8]) -> Result<(), CborError> {
+    cbor::check_utf8(key)?;
+    r.skip()
 }
 
 /// Best effort: the `seq` of a body that did not decode as its type.
@@ -548,13 +555,13 @@ fn peek_seq(mut r: Reader<'_>) -> Option<i64> {
 fn read_named<'a>(r: &mut Reader<'a>, keys: [&str; 2]) -> Result<(Option<&'a str>, Option<&'a str>), CborError> {
     let (mut a, mut b) = (None, None);
     for _ in 0..r.read_map_len()? {
-        let k = r.read_str()?;
-        if k == keys[0] {
+        let k = r.read_key()?;
+        if k == keys[0].as_bytes() {
             a = Some(r.read_str()?);
-        } else if k == keys[1] && !r.read_null()? {
+        } else if k == keys[1].as_bytes() && !r.read_null()? {
             b = Some(r.read_str()?);
-        } else if k != keys[1] {
-            r.skip()?;
+        } else if k != keys[1].as_bytes() {
+            skip_unknown(r, k)?;
         }
     }
     Ok((a, b))
@@ -572,16 +579,16 @@ fn opt_str<'a>(r: &mut Reader<'a>) -> Result<Option<&'a str>, CborError> {
 fn read_commit<'a>(r: &mut Reader<'a>) -> Result<CommitBody<'a>, CborError> {
     let mut b = CommitBody::default();
     for _ in 0..r.read_map_len()? {
-        match r.read_str()? {
-            "seq" => b.seq = Some(r.read_i64()?),
-            "repo" => b.repo = Some(r.read_str()?),
-            "rev" => b.rev = Some(r.read_str()?),
-            "time" => b.time = Some(r.read_str()?),
-            "blocks" => b.blocks = Some(r.read_bytes()?),
-            "ops" => b.ops = Some(r.skip_span()?),
-            "tooBig" => b.too_big = r.read_bool()?,
+        match r.read_key()? {
+            b"seq" => b.seq = Some(r.read_i64()?),
+            b"repo" => b.repo = Some(r.read_str()?),
+            b"rev" => b.rev = Some(r.read_str()?),
+            b"time" => b.time = Some(r.read_str()?),
+            b"blocks" => b.blocks = Some(r.read_bytes()?),
+            b"ops" => b.ops = Some(r.skip_span()?),
+            b"tooBig" => b.too_big = r.read_bool()?,
             // since, commit, prevData, rebase, blobs, prev and anything new: not needed.
-            _ => r.skip()?,
+            other => skip_unknown(r, other)?,
         }
     }
     Ok(b)
@@ -590,16 +597,16 @@ fn read_commit<'a>(r: &mut Reader<'a>) -> Result<CommitBody<'a>, CborError> {
 fn read_repo_event<'a>(r: &mut Reader<'a>) -> Result<RepoEventBody<'a>, CborError> {
     let mut b = RepoEventBody::default();
     for _ in 0..r.read_map_len()? {
-        match r.read_str()? {
-            "seq" => b.seq = Some(r.read_i64()?),
-            "did" => b.did = Some(r.read_str()?),
-            "time" => b.time = Some(r.read_str()?),
-            "handle" => b.handle = opt_str(r)?,
-            "active" => b.active = r.read_bool()?,
-            "status" => b.status = opt_str(r)?,
-            "rev" => b.rev = Some(r.read_str()?),
-            "blocks" => b.blocks = Some(r.read_bytes()?),
-            _ => r.skip()?,
+        match r.read_key()? {
+            b"seq" => b.seq = Some(r.read_i64()?),
+            b"did" => b.did = Some(r.read_str()?),
+            b"time" => b.time = Some(r.read_str()?),
+            b"handle" => b.handle = opt_str(r)?,
+            b"active" => b.active = r.read_bool()?,
+            b"status" => b.status = opt_str(r)?,
+            b"rev" => b.rev = Some(r.read_str()?),
+            b"blocks" => b.blocks = Some(r.read_bytes()?),
+            other => skip_unknown(r, other)?,
         }
     }
     Ok(b)
@@ -615,11 +622,11 @@ struct Op<'a> {
 fn read_op<'a>(r: &mut Reader<'a>) -> Result<Op<'a>, CborError> {
     let mut op = Op { action: None, path: None, cid: None };
     for _ in 0..r.read_map_len()? {
-        match r.read_str()? {
-            "action" => op.action = Some(r.read_str()?),
-            "path" => op.path = Some(r.read_str()?),
-            "cid" => op.cid = if r.read_null()? { None } else { Some(r.read_link()?) },
-            _ => r.skip()?,
+        match r.read_key()? {
+            b"action" => op.action = Some(r.read_str()?),
+            b"path" => op.path = Some(r.read_str()?),
+            b"cid" => op.cid = if r.read_null()? { None } else { Some(r.read_link()?) },
+            other => skip_unknown(r, other)?,
         }
     }
     Ok(op)
