@@ -304,7 +304,9 @@ where
                 next_id += 1;
                 lock(&in_flight).entries.insert(id, position);
                 let t = e.time_us();
-                // Waits while that worker's queue is full; a worker error ends the wait.
+                // Waits while that worker's queue is full; a worker's error or panic, or
+                // shutdown, ends the wait, the event not handed over (its entry holds the
+                // cursor before it).
                 let sent = tokio::select! {
                     biased;
                     e = err_rx.recv() => {
@@ -313,6 +315,8 @@ where
                         }
                         break;
                     }
+                    _ = &mut shutdown => break,
+                    _ = panicked.notified() => break, // the join below reports it
                     s = queues[worker].send((id, e)) => s,
                 };
                 if sent.is_err() {

@@ -273,6 +273,38 @@ async fn a_parallel_run_given_up_while_finishing_stops_its_handlers() {
     drop(tx);
 }
 
+/// Shutdown while every worker's queue is full stops the reading at once: what is queued is
+/// finished, the event waiting for room is not handed over (the cursor stays before it), and
+/// the run does not wait for a handler to make room first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_while_the_queues_are_full_hands_over_nothing_more() {
+    let (tx, rx) = mpsc::channel(16);
+    for t in 1..=10u64 {
+        tx.send(Ok(Message::Event(event(1, t)))).await.unwrap();
+    }
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let handled = handled.clone();
+        move |e: Event| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                handled.lock().unwrap().push(e.time_us());
+                Ok::<(), String>(())
+            }
+        }
+    };
+    // One worker with a queue of one: event 1 in its hands, 2 queued, 3 waiting for room
+    // when shutdown comes.
+    let opts = ProcessOptions { save_interval: Duration::from_secs(60), queue_per_worker: 1 };
+    let store = contrail_client::MemoryCursorStore::default();
+    let shutdown = tokio::time::sleep(Duration::from_millis(100));
+    process_parallel(Subscription::from_channel(rx), store.clone(), opts, 1, handler, shutdown).await.unwrap();
+    assert_eq!(*handled.lock().unwrap(), vec![1, 2], "what was queued at shutdown, and nothing more");
+    assert_eq!(store.get(), Some(2));
+    drop(tx);
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap()
 }
