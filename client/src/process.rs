@@ -270,11 +270,16 @@ where
     };
     tokio::pin!(shutdown);
     let mut result = Ok(());
+    // An event read, waiting for room in its worker's queue: reading waits meanwhile. A
+    // worker's error or panic, or shutdown, ends the wait with the event not handed over (its
+    // entry in `in_flight` holds the cursor before it).
+    let mut waiting: Option<(usize, u64, Event)> = None;
     loop {
         let safe = safe_position(position);
         let due = saver.due(safe);
         // Work dispatched and not finished holds the position back: wait for it too.
         let held_back = due.is_none() && saver.due(position).is_some();
+        let waiting_for = waiting.as_ref().map_or(0, |w| w.0);
         let message = tokio::select! {
             biased;
             e = err_rx.recv() => {
@@ -285,7 +290,14 @@ where
             }
             _ = &mut shutdown => break,
             _ = panicked.notified() => break, // the join below reports it
-            m = sub.next() => m,
+            room = queues[waiting_for].reserve(), if waiting.is_some() => {
+                let Ok(room) = room else { break }; // the worker has stopped after a failure; its error is on the way
+                let (_, id, e) = waiting.take().expect("a wait for room has an event");
+                position = Some(e.time_us());
+                room.send((id, e));
+                None
+            }
+            m = sub.next(), if waiting.is_none() => Some(m),
             // Nothing new for the interval: what was finished is saved now.
             _ = sleep_until(due), if due.is_some() => {
                 // What is finished by now: workers may have finished more while this waited.
@@ -298,34 +310,17 @@ where
             _ = finished.notified(), if held_back => continue,
         };
         match message {
-            Ok(Message::Event(e)) => {
+            None => {}
+            Some(Ok(Message::Event(e))) => {
                 let worker = (repo_hash(e.did()) % workers as u64) as usize;
                 let id = next_id;
                 next_id += 1;
                 lock(&in_flight).entries.insert(id, position);
-                let t = e.time_us();
-                // Waits while that worker's queue is full; a worker's error or panic, or
-                // shutdown, ends the wait, the event not handed over (its entry holds the
-                // cursor before it).
-                let sent = tokio::select! {
-                    biased;
-                    e = err_rx.recv() => {
-                        if let Some(e) = e {
-                            result = Err(ProcessError::Handler(e));
-                        }
-                        break;
-                    }
-                    _ = &mut shutdown => break,
-                    _ = panicked.notified() => break, // the join below reports it
-                    s = queues[worker].send((id, e)) => s,
-                };
-                if sent.is_err() {
-                    break; // the worker has stopped after a failure; its error is on the way
-                }
-                position = Some(t);
+                waiting = Some((worker, id, e));
+                continue;
             }
-            Ok(Message::Cursor(t)) => position = Some(t),
-            Err(e) => {
+            Some(Ok(Message::Cursor(t))) => position = Some(t),
+            Some(Err(e)) => {
                 result = Err(ProcessError::Subscription(e));
                 break;
             }
