@@ -283,22 +283,27 @@ async fn shutdown_while_the_queues_are_full_hands_over_nothing_more() {
         tx.send(Ok(Message::Event(event(1, t)))).await.unwrap();
     }
     let handled = Arc::new(Mutex::new(Vec::new()));
+    let started = Arc::new(tokio::sync::Notify::new());
     let handler = {
-        let handled = handled.clone();
+        let (handled, started) = (handled.clone(), started.clone());
         move |e: Event| {
-            let handled = handled.clone();
+            let (handled, started) = (handled.clone(), started.clone());
             async move {
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                started.notify_one();
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 handled.lock().unwrap().push(e.time_us());
                 Ok::<(), String>(())
             }
         }
     };
     // One worker with a queue of one: event 1 in its hands, 2 queued, 3 waiting for room
-    // when shutdown comes.
+    // when shutdown comes, a while after event 1 was taken.
     let opts = ProcessOptions { save_interval: Duration::from_secs(60), queue_per_worker: 1 };
     let store = contrail_client::MemoryCursorStore::default();
-    let shutdown = tokio::time::sleep(Duration::from_millis(100));
+    let shutdown = async move {
+        started.notified().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
     process_parallel(Subscription::from_channel(rx), store.clone(), opts, 1, handler, shutdown).await.unwrap();
     assert_eq!(*handled.lock().unwrap(), vec![1, 2], "what was queued at shutdown, and nothing more");
     assert_eq!(store.get(), Some(2));
