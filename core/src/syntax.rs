@@ -231,8 +231,14 @@ mod tests {
             s in "[a-zA-Z0-9.:_~%é-]{0,24}",
             did in "did:[a-zA-Z]{0,3}:[a-zA-Z0-9.:_~%é-]{0,12}",
             nsid in "([a-z0-9-]{0,5}\\.){0,4}[a-zA-Z0-9-]{0,5}",
+            // Around the length limits: 63 per NSID segment and 317 in all, 512 for a record
+            // key, 2048 for a DID.
+            long_nsid in "[a-z]{62,63}(\\.[a-z]{62,63}){4}",
+            wide_nsid in "[a-z]{62,64}\\.[a-z]{62,64}\\.[a-z]{62,64}",
+            long_key in "[a-z]{505,520}",
+            long_did in "did:plc:[a-z]{2035,2045}",
         ) {
-            for s in [&s, &did, &nsid] {
+            for s in [&s, &did, &nsid, &long_nsid, &wide_nsid, &long_key, &long_did] {
                 proptest::prop_assert_eq!(is_valid_nsid(s), plain_nsid(s), "nsid {:?}", s);
                 proptest::prop_assert_eq!(is_valid_did(s), plain_did(s), "did {:?}", s);
                 proptest::prop_assert_eq!(is_valid_record_key(s), plain_record_key(s), "record key {:?}", s);
