@@ -26,6 +26,10 @@ use std::sync::Arc;
 /// Frames per measured iteration, written as the sequencer would batch them: 2,000 by default
 /// (one relay burst); `INGEST_FRAMES=20000` measures a longer run, where the pipeline's start
 /// (a first batch of one frame) and end weigh less.
+/// `contrail`'s allocator (`src/main.rs`), so the pipeline is measured as `serve` runs it.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn frames_per_round() -> usize {
     std::env::var("INGEST_FRAMES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
 }
