@@ -488,7 +488,7 @@ fn write_json_checked(out: &mut Vec<u8>, b: &[u8]) {
 /// Appends `text` as [`write_json_str`] does, checking in the same pass that it is UTF-8: a
 /// record's strings arrive as bytes, and most are ASCII, which a separate check would read
 /// twice.
-pub fn write_json_text(out: &mut Vec<u8>, text: &[u8]) -> Result<(), RecordError> {
+fn write_json_text(out: &mut Vec<u8>, text: &[u8]) -> Result<(), RecordError> {
     write_json_bytes(out, text, false).map_err(|_| RecordError::InvalidUtf8)
 }
 
