@@ -18,6 +18,18 @@ fn event(did: u8, time_us: u64) -> Event {
     .unwrap()
 }
 
+/// A subscription that has these `(repo, time_us)` events waiting and stays open while the
+/// returned sender is kept.
+async fn open_subscription(
+    events: impl IntoIterator<Item = (u8, u64)>,
+) -> (mpsc::Sender<Result<Message, contrail_client::Error>>, Subscription) {
+    let (tx, rx) = mpsc::channel(64);
+    for (repo, t) in events {
+        tx.send(Ok(Message::Event(event(repo, t)))).await.unwrap();
+    }
+    (tx, Subscription::from_channel(rx))
+}
+
 /// What the handler has finished, shared with the store that checks it.
 #[derive(Default)]
 struct Finished {
@@ -157,10 +169,7 @@ async fn to_str(f: impl std::future::Future<Output = Result<(), TestCaseError>>)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_parallel_handler_ends_the_run_with_an_error_and_the_cursor_before_it() {
-    let (tx, rx) = mpsc::channel(8);
-    for t in 1..=5u64 {
-        tx.send(Ok(Message::Event(event(t as u8, t)))).await.unwrap();
-    }
+    let (tx, sub) = open_subscription((1..=5u64).map(|t| (t as u8, t))).await;
     // The stream then stays quiet: the panic alone must end the run.
     let store = contrail_client::MemoryCursorStore::default();
     let handler = |e: Event| async move {
@@ -170,7 +179,7 @@ async fn a_panicking_parallel_handler_ends_the_run_with_an_error_and_the_cursor_
         Ok::<(), String>(())
     };
     let opts = ProcessOptions { save_interval: Duration::ZERO, queue_per_worker: 2 };
-    let run = process_parallel(Subscription::from_channel(rx), store.clone(), opts, 2, handler, std::future::pending());
+    let run = process_parallel(sub, store.clone(), opts, 2, handler, std::future::pending());
     let result = tokio::time::timeout(Duration::from_secs(10), run).await.expect("the run ends after the panic");
     assert!(matches!(&result, Err(ProcessError::HandlerPanicked(m)) if m.contains("handler bug at 3")), "{result:?}");
     assert!(store.get().is_none_or(|c| c < 3), "the cursor passed the event whose handler panicked: {:?}", store.get());
@@ -184,17 +193,13 @@ async fn a_panicking_parallel_handler_ends_the_run_with_an_error_and_the_cursor_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_still_gets_its_finished_work_saved() {
     for workers in [None, Some(3)] {
-        let (tx, rx) = mpsc::channel(8);
-        for t in 1..=5u64 {
-            tx.send(Ok(Message::Event(event(t as u8, t)))).await.unwrap();
-        }
+        let (tx, sub) = open_subscription((1..=5u64).map(|t| (t as u8, t))).await;
         let store = contrail_client::MemoryCursorStore::default();
         let handler = |_: Event| async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             Ok::<(), String>(())
         };
         let opts = ProcessOptions { save_interval: Duration::from_millis(200), queue_per_worker: 2 };
-        let sub = Subscription::from_channel(rx);
         let run: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match workers {
             None => Box::pin(process(sub, store.clone(), opts, handler, std::future::pending())),
             Some(n) => Box::pin(process_parallel(sub, store.clone(), opts, n, handler, std::future::pending())),
@@ -216,10 +221,7 @@ async fn a_quiet_stream_still_gets_its_finished_work_saved() {
 /// both saved then (not an interval later, as "after 1" was).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_save_takes_what_finished_while_it_waited() {
-    let (tx, rx) = mpsc::channel(8);
-    for (repo, t) in [(1u8, 1u64), (1, 2), (2, 3)] {
-        tx.send(Ok(Message::Event(event(repo, t)))).await.unwrap();
-    }
+    let (tx, sub) = open_subscription([(1u8, 1u64), (1, 2), (2, 3)]).await;
     let store = contrail_client::MemoryCursorStore::default();
     let handler = |e: Event| async move {
         if e.time_us() == 2 {
@@ -228,14 +230,7 @@ async fn a_timed_save_takes_what_finished_while_it_waited() {
         Ok::<(), String>(())
     };
     let opts = ProcessOptions { save_interval: Duration::from_secs(1), queue_per_worker: 2 };
-    let run = tokio::spawn(process_parallel(
-        Subscription::from_channel(rx),
-        store.clone(),
-        opts,
-        2,
-        handler,
-        std::future::pending(),
-    ));
+    let run = tokio::spawn(process_parallel(sub, store.clone(), opts, 2, handler, std::future::pending()));
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(store.get(), Some(3), "everything finished by 0.3 s is saved at the 1 s save");
     run.abort();
@@ -246,10 +241,7 @@ async fn a_timed_save_takes_what_finished_while_it_waited() {
 /// shutdown) stops its handlers: none keeps running unwatched after the run is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parallel_run_given_up_while_finishing_stops_its_handlers() {
-    let (tx, rx) = mpsc::channel(16);
-    for t in 1..=10u64 {
-        tx.send(Ok(Message::Event(event(1, t)))).await.unwrap();
-    }
+    let (tx, sub) = open_subscription((1..=10u64).map(|t| (1, t))).await;
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handler = {
         let calls = calls.clone();
@@ -265,7 +257,7 @@ async fn a_parallel_run_given_up_while_finishing_stops_its_handlers() {
     let opts = ProcessOptions { save_interval: Duration::from_secs(1), queue_per_worker: 16 };
     let store = contrail_client::MemoryCursorStore::default();
     let shutdown = tokio::time::sleep(Duration::from_millis(50));
-    let run = process_parallel(Subscription::from_channel(rx), store, opts, 2, handler, shutdown);
+    let run = process_parallel(sub, store, opts, 2, handler, shutdown);
     assert!(tokio::time::timeout(Duration::from_millis(250), run).await.is_err(), "the queue takes a second");
     let after = calls.load(std::sync::atomic::Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -278,10 +270,7 @@ async fn a_parallel_run_given_up_while_finishing_stops_its_handlers() {
 /// the run does not wait for a handler to make room first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_while_the_queues_are_full_hands_over_nothing_more() {
-    let (tx, rx) = mpsc::channel(16);
-    for t in 1..=10u64 {
-        tx.send(Ok(Message::Event(event(1, t)))).await.unwrap();
-    }
+    let (tx, sub) = open_subscription((1..=10u64).map(|t| (1, t))).await;
     let handled = Arc::new(Mutex::new(Vec::new()));
     let started = Arc::new(tokio::sync::Notify::new());
     let handler = {
@@ -304,7 +293,7 @@ async fn shutdown_while_the_queues_are_full_hands_over_nothing_more() {
         started.notified().await;
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    process_parallel(Subscription::from_channel(rx), store.clone(), opts, 1, handler, shutdown).await.unwrap();
+    process_parallel(sub, store.clone(), opts, 1, handler, shutdown).await.unwrap();
     assert_eq!(*handled.lock().unwrap(), vec![1, 2], "what was queued at shutdown, and nothing more");
     assert_eq!(store.get(), Some(2));
     drop(tx);
