@@ -8,7 +8,8 @@
 //! so each round pays the pipeline's fill and drain: its first batch is one frame, and its last
 //! write and fsync start after the last frame. `pipeline_stream_sync_*` times ingest as a relay's
 //! catch-up drives it: many rounds back to back, the queue never empty, drained once at the end
-//! (the time per round is the throughput).
+//! (the time per round is the throughput); after it, a line gives each thread's CPU per round
+//! (transcoding, the sequencer, RocksDB's flush and compaction threads).
 //! `cargo bench --bench ingest`.
 
 #[path = "../tests/common/frames.rs"]
@@ -21,6 +22,7 @@ use contrail::metrics::Metrics;
 use contrail::sequencer::{IngestFrame, Sequencer};
 use contrail::transcode::Transcoder;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Frames per measured iteration, written as the sequencer would batch them: 2,000 by default
@@ -139,7 +141,7 @@ fn bench(c: &mut Criterion) {
         let (ingest, queue) = contrail::sequencer::ingest_channel(1024, 64 << 20);
         let (ring, mut published) = tokio::sync::broadcast::channel(65_536);
         let seq = Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://bench".into()).unwrap();
-        let writer = std::thread::spawn(move || seq.run(queue));
+        let writer = std::thread::Builder::new().name("sequencer".into()).spawn(move || seq.run(queue)).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let mut transcoder = Transcoder::default();
         let mut round = 0usize;
@@ -153,6 +155,7 @@ fn bench(c: &mut Criterion) {
                 BatchSize::PerIteration,
             )
         });
+        let mut cpu = ThreadCpu::default();
         group.bench_function(format!("pipeline_stream_sync_{sync}"), |b| {
             b.iter_custom(|rounds| {
                 // The frames are copied before the clock starts, as `pipeline_*` copies them
@@ -163,11 +166,15 @@ fn bench(c: &mut Criterion) {
                         frames_of_round(&gen, round)
                     })
                     .collect();
+                let before = thread_cpu();
                 let started = std::time::Instant::now();
                 rt.block_on(feed(all.into_iter().flatten(), &mut transcoder, &ingest, &mut published));
-                started.elapsed()
+                let elapsed = started.elapsed();
+                cpu.add(rounds, elapsed, &before, &thread_cpu());
+                elapsed
             })
         });
+        cpu.print(&format!("pipeline_stream_sync_{sync}"));
         drop(ingest);
         writer.join().unwrap().unwrap();
 
@@ -214,6 +221,71 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
     scan(c, &gen);
+}
+
+/// Each thread's CPU time so far, by thread id, with its name (the main thread's is
+/// "transcoding"): nanoseconds on a CPU from `/proc/self/task/*/schedstat` (Linux); empty where
+/// that cannot be read.
+fn thread_cpu() -> HashMap<String, (String, u64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return HashMap::new() };
+    let mut out = HashMap::new();
+    for task in tasks.flatten() {
+        let read = |file| std::fs::read_to_string(task.path().join(file)).ok();
+        let (Some(stat), Some(name)) = (read("schedstat"), read("comm")) else { continue };
+        let tid = task.file_name().to_string_lossy().into_owned();
+        // The process's own thread is named after the binary: here it is the one transcoding.
+        let name = if tid == std::process::id().to_string() { "transcoding".into() } else { name.trim().to_string() };
+        if let Some(ns) = stat.split_whitespace().next().and_then(|n| n.parse().ok()) {
+            out.insert(tid, (name, ns));
+        }
+    }
+    out
+}
+
+/// Where the stream's time goes: each thread's CPU over the timed rounds, by thread name.
+/// Transcoding alone and raw puts do not add up to the stream (BENCHMARKS.md, eighteenth
+/// session): this says which thread spends the difference.
+#[derive(Default)]
+struct ThreadCpu {
+    rounds: u64,
+    wall: std::time::Duration,
+    by_name: std::collections::BTreeMap<String, u64>,
+}
+
+impl ThreadCpu {
+    fn add(
+        &mut self,
+        rounds: u64,
+        wall: std::time::Duration,
+        before: &HashMap<String, (String, u64)>,
+        after: &HashMap<String, (String, u64)>,
+    ) {
+        self.rounds += rounds;
+        self.wall += wall;
+        for (tid, (name, ns)) in after {
+            let was = before.get(tid).map_or(0, |(_, ns)| *ns);
+            *self.by_name.entry(name.clone()).or_default() += ns.saturating_sub(was);
+        }
+    }
+
+    fn print(&self, bench: &str) {
+        if self.rounds == 0 || self.by_name.is_empty() {
+            return;
+        }
+        let per_round = |ns: f64| ns / self.rounds as f64 / 1e6;
+        let threads: Vec<String> = self
+            .by_name
+            .iter()
+            .filter(|(_, ns)| per_round(**ns as f64) >= 0.01)
+            .map(|(name, ns)| format!("{name} {:.2} ms", per_round(*ns as f64)))
+            .collect();
+        println!(
+            "{bench}: {:.2} ms per round over {} rounds (warm-up included); CPU per round by thread: {}",
+            per_round(self.wall.as_nanos() as f64),
+            self.rounds,
+            threads.join(", ")
+        );
+    }
 }
 
 /// Reading the log back, as replay pages do (`Log::scan`, values copied into the page's
