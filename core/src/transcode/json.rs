@@ -234,9 +234,7 @@ impl<'a> Rec<'a> {
             if key.len() > MAX_KEY_BYTES {
                 return Err(RecordError::KeyTooLong);
             }
-            if !key.is_ascii() {
-                std::str::from_utf8(key).map_err(|_| RecordError::InvalidUtf8)?;
-            }
+            cbor::check_utf8(key)?;
             let vstart = r.position();
             self.skip(r)?;
             stack.push(Entry { key: (start, start + key.len()), val: (vstart, r.position()) });
