@@ -110,9 +110,9 @@ pub struct RawRun {
     covered_to: u64,
     /// The scan found fewer events than it asked for: it reached the log's end.
     at_log_end: bool,
-    /// The newest event deleted from the log before the scan began ([`crate::log::Tip::trimmed_through`]):
-    /// a scan from further back lacks the events up to it.
-    pub trimmed_through: u64,
+    /// The newest event deleted from the log before the scan's view of it
+    /// ([`Log::scan_after_trims`]): the scan lacks the events up to it.
+    trimmed_through: u64,
 }
 
 /// The compressed frames stored for some events of a [`RawRun`] ([`super::precompress`]), all
@@ -133,7 +133,7 @@ impl RawRun {
         let newest_before = log.tip().newest().unwrap_or(0);
         let mut run = RawRun::default();
         let mut full = false;
-        log.scan(from, limit, |t, v| {
+        let (_, trimmed_through) = log.scan_after_trims(from, limit, |t, v| {
             // A page's size is bounded (what `replay_budget` reserves for it): a value that
             // would take the page past the bound starts the next page, unless it is the first.
             if !run.items.is_empty() && run.values.len() + v.len() > PAGE_MAX_BYTES {
@@ -146,10 +146,7 @@ impl RawRun {
             full = run.values.len() >= PAGE_MAX_BYTES;
             !full
         })?;
-        // After the scan: a trim publishes its mark before it deletes, so a scan that missed
-        // deleted events reads a mark that says so ([`RawRun::lacks_through`] tells it from a
-        // trim after the scan, whose events the scan has).
-        run.trimmed_through = log.tip().trimmed_through();
+        run.trimmed_through = trimmed_through;
         run.values.shrink_to_fit(); // kept with its page, maybe for a while
         run.items.shrink_to_fit();
         run.at_log_end = run.items.len() < limit && !full;
@@ -158,11 +155,14 @@ impl RawRun {
         Ok(run)
     }
 
-    /// Whether the events up to `trimmed` are missing from this scan (it began after they
-    /// were deleted): it starts after them, or found nothing. A scan from before the trim
-    /// starts with them.
-    pub fn lacks_through(&self, trimmed: u64) -> bool {
-        self.items.first().is_none_or(|(t, _)| *t > trimmed)
+    /// The events after `position` that the log had deleted before this scan's view of it
+    /// (retention, the disk budget, a memory window's bound): up to the `time_us` returned, if
+    /// any. Never past the first event the scan has after `position`, so an event the scan
+    /// holds is never said lost.
+    pub fn missing_after(&self, position: u64) -> Option<u64> {
+        let first_after = self.items.get(self.items.partition_point(|(t, _)| *t <= position)).map(|(t, _)| *t);
+        let through = first_after.map_or(self.trimmed_through, |t| self.trimmed_through.min(t - 1));
+        (through > position).then_some(through)
     }
 
     fn bytes(&self) -> usize {

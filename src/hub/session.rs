@@ -11,7 +11,7 @@ use super::encode::{Encoding, MAX_HEAD};
 use super::inbound::{self, Counted, FrameReader};
 use super::liveness::{self, within, Watched};
 use super::slow::{Progress, SlowWatch};
-use super::stream::{EventStream, Frames, Next, Replay, Start, StreamMetrics};
+use super::stream::{EventStream, Frames, Gap, Next, Replay, Start, StreamMetrics};
 use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
@@ -573,6 +573,7 @@ impl Session {
                     self.linger().await?;
                 }
                 Step::Deliver(Some(Next::Frames(frames))) => self.deliver_frames(frames).await?,
+                Step::Deliver(Some(Next::Gap(gap))) => self.tell_gap(gap).await?,
                 Step::Deliver(None) => return Err(CloseReason::Internal),
             }
             self.flush().await?;
@@ -711,6 +712,24 @@ impl Session {
         self.events_sent.inc_by(frames.count() as u64);
         self.bytes_sent.inc_by(frames.payload_bytes() as u64);
         Ok(())
+    }
+
+    /// Tells the subscriber of events its stream could not send (the log no longer held
+    /// them), before anything after them: v2 in an `#info OutdatedCursor`; v1 only to a client
+    /// that asked for cursor messages (a strict v1 client knows no other kinds), as
+    /// `{"kind":"gap","after_us":A,"through_us":B}`.
+    async fn tell_gap(&mut self, Gap { after, through }: Gap) -> Result<(), CloseReason> {
+        let message = match self.encoding.wire {
+            Wire::V2 => contrail_core::v2::info_message(
+                "OutdatedCursor",
+                &format!("events after seq {after} through seq {through} were deleted before they were sent; continuing after them"),
+            ),
+            Wire::V1 if self.inform.is_some() => {
+                format!(r#"{{"kind":"gap","after_us":{after},"through_us":{through}}}"#).into_bytes()
+            }
+            Wire::V1 => return Ok(()),
+        };
+        self.send_message(message).await
     }
 
     /// Waits for `n` events' worth of the client IP's event rate, if it has one.

@@ -35,6 +35,18 @@ pub enum Next {
     /// Ready frames from a replay page: write them, then [`EventStream::advance`] to
     /// `through`.
     Frames(Frames),
+    /// Events the log no longer held when the stream came to them: it goes on after them.
+    Gap(Gap),
+}
+
+/// Events after `after` and up to `through` (by `time_us`) that a stream could not send: the
+/// log had deleted them (retention, the disk budget, a memory window's bound) before the
+/// stream read them, or never reached back to them (a cursor older than the log). Whether its
+/// filter wanted any of them is not known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub after: u64,
+    pub through: u64,
 }
 
 /// Consecutive frames of a replay page.
@@ -167,9 +179,8 @@ pub struct EventStream {
     /// payment (kept across cancellations of [`Self::next`]).
     unpaid: u64,
     paying: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    /// What the log had deleted when the stream started: a cursor from before it is an old
-    /// cursor clamped to the oldest event, not a replayer overtaken.
-    trimmed_at_start: u64,
+    /// Events it could not send, to be told before anything after them.
+    gap: Option<Gap>,
     metrics: StreamMetrics,
 }
 
@@ -187,13 +198,22 @@ impl EventStream {
         start: Start,
         metrics: StreamMetrics,
     ) -> Self {
-        let log_tip_trimmed = tip.trimmed_through();
-        let (last_seen, at_the_end) = match start {
+        let at_the_end = start == Start::Live;
+        let (last_seen, gap) = match start {
             // A cursor older than the log is clamped to the oldest event left (as in v1), here
             // and not by the first scan: a replay page kept from before the trim would otherwise
-            // hand out its run, then jump the deleted events after it unseen and uncounted.
-            Start::From(cursor) => ((cursor.max(1) - 1).max(log_tip_trimmed), false),
-            Start::Live => (tip.newest().unwrap_or(0), true),
+            // hand out its run, then jump the deleted events after it. The events in between are
+            // a gap, except for a cursor of 0 or 1 (or negative): "from the start", in v1's usage.
+            Start::From(cursor) => {
+                let asked = cursor.max(1) - 1;
+                let oldest_left = tip.trimmed_through().max(tip.oldest().map_or(0, |t| t - 1));
+                if oldest_left > asked {
+                    (oldest_left, (asked > 0).then_some(Gap { after: asked, through: oldest_left }))
+                } else {
+                    (asked, None)
+                }
+            }
+            Start::Live => (tip.newest().unwrap_or(0), None),
         };
         metrics.lagging.inc(); // until it is live
         let mut s = EventStream {
@@ -214,7 +234,7 @@ impl EventStream {
             passed: 0,
             unpaid: 0,
             paying: None,
-            trimmed_at_start: log_tip_trimmed,
+            gap,
             metrics,
         };
         if at_the_end {
@@ -343,6 +363,10 @@ impl EventStream {
     /// cannot be read or the server is stopping.
     pub async fn next(&mut self, max: usize) -> Option<Next> {
         loop {
+            if let Some(gap) = self.gap.take() {
+                self.last_seen = self.last_seen.max(gap.through);
+                return Some(Next::Gap(gap));
+            }
             match self.next_from_page(max) {
                 Ok(Some(frames)) => return Some(Next::Frames(frames)),
                 Ok(None) => {}
@@ -443,7 +467,7 @@ impl EventStream {
     /// [`Self::next`]).
     pub fn next_ready(&mut self) -> Option<Arc<Event>> {
         loop {
-            if !self.live || self.page.is_some() {
+            if !self.live || self.page.is_some() || self.gap.is_some() {
                 return None;
             }
             match self.registration.as_ref()?.queue().take() {
@@ -466,23 +490,20 @@ impl EventStream {
         }
     }
 
-    /// Counts `page` as overtaken if its scan began after the log had deleted events newer
-    /// than the position (retention, the disk budget, a memory window's bound): those the
-    /// stream had not read are gone, and it goes on from the oldest one left (as Jetstream
-    /// does). Not for a cursor older than what was deleted when the stream started (clamped to
-    /// the oldest event, as in v1), nor for a page scanned before the trim (it has the events).
-    fn overtaken(&self, page: &Page) {
-        let trimmed = page.raw().trimmed_through;
-        if trimmed > self.last_seen && trimmed > self.trimmed_at_start && page.raw().lacks_through(trimmed) {
-            self.metrics.overtaken.inc();
-            static LOG: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
-            let log =
-                LOG.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(10)));
-            let position = self.last_seen;
-            log.warn("replay_overtaken", || {
-                format!("events a replaying subscriber had not read were trimmed (it was at time_us {position}; deleted up to {trimmed})")
-            });
-        }
+    /// A page whose scan began after the log had deleted events newer than the position
+    /// (retention, the disk budget, a memory window's bound) lacks those the stream had not
+    /// read: it goes on from the oldest one left (as Jetstream does), and the gap is told
+    /// first ([`Next::Gap`]) and counted. A page scanned before the trim has the events.
+    fn overtaken(&mut self, page: &Page) {
+        let Some(through) = page.raw().missing_after(self.last_seen) else { return };
+        let position = self.last_seen;
+        self.gap = Some(Gap { after: position, through });
+        self.metrics.overtaken.inc();
+        static LOG: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
+        let log = LOG.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(10)));
+        log.warn("replay_overtaken", || {
+            format!("events a replaying subscriber had not read were trimmed (it was at time_us {position}; deleted up to {through})")
+        });
     }
 
     /// Takes `page` in hand. At the log's end the stream registers now, not once the page is
@@ -623,18 +644,28 @@ mod tests {
         }
     }
 
-    /// The next event's `time_us`, live or from a replay page (one frame at a time), the
-    /// position moved as a session does once it is written.
-    async fn next_time(s: &mut EventStream) -> Option<u64> {
+    /// The next event's `time_us` (`Ok`), live or from a replay page (one frame at a time),
+    /// the position moved as a session does once it is written; or a gap told (`Err`).
+    async fn next_item(s: &mut EventStream) -> Option<Result<u64, Gap>> {
         match s.next(1).await? {
             Next::Event(ev) => {
                 s.advance(ev.time_us);
-                Some(ev.time_us)
+                Some(Ok(ev.time_us))
             }
             Next::Frames(f) => {
                 let t = f.times().next().expect("one frame");
                 s.advance(f.through);
-                Some(t)
+                Some(Ok(t))
+            }
+            Next::Gap(gap) => Some(Err(gap)),
+        }
+    }
+
+    /// The next event's `time_us`, past any gap told.
+    async fn next_time(s: &mut EventStream) -> Option<u64> {
+        loop {
+            if let Ok(t) = next_item(s).await? {
+                return Some(t);
             }
         }
     }
@@ -644,6 +675,15 @@ mod tests {
         while out.len() < n {
             let t = tokio::time::timeout(Duration::from_secs(5), next_time(s)).await.expect("an event").unwrap();
             out.push(t);
+        }
+        out
+    }
+
+    /// What the stream tells until it has handed out `n` events: events and gaps, in order.
+    async fn take_told(s: &mut EventStream, n: usize) -> Vec<Result<u64, Gap>> {
+        let mut out: Vec<Result<u64, Gap>> = Vec::new();
+        while out.iter().filter(|i| i.is_ok()).count() < n {
+            out.push(tokio::time::timeout(Duration::from_secs(5), next_item(s)).await.expect("an event").unwrap());
         }
         out
     }
@@ -803,30 +843,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_trim_past_a_replayers_position_is_counted_once_and_it_goes_on_from_the_oldest_left() {
+    async fn a_trim_past_a_replayers_position_is_told_once_and_it_goes_on_from_the_oldest_left() {
         let f = Fixture::new(1024);
         f.ingest(0..6000);
-        // A cursor older than the log is clamped to the oldest event: not counted.
+        // A cursor of 1 is "from the start" (v1's usage): the oldest event, no gap told.
         f.log.trim_before(1100).unwrap();
         let mut s = f.stream(Filter::default(), Start::From(1));
-        assert_eq!(take(&mut s, 1024).await, (1100..2124).collect::<Vec<_>>(), "the first page");
+        let told = take_told(&mut s, 1024).await;
+        assert_eq!(told, (1100..2124).map(Ok).collect::<Vec<_>>(), "the first page");
         // A second replayer, at the same place, has its page in hand (kept and shared).
         let mut other = f.stream(Filter::default(), Start::From(2124));
-        assert_eq!(take(&mut other, 1).await, vec![2124]);
+        assert_eq!(take_told(&mut other, 1).await, vec![Ok(2124)]);
         assert_eq!(f.metrics.overtaken.get(), 0);
         // Retention passes both positions: the first replayer's next page is scanned after it
-        // and lacks the events in between (counted); the second goes on with the page it holds,
-        // scanned before (it has them: not counted).
+        // and lacks the events in between (told and counted); the second goes on with the page
+        // it holds, scanned before (it has them).
         f.log.trim_before(4000).unwrap();
-        assert_eq!(take(&mut s, 10).await, (2124..2134).collect::<Vec<_>>(), "the shared page");
+        assert_eq!(take_told(&mut s, 10).await, (2124..2134).map(Ok).collect::<Vec<_>>(), "the shared page");
         assert_eq!(f.metrics.overtaken.get(), 0);
         take(&mut s, 1014).await;
-        assert_eq!(take(&mut s, 10).await, (4000..4010).collect::<Vec<_>>(), "from the oldest left");
+        let mut want = vec![Err(Gap { after: 3147, through: 3999 })];
+        want.extend((4000..4010).map(Ok));
+        assert_eq!(take_told(&mut s, 10).await, want, "the gap, then the oldest left");
         assert_eq!(f.metrics.overtaken.get(), 1);
-        // A trim behind a position counts nothing.
+        assert_eq!(s.last_seen(), 4009);
+        // A trim behind a position tells nothing.
         f.log.trim_before(4005).unwrap();
         take(&mut s, 1014).await;
-        assert_eq!(take(&mut s, 10).await, (5024..5034).collect::<Vec<_>>());
+        assert_eq!(take_told(&mut s, 10).await, (5024..5034).map(Ok).collect::<Vec<_>>());
         assert_eq!(f.metrics.overtaken.get(), 1);
         drop(other);
     }
@@ -841,11 +885,15 @@ mod tests {
         drop(a);
         f.log.trim_before(4000).unwrap();
         // A cursor inside that page, now older than the log: clamped to the oldest event left,
-        // so the client sees the clamp (its first time_us is not its cursor), not 1,024 events
-        // and then a silent jump.
+        // the events in between told as a gap first, not 1,024 events and then a silent jump.
         let mut b = f.stream(Filter::default(), Start::From(2000));
-        assert_eq!(take(&mut b, 1030).await, (4000..5030).collect::<Vec<_>>());
+        let mut want = vec![Err(Gap { after: 1999, through: 3999 })];
+        want.extend((4000..5030).map(Ok));
+        assert_eq!(take_told(&mut b, 1030).await, want);
         assert_eq!(f.metrics.overtaken.get(), 0, "a clamp, not a replayer overtaken");
+        // Older than anything this log held (a fresh node, a cursor from another): the same.
+        let mut c = f.stream(Filter::default(), Start::From(7));
+        assert_eq!(take_told(&mut c, 1).await, vec![Err(Gap { after: 6, through: 3999 }), Ok(4000)]);
     }
 
     #[test]

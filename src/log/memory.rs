@@ -152,8 +152,12 @@ impl MemoryLog {
         }
     }
 
-    pub fn scan(&self, from: u64, limit: usize, mut f: impl FnMut(u64, &[u8]) -> bool) -> usize {
+    /// Calls `f` with each event from `from` on, up to `limit` of them or until it returns
+    /// false: how many it was called with, and the newest event evicted or trimmed before (the
+    /// scan holds the window's lock, under which the mark moves).
+    pub fn scan_after_trims(&self, from: u64, limit: usize, mut f: impl FnMut(u64, &[u8]) -> bool) -> (usize, u64) {
         let g = self.read();
+        let trimmed = self.trimmed.load(Ordering::Acquire);
         let mut n = 0;
         for (t, v) in g.events.range(from..).take(limit) {
             n += 1;
@@ -161,7 +165,7 @@ impl MemoryLog {
                 break;
             }
         }
-        n
+        (n, trimmed)
     }
 
     pub fn read_from(&self, from: u64, limit: usize) -> Vec<Event> {

@@ -201,10 +201,14 @@ impl Log {
     }
 
     fn with(backend: Backend) -> Result<Log> {
-        let mut tip = Tip::default();
-        if let Backend::Memory(m) = &backend {
-            tip.trimmed_through = m.trimmed_mark();
-        }
+        // The backend raises the mark as it deletes (see `scan_after_trims`).
+        let tip = Tip {
+            trimmed_through: match &backend {
+                Backend::Rocks(s) => s.trimmed_mark(),
+                Backend::Memory(m) => m.trimmed_mark(),
+            },
+            ..Tip::default()
+        };
         let log = Log { backend, tip: Arc::new(tip) };
         log.refresh_tip()?;
         Ok(log)
@@ -304,9 +308,16 @@ impl Log {
     /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns
     /// false or `limit` events were visited. Returns how many were visited.
     pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
+        Ok(self.scan_after_trims(from, limit, f)?.0)
+    }
+
+    /// [`Self::scan`], and [`Tip::trimmed_through`] as it stood for the scan's view of the
+    /// log: the scan lacks every event up to that mark and has every later one (a trim is
+    /// seen whole or not at all), so a scan from further back knows the events it lost.
+    pub fn scan_after_trims(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<(usize, u64)> {
         match &self.backend {
-            Backend::Rocks(s) => s.scan(from, limit, f),
-            Backend::Memory(m) => Ok(m.scan(from, limit, f)),
+            Backend::Rocks(s) => s.scan_after_trims(from, limit, f),
+            Backend::Memory(m) => Ok(m.scan_after_trims(from, limit, f)),
         }
     }
 
@@ -377,14 +388,8 @@ impl Log {
     /// Deletes every event with `time_us < cutoff`, then refreshes the tip.
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
         match &self.backend {
-            Backend::Rocks(s) => {
-                // Published before the delete: a scan that misses the events sees it.
-                if let Some(last) = s.newest_before(cutoff)? {
-                    self.tip.trimmed_through.fetch_max(last, Ordering::AcqRel);
-                }
-                s.trim_before(cutoff)?
-            }
-            // Its mark is the tip's, raised before each event goes.
+            // Each raises the mark it shares with the tip.
+            Backend::Rocks(s) => s.trim_before(cutoff)?,
             Backend::Memory(m) => m.trim_before(cutoff),
         }
         self.refresh_tip()

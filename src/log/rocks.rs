@@ -118,6 +118,13 @@ pub struct RocksLog {
     db: DB,
     path: PathBuf,
     write_opts: WriteOptions,
+    /// Held for writing while a trim deletes events, for reading while a scan takes its view
+    /// of the log: a scan sees a trim whole or not at all (its files dropped and its tombstone
+    /// ingested are two steps), and reads [`Self::trimmed`] as it stands for that view.
+    trim_gate: std::sync::RwLock<()>,
+    /// The newest event deleted by a trim since the process started (0: none), shared with
+    /// the log's tip ([`super::Tip::trimmed_through`]).
+    trimmed: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// A secondary instance's own state directory. Declared after `db` so it is removed only
     /// once the DB is closed (fields drop in order).
     _secondary_dir: RemoveOnDrop,
@@ -198,16 +205,25 @@ fn descriptors(memtable_bytes: usize, expiry: StateExpiry) -> Vec<ColumnFamilyDe
 }
 
 /// Calls `f` with each key (a `time_us`) and value of `cf` from `from` on, in order, until it
-/// returns false. Borrows each value from RocksDB's block (the iterator that yields boxed pairs
-/// allocated and copied twice per event: a replay reads every event of its run).
+/// returns false.
 fn scan_cf(
     db: &DB,
     cf: &rocksdb::ColumnFamily,
     ro: ReadOptions,
     from: u64,
+    f: impl FnMut(u64, &[u8]) -> Result<bool>,
+) -> Result<()> {
+    scan_iter(db.raw_iterator_cf_opt(cf, ro), from, f)
+}
+
+/// [`scan_cf`] with an iterator made already. Borrows each value from RocksDB's block (the
+/// iterator that yields boxed pairs allocated and copied twice per event: a replay reads every
+/// event of its run).
+fn scan_iter(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, DB>,
+    from: u64,
     mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
 ) -> Result<()> {
-    let mut it = db.raw_iterator_cf_opt(cf, ro);
     it.seek(from.to_be_bytes());
     while let (Some(k), Some(v)) = (it.key(), it.value()) {
         let key: [u8; 8] = k.try_into().map_err(|_| LogError::Corrupt("key"))?;
@@ -231,7 +247,14 @@ impl RocksLog {
         }
         let mut write_opts = WriteOptions::default();
         write_opts.set_sync(opts.sync_writes);
-        let log = RocksLog { db, path: dir.to_path_buf(), write_opts, _secondary_dir: RemoveOnDrop(None) };
+        let log = RocksLog {
+            db,
+            path: dir.to_path_buf(),
+            write_opts,
+            trim_gate: Default::default(),
+            trimmed: Default::default(),
+            _secondary_dir: RemoveOnDrop(None),
+        };
         // Tombstone files a crash left before their ingestion ([`Self::trim_events_before`]).
         for entry in std::fs::read_dir(dir)?.flatten() {
             let name = entry.file_name();
@@ -266,6 +289,8 @@ impl RocksLog {
             db,
             path: dir.to_path_buf(),
             write_opts: WriteOptions::default(),
+            trim_gate: Default::default(),
+            trimmed: Default::default(),
             _secondary_dir: RemoveOnDrop(Some(secondary)),
         })
     }
@@ -372,20 +397,38 @@ impl RocksLog {
 
     /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns
     /// false or `limit` events were visited. Returns how many were visited.
-    pub fn scan(&self, from: u64, limit: usize, mut f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
+    pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
+        Ok(self.scan_after_trims(from, limit, f)?.0)
+    }
+
+    /// [`Self::scan`], and the newest event trimmed before the scan's view of the log was
+    /// taken (0: none since the process started): the scan lacks every event up to it, and
+    /// has every later one.
+    pub fn scan_after_trims(
+        &self,
+        from: u64,
+        limit: usize,
+        mut f: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<(usize, u64)> {
         let mut ro = ReadOptions::default();
         // Replays read long runs once: don't evict the hot blocks for them.
         ro.fill_cache(false);
+        // The iterator's view is fixed when it is made, between trims (none is half done).
+        let (it, trimmed) = {
+            let _between_trims = self.trim_gate.read().unwrap_or_else(|p| p.into_inner());
+            let it = self.db.raw_iterator_cf_opt(self.events(), ro);
+            (it, self.trimmed.load(std::sync::atomic::Ordering::Acquire))
+        };
         if limit == 0 {
-            return Ok(0);
+            return Ok((0, trimmed));
         }
         let mut n = 0;
         // Stops on the limit-th event: the one after it is not read.
-        scan_cf(&self.db, self.events(), ro, from, |t, v| {
+        scan_iter(it, from, |t, v| {
             n += 1;
             Ok(f(t, v) && n < limit)
         })?;
-        Ok(n)
+        Ok((n, trimmed))
     }
 
     /// Up to `limit` events with `time_us >= from`, oldest first.
@@ -456,8 +499,30 @@ impl RocksLog {
         self.trim_cf_before(cf, time_us)
     }
 
+    /// Deletes the events before `cutoff` with the gate held (a scan sees all of it or none)
+    /// and raises the mark of what was deleted; then compacts, the gate open again.
     fn trim_events_before(&self, cutoff: u64) -> Result<()> {
-        self.trim_cf_before(self.events(), cutoff)
+        let compact_to = {
+            let _trimming = self.trim_gate.write().unwrap_or_else(|p| p.into_inner());
+            let newest_deleted = self.newest_before(cutoff)?;
+            let deleted = self.delete_cf_before(self.events(), cutoff);
+            // Raised even when a step failed: some of the events may be gone. (A reader takes
+            // the mark with the first event it finds, so a mark past events still there does
+            // not hide them.)
+            if let Some(t) = newest_deleted {
+                self.trimmed.fetch_max(t, std::sync::atomic::Ordering::AcqRel);
+            }
+            deleted?
+        };
+        if let Some(to) = compact_to {
+            self.compact_range(self.events(), None::<[u8; 8]>, Some(to));
+        }
+        Ok(())
+    }
+
+    /// The mark of what trims deleted, for the log's tip to share.
+    pub(super) fn trimmed_mark(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.trimmed.clone()
     }
 
     /// Deletes every key of `cf` (the events, or the stored frames) below `cutoff` and compacts
@@ -474,15 +539,24 @@ impl RocksLog {
     /// have to flush the memtable first (a retention shorter than a memtable's worth of keys),
     /// the tombstone goes through the memtable after all.
     fn trim_cf_before(&self, cf: &rocksdb::ColumnFamily, cutoff: u64) -> Result<()> {
+        if let Some(to) = self.delete_cf_before(cf, cutoff)? {
+            self.compact_range(cf, None::<[u8; 8]>, Some(to));
+        }
+        Ok(())
+    }
+
+    /// [`Self::trim_cf_before`]'s deletion: where the compaction that brings the space back
+    /// is to end, if a tombstone was written (files dropped whole need none).
+    fn delete_cf_before(&self, cf: &rocksdb::ColumnFamily, cutoff: u64) -> Result<Option<[u8; 8]>> {
         if self.edge_key(cf, IteratorMode::Start)?.is_none_or(|oldest| oldest >= cutoff) {
-            return Ok(());
+            return Ok(None);
         }
         // (Its end is inclusive.) Level-0 files, and files being compacted, stay.
         self.db.delete_file_in_range_cf(cf, 0u64.to_be_bytes(), (cutoff - 1).to_be_bytes())?;
         // What is left below the cutoff, if anything. (A tombstone over nothing would be placed
         // at the bottom, where no compaction ever takes it away.)
         let Some(oldest) = self.edge_key(cf, IteratorMode::Start)?.filter(|&oldest| oldest < cutoff) else {
-            return Ok(());
+            return Ok(None);
         };
         let (from, to) = (oldest.to_be_bytes(), cutoff.to_be_bytes());
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -493,10 +567,10 @@ impl RocksLog {
         if ingested.is_err() {
             self.db.delete_range_cf(cf, from, to)?;
         }
-        // From the start: a tombstone an earlier trim left uncompacted (a crash, a shutdown)
-        // hides keys below the first one seen, which the space must come back from too.
-        self.compact_range(cf, None::<[u8; 8]>, Some(to));
-        Ok(())
+        // The compaction goes from the start: a tombstone an earlier trim left uncompacted (a
+        // crash, a shutdown) hides keys below the first one seen, which the space must come
+        // back from too.
+        Ok(Some(to))
     }
 
     /// Writes a file holding only the range tombstone `[from, to)` at `path` and ingests it
@@ -763,5 +837,43 @@ mod tests {
             v
         };
         assert_eq!(kept, (3_001..6_001).collect::<Vec<_>>());
+    }
+
+    /// A scan's trim mark is the one of the log it sees: a trim that lands while it reads (its
+    /// files dropped, its tombstone ingested) moves the tip's mark, not the scan's, and the
+    /// scan still has those events. Read after the scan instead, the mark of the second trim
+    /// hid that the first had deleted events the scan began before.
+    #[test]
+    fn a_scan_reports_the_trims_of_the_log_it_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        for chunk in 0..4 {
+            log.append(&events(1 + chunk * 1_000, 1_000), None, &[]).unwrap();
+            log.flush().unwrap(); // files a trim drops whole
+        }
+        assert_eq!(log.scan_after_trims(0, 1, |_, _| true).unwrap(), (1, 0), "nothing trimmed yet");
+        log.trim_before(1_001).unwrap();
+        let mut seen = Vec::new();
+        let (n, trimmed) = log
+            .scan_after_trims(500, 2_000, |t, _| {
+                if seen.is_empty() {
+                    log.trim_before(2_501).unwrap(); // a whole file and half of the next
+                }
+                seen.push(t);
+                true
+            })
+            .unwrap();
+        assert_eq!((n, trimmed), (2_000, 1_000), "the first trim's mark, with the events after it");
+        assert_eq!(seen, (1_001..3_001).collect::<Vec<_>>(), "the scan's view is from before the second trim");
+        assert_eq!(log.trimmed_mark().load(std::sync::atomic::Ordering::Acquire), 2_500);
+        let mut first = 0;
+        let (_, trimmed) = log
+            .scan_after_trims(500, 1, |t, _| {
+                first = t;
+                true
+            })
+            .unwrap();
+        assert_eq!((first, trimmed), (2_501, 2_500));
     }
 }
