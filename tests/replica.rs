@@ -336,6 +336,10 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     let u = replica_of(ud.path(), &upstreams, &[]);
     wait_caught_up(&primary, &u, Duration::from_secs(30));
     assert_eq!(u.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", u.logs());
+    // The primary told the gap before its first event: a message the replica knows, not a
+    // line it drops.
+    let bad_lines = u.metric("contrail_drops_total{reason=\"bad_body\"}").unwrap_or(0.0);
+    assert_eq!(bad_lines, 0.0, "logs:\n{}", u.logs());
     drop(u);
     // Its log: what it had, then the primary's whole log (which starts after the hole).
     let p_log = inspect_log(pd.path());

@@ -7,6 +7,9 @@
 //!   upstream window); the inclusive cursor's repeat of that event is skipped.
 //! - Every event must have a larger `time_us` than the one before; anything else is an error
 //!   and the connection is reopened from the cursor.
+//! - An upstream's gap message (its log no longer held events it came to) past our newest
+//!   event is that upstream lacking what follows it, as when the first event after resuming
+//!   is not the resumed-from one: another upstream is tried, or the gap is counted.
 //! - Asks for cursor messages (`informCursorSeconds`) and uses them as a heartbeat: an
 //!   upstream that sends neither events nor cursor messages for the stale timeout is dropped
 //!   for the next one in the list. Chains work: an upstream may itself be a replica.
@@ -138,6 +141,14 @@ struct Meta<'a> {
     live: Option<bool>,
     #[serde(borrow)]
     commit: Option<CommitMeta<'a>>,
+}
+
+/// A gap message: the upstream's log no longer held the events after `after_us` through
+/// `through_us` when its stream for us came to them.
+#[derive(serde::Deserialize)]
+struct GapMeta<'a> {
+    kind: &'a str,
+    through_us: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -416,7 +427,15 @@ impl UpstreamReader {
         let mut scratch = json.clone();
         let meta: Meta<'_> = match simd_json::serde::from_slice(&mut scratch) {
             Ok(meta) => meta,
-            Err(e) => return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}")),
+            Err(e) => {
+                let mut scratch = json.clone();
+                if let Ok(gap) = simd_json::serde::from_slice::<GapMeta<'_>>(&mut scratch) {
+                    if gap.kind == "gap" {
+                        return self.told_gap(gap.through_us);
+                    }
+                }
+                return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}"));
+            }
         };
         if meta.kind == "cursor" {
             if self.held_ahead.as_ref().is_some_and(|(held_at, _)| meta.time_us == *held_at) {
@@ -504,11 +523,29 @@ impl UpstreamReader {
         Ok(self.event(meta, json).await? || stored_held)
     }
 
+    /// The upstream's log no longer held events its stream for us came to, up to `through`:
+    /// retention overtook our catch-up, or our newest event is gone from it (told before the
+    /// first event after resuming). Past our position, that upstream lacks what follows it
+    /// and another may have it ([`Self::resumed_without_our_newest`]); up to it, only events
+    /// we have are gone: nothing is missing, and the resumed-from event will not come again.
+    /// Alive either way.
+    fn told_gap(&mut self, through: u64) -> Result<bool, UpstreamError> {
+        if through > self.last_time_us.max(self.dropped_through) {
+            if self.gap.is_none() {
+                self.resumed_without_our_newest(through.saturating_add(1))?;
+            }
+        } else {
+            self.expect_repeat = false;
+        }
+        Ok(true)
+    }
+
     /// The first event after resuming from `last_time_us`, at `first`, is not the resumed-from
-    /// one: the upstream no longer has it (retention trimmed it, or a live-only window never
-    /// reached back that far), and what it held after it may be gone too. Another upstream may
-    /// still have it (or may again, once reachable): an error, to try it. When none can, go on,
-    /// and say so (the hole is counted when the next event is stored).
+    /// one, or the upstream told a gap past it: the upstream no longer has it (retention
+    /// trimmed it, or a live-only window never reached back that far), and what it held after
+    /// it may be gone too. Another upstream may still have it (or may again, once reachable):
+    /// an error, to try it. When none can, go on, and say so (the hole is counted when the next
+    /// event is stored).
     fn resumed_without_our_newest(&mut self, first: u64) -> Result<(), UpstreamError> {
         self.expect_repeat = false;
         let cursor = self.last_time_us;
