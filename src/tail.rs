@@ -58,6 +58,12 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                     break closed_stdout(e);
                 }
             }
+            Ok(Message::Gap { after_us, through_us }) => {
+                position = Some(through_us);
+                eprintln!(
+                    "contrail tail: the server no longer held the events after {after_us} through {through_us}; going on after them"
+                );
+            }
             // A cursor message, or a message kind of a later client version: a position.
             Ok(m) => position = Some(m.time_us()),
             Err(e) => break Err(e.into()),

@@ -444,3 +444,46 @@ async fn a_compressed_subscription_through_a_proxy_that_wants_a_token_fetches_it
         assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "{wire:?}");
     }
 }
+
+/// A saved cursor the server's log no longer reaches (its retention deleted what followed): the
+/// subscription hands over the gap, counted, before the oldest event left — compressed like the
+/// events — and `process` saves past it, so a restart is not told it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_the_server_tells_is_handed_over_and_saved_past() {
+    let first = generate(1, 200, 20, 41);
+    let relay = relay_with(&first).await;
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--max-events-per-second-per-ip", "0", "--retention", "1s", "--trim-interval", "100ms"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(first.last().unwrap().seq, Duration::from_secs(30));
+    let log = inspect_log(dir.path());
+    let (saved, first_last) = (time_of(&log[10]), time_of(log.last().unwrap()));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    relay.push_all(&generate(1_000, 50, 20, 42));
+    serve.wait_for_seq(1_049, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let oldest = loop {
+        let oldest = time_of(&inspect_log(dir.path())[0]);
+        if oldest > first_last {
+            break oldest;
+        }
+        assert!(Instant::now() < deadline, "retention never trimmed the first batch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut sub = builder(&[&serve]).cursor(Some(saved)).compress(true).start().unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    assert_eq!(m, contrail_client::Message::Gap { after_us: saved, through_us: oldest - 1 });
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    assert!(matches!(&m, contrail_client::Message::Event(e) if e.time_us() == oldest), "{m:?}");
+    assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 1);
+    // `process` from the same saved cursor: the gap moves the saved position, the events follow.
+    let cursor_dir = tempfile::tempdir().unwrap();
+    let store = FileCursorStore::new(cursor_dir.path().join("cursor"));
+    store.clone().save(saved).unwrap();
+    let collector = Collector::default();
+    let last = newest(&serve);
+    let sub = builder(&[&serve]).cursor(Some(saved)).start().unwrap();
+    run_until(sub, store.clone(), &collector, false, move |e, _| e.time_us() >= last).await;
+    assert!(collector.take() == inspect_log(dir.path()), "the events after the gap, all of them");
+    assert_eq!(store.load().unwrap(), Some(last));
+}

@@ -1405,3 +1405,114 @@ async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
     assert_eq!(got, all, "the replay is the log, once, in order");
     wait_until("every page let go", &|| held() == 0.0);
 }
+
+/// What a subscriber was told, in order: an event's `time_us` (`Ok`), or a gap (`Err`: its
+/// after and through edges, from a v1 gap message or a v2 `#info OutdatedCursor`).
+type Told = Result<u64, (u64, u64)>;
+
+/// Reads a v1 (`v2` false) or v2 text stream until a gap and then `after_gap` events were told,
+/// skipping cursor messages; or until `timeout` of silence.
+async fn told_until_past_a_gap(ws: &mut Ws, v2: bool, after_gap: usize, timeout: Duration) -> Vec<Told> {
+    let mut out: Vec<Told> = Vec::new();
+    let past_gap = |out: &Vec<Told>| out.iter().skip_while(|t| t.is_ok()).skip(1).count();
+    while !out.iter().any(|t| t.is_err()) || past_gap(&out) < after_gap {
+        let Some(m) = next(ws, timeout).await else { break };
+        let Msg::Text(t) = m else { panic!("after {} messages: {m:?}", out.len()) };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        let told = if v2 {
+            let p = &v["payload"];
+            if p["$type"] == "network.bsky.jetstream.subscribeEvents#info" {
+                assert_eq!(p["name"], "OutdatedCursor", "{t}");
+                // "events after seq A through seq B were deleted before they were sent; …"
+                let words: Vec<&str> = p["message"].as_str().unwrap().split(' ').collect();
+                Err((words[3].parse().unwrap(), words[6].parse().unwrap()))
+            } else {
+                Ok(p["seq"].as_u64().unwrap())
+            }
+        } else {
+            match v["kind"].as_str().unwrap() {
+                "cursor" => continue,
+                "gap" => Err((v["after_us"].as_u64().unwrap(), v["through_us"].as_u64().unwrap())),
+                "commit" | "identity" | "account" | "sync" => Ok(v["time_us"].as_u64().unwrap()),
+                other => panic!("a message of kind {other}: {t}"),
+            }
+        };
+        out.push(told);
+    }
+    out
+}
+
+/// Retention that deletes events replaying subscribers have not read yet: each goes on from the
+/// oldest event left and is told the gap first, exactly, between the events around it — v2 in
+/// an `#info OutdatedCursor`, v1 if it asked for cursor messages (a strict v1 client is told
+/// nothing: it knows no other kinds). A cursor older than the log is told the same at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayers_that_retention_overtakes_are_told_the_gap_in_order() {
+    let relay = FakeRelay::start().await;
+    let first = generate(1, 1500, 20, 7);
+    relay.push_all(&first);
+    let dir = tempfile::tempdir().unwrap();
+    // Three replayers sharing 600 events/s take about five seconds for their first page (1,024
+    // events); retention (1 s) deletes the rest of the first batch once the second arrives.
+    let flags = ["--max-events-per-second-per-ip", "600", "--retention", "1s", "--trim-interval", "100ms"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(first.last().unwrap().seq, Duration::from_secs(60));
+    // Quiet now: the log stays as it is until newer events arrive.
+    let times = |dir: &std::path::Path| -> Vec<u64> {
+        inspect_log(dir)
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["time_us"].as_u64().unwrap())
+            .collect()
+    };
+    let before = times(dir.path());
+    assert!(before.len() > 1500, "{} events", before.len());
+    let oldest = before[0];
+    let q = |more: &str| format!("/subscribe?cursor={oldest}{more}");
+    let mut told = connect(serve.public, &q("&informCursorSeconds=1"), &[]).await.unwrap();
+    let mut strict = connect(serve.public, &q(""), &[]).await.unwrap();
+    let v2_path = format!("/xrpc/network.bsky.jetstream.subscribeEvents?cursor={oldest}");
+    let mut v2 = connect(serve.public, &v2_path, &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = generate(10_000, 50, 20, 8);
+    relay.push_all(&second);
+    serve.wait_for_seq(second.last().unwrap().seq, Duration::from_secs(30));
+    let long = Duration::from_secs(15);
+    let (told_v1, told_v2) =
+        (told_until_past_a_gap(&mut told, false, 5, long).await, told_until_past_a_gap(&mut v2, true, 5, long).await);
+    let after = times(dir.path());
+    assert!(after[0] > *before.last().unwrap(), "retention left some of the first batch: {}", after[0]);
+    for (wire, got) in [("v1", &told_v1), ("v2", &told_v2)] {
+        let gap_at = got.iter().position(|t| t.is_err()).unwrap_or_else(|| panic!("{wire}: no gap told"));
+        let events: Vec<u64> = got[..gap_at].iter().map(|t| *t.as_ref().unwrap()).collect();
+        assert!(
+            events.len() >= 1024 && events[..] == before[..events.len()],
+            "{wire}: the log from the cursor, then the gap"
+        );
+        let Err((from, through)) = got[gap_at] else { unreachable!() };
+        assert_eq!(from, *events.last().unwrap(), "{wire}: the gap starts at the last event sent");
+        assert_eq!(through, *before.last().unwrap(), "{wire}: and ends at the newest event deleted");
+        let rest: Vec<u64> = got[gap_at + 1..]
+            .iter()
+            .map(|t| *t.as_ref().unwrap_or_else(|g| panic!("{wire}: a second gap {g:?}")))
+            .collect();
+        assert_eq!(rest[..], after[..rest.len()], "{wire}: then the oldest events left, in order");
+    }
+    // The strict v1 client: the same events, with nothing between them.
+    let mut plain = Vec::new();
+    while plain.len() < told_v1.len() - 1 {
+        let Some(Msg::Text(t)) = next(&mut strict, long).await else { panic!("after {} events", plain.len()) };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        assert!(["commit", "identity", "account"].contains(&v["kind"].as_str().unwrap()), "{t}");
+        plain.push(v["time_us"].as_u64().unwrap());
+    }
+    let want: Vec<u64> = told_v1.iter().filter_map(|t| t.ok()).collect();
+    assert_eq!(plain, want);
+    assert_eq!(serve.metric("contrail_hub_replay_overtaken_total"), Some(3.0), "each replayer counted once");
+    // A cursor the log no longer reaches: the gap up to the oldest event left, then that event.
+    let mut late = connect(serve.public, &q("&informCursorSeconds=1"), &[]).await.unwrap();
+    let got = told_until_past_a_gap(&mut late, false, 1, T).await;
+    assert_eq!(got, vec![Err((oldest - 1, after[0] - 1)), Ok(after[0])]);
+    let mut late = connect(serve.public, &q(""), &[]).await.unwrap();
+    let Some(Msg::Text(t)) = next(&mut late, T).await else { panic!("nothing") };
+    assert!(t.contains(&format!("\"time_us\":{}", after[0])), "a strict v1 client gets the oldest event: {t}");
+}

@@ -4,7 +4,9 @@
 //! `C`, the handler has returned `Ok` for every event with position ≤ `C` (the parallel runner
 //! included: its saved cursor never passes an event still being handled). So:
 //! - every event is handed to the handler **at least once** across restarts, crashes and
-//!   failovers (a handler error stops the run before the cursor passes the event);
+//!   failovers (a handler error stops the run before the cursor passes the event) — every event
+//!   the server still holds: a range its retention deleted before this consumer came to it is
+//!   a [`Message::Gap`], logged by the subscription, and the cursor moves past it;
 //! - after a clean stop (the shutdown future, or the subscription ending) nothing is handed
 //!   over twice: the cursor is saved on the way out;
 //! - after a crash (kill -9, power loss), the events finished after the last save — at most
@@ -144,7 +146,8 @@ where
                 }
                 position = Some(t);
             }
-            Ok(Message::Cursor(t)) => position = Some(t),
+            // Past a gap too: its events cannot be had again (the subscription logged it).
+            Ok(Message::Cursor(t) | Message::Gap { through_us: t, .. }) => position = Some(t),
             Err(e) => break Err(ProcessError::Subscription(e)),
         }
         if let Err(e) = saver.maybe(position) {
@@ -319,7 +322,7 @@ where
                 waiting = Some((worker, id, e));
                 continue;
             }
-            Some(Ok(Message::Cursor(t))) => position = Some(t),
+            Some(Ok(Message::Cursor(t) | Message::Gap { through_us: t, .. })) => position = Some(t),
             Some(Err(e)) => {
                 result = Err(ProcessError::Subscription(e));
                 break;

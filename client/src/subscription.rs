@@ -71,6 +71,17 @@ pub enum Message {
     /// (Contrail's `informCursorSeconds`): nothing was missed, and a cursor saved here is
     /// valid. Arrives on quiet filters too.
     Cursor(u64),
+    /// The server's log no longer held the events after `after_us` through `through_us` when
+    /// this subscription came to them (its retention or disk budget deleted them first, or
+    /// the cursor was older than its log): they are lost to this subscription, whether its
+    /// filters wanted any of them or not, and it goes on after them. Contrail tells it on
+    /// `/subscribe` with cursor messages on (this client asks for them); counted in
+    /// [`Stats::gaps`]. A consumer that must not miss an event backfills that range from
+    /// elsewhere (the accounts' repositories).
+    Gap {
+        after_us: u64,
+        through_us: u64,
+    },
 }
 
 impl Message {
@@ -78,7 +89,7 @@ impl Message {
     pub fn time_us(&self) -> u64 {
         match self {
             Message::Event(e) => e.time_us(),
-            Message::Cursor(t) => *t,
+            Message::Cursor(t) | Message::Gap { through_us: t, .. } => *t,
         }
     }
 }
@@ -93,6 +104,8 @@ pub struct Stats {
     pub duplicates_dropped: AtomicU64,
     /// Messages that were not event JSON (skipped, logged).
     pub malformed: AtomicU64,
+    /// Gaps the server told ([`Message::Gap`]).
+    pub gaps: AtomicU64,
     /// Index of the host in use.
     pub host: AtomicUsize,
 }
@@ -390,7 +403,7 @@ impl Buffered {
     fn share(&self, message: &Message) -> u32 {
         match message {
             Message::Event(e) => e.json().len().clamp(1, self.max).min(u32::MAX as usize) as u32,
-            Message::Cursor(_) => 0,
+            Message::Cursor(_) | Message::Gap { .. } => 0,
         }
     }
 }
@@ -833,30 +846,51 @@ impl Driver {
                 }
             },
         };
-        let message = if let Some(cursor) = cursor_message(&v1_text) {
-            check_not_future(cursor)?;
-            if cursor == 0 {
-                // A server with an empty log: no position (a store saving 0 would read it
-                // back as "no cursor", and start live).
-                return Ok(());
-            }
-            // A position in this host's timeline. After a rewind onto another host it is
-            // comparable only once it is a whole rewind past the last position (the hosts'
-            // clocks differ by less), or once an event from this host has arrived.
-            let comparable = same_timeline || self.last.is_none_or(|l| cursor >= l.saturating_add(rewind_us));
-            if !comparable || self.last.is_some_and(|l| cursor <= l) {
-                return Ok(());
-            }
-            Message::Cursor(cursor)
-        } else {
-            let event = match Event::from_json(v1_text) {
-                Ok(e) => e,
-                Err(e) => {
-                    self.malformed(&format!("a message that is not an event ({e})"));
+        let message = match control_message(&v1_text) {
+            Some(Control::Cursor(cursor)) => {
+                check_not_future(cursor)?;
+                if cursor == 0 {
+                    // A server with an empty log: no position (a store saving 0 would read it
+                    // back as "no cursor", and start live).
                     return Ok(());
                 }
-            };
-            return self.deliver_event(event, same_timeline).await;
+                // A position in this host's timeline. After a rewind onto another host it is
+                // comparable only once it is a whole rewind past the last position (the hosts'
+                // clocks differ by less), or once an event from this host has arrived.
+                let comparable = same_timeline || self.last.is_none_or(|l| cursor >= l.saturating_add(rewind_us));
+                if !comparable || self.last.is_some_and(|l| cursor <= l) {
+                    return Ok(());
+                }
+                Message::Cursor(cursor)
+            }
+            Some(Control::Gap { after, through }) => {
+                check_not_future(through)?;
+                // Its far edge is a position, taken as a cursor message's is; a gap entirely
+                // before the last position lost nothing this subscription had not passed.
+                let comparable = same_timeline || self.last.is_none_or(|l| through >= l.saturating_add(rewind_us));
+                if !comparable || self.last.is_some_and(|l| through <= l) {
+                    return Ok(());
+                }
+                let after = self.last.map_or(after, |l| after.max(l));
+                self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    url = %self.urls[self.current],
+                    after_us = after,
+                    through_us = through,
+                    "the server no longer held the events in this range when this subscription came to them; going on after them"
+                );
+                Message::Gap { after_us: after, through_us: through }
+            }
+            None => {
+                let event = match Event::from_json(v1_text) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        self.malformed(&format!("a message that is not an event ({e})"));
+                        return Ok(());
+                    }
+                };
+                return self.deliver_event(event, same_timeline).await;
+            }
         };
         self.send(message).await
     }
@@ -951,17 +985,32 @@ fn check_not_future(time_us: u64) -> Result<(), ConnectionError> {
     Ok(())
 }
 
-/// `{"kind":"cursor","time_us":T,…}` → T. Control messages are short; events rarely are.
-fn cursor_message(text: &str) -> Option<u64> {
+/// A message of Contrail's that is not an event. Control messages are short; events rarely are.
+#[derive(Debug, PartialEq, Eq)]
+enum Control {
+    /// `{"kind":"cursor","time_us":T,…}`
+    Cursor(u64),
+    /// `{"kind":"gap","after_us":A,"through_us":B}`, with A < B.
+    Gap { after: u64, through: u64 },
+}
+
+fn control_message(text: &str) -> Option<Control> {
     #[derive(serde::Deserialize)]
-    struct Control<'a> {
+    struct Fields<'a> {
         kind: &'a str,
-        time_us: u64,
+        time_us: Option<u64>,
+        after_us: Option<u64>,
+        through_us: Option<u64>,
     }
     if text.len() > 128 {
         return None;
     }
-    serde_json::from_str::<Control<'_>>(text).ok().filter(|c| c.kind == "cursor").map(|c| c.time_us)
+    let f = serde_json::from_str::<Fields<'_>>(text).ok()?;
+    match (f.kind, f.time_us, f.after_us, f.through_us) {
+        ("cursor", Some(t), ..) => Some(Control::Cursor(t)),
+        ("gap", _, Some(after), Some(through)) if after < through => Some(Control::Gap { after, through }),
+        _ => None,
+    }
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -1079,6 +1128,26 @@ impl Dedupe {
             }
             self.keys.remove(&k);
             self.order.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_messages_are_told_from_events() {
+        assert_eq!(control_message(r#"{"kind":"cursor","time_us":5,"live":true}"#), Some(Control::Cursor(5)));
+        let gap = r#"{"kind":"gap","after_us":5,"through_us":9}"#;
+        assert_eq!(control_message(gap), Some(Control::Gap { after: 5, through: 9 }));
+        for not_one in [
+            r#"{"kind":"gap","after_us":9,"through_us":9}"#,
+            r#"{"kind":"gap","after_us":5}"#,
+            r#"{"kind":"cursor","after_us":5,"through_us":9}"#,
+            r#"{"did":"did:plc:a","time_us":5,"kind":"identity","identity":{"did":"did:plc:a","seq":1}}"#,
+        ] {
+            assert_eq!(control_message(not_one), None, "{not_one}");
         }
     }
 }

@@ -50,7 +50,12 @@
 //! Beyond v1 (opt-in, so strict v1 clients never see them): `informCursorSeconds=N` sends
 //! `{"kind":"cursor","time_us":T,"live":L}` every N s, T being the last event this stream has
 //! passed (delivered or filtered out), L whether it is live (caught up with the log) or still
-//! reading it — `cursor_messages_report_progress`.
+//! reading it — `cursor_messages_report_progress`. With it, events the log no longer held
+//! when the stream came to them (retention overtook a replay, or the cursor is older than the
+//! log; not for cursors 0 and 1, "from the start") are told first as
+//! `{"kind":"gap","after_us":A,"through_us":B}`, exactly those after A up to B; v2 tells them
+//! in an `#info OutdatedCursor` — `replayers_that_retention_overtakes_are_told_the_gap_in_order`,
+//! `hub::stream` unit tests.
 //!
 //! The v2 wire (`GET /xrpc/network.bsky.jetstream.subscribeEvents`, [`handshake::subscribe_events`],
 //! messages in `contrail_core::v2`), served by the same sessions and streams:
