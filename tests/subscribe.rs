@@ -1411,9 +1411,11 @@ async fn replay_pages_in_hand_are_bounded_and_a_replayer_waits_for_room() {
 type Told = Result<u64, (u64, u64)>;
 
 /// Reads a v1 (`v2` false) or v2 text stream until a gap and then `after_gap` events were told,
-/// skipping cursor messages; or until `timeout` of silence.
+/// or until `timeout` of silence. Cursor messages are checked, not returned: none before the
+/// gap may claim a position past its start.
 async fn told_until_past_a_gap(ws: &mut Ws, v2: bool, after_gap: usize, timeout: Duration) -> Vec<Told> {
     let mut out: Vec<Told> = Vec::new();
+    let mut cursor_before_gap = 0;
     let past_gap = |out: &Vec<Told>| out.iter().skip_while(|t| t.is_ok()).skip(1).count();
     while !out.iter().any(|t| t.is_err()) || past_gap(&out) < after_gap {
         let Some(m) = next(ws, timeout).await else { break };
@@ -1431,12 +1433,20 @@ async fn told_until_past_a_gap(ws: &mut Ws, v2: bool, after_gap: usize, timeout:
             }
         } else {
             match v["kind"].as_str().unwrap() {
-                "cursor" => continue,
+                "cursor" => {
+                    if !out.iter().any(|t| t.is_err()) {
+                        cursor_before_gap = v["time_us"].as_u64().unwrap();
+                    }
+                    continue;
+                }
                 "gap" => Err((v["after_us"].as_u64().unwrap(), v["through_us"].as_u64().unwrap())),
                 "commit" | "identity" | "account" | "sync" => Ok(v["time_us"].as_u64().unwrap()),
                 other => panic!("a message of kind {other}: {t}"),
             }
         };
+        if let Err((after, _)) = told {
+            assert!(cursor_before_gap <= after, "a cursor message at {cursor_before_gap} claimed the gap's range: {t}");
+        }
         out.push(told);
     }
     out
@@ -1508,8 +1518,14 @@ async fn replayers_that_retention_overtakes_are_told_the_gap_in_order() {
     let want: Vec<u64> = told_v1.iter().filter_map(|t| t.ok()).collect();
     assert_eq!(plain, want);
     assert_eq!(serve.metric("contrail_hub_replay_overtaken_total"), Some(3.0), "each replayer counted once");
-    // A cursor the log no longer reaches: the gap up to the oldest event left, then that event.
+    // A cursor the log no longer reaches: the gap up to the oldest event left, then that event;
+    // with the start taken at a hello too, when the first cursor message is due at once.
     let mut late = connect(serve.public, &q("&informCursorSeconds=1"), &[]).await.unwrap();
+    let got = told_until_past_a_gap(&mut late, false, 1, T).await;
+    assert_eq!(got, vec![Err((oldest - 1, after[0] - 1)), Ok(after[0])]);
+    let mut late = connect(serve.public, &q("&informCursorSeconds=1&requireHello=true"), &[]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send_text(&mut late, r#"{"type":"options_update","payload":{}}"#).await;
     let got = told_until_past_a_gap(&mut late, false, 1, T).await;
     assert_eq!(got, vec![Err((oldest - 1, after[0] - 1)), Ok(after[0])]);
     let mut late = connect(serve.public, &q(""), &[]).await.unwrap();

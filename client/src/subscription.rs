@@ -68,8 +68,8 @@ pub enum Failover {
 pub enum Message {
     Event(Event),
     /// The server has passed every event up to this `time_us` for this subscription's filters
-    /// (Contrail's `informCursorSeconds`): nothing was missed, and a cursor saved here is
-    /// valid. Arrives on quiet filters too.
+    /// (Contrail's `informCursorSeconds`): nothing was missed but the gaps it told
+    /// ([`Message::Gap`]), and a cursor saved here is valid. Arrives on quiet filters too.
     Cursor(u64),
     /// The server's log no longer held the events after `after_us` through `through_us` when
     /// this subscription came to them (its retention or disk budget deleted them first, or
@@ -868,10 +868,9 @@ impl Driver {
                 // Its far edge is a position, taken as a cursor message's is; a gap entirely
                 // before the last position lost nothing this subscription had not passed.
                 let comparable = same_timeline || self.last.is_none_or(|l| through >= l.saturating_add(rewind_us));
-                if !comparable || self.last.is_some_and(|l| through <= l) {
+                if comparable && self.last.is_some_and(|l| through <= l) {
                     return Ok(());
                 }
-                let after = self.last.map_or(after, |l| after.max(l));
                 self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     url = %self.urls[self.current],
@@ -879,6 +878,12 @@ impl Driver {
                     through_us = through,
                     "the server no longer held the events in this range when this subscription came to them; going on after them"
                 );
+                if !comparable {
+                    // Within a rewind onto another host: events of this range may be ones
+                    // already delivered, or lost. Said and counted; not a position.
+                    return Ok(());
+                }
+                let after = self.last.map_or(after, |l| after.max(l));
                 Message::Gap { after_us: after, through_us: through }
             }
             None => {

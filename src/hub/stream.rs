@@ -203,14 +203,16 @@ impl EventStream {
             // A cursor older than the log is clamped to the oldest event left (as in v1), here
             // and not by the first scan: a replay page kept from before the trim would otherwise
             // hand out its run, then jump the deleted events after it. The events in between are
-            // a gap, except for a cursor of 0 or 1 (or negative): "from the start", in v1's usage.
+            // a gap, told first (the position moves past it as it is handed out, so a cursor
+            // message sent before it claims none of it); not for a cursor of 0 or 1 (or
+            // negative): "from the start", in v1's usage.
             Start::From(cursor) => {
                 let asked = cursor.max(1) - 1;
                 let oldest_left = tip.trimmed_through().max(tip.oldest().map_or(0, |t| t - 1));
-                if oldest_left > asked {
-                    (oldest_left, (asked > 0).then_some(Gap { after: asked, through: oldest_left }))
-                } else {
-                    (asked, None)
+                match oldest_left > asked {
+                    true if asked > 0 => (asked, Some(Gap { after: asked, through: oldest_left })),
+                    true => (oldest_left, None),
+                    false => (asked, None),
                 }
             }
             Start::Live => (tip.newest().unwrap_or(0), None),

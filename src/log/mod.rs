@@ -308,7 +308,10 @@ impl Log {
     /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns
     /// false or `limit` events were visited. Returns how many were visited.
     pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
-        Ok(self.scan_after_trims(from, limit, f)?.0)
+        match &self.backend {
+            Backend::Rocks(s) => s.scan(from, limit, f),
+            Backend::Memory(m) => Ok(m.scan_after_trims(from, limit, f).0),
+        }
     }
 
     /// [`Self::scan`], and [`Tip::trimmed_through`] as it stood for the scan's view of the

@@ -216,6 +216,34 @@ fn scan_cf(
     scan_iter(db.raw_iterator_cf_opt(cf, ro), from, f)
 }
 
+/// Reads for replays and other long scans: they read long runs once, so they don't evict the
+/// hot blocks for them.
+fn replay_read_options() -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    ro.fill_cache(false);
+    ro
+}
+
+/// Calls `f` with each event from `from` on, up to `limit` of them or until it returns false;
+/// how many it was called with.
+fn scan_limited(
+    it: rocksdb::DBRawIteratorWithThreadMode<'_, DB>,
+    from: u64,
+    limit: usize,
+    mut f: impl FnMut(u64, &[u8]) -> bool,
+) -> Result<usize> {
+    if limit == 0 {
+        return Ok(0);
+    }
+    let mut n = 0;
+    // Stops on the limit-th event: the one after it is not read.
+    scan_iter(it, from, |t, v| {
+        n += 1;
+        Ok(f(t, v) && n < limit)
+    })?;
+    Ok(n)
+}
+
 /// [`scan_cf`] with an iterator made already. Borrows each value from RocksDB's block (the
 /// iterator that yields boxed pairs allocated and copied twice per event: a replay reads every
 /// event of its run).
@@ -398,37 +426,22 @@ impl RocksLog {
     /// Calls `f` with each stored event with `time_us >= from`, oldest first, until `f` returns
     /// false or `limit` events were visited. Returns how many were visited.
     pub fn scan(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<usize> {
-        Ok(self.scan_after_trims(from, limit, f)?.0)
+        // Not behind the trim gate: only a reader of the mark needs it, and the lowest-priority
+        // thread (precompress) scans too, which must not hold up a trim (and the scans behind it).
+        scan_limited(self.db.raw_iterator_cf_opt(self.events(), replay_read_options()), from, limit, f)
     }
 
     /// [`Self::scan`], and the newest event trimmed before the scan's view of the log was
     /// taken (0: none since the process started): the scan lacks every event up to it, and
     /// has every later one.
-    pub fn scan_after_trims(
-        &self,
-        from: u64,
-        limit: usize,
-        mut f: impl FnMut(u64, &[u8]) -> bool,
-    ) -> Result<(usize, u64)> {
-        let mut ro = ReadOptions::default();
-        // Replays read long runs once: don't evict the hot blocks for them.
-        ro.fill_cache(false);
+    pub fn scan_after_trims(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<(usize, u64)> {
         // The iterator's view is fixed when it is made, between trims (none is half done).
         let (it, trimmed) = {
             let _between_trims = self.trim_gate.read().unwrap_or_else(|p| p.into_inner());
-            let it = self.db.raw_iterator_cf_opt(self.events(), ro);
+            let it = self.db.raw_iterator_cf_opt(self.events(), replay_read_options());
             (it, self.trimmed.load(std::sync::atomic::Ordering::Acquire))
         };
-        if limit == 0 {
-            return Ok((0, trimmed));
-        }
-        let mut n = 0;
-        // Stops on the limit-th event: the one after it is not read.
-        scan_iter(it, from, |t, v| {
-            n += 1;
-            Ok(f(t, v) && n < limit)
-        })?;
-        Ok((n, trimmed))
+        Ok((scan_limited(it, from, limit, f)?, trimmed))
     }
 
     /// Up to `limit` events with `time_us >= from`, oldest first.
@@ -875,5 +888,42 @@ mod tests {
             })
             .unwrap();
         assert_eq!((first, trimmed), (2_501, 2_500));
+    }
+
+    /// Scans racing trims that drop files and then ingest a tombstone: every scan sees a log
+    /// trimmed exactly up to the mark it reports. Without the trim gate, a scan between a
+    /// trim's two steps saw files gone and the rest still there, under the old mark.
+    #[test]
+    fn scans_racing_trims_see_each_trim_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let log = std::sync::Arc::new(RocksLog::open(dir.path(), opts).unwrap());
+        for chunk in 0..60 {
+            log.append(&events(1 + chunk * 100, 100), None, &[]).unwrap();
+            log.flush().unwrap(); // a file per 100 events: most trims drop some whole
+        }
+        let trimmer = {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for cutoff in (151..6_000).step_by(150) {
+                    log.trim_before(cutoff).unwrap();
+                }
+            })
+        };
+        let mut scans = 0;
+        while !trimmer.is_finished() {
+            let mut first = None;
+            let (_, trimmed) = log
+                .scan_after_trims(0, 1, |t, _| {
+                    first = Some(t);
+                    true
+                })
+                .unwrap();
+            // Every event is there from 1 to 6,000 until a trim deletes a prefix of them.
+            assert_eq!(first, Some(trimmed + 1), "after {scans} scans");
+            scans += 1;
+        }
+        trimmer.join().unwrap();
+        assert!(scans > 100, "only {scans} scans raced the trims");
     }
 }

@@ -643,7 +643,7 @@ impl UpstreamReader {
                 upstream = %self.urls()[self.current],
                 cursor,
                 first,
-                "no upstream still has our newest event: events between it and this upstream's oldest may be missing"
+                "no upstream still has our newest event or the events after it: events between it and this upstream's next may be missing"
             );
         }
         Ok(true)
