@@ -486,4 +486,28 @@ async fn a_gap_the_server_tells_is_handed_over_and_saved_past() {
     run_until(sub, store.clone(), &collector, false, move |e, _| e.time_us() >= last).await;
     assert!(collector.take() == inspect_log(dir.path()), "the events after the gap, all of them");
     assert_eq!(store.load().unwrap(), Some(last));
+    // `contrail tail` says the gap on stderr; stdout stays the events.
+    let mut child = std::process::Command::new(bin())
+        .args(["tail", &format!("ws://{}", serve.public), "--cursor", &saved.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let first = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout).lines().next().and_then(Result::ok)
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !first.is_finished() {
+        assert!(Instant::now() < deadline, "contrail tail printed nothing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = first.join().unwrap().expect("a line");
+    common::process::signal(child.id(), 2);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(time_of(&first), oldest, "{first}");
+    let says = format!("no longer held the events after {saved} through {}", oldest - 1);
+    assert!(stderr.contains(&says), "{stderr}");
 }
