@@ -361,6 +361,36 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     assert!(then_the_primarys(vd.path()), "not the primary's log");
 }
 
+/// A replica catching up more slowly than its upstream's retention deletes: the upstream tells
+/// it the events it deleted ahead of it, and the replica, whose only upstream lacks them, counts
+/// the hole and goes on from the oldest event left — its log the upstream's first page, then
+/// the upstream's log as it now is. Before, it took the gap message for a bad line and stored a
+/// log with a hole nothing counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_overtaken_by_its_upstreams_retention_counts_the_hole() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 1_500, 20, 7));
+    let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // 200 events/s for the replica: its first page (1,024 events) takes about four seconds.
+    let flags = ["--max-events-per-second-per-ip", "200", "--retention", "1s", "--trim-interval", "100ms"];
+    let primary = Serve::start(pd.path(), &relay.url(), &flags);
+    primary.wait_for_seq(1_500, Duration::from_secs(60));
+    let before = inspect_log(pd.path());
+    let r = replica(rd.path(), &[&primary]);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    relay.push_all(&generate(10_000, 50, 20, 8));
+    primary.wait_for_seq(10_049, Duration::from_secs(30));
+    wait_caught_up(&primary, &r, Duration::from_secs(30));
+    assert_eq!(r.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", r.logs());
+    assert_eq!(r.metric("contrail_drops_total{reason=\"bad_body\"}").unwrap_or(0.0), 0.0);
+    let (r_log, p_log) = (inspect_log(rd.path()), inspect_log(pd.path()));
+    let time_us = |line: &String| serde_json::from_str::<serde_json::Value>(line).unwrap()["time_us"].as_u64().unwrap();
+    assert!(time_us(&p_log[0]) > time_us(before.last().unwrap()), "retention left some of the first batch");
+    let kept = r_log.len() - p_log.len();
+    assert!(kept >= 1_024 && r_log[..kept] == before[..kept], "the first page, whole ({kept} events)");
+    assert!(r_log[kept..] == p_log[..], "then the upstream's log");
+}
+
 /// An upstream that sends one message in fragments without end: the replica cuts it off at the
 /// transport's limit (32 MiB) and connects again, rather than growing the message until memory
 /// runs out.
