@@ -511,3 +511,56 @@ async fn a_gap_the_server_tells_is_handed_over_and_saved_past() {
     let says = format!("no longer held the events after {saved} through {}", oldest - 1);
     assert!(stderr.contains(&says), "{stderr}");
 }
+
+/// A saved cursor that the first host of the list no longer reaches (a replica with a shorter
+/// history, listed first as the nearest) while another still has what follows it: the
+/// subscription takes the events from that one, with no gap. With no other host that has them
+/// (here one that cannot be reached), the gap is handed over after every host was tried once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_on_one_host_is_filled_from_another_that_still_has_the_events() {
+    let relay = relay_with(&generate(1, 200, 20, 43)).await;
+    let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let upstream = format!("ws://{}", primary.public);
+    let replica_flags = ["--upstream-url", &upstream, "--retention", "1s", "--trim-interval", "100ms"];
+    let replica = Serve::start(rd.path(), "ws://127.0.0.1:9", &[FLAGS, &replica_flags[..]].concat());
+    let log = inspect_log(pd.path());
+    let (saved, first_last) = (time_of(&log[10]), time_of(log.last().unwrap()));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    relay.push_all(&generate(1_000, 50, 20, 44));
+    primary.wait_for_seq(1_049, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (replica.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64) <= first_last
+        || newest(&replica) != newest(&primary)
+    {
+        assert!(Instant::now() < deadline, "the replica never caught up and trimmed the first batch");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let replica_oldest = replica.metric("contrail_store_oldest_time_us").unwrap() as u64;
+    let last = newest(&primary);
+    let want: Vec<String> = inspect_log(pd.path()).into_iter().filter(|l| time_of(l) > saved).collect();
+    let mut sub = builder(&[&replica, &primary]).cursor(Some(saved)).start().unwrap();
+    let mut got: Vec<String> = Vec::new();
+    while got.last().is_none_or(|l| time_of(l) < last) {
+        match tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap() {
+            contrail_client::Message::Event(e) => got.push(e.json().to_string()),
+            contrail_client::Message::Cursor(_) => {}
+            other => panic!("{other:?} after {} events", got.len()),
+        }
+    }
+    assert!(got == want, "every event after the cursor, from the primary ({} of {})", got.len(), want.len());
+    assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(sub.stats().host.load(std::sync::atomic::Ordering::Relaxed), 1, "on the primary");
+    // The other host cannot be reached: the replica's gap, once both were tried.
+    let hosts = [format!("ws://{}", replica.public), "ws://127.0.0.1:9".to_string()];
+    let mut sub = Subscription::builder(hosts)
+        .backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .connect_timeout(Duration::from_secs(2))
+        .cursor(Some(saved))
+        .start()
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    assert_eq!(m, contrail_client::Message::Gap { after_us: saved, through_us: replica_oldest - 1 });
+    assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

@@ -11,6 +11,9 @@
 //!   replicas of one primary: their `time_us` differ by the time each stamped the event):
 //!   `cursor` = last − rewind, and events already delivered are recognised by their identity
 //!   (DID, rev, collection, rkey, operation; `seq` for identity and account events) and dropped.
+//! - **A host that no longer has what follows the position** (it tells a gap: its retention
+//!   deleted it, or its log starts later) is left for each other host once, at once; the gap
+//!   is handed over ([`Message::Gap`]) only when none has the events.
 
 use crate::backoff::Backoff;
 use crate::error::{ConnectionError, Error};
@@ -75,9 +78,11 @@ pub enum Message {
     /// this subscription came to them (its retention or disk budget deleted them first, or
     /// the cursor was older than its log): they are lost to this subscription, whether its
     /// filters wanted any of them or not, and it goes on after them. Contrail tells it on
-    /// `/subscribe` with cursor messages on (this client asks for them); counted in
-    /// [`Stats::gaps`]. A consumer that must not miss an event backfills that range from
-    /// elsewhere (the accounts' repositories).
+    /// `/subscribe` with cursor messages on (this client asks for them). Before handing it
+    /// over, the subscription tries each other host of its list once for the events (a
+    /// primary with more history than the replica listed first): only when none has them is
+    /// the gap handed over, counted in [`Stats::gaps`]. A consumer that must not miss an event
+    /// backfills that range from elsewhere (the accounts' repositories).
     Gap {
         after_us: u64,
         through_us: u64,
@@ -338,6 +343,7 @@ impl Builder {
             last_heard: None,
             resumed_at: None,
             warned_replay: false,
+            lacking: Lacking::default(),
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -496,6 +502,16 @@ struct Driver {
     resumed_at: Option<u64>,
     /// Whether this connection has logged skipping a replay from before its cursor.
     warned_replay: bool,
+    /// Hosts that told a gap after this position, or could not be reached while another was
+    /// looked for that still has what follows it.
+    lacking: Lacking,
+}
+
+/// The hosts known to lack the events after one position ([`Driver::another_host_may_have`]).
+#[derive(Debug, Default)]
+struct Lacking {
+    after: Option<u64>,
+    hosts: Vec<bool>,
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -520,6 +536,17 @@ impl Driver {
             match ended {
                 ConnectionError::Dropped => return,
                 ConnectionError::FiltersChanged => continue,
+                // The host answered, without the events after our position: the next host that
+                // may still have them, at once (every host is tried once, then the gap is taken).
+                ConnectionError::Lacks { after, through } => {
+                    self.current = (0..self.urls.len())
+                        .map(|i| (self.current + 1 + i) % self.urls.len())
+                        .find(|&i| !self.lacking.hosts[i])
+                        .unwrap_or(self.current);
+                    self.stats.host.store(self.current, Ordering::Relaxed);
+                    tracing::info!(%url, after, through, next = %self.urls[self.current], "this host no longer has the events after our position; trying another");
+                    continue;
+                }
                 ConnectionError::Refused(reason) => {
                     tracing::error!(%url, %reason, "the server refused the subscription");
                     let _ = self.out.send(Err(Error::Refused { url, reason })).await;
@@ -579,6 +606,11 @@ impl Driver {
                         let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };
                         let _ = self.out.send(Err(err)).await;
                         return;
+                    }
+                    if self.lacking.after == self.last && !self.lacking.hosts.is_empty() {
+                        // Looking for a host that has what follows the position: one that
+                        // cannot be reached does not have it now.
+                        self.lacking.hosts[self.current] = true;
                     }
                     if self.urls.len() > 1 {
                         self.current = (self.current + 1) % self.urls.len();
@@ -871,6 +903,9 @@ impl Driver {
                 if comparable && self.last.is_some_and(|l| through <= l) {
                     return Ok(());
                 }
+                if comparable && self.another_host_may_have() {
+                    return Err(ConnectionError::Lacks { after, through });
+                }
                 self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     url = %self.urls[self.current],
@@ -898,6 +933,21 @@ impl Driver {
             }
         };
         self.send(message).await
+    }
+
+    /// This host told a gap after the position: whether another host of the list, not tried
+    /// yet for what follows this position, may still have those events (a primary with more
+    /// history than the replica listed first; after a restart, a replica that has caught up).
+    /// Each host is tried once per position; when none has them, the gap is taken.
+    fn another_host_may_have(&mut self) -> bool {
+        if self.urls.len() < 2 {
+            return false;
+        }
+        if self.lacking.after != self.last || self.lacking.hosts.len() != self.urls.len() {
+            self.lacking = Lacking { after: self.last, hosts: vec![false; self.urls.len()] };
+        }
+        self.lacking.hosts[self.current] = true;
+        self.lacking.hosts.iter().any(|lacks| !lacks)
     }
 
     /// Checks an event against the position (future, duplicate, backwards) and hands it over.
