@@ -476,8 +476,19 @@ async fn a_gap_the_server_tells_is_handed_over_and_saved_past() {
     let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
     assert!(matches!(&m, contrail_client::Message::Event(e) if e.time_us() == oldest), "{m:?}");
     assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 1);
-    // `process` from the same saved cursor: the gap moves the saved position, the events follow.
+    // `process` saves past the gap before any event: a handler failing on the first event
+    // leaves the cursor at the gap's end, not at the old one.
     let cursor_dir = tempfile::tempdir().unwrap();
+    let store = FileCursorStore::new(cursor_dir.path().join("failing"));
+    store.clone().save(saved).unwrap();
+    let sub = builder(&[&serve]).cursor(Some(saved)).start().unwrap();
+    let failing = |_: Event| async { Err::<(), _>(std::io::Error::other("not now")) };
+    let opts = ProcessOptions { save_interval: Duration::ZERO, ..ProcessOptions::default() };
+    let run = process(sub, store.clone(), opts, failing, std::future::pending());
+    let ended = tokio::time::timeout(Duration::from_secs(10), run).await.expect("the handler's error ends the run");
+    assert!(matches!(ended, Err(ProcessError::Handler(_))), "{ended:?}");
+    assert_eq!(store.load().unwrap(), Some(oldest - 1));
+    // `process` from the same saved cursor: the gap moves the saved position, the events follow.
     let store = FileCursorStore::new(cursor_dir.path().join("cursor"));
     store.clone().save(saved).unwrap();
     let collector = Collector::default();
@@ -505,6 +516,14 @@ async fn a_gap_the_server_tells_is_handed_over_and_saved_past() {
     }
     let first = first.join().unwrap().expect("a line");
     common::process::signal(child.id(), 2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("contrail tail did not stop on SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(time_of(&first), oldest, "{first}");
@@ -554,13 +573,20 @@ async fn a_gap_on_one_host_is_filled_from_another_that_still_has_the_events() {
     assert_eq!(sub.stats().host.load(std::sync::atomic::Ordering::Relaxed), 1, "on the primary");
     // The other host cannot be reached: the replica's gap, once both were tried.
     let hosts = [format!("ws://{}", replica.public), "ws://127.0.0.1:9".to_string()];
+    // It is waited for first, for the stale timeout (a restart would pass sooner).
     let mut sub = Subscription::builder(hosts)
         .backoff(Duration::from_millis(50), Duration::from_millis(300))
         .connect_timeout(Duration::from_secs(2))
+        .stale_timeout(Duration::from_secs(2))
+        .max_attempts(3)
         .cursor(Some(saved))
         .start()
         .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    let asked = Instant::now();
+    let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap();
     assert_eq!(m, contrail_client::Message::Gap { after_us: saved, through_us: replica_oldest - 1 });
+    assert!(asked.elapsed() >= Duration::from_secs(2), "taken after {:?}", asked.elapsed());
     assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+    assert!(matches!(&m, contrail_client::Message::Event(e) if e.time_us() == replica_oldest), "{m:?}");
 }

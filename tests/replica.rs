@@ -377,6 +377,8 @@ async fn a_replica_overtaken_by_its_upstreams_retention_counts_the_hole() {
     primary.wait_for_seq(1_500, Duration::from_secs(60));
     let before = inspect_log(pd.path());
     let r = replica(rd.path(), &[&primary]);
+    // Its first page taken (scanned before any trim), and the first batch a retention old.
+    wait_metric(&primary, "contrail_hub_replay_reads_total", 1.0, "the replica never started its replay");
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     relay.push_all(&generate(10_000, 50, 20, 8));
     primary.wait_for_seq(10_049, Duration::from_secs(30));
@@ -386,6 +388,7 @@ async fn a_replica_overtaken_by_its_upstreams_retention_counts_the_hole() {
     let (r_log, p_log) = (inspect_log(rd.path()), inspect_log(pd.path()));
     let time_us = |line: &String| serde_json::from_str::<serde_json::Value>(line).unwrap()["time_us"].as_u64().unwrap();
     assert!(time_us(&p_log[0]) > time_us(before.last().unwrap()), "retention left some of the first batch");
+    assert!(r_log.len() > p_log.len(), "{} events, the upstream {}", r_log.len(), p_log.len());
     let kept = r_log.len() - p_log.len();
     assert!(kept >= 1_024 && r_log[..kept] == before[..kept], "the first page, whole ({kept} events)");
     assert!(r_log[kept..] == p_log[..], "then the upstream's log");

@@ -1482,6 +1482,12 @@ async fn replayers_that_retention_overtakes_are_told_the_gap_in_order() {
     let mut strict = connect(serve.public, &q(""), &[]).await.unwrap();
     let v2_path = format!("/xrpc/network.bsky.jetstream.subscribeEvents?cursor={oldest}");
     let mut v2 = connect(serve.public, &v2_path, &[]).await.unwrap();
+    // Their first pages taken (scanned before any trim), then the first batch a retention old.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while serve.metric("contrail_hub_replay_reads_total").unwrap_or(0.0) < 3.0 {
+        assert!(std::time::Instant::now() < deadline, "the replays never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let second = generate(10_000, 50, 20, 8);
     relay.push_all(&second);

@@ -79,10 +79,10 @@ pub(crate) enum ConnectionError {
     /// New filters on the v2 wire: reconnect with them (not a failure).
     #[error("the filters changed")]
     FiltersChanged,
-    /// The host no longer has the events after our position (it told a gap), and another host
+    /// The host no longer has the events after our position (it told a gap), and host `next`
     /// may: try it (not a failure).
     #[error("the host no longer has the events after {after} through {through}")]
-    Lacks { after: u64, through: u64 },
+    Lacks { after: u64, through: u64, next: usize },
     /// The consumer dropped the subscription.
     #[error("the subscription was dropped")]
     Dropped,

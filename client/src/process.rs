@@ -5,8 +5,9 @@
 //! included: its saved cursor never passes an event still being handled). So:
 //! - every event is handed to the handler **at least once** across restarts, crashes and
 //!   failovers (a handler error stops the run before the cursor passes the event) — every event
-//!   the server still holds: a range its retention deleted before this consumer came to it is
-//!   a [`Message::Gap`], logged by the subscription, and the cursor moves past it;
+//!   a host of the subscription's list still holds when the consumer comes to it (a host out
+//!   of reach is waited for a stale timeout): a range none of them holds any more (retention)
+//!   is a [`Message::Gap`], logged by the subscription, and the cursor moves past it;
 //! - after a clean stop (the shutdown future, or the subscription ending) nothing is handed
 //!   over twice: the cursor is saved on the way out;
 //! - after a crash (kill -9, power loss), the events finished after the last save — at most

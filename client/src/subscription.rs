@@ -12,8 +12,10 @@
 //!   `cursor` = last − rewind, and events already delivered are recognised by their identity
 //!   (DID, rev, collection, rkey, operation; `seq` for identity and account events) and dropped.
 //! - **A host that no longer has what follows the position** (it tells a gap: its retention
-//!   deleted it, or its log starts later) is left for each other host once, at once; the gap
-//!   is handed over ([`Message::Gap`]) only when none has the events.
+//!   deleted it, or its log starts later) is left at once for each other host in turn; a host
+//!   out of reach is waited for (with the usual backoff) for a stale timeout. When none has
+//!   the events, the host that told the smallest gap goes on, and its gap is handed over
+//!   ([`Message::Gap`]).
 
 use crate::backoff::Backoff;
 use crate::error::{ConnectionError, Error};
@@ -79,10 +81,11 @@ pub enum Message {
     /// the cursor was older than its log): they are lost to this subscription, whether its
     /// filters wanted any of them or not, and it goes on after them. Contrail tells it on
     /// `/subscribe` with cursor messages on (this client asks for them). Before handing it
-    /// over, the subscription tries each other host of its list once for the events (a
-    /// primary with more history than the replica listed first): only when none has them is
-    /// the gap handed over, counted in [`Stats::gaps`]. A consumer that must not miss an event
-    /// backfills that range from elsewhere (the accounts' repositories).
+    /// over, the subscription tries the other hosts of its list for the events (a primary with
+    /// more history than the replica listed first), waiting a stale timeout for one out of
+    /// reach; when none has them, it hands over the smallest gap a host told, counted in
+    /// [`Stats::gaps`]. A consumer that must not miss an event backfills that range from
+    /// elsewhere (the accounts' repositories).
     Gap {
         after_us: u64,
         through_us: u64,
@@ -109,7 +112,9 @@ pub struct Stats {
     pub duplicates_dropped: AtomicU64,
     /// Messages that were not event JSON (skipped, logged).
     pub malformed: AtomicU64,
-    /// Gaps the server told ([`Message::Gap`]).
+    /// Gaps taken: handed over as [`Message::Gap`] once no other host had the events, or,
+    /// within a rewind onto another host (where they may be events already delivered), only
+    /// logged.
     pub gaps: AtomicU64,
     /// Index of the host in use.
     pub host: AtomicUsize,
@@ -343,7 +348,7 @@ impl Builder {
             last_heard: None,
             resumed_at: None,
             warned_replay: false,
-            lacking: Lacking::default(),
+            lacking: None,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -502,16 +507,39 @@ struct Driver {
     resumed_at: Option<u64>,
     /// Whether this connection has logged skipping a replay from before its cursor.
     warned_replay: bool,
-    /// Hosts that told a gap after this position, or could not be reached while another was
-    /// looked for that still has what follows it.
-    lacking: Lacking,
+    /// A search for a host that still has the events after the position, which the current
+    /// one told a gap for ([`Driver::host_for_gap`]).
+    lacking: Option<Lacking>,
 }
 
-/// The hosts known to lack the events after one position ([`Driver::another_host_may_have`]).
-#[derive(Debug, Default)]
+/// What each host said of the events after one position.
+#[derive(Debug)]
 struct Lacking {
     after: Option<u64>,
-    hosts: Vec<bool>,
+    /// Per host: not tried yet (`None`), the end of the gap it told, or [`UNREACHED`].
+    told: Vec<Option<u64>>,
+    /// When the search began: a host is taken for lacking the events only once it has been
+    /// out of reach for a stale timeout since (a restart passes sooner; a gap is for ever).
+    since: tokio::time::Instant,
+    /// Moves back to a host that had told a gap (its retention may have moved on since):
+    /// bounded, so two hosts trimming as they are asked cannot keep it going.
+    returns: u32,
+}
+
+/// [`Lacking::told`] for a host that stayed out of reach.
+const UNREACHED: u64 = u64::MAX;
+
+impl Lacking {
+    /// The host to try after `here`: the next one not tried yet (or out of reach for less than
+    /// the patience), else the one that told the smallest gap (`here` on a tie).
+    fn next(&self, here: usize) -> usize {
+        let n = self.told.len();
+        (1..n)
+            .map(|i| (here + i) % n)
+            .find(|&i| self.told[i].is_none())
+            .or_else(|| (0..n).min_by_key(|&i| (self.told[i], i != here)))
+            .unwrap_or(here)
+    }
 }
 
 type Upgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
@@ -536,13 +564,15 @@ impl Driver {
             match ended {
                 ConnectionError::Dropped => return,
                 ConnectionError::FiltersChanged => continue,
-                // The host answered, without the events after our position: the next host that
-                // may still have them, at once (every host is tried once, then the gap is taken).
-                ConnectionError::Lacks { after, through } => {
-                    self.current = (0..self.urls.len())
-                        .map(|i| (self.current + 1 + i) % self.urls.len())
-                        .find(|&i| !self.lacking.hosts[i])
-                        .unwrap_or(self.current);
+                // The host answered, without the events after our position: the host that may
+                // still have them, at once (the host answered: no failure; waits come from
+                // hosts that do not answer).
+                ConnectionError::Lacks { after, through, next } => {
+                    if self.last != delivered_before {
+                        (failures, unreadable) = (0, (None, 0));
+                        backoff.reset();
+                    }
+                    self.current = next;
                     self.stats.host.store(self.current, Ordering::Relaxed);
                     tracing::info!(%url, after, through, next = %self.urls[self.current], "this host no longer has the events after our position; trying another");
                     continue;
@@ -578,6 +608,25 @@ impl Driver {
                         _ = self.out.closed() => return,
                     }
                 }
+                // Looking for a host that still has what follows the position, which one that
+                // answered no longer has: this one did not answer. It is tried again, with the
+                // usual backoff, until it has been out of reach for a stale timeout since the
+                // search began (a restart passes sooner; a gap is for ever); then the others,
+                // and at last the host that told the smallest gap. Not counted against
+                // `max_attempts`: a host answers.
+                e if self.lacking.as_ref().is_some_and(|l| l.after == self.last) => {
+                    let search = self.lacking.as_mut().expect("checked above");
+                    if search.told[self.current].is_none() && search.since.elapsed() >= self.opts.stale_timeout {
+                        search.told[self.current] = Some(UNREACHED);
+                    }
+                    self.current = search.next(self.current);
+                    self.stats.host.store(self.current, Ordering::Relaxed);
+                    tracing::warn!(%url, error = %e, next = %self.urls[self.current], "connection ended while looking for a host that has the events after our position");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff.next_wait()) => {}
+                        _ = self.out.closed() => return,
+                    }
+                }
                 e => {
                     // A connection that moved the position on starts the counting again, and
                     // the next host is tried at once, unless it ended within a second: hosts
@@ -606,11 +655,6 @@ impl Driver {
                         let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };
                         let _ = self.out.send(Err(err)).await;
                         return;
-                    }
-                    if self.lacking.after == self.last && !self.lacking.hosts.is_empty() {
-                        // Looking for a host that has what follows the position: one that
-                        // cannot be reached does not have it now.
-                        self.lacking.hosts[self.current] = true;
                     }
                     if self.urls.len() > 1 {
                         self.current = (self.current + 1) % self.urls.len();
@@ -903,8 +947,8 @@ impl Driver {
                 if comparable && self.last.is_some_and(|l| through <= l) {
                     return Ok(());
                 }
-                if comparable && self.another_host_may_have() {
-                    return Err(ConnectionError::Lacks { after, through });
+                if let Some(next) = self.host_for_gap(through).filter(|_| comparable) {
+                    return Err(ConnectionError::Lacks { after, through, next });
                 }
                 self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -935,19 +979,33 @@ impl Driver {
         self.send(message).await
     }
 
-    /// This host told a gap after the position: whether another host of the list, not tried
-    /// yet for what follows this position, may still have those events (a primary with more
-    /// history than the replica listed first; after a restart, a replica that has caught up).
-    /// Each host is tried once per position; when none has them, the gap is taken.
-    fn another_host_may_have(&mut self) -> bool {
-        if self.urls.len() < 2 {
-            return false;
+    /// This host told a gap after the position, up to `through`: the host to try for those
+    /// events instead, if any. Each other host of the list is tried once (one out of reach
+    /// counts as lacking them once it has been for a stale timeout); when every host has told
+    /// a gap, the one that told the smallest serves the rest, and its gap is handed over.
+    fn host_for_gap(&mut self, through: u64) -> Option<usize> {
+        let (n, here) = (self.urls.len(), self.current);
+        if n < 2 {
+            return None;
         }
-        if self.lacking.after != self.last || self.lacking.hosts.len() != self.urls.len() {
-            self.lacking = Lacking { after: self.last, hosts: vec![false; self.urls.len()] };
+        let search = match &mut self.lacking {
+            Some(l) if l.after == self.last && l.told.len() == n => l,
+            other => other.insert(Lacking {
+                after: self.last,
+                told: vec![None; n],
+                since: tokio::time::Instant::now(),
+                returns: 0,
+            }),
+        };
+        search.told[here] = Some(through);
+        let next = search.next(here);
+        if next == here || (search.told[next].is_some() && search.returns >= n as u32) {
+            return None;
         }
-        self.lacking.hosts[self.current] = true;
-        self.lacking.hosts.iter().any(|lacks| !lacks)
+        if search.told[next].is_some() {
+            search.returns += 1;
+        }
+        Some(next)
     }
 
     /// Checks an event against the position (future, duplicate, backwards) and hands it over.
@@ -1190,6 +1248,22 @@ impl Dedupe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_search_for_the_events_after_a_gap_tries_every_host_then_the_smallest_gap() {
+        let search =
+            |told: Vec<Option<u64>>| Lacking { after: Some(1), told, since: tokio::time::Instant::now(), returns: 0 };
+        // Hosts not tried yet come first, in list order after this one.
+        assert_eq!(search(vec![Some(9), None, None]).next(0), 1);
+        assert_eq!(search(vec![None, Some(9), None]).next(1), 2);
+        assert_eq!(search(vec![None, None, Some(9)]).next(2), 0);
+        // One out of reach, not yet for the patience: tried again.
+        assert_eq!(search(vec![Some(9), None]).next(1), 1);
+        // Every host said: the smallest gap, this host on a tie, never one out of reach.
+        assert_eq!(search(vec![Some(9), Some(5), Some(7)]).next(0), 1);
+        assert_eq!(search(vec![Some(5), Some(5)]).next(1), 1);
+        assert_eq!(search(vec![Some(9), Some(UNREACHED)]).next(1), 0);
+    }
 
     #[test]
     fn control_messages_are_told_from_events() {
