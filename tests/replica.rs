@@ -603,8 +603,10 @@ async fn ready_says_503_while_behind_more_than_ready_max_lag() {
     let relay = FakeRelay::start().await;
     relay.push_all(&generate(1, 100, 10, 61));
     let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The replica's catch-up is paced (about four seconds for its 100 events), so that it is
+    // behind for long enough to be seen on a loaded machine, however late the first look.
     let primary =
-        Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0", "--ready-max-lag", "1h"]);
+        Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "20", "--ready-max-lag", "1h"]);
     primary.wait_for_seq(100, Duration::from_secs(30));
     let (status, body) = http_get(primary.public, "/ready").unwrap();
     assert_eq!(status, 503, "{body}");
