@@ -451,9 +451,12 @@ impl UpstreamReader {
                 let t = meta.time_us;
                 return self.drop_event(DropReason::BadTime, format!("a cursor message at {t} (beyond any clock)"));
             }
-            // The upstream's position for this stream: how far behind it we are.
-            let behind = meta.time_us.saturating_sub(self.last_time_us);
-            self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
+            // The upstream's position for this stream: how far behind it we are (not known
+            // while we hold nothing: the distance to 0 is the upstream's age since 1970).
+            if self.last_time_us > 0 {
+                let behind = meta.time_us.saturating_sub(self.last_time_us);
+                self.metrics.upstream_tip_distance_seconds.set(behind as f64 / 1e6);
+            }
             // At our position exactly (events dropped count: the upstream's newest may be one
             // we cannot store). One below it is an upstream behind us (a lagging replica we
             // rotated to, which has not got our newest event yet), not caught up.
