@@ -609,12 +609,13 @@ impl Driver {
                     }
                 }
                 // Looking for a host that still has what follows the position, which one that
-                // answered no longer has: this one did not answer. It is tried again, with the
-                // usual backoff, until it has been out of reach for a stale timeout since the
-                // search began (a restart passes sooner; a gap is for ever); then the others,
-                // and at last the host that told the smallest gap. Not counted against
-                // `max_attempts`: a host answers.
-                e if self.lacking.as_ref().is_some_and(|l| l.after == self.last) => {
+                // answered no longer has: this one, not heard yet, did not answer. It is tried
+                // again, with the usual backoff, until it has been out of reach for a stale
+                // timeout since the search began (a restart passes sooner; a gap is for ever);
+                // then the others, and at last the host that told the smallest gap. Not counted
+                // against `max_attempts`: a host answered. (A host that told a gap and is now
+                // out of reach too counts as usual.)
+                e if self.lacking.as_ref().is_some_and(|l| l.after == self.last && l.told[self.current].is_none()) => {
                     let search = self.lacking.as_mut().expect("checked above");
                     if search.told[self.current].is_none() && search.since.elapsed() >= self.opts.stale_timeout {
                         search.told[self.current] = Some(UNREACHED);
