@@ -23,7 +23,7 @@
 //!   messages as heartbeat and position, reconnect with backoff and jitter, failover along a
 //!   host list: exact cursor between a Contrail primary and its replicas, rewind and
 //!   de-duplication between servers with their own `time_us`).
-//! - [`process`] / [`process_parallel`]: run a handler and keep the cursor in a
+//! - [`process()`] / [`process_parallel`]: run a handler and keep the cursor in a
 //!   [`CursorStore`]; the delivery guarantee is spelled out in [`mod@process`].
 //! - [`Event`]: the JSON exactly as sent, its common fields read once, the rest on demand.
 #![forbid(unsafe_code)]

@@ -7,7 +7,9 @@
 //!   failovers (a handler error stops the run before the cursor passes the event) — every event
 //!   a host of the subscription's list still holds when the consumer comes to it (a host out
 //!   of reach is waited for a stale timeout): a range none of them holds any more (retention)
-//!   is a [`Message::Gap`], logged by the subscription, and the cursor moves past it;
+//!   is a [`Message::Gap`], logged by the subscription, and the cursor moves past it (with
+//!   [`crate::Failover::Rewind`], one ending within the rewind after a switch of host is only
+//!   logged: see [`crate::subscription`]);
 //! - after a clean stop (the shutdown future, or the subscription ending) nothing is handed
 //!   over twice: the cursor is saved on the way out;
 //! - after a crash (kill -9, power loss), the events finished after the last save — at most

@@ -12,10 +12,13 @@
 //!   `cursor` = last − rewind, and events already delivered are recognised by their identity
 //!   (DID, rev, collection, rkey, operation; `seq` for identity and account events) and dropped.
 //! - **A host that no longer has what follows the position** (it tells a gap: its retention
-//!   deleted it, or its log starts later) is left at once for each other host in turn; a host
-//!   out of reach is waited for (with the usual backoff) for a stale timeout. When none has
-//!   the events, the host that told the smallest gap goes on, and its gap is handed over
-//!   ([`Message::Gap`]).
+//!   deleted it, or its log starts later) is left at once for each other host in turn; one
+//!   not heard yet that is out of reach is waited for (with the usual backoff, not counted
+//!   against `max_attempts`) for a stale timeout. When none has the events, the host that told
+//!   the smallest gap goes on (going back to hosts that told one at most once per host), and
+//!   its gap is handed over ([`Message::Gap`]). With [`Failover::Rewind`], a gap that ends
+//!   within the rewind after a switch to another host may cover events already delivered: it
+//!   is only counted and logged, and no other host is tried for it.
 
 use crate::backoff::Backoff;
 use crate::error::{ConnectionError, Error};
@@ -565,13 +568,12 @@ impl Driver {
                 ConnectionError::Dropped => return,
                 ConnectionError::FiltersChanged => continue,
                 // The host answered, without the events after our position: the host that may
-                // still have them, at once (the host answered: no failure; waits come from
-                // hosts that do not answer).
+                // still have them, at once. Answering is not failing: the count starts again
+                // (the search that follows waits with backoff for a host that does not answer,
+                // and returns to hosts that answered a bounded number of times).
                 ConnectionError::Lacks { after, through, next } => {
-                    if self.last != delivered_before {
-                        (failures, unreadable) = (0, (None, 0));
-                        backoff.reset();
-                    }
+                    (failures, unreadable) = (0, (None, 0));
+                    backoff.reset();
                     self.current = next;
                     self.stats.host.store(self.current, Ordering::Relaxed);
                     tracing::info!(%url, after, through, next = %self.urls[self.current], "this host no longer has the events after our position; trying another");
@@ -948,8 +950,10 @@ impl Driver {
                 if comparable && self.last.is_some_and(|l| through <= l) {
                     return Ok(());
                 }
-                if let Some(next) = self.host_for_gap(through).filter(|_| comparable) {
-                    return Err(ConnectionError::Lacks { after, through, next });
+                if comparable {
+                    if let Some(next) = self.host_for_gap(through) {
+                        return Err(ConnectionError::Lacks { after, through, next });
+                    }
                 }
                 self.stats.gaps.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
