@@ -71,6 +71,14 @@ async fn a_live_only_replica_keeps_a_bounded_window() {
     let mut ws = connect(replica.public, "/subscribe?cursor=1", &[]).await.unwrap();
     let got = collect(&mut ws, log.len() - start, Duration::from_secs(5)).await;
     assert!(got == log[start..], "replay from before the window differs from the primary's log");
+    // A client with cursor messages is told the events it asked for that the window no longer
+    // holds, before the first one it holds (a cursor of 1 is "from the start": nothing told).
+    let asked = log[first_live]["time_us"].as_u64().unwrap();
+    let q = format!("/subscribe?cursor={asked}&informCursorSeconds=1");
+    let mut ws = connect(replica.public, &q, &[]).await.unwrap();
+    let told: Vec<serde_json::Value> = collect(&mut ws, 2, Duration::from_secs(5)).await;
+    assert_eq!(told[0], serde_json::json!({"kind": "gap", "after_us": asked - 1, "through_us": oldest - 1}));
+    assert_eq!(told[1], log[start]);
     // ...and one inside it replays from there, with the primary's time_us.
     let mid = start + (log.len() - start) / 2;
     let cursor = log[mid]["time_us"].as_u64().unwrap();
