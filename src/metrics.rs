@@ -181,6 +181,7 @@ pub struct Metrics {
     pub replay_stored_frames: IntCounter,
     pub replay_held_bytes: IntGauge,
     pub replay_overtaken: IntCounter,
+    pub cursors_before_log: IntCounter,
     pub replay_held_waits: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
@@ -419,6 +420,11 @@ impl Metrics {
                 &r,
                 "contrail_hub_replay_overtaken_total",
                 "Times retention or the disk budget trimmed events a replaying subscriber had not read yet (it goes on from the oldest event left; Jetstream does the same, silently).",
+            ),
+            cursors_before_log: counter(
+                &r,
+                "contrail_hub_cursors_before_log_total",
+                "Subscriptions whose cursor was older than the log (not 0 or 1): they start at the oldest event, told the gap if they take cursor messages.",
             ),
             replay_held_waits: counter(
                 &r,

@@ -1537,4 +1537,5 @@ async fn replayers_that_retention_overtakes_are_told_the_gap_in_order() {
     let mut late = connect(serve.public, &q(""), &[]).await.unwrap();
     let Some(Msg::Text(t)) = next(&mut late, T).await else { panic!("nothing") };
     assert!(t.contains(&format!("\"time_us\":{}", after[0])), "a strict v1 client gets the oldest event: {t}");
+    assert_eq!(serve.metric("contrail_hub_cursors_before_log_total"), Some(3.0), "the three late cursors");
 }

@@ -631,6 +631,7 @@ impl Session {
             replay_reads: hub.metrics.replay_reads.clone(),
             lagging: hub.metrics.lagging_subscribers.clone(),
             overtaken: hub.metrics.replay_overtaken.clone(),
+            cursor_before_log: hub.metrics.cursors_before_log.clone(),
         };
         self.stream = Some(EventStream::new(
             hub.log.clone(),

@@ -88,6 +88,8 @@ pub struct StreamMetrics {
     pub lagging: prometheus::IntGauge,
     /// Trims that overtook the stream (see [`EventStream::overtaken`]).
     pub overtaken: prometheus::IntCounter,
+    /// Streams that started with a gap: a cursor older than the log.
+    pub cursor_before_log: prometheus::IntCounter,
 }
 
 /// Where a stream's replay pages come from: the pages shared by replayers, and the memory the
@@ -217,6 +219,9 @@ impl EventStream {
             }
             Start::Live => (tip.newest().unwrap_or(0), None),
         };
+        if gap.is_some() {
+            metrics.cursor_before_log.inc();
+        }
         metrics.lagging.inc(); // until it is live
         let mut s = EventStream {
             log,
@@ -605,6 +610,7 @@ mod tests {
                     replay_reads: m.replay_reads.clone(),
                     lagging: m.lagging_subscribers.clone(),
                     overtaken: m.replay_overtaken.clone(),
+                    cursor_before_log: m.cursors_before_log.clone(),
                 },
                 overflows: m.live_queue_overflows.clone(),
                 pages: Arc::new(ReplayPages::new(8 << 20, PageCounters::of(&m))),
@@ -853,6 +859,7 @@ mod tests {
         let mut s = f.stream(Filter::default(), Start::From(1));
         let told = take_told(&mut s, 1024).await;
         assert_eq!(told, (1100..2124).map(Ok).collect::<Vec<_>>(), "the first page");
+        assert_eq!(f.metrics.cursor_before_log.get(), 0);
         // A second replayer, at the same place, has its page in hand (kept and shared).
         let mut other = f.stream(Filter::default(), Start::From(2124));
         assert_eq!(take_told(&mut other, 1).await, vec![Ok(2124)]);
@@ -893,6 +900,7 @@ mod tests {
         want.extend((4000..5030).map(Ok));
         assert_eq!(take_told(&mut b, 1030).await, want);
         assert_eq!(f.metrics.overtaken.get(), 0, "a clamp, not a replayer overtaken");
+        assert_eq!(f.metrics.cursor_before_log.get(), 1);
         // Older than anything this log held (a fresh node, a cursor from another): the same.
         let mut c = f.stream(Filter::default(), Start::From(7));
         assert_eq!(take_told(&mut c, 1).await, vec![Err(Gap { after: 6, through: 3999 }), Ok(4000)]);
