@@ -122,6 +122,46 @@ async fn health_status_page_and_metrics() {
     assert!(raw.contains("cache-control: public, max-age=300\r\n"), "{}", &raw[..400.min(raw.len())]);
 }
 
+/// The public listener reads only a connection's first request line itself (hyper refuses
+/// targets past 64 KiB with a 414), so it closes a connection after each plain HTTP answer: a
+/// proxy that keeps its upstream connections alive then sends a subscriber's long upgrade on a
+/// new one. Before, the upgrade on a kept-alive connection got a 414.
+#[test]
+fn plain_http_answers_close_the_connection_so_a_long_upgrade_comes_first_on_a_new_one() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
+    // 2,000 DIDs: ~78 KB, past hyper's limit.
+    let dids: String = (0..2_000).map(|i| format!("&wantedDids=did:plc:{i:024}")).collect();
+    let upgrade = format!(
+        "GET /subscribe?cursor=0{dids} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    // A kept-alive request (HTTP/1.1's default) with the long upgrade right behind it, as a
+    // proxy reusing the connection sends them: one answer, which says close, then the end.
+    let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let _ = s.write_all(upgrade.as_bytes());
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("the connection closed, not kept open");
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(raw.starts_with("http/1.1 200") && raw.contains("\r\nconnection: close\r\n"), "{raw}");
+    assert_eq!(raw.matches("http/1.1 ").count(), 1, "{raw}");
+    // The upgrade on a connection of its own is served, and is not told to close.
+    let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(upgrade.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101") && !head.contains("close"), "{head}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_the_relay_is_reached() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,8 @@
 //! service) and the line hyper reads carries [`MARKER`] as its query instead; handlers read the
 //! query with [`crate::request::query`].
 //!
-//! Bounds: only a connection's first request is looked at (a websocket upgrade is one); a line
+//! Bounds: only a connection's first request is looked at (a websocket upgrade is one; the
+//! server closes a connection after each plain HTTP answer, so every request is one); a line
 //! is read no further than [`MAX_LINE`]; the buffers of lines past hyper's limit (by capacity,
 //! a query keeping the buffer it came in) hold at most [`LONG_LINES_BUDGET`] at once in the
 //! whole process. A line over either, or whose query has a byte hyper refuses in one (a

@@ -10,6 +10,7 @@ pub mod public;
 pub mod status_page;
 
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
@@ -37,7 +38,10 @@ pub struct SocketOptions {
     /// reader drains.
     pub notsent_lowat: Option<u32>,
     /// Read a connection's first request line before hyper, so that one longer than hyper
-    /// takes is served (`long_target`): the public listener's subscribers need it.
+    /// takes is served (`long_target`): the public listener's subscribers need it. Such a
+    /// connection is closed after each plain HTTP answer, so that every request on it is a
+    /// first one: a proxy reusing its upstream connections would otherwise send a long
+    /// upgrade on a kept-alive connection and get hyper's 414.
     pub long_request_lines: bool,
 }
 
@@ -104,6 +108,7 @@ pub async fn serve<H, F>(
         connections.spawn(async move {
             let _counted = counted;
             // A first request line longer than hyper takes has its query set aside here.
+            let close_after_plain_http = options.long_request_lines;
             let (tcp, long_query) = match options.long_request_lines {
                 true => long_target::FirstLine::new(tcp),
                 false => long_target::FirstLine::through(tcp),
@@ -115,7 +120,14 @@ pub async fn serve<H, F>(
                     }
                 }
                 let h = handler.clone();
-                async move { Ok::<_, Infallible>(h(req, peer).await) }
+                async move {
+                    let mut response = h(req, peer).await;
+                    if close_after_plain_http && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        // hyper ends the connection after a response that says so.
+                        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(response)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
