@@ -92,6 +92,10 @@ pub struct Resolver {
     /// Keys forgotten (`#identity` events) since the start: a check that failed against a key
     /// looked up before one may have used a key its repo had just replaced.
     forgets: std::sync::atomic::AtomicU64,
+    /// Held by [`Resolver::forget`] while it drops a key, and by whoever keeps an answer (a
+    /// resolve's, or a key read from the store) while it checks that no forget came since: a
+    /// forget cannot fall between that check and the keeping, which would keep the replaced key.
+    settling: Mutex<()>,
     /// Recent failures, answered from here for [`NEGATIVE_TTL`]: a repo whose DID does not
     /// resolve must not cost a request per commit.
     failed: Mutex<HashMap<String, (Instant, ResolveError)>>,
@@ -206,6 +210,7 @@ impl Resolver {
             inflight: DashMap::new(),
             refreshed: Mutex::default(),
             forgets: Default::default(),
+            settling: Mutex::default(),
             failed: Mutex::default(),
             histories: DashMap::new(),
         })
@@ -222,12 +227,18 @@ impl Resolver {
                 return Some(c.key.clone());
             }
         }
+        let forgets = self.forgets();
         let stored = super::blocking(|| self.log.did_entry(did)).ok().flatten().and_then(|v| decode_entry(&v))?;
         if !self.fresh(&stored) {
             return None;
         }
         let key = stored.key.clone();
-        self.remember(did, stored);
+        // Not kept if a key was forgotten since the read (it may be this one, read before the
+        // forget deleted it): the next ask reads the store again.
+        let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+        if self.forgets() == forgets {
+            self.remember(did, stored);
+        }
         Some(key)
     }
 
@@ -245,7 +256,7 @@ impl Resolver {
     /// Forgets a DID's key (its `#identity` event: the document may have changed). A request
     /// for it on its way now is answered but not cached (it may bring the replaced key).
     pub fn forget(&self, did: &str) {
-        self.forgets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
         self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
         self.inflight.remove(did);
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -254,6 +265,9 @@ impl Resolver {
         }
         drop(cache);
         let _ = super::blocking(|| self.log.put_did_entry(did, None));
+        // Counted once the key is gone: a store read begun after the count changed cannot see
+        // the forgotten key, and one begun before is not kept (`cached`).
+        self.forgets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The key: cached, or resolved (one request per DID however many ask).
@@ -385,6 +399,7 @@ impl Resolver {
         };
         drop(permit);
         self.seconds.observe(started.elapsed().as_secs_f64());
+        let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.inflight.get(did).is_some_and(|c| Arc::ptr_eq(&c, cell));
         match &result {
             Ok(_) if !current => self.results[ResolveResult::Ok as usize].inc(),
@@ -475,5 +490,47 @@ mod tests {
         lru.insert("a", key(), 2); // resolved again: now the newest
         lru.insert("c", key(), 2); // evicts the oldest: b, not the fresh a
         assert!(lru.get("a").is_some() && lru.get("c").is_some() && lru.get("b").is_none());
+    }
+
+    /// A key read from the store just as its DID is forgotten (an `#identity` event) must not
+    /// be kept in memory after the forget: the next check would use the replaced key until the
+    /// entry ages out. Rounds of the two at once, on two threads.
+    #[test]
+    fn a_key_read_from_the_store_as_it_is_forgotten_is_not_kept() {
+        use std::sync::Barrier;
+        let log = Arc::new(Log::memory(crate::log::memory::MemoryLog::new(1 << 20)));
+        let opts = ResolverOptions {
+            plc_url: "http://127.0.0.1:9".into(),
+            timeout: Duration::from_secs(1),
+            concurrency: 1,
+            cache_entries: 16,
+            ttl: Duration::from_secs(3600),
+            did_web_http: false,
+        };
+        let r = Arc::new(Resolver::new(opts, log.clone(), &crate::metrics::Metrics::new()).unwrap());
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        let key = PublicKey::from_k256(*k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap().verifying_key());
+        let stored = encode_entry(&Cached { key, fetched_us: crate::clock::now_us() });
+        const ROUNDS: usize = 20_000;
+        let start = Arc::new(Barrier::new(2));
+        let reader = {
+            let (r, start) = (r.clone(), start.clone());
+            std::thread::spawn(move || {
+                for _ in 0..ROUNDS {
+                    start.wait();
+                    r.cached(did);
+                    start.wait();
+                }
+            })
+        };
+        for round in 0..ROUNDS {
+            log.put_did_entry(did, Some(&stored)).unwrap();
+            start.wait();
+            r.forget(did);
+            start.wait();
+            let kept = r.cache.lock().unwrap().get(did).is_some();
+            assert!(!kept, "round {round}: the forgotten key is still cached");
+        }
+        reader.join().unwrap();
     }
 }
