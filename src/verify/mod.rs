@@ -305,6 +305,9 @@ struct Prepared {
     /// `None` for a `#sync`.
     link: Option<ChainLink>,
     result: Result<Checked, Problem>,
+    /// Its signature checked only against a key the repo rotated away from (a catch-up across
+    /// a rotation): whoever holds that key now may not be the repo, so never `full`.
+    former_key: bool,
 }
 
 enum Problem {
@@ -415,9 +418,10 @@ async fn prepare(
         RepoFrame::Commit(c) => (c.repo.to_string(), Some(c.link())),
         RepoFrame::Sync(s) => (s.did.to_string(), None),
     };
-    let prepared = |result| Ok(Some(Box::new(Prepared { did: did.clone(), link: link.clone(), result })));
+    let prepared =
+        |result, former_key| Ok(Some(Box::new(Prepared { did: did.clone(), link: link.clone(), result, former_key })));
     if let Err(f) = verify::precheck(&parsed) {
-        return prepared(Err(Problem::Failed(f)));
+        return prepared(Err(Problem::Failed(f)), false);
     }
     // Given up, the frame has gone on without this task's answer: the lookup's answer is
     // cached (or its failure remembered) for the repo's next frames; checking this one would
@@ -429,7 +433,7 @@ async fn prepare(
     }
     let key = match key {
         Ok(k) => k,
-        Err(e) => return prepared(Err(Problem::Unresolved(e))),
+        Err(e) => return prepared(Err(Problem::Unresolved(e)), false),
     };
     let started = Instant::now();
     let mut checked = check(&parsed, &key, level);
@@ -444,6 +448,7 @@ async fn prepare(
             checked = check(&parsed, &new_key, level);
         }
     }
+    let mut former_key = false;
     if let (Err(Failure::Signature), RepoFrame::Commit(c)) = (&checked, &parsed) {
         // Signed with a key the repo rotated away from lately? (A catch-up across a rotation
         // meets commits older than the repo's current key.) Chosen by the commit's signed rev.
@@ -457,12 +462,13 @@ async fn prepare(
             for former in history.former_keys_at(made, REV_CLOCK_SKEW.as_micros() as i64, lately) {
                 checked = check(&parsed, former, level);
                 if checked.is_ok() {
+                    former_key = true;
                     break;
                 }
             }
         }
     }
-    prepared(checked.map_err(Problem::Failed))
+    prepared(checked.map_err(Problem::Failed), former_key)
 }
 
 /// A key a repo rotated away from signs its commits for this long after (a relay's backfill
@@ -681,7 +687,7 @@ impl Stage {
             }
             Work::Running(_) => unreachable!("only finished work is processed"),
         };
-        let Prepared { did, link, result } = *prepared;
+        let Prepared { did, link, result, former_key } = *prepared;
         let checked = match result {
             Ok(c) => c,
             Err(Problem::Unresolved(e)) => {
@@ -759,7 +765,8 @@ impl Stage {
                     }
                 }
                 self.outcome(Outcome::Verified);
-                mark_events(&mut frame, if checked.proven { Verification::Full } else { Verification::Signature });
+                let full = checked.proven && !former_key;
+                mark_events(&mut frame, if full { Verification::Full } else { Verification::Signature });
             }
             None => {
                 let state = checked.state;
@@ -868,7 +875,7 @@ fn given_up(frame: &IngestFrame, problem: Problem) -> Work {
         RepoFrame::Sync(s) => (s.did.to_string(), None),
     };
     let result = Err(problem);
-    Work::Done(Ok(Some(Box::new(Prepared { did, link, result }))))
+    Work::Done(Ok(Some(Box::new(Prepared { did, link, result, former_key: false }))))
 }
 
 /// The front frame's work, once finished; never resolves when it has none running.
