@@ -7,20 +7,8 @@ use common::client::{connect, next, Msg};
 use common::frames::generate;
 use common::process::{http_get, inspect_log, Serve};
 use common::relay::{ConnFault, FakeRelay, Faults};
+use common::{like_line, now_us};
 use std::time::{Duration, Instant};
-
-/// This machine's clock, in `time_us` (fake upstreams' events must not be a day past it).
-fn now_us() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
-}
-
-/// A v1 like event at `time_us`, as a fake upstream's text line.
-fn like_line(time_us: i64) -> Vec<u8> {
-    format!(
-        r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
-    )
-    .into_bytes()
-}
 
 fn newest(s: &Serve) -> u64 {
     s.metric("contrail_store_newest_time_us").unwrap_or(0.0) as u64

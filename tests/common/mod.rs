@@ -35,3 +35,16 @@ pub fn without_time_us(line: &str) -> String {
     }
     format!("{}{}", &line[..start], &line[end..])
 }
+
+/// This machine's clock, in `time_us` (fake upstreams' events must not be a day past it).
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+/// A v1 like event at `time_us`, as a fake upstream's text line.
+pub fn like_line(time_us: i64) -> Vec<u8> {
+    format!(
+        r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+    )
+    .into_bytes()
+}
