@@ -6,8 +6,9 @@ mod common;
 
 use common::frames::{generate, GenFrame};
 use common::process::{bin, inspect_log, Serve};
+use common::proxy::Proxy;
 use common::relay::{FakeRelay, Faults};
-use common::without_time_us;
+use common::{like_line, now_us, without_time_us};
 use contrail_client::{
     process, process_parallel, CursorStore, Event, Failover, FileCursorStore, ProcessError, ProcessOptions,
     Subscription,
@@ -589,4 +590,73 @@ async fn a_gap_on_one_host_is_filled_from_another_that_still_has_the_events() {
     assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 1);
     let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
     assert!(matches!(&m, contrail_client::Message::Event(e) if e.time_us() == replica_oldest), "{m:?}");
+}
+
+/// A subscription started live whose first connection ends before anything arrived resumes
+/// from its start on the server's clock (the upgrade's `contrail-start-cursor`), not on this
+/// machine's. Here the server is a replica catching up, an hour behind this clock, and the
+/// first connection is cut right after the upgrade (before the first cursor message). Before,
+/// the reconnect asked for a second before the start by this clock: an hour past every event
+/// the replica took after it, and all of them were skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_start_resumes_from_the_servers_start_cursor_not_this_clock() {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = FakeRelay::start().await;
+    upstream.set_faults(Faults { text: true, ..Faults::default() });
+    let t = now_us() - 3_600_000_000;
+    for i in 0..3 {
+        upstream.push(t + i, like_line(t + i));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_url = upstream.url();
+    let args = ["--upstream-url", &upstream_url, "--upstream-compress", "false", "--max-events-per-second-per-ip", "0"];
+    let replica = Serve::start(dir.path(), "ws://127.0.0.1:9", &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while newest(&replica) != (t + 2) as u64 {
+        assert!(Instant::now() < deadline, "the replica never stored its first events");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The upgrade's head: the cursor after the newest event (none with a cursor of one's own).
+    let upgrade_head = |query: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(replica.public).await.unwrap();
+        let request = format!("GET /subscribe{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            head.push(tcp.read_u8().await.unwrap());
+        }
+        String::from_utf8(head).unwrap()
+    };
+    let head = upgrade_head("").await;
+    assert!(head.contains(&format!("\r\ncontrail-start-cursor: {}\r\n", t + 3)), "{head}");
+    assert!(!upgrade_head("?cursor=1").await.contains("contrail-start-cursor"));
+    // Through a proxy that cuts the first connection right after that head.
+    let proxy = Proxy::start(replica.public).await;
+    proxy.cut_next_after(head.len() as u64);
+    let mut sub = Subscription::builder([format!("ws://{}", proxy.addr)])
+        .backoff(Duration::from_millis(50), Duration::from_millis(300))
+        .connect_timeout(Duration::from_secs(2))
+        .start()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sub.stats().connections.load(Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "never connected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Then the replica takes three more events; the reconnect must bring them.
+    for i in 10..13 {
+        upstream.push(t + i, like_line(t + i));
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let message = tokio::time::timeout(Duration::from_secs(20), sub.next()).await;
+        match message {
+            Ok(Ok(contrail_client::Message::Event(e))) => got.push(e.time_us()),
+            Ok(Ok(contrail_client::Message::Cursor(_))) => {}
+            other => panic!("after {got:?}: {other:?}"),
+        }
+    }
+    assert_eq!(got, [t + 10, t + 11, t + 12].map(|t| t as u64));
+    assert_eq!(sub.stats().connections.load(Relaxed), 2, "the first connection brought nothing");
 }

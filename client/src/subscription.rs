@@ -334,6 +334,7 @@ impl Builder {
         let stats = Arc::new(Stats::default());
         let driver = Driver {
             started_us: None,
+            start_cursor: None,
             origin: self.cursor.map(|_| Origin::Stored),
             last: self.cursor,
             dedupe: match self.failover {
@@ -491,9 +492,13 @@ struct Driver {
     current: usize,
     /// The position of the last message delivered (or the starting cursor).
     last: Option<u64>,
-    /// For a subscription started live: a second before it started, once the first
-    /// connection has been tried.
+    /// For a subscription started live: a cursor from its start, once the first connection
+    /// has been tried: the one its server gave at the upgrade, or else a second before the
+    /// attempt by this machine's clock.
     started_us: Option<u64>,
+    /// The cursor the last upgrade gave for a live start (Contrail's
+    /// [`transport::START_CURSOR_HEADER`]).
+    start_cursor: Option<u64>,
     origin: Option<Origin>,
     dedupe: Option<Dedupe>,
     out: mpsc::Sender<Result<Message, Error>>,
@@ -561,7 +566,10 @@ impl Driver {
             let began = tokio::time::Instant::now();
             let ended = self.connection().await;
             if self.last.is_none() && self.started_us.is_none() {
-                self.started_us = Some(attempt_us);
+                // The server's cursor when it gave one: its time_us need not follow this
+                // clock (a replica catching up is behind it, a server whose clock stepped back
+                // ahead), and this clock would skip, or replay, the difference.
+                self.started_us = Some(self.start_cursor.take().filter(|&c| plausible(c)).unwrap_or(attempt_us));
             }
             let url = self.urls[self.current].to_string();
             match ended {
@@ -767,8 +775,12 @@ impl Driver {
         }
         let hello = self.opts.wire == Wire::V1
             && self.opts.filters.query_params().map(|p| p.len() + 1).sum::<usize>() > MAX_QUERY_BYTES;
-        let mut ws = match transport::connect(&url, self.target(&url, hello, dict_id), timeout).await {
-            Ok(ws) => ws,
+        let mut ws = match transport::connect_with_start_cursor(&url, self.target(&url, hello, dict_id), timeout).await
+        {
+            Ok((ws, start_cursor)) => {
+                self.start_cursor = start_cursor;
+                ws
+            }
             // 400 is an answer about the request itself (the filters, the cursor): every host
             // would give it. Other statuses (a proxy's 403 or 404, 429, 5xx) are this host's.
             Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidStatusCode(400))) => {
@@ -1096,8 +1108,13 @@ fn now_us() -> u64 {
 /// value, which taken as a position would make every later event look old.
 const FUTURE_SLACK_US: u64 = 7 * 24 * 3_600_000_000;
 
+/// A position no further ahead of this clock than a `time_us` may be.
+fn plausible(time_us: u64) -> bool {
+    time_us <= now_us().saturating_add(FUTURE_SLACK_US)
+}
+
 fn check_not_future(time_us: u64) -> Result<(), ConnectionError> {
-    if time_us > now_us().saturating_add(FUTURE_SLACK_US) {
+    if !plausible(time_us) {
         return Err(ConnectionError::Future(format!("a time_us ({time_us}) more than a week in the future")));
     }
     Ok(())

@@ -302,6 +302,19 @@ async fn tls(
 /// Opens a websocket to `url` with the given request target (path and query). Each step
 /// (TCP, TLS, the upgrade) must finish within `timeout`.
 pub async fn connect(url: &WsUrl, target: String, timeout: std::time::Duration) -> Result<Ws, ClientError> {
+    connect_with_start_cursor(url, target, timeout).await.map(|(ws, _)| ws)
+}
+
+/// The header in which a Contrail server answers a live upgrade with a cursor that resumes
+/// from the subscription's start, on its own clock.
+pub const START_CURSOR_HEADER: &str = "contrail-start-cursor";
+
+/// [`connect`], with the upgrade's [`START_CURSOR_HEADER`] when it had one.
+pub async fn connect_with_start_cursor(
+    url: &WsUrl,
+    target: String,
+    timeout: std::time::Duration,
+) -> Result<(Ws, Option<u64>), ClientError> {
     let tcp = tcp(url, timeout).await?;
     let req = hyper::Request::builder()
         .method("GET")
@@ -314,7 +327,7 @@ pub async fn connect(url: &WsUrl, target: String, timeout: std::time::Duration) 
         .header(USER_AGENT, concat!("contrail/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
         .map_err(|e| ClientError::Http(e.to_string()))?;
-    let (mut ws, _) = if url.tls {
+    let (mut ws, response) = if url.tls {
         let tls = tls(url, tcp, timeout).await?;
         step(
             "websocket handshake",
@@ -335,7 +348,8 @@ pub async fn connect(url: &WsUrl, target: String, timeout: std::time::Duration) 
     ws.set_max_message_size(MAX_WS_MESSAGE_BYTES);
     ws.set_auto_pong(true);
     ws.set_auto_close(true);
-    Ok(ws)
+    let start_cursor = response.headers().get(START_CURSOR_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
+    Ok((ws, start_cursor))
 }
 
 /// A plain HTTP GET of `path` on the same host (e.g. an upstream's `/dictionary`); the body,

@@ -20,6 +20,19 @@ use std::sync::Arc;
 
 pub use crate::metrics::Refusal;
 
+/// The header of an upgrade without a cursor (live) that holds a cursor resuming from the
+/// subscription's start (shared with the client crate, which reads it).
+pub use contrail_client::transport::START_CURSOR_HEADER;
+
+/// [`START_CURSOR_HEADER`]'s value now: the log's newest `time_us` plus one (1 on an empty
+/// log). A client whose connection ends before it received anything reconnects with it and
+/// misses nothing, whatever its own clock says (`time_us` follows this server's clock, or its
+/// primary's on a replica still catching up). The session starts no earlier: from the tip it
+/// reads when it starts, or at the hello with `requireHello`.
+fn start_cursor(hub: &Hub) -> hyper::header::HeaderValue {
+    hyper::header::HeaderValue::from(hub.tip.newest().unwrap_or(0) + 1)
+}
+
 fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
     text(status, body)
@@ -60,7 +73,18 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
         filter_budget: || text(StatusCode::SERVICE_UNAVAILABLE, FILTER_BUDGET_TEXT),
         bad_handshake: |e| text(StatusCode::BAD_REQUEST, format!("bad websocket handshake: {e}\n")),
     };
-    admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None)
+    // Read before the session can start (it starts from the tip it then reads, or later).
+    let start_cursor = opts.cursor.is_none().then(|| start_cursor(&hub));
+    let response = admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None);
+    with_start_cursor(response, start_cursor)
+}
+
+/// Adds [`START_CURSOR_HEADER`] to an upgrade.
+fn with_start_cursor(mut response: Response<Body>, start_cursor: Option<hyper::header::HeaderValue>) -> Response<Body> {
+    if let (Some(v), StatusCode::SWITCHING_PROTOCOLS) = (start_cursor, response.status()) {
+        response.headers_mut().insert(START_CURSOR_HEADER, v);
+    }
+    response
 }
 
 /// What a 503 for a filter over the filters' memory budget says.
@@ -167,6 +191,7 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
     // timestamp: the same position). A smaller one is another server's seq, below our floor.
     let tip = &hub.tip;
     let mut preface = Vec::new();
+    let live = opts.cursor.is_none();
     let start = match opts.cursor {
         None => Start::Live,
         Some(c) if c < v2::TIMESTAMP_CURSOR_MIN => {
@@ -234,5 +259,6 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
             full(StatusCode::BAD_REQUEST, "application/json", e.body())
         },
     };
-    admit_and_upgrade(hub, req, peer, sub, refusals, offered)
+    let start_cursor = live.then(|| start_cursor(&hub));
+    with_start_cursor(admit_and_upgrade(hub, req, peer, sub, refusals, offered), start_cursor)
 }

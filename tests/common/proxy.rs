@@ -15,6 +15,8 @@ pub struct Proxy {
     frozen: Arc<AtomicBool>,
     /// Bytes from the target each new connection forwards before it is cut (0: no limit).
     cut: Arc<std::sync::atomic::AtomicU64>,
+    /// The same for the next new connection only (0: none).
+    cut_next: Arc<std::sync::atomic::AtomicU64>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -81,12 +83,16 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (f, c) = (frozen.clone(), cut.clone());
+        let cut_next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (f, c, once) = (frozen.clone(), cut.clone(), cut_next.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { return };
                 let f = f.clone();
-                let limit = c.load(Ordering::SeqCst);
+                let limit = match once.swap(0, Ordering::SeqCst) {
+                    0 => c.load(Ordering::SeqCst),
+                    n => n,
+                };
                 let required = required.clone();
                 tokio::spawn(async move {
                     let mut client = client;
@@ -116,12 +122,17 @@ impl Proxy {
                 });
             }
         });
-        Proxy { addr, frozen, cut, _task: task }
+        Proxy { addr, frozen, cut, cut_next, _task: task }
     }
 
     /// Cuts each connection opened from now on after `bytes` from the target (0: never).
     pub fn cut_after(&self, bytes: u64) {
         self.cut.store(bytes, Ordering::SeqCst);
+    }
+
+    /// Cuts the next connection opened after `bytes` from the target.
+    pub fn cut_next_after(&self, bytes: u64) {
+        self.cut_next.store(bytes, Ordering::SeqCst);
     }
 
     pub fn freeze(&self, frozen: bool) {
