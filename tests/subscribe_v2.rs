@@ -305,3 +305,36 @@ async fn urls_longer_than_hyper_takes_are_served_on_both_wires() {
     let (status, ws) = connect_long_url(s.serve.public, &format!("/subscribe?cursor={cursor}{many}")).await;
     assert!(ws.is_none() && (400..500).contains(&status), "{status}");
 }
+
+/// A live start's upgrade says where it started (`contrail-start-cursor`) as a cursor its wire
+/// takes back: on an empty log, v1's "from the start" (1) and v2's lowest timestamp cursor (a
+/// smaller one is refused as another server's seq). An upgrade with a cursor has none.
+#[test]
+fn a_live_upgrade_on_an_empty_log_gives_a_start_cursor_its_wire_takes_back() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
+    let head = |target: &str| {
+        let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut request = format!("GET {target} HTTP/1.1\r\nHost: x\r\n");
+        for (k, v) in WS {
+            request += &format!("{k}: {v}\r\n");
+        }
+        s.write_all(format!("{request}\r\n").as_bytes()).unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(s.read(&mut b).unwrap(), 1, "{}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    };
+    for (path, want) in [("/subscribe", 1u64), (PATH, 1_000_000_000_000_000)] {
+        let live = head(path);
+        assert!(live.starts_with("HTTP/1.1 101"), "{live}");
+        assert!(live.contains(&format!("\r\ncontrail-start-cursor: {want}\r\n")), "{live}");
+        let resumed = head(&format!("{path}?cursor={want}"));
+        assert!(resumed.starts_with("HTTP/1.1 101") && !resumed.contains("contrail-start-cursor"), "{resumed}");
+    }
+}
