@@ -234,11 +234,19 @@ impl Resolver {
         }
         let key = stored.key.clone();
         // Not kept if a key was forgotten since the read (it may be this one, read before the
-        // forget deleted it): the next ask reads the store again.
-        let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
-        if self.forgets() == forgets {
-            self.remember(did, stored);
-        }
+        // forget deleted it): the next ask reads the store again. Nor over a newer one (a
+        // resolve's, kept since the read). Off the runtime's workers: a forget may hold the
+        // lock across a store write.
+        super::blocking(|| {
+            let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+            if self.forgets() == forgets {
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.get(did).is_none_or(|c| c.fetched_us < stored.fetched_us) {
+                    cache.insert(did, stored, self.opts.cache_entries);
+                    self.entries.set(cache.map.len() as i64);
+                }
+            }
+        });
         Some(key)
     }
 
@@ -256,18 +264,20 @@ impl Resolver {
     /// Forgets a DID's key (its `#identity` event: the document may have changed). A request
     /// for it on its way now is answered but not cached (it may bring the replaced key).
     pub fn forget(&self, did: &str) {
-        let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
-        self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
-        self.inflight.remove(did);
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.map.remove(did).is_some() {
-            self.entries.set(cache.map.len() as i64);
-        }
-        drop(cache);
-        let _ = super::blocking(|| self.log.put_did_entry(did, None));
-        // Counted once the key is gone: a store read begun after the count changed cannot see
-        // the forgotten key, and one begun before is not kept (`cached`).
-        self.forgets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        super::blocking(|| {
+            let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+            self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
+            self.inflight.remove(did);
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.map.remove(did).is_some() {
+                self.entries.set(cache.map.len() as i64);
+            }
+            drop(cache);
+            let _ = self.log.put_did_entry(did, None);
+            // Counted once the key is gone: a store read begun after the count changed cannot
+            // see the forgotten key, and one begun before is not kept (`cached`).
+            self.forgets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
     }
 
     /// The key: cached, or resolved (one request per DID however many ask).
@@ -399,30 +409,33 @@ impl Resolver {
         };
         drop(permit);
         self.seconds.observe(started.elapsed().as_secs_f64());
-        let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.inflight.get(did).is_some_and(|c| Arc::ptr_eq(&c, cell));
-        match &result {
-            Ok(_) if !current => self.results[ResolveResult::Ok as usize].inc(),
-            Ok(key) => {
-                self.results[ResolveResult::Ok as usize].inc();
-                self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
-                let c = Cached { key: key.clone(), fetched_us: crate::clock::now_us() };
-                let _ = super::blocking(|| self.log.put_did_entry(did, Some(&encode_entry(&c))));
-                self.remember(did, c);
-            }
-            Err(e) if !current => self.results[e.result() as usize].inc(),
-            Err(e) => {
-                self.results[e.result() as usize].inc();
-                let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-                if failed.len() >= MAX_REMEMBERED_FAILURES {
-                    failed.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
-                    if failed.len() >= MAX_REMEMBERED_FAILURES {
-                        failed.clear();
-                    }
+        // Checked and kept under `settling`, off the runtime's workers (the store write).
+        super::blocking(|| {
+            let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
+            let current = self.inflight.get(did).is_some_and(|c| Arc::ptr_eq(&c, cell));
+            match &result {
+                Ok(_) if !current => self.results[ResolveResult::Ok as usize].inc(),
+                Ok(key) => {
+                    self.results[ResolveResult::Ok as usize].inc();
+                    self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
+                    let c = Cached { key: key.clone(), fetched_us: crate::clock::now_us() };
+                    let _ = self.log.put_did_entry(did, Some(&encode_entry(&c)));
+                    self.remember(did, c);
                 }
-                failed.insert(did.to_string(), (Instant::now(), e.clone()));
+                Err(e) if !current => self.results[e.result() as usize].inc(),
+                Err(e) => {
+                    self.results[e.result() as usize].inc();
+                    let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+                    if failed.len() >= MAX_REMEMBERED_FAILURES {
+                        failed.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+                        if failed.len() >= MAX_REMEMBERED_FAILURES {
+                            failed.clear();
+                        }
+                    }
+                    failed.insert(did.to_string(), (Instant::now(), e.clone()));
+                }
             }
-        }
+        });
         result
     }
 
@@ -511,7 +524,7 @@ mod tests {
         let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
         let key = PublicKey::from_k256(*k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap().verifying_key());
         let stored = encode_entry(&Cached { key, fetched_us: crate::clock::now_us() });
-        const ROUNDS: usize = 20_000;
+        const ROUNDS: usize = 5_000;
         let start = Arc::new(Barrier::new(2));
         let reader = {
             let (r, start) = (r.clone(), start.clone());
