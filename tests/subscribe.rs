@@ -1427,7 +1427,10 @@ async fn told_until_past_a_gap(ws: &mut Ws, v2: bool, after_gap: usize, timeout:
                 assert_eq!(p["name"], "OutdatedCursor", "{t}");
                 // "events after seq A through seq B were deleted before they were sent; …"
                 let words: Vec<&str> = p["message"].as_str().unwrap().split(' ').collect();
-                Err((words[3].parse().unwrap(), words[6].parse().unwrap()))
+                let (after, through) = (words[3].parse().unwrap(), words[6].parse().unwrap());
+                // The same range in fields, for programs.
+                assert_eq!((p["afterSeq"].as_u64(), p["throughSeq"].as_u64()), (Some(after), Some(through)), "{t}");
+                Err((after, through))
             } else {
                 Ok(p["seq"].as_u64().unwrap())
             }

@@ -130,9 +130,18 @@ async fn v2_streams_the_log_as_v2_messages_with_filters_and_resume() {
     let got = payloads(&mut ws, n + 1, None).await;
     assert_eq!(got[0]["$type"], "network.bsky.jetstream.subscribeEvents#info");
     assert_eq!(got[0]["name"], "OutdatedCursor");
+    // The lowest timestamp cursor is "from the start": no range is said to be lost.
+    assert!(got[0].get("afterSeq").is_none() && got[0].get("throughSeq").is_none(), "{}", got[0]);
     for (p, v1) in got[1..].iter().zip(&s.log) {
         check_against_v1(p, v1);
     }
+    // Any other cursor before the oldest event: the range lost, in fields too (Contrail's).
+    let oldest = s.log[0]["time_us"].as_u64().unwrap();
+    let mut ws = connect(s.serve.public, &format!("{PATH}?cursor=1000000000000001"), &[]).await.unwrap();
+    let got = payloads(&mut ws, 2, None).await;
+    assert_eq!(got[0]["name"], "OutdatedCursor");
+    assert_eq!((&got[0]["afterSeq"], &got[0]["throughSeq"]), (&1_000_000_000_000_000u64.into(), &(oldest - 1).into()));
+    check_against_v1(&got[1], &s.log[0]);
     // Resume from a seq: inclusive, exactly from there.
     let k = n / 2;
     let seq = s.log[k]["time_us"].as_u64().unwrap();
@@ -306,16 +315,14 @@ async fn urls_longer_than_hyper_takes_are_served_on_both_wires() {
     assert!(ws.is_none() && (400..500).contains(&status), "{status}");
 }
 
-/// A live start's upgrade says where it started (`contrail-start-cursor`) as a cursor its wire
-/// takes back: on an empty log, v1's "from the start" (1) and v2's lowest timestamp cursor (a
-/// smaller one is refused as another server's seq). An upgrade with a cursor has none.
-#[test]
-fn a_live_upgrade_on_an_empty_log_gives_a_start_cursor_its_wire_takes_back() {
+/// A live start's upgrade says where it started (`contrail-start-cursor`: the newest event's
+/// `time_us` plus one) on both wires; an upgrade with a cursor does not, nor one on an empty
+/// log ("from the start" would mean another host's whole history to a client failing over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_upgrade_says_its_start_cursor_on_both_wires() {
     use std::io::{Read, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
-    let head = |target: &str| {
-        let mut s = std::net::TcpStream::connect(serve.public).unwrap();
+    let head = |addr: std::net::SocketAddr, target: &str| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(T)).unwrap();
         let mut request = format!("GET {target} HTTP/1.1\r\nHost: x\r\n");
         for (k, v) in WS {
@@ -328,13 +335,19 @@ fn a_live_upgrade_on_an_empty_log_gives_a_start_cursor_its_wire_takes_back() {
             assert_eq!(s.read(&mut b).unwrap(), 1, "{}", String::from_utf8_lossy(&head));
             head.push(b[0]);
         }
-        String::from_utf8(head).unwrap()
+        let head = String::from_utf8(head).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        head.lines().find_map(|l| l.strip_prefix("contrail-start-cursor: ")).map(|v| v.parse::<u64>().unwrap())
     };
-    for (path, want) in [("/subscribe", 1u64), (PATH, 1_000_000_000_000_000)] {
-        let live = head(path);
-        assert!(live.starts_with("HTTP/1.1 101"), "{live}");
-        assert!(live.contains(&format!("\r\ncontrail-start-cursor: {want}\r\n")), "{live}");
-        let resumed = head(&format!("{path}?cursor={want}"));
-        assert!(resumed.starts_with("HTTP/1.1 101") && !resumed.contains("contrail-start-cursor"), "{resumed}");
+    let s = setup(50).await;
+    let newest = s.log.last().unwrap()["time_us"].as_u64().unwrap();
+    for path in ["/subscribe", PATH] {
+        assert_eq!(head(s.serve.public, path), Some(newest + 1), "{path}");
+        assert_eq!(head(s.serve.public, &format!("{path}?cursor={newest}")), None, "{path}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let empty = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
+    for path in ["/subscribe", PATH] {
+        assert_eq!(head(empty.public, path), None, "{path}");
     }
 }

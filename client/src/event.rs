@@ -207,6 +207,11 @@ impl Event {
             #[serde(default)]
             #[allow(dead_code)]
             record: Option<IgnoredAny>,
+            /// Contrail's `#info OutdatedCursor` range (not in Jetstream v2's).
+            #[serde(rename = "afterSeq", default)]
+            after_seq: Option<u64>,
+            #[serde(rename = "throughSeq", default)]
+            through_seq: Option<u64>,
         }
         if raw.len() > u32::MAX as usize {
             return Err(EventError::TooLarge);
@@ -220,8 +225,13 @@ impl Event {
         let p = env.payload.ok_or_else(|| missing("a payload"))?;
         let kind = p.ty.rsplit_once('#').map_or("", |(_, k)| k);
         if kind == "info" {
-            let name = p.name.unwrap_or_default().into_owned();
-            return Ok(V2Message::Info { name, message: p.message.unwrap_or_default().into_owned() });
+            let (name, message) = (p.name.unwrap_or_default(), p.message.unwrap_or_default().into_owned());
+            return Ok(match (p.after_seq, p.through_seq) {
+                (Some(after), Some(through)) if name == "OutdatedCursor" && after < through => {
+                    V2Message::Gap { after, through, message }
+                }
+                _ => V2Message::Info { name: name.into_owned(), message },
+            });
         }
         let time_us = p.seq.ok_or_else(|| missing("seq"))?;
         let did = Text::of(&raw, p.did.ok_or_else(|| missing("did"))?);
@@ -409,6 +419,13 @@ pub enum V2Message {
         name: String,
         message: String,
     },
+    /// Contrail's `#info OutdatedCursor` with its range (`afterSeq`, `throughSeq`): the events
+    /// after seq `after` through seq `through` were deleted before they were sent.
+    Gap {
+        after: u64,
+        through: u64,
+        message: String,
+    },
     /// An error frame (`ConsumerTooSlow`, `InternalError`); the server closes next.
     Error {
         error: String,
@@ -547,6 +564,13 @@ mod tests {
         assert!(
             matches!(Event::from_v2_json(info.into()).unwrap(), V2Message::Info { name, .. } if name == "OutdatedCursor")
         );
+        let gap = r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#info","afterSeq":5,"message":"m","name":"OutdatedCursor","throughSeq":9}}"#;
+        assert!(matches!(Event::from_v2_json(gap.into()).unwrap(), V2Message::Gap { after: 5, through: 9, .. }));
+        // Not a range: an empty one, or another name.
+        let empty = gap.replace("\"throughSeq\":9", "\"throughSeq\":5");
+        assert!(matches!(Event::from_v2_json(empty).unwrap(), V2Message::Info { .. }));
+        let other = gap.replace("OutdatedCursor", "FutureCursor");
+        assert!(matches!(Event::from_v2_json(other).unwrap(), V2Message::Info { .. }));
         let error = r#"{"$type":"error","error":"ConsumerTooSlow","message":"resume with cursor=5"}"#;
         assert!(
             matches!(Event::from_v2_json(error.into()).unwrap(), V2Message::Error { error, .. } if error == "ConsumerTooSlow")

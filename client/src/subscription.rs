@@ -335,6 +335,7 @@ impl Builder {
         let driver = Driver {
             started_us: None,
             start_cursor: None,
+            upgrade_cursor: None,
             origin: self.cursor.map(|_| Origin::Stored),
             last: self.cursor,
             dedupe: match self.failover {
@@ -492,13 +493,15 @@ struct Driver {
     current: usize,
     /// The position of the last message delivered (or the starting cursor).
     last: Option<u64>,
-    /// For a subscription started live: a cursor from its start, once the first connection
-    /// has been tried: the one its server gave at the upgrade, or else a second before the
-    /// attempt by this machine's clock.
+    /// For a subscription started live: a second before its first connection was tried, by
+    /// this machine's clock.
     started_us: Option<u64>,
-    /// The cursor the last upgrade gave for a live start (Contrail's
-    /// [`transport::START_CURSOR_HEADER`]).
-    start_cursor: Option<u64>,
+    /// For a subscription started live: the cursor from its start that the first connection's
+    /// upgrade gave (Contrail's [`transport::START_CURSOR_HEADER`]), on the server's clock, and
+    /// that host. Taken over `started_us` on a host of the same timeline.
+    start_cursor: Option<(usize, u64)>,
+    /// What the last upgrade gave in [`transport::START_CURSOR_HEADER`].
+    upgrade_cursor: Option<u64>,
     origin: Option<Origin>,
     dedupe: Option<Dedupe>,
     out: mpsc::Sender<Result<Message, Error>>,
@@ -566,10 +569,15 @@ impl Driver {
             let began = tokio::time::Instant::now();
             let ended = self.connection().await;
             if self.last.is_none() && self.started_us.is_none() {
-                // The server's cursor when it gave one: its time_us need not follow this
-                // clock (a replica catching up is behind it, a server whose clock stepped back
-                // ahead), and this clock would skip, or replay, the difference.
-                self.started_us = Some(self.start_cursor.take().filter(|&c| plausible(c)).unwrap_or(attempt_us));
+                self.started_us = Some(attempt_us);
+                // The server's own, when it gave one: its time_us need not follow this clock
+                // (a replica catching up is behind it, a server whose clock stepped back ahead),
+                // and this clock would skip, or replay, the difference.
+                let given = self.upgrade_cursor.take().filter(|&c| c >= MIN_START_CURSOR && plausible(c));
+                self.start_cursor = given.map(|c| (self.current, c));
+                if let Some(c) = given {
+                    tracing::info!(url = %self.urls[self.current], cursor = c, "started live; a reconnect resumes from the server's start cursor");
+                }
             }
             let url = self.urls[self.current].to_string();
             match ended {
@@ -686,8 +694,14 @@ impl Driver {
     /// The cursor to ask the current host for, and whether it is a rewind.
     fn resume_cursor(&self) -> Option<u64> {
         // Started live and nothing received yet: a reconnect resumes from when the
-        // subscription started (a second early, for clock skew), not from the new live edge.
-        let Some(last) = self.last else { return self.started_us };
+        // subscription started, not from the new live edge: by the server's start cursor on a
+        // host of its timeline, else by this clock (a second early, for clock skew).
+        let Some(last) = self.last else {
+            return match self.start_cursor {
+                Some((host, c)) if host == self.current || self.opts.failover == Failover::ExactCursor => Some(c),
+                _ => self.started_us,
+            };
+        };
         match (self.opts.failover, self.origin) {
             (Failover::Rewind(d), Some(o)) if o != Origin::Host(self.current) => {
                 Some(last.saturating_sub(d.as_micros() as u64).max(1))
@@ -778,7 +792,7 @@ impl Driver {
         let mut ws = match transport::connect_with_start_cursor(&url, self.target(&url, hello, dict_id), timeout).await
         {
             Ok((ws, start_cursor)) => {
-                self.start_cursor = start_cursor;
+                self.upgrade_cursor = start_cursor;
                 ws
             }
             // 400 is an answer about the request itself (the filters, the cursor): every host
@@ -928,6 +942,12 @@ impl Driver {
                     tracing::info!(url = %self.urls[self.current], %name, %message, "the server says");
                     return Ok(());
                 }
+                Ok(V2Message::Gap { after, through, .. }) => {
+                    return match self.told_gap(after, through, same_timeline, rewind_us)? {
+                        Some(gap) => self.send(gap).await,
+                        None => Ok(()),
+                    };
+                }
                 Ok(V2Message::Error { error, message }) => {
                     return Err(ConnectionError::Closed { code: 1011, reason: format!("{error}: {message}") });
                 }
@@ -954,34 +974,10 @@ impl Driver {
                 }
                 Message::Cursor(cursor)
             }
-            Some(Control::Gap { after, through }) => {
-                check_not_future(through)?;
-                // Its far edge is a position, taken as a cursor message's is; a gap entirely
-                // before the last position lost nothing this subscription had not passed.
-                let comparable = same_timeline || self.last.is_none_or(|l| through >= l.saturating_add(rewind_us));
-                if comparable && self.last.is_some_and(|l| through <= l) {
-                    return Ok(());
-                }
-                if comparable {
-                    if let Some(next) = self.host_for_gap(through) {
-                        return Err(ConnectionError::Lacks { after, through, next });
-                    }
-                }
-                self.stats.gaps.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    url = %self.urls[self.current],
-                    after_us = after,
-                    through_us = through,
-                    "the server no longer held the events in this range when this subscription came to them; going on after them"
-                );
-                if !comparable {
-                    // Within a rewind onto another host: events of this range may be ones
-                    // already delivered, or lost. Said and counted; not a position.
-                    return Ok(());
-                }
-                let after = self.last.map_or(after, |l| after.max(l));
-                Message::Gap { after_us: after, through_us: through }
-            }
+            Some(Control::Gap { after, through }) => match self.told_gap(after, through, same_timeline, rewind_us)? {
+                Some(gap) => gap,
+                None => return Ok(()),
+            },
             None => {
                 let event = match Event::from_json(v1_text) {
                     Ok(e) => e,
@@ -994,6 +990,44 @@ impl Driver {
             }
         };
         self.send(message).await
+    }
+
+    /// The server told of events after `after` through `through` it no longer held (v1's gap
+    /// message, v2's `#info OutdatedCursor` with its range): the gap to hand over, if any;
+    /// [`ConnectionError::Lacks`] to try another host that may still have them.
+    fn told_gap(
+        &mut self,
+        after: u64,
+        through: u64,
+        same_timeline: bool,
+        rewind_us: u64,
+    ) -> Result<Option<Message>, ConnectionError> {
+        check_not_future(through)?;
+        // Its far edge is a position, taken as a cursor message's is; a gap entirely
+        // before the last position lost nothing this subscription had not passed.
+        let comparable = same_timeline || self.last.is_none_or(|l| through >= l.saturating_add(rewind_us));
+        if comparable && self.last.is_some_and(|l| through <= l) {
+            return Ok(None);
+        }
+        if comparable {
+            if let Some(next) = self.host_for_gap(through) {
+                return Err(ConnectionError::Lacks { after, through, next });
+            }
+        }
+        self.stats.gaps.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            url = %self.urls[self.current],
+            after_us = after,
+            through_us = through,
+            "the server no longer held the events in this range when this subscription came to them; going on after them"
+        );
+        if !comparable {
+            // Within a rewind onto another host: events of this range may be ones
+            // already delivered, or lost. Said and counted; not a position.
+            return Ok(None);
+        }
+        let after = self.last.map_or(after, |l| after.max(l));
+        Ok(Some(Message::Gap { after_us: after, through_us: through }))
     }
 
     /// This host told a gap after the position, up to `through`: the host to try for those
@@ -1107,6 +1141,9 @@ fn now_us() -> u64 {
 /// whose clock is hours behind must still work; what this catches is a broken server's absurd
 /// value, which taken as a position would make every later event look old.
 const FUTURE_SLACK_US: u64 = 7 * 24 * 3_600_000_000;
+
+/// The lowest start cursor taken from a server: a `time_us` plus one (10^15 µs is 2001).
+const MIN_START_CURSOR: u64 = 1_000_000_000_000_000;
 
 /// A position no further ahead of this clock than a `time_us` may be.
 fn plausible(time_us: u64) -> bool {

@@ -171,6 +171,24 @@ pub fn info_message(name: &str, message: &str) -> Vec<u8> {
     out
 }
 
+/// An `#info OutdatedCursor` for events the log no longer held when the stream came to them:
+/// those after seq `after` through seq `through`. Beyond v2, the range is also in two fields,
+/// `afterSeq` and `throughSeq` (clients that do not know them ignore them), so a client can
+/// take it as a position rather than read it from the text.
+pub fn outdated_cursor_message(after: u64, through: u64, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160 + message.len());
+    out.extend_from_slice(b"{\"$type\":\"message\",\"payload\":{\"$type\":\"");
+    out.extend_from_slice(NSID.as_bytes());
+    out.extend_from_slice(b"#info\",\"afterSeq\":");
+    write_i64(&mut out, after as i64);
+    out.extend_from_slice(b",\"message\":");
+    write_json_str(&mut out, message);
+    out.extend_from_slice(b",\"name\":\"OutdatedCursor\",\"throughSeq\":");
+    write_i64(&mut out, through as i64);
+    out.extend_from_slice(b"}}");
+    out
+}
+
 /// An in-stream error frame (`ConsumerTooSlow`, `InternalError`): terminal.
 pub fn error_message(name: &str, message: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + message.len());
@@ -404,6 +422,12 @@ mod tests {
         assert_eq!(
             String::from_utf8(info_message("OutdatedCursor", "m")).unwrap(),
             r#"{"$type":"message","payload":{"$type":"network.bsky.jetstream.subscribeEvents#info","message":"m","name":"OutdatedCursor"}}"#
+        );
+        let gap: serde_json::Value = serde_json::from_slice(&outdated_cursor_message(5, 9, "m")).unwrap();
+        assert_eq!(
+            gap,
+            serde_json::json!({"$type": "message", "payload": {"$type": format!("{NSID}#info"), "afterSeq": 5,
+                "message": "m", "name": "OutdatedCursor", "throughSeq": 9}})
         );
     }
 

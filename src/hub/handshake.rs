@@ -24,13 +24,14 @@ pub use crate::metrics::Refusal;
 /// subscription's start (shared with the client crate, which reads it).
 pub use contrail_client::transport::START_CURSOR_HEADER;
 
-/// [`START_CURSOR_HEADER`]'s value now: the log's newest `time_us` plus one; on an empty
-/// log, `empty` (the lowest cursor the wire takes as "from the start"). A client whose connection ends before it received anything reconnects with it and
-/// misses nothing, whatever its own clock says (`time_us` follows this server's clock, or its
-/// primary's on a replica still catching up). The session starts no earlier: from the tip it
-/// reads when it starts, or at the hello with `requireHello`.
-fn start_cursor(hub: &Hub, empty: u64) -> hyper::header::HeaderValue {
-    hyper::header::HeaderValue::from(hub.tip.newest().map_or(empty, |t| t + 1))
+/// [`START_CURSOR_HEADER`]'s value now: the log's newest `time_us` plus one. A client whose
+/// connection ends before it received anything reconnects with it and misses nothing, whatever
+/// its own clock says (`time_us` follows this server's clock, or its primary's on a replica
+/// still catching up). The session starts no earlier: from the tip it reads when it starts, or
+/// at the hello with `requireHello`. None on an empty log: "from the start" would mean this
+/// log's start only, and another host's whole history.
+fn start_cursor(hub: &Hub) -> Option<hyper::header::HeaderValue> {
+    hub.tip.newest().map(|t| hyper::header::HeaderValue::from(t + 1))
 }
 
 fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
@@ -74,7 +75,7 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
         bad_handshake: |e| text(StatusCode::BAD_REQUEST, format!("bad websocket handshake: {e}\n")),
     };
     // Read before the session can start (it starts from the tip it then reads, or later).
-    let start_cursor = opts.cursor.is_none().then(|| start_cursor(&hub, 1));
+    let start_cursor = opts.cursor.is_none().then(|| start_cursor(&hub)).flatten();
     let response = admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None);
     with_start_cursor(response, start_cursor)
 }
@@ -207,10 +208,13 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
         }
         Some(c) => match tip.oldest() {
             Some(oldest) if (c as u64) < oldest => {
-                preface.push(v2::info_message(
-                    "OutdatedCursor",
-                    &format!("requested timestamp cursor below retention floor; starting at seq {oldest}"),
-                ));
+                let message = format!("requested timestamp cursor below retention floor; starting at seq {oldest}");
+                // The events from the cursor up to the oldest are gone: said as a range too,
+                // except for the lowest cursor, "from the start" (as 0 and 1 on v1).
+                preface.push(match c == v2::TIMESTAMP_CURSOR_MIN {
+                    true => v2::info_message("OutdatedCursor", &message),
+                    false => v2::outdated_cursor_message(c as u64 - 1, oldest - 1, &message),
+                });
                 Start::From(oldest)
             }
             _ => Start::for_cursor(Some(c), tip.newest(), crate::clock::now_us()),
@@ -259,7 +263,6 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
             full(StatusCode::BAD_REQUEST, "application/json", e.body())
         },
     };
-    // A v2 cursor below this is another server's seq, refused.
-    let start_cursor = live.then(|| start_cursor(&hub, v2::TIMESTAMP_CURSOR_MIN as u64));
+    let start_cursor = live.then(|| start_cursor(&hub)).flatten();
     with_start_cursor(admit_and_upgrade(hub, req, peer, sub, refusals, offered), start_cursor)
 }

@@ -54,13 +54,17 @@
 //! when the stream came to them (retention overtook a replay, or the cursor is older than the
 //! log; not for cursors 0 and 1, "from the start") are told first as
 //! `{"kind":"gap","after_us":A,"through_us":B}`, exactly those after A up to B; v2 tells them
-//! in an `#info OutdatedCursor` — `replayers_that_retention_overtakes_are_told_the_gap_in_order`,
-//! `hub::stream` unit tests.
+//! in an `#info OutdatedCursor`, the range also in its fields `afterSeq` and `throughSeq` —
+//! `replayers_that_retention_overtakes_are_told_the_gap_in_order`, `hub::stream` unit tests.
+//! An upgrade without a cursor carries `contrail-start-cursor`, a cursor from where the
+//! subscription starts — `a_live_upgrade_says_its_start_cursor_on_both_wires`,
+//! `a_live_start_resumes_from_the_servers_start_cursor_not_this_clock`.
 //!
 //! The v2 wire (`GET /xrpc/network.bsky.jetstream.subscribeEvents`, [`handshake::subscribe_events`],
 //! messages in `contrail_core::v2`), served by the same sessions and streams:
 //! - `seq` is `time_us`; a cursor ≥ 10¹⁵ resumes inclusively, an older one than the log gets
-//!   `#info OutdatedCursor` first, one below 10¹⁵ is a 400 `CursorTooOld`; `kinds`, `dids`,
+//!   `#info OutdatedCursor` first (with the range lost, but for 10¹⁵, "from the start"), one
+//!   below 10¹⁵ is a 400 `CursorTooOld`; `kinds`, `dids`,
 //!   `collections` (non-commit kinds bypass them), `maxMessageSizeBytes` on the whole message;
 //!   v2's named 400s — `tests/subscribe_v2.rs` (`v2_refuses_bad_requests_with_named_xrpc_errors`,
 //!   `v2_streams_the_log_as_v2_messages_with_filters_and_resume`), `v2` unit tests.

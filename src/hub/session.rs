@@ -716,13 +716,15 @@ impl Session {
     }
 
     /// Tells the subscriber of events its stream could not send (the log no longer held
-    /// them), before anything after them: v2 in an `#info OutdatedCursor`; v1 only to a client
+    /// them), before anything after them: v2 in an `#info OutdatedCursor` (with the range in
+    /// `afterSeq` and `throughSeq`); v1 only to a client
     /// that asked for cursor messages (a strict v1 client knows no other kinds), as
     /// `{"kind":"gap","after_us":A,"through_us":B}`.
     async fn tell_gap(&mut self, Gap { after, through }: Gap) -> Result<(), CloseReason> {
         let message = match self.encoding.wire {
-            Wire::V2 => contrail_core::v2::info_message(
-                "OutdatedCursor",
+            Wire::V2 => contrail_core::v2::outdated_cursor_message(
+                after,
+                through,
                 &format!("events after seq {after} through seq {through} were deleted before they were sent; continuing after them"),
             ),
             Wire::V1 if self.inform.is_some() => {

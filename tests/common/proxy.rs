@@ -15,8 +15,8 @@ pub struct Proxy {
     frozen: Arc<AtomicBool>,
     /// Bytes from the target each new connection forwards before it is cut (0: no limit).
     cut: Arc<std::sync::atomic::AtomicU64>,
-    /// The same for the next new connection only (0: none).
-    cut_next: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the next new connection is cut right after the target's response head.
+    cut_next: Arc<AtomicBool>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -25,9 +25,12 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     frozen: Arc<AtomicBool>,
     limit: u64,
+    after_head: bool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut left = if limit == 0 { u64::MAX } else { limit };
+    // With `after_head`: the last bytes forwarded, to find the head's end across reads.
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         if left == 0 {
             // Cut: both directions end here, mid-frame.
@@ -44,7 +47,17 @@ async fn pump(
         while frozen.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let n = n.min(left.min(usize::MAX as u64) as usize);
+        let mut n = n.min(left.min(usize::MAX as u64) as usize);
+        if after_head {
+            let seen = tail.len();
+            tail.extend_from_slice(&buf[..n]);
+            if let Some(end) = tail.windows(4).position(|w| w == b"\r\n\r\n") {
+                // Forward through the blank line, then cut.
+                n = end + 4 - seen;
+                left = n as u64;
+            }
+            tail.drain(..tail.len().saturating_sub(3));
+        }
         left -= n as u64;
         if to.write_all(&buf[..n]).await.is_err() {
             return;
@@ -83,16 +96,14 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let cut_next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let cut_next = Arc::new(AtomicBool::new(false));
         let (f, c, once) = (frozen.clone(), cut.clone(), cut_next.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else { return };
                 let f = f.clone();
-                let limit = match once.swap(0, Ordering::SeqCst) {
-                    0 => c.load(Ordering::SeqCst),
-                    n => n,
-                };
+                let limit = c.load(Ordering::SeqCst);
+                let after_head = once.swap(false, Ordering::SeqCst);
                 let required = required.clone();
                 tokio::spawn(async move {
                     let mut client = client;
@@ -116,8 +127,8 @@ impl Proxy {
                     // The cut applies to what the target sends; when it falls, the other way
                     // is dropped with it.
                     tokio::select! {
-                        _ = pump(cr, sw, f.clone(), 0) => {}
-                        _ = pump(sr, cw, f, limit) => {}
+                        _ = pump(cr, sw, f.clone(), 0, false) => {}
+                        _ = pump(sr, cw, f, limit, after_head) => {}
                     }
                 });
             }
@@ -130,9 +141,10 @@ impl Proxy {
         self.cut.store(bytes, Ordering::SeqCst);
     }
 
-    /// Cuts the next connection opened after `bytes` from the target.
-    pub fn cut_next_after(&self, bytes: u64) {
-        self.cut_next.store(bytes, Ordering::SeqCst);
+    /// Cuts the next connection opened right after the target's response head (an upgrade's:
+    /// nothing of the websocket after it).
+    pub fn cut_next_after_head(&self) {
+        self.cut_next.store(true, Ordering::SeqCst);
     }
 
     pub fn freeze(&self, frozen: bool) {
