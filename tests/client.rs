@@ -550,7 +550,7 @@ async fn a_gap_on_one_host_is_filled_from_another_that_still_has_the_events() {
     primary.wait_for_seq(200, Duration::from_secs(30));
     let upstream = format!("ws://{}", primary.public);
     let replica_flags = ["--upstream-url", &upstream, "--retention", "1s", "--trim-interval", "100ms"];
-    let replica = Serve::start(rd.path(), "ws://127.0.0.1:9", &[FLAGS, &replica_flags[..]].concat());
+    let mut replica = Serve::start(rd.path(), "ws://127.0.0.1:9", &[FLAGS, &replica_flags[..]].concat());
     let log = inspect_log(pd.path());
     let (saved, first_last) = (time_of(&log[10]), time_of(log.last().unwrap()));
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -581,14 +581,17 @@ async fn a_gap_on_one_host_is_filled_from_another_that_still_has_the_events() {
     // The other host cannot be reached: the replica's gap, once both were tried.
     let hosts = [format!("ws://{}", replica.public), "ws://127.0.0.1:9".to_string()];
     // It is waited for first, for the stale timeout (a restart would pass sooner).
-    let mut sub = Subscription::builder(hosts)
-        .backoff(Duration::from_millis(50), Duration::from_millis(300))
-        .connect_timeout(Duration::from_secs(2))
-        .stale_timeout(Duration::from_secs(2))
-        .max_attempts(3)
-        .cursor(Some(saved))
-        .start()
-        .unwrap();
+    let limited = || {
+        Subscription::builder(hosts.clone())
+            .backoff(Duration::from_millis(50), Duration::from_millis(300))
+            .connect_timeout(Duration::from_secs(2))
+            .stale_timeout(Duration::from_secs(2))
+            .max_attempts(3)
+            .cursor(Some(saved))
+            .start()
+            .unwrap()
+    };
+    let mut sub = limited();
     let asked = Instant::now();
     let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap();
     assert_eq!(m, contrail_client::Message::Gap { after_us: saved, through_us: replica_oldest - 1 });
@@ -596,6 +599,18 @@ async fn a_gap_on_one_host_is_filled_from_another_that_still_has_the_events() {
     assert_eq!(sub.stats().gaps.load(std::sync::atomic::Ordering::Relaxed), 1);
     let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
     assert!(matches!(&m, contrail_client::Message::Event(e) if e.time_us() == replica_oldest), "{m:?}");
+    // Every host out of reach: the one that told the gap goes down while the other is waited
+    // for. The subscription ends after its attempts, with nothing handed over, rather than
+    // searching for ever.
+    let mut sub = limited();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sub.stats().host.load(std::sync::atomic::Ordering::Relaxed) != 1 {
+        assert!(Instant::now() < deadline, "the replica never told its gap");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    replica.kill9();
+    let ended = tokio::time::timeout(Duration::from_secs(30), sub.next()).await.expect("the subscription ends");
+    assert!(matches!(ended, Err(contrail_client::Error::Unreachable { attempts: 3, .. })), "{ended:?}");
 }
 
 /// A subscription started live whose first connection ends before anything arrived resumes
