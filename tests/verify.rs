@@ -419,8 +419,8 @@ async fn a_rev_far_ahead_of_the_clock_does_not_take_the_chain_with_it() {
 
 /// `full` says subscribers saw all of the repo since the last anchor. A commit the transcoder
 /// dropped an op of (its record block stripped by the relay) or all of (a `time` that does not
-/// parse) moves the repo on, but subscribers did not see all of it: its events, and the
-/// repo's next commit, are `signature`; the one after is `full` again.
+/// parse, a CAR cut short) moves the repo on, but subscribers did not see all of it: its
+/// events, and the repo's next commit, are `signature`; the one after is `full` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
     let (plc, relay, mut alice) = alice_and_her_directory().await;
@@ -438,12 +438,19 @@ async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
     push(alice.clone().commit(0, &create("a6"), Tamper::BadTime));
     alice.commit(0, &create("a6"), Tamper::None);
     push(alice.commit(0, &create("a7"), Tamper::None));
-    let last = push(alice.commit(0, &create("a8"), Tamper::None));
+    push(alice.commit(0, &create("a8"), Tamper::None));
+    // One whose commit the verifier cannot read either (its CAR cut short): the frame still
+    // names the repo, whose next commit anchors again. Before, that one failed as a chain
+    // break (and was dropped), and only the one after it anchored.
+    push(alice.clone().commit(0, &create("a9"), Tamper::TruncatedCar));
+    alice.commit(0, &create("a9"), Tamper::None);
+    push(alice.commit(0, &create("a10"), Tamper::None));
+    let last = push(alice.commit(0, &create("a11"), Tamper::None));
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
     serve.wait_for_seq(last, Duration::from_secs(30));
-    let marks = commit_marks(&serve, 7).await;
+    let marks = commit_marks(&serve, 9).await;
     let want = [
         ("a1", "signature"),
         ("a2", "full"),
@@ -452,9 +459,12 @@ async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
         ("a5", "full"),
         ("a7", "signature"),
         ("a8", "full"),
+        ("a10", "signature"),
+        ("a11", "full"),
     ];
     assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
     assert_eq!(failures(&serve, "chain"), 0.0, "each commit continues the one before");
+    assert_eq!(failures(&serve, "malformed"), 1.0, "the cut CAR");
 }
 
 /// An op the verifier cannot read (an unknown action) drops that op, not the commit: the

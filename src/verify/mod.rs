@@ -668,9 +668,7 @@ impl Stage {
     }
 
     async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
-        if frame.raw.take().is_none() {
-            return frame;
-        }
+        let Some(raw) = frame.raw.take() else { return frame };
         let prepared = match work {
             Work::Done(Ok(Some(p))) => p,
             Work::Done(Ok(None)) | Work::None => {
@@ -682,7 +680,16 @@ impl Stage {
                 return frame;
             }
             Work::Done(Err(f)) => {
-                self.fail(&mut frame, "?", f);
+                // Unreadable as a commit, it may still be the repo's real next one (one the
+                // transcoder took, or an oversized one the relay passed): the repo's next
+                // commit anchors again rather than failing as a chain break.
+                match verify::frame_repo(&raw) {
+                    Some(did) => {
+                        self.fail(&mut frame, did, f);
+                        self.lose_track(did, &mut frame);
+                    }
+                    None => self.fail(&mut frame, "?", f),
+                }
                 return frame;
             }
             Work::Running(_) => unreachable!("only finished work is processed"),

@@ -150,6 +150,33 @@ pub fn read_frame(frame: &[u8]) -> Result<Option<RepoFrame<'_>>, Failure> {
     }
 }
 
+/// The repo a `#commit` (`repo`) or `#sync` (`did`) frame names, read leniently: for a frame
+/// [`read_frame`] refuses (more ops than allowed, a bad CAR), whose repo moved on all the same.
+/// `None` when even that cannot be read, or it is not a valid DID.
+pub fn frame_repo(frame: &[u8]) -> Option<&str> {
+    let mut r = Reader::new(frame);
+    let (mut op, mut t) = (None, None);
+    for _ in 0..r.read_map_len().ok()? {
+        match r.read_str().ok()? {
+            "op" => op = Some(r.read_i64().ok()?),
+            "t" => t = Some(r.read_str().ok()?),
+            _ => r.skip().ok()?,
+        }
+    }
+    let key = match (op, t) {
+        (Some(1), Some("#commit")) => "repo",
+        (Some(1), Some("#sync")) => "did",
+        _ => return None,
+    };
+    for _ in 0..r.read_map_len().ok()? {
+        if r.read_str().ok()? == key {
+            return r.read_str().ok().filter(|d| crate::syntax::is_valid_did(d));
+        }
+        r.skip().ok()?;
+    }
+    None
+}
+
 fn bad(what: &'static str) -> impl Fn(crate::transcode::cbor::CborError) -> Failure {
     move |_| Failure::Malformed(what)
 }
@@ -384,5 +411,48 @@ pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, arg: u64) {
             out.push(m | 27);
             out.extend_from_slice(&arg.to_be_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame of `t` whose body holds `fields` (text values, or a one-byte CAR for "blocks").
+    fn frame(t: &str, fields: &[(&str, &str)]) -> Vec<u8> {
+        let text = |out: &mut Vec<u8>, s: &str| {
+            write_head(out, 3, s.len() as u64);
+            out.extend_from_slice(s.as_bytes());
+        };
+        let mut out = Vec::new();
+        write_head(&mut out, 5, 2);
+        text(&mut out, "op");
+        write_head(&mut out, 0, 1);
+        text(&mut out, "t");
+        text(&mut out, t);
+        write_head(&mut out, 5, fields.len() as u64);
+        for (k, v) in fields {
+            text(&mut out, k);
+            match *k {
+                "blocks" => out.extend_from_slice(&[0x41, 0x00]),
+                _ => text(&mut out, v),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_repo_of_a_frame_the_verifier_refuses_is_still_read() {
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        // A CAR that does not parse, before the repo: refused, its repo read all the same.
+        let commit = frame("#commit", &[("blocks", ""), ("repo", did), ("rev", "3l")]);
+        assert!(read_frame(&commit).is_err());
+        assert_eq!(frame_repo(&commit), Some(did));
+        assert_eq!(frame_repo(&frame("#sync", &[("blocks", ""), ("did", did)])), Some(did));
+        // Not a DID, no repo, another kind, a body cut short: none.
+        assert_eq!(frame_repo(&frame("#commit", &[("repo", "bob")])), None);
+        assert_eq!(frame_repo(&frame("#commit", &[("rev", "3l")])), None);
+        assert_eq!(frame_repo(&frame("#identity", &[("did", did)])), None);
+        assert_eq!(frame_repo(&commit[..commit.len() - 20]), None);
     }
 }
