@@ -196,6 +196,29 @@ async fn a_client_waiting_to_say_hello_is_pinged_and_kept() {
     assert_eq!(collect(&mut ws, n, T).await.len(), n);
 }
 
+/// The slow rule judges a stream from when it starts: a client that says hello later than a
+/// window after connecting is not closed as too slow for the time it took (the window used to
+/// run from the connection, and a cursor message due at once checked it before any event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_hello_is_not_judged_slow_for_the_wait() {
+    // Any stream still reading the log after a window is slow: this one has 50 events to read.
+    let flags = ["--slow-window", "3s", "--slow-min-rate", "1000000", "--slow-behind", "0s"];
+    let s = setup(50, &flags).await;
+    let query = "/subscribe?cursor=0&requireHello=true&informCursorSeconds=1";
+    let mut ws = connect(s.serve.public, query, &[]).await.unwrap();
+    assert_eq!(next(&mut ws, Duration::from_secs(4)).await, None, "closed or delivered before hello");
+    send_text(&mut ws, r#"{"type":"options_update","payload":{}}"#).await;
+    let n = log(&s).len();
+    let mut events = 0;
+    while events < n {
+        match next(&mut ws, T).await {
+            Some(Msg::Text(t)) if t.starts_with(r#"{"kind":"cursor""#) => {}
+            Some(Msg::Text(_)) => events += 1,
+            other => panic!("after {events} events: {other:?}"),
+        }
+    }
+}
+
 /// Writes `chunks` of raw bytes to a subscriber's socket (frames a websocket library would not
 /// send), `pause` between them, then reads it as a client again.
 async fn send_raw(ws: Ws, chunks: &[&[u8]], pause: Duration) -> Ws {

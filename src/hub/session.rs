@@ -648,6 +648,8 @@ impl Session {
             start,
             metrics,
         ));
+        // The slow rule judges the stream from its start: not the wait for a hello before it.
+        self.slow.restart(Instant::now(), 0);
     }
 
     async fn wait_for_hello(&mut self, ctl: &mut mpsc::Receiver<Control>) -> Result<(), CloseReason> {
