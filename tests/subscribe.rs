@@ -196,6 +196,28 @@ async fn a_client_waiting_to_say_hello_is_pinged_and_kept() {
     assert_eq!(collect(&mut ws, n, T).await.len(), n);
 }
 
+/// A client library that sends a whole message over 10 MB gets the 1009 close, not a reset:
+/// the server reads and drops the rest of the message (bounded) while its close goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_sent_whole_is_answered_with_1009() {
+    use fastwebsockets::{Frame, OpCode, Payload};
+    let s = setup(5, &[]).await;
+    for _ in 0..3 {
+        let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+        let big = vec![b' '; 10_000_001];
+        // The server may close before the whole message is written.
+        let _ = ws.write_frame(Frame::new(true, OpCode::Text, None, Payload::Owned(big))).await;
+        let mut closed = None;
+        while let Some(m) = next(&mut ws, T).await {
+            if let Msg::Close(code, _) = m {
+                closed = Some(code);
+                break;
+            }
+        }
+        assert_eq!(closed, Some(1009), "the close was lost");
+    }
+}
+
 /// The slow rule judges a stream from when it starts: a client that says hello later than a
 /// window after connecting is not closed as too slow for the time it took (the window used to
 /// run from the connection, and a cursor message due at once checked it before any event).

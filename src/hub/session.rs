@@ -261,16 +261,21 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
                 | Control::ReadError(_)
                 | Control::Protocol(_)
         );
-        let protocol_error = matches!(msg, Control::Protocol(_));
+        let discard = match msg {
+            Control::Protocol(_) => Some(DISCARD_AFTER_PROTOCOL_ERROR),
+            Control::TooBig | Control::OverBudget => Some(DISCARD_AFTER_REFUSED_MESSAGE),
+            _ => None,
+        };
         if tx.send(msg).await.is_err() || last {
-            if protocol_error {
-                // The rest of the bad frame, and what came after it, is not read as frames;
-                // read and dropped while the close goes out (unread bytes at the socket's close
-                // make the kernel reset the connection, and the client lose the close frame).
-                // A message in progress goes first (its memory and its budget). The session
-                // may take up to CLOSE_TIMEOUT to write the close, then lingers as long.
+            if let Some(max) = discard {
+                // The rest of the bad or refused frame, and what came after it, is not read as
+                // frames; read and dropped while the close goes out (unread bytes at the
+                // socket's close make the kernel reset the connection, and the client lose
+                // the close frame). A message in progress goes first (its memory and its
+                // budget). The session may take up to CLOSE_TIMEOUT to write the close, then
+                // lingers as long.
                 drop(partial.take());
-                let _ = tokio::time::timeout(2 * CLOSE_TIMEOUT, rx.discard(DISCARD_AFTER_PROTOCOL_ERROR)).await;
+                let _ = tokio::time::timeout(2 * CLOSE_TIMEOUT, rx.discard(max)).await;
             }
             return;
         }
@@ -279,6 +284,12 @@ async fn read_loop(mut rx: FrameReader<ReadHalf>, tx: mpsc::Sender<Control>, lar
 
 /// What the reader drops after a protocol error, at most, while the close frame goes out.
 const DISCARD_AFTER_PROTOCOL_ERROR: usize = 64 * 1024;
+
+/// What it drops after a message refused for its size or the memory budget: the rest of a
+/// message a client library sent whole (up to the 10 MB limit and a little more), so that the
+/// client reads the 1009 or 1013 rather than a reset. Read into no buffer, and bounded in time
+/// as after a protocol error.
+const DISCARD_AFTER_REFUSED_MESSAGE: usize = 12 << 20;
 
 /// Counts one more in the second that started at `since` (a new second starts the count
 /// again); whether the count is still within `max`.
