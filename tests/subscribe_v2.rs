@@ -316,8 +316,9 @@ async fn urls_longer_than_hyper_takes_are_served_on_both_wires() {
 }
 
 /// A live start's upgrade says where it started (`contrail-start-cursor`: the newest event's
-/// `time_us` plus one) on both wires; an upgrade with a cursor does not, nor one on an empty
-/// log ("from the start" would mean another host's whole history to a client failing over).
+/// `time_us` plus one) on both wires; an upgrade with a cursor does not. On an empty log it is
+/// the lowest cursor each wire reads as "from the start", and taken back without a gap (v2
+/// refuses a cursor below 10^15 as another server's seq).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_upgrade_says_its_start_cursor_on_both_wires() {
     use std::io::{Read, Write};
@@ -347,7 +348,13 @@ async fn a_live_upgrade_says_its_start_cursor_on_both_wires() {
     }
     let dir = tempfile::tempdir().unwrap();
     let empty = Serve::start(dir.path(), "ws://127.0.0.1:9", &[]);
-    for path in ["/subscribe", PATH] {
-        assert_eq!(head(empty.public, path), None, "{path}");
+    for (path, want) in [("/subscribe", 1u64), (PATH, 1_000_000_000_000_000)] {
+        assert_eq!(head(empty.public, path), Some(want), "{path}");
+        assert_eq!(head(empty.public, &format!("{path}?cursor={want}")), None, "{path}");
     }
+    // Taken back by a log that has events since: from its start, no range said lost.
+    let mut ws = connect(s.serve.public, &format!("{PATH}?cursor=1000000000000000"), &[]).await.unwrap();
+    let got = payloads(&mut ws, 1, None).await;
+    assert_eq!(got[0]["name"], "OutdatedCursor");
+    assert!(got[0].get("afterSeq").is_none(), "{}", got[0]);
 }

@@ -498,7 +498,8 @@ struct Driver {
     started_us: Option<u64>,
     /// For a subscription started live: the cursor from its start that the first connection's
     /// upgrade gave (Contrail's [`transport::START_CURSOR_HEADER`]), on the server's clock, and
-    /// that host. Taken over `started_us` on a host of the same timeline.
+    /// that host. Taken over `started_us` on that host, and on a host of the same timeline
+    /// when it is a position (an empty log's "from the start" is that log's own).
     start_cursor: Option<(usize, u64)>,
     /// What the last upgrade gave in [`transport::START_CURSOR_HEADER`].
     upgrade_cursor: Option<u64>,
@@ -573,7 +574,7 @@ impl Driver {
                 // The server's own, when it gave one: its time_us need not follow this clock
                 // (a replica catching up is behind it, a server whose clock stepped back ahead),
                 // and this clock would skip, or replay, the difference.
-                let given = self.upgrade_cursor.take().filter(|&c| c >= MIN_START_CURSOR && plausible(c));
+                let given = self.upgrade_cursor.take().filter(|&c| c > 0 && plausible(c));
                 self.start_cursor = given.map(|c| (self.current, c));
                 if let Some(c) = given {
                     tracing::info!(url = %self.urls[self.current], cursor = c, "started live; a reconnect resumes from the server's start cursor");
@@ -698,7 +699,8 @@ impl Driver {
         // host of its timeline, else by this clock (a second early, for clock skew).
         let Some(last) = self.last else {
             return match self.start_cursor {
-                Some((host, c)) if host == self.current || self.opts.failover == Failover::ExactCursor => Some(c),
+                Some((host, c)) if host == self.current => Some(c),
+                Some((_, c)) if self.opts.failover == Failover::ExactCursor && c >= MIN_POSITION => Some(c),
                 _ => self.started_us,
             };
         };
@@ -1142,8 +1144,9 @@ fn now_us() -> u64 {
 /// value, which taken as a position would make every later event look old.
 const FUTURE_SLACK_US: u64 = 7 * 24 * 3_600_000_000;
 
-/// The lowest start cursor taken from a server: a `time_us` plus one (10^15 µs is 2001).
-const MIN_START_CURSOR: u64 = 1_000_000_000_000_000;
+/// The lowest start cursor taken as a position on another host: a `time_us` plus one (10^15
+/// µs is 2001); below it, a log's "from the start".
+const MIN_POSITION: u64 = 1_000_000_000_000_000;
 
 /// A position no further ahead of this clock than a `time_us` may be.
 fn plausible(time_us: u64) -> bool {

@@ -24,14 +24,14 @@ pub use crate::metrics::Refusal;
 /// subscription's start (shared with the client crate, which reads it).
 pub use contrail_client::transport::START_CURSOR_HEADER;
 
-/// [`START_CURSOR_HEADER`]'s value now: the log's newest `time_us` plus one. A client whose
-/// connection ends before it received anything reconnects with it and misses nothing, whatever
-/// its own clock says (`time_us` follows this server's clock, or its primary's on a replica
-/// still catching up). The session starts no earlier: from the tip it reads when it starts, or
-/// at the hello with `requireHello`. None on an empty log: "from the start" would mean this
-/// log's start only, and another host's whole history.
-fn start_cursor(hub: &Hub) -> Option<hyper::header::HeaderValue> {
-    hub.tip.newest().map(|t| hyper::header::HeaderValue::from(t + 1))
+/// [`START_CURSOR_HEADER`]'s value now: the log's newest `time_us` plus one; on an empty log,
+/// `empty`, the lowest cursor the wire reads as "from the start" (this log's start: the client
+/// uses it on this host only). A client whose connection ends before it received anything
+/// reconnects with it and misses nothing, whatever its own clock says (`time_us` follows this
+/// server's clock, or its primary's on a replica still catching up). The session starts no
+/// earlier: from the tip it reads when it starts, or at the hello with `requireHello`.
+fn start_cursor(hub: &Hub, empty: u64) -> hyper::header::HeaderValue {
+    hyper::header::HeaderValue::from(hub.tip.newest().map_or(empty, |t| t + 1))
 }
 
 fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
@@ -75,7 +75,7 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
         bad_handshake: |e| text(StatusCode::BAD_REQUEST, format!("bad websocket handshake: {e}\n")),
     };
     // Read before the session can start (it starts from the tip it then reads, or later).
-    let start_cursor = opts.cursor.is_none().then(|| start_cursor(&hub)).flatten();
+    let start_cursor = opts.cursor.is_none().then(|| start_cursor(&hub, 1));
     let response = admit_and_upgrade(hub, req, peer, Subscription::v1(opts, dictionary), refusals, None);
     with_start_cursor(response, start_cursor)
 }
@@ -263,6 +263,7 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
             full(StatusCode::BAD_REQUEST, "application/json", e.body())
         },
     };
-    let start_cursor = live.then(|| start_cursor(&hub)).flatten();
+    // (A v2 cursor below 10^15 is refused as another server's seq.)
+    let start_cursor = live.then(|| start_cursor(&hub, v2::TIMESTAMP_CURSOR_MIN as u64));
     with_start_cursor(admit_and_upgrade(hub, req, peer, sub, refusals, offered), start_cursor)
 }

@@ -288,7 +288,7 @@ const DISCARD_AFTER_PROTOCOL_ERROR: usize = 64 * 1024;
 /// What it drops after a message refused for its size or the memory budget: the rest of a
 /// message a client library sent whole (up to the 10 MB limit and a little more), so that the
 /// client reads the 1009 or 1013 rather than a reset. Read into no buffer, and bounded in time
-/// as after a protocol error.
+/// as after a protocol error (in practice by the session's linger: the reader stops with it).
 const DISCARD_AFTER_REFUSED_MESSAGE: usize = 12 << 20;
 
 /// Counts one more in the second that started at `since` (a new second starts the count

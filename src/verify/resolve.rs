@@ -237,6 +237,9 @@ impl Resolver {
         // forget deleted it): the next ask reads the store again. Nor over a newer one (a
         // resolve's, kept since the read). Off the runtime's workers: a forget may hold the
         // lock across a store write.
+        if self.forgets() != forgets {
+            return Some(key);
+        }
         super::blocking(|| {
             let _settling = self.settling.lock().unwrap_or_else(|p| p.into_inner());
             if self.forgets() == forgets {
