@@ -730,9 +730,8 @@ impl Session {
 
     /// Tells the subscriber of events its stream could not send (the log no longer held
     /// them), before anything after them: v2 in an `#info OutdatedCursor` (with the range in
-    /// `afterSeq` and `throughSeq`); v1 only to a client
-    /// that asked for cursor messages (a strict v1 client knows no other kinds), as
-    /// `{"kind":"gap","after_us":A,"through_us":B}`.
+    /// `afterSeq` and `throughSeq`); v1 only to a client that asked for cursor messages (a
+    /// strict v1 client knows no other kinds), as `{"kind":"gap","after_us":A,"through_us":B}`.
     async fn tell_gap(&mut self, Gap { after, through }: Gap) -> Result<(), CloseReason> {
         let message = match self.encoding.wire {
             Wire::V2 => contrail_core::v2::outdated_cursor_message(
