@@ -18,9 +18,9 @@ pub trait CursorStore: Send + 'static {
 }
 
 /// A cursor in a small text file (the decimal `time_us` and a newline), replaced atomically:
-/// written to a temporary file beside it (`<file>.tmp.<pid>.<n>`, left behind only by a crash
-/// between the two), synced, renamed over, and the directory synced, so a crash leaves the old
-/// cursor or the new one, never a torn one.
+/// written to a temporary file beside it (`<file>.tmp.<pid>.<random>`, left behind only by a
+/// crash between the two), synced, renamed over, and the directory synced, so a crash leaves
+/// the old cursor or the new one, never a torn one.
 #[derive(Debug, Clone)]
 pub struct FileCursorStore {
     path: PathBuf,
@@ -55,15 +55,8 @@ impl CursorStore for FileCursorStore {
     }
 
     fn save(&mut self, cursor: u64) -> std::io::Result<()> {
-        // A name of its own (this process, this save): two writers of one path (overlapping
-        // deploys, two runners given the same file) never write into each other's file, so
-        // what is renamed over the cursor is always a whole one.
-        static SAVES: AtomicU64 = AtomicU64::new(0);
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".tmp.{}.{}", std::process::id(), SAVES.fetch_add(1, Ordering::Relaxed)));
-        let tmp = PathBuf::from(tmp);
+        let (tmp, mut f) = create_temporary(&self.path)?;
         let written = (|| {
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
             writeln!(f, "{cursor}")?;
             f.sync_all()?;
             std::fs::rename(&tmp, &self.path)
@@ -74,6 +67,25 @@ impl CursorStore for FileCursorStore {
         written?;
         sync_dir_of(&self.path)
     }
+}
+
+/// A new temporary file beside `path`, of a name of its own: two writers of one path
+/// (overlapping deploys, two runners given the same file) never write into each other's file,
+/// so what is renamed over the cursor is always a whole one. The name is random, not counted:
+/// a process restarted under the same pid (a container's PID 1) must not meet the names a
+/// crashed one left behind; a name taken is skipped, never removed (it is not ours).
+fn create_temporary(path: &Path) -> std::io::Result<(PathBuf, std::fs::File)> {
+    for _ in 0..16 {
+        let mut tmp = path.to_path_buf().into_os_string();
+        tmp.push(format!(".tmp.{}.{:016x}", std::process::id(), rand::random::<u64>()));
+        let tmp = PathBuf::from(tmp);
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "no free temporary name beside the cursor"))
 }
 
 /// Makes a rename into `path`'s directory durable: on Unix by syncing the directory. Windows
@@ -163,6 +175,26 @@ mod tests {
             w.join().unwrap().unwrap();
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left");
+    }
+
+    /// Temporary files a crashed run left (a crash between writing one and renaming it) under
+    /// the names this process might pick — a container's PID 1 is the same pid at every start —
+    /// neither fail a save nor are taken away: they are not this save's.
+    #[test]
+    fn temporary_files_a_crash_left_do_not_fail_the_saves_of_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cursor");
+        let left: Vec<PathBuf> =
+            (0..2_000).map(|n| dir.path().join(format!("cursor.tmp.{}.{n}", std::process::id()))).collect();
+        for f in &left {
+            std::fs::write(f, "1\n").unwrap();
+        }
+        let mut s = FileCursorStore::new(&path);
+        for i in 0..100 {
+            s.save(1_000 + i).unwrap();
+        }
+        assert_eq!(s.load().unwrap(), Some(1_099));
+        assert!(left.iter().all(|f| f.exists()), "another's temporary file was removed");
     }
 
     #[test]
