@@ -1297,8 +1297,12 @@ impl Dedupe {
             self.order.push_back((e.time_us(), key));
         }
         let horizon = e.time_us().saturating_sub(self.keep_us);
+        // Kept: what is within the window of this event, on either side. An event further
+        // ahead of it than another host's rewind can be (one a server's clock stepped forward
+        // stamped) goes too: kept at the front, it would hold every later one for as long.
+        let ahead = e.time_us().saturating_add(self.keep_us);
         while let Some(&(t, k)) = self.order.front() {
-            if t >= horizon {
+            if (horizon..=ahead).contains(&t) {
                 break;
             }
             self.keys.remove(&k);
@@ -1325,6 +1329,26 @@ mod tests {
         assert_eq!(search(vec![Some(9), Some(5), Some(7)]).next(0), 1);
         assert_eq!(search(vec![Some(5), Some(5)]).next(1), 1);
         assert_eq!(search(vec![Some(9), Some(UNREACHED)]).next(1), 0);
+    }
+
+    /// One event stamped a day ahead (a server's clock that stepped forward) does not hold the
+    /// de-duplication window open behind it: what is remembered stays within the window.
+    #[test]
+    fn one_event_far_ahead_does_not_keep_every_later_one() {
+        let event = |time_us: u64, n: u64| {
+            let line = format!(
+                r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r{n}","operation":"create","collection":"app.bsky.feed.like","rkey":"k{n}","record":{{}}}}}}"#
+            );
+            Event::from_json(line).unwrap()
+        };
+        let mut d = Dedupe::new(Duration::from_secs(1)); // keeps 3 s
+        let t0 = 1_800_000_000_000_000u64;
+        d.remember(&event(t0 + 86_400_000_000, 0));
+        for n in 1..=10_000u64 {
+            d.remember(&event(t0 + n * 1_000, n)); // 1,000 a second: 10 s in all
+        }
+        assert!(d.keys.len() <= 3_001 && d.order.len() == d.keys.len(), "{} kept", d.keys.len());
+        assert!(d.seen(&event(t0 + 10_000_000, 10_000)) && !d.seen(&event(t0 + 1_000, 1)));
     }
 
     #[test]
