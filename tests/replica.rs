@@ -582,6 +582,28 @@ async fn a_replica_of_an_upstream_behind_a_proxy_that_wants_a_token_asks_everyth
     assert_eq!(r.metric("contrail_upstream_switches_total"), Some(0.0), "logs:\n{}", r.logs());
 }
 
+/// An upstream URL's query may hold an access token: `/ready` and `/status` (public) and the
+/// logs name the upstream without it. Before, `/ready` said the whole URL of a failed attempt.
+#[test]
+fn an_upstream_token_is_not_shown_on_ready_or_in_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replica_of(dir.path(), "ws://127.0.0.1:9/subscribe?token=s3cret", &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = http_get(r.public, "/ready").unwrap();
+        assert_eq!(status, 503, "{body}");
+        if body.contains("last attempt") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no attempt reported: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(body.contains("ws://127.0.0.1:9/subscribe") && !body.contains("s3cret"), "{body}");
+    let (_, status) = http_get(r.public, "/status").unwrap();
+    assert!(!status.contains("s3cret"), "{status}");
+    assert!(!r.logs().contains("s3cret"), "{}", r.logs());
+}
+
 /// `--ready-max-lag`: `/ready` says 503 while the source is further behind than that. The
 /// primary's fake relay stamps its frames months ago (its relay lag is that old); a replica
 /// started after the primary's events aged is behind by their age until its upstream's cursor

@@ -143,9 +143,12 @@ impl WsUrl {
     }
 }
 
+/// The URL as written, without its query or fragment: what logs, errors and status texts show.
+/// A query may hold an access token (`?token=`), which must not reach a log or a public
+/// `/ready` answer; requests are built from the parsed parts, with the query.
 impl std::fmt::Display for WsUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.raw)
+        f.write_str(self.raw.split(['?', '#']).next().unwrap_or_default())
     }
 }
 
@@ -536,6 +539,9 @@ mod tests {
         assert_eq!(u.at("/dictionary"), "/dictionary?token=t1&x=2");
         let plain = super::WsUrl::parse_with_path("wss://h.example", "/subscribe").unwrap();
         assert_eq!(plain.at("/status"), "/status");
+        // Shown (logs, errors, `/ready`) without the query, which may be a secret.
+        assert_eq!(u.to_string(), "wss://h.example/subscribe");
+        assert_eq!(u.target(Some(5)), "/subscribe?token=t1&x=2&cursor=5");
     }
 
     use super::*;
