@@ -273,13 +273,12 @@ async fn tcp_to(url: &WsUrl, timeout: std::time::Duration, public_only: bool) ->
     let host = url.host.trim_matches(|c| c == '[' || c == ']');
     // `Ok(None)`: the name has no public address.
     let connect = async {
-        if !public_only {
-            return TcpStream::connect((host, url.port)).await.map(Some);
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::net::lookup_host((host, url.port)).await?.filter(|a| !public_only || is_public(a.ip())).collect();
+        if addrs.is_empty() && public_only {
+            return Ok(None);
         }
-        match tokio::net::lookup_host((host, url.port)).await?.find(|a| is_public(a.ip())) {
-            Some(a) => TcpStream::connect(a).await.map(Some),
-            None => Ok(None),
-        }
+        connect_any(addrs, TcpStream::connect).await.map(Some)
     };
     let tcp = match tokio::time::timeout(timeout, connect).await {
         Err(_) => return Err(ClientError::Timeout { step: "TCP connect", after: timeout }),
@@ -289,6 +288,53 @@ async fn tcp_to(url: &WsUrl, timeout: std::time::Duration, public_only: bool) ->
     };
     tcp.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
     Ok(tcp)
+}
+
+/// How long an address is tried alone before the next one is tried beside it (RFC 8305's
+/// "connection attempt delay").
+const NEXT_ADDRESS_AFTER: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Connects to the first of `addrs` that answers, the families taken in turn (IPv6, IPv4, …,
+/// starting with the first's): each is tried alone for [`NEXT_ADDRESS_AFTER`], or until it
+/// fails, then the next one beside it (RFC 8305's "happy eyeballs"). So one address that never
+/// answers — a broken IPv6 path whose SYNs are dropped, a dead record sorted first — does not
+/// take the whole connect timeout of every attempt while the others work. The error is the
+/// last one seen.
+async fn connect_any<F, Fut, S>(addrs: Vec<std::net::SocketAddr>, connect: F) -> std::io::Result<S>
+where
+    F: Fn(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>> + Send + 'static,
+    S: Send + 'static,
+{
+    let (v6, v4): (Vec<std::net::SocketAddr>, Vec<_>) = addrs.iter().partition(|a| a.is_ipv6());
+    let (first, second) = if addrs.first().is_some_and(|a| a.is_ipv4()) { (v4, v6) } else { (v6, v4) };
+    let mut order = Vec::with_capacity(addrs.len());
+    for i in 0..first.len().max(second.len()) {
+        order.extend(first.get(i).copied());
+        order.extend(second.get(i).copied());
+    }
+    let mut next = order.into_iter().peekable();
+    // Dropped on return: the attempts still going are given up.
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut last_error = None;
+    loop {
+        if let Some(a) = next.next() {
+            attempts.spawn(connect(a));
+        }
+        if attempts.is_empty() {
+            let none = || std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address");
+            return Err(last_error.unwrap_or_else(none));
+        }
+        let more = next.peek().is_some();
+        tokio::select! {
+            done = attempts.join_next() => match done.expect("an attempt is going") {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => last_error = Some(e),
+                Err(e) => last_error = Some(std::io::Error::other(e)),
+            },
+            _ = tokio::time::sleep(NEXT_ADDRESS_AFTER), if more => {}
+        }
+    }
 }
 
 async fn tls(
@@ -545,6 +591,51 @@ mod tests {
     }
 
     use super::*;
+
+    /// An address that never answers does not hold the connect: the next one is tried after
+    /// the delay, families in turn; a failing one passes on at once; the last error is said.
+    #[tokio::test(start_paused = true)]
+    async fn connects_go_on_to_the_next_address_when_one_does_not_answer() {
+        use std::net::SocketAddr;
+        let (dead6, dead4, live6, live4): (SocketAddr, SocketAddr, SocketAddr, SocketAddr) = (
+            "[2001:db8::1]:443".parse().unwrap(),
+            "192.0.2.1:443".parse().unwrap(),
+            "[2001:db8::2]:443".parse().unwrap(),
+            "192.0.2.2:443".parse().unwrap(),
+        );
+        let tried = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connect = |tried: Arc<std::sync::Mutex<Vec<SocketAddr>>>| {
+            move |a: SocketAddr| {
+                tried.lock().unwrap().push(a);
+                async move {
+                    match a {
+                        a if a == live6 || a == live4 => Ok(a),
+                        a if a.port() == 1 => Err(std::io::Error::other(format!("refused by {a}"))),
+                        _ => std::future::pending().await,
+                    }
+                }
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let got = connect_any(vec![dead6, live6, dead4, live4], connect(tried.clone())).await.unwrap();
+        // IPv6 first (the first address's family), then IPv4: the dead IPv6 and dead IPv4
+        // addresses each had their delay, then the live IPv6 one answered.
+        assert_eq!(got, live6);
+        assert_eq!(*tried.lock().unwrap(), [dead6, dead4, live6]);
+        assert_eq!(started.elapsed(), 2 * NEXT_ADDRESS_AFTER);
+        // Refusals pass on at once; when every address failed, the last error.
+        let refused: Vec<SocketAddr> = vec!["192.0.2.3:1".parse().unwrap(), "192.0.2.4:1".parse().unwrap()];
+        let started = tokio::time::Instant::now();
+        let e = connect_any(refused, connect(Arc::default())).await.unwrap_err();
+        assert_eq!(
+            (e.to_string(), started.elapsed()),
+            ("refused by 192.0.2.4:1".to_string(), std::time::Duration::ZERO)
+        );
+        assert_eq!(
+            connect_any(vec![], connect(Arc::default())).await.unwrap_err().kind(),
+            std::io::ErrorKind::NotFound
+        );
+    }
 
     #[test]
     fn fragments_are_put_together_within_the_cap_and_the_peers_mistakes_are_errors() {
