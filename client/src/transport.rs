@@ -60,7 +60,13 @@ impl WsUrl {
         } else {
             return bail(format!("URL must start with ws:// or wss://: {url}"));
         };
+        // A fragment is not sent.
+        let rest = rest.split('#').next().unwrap_or_default();
         let (authority, path_query) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if authority.contains('@') {
+            // (Not echoed: the URL holds a secret.)
+            return bail("credentials in a URL (user@host) are not supported: put an access token in its query".into());
+        }
         let (path, query) = match path_query.split_once('?') {
             Some((p, q)) => (p, q),
             None => (path_query, ""),
@@ -680,6 +686,17 @@ mod tests {
         assert_eq!(u.target(None), "/xrpc/com.atproto.sync.subscribeRepos?x=1");
         assert_eq!(u.host_header(), "127.0.0.1:7001");
         assert!(WsUrl::parse("http://x").is_err());
+        // Credentials in the authority are refused, without the URL in the error; a fragment
+        // is not sent.
+        for with_credentials in ["wss://tok@h.example", "wss://user:s3cret@h.example/x"] {
+            let e = WsUrl::parse(with_credentials).unwrap_err().to_string();
+            assert!(e.contains("credentials") && !e.contains("s3cret") && !e.contains("tok@"), "{e}");
+        }
+        let u = WsUrl::parse("wss://h.example/?x=1#part").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.target(None)),
+            ("h.example", "/xrpc/com.atproto.sync.subscribeRepos?x=1".into())
+        );
     }
 
     #[test]
