@@ -240,10 +240,11 @@ impl SeqTracker {
             if seq > held && seq - held <= MAX_SEQ_JUMP {
                 self.held = None;
                 self.last = seq;
-                (self.unreadable, self.skip) = (0, 0);
+                (self.unreadable, self.skip, self.far_below) = (0, 0, 0);
                 return SeqDecision::Accept { gap: seq > held + 1, release_held: true };
             }
             if seq == held {
+                self.far_below = 0;
                 return SeqDecision::Duplicate;
             }
             if seq > self.last {
@@ -260,7 +261,7 @@ impl SeqTracker {
                 if before == seq && seq - self.last <= MAX_SEQ_JUMP {
                     let gap = self.last > 0 && seq > self.last + 1;
                     self.last = seq;
-                    (self.unreadable, self.skip) = (0, 0);
+                    (self.unreadable, self.skip, self.far_below) = (0, 0, 0);
                     return SeqDecision::Accept { gap, release_held: false };
                 }
                 self.refuted_before = Some(before);
@@ -426,6 +427,15 @@ mod tests {
         }
         t.follow(FAR_BELOW_RUN as i64 + 2);
         assert_eq!((t.last(), t.observe(FAR_BELOW_RUN as i64 + 3)), (FAR_BELOW_RUN as i64 + 2, ACCEPT));
+        // A run is broken by any other decision, a held seq's confirmation too: a run counted
+        // across it would be followed after fewer than FAR_BELOW_RUN frames in a row.
+        let mut t = SeqTracker::new(50_000, 10_000);
+        assert_eq!(t.observe(50_001), ACCEPT);
+        assert_eq!(t.observe(1), SeqDecision::FarBelow { run: 1 });
+        assert_eq!(t.observe(60_000), SeqDecision::Hold);
+        assert_eq!(t.observe(2), SeqDecision::FarBelow { run: 1 }, "the hold was a decision");
+        assert_eq!(t.observe(60_001), SeqDecision::Accept { gap: false, release_held: true });
+        assert_eq!(t.observe(3), SeqDecision::FarBelow { run: 1 }, "a new run");
         // Frames a little below (a daemon catching up) are duplicates, never a run.
         let mut t = SeqTracker::new(50_000, 10_000);
         for _ in 0..1_000 {
