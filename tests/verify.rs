@@ -467,6 +467,30 @@ async fn a_commit_subscribers_did_not_see_whole_is_not_called_full() {
     assert_eq!(failures(&serve, "malformed"), 1.0, "the cut CAR");
 }
 
+/// A `#sync` that fails its check (here its signature; in life, checked against a key its
+/// repo's `#identity` had just replaced) may still be the repo's real new state: its next
+/// commit, which continues it, anchors again rather than being dropped as a chain break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_that_fails_its_check_does_not_break_the_next_commits_chain() {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    push(alice.commit(0, &create("a2"), Tamper::None));
+    push(alice.sync(0, Tamper::FlipSig));
+    alice.sync(0, Tamper::None);
+    push(alice.commit(0, &create("a3"), Tamper::None));
+    let last = push(alice.commit(0, &create("a4"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "2s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    let marks = commit_marks(&serve, 4).await;
+    let want = [("a1", "signature"), ("a2", "full"), ("a3", "signature"), ("a4", "full")];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
+    assert_eq!((failures(&serve, "signature"), failures(&serve, "chain")), (1.0, 0.0));
+}
+
 /// An op the verifier cannot read (an unknown action) drops that op, not the commit: the
 /// transcoder skips it, `signature` checks no ops; `full` cannot undo it, so the commit fails
 /// its proof (not "malformed").

@@ -705,10 +705,12 @@ impl Stage {
                 return frame;
             }
             Err(Problem::Failed(f)) => {
+                // A commit or #sync that failed may still be the repo's real next one (checked
+                // against a key its `#identity` had just replaced, given up at a full queue):
+                // the repo's next commit anchors again rather than failing as a chain break.
+                // A forgery costs that commit its `full` mark, no more.
                 self.fail(&mut frame, &did, f);
-                if link.is_some() {
-                    self.lose_track(&did, &mut frame);
-                }
+                self.lose_track(&did, &mut frame);
                 return frame;
             }
         };

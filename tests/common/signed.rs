@@ -260,6 +260,47 @@ impl SignedRepo {
         frame.extend(dag_cbor(&body));
         frame
     }
+
+    /// A `#sync` frame ("this is the repo now": its signed commit alone), spoiled by `tamper`
+    /// (`FlipSig` or `OtherKey`); an unspoiled one moves the repo on to a new rev.
+    pub fn sync(&mut self, seq: i64, tamper: Tamper) -> Vec<u8> {
+        if tamper != Tamper::None {
+            return self.clone().build_sync(seq, tamper);
+        }
+        self.build_sync(seq, Tamper::None)
+    }
+
+    fn build_sync(&mut self, seq: i64, tamper: Tamper) -> Vec<u8> {
+        self.revs += 1;
+        let rev = tid_for(self.rev_base + self.revs);
+        let unsigned = map(vec![
+            ("did", s(&self.did)),
+            ("rev", s(&rev)),
+            ("data", Ipld::Link(Cid::try_from(self.root().as_slice()).unwrap())),
+            ("prev", Ipld::Null),
+            ("version", Ipld::Integer(3)),
+        ]);
+        let signer = if tamper == Tamper::OtherKey { Signer::k256(0xee) } else { self.signer.clone() };
+        let mut sig = signer.sign(&dag_cbor(&unsigned));
+        if tamper == Tamper::FlipSig {
+            sig[10] ^= 0x01;
+        }
+        let Ipld::Map(mut signed) = unsigned else { unreachable!() };
+        signed.insert("sig".into(), Ipld::Bytes(sig));
+        let commit_block = dag_cbor(&Ipld::Map(signed));
+        let commit_cid = cid_of(&commit_block);
+        let body = map(vec![
+            ("seq", Ipld::Integer(seq as i128)),
+            ("did", s(&self.did)),
+            ("rev", s(&rev)),
+            ("blocks", Ipld::Bytes(car(&commit_cid, &[(commit_cid, commit_block)]))),
+            ("time", s(TIME)),
+        ]);
+        self.last_rev = Some(rev);
+        let mut frame = dag_cbor(&map(vec![("t", s("#sync")), ("op", Ipld::Integer(1))]));
+        frame.extend(dag_cbor(&body));
+        frame
+    }
 }
 
 /// The same frame under another seq (a replay).
