@@ -701,3 +701,40 @@ async fn did_web_keys_come_from_the_host() {
     drop(serve);
     assert_eq!(stored_commits(dir.path()), vec![ev(&did, "create", "w1")]);
 }
+
+/// `did:web` hosts that hold their requests to the timeout (anyone can run them, under many
+/// names) use `did:web`'s own slots (a quarter, at least one), not the directory's: here one
+/// is in flight while the other waits, and the `did:plc` repo's key is looked up meanwhile.
+/// Before, the two took both of the two slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalling_did_web_hosts_do_not_take_the_directorys_slots() {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let mut push = pusher(&relay);
+    let mut hosts = Vec::new();
+    for (i, rkey) in ["w1", "w2"].into_iter().enumerate() {
+        let host = Plc::start().await;
+        let did = format!("did:web:127.0.0.1%3A{}", host.addr.port());
+        let mut web = SignedRepo::new(&did, Signer::p256(20 + i as u8));
+        host.set(".well-known/did.json", Answer::Slow(Duration::from_secs(60), web.did_doc()));
+        push(web.commit(0, &[Op::Create(post(rkey), record(rkey))], Tamper::None));
+        hosts.push(host);
+    }
+    let last = push(alice.commit(0, &[Op::Create(post("a1"), record("a1"))], Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let plc_url = plc.url();
+    let flags = ["--verify", "full", "--plc-url", &plc_url, "--did-web-http"];
+    let slots = ["--did-resolve-timeout", "3s", "--did-resolve-concurrency", "2"];
+    let serve = Serve::start(dir.path(), &relay.url(), &[flags.as_slice(), &slots].concat());
+    let asked = || hosts.iter().map(|h| h.requests(".well-known/did.json")).sum::<usize>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while asked() == 0 {
+        assert!(std::time::Instant::now() < deadline, "no did:web host was asked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(asked(), 1, "one did:web request at a time, the other waiting for its slot");
+    serve.wait_for_seq(last, Duration::from_secs(30));
+    let marks = commit_marks(&serve, 3).await;
+    let want = [("w1", "unresolved"), ("w2", "unresolved"), ("a1", "signature")];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
+}

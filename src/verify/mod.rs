@@ -93,7 +93,8 @@ pub struct VerifyConfig {
     #[arg(long, env = "CONTRAIL_DID_RESOLVE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub did_resolve_timeout: Duration,
-    /// DID documents fetched at once, at most
+    /// DID documents fetched at once, at most (and `did:web` documents a quarter as many more,
+    /// apart: hosts that stall cannot take the directory's slots)
     #[arg(long, env = "CONTRAIL_DID_RESOLVE_CONCURRENCY", default_value = "32")]
     pub did_resolve_concurrency: usize,
     /// Signing keys kept in memory, ~300 bytes each (the store keeps every one it resolved)

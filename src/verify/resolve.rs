@@ -87,6 +87,10 @@ pub struct Resolver {
     cache: Mutex<Lru>,
     inflight: DashMap<String, Arc<InflightCell>>,
     permits: Semaphore,
+    /// `did:web` documents' own slots (a quarter of them, at least one): anyone can run a host
+    /// that holds its request to the timeout, under as many names as they like, and such hosts
+    /// must not take the directory's slots from every `did:plc` repo.
+    web_permits: Semaphore,
     /// When a DID was last re-resolved after a signature failure.
     refreshed: Mutex<HashMap<String, Instant>>,
     /// Keys forgotten (`#identity` events) since the start: a check that failed against a key
@@ -196,6 +200,7 @@ impl Resolver {
         let plc = WsUrl::parse_with_path(&ws, "").map_err(|e| anyhow::anyhow!("plc-url: {e}"))?;
         Ok(Resolver {
             permits: Semaphore::new(opts.concurrency.max(1)),
+            web_permits: Semaphore::new((opts.concurrency / 4).max(1)),
             results: ResolveResult::ALL
                 .iter()
                 .map(|r| metrics.did_resolutions.with_label_values(&[r.as_str()]))
@@ -396,7 +401,8 @@ impl Resolver {
     async fn fetch(&self, did: &str, cell: &Arc<InflightCell>) -> Result<PublicKey, ResolveError> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
-        let permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+        let permits = if did.starts_with("did:web:") { &self.web_permits } else { &self.permits };
+        let permit = match tokio::time::timeout_at(deadline, permits.acquire()).await {
             Ok(Ok(p)) => p,
             Ok(Err(_)) => return Err(ResolveError::Fetch("shutting down".into())),
             Err(_) => {
