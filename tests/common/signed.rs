@@ -181,22 +181,7 @@ impl SignedRepo {
         let (root, nodes) = tree.blocks().unwrap();
         self.revs += 1;
         let rev = tid_for(self.rev_base + self.revs);
-        let unsigned = map(vec![
-            ("did", s(&self.did)),
-            ("rev", s(&rev)),
-            ("data", Ipld::Link(Cid::try_from(root.as_slice()).unwrap())),
-            ("prev", Ipld::Null),
-            ("version", Ipld::Integer(3)),
-        ]);
-        let signer = if tamper == Tamper::OtherKey { Signer::k256(0xee) } else { self.signer.clone() };
-        let mut sig = signer.sign(&dag_cbor(&unsigned));
-        if tamper == Tamper::FlipSig {
-            sig[10] ^= 0x01;
-        }
-        let Ipld::Map(mut signed) = unsigned else { unreachable!() };
-        signed.insert("sig".into(), Ipld::Bytes(sig));
-        let commit_block = dag_cbor(&Ipld::Map(signed));
-        let commit_cid = cid_of(&commit_block);
+        let (commit_cid, commit_block) = self.signed_commit(&rev, &root, tamper);
         match tamper {
             Tamper::SwapRecord => {
                 // Another record, correctly hashed, under the first op's name.
@@ -261,6 +246,27 @@ impl SignedRepo {
         frame
     }
 
+    /// The signed commit block of the repo at `rev` with the tree `root` (its CID and bytes),
+    /// spoiled by `tamper` (`FlipSig`, `OtherKey`).
+    fn signed_commit(&self, rev: &str, root: &[u8], tamper: Tamper) -> (Cid, Vec<u8>) {
+        let unsigned = map(vec![
+            ("did", s(&self.did)),
+            ("rev", s(rev)),
+            ("data", Ipld::Link(Cid::try_from(root).unwrap())),
+            ("prev", Ipld::Null),
+            ("version", Ipld::Integer(3)),
+        ]);
+        let signer = if tamper == Tamper::OtherKey { Signer::k256(0xee) } else { self.signer.clone() };
+        let mut sig = signer.sign(&dag_cbor(&unsigned));
+        if tamper == Tamper::FlipSig {
+            sig[10] ^= 0x01;
+        }
+        let Ipld::Map(mut signed) = unsigned else { unreachable!() };
+        signed.insert("sig".into(), Ipld::Bytes(sig));
+        let block = dag_cbor(&Ipld::Map(signed));
+        (cid_of(&block), block)
+    }
+
     /// A `#sync` frame ("this is the repo now": its signed commit alone), spoiled by `tamper`
     /// (`FlipSig` or `OtherKey`); an unspoiled one moves the repo on to a new rev.
     pub fn sync(&mut self, seq: i64, tamper: Tamper) -> Vec<u8> {
@@ -273,22 +279,7 @@ impl SignedRepo {
     fn build_sync(&mut self, seq: i64, tamper: Tamper) -> Vec<u8> {
         self.revs += 1;
         let rev = tid_for(self.rev_base + self.revs);
-        let unsigned = map(vec![
-            ("did", s(&self.did)),
-            ("rev", s(&rev)),
-            ("data", Ipld::Link(Cid::try_from(self.root().as_slice()).unwrap())),
-            ("prev", Ipld::Null),
-            ("version", Ipld::Integer(3)),
-        ]);
-        let signer = if tamper == Tamper::OtherKey { Signer::k256(0xee) } else { self.signer.clone() };
-        let mut sig = signer.sign(&dag_cbor(&unsigned));
-        if tamper == Tamper::FlipSig {
-            sig[10] ^= 0x01;
-        }
-        let Ipld::Map(mut signed) = unsigned else { unreachable!() };
-        signed.insert("sig".into(), Ipld::Bytes(sig));
-        let commit_block = dag_cbor(&Ipld::Map(signed));
-        let commit_cid = cid_of(&commit_block);
+        let (commit_cid, commit_block) = self.signed_commit(&rev, &self.root(), tamper);
         let body = map(vec![
             ("seq", Ipld::Integer(seq as i128)),
             ("did", s(&self.did)),
