@@ -134,16 +134,7 @@ pub enum RepoFrame<'a> {
 /// commit (identity, account, info, errors, unknown types).
 pub fn read_frame(frame: &[u8]) -> Result<Option<RepoFrame<'_>>, Failure> {
     let mut r = Reader::new(frame);
-    let n = r.read_map_len().map_err(|_| Failure::Malformed("header"))?;
-    let (mut op, mut t) = (None, None);
-    for _ in 0..n {
-        match r.read_str().map_err(|_| Failure::Malformed("header"))? {
-            "op" => op = Some(r.read_i64().map_err(|_| Failure::Malformed("header"))?),
-            "t" => t = Some(r.read_str().map_err(|_| Failure::Malformed("header"))?),
-            _ => r.skip().map_err(|_| Failure::Malformed("header"))?,
-        }
-    }
-    match (op, t) {
+    match read_header(&mut r).map_err(bad("header"))? {
         (Some(1), Some("#commit")) => read_commit(r).map(|c| Some(RepoFrame::Commit(c))),
         (Some(1), Some("#sync")) => read_sync(r).map(|s| Some(RepoFrame::Sync(s))),
         _ => Ok(None),
@@ -155,15 +146,7 @@ pub fn read_frame(frame: &[u8]) -> Result<Option<RepoFrame<'_>>, Failure> {
 /// `None` when even that cannot be read, or it is not a valid DID.
 pub fn frame_repo(frame: &[u8]) -> Option<&str> {
     let mut r = Reader::new(frame);
-    let (mut op, mut t) = (None, None);
-    for _ in 0..r.read_map_len().ok()? {
-        match r.read_str().ok()? {
-            "op" => op = Some(r.read_i64().ok()?),
-            "t" => t = Some(r.read_str().ok()?),
-            _ => r.skip().ok()?,
-        }
-    }
-    let key = match (op, t) {
+    let key = match read_header(&mut r).ok()? {
         (Some(1), Some("#commit")) => "repo",
         (Some(1), Some("#sync")) => "did",
         _ => return None,
@@ -175,6 +158,19 @@ pub fn frame_repo(frame: &[u8]) -> Option<&str> {
         r.skip().ok()?;
     }
     None
+}
+
+/// A frame header's `op` and `t`, the reader left at the body.
+fn read_header<'a>(r: &mut Reader<'a>) -> Result<(Option<i64>, Option<&'a str>), crate::transcode::cbor::CborError> {
+    let (mut op, mut t) = (None, None);
+    for _ in 0..r.read_map_len()? {
+        match r.read_str()? {
+            "op" => op = Some(r.read_i64()?),
+            "t" => t = Some(r.read_str()?),
+            _ => r.skip()?,
+        }
+    }
+    Ok((op, t))
 }
 
 fn bad(what: &'static str) -> impl Fn(crate::transcode::cbor::CborError) -> Failure {
