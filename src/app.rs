@@ -113,7 +113,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .with_mix(mix.clone());
     let replica = !config.replica.upstream_url.is_empty();
     // Every run says whether it checks chains, so a later `full` run knows what it missed.
-    let chain_epoch = crate::verify::start_epoch(&log, config.verify.verify)?;
+    let chain_epochs = crate::verify::start_epoch(&log, config.verify.verify)?;
     let mut verify_stage = None;
     let reader = if replica {
         tracing::info!(upstreams = ?config.replica.upstream_url.iter().map(ToString::to_string).collect::<Vec<_>>(), "replica mode");
@@ -129,7 +129,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         // relay reader → verification stage → sequencer; the reader's queue bounds the frames
         // (and their bytes) the stage holds.
         let (verify_tx, verify_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
-        let stage = crate::verify::Stage::new(config.verify.clone(), log.clone(), metrics.clone(), chain_epoch)?;
+        let stage = crate::verify::Stage::new(config.verify.clone(), log.clone(), metrics.clone(), chain_epochs)?;
         verify_stage = Some((stage, verify_rx, frames_tx));
         tracing::info!(mode = ?config.verify.verify, plc = %config.verify.plc_url, "verifying commits");
         Reader::Relay(Box::new(

@@ -43,6 +43,9 @@ pub struct IngestFrame {
     /// The transcoder dropped part of the frame (an op) or all of it: its events are not all it
     /// says, so the verification stage claims no more than its signature for them.
     pub incomplete: bool,
+    /// The relay reader knows frames may be missing just before this one (a seq jump, a frame
+    /// skipped for its seq, a relay reset, a live start): repos may have moved on unseen.
+    pub after_gap: bool,
     /// Repo chain states the verification stage moved for this frame, written with its events.
     pub repo_states: Vec<RepoStateWrite>,
 }

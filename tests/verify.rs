@@ -551,6 +551,77 @@ async fn a_full_run_after_one_without_chain_checks_anchors_repos_again() {
     assert_eq!(rkeys, ["a1", "a2", "a3", "a4", "a5", "a6", "a7"]);
 }
 
+/// A run without chain checks served its commits unchecked: a repo's next commit after it is
+/// not `full` even when it continues the state from before (a repo restored from a backup
+/// continues an old state, not what subscribers were sent). Unlike after a seq gap, which
+/// subscribers did not see past either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_continuing_a_state_from_before_a_run_without_chain_checks_is_not_full() {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let mut push = pusher(&relay);
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let dir = tempfile::tempdir().unwrap();
+    let full = ["--verify", "full", "--plc-url", &plc.url()];
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    let seq = push(alice.commit(0, &create("a2"), Tamper::None));
+    let serve = Serve::start(dir.path(), &relay.url(), &full);
+    serve.wait_for_seq(seq, Duration::from_secs(30));
+    drop(serve);
+    let serve = Serve::start(dir.path(), &relay.url(), &["--verify", "signature", "--plc-url", &plc.url()]);
+    serve.wait_for_seq(seq, Duration::from_secs(30));
+    drop(serve);
+    push(alice.commit(0, &create("a3"), Tamper::None));
+    let seq = push(alice.commit(0, &create("a4"), Tamper::None));
+    let serve = Serve::start(dir.path(), &relay.url(), &full);
+    serve.wait_for_seq(seq, Duration::from_secs(30));
+    let marks: Vec<String> = commit_marks(&serve, 4).await.into_iter().map(|(_, m)| m).collect();
+    assert_eq!(marks, ["signature", "full", "signature", "full"], "{}", serve.logs());
+    assert_eq!(failures(&serve, "chain"), 0.0);
+}
+
+/// A gap the relay reader knows of (its seq jumped: the relay skipped a taken-down event, or a
+/// frame it could not read; a relay that reset) may hold any repo's commits. A repo whose next
+/// commit does not continue its chain anchors again (`signature`) instead of being dropped as
+/// a chain break; one whose next commit continues it is still `full`. The gap is stored with
+/// the frame after it, so a restart before the repos' next commits keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_gap_anchors_the_repos_that_moved_in_it_and_only_them() {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let mut bob = SignedRepo::new(BOB, Signer::p256(2));
+    plc.set(BOB, Answer::Doc(bob.did_doc()));
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let push = |seq: i64, frame: Vec<u8>| relay.push(seq, with_seq(&frame, seq));
+    push(1, alice.commit(0, &create("a1"), Tamper::None));
+    push(2, bob.commit(0, &create("b1"), Tamper::None));
+    push(3, alice.commit(0, &create("a2"), Tamper::None));
+    // Seq 4, alice's a3, is not on the relay.
+    let _skipped = alice.commit(0, &create("a3"), Tamper::None);
+    push(5, bob.commit(0, &create("b2"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url()];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(5, Duration::from_secs(30));
+    drop(serve);
+    push(6, alice.commit(0, &create("a4"), Tamper::None));
+    push(7, alice.commit(0, &create("a5"), Tamper::None));
+    push(8, bob.commit(0, &create("b3"), Tamper::None));
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(8, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "chain"), 0.0, "{}", serve.logs());
+    assert_eq!(serve.metric("contrail_verify_desynchronized_total"), Some(1.0), "alice's a4");
+    let marks = commit_marks(&serve, 7).await;
+    let want = [
+        ("a1", "signature"),
+        ("b1", "signature"),
+        ("a2", "full"),
+        ("b2", "full"),
+        ("a4", "signature"),
+        ("a5", "full"),
+        ("b3", "full"),
+    ];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
+}
+
 /// A burst of commits right after a key rotation (an account that moved to a new PDS posts at
 /// once): each is checked on its own against the cached old key and fails together; the first
 /// re-resolves, and the others take its answer rather than failing (they used to, each counted

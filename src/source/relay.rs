@@ -12,6 +12,9 @@
 //!   skips past it ([`SeqTracker::unreadable`]).
 //! - Error frames (`FutureCursor`, `ConsumerTooSlow`) and `#info OutdatedCursor` are logged at
 //!   a bounded rate and counted; seq gaps are counted.
+//! - The frame handed on after frames that may be missing (a seq jump, a frame skipped for its
+//!   seq, a relay reset, a live start) says so (`IngestFrame::after_gap`): the verification
+//!   stage then lets repos that moved unseen anchor again rather than break their chains.
 //!
 //! Frames are transcoded here (the reader is one task, far faster than the firehose) and handed
 //! to the sequencer with their seq.
@@ -176,6 +179,8 @@ pub struct Reader {
     log: RateLimitedLog,
     /// Hand each frame's bytes on with its events (for the verification stage).
     keep_raw: bool,
+    /// Frames may be missing before the next frame handed on ([`IngestFrame::after_gap`]).
+    gap_before_next: bool,
     /// Whether the relay has been reached, and the last error (for `/ready`).
     pub readiness: Arc<Readiness>,
 }
@@ -199,6 +204,9 @@ impl Reader {
             transcoder,
             log: RateLimitedLog::new(Duration::from_secs(10)),
             keep_raw: false,
+            // Starting live (no cursor, or one for another relay): whatever the log holds was
+            // followed by frames this reader will never see.
+            gap_before_next: start_seq.is_none(),
             readiness: Arc::default(),
         }
     }
@@ -366,12 +374,16 @@ impl Reader {
         let decision = self.seq.observe(seq);
         if let Some(bogus) = self.seq.take_refuted_before() {
             // Held when the last connection ended; this connection sent another frame first.
+            // (Its commit, if any, is not stored: a gap for its repo.)
+            self.gap_before_next = true;
             m.drop_reason(DropReason::BadSeq);
             self.log
                 .warn("bad_seq", || format!("dropped a frame with seq {bogus}: it jumped ahead and was not confirmed"));
         }
         if decision == SeqDecision::Invalid {
             // Says nothing about a held frame: it stays held for the next frame to judge.
+            // (Its commit, if any, is not stored: a gap for its repo.)
+            self.gap_before_next = true;
             m.drop_reason(DropReason::BadSeq);
             self.log.warn("bad_seq", || format!("dropped a frame with seq {seq}"));
             return Ok(false);
@@ -407,7 +419,9 @@ impl Reader {
         // with this one, or refuted.
         let held = if held_seq.is_some() && self.seq.held() == held_seq { None } else { self.held.take() };
         if held.is_some() && !matches!(decision, SeqDecision::Accept { release_held: true, .. }) {
-            // The jump ahead was not confirmed: that frame's seq was bogus.
+            // The jump ahead was not confirmed: that frame's seq was bogus (and its commit, if
+            // any, is not stored: a gap for its repo).
+            self.gap_before_next = true;
             m.drop_reason(DropReason::BadSeq);
             self.log.warn("bad_seq", || {
                 format!("dropped a frame whose seq jumped ahead and was not confirmed, after seq {cursor}")
@@ -440,6 +454,7 @@ impl Reader {
                     // Some of the run went at the memory bound: the relay is asked for the run
                     // again, from its first seq (it holds its new space's recent frames).
                     self.seq.follow(first - 1);
+                    self.gap_before_next = true; // the old space's frames after our cursor
                     let kept = frames.len();
                     self.log.error("seq_reset_run", || {
                         format!(
@@ -450,6 +465,7 @@ impl Reader {
                 }
                 self.seq.follow(seq);
                 self.highest_seq = seq;
+                self.gap_before_next = true; // the old space's frames after our cursor
                 let n = frames.len();
                 self.log.error("seq_reset_run", || {
                     format!(
@@ -474,6 +490,7 @@ impl Reader {
             }
             SeqDecision::Reset { from } => {
                 m.relay_error(RelayErrorKind::SeqReset);
+                self.gap_before_next = true; // the old space's frames after our cursor
                 tracing::error!(
                     cursor,
                     first_seq = from,
@@ -481,12 +498,14 @@ impl Reader {
                 );
             }
             SeqDecision::Accept { gap, release_held } => {
-                if gap {
-                    m.relay_seq_gaps.inc();
-                }
                 if let (true, Some((h, h_drops))) = (release_held, held) {
                     m.relay_seq_gaps.inc(); // the jump itself
+                    self.gap_before_next = true;
                     self.hand_on(h, &h_drops).await?;
+                }
+                if gap {
+                    self.metrics.relay_seq_gaps.inc();
+                    self.gap_before_next = true;
                 }
             }
         }
@@ -494,9 +513,11 @@ impl Reader {
         Ok(moved_on)
     }
 
-    /// Counts a frame's drops and hands it to the sequencer.
-    async fn hand_on(&self, frame: IngestFrame, drops: &[DropReason]) -> Result<(), RelayError> {
+    /// Counts a frame's drops and hands it to the sequencer, saying whether frames may be
+    /// missing before it.
+    async fn hand_on(&mut self, mut frame: IngestFrame, drops: &[DropReason]) -> Result<(), RelayError> {
         self.count_drops(drops, frame.seq);
+        frame.after_gap = std::mem::take(&mut self.gap_before_next);
         self.tx.send(frame).await.map_err(|_| RelayError::SequencerStopped)
     }
 

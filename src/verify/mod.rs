@@ -22,6 +22,10 @@
 //!   real next commit. A commit whose rev is not newer than the last (a replay) is a chain
 //!   failure too. Only a commit that continues a verified one is marked `full`: an anchoring
 //!   commit's `prevData` is unsigned and continues nothing, so its op list is not proven.
+//! - Where repos may have moved on unseen, a new chain epoch starts ([`Epochs`]): after a gap
+//!   the relay reader knows of (a seq jump, a relay reset, a live start), a commit that does
+//!   not continue a state from before it anchors its repo again instead of failing as a chain
+//!   break; after a run without chain checks, every repo's next commit anchors it again.
 //! - A signature failure re-resolves the DID once (at most every ten minutes per DID), in case
 //!   the key rotated; other failures meanwhile take its answer. An `#identity` event forgets
 //!   the cached key; a signature failure checked before an `#identity` in front of it was
@@ -223,12 +227,35 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 /// run checked chains: `[epoch, u64 big-endian][1: full]`.
 const EPOCH_KEY: &str = "#chains";
 
-/// Records this run's `--verify` mode at start (whatever it is) and returns the chain epoch.
-/// A run that does not check chains (`off`, `signature`) lets repos move on unseen, so the
-/// first `full` run after one starts a new epoch: chain states from an earlier epoch anchor a
-/// repo's next commit instead of breaking its chain (which dropped one commit of every active
-/// repo). A log from before epochs counts as last run without chain checks.
-pub fn start_epoch(log: &Log, mode: VerifyMode) -> Result<u64, crate::log::LogError> {
+/// The repos column's entry saying the first epoch of the current stretch of runs that checked
+/// chains, and the epoch it was written in: `[first, u64 big-endian][epoch, u64 big-endian]`.
+/// A binary from before it moves only [`EPOCH_KEY`]; an entry whose epoch is not
+/// [`EPOCH_KEY`]'s was left behind by such a run, and the current epoch is taken as the first.
+const CHECKED_SINCE_KEY: &str = "#chains-checked-since";
+
+/// Chain epochs. Within the current one, a commit that does not continue its repo's chain
+/// state is a chain break. A new epoch starts wherever repos may have moved on unseen.
+///
+/// - After a gap the relay reader knows of ([`Stage::start_new_epoch`]): subscribers did not
+///   see what the repo did in it either. A commit that does not continue a state from before
+///   anchors its repo again (`signature`) instead of failing as a chain break (which dropped
+///   one commit of every repo that moved in the gap); one that continues it is still `full`.
+/// - With the first `full` run after one that did not check chains (`off`, `signature`; a
+///   replica): its commits reached subscribers unchecked, so a commit continuing a state from
+///   before it is not `full` (a repo restored from a backup continues an old state, but not
+///   what subscribers were sent). States from before [`Epochs::checked_since`] anchor their
+///   repo's next commit, whatever it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epochs {
+    pub current: u64,
+    /// The epoch since which every run checked chains.
+    pub checked_since: u64,
+}
+
+/// Records this run's `--verify` mode at start (whatever it is) and returns the chain epochs:
+/// the first `full` run after one that did not check chains starts a new epoch, from which
+/// chains are checked. A log from before epochs counts as last run without chain checks.
+pub fn start_epoch(log: &Log, mode: VerifyMode) -> Result<Epochs, crate::log::LogError> {
     let stored = log.repo_state(EPOCH_KEY)?;
     let (old_epoch, was_full) = match &stored {
         Some(v) if v.len() == 9 => (u64::from_be_bytes(v[..8].try_into().expect("8 bytes")), v[8] == 1),
@@ -236,14 +263,34 @@ pub fn start_epoch(log: &Log, mode: VerifyMode) -> Result<u64, crate::log::LogEr
         // Taken as not full: at worst each repo's next commit anchors (`signature`, not `full`).
         _ => (0, false),
     };
+    let stored_since = log.repo_state(CHECKED_SINCE_KEY)?;
+    let old_since = match &stored_since {
+        Some(v) if v.len() == 16 && v[8..] == old_epoch.to_be_bytes() => {
+            u64::from_be_bytes(v[..8].try_into().expect("8 bytes"))
+        }
+        // Not recorded, or left behind by a binary that moved the epoch without it.
+        _ => old_epoch,
+    };
     let full = mode == VerifyMode::Full;
-    let epoch = if full && !was_full { old_epoch + 1 } else { old_epoch };
-    if stored.is_none() || epoch != old_epoch || full != was_full {
-        let mut v = epoch.to_be_bytes().to_vec();
-        v.push(full as u8);
-        log.append_with_states(&[], None, &[(EPOCH_KEY.to_string(), v)])?;
+    let epochs = if full && !was_full {
+        Epochs { current: old_epoch + 1, checked_since: old_epoch + 1 }
+    } else {
+        Epochs { current: old_epoch, checked_since: old_since }
+    };
+    let entries = epoch_entries(epochs, full);
+    if stored.as_ref() != Some(&entries[0].1) || stored_since.as_ref() != Some(&entries[1].1) {
+        log.append_with_states(&[], None, &entries)?;
     }
-    Ok(epoch)
+    Ok(epochs)
+}
+
+/// The [`EPOCH_KEY`] and [`CHECKED_SINCE_KEY`] entries for `epochs`.
+fn epoch_entries(epochs: Epochs, full: bool) -> [(String, Vec<u8>); 2] {
+    let mut epoch = epochs.current.to_be_bytes().to_vec();
+    epoch.push(full as u8);
+    let mut since = epochs.checked_since.to_be_bytes().to_vec();
+    since.extend_from_slice(&epochs.current.to_be_bytes());
+    [(EPOCH_KEY.to_string(), epoch), (CHECKED_SINCE_KEY.to_string(), since)]
 }
 
 /// Chain states this stage moved, in front of the store: a repo's state is read here before
@@ -265,9 +312,9 @@ impl Chains {
         Chains { map: HashMap::new(), order: VecDeque::new(), generation: 0 }
     }
 
-    /// The repo's last state; an unreadable store is a failure, never "a new repo". A state of
-    /// an earlier epoch than `epoch` is desynchronized: the repo may have moved on unseen.
-    fn get(&self, did: &str, log: &Log, epoch: u64) -> Result<Option<Chain>, Failure> {
+    /// The repo's last state; an unreadable store is a failure, never "a new repo". A state
+    /// from before `checked_since` is desynchronized: the repo may have moved on unchecked.
+    fn get(&self, did: &str, log: &Log, checked_since: u64) -> Result<Option<Chain>, Failure> {
         let chain = match self.map.get(did) {
             Some((c, _)) => Some(c.clone()),
             None => match blocking(|| log.repo_state(did)) {
@@ -276,7 +323,7 @@ impl Chains {
             },
         };
         Ok(chain.map(|mut c| {
-            c.desynchronized |= c.epoch < epoch;
+            c.desynchronized |= c.epoch < checked_since;
             c
         }))
     }
@@ -509,8 +556,9 @@ fn check(parsed: &RepoFrame<'_>, key: &PublicKey, level: Level) -> Result<Checke
 pub struct Stage {
     cfg: VerifyConfig,
     level: Level,
-    /// Chain states of earlier epochs anchor; they never break a chain ([`start_epoch`]).
-    epoch: u64,
+    /// A commit that does not continue a chain state of an earlier epoch anchors its repo
+    /// again; it is not a chain break ([`Epochs`]).
+    epochs: Epochs,
     resolver: Arc<Resolver>,
     log: Arc<Log>,
     metrics: Arc<Metrics>,
@@ -522,10 +570,10 @@ pub struct Stage {
 }
 
 impl Stage {
-    pub fn new(cfg: VerifyConfig, log: Arc<Log>, metrics: Arc<Metrics>, epoch: u64) -> anyhow::Result<Stage> {
+    pub fn new(cfg: VerifyConfig, log: Arc<Log>, metrics: Arc<Metrics>, epochs: Epochs) -> anyhow::Result<Stage> {
         let resolver = Arc::new(Resolver::new(cfg.resolver_options(), log.clone(), &metrics)?);
         Ok(Stage {
-            epoch,
+            epochs,
             level: cfg.verify.level(),
             cfg,
             resolver,
@@ -669,6 +717,9 @@ impl Stage {
     }
 
     async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
+        if frame.after_gap && self.level == Level::Full {
+            self.start_new_epoch(&mut frame);
+        }
         let Some(raw) = frame.raw.take() else { return frame };
         let prepared = match work {
             Work::Done(Ok(Some(p))) => p,
@@ -718,7 +769,7 @@ impl Stage {
         match link {
             Some(link) => {
                 if self.level == Level::Full {
-                    let last = match self.chains.get(&did, &self.log, self.epoch) {
+                    let last = match self.chains.get(&did, &self.log, self.epochs.checked_since) {
                         Ok(l) => l,
                         Err(f) => {
                             self.fail(&mut frame, &did, f);
@@ -728,7 +779,7 @@ impl Stage {
                     // Only a commit that continues a verified one has its op list proven
                     // complete: `prevData` is not signed, so on a repo's first commit (or the
                     // first after a break) a relay could drop an op and recompute it.
-                    let continues = last.as_ref().is_some_and(|l| !l.desynchronized);
+                    let mut continues = last.as_ref().is_some_and(|l| !l.desynchronized);
                     if rev_far_ahead(&link.rev) {
                         // It may be the repo's real next commit (a PDS clock ahead): the one
                         // after it anchors again rather than breaking a chain.
@@ -746,26 +797,32 @@ impl Stage {
                         if !l.desynchronized {
                             if let Err(f) = verify::check_chain(Some(&l.state), &link) {
                                 self.metrics.verify_desynchronized.inc();
-                                let state = l.state.clone();
-                                self.chains.put(
-                                    &did,
-                                    Chain { state, desynchronized: true, epoch: self.epoch },
-                                    &mut frame,
-                                );
-                                self.fail(&mut frame, &did, f);
-                                return frame;
+                                if l.epoch < self.epochs.current {
+                                    // The repo moved on while we could not see it (a gap, a
+                                    // run without chain checks): this commit anchors it again.
+                                    continues = false;
+                                } else {
+                                    let state = l.state.clone();
+                                    self.chains.put(
+                                        &did,
+                                        Chain { state, desynchronized: true, epoch: self.epochs.current },
+                                        &mut frame,
+                                    );
+                                    self.fail(&mut frame, &did, f);
+                                    return frame;
+                                }
                             }
                         }
                     }
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
                     // A commit the transcoder dropped part or all of moves the repo on, but what
                     // subscribers saw of it is not all of it: the next commit anchors again.
-                    if frame.incomplete && last.as_ref().is_some_and(|l| !l.desynchronized) {
+                    if frame.incomplete && continues {
                         self.metrics.verify_desynchronized.inc();
                     }
                     self.chains.put(
                         &did,
-                        Chain { state: checked.state, desynchronized: frame.incomplete, epoch: self.epoch },
+                        Chain { state: checked.state, desynchronized: frame.incomplete, epoch: self.epochs.current },
                         &mut frame,
                     );
                     if !continues || frame.incomplete {
@@ -786,7 +843,7 @@ impl Stage {
                     return frame;
                 }
                 let newer = |l: &Chain| state.rev > l.state.rev;
-                let last = self.chains.get(&did, &self.log, self.epoch).ok().flatten();
+                let last = self.chains.get(&did, &self.log, self.epochs.checked_since).ok().flatten();
                 if self.level == Level::Full && last.as_ref().is_none_or(newer) {
                     // "This is the repo now": the chain continues from here. A sync no newer
                     // than what we know changes nothing; one the transcoder dropped was not
@@ -795,7 +852,7 @@ impl Stage {
                     if desynchronized && last.as_ref().is_some_and(|l| !l.desynchronized) {
                         self.metrics.verify_desynchronized.inc();
                     }
-                    self.chains.put(&did, Chain { state, desynchronized, epoch: self.epoch }, &mut frame);
+                    self.chains.put(&did, Chain { state, desynchronized, epoch: self.epochs.current }, &mut frame);
                 }
                 self.outcome(Outcome::Verified);
                 // A sync is a signed commit alone: its signature is all there is.
@@ -803,6 +860,20 @@ impl Stage {
             }
         }
         frame
+    }
+
+    /// The relay reader knows frames may be missing before `frame` (a seq jump, a frame
+    /// skipped for its seq, a relay reset, a live start): any repo may have moved on unseen,
+    /// so a commit that does not continue its repo's state from before anchors it again
+    /// ([`Epochs`]). The new epoch is stored with the frame: a restart keeps it, and one before
+    /// the frame is stored meets the gap again.
+    fn start_new_epoch(&mut self, frame: &mut IngestFrame) {
+        self.epochs.current += 1;
+        frame.repo_states.extend(epoch_entries(self.epochs, true));
+        let (seq, epoch) = (frame.seq, self.epochs.current);
+        self.warn.warn("chain_epoch", || {
+            format!("frames may be missing before seq {seq:?}: chain epoch {epoch}, each repo's next commit that does not continue its chain anchors it again")
+        });
     }
 
     /// A commit of `did` that was not verified (its key unresolved, or a failure other than the
@@ -813,10 +884,10 @@ impl Stage {
         if self.level != Level::Full {
             return;
         }
-        if let Ok(Some(l)) = self.chains.get(did, &self.log, self.epoch) {
+        if let Ok(Some(l)) = self.chains.get(did, &self.log, self.epochs.checked_since) {
             if !l.desynchronized {
                 self.metrics.verify_desynchronized.inc();
-                self.chains.put(did, Chain { state: l.state, desynchronized: true, epoch: self.epoch }, frame);
+                self.chains.put(did, Chain { state: l.state, desynchronized: true, epoch: self.epochs.current }, frame);
             }
         }
     }
@@ -922,6 +993,34 @@ mod tests {
             v /= 32;
         }
         String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    /// Runs in turn over one log: each `full` run after one without chain checks starts an
+    /// epoch from which chains are checked; a gap moves only the current epoch; an entry a
+    /// binary from before the first checked epoch left behind is not believed.
+    #[test]
+    fn chain_epochs_across_runs_and_gaps() {
+        let log = Log::memory(crate::log::memory::MemoryLog::new(1 << 20));
+        let start = |mode| start_epoch(&log, mode).unwrap();
+        let epochs = |current, checked_since| Epochs { current, checked_since };
+        assert_eq!(start(VerifyMode::Full), epochs(1, 1), "a new log");
+        assert_eq!(start(VerifyMode::Full), epochs(1, 1), "full after full");
+        // Two gaps in a full run, stored with their frames.
+        log.append_with_states(&[], None, &epoch_entries(epochs(3, 1), true)).unwrap();
+        assert_eq!(start(VerifyMode::Full), epochs(3, 1), "gaps start epochs, not checks");
+        assert_eq!(start(VerifyMode::Signature), epochs(3, 1));
+        assert_eq!(start(VerifyMode::Full), epochs(4, 4), "full after a run without chain checks");
+        assert_eq!(start(VerifyMode::Off), epochs(4, 4));
+        assert_eq!(start(VerifyMode::Off), epochs(4, 4));
+        assert_eq!(start(VerifyMode::Full), epochs(5, 5));
+        // A binary from before the first-checked entry moved the epoch alone (an `off` run,
+        // then a `full` one): its entry is stale, and nothing before the epoch is believed.
+        log.append_with_states(&[], None, &[epoch_entries(epochs(7, 7), true)[0].clone()]).unwrap();
+        assert_eq!(start(VerifyMode::Full), epochs(7, 7));
+        // A log from before epochs.
+        let old = Log::memory(crate::log::memory::MemoryLog::new(1 << 20));
+        assert_eq!(start_epoch(&old, VerifyMode::Signature).unwrap(), epochs(0, 0));
+        assert_eq!(start_epoch(&old, VerifyMode::Full).unwrap(), epochs(1, 1));
     }
 
     #[test]
