@@ -666,6 +666,40 @@ async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
     assert_eq!(stored_commits(dir.path()).len(), 40);
 }
 
+/// A commit checked while an `#identity` of its repo waits in front of it (checks run ahead of
+/// the in-order apply) was checked against the key that event may replace: it is checked
+/// again. Alice rotates her key, and a commit signed with the old one after the rotation (whoever
+/// holds a leaked key) is a forgery: it was `full`. Dave only changes his handle: his commit
+/// stays `full`. Bob's slow key holds both in the queue while their first checks run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_checked_ahead_of_its_repos_identity_is_checked_again() {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
+    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    let seq = push(dave.commit(0, &create("d1"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "5s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(seq, Duration::from_secs(30));
+    // Alice's directory now says her new key; the old one signs on.
+    plc.set(ALICE, Answer::Doc(did_doc(ALICE, &Signer::k256(7).public())));
+    let bob = SignedRepo::new(BOB, Signer::k256(2));
+    plc.set(BOB, Answer::Slow(Duration::from_secs(1), did_doc(BOB, &bob.signer.public())));
+    push(bob.clone().commit(0, &create("b1"), Tamper::None));
+    push(common::frames::identity_frame(0, ALICE, None));
+    push(alice.commit(0, &create("a2"), Tamper::None));
+    push(common::frames::identity_frame(0, DAVE, Some("dave.example.com")));
+    let seq = push(dave.commit(0, &create("d2"), Tamper::None));
+    serve.wait_for_seq(seq, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "signature"), 1.0, "{}", serve.logs());
+    let marks = commit_marks(&serve, 4).await;
+    let want = [("a1", "signature"), ("d1", "signature"), ("b1", "signature"), ("d2", "full")];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
+}
+
 /// Bob's document takes a minute; alice's comes at once. On the relay: bob's b1, then 200 of
 /// alice's commits; bob, and the last seq.
 async fn a_slow_repo_then_200_commits() -> (Plc, FakeRelay, SignedRepo, i64) {
@@ -750,6 +784,42 @@ async fn a_full_queue_gives_up_a_slow_re_resolve_as_a_signature_failure() {
     assert_eq!(failures(&serve, "resolve"), 0.0);
     drop(serve);
     assert!(!stored_commits(dir.path()).contains(&ev(ALICE, "create", "ax")), "the forgery was dropped");
+}
+
+/// A commit that passed ahead of its repo's `#identity`, checked again with the directory slow
+/// by then behind a full queue: given up, it goes on as unresolved (it did pass with the key
+/// it had), not as a signature failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_gives_up_a_passed_commits_second_check_as_unresolved() {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
+    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    push(alice.commit(0, &create("a1"), Tamper::None));
+    let seq = push(dave.commit(0, &create("d0"), Tamper::None));
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(seq, Duration::from_secs(30));
+    // Bob's slow key holds alice's #identity and a2 in the queue while a2 passes with her
+    // cached key; by the time a2 is checked again the directory is slow for her too.
+    let bob = SignedRepo::new(BOB, Signer::k256(2));
+    plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
+    plc.set(ALICE, Answer::Slow(Duration::from_secs(60), alice.did_doc()));
+    push(bob.clone().commit(0, &create("b1"), Tamper::None));
+    push(common::frames::identity_frame(0, ALICE, None));
+    push(alice.commit(0, &create("a2"), Tamper::None));
+    let mut seq = 0;
+    for i in 1..=200 {
+        seq = push(dave.commit(0, &create(&format!("d{i}")), Tamper::None));
+    }
+    serve.wait_for_seq(seq, Duration::from_secs(60));
+    assert_eq!(failures(&serve, "signature"), 0.0, "{}", serve.logs());
+    assert_eq!(failures(&serve, "resolve"), 2.0, "bob's b1 and alice's a2");
+    let marks = commit_marks(&serve, 4).await;
+    let want = [("a1", "signature"), ("d0", "signature"), ("b1", "unresolved"), ("a2", "unresolved")];
+    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

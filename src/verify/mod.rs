@@ -28,8 +28,8 @@
 //!   break; after a run without chain checks, every repo's next commit anchors it again.
 //! - A signature failure re-resolves the DID once (at most every ten minutes per DID), in case
 //!   the key rotated; other failures meanwhile take its answer. An `#identity` event forgets
-//!   the cached key; a signature failure checked before an `#identity` in front of it was
-//!   applied is checked once more.
+//!   the cached key; a commit checked before an `#identity` in front of it was applied is
+//!   checked once more (the key may be the one it replaced), whether it failed or passed.
 
 pub mod resolve;
 
@@ -378,7 +378,7 @@ struct Pending {
     work: Work,
     /// [`Resolver::forgets`] when its work started, and whether it was started again.
     forgets: u64,
-    checked_again: bool,
+    checked_again: Option<CheckedAgain>,
     /// [`Resolver::forgets`] when it was queued: never more than `forgets`, and never less
     /// along the queue, so the front's is the least of all.
     queued_at: u64,
@@ -438,15 +438,32 @@ impl KeyWait {
     }
 }
 
+/// What a frame's first check said, when it ran against a key an `#identity` in front of it
+/// may have replaced and was started again ([`Pending::checked_before_a_forget`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CheckedAgain {
+    /// Its signature failed: the new key may sign it.
+    AfterFailure,
+    /// It passed: the key that signs it may be one the repo no longer holds.
+    AfterPass,
+}
+
 impl Pending {
-    /// Whether its signature failed against a key looked up before an `#identity` event of its
-    /// repo in front of it was applied (checks run ahead of the in-order apply): the key may be
-    /// the one that event replaced, so it is checked again, once.
-    fn failed_before_a_forget(&self, forgotten: &HashMap<String, u64>) -> bool {
-        let Work::Done(Ok(Some(p))) = &self.work else { return false };
-        matches!(p.result, Err(Problem::Failed(Failure::Signature)))
-            && !self.checked_again
-            && forgotten.get(&p.did).is_some_and(|at| *at > self.forgets)
+    /// What its check said if it ran against a key looked up before an `#identity` event of
+    /// its repo in front of it was applied (checks run ahead of the in-order apply): the key
+    /// may be the one that event replaced, so it is checked again, once — a failure may pass
+    /// with the new key, and a pass may be a signature by a key the repo rotated away from
+    /// (`signature` at best then, never `full`, or a failure if made after the rotation).
+    fn checked_before_a_forget(&self, forgotten: &HashMap<String, u64>) -> Option<CheckedAgain> {
+        let Work::Done(Ok(Some(p))) = &self.work else { return None };
+        if self.checked_again.is_some() || forgotten.get(&p.did).is_none_or(|at| *at <= self.forgets) {
+            return None;
+        }
+        match p.result {
+            Ok(_) => Some(CheckedAgain::AfterPass),
+            Err(Problem::Failed(Failure::Signature)) => Some(CheckedAgain::AfterFailure),
+            Err(_) => None,
+        }
     }
 }
 
@@ -565,7 +582,7 @@ pub struct Stage {
     chains: Chains,
     warn: RateLimitedLog,
     /// DIDs whose key an `#identity` event made forget, with [`Resolver::forgets`] just after:
-    /// a pending frame of theirs whose check started before and failed is checked again.
+    /// a pending frame of theirs whose check started before is checked again.
     forgotten: HashMap<String, u64>,
 }
 
@@ -603,7 +620,7 @@ impl Stage {
                 let forgets = self.resolver.forgets();
                 let frame = self.process(p.frame, p.work).await;
                 if self.resolver.forgets() != forgets {
-                    // An #identity: its repo's failed checks behind it start again together.
+                    // An #identity: the checks of its repo's frames behind it start again together.
                     for p in pending.iter_mut() {
                         self.check_again(p);
                     }
@@ -657,7 +674,7 @@ impl Stage {
                             // #identity too) goes on as failed, not unresolved.
                             if let Some(what) = p.wait.give_up(FULL_QUEUE_PATIENCE) {
                                 let problem = match what {
-                                    Waiting::Key if !p.checked_again => {
+                                    Waiting::Key if p.checked_again != Some(CheckedAgain::AfterFailure) => {
                                         Problem::Unresolved(ResolveError::GivenUp)
                                     }
                                     _ => Problem::Failed(Failure::Signature),
@@ -680,7 +697,7 @@ impl Stage {
                             _permit: permit,
                             work,
                             forgets,
-                            checked_again: false,
+                            checked_again: None,
                             queued_at: forgets,
                             wait,
                         });
@@ -691,15 +708,13 @@ impl Stage {
         }
     }
 
-    /// Starts `p`'s checks again if it failed before an `#identity` of its repo was applied;
+    /// Starts `p`'s checks again if they ran before an `#identity` of its repo was applied;
     /// whether it did.
     fn check_again(&self, p: &mut Pending) -> bool {
-        if !p.failed_before_a_forget(&self.forgotten) {
-            return false;
-        }
+        let Some(earlier) = p.checked_before_a_forget(&self.forgotten) else { return false };
         let Some(raw) = &p.frame.raw else { return false };
         (p.work, p.wait) = self.start(raw.clone());
-        (p.forgets, p.checked_again) = (self.resolver.forgets(), true);
+        (p.forgets, p.checked_again) = (self.resolver.forgets(), Some(earlier));
         true
     }
 
