@@ -105,7 +105,11 @@ async fn alice_and_her_directory() -> (Plc, FakeRelay, SignedRepo) {
 
 /// Pushes each frame to the relay under the next seq (1, 2, …); returns it.
 fn pusher(relay: &FakeRelay) -> impl FnMut(Vec<u8>) -> i64 + '_ {
-    let mut seq = 0;
+    pusher_after(relay, 0)
+}
+
+/// Pushes each frame to the relay under the next seq after `seq`; returns it.
+fn pusher_after(relay: &FakeRelay, mut seq: i64) -> impl FnMut(Vec<u8>) -> i64 + '_ {
     move |frame| {
         seq += 1;
         relay.push(seq, with_seq(&frame, seq));
@@ -666,6 +670,17 @@ async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
     assert_eq!(stored_commits(dir.path()).len(), 40);
 }
 
+/// Alice and Dave in the directory, and their first commits, a1 and d1, on the relay; the seq
+/// of the last.
+async fn alice_and_dave_on_the_relay() -> (Plc, FakeRelay, SignedRepo, SignedRepo, i64) {
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
+    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    relay.push(1, with_seq(&alice.commit(0, &[Op::Create(post("a1"), record("a1"))], Tamper::None), 1));
+    relay.push(2, with_seq(&dave.commit(0, &[Op::Create(post("d1"), record("d1"))], Tamper::None), 2));
+    (plc, relay, alice, dave, 2)
+}
+
 /// A commit checked while an `#identity` of its repo waits in front of it (checks run ahead of
 /// the in-order apply) was checked against the key that event may replace: it is checked
 /// again. Alice rotates her key, and a commit signed with the old one after the rotation (whoever
@@ -673,13 +688,9 @@ async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
 /// stays `full`. Bob's slow key holds both in the queue while their first checks run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_checked_ahead_of_its_repos_identity_is_checked_again() {
-    let (plc, relay, mut alice) = alice_and_her_directory().await;
-    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
-    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    let (plc, relay, mut alice, mut dave, seq) = alice_and_dave_on_the_relay().await;
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
-    let mut push = pusher(&relay);
-    push(alice.commit(0, &create("a1"), Tamper::None));
-    let seq = push(dave.commit(0, &create("d1"), Tamper::None));
+    let mut push = pusher_after(&relay, seq);
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "5s"];
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
@@ -791,13 +802,9 @@ async fn a_full_queue_gives_up_a_slow_re_resolve_as_a_signature_failure() {
 /// it had), not as a signature failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_gives_up_a_passed_commits_second_check_as_unresolved() {
-    let (plc, relay, mut alice) = alice_and_her_directory().await;
-    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
-    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    let (plc, relay, mut alice, mut dave, seq) = alice_and_dave_on_the_relay().await;
     let create = |n: &str| vec![Op::Create(post(n), record(n))];
-    let mut push = pusher(&relay);
-    push(alice.commit(0, &create("a1"), Tamper::None));
-    let seq = push(dave.commit(0, &create("d0"), Tamper::None));
+    let mut push = pusher_after(&relay, seq);
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
@@ -811,14 +818,14 @@ async fn a_full_queue_gives_up_a_passed_commits_second_check_as_unresolved() {
     push(common::frames::identity_frame(0, ALICE, None));
     push(alice.commit(0, &create("a2"), Tamper::None));
     let mut seq = 0;
-    for i in 1..=200 {
+    for i in 2..=201 {
         seq = push(dave.commit(0, &create(&format!("d{i}")), Tamper::None));
     }
     serve.wait_for_seq(seq, Duration::from_secs(60));
     assert_eq!(failures(&serve, "signature"), 0.0, "{}", serve.logs());
     assert_eq!(failures(&serve, "resolve"), 2.0, "bob's b1 and alice's a2");
     let marks = commit_marks(&serve, 4).await;
-    let want = [("a1", "signature"), ("d0", "signature"), ("b1", "unresolved"), ("a2", "unresolved")];
+    let want = [("a1", "signature"), ("d1", "signature"), ("b1", "unresolved"), ("a2", "unresolved")];
     assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
 }
 
