@@ -1585,5 +1585,27 @@ async fn replayers_that_retention_overtakes_are_told_the_gap_in_order() {
     let mut late = connect(serve.public, &q(""), &[]).await.unwrap();
     let Some(Msg::Text(t)) = next(&mut late, T).await else { panic!("nothing") };
     assert!(t.contains(&format!("\"time_us\":{}", after[0])), "a strict v1 client gets the oldest event: {t}");
+    // A cursor just past the newest event deleted (a client that had it) lost nothing: no
+    // event was ever between it and the oldest left. Before, both wires told a gap.
+    let past = before.last().unwrap() + 1;
+    let mut caught_up =
+        connect(serve.public, &format!("/subscribe?cursor={past}&informCursorSeconds=1"), &[]).await.unwrap();
+    let first = loop {
+        let Some(Msg::Text(t)) = next(&mut caught_up, T).await else { panic!("nothing") };
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        if v["kind"] != "cursor" {
+            break v;
+        }
+    };
+    assert_eq!(first["time_us"].as_u64(), Some(after[0]), "v1: the oldest event left, no gap: {first}");
+    let v2_path = format!("/xrpc/network.bsky.jetstream.subscribeEvents?cursor={past}");
+    let mut caught_up = connect(serve.public, &v2_path, &[]).await.unwrap();
+    let Some(Msg::Text(t)) = next(&mut caught_up, T).await else { panic!("nothing") };
+    let info: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(info["payload"]["name"], "OutdatedCursor", "v2 says the cursor is below the floor, as v2 does: {t}");
+    assert!(info["payload"].get("afterSeq").is_none(), "but no range lost: {t}");
+    let Some(Msg::Text(t)) = next(&mut caught_up, T).await else { panic!("nothing") };
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["payload"]["seq"].as_u64(), Some(after[0]), "{t}");
     assert_eq!(serve.metric("contrail_hub_cursors_before_log_total"), Some(3.0), "the three late cursors");
 }

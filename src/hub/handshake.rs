@@ -210,8 +210,9 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
             Some(oldest) if (c as u64) < oldest => {
                 let message = format!("requested timestamp cursor below retention floor; starting at seq {oldest}");
                 // The events from the cursor up to the oldest are gone: said as a range too,
-                // except for the lowest cursor, "from the start" (as 0 and 1 on v1).
-                preface.push(match c == v2::TIMESTAMP_CURSOR_MIN {
+                // except for the lowest cursor, "from the start" (as 0 and 1 on v1), and one
+                // past the newest event deleted (nothing came in between).
+                preface.push(match c == v2::TIMESTAMP_CURSOR_MIN || !tip.deleted_after(c as u64 - 1) {
                     true => v2::info_message("OutdatedCursor", &message),
                     false => v2::outdated_cursor_message(c as u64 - 1, oldest - 1, &message),
                 });

@@ -207,12 +207,15 @@ impl EventStream {
             // hand out its run, then jump the deleted events after it. The events in between are
             // a gap, told first (the position moves past it as it is handed out, so a cursor
             // message sent before it claims none of it); not for a cursor of 0 or 1 (or
-            // negative): "from the start", in v1's usage.
+            // negative): "from the start", in v1's usage; nor for one past the newest event
+            // deleted (a quiet log whose newest event aged out: nothing came in between).
             Start::From(cursor) => {
                 let asked = cursor.max(1) - 1;
                 let oldest_left = tip.trimmed_through().max(tip.oldest().map_or(0, |t| t - 1));
                 match oldest_left > asked {
-                    true if asked > 0 => (asked, Some(Gap { after: asked, through: oldest_left })),
+                    true if asked > 0 && tip.deleted_after(asked) => {
+                        (asked, Some(Gap { after: asked, through: oldest_left }))
+                    }
                     true => (oldest_left, None),
                     false => (asked, None),
                 }

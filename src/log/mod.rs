@@ -159,6 +159,16 @@ impl Tip {
         self.trimmed_through.load(Ordering::Acquire)
     }
 
+    /// Whether events after `position` may have been deleted, for a reader starting there
+    /// below the oldest event: yes unless this process deleted and the newest event it deleted
+    /// is at or before `position`. Deletions take the oldest events and `time_us` only grows,
+    /// so no event was ever between that one and the oldest kept. (Before this process's
+    /// first deletion, what happened earlier is not known.)
+    pub fn deleted_after(&self, position: u64) -> bool {
+        let mark = self.trimmed_through();
+        mark == 0 || mark > position
+    }
+
     /// The edges and size as read from the backend, the oldest edge having been `seen`
     /// before they were read. The oldest edge only moves forward while the log has events, so
     /// a reading that raced an append or a trim never moves it back; "empty" (a memory window
