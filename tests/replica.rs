@@ -166,6 +166,16 @@ async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
     primary.wait_for_seq(3_000, Duration::from_secs(60));
     wait_caught_up(&primary, &a, Duration::from_secs(60));
     wait_caught_up(&primary, &c, Duration::from_secs(60));
+    // C goes back to the upstream it prefers (not a hop further away for good).
+    let upstream = |r: &Serve| {
+        let (_, status) = http_get(r.public, "/status").unwrap();
+        serde_json::from_str::<serde_json::Value>(&status).unwrap()["upstream"].as_str().unwrap().to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while upstream(&c) != format!("ws://{public}") {
+        assert!(Instant::now() < deadline, "C stayed on {}: {}", upstream(&c), c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     drop((a, c));
     let p = inspect_log(pd.path());
     assert!(inspect_log(ad.path()) == p, "replica A differs after the primary restart");

@@ -122,6 +122,8 @@ pub enum UpstreamError {
     SequencerStopped,
     #[error("upstream {better} is ahead of this one by {ahead:?}")]
     Behind { better: usize, ahead: Duration },
+    #[error("upstream {better}, listed before this one, answers again and is not behind it")]
+    Preferred { better: usize },
     #[error("an upstream whose log no longer has our newest event ({cursor}): it starts at {first}")]
     Trimmed { cursor: u64, first: u64 },
 }
@@ -207,6 +209,8 @@ pub struct UpstreamReader {
     pub readiness: Arc<Readiness>,
     /// The upstream in use, for `/status`.
     pub current_url: Arc<std::sync::Mutex<String>>,
+    /// `last_time_us`, for the prober: it goes back to a preferred upstream only once caught up.
+    position: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl UpstreamReader {
@@ -233,6 +237,7 @@ impl UpstreamReader {
             log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
+            position: Arc::new(last_time_us.into()),
         }
     }
 
@@ -271,14 +276,14 @@ impl UpstreamReader {
             failures_in_a_row += 1;
             self.readiness.set_error(format!("{}: {ended}", self.urls()[self.current]));
             tracing::warn!(upstream = %self.urls()[self.current], error = %ended, "upstream connection ended");
-            if let UpstreamError::Behind { better, .. } = ended {
-                // Not a failure: go straight to the fresher upstream.
+            if let UpstreamError::Behind { better, .. } | UpstreamError::Preferred { better } = ended {
+                // Not a failure: go straight to the fresher, or preferred, upstream.
                 failures_in_a_row = 0;
                 self.current = better;
                 self.metrics.upstream_switches.inc();
                 let now = self.urls()[self.current].to_string();
                 *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = now;
-                tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher upstream");
+                tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher or preferred upstream");
                 continue;
             }
             if self.urls().len() > 1 {
@@ -358,6 +363,7 @@ impl UpstreamReader {
             (stale / 3).max(Duration::from_secs(1)),
             self.opts.replica.upstream_switch_lag,
             self.opts.connect_timeout,
+            self.position.clone(),
             better_tx,
         )));
         // Only with a choice of upstreams; the prober then runs until it has something to say,
@@ -372,7 +378,8 @@ impl UpstreamReader {
                 r = tokio::time::timeout_at(stale_at, ws.read_frame()) => r,
                 found = &mut better_rx, if probing => match found {
                     // The read in progress is abandoned with the connection.
-                    Ok((better, ahead)) => return UpstreamError::Behind { better, ahead },
+                    Ok(Switch::Fresher(better, ahead)) => return UpstreamError::Behind { better, ahead },
+                    Ok(Switch::Preferred(better)) => return UpstreamError::Preferred { better },
                     // The prober is gone (it never ends otherwise); the read it interrupted
                     // may have been half done, so this connection is not read again.
                     Err(_) => return UpstreamError::Protocol("an interrupted read (the upstream prober stopped)".into()),
@@ -632,6 +639,7 @@ impl UpstreamReader {
             return self.drop_event_at(time_us, DropReason::BadTime, what);
         }
         self.last_time_us = time_us;
+        self.position.store(time_us, std::sync::atomic::Ordering::Relaxed);
         self.last_event_at = std::time::Instant::now();
         self.metrics.replicated_time(time_us as i64);
         self.metrics.upstream_tip_distance_seconds.set(0.0);
@@ -699,19 +707,33 @@ async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
     v["log"]["newest_time_us"].as_u64()
 }
 
-/// Every `every`, compares the upstreams' newest events; when one is ahead of `current` by
-/// more than `lag`, reports it (once) and ends.
+/// Another upstream to read ([`probe_upstreams`]).
+enum Switch {
+    /// Ahead of the one in use by more than the switch lag, by this much.
+    Fresher(usize, Duration),
+    /// Listed before the one in use, and not behind it.
+    Preferred(usize),
+}
+
+/// Every `every`, compares the upstreams' newest events; reports (once, then ends) one ahead
+/// of `current` by more than `lag` or, failing that, once our `position` is within `lag` of
+/// `current`'s newest event, the first upstream listed before `current` that is not behind it
+/// on two readings in a row: after a failover (a primary's restart), a replica goes back to
+/// the upstream it prefers rather than staying a hop further away for good. (Not while it
+/// catches up: the preferred one may be the one that no longer has our position.)
 async fn probe_upstreams(
     urls: Vec<WsUrl>,
     current: usize,
     every: Duration,
     lag: Duration,
     timeout: Duration,
-    better: tokio::sync::oneshot::Sender<(usize, Duration)>,
+    position: Arc<std::sync::atomic::AtomicU64>,
+    better: tokio::sync::oneshot::Sender<Switch>,
 ) {
     if urls.len() < 2 {
         return;
     }
+    let mut preferred_before = None;
     loop {
         tokio::time::sleep(every).await;
         let Some(ours) = upstream_newest(&urls[current], timeout).await else { continue };
@@ -719,6 +741,7 @@ async fn probe_upstreams(
         // bogus one would look far ahead, and be switched to.
         let believable = |t: u64| t <= crate::clock::now_us().max(ours).saturating_add(MAX_AHEAD_US);
         let mut best: Option<(usize, u64)> = None;
+        let mut preferred = None;
         for (i, url) in urls.iter().enumerate() {
             if i == current {
                 continue;
@@ -727,14 +750,27 @@ async fn probe_upstreams(
                 if best.is_none_or(|(_, b)| newest > b) {
                     best = Some((i, newest));
                 }
+                let caught_up =
+                    position.load(std::sync::atomic::Ordering::Relaxed).saturating_add(lag.as_micros() as u64) >= ours;
+                if i < current && newest >= ours && caught_up && preferred.is_none() {
+                    preferred = Some(i);
+                }
             }
         }
         if let Some((i, newest)) = best {
             let ahead = Duration::from_micros(newest.saturating_sub(ours));
             if ahead > lag {
-                let _ = better.send((i, ahead));
+                let _ = better.send(Switch::Fresher(i, ahead));
                 return;
             }
+        }
+        match preferred {
+            // One answer is not a recovery: the same upstream twice in a row.
+            Some(i) if preferred_before == Some(i) => {
+                let _ = better.send(Switch::Preferred(i));
+                return;
+            }
+            p => preferred_before = p,
         }
     }
 }
