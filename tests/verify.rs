@@ -797,36 +797,48 @@ async fn a_full_queue_gives_up_a_slow_re_resolve_as_a_signature_failure() {
     assert!(!stored_commits(dir.path()).contains(&ev(ALICE, "create", "ax")), "the forgery was dropped");
 }
 
-/// A commit that passed ahead of its repo's `#identity`, checked again with the directory slow
-/// by then behind a full queue: given up, it goes on as unresolved (it did pass with the key
-/// it had), not as a signature failure.
+/// A commit that passed ahead of its repo's `#identity`, checked again behind a full queue
+/// while the directory is slow by then — for her key, or (her key replaced, so the commit fails
+/// against it) for her key history: given up, it goes on as unresolved (it did pass with the
+/// key it had), not as a signature failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_gives_up_a_passed_commits_second_check_as_unresolved() {
-    let (plc, relay, mut alice, mut dave, seq) = alice_and_dave_on_the_relay().await;
-    let create = |n: &str| vec![Op::Create(post(n), record(n))];
-    let mut push = pusher_after(&relay, seq);
-    let dir = tempfile::tempdir().unwrap();
-    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
-    let serve = Serve::start(dir.path(), &relay.url(), &flags);
-    serve.wait_for_seq(seq, Duration::from_secs(30));
-    // Bob's slow key holds alice's #identity and a2 in the queue while a2 passes with her
-    // cached key; by the time a2 is checked again the directory is slow for her too.
-    let bob = SignedRepo::new(BOB, Signer::k256(2));
-    plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
-    plc.set(ALICE, Answer::Slow(Duration::from_secs(60), alice.did_doc()));
-    push(bob.clone().commit(0, &create("b1"), Tamper::None));
-    push(common::frames::identity_frame(0, ALICE, None));
-    push(alice.commit(0, &create("a2"), Tamper::None));
-    let mut seq = 0;
-    for i in 2..=201 {
-        seq = push(dave.commit(0, &create(&format!("d{i}")), Tamper::None));
+    for history_slow in [false, true] {
+        let (plc, relay, mut alice, mut dave, seq) = alice_and_dave_on_the_relay().await;
+        let create = |n: &str| vec![Op::Create(post(n), record(n))];
+        let mut push = pusher_after(&relay, seq);
+        let dir = tempfile::tempdir().unwrap();
+        let flags =
+            ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "30s", "--verify-queue", "32"];
+        let serve = Serve::start(dir.path(), &relay.url(), &flags);
+        serve.wait_for_seq(seq, Duration::from_secs(30));
+        // Bob's slow key holds alice's #identity and a2 in the queue while a2 passes with her
+        // cached key.
+        let bob = SignedRepo::new(BOB, Signer::k256(2));
+        plc.set(BOB, Answer::Slow(Duration::from_secs(60), did_doc(BOB, &bob.signer.public())));
+        if history_slow {
+            plc.set(ALICE, Answer::Doc(did_doc(ALICE, &Signer::k256(7).public())));
+            plc.set(&format!("{ALICE}/log/audit"), Answer::Slow(Duration::from_secs(60), serde_json::json!([])));
+        } else {
+            plc.set(ALICE, Answer::Slow(Duration::from_secs(60), alice.did_doc()));
+        }
+        push(bob.clone().commit(0, &create("b1"), Tamper::None));
+        push(common::frames::identity_frame(0, ALICE, None));
+        push(alice.commit(0, &create("a2"), Tamper::None));
+        let mut seq = 0;
+        for i in 2..=201 {
+            seq = push(dave.commit(0, &create(&format!("d{i}")), Tamper::None));
+        }
+        serve.wait_for_seq(seq, Duration::from_secs(60));
+        assert_eq!(failures(&serve, "signature"), 0.0, "history slow: {history_slow}: {}", serve.logs());
+        assert_eq!(failures(&serve, "resolve"), 2.0, "bob's b1 and alice's a2");
+        let marks = commit_marks(&serve, 4).await;
+        let want = [("a1", "signature"), ("d1", "signature"), ("b1", "unresolved"), ("a2", "unresolved")];
+        assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
+        if history_slow {
+            assert_eq!(plc.requests(&format!("{ALICE}/log/audit")), 1, "its second check waited for the history");
+        }
     }
-    serve.wait_for_seq(seq, Duration::from_secs(60));
-    assert_eq!(failures(&serve, "signature"), 0.0, "{}", serve.logs());
-    assert_eq!(failures(&serve, "resolve"), 2.0, "bob's b1 and alice's a2");
-    let marks = commit_marks(&serve, 4).await;
-    let want = [("a1", "signature"), ("d1", "signature"), ("b1", "unresolved"), ("a2", "unresolved")];
-    assert_eq!(marks, want.map(|(r, m)| (r.to_string(), m.to_string())), "{}", serve.logs());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

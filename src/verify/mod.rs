@@ -671,10 +671,12 @@ impl Stage {
                             // Its lookup goes on (the task, detached): its answer is cached, or
                             // its failure remembered, for the repo's next frames. A frame whose
                             // signature failed already (a check started again after an
-                            // #identity too) goes on as failed, not unresolved.
+                            // #identity too) goes on as failed, not unresolved; one that passed
+                            // with the key an #identity then replaced goes on as unresolved,
+                            // whatever its second check was waiting for.
                             if let Some(what) = p.wait.give_up(FULL_QUEUE_PATIENCE) {
-                                let problem = match what {
-                                    Waiting::Key if p.checked_again != Some(CheckedAgain::AfterFailure) => {
+                                let problem = match (what, p.checked_again) {
+                                    (_, Some(CheckedAgain::AfterPass)) | (Waiting::Key, None) => {
                                         Problem::Unresolved(ResolveError::GivenUp)
                                     }
                                     _ => Problem::Failed(Failure::Signature),
