@@ -182,6 +182,44 @@ async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
     assert!(inspect_log(cd.path()) == p, "replica C differs after switching upstreams");
 }
 
+/// A preferred upstream that answers `/status` but refuses subscribers (here: its one slot
+/// taken) is gone back to once, not every few seconds: each try cut the working stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preferred_upstream_that_refuses_subscribers_is_not_tried_again_and_again() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 500, 40, 29));
+    let (pd, ad, cd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
+    primary.wait_for_seq(500, Duration::from_secs(30));
+    let a = replica(ad.path(), &[&primary]);
+    let c = replica(cd.path(), &[&primary, &a]);
+    wait_caught_up(&primary, &c, Duration::from_secs(30));
+    let public = primary.public;
+    primary.kill9();
+    // Back with one subscriber slot, which A takes.
+    let listen = public.to_string();
+    let flags = ["--max-events-per-second-per-ip", "0", "--max-subscribers", "1", "--max-connections-per-ip", "1"];
+    let flags = [&flags[..], &["--listen", &listen]].concat();
+    let primary = Serve::start(pd.path(), &relay.url(), &flags);
+    wait_metric(&primary, "contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}", 1.0, "A never came back");
+    wait_caught_up(&primary, &c, Duration::from_secs(30));
+    // C, on A and caught up, tries the primary once (refused), and not again for a while.
+    let refused = || {
+        ["too_many_subscribers", "too_many_from_ip"]
+            .map(|r| primary.metric(&format!("contrail_hub_rejected_requests_total{{reason=\"{r}\"}}")).unwrap_or(0.0))
+            .iter()
+            .sum::<f64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while refused() < 1.0 {
+        assert!(Instant::now() < deadline, "C never tried the primary again: {}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(refused(), 1.0, "{}", c.logs());
+    wait_caught_up(&a, &c, Duration::from_secs(10));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     let relay = FakeRelay::start().await;

@@ -211,7 +211,13 @@ pub struct UpstreamReader {
     pub current_url: Arc<std::sync::Mutex<String>>,
     /// `last_time_us`, for the prober: it goes back to a preferred upstream only once caught up.
     position: Arc<std::sync::atomic::AtomicU64>,
+    /// No going back to a preferred upstream before then: the last time we did, it gave
+    /// nothing (it answers `/status` but refuses subscribers, or lacks our position).
+    prefer_again_at: Option<tokio::time::Instant>,
 }
+
+/// How long a preferred upstream that gave nothing when we went back to it is not gone back to.
+const PREFER_AGAIN_AFTER: Duration = Duration::from_secs(600);
 
 impl UpstreamReader {
     /// `opts.replica.upstream_url` must not be empty.
@@ -238,6 +244,7 @@ impl UpstreamReader {
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
             position: Arc::new(last_time_us.into()),
+            prefer_again_at: None,
         }
     }
 
@@ -248,6 +255,8 @@ impl UpstreamReader {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         let mut failures_in_a_row = 0usize;
+        // The upstream just gone back to because it is preferred.
+        let mut went_back = false;
         loop {
             let before = self.last_time_us;
             let ended = tokio::select! {
@@ -261,6 +270,9 @@ impl UpstreamReader {
             self.metrics.relay_connected.set(0);
             if self.tx.is_closed() || matches!(ended, UpstreamError::SequencerStopped) {
                 return;
+            }
+            if std::mem::take(&mut went_back) && self.last_time_us == before {
+                self.prefer_again_at = Some(tokio::time::Instant::now() + PREFER_AGAIN_AFTER);
             }
             if self.last_time_us != before {
                 failures_in_a_row = 0;
@@ -278,6 +290,7 @@ impl UpstreamReader {
             tracing::warn!(upstream = %self.urls()[self.current], error = %ended, "upstream connection ended");
             if let UpstreamError::Behind { better, .. } | UpstreamError::Preferred { better } = ended {
                 // Not a failure: go straight to the fresher, or preferred, upstream.
+                went_back = matches!(ended, UpstreamError::Preferred { .. });
                 failures_in_a_row = 0;
                 self.current = better;
                 self.metrics.upstream_switches.inc();
@@ -357,15 +370,16 @@ impl UpstreamReader {
         let mut pieces = wsclient::Reassembler::new(wsclient::MAX_WS_MESSAGE_BYTES);
         // Watches the other upstreams while this one is in use; says which one to switch to.
         let (better_tx, mut better_rx) = tokio::sync::oneshot::channel();
-        let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(
-            self.urls().to_vec(),
-            self.current,
-            (stale / 3).max(Duration::from_secs(1)),
-            self.opts.replica.upstream_switch_lag,
-            self.opts.connect_timeout,
-            self.position.clone(),
-            better_tx,
-        )));
+        let probe = Probe {
+            urls: self.urls().to_vec(),
+            current: self.current,
+            every: (stale / 3).max(Duration::from_secs(1)),
+            lag: self.opts.replica.upstream_switch_lag,
+            timeout: self.opts.connect_timeout,
+            position: self.position.clone(),
+            prefer_again_at: self.prefer_again_at,
+        };
+        let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(probe, better_tx)));
         // Only with a choice of upstreams; the prober then runs until it has something to say,
         // so the read below is abandoned only together with the connection.
         let probing = self.urls().len() > 1;
@@ -715,21 +729,30 @@ enum Switch {
     Preferred(usize),
 }
 
+/// What [`probe_upstreams`] watches, and against what.
+struct Probe {
+    urls: Vec<WsUrl>,
+    /// The upstream in use.
+    current: usize,
+    every: Duration,
+    /// `--upstream-switch-lag`.
+    lag: Duration,
+    /// For each `/status` request.
+    timeout: Duration,
+    /// Our newest event's `time_us`, as it moves.
+    position: Arc<std::sync::atomic::AtomicU64>,
+    prefer_again_at: Option<tokio::time::Instant>,
+}
+
 /// Every `every`, compares the upstreams' newest events; reports (once, then ends) one ahead
 /// of `current` by more than `lag` or, failing that, once our `position` is within `lag` of
 /// `current`'s newest event, the first upstream listed before `current` that is not behind it
 /// on two readings in a row: after a failover (a primary's restart), a replica goes back to
 /// the upstream it prefers rather than staying a hop further away for good. (Not while it
-/// catches up: the preferred one may be the one that no longer has our position.)
-async fn probe_upstreams(
-    urls: Vec<WsUrl>,
-    current: usize,
-    every: Duration,
-    lag: Duration,
-    timeout: Duration,
-    position: Arc<std::sync::atomic::AtomicU64>,
-    better: tokio::sync::oneshot::Sender<Switch>,
-) {
+/// catches up: the preferred one may be the one that no longer has our position; nor before
+/// `prefer_again_at`.)
+async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Switch>) {
+    let Probe { urls, current, every, lag, timeout, position, prefer_again_at } = probe;
     if urls.len() < 2 {
         return;
     }
@@ -752,7 +775,8 @@ async fn probe_upstreams(
                 }
                 let caught_up =
                     position.load(std::sync::atomic::Ordering::Relaxed).saturating_add(lag.as_micros() as u64) >= ours;
-                if i < current && newest >= ours && caught_up && preferred.is_none() {
+                let may_prefer = prefer_again_at.is_none_or(|at| tokio::time::Instant::now() >= at);
+                if i < current && newest >= ours && caught_up && may_prefer && preferred.is_none() {
                     preferred = Some(i);
                 }
             }
