@@ -162,6 +162,49 @@ fn plain_http_answers_close_the_connection_so_a_long_upgrade_comes_first_on_a_ne
     assert!(head.starts_with("http/1.1 101") && !head.contains("close"), "{head}");
 }
 
+/// Request lines past hyper's limit share one memory budget (64 MiB), of which one client (an
+/// address) holds at most a quarter: clients that send most of a long line and stall cannot
+/// leave every other client's long URL a 414. Before, one address's 64 stalled lines (and
+/// another's few) held all of it.
+#[test]
+fn stalled_long_lines_of_one_client_leave_room_for_another_clients_long_url() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), "ws://127.0.0.1:9", &["--max-connects-per-second-per-ip", "0"]);
+    let from = |ip: &str| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::new(ip.parse().unwrap(), 0).into()).unwrap();
+        s.connect(&serve.public.into()).unwrap();
+        let s: std::net::TcpStream = s.into();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    // 64 stalled lines of 600 KB from one address (its most connections in plain HTTP), 4
+    // from another.
+    let long = format!("GET /subscribe?cursor=0&x={}", "a".repeat(600_000));
+    let mut stalled = Vec::new();
+    for ip in std::iter::repeat_n("127.0.0.1", 64).chain(std::iter::repeat_n("127.0.0.3", 4)) {
+        let mut s = from(ip);
+        // (The server answers a line past the client's share at once, and may close first.)
+        let _ = s.write_all(long.as_bytes());
+        stalled.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    // 10,000 DIDs: ~390 KB.
+    let dids: String = (0..10_000).map(|i| format!("&wantedDids=did:plc:{i:024}")).collect();
+    let line = format!("GET /subscribe?cursor=0{dids} HTTP/1.1\r\n");
+    let upgrade = format!(
+        "{line}Host: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let mut s = from("127.0.0.2");
+    s.write_all(upgrade.as_bytes()).unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101", "{}", String::from_utf8_lossy(&head));
+    drop(stalled);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_the_relay_is_reached() {
     let dir = tempfile::tempdir().unwrap();

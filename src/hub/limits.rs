@@ -276,6 +276,13 @@ pub struct OpenConnection {
     in_total: bool,
 }
 
+impl OpenConnection {
+    /// The key its client is limited under (`None`: an exempt client).
+    pub fn client_key(&self) -> Option<IpAddr> {
+        self.key
+    }
+}
+
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         if self.in_total {

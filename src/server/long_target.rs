@@ -13,16 +13,19 @@
 //! server closes a connection after each plain HTTP answer, so every request is one); a line
 //! is read no further than [`MAX_LINE`]; the buffers of lines past hyper's limit (by capacity,
 //! a query keeping the buffer it came in) hold at most [`LONG_LINES_BUDGET`] at once in the
-//! whole process. A line over either, or whose query has a byte hyper refuses in one (a
+//! whole process, and the lines of one client (an IP, an IPv6 /64; not an exempt one) a quarter
+//! of it, so that one client cannot take it all and leave every other long URL a 414. A line over either, or whose query has a byte hyper refuses in one (a
 //! fragment's `#` too), is handed to hyper as it is (its 414, or 431 past its buffer); so is a
 //! request after blank lines (hyper skips them; this reader stops at the first). Reading a line is bounded in time by hyper's
 //! header timeout, which runs while hyper waits on this reader.
 
 use crate::request::LongQuery;
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -37,19 +40,41 @@ const HYPER_MAX_TARGET: usize = u16::MAX as usize - 1;
 /// Reads of the first line take this much at a time.
 const CHUNK: usize = 16 << 10;
 
+/// What one client's lines may hold of [`LONG_LINES_BUDGET`] at once (16 such lines).
+pub const LONG_LINES_PER_CLIENT: usize = LONG_LINES_BUDGET / 4;
+
 static LONG_LINES_HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// Bytes of [`LONG_LINES_BUDGET`], given back on drop.
+/// What each client holds now (entries only while it holds something: at most 64 at once).
+static LONG_LINES_BY_CLIENT: LazyLock<Mutex<HashMap<IpAddr, usize>>> = LazyLock::new(Mutex::default);
+
+/// Bytes of [`LONG_LINES_BUDGET`] held by one line of `client` (`None`: an exempt client,
+/// held to the total only), given back on drop.
 #[derive(Debug, Default)]
-struct Held(usize);
+struct Held {
+    bytes: usize,
+    client: Option<IpAddr>,
+}
 
 impl Held {
-    /// Takes `more`; false, taking nothing, past the budget.
+    fn of(client: Option<IpAddr>) -> Held {
+        Held { bytes: 0, client }
+    }
+
+    /// Takes `more`; false, taking nothing, past the budget or the client's share of it.
     fn take(&mut self, more: usize) -> bool {
+        let mut by_client = LONG_LINES_BY_CLIENT.lock().unwrap_or_else(|p| p.into_inner());
+        let client_holds = self.client.map_or(0, |c| by_client.get(&c).copied().unwrap_or(0));
+        if self.client.is_some() && client_holds.saturating_add(more) > LONG_LINES_PER_CLIENT {
+            return false;
+        }
         let fits = |held: usize| held.checked_add(more).filter(|h| *h <= LONG_LINES_BUDGET);
         let taken = LONG_LINES_HELD.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits).is_ok();
         if taken {
-            self.0 += more;
+            self.bytes += more;
+            if let Some(c) = self.client {
+                *by_client.entry(c).or_default() += more;
+            }
         }
         taken
     }
@@ -57,7 +82,19 @@ impl Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        LONG_LINES_HELD.fetch_sub(self.0, Ordering::AcqRel);
+        if self.bytes == 0 {
+            return;
+        }
+        LONG_LINES_HELD.fetch_sub(self.bytes, Ordering::AcqRel);
+        if let Some(c) = self.client {
+            let mut by_client = LONG_LINES_BY_CLIENT.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(held) = by_client.get_mut(&c) {
+                *held = held.saturating_sub(self.bytes);
+                if *held == 0 {
+                    by_client.remove(&c);
+                }
+            }
+        }
     }
 }
 
@@ -92,9 +129,11 @@ pub struct FirstLine<T> {
 }
 
 impl<T> FirstLine<T> {
-    pub fn new(io: T) -> (Self, QuerySlot) {
+    /// `client`: the connection's client key, whose lines hold at most
+    /// [`LONG_LINES_PER_CLIENT`] (`None`: an exempt client).
+    pub fn new(io: T, client: Option<IpAddr>) -> (Self, QuerySlot) {
         let slot = QuerySlot::default();
-        let state = State::Reading { buf: Vec::new(), held: Held::default() };
+        let state = State::Reading { buf: Vec::new(), held: Held::of(client) };
         (FirstLine { io, state, slot: slot.clone() }, slot)
     }
 
@@ -152,7 +191,7 @@ fn make_room(buf: &mut Vec<u8>, held: &mut Held, more: usize) -> bool {
     }
     let capacity = need.max(2 * buf.capacity()).clamp(CHUNK, MAX_LINE);
     let counted = capacity.saturating_sub(FREE_BYTES);
-    if counted > held.0 && !held.take(counted - held.0) {
+    if counted > held.bytes && !held.take(counted - held.bytes) {
         return false;
     }
     buf.reserve_exact(capacity - buf.len());
@@ -243,7 +282,7 @@ mod tests {
             client.shutdown().await.unwrap();
             client
         });
-        let (mut line, slot) = FirstLine::new(server);
+        let (mut line, slot) = FirstLine::new(server, None);
         let mut out = Vec::new();
         line.read_to_end(&mut out).await.unwrap();
         drop(writer.await.unwrap());
@@ -269,7 +308,7 @@ mod tests {
         // The budget: a line's buffer past what hyper holds anyway, by capacity.
         let (mut buf, mut held) = (Vec::new(), Held::default());
         assert!(make_room(&mut buf, &mut held, FREE_BYTES + 10));
-        assert_eq!(held.0, buf.capacity() - FREE_BYTES);
+        assert_eq!(held.bytes, buf.capacity() - FREE_BYTES);
         assert!(!make_room(&mut buf, &mut held, MAX_LINE + 1), "past the longest line");
     }
 
@@ -286,6 +325,29 @@ mod tests {
             let req = format!("GET /subscribe?{q}{odd} HTTP/1.1\r\n\r\n").into_bytes();
             assert_eq!(through(req.clone()).await, (req, None), "{odd}");
         }
+    }
+
+    #[test]
+    fn one_client_holds_at_most_a_quarter_of_the_budget() {
+        let (a, b) = ("192.0.2.1".parse().ok(), "192.0.2.2".parse().ok());
+        let lines = |client: Option<IpAddr>, n: usize| {
+            let mut held = Vec::new();
+            for _ in 0..n {
+                let (mut buf, mut h) = (Vec::new(), Held::of(client));
+                if !make_room(&mut buf, &mut h, MAX_LINE) {
+                    break;
+                }
+                held.push(h);
+            }
+            held
+        };
+        let first = lines(a, 64);
+        let per_line = MAX_LINE - FREE_BYTES;
+        assert_eq!(first.len(), LONG_LINES_PER_CLIENT / per_line, "the client's quarter");
+        assert_eq!(lines(b, 1).len(), 1, "another client still has room");
+        drop(first);
+        assert_eq!(lines(a, 1).len(), 1, "given back");
+        assert!(LONG_LINES_BY_CLIENT.lock().unwrap().get(&a.unwrap()).is_none(), "no entry left");
     }
 
     #[tokio::test]

@@ -106,11 +106,12 @@ pub async fn serve<H, F>(
         let handler = handler.clone();
         let cancel = cancel.clone();
         connections.spawn(async move {
-            let _counted = counted;
             // A first request line longer than hyper takes has its query set aside here.
             let close_after_plain_http = options.long_request_lines;
+            let client = counted.as_ref().and_then(|c| c.client_key());
+            let _counted = counted;
             let (tcp, long_query) = match options.long_request_lines {
-                true => long_target::FirstLine::new(tcp),
+                true => long_target::FirstLine::new(tcp, client),
                 false => long_target::FirstLine::through(tcp),
             };
             let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
