@@ -401,10 +401,11 @@ impl ConnectGate {
                 self.buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(1));
             } else if !self.buckets.contains_key(&client_key(peer, self.ipv6_prefix)) {
                 // More keys than that within a second (an address-rotating attacker): new ones
-                // wait for the next prune.
-                drop(pruned);
-                self.refused.inc();
-                return false;
+                // are not paced until the next prune, rather than refused (which locked every
+                // new client out while the rotation went on). Their connections still count
+                // against their client's and their IPv6 /48's caps on open connections, and
+                // an accepted connection costs what a refused one did.
+                return true;
             }
         }
         let key = client_key(peer, self.ipv6_prefix);
@@ -1160,6 +1161,26 @@ mod tests {
         l.max_connects_per_second_per_ip = 0;
         let gate = ConnectGate::new(&l, refused, prometheus::IntCounter::new("o", "o").unwrap());
         assert!((0..100).all(|_| gate.admit(a).is_some()));
+    }
+
+    /// An attacker rotating through more client keys within a second than the gate keeps
+    /// buckets for: new clients are let in (not paced) until the next prune, not refused.
+    #[test]
+    fn an_address_rotating_flood_does_not_lock_new_clients_out() {
+        let mut l = limits(10, 10, 0);
+        l.max_connects_per_second_per_ip = 5;
+        l.max_connections_per_ipv6_48 = Some(usize::MAX);
+        let refused = prometheus::IntCounter::new("t", "t").unwrap();
+        let gate = ConnectGate::new(&l, refused.clone(), prometheus::IntCounter::new("o", "o").unwrap());
+        // One connection from each of CONNECT_GATE_KEYS + 1 /64s, each dropped at once.
+        for i in 0..=CONNECT_GATE_KEYS as u32 {
+            let (hi, lo) = (i >> 16, i & 0xffff);
+            drop(gate.admit(format!("2001:db8:{hi:x}:{lo:x}::1").parse().unwrap()));
+        }
+        assert_eq!(refused.get(), 0);
+        let new: IpAddr = "192.0.2.50".parse().unwrap();
+        assert!(gate.admit(new).is_some(), "a new client during the flood");
+        assert_eq!(refused.get(), 0);
     }
 
     #[test]
