@@ -4,7 +4,8 @@
 //! 127.0.0.1 run one attack per phase. Per phase: the reference's delivery latency (p50/p99,
 //! event `time_us` → receive), the server's CPU and RSS, and what the server answered. At the
 //! end the reference's events are checked against the log: nothing lost, nothing twice.
-//! `ulimit -n 65536; cargo bench --bench hostile` (prints a report; not a criterion bench).
+//! `ulimit -n 65536; cargo bench --bench hostile` (prints a report; not a criterion bench);
+//! `HOSTILE_PHASES=<part of a name>,…` runs only those phases (and the quiet ones).
 //! Attackers, reference and server share the machine's two cores: figures say so.
 
 #[path = "../tests/common/client.rs"]
@@ -269,6 +270,26 @@ async fn attack(name: &str, addr: SocketAddr, answers: Arc<Answers>, stop: Arc<A
                 })
             }));
         }
+        "options_update of 10,000 DIDs, two filters in turn (50 clients)" => {
+            tasks.extend(spawn_ws(50, "/subscribe?wantedCollections=none.at.all", |mut ws, stop, answers| {
+                tokio::spawn(async move {
+                    let filter = |tag: char| {
+                        let dids: Vec<String> = (0..10_000).map(|i| format!("\"did:plc:{tag}{i:023}\"")).collect();
+                        format!(r#"{{"type":"options_update","payload":{{"wantedDids":[{}]}}}}"#, dids.join(","))
+                    };
+                    let msgs = [filter('a'), filter('b')];
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let msg = msgs[i % 2].as_bytes();
+                        if ws.write_frame(Frame::text(Payload::Borrowed(msg))).await.is_err() {
+                            answers.closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        i += 1;
+                    }
+                })
+            }));
+        }
         "ping flood (50 clients)" => {
             tasks.extend(spawn_ws(50, "/subscribe?wantedCollections=none.at.all", |mut ws, stop, answers| {
                 tokio::spawn(async move {
@@ -365,6 +386,11 @@ async fn main() {
     );
     println!("| phase | reference p50 / p99 | server CPU | server RSS | attack connections: opened / refused / closed by server |");
     println!("|---|---|---|---|---|");
+    // HOSTILE_PHASES: run only the phases whose names contain one of these (comma-separated),
+    // and the quiet ones.
+    let only = std::env::var("HOSTILE_PHASES").ok();
+    let wanted =
+        |name: &str| name == "quiet" || only.as_deref().is_none_or(|o| o.split(',').any(|p| name.contains(p.trim())));
     for name in [
         "quiet",
         "10,000 connections",
@@ -373,11 +399,15 @@ async fn main() {
         "oversized upgrades (1 MB URL, 10,000 parameters, bad UTF-8)",
         "peers that never read (50 replays from cursor=0)",
         "options_update flood (50 clients)",
+        "options_update of 10,000 DIDs, two filters in turn (50 clients)",
         "ping flood (50 clients)",
         "10 MB messages (20 clients)",
         "compressed replay from cursor=0 (50 clients)",
         "quiet",
     ] {
+        if !wanted(name) {
+            continue;
+        }
         let start_len = got.lock().unwrap().len();
         let cpu0 = cpu_seconds(pid);
         let t0 = Instant::now();
