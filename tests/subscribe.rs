@@ -1127,6 +1127,42 @@ async fn hostile_options_updates_cost_little_and_disturb_nobody() {
     assert!(reads() - before <= batches + 3.0, "{} log reads for {batches} batches", reads() - before);
 }
 
+/// An `options_update` costs a token of `--max-options-updates-per-second` per 64 KiB of the
+/// two filters it changes between (at least one), with ten seconds of tokens banked: a large
+/// filter now and then waits for nothing, while a client swapping large filters back and forth
+/// is paced by their size (each swap costs the live index milliseconds; ten a second per
+/// connection cost 1.3 cores for 50 such clients, BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_filter_changes_are_paced_by_their_size() {
+    let s = setup(10, &[]).await;
+    let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    let held = || s.serve.metric("contrail_hub_filter_bytes").unwrap();
+    let base = held();
+    let update = |n: usize, tag: char| {
+        let dids: Vec<String> = (0..n).map(|i| format!("did:plc:{tag}{i:023}")).collect();
+        serde_json::json!({"type": "options_update", "payload": {"wantedDids": dids}}).to_string()
+    };
+    let wait_until = |what: &str, done: &dyn Fn(f64) -> bool| {
+        let started = std::time::Instant::now();
+        while !done(held()) {
+            assert!(started.elapsed() < Duration::from_secs(20), "{what}: {} bytes held", held());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        started.elapsed()
+    };
+    // A first large filter (10,000 DIDs, ~35 tokens): at once.
+    send_text(&mut ws, &update(10_000, 'a')).await;
+    let took = wait_until("the first filter", &|b| b > base + 1e6);
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // Back and forth (~52 tokens a change), then a small filter: the bank of 100 runs out on
+    // the third change, and the small one comes ~7 s later.
+    for m in [update(5_000, 'b'), update(10_000, 'a'), update(1, 'c')] {
+        send_text(&mut ws, &m).await;
+    }
+    let took = wait_until("the small filter", &|b| b < base + 10_000.0);
+    assert!(took > Duration::from_secs(3), "the changes were not paced: {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fragmented_messages_are_reassembled_and_limited_in_total() {
     use fastwebsockets::{Frame, OpCode, Payload};

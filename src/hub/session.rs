@@ -291,6 +291,26 @@ const DISCARD_AFTER_PROTOCOL_ERROR: usize = 64 * 1024;
 /// as after a protocol error (in practice by the session's linger: the reader stops with it).
 const DISCARD_AFTER_REFUSED_MESSAGE: usize = 12 << 20;
 
+/// A filter's bytes that cost one `options_update` token ([`update_cost`]).
+const UPDATE_BYTES_PER_TOKEN: usize = 64 << 10;
+
+/// Seconds of `--max-options-updates-per-second` a connection banks: a large update now and
+/// then goes through at once; only a steady stream of them is paced.
+const UPDATE_BURST_SECONDS: f64 = 10.0;
+
+/// What an `options_update` from `old` to `new` costs of `--max-options-updates-per-second`:
+/// one token, or one per 64 KiB of the two filters as the filter budget counts them (the live
+/// index takes the old one's entries out and puts the new one's in, a few milliseconds for
+/// 10,000 DIDs each; such a filter counts ~2.2 MB, so ~70 tokens for a change between two). A
+/// client sending two large filters in turn would otherwise cost the index ten of those a
+/// second per connection, far more than the bytes it sends; now one every ~7 s. With
+/// [`UPDATE_BURST_SECONDS`] banked, a client's first large filter (as after `requireHello`), or
+/// an occasional change of one, waits for nothing.
+fn update_cost(old: &Filter, new: &Filter) -> f64 {
+    let bytes = super::dispatch::filter_bytes(old) + super::dispatch::filter_bytes(new);
+    (bytes as f64 / UPDATE_BYTES_PER_TOKEN as f64).max(1.0)
+}
+
 /// Counts one more in the second that started at `since` (a new second starts the count
 /// again); whether the count is still within `max`.
 fn per_second(count: &mut u32, since: &mut Instant, max: u32) -> bool {
@@ -447,7 +467,10 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         oldest_unflushed_live: None,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
-        updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
+        updates: {
+            let rate = hub.config.max_options_updates_per_second as f64;
+            super::limits::TokenBucket::with_burst(rate, rate * UPDATE_BURST_SECONDS)
+        },
         events_sent: m.events_sent.with_label_values(&labels),
         bytes_sent: m.bytes_sent.with_label_values(&labels),
     };
@@ -869,7 +892,7 @@ impl Session {
                 match parsed {
                     Ok(None) => self.ignore(), // not an options_update: ignored, as in v1
                     Ok(Some(u)) => {
-                        let wait = self.updates.take();
+                        let wait = self.updates.take_n(update_cost(&self.filter, &u.filter));
                         if !wait.is_zero() {
                             // Faster than allowed: this subscriber waits (its reader stops
                             // reading, so the client's writes back up); nobody else does.
@@ -947,5 +970,26 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_between_large_filters_costs_in_proportion_to_them() {
+        let dids = |tag: char| (0..10_000).map(|i| format!("did:plc:{tag}{i:023}")).collect::<Vec<_>>();
+        let filter = |dids: &[String]| Filter::new(&[], dids).unwrap();
+        let (empty, one, a, b) = (filter(&[]), filter(&dids('c')[..1]), filter(&dids('a')), filter(&dids('b')));
+        assert_eq!(update_cost(&empty, &one), 1.0, "a small update: one token");
+        let banked = 10.0 * UPDATE_BURST_SECONDS;
+        let first = update_cost(&empty, &a);
+        assert!(first <= banked, "{first}: a first large filter waits for nothing");
+        let big = update_cost(&a, &b);
+        assert!(big <= banked, "{big}: nor does a change of one now and then");
+        // At the default 10 a second: one such change every few seconds, not ten a second.
+        assert!(big >= 30.0, "{big}");
+        assert!(big < 100.0, "{big}: in proportion to the two filters (~4.4 MB)");
     }
 }
