@@ -180,23 +180,15 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
     inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
-/// A token bucket: `rate` tokens per second, up to `burst` banked.
+/// A token bucket: `rate` tokens per second, up to `rate` banked.
 pub struct TokenBucket {
     rate: f64,
-    /// The most tokens banked (a new bucket holds them).
-    burst: f64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
-    /// `rate` a second, one second's worth banked.
     pub fn new(rate: f64) -> Self {
-        Self::with_burst(rate, rate)
-    }
-
-    /// `rate` a second, `burst` banked.
-    pub fn with_burst(rate: f64, burst: f64) -> Self {
-        TokenBucket { rate, burst, state: Mutex::new((burst, Instant::now())) }
+        TokenBucket { rate, state: Mutex::new((rate, Instant::now())) }
     }
 
     /// Tokens per second.
@@ -207,7 +199,7 @@ impl TokenBucket {
     /// Whether it has refilled to its burst: the same as a new bucket.
     pub fn is_full(&self) -> bool {
         let (tokens, at) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-        tokens + at.elapsed().as_secs_f64() * self.rate >= self.burst
+        tokens + at.elapsed().as_secs_f64() * self.rate >= self.rate
     }
 
     /// Takes one token; returns how long to wait first (zero when one was available).
@@ -221,7 +213,7 @@ impl TokenBucket {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let (tokens, at) = *s;
-        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.burst) - n;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate) - n;
         *s = (tokens, now);
         if tokens >= 0.0 {
             Duration::ZERO
@@ -263,6 +255,8 @@ pub struct ConnectGate {
     refused_open: prometheus::IntCounter,
     /// When idle buckets were last dropped (at most once a second: a full pass is not cheap).
     pruned: Mutex<Instant>,
+    /// Says when new clients go unpaced (more keys than [`CONNECT_GATE_KEYS`] within a second).
+    warn: crate::rate_limited_log::RateLimitedLog,
 }
 
 /// The metrics listener's connections at once, and from one client (see
@@ -332,6 +326,7 @@ impl ConnectGate {
             refused,
             refused_open,
             pruned: Mutex::new(Instant::now()),
+            warn: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(60)),
         })
     }
 
@@ -411,8 +406,13 @@ impl ConnectGate {
                 // More keys than that within a second (an address-rotating attacker): new ones
                 // are not paced until the next prune, rather than refused (which locked every
                 // new client out while the rotation went on). Their connections still count
-                // against their client's and their IPv6 /48's caps on open connections, and
-                // an accepted connection costs what a refused one did.
+                // against their client's, their IPv6 /48's and all clients' caps on open
+                // connections in plain HTTP; each costs more than a refusal (a task, its
+                // request read), within those caps.
+                drop(pruned);
+                self.warn.warn("connect_gate_full", || {
+                    format!("more than {CONNECT_GATE_KEYS} clients connecting within a second: new ones are not paced until the next prune")
+                });
                 return true;
             }
         }

@@ -294,21 +294,17 @@ const DISCARD_AFTER_REFUSED_MESSAGE: usize = 12 << 20;
 /// A filter's bytes that cost one `options_update` token ([`update_cost`]).
 const UPDATE_BYTES_PER_TOKEN: usize = 64 << 10;
 
-/// Seconds of `--max-options-updates-per-second` a connection banks: a large update now and
-/// then goes through at once; only a steady stream of them is paced.
-const UPDATE_BURST_SECONDS: f64 = 10.0;
-
-/// What an `options_update` from `old` to `new` costs of `--max-options-updates-per-second`:
-/// one token, or one per 64 KiB of the two filters as the filter budget counts them (the live
-/// index takes the old one's entries out and puts the new one's in, a few milliseconds for
-/// 10,000 DIDs each; such a filter counts ~2.2 MB, so ~70 tokens for a change between two). A
-/// client sending two large filters in turn would otherwise cost the index ten of those a
-/// second per connection, far more than the bytes it sends; now one every ~7 s. With
-/// [`UPDATE_BURST_SECONDS`] banked, a client's first large filter (as after `requireHello`), or
-/// an occasional change of one, waits for nothing.
-fn update_cost(old: &Filter, new: &Filter) -> f64 {
+/// What an `options_update` from `old` to `new` costs of `--max-options-updates-per-second`
+/// (`rate`, a second's worth banked): one token per 64 KiB of the two filters as the filter
+/// budget counts them, at least one and at most a second's worth. The live index takes the old
+/// filter's entries out and puts the new one's in, a few milliseconds for 10,000 DIDs each
+/// (such a filter counts ~2.2 MB): a client sending two large filters in turn cost ten of those
+/// a second per connection, and now one. The cap keeps the session's wait for one update under
+/// a second (it delivers nothing and answers no ping meanwhile), and lets a first large
+/// filter (as after `requireHello`), or a change of one every second or so, wait for nothing.
+fn update_cost(old: &Filter, new: &Filter, rate: f64) -> f64 {
     let bytes = super::dispatch::filter_bytes(old) + super::dispatch::filter_bytes(new);
-    (bytes as f64 / UPDATE_BYTES_PER_TOKEN as f64).max(1.0)
+    (bytes as f64 / UPDATE_BYTES_PER_TOKEN as f64).clamp(1.0, rate.max(1.0))
 }
 
 /// Counts one more in the second that started at `since` (a new second starts the count
@@ -467,10 +463,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         oldest_unflushed_live: None,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
-        updates: {
-            let rate = hub.config.max_options_updates_per_second as f64;
-            super::limits::TokenBucket::with_burst(rate, rate * UPDATE_BURST_SECONDS)
-        },
+        updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
         events_sent: m.events_sent.with_label_values(&labels),
         bytes_sent: m.bytes_sent.with_label_values(&labels),
     };
@@ -892,7 +885,8 @@ impl Session {
                 match parsed {
                     Ok(None) => self.ignore(), // not an options_update: ignored, as in v1
                     Ok(Some(u)) => {
-                        let wait = self.updates.take_n(update_cost(&self.filter, &u.filter));
+                        let cost = update_cost(&self.filter, &u.filter, self.updates.rate());
+                        let wait = self.updates.take_n(cost);
                         if !wait.is_zero() {
                             // Faster than allowed: this subscriber waits (its reader stops
                             // reading, so the client's writes back up); nobody else does.
@@ -982,14 +976,14 @@ mod tests {
         let dids = |tag: char| (0..10_000).map(|i| format!("did:plc:{tag}{i:023}")).collect::<Vec<_>>();
         let filter = |dids: &[String]| Filter::new(&[], dids).unwrap();
         let (empty, one, a, b) = (filter(&[]), filter(&dids('c')[..1]), filter(&dids('a')), filter(&dids('b')));
-        assert_eq!(update_cost(&empty, &one), 1.0, "a small update: one token");
-        let banked = 10.0 * UPDATE_BURST_SECONDS;
-        let first = update_cost(&empty, &a);
-        assert!(first <= banked, "{first}: a first large filter waits for nothing");
-        let big = update_cost(&a, &b);
-        assert!(big <= banked, "{big}: nor does a change of one now and then");
-        // At the default 10 a second: one such change every few seconds, not ten a second.
-        assert!(big >= 30.0, "{big}");
-        assert!(big < 100.0, "{big}: in proportion to the two filters (~4.4 MB)");
+        let rate = 10.0;
+        assert_eq!(update_cost(&empty, &one, rate), 1.0, "a small update: one token");
+        let half = filter(&dids('d')[..1_000]);
+        let middling = update_cost(&empty, &half, rate);
+        assert!(middling > 1.0 && middling < rate, "{middling}: in proportion to the filter (~220 KB)");
+        // At the default 10 a second: one change between large filters a second, not ten, and
+        // never more than a second's wait for one.
+        assert_eq!(update_cost(&a, &b, rate), rate);
+        assert_eq!(update_cost(&empty, &a, 1.0), 1.0);
     }
 }
