@@ -187,7 +187,8 @@ pub struct HubConfig {
     #[serde(serialize_with = "ser_duration")]
     pub slow_behind: Duration,
     /// `options_update` messages one connection may send per second (a burst of as many is
-    /// allowed); faster senders are paced, not closed.
+    /// allowed; a large filter change counts as up to a second's worth, one per 64 KiB of the
+    /// two filters); faster senders are paced, not closed.
     #[arg(long, env = "CONTRAIL_MAX_OPTIONS_UPDATES_PER_SECOND", default_value = "10")]
     pub max_options_updates_per_second: u32,
 }
