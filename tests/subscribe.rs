@@ -1128,10 +1128,10 @@ async fn hostile_options_updates_cost_little_and_disturb_nobody() {
 }
 
 /// An `options_update` costs a token of `--max-options-updates-per-second` per 64 KiB of the
-/// two filters it changes between (at least one, at most a second's worth): a first large
-/// filter waits for nothing, while a client swapping large filters back and forth is paced to
-/// one change a second (each costs the live index milliseconds; ten a second per connection
-/// cost 1.3 cores for 50 such clients, BENCHMARKS.md).
+/// two filters it changes between (at least one), with ten seconds of tokens banked: a first
+/// large filter waits for nothing, while a client swapping large filters back and forth is
+/// paced by their size (each swap costs milliseconds of CPU; ten a second per connection cost
+/// 1.3 cores for 50 such clients, BENCHMARKS.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_filter_changes_are_paced_by_their_size() {
     let s = setup(10, &[]).await;
@@ -1154,13 +1154,50 @@ async fn large_filter_changes_are_paced_by_their_size() {
     send_text(&mut ws, &update(10_000, 'a')).await;
     let took = wait_until("the first filter", &|b| b > base + 1e6);
     assert!(took < Duration::from_secs(3), "{took:?}");
-    // Back and forth, then a small filter: a second's worth of tokens each, so the small one
-    // comes ~3 s later (ten small changes would take a second).
+    // Back and forth (~52 tokens a change), then a small filter: the bank of 100 runs out on
+    // the third change, and the small one comes ~7 s later.
     for m in [update(5_000, 'b'), update(10_000, 'a'), update(1, 'c')] {
         send_text(&mut ws, &m).await;
     }
     let took = wait_until("the small filter", &|b| b < base + 10_000.0);
-    assert!(took > Duration::from_secs(2), "the changes were not paced: {took:?}");
+    assert!(took > Duration::from_secs(3), "the changes were not paced: {took:?}");
+}
+
+/// While an `options_update` waits for its tokens, the stream goes on under the filter before
+/// it (the session does not wait in place, delivering nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_flow_while_a_paced_filter_change_waits() {
+    let s = setup(10, &[]).await;
+    // 2,000 more frames, live at ~500 a second (four seconds of them).
+    let more = generate(10_000, 2_000, 20, 9);
+    let mut real: Vec<String> = more.iter().flat_map(|f| f.expected.iter().map(|e| e.0.clone())).collect();
+    real.sort();
+    real.dedup();
+    let events: usize = more.iter().map(|f| f.expected.len()).sum();
+    // Filters of 10,000 DIDs that take every one of them: their DIDs and others.
+    let update = |tag: char| {
+        let mut dids = real.clone();
+        dids.extend((dids.len()..10_000).map(|i| format!("did:plc:{tag}{i:023}")));
+        serde_json::json!({"type": "options_update", "payload": {"wantedDids": dids}}).to_string()
+    };
+    let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    // Two changes within the bank, a third that waits ~4 s for its tokens.
+    for m in [update('a'), update('b'), update('a')] {
+        send_text(&mut ws, &m).await;
+    }
+    s.relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
+    s.relay.push_all(&more);
+    let t0 = std::time::Instant::now();
+    let mut during = 0;
+    while t0.elapsed() < Duration::from_millis(1_500) {
+        match next(&mut ws, Duration::from_secs(2)).await {
+            Some(Msg::Text(_)) => during += 1,
+            other => panic!("{other:?} after {during} events"),
+        }
+    }
+    assert!(during > 100, "{during} events in the 1.5 s the change waited");
+    let rest = collect(&mut ws, events - during, T).await;
+    assert_eq!(during + rest.len(), events, "every event, once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

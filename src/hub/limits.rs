@@ -180,15 +180,28 @@ fn forwarded_address(entry: &str) -> Option<IpAddr> {
     inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
 }
 
-/// A token bucket: `rate` tokens per second, up to `rate` banked.
+/// A token bucket: `rate` tokens per second, up to `burst` banked.
 pub struct TokenBucket {
     rate: f64,
+    /// The most tokens banked (a new bucket holds them).
+    burst: f64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl TokenBucket {
+    /// `rate` a second, one second's worth banked.
     pub fn new(rate: f64) -> Self {
-        TokenBucket { rate, state: Mutex::new((rate, Instant::now())) }
+        Self::with_burst(rate, rate)
+    }
+
+    /// `rate` a second, `burst` banked.
+    pub fn with_burst(rate: f64, burst: f64) -> Self {
+        TokenBucket { rate, burst, state: Mutex::new((burst, Instant::now())) }
+    }
+
+    /// The most tokens banked.
+    pub fn burst(&self) -> f64 {
+        self.burst
     }
 
     /// Tokens per second.
@@ -199,7 +212,7 @@ impl TokenBucket {
     /// Whether it has refilled to its burst: the same as a new bucket.
     pub fn is_full(&self) -> bool {
         let (tokens, at) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-        tokens + at.elapsed().as_secs_f64() * self.rate >= self.rate
+        tokens + at.elapsed().as_secs_f64() * self.rate >= self.burst
     }
 
     /// Takes one token; returns how long to wait first (zero when one was available).
@@ -213,7 +226,7 @@ impl TokenBucket {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let (tokens, at) = *s;
-        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.rate) - n;
+        let tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(self.burst) - n;
         *s = (tokens, now);
         if tokens >= 0.0 {
             Duration::ZERO

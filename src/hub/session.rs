@@ -294,17 +294,21 @@ const DISCARD_AFTER_REFUSED_MESSAGE: usize = 12 << 20;
 /// A filter's bytes that cost one `options_update` token ([`update_cost`]).
 const UPDATE_BYTES_PER_TOKEN: usize = 64 << 10;
 
-/// What an `options_update` from `old` to `new` costs of `--max-options-updates-per-second`
-/// (`rate`, a second's worth banked): one token per 64 KiB of the two filters as the filter
-/// budget counts them, at least one and at most a second's worth. The live index takes the old
-/// filter's entries out and puts the new one's in, a few milliseconds for 10,000 DIDs each
-/// (such a filter counts ~2.2 MB): a client sending two large filters in turn cost ten of those
-/// a second per connection, and now one. The cap keeps the session's wait for one update under
-/// a second (it delivers nothing and answers no ping meanwhile), and lets a first large
-/// filter (as after `requireHello`), or a change of one every second or so, wait for nothing.
-fn update_cost(old: &Filter, new: &Filter, rate: f64) -> f64 {
+/// Seconds of `--max-options-updates-per-second` a connection banks, and the most one update
+/// costs: a first large filter (as after `requireHello`), or a change of one now and then,
+/// waits for nothing, and no update waits longer than this.
+const UPDATE_BURST_SECONDS: f64 = 10.0;
+
+/// What an `options_update` from `old` to `new` costs of `--max-options-updates-per-second`:
+/// one token per 64 KiB of the two filters as the filter budget counts them, at least one and
+/// at most `most`. Reading it, building the filter, and taking the old one out of the live
+/// index and putting the new one in cost ~17 ms of CPU for 10,000 DIDs each (such a filter
+/// counts ~2.2 MB, so ~70 tokens): a client sending two large filters in turn cost ten of
+/// those a second per connection, and now one every ~7 s. An update waiting for its tokens is
+/// applied when they come, while events flow under the old filter ([`Session::pending`]).
+fn update_cost(old: &Filter, new: &Filter, most: f64) -> f64 {
     let bytes = super::dispatch::filter_bytes(old) + super::dispatch::filter_bytes(new);
-    (bytes as f64 / UPDATE_BYTES_PER_TOKEN as f64).clamp(1.0, rate.max(1.0))
+    (bytes as f64 / UPDATE_BYTES_PER_TOKEN as f64).clamp(1.0, most.max(1.0))
 }
 
 /// Counts one more in the second that started at `since` (a new second starts the count
@@ -407,6 +411,10 @@ struct Session {
     close_sent: bool,
     /// Paces `options_update` messages.
     updates: super::limits::TokenBucket,
+    /// An accepted `options_update` waiting for its tokens, and when they are there. Meanwhile
+    /// the stream goes on under the old filter, and no other client message is read (the
+    /// reader stops, so the client's writes back up; the pong deadline is not judged).
+    pending: Option<(crate::options::Update, Instant)>,
     /// Per-event counters, resolved once (a label lookup per event would cost a hash and a
     /// lock on the fan-out hot path).
     events_sent: prometheus::IntCounter,
@@ -463,7 +471,11 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         oldest_unflushed_live: None,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
-        updates: super::limits::TokenBucket::new(hub.config.max_options_updates_per_second as f64),
+        updates: {
+            let rate = hub.config.max_options_updates_per_second as f64;
+            super::limits::TokenBucket::with_burst(rate, rate * UPDATE_BURST_SECONDS)
+        },
+        pending: None,
         events_sent: m.events_sent.with_label_values(&labels),
         bytes_sent: m.bytes_sent.with_label_values(&labels),
     };
@@ -577,7 +589,7 @@ impl Session {
                 biased;
                 _ = &mut shut => Step::Shutdown,
                 _ = &mut timer => Step::Tick,
-                c = ctl.recv() => Step::Control(c),
+                c = ctl.recv(), if self.pending.is_none() => Step::Control(c),
                 e = stream.next(chunk) => Step::Deliver(e),
             };
             match step {
@@ -586,9 +598,13 @@ impl Session {
                     self.control(c).await?;
                 }
                 Step::Tick => {
+                    self.apply_due()?;
                     // What already waits is heard before the deadlines are judged (a pong in the
                     // channel is an answer); at most a channel's worth, so this stays bounded.
                     for _ in 0..CONTROL_QUEUE {
+                        if self.pending.is_some() {
+                            break;
+                        }
                         let Ok(c) = ctl.try_recv() else { break };
                         self.control(Some(c)).await?;
                     }
@@ -619,6 +635,9 @@ impl Session {
         let mut at = (self.last_ping + config.ping_interval).min(self.pong_deadline() + TICK);
         if self.inform.is_some() {
             at = at.min(self.next_inform);
+        }
+        if let Some((_, due)) = &self.pending {
+            at = at.min(*due);
         }
         if !self.stream.as_ref().is_some_and(EventStream::is_live) {
             at = at.min(next_tick);
@@ -683,10 +702,12 @@ impl Session {
         let shutdown = self.shutdown.clone();
         let mut tick = tokio::time::interval(TICK);
         loop {
+            let due = self.pending.as_ref().map(|(_, at)| *at);
             let hello = tokio::select! {
                 _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
                 _ = tick.tick() => self.tick().await.map(|()| false)?,
-                c = ctl.recv() => self.control(c).await?,
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => self.apply_due()?,
+                c = ctl.recv(), if due.is_none() => self.control(c).await?,
             };
             // Pings and pongs written while waiting must reach the client.
             self.flush().await?;
@@ -885,35 +906,55 @@ impl Session {
                 match parsed {
                     Ok(None) => self.ignore(), // not an options_update: ignored, as in v1
                     Ok(Some(u)) => {
-                        let cost = update_cost(&self.filter, &u.filter, self.updates.rate());
+                        let cost = update_cost(&self.filter, &u.filter, self.updates.burst());
                         let wait = self.updates.take_n(cost);
-                        if !wait.is_zero() {
-                            // Faster than allowed: this subscriber waits (its reader stops
-                            // reading, so the client's writes back up); nobody else does.
-                            tokio::time::sleep(wait).await;
+                        if wait.is_zero() {
+                            return self.apply(u);
                         }
-                        if self.slot.hold_filter(super::dispatch::filter_bytes(&u.filter)).is_err() {
-                            // Closed with 1013: its old filter stays counted until then.
-                            return Err(CloseReason::FilterBudget);
-                        }
-                        let include_sync = u.include_sync.unwrap_or(self.filter.kinds().contains(EventKind::Sync));
-                        let kinds = if include_sync { Kinds::ALL } else { Kinds::V1_DEFAULT };
-                        self.filter = Arc::new(u.filter.with_kinds(kinds));
-                        self.encoding.max_size = u.max_message_size;
-                        if let Some(i) = u.inform_cursor_seconds {
-                            self.inform = i.map(Duration::from_secs);
-                            // The new interval counts from now, not from the old one's next.
-                            self.next_inform = Instant::now() + self.inform.unwrap_or_default();
-                        }
-                        if let Some(s) = self.stream.as_mut() {
-                            s.set_filter(self.filter.clone(), self.encoding.clone());
-                        }
-                        Ok(true)
+                        // Faster than allowed: applied when its tokens are there (the stream
+                        // goes on meanwhile); nobody else waits.
+                        self.pending = Some((u, Instant::now() + wait));
+                        Ok(false)
                     }
                     Err((reason, text)) => Err(self.refuse(reason, &text).await),
                 }
             }
         }
+    }
+
+    /// Applies the waiting update if its tokens are there; whether it did.
+    fn apply_due(&mut self) -> Result<bool, CloseReason> {
+        match self.pending.take() {
+            Some((u, due)) if Instant::now() >= due => self.apply(u),
+            waiting => {
+                self.pending = waiting;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Applies an accepted `options_update` (`Ok(true)`), or closes when the filter budget
+    /// cannot hold its filter.
+    fn apply(&mut self, u: crate::options::Update) -> Result<bool, CloseReason> {
+        if self.slot.hold_filter(super::dispatch::filter_bytes(&u.filter)).is_err() {
+            // Closed with 1013: its old filter stays counted until then.
+            return Err(CloseReason::FilterBudget);
+        }
+        let include_sync = u.include_sync.unwrap_or(self.filter.kinds().contains(EventKind::Sync));
+        let kinds = if include_sync { Kinds::ALL } else { Kinds::V1_DEFAULT };
+        self.filter = Arc::new(u.filter.with_kinds(kinds));
+        self.encoding.max_size = u.max_message_size;
+        if let Some(i) = u.inform_cursor_seconds {
+            self.inform = i.map(Duration::from_secs);
+            // The new interval counts from now, not from the old one's next.
+            self.next_inform = Instant::now() + self.inform.unwrap_or_default();
+        }
+        if let Some(s) = self.stream.as_mut() {
+            s.set_filter(self.filter.clone(), self.encoding.clone());
+        }
+        // Heard: its messages are read again from here.
+        self.last_heard = Instant::now();
+        Ok(true)
     }
 
     /// A message the server ignores, counted against [`MAX_IGNORED_PER_SECOND`].
@@ -928,7 +969,8 @@ impl Session {
     async fn tick(&mut self) -> Result<(), CloseReason> {
         let now = Instant::now();
         let config = &self.hub.config;
-        if now > self.pong_deadline() {
+        // (Not while an update waits: the client's messages, a pong among them, are not read.)
+        if self.pending.is_none() && now > self.pong_deadline() {
             return Err(CloseReason::PingTimeout);
         }
         if now.duration_since(self.last_ping) >= config.ping_interval {
@@ -976,14 +1018,14 @@ mod tests {
         let dids = |tag: char| (0..10_000).map(|i| format!("did:plc:{tag}{i:023}")).collect::<Vec<_>>();
         let filter = |dids: &[String]| Filter::new(&[], dids).unwrap();
         let (empty, one, a, b) = (filter(&[]), filter(&dids('c')[..1]), filter(&dids('a')), filter(&dids('b')));
-        let rate = 10.0;
-        assert_eq!(update_cost(&empty, &one, rate), 1.0, "a small update: one token");
-        let half = filter(&dids('d')[..1_000]);
-        let middling = update_cost(&empty, &half, rate);
-        assert!(middling > 1.0 && middling < rate, "{middling}: in proportion to the filter (~220 KB)");
-        // At the default 10 a second: one change between large filters a second, not ten, and
-        // never more than a second's wait for one.
-        assert_eq!(update_cost(&a, &b, rate), rate);
-        assert_eq!(update_cost(&empty, &a, 1.0), 1.0);
+        // At the default 10 a second.
+        let most = 10.0 * UPDATE_BURST_SECONDS;
+        assert_eq!(update_cost(&empty, &one, most), 1.0, "a small update: one token");
+        let first = update_cost(&empty, &a, most);
+        assert!(first > 10.0 && first <= most, "{first}: a first large filter, within the bank");
+        // One change between large filters every few seconds, not ten a second.
+        let big = update_cost(&a, &b, most);
+        assert!((50.0..most).contains(&big), "{big}: in proportion to the two filters (~4.4 MB)");
+        assert_eq!(update_cost(&a, &b, 10.0), 10.0, "at most the bank");
     }
 }
