@@ -186,9 +186,9 @@ pub struct HubConfig {
     #[arg(long, env = "CONTRAIL_SLOW_BEHIND", default_value = "10m", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub slow_behind: Duration,
-    /// `options_update` messages one connection may send per second (a burst of as many is
-    /// allowed; a large filter change counts as up to a second's worth, one per 64 KiB of the
-    /// two filters); faster senders are paced, not closed.
+    /// `options_update` messages one connection may send per second (ten seconds' worth
+    /// banked; a large filter change counts one per 64 KiB of the two filters); one sent
+    /// faster is applied when its tokens come, not closed.
     #[arg(long, env = "CONTRAIL_MAX_OPTIONS_UPDATES_PER_SECOND", default_value = "10")]
     pub max_options_updates_per_second: u32,
 }
