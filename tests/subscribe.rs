@@ -1164,12 +1164,13 @@ async fn large_filter_changes_are_paced_by_their_size() {
 }
 
 /// While an `options_update` waits for its tokens, the stream goes on under the filter before
-/// it (the session does not wait in place, delivering nothing).
+/// it (the session does not wait in place, delivering nothing), and a pong deadline passing
+/// meanwhile (the client's pongs are not read) neither closes it nor holds the stream back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_flow_while_a_paced_filter_change_waits() {
-    let s = setup(10, &[]).await;
-    // 2,000 more frames, live at ~500 a second (four seconds of them).
-    let more = generate(10_000, 2_000, 20, 9);
+    let s = setup(10, &["--ping-interval", "1s", "--pong-timeout", "3s"]).await;
+    // 3,000 more frames, live at ~500 a second (six seconds of them).
+    let more = generate(10_000, 3_000, 20, 9);
     let mut real: Vec<String> = more.iter().flat_map(|f| f.expected.iter().map(|e| e.0.clone())).collect();
     real.sort();
     real.dedup();
@@ -1181,21 +1182,29 @@ async fn events_flow_while_a_paced_filter_change_waits() {
         serde_json::json!({"type": "options_update", "payload": {"wantedDids": dids}}).to_string()
     };
     let mut ws = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
-    // Two changes within the bank, a third that waits ~4 s for its tokens.
+    // The first change within the bank (~35 tokens), the next two waiting for theirs (~70
+    // each: ~0.4 s, then ~7 s, past the pong deadline).
     for m in [update('a'), update('b'), update('a')] {
         send_text(&mut ws, &m).await;
     }
     s.relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
     s.relay.push_all(&more);
     let t0 = std::time::Instant::now();
-    let mut during = 0;
-    while t0.elapsed() < Duration::from_millis(1_500) {
+    let (mut early, mut during) = (0, 0);
+    while t0.elapsed() < Duration::from_millis(6_500) && during < events {
         match next(&mut ws, Duration::from_secs(2)).await {
             Some(Msg::Text(_)) => during += 1,
             other => panic!("{other:?} after {during} events"),
         }
+        if t0.elapsed() < Duration::from_millis(1_500) {
+            early = during;
+        }
     }
-    assert!(during > 100, "{during} events in the 1.5 s the change waited");
+    // Against what the server had taken by then (the fake relay's pace varies).
+    let taken_seq = s.serve.metric("contrail_relay_last_seq").unwrap() as i64;
+    let taken: usize = more.iter().filter(|f| f.seq <= taken_seq).map(|f| f.expected.len()).sum();
+    assert!(early > 100, "{early} events in the first 1.5 s, while the change waited");
+    assert!(during + 300 >= taken, "{during} of the {taken} events taken in 6.5 s: the stream was held back");
     let rest = collect(&mut ws, events - during, T).await;
     assert_eq!(during + rest.len(), events, "every event, once");
 }

@@ -411,14 +411,26 @@ struct Session {
     close_sent: bool,
     /// Paces `options_update` messages.
     updates: super::limits::TokenBucket,
-    /// An accepted `options_update` waiting for its tokens, and when they are there. Meanwhile
-    /// the stream goes on under the old filter, and no other client message is read (the
-    /// reader stops, so the client's writes back up; the pong deadline is not judged).
-    pending: Option<(crate::options::Update, Instant)>,
+    /// An accepted `options_update` waiting for its tokens. Meanwhile the stream goes on under
+    /// the old filter, and no other client message is read (the reader stops, so the client's
+    /// writes back up; the pong deadline is not judged).
+    pending: Option<PendingUpdate>,
     /// Per-event counters, resolved once (a label lookup per event would cost a hash and a
     /// lock on the fan-out hot path).
     events_sent: prometheus::IntCounter,
     bytes_sent: prometheus::IntCounter,
+}
+
+/// An `options_update` waiting for its tokens ([`Session::pending`]).
+struct PendingUpdate {
+    update: crate::options::Update,
+    /// When its tokens are there.
+    due: Instant,
+    /// Its message's bytes stay counted, and a large one keeps the connection's one
+    /// large-message permit, until it is applied: the parsed filter is not in the filter
+    /// budget before then, and the reader must not take another large message meanwhile.
+    _permit: Option<OwnedSemaphorePermit>,
+    _held: Counted,
 }
 
 /// What the main loop does next.
@@ -632,12 +644,17 @@ impl Session {
     /// [`TICK`] while the stream reads the log (the slow rule).
     fn next_deadline(&self, next_tick: Instant) -> Instant {
         let config = &self.hub.config;
-        let mut at = (self.last_ping + config.ping_interval).min(self.pong_deadline() + TICK);
+        let mut at = self.last_ping + config.ping_interval;
+        // (Not judged while an update waits: a deadline in the past would fire at once, again
+        // and again, and hold back the stream.)
+        if self.pending.is_none() {
+            at = at.min(self.pong_deadline() + TICK);
+        }
         if self.inform.is_some() {
             at = at.min(self.next_inform);
         }
-        if let Some((_, due)) = &self.pending {
-            at = at.min(*due);
+        if let Some(p) = &self.pending {
+            at = at.min(p.due);
         }
         if !self.stream.as_ref().is_some_and(EventStream::is_live) {
             at = at.min(next_tick);
@@ -702,7 +719,7 @@ impl Session {
         let shutdown = self.shutdown.clone();
         let mut tick = tokio::time::interval(TICK);
         loop {
-            let due = self.pending.as_ref().map(|(_, at)| *at);
+            let due = self.pending.as_ref().map(|p| p.due);
             let hello = tokio::select! {
                 _ = shutdown.cancelled() => return Err(CloseReason::Shutdown),
                 _ = tick.tick() => self.tick().await.map(|()| false)?,
@@ -892,7 +909,7 @@ impl Session {
                 self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false)
             }
             // The permit and the hold go when the message has been handled.
-            Some(Control::Text(t, _large, _held)) => {
+            Some(Control::Text(t, large, held)) => {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
                 } else {
@@ -913,7 +930,8 @@ impl Session {
                         }
                         // Faster than allowed: applied when its tokens are there (the stream
                         // goes on meanwhile); nobody else waits.
-                        self.pending = Some((u, Instant::now() + wait));
+                        let due = Instant::now() + wait;
+                        self.pending = Some(PendingUpdate { update: u, due, _permit: large, _held: held });
                         Ok(false)
                     }
                     Err((reason, text)) => Err(self.refuse(reason, &text).await),
@@ -925,7 +943,7 @@ impl Session {
     /// Applies the waiting update if its tokens are there; whether it did.
     fn apply_due(&mut self) -> Result<bool, CloseReason> {
         match self.pending.take() {
-            Some((u, due)) if Instant::now() >= due => self.apply(u),
+            Some(p) if Instant::now() >= p.due => self.apply(p.update),
             waiting => {
                 self.pending = waiting;
                 Ok(false)
