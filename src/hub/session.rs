@@ -908,7 +908,8 @@ impl Session {
                 }
                 self.write(Frame::pong(Payload::Owned(payload))).await.map(|()| false)
             }
-            // The permit and the hold go when the message has been handled.
+            // The permit and the hold go when the message has been handled (applied, for one
+            // that waits for its tokens).
             Some(Control::Text(t, large, held)) => {
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
