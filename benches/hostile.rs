@@ -290,6 +290,23 @@ async fn attack(name: &str, addr: SocketAddr, answers: Arc<Answers>, stop: Arc<A
                 })
             }));
         }
+        "options_update of one DID 200,000 times (~9 MB, 50 clients)" => {
+            tasks.extend(spawn_ws(50, "/subscribe?wantedCollections=none.at.all", |mut ws, stop, answers| {
+                tokio::spawn(async move {
+                    let did = "\"did:plc:aaaaaaaaaaaaaaaaaaaaaaaa\"";
+                    let msg = format!(
+                        r#"{{"type":"options_update","payload":{{"wantedDids":[{}]}}}}"#,
+                        vec![did; 200_000].join(",")
+                    );
+                    while !stop.load(Ordering::Relaxed) {
+                        if ws.write_frame(Frame::text(Payload::Borrowed(msg.as_bytes()))).await.is_err() {
+                            answers.closed.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                })
+            }));
+        }
         "ping flood (50 clients)" => {
             tasks.extend(spawn_ws(50, "/subscribe?wantedCollections=none.at.all", |mut ws, stop, answers| {
                 tokio::spawn(async move {
@@ -402,9 +419,10 @@ async fn main() {
         "ping flood (50 clients)",
         "10 MB messages (20 clients)",
         "compressed replay from cursor=0 (50 clients)",
-        // Last: its connections hold their slots while the updates their sockets held are
+        // Last: their connections hold their slots while the updates their sockets held are
         // applied, paced, after they hang up.
         "options_update of 10,000 DIDs, two filters in turn (50 clients)",
+        "options_update of one DID 200,000 times (~9 MB, 50 clients)",
         "quiet",
     ] {
         if !wanted(name) {

@@ -299,15 +299,17 @@ const UPDATE_BYTES_PER_TOKEN: usize = 64 << 10;
 /// waits for nothing, and no update waits longer than this.
 const UPDATE_BURST_SECONDS: f64 = 10.0;
 
-/// What an `options_update` from `old` to `new` costs of `--max-options-updates-per-second`:
-/// one token per 64 KiB of the two filters as the filter budget counts them, at least one and
-/// at most `most`. Reading it, building the filter, and taking the old one out of the live
-/// index and putting the new one in cost ~17 ms of CPU for 10,000 DIDs each (such a filter
-/// counts ~2.2 MB, so ~70 tokens): a client sending two large filters in turn cost ten of
-/// those a second per connection, and now one every ~7 s. An update waiting for its tokens is
-/// applied when they come, while events flow under the old filter ([`Session::pending`]).
-fn update_cost(old: &Filter, new: &Filter, most: f64) -> f64 {
-    let bytes = super::dispatch::filter_bytes(old) + super::dispatch::filter_bytes(new);
+/// What an `options_update` of `message_bytes` from `old` to `new` costs of
+/// `--max-options-updates-per-second`: one token per 64 KiB of the message and of the two
+/// filters as the filter budget counts them, at least one and at most `most`. Reading and
+/// parsing it, building the filter, and taking the old one out of the live index and putting
+/// the new one in cost ~17 ms of CPU for 10,000 DIDs each (such a filter counts ~2.2 MB, so
+/// ~75 tokens): a client sending two large filters in turn cost ten of those a second per
+/// connection, and now one every ~7 s; the message counts too, for one that parses to a small
+/// filter (a DID repeated). An update waiting for its tokens is applied when they come, while
+/// events flow under the old filter ([`Session::pending`]).
+fn update_cost(message_bytes: usize, old: &Filter, new: &Filter, most: f64) -> f64 {
+    let bytes = message_bytes + super::dispatch::filter_bytes(old) + super::dispatch::filter_bytes(new);
     (bytes as f64 / UPDATE_BYTES_PER_TOKEN as f64).clamp(1.0, most.max(1.0))
 }
 
@@ -911,6 +913,7 @@ impl Session {
             // The permit and the hold go when the message has been handled (applied, for one
             // that waits for its tokens).
             Some(Control::Text(t, large, held)) => {
+                let message_bytes = t.len();
                 let parsed = if t.len() <= PARSE_INLINE_BYTES {
                     parse_client_message(&t)
                 } else {
@@ -924,7 +927,7 @@ impl Session {
                 match parsed {
                     Ok(None) => self.ignore(), // not an options_update: ignored, as in v1
                     Ok(Some(u)) => {
-                        let cost = update_cost(&self.filter, &u.filter, self.updates.burst());
+                        let cost = update_cost(message_bytes, &self.filter, &u.filter, self.updates.burst());
                         let wait = self.updates.take_n(cost);
                         if wait.is_zero() {
                             return self.apply(u);
@@ -1039,12 +1042,14 @@ mod tests {
         let (empty, one, a, b) = (filter(&[]), filter(&dids('c')[..1]), filter(&dids('a')), filter(&dids('b')));
         // At the default 10 a second.
         let most = 10.0 * UPDATE_BURST_SECONDS;
-        assert_eq!(update_cost(&empty, &one, most), 1.0, "a small update: one token");
-        let first = update_cost(&empty, &a, most);
+        assert_eq!(update_cost(100, &empty, &one, most), 1.0, "a small update: one token");
+        let first = update_cost(370_000, &empty, &a, most);
         assert!(first > 10.0 && first <= most, "{first}: a first large filter, within the bank");
         // One change between large filters every few seconds, not ten a second.
-        let big = update_cost(&a, &b, most);
+        let big = update_cost(370_000, &a, &b, most);
         assert!((50.0..most).contains(&big), "{big}: in proportion to the two filters (~4.4 MB)");
-        assert_eq!(update_cost(&a, &b, 10.0), 10.0, "at most the bank");
+        assert_eq!(update_cost(370_000, &a, &b, 10.0), 10.0, "at most the bank");
+        // A large message that parses to a small filter (one DID, repeated) costs its size.
+        assert_eq!(update_cost(9_000_000, &empty, &one, most), most);
     }
 }
