@@ -187,8 +187,8 @@ pub struct HubConfig {
     #[serde(serialize_with = "ser_duration")]
     pub slow_behind: Duration,
     /// `options_update` messages one connection may send per second (ten seconds' worth
-    /// banked; a large filter change counts one per 64 KiB of the two filters); one sent
-    /// faster is applied when its tokens come, not closed.
+    /// banked; a large update counts one per 64 KiB of the message and the two filters); one
+    /// sent faster is applied when its tokens come, not closed.
     #[arg(long, env = "CONTRAIL_MAX_OPTIONS_UPDATES_PER_SECOND", default_value = "10")]
     pub max_options_updates_per_second: u32,
 }
