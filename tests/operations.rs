@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::client::{connect, next, Msg};
+use common::client::{close_of, connect};
 use common::frames::generate;
 use common::process::{bin, http_get, inspect_log, Serve};
 use common::relay::{FakeRelay, Faults};
@@ -256,13 +256,7 @@ async fn sigterm_closes_subscribers_and_loses_nothing() {
     let status = serve.terminate();
     assert!(status.success(), "exit status {status:?}; logs:\n{}", serve.logs());
     for mut ws in subs {
-        let mut closed = None;
-        while let Some(m) = next(&mut ws, Duration::from_secs(5)).await {
-            if let Msg::Close(code, reason) = m {
-                closed = Some((code, reason));
-                break;
-            }
-        }
+        let closed = close_of(&mut ws, Duration::from_secs(5)).await;
         assert_eq!(closed, Some((1001, "server shutting down".to_string())));
     }
     let logs = serve.logs();

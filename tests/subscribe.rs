@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::client::{collect, connect, next, send_text, Msg, Ws};
+use common::client::{close_of, collect, connect, next, send_text, Msg, Ws};
 use common::frames::{did_for, generate, GenFrame};
 use common::process::{http_get, inspect_log, Serve};
 use common::relay::{FakeRelay, Faults};
@@ -207,13 +207,7 @@ async fn an_oversized_message_sent_whole_is_answered_with_1009() {
         let big = vec![b' '; 10_000_001];
         // The server may close before the whole message is written.
         let _ = ws.write_frame(Frame::new(true, OpCode::Text, None, Payload::Owned(big))).await;
-        let mut closed = None;
-        while let Some(m) = next(&mut ws, T).await {
-            if let Msg::Close(code, _) = m {
-                closed = Some(code);
-                break;
-            }
-        }
+        let closed = close_of(&mut ws, T).await.map(|(code, _)| code);
         assert_eq!(closed, Some(1009), "the close was lost");
     }
 }
@@ -1238,13 +1232,7 @@ async fn fragmented_messages_are_reassembled_and_limited_in_total() {
     header.extend_from_slice(&4_000_000u64.to_be_bytes());
     header.extend_from_slice(&[1, 2, 3, 4]);
     let mut ws = send_raw(ws, &[&header], Duration::ZERO).await;
-    let mut closed = None;
-    while let Some(m) = next(&mut ws, T).await {
-        if let Msg::Close(code, _) = m {
-            closed = Some(code);
-            break;
-        }
-    }
+    let closed = close_of(&mut ws, T).await.map(|(code, _)| code);
     assert_eq!(closed, Some(1009), "a 12 MB fragmented message was not refused");
     assert!(s.serve.metric("contrail_hub_closes_total{reason=\"message_too_big\"}").unwrap() >= 1.0);
 }

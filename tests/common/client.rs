@@ -76,6 +76,17 @@ pub async fn collect(ws: &mut Ws, n: usize, timeout: Duration) -> Vec<serde_json
     out
 }
 
+/// Reads until the server's close frame, skipping other messages: its code and reason, or
+/// `None` when the connection goes quiet for `timeout` first.
+pub async fn close_of(ws: &mut Ws, timeout: Duration) -> Option<(u16, String)> {
+    while let Some(m) = next(ws, timeout).await {
+        if let Msg::Close(code, reason) = m {
+            return Some((code, reason));
+        }
+    }
+    None
+}
+
 pub async fn send_text(ws: &mut Ws, text: &str) {
     ws.write_frame(Frame::text(Payload::Owned(text.as_bytes().to_vec()))).await.unwrap();
 }
