@@ -201,6 +201,16 @@ fn whole_frame_drops_report_the_seq() {
     assert_eq!(run(&bad_car).0.dropped, Some(DropReason::BadCar));
     let (info, ..) = run(&commit_frame(15, "did:bad", REV, &ops));
     assert_eq!((info.dropped, info.seq), (Some(DropReason::BadDid), Some(15)));
+    // A body that fails before its seq (keys in order: `ops`, `rev`, `seq`) still reports it,
+    // read from the body's start: read from where the failure left off, it was lost, or taken
+    // from inside the bad value (then a relay reset to seq 5, to the reader).
+    for bad_rev in [Ipld::Integer(1), Ipld::List(vec![map(vec![("seq", Ipld::Integer(5))])])] {
+        let frame = commit_frame_with(18, DID, REV, &ops, |b| {
+            b.insert("rev".into(), bad_rev.clone());
+        });
+        let (info, ..) = run(&frame);
+        assert_eq!((info.dropped, info.seq), (Some(DropReason::BadBody), Some(18)), "rev {bad_rev:?}");
+    }
 
     let (info, ..) = run(&unknown_frame(16, "#handle"));
     assert_eq!(

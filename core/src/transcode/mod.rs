@@ -279,10 +279,11 @@ impl Transcoder {
         events: &mut Vec<Event>,
         op_drops: &mut Vec<DropReason>,
     ) -> FrameInfo {
+        let body_start = r; // read_commit moves `r` on before it fails
         let body = match read_commit(&mut r) {
             Ok(b) => b,
             Err(_) => {
-                info.seq = peek_seq(r);
+                info.seq = peek_seq(body_start);
                 return info.drop(DropReason::BadBody);
             }
         };
@@ -441,10 +442,11 @@ impl Transcoder {
     }
 
     fn repo_event(&mut self, mut r: Reader<'_>, mut info: FrameInfo, events: &mut Vec<Event>) -> FrameInfo {
+        let body_start = r; // read_repo_event moves `r` on before it fails
         let body = match read_repo_event(&mut r) {
             Ok(b) => b,
             Err(_) => {
-                info.seq = peek_seq(r);
+                info.seq = peek_seq(body_start);
                 return info.drop(DropReason::BadBody);
             }
         };
