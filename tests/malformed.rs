@@ -172,6 +172,22 @@ fn op_level_drops_keep_the_siblings() {
         TestOp::create("app.bsky.feed.like/3c", &map(vec![("$type", s("x.y.z")), ("b", blob)])),
         DropReason::BadBlob,
     );
+    // A record that is itself a link, bytes, a blob or a legacy blob, well formed: atdata reads
+    // it as that, "not an object", and Jetstream v1 dropped the op (inside a record, each is a
+    // value like any other).
+    let link = || Ipld::Link(cid_with_codec(b"img", 0x55));
+    let cid_text = cid_with_codec(b"img", 0x55).to_string();
+    for shape in [
+        map(vec![("$link", s(&cid_text))]),
+        map(vec![("$bytes", s("aGk"))]),
+        map(vec![("$type", s("blob")), ("ref", link()), ("mimeType", s("image/png")), ("size", Ipld::Integer(3))]),
+        map(vec![("cid", s(&cid_text)), ("mimeType", s("image/png"))]),
+    ] {
+        assert_op_dropped(TestOp::create("app.bsky.feed.like/3c", &shape), DropReason::RecordNotObject);
+        let (info, events, drops) =
+            run(&commit_frame(8, DID, REV, &[TestOp::create("app.bsky.feed.like/3d", &map(vec![("x", shape)]))]));
+        assert_eq!((info.dropped, drops.len(), events.len()), (None, 0, 1), "inside a record");
+    }
 }
 
 #[test]

@@ -277,7 +277,13 @@ impl<'a> Rec<'a> {
         stack: &mut Vec<Entry>,
     ) -> Result<(), RecordError> {
         // The special shapes, checked in atdata's order: $link, $bytes, $type (blob), legacy blob.
+        // The record itself (depth 1) must be none of them: atdata reads it as a link, bytes or
+        // a blob, "not an object", and Jetstream v1 dropped the op.
         let n = stack.len() - base;
+        let shape = |done: Result<(), RecordError>| match done {
+            Ok(()) if depth == 1 => Err(RecordError::NotAnObject),
+            done => done,
+        };
         if let Some(e) = self.find(&stack[base..], b"$link") {
             if n != 1 {
                 return Err(RecordError::BadLink);
@@ -285,7 +291,7 @@ impl<'a> Rec<'a> {
             let s = self.val(&e).read_str().map_err(|_| RecordError::BadLink)?;
             let bin = cid::parse_cid_string(s).ok_or(RecordError::BadLink)?;
             write_link(out, &bin);
-            return Ok(());
+            return shape(Ok(()));
         }
         if let Some(e) = self.find(&stack[base..], b"$bytes") {
             if n != 1 {
@@ -296,7 +302,7 @@ impl<'a> Rec<'a> {
             out.extend_from_slice(b"{\"$bytes\":\"");
             cid::write_base64_nopad(out, &raw);
             out.extend_from_slice(b"\"}");
-            return Ok(());
+            return shape(Ok(()));
         }
         if let Some(e) = self.find(&stack[base..], b"$type") {
             let t = self.val(&e).read_str().map_err(|_| RecordError::BadType)?;
@@ -304,12 +310,12 @@ impl<'a> Rec<'a> {
                 return Err(RecordError::BadType);
             }
             if t == "blob" {
-                return self.blob(&stack[base..], out);
+                return shape(self.blob(&stack[base..], out));
             }
         }
         if n == 2 {
             if let (Some(c), Some(m)) = (self.find(&stack[base..], b"cid"), self.find(&stack[base..], b"mimeType")) {
-                return self.legacy_blob(c, m, out);
+                return shape(self.legacy_blob(c, m, out));
             }
         }
 
