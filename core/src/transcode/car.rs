@@ -27,6 +27,10 @@ pub enum CarError {
 const SCANNED_LOOKUPS: usize = 4;
 /// No section: the end of a hash chain.
 const NONE: usize = usize::MAX;
+/// Sections the index keeps room for between frames: a real frame has dozens of blocks, and
+/// the lists a hostile one grew (hundreds of thousands of tiny blocks) are not kept for the
+/// transcoder's life.
+const KEPT_SECTIONS: usize = 4096;
 
 /// The blocks of one CAR: `(cid_start, block_start, block_end)` offsets into the CAR bytes,
 /// and, once a frame looks up enough of them, a hash index over their CIDs.
@@ -45,6 +49,9 @@ pub struct CarIndex {
 impl CarIndex {
     /// Indexes `car`, replacing what the index held.
     pub fn build(&mut self, car: &[u8]) -> Result<(), CarError> {
+        if self.sections.capacity() > KEPT_SECTIONS {
+            (self.sections, self.heads, self.next) = Default::default();
+        }
         self.sections.clear();
         self.heads.clear();
         self.next.clear();
@@ -196,5 +203,23 @@ mod tests {
         assert!(idx.indexed);
         idx.build(&c).unwrap();
         assert!(!idx.indexed, "a new frame starts with scans");
+    }
+
+    /// A frame of many tiny blocks, looked up enough to be indexed, leaves no lists of its
+    /// size behind for the frames after it.
+    #[test]
+    fn a_huge_car_leaves_no_large_lists_behind() {
+        let huge = car(60_000, 0);
+        let mut idx = CarIndex::default();
+        idx.build(&huge).unwrap();
+        for i in 0..SCANNED_LOOKUPS + 1 {
+            idx.get(&huge, &[0x01, 0x55, 0x00, 0x02, 0, i as u8]);
+        }
+        assert!(idx.indexed && idx.next.capacity() >= 60_000);
+        let small = car(10, 0);
+        idx.build(&small).unwrap();
+        assert_eq!(idx.get(&small, &[0x01, 0x55, 0x00, 0x02, 0, 3]), Some(&[3u8][..]));
+        assert!(idx.sections.capacity() <= KEPT_SECTIONS, "{}", idx.sections.capacity());
+        assert!(idx.next.capacity() <= KEPT_SECTIONS && idx.heads.capacity() <= KEPT_SECTIONS);
     }
 }
