@@ -104,81 +104,98 @@ pub fn tid_to_unix_us(s: &str) -> Option<u64> {
 }
 
 /// An RFC 3339 timestamp as Go's `time.Parse(time.RFC3339, …)` accepts it (Jetstream v1 drops
-/// events whose `time` fails that parse): `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`.
+/// events whose `time` fails that parse).
 pub fn is_rfc3339(s: &str) -> bool {
-    let b = s.as_bytes();
-    let digits = |r: std::ops::Range<usize>| b.get(r.clone()).is_some_and(|d| d.iter().all(u8::is_ascii_digit));
-    let num = |r: std::ops::Range<usize>| -> u32 { b[r].iter().fold(0, |n, d| n * 10 + (d - b'0') as u32) };
-    if b.len() < 20 || !digits(0..4) || b[4] != b'-' || !digits(5..7) || b[7] != b'-' || !digits(8..10) {
-        return false;
-    }
-    if b[10] != b'T' || !digits(11..13) || b[13] != b':' || !digits(14..16) || b[16] != b':' || !digits(17..19) {
-        return false;
-    }
-    let (month, day) = (num(5..7), num(8..10));
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return false;
-    }
-    if num(11..13) > 23 || num(14..16) > 59 || num(17..19) > 59 {
-        return false;
-    }
-    let mut i = 19;
-    if b[i] == b'.' {
-        let start = i + 1;
-        i = start;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
-        }
-        if i == start {
-            return false;
-        }
-    }
-    match &b[i..] {
-        [b'Z'] => true,
-        [b'+' | b'-', h1, h2, b':', m1, m2] => {
-            let off = [*h1, *h2, *m1, *m2];
-            off.iter().all(u8::is_ascii_digit)
-                && (h1 - b'0') * 10 + (h2 - b'0') <= 23
-                && (m1 - b'0') * 10 + (m2 - b'0') <= 59
-        }
-        _ => false,
-    }
+    rfc3339_to_unix_us(s).is_some()
 }
 
-/// Unix microseconds of an RFC 3339 timestamp that [`is_rfc3339`] accepts (`None` otherwise).
-/// Used for the relay-lag figure only; the event log never uses relay time.
+/// Unix microseconds of a timestamp that Go's `time.Parse(time.RFC3339, …)` accepts (`None`
+/// otherwise), by Go's rules, which are RFC 3339's but looser in places:
+/// `YYYY-MM-DDTH[H]:MM:SS[(.|,)digits](Z|±HH:MM)`, the day within its month (no February 30),
+/// an hour of one digit, a decimal comma, and an offset of up to 24 hours and 60 minutes.
 pub fn rfc3339_to_unix_us(s: &str) -> Option<i64> {
-    if !is_rfc3339(s) {
+    let b = s.as_bytes();
+    let at = |i: usize, c: u8| b.get(i) == Some(&c);
+    if !(at(4, b'-') && at(7, b'-') && at(10, b'T')) {
         return None;
     }
-    let b = s.as_bytes();
-    let num = |r: std::ops::Range<usize>| -> i64 { b[r].iter().fold(0, |n, d| n * 10 + (d - b'0') as i64) };
-    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let mut us = ((days * 24 + num(11..13)) * 60 + num(14..16)) * 60 + num(17..19);
-    us *= 1_000_000;
-    let mut i = 19;
-    if b[i] == b'.' {
-        let mut scale = 100_000;
+    let (year, month, day) = (digits_at(b, 0, 4)?, digits_at(b, 5, 2)?, digits_at(b, 8, 2)?);
+    // The hour: one digit or two.
+    let hour_digits = if b.get(12).is_some_and(u8::is_ascii_digit) { 2 } else { 1 };
+    let hour = digits_at(b, 11, hour_digits)?;
+    let mut i = 11 + hour_digits;
+    if !(at(i, b':') && at(i + 3, b':')) {
+        return None;
+    }
+    let (minute, second) = (digits_at(b, i + 1, 2)?, digits_at(b, i + 4, 2)?);
+    i += 6;
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > days_in_month(month, year)
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    let mut us = 0;
+    if matches!(b.get(i), Some(b'.' | b',')) && b.get(i + 1).is_some_and(u8::is_ascii_digit) {
         i += 1;
-        while i < b.len() && b[i].is_ascii_digit() {
-            us += (b[i] - b'0') as i64 * scale;
+        let mut scale = 100_000;
+        while let Some(d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+            us += (d - b'0') as i64 * scale;
             scale /= 10;
             i += 1;
         }
     }
-    if b[i] != b'Z' {
-        let off = (num(i + 1..i + 3) * 60 + num(i + 4..i + 6)) * 60_000_000;
-        us += if b[i] == b'+' { -off } else { off };
+    let offset_minutes = match b.get(i)? {
+        b'Z' => {
+            i += 1;
+            0
+        }
+        &sign @ (b'+' | b'-') => {
+            let (h, m) = (digits_at(b, i + 1, 2)?, digits_at(b, i + 4, 2)?);
+            if !at(i + 3, b':') || h > 24 || m > 60 {
+                return None;
+            }
+            i += 6;
+            if sign == b'+' {
+                h * 60 + m
+            } else {
+                -(h * 60 + m)
+            }
+        }
+        _ => return None,
+    };
+    if i != b.len() {
+        return None;
     }
-    Some(us)
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = ((days * 24 + hour) * 60 + minute - offset_minutes) * 60 + second;
+    Some(seconds * 1_000_000 + us)
+}
+
+/// The `n` ASCII digits at `at`, as a number.
+fn digits_at(b: &[u8], at: usize, n: usize) -> Option<i64> {
+    let d = b.get(at..at + n).filter(|d| d.iter().all(u8::is_ascii_digit))?;
+    Some(d.iter().fold(0, |v, c| v * 10 + (c - b'0') as i64))
+}
+
+/// Days in `month` (1–12) of `year`, by the Gregorian calendar.
+fn days_in_month(month: i64, year: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 #[cfg(test)]
@@ -265,5 +282,46 @@ mod tests {
         assert_eq!(rfc3339_to_unix_us("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(rfc3339_to_unix_us("2026-07-04T14:38:08.999Z"), Some(1_783_175_888_999_000));
         assert_eq!(rfc3339_to_unix_us("2026-07-04T16:38:08.999+02:00"), Some(1_783_175_888_999_000));
+    }
+
+    /// Go's `time.Parse(time.RFC3339, …)`, which decides what Jetstream v1 keeps, is looser
+    /// than RFC 3339 in places and stricter in one: it checks the day against the month.
+    #[test]
+    fn timestamps_are_read_as_go_reads_them() {
+        let us = rfc3339_to_unix_us;
+        let at = Some(1_783_175_887_877_000); // 2026-07-04T14:38:07.877Z
+                                              // A decimal comma (Go 1.17 on), an hour of one digit, any number of fraction digits.
+        assert_eq!(us("2026-07-04T14:38:07,877Z"), at);
+        assert_eq!(us("2026-07-04T14:38:07.877000999Z"), at);
+        assert_eq!(us("2026-07-04T4:38:07.877-10:00"), at);
+        assert_eq!(us("2026-07-04T14:38:07Z"), Some(1_783_175_887_000_000));
+        // An offset of 24 hours, or of 60 minutes.
+        assert_eq!(us("2026-07-05T14:38:07.877+24:00"), at);
+        assert_eq!(us("2026-07-04T15:38:07.877+00:60"), at);
+        for bad in [
+            "2026-02-30T00:00:00Z", // the day past its month
+            "2026-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-07-04T24:00:00Z",
+            "2026-07-04T14:60:00Z",
+            "2026-07-04T14:38:60Z",
+            "2026-13-04T14:38:07Z",
+            "2026-07-00T14:38:07Z",
+            "2026-07-04T14:38:07+25:00",
+            "2026-07-04T14:38:07+23:61",
+            "2026-07-04T14:38:07.Z", // a separator without digits
+            "2026-07-04T14:38:07,Z",
+            "2026-07-04T14:38:07",      // no zone
+            "2026-07-04T14:38:07+0200", // the offset's colon
+            "2026-07-04T14:38:07Zjunk",
+            "2026-07-04T14:38:7Z",
+            "2026-7-04T14:38:07Z",
+            "2026-07-04T:38:07Z",
+            "+026-07-04T14:38:07Z",
+        ] {
+            assert!(!is_rfc3339(bad), "{bad}");
+        }
+        assert!(is_rfc3339("2024-02-29T00:00:00Z") && is_rfc3339("2000-02-29T00:00:00Z"));
+        assert!(!is_rfc3339("1900-02-29T00:00:00Z"));
     }
 }
