@@ -187,6 +187,10 @@ impl RingBudget {
     }
 }
 
+/// How far past the newest stamp the durable floor is set: at most one synced write a second
+/// (of the clock), and a restart stamps at most this far ahead of the clock.
+const STAMP_FLOOR_STEP_US: u64 = 1_000_000;
+
 pub struct Sequencer {
     /// `contrail_events_ingested_total` per kind, resolved once (a label lookup per event
     /// costs a hash and a lock).
@@ -196,6 +200,12 @@ pub struct Sequencer {
     metrics: Arc<Metrics>,
     relay_url: String,
     stamper: Stamper,
+    /// The durable floor for the next `time_us` ([`Log::stamp_floor`]): a stamp past it
+    /// stores a new one first.
+    stamp_floor: u64,
+    /// The newest `time_us` in the log: what an upstream's event (kept as it is) must follow.
+    /// Below the stamper's start when that is the floor.
+    last_written: u64,
     clock: Box<dyn FnMut() -> u64 + Send>,
     ring_budget: RingBudget,
     /// What was ingested recently, for the status page.
@@ -203,9 +213,10 @@ pub struct Sequencer {
 }
 
 impl Sequencer {
-    /// Resumes after the newest `time_us` ever written to `log`.
+    /// Resumes after the newest `time_us` ever written to `log`, and stamps past its floor.
     pub fn new(log: Arc<Log>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, LogError> {
-        let stamper = Stamper::new(log.last_time_us()?);
+        let (last_written, stamp_floor) = (log.last_time_us()?, log.stamp_floor()?);
+        let stamper = Stamper::new(last_written.max(stamp_floor));
         let ingested =
             EventKind::ALL.iter().map(|k| metrics.events_ingested.with_label_values(&[k.as_str()])).collect();
         let ring_budget =
@@ -217,6 +228,8 @@ impl Sequencer {
             metrics,
             relay_url,
             stamper,
+            stamp_floor,
+            last_written,
             clock: Box::new(now_us),
             ring_budget,
             mix: None,
@@ -243,8 +256,9 @@ impl Sequencer {
         self
     }
 
+    /// The newest `time_us` in the log.
     pub fn last_time_us(&self) -> u64 {
-        self.stamper.last()
+        self.last_written
     }
 
     /// Stamps, persists and publishes the events of `frames` (in order), with the cursor of
@@ -265,11 +279,11 @@ impl Sequencer {
             repo_states.append(&mut f.repo_states);
             for mut e in f.events {
                 if f.keep_time {
-                    if e.time_us <= self.stamper.last() {
+                    if e.time_us <= self.last_written {
                         // The upstream reader checks this; never write a key out of order.
                         tracing::error!(
                             time_us = e.time_us,
-                            last = self.stamper.last(),
+                            last = self.last_written,
                             "upstream event out of order, skipped"
                         );
                         continue;
@@ -279,16 +293,20 @@ impl Sequencer {
                     let now = *now.get_or_insert_with(|| (self.clock)());
                     e.stamp(self.stamper.next(now));
                 }
+                self.last_written = e.time_us;
                 events.push(e);
             }
         }
         // Written with the log's newest time_us as of this batch: a node that later takes
         // events without a relay seq (as a replica) leaves the cursor behind, and knows it.
-        let cursor = frames_seq.map(|seq| RelayCursor {
-            url: self.relay_url.clone(),
-            seq,
-            at_time_us: Some(self.stamper.last()),
-        });
+        let cursor =
+            frames_seq.map(|seq| RelayCursor { url: self.relay_url.clone(), seq, at_time_us: Some(self.last_written) });
+        if self.stamper.last() > self.stamp_floor {
+            // Before the batch: unsynced, it could be lost once subscribers have seen it.
+            let floor = self.stamper.last().saturating_add(STAMP_FLOOR_STEP_US);
+            self.log.store_stamp_floor(floor)?;
+            self.stamp_floor = floor;
+        }
         let started = std::time::Instant::now();
         self.log.append_with_states(&events, cursor.as_ref(), &repo_states)?;
         let m = &self.metrics;

@@ -104,6 +104,50 @@ fn stamps_never_regress(dir: tempfile::TempDir, log: Log, durable: bool) {
     assert_eq!(store.last_time_us().unwrap(), last + 2);
 }
 
+/// With unsynced batches a power cut can lose batches subscribers have already seen; a clock
+/// behind at boot then stamped new events with the `time_us` those subscribers hold as cursors
+/// (a client resuming there skipped the new events, and one `time_us` named two). The sequencer
+/// stores a floor past its stamps, synced, before a batch that passes it, and resumes past it.
+#[test]
+fn stamps_resume_past_a_durable_floor_when_batches_are_not_synced() {
+    let t0 = 1_800_000_000_000_000u64;
+    for sync_writes in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes, ..RocksOptions::default() };
+        let open = || Arc::new(Log::rocks(RocksLog::open(dir.path(), opts).unwrap()).unwrap());
+        let sequencer = |store: &Arc<Log>, clock: u64| {
+            let (ring, _) = tokio::sync::broadcast::channel(1024);
+            Sequencer::new(store.clone(), ring, Arc::new(Metrics::new()), "ws://relay".into())
+                .unwrap()
+                .with_clock(move || clock)
+        };
+        let store = open();
+        let mut seq = sequencer(&store, t0);
+        seq.write(&mut vec![IngestFrame { seq: Some(1), events: events(3, 1), ..Default::default() }]).unwrap();
+        let last = store.last_time_us().unwrap();
+        assert_eq!(last, t0 + 2);
+        let floor = store.stamp_floor().unwrap();
+        if sync_writes {
+            assert_eq!(floor, 0, "synced batches are durable before they are seen: no floor");
+            continue;
+        }
+        assert!(floor > last, "the floor {floor} is past the stamps, {last}");
+        // Later stamps up to the floor store nothing more (a second a write at most); a batch
+        // lost to a power cut had stamps up to it.
+        seq.write(&mut vec![IngestFrame { seq: Some(2), events: events(1, 2), ..Default::default() }]).unwrap();
+        assert_eq!(store.stamp_floor().unwrap(), floor);
+        drop((seq, store));
+        // Back with the clock an hour behind.
+        let store = open();
+        let mut seq = sequencer(&store, t0 - 3_600_000_000);
+        seq.write(&mut vec![IngestFrame { seq: Some(3), events: events(1, 3), ..Default::default() }]).unwrap();
+        let after = store.read_from(last + 2, 10).unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].time_us, floor + 1, "stamped past the floor");
+        assert!(store.stamp_floor().unwrap() > floor + 1);
+    }
+}
+
 /// What replay pages and every reader of the log rely on: a scan hands over each stored value
 /// from its position on, in order, and stops at its limit (the event after it is not read) or
 /// when the callback says so, returning how many it handed over; stored frames are scanned up to

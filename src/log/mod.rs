@@ -131,8 +131,9 @@ pub struct Tip {
     newest: AtomicU64,
     oldest: AtomicU64,
     bytes: AtomicU64,
-    /// The newest event trimmed or evicted since the process started (0: none); a memory
-    /// window's own mark, shared (it raises it under its lock).
+    /// The newest event trimmed or evicted (0: none known): RocksDB's mark, kept across
+    /// restarts, or a memory window's since the process started; shared with the backend,
+    /// which raises it as it deletes.
     trimmed_through: Arc<AtomicU64>,
 }
 
@@ -152,18 +153,19 @@ impl Tip {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// The newest event deleted by retention, the disk budget or a memory window's bound since
-    /// the process started (0: none). A page scanned after it was deleted lacks the events up
-    /// to it: a replayer whose position was further back lost those it had not read.
+    /// The newest event deleted by retention, the disk budget or a memory window's bound (0:
+    /// none known; a memory window's since the process started, RocksDB's since the first trim
+    /// of a version that keeps it). A page scanned after it was deleted lacks the events up to
+    /// it: a replayer whose position was further back lost those it had not read.
     pub fn trimmed_through(&self) -> u64 {
         self.trimmed_through.load(Ordering::Acquire)
     }
 
     /// Whether events after `position` may have been deleted, for a reader starting there
-    /// below the oldest event: yes unless this process deleted and the newest event it deleted
+    /// below the oldest event: yes unless a deletion is known and the newest event it deleted
     /// is at or before `position`. Deletions take the oldest events and `time_us` only grows,
-    /// so no event was ever between that one and the oldest kept. (Before this process's
-    /// first deletion, what happened earlier is not known.)
+    /// so no event was ever between that one and the oldest kept. (With no mark known, what
+    /// happened earlier is not.)
     pub fn deleted_after(&self, position: u64) -> bool {
         let mark = self.trimmed_through();
         mark == 0 || mark > position
@@ -251,6 +253,23 @@ impl Log {
         match &self.backend {
             Backend::Rocks(s) => s.last_time_us(),
             Backend::Memory(m) => Ok(m.last_time_us()),
+        }
+    }
+
+    /// A floor for the next `time_us` stamped, past any handed out before a power cut lost
+    /// them (0: none; only RocksDB with unsynced batches keeps one).
+    pub fn stamp_floor(&self) -> Result<u64> {
+        match &self.backend {
+            Backend::Rocks(s) => s.stamp_floor(),
+            Backend::Memory(_) => Ok(0),
+        }
+    }
+
+    /// Makes `floor` durable as the floor for the next `time_us`, before any stamp passes it.
+    pub fn store_stamp_floor(&self, floor: u64) -> Result<()> {
+        match &self.backend {
+            Backend::Rocks(s) => s.store_stamp_floor(floor),
+            Backend::Memory(_) => Ok(()),
         }
     }
 

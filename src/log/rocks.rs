@@ -4,8 +4,10 @@
 //! - `events`: key = `time_us` as 8 bytes big-endian (byte order is time order, DESIGN.md
 //!   invariant 1), value = a small metadata header (kind, DID and collection positions) and the
 //!   event's v1 JSON ([`Event::encode_value`]), so filters never parse JSON.
-//! - `meta`: the relay cursor (`relay` → seq + URL) and the newest `time_us` ever written
-//!   (`last_time_us`), which the sequencer resumes from even after retention empties the log.
+//! - `meta`: the relay cursor (`relay` → seq + URL), the newest `time_us` ever written
+//!   (`last_time_us`), which the sequencer resumes from even after retention empties the log,
+//!   the newest event a trim deleted (`trimmed_through`), which replayers' gaps are told by,
+//!   and, with unsynced batches, a floor for the next `time_us` (`stamp_floor`).
 //! - `repos`: verification's per-repo chain state (DID → last verified rev and MST root), written
 //!   in the same batch as the events it admits.
 //! - `dids`: verification's DID → signing key cache (a cache: written on its own).
@@ -41,6 +43,15 @@ const KEY_RELAY: &[u8] = b"relay";
 /// and a seq that no longer matches makes the time unknown rather than wrong.
 const KEY_RELAY_AT: &[u8] = b"relay_at_time_us";
 const KEY_LAST_TIME: &[u8] = b"last_time_us";
+/// The newest event a trim deletes, written (synced) before the trim deletes anything: a trim
+/// is two steps (files dropped, then a tombstone), and a crash between them can leave a hole
+/// in the middle of what is kept, which a restarted process tells replayers of only by this.
+const KEY_TRIMMED_THROUGH: &[u8] = b"trimmed_through";
+/// A `time_us` past every one stamped so far, written (synced) before a stamp passes it, when
+/// batches are not synced: a power cut can then lose batches subscribers have seen, and a
+/// clock behind at boot would stamp new events with the `time_us` (the cursors) they hold.
+/// The sequencer resumes past it.
+const KEY_STAMP_FLOOR: &[u8] = b"stamp_floor";
 
 use super::{LogError, LogStats, RelayCursor, RepoStateWrite, Result};
 
@@ -118,12 +129,14 @@ pub struct RocksLog {
     db: DB,
     path: PathBuf,
     write_opts: WriteOptions,
+    /// Every batch is synced (`write_opts`): durable before its events are published.
+    sync_writes: bool,
     /// Held for writing while a trim deletes events, for reading while a scan takes its view
     /// of the log: a scan sees a trim whole or not at all (its files dropped and its tombstone
     /// ingested are two steps), and reads [`Self::trimmed`] as it stands for that view.
     trim_gate: std::sync::RwLock<()>,
-    /// The newest event deleted by a trim since the process started (0: none), shared with
-    /// the log's tip ([`super::Tip::trimmed_through`]).
+    /// The newest event a trim deleted (0: none known; kept in `meta`, so it outlives the
+    /// process), shared with the log's tip ([`super::Tip::trimmed_through`]).
     trimmed: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// A secondary instance's own state directory. Declared after `db` so it is removed only
     /// once the DB is closed (fields drop in order).
@@ -279,6 +292,7 @@ impl RocksLog {
             db,
             path: dir.to_path_buf(),
             write_opts,
+            sync_writes: opts.sync_writes,
             trim_gate: Default::default(),
             trimmed: Default::default(),
             _secondary_dir: RemoveOnDrop(None),
@@ -290,6 +304,13 @@ impl RocksLog {
             if name.starts_with(TRIM_FILE_PREFIX) && name.ends_with(TRIM_FILE_SUFFIX) {
                 let _ = std::fs::remove_file(entry.path());
             }
+        }
+        log.load_trimmed_mark()?;
+        // A trim a crash cut short (some files dropped, the tombstone not yet in): finished,
+        // so nothing up to the mark is left, in the middle of a hole, to be served.
+        let mark = log.trimmed.load(std::sync::atomic::Ordering::Acquire);
+        if mark > 0 && log.oldest_time_us()?.is_some_and(|oldest| oldest <= mark) {
+            log.trim_before(mark.saturating_add(1))?;
         }
         // Before anything is written: frames past the newest event (their events lost to a
         // power cut) must not stand for the events stamped with those keys next.
@@ -313,14 +334,36 @@ impl RocksLog {
             .collect();
         let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, cfs)?;
         db.try_catch_up_with_primary()?;
-        Ok(RocksLog {
+        let log = RocksLog {
             db,
             path: dir.to_path_buf(),
             write_opts: WriteOptions::default(),
+            sync_writes: false,
             trim_gate: Default::default(),
             trimmed: Default::default(),
             _secondary_dir: RemoveOnDrop(Some(secondary)),
-        })
+        };
+        log.load_trimmed_mark()?;
+        Ok(log)
+    }
+
+    /// Sets the trim mark from `meta` (a log no trim of this version has touched has none).
+    fn load_trimmed_mark(&self) -> Result<()> {
+        let mark = match self.db.get_cf(self.meta(), KEY_TRIMMED_THROUGH)? {
+            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt("trimmed_through"))?),
+            None => 0,
+        };
+        self.trimmed.fetch_max(mark, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes the trim mark `through` to `meta`, synced whatever `sync_writes` says: once a
+    /// trim has deleted anything, a restart must find the mark (see [`KEY_TRIMMED_THROUGH`]).
+    fn store_trimmed_mark(&self, through: u64) -> Result<()> {
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        self.db.put_cf_opt(self.meta(), KEY_TRIMMED_THROUGH, through.to_be_bytes(), &synced)?;
+        Ok(())
     }
 
     fn events(&self) -> &rocksdb::ColumnFamily {
@@ -362,6 +405,26 @@ impl RocksLog {
             None => 0,
         };
         Ok(remembered.max(self.newest_time_us()?.unwrap_or(0)))
+    }
+
+    /// The floor for the next `time_us` (0: none stored; see [`KEY_STAMP_FLOOR`]).
+    pub fn stamp_floor(&self) -> Result<u64> {
+        match self.db.get_cf(self.meta(), KEY_STAMP_FLOOR)? {
+            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt("stamp_floor"))?)),
+            None => Ok(0),
+        }
+    }
+
+    /// Stores `floor` as the floor for the next `time_us`, synced; nothing when every batch
+    /// is synced (its events are durable before anyone sees them).
+    pub fn store_stamp_floor(&self, floor: u64) -> Result<()> {
+        if self.sync_writes {
+            return Ok(());
+        }
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        self.db.put_cf_opt(self.meta(), KEY_STAMP_FLOOR, floor.to_be_bytes(), &synced)?;
+        Ok(())
     }
 
     /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
@@ -432,8 +495,7 @@ impl RocksLog {
     }
 
     /// [`Self::scan`], and the newest event trimmed before the scan's view of the log was
-    /// taken (0: none since the process started): the scan lacks every event up to it, and
-    /// has every later one.
+    /// taken (0: none known): the scan lacks every event up to it, and has every later one.
     pub fn scan_after_trims(&self, from: u64, limit: usize, f: impl FnMut(u64, &[u8]) -> bool) -> Result<(usize, u64)> {
         // The iterator's view is fixed when it is made, between trims (none is half done).
         let (it, trimmed) = {
@@ -518,6 +580,10 @@ impl RocksLog {
         let compact_to = {
             let _trimming = self.trim_gate.write().unwrap_or_else(|p| p.into_inner());
             let newest_deleted = self.newest_before(cutoff)?;
+            // Stored before anything goes (a failure here trims nothing).
+            if let Some(t) = newest_deleted.filter(|&t| t > self.trimmed.load(std::sync::atomic::Ordering::Acquire)) {
+                self.store_trimmed_mark(t)?;
+            }
             let deleted = self.delete_cf_before(self.events(), cutoff);
             // Raised even when a step failed: some of the events may be gone. (A reader takes
             // the mark with the first event it finds, so a mark past events still there does
@@ -888,6 +954,46 @@ mod tests {
             })
             .unwrap();
         assert_eq!((first, trimmed), (2_501, 2_500));
+    }
+
+    /// The trim mark outlives the process, and a trim that a crash cut short between its two
+    /// steps (the files of the oldest events dropped, the tombstone not yet in; a file being
+    /// compacted was left, in the middle of the hole) is finished when the log opens again.
+    /// Before, a restarted process knew no mark: a replayer read the events left and went on
+    /// past the hole untold.
+    #[test]
+    fn the_trim_mark_outlives_the_process_and_a_trim_cut_short_is_finished_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let first_and_mark = |log: &RocksLog| {
+            let mut first = None;
+            let (_, trimmed) = log
+                .scan_after_trims(0, 1, |t, _| {
+                    first = Some(t);
+                    true
+                })
+                .unwrap();
+            (first, trimmed)
+        };
+        {
+            let log = RocksLog::open(dir.path(), opts).unwrap();
+            for chunk in 0..4 {
+                log.append(&events(1 + chunk * 1_000, 1_000), None, &[]).unwrap();
+                log.flush().unwrap();
+            }
+            log.trim_before(1_001).unwrap();
+            // A trim to 3,000 cut short: its mark stored, a hole above events still there.
+            log.store_trimmed_mark(3_000).unwrap();
+            log.db.delete_range_cf(log.events(), 2_001u64.to_be_bytes(), 3_001u64.to_be_bytes()).unwrap();
+            assert_eq!(first_and_mark(&log), (Some(1_001), 1_000));
+        }
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        assert_eq!(first_and_mark(&log), (Some(3_001), 3_000), "the mark, with nothing left up to it");
+        assert_eq!(log.newest_time_us().unwrap(), Some(4_000));
+        drop(log);
+        // A read-only view (the tools) has the mark too.
+        let view = RocksLog::open_secondary(dir.path()).unwrap();
+        assert_eq!(first_and_mark(&view), (Some(3_001), 3_000));
     }
 
     /// Scans racing trims that drop files and then ingest a tombstone: every scan sees a log
