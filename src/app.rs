@@ -339,8 +339,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
     root.cancel();
     let flush_log = log.clone();
-    tokio::task::spawn_blocking(move || flush_log.flush()).await??;
-    tracing::info!(last_time_us = log.last_time_us()?, relay_seq = log.relay_cursor()?.map(|c| c.seq), "stopped");
+    let flushed = tokio::task::spawn_blocking(move || flush_log.flush()).await.map_err(anyhow::Error::from);
+    if let Err(e) = flushed.and_then(|r| r.map_err(anyhow::Error::from)) {
+        // After a failed write (a full disk) the flush fails too: the first failure is the
+        // one to report.
+        tracing::error!(error = %format!("{e:#}"), "flushing the log failed");
+        failure.get_or_insert(e.context("flushing the log"));
+    }
+    tracing::info!(
+        last_time_us = log.last_time_us().ok(),
+        relay_seq = log.relay_cursor().ok().flatten().map(|c| c.seq),
+        "stopped"
+    );
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
