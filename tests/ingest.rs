@@ -1007,7 +1007,8 @@ async fn a_relay_message_in_endless_fragments_is_cut_off_at_the_limit() {
     serve.wait_for_seq(gen.last().unwrap().seq, Duration::from_secs(60));
     // The limit, plus what the two loopback socket buffers held when the reader hung up.
     let taken = relay.fragment_bytes();
-    assert!((32 << 20..=48 << 20).contains(&taken), "the reader took {taken} bytes of one message");
+    let most = (33 << 20) + common::loopback_buffers();
+    assert!((32 << 20..=most).contains(&taken), "the reader took {taken} bytes of one message (at most {most})");
     assert!(serve.metric("contrail_relay_errors_total{kind=\"read\"}").unwrap() >= 1.0);
     assert!(serve.logs().contains("a fragmented message larger than"), "{}", serve.logs());
     drop(serve);

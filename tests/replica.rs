@@ -203,9 +203,11 @@ async fn a_preferred_upstream_that_refuses_subscribers_is_not_tried_again_and_ag
     let primary = Serve::start(pd.path(), &relay.url(), &flags);
     wait_metric(&primary, "contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}", 1.0, "A never came back");
     wait_caught_up(&primary, &c, Duration::from_secs(30));
-    // C, on A and caught up, tries the primary once (refused), and not again for a while.
+    // C, on A and caught up, tries the primary once (refused), and not again for a while. (Its
+    // dictionary's GET may be the one refused, while another plain HTTP connection from this
+    // address, a `/status` probe, is open.)
     let refused = || {
-        ["too_many_subscribers", "too_many_from_ip"]
+        ["too_many_subscribers", "too_many_from_ip", "too_many_open"]
             .map(|r| primary.metric(&format!("contrail_hub_rejected_requests_total{{reason=\"{r}\"}}")).unwrap_or(0.0))
             .iter()
             .sum::<f64>()
@@ -447,7 +449,8 @@ async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
     }
     // The limit, plus what the two loopback socket buffers held when the reader hung up.
     let taken = upstream.fragment_bytes();
-    assert!((32 << 20..=48 << 20).contains(&taken), "the replica took {taken} bytes of one message");
+    let most = (33 << 20) + common::loopback_buffers();
+    assert!((32 << 20..=most).contains(&taken), "the replica took {taken} bytes of one message (at most {most})");
     assert!(replica.logs().contains("a fragmented message larger than"), "{}", replica.logs());
 }
 

@@ -25,6 +25,19 @@ pub fn shared_dir(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The most two loopback TCP socket buffers (one sending, one receiving) can hold: the largest
+/// sizes the kernel grows them to (`net.ipv4.tcp_wmem` and `tcp_rmem`, 4 MiB and 6 MiB by
+/// default; 32 MiB for receiving on some machines).
+pub fn loopback_buffers() -> usize {
+    let largest = |name: &str, default: usize| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(default)
+    };
+    largest("tcp_wmem", 4 << 20) + largest("tcp_rmem", 6 << 20)
+}
+
 /// Removes `"time_us":N,` from an event line so lines can be compared across instances.
 pub fn without_time_us(line: &str) -> String {
     let Some(start) = line.find("\"time_us\":") else { return line.to_string() };
