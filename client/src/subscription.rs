@@ -353,6 +353,8 @@ impl Builder {
             last_heard: None,
             resumed_at: None,
             warned_replay: false,
+            delivered_at_last: None,
+            repeats_due: 0,
             lacking: None,
         };
         // Every log line of this subscription carries its first host.
@@ -519,6 +521,13 @@ struct Driver {
     resumed_at: Option<u64>,
     /// Whether this connection has logged skipping a replay from before its cursor.
     warned_replay: bool,
+    /// How many events this run handed over at `last` (`None`: not known, `last` being a
+    /// stored cursor). More than one where a server stamps events alike: Jetstream v2 gives
+    /// every op of a commit its frame's `time_us`.
+    delivered_at_last: Option<u32>,
+    /// The inclusive cursor's repeats this connection has yet to meet: as many events at
+    /// `last` as were handed over there (all of them when that is not known).
+    repeats_due: u32,
     /// A search for a host that still has the events after the position, which the current
     /// one told a gap for ([`Driver::host_for_gap`]).
     lacking: Option<Lacking>,
@@ -666,10 +675,11 @@ impl Driver {
                     if progressed || alive_long {
                         failures = 0;
                         backoff.reset();
+                    } else {
+                        failures += 1;
                     }
                     // Unreadable messages count only in a row.
                     unreadable = (None, 0);
-                    failures += 1;
                     tracing::warn!(%url, error = %e, "connection ended; reconnecting");
                     if self.opts.max_attempts.is_some_and(|m| failures >= m) {
                         let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };
@@ -807,6 +817,10 @@ impl Driver {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.connected_at = Some(tokio::time::Instant::now());
         (self.resumed_at, self.warned_replay) = (self.resume_cursor(), false);
+        self.repeats_due = match self.resumed_at {
+            Some(c) if Some(c) == self.last => self.delivered_at_last.unwrap_or(u32::MAX),
+            _ => 0,
+        };
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
         let (read, write_half) = ws.split(tokio::io::split);
@@ -1098,8 +1112,11 @@ impl Driver {
         }
         if same_timeline {
             match self.last {
-                // The inclusive cursor's repeat.
-                Some(l) if event.time_us() == l => {
+                // The inclusive cursor's repeats, as many as were handed over at it (a server
+                // sends events stamped alike in the same order again). Past them, another event
+                // stamped alike: handed over.
+                Some(l) if event.time_us() == l && self.repeats_due > 0 => {
+                    self.repeats_due -= 1;
                     self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -1122,7 +1139,14 @@ impl Driver {
 
     async fn send(&mut self, message: Message) -> Result<(), ConnectionError> {
         self.origin = Some(Origin::Host(self.current));
-        self.last = Some(message.time_us());
+        let t = message.time_us();
+        if self.last != Some(t) {
+            (self.delivered_at_last, self.repeats_due) = (Some(0), 0);
+        }
+        if matches!(message, Message::Event(_)) {
+            self.delivered_at_last = self.delivered_at_last.map(|n| n.saturating_add(1));
+        }
+        self.last = Some(t);
         self.resumed_at = None;
         // Room in the consumer's buffer first, in bytes (given back when the consumer takes
         // the message); then a place in the channel.
