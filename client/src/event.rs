@@ -354,6 +354,19 @@ impl Event {
         (self.kind == Kind::Sync).then(|| self.field("sync"))?
     }
 
+    /// An identity that tells events stamped alike (the ops of one commit, on a server that
+    /// gives them one `time_us`) from an event sent again, cheap enough for every event handed
+    /// over: a commit by (DID, rev, collection, rkey, operation), anything else by its text.
+    pub(crate) fn sibling_key(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        match &self.commit {
+            Some(_) => (self.did(), self.rev(), self.collection(), self.rkey(), self.operation()).hash(&mut h),
+            None => self.raw.hash(&mut h),
+        }
+        h.finish()
+    }
+
     /// The identity of this event for de-duplication across servers whose `time_us` differ:
     /// a commit by (DID, rev, collection, rkey, operation), anything else by its kind-specific
     /// sequence (`seq`) or, lacking one, its whole text.

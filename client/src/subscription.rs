@@ -353,8 +353,8 @@ impl Builder {
             last_heard: None,
             resumed_at: None,
             warned_replay: false,
-            delivered_at_last: None,
-            repeats_due: 0,
+            at_last: Vec::new(),
+            at_last_known: false,
             lacking: None,
         };
         // Every log line of this subscription carries its first host.
@@ -365,6 +365,9 @@ impl Builder {
 }
 
 const V1_ENDPOINT: &str = "/subscribe";
+/// The most events stamped alike whose identities are kept (a commit has at most 200 ops):
+/// past it, every further event at that `time_us` is taken for a repeat.
+const MOST_AT_ONE_TIME: usize = 1024;
 const V2_ENDPOINT: &str = "/xrpc/network.bsky.jetstream.subscribeEvents";
 
 fn endpoint(wire: Wire) -> &'static str {
@@ -521,13 +524,14 @@ struct Driver {
     resumed_at: Option<u64>,
     /// Whether this connection has logged skipping a replay from before its cursor.
     warned_replay: bool,
-    /// How many events this run handed over at `last` (`None`: not known, `last` being a
-    /// stored cursor). More than one where a server stamps events alike: Jetstream v2 gives
-    /// every op of a commit its frame's `time_us`.
-    delivered_at_last: Option<u32>,
-    /// The inclusive cursor's repeats this connection has yet to meet: as many events at
-    /// `last` as were handed over there (all of them when that is not known).
-    repeats_due: u32,
+    /// The identities ([`Event::sibling_key`]) of the events this run handed over at `last`,
+    /// when `at_last_known` (not when `last` is a stored cursor, or more than
+    /// [`MOST_AT_ONE_TIME`] were). More than one where a server stamps events alike: Jetstream
+    /// v2 gives every op of a commit its frame's `time_us`. An event at `last` is a repeat (the
+    /// inclusive cursor's, or one a server sends twice) when it is among them, or when they are
+    /// not known. (One list, cleared and reused: not an allocation per event.)
+    at_last: Vec<u64>,
+    at_last_known: bool,
     /// A search for a host that still has the events after the position, which the current
     /// one told a gap for ([`Driver::host_for_gap`]).
     lacking: Option<Lacking>,
@@ -817,10 +821,6 @@ impl Driver {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.connected_at = Some(tokio::time::Instant::now());
         (self.resumed_at, self.warned_replay) = (self.resume_cursor(), false);
-        self.repeats_due = match self.resumed_at {
-            Some(c) if Some(c) == self.last => self.delivered_at_last.unwrap_or(u32::MAX),
-            _ => 0,
-        };
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
         let (read, write_half) = ws.split(tokio::io::split);
@@ -1104,19 +1104,20 @@ impl Driver {
                 return Ok(());
             }
         }
-        if let Some(d) = &mut self.dedupe {
-            if d.seen(&event) {
+        let key = self.dedupe.as_ref().map(|_| event.identity_key());
+        if let (Some(d), Some(key)) = (&self.dedupe, key) {
+            if d.seen(key) {
                 self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
         if same_timeline {
             match self.last {
-                // The inclusive cursor's repeats, as many as were handed over at it (a server
-                // sends events stamped alike in the same order again). Past them, another event
-                // stamped alike: handed over.
-                Some(l) if event.time_us() == l && self.repeats_due > 0 => {
-                    self.repeats_due -= 1;
+                // The inclusive cursor's repeat, or a server sending an event again. Another
+                // event stamped alike is handed over.
+                Some(l)
+                    if event.time_us() == l && (!self.at_last_known || self.at_last.contains(&event.sibling_key())) =>
+                {
                     self.stats.duplicates_dropped.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -1131,8 +1132,23 @@ impl Driver {
                 _ => {}
             }
         }
-        if let Some(d) = &mut self.dedupe {
-            d.remember(&event);
+        if let (Some(d), Some(key)) = (&mut self.dedupe, key) {
+            d.remember(key, event.time_us());
+        }
+        self.send_event(event).await
+    }
+
+    /// Hands over an event, remembered among those at its `time_us`.
+    async fn send_event(&mut self, event: Event) -> Result<(), ConnectionError> {
+        if self.last != Some(event.time_us()) {
+            self.last = Some(event.time_us());
+            self.at_last.clear();
+            self.at_last_known = true;
+        }
+        if self.at_last.len() < MOST_AT_ONE_TIME {
+            self.at_last.push(event.sibling_key());
+        } else {
+            self.at_last_known = false;
         }
         self.send(Message::Event(event)).await
     }
@@ -1141,10 +1157,9 @@ impl Driver {
         self.origin = Some(Origin::Host(self.current));
         let t = message.time_us();
         if self.last != Some(t) {
-            (self.delivered_at_last, self.repeats_due) = (Some(0), 0);
-        }
-        if matches!(message, Message::Event(_)) {
-            self.delivered_at_last = self.delivered_at_last.map(|n| n.saturating_add(1));
+            // A new position (a cursor message's, a gap's end): nothing handed over at it yet.
+            self.at_last.clear();
+            self.at_last_known = true;
         }
         self.last = Some(t);
         self.resumed_at = None;
@@ -1311,20 +1326,20 @@ impl Dedupe {
         Dedupe { keep_us: 2 * rewind.as_micros() as u64 + 1_000_000, order: VecDeque::new(), keys: HashSet::new() }
     }
 
-    fn seen(&self, e: &Event) -> bool {
-        self.keys.contains(&e.identity_key())
+    /// Whether an event of identity `key` ([`Event::identity_key`]) was handed over.
+    fn seen(&self, key: u64) -> bool {
+        self.keys.contains(&key)
     }
 
-    fn remember(&mut self, e: &Event) {
-        let key = e.identity_key();
+    fn remember(&mut self, key: u64, time_us: u64) {
         if self.keys.insert(key) {
-            self.order.push_back((e.time_us(), key));
+            self.order.push_back((time_us, key));
         }
-        let horizon = e.time_us().saturating_sub(self.keep_us);
+        let horizon = time_us.saturating_sub(self.keep_us);
         // Kept: what is within the window of this event, on either side. An event further
         // ahead of it than another host's rewind can be (one a server's clock stepped forward
         // stamped) goes too: kept at the front, it would hold every later one for as long.
-        let ahead = e.time_us().saturating_add(self.keep_us);
+        let ahead = time_us.saturating_add(self.keep_us);
         while let Some(&(t, k)) = self.order.front() {
             if (horizon..=ahead).contains(&t) {
                 break;
@@ -1367,12 +1382,14 @@ mod tests {
         };
         let mut d = Dedupe::new(Duration::from_secs(1)); // keeps 3 s
         let t0 = 1_800_000_000_000_000u64;
-        d.remember(&event(t0 + 86_400_000_000, 0));
+        let mut remember = |e: Event| d.remember(e.identity_key(), e.time_us());
+        remember(event(t0 + 86_400_000_000, 0));
         for n in 1..=10_000u64 {
-            d.remember(&event(t0 + n * 1_000, n)); // 1,000 a second: 10 s in all
+            remember(event(t0 + n * 1_000, n)); // 1,000 a second: 10 s in all
         }
         assert!(d.keys.len() <= 3_001 && d.order.len() == d.keys.len(), "{} kept", d.keys.len());
-        assert!(d.seen(&event(t0 + 10_000_000, 10_000)) && !d.seen(&event(t0 + 1_000, 1)));
+        let seen = |e: Event| d.seen(e.identity_key());
+        assert!(seen(event(t0 + 10_000_000, 10_000)) && !seen(event(t0 + 1_000, 1)));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! a `time_us` in the future, garbage, an HTTP 400. The subscription must stay bounded, say
 //! what happened, and deliver exactly the good events.
 
-use contrail_client::{Error, Message, Subscription};
+use contrail_client::{Error, Failover, Message, Subscription};
 use fastwebsockets::{Frame, OpCode, Payload};
 use hyper::body::Incoming;
 use std::net::SocketAddr;
@@ -55,11 +55,13 @@ fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
 
-/// Serves connection n with `scripts[min(n, last)]`; counts connections and the bytes of
-/// fragments (or large events) the client accepted.
+/// Serves its n-th connection with `scripts[min(n, last)]` (n counted from 0, or from where a
+/// test sets `next_script`); counts connections and the bytes of fragments (or large events)
+/// the client accepted.
 struct Server {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    next_script: Arc<AtomicUsize>,
     accepted_bytes: Arc<AtomicUsize>,
 }
 
@@ -67,13 +69,14 @@ async fn serve(scripts: Vec<Script>) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
+    let next_script = Arc::new(AtomicUsize::new(0));
     let accepted_bytes = Arc::new(AtomicUsize::new(0));
-    let (c, f) = (connections.clone(), accepted_bytes.clone());
+    let (c, next, f) = (connections.clone(), next_script.clone(), accepted_bytes.clone());
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
             let n = c.fetch_add(1, Ordering::SeqCst);
-            let script = scripts[n.min(scripts.len() - 1)].clone();
+            let script = scripts[next.fetch_add(1, Ordering::SeqCst).min(scripts.len() - 1)].clone();
             let f = f.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
@@ -193,7 +196,7 @@ async fn serve(scripts: Vec<Script>) -> Server {
             });
         }
     });
-    Server { addr, connections, accepted_bytes }
+    Server { addr, connections, next_script, accepted_bytes }
 }
 
 fn subscribe(s: &Server, cursor: Option<u64>) -> Subscription {
@@ -353,15 +356,15 @@ async fn time_going_backwards_is_not_hidden_and_the_good_events_arrive_once() {
 }
 
 /// Jetstream v2 stamps every op of a commit with its frame's `time_us`: the ops after the first
-/// are not repeats, live or after a reconnect between them, where the server sends the ops at
-/// the cursor again in the same order and only those handed over already are repeats. Before,
-/// every event at the last position was taken for the inclusive cursor's repeat: a commit of
-/// three ops gave one.
+/// are not repeats, live or after a reconnect between them (the server sends the ops at the
+/// cursor again; those handed over already are the repeats, known by their identity), in
+/// either failover mode. An event sent again is still a repeat. Before, every event at the
+/// last position was taken for the inclusive cursor's repeat: a commit of three ops gave one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stamped_alike_all_arrive_once_across_a_reconnect_between_them() {
     let t = now_us();
     let server = serve(vec![
-        Script::SendThenClose(vec![op_event(t + 10, "a"), op_event(t + 10, "b")]),
+        Script::SendThenClose(vec![op_event(t + 10, "a"), op_event(t + 10, "b"), op_event(t + 10, "a")]),
         Script::Send(vec![
             op_event(t + 10, "a"),
             op_event(t + 10, "b"),
@@ -371,22 +374,33 @@ async fn events_stamped_alike_all_arrive_once_across_a_reconnect_between_them() 
         ]),
     ])
     .await;
-    let mut sub = subscribe(&server, Some(t));
-    let mut got = Vec::new();
-    while got.len() < 5 {
-        let m = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message in time").unwrap();
-        if let Message::Event(e) = m {
-            got.push((e.time_us() - t, e.rkey().unwrap().to_string()));
+    for failover in [Failover::ExactCursor, Failover::Rewind(Duration::from_secs(1))] {
+        let before = server.connections.load(Ordering::SeqCst);
+        server.next_script.store(0, Ordering::SeqCst);
+        let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+            .cursor(Some(t))
+            .failover(failover)
+            .backoff(Duration::from_millis(10), Duration::from_millis(50))
+            .start()
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let m =
+                tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("a message in time").unwrap();
+            if let Message::Event(e) = m {
+                got.push((e.time_us() - t, e.rkey().unwrap().to_string()));
+            }
         }
+        let want = [(10, "a"), (10, "b"), (10, "c"), (20, "d"), (20, "e")].map(|(dt, k)| (dt, k.to_string()));
+        assert_eq!(got, want, "{failover:?}");
+        assert_eq!(server.connections.load(Ordering::SeqCst) - before, 2, "{failover:?}");
+        let dropped = sub.stats().duplicates_dropped.load(Ordering::Relaxed);
+        assert_eq!(dropped, 3, "{failover:?}: a sent again, then a and b at the cursor");
     }
-    let want = [(10, "a"), (10, "b"), (10, "c"), (20, "d"), (20, "e")].map(|(dt, k)| (dt, k.to_string()));
-    assert_eq!(got, want);
-    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
-    assert_eq!(sub.stats().duplicates_dropped.load(Ordering::Relaxed), 2, "a and b, sent again at the cursor");
-    drop(sub);
 
-    // A run starting from a stored cursor does not know how many it handed over there: every
-    // event at it is the repeat (on such a server, the rest of a commit a stop cut is lost).
+    // A run starting from a stored cursor does not know what it handed over there: every event
+    // at it is a repeat (on such a server, the rest of a commit a stop cut is lost).
+    server.next_script.store(1, Ordering::SeqCst);
     let mut sub = subscribe(&server, Some(t + 10));
     assert_eq!(next_event(&mut sub).await, t + 20);
     assert_eq!(sub.stats().duplicates_dropped.load(Ordering::Relaxed), 3);
