@@ -310,7 +310,11 @@ impl RocksLog {
         // so nothing up to the mark is left, in the middle of a hole, to be served.
         let mark = log.trimmed.load(std::sync::atomic::Ordering::Acquire);
         if mark > 0 && log.oldest_time_us()?.is_some_and(|oldest| oldest <= mark) {
-            log.trim_before(mark.saturating_add(1))?;
+            // Not a reason to refuse to start (a full disk): the mark tells replayers of the
+            // hole meanwhile, and a later trim goes past it.
+            if let Err(e) = log.trim_before(mark.saturating_add(1)) {
+                tracing::warn!(error = %e, trimmed_through = mark, "cannot finish a trim a crash cut short; a later trim will");
+            }
         }
         // Before anything is written: frames past the newest event (their events lost to a
         // power cut) must not stand for the events stamped with those keys next.
