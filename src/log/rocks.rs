@@ -857,6 +857,18 @@ mod tests {
             .collect()
     }
 
+    /// The first event a scan from the start sees, and the trim mark it reports.
+    fn first_and_mark(log: &RocksLog) -> (Option<u64>, u64) {
+        let mut first = None;
+        let (_, trimmed) = log
+            .scan_after_trims(0, 1, |t, _| {
+                first = Some(t);
+                true
+            })
+            .unwrap();
+        (first, trimmed)
+    }
+
     /// The events' SST files: (name, smallest key, largest key).
     fn files(log: &RocksLog) -> Vec<(String, u64, u64)> {
         let key = |k: &Option<Vec<u8>>| u64::from_be_bytes(k.as_deref().unwrap().try_into().unwrap());
@@ -969,16 +981,6 @@ mod tests {
     fn the_trim_mark_outlives_the_process_and_a_trim_cut_short_is_finished_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
-        let first_and_mark = |log: &RocksLog| {
-            let mut first = None;
-            let (_, trimmed) = log
-                .scan_after_trims(0, 1, |t, _| {
-                    first = Some(t);
-                    true
-                })
-                .unwrap();
-            (first, trimmed)
-        };
         {
             let log = RocksLog::open(dir.path(), opts).unwrap();
             for chunk in 0..4 {
@@ -1022,13 +1024,7 @@ mod tests {
         };
         let mut scans = 0;
         while !trimmer.is_finished() {
-            let mut first = None;
-            let (_, trimmed) = log
-                .scan_after_trims(0, 1, |t, _| {
-                    first = Some(t);
-                    true
-                })
-                .unwrap();
+            let (first, trimmed) = first_and_mark(&log);
             // Every event is there from 1 to 6,000 until a trim deletes a prefix of them.
             assert_eq!(first, Some(trimmed + 1), "after {scans} scans");
             scans += 1;
