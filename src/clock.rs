@@ -15,6 +15,10 @@ pub fn now_us() -> u64 {
 /// fail to follow).
 pub const MAX_TIME_US: u64 = 1 << 53;
 
+/// How close to [`MAX_TIME_US`] a clock reading is taken for a wild one: 2^40 µs (12.7 days), so
+/// the stamps after the last reading taken stay below it for 2^40 events.
+pub const WILD_MARGIN_US: u64 = 1 << 40;
+
 /// Assigns `time_us` values: `max(now, last + 1)`, so they never repeat or go backwards even
 /// when the clock steps back. Pure: the caller passes the clock reading.
 #[derive(Debug, Clone, Copy, Default)]
@@ -28,11 +32,12 @@ impl Stamper {
         Stamper { last }
     }
 
-    /// The next `time_us` for a clock reading of `now_us`. A reading at or past
-    /// [`MAX_TIME_US`] (a clock gone wild) is not taken: followed once, every later stamp would
-    /// stay past it, beyond what a JavaScript client reads exactly.
+    /// The next `time_us` for a clock reading of `now_us`. A reading within [`WILD_MARGIN_US`]
+    /// of [`MAX_TIME_US`] or past it (a clock gone wild) is not taken: followed once, every
+    /// later stamp would stay there, and reach past what a JavaScript client reads exactly (and
+    /// what a replica takes) a few stamps on.
     pub fn next(&mut self, now_us: u64) -> u64 {
-        let now_us = if now_us < MAX_TIME_US { now_us } else { 0 };
+        let now_us = if now_us < MAX_TIME_US - WILD_MARGIN_US { now_us } else { 0 };
         self.last = now_us.max(self.last + 1);
         self.last
     }
@@ -59,10 +64,15 @@ mod tests {
         assert_eq!(s.next(2_000), 2_000);
         assert_eq!(s.next(2_000), 2_001);
         assert_eq!(s.next(10), 2_002);
-        // A reading beyond any real clock is not followed.
+        // A reading beyond any real clock, or close enough to it that the stamps after it
+        // would pass it a few events on, is not followed.
         assert_eq!(s.next(MAX_TIME_US), 2_003);
         assert_eq!(s.next(u64::MAX), 2_004);
-        assert_eq!(s.next(MAX_TIME_US - 1), MAX_TIME_US - 1);
+        assert_eq!(s.next(MAX_TIME_US - 1), 2_005);
+        assert_eq!(s.next(MAX_TIME_US - WILD_MARGIN_US), 2_006);
+        let latest = MAX_TIME_US - WILD_MARGIN_US - 1;
+        assert_eq!(s.next(latest), latest);
+        assert_eq!(s.next(MAX_TIME_US - 2), latest + 1);
     }
 
     #[test]
