@@ -1140,11 +1140,7 @@ impl Driver {
 
     /// Hands over an event, remembered among those at its `time_us`.
     async fn send_event(&mut self, event: Event) -> Result<(), ConnectionError> {
-        if self.last != Some(event.time_us()) {
-            self.last = Some(event.time_us());
-            self.at_last.clear();
-            self.at_last_known = true;
-        }
+        self.move_to(event.time_us());
         if self.at_last.len() < MOST_AT_ONE_TIME {
             self.at_last.push(event.sibling_key());
         } else {
@@ -1153,15 +1149,18 @@ impl Driver {
         self.send(Message::Event(event)).await
     }
 
-    async fn send(&mut self, message: Message) -> Result<(), ConnectionError> {
-        self.origin = Some(Origin::Host(self.current));
-        let t = message.time_us();
+    /// Moves the position to `t`: a new one has nothing handed over at it yet.
+    fn move_to(&mut self, t: u64) {
         if self.last != Some(t) {
-            // A new position (a cursor message's, a gap's end): nothing handed over at it yet.
+            self.last = Some(t);
             self.at_last.clear();
             self.at_last_known = true;
         }
-        self.last = Some(t);
+    }
+
+    async fn send(&mut self, message: Message) -> Result<(), ConnectionError> {
+        self.origin = Some(Origin::Host(self.current));
+        self.move_to(message.time_us());
         self.resumed_at = None;
         // Room in the consumer's buffer first, in bytes (given back when the consumer takes
         // the message); then a place in the channel.

@@ -353,10 +353,7 @@ impl RocksLog {
 
     /// Sets the trim mark from `meta` (a log no trim of this version has touched has none).
     fn load_trimmed_mark(&self) -> Result<()> {
-        let mark = match self.db.get_cf(self.meta(), KEY_TRIMMED_THROUGH)? {
-            Some(v) => u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt("trimmed_through"))?),
-            None => 0,
-        };
+        let mark = self.meta_u64(KEY_TRIMMED_THROUGH, "trimmed_through")?;
         self.trimmed.fetch_max(mark, std::sync::atomic::Ordering::AcqRel);
         Ok(())
     }
@@ -364,9 +361,22 @@ impl RocksLog {
     /// Writes the trim mark `through` to `meta`, synced whatever `sync_writes` says: once a
     /// trim has deleted anything, a restart must find the mark (see [`KEY_TRIMMED_THROUGH`]).
     fn store_trimmed_mark(&self, through: u64) -> Result<()> {
+        self.put_meta_u64_synced(KEY_TRIMMED_THROUGH, through)
+    }
+
+    /// A number kept in `meta` under `key` (0 when absent); `what` names it when corrupt.
+    fn meta_u64(&self, key: &[u8], what: &'static str) -> Result<u64> {
+        match self.db.get_cf(self.meta(), key)? {
+            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt(what))?)),
+            None => Ok(0),
+        }
+    }
+
+    /// Writes a number to `meta` under `key`, synced whatever `sync_writes` says.
+    fn put_meta_u64_synced(&self, key: &[u8], v: u64) -> Result<()> {
         let mut synced = WriteOptions::default();
         synced.set_sync(true);
-        self.db.put_cf_opt(self.meta(), KEY_TRIMMED_THROUGH, through.to_be_bytes(), &synced)?;
+        self.db.put_cf_opt(self.meta(), key, v.to_be_bytes(), &synced)?;
         Ok(())
     }
 
@@ -403,20 +413,13 @@ impl RocksLog {
     /// The newest `time_us` ever written: the larger of the newest key and the remembered
     /// value (which survives retention emptying the log).
     pub fn last_time_us(&self) -> Result<u64> {
-        let remembered = match self.db.get_cf(self.meta(), KEY_LAST_TIME)? {
-            Some(v) if v.len() == 8 => u64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
-            Some(_) => return Err(LogError::Corrupt("last_time_us")),
-            None => 0,
-        };
+        let remembered = self.meta_u64(KEY_LAST_TIME, "last_time_us")?;
         Ok(remembered.max(self.newest_time_us()?.unwrap_or(0)))
     }
 
     /// The floor for the next `time_us` (0: none stored; see [`KEY_STAMP_FLOOR`]).
     pub fn stamp_floor(&self) -> Result<u64> {
-        match self.db.get_cf(self.meta(), KEY_STAMP_FLOOR)? {
-            Some(v) => Ok(u64::from_be_bytes(v.as_slice().try_into().map_err(|_| LogError::Corrupt("stamp_floor"))?)),
-            None => Ok(0),
-        }
+        self.meta_u64(KEY_STAMP_FLOOR, "stamp_floor")
     }
 
     /// Stores `floor` as the floor for the next `time_us`, synced; nothing when every batch
@@ -425,10 +428,7 @@ impl RocksLog {
         if self.sync_writes {
             return Ok(());
         }
-        let mut synced = WriteOptions::default();
-        synced.set_sync(true);
-        self.db.put_cf_opt(self.meta(), KEY_STAMP_FLOOR, floor.to_be_bytes(), &synced)?;
-        Ok(())
+        self.put_meta_u64_synced(KEY_STAMP_FLOOR, floor)
     }
 
     /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
