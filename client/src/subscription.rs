@@ -226,7 +226,10 @@ impl Builder {
     }
 
     /// Reconnect (to the next host) after this long with nothing received. The client pings
-    /// every third of it, so a quiet filter on a live connection never trips it.
+    /// every third of it, so a quiet filter on a live connection never trips it. It also asks
+    /// a v1 server for a cursor message every third of it (`informCursorSeconds`); once one
+    /// has come on a connection, only messages count, not pongs: a Contrail whose socket
+    /// answers pings while its stream for this client has stopped is left (from 3 s up).
     pub fn stale_timeout(mut self, t: Duration) -> Self {
         self.stale_timeout = t.max(Duration::from_secs(1));
         self
@@ -351,6 +354,7 @@ impl Builder {
             stats: stats.clone(),
             connected_at: None,
             last_heard: None,
+            informs: false,
             resumed_at: None,
             warned_replay: false,
             at_last: Vec::new(),
@@ -519,6 +523,11 @@ struct Driver {
     /// message): whether it was healthy, for [`Driver::run`].
     connected_at: Option<tokio::time::Instant>,
     last_heard: Option<tokio::time::Instant>,
+    /// Whether the last connection's server sends the cursor messages this client asks for
+    /// (it sent one) often enough to be its heartbeat ([`Driver::messages_are_heartbeat`]):
+    /// then only messages, not pongs, show it alive. A server whose socket answers pings while
+    /// its stream for us has stopped (a stuck session) is left at the stale timeout.
+    informs: bool,
     /// The cursor this connection asked for, until it delivers a message: events a little
     /// before it are then the server replaying from earlier than asked, and skipped.
     resumed_at: Option<u64>,
@@ -745,8 +754,7 @@ impl Driver {
         if self.opts.include_sync {
             params.push("includeSync=true".into());
         }
-        let inform = (self.opts.stale_timeout.as_secs() / 3).clamp(1, 600);
-        params.push(format!("informCursorSeconds={inform}"));
+        params.push(format!("informCursorSeconds={}", self.inform_seconds()));
         url.target_with(params.into_iter())
     }
 
@@ -768,8 +776,20 @@ impl Driver {
         url.target_with(params.into_iter())
     }
 
+    /// How often a v1 server is asked for cursor messages: three in a stale timeout.
+    fn inform_seconds(&self) -> u64 {
+        (self.opts.stale_timeout.as_secs() / 3).clamp(1, 600)
+    }
+
+    /// Whether the cursor messages asked for come often enough to tell a live stream on their
+    /// own: at least three in a stale timeout (not with a stale timeout under 3 s, where one
+    /// a second is the most a server sends).
+    fn messages_are_heartbeat(&self) -> bool {
+        Duration::from_secs(self.inform_seconds() * 3) <= self.opts.stale_timeout
+    }
+
     async fn connection(&mut self) -> ConnectionError {
-        (self.connected_at, self.last_heard) = (None, None);
+        (self.connected_at, self.last_heard, self.informs) = (None, None, false);
         let url = self.urls[self.current].clone();
         let timeout = self.opts.connect_timeout;
         let mut decompressor = None;
@@ -882,8 +902,12 @@ impl Driver {
                 Ok(Some(Err(ReadFailure::Other(e)))) => return ConnectionError::Read(e),
                 Ok(Some(Ok(f))) => f,
             };
-            stale_at = tokio::time::Instant::now() + stale;
-            self.last_heard = Some(tokio::time::Instant::now());
+            // A pong or a ping from a server that sends cursor messages says only that its
+            // socket is served, not that its stream for us goes on.
+            if !(self.informs && matches!(opcode, OpCode::Pong | OpCode::Ping)) {
+                stale_at = tokio::time::Instant::now() + stale;
+                self.last_heard = Some(tokio::time::Instant::now());
+            }
             let text = match (opcode, decompressor.as_mut()) {
                 (OpCode::Text, _) => match String::from_utf8(payload) {
                     Ok(t) => t,
@@ -975,6 +999,7 @@ impl Driver {
         };
         let message = match control_message(&v1_text) {
             Some(Control::Cursor(cursor)) => {
+                self.informs = self.messages_are_heartbeat();
                 check_not_future(cursor)?;
                 if cursor == 0 {
                     // A server with an empty log: no position (a store saving 0 would read it

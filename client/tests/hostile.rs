@@ -36,6 +36,9 @@ enum Script {
     SendThenSilent(Vec<String>),
     /// Text messages, then a close.
     SendThenClose(Vec<String>),
+    /// Text messages, each after its pause (pings are not answered meanwhile), then as
+    /// [`Script::Send`].
+    Paced(Vec<(Duration, String)>),
 }
 
 fn event(time_us: u64) -> String {
@@ -170,6 +173,19 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                     // The client's answer, before the socket goes.
                                     let _ = tokio::time::timeout(Duration::from_secs(5), ws.read_frame()).await;
                                 }
+                                Script::Paced(msgs) => {
+                                    for (pause, m) in msgs {
+                                        tokio::time::sleep(pause).await;
+                                        if ws.write_frame(Frame::text(Payload::Owned(m.into_bytes()))).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    while let Ok(frame) = ws.read_frame().await {
+                                        if frame.opcode == OpCode::Close {
+                                            return;
+                                        }
+                                    }
+                                }
                                 Script::QuietThenClose(d) => {
                                     let _ = tokio::time::timeout(d, async {
                                         while let Ok(frame) = ws.read_frame().await {
@@ -250,6 +266,27 @@ async fn a_server_that_hangs_with_its_connection_open_is_left_at_the_stale_timeo
     assert_eq!(next_event(&mut sub).await, t);
     assert!(started.elapsed() >= Duration::from_secs(3), "not before the stale timeout");
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_sent_cursor_messages_and_then_only_answers_pings_is_left_at_the_stale_timeout() {
+    let t = now_us();
+    let cursor = |t: u64| format!(r#"{{"kind":"cursor","time_us":{t},"live":true}}"#);
+    // Its stream for us stops after one cursor message; its socket still answers the pings.
+    let server = serve(vec![Script::Send(vec![cursor(t)]), Script::Send(vec![event(t + 1)])]).await;
+    let mut sub = subscribe(&server, Some(t));
+    let started = std::time::Instant::now();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    assert!(started.elapsed() >= Duration::from_secs(3), "not before the stale timeout");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    // Cursor messages at the pace asked for (one a second for a stale timeout of 3 s) keep a
+    // quiet stream, over twice the stale timeout, on one connection.
+    let mut paced: Vec<_> = (1..=7).map(|i| (Duration::from_secs(1), cursor(t + i))).collect();
+    paced.push((Duration::from_secs(1), event(t + 8)));
+    let server = serve(vec![Script::Paced(paced), Script::Send(vec![event(t + 9)])]).await;
+    let mut sub = subscribe(&server, Some(t));
+    assert_eq!(next_event(&mut sub).await, t + 8);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
