@@ -376,6 +376,17 @@ impl Page {
         self.frames.partition_point(|f| f.time_us <= position)
     }
 
+    /// The events after `position` this page scanned and did not render (filtered out, or
+    /// over the size cap): what a stream that came to it at `position` passes over in it. (A
+    /// stream may join a page another built, at a position inside it.)
+    pub fn passed_over_after(&self, position: u64) -> usize {
+        let start = self.raw.items.partition_point(|(t, _)| *t < self.from);
+        let scanned = &self.raw.items[start..start + self.scanned];
+        let scanned_after = self.scanned - scanned.partition_point(|(t, _)| *t <= position);
+        let frames_after = self.frame_count() - self.first_after(position);
+        scanned_after.saturating_sub(frames_after)
+    }
+
     /// The bytes of frames `range`.
     pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
         if range.is_empty() {

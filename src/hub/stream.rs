@@ -159,8 +159,10 @@ pub struct EventStream {
     rendering: Rendering,
     /// Where replay pages come from, and the memory the pages in hand may hold.
     replay: Replay,
-    /// The replay page in hand and its next frame.
-    page: Option<(PageHold, usize)>,
+    /// The replay page in hand, its next frame, and where this stream came to it (the
+    /// position before its first frame was handed out: a page another stream built may start
+    /// before it).
+    page: Option<(PageHold, usize, u64)>,
     /// Room for the next page being reserved (kept across cancellations of [`Self::next`]:
     /// a dropped wait would lose its place).
     reserving: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Share> + Send>>>,
@@ -301,7 +303,7 @@ impl EventStream {
         if same_filter && &encoding == self.rendering.encoding() {
             return; // nothing changes: keep the page and the queue
         }
-        if let Some((page, _)) = self.page.take() {
+        if let Some((page, ..)) = self.page.take() {
             self.rest = Some(page); // for its scan, not its frames: the old filter's
         }
         self.fetch = None;
@@ -342,7 +344,10 @@ impl EventStream {
     /// to what it covers (past what it filtered out) and counts for the slow rule; a page that
     /// stopped at a corrupt value is an error once its frames are out.
     fn next_from_page(&mut self, max: usize) -> Result<Option<Frames>, LogError> {
-        let Some((page, next)) = &mut self.page else { return Ok(None) };
+        let Some((page, next, came_at)) = &mut self.page else { return Ok(None) };
+        if *next == 0 {
+            *came_at = self.last_seen; // (a gap told since it was taken may have moved it)
+        }
         // A page found by a position inside it: skip what was delivered.
         *next = (*next).max(page.first_after(self.last_seen));
         let count = page.frame_count();
@@ -358,10 +363,10 @@ impl EventStream {
         if page.corrupt {
             return Err(LogError::Corrupt("event value")); // the page stays: asked again, again
         }
+        // Frames count as they are handed out; the events the page filtered out after where
+        // this stream came to it, once it is passed (a page dropped by a filter change is not).
+        let passed_over = page.passed_over_after(*came_at) as u64;
         self.last_seen = self.last_seen.max(page.covered_to);
-        // Frames count as they are handed out; the events the page filtered out, once it is
-        // passed (a page dropped by a filter change is not).
-        let passed_over = page.scanned.saturating_sub(page.frame_count()) as u64;
         self.passed += passed_over;
         self.unpaid += passed_over;
         self.page = None;
@@ -526,7 +531,7 @@ impl EventStream {
         if self.log_end_near && self.registration.is_none() {
             self.register();
         }
-        self.page = Some((page, 0));
+        self.page = Some((page, 0, self.last_seen));
     }
 
     /// A queued event (its filter matched), unless the log gave it already.
@@ -554,7 +559,7 @@ impl Drop for EventStream {
         // What was passed over and not paid for yet, the page in hand's included, is owed by
         // the client (its rate outlives the connection until it is full again): reconnecting
         // does not make a scan free.
-        let in_hand = self.page.as_ref().map_or(0, |(p, _)| p.scanned.saturating_sub(p.frame_count()) as u64);
+        let in_hand = self.page.as_ref().map_or(0, |(p, _, came_at)| p.passed_over_after(*came_at) as u64);
         let owed = (self.unpaid + in_hand) / SCANNED_PER_TOKEN;
         if let (Some(rate), true) = (self.replay.rate.as_ref(), owed > 0) {
             rate.take_n(owed as f64);
@@ -851,6 +856,24 @@ mod tests {
         assert_eq!(s.passed(), 512);
         take(&mut s, 1).await;
         assert_eq!(s.passed(), 1024 + 1, "the first page's 512 likes, then a frame of the next");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_joins_a_page_midway_counts_only_what_it_passed() {
+        let f = Fixture::new(1024);
+        f.ingest(0..3000);
+        let only_posts = Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap();
+        let mut first = f.stream(only_posts.clone(), Start::From(1000));
+        take(&mut first, 1).await; // the page of 1000..=2023 is built, and kept
+        let mut second = f.stream(only_posts, Start::From(1501));
+        assert_eq!(take(&mut second, 1).await, [1502], "from the first one's page");
+        take(&mut second, 260).await;
+        take(&mut second, 1).await;
+        // Its 261 posts and 262 likes of 1501..=2023 (the first one's page ends there: a page
+        // of its own would have gone on to 2524), then a post of the next page; not the 512
+        // likes of the whole page (before, a stream was charged for all of them, in its
+        // client's rate too).
+        assert_eq!(second.passed(), 524);
     }
 
     #[tokio::test]
