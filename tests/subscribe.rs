@@ -56,6 +56,14 @@ async fn query_errors_are_400s() {
             common::process::http_get_with(s.serve.public, &format!("/subscribe?{q}"), &ws_headers).unwrap();
         assert_eq!((status, got.trim()), (400, body), "query {}", &q[..q.len().min(60)]);
     }
+    // The value refused is quoted, not whole (a request line may be 1 MiB long): before, an
+    // answer that a client never read held all of it as long as its connection lasted.
+    let q = format!("wantedDids=did:plc:{}", "!".repeat(300_000));
+    let (status, got) =
+        common::process::http_get_with(s.serve.public, &format!("/subscribe?{q}"), &ws_headers).unwrap();
+    assert_eq!(status, 400);
+    assert!(got.starts_with("invalid subscriber options: invalid DID: did:plc:!!!"), "{}", &got[..60]);
+    assert!(got.len() < 1024 && got.contains(" more bytes)"), "{} bytes: {}", got.len(), &got[got.len() - 40..]);
     // 10,000 DIDs do not fit in a URL hyper accepts (64 KiB): they go in options_update,
     // where the cap is counted after duplicates are removed.
     let dids =

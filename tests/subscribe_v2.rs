@@ -98,6 +98,15 @@ async fn v2_refuses_bad_requests_with_named_xrpc_errors() {
             assert!(v["message"].as_str().unwrap().starts_with("subscribe: cursor too old: cursor 5 below lookback floor "));
         }
     }
+    // The value refused is quoted, not whole (a request line may be 1 MiB long).
+    let q = format!("dids=did:plc:{}", "!".repeat(300_000));
+    let (status, body) = http_get_with(s.serve.public, &format!("{PATH}?{q}"), &WS).unwrap();
+    assert_eq!(status, 400);
+    assert!(body.len() < 1024, "{} bytes", body.len());
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    let message = v["message"].as_str().unwrap();
+    assert!(message.starts_with("subscribe: invalid options: invalid DID: did:plc:!!!"), "{message}");
+    assert!(message.ends_with(" more bytes)"), "{message}");
     // An upgrade fastwebsockets refuses (another websocket version) is answered as XRPC too.
     let old_version = [WS[0], WS[1], WS[2], ("Sec-WebSocket-Version", "8")];
     let (status, body) = http_get_with(s.serve.public, PATH, &old_version).unwrap();

@@ -44,7 +44,9 @@ pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) 
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
     let opts = match SubscribeOptions::from_query(crate::request::query(&req), header("socket-encoding").as_deref()) {
         Ok(o) => o,
-        Err(OptionsError(reason)) => return refuse(&hub, Refusal::BadRequest, StatusCode::BAD_REQUEST, reason),
+        Err(OptionsError(reason)) => {
+            return refuse(&hub, Refusal::BadRequest, StatusCode::BAD_REQUEST, crate::response::brief(reason));
+        }
     };
     // The dictionary: the one named, or the default for compress=true.
     let dictionary = match (opts.compress, opts.zstd_dictionary) {
@@ -172,6 +174,7 @@ const XRPC_SUBPROTOCOL: &str = "xrpc.v1.json";
 fn xrpc_error(hub: &Hub, why: Refusal, e: &XrpcError) -> Response<Body> {
     hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let e = XrpcError { message: crate::response::brief(e.message.clone()), ..*e };
     full(status, "application/json", e.body())
 }
 
