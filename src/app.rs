@@ -43,6 +43,7 @@ type TaskResult = (&'static str, anyhow::Result<()>);
 
 /// Runs `contrail serve` until SIGINT/SIGTERM or a critical task fails.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    raise_open_file_limit(config.limits.max_subscribers);
     // The listeners first: a port already taken ends the process before it opens the log or
     // connects to the relay (connections that arrive meanwhile wait in the backlog).
     let public_listener = server::bind(config.ops.listen, "public").await?;
@@ -371,6 +372,43 @@ async fn wait_for_free_space(dir: &std::path::Path, bytes: u64) {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }
+
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for Jetstream:
+/// every subscriber is a socket and the log keeps its files open, and a container runtime's
+/// soft limit of 1,024 would otherwise end in a failed write to the log (and a restart) under
+/// a load the hard limit allows. Warns when even that is below what `max_subscribers` needs.
+fn raise_open_file_limit(max_subscribers: usize) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    // No hard limit: as many as the kernel lets one process have.
+    let most = limit.maximum.unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20)
+    });
+    let mut now = limit.current.unwrap_or(u64::MAX);
+    if now < most {
+        match setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(most), ..limit }) {
+            Ok(()) => {
+                tracing::info!(from = now, to = most, "raised the soft limit on open files to the hard limit");
+                now = most;
+            }
+            Err(e) => tracing::warn!(error = %e, soft = now, hard = most, "cannot raise the soft limit on open files"),
+        }
+    }
+    // The subscribers' sockets, and room for the log's files, the relay, the metrics listener's
+    // connections and the rest.
+    let needed = max_subscribers as u64 + OPEN_FILES_BESIDE_SUBSCRIBERS;
+    if now < needed {
+        tracing::warn!(
+            limit = now,
+            needed,
+            "the limit on open files is below --max-subscribers plus {OPEN_FILES_BESIDE_SUBSCRIBERS}: raise it (systemd's LimitNOFILE, docker's --ulimit nofile, ulimit -n), or lower --max-subscribers"
+        );
+    }
+}
+
+/// Open files a server needs beside its subscribers' sockets, at most: the log's files (kept
+/// open), the relay or upstream connection, the metrics listener's connections.
+const OPEN_FILES_BESIDE_SUBSCRIBERS: u64 = 4096;
 
 /// The space an unprivileged process may still use on the filesystem holding `dir`; `None`
 /// (with a rate-limited warning) if it cannot be asked.

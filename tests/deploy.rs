@@ -146,6 +146,25 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Every Contrail in the compose files may open a socket per subscriber (10,000 by default)
+/// beside the log's files: a container runtime's soft limit of 1,024 would not do.
+#[test]
+fn compose_files_give_contrail_room_for_its_sockets() {
+    for f in ["deploy/docker-compose.yml", "deploy/docker-compose.replicas.yml"] {
+        let c: serde_yaml::Value = serde_yaml::from_str(&read(f)).unwrap();
+        let services = c["services"].as_mapping().unwrap();
+        let contrails: Vec<_> =
+            services.iter().filter(|(_, s)| s["image"].as_str() == Some("contrail:latest")).collect();
+        assert!(!contrails.is_empty(), "{f}");
+        for (name, s) in contrails {
+            for which in ["soft", "hard"] {
+                let n = s["ulimits"]["nofile"][which].as_u64().unwrap_or(0);
+                assert!(n >= 20_000, "{f}: {name:?} nofile {which} is {n}");
+            }
+        }
+    }
+}
+
 /// The replicas' compose file exempts exactly the replicas from their upstreams' per-IP limits:
 /// every exempt entry is one service's fixed address, never a network (clients reaching a
 /// published port can arrive from the network's gateway).

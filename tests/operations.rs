@@ -205,6 +205,35 @@ fn stalled_long_lines_of_one_client_leave_room_for_another_clients_long_url() {
     drop(stalled);
 }
 
+/// The soft limit on open files of process `pid` (`/proc/<pid>/limits`).
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_soft_limit_on_open_files_is_raised_to_the_hard_one_and_a_low_one_is_said() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum.unwrap_or(1 << 20).min(1 << 20);
+    if hard < 16_384 {
+        eprintln!("skipped: this process's hard limit on open files is {hard}, below what the test needs");
+        return;
+    }
+    // A container runtime's soft limit: before, the server kept it, and with ~1,000 sockets
+    // open the log could not make a file (a failed write, a restart).
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start_limited(dir.path(), "ws://127.0.0.1:9", &[], Some((1024, hard)));
+    assert_eq!(soft_open_files(serve.child.id()), hard);
+    assert!(serve.logs().contains("raised the soft limit on open files"), "{}", serve.logs());
+    assert!(!serve.logs().contains("the limit on open files is below"), "{}", serve.logs());
+    drop(serve);
+    // A hard limit below what --max-subscribers (10,000 by default) needs is said at start.
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start_limited(dir.path(), "ws://127.0.0.1:9", &[], Some((1024, 8192)));
+    assert_eq!(soft_open_files(serve.child.id()), 8192);
+    assert!(serve.logs().contains("the limit on open files is below --max-subscribers"), "{}", serve.logs());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_until_the_relay_is_reached() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,9 +26,14 @@ impl Serve {
     /// is taken: once the old process is gone, any socket of a test running beside this one may
     /// be given that free port for a while.
     pub fn start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Serve {
+        Serve::start_limited(data_dir, relay_url, extra, None)
+    }
+
+    /// [`Serve::start`], the process started with these soft and hard limits on open files.
+    pub fn start_limited(data_dir: &Path, relay_url: &str, extra: &[&str], open_files: Option<(u64, u64)>) -> Serve {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match Serve::try_start(data_dir, relay_url, extra) {
+            match Serve::try_start(data_dir, relay_url, extra, open_files) {
                 Ok(serve) => return serve,
                 Err(logs)
                     if gives(extra, "--listen")
@@ -43,8 +48,21 @@ impl Serve {
     }
 
     /// [`Serve::start`] once; the logs when it did not start.
-    fn try_start(data_dir: &Path, relay_url: &str, extra: &[&str]) -> Result<Serve, String> {
+    fn try_start(
+        data_dir: &Path,
+        relay_url: &str,
+        extra: &[&str],
+        open_files: Option<(u64, u64)>,
+    ) -> Result<Serve, String> {
         let mut cmd = Command::new(bin());
+        if let Some((soft, hard)) = open_files {
+            use std::os::unix::process::CommandExt;
+            let limit = rustix::process::Rlimit { current: Some(soft), maximum: Some(hard) };
+            // Safety: only a system call (no allocation, no lock) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || Ok(rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)?));
+            }
+        }
         cmd.arg("serve");
         if !gives(extra, "--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
