@@ -355,6 +355,22 @@ fn an_update_that_changes_nothing_is_refused() {
     assert!(matches!(got, Err(Failure::Proof(_))), "{got:?}");
 }
 
+/// An empty commit's diff may carry no block of the tree: before, its proof failed ("the MST
+/// root is not in the CAR"), and its repo's next commit was marked `signature` only.
+#[test]
+fn an_empty_commit_is_proven_by_an_unchanged_tree_alone() {
+    let records: std::collections::BTreeMap<String, Vec<u8>> =
+        (0..40u16).map(|n| (path(n), value_cid(n as u32))).collect();
+    let tree = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+    let (root, _) = tree.blocks().unwrap();
+    let no_blocks = car(&root, &[]);
+    let parsed = Blocks::parse(&no_blocks).unwrap();
+    assert_eq!(check_inversion(&parsed, &root, &[], &root), Ok(()));
+    let other = value_cid(99);
+    let got = check_inversion(&parsed, &root, &[], &other);
+    assert!(matches!(got, Err(Failure::Proof(_))), "{got:?}");
+}
+
 /// Prefix compression lets each 16-byte entry rebuild the key before it plus a byte: one node
 /// of N entries rebuilt N²/2 bytes of keys (gigabytes from a 2 MB block). A key longer than any
 /// repo path is refused instead.
