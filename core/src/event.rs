@@ -330,8 +330,10 @@ label_enum! {
         None => "none",
         /// The repo's signature, the Sync 1.1 MST proof and the repo's chain.
         Full => "full",
-        /// The repo's signature (`--verify signature`; or `full` for a commit without a proof,
-        /// whose ops were checked against the signed tree).
+        /// The repo's signature (`--verify signature`); under `full`, a commit whose proof
+        /// checked but that does not continue a commit verified before it (a repo's first, the
+        /// first after a break, a gap or a commit only a former key signed), one only a former
+        /// key signs, or a `#sync`.
         Signature => "signature",
         /// The repo's DID could not be resolved; passed on unchecked.
         Unresolved => "unresolved",

@@ -492,6 +492,7 @@ async fn prepare(
     // cached (or its failure remembered) for the repo's next frames; checking this one would
     // be work for nobody.
     wait.begin(Waiting::Key);
+    let asked_us = crate::clock::now_us();
     let key = resolver.key(&did).await;
     if !wait.end() {
         return Ok(None);
@@ -505,7 +506,7 @@ async fn prepare(
     seconds.observe(started.elapsed().as_secs_f64());
     if checked == Err(Failure::Signature) {
         wait.begin(Waiting::AfterSignatureFailure);
-        let new_key = resolver.refresh_after_failure(&did, &key).await;
+        let new_key = resolver.refresh_after_failure(&did, &key, asked_us).await;
         if !wait.end() {
             return Ok(None);
         }
@@ -833,13 +834,17 @@ impl Stage {
                     }
                     // Continues the chain, anchors a new repo, or re-anchors a desynchronized one.
                     // A commit the transcoder dropped part or all of moves the repo on, but what
-                    // subscribers saw of it is not all of it: the next commit anchors again.
-                    if frame.incomplete && continues {
+                    // subscribers saw of it is not all of it: the next commit anchors again. So
+                    // does the one after a commit only a former key signs: that may be whoever
+                    // holds a leaked key, and the repo's real next commit, not continuing it,
+                    // must not be dropped as a break in the chain.
+                    let desynchronized = frame.incomplete || former_key;
+                    if desynchronized && continues {
                         self.metrics.verify_desynchronized.inc();
                     }
                     self.chains.put(
                         &did,
-                        Chain { state: checked.state, desynchronized: frame.incomplete, epoch: self.epochs.current },
+                        Chain { state: checked.state, desynchronized, epoch: self.epochs.current },
                         &mut frame,
                     );
                     if !continues || frame.incomplete {

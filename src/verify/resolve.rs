@@ -305,17 +305,34 @@ impl Resolver {
     /// [`REFRESH_AFTER_FAILURE`] and the key changed; `None` otherwise. When it was (the
     /// commits of a burst after a key rotation fail against the old key together), the answer
     /// of that re-resolve — awaited if it is still on its way — if it is another key: no request.
-    pub async fn refresh_after_failure(self: &Arc<Self>, did: &str, failed: &PublicKey) -> Option<PublicKey> {
+    ///
+    /// Not when the key that failed was resolved at `asked_us` or later (the check began then):
+    /// asking again would bring the same document. (A forged commit of a repo not cached cost
+    /// two requests for it, then one for its key history.) That counts as the re-resolve.
+    pub async fn refresh_after_failure(
+        self: &Arc<Self>,
+        did: &str,
+        failed: &PublicKey,
+        asked_us: u64,
+    ) -> Option<PublicKey> {
+        let resolved_for_this_check = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(did).is_some_and(|c| c.key == *failed && c.fetched_us >= asked_us)
+        };
         // Under the lock, so that a check failing meanwhile finds this re-resolve in flight.
         let cell = {
             let mut r = self.refreshed.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
+            if r.len() > 100_000 {
+                r.retain(|_, t| now.duration_since(*t) < REFRESH_AFTER_FAILURE);
+            }
+            if resolved_for_this_check {
+                r.insert(did.to_string(), now);
+                return None;
+            }
             if r.get(did).is_some_and(|t| now.duration_since(*t) < REFRESH_AFTER_FAILURE) {
                 self.inflight.get(did).map(|cell| cell.clone())
             } else {
-                if r.len() > 100_000 {
-                    r.retain(|_, t| now.duration_since(*t) < REFRESH_AFTER_FAILURE);
-                }
                 r.insert(did.to_string(), now);
                 Some(self.inflight.entry(did.to_string()).or_default().clone())
             }
