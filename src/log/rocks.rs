@@ -647,7 +647,17 @@ impl RocksLog {
         let path = self.path.join(format!("{TRIM_FILE_PREFIX}{n}{TRIM_FILE_SUFFIX}"));
         let ingested = self.ingest_tombstone(cf, &path, from, to);
         let _ = std::fs::remove_file(&path);
-        if ingested.is_err() {
+        if let Err(e) = ingested {
+            // Said (at most hourly): a retention shorter than a memtable's worth of events does
+            // this at every trim, and then each trim's compaction may rewrite far more.
+            static WARN: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
+            WARN.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(3600)))
+                .warn("trim tombstone", || {
+                    format!(
+                        "a trim's range tombstone was written through the memtable, not ingested as a file ({e}); \
+                         with a retention shorter than a memtable's worth of events this happens at every trim"
+                    )
+                });
             self.db.delete_range_cf(cf, from, to)?;
         }
         // The compaction goes from the start: a tombstone an earlier trim left uncompacted (a
