@@ -457,7 +457,7 @@ impl Metrics {
             verify_desynchronized: counter(
                 &r,
                 "contrail_verify_desynchronized_total",
-                "Chain breaks: a repo's commit did not continue its last verified one.",
+                "Repos' chains lost (their next commit anchors again): a commit that did not continue its repo's last verified one, failed or was not checked, was not seen whole by subscribers, or was signed only by a key the repo rotated away from.",
             ),
             verify_seconds: histogram(
                 &r,
@@ -474,7 +474,7 @@ impl Metrics {
             did_key_histories: counter_vec(
                 &r,
                 "contrail_did_key_histories_total",
-                "PLC audit logs fetched after a signature failed against a repo's current key (a commit signed before a key rotation), by result (ok, error).",
+                "PLC audit logs fetched after a signature failed against a repo's current key (a commit signed before a key rotation), by result (ok, error; busy: not fetched, as more repos' were asked for within ten minutes than are kept).",
                 &["result"],
             ),
             did_resolve_seconds: histogram(

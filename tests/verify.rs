@@ -228,10 +228,11 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
 
     // The chain state survived the kill with the events: a4 continues it, a6 (a5 lost) breaks
     // it. Keys come from the store's cache: no new directory request for alice.
-    // Alice's key: resolved once. The flipped signature failed against a key resolved after
-    // that commit came (its check began before the answer): asking again would bring the same
-    // document, so it was not asked again (it was).
-    assert_eq!(plc.requests(ALICE), 1);
+    // Alice's key: resolved once, and, after the flipped signature, once more when that
+    // commit's check joined the request a1's had begun (the key might have rotated just
+    // before); not when its check began first (the key is then as new as the commit).
+    let alices = plc.requests(ALICE);
+    assert!((1..=2).contains(&alices), "{alices} requests for alice's key");
     assert_eq!(plc.requests(DAVE), 2, "dave's key was re-resolved once, after the rotation");
     push(alice.commit(0, &create("a4"), Tamper::None));
     let _lost = alice.commit(0, &create("a5"), Tamper::None);
@@ -241,7 +242,7 @@ async fn full_verification_drops_each_forgery_and_nothing_else() {
     assert_eq!(failures(&serve, "chain"), 1.0, "a6 does not continue a4: {}", serve.logs());
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(1.0));
     drop(serve);
-    assert_eq!(plc.requests(ALICE), 1, "alice's key came from the store after the restart");
+    assert_eq!(plc.requests(ALICE), alices, "alice's key came from the store after the restart");
     let stored = stored_commits(dir.path());
     assert_eq!(stored.last(), Some(&ev(ALICE, "create", "a4")));
 }
@@ -679,6 +680,38 @@ async fn a_burst_of_commits_after_a_key_rotation_verifies_with_one_request() {
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(40.0));
     drop(serve);
     assert_eq!(stored_commits(dir.path()).len(), 40);
+}
+
+/// A commit whose check joined a request for the key begun before it came may get a key its
+/// repo has replaced since (its `#identity` not seen): it is asked again. (A first version of
+/// "not asked again when resolved for this check" compared wall-clock times, and took the
+/// joined request's answer, which came after the commit, for one made for it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_that_joined_an_older_request_for_the_key_asks_again_when_it_fails() {
+    let plc = Plc::start().await;
+    let relay = FakeRelay::start().await;
+    let mut dave = SignedRepo::new(DAVE, Signer::k256(4));
+    plc.set(DAVE, Answer::Slow(Duration::from_millis(1500), dave.did_doc()));
+    let create = |n: &str| vec![Op::Create(post(n), record(n))];
+    let mut push = pusher(&relay);
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--verify", "full", "--plc-url", &plc.url(), "--did-resolve-timeout", "5s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &flags);
+    push(dave.commit(0, &create("d1"), Tamper::None));
+    // d1's request is on its way (answered with the old key in 1.5 s)...
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while plc.requests(DAVE) == 0 {
+        assert!(Instant::now() < deadline, "no request for dave's key: {}", serve.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...when he rotates his key and commits with the new one.
+    dave.signer = Signer::k256(5);
+    plc.set(DAVE, Answer::Doc(dave.did_doc()));
+    let d2 = push(dave.commit(0, &create("d2"), Tamper::None));
+    serve.wait_for_seq(d2, Duration::from_secs(30));
+    assert_eq!(failures(&serve, "signature"), 0.0, "{}", serve.logs());
+    assert_eq!(stored_commits(dir.path()), [ev(DAVE, "create", "d1"), ev(DAVE, "create", "d2")]);
+    assert_eq!(plc.requests(DAVE), 2);
 }
 
 /// Alice and Dave in the directory, and their first commits, a1 and d1, on the relay; the seq

@@ -492,7 +492,7 @@ async fn prepare(
     // cached (or its failure remembered) for the repo's next frames; checking this one would
     // be work for nobody.
     wait.begin(Waiting::Key);
-    let asked_us = crate::clock::now_us();
+    let asked = resolver.requests_begun();
     let key = resolver.key(&did).await;
     if !wait.end() {
         return Ok(None);
@@ -506,7 +506,7 @@ async fn prepare(
     seconds.observe(started.elapsed().as_secs_f64());
     if checked == Err(Failure::Signature) {
         wait.begin(Waiting::AfterSignatureFailure);
-        let new_key = resolver.refresh_after_failure(&did, &key, asked_us).await;
+        let new_key = resolver.refresh_after_failure(&did, &key, asked).await;
         if !wait.end() {
             return Ok(None);
         }

@@ -65,6 +65,9 @@ struct Cached {
     key: PublicKey,
     /// When it was fetched (unix µs: it is also stored).
     fetched_us: u64,
+    /// The number of the request that fetched it ([`Resolver::requests_begun`]), in this
+    /// process; 0 when read from the store. A count, not a clock: a clock may step.
+    request: u64,
 }
 
 /// The resolver's settings.
@@ -96,6 +99,8 @@ pub struct Resolver {
     /// Keys forgotten (`#identity` events) since the start: a check that failed against a key
     /// looked up before one may have used a key its repo had just replaced.
     forgets: std::sync::atomic::AtomicU64,
+    /// Requests for a key begun since the start ([`Self::requests_begun`]).
+    requests: std::sync::atomic::AtomicU64,
     /// Held by [`Resolver::forget`] while it drops a key, and by whoever keeps an answer (a
     /// resolve's, or a key read from the store) while it checks that no forget came since: a
     /// forget cannot fall between that check and the keeping, which would keep the replaced key.
@@ -108,8 +113,8 @@ pub struct Resolver {
     /// the log could not be had.
     histories: DashMap<String, (Instant, Arc<HistoryCell>)>,
     results: Vec<prometheus::IntCounter>,
-    /// Audit logs fetched: had, not had.
-    histories_fetched: [prometheus::IntCounter; 2],
+    /// Audit logs fetched: had, not had; and not fetched (too many repos' asked for lately).
+    histories_fetched: [prometheus::IntCounter; 3],
     seconds: prometheus::Histogram,
     entries: prometheus::IntGauge,
 }
@@ -164,7 +169,7 @@ pub fn entry_time_us(v: &[u8]) -> Option<u64> {
 fn decode_entry(v: &[u8]) -> Option<Cached> {
     let fetched_us = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
     let key = PublicKey::from_did_key(std::str::from_utf8(&v[8..]).ok()?).ok()?;
-    Some(Cached { key, fetched_us })
+    Some(Cached { key, fetched_us, request: 0 })
 }
 
 /// How long a failed resolution is remembered.
@@ -205,7 +210,7 @@ impl Resolver {
                 .iter()
                 .map(|r| metrics.did_resolutions.with_label_values(&[r.as_str()]))
                 .collect(),
-            histories_fetched: ["ok", "error"].map(|r| metrics.did_key_histories.with_label_values(&[r])),
+            histories_fetched: ["ok", "error", "busy"].map(|r| metrics.did_key_histories.with_label_values(&[r])),
             seconds: metrics.did_resolve_seconds.clone(),
             entries: metrics.did_cache_entries.clone(),
             opts,
@@ -215,6 +220,7 @@ impl Resolver {
             inflight: DashMap::new(),
             refreshed: Mutex::default(),
             forgets: Default::default(),
+            requests: Default::default(),
             settling: Mutex::default(),
             failed: Mutex::default(),
             histories: DashMap::new(),
@@ -269,6 +275,12 @@ impl Resolver {
         self.forgets.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// How many requests for a key were begun since the start: a key fetched by a request
+    /// numbered above it was fetched after this was read.
+    pub fn requests_begun(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Forgets a DID's key (its `#identity` event: the document may have changed). A request
     /// for it on its way now is answered but not cached (it may bring the replaced key).
     pub fn forget(&self, did: &str) {
@@ -306,18 +318,20 @@ impl Resolver {
     /// commits of a burst after a key rotation fail against the old key together), the answer
     /// of that re-resolve — awaited if it is still on its way — if it is another key: no request.
     ///
-    /// Not when the key that failed was resolved at `asked_us` or later (the check began then):
-    /// asking again would bring the same document. (A forged commit of a repo not cached cost
-    /// two requests for it, then one for its key history.) That counts as the re-resolve.
+    /// Not when the key that failed was fetched by a request begun after the check did (`asked`:
+    /// [`Self::requests_begun`] then): asking again would bring the same document. (A forged
+    /// commit of a repo not cached cost two requests for it, then one for its key history.)
+    /// That counts as the re-resolve. (A request the check joined, begun before it, may have
+    /// brought a key its repo replaced meanwhile: that one is asked again.)
     pub async fn refresh_after_failure(
         self: &Arc<Self>,
         did: &str,
         failed: &PublicKey,
-        asked_us: u64,
+        asked: u64,
     ) -> Option<PublicKey> {
         let resolved_for_this_check = {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache.get(did).is_some_and(|c| c.key == *failed && c.fetched_us >= asked_us)
+            cache.get(did).is_some_and(|c| c.key == *failed && c.request > asked)
         };
         // Under the lock, so that a check failing meanwhile finds this re-resolve in flight.
         let cell = {
@@ -352,10 +366,15 @@ impl Resolver {
             return None;
         }
         let cell = {
-            if self.histories.len() >= MAX_HISTORIES {
+            if self.histories.len() >= MAX_HISTORIES && !self.histories.contains_key(did) {
                 self.histories.retain(|_, (at, _)| at.elapsed() < REFRESH_AFTER_FAILURE);
                 if self.histories.len() >= MAX_HISTORIES {
-                    self.histories.clear();
+                    // More repos' histories asked for within ten minutes than are kept: no
+                    // more fetched until some age out. (Emptying the map let a flood of forged
+                    // commits across many DIDs fetch each one's audit log, up to 1 MiB, again
+                    // and again, in the slots the directory's lookups need.)
+                    self.histories_fetched[2].inc();
+                    return None;
                 }
             }
             let mut entry = self.histories.entry(did.to_string()).or_insert_with(|| (Instant::now(), Arc::default()));
@@ -416,6 +435,7 @@ impl Resolver {
     /// One request, within one deadline for waiting for a slot and for the answer; its answer
     /// cached unless the DID was forgotten meanwhile (`cell` no longer the one in flight).
     async fn fetch(&self, did: &str, cell: &Arc<InflightCell>) -> Result<PublicKey, ResolveError> {
+        let request = self.requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
         let permits = if did.starts_with("did:web:") { &self.web_permits } else { &self.permits };
@@ -444,7 +464,7 @@ impl Resolver {
                 Ok(key) => {
                     self.results[ResolveResult::Ok as usize].inc();
                     self.failed.lock().unwrap_or_else(|p| p.into_inner()).remove(did);
-                    let c = Cached { key: key.clone(), fetched_us: crate::clock::now_us() };
+                    let c = Cached { key: key.clone(), fetched_us: crate::clock::now_us(), request };
                     let _ = self.log.put_did_entry(did, Some(&encode_entry(&c)));
                     self.remember(did, c);
                 }
@@ -521,6 +541,7 @@ mod tests {
         let key = || Cached {
             key: PublicKey::from_k256(*k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap().verifying_key()),
             fetched_us: 1,
+            request: 0,
         };
         let mut lru = Lru::default();
         lru.insert("a", key(), 2);
@@ -529,6 +550,33 @@ mod tests {
         lru.insert("a", key(), 2); // resolved again: now the newest
         lru.insert("c", key(), 2); // evicts the oldest: b, not the fresh a
         assert!(lru.get("a").is_some() && lru.get("c").is_some() && lru.get("b").is_none());
+    }
+
+    /// Past the key histories kept, none is fetched (until some age out), and those kept are
+    /// not fetched again: before, the map was emptied, and each repo's was fetched again.
+    #[tokio::test]
+    async fn a_flood_of_repos_key_histories_fetches_none_of_them_twice() {
+        let log = Arc::new(Log::memory(crate::log::memory::MemoryLog::new(1 << 20)));
+        let opts = ResolverOptions {
+            plc_url: "http://127.0.0.1:9".into(), // refused: each fetch fails at once
+            timeout: Duration::from_secs(1),
+            concurrency: 4,
+            cache_entries: 16,
+            ttl: Duration::from_secs(3600),
+            did_web_http: false,
+        };
+        let metrics = crate::metrics::Metrics::new();
+        let r = Arc::new(Resolver::new(opts, log, &metrics).unwrap());
+        let did = |i: usize| format!("did:plc:{i:024}");
+        let count = |label: &str| metrics.did_key_histories.with_label_values(&[label]).get();
+        for i in 0..MAX_HISTORIES {
+            assert!(r.key_history(&did(i)).await.is_none());
+        }
+        assert_eq!(count("error"), MAX_HISTORIES as u64);
+        assert!(r.key_history(&did(MAX_HISTORIES)).await.is_none());
+        assert_eq!((count("error"), count("busy")), (MAX_HISTORIES as u64, 1), "one more: not fetched");
+        assert!(r.key_history(&did(0)).await.is_none());
+        assert_eq!((count("error"), count("busy")), (MAX_HISTORIES as u64, 1), "one kept: not fetched again");
     }
 
     /// A key read from the store just as its DID is forgotten (an `#identity` event) must not
@@ -549,7 +597,7 @@ mod tests {
         let r = Arc::new(Resolver::new(opts, log.clone(), &crate::metrics::Metrics::new()).unwrap());
         let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
         let key = PublicKey::from_k256(*k256::ecdsa::SigningKey::from_slice(&[7; 32]).unwrap().verifying_key());
-        let stored = encode_entry(&Cached { key, fetched_us: crate::clock::now_us() });
+        let stored = encode_entry(&Cached { key, fetched_us: crate::clock::now_us(), request: 0 });
         const ROUNDS: usize = 5_000;
         let start = Arc::new(Barrier::new(2));
         let reader = {
