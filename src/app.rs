@@ -380,23 +380,32 @@ async fn wait_for_free_space(dir: &std::path::Path, bytes: u64) {
 fn raise_open_file_limit(max_subscribers: usize) {
     use rustix::process::{getrlimit, setrlimit, Resource};
     let limit = getrlimit(Resource::Nofile);
-    // No hard limit: as many as the kernel lets one process have.
-    let most = limit.maximum.unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20)
-    });
-    let mut now = limit.current.unwrap_or(u64::MAX);
-    if now < most {
-        match setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(most), ..limit }) {
-            Ok(()) => {
-                tracing::info!(from = now, to = most, "raised the soft limit on open files to the hard limit");
-                now = most;
-            }
-            Err(e) => tracing::warn!(error = %e, soft = now, hard = most, "cannot raise the soft limit on open files"),
-        }
-    }
     // The subscribers' sockets, and room for the log's files, the relay, the metrics listener's
     // connections and the rest.
     let needed = max_subscribers as u64 + OPEN_FILES_BESIDE_SUBSCRIBERS;
+    // No hard limit: as many as the kernel lets one process have. At most 2^20 either way (a
+    // systemd sets nr_open to 2^30): what the unit and the compose files give.
+    let most = limit
+        .maximum
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(1 << 20)
+        })
+        .min(1 << 20);
+    let mut now = limit.current.unwrap_or(u64::MAX);
+    // The most, or (where that is refused: a system whose per-process cap is below the hard
+    // limit) what is needed.
+    for to in [most, needed.min(most)] {
+        if now >= to {
+            break;
+        }
+        match setrlimit(Resource::Nofile, rustix::process::Rlimit { current: Some(to), ..limit }) {
+            Ok(()) => {
+                tracing::info!(from = now, to, "raised the soft limit on open files");
+                now = to;
+            }
+            Err(e) => tracing::warn!(error = %e, soft = now, to, "cannot raise the soft limit on open files"),
+        }
+    }
     if now < needed {
         tracing::warn!(
             limit = now,

@@ -648,14 +648,14 @@ impl RocksLog {
         let ingested = self.ingest_tombstone(cf, &path, from, to);
         let _ = std::fs::remove_file(&path);
         if let Err(e) = ingested {
-            // Said (at most hourly): a retention shorter than a memtable's worth of events does
-            // this at every trim, and then each trim's compaction may rewrite far more.
+            // Said (at most hourly): then each trim's compaction may rewrite far more. (A
+            // retention shorter than a memtable's worth of events does this at every trim.)
             static WARN: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
             WARN.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(3600)))
                 .warn("trim tombstone", || {
                     format!(
-                        "a trim's range tombstone was written through the memtable, not ingested as a file ({e}); \
-                         with a retention shorter than a memtable's worth of events this happens at every trim"
+                        "a trim's range tombstone could not be ingested as a file ({e}); it was written through \
+                         the memtable (as at every trim when the retention is shorter than a memtable's worth of events)"
                     )
                 });
             self.db.delete_range_cf(cf, from, to)?;

@@ -99,7 +99,7 @@ async fn route(shared: Arc<Public>, req: Request<Incoming>, peer: SocketAddr) ->
             let e = crate::v2::XrpcError {
                 status: 501,
                 name: "MethodNotImplemented",
-                message: format!("{} is not implemented by this server", &p["/xrpc/".len()..]),
+                message: crate::response::brief(format!("{} is not implemented by this server", &p["/xrpc/".len()..])),
             };
             full(StatusCode::NOT_IMPLEMENTED, "application/json", e.body())
         }
