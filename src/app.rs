@@ -203,7 +203,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         // relay seq was not stored and the relay sends them again after a restart.
         let cancel = stop_reader.clone();
         tasks.spawn(async move {
-            stage.run(rx, tx, cancel.clone()).await;
+            if let Err(e) = stage.run(rx, tx, cancel.clone()).await {
+                return ("verification", Err(e));
+            }
             // It also ends when the sequencer stops: the sequencer's own result says why.
             cancel.cancelled().await;
             ("verification", Ok(()))

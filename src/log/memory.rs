@@ -33,6 +33,9 @@ struct Inner {
     /// chain of the repo written least recently (its next commit anchors anew).
     repos: StateMap,
     dids: StateMap,
+    /// Tests only: reading a repo's chain state fails, as a disk's read error would.
+    #[cfg(test)]
+    repo_states_unreadable: bool,
 }
 
 /// One verification map: by key, least recently written first out.
@@ -136,8 +139,18 @@ impl MemoryLog {
         g.last_time_us = g.last_time_us.max(time_us);
     }
 
-    pub fn repo_state(&self, did: &str) -> Option<Vec<u8>> {
-        self.read().repos.get(did)
+    pub fn repo_state(&self, did: &str) -> super::Result<Option<Vec<u8>>> {
+        #[cfg(test)]
+        if self.read().repo_states_unreadable {
+            return Err(super::LogError::Io(std::io::Error::other("a read error (a test's)")));
+        }
+        Ok(self.read().repos.get(did))
+    }
+
+    /// Tests only: from now on, reading a repo's chain state fails.
+    #[cfg(test)]
+    pub fn make_repo_states_unreadable_for_test(&self) {
+        self.write().repo_states_unreadable = true;
     }
 
     pub fn did_entry(&self, did: &str) -> Option<Vec<u8>> {
@@ -256,9 +269,9 @@ mod window_tests {
         log.append(&[], None, &writes);
         log.append(&[], None, &[(did(0), vec![2])]);
         log.append(&[], None, &[(did(MAX_STATE_ENTRIES), vec![3])]);
-        assert_eq!(log.repo_state(&did(0)), Some(vec![2]), "written again: kept");
-        assert_eq!(log.repo_state(&did(1)), None, "the least recently written went");
-        assert_eq!(log.repo_state(&did(MAX_STATE_ENTRIES)), Some(vec![3]));
+        assert_eq!(log.repo_state(&did(0)).unwrap(), Some(vec![2]), "written again: kept");
+        assert_eq!(log.repo_state(&did(1)).unwrap(), None, "the least recently written went");
+        assert_eq!(log.repo_state(&did(MAX_STATE_ENTRIES)).unwrap(), Some(vec![3]));
         assert_eq!(log.read().repos.0.len(), MAX_STATE_ENTRIES);
         log.put_did_entry("did:plc:x", Some(b"k"));
         log.put_did_entry("did:plc:x", None);

@@ -311,7 +311,7 @@ impl Log {
     pub fn repo_state(&self, did: &str) -> Result<Option<Vec<u8>>> {
         match &self.backend {
             Backend::Rocks(s) => s.repo_state(did),
-            Backend::Memory(m) => Ok(m.repo_state(did)),
+            Backend::Memory(m) => m.repo_state(did),
         }
     }
 

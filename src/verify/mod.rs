@@ -312,15 +312,13 @@ impl Chains {
         Chains { map: HashMap::new(), order: VecDeque::new(), generation: 0 }
     }
 
-    /// The repo's last state; an unreadable store is a failure, never "a new repo". A state
-    /// from before `checked_since` is desynchronized: the repo may have moved on unchecked.
-    fn get(&self, did: &str, log: &Log, checked_since: u64) -> Result<Option<Chain>, Failure> {
+    /// The repo's last state; an unreadable store is an error (our own store failing), never
+    /// "a new repo". A state from before `checked_since` is desynchronized: the repo may have
+    /// moved on unchecked.
+    fn get(&self, did: &str, log: &Log, checked_since: u64) -> Result<Option<Chain>, crate::log::LogError> {
         let chain = match self.map.get(did) {
             Some((c, _)) => Some(c.clone()),
-            None => match blocking(|| log.repo_state(did)) {
-                Ok(v) => v.and_then(|v| Chain::decode(&v)),
-                Err(_) => return Err(Failure::Chain("the repo's state could not be read")),
-            },
+            None => blocking(|| log.repo_state(did))?.and_then(|v| Chain::decode(&v)),
         };
         Ok(chain.map(|mut c| {
             c.desynchronized |= c.epoch < checked_since;
@@ -581,6 +579,8 @@ pub struct Stage {
     log: Arc<Log>,
     metrics: Arc<Metrics>,
     chains: Chains,
+    /// A repo's chain state that could not be read while applying the frame in hand.
+    unreadable: Option<crate::log::LogError>,
     warn: RateLimitedLog,
     /// DIDs whose key an `#identity` event made forget, with [`Resolver::forgets`] just after:
     /// a pending frame of theirs whose check started before is checked again.
@@ -598,6 +598,7 @@ impl Stage {
             log,
             metrics,
             chains: Chains::new(),
+            unreadable: None,
             warn: RateLimitedLog::new(Duration::from_secs(10)),
             forgotten: HashMap::new(),
         })
@@ -605,8 +606,15 @@ impl Stage {
 
     /// Passes frames from `rx` to `tx`, verified, in order, until `rx` ends or `cancel`
     /// fires. Frames still waiting then are not passed on: their relay seq was not stored, so
-    /// the relay sends them again after a restart.
-    pub async fn run(mut self, mut rx: IngestReceiver, tx: IngestSender, cancel: CancellationToken) {
+    /// the relay sends them again after a restart. An error when the store cannot be read (a
+    /// repo's chain state): our own store failing stops ingest (DESIGN.md invariant 6); the
+    /// frame is not passed on, so the relay sends it again after a restart.
+    pub async fn run(
+        mut self,
+        mut rx: IngestReceiver,
+        tx: IngestSender,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
         let mut pending: VecDeque<Pending> = VecDeque::new();
         // The ingest queue's bytes the pending frames hold.
         let mut held_bytes = 0usize;
@@ -619,7 +627,17 @@ impl Stage {
                 let p = pending.pop_front().expect("front exists");
                 held_bytes -= p._permit.num_permits();
                 let forgets = self.resolver.forgets();
-                let frame = self.process(p.frame, p.work).await;
+                let frame = match self.process(p.frame, p.work).await {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        for p in &pending {
+                            if let Work::Running(h) = &p.work {
+                                h.abort();
+                            }
+                        }
+                        return Err(anyhow::Error::new(e).context("reading a repo's chain state"));
+                    }
+                };
                 if self.resolver.forgets() != forgets {
                     // An #identity: the checks of its repo's frames behind it start again together.
                     for p in pending.iter_mut() {
@@ -627,7 +645,7 @@ impl Stage {
                     }
                 }
                 if tx.send(frame).await.is_err() {
-                    return;
+                    return Ok(());
                 }
             }
             // Nothing pending started before these forgets any more.
@@ -636,7 +654,7 @@ impl Stage {
                 self.forgotten.retain(|_, at| *at > oldest);
             }
             if closed && pending.is_empty() {
-                return;
+                return Ok(());
             }
             let room = !closed && pending.len() < self.cfg.verify_queue;
             // A full queue (its frames, or half the ingest queue's bytes) behind a front that
@@ -659,7 +677,7 @@ impl Stage {
                             h.abort();
                         }
                     }
-                    return;
+                    return Ok(());
                 }
                 done = wait_front(&mut pending) => {
                     if let Some(p) = pending.front_mut() {
@@ -734,7 +752,28 @@ impl Stage {
         (work, wait)
     }
 
-    async fn process(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
+    /// Applies a frame's checks in order, or an error when a repo's chain state cannot be read.
+    async fn process(&mut self, frame: IngestFrame, work: Work) -> Result<IngestFrame, crate::log::LogError> {
+        let frame = self.apply(frame, work).await;
+        match self.unreadable.take() {
+            Some(e) => Err(e),
+            None => Ok(frame),
+        }
+    }
+
+    /// The repo's chain state; `None` when the store cannot be read (kept in `unreadable`:
+    /// [`Self::process`] then fails, whatever this frame's verdict would have been).
+    fn chain(&mut self, did: &str) -> Option<Option<Chain>> {
+        match self.chains.get(did, &self.log, self.epochs.checked_since) {
+            Ok(chain) => Some(chain),
+            Err(e) => {
+                self.unreadable.get_or_insert(e);
+                None
+            }
+        }
+    }
+
+    async fn apply(&mut self, mut frame: IngestFrame, work: Work) -> IngestFrame {
         if frame.after_gap && self.level == Level::Full {
             self.start_new_epoch(&mut frame);
         }
@@ -787,13 +826,7 @@ impl Stage {
         match link {
             Some(link) => {
                 if self.level == Level::Full {
-                    let last = match self.chains.get(&did, &self.log, self.epochs.checked_since) {
-                        Ok(l) => l,
-                        Err(f) => {
-                            self.fail(&mut frame, &did, f);
-                            return frame;
-                        }
-                    };
+                    let Some(last) = self.chain(&did) else { return frame };
                     // Only a commit that continues a verified one has its op list proven
                     // complete: `prevData` is not signed, so on a repo's first commit (or the
                     // first after a break) a relay could drop an op and recompute it.
@@ -865,7 +898,7 @@ impl Stage {
                     return frame;
                 }
                 let newer = |l: &Chain| state.rev > l.state.rev;
-                let last = self.chains.get(&did, &self.log, self.epochs.checked_since).ok().flatten();
+                let Some(last) = self.chain(&did) else { return frame };
                 if self.level == Level::Full && last.as_ref().is_none_or(newer) {
                     // "This is the repo now": the chain continues from here. A sync no newer
                     // than what we know changes nothing; one the transcoder dropped was not
@@ -906,7 +939,7 @@ impl Stage {
         if self.level != Level::Full {
             return;
         }
-        if let Ok(Some(l)) = self.chains.get(did, &self.log, self.epochs.checked_since) {
+        if let Some(Some(l)) = self.chain(did) {
             if !l.desynchronized {
                 self.metrics.verify_desynchronized.inc();
                 self.chains.put(did, Chain { state: l.state, desynchronized: true, epoch: self.epochs.current }, frame);
@@ -1043,6 +1076,42 @@ mod tests {
         let old = Log::memory(crate::log::memory::MemoryLog::new(1 << 20));
         assert_eq!(start_epoch(&old, VerifyMode::Signature).unwrap(), epochs(0, 0));
         assert_eq!(start_epoch(&old, VerifyMode::Full).unwrap(), epochs(1, 1));
+    }
+
+    /// Our own store failing to give a repo's chain state is not a verdict on the repo (it was
+    /// a chain failure: under `--on-verify-failure drop` the commit's events were dropped, its
+    /// relay seq stored, and ingest went on without them): the stage stops, and the frame is
+    /// not passed on (the relay sends it again after a restart).
+    #[tokio::test]
+    async fn an_unreadable_chain_state_stops_the_stage_instead_of_failing_the_commit() {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            verify: VerifyConfig,
+        }
+        use clap::Parser;
+        let config = Flags::try_parse_from(["verify", "--verify", "full"]).unwrap().verify;
+        let memory = crate::log::memory::MemoryLog::new(1 << 20);
+        memory.make_repo_states_unreadable_for_test();
+        let metrics = Arc::new(Metrics::new());
+        let epochs = Epochs { current: 1, checked_since: 1 };
+        let mut stage = Stage::new(config, Arc::new(Log::memory(memory)), metrics.clone(), epochs).unwrap();
+        let rev = rev_at(crate::clock::now_us());
+        let checked = |did: &str| Prepared {
+            did: did.into(),
+            link: Some(ChainLink { rev: rev.clone(), since: None, prev_data: Some(vec![1]) }),
+            result: Ok(Checked { state: RepoState { rev: rev.clone(), data: vec![2] }, proven: true }),
+            former_key: false,
+        };
+        let frame = || IngestFrame { raw: Some(bytes::Bytes::from_static(b"a frame")), ..Default::default() };
+        let got = stage.process(frame(), Work::Done(Ok(Some(Box::new(checked("did:plc:a")))))).await;
+        assert!(got.is_err(), "a commit whose repo's state cannot be read");
+        // A failed commit's repo loses track of its chain: that reads the state too.
+        let failed = Prepared { result: Err(Problem::Failed(Failure::Signature)), ..checked("did:plc:b") };
+        let got = stage.process(frame(), Work::Done(Ok(Some(Box::new(failed))))).await;
+        assert!(got.is_err(), "a failed commit whose repo's state cannot be read");
+        let chain_failures = metrics.verify_failures.with_label_values(&[Reason::Chain.as_str()]).get();
+        assert_eq!(chain_failures, 0, "not counted as the repo's failure");
     }
 
     #[test]
