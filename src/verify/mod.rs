@@ -794,8 +794,9 @@ impl Stage {
                 // commit anchors again rather than failing as a chain break.
                 match verify::frame_repo(&raw) {
                     Some(did) => {
-                        self.fail(&mut frame, did, f);
-                        self.lose_track(did, &mut frame);
+                        if self.lose_track(did, &mut frame) {
+                            self.fail(&mut frame, did, f);
+                        }
                     }
                     None => self.fail(&mut frame, "?", f),
                 }
@@ -809,8 +810,9 @@ impl Stage {
             Err(Problem::Unresolved(e)) => {
                 // A commit or #sync not checked may be the repo's real next one (a #sync: its
                 // new state): the repo's next commit anchors again.
-                self.unresolved(&mut frame, &did, &e);
-                self.lose_track(&did, &mut frame);
+                if self.lose_track(&did, &mut frame) {
+                    self.unresolved(&mut frame, &did, &e);
+                }
                 return frame;
             }
             Err(Problem::Failed(f)) => {
@@ -818,8 +820,9 @@ impl Stage {
                 // against a key its `#identity` had just replaced, given up at a full queue):
                 // the repo's next commit anchors again rather than failing as a chain break.
                 // A forgery costs that commit its `full` mark, no more.
-                self.fail(&mut frame, &did, f);
-                self.lose_track(&did, &mut frame);
+                if self.lose_track(&did, &mut frame) {
+                    self.fail(&mut frame, &did, f);
+                }
                 return frame;
             }
         };
@@ -834,8 +837,9 @@ impl Stage {
                     if rev_far_ahead(&link.rev) {
                         // It may be the repo's real next commit (a PDS clock ahead): the one
                         // after it anchors again rather than breaking a chain.
-                        self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
-                        self.lose_track(&did, &mut frame);
+                        if self.lose_track(&did, &mut frame) {
+                            self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
+                        }
                         return frame;
                     }
                     if let Some(l) = &last {
@@ -893,21 +897,24 @@ impl Stage {
             None => {
                 let state = checked.state;
                 if self.level == Level::Full && rev_far_ahead(&state.rev) {
-                    self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
-                    self.lose_track(&did, &mut frame);
+                    if self.lose_track(&did, &mut frame) {
+                        self.fail(&mut frame, &did, Failure::Chain("rev more than an hour ahead of this clock"));
+                    }
                     return frame;
                 }
-                let newer = |l: &Chain| state.rev > l.state.rev;
-                let Some(last) = self.chain(&did) else { return frame };
-                if self.level == Level::Full && last.as_ref().is_none_or(newer) {
-                    // "This is the repo now": the chain continues from here. A sync no newer
-                    // than what we know changes nothing; one the transcoder dropped was not
-                    // seen by subscribers, so the next commit anchors again.
-                    let desynchronized = frame.incomplete;
-                    if desynchronized && last.as_ref().is_some_and(|l| !l.desynchronized) {
-                        self.metrics.verify_desynchronized.inc();
+                if self.level == Level::Full {
+                    let Some(last) = self.chain(&did) else { return frame };
+                    let newer = |l: &Chain| state.rev > l.state.rev;
+                    if last.as_ref().is_none_or(newer) {
+                        // "This is the repo now": the chain continues from here. A sync no
+                        // newer than what we know changes nothing; one the transcoder dropped
+                        // was not seen by subscribers, so the next commit anchors again.
+                        let desynchronized = frame.incomplete;
+                        if desynchronized && last.as_ref().is_some_and(|l| !l.desynchronized) {
+                            self.metrics.verify_desynchronized.inc();
+                        }
+                        self.chains.put(&did, Chain { state, desynchronized, epoch: self.epochs.current }, &mut frame);
                     }
-                    self.chains.put(&did, Chain { state, desynchronized, epoch: self.epochs.current }, &mut frame);
                 }
                 self.outcome(Outcome::Verified);
                 // A sync is a signed commit alone: its signature is all there is.
@@ -934,17 +941,19 @@ impl Stage {
     /// A commit of `did` that was not verified (its key unresolved, or a failure other than the
     /// chain's) may still be the repo's real next commit: the next one would then name it in
     /// `since` and fail as a chain break. So the chain is marked broken, and the next verified
-    /// commit anchors it again, as after any break.
-    fn lose_track(&mut self, did: &str, frame: &mut IngestFrame) {
+    /// commit anchors it again, as after any break. False when the repo's state cannot be
+    /// read (the stage then stops: nothing is to be counted for this frame, which is not
+    /// stored and comes again after a restart).
+    fn lose_track(&mut self, did: &str, frame: &mut IngestFrame) -> bool {
         if self.level != Level::Full {
-            return;
+            return true;
         }
-        if let Some(Some(l)) = self.chain(did) {
-            if !l.desynchronized {
-                self.metrics.verify_desynchronized.inc();
-                self.chains.put(did, Chain { state: l.state, desynchronized: true, epoch: self.epochs.current }, frame);
-            }
+        let Some(last) = self.chain(did) else { return false };
+        if let Some(l) = last.filter(|l| !l.desynchronized) {
+            self.metrics.verify_desynchronized.inc();
+            self.chains.put(did, Chain { state: l.state, desynchronized: true, epoch: self.epochs.current }, frame);
         }
+        true
     }
 
     fn outcome(&self, o: Outcome) {
@@ -1110,8 +1119,11 @@ mod tests {
         let failed = Prepared { result: Err(Problem::Failed(Failure::Signature)), ..checked("did:plc:b") };
         let got = stage.process(frame(), Work::Done(Ok(Some(Box::new(failed))))).await;
         assert!(got.is_err(), "a failed commit whose repo's state cannot be read");
-        let chain_failures = metrics.verify_failures.with_label_values(&[Reason::Chain.as_str()]).get();
-        assert_eq!(chain_failures, 0, "not counted as the repo's failure");
+        // Nothing counted for frames that are not stored (they come again after a restart).
+        for reason in [Reason::Chain, Reason::Signature] {
+            assert_eq!(metrics.verify_failures.with_label_values(&[reason.as_str()]).get(), 0, "{reason:?}");
+        }
+        assert_eq!(metrics.verify_commits.with_label_values(&[Outcome::Failed.as_str()]).get(), 0);
     }
 
     #[test]

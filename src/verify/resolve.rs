@@ -112,6 +112,8 @@ pub struct Resolver {
     /// [`REFRESH_AFTER_FAILURE`] (concurrent asks share the request), kept that long; `None`:
     /// the log could not be had.
     histories: DashMap<String, (Instant, Arc<HistoryCell>)>,
+    /// Until when `histories` is taken as full without pruning it again.
+    histories_full_until: Mutex<Option<Instant>>,
     results: Vec<prometheus::IntCounter>,
     /// Audit logs fetched: had, not had; and not fetched (too many repos' asked for lately).
     histories_fetched: [prometheus::IntCounter; 3],
@@ -224,6 +226,7 @@ impl Resolver {
             settling: Mutex::default(),
             failed: Mutex::default(),
             histories: DashMap::new(),
+            histories_full_until: Mutex::default(),
         })
     }
 
@@ -367,8 +370,14 @@ impl Resolver {
         }
         let cell = {
             if self.histories.len() >= MAX_HISTORIES && !self.histories.contains_key(did) {
-                self.histories.retain(|_, (at, _)| at.elapsed() < REFRESH_AFTER_FAILURE);
-                if self.histories.len() >= MAX_HISTORIES {
+                // Pruned at most once a second while full: not a scan of them all per ask.
+                let mut full_until = self.histories_full_until.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                if full_until.is_none_or(|until| now >= until) {
+                    self.histories.retain(|_, (at, _)| at.elapsed() < REFRESH_AFTER_FAILURE);
+                    *full_until = (self.histories.len() >= MAX_HISTORIES).then(|| now + Duration::from_secs(1));
+                }
+                if full_until.is_some() {
                     // More repos' histories asked for within ten minutes than are kept: no
                     // more fetched until some age out. (Emptying the map let a flood of forged
                     // commits across many DIDs fetch each one's audit log, up to 1 MiB, again
