@@ -339,14 +339,19 @@ fn an_mst_node_referenced_twice_is_refused() {
     assert!(matches!(got, Err(Failure::Proof(_))), "{got:?}");
 }
 
+/// The root CID and node blocks of a tree of 40 records.
+fn forty_records() -> (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>) {
+    let records: std::collections::BTreeMap<String, Vec<u8>> =
+        (0..40u16).map(|n| (path(n), value_cid(n as u32))).collect();
+    let tree = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
+    tree.blocks().unwrap()
+}
+
 /// An update whose prev is its cid undoes to the same tree, so it would prove for any record
 /// left unchanged: refused (indigo's `IsUpdate` requires the two to differ).
 #[test]
 fn an_update_that_changes_nothing_is_refused() {
-    let records: std::collections::BTreeMap<String, Vec<u8>> =
-        (0..40u16).map(|n| (path(n), value_cid(n as u32))).collect();
-    let tree = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
-    let (root, blocks) = tree.blocks().unwrap();
+    let (root, blocks) = forty_records();
     let whole = car(&root, &blocks);
     let parsed = Blocks::parse(&whole).unwrap();
     let (p, v) = (path(7), value_cid(7));
@@ -359,10 +364,7 @@ fn an_update_that_changes_nothing_is_refused() {
 /// root is not in the CAR"), and its repo's next commit was marked `signature` only.
 #[test]
 fn an_empty_commit_is_proven_by_an_unchanged_tree_alone() {
-    let records: std::collections::BTreeMap<String, Vec<u8>> =
-        (0..40u16).map(|n| (path(n), value_cid(n as u32))).collect();
-    let tree = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
-    let (root, _) = tree.blocks().unwrap();
+    let (root, _) = forty_records();
     let no_blocks = car(&root, &[]);
     let parsed = Blocks::parse(&no_blocks).unwrap();
     assert_eq!(check_inversion(&parsed, &root, &[], &root), Ok(()));
