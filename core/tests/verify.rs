@@ -340,7 +340,7 @@ fn an_mst_node_referenced_twice_is_refused() {
 }
 
 /// The root CID and node blocks of a tree of 40 records.
-fn forty_records() -> (Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>) {
+fn forty_records() -> (Vec<u8>, Vec<contrail_core::verify::mst::NodeBlock>) {
     let records: std::collections::BTreeMap<String, Vec<u8>> =
         (0..40u16).map(|n| (path(n), value_cid(n as u32))).collect();
     let tree = PartialTree::from_records(records.iter().map(|(k, v)| (k.as_bytes(), v.as_slice())));
