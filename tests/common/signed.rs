@@ -121,7 +121,9 @@ impl SignedRepo {
             signer,
             records: BTreeMap::new(),
             revs: 0,
-            rev_base: 1_000_000_000,
+            // Revs of now, as a PDS makes them: the store ages chain states by their rev's time
+            // (--verify-state-ttl), so revs from long ago would let any compaction delete them.
+            rev_base: (std::time::UNIX_EPOCH.elapsed().unwrap().as_micros() as u64) << 10,
             last_rev: None,
         }
     }
