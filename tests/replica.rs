@@ -345,13 +345,18 @@ async fn a_replica_resuming_past_an_upstreams_retention_prefers_a_complete_upstr
     }
     drop((t, u, v, w));
     let last = time_us(inspect_log(td.path()).last().unwrap());
-    // Later events, and the primary's retention passes the stopped replicas' newest event.
+    // Events the stopped replicas miss, later events, and the primary's retention passes both
+    // (a hole: were only the replicas' newest event trimmed, with nothing after it until the
+    // oldest left, the primary would tell them so, and nothing would be missing).
+    relay.push_all(&gen[300..350]);
+    primary.wait_for_seq(350, Duration::from_secs(30));
+    let missed = time_us(inspect_log(pd.path()).last().unwrap());
     tokio::time::sleep(Duration::from_millis(2_500)).await;
-    relay.push_all(&gen[300..]);
+    relay.push_all(&gen[350..]);
     primary.wait_for_seq(600, Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(20);
-    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= last {
-        assert!(Instant::now() < deadline, "the primary never trimmed past {last}");
+    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= missed {
+        assert!(Instant::now() < deadline, "the primary never trimmed past {missed}");
         std::thread::sleep(Duration::from_millis(50));
     }
     wait_caught_up(&primary, &full, Duration::from_secs(30));
@@ -440,7 +445,7 @@ async fn an_upstream_message_in_endless_fragments_is_cut_off_at_the_limit() {
     let upstream = FakeRelay::start().await;
     upstream.plan(vec![ConnFault { endless_fragments: true, ..ConnFault::default() }]);
     let dir = tempfile::tempdir().unwrap();
-    // Uncompressed: the fake upstream serves no dictionary.
+    // Uncompressed: the fragments are of a text message.
     let replica = replica_of(dir.path(), &upstream.url(), &["--upstream-compress", "false"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     while upstream.connections() < 2 {
@@ -549,6 +554,45 @@ async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     let times: Vec<u64> = stored.iter().map(|v| v["time_us"].as_u64().unwrap()).collect();
     assert_eq!(times, vec![t as u64, t as u64 + 3, t as u64 + 4, t as u64 + 7]);
     assert!(stored[1].get("verification").is_none(), "the unknown label is not stored: {}", stored[1]);
+}
+
+/// An event line larger than any a primary makes (a lying upstream's), as text or compressed, is
+/// dropped and counted, and the next one is taken on the same connection. Stored, it would be
+/// served to followers of ours, whose compressed links refuse it at every reconnection, for
+/// ever; refused as an error here, the same for us.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_event_larger_than_any_primary_makes_is_dropped_not_stored() {
+    for compressed in [false, true] {
+        let upstream = FakeRelay::start().await;
+        upstream.set_faults(Faults { text: !compressed, ..Faults::default() });
+        let t = now_us() - 3_600_000_000;
+        let line = |time_us: i64, text: &str| {
+            let line = format!(
+                r#"{{"did":"did:plc:a","time_us":{time_us},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.post","rkey":"k{time_us}","record":{{"text":"{text}"}}}}}}"#
+            );
+            // (zstd's frames say their content size: one over the limit is known as such.)
+            if compressed {
+                zstd::bulk::compress(line.as_bytes(), 1).unwrap()
+            } else {
+                line.into_bytes()
+            }
+        };
+        upstream.push(t, line(t, "a"));
+        upstream.push(t + 1, line(t + 1, &"x".repeat(17 << 20)));
+        upstream.push(t + 2, line(t + 2, "c"));
+        let dir = tempfile::tempdir().unwrap();
+        let flags = ["--upstream-compress", if compressed { "true" } else { "false" }];
+        let replica = replica_of(dir.path(), &upstream.url(), &flags);
+        let what = format!("compressed: {compressed}");
+        wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 2.0, &what);
+        assert_eq!(replica.metric("contrail_drops_total{reason=\"frame_too_large\"}"), Some(1.0), "{what}");
+        assert_eq!(upstream.connections(), 1, "{what}: the oversized event ended no connection");
+        drop(replica);
+        let stored: Vec<serde_json::Value> =
+            inspect_log(dir.path()).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let times: Vec<i64> = stored.iter().map(|v| v["time_us"].as_i64().unwrap()).collect();
+        assert_eq!(times, [t, t + 2], "{what}");
+    }
 }
 
 /// An upstream whose every line is dropped (the wrong protocol, a proxy's error pages) is as

@@ -217,7 +217,7 @@ pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: Socke
                 // past the newest event deleted (nothing came in between).
                 preface.push(match c == v2::TIMESTAMP_CURSOR_MIN || !tip.deleted_after(c as u64 - 1) {
                     true => v2::info_message("OutdatedCursor", &message),
-                    false => v2::outdated_cursor_message(c as u64 - 1, oldest - 1, &message),
+                    false => v2::outdated_cursor_message(c as u64 - 1, tip.lost_through(c as u64 - 1), &message),
                 });
                 Start::From(oldest)
             }

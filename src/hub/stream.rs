@@ -210,13 +210,16 @@ impl EventStream {
             // a gap, told first (the position moves past it as it is handed out, so a cursor
             // message sent before it claims none of it); not for a cursor of 0 or 1 (or
             // negative): "from the start", in v1's usage; nor for one past the newest event
-            // deleted (a quiet log whose newest event aged out: nothing came in between).
+            // deleted (a quiet log whose newest event aged out: nothing came in between). The
+            // gap ends at that newest event deleted, when known, not before the oldest kept:
+            // nothing was ever between the two, and a replica resuming at its own newest event
+            // (deleted here since) must not take that quiet stretch for events it lacks.
             Start::From(cursor) => {
                 let asked = cursor.max(1) - 1;
                 let oldest_left = tip.trimmed_through().max(tip.oldest().map_or(0, |t| t - 1));
                 match oldest_left > asked {
                     true if asked > 0 && tip.deleted_after(asked) => {
-                        (asked, Some(Gap { after: asked, through: oldest_left }))
+                        (asked, Some(Gap { after: asked, through: tip.lost_through(asked) }))
                     }
                     true => (oldest_left, None),
                     false => (asked, None),
@@ -930,6 +933,25 @@ mod tests {
         // Older than anything this log held (a fresh node, a cursor from another): the same.
         let mut c = f.stream(Filter::default(), Start::From(7));
         assert_eq!(take_told(&mut c, 1).await, vec![Err(Gap { after: 6, through: 3999 }), Ok(4000)]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_before_the_oldest_event_ends_at_the_newest_deleted_not_at_a_quiet_stretch() {
+        let f = Fixture::new(1024);
+        // Events up to 2999, a quiet stretch, then 5000 on (stamped 1000 + i); a trim deletes
+        // up to 2999.
+        f.ingest(1..2000);
+        f.ingest(4000..5000);
+        f.log.trim_before(3000).unwrap();
+        // A replica resuming at its own newest event, 2999 (asked inclusively, for the repeat):
+        // the gap is that event alone, which it holds, not the quiet stretch after it.
+        let mut s = f.stream(Filter::default(), Start::From(2999));
+        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap { after: 2998, through: 2999 }), Ok(5000)]);
+        let mut s = f.stream(Filter::default(), Start::From(2000));
+        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap { after: 1999, through: 2999 }), Ok(5000)]);
+        // Past the newest deleted: nothing was lost.
+        let mut s = f.stream(Filter::default(), Start::From(4000));
+        assert_eq!(take_told(&mut s, 1).await, vec![Ok(5000)]);
     }
 
     #[test]

@@ -171,6 +171,19 @@ impl Tip {
         mark == 0 || mark > position
     }
 
+    /// Where the events lost to a reader starting at `position`, below the oldest event, end:
+    /// at the newest event deleted, when a deletion is known (nothing was ever between it and
+    /// the oldest kept), else just before the oldest kept. Read after the oldest edge that put
+    /// the reader below it: the mark is raised before that edge moves, so it covers what the
+    /// edge shows deleted. (What a trim deletes after this is the first scan's to tell.)
+    pub fn lost_through(&self, position: u64) -> u64 {
+        let before_oldest = self.oldest().map_or(0, |t| t - 1);
+        match self.trimmed_through() {
+            0 => before_oldest,
+            mark => mark.max(position),
+        }
+    }
+
     /// The edges and size as read from the backend, the oldest edge having been `seen`
     /// before they were read. The oldest edge only moves forward while the log has events, so
     /// a reading that raced an append or a trim never moves it back; "empty" (a memory window
