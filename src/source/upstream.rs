@@ -410,6 +410,7 @@ impl UpstreamReader {
                 Err(e) => return protocol(e.to_string()),
             };
             let result = match (opcode, decompressor.as_mut()) {
+                (OpCode::Text, _) if payload.len() > MAX_EVENT_JSON => self.oversized(payload.len() as u64),
                 (OpCode::Text, _) => self.handle(payload.to_vec()).await,
                 (OpCode::Binary, Some(d)) => {
                     // Events are at most a few MB (a 1 MiB record rendered as JSON).
@@ -421,7 +422,10 @@ impl UpstreamReader {
                             json.shrink_to_fit();
                             self.handle(json).await
                         }
-                        Err(e) => Err(protocol(format!("a frame that does not decompress: {e}"))),
+                        Err(e) => match zstd::zstd_safe::get_frame_content_size(payload) {
+                            Ok(Some(size)) if size > MAX_EVENT_JSON as u64 => self.oversized(size),
+                            _ => Err(protocol(format!("a frame that does not decompress: {e}"))),
+                        },
                     }
                 }
                 (OpCode::Binary, None) => Err(protocol("a binary frame to an uncompressed subscription")),
@@ -653,6 +657,10 @@ impl UpstreamReader {
             return self.drop_event_at(time_us, DropReason::BadTime, what);
         }
         self.last_time_us = time_us;
+        // A line dropped before it with a later time_us was out of order, so its time says
+        // nothing of where the upstream is: kept, a bogus one hours ahead would pass for our
+        // position (no gap below it seen as a hole, no cursor message as caught up) until then.
+        self.dropped_through = self.dropped_through.min(time_us);
         self.position.store(time_us, std::sync::atomic::Ordering::Relaxed);
         self.last_event_at = std::time::Instant::now();
         self.metrics.replicated_time(time_us as i64);
@@ -672,6 +680,14 @@ impl UpstreamReader {
             );
         }
         Ok(true)
+    }
+
+    /// Drops an event line of more than [`MAX_EVENT_JSON`] (`bytes` long): more than any event
+    /// a primary makes, so a broken or lying upstream's. Taken, a follower of ours on a
+    /// compressed link would refuse it as undecompressable, again at every reconnection, for
+    /// ever; refused here as an error, so would we.
+    fn oversized(&self, bytes: u64) -> Result<bool, UpstreamError> {
+        self.drop_event(DropReason::FrameTooLarge, format!("an event line of {bytes} bytes (at most {MAX_EVENT_JSON})"))
     }
 
     /// Drops an event line that cannot be stored: counted, and said (rate-limited). The

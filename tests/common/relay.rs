@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload};
-use http_body_util::Empty;
+use http_body_util::Full;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -90,12 +90,19 @@ impl FakeRelay {
                                 .query()
                                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("cursor=")))
                                 .and_then(|c| c.parse::<i64>().ok());
+                            // A Contrail's dictionary, for a replica's compressed link (any
+                            // bytes are a raw-content dictionary; frames made without it read
+                            // the same with it).
+                            if req.uri().path() == "/dictionary" {
+                                let body = Full::new(Bytes::from_static(b"a fake upstream's zstd dictionary"));
+                                return Ok(hyper::Response::builder().status(200).body(body).unwrap());
+                            }
                             // Also at a Contrail's path, for tests of a replica's upstream reader.
                             let path_ok =
                                 ["/xrpc/com.atproto.sync.subscribeRepos", "/subscribe"].contains(&req.uri().path());
                             if !path_ok {
                                 return Ok::<_, std::convert::Infallible>(
-                                    hyper::Response::builder().status(404).body(Empty::<Bytes>::new()).unwrap(),
+                                    hyper::Response::builder().status(404).body(Full::new(Bytes::new())).unwrap(),
                                 );
                             }
                             let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).unwrap();
@@ -104,7 +111,7 @@ impl FakeRelay {
                                     serve_conn(st, ws, cursor).await;
                                 }
                             });
-                            Ok(resp)
+                            Ok(resp.map(|_| Full::new(Bytes::new())))
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
