@@ -686,17 +686,7 @@ async fn ready_says_503_while_the_relay_moves_nothing_on_past_ready_stale_after(
     let dir = tempfile::tempdir().unwrap();
     let serve = Serve::start(dir.path(), &relay.url(), &["--ready-stale-after", "3s"]);
     serve.wait_for_seq(20, Duration::from_secs(30));
-    let ready_until = |want: u16| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
-            if status == want {
-                return body;
-            }
-            assert!(std::time::Instant::now() < deadline, "/ready stayed {status} ({body}); logs:\n{}", serve.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let ready_until = |want: u16| ready_until(&serve, want);
     let body = ready_until(503);
     assert!(body.contains("nothing new from the relay for") && body.contains("(--ready-stale-after 3s)"), "{body}");
     assert_eq!(relay.connections(), 1, "the relay was not left (its idle timeout is 60s)");
@@ -705,6 +695,38 @@ async fn ready_says_503_while_the_relay_moves_nothing_on_past_ready_stale_after(
     relay.push_all(&generate(21, 5, 5, 47));
     serve.wait_for_seq(25, Duration::from_secs(30));
     assert_eq!(ready_until(200), "ready\n");
+}
+
+/// `/ready`'s body once it says `want` (within 20 s).
+fn ready_until(serve: &Serve, want: u16) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
+        if status == want {
+            return body;
+        }
+        assert!(std::time::Instant::now() < deadline, "/ready stayed {status} ({body}); logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A stopped relay that sends our cursor's frame again on every connection (it replays
+/// inclusively, as the public relays do) moves nothing on either: `/ready` says 503 past
+/// `--ready-stale-after`, however often the idle timeout reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_says_503_for_a_stopped_relay_that_only_repeats_our_cursors_frame() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 20, 5, 48));
+    let dir = tempfile::tempdir().unwrap();
+    let reconnecting = ["--relay-idle-timeout", "1s", "--relay-backoff-min", "100ms", "--relay-backoff-max", "300ms"];
+    let serve = Serve::start(dir.path(), &relay.url(), &[&["--ready-stale-after", "3s"][..], &reconnecting].concat());
+    serve.wait_for_seq(20, Duration::from_secs(30));
+    let body = ready_until(&serve, 503);
+    assert!(body.contains("nothing new from the relay for"), "{body}");
+    assert!(relay.connections() >= 3, "reconnected, frame 20 sent again each time: {}", relay.connections());
+    relay.push_all(&generate(21, 5, 5, 49));
+    serve.wait_for_seq(25, Duration::from_secs(30));
+    assert_eq!(ready_until(&serve, 200), "ready\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

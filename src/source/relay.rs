@@ -309,15 +309,24 @@ impl Reader {
                 Err(e) => return RelayError::Message(e),
             };
             match opcode {
-                OpCode::Binary => match self.handle(payload).await {
-                    Ok(true) => {
-                        let now = tokio::time::Instant::now();
-                        idle_at = now + self.cfg.relay_idle_timeout;
-                        self.readiness.moved_on(now.into_std());
+                OpCode::Binary => {
+                    let position = self.seq.last();
+                    match self.handle(payload).await {
+                        Ok(keep) => {
+                            let now = tokio::time::Instant::now();
+                            if keep {
+                                idle_at = now + self.cfg.relay_idle_timeout;
+                            }
+                            // Readiness wants our position to move: a stopped relay that sends
+                            // our cursor's frame again on each connection (an inclusive
+                            // replay) keeps this connection a while, not the region ready.
+                            if self.seq.last() != position {
+                                self.readiness.moved_on(now.into_std());
+                            }
+                        }
+                        Err(e) => return e,
                     }
-                    Ok(false) => {}
-                    Err(e) => return e,
-                },
+                }
                 OpCode::Close => return RelayError::Closed,
                 OpCode::Text => {
                     // Not part of the protocol: counted as malformed, skipped.
