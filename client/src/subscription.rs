@@ -691,8 +691,12 @@ impl Driver {
                     } else {
                         failures += 1;
                     }
-                    // Unreadable messages count only in a row.
-                    unreadable = (None, 0);
+                    // Unreadable messages count at one position, so moving on starts the
+                    // count again; a host of the list out of reach in between does not (the
+                    // count would never reach its end: back and forth for ever).
+                    if progressed {
+                        unreadable = (None, 0);
+                    }
                     tracing::warn!(%url, error = %e, "connection ended; reconnecting");
                     if self.opts.max_attempts.is_some_and(|m| failures >= m) {
                         let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };

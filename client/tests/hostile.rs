@@ -356,6 +356,28 @@ async fn a_message_the_client_cannot_read_at_one_position_ends_the_subscription_
     ends_unreadable_after(t, big, "16 MiB").await;
 }
 
+/// The same with another host in the list that cannot be reached, the case a list is for: its
+/// failures in between do not start the count again. Before, the subscription went from one
+/// host to the other for ever, the caller never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_client_cannot_read_ends_the_subscription_with_a_host_of_the_list_out_of_reach() {
+    let t = now_us();
+    let big = format!("{{\"x\":\"{}\"}}", "x".repeat(17 << 20));
+    let server = serve(vec![Script::Send(vec![event(t + 1), big])]).await;
+    // A port nothing listens on: refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr), format!("ws://{closed}")])
+        .cursor(Some(t))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .stale_timeout(Duration::from_secs(3))
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+    assert!(matches!(&err, Error::Unreadable { after: Some(a), .. } if *a == t + 1), "{err}");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1 + 3, "the first, then three tries at t+1");
+}
+
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
 /// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
 /// three tries at `t + 1`.
