@@ -80,7 +80,6 @@ fn failures(serve: &Serve, reason: &str) -> f64 {
     serve.metric(&format!("contrail_verify_failures_total{{reason=\"{reason}\"}}")).unwrap()
 }
 
-/// `(rkey, verification mark)` of the first `n` commit events of a replay from the start.
 /// Compacts a stopped `serve`'s verification state as the store does when it will, with the
 /// default `--verify-state-ttl` ageing chain states by their revs.
 fn compact_verification_state(dir: &std::path::Path) {
@@ -95,6 +94,7 @@ fn compact_verification_state(dir: &std::path::Path) {
     contrail::log::rocks::RocksLog::open(dir, options).unwrap().compact_state().unwrap();
 }
 
+/// `(rkey, verification mark)` of the first `n` commit events of a replay from the start.
 async fn commit_marks(serve: &Serve, n: usize) -> Vec<(String, String)> {
     use common::client::{connect, next, Msg};
     let mut ws = connect(serve.public, "/subscribe?cursor=0&includeVerification=true", &[]).await.unwrap();

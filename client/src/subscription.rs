@@ -692,9 +692,11 @@ impl Driver {
                         failures += 1;
                     }
                     // Unreadable messages count at one position, so moving on starts the
-                    // count again; a host of the list out of reach in between does not (the
-                    // count would never reach its end: back and forth for ever).
-                    if progressed {
+                    // count again, and so does a host that served us for a stale timeout (one
+                    // that ends now and then while nothing moves a quiet filter on); a host
+                    // of the list out of reach in between does not (the count would never
+                    // reach its end: back and forth for ever).
+                    if progressed || alive_long {
                         unreadable = (None, 0);
                     }
                     tracing::warn!(%url, error = %e, "connection ended; reconnecting");
