@@ -182,6 +182,7 @@ pub struct Metrics {
     pub replay_held_bytes: IntGauge,
     pub replay_overtaken: IntCounter,
     pub cursors_before_log: IntCounter,
+    pub holes_told: IntCounter,
     pub replay_held_waits: IntCounter,
     pub rejected_requests: IntCounterVec,
     // verification
@@ -425,6 +426,11 @@ impl Metrics {
                 &r,
                 "contrail_hub_cursors_before_log_total",
                 "Subscriptions whose cursor was older than the log (not 0 or 1): they start at the oldest event, told the gap if they take cursor messages.",
+            ),
+            holes_told: counter(
+                &r,
+                "contrail_hub_holes_told_total",
+                "Times a subscriber's stream passed a hole in the log (events a replica's upstreams lost before it had them), telling it as a gap if it takes cursor messages.",
             ),
             replay_held_waits: counter(
                 &r,

@@ -18,6 +18,7 @@
 
 use crate::clock::{now_us, Stamper};
 use crate::event::{Event, EventKind};
+use crate::log::holes::Hole;
 use crate::log::{Log, LogError, RelayCursor, RepoStateWrite};
 use crate::metrics::Metrics;
 use std::collections::VecDeque;
@@ -48,6 +49,9 @@ pub struct IngestFrame {
     pub after_gap: bool,
     /// Repo chain states the verification stage moved for this frame, written with its events.
     pub repo_states: Vec<RepoStateWrite>,
+    /// With `keep_time`: the source lost events after this `time_us` (the log's newest) and
+    /// before this frame's first event, which is stored with the hole (`log::holes`).
+    pub hole_after: Option<u64>,
 }
 
 impl IngestFrame {
@@ -271,12 +275,14 @@ impl Sequencer {
         let frames_seq = frames.iter().rev().find_map(|f| f.seq);
         let mut events: Vec<Event> = Vec::with_capacity(frames.iter().map(|f| f.events.len()).sum());
         let mut repo_states = Vec::new();
+        let mut holes = Vec::new();
         // One clock reading for the batch: its events are stored, and become visible, together
         // (the stamper still makes each `time_us` unique), and a reading per event was 6% of
         // this thread's time in the ingest bench.
         let mut now = None;
         for mut f in frames.drain(..) {
             repo_states.append(&mut f.repo_states);
+            let mut hole_after = f.hole_after.filter(|&after| f.keep_time && after > 0);
             for mut e in f.events {
                 if f.keep_time {
                     if e.time_us <= self.last_written {
@@ -289,6 +295,10 @@ impl Sequencer {
                         continue;
                     }
                     self.stamper = Stamper::new(e.time_us);
+                    // (With nothing between the two, nothing is missing.)
+                    if let Some(after) = hole_after.take().filter(|&after| e.time_us > after.saturating_add(1)) {
+                        holes.push(Hole { after, first: e.time_us });
+                    }
                 } else {
                     let now = *now.get_or_insert_with(|| (self.clock)());
                     e.stamp(self.stamper.next(now));
@@ -308,7 +318,7 @@ impl Sequencer {
             self.stamp_floor = floor;
         }
         let started = std::time::Instant::now();
-        self.log.append_with_states(&events, cursor.as_ref(), &repo_states)?;
+        self.log.append_batch(&events, cursor.as_ref(), &repo_states, &holes)?;
         let m = &self.metrics;
         m.store_write_seconds.observe(started.elapsed().as_secs_f64());
         m.store_batch_events.observe(events.len() as f64);

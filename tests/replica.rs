@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::client::{connect, next, Msg};
+use common::client::{collect, connect, next, Msg};
 use common::frames::generate;
 use common::process::{http_get, inspect_log, Serve};
 use common::relay::{ConnFault, FakeRelay, Faults};
@@ -435,6 +435,36 @@ async fn a_replica_overtaken_by_its_upstreams_retention_counts_the_hole() {
     let kept = r_log.len() - p_log.len();
     assert!(kept >= 1_024 && r_log[..kept] == before[..kept], "the first page, whole ({kept} events)");
     assert!(r_log[kept..] == p_log[..], "then the upstream's log");
+    // Its subscribers are told of the hole where it is, as a gap, and so after a restart.
+    let (before_hole, after_hole) = (time_us(&r_log[kept - 1]), time_us(&r_log[kept]));
+    let from = time_us(&r_log[kept - 2]);
+    let told = |addr| async move {
+        let query = format!("/subscribe?cursor={from}&informCursorSeconds=1");
+        let mut ws = connect(addr, &query, &[]).await.unwrap();
+        let got = collect(&mut ws, 4, Duration::from_secs(5)).await;
+        got.iter().map(|v| if v["kind"] == "gap" { v.clone() } else { v["time_us"].clone() }).collect::<Vec<_>>()
+    };
+    let want = vec![
+        serde_json::json!(from),
+        serde_json::json!(before_hole),
+        serde_json::json!({"kind": "gap", "after_us": before_hole, "through_us": after_hole - 1}),
+        serde_json::json!(after_hole),
+    ];
+    assert_eq!(told(r.public).await, want);
+    assert_eq!(r.metric("contrail_hub_holes_told_total"), Some(1.0));
+    drop(r);
+    let r = replica(rd.path(), &[&primary]);
+    assert_eq!(told(r.public).await, want, "after a restart");
+    let status: serde_json::Value = serde_json::from_str(&http_get(r.public, "/status").unwrap().1).unwrap();
+    assert_eq!(status["log"]["holes"], 1, "{status}");
+    // A follower of the replica finds the hole too: it counts it, and its log is the same.
+    let fd = tempfile::tempdir().unwrap();
+    let follower = replica(fd.path(), &[&r]);
+    wait_caught_up(&r, &follower, Duration::from_secs(30));
+    assert_eq!(follower.metric("contrail_upstream_gaps_total"), Some(1.0), "logs:\n{}", follower.logs());
+    assert_eq!(told(follower.public).await, want);
+    drop(follower);
+    assert!(inspect_log(fd.path()) == r_log, "the follower's log is the replica's");
 }
 
 /// An upstream that sends one message in fragments without end: the replica cuts it off at the

@@ -64,6 +64,9 @@ pub enum Ended {
     /// The queue's events are followed by this event, which the ring did not hold: read the
     /// log from it (nothing the filter matched before it is missing from the queue).
     InLog(u64),
+    /// The log lacks events before the next one (a hole, `log::holes`): read the log from
+    /// your position, which tells the hole whatever your filter, then register again.
+    Hole,
     /// The ring is gone (the server is stopping).
     Closed,
 }
@@ -578,12 +581,23 @@ impl Dispatcher {
         let _guard = CloseOnExit(self);
         loop {
             match rx.blocking_recv() {
-                Ok(item) => self.dispatch(&item),
+                Ok(item) => self.dispatch_after_holes(&item, tip),
                 // Events were missed: every live stream reads them from the log.
                 Err(broadcast::error::RecvError::Lagged(_)) => self.end_all(Ended::Overflowed, tip.newest()),
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
+    }
+
+    /// Dispatches `item`; when it is the first event after a hole in the log, every queue ends
+    /// first, before anything moves past the hole: every live stream, whatever its filter,
+    /// reads the log from its position and is told of the hole there (the dispatcher tells
+    /// queues only of events). Holes are rare (a replica whose upstreams lost events).
+    fn dispatch_after_holes(&self, item: &Published, tip: &Tip) {
+        if tip.holes().ends_at(item.time_us()) {
+            self.end_all(Ended::Hole, None);
+        }
+        self.dispatch(item);
     }
 
     fn dispatch(&self, item: &Published) {
@@ -629,7 +643,7 @@ impl Dispatcher {
         let old = index.drain();
         for e in old.entries.iter().flatten().filter(|e| !e.detached) {
             e.queue.end(how);
-            if how != Ended::Closed {
+            if how == Ended::Overflowed {
                 self.overflows.inc();
             }
         }
@@ -922,5 +936,30 @@ mod tests {
         assert!(matches!(likes.queue().take(), Take::Empty));
         let (_, up_to) = d.register(Arc::new(Filter::default()), 0);
         assert_eq!(up_to, 7);
+    }
+
+    #[test]
+    fn the_event_after_a_hole_ends_every_queue_first_whatever_its_filter() {
+        use crate::log::{holes::Hole, memory::MemoryLog, Log};
+        let d = dispatcher();
+        let log = Log::memory(MemoryLog::new(64 << 20));
+        let filter = |c: &str| Arc::new(Filter::new(&[c.to_string()], &[]).unwrap());
+        let posts = d.register(filter("app.bsky.feed.post"), 0).0;
+        let nobody = d.register(filter("org.example.nobody"), 0).0;
+        let post = |t| event(t, EventKind::Commit, A, "app.bsky.feed.post");
+        log.append(&[(*post(1)).clone()], None).unwrap();
+        d.dispatch_after_holes(&Published::Event(post(1)), &log.tip());
+        assert_eq!(taken(posts.queue()), vec![1]);
+        log.append_batch(&[(*post(5)).clone()], None, &[], &[Hole { after: 1, first: 5 }]).unwrap();
+        d.dispatch_after_holes(&Published::Event(post(5)), &log.tip());
+        assert!(matches!(posts.queue().take(), Take::Ended(Ended::Hole)), "not the event: the log, first");
+        assert!(matches!(nobody.queue().take(), Take::Ended(Ended::Hole)), "it wanted nothing, and is told");
+        assert_eq!((d.dispatched_up_to(), d.overflows.get()), (5, 0), "not an overflow");
+        // Whoever registers next reads the log up to the hole's event, then takes the queue.
+        let (again, up_to) = d.register(filter("app.bsky.feed.post"), 1);
+        assert_eq!(up_to, 5);
+        log.append(&[(*post(6)).clone()], None).unwrap();
+        d.dispatch_after_holes(&Published::Event(post(6)), &log.tip());
+        assert_eq!(taken(again.queue()), vec![6]);
     }
 }

@@ -52,7 +52,8 @@
 //! passed (delivered or filtered out), L whether it is live (caught up with the log) or still
 //! reading it — `cursor_messages_report_progress`. With it, events the log no longer held
 //! when the stream came to them (retention overtook a replay, or the cursor is older than the
-//! log; not for cursors 0 and 1, "from the start") are told first as
+//! log; not for cursors 0 and 1, "from the start"), or that it never had (a hole: a replica's
+//! upstreams lost them, `log::holes`), are told first as
 //! `{"kind":"gap","after_us":A,"through_us":B}`, exactly those after A up to B; v2 tells them
 //! in an `#info OutdatedCursor`, the range also in its fields `afterSeq` and `throughSeq` —
 //! `replayers_that_retention_overtakes_are_told_the_gap_in_order`, `hub::stream` unit tests.

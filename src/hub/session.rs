@@ -11,7 +11,7 @@ use super::encode::{Encoding, MAX_HEAD};
 use super::inbound::{self, Counted, FrameReader};
 use super::liveness::{self, within, Watched};
 use super::slow::{Progress, SlowWatch};
-use super::stream::{EventStream, Frames, Gap, Next, Replay, Start, StreamMetrics};
+use super::stream::{EventStream, Frames, Gap, GapCause, Next, Replay, Start, StreamMetrics};
 use super::Hub;
 use crate::event::{Event, EventKind};
 use crate::metrics::Wire;
@@ -697,6 +697,7 @@ impl Session {
             lagging: hub.metrics.lagging_subscribers.clone(),
             overtaken: hub.metrics.replay_overtaken.clone(),
             cursor_before_log: hub.metrics.cursors_before_log.clone(),
+            holes_told: hub.metrics.holes_told.clone(),
         };
         self.stream = Some(EventStream::new(
             hub.log.clone(),
@@ -785,16 +786,23 @@ impl Session {
     }
 
     /// Tells the subscriber of events its stream could not send (the log no longer held
-    /// them), before anything after them: v2 in an `#info OutdatedCursor` (with the range in
-    /// `afterSeq` and `throughSeq`); v1 only to a client that asked for cursor messages (a
-    /// strict v1 client knows no other kinds), as `{"kind":"gap","after_us":A,"through_us":B}`.
-    async fn tell_gap(&mut self, Gap { after, through }: Gap) -> Result<(), CloseReason> {
+    /// them, or never had them: a hole), before anything after them: v2 in an `#info
+    /// OutdatedCursor` (with the range in `afterSeq` and `throughSeq`); v1 only to a client
+    /// that asked for cursor messages (a strict v1 client knows no other kinds), as
+    /// `{"kind":"gap","after_us":A,"through_us":B}`.
+    async fn tell_gap(&mut self, Gap { after, through, cause }: Gap) -> Result<(), CloseReason> {
         let message = match self.encoding.wire {
-            Wire::V2 => contrail_core::v2::outdated_cursor_message(
-                after,
-                through,
-                &format!("events after seq {after} through seq {through} were deleted before they were sent; continuing after them"),
-            ),
+            Wire::V2 => {
+                let why = match cause {
+                    GapCause::Deleted => "were deleted before they were sent",
+                    GapCause::NeverReceived => "never reached this server (its upstreams lost them)",
+                };
+                contrail_core::v2::outdated_cursor_message(
+                    after,
+                    through,
+                    &format!("events after seq {after} through seq {through} {why}; continuing after them"),
+                )
+            }
             Wire::V1 if self.inform.is_some() => {
                 format!(r#"{{"kind":"gap","after_us":{after},"through_us":{through}}}"#).into_bytes()
             }

@@ -16,6 +16,7 @@ use super::limits::TokenBucket;
 use super::replay_budget::{Client, PageHold, ReplayBudget, Share};
 use super::replay_pages::{Page, PageFetch, Rendering, ReplayPages, REPLAY_BATCH};
 use crate::event::Event;
+use crate::log::holes::Hole;
 use crate::log::{Log, LogError, Tip};
 use crate::options::Filter;
 use std::sync::Arc;
@@ -39,14 +40,29 @@ pub enum Next {
     Gap(Gap),
 }
 
-/// Events after `after` and up to `through` (by `time_us`) that a stream could not send: the
-/// log had deleted them (retention, the disk budget, a memory window's bound) before the
-/// stream read them, or never reached back to them (a cursor older than the log). Whether its
-/// filter wanted any of them is not known.
+/// Events after `after` and up to `through` (by `time_us`) that a stream could not send.
+/// Whether its filter wanted any of them is not known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Gap {
     pub after: u64,
     pub through: u64,
+    pub cause: GapCause,
+}
+
+/// Why a stream could not send a gap's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapCause {
+    /// The log had deleted them (retention, the disk budget, a memory window's bound) before
+    /// the stream read them, or never reached back to them (a cursor older than the log).
+    Deleted,
+    /// The log never had them: a hole, where its source lost events (`log::holes`).
+    NeverReceived,
+}
+
+impl Gap {
+    fn deleted(after: u64, through: u64) -> Gap {
+        Gap { after, through, cause: GapCause::Deleted }
+    }
 }
 
 /// Consecutive frames of a replay page.
@@ -90,6 +106,8 @@ pub struct StreamMetrics {
     pub overtaken: prometheus::IntCounter,
     /// Streams that started with a gap: a cursor older than the log.
     pub cursor_before_log: prometheus::IntCounter,
+    /// Holes in the log that streams passed, telling their subscribers.
+    pub holes_told: prometheus::IntCounter,
 }
 
 /// Where a stream's replay pages come from: the pages shared by replayers, and the memory the
@@ -143,6 +161,8 @@ impl Start {
 
 pub struct EventStream {
     log: Arc<Log>,
+    /// The log's tip, for its holes.
+    tip: Arc<Tip>,
     dispatcher: Arc<Dispatcher>,
     /// The stream position: every event up to here was delivered or filtered out.
     last_seen: u64,
@@ -219,7 +239,7 @@ impl EventStream {
                 let oldest_left = tip.trimmed_through().max(tip.oldest().map_or(0, |t| t - 1));
                 match oldest_left > asked {
                     true if asked > 0 && tip.deleted_after(asked) => {
-                        (asked, Some(Gap { after: asked, through: tip.lost_through(asked) }))
+                        (asked, Some(Gap::deleted(asked, tip.lost_through(asked))))
                     }
                     true => (oldest_left, None),
                     false => (asked, None),
@@ -232,6 +252,7 @@ impl EventStream {
         }
         metrics.lagging.inc(); // until it is live
         let mut s = EventStream {
+            tip: log.tip(),
             log,
             dispatcher,
             last_seen,
@@ -343,10 +364,11 @@ impl EventStream {
         }
     }
 
-    /// The next frames of the page in hand, at most `max`. A finished page moves the position
-    /// to what it covers (past what it filtered out) and counts for the slow rule; a page that
-    /// stopped at a corrupt value is an error once its frames are out.
-    fn next_from_page(&mut self, max: usize) -> Result<Option<Frames>, LogError> {
+    /// The next frames of the page in hand, at most `max`, or the hole before them. A finished
+    /// page moves the position to what it covers (past what it filtered out) and counts for
+    /// the slow rule; a page that stopped at a corrupt value is an error once its frames are
+    /// out.
+    fn next_from_page(&mut self, max: usize) -> Result<Option<Next>, LogError> {
         let Some((page, next, came_at)) = &mut self.page else { return Ok(None) };
         if *next == 0 {
             *came_at = self.last_seen; // (a gap told since it was taken may have moved it)
@@ -354,17 +376,30 @@ impl EventStream {
         // A page found by a position inside it: skip what was delivered.
         *next = (*next).max(page.first_after(self.last_seen));
         let count = page.frame_count();
+        let hole = self.tip.holes().ahead_of(self.last_seen);
         if *next < count {
-            let end = page.chunk_end(*next, max, CHUNK_BYTES);
+            let mut end = page.chunk_end(*next, max, CHUNK_BYTES);
             let finishes = end == count && !page.corrupt;
-            let through = if finishes { page.covered_to } else { page.time_of(end - 1) };
+            let mut through = if finishes { page.covered_to } else { page.time_of(end - 1) };
+            if let Some(hole) = hole.filter(|h| h.first <= through) {
+                // The frames before the hole, then the hole, then the rest.
+                end = end.min(page.first_after(hole.first - 1));
+                if end <= *next {
+                    return Ok(Some(Next::Gap(self.pass(hole))));
+                }
+                through = page.time_of(end - 1);
+            }
             let frames = Frames { page: page.page().clone(), range: *next..end, through };
             self.passed += (end - *next) as u64;
             *next = end;
-            return Ok(Some(frames));
+            return Ok(Some(Next::Frames(frames)));
         }
         if page.corrupt {
             return Err(LogError::Corrupt("event value")); // the page stays: asked again, again
+        }
+        if let Some(hole) = hole.filter(|h| h.first <= page.covered_to) {
+            // Passing it without a frame (the page filtered out the events after it).
+            return Ok(Some(Next::Gap(self.pass(hole))));
         }
         // Frames count as they are handed out; the events the page filtered out after where
         // this stream came to it, once it is passed (a page dropped by a filter change is not).
@@ -386,7 +421,7 @@ impl EventStream {
                 return Some(Next::Gap(gap));
             }
             match self.next_from_page(max) {
-                Ok(Some(frames)) => return Some(Next::Frames(frames)),
+                Ok(Some(next)) => return Some(next),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "reading the log for a subscriber failed");
@@ -455,7 +490,7 @@ impl EventStream {
                     }
                 }
                 Take::Empty => registration.queue().ready().await,
-                Take::Ended(Ended::Overflowed) => self.fall_back_to_log(),
+                Take::Ended(Ended::Overflowed | Ended::Hole) => self.fall_back_to_log(),
                 Take::Ended(Ended::InLog(t)) => {
                     self.last_seen = self.last_seen.max(t.saturating_sub(1));
                     self.fall_back_to_log();
@@ -495,7 +530,7 @@ impl EventStream {
                     }
                 }
                 Take::Empty | Take::Ended(Ended::Closed) => return None,
-                Take::Ended(Ended::Overflowed) => {
+                Take::Ended(Ended::Overflowed | Ended::Hole) => {
                     self.fall_back_to_log();
                     return None;
                 }
@@ -515,7 +550,7 @@ impl EventStream {
     fn overtaken(&mut self, page: &Page) {
         let Some(through) = page.raw().missing_after(self.last_seen) else { return };
         let position = self.last_seen;
-        self.gap = Some(Gap { after: position, through });
+        self.gap = Some(Gap::deleted(position, through));
         self.metrics.overtaken.inc();
         static LOG: std::sync::OnceLock<crate::rate_limited_log::RateLimitedLog> = std::sync::OnceLock::new();
         let log = LOG.get_or_init(|| crate::rate_limited_log::RateLimitedLog::new(std::time::Duration::from_secs(10)));
@@ -537,13 +572,30 @@ impl EventStream {
         self.page = Some((page, 0, self.last_seen));
     }
 
-    /// A queued event (its filter matched), unless the log gave it already.
+    /// A queued event (its filter matched), unless the log gave it already, or a hole in the
+    /// log is before it: then the hole is told first, and the event read from the log after it.
+    /// (The dispatcher ends every queue at a hole, so a queue should not hold one's event.)
     fn accept(&mut self, ev: Arc<Event>) -> Option<Arc<Event>> {
         if ev.time_us <= self.last_seen {
             return None;
         }
+        if let Some(hole) = self.tip.holes().ahead_of(self.last_seen).filter(|h| h.first <= ev.time_us) {
+            self.gap = Some(self.pass(hole));
+            self.fall_back_to_log();
+            return None;
+        }
         self.passed += 1;
         Some(ev)
+    }
+
+    /// The gap a hole ahead of the position is told as; the position moves past it (to just
+    /// before the event after it).
+    fn pass(&mut self, hole: Hole) -> Gap {
+        let gap =
+            Gap { after: self.last_seen.max(hole.after), through: hole.first - 1, cause: GapCause::NeverReceived };
+        self.last_seen = gap.through;
+        self.metrics.holes_told.inc();
+        gap
     }
 
     /// The queue ended: back to the log, from where we are.
@@ -622,6 +674,7 @@ mod tests {
                     lagging: m.lagging_subscribers.clone(),
                     overtaken: m.replay_overtaken.clone(),
                     cursor_before_log: m.cursors_before_log.clone(),
+                    holes_told: m.holes_told.clone(),
                 },
                 overflows: m.live_queue_overflows.clone(),
                 pages: Arc::new(ReplayPages::new(8 << 20, PageCounters::of(&m))),
@@ -632,6 +685,17 @@ mod tests {
         /// Persists events `range`, then publishes them (the sequencer's order).
         fn ingest(&self, range: std::ops::Range<u64>) {
             self.ingest_some_in_log(range, u64::MAX);
+        }
+
+        /// As `ingest`, after a hole: the source lost what came between the log's newest event
+        /// and these.
+        fn ingest_after_hole(&self, range: std::ops::Range<u64>) {
+            let events: Vec<Event> = range.map(event).collect();
+            let hole = Hole { after: self.log.tip().newest().unwrap(), first: events[0].time_us };
+            self.log.append_batch(&events, None, &[], &[hole]).unwrap();
+            for e in events {
+                let _ = self.ring.send(Published::Event(Arc::new(e)));
+            }
         }
 
         /// As `ingest`, every `nth` event published as one the ring does not hold.
@@ -900,7 +964,7 @@ mod tests {
         assert_eq!(take_told(&mut s, 10).await, (2124..2134).map(Ok).collect::<Vec<_>>(), "the shared page");
         assert_eq!(f.metrics.overtaken.get(), 0);
         take(&mut s, 1014).await;
-        let mut want = vec![Err(Gap { after: 3147, through: 3999 })];
+        let mut want = vec![Err(Gap::deleted(3147, 3999))];
         want.extend((4000..4010).map(Ok));
         assert_eq!(take_told(&mut s, 10).await, want, "the gap, then the oldest left");
         assert_eq!(f.metrics.overtaken.get(), 1);
@@ -925,14 +989,57 @@ mod tests {
         // A cursor inside that page, now older than the log: clamped to the oldest event left,
         // the events in between told as a gap first, not 1,024 events and then a silent jump.
         let mut b = f.stream(Filter::default(), Start::From(2000));
-        let mut want = vec![Err(Gap { after: 1999, through: 3999 })];
+        let mut want = vec![Err(Gap::deleted(1999, 3999))];
         want.extend((4000..5030).map(Ok));
         assert_eq!(take_told(&mut b, 1030).await, want);
         assert_eq!(f.metrics.overtaken.get(), 0, "a clamp, not a replayer overtaken");
         assert_eq!(f.metrics.cursor_before_log.get(), 1);
         // Older than anything this log held (a fresh node, a cursor from another): the same.
         let mut c = f.stream(Filter::default(), Start::From(7));
-        assert_eq!(take_told(&mut c, 1).await, vec![Err(Gap { after: 6, through: 3999 }), Ok(4000)]);
+        assert_eq!(take_told(&mut c, 1).await, vec![Err(Gap::deleted(6, 3999)), Ok(4000)]);
+    }
+
+    #[tokio::test]
+    async fn a_hole_in_the_log_is_told_where_it_is_on_replay_and_live_whatever_the_filter() {
+        let f = Fixture::new(1024);
+        let hole = |after, through| Err(Gap { after, through, cause: GapCause::NeverReceived });
+        let nothing = || Filter::new(&["org.example.nobody".into()], &[]).unwrap();
+        f.ingest(0..100);
+        f.ingest_after_hole(200..300);
+        // Replayed from before it: the events before it, the hole, the events after it.
+        let mut s = f.stream(Filter::default(), Start::From(1090));
+        let mut want: Vec<Result<u64, Gap>> = (1090..1100).map(Ok).collect();
+        want.push(hole(1099, 1199));
+        want.extend((1200..1210).map(Ok));
+        assert_eq!(take_told(&mut s, 20).await, want);
+        // In larger chunks too: the frames before it are cut off at it.
+        let mut s = f.stream(Filter::default(), Start::From(1090));
+        let Some(Next::Frames(frames)) = s.next(64).await else { panic!("frames") };
+        assert_eq!(frames.times().collect::<Vec<_>>(), (1090..1100).collect::<Vec<_>>());
+        s.advance(frames.through);
+        assert_eq!(next_item(&mut s).await, Some(hole(1099, 1199)));
+        // From a cursor inside it: the rest of it.
+        let mut s = f.stream(Filter::default(), Start::From(1150));
+        assert_eq!(take_told(&mut s, 1).await, vec![hole(1149, 1199), Ok(1200)]);
+        // A filter that wants nothing passes it in a page without frames, and is told too.
+        let mut s = f.stream(nothing(), Start::From(1000));
+        assert_eq!(next_item(&mut s).await, Some(hole(1099, 1199)));
+        assert_eq!(f.metrics.holes_told.get(), 4);
+        // Live streams, one wanting every event and one wanting none, are told of the next hole
+        // before the event after it.
+        let (mut live, mut idle) = (f.stream(Filter::default(), Start::Live), f.stream(nothing(), Start::Live));
+        assert!(live.is_live() && idle.is_live());
+        f.ingest_after_hole(400..402);
+        assert_eq!(take_told(&mut live, 2).await, vec![hole(1299, 1399), Ok(1400), Ok(1401)]);
+        let told = tokio::time::timeout(Duration::from_secs(5), next_item(&mut idle)).await.expect("told");
+        assert_eq!(told, Some(hole(1299, 1399)));
+        assert_eq!(f.overflows.get(), 0, "no queue overflowed");
+        // Once retention deletes the event after a hole, a reader from further back is told
+        // of the deleted events instead, which covers it.
+        f.log.trim_before(1250).unwrap();
+        let mut s = f.stream(Filter::default(), Start::From(1050));
+        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap::deleted(1049, 1249)), Ok(1250)]);
+        assert_eq!(f.log.tip().holes().len(), 1, "the first hole went with its event");
     }
 
     #[tokio::test]
@@ -946,9 +1053,9 @@ mod tests {
         // A replica resuming at its own newest event, 2999 (asked inclusively, for the repeat):
         // the gap is that event alone, which it holds, not the quiet stretch after it.
         let mut s = f.stream(Filter::default(), Start::From(2999));
-        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap { after: 2998, through: 2999 }), Ok(5000)]);
+        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap::deleted(2998, 2999)), Ok(5000)]);
         let mut s = f.stream(Filter::default(), Start::From(2000));
-        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap { after: 1999, through: 2999 }), Ok(5000)]);
+        assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap::deleted(1999, 2999)), Ok(5000)]);
         // Past the newest deleted: nothing was lost.
         let mut s = f.stream(Filter::default(), Start::From(4000));
         assert_eq!(take_told(&mut s, 1).await, vec![Ok(5000)]);

@@ -9,12 +9,14 @@
 //! the metrics gauges (which are fed from the tip, never read back). Decisions about the log
 //! are taken against the tip, not the wall clock (DESIGN.md invariant 9).
 
+pub mod holes;
 pub mod memory;
 pub mod retention;
 pub mod rocks;
 
 use crate::event::Event;
 use crate::units::parse_size;
+use holes::{Hole, Holes};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -135,6 +137,8 @@ pub struct Tip {
     /// restarts, or a memory window's since the process started; shared with the backend,
     /// which raises it as it deletes.
     trimmed_through: Arc<AtomicU64>,
+    /// Where the source lost events in the middle of the log ([`holes`]).
+    holes: Holes,
 }
 
 impl Tip {
@@ -159,6 +163,11 @@ impl Tip {
     /// it: a replayer whose position was further back lost those it had not read.
     pub fn trimmed_through(&self) -> u64 {
         self.trimmed_through.load(Ordering::Acquire)
+    }
+
+    /// The log's holes: where its source lost events before they reached it.
+    pub fn holes(&self) -> &Holes {
+        &self.holes
     }
 
     /// Whether events after `position` may have been deleted, for a reader starting there
@@ -234,6 +243,9 @@ impl Log {
             },
             ..Tip::default()
         };
+        if let Backend::Rocks(s) = &backend {
+            tip.holes.add(&s.holes()?);
+        }
         let log = Log { backend, tip: Arc::new(tip) };
         log.refresh_tip()?;
         Ok(log)
@@ -300,10 +312,24 @@ impl Log {
         cursor: Option<&RelayCursor>,
         repo_states: &[RepoStateWrite],
     ) -> Result<()> {
+        self.append_batch(events, cursor, repo_states, &[])
+    }
+
+    /// [`append_with_states`](Self::append_with_states), with the holes just before some of
+    /// the events (each with its `first` among them), in the same atomic write. The holes are
+    /// in the tip before the events: a stream that sees an event sees the hole before it.
+    pub fn append_batch(
+        &self,
+        events: &[Event],
+        cursor: Option<&RelayCursor>,
+        repo_states: &[RepoStateWrite],
+        holes: &[Hole],
+    ) -> Result<()> {
         match &self.backend {
-            Backend::Rocks(s) => s.append(events, cursor, repo_states)?,
+            Backend::Rocks(s) => s.append(events, cursor, repo_states, holes)?,
             Backend::Memory(m) => m.append(events, cursor, repo_states),
         }
+        self.tip.holes.add(holes);
         if let Some(last) = events.last() {
             if self.tip.oldest().is_none() {
                 self.tip.oldest.store(events[0].time_us, Ordering::Release);
@@ -316,6 +342,7 @@ impl Log {
             // (What the window's bound evicted is in the tip's trim mark already.)
             let (oldest, newest, bytes) = m.edges();
             self.tip.set(seen, oldest, newest, bytes);
+            self.tip.holes.forget_through(self.tip.trimmed_through());
         }
         Ok(())
     }
@@ -437,6 +464,8 @@ impl Log {
             Backend::Rocks(s) => s.trim_before(cutoff)?,
             Backend::Memory(m) => m.trim_before(cutoff),
         }
+        // (RocksDB deleted the holes' records with their first events.)
+        self.tip.holes.forget_through(self.tip.trimmed_through());
         self.refresh_tip()
     }
 
@@ -503,6 +532,7 @@ mod tests {
             oldest: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             trimmed_through: Arc::default(),
+            holes: Holes::default(),
         };
         // A refresh sees the log empty; the first append lands before its store.
         let seen = tip.oldest.load(Ordering::Acquire);

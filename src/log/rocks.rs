@@ -7,7 +7,9 @@
 //! - `meta`: the relay cursor (`relay` → seq + URL), the newest `time_us` ever written
 //!   (`last_time_us`), which the sequencer resumes from even after retention empties the log,
 //!   the newest event a trim deleted (`trimmed_through`), which replayers' gaps are told by,
-//!   and, with unsynced batches, a floor for the next `time_us` (`stamp_floor`).
+//!   with unsynced batches, a floor for the next `time_us` (`stamp_floor`), and the log's
+//!   holes (`hole/` + the first event after it, 8 bytes big-endian → the last event before it),
+//!   each written with the event after it and deleted with it.
 //! - `repos`: verification's per-repo chain state (DID → last verified rev and MST root), written
 //!   in the same batch as the events it admits.
 //! - `dids`: verification's DID → signing key cache (a cache: written on its own).
@@ -52,7 +54,14 @@ const KEY_TRIMMED_THROUGH: &[u8] = b"trimmed_through";
 /// clock behind at boot would stamp new events with the `time_us` (the cursors) they hold.
 /// The sequencer resumes past it.
 const KEY_STAMP_FLOOR: &[u8] = b"stamp_floor";
+/// The prefix of a hole's key in `meta` ([`super::holes`]).
+const HOLE_PREFIX: &[u8] = b"hole/";
 
+fn hole_key(first: u64) -> Vec<u8> {
+    [HOLE_PREFIX, &first.to_be_bytes()].concat()
+}
+
+use super::holes::{Hole, MAX_HOLES};
 use super::{LogError, LogStats, RelayCursor, RepoStateWrite, Result};
 
 /// How writes are made durable.
@@ -432,10 +441,19 @@ impl RocksLog {
     }
 
     /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
-    /// relay cursor they complete and the repo chain states they move (in order: the last
-    /// state of a repo wins).
-    pub fn append(&self, events: &[Event], cursor: Option<&RelayCursor>, repo_states: &[RepoStateWrite]) -> Result<()> {
+    /// relay cursor they complete, the repo chain states they move (in order: the last state
+    /// of a repo wins) and the holes before some of them.
+    pub fn append(
+        &self,
+        events: &[Event],
+        cursor: Option<&RelayCursor>,
+        repo_states: &[RepoStateWrite],
+        holes: &[Hole],
+    ) -> Result<()> {
         let mut batch = WriteBatch::default();
+        for h in holes {
+            batch.put_cf(self.meta(), hole_key(h.first), h.after.to_be_bytes());
+        }
         if !repo_states.is_empty() {
             let repos = self.cf(CF_REPOS)?;
             for (did, state) in repo_states {
@@ -463,6 +481,54 @@ impl RocksLog {
             }
         }
         self.db.write_opt(batch, &self.write_opts)?;
+        Ok(())
+    }
+
+    /// The holes stored, oldest first (at most [`MAX_HOLES`], the newest), but those whose
+    /// first event is gone: they go with it (a trim a crash cut short may have left them).
+    pub fn holes(&self) -> Result<Vec<Hole>> {
+        let oldest = self.oldest_time_us()?.unwrap_or(u64::MAX);
+        let mut holes = Vec::new();
+        let mut stale = Vec::new();
+        self.each_hole(|key, first, after| {
+            if first < oldest || first <= self.trimmed.load(std::sync::atomic::Ordering::Acquire) {
+                stale.push(key.to_vec());
+            } else {
+                holes.push(Hole { after, first });
+            }
+        })?;
+        for key in stale {
+            self.db.delete_cf(self.meta(), key)?;
+        }
+        let skip = holes.len().saturating_sub(MAX_HOLES);
+        holes.drain(..skip);
+        Ok(holes)
+    }
+
+    /// Calls `f` with each stored hole's key, `first` and `after`, oldest first.
+    fn each_hole(&self, mut f: impl FnMut(&[u8], u64, u64)) -> Result<()> {
+        let mode = IteratorMode::From(HOLE_PREFIX, Direction::Forward);
+        for item in self.db.iterator_cf(self.meta(), mode) {
+            let (key, value) = item?;
+            let Some(first) = key.strip_prefix(HOLE_PREFIX) else { break };
+            let first: [u8; 8] = first.try_into().map_err(|_| LogError::Corrupt("hole key"))?;
+            let after: [u8; 8] = value.as_ref().try_into().map_err(|_| LogError::Corrupt("hole"))?;
+            f(&key, u64::from_be_bytes(first), u64::from_be_bytes(after));
+        }
+        Ok(())
+    }
+
+    /// Deletes the holes whose first event is before `cutoff` (a trim deleted it).
+    fn trim_holes_before(&self, cutoff: u64) -> Result<()> {
+        let mut gone = Vec::new();
+        self.each_hole(|key, first, _| {
+            if first < cutoff {
+                gone.push(key.to_vec());
+            }
+        })?;
+        for key in gone {
+            self.db.delete_cf(self.meta(), key)?;
+        }
         Ok(())
     }
 
@@ -719,6 +785,7 @@ impl RocksLog {
     /// range so the space comes back.
     pub fn trim_before(&self, cutoff: u64) -> Result<()> {
         self.trim_events_before(cutoff)?;
+        self.trim_holes_before(cutoff)?;
         self.trim_zframes_before(cutoff)
     }
 
@@ -912,12 +979,12 @@ mod tests {
         let log = RocksLog::open(dir.path(), opts).unwrap();
         assert!(!dir.path().join("trim-7.sst.tmp").exists());
         for chunk in 0..5 {
-            log.append(&events(1 + chunk * 1_000, 1_000), None, &[]).unwrap();
+            log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[]).unwrap();
             log.flush().unwrap();
         }
         let before = files(&log);
         assert_eq!(before.len(), 5, "{before:?}");
-        log.append(&events(5_001, 1_000), None, &[]).unwrap(); // in the memtable
+        log.append(&events(5_001, 1_000), None, &[], &[]).unwrap(); // in the memtable
         log.trim_before(1_500).unwrap();
         log.flush().unwrap();
         let after = files(&log);
@@ -954,7 +1021,7 @@ mod tests {
         let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
         let log = RocksLog::open(dir.path(), opts).unwrap();
         for chunk in 0..4 {
-            log.append(&events(1 + chunk * 1_000, 1_000), None, &[]).unwrap();
+            log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[]).unwrap();
             log.flush().unwrap(); // files a trim drops whole
         }
         assert_eq!(log.scan_after_trims(0, 1, |_, _| true).unwrap(), (1, 0), "nothing trimmed yet");
@@ -982,6 +1049,33 @@ mod tests {
         assert_eq!((first, trimmed), (2_501, 2_500));
     }
 
+    /// A hole is written with the event after it, outlives the process, and goes with that
+    /// event when a trim deletes it.
+    #[test]
+    fn holes_outlive_the_process_and_go_with_the_event_after_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        log.append(&events(1, 10), None, &[], &[]).unwrap();
+        let (a, b) = (Hole { after: 10, first: 100 }, Hole { after: 109, first: 200 });
+        log.append(&events(100, 10), None, &[], &[a]).unwrap();
+        log.append(&events(200, 10), None, &[], &[b]).unwrap();
+        assert_eq!(log.holes().unwrap(), vec![a, b]);
+        drop(log);
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        assert_eq!(log.holes().unwrap(), vec![a, b], "after a restart");
+        log.trim_before(150).unwrap();
+        assert_eq!(log.holes().unwrap(), vec![b], "the first went with its event");
+        drop(log);
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        assert_eq!(log.holes().unwrap(), vec![b]);
+        // One whose event a version that knows no holes trimmed (a downgrade, then an upgrade
+        // back): dropped when read.
+        log.db.put_cf(log.meta(), hole_key(50), 5u64.to_be_bytes()).unwrap();
+        assert_eq!(log.holes().unwrap(), vec![b]);
+        assert_eq!(log.db.get_cf(log.meta(), hole_key(50)).unwrap(), None);
+    }
+
     /// The trim mark outlives the process, and a trim that a crash cut short between its two
     /// steps (the files of the oldest events dropped, the tombstone not yet in; a file being
     /// compacted was left, in the middle of the hole) is finished when the log opens again.
@@ -994,7 +1088,7 @@ mod tests {
         {
             let log = RocksLog::open(dir.path(), opts).unwrap();
             for chunk in 0..4 {
-                log.append(&events(1 + chunk * 1_000, 1_000), None, &[]).unwrap();
+                log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[]).unwrap();
                 log.flush().unwrap();
             }
             log.trim_before(1_001).unwrap();
@@ -1021,7 +1115,7 @@ mod tests {
         let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
         let log = std::sync::Arc::new(RocksLog::open(dir.path(), opts).unwrap());
         for chunk in 0..60 {
-            log.append(&events(1 + chunk * 100, 100), None, &[]).unwrap();
+            log.append(&events(1 + chunk * 100, 100), None, &[], &[]).unwrap();
             log.flush().unwrap(); // a file per 100 events: most trims drop some whole
         }
         let trimmer = {

@@ -9,7 +9,9 @@
 //!   and the connection is reopened from the cursor.
 //! - An upstream's gap message (its log no longer held events it came to) past our newest
 //!   event is that upstream lacking what follows it, as when the first event after resuming
-//!   is not the resumed-from one: another upstream is tried, or the gap is counted.
+//!   is not the resumed-from one: another upstream is tried, or the gap is counted and stored
+//!   as a hole in the log, which our own subscribers (and followers) are told of as a gap
+//!   (`log::holes`).
 //! - Asks for cursor messages (`informCursorSeconds`) and uses them as a heartbeat: an
 //!   upstream that sends neither events nor cursor messages for the stale timeout is dropped
 //!   for the next one in the list. Chains work: an upstream may itself be a replica.
@@ -665,7 +667,9 @@ impl UpstreamReader {
         self.last_event_at = std::time::Instant::now();
         self.metrics.replicated_time(time_us as i64);
         self.metrics.upstream_tip_distance_seconds.set(0.0);
-        let frame = IngestFrame { events: vec![event], keep_time: true, ..Default::default() };
+        // A hole accepted goes into the log with this event, to be told to our subscribers.
+        let hole_after = self.gap.map(|(cursor, _)| cursor);
+        let frame = IngestFrame { events: vec![event], keep_time: true, hole_after, ..Default::default() };
         self.tx.send(frame).await.map_err(|_| UpstreamError::SequencerStopped)?;
         self.moved_on = true;
         // A new position: what the upstreams showed was about the old one.
@@ -676,7 +680,7 @@ impl UpstreamReader {
                 upstream = %self.urls()[self.current],
                 cursor,
                 first,
-                "no upstream still has our newest event or the events after it: events between it and this upstream's next may be missing"
+                "no upstream still has our newest event or the events after it: events between it and this upstream's next may be missing (a hole in the log, told to subscribers that pass it as a gap)"
             );
         }
         Ok(true)
