@@ -56,7 +56,7 @@ impl Holes {
     }
 
     /// How many holes the log has.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.list.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
@@ -114,9 +114,9 @@ mod tests {
         assert_eq!(holes.ahead_of(39), None);
         assert!(holes.ends_at(20) && holes.ends_at(40) && !holes.ends_at(30) && !holes.ends_at(41));
         holes.forget_through(20);
-        assert_eq!((holes.len(), holes.ahead_of(0)), (1, Some(Hole { after: 30, first: 40 })));
+        assert_eq!((holes.count(), holes.ahead_of(0)), (1, Some(Hole { after: 30, first: 40 })));
         holes.forget_through(u64::MAX);
-        assert_eq!((holes.len(), holes.ahead_of(0)), (0, None));
+        assert_eq!((holes.count(), holes.ahead_of(0)), (0, None));
     }
 
     #[test]
@@ -124,7 +124,7 @@ mod tests {
         let holes = Holes::default();
         let many: Vec<Hole> = (1..=MAX_HOLES as u64 + 5).map(|i| Hole { after: i * 10, first: i * 10 + 5 }).collect();
         holes.add(&many);
-        assert_eq!(holes.len(), MAX_HOLES);
+        assert_eq!(holes.count(), MAX_HOLES);
         assert_eq!(holes.ahead_of(0), Some(many[5]));
     }
 }

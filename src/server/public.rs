@@ -212,7 +212,7 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
             "newest_time_us": tip.newest().unwrap_or(0),
             "disk_bytes": tip.bytes(),
             "retention_seconds": shared.retention.as_secs(),
-            "holes": tip.holes().len(),
+            "holes": tip.holes().count(),
         },
         "subscribers": subscribers,
         "subscribers_by_wire": crate::metrics::Wire::ALL.iter().map(|w| {
