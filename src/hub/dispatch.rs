@@ -594,15 +594,22 @@ impl Dispatcher {
     /// reads the log from its position and is told of the hole there (the dispatcher tells
     /// queues only of events). Holes are rare (a replica whose upstreams lost events).
     fn dispatch_after_holes(&self, item: &Published, tip: &Tip) {
-        if tip.holes().ends_at(item.time_us()) {
-            self.end_all(Ended::Hole, None);
-        }
-        self.dispatch(item);
+        let mut index = lock(&self.index);
+        // In the same hold of the lock as the dispatch: a stream registering in between would
+        // join at a point before the hole and be handed only what comes after it.
+        let old = tip.holes().ends_at(item.time_us()).then(|| self.end_queues(&mut index, Ended::Hole));
+        self.dispatch_locked(&mut index, item);
+        drop(index);
+        drop(old);
     }
 
+    #[cfg(test)]
     fn dispatch(&self, item: &Published) {
+        self.dispatch_locked(&mut lock(&self.index), item);
+    }
+
+    fn dispatch_locked(&self, index: &mut Index, item: &Published) {
         let t = item.time_us();
-        let mut index = lock(&self.index);
         let mut ended = Vec::new();
         match item {
             Published::Event(ev) => {
@@ -637,6 +644,18 @@ impl Dispatcher {
     /// up to the log's newest event is in the log, what is newer comes through the ring).
     fn end_all(&self, how: Ended, up_to: Option<u64>) {
         let mut index = lock(&self.index);
+        let old = self.end_queues(&mut index, how);
+        if let Some(t) = up_to {
+            self.dispatched_up_to.fetch_max(t, Ordering::Release);
+        }
+        drop(index);
+        // Its keys (up to millions, with many-DID filters) are freed outside the lock.
+        drop(old);
+    }
+
+    /// Ends every queue in `index` and empties it; returns what it held, to be freed once the
+    /// lock is let go.
+    fn end_queues(&self, index: &mut Index, how: Ended) -> Index {
         if how == Ended::Closed {
             index.closed = true;
         }
@@ -647,12 +666,7 @@ impl Dispatcher {
                 self.overflows.inc();
             }
         }
-        if let Some(t) = up_to {
-            self.dispatched_up_to.fetch_max(t, Ordering::Release);
-        }
-        drop(index);
-        // Its keys (up to millions, with many-DID filters) are freed outside the lock.
-        drop(old);
+        old
     }
 }
 

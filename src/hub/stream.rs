@@ -241,6 +241,9 @@ impl EventStream {
                     true if asked > 0 && tip.deleted_after(asked) => {
                         (asked, Some(Gap::deleted(asked, tip.lost_through(asked))))
                     }
+                    // Inside a hole, or at the event before it, which retention deleted: the
+                    // oldest event is the one after the hole, which the first page tells.
+                    true if tip.holes().ahead_of(asked).is_some_and(|h| h.first <= oldest_left + 1) => (asked, None),
                     true => (oldest_left, None),
                     false => (asked, None),
                 }
@@ -580,7 +583,9 @@ impl EventStream {
             return None;
         }
         if let Some(hole) = self.tip.holes().ahead_of(self.last_seen).filter(|h| h.first <= ev.time_us) {
-            self.gap = Some(self.pass(hole));
+            // The position moves as the gap is handed out, not before: a cursor message sent
+            // meanwhile must not claim it.
+            self.gap = Some(self.hole_gap(hole));
             self.fall_back_to_log();
             return None;
         }
@@ -591,11 +596,15 @@ impl EventStream {
     /// The gap a hole ahead of the position is told as; the position moves past it (to just
     /// before the event after it).
     fn pass(&mut self, hole: Hole) -> Gap {
-        let gap =
-            Gap { after: self.last_seen.max(hole.after), through: hole.first - 1, cause: GapCause::NeverReceived };
+        let gap = self.hole_gap(hole);
         self.last_seen = gap.through;
-        self.metrics.holes_told.inc();
         gap
+    }
+
+    /// The gap a hole ahead of the position is told as (counted).
+    fn hole_gap(&self, hole: Hole) -> Gap {
+        self.metrics.holes_told.inc();
+        Gap { after: self.last_seen.max(hole.after), through: hole.first - 1, cause: GapCause::NeverReceived }
     }
 
     /// The queue ended: back to the log, from where we are.
@@ -1039,6 +1048,13 @@ mod tests {
         f.log.trim_before(1250).unwrap();
         let mut s = f.stream(Filter::default(), Start::From(1050));
         assert_eq!(take_told(&mut s, 1).await, vec![Err(Gap::deleted(1049, 1249)), Ok(1250)]);
+        // Retention deleting the event before a hole but not the one after it: a cursor inside
+        // the hole, or just past the event before it, is still told the rest of the hole.
+        f.log.trim_before(1350).unwrap();
+        let mut s = f.stream(Filter::default(), Start::From(1350));
+        assert_eq!(take_told(&mut s, 1).await, vec![hole(1349, 1399), Ok(1400)]);
+        let mut s = f.stream(Filter::default(), Start::From(1300));
+        assert_eq!(take_told(&mut s, 1).await, vec![hole(1299, 1399), Ok(1400)]);
         assert_eq!(f.log.tip().holes().count(), 1, "the first hole went with its event");
     }
 

@@ -317,7 +317,8 @@ impl Log {
 
     /// [`append_with_states`](Self::append_with_states), with the holes just before some of
     /// the events (each with its `first` among them), in the same atomic write. The holes are
-    /// in the tip before the events: a stream that sees an event sees the hole before it.
+    /// in the tip before the events are written: a stream that sees an event sees the hole
+    /// before it.
     pub fn append_batch(
         &self,
         events: &[Event],
@@ -325,11 +326,14 @@ impl Log {
         repo_states: &[RepoStateWrite],
         holes: &[Hole],
     ) -> Result<()> {
+        // Before the write: a replayer's scan reads the backend, and must find the hole as soon
+        // as it can find the event after it. (Nothing passes a hole before that event is
+        // there; a failed write stops the sequencer, and the process.)
+        self.tip.holes.add(holes);
         match &self.backend {
             Backend::Rocks(s) => s.append(events, cursor, repo_states, holes)?,
             Backend::Memory(m) => m.append(events, cursor, repo_states),
         }
-        self.tip.holes.add(holes);
         if let Some(last) = events.last() {
             if self.tip.oldest().is_none() {
                 self.tip.oldest.store(events[0].time_us, Ordering::Release);
