@@ -107,7 +107,7 @@ async function tick(){
   $('seq').textContent=s.relay.seq||'–'; $('rc').textContent=s.relay.reconnects+' reconnects';
   $('subs').textContent=s.subscribers; $('subsw').textContent=Object.entries(s.subscribers_by_wire||{}).map(([w,c])=>w+': '+Object.entries(c).map(([k,n])=>n+' '+k).join(', ')).join(' · ');
   const o=s.log.oldest_time_us,n=s.log.newest_time_us;
-  $('span').textContent=o&&n?dur((n-o)/1e6):'empty'; $('spanr').textContent='retention '+dur(s.log.retention_seconds);
+  $('span').textContent=o&&n?dur((n-o)/1e6):'empty'; $('spanr').textContent='retention '+dur(s.log.retention_seconds)+(s.log.holes?' · '+s.log.holes+(s.log.holes>1?' holes':' hole')+' (events never received)':'');
   $('disk').textContent=bytes(s.log.disk_bytes); $('uptime').textContent=dur(s.uptime_seconds);
   if(s.catchup){$('catchcard').style.display='block'; $('catch').textContent=s.catchup.behind_seconds>1?dur(s.catchup.behind_seconds)+' behind':'caught up';
    $('eta').textContent=s.catchup.eta_seconds?'about '+dur(s.catchup.eta_seconds)+' left':'';}
