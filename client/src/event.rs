@@ -117,6 +117,8 @@ pub struct Event {
     kind: Kind,
     did: Text,
     commit: Option<CommitHead>,
+    /// Other events may carry the same `time_us` ([`Event::may_share_time`]).
+    shares_time: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +134,10 @@ struct Envelope<'a> {
     #[serde(borrow)]
     did: Cow<'a, str>,
     time_us: u64,
+    /// Jetstream v2's seq, which its `/subscribe` adds to every event (and Jetstream v1 and
+    /// Contrail do not).
+    #[serde(default)]
+    cursor: Option<IgnoredAny>,
     #[serde(borrow)]
     kind: Cow<'a, str>,
     #[serde(borrow)]
@@ -169,7 +175,8 @@ impl Event {
             rkey: Text::of(&raw, c.rkey),
             rev: Text::of(&raw, c.rev),
         });
-        Ok(Event { time_us: env.time_us, kind, did, commit, raw, wire: Wire::V1 })
+        let shares_time = env.cursor.is_some();
+        Ok(Event { time_us: env.time_us, kind, did, commit, raw, wire: Wire::V1, shares_time })
     }
 
     /// Reads a Jetstream v2 message: an event, or what else the server said.
@@ -245,12 +252,21 @@ impl Event {
             }),
             _ => None,
         };
-        Ok(V2Message::Event(Event { raw, wire: Wire::V2, time_us, kind, did, commit }))
+        // (The position is the seq: one per event.)
+        Ok(V2Message::Event(Event { raw, wire: Wire::V2, time_us, kind, did, commit, shares_time: false }))
     }
 
     /// The server's position of this event: the cursor to resume from.
     pub fn time_us(&self) -> u64 {
         self.time_us
+    }
+
+    /// Whether other events may have the same position: Jetstream v2's `/subscribe` gives every
+    /// op of a commit its frame's `time_us` (it is known by the `cursor` field it adds to every
+    /// event). Jetstream v1 and Contrail stamp each event uniquely, and v2's `subscribeEvents`
+    /// positions are one per event.
+    pub fn may_share_time(&self) -> bool {
+        self.shares_time
     }
 
     pub fn kind(&self) -> Kind {
@@ -531,6 +547,20 @@ mod tests {
         assert_eq!(serde_json::to_string(&e).unwrap(), POST);
         let back: Event = serde_json::from_str(POST).unwrap();
         assert_eq!(back, e);
+    }
+
+    /// Jetstream v2's `/subscribe` adds its seq as a top-level `cursor` to every event, and
+    /// stamps every op of a commit alike: such events may share their position.
+    #[test]
+    fn events_from_a_server_that_stamps_alike_are_known_by_their_cursor_field() {
+        let v1 =
+            r#"{"did":"did:plc:x","time_us":6,"kind":"identity","identity":{"did":"did:plc:x","seq":1,"time":"t"}}"#;
+        assert!(!Event::from_json(v1.into()).unwrap().may_share_time());
+        let v2 = r#"{"did":"did:plc:x","time_us":6,"cursor":42,"kind":"identity","identity":{"did":"did:plc:x","seq":1,"time":"t"}}"#;
+        assert!(Event::from_json(v2.into()).unwrap().may_share_time());
+        // Any value is taken as the mark, never refused (it is not ours to check).
+        let odd = r#"{"did":"did:plc:x","time_us":6,"cursor":"x","kind":"identity","identity":{"did":"did:plc:x","seq":1,"time":"t"}}"#;
+        assert!(Event::from_json(odd.into()).unwrap().may_share_time());
     }
 
     #[test]

@@ -11,7 +11,13 @@
 //!   [`crate::Failover::Rewind`], one ending within the rewind after a switch of host is only
 //!   logged: see [`crate::subscription`]);
 //! - after a clean stop (the shutdown future, or the subscription ending) nothing is handed
-//!   over twice: the cursor is saved on the way out;
+//!   over twice: the cursor is saved on the way out — except from a server that stamps the ops
+//!   of a commit alike (Jetstream v2's `/subscribe`; [`Event::may_share_time`]): a `time_us` is
+//!   saved only once a later event shows no more can come at it, so the ops at the last one are
+//!   handed over again rather than the rest of their commit lost (a run resumed at a cursor
+//!   takes every event at it for a repeat);
+//! - a handler's error or panic ends the run with the cursor before its event (and before the
+//!   events stamped alike with it);
 //! - after a crash (kill -9, power loss), the events finished after the last save — at most
 //!   one save interval's worth (1 s by default) — are handed over again. A handler that is
 //!   idempotent (an upsert keyed by DID + collection + rkey, for instance) therefore gets
@@ -111,6 +117,78 @@ impl<S: CursorStore> Saver<S> {
     }
 }
 
+/// How far a run's handed-over work reaches, as a cursor that is safe to save: every event at or
+/// before it is finished (the parallel runner adds its unfinished work on top).
+///
+/// Jetstream v2's `/subscribe` stamps every op of a commit with its frame's `time_us`, and a run
+/// resumed from a stored cursor takes every event at the cursor for a repeat: saving the
+/// `time_us` of an op, when more ops at it may still come, would lose them if a later one
+/// failed or the run stopped before them. From such a server (known by the `cursor` field it
+/// adds to every event, [`Event::may_share_time`]), an event's `time_us` is saved once it is
+/// whole (a later event came, or a cursor message or a gap passed it); until then, the
+/// position just before it, so the ops at it are handed over again rather than lost.
+#[derive(Debug)]
+struct Reach {
+    /// The newest position handed over: an event's `time_us`, a cursor message's, a gap's end.
+    last: Option<u64>,
+    /// No more events can come at `last`.
+    whole: bool,
+}
+
+impl Reach {
+    fn new(saved: Option<u64>) -> Self {
+        Reach { last: saved, whole: true }
+    }
+
+    /// An event at `t` is next: every event before it has come.
+    fn arriving(&mut self, t: u64) {
+        if self.last.is_some_and(|l| l < t) {
+            self.whole = true;
+        }
+    }
+
+    /// The event at `t` was handed over (finished, for the serial runner); `shares_time`: more
+    /// events may come at `t` ([`Event::may_share_time`]).
+    fn handed(&mut self, t: u64, shares_time: bool) {
+        self.last = Some(t);
+        self.whole = !shares_time;
+    }
+
+    /// A cursor message or a gap moved the position to `t`: everything up to it has come.
+    fn passed(&mut self, t: u64) {
+        self.last = Some(self.last.map_or(t, |l| l.max(t)));
+        self.whole = true;
+    }
+
+    /// What may be saved now.
+    fn safe(&self) -> Option<u64> {
+        let t = self.last?;
+        if self.whole {
+            Some(t)
+        } else {
+            // Every event before `t` has come and been handed over. (0 is no cursor.)
+            t.checked_sub(1).filter(|&p| p > 0)
+        }
+    }
+}
+
+/// Runs `f`, turning a panic inside it into an error, so that a run can save what it finished
+/// before it reports the panic.
+async fn catch_panic<F: Future>(f: F) -> Result<F::Output, String> {
+    let mut f = std::pin::pin!(f);
+    std::future::poll_fn(|cx| match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.as_mut().poll(cx))) {
+        Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+        Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+        Err(p) => std::task::Poll::Ready(Err(panic_message(p))),
+    })
+    .await
+}
+
+/// A panic's message, when it has one.
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default()
+}
+
 /// Hands each event to `handler`, one at a time, in order, saving the cursor as described in
 /// the module doc, until `shutdown` completes (the event in hand is finished first), the
 /// handler fails, or the subscription ends with an error.
@@ -127,37 +205,47 @@ where
     F: Future<Output = Result<(), E>>,
 {
     let mut saver = Saver::new(store, opts.save_interval).map_err(ProcessError::Store)?;
-    let mut position = saver.saved;
+    let mut reach = Reach::new(saver.saved);
     tokio::pin!(shutdown);
     let result = loop {
-        let due = saver.due(position);
+        let due = saver.due(reach.safe());
         let message = tokio::select! {
             biased;
             _ = &mut shutdown => break Ok(()),
             m = sub.next() => m,
             // Nothing new for the interval: what was finished is saved now.
             _ = sleep_until(due), if due.is_some() => {
-                saver.now(position).map_err(ProcessError::Store)?;
+                saver.now(reach.safe()).map_err(ProcessError::Store)?;
                 continue;
             }
         };
         match message {
             Ok(Message::Event(e)) => {
                 let t = e.time_us();
-                if let Err(err) = handler(e).await {
-                    break Err(ProcessError::Handler(err));
+                reach.arriving(t);
+                let shares_time = e.may_share_time();
+                let failed = match catch_panic(handler(e)).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(err)) => Some(ProcessError::Handler(err)),
+                    Err(panic) => Some(ProcessError::HandlerPanicked(panic)),
+                };
+                if let Some(failed) = failed {
+                    // The cursor stays before the event that failed (and any stamped alike
+                    // with it): the next run hands it over again.
+                    saver.now(reach.safe()).map_err(ProcessError::Store)?;
+                    return Err(failed);
                 }
-                position = Some(t);
+                reach.handed(t, shares_time);
             }
             // Past a gap too: its events cannot be had again (the subscription logged it).
-            Ok(Message::Cursor(t) | Message::Gap { through_us: t, .. }) => position = Some(t),
+            Ok(Message::Cursor(t) | Message::Gap { through_us: t, .. }) => reach.passed(t),
             Err(e) => break Err(ProcessError::Subscription(e)),
         }
-        if let Err(e) = saver.maybe(position) {
+        if let Err(e) = saver.maybe(reach.safe()) {
             return Err(ProcessError::Store(e));
         }
     };
-    saver.now(position).map_err(ProcessError::Store)?;
+    saver.now(reach.safe()).map_err(ProcessError::Store)?;
     result
 }
 
@@ -265,13 +353,14 @@ where
         }));
     }
     drop(err_tx);
-    let mut position = saver.saved;
+    let mut reach = Reach::new(saver.saved);
     let mut next_id = 0u64;
-    let safe_position = |position: Option<u64>| -> Option<u64> {
+    // The oldest unfinished event's position before it, else what the run reached.
+    let safe_position = |reached: Option<u64>| -> Option<u64> {
         let f = lock(&in_flight);
         match f.entries.first_key_value() {
             Some((_, before)) => *before,
-            None => position,
+            None => reached,
         }
     };
     tokio::pin!(shutdown);
@@ -281,10 +370,10 @@ where
     // entry in `in_flight` holds the cursor before it).
     let mut waiting: Option<(usize, u64, Event)> = None;
     loop {
-        let safe = safe_position(position);
+        let safe = safe_position(reach.safe());
         let due = saver.due(safe);
         // Work dispatched and not finished holds the position back: wait for it too.
-        let held_back = due.is_none() && saver.due(position).is_some();
+        let held_back = due.is_none() && saver.due(reach.safe()).is_some();
         let waiting_for = waiting.as_ref().map_or(0, |w| w.0);
         let message = tokio::select! {
             biased;
@@ -299,7 +388,7 @@ where
             room = queues[waiting_for].reserve(), if waiting.is_some() => {
                 let Ok(room) = room else { break }; // the worker has stopped after a failure; its error is on the way
                 let (_, id, e) = waiting.take().expect("a wait for room has an event");
-                position = Some(e.time_us());
+                reach.handed(e.time_us(), e.may_share_time());
                 room.send((id, e));
                 None
             }
@@ -307,7 +396,7 @@ where
             // Nothing new for the interval: what was finished is saved now.
             _ = sleep_until(due), if due.is_some() => {
                 // What is finished by now: workers may have finished more while this waited.
-                if let Err(e) = saver.now(safe_position(position)) {
+                if let Err(e) = saver.now(safe_position(reach.safe())) {
                     lock(&in_flight).failed = true;
                     return Err(ProcessError::Store(e));
                 }
@@ -321,17 +410,18 @@ where
                 let worker = (repo_hash(e.did()) % workers as u64) as usize;
                 let id = next_id;
                 next_id += 1;
-                lock(&in_flight).entries.insert(id, position);
+                reach.arriving(e.time_us());
+                lock(&in_flight).entries.insert(id, reach.safe());
                 waiting = Some((worker, id, e));
                 continue;
             }
-            Some(Ok(Message::Cursor(t) | Message::Gap { through_us: t, .. })) => position = Some(t),
+            Some(Ok(Message::Cursor(t) | Message::Gap { through_us: t, .. })) => reach.passed(t),
             Some(Err(e)) => {
                 result = Err(ProcessError::Subscription(e));
                 break;
             }
         }
-        if let Err(e) = saver.maybe(safe_position(position)) {
+        if let Err(e) = saver.maybe(safe_position(reach.safe())) {
             lock(&in_flight).failed = true;
             return Err(ProcessError::Store(e));
         }
@@ -345,10 +435,7 @@ where
         tasks.tasks.remove(0);
         if let Err(e) = joined {
             if e.is_panic() && !matches!(result, Err(ProcessError::Handler(_))) {
-                let p = e.into_panic();
-                let what =
-                    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
-                result = Err(ProcessError::HandlerPanicked(what.unwrap_or_default()));
+                result = Err(ProcessError::HandlerPanicked(panic_message(e.into_panic())));
             }
         }
     }
@@ -359,7 +446,10 @@ where
             result = Err(ProcessError::Handler(e));
         }
     }
-    saver.now(safe_position(position)).map_err(ProcessError::Store)?;
+    // Unfinished work (a failed or panicked handler's event, one not handed over at shutdown)
+    // holds the cursor before it; with none, the run's work is all finished.
+    let unfinished = lock(&in_flight).entries.first_key_value().map(|(_, before)| *before);
+    saver.now(unfinished.unwrap_or_else(|| reach.safe())).map_err(ProcessError::Store)?;
     result
 }
 

@@ -1,6 +1,8 @@
 //! The runners' promises, checked on random streams: per-repo order, every event handled once
 //! per run, and a saved cursor that never passes unfinished work (asserted inside the store's
-//! `save`, at the moment of saving).
+//! `save`, at the moment of saving), also where events are stamped alike (Jetstream v2's
+//! `/subscribe` gives every op of a commit one `time_us`): a cursor at a `time_us` claims every
+//! event at it.
 
 use contrail_client::{
     process, process_parallel, CursorStore, Event, Message, ProcessError, ProcessOptions, Subscription,
@@ -12,10 +14,26 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 fn event(did: u8, time_us: u64) -> Event {
+    event_from(did, time_us, 0, false)
+}
+
+/// The `n`th op of a commit stamped `time_us`, from a server that stamps every op of a commit
+/// alike (Jetstream v2's `/subscribe`, which adds its own `cursor` to every event).
+fn op(did: u8, time_us: u64, n: usize) -> Event {
+    event_from(did, time_us, n, true)
+}
+
+fn event_from(did: u8, time_us: u64, n: usize, v2_server: bool) -> Event {
+    let cursor = if v2_server { format!(r#""cursor":{time_us}{n},"#) } else { String::new() };
     Event::from_json(format!(
-        r#"{{"did":"did:plc:repo{did}","time_us":{time_us},"kind":"commit","commit":{{"rev":"r{time_us}","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}","record":{{}}}}}}"#
+        r#"{{"did":"did:plc:repo{did}","time_us":{time_us},{cursor}"kind":"commit","commit":{{"rev":"r{time_us}","operation":"create","collection":"app.bsky.feed.like","rkey":"k{time_us}x{n}","record":{{}}}}}}"#
     ))
     .unwrap()
+}
+
+/// An event's identity in these tests: its `time_us` and its place among the ops stamped alike.
+fn identity(e: &Event) -> (u64, String) {
+    (e.time_us(), e.rkey().unwrap_or_default().to_string())
 }
 
 /// A subscription that has these `(repo, time_us)` events waiting and stays open while the
@@ -33,15 +51,15 @@ async fn open_subscription(
 /// What the handler has finished, shared with the store that checks it.
 #[derive(Default)]
 struct Finished {
-    times: BTreeSet<u64>,
+    events: BTreeSet<(u64, String)>,
     last_per_repo: HashMap<String, u64>,
     out_of_order: Vec<String>,
 }
 
 struct CheckingStore {
     finished: Arc<Mutex<Finished>>,
-    /// Every position that exists in the stream (events and cursor messages).
-    all_events: Arc<Vec<u64>>,
+    /// Every event of the stream.
+    all_events: Arc<Vec<(u64, String)>>,
     saves: Arc<Mutex<Vec<u64>>>,
     violations: Arc<Mutex<Vec<String>>>,
 }
@@ -53,9 +71,9 @@ impl CursorStore for CheckingStore {
 
     fn save(&mut self, cursor: u64) -> std::io::Result<()> {
         let f = self.finished.lock().unwrap();
-        for &t in self.all_events.iter().filter(|&&t| t <= cursor) {
-            if !f.times.contains(&t) {
-                self.violations.lock().unwrap().push(format!("saved {cursor} while {t} was unfinished"));
+        for e in self.all_events.iter().filter(|e| e.0 <= cursor) {
+            if !f.events.contains(e) {
+                self.violations.lock().unwrap().push(format!("saved {cursor} while {e:?} was unfinished"));
             }
         }
         let mut saves = self.saves.lock().unwrap();
@@ -67,13 +85,14 @@ impl CursorStore for CheckingStore {
     }
 }
 
-/// A stream: (repo, delay ms) per event, with a cursor message after some.
-fn stream() -> impl Strategy<Value = Vec<(u8, u8, bool)>> {
-    prop::collection::vec((0u8..6, 0u8..3, prop::bool::weighted(0.1)), 1..120)
+/// A stream: (repo, delay ms, a cursor message after it, stamped alike with the one before) per
+/// event. (A server that sends cursor messages stamps every event uniquely.)
+fn stream() -> impl Strategy<Value = Vec<(u8, u8, bool, bool)>> {
+    prop::collection::vec((0u8..6, 0u8..3, prop::bool::weighted(0.1), prop::bool::weighted(0.3)), 1..120)
 }
 
 async fn run_case(
-    items: Vec<(u8, u8, bool)>,
+    items: Vec<(u8, u8, bool, bool)>,
     workers: Option<usize>,
     fail_at: Option<usize>,
 ) -> Result<(), TestCaseError> {
@@ -81,16 +100,29 @@ async fn run_case(
     let mut all = Vec::new();
     let mut delays = HashMap::new();
     let mut msgs = Vec::new();
-    for (i, &(repo, delay, cursor_after)) in items.iter().enumerate() {
-        let t = 1_000 + 10 * i as u64;
-        all.push(t);
-        delays.insert(t, delay as u64);
-        msgs.push(Message::Event(event(repo, t)));
+    // Events stamped alike make the stream one from a server that stamps alike.
+    let mut stamps = Vec::new();
+    let (mut t, mut n, mut cursor_before) = (1_000u64, 0usize, false);
+    for (i, &(_, _, cursor_after, alike)) in items.iter().enumerate() {
+        if i > 0 && alike && !cursor_before {
+            n += 1;
+        } else {
+            (t, n) = (1_000 + 10 * i as u64, 0);
+        }
+        stamps.push((t, n));
+        cursor_before = cursor_after;
+    }
+    let any_alike = stamps.iter().any(|&(_, n)| n > 0);
+    for (&(repo, delay, cursor_after, _), &(t, n)) in items.iter().zip(&stamps) {
+        let e = event_from(repo, t, n, any_alike);
+        all.push(identity(&e));
+        delays.insert(identity(&e), delay as u64);
+        msgs.push(Message::Event(e));
         if cursor_after {
             msgs.push(Message::Cursor(t + 5));
         }
     }
-    let fail_time = fail_at.map(|i| all[i % all.len()]);
+    let fail_event = fail_at.map(|i| all[i % all.len()].clone());
     let all = Arc::new(all);
     let finished = Arc::new(Mutex::new(Finished::default()));
     let store = CheckingStore {
@@ -112,23 +144,25 @@ async fn run_case(
     let sub = Subscription::from_channel(rx);
     let opts = ProcessOptions { save_interval: Duration::ZERO, queue_per_worker: 3 };
     let f2 = finished.clone();
+    let fail = fail_event.clone();
     let handler = move |e: Event| {
         let finished = f2.clone();
-        let delay = delays[&e.time_us()];
+        let delay = delays[&identity(&e)];
+        let fails = fail.as_ref() == Some(&identity(&e));
         to_str(async move {
-            if Some(e.time_us()) == fail_time {
+            if fails {
                 return Err(TestCaseError::fail("boom"));
             }
             tokio::time::sleep(Duration::from_millis(delay)).await;
             let mut f = finished.lock().unwrap();
             let t = e.time_us();
             if let Some(&prev) = f.last_per_repo.get(e.did()) {
-                if prev >= t {
+                if prev > t {
                     f.out_of_order.push(format!("{} at {t} after {prev}", e.did()));
                 }
             }
             f.last_per_repo.insert(e.did().to_string(), t);
-            prop_assert!(f.times.insert(t), "{t} handled twice");
+            prop_assert!(f.events.insert(identity(&e)), "{:?} handled twice", identity(&e));
             Ok(())
         })
     };
@@ -141,21 +175,23 @@ async fn run_case(
     let f = finished.lock().unwrap();
     prop_assert!(violations.lock().unwrap().is_empty(), "{:?}", violations.lock().unwrap());
     prop_assert!(f.out_of_order.is_empty(), "{:?}", f.out_of_order);
-    match fail_time {
+    match fail_event {
         None => {
             prop_assert!(
                 matches!(result, Err(ProcessError::Subscription(contrail_client::Error::Ended))),
                 "{result:?}"
             );
-            prop_assert_eq!(f.times.len(), all.len(), "not every event was handled");
-            // The last save covers everything.
-            let last = *saves.lock().unwrap().last().unwrap();
-            prop_assert!(last >= *all.last().unwrap());
+            prop_assert_eq!(f.events.len(), all.len(), "not every event was handled");
+            // The last save covers everything (from a server that stamps events alike, all but
+            // the last `time_us`, which may have more events to come).
+            let last = saves.lock().unwrap().last().copied().unwrap_or(0);
+            prop_assert!(last >= all.last().unwrap().0 - u64::from(any_alike), "{last}");
         }
-        Some(t) => {
+        Some(failed) => {
             prop_assert!(matches!(result, Err(ProcessError::Handler(_))), "{result:?}");
-            prop_assert!(!f.times.contains(&t));
-            prop_assert!(saves.lock().unwrap().iter().all(|&s| s < t), "a save passed the failed event");
+            prop_assert!(!f.events.contains(&failed));
+            let t = failed.0;
+            prop_assert!(saves.lock().unwrap().iter().all(|&s| s < t), "a save claimed the failed event's time_us {t}");
         }
     }
     Ok(())
@@ -184,6 +220,67 @@ async fn a_panicking_parallel_handler_ends_the_run_with_an_error_and_the_cursor_
     assert!(matches!(&result, Err(ProcessError::HandlerPanicked(m)) if m.contains("handler bug at 3")), "{result:?}");
     assert!(store.get().is_none_or(|c| c < 3), "the cursor passed the event whose handler panicked: {:?}", store.get());
     drop(tx);
+}
+
+/// The serial runner, like the parallel one: a handler's panic ends the run with an error, and
+/// what was finished before it is saved (the events before it are not handed over again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_ends_the_serial_run_with_an_error_and_saves_what_it_finished() {
+    let (tx, sub) = open_subscription((1..=5u64).map(|t| (t as u8, t))).await;
+    let store = contrail_client::MemoryCursorStore::default();
+    let handler = |e: Event| async move {
+        if e.time_us() == 3 {
+            panic!("handler bug at 3");
+        }
+        Ok::<(), String>(())
+    };
+    // Saved only at the end: what the end saves is what is checked.
+    let opts = ProcessOptions { save_interval: Duration::from_secs(3600), ..ProcessOptions::default() };
+    let result = process(sub, store.clone(), opts, handler, std::future::pending()).await;
+    assert!(matches!(&result, Err(ProcessError::HandlerPanicked(m)) if m.contains("handler bug at 3")), "{result:?}");
+    assert_eq!(store.get(), Some(2));
+    drop(tx);
+}
+
+/// Ops of one commit stamped alike, the second failing: the saved cursor stays before their
+/// `time_us` (a run resumed at it would take both for repeats), so the next run hands both
+/// over again; the same for a stop right after the first. Both runners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_between_ops_stamped_alike_leaves_the_cursor_before_them() {
+    for workers in [None, Some(2)] {
+        let (tx, rx) = mpsc::channel(16);
+        for e in [op(1, 10, 0), op(1, 10, 1), op(1, 20, 0), op(1, 30, 0), op(2, 30, 1)] {
+            tx.send(Ok(Message::Event(e))).await.unwrap();
+        }
+        let store = contrail_client::MemoryCursorStore::default();
+        let handler = |e: Event| async move {
+            if identity(&e) == (30, "k30x1".to_string()) {
+                return Err("the second op at 30 fails".to_string());
+            }
+            Ok(())
+        };
+        let opts = ProcessOptions { save_interval: Duration::ZERO, ..ProcessOptions::default() };
+        let sub = Subscription::from_channel(rx);
+        let result = match workers {
+            None => process(sub, store.clone(), opts, handler, std::future::pending()).await,
+            Some(n) => process_parallel(sub, store.clone(), opts, n, handler, std::future::pending()).await,
+        };
+        assert!(matches!(result, Err(ProcessError::Handler(_))), "{workers:?}: {result:?}");
+        assert_eq!(store.get(), Some(29), "{workers:?}");
+        drop(tx);
+    }
+    // A stop (the stream ends) right after the first op at 40.
+    let (tx, rx) = mpsc::channel(16);
+    for e in [op(1, 10, 0), op(1, 40, 0)] {
+        tx.send(Ok(Message::Event(e))).await.unwrap();
+    }
+    tx.send(Err(contrail_client::Error::Ended)).await.unwrap();
+    let store = contrail_client::MemoryCursorStore::default();
+    let handler = |_: Event| async move { Ok::<(), String>(()) };
+    let opts = ProcessOptions { save_interval: Duration::ZERO, ..ProcessOptions::default() };
+    let result = process(Subscription::from_channel(rx), store.clone(), opts, handler, std::future::pending()).await;
+    assert!(matches!(result, Err(ProcessError::Subscription(_))), "{result:?}");
+    assert_eq!(store.get(), Some(39));
 }
 
 /// A stream that goes quiet after a burst (a sparse filter, or a server without cursor
