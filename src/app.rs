@@ -124,6 +124,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             backoff_max: config.relay.relay_backoff_max,
             connect_timeout: config.relay.connect_timeout,
             live_when_empty: config.log.store == crate::log::StoreKind::Memory,
+            retention: config.retention.retention,
         };
         Reader::Upstream(Box::new(UpstreamReader::new(opts, log.last_time_us()?, metrics.clone(), frames_tx)))
     } else if config.verify.verify != crate::verify::VerifyMode::Off {

@@ -184,6 +184,61 @@ async fn replicas_survive_a_primary_restart_and_switch_upstreams() {
 
 /// A preferred upstream that answers `/status` but refuses subscribers (here: its one slot
 /// taken) is gone back to once, not every few seconds: each try cut the working stream.
+/// Events a node has stored since it started, all kinds.
+fn ingested(s: &Serve) -> f64 {
+    ["commit", "identity", "account", "sync"]
+        .map(|k| s.metric(&format!("contrail_events_ingested_total{{kind=\"{k}\"}}")).unwrap_or(0.0))
+        .iter()
+        .sum()
+}
+
+/// An empty replica copies what its own retention keeps (a retention before the upstream's
+/// newest event, by the upstream's clock), not the upstream's whole window, which its trims
+/// would delete at once. And an upstream that tells it the events before what it asked for are
+/// gone (its retention is shorter) tells an empty log of no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_replica_copies_only_what_its_retention_keeps() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 300, 40, 33);
+    relay.push_all(&gen[..100]);
+    let (pd, ad, bd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(
+        pd.path(),
+        &relay.url(),
+        &["--max-events-per-second-per-ip", "0", "--retention", "4s", "--trim-interval", "100ms"],
+    );
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let (first_newest, first_count) = (newest(&primary), ingested(&primary));
+    std::thread::sleep(Duration::from_millis(2_500));
+    relay.push_all(&gen[100..200]);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let second_count = ingested(&primary) - first_count;
+    assert!(
+        primary.metric("contrail_store_oldest_time_us").unwrap() as u64 <= first_newest,
+        "the primary still has the first batch"
+    );
+    // A keeps 2 s: the second batch, not the first, 2.5 s older.
+    let a = replica_of(ad.path(), &format!("ws://{}", primary.public), &["--retention", "2s"]);
+    wait_caught_up(&primary, &a, Duration::from_secs(30));
+    assert_eq!(ingested(&a), second_count, "{}", a.logs());
+    assert!(a.metric("contrail_store_oldest_time_us").unwrap() as u64 > first_newest);
+    assert_eq!(a.metric("contrail_upstream_gaps_total"), Some(0.0));
+    // The primary's retention deletes the first batch once the third is 4 s past it.
+    std::thread::sleep(Duration::from_millis(2_000));
+    relay.push_all(&gen[200..]);
+    primary.wait_for_seq(300, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= first_newest {
+        assert!(Instant::now() < deadline, "the primary never trimmed the first batch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // B keeps a day: it asks for more than the primary has left, and is told those are gone.
+    let b = replica(bd.path(), &[&primary]);
+    wait_caught_up(&primary, &b, Duration::from_secs(30));
+    assert_eq!(b.metric("contrail_upstream_gaps_total"), Some(0.0), "{}", b.logs());
+    assert_eq!(b.metric("contrail_store_oldest_time_us"), primary.metric("contrail_store_oldest_time_us"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preferred_upstream_that_refuses_subscribers_is_not_tried_again_and_again() {
     let relay = FakeRelay::start().await;

@@ -103,6 +103,9 @@ pub struct UpstreamOptions {
     /// A live-only node (`--store memory`) with an empty window starts at the upstream's live
     /// edge instead of replaying its whole history.
     pub live_when_empty: bool,
+    /// `--retention`: an empty log starts this far before the upstream's newest event, not at
+    /// its oldest (what its own retention would delete at once is not copied).
+    pub retention: Duration,
 }
 
 /// Why an upstream session ended.
@@ -333,9 +336,11 @@ impl UpstreamReader {
             "includeSync=true".to_string(),
             "includeVerification=true".to_string(),
         ];
-        if self.last_time_us > 0 || !self.opts.live_when_empty {
+        if self.last_time_us > 0 {
             // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
             params.push(format!("cursor={}", self.last_time_us));
+        } else if !self.opts.live_when_empty {
+            params.push(format!("cursor={}", self.empty_start(&url).await));
         }
         self.expect_repeat = self.last_time_us > 0;
         // A cursor message moves the stream on past our own position, on this upstream: one
@@ -558,9 +563,10 @@ impl UpstreamReader {
     /// first event after resuming). Past our position, that upstream lacks what follows it
     /// and another may have it ([`Self::resumed_without_our_newest`]); up to it, only events
     /// we have are gone: nothing is missing, and the resumed-from event will not come again.
-    /// Alive either way.
+    /// Alive either way. (With nothing stored yet, nothing is missing either: an empty log
+    /// starts where it asked, or later.)
     fn told_gap(&mut self, through: u64) -> Result<bool, UpstreamError> {
-        if through > self.last_time_us.max(self.dropped_through) {
+        if self.last_time_us > 0 && through > self.last_time_us.max(self.dropped_through) {
             if self.gap.is_none() {
                 self.resumed_without_our_newest(through.saturating_add(1))?;
             }
@@ -716,6 +722,18 @@ impl UpstreamReader {
     /// [`ReplicaConfig::cursor_interval`].
     fn cursor_interval(&self) -> Duration {
         self.opts.replica.cursor_interval()
+    }
+
+    /// Where an empty log starts on `url`: a retention before its newest event (read at its
+    /// `/status`, so by its clock, not ours), or its oldest (0) when that is not known.
+    async fn empty_start(&self, url: &WsUrl) -> u64 {
+        let newest = upstream_newest(url, self.opts.connect_timeout).await;
+        let start =
+            newest.map_or(0, |n| n.saturating_sub(self.opts.retention.as_micros().min(u64::MAX as u128) as u64));
+        if start > 0 {
+            tracing::info!(upstream = %url, cursor = start, retention = ?self.opts.retention, "empty log: copying the upstream's newest events within our retention");
+        }
+        start
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
