@@ -50,7 +50,7 @@ pub enum ProcessError<E> {
     /// The subscription ended with an error (see [`crate::Error::is_retryable`]).
     #[error("{0}")]
     Subscription(crate::Error),
-    /// A parallel worker's handler panicked; the saved cursor is before its event.
+    /// The handler panicked; the saved cursor is before its event.
     #[error("a handler panicked: {0}")]
     HandlerPanicked(String),
 }
@@ -224,7 +224,8 @@ where
                 let t = e.time_us();
                 reach.arriving(t);
                 let shares_time = e.may_share_time();
-                let failed = match catch_panic(handler(e)).await {
+                // (The call itself inside too: a handler may panic before it returns a future.)
+                let failed = match catch_panic(async { handler(e).await }).await {
                     Ok(Ok(())) => None,
                     Ok(Err(err)) => Some(ProcessError::Handler(err)),
                     Err(panic) => Some(ProcessError::HandlerPanicked(panic)),

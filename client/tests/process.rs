@@ -52,7 +52,8 @@ async fn open_subscription(
 #[derive(Default)]
 struct Finished {
     events: BTreeSet<(u64, String)>,
-    last_per_repo: HashMap<String, u64>,
+    /// Each repo's last event handled, by its place in the stream.
+    last_per_repo: HashMap<String, usize>,
     out_of_order: Vec<String>,
 }
 
@@ -123,6 +124,7 @@ async fn run_case(
         }
     }
     let fail_event = fail_at.map(|i| all[i % all.len()].clone());
+    let order: HashMap<(u64, String), usize> = all.iter().cloned().enumerate().map(|(i, e)| (e, i)).collect();
     let all = Arc::new(all);
     let finished = Arc::new(Mutex::new(Finished::default()));
     let store = CheckingStore {
@@ -149,19 +151,20 @@ async fn run_case(
         let finished = f2.clone();
         let delay = delays[&identity(&e)];
         let fails = fail.as_ref() == Some(&identity(&e));
+        let place = order[&identity(&e)];
         to_str(async move {
             if fails {
                 return Err(TestCaseError::fail("boom"));
             }
             tokio::time::sleep(Duration::from_millis(delay)).await;
             let mut f = finished.lock().unwrap();
-            let t = e.time_us();
+            // (By place in the stream: ops stamped alike have an order too.)
             if let Some(&prev) = f.last_per_repo.get(e.did()) {
-                if prev > t {
-                    f.out_of_order.push(format!("{} at {t} after {prev}", e.did()));
+                if prev >= place {
+                    f.out_of_order.push(format!("{} at event {place} after {prev}", e.did()));
                 }
             }
-            f.last_per_repo.insert(e.did().to_string(), t);
+            f.last_per_repo.insert(e.did().to_string(), place);
             prop_assert!(f.events.insert(identity(&e)), "{:?} handled twice", identity(&e));
             Ok(())
         })
@@ -240,6 +243,17 @@ async fn a_panicking_handler_ends_the_serial_run_with_an_error_and_saves_what_it
     assert!(matches!(&result, Err(ProcessError::HandlerPanicked(m)) if m.contains("handler bug at 3")), "{result:?}");
     assert_eq!(store.get(), Some(2));
     drop(tx);
+    // The same when the handler panics before it returns its future.
+    let (tx, sub) = open_subscription((1..=5u64).map(|t| (t as u8, t))).await;
+    let store = contrail_client::MemoryCursorStore::default();
+    let handler = |e: Event| {
+        assert_ne!(e.time_us(), 3, "handler bug at 3");
+        async move { Ok::<(), String>(()) }
+    };
+    let result = process(sub, store.clone(), opts, handler, std::future::pending()).await;
+    assert!(matches!(&result, Err(ProcessError::HandlerPanicked(m)) if m.contains("handler bug at 3")), "{result:?}");
+    assert_eq!(store.get(), Some(2));
+    drop(tx);
 }
 
 /// Ops of one commit stamped alike, the second failing: the saved cursor stays before their
@@ -249,7 +263,8 @@ async fn a_panicking_handler_ends_the_serial_run_with_an_error_and_saves_what_it
 async fn a_failure_between_ops_stamped_alike_leaves_the_cursor_before_them() {
     for workers in [None, Some(2)] {
         let (tx, rx) = mpsc::channel(16);
-        for e in [op(1, 10, 0), op(1, 10, 1), op(1, 20, 0), op(1, 30, 0), op(2, 30, 1)] {
+        // One repo: one worker, in order (the event after the failed one is not taken).
+        for e in [op(1, 10, 0), op(1, 10, 1), op(1, 20, 0), op(1, 30, 0), op(1, 30, 1)] {
             tx.send(Ok(Message::Event(e))).await.unwrap();
         }
         let store = contrail_client::MemoryCursorStore::default();
@@ -270,17 +285,23 @@ async fn a_failure_between_ops_stamped_alike_leaves_the_cursor_before_them() {
         drop(tx);
     }
     // A stop (the stream ends) right after the first op at 40.
-    let (tx, rx) = mpsc::channel(16);
-    for e in [op(1, 10, 0), op(1, 40, 0)] {
-        tx.send(Ok(Message::Event(e))).await.unwrap();
+    for workers in [None, Some(2)] {
+        let (tx, rx) = mpsc::channel(16);
+        for e in [op(1, 10, 0), op(2, 40, 0)] {
+            tx.send(Ok(Message::Event(e))).await.unwrap();
+        }
+        tx.send(Err(contrail_client::Error::Ended)).await.unwrap();
+        let store = contrail_client::MemoryCursorStore::default();
+        let handler = |_: Event| async move { Ok::<(), String>(()) };
+        let opts = ProcessOptions { save_interval: Duration::ZERO, ..ProcessOptions::default() };
+        let sub = Subscription::from_channel(rx);
+        let result = match workers {
+            None => process(sub, store.clone(), opts, handler, std::future::pending()).await,
+            Some(n) => process_parallel(sub, store.clone(), opts, n, handler, std::future::pending()).await,
+        };
+        assert!(matches!(result, Err(ProcessError::Subscription(_))), "{workers:?}: {result:?}");
+        assert_eq!(store.get(), Some(39), "{workers:?}");
     }
-    tx.send(Err(contrail_client::Error::Ended)).await.unwrap();
-    let store = contrail_client::MemoryCursorStore::default();
-    let handler = |_: Event| async move { Ok::<(), String>(()) };
-    let opts = ProcessOptions { save_interval: Duration::ZERO, ..ProcessOptions::default() };
-    let result = process(Subscription::from_channel(rx), store.clone(), opts, handler, std::future::pending()).await;
-    assert!(matches!(result, Err(ProcessError::Subscription(_))), "{result:?}");
-    assert_eq!(store.get(), Some(39));
 }
 
 /// A stream that goes quiet after a burst (a sparse filter, or a server without cursor
