@@ -260,6 +260,37 @@ async fn failover_between_independent_servers_rewinds_and_drops_what_it_had() {
     assert!(got == expected, "the client's stream differs from the relay's events");
 }
 
+/// v2 names the dictionary in its query: given a stale one (a file from before the server moved
+/// to another, here one whose id it never had), the subscription is refused it once, fetches
+/// the server's own, and goes on, rather than ending as refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v2_subscription_given_a_stale_dictionary_goes_on_with_the_servers_own() {
+    let gen = generate(1, 200, 20, 37);
+    let relay = relay_with(&gen).await;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let events = inspect_log(pd.path()).len();
+    let mut stale = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/dictionaries/contrail-v1.zdict")).unwrap();
+    stale[4..8].copy_from_slice(&7u32.to_le_bytes()); // its id, in the header
+    let mut sub = builder(&[&primary])
+        .wire(contrail_client::Wire::V2)
+        .compress(true)
+        .dictionary(stale)
+        .include_sync(true)
+        .cursor(Some(1_000_000_000_000_000))
+        .start()
+        .unwrap();
+    let mut got = 0;
+    while got < events {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event in time");
+        if let contrail_client::Message::Event(_) = m.expect("not refused") {
+            got += 1;
+        }
+    }
+    assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "one upgrade took");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_v2_wire_delivers_the_same_events_and_filters_change_by_reconnecting() {
     let gen = generate(1, 800, 20, 36);

@@ -79,6 +79,10 @@ pub(crate) enum ConnectionError {
     /// New filters on the v2 wire: reconnect with them (not a failure).
     #[error("the filters changed")]
     FiltersChanged,
+    /// A v2 server refused the dictionary given to the builder: reconnect with the server's
+    /// own (not a failure).
+    #[error("the server refused the dictionary given to the builder")]
+    GivenDictionaryRefused,
     /// The host no longer has the events after our position (it told a gap), and host `next`
     /// may: try it (not a failure).
     #[error("the host no longer has the events after {after} through {through}")]

@@ -200,6 +200,9 @@ impl Builder {
         self
     }
 
+    /// On the v2 wire, which names the dictionary in its query, a server that no longer has
+    /// this one (it rotated to another) refuses it: the subscription then fetches the server's
+    /// own from its `getZstdDictionary`, as when none is given, and goes on.
     pub fn dictionary(mut self, dict: Vec<u8>) -> Self {
         self.dictionary = Some(dict);
         self
@@ -360,6 +363,7 @@ impl Builder {
             at_last: Vec::new(),
             at_last_known: false,
             lacking: None,
+            given_dictionary_refused: false,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -544,6 +548,9 @@ struct Driver {
     /// A search for a host that still has the events after the position, which the current
     /// one told a gap for ([`Driver::host_for_gap`]).
     lacking: Option<Lacking>,
+    /// A v2 server refused the dictionary given to the builder (a stale file, after the server
+    /// moved to another): every connection fetches its host's own instead.
+    given_dictionary_refused: bool,
 }
 
 /// What each host said of the events after one position.
@@ -605,7 +612,7 @@ impl Driver {
             let url = self.urls[self.current].to_string();
             match ended {
                 ConnectionError::Dropped => return,
-                ConnectionError::FiltersChanged => continue,
+                ConnectionError::FiltersChanged | ConnectionError::GivenDictionaryRefused => continue,
                 // The host answered, without the events after our position: the host that may
                 // still have them, at once. Answering is not failing: the count starts again
                 // (the search that follows waits with backoff for a host that does not answer,
@@ -800,8 +807,10 @@ impl Driver {
         let timeout = self.opts.connect_timeout;
         let mut decompressor = None;
         let mut dict_id = None;
+        let given = self.opts.dictionary.as_ref().filter(|_| !self.given_dictionary_refused);
+        let using_given = self.opts.compress && given.is_some();
         if self.opts.compress {
-            let dict = match &self.opts.dictionary {
+            let dict = match given {
                 Some(d) => d.clone(),
                 None => {
                     let base = url.path.strip_suffix(endpoint(self.opts.wire)).unwrap_or("");
@@ -840,6 +849,15 @@ impl Driver {
             // 400 is an answer about the request itself (the filters, the cursor): every host
             // would give it. Other statuses (a proxy's 403 or 404, 429, 5xx) are this host's.
             Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidStatusCode(400))) => {
+                // Unless it is the dictionary given to the builder that v2 names in the query:
+                // a server that moved to another says `UnknownZstdDictionary`, fetch mine. (The
+                // body is not read here: a 400 for anything else comes again, with the
+                // server's own dictionary, and is then refused.)
+                if using_given && self.opts.wire == Wire::V2 {
+                    self.given_dictionary_refused = true;
+                    tracing::warn!(%url, dictionary = ?dict_id, "the server refused the zstd dictionary given to the builder (not the one it uses now?): fetching its own");
+                    return ConnectionError::GivenDictionaryRefused;
+                }
                 return ConnectionError::Refused("HTTP 400 at the upgrade".into());
             }
             Err(e) => return e.into(),
