@@ -3,8 +3,9 @@
 //! and on every replica (clients fail over with the same cursor: no rewind, no gap, no
 //! duplicate).
 //!
-//! - Resumes with `cursor` = the newest `time_us` in its own log (0 when empty: the whole
-//!   upstream window); the inclusive cursor's repeat of that event is skipped.
+//! - Resumes with `cursor` = the newest `time_us` in its own log; the inclusive cursor's
+//!   repeat of that event is skipped. An empty log starts a `--retention` before the upstream's
+//!   newest event (the whole upstream window when that is not known).
 //! - Every event must have a larger `time_us` than the one before; anything else is an error
 //!   and the connection is reopened from the cursor.
 //! - An upstream's gap message (its log no longer held events it came to) past our newest
@@ -727,7 +728,10 @@ impl UpstreamReader {
     /// Where an empty log starts on `url`: a retention before its newest event (read at its
     /// `/status`, so by its clock, not ours), or its oldest (0) when that is not known.
     async fn empty_start(&self, url: &WsUrl) -> u64 {
-        let newest = upstream_newest(url, self.opts.connect_timeout).await;
+        // A reading beyond any clock is not believed (as the prober's): the window before it
+        // would be skipped for good, or the cursor refused.
+        let believable = |t: &u64| *t <= crate::clock::now_us().saturating_add(MAX_AHEAD_US);
+        let newest = upstream_newest(url, self.opts.connect_timeout).await.filter(believable);
         let start =
             newest.map_or(0, |n| n.saturating_sub(self.opts.retention.as_micros().min(u64::MAX as u128) as u64));
         if start > 0 {
