@@ -264,7 +264,7 @@ impl Metrics {
             relay_reconnects: counter(
                 &r,
                 "contrail_relay_reconnects_total",
-                "Relay connection attempts after the first.",
+                "Relay (a replica: upstream) connection attempts after the first.",
             ),
             relay_connected: gauge(&r, "contrail_relay_connected", "1 while the relay socket is open."),
             relay_last_seq: gauge(&r, "contrail_relay_last_seq", "Last relay seq persisted."),
@@ -282,7 +282,7 @@ impl Metrics {
             relay_errors: counter_vec(
                 &r,
                 "contrail_relay_errors_total",
-                "Relay error frames and connection failures, by kind.",
+                "Relay error frames and connection failures (a replica: its upstreams'), by kind.",
                 &["kind"],
             ),
             events_ingested: counter_vec(

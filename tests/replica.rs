@@ -283,6 +283,12 @@ async fn a_preferred_upstream_that_refuses_subscribers_is_not_tried_again_and_ag
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(tries(), 1, "{}", c.logs());
     wait_caught_up(&a, &c, Duration::from_secs(10));
+    // A replica's upstream connections count where a primary's relay connections do (the
+    // dashboard and the alerts read them alike): the primary's end (a read error), its refusal
+    // (a failed connect), and the reconnects after them.
+    assert!(c.metric("contrail_relay_reconnects_total").unwrap() >= 2.0);
+    assert!(c.metric("contrail_relay_errors_total{kind=\"read\"}").unwrap() >= 1.0);
+    assert!(c.metric("contrail_relay_errors_total{kind=\"connect\"}").unwrap() >= 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

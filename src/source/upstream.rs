@@ -25,7 +25,7 @@ use super::backoff::Backoff;
 use super::wsclient::{self, ClientError, WsUrl};
 use super::Readiness;
 use crate::event::{Event, EventKind};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RelayErrorKind};
 use crate::sequencer::{IngestFrame, IngestSender};
 use crate::transcode::DropReason;
 use crate::units::{parse_duration, ser_duration};
@@ -132,6 +132,25 @@ pub enum UpstreamError {
     Preferred { better: usize },
     #[error("an upstream whose log no longer has our newest event ({cursor}): it starts at {first}")]
     Trimmed { cursor: u64, first: u64 },
+}
+
+impl UpstreamError {
+    /// The `contrail_relay_errors_total` label (a replica's upstream stands in for the relay),
+    /// for the ends that are failures: not a switch to a better upstream, nor one that lacks our
+    /// position, nor an upstream's clean close.
+    fn label(&self) -> Option<RelayErrorKind> {
+        match self {
+            UpstreamError::Connect(_) | UpstreamError::Dictionary(_) => Some(RelayErrorKind::Connect),
+            UpstreamError::Read(_) => Some(RelayErrorKind::Read),
+            UpstreamError::Stale(_) => Some(RelayErrorKind::IdleTimeout),
+            UpstreamError::Protocol(_) => Some(RelayErrorKind::Other),
+            UpstreamError::Closed
+            | UpstreamError::SequencerStopped
+            | UpstreamError::Behind { .. }
+            | UpstreamError::Preferred { .. }
+            | UpstreamError::Trimmed { .. } => None,
+        }
+    }
 }
 
 fn protocol(what: impl Into<String>) -> UpstreamError {
@@ -263,7 +282,12 @@ impl UpstreamReader {
         let mut failures_in_a_row = 0usize;
         // The upstream just gone back to because it is preferred.
         let mut went_back = false;
+        let mut first = true;
         loop {
+            // Counted as the relay reader counts its own: dashboards and alerts read them alike.
+            if !std::mem::take(&mut first) {
+                self.metrics.relay_reconnects.inc();
+            }
             let before = self.last_time_us;
             let ended = tokio::select! {
                 _ = cancel.cancelled() => {
@@ -276,6 +300,9 @@ impl UpstreamReader {
             self.metrics.relay_connected.set(0);
             if self.tx.is_closed() || matches!(ended, UpstreamError::SequencerStopped) {
                 return;
+            }
+            if let Some(kind) = ended.label() {
+                self.metrics.relay_error(kind);
             }
             if std::mem::take(&mut went_back) && self.last_time_us == before {
                 self.prefer_again_at = Some(tokio::time::Instant::now() + PREFER_AGAIN_AFTER);
