@@ -205,6 +205,13 @@ pub struct Metrics {
     /// staying at its last value.
     relay_time_us: std::sync::atomic::AtomicI64,
     replicated_time_us: std::sync::atomic::AtomicI64,
+    /// A replica's reading of its upstream's clock (`/status`'s `now_us`), as its unix µs minus
+    /// the µs of this process's monotonic clock at that moment: carried on by the monotonic
+    /// clock, so a step of this machine's wall clock moves nothing. `i64::MIN`: none (this
+    /// machine's clock stands in).
+    upstream_clock_offset_us: std::sync::atomic::AtomicI64,
+    /// The monotonic clock's zero for that offset.
+    created: std::time::Instant,
 }
 
 fn float_gauge(r: &Registry, name: &str, help: &str) -> prometheus::Gauge {
@@ -493,7 +500,7 @@ impl Metrics {
             replication_lag_seconds: float_gauge(
                 &r,
                 "contrail_replication_lag_seconds",
-                "Replica: now minus the time_us of the last event received from the upstream, or of the last cursor message saying there is nothing newer.",
+                "Replica: now, by the upstream's clock (its /status now_us; this machine's until it says), minus the time_us of the last event received from the upstream, or of the last cursor message saying there is nothing newer.",
             ),
             upstream_tip_distance_seconds: float_gauge(
                 &r,
@@ -513,6 +520,8 @@ impl Metrics {
             registry: r,
             relay_time_us: Default::default(),
             replicated_time_us: Default::default(),
+            upstream_clock_offset_us: std::sync::atomic::AtomicI64::new(i64::MIN),
+            created: std::time::Instant::now(),
         };
         // Pre-create every label value so dashboards see zeros instead of gaps.
         for t in FrameType::ALL {
@@ -586,9 +595,27 @@ impl Metrics {
         Self::lag(&self.relay_time_us, &self.relay_lag_seconds)
     }
 
-    /// `contrail_replication_lag_seconds` now.
+    /// `contrail_replication_lag_seconds` now: by the upstream's clock, once it has said what
+    /// it reads (the events' `time_us` are its primary's stamps; this machine's clock may be
+    /// minutes off both, which made a caught-up replica look that far behind, or ahead).
     pub fn replication_lag(&self) -> f64 {
-        Self::lag(&self.replicated_time_us, &self.replication_lag_seconds)
+        Self::lag_at(self.upstream_now_us(), &self.replicated_time_us, &self.replication_lag_seconds)
+    }
+
+    /// A replica: its upstream's clock read `upstream_now_us` at `at`.
+    pub fn upstream_clock(&self, upstream_now_us: u64, at: std::time::Instant) {
+        let mono = at.saturating_duration_since(self.created).as_micros() as i64;
+        let offset = (upstream_now_us.min(i64::MAX as u64) as i64).saturating_sub(mono);
+        self.upstream_clock_offset_us.store(offset, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The upstream's clock now, as last read and carried on since; this machine's clock before
+    /// any reading (or from an upstream that does not say).
+    pub fn upstream_now_us(&self) -> u64 {
+        match self.upstream_clock_offset_us.load(std::sync::atomic::Ordering::Relaxed) {
+            i64::MIN => crate::clock::now_us(),
+            offset => offset.saturating_add(self.created.elapsed().as_micros() as i64).max(0) as u64,
+        }
     }
 
     /// The relay lag (a replica: the replication lag) now, or `None` before the first sample
@@ -601,9 +628,13 @@ impl Metrics {
     }
 
     fn lag(since: &std::sync::atomic::AtomicI64, gauge: &prometheus::Gauge) -> f64 {
+        Self::lag_at(crate::clock::now_us(), since, gauge)
+    }
+
+    fn lag_at(now_us: u64, since: &std::sync::atomic::AtomicI64, gauge: &prometheus::Gauge) -> f64 {
         let t = since.load(std::sync::atomic::Ordering::Relaxed);
         if t > 0 {
-            gauge.set((crate::clock::now_us() as i64 - t) as f64 / 1e6);
+            gauge.set((now_us as i64 - t) as f64 / 1e6);
         }
         gauge.get()
     }

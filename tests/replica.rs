@@ -607,6 +607,41 @@ async fn an_upstream_event_beyond_any_clock_is_dropped_not_stored() {
     assert_eq!(replica_bad_time, 5.0, "2^60, the second t+3, the year ahead, two cursor messages");
 }
 
+/// A replica measures its lag by its upstream's clock (`/status`'s `now_us`), not by its own:
+/// the events' `time_us` are stamped by the upstream's kind of clock. Here the upstream's reads
+/// ten minutes behind this machine's (or this one's is ahead): a replica holding everything it
+/// has, as it arrives, reads a lag of seconds, not ten minutes, and `/ready` says 200 under
+/// `--ready-max-lag 60s` (it said 503 for as long as the clocks differed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_measures_its_lag_by_its_upstreams_clock() {
+    let upstream = FakeRelay::start().await;
+    upstream.set_faults(Faults { text: true, ..Faults::default() });
+    let skew = -600_000_000i64;
+    upstream.serve_status(skew);
+    let t = now_us() + skew; // the upstream's now
+    for i in 0..5 {
+        let line = format!(
+            r#"{{"did":"did:plc:a","time_us":{},"kind":"commit","commit":{{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k{i}","record":{{}}}}}}"#,
+            t + i
+        );
+        upstream.push(t + i, line.into_bytes());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--upstream-compress", "false", "--ready-max-lag", "60s"];
+    let replica = replica_of(dir.path(), &upstream.url(), &flags);
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 5.0, "the replica took nothing");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let lag = replica.metric("contrail_replication_lag_seconds").unwrap();
+        let ready = http_get(replica.public, "/ready").unwrap().0;
+        if lag < 30.0 && ready == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "lag {lag} s, /ready {ready}: measured by this machine's clock");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an
 /// event, a verification label from a newer primary — must not wedge a replica: every upstream
 /// (all replicas of one primary) would send them again at the same place. The first two are

@@ -192,6 +192,8 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
     let upstream = shared.upstream.as_ref().map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).clone());
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
+        // This server's clock (a replica of it measures its lag by it).
+        "now_us": crate::clock::now_us(),
         "role": if upstream.is_some() { "replica" } else { "primary" },
         "upstream": upstream.as_deref().map(shown_url),
         "replication_lag_seconds": m.replication_lag(),

@@ -415,6 +415,8 @@ impl UpstreamReader {
             prefer_again_at: self.prefer_again_at,
         };
         let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(probe, better_tx)));
+        let clock = read_upstream_clock(url.clone(), self.opts.connect_timeout, self.metrics.clone());
+        let _clock = AbortOnDropHandle::new(tokio::spawn(clock));
         // Only with a choice of upstreams; the prober then runs until it has something to say,
         // so the read below is abandoned only together with the connection.
         let probing = self.urls().len() > 1;
@@ -534,7 +536,7 @@ impl UpstreamReader {
             if caught_up {
                 // Caught up with a quiet upstream, however long ago its last event was: the lag
                 // is none; it grows again if these stop.
-                self.metrics.replicated_time(crate::clock::now_us() as i64);
+                self.metrics.replicated_time(self.metrics.upstream_now_us() as i64);
             }
             if meta.time_us > self.last_cursor_us {
                 (self.last_cursor_us, self.moved_on) = (meta.time_us, true);
@@ -782,12 +784,37 @@ impl UpstreamReader {
 /// dropped (counted as `bad_time`) when the next is older.
 const MAX_AHEAD_US: u64 = 24 * 3_600 * 1_000_000;
 
-/// The newest `time_us` an upstream reports at `/status`.
-async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
+/// An upstream's `/status`.
+async fn upstream_status(url: &WsUrl, timeout: Duration) -> Option<serde_json::Value> {
     let base = url.path.strip_suffix("/subscribe").unwrap_or("");
     let body = wsclient::http_get(url, &url.at(&format!("{base}/status")), timeout).await.ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
-    v["log"]["newest_time_us"].as_u64()
+    serde_json::from_slice(&body).ok()
+}
+
+/// The newest `time_us` an upstream reports at `/status`.
+async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
+    upstream_status(url, timeout).await?["log"]["newest_time_us"].as_u64()
+}
+
+/// How often a replica reads the clock of the upstream in use, for its lag.
+const CLOCK_READ_EVERY: Duration = Duration::from_secs(30);
+
+/// Reads `url`'s clock (`/status`'s `now_us`) into `metrics` at once and every
+/// [`CLOCK_READ_EVERY`], for as long as the connection to it lasts: the replication lag is
+/// measured by it (the events are stamped by its clock's kind, not by ours). The middle of the
+/// request stands for the moment it was read. A reading more than a day from this machine's
+/// clock is not believed (a broken upstream; one that does not say leaves ours in use).
+async fn read_upstream_clock(url: WsUrl, timeout: Duration, metrics: Arc<Metrics>) {
+    loop {
+        let asked = std::time::Instant::now();
+        let now = upstream_status(&url, timeout).await.and_then(|v| v["now_us"].as_u64());
+        let answered = std::time::Instant::now();
+        let ours = crate::clock::now_us();
+        if let Some(now) = now.filter(|&t| t.abs_diff(ours) <= MAX_AHEAD_US) {
+            metrics.upstream_clock(now, asked + (answered - asked) / 2);
+        }
+        tokio::time::sleep(CLOCK_READ_EVERY).await;
+    }
 }
 
 /// Another upstream to read ([`probe_upstreams`]).

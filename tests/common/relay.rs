@@ -63,6 +63,9 @@ struct State {
     fragment_bytes: AtomicUsize,
     /// Moves on each [`FakeRelay::restart_seq_space`]: open connections go on from the first frame.
     space: AtomicUsize,
+    /// Serve a Contrail's `/status` (for a replica's upstream reader), with a clock this far
+    /// from this machine's ([`FakeRelay::serve_status`]).
+    status_clock_offset_us: Mutex<Option<i64>>,
 }
 
 pub struct FakeRelay {
@@ -93,6 +96,16 @@ impl FakeRelay {
                             // A Contrail's dictionary, for a replica's compressed link (any
                             // bytes are a raw-content dictionary; frames made without it read
                             // the same with it).
+                            let status_clock = *st.status_clock_offset_us.lock().unwrap();
+                            if let (Some(offset), "/status") = (status_clock, req.uri().path()) {
+                                let newest = st.frames.lock().unwrap().last().map_or(0, |(s, _)| *s);
+                                let now = std::time::UNIX_EPOCH.elapsed().unwrap().as_micros() as i64 + offset;
+                                let body = format!(r#"{{"log":{{"newest_time_us":{newest}}},"now_us":{now}}}"#);
+                                return Ok(hyper::Response::builder()
+                                    .status(200)
+                                    .body(Full::new(Bytes::from(body)))
+                                    .unwrap());
+                            }
                             if req.uri().path() == "/dictionary" {
                                 let body = Full::new(Bytes::from_static(b"a fake upstream's zstd dictionary"));
                                 return Ok(hyper::Response::builder().status(200).body(body).unwrap());
@@ -150,6 +163,12 @@ impl FakeRelay {
     /// Forgets every frame (a relay restarted without its history).
     pub fn clear(&self) {
         self.state.frames.lock().unwrap().clear();
+    }
+
+    /// Answers `/status` as a Contrail upstream does (its newest frame's seq as its newest
+    /// `time_us`), with its clock `offset_us` from this machine's.
+    pub fn serve_status(&self, offset_us: i64) {
+        *self.state.status_clock_offset_us.lock().unwrap() = Some(offset_us);
     }
 
     pub fn set_faults(&self, f: Faults) {
