@@ -602,15 +602,20 @@ impl Metrics {
         Self::lag_at(self.upstream_now_us(), &self.replicated_time_us, &self.replication_lag_seconds)
     }
 
-    /// A replica: its upstream's clock read `upstream_now_us` at `at`.
-    pub fn upstream_clock(&self, upstream_now_us: u64, at: std::time::Instant) {
+    /// A replica: its upstream's clock read `upstream_now_us` at `at` (`None`: it does not say;
+    /// this machine's clock stands in again, not the last upstream's).
+    pub fn upstream_clock(&self, reading: Option<(u64, std::time::Instant)>) {
+        let Some((upstream_now_us, at)) = reading else {
+            self.upstream_clock_offset_us.store(i64::MIN, std::sync::atomic::Ordering::Relaxed);
+            return;
+        };
         let mono = at.saturating_duration_since(self.created).as_micros() as i64;
         let offset = (upstream_now_us.min(i64::MAX as u64) as i64).saturating_sub(mono);
         self.upstream_clock_offset_us.store(offset, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The upstream's clock now, as last read and carried on since; this machine's clock before
-    /// any reading (or from an upstream that does not say).
+    /// any reading (or from an upstream that does not say). On a primary, this machine's.
     pub fn upstream_now_us(&self) -> u64 {
         match self.upstream_clock_offset_us.load(std::sync::atomic::Ordering::Relaxed) {
             i64::MIN => crate::clock::now_us(),

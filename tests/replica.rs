@@ -640,6 +640,14 @@ async fn a_replica_measures_its_lag_by_its_upstreams_clock() {
         assert!(Instant::now() < deadline, "lag {lag} s, /ready {ready}: measured by this machine's clock");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Caught up with a quiet upstream (its cursor message at our newest event, live): no lag,
+    // by its clock too (by this machine's it read ten minutes ahead of its own events: -600 s).
+    let cursor = format!(r#"{{"kind":"cursor","time_us":{},"live":true}}"#, t + 4);
+    upstream.push(t + 5, cursor.into_bytes());
+    std::thread::sleep(Duration::from_millis(1_000));
+    let lag = replica.metric("contrail_replication_lag_seconds").unwrap();
+    assert!((-5.0..30.0).contains(&lag), "lag {lag} s after a live cursor message");
+    assert_eq!(http_get(replica.public, "/ready").unwrap().0, 200);
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an

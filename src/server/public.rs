@@ -192,8 +192,9 @@ pub fn status_json(shared: &Public) -> serde_json::Value {
     let upstream = shared.upstream.as_ref().map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).clone());
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
-        // This server's clock (a replica of it measures its lag by it).
-        "now_us": crate::clock::now_us(),
+        // What a replica of this server measures its lag by: a primary's clock, which stamped
+        // the events; a replica's reading of its own upstream's (down a chain, the primary's).
+        "now_us": m.upstream_now_us(),
         "role": if upstream.is_some() { "replica" } else { "primary" },
         "upstream": upstream.as_deref().map(shown_url),
         "replication_lag_seconds": m.replication_lag(),

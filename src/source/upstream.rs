@@ -799,20 +799,33 @@ async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
 /// How often a replica reads the clock of the upstream in use, for its lag.
 const CLOCK_READ_EVERY: Duration = Duration::from_secs(30);
 
-/// Reads `url`'s clock (`/status`'s `now_us`) into `metrics` at once and every
-/// [`CLOCK_READ_EVERY`], for as long as the connection to it lasts: the replication lag is
-/// measured by it (the events are stamped by its clock's kind, not by ours). The middle of the
-/// request stands for the moment it was read. A reading more than a day from this machine's
-/// clock is not believed (a broken upstream; one that does not say leaves ours in use).
+/// A clock reading that took longer is not taken (the middle of the request stands for the
+/// moment the upstream read its clock: off by up to half of it).
+const CLOCK_READ_MAX_ROUND_TRIP: Duration = Duration::from_secs(1);
+
+/// Reads `url`'s clock (`/status`'s `now_us`: its primary's, down a chain) into `metrics` at
+/// once and every [`CLOCK_READ_EVERY`], for as long as the connection to it lasts: the
+/// replication lag is measured by it (the events are stamped by the primary's clock, not by
+/// ours, which may be minutes off). An upstream that does not say (an older Contrail; one
+/// whose `/status` cannot be read) leaves this machine's clock in use, not the last
+/// upstream's; a slow answer, or a value no clock gives, is not taken.
 async fn read_upstream_clock(url: WsUrl, timeout: Duration, metrics: Arc<Metrics>) {
+    let mut first = true;
     loop {
         let asked = std::time::Instant::now();
-        let now = upstream_status(&url, timeout).await.and_then(|v| v["now_us"].as_u64());
+        let status = upstream_status(&url, timeout).await;
         let answered = std::time::Instant::now();
-        let ours = crate::clock::now_us();
-        if let Some(now) = now.filter(|&t| t.abs_diff(ours) <= MAX_AHEAD_US) {
-            metrics.upstream_clock(now, asked + (answered - asked) / 2);
+        let now =
+            status.as_ref().and_then(|v| v["now_us"].as_u64()).filter(|&t| t > 0 && t < crate::clock::MAX_TIME_US);
+        match now {
+            Some(now) if answered - asked <= CLOCK_READ_MAX_ROUND_TRIP => {
+                metrics.upstream_clock(Some((now, asked + (answered - asked) / 2)));
+            }
+            // (Later on, one missed reading keeps the last.)
+            _ if first && now.is_none() => metrics.upstream_clock(None),
+            _ => {}
         }
+        first = false;
         tokio::time::sleep(CLOCK_READ_EVERY).await;
     }
 }

@@ -93,9 +93,6 @@ impl FakeRelay {
                                 .query()
                                 .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("cursor=")))
                                 .and_then(|c| c.parse::<i64>().ok());
-                            // A Contrail's dictionary, for a replica's compressed link (any
-                            // bytes are a raw-content dictionary; frames made without it read
-                            // the same with it).
                             let status_clock = *st.status_clock_offset_us.lock().unwrap();
                             if let (Some(offset), "/status") = (status_clock, req.uri().path()) {
                                 let newest = st.frames.lock().unwrap().last().map_or(0, |(s, _)| *s);
@@ -106,6 +103,9 @@ impl FakeRelay {
                                     .body(Full::new(Bytes::from(body)))
                                     .unwrap());
                             }
+                            // A Contrail's dictionary, for a replica's compressed link (any
+                            // bytes are a raw-content dictionary; frames made without it read
+                            // the same with it).
                             if req.uri().path() == "/dictionary" {
                                 let body = Full::new(Bytes::from_static(b"a fake upstream's zstd dictionary"));
                                 return Ok(hyper::Response::builder().status(200).body(body).unwrap());
