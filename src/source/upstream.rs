@@ -806,23 +806,23 @@ const CLOCK_READ_MAX_ROUND_TRIP: Duration = Duration::from_secs(1);
 /// Reads `url`'s clock (`/status`'s `now_us`: its primary's, down a chain) into `metrics` at
 /// once and every [`CLOCK_READ_EVERY`], for as long as the connection to it lasts: the
 /// replication lag is measured by it (the events are stamped by the primary's clock, not by
-/// ours, which may be minutes off). An upstream that does not say (an older Contrail; one
-/// whose `/status` cannot be read) leaves this machine's clock in use, not the last
-/// upstream's; a slow answer, or a value no clock gives, is not taken.
+/// ours, which may be minutes off). An upstream whose `/status` does not say (an older
+/// Contrail) puts this machine's clock back in use, not the last upstream's; a `/status` that
+/// cannot be read now (refused, slow), or a value no clock gives, keeps what was in use.
 async fn read_upstream_clock(url: WsUrl, timeout: Duration, metrics: Arc<Metrics>) {
     let mut first = true;
     loop {
         let asked = std::time::Instant::now();
         let status = upstream_status(&url, timeout).await;
         let answered = std::time::Instant::now();
-        let now =
-            status.as_ref().and_then(|v| v["now_us"].as_u64()).filter(|&t| t > 0 && t < crate::clock::MAX_TIME_US);
-        match now {
-            Some(now) if answered - asked <= CLOCK_READ_MAX_ROUND_TRIP => {
+        // None: no answer; Some(None): an answer that does not say.
+        match status.map(|v| v["now_us"].as_u64()) {
+            Some(Some(now))
+                if now > 0 && now < crate::clock::MAX_TIME_US && answered - asked <= CLOCK_READ_MAX_ROUND_TRIP =>
+            {
                 metrics.upstream_clock(Some((now, asked + (answered - asked) / 2)));
             }
-            // (Later on, one missed reading keeps the last.)
-            _ if first && now.is_none() => metrics.upstream_clock(None),
+            Some(None) if first => metrics.upstream_clock(None),
             _ => {}
         }
         first = false;
