@@ -30,14 +30,19 @@ async fn kill_9_during_replay_to_50_subscribers_loses_and_repeats_nothing() {
     let log = inspect_log(dir.path());
     // 50 subscribers replaying from the oldest event, each reading at its own pace.
     let mut clients = Vec::new();
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..50u64 {
         let ws = connect(public, "/subscribe?cursor=0", &[]).await.unwrap();
+        let started = started.clone();
         clients.push(tokio::spawn(async move {
             let mut ws = ws;
             let mut got = Vec::new();
             loop {
                 match next(&mut ws, Duration::from_secs(10)).await {
                     Some(Msg::Text(t)) => {
+                        if got.is_empty() {
+                            started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                         got.push(t);
                         // Each at its own pace, slower than the server writes, so the kill
                         // finds replays under way (the socket buffers hold a few MB each).
@@ -51,7 +56,12 @@ async fn kill_9_during_replay_to_50_subscribers_loses_and_repeats_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Once (nearly) every replay is under way: a loaded machine starts them slowly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while started.load(std::sync::atomic::Ordering::SeqCst) < 45 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     serve.kill9();
     let before: Vec<Vec<String>> = futures_join(clients).await;
     let cut = before.iter().filter(|g| !g.is_empty() && g.len() < log.len()).count();

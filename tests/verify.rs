@@ -798,7 +798,9 @@ async fn a_slow_directory_holds_one_repo_not_the_stream() {
     let took = started.elapsed();
     // One timeout for bob's first commit (his second is answered from the failure cache), while
     // alice's resolve and verify behind it.
-    assert!(took < Duration::from_secs(8), "took {took:?}");
+    // (The bound counts the process's start too: it tells seconds from the minutes a stream
+    // held by each slow lookup would take, on a loaded machine.)
+    assert!(took < Duration::from_secs(20), "took {took:?}");
     assert_eq!(failures(&serve, "resolve"), 2.0);
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(200.0));
     assert_eq!(plc.requests(BOB), 1, "a failed DID is not asked again at once");
@@ -820,7 +822,8 @@ async fn a_full_queue_waits_a_second_for_a_slow_key_not_the_timeout() {
     let serve = Serve::start(dir.path(), &relay.url(), &flags);
     serve.wait_for_seq(seq, Duration::from_secs(60));
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(10), "took {took:?}: the queue waited for the timeout");
+    // (Against the 30 s timeout; the process's start counted too.)
+    assert!(took < Duration::from_secs(20), "took {took:?}: the queue waited for the timeout");
     assert_eq!(failures(&serve, "resolve"), 1.0, "bob's commit, given up");
     assert_eq!(serve.metric("contrail_verify_commits_total{result=\"verified\"}"), Some(200.0));
     drop(serve);
@@ -850,7 +853,7 @@ async fn a_full_queue_gives_up_a_slow_re_resolve_as_a_signature_failure() {
     let started = Instant::now();
     serve.wait_for_seq(seq, Duration::from_secs(60));
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(10), "took {took:?}: the queue waited for the re-resolve");
+    assert!(took < Duration::from_secs(20), "took {took:?}: the queue waited for the re-resolve");
     assert_eq!(failures(&serve, "signature"), 1.0, "{}", serve.logs());
     assert_eq!(failures(&serve, "resolve"), 0.0);
     drop(serve);
@@ -946,7 +949,8 @@ async fn stalling_did_web_hosts_do_not_take_the_directorys_slots() {
     let slots = ["--did-resolve-timeout", "3s", "--did-resolve-concurrency", "2"];
     let serve = Serve::start(dir.path(), &relay.url(), &[flags.as_slice(), &slots].concat());
     let asked = || hosts.iter().map(|h| h.requests(".well-known/did.json")).sum::<usize>();
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    // (The deadline covers the process's start: opening the log, the relay's first frames.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while asked() == 0 {
         assert!(std::time::Instant::now() < deadline, "no did:web host was asked");
         tokio::time::sleep(Duration::from_millis(20)).await;

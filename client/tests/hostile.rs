@@ -631,17 +631,18 @@ async fn an_event_from_a_frame_without_its_size_keeps_only_its_own_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_quiet_connections_do_not_count_as_failed_attempts() {
     let t = now_us();
-    // At most `n` failed connections in a row; quick reconnects, a stale timeout of 1 s.
+    // At most `n` failed connections in a row; quick reconnects, a stale timeout of 2 s (pings
+    // every 0.67 s: a loaded machine's late pong does not make a healthy connection stale).
     let subscribe = |server: &Server, n: u32| {
         Subscription::builder([format!("ws://{}", server.addr)])
             .cursor(Some(t))
-            .stale_timeout(Duration::from_secs(1))
+            .stale_timeout(Duration::from_secs(2))
             .backoff(Duration::from_millis(10), Duration::from_millis(20))
             .max_attempts(n)
             .start()
             .unwrap()
     };
-    let quiet = Script::QuietThenClose(Duration::from_millis(1_800));
+    let quiet = Script::QuietThenClose(Duration::from_millis(3_000));
     let server = serve(vec![quiet.clone(), quiet.clone(), quiet, Script::Send(vec![event(t + 1)])]).await;
     let mut sub = subscribe(&server, 1);
     assert_eq!(next_event(&mut sub).await, t + 1);

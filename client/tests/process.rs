@@ -349,7 +349,12 @@ async fn a_timed_save_takes_what_finished_while_it_waited() {
     };
     let opts = ProcessOptions { save_interval: Duration::from_secs(1), queue_per_worker: 2 };
     let run = tokio::spawn(process_parallel(sub, store.clone(), opts, 2, handler, std::future::pending()));
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Nothing is saved before the first interval: the first save seen is the timed one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.get().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no timed save");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(store.get(), Some(3), "everything finished by 0.3 s is saved at the 1 s save");
     run.abort();
     drop(tx);
