@@ -291,6 +291,26 @@ async fn a_v2_subscription_given_a_stale_dictionary_goes_on_with_the_servers_own
     assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "one upgrade took");
 }
 
+/// A subscription the server refuses (here a DID in the URL's own query that is not one) ends
+/// with the server's reason, not only its status: the user sees what to fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscription_says_the_servers_reason() {
+    let relay = FakeRelay::start().await;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    for (wire, url) in [
+        (contrail_client::Wire::V1, format!("ws://{}?wantedDids=did:bad", primary.public)),
+        (contrail_client::Wire::V2, format!("ws://{}?dids=did:bad", primary.public)),
+    ] {
+        let mut sub = Subscription::builder([url]).wire(wire).start().unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an answer in time");
+        let err = err.expect_err("refused");
+        assert!(matches!(err, contrail_client::Error::Refused { .. }), "{err}");
+        assert!(err.to_string().contains("HTTP 400 at the upgrade: "), "{err}");
+        assert!(err.to_string().contains("did:bad"), "the server's reason: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_v2_wire_delivers_the_same_events_and_filters_change_by_reconnecting() {
     let gen = generate(1, 800, 20, 36);

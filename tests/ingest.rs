@@ -1107,3 +1107,42 @@ async fn a_relay_cut_mid_frame_loses_and_duplicates_nothing() {
     drop(serve);
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
 }
+
+/// A relay that sheds load answers the upgrade with 429 (or 503) and `Retry-After`: the reader
+/// is not back sooner than asked (here 2 s, with a backoff that alone would wait 50 ms), and its
+/// log says what the relay said, not only the status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_refusing_with_retry_after_is_not_asked_again_sooner() {
+    use common::relay::Refusal;
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 20, 5, 47);
+    relay.push_all(&gen);
+    relay.refuse_next(Refusal { status: 429, retry_after_secs: Some(2), body: "rate limited:\n slow down".into() });
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--relay-backoff-min", "50ms", "--relay-backoff-max", "10s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    serve.wait_for_seq(20, Duration::from_secs(30));
+    let attempts = relay.attempts();
+    assert!(attempts.len() >= 2, "{attempts:?}");
+    let waited = attempts[1] - attempts[0];
+    assert!(waited >= Duration::from_millis(1_900), "asked again after {waited:?}");
+    assert!(serve.logs().contains("HTTP 429: rate limited: slow down"), "{}", serve.logs());
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"connect\"}"), Some(1.0));
+    // A longer ask than --relay-backoff-max is cut to it: a relay asking for an hour does not
+    // stop the reader for one.
+    relay.refuse_next(Refusal { status: 503, retry_after_secs: Some(3_600), body: String::new() });
+    relay.refuse_next(Refusal { status: 503, retry_after_secs: Some(3_600), body: String::new() });
+    drop(serve);
+    let before = relay.connections();
+    let args = ["--relay-backoff-min", "50ms", "--relay-backoff-max", "1s"];
+    let serve = Serve::start(dir.path(), &relay.url(), &args);
+    relay.wait_for_connections_above(before, Duration::from_secs(10));
+    let attempts = relay.attempts();
+    let last_three = &attempts[attempts.len() - 3..];
+    for pair in last_three.windows(2) {
+        let waited = pair[1] - pair[0];
+        assert!(waited < Duration::from_secs(5), "waited {waited:?} for a refusal asking an hour");
+        assert!(waited >= Duration::from_millis(900), "asked again after {waited:?}");
+    }
+    drop(serve);
+}

@@ -6,7 +6,7 @@ mod common;
 use common::client::{collect, connect, next, Msg};
 use common::frames::generate;
 use common::process::{http_get, inspect_log, Serve};
-use common::relay::{ConnFault, FakeRelay, Faults};
+use common::relay::{ConnFault, FakeRelay, Faults, Refusal};
 use common::{like_line, now_us};
 use std::time::{Duration, Instant};
 
@@ -658,6 +658,27 @@ async fn a_replica_measures_its_lag_by_its_upstreams_clock() {
     let lag = replica.metric("contrail_replication_lag_seconds").unwrap();
     assert!((-5.0..30.0).contains(&lag), "lag {lag} s after a live cursor message");
     assert_eq!(http_get(replica.public, "/ready").unwrap().0, 200);
+}
+
+/// An upstream shedding load (a Contrail at its subscriber cap, a proxy) answers the upgrade
+/// with 503 and `Retry-After`: the replica is not back sooner than asked, and its log says what
+/// the upstream said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refused_with_retry_after_is_not_back_sooner() {
+    let upstream = FakeRelay::start().await;
+    upstream.set_faults(Faults { text: true, ..Faults::default() });
+    let t = now_us();
+    upstream.push(t, like_line(t));
+    let says = "too many subscribers; try another instance or later";
+    upstream.refuse_next(Refusal { status: 503, retry_after_secs: Some(2), body: says.into() });
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--upstream-compress", "false", "--relay-backoff-min", "50ms", "--relay-backoff-max", "10s"];
+    let replica = replica_of(dir.path(), &upstream.url(), &flags);
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 1.0, "the replica took nothing");
+    let attempts = upstream.attempts();
+    let waited = attempts[1] - attempts[0];
+    assert!(waited >= Duration::from_millis(1_900), "asked again after {waited:?}");
+    assert!(replica.logs().contains(&format!("HTTP 503: {says}")), "{}", replica.logs());
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an

@@ -22,6 +22,14 @@ impl Backoff {
         wait
     }
 
+    /// [`Backoff::next_wait`], but no shorter than what the peer `asked` (a refusal's
+    /// `Retry-After`), up to `max`: a server shedding load is not asked again sooner than it
+    /// said, and one asking for hours does not stop the reconnects for longer than configured.
+    pub fn next_wait_at_least(&mut self, asked: Option<Duration>) -> Duration {
+        let wait = self.next_wait();
+        asked.map_or(wait, |asked| wait.max(asked.min(self.max)))
+    }
+
     /// Progress was made: the next failure waits `min` again.
     pub fn reset(&mut self) {
         self.current = self.min;
@@ -44,5 +52,17 @@ mod tests {
         }
         b.reset();
         assert!(b.next_wait() <= min);
+    }
+
+    #[test]
+    fn a_wait_asked_for_is_kept_up_to_the_max() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
+        let mut b = Backoff::new(min, max);
+        assert!(b.next_wait_at_least(None) <= min);
+        assert_eq!(b.next_wait_at_least(Some(Duration::from_secs(3))), Duration::from_secs(3));
+        assert_eq!(b.next_wait_at_least(Some(Duration::from_secs(3_600))), max);
+        // A shorter ask than the backoff's own wait does not shorten it.
+        b = Backoff::new(Duration::from_secs(8), max);
+        assert!(b.next_wait_at_least(Some(Duration::from_secs(1))) >= Duration::from_secs(4));
     }
 }

@@ -718,8 +718,12 @@ impl Driver {
                     }
                     // Every host once before waiting.
                     if failures as usize >= self.urls.len() || (progressed && brief) {
+                        let asked = match &e {
+                            ConnectionError::Client(c) => c.retry_after(),
+                            _ => None,
+                        };
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff.next_wait()) => {}
+                            _ = tokio::time::sleep(backoff.next_wait_at_least(asked)) => {}
                             _ = self.out.closed() => return,
                         }
                     }
@@ -848,17 +852,22 @@ impl Driver {
             }
             // 400 is an answer about the request itself (the filters, the cursor): every host
             // would give it. Other statuses (a proxy's 403 or 404, 429, 5xx) are this host's.
-            Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidStatusCode(400))) => {
+            Err(ClientError::Status { status: 400, body, .. }) => {
                 // Unless it is the dictionary given to the builder that v2 names in the query:
                 // a server that moved to another says `UnknownZstdDictionary`, fetch mine. (The
-                // body is not read here: a 400 for anything else comes again, with the
+                // body is not trusted to name it: a 400 for anything else comes again, with the
                 // server's own dictionary, and is then refused.)
                 if using_given && self.opts.wire == Wire::V2 {
                     self.given_dictionary_refused = true;
                     tracing::warn!(%url, dictionary = ?dict_id, "the server refused the zstd dictionary given to the builder (not the one it uses now?): fetching its own");
                     return ConnectionError::GivenDictionaryRefused;
                 }
-                return ConnectionError::Refused("HTTP 400 at the upgrade".into());
+                let reason = if body.is_empty() {
+                    "HTTP 400 at the upgrade".into()
+                } else {
+                    format!("HTTP 400 at the upgrade: {body}")
+                };
+                return ConnectionError::Refused(reason);
             }
             Err(e) => return e.into(),
         };

@@ -196,6 +196,11 @@ pub enum ClientError {
     Tls(std::io::Error),
     #[error("websocket handshake: {0}")]
     Handshake(fastwebsockets::WebSocketError),
+    /// The server answered with another status than the one asked for (not 101 to an
+    /// upgrade, not 2xx to a GET): the status, its `Retry-After` in seconds when it gave one,
+    /// and the start of its body as one printable line ([`refusal_text`]), which says why.
+    #[error("HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
+    Status { status: u16, retry_after: Option<std::time::Duration>, body: String },
     #[error("HTTP: {0}")]
     Http(String),
     #[error("{step} did not finish within {after:?}")]
@@ -203,6 +208,64 @@ pub enum ClientError {
     /// [`http_get_public`]: the name has no public address (loopback, private, link-local…).
     #[error("{0} has no public address")]
     NotPublic(String),
+}
+
+impl ClientError {
+    /// How long the server asked to be left alone (`Retry-After` on a refusal), if it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ClientError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// How much of a refusal's body is read: enough for a reason, not a page.
+const REFUSAL_BODY_BYTES: usize = 1024;
+/// How much of it is shown (characters).
+const REFUSAL_TEXT_CHARS: usize = 200;
+
+/// A refusal from its response: the status, `Retry-After` (delta-seconds; the date form is not
+/// read) and the first [`REFUSAL_BODY_BYTES`] of the body, read within the caller's deadline.
+async fn refusal(resp: hyper::Response<hyper::body::Incoming>) -> ClientError {
+    use http_body_util::BodyExt;
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
+        .map(|s| std::time::Duration::from_secs(s.into()));
+    let mut body = resp.into_body();
+    let mut head = Vec::new();
+    // A body that breaks off is shown as far as it came.
+    while head.len() < REFUSAL_BODY_BYTES {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    head.extend_from_slice(&data[..data.len().min(REFUSAL_BODY_BYTES - head.len())]);
+                }
+            }
+            _ => break,
+        }
+    }
+    ClientError::Status { status, retry_after, body: refusal_text(&head) }
+}
+
+/// A body a server sent as one short printable line for logs and errors: not UTF-8 replaced,
+/// control characters and runs of whitespace as one space, cut at [`REFUSAL_TEXT_CHARS`].
+pub fn refusal_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    for (n, word) in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).enumerate() {
+        if n > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    match out.char_indices().nth(REFUSAL_TEXT_CHARS) {
+        Some((cut, _)) => format!("{}…", &out[..cut]),
+        None => out,
+    }
 }
 
 /// Whether a request made on a stranger's behalf (a `did:web` name in a relay's frame) may go
@@ -384,27 +447,56 @@ pub async fn connect_with_start_cursor(
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let (mut ws, response) = if url.tls {
         let tls = tls(url, tcp, timeout).await?;
-        step(
-            "websocket handshake",
-            timeout,
-            fastwebsockets::handshake::client(&SpawnExecutor, req, tls),
-            ClientError::Handshake,
-        )
-        .await?
+        step("websocket handshake", timeout, upgrade(req, tls), |e| e).await?
     } else {
-        step(
-            "websocket handshake",
-            timeout,
-            fastwebsockets::handshake::client(&SpawnExecutor, req, tcp),
-            ClientError::Handshake,
-        )
-        .await?
+        step("websocket handshake", timeout, upgrade(req, tcp), |e| e).await?
     };
     ws.set_max_message_size(MAX_WS_MESSAGE_BYTES);
     ws.set_auto_pong(true);
     ws.set_auto_close(true);
     let start_cursor = response.headers().get(START_CURSOR_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
     Ok((ws, start_cursor))
+}
+
+/// The websocket upgrade over `io`, as `fastwebsockets::handshake::client` does it, except
+/// that a refusal keeps what the server said ([`ClientError::Status`]): a 400's reason, a 429's
+/// `Retry-After`.
+async fn upgrade<S>(req: hyper::Request<Empty<Bytes>>, io: S) -> Result<(Ws, hyper::Response<()>), ClientError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e: hyper::Error| ClientError::Http(e.to_string());
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(http)?;
+    // The connection's driver: after an upgrade it hands the connection over and ends; a
+    // handshake that fails or is given up (its deadline) takes it down.
+    let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "websocket handshake connection");
+        }
+    }));
+    let mut resp = sender.send_request(req).await.map_err(http)?;
+    if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(refusal(resp).await);
+    }
+    // (`Connection` is a list of tokens: "keep-alive, Upgrade" will do.)
+    let says = |name: hyper::header::HeaderName, want: &str| {
+        let value = resp.headers().get(name).and_then(|v| v.to_str().ok());
+        value.is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    };
+    if !says(UPGRADE, "websocket") {
+        return Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidUpgradeHeader));
+    }
+    if !says(CONNECTION, "upgrade") {
+        return Err(ClientError::Handshake(fastwebsockets::WebSocketError::InvalidConnectionHeader));
+    }
+    let upgraded = hyper::upgrade::on(&mut resp).await.map_err(http)?;
+    let ws = fastwebsockets::WebSocket::after_handshake(
+        hyper_util::rt::TokioIo::new(upgraded),
+        fastwebsockets::Role::Client,
+    );
+    let (parts, _) = resp.into_parts();
+    Ok((ws, hyper::Response::from_parts(parts, ())))
 }
 
 /// A plain HTTP GET of `path` on the same host (e.g. an upstream's `/dictionary`); the body,
@@ -459,16 +551,15 @@ async fn get(
         let http = |e: hyper::Error| ClientError::Http(e.to_string());
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(http)?;
-        // The connection's driver ends with the request (one request, then dropped).
-        let driver = tokio::spawn(conn);
+        // The connection's driver ends with the request (one request, then dropped; given up
+        // at the deadline too).
+        let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
-            driver.abort();
-            return Err(ClientError::Http(format!("status {}", resp.status())));
+            return Err(refusal(resp).await);
         }
         let limited = http_body_util::Limited::new(resp.into_body(), max_bytes);
         let body = limited.collect().await.map_err(|e| ClientError::Http(format!("body: {e}")));
-        driver.abort();
         Ok(body?.to_bytes().to_vec())
     }
     let request = async {
@@ -674,6 +765,16 @@ mod tests {
         assert!(r.buf.capacity() > Reassembler::KEEP_CAPACITY);
         assert_eq!(r.push(Binary, true, b"small"), Ok(Assembled::Message(Binary, &b"small"[..])));
         assert_eq!(r.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn a_refusals_body_is_shown_as_one_short_printable_line() {
+        assert_eq!(refusal_text(b""), "");
+        assert_eq!(refusal_text(b"  invalid DID:\r\n\tdid:bad\n"), "invalid DID: did:bad");
+        assert_eq!(refusal_text(b"a\x1b[31mb\x00c \xff d"), "a [31mb c \u{fffd} d");
+        let long = "é".repeat(REFUSAL_TEXT_CHARS + 1);
+        assert_eq!(refusal_text(long.as_bytes()), format!("{}…", "é".repeat(REFUSAL_TEXT_CHARS)));
+        assert_eq!(refusal_text("é".repeat(REFUSAL_TEXT_CHARS).as_bytes()), "é".repeat(REFUSAL_TEXT_CHARS));
     }
 
     #[test]

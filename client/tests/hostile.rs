@@ -19,6 +19,8 @@ enum Script {
     EndlessFragments,
     /// Answer the upgrade with this status.
     Status(u16),
+    /// Answer the upgrade with this status, `Retry-After` (seconds) and body.
+    Refuse(u16, Option<u64>, &'static str),
     /// Events of about this many bytes each, this many, starting at this `time_us`.
     Large { size: usize, count: usize, from: u64 },
     /// One event, at this `time_us` plus the connection's number (so each is new), then a
@@ -85,10 +87,19 @@ async fn serve(scripts: Vec<Script>) -> Server {
                 let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                     let (script, f) = (script.clone(), f.clone());
                     async move {
-                        if let Script::Status(code) = script {
-                            let mut r = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
-                            *r.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
-                            return Ok(r);
+                        let refusal = match script {
+                            Script::Status(code) => Some((code, None, "")),
+                            Script::Refuse(code, after, body) => Some((code, after, body)),
+                            _ => None,
+                        };
+                        if let Some((code, after, body)) = refusal {
+                            let mut r = hyper::Response::builder().status(code);
+                            if let Some(secs) = after {
+                                r = r.header("retry-after", secs.to_string());
+                            }
+                            return Ok(r
+                                .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
+                                .unwrap());
                         }
                         let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req)?;
                         tokio::spawn(async move {
@@ -197,13 +208,13 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                     .await;
                                     let _ = ws.write_frame(Frame::close(1001, b"restarting")).await;
                                 }
-                                Script::Status(_) => unreachable!(),
+                                Script::Status(_) | Script::Refuse(..) => unreachable!(),
                             }
                         });
                         let (parts, _) = resp.into_parts();
                         Ok::<_, fastwebsockets::WebSocketError>(hyper::Response::from_parts(
                             parts,
-                            http_body_util::Empty::<bytes::Bytes>::new(),
+                            http_body_util::Full::new(bytes::Bytes::new()),
                         ))
                     }
                 });
@@ -539,6 +550,30 @@ async fn an_event_the_client_cannot_take_again_and_again_ends_the_subscription()
     let t = now_us();
     let future = t + 30 * 24 * 3_600_000_000;
     ends_unreadable_after(t, event(future), "future").await;
+}
+
+/// A refusal's body is the reason the caller is given (one line, cut short: a server's whole
+/// error page is not); a 429's `Retry-After` is waited out before the host is asked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_says_the_servers_reason_and_retry_after_is_waited_out() {
+    let page: &'static str = Box::leak(format!("bad\r\nfilter:\t{}", "x".repeat(5_000)).into_boxed_str());
+    let server = serve(vec![Script::Refuse(400, None, page)]).await;
+    let mut sub = subscribe(&server, None);
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    let Error::Refused { reason, .. } = &err else { panic!("{err}") };
+    assert!(reason.starts_with("HTTP 400 at the upgrade: bad filter: xxx"), "{reason}");
+    assert!(reason.ends_with("x…") && reason.chars().count() < 250, "{reason}");
+
+    let t = now_us();
+    let server = serve(vec![Script::Refuse(429, Some(2), "slow down"), Script::Send(vec![event(t)])]).await;
+    let began = std::time::Instant::now();
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t);
+    assert!(began.elapsed() >= Duration::from_millis(1_900), "asked again after {:?}", began.elapsed());
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,7 +266,11 @@ impl Reader {
                     backoff.reset();
                 }
             }
-            let wait = backoff.next_wait();
+            let asked = match &ended {
+                RelayError::Connect(e) => e.retry_after(),
+                _ => None,
+            };
+            let wait = backoff.next_wait_at_least(asked);
             tracing::warn!(error = %ended, retry_in_ms = wait.as_millis() as u64, "relay connection ended");
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -341,7 +341,11 @@ impl UpstreamReader {
             }
             // Try every upstream once before waiting; then back off.
             if failures_in_a_row >= self.urls().len() {
-                let wait = backoff.next_wait();
+                let asked = match &ended {
+                    UpstreamError::Connect(e) => e.retry_after(),
+                    _ => None,
+                };
+                let wait = backoff.next_wait_at_least(asked);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}

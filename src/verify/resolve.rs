@@ -525,9 +525,7 @@ impl Resolver {
             wsclient::http_get_at_most(&url, &path, self.opts.timeout, MAX_DOC_BYTES).await
         };
         let body = body.map_err(|e| match e {
-            ClientError::Http(m) if m.starts_with("status 404") || m.starts_with("status 410") => {
-                ResolveError::NotFound
-            }
+            ClientError::Status { status: 404 | 410, .. } => ResolveError::NotFound,
             ClientError::Http(m) if m.contains("length limit") => {
                 ResolveError::BadDocument("larger than 64 KiB".into())
             }

@@ -66,6 +66,18 @@ struct State {
     /// Serve a Contrail's `/status` (for a replica's upstream reader), with a clock this far
     /// from this machine's ([`FakeRelay::serve_status`]).
     status_clock_offset_us: Mutex<Option<i64>>,
+    /// Upgrade requests answered with a status instead ([`FakeRelay::refuse_next`]), in order.
+    refusals: Mutex<std::collections::VecDeque<Refusal>>,
+    /// When each upgrade request came, refused or not.
+    attempts: Mutex<Vec<std::time::Instant>>,
+}
+
+/// An HTTP answer to an upgrade request: a status, a `Retry-After` in seconds, a body.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub status: u16,
+    pub retry_after_secs: Option<u64>,
+    pub body: String,
 }
 
 pub struct FakeRelay {
@@ -117,6 +129,14 @@ impl FakeRelay {
                                 return Ok::<_, std::convert::Infallible>(
                                     hyper::Response::builder().status(404).body(Full::new(Bytes::new())).unwrap(),
                                 );
+                            }
+                            st.attempts.lock().unwrap().push(std::time::Instant::now());
+                            if let Some(r) = st.refusals.lock().unwrap().pop_front() {
+                                let mut resp = hyper::Response::builder().status(r.status);
+                                if let Some(secs) = r.retry_after_secs {
+                                    resp = resp.header("retry-after", secs.to_string());
+                                }
+                                return Ok(resp.body(Full::new(Bytes::from(r.body))).unwrap());
                             }
                             let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).unwrap();
                             tokio::spawn(async move {
@@ -179,6 +199,16 @@ impl FakeRelay {
     /// the plan runs out behave normally.
     pub fn plan(&self, plan: Vec<ConnFault>) {
         *self.state.plan.lock().unwrap() = plan.into();
+    }
+
+    /// Answers the next upgrade request with `refusal` (queued after any already set).
+    pub fn refuse_next(&self, refusal: Refusal) {
+        self.state.refusals.lock().unwrap().push_back(refusal);
+    }
+
+    /// When each upgrade request came so far, refused or not.
+    pub fn attempts(&self) -> Vec<std::time::Instant> {
+        self.state.attempts.lock().unwrap().clone()
     }
 
     pub fn connections(&self) -> usize {
