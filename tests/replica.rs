@@ -679,6 +679,20 @@ async fn a_replica_refused_with_retry_after_is_not_back_sooner() {
     let waited = attempts[1] - attempts[0];
     assert!(waited >= Duration::from_millis(1_900), "asked again after {waited:?}");
     assert!(replica.logs().contains(&format!("HTTP 503: {says}")), "{}", replica.logs());
+    drop(replica);
+    // Compressed (the dictionary is asked for first, and refused), with a second upstream that
+    // is down: the one that asked is not asked again before its time, though the other was
+    // tried and failed meanwhile.
+    upstream.refuse_next(Refusal { status: 429, retry_after_secs: Some(2), body: "slow down".into() });
+    let dir = tempfile::tempdir().unwrap();
+    let both = format!("{},ws://127.0.0.1:9", upstream.url());
+    let flags = ["--relay-backoff-min", "50ms", "--relay-backoff-max", "10s"];
+    let replica = replica_of(dir.path(), &both, &flags);
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 1.0, "the replica took nothing");
+    let attempts = upstream.attempts();
+    let waited = attempts[attempts.len() - 2] - attempts[attempts.len() - 3];
+    assert!(waited >= Duration::from_millis(1_900), "asked again after {waited:?}");
+    assert!(replica.logs().contains("the upstream's dictionary: HTTP 429: slow down"), "{}", replica.logs());
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an

@@ -22,17 +22,44 @@ impl Backoff {
         wait
     }
 
-    /// [`Backoff::next_wait`], but no shorter than what the peer `asked` (a refusal's
-    /// `Retry-After`), up to `max`: a server shedding load is not asked again sooner than it
-    /// said, and one asking for hours does not stop the reconnects for longer than configured.
-    pub fn next_wait_at_least(&mut self, asked: Option<Duration>) -> Duration {
-        let wait = self.next_wait();
-        asked.map_or(wait, |asked| wait.max(asked.min(self.max)))
-    }
-
     /// Progress was made: the next failure waits `min` again.
     pub fn reset(&mut self) {
         self.current = self.min;
+    }
+}
+
+/// How long each host of a list asked to be left alone (a refusal's `Retry-After`): it is
+/// not asked again sooner, while the others are tried as usual. A wait is jittered over a
+/// quarter more (a fleet refused together does not come back together) and capped at `max`
+/// (a host asking for hours does not stop the reconnects for longer than configured).
+#[derive(Debug, Clone)]
+pub struct Pauses {
+    until: Vec<Option<tokio::time::Instant>>,
+    max: Duration,
+}
+
+impl Pauses {
+    pub fn new(max: Duration) -> Self {
+        Pauses { until: Vec::new(), max }
+    }
+
+    /// Host `host` answered; with `asked`, it asked for that long.
+    pub fn asked(&mut self, host: usize, asked: Option<Duration>) {
+        let Some(asked) = asked.filter(|a| !a.is_zero()) else { return };
+        let wait = asked.min(self.max).mul_f64(1.0 + rand::random::<f64>() * 0.25).min(self.max);
+        if self.until.len() <= host {
+            self.until.resize(host + 1, None);
+        }
+        let until = tokio::time::Instant::now() + wait;
+        self.until[host] = Some(self.until[host].map_or(until, |u| u.max(until)));
+    }
+
+    /// How long until `host` may be asked again: zero when it may now.
+    pub fn left(&self, host: usize) -> Duration {
+        match self.until.get(host) {
+            Some(Some(until)) => until.saturating_duration_since(tokio::time::Instant::now()),
+            _ => Duration::ZERO,
+        }
     }
 }
 
@@ -54,15 +81,24 @@ mod tests {
         assert!(b.next_wait() <= min);
     }
 
-    #[test]
-    fn a_wait_asked_for_is_kept_up_to_the_max() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(10));
-        let mut b = Backoff::new(min, max);
-        assert!(b.next_wait_at_least(None) <= min);
-        assert_eq!(b.next_wait_at_least(Some(Duration::from_secs(3))), Duration::from_secs(3));
-        assert_eq!(b.next_wait_at_least(Some(Duration::from_secs(3_600))), max);
-        // A shorter ask than the backoff's own wait does not shorten it.
-        b = Backoff::new(Duration::from_secs(8), max);
-        assert!(b.next_wait_at_least(Some(Duration::from_secs(1))) >= Duration::from_secs(4));
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_asked_for_is_kept_per_host_jittered_up_to_the_max() {
+        let mut p = Pauses::new(Duration::from_secs(10));
+        assert_eq!(p.left(0), Duration::ZERO);
+        p.asked(1, Some(Duration::from_secs(4)));
+        p.asked(0, None);
+        p.asked(2, Some(Duration::ZERO));
+        assert_eq!((p.left(0), p.left(2), p.left(7)), (Duration::ZERO, Duration::ZERO, Duration::ZERO));
+        let left = p.left(1);
+        assert!(left >= Duration::from_secs(4) && left <= Duration::from_secs(5), "{left:?}");
+        // A shorter ask does not shorten it; a longer one is cut to the max.
+        p.asked(1, Some(Duration::from_secs(1)));
+        assert_eq!(p.left(1), left);
+        p.asked(3, Some(Duration::from_secs(3_600)));
+        assert_eq!(p.left(3), Duration::from_secs(10));
+        p.asked(4, Some(Duration::MAX));
+        assert_eq!(p.left(4), Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!((p.left(1), p.left(3)), (Duration::ZERO, Duration::from_secs(4)));
     }
 }

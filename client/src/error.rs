@@ -52,6 +52,8 @@ pub(crate) enum ConnectionError {
     Client(#[from] ClientError),
     #[error("the dictionary: {0}")]
     Dictionary(String),
+    #[error("the dictionary: {0}")]
+    DictionaryFetch(ClientError),
     #[error("nothing received for {0:?}")]
     Stale(std::time::Duration),
     #[error("reading: {0}")]
@@ -90,4 +92,14 @@ pub(crate) enum ConnectionError {
     /// The consumer dropped the subscription.
     #[error("the subscription was dropped")]
     Dropped,
+}
+
+impl ConnectionError {
+    /// How long the host asked to be left alone (a refusal's `Retry-After`), if it did.
+    pub(crate) fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ConnectionError::Client(e) | ConnectionError::DictionaryFetch(e) => e.retry_after(),
+            _ => None,
+        }
+    }
 }

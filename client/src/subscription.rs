@@ -20,7 +20,7 @@
 //!   within the rewind after a switch to another host may cover events already delivered: it
 //!   is only counted and logged, and no other host is tried for it.
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, Pauses};
 use crate::error::{ConnectionError, Error};
 use crate::event::{Event, V2Message, Wire};
 use crate::transport::{self, Assembled, ClientError, Reassembler, WsUrl};
@@ -590,14 +590,25 @@ impl Driver {
     async fn run(mut self) {
         let (min, max) = self.opts.backoff;
         let mut backoff = Backoff::new(min, max);
+        // Hosts that refused us with a Retry-After are not asked again sooner; the others are
+        // tried meanwhile.
+        let mut pauses = Pauses::new(max);
         let mut failures: u32 = 0;
         // Connections that ended at one position on a message this client cannot read.
         let mut unreadable: (Option<u64>, u32) = (None, 0);
         loop {
+            let pause = pauses.left(self.current);
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = self.out.closed() => return,
+                }
+            }
             let delivered_before = self.last;
             let attempt_us = now_us().saturating_sub(1_000_000);
             let began = tokio::time::Instant::now();
             let ended = self.connection().await;
+            pauses.asked(self.current, ended.retry_after());
             if self.last.is_none() && self.started_us.is_none() {
                 self.started_us = Some(attempt_us);
                 // The server's own, when it gave one: its time_us need not follow this clock
@@ -718,12 +729,8 @@ impl Driver {
                     }
                     // Every host once before waiting.
                     if failures as usize >= self.urls.len() || (progressed && brief) {
-                        let asked = match &e {
-                            ConnectionError::Client(c) => c.retry_after(),
-                            _ => None,
-                        };
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff.next_wait_at_least(asked)) => {}
+                            _ = tokio::time::sleep(backoff.next_wait()) => {}
                             _ = self.out.closed() => return,
                         }
                     }
@@ -826,7 +833,7 @@ impl Driver {
                     // server that wants a `?token=` on every request lets this one through too.
                     match transport::http_get(&url, &url.at(&path), timeout).await {
                         Ok(d) => d,
-                        Err(e) => return ConnectionError::Dictionary(e.to_string()),
+                        Err(e) => return ConnectionError::DictionaryFetch(e),
                     }
                 }
             };

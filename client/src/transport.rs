@@ -164,7 +164,8 @@ impl serde::Serialize for WsUrl {
     }
 }
 
-/// Runs hyper's connection drivers on the tokio runtime.
+/// Runs hyper's connection drivers on the tokio runtime (for `fastwebsockets`' own client
+/// handshake, which tests and benchmarks use as a third-party client).
 pub struct SpawnExecutor;
 
 impl<F> hyper::rt::Executor<F> for SpawnExecutor
@@ -222,41 +223,94 @@ impl ClientError {
 
 /// How much of a refusal's body is read: enough for a reason, not a page.
 const REFUSAL_BODY_BYTES: usize = 1024;
+/// How long it is waited for: a status must not be lost to a body that never ends (one
+/// without a length is read until the server closes).
+const REFUSAL_BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// How much of it is shown (characters).
 const REFUSAL_TEXT_CHARS: usize = 200;
 
+/// The query parameters of a subscription, which are not secret: the values of any other in a
+/// URL's own query (an access token) are not shown when a refusal's body quotes them.
+const PUBLIC_PARAMS: &[&str] = &[
+    "wantedCollections",
+    "wantedDids",
+    "cursor",
+    "compress",
+    "requireHello",
+    "maxMessageSizeBytes",
+    "informCursorSeconds",
+    "includeSync",
+    "includeVerification",
+    "collections",
+    "dids",
+    "kinds",
+    "zstdDictionary",
+];
+
 /// A refusal from its response: the status, `Retry-After` (delta-seconds; the date form is not
-/// read) and the first [`REFUSAL_BODY_BYTES`] of the body, read within the caller's deadline.
-async fn refusal(resp: hyper::Response<hyper::body::Incoming>) -> ClientError {
+/// read) and the first [`REFUSAL_BODY_BYTES`] of the body, what arrived of it within
+/// [`REFUSAL_BODY_WAIT`], with the values of `url`'s own non-public query parameters left out.
+async fn refusal(resp: hyper::Response<hyper::body::Incoming>, url: &WsUrl) -> ClientError {
     use http_body_util::BodyExt;
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
         .get(hyper::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u32>().ok())
-        .map(|s| std::time::Duration::from_secs(s.into()));
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs);
     let mut body = resp.into_body();
     let mut head = Vec::new();
-    // A body that breaks off is shown as far as it came.
-    while head.len() < REFUSAL_BODY_BYTES {
-        match body.frame().await {
-            Some(Ok(frame)) => {
-                if let Some(data) = frame.data_ref() {
-                    head.extend_from_slice(&data[..data.len().min(REFUSAL_BODY_BYTES - head.len())]);
+    // A body that breaks off, or stalls, is shown as far as it came.
+    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT, async {
+        while head.len() < REFUSAL_BODY_BYTES {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        head.extend_from_slice(&data[..data.len().min(REFUSAL_BODY_BYTES - head.len())]);
+                    }
                 }
+                _ => break,
             }
-            _ => break,
+        }
+    })
+    .await;
+    let mut text = refusal_text(&head);
+    for (key, value) in url.query.iter().filter_map(|kv| kv.split_once('=')) {
+        // (A value of a few characters is no secret, and would take others' letters away.)
+        if value.len() >= 4 && !PUBLIC_PARAMS.contains(&key) {
+            text = text.replace(value, "…");
         }
     }
-    ClientError::Status { status, retry_after, body: refusal_text(&head) }
+    ClientError::Status { status, retry_after, body: text }
 }
 
-/// A body a server sent as one short printable line for logs and errors: not UTF-8 replaced,
-/// control characters and runs of whitespace as one space, cut at [`REFUSAL_TEXT_CHARS`].
+/// Characters that change how a line reads without being seen (zero-width spaces and joiners,
+/// direction marks and overrides, the byte-order mark): taken for spaces, as control
+/// characters are, so a peer's text cannot disguise a log line.
+fn invisible(c: char) -> bool {
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+}
+
+/// A body a server sent as one short printable line for logs and errors: an XRPC error
+/// (`{"error":…,"message":…}`) as "error: message"; otherwise the text, not UTF-8 replaced,
+/// control and invisible characters and runs of whitespace as one space; cut at
+/// [`REFUSAL_TEXT_CHARS`].
 pub fn refusal_text(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
+    #[derive(serde::Deserialize)]
+    struct Xrpc {
+        error: String,
+        message: Option<String>,
+    }
+    let xrpc = serde_json::from_slice::<Xrpc>(body).ok();
+    let text = match &xrpc {
+        Some(Xrpc { error, message: Some(m) }) => std::borrow::Cow::Owned(format!("{error}: {m}")),
+        Some(Xrpc { error, message: None }) => std::borrow::Cow::Borrowed(error.as_str()),
+        None => String::from_utf8_lossy(body),
+    };
     let mut out = String::new();
-    for (n, word) in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()).enumerate() {
+    for (n, word) in text.split(invisible).filter(|w| !w.is_empty()).enumerate() {
         if n > 0 {
             out.push(' ');
         }
@@ -447,9 +501,9 @@ pub async fn connect_with_start_cursor(
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let (mut ws, response) = if url.tls {
         let tls = tls(url, tcp, timeout).await?;
-        step("websocket handshake", timeout, upgrade(req, tls), |e| e).await?
+        step("websocket handshake", timeout, upgrade(url, req, tls), |e| e).await?
     } else {
-        step("websocket handshake", timeout, upgrade(req, tcp), |e| e).await?
+        step("websocket handshake", timeout, upgrade(url, req, tcp), |e| e).await?
     };
     ws.set_max_message_size(MAX_WS_MESSAGE_BYTES);
     ws.set_auto_pong(true);
@@ -461,7 +515,11 @@ pub async fn connect_with_start_cursor(
 /// The websocket upgrade over `io`, as `fastwebsockets::handshake::client` does it, except
 /// that a refusal keeps what the server said ([`ClientError::Status`]): a 400's reason, a 429's
 /// `Retry-After`.
-async fn upgrade<S>(req: hyper::Request<Empty<Bytes>>, io: S) -> Result<(Ws, hyper::Response<()>), ClientError>
+async fn upgrade<S>(
+    url: &WsUrl,
+    req: hyper::Request<Empty<Bytes>>,
+    io: S,
+) -> Result<(Ws, hyper::Response<()>), ClientError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -477,7 +535,7 @@ where
     }));
     let mut resp = sender.send_request(req).await.map_err(http)?;
     if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(refusal(resp).await);
+        return Err(refusal(resp, url).await);
     }
     // (`Connection` is a list of tokens: "keep-alive, Upgrade" will do.)
     let says = |name: hyper::header::HeaderName, want: &str| {
@@ -543,7 +601,12 @@ async fn get(
         .header(USER_AGENT, concat!("contrail/", env!("CARGO_PKG_VERSION")))
         .body(Empty::<Bytes>::new())
         .map_err(|e| ClientError::Http(e.to_string()))?;
-    async fn send<S>(io: S, req: hyper::Request<Empty<Bytes>>, max_bytes: usize) -> Result<Vec<u8>, ClientError>
+    async fn send<S>(
+        url: &WsUrl,
+        io: S,
+        req: hyper::Request<Empty<Bytes>>,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, ClientError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -556,7 +619,7 @@ async fn get(
         let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
-            return Err(refusal(resp).await);
+            return Err(refusal(resp, url).await);
         }
         let limited = http_body_util::Limited::new(resp.into_body(), max_bytes);
         let body = limited.collect().await.map_err(|e| ClientError::Http(format!("body: {e}")));
@@ -564,9 +627,9 @@ async fn get(
     }
     let request = async {
         if url.tls {
-            send(tls(url, tcp, timeout).await?, req, max_bytes).await
+            send(url, tls(url, tcp, timeout).await?, req, max_bytes).await
         } else {
-            send(tcp, req, max_bytes).await
+            send(url, tcp, req, max_bytes).await
         }
     };
     step("HTTP GET", timeout, request, |e| e).await
@@ -772,6 +835,11 @@ mod tests {
         assert_eq!(refusal_text(b""), "");
         assert_eq!(refusal_text(b"  invalid DID:\r\n\tdid:bad\n"), "invalid DID: did:bad");
         assert_eq!(refusal_text(b"a\x1b[31mb\x00c \xff d"), "a [31mb c \u{fffd} d");
+        assert_eq!(refusal_text("a\u{202e}b\u{200b}c\u{feff}".as_bytes()), "a b c");
+        let xrpc = br#"{"error":"InvalidRequest","message":"invalid DID:\n did:bad"}"#;
+        assert_eq!(refusal_text(xrpc), "InvalidRequest: invalid DID: did:bad");
+        assert_eq!(refusal_text(br#"{"error":"RateLimitExceeded"}"#), "RateLimitExceeded");
+        assert_eq!(refusal_text(br#"{"message":"m"}"#), r#"{"message":"m"}"#);
         let long = "é".repeat(REFUSAL_TEXT_CHARS + 1);
         assert_eq!(refusal_text(long.as_bytes()), format!("{}…", "é".repeat(REFUSAL_TEXT_CHARS)));
         assert_eq!(refusal_text("é".repeat(REFUSAL_TEXT_CHARS).as_bytes()), "é".repeat(REFUSAL_TEXT_CHARS));

@@ -563,11 +563,49 @@ async fn a_refusal_says_the_servers_reason_and_retry_after_is_waited_out() {
     let Error::Refused { reason, .. } = &err else { panic!("{err}") };
     assert!(reason.starts_with("HTTP 400 at the upgrade: bad filter: xxx"), "{reason}");
     assert!(reason.ends_with("x…") && reason.chars().count() < 250, "{reason}");
+    // A token in the URL's own query, quoted back by a proxy, is not repeated (to logs and
+    // errors); the filters are.
+    let server = serve(vec![Script::Refuse(400, None, "no such token s3cret-t0ken for did:plc:abc")]).await;
+    let url = format!("ws://{}/subscribe?token=s3cret-t0ken&wantedDids=did:plc:abc", server.addr);
+    let mut sub = Subscription::builder([url]).start().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    let Error::Refused { reason, .. } = &err else { panic!("{err}") };
+    assert_eq!(reason, "HTTP 400 at the upgrade: no such token … for did:plc:abc");
+    // A refusal whose body never ends (no length: read until a close that never comes) is a
+    // refusal still, not a timeout retried for ever.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 4096];
+        let _ = tcp.read(&mut request).await;
+        let _ = tcp.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\n\r\nbad filter").await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    });
+    let mut sub =
+        Subscription::builder([format!("ws://{addr}")]).connect_timeout(Duration::from_secs(60)).start().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("refused in time").unwrap_err();
+    let Error::Refused { reason, .. } = &err else { panic!("{err}") };
+    assert_eq!(reason, "HTTP 400 at the upgrade: bad filter");
 
     let t = now_us();
     let server = serve(vec![Script::Refuse(429, Some(2), "slow down"), Script::Send(vec![event(t)])]).await;
     let began = std::time::Instant::now();
     let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t);
+    assert!(began.elapsed() >= Duration::from_millis(1_900), "asked again after {:?}", began.elapsed());
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    // With a second host, down: it is tried meanwhile, and the first is still not asked again
+    // before its time.
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let t = now_us(); // (a live start takes nothing from before it)
+    let server = serve(vec![Script::Refuse(503, Some(2), "full"), Script::Send(vec![event(t)])]).await;
+    let began = std::time::Instant::now();
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr), format!("ws://{down}")])
         .backoff(Duration::from_millis(10), Duration::from_secs(10))
         .start()
         .unwrap();

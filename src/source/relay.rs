@@ -19,7 +19,7 @@
 //! Frames are transcoded here (the reader is one task, far faster than the firehose) and handed
 //! to the sequencer with their seq.
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, Pauses};
 use super::seq::{SeqDecision, SeqTracker, FAR_BELOW_RUN};
 use super::wsclient::{self, ClientError, WsUrl};
 use super::Readiness;
@@ -220,6 +220,7 @@ impl Reader {
     /// Runs until `cancel` fires (or the sequencer is gone).
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.relay_backoff_min, self.cfg.relay_backoff_max);
+        let mut pauses = Pauses::new(self.cfg.relay_backoff_max);
         let mut first = true;
         loop {
             if !first {
@@ -266,11 +267,11 @@ impl Reader {
                     backoff.reset();
                 }
             }
-            let asked = match &ended {
-                RelayError::Connect(e) => e.retry_after(),
-                _ => None,
-            };
-            let wait = backoff.next_wait_at_least(asked);
+            // A refusal's Retry-After, up to --relay-backoff-max.
+            if let RelayError::Connect(e) = &ended {
+                pauses.asked(0, e.retry_after());
+            }
+            let wait = backoff.next_wait().max(pauses.left(0));
             tracing::warn!(error = %ended, retry_in_ms = wait.as_millis() as u64, "relay connection ended");
             tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -21,7 +21,7 @@
 //!   `--upstream-switch-lag`, it switches to it. A frozen middle replica still sends cursor
 //!   messages, so staleness alone would never move its followers.
 
-use super::backoff::Backoff;
+use super::backoff::{Backoff, Pauses};
 use super::wsclient::{self, ClientError, WsUrl};
 use super::Readiness;
 use crate::event::{Event, EventKind};
@@ -116,6 +116,8 @@ pub enum UpstreamError {
     Connect(#[from] ClientError),
     #[error("the upstream's dictionary: {0}")]
     Dictionary(String),
+    #[error("the upstream's dictionary: {0}")]
+    DictionaryFetch(ClientError),
     #[error("stale: no event or cursor message for {0:?}")]
     Stale(Duration),
     #[error("reading: {0}")]
@@ -140,7 +142,9 @@ impl UpstreamError {
     /// position, nor an upstream's clean close.
     fn label(&self) -> Option<RelayErrorKind> {
         match self {
-            UpstreamError::Connect(_) | UpstreamError::Dictionary(_) => Some(RelayErrorKind::Connect),
+            UpstreamError::Connect(_) | UpstreamError::Dictionary(_) | UpstreamError::DictionaryFetch(_) => {
+                Some(RelayErrorKind::Connect)
+            }
             UpstreamError::Read(_) => Some(RelayErrorKind::Read),
             UpstreamError::Stale(_) => Some(RelayErrorKind::IdleTimeout),
             UpstreamError::Protocol(_) => Some(RelayErrorKind::Other),
@@ -149,6 +153,16 @@ impl UpstreamError {
             | UpstreamError::Behind { .. }
             | UpstreamError::Preferred { .. }
             | UpstreamError::Trimmed { .. } => None,
+        }
+    }
+}
+
+impl UpstreamError {
+    /// How long the upstream asked to be left alone (a refusal's `Retry-After`), if it did.
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            UpstreamError::Connect(e) | UpstreamError::DictionaryFetch(e) => e.retry_after(),
+            _ => None,
         }
     }
 }
@@ -279,6 +293,9 @@ impl UpstreamReader {
 
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
+        // Upstreams that refused us with a Retry-After are not asked again sooner; the others
+        // are tried meanwhile.
+        let mut pauses = Pauses::new(self.opts.backoff_max);
         let mut failures_in_a_row = 0usize;
         // The upstream just gone back to because it is preferred.
         let mut went_back = false;
@@ -287,6 +304,13 @@ impl UpstreamReader {
             // Counted as the relay reader counts its own: dashboards and alerts read them alike.
             if !std::mem::take(&mut first) {
                 self.metrics.relay_reconnects.inc();
+            }
+            let pause = pauses.left(self.current);
+            if !pause.is_zero() {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
             }
             let before = self.last_time_us;
             let ended = tokio::select! {
@@ -304,6 +328,7 @@ impl UpstreamReader {
             if let Some(kind) = ended.label() {
                 self.metrics.relay_error(kind);
             }
+            pauses.asked(self.current, ended.retry_after());
             if std::mem::take(&mut went_back) && self.last_time_us == before {
                 self.prefer_again_at = Some(tokio::time::Instant::now() + PREFER_AGAIN_AFTER);
             }
@@ -341,11 +366,7 @@ impl UpstreamReader {
             }
             // Try every upstream once before waiting; then back off.
             if failures_in_a_row >= self.urls().len() {
-                let asked = match &ended {
-                    UpstreamError::Connect(e) => e.retry_after(),
-                    _ => None,
-                };
-                let wait = backoff.next_wait_at_least(asked);
+                let wait = backoff.next_wait();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
@@ -390,7 +411,7 @@ impl UpstreamReader {
                 .await
             {
                 Ok(d) => d,
-                Err(e) => return UpstreamError::Dictionary(e.to_string()),
+                Err(e) => return UpstreamError::DictionaryFetch(e),
             };
             match zstd::bulk::Decompressor::with_dictionary(&dict) {
                 Ok(d) => decompressor = Some(d),

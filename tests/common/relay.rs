@@ -66,9 +66,10 @@ struct State {
     /// Serve a Contrail's `/status` (for a replica's upstream reader), with a clock this far
     /// from this machine's ([`FakeRelay::serve_status`]).
     status_clock_offset_us: Mutex<Option<i64>>,
-    /// Upgrade requests answered with a status instead ([`FakeRelay::refuse_next`]), in order.
+    /// Upgrade (or dictionary) requests answered with a status instead
+    /// ([`FakeRelay::refuse_next`]), in order.
     refusals: Mutex<std::collections::VecDeque<Refusal>>,
-    /// When each upgrade request came, refused or not.
+    /// When each upgrade or dictionary request came, refused or not.
     attempts: Mutex<Vec<std::time::Instant>>,
 }
 
@@ -115,6 +116,20 @@ impl FakeRelay {
                                     .body(Full::new(Bytes::from(body)))
                                     .unwrap());
                             }
+                            // Also at a Contrail's path, for tests of a replica's upstream reader.
+                            let path_ok =
+                                ["/xrpc/com.atproto.sync.subscribeRepos", "/subscribe"].contains(&req.uri().path());
+                            // A refusal answers the next request for the dictionary or an upgrade.
+                            if path_ok || req.uri().path() == "/dictionary" {
+                                st.attempts.lock().unwrap().push(std::time::Instant::now());
+                                if let Some(r) = st.refusals.lock().unwrap().pop_front() {
+                                    let mut resp = hyper::Response::builder().status(r.status);
+                                    if let Some(secs) = r.retry_after_secs {
+                                        resp = resp.header("retry-after", secs.to_string());
+                                    }
+                                    return Ok(resp.body(Full::new(Bytes::from(r.body))).unwrap());
+                                }
+                            }
                             // A Contrail's dictionary, for a replica's compressed link (any
                             // bytes are a raw-content dictionary; frames made without it read
                             // the same with it).
@@ -122,21 +137,10 @@ impl FakeRelay {
                                 let body = Full::new(Bytes::from_static(b"a fake upstream's zstd dictionary"));
                                 return Ok(hyper::Response::builder().status(200).body(body).unwrap());
                             }
-                            // Also at a Contrail's path, for tests of a replica's upstream reader.
-                            let path_ok =
-                                ["/xrpc/com.atproto.sync.subscribeRepos", "/subscribe"].contains(&req.uri().path());
                             if !path_ok {
                                 return Ok::<_, std::convert::Infallible>(
                                     hyper::Response::builder().status(404).body(Full::new(Bytes::new())).unwrap(),
                                 );
-                            }
-                            st.attempts.lock().unwrap().push(std::time::Instant::now());
-                            if let Some(r) = st.refusals.lock().unwrap().pop_front() {
-                                let mut resp = hyper::Response::builder().status(r.status);
-                                if let Some(secs) = r.retry_after_secs {
-                                    resp = resp.header("retry-after", secs.to_string());
-                                }
-                                return Ok(resp.body(Full::new(Bytes::from(r.body))).unwrap());
                             }
                             let (resp, fut) = fastwebsockets::upgrade::upgrade(&mut req).unwrap();
                             tokio::spawn(async move {
@@ -201,12 +205,13 @@ impl FakeRelay {
         *self.state.plan.lock().unwrap() = plan.into();
     }
 
-    /// Answers the next upgrade request with `refusal` (queued after any already set).
+    /// Answers the next upgrade or dictionary request with `refusal` (queued after any already
+    /// set).
     pub fn refuse_next(&self, refusal: Refusal) {
         self.state.refusals.lock().unwrap().push_back(refusal);
     }
 
-    /// When each upgrade request came so far, refused or not.
+    /// When each upgrade or dictionary request came so far, refused or not.
     pub fn attempts(&self) -> Vec<std::time::Instant> {
         self.state.attempts.lock().unwrap().clone()
     }
