@@ -927,10 +927,39 @@ async fn connection_limits_are_enforced() {
     let s = setup(5, &["--max-connections-per-ip", "2"]).await;
     let _a = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
     let _b = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
-    assert!(connect(s.serve.public, "/subscribe", &[]).await.is_err(), "third connection from one IP accepted");
+    // Refused with a reason and when to come back (read by Contrail's own client code).
+    let url =
+        contrail::source::wsclient::WsUrl::parse_with_path(&format!("ws://{}", s.serve.public), "/subscribe").unwrap();
+    let third = contrail::source::wsclient::connect(&url, url.target(None), T).await.map(|_| ()).unwrap_err();
+    let contrail::source::wsclient::ClientError::Status { status: 429, retry_after, body } = &third else {
+        panic!("third connection from one IP: {third}")
+    };
+    assert_eq!((*retry_after, body.as_str()), (Some(Duration::from_secs(1)), "too many connections from this address"));
     assert_eq!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_from_ip\"}"), Some(1.0));
     // X-Forwarded-For is ignored from an untrusted peer.
     assert!(connect(s.serve.public, "/subscribe", &[("X-Forwarded-For", "198.51.100.1")]).await.is_err());
+}
+
+/// A server at `--max-subscribers` says so with a 503 and asks to be left alone for a few
+/// seconds (`Retry-After`): others have to leave first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_says_when_to_come_back() {
+    let s = setup(5, &["--max-subscribers", "1"]).await;
+    let _a = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    use contrail::source::wsclient::{connect as connect_ws, ClientError, WsUrl};
+    for (path, says) in [
+        ("/subscribe", "too many subscribers; try another instance or later"),
+        (
+            "/xrpc/network.bsky.jetstream.subscribeEvents",
+            "ServiceUnavailable: too many subscribers; try another instance or later",
+        ),
+    ] {
+        let url = WsUrl::parse_with_path(&format!("ws://{}", s.serve.public), path).unwrap();
+        let refused = connect_ws(&url, url.target(None), T).await.map(|_| ()).unwrap_err();
+        let ClientError::Status { status: 503, retry_after, body } = &refused else { panic!("{path}: {refused}") };
+        assert_eq!((*retry_after, body.as_str()), (Some(Duration::from_secs(5)), says), "{path}");
+    }
+    assert_eq!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_subscribers\"}"), Some(2.0));
 }
 
 /// Behind a trusted proxy that adds its own `X-Forwarded-For` line after the client's (HAProxy),

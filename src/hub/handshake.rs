@@ -97,6 +97,19 @@ const FILTER_BUDGET_TEXT: &str =
 /// What a 429 for an IPv6 site past its share says.
 const SITE_TEXT: &str = "too many connections from this network (IPv6 /48)\n";
 
+/// The `Retry-After` (seconds) on admission's refusals: a server that is full (or stopping)
+/// has room again once others leave (or it is back), which takes longer than a client's own
+/// connection coming down. Clients that read it (Contrail's) wait at least that long before
+/// asking this server again; they try their other hosts at once.
+const RETRY_AFTER_FULL: u32 = 5;
+const RETRY_AFTER_PER_CLIENT: u32 = 1;
+
+/// `response` with a `Retry-After` of `secs`.
+fn asking_back_after(mut response: Response<Body>, secs: u32) -> Response<Body> {
+    response.headers_mut().insert(hyper::header::RETRY_AFTER, secs.into());
+    response
+}
+
 /// How a wire words the refusals that admission makes.
 struct Refusals {
     shutting_down: fn() -> Response<Body>,
@@ -119,7 +132,7 @@ fn admit_and_upgrade(
     subprotocol: Option<&'static str>,
 ) -> Response<Body> {
     if hub.shutdown.is_cancelled() {
-        return (refusals.shutting_down)();
+        return asking_back_after((refusals.shutting_down)(), RETRY_AFTER_FULL);
     }
     // Every line, as one list (RFC 9110 §5.3): a proxy that adds a line of its own after the
     // client's (HAProxy's `option forwardfor`) is read from the end of the last one. Entries are
@@ -141,14 +154,14 @@ fn admit_and_upgrade(
     let slot = match admitted {
         Ok(s) => s,
         Err(refused) => {
-            let (why, response) = match refused {
-                Refused::TooManySubscribers => (Refusal::TooManySubscribers, refusals.too_many),
-                Refused::TooManyFromIp => (Refusal::TooManyFromIp, refusals.from_ip),
-                Refused::TooManyFromSite => (Refusal::TooManyFromSite, refusals.from_site),
-                Refused::FilterBudget => (Refusal::FilterBudget, refusals.filter_budget),
+            let (why, response, after) = match refused {
+                Refused::TooManySubscribers => (Refusal::TooManySubscribers, refusals.too_many, RETRY_AFTER_FULL),
+                Refused::TooManyFromIp => (Refusal::TooManyFromIp, refusals.from_ip, RETRY_AFTER_PER_CLIENT),
+                Refused::TooManyFromSite => (Refusal::TooManyFromSite, refusals.from_site, RETRY_AFTER_PER_CLIENT),
+                Refused::FilterBudget => (Refusal::FilterBudget, refusals.filter_budget, RETRY_AFTER_FULL),
             };
             hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
-            return response();
+            return asking_back_after(response(), after);
         }
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
