@@ -949,12 +949,11 @@ impl Driver {
                 self.last_heard = Some(tokio::time::Instant::now());
             }
             let text = match (opcode, decompressor.as_mut()) {
+                // (Only a fragmented one gets here: fastwebsockets fails a whole frame's read.
+                // Alike, it ends the connection, as RFC 6455 says.)
                 (OpCode::Text, _) => match String::from_utf8(payload) {
                     Ok(t) => t,
-                    Err(_) => {
-                        self.malformed("a text message that is not UTF-8");
-                        continue;
-                    }
+                    Err(_) => return ConnectionError::Unreadable("a text message that is not UTF-8".into()),
                 },
                 (OpCode::Binary, Some(d)) => match d.decompress(&payload, MAX_EVENT_BYTES) {
                     Ok(mut bytes) => {

@@ -41,6 +41,8 @@ enum Script {
     /// Text messages, each after its pause (pings are not answered meanwhile), then as
     /// [`Script::Send`].
     Paced(Vec<(Duration, String)>),
+    /// Frames as given (fin, opcode, payload), then as [`Script::Send`].
+    Frames(Vec<(bool, OpCode, Vec<u8>)>),
 }
 
 fn event(time_us: u64) -> String {
@@ -207,6 +209,19 @@ async fn serve(scripts: Vec<Script>) -> Server {
                                     })
                                     .await;
                                     let _ = ws.write_frame(Frame::close(1001, b"restarting")).await;
+                                }
+                                Script::Frames(frames) => {
+                                    for (fin, opcode, payload) in frames {
+                                        let frame = Frame::new(fin, opcode, None, Payload::Owned(payload));
+                                        if ws.write_frame(frame).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    while let Ok(frame) = ws.read_frame().await {
+                                        if frame.opcode == OpCode::Close {
+                                            return;
+                                        }
+                                    }
                                 }
                                 Script::Status(_) | Script::Refuse(..) => unreachable!(),
                             }
@@ -387,6 +402,30 @@ async fn a_message_the_client_cannot_read_ends_the_subscription_with_a_host_of_t
     let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
     assert!(matches!(&err, Error::Unreadable { after: Some(a), .. } if *a == t + 1), "{err}");
     assert_eq!(server.connections.load(Ordering::SeqCst), 1 + 3, "the first, then three tries at t+1");
+}
+
+/// A text message that is not UTF-8 breaks the protocol (RFC 6455 fails the connection), in
+/// one frame or in fragments alike: the connection ends, and the same message at the same
+/// position three times ends the subscription with the reason. Before, a fragmented one was
+/// skipped as malformed while one in a single frame ended the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_message_that_is_not_utf8_is_unreadable_in_one_frame_or_in_fragments() {
+    let t = now_us();
+    let whole = vec![(true, OpCode::Text, b"{\"x\":\"\xff\"}".to_vec())];
+    let fragmented =
+        vec![(false, OpCode::Text, b"{\"x\":\"".to_vec()), (true, OpCode::Continuation, b"\xff\"}".to_vec())];
+    for bad in [whole, fragmented] {
+        let first = (true, OpCode::Text, event(t + 1).into_bytes());
+        let server = serve(vec![Script::Frames([vec![first], bad].concat())]).await;
+        let mut sub = subscribe(&server, Some(t));
+        assert_eq!(next_event(&mut sub).await, t + 1);
+        let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+        let Error::Unreadable { after, what, .. } = &err else { panic!("expected Unreadable, got {err}") };
+        assert_eq!(*after, Some(t + 1));
+        assert!(what.contains("not UTF-8"), "{what}");
+        assert_eq!(server.connections.load(Ordering::SeqCst), 1 + 3, "the first, then three tries at t+1");
+        assert_eq!(sub.stats().malformed.load(Ordering::Relaxed), 0);
+    }
 }
 
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
