@@ -687,12 +687,18 @@ async fn a_replica_refused_with_retry_after_is_not_back_sooner() {
     let dir = tempfile::tempdir().unwrap();
     let both = format!("{},ws://127.0.0.1:9", upstream.url());
     let flags = ["--relay-backoff-min", "50ms", "--relay-backoff-max", "10s"];
+    let before = upstream.attempts().len();
     let replica = replica_of(dir.path(), &both, &flags);
     wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 1.0, "the replica took nothing");
+    // Its refused dictionary request, then (the other tried) the next one.
     let attempts = upstream.attempts();
-    let waited = attempts[attempts.len() - 2] - attempts[attempts.len() - 3];
+    let waited = attempts[before + 1] - attempts[before];
     assert!(waited >= Duration::from_millis(1_900), "asked again after {waited:?}");
     assert!(replica.logs().contains("the upstream's dictionary: HTTP 429: slow down"), "{}", replica.logs());
+    // The refusal, and the second upstream tried more than once meanwhile: the pause held up
+    // the upstream that asked, not the others.
+    let failed = replica.metric("contrail_relay_errors_total{kind=\"connect\"}").unwrap_or(0.0);
+    assert!(failed >= 3.0, "the second upstream was not tried meanwhile: {failed} connect errors");
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an

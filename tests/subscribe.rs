@@ -164,7 +164,8 @@ async fn live_then_options_update_replaces_filters() {
     // Posts, and identity/account events (cursor messages are skipped).
     let after =
         more[150..].iter().flat_map(|g| &g.expected).filter(|e| e.2 == "app.bsky.feed.post" || e.1 != "commit").count();
-    let got = collect(&mut ws, after, T).await;
+    // (Bounded: the cursor messages keep `collect`'s own silence timeout from ending it.)
+    let got = tokio::time::timeout(Duration::from_secs(60), collect(&mut ws, after, T)).await.expect("every event");
     assert_eq!(got.len(), after);
     let posts: Vec<_> = got.iter().filter(|e| e["kind"] == "commit").collect();
     assert!(posts.iter().all(|e| e["commit"]["collection"] == "app.bsky.feed.post"), "old filter still applied");

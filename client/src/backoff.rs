@@ -61,6 +61,24 @@ impl Pauses {
             _ => Duration::ZERO,
         }
     }
+
+    /// The host to ask next of `hosts`, meant to be `current`, and how long to wait for it:
+    /// `current` when it may be asked now, else the next one after it that may, else the one
+    /// whose pause ends first.
+    pub fn pick(&self, current: usize, hosts: usize) -> (usize, Duration) {
+        let order = (0..hosts.max(1)).map(|i| (current + i) % hosts.max(1));
+        let mut soonest = (current, self.left(current));
+        for host in order {
+            let left = self.left(host);
+            if left.is_zero() {
+                return (host, left);
+            }
+            if left < soonest.1 {
+                soonest = (host, left);
+            }
+        }
+        soonest
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +116,14 @@ mod tests {
         assert_eq!(p.left(3), Duration::from_secs(10));
         p.asked(4, Some(Duration::MAX));
         assert_eq!(p.left(4), Duration::from_secs(10));
+        // The next host that may be asked, else the soonest.
+        assert_eq!(p.pick(0, 4), (0, Duration::ZERO));
+        assert_eq!(p.pick(1, 4), (2, Duration::ZERO));
+        assert_eq!(p.pick(3, 4), (0, Duration::ZERO));
+        let mut all = Pauses::new(Duration::from_secs(10));
+        all.asked(0, Some(Duration::from_secs(8)));
+        all.asked(1, Some(Duration::from_secs(1)));
+        assert_eq!(all.pick(0, 2).0, 1);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!((p.left(1), p.left(3)), (Duration::ZERO, Duration::from_secs(4)));
     }

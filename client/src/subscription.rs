@@ -246,7 +246,7 @@ impl Builder {
 
     /// Reconnect waits: exponential from `min` (at least 10 ms) to `max` (at most an hour).
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        let min = min.max(Duration::from_millis(10));
+        let min = min.clamp(Duration::from_millis(10), Duration::from_secs(3600));
         self.backoff = (min, max.clamp(min, Duration::from_secs(3600)));
         self
     }
@@ -590,14 +590,23 @@ impl Driver {
     async fn run(mut self) {
         let (min, max) = self.opts.backoff;
         let mut backoff = Backoff::new(min, max);
-        // Hosts that refused us with a Retry-After are not asked again sooner; the others are
-        // tried meanwhile.
+        // Hosts that refused us with a Retry-After are not asked again before their time; the
+        // others are asked meanwhile.
         let mut pauses = Pauses::new(max);
         let mut failures: u32 = 0;
         // Connections that ended at one position on a message this client cannot read.
         let mut unreadable: (Option<u64>, u32) = (None, 0);
         loop {
-            let pause = pauses.left(self.current);
+            // (Not while looking for a host that has what follows our position: that search
+            // picks the host, and one that told a gap would be asked again and again.)
+            let pause = if self.lacking.is_none() {
+                let (next, pause) = pauses.pick(self.current, self.urls.len());
+                self.current = next;
+                self.stats.host.store(self.current, Ordering::Relaxed);
+                pause
+            } else {
+                pauses.left(self.current)
+            };
             if !pause.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}

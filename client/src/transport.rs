@@ -249,8 +249,13 @@ const PUBLIC_PARAMS: &[&str] = &[
 
 /// A refusal from its response: the status, `Retry-After` (delta-seconds; the date form is not
 /// read) and the first [`REFUSAL_BODY_BYTES`] of the body, what arrived of it within
-/// [`REFUSAL_BODY_WAIT`], with the values of `url`'s own non-public query parameters left out.
-async fn refusal(resp: hyper::Response<hyper::body::Incoming>, url: &WsUrl) -> ClientError {
+/// [`REFUSAL_BODY_WAIT`] or half the step's `timeout` (the status must not be lost to the
+/// step's deadline), with the values of `url`'s own non-public query parameters left out.
+async fn refusal(
+    resp: hyper::Response<hyper::body::Incoming>,
+    url: &WsUrl,
+    timeout: std::time::Duration,
+) -> ClientError {
     use http_body_util::BodyExt;
     let status = resp.status().as_u16();
     let retry_after = resp
@@ -261,7 +266,7 @@ async fn refusal(resp: hyper::Response<hyper::body::Incoming>, url: &WsUrl) -> C
     let mut body = resp.into_body();
     let mut head = Vec::new();
     // A body that breaks off, or stalls, is shown as far as it came.
-    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT, async {
+    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT.min(timeout / 2), async {
         while head.len() < REFUSAL_BODY_BYTES {
             match body.frame().await {
                 Some(Ok(frame)) => {
@@ -274,23 +279,37 @@ async fn refusal(resp: hyper::Response<hyper::body::Incoming>, url: &WsUrl) -> C
         }
     })
     .await;
-    let mut text = refusal_text(&head);
-    for (key, value) in url.query.iter().filter_map(|kv| kv.split_once('=')) {
-        // (A value of a few characters is no secret, and would take others' letters away.)
-        if value.len() >= 4 && !PUBLIC_PARAMS.contains(&key) {
-            text = text.replace(value, "…");
-        }
-    }
-    ClientError::Status { status, retry_after, body: text }
+    // Left out before the text is cut short: a secret across the cut is not half shown. (A
+    // value of a few characters is no secret, and would take others' letters away.)
+    let secrets: Vec<&str> = url
+        .query
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(key, value)| value.len() >= 4 && !PUBLIC_PARAMS.contains(key))
+        .map(|(_, value)| value)
+        .collect();
+    ClientError::Status { status, retry_after, body: refusal_text_without(&head, &secrets) }
 }
 
-/// Characters that change how a line reads without being seen (zero-width spaces and joiners,
-/// direction marks and overrides, the byte-order mark): taken for spaces, as control
-/// characters are, so a peer's text cannot disguise a log line.
+/// Characters that change how a line reads without being seen (the format characters: soft
+/// hyphen, zero-width spaces and joiners, direction marks and overrides, the byte-order mark,
+/// interlinear annotation, tags): taken for spaces, as control characters are, so a peer's
+/// text cannot disguise a log line.
 fn invisible(c: char) -> bool {
     c.is_whitespace()
         || c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+        || matches!(
+            c,
+            '\u{ad}'
+                | '\u{61c}'
+                | '\u{180e}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}'
+                | '\u{feff}'
+                | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}'
+        )
 }
 
 /// A body a server sent as one short printable line for logs and errors: an XRPC error
@@ -298,6 +317,11 @@ fn invisible(c: char) -> bool {
 /// control and invisible characters and runs of whitespace as one space; cut at
 /// [`REFUSAL_TEXT_CHARS`].
 pub fn refusal_text(body: &[u8]) -> String {
+    refusal_text_without(body, &[])
+}
+
+/// [`refusal_text`] with each of `secrets` (before it is cut) as "…".
+fn refusal_text_without(body: &[u8], secrets: &[&str]) -> String {
     #[derive(serde::Deserialize)]
     struct Xrpc {
         error: String,
@@ -309,6 +333,10 @@ pub fn refusal_text(body: &[u8]) -> String {
         Some(Xrpc { error, message: None }) => std::borrow::Cow::Borrowed(error.as_str()),
         None => String::from_utf8_lossy(body),
     };
+    let mut text = text.into_owned();
+    for secret in secrets {
+        text = text.replace(secret, "…");
+    }
     let mut out = String::new();
     for (n, word) in text.split(invisible).filter(|w| !w.is_empty()).enumerate() {
         if n > 0 {
@@ -501,9 +529,9 @@ pub async fn connect_with_start_cursor(
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let (mut ws, response) = if url.tls {
         let tls = tls(url, tcp, timeout).await?;
-        step("websocket handshake", timeout, upgrade(url, req, tls), |e| e).await?
+        step("websocket handshake", timeout, upgrade(url, timeout, req, tls), |e| e).await?
     } else {
-        step("websocket handshake", timeout, upgrade(url, req, tcp), |e| e).await?
+        step("websocket handshake", timeout, upgrade(url, timeout, req, tcp), |e| e).await?
     };
     ws.set_max_message_size(MAX_WS_MESSAGE_BYTES);
     ws.set_auto_pong(true);
@@ -517,6 +545,7 @@ pub async fn connect_with_start_cursor(
 /// `Retry-After`.
 async fn upgrade<S>(
     url: &WsUrl,
+    timeout: std::time::Duration,
     req: hyper::Request<Empty<Bytes>>,
     io: S,
 ) -> Result<(Ws, hyper::Response<()>), ClientError>
@@ -535,7 +564,7 @@ where
     }));
     let mut resp = sender.send_request(req).await.map_err(http)?;
     if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(refusal(resp, url).await);
+        return Err(refusal(resp, url, timeout).await);
     }
     // (`Connection` is a list of tokens: "keep-alive, Upgrade" will do.)
     let says = |name: hyper::header::HeaderName, want: &str| {
@@ -603,6 +632,7 @@ async fn get(
         .map_err(|e| ClientError::Http(e.to_string()))?;
     async fn send<S>(
         url: &WsUrl,
+        timeout: std::time::Duration,
         io: S,
         req: hyper::Request<Empty<Bytes>>,
         max_bytes: usize,
@@ -619,7 +649,7 @@ async fn get(
         let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
-            return Err(refusal(resp, url).await);
+            return Err(refusal(resp, url, timeout).await);
         }
         let limited = http_body_util::Limited::new(resp.into_body(), max_bytes);
         let body = limited.collect().await.map_err(|e| ClientError::Http(format!("body: {e}")));
@@ -627,9 +657,9 @@ async fn get(
     }
     let request = async {
         if url.tls {
-            send(url, tls(url, tcp, timeout).await?, req, max_bytes).await
+            send(url, timeout, tls(url, tcp, timeout).await?, req, max_bytes).await
         } else {
-            send(url, tcp, req, max_bytes).await
+            send(url, timeout, tcp, req, max_bytes).await
         }
     };
     step("HTTP GET", timeout, request, |e| e).await
@@ -835,7 +865,11 @@ mod tests {
         assert_eq!(refusal_text(b""), "");
         assert_eq!(refusal_text(b"  invalid DID:\r\n\tdid:bad\n"), "invalid DID: did:bad");
         assert_eq!(refusal_text(b"a\x1b[31mb\x00c \xff d"), "a [31mb c \u{fffd} d");
-        assert_eq!(refusal_text("a\u{202e}b\u{200b}c\u{feff}".as_bytes()), "a b c");
+        assert_eq!(refusal_text("a\u{202e}b\u{200b}c\u{feff}\u{e0041}d\u{ad}".as_bytes()), "a b c d");
+        // A secret is left out before the cut: none of it is shown, even across the cut.
+        let quoted = format!("{}token s3cret-t0ken", "x".repeat(REFUSAL_TEXT_CHARS - 9));
+        let shown = refusal_text_without(quoted.as_bytes(), &["s3cret-t0ken"]);
+        assert!(!shown.contains("s3c") && shown.ends_with("token …"), "{shown}");
         let xrpc = br#"{"error":"InvalidRequest","message":"invalid DID:\n did:bad"}"#;
         assert_eq!(refusal_text(xrpc), "InvalidRequest: invalid DID: did:bad");
         assert_eq!(refusal_text(br#"{"error":"RateLimitExceeded"}"#), "RateLimitExceeded");

@@ -253,6 +253,9 @@ pub struct UpstreamReader {
     /// No going back to a preferred upstream before then: the last time we did, it gave
     /// nothing (it answers `/status` but refuses subscribers, or lacks our position).
     prefer_again_at: Option<tokio::time::Instant>,
+    /// Upstreams that refused us with a Retry-After: not asked again sooner (nor switched to by
+    /// the prober); the others are used meanwhile.
+    pauses: Pauses,
 }
 
 /// How long a preferred upstream that gave nothing when we went back to it is not gone back to.
@@ -264,6 +267,7 @@ impl UpstreamReader {
         assert!(!opts.replica.upstream_url.is_empty(), "replica mode needs an upstream URL");
         let first = opts.replica.upstream_url[0].to_string();
         let resume = vec![Resume::Unknown; opts.replica.upstream_url.len()];
+        let pauses = Pauses::new(opts.backoff_max);
         UpstreamReader {
             opts,
             metrics,
@@ -284,7 +288,16 @@ impl UpstreamReader {
             current_url: Arc::new(std::sync::Mutex::new(first)),
             position: Arc::new(last_time_us.into()),
             prefer_again_at: None,
+            pauses,
         }
+    }
+
+    /// Goes on with upstream `i` (counted, and shown on `/status`).
+    fn switch_to(&mut self, i: usize) {
+        self.current = i;
+        self.metrics.upstream_switches.inc();
+        let now = self.urls()[i].to_string();
+        *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = now;
     }
 
     fn urls(&self) -> &[WsUrl] {
@@ -293,9 +306,6 @@ impl UpstreamReader {
 
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
-        // Upstreams that refused us with a Retry-After are not asked again sooner; the others
-        // are tried meanwhile.
-        let mut pauses = Pauses::new(self.opts.backoff_max);
         let mut failures_in_a_row = 0usize;
         // The upstream just gone back to because it is preferred.
         let mut went_back = false;
@@ -305,7 +315,13 @@ impl UpstreamReader {
             if !std::mem::take(&mut first) {
                 self.metrics.relay_reconnects.inc();
             }
-            let pause = pauses.left(self.current);
+            // One that asked to be left alone is not asked before its time: another is, if one
+            // may be.
+            let (next, pause) = self.pauses.pick(self.current, self.urls().len());
+            if next != self.current {
+                self.switch_to(next);
+                tracing::info!(upstream = %self.urls()[self.current], "switching upstream: the last one asked to be left alone a while");
+            }
             if !pause.is_zero() {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -328,7 +344,7 @@ impl UpstreamReader {
             if let Some(kind) = ended.label() {
                 self.metrics.relay_error(kind);
             }
-            pauses.asked(self.current, ended.retry_after());
+            self.pauses.asked(self.current, ended.retry_after());
             if std::mem::take(&mut went_back) && self.last_time_us == before {
                 self.prefer_again_at = Some(tokio::time::Instant::now() + PREFER_AGAIN_AFTER);
             }
@@ -350,18 +366,12 @@ impl UpstreamReader {
                 // Not a failure: go straight to the fresher, or preferred, upstream.
                 went_back = matches!(ended, UpstreamError::Preferred { .. });
                 failures_in_a_row = 0;
-                self.current = better;
-                self.metrics.upstream_switches.inc();
-                let now = self.urls()[self.current].to_string();
-                *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                self.switch_to(better);
                 tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher or preferred upstream");
                 continue;
             }
             if self.urls().len() > 1 {
-                self.current = (self.current + 1) % self.urls().len();
-                self.metrics.upstream_switches.inc();
-                let now = self.urls()[self.current].to_string();
-                *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                self.switch_to((self.current + 1) % self.urls().len());
                 tracing::info!(upstream = %self.urls()[self.current], "switching upstream");
             }
             // Try every upstream once before waiting; then back off.
@@ -438,6 +448,7 @@ impl UpstreamReader {
             timeout: self.opts.connect_timeout,
             position: self.position.clone(),
             prefer_again_at: self.prefer_again_at,
+            pauses: self.pauses.clone(),
         };
         let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(probe, better_tx)));
         let clock = read_upstream_clock(url.clone(), self.opts.connect_timeout, self.metrics.clone());
@@ -876,6 +887,9 @@ struct Probe {
     /// Our newest event's `time_us`, as it moves.
     position: Arc<std::sync::atomic::AtomicU64>,
     prefer_again_at: Option<tokio::time::Instant>,
+    /// Upstreams that asked to be left alone a while, as at the session's start: not switched
+    /// to before their time.
+    pauses: Pauses,
 }
 
 /// Every `every`, compares the upstreams' newest events; reports (once, then ends) one ahead
@@ -886,7 +900,7 @@ struct Probe {
 /// catches up: the preferred one may be the one that no longer has our position; nor before
 /// `prefer_again_at`.)
 async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Switch>) {
-    let Probe { urls, current, every, lag, timeout, position, prefer_again_at } = probe;
+    let Probe { urls, current, every, lag, timeout, position, prefer_again_at, pauses } = probe;
     if urls.len() < 2 {
         return;
     }
@@ -900,7 +914,7 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
         let mut best: Option<(usize, u64)> = None;
         let mut preferred = None;
         for (i, url) in urls.iter().enumerate() {
-            if i == current {
+            if i == current || !pauses.left(i).is_zero() {
                 continue;
             }
             if let Some(newest) = upstream_newest(url, timeout).await.filter(|&t| believable(t)) {
