@@ -493,8 +493,9 @@ async fn a_replica_overtaken_by_its_upstreams_retention_counts_the_hole() {
     let relay = FakeRelay::start().await;
     relay.push_all(&generate(1, 1_500, 20, 7));
     let (pd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    // 200 events/s for the replica: its first page (1,024 events) takes about four seconds.
-    let flags = ["--max-events-per-second-per-ip", "200", "--retention", "1s", "--trim-interval", "100ms"];
+    // 100 events/s for the replica: its first page (1,024 events) takes about ten seconds, the
+    // trim comes some 1.5 s in (the margin is for a loaded machine's slow ingest).
+    let flags = ["--max-events-per-second-per-ip", "100", "--retention", "1s", "--trim-interval", "100ms"];
     let primary = Serve::start(pd.path(), &relay.url(), &flags);
     primary.wait_for_seq(1_500, Duration::from_secs(60));
     let before = inspect_log(pd.path());
