@@ -686,7 +686,14 @@ async fn a_replica_refused_with_retry_after_is_not_back_sooner() {
     // tried and failed meanwhile.
     upstream.refuse_next(Refusal { status: 429, retry_after_secs: Some(2), body: "slow down".into() });
     let dir = tempfile::tempdir().unwrap();
-    let both = format!("{},ws://127.0.0.1:9", upstream.url());
+    // (The second: a listener that hangs up at once.)
+    let down = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let both = format!("{},ws://{}", upstream.url(), down.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = down.accept().await {
+            drop(tcp);
+        }
+    });
     let flags = ["--relay-backoff-min", "50ms", "--relay-backoff-max", "10s"];
     let before = upstream.attempts().len();
     let replica = replica_of(dir.path(), &both, &flags);
@@ -700,6 +707,34 @@ async fn a_replica_refused_with_retry_after_is_not_back_sooner() {
     // the upstream that asked, not the others.
     let failed = replica.metric("contrail_relay_errors_total{kind=\"connect\"}").unwrap_or(0.0);
     assert!(failed >= 3.0, "the second upstream was not tried meanwhile: {failed} connect errors");
+}
+
+/// Upstreams that each hand over an event and drop the connection (a proxy with a short
+/// connection life) are not reconnected to in a loop without a pause: a session that ended
+/// within a second is followed by a backoff wait, though it moved the log on. Before, with two
+/// upstreams the replica went from one to the other at once, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstreams_that_each_hand_over_an_event_and_drop_us_are_not_reconnected_to_in_a_loop() {
+    let t = now_us();
+    let (a, b) = (FakeRelay::start().await, FakeRelay::start().await);
+    for upstream in [&a, &b] {
+        upstream.set_faults(Faults { text: true, ..Faults::default() });
+        // Each connection: the repeat of our newest event, one new one, then a cut.
+        upstream.plan(vec![ConnFault::drop_after(2); 1_000]);
+        for i in 0..1_000 {
+            upstream.push(t + i, like_line(t + i));
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--upstream-compress", "false", "--relay-backoff-min", "300ms", "--relay-backoff-max", "300ms"];
+    let replica = replica_of(dir.path(), &format!("{},{}", a.url(), b.url()), &flags);
+    wait_metric(&replica, "contrail_events_ingested_total{kind=\"commit\"}", 2.0, "the replica took nothing");
+    let before = a.connections() + b.connections();
+    std::thread::sleep(Duration::from_secs(3));
+    // A wait of 150-300 ms after each: at most 20 in 3 s (before: hundreds).
+    let connections = a.connections() + b.connections() - before;
+    assert!(connections <= 22, "{connections} connections in 3 s");
+    assert!(replica.metric("contrail_events_ingested_total{kind=\"commit\"}").unwrap() >= 5.0, "it went on");
 }
 
 /// Events this version cannot store as they are — a kind it does not know, a line that is not an

@@ -599,7 +599,8 @@ impl Driver {
         loop {
             // (Not while looking for a host that has what follows our position: that search
             // picks the host, and one that told a gap would be asked again and again.)
-            let pause = if self.lacking.is_none() {
+            let searching = self.lacking.as_ref().is_some_and(|l| l.after == self.last);
+            let pause = if !searching {
                 let (next, pause) = pauses.pick(self.current, self.urls.len());
                 self.current = next;
                 self.stats.host.store(self.current, Ordering::Relaxed);

@@ -258,6 +258,9 @@ pub struct UpstreamReader {
     pauses: Pauses,
 }
 
+/// A session that ends sooner than this is followed by a backoff wait, events or not.
+const BRIEF_SESSION: Duration = Duration::from_secs(1);
+
 /// How long a preferred upstream that gave nothing when we went back to it is not gone back to.
 const PREFER_AGAIN_AFTER: Duration = Duration::from_secs(600);
 
@@ -329,6 +332,7 @@ impl UpstreamReader {
                 }
             }
             let before = self.last_time_us;
+            let began = tokio::time::Instant::now();
             let ended = tokio::select! {
                 _ = cancel.cancelled() => {
                     // Stopped (shutdown, or the store failed): not connected, whatever happens next.
@@ -374,8 +378,12 @@ impl UpstreamReader {
                 self.switch_to((self.current + 1) % self.urls().len());
                 tracing::info!(upstream = %self.urls()[self.current], "switching upstream");
             }
-            // Try every upstream once before waiting; then back off.
-            if failures_in_a_row >= self.urls().len() {
+            // Try every upstream once before waiting; then back off. So after a connection
+            // that handed over events but ended within a second: upstreams that each do so (a
+            // proxy's short connection life), or one while the others are paused, must not be
+            // reconnected to in a loop without a pause.
+            let brief = self.last_time_us != before && began.elapsed() < BRIEF_SESSION;
+            if failures_in_a_row >= self.urls().len() || brief {
                 let wait = backoff.next_wait();
                 tokio::select! {
                     _ = cancel.cancelled() => return,
