@@ -198,8 +198,8 @@ pub enum ClientError {
     #[error("websocket handshake: {0}")]
     Handshake(fastwebsockets::WebSocketError),
     /// The server answered with another status than the one asked for (not 101 to an
-    /// upgrade, not 2xx to a GET): the status, its `Retry-After` in seconds when it gave one,
-    /// and the start of its body as one printable line ([`refusal_text`]), which says why.
+    /// upgrade, not 2xx to a GET): the status, how long its `Retry-After` asked for when it gave
+    /// one, and the start of its body as one printable line ([`refusal_text`]), which says why.
     #[error("HTTP {status}{}", if .body.is_empty() { String::new() } else { format!(": {}", .body) })]
     Status { status: u16, retry_after: Option<std::time::Duration>, body: String },
     #[error("HTTP: {0}")]
@@ -247,26 +247,23 @@ const PUBLIC_PARAMS: &[&str] = &[
     "zstdDictionary",
 ];
 
-/// A refusal from its response: the status, `Retry-After` (delta-seconds; the date form is not
-/// read) and the first [`REFUSAL_BODY_BYTES`] of the body, what arrived of it within
-/// [`REFUSAL_BODY_WAIT`] or half the step's `timeout` (the status must not be lost to the
-/// step's deadline), with the values of `url`'s own non-public query parameters left out.
+/// A refusal from its response: the status, [`retry_after`] and the first
+/// [`REFUSAL_BODY_BYTES`] of the body, what arrived of it within [`REFUSAL_BODY_WAIT`] or half
+/// of what is left until the step's `deadline` (the status must not be lost to it), with the
+/// values of `url`'s own non-public query parameters left out.
 async fn refusal(
     resp: hyper::Response<hyper::body::Incoming>,
     url: &WsUrl,
-    timeout: std::time::Duration,
+    deadline: tokio::time::Instant,
 ) -> ClientError {
     use http_body_util::BodyExt;
     let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get(hyper::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-        .map(std::time::Duration::from_secs);
+    let retry_after = retry_after(resp.headers(), std::time::SystemTime::now());
     let mut body = resp.into_body();
     let mut head = Vec::new();
     // A body that breaks off, or stalls, is shown as far as it came.
-    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT.min(timeout / 2), async {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let _ = tokio::time::timeout(REFUSAL_BODY_WAIT.min(left / 2), async {
         while head.len() < REFUSAL_BODY_BYTES {
             match body.frame().await {
                 Some(Ok(frame)) => {
@@ -289,6 +286,20 @@ async fn refusal(
         .map(|(_, value)| value)
         .collect();
     ClientError::Status { status, retry_after, body: refusal_text_without(&head, &secrets) }
+}
+
+/// How long a refusal asks to be left alone: its `Retry-After` in seconds, or as an HTTP date
+/// (RFC 9110 §10.2.3), counted from the response's own `Date` when it has one (a peer whose
+/// clock is minutes off still gets the wait it meant), else from `now`. A date already past is
+/// no wait; seconds beyond any clock are the longest wait (the caller caps it).
+fn retry_after(headers: &hyper::HeaderMap, now: std::time::SystemTime) -> Option<std::time::Duration> {
+    let value = headers.get(hyper::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(value.parse().map_or(std::time::Duration::MAX, std::time::Duration::from_secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let date = headers.get(hyper::header::DATE).and_then(|d| httpdate::parse_http_date(d.to_str().ok()?).ok());
+    Some(at.duration_since(date.unwrap_or(now)).unwrap_or_default())
 }
 
 /// Characters that change how a line reads without being seen (the format characters: soft
@@ -552,6 +563,7 @@ async fn upgrade<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let deadline = tokio::time::Instant::now() + timeout;
     let http = |e: hyper::Error| ClientError::Http(e.to_string());
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(http)?;
@@ -564,7 +576,7 @@ where
     }));
     let mut resp = sender.send_request(req).await.map_err(http)?;
     if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        return Err(refusal(resp, url, timeout).await);
+        return Err(refusal(resp, url, deadline).await);
     }
     // (`Connection` is a list of tokens: "keep-alive, Upgrade" will do.)
     let says = |name: hyper::header::HeaderName, want: &str| {
@@ -632,7 +644,7 @@ async fn get(
         .map_err(|e| ClientError::Http(e.to_string()))?;
     async fn send<S>(
         url: &WsUrl,
-        timeout: std::time::Duration,
+        deadline: tokio::time::Instant,
         io: S,
         req: hyper::Request<Empty<Bytes>>,
         max_bytes: usize,
@@ -649,17 +661,19 @@ async fn get(
         let _driver = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
-            return Err(refusal(resp, url, timeout).await);
+            return Err(refusal(resp, url, deadline).await);
         }
         let limited = http_body_util::Limited::new(resp.into_body(), max_bytes);
         let body = limited.collect().await.map_err(|e| ClientError::Http(format!("body: {e}")));
         Ok(body?.to_bytes().to_vec())
     }
+    // (The step's, for a refusal's body.)
+    let deadline = tokio::time::Instant::now() + timeout;
     let request = async {
         if url.tls {
-            send(url, timeout, tls(url, tcp, timeout).await?, req, max_bytes).await
+            send(url, deadline, tls(url, tcp, timeout).await?, req, max_bytes).await
         } else {
-            send(url, timeout, tcp, req, max_bytes).await
+            send(url, deadline, tcp, req, max_bytes).await
         }
     };
     step("HTTP GET", timeout, request, |e| e).await
@@ -769,6 +783,43 @@ fn tls_config() -> Arc<rustls::ClientConfig> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_by_the_servers_own_clock() {
+        use std::time::{Duration, SystemTime};
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut h = hyper::HeaderMap::new();
+            for (name, value) in pairs {
+                h.insert(*name, value.parse().unwrap());
+            }
+            h
+        };
+        let now = httpdate::parse_http_date("Thu, 03 Dec 2026 10:00:00 GMT").unwrap();
+        let after = |pairs: &[(&'static str, &str)]| super::retry_after(&headers(pairs), now);
+        assert_eq!(after(&[]), None);
+        assert_eq!(after(&[("retry-after", " 120 ")]), Some(Duration::from_secs(120)));
+        assert_eq!(after(&[("retry-after", "0")]), Some(Duration::ZERO));
+        assert_eq!(after(&[("retry-after", "99999999999999999999999")]), Some(Duration::MAX));
+        for junk in ["", "-5", "+5", "1.5", "soon", "5 seconds"] {
+            assert_eq!(after(&[("retry-after", junk)]), None, "{junk:?}");
+        }
+        // A date: from this clock, or from the server's own `Date` (its clock ten minutes
+        // ahead of this one: the wait it meant is 90 s, not ten minutes and a half).
+        assert_eq!(after(&[("retry-after", "Thu, 03 Dec 2026 10:01:30 GMT")]), Some(Duration::from_secs(90)));
+        let skewed = [("retry-after", "Thu, 03 Dec 2026 10:11:30 GMT"), ("date", "Thu, 03 Dec 2026 10:10:00 GMT")];
+        assert_eq!(after(&skewed), Some(Duration::from_secs(90)));
+        // The obsolete date forms HTTP still accepts.
+        assert_eq!(after(&[("retry-after", "Thursday, 03-Dec-26 10:00:30 GMT")]), Some(Duration::from_secs(30)));
+        assert_eq!(after(&[("retry-after", "Thu Dec  3 10:00:30 2026")]), Some(Duration::from_secs(30)));
+        // Already past: no wait. A `Date` that is not one: this clock.
+        assert_eq!(after(&[("retry-after", "Thu, 03 Dec 2026 09:00:00 GMT")]), Some(Duration::ZERO));
+        let bad_date = [("retry-after", "Thu, 03 Dec 2026 10:00:10 GMT"), ("date", "yesterday")];
+        assert_eq!(after(&bad_date), Some(Duration::from_secs(10)));
+        assert_eq!(
+            super::retry_after(&headers(&[("retry-after", "3")]), SystemTime::UNIX_EPOCH),
+            Some(Duration::from_secs(3))
+        );
+    }
+
     #[test]
     fn other_requests_to_the_server_carry_the_urls_query() {
         let u = super::WsUrl::parse_with_path("wss://h.example/subscribe?token=t1&x=2", "/subscribe").unwrap();

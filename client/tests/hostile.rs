@@ -19,8 +19,8 @@ enum Script {
     EndlessFragments,
     /// Answer the upgrade with this status.
     Status(u16),
-    /// Answer the upgrade with this status, `Retry-After` (seconds) and body.
-    Refuse(u16, Option<u64>, &'static str),
+    /// Answer the upgrade with this status, `Retry-After` and body.
+    Refuse(u16, Option<&'static str>, &'static str),
     /// Events of about this many bytes each, this many, starting at this `time_us`.
     Large { size: usize, count: usize, from: u64 },
     /// One event, at this `time_us` plus the connection's number (so each is new), then a
@@ -96,8 +96,8 @@ async fn serve(scripts: Vec<Script>) -> Server {
                         };
                         if let Some((code, after, body)) = refusal {
                             let mut r = hyper::Response::builder().status(code);
-                            if let Some(secs) = after {
-                                r = r.header("retry-after", secs.to_string());
+                            if let Some(after) = after {
+                                r = r.header("retry-after", after);
                             }
                             return Ok(r
                                 .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
@@ -639,9 +639,17 @@ async fn a_refusal_says_the_servers_reason_and_retry_after_is_waited_out() {
             drop(tcp);
         }
     });
-    for with_down in [false, true] {
+    // And as a date (3 s after the server's own `Date`; whole seconds).
+    for (with_down, as_date) in [(false, false), (true, false), (false, true)] {
+        let after = match as_date {
+            false => "2",
+            true => {
+                let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
+                Box::leak(date.into_boxed_str())
+            }
+        };
         let t = now_us(); // (a live start takes nothing from before it)
-        let server = serve(vec![Script::Refuse(429, Some(2), "slow down"), Script::Send(vec![event(t)])]).await;
+        let server = serve(vec![Script::Refuse(429, Some(after), "slow down"), Script::Send(vec![event(t)])]).await;
         let mut hosts = vec![format!("ws://{}", server.addr)];
         hosts.extend(with_down.then(|| format!("ws://{down}")));
         let began = std::time::Instant::now();
