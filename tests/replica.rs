@@ -707,6 +707,10 @@ async fn a_replica_refused_with_retry_after_is_not_back_sooner() {
     // the upstream that asked, not the others.
     let failed = replica.metric("contrail_relay_errors_total{kind=\"connect\"}").unwrap_or(0.0);
     assert!(failed >= 3.0, "the second upstream was not tried meanwhile: {failed} connect errors");
+    // Switched to the second once, and back once the pause was over: not to the paused one
+    // and away again at every retry.
+    let switches = replica.metric("contrail_upstream_switches_total").unwrap();
+    assert!(switches <= 2.0, "{switches} switches for {failed} failed connections");
 }
 
 /// Upstreams that each hand over an event and drop the connection (a proxy with a short

@@ -375,8 +375,14 @@ impl UpstreamReader {
                 continue;
             }
             if self.urls().len() > 1 {
-                self.switch_to((self.current + 1) % self.urls().len());
-                tracing::info!(upstream = %self.urls()[self.current], "switching upstream");
+                // The next one, or the next after it that has not asked to be left alone: not
+                // one switched to only to be switched away from (counted twice, and shown on
+                // `/status` during the wait below).
+                let (next, _) = self.pauses.pick((self.current + 1) % self.urls().len(), self.urls().len());
+                if next != self.current {
+                    self.switch_to(next);
+                    tracing::info!(upstream = %self.urls()[self.current], "switching upstream");
+                }
             }
             // Try every upstream once before waiting; then back off. So after a connection
             // that handed over events but ended within a second: upstreams that each do so (a
