@@ -253,7 +253,8 @@ impl Builder {
 
     /// Give up with [`Error::Unreachable`] after this many failed connections in a row
     /// (default: never). A connection that delivered something, or stayed up for the stale
-    /// timeout, is not a failure.
+    /// timeout, is not a failure. A host that refused with a `Retry-After`, and was not asked
+    /// again while the others failed, is asked once more (after its wait) before giving up.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = Some(n.max(1));
         self
@@ -594,13 +595,24 @@ impl Driver {
         // others are asked meanwhile.
         let mut pauses = Pauses::new(max);
         let mut failures: u32 = 0;
+        // Once `max_attempts` failed in a row: the hosts that had asked to be left alone a
+        // while and were not asked since, each asked once more before giving up (the others'
+        // failures during their pause must not use the attempts up).
+        let mut last_turns: Option<Vec<usize>> = None;
         // Connections that ended at one position on a message this client cannot read.
         let mut unreadable: (Option<u64>, u32) = (None, 0);
         loop {
-            // (Not while looking for a host that has what follows our position: that search
-            // picks the host, and one that told a gap would be asked again and again.)
+            // The host meant, or the next that may be asked; at the end of `max_attempts`, the
+            // last turns. (Not while looking for a host that has what follows our position:
+            // that search picks the host, and one that told a gap would be asked again and
+            // again.)
             let searching = self.lacking.as_ref().is_some_and(|l| l.after == self.last);
-            let pause = if !searching {
+            let turn = last_turns.as_ref().and_then(|turns| turns.iter().copied().min_by_key(|&h| pauses.left(h)));
+            let pause = if let Some(host) = turn.filter(|_| !searching) {
+                self.current = host;
+                self.stats.host.store(self.current, Ordering::Relaxed);
+                pauses.left(host)
+            } else if !searching {
                 let (next, pause) = pauses.pick(self.current, self.urls.len());
                 self.current = next;
                 self.stats.host.store(self.current, Ordering::Relaxed);
@@ -619,6 +631,9 @@ impl Driver {
             let began = tokio::time::Instant::now();
             let ended = self.connection().await;
             pauses.asked(self.current, ended.retry_after());
+            if let Some(turns) = &mut last_turns {
+                turns.retain(|&h| h != self.current);
+            }
             if self.last.is_none() && self.started_us.is_none() {
                 self.started_us = Some(attempt_us);
                 // The server's own, when it gave one: its time_us need not follow this clock
@@ -639,7 +654,7 @@ impl Driver {
                 // (the search that follows waits with backoff for a host that does not answer,
                 // and returns to hosts that answered a bounded number of times).
                 ConnectionError::Lacks { after, through, next } => {
-                    (failures, unreadable) = (0, (None, 0));
+                    (failures, unreadable, last_turns) = (0, (None, 0), None);
                     backoff.reset();
                     self.current = next;
                     self.stats.host.store(self.current, Ordering::Relaxed);
@@ -716,6 +731,7 @@ impl Driver {
                     if progressed || alive_long {
                         failures = 0;
                         backoff.reset();
+                        last_turns = None;
                     } else {
                         failures += 1;
                     }
@@ -729,9 +745,17 @@ impl Driver {
                     }
                     tracing::warn!(%url, error = %e, "connection ended; reconnecting");
                     if self.opts.max_attempts.is_some_and(|m| failures >= m) {
-                        let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };
-                        let _ = self.out.send(Err(err)).await;
-                        return;
+                        let turns = last_turns.get_or_insert_with(|| {
+                            (0..self.urls.len()).filter(|&h| !pauses.left(h).is_zero()).collect()
+                        });
+                        // (This one was just asked: its pause, if it asked for one, began now.)
+                        turns.retain(|&h| h != self.current);
+                        if turns.is_empty() {
+                            let err = Error::Unreachable { attempts: failures, last: format!("{url}: {e}") };
+                            let _ = self.out.send(Err(err)).await;
+                            return;
+                        }
+                        tracing::info!(%url, attempts = failures, "waiting for the hosts that asked to be left alone before giving up");
                     }
                     if self.urls.len() > 1 {
                         self.current = (self.current + 1) % self.urls.len();

@@ -690,6 +690,52 @@ async fn a_400_ends_the_subscription_with_the_reason_and_a_404_is_retried() {
     assert!(err.is_retryable());
 }
 
+/// With a limit on attempts, a host that asked to be left alone a while is asked once more
+/// before giving up: another host's failures during its pause do not use the attempts up.
+/// Before, the subscription ended `Unreachable` while the host that would serve it waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_on_attempts_waits_for_a_host_that_asked_to_be_left_alone() {
+    // A second host that is down: it accepts and hangs up at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = format!("ws://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            drop(tcp);
+        }
+    });
+    let t = now_us();
+    let server = serve(vec![Script::Refuse(503, Some("2"), "full"), Script::Send(vec![event(t)])]).await;
+    let began = std::time::Instant::now();
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr), down.clone()])
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .max_attempts(3)
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t);
+    assert!(began.elapsed() >= Duration::from_millis(1_900), "asked again after {:?}", began.elapsed());
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    // A host that refuses every time is not waited for for ever: asked once more, then the
+    // subscription ends (its refusal, the other's two failures, its last turn).
+    let server = serve(vec![Script::Refuse(503, Some("1"), "full")]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr), down])
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .max_attempts(3)
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::Unreachable { attempts: 4, last } if last.contains("503")), "{err}");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    // Alone, it is given up at the limit, as before.
+    let server = serve(vec![Script::Refuse(503, Some("1"), "full")]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .max_attempts(2)
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err}");
+}
+
 /// A compressed subscription given the wrong dictionary (or a server that changed its own):
 /// nothing decompresses. Skipped one by one, the subscription delivered nothing, for ever, and
 /// said nothing; now the connection ends after 16 in a row, and three such connections at one
