@@ -601,18 +601,21 @@ impl Driver {
         let mut last_turns: Option<Vec<usize>> = None;
         // Connections that ended at one position on a message this client cannot read.
         let mut unreadable: (Option<u64>, u32) = (None, 0);
+        // The host chosen for the next connection is asked, after its pause if it has one.
+        let mut keep_host = false;
         loop {
             // The host meant, or the next that may be asked; at the end of `max_attempts`, the
             // last turns. (Not while looking for a host that has what follows our position:
             // that search picks the host, and one that told a gap would be asked again and
-            // again.)
+            // again; nor after an unreadable message, which picked another host.)
             let searching = self.lacking.as_ref().is_some_and(|l| l.after == self.last);
+            let keep = std::mem::take(&mut keep_host);
             let turn = last_turns.as_ref().and_then(|turns| turns.iter().copied().min_by_key(|&h| pauses.left(h)));
             let pause = if let Some(host) = turn.filter(|_| !searching) {
                 self.current = host;
                 self.stats.host.store(self.current, Ordering::Relaxed);
                 pauses.left(host)
-            } else if !searching {
+            } else if !searching && !keep {
                 let (next, pause) = pauses.pick(self.current, self.urls.len());
                 self.current = next;
                 self.stats.host.store(self.current, Ordering::Relaxed);
@@ -683,9 +686,14 @@ impl Driver {
                         return;
                     }
                     if self.urls.len() > 1 {
-                        // Another host may not send it.
-                        self.current = (self.current + 1) % self.urls.len();
+                        // Another host may not send it: the next that may be asked, else the
+                        // one whose pause ends first, waited for (not this one again meanwhile,
+                        // which would use the tries up on the host that sends it).
+                        let (here, n) = (self.current, self.urls.len());
+                        let others = (1..n).map(|i| (here + i) % n);
+                        self.current = others.min_by_key(|&h| (pauses.left(h), (h + n - here) % n)).unwrap_or(here);
                         self.stats.host.store(self.current, Ordering::Relaxed);
+                        keep_host = true;
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(backoff.next_wait()) => {}

@@ -428,6 +428,26 @@ async fn a_text_message_that_is_not_utf8_is_unreadable_in_one_frame_or_in_fragme
     }
 }
 
+/// A message one host sends that this client cannot read is not met again and again on that
+/// host while the other is paused by a `Retry-After`: the other is waited for. Before, the
+/// three tries were used up on the host that sends it, and the subscription ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_is_not_met_again_while_the_other_host_is_paused() {
+    let t = now_us();
+    let paused = serve(vec![Script::Refuse(429, Some("2"), "busy"), Script::Send(vec![event(t + 1)])]).await;
+    let unreadable = serve(vec![Script::Frames(vec![(true, OpCode::Text, b"{\"x\":\"\xff\"}".to_vec())])]).await;
+    let began = std::time::Instant::now();
+    let mut sub = Subscription::builder([format!("ws://{}", paused.addr), format!("ws://{}", unreadable.addr)])
+        .cursor(Some(t))
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    assert!(began.elapsed() >= Duration::from_millis(1_900), "asked again after {:?}", began.elapsed());
+    assert_eq!(unreadable.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(paused.connections.load(Ordering::SeqCst), 2);
+}
+
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
 /// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
 /// three tries at `t + 1`.
