@@ -276,16 +276,28 @@ async fn refusal(
         }
     })
     .await;
-    // Left out before the text is cut short: a secret across the cut is not half shown. (A
-    // value of a few characters is no secret, and would take others' letters away.)
-    let secrets: Vec<&str> = url
-        .query
-        .iter()
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(key, value)| value.len() >= 4 && !PUBLIC_PARAMS.contains(key))
-        .map(|(_, value)| value)
-        .collect();
-    ClientError::Status { status, retry_after, body: refusal_text_without(&head, &secrets) }
+    let read_cut = head.len() >= REFUSAL_BODY_BYTES;
+    ClientError::Status { status, retry_after, body: refusal_text_without(&head, &secrets(url), read_cut) }
+}
+
+/// The values of `url`'s own non-public query parameters (an access token), as written and
+/// percent-decoded (a proxy may quote either). A value of a few characters is no secret, and
+/// would take others' letters away.
+fn secrets(url: &WsUrl) -> Vec<String> {
+    let mut secrets = Vec::new();
+    for (key, value) in url.query.iter().filter_map(|kv| kv.split_once('=')) {
+        if PUBLIC_PARAMS.contains(&key) {
+            continue;
+        }
+        let plus = value.replace('+', " ");
+        let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8().ok().map(|d| d.into_owned());
+        for v in [Some(value.to_string()), decoded].into_iter().flatten() {
+            if v.chars().count() >= 4 && !secrets.contains(&v) {
+                secrets.push(v);
+            }
+        }
+    }
+    secrets
 }
 
 /// How long a refusal asks to be left alone: its `Retry-After` in seconds, or as an HTTP date
@@ -328,11 +340,12 @@ fn invisible(c: char) -> bool {
 /// control and invisible characters and runs of whitespace as one space; cut at
 /// [`REFUSAL_TEXT_CHARS`].
 pub fn refusal_text(body: &[u8]) -> String {
-    refusal_text_without(body, &[])
+    refusal_text_without(body, &[], false)
 }
 
-/// [`refusal_text`] with each of `secrets` (before it is cut) as "…".
-fn refusal_text_without(body: &[u8], secrets: &[&str]) -> String {
+/// [`refusal_text`] with each of `secrets` (before it is cut) as "…"; with `read_cut` (the body
+/// was read only so far), the start of one at the end too.
+fn refusal_text_without(body: &[u8], secrets: &[String], read_cut: bool) -> String {
     #[derive(serde::Deserialize)]
     struct Xrpc {
         error: String,
@@ -346,7 +359,20 @@ fn refusal_text_without(body: &[u8], secrets: &[&str]) -> String {
     };
     let mut text = text.into_owned();
     for secret in secrets {
-        text = text.replace(secret, "…");
+        text = text.replace(secret.as_str(), "…");
+    }
+    if read_cut {
+        let started = secrets
+            .iter()
+            .filter_map(|secret| {
+                secret.char_indices().filter(|&(i, _)| i > 0).map(|(i, _)| &secret[..i]).rfind(|p| text.ends_with(p))
+            })
+            .map(str::len)
+            .max();
+        if let Some(len) = started {
+            text.truncate(text.len() - len);
+            text.push('…');
+        }
     }
     let mut out = String::new();
     for (n, word) in text.split(invisible).filter(|w| !w.is_empty()).enumerate() {
@@ -919,8 +945,18 @@ mod tests {
         assert_eq!(refusal_text("a\u{202e}b\u{200b}c\u{feff}\u{e0041}d\u{ad}".as_bytes()), "a b c d");
         // A secret is left out before the cut: none of it is shown, even across the cut.
         let quoted = format!("{}token s3cret-t0ken", "x".repeat(REFUSAL_TEXT_CHARS - 9));
-        let shown = refusal_text_without(quoted.as_bytes(), &["s3cret-t0ken"]);
+        let secret = ["s3cret-t0ken".to_string()];
+        let shown = refusal_text_without(quoted.as_bytes(), &secret, false);
         assert!(!shown.contains("s3c") && shown.ends_with("token …"), "{shown}");
+        // Nor its start, where the read stopped (the rest of the body not read).
+        let shown = refusal_text_without(b"bad token s3cret-t", &secret, true);
+        assert_eq!(shown, "bad token …");
+        assert_eq!(refusal_text_without(b"bad token s3cret-t", &secret, false), "bad token s3cret-t");
+        assert_eq!(refusal_text_without(b"bad token x", &secret, true), "bad token x");
+        // As written in the URL, and percent-decoded.
+        let url =
+            WsUrl::parse("ws://h/subscribe?token=a%2Fb+c%3D&key=abc&wantedDids=did:plc:abcd&x=%FF%FE%FD%FC").unwrap();
+        assert_eq!(secrets(&url), ["a%2Fb+c%3D", "a/b c=", "%FF%FE%FD%FC"]);
         let xrpc = br#"{"error":"InvalidRequest","message":"invalid DID:\n did:bad"}"#;
         assert_eq!(refusal_text(xrpc), "InvalidRequest: invalid DID: did:bad");
         assert_eq!(refusal_text(br#"{"error":"RateLimitExceeded"}"#), "RateLimitExceeded");

@@ -630,6 +630,15 @@ async fn a_refusal_says_the_servers_reason_and_retry_after_is_waited_out() {
     let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
     let Error::Refused { reason, .. } = &err else { panic!("{err}") };
     assert_eq!(reason, "HTTP 400 at the upgrade: no such token … for did:plc:abc");
+    // Quoted percent-decoded, and cut where the server's page stops being read (1 KiB).
+    let page: &'static str =
+        Box::leak(format!("token s3cret/t0ken: no; {}token s3cret/t0ken", " ".repeat(990)).into_boxed_str());
+    let server = serve(vec![Script::Refuse(400, None, page)]).await;
+    let url = format!("ws://{}/subscribe?token=s3cret%2Ft0ken", server.addr);
+    let mut sub = Subscription::builder([url]).start().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    let Error::Refused { reason, .. } = &err else { panic!("{err}") };
+    assert_eq!(reason, "HTTP 400 at the upgrade: token …: no; token …");
     // A refusal whose body never ends (no length: read until a close that never comes) is a
     // refusal still, not a timeout retried for ever.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
