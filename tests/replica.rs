@@ -249,6 +249,43 @@ async fn an_empty_replica_copies_only_what_its_retention_keeps() {
     assert_eq!(b.metric("contrail_store_oldest_time_us"), primary.metric("contrail_store_oldest_time_us"));
 }
 
+/// An empty replica copies the history from the upstream that still holds the most of its
+/// retention window: the primary listed first keeps two seconds, a replica of it listed second
+/// keeps everything. Before, it took the first listed one's two seconds, and an empty log is
+/// told of no gap: the older events were left out for good, silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_replica_copies_from_the_upstream_that_keeps_the_most_history() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 200, 40, 35);
+    relay.push_all(&gen[..100]);
+    let (pd, fd, nd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(
+        pd.path(),
+        &relay.url(),
+        &["--max-events-per-second-per-ip", "0", "--retention", "2s", "--trim-interval", "200ms"],
+    );
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let first_newest = newest(&primary);
+    let full = replica(fd.path(), &[&primary]);
+    wait_caught_up(&primary, &full, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(3_000));
+    relay.push_all(&gen[100..]);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= first_newest {
+        assert!(Instant::now() < deadline, "the primary never trimmed the first batch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_caught_up(&primary, &full, Duration::from_secs(30));
+    let upstreams = format!("ws://{},ws://{}", primary.public, full.public);
+    let fresh = replica_of(nd.path(), &upstreams, &[]);
+    wait_caught_up(&full, &fresh, Duration::from_secs(30));
+    assert_eq!(fresh.metric("contrail_store_oldest_time_us"), full.metric("contrail_store_oldest_time_us"));
+    assert!(fresh.logs().contains("starting with the upstream that keeps the most"), "{}", fresh.logs());
+    drop(fresh);
+    assert!(inspect_log(nd.path()) == inspect_log(fd.path()), "the fresh replica's log is not the full one's");
+}
+
 /// A preferred upstream that answers `/status` but refuses subscribers (here: its one slot
 /// taken) is gone back to once, not every few seconds: each try cut the working stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -313,6 +313,7 @@ impl UpstreamReader {
         // The upstream just gone back to because it is preferred.
         let mut went_back = false;
         let mut first = true;
+        self.start_with_the_longest_history().await;
         loop {
             // Counted as the relay reader counts its own: dashboards and alerts read them alike.
             if !std::mem::take(&mut first) {
@@ -817,6 +818,46 @@ impl UpstreamReader {
             tracing::info!(upstream = %url, cursor = start, retention = ?self.opts.retention, "empty log: copying the upstream's newest events within our retention");
         }
         start
+    }
+
+    /// An empty log that copies the upstreams' history (not `--live-when-empty`) starts with
+    /// the upstream that holds the most of its retention window, by each one's `/status` read
+    /// once, at the start: listed first, a nearer replica with a shorter retention would leave
+    /// the older part out for good (an empty log is told of no gap). The first listed of the
+    /// best; one whose `/status` does not say its oldest event is taken for complete. The one
+    /// listed first is gone back to once caught up, as usual.
+    async fn start_with_the_longest_history(&mut self) {
+        if self.last_time_us > 0 || self.opts.live_when_empty || self.urls().len() < 2 {
+            return;
+        }
+        let timeout = self.opts.connect_timeout;
+        let mut readings = tokio::task::JoinSet::new();
+        for (i, url) in self.urls().iter().enumerate() {
+            let url = url.clone();
+            readings.spawn(async move { (i, upstream_status(&url, timeout).await) });
+        }
+        let believable = |t: &u64| *t <= crate::clock::now_us().saturating_add(MAX_AHEAD_US);
+        // (upstream, its oldest event if it says, its newest)
+        let mut held = Vec::new();
+        while let Some(reading) = readings.join_next().await {
+            let Ok((i, Some(status))) = reading else { continue };
+            // (An empty log says 0 for both.)
+            if let Some(newest) = status["log"]["newest_time_us"].as_u64().filter(|&t| t > 0).filter(believable) {
+                held.push((i, status["log"]["oldest_time_us"].as_u64(), newest));
+            }
+        }
+        let Some(newest) = held.iter().map(|&(_, _, newest)| newest).max() else { return };
+        let want = newest.saturating_sub(self.opts.retention.as_micros().min(u64::MAX as u128) as u64);
+        let Some(&(best, oldest, _)) = held.iter().min_by_key(|&&(i, oldest, _)| (oldest.unwrap_or(want).max(want), i))
+        else {
+            return;
+        };
+        if best != self.current {
+            self.current = best;
+            let url = self.urls()[best].to_string();
+            tracing::info!(upstream = %url, oldest, "empty log: starting with the upstream that keeps the most of our retention window");
+            *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = url;
+        }
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
