@@ -655,9 +655,11 @@ impl Driver {
                 // The host answered, without the events after our position: the host that may
                 // still have them, at once. Answering is not failing: the count starts again
                 // (the search that follows waits with backoff for a host that does not answer,
-                // and returns to hosts that answered a bounded number of times).
+                // and returns to hosts that answered a bounded number of times). Not the count
+                // of unreadable messages at the position: the host that has what follows it
+                // may be the one that sends one, and the two would be asked in turn for ever.
                 ConnectionError::Lacks { after, through, next } => {
-                    (failures, unreadable, last_turns) = (0, (None, 0), None);
+                    (failures, last_turns) = (0, None);
                     backoff.reset();
                     self.current = next;
                     self.stats.host.store(self.current, Ordering::Relaxed);

@@ -448,6 +448,26 @@ async fn an_unreadable_message_is_not_met_again_while_the_other_host_is_paused()
     assert_eq!(paused.connections.load(Ordering::SeqCst), 2);
 }
 
+/// One host sends a message this client cannot read after the position; the other no longer
+/// has the events after it. The search for a host that has them must not start the count of
+/// unreadable messages again each round: before, the two were reconnected to for ever, several
+/// times a second, and the subscription said nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_message_on_one_host_and_a_gap_on_the_other_end_the_subscription() {
+    let t = now_us();
+    let unreadable = serve(vec![Script::Frames(vec![(true, OpCode::Text, b"{\"x\":\"\xff\"}".to_vec())])]).await;
+    let gap = format!(r#"{{"kind":"gap","after_us":{t},"through_us":{}}}"#, t + 3_600_000_000);
+    let lacking = serve(vec![Script::Send(vec![gap])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", unreadable.addr), format!("ws://{}", lacking.addr)])
+        .cursor(Some(t))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+    assert!(matches!(&err, Error::Unreadable { after: Some(a), .. } if *a == t), "{err}");
+    assert_eq!(unreadable.connections.load(Ordering::SeqCst), 3, "three tries at the position");
+}
+
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
 /// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
 /// three tries at `t + 1`.
