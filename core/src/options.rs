@@ -399,7 +399,11 @@ pub fn parse_client_message(text: &str) -> Result<Option<Update>, MessageError> 
     let [collections, dids, max_size, inform, include_sync] = fields;
     // Every member is JSON of the right type, or the message is refused as JSON (1007), as
     // v1 would fail to unmarshal it; only then are the filter's values judged (1008).
-    let max_size: Option<i64> = json_value(max_size).map_err(bad_payload)?;
+    // (Go reads `-0` as the integer 0; serde_json as a float.)
+    let max_size: Option<i64> = match max_size {
+        Some(raw) if raw.get().trim() == "-0" => Some(0),
+        raw => json_value(raw).map_err(bad_payload)?,
+    };
     let inform: Option<u64> = json_value(inform).map_err(bad_payload)?;
     let include_sync: Option<bool> = json_value(include_sync).map_err(bad_payload)?;
     let mut builder = FilterBuilder::default();
@@ -650,6 +654,8 @@ mod tests {
         let m =
             r#"{"type":"options_update","type":null,"payload":{"maxMessageSizeBytes":5,"maxMessageSizeBytes":null}}"#;
         assert_eq!(read(m).unwrap().unwrap().max_message_size, 5);
+        let m = r#"{"type":"options_update","payload":{"maxMessageSizeBytes":5,"maxMessageSizeBytes":-0}}"#;
+        assert_eq!(read(m).unwrap().unwrap().max_message_size, 0, "Go reads -0 as an integer");
         let m = format!(r#"{{"type":"options_update","payload":{{"wantedDids":["{DID}"],"wantedDids":null}}}}"#);
         assert_eq!(read(&m).unwrap().unwrap().filter, Filter::default());
         let m = r#"{"type":"options_update","payload":{"informCursorSeconds":601}}"#;
@@ -703,6 +709,9 @@ mod tests {
         assert!(!SubscribeOptions::from_query("requireHello=True", None).unwrap().require_hello);
         let err = |q: &str| SubscribeOptions::from_query(q, None).unwrap_err().0;
         assert_eq!(err("cursor=abc"), "invalid cursor: abc");
+        // A `;` is part of the value (v1's Go dropped the pair, and with it the filter).
+        assert_eq!(err("cursor=5;x"), "invalid cursor: 5;x");
+        assert!(err("wantedCollections=app.bsky.feed.post;").ends_with("invalid collection: app.bsky.feed.post;"));
         assert_eq!(
             err("wantedCollections=app.bsky.fo*"),
             "invalid subscriber options: invalid collection: app.bsky.fo*"
