@@ -45,6 +45,10 @@ const READ_AHEAD_FRAMES: usize = 16;
 /// subscription ends with [`Error::Unreadable`].
 const UNREADABLE_TRIES: u32 = 3;
 
+/// The longest timeout a subscription keeps (a century: none, in practice); longer ones, such
+/// as `Duration::MAX` for "never", are taken for it (deadlines are instants: they must exist).
+const LONGEST_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// Binary messages in a row that do not decompress, after which the connection ends as
 /// unreadable: the dictionary is the wrong one (a stale file given to the builder, a proxy's
 /// stale `/dictionary`), not a message damaged here and there. Skipped one by one, every message
@@ -233,14 +237,17 @@ impl Builder {
     /// a v1 server for a cursor message every third of it (`informCursorSeconds`); once one
     /// has come on a connection, only messages count, not pongs: a Contrail whose socket
     /// answers pings while its stream for this client has stopped is left (from 3 s up).
+    /// At least a second; one longer than a century (`Duration::MAX` for "never") is taken
+    /// for a century.
     pub fn stale_timeout(mut self, t: Duration) -> Self {
-        self.stale_timeout = t.max(Duration::from_secs(1));
+        self.stale_timeout = t.clamp(Duration::from_secs(1), LONGEST_TIMEOUT);
         self
     }
 
-    /// Deadline of each connection step (TCP, TLS, upgrade, dictionary fetch).
+    /// Deadline of each connection step (TCP, TLS, upgrade, dictionary fetch); one longer than
+    /// a century is taken for a century.
     pub fn connect_timeout(mut self, t: Duration) -> Self {
-        self.connect_timeout = t;
+        self.connect_timeout = t.min(LONGEST_TIMEOUT);
         self
     }
 

@@ -300,6 +300,13 @@ fn secrets(url: &WsUrl) -> Vec<String> {
     secrets
 }
 
+/// The instant `timeout` from now; for a timeout past any clock (`Duration::MAX` for "never"),
+/// a century from now.
+fn deadline_after(timeout: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400))
+}
+
 /// How long a refusal asks to be left alone: its `Retry-After` in seconds, or as an HTTP date
 /// (RFC 9110 §10.2.3), counted from the response's own `Date` when it has one (a peer whose
 /// clock is minutes off still gets the wait it meant), else from `now`. A date already past is
@@ -589,7 +596,7 @@ async fn upgrade<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let http = |e: hyper::Error| ClientError::Http(e.to_string());
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.map_err(http)?;
@@ -694,7 +701,7 @@ async fn get(
         Ok(body?.to_bytes().to_vec())
     }
     // (The step's, for a refusal's body.)
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = deadline_after(timeout);
     let request = async {
         if url.tls {
             send(url, deadline, tls(url, tcp, timeout).await?, req, max_bytes).await

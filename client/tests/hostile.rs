@@ -468,6 +468,29 @@ async fn an_unreadable_message_on_one_host_and_a_gap_on_the_other_end_the_subscr
     assert_eq!(unreadable.connections.load(Ordering::SeqCst), 3, "three tries at the position");
 }
 
+/// Timeouts past any clock (`Duration::MAX` for "never") are taken for a century: before, the
+/// first connection's deadline overflowed and the subscription ended at once, saying nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_of_duration_max_mean_never() {
+    let t = now_us();
+    let server = serve(vec![Script::Refuse(400, None, "no"), Script::Send(vec![event(t + 1)])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .cursor(Some(t))
+        .connect_timeout(Duration::MAX)
+        .stale_timeout(Duration::MAX)
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::Refused { reason, .. } if reason.ends_with(": no")), "{err}");
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .cursor(Some(t))
+        .connect_timeout(Duration::MAX)
+        .stale_timeout(Duration::MAX)
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+}
+
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
 /// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
 /// three tries at `t + 1`.
