@@ -658,7 +658,16 @@ impl Driver {
             let url = self.urls[self.current].to_string();
             match ended {
                 ConnectionError::Dropped => return,
-                ConnectionError::FiltersChanged | ConnectionError::GivenDictionaryRefused => continue,
+                // Ended by this client (new filters; the host's own dictionary to fetch), not
+                // by the host: one that served us counts as below, so a long session's end by
+                // `set_filters` leaves no failures from before it to add up to `max_attempts`.
+                ConnectionError::FiltersChanged | ConnectionError::GivenDictionaryRefused => {
+                    if self.last != delivered_before || self.heard_for_a_stale_timeout() {
+                        (failures, unreadable, last_turns) = (0, (None, 0), None);
+                        backoff.reset();
+                    }
+                    continue;
+                }
                 // The host answered, without the events after our position: the host that may
                 // still have them, at once. Answering is not failing: the count starts again
                 // (the search that follows waits with backoff for a host that does not answer,
@@ -740,17 +749,13 @@ impl Driver {
                     // after the upgrade, never heard, still counts.)
                     let progressed = self.last != delivered_before;
                     let brief = began.elapsed() < BRIEF_CONNECTION;
-                    // Heard from for a stale timeout at least, not once and then silent.
-                    let alive_long = match (self.connected_at, self.last_heard) {
-                        (Some(c), Some(h)) => h.duration_since(c) >= self.opts.stale_timeout,
-                        _ => false,
-                    };
+                    let alive_long = self.heard_for_a_stale_timeout();
                     if progressed || alive_long {
                         failures = 0;
                         backoff.reset();
                         last_turns = None;
                     } else {
-                        failures += 1;
+                        failures = failures.saturating_add(1);
                     }
                     // Unreadable messages count at one position, so moving on starts the
                     // count again, and so does a host that served us for a stale timeout (one
@@ -787,6 +792,15 @@ impl Driver {
                     }
                 }
             }
+        }
+    }
+
+    /// Whether the last connection's server was heard from for a stale timeout at least, not
+    /// once and then silent.
+    fn heard_for_a_stale_timeout(&self) -> bool {
+        match (self.connected_at, self.last_heard) {
+            (Some(c), Some(h)) => h.duration_since(c) >= self.opts.stale_timeout,
+            _ => false,
         }
     }
 

@@ -491,6 +491,38 @@ async fn timeouts_of_duration_max_mean_never() {
     assert_eq!(next_event(&mut sub).await, t + 1);
 }
 
+/// A v2 connection ended by `set_filters` after it delivered is a good session, not one that
+/// leaves the failures from before it counting: before, two failed connections, an hour of
+/// events, new filters and one failed reconnect ended the subscription with `max_attempts(3)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_filters_after_a_good_session_do_not_add_up_to_max_attempts() {
+    let t = now_us();
+    let v2 = |seq: u64| {
+        format!(
+            r#"{{"$type":"message","payload":{{"$type":"network.bsky.jetstream.subscribeEvents#commit","cid":"bafyreib","collection":"app.bsky.feed.post","did":"did:plc:abc","operation":"create","record":{{"text":"hi"}},"rev":"3l3qo2vutsw2b","rkey":"3l3qo2vuowo2b","seq":{seq},"time":"2024-09-09T19:46:02.329308Z"}}}}"#
+        )
+    };
+    let server = serve(vec![
+        Script::Status(503),
+        Script::Status(503),
+        Script::Send(vec![v2(t + 1)]),
+        Script::Status(503),
+        Script::Send(vec![v2(t + 2)]),
+    ])
+    .await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .wire(contrail_client::Wire::V2)
+        .cursor(Some(t))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .max_attempts(3)
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    sub.set_filters(contrail_client::Filters { collections: vec!["app.bsky.feed.post".into()], dids: vec![] }).unwrap();
+    assert_eq!(next_event(&mut sub).await, t + 2);
+    assert_eq!(server.connections.load(Ordering::SeqCst), 5);
+}
+
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
 /// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
 /// three tries at `t + 1`.
