@@ -5,7 +5,8 @@
 //!
 //! - Resumes with `cursor` = the newest `time_us` in its own log; the inclusive cursor's
 //!   repeat of that event is skipped. An empty log starts a `--retention` before the upstream's
-//!   newest event (the whole upstream window when that is not known).
+//!   newest event (the whole upstream window when that is not known); an upstream that tells
+//!   it that start is gone is left for another that may still have it, as for a hole.
 //! - Every event must have a larger `time_us` than the one before; anything else is an error
 //!   and the connection is reopened from the cursor.
 //! - An upstream's gap message (its log no longer held events it came to) past our newest
@@ -132,7 +133,7 @@ pub enum UpstreamError {
     Behind { better: usize, ahead: Duration },
     #[error("upstream {better}, listed before this one, answers again and is not behind it")]
     Preferred { better: usize },
-    #[error("an upstream whose log no longer has our newest event ({cursor}): it starts at {first}")]
+    #[error("an upstream whose log no longer has our newest event, or the start of our window ({cursor}): it starts at {first}")]
     Trimmed { cursor: u64, first: u64 },
 }
 
@@ -242,6 +243,9 @@ pub struct UpstreamReader {
     resume: Vec<Resume>,
     /// A hole accepted on this connection, counted once its first event is passed on.
     gap: Option<(u64, u64)>,
+    /// With nothing stored yet, the cursor this connection asked for (the start of our
+    /// retention window on its clock), if it asked for one.
+    empty_from: Option<u64>,
     /// Bad events from an upstream, logged at a bounded rate.
     log: crate::rate_limited_log::RateLimitedLog,
     /// Whether an upstream has been reached, and the last error (for `/ready`).
@@ -286,6 +290,7 @@ impl UpstreamReader {
             last_event_at: std::time::Instant::now(),
             resume,
             gap: None,
+            empty_from: None,
             log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
@@ -313,7 +318,6 @@ impl UpstreamReader {
         // The upstream just gone back to because it is preferred.
         let mut went_back = false;
         let mut first = true;
-        self.start_with_the_longest_history().await;
         loop {
             // Counted as the relay reader counts its own: dashboards and alerts read them alike.
             if !std::mem::take(&mut first) {
@@ -414,11 +418,14 @@ impl UpstreamReader {
             "includeSync=true".to_string(),
             "includeVerification=true".to_string(),
         ];
+        self.empty_from = None;
         if self.last_time_us > 0 {
             // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
             params.push(format!("cursor={}", self.last_time_us));
         } else if !self.opts.live_when_empty {
-            params.push(format!("cursor={}", self.empty_start(&url).await));
+            let from = self.empty_start(&url).await;
+            self.empty_from = Some(from);
+            params.push(format!("cursor={from}"));
         }
         self.expect_repeat = self.last_time_us > 0;
         // A cursor message moves the stream on past our own position, on this upstream: one
@@ -644,17 +651,46 @@ impl UpstreamReader {
     /// first event after resuming). Past our position, that upstream lacks what follows it
     /// and another may have it ([`Self::resumed_without_our_newest`]); up to it, only events
     /// we have are gone: nothing is missing, and the resumed-from event will not come again.
-    /// Alive either way. (With nothing stored yet, nothing is missing either: an empty log
-    /// starts where it asked, or later.)
+    /// Alive either way. With nothing stored yet, nothing is missing either, but the start of
+    /// our retention window is gone from this upstream: another may still have it (listed
+    /// first, a nearer replica with a shorter retention would otherwise leave the older part
+    /// out for good) ([`Self::lacks_our_window`]).
     fn told_gap(&mut self, through: u64) -> Result<bool, UpstreamError> {
         if self.last_time_us > 0 && through > self.last_time_us.max(self.dropped_through) {
             if self.gap.is_none() {
                 self.resumed_without_our_newest(through.saturating_add(1))?;
             }
+        } else if self.last_time_us == 0 && self.empty_from.is_some_and(|from| through > from) {
+            self.lacks_our_window(through.saturating_add(1))?;
         } else {
             self.expect_repeat = false;
         }
         Ok(true)
+    }
+
+    /// With nothing stored yet, this upstream no longer has the start of our retention window:
+    /// another upstream is tried as for a hole ([`Self::resumed_without_our_newest`]); when
+    /// none can have it, this one's window is copied (nothing of ours is missing: not a hole).
+    fn lacks_our_window(&mut self, first: u64) -> Result<(), UpstreamError> {
+        self.expect_repeat = false;
+        *self.resume_state() = Resume::Trimmed;
+        if self.another_may_have_it() {
+            return Err(UpstreamError::Trimmed { cursor: self.empty_from.unwrap_or(0), first });
+        }
+        tracing::info!(upstream = %self.urls()[self.current], first, "no upstream still has the start of our retention window: copying from this one's oldest event");
+        Ok(())
+    }
+
+    /// Whether an upstream may still have what follows our position: one not asked since it
+    /// moved, one that had it, or one out of reach for less than the hole patience (a hole is
+    /// for ever; a replica that waits only lags).
+    fn another_may_have_it(&self) -> bool {
+        let patience = self.opts.replica.upstream_hole_patience.max(self.opts.replica.upstream_stale_timeout);
+        !self.resume.iter().all(|r| match r {
+            Resume::Trimmed => true,
+            Resume::Unreachable(since) => since.elapsed() >= patience,
+            Resume::Unknown | Resume::HasIt => false,
+        })
     }
 
     /// The first event after resuming from `last_time_us`, at `first`, is not the resumed-from
@@ -667,14 +703,7 @@ impl UpstreamReader {
         self.expect_repeat = false;
         let cursor = self.last_time_us;
         *self.resume_state() = Resume::Trimmed;
-        // A hole is for ever; a replica that waits only lags.
-        let patience = self.opts.replica.upstream_hole_patience.max(self.opts.replica.upstream_stale_timeout);
-        let none_can = self.resume.iter().all(|r| match r {
-            Resume::Trimmed => true,
-            Resume::Unreachable(since) => since.elapsed() >= patience,
-            Resume::Unknown | Resume::HasIt => false,
-        });
-        if !none_can {
+        if self.another_may_have_it() {
             return Err(UpstreamError::Trimmed { cursor, first });
         }
         self.gap = Some((cursor, first));
@@ -818,46 +847,6 @@ impl UpstreamReader {
             tracing::info!(upstream = %url, cursor = start, retention = ?self.opts.retention, "empty log: copying the upstream's newest events within our retention");
         }
         start
-    }
-
-    /// An empty log that copies the upstreams' history (not `--live-when-empty`) starts with
-    /// the upstream that holds the most of its retention window, by each one's `/status` read
-    /// once, at the start: listed first, a nearer replica with a shorter retention would leave
-    /// the older part out for good (an empty log is told of no gap). The first listed of the
-    /// best; one whose `/status` does not say its oldest event is taken for complete. The one
-    /// listed first is gone back to once caught up, as usual.
-    async fn start_with_the_longest_history(&mut self) {
-        if self.last_time_us > 0 || self.opts.live_when_empty || self.urls().len() < 2 {
-            return;
-        }
-        let timeout = self.opts.connect_timeout;
-        let mut readings = tokio::task::JoinSet::new();
-        for (i, url) in self.urls().iter().enumerate() {
-            let url = url.clone();
-            readings.spawn(async move { (i, upstream_status(&url, timeout).await) });
-        }
-        let believable = |t: &u64| *t <= crate::clock::now_us().saturating_add(MAX_AHEAD_US);
-        // (upstream, its oldest event if it says, its newest)
-        let mut held = Vec::new();
-        while let Some(reading) = readings.join_next().await {
-            let Ok((i, Some(status))) = reading else { continue };
-            // (An empty log says 0 for both.)
-            if let Some(newest) = status["log"]["newest_time_us"].as_u64().filter(|&t| t > 0).filter(believable) {
-                held.push((i, status["log"]["oldest_time_us"].as_u64(), newest));
-            }
-        }
-        let Some(newest) = held.iter().map(|&(_, _, newest)| newest).max() else { return };
-        let want = newest.saturating_sub(self.opts.retention.as_micros().min(u64::MAX as u128) as u64);
-        let Some(&(best, oldest, _)) = held.iter().min_by_key(|&&(i, oldest, _)| (oldest.unwrap_or(want).max(want), i))
-        else {
-            return;
-        };
-        if best != self.current {
-            self.current = best;
-            let url = self.urls()[best].to_string();
-            tracing::info!(upstream = %url, oldest, "empty log: starting with the upstream that keeps the most of our retention window");
-            *self.current_url.lock().unwrap_or_else(|p| p.into_inner()) = url;
-        }
     }
 
     /// What the upstream in use has shown about resuming from `last_time_us`.
