@@ -60,6 +60,9 @@ fn dashboards_and_alerts_parse_and_use_real_metrics() {
 fn systemd_unit_verifies() {
     let unit = read("deploy/contrail.service");
     assert!(unit.contains("Type=notify") && unit.contains("StateDirectory=contrail"));
+    // A long log recovery is not killed at systemd's default 90 s; a bad configuration is not
+    // restarted in a loop.
+    assert!(unit.contains("TimeoutStartSec=15min") && unit.contains("RestartPreventExitStatus=2"));
     let Ok(out) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
         eprintln!("SKIP systemd_unit_verifies: systemd-analyze is not installed");
         return;
