@@ -280,10 +280,18 @@ async fn an_empty_replica_copies_from_the_upstream_that_keeps_the_most_history()
     let upstreams = format!("ws://{},ws://{}", primary.public, full.public);
     let fresh = replica_of(nd.path(), &upstreams, &[]);
     wait_caught_up(&full, &fresh, Duration::from_secs(30));
-    assert_eq!(fresh.metric("contrail_store_oldest_time_us"), full.metric("contrail_store_oldest_time_us"));
+    let oldest = |s: &Serve| s.metric("contrail_store_oldest_time_us");
+    assert_eq!(oldest(&fresh), oldest(&full), "{}", fresh.logs());
     assert_eq!(fresh.metric("contrail_upstream_gaps_total"), Some(0.0));
     drop(fresh);
     assert!(inspect_log(nd.path()) == inspect_log(fd.path()), "the fresh replica's log is not the full one's");
+    // With the other upstream down, the one that answers is copied at once: an empty log's
+    // history is what the upstreams have now (not left, for the one down, as a hole would be).
+    let od = tempfile::tempdir().unwrap();
+    let other = replica_of(od.path(), &format!("ws://{},ws://127.0.0.1:9", primary.public), &[]);
+    wait_caught_up(&primary, &other, Duration::from_secs(30));
+    assert_eq!(oldest(&other), oldest(&primary));
+    assert_eq!(other.metric("contrail_upstream_switches_total"), Some(0.0), "{}", other.logs());
 }
 
 /// A preferred upstream that answers `/status` but refuses subscribers (here: its one slot

@@ -5,8 +5,8 @@
 //!
 //! - Resumes with `cursor` = the newest `time_us` in its own log; the inclusive cursor's
 //!   repeat of that event is skipped. An empty log starts a `--retention` before the upstream's
-//!   newest event (the whole upstream window when that is not known); an upstream that tells
-//!   it that start is gone is left for another that may still have it, as for a hole.
+//!   newest event (the whole upstream window when that is not known); an upstream that starts
+//!   later than that is left for another that starts earlier, if one does.
 //! - Every event must have a larger `time_us` than the one before; anything else is an error
 //!   and the connection is reopened from the cursor.
 //! - An upstream's gap message (its log no longer held events it came to) past our newest
@@ -133,8 +133,10 @@ pub enum UpstreamError {
     Behind { better: usize, ahead: Duration },
     #[error("upstream {better}, listed before this one, answers again and is not behind it")]
     Preferred { better: usize },
-    #[error("an upstream whose log no longer has our newest event, or the start of our window ({cursor}): it starts at {first}")]
+    #[error("an upstream whose log no longer has our newest event ({cursor}): it starts at {first}")]
     Trimmed { cursor: u64, first: u64 },
+    #[error("upstream {better} keeps more of our retention window (this one starts at {first})")]
+    LongerWindow { better: usize, first: u64 },
 }
 
 impl UpstreamError {
@@ -153,6 +155,7 @@ impl UpstreamError {
             | UpstreamError::SequencerStopped
             | UpstreamError::Behind { .. }
             | UpstreamError::Preferred { .. }
+            | UpstreamError::LongerWindow { .. }
             | UpstreamError::Trimmed { .. } => None,
         }
     }
@@ -246,6 +249,10 @@ pub struct UpstreamReader {
     /// With nothing stored yet, the cursor this connection asked for (the start of our
     /// retention window on its clock), if it asked for one.
     empty_from: Option<u64>,
+    /// With nothing stored yet, where each upstream that told us so starts, and how many
+    /// times we went to another for a longer window ([`Self::longer_window`]).
+    window_starts: Vec<Option<u64>>,
+    window_moves: usize,
     /// Bad events from an upstream, logged at a bounded rate.
     log: crate::rate_limited_log::RateLimitedLog,
     /// Whether an upstream has been reached, and the last error (for `/ready`).
@@ -274,6 +281,7 @@ impl UpstreamReader {
         assert!(!opts.replica.upstream_url.is_empty(), "replica mode needs an upstream URL");
         let first = opts.replica.upstream_url[0].to_string();
         let resume = vec![Resume::Unknown; opts.replica.upstream_url.len()];
+        let upstreams = resume.len();
         let pauses = Pauses::new(opts.backoff_max);
         UpstreamReader {
             opts,
@@ -291,6 +299,8 @@ impl UpstreamReader {
             resume,
             gap: None,
             empty_from: None,
+            window_starts: vec![None; upstreams],
+            window_moves: 0,
             log: crate::rate_limited_log::RateLimitedLog::new(Duration::from_secs(10)),
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
@@ -371,12 +381,15 @@ impl UpstreamReader {
             failures_in_a_row += 1;
             self.readiness.set_error(format!("{}: {ended}", self.urls()[self.current]));
             tracing::warn!(upstream = %self.urls()[self.current], error = %ended, "upstream connection ended");
-            if let UpstreamError::Behind { better, .. } | UpstreamError::Preferred { better } = ended {
-                // Not a failure: go straight to the fresher, or preferred, upstream.
+            if let UpstreamError::Behind { better, .. }
+            | UpstreamError::Preferred { better }
+            | UpstreamError::LongerWindow { better, .. } = ended
+            {
+                // Not a failure: go straight to the fresher, preferred or longer upstream.
                 went_back = matches!(ended, UpstreamError::Preferred { .. });
                 failures_in_a_row = 0;
                 self.switch_to(better);
-                tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher or preferred upstream");
+                tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher, preferred or longer upstream");
                 continue;
             }
             if self.urls().len() > 1 {
@@ -551,7 +564,7 @@ impl UpstreamReader {
                 let mut scratch = json.clone();
                 if let Ok(gap) = simd_json::serde::from_slice::<GapMeta<'_>>(&mut scratch) {
                     if gap.kind == "gap" {
-                        return self.told_gap(gap.through_us);
+                        return self.told_gap(gap.through_us).await;
                     }
                 }
                 return self.drop_event(DropReason::BadBody, format!("a line that is not a v1 event: {e}"));
@@ -651,34 +664,73 @@ impl UpstreamReader {
     /// first event after resuming). Past our position, that upstream lacks what follows it
     /// and another may have it ([`Self::resumed_without_our_newest`]); up to it, only events
     /// we have are gone: nothing is missing, and the resumed-from event will not come again.
-    /// Alive either way. With nothing stored yet, nothing is missing either, but the start of
-    /// our retention window is gone from this upstream: another may still have it (listed
-    /// first, a nearer replica with a shorter retention would otherwise leave the older part
-    /// out for good) ([`Self::lacks_our_window`]).
-    fn told_gap(&mut self, through: u64) -> Result<bool, UpstreamError> {
+    /// Alive either way. With nothing stored yet, nothing is missing either, but this upstream
+    /// starts later than our retention window: another may start earlier
+    /// ([`Self::longer_window`]).
+    async fn told_gap(&mut self, through: u64) -> Result<bool, UpstreamError> {
         if self.last_time_us > 0 && through > self.last_time_us.max(self.dropped_through) {
             if self.gap.is_none() {
                 self.resumed_without_our_newest(through.saturating_add(1))?;
             }
         } else if self.last_time_us == 0 && self.empty_from.is_some_and(|from| through > from) {
-            self.lacks_our_window(through.saturating_add(1))?;
+            self.expect_repeat = false;
+            self.longer_window(through.saturating_add(1)).await?;
         } else {
             self.expect_repeat = false;
         }
         Ok(true)
     }
 
-    /// With nothing stored yet, this upstream no longer has the start of our retention window:
-    /// another upstream is tried as for a hole ([`Self::resumed_without_our_newest`]); when
-    /// none can have it, this one's window is copied (nothing of ours is missing: not a hole).
-    fn lacks_our_window(&mut self, first: u64) -> Result<(), UpstreamError> {
-        self.expect_repeat = false;
-        *self.resume_state() = Resume::Trimmed;
-        if self.another_may_have_it() {
-            return Err(UpstreamError::Trimmed { cursor: self.empty_from.unwrap_or(0), first });
+    /// With nothing stored yet, this upstream starts at `first`, later than our retention
+    /// window: a young log, or a shorter retention (a nearer replica listed first would then
+    /// leave the older part out for good). Another upstream that starts earlier, by what it
+    /// told us or else by its `/status`, is gone to; the earliest of them. Otherwise this one
+    /// is copied from its start (nothing of ours is missing: not a hole). An upstream out of
+    /// reach is not waited for: an empty log's history is what the upstreams have now. At
+    /// most two moves per upstream are made: upstreams that trim as they are asked must not be
+    /// chased. (A move costs a connection, not a wait.)
+    async fn longer_window(&mut self, first: u64) -> Result<(), UpstreamError> {
+        self.window_starts[self.current] = Some(first);
+        if self.urls().len() < 2 || self.window_moves >= 2 * self.urls().len() {
+            return Ok(());
         }
-        tracing::info!(upstream = %self.urls()[self.current], first, "no upstream still has the start of our retention window: copying from this one's oldest event");
-        Ok(())
+        let timeout = self.opts.connect_timeout;
+        let mut readings = tokio::task::JoinSet::new();
+        for (i, url) in self.urls().iter().enumerate() {
+            if i == self.current || !self.pauses.left(i).is_zero() {
+                continue;
+            }
+            if let Some(start) = self.window_starts[i] {
+                readings.spawn(async move { (i, Some(start)) });
+                continue;
+            }
+            let url = url.clone();
+            readings.spawn(async move {
+                let log = upstream_status(&url, timeout).await.map(|v| v["log"].clone());
+                // (An empty log says 0 for both; a start after its own newest is no log's.)
+                let start = log.and_then(|l| {
+                    let (oldest, newest) = (l["oldest_time_us"].as_u64()?, l["newest_time_us"].as_u64()?);
+                    (oldest > 0 && oldest <= newest).then_some(oldest)
+                });
+                (i, start)
+            });
+        }
+        let mut best: Option<(u64, usize)> = None;
+        while let Some(reading) = readings.join_next().await {
+            if let Ok((i, Some(start))) = reading {
+                if start < first && best.is_none_or(|b| (start, i) < b) {
+                    best = Some((start, i));
+                }
+            }
+        }
+        match best {
+            Some((start, better)) => {
+                self.window_moves += 1;
+                tracing::info!(upstream = %self.urls()[self.current], first, better = %self.urls()[better], better_start = start, "empty log: another upstream keeps more of our retention window");
+                Err(UpstreamError::LongerWindow { better, first })
+            }
+            None => Ok(()),
+        }
     }
 
     /// Whether an upstream may still have what follows our position: one not asked since it
@@ -790,6 +842,7 @@ impl UpstreamReader {
         self.moved_on = true;
         // A new position: what the upstreams showed was about the old one.
         self.resume.fill(Resume::Unknown);
+        self.window_starts.fill(None);
         if let Some((cursor, first)) = self.gap.take() {
             self.metrics.upstream_gaps.inc();
             tracing::error!(
