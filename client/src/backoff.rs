@@ -35,23 +35,34 @@ impl Backoff {
 #[derive(Debug, Clone)]
 pub struct Pauses {
     until: Vec<Option<tokio::time::Instant>>,
+    /// Per host: its last answer asked for a pause (it has not been asked since).
+    owed: Vec<bool>,
     max: Duration,
 }
 
 impl Pauses {
     pub fn new(max: Duration) -> Self {
-        Pauses { until: Vec::new(), max }
+        Pauses { until: Vec::new(), owed: Vec::new(), max }
     }
 
-    /// Host `host` answered; with `asked`, it asked for that long.
+    /// Host `host` was asked; with `asked`, it asked to be left alone that long.
     pub fn asked(&mut self, host: usize, asked: Option<Duration>) {
-        let Some(asked) = asked.filter(|a| !a.is_zero()) else { return };
-        let wait = asked.min(self.max).mul_f64(1.0 + rand::random::<f64>() * 0.25).min(self.max);
+        let asked = asked.filter(|a| !a.is_zero());
         if self.until.len() <= host {
             self.until.resize(host + 1, None);
+            self.owed.resize(host + 1, false);
         }
+        self.owed[host] = asked.is_some();
+        let Some(asked) = asked else { return };
+        let wait = asked.min(self.max).mul_f64(1.0 + rand::random::<f64>() * 0.25).min(self.max);
         let until = tokio::time::Instant::now() + wait;
         self.until[host] = Some(self.until[host].map_or(until, |u| u.max(until)));
+    }
+
+    /// Whether `host`'s last answer asked for a pause, and it has not been asked since (whether
+    /// or not the pause is over).
+    pub fn owed(&self, host: usize) -> bool {
+        self.owed.get(host).copied().unwrap_or(false)
     }
 
     /// How long until `host` may be asked again: zero when it may now.
@@ -126,5 +137,9 @@ mod tests {
         assert_eq!(all.pick(0, 2).0, 1);
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!((p.left(1), p.left(3)), (Duration::ZERO, Duration::from_secs(4)));
+        // Owed a turn until asked again, its pause over or not.
+        assert!(p.owed(1) && p.owed(3) && !p.owed(0) && !p.owed(2) && !p.owed(9));
+        p.asked(1, None);
+        assert!(!p.owed(1));
     }
 }

@@ -45,6 +45,10 @@ const READ_AHEAD_FRAMES: usize = 16;
 /// subscription ends with [`Error::Unreadable`].
 const UNREADABLE_TRIES: u32 = 3;
 
+/// The longest a search for a host that has what follows the position waits for one out of
+/// reach (otherwise a stale timeout).
+const SEARCH_PATIENCE_MAX: Duration = Duration::from_secs(3600);
+
 /// The longest timeout a subscription keeps (a century: none, in practice); longer ones, such
 /// as `Duration::MAX` for "never", are taken for it (deadlines are instants: they must exist).
 const LONGEST_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 86_400);
@@ -713,8 +717,10 @@ impl Driver {
                         self.stats.host.store(self.current, Ordering::Relaxed);
                         keep_host = true;
                     }
+                    // The longer of the backoff and the chosen host's pause (waited next), not both.
+                    let wait = backoff.next_wait().saturating_sub(pauses.left(self.current));
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff.next_wait()) => {}
+                        _ = tokio::time::sleep(wait) => {}
                         _ = self.out.closed() => return,
                     }
                 }
@@ -727,7 +733,10 @@ impl Driver {
                 // out of reach too counts as usual.)
                 e if self.lacking.as_ref().is_some_and(|l| l.after == self.last && l.told[self.current].is_none()) => {
                     let search = self.lacking.as_mut().expect("checked above");
-                    if search.told[self.current].is_none() && search.since.elapsed() >= self.opts.stale_timeout {
+                    // (At most an hour: a stale timeout of "never" must not make the search wait
+                    // for ever for a host that is down.)
+                    let patience = self.opts.stale_timeout.min(SEARCH_PATIENCE_MAX);
+                    if search.told[self.current].is_none() && search.since.elapsed() >= patience {
                         search.told[self.current] = Some(UNREACHED);
                     }
                     self.current = search.next(self.current);
@@ -767,9 +776,8 @@ impl Driver {
                     }
                     tracing::warn!(%url, error = %e, "connection ended; reconnecting");
                     if self.opts.max_attempts.is_some_and(|m| failures >= m) {
-                        let turns = last_turns.get_or_insert_with(|| {
-                            (0..self.urls.len()).filter(|&h| !pauses.left(h).is_zero()).collect()
-                        });
+                        let turns = last_turns
+                            .get_or_insert_with(|| (0..self.urls.len()).filter(|&h| pauses.owed(h)).collect());
                         // (This one was just asked: its pause, if it asked for one, began now.)
                         turns.retain(|&h| h != self.current);
                         if turns.is_empty() {

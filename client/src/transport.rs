@@ -263,6 +263,7 @@ async fn refusal(
     let mut head = Vec::new();
     // A body that breaks off, or stalls, is shown as far as it came.
     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let mut whole = false;
     let _ = tokio::time::timeout(REFUSAL_BODY_WAIT.min(left / 2), async {
         while head.len() < REFUSAL_BODY_BYTES {
             match body.frame().await {
@@ -271,12 +272,17 @@ async fn refusal(
                         head.extend_from_slice(&data[..data.len().min(REFUSAL_BODY_BYTES - head.len())]);
                     }
                 }
-                _ => break,
+                None => {
+                    whole = true;
+                    break;
+                }
+                Some(Err(_)) => break,
             }
         }
     })
     .await;
-    let read_cut = head.len() >= REFUSAL_BODY_BYTES;
+    // (Cut by our limit, the wait, or the connection: a secret may end where it stops.)
+    let read_cut = !whole;
     ClientError::Status { status, retry_after, body: refusal_text_without(&head, &secrets(url), read_cut) }
 }
 
@@ -289,9 +295,10 @@ fn secrets(url: &WsUrl) -> Vec<String> {
         if PUBLIC_PARAMS.contains(&key) {
             continue;
         }
-        let plus = value.replace('+', " ");
-        let decoded = percent_encoding::percent_decode_str(&plus).decode_utf8().ok().map(|d| d.into_owned());
-        for v in [Some(value.to_string()), decoded].into_iter().flatten() {
+        // (As a form decodes it, `+` a space; and as RFC 3986 does, `+` itself.)
+        let decode = |v: &str| percent_encoding::percent_decode_str(v).decode_utf8().ok().map(|d| d.into_owned());
+        let forms = [Some(value.to_string()), decode(&value.replace('+', " ")), decode(value)];
+        for v in forms.into_iter().flatten() {
             if v.chars().count() >= 4 && !secrets.contains(&v) {
                 secrets.push(v);
             }
@@ -369,6 +376,9 @@ fn refusal_text_without(body: &[u8], secrets: &[String], read_cut: bool) -> Stri
         text = text.replace(secret.as_str(), "…");
     }
     if read_cut {
+        // (A character cut in two by the read is a replacement character, not the secret's.)
+        let cut_char = text.trim_end_matches('\u{fffd}').len();
+        text.truncate(cut_char);
         let started = secrets
             .iter()
             .filter_map(|secret| {
@@ -963,7 +973,11 @@ mod tests {
         // As written in the URL, and percent-decoded.
         let url =
             WsUrl::parse("ws://h/subscribe?token=a%2Fb+c%3D&key=abc&wantedDids=did:plc:abcd&x=%FF%FE%FD%FC").unwrap();
-        assert_eq!(secrets(&url), ["a%2Fb+c%3D", "a/b c=", "%FF%FE%FD%FC"]);
+        assert_eq!(secrets(&url), ["a%2Fb+c%3D", "a/b c=", "a/b+c=", "%FF%FE%FD%FC"]);
+        // A non-ASCII secret cut inside a character.
+        let secret = ["pässwörd".to_string()];
+        let cut = &"bad pässwörd".as_bytes()[..6];
+        assert_eq!(refusal_text_without(cut, &secret, true), "bad …");
         let xrpc = br#"{"error":"InvalidRequest","message":"invalid DID:\n did:bad"}"#;
         assert_eq!(refusal_text(xrpc), "InvalidRequest: invalid DID: did:bad");
         assert_eq!(refusal_text(br#"{"error":"RateLimitExceeded"}"#), "RateLimitExceeded");

@@ -819,8 +819,9 @@ async fn a_limit_on_attempts_waits_for_a_host_that_asked_to_be_left_alone() {
     assert!(began.elapsed() >= Duration::from_millis(1_900), "asked again after {:?}", began.elapsed());
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
     // A host that refuses every time is not waited for for ever: asked once more, then the
-    // subscription ends (its refusal, the other's two failures, its last turn).
-    let server = serve(vec![Script::Refuse(503, Some("1"), "full")]).await;
+    // subscription ends (its refusal, the other's two failures, its last turn). (A pause of
+    // 3 s: the other's two failures fit in it on a loaded machine too.)
+    let server = serve(vec![Script::Refuse(503, Some("3"), "full")]).await;
     let mut sub = Subscription::builder([format!("ws://{}", server.addr), down])
         .backoff(Duration::from_millis(10), Duration::from_secs(10))
         .max_attempts(3)
@@ -829,6 +830,24 @@ async fn a_limit_on_attempts_waits_for_a_host_that_asked_to_be_left_alone() {
     let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap_err();
     assert!(matches!(&err, Error::Unreachable { attempts: 4, last } if last.contains("503")), "{err}");
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    // Its pause over while another host failed (here: timed out) is still a turn owed.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hangs = format!("ws://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let t = now_us();
+    let server = serve(vec![Script::Refuse(503, Some("1"), "full"), Script::Send(vec![event(t)])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr), hangs])
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .connect_timeout(Duration::from_secs(2))
+        .max_attempts(2)
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t);
     // Alone, it is given up at the limit, as before.
     let server = serve(vec![Script::Refuse(503, Some("1"), "full")]).await;
     let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
