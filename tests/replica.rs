@@ -288,7 +288,9 @@ async fn an_empty_replica_copies_from_the_upstream_that_keeps_the_most_history()
     // With the other upstream down, the one that answers is copied at once: an empty log's
     // history is what the upstreams have now (not left, for the one down, as a hole would be).
     let od = tempfile::tempdir().unwrap();
-    let other = replica_of(od.path(), &format!("ws://{},ws://127.0.0.1:9", primary.public), &[]);
+    // (A long stale timeout: a session ended by a starved machine would count a switch.)
+    let upstreams = format!("ws://{},ws://127.0.0.1:9", primary.public);
+    let other = replica_of(od.path(), &upstreams, &["--upstream-stale-timeout", "30s"]);
     wait_caught_up(&primary, &other, Duration::from_secs(30));
     assert_eq!(oldest(&other), oldest(&primary));
     assert_eq!(other.metric("contrail_upstream_switches_total"), Some(0.0), "{}", other.logs());

@@ -385,9 +385,13 @@ impl UpstreamReader {
             | UpstreamError::Preferred { better }
             | UpstreamError::LongerWindow { better, .. } = ended
             {
-                // Not a failure: go straight to the fresher, preferred or longer upstream.
+                // Not a failure: go straight to the fresher, preferred or longer upstream. (A
+                // move for a longer window keeps the count: one that then fails is not moved
+                // to again and again without a wait.)
                 went_back = matches!(ended, UpstreamError::Preferred { .. });
-                failures_in_a_row = 0;
+                if !matches!(ended, UpstreamError::LongerWindow { .. }) {
+                    failures_in_a_row = 0;
+                }
                 self.switch_to(better);
                 tracing::info!(upstream = %self.urls()[self.current], "switching to a fresher, preferred or longer upstream");
                 continue;
@@ -436,7 +440,8 @@ impl UpstreamReader {
             // Inclusive cursor: the event at `last_time_us` comes again and is skipped.
             params.push(format!("cursor={}", self.last_time_us));
         } else if !self.opts.live_when_empty {
-            let from = self.empty_start(&url).await;
+            // (At least 2: a Contrail upstream tells no gap for 0 or 1, "from the start".)
+            let from = self.empty_start(&url).await.max(2);
             self.empty_from = Some(from);
             params.push(format!("cursor={from}"));
         }
@@ -684,45 +689,55 @@ impl UpstreamReader {
     /// With nothing stored yet, this upstream starts at `first`, later than our retention
     /// window: a young log, or a shorter retention (a nearer replica listed first would then
     /// leave the older part out for good). Another upstream that starts earlier, by what it
-    /// told us or else by its `/status`, is gone to; the earliest of them. Otherwise this one
-    /// is copied from its start (nothing of ours is missing: not a hole). An upstream out of
-    /// reach is not waited for: an empty log's history is what the upstreams have now. At
-    /// most two moves per upstream are made: upstreams that trim as they are asked must not be
-    /// chased. (A move costs a connection, not a wait.)
+    /// told us or else by its `/status`, and is not behind the freshest by more than the switch
+    /// lag, is gone to; the earliest of them. Otherwise this one is copied from its start
+    /// (nothing of ours is missing: not a hole). An upstream out of reach is not waited for: an
+    /// empty log's history is what the upstreams have now. At most two moves per upstream are
+    /// made: upstreams that trim as they are asked must not be chased. (A move costs a
+    /// connection; one to an upstream that then fails, the usual backoff.)
     async fn longer_window(&mut self, first: u64) -> Result<(), UpstreamError> {
         self.window_starts[self.current] = Some(first);
         if self.urls().len() < 2 || self.window_moves >= 2 * self.urls().len() {
             return Ok(());
         }
+        // Every upstream's `/status` (this one's too: the freshest newest), at once.
         let timeout = self.opts.connect_timeout;
         let mut readings = tokio::task::JoinSet::new();
         for (i, url) in self.urls().iter().enumerate() {
-            if i == self.current || !self.pauses.left(i).is_zero() {
-                continue;
-            }
-            if let Some(start) = self.window_starts[i] {
-                readings.spawn(async move { (i, Some(start)) });
+            if i != self.current && !self.pauses.left(i).is_zero() {
                 continue;
             }
             let url = url.clone();
             readings.spawn(async move {
                 let log = upstream_status(&url, timeout).await.map(|v| v["log"].clone());
                 // (An empty log says 0 for both; a start after its own newest is no log's.)
-                let start = log.and_then(|l| {
+                let window = log.and_then(|l| {
                     let (oldest, newest) = (l["oldest_time_us"].as_u64()?, l["newest_time_us"].as_u64()?);
-                    (oldest > 0 && oldest <= newest).then_some(oldest)
+                    (oldest > 0 && oldest <= newest).then_some((oldest, newest))
                 });
-                (i, start)
+                (i, window)
             });
         }
-        let mut best: Option<(u64, usize)> = None;
+        let believable = |t: &u64| *t <= crate::clock::now_us().saturating_add(MAX_AHEAD_US);
+        let mut windows = Vec::new();
         while let Some(reading) = readings.join_next().await {
-            if let Ok((i, Some(start))) = reading {
-                if start < first && best.is_none_or(|b| (start, i) < b) {
-                    best = Some((start, i));
+            if let Ok((i, Some((oldest, newest)))) = reading {
+                if believable(&newest) {
+                    windows.push((i, oldest, newest));
                 }
             }
         }
+        let freshest = windows.iter().map(|&(_, _, newest)| newest).max().unwrap_or(0);
+        let lag = self.opts.replica.upstream_switch_lag.as_micros() as u64;
+        // Where another starts: where it told us, if it did (a `/status` may be wrong); not one
+        // behind the freshest by more than the switch lag (the prober would leave it, for
+        // this one, which lacks what we would have copied by then: a hole).
+        let best = windows
+            .iter()
+            .filter(|&&(i, _, newest)| i != self.current && newest.saturating_add(lag) >= freshest)
+            .map(|&(i, oldest, _)| (self.window_starts[i].unwrap_or(oldest), i))
+            .filter(|&(start, _)| start < first)
+            .min();
         match best {
             Some((start, better)) => {
                 self.window_moves += 1;
