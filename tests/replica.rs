@@ -377,6 +377,38 @@ async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the follower's log differs from the primary's");
 }
 
+/// The prober reads the upstreams' `/status` at once: read one after another, an upstream read
+/// after one that hangs (here until the 2 s timeout) looked ahead of ours by that long while
+/// events flowed, and the follower switched to it for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_hangs_does_not_make_the_next_look_ahead() {
+    let relay = FakeRelay::start().await;
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(5)), ..Faults::default() });
+    relay.push_all(&generate(1, 4_000, 40, 37));
+    let (pd, ad, fd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let a = replica(ad.path(), &[&primary]);
+    // An upstream that accepts connections and never answers.
+    let hangs = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hangs_url = format!("ws://{}", hangs.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = hangs.accept() {
+            held.push(tcp);
+        }
+    });
+    let list = format!("ws://{},{hangs_url},ws://{}", primary.public, a.public);
+    let flags = ["--upstream-switch-lag", "1s", "--connect-timeout", "2s"];
+    let follower = replica_of(fd.path(), &list, &flags);
+    wait_metric(&follower, "contrail_events_ingested_total{kind=\"commit\"}", 1.0, "the follower took nothing");
+    // Probes every second while events flow (for ~20 s in all): none switches.
+    let before = follower.metric("contrail_events_ingested_total{kind=\"commit\"}").unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(follower.metric("contrail_events_ingested_total{kind=\"commit\"}").unwrap() > before, "events stopped");
+    assert_eq!(follower.metric("contrail_upstream_switches_total"), Some(0.0), "{}", follower.logs());
+}
+
 /// A replica keeps the primary's verification marks: what a subscriber asking for them sees is
 /// the same on both, and the stored JSON is still the primary's byte for byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

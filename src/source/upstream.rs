@@ -1019,17 +1019,32 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
     let mut preferred_before = None;
     loop {
         tokio::time::sleep(every).await;
-        let Some(ours) = upstream_newest(&urls[current], timeout).await else { continue };
+        // All at once: read one after another, an upstream read after a slow one (up to the
+        // timeout) would look ahead of ours by that long, and be switched to for nothing.
+        let mut readings = tokio::task::JoinSet::new();
+        for (i, url) in urls.iter().enumerate() {
+            if i == current || pauses.left(i).is_zero() {
+                let url = url.clone();
+                readings.spawn(async move { (i, upstream_newest(&url, timeout).await) });
+            }
+        }
+        let mut newest_of = vec![None; urls.len()];
+        while let Some(reading) = readings.join_next().await {
+            if let Ok((i, newest)) = reading {
+                newest_of[i] = newest;
+            }
+        }
+        let Some(ours) = newest_of[current] else { continue };
         // A reading more than a day past this clock and the one in use is not believed: a
         // bogus one would look far ahead, and be switched to.
         let believable = |t: u64| t <= crate::clock::now_us().max(ours).saturating_add(MAX_AHEAD_US);
         let mut best: Option<(usize, u64)> = None;
         let mut preferred = None;
-        for (i, url) in urls.iter().enumerate() {
-            if i == current || !pauses.left(i).is_zero() {
+        for (i, newest) in newest_of.iter().enumerate() {
+            if i == current {
                 continue;
             }
-            if let Some(newest) = upstream_newest(url, timeout).await.filter(|&t| believable(t)) {
+            if let Some(newest) = newest.filter(|&t| believable(t)) {
                 if best.is_none_or(|(_, b)| newest > b) {
                     best = Some((i, newest));
                 }
