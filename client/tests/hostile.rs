@@ -810,11 +810,7 @@ async fn a_limit_on_attempts_waits_for_a_host_that_asked_to_be_left_alone() {
     let t = now_us();
     let server = serve(vec![Script::Refuse(503, Some("2"), "full"), Script::Send(vec![event(t)])]).await;
     let began = std::time::Instant::now();
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr), down.clone()])
-        .backoff(Duration::from_millis(10), Duration::from_secs(10))
-        .max_attempts(3)
-        .start()
-        .unwrap();
+    let mut sub = limited(&[format!("ws://{}", server.addr), down.clone()], 3).start().unwrap();
     assert_eq!(next_event(&mut sub).await, t);
     assert!(began.elapsed() >= Duration::from_millis(1_900), "asked again after {:?}", began.elapsed());
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
@@ -822,11 +818,7 @@ async fn a_limit_on_attempts_waits_for_a_host_that_asked_to_be_left_alone() {
     // subscription ends (its refusal, the other's two failures, its last turn). (A pause of
     // 3 s: the other's two failures fit in it on a loaded machine too.)
     let server = serve(vec![Script::Refuse(503, Some("3"), "full")]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr), down])
-        .backoff(Duration::from_millis(10), Duration::from_secs(10))
-        .max_attempts(3)
-        .start()
-        .unwrap();
+    let mut sub = limited(&[format!("ws://{}", server.addr), down], 3).start().unwrap();
     let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap_err();
     assert!(matches!(&err, Error::Unreachable { attempts: 4, last } if last.contains("503")), "{err}");
     assert_eq!(server.connections.load(Ordering::SeqCst), 2);
@@ -841,22 +833,21 @@ async fn a_limit_on_attempts_waits_for_a_host_that_asked_to_be_left_alone() {
     });
     let t = now_us();
     let server = serve(vec![Script::Refuse(503, Some("1"), "full"), Script::Send(vec![event(t)])]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr), hangs])
-        .backoff(Duration::from_millis(10), Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(2))
-        .max_attempts(2)
-        .start()
-        .unwrap();
+    let hosts = [format!("ws://{}", server.addr), hangs];
+    let mut sub = limited(&hosts, 2).connect_timeout(Duration::from_secs(2)).start().unwrap();
     assert_eq!(next_event(&mut sub).await, t);
     // Alone, it is given up at the limit, as before.
     let server = serve(vec![Script::Refuse(503, Some("1"), "full")]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
-        .backoff(Duration::from_millis(10), Duration::from_secs(10))
-        .max_attempts(2)
-        .start()
-        .unwrap();
+    let mut sub = limited(&[format!("ws://{}", server.addr)], 2).start().unwrap();
     let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.unwrap().unwrap_err();
     assert!(matches!(err, Error::Unreachable { attempts: 2, .. }), "{err}");
+}
+
+/// A subscription of `hosts` giving up after `attempts` failures, with short backoff waits.
+fn limited(hosts: &[String], attempts: u32) -> contrail_client::Builder {
+    Subscription::builder(hosts.to_vec())
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .max_attempts(attempts)
 }
 
 /// A compressed subscription given the wrong dictionary (or a server that changed its own):
