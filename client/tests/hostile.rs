@@ -474,21 +474,18 @@ async fn an_unreadable_message_on_one_host_and_a_gap_on_the_other_end_the_subscr
 async fn timeouts_of_duration_max_mean_never() {
     let t = now_us();
     let server = serve(vec![Script::Refuse(400, None, "no"), Script::Send(vec![event(t + 1)])]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
-        .cursor(Some(t))
-        .connect_timeout(Duration::MAX)
-        .stale_timeout(Duration::MAX)
-        .start()
-        .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    let never = || {
+        Subscription::builder([format!("ws://{}", server.addr)])
+            .cursor(Some(t))
+            .connect_timeout(Duration::MAX)
+            .stale_timeout(Duration::MAX)
+            .start()
+            .unwrap()
+    };
+    // A refusal (the upgrade's deadline), then events (the stale deadline).
+    let err = tokio::time::timeout(Duration::from_secs(10), never().next()).await.unwrap().unwrap_err();
     assert!(matches!(&err, Error::Refused { reason, .. } if reason.ends_with(": no")), "{err}");
-    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
-        .cursor(Some(t))
-        .connect_timeout(Duration::MAX)
-        .stale_timeout(Duration::MAX)
-        .start()
-        .unwrap();
-    assert_eq!(next_event(&mut sub).await, t + 1);
+    assert_eq!(next_event(&mut never()).await, t + 1);
 }
 
 /// A v2 connection ended by `set_filters` after it delivered is a good session, not one that
