@@ -115,6 +115,11 @@ impl Queue {
         self.ready.notified().await
     }
 
+    /// Ended: the stream reads the log next (after what the queue still holds).
+    fn has_ended(&self) -> bool {
+        lock(&self.state).ended.is_some()
+    }
+
     /// Nothing waiting and not ended.
     fn is_idle(&self) -> bool {
         let s = lock(&self.state);
@@ -445,6 +450,11 @@ impl Registration {
     /// move to `dispatched_up_to` (read first, then this).
     pub fn is_idle(&self) -> bool {
         self.queue.is_idle()
+    }
+
+    /// The queue ended (overflowed, an event only the log holds, a hole, the ring gone).
+    pub fn has_ended(&self) -> bool {
+        self.queue.has_ended()
     }
 }
 

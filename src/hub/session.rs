@@ -1010,7 +1010,7 @@ impl Session {
         if let (Some(every), Some(stream)) = (self.inform, self.stream.as_mut()) {
             if now >= self.next_inform {
                 self.next_inform = now + every;
-                let (t, live) = (stream.last_seen(), stream.is_live());
+                let (t, live) = (stream.last_seen(), stream.caught_up());
                 let msg = format!(r#"{{"kind":"cursor","time_us":{t},"live":{live}}}"#);
                 self.send_message(msg.into_bytes()).await?;
             }

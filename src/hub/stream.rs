@@ -302,6 +302,13 @@ impl EventStream {
         self.live
     }
 
+    /// Live, and its queue still taking events: what a cursor message's `live` says. (A queue
+    /// that ended sends the stream to the log at its next step, which a slow client's write may
+    /// put off for a while.)
+    pub fn caught_up(&self) -> bool {
+        self.live && !self.registration.as_ref().is_some_and(|r| r.has_ended())
+    }
+
     pub fn passed(&self) -> u64 {
         self.passed
     }
@@ -813,12 +820,14 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(f.overflows.get(), 1, "the queue overflowed");
+        // Not caught up any more, though it reads the log only at its next step.
+        assert!(s.is_live() && !s.caught_up());
         let got = take(&mut s, 3000).await;
         assert_eq!(got, (1000..4000).collect::<Vec<_>>());
         assert!(f.metrics.replay_reads.get() >= 3, "it read the log");
         f.ingest(3000..3010);
         assert_eq!(take(&mut s, 10).await, (4000..4010).collect::<Vec<_>>());
-        assert!(s.is_live(), "and came back to its queue");
+        assert!(s.is_live() && s.caught_up(), "and came back to its queue");
         drop(s);
         assert_eq!(f.metrics.lagging.get(), 0, "the gauge is given back");
     }
