@@ -18,6 +18,7 @@
 
 use super::encode::{append_frame, frame, Encoding};
 use crate::event::{view_value, Event};
+use crate::log::holes::Hole;
 use crate::log::{Log, LogError};
 use crate::options::Filter;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -113,6 +114,10 @@ pub struct RawRun {
     /// The newest event deleted from the log before the scan's view of it
     /// ([`Log::scan_after_trims`]): the scan lacks the events up to it.
     trimmed_through: u64,
+    /// The holes whose first event the scan holds, oldest first: a trim that deletes such an
+    /// event forgets its hole from the log's list while a stream may still have the event in
+    /// a page, and must be told of the hole before it.
+    holes: Vec<Hole>,
 }
 
 /// The compressed frames stored for some events of a [`RawRun`] ([`super::precompress`]), all
@@ -131,6 +136,9 @@ impl RawRun {
         // Before the scan: the scan then sees every event up to it (the tip moves after an
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
+        // Before and after the scan: a hole is in the list before its events are readable, and
+        // leaves it when a trim deletes its first event, which the scan may still see.
+        let mut holes = log.tip().holes().from(from);
         let mut run = RawRun::default();
         let mut full = false;
         let (_, trimmed_through) = log.scan_after_trims(from, limit, |t, v| {
@@ -147,6 +155,13 @@ impl RawRun {
             !full
         })?;
         run.trimmed_through = trimmed_through;
+        if let Some(&(first, _)) = run.items.first() {
+            holes.extend(log.tip().holes().from(first));
+            holes.retain(|h| run.items.binary_search_by_key(&h.first, |(t, _)| *t).is_ok());
+            holes.sort_unstable_by_key(|h| h.first);
+            holes.dedup();
+            run.holes = holes;
+        }
         run.values.shrink_to_fit(); // kept with its page, maybe for a while
         run.items.shrink_to_fit();
         run.at_log_end = run.items.len() < limit && !full;
@@ -180,6 +195,13 @@ impl RawRun {
         encoding: &Encoding,
     ) -> Page {
         Page::render(self.clone(), None, position.saturating_add(1), (max_frames, max_bytes), filter, encoding)
+    }
+
+    /// The first hole whose first event this scan holds that a reader at `position` has not
+    /// passed (as [`crate::log::holes::Holes::ahead_of`]).
+    pub fn hole_ahead_of(&self, position: u64) -> Option<Hole> {
+        let i = self.holes.partition_point(|h| h.first <= position.saturating_add(1));
+        self.holes.get(i).copied()
     }
 
     /// Whether this scan has events after `position`, or covers further.

@@ -386,7 +386,11 @@ impl EventStream {
         // A page found by a position inside it: skip what was delivered.
         *next = (*next).max(page.first_after(self.last_seen));
         let count = page.frame_count();
-        let hole = self.tip.holes().ahead_of(self.last_seen);
+        // The log's next hole, or one the page holds the first event of (which a trim since
+        // it was scanned may have taken off the log's list).
+        let p = self.last_seen;
+        let hole =
+            [self.tip.holes().ahead_of(p), page.raw().hole_ahead_of(p)].into_iter().flatten().min_by_key(|h| h.first);
         if *next < count {
             let mut end = page.chunk_end(*next, max, CHUNK_BYTES);
             let finishes = end == count && !page.corrupt;
@@ -1065,6 +1069,24 @@ mod tests {
         let mut s = f.stream(Filter::default(), Start::From(1300));
         assert_eq!(take_told(&mut s, 1).await, vec![hole(1299, 1399), Ok(1400)]);
         assert_eq!(f.log.tip().holes().count(), 1, "the first hole went with its event");
+    }
+
+    #[tokio::test]
+    async fn a_hole_is_told_from_a_page_in_hand_though_a_trim_since_took_its_event() {
+        let f = Fixture::new(1024);
+        let hole = |after, through| Err(Gap { after, through, cause: GapCause::NeverReceived });
+        f.ingest(0..100);
+        f.ingest_after_hole(200..300);
+        // A page from 1090 in hand (five events taken), then retention deletes the event after
+        // the hole, which forgets the hole: the page still holds that event, and tells it.
+        let mut s = f.stream(Filter::default(), Start::From(1090));
+        assert_eq!(take_told(&mut s, 5).await, (1090..1095).map(Ok).collect::<Vec<_>>());
+        f.log.trim_before(1250).unwrap();
+        assert_eq!(f.log.tip().holes().count(), 0);
+        let mut want: Vec<Result<u64, Gap>> = (1095..1100).map(Ok).collect();
+        want.push(hole(1099, 1199));
+        want.extend((1200..1205).map(Ok));
+        assert_eq!(take_told(&mut s, 10).await, want);
     }
 
     #[tokio::test]

@@ -46,6 +46,16 @@ impl Holes {
         list.get(i).copied()
     }
 
+    /// The holes whose `first` is at or after `from`, oldest first.
+    pub fn from(&self, from: u64) -> Vec<Hole> {
+        if self.newest_first.load(Ordering::Acquire) < from {
+            return Vec::new();
+        }
+        let list = self.list.read().unwrap_or_else(|p| p.into_inner());
+        let i = list.partition_point(|h| h.first < from);
+        list.range(i..).copied().collect()
+    }
+
     /// Whether the event at `time_us` is the first after a hole.
     pub fn ends_at(&self, time_us: u64) -> bool {
         if self.newest_first.load(Ordering::Acquire) < time_us {
@@ -117,6 +127,8 @@ mod tests {
         assert_eq!(holes.ahead_of(20), Some(Hole { after: 30, first: 40 }));
         assert_eq!(holes.ahead_of(39), None);
         assert!(holes.ends_at(20) && holes.ends_at(40) && !holes.ends_at(30) && !holes.ends_at(41));
+        assert_eq!(holes.from(20), vec![Hole { after: 10, first: 20 }, Hole { after: 30, first: 40 }]);
+        assert_eq!((holes.from(21), holes.from(41)), (vec![Hole { after: 30, first: 40 }], vec![]));
         holes.forget_through(20);
         assert_eq!((holes.count(), holes.ahead_of(0)), (1, Some(Hole { after: 30, first: 40 })));
         holes.forget_through(u64::MAX);
