@@ -137,8 +137,9 @@ impl RawRun {
         // append is readable).
         let newest_before = log.tip().newest().unwrap_or(0);
         // Before and after the scan: a hole is in the list before its events are readable, and
-        // leaves it when a trim deletes its first event, which the scan may still see.
-        let mut holes = log.tip().holes().from(from);
+        // leaves it when a trim deletes its first event, which the scan may still see. (At
+        // most one per event scanned.)
+        let mut holes = log.tip().holes().from(from, limit);
         let mut run = RawRun::default();
         let mut full = false;
         let (_, trimmed_through) = log.scan_after_trims(from, limit, |t, v| {
@@ -156,10 +157,11 @@ impl RawRun {
         })?;
         run.trimmed_through = trimmed_through;
         if let Some(&(first, _)) = run.items.first() {
-            holes.extend(log.tip().holes().from(first));
+            holes.extend(log.tip().holes().from(first, run.items.len()));
             holes.retain(|h| run.items.binary_search_by_key(&h.first, |(t, _)| *t).is_ok());
             holes.sort_unstable_by_key(|h| h.first);
             holes.dedup();
+            holes.shrink_to_fit();
             run.holes = holes;
         }
         run.values.shrink_to_fit(); // kept with its page, maybe for a while
@@ -181,7 +183,9 @@ impl RawRun {
     }
 
     fn bytes(&self) -> usize {
-        self.values.capacity() + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
+        self.values.capacity()
+            + self.items.capacity() * std::mem::size_of::<(u64, std::ops::Range<usize>)>()
+            + self.holes.capacity() * std::mem::size_of::<Hole>()
     }
 
     /// The rest of this scan after `position`, rendered for another filter or encoding, no

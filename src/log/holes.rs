@@ -46,14 +46,14 @@ impl Holes {
         list.get(i).copied()
     }
 
-    /// The holes whose `first` is at or after `from`, oldest first.
-    pub fn from(&self, from: u64) -> Vec<Hole> {
+    /// The first `n` holes whose `first` is at or after `from`, oldest first.
+    pub fn from(&self, from: u64, n: usize) -> Vec<Hole> {
         if self.newest_first.load(Ordering::Acquire) < from {
             return Vec::new();
         }
         let list = self.list.read().unwrap_or_else(|p| p.into_inner());
         let i = list.partition_point(|h| h.first < from);
-        list.range(i..).copied().collect()
+        list.range(i..).take(n).copied().collect()
     }
 
     /// Whether the event at `time_us` is the first after a hole.
@@ -127,8 +127,9 @@ mod tests {
         assert_eq!(holes.ahead_of(20), Some(Hole { after: 30, first: 40 }));
         assert_eq!(holes.ahead_of(39), None);
         assert!(holes.ends_at(20) && holes.ends_at(40) && !holes.ends_at(30) && !holes.ends_at(41));
-        assert_eq!(holes.from(20), vec![Hole { after: 10, first: 20 }, Hole { after: 30, first: 40 }]);
-        assert_eq!((holes.from(21), holes.from(41)), (vec![Hole { after: 30, first: 40 }], vec![]));
+        assert_eq!(holes.from(20, 9), vec![Hole { after: 10, first: 20 }, Hole { after: 30, first: 40 }]);
+        assert_eq!(holes.from(20, 1), vec![Hole { after: 10, first: 20 }]);
+        assert_eq!((holes.from(21, 9), holes.from(41, 9)), (vec![Hole { after: 30, first: 40 }], vec![]));
         holes.forget_through(20);
         assert_eq!((holes.count(), holes.ahead_of(0)), (1, Some(Hole { after: 30, first: 40 })));
         holes.forget_through(u64::MAX);
