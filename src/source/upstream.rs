@@ -700,29 +700,17 @@ impl UpstreamReader {
         if self.urls().len() < 2 || self.window_moves >= 2 * self.urls().len() {
             return Ok(());
         }
-        // Every upstream's `/status` (this one's too: the freshest newest), at once.
-        let timeout = self.opts.connect_timeout;
-        let mut readings = tokio::task::JoinSet::new();
-        for (i, url) in self.urls().iter().enumerate() {
-            if i != self.current && !self.pauses.left(i).is_zero() {
-                continue;
-            }
-            let url = url.clone();
-            readings.spawn(async move {
-                let log = upstream_status(&url, timeout).await.map(|v| v["log"].clone());
-                // (An empty log says 0 for both; a start after its own newest is no log's.)
-                let window = log.and_then(|l| {
-                    let (oldest, newest) = (l["oldest_time_us"].as_u64()?, l["newest_time_us"].as_u64()?);
-                    (oldest > 0 && oldest <= newest).then_some((oldest, newest))
-                });
-                (i, window)
-            });
-        }
+        // Every upstream's `/status` (this one's too: the freshest newest).
+        let (current, pauses) = (self.current, &self.pauses);
+        let statuses =
+            upstream_statuses(self.urls(), |i| i == current || pauses.left(i).is_zero(), self.opts.connect_timeout);
         let believable = |t: &u64| *t <= crate::clock::now_us().saturating_add(MAX_AHEAD_US);
         let mut windows = Vec::new();
-        while let Some(reading) = readings.join_next().await {
-            if let Ok((i, Some((oldest, newest)))) = reading {
-                if believable(&newest) {
+        for (i, status) in statuses.await.into_iter().enumerate() {
+            let Some(log) = status.map(|v| v["log"].clone()) else { continue };
+            // (An empty log says 0 for both; a start after its own newest is no log's.)
+            if let (Some(oldest), Some(newest)) = (log["oldest_time_us"].as_u64(), log["newest_time_us"].as_u64()) {
+                if oldest > 0 && oldest <= newest && believable(&newest) {
                     windows.push((i, oldest, newest));
                 }
             }
@@ -944,6 +932,28 @@ async fn upstream_newest(url: &WsUrl, timeout: Duration) -> Option<u64> {
     upstream_status(url, timeout).await?["log"]["newest_time_us"].as_u64()
 }
 
+/// The `/status` of each of `urls` that `ask` picks, read at once (one after another, an
+/// upstream read after a slow one, up to the timeout, would look ahead by that long); `None`
+/// for the others and those that did not answer.
+async fn upstream_statuses(
+    urls: &[WsUrl],
+    ask: impl Fn(usize) -> bool,
+    timeout: Duration,
+) -> Vec<Option<serde_json::Value>> {
+    let mut readings = tokio::task::JoinSet::new();
+    for (i, url) in urls.iter().enumerate().filter(|&(i, _)| ask(i)) {
+        let url = url.clone();
+        readings.spawn(async move { (i, upstream_status(&url, timeout).await) });
+    }
+    let mut statuses = vec![None; urls.len()];
+    while let Some(reading) = readings.join_next().await {
+        if let Ok((i, status)) = reading {
+            statuses[i] = status;
+        }
+    }
+    statuses
+}
+
 /// How often a replica reads the clock of the upstream in use, for its lag.
 const CLOCK_READ_EVERY: Duration = Duration::from_secs(30);
 
@@ -1019,21 +1029,9 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
     let mut preferred_before = None;
     loop {
         tokio::time::sleep(every).await;
-        // All at once: read one after another, an upstream read after a slow one (up to the
-        // timeout) would look ahead of ours by that long, and be switched to for nothing.
-        let mut readings = tokio::task::JoinSet::new();
-        for (i, url) in urls.iter().enumerate() {
-            if i == current || pauses.left(i).is_zero() {
-                let url = url.clone();
-                readings.spawn(async move { (i, upstream_newest(&url, timeout).await) });
-            }
-        }
-        let mut newest_of = vec![None; urls.len()];
-        while let Some(reading) = readings.join_next().await {
-            if let Ok((i, newest)) = reading {
-                newest_of[i] = newest;
-            }
-        }
+        let statuses = upstream_statuses(&urls, |i| i == current || pauses.left(i).is_zero(), timeout).await;
+        let newest_of: Vec<Option<u64>> =
+            statuses.iter().map(|s| s.as_ref().and_then(|v| v["log"]["newest_time_us"].as_u64())).collect();
         let Some(ours) = newest_of[current] else { continue };
         // A reading more than a day past this clock and the one in use is not believed: a
         // bogus one would look far ahead, and be switched to.
