@@ -77,15 +77,27 @@ impl Pauses {
     /// `current` when it may be asked now, else the next one after it that may, else the one
     /// whose pause ends first.
     pub fn pick(&self, current: usize, hosts: usize) -> (usize, Duration) {
-        let order = (0..hosts.max(1)).map(|i| (current + i) % hosts.max(1));
-        let mut soonest = (current, self.left(current));
+        let hosts = hosts.max(1);
+        self.first_free((0..hosts).map(|i| (current + i) % hosts)).unwrap_or((current, Duration::ZERO))
+    }
+
+    /// Another host than `current` of `hosts`: the next one after it that may be asked now,
+    /// else the one whose pause ends first. `None` with a single host.
+    pub fn pick_other(&self, current: usize, hosts: usize) -> Option<usize> {
+        self.first_free((1..hosts).map(|i| (current + i) % hosts)).map(|(host, _)| host)
+    }
+
+    /// Of `order`, the first host that may be asked now, else the one whose pause ends first
+    /// (the earlier in `order` on a tie), with how long is left of its pause.
+    fn first_free(&self, order: impl Iterator<Item = usize>) -> Option<(usize, Duration)> {
+        let mut soonest: Option<(usize, Duration)> = None;
         for host in order {
             let left = self.left(host);
             if left.is_zero() {
-                return (host, left);
+                return Some((host, left));
             }
-            if left < soonest.1 {
-                soonest = (host, left);
+            if soonest.is_none_or(|(_, s)| left < s) {
+                soonest = Some((host, left));
             }
         }
         soonest
@@ -135,6 +147,14 @@ mod tests {
         all.asked(0, Some(Duration::from_secs(8)));
         all.asked(1, Some(Duration::from_secs(1)));
         assert_eq!(all.pick(0, 2).0, 1);
+        // Another host: the next that may be asked, else the soonest, never the one given.
+        assert_eq!((p.pick_other(0, 4), p.pick_other(2, 4), p.pick_other(0, 1)), (Some(2), Some(0), None));
+        assert_eq!(all.pick_other(1, 2), Some(0));
+        let mut others = Pauses::new(Duration::from_secs(10));
+        for (host, secs) in [(0, 9), (1, 8), (2, 6), (3, 2)] {
+            others.asked(host, Some(Duration::from_secs(secs)));
+        }
+        assert_eq!((others.pick_other(0, 4), others.pick_other(3, 4)), (Some(3), Some(2)));
         tokio::time::advance(Duration::from_secs(6)).await;
         assert_eq!((p.left(1), p.left(3)), (Duration::ZERO, Duration::from_secs(4)));
         // Owed a turn until asked again, its pause over or not.

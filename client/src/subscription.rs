@@ -711,9 +711,7 @@ impl Driver {
                         // Another host may not send it: the next that may be asked, else the
                         // one whose pause ends first, waited for (not this one again meanwhile,
                         // which would use the tries up on the host that sends it).
-                        let (here, n) = (self.current, self.urls.len());
-                        let others = (1..n).map(|i| (here + i) % n);
-                        self.current = others.min_by_key(|&h| (pauses.left(h), (h + n - here) % n)).unwrap_or(here);
+                        self.current = pauses.pick_other(self.current, self.urls.len()).unwrap_or(self.current);
                         self.stats.host.store(self.current, Ordering::Relaxed);
                         keep_host = true;
                     }
