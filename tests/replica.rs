@@ -249,6 +249,36 @@ async fn an_empty_replica_copies_only_what_its_retention_keeps() {
     assert_eq!(b.metric("contrail_store_oldest_time_us"), primary.metric("contrail_store_oldest_time_us"));
 }
 
+/// A primary (in `dir`) keeping 2 s, fed `gen`'s first 100 events, then, 3 s later, the rest,
+/// once it has trimmed the first batch; `meanwhile` runs once the first batch is in (a replica
+/// copying it, say), and what it returns is handed back with the primary and the first batch's
+/// newest event.
+async fn primary_that_trimmed<R>(
+    relay: &FakeRelay,
+    gen: &[common::frames::GenFrame],
+    dir: &std::path::Path,
+    meanwhile: impl AsyncFnOnce(&Serve) -> R,
+) -> (Serve, u64, R) {
+    relay.push_all(&gen[..100]);
+    let primary = Serve::start(
+        dir,
+        &relay.url(),
+        &["--max-events-per-second-per-ip", "0", "--retention", "2s", "--trim-interval", "200ms"],
+    );
+    primary.wait_for_seq(100, Duration::from_secs(30));
+    let first_newest = newest(&primary);
+    let made = meanwhile(&primary).await;
+    std::thread::sleep(Duration::from_millis(3_000));
+    relay.push_all(&gen[100..]);
+    primary.wait_for_seq(gen.last().unwrap().seq, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= first_newest {
+        assert!(Instant::now() < deadline, "the primary never trimmed the first batch");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (primary, first_newest, made)
+}
+
 /// An empty replica copies its retention window from an upstream that still has its start:
 /// the primary listed first keeps two seconds and tells it the rest is gone, a replica of it
 /// listed second keeps everything. Before, it took the first listed one's two seconds (an
@@ -256,26 +286,13 @@ async fn an_empty_replica_copies_only_what_its_retention_keeps() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_replica_copies_from_the_upstream_that_keeps_the_most_history() {
     let relay = FakeRelay::start().await;
-    let gen = generate(1, 200, 40, 35);
-    relay.push_all(&gen[..100]);
     let (pd, fd, nd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let primary = Serve::start(
-        pd.path(),
-        &relay.url(),
-        &["--max-events-per-second-per-ip", "0", "--retention", "2s", "--trim-interval", "200ms"],
-    );
-    primary.wait_for_seq(100, Duration::from_secs(30));
-    let first_newest = newest(&primary);
-    let full = replica(fd.path(), &[&primary]);
-    wait_caught_up(&primary, &full, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(3_000));
-    relay.push_all(&gen[100..]);
-    primary.wait_for_seq(200, Duration::from_secs(30));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while primary.metric("contrail_store_oldest_time_us").unwrap_or(0.0) as u64 <= first_newest {
-        assert!(Instant::now() < deadline, "the primary never trimmed the first batch");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let copy_all = async |primary: &Serve| {
+        let full = replica(fd.path(), &[primary]);
+        wait_caught_up(primary, &full, Duration::from_secs(30));
+        full
+    };
+    let (primary, _, full) = primary_that_trimmed(&relay, &generate(1, 200, 40, 35), pd.path(), copy_all).await;
     wait_caught_up(&primary, &full, Duration::from_secs(30));
     let upstreams = format!("ws://{},ws://{}", primary.public, full.public);
     let fresh = replica_of(nd.path(), &upstreams, &[]);
@@ -294,6 +311,34 @@ async fn an_empty_replica_copies_from_the_upstream_that_keeps_the_most_history()
     wait_caught_up(&primary, &other, Duration::from_secs(30));
     assert_eq!(oldest(&other), oldest(&primary));
     assert_eq!(other.metric("contrail_upstream_switches_total"), Some(0.0), "{}", other.logs());
+}
+
+/// An empty replica does not copy the longer window of an upstream behind the freshest by more
+/// than the switch lag: the prober would leave it for the fresher one, which lacks what was
+/// copied from it by then (a hole). Here a replica that keeps everything stopped ingesting
+/// before the primary's second batch, and the primary (2 s) is copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_replica_does_not_copy_the_longer_window_of_an_upstream_left_behind() {
+    let relay = FakeRelay::start().await;
+    let (pd, md, nd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // M follows the primary through a proxy the test freezes once M has the first batch.
+    let frozen_copy = async |primary: &Serve| {
+        let proxy = common::proxy::Proxy::start(primary.public).await;
+        let middle = replica_of(md.path(), &format!("ws://{}", proxy.addr), &["--connect-timeout", "1s"]);
+        wait_caught_up(primary, &middle, Duration::from_secs(30));
+        proxy.freeze(true);
+        (proxy, middle)
+    };
+    let (primary, first_newest, (_proxy, middle)) =
+        primary_that_trimmed(&relay, &generate(1, 200, 40, 39), pd.path(), frozen_copy).await;
+    assert_eq!(newest(&middle), first_newest, "the middle replica was not frozen");
+    let upstreams = format!("ws://{},ws://{}", primary.public, middle.public);
+    let fresh = replica_of(nd.path(), &upstreams, &["--upstream-switch-lag", "1s"]);
+    wait_caught_up(&primary, &fresh, Duration::from_secs(30));
+    let oldest = |s: &Serve| s.metric("contrail_store_oldest_time_us");
+    assert_eq!(oldest(&fresh), oldest(&primary), "{}", fresh.logs());
+    assert_eq!(fresh.metric("contrail_upstream_switches_total"), Some(0.0), "{}", fresh.logs());
+    assert_eq!(fresh.metric("contrail_upstream_gaps_total"), Some(0.0));
 }
 
 /// A preferred upstream that answers `/status` but refuses subscribers (here: its one slot
