@@ -379,10 +379,10 @@ impl EventStream {
     /// the slow rule; a page that stopped at a corrupt value is an error once its frames are
     /// out.
     fn next_from_page(&mut self, max: usize) -> Result<Option<Next>, LogError> {
+        // (Where the stream came to the page is where it was when it took it: a hole told
+        // before the first frame passes over events the page filtered out too. A gap for
+        // events deleted before the page's scan leaves nothing scanned before its end.)
         let Some((page, next, came_at)) = &mut self.page else { return Ok(None) };
-        if *next == 0 {
-            *came_at = self.last_seen; // (a gap told since it was taken may have moved it)
-        }
         // A page found by a position inside it: skip what was delivered.
         *next = (*next).max(page.first_after(self.last_seen));
         let count = page.frame_count();
@@ -963,6 +963,25 @@ mod tests {
         // likes of the whole page (before, a stream was charged for all of them, in its
         // client's rate too).
         assert_eq!(second.passed(), 524);
+    }
+
+    /// A hole told before a page's first frame does not move where the stream came to the
+    /// page: the events the page filtered out before the hole were passed too.
+    #[tokio::test]
+    async fn a_hole_before_a_pages_first_frame_leaves_what_the_page_filtered_out_before_it_counted() {
+        let f = Fixture::new(1024);
+        f.ingest(0..100);
+        f.ingest_after_hole(200..300);
+        let only_posts = Filter::new(&["app.bsky.feed.post".into()], &[]).unwrap();
+        // From the like at 1099: the hole is the first thing told, then the posts after it.
+        let mut s = f.stream(only_posts, Start::From(1099));
+        let told = take_told(&mut s, 50).await;
+        assert_eq!(told[0], Err(Gap { after: 1099, through: 1199, cause: GapCause::NeverReceived }));
+        assert_eq!(told[1..], (1200..1300).step_by(2).map(Ok).collect::<Vec<_>>());
+        f.ingest(300..302);
+        assert_eq!(take(&mut s, 1).await, [1300]);
+        // 50 posts, the page's 51 likes (1099 among them), and the live post.
+        assert_eq!(s.passed(), 50 + 51 + 1);
     }
 
     #[tokio::test]
