@@ -450,6 +450,35 @@ fn a_large_event_leaves_no_large_buffers_behind() {
     }
 }
 
+/// `rev` and `blocks` are `#sync`'s: in an `#identity` or `#account` they are unknown keys,
+/// skipped (as Go's decoder does). Before, they were read as a `#sync`'s: a `rev` of null
+/// dropped the event, blocks past 2 MB dropped it, and blocks under that reserved 4/3 of their
+/// size in the event's buffer, which the ring's budget (counting lengths) did not see.
+#[test]
+fn rev_and_blocks_in_an_identity_or_account_frame_are_unknown_keys() {
+    let with = |kind: &str, extra: Vec<(&str, Ipld)>| {
+        let mut body = vec![("seq", Ipld::Integer(1)), ("did", s(DID)), ("time", s(TIME)), ("active", Ipld::Bool(true))];
+        body.extend(extra);
+        let mut frame = header(kind);
+        frame.extend(dag_cbor(&map(body)));
+        frame
+    };
+    for kind in ["#identity", "#account"] {
+        let (info, plain, _) = run(&with(kind, vec![]));
+        assert_eq!((info.dropped, plain.len()), (None, 1), "{kind}");
+        for extra in [
+            vec![("blocks", Ipld::Bytes(vec![7; 1_999_999]))],
+            vec![("blocks", Ipld::Bytes(vec![7; 2_000_001]))],
+            vec![("rev", Ipld::Null), ("blocks", Ipld::Null)],
+        ] {
+            let (info, events, _) = run(&with(kind, extra));
+            assert_eq!((info.dropped, events.len()), (None, 1), "{kind}");
+            assert_eq!(events[0].json(), plain[0].json(), "{kind}");
+            assert!(events[0].json_capacity() < 4096, "{kind}: {} bytes held", events[0].json_capacity());
+        }
+    }
+}
+
 /// A record that is 120 maps deep around ~900 KB of items, ending in a float (so it fails at
 /// the very end), shared by the 200 ops of one commit. A map's values are skipped over before
 /// they are written (to sort its keys): without the index of container spans each byte was

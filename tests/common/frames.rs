@@ -147,7 +147,7 @@ impl TestOp {
     }
 }
 
-fn header(t: &str) -> Vec<u8> {
+pub fn header(t: &str) -> Vec<u8> {
     dag_cbor(&map(vec![("t", s(t)), ("op", Ipld::Integer(1))]))
 }
 

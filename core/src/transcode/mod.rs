@@ -443,7 +443,7 @@ impl Transcoder {
 
     fn repo_event(&mut self, mut r: Reader<'_>, mut info: FrameInfo, events: &mut Vec<Event>) -> FrameInfo {
         let body_start = r; // read_repo_event moves `r` on before it fails
-        let body = match read_repo_event(&mut r) {
+        let body = match read_repo_event(&mut r, info.frame_type == FrameType::Sync) {
             Ok(b) => b,
             Err(_) => {
                 info.seq = peek_seq(body_start);
@@ -596,10 +596,13 @@ fn read_commit<'a>(r: &mut Reader<'a>) -> Result<CommitBody<'a>, CborError> {
     Ok(b)
 }
 
-fn read_repo_event<'a>(r: &mut Reader<'a>) -> Result<RepoEventBody<'a>, CborError> {
+/// `#identity`, `#account` or (`sync`) `#sync`. `rev` and `blocks` are `#sync`'s alone: in the
+/// others they are unknown keys, skipped (as Go's decoder does), neither checked nor kept.
+fn read_repo_event<'a>(r: &mut Reader<'a>, sync: bool) -> Result<RepoEventBody<'a>, CborError> {
     let mut b = RepoEventBody::default();
     for _ in 0..r.read_map_len()? {
         match r.read_key()? {
+            other @ (b"rev" | b"blocks") if !sync => skip_unknown(r, other)?,
             b"seq" => b.seq = Some(r.read_i64()?),
             b"did" => b.did = Some(r.read_str()?),
             b"time" => b.time = Some(r.read_str()?),
