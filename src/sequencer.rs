@@ -334,7 +334,8 @@ impl Sequencer {
         let mut ingested = [0u64; EventKind::ALL.len()];
         for e in events {
             ingested[e.kind as usize] += 1;
-            let item = if self.ring_budget.admit(e.json().len()) {
+            // (What its buffer holds, not its length: the memory the ring keeps.)
+            let item = if self.ring_budget.admit(e.json_capacity()) {
                 Published::Event(Arc::new(e))
             } else {
                 Published::in_log(&e)
