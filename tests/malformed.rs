@@ -457,7 +457,8 @@ fn a_large_event_leaves_no_large_buffers_behind() {
 #[test]
 fn rev_and_blocks_in_an_identity_or_account_frame_are_unknown_keys() {
     let with = |kind: &str, extra: Vec<(&str, Ipld)>| {
-        let mut body = vec![("seq", Ipld::Integer(1)), ("did", s(DID)), ("time", s(TIME)), ("active", Ipld::Bool(true))];
+        let mut body =
+            vec![("seq", Ipld::Integer(1)), ("did", s(DID)), ("time", s(TIME)), ("active", Ipld::Bool(true))];
         body.extend(extra);
         let mut frame = header(kind);
         frame.extend(dag_cbor(&map(body)));
