@@ -1,12 +1,17 @@
 //! Transcoder throughput on the real corpus frames, beside the baseline a Rust developer
 //! would write with stock crates (serde_ipld_dagcbor → Ipld → serde_json::Value → bytes),
-//! measured in the same run. `cargo bench --bench transcode`.
+//! measured in the same run; and commits of the most ops a frame may carry (synthetic).
+//! `cargo bench --bench transcode`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ipld_core::ipld::Ipld;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::PathBuf;
+
+#[path = "../tests/common/frames.rs"]
+#[allow(dead_code)]
+mod frames;
 
 fn corpus() -> Option<Vec<Vec<u8>>> {
     let dir = std::env::var_os("CONTRAIL_SHARED_DIR")
@@ -109,7 +114,27 @@ fn baseline_frame(frame: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Commits of 200 ops (the most a frame may carry): 200 different likes, and 200 likes of one
+/// record (ops sharing a block: its JSON is rendered once per frame and copied).
+fn bench_largest_commits(c: &mut Criterion) {
+    use frames::{commit_frame, like_record, TestOp};
+    let (did, rev) = ("did:plc:q6gjnaw2blty4crticxkmujt", "3mptbypluud2a");
+    let path = |i: usize| format!("app.bsky.feed.like/3l{i:011}");
+    let distinct: Vec<TestOp> = (0..200).map(|i| TestOp::create(&path(i), &like_record(i as u64))).collect();
+    let shared: Vec<TestOp> = (0..200).map(|i| TestOp::create(&path(i), &like_record(7))).collect();
+    let mut g = c.benchmark_group("transcode_commit_of_200_ops");
+    g.throughput(Throughput::Elements(200));
+    let mut tx = contrail::transcode::Transcoder::default();
+    for (name, ops) in [("distinct_records", distinct), ("one_shared_record", shared)] {
+        let frame = vec![commit_frame(1, did, rev, &ops)];
+        assert!(contrail_all(&mut tx, &frame) > 0);
+        g.bench_function(name, |b| b.iter(|| contrail_all(&mut tx, &frame)));
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
+    bench_largest_commits(c);
     let Some(frames) = corpus() else { return };
     let bytes: usize = frames.iter().map(Vec::len).sum();
     let mut g = c.benchmark_group("transcode_corpus");

@@ -480,6 +480,39 @@ fn rev_and_blocks_in_an_identity_or_account_frame_are_unknown_keys() {
     }
 }
 
+/// A record just under the size from which containers are indexed, 120 maps deep around an
+/// array of 640 items, shared by the 200 ops of one commit: each map's value is skipped over
+/// to sort its keys, so one render walks the array once per level (~80,000 steps for ~1 KB).
+/// Rendered once per frame and copied for the other ops, not rendered 200 times (what a
+/// user's 200 identical records, or a crafted frame of 15 KB, cost before).
+#[test]
+fn a_record_shared_by_every_op_is_rendered_once_per_frame() {
+    use contrail::transcode::MAX_COMMIT_OPS;
+    let mut record = vec![0xa1, 0x61, b'z', 0x99, 0x02, 0x80];
+    record.extend(std::iter::repeat_n(0u8, 640));
+    for _ in 0..119 {
+        let mut outer = vec![0xa1, 0x61, b'a'];
+        outer.extend_from_slice(&record);
+        record = outer;
+    }
+    assert!(record.len() < 1024, "{} bytes: indexed", record.len());
+    let ops =
+        ops_sharing_the_block_of(TestOp::create_raw("com.example.deep/3aaaaaaaaaa00", record), MAX_COMMIT_OPS as usize);
+    let timed = |ops: &[TestOp]| {
+        let started = std::time::Instant::now();
+        let (info, events, drops) = run(&commit_frame(1, DID, REV, ops));
+        (started.elapsed(), info, events, drops)
+    };
+    let (one, _, first, _) = timed(&ops[..1]);
+    let (all, info, events, drops) = timed(&ops);
+    assert_eq!((info.dropped, drops.len(), events.len()), (None, 0, MAX_COMMIT_OPS as usize), "{drops:?}");
+    let record_of = |e: &Event| parse(e).unwrap()["commit"]["record"].to_string();
+    let want = record_of(&first[0]);
+    assert!(want.contains("[0,0,0"), "{want}");
+    assert!(events.iter().all(|e| record_of(e) == want), "an op's record differs");
+    assert!(all < one * 20, "200 ops took {all:?}, one {one:?}");
+}
+
 /// A record that is 120 maps deep around ~900 KB of items, ending in a float (so it fails at
 /// the very end), shared by the 200 ops of one commit. A map's values are skipped over before
 /// they are written (to sort its keys): without the index of container spans each byte was

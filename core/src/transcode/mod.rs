@@ -325,10 +325,11 @@ impl Transcoder {
         }
         let first_event = events.len();
         let mut produced = 0usize;
-        // Records that failed, by CID: ops sharing a bad block fail again at once, instead of
-        // hashing and rendering it again (200 ops on one crafted 1 MiB block would otherwise
-        // cost 200 full passes, none of them counted by the output budget).
-        let mut bad_records: Vec<(&[u8], DropReason)> = Vec::new();
+        // Records rendered in this frame, by CID: ops sharing a block (a crafted 1 MiB one, a
+        // deep one below the size that gets an index, or a user's identical records) fail
+        // again at once or copy its JSON, instead of hashing and rendering it again: 200 full
+        // passes, a failure's not counted by the output budget at all.
+        let mut records = FrameRecords::default();
         for _ in 0..n {
             // Each op is read from its own span, so a malformed op cannot derail the next.
             let Ok(span) = ops_r.skip_span() else {
@@ -348,7 +349,7 @@ impl Transcoder {
                 op_drops.push(DropReason::OutputBudget);
                 continue;
             }
-            match self.op_event(repo, rev, &op, blocks, &mut bad_records) {
+            match self.op_event(repo, rev, &op, blocks, &mut records, events) {
                 Ok(ev) => {
                     produced += ev.json().len();
                     events.push(ev);
@@ -366,7 +367,8 @@ impl Transcoder {
         rev: &str,
         op: &Op<'f>,
         blocks: &[u8],
-        bad_records: &mut Vec<(&'f [u8], DropReason)>,
+        records: &mut FrameRecords<'f>,
+        events: &[Event],
     ) -> Result<Event, DropReason> {
         let (collection, rkey) = split_path(op.path.ok_or(DropReason::BadPath)?).ok_or(DropReason::BadPath)?;
         let operation = match op.action {
@@ -391,7 +393,7 @@ impl Transcoder {
         out.extend_from_slice(b"\",\"rkey\":");
         json::write_json_str(&mut out, rkey);
         if operation != "delete" {
-            if let Err(reason) = self.record(op, blocks, &mut out, bad_records) {
+            if let Err(reason) = self.record(op, blocks, &mut out, records, events) {
                 self.scratch = out;
                 return Err(reason);
             }
@@ -405,23 +407,35 @@ impl Transcoder {
         Ok(Event::from_parts(json, EventKind::Commit, repo.len(), coll))
     }
 
-    /// Appends `,"record":{…},"cid":"…"` for a create or update; a failure is remembered in
-    /// `bad_records` under the op's CID.
+    /// Appends `,"record":{…},"cid":"…"` for a create or update of the event to be pushed
+    /// onto `events`; the outcome is remembered in `records` under the op's CID, and one
+    /// found there is used (its JSON copied from the event that has it).
     fn record<'f>(
         &mut self,
         op: &Op<'f>,
         blocks: &[u8],
         out: &mut Vec<u8>,
-        bad_records: &mut Vec<(&'f [u8], DropReason)>,
+        records: &mut FrameRecords<'f>,
+        events: &[Event],
     ) -> Result<(), DropReason> {
         let cid_bytes = op.cid.ok_or(DropReason::MissingCid)?;
-        if let Some(&(_, reason)) = bad_records.iter().find(|(c, _)| *c == cid_bytes) {
-            return Err(reason);
+        match records.find(cid_bytes) {
+            Some(Rendered::Failed(reason)) => return Err(*reason),
+            Some(Rendered::In { event, bytes }) => {
+                if let Some(json) = events.get(*event).and_then(|e| e.json().get(bytes.clone())) {
+                    out.extend_from_slice(json);
+                    return Ok(());
+                }
+            }
+            None => {}
         }
+        let start = out.len();
         let written = self.record_of(cid_bytes, blocks, out);
-        if let Err(reason) = written {
-            bad_records.push((cid_bytes, reason));
-        }
+        let rendered = match written {
+            Ok(()) => Rendered::In { event: events.len(), bytes: start..out.len() },
+            Err(reason) => Rendered::Failed(reason),
+        };
+        records.push(cid_bytes, rendered);
         written
     }
 
@@ -519,6 +533,53 @@ impl Transcoder {
         events.push(Event::from_parts(out, kind, did.len(), 0..0));
         info
     }
+}
+
+/// The records rendered in one frame, by CID: up to 200, looked up once per op, by the end of
+/// the CID (its digest's last 8 bytes) first (comparing whole CIDs, each op against each
+/// entry, cost a 200-op commit a fifth more).
+#[derive(Default)]
+struct FrameRecords<'f> {
+    keys: Vec<u64>,
+    entries: Vec<(&'f [u8], Rendered)>,
+}
+
+impl<'f> FrameRecords<'f> {
+    fn key(cid: &[u8]) -> u64 {
+        let mut tail = [0u8; 8];
+        let n = cid.len().min(8);
+        tail[..n].copy_from_slice(&cid[cid.len() - n..]);
+        u64::from_le_bytes(tail)
+    }
+
+    fn find(&self, cid: &[u8]) -> Option<&Rendered> {
+        let key = Self::key(cid);
+        let mut at = 0;
+        while let Some(i) = self.keys[at..].iter().position(|&k| k == key) {
+            let (c, rendered) = &self.entries[at + i];
+            if *c == cid {
+                return Some(rendered);
+            }
+            at += i + 1;
+        }
+        None
+    }
+
+    fn push(&mut self, cid: &'f [u8], rendered: Rendered) {
+        self.keys.push(Self::key(cid));
+        self.entries.push((cid, rendered));
+    }
+}
+
+/// What an op's record CID rendered to earlier in a frame.
+enum Rendered {
+    Failed(DropReason),
+    /// `,"record":…,"cid":"…"`: these bytes of the JSON of `events[event]` (events are pushed
+    /// as they are made, so an op's record is in place once its event is).
+    In {
+        event: usize,
+        bytes: std::ops::Range<usize>,
+    },
 }
 
 /// `{op, t}`; unknown header keys are ignored (forward compatibility).
