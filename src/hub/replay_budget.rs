@@ -7,11 +7,12 @@
 //! page, from its client's share (a quarter: one address cannot take it all), then from the
 //! whole budget. Waiting for room holds no page (a queued reservation keeps its place in line,
 //! and its client's share once it has it). When the page comes, the stream keeps the page's
-//! size of its reservation and gives back the rest; if another stream holds the page already,
-//! it gives back all of it: a page is counted once, to the client that took it in hand first,
-//! for as long as any stream holds it. Pieces rendered again from a page's scan after a filter
-//! change are held within that page's share (their own frames, at most 64 frames and ~64 KiB
-//! of JSON, are not counted).
+//! size of its reservation and gives back the rest. The whole budget counts a page once, for
+//! as long as any stream holds it; each client's share counts the pages its own streams hold,
+//! so a stream that joins a page another client took (one that then stops reading) pays for it
+//! from its own share, and the client that took it stops paying once its streams let it go.
+//! Pieces rendered again from a page's scan after a filter change are held within that page's
+//! share (their own frames, at most 64 frames and ~64 KiB of JSON, are not counted).
 
 use super::replay_pages::{Page, PAGE_MAX_BYTES};
 use std::collections::HashMap;
@@ -48,13 +49,13 @@ pub struct ReplayBudget {
     waits: prometheus::IntCounter,
 }
 
-/// A page in hand: the holds counting in it, its share, the bytes it counts in the gauge (its
-/// size, even past its share), and the page (so that its address is not reused while it is
-/// counted).
+/// A page in hand: the holds counting in it, its share of the whole budget, the bytes it
+/// counts in the gauge (its size, even past its share), and the page (so that its address is
+/// not reused while it is counted).
 struct Held {
     holds: usize,
     /// Given back when the entry goes.
-    _share: Share,
+    _whole: OwnedSemaphorePermit,
     bytes: i64,
     _page: Arc<Page>,
 }
@@ -167,37 +168,46 @@ impl ReplayBudget {
     }
 
     /// Takes `page` in a stream's hand with the room reserved for it: it keeps the page's
-    /// size of it, or none when another stream holds the page already. A page larger than the
-    /// reservation (one event over [`PAGE_MAX_BYTES`]: not from a relay, whose blocks are at
-    /// most 2 MB) takes more room if there is some now; else it goes past the budget (shown in
-    /// the gauge) rather than wait with the page in memory.
+    /// size of its client's share, and of the whole budget unless another stream holds the
+    /// page already. A page larger than the reservation (one event over [`PAGE_MAX_BYTES`]:
+    /// not from a relay, whose blocks are at most 2 MB) takes more room if there is some now;
+    /// else it goes past the budget (shown in the gauge) rather than wait with the page in
+    /// memory.
     pub fn hold(self: &Arc<Self>, page: Arc<Page>, mut reserved: Share) -> PageHold {
         let address = Arc::as_ptr(&page) as usize;
+        let need = units(page.counted_bytes()).max(1);
+        let mut share = reserved.split(need);
+        let short = need.saturating_sub(share.whole.num_permits());
+        if short > 0 {
+            share.try_grow(&self.whole, short);
+        }
+        let Share { whole, client } = share;
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         match held.entry(address) {
             std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().holds += 1,
             std::collections::hash_map::Entry::Vacant(e) => {
-                let need = units(page.counted_bytes()).max(1);
-                let mut share = reserved.split(need);
-                let short = need.saturating_sub(share.whole.num_permits());
-                if short > 0 {
-                    share.try_grow(&self.whole, short);
-                }
                 let bytes = (need * UNIT) as i64;
                 self.gauge.add(bytes);
-                e.insert(Held { holds: 1, _share: share, bytes, _page: page.clone() });
+                e.insert(Held { holds: 1, _whole: whole, bytes, _page: page.clone() });
             }
         }
         drop(held);
-        drop(reserved); // what the page does not use goes back
-        PageHold { page, address, budget: self.clone() }
+        drop(reserved); // what the page does not use goes back (and the whole budget's
+                        // share, when the page was counted already)
+        PageHold { page, address, budget: self.clone(), _client: client.map(Arc::new) }
     }
 
-    /// Takes `page` in a stream's hand with no room reserved, if another stream holds it.
-    pub fn join(self: &Arc<Self>, page: &Arc<Page>) -> Option<PageHold> {
+    /// Takes `page` in a stream's hand with no room reserved, if another stream holds it and
+    /// `client`'s share has room for it now (else the stream reserves, and waits its turn).
+    pub fn join(self: &Arc<Self>, page: &Arc<Page>, client: &Client) -> Option<PageHold> {
         let address = Arc::as_ptr(page) as usize;
+        let need = units(page.counted_bytes()).max(1) as u32;
+        let charge = match &client.0 {
+            Some(share) => Some(share.clone().try_acquire_many_owned(need).ok()?),
+            None => None,
+        };
         self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&address)?.holds += 1;
-        Some(PageHold { page: page.clone(), address, budget: self.clone() })
+        Some(PageHold { page: page.clone(), address, budget: self.clone(), _client: charge.map(Arc::new) })
     }
 
     /// One hold on the page at `address` went.
@@ -213,13 +223,16 @@ impl ReplayBudget {
     }
 }
 
-/// A page in a stream's hand. A hold keeps its page's share of the budget (or, for a piece
-/// rendered from a page's scan, that page's) until the last hold on it goes.
+/// A page in a stream's hand. A hold keeps its page's share of the whole budget (or, for a
+/// piece rendered from a page's scan, that page's) until the last hold on it goes, and its
+/// client's charge for it until this hold and the pieces made from it go.
 pub struct PageHold {
     page: Arc<Page>,
     /// The address of the page whose share this hold counts in, and the budget.
     address: usize,
     budget: Arc<ReplayBudget>,
+    /// What the page counts in this stream's client's share (`None`: an unlimited client).
+    _client: Option<Arc<OwnedSemaphorePermit>>,
 }
 
 impl PageHold {
@@ -234,7 +247,12 @@ impl PageHold {
         if let Some(h) = self.budget.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.address) {
             h.holds += 1;
         }
-        PageHold { page: Arc::new(piece), address: self.address, budget: self.budget.clone() }
+        PageHold {
+            page: Arc::new(piece),
+            address: self.address,
+            budget: self.budget.clone(),
+            _client: self._client.clone(),
+        }
     }
 }
 
@@ -336,14 +354,35 @@ mod tests {
         let (first, second) = (budget.reserve(&one).await, budget.reserve(&one).await);
         assert!(tokio::time::timeout(Duration::from_millis(50), budget.reserve(&one)).await.is_err(), "a quarter each");
         let theirs = budget.hold(p[0].clone(), budget.reserve(&other).await);
-        // A page counts against the client that took it in hand, not one that joins it.
+        // A page counts once in the whole budget, and in the share of every client whose
+        // streams hold it.
         let mine = budget.hold(p[1].clone(), first);
         drop(second);
         let joined = budget.hold(p[0].clone(), budget.reserve(&one).await);
         assert_eq!(gauge.get(), counted(&p[0]) + counted(&p[1]));
-        assert_eq!(one.0.as_ref().unwrap().available_permits(), budget.client_units - units(p[1].counted_bytes()));
-        drop((theirs, mine, joined));
+        let (size0, size1) = (units(p[0].counted_bytes()), units(p[1].counted_bytes()));
+        assert_eq!(budget.whole.available_permits(), budget.whole_units - size0 - size1);
+        let left = |c: &Client| c.0.as_ref().unwrap().available_permits();
+        assert_eq!(left(&one), budget.client_units - size1 - size0);
+        // The client that took a page stops paying for it once its streams let it go, though
+        // another's stream (one that stopped reading, say) still holds it.
+        drop(theirs);
+        assert_eq!(left(&other), budget.client_units);
+        assert_eq!(gauge.get(), counted(&p[0]) + counted(&p[1]));
+        // Joining without a reservation takes the joiner's share too, when it has room now.
+        let also = budget.join(&p[0], &other).expect("held, and room");
+        assert_eq!(left(&other), budget.client_units - size0);
+        drop((mine, joined, also));
         assert_eq!(gauge.get(), 0);
+        assert_eq!((left(&one), left(&other)), (budget.client_units, budget.client_units));
+        assert_eq!(budget.whole.available_permits(), budget.whole_units);
+        // A client whose share has no room does not join (it reserves, and waits its turn).
+        let first = budget.hold(p[0].clone(), budget.reserve(&other).await);
+        let full = (budget.reserve(&one).await, budget.reserve(&one).await);
+        assert!(budget.join(&p[0], &one).is_none());
+        drop(full);
+        assert!(budget.join(&p[0], &one).is_some());
+        drop(first);
         let same = budget.client(ip("192.0.2.1"));
         assert!(Arc::ptr_eq(one.0.as_ref().unwrap(), same.0.as_ref().unwrap()), "one share per client");
         // A budget smaller than a page reserves all of it; the gauge shows the page's size.

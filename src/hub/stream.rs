@@ -461,9 +461,11 @@ impl EventStream {
                 }
                 if self.fetch.is_none() {
                     self.pay_for_passed_over().await;
-                    // A page another stream holds is joined: it is counted already.
-                    let budget = &self.replay.budget;
-                    if let Some(held) = self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p))
+                    // A page another stream holds is joined: the whole budget counts it already
+                    // (this client's share counts it too, if it has room now).
+                    let (budget, client) = (&self.replay.budget, &self.replay.client);
+                    if let Some(held) =
+                        self.replay.pages.peek(self.last_seen, &mut self.rendering, |p| budget.join(p, client))
                     {
                         (self.reserving, self.waiting_since) = (None, None);
                         self.metrics.replay_reads.inc();
