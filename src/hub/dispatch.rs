@@ -17,9 +17,9 @@
 //! queue, skipping what it already has (`time_us` ≤ its position).
 //!
 //! Bounded memory. A queue holds at most [`QUEUE_EVENTS`] events and [`QUEUE_BYTES`] bytes of
-//! JSON, and all queues together at most the budget given to [`Dispatcher::start`] (the
-//! events are the ring's, shared by `Arc`, but a queue can keep one alive after the ring let
-//! it go). Half the budget is a pool any queue may fill; the other half is shared out (half the
+//! JSON, and all queues together at most the budget given to [`Dispatcher::start`] plus one
+//! event per queue (an empty queue takes its next event whatever its size; the events are the
+//! ring's, shared by `Arc`, but a queue can keep one alive after the ring let it go). Half the budget is a pool any queue may fill; the other half is shared out (half the
 //! budget ÷ the queues in the index), so a few stuck clients holding megabytes each cannot push
 //! busy, healthy subscribers to the log: once the pool is full, only a queue past its share
 //! ends — until the whole budget is reached, where any queue that holds something ends (shares

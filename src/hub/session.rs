@@ -26,7 +26,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 /// Client messages larger than this close the connection with 1009 (v1 documents 10 MB).
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 10_000_000;
-/// Per-subscriber write buffer (memory per subscriber, allocated on first write).
+/// Per-subscriber write buffer (memory per subscriber, allocated when its session starts: part
+/// of the ~13–20 KiB an idle subscriber costs, README's sizing).
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Most events written before the buffer is flushed, when more are ready at once.
 const WRITE_BATCH: usize = 256;
