@@ -220,6 +220,11 @@ impl Sequencer {
     /// Resumes after the newest `time_us` ever written to `log`, and stamps past its floor.
     pub fn new(log: Arc<Log>, ring: Ring, metrics: Arc<Metrics>, relay_url: String) -> Result<Self, LogError> {
         let (last_written, stamp_floor) = (log.last_time_us()?, log.stamp_floor()?);
+        // No stamp or event gets past MAX_TIME_US (a replica drops one): a stored one is a
+        // corrupt value, and every stamp after it would be past what replicas take.
+        if last_written.max(stamp_floor) >= crate::clock::MAX_TIME_US {
+            return Err(LogError::Corrupt("newest time_us or stamp floor past any clock"));
+        }
         let stamper = Stamper::new(last_written.max(stamp_floor));
         let ingested =
             EventKind::ALL.iter().map(|k| metrics.events_ingested.with_label_values(&[k.as_str()])).collect();
@@ -378,6 +383,21 @@ impl Sequencer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_time_us_past_any_clock_is_a_corrupt_log_not_a_start_for_stamps() {
+        let log = Arc::new(Log::memory(crate::log::memory::MemoryLog::new(1 << 20)));
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut out = Vec::new();
+        Event::begin(&mut out, did, EventKind::Identity);
+        out.extend_from_slice(b",\"identity\":{}}");
+        let mut e = Event::from_parts(out, EventKind::Identity, did.len(), 0..0);
+        e.stamp(crate::clock::MAX_TIME_US + 5);
+        log.append(&[e], None).unwrap();
+        let (ring, _) = broadcast::channel(16);
+        let made = Sequencer::new(log, ring, Arc::new(Metrics::new()), "ws://relay".into());
+        assert!(matches!(made, Err(LogError::Corrupt(_))));
+    }
 
     #[test]
     fn the_ring_holds_events_only_within_its_byte_budget() {

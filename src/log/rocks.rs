@@ -291,7 +291,24 @@ impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
     pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
         std::fs::create_dir_all(dir)?;
-        let mut db = DB::open_cf_descriptors(&db_options(), dir, descriptors(opts.memtable_bytes, opts.state_expiry))?;
+        let mut cfs = descriptors(opts.memtable_bytes, opts.state_expiry);
+        // A log a newer version wrote may have column families this one does not know (RocksDB
+        // refuses to open it without them all): they are opened, kept and left alone (no
+        // compaction), so that going back a version starts.
+        let unknown: Vec<String> = DB::list_cf(&Options::default(), dir)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|name| name != "default" && !cfs.iter().any(|d| d.name() == name))
+            .collect();
+        if !unknown.is_empty() {
+            tracing::warn!(families = ?unknown, "the log has column families a newer version made: kept, not used");
+        }
+        cfs.extend(unknown.iter().map(|name| {
+            let mut o = Options::default();
+            o.set_disable_auto_compactions(true);
+            ColumnFamilyDescriptor::new(name, o)
+        }));
+        let mut db = DB::open_cf_descriptors(&db_options(), dir, cfs)?;
         if !opts.compressed_frames {
             db.drop_cf(CF_ZFRAMES)?;
         }
@@ -413,7 +430,8 @@ impl RocksLog {
                 let (time, of_seq) = v.split_at(8);
                 (of_seq == seq.to_be_bytes()).then(|| u64::from_be_bytes(time.try_into().expect("8 bytes")))
             }
-            Some(_) => return Err(LogError::Corrupt("relay cursor time")),
+            // Another version's form (this key exists so that versions can differ): unknown.
+            Some(_) => None,
             None => None,
         };
         Ok(Some(RelayCursor { url, seq, at_time_us }))
@@ -488,21 +506,35 @@ impl RocksLog {
     /// first event is gone: they go with it (a trim a crash cut short may have left them).
     pub fn holes(&self) -> Result<Vec<Hole>> {
         let oldest = self.oldest_time_us()?.unwrap_or(u64::MAX);
-        let mut holes = Vec::new();
+        // The newest MAX_HOLES, and the keys of the others (older than the log, or past the
+        // cap: never told), which go; at most MAX_HOLES of either in memory at once.
+        let mut holes: std::collections::VecDeque<(Vec<u8>, Hole)> = Default::default();
         let mut stale = Vec::new();
+        let mut failed = None;
         self.each_hole(|key, first, after| {
             if first < oldest || first <= self.trimmed.load(std::sync::atomic::Ordering::Acquire) {
                 stale.push(key.to_vec());
             } else {
-                holes.push(Hole { after, first });
+                holes.push_back((key.to_vec(), Hole { after, first }));
+                if holes.len() > MAX_HOLES {
+                    stale.extend(holes.pop_front().map(|(key, _)| key));
+                }
+            }
+            if stale.len() >= MAX_HOLES {
+                for key in stale.drain(..) {
+                    if let Err(e) = self.db.delete_cf(self.meta(), key) {
+                        failed.get_or_insert(e);
+                    }
+                }
             }
         })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         for key in stale {
             self.db.delete_cf(self.meta(), key)?;
         }
-        let skip = holes.len().saturating_sub(MAX_HOLES);
-        holes.drain(..skip);
-        Ok(holes)
+        Ok(holes.into_iter().map(|(_, hole)| hole).collect())
     }
 
     /// Calls `f` with each stored hole's key, `first` and `after`, oldest first.
@@ -1104,6 +1136,52 @@ mod tests {
         // A read-only view (the tools) has the mark too.
         let view = RocksLog::open_secondary(dir.path()).unwrap();
         assert_eq!(first_and_mark(&view), (Some(3_001), 3_000));
+    }
+
+    /// A log a newer version gave a column family this one does not know still opens (RocksDB
+    /// refuses a database unless all of its families are opened), and the family is kept.
+    #[test]
+    fn a_log_with_a_newer_versions_column_family_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || RocksOptions { sync_writes: false, ..RocksOptions::default() };
+        let log = RocksLog::open(dir.path(), opts()).unwrap();
+        log.append(&events(1, 10), None, &[], &[]).unwrap();
+        drop(log);
+        {
+            let mut o = Options::default();
+            o.create_missing_column_families(true);
+            let names = DB::list_cf(&o, dir.path()).unwrap();
+            let mut db = DB::open_cf(&o, dir.path(), &names).unwrap();
+            db.create_cf("from_the_future", &Options::default()).unwrap();
+            let cf = db.cf_handle("from_the_future").unwrap();
+            db.put_cf(cf, b"k", b"v").unwrap();
+        }
+        let log = RocksLog::open(dir.path(), opts()).unwrap();
+        assert_eq!(log.newest_time_us().unwrap(), Some(10));
+        log.append(&events(11, 5), None, &[], &[]).unwrap();
+        drop(log);
+        let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(names.iter().any(|n| n == "from_the_future"), "{names:?}");
+    }
+
+    /// The holes read at open are the newest MAX_HOLES; the others are deleted (never told).
+    #[test]
+    fn holes_past_the_cap_are_deleted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = || RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let log = RocksLog::open(dir.path(), opts()).unwrap();
+        let n = MAX_HOLES as u64 + 10;
+        for i in 0..n {
+            let hole = Hole { after: 10 * i + 1, first: 10 * i + 5 };
+            log.append(&events(10 * i + 5, 1), None, &[], &[hole]).unwrap();
+        }
+        let holes = log.holes().unwrap();
+        assert_eq!(holes.len(), MAX_HOLES);
+        assert_eq!(holes.first().map(|h| h.first), Some(10 * 10 + 5), "the newest are kept");
+        assert_eq!(holes.last().map(|h| h.first), Some(10 * (n - 1) + 5));
+        let mut stored = 0;
+        log.each_hole(|_, _, _| stored += 1).unwrap();
+        assert_eq!(stored, MAX_HOLES);
     }
 
     /// Scans racing trims that drop files and then ingest a tombstone: every scan sees a log
