@@ -1,10 +1,11 @@
 //! Wiring: builds every part from its configuration group, runs the long-lived tasks in one
 //! `JoinSet`, and shuts them down in order (DESIGN.md invariant 8).
 //!
-//! One root cancellation token, with a child per shutdown phase: `accept` (listeners), the
-//! hub's (subscribers get 1001), `reader` (the relay or upstream reader; the sequencer then
-//! writes its last batch and ends), `background` (retention, the status history). Cancelling the root stops them
-//! all. Phases wait at most `--shutdown-drain-timeout` each; the log is flushed last.
+//! One root cancellation token, with a child per shutdown phase, in this order: `accept`
+//! (listeners), `reader` (the relay or upstream reader; the sequencer then writes and
+//! publishes its last batch and ends) with `background` (retention, the status history,
+//! precompression), the hub's (subscribers get 1001). Cancelling the root stops them all.
+//! Phases wait at most `--shutdown-drain-timeout` each; the log is flushed last.
 
 use crate::config::ServeConfig;
 use crate::hub::compress::Dictionaries;
@@ -315,16 +316,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }));
 
     notify_systemd(sd_notify::NotifyState::Stopping);
-    // In order: no new connections; subscribers get 1001 and a moment to drain; the reader
-    // stops, so the sequencer writes what it has and ends; then the log is flushed.
+    // In order (DESIGN.md invariant 8): no new connections; the reader stops, so the
+    // sequencer writes and publishes what it has and ends (live subscribers still get it);
+    // subscribers get 1001 and a moment to drain; then the log is flushed.
     let drain = config.ops.shutdown_drain_timeout;
     accept.cancel();
-    hub.shutdown.cancel();
-    hub.tasks.close();
-    connections.close();
-    if tokio::time::timeout(drain, hub.tasks.wait()).await.is_err() {
-        tracing::warn!("subscribers did not drain in time");
-    }
     stop_reader.cancel();
     background.cancel();
     let drained = tokio::time::timeout(drain, async {
@@ -335,11 +331,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 failure.get_or_insert(e.context(name));
             }
         }
-        connections.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("shutdown drain timed out");
+    }
+    hub.shutdown.cancel();
+    hub.tasks.close();
+    connections.close();
+    if tokio::time::timeout(drain, async { tokio::join!(hub.tasks.wait(), connections.wait()) }).await.is_err() {
+        tracing::warn!("subscribers did not drain in time");
     }
     root.cancel();
     let flush_log = log.clone();
