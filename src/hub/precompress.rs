@@ -83,6 +83,10 @@ pub struct Precompressor {
     /// Events ingested, per kind; the total when last measured, when, and the verdict.
     ingested: Vec<prometheus::IntCounter>,
     last_ingested: Option<(u64, Instant, bool)>,
+    /// Where the frames are written when the compressing thread runs at the lowest priority: a
+    /// thread of the runtime's blocking pool, at normal priority (a write may lead RocksDB's
+    /// write queue, with the sequencer's batch behind it, while this thread is not scheduled).
+    writes: Option<tokio::runtime::Handle>,
 }
 
 impl Precompressor {
@@ -90,7 +94,7 @@ impl Precompressor {
         let window_us = u64::try_from(window.as_micros()).unwrap_or(u64::MAX);
         let ingested =
             EventKind::ALL.iter().map(|k| metrics.events_ingested.with_label_values(&[k.as_str()])).collect();
-        Precompressor { log, dictionary, metrics, window_us, next: None, ingested, last_ingested: None }
+        Precompressor { log, dictionary, metrics, window_us, next: None, ingested, last_ingested: None, writes: None }
     }
 
     /// Runs the compressing thread until `cancel` fires. Its own errors never stop the app
@@ -133,6 +137,7 @@ impl Precompressor {
         }));
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let thread_cancel = cancel.clone();
+        self.writes = Some(tokio::runtime::Handle::current());
         let spawned = std::thread::Builder::new().name("contrail-precompress".into()).spawn(move || {
             lower_priority();
             self.run_until(&thread_cancel);
@@ -229,14 +234,22 @@ impl Precompressor {
             last = Some(t);
             true
         })?;
+        let stored = frames.len() as u64;
         if !frames.is_empty() {
-            log.put_compressed_frames(&frames)?;
+            match &self.writes {
+                Some(runtime) => {
+                    let log = log.clone();
+                    let write = runtime.spawn_blocking(move || log.put_compressed_frames(&frames));
+                    runtime.block_on(write).map_err(|e| std::io::Error::other(e.to_string()))??;
+                }
+                None => log.put_compressed_frames(&frames)?,
+            }
         }
         let next = last.map_or(from, |t| t + 1);
         self.next = Some(next);
         // The gauge first, so a later scrape than one that saw the count sees it too.
         self.set_behind(newest);
-        self.metrics.precompressed_events.inc_by(frames.len() as u64);
+        self.metrics.precompressed_events.inc_by(stored);
         Ok(scanned == BATCH)
     }
 }
