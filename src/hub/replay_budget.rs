@@ -58,6 +58,32 @@ struct Held {
     _whole: OwnedSemaphorePermit,
     bytes: i64,
     _page: Arc<Page>,
+    /// The clients whose streams hold it (by their share's address): how many holds, and
+    /// the page's charge to that share, given back when the client's last hold goes.
+    clients: HashMap<usize, (usize, OwnedSemaphorePermit)>,
+}
+
+impl Held {
+    /// One more hold by `client`: charged to its share with `charge` if it has none yet
+    /// here (else `charge` goes back).
+    fn add(&mut self, client: Option<usize>, charge: Option<OwnedSemaphorePermit>) {
+        self.holds += 1;
+        if let Some(client) = client {
+            match self.clients.entry(client) {
+                std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().0 += 1,
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if let Some(charge) = charge {
+                        e.insert((1, charge));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The key of a client's share in [`Held::clients`].
+fn share_key(share: &Arc<Semaphore>) -> usize {
+    Arc::as_ptr(share) as usize
 }
 
 /// Room reserved for a page, or a held page's share of it: permits from the whole budget and
@@ -181,42 +207,57 @@ impl ReplayBudget {
         if short > 0 {
             share.try_grow(&self.whole, short);
         }
-        let Share { whole, client } = share;
+        let Share { whole, client: charge } = share;
+        let client = charge.as_ref().map(|c| share_key(c.semaphore()));
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match held.entry(address) {
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().holds += 1,
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let bytes = (need * UNIT) as i64;
-                self.gauge.add(bytes);
-                e.insert(Held { holds: 1, _whole: whole, bytes, _page: page.clone() });
-            }
-        }
+        let entry = held.entry(address).or_insert_with(|| {
+            let bytes = (need * UNIT) as i64;
+            self.gauge.add(bytes);
+            Held { holds: 0, _whole: whole, bytes, _page: page.clone(), clients: HashMap::new() }
+        });
+        entry.add(client, charge);
         drop(held);
-        drop(reserved); // what the page does not use goes back (and the whole budget's
-                        // share, when the page was counted already)
-        PageHold { page, address, budget: self.clone(), _client: client.map(Arc::new) }
+        // What the page does not use goes back (and the whole budget's share when the page was
+        // counted already, the client's when its streams hold the page already).
+        drop(reserved);
+        PageHold { page, address, budget: self.clone(), client }
     }
 
     /// Takes `page` in a stream's hand with no room reserved, if another stream holds it and
-    /// `client`'s share has room for it now (else the stream reserves, and waits its turn).
+    /// `client`'s streams hold it too or its share has room for it now (else the stream
+    /// reserves, and waits its turn).
     pub fn join(self: &Arc<Self>, page: &Arc<Page>, client: &Client) -> Option<PageHold> {
         let address = Arc::as_ptr(page) as usize;
-        let need = units(page.counted_bytes()).max(1) as u32;
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = held.get_mut(&address)?;
+        let key = client.0.as_ref().map(share_key);
         let charge = match &client.0 {
-            Some(share) => Some(share.clone().try_acquire_many_owned(need).ok()?),
-            None => None,
+            Some(share) if !entry.clients.contains_key(&share_key(share)) => {
+                // (At most the whole share: a page larger than it is held past it, as `hold`.)
+                let need = units(page.counted_bytes()).clamp(1, self.client_units) as u32;
+                Some(share.clone().try_acquire_many_owned(need).ok()?)
+            }
+            _ => None,
         };
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&address)?.holds += 1;
-        Some(PageHold { page: page.clone(), address, budget: self.clone(), _client: charge.map(Arc::new) })
+        entry.add(key, charge);
+        Some(PageHold { page: page.clone(), address, budget: self.clone(), client: key })
     }
 
-    /// One hold on the page at `address` went.
-    fn release(&self, address: usize) {
+    /// One hold by `client` on the page at `address` went.
+    fn release(&self, address: usize, client: Option<usize>) {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let Some(h) = held.get_mut(&address) else { return };
         h.holds -= 1;
+        let mut charge = None;
+        if let Some(std::collections::hash_map::Entry::Occupied(mut e)) = client.map(|c| h.clients.entry(c)) {
+            e.get_mut().0 -= 1;
+            if e.get().0 == 0 {
+                charge = Some(e.remove());
+            }
+        }
         let gone = if h.holds == 0 { held.remove(&address) } else { None };
         drop(held);
+        drop(charge);
         if let Some(gone) = gone {
             self.gauge.sub(gone.bytes);
         }
@@ -225,14 +266,14 @@ impl ReplayBudget {
 
 /// A page in a stream's hand. A hold keeps its page's share of the whole budget (or, for a
 /// piece rendered from a page's scan, that page's) until the last hold on it goes, and its
-/// client's charge for it until this hold and the pieces made from it go.
+/// charge to the stream's client's share until that client's last hold on it goes.
 pub struct PageHold {
     page: Arc<Page>,
     /// The address of the page whose share this hold counts in, and the budget.
     address: usize,
     budget: Arc<ReplayBudget>,
-    /// What the page counts in this stream's client's share (`None`: an unlimited client).
-    _client: Option<Arc<OwnedSemaphorePermit>>,
+    /// The stream's client's share (its key; `None`: an unlimited client).
+    client: Option<usize>,
 }
 
 impl PageHold {
@@ -245,14 +286,9 @@ impl PageHold {
     pub fn piece(&self, piece: Page) -> PageHold {
         // This hold keeps the entry while it lives.
         if let Some(h) = self.budget.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.address) {
-            h.holds += 1;
+            h.add(self.client, None);
         }
-        PageHold {
-            page: Arc::new(piece),
-            address: self.address,
-            budget: self.budget.clone(),
-            _client: self._client.clone(),
-        }
+        PageHold { page: Arc::new(piece), address: self.address, budget: self.budget.clone(), client: self.client }
     }
 }
 
@@ -265,7 +301,7 @@ impl std::ops::Deref for PageHold {
 
 impl Drop for PageHold {
     fn drop(&mut self) {
-        self.budget.release(self.address);
+        self.budget.release(self.address, self.client);
     }
 }
 
@@ -364,6 +400,10 @@ mod tests {
         assert_eq!(budget.whole.available_permits(), budget.whole_units - size0 - size1);
         let left = |c: &Client| c.0.as_ref().unwrap().available_permits();
         assert_eq!(left(&one), budget.client_units - size1 - size0);
+        // Once per client however many of its streams hold the page.
+        let again = budget.join(&p[0], &one).expect("held by one already");
+        assert_eq!(left(&one), budget.client_units - size1 - size0);
+        drop(again);
         // The client that took a page stops paying for it once its streams let it go, though
         // another's stream (one that stopped reading, say) still holds it.
         drop(theirs);
