@@ -317,8 +317,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     notify_systemd(sd_notify::NotifyState::Stopping);
     // In order (DESIGN.md invariant 8): no new connections; the reader stops, so the
-    // sequencer writes and publishes what it has and ends (live subscribers still get it);
-    // subscribers get 1001 and a moment to drain; then the log is flushed.
+    // sequencer writes and publishes what it has and ends (a live subscriber may get some of
+    // it before its 1001; all of it is stored, for its reconnect); subscribers get 1001 and a
+    // moment to drain; then the log is flushed.
     let drain = config.ops.shutdown_drain_timeout;
     accept.cancel();
     stop_reader.cancel();
