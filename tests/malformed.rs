@@ -450,6 +450,21 @@ fn a_large_event_leaves_no_large_buffers_behind() {
     }
 }
 
+/// The shortest of three transcodings of `frame` (a loaded machine's pause falls in one of
+/// them, not in all three), with what the last one gave.
+fn fastest_of_three(frame: &[u8]) -> (std::time::Duration, FrameInfo, Vec<Event>, Vec<DropReason>) {
+    let mut fastest = std::time::Duration::MAX;
+    let mut last = None;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let got = run(frame);
+        fastest = fastest.min(started.elapsed());
+        last = Some(got);
+    }
+    let (info, events, drops) = last.expect("three runs");
+    (fastest, info, events, drops)
+}
+
 /// `rev` and `blocks` are `#sync`'s: in an `#identity` or `#account` they are unknown keys,
 /// skipped (as Go's decoder does). Before, they were read as a `#sync`'s: a `rev` of null
 /// dropped the event, blocks past 2 MB dropped it, and blocks under that reserved 4/3 of their
@@ -498,11 +513,7 @@ fn a_record_shared_by_every_op_is_rendered_once_per_frame() {
     assert!(record.len() < 1024, "{} bytes: indexed", record.len());
     let ops =
         ops_sharing_the_block_of(TestOp::create_raw("com.example.deep/3aaaaaaaaaa00", record), MAX_COMMIT_OPS as usize);
-    let timed = |ops: &[TestOp]| {
-        let started = std::time::Instant::now();
-        let (info, events, drops) = run(&commit_frame(1, DID, REV, ops));
-        (started.elapsed(), info, events, drops)
-    };
+    let timed = |ops: &[TestOp]| fastest_of_three(&commit_frame(1, DID, REV, ops));
     let (one, _, first, _) = timed(&ops[..1]);
     let (all, info, events, drops) = timed(&ops);
     assert_eq!((info.dropped, drops.len(), events.len()), (None, 0, MAX_COMMIT_OPS as usize), "{drops:?}");
@@ -541,11 +552,7 @@ fn a_deeply_nested_record_shared_by_every_op_costs_one_pass() {
         ops_sharing_the_block_of(TestOp::create_raw("com.example.deep/3aaaaaaaaaa00", record), MAX_COMMIT_OPS as usize);
     // One op on the block, then all 200: the ops after the first fail at once (the block's
     // failure is remembered), so the frame costs about what one op does, not 200 times it.
-    let timed = |ops: &[TestOp]| {
-        let started = std::time::Instant::now();
-        let (info, events, drops) = run(&commit_frame(1, DID, REV, ops));
-        (started.elapsed(), info, events, drops)
-    };
+    let timed = |ops: &[TestOp]| fastest_of_three(&commit_frame(1, DID, REV, ops));
     let (one, ..) = timed(&ops[..1]);
     let (all, info, events, drops) = timed(&ops);
     assert!(all < one * 20, "200 ops took {all:?}, one {one:?}");
