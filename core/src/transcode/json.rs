@@ -5,7 +5,8 @@
 //! - links → `{"$link":"bafy…"}`, bytes → `{"$bytes":"…"}` (standard base64, no padding);
 //! - blobs (`$type: "blob"`, exactly four keys) in their struct order `$type, ref, mimeType,
 //!   size`; legacy blobs (`{cid, mimeType}`) re-emitted as `{"cid":…,"mimeType":…}`;
-//! - every other map with keys sorted bytewise (Go's map order), not DAG-CBOR's length-first;
+//! - every other map with keys sorted bytewise as v1's encoder wrote them (escaped, then the
+//!   closing quote: [`go_key_order`]), not DAG-CBOR's length-first;
 //! - strings escaped as Go does: `"` `\` `\n` `\r` `\t`, other controls as `\u00xx`, and
 //!   `& < >` U+2028 U+2029 as `\u0026 \u003c \u003e \u2028 \u2029`; other UTF-8 raw;
 //! - integral floats become integers; anything else about a value that atdata rejects makes
@@ -321,7 +322,7 @@ impl<'a> Rec<'a> {
 
         let entries = &mut stack[base..];
         let buf = self.buf;
-        entries.sort_unstable_by(|a, b| buf[a.key.0..a.key.1].cmp(&buf[b.key.0..b.key.1]));
+        entries.sort_unstable_by(|a, b| go_key_order(&buf[a.key.0..a.key.1], &buf[b.key.0..b.key.1]));
         if entries.windows(2).any(|w| self.key(&w[0]) == self.key(&w[1])) {
             return Err(RecordError::DuplicateKey);
         }
@@ -585,9 +586,120 @@ fn write_json_bytes(out: &mut Vec<u8>, b: &[u8], mut checked: bool) -> Result<()
     Ok(())
 }
 
+/// The order v1's encoder (goccy/go-json) gives a map's keys: by their encoded bytes, each
+/// escaped as [`write_json_str`] does and followed by the closing quote (it sorts the `"key",`
+/// it wrote). Raw bytewise order but where escaping or the quote decides: a key before
+/// another that it begins when the other goes on with a space or `!` (below `"`), and keys
+/// that differ at a character written escaped (`\n` after `\t`, `<` after `A`). Both keys are
+/// UTF-8 (checked while collecting).
+fn go_key_order(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    let common = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    // From the start of the character where they differ: the same prefix encodes alike.
+    let mut at = common;
+    while at > 0 && at < a.len().max(b.len()) && continuation(a.get(at).or(b.get(at)).copied()) {
+        at -= 1;
+    }
+    let (mut x, mut y) = ([0u8; 6], [0u8; 6]);
+    let (nx, ny) = (encoded_char(a, at, &mut x), encoded_char(b, at, &mut y));
+    x[..nx].cmp(&y[..ny])
+}
+
+fn continuation(byte: Option<u8>) -> bool {
+    byte.is_some_and(|c| c & 0xC0 == 0x80)
+}
+
+/// The encoded form of the character of `key` at `at` (or the closing quote at its end) into
+/// `out`; its length.
+fn encoded_char(key: &[u8], at: usize, out: &mut [u8; 6]) -> usize {
+    let Some(&c) = key.get(at) else {
+        out[0] = b'"';
+        return 1;
+    };
+    let raw = |out: &mut [u8; 6], n: usize| {
+        let n = n.min(key.len() - at);
+        out[..n].copy_from_slice(&key[at..at + n]);
+        n
+    };
+    let escape = |out: &mut [u8; 6], e: &[u8]| {
+        out[..e.len()].copy_from_slice(e);
+        e.len()
+    };
+    match ESCAPE[c as usize] {
+        0 if c < 0x80 => raw(out, 1),
+        0 => raw(
+            out,
+            if c >= 0xF0 {
+                4
+            } else if c >= 0xE0 {
+                3
+            } else {
+                2
+            },
+        ),
+        2 if key.get(at + 1) == Some(&0x80) && matches!(key.get(at + 2), Some(0xA8 | 0xA9)) => {
+            escape(out, if key[at + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" })
+        }
+        2 => raw(out, 3),
+        _ => match c {
+            b'"' => escape(out, b"\\\""),
+            b'\\' => escape(out, b"\\\\"),
+            b'\n' => escape(out, b"\\n"),
+            b'\r' => escape(out, b"\\r"),
+            b'\t' => escape(out, b"\\t"),
+            c => escape(out, &[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys in v1's order: by their escaped bytes and closing quote, not their raw bytes.
+    #[test]
+    fn map_keys_are_ordered_as_v1_encodes_them() {
+        fn order<'a>(keys: &[&'a str]) -> Vec<&'a str> {
+            let mut v = keys.to_vec();
+            v.sort_by(|a, b| go_key_order(a.as_bytes(), b.as_bytes()));
+            v
+        }
+        assert_eq!(order(&["b", "a"]), ["a", "b"]);
+        assert_eq!(order(&["a", "a b"]), ["a b", "a"], "a space is below the closing quote");
+        assert_eq!(order(&["a", "a!"]), ["a!", "a"]);
+        assert_eq!(order(&["a#", "a"]), ["a", "a#"], "# is above it");
+        assert_eq!(order(&["<", "A"]), ["A", "<"], "< is written \\u003c");
+        assert_eq!(order(&["\t", "\n"]), ["\n", "\t"], "\\n before \\t");
+        assert_eq!(order(&["\u{2000}", "\u{2028}"]), ["\u{2028}", "\u{2000}"], "\\u2028 before raw E2");
+        assert_eq!(order(&["z", "é", "$type", "Z"]), ["$type", "Z", "z", "é"]);
+        assert_eq!(order(&["ab\u{2029}", "ab\u{2028}", "ab"]), ["ab", "ab\u{2028}", "ab\u{2029}"]);
+        // The same as sorting the encoded keys with their closing quote, for any keys.
+        let keys = [
+            "",
+            " ",
+            "!",
+            "\"",
+            "a",
+            "a\"",
+            "a\\",
+            "a ",
+            "a!",
+            "a\u{1}",
+            "a<",
+            "aé",
+            "a\u{2028}",
+            "a\u{2027}",
+            "é",
+            "\u{10000}",
+        ];
+        let mut by_encoding = keys.to_vec();
+        by_encoding.sort_by_key(|k| {
+            let mut e = Vec::new();
+            write_json_str(&mut e, k);
+            e.push(b',');
+            e
+        });
+        assert_eq!(order(&keys), by_encoding);
+    }
 
     fn render(cbor: &[u8]) -> Result<String, RecordError> {
         let mut out = Vec::new();
