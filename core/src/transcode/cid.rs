@@ -226,15 +226,16 @@ pub fn write_base64_nopad(out: &mut Vec<u8>, data: &[u8]) {
 }
 
 /// Decodes unpadded standard base64 as Go's `RawStdEncoding` does (padding is an error,
-/// trailing bits are ignored).
+/// trailing bits are ignored, `\r` and `\n` are skipped wherever they are).
 pub fn decode_base64_nopad(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 4 == 1 {
+    let newlines = s.iter().filter(|&&c| c == b'\r' || c == b'\n').count();
+    if (s.len() - newlines) % 4 == 1 {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let mut acc: u32 = 0;
     let mut bits = 0u32;
-    for &c in s {
+    for &c in s.iter().filter(|&&c| c != b'\r' && c != b'\n') {
         let v = BASE64_STD.iter().position(|&a| a == c)? as u32;
         acc = (acc << 6) | v;
         bits += 6;
@@ -285,6 +286,11 @@ mod tests {
             assert_eq!(decode_base64_nopad(enc.as_bytes()).unwrap(), raw);
         }
         assert!(decode_base64_nopad(b"Zg==").is_none());
+        // Line breaks are skipped, as Go's decoder does; the length rule counts the rest.
+        assert_eq!(decode_base64_nopad(b"Zm\r\n9v\nZg").unwrap(), b"foof");
+        assert_eq!(decode_base64_nopad(b"\nZg\n\n").unwrap(), b"f");
+        assert!(decode_base64_nopad(b"Zm9vZ\n").is_none());
+        assert!(decode_base64_nopad(b"Zm 9v").is_none());
     }
 
     #[test]
