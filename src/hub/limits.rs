@@ -376,8 +376,16 @@ impl ConnectGate {
         if exempt && !self.exempt_in_total {
             return Some(OpenConnection { gate: self.clone(), key: None, site: None, in_total: false });
         }
-        // The total first, never raised past its cap (a refusal must not refuse others).
-        let room = |n: usize| (n < self.max_open_total).then_some(n + 1);
+        // The total first, never raised past its cap (a refusal must not refuse others). The
+        // last sixteenth of it (at most 256) is for exempt clients alone: strangers holding
+        // connections that never finish a request head must not lock out the load balancer's
+        // probes, the scraper's `/status` or the proxy every client comes through. (The
+        // metrics gate does not count exempt clients at all.)
+        let cap = match exempt || !self.exempt_in_total {
+            true => self.max_open_total,
+            false => self.max_open_total - (self.max_open_total / 16).min(256),
+        };
+        let room = |n: usize| (n < cap).then_some(n + 1);
         if self.open_total.fetch_update(Ordering::SeqCst, Ordering::SeqCst, room).is_err() {
             self.refused_open.inc();
             return None;
@@ -1225,11 +1233,13 @@ mod tests {
         drop((held, exempt));
         assert!(gate.open.is_empty(), "counts released");
         assert_eq!(gate.open_total.load(Ordering::SeqCst), 0);
-        // All clients together, exempt ones too, at most --max-subscribers (20 here).
-        let many: Vec<_> = (0..20u8).map(|i| gate.admit(IpAddr::from([192, 0, 2, 100 + i])).unwrap()).collect();
-        assert!(gate.admit("198.51.100.1".parse().unwrap()).is_none(), "a 21st client");
-        assert!(gate.admit("10.0.0.9".parse().unwrap()).is_none(), "an exempt one too");
-        drop(many);
+        // All clients together, exempt ones too, at most --max-subscribers (20 here); the last
+        // sixteenth of it (one here) for exempt clients alone.
+        let many: Vec<_> = (0..19u8).map(|i| gate.admit(IpAddr::from([192, 0, 2, 100 + i])).unwrap()).collect();
+        assert!(gate.admit("198.51.100.1".parse().unwrap()).is_none(), "a 20th stranger");
+        let probe = gate.admit("10.0.0.9".parse().unwrap()).expect("an exempt client gets the room kept for it");
+        assert!(gate.admit("10.0.0.9".parse().unwrap()).is_none(), "not past the total");
+        drop((many, probe));
         assert!(gate.admit("198.51.100.1".parse().unwrap()).is_some());
         assert_eq!(gate.open_total.load(Ordering::SeqCst), 0);
     }
