@@ -88,6 +88,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Some(c) => Some(c.seq),
         None => None,
     };
+    if config.limits.trusted_proxies.iter().any(|p| p.is_everything()) {
+        tracing::warn!("--trusted-proxies lists a block of every address: any client's X-Forwarded-For is believed, so the per-client limits can be dodged by any client");
+    }
     tracing::info!(store = ?config.log.store, data_dir = %config.log.data_dir.display(), relay_seq = start_seq, last_time_us = log.last_time_us()?, "log opened");
     if let Some(seq) = start_seq {
         metrics.relay_last_seq.set(seq);

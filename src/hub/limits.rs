@@ -72,6 +72,11 @@ impl LimitsConfig {
         if self.max_filter_bytes > 1 << 40 {
             return Err(("max-filter-bytes", "must be at most 1TiB".into()));
         }
+        // A quarter per client: less, and a filter of a few hundred DIDs does not fit (a value
+        // meant in MB, say, would refuse every filtered subscribe).
+        if (1..64 << 10).contains(&self.max_filter_bytes) {
+            return Err(("max-filter-bytes", "must be 0 (unlimited) or at least 64KiB".into()));
+        }
         if self.max_client_message_bytes > 1 << 40 {
             return Err(("max-client-message-bytes", "must be at most 1TiB".into()));
         }
@@ -120,6 +125,11 @@ impl serde::Serialize for IpNet {
 }
 
 impl IpNet {
+    /// Whether the block is every address of its family (`0.0.0.0/0`, `::/0`).
+    pub fn is_everything(&self) -> bool {
+        self.prefix == 0
+    }
+
     /// Whether `ip` is in the block. An IPv4 address and its IPv4-mapped IPv6 form (what a
     /// dual-stack listener sees of an IPv4 peer) are one address: either form matches a block
     /// written in either (`10.0.0.0/8`, `::ffff:10.0.0.0/104`, `::/0`).
@@ -1242,6 +1252,18 @@ mod tests {
         drop((many, probe));
         assert!(gate.admit("198.51.100.1".parse().unwrap()).is_some());
         assert_eq!(gate.open_total.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn budgets_too_small_for_one_client_are_refused_at_start() {
+        let with = |filter: u64, message: u64| {
+            LimitsConfig { max_filter_bytes: filter, max_client_message_bytes: message, ..limits(10, 2, 0) }.validate()
+        };
+        assert!(with(0, 0).is_ok() && with(64 << 10, 1 << 20).is_ok());
+        assert_eq!(with(1000, 0).unwrap_err().0, "max-filter-bytes");
+        assert_eq!(with(0, (1 << 20) - 1).unwrap_err().0, "max-client-message-bytes");
+        assert!("0.0.0.0/0".parse::<IpNet>().unwrap().is_everything());
+        assert!(!"10.0.0.0/8".parse::<IpNet>().unwrap().is_everything());
     }
 
     #[test]
