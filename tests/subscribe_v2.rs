@@ -107,10 +107,14 @@ async fn v2_refuses_bad_requests_with_named_xrpc_errors() {
     let message = v["message"].as_str().unwrap();
     assert!(message.starts_with("subscribe: invalid options: invalid DID: did:plc:!!!"), "{message}");
     assert!(message.ends_with(" more bytes)"), "{message}");
-    // An upgrade fastwebsockets refuses (another websocket version) is answered as XRPC too.
+    // An upgrade fastwebsockets refuses (another websocket version) is answered as XRPC too,
+    // with 426 (RFC 6455 4.4: the version spoken here goes with it), and counted.
+    let bad_requests = || s.serve.metric("contrail_hub_rejected_requests_total{reason=\"bad_request\"}").unwrap();
+    let before = bad_requests();
     let old_version = [WS[0], WS[1], WS[2], ("Sec-WebSocket-Version", "8")];
     let (status, body) = http_get_with(s.serve.public, PATH, &old_version).unwrap();
-    assert_eq!(status, 400, "{body}");
+    assert_eq!(status, 426, "{body}");
+    assert_eq!(bad_requests(), before + 1.0);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(v["error"], "InvalidRequest");
     assert!(v["message"].as_str().unwrap().starts_with("bad websocket handshake"), "{v}");

@@ -166,7 +166,17 @@ fn admit_and_upgrade(
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
-        Err(e) => return (refusals.bad_handshake)(e.to_string()),
+        Err(e) => {
+            hub.metrics.rejected_requests.with_label_values(&[Refusal::BadRequest.as_str()]).inc();
+            let mut response = (refusals.bad_handshake)(e.to_string());
+            // Another websocket version: 426 and the one spoken here (RFC 6455 4.4), so a
+            // client that can, tries it.
+            if req.headers().get("sec-websocket-version").is_some_and(|v| v.as_bytes() != b"13") {
+                *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
+                response.headers_mut().insert("sec-websocket-version", hyper::header::HeaderValue::from_static("13"));
+            }
+            return response;
+        }
     };
     if let Some(p) = subprotocol {
         response.headers_mut().insert("sec-websocket-protocol", hyper::header::HeaderValue::from_static(p));
