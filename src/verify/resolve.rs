@@ -47,6 +47,18 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
+    /// How long the failure is answered from memory: an answer ([`NEGATIVE_TTL`]), or, for a
+    /// directory that did not answer in time or at all, [`TRANSIENT_NEGATIVE_TTL`] (a hiccup
+    /// of seconds must not leave its DIDs unresolved for a minute).
+    pub fn remembered_for(&self) -> Duration {
+        match self {
+            ResolveError::NotFound | ResolveError::BadDocument(_) | ResolveError::Unsupported => NEGATIVE_TTL,
+            ResolveError::Fetch(_) | ResolveError::Timeout | ResolveError::Busy | ResolveError::GivenUp => {
+                TRANSIENT_NEGATIVE_TTL
+            }
+        }
+    }
+
     fn result(&self) -> ResolveResult {
         match self {
             ResolveError::NotFound => ResolveResult::NotFound,
@@ -105,8 +117,8 @@ pub struct Resolver {
     /// resolve's, or a key read from the store) while it checks that no forget came since: a
     /// forget cannot fall between that check and the keeping, which would keep the replaced key.
     settling: Mutex<()>,
-    /// Recent failures, answered from here for [`NEGATIVE_TTL`]: a repo whose DID does not
-    /// resolve must not cost a request per commit.
+    /// Recent failures, answered from here for [`ResolveError::remembered_for`]: a repo whose
+    /// DID does not resolve must not cost a request per commit.
     failed: Mutex<HashMap<String, (Instant, ResolveError)>>,
     /// `did:plc` key histories (their audit logs), each fetched at most once per
     /// [`REFRESH_AFTER_FAILURE`] (concurrent asks share the request), kept that long; `None`:
@@ -174,8 +186,11 @@ fn decode_entry(v: &[u8]) -> Option<Cached> {
     Some(Cached { key, fetched_us, request: 0 })
 }
 
-/// How long a failed resolution is remembered.
+/// How long a failed resolution is remembered: an answer that the DID does not resolve.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+
+/// How long a resolution the directory did not answer (in time) is remembered.
+pub const TRANSIENT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 
 /// Failures remembered at most (a stream of made-up DIDs must not grow the map).
 const MAX_REMEMBERED_FAILURES: usize = 100_000;
@@ -309,7 +324,7 @@ impl Resolver {
             return Ok(k);
         }
         if let Some((at, e)) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).get(did) {
-            if at.elapsed() < NEGATIVE_TTL {
+            if at.elapsed() < e.remembered_for() {
                 return Err(e.clone());
             }
         }
@@ -482,7 +497,7 @@ impl Resolver {
                     self.results[e.result() as usize].inc();
                     let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
                     if failed.len() >= MAX_REMEMBERED_FAILURES {
-                        failed.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+                        failed.retain(|_, (at, e)| at.elapsed() < e.remembered_for());
                         if failed.len() >= MAX_REMEMBERED_FAILURES {
                             failed.clear();
                         }
@@ -542,6 +557,19 @@ impl Resolver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_is_remembered_longer_than_a_directory_that_did_not_answer() {
+        for e in [ResolveError::NotFound, ResolveError::BadDocument("no key".into()), ResolveError::Unsupported] {
+            assert_eq!(e.remembered_for(), NEGATIVE_TTL, "{e}");
+        }
+        for e in
+            [ResolveError::Fetch("refused".into()), ResolveError::Timeout, ResolveError::Busy, ResolveError::GivenUp]
+        {
+            assert_eq!(e.remembered_for(), TRANSIENT_NEGATIVE_TTL, "{e}");
+        }
+        assert!(TRANSIENT_NEGATIVE_TTL * 10 <= NEGATIVE_TTL);
+    }
 
     #[test]
     fn a_key_forgotten_and_cached_again_is_not_evicted_by_its_old_place() {
