@@ -86,8 +86,11 @@ struct Loading {
 /// N²/2 bytes of keys (gigabytes from a 2 MB block).
 const MAX_KEY_BYTES: usize = 1024;
 /// The keys one tree's load may rebuild in all: a commit's proof holds at most a few thousand
-/// entries (200 ops, a root-to-leaf path each), of real keys (tens of bytes).
-const MAX_KEY_BYTES_LOADED: usize = 32 << 20;
+/// entries (200 ops, a root-to-leaf path each), of real keys (tens of bytes): ~200 KB; a 2 MB
+/// CAR of nothing but nodes, ~50,000 entries of real keys, ~3 MB. A signed hostile node (each
+/// entry a ~1 KiB key from a few bytes) is cut here: hashing and copying the keys costs ~16
+/// times what they weigh, on the verification task.
+const MAX_KEY_BYTES_LOADED: usize = 8 << 20;
 
 /// MST nodes are small; a CAR of 2 MB cannot hold more nodes than this many levels deep.
 const MAX_LAYER: u32 = 128;
