@@ -371,6 +371,31 @@ async fn pass_keeps_failed_events_and_counts_them() {
     assert_eq!(rkeys, ["a1", "ax", "a2"]);
 }
 
+/// An `#identity` frame the transcoder drops (here its `time` cannot be read) still announces
+/// that the repo's key may have changed: the key is resolved again for its next commit. Before,
+/// only an event the transcoder made dropped it, and a rotated-away key stayed in use for up to
+/// the cache's day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_frame_the_transcoder_drops_still_has_the_key_resolved_again() {
+    use common::frames::identity_frame_at;
+    let (plc, relay, mut alice) = alice_and_her_directory().await;
+    let commit = |alice: &mut SignedRepo, n: &str| alice.commit(0, &[Op::Create(post(n), record(n))], Tamper::None);
+    relay.push(1, with_seq(&commit(&mut alice, "a1"), 1));
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--verify", "full", "--plc-url", &plc.url()]);
+    serve.wait_for_seq(1, Duration::from_secs(30));
+    let asked = plc.requests(ALICE);
+    relay.push(2, identity_frame_at(2, ALICE, None, "not a time"));
+    serve.wait_for_seq(2, Duration::from_secs(30));
+    relay.push(3, with_seq(&commit(&mut alice, "a2"), 3));
+    serve.wait_for_seq(3, Duration::from_secs(30));
+    assert_eq!(plc.requests(ALICE), asked + 1, "alice's key resolved again; logs:\n{}", serve.logs());
+    let dropped = serve.metric("contrail_drops_total{reason=\"bad_time\"}");
+    assert_eq!(dropped, Some(1.0), "the #identity was dropped");
+    let marks = commit_marks(&serve, 2).await;
+    assert_eq!(marks, [("a1", "signature"), ("a2", "full")].map(|(r, m)| (r.to_string(), m.to_string())));
+}
+
 /// A commit passed unverified (its key could not be had) may be the repo's real next commit:
 /// the one after it names it in `since`. That one must re-anchor the chain, not be dropped as a
 /// chain break; and a repo's first verified commit is marked `signature`, not `full` (its

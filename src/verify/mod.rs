@@ -38,7 +38,7 @@ use crate::metrics::{Metrics, Outcome};
 use crate::rate_limited_log::RateLimitedLog;
 use crate::sequencer::{IngestFrame, IngestReceiver, IngestSender};
 use crate::units::{parse_duration, ser_duration};
-use contrail_core::event::{EventKind, Verification};
+use contrail_core::event::Verification;
 use contrail_core::verify::{self, ChainLink, Checked, Failure, Level, PublicKey, Reason, RepoFrame, RepoState};
 use resolve::{ResolveError, Resolver, ResolverOptions};
 use std::collections::{HashMap, VecDeque};
@@ -781,10 +781,11 @@ impl Stage {
         let prepared = match work {
             Work::Done(Ok(Some(p))) => p,
             Work::Done(Ok(None)) | Work::None => {
-                // An #identity event may announce a new key.
-                for e in frame.events.iter().filter(|e| e.kind == EventKind::Identity) {
-                    self.resolver.forget(e.did());
-                    self.forgotten.insert(e.did().to_string(), self.resolver.forgets());
+                // An #identity frame may announce a new key: read from the frame, so one the
+                // transcoder dropped (an unreadable `time`, a handle too long) does too.
+                if let Some(did) = verify::identity_did(&raw) {
+                    self.resolver.forget(did);
+                    self.forgotten.insert(did.to_string(), self.resolver.forgets());
                 }
                 return frame;
             }

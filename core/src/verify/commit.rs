@@ -160,6 +160,23 @@ pub fn frame_repo(frame: &[u8]) -> Option<&str> {
     None
 }
 
+/// The DID an `#identity` frame names, read leniently: a frame the transcoder drops (a `time`
+/// it cannot read, a handle too long) still announces that the DID's key may have changed.
+/// `None` for another frame, or when the DID cannot be read or is not a valid one.
+pub fn identity_did(frame: &[u8]) -> Option<&str> {
+    let mut r = Reader::new(frame);
+    if read_header(&mut r).ok()? != (Some(1), Some("#identity")) {
+        return None;
+    }
+    for _ in 0..r.read_map_len().ok()? {
+        if r.read_str().ok()? == "did" {
+            return r.read_str().ok().filter(|d| crate::syntax::is_valid_did(d));
+        }
+        r.skip().ok()?;
+    }
+    None
+}
+
 /// A frame header's `op` and `t`, the reader left at the body.
 fn read_header<'a>(r: &mut Reader<'a>) -> Result<(Option<i64>, Option<&'a str>), crate::transcode::cbor::CborError> {
     let (mut op, mut t) = (None, None);
@@ -449,6 +466,11 @@ mod tests {
         assert_eq!(frame_repo(&frame("#commit", &[("repo", "bob")])), None);
         assert_eq!(frame_repo(&frame("#commit", &[("rev", "3l")])), None);
         assert_eq!(frame_repo(&frame("#identity", &[("did", did)])), None);
+        // An #identity's DID, whatever else the frame holds; no other frame's.
+        assert_eq!(identity_did(&frame("#identity", &[("did", did), ("time", "not a time")])), Some(did));
+        assert_eq!(identity_did(&frame("#identity", &[("handle", "x"), ("did", did)])), Some(did));
+        assert_eq!(identity_did(&frame("#identity", &[("did", "bob")])), None);
+        assert_eq!(identity_did(&commit), None);
         assert_eq!(frame_repo(&commit[..commit.len() - 20]), None);
     }
 }

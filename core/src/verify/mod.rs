@@ -21,7 +21,7 @@ pub mod commit;
 pub mod keys;
 pub mod mst;
 
-pub use commit::{frame_repo, read_frame, Blocks, CommitFrame, RepoFrame, SignedCommit, SyncFrame};
+pub use commit::{frame_repo, identity_did, read_frame, Blocks, CommitFrame, RepoFrame, SignedCommit, SyncFrame};
 pub use keys::PublicKey;
 
 label_enum! {
