@@ -34,6 +34,10 @@ pub enum ResolveError {
     BadDocument(String),
     #[error("resolving: {0}")]
     Fetch(String),
+    /// The directory answered with another status than a document or not-found (429 for its
+    /// rate limit, a 5xx): an answer, remembered as long as the others, not asked again soon.
+    #[error("resolving: the directory answered {0}")]
+    Refused(String),
     #[error("resolving timed out")]
     Timeout,
     #[error("no request slot free before the deadline")]
@@ -47,12 +51,16 @@ pub enum ResolveError {
 }
 
 impl ResolveError {
-    /// How long the failure is answered from memory: an answer ([`NEGATIVE_TTL`]), or, for a
+    /// How long the failure is answered from memory: an answer ([`NEGATIVE_TTL`]: a 429 or a
+    /// 5xx too, so a directory that rate-limits or fails is not asked sooner), or, for a
     /// directory that did not answer in time or at all, [`TRANSIENT_NEGATIVE_TTL`] (a hiccup
     /// of seconds must not leave its DIDs unresolved for a minute).
     pub fn remembered_for(&self) -> Duration {
         match self {
-            ResolveError::NotFound | ResolveError::BadDocument(_) | ResolveError::Unsupported => NEGATIVE_TTL,
+            ResolveError::NotFound
+            | ResolveError::BadDocument(_)
+            | ResolveError::Unsupported
+            | ResolveError::Refused(_) => NEGATIVE_TTL,
             ResolveError::Fetch(_) | ResolveError::Timeout | ResolveError::Busy | ResolveError::GivenUp => {
                 TRANSIENT_NEGATIVE_TTL
             }
@@ -63,7 +71,7 @@ impl ResolveError {
         match self {
             ResolveError::NotFound => ResolveResult::NotFound,
             ResolveError::BadDocument(_) => ResolveResult::BadDocument,
-            ResolveError::Fetch(_) => ResolveResult::Error,
+            ResolveError::Fetch(_) | ResolveError::Refused(_) => ResolveResult::Error,
             ResolveError::Timeout => ResolveResult::Timeout,
             ResolveError::Busy => ResolveResult::Busy,
             ResolveError::Unsupported => ResolveResult::Unsupported,
@@ -545,6 +553,7 @@ impl Resolver {
                 ResolveError::BadDocument("larger than 64 KiB".into())
             }
             ClientError::Timeout { .. } => ResolveError::Timeout,
+            status @ ClientError::Status { .. } => ResolveError::Refused(status.to_string()),
             other => ResolveError::Fetch(other.to_string()),
         })?;
         if body.len() > MAX_DOC_BYTES {
@@ -560,7 +569,13 @@ mod tests {
 
     #[test]
     fn an_answer_is_remembered_longer_than_a_directory_that_did_not_answer() {
-        for e in [ResolveError::NotFound, ResolveError::BadDocument("no key".into()), ResolveError::Unsupported] {
+        let answers = [
+            ResolveError::NotFound,
+            ResolveError::BadDocument("no key".into()),
+            ResolveError::Unsupported,
+            ResolveError::Refused("429".into()),
+        ];
+        for e in answers {
             assert_eq!(e.remembered_for(), NEGATIVE_TTL, "{e}");
         }
         for e in

@@ -154,7 +154,7 @@ impl PartialTree {
             }
             loading.key_bytes += p + e.suffix.len();
             if loading.key_bytes > MAX_KEY_BYTES_LOADED {
-                return Err(Failure::Proof("MST keys past 32 MiB in one proof"));
+                return Err(Failure::Proof("MST keys past 8 MiB in one proof"));
             }
             let mut key = prev_key[..p].to_vec();
             key.extend_from_slice(e.suffix);
