@@ -77,6 +77,22 @@ fn check_against_v1(p: &serde_json::Value, v1: &serde_json::Value) {
     }
 }
 
+/// The status line and headers of the answer to a GET of `path` with `headers`.
+fn response_head(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    tcp.write_all(format!("{req}\r\n").as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = tcp.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).to_string();
+    text.split_once("\r\n\r\n").map_or(text.clone(), |(head, _)| format!("{head}\r\n"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v2_refuses_bad_requests_with_named_xrpc_errors() {
     let s = setup(10).await;
@@ -115,6 +131,16 @@ async fn v2_refuses_bad_requests_with_named_xrpc_errors() {
     let (status, body) = http_get_with(s.serve.public, PATH, &old_version).unwrap();
     assert_eq!(status, 426, "{body}");
     assert_eq!(bad_requests(), before + 1.0);
+    let head = response_head(s.serve.public, PATH, &old_version);
+    assert!(
+        head.contains("\r\nsec-websocket-version: 13\r\n") && head.contains("\r\nupgrade: websocket\r\n"),
+        "{head}"
+    );
+    // On v1 too; and without a key the request is not one to retry with another version.
+    let head = response_head(s.serve.public, "/subscribe", &old_version);
+    assert!(head.starts_with("HTTP/1.1 426") && head.contains("\r\nsec-websocket-version: 13\r\n"), "{head}");
+    let keyless = [WS[0], WS[1], ("Sec-WebSocket-Version", "8")];
+    assert!(response_head(s.serve.public, "/subscribe", &keyless).starts_with("HTTP/1.1 400"));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
     assert_eq!(v["error"], "InvalidRequest");
     assert!(v["message"].as_str().unwrap().starts_with("bad websocket handshake"), "{v}");

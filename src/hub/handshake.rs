@@ -169,11 +169,15 @@ fn admit_and_upgrade(
         Err(e) => {
             hub.metrics.rejected_requests.with_label_values(&[Refusal::BadRequest.as_str()]).inc();
             let mut response = (refusals.bad_handshake)(e.to_string());
-            // Another websocket version: 426 and the one spoken here (RFC 6455 4.4), so a
-            // client that can, tries it.
-            if req.headers().get("sec-websocket-version").is_some_and(|v| v.as_bytes() != b"13") {
+            // Another websocket version (in a request otherwise whole): 426 and the one spoken
+            // here (RFC 6455 4.4), so a client that can, tries it.
+            let headers = req.headers();
+            let other_version = headers.get("sec-websocket-version").is_some_and(|v| v.as_bytes() != b"13");
+            if other_version && headers.contains_key("sec-websocket-key") {
+                use hyper::header::{HeaderValue, UPGRADE};
                 *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
-                response.headers_mut().insert("sec-websocket-version", hyper::header::HeaderValue::from_static("13"));
+                response.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
+                response.headers_mut().insert(UPGRADE, HeaderValue::from_static("websocket"));
             }
             return response;
         }
