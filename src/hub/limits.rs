@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct LimitsConfig {
     /// Most subscribers at once; also the most connections all clients together may hold
-    /// still in plain HTTP (not yet upgraded) on the public listener.
+    /// still in plain HTTP (not yet upgraded) on the public listener, the last sixteenth of
+    /// them (at most 256) kept for unlimited clients and trusted proxies.
     #[arg(long, env = "CONTRAIL_MAX_SUBSCRIBERS", default_value = "10000")]
     pub max_subscribers: usize,
     /// Most subscribers from one client IP; also the most connections it may hold still in
@@ -50,7 +51,7 @@ pub struct LimitsConfig {
     /// wantedCollections (v1 allows 10,000 DIDs of up to 2,048 characters, ~20 MB a filter),
     /// with the copies the live index keeps of the DIDs or of the collections.
     /// One client IP may hold a quarter of it. A subscribe request past it is refused with a
-    /// 503, an options_update with a 1013 close (0: unlimited).
+    /// 503, an options_update with a 1013 close (0: unlimited; else at least 64KiB).
     #[arg(long, env = "CONTRAIL_MAX_FILTER_BYTES", default_value = "1GiB", value_parser = crate::units::parse_size)]
     pub max_filter_bytes: u64,
     /// Memory all subscribers' incoming messages may hold together while they arrive and wait
@@ -72,8 +73,8 @@ impl LimitsConfig {
         if self.max_filter_bytes > 1 << 40 {
             return Err(("max-filter-bytes", "must be at most 1TiB".into()));
         }
-        // A quarter per client: less, and a filter of a few hundred DIDs does not fit (a value
-        // meant in MB, say, would refuse every filtered subscribe).
+        // A quarter per client, so 16 KiB here (~70 DIDs): less is a mistake (a value meant in
+        // MB, say, refuses every filtered subscribe at run time).
         if (1..64 << 10).contains(&self.max_filter_bytes) {
             return Err(("max-filter-bytes", "must be 0 (unlimited) or at least 64KiB".into()));
         }
@@ -125,9 +126,11 @@ impl serde::Serialize for IpNet {
 }
 
 impl IpNet {
-    /// Whether the block is every address of its family (`0.0.0.0/0`, `::/0`).
+    /// Whether the block is every address of a family: `0.0.0.0/0`, `::/0`, or every IPv4
+    /// address as IPv4-mapped IPv6 (`::ffff:0:0/96`; [`IpNet::contains`] takes either form).
     pub fn is_everything(&self) -> bool {
-        self.prefix == 0
+        let mapped_v4 = IpAddr::V6(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+        self.prefix == 0 || (self.addr.is_ipv6() && self.prefix <= 96 && self.contains_exactly(mapped_v4))
     }
 
     /// Whether `ip` is in the block. An IPv4 address and its IPv4-mapped IPv6 form (what a
@@ -1264,6 +1267,9 @@ mod tests {
         assert_eq!(with(0, (1 << 20) - 1).unwrap_err().0, "max-client-message-bytes");
         assert!("0.0.0.0/0".parse::<IpNet>().unwrap().is_everything());
         assert!(!"10.0.0.0/8".parse::<IpNet>().unwrap().is_everything());
+        assert!("::ffff:0:0/96".parse::<IpNet>().unwrap().is_everything());
+        assert!(!"::ffff:10.0.0.0/104".parse::<IpNet>().unwrap().is_everything());
+        assert!(!"2001:db8::/32".parse::<IpNet>().unwrap().is_everything());
     }
 
     #[test]
