@@ -548,34 +548,13 @@ fn write_json_bytes(out: &mut Vec<u8>, b: &[u8], mut checked: bool) -> Result<()
                 std::str::from_utf8(&b[i..])?;
                 checked = true;
             }
-            match ESCAPE[c as usize] {
-                0 => i += 1,
-                // U+2028 is E2 80 A8, U+2029 is E2 80 A9; other E2 sequences pass through.
-                2 if b.get(i + 1) == Some(&0x80) && matches!(b.get(i + 2), Some(0xA8 | 0xA9)) => {
+            let mut escape = [0u8; 6];
+            match escape_at(b, i, &mut escape) {
+                None => i += 1,
+                Some((n, stands_for)) => {
                     out.extend_from_slice(&b[start..i]);
-                    out.extend_from_slice(if b[i + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" });
-                    i += 3;
-                    start = i;
-                }
-                2 => i += 1,
-                _ => {
-                    out.extend_from_slice(&b[start..i]);
-                    match c {
-                        b'"' => out.extend_from_slice(b"\\\""),
-                        b'\\' => out.extend_from_slice(b"\\\\"),
-                        b'\n' => out.extend_from_slice(b"\\n"),
-                        b'\r' => out.extend_from_slice(b"\\r"),
-                        b'\t' => out.extend_from_slice(b"\\t"),
-                        c => out.extend_from_slice(&[
-                            b'\\',
-                            b'u',
-                            b'0',
-                            b'0',
-                            HEX[(c >> 4) as usize],
-                            HEX[(c & 15) as usize],
-                        ]),
-                    }
-                    i += 1;
+                    out.extend_from_slice(&escape[..n]);
+                    i += stands_for;
                     start = i;
                 }
             }
@@ -615,40 +594,48 @@ fn encoded_char(key: &[u8], at: usize, out: &mut [u8; 6]) -> usize {
         out[0] = b'"';
         return 1;
     };
-    let raw = |out: &mut [u8; 6], n: usize| {
-        let n = n.min(key.len() - at);
-        out[..n].copy_from_slice(&key[at..at + n]);
-        n
-    };
-    let escape = |out: &mut [u8; 6], e: &[u8]| {
-        out[..e.len()].copy_from_slice(e);
-        e.len()
-    };
-    match ESCAPE[c as usize] {
-        0 if c < 0x80 => raw(out, 1),
-        0 => raw(
-            out,
-            if c >= 0xF0 {
-                4
-            } else if c >= 0xE0 {
-                3
-            } else {
-                2
-            },
-        ),
-        2 if key.get(at + 1) == Some(&0x80) && matches!(key.get(at + 2), Some(0xA8 | 0xA9)) => {
-            escape(out, if key[at + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" })
-        }
-        2 => raw(out, 3),
-        _ => match c {
-            b'"' => escape(out, b"\\\""),
-            b'\\' => escape(out, b"\\\\"),
-            b'\n' => escape(out, b"\\n"),
-            b'\r' => escape(out, b"\\r"),
-            b'\t' => escape(out, b"\\t"),
-            c => escape(out, &[b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]]),
-        },
+    if let Some((n, _)) = escape_at(key, at, out) {
+        return n;
     }
+    // Written as is: the whole UTF-8 character.
+    let n = match c {
+        0xF0.. => 4,
+        0xE0.. => 3,
+        0x80.. => 2,
+        _ => 1,
+    }
+    .min(key.len() - at);
+    out[..n].copy_from_slice(&key[at..at + n]);
+    n
+}
+
+/// Go's escape for the character at `b[i]` when it is written escaped (a control, `"` `\`
+/// `<` `>` `&`, U+2028 or U+2029), into `out`: its length, and how many bytes of `b` it
+/// stands for. `None`: written as is.
+#[inline]
+fn escape_at(b: &[u8], i: usize, out: &mut [u8; 6]) -> Option<(usize, usize)> {
+    let c = b[i];
+    let (escape, stands_for): (&[u8], usize) = match ESCAPE[c as usize] {
+        0 => return None,
+        // U+2028 is E2 80 A8, U+2029 is E2 80 A9; other E2 sequences pass through.
+        2 if b.get(i + 1) == Some(&0x80) && matches!(b.get(i + 2), Some(0xA8 | 0xA9)) => {
+            (if b[i + 2] == 0xA8 { b"\\u2028" } else { b"\\u2029" }, 3)
+        }
+        2 => return None,
+        _ => match c {
+            b'"' => (b"\\\"", 1),
+            b'\\' => (b"\\\\", 1),
+            b'\n' => (b"\\n", 1),
+            b'\r' => (b"\\r", 1),
+            b'\t' => (b"\\t", 1),
+            c => {
+                *out = [b'\\', b'u', b'0', b'0', HEX[(c >> 4) as usize], HEX[(c & 15) as usize]];
+                return Some((6, 1));
+            }
+        },
+    };
+    out[..escape.len()].copy_from_slice(escape);
+    Some((escape.len(), stands_for))
 }
 
 #[cfg(test)]

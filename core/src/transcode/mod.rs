@@ -537,7 +537,7 @@ impl Transcoder {
 
 /// The records rendered in one frame, by CID: up to 200, looked up once per op, by the end of
 /// the CID (its digest's last 8 bytes) first (comparing whole CIDs, each op against each
-/// entry, cost a 200-op commit a fifth more).
+/// entry, showed in a 200-op commit's profile: BENCHMARKS.md, thirtieth session).
 #[derive(Default)]
 struct FrameRecords<'f> {
     keys: Vec<u64>,
