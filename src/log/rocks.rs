@@ -56,6 +56,8 @@ const KEY_TRIMMED_THROUGH: &[u8] = b"trimmed_through";
 const KEY_STAMP_FLOOR: &[u8] = b"stamp_floor";
 /// The prefix of a hole's key in `meta` ([`super::holes`]).
 const HOLE_PREFIX: &[u8] = b"hole/";
+/// The first key after every [`HOLE_PREFIX`] one (`0` follows `/`).
+const HOLES_END: &[u8] = b"hole0";
 
 fn hole_key(first: u64) -> Vec<u8> {
     [HOLE_PREFIX, &first.to_be_bytes()].concat()
@@ -506,35 +508,28 @@ impl RocksLog {
     /// first event is gone: they go with it (a trim a crash cut short may have left them).
     pub fn holes(&self) -> Result<Vec<Hole>> {
         let oldest = self.oldest_time_us()?.unwrap_or(u64::MAX);
-        // The newest MAX_HOLES, and the keys of the others (older than the log, or past the
-        // cap: never told), which go; at most MAX_HOLES of either in memory at once.
-        let mut holes: std::collections::VecDeque<(Vec<u8>, Hole)> = Default::default();
-        let mut stale = Vec::new();
-        let mut failed = None;
-        self.each_hole(|key, first, after| {
-            if first < oldest || first <= self.trimmed.load(std::sync::atomic::Ordering::Acquire) {
-                stale.push(key.to_vec());
+        let trimmed = self.trimmed.load(std::sync::atomic::Ordering::Acquire);
+        // The newest MAX_HOLES whose first event is there. The others (their event gone, or
+        // past the cap: never told) are the oldest keys, all before the first kept one: they
+        // go in one range.
+        let mut holes = std::collections::VecDeque::new();
+        let mut gone = false;
+        self.each_hole(|_, first, after| {
+            if first < oldest || first <= trimmed {
+                gone = true;
             } else {
-                holes.push_back((key.to_vec(), Hole { after, first }));
+                holes.push_back(Hole { after, first });
                 if holes.len() > MAX_HOLES {
-                    stale.extend(holes.pop_front().map(|(key, _)| key));
-                }
-            }
-            if stale.len() >= MAX_HOLES {
-                for key in stale.drain(..) {
-                    if let Err(e) = self.db.delete_cf(self.meta(), key) {
-                        failed.get_or_insert(e);
-                    }
+                    holes.pop_front();
+                    gone = true;
                 }
             }
         })?;
-        if let Some(e) = failed {
-            return Err(e.into());
+        if gone {
+            let end = holes.front().map_or_else(|| HOLES_END.to_vec(), |h| hole_key(h.first));
+            self.db.delete_range_cf(self.meta(), HOLE_PREFIX, &end[..])?;
         }
-        for key in stale {
-            self.db.delete_cf(self.meta(), key)?;
-        }
-        Ok(holes.into_iter().map(|(_, hole)| hole).collect())
+        Ok(holes.into())
     }
 
     /// Calls `f` with each stored hole's key, `first` and `after`, oldest first.
