@@ -4,7 +4,8 @@
 //! One root cancellation token, with a child per shutdown phase, in this order: `accept`
 //! (listeners), `reader` (the relay or upstream reader; the sequencer then writes and
 //! publishes its last batch and ends) with `background` (retention, the status history,
-//! precompression), the hub's (subscribers get 1001). Cancelling the root stops them all.
+//! precompression), the hub's (subscribers are sent what the log holds, then 1001), the hub's
+//! writes (abandoned where a client is not reading). Cancelling the root stops them all.
 //! Phases wait at most `--shutdown-drain-timeout` each; the log is flushed last.
 
 use crate::config::ServeConfig;
@@ -320,9 +321,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     notify_systemd(sd_notify::NotifyState::Stopping);
     // In order (DESIGN.md invariant 8): no new connections; the reader stops, so the
-    // sequencer writes and publishes what it has and ends (a live subscriber may get some of
-    // it before its 1001; all of it is stored, for its reconnect); subscribers get 1001 and a
-    // moment to drain; then the log is flushed.
+    // sequencer writes and publishes what it has and ends; subscribers are sent what the log
+    // holds (a live one its last batch; at most a second of it), then 1001, and a moment to
+    // drain; then the log is flushed.
     let drain = config.ops.shutdown_drain_timeout;
     accept.cancel();
     stop_reader.cancel();
@@ -343,8 +344,16 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     hub.shutdown.cancel();
     hub.tasks.close();
     connections.close();
-    if tokio::time::timeout(drain, async { tokio::join!(hub.tasks.wait(), connections.wait()) }).await.is_err() {
-        tracing::warn!("subscribers did not drain in time");
+    let closed = async { tokio::join!(hub.tasks.wait(), connections.wait()) };
+    tokio::pin!(closed);
+    // Subscribers are sent what is stored, then 1001; writes still under way after a moment
+    // (to clients not reading) are abandoned, and the close frames get the rest of the drain.
+    let writing = drain.min(crate::hub::WRITES_AT_SHUTDOWN);
+    if tokio::time::timeout(writing, &mut closed).await.is_err() {
+        hub.stop_writes.cancel();
+        if tokio::time::timeout(drain - writing, &mut closed).await.is_err() {
+            tracing::warn!("subscribers did not drain in time");
+        }
     }
     root.cancel();
     let flush_log = log.clone();

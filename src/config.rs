@@ -166,7 +166,7 @@ pub struct OperationsConfig {
     /// Metrics listener (/metrics). Port 0 picks a free port.
     #[arg(long, env = "CONTRAIL_METRICS_LISTEN", default_value = "0.0.0.0:6009")]
     pub metrics_listen: SocketAddr,
-    /// At shutdown, how long subscribers get to receive their close frames.
+    /// At shutdown, how long subscribers get to receive what is stored (the first second of it) and their close frames.
     #[arg(long, env = "CONTRAIL_SHUTDOWN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
     pub shutdown_drain_timeout: Duration,

@@ -306,6 +306,78 @@ async fn sigterm_closes_subscribers_and_loses_nothing() {
     assert_eq!(times.len(), n);
 }
 
+/// At SIGTERM a subscriber gets every event the log holds that its filter wants before its
+/// 1001: the reader stops, the sequencer writes and publishes its last batch, and each session
+/// sends what it was handed up to the log's last event (for at most a second) before it closes.
+/// Before, a session closed at once: a live one's last events waited in its queue, and one
+/// whose write was waiting on its client got no close frame at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
+    use common::client::{next, Msg};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 30_000, 30, 17);
+    relay.push_all(&gen);
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_micros(20)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Serve::start(dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(300, Duration::from_secs(30));
+    // Everything; one collection (a subscriber found through the index); and everything, to a
+    // client that stops reading for a while just before the signal (its socket fills, the
+    // server's write to it waits) and reads again soon after.
+    let queries = ["/subscribe", "/subscribe?wantedCollections=app.bsky.feed.like", "/subscribe?pausing"];
+    let pause = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for q in queries {
+        let mut ws = connect(serve.public, q, &[]).await.unwrap();
+        let pause = (q.contains("pausing")).then(|| pause.clone());
+        readers.push(tokio::spawn(async move {
+            let (mut first, mut last, mut count) = (None, 0u64, 0usize);
+            loop {
+                if pause.as_ref().is_some_and(|p| p.swap(false, Ordering::Relaxed)) {
+                    tokio::time::sleep(Duration::from_millis(2_000)).await;
+                }
+                match next(&mut ws, Duration::from_secs(10)).await {
+                    Some(Msg::Text(t)) => {
+                        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                        last = v["time_us"].as_u64().unwrap();
+                        first.get_or_insert(last);
+                        count += 1;
+                    }
+                    Some(Msg::Close(code, reason)) => return (first, last, count, Some((code, reason))),
+                    Some(Msg::Binary(_)) => panic!("a binary frame"),
+                    None => return (first, last, count, None),
+                }
+            }
+        }));
+    }
+    serve.wait_for_seq(3_000, Duration::from_secs(30));
+    pause.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let status = tokio::task::block_in_place(|| serve.terminate());
+    assert!(status.success(), "exit status {status:?}; logs:\n{}", serve.logs());
+    let stored: Vec<serde_json::Value> =
+        inspect_log(dir.path()).iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let total: usize = gen.iter().map(|g| g.expected.len()).sum();
+    assert!(stored.len() < total, "the relay ran out before the signal: nothing to race");
+    for (q, reader) in queries.iter().zip(readers) {
+        let (first, last, count, closed) = reader.await.unwrap();
+        let first = first.expect("events before the signal");
+        assert_eq!(closed, Some((1001, "server shutting down".to_string())), "{q}");
+        let wanted: Vec<u64> = stored
+            .iter()
+            // (identity and account events go to every subscriber, as in v1)
+            .filter(|e| {
+                !q.contains("wanted") || e["kind"] != "commit" || e["commit"]["collection"] == "app.bsky.feed.like"
+            })
+            .map(|e| e["time_us"].as_u64().unwrap())
+            .filter(|&t| t >= first)
+            .collect();
+        assert_eq!((last, count), (*wanted.last().unwrap(), wanted.len()), "{q}: the last event and the count");
+    }
+}
+
 /// A client holds at most `--max-connections-per-ip` connections still speaking plain HTTP
 /// (here: request heads it never finishes); the next gets a 429 at accept, and a connection
 /// that ends gives its place back. Before, only the rate of new connections was bounded.

@@ -259,6 +259,13 @@ impl HubConfig {
     }
 }
 
+/// At shutdown, how long a subscriber is still sent what the log holds (the last batch, for a
+/// live one; more of its replay, for one behind) before its 1001.
+pub const SENDING_AT_SHUTDOWN: Duration = Duration::from_secs(1);
+/// At shutdown, how long writes under way may go on: the sending above, and the last write it
+/// began (a replay page, at a client reading at a normal pace), before they are abandoned.
+pub const WRITES_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
 /// Everything a subscriber needs, shared by all of them.
 pub struct Hub {
     pub log: Arc<Log>,
@@ -270,8 +277,13 @@ pub struct Hub {
     pub admission: Arc<Admission>,
     pub config: HubConfig,
     pub limits: LimitsConfig,
-    /// Cancelled at shutdown: every subscriber closes with 1001.
+    /// Cancelled at shutdown, once the sequencer has published its last batch: each subscriber
+    /// is sent what the log holds, up to its last event, for at most [`SENDING_AT_SHUTDOWN`],
+    /// then closes with 1001.
     pub shutdown: CancellationToken,
+    /// Cancelled [`WRITES_AT_SHUTDOWN`] after `shutdown` (or with the root): a write still under
+    /// way (to a client not reading) is abandoned, and that client gets no close frame.
+    pub stop_writes: CancellationToken,
     /// Every subscriber task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     /// Replay pages, shared by replayers close to each other with the same filter and encoding.
@@ -288,7 +300,7 @@ impl Hub {
         dictionaries: Arc<Dictionaries>,
         config: HubConfig,
         limits: LimitsConfig,
-        shutdown: CancellationToken,
+        stop_writes: CancellationToken,
     ) -> std::io::Result<Hub> {
         let admission = Admission::new(&limits, [metrics.filter_bytes.clone(), metrics.client_message_bytes.clone()]);
         // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
@@ -308,7 +320,9 @@ impl Hub {
             dictionaries,
             admission,
             limits,
-            shutdown,
+            // Stopping writes stops the subscribers too.
+            shutdown: stop_writes.child_token(),
+            stop_writes,
             tasks: TaskTracker::new(),
             replay_budget: replay_budget::ReplayBudget::new(
                 config.replay_held_bytes as usize,

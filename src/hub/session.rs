@@ -56,6 +56,8 @@ const MAX_SMALL_FRAGMENTS_PER_SECOND: u32 = 500;
 const MAX_SMALL_FRAGMENTS_PER_MESSAGE: usize = 64;
 /// What counts as a small fragment.
 const SMALL_FRAME: usize = 256;
+/// At shutdown, how often a subscriber looks whether its stream has passed the log's last event.
+const SHUTDOWN_LOOK: Duration = Duration::from_millis(10);
 /// What the reader half has read and the session not yet handled, in messages.
 const CONTROL_QUEUE: usize = 16;
 /// How long a close frame may take to leave before the socket is simply dropped.
@@ -381,6 +383,9 @@ struct Session {
     /// The hub's shutdown, as a token of the session's own: every check of a token locks it, and
     /// the hub's one would be a lock all sessions share on every turn of their loops.
     shutdown: tokio_util::sync::CancellationToken,
+    /// The hub's `stop_writes`, likewise: what ends a write under way (at shutdown, once what
+    /// the log holds had its time to go out; see [`Session::send_what_is_stored`]).
+    stop_writes: tokio_util::sync::CancellationToken,
     tx: FrameWriter,
     /// What the socket has shown (see `liveness`).
     progress: Arc<liveness::Progress>,
@@ -462,6 +467,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
     let mut s = Session {
         hub: hub.clone(),
         shutdown: hub.shutdown.child_token(),
+        stop_writes: hub.stop_writes.child_token(),
         tx,
         progress,
         filter: Arc::new(sub.filter),
@@ -608,7 +614,10 @@ impl Session {
                 e = stream.next(chunk) => Step::Deliver(e),
             };
             match step {
-                Step::Shutdown => return Err(CloseReason::Shutdown),
+                Step::Shutdown => {
+                    self.send_what_is_stored(chunk).await?;
+                    return Err(CloseReason::Shutdown);
+                }
                 Step::Control(c) => {
                     self.control(c).await?;
                 }
@@ -640,6 +649,39 @@ impl Session {
                 // (which may be a ping interval ago).
                 self.slow.restart(Instant::now(), stream.passed());
             }
+        }
+    }
+
+    /// At shutdown: the stream goes on until it has passed the log's last event, for at most
+    /// [`super::SENDING_AT_SHUTDOWN`]. The sequencer wrote and published its last batch before
+    /// the hub's shutdown, so a live subscriber gets it before its 1001 (it would otherwise wait
+    /// in its queue, and reach the client only on its reconnect); one behind gets a little more
+    /// of its replay. A client not reading holds this up only until the hub stops writes.
+    async fn send_what_is_stored(&mut self, chunk: usize) -> Result<(), CloseReason> {
+        let Some(last) = self.hub.tip.newest() else { return Ok(()) };
+        let until = Instant::now() + super::SENDING_AT_SHUTDOWN;
+        let stop = self.stop_writes.clone();
+        loop {
+            let stream = self.stream.as_mut().expect("started before the loop");
+            if stream.last_seen() >= last {
+                return Ok(());
+            }
+            // A live stream is woken only for events its filter wants: that the dispatcher has
+            // passed the last event is seen by looking again (`last_seen`), every few ms.
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(until) => return Ok(()),
+                _ = tokio::time::sleep(SHUTDOWN_LOOK) => continue,
+                e = stream.next(chunk) => e,
+            };
+            match next {
+                Some(Next::Event(ev)) => self.deliver_ready(ev).await?,
+                Some(Next::Frames(frames)) => self.deliver_frames(frames).await?,
+                Some(Next::Gap(gap)) => self.tell_gap(gap).await?,
+                None => return Ok(()),
+            }
+            self.flush().await?;
         }
     }
 
@@ -777,7 +819,7 @@ impl Session {
         self.take_tokens(frames.count()).await;
         self.unflushed = true;
         let (limit, len) = self.write_bound(frames.bytes().len());
-        within(limit, len, &self.progress, &self.shutdown, self.tx.framed(frames.bytes())).await?;
+        within(limit, len, &self.progress, &self.stop_writes, self.tx.framed(frames.bytes())).await?;
         if let Some(s) = self.stream.as_mut() {
             s.advance(frames.through);
         }
@@ -836,7 +878,7 @@ impl Session {
         }
         self.last_flush = Instant::now();
         let (limit, len) = self.write_bound(0);
-        within(limit, len, &self.progress, &self.shutdown, self.tx.flush()).await?;
+        within(limit, len, &self.progress, &self.stop_writes, self.tx.flush()).await?;
         if let Some(t) = self.oldest_unflushed_live.take() {
             // Wall clock against wall clock. A `time_us` ahead of the clock (a burst stamped
             // faster than 1 µs apart, a clock stepped back) says nothing: not recorded as 0.
@@ -865,7 +907,7 @@ impl Session {
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), CloseReason> {
         self.unflushed = true;
         let (limit, len) = self.write_bound(MAX_HEAD + frame.payload.len());
-        within(limit, len, &self.progress, &self.shutdown, self.tx.frame(frame)).await
+        within(limit, len, &self.progress, &self.stop_writes, self.tx.frame(frame)).await
     }
 
     /// Sends a close frame (best effort) with a reason cut to the 123 bytes a close frame holds.
