@@ -1,6 +1,8 @@
 //! The live-only log backend (`--store memory`): a bounded in-memory window of recent events for
 //! cheap, stateless fan-out nodes. Bounded by age (`--retention`) and by bytes
-//! (`--memory-bytes`): appending past the byte budget drops the oldest events at once.
+//! (`--memory-bytes`): appending past the byte budget drops the oldest events at once. The
+//! verification state counts in the same budget (each of its two maps at most an eighth of it),
+//! so `--memory-bytes` bounds all the log holds.
 //! Nothing survives a restart; a cursor older than the window starts at its oldest event.
 
 use super::{LogStats, RelayCursor, RepoStateWrite};
@@ -23,9 +25,9 @@ pub struct MemoryLog {
     trimmed: Arc<AtomicU64>,
 }
 
-#[derive(Default)]
 struct Inner {
     events: BTreeMap<u64, Box<[u8]>>,
+    /// The events' bytes, with [`ENTRY_OVERHEAD`] each.
     bytes: u64,
     last_time_us: u64,
     cursor: Option<RelayCursor>,
@@ -38,38 +40,59 @@ struct Inner {
     repo_states_unreadable: bool,
 }
 
-/// One verification map: by key, least recently written first out.
-struct StateMap(lru::LruCache<String, Vec<u8>>);
-
-impl Default for StateMap {
-    fn default() -> Self {
-        // Unbounded in the cache's own terms (nothing allocated up front); held to
-        // MAX_STATE_ENTRIES by `put`.
-        StateMap(lru::LruCache::unbounded())
-    }
+/// One verification map: by key, least recently written first out, held to
+/// [`MAX_STATE_ENTRIES`] entries and `max_bytes`.
+struct StateMap {
+    /// Unbounded in the cache's own terms (nothing allocated up front); bounded by `put`.
+    entries: lru::LruCache<String, Vec<u8>>,
+    /// What the entries cost, counted as [`state_entry_bytes`].
+    bytes: u64,
+    max_bytes: u64,
 }
 
 impl StateMap {
+    fn new(max_bytes: u64) -> Self {
+        StateMap { entries: lru::LruCache::unbounded(), bytes: 0, max_bytes }
+    }
+
     fn put(&mut self, key: &str, value: &[u8]) {
-        self.0.put(key.to_string(), value.to_vec());
-        while self.0.len() > MAX_STATE_ENTRIES {
-            self.0.pop_lru();
+        self.bytes += state_entry_bytes(key, value);
+        if let Some((k, v)) = self.entries.push(key.to_string(), value.to_vec()) {
+            self.bytes -= state_entry_bytes(&k, &v);
+        }
+        while self.entries.len() > MAX_STATE_ENTRIES || self.bytes > self.max_bytes {
+            let Some((k, v)) = self.entries.pop_lru() else { break };
+            self.bytes -= state_entry_bytes(&k, &v);
         }
     }
 
     fn get(&self, key: &str) -> Option<Vec<u8>> {
-        self.0.peek(key).cloned()
+        self.entries.peek(key).cloned()
     }
 
     fn remove(&mut self, key: &str) {
-        self.0.pop(key);
+        if let Some((k, v)) = self.entries.pop_entry(key) {
+            self.bytes -= state_entry_bytes(&k, &v);
+        }
     }
 }
 
 /// Entries each verification map keeps at most on a live-only node.
 const MAX_STATE_ENTRIES: usize = 1_000_000;
+/// Per-entry cost of a verification map beyond its key and value (the cache's node and
+/// links, its hash table's slot, two heap blocks).
+const STATE_ENTRY_OVERHEAD: u64 = 96;
+
+fn state_entry_bytes(key: &str, value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64 + STATE_ENTRY_OVERHEAD
+}
 
 impl Inner {
+    /// All the window holds: its events and the verification state.
+    fn held_bytes(&self) -> u64 {
+        self.bytes + self.repos.bytes + self.dids.bytes
+    }
+
     /// Lets the oldest event go, `trimmed` raised past it first.
     fn pop_oldest(&mut self, trimmed: &AtomicU64) {
         if let Some((&t, _)) = self.events.first_key_value() {
@@ -83,7 +106,17 @@ impl Inner {
 
 impl MemoryLog {
     pub fn new(max_bytes: u64) -> Self {
-        MemoryLog { max_bytes, inner: RwLock::new(Inner::default()), trimmed: Arc::default() }
+        let inner = Inner {
+            events: BTreeMap::new(),
+            bytes: 0,
+            last_time_us: 0,
+            cursor: None,
+            repos: StateMap::new(max_bytes / 8),
+            dids: StateMap::new(max_bytes / 8),
+            #[cfg(test)]
+            repo_states_unreadable: false,
+        };
+        MemoryLog { max_bytes, inner: RwLock::new(inner), trimmed: Arc::default() }
     }
 
     /// The mark of what was evicted or trimmed, for the log's tip to share.
@@ -123,7 +156,7 @@ impl MemoryLog {
         // (a window smaller than a batch, or than one large event, holds the batch until the next).
         // (A write without events, a cursor alone, evicts nothing.)
         let batch_start = events.first().map_or(0, |e| e.time_us);
-        while g.bytes > self.max_bytes && g.events.first_key_value().is_some_and(|(t, _)| *t < batch_start) {
+        while g.held_bytes() > self.max_bytes && g.events.first_key_value().is_some_and(|(t, _)| *t < batch_start) {
             g.pop_oldest(&self.trimmed);
         }
         if let Some(c) = cursor {
@@ -263,7 +296,8 @@ mod window_tests {
     /// written going first; a repo written again stays.
     #[test]
     fn the_verification_state_lets_the_least_recently_written_repo_go() {
-        let log = MemoryLog::new(1 << 20);
+        // (A budget whose eighth holds a million small entries.)
+        let log = MemoryLog::new(1 << 30);
         let did = |n: usize| format!("did:plc:{n}");
         let writes: Vec<(String, Vec<u8>)> = (0..MAX_STATE_ENTRIES).map(|n| (did(n), vec![1])).collect();
         log.append(&[], None, &writes);
@@ -272,10 +306,42 @@ mod window_tests {
         assert_eq!(log.repo_state(&did(0)).unwrap(), Some(vec![2]), "written again: kept");
         assert_eq!(log.repo_state(&did(1)).unwrap(), None, "the least recently written went");
         assert_eq!(log.repo_state(&did(MAX_STATE_ENTRIES)).unwrap(), Some(vec![3]));
-        assert_eq!(log.read().repos.0.len(), MAX_STATE_ENTRIES);
+        assert_eq!(log.read().repos.entries.len(), MAX_STATE_ENTRIES);
         log.put_did_entry("did:plc:x", Some(b"k"));
         log.put_did_entry("did:plc:x", None);
         assert_eq!(log.did_entry("did:plc:x"), None);
+    }
+
+    /// The verification state counts in `--memory-bytes`: each of its maps holds at most an
+    /// eighth of it (the least recently written going first), and the events get what is
+    /// left. Before, a million entries per map were held beyond the budget.
+    #[test]
+    fn the_verification_state_counts_in_the_memory_budget() {
+        let log = MemoryLog::new(1 << 20);
+        let events: Vec<Event> = (1..=10).map(|t| event(t, 100_000)).collect();
+        log.append(&events, None, &[]);
+        assert_eq!(log.oldest_time_us(), Some(1), "the events alone fit");
+        let state = vec![7u8; 1_000];
+        let did = |n: usize| format!("did:plc:{n:024}");
+        let writes: Vec<(String, Vec<u8>)> = (0..1_000).map(|n| (did(n), state.clone())).collect();
+        log.append(&[event(11, 10)], None, &writes);
+        for n in 0..1_000 {
+            log.put_did_entry(&did(n), Some(&state));
+        }
+        log.append(&[event(12, 10)], None, &[]);
+        let g = log.read();
+        for map in [&g.repos, &g.dids] {
+            let counted: u64 = map.entries.iter().map(|(k, v)| state_entry_bytes(k, v)).sum();
+            assert_eq!(map.bytes, counted);
+            assert!(map.bytes <= 1 << 17 && map.bytes > (1 << 17) - 2_000, "an eighth, full: {}", map.bytes);
+            assert!(map.entries.peek(&did(999)).is_some() && map.entries.peek(&did(0)).is_none());
+        }
+        assert!(g.held_bytes() <= 1 << 20, "{} held", g.held_bytes());
+        assert_eq!(g.events.first_key_value().map(|(t, _)| *t), Some(4), "the oldest events made room");
+        drop(g);
+        log.put_did_entry(&did(999), None);
+        let g = log.read();
+        assert_eq!(g.dids.bytes, g.dids.entries.iter().map(|(k, v)| state_entry_bytes(k, v)).sum::<u64>());
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub struct LogConfig {
     /// Where the log lives: rocksdb (durable) or memory (a bounded live-only window).
     #[arg(long, env = "CONTRAIL_STORE", default_value = "rocksdb", value_enum)]
     pub store: StoreKind,
-    /// With --store memory: most bytes the window holds (the oldest events go first).
+    /// With --store memory: most bytes the window holds (the oldest events go first), with
+    /// verification's state (at most a quarter of it, the repos written least recently going
+    /// first).
     #[arg(long, env = "CONTRAIL_MEMORY_BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub memory_bytes: u64,
     /// Directory of the embedded RocksDB event log.
