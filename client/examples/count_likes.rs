@@ -1,5 +1,8 @@
 //! Counts likes per minute, resuming where it stopped: the cursor is kept in `likes.cursor`, so
-//! a restart (or a crash, minus at most the last second) counts every like once.
+//! a restart goes on after the last like handled, not from the live edge. The counts themselves
+//! are in memory: the minute in progress at a stop is not printed, and after a crash up to the
+//! last second's likes are counted again. Exact counts keep them with the cursor, in one store
+//! written as one (a `CursorStore` of your own).
 //! `cargo run -p contrail-client --example count_likes -- wss://host-a wss://host-b`
 
 use contrail_client::{process, CursorStore, Event, FileCursorStore, ProcessOptions, Subscription};

@@ -131,8 +131,9 @@ pub struct Stats {
     pub host: AtomicUsize,
 }
 
-/// Builds a [`Subscription`].
-#[derive(Debug, Clone)]
+/// Builds a [`Subscription`]. (Its `Debug` shows the URLs without their queries, which may
+/// hold access tokens.)
+#[derive(Clone)]
 pub struct Builder {
     urls: Vec<String>,
     filters: Filters,
@@ -148,6 +149,28 @@ pub struct Builder {
     max_attempts: Option<u32>,
     buffer: usize,
     buffer_bytes: usize,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let urls: Vec<&str> = self.urls.iter().map(|u| crate::transport::without_query(u)).collect();
+        f.debug_struct("Builder")
+            .field("urls", &urls)
+            .field("filters", &self.filters)
+            .field("cursor", &self.cursor)
+            .field("compress", &self.compress)
+            .field("dictionary", &self.dictionary.as_ref().map(Vec::len))
+            .field("failover", &self.failover)
+            .field("wire", &self.wire)
+            .field("include_sync", &self.include_sync)
+            .field("stale_timeout", &self.stale_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("backoff", &self.backoff)
+            .field("max_attempts", &self.max_attempts)
+            .field("buffer", &self.buffer)
+            .field("buffer_bytes", &self.buffer_bytes)
+            .finish()
+    }
 }
 
 impl Builder {
@@ -216,8 +239,12 @@ impl Builder {
         self
     }
 
+    /// How to resume on another host. A rewind longer than a century is taken for a century.
     pub fn failover(mut self, f: Failover) -> Self {
-        self.failover = f;
+        self.failover = match f {
+            Failover::Rewind(d) => Failover::Rewind(d.min(LONGEST_TIMEOUT)),
+            exact => exact,
+        };
         self
     }
 
@@ -327,8 +354,7 @@ impl Builder {
             let conflict = url.query.iter().map(|kv| kv.split('=').next().unwrap_or_default()).find(|k| self.sets(k));
             if let Some(key) = conflict {
                 let msg = format!(
-                    "{} sets {key}, which this subscription sets itself: give it to the builder (or the command's flag) instead",
-                    url.raw
+                    "{url} sets {key}, which this subscription sets itself: give it to the builder (or the command's flag) instead"
                 );
                 return Err(crate::transport::UrlError::new(msg).into());
             }
@@ -342,7 +368,7 @@ impl Builder {
         let url_filter = urls.iter().find_map(|u| {
             let key =
                 u.query.iter().map(|kv| kv.split('=').next().unwrap_or_default()).find(|k| filter_keys.contains(k));
-            key.map(|k| format!("{} carries {k}: give the filters to the builder to change them later", u.raw))
+            key.map(|k| format!("{u} carries {k}: give the filters to the builder to change them later"))
         });
         self.filters.validate()?;
         let (out_tx, out_rx) = mpsc::channel(self.buffer);
@@ -1524,6 +1550,21 @@ mod tests {
         assert!(d.keys.len() <= 3_001 && d.order.len() == d.keys.len(), "{} kept", d.keys.len());
         let seen = |e: Event| d.seen(e.identity_key());
         assert!(seen(event(t0 + 10_000_000, 10_000)) && !seen(event(t0 + 1_000, 1)));
+    }
+
+    /// URLs may hold an access token in their query: the builder's `Debug` and the errors about
+    /// a URL show them without it.
+    #[test]
+    fn a_urls_query_is_not_shown_in_debug_or_errors() {
+        let b = Builder::new(["ws://h/?token=secret&compress=true"]).failover(Failover::Rewind(Duration::MAX));
+        assert!(!format!("{b:?}").contains("secret"), "{b:?}");
+        assert_eq!(b.failover, Failover::Rewind(LONGEST_TIMEOUT), "a rewind of Duration::MAX is a century");
+        let e = b.start().err().expect("compress in the URL is refused").to_string();
+        assert!(e.contains("sets compress") && !e.contains("secret"), "{e}");
+        let b = Builder::new(["ws://h/?token=secret&wantedDids=did:plc:a"]);
+        let sub = tokio::runtime::Runtime::new().unwrap().block_on(async { b.start().unwrap() });
+        let e = sub.set_filters(Filters::default()).unwrap_err().to_string();
+        assert!(e.contains("carries wantedDids") && !e.contains("secret"), "{e}");
     }
 
     #[test]

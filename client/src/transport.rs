@@ -53,12 +53,14 @@ impl WsUrl {
     /// Like [`WsUrl::parse`], with another endpoint path appended to base URLs (a replica's
     /// upstream is a Contrail `/subscribe`).
     pub fn parse_with_path(url: &str, endpoint: &str) -> Result<WsUrl, UrlError> {
+        // Errors show the URL without its query, which may hold an access token.
+        let shown = without_query(url);
         let (tls, rest) = if let Some(r) = url.strip_prefix("wss://") {
             (true, r)
         } else if let Some(r) = url.strip_prefix("ws://") {
             (false, r)
         } else {
-            return bail(format!("URL must start with ws:// or wss://: {url}"));
+            return bail(format!("URL must start with ws:// or wss://: {shown}"));
         };
         // A fragment is not sent.
         let rest = rest.split('#').next().unwrap_or_default();
@@ -72,12 +74,12 @@ impl WsUrl {
             None => (path_query, ""),
         };
         let default_port = if tls { 443 } else { 80 };
-        let bad_port = || UrlError(format!("bad port in URL {url}"));
+        let bad_port = || UrlError(format!("bad port in URL {shown}"));
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             // An IPv6 literal, with or without a port: `[::1]`, `[::1]:6008`.
             let (addr, after) =
-                bracketed.split_once(']').ok_or_else(|| UrlError(format!("unclosed [ in URL {url}")))?;
-            addr.parse::<std::net::Ipv6Addr>().map_err(|_| UrlError(format!("bad IPv6 address in URL {url}")))?;
+                bracketed.split_once(']').ok_or_else(|| UrlError(format!("unclosed [ in URL {shown}")))?;
+            addr.parse::<std::net::Ipv6Addr>().map_err(|_| UrlError(format!("bad IPv6 address in URL {shown}")))?;
             let port = match after {
                 "" => default_port,
                 p => p.strip_prefix(':').ok_or_else(bad_port)?.parse::<u16>().map_err(|_| bad_port())?,
@@ -90,7 +92,7 @@ impl WsUrl {
             }
         };
         if host.is_empty() {
-            return bail(format!("URL has no host: {url}"));
+            return bail(format!("URL has no host: {shown}"));
         }
         let path = match path.trim_end_matches('/') {
             "" => endpoint.to_string(),
@@ -154,8 +156,13 @@ impl WsUrl {
 /// `/ready` answer; requests are built from the parsed parts, with the query.
 impl std::fmt::Display for WsUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.raw.split(['?', '#']).next().unwrap_or_default())
+        f.write_str(without_query(&self.raw))
     }
+}
+
+/// A URL as written, without its query or fragment (see [`WsUrl`]'s `Display`).
+pub fn without_query(url: &str) -> &str {
+    url.split(['?', '#']).next().unwrap_or_default()
 }
 
 impl serde::Serialize for WsUrl {
@@ -1030,6 +1037,16 @@ mod tests {
         let canon: Vec<String> = same.iter().map(|u| WsUrl::parse(u).unwrap().canonical()).collect();
         assert!(canon.iter().all(|c| c == "wss://bsky.network:443/xrpc/com.atproto.sync.subscribeRepos"), "{canon:?}");
         assert_ne!(WsUrl::parse("ws://bsky.network").unwrap().canonical(), canon[0]);
+    }
+
+    /// A URL that does not parse is shown without its query: it may hold an access token.
+    #[test]
+    fn a_bad_urls_error_does_not_show_its_query() {
+        for bad in ["wss://h:x/?token=secret", "ftp://h/?token=secret", "ws://[::1/?token=secret", "ws://?token=secret"]
+        {
+            let e = WsUrl::parse(bad).unwrap_err().to_string();
+            assert!(!e.contains("secret"), "{e}");
+        }
     }
 
     #[tokio::test]
