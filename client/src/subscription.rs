@@ -374,7 +374,7 @@ impl Builder {
         let (out_tx, out_rx) = mpsc::channel(self.buffer);
         let budget =
             Arc::new(Buffered { bytes: tokio::sync::Semaphore::new(self.buffer_bytes), max: self.buffer_bytes });
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (filters_tx, filters_rx) = tokio::sync::watch::channel(None);
         let stats = Arc::new(Stats::default());
         let driver = Driver {
             started_us: None,
@@ -391,7 +391,7 @@ impl Builder {
             opts: self,
             out: out_tx,
             budget: budget.clone(),
-            commands: cmd_rx,
+            new_filters: filters_rx,
             stats: stats.clone(),
             connected_at: None,
             last_heard: None,
@@ -406,7 +406,7 @@ impl Builder {
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
         let task = tokio::spawn(tracing::Instrument::instrument(driver.run(), span));
-        Ok(Subscription { rx: out_rx, commands: cmd_tx, stats, task, budget: Some(budget), url_filter })
+        Ok(Subscription { rx: out_rx, new_filters: filters_tx, stats, task, budget: Some(budget), url_filter })
     }
 }
 
@@ -442,14 +442,12 @@ fn ws_scheme(url: &str) -> String {
     }
 }
 
-enum Command {
-    Filters(Filters),
-}
-
 /// A running subscription (see the module doc). Dropping it stops the background task.
 pub struct Subscription {
     rx: mpsc::Receiver<Result<Message, Error>>,
-    commands: mpsc::UnboundedSender<Command>,
+    /// The filters last given to [`Subscription::set_filters`]: only the latest is kept, so
+    /// calls made while the driver is busy neither pile up nor each cost a reconnect (v2).
+    new_filters: tokio::sync::watch::Sender<Option<Filters>>,
     stats: Arc<Stats>,
     task: tokio::task::JoinHandle<()>,
     /// The bytes of the events in `rx` (`None`: fed by the caller, not counted).
@@ -508,7 +506,7 @@ impl Subscription {
             return Err(Error::Filter(why.clone()));
         }
         filters.validate()?;
-        self.commands.send(Command::Filters(filters)).map_err(|_| Error::Ended)
+        self.new_filters.send(Some(filters)).map_err(|_| Error::Ended)
     }
 
     pub fn stats(&self) -> &Stats {
@@ -518,10 +516,10 @@ impl Subscription {
     /// A subscription fed by the caller (tests of code that consumes subscriptions).
     #[doc(hidden)]
     pub fn from_channel(rx: mpsc::Receiver<Result<Message, Error>>) -> Subscription {
-        let (commands, _) = mpsc::unbounded_channel();
+        let (new_filters, _) = tokio::sync::watch::channel(None);
         Subscription {
             rx,
-            commands,
+            new_filters,
             stats: Arc::default(),
             task: tokio::spawn(async {}),
             budget: None,
@@ -559,7 +557,8 @@ struct Driver {
     out: mpsc::Sender<Result<Message, Error>>,
     /// The bytes `out` may hold ([`Buffered`]).
     budget: Arc<Buffered>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    /// What [`Subscription::set_filters`] gave last (see its sender).
+    new_filters: tokio::sync::watch::Receiver<Option<Filters>>,
     stats: Arc<Stats>,
     /// The last connection's upgrade, and when the server was last heard on it (a pong, a
     /// message): whether it was healthy, for [`Driver::run`].
@@ -911,6 +910,10 @@ impl Driver {
 
     async fn connection(&mut self) -> ConnectionError {
         (self.connected_at, self.last_heard, self.informs) = (None, None, false);
+        // Filters given while no connection was up: this one asks with them.
+        if let Some(f) = self.new_filters.borrow_and_update().clone() {
+            self.opts.filters = f;
+        }
         let url = self.urls[self.current].clone();
         let timeout = self.opts.connect_timeout;
         let mut decompressor = None;
@@ -1005,22 +1008,21 @@ impl Driver {
         let mut undecompressable: u32 = 0;
         loop {
             let frame = tokio::select! {
-                // Commands first: a filter change applies before more buffered frames.
+                // New filters first: they apply before more buffered frames.
                 biased;
-                cmd = self.commands.recv() => {
-                    match cmd {
-                        Some(Command::Filters(f)) => {
-                            self.opts.filters = f;
-                            if self.opts.wire == Wire::V2 {
-                                // No client messages on v2: reconnect from here with them.
-                                return ConnectionError::FiltersChanged;
-                            }
-                            if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
-                                return e;
-                            }
-                        }
-                        // The subscription is gone.
-                        None => return ConnectionError::Dropped,
+                changed = self.new_filters.changed() => {
+                    // The subscription is gone.
+                    if changed.is_err() {
+                        return ConnectionError::Dropped;
+                    }
+                    let Some(f) = self.new_filters.borrow_and_update().clone() else { continue };
+                    self.opts.filters = f;
+                    if self.opts.wire == Wire::V2 {
+                        // No client messages on v2: reconnect from here with them.
+                        return ConnectionError::FiltersChanged;
+                    }
+                    if let Err(e) = send_text(&writer, self.opts.filters.options_update()).await {
+                        return e;
                     }
                     continue;
                 }
