@@ -18,8 +18,9 @@ pub enum Error {
     /// A filter the server would refuse (too many, bad syntax). Fix the filter.
     #[error("invalid filter: {0}")]
     Filter(String),
-    /// The server refused this subscription (HTTP 4xx at the upgrade, or a close frame saying
-    /// the options were invalid): retrying the same request gets the same answer.
+    /// The server refused this subscription (HTTP 400 at the upgrade, a close frame saying the
+    /// options were invalid, no `/dictionary` to fetch), and so did every other host of the list
+    /// since the position last moved: retrying the same request gets the same answer.
     #[error("{url} refused the subscription: {reason}")]
     Refused { url: String, reason: String },
     /// Every host failed for the configured number of attempts in a row; the last failure.
@@ -75,9 +76,12 @@ pub(crate) enum ConnectionError {
     /// position, the subscription ends with [`Error::Unreadable`] (check the clock).
     #[error("{0}")]
     Future(String),
-    /// Not retryable: see [`Error::Refused`].
+    /// Not retryable when every host of the list says so: see [`Error::Refused`].
     #[error("{0}")]
     Refused(String),
+    /// A refusal by this host while another of the list has not refused: retried there.
+    #[error("refused: {0}")]
+    RefusedHere(String),
     /// New filters on the v2 wire: reconnect with them (not a failure).
     #[error("the filters changed")]
     FiltersChanged,

@@ -402,6 +402,7 @@ impl Builder {
             at_last_known: false,
             lacking: None,
             given_dictionary_refused: false,
+            refused: Vec::new(),
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -588,6 +589,9 @@ struct Driver {
     /// A v2 server refused the dictionary given to the builder (a stale file, after the server
     /// moved to another): every connection fetches its host's own instead.
     given_dictionary_refused: bool,
+    /// Per host, its refusal of this subscription since the position last moved (see
+    /// [`Driver::refused_by_every_host`]).
+    refused: Vec<Option<String>>,
 }
 
 /// What each host said of the events after one position.
@@ -669,6 +673,16 @@ impl Driver {
             let attempt_us = now_us().saturating_sub(1_000_000);
             let began = tokio::time::Instant::now();
             let ended = self.connection().await;
+            if self.last != delivered_before {
+                self.refused.clear();
+            }
+            // One host's refusal, while another may serve us, is that host's failure.
+            let ended = match ended {
+                ConnectionError::Refused(reason) if !self.refused_by_every_host(&reason) => {
+                    ConnectionError::RefusedHere(reason)
+                }
+                other => other,
+            };
             pauses.asked(self.current, ended.retry_after());
             if let Some(turns) = &mut last_turns {
                 turns.retain(|&h| h != self.current);
@@ -691,6 +705,8 @@ impl Driver {
                 // by the host: one that served us counts as below, so a long session's end by
                 // `set_filters` leaves no failures from before it to add up to `max_attempts`.
                 ConnectionError::FiltersChanged | ConnectionError::GivenDictionaryRefused => {
+                    // Refusals were of the old filters, or of the dictionary.
+                    self.refused.clear();
                     if self.last != delivered_before || self.heard_for_a_stale_timeout() {
                         (failures, unreadable, last_turns) = (0, (None, 0), None);
                         backoff.reset();
@@ -826,6 +842,17 @@ impl Driver {
         }
     }
 
+    /// Whether a refusal by the current host ends the subscription: when every host of the
+    /// list has refused it since the position last moved. A refusal (an HTTP 400 at the upgrade,
+    /// a close saying the options are invalid) is about the request — the filters, the cursor
+    /// — when every host gives it; one host's alone may be its own trouble (a proxy's, a
+    /// deploy's, an older version's), and another host is tried.
+    fn refused_by_every_host(&mut self, reason: &str) -> bool {
+        self.refused.resize(self.urls.len(), None);
+        self.refused[self.current] = Some(reason.to_string());
+        self.refused.iter().all(Option::is_some)
+    }
+
     /// Whether the last connection's server was heard from for a stale timeout at least, not
     /// once and then silent.
     fn heard_for_a_stale_timeout(&self) -> bool {
@@ -933,6 +960,12 @@ impl Driver {
                     // server that wants a `?token=` on every request lets this one through too.
                     match transport::http_get(&url, &url.at(&path), timeout).await {
                         Ok(d) => d,
+                        // No dictionary there: asking again gets the same answer.
+                        Err(ClientError::Status { status: 404, .. }) => {
+                            return ConnectionError::Refused(format!(
+                                "HTTP 404 for {path}: no zstd dictionary to fetch (Jetstream serves none: give its own with Builder::dictionary)"
+                            ))
+                        }
                         Err(e) => return ConnectionError::DictionaryFetch(e),
                     }
                 }
@@ -1463,11 +1496,16 @@ async fn write(writer: &tokio::sync::Mutex<WsWrite>, frame: Frame<'_>) -> Result
     }
 }
 
-/// A close frame: invalid options or a bad message from us are not worth retrying.
+/// A close frame: invalid options or a bad message from us are not worth retrying. Jetstream
+/// v1 says so with 1000 and its reason (`failed to parse subscriber options: …`, `failed to
+/// unmarshal subscriber …`): read as a normal close, the same hello would be sent for ever.
 fn closed(payload: &[u8]) -> ConnectionError {
     let code = if payload.len() >= 2 { u16::from_be_bytes([payload[0], payload[1]]) } else { 1005 };
     let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default()).into_owned();
-    let ours = code == 1007 || (code == 1008 && reason.to_ascii_lowercase().contains("invalid"));
+    let legacy = ["failed to parse subscriber options", "failed to unmarshal subscriber"];
+    let ours = code == 1007
+        || (code == 1008 && reason.to_ascii_lowercase().contains("invalid"))
+        || (code == 1000 && legacy.iter().any(|l| reason.starts_with(l)));
     if ours {
         return ConnectionError::Refused(format!("closed with {code}: {reason}"));
     }

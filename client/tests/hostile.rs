@@ -791,6 +791,55 @@ async fn a_400_ends_the_subscription_with_the_reason_and_a_404_is_retried() {
     assert!(err.is_retryable());
 }
 
+/// A refusal is the request's fault only when every host of the list gives it: one host's
+/// 400 (a proxy's, a deploy's) sends the subscription to the next, which serves it. Before, the
+/// first 400 ended the subscription. Every host refusing still ends it, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hosts_refusal_tries_the_next_and_every_hosts_ends_the_subscription() {
+    let t = now_us();
+    let refusing = serve(vec![Script::Refuse(400, None, "bad gateway config")]).await;
+    let serving = serve(vec![Script::Send(vec![event(t)])]).await;
+    let hosts = [format!("ws://{}", refusing.addr), format!("ws://{}", serving.addr)];
+    let mut sub = limited(&hosts, 10).start().unwrap();
+    assert_eq!(next_event(&mut sub).await, t);
+    assert_eq!(refusing.connections.load(Ordering::SeqCst), 1);
+
+    let other = serve(vec![Script::Refuse(400, None, "invalid wantedDids")]).await;
+    let hosts = [format!("ws://{}", refusing.addr), format!("ws://{}", other.addr)];
+    let mut sub = limited(&hosts, 10).start().unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::Refused { reason, .. } if reason.contains("invalid wantedDids")), "{err}");
+    assert_eq!(other.connections.load(Ordering::SeqCst), 1, "refused at once once both had");
+}
+
+/// Jetstream v1 closes with 1000 and `failed to parse subscriber options: …` when it refuses
+/// the options of a hello: a refusal, not a normal close to reconnect after (with the same
+/// hello, for ever). A compressed subscription with no dictionary given, from a server with no
+/// `/dictionary` (Jetstream), is refused with the 404 and what to do, not retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jetstreams_refusals_end_the_subscription() {
+    let mut close = 1000u16.to_be_bytes().to_vec();
+    close.extend_from_slice(b"failed to parse subscriber options: invalid did");
+    let server = serve(vec![Script::Frames(vec![(true, OpCode::Close, close)])]).await;
+    let mut sub = subscribe(&server, None);
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    assert!(matches!(&err, Error::Refused { reason, .. } if reason.contains("failed to parse")), "{err}");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+
+    let server = serve(vec![Script::Status(404)]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", server.addr)])
+        .compress(true)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, Error::Refused { reason, .. } if reason.contains("404") && reason.contains("Builder::dictionary")),
+        "{err}"
+    );
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+}
+
 /// With a limit on attempts, a host that asked to be left alone a while is asked once more
 /// before giving up: another host's failures during its pause do not use the attempts up.
 /// Before, the subscription ended `Unreachable` while the host that would serve it waited.
