@@ -422,6 +422,51 @@ async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
     assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the follower's log differs from the primary's");
 }
 
+/// A fresher upstream that gives nothing when switched to (here a primary whose one subscriber
+/// slot the frozen middle replica holds) is not switched to again for a while: before, the
+/// follower left the middle replica for it at every probe once its pause ended, cutting its
+/// stream and asking the full primary again, for as long as the middle stayed behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresher_upstream_that_refuses_subscribers_is_not_switched_to_again_and_again() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 1_000, 40, 41);
+    relay.push_all(&gen[..500]);
+    let (pd, md, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let flags = ["--max-events-per-second-per-ip", "0", "--max-subscribers", "1"];
+    let primary = Serve::start(pd.path(), &relay.url(), &flags);
+    primary.wait_for_seq(500, Duration::from_secs(30));
+    // M follows the primary (taking its one slot) through a proxy the test can freeze.
+    let proxy = common::proxy::Proxy::start(primary.public).await;
+    let middle = replica_of(md.path(), &format!("ws://{}", proxy.addr), &["--connect-timeout", "1s"]);
+    let list = format!("ws://{},ws://{}", middle.public, primary.public);
+    let follower = replica_of(rd.path(), &list, &["--upstream-switch-lag", "1s"]);
+    wait_caught_up(&primary, &follower, Duration::from_secs(30));
+    // M stops ingesting but keeps serving (and its slot on the primary); the primary goes on,
+    // its newest event soon more than the switch lag ahead of M's.
+    proxy.freeze(true);
+    std::thread::sleep(Duration::from_millis(1_500));
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
+    relay.push_all(&gen[500..]);
+    primary.wait_for_seq(1_000, Duration::from_secs(30));
+    let primary_url = format!("\"upstream\":\"ws://{}\"", primary.public);
+    let tries = || {
+        let logs = follower.logs();
+        logs.lines().filter(|l| l.contains(r#""message":"switching"#) && l.contains(&primary_url)).count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tries() < 1 {
+        assert!(Instant::now() < deadline, "the follower never tried the primary: {}", follower.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Probes every second; the primary's refusal asks for 5 s: before, three more tries here.
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(tries(), 1, "{}", follower.logs());
+    assert!(
+        primary.metric("contrail_hub_rejected_requests_total{reason=\"too_many_subscribers\"}").unwrap_or(0.0) >= 1.0
+    );
+    drop(proxy);
+}
+
 /// The prober reads the upstreams' `/status` at once: read one after another, an upstream read
 /// after one that hangs (here until the 2 s timeout) looked ahead of ours by that long while
 /// events flowed, and the follower switched to it for nothing.

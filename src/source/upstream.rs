@@ -261,9 +261,11 @@ pub struct UpstreamReader {
     pub current_url: Arc<std::sync::Mutex<String>>,
     /// `last_time_us`, for the prober: it goes back to a preferred upstream only once caught up.
     position: Arc<std::sync::atomic::AtomicU64>,
-    /// No going back to a preferred upstream before then: the last time we did, it gave
-    /// nothing (it answers `/status` but refuses subscribers, or lacks our position).
-    prefer_again_at: Option<tokio::time::Instant>,
+    /// Per upstream, no switching to it (as preferred, or as fresher) before then: the last
+    /// time we did, it gave nothing (it answers `/status` but refuses subscribers, a proxy lets
+    /// `/status` through and not the upgrade). Not for one whose window does not reach our
+    /// position: see [`Resume`], whose hole patience such switches run down.
+    switch_again_at: Vec<Option<tokio::time::Instant>>,
     /// Upstreams that refused us with a Retry-After: not asked again sooner (nor switched to by
     /// the prober); the others are used meanwhile.
     pauses: Pauses,
@@ -274,6 +276,9 @@ const BRIEF_SESSION: Duration = Duration::from_secs(1);
 
 /// How long a preferred upstream that gave nothing when we went back to it is not gone back to.
 const PREFER_AGAIN_AFTER: Duration = Duration::from_secs(600);
+/// How long a fresher upstream that gave nothing when we switched to it is not switched to
+/// again: the one in use is behind, so it is tried again sooner than a preferred one.
+const FRESHER_AGAIN_AFTER: Duration = Duration::from_secs(60);
 
 impl UpstreamReader {
     /// `opts.replica.upstream_url` must not be empty.
@@ -305,7 +310,7 @@ impl UpstreamReader {
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
             position: Arc::new(last_time_us.into()),
-            prefer_again_at: None,
+            switch_again_at: vec![None; upstreams],
             pauses,
         }
     }
@@ -325,8 +330,9 @@ impl UpstreamReader {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         let mut failures_in_a_row = 0usize;
-        // The upstream just gone back to because it is preferred.
-        let mut went_back = false;
+        // The upstream just switched to because it is preferred or fresher, and how long it is
+        // not switched to again if it gives nothing.
+        let mut switched: Option<(usize, Duration)> = None;
         let mut first = true;
         loop {
             // Counted as the relay reader counts its own: dashboards and alerts read them alike.
@@ -364,8 +370,11 @@ impl UpstreamReader {
                 self.metrics.relay_error(kind);
             }
             self.pauses.asked(self.current, ended.retry_after());
-            if std::mem::take(&mut went_back) && self.last_time_us == before {
-                self.prefer_again_at = Some(tokio::time::Instant::now() + PREFER_AGAIN_AFTER);
+            // (Not when it lacks our position: switching back and forth then is how the hole
+            // patience runs out, after which its oldest event is gone on from.)
+            let gave_nothing = self.last_time_us == before && !matches!(ended, UpstreamError::Trimmed { .. });
+            if let Some((i, cool_down)) = switched.take().filter(|_| gave_nothing) {
+                self.switch_again_at[i] = Some(tokio::time::Instant::now() + cool_down);
             }
             if self.last_time_us != before {
                 failures_in_a_row = 0;
@@ -388,7 +397,11 @@ impl UpstreamReader {
                 // Not a failure: go straight to the fresher, preferred or longer upstream. (A
                 // move for a longer window keeps the count: one that then fails is not moved
                 // to again and again without a wait.)
-                went_back = matches!(ended, UpstreamError::Preferred { .. });
+                switched = match ended {
+                    UpstreamError::Preferred { .. } => Some((better, PREFER_AGAIN_AFTER)),
+                    UpstreamError::Behind { .. } => Some((better, FRESHER_AGAIN_AFTER)),
+                    _ => None,
+                };
                 if !matches!(ended, UpstreamError::LongerWindow { .. }) {
                     failures_in_a_row = 0;
                 }
@@ -487,7 +500,7 @@ impl UpstreamReader {
             lag: self.opts.replica.upstream_switch_lag,
             timeout: self.opts.connect_timeout,
             position: self.position.clone(),
-            prefer_again_at: self.prefer_again_at,
+            switch_again_at: self.switch_again_at.clone(),
             pauses: self.pauses.clone(),
         };
         let _prober = AbortOnDropHandle::new(tokio::spawn(probe_upstreams(probe, better_tx)));
@@ -1008,7 +1021,8 @@ struct Probe {
     timeout: Duration,
     /// Our newest event's `time_us`, as it moves.
     position: Arc<std::sync::atomic::AtomicU64>,
-    prefer_again_at: Option<tokio::time::Instant>,
+    /// Per upstream, not switched to before then ([`UpstreamReader::switch_again_at`]).
+    switch_again_at: Vec<Option<tokio::time::Instant>>,
     /// Upstreams that asked to be left alone a while, as at the session's start: not switched
     /// to before their time.
     pauses: Pauses,
@@ -1020,9 +1034,9 @@ struct Probe {
 /// on two readings in a row: after a failover (a primary's restart), a replica goes back to
 /// the upstream it prefers rather than staying a hop further away for good. (Not while it
 /// catches up: the preferred one may be the one that no longer has our position; nor before
-/// `prefer_again_at`.)
+/// its `switch_again_at`, which holds back a switch to a fresher upstream too.)
 async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Switch>) {
-    let Probe { urls, current, every, lag, timeout, position, prefer_again_at, pauses } = probe;
+    let Probe { urls, current, every, lag, timeout, position, switch_again_at, pauses } = probe;
     if urls.len() < 2 {
         return;
     }
@@ -1039,7 +1053,8 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
         let mut best: Option<(usize, u64)> = None;
         let mut preferred = None;
         for (i, newest) in newest_of.iter().enumerate() {
-            if i == current {
+            let cooling_down = switch_again_at[i].is_some_and(|at| tokio::time::Instant::now() < at);
+            if i == current || cooling_down {
                 continue;
             }
             if let Some(newest) = newest.filter(|&t| believable(t)) {
@@ -1048,8 +1063,7 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
                 }
                 let caught_up =
                     position.load(std::sync::atomic::Ordering::Relaxed).saturating_add(lag.as_micros() as u64) >= ours;
-                let may_prefer = prefer_again_at.is_none_or(|at| tokio::time::Instant::now() >= at);
-                if i < current && newest >= ours && caught_up && may_prefer && preferred.is_none() {
+                if i < current && newest >= ours && caught_up && preferred.is_none() {
                     preferred = Some(i);
                 }
             }
