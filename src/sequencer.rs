@@ -317,8 +317,10 @@ impl Sequencer {
         let cursor =
             frames_seq.map(|seq| RelayCursor { url: self.relay_url.clone(), seq, at_time_us: Some(self.last_written) });
         if self.stamper.last() > self.stamp_floor {
-            // Before the batch: unsynced, it could be lost once subscribers have seen it.
-            let floor = self.stamper.last().saturating_add(STAMP_FLOOR_STEP_US);
+            // Before the batch: unsynced, it could be lost once subscribers have seen it. Below
+            // MAX_TIME_US, which a start refuses: a replica keeping an upstream's time_us close to
+            // it must still start again.
+            let floor = self.stamper.last().saturating_add(STAMP_FLOOR_STEP_US).min(crate::clock::MAX_TIME_US - 1);
             self.log.store_stamp_floor(floor)?;
             self.stamp_floor = floor;
         }
@@ -397,6 +399,45 @@ mod tests {
         let (ring, _) = broadcast::channel(16);
         let made = Sequencer::new(log, ring, Arc::new(Metrics::new()), "ws://relay".into());
         assert!(matches!(made, Err(LogError::Corrupt(_))));
+    }
+
+    /// A replica keeping time_us just below MAX_TIME_US (a lying upstream's, confirmed by the
+    /// next event) stores a stamp floor below it too, so it starts again. Before, the floor
+    /// (a second past the event) was past it, and every start refused the log as corrupt.
+    #[test]
+    fn a_kept_time_us_near_the_limit_leaves_a_floor_a_start_takes() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let opts = crate::log::rocks::RocksOptions { sync_writes: false, ..Default::default() };
+            Arc::new(Log::rocks(crate::log::rocks::RocksLog::open(dir.path(), opts).unwrap()).unwrap())
+        };
+        let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut out = Vec::new();
+        Event::begin(&mut out, did, EventKind::Identity);
+        out.extend_from_slice(b",\"identity\":{}}");
+        let mut e = Event::from_parts(out, EventKind::Identity, did.len(), 0..0);
+        e.stamp(crate::clock::MAX_TIME_US - 10);
+        let frame = IngestFrame {
+            seq: None,
+            relay_time_us: None,
+            events: vec![e],
+            keep_time: true,
+            raw: None,
+            incomplete: false,
+            after_gap: false,
+            repo_states: Vec::new(),
+            hole_after: None,
+        };
+        let (ring, _) = broadcast::channel(16);
+        let log = open();
+        let mut sequencer =
+            Sequencer::new(log.clone(), ring.clone(), Arc::new(Metrics::new()), "ws://relay".into()).unwrap();
+        sequencer.write(&mut vec![frame]).unwrap();
+        drop(sequencer);
+        drop(log);
+        let log = open();
+        assert!(log.stamp_floor().unwrap() < crate::clock::MAX_TIME_US);
+        Sequencer::new(log, ring, Arc::new(Metrics::new()), "ws://relay".into()).expect("a start");
     }
 
     #[test]
