@@ -29,8 +29,9 @@ pub enum Error {
     Unreachable { attempts: u32, last: String },
     /// The server sent, again and again at the same position, a message this client cannot
     /// read (over 16 MiB, or text that is not UTF-8) or take (a `time_us` more than a week past
-    /// this machine's clock: check the clock). Start again after the position (a later cursor)
-    /// to go past it.
+    /// this machine's clock: check the clock; an event more than two hours before the position:
+    /// the host's timeline went back, or a bogus `time_us` moved the position ahead). Start
+    /// again from another position (a later cursor, or an earlier one) to go past it.
     #[error("{url} sends a message this client cannot read ({what}) after time_us {after:?}")]
     Unreadable { url: String, after: Option<u64>, what: String },
     /// The subscription's background task has ended (it was closed, or the runtime is
@@ -68,8 +69,9 @@ pub(crate) enum ConnectionError {
     #[error("the server closed the connection ({code}{})", if .reason.is_empty() { String::new() } else { format!(": {}", .reason) })]
     Closed { code: u16, reason: String },
     /// The server broke the protocol (time going backwards after the connection moved past its
-    /// cursor: a clock stepped back on a server that starts such a cursor live; retried, as it
-    /// passes).
+    /// cursor: a clock stepped back on a server that starts such a cursor live). Retried; at
+    /// once on every connection at one position, the subscription ends with
+    /// [`Error::Unreadable`].
     #[error("{0}")]
     Protocol(String),
     /// A `time_us` more than a week past this machine's clock: after a few in a row at one

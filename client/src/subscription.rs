@@ -735,9 +735,14 @@ impl Driver {
                 // The same unreadable message at the same position, again and again: every
                 // reconnect would meet it. The caller is told instead of a silent loop. So with
                 // a time_us a week past this machine's clock (a clock far behind would loop for
-                // ever). Time going backwards is retried: a server's clock that stepped back
-                // passes.
-                ConnectionError::Unreadable(what) | ConnectionError::Future(what) if self.last == delivered_before => {
+                // ever), and with time going backwards at once on every connection: events more
+                // than two hours before the position (nearer ones are skipped as a replay), from
+                // a host whose timeline went back, or after a bogus time_us up to a week ahead
+                // moved the position there (every later event would be "backwards" until the
+                // clock caught up, days later). Going backwards after delivering is retried.
+                ConnectionError::Unreadable(what) | ConnectionError::Future(what) | ConnectionError::Protocol(what)
+                    if self.last == delivered_before =>
+                {
                     unreadable = match unreadable {
                         (at, n) if at == self.last && n > 0 => (at, n + 1),
                         _ => (self.last, 1),

@@ -520,6 +520,29 @@ async fn new_filters_after_a_good_session_do_not_add_up_to_max_attempts() {
     assert_eq!(server.connections.load(Ordering::SeqCst), 5);
 }
 
+/// A bogus `time_us` days ahead (within the week a client's clock may be off) is taken as the
+/// position; every later event is then "backwards" on every connection. Before, the subscription
+/// reconnected with backoff for as long as it took the clock to come within two hours of it
+/// (days), saying nothing to the caller; now three connections in a row that go backwards at
+/// once at one position end it with `Error::Unreadable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_going_backwards_at_once_at_one_position_ends_the_subscription() {
+    let now = now_us();
+    let ahead = now + 3 * 86_400_000_000;
+    let server = serve(vec![Script::SendThenClose(vec![event(ahead)]), Script::Send(vec![event(now + 1)])]).await;
+    let mut sub = subscribe(&server, None);
+    assert_eq!(next_event(&mut sub).await, ahead);
+    let err = tokio::time::timeout(Duration::from_secs(20), sub.next()).await.expect("an answer").unwrap_err();
+    match &err {
+        Error::Unreadable { after, what, .. } => {
+            assert_eq!(*after, Some(ahead));
+            assert!(what.contains("went backwards"), "{what}");
+        }
+        other => panic!("expected Unreadable, got {other}"),
+    }
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1 + 3, "the first, then three tries at the position");
+}
+
 /// Serves the event at `t + 1`, then `bad`, on every connection: the subscription gets the
 /// event, then ends with [`Error::Unreadable`] saying `says`, after the first connection and
 /// three tries at `t + 1`.
