@@ -58,6 +58,10 @@ pub(crate) enum ConnectionError {
     DictionaryFetch(ClientError),
     #[error("nothing received for {0:?}")]
     Stale(std::time::Duration),
+    /// Cursor messages, and the position not moved on for this long: see
+    /// [`crate::Builder::stall_timeout`].
+    #[error("cursor messages, and the position not moved on for {0:?}: trying another host, which may be ahead")]
+    Stalled(std::time::Duration),
     #[error("reading: {0}")]
     Read(String),
     /// A message this client cannot read: after a few in a row at one position, the

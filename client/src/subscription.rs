@@ -144,6 +144,7 @@ pub struct Builder {
     wire: Wire,
     include_sync: bool,
     stale_timeout: Duration,
+    stall_timeout: Duration,
     connect_timeout: Duration,
     backoff: (Duration, Duration),
     max_attempts: Option<u32>,
@@ -164,6 +165,7 @@ impl std::fmt::Debug for Builder {
             .field("wire", &self.wire)
             .field("include_sync", &self.include_sync)
             .field("stale_timeout", &self.stale_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("backoff", &self.backoff)
             .field("max_attempts", &self.max_attempts)
@@ -190,6 +192,7 @@ impl Builder {
             wire: Wire::V1,
             include_sync: false,
             stale_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
             backoff: (Duration::from_millis(250), Duration::from_secs(30)),
             max_attempts: None,
@@ -272,6 +275,19 @@ impl Builder {
     /// for a century.
     pub fn stale_timeout(mut self, t: Duration) -> Self {
         self.stale_timeout = t.clamp(Duration::from_secs(1), LONGEST_TIMEOUT);
+        self
+    }
+
+    /// With more than one host: leave a host that sends cursor messages but does not move the
+    /// position on for this long (default two minutes), for the next. A Contrail's cursor
+    /// message moves with its log whatever the filter, so one that stays put is a server no
+    /// longer taking events (a replica whose upstream is gone keeps serving what it has, and
+    /// answers as a live one would), while another host may be ahead: with
+    /// [`Failover::ExactCursor`] nothing is lost going there. (When every host is stuck, the
+    /// subscription moves between them this often.) At least a second; one longer than a
+    /// century is taken for a century.
+    pub fn stall_timeout(mut self, t: Duration) -> Self {
+        self.stall_timeout = t.clamp(Duration::from_secs(1), LONGEST_TIMEOUT);
         self
     }
 
@@ -403,6 +419,7 @@ impl Builder {
             lacking: None,
             given_dictionary_refused: false,
             refused: Vec::new(),
+            moved_at: tokio::time::Instant::now(),
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -592,6 +609,9 @@ struct Driver {
     /// Per host, its refusal of this subscription since the position last moved (see
     /// [`Driver::refused_by_every_host`]).
     refused: Vec<Option<String>>,
+    /// When this connection last moved the position on (or began): see
+    /// [`Builder::stall_timeout`].
+    moved_at: tokio::time::Instant,
 }
 
 /// What each host said of the events after one position.
@@ -1018,6 +1038,7 @@ impl Driver {
         };
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         self.connected_at = Some(tokio::time::Instant::now());
+        self.moved_at = tokio::time::Instant::now();
         (self.resumed_at, self.warned_replay) = (self.resume_cursor(), false);
         tracing::info!(%url, cursor = ?self.resume_cursor(), "connected");
         ws.set_max_message_size(MAX_EVENT_BYTES);
@@ -1065,6 +1086,9 @@ impl Driver {
                     continue;
                 }
                 _ = ping.tick() => {
+                    if let Some(stalled) = self.stalled() {
+                        return stalled;
+                    }
                     if let Err(e) = write(&writer, Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b"contrail-client"))).await {
                         return e;
                     }
@@ -1133,6 +1157,15 @@ impl Driver {
             }
             stale_at = tokio::time::Instant::now() + stale;
         }
+    }
+
+    /// With other hosts to go to, a server whose cursor messages have not moved the position
+    /// on for the stall timeout ([`Builder::stall_timeout`]). (Looked at on every ping tick,
+    /// a third of the stale timeout.)
+    fn stalled(&self) -> Option<ConnectionError> {
+        let stuck = self.moved_at.elapsed();
+        (self.urls.len() > 1 && self.informs && stuck >= self.opts.stall_timeout)
+            .then(|| ConnectionError::Stalled(stuck))
     }
 
     fn malformed(&self, what: &str) {
@@ -1370,7 +1403,10 @@ impl Driver {
             let room = self.budget.bytes.acquire_many(share).await.map_err(|_| ConnectionError::Dropped)?;
             room.forget();
         }
-        self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)
+        self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)?;
+        // (After the wait for the consumer: a slow one does not make the server look stuck.)
+        self.moved_at = tokio::time::Instant::now();
+        Ok(())
     }
 }
 

@@ -520,6 +520,41 @@ async fn new_filters_after_a_good_session_do_not_add_up_to_max_attempts() {
     assert_eq!(server.connections.load(Ordering::SeqCst), 5);
 }
 
+/// A host that sends cursor messages that do not move the position on (a replica whose
+/// upstream is gone: it serves what it has, and answers as a live one would) is left after the
+/// stall timeout for the next host, which is ahead. Before, its cursor messages kept it: the
+/// subscription stayed there for as long as it stayed stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_whose_cursor_messages_stay_put_is_left_for_one_that_moves_on() {
+    let t = now_us();
+    let stuck = format!(r#"{{"kind":"cursor","time_us":{t},"live":true}}"#);
+    let paced = (0..200).map(|_| (Duration::from_millis(200), stuck.clone())).collect();
+    let frozen = serve(vec![Script::Paced(paced)]).await;
+    let ahead = serve(vec![Script::Send(vec![event(t + 1)])]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", frozen.addr), format!("ws://{}", ahead.addr)])
+        .cursor(Some(t))
+        .stale_timeout(Duration::from_secs(3))
+        .stall_timeout(Duration::from_secs(4))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap();
+    let began = std::time::Instant::now();
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    assert!(began.elapsed() >= Duration::from_secs(4), "left after {:?}", began.elapsed());
+    assert_eq!(frozen.connections.load(Ordering::SeqCst), 1);
+    // One host alone is not left: there is nowhere else to go.
+    let frozen =
+        serve(vec![Script::Paced((0..60).map(|_| (Duration::from_millis(200), stuck.clone())).collect())]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", frozen.addr)])
+        .cursor(Some(t))
+        .stale_timeout(Duration::from_secs(3))
+        .stall_timeout(Duration::from_secs(1))
+        .start()
+        .unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(6), sub.next()).await.is_err(), "nothing to hand over");
+    assert_eq!(frozen.connections.load(Ordering::SeqCst), 1);
+}
+
 /// A bogus `time_us` days ahead (within the week a client's clock may be off) is taken as the
 /// position; every later event is then "backwards" on every connection. Before, the subscription
 /// reconnected with backoff for as long as it took the clock to come within two hours of it
