@@ -291,6 +291,43 @@ async fn a_v2_subscription_given_a_stale_dictionary_goes_on_with_the_servers_own
     assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "one upgrade took");
 }
 
+/// On v1 too, the subscription names the dictionary it decompresses with (`zstdDictionary`): a
+/// Contrail compresses with it rather than its default. Before, a dictionary given to the
+/// builder that was not the server's default (here Contrail's own, by a server whose default is
+/// Jetstream's), or a default that changed between the fetch and the upgrade, made every
+/// message undecompressable and the subscription end as unreadable. One the server does not
+/// have is refused once, and the subscription goes on with the server's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v1_subscription_names_its_dictionary_and_goes_on_when_it_is_refused() {
+    let gen = generate(1, 200, 20, 43);
+    let relay = relay_with(&gen).await;
+    let pd = tempfile::tempdir().unwrap();
+    let primary = Serve::start(pd.path(), &relay.url(), FLAGS);
+    primary.wait_for_seq(200, Duration::from_secs(30));
+    let events = inspect_log(pd.path()).len();
+    let ours = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/dictionaries/contrail-v1.zdict")).unwrap();
+    let mut stale = ours.clone();
+    stale[4..8].copy_from_slice(&7u32.to_le_bytes()); // an id the server never had
+    for given in [ours, stale] {
+        let mut sub = builder(&[&primary])
+            .compress(true)
+            .dictionary(given)
+            .include_sync(true)
+            .cursor(Some(1_000_000_000_000_000))
+            .start()
+            .unwrap();
+        let mut got = 0;
+        while got < events {
+            let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event in time");
+            if let contrail_client::Message::Event(_) = m.expect("not refused, all readable") {
+                got += 1;
+            }
+        }
+        assert_eq!(sub.stats().malformed.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "one upgrade took");
+    }
+}
+
 /// A subscription the server refuses (here a DID in the URL's own query that is not one) ends
 /// with the server's reason, not only its status: the user sees what to fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,9 +234,11 @@ impl Builder {
         self
     }
 
-    /// On the v2 wire, which names the dictionary in its query, a server that no longer has
-    /// this one (it rotated to another) refuses it: the subscription then fetches the server's
-    /// own from its `getZstdDictionary`, as when none is given, and goes on.
+    /// The subscription names the dictionary in its query (`zstdDictionary`, v2's, which a
+    /// Contrail takes on v1 too: it compresses with that one rather than its default; Jetstream
+    /// v1 ignores it). A server that does not have this one (it rotated to another) refuses it:
+    /// the subscription then fetches the server's own (`/dictionary`, v2's
+    /// `getZstdDictionary`), as when none is given, and goes on.
     pub fn dictionary(mut self, dict: Vec<u8>) -> Self {
         self.dictionary = Some(dict);
         self
@@ -418,6 +420,7 @@ impl Builder {
             at_last_known: false,
             lacking: None,
             given_dictionary_refused: false,
+            v1_pin_refused: false,
             refused: Vec::new(),
             moved_at: tokio::time::Instant::now(),
         };
@@ -606,6 +609,9 @@ struct Driver {
     /// A v2 server refused the dictionary given to the builder (a stale file, after the server
     /// moved to another): every connection fetches its host's own instead.
     given_dictionary_refused: bool,
+    /// A v1 server refused the dictionary named in the query (`zstdDictionary`, which a
+    /// Contrail compresses with): it is not named again.
+    v1_pin_refused: bool,
     /// Per host, its refusal of this subscription since the position last moved (see
     /// [`Driver::refused_by_every_host`]).
     refused: Vec<Option<String>>,
@@ -922,6 +928,9 @@ impl Driver {
         }
         if self.opts.compress {
             params.push("compress=true".into());
+            if let Some(id) = dictionary_id {
+                params.push(format!("zstdDictionary={id}"));
+            }
         }
         if self.opts.include_sync {
             params.push("includeSync=true".into());
@@ -996,11 +1005,16 @@ impl Driver {
                 }
             };
             // v2 names the dictionary in the query (`zstdDictionary`); its id is in its header.
-            if self.opts.wire == Wire::V2 {
-                match dictionary_id(&dict) {
-                    Some(id) => dict_id = Some(id),
-                    None => return ConnectionError::Dictionary("a dictionary without an id in its header".into()),
+            // So does v1 here, unless a server refused it: a Contrail then compresses with this
+            // one, not its default (servers behind one address whose defaults differ, a default
+            // changed between the fetch and the upgrade); Jetstream v1 ignores the parameter.
+            match (dictionary_id(&dict), self.opts.wire) {
+                (Some(id), Wire::V2) => dict_id = Some(id),
+                (Some(id), Wire::V1) => dict_id = Some(id).filter(|_| !self.v1_pin_refused),
+                (None, Wire::V2) => {
+                    return ConnectionError::Dictionary("a dictionary without an id in its header".into())
                 }
+                (None, Wire::V1) => {}
             }
             match zstd::bulk::Decompressor::with_dictionary(&dict) {
                 Ok(d) => decompressor = Some(d),
@@ -1025,6 +1039,14 @@ impl Driver {
                 if using_given && self.opts.wire == Wire::V2 {
                     self.given_dictionary_refused = true;
                     tracing::warn!(%url, dictionary = ?dict_id, "the server refused the zstd dictionary given to the builder (not the one it uses now?): fetching its own");
+                    return ConnectionError::GivenDictionaryRefused;
+                }
+                // On v1, the dictionary named without being asked to: not named again, and one
+                // given to the builder no longer used (the server's own is fetched).
+                if dict_id.is_some() && self.opts.wire == Wire::V1 {
+                    self.v1_pin_refused = true;
+                    self.given_dictionary_refused |= using_given;
+                    tracing::warn!(%url, dictionary = ?dict_id, "the server refused the zstd dictionary named in the query: going on with its default");
                     return ConnectionError::GivenDictionaryRefused;
                 }
                 let reason = if body.is_empty() {
