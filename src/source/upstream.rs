@@ -261,11 +261,13 @@ pub struct UpstreamReader {
     pub current_url: Arc<std::sync::Mutex<String>>,
     /// `last_time_us`, for the prober: it goes back to a preferred upstream only once caught up.
     position: Arc<std::sync::atomic::AtomicU64>,
-    /// Per upstream, no switching to it (as preferred, or as fresher) before then: the last
-    /// time we did, it gave nothing (it answers `/status` but refuses subscribers, a proxy lets
-    /// `/status` through and not the upgrade). Not for one whose window does not reach our
-    /// position: see [`Resume`], whose hole patience such switches run down.
-    switch_again_at: Vec<Option<tokio::time::Instant>>,
+    /// Per upstream, when it may be switched to again as preferred, and as fresher: the last
+    /// time we switched to it so, it gave nothing (it answers `/status` but refuses
+    /// subscribers, a proxy lets `/status` through and not the upgrade). Each holds back only
+    /// its own kind of switch: one that gave nothing as preferred is still switched to when the
+    /// one in use falls behind. Not for one whose window does not reach our position: see
+    /// [`Resume`], whose hole patience such switches run down.
+    switch_again_at: Vec<SwitchAgainAt>,
     /// Upstreams that refused us with a Retry-After: not asked again sooner (nor switched to by
     /// the prober); the others are used meanwhile.
     pauses: Pauses,
@@ -273,6 +275,19 @@ pub struct UpstreamReader {
 
 /// A session that ends sooner than this is followed by a backoff wait, events or not.
 const BRIEF_SESSION: Duration = Duration::from_secs(1);
+
+/// When an upstream may be switched to again, by kind of switch ([`UpstreamReader::switch_again_at`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct SwitchAgainAt {
+    preferred: Option<tokio::time::Instant>,
+    fresher: Option<tokio::time::Instant>,
+}
+
+impl SwitchAgainAt {
+    fn waiting(at: Option<tokio::time::Instant>) -> bool {
+        at.is_some_and(|at| tokio::time::Instant::now() < at)
+    }
+}
 
 /// How long a preferred upstream that gave nothing when we went back to it is not gone back to.
 const PREFER_AGAIN_AFTER: Duration = Duration::from_secs(600);
@@ -310,7 +325,7 @@ impl UpstreamReader {
             readiness: Arc::default(),
             current_url: Arc::new(std::sync::Mutex::new(first)),
             position: Arc::new(last_time_us.into()),
-            switch_again_at: vec![None; upstreams],
+            switch_again_at: vec![SwitchAgainAt::default(); upstreams],
             pauses,
         }
     }
@@ -330,9 +345,9 @@ impl UpstreamReader {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         let mut failures_in_a_row = 0usize;
-        // The upstream just switched to because it is preferred or fresher, and how long it is
-        // not switched to again if it gives nothing.
-        let mut switched: Option<(usize, Duration)> = None;
+        // The upstream just switched to because it is preferred or fresher (which), and how
+        // long it is not switched to so again if it gives nothing.
+        let mut switched: Option<(usize, bool, Duration)> = None;
         let mut first = true;
         loop {
             // Counted as the relay reader counts its own: dashboards and alerts read them alike.
@@ -373,8 +388,14 @@ impl UpstreamReader {
             // (Not when it lacks our position: switching back and forth then is how the hole
             // patience runs out, after which its oldest event is gone on from.)
             let gave_nothing = self.last_time_us == before && !matches!(ended, UpstreamError::Trimmed { .. });
-            if let Some((i, cool_down)) = switched.take().filter(|_| gave_nothing) {
-                self.switch_again_at[i] = Some(tokio::time::Instant::now() + cool_down);
+            if let Some((i, preferred, cool_down)) = switched.take().filter(|_| gave_nothing) {
+                let at = Some(tokio::time::Instant::now() + cool_down);
+                let again = &mut self.switch_again_at[i];
+                if preferred {
+                    again.preferred = at;
+                } else {
+                    again.fresher = at;
+                }
             }
             if self.last_time_us != before {
                 failures_in_a_row = 0;
@@ -398,8 +419,8 @@ impl UpstreamReader {
                 // move for a longer window keeps the count: one that then fails is not moved
                 // to again and again without a wait.)
                 switched = match ended {
-                    UpstreamError::Preferred { .. } => Some((better, PREFER_AGAIN_AFTER)),
-                    UpstreamError::Behind { .. } => Some((better, FRESHER_AGAIN_AFTER)),
+                    UpstreamError::Preferred { .. } => Some((better, true, PREFER_AGAIN_AFTER)),
+                    UpstreamError::Behind { .. } => Some((better, false, FRESHER_AGAIN_AFTER)),
                     _ => None,
                 };
                 if !matches!(ended, UpstreamError::LongerWindow { .. }) {
@@ -1021,8 +1042,8 @@ struct Probe {
     timeout: Duration,
     /// Our newest event's `time_us`, as it moves.
     position: Arc<std::sync::atomic::AtomicU64>,
-    /// Per upstream, not switched to before then ([`UpstreamReader::switch_again_at`]).
-    switch_again_at: Vec<Option<tokio::time::Instant>>,
+    /// Per upstream, when it may be switched to again ([`UpstreamReader::switch_again_at`]).
+    switch_again_at: Vec<SwitchAgainAt>,
     /// Upstreams that asked to be left alone a while, as at the session's start: not switched
     /// to before their time.
     pauses: Pauses,
@@ -1034,7 +1055,7 @@ struct Probe {
 /// on two readings in a row: after a failover (a primary's restart), a replica goes back to
 /// the upstream it prefers rather than staying a hop further away for good. (Not while it
 /// catches up: the preferred one may be the one that no longer has our position; nor before
-/// its `switch_again_at`, which holds back a switch to a fresher upstream too.)
+/// its `switch_again_at`, which holds back a switch to a fresher upstream likewise.)
 async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Switch>) {
     let Probe { urls, current, every, lag, timeout, position, switch_again_at, pauses } = probe;
     if urls.len() < 2 {
@@ -1053,17 +1074,18 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
         let mut best: Option<(usize, u64)> = None;
         let mut preferred = None;
         for (i, newest) in newest_of.iter().enumerate() {
-            let cooling_down = switch_again_at[i].is_some_and(|at| tokio::time::Instant::now() < at);
-            if i == current || cooling_down {
+            if i == current {
                 continue;
             }
+            let again = switch_again_at[i];
             if let Some(newest) = newest.filter(|&t| believable(t)) {
-                if best.is_none_or(|(_, b)| newest > b) {
+                if !SwitchAgainAt::waiting(again.fresher) && best.is_none_or(|(_, b)| newest > b) {
                     best = Some((i, newest));
                 }
                 let caught_up =
                     position.load(std::sync::atomic::Ordering::Relaxed).saturating_add(lag.as_micros() as u64) >= ours;
-                if i < current && newest >= ours && caught_up && preferred.is_none() {
+                let may_prefer = !SwitchAgainAt::waiting(again.preferred);
+                if i < current && newest >= ours && caught_up && may_prefer && preferred.is_none() {
                     preferred = Some(i);
                 }
             }
