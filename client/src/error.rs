@@ -19,8 +19,8 @@ pub enum Error {
     #[error("invalid filter: {0}")]
     Filter(String),
     /// The server refused this subscription (HTTP 400 at the upgrade, a close frame saying the
-    /// options were invalid, no `/dictionary` to fetch), and so did every other host of the list
-    /// since the position last moved: retrying the same request gets the same answer.
+    /// options were invalid), and so did every other host of the list since one last served it
+    /// or its filters changed: retrying the same request gets the same answer.
     #[error("{url} refused the subscription: {reason}")]
     Refused { url: String, reason: String },
     /// Every host failed for the configured number of attempts in a row; the last failure.
@@ -74,8 +74,8 @@ pub(crate) enum ConnectionError {
     Closed { code: u16, reason: String },
     /// The server broke the protocol (time going backwards after the connection moved past its
     /// cursor: a clock stepped back on a server that starts such a cursor live). Retried; at
-    /// once on every connection at one position, the subscription ends with
-    /// [`Error::Unreadable`].
+    /// once on every connection at one position (three, over a stale timeout at least), the
+    /// subscription ends with [`Error::Unreadable`].
     #[error("{0}")]
     Protocol(String),
     /// A `time_us` more than a week past this machine's clock: after a few in a row at one

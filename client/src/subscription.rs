@@ -612,7 +612,7 @@ struct Driver {
     /// A v1 server refused the dictionary named in the query (`zstdDictionary`, which a
     /// Contrail compresses with): it is not named again.
     v1_pin_refused: bool,
-    /// Per host, its refusal of this subscription since the position last moved (see
+    /// Per host, its refusal of this subscription since one last served it (see
     /// [`Driver::refused_by_every_host`]).
     refused: Vec<Option<String>>,
     /// When this connection last moved the position on (or began): see
@@ -667,6 +667,10 @@ impl Driver {
         let mut last_turns: Option<Vec<usize>> = None;
         // Connections that ended at one position on a message this client cannot read.
         let mut unreadable: (Option<u64>, u32) = (None, 0);
+        // When time first went backwards at once at the current unreadable position: that ends
+        // the subscription only once it has lasted a stale timeout too (a clock corrected
+        // back and forth within seconds passes).
+        let mut backwards_since: Option<tokio::time::Instant> = None;
         // The host chosen for the next connection is asked, after its pause if it has one.
         let mut keep_host = false;
         loop {
@@ -699,7 +703,8 @@ impl Driver {
             let attempt_us = now_us().saturating_sub(1_000_000);
             let began = tokio::time::Instant::now();
             let ended = self.connection().await;
-            if self.last != delivered_before {
+            // A host served this subscription: earlier refusals were the hosts' own trouble.
+            if self.last != delivered_before || self.heard_for_a_stale_timeout() {
                 self.refused.clear();
             }
             // One host's refusal, while another may serve us, is that host's failure.
@@ -725,6 +730,7 @@ impl Driver {
                 }
             }
             let url = self.urls[self.current].to_string();
+            let backwards = matches!(ended, ConnectionError::Protocol(_));
             match ended {
                 ConnectionError::Dropped => return,
                 // Ended by this client (new filters; the host's own dictionary to fetch), not
@@ -771,10 +777,18 @@ impl Driver {
                 {
                     unreadable = match unreadable {
                         (at, n) if at == self.last && n > 0 => (at, n + 1),
-                        _ => (self.last, 1),
+                        _ => {
+                            backwards_since = None;
+                            (self.last, 1)
+                        }
                     };
+                    if backwards {
+                        backwards_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    let patience_over =
+                        !backwards || backwards_since.is_some_and(|t| t.elapsed() >= self.opts.stale_timeout);
                     tracing::warn!(%url, %what, after = ?self.last, "a message this client cannot read");
-                    if unreadable.1 >= UNREADABLE_TRIES {
+                    if unreadable.1 >= UNREADABLE_TRIES && patience_over {
                         let err = Error::Unreadable { url, after: self.last, what };
                         let _ = self.out.send(Err(err)).await;
                         return;
@@ -874,7 +888,8 @@ impl Driver {
     }
 
     /// Whether a refusal by the current host ends the subscription: when every host of the
-    /// list has refused it since the position last moved. A refusal (an HTTP 400 at the upgrade,
+    /// list has refused it since one last served it (moved the position on, or stayed up for a
+    /// stale timeout) or its filters changed. A refusal (an HTTP 400 at the upgrade,
     /// a close saying the options are invalid) is about the request — the filters, the cursor
     /// — when every host gives it; one host's alone may be its own trouble (a proxy's, a
     /// deploy's, an older version's), and another host is tried.
@@ -971,9 +986,11 @@ impl Driver {
 
     async fn connection(&mut self) -> ConnectionError {
         (self.connected_at, self.last_heard, self.informs) = (None, None, false);
-        // Filters given while no connection was up: this one asks with them.
+        // Filters given while no connection was up: this one asks with them (refusals were of
+        // the old ones).
         if let Some(f) = self.new_filters.borrow_and_update().clone() {
             self.opts.filters = f;
+            self.refused.clear();
         }
         let url = self.urls[self.current].clone();
         let timeout = self.opts.connect_timeout;
@@ -994,11 +1011,11 @@ impl Driver {
                     // server that wants a `?token=` on every request lets this one through too.
                     match transport::http_get(&url, &url.at(&path), timeout).await {
                         Ok(d) => d,
-                        // No dictionary there: asking again gets the same answer.
-                        Err(ClientError::Status { status: 404, .. }) => {
-                            return ConnectionError::Refused(format!(
-                                "HTTP 404 for {path}: no zstd dictionary to fetch (Jetstream serves none: give its own with Builder::dictionary)"
-                            ))
+                        // A host failing, as a proxy's 404 is (during a deploy); said plainly,
+                        // since it is most often a server that has none.
+                        Err(e @ ClientError::Status { status: 404, .. }) => {
+                            tracing::warn!(%url, %path, "no zstd dictionary there (Jetstream serves none: give its own with Builder::dictionary)");
+                            return ConnectionError::DictionaryFetch(e);
                         }
                         Err(e) => return ConnectionError::DictionaryFetch(e),
                     }
@@ -1041,9 +1058,11 @@ impl Driver {
                     tracing::warn!(%url, dictionary = ?dict_id, "the server refused the zstd dictionary given to the builder (not the one it uses now?): fetching its own");
                     return ConnectionError::GivenDictionaryRefused;
                 }
-                // On v1, the dictionary named without being asked to: not named again, and one
-                // given to the builder no longer used (the server's own is fetched).
-                if dict_id.is_some() && self.opts.wire == Wire::V1 {
+                // On v1, the dictionary named without being asked to, when the 400 says so (a
+                // Contrail's does: "unknown zstdDictionary …"; any other 400 is a refusal, the
+                // given dictionary kept): not named again, and one given to the builder, which
+                // the server lacks, no longer used (the server's own is fetched).
+                if dict_id.is_some() && self.opts.wire == Wire::V1 && body.contains("zstdDictionary") {
                     self.v1_pin_refused = true;
                     self.given_dictionary_refused |= using_given;
                     tracing::warn!(%url, dictionary = ?dict_id, "the server refused the zstd dictionary named in the query: going on with its default");
@@ -1098,6 +1117,7 @@ impl Driver {
                     }
                     let Some(f) = self.new_filters.borrow_and_update().clone() else { continue };
                     self.opts.filters = f;
+                    self.refused.clear();
                     if self.opts.wire == Wire::V2 {
                         // No client messages on v2: reconnect from here with them.
                         return ConnectionError::FiltersChanged;
@@ -1184,9 +1204,13 @@ impl Driver {
     /// With other hosts to go to, a server whose cursor messages have not moved the position
     /// on for the stall timeout ([`Builder::stall_timeout`]). (Looked at on every ping tick,
     /// a third of the stale timeout.)
+    /// (Not within a rewind onto another host, where cursor messages count only once they are a
+    /// rewind past the position: a quiet filter's would look stuck for that long.)
     fn stalled(&self) -> Option<ConnectionError> {
         let stuck = self.moved_at.elapsed();
-        (self.urls.len() > 1 && self.informs && stuck >= self.opts.stall_timeout)
+        let same_timeline =
+            self.opts.failover == Failover::ExactCursor || self.origin == Some(Origin::Host(self.current));
+        (self.urls.len() > 1 && self.informs && same_timeline && stuck >= self.opts.stall_timeout)
             .then(|| ConnectionError::Stalled(stuck))
     }
 
