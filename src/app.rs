@@ -172,6 +172,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.hub.clone(),
         config.limits.clone(),
         root.child_token(),
+        config.ops.shutdown_drain_timeout,
     )?);
     let history = Arc::new(History::new(metrics.clone(), log.tip(), mix, replica, config.ops.status_sample_interval));
     let public = Arc::new(Public {
@@ -348,7 +349,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     tokio::pin!(closed);
     // Subscribers are sent what is stored, then 1001; writes still under way after a moment
     // (to clients not reading) are abandoned, and the close frames get the rest of the drain.
-    let writing = drain.min(crate::hub::WRITES_AT_SHUTDOWN);
+    let writing = crate::hub::shutdown_windows(drain).1;
     if tokio::time::timeout(writing, &mut closed).await.is_err() {
         hub.stop_writes.cancel();
         if tokio::time::timeout(drain - writing, &mut closed).await.is_err() {

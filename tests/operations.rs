@@ -327,16 +327,20 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
     // client that stops reading for a while just before the signal (its socket fills, the
     // server's write to it waits) and reads again soon after.
     let queries = ["/subscribe", "/subscribe?wantedCollections=app.bsky.feed.like", "/subscribe?pausing"];
-    let pause = Arc::new(AtomicBool::new(false));
+    let (pause, resume) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let mut readers = Vec::new();
     for q in queries {
         let mut ws = connect(serve.public, q, &[]).await.unwrap();
-        let pause = (q.contains("pausing")).then(|| pause.clone());
+        let pause = (q.contains("pausing")).then(|| (pause.clone(), resume.clone()));
         readers.push(tokio::spawn(async move {
             let (mut first, mut last, mut count) = (None, 0u64, 0usize);
             loop {
-                if pause.as_ref().is_some_and(|p| p.swap(false, Ordering::Relaxed)) {
-                    tokio::time::sleep(Duration::from_millis(2_000)).await;
+                if let Some((pause, resume)) = &pause {
+                    if pause.swap(false, Ordering::Relaxed) {
+                        while !resume.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
                 }
                 match next(&mut ws, Duration::from_secs(10)).await {
                     Some(Msg::Text(t)) => {
@@ -355,7 +359,15 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
     serve.wait_for_seq(3_000, Duration::from_secs(30));
     pause.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The pausing client reads again just after the signal: its backlog has the second the
+    // server gives it.
+    let resumer = resume.clone();
+    let resumed = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(50));
+        resumer.store(true, Ordering::Relaxed);
+    });
     let status = tokio::task::block_in_place(|| serve.terminate());
+    resumed.join().unwrap();
     assert!(status.success(), "exit status {status:?}; logs:\n{}", serve.logs());
     let stored: Vec<serde_json::Value> =
         inspect_log(dir.path()).iter().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -260,11 +260,19 @@ impl HubConfig {
 }
 
 /// At shutdown, how long a subscriber is still sent what the log holds (the last batch, for a
-/// live one; more of its replay, for one behind) before its 1001.
+/// live one; more of its replay, for one behind) before its 1001: at most this, and a quarter
+/// of `--shutdown-drain-timeout` ([`shutdown_windows`]).
 pub const SENDING_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 /// At shutdown, how long writes under way may go on: the sending above, and the last write it
-/// began (a replay page, at a client reading at a normal pace), before they are abandoned.
+/// began (a replay page, at a client reading at a normal pace), before they are abandoned: at
+/// most this, and half of `--shutdown-drain-timeout`. The rest of the drain is for the close
+/// frames.
 pub const WRITES_AT_SHUTDOWN: Duration = Duration::from_secs(2);
+
+/// What is sent at shutdown, and how long writes may go on, within a drain of `drain`.
+pub fn shutdown_windows(drain: Duration) -> (Duration, Duration) {
+    (SENDING_AT_SHUTDOWN.min(drain / 4), WRITES_AT_SHUTDOWN.min(drain / 2))
+}
 
 /// Everything a subscriber needs, shared by all of them.
 pub struct Hub {
@@ -278,9 +286,11 @@ pub struct Hub {
     pub config: HubConfig,
     pub limits: LimitsConfig,
     /// Cancelled at shutdown, once the sequencer has published its last batch: each subscriber
-    /// is sent what the log holds, up to its last event, for at most [`SENDING_AT_SHUTDOWN`],
+    /// is sent what the log holds, up to its last event, for at most `sending_at_shutdown`,
     /// then closes with 1001.
     pub shutdown: CancellationToken,
+    /// See [`shutdown_windows`].
+    pub sending_at_shutdown: Duration,
     /// Cancelled [`WRITES_AT_SHUTDOWN`] after `shutdown` (or with the root): a write still under
     /// way (to a client not reading) is abandoned, and that client gets no close frame.
     pub stop_writes: CancellationToken,
@@ -301,6 +311,7 @@ impl Hub {
         config: HubConfig,
         limits: LimitsConfig,
         stop_writes: CancellationToken,
+        shutdown_drain: Duration,
     ) -> std::io::Result<Hub> {
         let admission = Admission::new(&limits, [metrics.filter_bytes.clone(), metrics.client_message_bytes.clone()]);
         // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
@@ -323,6 +334,7 @@ impl Hub {
             // Stopping writes stops the subscribers too.
             shutdown: stop_writes.child_token(),
             stop_writes,
+            sending_at_shutdown: shutdown_windows(shutdown_drain).0,
             tasks: TaskTracker::new(),
             replay_budget: replay_budget::ReplayBudget::new(
                 config.replay_held_bytes as usize,

@@ -417,6 +417,8 @@ struct Session {
     slow: SlowWatch,
     /// A close frame went out already (a refusal with its own text).
     close_sent: bool,
+    /// Sending what is stored at shutdown ([`Session::send_what_is_stored`]).
+    stopping: bool,
     /// Paces `options_update` messages.
     updates: super::limits::TokenBucket,
     /// An accepted `options_update` waiting for its tokens. Meanwhile the stream goes on under
@@ -492,6 +494,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         oldest_unflushed_live: None,
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
+        stopping: false,
         updates: {
             let rate = hub.config.max_options_updates_per_second as f64;
             super::limits::TokenBucket::with_burst(rate, rate * UPDATE_BURST_SECONDS)
@@ -653,13 +656,17 @@ impl Session {
     }
 
     /// At shutdown: the stream goes on until it has passed the log's last event, for at most
-    /// [`super::SENDING_AT_SHUTDOWN`]. The sequencer wrote and published its last batch before
+    /// [`super::SENDING_AT_SHUTDOWN`] ([`super::shutdown_windows`]). The sequencer wrote and published its last batch before
     /// the hub's shutdown, so a live subscriber gets it before its 1001 (it would otherwise wait
     /// in its queue, and reach the client only on its reconnect); one behind gets a little more
     /// of its replay. A client not reading holds this up only until the hub stops writes.
     async fn send_what_is_stored(&mut self, chunk: usize) -> Result<(), CloseReason> {
         let Some(last) = self.hub.tip.newest() else { return Ok(()) };
-        let until = Instant::now() + super::SENDING_AT_SHUTDOWN;
+        let until = Instant::now() + self.hub.sending_at_shutdown;
+        // Not paced by the client's event rate meanwhile: a wait for its tokens is not checked
+        // against `until` (all of one address's connections taking a chunk each at once would
+        // hold shutdown up for seconds). This second is bounded without it.
+        self.stopping = true;
         let stop = self.stop_writes.clone();
         loop {
             let stream = self.stream.as_mut().expect("started before the loop");
@@ -854,8 +861,12 @@ impl Session {
         self.send_message(message).await
     }
 
-    /// Waits for `n` events' worth of the client IP's event rate, if it has one.
+    /// Waits for `n` events' worth of the client IP's event rate, if it has one (not at
+    /// shutdown: see [`Session::send_what_is_stored`]).
     async fn take_tokens(&mut self, n: usize) {
+        if self.stopping {
+            return;
+        }
         let wait = self.slot.bucket.as_ref().map_or(Duration::ZERO, |b| b.take_n(n as f64));
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
