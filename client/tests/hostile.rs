@@ -873,6 +873,24 @@ async fn one_hosts_refusal_tries_the_next_and_every_hosts_ends_the_subscription(
     assert_eq!(other.connections.load(Ordering::SeqCst), 1, "refused at once once both had");
 }
 
+/// A refusal is forgotten once a host has served the subscription (here for a stale timeout,
+/// a quiet filter moving nothing on): a transient 400 from one host during its deploy, and
+/// another's days later, do not add up to every host refusing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_before_a_host_served_the_subscription_are_forgotten() {
+    let t = now_us();
+    let a =
+        serve(vec![Script::Refuse(400, None, "deploying"), Script::Status(503), Script::Send(vec![event(t)])]).await;
+    let b = serve(vec![Script::QuietThenClose(Duration::from_secs(4)), Script::Refuse(400, None, "deploying")]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", a.addr), format!("ws://{}", b.addr)])
+        .stale_timeout(Duration::from_secs(3))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap();
+    assert_eq!(next_event(&mut sub).await, t);
+    assert_eq!((a.connections.load(Ordering::SeqCst), b.connections.load(Ordering::SeqCst)), (3, 2));
+}
+
 /// Jetstream v1 closes with 1000 and `failed to parse subscriber options: …` when it refuses
 /// the options of a hello: a refusal, not a normal close to reconnect after (with the same
 /// hello, for ever). A 404 for `/dictionary` (Jetstream has none; a proxy during a deploy
