@@ -164,16 +164,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     // Held for the whole run: if the sequencer stops (the log cannot be written), the hub's
     // dispatcher stays up and subscribers keep what is stored.
     let _ring = ring.clone();
-    let hub = Arc::new(Hub::new(
-        log.clone(),
-        ring,
-        metrics.clone(),
-        dictionaries,
-        config.hub.clone(),
-        config.limits.clone(),
-        root.child_token(),
-        config.ops.shutdown_drain_timeout,
-    )?);
+    let hub = Arc::new(
+        Hub::new(
+            log.clone(),
+            ring,
+            metrics.clone(),
+            dictionaries,
+            config.hub.clone(),
+            config.limits.clone(),
+            root.child_token(),
+        )?
+        .with_shutdown_drain(config.ops.shutdown_drain_timeout),
+    );
     let history = Arc::new(History::new(metrics.clone(), log.tip(), mix, replica, config.ops.status_sample_interval));
     let public = Arc::new(Public {
         history: history.clone(),

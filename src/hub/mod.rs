@@ -311,7 +311,6 @@ impl Hub {
         config: HubConfig,
         limits: LimitsConfig,
         stop_writes: CancellationToken,
-        shutdown_drain: Duration,
     ) -> std::io::Result<Hub> {
         let admission = Admission::new(&limits, [metrics.filter_bytes.clone(), metrics.client_message_bytes.clone()]);
         // Live queues together: 4 × --ring-max-bytes, counting each event once per queue
@@ -334,7 +333,7 @@ impl Hub {
             // Stopping writes stops the subscribers too.
             shutdown: stop_writes.child_token(),
             stop_writes,
-            sending_at_shutdown: shutdown_windows(shutdown_drain).0,
+            sending_at_shutdown: SENDING_AT_SHUTDOWN,
             tasks: TaskTracker::new(),
             replay_budget: replay_budget::ReplayBudget::new(
                 config.replay_held_bytes as usize,
@@ -348,5 +347,11 @@ impl Hub {
             metrics,
             config,
         })
+    }
+
+    /// What is sent at shutdown within `--shutdown-drain-timeout` ([`shutdown_windows`]).
+    pub fn with_shutdown_drain(mut self, drain: Duration) -> Hub {
+        self.sending_at_shutdown = shutdown_windows(drain).0;
+        self
     }
 }
