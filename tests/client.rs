@@ -32,6 +32,20 @@ async fn relay_with(gen: &[GenFrame]) -> FakeRelay {
     relay
 }
 
+/// Takes `n` events (each within 10 s), failing on an error (a refusal, an unreadable message).
+async fn take_events(sub: &mut Subscription, n: usize) {
+    let mut got = 0;
+    while got < n {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("no event in time after {got}"))
+            .expect("not refused, all readable");
+        if let contrail_client::Message::Event(_) = m {
+            got += 1;
+        }
+    }
+}
+
 fn builder(urls: &[&Serve]) -> contrail_client::Builder {
     Subscription::builder(urls.iter().map(|s| format!("ws://{}", s.public)))
         .backoff(Duration::from_millis(50), Duration::from_millis(300))
@@ -281,13 +295,7 @@ async fn a_v2_subscription_given_a_stale_dictionary_goes_on_with_the_servers_own
         .cursor(Some(1_000_000_000_000_000))
         .start()
         .unwrap();
-    let mut got = 0;
-    while got < events {
-        let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event in time");
-        if let contrail_client::Message::Event(_) = m.expect("not refused") {
-            got += 1;
-        }
-    }
+    take_events(&mut sub, events).await;
     assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "one upgrade took");
 }
 
@@ -316,13 +324,7 @@ async fn a_v1_subscription_names_its_dictionary_and_goes_on_when_it_is_refused()
             .cursor(Some(1_000_000_000_000_000))
             .start()
             .unwrap();
-        let mut got = 0;
-        while got < events {
-            let m = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.expect("an event in time");
-            if let contrail_client::Message::Event(_) = m.expect("not refused, all readable") {
-                got += 1;
-            }
-        }
+        take_events(&mut sub, events).await;
         assert_eq!(sub.stats().malformed.load(std::sync::atomic::Ordering::Relaxed), 0);
         assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "one upgrade took");
     }
@@ -526,16 +528,7 @@ async fn a_compressed_subscription_through_a_proxy_that_wants_a_token_fetches_it
             .cursor(Some(1_000_000_000_000_000))
             .start()
             .unwrap();
-        let mut got = 0;
-        while got < want {
-            let m = tokio::time::timeout(Duration::from_secs(10), sub.next())
-                .await
-                .unwrap_or_else(|_| panic!("{wire:?}: no event in time after {got}"))
-                .unwrap();
-            if let contrail_client::Message::Event(_) = m {
-                got += 1;
-            }
-        }
+        take_events(&mut sub, want).await;
         assert_eq!(sub.stats().connections.load(std::sync::atomic::Ordering::Relaxed), 1, "{wire:?}");
     }
 }

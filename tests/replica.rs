@@ -392,34 +392,62 @@ async fn a_preferred_upstream_that_refuses_subscribers_is_not_tried_again_and_ag
     assert!(c.metric("contrail_relay_errors_total{kind=\"connect\"}").unwrap() >= 1.0);
 }
 
+/// A primary with 500 of `n` frames, M (a replica of it through a proxy the test can freeze),
+/// and R (a replica preferring M, knowing the primary), caught up.
+struct FrozenMiddle {
+    relay: FakeRelay,
+    gen: Vec<common::frames::GenFrame>,
+    primary: Serve,
+    proxy: common::proxy::Proxy,
+    middle: Serve,
+    follower: Serve,
+    dirs: [tempfile::TempDir; 3],
+}
+
+async fn frozen_middle(n: usize, seed: u64, primary_flags: &[&str]) -> FrozenMiddle {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, n, 40, seed);
+    relay.push_all(&gen[..500]);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let flags = [&["--max-events-per-second-per-ip", "0"], primary_flags].concat();
+    let primary = Serve::start(dirs[0].path(), &relay.url(), &flags);
+    primary.wait_for_seq(500, Duration::from_secs(30));
+    let proxy = common::proxy::Proxy::start(primary.public).await;
+    let middle = replica_of(dirs[1].path(), &format!("ws://{}", proxy.addr), &["--connect-timeout", "1s"]);
+    let list = format!("ws://{},ws://{}", middle.public, primary.public);
+    let follower = replica_of(dirs[2].path(), &list, &["--upstream-switch-lag", "1s"]);
+    wait_caught_up(&primary, &follower, Duration::from_secs(30));
+    FrozenMiddle { relay, gen, primary, proxy, middle, follower, dirs }
+}
+
+impl FrozenMiddle {
+    /// M stops ingesting but keeps serving (and sending cursor messages, and its connection to
+    /// the primary); the primary takes the rest of the frames, its newest event soon more than
+    /// the follower's switch lag ahead of M's.
+    fn freeze_the_middle(&self) {
+        self.proxy.freeze(true);
+        std::thread::sleep(Duration::from_millis(1_500));
+        self.relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
+        self.relay.push_all(&self.gen[500..]);
+        self.primary.wait_for_seq(self.gen.len() as i64, Duration::from_secs(30));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
-    let relay = FakeRelay::start().await;
-    let gen = generate(1, 1_500, 40, 25);
-    relay.push_all(&gen[..500]);
-    let (pd, md, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let primary = Serve::start(pd.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
-    primary.wait_for_seq(500, Duration::from_secs(30));
-    // M follows the primary through a proxy that the test can freeze.
-    let proxy = common::proxy::Proxy::start(primary.public).await;
-    let middle = replica_of(md.path(), &format!("ws://{}", proxy.addr), &["--connect-timeout", "1s"]);
-    // R prefers M, and knows the primary.
-    let list = format!("ws://{},ws://{}", middle.public, primary.public);
-    let follower = replica_of(rd.path(), &list, &["--upstream-switch-lag", "1s"]);
-    wait_caught_up(&primary, &follower, Duration::from_secs(30));
-    assert_eq!(follower.metric("contrail_upstream_switches_total"), Some(0.0));
-    // M stops ingesting but keeps serving (and sending cursor messages).
-    proxy.freeze(true);
-    std::thread::sleep(Duration::from_millis(1_500));
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
-    relay.push_all(&gen[500..]);
-    primary.wait_for_seq(1_500, Duration::from_secs(30));
+    let m = frozen_middle(1_500, 25, &[]).await;
+    assert_eq!(m.follower.metric("contrail_upstream_switches_total"), Some(0.0));
+    m.freeze_the_middle();
     // R notices the primary is ahead of M and switches to it.
-    wait_caught_up(&primary, &follower, Duration::from_secs(30));
-    assert!(follower.metric("contrail_upstream_switches_total").unwrap() >= 1.0);
-    assert!(newest(&middle) < newest(&primary), "the middle replica was not frozen");
+    wait_caught_up(&m.primary, &m.follower, Duration::from_secs(30));
+    assert!(m.follower.metric("contrail_upstream_switches_total").unwrap() >= 1.0);
+    assert!(newest(&m.middle) < newest(&m.primary), "the middle replica was not frozen");
+    let FrozenMiddle { follower, middle, dirs, .. } = m;
     drop((follower, middle));
-    assert!(inspect_log(rd.path()) == inspect_log(pd.path()), "the follower's log differs from the primary's");
+    assert!(
+        inspect_log(dirs[2].path()) == inspect_log(dirs[0].path()),
+        "the follower's log differs from the primary's"
+    );
 }
 
 /// A fresher upstream that gives nothing when switched to (here a primary whose one subscriber
@@ -428,26 +456,10 @@ async fn a_follower_leaves_a_frozen_middle_replica_for_a_fresher_upstream() {
 /// stream and asking the full primary again, for as long as the middle stayed behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresher_upstream_that_refuses_subscribers_is_not_switched_to_again_and_again() {
-    let relay = FakeRelay::start().await;
-    let gen = generate(1, 1_000, 40, 41);
-    relay.push_all(&gen[..500]);
-    let (pd, md, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let flags = ["--max-events-per-second-per-ip", "0", "--max-subscribers", "1"];
-    let primary = Serve::start(pd.path(), &relay.url(), &flags);
-    primary.wait_for_seq(500, Duration::from_secs(30));
-    // M follows the primary (taking its one slot) through a proxy the test can freeze.
-    let proxy = common::proxy::Proxy::start(primary.public).await;
-    let middle = replica_of(md.path(), &format!("ws://{}", proxy.addr), &["--connect-timeout", "1s"]);
-    let list = format!("ws://{},ws://{}", middle.public, primary.public);
-    let follower = replica_of(rd.path(), &list, &["--upstream-switch-lag", "1s"]);
-    wait_caught_up(&primary, &follower, Duration::from_secs(30));
-    // M stops ingesting but keeps serving (and its slot on the primary); the primary goes on,
-    // its newest event soon more than the switch lag ahead of M's.
-    proxy.freeze(true);
-    std::thread::sleep(Duration::from_millis(1_500));
-    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(2)), ..Faults::default() });
-    relay.push_all(&gen[500..]);
-    primary.wait_for_seq(1_000, Duration::from_secs(30));
+    // M takes the primary's one subscriber slot, and keeps it once frozen.
+    let m = frozen_middle(1_000, 41, &["--max-subscribers", "1"]).await;
+    m.freeze_the_middle();
+    let (primary, follower) = (&m.primary, &m.follower);
     let primary_url = format!("\"upstream\":\"ws://{}\"", primary.public);
     let tries = || {
         let logs = follower.logs();
@@ -458,13 +470,12 @@ async fn a_fresher_upstream_that_refuses_subscribers_is_not_switched_to_again_an
         assert!(Instant::now() < deadline, "the follower never tried the primary: {}", follower.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
-    // Probes every second; the primary's refusal asks for 5 s: before, three more tries here.
+    // Probes every second; the primary's refusal asks for 5 s: before, another try came here.
     std::thread::sleep(Duration::from_secs(15));
     assert_eq!(tries(), 1, "{}", follower.logs());
     assert!(
         primary.metric("contrail_hub_rejected_requests_total{reason=\"too_many_subscribers\"}").unwrap_or(0.0) >= 1.0
     );
-    drop(proxy);
 }
 
 /// The prober reads the upstreams' `/status` at once: read one after another, an upstream read
