@@ -656,16 +656,17 @@ impl Session {
     }
 
     /// At shutdown: the stream goes on until it has passed the log's last event, for at most
-    /// [`super::SENDING_AT_SHUTDOWN`] ([`super::shutdown_windows`]). The sequencer wrote and published its last batch before
-    /// the hub's shutdown, so a live subscriber gets it before its 1001 (it would otherwise wait
-    /// in its queue, and reach the client only on its reconnect); one behind gets a little more
-    /// of its replay. A client not reading holds this up only until the hub stops writes.
+    /// the hub's `sending_at_shutdown` ([`super::shutdown_windows`]). The sequencer wrote and
+    /// published its last batch before the hub's shutdown, so a live subscriber gets it before
+    /// its 1001 (it would otherwise wait in its queue, and reach the client only on its
+    /// reconnect); one behind gets a little more of its replay. A client not reading holds this
+    /// up only until the hub stops writes.
     async fn send_what_is_stored(&mut self, chunk: usize) -> Result<(), CloseReason> {
         let Some(last) = self.hub.tip.newest() else { return Ok(()) };
         let until = Instant::now() + self.hub.sending_at_shutdown;
         // Not paced by the client's event rate meanwhile: a wait for its tokens is not checked
         // against `until` (all of one address's connections taking a chunk each at once would
-        // hold shutdown up for seconds). This second is bounded without it.
+        // hold shutdown up for seconds); `until` bounds what goes out unpaced.
         self.stopping = true;
         let stop = self.stop_writes.clone();
         loop {
