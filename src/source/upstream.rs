@@ -345,9 +345,8 @@ impl UpstreamReader {
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.opts.backoff_min, self.opts.backoff_max);
         let mut failures_in_a_row = 0usize;
-        // The upstream just switched to because it is preferred or fresher (which), and how
-        // long it is not switched to so again if it gives nothing.
-        let mut switched: Option<(usize, bool, Duration)> = None;
+        // The upstream just switched to, and whether because it is preferred (else fresher).
+        let mut switched: Option<(usize, bool)> = None;
         let mut first = true;
         loop {
             // Counted as the relay reader counts its own: dashboards and alerts read them alike.
@@ -388,13 +387,12 @@ impl UpstreamReader {
             // (Not when it lacks our position: switching back and forth then is how the hole
             // patience runs out, after which its oldest event is gone on from.)
             let gave_nothing = self.last_time_us == before && !matches!(ended, UpstreamError::Trimmed { .. });
-            if let Some((i, preferred, cool_down)) = switched.take().filter(|_| gave_nothing) {
-                let at = Some(tokio::time::Instant::now() + cool_down);
+            if let Some((i, preferred)) = switched.take().filter(|_| gave_nothing) {
                 let again = &mut self.switch_again_at[i];
                 if preferred {
-                    again.preferred = at;
+                    again.preferred = Some(tokio::time::Instant::now() + PREFER_AGAIN_AFTER);
                 } else {
-                    again.fresher = at;
+                    again.fresher = Some(tokio::time::Instant::now() + FRESHER_AGAIN_AFTER);
                 }
             }
             if self.last_time_us != before {
@@ -419,8 +417,8 @@ impl UpstreamReader {
                 // move for a longer window keeps the count: one that then fails is not moved
                 // to again and again without a wait.)
                 switched = match ended {
-                    UpstreamError::Preferred { .. } => Some((better, true, PREFER_AGAIN_AFTER)),
-                    UpstreamError::Behind { .. } => Some((better, false, FRESHER_AGAIN_AFTER)),
+                    UpstreamError::Preferred { .. } => Some((better, true)),
+                    UpstreamError::Behind { .. } => Some((better, false)),
                     _ => None,
                 };
                 if !matches!(ended, UpstreamError::LongerWindow { .. }) {
