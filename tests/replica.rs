@@ -991,6 +991,27 @@ async fn events_a_newer_or_broken_upstream_sends_do_not_wedge_the_replica() {
     assert!(stored[1].get("verification").is_none(), "the unknown label is not stored: {}", stored[1]);
 }
 
+/// A compressed link names the dictionary it fetched: behind one address, the instance that
+/// answers `/dictionary` (Jetstream's by default) and the one that takes the upgrade (whose
+/// default is Contrail's own) may differ. Unnamed, every frame failed to decompress, at every
+/// reconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_link_names_the_dictionary_it_fetched() {
+    let relay = FakeRelay::start().await;
+    relay.push_all(&generate(1, 300, 20, 5));
+    let (ad, bd, rd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Serve::start(ad.path(), &relay.url(), &["--max-events-per-second-per-ip", "0"]);
+    let flags = ["--max-events-per-second-per-ip", "0", "--zstd-default-dictionary", "20261125"];
+    let b = Serve::start(bd.path(), &relay.url(), &flags);
+    b.wait_for_seq(300, Duration::from_secs(30));
+    let proxy = common::proxy::Proxy::start_routing(b.public, "/dictionary", a.public).await;
+    let replica = replica_of(rd.path(), &format!("ws://{}", proxy.addr), &[]);
+    wait_caught_up(&b, &replica, Duration::from_secs(30));
+    assert_eq!(b.metric("contrail_hub_subscribers{compression=\"zstd\",wire=\"v1\"}"), Some(1.0));
+    drop(replica);
+    assert!(inspect_log(rd.path()) == inspect_log(bd.path()), "the replica's log differs from its upstream's");
+}
+
 /// An event line larger than any a primary makes (a lying upstream's), as text or compressed, is
 /// dropped and counted, and the next one is taken on the same connection. Stored, it would be
 /// served to followers of ours, whose compressed links refuse it at every reconnection, for

@@ -485,7 +485,10 @@ impl UpstreamReader {
         self.held_ahead = None;
         self.gap = None;
         // Compressed links save most of the cross-region bandwidth; the dictionary is the one
-        // the upstream itself uses, fetched fresh for each connection.
+        // the upstream itself uses, fetched fresh for each connection, and named in the
+        // subscription: instances behind one address whose defaults differ, or a default
+        // changed between the fetch and the upgrade, then refuse the link (a 400, tried again)
+        // rather than send frames it cannot decompress.
         let mut decompressor = None;
         if replica.upstream_compress {
             let base = url.path.strip_suffix("/subscribe").unwrap_or("");
@@ -500,6 +503,10 @@ impl UpstreamReader {
                 Err(e) => return UpstreamError::Dictionary(e.to_string()),
             }
             params.push("compress=true".into());
+            // (A raw-content dictionary has no id to name.)
+            if let Some(id) = zstd::zstd_safe::get_dict_id_from_dict(&dict) {
+                params.push(format!("zstdDictionary={id}"));
+            }
         }
         let target = url.target_with(params.into_iter());
         let mut ws = match wsclient::connect(&url, target, self.opts.connect_timeout).await {

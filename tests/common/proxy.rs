@@ -3,6 +3,8 @@
 //! connection after a number of bytes from the target ([`Proxy::cut_after`]): a peer that dies
 //! in the middle of a frame. A gated proxy ([`Proxy::start_gated`]) answers 403 to every
 //! request whose request line lacks a given string (a proxy that wants `?token=` everywhere).
+//! A routing proxy ([`Proxy::start_routing`]) sends the requests for one path to another
+//! target.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,7 +93,18 @@ impl Proxy {
     /// A proxy that forwards only requests whose request line contains `required`, and answers
     /// the others `403 Forbidden`.
     pub async fn start_gated(target: SocketAddr, required: &str) -> Proxy {
+        Proxy::start_with(target, required, None).await
+    }
+
+    /// A proxy that sends requests whose request line contains `path` to `there`, and all
+    /// others to `target` (a load balancer in front of instances that may differ).
+    pub async fn start_routing(target: SocketAddr, path: &str, there: SocketAddr) -> Proxy {
+        Proxy::start_with(target, "", Some((path.to_string(), there))).await
+    }
+
+    async fn start_with(target: SocketAddr, required: &str, route: Option<(String, SocketAddr)>) -> Proxy {
         let required = Arc::new(required.to_string());
+        let route = Arc::new(route);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let frozen = Arc::new(AtomicBool::new(false));
@@ -105,13 +118,22 @@ impl Proxy {
                 let limit = c.load(Ordering::SeqCst);
                 let after_head = once.swap(false, Ordering::SeqCst);
                 let required = required.clone();
+                let route = route.clone();
                 tokio::spawn(async move {
                     let mut client = client;
-                    let head = if required.is_empty() {
+                    let mut target = target;
+                    let head = if required.is_empty() && route.is_none() {
                         Vec::new()
                     } else {
                         match read_head(&mut client).await {
-                            Some(head) if first_line(&head).contains(required.as_str()) => head,
+                            Some(head) if first_line(&head).contains(required.as_str()) => {
+                                if let Some((path, there)) = route.as_ref() {
+                                    if first_line(&head).contains(path.as_str()) {
+                                        target = *there;
+                                    }
+                                }
+                                head
+                            }
                             _ => {
                                 let _ = client.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n").await;
                                 return;
