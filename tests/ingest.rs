@@ -634,8 +634,9 @@ async fn a_bogus_seq_a_little_ahead_loses_nothing() {
 
 /// A real jump ahead on a quiet source (a PDS read directly): nothing follows the held frame,
 /// so the idle timeout ends the connection, and the next one, asking for our cursor, gets it
-/// first above our position: nothing lies between, so it is taken. It used to be held again on
-/// every connection until the source sent something else, maybe hours later.
+/// first above our position: nothing lies between. Nothing follows it there either, so it is
+/// taken at that connection's idle timeout. It used to be held again on every connection until
+/// the source sent something else, maybe hours later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_jump_on_a_quiet_source_is_taken_after_a_reconnect() {
     let relay = FakeRelay::start().await;
@@ -649,6 +650,30 @@ async fn a_real_jump_on_a_quiet_source_is_taken_after_a_reconnect() {
     assert_eq!(serve.metric("contrail_drops_total{reason=\"bad_seq\"}").unwrap_or(0.0), 0.0);
     drop(serve);
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, vec![jumped]].concat()));
+}
+
+/// A relay that replays from its history in the order frames came (a fan-out daemon's ring)
+/// and keeps a bogus seq, far ahead, in front of the real frames after our position: the
+/// connection ends right after it, and the next one, asking for our cursor, sends it first
+/// again. Taken then, it made every real frame after it a duplicate of our position, skipped
+/// and lost; held again, the real frames that follow refute it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_seq_a_replaying_relay_sends_first_again_loses_nothing() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 150, 10, 60);
+    relay.push_all(&gen[..100]);
+    let bogus = renumber(&generate(0, 1, 1, 61)[0], 50_000);
+    relay.push(bogus.seq, bogus.frame);
+    relay.push_all(&gen[100..]);
+    // The first connection ends right after the bogus frame (100 frames, then it).
+    relay.plan(vec![ConnFault::drop_after(101)]);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "5s"]);
+    serve.wait_for_seq_exactly(150, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_drops_total{reason=\"bad_seq\"}"), Some(1.0), "{}", serve.logs());
+    assert_eq!(relay.cursors()[1], Some(100), "the second connection asked for our cursor");
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

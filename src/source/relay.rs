@@ -304,7 +304,15 @@ impl Reader {
         let mut idle_at = tokio::time::Instant::now() + self.cfg.relay_idle_timeout;
         loop {
             let frame = match tokio::time::timeout_at(idle_at, ws.read_frame()).await {
-                Err(_) => return RelayError::Idle(self.cfg.relay_idle_timeout),
+                Err(_) => {
+                    // A jump held again, with nothing after it for the idle timeout, is taken
+                    // (the connection still ends: the read the timeout abandoned may have been
+                    // half done).
+                    if let Err(e) = self.release_quiet_held().await {
+                        return e;
+                    }
+                    return RelayError::Idle(self.cfg.relay_idle_timeout);
+                }
                 Ok(Err(e)) => return RelayError::Read(e),
                 Ok(Ok(f)) => f,
             };
@@ -525,6 +533,19 @@ impl Reader {
         }
         self.hand_on(frame, &drops).await?;
         Ok(moved_on)
+    }
+
+    /// Hands on the frame held after a jump ahead if the relay has confirmed it by sending it
+    /// first above our position on two connections and nothing after it since
+    /// ([`SeqTracker::release_quiet_held`]).
+    async fn release_quiet_held(&mut self) -> Result<(), RelayError> {
+        let Some(seq) = self.seq.release_quiet_held() else { return Ok(()) };
+        let Some((frame, drops)) = self.held.take() else { return Ok(()) };
+        tracing::info!(seq, "a seq that jumped ahead was sent first again and nothing followed it: taken");
+        self.metrics.relay_seq_gaps.inc(); // the jump itself
+        self.gap_before_next = true;
+        self.readiness.moved_on(std::time::Instant::now());
+        self.hand_on(frame, &drops).await
     }
 
     /// Counts a frame's drops and hands it to the sequencer, saying whether frames may be

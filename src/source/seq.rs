@@ -34,6 +34,12 @@
 //!   until the next frame confirms it (one bogus seq ahead must not make the real frames up to
 //!   it look like duplicates: they would be skipped, and lost, and a huge one would wedge
 //!   ingest); if the next frame continues the old space instead, the held one is invalid.
+//!   A source that stays quiet after a real jump (a PDS read directly) never sends that next
+//!   frame: when the connection after the one that ended holding it, asking for our cursor,
+//!   sends the held seq first above our position, it is held again, and taken if nothing
+//!   follows it for the idle timeout ([`SeqTracker::release_quiet_held`]). Taken at once
+//!   there, a bogus seq a replaying relay keeps in front of the real frames would have made
+//!   them all duplicates.
 
 /// A forward jump larger than this must be confirmed by the next frame. Relays' seqs are
 /// dense, so a real jump this large is rare (and then waits one frame); a bogus one accepted
@@ -101,6 +107,9 @@ pub struct SeqTracker {
     reset_threshold: i64,
     /// The seq of a frame held after a jump ahead.
     held: Option<i64>,
+    /// The held seq is a `held_before` sent again first above our position: the relay says
+    /// nothing lies between, and a quiet idle timeout after it confirms it.
+    held_replayed: bool,
     /// A seq held when the last connection ended: if the next connection that asks for our
     /// cursor sends it first above our position, the relay itself says nothing lies between.
     held_before: Option<i64>,
@@ -132,6 +141,7 @@ impl SeqTracker {
             first_of_session: true,
             reset_threshold: reset_threshold.max(0),
             held: None,
+            held_replayed: false,
             held_before: None,
             refuted_before: None,
             cursor_refusals: 0,
@@ -200,6 +210,7 @@ impl SeqTracker {
     pub fn new_session(&mut self) {
         self.first_of_session = true;
         self.held_before = self.held.take().or(self.held_before);
+        self.held_replayed = false;
         self.far_below = 0;
         self.live_after_refusals = self.last > 0 && self.cursor_refusals >= MAX_CURSOR_REFUSALS;
     }
@@ -213,6 +224,19 @@ impl SeqTracker {
     /// The seq of the frame being held, if one is.
     pub fn held(&self) -> Option<i64> {
         self.held
+    }
+
+    /// The connection has been idle (nothing moved the stream on) for the idle timeout while
+    /// holding a seq it sent first above our position, as the connection before it did: the
+    /// relay twice says nothing lies between, and nothing has come after it. It is taken (the
+    /// caller hands the held frame on, after a gap); returns its seq.
+    pub fn release_quiet_held(&mut self) -> Option<i64> {
+        let seq = self.held.filter(|_| self.held_replayed)?;
+        self.held = None;
+        self.held_replayed = false;
+        self.last = seq;
+        (self.unreadable, self.skip, self.far_below) = (0, 0, 0);
+        Some(seq)
     }
 
     /// Decides about a frame with `seq`, and moves the position when it is accepted. A frame
@@ -239,6 +263,7 @@ impl SeqTracker {
             // repeat, or a frame at or below our position, says nothing: it stays held.
             if seq > held && seq - held <= MAX_SEQ_JUMP {
                 self.held = None;
+                self.held_replayed = false;
                 self.last = seq;
                 (self.unreadable, self.skip, self.far_below) = (0, 0, 0);
                 return SeqDecision::Accept { gap: seq > held + 1, release_held: true };
@@ -249,20 +274,22 @@ impl SeqTracker {
             }
             if seq > self.last {
                 self.held = None;
+                self.held_replayed = false;
             }
         }
         if seq > self.last && !live_after_refusals {
             // The first frame above our position on a connection that asked for our cursor:
-            // if it is the seq held when the last connection ended, nothing lies between.
-            // (A relay whose history holds a bogus seq would send it first too: the frames
-            // below it that come later are then duplicates. Within MAX_SEQ_JUMP, as a confirmed
-            // jump must be.)
+            // if it is the seq held when the last connection ended, the relay says nothing lies
+            // between. It is held again all the same: a relay whose history keeps a bogus seq
+            // in front of the real frames sends it first too, and the real frames that follow
+            // refute it. Nothing following it for the idle timeout confirms it
+            // (`release_quiet_held`). Within MAX_SEQ_JUMP, as a confirmed jump must be.
             if let Some(before) = self.held_before.take() {
                 if before == seq && seq - self.last <= MAX_SEQ_JUMP {
-                    let gap = self.last > 0 && seq > self.last + 1;
-                    self.last = seq;
-                    (self.unreadable, self.skip, self.far_below) = (0, 0, 0);
-                    return SeqDecision::Accept { gap, release_held: false };
+                    self.held = Some(seq);
+                    self.held_replayed = true;
+                    self.far_below = 0;
+                    return SeqDecision::Hold;
                 }
                 self.refuted_before = Some(before);
             }
@@ -293,6 +320,7 @@ impl SeqTracker {
         }
         if self.last > 0 && seq - self.last > MAX_UNCONFIRMED_JUMP {
             self.held = Some(seq);
+            self.held_replayed = false;
             return SeqDecision::Hold;
         }
         let gap = self.last > 0 && seq > self.last + 1;
@@ -488,17 +516,39 @@ mod tests {
 
     /// A real jump on a quiet source: nothing follows the held frame, the connection ends (idle),
     /// and the next one, asking for our cursor, sends it first above our position: the relay
-    /// says nothing lies between, so it is taken (it used to be held again on every connection
-    /// until the source sent something else, maybe hours later).
+    /// says nothing lies between. It is held again, and taken when nothing follows it for the
+    /// idle timeout (it used to be held again on every connection until the source sent
+    /// something else, maybe hours later; then taken at once, which a bogus seq a replaying
+    /// relay keeps in front of the real frames got too).
     #[test]
-    fn a_held_seq_sent_first_again_after_our_cursor_is_taken() {
+    fn a_held_seq_sent_first_again_after_our_cursor_is_taken_once_quiet() {
         let mut t = SeqTracker::new(100, 1_000_000);
         assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        assert_eq!(t.release_quiet_held(), None, "held once: a quiet connection proves nothing");
         t.new_session();
         assert_eq!(t.held(), None);
         assert_eq!(t.observe(100), SeqDecision::Duplicate, "the inclusive cursor's repeat");
-        assert_eq!(t.observe(5_000), ACCEPT_GAP);
-        assert_eq!((t.last(), t.cursor()), (5_000, Some(5_000)));
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        assert_eq!(t.observe(5_000), SeqDecision::Duplicate, "a repeat of it says nothing");
+        assert_eq!(t.release_quiet_held(), Some(5_000));
+        assert_eq!((t.last(), t.cursor(), t.held()), (5_000, Some(5_000), None));
+        assert_eq!(t.release_quiet_held(), None);
+        assert_eq!(t.observe(5_001), ACCEPT);
+        // Sent first again and followed by the next seq: confirmed as any held seq is.
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        t.new_session();
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        assert_eq!(t.observe(5_001), SeqDecision::Accept { gap: false, release_held: true });
+        // Sent first again and followed by the real frames below it (a replaying relay that
+        // keeps a bogus seq in front of them): refuted, and the real frames are taken.
+        let mut t = SeqTracker::new(100, 1_000_000);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        t.new_session();
+        assert_eq!(t.observe(100), SeqDecision::Duplicate);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        assert_eq!(t.observe(101), ACCEPT);
+        assert_eq!((t.held(), t.release_quiet_held(), t.last()), (None, None, 101));
         // Not when something else comes first above our position: that is judged as ever, and
         // the held seq is known for bogus (the caller counts it).
         let mut t = SeqTracker::new(100, 1_000_000);
@@ -507,10 +557,15 @@ mod tests {
         assert_eq!(t.observe(101), ACCEPT);
         assert_eq!((t.take_refuted_before(), t.take_refuted_before()), (Some(5_000), None));
         assert_eq!(t.observe(5_000), SeqDecision::Hold);
-        // A connection that ends before sending anything keeps the held seq for the next.
+        assert_eq!(t.release_quiet_held(), None, "held on this connection only");
+        // A connection that ends before sending anything keeps the held seq for the next, and
+        // one that ends holding it again (not quiet long enough) too.
         t.new_session();
         t.new_session();
-        assert_eq!(t.observe(5_000), ACCEPT_GAP);
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        t.new_session();
+        assert_eq!(t.observe(5_000), SeqDecision::Hold);
+        assert_eq!(t.release_quiet_held(), Some(5_000));
     }
 
     #[test]
