@@ -175,13 +175,40 @@ fn protocol(what: impl Into<String>) -> UpstreamError {
     UpstreamError::Protocol(what.into())
 }
 
-/// The fields a replica needs from an event line; simd-json reads them in place.
-#[derive(serde::Deserialize)]
-struct Meta<'a> {
-    kind: &'a str,
+/// The fields a replica needs from an event line (owned: the line itself moves on into the
+/// log).
+struct Meta {
+    kind: String,
     time_us: u64,
     /// A cursor message's: whether the upstream's stream for us is live (caught up with its
     /// log) or still reading it. Absent from Contrails before it.
+    live: Option<bool>,
+    /// A commit's collection.
+    collection: Option<String>,
+}
+
+impl Meta {
+    /// Reads a line, checking all of it: UTF-8 first (serde_json does not look inside the
+    /// strings it skips), then serde_json, which checks the syntax of what it skips without
+    /// building it. A line of up to 16 MiB costs about its own size, once; simd-json's tape
+    /// cost ~20× it, and took longer for lines of every size (BENCHMARKS.md, thirty-second
+    /// session).
+    fn read(line: &[u8]) -> Result<Meta, String> {
+        std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
+        let m: MetaFields<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+        Ok(Meta {
+            kind: m.kind.to_string(),
+            time_us: m.time_us,
+            live: m.live,
+            collection: m.commit.and_then(|c| c.collection).map(str::to_string),
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct MetaFields<'a> {
+    kind: &'a str,
+    time_us: u64,
     #[serde(default)]
     live: Option<bool>,
     #[serde(borrow)]
@@ -601,12 +628,10 @@ impl UpstreamReader {
     /// Handles one event line; whether it kept the stream alive (an event stored, the cursor's
     /// repeat, a cursor message) rather than being dropped.
     async fn handle(&mut self, json: Vec<u8>) -> Result<bool, UpstreamError> {
-        let mut scratch = json.clone();
-        let meta: Meta<'_> = match simd_json::serde::from_slice(&mut scratch) {
+        let meta = match Meta::read(&json) {
             Ok(meta) => meta,
             Err(e) => {
-                let mut scratch = json.clone();
-                if let Ok(gap) = simd_json::serde::from_slice::<GapMeta<'_>>(&mut scratch) {
+                if let Ok(gap) = serde_json::from_slice::<GapMeta<'_>>(&json) {
                     if gap.kind == "gap" {
                         return self.told_gap(gap.through_us).await;
                     }
@@ -670,9 +695,7 @@ impl UpstreamReader {
             if meta.time_us > held_at {
                 // The stream goes on past it: real (a primary's clock ahead of ours, or ours
                 // behind). Taken first.
-                let mut scratch = held.clone();
-                let held_meta: Meta<'_> =
-                    simd_json::serde::from_slice(&mut scratch).map_err(|e| protocol(e.to_string()))?;
+                let held_meta = Meta::read(&held).map_err(protocol)?;
                 stored_held = self.event(held_meta, held).await?;
             } else {
                 if let Some((_, first)) = self.gap.as_mut().filter(|(_, first)| *first == held_at) {
@@ -812,7 +835,7 @@ impl UpstreamReader {
 
     /// Stores one event line (`meta` read from it), unless it is the cursor's repeat or cannot
     /// be stored; whether it kept the stream alive.
-    async fn event(&mut self, meta: Meta<'_>, json: Vec<u8>) -> Result<bool, UpstreamError> {
+    async fn event(&mut self, meta: Meta, json: Vec<u8>) -> Result<bool, UpstreamError> {
         if meta.time_us <= self.last_time_us {
             if meta.time_us == self.last_time_us && !self.expect_repeat {
                 // Not the resumed-from event (that comes first, if at all): a second event
@@ -836,7 +859,7 @@ impl UpstreamReader {
         }
         // From here a bad event is dropped and counted, not an error: every upstream (all
         // replicas of one primary) would send it again at the same place, for ever.
-        let kind = match meta.kind {
+        let kind = match meta.kind.as_str() {
             "commit" => EventKind::Commit,
             "identity" => EventKind::Identity,
             "account" => EventKind::Account,
@@ -846,7 +869,7 @@ impl UpstreamReader {
                 return self.drop_event_at(meta.time_us, DropReason::UnknownType, what);
             }
         };
-        let collection = meta.commit.and_then(|c| c.collection).map(str::to_string);
+        let collection = meta.collection;
         let time_us = meta.time_us;
         let (json, verification) = contrail_core::event::split_verification(json);
         let Some(mut event) = Event::from_json(json, kind, collection.as_deref()) else {
@@ -1109,6 +1132,35 @@ async fn probe_upstreams(probe: Probe, better: tokio::sync::oneshot::Sender<Swit
                 return;
             }
             p => preferred_before = p,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Meta;
+
+    /// All of a line is checked, the parts skipped too: what is stored is served as it came.
+    #[test]
+    fn a_line_is_read_only_when_all_of_it_is_json() {
+        let line = br#"{"did":"did:plc:a","time_us":7,"kind":"commit","commit":{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k","record":{"a":[1,{"b":"\u00e9"}]}}}"#;
+        let m = Meta::read(line).unwrap();
+        assert_eq!((m.kind.as_str(), m.time_us, m.collection.as_deref()), ("commit", 7, Some("app.bsky.feed.like")));
+        let cursor = Meta::read(br#"{"kind":"cursor","time_us":9,"live":true}"#).unwrap();
+        assert_eq!((cursor.kind.as_str(), cursor.live, cursor.collection), ("cursor", Some(true), None));
+        let mut bad_utf8 = line.to_vec();
+        let at = bad_utf8.windows(3).position(|w| w == b"\"b\"").unwrap() + 1;
+        bad_utf8[at] = 0xff; // inside a key of the record, which the reader skips
+        let cut = &line[..line.len() - 1];
+        let mut trailing = line.to_vec();
+        trailing.extend_from_slice(b"x");
+        let mut bad_number = line.to_vec();
+        let at = bad_number.windows(2).position(|w| w == b"[1").unwrap() + 1;
+        bad_number[at] = b'-';
+        for (what, bad) in
+            [("bad UTF-8", &bad_utf8[..]), ("cut short", cut), ("trailing", &trailing), ("a bad number", &bad_number)]
+        {
+            assert!(Meta::read(bad).is_err(), "{what}: {}", String::from_utf8_lossy(bad));
         }
     }
 }
