@@ -286,7 +286,8 @@ impl Builder {
     /// longer taking events (a replica whose upstream is gone keeps serving what it has, and
     /// answers as a live one would), while another host may be ahead: with
     /// [`Failover::ExactCursor`] nothing is lost going there. (When every host is stuck, the
-    /// subscription moves between them this often.) At least a second; one longer than a
+    /// subscription moves between them, waiting twice as long after each round of them, up to
+    /// 16 times this, until the position moves again.) At least a second; one longer than a
     /// century is taken for a century.
     pub fn stall_timeout(mut self, t: Duration) -> Self {
         self.stall_timeout = t.clamp(Duration::from_secs(1), LONGEST_TIMEOUT);
@@ -423,6 +424,7 @@ impl Builder {
             v1_pin_refused: false,
             refused: Vec::new(),
             moved_at: tokio::time::Instant::now(),
+            stalls: 0,
         };
         // Every log line of this subscription carries its first host.
         let span = tracing::info_span!("contrail_client", host = %driver.urls[0]);
@@ -618,7 +620,13 @@ struct Driver {
     /// When this connection last moved the position on (or began): see
     /// [`Builder::stall_timeout`].
     moved_at: tokio::time::Instant,
+    /// Hosts left for a stall since the position last moved ([`Driver::stall_timeout`]).
+    stalls: u32,
 }
+
+/// How many times longer than [`Builder::stall_timeout`] a host is waited for, at most, once
+/// every host has been left for a stall in turn without the position moving.
+const STALL_ROUNDS_DOUBLED: u32 = 4;
 
 /// What each host said of the events after one position.
 #[derive(Debug)]
@@ -728,6 +736,12 @@ impl Driver {
                 if let Some(c) = given {
                     tracing::info!(url = %self.urls[self.current], cursor = c, "started live; a reconnect resumes from the server's start cursor");
                 }
+            }
+            if self.last != delivered_before {
+                self.stalls = 0;
+            }
+            if matches!(ended, ConnectionError::Stalled(_)) {
+                self.stalls = self.stalls.saturating_add(1);
             }
             let url = self.urls[self.current].to_string();
             let backwards = matches!(ended, ConnectionError::Protocol(_));
@@ -1210,8 +1224,17 @@ impl Driver {
         let stuck = self.moved_at.elapsed();
         let same_timeline =
             self.opts.failover == Failover::ExactCursor || self.origin == Some(Origin::Host(self.current));
-        (self.urls.len() > 1 && self.informs && same_timeline && stuck >= self.opts.stall_timeout)
+        (self.urls.len() > 1 && self.informs && same_timeline && stuck >= self.stall_timeout())
             .then(|| ConnectionError::Stalled(stuck))
+    }
+
+    /// The stall timeout, doubled for each round of hosts all left for a stall since the
+    /// position last moved (up to [`STALL_ROUNDS_DOUBLED`] times): when every host is stuck
+    /// (the relay behind them all is down), the subscription still tries the others, less
+    /// and less often, rather than moving every stall timeout for as long as it lasts.
+    fn stall_timeout(&self) -> Duration {
+        let rounds = (self.stalls / self.urls.len().max(1) as u32).min(STALL_ROUNDS_DOUBLED);
+        self.opts.stall_timeout.saturating_mul(1 << rounds)
     }
 
     fn malformed(&self, what: &str) {

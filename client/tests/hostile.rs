@@ -555,6 +555,30 @@ async fn a_host_whose_cursor_messages_stay_put_is_left_for_one_that_moves_on() {
     assert_eq!(frozen.connections.load(Ordering::SeqCst), 1);
 }
 
+/// Every host stuck (the relay behind them all is down): the subscription still moves
+/// between them, but waits twice as long after each round, rather than every stall timeout for
+/// as long as it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_host_is_stuck_the_stall_timeout_doubles_each_round() {
+    let t = now_us();
+    let stuck = format!(r#"{{"kind":"cursor","time_us":{t},"live":true}}"#);
+    let paced = || Script::Paced((0..200).map(|_| (Duration::from_millis(200), stuck.clone())).collect());
+    let (a, b) = (serve(vec![paced()]).await, serve(vec![paced()]).await);
+    let mut sub = Subscription::builder([format!("ws://{}", a.addr), format!("ws://{}", b.addr)])
+        .cursor(Some(t))
+        .stale_timeout(Duration::from_secs(3))
+        .stall_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap();
+    // Stalls after 1, 1, 2, 2, 4 s, each seen at a ping tick (a second apart), so up to a
+    // second later: five or six connections in 16 s; every stall timeout, it was ten or more.
+    assert!(tokio::time::timeout(Duration::from_secs(16), sub.next()).await.is_err(), "nothing to hand over");
+    let connections = a.connections.load(Ordering::SeqCst) + b.connections.load(Ordering::SeqCst);
+    assert!((4..=7).contains(&connections), "{connections} connections");
+    assert!(a.connections.load(Ordering::SeqCst) >= 2 && b.connections.load(Ordering::SeqCst) >= 2);
+}
+
 /// A bogus `time_us` days ahead (within the week a client's clock may be off) is taken as the
 /// position; every later event is then "backwards" on every connection. Before, the subscription
 /// reconnected with backoff for as long as it took the clock to come within two hours of it
