@@ -281,6 +281,48 @@ fn retention_never_trusts_a_clock_that_stepped_forward() {
 /// counting back from them would reach every event before the step. Age trims only what
 /// arrived more than a retention ago by the monotonic clock ([`Arrivals`]), so the log keeps
 /// what it received within the retention on both sides of the step.
+/// A start with the clock already hours ahead of the log (a host booting with its RTC in local
+/// time, before NTP): its first trim used to count back from that clock, and delete the
+/// history from before the start (all of it, with the clock a retention or more ahead).
+/// That history is aged from the log's newest event instead.
+#[test]
+fn retention_keeps_the_history_from_before_a_start_with_the_clock_ahead() {
+    use contrail::log::retention::{enforce, Arrivals, RetentionConfig};
+    use std::time::{Duration, Instant};
+    let minute = 60_000_000u64;
+    let cfg = RetentionConfig {
+        retention: Duration::from_secs(3600),
+        max_disk_bytes: 0,
+        trim_interval: Duration::from_secs(60),
+    };
+    for (name, _dir, log) in backends() {
+        eprintln!("backend {name}");
+        // The last hour before the restart, an event a minute, the newest at W0.
+        let w0 = 1_800_000_000_000_000u64;
+        let mut evs = events(61, 6);
+        for (i, e) in evs.iter_mut().enumerate().take(60) {
+            e.stamp(w0 - (59 - i as u64) * minute);
+        }
+        log.append(&evs[..60], None).unwrap();
+        // It starts at W0 (a quick restart) with the clock reading ten hours ahead; a minute
+        // later an event is stamped by that clock, and retention runs.
+        let ahead = w0 + 600 * minute;
+        let start = Instant::now();
+        let mut arrivals = Arrivals::new(start, ahead, w0);
+        evs[60].stamp(ahead + minute);
+        log.append(&evs[60..], None).unwrap();
+        let now = start + Duration::from_secs(60);
+        arrivals.record(now, ahead + minute, ahead + minute, cfg.retention);
+        let by_arrival = arrivals.by_arrival(now, ahead + minute, cfg.retention);
+        enforce(&log, &Metrics::new(), &cfg, ahead + minute, by_arrival).unwrap();
+        // Aged from W0 plus a step's allowance (a minute) and the minute since the start: what
+        // is younger than an hour then (W0 − 57 min and after) stays, with the new event.
+        let left = log.read_from(0, 1000).unwrap();
+        assert_eq!(left.len(), 58 + 1, "kept {} events", left.len());
+        assert_eq!(left[0].time_us, w0 - 57 * minute);
+    }
+}
+
 #[test]
 fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_ingest() {
     use contrail::log::retention::{enforce, Arrivals, RetentionConfig};

@@ -11,7 +11,8 @@
 //! event before it. Without a step (a replica replaying old events arrives at them fast) age
 //! is by `time_us` as before. Whatever its `time_us`, what arrived a retention or more before
 //! the newest event may go: a log stamped years ahead (a clock that jumped forward, then back)
-//! still ages, and a quiet log still keeps what it has.
+//! still ages, and a quiet log still keeps what it has. A clock already ahead of the log at
+//! the start counts as a step ([`Arrivals::new`]).
 
 use super::Log;
 use crate::clock::now_us;
@@ -115,7 +116,15 @@ const STEP_FORWARD_US: u64 = 60_000_000;
 impl Arrivals {
     /// Starts at `now` (the wall clock reading `wall_us`) with `newest` the log's newest
     /// `time_us` (0 when empty). Make it before ingest starts.
+    ///
+    /// A clock already well past the log's newest event at the start is taken as no further
+    /// than a step's allowance past it: a host that boots with its clock hours ahead (an RTC
+    /// kept in local time, NTP not synced yet) then counts as a step, and the history from
+    /// before the start is aged from the log's newest event rather than trimmed by that clock
+    /// in the first pass. A start after an outage reads the same (the two cannot be told
+    /// apart): that history then stays for at most the outage longer than its retention.
     pub fn new(now: Instant, wall_us: u64, newest: u64) -> Self {
+        let wall_us = if newest > 0 { wall_us.min(newest.saturating_add(STEP_FORWARD_US)) } else { wall_us };
         Arrivals { marks: VecDeque::from([Mark { at: now, wall_us, newest }]), grew_at: now, newest, stamps: true }
     }
 
