@@ -301,34 +301,57 @@ mod tests {
     fn arrivals_bound_age_only_after_the_wall_clock_stepped_forward() {
         let (start, hour, minute) = (Instant::now(), Duration::from_secs(3600), Duration::from_secs(60));
         let (wall, min_us) = (1_800_000_000_000_000u64, 60_000_000u64);
-        let mut a = Arrivals::new(start, wall, 500);
-        a.record(start + 10 * minute, wall + 10 * min_us, 900, hour);
-        a.record(start + 20 * minute, wall + 20 * min_us, 1_300, hour);
+        // The log's newest event is at the start's wall clock reading; events then arrive with it.
+        let mut a = Arrivals::new(start, wall, wall);
+        a.record(start + 10 * minute, wall + 10 * min_us, wall + 10 * min_us, hour);
+        a.record(start + 20 * minute, wall + 20 * min_us, wall + 20 * min_us, hour);
         // The wall clock kept pace with the monotonic one: age is by time_us alone (a replica
         // replaying old events gets them aged as they are).
         assert_eq!(a.kept_from(start + 30 * minute, wall + 30 * min_us, hour), u64::MAX);
-        // It jumped a year ahead: what came within an hour before the newest event is kept.
+        // It jumped a year ahead: what came within an hour is kept; from before the start,
+        // what is younger than an hour by the clock without the step (the start's reading
+        // plus the monotonic time since).
         let year = 365 * 24 * 60 * min_us;
-        assert_eq!(a.kept_from(start + 30 * minute, wall + year, hour), 501);
+        assert_eq!(a.kept_from(start + 30 * minute, wall + year, hour), wall - 30 * min_us + 1);
         // Nothing came since: a quiet log keeps what it has, however long it stays quiet.
-        assert_eq!(a.kept_from(start + 300 * minute, wall + year, hour), 501);
+        assert_eq!(a.kept_from(start + 300 * minute, wall + year, hour), wall + 1);
         assert_eq!(a.old_before(hour), 0);
         // More comes at 75 minutes: what came by the 10-minute mark is over an hour older.
-        a.record(start + 75 * minute, wall + year + 45 * min_us, 1_700, hour);
-        assert_eq!(a.kept_from(start + 75 * minute, wall + year + 45 * min_us, hour), 901);
-        assert_eq!(a.old_before(hour), 901);
+        a.record(start + 75 * minute, wall + year + 45 * min_us, wall + year + 45 * min_us, hour);
+        assert_eq!(a.kept_from(start + 75 * minute, wall + year + 45 * min_us, hour), wall + 10 * min_us + 1);
+        assert_eq!(a.old_before(hour), wall + 10 * min_us + 1);
         // A minute of drift is not a step.
         assert_eq!(a.kept_from(start + 76 * minute, wall + 76 * min_us + 50_000_000, hour), u64::MAX);
         // A replica's own clock stamps nothing: its steps hold nothing back.
-        let mut r = Arrivals::new(start, wall, 500).for_replica();
+        let mut r = Arrivals::new(start, wall, wall).for_replica();
         assert_eq!(r.kept_from(start + 30 * minute, wall + year, hour), u64::MAX);
         assert_eq!(r.old_before(hour), 0, "nothing came an hour before the newest");
         // Marks closer than a 256th of the retention are one, old ones are forgotten, and a
         // log that does not grow adds none.
+        let later = wall + year + 46 * min_us;
         for i in 0..10_000 {
-            a.record(start + 90 * minute + Duration::from_millis(i), wall + 90 * min_us, 2_000 + i, hour);
-            a.record(start + 200 * minute + Duration::from_secs(i), wall + 200 * min_us, 2_000, hour);
+            a.record(start + 90 * minute + Duration::from_millis(i), wall + 90 * min_us, later + i, hour);
+            a.record(start + 200 * minute + Duration::from_secs(i), wall + 200 * min_us, later, hour);
         }
         assert!(a.marks.len() <= 4, "{} marks", a.marks.len());
+    }
+
+    /// A clock more than a step's allowance past the log's newest event at the start is taken
+    /// as a step from there: what came before the start is aged from the log's newest event.
+    #[test]
+    fn a_clock_ahead_of_the_log_at_the_start_counts_as_a_step() {
+        let (start, hour, minute) = (Instant::now(), Duration::from_secs(3600), Duration::from_secs(60));
+        let (newest, min_us) = (1_800_000_000_000_000u64, 60_000_000u64);
+        let mut a = Arrivals::new(start, newest + 600 * min_us, newest);
+        // Ten minutes on, by that clock: aged from the newest event plus the allowance and the
+        // ten minutes, not from the clock (which would trim everything before the start).
+        let kept = a.kept_from(start + 10 * minute, newest + 610 * min_us, hour);
+        assert_eq!(kept, newest + 11 * min_us - 60 * min_us + 1);
+        // Within the allowance (a quick restart, a clock a little fast): not a step.
+        let mut a = Arrivals::new(start, newest + 30_000_000, newest);
+        assert_eq!(a.kept_from(start + 10 * minute, newest + 30_000_000 + 10 * min_us, hour), u64::MAX);
+        // An empty log has nothing to age.
+        let mut a = Arrivals::new(start, newest + 600 * min_us, 0);
+        assert_eq!(a.kept_from(start + 10 * minute, newest + 610 * min_us, hour), u64::MAX);
     }
 }
