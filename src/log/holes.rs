@@ -71,9 +71,11 @@ impl Holes {
     }
 
     /// Adds holes newer than any held (a write's), before the events after them are seen.
-    pub(super) fn add(&self, holes: &[Hole]) {
+    /// When that forgot the oldest (past [`MAX_HOLES`]): the oldest `first` still held, before
+    /// which the stored records may go too.
+    pub(super) fn add(&self, holes: &[Hole]) -> Option<u64> {
         if holes.is_empty() {
-            return;
+            return None;
         }
         let mut list = self.list.write().unwrap_or_else(|p| p.into_inner());
         for &h in holes {
@@ -93,6 +95,7 @@ impl Holes {
             );
         }
         self.newest_first.store(list.back().map_or(0, |h| h.first), Ordering::Release);
+        forgot.and(list.front().map(|h| h.first))
     }
 
     /// Forgets the holes whose first event is at or before `time_us` (deleted by a trim).

@@ -246,7 +246,7 @@ impl Log {
             ..Tip::default()
         };
         if let Backend::Rocks(s) = &backend {
-            tip.holes.add(&s.holes()?);
+            let _ = tip.holes.add(&s.holes()?); // (at most MAX_HOLES: none forgotten)
         }
         let log = Log { backend, tip: Arc::new(tip) };
         log.refresh_tip()?;
@@ -330,10 +330,11 @@ impl Log {
     ) -> Result<()> {
         // Before the write: a replayer's scan reads the backend, and must find the hole as soon
         // as it can find the event after it. (Nothing passes a hole before that event is
-        // there; a failed write stops the sequencer, and the process.)
-        self.tip.holes.add(holes);
+        // there: after a failed write, which stops the sequencer, the hole stays in the tip
+        // past everything stored, told to no one.)
+        let forget_holes_before = self.tip.holes.add(holes);
         match &self.backend {
-            Backend::Rocks(s) => s.append(events, cursor, repo_states, holes)?,
+            Backend::Rocks(s) => s.append(events, cursor, repo_states, holes, forget_holes_before)?,
             Backend::Memory(m) => m.append(events, cursor, repo_states),
         }
         if let Some(last) = events.last() {

@@ -462,15 +462,21 @@ impl RocksLog {
 
     /// Appends stamped events (in increasing `time_us`) and, in the same atomic batch, the
     /// relay cursor they complete, the repo chain states they move (in order: the last state
-    /// of a repo wins) and the holes before some of them.
+    /// of a repo wins) and the holes before some of them. `forget_holes_before`: the stored
+    /// holes before this `first` go too (past [`MAX_HOLES`], no longer told), so an upstream
+    /// that makes one hole per event leaves at most that many records.
     pub fn append(
         &self,
         events: &[Event],
         cursor: Option<&RelayCursor>,
         repo_states: &[RepoStateWrite],
         holes: &[Hole],
+        forget_holes_before: Option<u64>,
     ) -> Result<()> {
         let mut batch = WriteBatch::default();
+        if let Some(first) = forget_holes_before {
+            batch.delete_range_cf(self.meta(), HOLE_PREFIX, &hole_key(first)[..]);
+        }
         for h in holes {
             batch.put_cf(self.meta(), hole_key(h.first), h.after.to_be_bytes());
         }
@@ -514,7 +520,7 @@ impl RocksLog {
         // go in one range.
         let mut holes = std::collections::VecDeque::new();
         let mut gone = false;
-        self.each_hole(|_, first, after| {
+        self.each_hole(|first, after| {
             if first < oldest || first <= trimmed {
                 gone = true;
             } else {
@@ -532,30 +538,23 @@ impl RocksLog {
         Ok(holes.into())
     }
 
-    /// Calls `f` with each stored hole's key, `first` and `after`, oldest first.
-    fn each_hole(&self, mut f: impl FnMut(&[u8], u64, u64)) -> Result<()> {
+    /// Calls `f` with each stored hole's `first` and `after`, oldest first.
+    fn each_hole(&self, mut f: impl FnMut(u64, u64)) -> Result<()> {
         let mode = IteratorMode::From(HOLE_PREFIX, Direction::Forward);
         for item in self.db.iterator_cf(self.meta(), mode) {
             let (key, value) = item?;
             let Some(first) = key.strip_prefix(HOLE_PREFIX) else { break };
             let first: [u8; 8] = first.try_into().map_err(|_| LogError::Corrupt("hole key"))?;
             let after: [u8; 8] = value.as_ref().try_into().map_err(|_| LogError::Corrupt("hole"))?;
-            f(&key, u64::from_be_bytes(first), u64::from_be_bytes(after));
+            f(u64::from_be_bytes(first), u64::from_be_bytes(after));
         }
         Ok(())
     }
 
-    /// Deletes the holes whose first event is before `cutoff` (a trim deleted it).
+    /// Deletes the holes whose first event is before `cutoff` (a trim deleted it): one range,
+    /// whatever their number (their keys sort by `first`).
     fn trim_holes_before(&self, cutoff: u64) -> Result<()> {
-        let mut gone = Vec::new();
-        self.each_hole(|key, first, _| {
-            if first < cutoff {
-                gone.push(key.to_vec());
-            }
-        })?;
-        for key in gone {
-            self.db.delete_cf(self.meta(), key)?;
-        }
+        self.db.delete_range_cf(self.meta(), HOLE_PREFIX, &hole_key(cutoff)[..])?;
         Ok(())
     }
 
@@ -1006,12 +1005,12 @@ mod tests {
         let log = RocksLog::open(dir.path(), opts).unwrap();
         assert!(!dir.path().join("trim-7.sst.tmp").exists());
         for chunk in 0..5 {
-            log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[]).unwrap();
+            log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[], None).unwrap();
             log.flush().unwrap();
         }
         let before = files(&log);
         assert_eq!(before.len(), 5, "{before:?}");
-        log.append(&events(5_001, 1_000), None, &[], &[]).unwrap(); // in the memtable
+        log.append(&events(5_001, 1_000), None, &[], &[], None).unwrap(); // in the memtable
         log.trim_before(1_500).unwrap();
         log.flush().unwrap();
         let after = files(&log);
@@ -1048,7 +1047,7 @@ mod tests {
         let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
         let log = RocksLog::open(dir.path(), opts).unwrap();
         for chunk in 0..4 {
-            log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[]).unwrap();
+            log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[], None).unwrap();
             log.flush().unwrap(); // files a trim drops whole
         }
         assert_eq!(log.scan_after_trims(0, 1, |_, _| true).unwrap(), (1, 0), "nothing trimmed yet");
@@ -1083,10 +1082,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
         let log = RocksLog::open(dir.path(), opts).unwrap();
-        log.append(&events(1, 10), None, &[], &[]).unwrap();
+        log.append(&events(1, 10), None, &[], &[], None).unwrap();
         let (a, b) = (Hole { after: 10, first: 100 }, Hole { after: 109, first: 200 });
-        log.append(&events(100, 10), None, &[], &[a]).unwrap();
-        log.append(&events(200, 10), None, &[], &[b]).unwrap();
+        log.append(&events(100, 10), None, &[], &[a], None).unwrap();
+        log.append(&events(200, 10), None, &[], &[b], None).unwrap();
         assert_eq!(log.holes().unwrap(), vec![a, b]);
         drop(log);
         let log = RocksLog::open(dir.path(), opts).unwrap();
@@ -1115,7 +1114,7 @@ mod tests {
         {
             let log = RocksLog::open(dir.path(), opts).unwrap();
             for chunk in 0..4 {
-                log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[]).unwrap();
+                log.append(&events(1 + chunk * 1_000, 1_000), None, &[], &[], None).unwrap();
                 log.flush().unwrap();
             }
             log.trim_before(1_001).unwrap();
@@ -1140,7 +1139,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = || RocksOptions { sync_writes: false, ..RocksOptions::default() };
         let log = RocksLog::open(dir.path(), opts()).unwrap();
-        log.append(&events(1, 10), None, &[], &[]).unwrap();
+        log.append(&events(1, 10), None, &[], &[], None).unwrap();
         drop(log);
         {
             let mut o = Options::default();
@@ -1153,7 +1152,7 @@ mod tests {
         }
         let log = RocksLog::open(dir.path(), opts()).unwrap();
         assert_eq!(log.newest_time_us().unwrap(), Some(10));
-        log.append(&events(11, 5), None, &[], &[]).unwrap();
+        log.append(&events(11, 5), None, &[], &[], None).unwrap();
         drop(log);
         let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
         assert!(names.iter().any(|n| n == "from_the_future"), "{names:?}");
@@ -1168,15 +1167,42 @@ mod tests {
         let n = MAX_HOLES as u64 + 10;
         for i in 0..n {
             let hole = Hole { after: 10 * i + 1, first: 10 * i + 5 };
-            log.append(&events(10 * i + 5, 1), None, &[], &[hole]).unwrap();
+            log.append(&events(10 * i + 5, 1), None, &[], &[hole], None).unwrap();
         }
         let holes = log.holes().unwrap();
         assert_eq!(holes.len(), MAX_HOLES);
         assert_eq!(holes.first().map(|h| h.first), Some(10 * 10 + 5), "the newest are kept");
         assert_eq!(holes.last().map(|h| h.first), Some(10 * (n - 1) + 5));
         let mut stored = 0;
-        log.each_hole(|_, _, _| stored += 1).unwrap();
+        log.each_hole(|_, _| stored += 1).unwrap();
         assert_eq!(stored, MAX_HOLES);
+    }
+
+    /// Past MAX_HOLES, the stored holes the tip forgets go as the new ones are written: an
+    /// upstream that makes one hole per event leaves no more records than that (before, they
+    /// piled up until the log was opened again, and every trim walked them all).
+    #[test]
+    fn holes_past_the_cap_are_deleted_as_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        let tip = super::super::holes::Holes::default();
+        let n = MAX_HOLES as u64 + 10;
+        for i in 0..n {
+            let hole = Hole { after: 10 * i + 1, first: 10 * i + 5 };
+            let forget = tip.add(&[hole]);
+            assert_eq!(forget, (i >= MAX_HOLES as u64).then(|| 10 * (i + 1 - MAX_HOLES as u64) + 5));
+            log.append(&events(10 * i + 5, 1), None, &[], &[hole], forget).unwrap();
+        }
+        let mut stored = Vec::new();
+        log.each_hole(|first, _| stored.push(first)).unwrap();
+        assert_eq!(stored.len(), MAX_HOLES);
+        assert_eq!(stored.first(), Some(&(10 * 10 + 5)), "the newest are kept");
+        // A trim takes the holes before its cutoff in one range.
+        log.trim_before(10 * 20 + 5).unwrap();
+        stored.clear();
+        log.each_hole(|first, _| stored.push(first)).unwrap();
+        assert_eq!((stored.len(), stored.first()), (MAX_HOLES - 10, Some(&(10 * 20 + 5))));
     }
 
     /// Scans racing trims that drop files and then ingest a tombstone: every scan sees a log
@@ -1188,7 +1214,7 @@ mod tests {
         let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
         let log = std::sync::Arc::new(RocksLog::open(dir.path(), opts).unwrap());
         for chunk in 0..60 {
-            log.append(&events(1 + chunk * 100, 100), None, &[], &[]).unwrap();
+            log.append(&events(1 + chunk * 100, 100), None, &[], &[], None).unwrap();
             log.flush().unwrap(); // a file per 100 events: most trims drop some whole
         }
         let trimmer = {

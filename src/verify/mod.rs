@@ -1152,7 +1152,7 @@ mod tests {
             // Not a chain state: always kept.
             (EPOCH_KEY.into(), vec![0; 9]),
         ];
-        log.append(&[], None, &states, &[]).unwrap();
+        log.append(&[], None, &states, &[], None).unwrap();
         let entry = |fetched_us: u64| {
             let mut v = fetched_us.to_be_bytes().to_vec();
             v.extend_from_slice(b"did:key:zQ3sh");
@@ -1171,7 +1171,7 @@ mod tests {
         config.verify_state_ttl = Duration::ZERO;
         let opts = RocksOptions { sync_writes: false, state_expiry: config.state_expiry(), ..Default::default() };
         let log = RocksLog::open(dir.path(), opts).unwrap();
-        log.append(&[], None, &[("did:plc:ancient".into(), chain(now - 3650 * day))], &[]).unwrap();
+        log.append(&[], None, &[("did:plc:ancient".into(), chain(now - 3650 * day))], &[], None).unwrap();
         log.compact_state().unwrap();
         assert!(log.repo_state("did:plc:ancient").unwrap().is_some());
     }
