@@ -745,6 +745,34 @@ async fn cursor_messages_report_progress() {
     );
 }
 
+/// A live subscriber whose address's event rate is below what its filter matches (one busy
+/// address): between the events it is paced to, the session still hears its timers. It used
+/// to wait for each event's tokens inside a write step of up to 256 events: for minutes, no
+/// cursor message, no ping, no flush of what was paid for, no shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_subscriber_paced_by_its_address_rate_still_hears_its_timers() {
+    let relay = FakeRelay::start().await;
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(20)), ..Faults::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--max-events-per-second-per-ip", "5"]);
+    let mut ws = connect(serve.public, "/subscribe?informCursorSeconds=1", &[]).await.unwrap();
+    // 50 frames a second for 10 s, ten times the address's rate.
+    relay.push_all(&generate(1, 500, 10, 11));
+    let (mut events, mut cursors) = (0, 0);
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        match next(&mut ws, until.saturating_duration_since(tokio::time::Instant::now())).await {
+            Some(Msg::Text(t)) if t.contains(r#""kind":"cursor""#) => cursors += 1,
+            Some(Msg::Text(_)) => events += 1,
+            Some(other) => panic!("{other:?}"),
+            None => break,
+        }
+    }
+    // About 5 a second after the bucket's first few, and a cursor message a second.
+    assert!((10..=60).contains(&events), "{events} events in 6 s at 5 a second");
+    assert!(cursors >= 3, "{cursors} cursor messages in 6 s ({events} events)");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_and_slow_peers_are_closed_without_hurting_others() {
     let s = setup(10, &["--ping-interval", "500ms", "--pong-timeout", "2s", "--write-timeout", "1s"]).await;

@@ -419,6 +419,9 @@ struct Session {
     close_sent: bool,
     /// Sending what is stored at shutdown ([`Session::send_what_is_stored`]).
     stopping: bool,
+    /// Until when the client's address owes event-rate tokens ([`Session::take_tokens`]): no
+    /// event goes out before it, while the timers, client messages and shutdown are heard.
+    paced_until: Option<Instant>,
     /// Paces `options_update` messages.
     updates: super::limits::TokenBucket,
     /// An accepted `options_update` waiting for its tokens. Meanwhile the stream goes on under
@@ -449,6 +452,8 @@ enum Step {
     Control(Option<Control>),
     Tick,
     Deliver(Option<Next>),
+    /// The event-rate tokens owed are paid: events may go out again.
+    Paid,
 }
 
 /// Runs one subscriber until its connection ends.
@@ -495,6 +500,7 @@ pub async fn run(hub: Arc<Hub>, ws: fastwebsockets::WebSocket<Upgraded>, sub: Su
         slow: SlowWatch::new(hub.config.slow_rule(), now),
         close_sent: false,
         stopping: false,
+        paced_until: None,
         updates: {
             let rate = hub.config.max_options_updates_per_second as f64;
             super::limits::TokenBucket::with_burst(rate, rate * UPDATE_BURST_SECONDS)
@@ -606,6 +612,7 @@ impl Session {
             if timer.deadline() != deadline || timer.is_elapsed() {
                 timer.as_mut().reset(deadline);
             }
+            let paced_until = self.paced();
             let stream = self.stream.as_mut().expect("started above");
             let step = tokio::select! {
                 // The timer before the client's messages: messages that keep coming must not
@@ -614,7 +621,8 @@ impl Session {
                 _ = &mut shut => Step::Shutdown,
                 _ = &mut timer => Step::Tick,
                 c = ctl.recv(), if self.pending.is_none() => Step::Control(c),
-                e = stream.next(chunk) => Step::Deliver(e),
+                _ = tokio::time::sleep_until(paced_until.unwrap_or_else(Instant::now)), if paced_until.is_some() => Step::Paid,
+                e = stream.next(chunk), if paced_until.is_none() => Step::Deliver(e),
             };
             match step {
                 Step::Shutdown => {
@@ -645,6 +653,7 @@ impl Session {
                 Step::Deliver(Some(Next::Frames(frames))) => self.deliver_frames(frames).await?,
                 Step::Deliver(Some(Next::Gap(gap))) => self.tell_gap(gap).await?,
                 Step::Deliver(None) => return Err(CloseReason::Internal),
+                Step::Paid => {}
             }
             self.flush().await?;
             if let Some(stream) = self.stream.as_ref().filter(|s| was_live && !s.is_live()) {
@@ -668,6 +677,7 @@ impl Session {
         // against `until` (all of one address's connections taking a chunk each at once would
         // hold shutdown up for seconds); `until` bounds what goes out unpaced.
         self.stopping = true;
+        self.paced_until = None;
         let stop = self.stop_writes.clone();
         loop {
             let stream = self.stream.as_mut().expect("started before the loop");
@@ -731,6 +741,9 @@ impl Session {
         // What is ready, up to what a live queue holds: a queue refilling as fast as this
         // drains must not keep control messages and timers waiting.
         for _ in 0..super::dispatch::QUEUE_EVENTS {
+            if self.paced().is_some() {
+                break;
+            }
             match self.stream.as_mut().and_then(EventStream::next_ready) {
                 Some(ev) => self.deliver(ev).await?,
                 None => break,
@@ -793,6 +806,9 @@ impl Session {
     async fn deliver_ready(&mut self, ev: Arc<Event>) -> Result<(), CloseReason> {
         self.deliver(ev).await?;
         for _ in 1..WRITE_BATCH {
+            if self.paced().is_some() {
+                break;
+            }
             match self.stream.as_mut().and_then(EventStream::next_ready) {
                 Some(ev) => self.deliver(ev).await?,
                 None => break,
@@ -807,7 +823,7 @@ impl Session {
             self.stream.as_mut().expect("delivering after start").advance(ev.time_us);
             return Ok(());
         };
-        self.take_tokens(1).await;
+        self.take_tokens(1);
         let len = payload.len() as u64;
         self.write(super::encode::frame(opcode, payload)).await?;
         if let Some(s) = self.stream.as_mut() {
@@ -824,7 +840,7 @@ impl Session {
     /// Writes a replay page's frames as they are (rendered once for every replayer with this
     /// filter and encoding).
     async fn deliver_frames(&mut self, frames: Frames) -> Result<(), CloseReason> {
-        self.take_tokens(frames.count()).await;
+        self.take_tokens(frames.count());
         self.unflushed = true;
         let (limit, len) = self.write_bound(frames.bytes().len());
         within(limit, len, &self.progress, &self.stop_writes, self.tx.framed(frames.bytes())).await?;
@@ -862,16 +878,30 @@ impl Session {
         self.send_message(message).await
     }
 
-    /// Waits for `n` events' worth of the client IP's event rate, if it has one (not at
-    /// shutdown: see [`Session::send_what_is_stored`]).
-    async fn take_tokens(&mut self, n: usize) {
+    /// Takes `n` events' worth of the client IP's event rate, if it has one (not at shutdown:
+    /// see [`Session::send_what_is_stored`]). What it owes is waited for after these events,
+    /// before the next ([`Session::paced`]), in the session's loop: a wait inside a write step
+    /// heard nothing meanwhile, and a live subscriber of one busy address, its queue never
+    /// empty, could spend a batch of 256 events there, minutes without a ping, a cursor
+    /// message or its shutdown.
+    fn take_tokens(&mut self, n: usize) {
         if self.stopping {
             return;
         }
         let wait = self.slot.bucket.as_ref().map_or(Duration::ZERO, |b| b.take_n(n as f64));
         if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+            self.paced_until = Some(Instant::now() + wait);
         }
+    }
+
+    /// Until when no event may go out, if the client's address still owes tokens.
+    fn paced(&mut self) -> Option<Instant> {
+        let until = self.paced_until?;
+        if until > Instant::now() {
+            return Some(until);
+        }
+        self.paced_until = None;
+        None
     }
 
     /// Sends a message that is not an event (a cursor message, an info or error frame):
