@@ -325,8 +325,14 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
     serve.wait_for_seq(300, Duration::from_secs(30));
     // Everything; one collection (a subscriber found through the index); and everything, to a
     // client that stops reading for a while just before the signal (its socket fills, the
-    // server's write to it waits) and reads again soon after.
-    let queries = ["/subscribe", "/subscribe?wantedCollections=app.bsky.feed.like", "/subscribe?pausing"];
+    // server's write to it waits) and reads again soon after; and one collection, to a client
+    // that asked for cursor messages (only the first is due before the signal).
+    let queries = [
+        "/subscribe",
+        "/subscribe?wantedCollections=app.bsky.feed.like",
+        "/subscribe?pausing",
+        "/subscribe?wantedCollections=app.bsky.feed.like&informCursorSeconds=600",
+    ];
     let (pause, resume) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let mut readers = Vec::new();
     for q in queries {
@@ -334,6 +340,8 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
         let pause = (q.contains("pausing")).then(|| (pause.clone(), resume.clone()));
         readers.push(tokio::spawn(async move {
             let (mut first, mut last, mut count) = (None, 0u64, 0usize);
+            // The last cursor message, if it came after the last event.
+            let mut cursor = None;
             loop {
                 if let Some((pause, resume)) = &pause {
                     if pause.swap(false, Ordering::Relaxed) {
@@ -345,13 +353,17 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
                 match next(&mut ws, Duration::from_secs(10)).await {
                     Some(Msg::Text(t)) => {
                         let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                        last = v["time_us"].as_u64().unwrap();
+                        if v["kind"] == "cursor" {
+                            cursor = v["time_us"].as_u64();
+                            continue;
+                        }
+                        (last, cursor) = (v["time_us"].as_u64().unwrap(), None);
                         first.get_or_insert(last);
                         count += 1;
                     }
-                    Some(Msg::Close(code, reason)) => return (first, last, count, Some((code, reason))),
+                    Some(Msg::Close(code, reason)) => return (first, last, count, Some((code, reason)), cursor),
                     Some(Msg::Binary(_)) => panic!("a binary frame"),
-                    None => return (first, last, count, None),
+                    None => return (first, last, count, None, cursor),
                 }
             }
         }));
@@ -374,7 +386,7 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
     let total: usize = gen.iter().map(|g| g.expected.len()).sum();
     assert!(stored.len() < total, "the relay ran out before the signal: nothing to race");
     for (q, reader) in queries.iter().zip(readers) {
-        let (first, last, count, closed) = reader.await.unwrap();
+        let (first, last, count, closed, cursor) = reader.await.unwrap();
         let first = first.expect("events before the signal");
         assert_eq!(closed, Some((1001, "server shutting down".to_string())), "{q}");
         let wanted: Vec<u64> = stored
@@ -387,6 +399,11 @@ async fn sigterm_sends_subscribers_every_stored_event_before_1001() {
             .filter(|&t| t >= first)
             .collect();
         assert_eq!((last, count), (*wanted.last().unwrap(), wanted.len()), "{q}: the last event and the count");
+        // A client that asked for cursor messages is told, last, that its stream passed the
+        // log's newest event: it resumes from there, not from its last cursor message (up to
+        // informCursorSeconds old, all re-read on every deploy).
+        let newest = stored.last().unwrap()["time_us"].as_u64();
+        assert_eq!(cursor, if q.contains("inform") { newest } else { None }, "{q}: the last cursor message");
     }
 }
 

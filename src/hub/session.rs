@@ -627,6 +627,12 @@ impl Session {
             match step {
                 Step::Shutdown => {
                     self.send_what_is_stored(chunk).await?;
+                    // Where the stream got to, for a client that resumes from cursor messages
+                    // (its last one may be up to `informCursorSeconds` old). (A write the hub
+                    // stopped leaves nothing more to say.)
+                    if !self.stop_writes.is_cancelled() && self.send_cursor_message().await.is_ok() {
+                        let _ = self.flush().await;
+                    }
                     return Err(CloseReason::Shutdown);
                 }
                 Step::Control(c) => {
@@ -1081,6 +1087,18 @@ impl Session {
         }
     }
 
+    /// A cursor message (the stream's position, and whether it is live), to a client that
+    /// asked for them.
+    async fn send_cursor_message(&mut self) -> Result<(), CloseReason> {
+        if self.inform.is_none() {
+            return Ok(());
+        }
+        let Some(stream) = self.stream.as_mut() else { return Ok(()) };
+        let (t, live) = (stream.last_seen(), stream.caught_up());
+        let msg = format!(r#"{{"kind":"cursor","time_us":{t},"live":{live}}}"#);
+        self.send_message(msg.into_bytes()).await
+    }
+
     async fn tick(&mut self) -> Result<(), CloseReason> {
         let now = Instant::now();
         let config = &self.hub.config;
@@ -1092,13 +1110,9 @@ impl Session {
             self.last_ping = now;
             self.write(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(b""))).await?;
         }
-        if let (Some(every), Some(stream)) = (self.inform, self.stream.as_mut()) {
-            if now >= self.next_inform {
-                self.next_inform = now + every;
-                let (t, live) = (stream.last_seen(), stream.caught_up());
-                let msg = format!(r#"{{"kind":"cursor","time_us":{t},"live":{live}}}"#);
-                self.send_message(msg.into_bytes()).await?;
-            }
+        if let Some(every) = self.inform.filter(|_| now >= self.next_inform) {
+            self.next_inform = now + every;
+            self.send_cursor_message().await?;
         }
         if let Some(stream) = self.stream.as_mut() {
             if let Some(since) = stream.waiting_for_room() {
