@@ -737,9 +737,6 @@ impl Driver {
                     tracing::info!(url = %self.urls[self.current], cursor = c, "started live; a reconnect resumes from the server's start cursor");
                 }
             }
-            if self.last != delivered_before {
-                self.stalls = 0;
-            }
             if matches!(ended, ConnectionError::Stalled(_)) {
                 self.stalls = self.stalls.saturating_add(1);
             }
@@ -1475,6 +1472,9 @@ impl Driver {
         self.out.send(Ok(message)).await.map_err(|_| ConnectionError::Dropped)?;
         // (After the wait for the consumer: a slow one does not make the server look stuck.)
         self.moved_at = tokio::time::Instant::now();
+        // The position moved: a host that stalls from here is left after the stall timeout
+        // itself, however many rounds of stuck hosts came before.
+        self.stalls = 0;
         Ok(())
     }
 }

@@ -579,6 +579,41 @@ async fn when_every_host_is_stuck_the_stall_timeout_doubles_each_round() {
     assert!(a.connections.load(Ordering::SeqCst) >= 2 && b.connections.load(Ordering::SeqCst) >= 2);
 }
 
+/// The doubled stall timeout lasts only until the position moves: a host that delivers and
+/// then stalls is left after the stall timeout itself, not after the doubled one of the
+/// rounds before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stall_timeout_is_itself_again_once_the_position_moves() {
+    let t = now_us();
+    let cursor = |at: u64| format!(r#"{{"kind":"cursor","time_us":{at},"live":true}}"#);
+    let stuck_at = |at: u64| Script::Paced((0..200).map(|_| (Duration::from_millis(200), cursor(at))).collect());
+    // A: stuck twice, then an event and stuck after it. B: stuck.
+    let moves_then_stalls = Script::Paced(
+        std::iter::once((Duration::ZERO, event(t + 1)))
+            .chain((0..200).map(|_| (Duration::from_millis(200), cursor(t + 1))))
+            .collect(),
+    );
+    let a = serve(vec![stuck_at(t), stuck_at(t), moves_then_stalls]).await;
+    let b = serve(vec![stuck_at(t)]).await;
+    let mut sub = Subscription::builder([format!("ws://{}", a.addr), format!("ws://{}", b.addr)])
+        .cursor(Some(t))
+        .stale_timeout(Duration::from_secs(3))
+        .stall_timeout(Duration::from_secs(1))
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap();
+    // Two rounds of stalls (1, 1, 2, 2 s, each seen up to a ping tick later), then A's event.
+    assert_eq!(next_event(&mut sub).await, t + 1);
+    let moved = std::time::Instant::now();
+    let b_before = b.connections.load(Ordering::SeqCst);
+    while b.connections.load(Ordering::SeqCst) == b_before {
+        assert!(moved.elapsed() < Duration::from_secs(10), "A was never left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stall timeout (1 s) and a ping tick at most; four times it was 4 s and more.
+    assert!(moved.elapsed() < Duration::from_millis(3_200), "A left after {:?}", moved.elapsed());
+}
+
 /// A bogus `time_us` days ahead (within the week a client's clock may be off) is taken as the
 /// position; every later event is then "backwards" on every connection. Before, the subscription
 /// reconnected with backoff for as long as it took the clock to come within two hours of it
