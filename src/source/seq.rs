@@ -201,6 +201,9 @@ impl SeqTracker {
     /// relay for the run again.
     pub fn follow(&mut self, seq: i64) {
         self.last = seq;
+        // A seq held from the old space is no longer confirmed by a quiet relay: the next frame
+        // in the new space refutes it.
+        self.held_replayed = false;
         self.far_below = 0;
         (self.unreadable, self.skip) = (0, 0);
     }
@@ -566,6 +569,17 @@ mod tests {
         t.new_session();
         assert_eq!(t.observe(5_000), SeqDecision::Hold);
         assert_eq!(t.release_quiet_held(), Some(5_000));
+        // Held again, then a new, lower seq space followed on the same connection: the old
+        // space's seq is not taken when that goes quiet (its cursor would be in the relay's
+        // future).
+        let mut t = SeqTracker::new(100_000, 1_000);
+        assert_eq!(t.observe(105_000), SeqDecision::Hold);
+        t.new_session();
+        assert_eq!(t.observe(105_000), SeqDecision::Hold);
+        t.follow(50);
+        assert_eq!(t.release_quiet_held(), None);
+        assert_eq!(t.observe(51), ACCEPT);
+        assert_eq!((t.held(), t.last()), (None, 51));
     }
 
     #[test]
