@@ -188,13 +188,14 @@ struct Meta {
 }
 
 impl Meta {
-    /// Reads a line, checking all of it: UTF-8 first (serde_json does not look inside the
-    /// strings it skips), then serde_json, which checks the syntax of what it skips without
-    /// building it. A line of up to 16 MiB costs about its own size, once; simd-json's tape
-    /// cost ~20× it, and took longer for lines of every size (BENCHMARKS.md, thirty-second
+    /// Reads a line, checking all of it, as a subscriber's JSON parser will: every string
+    /// valid (UTF-8, escapes, no lone surrogate), numbers, and at most serde_json's 128 levels
+    /// of nesting (a primary's events stay within them). serde_json walks it without building
+    /// anything ([`Checked`]), then reads the fields wanted. A line of up to 16 MiB costs
+    /// about its own size; simd-json's tape cost ~20× it (BENCHMARKS.md, thirty-second
     /// session).
     fn read(line: &[u8]) -> Result<Meta, String> {
-        std::str::from_utf8(line).map_err(|e| format!("not UTF-8 ({e})"))?;
+        serde_json::from_slice::<Checked>(line).map_err(|e| e.to_string())?;
         let m: MetaFields<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
         Ok(Meta {
             kind: m.kind.to_string(),
@@ -202,6 +203,51 @@ impl Meta {
             live: m.live,
             collection: m.commit.and_then(|c| c.collection).map(str::to_string),
         })
+    }
+}
+
+/// Any JSON value, walked and checked throughout without being kept: unlike what serde_json
+/// skips (`IgnoredAny`), its strings are decoded (so a lone surrogate escape, or bytes that
+/// are not UTF-8, fail) and its nesting counts against serde_json's limit.
+struct Checked;
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Checked {
+    type Value = Checked;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        // (Keys are strings: decoded as any string is.)
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
     }
 }
 
@@ -1157,10 +1203,31 @@ mod tests {
         let mut bad_number = line.to_vec();
         let at = bad_number.windows(2).position(|w| w == b"[1").unwrap() + 1;
         bad_number[at] = b'-';
-        for (what, bad) in
-            [("bad UTF-8", &bad_utf8[..]), ("cut short", cut), ("trailing", &trailing), ("a bad number", &bad_number)]
-        {
-            assert!(Meta::read(bad).is_err(), "{what}: {}", String::from_utf8_lossy(bad));
+        let lone = String::from_utf8_lossy(line).replace(r"\u00e9", r"\ud800").into_bytes();
+        let lone_low = String::from_utf8_lossy(line).replace(r"\u00e9", r"\udc00x").into_bytes();
+        let pair = String::from_utf8_lossy(line).replace(r"\u00e9", r"\ud83d\ude00").into_bytes();
+        assert!(Meta::read(&pair).is_ok(), "a surrogate pair is a character");
+        let nested = |levels: usize| {
+            let mut l = br#"{"did":"did:plc:a","time_us":7,"kind":"commit","commit":{"rev":"r","operation":"create","collection":"app.bsky.feed.like","rkey":"k","record":"#.to_vec();
+            l.extend(b"[".repeat(levels));
+            l.extend(b"]".repeat(levels));
+            l.extend(b"}}");
+            l
+        };
+        // A primary's deepest record (125 levels, the record at the third) is read.
+        assert!(Meta::read(&nested(125)).is_ok());
+        let (deep, deeper) = (nested(126), nested(10_000));
+        for (what, bad) in [
+            ("bad UTF-8", &bad_utf8[..]),
+            ("cut short", cut),
+            ("trailing", &trailing),
+            ("a bad number", &bad_number),
+            ("a lone high surrogate", &lone),
+            ("a lone low surrogate", &lone_low),
+            ("more than 128 levels", &deep),
+            ("ten thousand levels", &deeper),
+        ] {
+            assert!(Meta::read(bad).is_err(), "{what}");
         }
     }
 }
