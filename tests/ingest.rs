@@ -652,6 +652,26 @@ async fn a_real_jump_on_a_quiet_source_is_taken_after_a_reconnect() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, vec![jumped]].concat()));
 }
 
+/// The same quiet source behind a proxy that closes idle connections a little before the
+/// reader's own idle timeout: a connection that ends having moved nothing on for half that
+/// timeout takes the jump sent first again, as the timeout would. Otherwise it waited for the
+/// source's next frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_jump_on_a_quiet_source_behind_a_proxy_that_closes_idle_connections_is_taken() {
+    let relay = FakeRelay::start().await;
+    relay.set_faults(Faults { close_when_quiet: Some(Duration::from_secs(3)), ..Faults::default() });
+    let gen = generate(1, 100, 10, 62);
+    relay.push_all(&gen);
+    let jumped = renumber(&generate(101, 1, 10, 63)[0], 5_000);
+    relay.push(jumped.seq, jumped.frame.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "4s"]);
+    serve.wait_for_seq_exactly(5_000, Duration::from_secs(30));
+    assert_eq!(serve.metric("contrail_relay_errors_total{kind=\"idle_timeout\"}").unwrap_or(0.0), 0.0);
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, vec![jumped]].concat()));
+}
+
 /// A relay that replays from its history in the order frames came (a fan-out daemon's ring)
 /// and keeps a bogus seq, far ahead, in front of the real frames after our position: the
 /// connection ends right after it, and the next one, asking for our cursor, sends it first

@@ -313,7 +313,7 @@ impl Reader {
                     }
                     return RelayError::Idle(self.cfg.relay_idle_timeout);
                 }
-                Ok(Err(e)) => return RelayError::Read(e),
+                Ok(Err(e)) => return self.ended_quiet(idle_at, RelayError::Read(e)).await,
                 Ok(Ok(f)) => f,
             };
             let (opcode, payload) = match pieces.push(frame.opcode, frame.fin, &frame.payload) {
@@ -340,7 +340,7 @@ impl Reader {
                         Err(e) => return e,
                     }
                 }
-                OpCode::Close => return RelayError::Closed,
+                OpCode::Close => return self.ended_quiet(idle_at, RelayError::Closed).await,
                 OpCode::Text => {
                     // Not part of the protocol: counted as malformed, skipped.
                     self.frames_by_type[FrameType::Malformed as usize].inc();
@@ -533,6 +533,20 @@ impl Reader {
         }
         self.hand_on(frame, &drops).await?;
         Ok(moved_on)
+    }
+
+    /// A connection that ends (`ended`) having moved nothing on for at least half the idle
+    /// timeout: a proxy in front of a quiet source may close idle connections as soon as the
+    /// reader's own timeout would, and a jump held again would then wait for the source's next
+    /// frame (hours, on a quiet PDS). Taken as the idle timeout takes it.
+    async fn ended_quiet(&mut self, idle_at: tokio::time::Instant, ended: RelayError) -> RelayError {
+        let quiet_enough = tokio::time::Instant::now() + self.cfg.relay_idle_timeout / 2 >= idle_at;
+        if quiet_enough {
+            if let Err(e) = self.release_quiet_held().await {
+                return e;
+            }
+        }
+        ended
     }
 
     /// Hands on the frame held after a jump ahead if the relay has confirmed it by sending it

@@ -50,6 +50,9 @@ pub struct Faults {
     /// Send the frames as text (JSON event lines, standing in for a Contrail upstream; their
     /// "seq" is their `time_us`).
     pub text: bool,
+    /// Close a connection (with a close frame) once it has had nothing to send for this long
+    /// (a proxy's idle timeout in front of a quiet source).
+    pub close_when_quiet: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -304,6 +307,7 @@ async fn serve_conn(
         (next, st.space.load(Ordering::SeqCst))
     };
     let mut sent = 0usize;
+    let mut sent_at = tokio::time::Instant::now();
     loop {
         let frame = {
             let frames = st.frames.lock().unwrap();
@@ -324,6 +328,7 @@ async fn serve_conn(
                 }
                 next += 1;
                 sent += 1;
+                sent_at = tokio::time::Instant::now();
                 // Pacing is read live, so a test can slow down or speed up a connection.
                 let (interval, burst) = {
                     let f = st.faults.lock().unwrap();
@@ -335,7 +340,13 @@ async fn serve_conn(
                     }
                 }
             }
-            None => tokio::time::sleep(Duration::from_millis(5)).await,
+            None => {
+                if faults.close_when_quiet.is_some_and(|q| sent_at.elapsed() >= q) {
+                    let _ = ws.write_frame(Frame::close(1000, b"idle")).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
         }
     }
 }
