@@ -277,24 +277,25 @@ fn retention_never_trusts_a_clock_that_stepped_forward() {
     }
 }
 
-/// A clock that steps years forward while ingest goes on stamps new events years ahead, and
-/// counting back from them would reach every event before the step. Age trims only what
-/// arrived more than a retention ago by the monotonic clock ([`Arrivals`]), so the log keeps
-/// what it received within the retention on both sides of the step.
+/// Retention of an hour, trimming every minute.
+fn an_hours_retention() -> contrail::log::retention::RetentionConfig {
+    contrail::log::retention::RetentionConfig {
+        retention: std::time::Duration::from_secs(3600),
+        max_disk_bytes: 0,
+        trim_interval: std::time::Duration::from_secs(60),
+    }
+}
+
 /// A start with the clock already hours ahead of the log (a host booting with its RTC in local
 /// time, before NTP): its first trim used to count back from that clock, and delete the
 /// history from before the start (all of it, with the clock a retention or more ahead).
 /// That history is aged from the log's newest event instead.
 #[test]
 fn retention_keeps_the_history_from_before_a_start_with_the_clock_ahead() {
-    use contrail::log::retention::{enforce, Arrivals, RetentionConfig};
+    use contrail::log::retention::{enforce, Arrivals};
     use std::time::{Duration, Instant};
     let minute = 60_000_000u64;
-    let cfg = RetentionConfig {
-        retention: Duration::from_secs(3600),
-        max_disk_bytes: 0,
-        trim_interval: Duration::from_secs(60),
-    };
+    let cfg = an_hours_retention();
     for (name, _dir, log) in backends() {
         eprintln!("backend {name}");
         // The last hour before the restart, an event a minute, the newest at W0.
@@ -323,16 +324,16 @@ fn retention_keeps_the_history_from_before_a_start_with_the_clock_ahead() {
     }
 }
 
+/// A clock that steps years forward while ingest goes on stamps new events years ahead, and
+/// counting back from them would reach every event before the step. Age trims only what
+/// arrived more than a retention ago by the monotonic clock ([`Arrivals`]), so the log keeps
+/// what it received within the retention on both sides of the step.
 #[test]
 fn retention_keeps_what_arrived_within_it_when_the_clock_steps_forward_during_ingest() {
-    use contrail::log::retention::{enforce, Arrivals, RetentionConfig};
+    use contrail::log::retention::{enforce, Arrivals};
     use std::time::{Duration, Instant};
     let minute = 60_000_000u64;
-    let cfg = RetentionConfig {
-        retention: Duration::from_secs(3600),
-        max_disk_bytes: 0,
-        trim_interval: Duration::from_secs(60),
-    };
+    let cfg = an_hours_retention();
     for (name, _dir, log) in backends() {
         eprintln!("backend {name}");
         // The process starts with an empty log; an event arrives every (monotonic) minute for

@@ -259,6 +259,24 @@ async fn next_event(sub: &mut Subscription) -> u64 {
     }
 }
 
+/// A host stuck at `at`: cursor messages there, five a second, for 40 s.
+fn stuck_at(at: u64) -> Script {
+    let cursor = format!(r#"{{"kind":"cursor","time_us":{at},"live":true}}"#);
+    Script::Paced((0..200).map(|_| (Duration::from_millis(200), cursor.clone())).collect())
+}
+
+/// A subscription over `hosts` from `t`, with a stale timeout of 3 s (a ping a second) and the
+/// given stall timeout.
+fn stalling_over(hosts: &[&Server], t: u64, stall: Duration) -> Subscription {
+    Subscription::builder(hosts.iter().map(|h| format!("ws://{}", h.addr)))
+        .cursor(Some(t))
+        .stale_timeout(Duration::from_secs(3))
+        .stall_timeout(stall)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50))
+        .start()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endless_fragments_are_cut_off_at_the_message_limit() {
     let t = now_us();
@@ -527,30 +545,16 @@ async fn new_filters_after_a_good_session_do_not_add_up_to_max_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_whose_cursor_messages_stay_put_is_left_for_one_that_moves_on() {
     let t = now_us();
-    let stuck = format!(r#"{{"kind":"cursor","time_us":{t},"live":true}}"#);
-    let paced = (0..200).map(|_| (Duration::from_millis(200), stuck.clone())).collect();
-    let frozen = serve(vec![Script::Paced(paced)]).await;
+    let frozen = serve(vec![stuck_at(t)]).await;
     let ahead = serve(vec![Script::Send(vec![event(t + 1)])]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", frozen.addr), format!("ws://{}", ahead.addr)])
-        .cursor(Some(t))
-        .stale_timeout(Duration::from_secs(3))
-        .stall_timeout(Duration::from_secs(4))
-        .backoff(Duration::from_millis(10), Duration::from_millis(50))
-        .start()
-        .unwrap();
+    let mut sub = stalling_over(&[&frozen, &ahead], t, Duration::from_secs(4));
     let began = std::time::Instant::now();
     assert_eq!(next_event(&mut sub).await, t + 1);
     assert!(began.elapsed() >= Duration::from_secs(4), "left after {:?}", began.elapsed());
     assert_eq!(frozen.connections.load(Ordering::SeqCst), 1);
     // One host alone is not left: there is nowhere else to go.
-    let frozen =
-        serve(vec![Script::Paced((0..60).map(|_| (Duration::from_millis(200), stuck.clone())).collect())]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", frozen.addr)])
-        .cursor(Some(t))
-        .stale_timeout(Duration::from_secs(3))
-        .stall_timeout(Duration::from_secs(1))
-        .start()
-        .unwrap();
+    let frozen = serve(vec![stuck_at(t)]).await;
+    let mut sub = stalling_over(&[&frozen], t, Duration::from_secs(1));
     assert!(tokio::time::timeout(Duration::from_secs(6), sub.next()).await.is_err(), "nothing to hand over");
     assert_eq!(frozen.connections.load(Ordering::SeqCst), 1);
 }
@@ -561,16 +565,8 @@ async fn a_host_whose_cursor_messages_stay_put_is_left_for_one_that_moves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_host_is_stuck_the_stall_timeout_doubles_each_round() {
     let t = now_us();
-    let stuck = format!(r#"{{"kind":"cursor","time_us":{t},"live":true}}"#);
-    let paced = || Script::Paced((0..200).map(|_| (Duration::from_millis(200), stuck.clone())).collect());
-    let (a, b) = (serve(vec![paced()]).await, serve(vec![paced()]).await);
-    let mut sub = Subscription::builder([format!("ws://{}", a.addr), format!("ws://{}", b.addr)])
-        .cursor(Some(t))
-        .stale_timeout(Duration::from_secs(3))
-        .stall_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(10), Duration::from_millis(50))
-        .start()
-        .unwrap();
+    let (a, b) = (serve(vec![stuck_at(t)]).await, serve(vec![stuck_at(t)]).await);
+    let mut sub = stalling_over(&[&a, &b], t, Duration::from_secs(1));
     // Stalls after 1, 1, 2, 2, 4 s, each seen at a ping tick (a second apart), so up to a
     // second later: five or six connections in 16 s; every stall timeout, it was ten or more.
     assert!(tokio::time::timeout(Duration::from_secs(16), sub.next()).await.is_err(), "nothing to hand over");
@@ -585,23 +581,12 @@ async fn when_every_host_is_stuck_the_stall_timeout_doubles_each_round() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stall_timeout_is_itself_again_once_the_position_moves() {
     let t = now_us();
-    let cursor = |at: u64| format!(r#"{{"kind":"cursor","time_us":{at},"live":true}}"#);
-    let stuck_at = |at: u64| Script::Paced((0..200).map(|_| (Duration::from_millis(200), cursor(at))).collect());
     // A: stuck twice, then an event and stuck after it. B: stuck.
-    let moves_then_stalls = Script::Paced(
-        std::iter::once((Duration::ZERO, event(t + 1)))
-            .chain((0..200).map(|_| (Duration::from_millis(200), cursor(t + 1))))
-            .collect(),
-    );
+    let Script::Paced(stuck_after) = stuck_at(t + 1) else { unreachable!() };
+    let moves_then_stalls = Script::Paced(std::iter::once((Duration::ZERO, event(t + 1))).chain(stuck_after).collect());
     let a = serve(vec![stuck_at(t), stuck_at(t), moves_then_stalls]).await;
     let b = serve(vec![stuck_at(t)]).await;
-    let mut sub = Subscription::builder([format!("ws://{}", a.addr), format!("ws://{}", b.addr)])
-        .cursor(Some(t))
-        .stale_timeout(Duration::from_secs(3))
-        .stall_timeout(Duration::from_secs(1))
-        .backoff(Duration::from_millis(10), Duration::from_millis(50))
-        .start()
-        .unwrap();
+    let mut sub = stalling_over(&[&a, &b], t, Duration::from_secs(1));
     // Two rounds of stalls (1, 1, 2, 2 s, each seen up to a ping tick later), then A's event.
     assert_eq!(next_event(&mut sub).await, t + 1);
     let moved = std::time::Instant::now();
