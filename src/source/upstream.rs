@@ -189,13 +189,13 @@ struct Meta {
 
 impl Meta {
     /// Reads a line, checking all of it, as a subscriber's JSON parser will: every string
-    /// valid (UTF-8, escapes, no lone surrogate), numbers, and at most serde_json's 128 levels
-    /// of nesting (a primary's events stay within them). serde_json walks it without building
-    /// anything ([`Checked`]), then reads the fields wanted. A line of up to 16 MiB costs
+    /// valid (UTF-8, escapes, no lone surrogate), numbers, and nesting (at most
+    /// [`MAX_LINE_DEPTH`]). serde_json walks it without building anything ([`Checked`]), then
+    /// reads the fields wanted. A line of up to 16 MiB costs
     /// about its own size; simd-json's tape cost ~20× it (BENCHMARKS.md, thirty-second
     /// session).
     fn read(line: &[u8]) -> Result<Meta, String> {
-        serde_json::from_slice::<Checked>(line).map_err(|e| e.to_string())?;
+        Checked::line(line).map_err(|e| e.to_string())?;
         let m: MetaFields<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
         Ok(Meta {
             kind: m.kind.to_string(),
@@ -206,48 +206,79 @@ impl Meta {
     }
 }
 
+/// How deeply an upstream line may nest. A primary's events reach 128 levels: a record of 125
+/// at the event's third, and a link or a blob's reference in its deepest container one more;
+/// serde_json's own limit (127) would drop them. Twice that leaves room for what older
+/// versions stored, while the walk's stack stays well within a runtime thread's 2 MiB (a
+/// level costs 1–2 KB in a debug build). (simd-json's parse allowed 1,024.)
+const MAX_LINE_DEPTH: u32 = 256;
+
 /// Any JSON value, walked and checked throughout without being kept: unlike what serde_json
 /// skips (`IgnoredAny`), its strings are decoded (so a lone surrogate escape, or bytes that
-/// are not UTF-8, fail) and its nesting counts against serde_json's limit.
-struct Checked;
+/// are not UTF-8, fail), and its nesting is counted (`depth`, up to [`MAX_LINE_DEPTH`]).
+#[derive(Clone, Copy)]
+struct Checked {
+    depth: u32,
+}
 
-impl<'de> serde::Deserialize<'de> for Checked {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(Checked)
+impl Checked {
+    /// Reads `line` through, as a subscriber's JSON parser will.
+    fn line(line: &[u8]) -> Result<(), serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(line);
+        // Counted here instead, deeper than serde_json's limit.
+        de.disable_recursion_limit();
+        serde::de::DeserializeSeed::deserialize(Checked { depth: 0 }, &mut de)?;
+        de.end()
+    }
+
+    fn inner<E: serde::de::Error>(self) -> Result<Checked, E> {
+        if self.depth >= MAX_LINE_DEPTH {
+            return Err(E::custom(format!("nested more than {MAX_LINE_DEPTH} levels deep")));
+        }
+        Ok(Checked { depth: self.depth + 1 })
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Checked {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
     }
 }
 
 impl<'de> serde::de::Visitor<'de> for Checked {
-    type Value = Checked;
+    type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
-        Ok(Checked)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
-        Ok(Checked)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
-        Ok(Checked)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
-        Ok(Checked)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
-        Ok(Checked)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_unit<E>(self) -> Result<Checked, E> {
-        Ok(Checked)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
-        while seq.next_element::<Checked>()?.is_some() {}
-        Ok(Checked)
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.inner()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
     }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         // (Keys are strings: decoded as any string is.)
-        while map.next_entry::<Checked, Checked>()?.is_some() {}
-        Ok(Checked)
+        let inner = self.inner()?;
+        while map.next_entry_seed(inner, inner)?.is_some() {}
+        Ok(())
     }
 }
 
@@ -1214,9 +1245,21 @@ mod tests {
             l.extend(b"}}");
             l
         };
-        // A primary's deepest record (125 levels, the record at the third) is read.
-        assert!(Meta::read(&nested(125)).is_ok());
-        let (deep, deeper) = (nested(126), nested(10_000));
+        // A primary's deepest record (125 levels, the record at the third), with a link in its
+        // deepest container (one more), is read; so is what simd-json's parse took.
+        let mut deepest = nested(125);
+        let at = deepest.windows(2).position(|w| w == b"[]").unwrap() + 1;
+        deepest.splice(at..at, br#"{"$link":"bafyreih"}"#.iter().copied());
+        assert!(Meta::read(&deepest).is_ok());
+        // (On a thread with a quarter of a runtime thread's stack.)
+        let deep_ok = std::thread::Builder::new()
+            .stack_size(512 << 10)
+            .spawn(move || Meta::read(&nested(254)).is_ok())
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(deep_ok, "256 levels");
+        let (deep, deeper) = (nested(255), nested(100_000));
         for (what, bad) in [
             ("bad UTF-8", &bad_utf8[..]),
             ("cut short", cut),
@@ -1224,8 +1267,8 @@ mod tests {
             ("a bad number", &bad_number),
             ("a lone high surrogate", &lone),
             ("a lone low surrogate", &lone_low),
-            ("more than 128 levels", &deep),
-            ("ten thousand levels", &deeper),
+            ("more than 256 levels", &deep),
+            ("a hundred thousand levels", &deeper),
         ] {
             assert!(Meta::read(bad).is_err(), "{what}");
         }
