@@ -652,6 +652,31 @@ async fn a_real_jump_on_a_quiet_source_is_taken_after_a_reconnect() {
     assert_log_exact(&inspect_log(dir.path()), &expected_keys(&[gen, vec![jumped]].concat()));
 }
 
+/// The quiet that confirms a jump sent first again counts from it: a relay that repeats our
+/// cursor's frame for most of the idle timeout, then sends the bogus seq it keeps in front of
+/// the real frames and drops the connection, has not confirmed it (the real frames come next
+/// time, and refute it). Counted from the connection's start, it was taken and they were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jump_sent_first_again_just_before_a_connection_drops_is_not_taken() {
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 150, 10, 64);
+    relay.push_all(&gen[..100]);
+    let bogus = renumber(&generate(0, 1, 1, 65)[0], 50_000);
+    relay.push(bogus.seq, bogus.frame);
+    relay.push_all(&gen[100..]);
+    relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(50)), ..Faults::default() });
+    // First: up to the bogus frame. Then: our cursor's frame 61 times (3 s), the bogus one, and
+    // the connection drops.
+    let repeating = ConnFault { repeat_first: 60, drop_after: Some(62), ..ConnFault::default() };
+    relay.plan(vec![ConnFault::drop_after(101), repeating]);
+    let dir = tempfile::tempdir().unwrap();
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "4s"]);
+    serve.wait_for_seq_exactly(150, Duration::from_secs(40));
+    assert_eq!(relay.cursors()[..3], [None, Some(100), Some(100)]);
+    drop(serve);
+    assert_log_exact(&inspect_log(dir.path()), &expected_keys(&gen));
+}
+
 /// The same quiet source behind a proxy that closes idle connections a little before the
 /// reader's own idle timeout: a connection that ends having moved nothing on for half that
 /// timeout takes the jump sent first again, as the timeout would. Otherwise it waited for the

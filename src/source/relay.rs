@@ -324,10 +324,13 @@ impl Reader {
             match opcode {
                 OpCode::Binary => {
                     let position = self.seq.last();
+                    let held_again = self.seq.held_again();
                     match self.handle(payload).await {
                         Ok(keep) => {
                             let now = tokio::time::Instant::now();
-                            if keep {
+                            // (A jump sent first again: the quiet that confirms it counts from
+                            // it, not from what came before it.)
+                            if keep || (!held_again && self.seq.held_again()) {
                                 idle_at = now + self.cfg.relay_idle_timeout;
                             }
                             // Readiness wants our position to move: a stopped relay that sends

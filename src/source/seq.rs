@@ -229,6 +229,12 @@ impl SeqTracker {
         self.held
     }
 
+    /// A seq is held that this connection sent first again above our position
+    /// ([`Self::release_quiet_held`] would take it).
+    pub fn held_again(&self) -> bool {
+        self.held.is_some() && self.held_replayed
+    }
+
     /// The connection has been idle (nothing moved the stream on) for the idle timeout while
     /// holding a seq it sent first above our position, as the connection before it did: the
     /// relay twice says nothing lies between, and nothing has come after it. It is taken (the

@@ -26,6 +26,9 @@ pub struct ConnFault {
     /// Without a cursor, start at the first frame with this seq or above (a relay's live edge)
     /// instead of the oldest.
     pub live_from: Option<i64>,
+    /// Send the first frame this many times more before going on (a fan-out daemon repeating
+    /// the cursor's frame).
+    pub repeat_first: usize,
 }
 
 impl ConnFault {
@@ -308,6 +311,7 @@ async fn serve_conn(
     };
     let mut sent = 0usize;
     let mut sent_at = tokio::time::Instant::now();
+    let mut repeats = planned.repeat_first;
     loop {
         let frame = {
             let frames = st.frames.lock().unwrap();
@@ -326,7 +330,11 @@ async fn serve_conn(
                 if ws.write_frame(frame).await.is_err() {
                     return;
                 }
-                next += 1;
+                if repeats > 0 {
+                    repeats -= 1;
+                } else {
+                    next += 1;
+                }
                 sent += 1;
                 sent_at = tokio::time::Instant::now();
                 // Pacing is read live, so a test can slow down or speed up a connection.
