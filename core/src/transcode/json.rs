@@ -27,8 +27,9 @@ pub const MAX_STRING_BYTES: usize = 1024 * 1024;
 pub const MAX_CONTAINER_LEN: u64 = 128 * 1024;
 /// Longest map key (atproto `MAX_OBJECT_KEY_LEN`).
 pub const MAX_KEY_BYTES: usize = 8192;
-/// Deepest nesting of maps and arrays in a record. The record sits at depth 3 of the event
-/// (`{commit:{record:…}}`), so 125 keeps every event within the 128 levels that serde_json
+/// Deepest nesting of maps and arrays in a record, counting the objects a link (`$link`),
+/// bytes (`$bytes`) or a blob's `ref` become. The record sits at depth 3 of the event
+/// (`{commit:{record:…}}`), so 125 keeps every event within the 127 levels that serde_json
 /// (and so most Rust clients) parse by default. Jetstream v1 had no limit at all.
 pub const MAX_RECORD_DEPTH: usize = 125;
 
@@ -168,6 +169,10 @@ impl<'a> Rec<'a> {
         match h.major {
             cbor::UINT | cbor::NINT => write_i64(out, cbor::head_to_i64(h).ok_or(RecordError::IntOverflow)?),
             cbor::BYTES => {
+                // `{"$bytes":…}` is a level of the JSON too.
+                if depth + 1 > MAX_RECORD_DEPTH {
+                    return Err(RecordError::TooDeep);
+                }
                 let b = take_string(r, h.arg)?;
                 out.extend_from_slice(b"{\"$bytes\":\"");
                 cid::write_base64_nopad(out, b);
@@ -196,6 +201,10 @@ impl<'a> Rec<'a> {
             cbor::TAG => {
                 if h.arg != 42 {
                     return Err(RecordError::Cbor(CborError::BadTag));
+                }
+                // `{"$link":…}` is a level of the JSON too.
+                if depth + 1 > MAX_RECORD_DEPTH {
+                    return Err(RecordError::TooDeep);
                 }
                 let link = read_tag42_cid(r)?;
                 write_link(out, link);
@@ -311,6 +320,10 @@ impl<'a> Rec<'a> {
                 return Err(RecordError::BadType);
             }
             if t == "blob" {
+                // Its `ref`, `{"$link":…}`, is a level deeper.
+                if depth + 1 > MAX_RECORD_DEPTH {
+                    return Err(RecordError::TooDeep);
+                }
                 return shape(self.blob(&stack[base..], out));
             }
         }
@@ -996,7 +1009,39 @@ mod tests {
         let mut ok = vec![0xa1, 0x61, b'a'];
         ok.extend(std::iter::repeat_n(0x81u8, MAX_RECORD_DEPTH - 1));
         ok.push(0x01);
-        assert!(render(&ok).is_ok());
+        let deepest = render(&ok).unwrap();
+        // The objects a link, bytes or a blob's ref become count as levels: in the deepest
+        // container, one is a level too deep; a level up, it fits. Every event a record makes
+        // then parses with serde_json's default limit.
+        let mut link = vec![0xd8, 42, 0x58, 37, 0x00, 0x01, 0x71, 0x12, 0x20];
+        link.extend([7u8; 32]);
+        let blob = |rf: &[u8]| {
+            let mut b = vec![0xa4];
+            for (k, v) in [("$type", &b"\x64blob"[..]), ("ref", rf), ("mimeType", b"\x6aimage/jpeg"), ("size", b"\x01")]
+            {
+                b.push(0x60 | k.len() as u8);
+                b.extend(k.as_bytes());
+                b.extend(v);
+            }
+            b
+        };
+        let blob_ok = blob(&link);
+        for leaf in [&link[..], &[0x41, 0x00][..], &blob_ok[..]] {
+            let arrays = |n: usize| {
+                let mut rec = vec![0xa1, 0x61, b'a'];
+                rec.extend(std::iter::repeat_n(0x81u8, n));
+                rec.extend(leaf);
+                rec
+            };
+            // (A blob is a map itself: it takes the deepest container's place.)
+            let fits = if leaf[0] == 0xa4 { MAX_RECORD_DEPTH - 3 } else { MAX_RECORD_DEPTH - 2 };
+            let json = render(&arrays(fits)).unwrap();
+            let event = format!(r#"{{"did":"did:plc:a","commit":{{"record":{json}}}}}"#);
+            assert!(serde_json::from_str::<serde_json::Value>(&event).is_ok(), "{leaf:?}");
+            assert_eq!(render(&arrays(fits + 1)), Err(RecordError::TooDeep), "{leaf:?}");
+        }
+        let event = format!(r#"{{"did":"did:plc:a","commit":{{"record":{deepest}}}}}"#);
+        assert!(serde_json::from_str::<serde_json::Value>(&event).is_ok());
     }
 
     #[test]
