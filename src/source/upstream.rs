@@ -206,10 +206,11 @@ impl Meta {
     }
 }
 
-/// How deeply an upstream line may nest. A primary's events reach 128 levels: a record of 125
-/// at the event's third, and a link or a blob's reference in its deepest container one more;
-/// serde_json's own limit (127) would drop them. Twice that leaves room for what older
-/// versions stored, while the walk's stack stays well within a runtime thread's 2 MiB (a
+/// How deeply an upstream line may nest. A primary's events reach 127 levels (a record of 125
+/// at the event's third), serde_json's own limit; older versions stored events of 128 (a link
+/// or a blob's reference in a record's deepest container) and deeper records before the limit
+/// was made. 256 leaves room for them, while the walk's stack stays well within a runtime
+/// thread's 2 MiB (a
 /// level costs 1–2 KB in a debug build). (simd-json's parse allowed 1,024.)
 const MAX_LINE_DEPTH: u32 = 256;
 
