@@ -210,8 +210,7 @@ impl Meta {
 /// at the event's third), serde_json's own limit; older versions stored events of 128 (a link
 /// or a blob's reference in a record's deepest container) and deeper records before the limit
 /// was made. 256 leaves room for them, while the walk's stack stays well within a runtime
-/// thread's 2 MiB (a
-/// level costs 1–2 KB in a debug build). (simd-json's parse allowed 1,024.)
+/// thread's 2 MiB (a level costs 1–2 KB in a debug build). (simd-json's parse allowed 1,024.)
 const MAX_LINE_DEPTH: u32 = 256;
 
 /// Any JSON value, walked and checked throughout without being kept: unlike what serde_json
