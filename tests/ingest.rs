@@ -665,12 +665,12 @@ async fn a_jump_sent_first_again_just_before_a_connection_drops_is_not_taken() {
     relay.push(bogus.seq, bogus.frame);
     relay.push_all(&gen[100..]);
     relay.set_faults(Faults { frame_interval: Some(Duration::from_millis(50)), ..Faults::default() });
-    // First: up to the bogus frame. Then: our cursor's frame 61 times (3 s), the bogus one, and
-    // the connection drops.
-    let repeating = ConnFault { repeat_first: 60, drop_after: Some(62), ..ConnFault::default() };
+    // First: up to the bogus frame. Then: our cursor's frame 91 times (4.5 s: past half the
+    // idle timeout, with 1.5 s to spare either way), the bogus one, and the connection drops.
+    let repeating = ConnFault { repeat_first: 90, drop_after: Some(92), ..ConnFault::default() };
     relay.plan(vec![ConnFault::drop_after(101), repeating]);
     let dir = tempfile::tempdir().unwrap();
-    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "4s"]);
+    let serve = Serve::start(dir.path(), &relay.url(), &["--relay-idle-timeout", "6s"]);
     serve.wait_for_seq_exactly(150, Duration::from_secs(40));
     assert_eq!(relay.cursors()[..3], [None, Some(100), Some(100)]);
     drop(serve);
