@@ -51,12 +51,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let public_listener = server::bind(config.ops.listen, "public").await?;
     let metrics_listener = server::bind(config.ops.metrics_listen, "metrics").await?;
     let metrics = Arc::new(Metrics::new());
-    let log = Arc::new(
-        config
-            .log
-            .open(config.verify.state_expiry())
-            .with_context(|| format!("opening the log in {}", config.log.data_dir.display()))?,
-    );
+    // Some(why) when the log could be opened only for reading: nothing is ingested.
+    let (log, store_failure) = open_log(&config)?;
+    let log = Arc::new(log);
+    let ingest = store_failure.is_none();
     // Before anything is ingested: what arrives from here on is this process's to age by arrival.
     let arrivals = retention::Arrivals::new(Instant::now(), crate::clock::now_us(), log.newest_time_us()?.unwrap_or(0));
     let arrivals = if config.replica.upstream_url.is_empty() { arrivals } else { arrivals.for_replica() };
@@ -97,7 +95,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         metrics.relay_last_seq.set(seq);
     }
 
-    if !config.replica.upstream_url.is_empty() {
+    if !config.replica.upstream_url.is_empty() && ingest {
         // A relay cursor written before cursors kept their time: marked now, before this
         // replica takes newer events, so that a later start as a primary sees it is stale.
         if let Some(c) = log.relay_cursor()?.filter(|c| c.at_time_us.is_none()) {
@@ -119,7 +117,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .with_mix(mix.clone());
     let replica = !config.replica.upstream_url.is_empty();
     // Every run says whether it checks chains, so a later `full` run knows what it missed.
-    let chain_epochs = crate::verify::start_epoch(&log, config.verify.verify)?;
+    let chain_epochs = if ingest { Some(crate::verify::start_epoch(&log, config.verify.verify)?) } else { None };
     let mut verify_stage = None;
     let reader = if replica {
         tracing::info!(upstreams = ?config.replica.upstream_url.iter().map(ToString::to_string).collect::<Vec<_>>(), "replica mode");
@@ -132,7 +130,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             retention: config.retention.retention,
         };
         Reader::Upstream(Box::new(UpstreamReader::new(opts, log.last_time_us()?, metrics.clone(), frames_tx)))
-    } else if config.verify.verify != crate::verify::VerifyMode::Off {
+    } else if let Some(chain_epochs) = chain_epochs.filter(|_| config.verify.verify != crate::verify::VerifyMode::Off) {
         // relay reader → verification stage → sequencer; the reader's queue bounds the frames
         // (and their bytes) the stage holds.
         let (verify_tx, verify_rx) = ingest_channel(FRAME_QUEUE, FRAME_QUEUE_BYTES);
@@ -206,50 +204,54 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let connections = TaskTracker::new();
     let mut tasks: JoinSet<TaskResult> = JoinSet::new();
-    tasks.spawn_blocking(move || ("sequencer", sequencer.run(frames_rx).map_err(anyhow::Error::from)));
-    if let Some((stage, rx, tx)) = verify_stage {
-        // Stops with the reader, at once: frames it still holds were not passed on, so their
-        // relay seq was not stored and the relay sends them again after a restart.
-        let cancel = stop_reader.clone();
-        tasks.spawn(async move {
-            if let Err(e) = stage.run(rx, tx, cancel.clone()).await {
-                return ("verification", Err(e));
-            }
-            // It also ends when the sequencer stops: the sequencer's own result says why.
-            cancel.cancelled().await;
-            ("verification", Ok(()))
-        });
-    }
-    {
-        let cancel = stop_reader.clone();
-        tasks.spawn(async move {
-            match reader {
-                Reader::Relay(r) => r.run(cancel.clone()).await,
-                Reader::Upstream(u) => u.run(cancel.clone()).await,
-            }
-            // It also ends when the sequencer stops: the sequencer's own result says why.
-            cancel.cancelled().await;
-            ("reader", Ok(()))
-        });
-    }
-    {
-        let (log, metrics, cancel, opts) = (log.clone(), metrics.clone(), background.clone(), config.retention.clone());
-        tasks.spawn(async move { ("retention", retention::run(log, metrics, opts, arrivals, cancel).await) });
-    }
     {
         let cancel = background.clone();
         tasks.spawn(async move { ("status history", history.run(cancel).await) });
     }
-    {
-        let (log, metrics, cancel) = (log.clone(), metrics.clone(), background.clone());
-        let dictionary = hub.dictionaries.default().clone();
-        let precompressor = Precompressor::new(log, dictionary, metrics, config.log.precompress_window);
-        tasks.spawn(async move {
-            precompressor.run(cancel.clone()).await;
-            // Off, or a thread that could not start: no reason to stop the app.
-            cancel.cancelled().await;
-            ("precompress", Ok(()))
-        });
+    // Ingest, and what writes the log beside it: none when the log is open for reading only.
+    if ingest {
+        tasks.spawn_blocking(move || ("sequencer", sequencer.run(frames_rx).map_err(anyhow::Error::from)));
+        if let Some((stage, rx, tx)) = verify_stage {
+            // Stops with the reader, at once: frames it still holds were not passed on, so their
+            // relay seq was not stored and the relay sends them again after a restart.
+            let cancel = stop_reader.clone();
+            tasks.spawn(async move {
+                if let Err(e) = stage.run(rx, tx, cancel.clone()).await {
+                    return ("verification", Err(e));
+                }
+                // It also ends when the sequencer stops: the sequencer's own result says why.
+                cancel.cancelled().await;
+                ("verification", Ok(()))
+            });
+        }
+        {
+            let cancel = stop_reader.clone();
+            tasks.spawn(async move {
+                match reader {
+                    Reader::Relay(r) => r.run(cancel.clone()).await,
+                    Reader::Upstream(u) => u.run(cancel.clone()).await,
+                }
+                // It also ends when the sequencer stops: the sequencer's own result says why.
+                cancel.cancelled().await;
+                ("reader", Ok(()))
+            });
+        }
+        {
+            let (log, metrics, cancel, opts) =
+                (log.clone(), metrics.clone(), background.clone(), config.retention.clone());
+            tasks.spawn(async move { ("retention", retention::run(log, metrics, opts, arrivals, cancel).await) });
+        }
+        {
+            let (log, metrics, cancel) = (log.clone(), metrics.clone(), background.clone());
+            let dictionary = hub.dictionaries.default().clone();
+            let precompressor = Precompressor::new(log, dictionary, metrics, config.log.precompress_window);
+            tasks.spawn(async move {
+                precompressor.run(cancel.clone()).await;
+                // Off, or a thread that could not start: no reason to stop the app.
+                cancel.cancelled().await;
+                ("precompress", Ok(()))
+            });
+        }
     }
     {
         let (cancel, conns, public) = (accept.clone(), connections.clone(), public.clone());
@@ -282,38 +284,51 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     // Wait for a signal or for any task to end (each is critical while we run).
     let mut failure: Option<anyhow::Error> = None;
-    tokio::select! {
-        _ = shutdown_signal() => tracing::info!("shutdown requested"),
-        Some(done) = tasks.join_next() => {
-            let (name, result) = flatten(done);
-            match result {
-                Ok(()) => tracing::error!(task = name, "task stopped unexpectedly; shutting down"),
-                // Retention writes the log too (its trims): on a full disk while ingest is
-                // quiet (a relay in backoff, a quiet upstream) its write fails first.
-                Err(e) if matches!(name, "sequencer" | "retention") && config.log.store == crate::log::StoreKind::Rocksdb => {
-                    // The log cannot be written (a full disk, most often). RocksDB will not
-                    // take writes again in this process, so ingest stops; but what is stored
-                    // is still served, and /ready says why, until there is room to resume.
-                    let error = format!("{e:#}");
-                    tracing::error!(error = %error, "the log cannot be written: ingest stopped; serving what is stored; exiting once the data dir has free space again, so a restart resumes ingest");
-                    readiness.set_store_failure(error);
-                    metrics.store_write_failed.set(1);
-                    stop_reader.cancel();
-                    let room = FREE_SPACE_TO_RESUME + 2 * config.log.memtable_bytes;
-                    tokio::select! {
-                        _ = shutdown_signal() => tracing::info!("shutdown requested"),
-                        _ = wait_for_free_space(&config.log.data_dir, room) => {
-                            tracing::warn!("the data dir has free space again: exiting so a restart resumes ingest");
-                        }
+    let store_failure = match store_failure {
+        Some(e) => Some(e),
+        None => tokio::select! {
+            _ = shutdown_signal() => {
+                tracing::info!("shutdown requested");
+                None
+            }
+            Some(done) = tasks.join_next() => {
+                let (name, result) = flatten(done);
+                match result {
+                    Ok(()) => {
+                        tracing::error!(task = name, "task stopped unexpectedly; shutting down");
+                        None
                     }
-                    failure = Some(e.context(name));
-                }
-                Err(e) => {
-                    tracing::error!(task = name, error = %format!("{e:#}"), "task failed; shutting down");
-                    failure = Some(e.context(name));
+                    // Retention writes the log too (its trims): on a full disk while ingest is
+                    // quiet (a relay in backoff, a quiet upstream) its write fails first.
+                    Err(e) if matches!(name, "sequencer" | "retention") && config.log.store == StoreKind::Rocksdb => {
+                        Some(e.context(name))
+                    }
+                    Err(e) => {
+                        tracing::error!(task = name, error = %format!("{e:#}"), "task failed; shutting down");
+                        failure = Some(e.context(name));
+                        None
+                    }
                 }
             }
+        },
+    };
+    if let Some(e) = store_failure {
+        // The log cannot be written (a full disk, most often). RocksDB will not take writes
+        // again in this process, so ingest stops (or never started); but what is stored is
+        // still served, and /ready says why, until there is room to resume.
+        let error = format!("{e:#}");
+        tracing::error!(error = %error, "the log cannot be written: ingest stopped; serving what is stored; exiting once the data dir has free space again, so a restart resumes ingest");
+        readiness.set_store_failure(error);
+        metrics.store_write_failed.set(1);
+        stop_reader.cancel();
+        let room = FREE_SPACE_TO_RESUME + 2 * config.log.memtable_bytes;
+        tokio::select! {
+            _ = shutdown_signal() => tracing::info!("shutdown requested"),
+            _ = wait_for_free_space(&config.log.data_dir, room) => {
+                tracing::warn!("the data dir has free space again: exiting so a restart resumes ingest");
+            }
         }
+        failure = Some(e);
     }
     // A second signal exits at once.
     let _second_signal = AbortOnDropHandle::new(tokio::spawn(async {
@@ -375,6 +390,24 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Opens the configured log for writing, or, when the disk is too full for that (a restart
+/// after a crash on a full disk: RocksDB's recovery writes a file before the open returns), for
+/// reading only, with why: what is stored is then served until there is room again, rather
+/// than nothing while the process exits and is restarted every few seconds.
+fn open_log(config: &ServeConfig) -> anyhow::Result<(crate::log::Log, Option<anyhow::Error>)> {
+    let opening = || format!("opening the log in {}", config.log.data_dir.display());
+    match config.log.open(config.verify.state_expiry()) {
+        Ok(log) => Ok((log, None)),
+        Err(e) if config.log.store == StoreKind::Rocksdb && e.is_out_of_space() => {
+            let e = anyhow::Error::from(e).context(opening());
+            tracing::error!(error = %format!("{e:#}"), "the disk is full: opening the log for reading only");
+            let log = config.log.open_read_only().with_context(|| format!("{} for reading only", opening()))?;
+            Ok((log, Some(e)))
+        }
+        Err(e) => Err(anyhow::Error::from(e).context(opening())),
     }
 }
 

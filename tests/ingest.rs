@@ -941,6 +941,71 @@ async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
     assert_log_exact(&inspect_log(disk.dir.path()), &expected);
 }
 
+/// A crash on a full disk, then a restart with the disk still full: RocksDB cannot open the log
+/// for writing (its recovery writes a file first). The restart serves what is stored — read
+/// only, `/ready` 503 with the reason — instead of exiting and being restarted every few
+/// seconds with nothing served; once there is room it exits by itself, and the next start
+/// resumes exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_on_a_still_full_disk_serves_what_is_stored_until_there_is_room() {
+    let Some(disk) = SmallDisk::mount("12m") else { return };
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 40_000, 500, 75);
+    relay.push_all(&gen);
+    let last_seq = gen.last().unwrap().seq;
+    let mut serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while serve.metric("contrail_store_write_failed") != Some(1.0) {
+        assert!(std::time::Instant::now() < deadline, "ingest went on with a full disk; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    serve.kill9();
+    drop(serve);
+    let stats = inspect_stats(disk.dir.path());
+    let stored = stats["events"].as_u64().unwrap() as usize;
+    let stored_seq = stats["relay_seq"].as_i64().unwrap_or(0);
+    assert!(stored > 0 && stored_seq > 0 && stored_seq < last_seq, "{stats}");
+
+    let mut serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while serve.metric("contrail_store_write_failed") != Some(1.0) {
+        assert!(serve.child.try_wait().unwrap().is_none(), "exited on a full disk; logs:\n{}", serve.logs());
+        assert!(std::time::Instant::now() < deadline, "no store failure shown; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The case under test: the disk was too full for a writable open.
+    assert!(serve.logs().contains("opening the log for reading only"), "{}", serve.logs());
+    let (status, body) = common::process::http_get(serve.public, "/ready").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("the log cannot be written") && body.contains("No space left"), "{body}");
+    // Everything stored is served, the events only in the write-ahead log too.
+    let upto: Vec<GenFrame> = gen.iter().filter(|g| g.seq <= stored_seq).cloned().collect();
+    let expected_stored = expected_keys(&upto);
+    assert_eq!(expected_stored.len(), stored);
+    let mut ws = common::client::connect(serve.public, "/subscribe?cursor=0", &[]).await.unwrap();
+    let got = common::client::collect(&mut ws, stored + 1, Duration::from_secs(3)).await;
+    let keys: Vec<String> = got.iter().map(event_key).collect();
+    assert_eq!(keys, expected_stored, "the replay of what is stored");
+    // Room again: the process exits by itself, non-zero, for its supervisor to restart it.
+    disk.resize("512m");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running with room again; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "a log that cannot be written must not end in exit 0");
+    drop(serve);
+    // Nothing was written meanwhile, and the next start resumes exactly.
+    assert_log_exact(&inspect_log(disk.dir.path()), &expected_stored);
+    let serve = Serve::start(disk.dir.path(), &relay.url(), &[]);
+    serve.wait_for_seq(last_seq, Duration::from_secs(120));
+    drop(serve);
+    assert_log_exact(&inspect_log(disk.dir.path()), &expected_keys(&gen));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_data_dir_is_refused_at_start_with_the_reason() {
     let Some(disk) = SmallDisk::mount("64m") else { return };

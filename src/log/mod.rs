@@ -89,6 +89,11 @@ impl LogConfig {
             StoreKind::Memory => Ok(Log::memory(memory::MemoryLog::new(self.memory_bytes))),
         }
     }
+
+    /// Opens the configured RocksDB log for reading only (see [`rocks::RocksLog::open_read_only`]).
+    pub fn open_read_only(&self) -> Result<Log> {
+        Log::rocks(rocks::RocksLog::open_read_only(&self.data_dir)?)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +104,21 @@ pub enum LogError {
     Corrupt(&'static str),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl LogError {
+    /// Whether the disk (or the user's quota on it) is full.
+    pub fn is_out_of_space(&self) -> bool {
+        match self {
+            LogError::Io(e) => matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded),
+            // RocksDB's errors carry the system's message (strerror) in their text.
+            LogError::Rocks(e) => {
+                let text = e.to_string();
+                text.contains("No space left on device") || text.contains("Disk quota exceeded")
+            }
+            LogError::Corrupt(_) => false,
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, LogError>;

@@ -228,6 +228,16 @@ fn descriptors(memtable_bytes: usize, expiry: StateExpiry) -> Vec<ColumnFamilyDe
     ]
 }
 
+/// The column families a reader opens: ours that the log in `dir` has (one written by an
+/// older version may lack the newer ones).
+fn existing_descriptors(dir: &Path) -> Vec<ColumnFamilyDescriptor> {
+    let existing = DB::list_cf(&Options::default(), dir).unwrap_or_default();
+    descriptors(DEFAULT_MEMTABLE_BYTES, StateExpiry::default())
+        .into_iter()
+        .filter(|d| existing.iter().any(|n| n == d.name()))
+        .collect()
+}
+
 /// Calls `f` with each key (a `time_us`) and value of `cf` from `from` on, in order, until it
 /// returns false.
 fn scan_cf(
@@ -350,6 +360,25 @@ impl RocksLog {
         Ok(log)
     }
 
+    /// Opens the log in `dir` for reading only, writing nothing to it: what a restart on a
+    /// full disk can still do (a writable open first flushes what the write-ahead log holds
+    /// to a new file). Events still only in the write-ahead log are read into memory.
+    pub fn open_read_only(dir: &Path) -> Result<RocksLog> {
+        let cfs = existing_descriptors(dir);
+        let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, cfs, false)?;
+        let log = RocksLog {
+            db,
+            path: dir.to_path_buf(),
+            write_opts: WriteOptions::default(),
+            sync_writes: false,
+            trim_gate: Default::default(),
+            trimmed: Default::default(),
+            _secondary_dir: RemoveOnDrop(None),
+        };
+        log.load_trimmed_mark()?;
+        Ok(log)
+    }
+
     /// Opens a read-only view of a log that a running `contrail serve` may be writing
     /// (a RocksDB secondary instance; its own small state lives in a temporary directory).
     pub fn open_secondary(dir: &Path) -> Result<RocksLog> {
@@ -357,14 +386,7 @@ impl RocksLog {
             std::env::temp_dir().join(format!("contrail-secondary-{}-{}", std::process::id(), crate::clock::now_us()));
         let mut o = Options::default();
         o.set_max_open_files(-1);
-        // A log written by an older version may lack the newer column families: open those
-        // it has.
-        let existing = DB::list_cf(&o, dir).unwrap_or_default();
-        let cfs: Vec<_> = descriptors(DEFAULT_MEMTABLE_BYTES, StateExpiry::default())
-            .into_iter()
-            .filter(|d| existing.iter().any(|n| n == d.name()))
-            .collect();
-        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, cfs)?;
+        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, existing_descriptors(dir))?;
         db.try_catch_up_with_primary()?;
         let log = RocksLog {
             db,
