@@ -94,6 +94,76 @@ fn run(pool: &[contrail::event::Event], total: u64, window: u64, trim_every: u64
         cpu_seconds() - cpu,
         log.disk_bytes() as f64 / 1e6,
     );
+    if !trim {
+        reopened(log, dir.path(), base, total);
+    }
+}
+
+/// The log of the run without trims, closed and opened again (as a restart does): RocksDB's
+/// memory, then reads as replays make them — the whole log in pages of 1,024 events, each page
+/// a new iterator and seek — and 10,000 single-event reads at random places.
+fn reopened(log: Log, dir: &std::path::Path, base: u64, total: u64) {
+    log.flush().unwrap();
+    drop(log);
+    let log =
+        Log::rocks(RocksLog::open(dir, RocksOptions { sync_writes: false, ..Default::default() }).unwrap()).unwrap();
+    let memory = |log: &Log| {
+        let m = log.rocks_memory().unwrap();
+        format!(
+            "table readers {:.1} MB, memtables {:.1} MB, block cache {:.1} MB",
+            m.table_readers as f64 / 1e6,
+            m.memtables as f64 / 1e6,
+            m.block_cache as f64 / 1e6
+        )
+    };
+    let files = std::fs::read_dir(dir)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sst"))
+        .count();
+    println!(
+        "reopened: {} files, log {:.0} MB; RocksDB memory: {}",
+        files,
+        log.disk_bytes() as f64 / 1e6,
+        memory(&log)
+    );
+    let (cpu, start) = (cpu_seconds(), Instant::now());
+    let (mut from, mut read) = (0, 0u64);
+    loop {
+        let mut last = None;
+        let (n, _) = log
+            .scan_after_trims(from, 1024, |t, _| {
+                last = Some(t);
+                true
+            })
+            .unwrap();
+        read += n as u64;
+        match last {
+            Some(t) => from = t + 1,
+            None => break,
+        }
+    }
+    assert_eq!(read, total);
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "paged scan: {read} events in {wall:.2} s = {:.0}k events/s, CPU {:.2} s; RocksDB memory: {}",
+        read as f64 / wall / 1e3,
+        cpu_seconds() - cpu,
+        memory(&log)
+    );
+    let (cpu, start) = (cpu_seconds(), Instant::now());
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..10_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        assert_eq!(log.scan(base + x % total, 1, |_, _| true).unwrap(), 1);
+    }
+    println!(
+        "10,000 reads at random places: {:.2} s, CPU {:.2} s; RocksDB memory: {}",
+        start.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu,
+        memory(&log)
+    );
 }
 
 fn main() {
@@ -106,7 +176,9 @@ fn main() {
         transcoder.transcode(&g.frame, &mut pool, &mut Vec::new());
     }
     println!("{} real-shaped events, stamped again in turn; window {window}, a trim every {trim_every}", pool.len());
-    for trim in [false, true] {
+    // RETENTION_TRIM_RUN=0: the run without trims only (RocksDB's memory on a long log).
+    let runs: &[bool] = if env("RETENTION_TRIM_RUN", 1) == 0 { &[false] } else { &[false, true] };
+    for &trim in runs {
         run(&pool, total, window, trim_every, trim);
     }
 }

@@ -198,6 +198,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             if let Some(free) = data_dir.as_deref().and_then(free_bytes) {
                 m.store_disk_free_bytes.set(free.min(i64::MAX as u64) as i64);
             }
+            if let Some(memory) = log.rocks_memory() {
+                for (part, bytes) in [
+                    ("table_readers", memory.table_readers),
+                    ("memtables", memory.memtables),
+                    ("block_cache", memory.block_cache),
+                ] {
+                    m.store_memory_bytes.with_label_values(&[part]).set(bytes.min(i64::MAX as u64) as i64);
+                }
+            }
             m.render()
         })
     };

@@ -155,6 +155,7 @@ pub struct Metrics {
     pub store_batch_events: Histogram,
     pub store_disk_bytes: IntGauge,
     pub store_disk_free_bytes: IntGauge,
+    pub store_memory_bytes: IntGaugeVec,
     pub store_flushes_running: IntGauge,
     pub store_write_failed: IntGauge,
     pub store_compactions_running: IntGauge,
@@ -316,6 +317,18 @@ impl Metrics {
                 "contrail_store_disk_free_bytes",
                 "Space left for Contrail on the filesystem holding the data dir (not exported with --store memory).",
             ),
+            store_memory_bytes: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "contrail_store_memory_bytes",
+                        "RocksDB's memory: its open files' indexes outside the block cache (table_readers), the memtables, the block cache (not exported with --store memory).",
+                    ),
+                    &["part"],
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric name");
+                g
+            },
             store_flushes_running: gauge(&r, "contrail_store_flushes_running", "RocksDB memtable flushes running now."),
             store_write_failed: gauge(
                 &r,

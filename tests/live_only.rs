@@ -61,6 +61,9 @@ async fn a_live_only_replica_keeps_a_bounded_window() {
     // Free disk space is the data dir's: the primary's, and none for the memory window.
     assert!(primary.metric("contrail_store_disk_free_bytes").unwrap() > 0.0);
     assert_eq!(replica.metric("contrail_store_disk_free_bytes"), None);
+    // RocksDB's memory, by part (the memtables hold the events written).
+    assert!(primary.metric("contrail_store_memory_bytes{part=\"memtables\"}").unwrap() > 0.0);
+    assert_eq!(replica.metric("contrail_store_memory_bytes"), None);
     let oldest = replica.metric("contrail_store_oldest_time_us").unwrap() as u64;
     let start =
         log.iter().position(|e| e["time_us"].as_u64().unwrap() == oldest).expect("window starts at a primary event");

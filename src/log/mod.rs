@@ -524,6 +524,14 @@ impl Log {
         }
     }
 
+    /// RocksDB's own memory ([`rocks::RocksLog::memory`]); `None` for a live-only window.
+    pub fn rocks_memory(&self) -> Option<rocks::StoreMemory> {
+        match &self.backend {
+            Backend::Rocks(s) => Some(s.memory()),
+            Backend::Memory(_) => None,
+        }
+    }
+
     /// RocksDB flushes and compactions running now; `(0, 0)` for a live-only window.
     pub fn background_jobs(&self) -> (u64, u64) {
         match &self.backend {

@@ -26,8 +26,8 @@
 
 use crate::event::Event;
 use rocksdb::{
-    BlockBasedOptions, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode, Options, ReadOptions,
-    WriteBatch, WriteOptions, DB,
+    BlockBasedIndexType, BlockBasedOptions, Cache, ColumnFamilyDescriptor, DBCompressionType, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions, DB,
 };
 use std::path::{Path, PathBuf};
 
@@ -105,9 +105,61 @@ impl Expiry {
     }
 }
 
-/// Options for a verification-state column family: `expiry`'s compaction filter, if any.
-fn state_cf_options(name: &'static str, expiry: Option<Expiry>) -> Options {
+/// RocksDB's block cache, one for all of a log's column families. It holds the blocks read
+/// for lookups (replays read past it) and the files' index blocks, which otherwise stay in
+/// memory for every file of the log, outside any bound: ~0.3 B per event, ~40 MB a day of
+/// firehose (BENCHMARKS.md, thirty-third session). The indexes are partitioned, so a lookup
+/// in a file whose index was evicted reads one 4 KiB partition of it.
+const BLOCK_CACHE_BYTES: usize = 64 << 20;
+
+/// Memtables beyond two of the events' (the one filled, the one flushed) that all column
+/// families together may hold before the fullest is flushed early.
+const MEMTABLES_BESIDE_EVENTS: usize = 64 << 20;
+
+/// What bounds RocksDB's memory for one open log, shared by its column families.
+struct MemoryBounds {
+    cache: Cache,
+    memtables: WriteBufferManager,
+}
+
+impl MemoryBounds {
+    fn new(memtable_bytes: usize) -> MemoryBounds {
+        MemoryBounds {
+            cache: Cache::new_lru_cache(BLOCK_CACHE_BYTES),
+            // Not charged to the cache; never stalls writes (a flush is enough).
+            memtables: WriteBufferManager::new_write_buffer_manager(
+                2 * memtable_bytes + MEMTABLES_BESIDE_EVENTS,
+                false,
+            ),
+        }
+    }
+}
+
+/// A column family's table options: `block_size` blocks, the shared cache holding its index.
+fn table_options(cache: &Cache, block_size: usize) -> BlockBasedOptions {
+    let mut t = BlockBasedOptions::default();
+    t.set_block_size(block_size);
+    t.set_block_cache(cache);
+    t.set_cache_index_and_filter_blocks(true);
+    t.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
+    t.set_metadata_block_size(4 << 10);
+    // The top level of each file's index, and the newest files' (level 0) whole, stay in the
+    // cache: the path to any block costs at most one read of a partition.
+    t.set_pin_top_level_index_and_filter(true);
+    t.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    t
+}
+
+/// Options for a small column family (`meta`, the verification state's): default blocks.
+fn small_cf_options(cache: &Cache) -> Options {
     let mut o = Options::default();
+    o.set_block_based_table_factory(&table_options(cache, 4 << 10));
+    o
+}
+
+/// Options for a verification-state column family: `expiry`'s compaction filter, if any.
+fn state_cf_options(name: &'static str, expiry: Option<Expiry>, cache: &Cache) -> Options {
+    let mut o = small_cf_options(cache);
     if let Some(e) = expiry {
         o.set_compaction_filter(name, move |_level: u32, key: &[u8], value: &[u8]| {
             if e.expired(key, value, crate::clock::now_us()) {
@@ -134,6 +186,14 @@ impl Default for RocksOptions {
             state_expiry: StateExpiry::default(),
         }
     }
+}
+
+/// RocksDB's memory in bytes, by what holds it ([`RocksLog::memory`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreMemory {
+    pub table_readers: u64,
+    pub memtables: u64,
+    pub block_cache: u64,
 }
 
 pub struct RocksLog {
@@ -164,9 +224,9 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-fn event_cf_options(memtable_bytes: usize) -> Options {
+fn event_cf_options(memtable_bytes: usize, cache: &Cache) -> Options {
     let mut o = Options::default();
-    tune_for_events(&mut o);
+    tune_for_events(&mut o, cache);
     o.set_write_buffer_size(memtable_bytes);
     o
 }
@@ -174,12 +234,13 @@ fn event_cf_options(memtable_bytes: usize) -> Options {
 /// The options `open` gives the database and its events column family, as one default column
 /// family: what a benchmark comparing with raw RocksDB puts opens its baseline with.
 pub fn baseline_options() -> Options {
-    let mut o = db_options();
-    tune_for_events(&mut o);
+    let bounds = MemoryBounds::new(DEFAULT_MEMTABLE_BYTES);
+    let mut o = db_options(&bounds);
+    tune_for_events(&mut o, &bounds.cache);
     o
 }
 
-fn tune_for_events(o: &mut Options) {
+fn tune_for_events(o: &mut Options, cache: &Cache) {
     // zstd at level 1 on every level. Keys arrive in increasing order, so flushed files never
     // overlap and reach the bottom level by trivial moves, which RocksDB makes only when the
     // file's compression is the level's: with LZ4 above and zstd at the bottom, compaction
@@ -190,25 +251,22 @@ fn tune_for_events(o: &mut Options) {
     // (window bits, level, strategy, dictionary bytes): -14 and 0 are RocksDB's defaults.
     o.set_compression_options(-14, 1, 0, 0);
     o.set_write_buffer_size(DEFAULT_MEMTABLE_BYTES);
-    let mut t = BlockBasedOptions::default();
     // 32 KiB blocks: replay reads long sequential runs; larger blocks compress better.
-    t.set_block_size(32 << 10);
-    o.set_block_based_table_factory(&t);
+    o.set_block_based_table_factory(&table_options(cache, 32 << 10));
 }
 
 /// Stored zstd frames do not compress again: no block compression, the events' block size.
-fn zframe_cf_options() -> Options {
+fn zframe_cf_options(cache: &Cache) -> Options {
     let mut o = Options::default();
     o.set_compression_type(DBCompressionType::None);
     o.set_write_buffer_size(32 << 20);
-    let mut t = BlockBasedOptions::default();
-    t.set_block_size(32 << 10);
-    o.set_block_based_table_factory(&t);
+    o.set_block_based_table_factory(&table_options(cache, 32 << 10));
     o
 }
 
-fn db_options() -> Options {
+fn db_options(bounds: &MemoryBounds) -> Options {
     let mut o = Options::default();
+    o.set_write_buffer_manager(&bounds.memtables);
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     // Background flush/compaction threads: this is a 2-core class of machine.
@@ -218,21 +276,21 @@ fn db_options() -> Options {
     o
 }
 
-fn descriptors(memtable_bytes: usize, expiry: StateExpiry) -> Vec<ColumnFamilyDescriptor> {
+fn descriptors(memtable_bytes: usize, expiry: StateExpiry, cache: &Cache) -> Vec<ColumnFamilyDescriptor> {
     vec![
-        ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options(memtable_bytes)),
-        ColumnFamilyDescriptor::new(CF_META, Options::default()),
-        ColumnFamilyDescriptor::new(CF_REPOS, state_cf_options("contrail-repos-expiry", expiry.repos)),
-        ColumnFamilyDescriptor::new(CF_DIDS, state_cf_options("contrail-dids-expiry", expiry.dids)),
-        ColumnFamilyDescriptor::new(CF_ZFRAMES, zframe_cf_options()),
+        ColumnFamilyDescriptor::new(CF_EVENTS, event_cf_options(memtable_bytes, cache)),
+        ColumnFamilyDescriptor::new(CF_META, small_cf_options(cache)),
+        ColumnFamilyDescriptor::new(CF_REPOS, state_cf_options("contrail-repos-expiry", expiry.repos, cache)),
+        ColumnFamilyDescriptor::new(CF_DIDS, state_cf_options("contrail-dids-expiry", expiry.dids, cache)),
+        ColumnFamilyDescriptor::new(CF_ZFRAMES, zframe_cf_options(cache)),
     ]
 }
 
 /// The column families a reader opens: ours that the log in `dir` has (one written by an
 /// older version may lack the newer ones).
-fn existing_descriptors(dir: &Path) -> Vec<ColumnFamilyDescriptor> {
+fn existing_descriptors(dir: &Path, cache: &Cache) -> Vec<ColumnFamilyDescriptor> {
     let existing = DB::list_cf(&Options::default(), dir).unwrap_or_default();
-    descriptors(DEFAULT_MEMTABLE_BYTES, StateExpiry::default())
+    descriptors(DEFAULT_MEMTABLE_BYTES, StateExpiry::default(), cache)
         .into_iter()
         .filter(|d| existing.iter().any(|n| n == d.name()))
         .collect()
@@ -303,7 +361,8 @@ impl RocksLog {
     /// Opens (creating if needed) the log in `dir` for writing. One writer process at a time.
     pub fn open(dir: &Path, opts: RocksOptions) -> Result<RocksLog> {
         std::fs::create_dir_all(dir)?;
-        let mut cfs = descriptors(opts.memtable_bytes, opts.state_expiry);
+        let bounds = MemoryBounds::new(opts.memtable_bytes);
+        let mut cfs = descriptors(opts.memtable_bytes, opts.state_expiry, &bounds.cache);
         // A log a newer version wrote may have column families this one does not know (RocksDB
         // refuses to open it without them all): they are opened, kept and left alone (no
         // compaction), so that going back a version starts.
@@ -320,7 +379,7 @@ impl RocksLog {
             o.set_disable_auto_compactions(true);
             ColumnFamilyDescriptor::new(name, o)
         }));
-        let mut db = DB::open_cf_descriptors(&db_options(), dir, cfs)?;
+        let mut db = DB::open_cf_descriptors(&db_options(&bounds), dir, cfs)?;
         if !opts.compressed_frames {
             db.drop_cf(CF_ZFRAMES)?;
         }
@@ -364,8 +423,8 @@ impl RocksLog {
     /// full disk can still do (a writable open first flushes what the write-ahead log holds
     /// to a new file). Events still only in the write-ahead log are read into memory.
     pub fn open_read_only(dir: &Path) -> Result<RocksLog> {
-        let cfs = existing_descriptors(dir);
-        let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, cfs, false)?;
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let db = DB::open_cf_descriptors_read_only(&Options::default(), dir, existing_descriptors(dir, &cache), false)?;
         let log = RocksLog {
             db,
             path: dir.to_path_buf(),
@@ -386,7 +445,8 @@ impl RocksLog {
             std::env::temp_dir().join(format!("contrail-secondary-{}-{}", std::process::id(), crate::clock::now_us()));
         let mut o = Options::default();
         o.set_max_open_files(-1);
-        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, existing_descriptors(dir))?;
+        let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+        let db = DB::open_cf_descriptors_as_secondary(&o, dir, &secondary, existing_descriptors(dir, &cache))?;
         db.try_catch_up_with_primary()?;
         let log = RocksLog {
             db,
@@ -900,6 +960,22 @@ impl RocksLog {
     pub fn background_jobs(&self) -> (u64, u64) {
         let int = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
         (int("rocksdb.num-running-flushes"), int("rocksdb.num-running-compactions"))
+    }
+
+    /// RocksDB's own memory, summed over the column families: what its open files' index and
+    /// filter blocks hold outside the block cache, what the memtables hold, and what the block
+    /// cache holds.
+    pub fn memory(&self) -> StoreMemory {
+        let mut m = StoreMemory::default();
+        for name in [CF_EVENTS, CF_META, CF_REPOS, CF_DIDS, CF_ZFRAMES] {
+            let Some(cf) = self.db.cf_handle(name) else { continue };
+            let int = |p: &str| self.db.property_int_value_cf(cf, p).ok().flatten().unwrap_or(0);
+            m.table_readers += int("rocksdb.estimate-table-readers-mem");
+            m.memtables += int("rocksdb.cur-size-all-mem-tables");
+            // One cache shared by every family: counted once.
+            m.block_cache = m.block_cache.max(int("rocksdb.block-cache-usage"));
+        }
+        m
     }
 
     /// The estimated number of events (RocksDB's estimate; exact after a compaction).
