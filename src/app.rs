@@ -190,8 +190,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let (m, tip, log) = (metrics.clone(), log.tip(), log.clone());
         let data_dir = (config.log.store == StoreKind::Rocksdb).then(|| config.log.data_dir.clone());
         if data_dir.is_none() {
-            // No disk to fill: no free-space figure (a 0 would read as a full disk).
+            // No disk to fill: no free-space figure (a 0 would read as a full disk); no RocksDB.
             let _ = metrics.registry.unregister(Box::new(metrics.store_disk_free_bytes.clone()));
+            let _ = metrics.registry.unregister(Box::new(metrics.store_memory_bytes.clone()));
         }
         Arc::new(move || {
             m.set_log_gauges(tip.oldest(), tip.newest(), tip.bytes(), log.background_jobs());
@@ -199,11 +200,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
                 m.store_disk_free_bytes.set(free.min(i64::MAX as u64) as i64);
             }
             if let Some(memory) = log.rocks_memory() {
-                for (part, bytes) in [
-                    ("table_readers", memory.table_readers),
-                    ("memtables", memory.memtables),
-                    ("block_cache", memory.block_cache),
-                ] {
+                let parts = [memory.table_readers, memory.memtables, memory.block_cache];
+                for (part, bytes) in crate::metrics::STORE_MEMORY_PARTS.into_iter().zip(parts) {
                     m.store_memory_bytes.with_label_values(&[part]).set(bytes.min(i64::MAX as u64) as i64);
                 }
             }

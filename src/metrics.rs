@@ -245,6 +245,9 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
     h
 }
 
+/// The parts of `contrail_store_memory_bytes`.
+pub const STORE_MEMORY_PARTS: [&str; 3] = ["table_readers", "memtables", "block_cache"];
+
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
@@ -327,6 +330,9 @@ impl Metrics {
                 )
                 .expect("valid metric");
                 r.register(Box::new(g.clone())).expect("unique metric name");
+                for part in STORE_MEMORY_PARTS {
+                    g.with_label_values(&[part]).set(0);
+                }
                 g
             },
             store_flushes_running: gauge(&r, "contrail_store_flushes_running", "RocksDB memtable flushes running now."),
