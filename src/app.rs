@@ -20,7 +20,6 @@ use crate::server::history::History;
 use crate::server::public::Public;
 use crate::source::relay;
 use crate::source::upstream::{UpstreamOptions, UpstreamReader};
-use anyhow::Context;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::broadcast;
@@ -328,10 +327,17 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         readiness.set_store_failure(error);
         metrics.store_write_failed.set(1);
         stop_reader.cancel();
-        let room = FREE_SPACE_TO_RESUME + 2 * config.log.memtable_bytes;
+        // Room for the restart's recovery (its write-ahead log written to a file) and more.
+        let room = FREE_SPACE_TO_RESUME + 2 * config.log.memtable_bytes + log.wal_bytes();
+        // Room there already: what is full does not show in the free space (a quota), and the
+        // restart may fail the same way. It waits a while, rather than every few seconds.
+        let least = match has_room(&config.log.data_dir, room) {
+            true => FULL_BUT_NOT_SHOWN_STAY,
+            false => std::time::Duration::ZERO,
+        };
         tokio::select! {
             _ = shutdown_signal() => tracing::info!("shutdown requested"),
-            _ = wait_for_free_space(&config.log.data_dir, room) => {
+            _ = async { tokio::join!(wait_for_free_space(&config.log.data_dir, room), tokio::time::sleep(least)) } => {
                 tracing::warn!("the data dir has free space again: exiting so a restart resumes ingest");
             }
         }
@@ -411,8 +417,11 @@ fn open_log(config: &ServeConfig) -> anyhow::Result<(crate::log::Log, Option<any
         Err(e) if config.log.store == StoreKind::Rocksdb && e.is_out_of_space() => {
             let e = anyhow::Error::from(e).context(opening());
             tracing::error!(error = %format!("{e:#}"), "the disk is full: opening the log for reading only");
-            let log = config.log.open_read_only().with_context(|| format!("{} for reading only", opening()))?;
-            Ok((log, Some(e)))
+            match config.log.open_read_only() {
+                Ok(log) => Ok((log, Some(e))),
+                // (A new data dir on a full disk: nothing to read.) The full disk is the cause.
+                Err(read) => Err(e.context(format!("opening it for reading only failed too ({read})"))),
+            }
         }
         Err(e) => Err(anyhow::Error::from(e).context(opening())),
     }
@@ -422,13 +431,25 @@ fn open_log(config: &ServeConfig) -> anyhow::Result<(crate::log::Log, Option<any
 /// for its restart: room for the flush and the writes that follow.
 const FREE_SPACE_TO_RESUME: u64 = 64 << 20;
 
-/// Returns once the filesystem holding `dir` has `bytes` available (or cannot be asked).
+/// How long a process whose log cannot be written stays when its disk shows room already.
+const FULL_BUT_NOT_SHOWN_STAY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Files that must be free (inodes) for a restart: RocksDB's recovery makes a few.
+const FREE_FILES_TO_RESUME: u64 = 64;
+
+/// Whether the filesystem holding `dir` has `bytes` available, and files (or cannot be asked).
+fn has_room(dir: &std::path::Path, bytes: u64) -> bool {
+    let files = match rustix::fs::statvfs(dir) {
+        // (Filesystems without a fixed number of files say 0 of them.)
+        Ok(s) => s.f_files == 0 || s.f_favail >= FREE_FILES_TO_RESUME,
+        Err(_) => true,
+    };
+    files && free_bytes(dir).is_none_or(|free| free >= bytes)
+}
+
+/// Returns once [`has_room`] says so.
 async fn wait_for_free_space(dir: &std::path::Path, bytes: u64) {
-    loop {
-        match free_bytes(dir) {
-            Some(free) if free < bytes => {}
-            _ => return,
-        }
+    while !has_room(dir, bytes) {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
 }

@@ -851,9 +851,14 @@ struct SmallDisk {
 
 impl SmallDisk {
     fn mount(size: &str) -> Option<SmallDisk> {
+        SmallDisk::mount_with(&format!("size={size}"))
+    }
+
+    /// A tmpfs mounted with these options (`size=…,nr_inodes=…`).
+    fn mount_with(options: &str) -> Option<SmallDisk> {
         let dir = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir.path())
             .status()
             .is_ok_and(|s| s.success());
@@ -865,8 +870,12 @@ impl SmallDisk {
     }
 
     fn resize(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    fn remount(&self, options: &str) {
         let status = std::process::Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
+            .args(["-o", &format!("remount,{options}")])
             .arg(self.dir.path())
             .status()
             .unwrap();
@@ -939,6 +948,44 @@ async fn a_full_disk_stops_ingest_loudly_and_a_restart_resumes_exactly() {
     serve.wait_for_seq(last_seq, Duration::from_secs(120));
     drop(serve);
     assert_log_exact(&inspect_log(disk.dir.path()), &expected);
+}
+
+/// A disk out of files (inodes) with bytes to spare: a log write fails as on a full disk, and
+/// the process waits for files to be free before it exits for its restart, as it waits for
+/// bytes (it once looked at bytes only, and exited at once, to fail again on restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_out_of_files_stops_ingest_until_files_are_free() {
+    let Some(disk) = SmallDisk::mount_with("size=512m,nr_inodes=48") else { return };
+    let relay = FakeRelay::start().await;
+    let gen = generate(1, 40_000, 500, 76);
+    relay.push_all(&gen);
+    let last_seq = gen.last().unwrap().seq;
+    // Small memtables: a file per 64 KiB written.
+    let flags = ["--memtable-bytes", "64KiB"];
+    let mut serve = Serve::start(disk.dir.path(), &relay.url(), &flags);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while serve.metric("contrail_store_write_failed") != Some(1.0) {
+        assert!(serve.child.try_wait().unwrap().is_none(), "exited; logs:\n{}", serve.logs());
+        assert!(std::time::Instant::now() < deadline, "ingest went on with no files free; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(serve.child.try_wait().unwrap().is_none(), "exited with no files free; logs:\n{}", serve.logs());
+    disk.remount("nr_inodes=100000");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running with files free; logs:\n{}", serve.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    drop(serve);
+    let serve = Serve::start(disk.dir.path(), &relay.url(), &flags);
+    serve.wait_for_seq(last_seq, Duration::from_secs(120));
+    drop(serve);
+    assert_log_exact(&inspect_log(disk.dir.path()), &expected_keys(&gen));
 }
 
 /// A crash on a full disk, then a restart with the disk still full: RocksDB cannot open the log

@@ -524,6 +524,15 @@ impl Log {
         }
     }
 
+    /// The bytes of RocksDB's write-ahead log (a restart's recovery writes them to a file
+    /// before the log opens); 0 for a live-only window.
+    pub fn wal_bytes(&self) -> u64 {
+        match &self.backend {
+            Backend::Rocks(s) => s.wal_bytes(),
+            Backend::Memory(_) => 0,
+        }
+    }
+
     /// RocksDB's own memory ([`rocks::RocksLog::memory`]); `None` for a live-only window.
     pub fn rocks_memory(&self) -> Option<rocks::StoreMemory> {
         match &self.backend {

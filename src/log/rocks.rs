@@ -113,7 +113,9 @@ impl Expiry {
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
 /// Memtables beyond two of the events' (the one filled, the one flushed) that all column
-/// families together may hold before the fullest is flushed early.
+/// families together may hold: past it, RocksDB flushes early, the column family whose
+/// memtable is oldest first (a soft bound: without stalls, memtables being flushed may take
+/// it past).
 const MEMTABLES_BESIDE_EVENTS: usize = 64 << 20;
 
 /// What bounds RocksDB's memory for one open log, shared by its column families.
@@ -143,10 +145,12 @@ fn table_options(cache: &Cache, block_size: usize) -> BlockBasedOptions {
     t.set_cache_index_and_filter_blocks(true);
     t.set_index_type(BlockBasedIndexType::TwoLevelIndexSearch);
     t.set_metadata_block_size(4 << 10);
-    // The top level of each file's index, and the newest files' (level 0) whole, stay in the
-    // cache: the path to any block costs at most one read of a partition.
+    // The top level of each file's index stays in the cache (a few hundred bytes a file): the
+    // path to any block costs at most one read of a partition. Not level 0's whole index: a
+    // flushed file's reader is opened at level 0 and kept (the files stay open), and the
+    // events' files reach the bottom by trivial moves, which keep it, so every file flushed
+    // since the start would keep its whole index pinned, as before the cache.
     t.set_pin_top_level_index_and_filter(true);
-    t.set_pin_l0_filter_and_index_blocks_in_cache(true);
     t
 }
 
@@ -209,6 +213,9 @@ pub struct RocksLog {
     /// The newest event a trim deleted (0: none known; kept in `meta`, so it outlives the
     /// process), shared with the log's tip ([`super::Tip::trimmed_through`]).
     trimmed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Opened for reading only (or as a secondary): nothing is written, not even the
+    /// clean-ups that reads find to make.
+    read_only: bool,
     /// A secondary instance's own state directory. Declared after `db` so it is removed only
     /// once the DB is closed (fields drop in order).
     _secondary_dir: RemoveOnDrop,
@@ -392,6 +399,7 @@ impl RocksLog {
             sync_writes: opts.sync_writes,
             trim_gate: Default::default(),
             trimmed: Default::default(),
+            read_only: false,
             _secondary_dir: RemoveOnDrop(None),
         };
         // Tombstone files a crash left before their ingestion ([`Self::trim_events_before`]).
@@ -432,6 +440,7 @@ impl RocksLog {
             sync_writes: false,
             trim_gate: Default::default(),
             trimmed: Default::default(),
+            read_only: true,
             _secondary_dir: RemoveOnDrop(None),
         };
         log.load_trimmed_mark()?;
@@ -455,6 +464,7 @@ impl RocksLog {
             sync_writes: false,
             trim_gate: Default::default(),
             trimmed: Default::default(),
+            read_only: true,
             _secondary_dir: RemoveOnDrop(Some(secondary)),
         };
         log.load_trimmed_mark()?;
@@ -613,7 +623,8 @@ impl RocksLog {
                 }
             }
         })?;
-        if gone {
+        // (A log open for reading leaves them: the next writable open deletes them.)
+        if gone && !self.read_only {
             let end = holes.front().map_or_else(|| HOLES_END.to_vec(), |h| hole_key(h.first));
             self.db.delete_range_cf(self.meta(), HOLE_PREFIX, &end[..])?;
         }
@@ -944,7 +955,8 @@ impl RocksLog {
         self.db.property_int_value_cf(cf, name).ok().flatten().unwrap_or(0)
     }
 
-    fn wal_bytes(&self) -> u64 {
+    /// The write-ahead log files' bytes.
+    pub fn wal_bytes(&self) -> u64 {
         std::fs::read_dir(&self.path)
             .map(|d| {
                 d.filter_map(|e| e.ok())
@@ -1035,6 +1047,9 @@ impl RocksLog {
 
     /// Flushes memtables (for a clean shutdown; the WAL already made writes durable).
     pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(()); // nothing written, nothing to flush
+        }
         self.db.flush_cf(self.events())?;
         self.db.flush_cf(self.meta())?;
         if let Some(cf) = self.db.cf_handle(CF_ZFRAMES) {
@@ -1254,6 +1269,27 @@ mod tests {
         drop(log);
         let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
         assert!(names.iter().any(|n| n == "from_the_future"), "{names:?}");
+    }
+
+    /// A log whose stored holes include some a trim left behind (its tombstone not written: a
+    /// full disk) opens for reading: they are left, not deleted, and not told.
+    #[test]
+    fn a_log_open_for_reading_leaves_the_holes_it_skips() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RocksOptions { sync_writes: false, compressed_frames: false, ..RocksOptions::default() };
+        let log = RocksLog::open(dir.path(), opts).unwrap();
+        for i in 0..3u64 {
+            let hole = Hole { after: 10 * i + 1, first: 10 * i + 5 };
+            log.append(&events(10 * i + 5, 1), None, &[], &[hole], None).unwrap();
+        }
+        log.store_trimmed_mark(15).unwrap();
+        drop(log);
+        let read = RocksLog::open_read_only(dir.path()).unwrap();
+        assert_eq!(read.holes().unwrap(), vec![Hole { after: 21, first: 25 }]);
+        let mut stored = 0;
+        read.each_hole(|_, _| stored += 1).unwrap();
+        assert_eq!(stored, 3, "nothing deleted");
+        assert!(super::super::Log::rocks(read).is_ok());
     }
 
     /// The holes read at open are the newest MAX_HOLES; the others are deleted (never told).
