@@ -95,6 +95,16 @@ fn run(pool: &[contrail::event::Event], total: u64, window: u64, trim_every: u64
         log.disk_bytes() as f64 / 1e6,
     );
     if !trim {
+        // RocksDB's memory in the process that wrote the log (every file's reader opened as
+        // it was flushed), then after a restart.
+        let m = log.rocks_memory().unwrap();
+        println!(
+            "after ingest: RocksDB memory: table readers {:.1} MB, memtables {:.1} MB, block cache {:.1} MB ({:.1} MB pinned)",
+            m.table_readers as f64 / 1e6,
+            m.memtables as f64 / 1e6,
+            m.block_cache as f64 / 1e6,
+            m.block_cache_pinned as f64 / 1e6
+        );
         reopened(log, dir.path(), base, total);
     }
 }
@@ -110,10 +120,11 @@ fn reopened(log: Log, dir: &std::path::Path, base: u64, total: u64) {
     let memory = |log: &Log| {
         let m = log.rocks_memory().unwrap();
         format!(
-            "table readers {:.1} MB, memtables {:.1} MB, block cache {:.1} MB",
+            "table readers {:.1} MB, memtables {:.1} MB, block cache {:.1} MB ({:.1} MB pinned)",
             m.table_readers as f64 / 1e6,
             m.memtables as f64 / 1e6,
-            m.block_cache as f64 / 1e6
+            m.block_cache as f64 / 1e6,
+            m.block_cache_pinned as f64 / 1e6
         )
     };
     let files = std::fs::read_dir(dir)

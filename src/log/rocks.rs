@@ -198,6 +198,8 @@ pub struct StoreMemory {
     pub table_readers: u64,
     pub memtables: u64,
     pub block_cache: u64,
+    /// Of the block cache, what is pinned (cannot be evicted).
+    pub block_cache_pinned: u64,
 }
 
 pub struct RocksLog {
@@ -986,6 +988,7 @@ impl RocksLog {
             m.memtables += int("rocksdb.cur-size-all-mem-tables");
             // One cache shared by every family: counted once.
             m.block_cache = m.block_cache.max(int("rocksdb.block-cache-usage"));
+            m.block_cache_pinned = m.block_cache_pinned.max(int("rocksdb.block-cache-pinned-usage"));
         }
         m
     }
