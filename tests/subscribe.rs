@@ -991,6 +991,78 @@ async fn a_full_server_says_when_to_come_back() {
     assert_eq!(s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_subscribers\"}"), Some(2.0));
 }
 
+/// The head of the answer to a request written as is.
+fn raw_answer_head(addr: std::net::SocketAddr, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.write_all(request).unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).unwrap_or(0) == 1 {
+        raw.push(byte[0]);
+    }
+    String::from_utf8_lossy(&raw).to_lowercase()
+}
+
+/// An upgrade request that is not a websocket handshake is named for what it is (405, 400,
+/// 426 with the version spoken here), before admission: a full server does not answer it
+/// with a 503, and it takes no slot. Before, an HTTP/1.0 or HEAD request was upgraded, and a
+/// key that is not 16 bytes in base64 was taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_that_is_not_a_websocket_handshake_is_named_before_admission() {
+    let s = setup(5, &["--max-subscribers", "1"]).await;
+    let a = connect(s.serve.public, "/subscribe", &[]).await.unwrap();
+    let request = |method: &str, version: &str, key: &str, ws_version: &str| {
+        format!("{method} /subscribe {version}\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{key}{ws_version}\r\n")
+    };
+    let key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+    let v13 = "Sec-WebSocket-Version: 13\r\n";
+    for (req, status, says) in [
+        (request("HEAD", "HTTP/1.1", key, v13), "405", "allow: get"),
+        (request("GET", "HTTP/1.0", key, v13), "400", ""),
+        (request("GET", "HTTP/1.1", "Sec-WebSocket-Key: abc\r\n", v13), "400", ""),
+        (request("GET", "HTTP/1.1", "", v13), "400", ""),
+        (request("GET", "HTTP/1.1", key, "Sec-WebSocket-Version: 8\r\n"), "426", "sec-websocket-version: 13"),
+    ] {
+        let head = raw_answer_head(s.serve.public, req.as_bytes());
+        // (An HTTP/1.0 request is answered in HTTP/1.0.)
+        assert!(head.split(' ').nth(1) == Some(status) && head.contains(says), "{req}\n{head}");
+        if status == "426" {
+            // Named beside the Upgrade header it carries (RFC 9110 7.8), and closed.
+            assert!(head.contains("\r\nconnection: upgrade, close\r\n"), "{head}");
+        }
+    }
+    let bad = s.serve.metric("contrail_hub_rejected_requests_total{reason=\"bad_request\"}");
+    assert_eq!(bad, Some(5.0));
+    let full = s.serve.metric("contrail_hub_rejected_requests_total{reason=\"too_many_subscribers\"}");
+    assert_eq!(full.unwrap_or(0.0), 0.0);
+    // `Socket-Encoding` with a byte that is not UTF-8 still asks for zstd (Jetstream looks
+    // for the word): the replay comes compressed, in binary frames.
+    drop(a);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.serve.metric("contrail_hub_subscribers{compression=\"none\",wire=\"v1\"}").unwrap_or(0.0) > 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the first subscriber stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(s.serve.public).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = request("GET", "HTTP/1.1", key, v13).replace("/subscribe ", "/subscribe?cursor=0 ").into_bytes();
+    req.truncate(req.len() - 2);
+    req.extend_from_slice(b"Socket-Encoding: zstd\xff\r\n\r\n");
+    tcp.write_all(&req).unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        assert_eq!(tcp.read(&mut byte).unwrap(), 1);
+        raw.push(byte[0]);
+    }
+    assert!(raw.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&raw));
+    tcp.read_exact(&mut byte).unwrap();
+    assert_eq!(byte[0], 0x82, "the first frame: a final binary one");
+}
+
 /// Behind a trusted proxy that adds its own `X-Forwarded-For` line after the client's (HAProxy),
 /// the client is the last line's, whatever the client wrote in its own: reading only the first
 /// line let a client name a new address on every connection, past every per-IP limit.

@@ -34,6 +34,69 @@ fn start_cursor(hub: &Hub, empty: u64) -> hyper::header::HeaderValue {
     hyper::header::HeaderValue::from(hub.tip.newest().map_or(empty, |t| t + 1))
 }
 
+/// A header's value as text, any byte that is not UTF-8 replaced (`Socket-Encoding: zstd\xff`
+/// still asks for zstd, as Jetstream's substring test reads it).
+fn header_text(req: &Request<Incoming>, name: &str) -> Option<String> {
+    req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+/// What is wrong with a websocket upgrade request, if anything: its status and why. Asked
+/// before admission, so that a client's mistake is named (not a full server's 503 or a 429)
+/// and takes no slot, not even for a moment. A handshake is a GET over HTTP/1.1 or later,
+/// with a key of 16 bytes in base64 and version 13 (RFC 6455 4.1, 4.2.1), which is what
+/// Jetstream's websocket library checks too.
+fn handshake_problem(req: &Request<Incoming>) -> Option<(StatusCode, &'static str)> {
+    if req.method() != hyper::Method::GET {
+        return Some((StatusCode::METHOD_NOT_ALLOWED, "the request method is not GET"));
+    }
+    if req.version() < hyper::Version::HTTP_11 {
+        return Some((StatusCode::BAD_REQUEST, "a websocket upgrade needs HTTP/1.1 or later"));
+    }
+    let headers = req.headers();
+    match headers.get("sec-websocket-key") {
+        None => return Some((StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key")),
+        Some(key) if !is_websocket_key(key.as_bytes()) => {
+            return Some((StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is not 16 bytes in base64"));
+        }
+        Some(_) => {}
+    }
+    match headers.get("sec-websocket-version") {
+        None => Some((StatusCode::BAD_REQUEST, "no Sec-WebSocket-Version")),
+        Some(v) if v.as_bytes() == b"13" => None,
+        // Another version: 426 and the one spoken here (RFC 6455 4.4), so a client that can,
+        // tries it.
+        Some(_) => Some((StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version is not 13, the one spoken here")),
+    }
+}
+
+/// Whether `key` is 16 bytes in base64: 22 characters of its alphabet and `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let key = key.trim_ascii();
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22].iter().all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+/// [`handshake_problem`]'s answer in a wire's words (`bad_handshake`), counted.
+fn bad_handshake(hub: &Hub, status: StatusCode, why: &str, words: fn(String) -> Response<Body>) -> Response<Body> {
+    use hyper::header::{HeaderValue, ALLOW, UPGRADE};
+    hub.metrics.rejected_requests.with_label_values(&[Refusal::BadRequest.as_str()]).inc();
+    let mut response = words(why.to_string());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    match status {
+        StatusCode::UPGRADE_REQUIRED => {
+            headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
+            headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        StatusCode::METHOD_NOT_ALLOWED => {
+            headers.insert(ALLOW, HeaderValue::from_static("GET"));
+        }
+        _ => {}
+    }
+    response
+}
+
 fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     hub.metrics.rejected_requests.with_label_values(&[why.as_str()]).inc();
     text(status, body)
@@ -41,7 +104,7 @@ fn refuse(hub: &Hub, why: Refusal, status: StatusCode, body: impl Into<bytes::By
 
 /// `GET /subscribe`: validate everything, then upgrade.
 pub async fn subscribe(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |name: &str| header_text(&req, name);
     let opts = match SubscribeOptions::from_query(crate::request::query(&req), header("socket-encoding").as_deref()) {
         Ok(o) => o,
         Err(OptionsError(reason)) => {
@@ -117,7 +180,8 @@ struct Refusals {
     from_ip: fn() -> Response<Body>,
     from_site: fn() -> Response<Body>,
     filter_budget: fn() -> Response<Body>,
-    /// A 400 for an upgrade request fastwebsockets refuses (no key, another version).
+    /// An upgrade request that is not a websocket handshake ([`handshake_problem`]); its
+    /// status is set after.
     bad_handshake: fn(String) -> Response<Body>,
 }
 
@@ -131,6 +195,9 @@ fn admit_and_upgrade(
     refusals: Refusals,
     subprotocol: Option<&'static str>,
 ) -> Response<Body> {
+    if let Some((status, why)) = handshake_problem(&req) {
+        return bad_handshake(&hub, status, why, refusals.bad_handshake);
+    }
     if hub.shutdown.is_cancelled() {
         return asking_back_after((refusals.shutting_down)(), RETRY_AFTER_FULL);
     }
@@ -166,21 +233,8 @@ fn admit_and_upgrade(
     };
     let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
-        Err(e) => {
-            hub.metrics.rejected_requests.with_label_values(&[Refusal::BadRequest.as_str()]).inc();
-            let mut response = (refusals.bad_handshake)(e.to_string());
-            // Another websocket version (in a request otherwise whole): 426 and the one spoken
-            // here (RFC 6455 4.4), so a client that can, tries it.
-            let headers = req.headers();
-            let other_version = headers.get("sec-websocket-version").is_some_and(|v| v.as_bytes() != b"13");
-            if other_version && headers.contains_key("sec-websocket-key") {
-                use hyper::header::{HeaderValue, UPGRADE};
-                *response.status_mut() = StatusCode::UPGRADE_REQUIRED;
-                response.headers_mut().insert("sec-websocket-version", HeaderValue::from_static("13"));
-                response.headers_mut().insert(UPGRADE, HeaderValue::from_static("websocket"));
-            }
-            return response;
-        }
+        // (Whatever fastwebsockets refuses, `handshake_problem` found first.)
+        Err(e) => return bad_handshake(&hub, StatusCode::BAD_REQUEST, &e.to_string(), refusals.bad_handshake),
     };
     if let Some(p) = subprotocol {
         response.headers_mut().insert("sec-websocket-protocol", hyper::header::HeaderValue::from_static(p));
@@ -209,7 +263,7 @@ fn xrpc_error(hub: &Hub, why: Refusal, e: &XrpcError) -> Response<Body> {
 /// `contrail_core::v2`), served by the same hub: one cursor walk, the same filters, limits
 /// and metrics (`wire="v2"`).
 pub async fn subscribe_events(hub: Arc<Hub>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let header = |name: &str| header_text(&req, name);
     let current = hub.dictionaries.v2_current().clone();
     let opts =
         match V2Options::from_query(crate::request::query(&req), header("socket-encoding").as_deref(), current.id) {

@@ -124,8 +124,14 @@ pub async fn serve<H, F>(
                 async move {
                     let mut response = h(req, peer).await;
                     if close_after_plain_http && response.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        // hyper ends the connection after a response that says so.
-                        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                        // hyper ends the connection after a response that says so. A response
+                        // with an `Upgrade` header (a 426) names it in `Connection` too (RFC
+                        // 9110 7.8).
+                        let close = match response.headers().contains_key(hyper::header::UPGRADE) {
+                            true => "upgrade, close",
+                            false => "close",
+                        };
+                        response.headers_mut().insert(CONNECTION, HeaderValue::from_static(close));
                     }
                     Ok::<_, Infallible>(response)
                 }
