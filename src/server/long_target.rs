@@ -14,7 +14,8 @@
 //! is read no further than [`MAX_LINE`]; the buffers of lines past hyper's limit (by capacity,
 //! a query keeping the buffer it came in) hold at most [`LONG_LINES_BUDGET`] at once in the
 //! whole process, and the lines of one client (an IP, an IPv6 /64; not an exempt one) a quarter
-//! of it, so that one client cannot take it all and leave every other long URL a 414. A line over either, or whose query has a byte hyper refuses in one (a
+//! of it, and those of one IPv6 site (a /48, which holds 65,536 /64s) a quarter too, so that
+//! one client cannot take it all and leave every other long URL a 414. A line over either, or whose query has a byte hyper refuses in one (a
 //! fragment's `#` too), is handed to hyper as it is (its 414, or 431 past its buffer); so is a
 //! request after blank lines (hyper skips them; this reader stops at the first). Reading a line is bounded in time by hyper's
 //! header timeout, which runs while hyper waits on this reader.
@@ -45,8 +46,24 @@ pub const LONG_LINES_PER_CLIENT: usize = LONG_LINES_BUDGET / 4;
 
 static LONG_LINES_HELD: AtomicUsize = AtomicUsize::new(0);
 
-/// What each client holds now (entries only while it holds something: at most 64 at once).
-static LONG_LINES_BY_CLIENT: LazyLock<Mutex<HashMap<IpAddr, usize>>> = LazyLock::new(Mutex::default);
+/// What each client, and each IPv6 site, holds now (entries only while it holds something: at
+/// most 128 at once).
+static LONG_LINES_BY_CLIENT: LazyLock<Mutex<HashMap<Share, usize>>> = LazyLock::new(Mutex::default);
+
+/// Who a quarter of [`LONG_LINES_BUDGET`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Share {
+    Client(IpAddr),
+    /// An IPv6 /48 (a /64 key with zeros past its /48 would be the same address).
+    Site(IpAddr),
+}
+
+/// The shares a line of `client` counts in.
+fn shares(client: Option<IpAddr>) -> impl Iterator<Item = Share> {
+    let site = client.filter(|c| matches!(c, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none()));
+    let site = site.map(|c| Share::Site(crate::hub::limits::client_key(c, crate::hub::limits::IPV6_SITE_PREFIX)));
+    client.map(Share::Client).into_iter().chain(site)
+}
 
 /// Bytes of [`LONG_LINES_BUDGET`] held by one line of `client` (`None`: an exempt client,
 /// held to the total only), given back on drop.
@@ -61,19 +78,20 @@ impl Held {
         Held { bytes: 0, client }
     }
 
-    /// Takes `more`; false, taking nothing, past the budget or the client's share of it.
+    /// Takes `more`; false, taking nothing, past the budget or the client's or its site's
+    /// share of it.
     fn take(&mut self, more: usize) -> bool {
         let mut by_client = LONG_LINES_BY_CLIENT.lock().unwrap_or_else(|p| p.into_inner());
-        let client_holds = self.client.map_or(0, |c| by_client.get(&c).copied().unwrap_or(0));
-        if self.client.is_some() && client_holds.saturating_add(more) > LONG_LINES_PER_CLIENT {
+        let holds = |share| by_client.get(&share).copied().unwrap_or(0);
+        if shares(self.client).any(|share| holds(share).saturating_add(more) > LONG_LINES_PER_CLIENT) {
             return false;
         }
         let fits = |held: usize| held.checked_add(more).filter(|h| *h <= LONG_LINES_BUDGET);
         let taken = LONG_LINES_HELD.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits).is_ok();
         if taken {
             self.bytes += more;
-            if let Some(c) = self.client {
-                *by_client.entry(c).or_default() += more;
+            for share in shares(self.client) {
+                *by_client.entry(share).or_default() += more;
             }
         }
         taken
@@ -86,12 +104,12 @@ impl Drop for Held {
             return;
         }
         LONG_LINES_HELD.fetch_sub(self.bytes, Ordering::AcqRel);
-        if let Some(c) = self.client {
-            let mut by_client = LONG_LINES_BY_CLIENT.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(held) = by_client.get_mut(&c) {
+        let mut by_client = LONG_LINES_BY_CLIENT.lock().unwrap_or_else(|p| p.into_inner());
+        for share in shares(self.client) {
+            if let Some(held) = by_client.get_mut(&share) {
                 *held = held.saturating_sub(self.bytes);
                 if *held == 0 {
-                    by_client.remove(&c);
+                    by_client.remove(&share);
                 }
             }
         }
@@ -347,7 +365,14 @@ mod tests {
         assert_eq!(lines(b, 1).len(), 1, "another client still has room");
         drop(first);
         assert_eq!(lines(a, 1).len(), 1, "given back");
-        assert!(LONG_LINES_BY_CLIENT.lock().unwrap().get(&a.unwrap()).is_none(), "no entry left");
+        assert!(LONG_LINES_BY_CLIENT.lock().unwrap().get(&Share::Client(a.unwrap())).is_none(), "no entry left");
+        // Four /64s of one IPv6 /48 hold a quarter between them; another /48 still has room.
+        let (site_a, site_b) = ("2001:db8:1:1::", "2001:db8:1:2::");
+        let of_site: Vec<_> = [site_a, site_b].iter().map(|c| lines(c.parse().ok(), 64)).collect();
+        assert_eq!(of_site.iter().map(Vec::len).sum::<usize>(), LONG_LINES_PER_CLIENT / per_line, "the site's quarter");
+        assert_eq!(lines("2001:db8:2::".parse().ok(), 1).len(), 1, "another site still has room");
+        drop(of_site);
+        assert!(LONG_LINES_BY_CLIENT.lock().unwrap().is_empty(), "no entry left");
     }
 
     #[tokio::test]
